@@ -1,0 +1,61 @@
+# Egret developer commands. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+STAMP := $(VENV)/.installed
+PROTO_FILES := $(shell find protos -name '*.proto')
+
+.DEFAULT_GOAL := help
+
+help: ## List every target with one line each
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet 'grpcio-tools>=1.66' 'mypy-protobuf>=3.6'
+	$(MAKE) --no-print-directory protos
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP) ## Create .venv, install Egret with dev tools, generate stubs
+
+gen/.stamp: $(PROTO_FILES)
+	rm -rf gen && mkdir -p gen
+	$(PY) -m grpc_tools.protoc -Iprotos \
+	  --python_out=gen --pyi_out=gen --grpc_python_out=gen \
+	  --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=gen $(PROTO_FILES)
+	find gen/egret -type d -exec touch {}/__init__.py \;
+	touch gen/egret/py.typed gen/.stamp
+
+protos: gen/.stamp ## Generate Python stubs (+ .pyi) from protos/ into gen/
+
+run: setup ## Start the four services on SQLite, stream a synthetic population, keep serving
+	$(PY) -m devtools.demo $(RUN_ARGS)
+
+test: setup ## Run every test (unit, integration on SQLite and PostgreSQL, end to end)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup ## ruff lint and format check, buf lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/buf lint
+	$(BIN)/buf format --diff --exit-code
+
+breaking: setup ## buf breaking against the main branch
+	@if git rev-parse --verify -q main >/dev/null && git ls-tree -r --name-only main | grep -q '^protos/'; then \
+	  $(BIN)/buf breaking --against '.git#branch=main'; \
+	else echo "buf breaking: main has no protos yet, nothing to compare"; fi
+
+typecheck: setup ## mypy (strict) on our code
+	$(BIN)/mypy kit services devtools bench tests
+
+bench: setup ## Benchmarks: streaming ingest end to end vs raw durable-rules
+	$(PY) -m bench.pipeline $(BENCH_ARGS)
+
+clean: ## Remove the virtual environment, generated stubs and local data
+	rm -rf $(VENV) gen var
+
+.PHONY: help setup protos run test lint breaking typecheck bench clean

@@ -1,0 +1,90 @@
+"""The command line every service shares: `python -m services.<name> [serve|migrate|...]`.
+
+Settings are read and validated before anything starts; a bad or missing value stops
+start-up with every problem listed and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+from kit.db import create_engine
+from kit.logging import configure_logging, get_logger
+from kit.migrations import upgrade
+from kit.server import Service, serve
+from kit.settings import CommonSettings, SettingsError
+from kit.tracing import configure_tracing
+
+
+class HasCommon(Protocol):
+    @property
+    def common(self) -> CommonSettings: ...
+
+
+S = TypeVar("S", bound=HasCommon)
+
+
+def migrate(common: CommonSettings, migrations_dir: Path) -> None:
+    """Bring the service's database schema up to date."""
+    engine = create_engine(common.database_url, sqlite_synchronous=common.sqlite_synchronous)
+    try:
+        upgrade(engine, migrations_dir, f"{common.service}_alembic_version")
+    finally:
+        engine.dispose()
+
+
+def run_cli(
+    *,
+    name: str,
+    load_settings: Callable[[], S],
+    build: Callable[[S], Service],
+    migrations_dir: Path | None,
+    commands: Mapping[str, tuple[str, Callable[[S], int]]] | None = None,
+    argv: Sequence[str] | None = None,
+) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m services.{name}", description=f"Egret {name} service")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("serve", help="run the gRPC server (the default)")
+    if migrations_dir is not None:
+        sub.add_parser("migrate", help="apply database migrations and exit")
+    extra = dict(commands or {})
+    for command, (help_text, _) in extra.items():
+        sub.add_parser(command, help=help_text)
+    args = parser.parse_args(argv)
+    command = args.command or "serve"
+
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"egret-{name}: {exc}", file=sys.stderr)
+        return 2
+    common = settings.common
+    configure_logging(name, log_format=common.log_format, level=common.log_level)
+    log = get_logger(f"services.{name}")
+
+    if command == "migrate" and migrations_dir is not None:
+        migrate(common, migrations_dir)
+        log.info("migrated")
+        return 0
+    if command in extra:
+        return extra[command][1](settings)
+
+    try:
+        provider = configure_tracing(name)
+    except SettingsError as exc:
+        print(f"egret-{name}: {exc}", file=sys.stderr)
+        return 2
+    if common.migrate_on_start and migrations_dir is not None:
+        migrate(common, migrations_dir)
+
+    async def build_and_serve() -> None:
+        # Built inside the running loop: gRPC channels and asyncio objects bind to it.
+        await serve(common, build(settings), tracer_provider=provider)
+
+    asyncio.run(build_and_serve())
+    return 0

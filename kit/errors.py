@@ -1,0 +1,62 @@
+"""Domain errors every service raises; kit.interceptors maps them to gRPC statuses.
+
+Pure Python on purpose: domain code raises these without importing grpc.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One problem with one field, as google.rpc.BadRequest.FieldViolation."""
+
+    field: str
+    description: str
+    reason: str = "INVALID"
+
+    def prefixed(self, prefix: str) -> Violation:
+        field = f"{prefix}.{self.field}" if self.field else prefix
+        return Violation(field, self.description, self.reason)
+
+
+class DomainError(Exception):
+    """Base of the errors a service reports to its caller."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(DomainError):
+    """The request is malformed (INVALID_ARGUMENT with field violations)."""
+
+    def __init__(self, message: str, violations: Sequence[Violation] = ()) -> None:
+        super().__init__(message)
+        self.violations = tuple(violations)
+
+
+class NotFound(DomainError):
+    """The named thing does not exist (NOT_FOUND)."""
+
+
+class AlreadyExists(DomainError):
+    """The request conflicts with something already recorded (ALREADY_EXISTS)."""
+
+    def __init__(self, message: str, reason: str = "ALREADY_EXISTS") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class FailedPrecondition(DomainError):
+    """The system is not in a state that allows the request (FAILED_PRECONDITION)."""
+
+
+class PermissionDenied(DomainError):
+    """The caller may not do this (PERMISSION_DENIED)."""
+
+
+class Unavailable(DomainError):
+    """A dependency is down; the caller should retry (UNAVAILABLE)."""

@@ -1,0 +1,183 @@
+"""The gRPC interceptor chain every service runs, and the error → status mapping.
+
+The server interceptor continues the caller's trace (W3C trace context in metadata),
+opens one SERVER span per call, maps domain errors to gRPC statuses with rich details
+(google.rpc.BadRequest field violations, ErrorInfo), and turns any unexpected
+exception into INTERNAL with the cause logged, so a service never crashes on input.
+The client interceptor injects the current trace context into every outgoing call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, StatusCode
+
+from kit.errors import (
+    AlreadyExists,
+    DomainError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
+from kit.logging import get_logger
+from kit.tracing import context_from_metadata, metadata_with_context
+
+log = get_logger(__name__)
+
+_CODES: dict[type[DomainError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_of(error: DomainError) -> tuple[grpc.StatusCode, status_pb2.Status]:
+    """The gRPC code and google.rpc.Status (with details) for a domain error."""
+    code = next((c for kind, c in _CODES.items() if isinstance(error, kind)), grpc.StatusCode.UNKNOWN)
+    details = []
+    if isinstance(error, InvalidArgument) and error.violations:
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description, reason=v.reason
+                )
+                for v in error.violations
+            ]
+        )
+        details.append(bad_request)
+    if isinstance(error, AlreadyExists):
+        details.append(error_details_pb2.ErrorInfo(reason=error.reason, domain="egret"))
+    packed = []
+    for detail in details:
+        item = any_pb2.Any()
+        item.Pack(detail)
+        packed.append(item)
+    return code, status_pb2.Status(code=code.value[0], message=error.message, details=packed)
+
+
+async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: DomainError) -> None:
+    code, status = status_of(error)
+    await context.abort(
+        code, status.message, trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),)
+    )
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    """Tracing, error mapping and failure logging around every handler."""
+
+    def __init__(self) -> None:
+        self._tracer = trace.get_tracer("egret.grpc")
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method: str = handler_call_details.method
+        metadata = handler_call_details.invocation_metadata
+        h: Any = handler
+        if h.unary_unary is not None:
+            return h._replace(unary_unary=self._wrap_unary(method, metadata, h.unary_unary))  # type: ignore[no-any-return]
+        if h.unary_stream is not None:
+            return h._replace(unary_stream=self._wrap_stream(method, metadata, h.unary_stream))  # type: ignore[no-any-return]
+        if h.stream_unary is not None:
+            return h._replace(stream_unary=self._wrap_unary(method, metadata, h.stream_unary))  # type: ignore[no-any-return]
+        return h._replace(stream_stream=self._wrap_stream(method, metadata, h.stream_stream))  # type: ignore[no-any-return]
+
+    def _span(self, method: str, metadata: Any) -> Any:
+        service, _, name = method.lstrip("/").partition("/")
+        return self._tracer.start_as_current_span(
+            method.lstrip("/"),
+            context=context_from_metadata(metadata),
+            kind=SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+        )
+
+    def _wrap_unary(self, method: str, metadata: Any, inner: Callable[..., Awaitable[Any]]) -> Any:
+        async def behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            with self._span(method, metadata) as span:
+                try:
+                    return await inner(request, context)
+                except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+                    await _fail(span, method, context, exc)
+                    raise  # unreachable: _fail aborts
+
+        return behaviour
+
+    def _wrap_stream(self, method: str, metadata: Any, inner: Callable[..., AsyncIterator[Any]]) -> Any:
+        async def behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            with self._span(method, metadata) as span:
+                try:
+                    async for response in inner(request, context):
+                        yield response
+                except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+                    await _fail(span, method, context, exc)
+                    raise
+
+        return behaviour
+
+
+async def _fail(span: trace.Span, method: str, context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
+    if isinstance(exc, grpc.aio.AbortError):
+        raise exc
+    if isinstance(exc, DomainError):
+        code, _ = status_of(exc)
+        span.set_status(StatusCode.ERROR, code.name)
+        log.info("rpc rejected", method=method, code=code.name, error=exc.message)
+        await abort_with(context, exc)
+        return
+    span.record_exception(exc)
+    span.set_status(StatusCode.ERROR, type(exc).__name__)
+    log.error("rpc failed", method=method, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error; the failure was logged")
+
+
+class _TraceContextInjector(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
+    """Adds the current trace context to the metadata of every outgoing call."""
+
+    @staticmethod
+    def _with_context(details: Any) -> Any:
+        return details._replace(metadata=metadata_with_context(list(details.metadata or ())))
+
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return await continuation(self._with_context(client_call_details), request)
+
+    async def intercept_stream_stream(
+        self, continuation: Any, client_call_details: Any, request_iterator: Any
+    ) -> Any:
+        return await continuation(self._with_context(client_call_details), request_iterator)
+
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+]
+
+
+def open_channel(target: str) -> grpc.aio.Channel:
+    """A channel to another Egret service that carries trace context on every call."""
+    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=[_TraceContextInjector()])
+
+
+def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
+    """The chain every Egret server runs, outermost first."""
+    return [ServerInterceptor()]
+
+
+__all__ = ["CHANNEL_OPTIONS", "abort_with", "open_channel", "server_interceptors", "status_of"]

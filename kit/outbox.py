@@ -1,0 +1,179 @@
+"""The transactional outbox: durable hand-over from one service to the next.
+
+A service writes its outgoing messages into its outbox table in the same transaction
+as the state change that produced them, and acknowledges its caller only after that
+commit. A relay then sends outbox rows downstream in batches, deleting them only
+after the receiver has committed them: at least once on the wire, exactly once in
+effect because every receiver is idempotent.
+
+Rows are claimed with a lease (`available_at` pushed past the call deadline), so a
+crashed relay's rows come back by themselves and several replicas can share a table
+(PostgreSQL claims with SKIP LOCKED). A failed send is retried with capped
+exponential backoff and jitter; order is kept because a batch that fails blocks the
+rows behind it until it goes through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import sqlalchemy as sa
+from opentelemetry import trace
+from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
+
+from kit.logging import get_logger
+from kit.settings import RelaySettings
+from kit.tracing import context_from_traceparent, current_traceparent, links_from_traceparents
+
+log = get_logger(__name__)
+
+# SQLite only autoincrements INTEGER PRIMARY KEY; PostgreSQL wants BIGINT.
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+class OutboxMixin:
+    """Columns of an outbox table; each service declares `class Outbox(Base, OutboxMixin)`."""
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    payload: Mapped[bytes] = mapped_column(sa.LargeBinary)
+    traceparent: Mapped[str] = mapped_column(sa.String(64), default="")
+    attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
+    available_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), index=True)
+
+
+def outbox_rows(payloads: Sequence[bytes], now: datetime) -> list[dict[str, object]]:
+    """Rows for a bulk insert of `payloads`, carrying the current trace context."""
+    traceparent = current_traceparent()
+    return [{"payload": p, "traceparent": traceparent, "attempts": 0, "available_at": now} for p in payloads]
+
+
+@dataclass(frozen=True)
+class _Claimed:
+    ids: list[int]
+    payloads: list[bytes]
+    traceparents: list[str]
+    attempts: int
+
+
+Send = Callable[[list[bytes]], Awaitable[None]]
+
+
+class OutboxRelay:
+    """Moves rows of one outbox table to a downstream service, batch by batch."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        sessions: sessionmaker[Session],
+        table: type[OutboxMixin],
+        send: Send,
+        settings: RelaySettings,
+        lease_s: float,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._name = name
+        self._sessions = sessions
+        self._table = table
+        self._send = send
+        self._settings = settings
+        self._lease = timedelta(seconds=lease_s)
+        self._clock = clock
+        self._wakeup = asyncio.Event()
+        self._tracer = trace.get_tracer("egret.outbox")
+        self.sent = 0
+
+    def notify(self) -> None:
+        """Wake the relay: new rows were committed. Safe to call from the event loop only."""
+        self._wakeup.set()
+
+    def _claim(self) -> _Claimed | None:
+        t = self._table
+        now = self._clock()
+        with self._sessions() as session, session.begin():
+            query = (
+                sa.select(t.id, t.payload, t.traceparent, t.attempts)
+                .where(t.available_at <= now)
+                .order_by(t.id)
+                .limit(self._settings.batch_size)
+            )
+            if session.get_bind().dialect.name == "postgresql":
+                query = query.with_for_update(skip_locked=True)
+            rows = session.execute(query).all()
+            if not rows:
+                return None
+            ids = [r.id for r in rows]
+            session.execute(sa.update(t).where(t.id.in_(ids)).values(available_at=now + self._lease))
+        return _Claimed(
+            ids=ids,
+            payloads=[r.payload for r in rows],
+            traceparents=[r.traceparent for r in rows],
+            attempts=max(r.attempts for r in rows),
+        )
+
+    def _delete(self, ids: list[int]) -> None:
+        with self._sessions() as session, session.begin():
+            session.execute(sa.delete(self._table).where(self._table.id.in_(ids)))
+
+    def _postpone(self, ids: list[int], attempts: int) -> float:
+        delay = min(self._settings.backoff_max_s, self._settings.backoff_initial_s * 2 ** min(attempts, 30))
+        delay *= random.uniform(0.5, 1.0)
+        with self._sessions() as session, session.begin():
+            session.execute(
+                sa.update(self._table)
+                .where(self._table.id.in_(ids))
+                .values(attempts=self._table.attempts + 1, available_at=self._clock() + timedelta(seconds=delay))
+            )
+        return delay
+
+    def pending(self) -> int:
+        with self._sessions() as session:
+            return int(session.scalar(sa.select(sa.func.count()).select_from(self._table)) or 0)
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Relay until `stopping` is set; the batch in flight is finished first."""
+        while not stopping.is_set():
+            # Cleared before the claim, so a notify() during the claim is never lost.
+            self._wakeup.clear()
+            claimed = await asyncio.to_thread(self._claim)
+            if claimed is None:
+                waits = [asyncio.create_task(self._wakeup.wait()), asyncio.create_task(stopping.wait())]
+                await asyncio.wait(waits, timeout=self._settings.poll_interval_s, return_when=asyncio.FIRST_COMPLETED)
+                for w in waits:
+                    w.cancel()
+                continue
+            await self._relay(claimed, stopping)
+
+    async def _relay(self, claimed: _Claimed, stopping: asyncio.Event) -> None:
+        parent = context_from_traceparent(claimed.traceparents[0])
+        with self._tracer.start_as_current_span(
+            f"{self._name} relay",
+            context=parent,
+            links=links_from_traceparents(claimed.traceparents[1:]),
+            attributes={"egret.batch.size": len(claimed.ids), "egret.relay.attempt": claimed.attempts + 1},
+        ) as span:
+            try:
+                await self._send(claimed.payloads)
+            except Exception as exc:  # noqa: BLE001 - any failure is retried with backoff
+                span.record_exception(exc)
+                span.set_status(trace.StatusCode.ERROR, type(exc).__name__)
+                delay = await asyncio.to_thread(self._postpone, claimed.ids, claimed.attempts)
+                log.warning(
+                    "relay send failed; will retry",
+                    relay=self._name,
+                    batch=len(claimed.ids),
+                    attempts=claimed.attempts + 1,
+                    retry_in_s=round(delay, 3),
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), delay)
+                return
+            await asyncio.to_thread(self._delete, claimed.ids)
+            self.sent += len(claimed.ids)
+            log.debug("relayed", relay=self._name, batch=len(claimed.ids))

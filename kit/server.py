@@ -1,0 +1,121 @@
+"""The gRPC server runtime every service runs: one shape for all four.
+
+A service's bootstrap builds a `Service` (its servicers, background loops and
+database engine) and hands it to `run_service`, which adds grpc.health.v1 and
+reflection, runs the interceptor chain, watches the database (NOT_SERVING while it
+is unreachable) and shuts down gracefully on SIGTERM or SIGINT: health flips to
+NOT_SERVING, new calls are refused, in-flight calls get the grace period to finish,
+then background loops finish their current batch and the engine is disposed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.sdk.trace import TracerProvider
+from sqlalchemy.engine import Engine
+
+from kit.db import ping
+from kit.interceptors import CHANNEL_OPTIONS, server_interceptors
+from kit.logging import get_logger
+from kit.settings import CommonSettings
+
+log = get_logger(__name__)
+
+BackgroundLoop = Callable[[asyncio.Event], Awaitable[None]]
+
+
+@dataclass
+class Service:
+    """What a service's bootstrap gives the runtime."""
+
+    name: str
+    # Fully-qualified gRPC service names, for health and reflection.
+    service_names: Sequence[str]
+    register: Callable[[grpc.aio.Server], None]
+    engines: Sequence[Engine]
+    background: Sequence[BackgroundLoop] = field(default_factory=list)
+    on_stop: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+
+async def _watch_database(
+    service: Service, health_servicer: health.aio.HealthServicer, interval_s: float, stopping: asyncio.Event
+) -> None:
+    serving: bool | None = None
+    while not stopping.is_set():
+        ok = all([await asyncio.to_thread(ping, engine) for engine in service.engines])
+        if ok != serving and not stopping.is_set():
+            status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in ("", *service.service_names):
+                await health_servicer.set(name, status)
+            log.info("health changed", serving=ok) if ok else log.error("database unreachable")
+            serving = ok
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), interval_s)
+
+
+async def serve(
+    settings: CommonSettings,
+    service: Service,
+    *,
+    stop: asyncio.Event | None = None,
+    started: Callable[[int], None] | None = None,
+    tracer_provider: TracerProvider | None = None,
+) -> None:
+    """Serve until `stop` is set (or SIGTERM/SIGINT arrives), then shut down gracefully."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+
+    server = grpc.aio.server(interceptors=server_interceptors(), options=CHANNEL_OPTIONS)
+    service.register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*service.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME],
+        server,
+    )
+    port = server.add_insecure_port(settings.listen_address)
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {settings.listen_address}")
+    await server.start()
+
+    stopping = asyncio.Event()
+    tasks = [asyncio.create_task(_watch_database(service, health_servicer, settings.health_interval_s, stopping))]
+    tasks += [asyncio.create_task(loop_fn(stopping)) for loop_fn in service.background]
+    log.info("serving", address=settings.listen_address, port=port)
+    if started is not None:
+        started(port)
+
+    waiter = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    for task in done:
+        if task is not waiter and task.exception() is not None:
+            log.error("background loop failed; shutting down", exc_info=task.exception())
+
+    log.info("shutting down", grace_s=settings.shutdown_grace_s)
+    stopping.set()
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(settings.shutdown_grace_s)
+    waiter.cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+            log.error("background loop ended with an error", exc_info=result)
+    for hook in service.on_stop:
+        await hook()
+    for engine in service.engines:
+        engine.dispose()
+    if tracer_provider is not None:
+        tracer_provider.shutdown()
+    log.info("stopped")

@@ -1,0 +1,220 @@
+"""Settings from the environment, validated at start-up.
+
+Each service reads its settings into one frozen object through an `Env`, which
+collects every problem before failing, so an operator sees all bad or missing
+values at once instead of one per restart.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+_N = TypeVar("_N", int, float)
+
+_ADDRESS = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+class SettingsError(Exception):
+    """One or more settings are missing or invalid."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid settings:\n  " + "\n  ".join(problems))
+
+
+class Env:
+    """Typed reads of environment variables that record problems instead of raising."""
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        self._environ = dict(os.environ if environ is None else environ)
+        self.problems: list[str] = []
+
+    def _raw(self, name: str) -> str | None:
+        value = self._environ.get(name)
+        if value is None or value.strip() == "":
+            return None
+        return value.strip()
+
+    def text(self, name: str, default: str | None = None) -> str:
+        value = self._raw(name)
+        if value is not None:
+            return value
+        if default is None:
+            self.problems.append(f"{name} is required but not set")
+            return ""
+        return default
+
+    def optional(self, name: str) -> str | None:
+        return self._raw(name)
+
+    def integer(self, name: str, default: int, *, minimum: int | None = None, maximum: int | None = None) -> int:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            self.problems.append(f"{name}={raw!r} is not a whole number")
+            return default
+        return self._in_range(name, value, minimum, maximum)
+
+    def number(
+        self, name: str, default: float, *, minimum: float | None = None, maximum: float | None = None
+    ) -> float:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            self.problems.append(f"{name}={raw!r} is not a number")
+            return default
+        return self._in_range(name, value, minimum, maximum)
+
+    def _in_range(self, name: str, value: _N, minimum: _N | None, maximum: _N | None) -> _N:
+        if minimum is not None and value < minimum:
+            self.problems.append(f"{name}={value} is below the minimum {minimum}")
+        if maximum is not None and value > maximum:
+            self.problems.append(f"{name}={value} is above the maximum {maximum}")
+        return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if raw.lower() in _TRUE:
+            return True
+        if raw.lower() in _FALSE:
+            return False
+        self.problems.append(f"{name}={raw!r} is not a boolean (true/false)")
+        return default
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.text(name, default)
+        if value not in choices:
+            self.problems.append(f"{name}={value!r} is not one of {', '.join(choices)}")
+        return value
+
+    def address(self, name: str, default: str) -> str:
+        value = self.text(name, default)
+        match = _ADDRESS.match(value)
+        if match is None or not 0 <= int(match.group(2)) <= 65535:
+            self.problems.append(f"{name}={value!r} is not a host:port address")
+        return value
+
+    def file(self, name: str, default: Path | None = None) -> Path:
+        raw = self._raw(name)
+        if raw is None and default is None:
+            self.problems.append(f"{name} is required but not set")
+            return Path()
+        path = Path(raw) if raw is not None else default
+        assert path is not None
+        if not path.is_file():
+            self.problems.append(f"{name}={str(path)!r}: no such file")
+        return path
+
+    def check(self) -> None:
+        """Raise SettingsError listing every problem recorded so far."""
+        if self.problems:
+            raise SettingsError(list(self.problems))
+
+
+@dataclass(frozen=True)
+class CommonSettings:
+    """The settings every service has, read from EGRET_* variables.
+
+    OpenTelemetry is configured by the standard OTEL_* variables, read by kit.tracing.
+    """
+
+    service: str
+    listen_address: str
+    database_url: str
+    data_dir: Path
+    log_format: str
+    log_level: str
+    shutdown_grace_s: float
+    health_interval_s: float
+    migrate_on_start: bool
+    sqlite_synchronous: str
+
+    @classmethod
+    def read(cls, env: Env, *, service: str, default_port: int) -> CommonSettings:
+        data_dir = Path(env.text("EGRET_DATA_DIR", "var"))
+        return cls(
+            service=service,
+            listen_address=env.address("EGRET_LISTEN_ADDRESS", f"127.0.0.1:{default_port}"),
+            database_url=env.text("EGRET_DATABASE_URL", f"sqlite:///{data_dir / service}.db"),
+            data_dir=data_dir,
+            log_format=env.choice("EGRET_LOG_FORMAT", "json", ("json", "console")),
+            log_level=env.choice(
+                "EGRET_LOG_LEVEL", "info", ("debug", "info", "warning", "error", "critical")
+            ),
+            shutdown_grace_s=env.number("EGRET_SHUTDOWN_GRACE_SECONDS", 10.0, minimum=0.0, maximum=300.0),
+            health_interval_s=env.number("EGRET_HEALTH_INTERVAL_SECONDS", 2.0, minimum=0.1, maximum=60.0),
+            migrate_on_start=env.flag("EGRET_MIGRATE_ON_START", True),
+            sqlite_synchronous=env.choice("EGRET_SQLITE_SYNCHRONOUS", "FULL", ("FULL", "NORMAL")),
+        )
+
+
+@dataclass(frozen=True)
+class PeerSettings:
+    """How a service calls a downstream service: address and per-call deadline."""
+
+    address: str
+    deadline_s: float
+
+    @classmethod
+    def read(cls, env: Env, *, prefix: str, default_address: str) -> PeerSettings:
+        return cls(
+            address=env.address(f"{prefix}_ADDRESS", default_address),
+            deadline_s=env.number(f"{prefix}_DEADLINE_SECONDS", 10.0, minimum=0.1, maximum=600.0),
+        )
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    """Tuning of an outbox relay: batch size, polling and retry backoff."""
+
+    batch_size: int
+    poll_interval_s: float
+    backoff_initial_s: float
+    backoff_max_s: float
+
+    @classmethod
+    def read(cls, env: Env, *, prefix: str) -> RelaySettings:
+        return cls(
+            batch_size=env.integer(f"{prefix}_BATCH_SIZE", 1000, minimum=1, maximum=10000),
+            poll_interval_s=env.number(f"{prefix}_POLL_SECONDS", 1.0, minimum=0.01, maximum=60.0),
+            backoff_initial_s=env.number(f"{prefix}_BACKOFF_INITIAL_SECONDS", 0.2, minimum=0.01),
+            backoff_max_s=env.number(f"{prefix}_BACKOFF_MAX_SECONDS", 30.0, minimum=0.1),
+        )
+
+
+@dataclass(frozen=True)
+class PseudonymSettings:
+    """The HMAC key that turns raw subject ids into subject keys, and its id."""
+
+    key: bytes
+    key_id: str
+
+    @classmethod
+    def read(cls, env: Env) -> PseudonymSettings:
+        key_file = env.optional("EGRET_SUBJECT_KEY_FILE")
+        key = b""
+        if key_file is not None:
+            try:
+                key = Path(key_file).read_bytes().strip()
+            except OSError as exc:
+                env.problems.append(f"EGRET_SUBJECT_KEY_FILE={key_file!r}: {exc.strerror}")
+        else:
+            key = env.text("EGRET_SUBJECT_KEY").encode()
+        if key and len(key) < 32:
+            env.problems.append("the subject HMAC key must be at least 32 bytes long")
+        return cls(key=key, key_id=env.text("EGRET_SUBJECT_KEY_ID", "k1"))

@@ -1,0 +1,5 @@
+import sys
+
+from services.ingest.bootstrap import main
+
+sys.exit(main())

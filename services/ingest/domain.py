@@ -1,0 +1,195 @@
+"""Intake of events (pure domain): validate, pseudonymise, deduplicate, record.
+
+(source, event_id) is the idempotency key. The payload's fingerprint, a hash over
+everything the department sent (with the subject already pseudonymised), decides
+whether a repeated key is a harmless duplicate or a conflicting reuse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import Enum
+from typing import Protocol
+
+from kit.errors import Violation
+from kit.pseudonym import Pseudonymiser
+from services.ingest.catalogue import Catalogue, IncomingEvent, Scalar
+
+
+class EventStatus(Enum):
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    REJECTED = "rejected"
+    CONFLICT = "conflict"
+
+
+@dataclass(frozen=True)
+class EventResult:
+    index: int
+    event_id: str
+    status: EventStatus
+    violations: tuple[Violation, ...] = ()
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """A valid event ready to store: the raw subject id is gone."""
+
+    source: str
+    event_id: str
+    event_type: str
+    subject_key: str
+    subject_key_id: str
+    subject_kind: str
+    occurred_at: datetime
+    attributes: Mapping[str, Scalar]
+    evidence_uri: str
+    fingerprint: str
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.source, self.event_id)
+
+
+class EventStore(Protocol):
+    def record(self, events: Sequence[NewEvent], recorded_at: datetime) -> Mapping[tuple[str, str], str]:
+        """In one transaction, store every event whose key is new, with its outbox row.
+
+        Returns the stored fingerprint of each key that already existed (those events
+        are not stored again).
+        """
+        ...
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_batch_size: int
+    max_future_skew: timedelta
+    max_event_age: timedelta
+
+
+def fingerprint(event: IncomingEvent, subject_key: str) -> str:
+    attributes = {
+        name: [type(value).__name__, value.isoformat() if isinstance(value, datetime) else value]
+        for name, value in sorted(event.attributes.items())
+    }
+    assert event.occurred_at is not None
+    canonical = json.dumps(
+        [event.event_type, event.subject_kind, subject_key, event.occurred_at.isoformat(), attributes,
+         event.evidence_uri],
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class Intake:
+    """Turns submitted batches into stored events and a result per event."""
+
+    def __init__(
+        self,
+        *,
+        catalogue: Catalogue,
+        pseudonymiser: Pseudonymiser,
+        store: EventStore,
+        limits: Limits,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._catalogue = catalogue
+        self._pseudonymiser = pseudonymiser
+        self._store = store
+        self._limits = limits
+        self._clock = clock
+
+    @property
+    def max_batch_size(self) -> int:
+        return self._limits.max_batch_size
+
+    def check_request(self, source: str, count: int) -> list[Violation]:
+        """Violations of the request as a whole (source, batch size)."""
+        problems = []
+        if not self._catalogue.knows_source(source):
+            problems.append(Violation("source", f"unknown source {source!r}", "UNKNOWN_SOURCE"))
+        if count == 0:
+            problems.append(Violation("events", "must hold at least one event", "REQUIRED"))
+        elif count > self._limits.max_batch_size:
+            problems.append(
+                Violation("events", f"holds {count} events; the maximum is {self._limits.max_batch_size}",
+                          "BATCH_TOO_LARGE")
+            )
+        return problems
+
+    def submit(self, source: str, events: Sequence[IncomingEvent]) -> list[EventResult]:
+        """Validate and record a batch; one bad event never rejects the others."""
+        now = self._clock()
+        results: dict[int, EventResult] = {}
+        candidates: dict[tuple[str, str], tuple[int, NewEvent]] = {}
+        pending: list[tuple[int, NewEvent]] = []
+        for index, event in enumerate(events):
+            violations = self._catalogue.validate(
+                source, event, now=now, max_skew=self._limits.max_future_skew, max_age=self._limits.max_event_age
+            )
+            if violations:
+                results[index] = EventResult(
+                    index, event.event_id, EventStatus.REJECTED, tuple(violations),
+                    f"{len(violations)} invalid field(s): " + ", ".join(v.field for v in violations),
+                )
+                continue
+            new = self._pseudonymise(source, event)
+            earlier = candidates.get(new.key)
+            if earlier is not None:
+                results[index] = self._repeat(index, new, earlier[1].fingerprint, "earlier in this batch")
+                continue
+            candidates[new.key] = (index, new)
+            pending.append((index, new))
+
+        existing = self._store.record([new for _, new in pending], now) if pending else {}
+        for index, new in pending:
+            stored = existing.get(new.key)
+            results[index] = (
+                EventResult(index, new.event_id, EventStatus.ACCEPTED)
+                if stored is None
+                else self._repeat(index, new, stored, "earlier")
+            )
+        return [results[i] for i in range(len(events))]
+
+    @staticmethod
+    def _repeat(index: int, new: NewEvent, stored_fingerprint: str, when: str) -> EventResult:
+        if stored_fingerprint == new.fingerprint:
+            return EventResult(index, new.event_id, EventStatus.DUPLICATE)
+        return EventResult(
+            index, new.event_id, EventStatus.CONFLICT,
+            message=f"event_id {new.event_id!r} was submitted {when} with a different payload",
+        )
+
+    def _pseudonymise(self, source: str, event: IncomingEvent) -> NewEvent:
+        assert event.subject_kind is not None and event.occurred_at is not None
+        subject_key = self._pseudonymiser.subject_key(event.subject_kind, event.id_scheme, event.id_value)
+        attributes = {k: v for k, v in event.attributes.items() if v is not None}
+        spec = self._catalogue.event_types[event.event_type].attributes
+        # A double attribute sent as a whole number is stored as a double, so that a
+        # resend with 3 or 3.0 is the same event.
+        for name, value in attributes.items():
+            if spec[name].type == "double" and isinstance(value, int):
+                attributes[name] = float(value)
+        normalised = IncomingEvent(
+            event.event_id, event.event_type, event.subject_kind, event.id_scheme, event.id_value,
+            event.occurred_at, attributes, event.evidence_uri,
+        )
+        return NewEvent(
+            source=source,
+            event_id=event.event_id,
+            event_type=event.event_type,
+            subject_key=subject_key,
+            subject_key_id=self._pseudonymiser.key_id,
+            subject_kind=event.subject_kind,
+            occurred_at=event.occurred_at,
+            attributes=attributes,
+            evidence_uri=event.evidence_uri,
+            fingerprint=fingerprint(normalised, subject_key),
+        )

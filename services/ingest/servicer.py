@@ -1,0 +1,136 @@
+"""IngestService over gRPC: translates protobuf ⇄ domain and results ⇄ statuses."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Executor
+from typing import Any
+
+import grpc
+from opentelemetry import trace
+
+from egret.common.v1 import errors_pb2
+from egret.ingest.v1 import ingest_service_pb2 as pb
+from egret.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
+from kit.db import run_blocking
+from kit.errors import AlreadyExists, InvalidArgument, Violation
+from kit.logging import get_logger
+from kit.protoconv import SUBJECT_KINDS, attribute_value, to_datetime
+from services.ingest.catalogue import IncomingEvent
+from services.ingest.domain import EventResult, EventStatus, Intake
+
+log = get_logger(__name__)
+
+_STATUS = {
+    EventStatus.ACCEPTED: pb.EVENT_STATUS_ACCEPTED,
+    EventStatus.DUPLICATE: pb.EVENT_STATUS_DUPLICATE,
+    EventStatus.REJECTED: pb.EVENT_STATUS_REJECTED,
+    EventStatus.CONFLICT: pb.EVENT_STATUS_CONFLICT,
+}
+
+
+def incoming(event: pb.Event) -> IncomingEvent:
+    return IncomingEvent(
+        event_id=event.event_id,
+        event_type=event.event_type,
+        subject_kind=SUBJECT_KINDS.get(event.subject.kind),
+        id_scheme=event.subject.id_scheme,
+        id_value=event.subject.id_value,
+        occurred_at=to_datetime(event.occurred_at) if event.HasField("occurred_at") else None,
+        attributes={name: attribute_value(value) for name, value in event.attributes.items()},
+        evidence_uri=event.evidence_uri,
+    )
+
+
+def result_message(result: EventResult) -> pb.EventResult:
+    return pb.EventResult(
+        index=result.index,
+        event_id=result.event_id,
+        status=_STATUS[result.status],
+        violations=[
+            errors_pb2.FieldViolation(field=v.field, description=v.description, reason=v.reason)
+            for v in result.violations
+        ],
+        message=result.message,
+    )
+
+
+def counts(results: Sequence[EventResult]) -> pb.BatchCounts:
+    tally = dict.fromkeys(EventStatus, 0)
+    for r in results:
+        tally[r.status] += 1
+    return pb.BatchCounts(
+        accepted=tally[EventStatus.ACCEPTED],
+        duplicate=tally[EventStatus.DUPLICATE],
+        rejected=tally[EventStatus.REJECTED],
+        conflict=tally[EventStatus.CONFLICT],
+    )
+
+
+class IngestServicer(pb_grpc.IngestServiceServicer):
+    def __init__(self, intake: Intake, executor: Executor, committed: Callable[[], None]) -> None:
+        self._intake = intake
+        self._executor = executor
+        self._committed = committed
+        self._tracer = trace.get_tracer("egret.ingest")
+
+    async def _submit(self, source: str, events: Sequence[pb.Event]) -> list[EventResult]:
+        """Run one batch through the domain off the event loop, in its own span."""
+        with self._tracer.start_as_current_span(
+            "ingest batch", attributes={"egret.source": source, "egret.batch.size": len(events)}
+        ) as span:
+            converted = [incoming(e) for e in events]
+            results = await run_blocking(self._executor, self._intake.submit, source, converted)
+            tally = counts(results)
+            span.set_attributes({"egret.accepted": tally.accepted, "egret.rejected": tally.rejected,
+                                 "egret.duplicate": tally.duplicate, "egret.conflict": tally.conflict})
+            if tally.accepted:
+                self._committed()
+            log.info("batch committed", source=source, size=len(events), accepted=tally.accepted,
+                     duplicate=tally.duplicate, rejected=tally.rejected, conflict=tally.conflict)
+            return results
+
+    async def SubmitEvent(self, request: pb.SubmitEventRequest, context: Any) -> pb.SubmitEventResponse:
+        problems = self._intake.check_request(request.source, 1)
+        if not request.HasField("event"):
+            problems.append(Violation("event", "is required", "REQUIRED"))
+        if problems:
+            raise InvalidArgument("invalid request", problems)
+        (result,) = await self._submit(request.source, [request.event])
+        if result.status is EventStatus.REJECTED:
+            raise InvalidArgument(
+                f"event {result.event_id!r} is invalid", [v.prefixed("event") for v in result.violations]
+            )
+        if result.status is EventStatus.CONFLICT:
+            raise AlreadyExists(result.message, reason="EVENT_ID_CONFLICT")
+        return pb.SubmitEventResponse(result=result_message(result))
+
+    async def SubmitEvents(self, request: pb.SubmitEventsRequest, context: Any) -> pb.SubmitEventsResponse:
+        problems = self._intake.check_request(request.source, len(request.events))
+        if problems:
+            raise InvalidArgument("invalid batch", problems)
+        results = await self._submit(request.source, request.events)
+        return pb.SubmitEventsResponse(results=[result_message(r) for r in results], counts=counts(results))
+
+    async def StreamEvents(
+        self, request_iterator: AsyncIterator[pb.StreamEventsRequest], context: Any
+    ) -> AsyncIterator[pb.StreamEventsResponse]:
+        async for request in request_iterator:
+            problems = self._intake.check_request(request.source, len(request.events))
+            if problems:
+                # A bad batch is answered, not fatal: the stream's other batches go on.
+                results = [
+                    EventResult(i, e.event_id, EventStatus.REJECTED, tuple(problems), "the batch was rejected")
+                    for i, e in enumerate(request.events)
+                ]
+                log.info("batch rejected", source=request.source, size=len(request.events),
+                         reasons=[p.reason for p in problems])
+            else:
+                results = await self._submit(request.source, request.events)
+            yield pb.StreamEventsResponse(
+                batch_id=request.batch_id, results=[result_message(r) for r in results], counts=counts(results)
+            )
+
+
+def register(servicer: IngestServicer) -> Callable[[grpc.aio.Server], None]:
+    return lambda server: pb_grpc.add_IngestServiceServicer_to_server(servicer, server)
