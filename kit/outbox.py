@@ -24,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 from opentelemetry import trace
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
 from kit.logging import get_logger
@@ -140,7 +141,14 @@ class OutboxRelay:
         while not stopping.is_set():
             # Cleared before the claim, so a notify() during the claim is never lost.
             self._wakeup.clear()
-            claimed = await asyncio.to_thread(self._claim)
+            try:
+                claimed = await asyncio.to_thread(self._claim)
+            except SQLAlchemyError as exc:
+                # The database is away (health reports it); keep trying, never die.
+                log.warning("relay cannot read its outbox", relay=self._name, error=type(exc).__name__)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), self._settings.backoff_max_s)
+                continue
             if claimed is None:
                 waits = [asyncio.create_task(self._wakeup.wait()), asyncio.create_task(stopping.wait())]
                 await asyncio.wait(waits, timeout=self._settings.poll_interval_s, return_when=asyncio.FIRST_COMPLETED)
@@ -162,7 +170,10 @@ class OutboxRelay:
             except Exception as exc:  # noqa: BLE001 - any failure is retried with backoff
                 span.record_exception(exc)
                 span.set_status(trace.StatusCode.ERROR, type(exc).__name__)
-                delay = await asyncio.to_thread(self._postpone, claimed.ids, claimed.attempts)
+                try:
+                    delay = await asyncio.to_thread(self._postpone, claimed.ids, claimed.attempts)
+                except SQLAlchemyError:
+                    delay = self._settings.backoff_max_s  # the lease brings the rows back
                 log.warning(
                     "relay send failed; will retry",
                     relay=self._name,
@@ -174,6 +185,12 @@ class OutboxRelay:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stopping.wait(), delay)
                 return
-            await asyncio.to_thread(self._delete, claimed.ids)
+            try:
+                await asyncio.to_thread(self._delete, claimed.ids)
+            except SQLAlchemyError as exc:
+                # Delivered but not deleted: the rows come back when their lease ends and
+                # are sent again, which the idempotent receiver absorbs.
+                log.warning("relay could not delete delivered rows", relay=self._name, error=type(exc).__name__)
+                return
             self.sent += len(claimed.ids)
             log.debug("relayed", relay=self._name, batch=len(claimed.ids))

@@ -85,6 +85,9 @@ async def serve(
          reflection.SERVICE_NAME],
         server,
     )
+    # Known but not yet serving until the first database check passes.
+    for name in ("", *service.service_names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     port = server.add_insecure_port(settings.listen_address)
     if port == 0:
         raise RuntimeError(f"cannot listen on {settings.listen_address}")
@@ -118,4 +121,7 @@ async def serve(
         engine.dispose()
     if tracer_provider is not None:
         tracer_provider.shutdown()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.remove_signal_handler(sig)
     log.info("stopped")

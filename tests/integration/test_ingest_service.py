@@ -1,0 +1,229 @@
+"""The ingest service's gRPC API on loopback, on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+import sqlalchemy as sa
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from egret.common.v1 import event_pb2
+from egret.ingest.v1 import ingest_service_pb2 as pb
+from egret.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
+from kit.pseudonym import Pseudonymiser
+from kit.settings import PeerSettings, PseudonymSettings, RelaySettings
+from services.ingest.bootstrap import MIGRATIONS, build
+from services.ingest.settings import IngestSettings
+from tests.support.events import TEST_SUBJECT_KEY, event
+from tests.support.fakes import RecordingRules, serving_rules
+from tests.support.servers import common_settings, running
+
+SUBJECT = "350200199001011234"
+
+
+def ingest_settings(database_url: str, data_dir: Path, rules_address: str, max_batch: int = 100) -> IngestSettings:
+    return IngestSettings(
+        common=common_settings("ingest", database_url, data_dir),
+        pseudonym=PseudonymSettings(key=TEST_SUBJECT_KEY, key_id="k1"),
+        catalogue_file=Path("config/catalogue.yaml"),
+        max_batch_size=max_batch,
+        max_future_skew_s=300,
+        max_event_age_days=3650,
+        db_workers=2,
+        rules=PeerSettings(address=rules_address, deadline_s=2.0),
+        relay=RelaySettings(batch_size=50, poll_interval_s=0.05, backoff_initial_s=0.05, backoff_max_s=0.2),
+    )
+
+
+def late(event_id: str, days: int = 40, subject: str = SUBJECT) -> pb.Event:
+    return event(event_id, "library.book_returned_late", subject, {"days_late": days})
+
+
+def bad_request(error: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
+    details = dict(error.trailing_metadata() or ())["grpc-status-details-bin"]
+    status = status_pb2.Status.FromString(details)  # type: ignore[arg-type]
+    request = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(request)
+    return [(v.field, v.reason) for v in request.field_violations]
+
+
+@pytest.fixture
+async def ingest(database_url: str, tmp_path: Path) -> AsyncIterator[tuple[pb_grpc.IngestServiceStub, RecordingRules]]:
+    rules = RecordingRules()
+    async with (
+        serving_rules(rules) as rules_address,
+        running(ingest_settings(database_url, tmp_path, rules_address), build, MIGRATIONS) as address,
+        grpc.aio.insecure_channel(address) as channel,
+    ):
+        yield pb_grpc.IngestServiceStub(channel), rules
+
+
+async def until(predicate: object, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():  # type: ignore[operator]
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+async def test_accepted_events_are_relayed_to_rules_pseudonymised(ingest: tuple[pb_grpc.IngestServiceStub, RecordingRules]) -> None:
+    stub, rules = ingest
+    response = await stub.SubmitEvent(pb.SubmitEventRequest(source="library", event=late("e1")))
+    assert response.result.status == pb.EVENT_STATUS_ACCEPTED
+    await until(lambda: rules.event_ids() == ["e1"])
+    (delivered,) = rules.batches[0].events
+    assert delivered.subject_key == Pseudonymiser(TEST_SUBJECT_KEY, "k1").subject_key("person", "resident-id", SUBJECT)
+    assert SUBJECT not in str(delivered)
+    assert delivered.attributes["days_late"] == event_pb2.AttributeValue(int_value=40)
+    assert delivered.sequence > 0
+    # The relay carries the trace context of the batch that stored the event.
+    assert rules.metadata[0]["traceparent"].startswith("00-")
+
+
+async def test_single_invalid_event_gets_invalid_argument_with_field_violations(
+    ingest: tuple[pb_grpc.IngestServiceStub, RecordingRules],
+) -> None:
+    stub, _ = ingest
+    bad = event("e2", "library.book_returned_late", SUBJECT, {"days_late": "late", "mood": "grumpy"})
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.SubmitEvent(pb.SubmitEventRequest(source="library", event=bad))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request(raised.value) == [
+        ("event.attributes.days_late", "WRONG_TYPE"),
+        ("event.attributes.mood", "UNKNOWN"),
+    ]
+
+
+async def test_duplicate_is_acknowledged_and_conflict_is_already_exists(
+    ingest: tuple[pb_grpc.IngestServiceStub, RecordingRules],
+) -> None:
+    stub, rules = ingest
+    await stub.SubmitEvent(pb.SubmitEventRequest(source="library", event=late("e3")))
+    again = await stub.SubmitEvent(pb.SubmitEventRequest(source="library", event=late("e3")))
+    assert again.result.status == pb.EVENT_STATUS_DUPLICATE
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.SubmitEvent(pb.SubmitEventRequest(source="library", event=late("e3", days=41)))
+    assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    await until(lambda: rules.event_ids() == ["e3"])
+    await asyncio.sleep(0.2)
+    assert rules.event_ids() == ["e3"]
+
+
+async def test_batch_results_per_event_and_limits(ingest: tuple[pb_grpc.IngestServiceStub, RecordingRules]) -> None:
+    stub, _ = ingest
+    response = await stub.SubmitEvents(
+        pb.SubmitEventsRequest(source="library", events=[late("b1"), late("b2", days=0), late("b1")])
+    )
+    assert [r.status for r in response.results] == [
+        pb.EVENT_STATUS_ACCEPTED, pb.EVENT_STATUS_REJECTED, pb.EVENT_STATUS_DUPLICATE,
+    ]
+    assert [(v.field, v.reason) for v in response.results[1].violations] == [("attributes.days_late", "OUT_OF_RANGE")]
+    assert (response.counts.accepted, response.counts.rejected, response.counts.duplicate) == (1, 1, 1)
+
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.SubmitEvents(pb.SubmitEventsRequest(source="library", events=[late(f"x{i}") for i in range(101)]))
+    assert bad_request(raised.value) == [("events", "BATCH_TOO_LARGE")]
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.SubmitEvents(pb.SubmitEventsRequest(source="zoo", events=[late("z")]))
+    assert bad_request(raised.value) == [("source", "UNKNOWN_SOURCE")]
+
+
+async def test_stream_acknowledges_every_batch_in_order_and_survives_a_bad_batch(
+    ingest: tuple[pb_grpc.IngestServiceStub, RecordingRules],
+) -> None:
+    stub, rules = ingest
+
+    async def batches() -> AsyncIterator[pb.StreamEventsRequest]:
+        yield pb.StreamEventsRequest(source="library", batch_id="one", events=[late(f"s{i}") for i in range(10)])
+        yield pb.StreamEventsRequest(source="nobody", batch_id="two", events=[late("s99")])
+        yield pb.StreamEventsRequest(
+            source="library", batch_id="three", events=[late("s0"), late("s10", subject="other")]
+        )
+
+    acks = [ack async for ack in stub.StreamEvents(batches())]
+    assert [a.batch_id for a in acks] == ["one", "two", "three"]
+    assert acks[0].counts.accepted == 10
+    assert acks[1].counts.rejected == 1
+    assert acks[1].results[0].violations[0].reason == "UNKNOWN_SOURCE"
+    assert (acks[2].counts.duplicate, acks[2].counts.accepted) == (1, 1)
+    await until(lambda: len(rules.event_ids()) == 11)
+    assert sorted(rules.event_ids()) == sorted([f"s{i}" for i in range(11)])
+
+
+async def test_relay_retries_with_backoff_until_rules_accepts(database_url: str, tmp_path: Path) -> None:
+    rules = RecordingRules(failures=3)
+    async with (
+        serving_rules(rules) as rules_address,
+        running(ingest_settings(database_url, tmp_path, rules_address), build, MIGRATIONS) as address,
+        grpc.aio.insecure_channel(address) as channel,
+    ):
+        stub = pb_grpc.IngestServiceStub(channel)
+        await stub.SubmitEvents(pb.SubmitEventsRequest(source="library", events=[late("r1"), late("r2")]))
+        await until(lambda: rules.event_ids() == ["r1", "r2"])
+        assert rules.calls == 4
+        engine = sa.create_engine(database_url)
+        with engine.connect() as connection:
+            await until(lambda: connection.scalar(sa.text("SELECT count(*) FROM ingest_outbox")) == 0)
+            stored = connection.execute(sa.text("SELECT subject_key, record FROM ingest_events")).all()
+        engine.dispose()
+        assert len(stored) == 2
+        assert all(SUBJECT.encode() not in row.record and row.subject_key != SUBJECT for row in stored)
+
+
+async def test_events_committed_while_rules_is_down_are_delivered_after_restart(
+    database_url: str, tmp_path: Path
+) -> None:
+    async with running(ingest_settings(database_url, tmp_path, "127.0.0.1:9"), build, MIGRATIONS) as address:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.IngestServiceStub(channel)
+            await stub.SubmitEvents(pb.SubmitEventsRequest(source="library", events=[late("d1"), late("d2")]))
+    rules = RecordingRules()
+    async with (
+        serving_rules(rules) as rules_address,
+        running(ingest_settings(database_url, tmp_path, rules_address), build, MIGRATIONS),
+    ):
+        await until(lambda: sorted(rules.event_ids()) == ["d1", "d2"])
+
+
+async def test_events_older_or_newer_than_allowed_are_rejected(ingest: tuple[pb_grpc.IngestServiceStub, RecordingRules]) -> None:
+    stub, _ = ingest
+    future = event("f1", "library.book_returned_late", SUBJECT, {"days_late": 40},
+                   occurred_at=datetime.now(UTC) + timedelta(hours=1))
+    response = await stub.SubmitEvents(pb.SubmitEventsRequest(source="library", events=[future]))
+    assert response.results[0].violations[0].reason == "IN_FUTURE"
+
+
+@pytest.mark.postgres
+async def test_health_turns_not_serving_when_the_database_goes_away(tmp_path: Path) -> None:
+    from tests.conftest import create_postgres_database, drop_postgres_database
+
+    url = create_postgres_database()
+    try:
+        async with (
+            running(ingest_settings(url, tmp_path, "127.0.0.1:9"), build, MIGRATIONS) as address,
+            grpc.aio.insecure_channel(address) as channel,
+        ):
+            health = health_pb2_grpc.HealthStub(channel)
+
+            async def status() -> int:
+                reply = await health.Check(health_pb2.HealthCheckRequest(service="egret.ingest.v1.IngestService"))
+                return int(reply.status)
+
+            serving = health_pb2.HealthCheckResponse.SERVING
+            deadline = asyncio.get_running_loop().time() + 10
+            while await status() != serving:
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.05)
+            drop_postgres_database(url)
+            while await status() == serving:
+                assert asyncio.get_running_loop().time() < deadline + 10
+                await asyncio.sleep(0.05)
+            assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        drop_postgres_database(url)

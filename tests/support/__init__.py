@@ -1,0 +1,1 @@
+"""Helpers for tests: in-process servers on loopback, common settings, sample events."""

@@ -1,0 +1,49 @@
+"""A stand-in downstream RulesService that records what it receives and can fail on demand.
+
+Used to test a relay against a real gRPC server on loopback without running rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import grpc
+
+from egret.rules.v1 import rules_service_pb2 as rules_pb
+from egret.rules.v1 import rules_service_pb2_grpc as rules_grpc
+
+
+class RecordingRules(rules_grpc.RulesServiceServicer):
+    def __init__(self, failures: int = 0) -> None:
+        self.failures = failures
+        self.calls = 0
+        self.batches: list[rules_pb.EvaluateEventsRequest] = []
+        self.metadata: list[dict[str, str]] = []
+        self.received = asyncio.Event()
+
+    async def EvaluateEvents(self, request: rules_pb.EvaluateEventsRequest, context: Any) -> Any:
+        self.calls += 1
+        if self.calls <= self.failures:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "rules is warming up")
+        self.batches.append(request)
+        self.metadata.append({k: v for k, v in context.invocation_metadata() if isinstance(v, str)})
+        self.received.set()
+        return rules_pb.EvaluateEventsResponse(evaluated=len(request.events))
+
+    def event_ids(self) -> list[str]:
+        return [e.ref.event_id for b in self.batches for e in b.events]
+
+
+@asynccontextmanager
+async def serving_rules(servicer: RecordingRules) -> AsyncIterator[str]:
+    server = grpc.aio.server()
+    rules_grpc.add_RulesServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(0)

@@ -1,0 +1,110 @@
+"""Intake: one bad event never rejects its batch; duplicates and conflicts by fingerprint."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from kit.pseudonym import Pseudonymiser
+from services.ingest.catalogue import IncomingEvent, load_catalogue
+from services.ingest.domain import EventStatus, Intake, Limits, NewEvent
+
+NOW = datetime(2026, 11, 1, tzinfo=UTC)
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self.events: dict[tuple[str, str], NewEvent] = {}
+        self.calls = 0
+
+    def record(self, events: Sequence[NewEvent], recorded_at: datetime) -> Mapping[tuple[str, str], str]:
+        self.calls += 1
+        existing = {e.key: self.events[e.key].fingerprint for e in events if e.key in self.events}
+        for e in events:
+            self.events.setdefault(e.key, e)
+        return existing
+
+
+def make_intake(store: MemoryStore) -> Intake:
+    return Intake(
+        catalogue=load_catalogue(Path("config/catalogue.yaml")),
+        pseudonymiser=Pseudonymiser(b"k" * 32, "k1"),
+        store=store,
+        limits=Limits(max_batch_size=3, max_future_skew=timedelta(minutes=5), max_event_age=timedelta(days=3650)),
+        clock=lambda: NOW,
+    )
+
+
+def late(event_id: str, days: int, subject: str = "350200199001011234") -> IncomingEvent:
+    return IncomingEvent(
+        event_id, "library.book_returned_late", "person", "resident-id", subject,
+        NOW - timedelta(days=2), {"days_late": days}, "",
+    )
+
+
+def statuses(results: Sequence[object]) -> list[EventStatus]:
+    return [r.status for r in results]  # type: ignore[attr-defined]
+
+
+def test_a_bad_event_is_rejected_and_the_rest_of_its_batch_lands() -> None:
+    store = MemoryStore()
+    results = make_intake(store).submit("library", [late("a", 40), late("b", 0), late("c", 2)])
+    assert statuses(results) == [EventStatus.ACCEPTED, EventStatus.REJECTED, EventStatus.ACCEPTED]
+    assert results[1].violations[0].field == "attributes.days_late"
+    assert set(store.events) == {("library", "a"), ("library", "c")}
+
+
+def test_resending_the_same_event_is_a_duplicate_and_a_changed_payload_a_conflict() -> None:
+    store = MemoryStore()
+    intake = make_intake(store)
+    intake.submit("library", [late("a", 40)])
+    results = intake.submit("library", [late("a", 40), late("a", 41)])
+    assert statuses(results) == [EventStatus.DUPLICATE, EventStatus.CONFLICT]
+    assert "different payload" in results[1].message
+    assert len(store.events) == 1
+
+
+def test_repeats_inside_one_batch_are_recognised_before_storing() -> None:
+    store = MemoryStore()
+    results = make_intake(store).submit("library", [late("a", 40), late("a", 40), late("a", 50)])
+    assert statuses(results) == [EventStatus.ACCEPTED, EventStatus.DUPLICATE, EventStatus.CONFLICT]
+    assert store.calls == 1
+
+
+def test_the_same_event_id_from_another_source_is_another_event() -> None:
+    store = MemoryStore()
+    intake = make_intake(store)
+    intake.submit("library", [late("a", 40)])
+    fare = IncomingEvent("a", "transport.metro.fare_evasion", "person", "resident-id", "1", NOW, {"station": "X",
+                         "amount": 3.0}, "")
+    assert statuses(intake.submit("metro", [fare])) == [EventStatus.ACCEPTED]
+
+
+def test_stored_events_carry_only_the_pseudonym() -> None:
+    store = MemoryStore()
+    make_intake(store).submit("library", [late("a", 40, subject=" 350200199001011234 ")])
+    (stored,) = store.events.values()
+    assert stored.subject_key == Pseudonymiser(b"k" * 32, "k1").subject_key(
+        "person", "resident-id", "350200199001011234"
+    )
+    assert "350200199001011234" not in repr(stored)
+
+
+def test_a_whole_number_double_and_its_float_form_are_the_same_event() -> None:
+    store = MemoryStore()
+    intake = make_intake(store)
+
+    def fare(amount: float) -> IncomingEvent:
+        return IncomingEvent("f", "transport.metro.fare_evasion", "person", "resident-id", "1", NOW,
+                             {"station": "X", "amount": amount}, "")
+
+    intake.submit("metro", [fare(3)])
+    assert statuses(intake.submit("metro", [fare(3.0)])) == [EventStatus.DUPLICATE]
+
+
+def test_request_checks_name_source_and_batch_size() -> None:
+    intake = make_intake(MemoryStore())
+    assert [v.reason for v in intake.check_request("zoo", 4)] == ["UNKNOWN_SOURCE", "BATCH_TOO_LARGE"]
+    assert [v.reason for v in intake.check_request("library", 0)] == ["REQUIRED"]
+    assert intake.check_request("library", 3) == []

@@ -1,0 +1,42 @@
+"""Settings: every bad or missing value is reported at once, before start-up."""
+
+from __future__ import annotations
+
+import pytest
+
+from kit.settings import SettingsError
+from services.ingest.settings import IngestSettings
+
+
+def test_missing_and_bad_values_are_all_reported() -> None:
+    with pytest.raises(SettingsError) as raised:
+        IngestSettings.from_env(
+            {
+                "EGRET_LISTEN_ADDRESS": "nowhere",
+                "EGRET_MAX_BATCH_SIZE": "lots",
+                "EGRET_LOG_FORMAT": "xml",
+                "EGRET_CATALOGUE_FILE": "/does/not/exist.yaml",
+                "EGRET_MIGRATE_ON_START": "perhaps",
+            }
+        )
+    problems = raised.value.problems
+    assert "EGRET_LISTEN_ADDRESS='nowhere' is not a host:port address" in problems
+    assert "EGRET_MAX_BATCH_SIZE='lots' is not a whole number" in problems
+    assert "EGRET_LOG_FORMAT='xml' is not one of json, console" in problems
+    assert "EGRET_CATALOGUE_FILE='/does/not/exist.yaml': no such file" in problems
+    assert "EGRET_MIGRATE_ON_START='perhaps' is not a boolean (true/false)" in problems
+    assert "EGRET_SUBJECT_KEY is required but not set" in problems
+
+
+def test_a_short_subject_key_is_refused() -> None:
+    with pytest.raises(SettingsError) as raised:
+        IngestSettings.from_env({"EGRET_SUBJECT_KEY": "short"})
+    assert raised.value.problems == ["the subject HMAC key must be at least 32 bytes long"]
+
+
+def test_defaults_give_a_local_sqlite_service() -> None:
+    settings = IngestSettings.from_env({"EGRET_SUBJECT_KEY": "x" * 32, "EGRET_DATA_DIR": "/tmp/egret"})
+    assert settings.common.database_url == "sqlite:////tmp/egret/ingest.db"
+    assert settings.common.listen_address == "127.0.0.1:50051"
+    assert settings.rules.address == "127.0.0.1:50052"
+    assert settings.max_batch_size == 1000
