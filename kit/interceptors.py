@@ -81,9 +81,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
@@ -112,7 +112,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             with self._span(method, metadata) as span:
                 try:
                     return await inner(request, context)
-                except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+                except Exception as exc:
                     await _fail(span, method, context, exc)
                     raise  # unreachable: _fail aborts
 
@@ -124,14 +124,16 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     async for response in inner(request, context):
                         yield response
-                except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+                except Exception as exc:
                     await _fail(span, method, context, exc)
                     raise
 
         return behaviour
 
 
-async def _fail(span: trace.Span, method: str, context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
+async def _fail(
+    span: trace.Span, method: str, context: grpc.aio.ServicerContext[Any, Any], exc: Exception
+) -> None:
     if isinstance(exc, grpc.aio.AbortError):
         raise exc
     if isinstance(exc, DomainError):
@@ -146,7 +148,7 @@ async def _fail(span: trace.Span, method: str, context: grpc.aio.ServicerContext
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; the failure was logged")
 
 
-class _TraceContextInjector(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
+class _TraceContextInjector(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
     """Adds the current trace context to the metadata of every outgoing call."""
 
     @staticmethod

@@ -122,13 +122,17 @@ class OutboxRelay:
             session.execute(sa.delete(self._table).where(self._table.id.in_(ids)))
 
     def _postpone(self, ids: list[int], attempts: int) -> float:
-        delay = min(self._settings.backoff_max_s, self._settings.backoff_initial_s * 2 ** min(attempts, 30))
+        delay: float = min(
+            self._settings.backoff_max_s, self._settings.backoff_initial_s * 2.0 ** min(attempts, 30)
+        )
         delay *= random.uniform(0.5, 1.0)
         with self._sessions() as session, session.begin():
             session.execute(
                 sa.update(self._table)
                 .where(self._table.id.in_(ids))
-                .values(attempts=self._table.attempts + 1, available_at=self._clock() + timedelta(seconds=delay))
+                .values(
+                    attempts=self._table.attempts + 1, available_at=self._clock() + timedelta(seconds=delay)
+                )
             )
         return delay
 
@@ -151,7 +155,9 @@ class OutboxRelay:
                 continue
             if claimed is None:
                 waits = [asyncio.create_task(self._wakeup.wait()), asyncio.create_task(stopping.wait())]
-                await asyncio.wait(waits, timeout=self._settings.poll_interval_s, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    waits, timeout=self._settings.poll_interval_s, return_when=asyncio.FIRST_COMPLETED
+                )
                 for w in waits:
                     w.cancel()
                 continue
@@ -167,7 +173,7 @@ class OutboxRelay:
         ) as span:
             try:
                 await self._send(claimed.payloads)
-            except Exception as exc:  # noqa: BLE001 - any failure is retried with backoff
+            except Exception as exc:
                 span.record_exception(exc)
                 span.set_status(trace.StatusCode.ERROR, type(exc).__name__)
                 try:
@@ -190,7 +196,9 @@ class OutboxRelay:
             except SQLAlchemyError as exc:
                 # Delivered but not deleted: the rows come back when their lease ends and
                 # are sent again, which the idempotent receiver absorbs.
-                log.warning("relay could not delete delivered rows", relay=self._name, error=type(exc).__name__)
+                log.warning(
+                    "relay could not delete delivered rows", relay=self._name, error=type(exc).__name__
+                )
                 return
             self.sent += len(claimed.ids)
             log.debug("relayed", relay=self._name, batch=len(claimed.ids))

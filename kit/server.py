@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -29,7 +30,7 @@ from kit.settings import CommonSettings
 
 log = get_logger(__name__)
 
-BackgroundLoop = Callable[[asyncio.Event], Awaitable[None]]
+BackgroundLoop = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
 
 @dataclass
@@ -52,7 +53,9 @@ async def _watch_database(
     while not stopping.is_set():
         ok = all([await asyncio.to_thread(ping, engine) for engine in service.engines])
         if ok != serving and not stopping.is_set():
-            status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+            status = (
+                health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
             for name in ("", *service.service_names):
                 await health_servicer.set(name, status)
             log.info("health changed", serving=ok) if ok else log.error("database unreachable")
@@ -81,8 +84,11 @@ async def serve(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        [*service.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME],
+        [
+            *service.service_names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
         server,
     )
     # Known but not yet serving until the first database check passes.
@@ -94,7 +100,9 @@ async def serve(
     await server.start()
 
     stopping = asyncio.Event()
-    tasks = [asyncio.create_task(_watch_database(service, health_servicer, settings.health_interval_s, stopping))]
+    tasks = [
+        asyncio.create_task(_watch_database(service, health_servicer, settings.health_interval_s, stopping))
+    ]
     tasks += [asyncio.create_task(loop_fn(stopping)) for loop_fn in service.background]
     log.info("serving", address=settings.listen_address, port=port)
     if started is not None:

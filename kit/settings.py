@@ -54,7 +54,9 @@ class Env:
     def optional(self, name: str) -> str | None:
         return self._raw(name)
 
-    def integer(self, name: str, default: int, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    def integer(
+        self, name: str, default: int, *, minimum: int | None = None, maximum: int | None = None
+    ) -> int:
         raw = self._raw(name)
         if raw is None:
             return default

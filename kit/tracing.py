@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
@@ -24,15 +25,16 @@ from kit.settings import SettingsError
 
 
 def _exporters() -> list[SpanExporter]:
-    default = "otlp" if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
-    ) else "none"
+    default = (
+        "otlp"
+        if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        else "none"
+    )
     names = [n.strip() for n in os.environ.get("OTEL_TRACES_EXPORTER", default).split(",") if n.strip()]
     exporters: list[SpanExporter] = []
     for name in names:
         if name == "otlp":
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
             exporters.append(OTLPSpanExporter())
         elif name == "console":
             exporters.append(ConsoleSpanExporter())

@@ -7,21 +7,16 @@ required: a missing server fails the run rather than skipping half the suite.
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-POSTGRES_ADMIN_URL = os.environ.get(
-    "EGRET_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
+from tests.support.databases import create_postgres_database, drop_postgres_database
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -32,26 +27,6 @@ def span_exporter() -> InMemorySpanExporter:
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     return exporter
-
-
-def create_postgres_database() -> str:
-    """Create a fresh, uniquely named database and return its URL."""
-    admin = sa.make_url(POSTGRES_ADMIN_URL)
-    name = f"egret_test_{uuid.uuid4().hex[:12]}"
-    engine = sa.create_engine(admin, isolation_level="AUTOCOMMIT")
-    with engine.connect() as connection:
-        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    engine.dispose()
-    return admin.set(database=name).render_as_string(hide_password=False)
-
-
-def drop_postgres_database(url: str) -> None:
-    admin = sa.make_url(POSTGRES_ADMIN_URL)
-    name = sa.make_url(url).database
-    engine = sa.create_engine(admin, isolation_level="AUTOCOMMIT")
-    with engine.connect() as connection:
-        connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    engine.dispose()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

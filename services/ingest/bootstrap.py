@@ -48,7 +48,9 @@ def build(settings: IngestSettings) -> Service:
     rules = rules_grpc.RulesServiceStub(channel)
 
     async def send(payloads: Sequence[bytes]) -> None:
-        request = rules_pb.EvaluateEventsRequest(events=[event_pb2.RecordedEvent.FromString(p) for p in payloads])
+        request = rules_pb.EvaluateEventsRequest(
+            events=[event_pb2.RecordedEvent.FromString(p) for p in payloads]
+        )
         await rules.EvaluateEvents(request, timeout=settings.rules.deadline_s)
 
     relay = OutboxRelay(
@@ -80,5 +82,9 @@ def build(settings: IngestSettings) -> Service:
 
 def main(argv: list[str] | None = None) -> int:
     return run_cli(
-        name="ingest", load_settings=IngestSettings.from_env, build=build, migrations_dir=MIGRATIONS, argv=argv
+        name="ingest",
+        load_settings=IngestSettings.from_env,
+        build=build,
+        migrations_dir=MIGRATIONS,
+        argv=argv,
     )

@@ -113,12 +113,16 @@ class Catalogue:
         """Every violation of `event` submitted by `source`; empty when it is valid."""
         problems: list[Violation] = []
         if not _PRINTABLE_ID.match(event.event_id):
-            problems.append(Violation("event_id", "must be 1 to 128 printable ASCII characters", "INVALID_ID"))
+            problems.append(
+                Violation("event_id", "must be 1 to 128 printable ASCII characters", "INVALID_ID")
+            )
         if event.subject_kind is None:
             problems.append(Violation("subject.kind", "is required", "REQUIRED"))
         if not _ID_SCHEME.match(event.id_scheme):
             problems.append(
-                Violation("subject.id_scheme", "must be 1 to 32 lower-case letters, digits or dashes", "INVALID")
+                Violation(
+                    "subject.id_scheme", "must be 1 to 32 lower-case letters, digits or dashes", "INVALID"
+                )
             )
         if not 1 <= len(event.id_value.strip()) <= 128:
             problems.append(Violation("subject.id_value", "must be 1 to 128 characters", "INVALID"))
@@ -133,15 +137,21 @@ class Catalogue:
 
         event_type = self.event_types.get(event.event_type)
         if event_type is None:
-            problems.append(Violation("event_type", f"unknown event type {event.event_type!r}", "UNKNOWN_EVENT_TYPE"))
+            problems.append(
+                Violation("event_type", f"unknown event type {event.event_type!r}", "UNKNOWN_EVENT_TYPE")
+            )
             return problems
         if source not in event_type.departments:
             problems.append(
-                Violation("event_type", f"source {source!r} may not submit {event.event_type}", "NOT_PERMITTED")
+                Violation(
+                    "event_type", f"source {source!r} may not submit {event.event_type}", "NOT_PERMITTED"
+                )
             )
         if event.subject_kind is not None and event.subject_kind not in event_type.subject_kinds:
             allowed = ", ".join(sorted(event_type.subject_kinds))
-            problems.append(Violation("subject.kind", f"{event.event_type} applies to {allowed} only", "NOT_ALLOWED"))
+            problems.append(
+                Violation("subject.kind", f"{event.event_type} applies to {allowed} only", "NOT_ALLOWED")
+            )
         problems.extend(_check_attributes(event_type, event.attributes))
         return problems
 
@@ -151,7 +161,9 @@ def _check_attributes(event_type: EventType, attributes: Mapping[str, Scalar | N
     for name, value in sorted(attributes.items()):
         spec = event_type.attributes.get(name)
         if spec is None:
-            problems.append(Violation(f"attributes.{name}", "is not an attribute of this event type", "UNKNOWN"))
+            problems.append(
+                Violation(f"attributes.{name}", "is not an attribute of this event type", "UNKNOWN")
+            )
         elif value is None:
             problems.append(Violation(f"attributes.{name}", "has no value set", "REQUIRED"))
         elif (violation := spec.check(value)) is not None:
@@ -261,7 +273,9 @@ def _parse_attribute(path: str, name: str, spec: Any, problems: list[str]) -> At
     if enum and (spec["type"] != "string" or not all(isinstance(e, str) for e in enum)):
         problems.append(f"{path}.enum: only string attributes take an enum of strings")
     for bound in ("min", "max"):
-        if bound in spec and (spec["type"] not in ("int", "double") or not isinstance(spec[bound], int | float)):
+        if bound in spec and (
+            spec["type"] not in ("int", "double") or not isinstance(spec[bound], int | float)
+        ):
             problems.append(f"{path}.{bound}: only numeric attributes take a numeric {bound}")
     return AttributeSpec(
         name=name,

@@ -80,8 +80,14 @@ def fingerprint(event: IncomingEvent, subject_key: str) -> str:
     }
     assert event.occurred_at is not None
     canonical = json.dumps(
-        [event.event_type, event.subject_kind, subject_key, event.occurred_at.isoformat(), attributes,
-         event.evidence_uri],
+        [
+            event.event_type,
+            event.subject_kind,
+            subject_key,
+            event.occurred_at.isoformat(),
+            attributes,
+            event.evidence_uri,
+        ],
         sort_keys=True,
         separators=(",", ":"),
     )
@@ -119,8 +125,11 @@ class Intake:
             problems.append(Violation("events", "must hold at least one event", "REQUIRED"))
         elif count > self._limits.max_batch_size:
             problems.append(
-                Violation("events", f"holds {count} events; the maximum is {self._limits.max_batch_size}",
-                          "BATCH_TOO_LARGE")
+                Violation(
+                    "events",
+                    f"holds {count} events; the maximum is {self._limits.max_batch_size}",
+                    "BATCH_TOO_LARGE",
+                )
             )
         return problems
 
@@ -132,11 +141,18 @@ class Intake:
         pending: list[tuple[int, NewEvent]] = []
         for index, event in enumerate(events):
             violations = self._catalogue.validate(
-                source, event, now=now, max_skew=self._limits.max_future_skew, max_age=self._limits.max_event_age
+                source,
+                event,
+                now=now,
+                max_skew=self._limits.max_future_skew,
+                max_age=self._limits.max_event_age,
             )
             if violations:
                 results[index] = EventResult(
-                    index, event.event_id, EventStatus.REJECTED, tuple(violations),
+                    index,
+                    event.event_id,
+                    EventStatus.REJECTED,
+                    tuple(violations),
                     f"{len(violations)} invalid field(s): " + ", ".join(v.field for v in violations),
                 )
                 continue
@@ -163,12 +179,15 @@ class Intake:
         if stored_fingerprint == new.fingerprint:
             return EventResult(index, new.event_id, EventStatus.DUPLICATE)
         return EventResult(
-            index, new.event_id, EventStatus.CONFLICT,
+            index,
+            new.event_id,
+            EventStatus.CONFLICT,
             message=f"event_id {new.event_id!r} was submitted {when} with a different payload",
         )
 
     def _pseudonymise(self, source: str, event: IncomingEvent) -> NewEvent:
-        assert event.subject_kind is not None and event.occurred_at is not None
+        assert event.subject_kind is not None
+        assert event.occurred_at is not None
         subject_key = self._pseudonymiser.subject_key(event.subject_kind, event.id_scheme, event.id_value)
         attributes = {k: v for k, v in event.attributes.items() if v is not None}
         spec = self._catalogue.event_types[event.event_type].attributes
@@ -178,8 +197,14 @@ class Intake:
             if spec[name].type == "double" and isinstance(value, int):
                 attributes[name] = float(value)
         normalised = IncomingEvent(
-            event.event_id, event.event_type, event.subject_kind, event.id_scheme, event.id_value,
-            event.occurred_at, attributes, event.evidence_uri,
+            event.event_id,
+            event.event_type,
+            event.subject_kind,
+            event.id_scheme,
+            event.id_value,
+            event.occurred_at,
+            attributes,
+            event.evidence_uri,
         )
         return NewEvent(
             source=source,

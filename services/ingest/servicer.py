@@ -82,12 +82,25 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             converted = [incoming(e) for e in events]
             results = await run_blocking(self._executor, self._intake.submit, source, converted)
             tally = counts(results)
-            span.set_attributes({"egret.accepted": tally.accepted, "egret.rejected": tally.rejected,
-                                 "egret.duplicate": tally.duplicate, "egret.conflict": tally.conflict})
+            span.set_attributes(
+                {
+                    "egret.accepted": tally.accepted,
+                    "egret.rejected": tally.rejected,
+                    "egret.duplicate": tally.duplicate,
+                    "egret.conflict": tally.conflict,
+                }
+            )
             if tally.accepted:
                 self._committed()
-            log.info("batch committed", source=source, size=len(events), accepted=tally.accepted,
-                     duplicate=tally.duplicate, rejected=tally.rejected, conflict=tally.conflict)
+            log.info(
+                "batch committed",
+                source=source,
+                size=len(events),
+                accepted=tally.accepted,
+                duplicate=tally.duplicate,
+                rejected=tally.rejected,
+                conflict=tally.conflict,
+            )
             return results
 
     async def SubmitEvent(self, request: pb.SubmitEventRequest, context: Any) -> pb.SubmitEventResponse:
@@ -120,15 +133,23 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             if problems:
                 # A bad batch is answered, not fatal: the stream's other batches go on.
                 results = [
-                    EventResult(i, e.event_id, EventStatus.REJECTED, tuple(problems), "the batch was rejected")
+                    EventResult(
+                        i, e.event_id, EventStatus.REJECTED, tuple(problems), "the batch was rejected"
+                    )
                     for i, e in enumerate(request.events)
                 ]
-                log.info("batch rejected", source=request.source, size=len(request.events),
-                         reasons=[p.reason for p in problems])
+                log.info(
+                    "batch rejected",
+                    source=request.source,
+                    size=len(request.events),
+                    reasons=[p.reason for p in problems],
+                )
             else:
                 results = await self._submit(request.source, request.events)
             yield pb.StreamEventsResponse(
-                batch_id=request.batch_id, results=[result_message(r) for r in results], counts=counts(results)
+                batch_id=request.batch_id,
+                results=[result_message(r) for r in results],
+                counts=counts(results),
             )
 
 

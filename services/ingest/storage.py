@@ -49,7 +49,7 @@ def recorded_event(event: NewEvent, recorded_at: datetime) -> event_pb2.Recorded
         ref=event_pb2.EventRef(source=event.source, event_id=event.event_id),
         event_type=event.event_type,
         subject_key=event.subject_key,
-        subject_kind=SUBJECT_KIND_VALUES[event.subject_kind],  # type: ignore[arg-type]
+        subject_kind=SUBJECT_KIND_VALUES[event.subject_kind],
         occurred_at=to_timestamp(event.occurred_at),
         recorded_at=to_timestamp(recorded_at),
         attributes={name: to_attribute_value(value) for name, value in event.attributes.items()},

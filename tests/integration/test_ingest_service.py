@@ -20,6 +20,7 @@ from kit.pseudonym import Pseudonymiser
 from kit.settings import PeerSettings, PseudonymSettings, RelaySettings
 from services.ingest.bootstrap import MIGRATIONS, build
 from services.ingest.settings import IngestSettings
+from tests.support.databases import create_postgres_database, drop_postgres_database
 from tests.support.events import TEST_SUBJECT_KEY, event
 from tests.support.fakes import RecordingRules, serving_rules
 from tests.support.servers import common_settings, running
@@ -27,7 +28,9 @@ from tests.support.servers import common_settings, running
 SUBJECT = "350200199001011234"
 
 
-def ingest_settings(database_url: str, data_dir: Path, rules_address: str, max_batch: int = 100) -> IngestSettings:
+def ingest_settings(
+    database_url: str, data_dir: Path, rules_address: str, max_batch: int = 100
+) -> IngestSettings:
     return IngestSettings(
         common=common_settings("ingest", database_url, data_dir),
         pseudonym=PseudonymSettings(key=TEST_SUBJECT_KEY, key_id="k1"),
@@ -47,14 +50,16 @@ def late(event_id: str, days: int = 40, subject: str = SUBJECT) -> pb.Event:
 
 def bad_request(error: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
     details = dict(error.trailing_metadata() or ())["grpc-status-details-bin"]
-    status = status_pb2.Status.FromString(details)  # type: ignore[arg-type]
+    status = status_pb2.Status.FromString(details)
     request = error_details_pb2.BadRequest()
     assert status.details[0].Unpack(request)
     return [(v.field, v.reason) for v in request.field_violations]
 
 
 @pytest.fixture
-async def ingest(database_url: str, tmp_path: Path) -> AsyncIterator[tuple[pb_grpc.IngestServiceStub, RecordingRules]]:
+async def ingest(
+    database_url: str, tmp_path: Path
+) -> AsyncIterator[tuple[pb_grpc.IngestServiceAsyncStub, RecordingRules]]:
     rules = RecordingRules()
     async with (
         serving_rules(rules) as rules_address,
@@ -64,21 +69,25 @@ async def ingest(database_url: str, tmp_path: Path) -> AsyncIterator[tuple[pb_gr
         yield pb_grpc.IngestServiceStub(channel), rules
 
 
-async def until(predicate: object, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def until(predicate: object, within_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within_s
     while not predicate():  # type: ignore[operator]
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.02)
 
 
-async def test_accepted_events_are_relayed_to_rules_pseudonymised(ingest: tuple[pb_grpc.IngestServiceStub, RecordingRules]) -> None:
+async def test_accepted_events_are_relayed_to_rules_pseudonymised(
+    ingest: tuple[pb_grpc.IngestServiceAsyncStub, RecordingRules],
+) -> None:
     stub, rules = ingest
     response = await stub.SubmitEvent(pb.SubmitEventRequest(source="library", event=late("e1")))
     assert response.result.status == pb.EVENT_STATUS_ACCEPTED
     await until(lambda: rules.event_ids() == ["e1"])
     (delivered,) = rules.batches[0].events
-    assert delivered.subject_key == Pseudonymiser(TEST_SUBJECT_KEY, "k1").subject_key("person", "resident-id", SUBJECT)
+    assert delivered.subject_key == Pseudonymiser(TEST_SUBJECT_KEY, "k1").subject_key(
+        "person", "resident-id", SUBJECT
+    )
     assert SUBJECT not in str(delivered)
     assert delivered.attributes["days_late"] == event_pb2.AttributeValue(int_value=40)
     assert delivered.sequence > 0
@@ -87,7 +96,7 @@ async def test_accepted_events_are_relayed_to_rules_pseudonymised(ingest: tuple[
 
 
 async def test_single_invalid_event_gets_invalid_argument_with_field_violations(
-    ingest: tuple[pb_grpc.IngestServiceStub, RecordingRules],
+    ingest: tuple[pb_grpc.IngestServiceAsyncStub, RecordingRules],
 ) -> None:
     stub, _ = ingest
     bad = event("e2", "library.book_returned_late", SUBJECT, {"days_late": "late", "mood": "grumpy"})
@@ -101,7 +110,7 @@ async def test_single_invalid_event_gets_invalid_argument_with_field_violations(
 
 
 async def test_duplicate_is_acknowledged_and_conflict_is_already_exists(
-    ingest: tuple[pb_grpc.IngestServiceStub, RecordingRules],
+    ingest: tuple[pb_grpc.IngestServiceAsyncStub, RecordingRules],
 ) -> None:
     stub, rules = ingest
     await stub.SubmitEvent(pb.SubmitEventRequest(source="library", event=late("e3")))
@@ -115,19 +124,27 @@ async def test_duplicate_is_acknowledged_and_conflict_is_already_exists(
     assert rules.event_ids() == ["e3"]
 
 
-async def test_batch_results_per_event_and_limits(ingest: tuple[pb_grpc.IngestServiceStub, RecordingRules]) -> None:
+async def test_batch_results_per_event_and_limits(
+    ingest: tuple[pb_grpc.IngestServiceAsyncStub, RecordingRules],
+) -> None:
     stub, _ = ingest
     response = await stub.SubmitEvents(
         pb.SubmitEventsRequest(source="library", events=[late("b1"), late("b2", days=0), late("b1")])
     )
     assert [r.status for r in response.results] == [
-        pb.EVENT_STATUS_ACCEPTED, pb.EVENT_STATUS_REJECTED, pb.EVENT_STATUS_DUPLICATE,
+        pb.EVENT_STATUS_ACCEPTED,
+        pb.EVENT_STATUS_REJECTED,
+        pb.EVENT_STATUS_DUPLICATE,
     ]
-    assert [(v.field, v.reason) for v in response.results[1].violations] == [("attributes.days_late", "OUT_OF_RANGE")]
+    assert [(v.field, v.reason) for v in response.results[1].violations] == [
+        ("attributes.days_late", "OUT_OF_RANGE")
+    ]
     assert (response.counts.accepted, response.counts.rejected, response.counts.duplicate) == (1, 1, 1)
 
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await stub.SubmitEvents(pb.SubmitEventsRequest(source="library", events=[late(f"x{i}") for i in range(101)]))
+        await stub.SubmitEvents(
+            pb.SubmitEventsRequest(source="library", events=[late(f"x{i}") for i in range(101)])
+        )
     assert bad_request(raised.value) == [("events", "BATCH_TOO_LARGE")]
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await stub.SubmitEvents(pb.SubmitEventsRequest(source="zoo", events=[late("z")]))
@@ -135,12 +152,14 @@ async def test_batch_results_per_event_and_limits(ingest: tuple[pb_grpc.IngestSe
 
 
 async def test_stream_acknowledges_every_batch_in_order_and_survives_a_bad_batch(
-    ingest: tuple[pb_grpc.IngestServiceStub, RecordingRules],
+    ingest: tuple[pb_grpc.IngestServiceAsyncStub, RecordingRules],
 ) -> None:
     stub, rules = ingest
 
     async def batches() -> AsyncIterator[pb.StreamEventsRequest]:
-        yield pb.StreamEventsRequest(source="library", batch_id="one", events=[late(f"s{i}") for i in range(10)])
+        yield pb.StreamEventsRequest(
+            source="library", batch_id="one", events=[late(f"s{i}") for i in range(10)]
+        )
         yield pb.StreamEventsRequest(source="nobody", batch_id="two", events=[late("s99")])
         yield pb.StreamEventsRequest(
             source="library", batch_id="three", events=[late("s0"), late("s10", subject="other")]
@@ -179,10 +198,12 @@ async def test_relay_retries_with_backoff_until_rules_accepts(database_url: str,
 async def test_events_committed_while_rules_is_down_are_delivered_after_restart(
     database_url: str, tmp_path: Path
 ) -> None:
-    async with running(ingest_settings(database_url, tmp_path, "127.0.0.1:9"), build, MIGRATIONS) as address:
-        async with grpc.aio.insecure_channel(address) as channel:
-            stub = pb_grpc.IngestServiceStub(channel)
-            await stub.SubmitEvents(pb.SubmitEventsRequest(source="library", events=[late("d1"), late("d2")]))
+    async with (
+        running(ingest_settings(database_url, tmp_path, "127.0.0.1:9"), build, MIGRATIONS) as address,
+        grpc.aio.insecure_channel(address) as channel,
+    ):
+        stub = pb_grpc.IngestServiceStub(channel)
+        await stub.SubmitEvents(pb.SubmitEventsRequest(source="library", events=[late("d1"), late("d2")]))
     rules = RecordingRules()
     async with (
         serving_rules(rules) as rules_address,
@@ -191,18 +212,23 @@ async def test_events_committed_while_rules_is_down_are_delivered_after_restart(
         await until(lambda: sorted(rules.event_ids()) == ["d1", "d2"])
 
 
-async def test_events_older_or_newer_than_allowed_are_rejected(ingest: tuple[pb_grpc.IngestServiceStub, RecordingRules]) -> None:
+async def test_events_older_or_newer_than_allowed_are_rejected(
+    ingest: tuple[pb_grpc.IngestServiceAsyncStub, RecordingRules],
+) -> None:
     stub, _ = ingest
-    future = event("f1", "library.book_returned_late", SUBJECT, {"days_late": 40},
-                   occurred_at=datetime.now(UTC) + timedelta(hours=1))
+    future = event(
+        "f1",
+        "library.book_returned_late",
+        SUBJECT,
+        {"days_late": 40},
+        occurred_at=datetime.now(UTC) + timedelta(hours=1),
+    )
     response = await stub.SubmitEvents(pb.SubmitEventsRequest(source="library", events=[future]))
     assert response.results[0].violations[0].reason == "IN_FUTURE"
 
 
 @pytest.mark.postgres
 async def test_health_turns_not_serving_when_the_database_goes_away(tmp_path: Path) -> None:
-    from tests.conftest import create_postgres_database, drop_postgres_database
-
     url = create_postgres_database()
     try:
         async with (
@@ -212,7 +238,9 @@ async def test_health_turns_not_serving_when_the_database_goes_away(tmp_path: Pa
             health = health_pb2_grpc.HealthStub(channel)
 
             async def status() -> int:
-                reply = await health.Check(health_pb2.HealthCheckRequest(service="egret.ingest.v1.IngestService"))
+                reply = await health.Check(
+                    health_pb2.HealthCheckRequest(service="egret.ingest.v1.IngestService")
+                )
                 return int(reply.status)
 
             serving = health_pb2.HealthCheckResponse.SERVING

@@ -33,6 +33,9 @@ class RecordingRules(rules_grpc.RulesServiceServicer):
         self.received.set()
         return rules_pb.EvaluateEventsResponse(evaluated=len(request.events))
 
+    async def GetActiveRuleSet(self, request: rules_pb.GetActiveRuleSetRequest, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not part of this fake")
+
     def event_ids(self) -> list[str]:
         return [e.ref.event_id for b in self.batches for e in b.events]
 

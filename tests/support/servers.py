@@ -39,10 +39,9 @@ async def running(
         migrate(common, migrations_dir)
     stop = asyncio.Event()
     ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(
-        serve(common, build(settings), stop=stop, started=lambda port: ready.set_result(port))
-    )
-    done, _ = await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)
+    task = asyncio.create_task(serve(common, build(settings), stop=stop, started=ready.set_result))
+    waiting: list[asyncio.Future[Any]] = [task, ready]
+    done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
     if task in done:
         task.result()  # raises the start-up error
     try:

@@ -29,7 +29,9 @@ def incoming(**changes: object) -> IncomingEvent:
 
 
 def violations(event: IncomingEvent, source: str = "library") -> list[tuple[str, str]]:
-    found = CATALOGUE.validate(source, event, now=NOW, max_skew=timedelta(minutes=5), max_age=timedelta(days=3650))
+    found = CATALOGUE.validate(
+        source, event, now=NOW, max_skew=timedelta(minutes=5), max_age=timedelta(days=3650)
+    )
     return [(v.field, v.reason) for v in found]
 
 
@@ -93,14 +95,17 @@ def test_attribute_types_and_ranges(attributes: dict[str, object], expected: lis
 
 def test_enum_and_double_attributes() -> None:
     food = incoming(
-        event_type="commerce.food_safety_violation", subject_kind="organization", id_scheme="uscc",
+        event_type="commerce.food_safety_violation",
+        subject_kind="organization",
+        id_scheme="uscc",
         attributes={"level": "catastrophic"},
     )
     assert violations(food, source="market-regulator") == [("attributes.level", "NOT_IN_ENUM")]
     fare = incoming(event_type="transport.metro.fare_evasion", attributes={"station": "Lianban", "amount": 4})
     assert violations(fare, source="metro") == []  # a whole number is a valid double
-    fare = incoming(event_type="transport.metro.fare_evasion",
-                    attributes={"station": "Lianban", "amount": float("nan")})
+    fare = incoming(
+        event_type="transport.metro.fare_evasion", attributes={"station": "Lianban", "amount": float("nan")}
+    )
     assert violations(fare, source="metro") == [("attributes.amount", "OUT_OF_RANGE")]
 
 

@@ -31,15 +31,23 @@ def make_intake(store: MemoryStore) -> Intake:
         catalogue=load_catalogue(Path("config/catalogue.yaml")),
         pseudonymiser=Pseudonymiser(b"k" * 32, "k1"),
         store=store,
-        limits=Limits(max_batch_size=3, max_future_skew=timedelta(minutes=5), max_event_age=timedelta(days=3650)),
+        limits=Limits(
+            max_batch_size=3, max_future_skew=timedelta(minutes=5), max_event_age=timedelta(days=3650)
+        ),
         clock=lambda: NOW,
     )
 
 
 def late(event_id: str, days: int, subject: str = "350200199001011234") -> IncomingEvent:
     return IncomingEvent(
-        event_id, "library.book_returned_late", "person", "resident-id", subject,
-        NOW - timedelta(days=2), {"days_late": days}, "",
+        event_id,
+        "library.book_returned_late",
+        "person",
+        "resident-id",
+        subject,
+        NOW - timedelta(days=2),
+        {"days_late": days},
+        "",
     )
 
 
@@ -76,8 +84,16 @@ def test_the_same_event_id_from_another_source_is_another_event() -> None:
     store = MemoryStore()
     intake = make_intake(store)
     intake.submit("library", [late("a", 40)])
-    fare = IncomingEvent("a", "transport.metro.fare_evasion", "person", "resident-id", "1", NOW, {"station": "X",
-                         "amount": 3.0}, "")
+    fare = IncomingEvent(
+        "a",
+        "transport.metro.fare_evasion",
+        "person",
+        "resident-id",
+        "1",
+        NOW,
+        {"station": "X", "amount": 3.0},
+        "",
+    )
     assert statuses(intake.submit("metro", [fare])) == [EventStatus.ACCEPTED]
 
 
@@ -96,8 +112,16 @@ def test_a_whole_number_double_and_its_float_form_are_the_same_event() -> None:
     intake = make_intake(store)
 
     def fare(amount: float) -> IncomingEvent:
-        return IncomingEvent("f", "transport.metro.fare_evasion", "person", "resident-id", "1", NOW,
-                             {"station": "X", "amount": amount}, "")
+        return IncomingEvent(
+            "f",
+            "transport.metro.fare_evasion",
+            "person",
+            "resident-id",
+            "1",
+            NOW,
+            {"station": "X", "amount": amount},
+            "",
+        )
 
     intake.submit("metro", [fare(3)])
     assert statuses(intake.submit("metro", [fare(3.0)])) == [EventStatus.DUPLICATE]
