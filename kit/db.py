@@ -12,8 +12,10 @@ import contextvars
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -46,9 +48,19 @@ def create_engine(
     """An engine for `url`; for SQLite, creates the parent directory and sets pragmas."""
     parsed = sa.make_url(url)
     if is_sqlite(parsed):
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        on_disk = bool(parsed.database) and parsed.database != ":memory:"
+        if on_disk and not read_only:
+            Path(str(parsed.database)).parent.mkdir(parents=True, exist_ok=True)
         engine = sa.create_engine(parsed, connect_args={"timeout": 30, "check_same_thread": False})
+        if on_disk and read_only:
+            # mode=ro fails (health reports NOT_SERVING) where a plain connect would
+            # create an empty database file behind the owning service's back.
+            uri = f"file:{quote(str(Path(str(parsed.database)).absolute()))}?mode=ro"
+
+            @event.listens_for(engine, "do_connect")
+            def _open_read_only(_: Any, __: Any, cargs: list[Any], cparams: dict[str, Any]) -> None:
+                cargs[:] = [uri]
+                cparams["uri"] = True
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
@@ -74,6 +86,11 @@ def create_engine(
             dbapi_connection.commit()
 
     return engine
+
+
+def as_utc(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; everything is stored in UTC, so say so."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

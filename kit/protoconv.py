@@ -12,19 +12,19 @@ from egret.common.v1 import event_pb2, outcome_pb2, subject_pb2
 
 Scalar = str | int | float | bool | datetime
 
-SUBJECT_KINDS = {
+SUBJECT_KIND_NAMES = {
     subject_pb2.SUBJECT_KIND_PERSON: "person",
     subject_pb2.SUBJECT_KIND_ORGANIZATION: "organization",
 }
-SUBJECT_KIND_VALUES = {name: value for value, name in SUBJECT_KINDS.items()}
+SUBJECT_KIND_VALUES = {name: value for value, name in SUBJECT_KIND_NAMES.items()}
 
-SEVERITIES = {
+SEVERITY_NAMES = {
     outcome_pb2.SEVERITY_POSITIVE: "positive",
     outcome_pb2.SEVERITY_MINOR: "minor",
     outcome_pb2.SEVERITY_GENERAL: "general",
     outcome_pb2.SEVERITY_SERIOUS: "serious",
 }
-SEVERITY_VALUES = {name: value for value, name in SEVERITIES.items()}
+SEVERITY_VALUES = {name: value for value, name in SEVERITY_NAMES.items()}
 
 
 def to_datetime(ts: Timestamp) -> datetime:

@@ -19,6 +19,8 @@ from typing import Any
 import yaml
 
 from kit.errors import Violation
+from kit.pseudonym import subject_violations
+from kit.vocabulary import SUBJECT_KINDS
 
 Scalar = str | int | float | bool | datetime
 
@@ -29,9 +31,7 @@ ATTRIBUTE_TYPES: dict[str, tuple[type, ...]] = {
     "bool": (bool,),
     "timestamp": (datetime,),
 }
-SUBJECT_KINDS = ("person", "organization")
 _EVENT_TYPE_NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
-_ID_SCHEME = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 _PRINTABLE_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
@@ -116,16 +116,7 @@ class Catalogue:
             problems.append(
                 Violation("event_id", "must be 1 to 128 printable ASCII characters", "INVALID_ID")
             )
-        if event.subject_kind is None:
-            problems.append(Violation("subject.kind", "is required", "REQUIRED"))
-        if not _ID_SCHEME.match(event.id_scheme):
-            problems.append(
-                Violation(
-                    "subject.id_scheme", "must be 1 to 32 lower-case letters, digits or dashes", "INVALID"
-                )
-            )
-        if not 1 <= len(event.id_value.strip()) <= 128:
-            problems.append(Violation("subject.id_value", "must be 1 to 128 characters", "INVALID"))
+        problems.extend(subject_violations(event.subject_kind, event.id_scheme, event.id_value))
         if event.occurred_at is None:
             problems.append(Violation("occurred_at", "is required", "REQUIRED"))
         elif event.occurred_at > now + max_skew:

@@ -15,7 +15,7 @@ from egret.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from kit.db import run_blocking
 from kit.errors import AlreadyExists, InvalidArgument, Violation
 from kit.logging import get_logger
-from kit.protoconv import SUBJECT_KINDS, attribute_value, to_datetime
+from kit.protoconv import SUBJECT_KIND_NAMES, attribute_value, to_datetime
 from services.ingest.catalogue import IncomingEvent
 from services.ingest.domain import EventResult, EventStatus, Intake
 
@@ -33,7 +33,7 @@ def incoming(event: pb.Event) -> IncomingEvent:
     return IncomingEvent(
         event_id=event.event_id,
         event_type=event.event_type,
-        subject_kind=SUBJECT_KINDS.get(event.subject.kind),
+        subject_kind=SUBJECT_KIND_NAMES.get(event.subject.kind),
         id_scheme=event.subject.id_scheme,
         id_value=event.subject.id_value,
         occurred_at=to_datetime(event.occurred_at) if event.HasField("occurred_at") else None,

@@ -10,7 +10,6 @@ from pathlib import Path
 import grpc
 import pytest
 import sqlalchemy as sa
-from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from egret.common.v1 import event_pb2
@@ -24,6 +23,7 @@ from tests.support.databases import create_postgres_database, drop_postgres_data
 from tests.support.events import TEST_SUBJECT_KEY, event
 from tests.support.fakes import RecordingRules, serving_rules
 from tests.support.servers import common_settings, running
+from tests.support.status import bad_request
 
 SUBJECT = "350200199001011234"
 
@@ -46,14 +46,6 @@ def ingest_settings(
 
 def late(event_id: str, days: int = 40, subject: str = SUBJECT) -> pb.Event:
     return event(event_id, "library.book_returned_late", subject, {"days_late": days})
-
-
-def bad_request(error: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
-    details = dict(error.trailing_metadata() or ())["grpc-status-details-bin"]
-    status = status_pb2.Status.FromString(details)
-    request = error_details_pb2.BadRequest()
-    assert status.details[0].Unpack(request)
-    return [(v.field, v.reason) for v in request.field_violations]
 
 
 @pytest.fixture

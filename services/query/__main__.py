@@ -1,0 +1,5 @@
+import sys
+
+from services.query.bootstrap import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from services.score.bootstrap import main
+
+sys.exit(main())

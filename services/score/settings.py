@@ -1,0 +1,36 @@
+"""Score's settings, read from the environment and validated at start-up."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from kit.settings import CommonSettings, Env
+
+DEFAULT_PORT = 50053
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    common: CommonSettings
+    policy_file: Path
+    max_batch_size: int
+    verify_page_size: int
+    db_workers: int
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ScoreSettings:
+        env = Env(environ)
+        common = CommonSettings.read(env, service="score", default_port=DEFAULT_PORT)
+        settings = cls(
+            common=common,
+            policy_file=env.file("EGRET_POLICY_FILE", Path("config/policy.yaml")),
+            # Rules' relay sends up to its batch size (at most 10000) in one call; a
+            # smaller limit here would reject its batches forever.
+            max_batch_size=env.integer("EGRET_MAX_BATCH_SIZE", 10000, minimum=1, maximum=100000),
+            verify_page_size=env.integer("EGRET_VERIFY_PAGE_SIZE", 1000, minimum=1, maximum=10000),
+            db_workers=env.integer("EGRET_DB_WORKERS", 1, minimum=1, maximum=64),
+        )
+        env.check()
+        return settings

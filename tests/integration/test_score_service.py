@@ -1,0 +1,215 @@
+"""The score service's gRPC API on loopback, on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from egret.common.v1 import outcome_pb2
+from egret.score.v1 import score_service_pb2 as pb
+from egret.score.v1 import score_service_pb2_grpc as pb_grpc
+from kit.db import as_utc, create_engine
+from services.score import bootstrap
+from services.score.bootstrap import MIGRATIONS, build
+from services.score.settings import ScoreSettings
+from services.score.storage import StoredCategory, StoredEntry, StoredScore
+from tests.support.outcomes import outcome as make_outcome
+from tests.support.servers import common_settings, running
+
+POLICY_FILE = Path(__file__).parents[2] / "config" / "policy.yaml"
+ALICE = "a1" * 32
+BOB = "b2" * 32
+OCCURRED = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+
+MINOR = outcome_pb2.SEVERITY_MINOR
+SERIOUS = outcome_pb2.SEVERITY_SERIOUS
+POSITIVE = outcome_pb2.SEVERITY_POSITIVE
+
+
+def score_settings(database_url: str, data_dir: Path) -> ScoreSettings:
+    return ScoreSettings(
+        common=common_settings("score", database_url, data_dir),
+        policy_file=POLICY_FILE,
+        max_batch_size=50,
+        verify_page_size=2,
+        db_workers=1,
+    )
+
+
+def outcome(
+    outcome_id: str, subject_key: str, points: int, category: str, severity: int = MINOR, *, days_ago: int = 0
+) -> outcome_pb2.Outcome:
+    occurred_at = OCCURRED - timedelta(days=days_ago)
+    return make_outcome(outcome_id, subject_key, points, category, severity=severity, occurred_at=occurred_at)
+
+
+BATCH = [
+    outcome("o1", ALICE, 10, "civic", POSITIVE),
+    outcome("o2", ALICE, -5, "traffic"),
+    outcome("o3", ALICE, -3, "civic"),
+    outcome("o4", BOB, -50, "traffic", SERIOUS),
+]
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> ScoreSettings:
+    return score_settings(database_url, tmp_path)
+
+
+@pytest.fixture
+async def score(settings: ScoreSettings) -> AsyncIterator[pb_grpc.ScoreServiceAsyncStub]:
+    async with running(settings, build, MIGRATIONS) as address, grpc.aio.insecure_channel(address) as channel:
+        yield pb_grpc.ScoreServiceStub(channel)
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[Engine]:
+    engine = create_engine(database_url)
+    yield engine
+    engine.dispose()
+
+
+def stored_scores(db: Engine) -> dict[str, tuple[int, str, int, str]]:
+    with db.connect() as c:
+        rows = c.execute(sa.select(StoredScore))
+        return {r.subject_key: (r.score, r.tier, r.entry_count, r.policy_version) for r in rows}
+
+
+def stored_categories(db: Engine) -> dict[tuple[str, str], tuple[int, int]]:
+    with db.connect() as c:
+        rows = c.execute(sa.select(StoredCategory))
+        return {(r.subject_key, r.category): (r.points, r.entry_count) for r in rows}
+
+
+async def test_a_batch_becomes_ledger_entries_and_scores(
+    score: pb_grpc.ScoreServiceAsyncStub, db: Engine
+) -> None:
+    response = await score.ApplyOutcomes(pb.ApplyOutcomesRequest(outcomes=BATCH))
+    assert (response.applied, response.duplicate, response.subjects_updated) == (4, 0, 2)
+    assert stored_scores(db) == {ALICE: (1002, "A", 3, "2026.1"), BOB: (950, "B", 1, "2026.1")}
+    assert stored_categories(db) == {
+        (ALICE, "civic"): (7, 2),
+        (ALICE, "traffic"): (-5, 1),
+        (BOB, "traffic"): (-50, 1),
+    }
+    with db.connect() as c:
+        row = c.execute(sa.select(StoredEntry).where(StoredEntry.entry_id == "o4")).one()
+    assert (row.subject_key, row.points, row.category, row.severity, row.status) == (
+        BOB,
+        -50,
+        "traffic",
+        "serious",
+        "active",
+    )
+    assert (row.rule_id, row.rule_set, row.rule_set_version, row.legal_basis) == (
+        "traffic.rule",
+        "sample",
+        2,
+        "Regulation 7",
+    )
+    assert as_utc(row.visible_until) == OCCURRED + timedelta(days=1095)
+    # The full outcome is kept verbatim as the evidence snapshot.
+    assert outcome_pb2.Outcome.FromString(row.outcome) == BATCH[3]
+
+
+async def test_a_resent_batch_changes_nothing(score: pb_grpc.ScoreServiceAsyncStub, db: Engine) -> None:
+    await score.ApplyOutcomes(pb.ApplyOutcomesRequest(outcomes=BATCH))
+    before = (stored_scores(db), stored_categories(db))
+    again = await score.ApplyOutcomes(pb.ApplyOutcomesRequest(outcomes=BATCH))
+    assert (again.applied, again.duplicate, again.subjects_updated) == (0, 4, 0)
+    assert (stored_scores(db), stored_categories(db)) == before
+    partly = await score.ApplyOutcomes(
+        pb.ApplyOutcomesRequest(outcomes=[BATCH[0], outcome("o5", ALICE, 5, "civic", POSITIVE)])
+    )
+    assert (partly.applied, partly.duplicate, partly.subjects_updated) == (1, 1, 1)
+    assert stored_scores(db)[ALICE][:3] == (1007, "A", 4)
+
+
+async def test_an_invalid_outcome_does_not_block_the_rest(
+    score: pb_grpc.ScoreServiceAsyncStub, db: Engine
+) -> None:
+    no_severity = outcome("bad-1", ALICE, -5, "traffic")
+    no_severity.ClearField("severity")
+    no_category = outcome("bad-2", ALICE, -5, "")
+    no_subject = outcome("bad-3", "", -5, "traffic")
+    no_id = outcome("", ALICE, -5, "traffic")
+    response = await score.ApplyOutcomes(
+        pb.ApplyOutcomesRequest(outcomes=[no_severity, BATCH[1], no_category, no_subject, no_id, BATCH[3]])
+    )
+    assert (response.applied, response.duplicate, response.subjects_updated) == (2, 0, 2)
+    with db.connect() as c:
+        assert sorted(c.scalars(sa.select(StoredEntry.entry_id))) == ["o2", "o4"]
+    assert stored_scores(db) == {ALICE: (995, "A", 1, "2026.1"), BOB: (950, "B", 1, "2026.1")}
+
+
+async def test_an_empty_batch_is_a_no_op(score: pb_grpc.ScoreServiceAsyncStub) -> None:
+    response = await score.ApplyOutcomes(pb.ApplyOutcomesRequest())
+    assert (response.applied, response.duplicate, response.subjects_updated) == (0, 0, 0)
+
+
+async def test_an_oversized_batch_is_refused(score: pb_grpc.ScoreServiceAsyncStub) -> None:
+    many = [outcome(f"o{i}", ALICE, 1, "civic", POSITIVE) for i in range(51)]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await score.ApplyOutcomes(pb.ApplyOutcomesRequest(outcomes=many))
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_verify_finds_stored_scores_match_their_ledgers(score: pb_grpc.ScoreServiceAsyncStub) -> None:
+    subjects = [f"{i:064x}" for i in range(5)]
+    await score.ApplyOutcomes(
+        pb.ApplyOutcomesRequest(
+            outcomes=[outcome(f"o{i}", subjects[i % 5], -i, "traffic") for i in range(12)]
+        )
+    )
+    result = await score.VerifyScores(pb.VerifyScoresRequest())
+    assert (result.subjects_checked, result.mismatch_count, list(result.mismatches)) == (5, 0, [])
+
+
+async def test_verify_detects_a_corrupted_score(
+    score: pb_grpc.ScoreServiceAsyncStub,
+    db: Engine,
+    settings: ScoreSettings,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    await score.ApplyOutcomes(pb.ApplyOutcomesRequest(outcomes=BATCH))
+    assert bootstrap.verify(settings) == 0
+    with db.begin() as c:
+        c.execute(
+            sa.text("UPDATE score_subjects SET score = 1100, tier = 'AAA' WHERE subject_key = :k"), {"k": BOB}
+        )
+    result = await score.VerifyScores(pb.VerifyScoresRequest(max_mismatches=5))
+    assert (result.subjects_checked, result.mismatch_count) == (2, 1)
+    assert result.mismatches[0] == pb.ScoreMismatch(
+        subject_key=BOB, stored_score=1100, recomputed_score=950, stored_tier="AAA", recomputed_tier="B"
+    )
+    capsys.readouterr()
+    assert bootstrap.verify(settings) == 1
+    printed = capsys.readouterr().out
+    assert "mismatches: 1" in printed
+    assert f"{BOB}: stored 1100 AAA, recomputed 950 B" in printed
+
+
+async def test_verify_cli_exits_non_zero_on_a_mismatch(
+    score: pb_grpc.ScoreServiceAsyncStub, db: Engine, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await score.ApplyOutcomes(pb.ApplyOutcomesRequest(outcomes=BATCH))
+    monkeypatch.setenv("EGRET_DATABASE_URL", database_url)
+    monkeypatch.setenv("EGRET_POLICY_FILE", str(POLICY_FILE))
+    assert bootstrap.main(["verify"]) == 0
+    with db.begin() as c:
+        c.execute(sa.text("DELETE FROM score_categories"))
+        c.execute(sa.text("DELETE FROM score_subjects WHERE subject_key = :k"), {"k": ALICE})
+    assert bootstrap.main(["verify"]) == 1
+
+
+async def test_verify_refuses_an_out_of_range_limit(score: pb_grpc.ScoreServiceAsyncStub) -> None:
+    for limit in (-1, 1001):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await score.VerifyScores(pb.VerifyScoresRequest(max_mismatches=limit))
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
