@@ -17,6 +17,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
+from sqlalchemy.exc import OperationalError
 
 from kit.errors import (
     AlreadyExists,
@@ -144,6 +145,11 @@ async def _fail(
         return
     span.record_exception(exc)
     span.set_status(StatusCode.ERROR, type(exc).__name__)
+    if isinstance(exc, OperationalError):
+        # The database is unreachable or locked: nothing was committed, a retry is safe.
+        log.warning("rpc failed: database unavailable", method=method, error=str(exc.orig))
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "database unavailable; retry later")
+        return
     log.error("rpc failed", method=method, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; the failure was logged")
 

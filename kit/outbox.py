@@ -22,13 +22,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+import grpc
 import sqlalchemy as sa
 from opentelemetry import trace
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
+from kit.interceptors import open_channel
 from kit.logging import get_logger
-from kit.settings import RelaySettings
+from kit.settings import PeerSettings, RelaySettings
 from kit.tracing import context_from_traceparent, current_traceparent, links_from_traceparents
 
 log = get_logger(__name__)
@@ -63,6 +65,9 @@ class _Claimed:
 
 Send = Callable[[list[bytes]], Awaitable[None]]
 
+# Above this many upstream batches in one claim, rows travel in a single call.
+MAX_CALLS_PER_CLAIM = 16
+
 
 class OutboxRelay:
     """Moves rows of one outbox table to a downstream service, batch by batch."""
@@ -77,7 +82,9 @@ class OutboxRelay:
         settings: RelaySettings,
         lease_s: float,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        on_close: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        self._on_close = on_close
         self._name = name
         self._sessions = sessions
         self._table = table
@@ -121,6 +128,13 @@ class OutboxRelay:
         with self._sessions() as session, session.begin():
             session.execute(sa.delete(self._table).where(self._table.id.in_(ids)))
 
+    def _release(self, ids: list[int]) -> None:
+        """End the lease of claimed rows that were not sent, so they go out next."""
+        with self._sessions() as session, session.begin():
+            session.execute(
+                sa.update(self._table).where(self._table.id.in_(ids)).values(available_at=self._clock())
+            )
+
     def _postpone(self, ids: list[int], attempts: int) -> float:
         delay: float = min(
             self._settings.backoff_max_s, self._settings.backoff_initial_s * 2.0 ** min(attempts, 30)
@@ -142,6 +156,13 @@ class OutboxRelay:
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Relay until `stopping` is set; the batch in flight is finished first."""
+        try:
+            await self._run(stopping)
+        finally:
+            if self._on_close is not None:
+                await self._on_close()
+
+    async def _run(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
             # Cleared before the claim, so a notify() during the claim is never lost.
             self._wakeup.clear()
@@ -164,41 +185,101 @@ class OutboxRelay:
             await self._relay(claimed, stopping)
 
     async def _relay(self, claimed: _Claimed, stopping: asyncio.Event) -> None:
-        parent = context_from_traceparent(claimed.traceparents[0])
+        """Send the claimed rows in order, one call per upstream batch, so each batch's trace
+        continues downstream. When a claim holds rows of more than MAX_CALLS_PER_CLAIM
+        upstream batches (many tiny ones), they go together in one call whose span links
+        to every upstream batch, so tiny batches never multiply the calls."""
+        runs = _runs(claimed.traceparents)
+        if len(runs) > MAX_CALLS_PER_CLAIM:
+            runs = [(0, len(claimed.ids))]
+        for start, end in runs:
+            if not await self._relay_run(claimed, start, end, stopping):
+                # Keep order: what follows a failed run waits for it.
+                rest = claimed.ids[end:]
+                if rest:
+                    with contextlib.suppress(SQLAlchemyError):
+                        await asyncio.to_thread(self._release, rest)
+                return
+
+    async def _relay_run(self, claimed: _Claimed, start: int, end: int, stopping: asyncio.Event) -> bool:
+        ids = claimed.ids[start:end]
+        traceparents = claimed.traceparents[start:end]
         with self._tracer.start_as_current_span(
             f"{self._name} relay",
-            context=parent,
-            links=links_from_traceparents(claimed.traceparents[1:]),
-            attributes={"egret.batch.size": len(claimed.ids), "egret.relay.attempt": claimed.attempts + 1},
+            context=context_from_traceparent(traceparents[0]),
+            links=links_from_traceparents(traceparents[1:]),
+            attributes={"egret.batch.size": len(ids), "egret.relay.attempt": claimed.attempts + 1},
         ) as span:
             try:
-                await self._send(claimed.payloads)
+                await self._send(claimed.payloads[start:end])
             except Exception as exc:
                 span.record_exception(exc)
                 span.set_status(trace.StatusCode.ERROR, type(exc).__name__)
                 try:
-                    delay = await asyncio.to_thread(self._postpone, claimed.ids, claimed.attempts)
+                    delay = await asyncio.to_thread(self._postpone, ids, claimed.attempts)
                 except SQLAlchemyError:
                     delay = self._settings.backoff_max_s  # the lease brings the rows back
                 log.warning(
                     "relay send failed; will retry",
                     relay=self._name,
-                    batch=len(claimed.ids),
+                    batch=len(ids),
                     attempts=claimed.attempts + 1,
                     retry_in_s=round(delay, 3),
                     error=f"{type(exc).__name__}: {exc}",
                 )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stopping.wait(), delay)
-                return
+                return False
             try:
-                await asyncio.to_thread(self._delete, claimed.ids)
+                await asyncio.to_thread(self._delete, ids)
             except SQLAlchemyError as exc:
                 # Delivered but not deleted: the rows come back when their lease ends and
                 # are sent again, which the idempotent receiver absorbs.
                 log.warning(
                     "relay could not delete delivered rows", relay=self._name, error=type(exc).__name__
                 )
-                return
-            self.sent += len(claimed.ids)
-            log.debug("relayed", relay=self._name, batch=len(claimed.ids))
+                return False
+            self.sent += len(ids)
+            log.debug("relayed", relay=self._name, batch=len(ids))
+            return True
+
+
+MakeSend = Callable[[grpc.aio.Channel, float], Send]
+
+
+def relay_to_peer(
+    *,
+    name: str,
+    sessions: sessionmaker[Session],
+    table: type[OutboxMixin],
+    peer: PeerSettings,
+    settings: RelaySettings,
+    make_send: MakeSend,
+) -> OutboxRelay:
+    """A relay to another Egret service over its own channel, closed when the relay stops.
+
+    `make_send(channel, deadline_s)` returns the function that delivers one batch of
+    payloads with the service's RPC. A claim's lease outlasts the call's deadline, so
+    rows are not sent twice by the same relay while a call is still running.
+    """
+    channel = open_channel(peer.address)
+    return OutboxRelay(
+        name=name,
+        sessions=sessions,
+        table=table,
+        send=make_send(channel, peer.deadline_s),
+        settings=settings,
+        lease_s=peer.deadline_s * 2,
+        on_close=channel.close,
+    )
+
+
+def _runs(traceparents: Sequence[str]) -> list[tuple[int, int]]:
+    """[start, end) index ranges of consecutive rows written under the same trace context."""
+    runs: list[tuple[int, int]] = []
+    start = 0
+    for i in range(1, len(traceparents) + 1):
+        if i == len(traceparents) or traceparents[i] != traceparents[start]:
+            runs.append((start, i))
+            start = i
+    return runs

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +44,8 @@ class Service:
     register: Callable[[grpc.aio.Server], None]
     engines: Sequence[Engine]
     background: Sequence[BackgroundLoop] = field(default_factory=list)
-    on_stop: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Worker pools of blocking (database, engine) work, shut down after in-flight calls end.
+    executors: Sequence[Executor] = field(default_factory=list)
 
 
 async def _watch_database(
@@ -123,8 +125,8 @@ async def serve(
     for result in results:
         if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
             log.error("background loop ended with an error", exc_info=result)
-    for hook in service.on_stop:
-        await hook()
+    for executor in service.executors:
+        executor.shutdown(wait=True)
     for engine in service.engines:
         engine.dispose()
     if tracer_provider is not None:

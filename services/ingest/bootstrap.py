@@ -7,14 +7,15 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import grpc
+
 from egret.common.v1 import event_pb2
 from egret.ingest.v1 import ingest_service_pb2 as pb
 from egret.rules.v1 import rules_service_pb2 as rules_pb
 from egret.rules.v1 import rules_service_pb2_grpc as rules_grpc
 from kit.app import run_cli
 from kit.db import create_engine, make_session_factory
-from kit.interceptors import open_channel
-from kit.outbox import OutboxRelay
+from kit.outbox import Send, relay_to_peer
 from kit.pseudonym import Pseudonymiser
 from kit.server import Service
 from services.ingest.catalogue import load_catalogue
@@ -24,6 +25,16 @@ from services.ingest.settings import IngestSettings
 from services.ingest.storage import Outbox, SqlEventStore
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def send_to_rules(channel: grpc.aio.Channel, deadline_s: float) -> Send:
+    rules = rules_grpc.RulesServiceStub(channel)
+
+    async def send(payloads: Sequence[bytes]) -> None:
+        events = [event_pb2.RecordedEvent.FromString(p) for p in payloads]
+        await rules.EvaluateEvents(rules_pb.EvaluateEventsRequest(events=events), timeout=deadline_s)
+
+    return send
 
 
 def build(settings: IngestSettings) -> Service:
@@ -44,31 +55,18 @@ def build(settings: IngestSettings) -> Service:
         ),
         clock=lambda: datetime.now(UTC),
     )
-    channel = open_channel(settings.rules.address)
-    rules = rules_grpc.RulesServiceStub(channel)
-
-    async def send(payloads: Sequence[bytes]) -> None:
-        request = rules_pb.EvaluateEventsRequest(
-            events=[event_pb2.RecordedEvent.FromString(p) for p in payloads]
-        )
-        await rules.EvaluateEvents(request, timeout=settings.rules.deadline_s)
-
-    relay = OutboxRelay(
+    relay = relay_to_peer(
         name="ingest→rules",
         sessions=sessions,
         table=Outbox,
-        send=send,
+        peer=settings.rules,
         settings=settings.relay,
-        lease_s=settings.rules.deadline_s * 2,
+        make_send=send_to_rules,
     )
     # One writer thread by default: SQLite has one writer at a time anyway, and a single
     # thread commits batches in arrival order without lock contention.
     executor = ThreadPoolExecutor(max_workers=settings.db_workers, thread_name_prefix="ingest-db")
     servicer = IngestServicer(intake, executor, committed=relay.notify)
-
-    async def close() -> None:
-        await channel.close()
-        executor.shutdown(wait=True)
 
     return Service(
         name="ingest",
@@ -76,7 +74,7 @@ def build(settings: IngestSettings) -> Service:
         register=register(servicer),
         engines=[engine],
         background=[relay.run],
-        on_stop=[close],
+        executors=[executor],
     )
 
 

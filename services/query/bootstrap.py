@@ -26,17 +26,13 @@ def build(settings: QuerySettings) -> Service:
     # Several threads: reads do not contend the way writes do.
     executor = ThreadPoolExecutor(max_workers=settings.db_workers, thread_name_prefix="query-db")
     servicer = QueryServicer(reader, executor)
-
-    async def close() -> None:
-        executor.shutdown(wait=True)
-
     return Service(
         name="query",
         service_names=[pb.DESCRIPTOR.services_by_name["QueryService"].full_name],
         register=register(servicer),
         # Watched by the runtime: NOT_SERVING until score's store exists and answers.
         engines=[engine],
-        on_stop=[close],
+        executors=[executor],
     )
 
 

@@ -44,16 +44,12 @@ def build(settings: ScoreSettings) -> Service:
     servicer = ScoreServicer(
         ledger, executor, max_batch_size=settings.max_batch_size, verify_page_size=settings.verify_page_size
     )
-
-    async def close() -> None:
-        executor.shutdown(wait=True)
-
     return Service(
         name="score",
         service_names=[pb.DESCRIPTOR.services_by_name["ScoreService"].full_name],
         register=register(servicer),
         engines=[engine],
-        on_stop=[close],
+        executors=[executor],
     )
 
 

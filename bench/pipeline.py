@@ -1,0 +1,420 @@
+"""End to end pipeline benchmark: streaming ingest through rules and score, against raw durable-rules.
+
+    python -m bench.pipeline [--events N] [--postgres URL] [--json PATH]
+
+Starts the four services as processes (SQLite in a temporary directory, or one fresh
+PostgreSQL database per service), streams N synthetic events through
+IngestService.StreamEvents and reports:
+
+- end to end throughput: first send until both outboxes are drained (every accepted
+  event is in the ledger);
+- acknowledgement latency per batch (write → ack, i.e. validated and committed);
+- event → visible latency for a sample of events whose rules fire on every event:
+  from the send of the event's batch until QueryService.ListEntries shows an entry
+  naming the event;
+- the raw durable-rules rate over the same accepted events in this process, and the
+  ratio of the two, which is what the service machinery (validation, pseudonymising,
+  durable outboxes, gRPC hops, the ledger) costs on top of the bare engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+import sqlalchemy as sa
+
+from devtools.cluster import SERVICES, Cluster
+from devtools.ingest_client import StreamTotals, stream_events
+from devtools.population import (
+    GeneratedEvent,
+    Origin,
+    Population,
+    PopulationConfig,
+    batch_requests,
+    subjects_for_events,
+)
+from egret.common.v1 import event_pb2, subject_pb2
+from egret.ingest.v1 import ingest_service_pb2
+from egret.query.v1 import query_service_pb2, query_service_pb2_grpc
+from kit.protoconv import to_datetime
+from kit.pseudonym import Pseudonymiser
+from services.rules.engine import run_raw
+from services.rules.ruleset import EngineEvent, load_rule_set
+
+# Event types whose sample rules fire on every single event (DOMAIN.md's table), so that
+# every sampled event must show up as an entry; positive ones first because they stay
+# visible for the whole two years of generated event time.
+VISIBLE_TYPES = (
+    "transport.bike.parked_in_fence",
+    "civic.blood_donation",
+    "traffic.red_light",
+    "transport.metro.fare_evasion",
+)
+_KINDS = {subject_pb2.SUBJECT_KIND_PERSON: "person", subject_pb2.SUBJECT_KIND_ORGANIZATION: "organization"}
+
+
+@dataclass
+class _Sample:
+    batch_id: str
+    source: str
+    event_id: str
+    subject: subject_pb2.Subject
+    sent_at: float = 0.0
+    visible_after_s: float | None = None
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__.split("\n")[0])
+    parser.add_argument("--events", type=int, default=50_000, help="events to stream (default 50000)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--in-flight", type=int, default=4, help="batches awaiting acknowledgement")
+    parser.add_argument("--samples", type=int, default=40, help="events to time until visible in query")
+    parser.add_argument(
+        "--postgres", metavar="URL", help="server URL; one fresh database per service is made"
+    )
+    parser.add_argument("--ruleset", type=Path, default=Path("config/rulesets/sample.yaml"))
+    parser.add_argument(
+        "--data-dir", type=Path, help="logs and SQLite files (default: a temporary directory)"
+    )
+    parser.add_argument("--drain-timeout", type=float, default=1800.0)
+    parser.add_argument("--skip-raw", action="store_true", help="skip the raw durable-rules measurement")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as JSON")
+    args = parser.parse_args(argv)
+    if args.events < 1:
+        parser.error("--events must be at least 1")
+    return args
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    ram_gib: float | None = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                ram_gib = round(int(line.split()[1]) / 1024**2, 1)
+    except OSError:
+        pass
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "ram_gib": ram_gib,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+class _PostgresDatabases:
+    """One fresh database per service on the given server, dropped afterwards."""
+
+    def __init__(self, server_url: str) -> None:
+        url = sa.make_url(server_url)
+        if url.drivername in ("postgresql", "postgres"):
+            url = url.set(drivername="postgresql+psycopg")
+        self._server = url
+        stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+        self.names = {service: f"egret_bench_{stamp}_{os.getpid()}_{service}" for service in SERVICES}
+
+    def _admin(self) -> sa.Engine:
+        return sa.create_engine(self._server, isolation_level="AUTOCOMMIT")
+
+    def create(self) -> dict[str, str]:
+        engine = self._admin()
+        try:
+            with engine.connect() as connection:
+                for name in self.names.values():
+                    connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        finally:
+            engine.dispose()
+        return {
+            service: self._server.set(database=name).render_as_string(hide_password=False)
+            for service, name in self.names.items()
+        }
+
+    def drop(self) -> None:
+        engine = self._admin()
+        try:
+            with engine.connect() as connection:
+                for name in self.names.values():
+                    connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        finally:
+            engine.dispose()
+
+
+def _build(
+    args: argparse.Namespace,
+) -> tuple[list[ingest_service_pb2.StreamEventsRequest], list[GeneratedEvent]]:
+    """The whole stream as requests, built before timing so generation is not measured."""
+    config = PopulationConfig(
+        subjects=subjects_for_events(args.events),
+        seed=args.seed,
+        now=datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0),
+        max_events=args.events,
+    )
+    generated = list(Population(config).generate())
+    requests = list(batch_requests(((g.source, g.event) for g in generated), batch_size=args.batch_size))
+    return requests, generated
+
+
+def _pick_samples(
+    requests: Sequence[ingest_service_pb2.StreamEventsRequest], count: int
+) -> dict[str, _Sample]:
+    candidates = [
+        _Sample(request.batch_id, request.source, event.event_id, event.subject)
+        for request in requests
+        for event in request.events
+        if event.event_type in VISIBLE_TYPES
+    ]
+    # First occurrences only: a duplicate resend would time the original's entry.
+    seen: set[tuple[str, str]] = set()
+    unique = []
+    for sample in candidates:
+        if (sample.source, sample.event_id) not in seen:
+            seen.add((sample.source, sample.event_id))
+            unique.append(sample)
+    step = max(1, len(unique) // max(1, count))
+    return {f"{s.source}/{s.event_id}": s for s in unique[::step][:count]}
+
+
+async def _visible(
+    stub: query_service_pb2_grpc.QueryServiceAsyncStub,
+    sample: _Sample,
+    limit: asyncio.Semaphore,
+    timeout_s: float,
+) -> None:
+    ref = subject_pb2.SubjectRef(subject=sample.subject)
+    deadline = time.perf_counter() + timeout_s
+    while time.perf_counter() < deadline:
+        async with limit:
+            token = ""
+            found = False
+            try:
+                while True:
+                    page = await stub.ListEntries(
+                        query_service_pb2.ListEntriesRequest(subject=ref, page_size=500, page_token=token),
+                        timeout=10,
+                    )
+                    if any(
+                        r.source == sample.source and r.event_id == sample.event_id
+                        for entry in page.entries
+                        for r in entry.event_refs
+                    ):
+                        found = True
+                        break
+                    token = page.next_page_token
+                    if not token:
+                        break
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+        if found:
+            sample.visible_after_s = time.perf_counter() - sample.sent_at
+            return
+        await asyncio.sleep(0.05)
+
+
+async def _run_stream(
+    cluster: Cluster,
+    requests: list[ingest_service_pb2.StreamEventsRequest],
+    samples: dict[str, _Sample],
+    args: argparse.Namespace,
+) -> tuple[StreamTotals, float]:
+    by_batch: dict[str, list[_Sample]] = {}
+    for sample in samples.values():
+        by_batch.setdefault(sample.batch_id, []).append(sample)
+    pollers: list[asyncio.Task[None]] = []
+    limit = asyncio.Semaphore(8)
+    async with (
+        grpc.aio.insecure_channel(cluster.address("ingest")) as ingest,
+        grpc.aio.insecure_channel(cluster.address("query")) as query,
+    ):
+        stub = query_service_pb2_grpc.QueryServiceStub(query)
+
+        def on_ack(
+            request: ingest_service_pb2.StreamEventsRequest,
+            _response: ingest_service_pb2.StreamEventsResponse,
+            latency_s: float,
+        ) -> None:
+            sent_at = time.perf_counter() - latency_s
+            for sample in by_batch.get(request.batch_id, []):
+                sample.sent_at = sent_at
+                pollers.append(asyncio.create_task(_visible(stub, sample, limit, 300.0)))
+
+        totals = await stream_events(ingest, requests, in_flight=args.in_flight, on_ack=on_ack)
+        await asyncio.to_thread(cluster.wait_drained, args.drain_timeout)
+        drained_at = time.perf_counter()
+        await asyncio.gather(*pollers)
+    assert totals.first_send_at is not None
+    return totals, drained_at - totals.first_send_at
+
+
+def _engine_events(generated: Sequence[GeneratedEvent], subject_key: str) -> list[EngineEvent]:
+    pseudonyms = Pseudonymiser(key=subject_key.encode(), key_id="k1")
+    events = []
+    for item in generated:
+        if item.origin is not Origin.ORIGINAL:
+            continue
+        event = item.event
+        kind = _KINDS[event.subject.kind]
+        events.append(
+            EngineEvent(
+                key=f"{item.source}/{event.event_id}",
+                subject_key=pseudonyms.subject_key(kind, event.subject.id_scheme, event.subject.id_value),
+                subject_kind=kind,
+                event_type=event.event_type,
+                occurred_at=to_datetime(event.occurred_at),
+                attributes={name: _scalar(value) for name, value in event.attributes.items()},
+            )
+        )
+    return events
+
+
+def _scalar(value: event_pb2.AttributeValue) -> Any:
+    member = value.WhichOneof("value")
+    if member == "timestamp_value":
+        return to_datetime(value.timestamp_value)
+    return getattr(value, member) if member else None
+
+
+def _raw_rate(ruleset: Path, generated: Sequence[GeneratedEvent], subject_key: str) -> dict[str, Any]:
+    rule_set = load_rule_set(ruleset)
+    events = _engine_events(generated, subject_key)
+    started = time.perf_counter()
+    fired = run_raw(rule_set, events)
+    elapsed = time.perf_counter() - started
+    return {
+        "events": len(events),
+        "seconds": elapsed,
+        "events_per_s": len(events) / elapsed,
+        "outcomes": fired,
+    }
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value * 1000, 1)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(argv)
+    figures: dict[str, Any] = {
+        "command": shlex.join([Path(sys.executable).name, "-m", "bench.pipeline", *sys.argv[1:]]),
+        "machine": machine(),
+        "database": "postgresql" if args.postgres else "sqlite",
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    print(f"command: {figures['command']}")
+    m = figures["machine"]
+    print(f"machine: {m['nproc']} CPUs, {m['cpu']}, {m['ram_gib']} GiB RAM, Python {m['python']}")
+
+    print(f"building {args.events} events ...")
+    requests, generated = _build(args)
+    samples = _pick_samples(requests, args.samples)
+
+    postgres = _PostgresDatabases(args.postgres) if args.postgres else None
+    database_urls = postgres.create() if postgres else {}
+    data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="egret-bench-"))
+    cluster = Cluster(data_dir, database_urls=database_urls, log_level="warning")
+    try:
+        cluster.start()
+        print(f"cluster up ({figures['database']}); streaming ...")
+        totals, end_to_end_s = asyncio.run(_run_stream(cluster, requests, samples, args))
+    finally:
+        cluster.stop()
+        if postgres:
+            postgres.drop()
+
+    visible = [s.visible_after_s for s in samples.values() if s.visible_after_s is not None]
+    figures["stream"] = {
+        "events": totals.events,
+        "batches": totals.batches,
+        "batch_size": args.batch_size,
+        "in_flight": args.in_flight,
+        "accepted": totals.accepted,
+        "duplicate": totals.duplicate,
+        "rejected": totals.rejected,
+        "conflict": totals.conflict,
+        "resent_batches": totals.resent_batches,
+    }
+    figures["ingest_events_per_s"] = round(totals.events / max(totals.elapsed_s, 1e-9), 1)
+    figures["end_to_end_seconds"] = round(end_to_end_s, 2)
+    figures["end_to_end_events_per_s"] = round(totals.events / end_to_end_s, 1)
+    figures["ack_latency_ms"] = {f"p{q}": _ms(percentile(totals.ack_latencies_s, q)) for q in (50, 95, 99)}
+    figures["visible_latency_ms"] = {f"p{q}": _ms(percentile(visible, q)) for q in (50, 95, 99)}
+    figures["visible_samples"] = {"sampled": len(samples), "seen": len(visible)}
+
+    print(
+        f"\nevents {totals.events}: accepted {totals.accepted}, duplicate {totals.duplicate}, "
+        f"rejected {totals.rejected}, conflict {totals.conflict}"
+    )
+    print(
+        f"end to end:     {figures['end_to_end_events_per_s']:>10,.0f} events/s "
+        f"({end_to_end_s:.1f}s first send → drained)"
+    )
+    print(f"ingest acks:    {figures['ingest_events_per_s']:>10,.0f} events/s")
+    ack = figures["ack_latency_ms"]
+    print(
+        f"ack latency:    p50 {ack['p50']} ms, p95 {ack['p95']} ms, p99 {ack['p99']} ms "
+        f"(batches of {args.batch_size}, {args.in_flight} in flight)"
+    )
+    vis = figures["visible_latency_ms"]
+    print(
+        f"event→visible:  p50 {vis['p50']} ms, p95 {vis['p95']} ms, p99 {vis['p99']} ms "
+        f"({len(visible)} of {len(samples)} sampled events seen)"
+    )
+
+    if not args.skip_raw:
+        # The end to end figures are worth keeping even when the bare engine fails.
+        try:
+            raw = _raw_rate(args.ruleset, generated, cluster.subject_key)
+        except Exception as exc:
+            figures["raw_durable_rules"] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(f"raw durable-rules: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        else:
+            figures["raw_durable_rules"] = {
+                k: round(v, 2) if isinstance(v, float) else v for k, v in raw.items()
+            }
+            figures["ratio_end_to_end_to_raw"] = round(
+                figures["end_to_end_events_per_s"] / raw["events_per_s"], 4
+            )
+            print(
+                f"raw durable-rules: {raw['events_per_s']:>7,.0f} events/s over {raw['events']} events "
+                f"({raw['outcomes']} outcomes)"
+            )
+            print(f"end to end / raw: {figures['ratio_end_to_end_to_raw']:.3f}")
+
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        print(f"figures written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

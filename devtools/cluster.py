@@ -1,0 +1,330 @@
+"""A local Egret: the four services as separate OS processes on loopback ports.
+
+Used by the end to end tests, the demo and the benchmark. Each service runs as
+`python -m services.<name>`, configured only by environment variables as in production,
+with its own free port, its own log file in the shared data directory and, by default,
+its own SQLite database there. Pass per-service database URLs to run on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+import grpc
+import sqlalchemy as sa
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy.engine import Engine
+
+from kit.db import create_engine
+
+SERVICES = ("score", "rules", "ingest", "query")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# The outbox tables whose emptiness means every accepted event has reached the ledger.
+OUTBOXES = {"ingest": "ingest_outbox", "rules": "rules_outbox"}
+
+
+class ClusterError(RuntimeError):
+    """A service failed to start, died, or the pipeline did not drain in time."""
+
+
+@dataclass
+class _Process:
+    popen: subprocess.Popen[bytes]
+    log: IO[bytes]
+
+
+def free_port() -> int:
+    """A port free on loopback right now (the OS may hand it out again later, rarely)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Cluster:
+    """Starts, stops and watches the four services; a context manager that cleans up after itself.
+
+    `env` applies to every service, `service_env[name]` to one (both override the
+    cluster's own settings, e.g. OTEL_* or EGRET_LOG_LEVEL). `database_urls[name]`
+    replaces a service's SQLite database; query reads score's URL.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path | str | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        service_env: Mapping[str, Mapping[str, str]] | None = None,
+        database_urls: Mapping[str, str] | None = None,
+        subject_key: str | None = None,
+        subject_key_id: str = "k1",
+        start_timeout_s: float = 60.0,
+        shutdown_grace_s: float = 5.0,
+        log_format: str = "json",
+        log_level: str = "info",
+        python: str = sys.executable,
+        cwd: Path = REPO_ROOT,
+    ) -> None:
+        self._own_data_dir = data_dir is None
+        self.data_dir = (
+            Path(tempfile.mkdtemp(prefix="egret-cluster-")) if data_dir is None else Path(data_dir)
+        )
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir = self.data_dir.resolve()
+        # A fresh random key per cluster: the data is throwaway, and no key is ever written down.
+        self.subject_key = subject_key or secrets.token_hex(32)
+        if len(self.subject_key.encode()) < 32:
+            raise ValueError("the subject key must be at least 32 bytes")
+        self.subject_key_id = subject_key_id
+        self.start_timeout_s = start_timeout_s
+        self.shutdown_grace_s = shutdown_grace_s
+        self._env = dict(env or {})
+        self._service_env = {name: dict(values) for name, values in (service_env or {}).items()}
+        self._database_urls = {
+            name: (database_urls or {}).get(name, f"sqlite:///{self.data_dir / name}.db") for name in SERVICES
+        }
+        self._log_format = log_format
+        self._log_level = log_level
+        self._python = python
+        self._cwd = cwd
+        self._addresses = {name: f"127.0.0.1:{free_port()}" for name in SERVICES}
+        self._processes: dict[str, _Process] = {}
+        self._engines: dict[str, Engine] = {}
+
+    # -- addresses and configuration ---------------------------------------------------
+
+    def address(self, name: str) -> str:
+        return self._addresses[name]
+
+    def database_url(self, name: str) -> str:
+        return self._database_urls[name]
+
+    def log_path(self, name: str) -> Path:
+        return self.data_dir / f"{name}.log"
+
+    def env_for(self, name: str) -> dict[str, str]:
+        """The complete environment service `name` is started with."""
+        if name not in SERVICES:
+            raise KeyError(name)
+        # Stray EGRET_* settings of the caller's shell would silently change the cluster.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EGRET_")}
+        env.update(
+            PYTHONUNBUFFERED="1",
+            EGRET_LISTEN_ADDRESS=self._addresses[name],
+            EGRET_DATA_DIR=str(self.data_dir),
+            EGRET_DATABASE_URL=self._database_urls[name],
+            EGRET_LOG_FORMAT=self._log_format,
+            EGRET_LOG_LEVEL=self._log_level,
+            EGRET_SHUTDOWN_GRACE_SECONDS=str(self.shutdown_grace_s),
+        )
+        if name in ("ingest", "query"):
+            env.update(EGRET_SUBJECT_KEY=self.subject_key, EGRET_SUBJECT_KEY_ID=self.subject_key_id)
+        if name == "ingest":
+            env["EGRET_RULES_ADDRESS"] = self._addresses["rules"]
+        if name == "rules":
+            env["EGRET_SCORE_ADDRESS"] = self._addresses["score"]
+        if name == "query":
+            env["EGRET_SCORE_DATABASE_URL"] = self._database_urls["score"]
+        env.update(self._env)
+        env.update(self._service_env.get(name, {}))
+        return env
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self, name: str | None = None) -> None:
+        """Start one service (or all that are not running) and wait until each is SERVING."""
+        names = SERVICES if name is None else (name,)
+        started = []
+        for service in names:
+            if self.is_running(service):
+                continue
+            self._spawn(service)
+            started.append(service)
+        try:
+            self.wait_healthy(started)
+        except BaseException:
+            if name is None:
+                self.stop()
+            raise
+
+    def restart(self, name: str) -> None:
+        self.stop(name)
+        self.start(name)
+
+    def is_running(self, name: str) -> bool:
+        process = self._processes.get(name)
+        return process is not None and process.popen.poll() is None
+
+    def pid(self, name: str) -> int:
+        return self._processes[name].popen.pid
+
+    def _spawn(self, name: str) -> None:
+        log = self.log_path(name).open("ab")
+        log.write(f"--- egret cluster: starting {name} at {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
+        log.flush()
+        popen = subprocess.Popen(
+            [self._python, "-m", f"services.{name}"],
+            cwd=self._cwd,
+            env=self.env_for(name),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            # Its own session, so a Ctrl-C meant for the demo reaches the services only as
+            # the orderly SIGTERM that stop() sends.
+            start_new_session=True,
+        )
+        self._processes[name] = _Process(popen, log)
+        # The services run in their own sessions, so nothing else would stop them if the
+        # caller exits without stop(); stop() is idempotent.
+        atexit.register(self.stop)
+
+    def wait_healthy(self, names: Iterable[str] = SERVICES, timeout_s: float | None = None) -> None:
+        """Wait until every named service answers SERVING; raise with its log tail if one cannot."""
+        deadline = time.monotonic() + (self.start_timeout_s if timeout_s is None else timeout_s)
+        for name in names:
+            with grpc.insecure_channel(self._addresses[name]) as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                last = "no answer"
+                while True:
+                    process = self._processes.get(name)
+                    if process is None or process.popen.poll() is not None:
+                        code = None if process is None else process.popen.returncode
+                        raise ClusterError(
+                            f"{name} exited with status {code} while starting\n{self.log_tail(name)}"
+                        )
+                    try:
+                        response = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                        if response.status == health_pb2.HealthCheckResponse.SERVING:
+                            break
+                        last = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+                    except grpc.RpcError as exc:
+                        last = f"{exc.code().name}"
+                    if time.monotonic() > deadline:
+                        raise ClusterError(
+                            f"{name} not SERVING in time (last: {last})\n{self.log_tail(name)}"
+                        )
+                    time.sleep(0.1)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one service: a crash, for tests of recovery."""
+        process = self._processes.get(name)
+        if process is None:
+            return
+        if process.popen.poll() is None:
+            process.popen.kill()
+            process.popen.wait()
+        process.log.close()
+        del self._processes[name]
+
+    def stop(self, name: str | None = None) -> dict[str, int]:
+        """SIGTERM, wait for the graceful shutdown, SIGKILL what is left; return exit codes."""
+        # Upstream first, so no service is left sending to one that is gone.
+        names: list[str] = [n for n in ("ingest", "rules", "score", "query") if n in self._processes]
+        if name is not None:
+            names = [name] if name in self._processes else []
+        for service in names:
+            popen = self._processes[service].popen
+            if popen.poll() is None:
+                popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.shutdown_grace_s + 10.0
+        codes: dict[str, int] = {}
+        for service in names:
+            process = self._processes.pop(service)
+            try:
+                process.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.popen.kill()
+                process.popen.wait()
+            process.log.close()
+            codes[service] = process.popen.returncode
+        if name is None:
+            self._dispose_engines()
+        return codes
+
+    def close(self, *, remove_data_dir: bool | None = None) -> None:
+        """Stop everything; remove the data directory if the cluster made it (or if told to)."""
+        self.stop()
+        atexit.unregister(self.stop)
+        if self._own_data_dir if remove_data_dir is None else remove_data_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def __enter__(self) -> Cluster:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        # A failed run keeps its logs for a post-mortem.
+        self.close(remove_data_dir=self._own_data_dir and exc_type is None)
+
+    # -- observation -------------------------------------------------------------------
+
+    def log_tail(self, name: str, lines: int = 40) -> str:
+        path = self.log_path(name)
+        if not path.exists():
+            return f"({path} does not exist)"
+        with path.open("rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - 64 * 1024))
+            tail = handle.read().decode(errors="replace").splitlines()[-lines:]
+        return f"--- last {len(tail)} lines of {path}:\n" + "\n".join(tail)
+
+    def _engine(self, name: str) -> Engine:
+        if name not in self._engines:
+            self._engines[name] = create_engine(self._database_urls[name], read_only=True, pool_size=1)
+        return self._engines[name]
+
+    def _dispose_engines(self) -> None:
+        for engine in self._engines.values():
+            engine.dispose()
+        self._engines.clear()
+
+    def outbox_counts(self) -> dict[str, int | None]:
+        """Rows waiting in each outbox; None where the table cannot be read (yet)."""
+        counts: dict[str, int | None] = {}
+        for name, table in OUTBOXES.items():
+            try:
+                with self._engine(name).connect() as connection:
+                    counts[table] = int(
+                        connection.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one()
+                    )
+            except sa.exc.SQLAlchemyError:
+                counts[table] = None
+        return counts
+
+    def wait_drained(self, timeout_s: float = 300.0, poll_s: float = 0.2) -> float:
+        """Wait until both outboxes are empty on two polls in a row; return the seconds waited.
+
+        Ingest acknowledges only after committing to its outbox, and each relay deletes
+        rows only after the next service committed them, so once everything sent has
+        been acknowledged, two empty polls mean every event has reached the ledger.
+        """
+        started = time.monotonic()
+        empty_polls = 0
+        counts: dict[str, int | None] = {}
+        while True:
+            for name in OUTBOXES:
+                process = self._processes.get(name)
+                if process is None or process.popen.poll() is not None:
+                    raise ClusterError(f"{name} is not running while draining\n{self.log_tail(name)}")
+            counts = self.outbox_counts()
+            empty_polls = empty_polls + 1 if all(c == 0 for c in counts.values()) else 0
+            if empty_polls >= 2:
+                return time.monotonic() - started
+            if time.monotonic() - started > timeout_s:
+                raise ClusterError(f"pipeline not drained after {timeout_s:.0f}s: {counts}")
+            time.sleep(poll_s)

@@ -1,0 +1,270 @@
+"""`make run`: the four services on SQLite, a synthetic city streamed through them, a summary.
+
+    python -m devtools.demo [--subjects N] [--seed S] [--exit-after-summary] [--data-dir D]
+
+Starts the cluster in a fresh ./var/demo, streams the population through
+IngestService.StreamEvents (with a few deliberately invalid events), waits until every
+accepted event has reached the ledger, prints what happened and one subject's score,
+then keeps serving until Ctrl-C so the services can be explored with grpcurl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+import sqlalchemy as sa
+from tqdm import tqdm
+
+from devtools.cluster import Cluster, ClusterError
+from devtools.ingest_client import StreamFailed, StreamTotals, stream_events
+from devtools.population import (
+    Population,
+    PopulationConfig,
+    SyntheticSubject,
+    batch_requests,
+    expected_mean_events,
+)
+from egret.common.v1 import outcome_pb2, subject_pb2
+from egret.ingest.v1 import ingest_service_pb2
+from egret.query.v1 import query_service_pb2, query_service_pb2_grpc
+from kit.db import create_engine
+
+# Files a previous demo run leaves behind; only these are removed, never the whole directory.
+_RUN_FILES = ("*.db", "*.db-wal", "*.db-shm", "*.db-journal", "*.log")
+_TIER_ORDER = ("AAA", "AA", "A", "B", "C", "D")
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m devtools.demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--subjects", type=int, default=10_000, help="synthetic subjects (default 10000)")
+    parser.add_argument("--seed", type=int, default=1, help="population seed (default 1)")
+    parser.add_argument("--data-dir", type=Path, default=Path("var/demo"), help="default ./var/demo")
+    parser.add_argument("--batch-size", type=int, default=500, help="events per stream batch (default 500)")
+    parser.add_argument(
+        "--in-flight", type=int, default=4, help="batches awaiting acknowledgement (default 4)"
+    )
+    parser.add_argument("--invalid", type=int, default=6, help="deliberately invalid events (default 6)")
+    parser.add_argument("--drain-timeout", type=float, default=900.0, help="seconds (default 900)")
+    parser.add_argument(
+        "--exit-after-summary",
+        action="store_true",
+        help="stop the services after the summary instead of serving",
+    )
+    args = parser.parse_args(argv)
+    if args.subjects < 1 or args.batch_size < 1 or args.in_flight < 1:
+        parser.error("--subjects, --batch-size and --in-flight must be at least 1")
+    return args
+
+
+def _fresh_data_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    for pattern in _RUN_FILES:
+        for stale in path.glob(pattern):
+            stale.unlink()
+    return path.resolve()
+
+
+def _today() -> datetime:
+    # Event times are relative to today so the ledger is current under the policy's
+    # visibility periods; within a day the stream is fully reproducible from the seed.
+    return datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+async def _stream(
+    cluster: Cluster, population: Population, args: argparse.Namespace, total: int | None
+) -> StreamTotals:
+    with tqdm(total=total, unit="ev", desc="streaming", dynamic_ncols=True) as bar:
+
+        def on_ack(
+            request: ingest_service_pb2.StreamEventsRequest,
+            _response: ingest_service_pb2.StreamEventsResponse,
+            _latency: float,
+        ) -> None:
+            bar.update(len(request.events))
+
+        async with grpc.aio.insecure_channel(cluster.address("ingest")) as channel:
+            return await stream_events(
+                channel,
+                batch_requests(population.events(), batch_size=args.batch_size),
+                in_flight=args.in_flight,
+                on_ack=on_ack,
+            )
+
+
+def _tier_distribution(database_url: str) -> dict[str, int] | None:
+    """Subjects per tier, read straight from score's database (read-only)."""
+    engine = create_engine(database_url, read_only=True, pool_size=1)
+    try:
+        inspector = sa.inspect(engine)
+        # score_subjects is the expected name; any table keeping a tier per subject will do.
+        names = inspector.get_table_names()
+        candidates = ["score_subjects"] + [n for n in names if n != "score_subjects"]
+        for table in candidates:
+            if table not in names:
+                continue
+            columns = {c["name"] for c in inspector.get_columns(table)}
+            if {"tier", "subject_key"} <= columns:
+                with engine.connect() as connection:
+                    rows = connection.execute(
+                        sa.text(f"SELECT tier, count(*) FROM {table} GROUP BY tier")
+                    ).all()
+                return {str(tier): int(count) for tier, count in rows}
+        return None
+    finally:
+        engine.dispose()
+
+
+def _print_tiers(tiers: dict[str, int] | None) -> None:
+    if tiers is None:
+        print("  (score's database has no table with a tier per subject)")
+        return
+    total = sum(tiers.values()) or 1
+    ordered = [t for t in _TIER_ORDER if t in tiers] + sorted(set(tiers) - set(_TIER_ORDER))
+    for tier in ordered:
+        share = tiers[tier] / total
+        print(f"  {tier:>4} {tiers[tier]:>8}  {share:6.1%}  {'#' * round(share * 50)}")
+
+
+def _print_rejection(totals: StreamTotals) -> None:
+    if not totals.rejections:
+        return
+    source, result = totals.rejections[0]
+    print(f"\nOne rejection: event {result.event_id} from {source}: {result.message}")
+    for violation in result.violations:
+        print(f"  {violation.field}: {violation.reason}: {violation.description}")
+
+
+def _print_subject(address: str, subjects: Sequence[SyntheticSubject]) -> None:
+    with grpc.insecure_channel(address) as channel:
+        stub = query_service_pb2_grpc.QueryServiceStub(channel)
+        for subject in subjects:
+            ref = subject_pb2.SubjectRef(subject=subject.proto())
+            try:
+                score = stub.GetScore(query_service_pb2.GetScoreRequest(subject=ref), timeout=10).score
+                entries = stub.ListEntries(
+                    query_service_pb2.ListEntriesRequest(subject=ref, page_size=10), timeout=10
+                ).entries
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    continue
+                print(f"  query failed: {exc.code().name}: {exc.details()}")
+                return
+            # The raw id is the user's own synthetic data, shown only here on their terminal.
+            print(f"\nSample subject {subject.kind} {subject.id_scheme}:{subject.id_value}")
+            print(f"  subject key {score.subject_key[:16]}...  policy {score.policy_version}")
+            print(
+                f"  score {score.score} (base {score.base_score}), tier {score.tier}, "
+                f"{score.entry_count} counting entries"
+            )
+            for category in score.categories:
+                print(
+                    f"    {category.category:<14} {category.points:+5d} from {category.entry_count} entries"
+                )
+            print("  latest entries:")
+            for entry in entries:
+                status = (
+                    query_service_pb2.EntryStatus.Name(entry.status).removeprefix("ENTRY_STATUS_").lower()
+                )
+                severity = outcome_pb2.Severity.Name(entry.severity).removeprefix("SEVERITY_").lower()
+                print(
+                    f"    {entry.occurred_at.ToDatetime():%Y-%m-%d} {entry.points:+4d} {entry.category:<12} "
+                    f"{severity:<8} {status:<8} {entry.rule.rule_id}: {entry.reason}"
+                )
+            return
+    print("\n  (none of the busiest subjects has a score yet)")
+
+
+def _serve_until_interrupted(cluster: Cluster) -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print("\nServing; Ctrl-C stops all four services. Try:")
+    for name in ("ingest", "query"):
+        print(f"  grpcurl -plaintext {cluster.address(name)} list")
+    print(f"Logs and databases: {cluster.data_dir}")
+    while not stop.wait(1.0):
+        for name in ("ingest", "rules", "score", "query"):
+            if not cluster.is_running(name):
+                print(f"{name} exited unexpectedly\n{cluster.log_tail(name)}", file=sys.stderr)
+                return
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(argv)
+    # A SIGTERM (from a supervisor or `timeout`) must stop the services too, not orphan them.
+    signal.signal(signal.SIGTERM, _interrupt)
+    status = 0
+    data_dir = _fresh_data_dir(args.data_dir)
+    config = PopulationConfig(
+        subjects=args.subjects, seed=args.seed, now=_today(), invalid_events=args.invalid
+    )
+    population = Population(config)
+    # Counting first costs a second per ~40k events and gives the progress bar a true total.
+    total = (
+        sum(1 for _ in population.generate())
+        if args.subjects <= 100_000
+        else round(args.subjects * expected_mean_events(config))
+    )
+    print(f"Starting ingest, rules, score and query in {data_dir} ...")
+    cluster = Cluster(data_dir, log_format="json")
+    try:
+        cluster.start()
+        for name in ("ingest", "rules", "score", "query"):
+            print(f"  {name:<7} {cluster.address(name)}")
+        print(f"Streaming {total} events about {args.subjects} synthetic subjects (seed {args.seed})")
+        totals = asyncio.run(_stream(cluster, population, args, total))
+        print("Waiting for rules and score to catch up ...")
+        cluster.wait_drained(timeout_s=args.drain_timeout)
+        assert totals.first_send_at is not None
+        end_to_end_s = time.perf_counter() - totals.first_send_at
+
+        print("\nSummary")
+        print(
+            f"  events {totals.events}: accepted {totals.accepted}, duplicate {totals.duplicate}, "
+            f"rejected {totals.rejected}, conflict {totals.conflict}"
+        )
+        print(
+            f"  batches {totals.batches} "
+            f"(resent {totals.resent_batches} after {totals.stream_errors} stream errors)"
+        )
+        print(
+            f"  ingest {totals.events / max(totals.elapsed_s, 1e-9):,.0f} events/s "
+            f"({totals.elapsed_s:.1f}s to last acknowledgement); end to end "
+            f"{totals.events / end_to_end_s:,.0f} events/s ({end_to_end_s:.1f}s to drained)"
+        )
+        print("\nTiers")
+        _print_tiers(_tier_distribution(cluster.database_url("score")))
+        _print_rejection(totals)
+        _print_subject(cluster.address("query"), population.busiest_subjects(10))
+        if not args.exit_after_summary:
+            _serve_until_interrupted(cluster)
+    except (ClusterError, StreamFailed) as exc:
+        print(f"demo failed: {exc}", file=sys.stderr)
+        status = 1
+    except KeyboardInterrupt:
+        print("\ninterrupted")
+    finally:
+        print("Stopping the services ...")
+        codes = cluster.stop()
+        bad = {name: code for name, code in codes.items() if code not in (0, -signal.SIGTERM)}
+        if bad:
+            print(f"  unclean exits: {bad}; see the logs in {data_dir}", file=sys.stderr)
+            status = 1
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""The streaming ingest client shared by the demo, the benchmark and the end to end tests.
+
+It keeps up to `in_flight` batches outstanding on one IngestService.StreamEvents call and
+matches acknowledgements to batches by batch_id. The server acknowledges a batch only
+after committing it, so when the stream breaks every batch still unacknowledged is sent
+again on a fresh stream; idempotent ingest turns the ones that did commit into
+duplicates. Retries are bounded: a run of failures with no acknowledgement in between
+gives up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+
+import grpc
+
+from egret.ingest.v1 import ingest_service_pb2, ingest_service_pb2_grpc
+
+Request = ingest_service_pb2.StreamEventsRequest
+Response = ingest_service_pb2.StreamEventsResponse
+OnAck = Callable[[Request, Response, float], None]
+
+_RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.CANCELLED,
+}
+
+
+class StreamFailed(Exception):
+    """The stream kept failing and the retry budget is spent; `totals` says what got through."""
+
+    def __init__(self, message: str, totals: StreamTotals) -> None:
+        super().__init__(message)
+        self.totals = totals
+
+
+@dataclass
+class StreamTotals:
+    """What a streaming run achieved."""
+
+    accepted: int = 0
+    duplicate: int = 0
+    rejected: int = 0
+    conflict: int = 0
+    batches: int = 0
+    events: int = 0
+    resent_batches: int = 0
+    stream_errors: int = 0
+    # Seconds from writing a batch to receiving its acknowledgement, per batch.
+    ack_latencies_s: list[float] = field(default_factory=list)
+    first_send_at: float | None = None
+    last_ack_at: float | None = None
+    # A few rejected results (source, event result), kept to show what ingest objected to.
+    rejections: list[tuple[str, ingest_service_pb2.EventResult]] = field(default_factory=list)
+
+    @property
+    def elapsed_s(self) -> float:
+        if self.first_send_at is None or self.last_ack_at is None:
+            return 0.0
+        return self.last_ack_at - self.first_send_at
+
+    def add(self, request: Request, response: Response, latency_s: float, keep_rejections: int) -> None:
+        self.batches += 1
+        self.events += len(request.events)
+        counts = response.counts
+        self.accepted += counts.accepted
+        self.duplicate += counts.duplicate
+        self.rejected += counts.rejected
+        self.conflict += counts.conflict
+        self.ack_latencies_s.append(latency_s)
+        if counts.rejected and len(self.rejections) < keep_rejections:
+            for result in response.results:
+                if result.status == ingest_service_pb2.EVENT_STATUS_REJECTED:
+                    self.rejections.append((request.source, result))
+                    if len(self.rejections) >= keep_rejections:
+                        break
+
+
+@dataclass
+class _InFlight:
+    request: Request
+    sent_at: float = 0.0
+
+
+async def _aiter(requests: Iterable[Request] | AsyncIterable[Request]) -> AsyncIterator[Request]:
+    if isinstance(requests, AsyncIterable):
+        async for request in requests:
+            yield request
+    else:
+        for request in requests:
+            yield request
+            # A sync source can generate for a long time; let acknowledgements through.
+            await asyncio.sleep(0)
+
+
+class _Broken(Exception):
+    """The stream ended or stalled with batches unacknowledged."""
+
+
+async def stream_events(
+    channel: grpc.aio.Channel,
+    requests: Iterable[Request] | AsyncIterable[Request],
+    *,
+    in_flight: int = 4,
+    max_retries: int = 8,
+    backoff_initial_s: float = 0.2,
+    backoff_max_s: float = 10.0,
+    ack_timeout_s: float = 120.0,
+    on_ack: OnAck | None = None,
+    keep_rejections: int = 5,
+) -> StreamTotals:
+    """Send every request on StreamEvents with up to `in_flight` unacknowledged; return the totals.
+
+    `on_ack(request, response, latency_s)` is called for each acknowledgement, e.g. to
+    drive a progress bar. A batch unacknowledged for `ack_timeout_s` counts as a broken
+    stream. Raises StreamFailed on a non-retryable status, or once `max_retries`
+    consecutive stream failures pass without a single acknowledgement.
+    """
+    if in_flight < 1:
+        raise ValueError("in_flight must be at least 1")
+    streamer = _Streamer(
+        ingest_service_pb2_grpc.IngestServiceStub(channel),
+        _aiter(requests),
+        in_flight=in_flight,
+        ack_timeout_s=ack_timeout_s,
+        on_ack=on_ack,
+        keep_rejections=keep_rejections,
+    )
+    totals = streamer.totals
+    failures = 0
+    while True:
+        acked_before = totals.batches
+        try:
+            await streamer.run_one_stream()
+            return totals
+        except (grpc.aio.AioRpcError, _Broken) as exc:
+            code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else grpc.StatusCode.UNAVAILABLE
+            details = (exc.details() or "") if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+            totals.stream_errors += 1
+            if code not in _RETRYABLE:
+                raise StreamFailed(f"StreamEvents failed: {code.name}: {details}", totals) from exc
+            failures = 0 if totals.batches > acked_before else failures + 1
+            if failures > max_retries:
+                raise StreamFailed(
+                    f"StreamEvents failed {failures} times in a row; last: {code.name}: {details}", totals
+                ) from exc
+            totals.resent_batches += len(streamer.pending)
+            delay = min(backoff_max_s, backoff_initial_s * 2 ** max(0, failures - 1))
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+
+
+class _Streamer:
+    """The state that outlives one StreamEvents call: the source and the unacknowledged batches."""
+
+    def __init__(
+        self,
+        stub: ingest_service_pb2_grpc.IngestServiceAsyncStub,
+        source: AsyncIterator[Request],
+        *,
+        in_flight: int,
+        ack_timeout_s: float,
+        on_ack: OnAck | None,
+        keep_rejections: int,
+    ) -> None:
+        self.stub = stub
+        self.source = source
+        self.in_flight = in_flight
+        self.ack_timeout_s = ack_timeout_s
+        self.on_ack = on_ack
+        self.keep_rejections = keep_rejections
+        self.pending: OrderedDict[str, _InFlight] = OrderedDict()
+        self.exhausted = False
+        self.totals = StreamTotals()
+
+    async def run_one_stream(self) -> None:
+        """One call: resend what is unacknowledged, then send on until the source runs dry.
+
+        Raises on a stream error, leaving the unacknowledged batches in `pending`.
+        """
+        call = self.stub.StreamEvents()
+        room = asyncio.Condition()
+        tasks = [
+            asyncio.create_task(self._write(call, room)),
+            asyncio.create_task(self._read(call, room)),
+            asyncio.create_task(self._watch()),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks[:2], return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
+            # A writer done without error means every batch is acknowledged.
+            await tasks[1]
+            await tasks[0]
+        finally:
+            for task in tasks:
+                if not task.done():
+                    task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError, _Broken):
+                    await task
+            call.cancel()
+
+    async def _write(
+        self, call: grpc.aio.StreamStreamCall[Request, Response], room: asyncio.Condition
+    ) -> None:
+        for item in list(self.pending.values()):
+            item.sent_at = time.perf_counter()
+            await call.write(item.request)
+        while not self.exhausted:
+            async with room:
+                await room.wait_for(lambda: len(self.pending) < self.in_flight)
+            try:
+                request = await anext(self.source)
+            except StopAsyncIteration:
+                self.exhausted = True
+                break
+            if request.batch_id in self.pending:
+                raise ValueError(f"batch_id {request.batch_id!r} is already in flight")
+            now = time.perf_counter()
+            if self.totals.first_send_at is None:
+                self.totals.first_send_at = now
+            self.pending[request.batch_id] = _InFlight(request, now)
+            await call.write(request)
+        async with room:
+            await room.wait_for(lambda: not self.pending)
+        await call.done_writing()
+
+    async def _read(
+        self, call: grpc.aio.StreamStreamCall[Request, Response], room: asyncio.Condition
+    ) -> None:
+        while True:
+            response = await call.read()
+            if response is grpc.aio.EOF:
+                if self.pending:
+                    raise _Broken(f"stream closed with {len(self.pending)} batches unacknowledged")
+                return
+            assert isinstance(response, Response)
+            item = self.pending.pop(response.batch_id, None)
+            if item is None:
+                # An acknowledgement for a batch already settled: nothing left to do for it.
+                continue
+            now = time.perf_counter()
+            latency = now - item.sent_at
+            self.totals.last_ack_at = now
+            self.totals.add(item.request, response, latency, self.keep_rejections)
+            if self.on_ack is not None:
+                self.on_ack(item.request, response, latency)
+            async with room:
+                room.notify_all()
+
+    async def _watch(self) -> None:
+        # A stalled server holds batches forever without failing the call; treat it as broken.
+        while True:
+            await asyncio.sleep(min(1.0, self.ack_timeout_s))
+            if self.pending:
+                oldest = next(iter(self.pending.values()))
+                if time.perf_counter() - oldest.sent_at > self.ack_timeout_s:
+                    raise _Broken(f"no acknowledgement for {self.ack_timeout_s:.0f}s")

@@ -1,0 +1,5 @@
+import sys
+
+from services.rules.bootstrap import main
+
+sys.exit(main())

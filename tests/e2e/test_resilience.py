@@ -1,0 +1,193 @@
+"""Crashes, restarts, graceful shutdown and tracing across the four processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import sqlalchemy as sa
+
+from devtools.cluster import Cluster
+from devtools.ingest_client import stream_events
+from devtools.population import Origin, Population, PopulationConfig, batch_requests
+from egret.ingest.v1 import ingest_service_pb2 as ingest_pb
+from kit.db import create_engine
+from kit.protoconv import SUBJECT_KIND_NAMES, attributes_dict, to_datetime
+from kit.pseudonym import Pseudonymiser
+from services.rules.engine import RuleEngine
+from services.rules.ruleset import EngineEvent, load_rule_set
+from tests.e2e.test_pipeline import SCENARIO, assert_scores_equal_recompute, submit_all
+from tests.support.otlp import collector
+
+pytestmark = pytest.mark.e2e
+
+POPULATION = PopulationConfig(
+    subjects=400, seed=7, duplicate_fraction=0.05, late_fraction=0.05, invalid_events=5
+)
+
+
+def expected_outcome_ids(cluster: Cluster, population: Population) -> set[str]:
+    """Every outcome the sample rules give for the population's valid events, computed here
+    with the same engine in-process: what the pipeline must hold exactly once."""
+    pseudonyms = Pseudonymiser(cluster.subject_key.encode(), cluster.subject_key_id)
+    events: dict[str, EngineEvent] = {}
+    for generated in population.generate():
+        if generated.origin is not Origin.ORIGINAL:
+            continue
+        e = generated.event
+        kind = SUBJECT_KIND_NAMES[e.subject.kind]
+        key = f"{generated.source}/{e.event_id}"
+        events[key] = EngineEvent(
+            key=key,
+            subject_key=pseudonyms.subject_key(kind, e.subject.id_scheme, e.subject.id_value),
+            subject_kind=kind,
+            event_type=e.event_type,
+            occurred_at=to_datetime(e.occurred_at),
+            attributes=attributes_dict(e.attributes),
+        )
+    engine = RuleEngine(load_rule_set(Path("config/rulesets/sample.yaml")))
+    ordered = sorted(events.values(), key=lambda e: (e.occurred_at, e.key))
+    return {firing.outcome_id for firing in engine.evaluate(ordered)}
+
+
+def ledger_ids(cluster: Cluster) -> list[str]:
+    engine = create_engine(cluster.database_url("score"), read_only=True)
+    try:
+        with engine.connect() as connection:
+            return list(connection.scalars(sa.text("SELECT entry_id FROM score_ledger")))
+    finally:
+        engine.dispose()
+
+
+def stored_event_count(cluster: Cluster) -> int:
+    engine = create_engine(cluster.database_url("ingest"), read_only=True)
+    try:
+        with engine.connect() as connection:
+            return int(connection.scalar(sa.text("SELECT count(*) FROM ingest_events")) or 0)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("victim", ["ingest", "rules", "score", "query"])
+async def test_kill_9_mid_stream_then_restart_loses_no_acknowledged_event_and_counts_none_twice(
+    cluster: Cluster, victim: str
+) -> None:
+    population = Population(POPULATION)
+    originals = sum(1 for g in population.generate() if g.origin is Origin.ORIGINAL)
+    acknowledged = 0
+    mid_stream = asyncio.Event()
+
+    def on_ack(_: ingest_pb.StreamEventsRequest, __: ingest_pb.StreamEventsResponse, ___: float) -> None:
+        nonlocal acknowledged
+        acknowledged += 1
+        if acknowledged == 3:  # in the middle of the stream, with batches in flight
+            mid_stream.set()
+
+    async def crash_and_restart() -> None:
+        await mid_stream.wait()
+        cluster.kill(victim)
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(cluster.start, victim)
+
+    async with grpc.aio.insecure_channel(cluster.address("ingest")) as channel:
+        crash = asyncio.create_task(crash_and_restart())
+        totals = await stream_events(
+            channel,
+            batch_requests(population.events(), batch_size=50),
+            in_flight=4,
+            max_retries=30,
+            backoff_initial_s=0.1,
+            backoff_max_s=1.0,
+            on_ack=on_ack,
+        )
+        await crash
+    assert totals.accepted + totals.duplicate + totals.rejected == totals.events
+    assert totals.rejected == POPULATION.invalid_events
+    await asyncio.to_thread(cluster.wait_drained, 120)
+
+    assert stored_event_count(cluster) == originals
+    entries = ledger_ids(cluster)
+    assert len(entries) == len(set(entries))
+    assert set(entries) == expected_outcome_ids(cluster, population)
+    await assert_scores_equal_recompute(cluster)
+
+
+def test_sigterm_shuts_every_service_down_gracefully(cluster: Cluster) -> None:
+    asyncio.run(submit_all(cluster))
+    codes = cluster.stop()
+    assert codes == {"ingest": 0, "rules": 0, "score": 0, "query": 0}
+    for name in ("ingest", "rules", "score", "query"):
+        log = cluster.log_path(name).read_text()
+        assert '"event": "shutting down"' in log
+        assert '"event": "stopped"' in log
+
+
+def test_a_bad_setting_stops_start_up_with_a_clear_message(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EGRET_")}
+    env |= {"EGRET_DATA_DIR": str(tmp_path), "EGRET_MAX_BATCH_SIZE": "0", "EGRET_LISTEN_ADDRESS": "here"}
+    result = subprocess.run(
+        [sys.executable, "-m", "services.ingest"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "EGRET_SUBJECT_KEY is required but not set" in result.stderr
+    assert "EGRET_MAX_BATCH_SIZE=0 is below the minimum 1" in result.stderr
+    assert "EGRET_LISTEN_ADDRESS='here' is not a host:port address" in result.stderr
+
+
+@pytest.fixture
+def traced_cluster(tmp_path: Path) -> Iterator[tuple[Cluster, list[object]]]:
+    with (
+        collector() as (spans, endpoint),
+        Cluster(
+            tmp_path / "cluster",
+            env={
+                "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+                "OTEL_EXPORTER_OTLP_INSECURE": "true",
+                "OTEL_BSP_SCHEDULE_DELAY": "100",
+                "EGRET_RELAY_POLL_SECONDS": "0.05",
+            },
+        ) as cluster,
+    ):
+        yield cluster, [spans]
+
+
+def test_one_trace_follows_a_batch_from_ingest_to_score(traced_cluster: tuple[Cluster, list[object]]) -> None:
+    cluster, (spans,) = traced_cluster
+    responses = asyncio.run(submit_all(cluster, prefix="traced-"))
+    assert all(r.counts.accepted for r in responses)
+    cluster.wait_drained(timeout_s=60)
+    deadline = time.monotonic() + 20
+    while True:
+        collected = spans.snapshot()  # type: ignore[attr-defined]
+        batches = [s for s in collected if s.name == "ingest batch"]
+        traces = {b.trace_id for b in batches}
+        by_trace = {t: {s.service for s in collected if s.trace_id == t} for t in traces}
+        complete = [
+            t
+            for t, services in by_trace.items()
+            if {"egret-ingest", "egret-rules", "egret-score"} <= services
+        ]
+        if len(complete) == len(batches) > 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert batches, "no ingest batch spans were exported"
+    assert len(complete) == len(batches), by_trace
+    names = {s.name for s in collected if s.trace_id == complete[0]}
+    assert {"ingest batch", "ingest→rules relay", "rules evaluate", "rules→score relay"} <= names
+    # Spans are per batch, never per event: far fewer spans than events.
+    assert len(collected) < 20 * len(batches)
+    # Raw subject ids never reach a span.
+    raw_ids = {subject for _, _, _, subject, _, _, _ in SCENARIO}
+    assert not [s for s in collected for v in s.attributes.values() if any(r in v for r in raw_ids)]
