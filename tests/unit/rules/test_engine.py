@@ -409,13 +409,15 @@ def test_attribute_values_the_engine_cannot_take_fail_the_batch_naming_the_event
                 event("src/ok", {"x": 2}),
                 event("src/nan", {"x": float("nan")}),
                 event("src/naive", {"x": naive}),
+                event("src/huge", {"x": 2**64}),
             ]
         )
 
-    assert caught.value.event_keys == ("src/nan", "src/naive")
+    assert caught.value.event_keys == ("src/nan", "src/naive", "src/huge")
     assert [f.message for f in caught.value.failures] == [
         "attribute 'x' is not a finite number",
         "attribute 'x' is a timestamp without a timezone",
+        "attribute 'x' does not fit in 64 bits",
     ]
     assert fired(engine.evaluate([event("src/ok", {"x": 2})])) == [("src/ok", "r")]
 
