@@ -11,6 +11,7 @@ import grpc
 import pytest
 import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from egret.common.v1 import event_pb2
 from egret.ingest.v1 import ingest_service_pb2 as pb
@@ -247,3 +248,15 @@ async def test_health_turns_not_serving_when_the_database_goes_away(tmp_path: Pa
             assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
         drop_postgres_database(url)
+
+
+async def test_reflection_lists_the_service_and_health(database_url: str, tmp_path: Path) -> None:
+    async with (
+        running(ingest_settings(database_url, tmp_path, "127.0.0.1:9"), build, MIGRATIONS) as address,
+        grpc.aio.insecure_channel(address) as channel,
+    ):
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        responses = [r async for r in stub.ServerReflectionInfo(iter([request]))]
+        names = {s.name for s in responses[0].list_services_response.service}
+        assert {"egret.ingest.v1.IngestService", "grpc.health.v1.Health"} <= names
