@@ -22,13 +22,16 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## Create .venv, install Egret with dev tools, generate stubs
 
+# Generated into gen.new and swapped in, so running services and tests never see a
+# half-written gen/.
 gen/.stamp: $(PROTO_FILES)
-	rm -rf gen && mkdir -p gen
+	rm -rf gen.new && mkdir -p gen.new
 	$(PY) -m grpc_tools.protoc -Iprotos \
-	  --python_out=gen --pyi_out=gen --grpc_python_out=gen \
-	  --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=gen $(PROTO_FILES)
-	find gen/egret -type d -exec touch {}/__init__.py \;
-	touch gen/egret/py.typed gen/.stamp
+	  --python_out=gen.new --pyi_out=gen.new --grpc_python_out=gen.new \
+	  --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=gen.new $(PROTO_FILES)
+	find gen.new/egret -type d -exec touch {}/__init__.py \;
+	touch gen.new/egret/py.typed gen.new/.stamp
+	rm -rf gen.old; if [ -d gen ]; then mv gen gen.old; fi; mv gen.new gen; rm -rf gen.old
 
 protos: gen/.stamp ## Generate Python stubs (+ .pyi) from protos/ into gen/
 
