@@ -60,3 +60,15 @@ class PermissionDenied(DomainError):
 
 class Unavailable(DomainError):
     """A dependency is down; the caller should retry (UNAVAILABLE)."""
+
+
+class Unauthenticated(DomainError):
+    """No valid credentials (UNAUTHENTICATED). The message is safe to return and log."""
+
+
+class ResourceExhausted(DomainError):
+    """A limit was hit (RESOURCE_EXHAUSTED); the caller may retry after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

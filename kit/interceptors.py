@@ -19,6 +19,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 from sqlalchemy.exc import OperationalError
 
+from kit.auth import Gate, bind_principal
 from kit.errors import (
     AlreadyExists,
     DomainError,
@@ -26,6 +27,8 @@ from kit.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
     Unavailable,
 )
 from kit.logging import get_logger
@@ -40,6 +43,8 @@ _CODES: dict[type[DomainError], grpc.StatusCode] = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
@@ -59,6 +64,10 @@ def status_of(error: DomainError) -> tuple[grpc.StatusCode, status_pb2.Status]:
         details.append(bad_request)
     if isinstance(error, AlreadyExists):
         details.append(error_details_pb2.ErrorInfo(reason=error.reason, domain="egret"))
+    if isinstance(error, ResourceExhausted):
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(int(error.retry_after_s * 1e9))
+        details.append(retry)
     packed = []
     for detail in details:
         item = any_pb2.Any()
@@ -75,10 +84,24 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: DomainE
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):
-    """Tracing, error mapping and failure logging around every handler."""
+    """Tracing, admission (authentication, authorization, limits), error mapping and
+    failure logging around every handler. The gate runs before the handler, so a
+    refused call never reaches service code."""
 
-    def __init__(self) -> None:
+    def __init__(self, gate: Gate | None = None) -> None:
         self._tracer = trace.get_tracer("egret.grpc")
+        self._gate = gate
+
+    def _admit(self, method: str, metadata: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if self._gate is None:
+            return
+        carrier = dict(metadata or ())
+        principal = self._gate.admit(method, carrier, context.time_remaining())
+        bind_principal(principal)
+        if principal is not None:
+            trace.get_current_span().set_attributes(
+                {"enduser.id": principal.loggable_id, "enduser.role": principal.role.value}
+            )
 
     async def intercept_service(
         self,
@@ -112,6 +135,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         async def behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             with self._span(method, metadata) as span:
                 try:
+                    self._admit(method, metadata, context)
                     return await inner(request, context)
                 except Exception as exc:
                     await _fail(span, method, context, exc)
@@ -123,6 +147,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         async def behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             with self._span(method, metadata) as span:
                 try:
+                    self._admit(method, metadata, context)
                     async for response in inner(request, context):
                         yield response
                 except Exception as exc:
@@ -183,9 +208,9 @@ def open_channel(target: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=[_TraceContextInjector()])
 
 
-def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
+def server_interceptors(gate: Gate | None = None) -> list[grpc.aio.ServerInterceptor]:
     """The chain every Egret server runs, outermost first."""
-    return [ServerInterceptor()]
+    return [ServerInterceptor(gate)]
 
 
 __all__ = ["CHANNEL_OPTIONS", "abort_with", "open_channel", "server_interceptors", "status_of"]

@@ -1,0 +1,289 @@
+"""Who is calling, and may they: bearer-token authentication and per-RPC authorization.
+
+Callers present a signed JWT in the `authorization: Bearer <token>` metadata. The token
+names the principal (`sub`), its role and scopes. Keys come from a PEM public key or a
+JWKS document on disk (a mounted Secret); only asymmetric algorithms are accepted, so
+`alg=none` and HMAC-with-the-public-key forgeries are refused.
+
+Authorization is default-deny: an RPC not in the service's policy is refused for every
+role. The interceptor decides before any handler work and binds the principal to a
+context variable, so servicers can make per-datum checks (a department may only submit
+its own event types, a subject may only read its own data, ...).
+
+Subject principals carry their raw identifier in the token (the city's identity
+provider knows it); it is hashed into a subject key on arrival and never logged.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from kit.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated, Violation
+
+ALLOWED_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "PS256", "EdDSA")
+
+
+class Role(StrEnum):
+    DEPARTMENT = "department"
+    SUBJECT = "subject"
+    REVIEWER = "reviewer"
+    AUDITOR = "auditor"
+    BENEFIT_PROVIDER = "benefit_provider"
+    ADMIN = "admin"
+    SERVICE = "service"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller. For subjects, `subject_key` replaces the raw id."""
+
+    id: str
+    role: Role
+    scopes: frozenset[str] = frozenset()
+    subject_key: str | None = None
+
+    @property
+    def loggable_id(self) -> str:
+        """An identifier safe for logs and traces: never a subject's raw id."""
+        return f"subject:{(self.subject_key or '')[:12]}" if self.role is Role.SUBJECT else self.id
+
+
+_current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("egret_principal", default=None)
+
+
+def current_principal() -> Principal | None:
+    """The principal of the call being handled, bound by the auth interceptor."""
+    return _current.get()
+
+
+def bind_principal(principal: Principal | None) -> contextvars.Token[Principal | None]:
+    return _current.set(principal)
+
+
+SubjectKeyOf = Callable[[str, str, str], str]
+
+
+@dataclass(frozen=True)
+class TokenVerifier:
+    """Verifies bearer tokens against configured keys, issuer and audience."""
+
+    keys: Mapping[str | None, Any]
+    issuer: str
+    audience: str
+    algorithms: tuple[str, ...] = ("RS256", "ES256")
+    subject_key_of: SubjectKeyOf | None = None
+    leeway_s: float = 30.0
+
+    @classmethod
+    def from_files(
+        cls,
+        *,
+        issuer: str,
+        audience: str,
+        public_key_file: Path | None = None,
+        jwks_file: Path | None = None,
+        algorithms: tuple[str, ...] = ("RS256", "ES256"),
+        subject_key_of: SubjectKeyOf | None = None,
+    ) -> TokenVerifier:
+        keys: dict[str | None, Any] = {}
+        if jwks_file is not None:
+            for key in jwt.PyJWKSet.from_json(jwks_file.read_text()).keys:
+                keys[key.key_id] = key.key
+        if public_key_file is not None:
+            keys[None] = public_key_file.read_bytes()
+        if not keys:
+            raise ValueError("token verification needs a public key file or a JWKS file")
+        bad = [a for a in algorithms if a not in ALLOWED_ALGORITHMS]
+        if bad:
+            raise ValueError(f"algorithms not allowed: {', '.join(bad)}")
+        return cls(keys, issuer, audience, algorithms, subject_key_of)
+
+    def verify(self, token: str) -> Principal:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError as exc:
+            raise Unauthenticated("malformed token") from exc
+        if header.get("alg") not in self.algorithms:
+            raise Unauthenticated(f"token algorithm {header.get('alg')!r} is not accepted")
+        key = self.keys.get(header.get("kid"), self.keys.get(None))
+        if key is None:
+            raise Unauthenticated("token signed with an unknown key")
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=list(self.algorithms),
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=self.leeway_s,
+                options={"require": ["exp", "iat", "sub", "iss", "aud"]},
+            )
+        except jwt.ExpiredSignatureError as exc:
+            raise Unauthenticated("token expired") from exc
+        except jwt.InvalidAudienceError as exc:
+            raise Unauthenticated("token is for another audience") from exc
+        except jwt.InvalidIssuerError as exc:
+            raise Unauthenticated("token from an unknown issuer") from exc
+        except jwt.InvalidSignatureError as exc:
+            raise Unauthenticated("token signature is invalid") from exc
+        except jwt.InvalidTokenError as exc:
+            raise Unauthenticated(f"invalid token: {type(exc).__name__}") from exc
+        except (TypeError, ValueError) as exc:
+            # A key of another type than the token's algorithm (e.g. kid of an RSA key on
+            # an ES256 token) is a forgery attempt or a misconfiguration, never a pass.
+            raise Unauthenticated("token key does not fit its algorithm") from exc
+        return self._principal(claims)
+
+    def _principal(self, claims: Mapping[str, Any]) -> Principal:
+        try:
+            role = Role(claims.get("role", ""))
+        except ValueError as exc:
+            raise Unauthenticated("token has no valid role") from exc
+        scopes = frozenset(str(claims.get("scope", "")).split())
+        subject = str(claims["sub"])
+        if role is not Role.SUBJECT:
+            return Principal(id=subject, role=role, scopes=scopes)
+        # A subject's `sub` is "<kind>:<scheme>:<value>"; it is hashed here and dropped.
+        kind, _, rest = subject.partition(":")
+        scheme, _, value = rest.partition(":")
+        if not (kind and scheme and value) or self.subject_key_of is None:
+            raise Unauthenticated("subject token does not name a subject")
+        key = self.subject_key_of(kind, scheme, value)
+        return Principal(id=key, role=role, scopes=scopes, subject_key=key)
+
+
+@dataclass
+class RateLimiter:
+    """A token bucket per principal: `rate` calls per second, bursts up to `burst`."""
+
+    rate: float
+    burst: float
+    clock: Callable[[], float] = time.monotonic
+    _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def acquire(self, key: str) -> float:
+        """0 when the call may proceed, else the seconds until it may be retried."""
+        now = self.clock()
+        tokens, updated = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - updated) * self.rate)
+        if tokens >= 1.0:
+            self._buckets[key] = (tokens - 1.0, now)
+            return 0.0
+        self._buckets[key] = (tokens, now)
+        return (1.0 - tokens) / self.rate
+
+
+def issue_token(
+    private_key: Any,
+    *,
+    issuer: str,
+    audience: str,
+    subject: str,
+    role: Role,
+    scopes: tuple[str, ...] = (),
+    lifetime_s: float = 3600.0,
+    algorithm: str = "RS256",
+    key_id: str | None = None,
+    now: float | None = None,
+) -> str:
+    """A signed token, for local development, tests and service credentials."""
+    issued = time.time() if now is None else now
+    claims = {
+        "iss": issuer,
+        "aud": audience,
+        "sub": subject,
+        "role": role.value,
+        "scope": " ".join(scopes),
+        "iat": int(issued),
+        "exp": int(issued + lifetime_s),
+    }
+    headers = {"kid": key_id} if key_id else None
+    return jwt.encode(claims, private_key, algorithm=algorithm, headers=headers)
+
+
+def jwks_document(public_keys: Mapping[str, Any]) -> str:
+    """A JWKS document for `public_keys` (kid → RSA or EC public key)."""
+    keys = []
+    for kid, key in public_keys.items():
+        algorithm = (
+            jwt.algorithms.RSAAlgorithm if isinstance(key, rsa.RSAPublicKey) else jwt.algorithms.ECAlgorithm
+        )
+        jwk = json.loads(algorithm.to_jwk(key))
+        jwk["kid"] = kid
+        keys.append(jwk)
+    return json.dumps({"keys": keys})
+
+
+@dataclass(frozen=True)
+class CallPolicy:
+    """Who may call one RPC, and what else the call needs."""
+
+    roles: frozenset[Role]
+    # Ingest calls must carry a deadline, so a stuck department cannot hold work forever.
+    require_deadline: bool = False
+
+
+def allow(*roles: Role, require_deadline: bool = False) -> CallPolicy:
+    return CallPolicy(frozenset(roles), require_deadline)
+
+
+# Health checks and reflection answer anyone: probes and tooling carry no tokens.
+PUBLIC_METHODS = frozenset(
+    {
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    }
+)
+
+
+@dataclass
+class Gate:
+    """Admits a call or refuses it before any handler work.
+
+    `verifier=None` is insecure mode (explicitly configured, loudly logged): calls are
+    admitted without a principal, but deadlines are still required where the policy
+    says so.
+    """
+
+    verifier: TokenVerifier | None
+    policy: Mapping[str, CallPolicy]
+    limiter: RateLimiter | None = None
+
+    def admit(
+        self, method: str, metadata: Mapping[str, str | bytes], time_remaining: float | None
+    ) -> Principal | None:
+        if method in PUBLIC_METHODS:
+            return None
+        rule = self.policy.get(method)
+        if rule is None:
+            raise PermissionDenied(f"{method} is not open to any caller")
+        if rule.require_deadline and time_remaining is None:
+            raise InvalidArgument(
+                "a deadline is required",
+                [Violation("grpc-timeout", "set a deadline on the call", "REQUIRED")],
+            )
+        if self.verifier is None:
+            return None
+        header = metadata.get("authorization")
+        if not isinstance(header, str) or not header.lower().startswith("bearer "):
+            raise Unauthenticated("a bearer token is required")
+        principal = self.verifier.verify(header[7:].strip())
+        if principal.role not in rule.roles:
+            raise PermissionDenied(f"role {principal.role.value} may not call {method.rsplit('/', 1)[-1]}")
+        if self.limiter is not None:
+            wait = self.limiter.acquire(principal.loggable_id)
+            if wait > 0:
+                raise ResourceExhausted(f"rate limit of {principal.loggable_id} reached", retry_after_s=wait)
+        return principal
