@@ -58,7 +58,21 @@ typecheck: setup ## mypy (strict) on our code
 bench: setup ## Benchmarks: streaming ingest end to end vs raw durable-rules
 	$(PY) -m bench.pipeline $(BENCH_ARGS)
 
+bench-backtest: setup ## Backtest benchmark: 1M stored events replayed through two rule sets
+	$(PY) -m bench.backtest $(BENCH_ARGS)
+
+manifests: setup ## Re-render deploy/k8s/manifests/ (and the chart's copy of config/) from the Helm chart
+	$(PY) -m deploy.k8s.render
+
+deploy-check: setup ## Chart and image checks: hadolint, helm lint, render, validate, drift (tests/deploy, no rehearsal)
+	$(BIN)/hadolint Dockerfile
+	$(PY) -m deploy.k8s.render --check
+	$(PY) -m pytest tests/deploy -m 'not e2e' -q
+
+bench-query: setup ## Benchmark: GetScore p99 at 1,000 req/s, idle and while ingest runs (BENCH_ARGS=--subjects 1000000)
+	$(PY) -m bench.query_latency $(BENCH_ARGS)
+
 clean: ## Remove the virtual environment, generated stubs and local data
 	rm -rf $(VENV) gen var
 
-.PHONY: help setup protos run test lint breaking typecheck bench clean
+.PHONY: help setup protos run test lint breaking typecheck bench bench-backtest bench-query manifests deploy-check clean

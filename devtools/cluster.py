@@ -4,6 +4,9 @@ Used by the end to end tests, the demo and the benchmark. Each service runs as
 `python -m services.<name>`, configured only by environment variables as in production,
 with its own free port, its own log file in the shared data directory and, by default,
 its own SQLite database there. Pass per-service database URLs to run on PostgreSQL.
+
+With `rules_shards=N` (N > 1) rules runs as N processes named rules-0 .. rules-N-1, each
+with its own port, log and database, and ingest routes to them by subject.
 """
 
 from __future__ import annotations
@@ -59,7 +62,9 @@ class Cluster:
 
     `env` applies to every service, `service_env[name]` to one (both override the
     cluster's own settings, e.g. OTEL_* or EGRET_LOG_LEVEL). `database_urls[name]`
-    replaces a service's SQLite database; query reads score's URL.
+    replaces a service's SQLite database; query reads score's URL. With `rules_shards`
+    > 1 the rules processes are named rules-0, rules-1, ...: `service_env["rules"]` applies
+    to each of them, `service_env["rules-1"]` and `database_urls["rules-1"]` to one.
     """
 
     def __init__(
@@ -77,7 +82,17 @@ class Cluster:
         log_level: str = "info",
         python: str = sys.executable,
         cwd: Path = REPO_ROOT,
+        rules_shards: int = 1,
     ) -> None:
+        if rules_shards < 1:
+            raise ValueError("rules_shards must be at least 1")
+        if rules_shards > 1 and database_urls and "rules" in database_urls:
+            raise ValueError("with rules shards, give each one its own URL (rules-0, rules-1, ...)")
+        self.rules_names = (
+            ("rules",) if rules_shards == 1 else tuple(f"rules-{i}" for i in range(rules_shards))
+        )
+        # Every process of this cluster, in start order (downstream first).
+        self.services = ("score", *self.rules_names, "ingest", "query")
         self._own_data_dir = data_dir is None
         self.data_dir = (
             Path(tempfile.mkdtemp(prefix="egret-cluster-")) if data_dir is None else Path(data_dir)
@@ -94,13 +109,14 @@ class Cluster:
         self._env = dict(env or {})
         self._service_env = {name: dict(values) for name, values in (service_env or {}).items()}
         self._database_urls = {
-            name: (database_urls or {}).get(name, f"sqlite:///{self.data_dir / name}.db") for name in SERVICES
+            name: (database_urls or {}).get(name, f"sqlite:///{self.data_dir / name}.db")
+            for name in self.services
         }
         self._log_format = log_format
         self._log_level = log_level
         self._python = python
         self._cwd = cwd
-        self._addresses = {name: f"127.0.0.1:{free_port()}" for name in SERVICES}
+        self._addresses = {name: f"127.0.0.1:{free_port()}" for name in self.services}
         self._processes: dict[str, _Process] = {}
         self._engines: dict[str, Engine] = {}
 
@@ -117,12 +133,13 @@ class Cluster:
 
     def env_for(self, name: str) -> dict[str, str]:
         """The complete environment service `name` is started with."""
-        if name not in SERVICES:
+        if name not in self.services:
             raise KeyError(name)
         # Stray EGRET_* settings of the caller's shell would silently change the cluster.
         env = {k: v for k, v in os.environ.items() if not k.startswith("EGRET_")}
         env.update(
             PYTHONUNBUFFERED="1",
+            EGRET_INSECURE="true",
             EGRET_LISTEN_ADDRESS=self._addresses[name],
             EGRET_DATA_DIR=str(self.data_dir),
             EGRET_DATABASE_URL=self._database_urls[name],
@@ -133,12 +150,21 @@ class Cluster:
         if name in ("ingest", "query"):
             env.update(EGRET_SUBJECT_KEY=self.subject_key, EGRET_SUBJECT_KEY_ID=self.subject_key_id)
         if name == "ingest":
-            env["EGRET_RULES_ADDRESS"] = self._addresses["rules"]
-        if name == "rules":
+            rules = [self._addresses[r] for r in self.rules_names]
+            if len(rules) == 1:
+                env["EGRET_RULES_ADDRESS"] = rules[0]
+            else:
+                env["EGRET_RULES_ADDRESSES"] = ",".join(rules)  # in shard order
+        if name in self.rules_names:
             env["EGRET_SCORE_ADDRESS"] = self._addresses["score"]
+            if len(self.rules_names) > 1:
+                env["EGRET_RULES_SHARD"] = str(self.rules_names.index(name))
+                env["EGRET_RULES_SHARDS"] = str(len(self.rules_names))
         if name == "query":
             env["EGRET_SCORE_DATABASE_URL"] = self._database_urls["score"]
         env.update(self._env)
+        if name in self.rules_names and name != "rules":
+            env.update(self._service_env.get("rules", {}))
         env.update(self._service_env.get(name, {}))
         return env
 
@@ -146,7 +172,7 @@ class Cluster:
 
     def start(self, name: str | None = None) -> None:
         """Start one service (or all that are not running) and wait until each is SERVING."""
-        names = SERVICES if name is None else (name,)
+        names = self.services if name is None else (name,)
         started = []
         for service in names:
             if self.is_running(service):
@@ -176,7 +202,7 @@ class Cluster:
         log.write(f"--- egret cluster: starting {name} at {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
         log.flush()
         popen = subprocess.Popen(
-            [self._python, "-m", f"services.{name}"],
+            [self._python, "-m", f"services.{'rules' if name in self.rules_names else name}"],
             cwd=self._cwd,
             env=self.env_for(name),
             stdin=subprocess.DEVNULL,
@@ -191,8 +217,10 @@ class Cluster:
         # caller exits without stop(); stop() is idempotent.
         atexit.register(self.stop)
 
-    def wait_healthy(self, names: Iterable[str] = SERVICES, timeout_s: float | None = None) -> None:
-        """Wait until every named service answers SERVING; raise with its log tail if one cannot."""
+    def wait_healthy(self, names: Iterable[str] | None = None, timeout_s: float | None = None) -> None:
+        """Wait until every named service (default: all) answers SERVING; raise with its log
+        tail if one cannot."""
+        names = self.services if names is None else names
         deadline = time.monotonic() + (self.start_timeout_s if timeout_s is None else timeout_s)
         for name in names:
             with grpc.insecure_channel(self._addresses[name]) as channel:
@@ -232,7 +260,8 @@ class Cluster:
     def stop(self, name: str | None = None) -> dict[str, int]:
         """SIGTERM, wait for the graceful shutdown, SIGKILL what is left; return exit codes."""
         # Upstream first, so no service is left sending to one that is gone.
-        names: list[str] = [n for n in ("ingest", "rules", "score", "query") if n in self._processes]
+        order = ("ingest", *self.rules_names, "score", "query")
+        names: list[str] = [n for n in order if n in self._processes]
         if name is not None:
             names = [name] if name in self._processes else []
         for service in names:
@@ -296,18 +325,24 @@ class Cluster:
     def outbox_counts(self) -> dict[str, int | None]:
         """Rows waiting in each outbox; None where the table cannot be read (yet)."""
         counts: dict[str, int | None] = {}
-        for name, table in OUTBOXES.items():
+        for name, table in self._outboxes().items():
+            # Keyed by table; a rules shard's as "rules-1/rules_outbox", since each has one.
+            key = table if name in OUTBOXES else f"{name}/{table}"
             try:
                 with self._engine(name).connect() as connection:
-                    counts[table] = int(
+                    counts[key] = int(
                         connection.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one()
                     )
             except sa.exc.SQLAlchemyError:
-                counts[table] = None
+                counts[key] = None
         return counts
 
+    def _outboxes(self) -> dict[str, str]:
+        """Service name → its outbox table, for every process that has one."""
+        return {"ingest": OUTBOXES["ingest"], **dict.fromkeys(self.rules_names, OUTBOXES["rules"])}
+
     def wait_drained(self, timeout_s: float = 300.0, poll_s: float = 0.2) -> float:
-        """Wait until both outboxes are empty on two polls in a row; return the seconds waited.
+        """Wait until every outbox is empty on two polls in a row; return the seconds waited.
 
         Ingest acknowledges only after committing to its outbox, and each relay deletes
         rows only after the next service committed them, so once everything sent has
@@ -317,7 +352,7 @@ class Cluster:
         empty_polls = 0
         counts: dict[str, int | None] = {}
         while True:
-            for name in OUTBOXES:
+            for name in self._outboxes():
                 process = self._processes.get(name)
                 if process is None or process.popen.poll() is not None:
                     raise ClusterError(f"{name} is not running while draining\n{self.log_tail(name)}")

@@ -134,6 +134,28 @@ def _print_tiers(tiers: dict[str, int] | None) -> None:
         print(f"  {tier:>4} {tiers[tier]:>8}  {share:6.1%}  {'#' * round(share * 50)}")
 
 
+def _print_tiers_by_kind(address: str) -> None:
+    """Subjects per tier and per list for persons and organizations, as query reports them."""
+    with grpc.insecure_channel(address) as channel:
+        stub = query_service_pb2_grpc.QueryServiceStub(channel)
+        try:
+            d = stub.GetTierDistribution(query_service_pb2.GetTierDistributionRequest(), timeout=30)
+        except grpc.RpcError as exc:
+            print(f"  query failed: {exc.code().name}: {exc.details()}")
+            return
+    for kind, label in (
+        (subject_pb2.SUBJECT_KIND_PERSON, "persons"),
+        (subject_pb2.SUBJECT_KIND_ORGANIZATION, "organizations"),
+    ):
+        tiers = {c.tier: c.subjects for c in d.by_kind if c.subject_kind == kind}
+        lists = {c.list_name: c.subjects for c in d.lists if c.subject_kind == kind}
+        print(
+            f"\nTiers of {label} ({sum(tiers.values())} subjects;"
+            f" red list {lists.get('red', 0)}, black list {lists.get('black', 0)})"
+        )
+        _print_tiers(tiers)
+
+
 def _print_rejection(totals: StreamTotals) -> None:
     if not totals.rejections:
         return
@@ -247,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print("\nTiers")
         _print_tiers(_tier_distribution(cluster.database_url("score")))
+        _print_tiers_by_kind(cluster.address("query"))
         _print_rejection(totals)
         _print_subject(cluster.address("query"), population.busiest_subjects(10))
         if not args.exit_after_summary:

@@ -117,13 +117,15 @@ async def stream_events(
     backoff_initial_s: float = 0.2,
     backoff_max_s: float = 10.0,
     ack_timeout_s: float = 120.0,
+    stream_deadline_s: float = 3600.0,
     on_ack: OnAck | None = None,
     keep_rejections: int = 5,
 ) -> StreamTotals:
     """Send every request on StreamEvents with up to `in_flight` unacknowledged; return the totals.
 
     `on_ack(request, response, latency_s)` is called for each acknowledgement, e.g. to
-    drive a progress bar. A batch unacknowledged for `ack_timeout_s` counts as a broken
+    drive a progress bar. Each stream carries the deadline `stream_deadline_s` (ingest
+    requires one). A batch unacknowledged for `ack_timeout_s` counts as a broken
     stream. Raises StreamFailed on a non-retryable status, or once `max_retries`
     consecutive stream failures pass without a single acknowledgement.
     """
@@ -134,6 +136,7 @@ async def stream_events(
         _aiter(requests),
         in_flight=in_flight,
         ack_timeout_s=ack_timeout_s,
+        stream_deadline_s=stream_deadline_s,
         on_ack=on_ack,
         keep_rejections=keep_rejections,
     )
@@ -170,6 +173,7 @@ class _Streamer:
         *,
         in_flight: int,
         ack_timeout_s: float,
+        stream_deadline_s: float,
         on_ack: OnAck | None,
         keep_rejections: int,
     ) -> None:
@@ -177,6 +181,7 @@ class _Streamer:
         self.source = source
         self.in_flight = in_flight
         self.ack_timeout_s = ack_timeout_s
+        self.stream_deadline_s = stream_deadline_s
         self.on_ack = on_ack
         self.keep_rejections = keep_rejections
         self.pending: OrderedDict[str, _InFlight] = OrderedDict()
@@ -188,7 +193,8 @@ class _Streamer:
 
         Raises on a stream error, leaving the unacknowledged batches in `pending`.
         """
-        call = self.stub.StreamEvents()
+        # Ingest requires a deadline on every call; a long one bounds a stream that hangs.
+        call = self.stub.StreamEvents(timeout=self.stream_deadline_s)
         room = asyncio.Condition()
         tasks = [
             asyncio.create_task(self._write(call, room)),

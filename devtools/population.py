@@ -78,6 +78,8 @@ _STATIONS = (
     "Jimei",
     "Haicang",
 )
+# Xiamen's districts, for the optional cohort attribute `district`.
+_DISTRICTS = ("Siming", "Huli", "Jimei", "Haicang", "Tong'an", "Xiang'an")
 _BIRTH_START = datetime(1940, 1, 1, tzinfo=UTC)
 _BIRTH_DAYS = 24_837  # up to 2007-12-31: every synthetic person is an adult
 
@@ -260,6 +262,8 @@ def _string_value(spec: AttributeSpec, rng: random.Random, occurred_at: datetime
         value = f"fence-{rng.randrange(2000):04d}"
     elif spec.name == "station":
         value = rng.choice(_STATIONS)
+    elif spec.name == "district":
+        value = rng.choice(_DISTRICTS)
     elif spec.name == "camera_id":
         value = f"cam-{rng.randrange(500):03d}"
     elif spec.name == "case_id":

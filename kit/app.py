@@ -74,6 +74,10 @@ def run_cli(
     if command in extra:
         return extra[command][1](settings)
 
+    missing = common.security.missing()
+    if missing:
+        print(f"egret-{name}: {SettingsError(missing)}", file=sys.stderr)
+        return 2
     try:
         provider = configure_tracing(name)
     except SettingsError as exc:
@@ -86,5 +90,11 @@ def run_cli(
         # Built inside the running loop: gRPC channels and asyncio objects bind to it.
         await serve(common, build(settings), tracer_provider=provider)
 
-    asyncio.run(build_and_serve())
+    try:
+        asyncio.run(build_and_serve())
+    except SettingsError as exc:
+        # A setting that contradicts the stored state (found while building) stops start-up
+        # the same way as a bad value.
+        print(f"egret-{name}: {exc}", file=sys.stderr)
+        return 2
     return 0

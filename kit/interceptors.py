@@ -203,9 +203,13 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def open_channel(target: str) -> grpc.aio.Channel:
-    """A channel to another Egret service that carries trace context on every call."""
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=[_TraceContextInjector()])
+def open_channel(target: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.aio.Channel:
+    """A channel to another Egret service that carries trace context on every call;
+    TLS (and this service's certificate and token) when `credentials` are given."""
+    interceptors = [_TraceContextInjector()]
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors)
+    return grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS, interceptors=interceptors)
 
 
 def server_interceptors(gate: Gate | None = None) -> list[grpc.aio.ServerInterceptor]:

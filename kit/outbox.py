@@ -83,8 +83,12 @@ class OutboxRelay:
         lease_s: float,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_close: Callable[[], Awaitable[None]] | None = None,
+        where: sa.ColumnElement[bool] | None = None,
     ) -> None:
         self._on_close = on_close
+        # The slice of the table this relay owns (e.g. one downstream shard's rows), so
+        # several relays drain one table side by side and a slow receiver blocks only its own.
+        self._where = sa.true() if where is None else where
         self._name = name
         self._sessions = sessions
         self._table = table
@@ -106,7 +110,7 @@ class OutboxRelay:
         with self._sessions() as session, session.begin():
             query = (
                 sa.select(t.id, t.payload, t.traceparent, t.attempts)
-                .where(t.available_at <= now)
+                .where(t.available_at <= now, self._where)
                 .order_by(t.id)
                 .limit(self._settings.batch_size)
             )
@@ -152,7 +156,8 @@ class OutboxRelay:
 
     def pending(self) -> int:
         with self._sessions() as session:
-            return int(session.scalar(sa.select(sa.func.count()).select_from(self._table)) or 0)
+            query = sa.select(sa.func.count()).select_from(self._table).where(self._where)
+            return int(session.scalar(query) or 0)
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Relay until `stopping` is set; the batch in flight is finished first."""
@@ -255,14 +260,17 @@ def relay_to_peer(
     peer: PeerSettings,
     settings: RelaySettings,
     make_send: MakeSend,
+    credentials: grpc.ChannelCredentials | None = None,
+    where: sa.ColumnElement[bool] | None = None,
 ) -> OutboxRelay:
     """A relay to another Egret service over its own channel, closed when the relay stops.
 
     `make_send(channel, deadline_s)` returns the function that delivers one batch of
     payloads with the service's RPC. A claim's lease outlasts the call's deadline, so
-    rows are not sent twice by the same relay while a call is still running.
+    rows are not sent twice by the same relay while a call is still running. `where`
+    limits the relay to some of the table's rows (see OutboxRelay).
     """
-    channel = open_channel(peer.address)
+    channel = open_channel(peer.address, credentials)
     return OutboxRelay(
         name=name,
         sessions=sessions,
@@ -271,6 +279,7 @@ def relay_to_peer(
         settings=settings,
         lease_s=peer.deadline_s * 2,
         on_close=channel.close,
+        where=where,
     )
 
 

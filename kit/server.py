@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,9 +24,12 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 from sqlalchemy.engine import Engine
 
+from kit.auth import CallPolicy, Gate
 from kit.db import ping
 from kit.interceptors import CHANNEL_OPTIONS, server_interceptors
 from kit.logging import get_logger
+from kit.pseudonym import Pseudonymiser
+from kit.security import rate_limiter, server_credentials, token_verifier
 from kit.settings import CommonSettings
 
 log = get_logger(__name__)
@@ -43,6 +46,10 @@ class Service:
     service_names: Sequence[str]
     register: Callable[[grpc.aio.Server], None]
     engines: Sequence[Engine]
+    # Who may call which RPC (full method name → policy); RPCs not listed are refused.
+    policy: Mapping[str, CallPolicy] = field(default_factory=dict)
+    # To turn a subject's token into its subject key (services that serve subjects).
+    pseudonymiser: Pseudonymiser | None = None
     background: Sequence[BackgroundLoop] = field(default_factory=list)
     # Worker pools of blocking (database, engine) work, shut down after in-flight calls end.
     executors: Sequence[Executor] = field(default_factory=list)
@@ -81,7 +88,13 @@ async def serve(
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, stop.set)
 
-    server = grpc.aio.server(interceptors=server_interceptors(), options=CHANNEL_OPTIONS)
+    security = settings.security
+    gate = Gate(
+        verifier=token_verifier(security, service.pseudonymiser),
+        policy=service.policy,
+        limiter=rate_limiter(security),
+    )
+    server = grpc.aio.server(interceptors=server_interceptors(gate), options=CHANNEL_OPTIONS)
     service.register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -96,7 +109,16 @@ async def serve(
     # Known but not yet serving until the first database check passes.
     for name in ("", *service.service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    port = server.add_insecure_port(settings.listen_address)
+    credentials = server_credentials(security)
+    if credentials is None:
+        port = server.add_insecure_port(settings.listen_address)
+    else:
+        port = server.add_secure_port(settings.listen_address, credentials)
+    if security.insecure:
+        log.warning(
+            "INSECURE MODE: no token checks%s; never run like this in production (EGRET_INSECURE=true)",
+            "" if credentials else " and no TLS",
+        )
     if port == 0:
         raise RuntimeError(f"cannot listen on {settings.listen_address}")
     await server.start()

@@ -111,6 +111,18 @@ class Env:
             self.problems.append(f"{name}={value!r} is not a host:port address")
         return value
 
+    def address_list(self, name: str) -> list[str] | None:
+        """A comma-separated list of host:port addresses in the given order; None when unset."""
+        raw = self._raw(name)
+        if raw is None:
+            return None
+        addresses = [a.strip() for a in raw.split(",")]
+        for position, value in enumerate(addresses):
+            match = _ADDRESS.match(value)
+            if match is None or not 0 <= int(match.group(2)) <= 65535:
+                self.problems.append(f"{name}: entry {position} {value!r} is not a host:port address")
+        return addresses
+
     def file(self, name: str, default: Path | None = None) -> Path:
         raw = self._raw(name)
         if raw is None and default is None:
@@ -126,6 +138,79 @@ class Env:
         """Raise SettingsError listing every problem recorded so far."""
         if self.problems:
             raise SettingsError(list(self.problems))
+
+
+@dataclass(frozen=True)
+class SecuritySettings:
+    """TLS and token settings; production refuses to start without them (EGRET_INSECURE=true
+    runs without, for local experiments only, and every service then says so loudly)."""
+
+    insecure: bool
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # Clients must present a certificate signed by this CA (mutual TLS).
+    tls_client_ca_file: Path | None = None
+    # CA that signs the other services' certificates, for outgoing calls.
+    tls_ca_file: Path | None = None
+    jwt_issuer: str = ""
+    jwt_audience: str = ""
+    jwt_public_key_file: Path | None = None
+    jwt_jwks_file: Path | None = None
+    jwt_algorithms: tuple[str, ...] = ("RS256", "ES256")
+    # This service's own token for calls to other services.
+    service_token_file: Path | None = None
+    rate_per_second: float = 200.0
+    rate_burst: float = 400.0
+
+    def missing(self) -> list[str]:
+        """What serving needs but is not configured; empty in insecure mode. Commands that
+        do not serve (migrate, verify) run without TLS and token keys."""
+        if self.insecure:
+            return []
+        missing = [
+            name
+            for name, value in (
+                ("EGRET_TLS_CERT_FILE", self.tls_cert_file),
+                ("EGRET_TLS_KEY_FILE", self.tls_key_file),
+                ("EGRET_JWT_ISSUER", self.jwt_issuer),
+            )
+            if not value
+        ]
+        if self.jwt_public_key_file is None and self.jwt_jwks_file is None:
+            missing.append("EGRET_JWT_PUBLIC_KEY_FILE or EGRET_JWT_JWKS_FILE")
+        return [f"{name} is required unless EGRET_INSECURE=true (never in production)" for name in missing]
+
+    @classmethod
+    def read(cls, env: Env) -> SecuritySettings:
+        insecure = env.flag("EGRET_INSECURE", False)
+
+        def path(name: str) -> Path | None:
+            raw = env.optional(name)
+            if raw is None:
+                return None
+            if not Path(raw).is_file():
+                env.problems.append(f"{name}={raw!r}: no such file")
+            return Path(raw)
+
+        return cls(
+            insecure=insecure,
+            tls_cert_file=path("EGRET_TLS_CERT_FILE"),
+            tls_key_file=path("EGRET_TLS_KEY_FILE"),
+            tls_client_ca_file=path("EGRET_TLS_CLIENT_CA_FILE"),
+            tls_ca_file=path("EGRET_TLS_CA_FILE"),
+            jwt_issuer=env.optional("EGRET_JWT_ISSUER") or "",
+            jwt_audience=env.optional("EGRET_JWT_AUDIENCE") or "egret",
+            jwt_public_key_file=path("EGRET_JWT_PUBLIC_KEY_FILE"),
+            jwt_jwks_file=path("EGRET_JWT_JWKS_FILE"),
+            jwt_algorithms=tuple(
+                a.strip()
+                for a in (env.optional("EGRET_JWT_ALGORITHMS") or "RS256,ES256").split(",")
+                if a.strip()
+            ),
+            service_token_file=path("EGRET_SERVICE_TOKEN_FILE"),
+            rate_per_second=env.number("EGRET_RATE_LIMIT_PER_SECOND", 200.0, minimum=0.1),
+            rate_burst=env.number("EGRET_RATE_LIMIT_BURST", 400.0, minimum=1.0),
+        )
 
 
 @dataclass(frozen=True)
@@ -145,6 +230,7 @@ class CommonSettings:
     health_interval_s: float
     migrate_on_start: bool
     sqlite_synchronous: str
+    security: SecuritySettings
 
     @classmethod
     def read(cls, env: Env, *, service: str, default_port: int) -> CommonSettings:
@@ -162,6 +248,7 @@ class CommonSettings:
             health_interval_s=env.number("EGRET_HEALTH_INTERVAL_SECONDS", 2.0, minimum=0.1, maximum=60.0),
             migrate_on_start=env.flag("EGRET_MIGRATE_ON_START", True),
             sqlite_synchronous=env.choice("EGRET_SQLITE_SYNCHRONOUS", "FULL", ("FULL", "NORMAL")),
+            security=SecuritySettings.read(env),
         )
 
 

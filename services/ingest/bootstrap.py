@@ -8,6 +8,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
 
 from egret.common.v1 import event_pb2
 from egret.ingest.v1 import ingest_service_pb2 as pb
@@ -15,9 +17,11 @@ from egret.rules.v1 import rules_service_pb2 as rules_pb
 from egret.rules.v1 import rules_service_pb2_grpc as rules_grpc
 from kit.app import run_cli
 from kit.db import create_engine, make_session_factory
-from kit.outbox import Send, relay_to_peer
+from kit.outbox import OutboxRelay, Send, relay_to_peer
 from kit.pseudonym import Pseudonymiser
 from kit.server import Service
+from kit.settings import SettingsError
+from services.ingest.access import POLICY
 from services.ingest.catalogue import load_catalogue
 from services.ingest.domain import Intake, Limits
 from services.ingest.servicer import IngestServicer, register
@@ -37,17 +41,59 @@ def send_to_rules(channel: grpc.aio.Channel, deadline_s: float) -> Send:
     return send
 
 
+def refuse_stranded_rows(store: SqlEventStore, shards: int) -> None:
+    """Stop start-up when the outbox holds rows for shards this configuration does not have.
+
+    They were written for a larger shard count, no relay would ever send them, and nothing
+    else would say so. A database that cannot be read yet is left to the health check.
+    """
+    try:
+        stranded = store.stranded_shards()
+    except SQLAlchemyError:
+        return
+    if stranded:
+        raise SettingsError(
+            [
+                f"the rules addresses name {shards} shard(s) but the outbox holds events for "
+                f"shard(s) {', '.join(map(str, stranded))}: drain it with the old shard count first "
+                "(resharding, docs/architecture.md)"
+            ]
+        )
+
+
+def rules_relays(settings: IngestSettings, sessions: sessionmaker[Session]) -> list[OutboxRelay]:
+    """One relay per rules shard, each claiming only its shard's outbox rows: order per subject
+    holds (a subject's rows are one relay's, sent in id order), and a slow or failing shard
+    holds back only its own subjects."""
+    sharded = len(settings.rules) > 1
+    return [
+        relay_to_peer(
+            name=f"ingest→rules-{shard}" if sharded else "ingest→rules",
+            sessions=sessions,
+            table=Outbox,
+            peer=peer,
+            settings=settings.relay,
+            make_send=send_to_rules,
+            where=Outbox.shard == shard,
+        )
+        for shard, peer in enumerate(settings.rules)
+    ]
+
+
 def build(settings: IngestSettings) -> Service:
+    pseudonymiser = Pseudonymiser(settings.pseudonym.key, settings.pseudonym.key_id)
     engine = create_engine(
         settings.common.database_url,
         sqlite_synchronous=settings.common.sqlite_synchronous,
         pool_size=settings.db_workers + 2,
     )
     sessions = make_session_factory(engine)
+    store = SqlEventStore(sessions, rules_shards=len(settings.rules))
+    refuse_stranded_rows(store, len(settings.rules))
     intake = Intake(
         catalogue=load_catalogue(settings.catalogue_file),
-        pseudonymiser=Pseudonymiser(settings.pseudonym.key, settings.pseudonym.key_id),
-        store=SqlEventStore(sessions),
+        pseudonymiser=pseudonymiser,
+        store=store,
         limits=Limits(
             max_batch_size=settings.max_batch_size,
             max_future_skew=timedelta(seconds=settings.max_future_skew_s),
@@ -55,25 +101,26 @@ def build(settings: IngestSettings) -> Service:
         ),
         clock=lambda: datetime.now(UTC),
     )
-    relay = relay_to_peer(
-        name="ingest→rules",
-        sessions=sessions,
-        table=Outbox,
-        peer=settings.rules,
-        settings=settings.relay,
-        make_send=send_to_rules,
-    )
+    relays = rules_relays(settings, sessions)
     # One writer thread by default: SQLite has one writer at a time anyway, and a single
     # thread commits batches in arrival order without lock contention.
     executor = ThreadPoolExecutor(max_workers=settings.db_workers, thread_name_prefix="ingest-db")
-    servicer = IngestServicer(intake, executor, committed=relay.notify)
+
+    def committed() -> None:
+        # A batch may hold subjects of every shard; an idle relay's wake-up is one cheap query.
+        for relay in relays:
+            relay.notify()
+
+    servicer = IngestServicer(intake, executor, committed=committed)
 
     return Service(
+        pseudonymiser=pseudonymiser,
         name="ingest",
         service_names=[pb.DESCRIPTOR.services_by_name["IngestService"].full_name],
         register=register(servicer),
+        policy=POLICY,
         engines=[engine],
-        background=[relay.run],
+        background=[relay.run for relay in relays],
         executors=[executor],
     )
 

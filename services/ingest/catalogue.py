@@ -52,6 +52,8 @@ class AttributeSpec:
     minimum: float | None = None
     maximum: float | None = None
     max_length: int = 256
+    # A cohort attribute splits backtest reports (e.g. by district); validation ignores it.
+    cohort: bool = False
 
     def check(self, value: Scalar) -> Violation | None:
         path = f"attributes.{self.name}"
@@ -257,7 +259,7 @@ def _parse_attribute(path: str, name: str, spec: Any, problems: list[str]) -> At
     if not isinstance(spec, dict) or spec.get("type") not in ATTRIBUTE_TYPES:
         problems.append(f"{path}.type: must be one of {', '.join(ATTRIBUTE_TYPES)}")
         return AttributeSpec(name=name, type="string")
-    unknown = set(spec) - {"type", "required", "enum", "min", "max", "max_length"}
+    unknown = set(spec) - {"type", "required", "enum", "min", "max", "max_length", "cohort"}
     if unknown:
         problems.append(f"{path}: unknown keys {', '.join(sorted(unknown))}")
     enum = spec.get("enum") or []
@@ -268,6 +270,12 @@ def _parse_attribute(path: str, name: str, spec: Any, problems: list[str]) -> At
             spec["type"] not in ("int", "double") or not isinstance(spec[bound], int | float)
         ):
             problems.append(f"{path}.{bound}: only numeric attributes take a numeric {bound}")
+    cohort = spec.get("cohort", False)
+    if not isinstance(cohort, bool):
+        problems.append(f"{path}.cohort: must be true or false")
+    elif cohort and spec["type"] not in ("string", "int", "bool"):
+        # A cohort is a group of subjects; continuous values would make one per subject.
+        problems.append(f"{path}.cohort: only string, int and bool attributes can be cohorts")
     return AttributeSpec(
         name=name,
         type=spec["type"],
@@ -276,4 +284,5 @@ def _parse_attribute(path: str, name: str, spec: Any, problems: list[str]) -> At
         minimum=spec.get("min"),
         maximum=spec.get("max"),
         max_length=int(spec.get("max_length", 256)),
+        cohort=cohort is True,
     )

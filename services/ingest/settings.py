@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kit.settings import CommonSettings, Env, PeerSettings, PseudonymSettings, RelaySettings
+from kit.sharding import read_shard_peers
 
 DEFAULT_PORT = 50051
 
@@ -20,7 +21,8 @@ class IngestSettings:
     max_future_skew_s: float
     max_event_age_days: int
     db_workers: int
-    rules: PeerSettings
+    # The rules instances in shard order (EGRET_RULES_ADDRESSES), or the one unsharded instance.
+    rules: tuple[PeerSettings, ...]
     relay: RelaySettings
 
     @classmethod
@@ -35,7 +37,7 @@ class IngestSettings:
             max_future_skew_s=env.number("EGRET_MAX_FUTURE_SKEW_SECONDS", 300.0, minimum=0.0),
             max_event_age_days=env.integer("EGRET_MAX_EVENT_AGE_DAYS", 3650, minimum=1),
             db_workers=env.integer("EGRET_DB_WORKERS", 1, minimum=1, maximum=64),
-            rules=PeerSettings.read(env, prefix="EGRET_RULES", default_address="127.0.0.1:50052"),
+            rules=read_shard_peers(env, prefix="EGRET_RULES", default_address="127.0.0.1:50052"),
             relay=RelaySettings.read(env, prefix="EGRET_RELAY"),
         )
         env.check()

@@ -13,6 +13,7 @@ from egret.common.v1 import event_pb2
 from kit.db import make_metadata
 from kit.outbox import BigId, OutboxMixin, outbox_rows
 from kit.protoconv import SUBJECT_KIND_VALUES, to_attribute_value, to_timestamp
+from kit.sharding import shard_of
 from services.ingest.domain import NewEvent
 
 
@@ -39,9 +40,14 @@ class StoredEvent(Base):
 
 
 class Outbox(Base, OutboxMixin):
-    """Recorded events waiting to be relayed to the rules service."""
+    """Recorded events waiting to be relayed to the rules service, each to its subject's shard."""
 
     __tablename__ = "ingest_outbox"
+    # Each shard's relay claims its rows in id order through this index.
+    __table_args__ = (sa.Index("ix_ingest_outbox_shard_id", "shard", "id"),)
+
+    # The rules shard that owns the event's subject (kit.sharding); 0 when unsharded.
+    shard: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
 
 
 def recorded_event(event: NewEvent, recorded_at: datetime) -> event_pb2.RecordedEvent:
@@ -59,10 +65,15 @@ def recorded_event(event: NewEvent, recorded_at: datetime) -> event_pb2.Recorded
 
 
 class SqlEventStore:
-    """EventStore on SQLAlchemy: one transaction per batch, bulk statements only."""
+    """EventStore on SQLAlchemy: one transaction per batch, bulk statements only.
 
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
+    `rules_shards` is the number of rules shards; each outbox row is written for the
+    shard that owns its subject, so each shard's relay sends only its own rows.
+    """
+
+    def __init__(self, sessions: sessionmaker[Session], rules_shards: int = 1) -> None:
         self._sessions = sessions
+        self._rules_shards = rules_shards
 
     def record(self, events: Sequence[NewEvent], recorded_at: datetime) -> Mapping[tuple[str, str], str]:
         try:
@@ -101,8 +112,18 @@ class SqlEventStore:
             for message, sequence in zip(messages, sequences, strict=True):
                 message.sequence = sequence
                 records.append(message.SerializeToString())
-            session.execute(sa.insert(Outbox), outbox_rows(records, recorded_at))
+            rows = outbox_rows(records, recorded_at)
+            for row, event in zip(rows, fresh, strict=True):
+                row["shard"] = shard_of(event.subject_key, self._rules_shards)
+            session.execute(sa.insert(Outbox), rows)
         return existing
+
+    def stranded_shards(self) -> list[int]:
+        """Shards of waiting outbox rows that no relay of this configuration serves: rows
+        written when there were more rules shards, which would otherwise wait forever."""
+        with self._sessions() as session:
+            query = sa.select(Outbox.shard).where(Outbox.shard >= self._rules_shards).distinct()
+            return sorted(session.scalars(query))
 
     @staticmethod
     def _existing(session: Session, events: Sequence[NewEvent]) -> dict[tuple[str, str], str]:

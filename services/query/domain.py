@@ -1,9 +1,15 @@
-"""Reads of scores and ledger entries (pure domain).
+"""Reads of scores, ledger entries, history and eligibility (pure domain).
 
 A subject is named either by its raw identifier, hashed exactly as ingest hashes it
 (the raw value goes no further than the hash), or by its subject key. Entries are
 listed newest event time first with keyset pages: the page token carries the last
 (occurred_at, entry_id) seen, so pages stay stable while new entries arrive.
+
+Scores are exact at any instant without waiting for score's expiry sweep: the stored
+row is served while the instant asked about lies before its `next_change_at` (nothing
+has expired since it was computed) and under the active policy; otherwise the score is
+recomputed from the ledger with the same pure function score uses, as of that instant
+and under the policy in force then.
 """
 
 from __future__ import annotations
@@ -12,15 +18,25 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
-from kit.errors import InvalidArgument, NotFound, Violation
+from kit.errors import FailedPrecondition, InvalidArgument, NotFound, Violation
 from kit.pseudonym import Pseudonymiser, subject_violations
-from services.score.domain import CategoryScore, LedgerEntry
-from services.score.policy import ScorePolicy
+from services.query.benefits import Benefit, Catalogue, Eligibility, check
+from services.score.domain import (
+    CategoryScore,
+    LedgerEntry,
+    ListMembership,
+    ScoredEntry,
+    ScoreResult,
+    compute_score,
+)
+from services.score.policy import ActivatedPolicy, PolicyBook, ScorePolicy, SubjectPolicy
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
@@ -52,12 +68,71 @@ class SubjectScore:
     as_of: datetime
     policy_version: str
     entry_count: int
+    lists: tuple[ListMembership, ...] = ()
+    next_change_at: datetime | None = None
 
 
 @dataclass(frozen=True)
 class ScoreView:
     score: SubjectScore
     base_score: int
+
+
+@dataclass(frozen=True)
+class HistoryRow:
+    history_id: int
+    changed_at: datetime
+    recorded_at: datetime
+    cause: str
+    policy_version: str
+    score_before: int | None
+    score: int
+    tier_before: str
+    tier: str
+    lists_before: tuple[str, ...]
+    lists: tuple[str, ...]
+    added_entry_ids: tuple[str, ...]
+    expired_entry_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class HistoryPage:
+    changes: tuple[HistoryRow, ...]
+    next_page_token: str
+
+
+@dataclass(frozen=True)
+class Distribution:
+    # (kind, tier) -> subjects
+    by_kind: dict[tuple[str, str], int] = field(default_factory=dict)
+    # (category, kind, purpose-bound tier) -> subjects
+    by_category: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    # (kind, list) -> subjects
+    lists: dict[tuple[str, str], int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RawDistribution:
+    """What the store counts: tiers and lists per kind, and subjects per (kind, category,
+    category points), which the domain turns into purpose-bound tiers."""
+
+    tiers: Sequence[tuple[str, str, int]]
+    lists: Sequence[tuple[str, str, int]]
+    category_points: Sequence[tuple[str, str, int, int]]
+
+
+@dataclass(frozen=True)
+class EligibilityView:
+    benefit: Benefit
+    eligibility: Eligibility
+    as_of: datetime
+    policy_version: str
+
+
+@dataclass(frozen=True)
+class BenefitPage:
+    benefits: tuple[Benefit, ...]
+    next_page_token: str
 
 
 @dataclass(frozen=True)
@@ -84,6 +159,16 @@ class ScoreReadStore(Protocol):
 
     def entry(self, entry_id: str) -> LedgerEntry | None: ...
 
+    def scorable_entries(self, subject_key: str) -> Sequence[ScoredEntry]: ...
+
+    def history(self, subject_key: str, before_id: int | None, limit: int) -> Sequence[HistoryRow]:
+        """Up to `limit` history rows, newest first, with ids below `before_id`."""
+        ...
+
+    def distribution(self, kind: str | None) -> RawDistribution: ...
+
+    def activations(self) -> Sequence[ActivatedPolicy]: ...
+
 
 def encode_page_token(cursor: Cursor) -> str:
     raw = json.dumps([cursor.occurred_at.astimezone(UTC).isoformat(), cursor.entry_id], separators=(",", ":"))
@@ -106,6 +191,25 @@ def decode_page_token(token: str) -> Cursor:
     return Cursor(when.astimezone(UTC), entry_id)
 
 
+def encode_token(value: str | int) -> str:
+    return base64.urlsafe_b64encode(json.dumps([value]).encode()).decode().rstrip("=")
+
+
+def decode_token(token: str, kind: type, rpc: str) -> Any:
+    """The value of a token from `encode_token`; InvalidArgument for anything else."""
+    invalid = InvalidArgument(
+        "invalid page token",
+        [Violation("page_token", f"is not a next_page_token returned by {rpc}", "INVALID_PAGE_TOKEN")],
+    )
+    try:
+        (value,) = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    except (binascii.Error, ValueError, TypeError) as exc:
+        raise invalid from exc
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise invalid
+    return value
+
+
 def page_size(requested: int) -> int:
     if requested == 0:
         return DEFAULT_PAGE_SIZE
@@ -123,13 +227,60 @@ def page_size(requested: int) -> int:
     return requested
 
 
+MAX_BATCH = 100
+# How long a read trusts its cached copy of the activated policies before looking again;
+# a stored row under an unknown version triggers a reload at once.
+POLICY_CACHE_SECONDS = 5.0
+
+
 class Reader:
     """Answers reads of the score store on behalf of QueryService."""
 
-    def __init__(self, *, store: ScoreReadStore, pseudonymiser: Pseudonymiser, policy: ScorePolicy) -> None:
+    def __init__(
+        self,
+        *,
+        store: ScoreReadStore,
+        pseudonymiser: Pseudonymiser,
+        policy: ScorePolicy,
+        catalogue: Catalogue | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
         self._store = store
         self._pseudonymiser = pseudonymiser
-        self._policy = policy
+        # The policy file stands in until score has recorded its first activation.
+        self._fallback = policy
+        self._catalogue = catalogue or Catalogue({})
+        self._clock = clock
+        self._book: PolicyBook | None = None
+        self._book_loaded = 0.0
+        self._lock = threading.Lock()
+
+    def now(self) -> datetime:
+        return self._clock()
+
+    def _policies(self, version: str | None = None) -> PolicyBook:
+        book = self._book
+        stale = time.monotonic() - self._book_loaded > POLICY_CACHE_SECONDS
+        if book is None or stale or (version is not None and version not in book.versions()):
+            with self._lock:
+                activations = tuple(self._store.activations())
+                book = PolicyBook(activations) if activations else self._book_of_fallback()
+                self._book, self._book_loaded = book, time.monotonic()
+        return book
+
+    def _book_of_fallback(self) -> PolicyBook:
+        return PolicyBook((ActivatedPolicy(self._fallback, datetime.min.replace(tzinfo=UTC), "", ""),))
+
+    def _instant(self, as_of: datetime | None, field: str = "as_of") -> tuple[datetime, bool]:
+        """The instant asked about and whether it is "now"."""
+        now = self._clock()
+        if as_of is None:
+            return now, True
+        if as_of > now:
+            raise InvalidArgument(
+                "invalid instant", [Violation(field, "must not be in the future", "OUT_OF_RANGE")]
+            )
+        return as_of, False
 
     def subject_key(self, ref: SubjectRef, field: str = "subject") -> str:
         """The subject key `ref` names; InvalidArgument listing every problem otherwise."""
@@ -151,12 +302,112 @@ class Reader:
         assert raw.kind is not None
         return self._pseudonymiser.subject_key(raw.kind, raw.id_scheme, raw.id_value)
 
-    def score(self, ref: SubjectRef) -> ScoreView:
+    def score(self, ref: SubjectRef, as_of: datetime | None = None) -> ScoreView:
         key = self.subject_key(ref)
+        when, now = self._instant(as_of)
+        view = self._score_of(key, when, now)
+        if view is None:
+            raise NotFound("no score is held for this subject" + ("" if now else " at as_of"))
+        return view
+
+    def batch(self, refs: Sequence[SubjectRef], as_of: datetime | None = None) -> list[ScoreView | None]:
+        if not 1 <= len(refs) <= MAX_BATCH:
+            raise InvalidArgument(
+                "invalid batch",
+                [Violation("subjects", f"must hold 1 to {MAX_BATCH} subjects", "OUT_OF_RANGE")],
+            )
+        keys: list[str] = []
+        problems: list[Violation] = []
+        for i, ref in enumerate(refs):
+            try:
+                keys.append(self.subject_key(ref, f"subjects[{i}]"))
+            except InvalidArgument as exc:
+                problems += exc.violations
+        if problems:
+            raise InvalidArgument("invalid subjects", problems)
+        when, now = self._instant(as_of)
+        return [self._score_of(key, when, now) for key in keys]
+
+    def _score_of(self, key: str, when: datetime, now: bool) -> ScoreView | None:
         stored = self._store.score(key)
         if stored is None:
+            return None
+        book = self._policies(stored.policy_version)
+        policy = book.at(when).for_kind(stored.subject_kind)
+        self._require_consent(policy)
+        fresh = stored.next_change_at is None or when < stored.next_change_at
+        if now and fresh and stored.policy_version == book.active.version and stored.as_of <= when:
+            return ScoreView(score=stored, base_score=policy.base)
+        # Past instant, or something expired since the row was computed: score it exactly.
+        entries = self._store.scorable_entries(key)
+        if not any(e.recorded_at <= when for e in entries):
+            return None
+        result = compute_score(entries, policy, when)
+        return ScoreView(score=_subject_score(key, stored.subject_kind, result), base_score=policy.base)
+
+    @staticmethod
+    def _require_consent(policy: SubjectPolicy) -> None:
+        if policy.consent_required:
+            # Consent records come with the due-process issue; until then a policy that
+            # requires consent serves no score at all, which is the safe reading.
+            raise FailedPrecondition("the score policy requires the subject's consent, and none is recorded")
+
+    def history(self, ref: SubjectRef, requested_page_size: int, page_token: str) -> HistoryPage:
+        key = self.subject_key(ref)
+        size = page_size(requested_page_size)
+        before = decode_token(page_token, int, "ListScoreHistory") if page_token else None
+        if self._store.score(key) is None:
             raise NotFound("no score is held for this subject")
-        return ScoreView(score=stored, base_score=self._policy.for_kind(stored.subject_kind).base)
+        rows = self._store.history(key, before, size + 1)
+        page = tuple(rows[:size])
+        token = encode_token(page[-1].history_id) if len(rows) > size else ""
+        return HistoryPage(page, token)
+
+    def distribution(self, kind: str | None) -> Distribution:
+        raw = self._store.distribution(kind)
+        policy = self._policies().active
+        by_category: dict[tuple[str, str, str], int] = {}
+        for k, category, points, count in raw.category_points:
+            p = policy.for_kind(k)
+            key = (category, k, p.tier_of(p.clamp(p.base + points)))
+            by_category[key] = by_category.get(key, 0) + count
+        return Distribution(
+            by_kind={(k, t): n for k, t, n in raw.tiers},
+            by_category=dict(sorted(by_category.items())),
+            lists={(k, name): n for k, name, n in raw.lists},
+        )
+
+    def eligibility(self, ref: SubjectRef, benefit_id: str, as_of: datetime | None = None) -> EligibilityView:
+        problems = []
+        if not benefit_id:
+            problems.append(Violation("benefit_id", "is required", "REQUIRED"))
+        try:
+            key = self.subject_key(ref)
+        except InvalidArgument as exc:
+            problems = list(exc.violations) + problems
+        if problems:
+            raise InvalidArgument("invalid request", problems)
+        when, _ = self._instant(as_of)
+        benefit = self._catalogue.benefits.get(benefit_id)
+        if benefit is None:
+            raise NotFound(f"no benefit {benefit_id!r}")
+        stored = self._store.score(key)
+        entries = self._store.scorable_entries(key) if stored is not None else []
+        if stored is None or not any(e.recorded_at <= when for e in entries):
+            raise NotFound("no score is held for this subject" + ("" if as_of is None else " at as_of"))
+        book = self._policies(stored.policy_version)
+        policy = book.at(when).for_kind(stored.subject_kind)
+        self._require_consent(policy)
+        bound = compute_score(entries, policy, when, categories=benefit.considers)
+        result = check(benefit, stored.subject_kind, policy, bound)
+        return EligibilityView(benefit, result, when, policy.version)
+
+    def benefits(self, requested_page_size: int, page_token: str) -> BenefitPage:
+        size = page_size(requested_page_size)
+        after = decode_token(page_token, str, "ListBenefits") if page_token else ""
+        rest = [b for b in self._catalogue.ordered() if b.benefit_id > after]
+        page = tuple(rest[:size])
+        return BenefitPage(page, encode_token(page[-1].benefit_id) if len(rest) > size else "")
 
     def entries(self, ref: SubjectRef, requested_page_size: int, page_token: str) -> EntryPage:
         key = self.subject_key(ref)
@@ -176,3 +427,19 @@ class Reader:
         if found is None:
             raise NotFound(f"no ledger entry {entry_id!r}")
         return found
+
+
+def _subject_score(key: str, kind: str, result: ScoreResult) -> SubjectScore:
+    assert result.as_of is not None
+    return SubjectScore(
+        subject_key=key,
+        subject_kind=kind,
+        score=result.score,
+        tier=result.tier,
+        categories=result.categories,
+        as_of=result.as_of,
+        policy_version=result.policy_version,
+        entry_count=result.entry_count,
+        lists=result.lists,
+        next_change_at=result.next_change_at,
+    )

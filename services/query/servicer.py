@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import Executor
+from datetime import datetime
 from typing import Any
 
 import grpc
@@ -12,9 +13,10 @@ from egret.common.v1 import outcome_pb2, subject_pb2
 from egret.query.v1 import query_service_pb2 as pb
 from egret.query.v1 import query_service_pb2_grpc as pb_grpc
 from kit.db import run_blocking
-from kit.protoconv import SEVERITY_VALUES, SUBJECT_KIND_NAMES, SUBJECT_KIND_VALUES, to_timestamp
-from services.query.domain import RawSubject, Reader, ScoreView, SubjectRef
-from services.score.domain import EntryStatus, LedgerEntry
+from kit.protoconv import SEVERITY_VALUES, SUBJECT_KIND_NAMES, SUBJECT_KIND_VALUES, to_datetime, to_timestamp
+from services.query.benefits import Benefit
+from services.query.domain import HistoryRow, RawSubject, Reader, ScoreView, SubjectRef
+from services.score.domain import ENTRIES, EXPIRY, POLICY, EntryStatus, LedgerEntry
 
 _STATUS = {
     EntryStatus.ACTIVE: pb.ENTRY_STATUS_ACTIVE,
@@ -43,8 +45,13 @@ def score_message(view: ScoreView) -> pb.Score:
         score=s.score,
         tier=s.tier,
         categories=[
-            pb.CategoryScore(category=c.category, points=c.points, entry_count=c.entry_count)
+            pb.CategoryScore(
+                category=c.category, points=c.points, entry_count=c.entry_count, capped_points=c.capped
+            )
             for c in s.categories
+        ],
+        lists=[
+            pb.ListMembership(list_name=m.name, reasons=m.reasons, entry_ids=m.entry_ids) for m in s.lists
         ],
         as_of=to_timestamp(s.as_of),
         policy_version=s.policy_version,
@@ -53,7 +60,52 @@ def score_message(view: ScoreView) -> pb.Score:
     )
 
 
-def entry_message(entry: LedgerEntry, *, with_evidence: bool) -> pb.LedgerEntry:
+def optional_time(message: Any, name: str) -> datetime | None:
+    return to_datetime(getattr(message, name)) if message.HasField(name) else None
+
+
+_CAUSES = {ENTRIES: pb.CHANGE_CAUSE_ENTRIES, EXPIRY: pb.CHANGE_CAUSE_EXPIRY, POLICY: pb.CHANGE_CAUSE_POLICY}
+
+
+def change_message(row: HistoryRow) -> pb.ScoreChange:
+    change = pb.ScoreChange(
+        changed_at=to_timestamp(row.changed_at),
+        cause=_CAUSES.get(row.cause, pb.CHANGE_CAUSE_UNSPECIFIED),
+        score=row.score,
+        tier_before=row.tier_before,
+        tier=row.tier,
+        lists_before=row.lists_before,
+        lists=row.lists,
+        added_entry_ids=row.added_entry_ids,
+        expired_entry_ids=row.expired_entry_ids,
+        policy_version=row.policy_version,
+        recorded_at=to_timestamp(row.recorded_at),
+    )
+    if row.score_before is not None:
+        change.score_before = row.score_before
+    return change
+
+
+def benefit_message(benefit: Benefit) -> pb.Benefit:
+    return pb.Benefit(
+        benefit_id=benefit.benefit_id,
+        purpose=benefit.purpose,
+        provider=benefit.provider,
+        considers=sorted(benefit.considers or ()),
+        considers_all=benefit.considers is None,
+        subject_kinds=[SUBJECT_KIND_VALUES[k] for k in benefit.subject_kinds],
+        condition=benefit.condition.describe(),
+    )
+
+
+def now_or_expired(entry: LedgerEntry, now: datetime) -> EntryStatus:
+    # Expiry is not stored: an active entry past its visible_until reads as expired.
+    if entry.status is EntryStatus.ACTIVE and entry.visible_until <= now:
+        return EntryStatus.EXPIRED
+    return entry.status
+
+
+def entry_message(entry: LedgerEntry, *, with_evidence: bool, now: datetime) -> pb.LedgerEntry:
     outcome = outcome_pb2.Outcome.FromString(entry.snapshot)
     rule = entry.rule
     return pb.LedgerEntry(
@@ -70,7 +122,7 @@ def entry_message(entry: LedgerEntry, *, with_evidence: bool) -> pb.LedgerEntry:
         points=entry.points,
         category=entry.category,
         severity=SEVERITY_VALUES[entry.severity],
-        status=_STATUS[entry.status],
+        status=_STATUS[now_or_expired(entry, now)],
         occurred_at=to_timestamp(entry.occurred_at),
         recorded_at=to_timestamp(entry.recorded_at),
         visible_until=to_timestamp(entry.visible_until),
@@ -87,8 +139,99 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
         self._executor = executor
 
     async def GetScore(self, request: pb.GetScoreRequest, context: Any) -> pb.GetScoreResponse:
-        view = await run_blocking(self._executor, self._reader.score, subject_ref(request.subject))
+        view = await run_blocking(
+            self._executor, self._reader.score, subject_ref(request.subject), optional_time(request, "as_of")
+        )
         return pb.GetScoreResponse(score=score_message(view))
+
+    async def BatchGetScores(
+        self, request: pb.BatchGetScoresRequest, context: Any
+    ) -> pb.BatchGetScoresResponse:
+        views = await run_blocking(
+            self._executor,
+            self._reader.batch,
+            [subject_ref(s) for s in request.subjects],
+            optional_time(request, "as_of"),
+        )
+        return pb.BatchGetScoresResponse(
+            results=[
+                pb.BatchScoreResult(found=True, score=score_message(v)) if v else pb.BatchScoreResult()
+                for v in views
+            ]
+        )
+
+    async def GetTierDistribution(
+        self, request: pb.GetTierDistributionRequest, context: Any
+    ) -> pb.GetTierDistributionResponse:
+        kind = SUBJECT_KIND_NAMES.get(request.subject_kind)
+        d = await run_blocking(self._executor, self._reader.distribution, kind)
+        return pb.GetTierDistributionResponse(
+            by_kind=[
+                pb.TierCount(subject_kind=SUBJECT_KIND_VALUES[k], tier=t, subjects=n)
+                for (k, t), n in sorted(d.by_kind.items())
+            ],
+            by_category=[
+                pb.CategoryTierCount(category=c, subject_kind=SUBJECT_KIND_VALUES[k], tier=t, subjects=n)
+                for (c, k, t), n in sorted(d.by_category.items())
+            ],
+            lists=[
+                pb.ListCount(subject_kind=SUBJECT_KIND_VALUES[k], list_name=name, subjects=n)
+                for (k, name), n in sorted(d.lists.items())
+            ],
+        )
+
+    async def ListScoreHistory(
+        self, request: pb.ListScoreHistoryRequest, context: Any
+    ) -> pb.ListScoreHistoryResponse:
+        page = await run_blocking(
+            self._executor,
+            self._reader.history,
+            subject_ref(request.subject),
+            request.page_size,
+            request.page_token,
+        )
+        return pb.ListScoreHistoryResponse(
+            changes=[change_message(c) for c in page.changes], next_page_token=page.next_page_token
+        )
+
+    async def CheckEligibility(
+        self, request: pb.CheckEligibilityRequest, context: Any
+    ) -> pb.CheckEligibilityResponse:
+        view = await run_blocking(
+            self._executor,
+            self._reader.eligibility,
+            subject_ref(request.subject),
+            request.benefit_id,
+            optional_time(request, "as_of"),
+        )
+        result = view.eligibility
+        return pb.CheckEligibilityResponse(
+            eligible=result.eligible,
+            reasons=[
+                pb.EligibilityReason(
+                    path=r.path,
+                    condition=r.condition,
+                    met=r.met,
+                    explanation=r.explanation,
+                    entry_ids=r.entry_ids,
+                )
+                for r in result.reasons
+            ],
+            purpose_bound_score=pb.PurposeBoundScore(
+                considers=sorted(view.benefit.considers or ()),
+                score=result.score.score,
+                tier=result.score.tier,
+                lists=[m.name for m in result.score.lists],
+            ),
+            as_of=to_timestamp(view.as_of),
+            policy_version=view.policy_version,
+        )
+
+    async def ListBenefits(self, request: pb.ListBenefitsRequest, context: Any) -> pb.ListBenefitsResponse:
+        page = self._reader.benefits(request.page_size, request.page_token)
+        return pb.ListBenefitsResponse(
+            benefits=[benefit_message(b) for b in page.benefits], next_page_token=page.next_page_token
+        )
 
     async def ListEntries(self, request: pb.ListEntriesRequest, context: Any) -> pb.ListEntriesResponse:
         page = await run_blocking(
@@ -99,13 +242,13 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
             request.page_token,
         )
         return pb.ListEntriesResponse(
-            entries=[entry_message(e, with_evidence=False) for e in page.entries],
+            entries=[entry_message(e, with_evidence=False, now=self._reader.now()) for e in page.entries],
             next_page_token=page.next_page_token,
         )
 
     async def GetEntry(self, request: pb.GetEntryRequest, context: Any) -> pb.GetEntryResponse:
         entry = await run_blocking(self._executor, self._reader.entry, request.entry_id)
-        return pb.GetEntryResponse(entry=entry_message(entry, with_evidence=True))
+        return pb.GetEntryResponse(entry=entry_message(entry, with_evidence=True, now=self._reader.now()))
 
 
 def register(servicer: QueryServicer) -> Callable[[grpc.aio.Server], None]:

@@ -20,6 +20,7 @@ class QuerySettings:
     score_database_url: str
     policy_file: Path
     db_workers: int
+    benefits_file: Path = Path("config/benefits.yaml")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> QuerySettings:
@@ -33,6 +34,7 @@ class QuerySettings:
             ),
             policy_file=env.file("EGRET_POLICY_FILE", Path("config/policy.yaml")),
             db_workers=env.integer("EGRET_DB_WORKERS", 4, minimum=1, maximum=64),
+            benefits_file=env.file("EGRET_BENEFITS_FILE", Path("config/benefits.yaml")),
         )
         env.check()
         return settings

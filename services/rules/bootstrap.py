@@ -15,15 +15,21 @@ from egret.score.v1 import score_service_pb2 as score_pb
 from egret.score.v1 import score_service_pb2_grpc as score_grpc
 from kit.app import run_cli
 from kit.db import create_engine, make_session_factory
+from kit.logging import get_logger
 from kit.outbox import Send, relay_to_peer
 from kit.server import Service
-from services.rules.domain import ActiveRuleSet, Evaluator
-from services.rules.ruleset import load_rule_set
+from services.rules.access import POLICY
+from services.rules.backtest_servicer import build_backtests
+from services.rules.domain import Evaluator, check_rule_set
+from services.rules.lifecycle import RuleSetLifecycle
 from services.rules.servicer import RulesServicer, register
 from services.rules.settings import RulesSettings
-from services.rules.storage import Outbox, SqlEvaluationStore
+from services.rules.shard_layout import check_shard_layout
+from services.rules.storage import Outbox, SqlEvaluationStore, SqlLifecycleStore
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+
+log = get_logger(__name__)
 
 
 def send_to_score(channel: grpc.aio.Channel, deadline_s: float) -> Send:
@@ -41,11 +47,25 @@ def build(settings: RulesSettings) -> Service:
         settings.common.database_url, sqlite_synchronous=settings.common.sqlite_synchronous
     )
     sessions = make_session_factory(engine)
+    check_shard_layout(sessions, settings.shard)
+    rule_sets = SqlLifecycleStore(sessions)
+    lifecycle = RuleSetLifecycle(rule_sets, validate=check_rule_set, clock=lambda: datetime.now(UTC))
+    # The file seeds an empty database (so `make run` works); once a rule set is active the
+    # database is the source of truth and the file is ignored.
+    active, imported = lifecycle.ensure_active(settings.ruleset_file.read_text(encoding="utf-8"))
+    log.info(
+        "rule set imported from EGRET_RULESET_FILE and activated" if imported else "active rule set loaded",
+        rule_set=active.name,
+        version=active.version,
+        rule_set_id=active.rule_set_id,
+    )
     evaluator = Evaluator(
-        active=ActiveRuleSet(load_rule_set(settings.ruleset_file), activated_at=datetime.now(UTC)),
+        rule_sets=rule_sets,
         store=SqlEvaluationStore(sessions),
         clock=lambda: datetime.now(UTC),
+        dead_letter_after=settings.dead_letter_after_attempts,
     )
+    evaluator.load_active()  # compile now: a rule set the engine refuses stops start-up
     relay = relay_to_peer(
         name="rules→score",
         sessions=sessions,
@@ -57,13 +77,20 @@ def build(settings: RulesSettings) -> Service:
     # One thread: durable-rules is not thread-safe and holds the GIL while it works.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rules-engine")
     servicer = RulesServicer(
-        evaluator, executor, committed=relay.notify, max_batch_size=settings.max_batch_size
+        evaluator,
+        executor,
+        committed=relay.notify,
+        max_batch_size=settings.max_batch_size,
+        shard=settings.shard,
+        lifecycle=lifecycle,
+        backtests=build_backtests(settings, sessions, lifecycle, executor),
     )
 
     return Service(
         name="rules",
         service_names=[pb.DESCRIPTOR.services_by_name["RulesService"].full_name],
         register=register(servicer),
+        policy=POLICY,
         engines=[engine],
         background=[relay.run],
         executors=[executor],

@@ -1,22 +1,46 @@
 """Evaluation of delivered events (pure domain): skip what was evaluated before, run the
-active rule set over the rest, and record events and firings together.
+active rule set over the rest in event time, isolate what fails, and record events,
+firings and failures together.
 
 Delivery from ingest is at least once. The inbox (events already evaluated) makes a
 resent batch a no-op, and outcome ids are deterministic (rule, version, events), so
 even an evaluation repeated after a crash yields the same outcomes, which score
 applies once.
+
+Event time. Windows and sequences need a subject's earlier (and, for late arrivals,
+later) events. They are read per batch from the inbox, within the rule set's lookback
+around the batch's events, together with the events each rule already consumed in an
+earlier firing; both live in the database, so a restart loses nothing.
+
+Hot swap. At the start of every batch the evaluator compares the database's active
+rule-set id with the one it holds (one primary-key read) and, if they differ, loads
+and compiles the new one. A batch uses the pair it read for its whole evaluation, and
+batches are serialised, so the previous engine is closed only when no batch uses it.
+Every replica does the same, so all converge on the next batch after an activation.
+
+Failures. An exception from the engine fails the events that caused it, not the
+batch: the batch is split (the failing events named by RuleEvaluationError, otherwise
+subject by subject) and the rest is committed. A failing event is retried with the
+relay's backoff (the call fails with UNAVAILABLE after the commit); once it has failed
+`dead_letter_after` times it is parked in the dead letters with its reason and the
+call succeeds, so a poison event never blocks its subject or the relay.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Protocol
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Final, Protocol
 
-from services.rules.engine import RuleEngine
-from services.rules.ruleset import EngineEvent, Firing, RuleSet
+from kit.errors import FailedPrecondition, NotFound, Unavailable
+from services.rules.engine import RuleEngine, RuleEvaluationError
+from services.rules.lifecycle import ActivePointer, StoredRuleSet
+from services.rules.ruleset import EngineEvent, Firing, RuleSet, rule_set_from_yaml
+
+# Reasons are shown to operators and stored; a pathological message is cut.
+MAX_REASON_LENGTH: Final = 2000
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -24,8 +48,69 @@ def split_key(key: str) -> tuple[str, str]:
     return source, event_id
 
 
+def check_rule_set(source: str) -> RuleSet:
+    """Parse and compile rule-set source; raises RuleSetError (every problem) if either fails."""
+    rule_set = rule_set_from_yaml(source)
+    RuleEngine(rule_set).close()
+    return rule_set
+
+
+def lookback(rule_set: RuleSet) -> timedelta:
+    """How far around an event its windows and sequences reach (0: per-event rules only)."""
+    return rule_set.lookback
+
+
+@dataclass(frozen=True)
+class BatchState:
+    """What the store knows about a batch's events before they are evaluated."""
+
+    evaluated: frozenset[str] = frozenset()
+    parked: frozenset[str] = frozenset()
+    # Failed before, not parked yet: key → failed attempts so far.
+    attempts: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvaluationContext:
+    """A batch's subjects' history within the lookback and what each rule consumed."""
+
+    history: Mapping[str, Sequence[EngineEvent]]
+    consumed: Mapping[str, frozenset[str]]
+    # The stored records of the history events: a window's outcome quotes them as evidence.
+    records: Mapping[str, bytes]
+
+
+@dataclass(frozen=True)
+class Failure:
+    event: EngineEvent
+    reason: str
+    attempts: int  # including this one
+    parked: bool
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    dead_letter_id: int
+    event: EngineEvent
+    record: bytes
+    reason: str
+    attempts: int
+    rule_set: str
+    rule_set_version: int
+    first_failed_at: datetime
+    last_failed_at: datetime
+    parked_at: datetime | None
+
+
 class EvaluationStore(Protocol):
-    def already_evaluated(self, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]: ...
+    def batch_state(self, keys: Sequence[str]) -> BatchState: ...
+
+    def context(
+        self, ranges: Mapping[str, tuple[datetime, datetime]], event_types: frozenset[str]
+    ) -> EvaluationContext:
+        """History (events of `event_types` only) and consumed keys of each subject with
+        occurred_at within its range (inclusive)."""
+        ...
 
     def commit_evaluation(
         self,
@@ -33,11 +118,41 @@ class EvaluationStore(Protocol):
         firings: Sequence[Firing],
         records: Mapping[str, bytes],
         *,
+        failures: Sequence[Failure] = (),
+        cleared: Sequence[str] = (),
         rule_set: RuleSet,
         now: datetime,
     ) -> bool:
-        """Record events and firings in one transaction; False if another evaluation won a race."""
+        """In one transaction: record the events as evaluated and their firings (with the
+        outbox rows), record the failures (attempt counts, parked ones), and delete the
+        dead-letter rows of `cleared` keys. False if another evaluation won a race."""
         ...
+
+    def dead_letters(self, ids: Sequence[int]) -> Sequence[DeadLetter]:
+        """The parked dead letters among `ids`."""
+        ...
+
+    def parked_ids(self, after: int | None, limit: int) -> Sequence[int]: ...
+
+    def list_dead_letters(self, after: int | None, limit: int) -> Sequence[DeadLetter]: ...
+
+
+class ActiveSource(Protocol):
+    """Where the evaluator learns which rule set is active (the lifecycle's store)."""
+
+    def active(self) -> ActivePointer | None: ...
+
+    def get(self, rule_set_id: int) -> StoredRuleSet | None: ...
+
+
+@dataclass(frozen=True)
+class ActiveRuleSet:
+    """The rule set in force and its compiled engine, swapped as one unit."""
+
+    rule_set_id: int
+    rule_set: RuleSet
+    engine: RuleEngine
+    activated_at: datetime
 
 
 @dataclass(frozen=True)
@@ -45,59 +160,317 @@ class Evaluation:
     evaluated: int
     duplicate: int
     firings: tuple[Firing, ...]
+    parked: tuple[Failure, ...] = ()
+    # Failed, with attempts left: the caller must fail the call so that it is retried.
+    failed: tuple[Failure, ...] = ()
+    rule_set: str = ""
+    rule_set_version: int = 0
 
 
-class ActiveRuleSet:
-    """The rule set in force and its compiled engine, swapped as one unit."""
+@dataclass(frozen=True)
+class Redrive:
+    redriven: int
+    firings: tuple[Firing, ...]
+    still_failing: tuple[DeadLetter, ...]
 
-    def __init__(self, rule_set: RuleSet, activated_at: datetime) -> None:
-        self.rule_set = rule_set
-        self.engine = RuleEngine(rule_set)
-        self.activated_at = activated_at
+
+class EvaluationFailed(Unavailable):
+    """Some events failed and will be retried; the rest of the batch was committed."""
+
+    def __init__(self, failed: Sequence[Failure], limit: int) -> None:
+        first = failed[0]
+        super().__init__(
+            f"{len(failed)} event(s) failed evaluation and will be retried (parked after {limit} "
+            f"attempts); first: {first.event.key} (attempt {first.attempts}): {first.reason}"
+        )
+        self.failed = tuple(failed)
+
+
+Run = Callable[[Sequence[EngineEvent]], list[Firing]]
+
+
+def isolate(run: Run, events: Sequence[EngineEvent]) -> tuple[list[Firing], dict[str, str]]:
+    """Evaluate `events`, setting aside the ones that make evaluation fail.
+
+    RuleEvaluationError names its events, which are removed before evaluating the rest
+    again. Any other exception is narrowed subject by subject; a subject that still
+    fails on its own fails with all its events (the engine gives no finer cause).
+    Returns the firings of the rest and a reason per failed event key.
+    """
+    failures: dict[str, str] = {}
+    remaining = list(events)
+    while remaining:
+        try:
+            return run(remaining), failures
+        except RuleEvaluationError as error:
+            present = {e.key for e in remaining}
+            named = [f for f in error.failures if f.event_key in present]
+            if named:
+                for failure in named:
+                    reason = f"[{failure.rule_id}] {failure.message}" if failure.rule_id else failure.message
+                    failures.setdefault(failure.event_key, _cut(reason))
+                keys = {f.event_key for f in named}
+                remaining = [e for e in remaining if e.key not in keys]
+                continue
+            cause: Exception = error
+        except Exception as error:  # the engine's failure becomes these events' failure
+            cause = error
+        subjects = _by_subject(remaining)
+        if len(subjects) == 1:
+            reason = _cut(f"{type(cause).__name__}: {cause}")
+            failures.update(dict.fromkeys((e.key for e in remaining), reason))
+            return [], failures
+        firings: list[Firing] = []
+        for subject_events in subjects.values():
+            subject_firings, subject_failures = isolate(run, subject_events)
+            firings.extend(subject_firings)
+            failures.update(subject_failures)
+        return firings, failures
+    return [], failures
 
 
 class Evaluator:
     """Evaluates batches one at a time: durable-rules is not thread-safe."""
 
     def __init__(
-        self, *, active: ActiveRuleSet, store: EvaluationStore, clock: Callable[[], datetime]
+        self,
+        *,
+        rule_sets: ActiveSource,
+        store: EvaluationStore,
+        clock: Callable[[], datetime],
+        dead_letter_after: int,
+        compile_rule_set: Callable[[RuleSet], RuleEngine] = RuleEngine,
     ) -> None:
-        self._active = active
+        self._rule_sets = rule_sets
         self._store = store
         self._clock = clock
+        self._dead_letter_after = dead_letter_after
+        self._compile = compile_rule_set
         self._lock = threading.Lock()
+        self._active: ActiveRuleSet | None = None
 
     @property
-    def active(self) -> ActiveRuleSet:
+    def dead_letter_after(self) -> int:
+        return self._dead_letter_after
+
+    @property
+    def active(self) -> ActiveRuleSet | None:
+        """The pair the last batch used (None before the first load)."""
         return self._active
+
+    def load_active(self) -> ActiveRuleSet:
+        """Bring the active pair up to date with the database now (start-up, tests)."""
+        with self._lock:
+            return self._refresh()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._active is not None:
+                self._active.engine.close()
+                self._active = None
 
     def evaluate(self, events: Sequence[EngineEvent], records: Mapping[str, bytes]) -> Evaluation:
         with self._lock:
+            # Read once: the whole batch runs on this pair even if an activation commits meanwhile.
+            active = self._refresh()
             for _ in range(3):
-                result = self._evaluate_once(events, records)
+                result = self._evaluate_once(active, events, records)
                 if result is not None:
                     return result
             raise RuntimeError("evaluation kept losing races with a concurrent evaluator")
 
+    def redrive(self, ids: Sequence[int]) -> Redrive:
+        """Evaluate parked dead letters again with the active rule set."""
+        with self._lock:
+            active = self._refresh()
+            for _ in range(3):
+                result = self._redrive_once(active, ids)
+                if result is not None:
+                    return result
+            raise RuntimeError("redrive kept losing races with a concurrent evaluator")
+
+    def parked_ids(self, after: int | None, limit: int) -> Sequence[int]:
+        return self._store.parked_ids(after, limit)
+
+    def list_dead_letters(self, after: int | None, limit: int) -> Sequence[DeadLetter]:
+        return self._store.list_dead_letters(after, limit)
+
+    def _refresh(self) -> ActiveRuleSet:
+        pointer = self._rule_sets.active()
+        if pointer is None:
+            raise FailedPrecondition("no rule set is active")
+        current = self._active
+        if current is not None and current.rule_set_id == pointer.rule_set_id:
+            return current
+        stored = self._rule_sets.get(pointer.rule_set_id)
+        if stored is None:
+            raise NotFound(f"the active rule set {pointer.rule_set_id} is missing")
+        rule_set = rule_set_from_yaml(stored.source)
+        fresh = ActiveRuleSet(pointer.rule_set_id, rule_set, self._compile(rule_set), pointer.activated_at)
+        self._active = fresh
+        if current is not None:
+            # Safe: batches hold self._lock, so none is running on the previous engine.
+            current.engine.close()
+        return fresh
+
     def _evaluate_once(
-        self, events: Sequence[EngineEvent], records: Mapping[str, bytes]
+        self, active: ActiveRuleSet, events: Sequence[EngineEvent], records: Mapping[str, bytes]
     ) -> Evaluation | None:
-        done = self._store.already_evaluated([split_key(e.key) for e in events])
-        fresh: dict[str, EngineEvent] = {}
-        for event in events:
-            if split_key(event.key) not in done and event.key not in fresh:
-                fresh[event.key] = event
-        if not fresh:
+        state = self._store.batch_state([e.key for e in events])
+        # A parked event stays parked when ingest delivers it again; a redrive decides.
+        ordered = in_evaluation_order(events, state.evaluated | state.parked)
+        if not ordered:
             return Evaluation(evaluated=0, duplicate=len(events), firings=())
-        # Evaluate in event time order, so that later rule forms (windows, sequences)
-        # see a subject's events as they happened.
-        ordered = sorted(fresh.values(), key=lambda e: (e.occurred_at, e.key))
-        active = self._active
-        firings = active.engine.evaluate(ordered)
+        firings, reasons, context_records = self._run(active, ordered)
+        failures = tuple(
+            Failure(
+                event=e,
+                reason=reasons[e.key],
+                attempts=state.attempts.get(e.key, 0) + 1,
+                parked=state.attempts.get(e.key, 0) + 1 >= self._dead_letter_after,
+            )
+            for e in ordered
+            if e.key in reasons
+        )
+        evaluated = [e for e in ordered if e.key not in reasons]
         if not self._store.commit_evaluation(
-            ordered, firings, records, rule_set=active.rule_set, now=self._clock()
+            evaluated,
+            firings,
+            {**context_records, **records},
+            failures=failures,
+            cleared=[e.key for e in evaluated if e.key in state.attempts],
+            rule_set=active.rule_set,
+            now=self._clock(),
         ):
             return None
         return Evaluation(
-            evaluated=len(ordered), duplicate=len(events) - len(ordered), firings=tuple(firings)
+            evaluated=len(evaluated),
+            duplicate=len(events) - len(ordered),
+            firings=tuple(firings),
+            parked=tuple(f for f in failures if f.parked),
+            failed=tuple(f for f in failures if not f.parked),
+            rule_set=active.rule_set.name,
+            rule_set_version=active.rule_set.version,
         )
+
+    def _redrive_once(self, active: ActiveRuleSet, ids: Sequence[int]) -> Redrive | None:
+        letters = {d.event.key: d for d in self._store.dead_letters(ids)}
+        missing = sorted(set(ids) - {d.dead_letter_id for d in letters.values()})
+        if missing:
+            raise NotFound(f"no parked dead letter with id {', '.join(map(str, missing))}")
+        state = self._store.batch_state(list(letters))
+        # Evaluated meanwhile (e.g. redriven by another replica): only the row is left to clear.
+        pending = [d.event for key, d in letters.items() if key not in state.evaluated]
+        ordered = in_evaluation_order(pending)
+        firings, reasons, context_records = self._run(active, ordered)
+        failures = tuple(
+            Failure(e, reasons[e.key], letters[e.key].attempts + 1, parked=True)
+            for e in ordered
+            if e.key in reasons
+        )
+        evaluated = [e for e in ordered if e.key not in reasons]
+        now = self._clock()
+        records = {**context_records, **{key: d.record for key, d in letters.items()}}
+        if not self._store.commit_evaluation(
+            evaluated,
+            firings,
+            records,
+            failures=failures,
+            cleared=[key for key in letters if key not in reasons],
+            rule_set=active.rule_set,
+            now=now,
+        ):
+            return None
+        still = tuple(
+            DeadLetter(
+                dead_letter_id=letters[f.event.key].dead_letter_id,
+                event=f.event,
+                record=letters[f.event.key].record,
+                reason=f.reason,
+                attempts=f.attempts,
+                rule_set=active.rule_set.name,
+                rule_set_version=active.rule_set.version,
+                first_failed_at=letters[f.event.key].first_failed_at,
+                last_failed_at=now,
+                parked_at=letters[f.event.key].parked_at,
+            )
+            for f in failures
+        )
+        return Redrive(redriven=len(evaluated), firings=tuple(firings), still_failing=still)
+
+    def _run(
+        self, active: ActiveRuleSet, ordered: Sequence[EngineEvent]
+    ) -> tuple[list[Firing], dict[str, str], Mapping[str, bytes]]:
+        """Firings, failure reasons per event key, and the records of the history used."""
+        rule_set = active.rule_set
+        return run_batch(
+            rule_set,
+            active.engine,
+            ordered,
+            # Only the types windows, sequences and caps read: the engine ignores the rest.
+            lambda ranges: self._store.context(ranges, rule_set.history_event_types),
+        )
+
+
+ContextSource = Callable[[Mapping[str, tuple[datetime, datetime]]], EvaluationContext]
+
+
+def run_batch(
+    rule_set: RuleSet, engine: RuleEngine, ordered: Sequence[EngineEvent], context_of: ContextSource
+) -> tuple[list[Firing], dict[str, str], Mapping[str, bytes]]:
+    """Evaluate a batch (already in evaluation order) with the history and consumed events
+    `context_of` gives for each subject's range; failing events are set aside (`isolate`).
+
+    Returns the firings, a failure reason per event key, and the records of the history
+    used. Live evaluation reads the context from the store; a backtest
+    (services/rules/backtest.py) from its own replay, through this same function.
+    """
+    if not ordered:
+        return [], {}, {}
+    reach = lookback(rule_set)
+    if reach <= timedelta(0):
+        # Per-event rules only: no history to read, two queries saved per batch.
+        firings, reasons = isolate(engine.evaluate, ordered)
+        return firings, reasons, {}
+    context = context_of(_ranges(ordered, reach))
+
+    def run(events: Sequence[EngineEvent]) -> list[Firing]:
+        return engine.evaluate(events, history=context.history, consumed=context.consumed)
+
+    firings, reasons = isolate(run, ordered)
+    return firings, reasons, context.records
+
+
+def in_evaluation_order(
+    events: Iterable[EngineEvent], done: Container[str] = frozenset()
+) -> list[EngineEvent]:
+    """A batch as it is evaluated: without events in `done` or repeated keys, in event-time
+    order (then key), so that windows and sequences see a subject's events as they happened.
+
+    Backtests replay stored batches through this very function (services/rules/backtest.py).
+    """
+    fresh: dict[str, EngineEvent] = {}
+    for event in events:
+        if event.key not in done and event.key not in fresh:
+            fresh[event.key] = event
+    return sorted(fresh.values(), key=lambda e: (e.occurred_at, e.key))
+
+
+def _ranges(events: Sequence[EngineEvent], reach: timedelta) -> dict[str, tuple[datetime, datetime]]:
+    """Per subject: [earliest new event - lookback, latest new event + lookback]."""
+    bounds: dict[str, tuple[datetime, datetime]] = {}
+    for event in events:
+        low, high = bounds.get(event.subject_key, (event.occurred_at, event.occurred_at))
+        bounds[event.subject_key] = (min(low, event.occurred_at), max(high, event.occurred_at))
+    return {subject: (low - reach, high + reach) for subject, (low, high) in bounds.items()}
+
+
+def _by_subject(events: Sequence[EngineEvent]) -> dict[str, list[EngineEvent]]:
+    grouped: dict[str, list[EngineEvent]] = {}
+    for event in events:
+        grouped.setdefault(event.subject_key, []).append(event)
+    return grouped
+
+
+def _cut(reason: str) -> str:
+    return reason if len(reason) <= MAX_REASON_LENGTH else reason[: MAX_REASON_LENGTH - 1] + "…"

@@ -1,8 +1,13 @@
 """The rule engine: a RuleSet compiled into durable-rules, and batches of events evaluated by it.
 
 This is the only module that imports durable-rules. Conditions are compiled into
-durable-rules' JSON condition language and matched by its Rete network; points,
-reasons and outcome ids are computed here in Python, outside durable-rules' actions.
+durable-rules' JSON condition language and matched by its Rete network, a sequence as
+a join of two patterns (correlation attribute and event-time order); points, reasons
+and outcome ids are computed here in Python, outside durable-rules' actions. Which
+matched events form a window or a sequence, in event time and with late data, is
+decided by services/rules/windows.py (durable-rules' own count operators work on
+arrival order within a session, which cannot outlive a batch); docs/rules.md states
+the semantics.
 
 durable-rules 2.0.28 has quirks this module works around deliberately (each was
 reproduced against the installed package; tests/unit/rules/test_engine.py keeps the
@@ -30,8 +35,10 @@ ones that can be reproduced safely):
   (engine error 101) whatever the machine's memory. A session costs about 100 KB plus
   11 KB per rule and is created even for a message that matches nothing. Each
   subject's session is deleted once its events are evaluated, which keeps memory flat
-  and the engine usable past 1024 subjects. (Windows, a later rule form, will need
-  another way to keep per-subject history.)
+  and the engine usable past 1024 subjects. Windows and sequences therefore keep no
+  state in durable-rules: each evaluation asserts the subject's new events together
+  with the history the store passes in (within the rule set's lookback), and which
+  events already fired comes from the store too ("consumed").
 - Deleting a session in which no action ever started frees uninitialised pointers and
   crashes the process (segmentation fault or abort, depending on the heap). Before
   deleting such a session, a "seal" fact is asserted that a rule of our own fires on.
@@ -62,9 +69,9 @@ import json
 import math
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime
-from types import TracebackType
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from types import MappingProxyType, TracebackType
 from typing import Any, Final, TypeAlias
 
 from durable import engine as durable_engine
@@ -73,6 +80,7 @@ from services.rules.ruleset import (
     AllOf,
     AnyOf,
     AttributeScalar,
+    Cap,
     Comparison,
     Condition,
     EngineEvent,
@@ -82,9 +90,11 @@ from services.rules.ruleset import (
     Rule,
     RuleSet,
     RuleSetError,
+    Step,
     condition_attributes,
     outcome_id,
 )
+from services.rules.windows import capped, event_time_order, period_of, select_pairs, select_windows
 
 # The C extension durable.engine wraps, reached through it so that durable.engine
 # stays the one entry point into durable-rules.
@@ -120,6 +130,11 @@ _REFUSALS: Final = {
 _SEAL_TYPE: Final = "$egret.seal"
 _SEAL_ID: Final = "$seal"
 _SEAL_RULE: Final = "$seal"
+
+# Cap periods are laid from here when a rule has no effective_from.
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_NO_HISTORY: Final[Mapping[str, Sequence[EngineEvent]]] = MappingProxyType({})
+_NO_CONSUMED: Final[Mapping[str, frozenset[str]]] = MappingProxyType({})
 
 JsonCondition: TypeAlias = dict[str, Any]
 _Action: TypeAlias = Callable[[Any], None]
@@ -168,8 +183,11 @@ class RuleEngine:
         self._rule_set = rule_set
         self._lock = threading.Lock()
         self._projections = _projections(rule_set)
-        # Written by the actions while one subject's facts are evaluated, read right after.
-        self._matched: list[tuple[str, int]] = []
+        self._history_types = rule_set.history_event_types
+        self._lookback = rule_set.lookback
+        # Written by the actions while one subject's facts are evaluated, read right after:
+        # (event keys, rule index), one key per pattern of the rule.
+        self._matched: list[tuple[tuple[str, ...], int]] = []
         self._action_errors: list[BaseException] = []
         self._compiled = _CompiledRuleSet(
             rule_set,
@@ -182,8 +200,21 @@ class RuleEngine:
     def rule_set(self) -> RuleSet:
         return self._rule_set
 
-    def evaluate(self, events: Sequence[EngineEvent]) -> list[Firing]:
-        """The firings of the batch, ordered by event (input order), then by rule (file order).
+    def evaluate(
+        self,
+        events: Sequence[EngineEvent],
+        history: Mapping[str, Sequence[EngineEvent]] = _NO_HISTORY,
+        consumed: Mapping[str, frozenset[str]] = _NO_CONSUMED,
+    ) -> list[Firing]:
+        """The firings that include at least one of ``events`` (the new events).
+
+        ``history`` holds, per subject key, events evaluated before; only those of
+        window, sequence and capped rules' types within the rule set's lookback of the
+        subject's new events are used. ``consumed`` holds, per rule id, the event keys
+        that earlier firings of that window or sequence rule used; no firing reuses one.
+        Firings are ordered by their latest new event (input order), then by rule (file
+        order). The result is a function of the arguments alone, so evaluating the same
+        inputs again (a retry, a restart) yields the same firings and outcome ids.
 
         Raises RuleEvaluationError if an event cannot be evaluated, and RuleEngineError
         if durable-rules fails; either way no firing of the batch is returned.
@@ -192,15 +223,17 @@ class RuleEngine:
             if self._closed:
                 raise RuleEngineError("the rule engine is closed")
             positions = _positions(events)
-            facts, failures = self._facts_by_subject(events)
+            subjects, failures = self._subjects(events, history, positions)
             if failures:
                 raise RuleEvaluationError(failures)
-            matched: set[tuple[str, int]] = set()
-            for subject_key, subject_facts in facts.items():
-                # A set: durable-rules fires a rule once per branch of an "or" that holds.
-                matched.update(self._match_subject(subject_key, subject_facts))
-            ordered = sorted(matched, key=lambda pair: (positions[pair[0]], pair[1]))
-            return self._firings(ordered, events, positions)
+            ranked: list[tuple[tuple[int, int], Firing]] = []
+            for subject in subjects:
+                matched = self._match_subject(subject.key, subject.facts)
+                ranked.extend(self._subject_firings(subject, matched, positions, consumed, failures))
+            if failures:
+                raise RuleEvaluationError(failures)
+            ranked.sort(key=lambda pair: pair[0])
+            return [firing for _, firing in ranked]
 
     def holds_session(self, subject_key: str) -> bool:
         """Whether durable-rules keeps state for the subject (after evaluate(), it never does)."""
@@ -225,16 +258,25 @@ class RuleEngine:
         # durable-rules requires a one-argument function (it inspects co_argcount).
         def record(c: Any) -> None:
             try:
-                self._matched.append((c.m["id"], rule_index))
+                self._matched.append(((c.m["id"],), rule_index))
             except BaseException as error:  # durable-rules would swallow it into the session state
                 self._action_errors.append(error)
 
-        return record
+        def record_pair(c: Any) -> None:
+            try:
+                self._matched.append(((c.first["id"], c.second["id"]), rule_index))
+            except BaseException as error:
+                self._action_errors.append(error)
 
-    def _facts_by_subject(
-        self, events: Sequence[EngineEvent]
-    ) -> tuple[dict[str, list[dict[str, Any]]], list[EvaluationFailure]]:
-        by_subject: dict[str, list[dict[str, Any]]] = {}
+        return record if self._rule_set.rules[rule_index].sequence is None else record_pair
+
+    def _subjects(
+        self,
+        events: Sequence[EngineEvent],
+        history: Mapping[str, Sequence[EngineEvent]],
+        positions: Mapping[str, int],
+    ) -> tuple[list[_Subject], list[EvaluationFailure]]:
+        subjects: dict[str, _Subject] = {}
         failures: list[EvaluationFailure] = []
         for event in events:
             projection = self._projections.get(event.event_type)
@@ -245,11 +287,39 @@ class RuleEngine:
             except EvaluationProblem as problem:
                 failures.append(EvaluationFailure(event.key, None, str(problem)))
                 continue
-            by_subject.setdefault(event.subject_key, []).append(fact)
-        return by_subject, failures
+            subject = subjects.get(event.subject_key)
+            if subject is None:
+                subject = subjects[event.subject_key] = _Subject(event.subject_key)
+            subject.add(event, fact)
+        if not self._history_types:
+            return list(subjects.values()), failures
+        for subject in subjects.values():
+            # The subject's own range, not the batch's: what a subject's firings are
+            # must not depend on which other subjects share its batch.
+            times = [e.occurred_at for e in subject.events.values()]
+            earliest, latest = min(times) - self._lookback, max(times) + self._lookback
+            for old in history.get(subject.key, ()):
+                if (
+                    old.event_type not in self._history_types
+                    or old.key in positions
+                    or old.key in subject.events
+                    or old.subject_key != subject.key
+                    or not earliest <= old.occurred_at <= latest
+                ):
+                    continue
+                try:
+                    fact = _fact(old, self._projections[old.event_type])
+                except EvaluationProblem:
+                    # Evaluated before under other rules; the current ones cannot read it,
+                    # so it never matched them and counts for nothing.
+                    continue
+                subject.add(old, fact)
+        return list(subjects.values()), failures
 
-    def _match_subject(self, subject_key: str, facts: list[dict[str, Any]]) -> list[tuple[str, int]]:
-        """(event key, rule index) for every rule that fired on the subject's facts."""
+    def _match_subject(
+        self, subject_key: str, facts: list[dict[str, Any]]
+    ) -> list[tuple[tuple[str, ...], int]]:
+        """(event keys, rule index) for every rule that fired on the subject's facts."""
         self._matched = []
         self._action_errors = []
         self._compiled.run_subject(subject_key, facts)
@@ -259,25 +329,130 @@ class RuleEngine:
             raise RuleEngineError(f"a rule action failed: {failure!r}") from failure
         return self._matched
 
-    def _firings(
-        self, matched: list[tuple[str, int]], events: Sequence[EngineEvent], positions: Mapping[str, int]
-    ) -> list[Firing]:
-        rule_set = self._rule_set
-        firings: list[Firing] = []
-        failures: list[EvaluationFailure] = []
-        for event_key, rule_index in matched:
-            event = events[positions[event_key]]
-            rule = rule_set.rules[rule_index]
-            try:
-                firing = _firing(rule_set, rule, event)
-            except EvaluationProblem as problem:
-                failures.append(EvaluationFailure(event.key, rule.id, str(problem)))
+    def _subject_firings(
+        self,
+        subject: _Subject,
+        matched: list[tuple[tuple[str, ...], int]],
+        positions: Mapping[str, int],
+        consumed: Mapping[str, frozenset[str]],
+        failures: list[EvaluationFailure],
+    ) -> list[tuple[tuple[int, int], Firing]]:
+        # A set per rule: durable-rules fires a rule once per branch of an "or" that holds.
+        by_rule: dict[int, set[tuple[str, ...]]] = {}
+        for keys, rule_index in matched:
+            by_rule.setdefault(rule_index, set()).add(keys)
+        ranked: list[tuple[tuple[int, int], Firing]] = []
+        for rule_index, matches in by_rule.items():
+            rule = self._rule_set.rules[rule_index]
+            patterns = _patterns(rule, matches, subject.events, positions, consumed.get(rule.id, frozenset()))
+            for events, points in patterns:
+                newest = max(positions[e.key] for e in events if e.key in positions)
+                try:
+                    firing = _firing(self._rule_set, rule, events, points)
+                except EvaluationProblem as problem:
+                    failures.append(EvaluationFailure(events[-1].key, rule.id, str(problem)))
+                    continue
+                if firing is not None:
+                    ranked.append(((newest, rule_index), firing))
+        return ranked
+
+
+@dataclass
+class _Subject:
+    """One subject's events in one evaluation: the new ones and the history they need."""
+
+    key: str
+    events: dict[str, EngineEvent] = field(default_factory=dict)
+    facts: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, event: EngineEvent, fact: dict[str, Any]) -> None:
+        self.events[event.key] = event
+        self.facts.append(fact)
+
+
+# (events in event-time order, capped points or None to compute them)
+_Pattern: TypeAlias = tuple[tuple[EngineEvent, ...], int | None]
+
+
+def _patterns(
+    rule: Rule,
+    matches: set[tuple[str, ...]],
+    events: Mapping[str, EngineEvent],
+    positions: Mapping[str, int],
+    used: frozenset[str],
+) -> list[_Pattern]:
+    """The rule's firings among one subject's matches that include a new event."""
+    if rule.window is not None:
+        window = rule.window
+        groups: dict[object, list[EngineEvent]] = {}
+        for (key,) in matches:
+            event = events[key]
+            if key in used:
                 continue
-            if firing is not None:
-                firings.append(firing)
-        if failures:
-            raise RuleEvaluationError(failures)
-        return firings
+            if window.group_by is None:
+                groups.setdefault(None, []).append(event)
+            elif window.group_by in event.attributes:
+                # Events without the attribute belong to no group, so they count in none.
+                groups.setdefault(event.attributes[window.group_by], []).append(event)
+        found: list[tuple[EngineEvent, ...]] = [
+            chosen
+            for members in groups.values()
+            for chosen in select_windows(members, window.count, window.within)
+        ]
+    elif rule.sequence is not None:
+        sequence = rule.sequence
+        candidates: list[tuple[EngineEvent, EngineEvent]] = []
+        for first_key, second_key in matches:
+            if first_key in used or second_key in used:
+                continue
+            first, second = events[first_key], events[second_key]
+            if sequence.correlate_by is not None and not _correlated(first, second, sequence.correlate_by):
+                continue
+            candidates.append((first, second))
+        found = list(select_pairs(candidates, sequence.within))
+    elif rule.cap is not None:
+        return _capped(rule, rule.cap, [events[key] for (key,) in matches], positions)
+    else:
+        found = [(events[key],) for (key,) in matches]
+    # Patterns made of history alone fired (or not) in an earlier evaluation.
+    return [(chosen, None) for chosen in found if any(e.key in positions for e in chosen)]
+
+
+def _correlated(first: EngineEvent, second: EngineEvent, attribute: str) -> bool:
+    # durable-rules already joined on equality; an event without the attribute
+    # correlates with nothing, whatever durable-rules makes of two absent values.
+    return attribute in first.attributes and first.attributes[attribute] == second.attributes.get(attribute)
+
+
+def _capped(rule: Rule, cap: Cap, matched: list[EngineEvent], positions: Mapping[str, int]) -> list[_Pattern]:
+    """Per-event firings of new events, each limited by what its cap period has left."""
+    anchor = rule.effective_from or _EPOCH
+    earlier: dict[int, list[int]] = {}
+    new: dict[int, list[tuple[EngineEvent, int]]] = {}
+    failing: list[_Pattern] = []
+    for event in sorted(matched, key=event_time_order):
+        is_new = event.key in positions
+        try:
+            points = rule.points_for(event.attributes)
+        except EvaluationProblem:
+            if is_new:
+                failing.append(((event,), None))  # _firing computes the points again and reports it
+            # Otherwise it could not fire when it was evaluated, so it gave nothing.
+            continue
+        if points == 0:
+            continue
+        period = period_of(event.occurred_at, anchor, cap.per)
+        if is_new:
+            new.setdefault(period, []).append((event, points))
+        else:
+            earlier.setdefault(period, []).append(abs(points))
+    patterns = failing
+    for period, firings in new.items():
+        allowed = capped(cap.points, earlier.get(period, ()), [abs(points) for _, points in firings])
+        for (event, points), share in zip(firings, allowed, strict=True):
+            if share > 0:
+                patterns.append(((event,), share if points > 0 else -share))
+    return patterns
 
 
 def run_raw(rule_set: RuleSet, events: Sequence[EngineEvent]) -> int:
@@ -285,8 +460,10 @@ def run_raw(rule_set: RuleSet, events: Sequence[EngineEvent]) -> int:
 
     The same compiled conditions, every attribute asserted, counting actions, and only
     what durable-rules needs to run at all (one assert per subject, its actions run,
-    its session sealed and deleted): evaluate()'s overhead is the difference.
-    Zero-point firings count, and a rule counts once per "or" branch that holds.
+    its session sealed and deleted): evaluate()'s overhead is the difference. A window
+    rule counts each matching event (its counting is evaluate()'s work in Python), a
+    sequence rule each joined pair within its duration. Zero-point firings count, and
+    a rule counts once per "or" branch that holds.
     """
     fired = [0]
 
@@ -311,8 +488,8 @@ class _CompiledRuleSet:
     def __init__(self, rule_set: RuleSet, actions: Sequence[_Action], *, name: str) -> None:
         # Actions started in the current session; deleting a session needs one.
         self._started = 0
-        conditions = [rule_condition(rule) for rule in rule_set.rules]
-        branches = sum(_branch_count(c) for c in conditions) + 1  # and the seal rule
+        patterns = [rule_patterns(rule) for rule in rule_set.rules]
+        branches = sum(_pattern_branches(p) for p in patterns) + 1  # and the seal rule
         if branches > MAX_CONDITION_BRANCHES:
             raise RuleSetError(
                 [
@@ -322,8 +499,8 @@ class _CompiledRuleSet:
             )
         # durable.engine deletes "run" from the definition it is given: build it fresh.
         definition: dict[str, Any] = {
-            f"r{index}": {"all": [{"m": condition}], "run": self._counted(action)}
-            for index, (condition, action) in enumerate(zip(conditions, actions, strict=True))
+            f"r{index}": {"all": pattern, "run": self._counted(action)}
+            for index, (pattern, action) in enumerate(zip(patterns, actions, strict=True))
         }
         definition[_SEAL_RULE] = {"all": [{"m": {"event_type": _SEAL_TYPE}}], "run": self._counted(None)}
         host = _PrivateHost()
@@ -405,27 +582,42 @@ def _positions(events: Sequence[EngineEvent]) -> dict[str, int]:
     return positions
 
 
-def _firing(rule_set: RuleSet, rule: Rule, event: EngineEvent) -> Firing | None:
-    points = rule.points_for(event.attributes)
+def _firing(
+    rule_set: RuleSet, rule: Rule, events: tuple[EngineEvent, ...], points: int | None
+) -> Firing | None:
+    """The firing of a rule on events in event-time order, ``points`` already capped if given."""
+    last = events[-1]
+    variables: Mapping[str, AttributeScalar] = last.attributes
+    if rule.window is not None or rule.sequence is not None:
+        # The latest event completed the pattern: its attributes are quoted, with the
+        # pattern's own figures (which shadow attributes of the same name).
+        variables = {
+            **last.attributes,
+            "count": len(events),
+            "first_at": events[0].occurred_at,
+            "last_at": last.occurred_at,
+        }
+    if points is None:
+        points = rule.points_for(variables)
     if points == 0:
         return None
-    event_keys = (event.key,)
+    event_keys = tuple(e.key for e in events)
     return Firing(
         rule_id=rule.id,
         rule_set=rule_set.name,
         rule_set_version=rule_set.version,
         title=rule.title,
-        description=rule.description.render(event.attributes),
+        description=rule.description.render(variables),
         legal_basis=rule.legal_basis,
         event_keys=event_keys,
-        subject_key=event.subject_key,
-        subject_kind=event.subject_kind,
+        subject_key=last.subject_key,
+        subject_kind=last.subject_kind,
         points=points,
         category=rule.category,
         severity=rule.severity,
-        reason=rule.reason.render(event.attributes),
+        reason=rule.reason.render(variables),
         black_list=rule.black_list,
-        occurred_at=event.occurred_at,
+        occurred_at=last.occurred_at,
         outcome_id=outcome_id(rule_set.name, rule_set.version, rule.id, event_keys),
     )
 
@@ -469,8 +661,15 @@ def _projections(rule_set: RuleSet) -> dict[str, tuple[str, ...]]:
     """For each event type some rule listens to, the attributes its conditions read."""
     read: dict[str, set[str]] = {}
     for rule in rule_set.rules:
-        for event_type in rule.event_types:
-            read.setdefault(event_type, set()).update(condition_attributes(rule.when))
+        keyed = {
+            a
+            for a in (rule.window and rule.window.group_by, rule.sequence and rule.sequence.correlate_by)
+            if a
+        }
+        steps = rule.sequence.steps if rule.sequence is not None else (Step(rule.event_types, rule.when),)
+        for step in steps:
+            for event_type in step.event_types:
+                read.setdefault(event_type, set()).update(condition_attributes(step.when), keyed)
     too_many = [
         f"event type {event_type!r}: conditions read {len(names)} attributes, "
         f"more than the {MAX_ATTRIBUTES_PER_EVENT_TYPE} durable-rules can safely be given"
@@ -480,6 +679,11 @@ def _projections(rule_set: RuleSet) -> dict[str, tuple[str, ...]]:
     if too_many:
         raise RuleSetError(too_many)
     return {event_type: tuple(sorted(names)) for event_type, names in read.items()}
+
+
+def _pattern_branches(pattern: list[JsonCondition]) -> int:
+    """A rule's branches: durable-rules expands each pattern's "or"s, and a join's combinations."""
+    return math.prod(_branch_count(condition) for named in pattern for condition in named.values())
 
 
 def _branch_count(condition: JsonCondition) -> int:
@@ -495,12 +699,13 @@ def _rejected_rules(rule_set: RuleSet, error: BaseException) -> list[str]:
     """Which rules durable-rules refuses, found by compiling each alone."""
     problems: list[str] = []
     for index, rule in enumerate(rule_set.rules):
-        probe = _dumps({"r": {"all": [{"m": rule_condition(rule)}]}})
+        probe = _dumps({"r": {"all": rule_patterns(rule)}})
         try:
             handle = _binding.create_ruleset(f"probe-{index}", probe)
         except (_binding.error, MemoryError) as rule_error:
+            field_name = "sequence" if rule.sequence is not None else "when"
             problems.append(
-                f"rules[{index}] ({rule.id}).when: durable-rules refused it: {_refusal(rule_error)}"
+                f"rules[{index}] ({rule.id}).{field_name}: durable-rules refused it: {_refusal(rule_error)}"
             )
         else:
             _binding.delete_ruleset(handle)
@@ -518,18 +723,63 @@ _DURABLE_OPERATORS: Final = {"ne": "$neq", "gt": "$gt", "gte": "$gte", "lt": "$l
 _NEGATED: Final = {"eq": "ne", "ne": "eq", "gt": "lte", "gte": "lt", "lt": "gte", "lte": "gt"}
 
 
+def rule_patterns(rule: Rule) -> list[JsonCondition]:
+    """The named patterns of a rule (durable-rules' "all"): one fact, or a sequence's join of two.
+
+    A sequence's second step joins the first on the correlation attribute and on event
+    time (strictly later, at most the duration after it). The duration is given a
+    second's slack because durable-rules adds floating-point seconds; select_pairs()
+    applies it exactly on the datetimes.
+    """
+    if rule.sequence is None:
+        return [{"m": rule_condition(rule)}]
+    first, second = rule.sequence.steps
+    join = [
+        _step_condition(rule, second.event_types, second.when),
+        {"$gt": {"occurred_at": {"first": "occurred_at"}}},
+        {
+            "$lte": {
+                "occurred_at": {
+                    "$add": {"$l": {"first": "occurred_at"}, "$r": _seconds(rule.sequence.within) + 1}
+                }
+            }
+        },
+    ]
+    if rule.sequence.correlate_by is not None:
+        path = f"attrs.{rule.sequence.correlate_by}"
+        join.append({path: {"first": path}})
+    return [
+        {"first": _step_condition(rule, first.event_types, first.when)},
+        {"second": {"$and": join}},
+    ]
+
+
 def rule_condition(rule: Rule) -> JsonCondition:
-    """The durable-rules condition on a fact (the "m" of a rule) for a Rule.
+    """The durable-rules condition on a fact (the "m" of a rule) for a per-event or window Rule.
 
     It always begins with an equality on the event type: durable-rules hangs on a
     rule whose only test is that an attribute is absent.
     """
-    tests = [_one_of("event_type", rule.event_types)]
+    return _step_condition(rule, rule.event_types, rule.when)
+
+
+def _step_condition(rule: Rule, event_types: Sequence[str], when: Condition | None) -> JsonCondition:
+    tests = [_one_of("event_type", event_types)]
     if rule.subject_kinds:
         tests.append(_one_of("subject_kind", rule.subject_kinds))
-    if rule.when is not None:
-        tests.append(compile_condition(rule.when))
+    # Effective dating is a condition on occurred_at, so an event outside the period
+    # matches nothing, counts in no window and joins no sequence.
+    if rule.effective_from is not None:
+        tests.append({"$gte": {"occurred_at": _engine_value(rule.effective_from, "effective_from")}})
+    if rule.effective_to is not None:
+        tests.append({"$lt": {"occurred_at": _engine_value(rule.effective_to, "effective_to")}})
+    if when is not None:
+        tests.append(compile_condition(when))
     return {"$and": tests}
+
+
+def _seconds(duration: timedelta) -> int:
+    return int(duration.total_seconds())
 
 
 def compile_condition(condition: Condition, *, negated: bool = False) -> JsonCondition:

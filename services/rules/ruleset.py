@@ -18,8 +18,10 @@ A rule set is a YAML document (config/rulesets/sample.yaml is the worked example
         black_list: false                # optional
         reason: "Returned {days_late} days late"
 
-Unknown fields are errors rather than ignored, so that a file written for a later
-format (windows, sequences) is refused instead of being evaluated per event.
+Rules may also have a window, a sequence, a cap and an effective period; docs/rules.md
+is the language reference and states their event-time semantics. Unknown fields are
+errors rather than ignored, so that a file written for a later format is refused
+instead of being evaluated differently.
 
 Condition semantics, which the engine (services/rules/engine.py) honours:
 
@@ -47,7 +49,7 @@ import re
 import string
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, Literal, TypeAlias, TypeGuard, cast
 
@@ -85,8 +87,14 @@ _RULE_FIELDS: Final = frozenset(
         "legal_basis",
         "black_list",
         "reason",
+        "window",
+        "sequence",
+        "cap",
+        "effective_from",
+        "effective_to",
     }
 )
+# A sequence rule's steps name its event types instead.
 _REQUIRED_RULE_FIELDS: Final = (
     "id",
     "title",
@@ -98,6 +106,20 @@ _REQUIRED_RULE_FIELDS: Final = (
     "reason",
 )
 _LEAF_FIELDS: Final = frozenset({"attr", "op", "value"})
+_WINDOW_FIELDS: Final = frozenset({"count", "within", "group_by"})
+_SEQUENCE_FIELDS: Final = frozenset({"steps", "within", "correlate_by"})
+_STEP_FIELDS: Final = frozenset({"event_types", "when"})
+_CAP_FIELDS: Final = frozenset({"points", "per"})
+# What a window or sequence firing offers its reason, description and points besides
+# the attributes of its latest event (and which shadow attributes of the same name).
+WINDOW_VARIABLES: Final = frozenset({"count", "first_at", "last_at"})
+# A window of more events would be a count, not a pattern; the bound keeps a
+# subject's evaluation linear.
+_MAX_WINDOW_COUNT: Final = 1000
+# Ten years: the lookback bounds the history loaded for every batch.
+_MAX_DURATION: Final = timedelta(days=3660)
+_DURATION: Final = re.compile(r"\s*([0-9]{1,9})\s*([smhdw])\s*")
+_DURATION_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _GROUP_FIELDS: Final = frozenset({"all", "any", "not"})
 _ORDERING_OPERATORS: Final = frozenset({"gt", "gte", "lt", "lte"})
 # Like the catalogue's names (library.book_returned_late). The engine relies on no
@@ -285,11 +307,62 @@ class Rule:
     legal_basis: str
     black_list: bool
     reason: Template
+    # The later rule forms; a rule has at most one of window and sequence. For a
+    # sequence rule, event_types is the union of its steps' and when is None.
+    window: Window | None = None
+    sequence: SequenceSpec | None = None
+    cap: Cap | None = None
+    effective_from: datetime | None = None  # inclusive, on occurred_at
+    effective_to: datetime | None = None  # exclusive, on occurred_at
 
     def points_for(self, attributes: Mapping[str, AttributeScalar]) -> int:
         if isinstance(self.points, int):
             return self.points
         return self.points.evaluate(attributes)
+
+    @property
+    def reach(self) -> timedelta:
+        """How far in event time from one of its events this rule looks at others."""
+        spans = [timedelta(0)]
+        if self.window is not None:
+            spans.append(self.window.within)
+        if self.sequence is not None:
+            spans.append(self.sequence.within)
+        if self.cap is not None:
+            spans.append(self.cap.per)
+        return max(spans)
+
+
+@dataclass(frozen=True)
+class Window:
+    """``count`` matching events of one subject (and one ``group_by`` value) within ``within``."""
+
+    count: int
+    within: timedelta  # last occurred_at - first occurred_at <= within
+    group_by: str | None
+
+
+@dataclass(frozen=True)
+class Step:
+    event_types: tuple[str, ...]
+    when: Condition | None
+
+
+@dataclass(frozen=True)
+class SequenceSpec:
+    """Step 0, then step 1 strictly later and at most ``within`` after it, same ``correlate_by`` value."""
+
+    steps: tuple[Step, Step]
+    within: timedelta
+    correlate_by: str | None
+
+
+@dataclass(frozen=True)
+class Cap:
+    """At most ``points`` (in absolute value) from one rule to one subject per period of ``per``."""
+
+    points: int
+    per: timedelta
 
 
 @dataclass(frozen=True)
@@ -298,6 +371,24 @@ class RuleSet:
     version: int
     rules: tuple[Rule, ...]
     source_sha256: str
+
+    @property
+    def lookback(self) -> timedelta:
+        """The longest window, sequence or cap period: how much history around new events evaluation needs.
+
+        timedelta(0) when every rule looks at one event alone.
+        """
+        return max((rule.reach for rule in self.rules), default=timedelta(0))
+
+    @property
+    def history_event_types(self) -> frozenset[str]:
+        """The event types whose history matters (those of window, sequence and capped rules).
+
+        Only these are read from ``history`` by the engine, so a store may load just them.
+        """
+        return frozenset(
+            event_type for rule in self.rules if rule.reach > timedelta(0) for event_type in rule.event_types
+        )
 
 
 def load_rule_set(path: Path | str) -> RuleSet:
@@ -400,7 +491,11 @@ def _parse_rule(raw: object, index: int, problems: list[str]) -> Rule | None:
     before = len(problems)
 
     problems.extend(f"{where}.{key}: unknown field" for key in raw if key not in _RULE_FIELDS)
-    problems.extend(f"{where}.{key}: is required" for key in _REQUIRED_RULE_FIELDS if key not in raw)
+    problems.extend(
+        f"{where}.{key}: is required"
+        for key in _REQUIRED_RULE_FIELDS
+        if key not in raw and not (key == "event_types" and "sequence" in raw)
+    )
 
     if "id" in raw and (
         not _is_text(rule_id) or len(rule_id) > _MAX_NAME_LENGTH or any(c.isspace() for c in rule_id)
@@ -420,10 +515,38 @@ def _parse_rule(raw: object, index: int, problems: list[str]) -> Rule | None:
     if not isinstance(black_list, bool):
         problems.append(f"{where}.black_list: must be true or false")
 
-    event_types = _parse_event_types(raw.get("event_types"), f"{where}.event_types", problems)
+    event_types: tuple[str, ...] = ()
+    if "sequence" not in raw:
+        event_types = _parse_event_types(raw.get("event_types"), f"{where}.event_types", problems)
     subject_kinds = _parse_subject_kinds(raw.get("subject_kinds"), f"{where}.subject_kinds", problems)
+    window = sequence = cap = None
+    if "window" in raw:
+        window = _parse_window(raw["window"], f"{where}.window", problems)
+    if "sequence" in raw:
+        sequence = _parse_sequence(raw["sequence"], f"{where}.sequence", problems)
+        problems.extend(
+            f"{where}.{key}: not allowed on a sequence rule (each step has its own)"
+            for key in ("event_types", "when")
+            if key in raw
+        )
+        if "window" in raw:
+            problems.append(f"{where}.sequence: a rule has a window or a sequence, not both")
+    if "cap" in raw:
+        cap = _parse_cap(raw["cap"], f"{where}.cap", problems)
+        if "window" in raw or "sequence" in raw:
+            problems.append(
+                f"{where}.cap: only a per-event rule may have a cap (a window or sequence fires once per "
+                "completed pattern)"
+            )
+    effective_from = _parse_instant(raw, "effective_from", where, problems)
+    effective_to = _parse_instant(raw, "effective_to", where, problems)
+    if effective_from is not None and effective_to is not None and effective_from >= effective_to:
+        problems.append(f"{where}.effective_to: must be later than effective_from")
+
     when = None
-    if raw.get("when") is not None:
+    if sequence is not None:
+        event_types = tuple(dict.fromkeys(t for step in sequence.steps for t in step.event_types))
+    if raw.get("when") is not None and "sequence" not in raw:
         when = _parse_condition(raw["when"], f"{where}.when", problems, negated=False)
     points = None
     if "points" in raw:
@@ -432,6 +555,9 @@ def _parse_rule(raw: object, index: int, problems: list[str]) -> Rule | None:
     reason = _parse_template(raw.get("reason"), f"{where}.reason", problems) if "reason" in raw else None
     if reason is not None and not reason.source.strip():
         problems.append(f"{where}.reason: must be a non-empty string")
+    if window is not None or "sequence" in raw:
+        # Checked here, where the rule form is known: a per-event rule has no {count}.
+        _check_window_variables(points, f"{where}.points", problems)
 
     if len(problems) > before:
         return None
@@ -451,7 +577,141 @@ def _parse_rule(raw: object, index: int, problems: list[str]) -> Rule | None:
         legal_basis=raw["legal_basis"],
         black_list=black_list,
         reason=reason,
+        window=window,
+        sequence=sequence,
+        cap=cap,
+        effective_from=effective_from,
+        effective_to=effective_to,
     )
+
+
+def _parse_duration(value: object, path: str, problems: list[str]) -> timedelta | None:
+    match = _DURATION.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        problems.append(
+            f"{path}: must be a duration such as 90d, 12h, 30m, 45s or 2w (a whole number and a unit), "
+            f"got {value!r}"
+        )
+        return None
+    duration = timedelta(seconds=int(match[1]) * _DURATION_UNITS[match[2]])
+    if not timedelta(0) < duration <= _MAX_DURATION:
+        problems.append(f"{path}: must be more than 0 and at most {_MAX_DURATION.days}d")
+        return None
+    return duration
+
+
+def _unknown_fields(node: dict[Any, Any], known: frozenset[str], path: str, problems: list[str]) -> None:
+    problems.extend(f"{path}.{key}: unknown field" for key in node if key not in known)
+
+
+def _required_fields(node: dict[Any, Any], required: Iterable[str], path: str, problems: list[str]) -> None:
+    problems.extend(f"{path}.{key}: is required" for key in required if key not in node)
+
+
+def _is_count(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _optional_attribute(node: dict[Any, Any], key: str, path: str, problems: list[str]) -> str | None:
+    value = node.get(key)
+    if value is None:
+        return None
+    if not _is_attribute_name(value):
+        problems.append(
+            f"{path}.{key}: must be an attribute name (letters, digits, underscore), got {value!r}"
+        )
+        return None
+    return cast(str, value)
+
+
+def _parse_window(node: object, path: str, problems: list[str]) -> Window | None:
+    if not isinstance(node, dict):
+        problems.append(f"{path}: must be a mapping {{count, within, group_by?}}")
+        return None
+    before = len(problems)
+    _unknown_fields(node, _WINDOW_FIELDS, path, problems)
+    _required_fields(node, ("count", "within"), path, problems)
+    count = node.get("count")
+    if "count" in node and (not _is_count(count) or not 2 <= count <= _MAX_WINDOW_COUNT):
+        problems.append(
+            f"{path}.count: must be an integer from 2 to {_MAX_WINDOW_COUNT} (one event is a per-event rule)"
+        )
+    within = _parse_duration(node["within"], f"{path}.within", problems) if "within" in node else None
+    group_by = _optional_attribute(node, "group_by", path, problems)
+    if len(problems) > before or within is None:
+        return None
+    return Window(count=cast(int, count), within=within, group_by=group_by)
+
+
+def _parse_sequence(node: object, path: str, problems: list[str]) -> SequenceSpec | None:
+    if not isinstance(node, dict):
+        problems.append(f"{path}: must be a mapping {{steps, within, correlate_by?}}")
+        return None
+    before = len(problems)
+    _unknown_fields(node, _SEQUENCE_FIELDS, path, problems)
+    _required_fields(node, ("steps", "within"), path, problems)
+    within = _parse_duration(node["within"], f"{path}.within", problems) if "within" in node else None
+    correlate_by = _optional_attribute(node, "correlate_by", path, problems)
+    raw_steps = node.get("steps")
+    steps: list[Step] = []
+    if "steps" in node:
+        if not isinstance(raw_steps, list) or len(raw_steps) != 2:
+            problems.append(f"{path}.steps: must be a list of exactly 2 steps (A, then B)")
+        else:
+            for position, raw_step in enumerate(raw_steps):
+                step = _parse_step(raw_step, f"{path}.steps[{position}]", problems)
+                if step is not None:
+                    steps.append(step)
+    if len(problems) > before or within is None:
+        return None
+    return SequenceSpec(steps=(steps[0], steps[1]), within=within, correlate_by=correlate_by)
+
+
+def _parse_step(node: object, path: str, problems: list[str]) -> Step | None:
+    if not isinstance(node, dict):
+        problems.append(f"{path}: must be a mapping {{event_types, when?}}")
+        return None
+    before = len(problems)
+    _unknown_fields(node, _STEP_FIELDS, path, problems)
+    _required_fields(node, ("event_types",), path, problems)
+    event_types = _parse_event_types(node.get("event_types"), f"{path}.event_types", problems)
+    when = None
+    if node.get("when") is not None:
+        when = _parse_condition(node["when"], f"{path}.when", problems, negated=False)
+    if len(problems) > before:
+        return None
+    return Step(event_types=event_types, when=when)
+
+
+def _parse_cap(node: object, path: str, problems: list[str]) -> Cap | None:
+    if not isinstance(node, dict):
+        problems.append(f"{path}: must be a mapping {{points, per}}")
+        return None
+    before = len(problems)
+    _unknown_fields(node, _CAP_FIELDS, path, problems)
+    _required_fields(node, ("points", "per"), path, problems)
+    points = node.get("points")
+    if "points" in node and (not _is_count(points) or not 0 < points <= _MAX_POINTS):
+        problems.append(f"{path}.points: must be a positive integer (the most points, in absolute value)")
+    per = _parse_duration(node["per"], f"{path}.per", problems) if "per" in node else None
+    if len(problems) > before or per is None:
+        return None
+    return Cap(points=cast(int, points), per=per)
+
+
+def _parse_instant(raw: dict[Any, Any], key: str, where: str, problems: list[str]) -> datetime | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        problems.append(f"{where}.{key}: must be a timestamp with a timezone, e.g. 2025-01-01T00:00:00Z")
+        return None
+    return _timestamp(value, f"{where}.{key}", problems)
+
+
+def _check_window_variables(points: object, path: str, problems: list[str]) -> None:
+    if isinstance(points, PointsExpression) and points.names & {"first_at", "last_at"}:
+        problems.append(f"{path}: first_at and last_at are timestamps, not numbers")
 
 
 def _parse_event_types(value: object, path: str, problems: list[str]) -> tuple[str, ...]:

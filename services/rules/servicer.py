@@ -10,27 +10,22 @@ import grpc
 from opentelemetry import trace
 
 from egret.common.v1 import event_pb2
+from egret.rules.v1 import backtest_pb2
 from egret.rules.v1 import rules_service_pb2 as pb
 from egret.rules.v1 import rules_service_pb2_grpc as pb_grpc
 from kit.db import run_blocking
-from kit.errors import InvalidArgument, Violation
+from kit.errors import FailedPrecondition, InvalidArgument, Violation
 from kit.logging import get_logger
-from kit.protoconv import SUBJECT_KIND_NAMES, attributes_dict, to_datetime, to_timestamp
-from services.rules.domain import Evaluator
-from services.rules.ruleset import EngineEvent
+from kit.protoconv import SUBJECT_KIND_NAMES, to_timestamp
+from kit.sharding import UNSHARDED, Shard
+from services.rules.backtest_servicer import BacktestHandler
+from services.rules.domain import EvaluationFailed, Evaluator
+from services.rules.lifecycle import RuleSetLifecycle
+from services.rules.lifecycle_servicer import LifecycleRpcs
+from services.rules.records import engine_event
+from services.rules.ruleset import rule_set_from_yaml
 
 log = get_logger(__name__)
-
-
-def engine_event(event: event_pb2.RecordedEvent) -> EngineEvent:
-    return EngineEvent(
-        key=f"{event.ref.source}/{event.ref.event_id}",
-        subject_key=event.subject_key,
-        subject_kind=SUBJECT_KIND_NAMES[event.subject_kind],
-        event_type=event.event_type,
-        occurred_at=to_datetime(event.occurred_at),
-        attributes=attributes_dict(event.attributes),
-    )
 
 
 def _violations(index: int, event: event_pb2.RecordedEvent) -> list[Violation]:
@@ -47,14 +42,25 @@ def _violations(index: int, event: event_pb2.RecordedEvent) -> list[Violation]:
     return problems
 
 
-class RulesServicer(pb_grpc.RulesServiceServicer):
+class RulesServicer(LifecycleRpcs, pb_grpc.RulesServiceServicer):
     def __init__(
-        self, evaluator: Evaluator, executor: Executor, committed: Callable[[], None], max_batch_size: int
+        self,
+        evaluator: Evaluator,
+        executor: Executor,
+        committed: Callable[[], None],
+        max_batch_size: int,
+        shard: Shard = UNSHARDED,
+        *,
+        lifecycle: RuleSetLifecycle,
+        backtests: BacktestHandler | None = None,
     ) -> None:
+        self._lifecycle = lifecycle
+        self._backtests = backtests
         self._evaluator = evaluator
         self._executor = executor
         self._committed = committed
         self._max_batch_size = max_batch_size
+        self._shard = shard
         self._tracer = trace.get_tracer("egret.rules")
 
     async def EvaluateEvents(
@@ -70,6 +76,11 @@ class RulesServicer(pb_grpc.RulesServiceServicer):
         problems = [v for i, e in enumerate(request.events) for v in _violations(i, e)]
         if problems:
             raise InvalidArgument("malformed recorded events", problems)
+        # Evaluating another shard's subjects here would split their window state over two
+        # instances; refused as a whole so the misrouting caller retries loudly, never skips.
+        misrouted = self._shard.misrouted(e.subject_key for e in request.events)
+        if misrouted:
+            raise FailedPrecondition(self._shard.refusal(misrouted))
         with self._tracer.start_as_current_span(
             "rules evaluate", attributes={"egret.batch.size": len(request.events)}
         ) as span:
@@ -81,32 +92,63 @@ class RulesServicer(pb_grpc.RulesServiceServicer):
                     "egret.evaluated": result.evaluated,
                     "egret.duplicate": result.duplicate,
                     "egret.outcomes": len(result.firings),
+                    "egret.parked": len(result.parked),
+                    "egret.failed": len(result.failed),
+                    "egret.rule_set": f"{result.rule_set}@{result.rule_set_version}",
                 }
             )
             if result.firings:
                 self._committed()
+            for failure in result.parked:
+                log.error(
+                    "event parked as a dead letter",
+                    event_key=failure.event.key,
+                    attempts=failure.attempts,
+                    reason=failure.reason,
+                    rule_set=f"{result.rule_set}@{result.rule_set_version}",
+                )
             log.info(
                 "batch evaluated",
                 size=len(events),
                 evaluated=result.evaluated,
                 duplicate=result.duplicate,
                 outcomes=len(result.firings),
+                parked=len(result.parked),
+                failed=len(result.failed),
+                rule_set=f"{result.rule_set}@{result.rule_set_version}",
             )
+            if result.failed:
+                # The rest of the batch is committed; failing the call makes the relay
+                # retry it with backoff, and the failed events count one more attempt.
+                raise EvaluationFailed(result.failed, self._evaluator.dead_letter_after)
             return pb.EvaluateEventsResponse(
-                evaluated=result.evaluated, duplicate=result.duplicate, outcomes=len(result.firings)
+                evaluated=result.evaluated,
+                duplicate=result.duplicate,
+                outcomes=len(result.firings),
+                parked=len(result.parked),
             )
+
+    async def BacktestRuleSet(
+        self, request: backtest_pb2.BacktestRuleSetRequest, context: Any
+    ) -> backtest_pb2.BacktestRuleSetResponse:
+        if self._backtests is None:
+            raise FailedPrecondition("backtests are not configured on this instance")
+        return await self._backtests.backtest(request)
 
     async def GetActiveRuleSet(
         self, request: pb.GetActiveRuleSetRequest, context: Any
     ) -> pb.GetActiveRuleSetResponse:
-        active = self._evaluator.active
+        # The database's answer, which every replica converges on at its next batch.
+        stored = await run_blocking(None, self._lifecycle.active)
+        rule_set = rule_set_from_yaml(stored.source)
         return pb.GetActiveRuleSetResponse(
             rule_set=pb.RuleSetSummary(
-                name=active.rule_set.name,
-                version=active.rule_set.version,
-                rule_ids=[r.id for r in active.rule_set.rules],
-                activated_at=to_timestamp(active.activated_at),
-                source_sha256=active.rule_set.source_sha256,
+                name=rule_set.name,
+                version=rule_set.version,
+                rule_ids=[r.id for r in rule_set.rules],
+                activated_at=to_timestamp(stored.activated_at or stored.created_at),
+                source_sha256=rule_set.source_sha256,
+                rule_set_id=stored.rule_set_id,
             )
         )
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kit.settings import CommonSettings, Env, PeerSettings, RelaySettings
+from kit.sharding import UNSHARDED, Shard
 
 DEFAULT_PORT = 50052
 
@@ -18,6 +19,14 @@ class RulesSettings:
     max_batch_size: int
     score: PeerSettings
     relay: RelaySettings
+    # Failed evaluations of one event before it is parked as a dead letter.
+    dead_letter_after_attempts: int = 3
+    # Which subjects this instance evaluates (EGRET_RULES_SHARD of EGRET_RULES_SHARDS).
+    shard: Shard = UNSHARDED
+    # Backtests score subjects with score's policy and split reports by the catalogue's
+    # cohort attributes, so rules reads the same two files score and ingest do.
+    policy_file: Path = Path("config/policy.yaml")
+    catalogue_file: Path = Path("config/catalogue.yaml")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> RulesSettings:
@@ -28,6 +37,12 @@ class RulesSettings:
             max_batch_size=env.integer("EGRET_MAX_BATCH_SIZE", 10000, minimum=1, maximum=100000),
             score=PeerSettings.read(env, prefix="EGRET_SCORE", default_address="127.0.0.1:50053"),
             relay=RelaySettings.read(env, prefix="EGRET_RELAY"),
+            dead_letter_after_attempts=env.integer(
+                "EGRET_DEAD_LETTER_AFTER_ATTEMPTS", 3, minimum=1, maximum=100
+            ),
+            shard=Shard.read(env, prefix="EGRET_RULES"),
+            policy_file=env.file("EGRET_POLICY_FILE", Path("config/policy.yaml")),
+            catalogue_file=env.file("EGRET_CATALOGUE_FILE", Path("config/catalogue.yaml")),
         )
         env.check()
         return settings

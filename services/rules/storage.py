@@ -1,24 +1,45 @@
-"""Rules' store: which events were evaluated, the outcomes emitted, and the outbox to score.
+"""Rules' store: evaluated events, outcomes and the events they consumed, the outbox to
+score, dead letters, and the rule sets with their audit trail.
 
-All three are written in one transaction per batch, so an event is either evaluated
-with its outcomes queued for score, or not at all.
+Evaluation writes in one transaction per batch: an event is either evaluated with its
+outcomes queued for score (or recorded as failed), or not at all. Every per-batch
+statement is a bulk one; no query runs per event.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import datetime
+from typing import Any, Final, cast
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from egret.common.v1 import event_pb2, outcome_pb2
-from kit.db import make_metadata
-from kit.outbox import OutboxMixin, outbox_rows
+from kit.db import as_utc, make_metadata
+from kit.errors import FailedPrecondition
+from kit.outbox import BigId, OutboxMixin, outbox_rows
 from kit.protoconv import SEVERITY_VALUES, SUBJECT_KIND_VALUES, to_timestamp
-from services.rules.domain import split_key
+from services.rules.domain import BatchState, DeadLetter, EvaluationContext, Failure, split_key
+from services.rules.lifecycle import (
+    ActivePointer,
+    Change,
+    RecordedChange,
+    State,
+    Status,
+    StoredRuleSet,
+    source_sha256,
+)
+from services.rules.records import engine_event_from_record
 from services.rules.ruleset import EngineEvent, Firing, RuleSet
+
+# Keeps IN lists well below SQLite's and PostgreSQL's bound-parameter limits.
+_CHUNK: Final = 5000
+# The active pointer is one row: one rule set is active for the whole service.
+_ACTIVE_SLOT: Final = 1
 
 
 class Base(DeclarativeBase):
@@ -26,13 +47,15 @@ class Base(DeclarativeBase):
 
 
 class EvaluatedEvent(Base):
-    """An event rules has evaluated (the inbox), with its record for later replays."""
+    """An event rules has evaluated (the inbox), with its record for later replays and as history."""
 
     __tablename__ = "rules_evaluated_events"
+    # History reads one subject's events within an event-time range.
+    __table_args__ = (sa.Index("ix_rules_evaluated_events_subject_time", "subject_key", "occurred_at"),)
 
     source: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
     event_id: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
-    subject_key: Mapped[str] = mapped_column(sa.String(64), index=True)
+    subject_key: Mapped[str] = mapped_column(sa.String(64))
     event_type: Mapped[str] = mapped_column(sa.String(128))
     occurred_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
     evaluated_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
@@ -55,6 +78,90 @@ class EmittedOutcome(Base):
     occurred_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
     emitted_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
     outcome: Mapped[bytes] = mapped_column(sa.LargeBinary)
+
+
+class OutcomeEvent(Base):
+    """Which events an outcome used, so that a rule never counts one event in two windows."""
+
+    __tablename__ = "rules_outcome_events"
+    __table_args__ = (sa.Index("ix_rules_outcome_events_subject_time", "subject_key", "occurred_at"),)
+
+    outcome_id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    event_key: Mapped[str] = mapped_column(sa.String(193), primary_key=True)
+    rule_id: Mapped[str] = mapped_column(sa.String(128))
+    subject_key: Mapped[str] = mapped_column(sa.String(64))
+    # The event's occurred_at, so consumed keys are read within the same lookback as history.
+    occurred_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+
+
+class DeadLetterRow(Base):
+    """An event whose evaluation failed: retried while parked_at is NULL, parked after."""
+
+    __tablename__ = "rules_dead_letters"
+    __table_args__ = (sa.UniqueConstraint("source", "event_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    source: Mapped[str] = mapped_column(sa.String(64))
+    event_id: Mapped[str] = mapped_column(sa.String(128))
+    subject_key: Mapped[str] = mapped_column(sa.String(64))
+    occurred_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    attempts: Mapped[int] = mapped_column(sa.Integer)
+    reason: Mapped[str] = mapped_column(sa.Text)
+    rule_set: Mapped[str] = mapped_column(sa.String(128))
+    rule_set_version: Mapped[int] = mapped_column(sa.Integer)
+    first_failed_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    last_failed_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    parked_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True), index=True)
+    record: Mapped[bytes] = mapped_column(sa.LargeBinary)
+
+
+class RuleSetRow(Base):
+    """A stored rule set: its source and lifecycle (whether it is active is RuleSetActive's)."""
+
+    __tablename__ = "rules_rule_sets"
+    # NULL until published, and NULLs never collide: many drafts may share a name and
+    # version, one published rule set may have them.
+    __table_args__ = (sa.UniqueConstraint("name", "published_version"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(sa.String(128))
+    version: Mapped[int] = mapped_column(sa.Integer)
+    published_version: Mapped[int | None] = mapped_column(sa.Integer)
+    state: Mapped[str] = mapped_column(sa.String(16))
+    source: Mapped[str] = mapped_column(sa.Text)
+    source_sha256: Mapped[str] = mapped_column(sa.String(64))
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    created_by: Mapped[str] = mapped_column(sa.String(128))
+    published_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
+    published_by: Mapped[str | None] = mapped_column(sa.String(128))
+    activated_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
+    activated_by: Mapped[str | None] = mapped_column(sa.String(128))
+    retired_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
+    retired_by: Mapped[str | None] = mapped_column(sa.String(128))
+
+
+class RuleSetActive(Base):
+    """The one active rule set: a single row, read by every batch and swapped by ActivateRuleSet."""
+
+    __tablename__ = "rules_active_rule_set"
+
+    slot: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    rule_set_id: Mapped[int] = mapped_column(BigId, sa.ForeignKey("rules_rule_sets.id"))
+    activated_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    activated_by: Mapped[str] = mapped_column(sa.String(128))
+
+
+class RuleSetChangeRow(Base):
+    """The audit trail: who changed which rule set, when, and how."""
+
+    __tablename__ = "rules_rule_set_changes"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    rule_set_id: Mapped[int | None] = mapped_column(BigId, sa.ForeignKey("rules_rule_sets.id"), index=True)
+    action: Mapped[str] = mapped_column(sa.String(32))
+    actor: Mapped[str] = mapped_column(sa.String(128))
+    changed_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    detail: Mapped[str] = mapped_column(sa.Text)
 
 
 class Outbox(Base, OutboxMixin):
@@ -87,26 +194,120 @@ def outcome_message(firing: Firing, records: Mapping[str, bytes]) -> outcome_pb2
     )
 
 
+def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(values), _CHUNK):
+        yield values[start : start + _CHUNK]
+
+
+def _keys_by_source(keys: Sequence[str]) -> dict[str, list[str]]:
+    by_source: dict[str, list[str]] = {}
+    for key in keys:
+        source, event_id = split_key(key)
+        by_source.setdefault(source, []).append(event_id)
+    return by_source
+
+
+def _key_filter(table: Any, keys: Sequence[str]) -> Any:
+    """WHERE (source, event_id) is one of `keys`, as one OR of IN lists per source."""
+    return sa.or_(
+        *(
+            sa.and_(table.source == source, table.event_id.in_(ids))
+            for source, ids in _keys_by_source(keys).items()
+        )
+    )
+
+
 class SqlEvaluationStore:
-    """Inbox, outcomes and outbox on SQLAlchemy, bulk statements only."""
+    """Inbox, outcomes, outbox and dead letters on SQLAlchemy, bulk statements only."""
 
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self._sessions = sessions
 
-    def already_evaluated(self, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
-        by_source: dict[str, list[str]] = {}
-        for source, event_id in keys:
-            by_source.setdefault(source, []).append(event_id)
-        found: set[tuple[str, str]] = set()
+    def batch_state(self, keys: Sequence[str]) -> BatchState:
+        if not keys:
+            return BatchState()
+        evaluated: set[str] = set()
+        parked: set[str] = set()
+        attempts: dict[str, int] = {}
         with self._sessions() as session:
-            for source, ids in by_source.items():
+            for chunk in _chunks(list(dict.fromkeys(keys))):
                 rows = session.execute(
-                    sa.select(EvaluatedEvent.event_id).where(
-                        EvaluatedEvent.source == source, EvaluatedEvent.event_id.in_(ids)
+                    sa.select(EvaluatedEvent.source, EvaluatedEvent.event_id).where(
+                        _key_filter(EvaluatedEvent, chunk)
                     )
                 )
-                found.update((source, r.event_id) for r in rows)
-        return found
+                evaluated.update(f"{r.source}/{r.event_id}" for r in rows)
+                letters = session.execute(
+                    sa.select(
+                        DeadLetterRow.source,
+                        DeadLetterRow.event_id,
+                        DeadLetterRow.attempts,
+                        DeadLetterRow.parked_at,
+                    ).where(_key_filter(DeadLetterRow, chunk))
+                )
+                for r in letters:
+                    key = f"{r.source}/{r.event_id}"
+                    if r.parked_at is not None:
+                        parked.add(key)
+                    else:
+                        attempts[key] = r.attempts
+        return BatchState(frozenset(evaluated), frozenset(parked), attempts)
+
+    def context(
+        self, ranges: Mapping[str, tuple[datetime, datetime]], event_types: frozenset[str]
+    ) -> EvaluationContext:
+        history: dict[str, list[EngineEvent]] = {}
+        records: dict[str, bytes] = {}
+        consumed: dict[str, set[str]] = {}
+        if not ranges:
+            return EvaluationContext({}, {}, {})
+        # One range for the whole statement (the index on subject and time bounds it),
+        # then each subject's own range in Python.
+        low = min(r[0] for r in ranges.values())
+        high = max(r[1] for r in ranges.values())
+        subjects = list(ranges)
+
+        def within(subject: str, occurred_at: datetime) -> bool:
+            start, end = ranges[subject]
+            return start <= as_utc(occurred_at) <= end
+
+        with self._sessions() as session:
+            for chunk in _chunks(subjects):
+                rows = session.execute(
+                    sa.select(EvaluatedEvent.subject_key, EvaluatedEvent.occurred_at, EvaluatedEvent.record)
+                    .where(
+                        EvaluatedEvent.subject_key.in_(chunk),
+                        EvaluatedEvent.occurred_at >= low,
+                        EvaluatedEvent.occurred_at <= high,
+                        EvaluatedEvent.event_type.in_(sorted(event_types)),
+                    )
+                    .order_by(EvaluatedEvent.occurred_at, EvaluatedEvent.source, EvaluatedEvent.event_id)
+                )
+                for row in rows:
+                    if within(row.subject_key, row.occurred_at):
+                        event = engine_event_from_record(row.record)
+                        history.setdefault(row.subject_key, []).append(event)
+                        records[event.key] = row.record
+                used = session.execute(
+                    sa.select(
+                        OutcomeEvent.rule_id,
+                        OutcomeEvent.event_key,
+                        OutcomeEvent.subject_key,
+                        OutcomeEvent.occurred_at,
+                    ).where(
+                        OutcomeEvent.subject_key.in_(chunk),
+                        OutcomeEvent.occurred_at >= low,
+                        OutcomeEvent.occurred_at <= high,
+                    )
+                )
+                for use in used:
+                    if within(use.subject_key, use.occurred_at):
+                        consumed.setdefault(use.rule_id, set()).add(use.event_key)
+        return EvaluationContext(
+            history=history,
+            consumed={rule_id: frozenset(keys) for rule_id, keys in consumed.items()},
+            records=records,
+        )
 
     def commit_evaluation(
         self,
@@ -114,29 +315,33 @@ class SqlEvaluationStore:
         firings: Sequence[Firing],
         records: Mapping[str, bytes],
         *,
+        failures: Sequence[Failure] = (),
+        cleared: Sequence[str] = (),
         rule_set: RuleSet,
         now: datetime,
     ) -> bool:
         outcomes = {f.outcome_id: outcome_message(f, records) for f in firings}
+        occurred = {e.key: e.occurred_at for e in events}
         try:
             with self._sessions() as session, session.begin():
-                session.execute(
-                    sa.insert(EvaluatedEvent),
-                    [
-                        {
-                            "source": split_key(e.key)[0],
-                            "event_id": split_key(e.key)[1],
-                            "subject_key": e.subject_key,
-                            "event_type": e.event_type,
-                            "occurred_at": e.occurred_at,
-                            "evaluated_at": now,
-                            "rule_set": rule_set.name,
-                            "rule_set_version": rule_set.version,
-                            "record": records[e.key],
-                        }
-                        for e in events
-                    ],
-                )
+                if events:
+                    session.execute(
+                        sa.insert(EvaluatedEvent),
+                        [
+                            {
+                                "source": split_key(e.key)[0],
+                                "event_id": split_key(e.key)[1],
+                                "subject_key": e.subject_key,
+                                "event_type": e.event_type,
+                                "occurred_at": e.occurred_at,
+                                "evaluated_at": now,
+                                "rule_set": rule_set.name,
+                                "rule_set_version": rule_set.version,
+                                "record": records[e.key],
+                            }
+                            for e in events
+                        ],
+                    )
                 fresh = self._not_yet_emitted(session, list(outcomes))
                 if fresh:
                     by_id = {f.outcome_id: f for f in firings}
@@ -158,18 +363,343 @@ class SqlEvaluationStore:
                             for i, payload in zip(fresh, payloads, strict=True)
                         ],
                     )
+                    session.execute(
+                        sa.insert(OutcomeEvent),
+                        [
+                            {
+                                "outcome_id": i,
+                                "event_key": key,
+                                "rule_id": by_id[i].rule_id,
+                                "subject_key": by_id[i].subject_key,
+                                "occurred_at": occurred.get(key) or self._occurred(records, key),
+                            }
+                            for i in fresh
+                            for key in dict.fromkeys(by_id[i].event_keys)
+                        ],
+                    )
                     session.execute(sa.insert(Outbox), outbox_rows(payloads, now))
+                if cleared:
+                    for chunk in _chunks(list(cleared)):
+                        session.execute(sa.delete(DeadLetterRow).where(_key_filter(DeadLetterRow, chunk)))
+                if failures:
+                    self._record_failures(session, failures, records, rule_set, now)
         except IntegrityError:
             return False
         return True
 
     @staticmethod
+    def _occurred(records: Mapping[str, bytes], key: str) -> datetime:
+        return engine_event_from_record(records[key]).occurred_at
+
+    @staticmethod
+    def _record_failures(
+        session: Session,
+        failures: Sequence[Failure],
+        records: Mapping[str, bytes],
+        rule_set: RuleSet,
+        now: datetime,
+    ) -> None:
+        keys = [f.event.key for f in failures]
+        existing = {
+            f"{r.source}/{r.event_id}": r.id
+            for r in session.execute(
+                sa.select(DeadLetterRow.id, DeadLetterRow.source, DeadLetterRow.event_id).where(
+                    _key_filter(DeadLetterRow, keys)
+                )
+            )
+        }
+        new = [f for f in failures if f.event.key not in existing]
+        if new:
+            session.execute(
+                sa.insert(DeadLetterRow),
+                [
+                    {
+                        "source": split_key(f.event.key)[0],
+                        "event_id": split_key(f.event.key)[1],
+                        "subject_key": f.event.subject_key,
+                        "occurred_at": f.event.occurred_at,
+                        "attempts": f.attempts,
+                        "reason": f.reason,
+                        "rule_set": rule_set.name,
+                        "rule_set_version": rule_set.version,
+                        "first_failed_at": now,
+                        "last_failed_at": now,
+                        "parked_at": now if f.parked else None,
+                        "record": records[f.event.key],
+                    }
+                    for f in new
+                ],
+            )
+        table = cast(sa.Table, DeadLetterRow.__table__)
+        again = [f for f in failures if f.event.key in existing]
+        if again:
+            # Executemany of one UPDATE keyed by id: COALESCE keeps the first parking time.
+            session.connection().execute(
+                sa.update(table)
+                .where(table.c.id == sa.bindparam("b_id"))
+                .values(
+                    attempts=sa.bindparam("b_attempts"),
+                    reason=sa.bindparam("b_reason"),
+                    rule_set=rule_set.name,
+                    rule_set_version=rule_set.version,
+                    last_failed_at=now,
+                    parked_at=sa.func.coalesce(table.c.parked_at, sa.bindparam("b_parked_at")),
+                ),
+                [
+                    {
+                        "b_id": existing[f.event.key],
+                        "b_attempts": f.attempts,
+                        "b_reason": f.reason,
+                        "b_parked_at": now if f.parked else None,
+                    }
+                    for f in again
+                ],
+            )
+
+    @staticmethod
     def _not_yet_emitted(session: Session, outcome_ids: list[str]) -> list[str]:
         if not outcome_ids:
             return []
-        existing = set(
-            session.scalars(
-                sa.select(EmittedOutcome.outcome_id).where(EmittedOutcome.outcome_id.in_(outcome_ids))
+        existing: set[str] = set()
+        for chunk in _chunks(outcome_ids):
+            existing.update(
+                session.scalars(
+                    sa.select(EmittedOutcome.outcome_id).where(EmittedOutcome.outcome_id.in_(chunk))
+                )
+            )
+        return [i for i in outcome_ids if i not in existing]
+
+    def dead_letters(self, ids: Sequence[int]) -> Sequence[DeadLetter]:
+        if not ids:
+            return []
+        with self._sessions() as session:
+            rows = session.scalars(
+                sa.select(DeadLetterRow)
+                .where(DeadLetterRow.id.in_(list(ids)), DeadLetterRow.parked_at.is_not(None))
+                .order_by(DeadLetterRow.id)
+            ).all()
+            return [_dead_letter(r) for r in rows]
+
+    def parked_ids(self, after: int | None, limit: int) -> Sequence[int]:
+        with self._sessions() as session:
+            query = sa.select(DeadLetterRow.id).where(DeadLetterRow.parked_at.is_not(None))
+            if after is not None:
+                query = query.where(DeadLetterRow.id > after)
+            return list(session.scalars(query.order_by(DeadLetterRow.id).limit(limit)))
+
+    def list_dead_letters(self, after: int | None, limit: int) -> Sequence[DeadLetter]:
+        with self._sessions() as session:
+            query = sa.select(DeadLetterRow).where(DeadLetterRow.parked_at.is_not(None))
+            if after is not None:
+                query = query.where(DeadLetterRow.id > after)
+            rows = session.scalars(query.order_by(DeadLetterRow.id).limit(limit)).all()
+            return [_dead_letter(r) for r in rows]
+
+
+def _dead_letter(row: DeadLetterRow) -> DeadLetter:
+    return DeadLetter(
+        dead_letter_id=row.id,
+        event=engine_event_from_record(row.record),
+        record=row.record,
+        reason=row.reason,
+        attempts=row.attempts,
+        rule_set=row.rule_set,
+        rule_set_version=row.rule_set_version,
+        first_failed_at=as_utc(row.first_failed_at),
+        last_failed_at=as_utc(row.last_failed_at),
+        parked_at=as_utc(row.parked_at) if row.parked_at is not None else None,
+    )
+
+
+def _optional_utc(value: datetime | None) -> datetime | None:
+    return as_utc(value) if value is not None else None
+
+
+def _stored(row: RuleSetRow, active_id: int | None, *, with_source: bool = True) -> StoredRuleSet:
+    return StoredRuleSet(
+        rule_set_id=row.id,
+        name=row.name,
+        version=row.version,
+        state=cast(State, row.state),
+        active=row.id == active_id,
+        source=row.source if with_source else "",
+        source_sha256=row.source_sha256,
+        created_at=as_utc(row.created_at),
+        created_by=row.created_by,
+        published_at=_optional_utc(row.published_at),
+        published_by=row.published_by,
+        activated_at=_optional_utc(row.activated_at),
+        activated_by=row.activated_by,
+        retired_at=_optional_utc(row.retired_at),
+        retired_by=row.retired_by,
+    )
+
+
+class SqlLifecycleUnit:
+    """One transaction of lifecycle changes (services.rules.lifecycle.LifecycleUnit)."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self._locking = session.get_bind().dialect.name == "postgresql"
+
+    def get(self, rule_set_id: int, *, lock: bool = False) -> StoredRuleSet | None:
+        query = sa.select(RuleSetRow).where(RuleSetRow.id == rule_set_id)
+        if lock and self._locking:
+            query = query.with_for_update()
+        row = self._session.scalars(query).one_or_none()
+        return None if row is None else _stored(row, self.active_id())
+
+    def find_published(self, name: str, version: int) -> StoredRuleSet | None:
+        row = self._session.scalars(
+            sa.select(RuleSetRow).where(RuleSetRow.name == name, RuleSetRow.published_version == version)
+        ).one_or_none()
+        return None if row is None else _stored(row, self.active_id())
+
+    def latest_published_version(self, name: str) -> int | None:
+        return self._session.scalar(
+            sa.select(sa.func.max(RuleSetRow.published_version)).where(RuleSetRow.name == name)
+        )
+
+    def active_id(self, *, lock: bool = False) -> int | None:
+        query = sa.select(RuleSetActive.rule_set_id).where(RuleSetActive.slot == _ACTIVE_SLOT)
+        if lock and self._locking:
+            query = query.with_for_update()
+        return self._session.scalar(query)
+
+    def add_draft(self, rule_set: RuleSet, source: str, actor: str, now: datetime) -> int:
+        row = RuleSetRow(
+            name=rule_set.name,
+            version=rule_set.version,
+            published_version=None,
+            state="draft",
+            source=source,
+            source_sha256=source_sha256(source),
+            created_at=now,
+            created_by=actor,
+        )
+        self._session.add(row)
+        self._session.flush()
+        return row.id
+
+    def mark_published(self, rule_set_id: int, actor: str, now: datetime) -> None:
+        self._session.execute(
+            sa.update(RuleSetRow)
+            .where(RuleSetRow.id == rule_set_id)
+            .values(
+                state="published", published_version=RuleSetRow.version, published_at=now, published_by=actor
             )
         )
-        return [i for i in outcome_ids if i not in existing]
+        self._session.flush()
+
+    def set_active(self, rule_set_id: int, actor: str, now: datetime) -> None:
+        values = {"rule_set_id": rule_set_id, "activated_at": now, "activated_by": actor}
+        updated = self._session.execute(
+            sa.update(RuleSetActive).where(RuleSetActive.slot == _ACTIVE_SLOT).values(**values)
+        )
+        if cast(Any, updated).rowcount == 0:
+            # The first activation; a concurrent first one fails on the primary key.
+            self._session.execute(sa.insert(RuleSetActive).values(slot=_ACTIVE_SLOT, **values))
+        self._session.execute(
+            sa.update(RuleSetRow)
+            .where(RuleSetRow.id == rule_set_id)
+            .values(activated_at=now, activated_by=actor)
+        )
+        self._session.flush()
+
+    def mark_retired(self, rule_set_id: int, actor: str, now: datetime) -> None:
+        self._session.execute(
+            sa.update(RuleSetRow)
+            .where(RuleSetRow.id == rule_set_id)
+            .values(state="retired", retired_at=now, retired_by=actor)
+        )
+        self._session.flush()
+
+    def record(self, change: Change) -> None:
+        _record(self._session, change)
+
+
+def _record(session: Session, change: Change) -> None:
+    session.execute(
+        sa.insert(RuleSetChangeRow).values(
+            rule_set_id=change.rule_set_id,
+            action=change.action,
+            actor=change.actor,
+            changed_at=change.at,
+            detail=json.dumps(dict(change.detail), sort_keys=True, default=str),
+        )
+    )
+
+
+class SqlLifecycleStore:
+    """Rule sets, the active pointer and the audit trail (services.rules.lifecycle.LifecycleStore)."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self._sessions = sessions
+
+    @contextmanager
+    def unit(self) -> Iterator[SqlLifecycleUnit]:
+        try:
+            with self._sessions() as session, session.begin():
+                yield SqlLifecycleUnit(session)
+        except IntegrityError as error:
+            # Two changes raced (two publications of one version, two first activations).
+            raise FailedPrecondition("a concurrent change to the rule sets won; read them again") from error
+
+    def get(self, rule_set_id: int) -> StoredRuleSet | None:
+        with self._sessions() as session:
+            return SqlLifecycleUnit(session).get(rule_set_id)
+
+    def active(self) -> ActivePointer | None:
+        """One primary-key read: every batch calls it to notice an activation."""
+        with self._sessions() as session:
+            row = session.execute(
+                sa.select(RuleSetActive.rule_set_id, RuleSetActive.activated_at).where(
+                    RuleSetActive.slot == _ACTIVE_SLOT
+                )
+            ).one_or_none()
+        return None if row is None else ActivePointer(row.rule_set_id, as_utc(row.activated_at))
+
+    def list(
+        self, *, after: int | None, limit: int, name: str | None, status: Status | None
+    ) -> Sequence[StoredRuleSet]:
+        with self._sessions() as session:
+            active_id = SqlLifecycleUnit(session).active_id()
+            query = sa.select(RuleSetRow)
+            if after is not None:
+                query = query.where(RuleSetRow.id > after)
+            if name:
+                query = query.where(RuleSetRow.name == name)
+            if status == "active":
+                query = query.where(RuleSetRow.id == (active_id if active_id is not None else -1))
+            elif status is not None:
+                query = query.where(RuleSetRow.state == status)
+                if status == "published" and active_id is not None:
+                    query = query.where(RuleSetRow.id != active_id)
+            rows = session.scalars(query.order_by(RuleSetRow.id).limit(limit)).all()
+            return [_stored(r, active_id, with_source=False) for r in rows]
+
+    def changes(self, *, rule_set_id: int | None, after: int | None, limit: int) -> Sequence[RecordedChange]:
+        with self._sessions() as session:
+            query = sa.select(RuleSetChangeRow)
+            if rule_set_id is not None:
+                query = query.where(RuleSetChangeRow.rule_set_id == rule_set_id)
+            if after is not None:
+                query = query.where(RuleSetChangeRow.id > after)
+            rows = session.scalars(query.order_by(RuleSetChangeRow.id).limit(limit)).all()
+            return [
+                RecordedChange(
+                    r.id,
+                    Change(
+                        rule_set_id=r.rule_set_id,
+                        action=cast(Any, r.action),
+                        actor=r.actor,
+                        at=as_utc(r.changed_at),
+                        detail=json.loads(r.detail),
+                    ),
+                )
+                for r in rows
+            ]
+
+    def record(self, change: Change) -> None:
+        with self._sessions() as session, session.begin():
+            _record(session, change)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,31 +15,71 @@ from kit.app import run_cli
 from kit.db import create_engine, make_session_factory
 from kit.logging import get_logger
 from kit.server import Service
+from services.score.access import POLICY
 from services.score.domain import Ledger
-from services.score.policy import load_policy
+from services.score.policy import ActivatedPolicy, PolicyBook, load_policy
 from services.score.servicer import DEFAULT_MAX_MISMATCHES, ScoreServicer, register
 from services.score.settings import ScoreSettings
 from services.score.storage import SqlLedgerStore
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
+log = get_logger("services.score")
 
-def _ledger(settings: ScoreSettings) -> tuple[Ledger, Engine]:
+
+Clock = Callable[[], datetime]
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def policy_book(store: SqlLedgerStore, policy_file: Path, clock: Clock) -> PolicyBook:
+    """The activated policies; the policy file seeds an empty store.
+
+    Once a store holds a policy, the file no longer decides: a change is previewed and
+    activated through the API (with who and when recorded), never by editing a file and
+    restarting, so every change is seen before it applies.
+    """
+    activations = store.activations()
+    seed = load_policy(policy_file)
+    if not activations:
+        first = ActivatedPolicy(seed, clock(), f"policy file {policy_file.name}", policy_file.read_text())
+        store.save_activation(first)
+        return PolicyBook((first,))
+    book = PolicyBook(tuple(activations))
+    if seed.version != book.active.version:
+        log.warning(
+            "the policy file is not the active policy; activate it with ActivatePolicy to apply it",
+            policy_file=str(policy_file),
+            file_version=seed.version,
+            active_version=book.active.version,
+        )
+    return book
+
+
+def _ledger(settings: ScoreSettings, clock: Clock) -> tuple[Ledger, Engine]:
     engine = create_engine(
         settings.common.database_url,
         sqlite_synchronous=settings.common.sqlite_synchronous,
         pool_size=settings.db_workers + 2,
     )
+    store = SqlLedgerStore(make_session_factory(engine))
     ledger = Ledger(
-        policy=load_policy(settings.policy_file),
-        store=SqlLedgerStore(make_session_factory(engine)),
-        clock=lambda: datetime.now(UTC),
+        policies=policy_book(store, settings.policy_file, clock),
+        store=store,
+        clock=clock,
+        page_size=settings.verify_page_size,
     )
     return ledger, engine
 
 
-def build(settings: ScoreSettings) -> Service:
-    ledger, engine = _ledger(settings)
+def build(settings: ScoreSettings, clock: Clock = _utc_now) -> Service:
+    ledger, engine = _ledger(settings, clock)
+    # A policy activation interrupted by a crash is finished before serving.
+    caught_up = ledger.catch_up_policy()
+    if caught_up:
+        log.info("recomputed subjects under the active policy", subjects=caught_up)
     # One writer thread by default: SQLite has one writer at a time anyway, and a single
     # thread applies batches in arrival order without lock contention.
     executor = ThreadPoolExecutor(max_workers=settings.db_workers, thread_name_prefix="score-db")
@@ -48,25 +90,30 @@ def build(settings: ScoreSettings) -> Service:
         name="score",
         service_names=[pb.DESCRIPTOR.services_by_name["ScoreService"].full_name],
         register=register(servicer),
+        policy=POLICY,
         engines=[engine],
+        background=[functools.partial(servicer.sweep_loop, settings.sweep_interval_s)],
         executors=[executor],
     )
 
 
 def verify(settings: ScoreSettings) -> int:
     """`python -m services.score verify`: exit status 1 when any stored score is wrong."""
-    ledger, engine = _ledger(settings)
+    ledger, engine = _ledger(settings, _utc_now)
     try:
         result = ledger.verify(DEFAULT_MAX_MISMATCHES, settings.verify_page_size)
     finally:
         engine.dispose()
-    print(f"subjects checked: {result.subjects_checked}, mismatches: {result.mismatch_count}")
+    print(
+        f"subjects checked: {result.subjects_checked}, mismatches: {result.mismatch_count}"
+        f" (expiry swept first: {result.swept} subjects)"
+    )
     for m in result.mismatches:
         print(
             f"  {m.subject_key}: stored {m.stored_score} {m.stored_tier or '-'}, "
             f"recomputed {m.recomputed_score} {m.recomputed_tier}"
         )
-    get_logger("services.score").info(
+    log.info(
         "scores verified", subjects_checked=result.subjects_checked, mismatch_count=result.mismatch_count
     )
     return 1 if result.mismatch_count else 0

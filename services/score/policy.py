@@ -1,4 +1,5 @@
-"""The score policy (pure domain): base, bounds, tiers and visibility, per subject kind.
+"""The score policy (pure domain): base, bounds, tiers, visibility, caps, lists and consent,
+per subject kind.
 
 A city configures the policy in a YAML file; it is versioned because every stored
 score records the version it was computed under, so a recompute under a new version
@@ -9,8 +10,8 @@ problem with its path, so an operator fixes the file in one go.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import timedelta
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,37 @@ class Tier:
 
 
 @dataclass(frozen=True)
+class Caps:
+    """Positive points one category may add within any rolling window of event time.
+
+    `None` means uncapped; `by_category` overrides the default for named categories.
+    """
+
+    window_days: int = 365
+    positive_per_category: int | None = None
+    by_category: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def window(self) -> timedelta:
+        return timedelta(days=self.window_days)
+
+    def limit(self, category: str) -> int | None:
+        return self.by_category.get(category, self.positive_per_category)
+
+
+@dataclass(frozen=True)
+class ListCriteria:
+    """Red list: a tier in `red_tiers` and, when `red_requires_no_negative`, no counting
+    negative entry. Black list: a tier in `black_tiers`, or, when `black_on_flag`, any
+    counting entry whose rule carries the black-list flag."""
+
+    red_tiers: frozenset[str] = frozenset()
+    red_requires_no_negative: bool = True
+    black_tiers: frozenset[str] = frozenset()
+    black_on_flag: bool = True
+
+
+@dataclass(frozen=True)
 class SubjectPolicy:
     """How subjects of one kind are scored. `tiers` run highest first."""
 
@@ -43,6 +75,9 @@ class SubjectPolicy:
     max_score: int
     tiers: tuple[Tier, ...]
     visibility_days: Mapping[str, int]
+    caps: Caps = field(default_factory=Caps)
+    lists: ListCriteria = field(default_factory=ListCriteria)
+    consent_required: bool = False
 
     def clamp(self, score: int) -> int:
         return max(self.min_score, min(self.max_score, score))
@@ -57,6 +92,13 @@ class SubjectPolicy:
     def visibility(self, severity: str) -> timedelta:
         return timedelta(days=self.visibility_days[severity])
 
+    def rank(self, tier: str) -> int | None:
+        """0 for the highest tier, larger is lower; None for a tier this policy lacks."""
+        for i, t in enumerate(self.tiers):
+            if t.name == tier:
+                return i
+        return None
+
 
 @dataclass(frozen=True)
 class ScorePolicy:
@@ -70,9 +112,18 @@ class ScorePolicy:
 def load_policy(path: Path) -> ScorePolicy:
     """Load and check a policy file; raises PolicyError listing every problem."""
     try:
-        document = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        text = path.read_text()
+    except OSError as exc:
         raise PolicyError([f"{path}: {exc}"]) from exc
+    return policy_from_text(text, source=str(path))
+
+
+def policy_from_text(text: str, *, source: str = "policy") -> ScorePolicy:
+    """Parse and check a policy document given as YAML text (a file or an RPC's payload)."""
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PolicyError([f"{source}: {exc}"]) from exc
     return parse_policy(document)
 
 
@@ -113,7 +164,12 @@ def _parse_subject_policy(path: str, raw: Any, version: str, problems: list[str]
     if not isinstance(raw, dict):
         problems.append(f"{path}: must be a mapping")
         return None
-    _unknown_keys(path, raw, {"base", "bounds", "tiers", "visibility_days"}, problems)
+    _unknown_keys(
+        path,
+        raw,
+        {"base", "bounds", "tiers", "visibility_days", "caps", "lists", "consent_required"},
+        problems,
+    )
     before = len(problems)
     base = _whole(f"{path}.base", raw.get("base"), problems)
     bounds = raw.get("bounds")
@@ -130,10 +186,84 @@ def _parse_subject_policy(path: str, raw: Any, version: str, problems: list[str]
         problems.append(f"{path}.bounds: must be a mapping with min and max")
     tiers = _parse_tiers(f"{path}.tiers", raw.get("tiers"), low, problems)
     visibility = _parse_visibility(f"{path}.visibility_days", raw.get("visibility_days"), problems)
+    caps = _parse_caps(f"{path}.caps", raw.get("caps"), problems)
+    lists = _parse_lists(f"{path}.lists", raw.get("lists"), {t.name for t in tiers}, problems)
+    consent = raw.get("consent_required")
+    if not isinstance(consent, bool):
+        problems.append(f"{path}.consent_required: must be true or false")
     if len(problems) > before or base is None or low is None or high is None:
         return None
     return SubjectPolicy(
-        version=version, base=base, min_score=low, max_score=high, tiers=tiers, visibility_days=visibility
+        version=version,
+        base=base,
+        min_score=low,
+        max_score=high,
+        tiers=tiers,
+        visibility_days=visibility,
+        caps=caps,
+        lists=lists,
+        consent_required=bool(consent),
+    )
+
+
+def _parse_caps(path: str, raw: Any, problems: list[str]) -> Caps:
+    if not isinstance(raw, dict):
+        problems.append(f"{path}: must be a mapping with window_days and positive_per_category")
+        return Caps()
+    _unknown_keys(path, raw, {"window_days", "positive_per_category", "by_category"}, problems)
+    window = _whole(f"{path}.window_days", raw.get("window_days"), problems)
+    if window is not None and window < 1:
+        problems.append(f"{path}.window_days: must be at least 1 day")
+    # null is allowed on purpose: a city may choose to leave positive points uncapped.
+    default = raw.get("positive_per_category")
+    if default is not None:
+        default = _whole(f"{path}.positive_per_category", default, problems)
+        if default is not None and default < 0:
+            problems.append(f"{path}.positive_per_category: must not be negative")
+    by_category: dict[str, int] = {}
+    raw_by = raw.get("by_category", {})
+    if not isinstance(raw_by, dict):
+        problems.append(f"{path}.by_category: must be a mapping of category to points")
+        raw_by = {}
+    for category, value in raw_by.items():
+        limit = _whole(f"{path}.by_category.{category}", value, problems)
+        if limit is not None and limit < 0:
+            problems.append(f"{path}.by_category.{category}: must not be negative")
+        elif limit is not None:
+            by_category[str(category)] = limit
+    return Caps(window_days=window or 365, positive_per_category=default, by_category=by_category)
+
+
+def _parse_lists(path: str, raw: Any, tier_names: set[str], problems: list[str]) -> ListCriteria:
+    if not isinstance(raw, dict):
+        problems.append(f"{path}: must be a mapping with red and black")
+        return ListCriteria()
+    _unknown_keys(path, raw, {"red", "black"}, problems)
+    found: dict[str, tuple[frozenset[str], bool]] = {}
+    for name, flag in (("red", "no_active_negative"), ("black", "flagged_entries")):
+        item = raw.get(name)
+        item_path = f"{path}.{name}"
+        if not isinstance(item, dict):
+            problems.append(f"{item_path}: must be a mapping with tiers and {flag}")
+            found[name] = (frozenset(), False)
+            continue
+        _unknown_keys(item_path, item, {"tiers", flag}, problems)
+        tiers = item.get("tiers")
+        if not isinstance(tiers, list) or not all(isinstance(t, str) for t in tiers):
+            problems.append(f"{item_path}.tiers: must be a list of tier names")
+            tiers = []
+        for i, tier in enumerate(tiers):
+            if tier_names and tier not in tier_names:
+                problems.append(f"{item_path}.tiers[{i}]: unknown tier {tier!r}")
+        value = item.get(flag)
+        if not isinstance(value, bool):
+            problems.append(f"{item_path}.{flag}: must be true or false")
+        found[name] = (frozenset(tiers), bool(value))
+    return ListCriteria(
+        red_tiers=found["red"][0],
+        red_requires_no_negative=found["red"][1],
+        black_tiers=found["black"][0],
+        black_on_flag=found["black"][1],
     )
 
 
@@ -191,3 +321,43 @@ def _unknown_keys(path: str, raw: dict[Any, Any], known: set[str], problems: lis
     unknown = sorted(str(k) for k in set(raw) - known)
     if unknown:
         problems.append(f"{path or 'policy'}: unknown keys {', '.join(unknown)}")
+
+
+@dataclass(frozen=True)
+class ActivatedPolicy:
+    """A policy as activated: when, by whom, and its document (kept for audit and replay)."""
+
+    policy: ScorePolicy
+    activated_at: datetime
+    activated_by: str
+    document: str
+
+
+@dataclass(frozen=True)
+class PolicyBook:
+    """Every policy ever activated, oldest first, so a past instant is scored under the
+    policy that was in force then (OpenFisca-style dated parameters)."""
+
+    activations: tuple[ActivatedPolicy, ...]
+
+    def __post_init__(self) -> None:
+        if not self.activations:
+            raise ValueError("a policy book needs at least one policy")
+
+    @property
+    def active(self) -> ScorePolicy:
+        return self.activations[-1].policy
+
+    def at(self, when: datetime) -> ScorePolicy:
+        """The policy in force at `when`; before the first activation, the first policy
+        (scores before Egret held any policy are computed under the earliest one)."""
+        chosen = self.activations[0].policy
+        for activation in self.activations:
+            if activation.activated_at <= when:
+                chosen = activation.policy
+            else:
+                break
+        return chosen
+
+    def versions(self) -> set[str]:
+        return {a.policy.version for a in self.activations}

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any
 
 import grpc
 from opentelemetry import trace
+from sqlalchemy.exc import SQLAlchemyError
 
 from egret.common.v1 import outcome_pb2
 from egret.score.v1 import score_service_pb2 as pb
@@ -15,8 +18,9 @@ from egret.score.v1 import score_service_pb2_grpc as pb_grpc
 from kit.db import run_blocking
 from kit.errors import InvalidArgument, Violation
 from kit.logging import get_logger
-from kit.protoconv import SEVERITY_NAMES, SUBJECT_KIND_NAMES, to_datetime
-from services.score.domain import ApplyResult, IncomingOutcome, Ledger, RuleRef, VerifyResult
+from kit.protoconv import SEVERITY_NAMES, SUBJECT_KIND_NAMES, SUBJECT_KIND_VALUES, to_datetime, to_timestamp
+from services.score.domain import ApplyResult, IncomingOutcome, Ledger, PolicyReport, RuleRef, VerifyResult
+from services.score.policy import PolicyError, ScorePolicy, policy_from_text
 
 log = get_logger(__name__)
 
@@ -61,10 +65,55 @@ def verify_response(result: VerifyResult) -> pb.VerifyScoresResponse:
                 recomputed_score=m.recomputed_score,
                 stored_tier=m.stored_tier,
                 recomputed_tier=m.recomputed_tier,
+                stored_lists=m.stored_lists,
+                recomputed_lists=m.recomputed_lists,
             )
             for m in result.mismatches
         ],
     )
+
+
+def report_message(report: PolicyReport) -> pb.PolicyReport:
+    return pb.PolicyReport(
+        current_version=report.current_version,
+        proposed_version=report.proposed_version,
+        as_of=to_timestamp(report.as_of),
+        subjects=report.subjects,
+        score_changed=report.score_changed,
+        tier_changed=report.tier_changed,
+        migrations=[
+            pb.TierMigration(
+                subject_kind=SUBJECT_KIND_VALUES[m.subject_kind],
+                from_tier=m.from_tier,
+                to_tier=m.to_tier,
+                subjects=m.subjects,
+            )
+            for m in report.migrations
+        ],
+        list_moves=[
+            pb.ListMove(
+                subject_kind=SUBJECT_KIND_VALUES[m.subject_kind],
+                list_name=m.list_name,
+                entering=m.entering,
+                leaving=m.leaving,
+            )
+            for m in report.list_moves
+        ],
+    )
+
+
+def parse_proposed(text: str) -> ScorePolicy:
+    """The proposed policy, or InvalidArgument with one violation per problem and its path."""
+    if not text.strip():
+        raise InvalidArgument("invalid policy", [Violation("policy_yaml", "is required", "REQUIRED")])
+    try:
+        return policy_from_text(text, source="policy_yaml")
+    except PolicyError as exc:
+        violations = []
+        for problem in exc.problems:
+            path, _, description = problem.partition(": ")
+            violations.append(Violation(f"policy_yaml.{path}", description or problem, "INVALID_POLICY"))
+        raise InvalidArgument("invalid policy", violations) from exc
 
 
 class ScoreServicer(pb_grpc.ScoreServiceServicer):
@@ -140,12 +189,73 @@ class ScoreServicer(pb_grpc.ScoreServiceServicer):
                     )
                 ],
             )
-        # Off the writer thread: a full verify reads every ledger and must not hold up batches.
-        result = await run_blocking(None, self._ledger.verify, limit, self._verify_page_size)
+        # The sweep writes, so it runs on the writer thread; the full read that follows runs
+        # off it, so it does not hold up batches.
+        swept = await run_blocking(self._executor, self._ledger.sweep_now)
+        result = await run_blocking(None, self._ledger.verify, limit, self._verify_page_size, swept)
         log.info(
             "scores verified", subjects_checked=result.subjects_checked, mismatch_count=result.mismatch_count
         )
         return verify_response(result)
+
+    async def PreviewPolicy(self, request: pb.PreviewPolicyRequest, context: Any) -> pb.PreviewPolicyResponse:
+        proposed = parse_proposed(request.policy_yaml)
+        # Read-only and possibly long: off the writer thread, like VerifyScores.
+        report = await run_blocking(None, self._ledger.preview, proposed)
+        return pb.PreviewPolicyResponse(report=report_message(report))
+
+    async def ActivatePolicy(
+        self, request: pb.ActivatePolicyRequest, context: Any
+    ) -> pb.ActivatePolicyResponse:
+        proposed = parse_proposed(request.policy_yaml)
+        # On the writer thread: batches wait while every subject is recomputed, so no batch
+        # is scored under a policy half switched.
+        report, recomputed = await run_blocking(
+            self._executor,
+            self._ledger.activate,
+            proposed,
+            request.policy_yaml,
+            request.activated_by,
+            request.expected_current_version,
+        )
+        log.info(
+            "policy activated",
+            version=proposed.version,
+            activated_by=request.activated_by,
+            subjects_recomputed=recomputed,
+            tier_changed=report.tier_changed,
+        )
+        return pb.ActivatePolicyResponse(
+            report=report_message(report),
+            subjects_recomputed=recomputed,
+            activated_at=to_timestamp(report.as_of),
+        )
+
+    async def ListPolicies(self, request: pb.ListPoliciesRequest, context: Any) -> pb.ListPoliciesResponse:
+        return pb.ListPoliciesResponse(
+            activations=[
+                pb.PolicyActivation(
+                    version=a.policy.version,
+                    activated_at=to_timestamp(a.activated_at),
+                    activated_by=a.activated_by,
+                    policy_yaml=a.document,
+                )
+                for a in self._ledger.policies.activations
+            ]
+        )
+
+    async def sweep_loop(self, interval_s: float, stopping: asyncio.Event) -> None:
+        """Background loop: recompute subjects whose entries expired, on the writer thread."""
+        while not stopping.is_set():
+            try:
+                swept = await run_blocking(self._executor, self._ledger.sweep)
+                if swept:
+                    log.info("expiry swept", subjects_recomputed=swept)
+            except SQLAlchemyError as exc:
+                # The database is away (health reports it); the next round retries.
+                log.warning("expiry sweep failed; will retry", error=type(exc).__name__)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), interval_s)
 
 
 def register(servicer: ScoreServicer) -> Callable[[grpc.aio.Server], None]:

@@ -18,6 +18,7 @@ class ScoreSettings:
     max_batch_size: int
     verify_page_size: int
     db_workers: int
+    sweep_interval_s: float = 60.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ScoreSettings:
@@ -31,6 +32,9 @@ class ScoreSettings:
             max_batch_size=env.integer("EGRET_MAX_BATCH_SIZE", 10000, minimum=1, maximum=100000),
             verify_page_size=env.integer("EGRET_VERIFY_PAGE_SIZE", 1000, minimum=1, maximum=10000),
             db_workers=env.integer("EGRET_DB_WORKERS", 1, minimum=1, maximum=64),
+            # Reads are exact without the sweep (query recomputes a row past its next
+            # change), so the interval only bounds how stale history and distributions get.
+            sweep_interval_s=env.number("EGRET_SWEEP_INTERVAL_SECONDS", 60.0, minimum=0.05, maximum=86400.0),
         )
         env.check()
         return settings

@@ -20,7 +20,13 @@ from tests.support.events import ORGANIZATION, PERSON, event
 
 pytestmark = pytest.mark.e2e
 
-WHEN = datetime(2026, 6, 1, tzinfo=UTC)
+# Score counts an entry only until its visible_until (minor: 90 days), measured against the
+# real clock the services run on, so the scenario is dated a month ago rather than on a fixed
+# day: every entry below still counts and the hand-computed scores hold on any run date.
+# (Expiry itself is proven at its boundaries in tests/integration/test_score_policy_in_time.py.)
+# Caps (+50 per category per 12 months for persons, +30 for organizations) do not bite here:
+# Carol's civic +40 and Acme's finance +10 / commerce +5 stay under them.
+WHEN = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=30)
 ALICE, BOB, CAROL, DAVE = (
     "350200199001011234",
     "350200198502023456",
@@ -171,7 +177,7 @@ async def test_hand_computed_scenario_lands_the_expected_scores(cluster: Cluster
         ]
         late = page.entries[-1]
         entry = (await query.GetEntry(query_pb.GetEntryRequest(entry_id=late.entry_id))).entry
-        assert (entry.points, entry.category, entry.rule.rule_set_version) == (-3, "civic", 1)
+        assert (entry.points, entry.category, entry.rule.rule_set_version) == (-3, "civic", 2)
         (evidence,) = entry.evidence
         assert (evidence.ref.source, evidence.ref.event_id) == ("library", "lib-1")
         assert evidence.attributes["days_late"].int_value == 40

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,13 +18,14 @@ from egret.common.v1 import event_pb2
 from egret.ingest.v1 import ingest_service_pb2 as pb
 from egret.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from kit.pseudonym import Pseudonymiser
-from kit.settings import PeerSettings, PseudonymSettings, RelaySettings
+from kit.settings import PeerSettings, PseudonymSettings, RelaySettings, SettingsError
+from kit.sharding import shard_of
 from services.ingest.bootstrap import MIGRATIONS, build
 from services.ingest.settings import IngestSettings
 from tests.support.databases import create_postgres_database, drop_postgres_database
 from tests.support.events import TEST_SUBJECT_KEY, event
-from tests.support.fakes import RecordingRules, serving_rules
-from tests.support.servers import common_settings, running
+from tests.support.fakes import RecordingRules, serving_rules, serving_rules_shards
+from tests.support.servers import client_channel, common_settings, running
 from tests.support.status import bad_request
 
 SUBJECT = "350200199001011234"
@@ -40,7 +42,7 @@ def ingest_settings(
         max_future_skew_s=300,
         max_event_age_days=3650,
         db_workers=2,
-        rules=PeerSettings(address=rules_address, deadline_s=2.0),
+        rules=(PeerSettings(address=rules_address, deadline_s=2.0),),
         relay=RelaySettings(batch_size=50, poll_interval_s=0.05, backoff_initial_s=0.05, backoff_max_s=0.2),
     )
 
@@ -57,7 +59,7 @@ async def ingest(
     async with (
         serving_rules(rules) as rules_address,
         running(ingest_settings(database_url, tmp_path, rules_address), build, MIGRATIONS) as address,
-        grpc.aio.insecure_channel(address) as channel,
+        client_channel(address) as channel,
     ):
         yield pb_grpc.IngestServiceStub(channel), rules
 
@@ -158,7 +160,7 @@ async def test_stream_acknowledges_every_batch_in_order_and_survives_a_bad_batch
             source="library", batch_id="three", events=[late("s0"), late("s10", subject="other")]
         )
 
-    acks = [ack async for ack in stub.StreamEvents(batches())]
+    acks = [ack async for ack in stub.StreamEvents(batches(), timeout=30)]
     assert [a.batch_id for a in acks] == ["one", "two", "three"]
     assert acks[0].counts.accepted == 10
     assert acks[1].counts.rejected == 1
@@ -173,7 +175,7 @@ async def test_relay_retries_with_backoff_until_rules_accepts(database_url: str,
     async with (
         serving_rules(rules) as rules_address,
         running(ingest_settings(database_url, tmp_path, rules_address), build, MIGRATIONS) as address,
-        grpc.aio.insecure_channel(address) as channel,
+        client_channel(address) as channel,
     ):
         stub = pb_grpc.IngestServiceStub(channel)
         await stub.SubmitEvents(pb.SubmitEventsRequest(source="library", events=[late("r1"), late("r2")]))
@@ -193,7 +195,7 @@ async def test_events_committed_while_rules_is_down_are_delivered_after_restart(
 ) -> None:
     async with (
         running(ingest_settings(database_url, tmp_path, "127.0.0.1:9"), build, MIGRATIONS) as address,
-        grpc.aio.insecure_channel(address) as channel,
+        client_channel(address) as channel,
     ):
         stub = pb_grpc.IngestServiceStub(channel)
         await stub.SubmitEvents(pb.SubmitEventsRequest(source="library", events=[late("d1"), late("d2")]))
@@ -226,7 +228,7 @@ async def test_health_turns_not_serving_when_the_database_goes_away(tmp_path: Pa
     try:
         async with (
             running(ingest_settings(url, tmp_path, "127.0.0.1:9"), build, MIGRATIONS) as address,
-            grpc.aio.insecure_channel(address) as channel,
+            client_channel(address) as channel,
         ):
             health = health_pb2_grpc.HealthStub(channel)
 
@@ -253,10 +255,117 @@ async def test_health_turns_not_serving_when_the_database_goes_away(tmp_path: Pa
 async def test_reflection_lists_the_service_and_health(database_url: str, tmp_path: Path) -> None:
     async with (
         running(ingest_settings(database_url, tmp_path, "127.0.0.1:9"), build, MIGRATIONS) as address,
-        grpc.aio.insecure_channel(address) as channel,
+        client_channel(address) as channel,
     ):
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         request = reflection_pb2.ServerReflectionRequest(list_services="")
         responses = [r async for r in stub.ServerReflectionInfo(iter([request]))]
         names = {s.name for s in responses[0].list_services_response.service}
         assert {"egret.ingest.v1.IngestService", "grpc.health.v1.Health"} <= names
+
+
+def sharded_settings(database_url: str, data_dir: Path, addresses: list[str]) -> IngestSettings:
+    single = ingest_settings(database_url, data_dir, addresses[0])
+    return replace(single, rules=tuple(PeerSettings(address=a, deadline_s=2.0) for a in addresses))
+
+
+def subject_key_of(subject: str) -> str:
+    return Pseudonymiser(TEST_SUBJECT_KEY, "k1").subject_key("person", "resident-id", subject)
+
+
+def shard_of_subject(subject: str, shards: int) -> int:
+    return shard_of(subject_key_of(subject), shards)
+
+
+SHARDED_SUBJECTS = [f"3502001990{i:08d}" for i in range(40)]
+
+
+async def submit_three_each(stub: pb_grpc.IngestServiceAsyncStub) -> None:
+    """Three rounds over every subject, so each subject has events in three batches."""
+    for round_ in range(3):
+        events = [late(f"{subject}-{round_}", subject=subject) for subject in SHARDED_SUBJECTS]
+        response = await stub.SubmitEvents(pb.SubmitEventsRequest(source="library", events=events))
+        assert response.counts.accepted == len(SHARDED_SUBJECTS)
+
+
+async def test_sharded_rules_each_shard_receives_exactly_its_subjects_in_order(
+    database_url: str, tmp_path: Path
+) -> None:
+    shards = [RecordingRules(), RecordingRules()]
+    async with (
+        serving_rules_shards(shards) as addresses,
+        running(sharded_settings(database_url, tmp_path, addresses), build, MIGRATIONS) as address,
+        client_channel(address) as channel,
+    ):
+        await submit_three_each(pb_grpc.IngestServiceStub(channel))
+        await until(lambda: sum(len(s.event_ids()) for s in shards) == 3 * len(SHARDED_SUBJECTS))
+    owners = {s: shard_of_subject(s, 2) for s in SHARDED_SUBJECTS}
+    assert set(owners.values()) == {0, 1}
+    for index, servicer in enumerate(shards):
+        received = servicer.events()
+        assert {e.subject_key for e in received} == {
+            subject_key_of(s) for s, owner in owners.items() if owner == index
+        }
+        # Per subject, events arrive in the order ingest stored them.
+        by_subject: dict[str, list[int]] = {}
+        for e in received:
+            by_subject.setdefault(e.subject_key, []).append(e.sequence)
+        assert all(seqs == sorted(seqs) and len(seqs) == 3 for seqs in by_subject.values())
+
+
+async def test_sharded_rules_a_failing_shard_holds_back_only_its_own_subjects(
+    database_url: str, tmp_path: Path
+) -> None:
+    down, up = RecordingRules(failures=10**9), RecordingRules()
+    expected_up = 3 * sum(1 for s in SHARDED_SUBJECTS if shard_of_subject(s, 2) == 1)
+    async with (
+        serving_rules_shards([down, up]) as addresses,
+        running(sharded_settings(database_url, tmp_path, addresses), build, MIGRATIONS) as address,
+        client_channel(address) as channel,
+    ):
+        await submit_three_each(pb_grpc.IngestServiceStub(channel))
+        await until(lambda: len(up.event_ids()) == expected_up)
+        assert down.calls > 0
+        assert down.event_ids() == []
+        engine = sa.create_engine(database_url)
+        with engine.connect() as connection:
+            waiting = connection.execute(
+                sa.text("SELECT shard, count(*) FROM ingest_outbox GROUP BY shard")
+            ).all()
+        engine.dispose()
+    assert [tuple(row) for row in waiting] == [(0, 3 * len(SHARDED_SUBJECTS) - expected_up)]
+
+
+async def test_fewer_rules_shards_than_the_outbox_was_written_for_stops_start_up(
+    database_url: str, tmp_path: Path
+) -> None:
+    unreachable = ["127.0.0.1:9", "127.0.0.1:10"]
+    async with (
+        running(sharded_settings(database_url, tmp_path, unreachable), build, MIGRATIONS) as address,
+        client_channel(address) as channel,
+    ):
+        await submit_three_each(pb_grpc.IngestServiceStub(channel))
+    with pytest.raises(SettingsError) as raised:
+        async with running(ingest_settings(database_url, tmp_path, "127.0.0.1:9"), build, MIGRATIONS):
+            pass
+    assert "the outbox holds events for shard(s) 1" in str(raised.value)
+
+
+async def test_a_call_without_a_deadline_is_refused_before_any_work(
+    database_url: str, tmp_path: Path
+) -> None:
+    rules = RecordingRules()
+    async with (
+        serving_rules(rules) as rules_address,
+        running(ingest_settings(database_url, tmp_path, rules_address), build, MIGRATIONS) as address,
+        grpc.aio.insecure_channel(address) as channel,
+    ):
+        stub = pb_grpc.IngestServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.SubmitEvent(pb.SubmitEventRequest(source="library", event=late("nd1")))
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert bad_request(raised.value) == [("grpc-timeout", "REQUIRED")]
+        accepted = await stub.SubmitEvent(
+            pb.SubmitEventRequest(source="library", event=late("nd1")), timeout=5
+        )
+        assert accepted.result.status == pb.EVENT_STATUS_ACCEPTED  # the refused call stored nothing

@@ -35,7 +35,9 @@ from tests.support.status import bad_request
 POLICY_FILE = Path(__file__).parents[2] / "config" / "policy.yaml"
 RESIDENT_ID = "350200199001011234"
 ALICE = Pseudonymiser(TEST_SUBJECT_KEY, "k1").subject_key("person", "resident-id", RESIDENT_ID)
-OCCURRED = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+# A month ago, so that no entry has reached its visible_until (the shortest period, minor,
+# is 90 days); expiry itself is tested at its boundaries with an injected clock.
+OCCURRED = (datetime.now(UTC) - timedelta(days=30)).replace(microsecond=0)
 
 
 def score_settings(database_url: str, data_dir: Path) -> ScoreSettings:
@@ -105,7 +107,7 @@ async def test_get_score_by_raw_id_and_by_subject_key(services: Services) -> Non
     assert by_raw == keyed == padded
     score = keyed.score
     assert (score.subject_key, score.subject_kind, score.score, score.tier) == (ALICE, PERSON, 1002, "A")
-    assert (score.base_score, score.policy_version, score.entry_count) == (1000, "2026.1", 3)
+    assert (score.base_score, score.policy_version, score.entry_count) == (1000, "2026.2", 3)
     assert [(c.category, c.points, c.entry_count) for c in score.categories] == [
         ("civic", 7, 2),
         ("traffic", -5, 1),

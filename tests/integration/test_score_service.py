@@ -25,7 +25,9 @@ from tests.support.servers import common_settings, running
 POLICY_FILE = Path(__file__).parents[2] / "config" / "policy.yaml"
 ALICE = "a1" * 32
 BOB = "b2" * 32
-OCCURRED = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+# A month ago, so that no entry has reached its visible_until (the shortest period, minor,
+# is 90 days); expiry itself is tested at its boundaries with an injected clock.
+OCCURRED = (datetime.now(UTC) - timedelta(days=30)).replace(microsecond=0)
 
 MINOR = outcome_pb2.SEVERITY_MINOR
 SERIOUS = outcome_pb2.SEVERITY_SERIOUS
@@ -92,7 +94,7 @@ async def test_a_batch_becomes_ledger_entries_and_scores(
 ) -> None:
     response = await score.ApplyOutcomes(pb.ApplyOutcomesRequest(outcomes=BATCH))
     assert (response.applied, response.duplicate, response.subjects_updated) == (4, 0, 2)
-    assert stored_scores(db) == {ALICE: (1002, "A", 3, "2026.1"), BOB: (950, "B", 1, "2026.1")}
+    assert stored_scores(db) == {ALICE: (1002, "A", 3, "2026.2"), BOB: (950, "B", 1, "2026.2")}
     assert stored_categories(db) == {
         (ALICE, "civic"): (7, 2),
         (ALICE, "traffic"): (-5, 1),
@@ -145,7 +147,7 @@ async def test_an_invalid_outcome_does_not_block_the_rest(
     assert (response.applied, response.duplicate, response.subjects_updated) == (2, 0, 2)
     with db.connect() as c:
         assert sorted(c.scalars(sa.select(StoredEntry.entry_id))) == ["o2", "o4"]
-    assert stored_scores(db) == {ALICE: (995, "A", 1, "2026.1"), BOB: (950, "B", 1, "2026.1")}
+    assert stored_scores(db) == {ALICE: (995, "A", 1, "2026.2"), BOB: (950, "B", 1, "2026.2")}
 
 
 async def test_an_empty_batch_is_a_no_op(score: pb_grpc.ScoreServiceAsyncStub) -> None:

@@ -6,17 +6,22 @@ Used to test a relay against a real gRPC server on loopback without running rule
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import grpc
 
+from egret.common.v1 import event_pb2
 from egret.rules.v1 import rules_service_pb2 as rules_pb
 from egret.rules.v1 import rules_service_pb2_grpc as rules_grpc
 
+# Typed as Any: the fake implements only what ingest calls, and mypy would otherwise
+# require every RulesService RPC (the generated servicer's methods are abstract).
+_RulesServicer: Any = rules_grpc.RulesServiceServicer
 
-class RecordingRules(rules_grpc.RulesServiceServicer):
+
+class RecordingRules(_RulesServicer):  # type: ignore[misc]
     def __init__(self, failures: int = 0) -> None:
         self.failures = failures
         self.calls = 0
@@ -39,6 +44,10 @@ class RecordingRules(rules_grpc.RulesServiceServicer):
     def event_ids(self) -> list[str]:
         return [e.ref.event_id for b in self.batches for e in b.events]
 
+    def events(self) -> list[event_pb2.RecordedEvent]:
+        """Every event received, in arrival order."""
+        return [e for b in self.batches for e in b.events]
+
 
 @asynccontextmanager
 async def serving_rules(servicer: RecordingRules) -> AsyncIterator[str]:
@@ -50,3 +59,10 @@ async def serving_rules(servicer: RecordingRules) -> AsyncIterator[str]:
         yield f"127.0.0.1:{port}"
     finally:
         await server.stop(0)
+
+
+@asynccontextmanager
+async def serving_rules_shards(servicers: Sequence[RecordingRules]) -> AsyncIterator[list[str]]:
+    """One fake rules server per shard; yields their addresses in shard order."""
+    async with AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(serving_rules(s)) for s in servicers]

@@ -9,9 +9,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from kit.app import migrate
 from kit.server import Service, serve
-from kit.settings import CommonSettings
+from kit.settings import CommonSettings, SecuritySettings
 
 
 def common_settings(service: str, database_url: str, data_dir: Path) -> CommonSettings:
@@ -26,6 +28,7 @@ def common_settings(service: str, database_url: str, data_dir: Path) -> CommonSe
         health_interval_s=0.2,
         migrate_on_start=True,
         sqlite_synchronous="NORMAL",
+        security=SecuritySettings(insecure=True),
     )
 
 
@@ -53,3 +56,22 @@ async def running(
 
 def with_common(settings: Any, **changes: Any) -> Any:
     return replace(settings, common=replace(settings.common, **changes))
+
+
+class _DefaultDeadline(grpc.aio.UnaryUnaryClientInterceptor):
+    """Gives unary calls without a deadline one, as every real client must (ingest requires
+    it). Streaming calls in tests set their deadline explicitly."""
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        details = client_call_details
+        if details.timeout is None:
+            details = details._replace(timeout=self._seconds)
+        return await continuation(details, request)
+
+
+def client_channel(address: str, default_deadline_s: float = 30.0) -> grpc.aio.Channel:
+    """A plaintext test channel whose unary calls get a deadline unless they set their own."""
+    return grpc.aio.insecure_channel(address, interceptors=[_DefaultDeadline(default_deadline_s)])

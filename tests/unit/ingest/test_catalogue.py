@@ -36,7 +36,7 @@ def violations(event: IncomingEvent, source: str = "library") -> list[tuple[str,
 
 
 def test_sample_catalogue_holds_every_domain_event_type() -> None:
-    assert len(CATALOGUE.event_types) == 18
+    assert len(CATALOGUE.event_types) == 19
     assert CATALOGUE.event_types["legal.judgment_defaulter"].subject_kinds == {"person", "organization"}
 
 

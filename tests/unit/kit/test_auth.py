@@ -14,7 +14,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from kit.auth import RateLimiter, Role, TokenVerifier, Unauthenticated, issue_token, jwks_document
+from kit.auth import RateLimiter, Role, TokenVerifier, issue_token, jwks_document
+from kit.errors import Unauthenticated
 from kit.pseudonym import Pseudonymiser
 
 ISSUER, AUDIENCE = "https://idp.city.example", "egret"

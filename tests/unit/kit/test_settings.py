@@ -30,13 +30,26 @@ def test_missing_and_bad_values_are_all_reported() -> None:
 
 def test_a_short_subject_key_is_refused() -> None:
     with pytest.raises(SettingsError) as raised:
-        IngestSettings.from_env({"EGRET_SUBJECT_KEY": "short"})
+        IngestSettings.from_env({"EGRET_SUBJECT_KEY": "short", "EGRET_INSECURE": "true"})
     assert raised.value.problems == ["the subject HMAC key must be at least 32 bytes long"]
 
 
 def test_defaults_give_a_local_sqlite_service() -> None:
-    settings = IngestSettings.from_env({"EGRET_SUBJECT_KEY": "x" * 32, "EGRET_DATA_DIR": "/tmp/egret"})
+    settings = IngestSettings.from_env(
+        {"EGRET_SUBJECT_KEY": "x" * 32, "EGRET_DATA_DIR": "/tmp/egret", "EGRET_INSECURE": "true"}
+    )
     assert settings.common.database_url == "sqlite:////tmp/egret/ingest.db"
     assert settings.common.listen_address == "127.0.0.1:50051"
-    assert settings.rules.address == "127.0.0.1:50052"
+    assert [peer.address for peer in settings.rules] == ["127.0.0.1:50052"]
     assert settings.max_batch_size == 1000
+
+
+def test_production_refuses_to_serve_without_tls_and_token_keys() -> None:
+    settings = IngestSettings.from_env({"EGRET_SUBJECT_KEY": "x" * 32})
+    assert settings.common.security.missing() == [
+        "EGRET_TLS_CERT_FILE is required unless EGRET_INSECURE=true (never in production)",
+        "EGRET_TLS_KEY_FILE is required unless EGRET_INSECURE=true (never in production)",
+        "EGRET_JWT_ISSUER is required unless EGRET_INSECURE=true (never in production)",
+        "EGRET_JWT_PUBLIC_KEY_FILE or EGRET_JWT_JWKS_FILE is required unless EGRET_INSECURE=true"
+        " (never in production)",
+    ]

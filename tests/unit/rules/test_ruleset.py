@@ -12,14 +12,19 @@ import pytest
 import yaml
 
 from services.rules.ruleset import (
+    WINDOW_VARIABLES,
     AllOf,
     AttributeScalar,
+    Cap,
     Comparison,
     EvaluationProblem,
     Not,
     PointsExpression,
     RuleSet,
     RuleSetError,
+    SequenceSpec,
+    Step,
+    Window,
     load_rule_set,
     outcome_id,
     parse_rule_set,
@@ -58,10 +63,10 @@ def errors_of(*rules: dict[str, Any]) -> list[str]:
     return caught.value.errors
 
 
-def test_sample_rule_set_holds_every_per_event_rule_of_the_catalogue() -> None:
+def test_sample_rule_set_holds_every_rule_of_the_catalogue() -> None:
     rule_set = load_rule_set(SAMPLE)
 
-    assert (rule_set.name, rule_set.version) == ("egret-sample", 1)
+    assert (rule_set.name, rule_set.version) == ("egret-sample", 2)
     assert rule_set.source_sha256 == hashlib.sha256(SAMPLE.read_bytes()).hexdigest()
     assert {(r.id, r.points if isinstance(r.points, int) else r.points.source) for r in rule_set.rules} == {
         ("transport.bike_parked_in_fence", 1),
@@ -80,8 +85,35 @@ def test_sample_rule_set_holds_every_per_event_rule_of_the_catalogue() -> None:
         ("commerce.major_food_safety_violation", -50),
         ("commerce.inspection_passed", 5),
         ("civic.public_property_damage", -100),
+        ("transport.bike_parked_outside_fence_repeatedly", -5),
+        ("transport.metro_fare_evasion_repeated", -20),
+        ("library.returns_on_time", 5),
+        ("finance.early_loan_default", -20),
     }
-    assert [r.id for r in rule_set.rules if r.black_list] == ["legal.judgment_defaulter"]
+    assert [r.id for r in rule_set.rules if r.black_list] == [
+        "legal.judgment_defaulter",
+        "transport.metro_fare_evasion_repeated",
+    ]
+    forms = {r.id: (r.window, r.sequence, r.cap) for r in rule_set.rules if r.window or r.sequence or r.cap}
+    assert forms == {
+        "civic.volunteer_hours": (None, None, Cap(20, timedelta(days=365))),
+        "transport.bike_parked_outside_fence_repeatedly": (Window(3, timedelta(days=30), None), None, None),
+        "transport.metro_fare_evasion_repeated": (Window(3, timedelta(days=90), None), None, None),
+        "library.returns_on_time": (Window(12, timedelta(days=365), None), None, None),
+        "finance.early_loan_default": (
+            None,
+            SequenceSpec(
+                steps=(
+                    Step(("finance.loan_taken",), None),
+                    Step(("finance.loan_default",), AllOf((Comparison("days_overdue", "gt", 30),))),
+                ),
+                within=timedelta(days=180),
+                correlate_by="loan_id",
+            ),
+            None,
+        ),
+    }
+    assert rule_set.lookback == timedelta(days=365)
 
 
 def test_sample_rule_set_names_only_catalogue_event_types_and_their_attributes() -> None:
@@ -89,14 +121,28 @@ def test_sample_rule_set_names_only_catalogue_event_types_and_their_attributes()
     schema = {t["name"]: set(t["attributes"]) for t in catalogue["event_types"]}
 
     for sample_rule in load_rule_set(SAMPLE).rules:
-        for event_type in sample_rule.event_types:
-            assert event_type in schema, sample_rule.id
-            named = sample_rule.reason.names | sample_rule.description.names
-            if isinstance(sample_rule.points, PointsExpression):
-                named |= sample_rule.points.names
-            if sample_rule.when is not None:
-                named |= _condition_attributes(sample_rule.when)
-            assert named <= schema[event_type], sample_rule.id
+        steps = (
+            sample_rule.sequence.steps
+            if sample_rule.sequence
+            else [Step(sample_rule.event_types, sample_rule.when)]
+        )
+        pattern = sample_rule.window is not None or sample_rule.sequence is not None
+        quoted = sample_rule.reason.names | sample_rule.description.names
+        if isinstance(sample_rule.points, PointsExpression):
+            quoted |= sample_rule.points.names
+        if pattern:
+            quoted -= WINDOW_VARIABLES
+        for step in steps:
+            for event_type in step.event_types:
+                assert event_type in schema, sample_rule.id
+                read = _condition_attributes(step.when) if step.when is not None else set()
+                assert read <= schema[event_type], sample_rule.id
+        # Quoted attributes come from the latest event: the last step's, for a sequence.
+        for event_type in steps[-1].event_types:
+            assert quoted <= schema[event_type], sample_rule.id
+        keyed = sample_rule.sequence.correlate_by if sample_rule.sequence else None
+        if keyed is not None:
+            assert all(keyed in schema[t] for step in steps for t in step.event_types)
 
 
 def _condition_attributes(condition: object) -> set[str]:
@@ -171,7 +217,7 @@ def test_validation_reports_every_error_at_once_each_with_its_path() -> None:
             severity: minor
             legal_basis: x
             reason: "Returned {days_late} days late"
-            window: 30d
+            schedule: 30d
         """
     )
 
@@ -188,7 +234,7 @@ def test_validation_reports_every_error_at_once_each_with_its_path() -> None:
             "rules[1] (a.one).reason: {0} must name an attribute (no positions, dots or indexes)",
             "rules[2] (a.three).category: must be a non-empty string",
             "rules[2] (a.three).event_types: must be a non-empty list of event type names",
-            "rules[3] (library.late_return).window: unknown field",
+            "rules[3] (library.late_return).schedule: unknown field",
             "rules[3] (library.late_return).when.all[0].op: unknown operator 'gtt'",
             "rules[3] (library.late_return).when.all[1].any[0].value: low 9 is greater than high 1",
         ]

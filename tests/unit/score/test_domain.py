@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,33 +14,43 @@ from services.score.domain import (
     EntryStatus,
     IncomingOutcome,
     Ledger,
-    LedgerEntry,
     Mismatch,
-    Recorded,
-    Rescore,
     RuleRef,
     ScoredEntry,
-    SubjectLedger,
+    ScoreResult,
+    ScoreState,
     compute_score,
     outcome_violations,
 )
-from services.score.policy import ScorePolicy, load_policy
+from services.score.policy import ActivatedPolicy, Caps, PolicyBook, ScorePolicy, SubjectPolicy, load_policy
+from tests.unit.score.fakes import FakeStore
 
 POLICY = load_policy(Path(__file__).parents[3] / "config" / "policy.yaml")
 PERSON = POLICY.for_kind("person")
+# The arithmetic tests below are about sums, tiers and bounds, so the cap is lifted.
+UNCAPPED = replace(PERSON, caps=Caps(positive_per_category=None))
 NOW = datetime(2026, 7, 1, 9, 30, tzinfo=UTC)
 OCCURRED = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 
 
-def active(points: int, category: str = "civic") -> ScoredEntry:
-    return ScoredEntry(points, category, EntryStatus.ACTIVE)
+_serial = iter(range(1_000_000))
+
+
+def active(points: int, category: str = "civic", status: EntryStatus = EntryStatus.ACTIVE) -> ScoredEntry:
+    """A recent entry that counts at NOW, unless its status says otherwise."""
+    severity = "positive" if points > 0 else "general"
+    return ScoredEntry(f"e{next(_serial)}", points, category, severity, status, OCCURRED, OCCURRED)
+
+
+def score_of(entries: Sequence[ScoredEntry], policy: SubjectPolicy | None = None) -> ScoreResult:
+    return compute_score(entries, policy or UNCAPPED, NOW)
 
 
 def test_score_is_base_plus_the_points_of_active_entries_by_category() -> None:
-    result = compute_score([active(10), active(-5, "traffic"), active(-3), active(2, "transport")], PERSON)
+    result = score_of([active(10), active(-5, "traffic"), active(-3), active(2, "transport")])
     assert result.score == 1000 + 10 - 5 - 3 + 2
     assert result.tier == "A"
-    assert result.policy_version == "2026.1"
+    assert result.policy_version == "2026.2"
     assert result.entry_count == 4
     assert result.categories == (
         CategoryScore("civic", 7, 2),
@@ -50,7 +60,7 @@ def test_score_is_base_plus_the_points_of_active_entries_by_category() -> None:
 
 
 def test_an_empty_ledger_scores_the_base() -> None:
-    result = compute_score([], PERSON)
+    result = score_of([])
     assert (result.score, result.tier, result.entry_count, result.categories) == (1000, "A", 0, ())
 
 
@@ -58,26 +68,26 @@ def test_an_empty_ledger_scores_the_base() -> None:
     "status", [EntryStatus.DISPUTED, EntryStatus.REVERSED, EntryStatus.REPAIRED, EntryStatus.EXPIRED]
 )
 def test_entries_that_are_not_active_do_not_count(status: EntryStatus) -> None:
-    result = compute_score([active(-50, "traffic"), ScoredEntry(-100, "legal", status)], PERSON)
+    result = score_of([active(-50, "traffic"), active(-100, "legal", status)])
     assert (result.score, result.entry_count) == (950, 1)
     assert result.categories == (CategoryScore("traffic", -50, 1),)
 
 
 def test_the_score_is_clamped_to_the_upper_bound() -> None:
-    result = compute_score([active(600), active(500)], PERSON)
+    result = score_of([active(600), active(500)])
     assert (result.score, result.tier) == (2000, "AAA")
     # The breakdown keeps the real points: it explains, the clamp only bounds.
     assert result.categories == (CategoryScore("civic", 1100, 2),)
 
 
 def test_the_score_is_clamped_to_the_lower_bound() -> None:
-    result = compute_score([active(-100, "legal")] * 11, PERSON)
+    result = score_of([active(-100, "legal")] * 11)
     assert (result.score, result.tier) == (0, "D")
 
 
 def test_the_bounds_themselves_are_reached_exactly() -> None:
-    assert compute_score([active(1000)], PERSON).score == 2000
-    assert compute_score([active(-1000)], PERSON).score == 0
+    assert score_of([active(1000)]).score == 2000
+    assert score_of([active(-1000)]).score == 0
 
 
 @pytest.mark.parametrize(
@@ -97,56 +107,18 @@ def test_the_bounds_themselves_are_reached_exactly() -> None:
     ],
 )
 def test_tier_boundaries(score: int, tier: str) -> None:
-    result = compute_score([active(score - 1000)], PERSON)
+    result = score_of([active(score - 1000)])
     assert (result.score, result.tier) == (score, tier)
 
 
 def test_each_subject_kind_is_scored_under_its_own_policy() -> None:
-    strict = replace(POLICY.for_kind("organization"), base=900)
-    policy = ScorePolicy(version="x", kinds={"person": PERSON, "organization": strict})
-    ledger = Ledger(policy=policy, store=FakeStore(), clock=lambda: NOW)
-    assert ledger.rescore("organization", [active(5)]).score == 905
-    assert ledger.rescore("person", [active(5)]).score == 1005
+    # The shipped policy caps organizations' positive points per category at +30, persons' at +50.
+    civic = [active(20), active(20), active(20)]
+    assert compute_score(civic, POLICY.for_kind("person"), NOW).score == 1050
+    assert compute_score(civic, POLICY.for_kind("organization"), NOW).score == 1030
 
 
 # --- the Ledger, over an in-memory store -------------------------------------------------
-
-
-class FakeStore:
-    """LedgerStore in memory, with the same contract as the SQL store."""
-
-    def __init__(self) -> None:
-        self.entries: dict[str, LedgerEntry] = {}
-        self.scores: dict[str, tuple[int, str]] = {}
-        self.record_calls = 0
-
-    def record(self, entries: Sequence[LedgerEntry], rescore: Rescore) -> Recorded:
-        self.record_calls += 1
-        fresh = [e for e in entries if e.entry_id not in self.entries]
-        self.entries.update((e.entry_id, e) for e in fresh)
-        subjects = {e.subject_key: e.subject_kind for e in fresh}
-        for key, kind in subjects.items():
-            result = rescore(kind, [e for e in self.entries.values() if e.subject_key == key])
-            self.scores[key] = (result.score, result.tier)
-        return Recorded(applied=len(fresh), subjects_updated=len(subjects))
-
-    def subject_pages(self, page_size: int) -> Iterator[Sequence[SubjectLedger]]:
-        keys = sorted({e.subject_key for e in self.entries.values()})
-        for start in range(0, len(keys), page_size):
-            page = []
-            for key in keys[start : start + page_size]:
-                mine = [e for e in self.entries.values() if e.subject_key == key]
-                stored = self.scores.get(key)
-                page.append(
-                    SubjectLedger(
-                        subject_key=key,
-                        subject_kind=mine[0].subject_kind,
-                        stored_score=stored[0] if stored else None,
-                        stored_tier=stored[1] if stored else None,
-                        entries=tuple(ScoredEntry(e.points, e.category, e.status) for e in mine),
-                    )
-                )
-            yield page
 
 
 def outcome(
@@ -176,9 +148,13 @@ def store() -> FakeStore:
     return FakeStore()
 
 
+def book(policy: ScorePolicy = POLICY) -> PolicyBook:
+    return PolicyBook((ActivatedPolicy(policy, NOW - timedelta(days=3650), "test", ""),))
+
+
 @pytest.fixture
 def ledger(store: FakeStore) -> Ledger:
-    return Ledger(policy=POLICY, store=store, clock=lambda: NOW)
+    return Ledger(policies=book(), store=store, clock=lambda: NOW)
 
 
 def test_apply_records_each_outcome_as_an_active_entry(ledger: Ledger, store: FakeStore) -> None:
@@ -265,20 +241,20 @@ def test_verify_finds_nothing_wrong_in_scores_it_computed(ledger: Ledger) -> Non
 
 def test_verify_reports_corrupted_and_missing_scores(ledger: Ledger, store: FakeStore) -> None:
     ledger.apply([outcome(f"o{i}", subject_key=f"{i:064x}") for i in range(4)])
-    store.scores[f"{1:064x}"] = (1200, "AAA")
-    del store.scores[f"{2:064x}"]
+    store.rows[f"{1:064x}"].state = ScoreState(1200, "AAA", True, False)
+    del store.rows[f"{2:064x}"]
     result = ledger.verify(max_mismatches=10, page_size=3)
     assert result.subjects_checked == 4
     assert result.mismatch_count == 2
     assert result.mismatches == (
-        Mismatch(f"{1:064x}", 1200, 995, "AAA", "A"),
+        Mismatch(f"{1:064x}", 1200, 995, "AAA", "A", ("red",), ()),
         Mismatch(f"{2:064x}", 0, 995, "", "A"),
     )
 
 
 def test_verify_counts_every_mismatch_but_lists_at_most_the_limit(ledger: Ledger, store: FakeStore) -> None:
     ledger.apply([outcome(f"o{i}", subject_key=f"{i:064x}") for i in range(5)])
-    for key in store.scores:
-        store.scores[key] = (1, "D")
+    for row in store.rows.values():
+        row.state = ScoreState(1, "D", False, True)
     result = ledger.verify(max_mismatches=2)
     assert (result.mismatch_count, len(result.mismatches)) == (5, 2)

@@ -11,7 +11,7 @@ import pytest
 
 from kit.protoconv import SEVERITY_NAMES, SUBJECT_KIND_NAMES
 from kit.vocabulary import SEVERITIES, SUBJECT_KINDS
-from services.score.policy import PolicyError, Tier, load_policy, parse_policy
+from services.score.policy import ListCriteria, PolicyError, Tier, load_policy, parse_policy
 
 POLICY_FILE = Path(__file__).parents[3] / "config" / "policy.yaml"
 
@@ -20,6 +20,12 @@ KIND: dict[str, Any] = {
     "bounds": {"min": 0, "max": 2000},
     "tiers": [{"name": "A", "min": 960}, {"name": "B", "min": 0}],
     "visibility_days": {"positive": 730, "minor": 90, "general": 365, "serious": 1095},
+    "caps": {"window_days": 365, "positive_per_category": 50},
+    "lists": {
+        "red": {"tiers": ["A"], "no_active_negative": True},
+        "black": {"tiers": ["B"], "flagged_entries": True},
+    },
+    "consent_required": False,
 }
 
 
@@ -37,10 +43,12 @@ def problems_of(doc: Any) -> list[str]:
 
 def test_the_shipped_policy_carries_the_domain_defaults() -> None:
     policy = load_policy(POLICY_FILE)
-    assert policy.version == "2026.1"
+    assert policy.version == "2026.2"
     for kind in ("person", "organization"):
         p = policy.for_kind(kind)
-        assert (p.base, p.min_score, p.max_score, p.version) == (1000, 0, 2000, "2026.1")
+        assert (p.base, p.min_score, p.max_score, p.version) == (1000, 0, 2000, "2026.2")
+        assert p.lists == ListCriteria(frozenset({"AAA"}), True, frozenset({"D"}), True)
+        assert (p.caps.window_days, p.consent_required) == (365, False)
         assert p.tiers == (
             Tier("AAA", 1050),
             Tier("AA", 1030),
@@ -53,6 +61,9 @@ def test_the_shipped_policy_carries_the_domain_defaults() -> None:
         assert p.visibility("minor") == timedelta(days=90)
         assert p.visibility("general") == timedelta(days=365)
         assert p.visibility("serious") == timedelta(days=1095)
+    # Organizations differ deliberately: routine compliance weighs less (config/policy.yaml).
+    assert policy.for_kind("person").caps.limit("civic") == 50
+    assert policy.for_kind("organization").caps.limit("commerce") == 30
 
 
 def test_policy_vocabulary_matches_the_protocol_enums() -> None:
@@ -90,6 +101,8 @@ def test_every_problem_is_reported_with_its_path_at_once() -> None:
         "policies.person.visibility_days: unknown keys forever",
         "policies.person.visibility_days.positive: must be at least 1 day",
         "policies.person.visibility_days.serious: must be a whole number",
+        # The list criteria name tiers, checked against this kind's (broken) tiers.
+        "policies.person.lists.black.tiers[0]: unknown tier 'B'",
         "policies.organization: is required",
     ]
 
@@ -125,3 +138,26 @@ def test_an_unreadable_file_is_a_policy_error(tmp_path: Path) -> None:
     broken.write_text("version: [unclosed")
     with pytest.raises(PolicyError, match=r"broken\.yaml"):
         load_policy(broken)
+
+
+def test_caps_lists_and_consent_are_checked_with_paths() -> None:
+    doc = document(
+        caps={"window_days": 0, "positive_per_category": -1, "by_category": {"civic": "x"}},
+        lists={"red": {"tiers": ["Z"], "no_active_negative": "yes"}, "black": []},
+        consent_required="no",
+    )
+    assert problems_of(doc) == [
+        "policies.person.caps.window_days: must be at least 1 day",
+        "policies.person.caps.positive_per_category: must not be negative",
+        "policies.person.caps.by_category.civic: must be a whole number",
+        "policies.person.lists.red.tiers[0]: unknown tier 'Z'",
+        "policies.person.lists.red.no_active_negative: must be true or false",
+        "policies.person.lists.black: must be a mapping with tiers and flagged_entries",
+        "policies.person.consent_required: must be true or false",
+    ]
+
+
+def test_a_null_cap_leaves_positive_points_uncapped_and_overrides_apply_per_category() -> None:
+    doc = document(caps={"window_days": 365, "positive_per_category": None, "by_category": {"civic": 20}})
+    caps = parse_policy(doc).for_kind("person").caps
+    assert (caps.limit("transport"), caps.limit("civic")) == (None, 20)

@@ -1,0 +1,56 @@
+# syntax=docker/dockerfile:1
+# One Egret image for all four services: each runs from it with its own entry point,
+# `python -m services.<name>` (the Helm chart sets the command per Deployment). The services
+# share kit/, the generated stubs and every dependency, so one image means one build, one
+# vulnerability scan, one tag to promote, and services of one release can never disagree
+# about the protobuf contracts between them.
+#
+#   docker build -t egret:0.1.0 .
+#   docker run --rm egret:0.1.0 python -m services.score --help
+
+ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
+
+# --- build: generate the gRPC stubs and build Egret into a virtual environment -----------
+FROM ${PYTHON_IMAGE} AS build
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+WORKDIR /src
+RUN python -m venv /opt/egret \
+ && python -m venv /opt/protoc \
+ && /opt/protoc/bin/pip install --no-cache-dir 'grpcio-tools==1.85.1'
+COPY protos/ protos/
+# Stubs are generated here, never copied from a developer's gen/ (see .dockerignore).
+RUN mkdir -p gen \
+ && find protos -name '*.proto' -print0 | xargs -0 /opt/protoc/bin/python -m grpc_tools.protoc -Iprotos \
+      --python_out=gen --pyi_out=gen --grpc_python_out=gen \
+ && find gen/egret -type d -exec touch {}/__init__.py \; \
+ && touch gen/egret/py.typed
+COPY pyproject.toml ./
+COPY kit/ kit/
+COPY services/ services/
+COPY devtools/ devtools/
+COPY bench/ bench/
+RUN /opt/egret/bin/pip install --no-cache-dir . \
+ && /opt/egret/bin/python -m compileall -q /opt/egret/lib
+
+# --- runtime: the virtual environment and the default config, nothing else ----------------
+FROM ${PYTHON_IMAGE} AS runtime
+LABEL org.opencontainers.image.title="egret" \
+      org.opencontainers.image.description="Egret civic credit-points engine: ingest, rules, score and query" \
+      org.opencontainers.image.source="https://example.org/egret"
+# A fixed numeric user, so Kubernetes' runAsNonRoot can verify it without a passwd lookup.
+RUN groupadd --system --gid 10001 egret \
+ && useradd --system --uid 10001 --gid egret --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin egret
+COPY --from=build /opt/egret /opt/egret
+WORKDIR /app
+# The sample configuration: the defaults of EGRET_*_FILE (relative to /app). Deployments
+# mount their own from ConfigMaps; migration Jobs use these to pass the settings check.
+COPY config/ config/
+ENV PATH=/opt/egret/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    EGRET_DATA_DIR=/var/lib/egret
+USER 10001:10001
+EXPOSE 50051 50052 50053 50054
+# No HEALTHCHECK: Kubernetes probes grpc.health.v1 directly (see deploy/k8s).
+CMD ["python", "-m", "services.ingest"]

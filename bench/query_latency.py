@@ -1,0 +1,296 @@
+"""GetScore latency at a fixed request rate, idle and while ingest runs.
+
+    python -m bench.query_latency [--subjects N] [--rate R] [--duration S] [--json PATH]
+
+Seeds score's SQLite database directly with N subjects (one ledger entry each, the
+stored score computed by the real `compute_score`, bulk inserts: a million subjects
+through the pipeline would take hours and measure ingest, not reads), starts the four
+services as processes, then drives QueryService.GetScore by subject key for random
+seeded subjects at R requests per second, open loop, from a separate process:
+
+1. idle: nothing else runs;
+2. while ingest runs: a synthetic population streams through ingest → rules → score in
+   this process at the same time, so score writes to the database query reads.
+
+Latency is measured from each request's scheduled send time to its response, so a client
+that falls behind is charged for it (no coordinated omission). The report gives p50, p95,
+p99 and max, the achieved rate and errors, next to the target (p99 ≤ 3 ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import multiprocessing
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import sqlalchemy as sa
+
+from bench.pipeline import machine, percentile
+from devtools.cluster import Cluster
+from devtools.ingest_client import stream_events
+from devtools.population import Population, PopulationConfig, batch_requests, subjects_for_events
+from egret.common.v1 import subject_pb2
+from egret.query.v1 import query_service_pb2, query_service_pb2_grpc
+from kit.db import create_engine
+from kit.migrations import upgrade
+from services.score.bootstrap import MIGRATIONS
+from services.score.domain import EntryStatus, ScoredEntry, compute_score
+from services.score.policy import load_policy
+from services.score.storage import StoredCategory, StoredEntry, StoredScore
+
+TARGET_P99_MS = 3.0
+POLICY_FILE = Path(__file__).parents[1] / "config" / "policy.yaml"
+CATEGORIES = ("civic", "transport", "traffic", "finance", "commerce")
+CHUNK = 20_000
+
+
+def bench_key(index: int) -> str:
+    """The seeded subject key of subject `index` (derivable in the load process, so a
+    million keys need not be shipped to it)."""
+    return hashlib.sha256(f"bench-subject-{index}".encode()).hexdigest()
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.query_latency", description=__doc__.split("\n")[0])
+    parser.add_argument("--subjects", type=int, default=10_000, help="subjects seeded into score's store")
+    parser.add_argument("--rate", type=int, default=1000, help="GetScore requests per second")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds measured per phase")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of unmeasured load first")
+    parser.add_argument("--ingest-events", type=int, default=150_000, help="events streamed in phase 2")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    return parser.parse_args(argv)
+
+
+def _rows(
+    count: int, now: datetime, seed: int
+) -> Iterator[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]]:
+    policy = load_policy(POLICY_FILE).for_kind("person")
+    rng = random.Random(seed)
+    for i in range(count):
+        key = bench_key(i)
+        positive = rng.random() < 0.7
+        points = rng.randint(1, 10) if positive else -rng.randint(3, 10)
+        severity = "positive" if positive else rng.choice(("minor", "general"))
+        occurred = now - timedelta(days=rng.randint(0, 80), seconds=rng.randint(0, 86_399))
+        category = rng.choice(CATEGORIES)
+        entry = ScoredEntry(f"bench-{i}", points, category, severity, EntryStatus.ACTIVE, occurred, occurred)
+        result = compute_score([entry], policy, now)
+        until = occurred + policy.visibility(severity)
+        yield (
+            {
+                "entry_id": entry.entry_id,
+                "subject_key": key,
+                "subject_kind": "person",
+                "rule_id": f"{category}.bench",
+                "rule_set": "bench",
+                "rule_set_version": 1,
+                "rule_title": "bench",
+                "rule_description": "",
+                "legal_basis": "",
+                "points": points,
+                "category": category,
+                "severity": severity,
+                "status": "active",
+                "occurred_at": occurred,
+                "recorded_at": occurred,
+                "visible_until": until,
+                "reason": "seeded by bench.query_latency",
+                "black_list": False,
+                "outcome": b"",
+            },
+            {
+                "subject_key": key,
+                "subject_kind": "person",
+                "score": result.score,
+                "tier": result.tier,
+                "policy_version": result.policy_version,
+                "entry_count": result.entry_count,
+                "updated_at": now,
+                "next_change_at": result.next_change_at,
+                "red_list": result.state.red,
+                "black_list": result.state.black,
+                "list_reasons": json.dumps(
+                    [[m.name, list(m.reasons), list(m.entry_ids)] for m in result.lists]
+                ),
+            },
+            {
+                "subject_key": key,
+                "category": category,
+                "points": result.categories[0].points,
+                "entry_count": 1,
+                "capped": result.categories[0].capped,
+            },
+        )
+
+
+def seed(database_url: str, count: int, seed_value: int) -> float:
+    """Migrate score's store and bulk insert `count` subjects; returns the seconds taken."""
+    started = time.perf_counter()
+    engine = create_engine(database_url, sqlite_synchronous="NORMAL")
+    try:
+        upgrade(engine, MIGRATIONS, "score_alembic_version")
+        now = datetime.now(UTC)
+        batch: list[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = []
+
+        def flush() -> None:
+            with engine.begin() as connection:
+                connection.execute(sa.insert(StoredEntry), [b[0] for b in batch])
+                connection.execute(sa.insert(StoredScore), [b[1] for b in batch])
+                connection.execute(sa.insert(StoredCategory), [b[2] for b in batch])
+            batch.clear()
+
+        for rows in _rows(count, now, seed_value):
+            batch.append(rows)
+            if len(batch) >= CHUNK:
+                flush()
+        if batch:
+            flush()
+    finally:
+        engine.dispose()
+    return time.perf_counter() - started
+
+
+def _drive(address: str, subjects: int, rate: int, warmup_s: float, duration_s: float, out: Any) -> None:
+    """Child process: open-loop GetScore at `rate`; puts (latencies_ms, errors, elapsed) on `out`."""
+
+    async def run() -> tuple[list[float], int, float]:
+        rng = random.Random(1)
+        latencies: list[float] = []
+        errors = 0
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = query_service_pb2_grpc.QueryServiceStub(channel)
+            loop = asyncio.get_running_loop()
+
+            async def one(scheduled: float, measured: bool) -> None:
+                nonlocal errors
+                ref = subject_pb2.SubjectRef(subject_key=bench_key(rng.randrange(subjects)))
+                try:
+                    await stub.GetScore(query_service_pb2.GetScoreRequest(subject=ref), timeout=5)
+                except grpc.aio.AioRpcError:
+                    if measured:
+                        errors += 1
+                    return
+                if measured:
+                    latencies.append((loop.time() - scheduled) * 1000)
+
+            tasks: list[asyncio.Task[None]] = []
+            start = loop.time()
+            total = int((warmup_s + duration_s) * rate)
+            for i in range(total):
+                scheduled = start + i / rate
+                delay = scheduled - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(one(scheduled, i >= warmup_s * rate)))
+            await asyncio.gather(*tasks)
+            elapsed = loop.time() - start - warmup_s
+        return latencies, errors, elapsed
+
+    out.put(asyncio.run(run()))
+
+
+def _phase(address: str, args: argparse.Namespace) -> tuple[Any, Any]:
+    context = multiprocessing.get_context("spawn")
+    out = context.Queue()
+    process = context.Process(
+        target=_drive, args=(address, args.subjects, args.rate, args.warmup, args.duration, out), daemon=True
+    )
+    process.start()
+    return process, out
+
+
+def _summary(latencies: list[float], errors: int, elapsed: float, rate: int) -> dict[str, Any]:
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "target_rate": rate,
+        "achieved_rate": round(len(latencies) / elapsed, 1) if elapsed > 0 else 0.0,
+        "p50_ms": round(percentile(latencies, 50) or 0, 2),
+        "p95_ms": round(percentile(latencies, 95) or 0, 2),
+        "p99_ms": round(percentile(latencies, 99) or 0, 2),
+        "max_ms": round(max(latencies, default=0), 2),
+        "meets_p99_target": (percentile(latencies, 99) or float("inf")) <= TARGET_P99_MS,
+    }
+
+
+async def _ingest(cluster: Cluster, args: argparse.Namespace, stop_after_s: float) -> dict[str, Any]:
+    config = PopulationConfig(
+        subjects=subjects_for_events(args.ingest_events),
+        seed=args.seed,
+        now=datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0),
+        max_events=args.ingest_events,
+    )
+    requests = list(
+        batch_requests(((g.source, g.event) for g in Population(config).generate()), batch_size=500)
+    )
+    started = time.perf_counter()
+    async with grpc.aio.insecure_channel(cluster.address("ingest")) as channel:
+        task = asyncio.create_task(stream_events(channel, requests, in_flight=4))
+        done, _ = await asyncio.wait([task], timeout=stop_after_s)
+        if not done:
+            task.cancel()
+            totals = None
+        else:
+            totals = task.result()
+    return {
+        "events_offered": args.ingest_events,
+        "events_acknowledged": totals.events if totals else None,
+        "finished_within_phase": bool(done),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(argv)
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "command": "python -m bench.query_latency " + " ".join(sys.argv[1:] if argv is None else argv),
+        "subjects": args.subjects,
+        "target_p99_ms": TARGET_P99_MS,
+    }
+    with (
+        tempfile.TemporaryDirectory(prefix="egret-bench-query-") as tmp,
+        Cluster(Path(tmp), log_level="warning") as cluster,
+    ):
+        print(f"seeding {args.subjects:,} subjects into score's store ...", flush=True)
+        results["seed_seconds"] = round(seed(cluster.database_url("score"), args.subjects, args.seed), 1)
+        print(f"  {results['seed_seconds']} s", flush=True)
+        cluster.start()
+        cluster.wait_healthy()
+        address = cluster.address("query")
+
+        print(f"phase 1: GetScore at {args.rate}/s for {args.duration} s, idle ...", flush=True)
+        process, out = _phase(address, args)
+        latencies, errors, elapsed = out.get()
+        results["idle"] = _summary(latencies, errors, elapsed, args.rate)
+        process.join()
+        print(f"  {results['idle']}", flush=True)
+
+        print(f"phase 2: the same while ingest streams {args.ingest_events:,} events ...", flush=True)
+        process, out = _phase(address, args)
+        ingest = asyncio.run(_ingest(cluster, args, args.warmup + args.duration))
+        latencies, errors, elapsed = out.get()
+        results["while_ingest"] = _summary(latencies, errors, elapsed, args.rate)
+        results["while_ingest"]["ingest"] = ingest
+        process.join()
+        print(f"  {results['while_ingest']}", flush=True)
+    print(json.dumps(results, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

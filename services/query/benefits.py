@@ -1,0 +1,319 @@
+"""The benefit catalogue and eligibility (pure domain).
+
+A benefit names its purpose, its provider, the subject kinds it is for, the categories
+it may consider and a condition in a small declarative language:
+
+    all: [<condition>, ...]             every one holds
+    any: [<condition>, ...]             at least one holds
+    not: <condition>                    it does not hold
+    tier_at_least: <tier>               the purpose-bound tier is this tier or higher
+    on_list: red | black                the purpose-bound score puts the subject on the list
+    not_on_list: red | black            ... does not
+    no_active_negative: <category>      no counting negative entry in the category
+    category_points_at_least: {category: <category>, points: <n>}
+
+Purpose binding: a benefit sees only the ledger of the categories it declares. Its
+tier and lists are computed from a purpose-bound score, base + the declared categories'
+points (after caps), so a tier or list condition cannot smuggle in a category the
+benefit may not weigh; `considers: all` uses the whole score. A condition naming a
+category outside `considers` is rejected when the catalogue loads, with every problem
+and its path at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kit.vocabulary import SUBJECT_KINDS
+from services.score.domain import BLACK, RED, ScoreResult
+from services.score.policy import ScorePolicy, SubjectPolicy
+
+LISTS = (RED, BLACK)
+_LEAVES = {"tier_at_least", "on_list", "not_on_list", "no_active_negative", "category_points_at_least"}
+_COMBINATORS = {"all", "any", "not"}
+
+
+class CatalogueError(Exception):
+    """The benefit catalogue is invalid; `problems` lists every problem with its path."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid benefit catalogue:\n  " + "\n  ".join(problems))
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One node of a condition tree: a combinator with children or a leaf with an argument."""
+
+    op: str
+    children: tuple[Condition, ...] = ()
+    argument: str = ""
+    points: int = 0
+
+    def describe(self) -> str:
+        if self.op in ("all", "any"):
+            joined = f" {'and' if self.op == 'all' else 'or'} ".join(c.describe() for c in self.children)
+            return f"({joined})"
+        if self.op == "not":
+            return f"not {self.children[0].describe()}"
+        if self.op == "category_points_at_least":
+            return f"{self.argument} points at least {self.points}"
+        return f"{self.op.replace('_', ' ')} {self.argument}"
+
+
+@dataclass(frozen=True)
+class Benefit:
+    benefit_id: str
+    purpose: str
+    provider: str
+    subject_kinds: tuple[str, ...]
+    # None: every category (`considers: all`).
+    considers: frozenset[str] | None
+    condition: Condition
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    benefits: Mapping[str, Benefit]
+
+    def ordered(self) -> list[Benefit]:
+        return [self.benefits[k] for k in sorted(self.benefits)]
+
+
+@dataclass(frozen=True)
+class Reason:
+    path: str
+    condition: str
+    met: bool
+    explanation: str
+    entry_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Eligibility:
+    eligible: bool
+    reasons: tuple[Reason, ...]
+    score: ScoreResult
+
+
+def load_catalogue(path: Path, policy: ScorePolicy) -> Catalogue:
+    try:
+        document = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise CatalogueError([f"{path}: {exc}"]) from exc
+    return parse_catalogue(document, policy)
+
+
+def parse_catalogue(document: Any, policy: ScorePolicy) -> Catalogue:
+    """Check the whole catalogue against `policy` (tier names) and purpose binding."""
+    if not isinstance(document, dict) or not isinstance(document.get("benefits"), list):
+        raise CatalogueError(["benefits: must be a list of benefits"])
+    problems: list[str] = []
+    unknown = sorted(str(k) for k in set(document) - {"benefits"})
+    if unknown:
+        problems.append(f"catalogue: unknown keys {', '.join(unknown)}")
+    benefits: dict[str, Benefit] = {}
+    for i, raw in enumerate(document["benefits"]):
+        benefit = _parse_benefit(f"benefits[{i}]", raw, policy, problems)
+        if benefit is None:
+            continue
+        if benefit.benefit_id in benefits:
+            problems.append(f"benefits[{i}].id: duplicate benefit {benefit.benefit_id!r}")
+        benefits[benefit.benefit_id] = benefit
+    if problems:
+        raise CatalogueError(problems)
+    return Catalogue(benefits)
+
+
+def _text(path: str, value: Any, problems: list[str]) -> str:
+    if not isinstance(value, str) or not value.strip():
+        problems.append(f"{path}: must be a non-empty string")
+        return ""
+    return value.strip()
+
+
+def _parse_benefit(path: str, raw: Any, policy: ScorePolicy, problems: list[str]) -> Benefit | None:
+    if not isinstance(raw, dict):
+        problems.append(f"{path}: must be a mapping")
+        return None
+    before = len(problems)
+    known = {"id", "purpose", "provider", "subject_kinds", "considers", "condition"}
+    unknown = sorted(str(k) for k in set(raw) - known)
+    if unknown:
+        problems.append(f"{path}: unknown keys {', '.join(unknown)}")
+    benefit_id = _text(f"{path}.id", raw.get("id"), problems)
+    purpose = _text(f"{path}.purpose", raw.get("purpose"), problems)
+    provider = _text(f"{path}.provider", raw.get("provider"), problems)
+    kinds = raw.get("subject_kinds")
+    if not isinstance(kinds, list) or not kinds or not all(k in SUBJECT_KINDS for k in kinds):
+        problems.append(f"{path}.subject_kinds: must be a non-empty list of {', '.join(SUBJECT_KINDS)}")
+        kinds = []
+    considers_raw = raw.get("considers")
+    considers: frozenset[str] | None
+    if considers_raw == "all":
+        considers = None
+    elif (
+        isinstance(considers_raw, list)
+        and considers_raw
+        and all(isinstance(c, str) and c.strip() for c in considers_raw)
+    ):
+        considers = frozenset(considers_raw)
+    else:
+        problems.append(f"{path}.considers: must be `all` or a non-empty list of categories")
+        considers = frozenset()
+    tiers = [{t.name for t in policy.for_kind(k).tiers} for k in kinds]
+    condition = _parse_condition(f"{path}.condition", raw.get("condition"), considers, tiers, problems)
+    if len(problems) > before or condition is None:
+        return None
+    return Benefit(benefit_id, purpose, provider, tuple(kinds), considers, condition)
+
+
+def _parse_condition(
+    path: str, raw: Any, considers: frozenset[str] | None, tiers: Sequence[set[str]], problems: list[str]
+) -> Condition | None:
+    if not isinstance(raw, dict) or len(raw) != 1:
+        problems.append(
+            f"{path}: must be a mapping with exactly one of {', '.join(sorted(_LEAVES | _COMBINATORS))}"
+        )
+        return None
+    ((op, value),) = raw.items()
+    here = f"{path}.{op}"
+    if op in ("all", "any"):
+        if not isinstance(value, list) or not value:
+            problems.append(f"{here}: must be a non-empty list of conditions")
+            return None
+        children = [
+            _parse_condition(f"{here}[{i}]", c, considers, tiers, problems) for i, c in enumerate(value)
+        ]
+        if any(c is None for c in children):
+            return None
+        return Condition(op, tuple(c for c in children if c is not None))
+    if op == "not":
+        child = _parse_condition(here, value, considers, tiers, problems)
+        return None if child is None else Condition(op, (child,))
+    if op == "tier_at_least":
+        if not isinstance(value, str) or not all(value in names for names in tiers):
+            problems.append(
+                f"{here}: {value!r} is not a tier of the policy for every subject kind of the benefit"
+            )
+            return None
+        return Condition(op, argument=value)
+    if op in ("on_list", "not_on_list"):
+        if value not in LISTS:
+            problems.append(f"{here}: must be one of {', '.join(LISTS)}")
+            return None
+        return Condition(op, argument=value)
+    if op == "no_active_negative":
+        category = _category(here, value, considers, problems)
+        return None if category is None else Condition(op, argument=category)
+    if op == "category_points_at_least":
+        if not isinstance(value, dict) or set(value) != {"category", "points"}:
+            problems.append(f"{here}: must be a mapping with category and points")
+            return None
+        category = _category(f"{here}.category", value["category"], considers, problems)
+        points = value["points"]
+        if isinstance(points, bool) or not isinstance(points, int):
+            problems.append(f"{here}.points: must be a whole number")
+            return None
+        return None if category is None else Condition(op, argument=category, points=points)
+    problems.append(f"{path}: unknown condition {op!r}")
+    return None
+
+
+def _category(path: str, value: Any, considers: frozenset[str] | None, problems: list[str]) -> str | None:
+    if not isinstance(value, str) or not value.strip():
+        problems.append(f"{path}: must be a category name")
+        return None
+    if considers is not None and value not in considers:
+        # Purpose binding: a benefit may only read the categories its purpose declares.
+        declared = ", ".join(sorted(considers)) or "none"
+        problems.append(
+            f"{path}: category {value!r} is not among the categories the benefit considers ({declared})"
+        )
+        return None
+    return value
+
+
+def check(benefit: Benefit, kind: str, policy: SubjectPolicy, score: ScoreResult) -> Eligibility:
+    """Evaluate `benefit` on `score`, the purpose-bound score (only `benefit.considers`)."""
+    if kind not in benefit.subject_kinds:
+        reason = Reason(
+            "subject_kinds",
+            f"subject kind in {', '.join(benefit.subject_kinds)}",
+            False,
+            f"the benefit is not for a {kind}",
+        )
+        return Eligibility(False, (reason,), score)
+    reasons: list[Reason] = []
+    eligible = _evaluate(benefit.condition, "condition", policy, score, reasons)
+    return Eligibility(eligible, tuple(reasons), score)
+
+
+def _evaluate(
+    node: Condition, path: str, policy: SubjectPolicy, score: ScoreResult, reasons: list[Reason]
+) -> bool:
+    # Every child is evaluated (no short circuit), so the answer explains every condition.
+    if node.op in ("all", "any"):
+        results = [
+            _evaluate(child, f"{path}.{node.op}[{i}]", policy, score, reasons)
+            for i, child in enumerate(node.children)
+        ]
+        return all(results) if node.op == "all" else any(results)
+    if node.op == "not":
+        return not _evaluate(node.children[0], f"{path}.not", policy, score, reasons)
+    reason = _leaf(node, path, policy, score)
+    reasons.append(reason)
+    return reason.met
+
+
+def _leaf(node: Condition, path: str, policy: SubjectPolicy, score: ScoreResult) -> Reason:
+    contributing = tuple(c.entry_id for c in score.counted if c.points)
+    if node.op == "tier_at_least":
+        have, want = policy.rank(score.tier), policy.rank(node.argument)
+        met = have is not None and want is not None and have <= want
+        word = "is at least" if met else "is below"
+        return Reason(
+            path,
+            node.describe(),
+            met,
+            f"purpose-bound tier {score.tier} (score {score.score}: base {policy.base}"
+            f" {score.score - policy.base:+d} from {len(contributing)} counting entries)"
+            f" {word} {node.argument}",
+            contributing,
+        )
+    if node.op in ("on_list", "not_on_list"):
+        membership = score.on_list(node.argument)
+        on = membership is not None
+        met = on if node.op == "on_list" else not on
+        why = "; ".join(membership.reasons) if membership else "its criteria are not met"
+        return Reason(
+            path,
+            node.describe(),
+            met,
+            f"{'on' if on else 'not on'} the {node.argument} list ({why})",
+            membership.entry_ids if membership else (),
+        )
+    if node.op == "no_active_negative":
+        negatives = tuple(c.entry_id for c in score.counted if c.category == node.argument and c.negative)
+        return Reason(
+            path,
+            node.describe(),
+            not negatives,
+            f"{len(negatives)} counting negative entries in {node.argument}",
+            negatives,
+        )
+    # category_points_at_least
+    entries = tuple(c.entry_id for c in score.counted if c.category == node.argument)
+    points = sum(c.points for c in score.counted if c.category == node.argument)
+    return Reason(
+        path,
+        node.describe(),
+        points >= node.points,
+        f"{node.argument} has {points:+d} points from {len(entries)} counting entries (needs {node.points})",
+        entries,
+    )

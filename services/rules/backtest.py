@@ -1,0 +1,517 @@
+"""Backtests (pure domain): what a candidate rule set would do to every score, before it goes live.
+
+A backtest replays stored history (every event rules evaluated, with the time it was
+evaluated) through the candidate rule set and, as the baseline, through the active
+one, each on its own engine and its own in-memory state: nothing live is read during
+the replay and nothing is written anywhere. Both outcome sets are scored per subject
+with score's pure ``compute_score`` under the score policy, and the report compares
+them: the tier migration matrix, the distribution of score changes, the rules moving
+the most points, and the same per cohort.
+
+Why the numbers equal what activating the candidate live would produce:
+
+- Batches. Live evaluation commits each delivered batch with one ``evaluated_at``, so
+  the stored events grouped by ``evaluated_at``, in that order, are the batches exactly
+  as live evaluation saw them (arrival order matters to windows: a late event can
+  complete a window the events before it could not). Within a batch the order is the
+  one ``services.rules.domain.in_evaluation_order`` gives, the very function live
+  evaluation uses: event time, then event key. Two batches committed in the same
+  microsecond would be replayed as one; that is the documented tie-break of the order
+  (``evaluated_at``, ``occurred_at``, key).
+- History and consumed events. Each side keeps, per subject, the events it has
+  replayed and the events its firings consumed, and passes them to the engine as live
+  evaluation passes what it stored, bounded by the rule set's lookback.
+- Scores. Score keeps one ledger entry per distinct outcome id and computes the score
+  with ``compute_score``; the replay does the same with the same function and policy.
+
+Scope: an event-time range keeps only events that occurred in it (so windows reaching
+back before the range do not see earlier events: the report is "this history through
+that rule set"), and a sample keeps a deterministic share of subjects by a hash of the
+subject key. Subjects are independent of each other, so a sampled subject's numbers are
+exactly its numbers in the full run.
+
+Importing score's pure domain (``services.score.domain``, ``services.score.policy``) from
+rules is deliberate: the score function must be the one score runs, not a copy of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Final
+
+from services.rules.domain import EvaluationContext, in_evaluation_order, lookback, run_batch
+from services.rules.engine import RuleEngine
+from services.rules.ruleset import EngineEvent, Firing, RuleSet
+from services.score.domain import EntryStatus, ScoreResult, compute_score
+from services.score.policy import ScorePolicy
+
+SUBJECT_KIND_DIMENSION: Final = "subject_kind"
+
+# Score change buckets, (label, lowest change, highest change), inclusive; None is open.
+# Fixed, so that reports of different backtests can be compared side by side.
+SCORE_CHANGE_BUCKETS: Final[tuple[tuple[str, int | None, int | None], ...]] = (
+    ("<= -100", None, -100),
+    ("-99..-50", -99, -50),
+    ("-49..-20", -49, -20),
+    ("-19..-10", -19, -10),
+    ("-9..-1", -9, -1),
+    ("0", 0, 0),
+    ("+1..+9", 1, 9),
+    ("+10..+19", 10, 19),
+    ("+20..+49", 20, 49),
+    ("+50..+99", 50, 99),
+    (">= +100", 100, None),
+)
+
+_SAMPLE_SALT: Final = b"egret-backtest-sample/"
+_HASH_SPACE: Final = 2**64
+
+
+@dataclass(frozen=True)
+class BacktestScope:
+    """Which stored events a backtest replays.
+
+    ``occurred_from`` is inclusive and ``occurred_to`` exclusive (None: open). A subject
+    is in the sample when the first 8 bytes of SHA-256 over a fixed salt and its key,
+    read as a fraction of 2**64, are below ``sample_fraction`` (1.0: every subject). The
+    salt keeps the sample independent of the shard split, which hashes the bare key.
+    """
+
+    occurred_from: datetime | None = None
+    occurred_to: datetime | None = None
+    sample_fraction: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.sample_fraction <= 1.0:
+            raise ValueError("sample_fraction must lie in (0, 1]")
+        if self.occurred_from and self.occurred_to and self.occurred_from >= self.occurred_to:
+            raise ValueError("occurred_from must be before occurred_to")
+
+    def includes_subject(self, subject_key: str) -> bool:
+        if self.sample_fraction >= 1.0:
+            return True
+        digest = hashlib.sha256(_SAMPLE_SALT + subject_key.encode()).digest()
+        return int.from_bytes(digest[:8], "big") < self.sample_fraction * _HASH_SPACE
+
+    def includes_time(self, occurred_at: datetime) -> bool:
+        if self.occurred_from is not None and occurred_at < self.occurred_from:
+            return False
+        return self.occurred_to is None or occurred_at < self.occurred_to
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """An event as rules stored it: the engine's view and when live evaluation committed it."""
+
+    evaluated_at: datetime
+    event: EngineEvent
+
+
+@dataclass(frozen=True)
+class TierMove:
+    from_tier: str
+    to_tier: str
+    subjects: int
+
+
+@dataclass(frozen=True)
+class ScoreChangeBucket:
+    label: str
+    min_change: int | None
+    max_change: int | None
+    subjects: int
+
+
+@dataclass(frozen=True)
+class RuleImpact:
+    """Firings and points of one rule id under each side; ``points_moved`` is candidate - baseline."""
+
+    rule_id: str
+    baseline_firings: int
+    candidate_firings: int
+    baseline_points: int
+    candidate_points: int
+
+    @property
+    def points_moved(self) -> int:
+        return self.candidate_points - self.baseline_points
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """The comparison over one group of subjects (everyone, or one cohort)."""
+
+    subjects: int
+    subjects_changed: int
+    migrations: tuple[TierMove, ...]
+    score_changes: tuple[ScoreChangeBucket, ...]
+    rules: tuple[RuleImpact, ...]  # most points moved first
+
+
+@dataclass(frozen=True)
+class CohortBreakdown:
+    dimension: str  # "subject_kind" or a catalogue attribute marked as a cohort
+    value: str  # "" for subjects without a value
+    breakdown: Breakdown
+
+
+@dataclass(frozen=True, slots=True)
+class SideScore:
+    """A subject's score and tier under one side (the rest of ScoreResult is not kept:
+    a report covers hundreds of thousands of subjects)."""
+
+    score: int
+    tier: str
+
+
+@dataclass(frozen=True, slots=True)
+class SubjectComparison:
+    subject_key: str
+    subject_kind: str
+    baseline: SideScore
+    candidate: SideScore
+
+    @property
+    def change(self) -> int:
+        return self.candidate.score - self.baseline.score
+
+    @property
+    def changed(self) -> bool:
+        return self.change != 0 or self.baseline.tier != self.candidate.tier
+
+
+@dataclass(frozen=True)
+class BacktestReport:
+    baseline: RuleSet
+    candidate: RuleSet
+    policy_version: str
+    as_of: datetime
+    events_replayed: int
+    batches_replayed: int
+    # Replayed events the rule set fails on (live evaluation would park them).
+    baseline_failed_events: int
+    candidate_failed_events: int
+    overall: Breakdown
+    cohorts: tuple[CohortBreakdown, ...]
+    subjects: tuple[SubjectComparison, ...]  # most changed first, then by subject key
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerLine:
+    """The ledger entry score would make of one firing: what compute_score reads, and the rule.
+
+    ``recorded_at`` is the evaluated_at of the batch that fired it; live, score records it
+    a little later, which matters only for a score asked of an instant between the two.
+    Slots: a replay of a million events holds a few hundred thousand of these per side.
+    """
+
+    entry_id: str
+    rule_id: str
+    points: int
+    category: str
+    severity: str
+    occurred_at: datetime
+    recorded_at: datetime
+    black_list: bool
+    status: EntryStatus = EntryStatus.ACTIVE
+
+
+class _Side:
+    """One rule set replayed the way live evaluation runs it, on private in-memory state.
+
+    The state is what the live store would hold had this rule set been active from the
+    start: the events evaluated so far (only the types whose history the rule set reads)
+    and, per window or sequence rule, the event keys its firings used.
+    """
+
+    def __init__(self, rule_set: RuleSet, engine: RuleEngine) -> None:
+        self.rule_set = rule_set
+        self._engine = engine
+        self._history_types = (
+            rule_set.history_event_types if lookback(rule_set) > timedelta(0) else frozenset()
+        )
+        self._consuming = frozenset(
+            rule.id for rule in rule_set.rules if rule.window is not None or rule.sequence is not None
+        )
+        self._history: dict[str, list[EngineEvent]] = {}
+        self._consumed: dict[str, dict[str, set[str]]] = {}
+        # Per subject, the ledger entries of its firings (a list: a dict per subject keyed
+        # by outcome id would cost far more; ids are made unique when the subject is scored).
+        self.outcomes: dict[str, list[LedgerLine]] = {}
+        self.failed_events = 0
+
+    def close(self) -> None:
+        self._engine.close()
+
+    def evaluate(self, ordered: Sequence[EngineEvent], evaluated_at: datetime) -> None:
+        firings, failed, _records = run_batch(self.rule_set, self._engine, ordered, self._context)
+        # Live evaluation parks an event that keeps failing: it is never stored as
+        # evaluated, so it is in no later batch's history either.
+        self.failed_events += len(failed)
+        if self._history_types:
+            for event in ordered:
+                if event.event_type in self._history_types and event.key not in failed:
+                    self._history.setdefault(event.subject_key, []).append(event)
+        self._record(firings, evaluated_at)
+
+    def _context(self, ranges: Mapping[str, tuple[datetime, datetime]]) -> EvaluationContext:
+        """What the store's context() returns, from this side's replay instead of the database."""
+        history: dict[str, list[EngineEvent]] = {}
+        consumed: dict[str, set[str]] = {}
+        for subject_key, (low, high) in ranges.items():
+            history[subject_key] = [
+                e for e in self._history.get(subject_key, ()) if low <= e.occurred_at <= high
+            ]
+            for rule_id, keys in self._consumed.get(subject_key, {}).items():
+                consumed.setdefault(rule_id, set()).update(keys)
+        return EvaluationContext(
+            history=history,
+            consumed={rule_id: frozenset(keys) for rule_id, keys in consumed.items()},
+            records={},
+        )
+
+    def _record(self, firings: Iterable[Firing], evaluated_at: datetime) -> None:
+        for firing in firings:
+            if firing.rule_id in self._consuming:
+                self._consumed.setdefault(firing.subject_key, {}).setdefault(firing.rule_id, set()).update(
+                    firing.event_keys
+                )
+            self.outcomes.setdefault(firing.subject_key, []).append(
+                LedgerLine(
+                    entry_id=firing.outcome_id,
+                    rule_id=firing.rule_id,
+                    points=firing.points,
+                    category=firing.category,
+                    severity=firing.severity,
+                    occurred_at=firing.occurred_at,
+                    recorded_at=evaluated_at,
+                    black_list=firing.black_list,
+                )
+            )
+
+
+@dataclass
+class _Subject:
+    kind: str
+    # Per cohort attribute: (occurred_at, event key, value) of the latest event carrying it.
+    cohorts: dict[str, tuple[datetime, str, str]] = field(default_factory=dict)
+
+
+class Backtest:
+    """Feed stored events in evaluation order (``feed``), then ``report()``.
+
+    Not thread-safe, and the engines are durable-rules: run every call on the rules
+    engine thread. ``close()`` frees both engines.
+    """
+
+    def __init__(
+        self,
+        *,
+        baseline: RuleSet,
+        candidate: RuleSet,
+        policy: ScorePolicy,
+        cohort_attributes: Sequence[str] = (),
+        make_engine: Callable[[RuleSet], RuleEngine] = RuleEngine,
+    ) -> None:
+        self._policy = policy
+        self._cohort_attributes = tuple(dict.fromkeys(cohort_attributes))
+        baseline_engine = make_engine(baseline)
+        try:
+            candidate_engine = make_engine(candidate)
+        except BaseException:
+            baseline_engine.close()
+            raise
+        self._baseline = _Side(baseline, baseline_engine)
+        self._candidate = _Side(candidate, candidate_engine)
+        # Tiers in policy order (highest first), so the matrix reads top to bottom.
+        self._tier_rank: dict[str, int] = {}
+        for kind_policy in policy.kinds.values():
+            for tier in kind_policy.tiers:
+                self._tier_rank.setdefault(tier.name, len(self._tier_rank))
+        self._subjects: dict[str, _Subject] = {}
+        self._pending: list[EngineEvent] = []
+        self._pending_at: datetime | None = None
+        self._events = 0
+        self._batches = 0
+
+    def feed(self, stored: Iterable[StoredEvent]) -> None:
+        """Replay stored events, which must come in ``evaluated_at`` order (ties in any order)."""
+        for item in stored:
+            if self._pending_at is not None and item.evaluated_at != self._pending_at:
+                if item.evaluated_at < self._pending_at:
+                    raise ValueError("stored events must be fed in evaluated_at order")
+                self._flush()
+            self._pending_at = item.evaluated_at
+            self._pending.append(item.event)
+
+    def report(self, *, as_of: datetime, rule_limit: int | None = None) -> BacktestReport:
+        """Replay the last batch and compare the scores as they stand at ``as_of`` (entries
+        expire by then as live ones do); ``rule_limit`` caps the rules listed per breakdown.
+
+        The report ends the backtest: each subject's entries are dropped once scored, so
+        that the report does not double the replay's memory.
+        """
+        self._flush()
+        dimensions = (SUBJECT_KIND_DIMENSION, *self._cohort_attributes)
+        overall = _Tally()
+        cohorts: dict[tuple[str, str], _Tally] = {}
+        comparisons: list[SubjectComparison] = []
+        # compute_score of an empty ledger depends only on the kind's policy and as_of.
+        empty: dict[str, SideScore] = {}
+        for subject_key, subject in self._subjects.items():
+            policy = self._policy.for_kind(subject.kind)
+            scores: list[SideScore] = []
+            totals: list[dict[str, list[int]]] = []
+            for side in (self._baseline, self._candidate):
+                lines = side.outcomes.pop(subject_key, None)
+                if lines is None:
+                    if subject.kind not in empty:
+                        empty[subject.kind] = _side_score(compute_score((), policy, as_of))
+                    scores.append(empty[subject.kind])
+                    totals.append({})
+                else:
+                    # Score inserts each outcome id once, so a repeated id counts once here too.
+                    held = {line.entry_id: line for line in reversed(lines)}
+                    scores.append(_side_score(compute_score(held.values(), policy, as_of)))
+                    totals.append(_rule_totals(held))
+            comparison = SubjectComparison(subject_key, subject.kind, scores[0], scores[1])
+            comparisons.append(comparison)
+            overall.add(comparison, totals[0], totals[1])
+            keys = [(SUBJECT_KIND_DIMENSION, subject.kind)]
+            for attribute in self._cohort_attributes:
+                value = subject.cohorts.get(attribute)
+                keys.append((attribute, value[2] if value else ""))
+            for key in keys:
+                tally = cohorts.get(key)
+                if tally is None:
+                    tally = cohorts[key] = _Tally()
+                tally.add(comparison, totals[0], totals[1])
+        comparisons.sort(key=lambda c: (-abs(c.change), c.baseline.tier == c.candidate.tier, c.subject_key))
+        return BacktestReport(
+            baseline=self._baseline.rule_set,
+            candidate=self._candidate.rule_set,
+            policy_version=self._policy.version,
+            as_of=as_of,
+            events_replayed=self._events,
+            batches_replayed=self._batches,
+            baseline_failed_events=self._baseline.failed_events,
+            candidate_failed_events=self._candidate.failed_events,
+            overall=overall.breakdown(rule_limit, self._tier_rank),
+            cohorts=tuple(
+                CohortBreakdown(dimension, value, tally.breakdown(rule_limit, self._tier_rank))
+                for (dimension, value), tally in sorted(
+                    cohorts.items(), key=lambda item: (dimensions.index(item[0][0]), item[0][1])
+                )
+            ),
+            subjects=tuple(comparisons),
+        )
+
+    def close(self) -> None:
+        self._baseline.close()
+        self._candidate.close()
+
+    def _flush(self) -> None:
+        evaluated_at = self._pending_at
+        if not self._pending or evaluated_at is None:
+            return
+        # The very ordering and de-duplication live evaluation applies to a batch. Stored
+        # events were evaluated once each, so nothing is "done" before the batch.
+        ordered = in_evaluation_order(self._pending)
+        self._pending = []
+        self._pending_at = None
+        self._batches += 1
+        self._events += len(ordered)
+        for event in ordered:
+            self._note_subject(event)
+        self._baseline.evaluate(ordered, evaluated_at)
+        self._candidate.evaluate(ordered, evaluated_at)
+
+    def _note_subject(self, event: EngineEvent) -> None:
+        subject = self._subjects.get(event.subject_key)
+        if subject is None:
+            subject = self._subjects[event.subject_key] = _Subject(event.subject_kind)
+        for attribute in self._cohort_attributes:
+            value = event.attributes.get(attribute)
+            if value is None:
+                continue
+            latest = subject.cohorts.get(attribute)
+            # The cohort is the value on the subject's latest event in event time (key
+            # breaks ties), so it does not depend on the order events arrived in.
+            if latest is None or (event.occurred_at, event.key) > latest[:2]:
+                subject.cohorts[attribute] = (event.occurred_at, event.key, str(value))
+
+
+def _rule_totals(outcomes: Mapping[str, LedgerLine]) -> dict[str, list[int]]:
+    """Per rule id: [firings, points]."""
+    totals: dict[str, list[int]] = {}
+    for entry in outcomes.values():
+        total = totals.setdefault(entry.rule_id, [0, 0])
+        total[0] += 1
+        total[1] += entry.points
+    return totals
+
+
+def bucket_of(change: int) -> int:
+    for index, (_label, low, high) in enumerate(SCORE_CHANGE_BUCKETS):
+        if (low is None or change >= low) and (high is None or change <= high):
+            return index
+    raise AssertionError(f"no bucket holds {change}")  # the buckets cover every integer
+
+
+def _side_score(result: ScoreResult) -> SideScore:
+    return SideScore(result.score, result.tier)
+
+
+class _Tally:
+    """The comparison over a group of subjects, accumulated one subject at a time."""
+
+    def __init__(self) -> None:
+        self.subjects = 0
+        self.changed = 0
+        self.moves: dict[tuple[str, str], int] = {}
+        self.buckets = [0] * len(SCORE_CHANGE_BUCKETS)
+        # rule id -> [baseline firings, candidate firings, baseline points, candidate points]
+        self.rules: dict[str, list[int]] = {}
+
+    def add(
+        self,
+        comparison: SubjectComparison,
+        baseline: Mapping[str, list[int]],
+        candidate: Mapping[str, list[int]],
+    ) -> None:
+        self.subjects += 1
+        self.changed += comparison.changed
+        move = (comparison.baseline.tier, comparison.candidate.tier)
+        self.moves[move] = self.moves.get(move, 0) + 1
+        self.buckets[bucket_of(comparison.change)] += 1
+        for offset, totals in ((0, baseline), (1, candidate)):
+            for rule_id, (firings, points) in totals.items():
+                row = self.rules.get(rule_id)
+                if row is None:
+                    row = self.rules[rule_id] = [0, 0, 0, 0]
+                row[offset] += firings
+                row[2 + offset] += points
+
+    def breakdown(self, rule_limit: int | None, tier_rank: Mapping[str, int]) -> Breakdown:
+        impacts = sorted(
+            (RuleImpact(rule_id, *row) for rule_id, row in self.rules.items()),
+            key=lambda r: (-abs(r.points_moved), r.rule_id),
+        )
+        return Breakdown(
+            subjects=self.subjects,
+            subjects_changed=self.changed,
+            migrations=tuple(
+                TierMove(a, b, n)
+                for (a, b), n in sorted(
+                    self.moves.items(), key=lambda m: (tier_rank[m[0][0]], tier_rank[m[0][1]])
+                )
+            ),
+            score_changes=tuple(
+                ScoreChangeBucket(label, low, high, count)
+                for (label, low, high), count in zip(SCORE_CHANGE_BUCKETS, self.buckets, strict=True)
+            ),
+            rules=tuple(impacts if rule_limit is None else impacts[:rule_limit]),
+        )

@@ -1,0 +1,295 @@
+"""RulesService.BacktestRuleSet: protobuf ⇄ the backtest domain, and the replay's scheduling.
+
+durable-rules is not thread-safe, so every step that touches an engine (compiling the
+two rule sets, replaying a page, the report, freeing the engines) runs on the rules
+engine executor, the one thread live evaluation uses. The replay is submitted one page
+at a time, so live batches queued meanwhile run between pages instead of waiting for
+the whole backtest; reading a page happens in the same step, on the same thread, so the
+database cursor is only ever touched from one thread.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any, Final
+
+from opentelemetry import trace
+from sqlalchemy.orm import Session, sessionmaker
+
+from egret.rules.v1 import backtest_pb2 as pb
+from kit.db import run_blocking
+from kit.errors import InvalidArgument, ResourceExhausted, Violation
+from kit.logging import get_logger
+from kit.protoconv import to_datetime, to_timestamp
+from services.ingest.catalogue import Catalogue, load_catalogue
+from services.rules.backtest import (
+    Backtest,
+    BacktestReport,
+    BacktestScope,
+    Breakdown,
+    StoredEvent,
+)
+from services.rules.backtest_storage import HistoryReader
+from services.rules.lifecycle import RuleSetLifecycle, StoredRuleSet
+from services.rules.records import engine_event_from_record
+from services.rules.ruleset import RuleSet, rule_set_from_yaml
+from services.rules.settings import RulesSettings
+from services.score.policy import ScorePolicy, load_policy
+
+log = get_logger(__name__)
+
+DEFAULT_RULE_LIMIT: Final = 20
+MAX_RULE_LIMIT: Final = 1000
+MAX_SUBJECT_LIMIT: Final = 10_000
+
+
+@dataclass(frozen=True)
+class Contender:
+    """A rule set taking part in a backtest; rule_set_id 0 when it is not stored."""
+
+    rule_set_id: int
+    rule_set: RuleSet
+
+
+def cohort_attributes(catalogue: Catalogue) -> tuple[str, ...]:
+    """Names of the attributes marked `cohort: true` on any event type, sorted."""
+    return tuple(
+        sorted(
+            {
+                spec.name
+                for event_type in catalogue.event_types.values()
+                for spec in event_type.attributes.values()
+                if spec.cohort
+            }
+        )
+    )
+
+
+class BacktestHandler:
+    """Runs BacktestRuleSet calls; RulesServicer delegates the RPC here."""
+
+    def __init__(
+        self,
+        *,
+        executor: Executor,
+        reader: HistoryReader,
+        policy: ScorePolicy,
+        cohort_attributes: Sequence[str],
+        baseline: Callable[[], Contender],
+        candidate: Callable[[int], Contender],
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._clock = clock
+        self._executor = executor
+        self._reader = reader
+        self._policy = policy
+        self._cohort_attributes = tuple(cohort_attributes)
+        self._baseline = baseline
+        self._candidate = candidate
+        self._running = False
+        self._tracer = trace.get_tracer("egret.rules")
+
+    async def backtest(self, request: pb.BacktestRuleSetRequest) -> pb.BacktestRuleSetResponse:
+        scope, rule_limit, subject_limit = _parse(request)
+        # One at a time per instance: a replay holds every replayed subject's entries in
+        # memory, and two would also take turns on the one engine thread.
+        if self._running:
+            raise ResourceExhausted(
+                "a backtest is already running on this instance; retry when it is done", retry_after_s=30.0
+            )
+        self._running = True
+        try:
+            with self._tracer.start_as_current_span(
+                "rules backtest", attributes={"egret.rule_set_id": request.rule_set_id}
+            ) as span:
+                response = await self._backtest(request, scope, rule_limit, subject_limit)
+                span.set_attributes(
+                    {
+                        "egret.events": response.events_replayed,
+                        "egret.subjects": response.overall.subjects,
+                        "egret.subjects_changed": response.overall.subjects_changed,
+                    }
+                )
+                return response
+        finally:
+            self._running = False
+
+    async def _backtest(
+        self, request: pb.BacktestRuleSetRequest, scope: BacktestScope, rule_limit: int, subject_limit: int
+    ) -> pb.BacktestRuleSetResponse:
+        as_of = to_datetime(request.as_of) if request.HasField("as_of") else self._clock()
+        started = time.perf_counter()
+        baseline = await run_blocking(self._executor, self._baseline)
+        candidate = await run_blocking(self._executor, self._candidate, request.rule_set_id)
+        replay = await run_blocking(self._executor, self._start, baseline.rule_set, candidate.rule_set)
+        pages = self._reader.pages(scope)
+        try:
+            while await run_blocking(self._executor, _replay_page, pages, replay):
+                pass
+            report = await run_blocking(
+                self._executor, partial(replay.report, as_of=as_of, rule_limit=rule_limit)
+            )
+        finally:
+            # Both on the engine thread: the cursor was opened there, the engines live there.
+            await run_blocking(self._executor, _close, pages, replay)
+        elapsed = time.perf_counter() - started
+        log.info(
+            "backtest done",
+            candidate=f"{candidate.rule_set.name}@{candidate.rule_set.version}",
+            baseline=f"{baseline.rule_set.name}@{baseline.rule_set.version}",
+            events=report.events_replayed,
+            subjects=report.overall.subjects,
+            changed=report.overall.subjects_changed,
+            elapsed_s=round(elapsed, 3),
+        )
+        return response(report, baseline, candidate, subject_limit=subject_limit, elapsed=elapsed)
+
+    def _start(self, baseline: RuleSet, candidate: RuleSet) -> Backtest:
+        return Backtest(
+            baseline=baseline,
+            candidate=candidate,
+            policy=self._policy,
+            cohort_attributes=self._cohort_attributes,
+        )
+
+
+def contender(stored: StoredRuleSet) -> Contender:
+    """A stored rule set, parsed from its source (it was validated when it was stored)."""
+    return Contender(stored.rule_set_id, rule_set_from_yaml(stored.source))
+
+
+def build_backtests(
+    settings: RulesSettings,
+    sessions: sessionmaker[Session],
+    lifecycle: RuleSetLifecycle,
+    executor: Executor,
+) -> BacktestHandler:
+    """The handler as the service wires it: history from the rules database, the rule sets
+    from the lifecycle, the policy and the cohort attributes from their files."""
+    return BacktestHandler(
+        executor=executor,
+        reader=HistoryReader(sessions, engine_event_from_record),
+        policy=load_policy(settings.policy_file),
+        cohort_attributes=cohort_attributes(load_catalogue(settings.catalogue_file)),
+        baseline=lambda: contender(lifecycle.active()),
+        candidate=lambda rule_set_id: contender(lifecycle.get(rule_set_id)),
+        clock=lambda: datetime.now(UTC),
+    )
+
+
+def _replay_page(pages: Iterator[list[StoredEvent]], replay: Backtest) -> bool:
+    page = next(pages, None)
+    if page is None:
+        return False
+    replay.feed(page)
+    return True
+
+
+def _close(pages: Iterator[list[StoredEvent]], replay: Backtest) -> None:
+    try:
+        close = getattr(pages, "close", None)
+        if close is not None:
+            close()
+    finally:
+        replay.close()
+
+
+def _parse(request: pb.BacktestRuleSetRequest) -> tuple[BacktestScope, int, int]:
+    problems: list[Violation] = []
+    if request.rule_set_id <= 0:
+        problems.append(Violation("rule_set_id", "is required", "REQUIRED"))
+    occurred_from = to_datetime(request.occurred_from) if request.HasField("occurred_from") else None
+    occurred_to = to_datetime(request.occurred_to) if request.HasField("occurred_to") else None
+    if occurred_from is not None and occurred_to is not None and occurred_from >= occurred_to:
+        problems.append(Violation("occurred_to", "must be after occurred_from", "OUT_OF_RANGE"))
+    fraction = request.sample_fraction
+    if not 0.0 <= fraction <= 1.0:  # also refuses NaN
+        problems.append(
+            Violation("sample_fraction", "must lie in [0, 1] (0 means every subject)", "OUT_OF_RANGE")
+        )
+    if not 0 <= request.rule_limit <= MAX_RULE_LIMIT:
+        problems.append(Violation("rule_limit", f"must lie in 0..{MAX_RULE_LIMIT}", "OUT_OF_RANGE"))
+    if not 0 <= request.subject_limit <= MAX_SUBJECT_LIMIT:
+        problems.append(Violation("subject_limit", f"must lie in 0..{MAX_SUBJECT_LIMIT}", "OUT_OF_RANGE"))
+    if problems:
+        raise InvalidArgument("invalid backtest request", problems)
+    scope = BacktestScope(occurred_from, occurred_to, fraction or 1.0)
+    return scope, request.rule_limit or DEFAULT_RULE_LIMIT, request.subject_limit
+
+
+def response(
+    report: BacktestReport, baseline: Contender, candidate: Contender, *, subject_limit: int, elapsed: float
+) -> pb.BacktestRuleSetResponse:
+    return pb.BacktestRuleSetResponse(
+        baseline=_rule_set(baseline),
+        candidate=_rule_set(candidate),
+        policy_version=report.policy_version,
+        events_replayed=report.events_replayed,
+        batches_replayed=report.batches_replayed,
+        overall=_breakdown(report.overall),
+        cohorts=[
+            pb.BacktestCohort(dimension=c.dimension, value=c.value, breakdown=_breakdown(c.breakdown))
+            for c in report.cohorts
+        ],
+        subjects=[
+            pb.BacktestSubject(
+                subject_key=s.subject_key,
+                subject_kind=s.subject_kind,
+                baseline_score=s.baseline.score,
+                baseline_tier=s.baseline.tier,
+                candidate_score=s.candidate.score,
+                candidate_tier=s.candidate.tier,
+            )
+            for s in report.subjects[:subject_limit]
+        ],
+        elapsed_seconds=elapsed,
+        baseline_failed_events=report.baseline_failed_events,
+        candidate_failed_events=report.candidate_failed_events,
+        as_of=to_timestamp(report.as_of),
+    )
+
+
+def _rule_set(contender: Contender) -> pb.BacktestedRuleSet:
+    rule_set = contender.rule_set
+    return pb.BacktestedRuleSet(
+        rule_set_id=contender.rule_set_id,
+        name=rule_set.name,
+        version=rule_set.version,
+        source_sha256=rule_set.source_sha256,
+    )
+
+
+def _breakdown(breakdown: Breakdown) -> pb.BacktestBreakdown:
+    buckets = []
+    for bucket in breakdown.score_changes:
+        fields: dict[str, Any] = {"label": bucket.label, "subjects": bucket.subjects}
+        if bucket.min_change is not None:
+            fields["min_change"] = bucket.min_change
+        if bucket.max_change is not None:
+            fields["max_change"] = bucket.max_change
+        buckets.append(pb.ScoreChangeBucket(**fields))
+    return pb.BacktestBreakdown(
+        subjects=breakdown.subjects,
+        subjects_changed=breakdown.subjects_changed,
+        migrations=[
+            pb.TierMigration(from_tier=m.from_tier, to_tier=m.to_tier, subjects=m.subjects)
+            for m in breakdown.migrations
+        ],
+        score_changes=buckets,
+        rules=[
+            pb.RuleImpact(
+                rule_id=r.rule_id,
+                baseline_firings=r.baseline_firings,
+                candidate_firings=r.candidate_firings,
+                baseline_points=r.baseline_points,
+                candidate_points=r.candidate_points,
+                points_moved=r.points_moved,
+            )
+            for r in breakdown.rules
+        ],
+    )

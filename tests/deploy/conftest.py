@@ -1,0 +1,48 @@
+"""Fixtures of the deploy tests: the chart rendered (offline, helm-python-sdk) with each CI values file."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from deploy.k8s.render import CI_VALUES_DIR, Manifest, objects, render
+
+VALUES_FILES = sorted(CI_VALUES_DIR.glob("*-values.yaml"))
+
+
+def load_values(path: Path) -> dict[str, Any]:
+    loaded = yaml.safe_load(path.read_text())
+    return dict(loaded) if loaded else {}
+
+
+@cache
+def _render_file(name: str) -> tuple[Manifest, ...]:
+    return tuple(objects(render(load_values(CI_VALUES_DIR / name))))
+
+
+@pytest.fixture(
+    params=[p.name for p in VALUES_FILES], ids=[p.name.removesuffix("-values.yaml") for p in VALUES_FILES]
+)
+def values_file(request: pytest.FixtureRequest) -> Path:
+    return CI_VALUES_DIR / str(request.param)
+
+
+@pytest.fixture
+def rendered(values_file: Path) -> list[Manifest]:
+    """Every object the chart renders with one CI values file (hooks and tests included)."""
+    return list(_render_file(values_file.name))
+
+
+@pytest.fixture
+def render_objects() -> Callable[[dict[str, Any]], list[Manifest]]:
+    """Render the chart with ad-hoc values."""
+
+    def make(values: dict[str, Any]) -> list[Manifest]:
+        return objects(render(values))
+
+    return make

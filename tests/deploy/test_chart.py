@@ -1,0 +1,498 @@
+"""The Helm chart is valid, hardened and wired as documented, for every CI values file.
+
+Everything renders offline through helm-python-sdk (Helm's Go SDK in-process) and is
+validated against the Kubernetes OpenAPI schemas that kubernetes-validate ships.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import kubernetes_validate  # type: ignore[import-untyped]
+import pytest
+import yaml
+
+from deploy.k8s.render import CHART_DIR, REPO_ROOT, Manifest, drift, hooks
+from tests.deploy.conftest import load_values
+from tests.deploy.k8s import (
+    Endpoint,
+    matches,
+    named,
+    network_allows,
+    of_kind,
+    pod_template,
+    pods,
+    services_deployments,
+)
+
+# The newest Kubernetes whose schemas kubernetes-validate ships, and the oldest the chart
+# supports (Chart.yaml kubeVersion): every object must be valid on both.
+KUBE_VERSIONS = (kubernetes_validate.latest_version(), "1.30.0")
+SERVICES = ("ingest", "rules", "score", "query")
+RELEASE_LABELS = {"app.kubernetes.io/name": "egret", "app.kubernetes.io/instance": "egret"}
+# Pod Security "restricted": the volume types it allows.
+RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+
+RenderObjects = Callable[[dict[str, Any]], list[Manifest]]
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def component(labels: dict[str, str]) -> str:
+    return labels["app.kubernetes.io/component"]
+
+
+# -- lint, schema, validity -----------------------------------------------------------------
+
+
+def test_helm_lint_strict_reports_no_warning_or_error(values_file: Path) -> None:
+    report = helm.lint(CHART_DIR, load_values(values_file), strict=True, kube_version="v1.35.0")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert (problems, report["errors"]) == ([], [])
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+def test_every_rendered_object_is_valid_kubernetes(rendered: list[Manifest], kube_version: str) -> None:
+    assert len(rendered) > 20
+    for manifest in rendered:
+        kubernetes_validate.validate(manifest, kube_version, strict=True)
+
+
+@pytest.mark.parametrize(
+    ("values", "complaint"),
+    [
+        ({"services": {"ingest": {"replica": 2}}}, "replica"),
+        ({"image": {"pullPolicy": "Sometimes"}}, "pullPolicy"),
+        ({"env": {"DATABASE_URL": "x"}}, "DATABASE_URL"),
+        ({"services": {"rules": {"shards": 0}}}, "shards"),
+        ({"otel": {"endpoint": "collector:4317"}}, "endpoint"),
+    ],
+)
+def test_values_schema_rejects_unknown_keys_and_bad_values(
+    render_objects: RenderObjects, values: dict[str, Any], complaint: str
+) -> None:
+    with pytest.raises(helm.HelmError, match=complaint):
+        render_objects(values)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"services": {"rules": {"replicas": 2}}},
+        {"services": {"rules": {"autoscaling": {"enabled": True}}}},
+        {"secrets": {"create": True}},
+        {"config": {"rulesets": {"city.yaml": "x: 1"}, "activeRuleset": "other.yaml"}},
+    ],
+)
+def test_values_the_schema_cannot_express_fail_the_render(
+    render_objects: RenderObjects, values: dict[str, Any]
+) -> None:
+    with pytest.raises(helm.HelmRenderError):
+        render_objects(values)
+
+
+def _leaves(values: Any, prefix: str = "") -> list[str]:
+    if isinstance(values, dict) and values:
+        return [leaf for key, value in values.items() for leaf in _leaves(value, f"{prefix}{key}.")]
+    return [prefix.rstrip(".")]
+
+
+def _normalise(path: str) -> str:
+    # services.rules/score/query have ingest's shape and share its documentation.
+    return re.sub(r"^services\.(rules|score|query)(\.|$)", r"services.ingest\2", path)
+
+
+def test_every_value_is_documented_in_values_yaml() -> None:
+    """Every leaf value has a `# --` comment above it or above the object it belongs to."""
+    text = (CHART_DIR / "values.yaml").read_text()
+    documented: set[str] = set()
+    path: list[tuple[int, str]] = []
+    previous_is_doc = False
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            previous_is_doc = previous_is_doc or stripped.startswith("# --")
+            continue
+        match = re.match(r"^( *)([A-Za-z][\w.-]*):", line)
+        if match:
+            indent = len(match.group(1))
+            path = [(i, k) for i, k in path if i < indent] + [(indent, match.group(2))]
+            if previous_is_doc:
+                documented.add(_normalise(".".join(k for _, k in path)))
+        previous_is_doc = False
+
+    def covered(leaf: str) -> bool:
+        parts = _normalise(leaf).split(".")
+        return any(".".join(parts[:n]) in documented for n in range(1, len(parts) + 1))
+
+    leaves = _leaves(yaml.safe_load(text))
+    assert len(leaves) > 80
+    assert [leaf for leaf in leaves if not covered(leaf)] == []
+
+
+# -- hardening -------------------------------------------------------------------------------
+
+
+def test_every_pod_meets_pod_security_restricted(rendered: list[Manifest]) -> None:
+    checked = 0
+    for manifest, _, spec in pods(rendered):
+        where = f"{manifest['kind']}/{manifest['metadata']['name']}"
+        pod_context = spec.get("securityContext", {})
+        assert not any(spec.get(k) for k in ("hostNetwork", "hostPID", "hostIPC")), where
+        assert spec.get("automountServiceAccountToken") is False, where
+        assert spec.get("enableServiceLinks") is False, where
+        for volume in spec.get("volumes", []):
+            assert set(volume) - {"name"} <= RESTRICTED_VOLUMES, (where, volume)
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            context = container.get("securityContext", {})
+            non_root = context.get("runAsNonRoot", pod_context.get("runAsNonRoot"))
+            user = context.get("runAsUser", pod_context.get("runAsUser"))
+            seccomp = context.get("seccompProfile", pod_context.get("seccompProfile", {}))
+            assert non_root is True, (where, container["name"])
+            assert user not in (None, 0), (where, container["name"])
+            assert seccomp.get("type") in ("RuntimeDefault", "Localhost"), where
+            assert context.get("allowPrivilegeEscalation") is False, where
+            assert not context.get("privileged"), where
+            assert context["capabilities"]["drop"] == ["ALL"], where
+            assert set(context["capabilities"].get("add", [])) <= {"NET_BIND_SERVICE"}, where
+            assert context.get("readOnlyRootFilesystem") is True, where
+            assert not any(p.get("hostPort") for p in container.get("ports", [])), where
+            checked += 1
+    assert checked >= 5  # four services and the test pod, at least
+
+
+def test_service_accounts_do_not_mount_tokens(rendered: list[Manifest]) -> None:
+    accounts = of_kind(rendered, "ServiceAccount")
+    assert {a["metadata"]["name"] for a in accounts} == {f"egret-{s}" for s in SERVICES}
+    assert all(a["automountServiceAccountToken"] is False for a in accounts)
+
+
+def test_every_service_has_grpc_probes_resources_a_service_and_a_pdb(rendered: list[Manifest]) -> None:
+    deployments = services_deployments(rendered)
+    assert {component(d["metadata"]["labels"]) for d in deployments} == set(SERVICES)
+    for deployment in deployments:
+        name = deployment["metadata"]["name"]
+        metadata, spec = pod_template(deployment)
+        (container,) = spec["containers"]
+        (port,) = container["ports"]
+        assert port["name"] == "grpc"
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"] == {"port": port["containerPort"], "service": ""}, (name, probe)
+        resources = container["resources"]
+        assert {"cpu", "memory"} <= set(resources["requests"]), name
+        assert "memory" in resources["limits"], name
+        assert matches(deployment["spec"]["selector"], metadata["labels"]), name
+        (pdb,) = [
+            p
+            for p in of_kind(rendered, "PodDisruptionBudget")
+            if matches(p["spec"]["selector"], metadata["labels"])
+        ]
+        assert ("minAvailable" in pdb["spec"]) != ("maxUnavailable" in pdb["spec"]), name
+        (service,) = [
+            s for s in of_kind(rendered, "Service") if matches(s["spec"]["selector"], metadata["labels"])
+        ]
+        assert service["spec"]["ports"][0]["targetPort"] == "grpc", name
+        assert int(spec["terminationGracePeriodSeconds"]) > int(
+            env_of(container)["EGRET_SHUTDOWN_GRACE_SECONDS"]
+        )
+
+
+def test_autoscaled_services_leave_replicas_to_their_hpa(rendered: list[Manifest]) -> None:
+    scaled = {h["spec"]["scaleTargetRef"]["name"]: h for h in of_kind(rendered, "HorizontalPodAutoscaler")}
+    for deployment in services_deployments(rendered):
+        name = deployment["metadata"]["name"]
+        assert ("replicas" in deployment["spec"]) == (name not in scaled), name
+    for name, hpa in scaled.items():
+        named(rendered, "Deployment", name)
+        assert hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+
+
+def test_high_availability_autoscales_ingest_and_query(render_objects: RenderObjects) -> None:
+    values = load_values(CHART_DIR / "ci" / "high-availability-values.yaml")
+    scaled = {
+        h["spec"]["scaleTargetRef"]["name"]
+        for h in of_kind(render_objects(values), "HorizontalPodAutoscaler")
+    }
+    assert scaled == {"egret-ingest", "egret-query"}
+
+
+# -- secrets and configuration -------------------------------------------------------------
+
+
+def secret_refs(manifests: list[Manifest]) -> set[tuple[str, str]]:
+    """(Secret name, key) of every env secretKeyRef and secret volume item."""
+    refs: set[tuple[str, str]] = set()
+    for _, _, spec in pods(manifests):
+        for container in spec["containers"]:
+            for value in env_of(container).values():
+                if isinstance(value, dict) and "secretKeyRef" in value:
+                    refs.add((value["secretKeyRef"]["name"], value["secretKeyRef"]["key"]))
+        for volume in spec.get("volumes", []):
+            secret = volume.get("secret")
+            for item in (secret or {}).get("items", []):
+                refs.add((secret["secretName"], item["key"]))
+    return refs
+
+
+def test_secrets_are_referenced_never_inlined_by_default(render_objects: RenderObjects) -> None:
+    manifests = render_objects({})
+    assert of_kind(manifests, "Secret") == []
+    assert secret_refs(manifests) == {
+        ("egret-database", "ingest-url"),
+        ("egret-database", "rules-url"),
+        ("egret-database", "score-url"),
+        ("egret-database", "score-readonly-url"),
+        ("egret-subject-key", "subject-key"),
+    }
+    text = yaml.safe_dump_all(manifests)
+    assert "postgresql" not in text
+
+
+def test_existing_secrets_are_referenced_by_the_given_names(render_objects: RenderObjects) -> None:
+    manifests = render_objects(load_values(CHART_DIR / "ci" / "existing-secrets-values.yaml"))
+    assert {n for n, _ in secret_refs(manifests)} == {"egret-pg-urls", "egret-hmac"}
+    ingest = named(manifests, "Deployment", "egret-ingest")
+    _, spec = pod_template(ingest)
+    mounts = {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+    # TLS and JWT keys are reserved: mounted, but no variable names them until a service reads them.
+    assert {"/etc/egret/tls", "/etc/egret/jwt"} <= mounts
+    assert env_of(spec["containers"][0])["EGRET_SUBJECT_KEY_ID"] == "k2"
+    assert not any("TLS" in k or "JWT" in k for k in env_of(spec["containers"][0]))
+
+
+def test_created_secrets_exist_before_the_migration_hooks(render_objects: RenderObjects) -> None:
+    manifests = render_objects(
+        load_values(CHART_DIR / "ci" / "development-values.yaml") | {"migrations": {"enabled": True}}
+    )
+    secrets = of_kind(manifests, "Secret")
+    assert {s["metadata"]["name"] for s in secrets} == {"egret-database", "egret-subject-key"}
+    for secret in secrets:
+        assert "pre-install" in hooks(secret)
+        assert int(secret["metadata"]["annotations"]["helm.sh/hook-weight"]) < 0
+    assert set(secrets[0]["stringData"]) == {"ingest-url", "rules-url", "score-url", "score-readonly-url"}
+
+
+def test_config_files_are_mounted_where_the_settings_point(rendered: list[Manifest]) -> None:
+    config_maps = {c["metadata"]["name"]: c for c in of_kind(rendered, "ConfigMap")}
+    file_settings = {
+        "EGRET_CATALOGUE_FILE",
+        "EGRET_RULESET_FILE",
+        "EGRET_POLICY_FILE",
+        "EGRET_SUBJECT_KEY_FILE",
+    }
+    for deployment in services_deployments(rendered):
+        _, spec = pod_template(deployment)
+        container = spec["containers"][0]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for name, value in env_of(container).items():
+            if name not in file_settings:
+                continue
+            (mount,) = [m for m in container["volumeMounts"] if value.startswith(m["mountPath"] + "/")]
+            file = value.removeprefix(mount["mountPath"] + "/")
+            volume = volumes[mount["name"]]
+            if "configMap" in volume:
+                assert file in config_maps[volume["configMap"]["name"]]["data"], (name, value)
+            else:
+                assert file in {i["path"] for i in volume["secret"]["items"]}, (name, value)
+
+
+def test_config_change_rolls_the_pods(render_objects: RenderObjects) -> None:
+    def checksum(values: dict[str, Any]) -> str:
+        metadata, _ = pod_template(named(render_objects(values), "Deployment", "egret-score"))
+        return str(metadata["annotations"]["checksum/config"])
+
+    assert checksum({}) != checksum({"config": {"policy": "version: x\n"}})
+
+
+def test_benefits_configmap_is_ready_for_the_scoring_issue(render_objects: RenderObjects) -> None:
+    assert not [
+        c for c in of_kind(render_objects({}), "ConfigMap") if c["metadata"]["name"] == "egret-benefits"
+    ]
+    manifests = render_objects({"config": {"benefits": "benefits: []\n"}})
+    assert named(manifests, "ConfigMap", "egret-benefits")["data"] == {"benefits.yaml": "benefits: []\n"}
+    for service in ("score", "query"):
+        _, spec = pod_template(named(manifests, "Deployment", f"egret-{service}"))
+        assert "/etc/egret/benefits" in {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+
+
+# -- wiring ----------------------------------------------------------------------------------
+
+
+def test_migrations_run_in_hook_jobs_and_the_services_do_not_migrate(render_objects: RenderObjects) -> None:
+    manifests = render_objects({})
+    jobs = {j["metadata"]["name"]: j for j in of_kind(manifests, "Job")}
+    assert set(jobs) == {"egret-ingest-migrate", "egret-rules-migrate", "egret-score-migrate"}
+    for job in jobs.values():
+        assert hooks(job) == {"pre-install", "pre-upgrade"}
+        _, spec = pod_template(job)
+        assert spec["containers"][0]["args"] == ["migrate"]
+    for deployment in services_deployments(manifests):
+        assert env_of(pod_template(deployment)[1]["containers"][0])["EGRET_MIGRATE_ON_START"] == "false"
+
+    without = render_objects({"migrations": {"enabled": False}})
+    assert of_kind(without, "Job") == []
+    for deployment in services_deployments(without):
+        assert env_of(pod_template(deployment)[1]["containers"][0])["EGRET_MIGRATE_ON_START"] == "true"
+
+
+def test_otel_variables_point_at_the_configured_collector(render_objects: RenderObjects) -> None:
+    values = load_values(CHART_DIR / "ci" / "high-availability-values.yaml")
+    for deployment in services_deployments(render_objects(values)):
+        env = env_of(pod_template(deployment)[1]["containers"][0])
+        service = component(deployment["metadata"]["labels"])
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == values["otel"]["endpoint"]
+        assert env["OTEL_SERVICE_NAME"] == f"egret-{service}"
+        assert (env["OTEL_TRACES_SAMPLER"], env["OTEL_TRACES_SAMPLER_ARG"]) == (
+            "parentbased_traceidratio",
+            "0.25",
+        )
+        assert "deployment.environment=production" in env["OTEL_RESOURCE_ATTRIBUTES"]
+        assert "OTEL_TRACES_EXPORTER" not in env
+    for deployment in services_deployments(render_objects({})):
+        env = env_of(pod_template(deployment)[1]["containers"][0])
+        assert env["OTEL_TRACES_EXPORTER"] == "none"
+        assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in env
+
+
+def test_rules_shards_get_a_deployment_service_pdb_and_migration_each(render_objects: RenderObjects) -> None:
+    manifests = render_objects({"services": {"rules": {"shards": 3}}})
+    shards = [d for d in services_deployments(manifests) if component(d["metadata"]["labels"]) == "rules"]
+    assert [d["metadata"]["name"] for d in shards] == ["egret-rules-0", "egret-rules-1", "egret-rules-2"]
+    for index, deployment in enumerate(shards):
+        metadata, spec = pod_template(deployment)
+        env = env_of(spec["containers"][0])
+        assert (env["EGRET_RULES_SHARD"], env["EGRET_RULES_SHARDS"]) == (str(index), "3")
+        assert env["EGRET_DATABASE_URL"]["secretKeyRef"]["key"] == f"rules-url-{index}"
+        assert deployment["spec"]["strategy"]["type"] == "Recreate"
+        selecting = [
+            s["metadata"]["name"]
+            for s in of_kind(manifests, "Service")
+            if matches(s["spec"]["selector"], metadata["labels"])
+        ]
+        assert selecting == [f"egret-rules-{index}"]
+        assert [
+            p
+            for p in of_kind(manifests, "PodDisruptionBudget")
+            if matches(p["spec"]["selector"], metadata["labels"])
+        ]
+    ingest_env = env_of(pod_template(named(manifests, "Deployment", "egret-ingest"))[1]["containers"][0])
+    assert (
+        ingest_env["EGRET_RULES_ADDRESSES"] == "egret-rules-0:50052,egret-rules-1:50052,egret-rules-2:50052"
+    )
+    assert "EGRET_RULES_ADDRESS" not in ingest_env  # one source of truth for the routing
+    assert {j["metadata"]["name"] for j in of_kind(manifests, "Job")} >= {
+        f"egret-rules-{i}-migrate" for i in range(3)
+    }
+    test_pod = named(manifests, "Pod", "egret-test-health")
+    assert {f"egret-rules-{i}:50052" for i in range(3)} <= set(test_pod["spec"]["containers"][0]["args"])
+
+
+def test_helm_test_pod_checks_every_service_through_its_service(rendered: list[Manifest]) -> None:
+    (test_pod,) = [p for p in of_kind(rendered, "Pod") if "test" in hooks(p)]
+    addresses = test_pod["spec"]["containers"][0]["args"][1:]
+    expected = {
+        f"{s['metadata']['name']}:{s['spec']['ports'][0]['port']}" for s in of_kind(rendered, "Service")
+    }
+    assert set(addresses) == expected
+
+
+def endpoint(service: str) -> Endpoint:
+    return Endpoint({**RELEASE_LABELS, "app.kubernetes.io/component": service})
+
+
+OUTSIDE = Endpoint({}, external=True)
+PIPELINE = [("ingest", "rules", 50052), ("rules", "score", 50053)]
+FORBIDDEN = [
+    ("ingest", "score", 50053),
+    ("query", "rules", 50052),
+    ("query", "score", 50053),
+    ("rules", "ingest", 50051),
+    ("score", "rules", 50052),
+    ("score", "query", 50054),
+    ("migrate", "rules", 50052),
+]
+
+
+def test_network_policy_denies_by_default_and_allows_the_pipeline(render_objects: RenderObjects) -> None:
+    policies = of_kind(render_objects({}), "NetworkPolicy")
+    for source, destination, port in PIPELINE:
+        assert network_allows(policies, endpoint(source), endpoint(destination), port), (source, destination)
+    for source, destination, port in FORBIDDEN:
+        assert not network_allows(policies, endpoint(source), endpoint(destination), port), (
+            source,
+            destination,
+        )
+    for pod in (*SERVICES, "migrate"):
+        assert network_allows(policies, endpoint(pod), OUTSIDE, 5432), pod  # its database
+        assert network_allows(policies, endpoint(pod), OUTSIDE, 53, "UDP"), pod  # DNS
+        assert not network_allows(policies, endpoint(pod), OUTSIDE, 443), pod
+        assert not network_allows(policies, endpoint(pod), OUTSIDE, 4317), pod  # tracing is off
+    # allowExternal: departments and readers reach ingest and query, nobody outside reaches the rest.
+    assert network_allows(policies, OUTSIDE, endpoint("ingest"), 50051)
+    assert network_allows(policies, OUTSIDE, endpoint("query"), 50054)
+    assert not network_allows(policies, OUTSIDE, endpoint("ingest"), 50052)
+    assert not network_allows(policies, OUTSIDE, endpoint("rules"), 50052)
+    assert not network_allows(policies, OUTSIDE, endpoint("score"), 50053)
+    for service, port in (("ingest", 50051), ("rules", 50052), ("score", 50053), ("query", 50054)):
+        assert network_allows(policies, endpoint("test"), endpoint(service), port), service
+
+
+def test_network_policy_allows_the_collector_and_restricts_clients_when_configured(
+    render_objects: RenderObjects,
+) -> None:
+    policies = of_kind(
+        render_objects(load_values(CHART_DIR / "ci" / "high-availability-values.yaml")), "NetworkPolicy"
+    )
+    for service in SERVICES:
+        assert network_allows(policies, endpoint(service), OUTSIDE, 4317), service
+    client = Endpoint({"egret-client": "true"})
+    stranger = Endpoint({"app": "something-else"})
+    assert network_allows(policies, client, endpoint("query"), 50054)
+    assert not network_allows(policies, stranger, endpoint("query"), 50054)
+    assert network_allows(policies, OUTSIDE, endpoint("ingest"), 50051)  # the departments namespace
+
+
+def test_network_policies_can_be_turned_off(render_objects: RenderObjects) -> None:
+    assert of_kind(render_objects({"networkPolicy": {"enabled": False}}), "NetworkPolicy") == []
+    assert of_kind(render_objects({}), "NetworkPolicy")
+
+
+# -- image and rendered manifests ------------------------------------------------------------
+
+
+def test_dockerfile_is_hadolint_clean_and_runs_as_the_charts_user() -> None:
+    hadolint = Path(sys.executable).parent / "hadolint"
+    result = subprocess.run(
+        [hadolint, "Dockerfile"], cwd=REPO_ROOT, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    values = load_values(CHART_DIR / "values.yaml")
+    assert (
+        f"USER {values['podSecurityContext']['runAsUser']}:{values['podSecurityContext']['runAsGroup']}"
+        in dockerfile
+    )
+    assert "grpc_tools.protoc" in dockerfile  # stubs are generated in the build, never copied
+    ignored = (REPO_ROOT / ".dockerignore").read_text().splitlines()
+    assert ignored[ignored.index("*") :].count("!gen/") == 0  # the context never carries a local gen/
+
+
+def test_plain_manifests_and_chart_config_have_not_drifted() -> None:
+    assert drift() == [], "run `make manifests`"

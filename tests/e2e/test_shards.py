@@ -1,0 +1,121 @@
+"""Rules split over two shards gives exactly what one rules instance gives, across processes (SQLite)."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import sqlalchemy as sa
+
+from devtools.cluster import Cluster
+from devtools.ingest_client import stream_events
+from devtools.population import Population, PopulationConfig, batch_requests
+from egret.common.v1 import event_pb2
+from egret.rules.v1 import rules_service_pb2 as rules_pb
+from egret.rules.v1 import rules_service_pb2_grpc as rules_grpc
+from kit.db import create_engine
+from kit.sharding import shard_of
+from tests.e2e.test_pipeline import assert_scores_equal_recompute
+from tests.e2e.test_resilience import expected_outcome_ids
+
+pytestmark = pytest.mark.e2e
+
+# A few thousand events (with duplicates and late arrivals), enough for window rules to fire.
+POPULATION = PopulationConfig(subjects=800, seed=11, duplicate_fraction=0.03, late_fraction=0.05)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    ledger: frozenset[str]
+    scores: dict[str, tuple[int, str, int]]
+    evaluated_by: dict[str, frozenset[str]]  # rules process → subject keys it evaluated
+
+
+def read(url: str, query: str) -> list[tuple[Any, ...]]:
+    engine = create_engine(url, read_only=True)
+    try:
+        with engine.connect() as connection:
+            return [tuple(row) for row in connection.execute(sa.text(query))]
+    finally:
+        engine.dispose()
+
+
+async def run_population(data_dir: Path, subject_key: str, rules_shards: int) -> tuple[Outcome, Cluster]:
+    cluster = Cluster(
+        data_dir,
+        subject_key=subject_key,
+        rules_shards=rules_shards,
+        env={"EGRET_RELAY_POLL_SECONDS": "0.05", "EGRET_RELAY_BACKOFF_MAX_SECONDS": "1"},
+    )
+    with cluster:
+        async with grpc.aio.insecure_channel(cluster.address("ingest")) as channel:
+            totals = await stream_events(
+                channel, batch_requests(Population(POPULATION).events(), batch_size=200), in_flight=4
+            )
+        assert totals.rejected == 0
+        await asyncio.to_thread(cluster.wait_drained, 180)
+        await assert_scores_equal_recompute(cluster)
+        if rules_shards > 1:
+            await assert_a_misrouted_event_is_refused(cluster)
+        score_url = cluster.database_url("score")
+        outcome = Outcome(
+            ledger=frozenset(str(r[0]) for r in read(score_url, "SELECT entry_id FROM score_ledger")),
+            scores={
+                str(r[0]): (int(r[1]), str(r[2]), int(r[3]))
+                for r in read(score_url, "SELECT subject_key, score, tier, entry_count FROM score_subjects")
+            },
+            evaluated_by={
+                name: frozenset(
+                    str(r[0])
+                    for r in read(
+                        cluster.database_url(name), "SELECT DISTINCT subject_key FROM rules_evaluated_events"
+                    )
+                )
+                for name in cluster.rules_names
+            },
+        )
+    return outcome, cluster
+
+
+async def assert_a_misrouted_event_is_refused(cluster: Cluster) -> None:
+    """A caller that sends shard 0's subject to shard 1 is told so, naming the shards."""
+    (row,) = read(
+        cluster.database_url("ingest"),
+        "SELECT subject_key, record FROM ingest_events ORDER BY sequence LIMIT 1",
+    )
+    subject_key, record = str(row[0]), bytes(row[1])
+    event = event_pb2.RecordedEvent.FromString(record)
+    wrong = f"rules-{1 - shard_of(subject_key, 2)}"
+    async with grpc.aio.insecure_channel(cluster.address(wrong)) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await rules_grpc.RulesServiceStub(channel).EvaluateEvents(
+                rules_pb.EvaluateEventsRequest(events=[event]), timeout=10
+            )
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"{wrong[-1]} of 2" in (raised.value.details() or "")
+
+
+async def test_two_rules_shards_give_the_same_ledger_and_scores_as_one(tmp_path: Path) -> None:
+    subject_key = secrets.token_hex(32)  # the same pseudonyms in both runs, so outcome ids compare
+    single, single_cluster = await run_population(tmp_path / "one", subject_key, rules_shards=1)
+    sharded, _ = await run_population(tmp_path / "two", subject_key, rules_shards=2)
+
+    assert len(single.ledger) > 1000
+    assert sharded.ledger == single.ledger
+    assert sharded.scores == single.scores
+    # And both equal an in-process evaluation of every accepted event by one engine.
+    assert single.ledger == expected_outcome_ids(single_cluster, Population(POPULATION))
+
+    # The subjects were really split: each shard evaluated only, and all of, its own.
+    first, second = sharded.evaluated_by["rules-0"], sharded.evaluated_by["rules-1"]
+    assert first
+    assert second
+    assert not first & second
+    assert first | second == single.evaluated_by["rules"]
+    assert all(shard_of(key, 2) == 0 for key in first)
+    assert all(shard_of(key, 2) == 1 for key in second)

@@ -1,0 +1,305 @@
+"""BacktestRuleSet over real gRPC, on SQLite and on PostgreSQL: its numbers are the numbers
+that activating the candidate live produces on the same history.
+
+A history is evaluated live by rules with rule set A (relayed to a real score service);
+the candidate B is backtested there; then the same batches are evaluated live, in the
+same order, by a fresh rules service with B active, relayed to a fresh score service.
+The backtest's per-subject scores and tiers must equal both live score services', and
+its migration matrix the one the two live ledgers give.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+import sqlalchemy as sa
+
+from devtools.population import Origin, Population, PopulationConfig
+from egret.common.v1 import event_pb2
+from egret.rules.v1 import backtest_pb2
+from egret.rules.v1 import rules_service_pb2 as pb
+from egret.rules.v1 import rules_service_pb2_grpc as pb_grpc
+from kit.db import create_engine
+from kit.protoconv import to_timestamp
+from services.rules import bootstrap as rules_bootstrap
+from services.rules.settings import RulesSettings
+from services.rules.storage import EmittedOutcome, EvaluatedEvent, Outbox
+from services.score import bootstrap as score_bootstrap
+from services.score.policy import load_policy
+from services.score.settings import ScoreSettings
+from services.score.storage import StoredScore
+from tests.support.servers import running
+from tests.support.status import bad_request
+
+ROOT = Path(__file__).parents[2]
+SAMPLE = ROOT / "config" / "rulesets" / "sample.yaml"
+POLICY = ROOT / "config" / "policy.yaml"
+BATCH = 40
+
+
+def candidate_source() -> str:
+    """Sample rules made stricter: red lights cost far more, and two windows close sooner."""
+    source = SAMPLE.read_text(encoding="utf-8")
+    changes = [
+        ("\nversion: 2\n", "\nversion: 3\n"),
+        ("    points: -5\n    category: traffic\n", "    points: -40\n    category: traffic\n"),
+        ("    window: {count: 3, within: 30d}\n", "    window: {count: 2, within: 30d}\n"),
+        ("    window: {count: 3, within: 90d}\n", "    window: {count: 2, within: 180d}\n"),
+    ]
+    for old, new in changes:
+        assert source.count(old) == 1, old
+        source = source.replace(old, new)
+    return source
+
+
+def history() -> list[list[event_pb2.RecordedEvent]]:
+    """Batches as ingest's relay would deliver them: resends included, late arrivals too."""
+    config = PopulationConfig(
+        subjects=300,
+        seed=7,
+        now=datetime.now(UTC) - timedelta(days=1),
+        # Recent and clustered, so that entries are still visible and windows complete.
+        span_days=150,
+        clustering=0.7,
+        duplicate_fraction=0.05,
+        late_fraction=0.1,
+    )
+    events = []
+    for item in Population(config).generate():
+        if item.origin is Origin.INVALID:
+            continue
+        event = item.event
+        events.append(
+            event_pb2.RecordedEvent(
+                ref=event_pb2.EventRef(source=item.source, event_id=event.event_id),
+                event_type=event.event_type,
+                subject_key=hashlib.sha256(event.subject.id_value.encode()).hexdigest(),
+                subject_kind=event.subject.kind,
+                occurred_at=event.occurred_at,
+                recorded_at=to_timestamp(datetime.now(UTC)),
+                attributes=event.attributes,
+            )
+        )
+    return [events[i : i + BATCH] for i in range(0, len(events), BATCH)]
+
+
+def environment(name: str, database_url: str, data_dir: Path, **extra: str) -> dict[str, str]:
+    return {
+        "EGRET_DATA_DIR": str(data_dir / name),
+        "EGRET_DATABASE_URL": database_url,
+        "EGRET_LISTEN_ADDRESS": "127.0.0.1:0",
+        "EGRET_LOG_FORMAT": "console",
+        "EGRET_LOG_LEVEL": "warning",
+        "EGRET_SHUTDOWN_GRACE_SECONDS": "2",
+        "EGRET_HEALTH_INTERVAL_SECONDS": "0.2",
+        "EGRET_SQLITE_SYNCHRONOUS": "NORMAL",
+        "EGRET_INSECURE": "true",
+        "EGRET_POLICY_FILE": str(POLICY),
+        **extra,
+    }
+
+
+@dataclass
+class Live:
+    """One rules service relaying to one score service, each on its own database."""
+
+    rules: pb_grpc.RulesServiceAsyncStub
+    rules_url: str
+    score_url: str
+
+
+@asynccontextmanager
+async def live(
+    rule_set: str, make_url: Callable[[str], str], data_dir: Path, name: str
+) -> AsyncIterator[Live]:
+    ruleset_file = data_dir / f"{name}.yaml"
+    ruleset_file.write_text(rule_set, encoding="utf-8")
+    score_url, rules_url = make_url(f"{name}-score"), make_url(f"{name}-rules")
+    async with AsyncExitStack() as stack:
+        score_settings = ScoreSettings.from_env(environment(f"{name}-score", score_url, data_dir))
+        score_address = await stack.enter_async_context(
+            running(score_settings, score_bootstrap.build, score_bootstrap.MIGRATIONS)
+        )
+        rules_settings = RulesSettings.from_env(
+            environment(
+                f"{name}-rules",
+                rules_url,
+                data_dir,
+                EGRET_RULESET_FILE=str(ruleset_file),
+                EGRET_SCORE_ADDRESS=score_address,
+                EGRET_RELAY_POLL_SECONDS="0.05",
+                EGRET_CATALOGUE_FILE=str(ROOT / "config" / "catalogue.yaml"),
+            )
+        )
+        rules_address = await stack.enter_async_context(
+            running(rules_settings, rules_bootstrap.build, rules_bootstrap.MIGRATIONS)
+        )
+        channel = await stack.enter_async_context(grpc.aio.insecure_channel(rules_address))
+        yield Live(pb_grpc.RulesServiceStub(channel), rules_url, score_url)
+
+
+async def evaluate(service: Live, batches: Sequence[Sequence[event_pb2.RecordedEvent]]) -> None:
+    """Evaluate the batches in order and wait until score has applied every outcome."""
+    for batch in batches:
+        await service.rules.EvaluateEvents(pb.EvaluateEventsRequest(events=batch))
+    engine = create_engine(service.rules_url)
+    try:
+        for _ in range(400):
+            with engine.connect() as connection:
+                if connection.execute(sa.select(sa.func.count()).select_from(Outbox)).scalar_one() == 0:
+                    return
+            await asyncio.sleep(0.05)
+        raise AssertionError("the rules outbox did not drain")
+    finally:
+        engine.dispose()
+
+
+def live_scores(score_url: str) -> dict[str, tuple[int, str]]:
+    engine = create_engine(score_url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(sa.select(StoredScore.subject_key, StoredScore.score, StoredScore.tier))
+            return {key: (score, tier) for key, score, tier in rows}
+    finally:
+        engine.dispose()
+
+
+def row_counts(url: str) -> dict[str, int]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return {
+                table.__tablename__: connection.execute(
+                    sa.select(sa.func.count()).select_from(table)
+                ).scalar_one()
+                for table in (EvaluatedEvent, EmittedOutcome, Outbox)
+            }
+    finally:
+        engine.dispose()
+
+
+def base_result(kind: str) -> tuple[int, str]:
+    """What a subject without ledger entries scores: the policy's base, and its tier."""
+    policy = load_policy(POLICY).for_kind(kind)
+    return policy.base, policy.tier_of(policy.base)
+
+
+def matrix(pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    counts: dict[tuple[str, str], int] = {}
+    for pair in pairs:
+        counts[pair] = counts.get(pair, 0) + 1
+    return counts
+
+
+async def test_backtest_equals_activating_the_candidate_live(
+    database_url: str, database_url_factory: Callable[[str], str], tmp_path: Path
+) -> None:
+    batches = history()
+    candidate = candidate_source()
+    async with live(SAMPLE.read_text(encoding="utf-8"), database_url_factory, tmp_path, "a") as a:
+        await evaluate(a, batches)
+        draft = await a.rules.CreateDraft(pb.CreateDraftRequest(source=candidate))
+        before = row_counts(a.rules_url)
+        scores_a_before = live_scores(a.score_url)
+        report = await a.rules.BacktestRuleSet(
+            backtest_pb2.BacktestRuleSetRequest(
+                rule_set_id=draft.rule_set.rule_set_id, subject_limit=10_000, rule_limit=1000
+            )
+        )
+        # No effect on live state: the same rows in rules, the same scores in score.
+        assert row_counts(a.rules_url) == before
+        assert live_scores(a.score_url) == scores_a_before
+    async with live(candidate, database_url_factory, tmp_path, "b") as b:
+        await evaluate(b, batches)
+    scores_a, scores_b = scores_a_before, live_scores(b.score_url)
+
+    assert report.candidate.rule_set_id == draft.rule_set.rule_set_id
+    assert (report.baseline.version, report.candidate.version) == (2, 3)
+    assert report.events_replayed == before["rules_evaluated_events"]
+    assert report.candidate_failed_events == report.baseline_failed_events == 0
+    subjects = {s.subject_key: s for s in report.subjects}
+    assert len(subjects) == report.overall.subjects
+    assert set(scores_a) | set(scores_b) <= set(subjects)
+    pairs = []
+    for key, subject in subjects.items():
+        base = base_result(subject.subject_kind)
+        assert (subject.baseline_score, subject.baseline_tier) == scores_a.get(key, base), key
+        assert (subject.candidate_score, subject.candidate_tier) == scores_b.get(key, base), key
+        pairs.append((scores_a.get(key, base)[1], scores_b.get(key, base)[1]))
+    reported = {(m.from_tier, m.to_tier): m.subjects for m in report.overall.migrations}
+    assert reported == matrix(pairs)
+    changed = sum(
+        scores_a.get(k, base_result(s.subject_kind)) != scores_b.get(k, base_result(s.subject_kind))
+        for k, s in subjects.items()
+    )
+    assert report.overall.subjects_changed == changed > 0
+    assert sum(b.subjects for b in report.overall.score_changes) == len(subjects)
+    # The changed windows fired, so history and consumed events were part of the proof.
+    rules = {r.rule_id: r for r in report.overall.rules}
+    assert rules["transport.bike_parked_outside_fence_repeatedly"].candidate_firings > 0
+    assert rules["traffic.red_light"].points_moved == 7 * rules["traffic.red_light"].baseline_points
+    assert any(m.from_tier != m.to_tier for m in report.overall.migrations)
+    kinds = {c.value: c.breakdown.subjects for c in report.cohorts if c.dimension == "subject_kind"}
+    assert sum(kinds.values()) == len(subjects)
+    districts = {c.value: c.breakdown.subjects for c in report.cohorts if c.dimension == "district"}
+    assert sum(districts.values()) == len(subjects)
+    assert "Siming" in districts
+
+
+async def test_a_sample_and_a_range_replay_a_deterministic_part_of_the_history(
+    database_url: str, database_url_factory: Callable[[str], str], tmp_path: Path
+) -> None:
+    batches = history()
+    async with live(SAMPLE.read_text(encoding="utf-8"), database_url_factory, tmp_path, "a") as a:
+        await evaluate(a, batches)
+        draft = await a.rules.CreateDraft(pb.CreateDraftRequest(source=candidate_source()))
+
+        async def backtest(**fields: object) -> backtest_pb2.BacktestRuleSetResponse:
+            request = backtest_pb2.BacktestRuleSetRequest(
+                rule_set_id=draft.rule_set.rule_set_id,
+                subject_limit=10_000,
+                **fields,  # type: ignore[arg-type]
+            )
+            response: backtest_pb2.BacktestRuleSetResponse = await a.rules.BacktestRuleSet(request)
+            return response
+
+        full = await backtest()
+        sample = await backtest(sample_fraction=0.5)
+        again = await backtest(sample_fraction=0.5)
+        assert [s.subject_key for s in sample.subjects] == [s.subject_key for s in again.subjects]
+        assert 0 < sample.overall.subjects < full.overall.subjects
+        # Subjects are independent: a sampled subject's numbers are its numbers in a full run.
+        everyone = {s.subject_key: s for s in full.subjects}
+        assert all(everyone[s.subject_key] == s for s in sample.subjects)
+
+        occurred_from = datetime.now(UTC) - timedelta(days=60)
+        recent = await backtest(occurred_from=to_timestamp(occurred_from))
+        assert 0 < recent.events_replayed < full.events_replayed
+
+        with pytest.raises(grpc.aio.AioRpcError) as bad:
+            await backtest(
+                sample_fraction=1.5,
+                occurred_from=to_timestamp(occurred_from),
+                occurred_to=to_timestamp(occurred_from - timedelta(days=1)),
+            )
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert sorted(bad_request(bad.value)) == [
+            ("occurred_to", "OUT_OF_RANGE"),
+            ("sample_fraction", "OUT_OF_RANGE"),
+        ]
+        # One backtest at a time per instance: a second one meanwhile is told to retry.
+        results = await asyncio.gather(backtest(), backtest(), return_exceptions=True)
+        codes = sorted(r.code().name if isinstance(r, grpc.aio.AioRpcError) else "OK" for r in results)
+        assert codes == ["OK", "RESOURCE_EXHAUSTED"]
+
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await a.rules.BacktestRuleSet(backtest_pb2.BacktestRuleSetRequest(rule_set_id=9999))
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND

@@ -1,0 +1,523 @@
+"""Windows, sequences, caps and effective dating, evaluated in event time with history and consumed events."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from services.rules.engine import RuleEngine, run_raw
+from services.rules.ruleset import AttributeScalar, EngineEvent, Firing, RuleSet, parse_rule_set
+
+T0 = datetime(2025, 1, 1, tzinfo=UTC)
+PERSON = "a1" * 32
+OTHER = "c3" * 32
+
+
+def day(n: float) -> datetime:
+    return T0 + timedelta(days=n)
+
+
+def ev(
+    key: str,
+    at: datetime,
+    attributes: Mapping[str, AttributeScalar] | None = None,
+    *,
+    event_type: str = "test.happened",
+    subject: str = PERSON,
+) -> EngineEvent:
+    return EngineEvent(
+        key=key,
+        subject_key=subject,
+        subject_kind="person",
+        event_type=event_type,
+        occurred_at=at,
+        attributes=attributes or {},
+    )
+
+
+def rule(rule_id: str = "r", **overrides: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "id": rule_id,
+        "title": "A rule",
+        "event_types": ["test.happened"],
+        "points": -1,
+        "category": "civic",
+        "severity": "minor",
+        "legal_basis": "Illustrative",
+        "reason": "It happened",
+    }
+    base.update(overrides)
+    return {key: value for key, value in base.items() if value is not None}
+
+
+def rule_set(*rules: dict[str, Any]) -> RuleSet:
+    return parse_rule_set({"name": "test", "version": 1, "rules": list(rules)})
+
+
+def keys(firings: Sequence[Firing]) -> list[tuple[str, ...]]:
+    return [f.event_keys for f in firings]
+
+
+class Store:
+    """What the storage side does around the engine: history within the lookback, consumed keys per rule."""
+
+    def __init__(self, definition: RuleSet) -> None:
+        self.engine = RuleEngine(definition)
+        self.evaluated: dict[str, EngineEvent] = {}
+        self.consumed: dict[str, set[str]] = {}
+        self.firings: list[Firing] = []
+
+    def deliver(self, events: Sequence[EngineEvent]) -> list[Firing]:
+        fresh = [e for e in events if e.key not in self.evaluated]
+        if not fresh:
+            return []
+        lookback = self.engine.rule_set.lookback
+        low = min(e.occurred_at for e in fresh) - lookback
+        high = max(e.occurred_at for e in fresh) + lookback
+        subjects = {e.subject_key for e in fresh}
+        history: dict[str, list[EngineEvent]] = {}
+        for old in self.evaluated.values():
+            if old.subject_key in subjects and low <= old.occurred_at <= high:
+                history.setdefault(old.subject_key, []).append(old)
+        consumed = {rule_id: frozenset(used) for rule_id, used in self.consumed.items()}
+        ordered = sorted(fresh, key=lambda e: (e.occurred_at, e.key))
+        firings = self.engine.evaluate(ordered, history, consumed)
+        self.evaluated.update((e.key, e) for e in fresh)
+        for firing in firings:
+            self.consumed.setdefault(firing.rule_id, set()).update(firing.event_keys)
+        self.firings.extend(firings)
+        return firings
+
+
+THREE_IN_30 = rule("three", window={"count": 3, "within": "30d"}, points=-5, reason="{count} times")
+
+
+# --- windows -------------------------------------------------------------------------
+
+
+def test_a_window_fires_on_the_event_that_completes_it_with_every_event_as_evidence() -> None:
+    engine = RuleEngine(rule_set(THREE_IN_30))
+
+    firings = engine.evaluate([ev("s/1", day(0)), ev("s/2", day(10)), ev("s/3", day(20))])
+
+    assert keys(firings) == [("s/1", "s/2", "s/3")]
+    assert firings[0].occurred_at == day(20)
+    assert firings[0].reason == "3 times"
+    assert firings[0].points == -5
+
+
+def test_a_window_spanning_exactly_its_duration_fires_and_one_second_more_does_not() -> None:
+    engine = RuleEngine(rule_set(THREE_IN_30))
+    exactly = [ev("a/1", day(0)), ev("a/2", day(15)), ev("a/3", day(30))]
+    beyond = [
+        ev("b/1", day(0), subject=OTHER),
+        ev("b/2", day(15), subject=OTHER),
+        ev("b/3", day(30) + timedelta(seconds=1), subject=OTHER),
+    ]
+
+    assert keys(engine.evaluate(exactly + beyond)) == [("a/1", "a/2", "a/3")]
+
+
+def test_each_completed_window_fires_once_and_an_event_counts_in_one_window() -> None:
+    engine = RuleEngine(rule_set(THREE_IN_30))
+    # Seven events within 30 days: two windows (earliest first) and one left over.
+    events = [ev(f"s/{i}", day(i)) for i in range(1, 8)]
+
+    assert keys(engine.evaluate(events)) == [("s/1", "s/2", "s/3"), ("s/4", "s/5", "s/6")]
+
+
+def test_an_event_that_cannot_start_a_window_is_passed_over_for_the_next() -> None:
+    engine = RuleEngine(rule_set(THREE_IN_30))
+    # day 0 has only day 25 within 30 days; days 25, 40, 50 fit in 25 days.
+    events = [ev("s/0", day(0)), ev("s/25", day(25)), ev("s/40", day(40)), ev("s/50", day(50))]
+
+    assert keys(engine.evaluate(events)) == [("s/25", "s/40", "s/50")]
+
+
+def test_grouped_windows_count_each_attribute_value_apart_and_skip_events_without_it() -> None:
+    grouped = rule(
+        "station",
+        window={"count": 2, "within": "90d", "group_by": "station"},
+        reason="{count} at {station}",
+    )
+    engine = RuleEngine(rule_set(grouped))
+    events = [
+        ev("s/1", day(0), {"station": "Lucuo"}),
+        ev("s/2", day(1), {"station": "Gaoqi"}),
+        ev("s/3", day(2)),  # no station: in no group
+        ev("s/4", day(3), {"station": "Lucuo"}),
+        ev("s/5", day(4)),
+    ]
+
+    firings = engine.evaluate(events)
+
+    assert keys(firings) == [("s/1", "s/4")]
+    assert firings[0].reason == "2 at Lucuo"
+
+
+def test_windows_count_only_events_that_match_the_condition_and_type() -> None:
+    on_time = rule(
+        "on_time",
+        window={"count": 2, "within": "365d"},
+        when={"attr": "on_time", "op": "eq", "value": True},
+        points=5,
+        severity="positive",
+    )
+    engine = RuleEngine(rule_set(on_time))
+    events = [
+        ev("s/1", day(0), {"on_time": True}),
+        ev("s/2", day(1), {"on_time": False}),
+        ev("s/3", day(2), {"on_time": True}, event_type="other.type"),
+        ev("s/4", day(3), {"on_time": True}),
+    ]
+
+    assert keys(engine.evaluate(events)) == [("s/1", "s/4")]
+
+
+def test_a_late_event_completes_the_window_it_belongs_to() -> None:
+    store = Store(rule_set(THREE_IN_30))
+
+    assert store.deliver([ev("s/1", day(0)), ev("s/3", day(20))]) == []
+    # Arrives after day 20 was evaluated, but happened on day 10.
+    late = store.deliver([ev("s/2", day(10))])
+
+    assert keys(late) == [("s/1", "s/2", "s/3")]
+    assert late[0].occurred_at == day(20)  # the window's latest event, not the late one
+
+
+def test_a_late_event_outside_every_window_completes_none() -> None:
+    store = Store(rule_set(THREE_IN_30))
+    store.deliver([ev("s/1", day(0)), ev("s/3", day(20))])
+
+    assert store.deliver([ev("s/2", day(-11))]) == []  # 31 days before day 20
+
+
+def test_a_late_event_between_fired_events_is_not_counted_twice_but_may_start_a_new_window() -> None:
+    store = Store(rule_set(THREE_IN_30))
+    assert keys(store.deliver([ev("s/1", day(0)), ev("s/2", day(10)), ev("s/3", day(20))])) == [
+        ("s/1", "s/2", "s/3")
+    ]
+
+    # Lands inside the fired window: its events are used, so nothing fires ...
+    assert store.deliver([ev("s/late", day(5))]) == []
+    # ... but it is unused itself and counts towards the next window with later events.
+    assert keys(store.deliver([ev("s/4", day(25)), ev("s/5", day(30))])) == [("s/late", "s/4", "s/5")]
+
+
+def test_repeated_evaluation_with_history_and_consumed_fires_each_window_once() -> None:
+    store = Store(rule_set(THREE_IN_30))
+    events = [ev(f"s/{i}", day(3 * i)) for i in range(9)]
+    for event in events:
+        store.deliver([event])
+
+    assert keys(store.firings) == [("s/0", "s/1", "s/2"), ("s/3", "s/4", "s/5"), ("s/6", "s/7", "s/8")]
+    # The same batch again, as after a crash before commit: the same outcome ids.
+    history = {PERSON: events[:8]}
+    consumed = {"three": frozenset(k for f in store.firings[:2] for k in f.event_keys)}
+    again = store.engine.evaluate([events[8]], history, consumed)
+    assert [f.outcome_id for f in again] == [store.firings[2].outcome_id]
+
+
+def test_firings_made_only_of_history_are_not_emitted_again() -> None:
+    engine = RuleEngine(rule_set(THREE_IN_30))
+    history = {PERSON: [ev("s/1", day(0)), ev("s/2", day(1)), ev("s/3", day(2))]}
+
+    assert engine.evaluate([ev("s/4", day(3))], history) == []
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_in_order_batches_give_exactly_the_firings_of_one_evaluation_of_everything(seed: int) -> None:
+    generator = random.Random(seed)
+    definition = rule_set(
+        THREE_IN_30,
+        rule("grouped", window={"count": 2, "within": "10d", "group_by": "g"}),
+        rule(
+            "seq",
+            event_types=None,
+            sequence={
+                "steps": [{"event_types": ["test.happened"]}, {"event_types": ["test.closed"]}],
+                "within": "20d",
+                "correlate_by": "g",
+            },
+        ),
+    )
+    events = sorted(
+        (
+            ev(
+                f"s/{i}",
+                day(generator.randrange(0, 2000) / 10),
+                {"g": generator.choice("xyz")},
+                event_type=generator.choice(["test.happened", "test.happened", "test.closed"]),
+                subject=generator.choice([PERSON, OTHER]),
+            )
+            for i in range(300)
+        ),
+        key=lambda e: (e.occurred_at, e.key),
+    )
+    at_once = {f.outcome_id for f in RuleEngine(definition).evaluate(events)}
+
+    store = Store(definition)
+    position = 0
+    while position < len(events):
+        size = generator.randrange(1, 25)
+        store.deliver(events[position : position + size])
+        position += size
+
+    assert {f.outcome_id for f in store.firings} == at_once
+    assert len(store.firings) == len(at_once)
+
+
+def test_a_restart_rebuilds_open_windows_from_history_and_loses_or_duplicates_nothing() -> None:
+    definition = rule_set(THREE_IN_30)
+    before = Store(definition)
+    before.deliver([ev("s/1", day(0)), ev("s/2", day(1)), ev("s/3", day(2)), ev("s/4", day(3))])
+    # A new process: a fresh engine, the same stored events and outcomes.
+    after = Store(definition)
+    after.evaluated, after.consumed, after.firings = before.evaluated, before.consumed, before.firings
+
+    fired = after.deliver([ev("s/5", day(4)), ev("s/6", day(5))])
+
+    assert keys(fired) == [("s/4", "s/5", "s/6")]
+    assert keys(after.firings) == [("s/1", "s/2", "s/3"), ("s/4", "s/5", "s/6")]
+
+
+def test_history_outside_the_lookback_of_the_subjects_new_events_is_ignored() -> None:
+    engine = RuleEngine(rule_set(THREE_IN_30))
+    history = {PERSON: [ev("s/old1", day(-40)), ev("s/old2", day(-35))]}
+
+    # Within 30 days of the new event there is nothing: the far history may not count.
+    assert engine.evaluate([ev("s/new", day(0))], history) == []
+
+
+def test_window_points_and_reasons_may_use_count_and_the_latest_events_attributes() -> None:
+    definition = rule_set(
+        rule(
+            "w",
+            window={"count": 2, "within": "1d"},
+            points="-2 * count - amount",
+            reason="{count} between {first_at:%Y-%m-%d} and {last_at:%Y-%m-%d}, last {amount}",
+        )
+    )
+    firings = RuleEngine(definition).evaluate(
+        [ev("s/1", day(0), {"amount": 1}), ev("s/2", day(0.5), {"amount": 3})]
+    )
+
+    assert [(f.points, f.reason) for f in firings] == [(-7, "2 between 2025-01-01 and 2025-01-01, last 3")]
+
+
+def test_bounded_memory_over_50k_events_and_5k_subjects_leaves_no_session() -> None:
+    store = Store(rule_set(THREE_IN_30, rule("g", window={"count": 2, "within": "5d", "group_by": "g"})))
+    generator = random.Random(1)
+    subjects = [f"{n:064x}" for n in range(5000)]
+    events = sorted(
+        (
+            ev(f"s/{i}", day(generator.randrange(0, 3650) / 10), {"g": i % 3}, subject=subjects[i % 5000])
+            for i in range(50_000)
+        ),
+        key=lambda e: (e.occurred_at, e.key),
+    )
+    for start in range(0, len(events), 5000):
+        store.deliver(events[start : start + 5000])
+
+    # Far more subjects than durable-rules' 1024 live sessions, and none is left behind.
+    assert len(store.firings) > 1000
+    assert not any(store.engine.holds_session(subject) for subject in subjects)
+
+
+# --- sequences -----------------------------------------------------------------------
+
+LOAN = rule(
+    "loan",
+    event_types=None,
+    sequence={
+        "steps": [
+            {"event_types": ["finance.loan_taken"]},
+            {"event_types": ["finance.loan_default"], "when": {"attr": "days", "op": "gt", "value": 30}},
+        ],
+        "within": "180d",
+        "correlate_by": "loan_id",
+    },
+    points=-20,
+    reason="Defaulted on {loan_id} {count} steps",
+)
+
+
+def taken(key: str, at: datetime, loan: str | None) -> EngineEvent:
+    return ev(key, at, {"loan_id": loan} if loan else {}, event_type="finance.loan_taken")
+
+
+def default(key: str, at: datetime, loan: str | None, days: int = 60) -> EngineEvent:
+    attributes: dict[str, AttributeScalar] = {"days": days}
+    if loan:
+        attributes["loan_id"] = loan
+    return ev(key, at, attributes, event_type="finance.loan_default")
+
+
+def test_a_sequence_fires_on_the_second_step_correlated_with_the_first() -> None:
+    engine = RuleEngine(rule_set(LOAN))
+    events = [
+        taken("t/1", day(0), "L1"),
+        taken("t/2", day(1), "L2"),
+        default("d/2", day(50), "L2"),
+        default("d/9", day(60), "L9"),  # no such loan taken
+        default("d/1", day(70), "L1", days=10),  # not a default by the condition
+    ]
+
+    firings = engine.evaluate(events)
+
+    assert keys(firings) == [("t/2", "d/2")]
+    assert firings[0].reason == "Defaulted on L2 2 steps"
+    assert firings[0].occurred_at == day(50)
+
+
+def test_a_sequence_holds_at_exactly_its_duration_and_not_one_second_later_nor_backwards() -> None:
+    engine = RuleEngine(rule_set(LOAN))
+    events = [
+        taken("t/1", day(0), "L1"),
+        default("d/1", day(180), "L1"),
+        taken("t/2", day(0), "L2"),
+        default("d/2", day(180) + timedelta(seconds=1), "L2"),
+        taken("t/3", day(10), "L3"),
+        default("d/3", day(5), "L3"),  # before the loan: not "then"
+        taken("t/4", day(10), "L4"),
+        default("d/4", day(10), "L4"),  # the same instant: not "then" either
+    ]
+
+    assert keys(engine.evaluate(events)) == [("t/1", "d/1")]
+
+
+def test_events_without_the_correlation_attribute_correlate_with_nothing() -> None:
+    engine = RuleEngine(rule_set(LOAN))
+
+    assert engine.evaluate([taken("t/1", day(0), None), default("d/1", day(5), None)]) == []
+
+
+def test_a_sequence_arriving_out_of_order_fires_once_when_both_steps_are_known() -> None:
+    store = Store(rule_set(LOAN))
+
+    assert store.deliver([default("d/1", day(50), "L1")]) == []
+    assert keys(store.deliver([taken("t/1", day(0), "L1")])) == [("t/1", "d/1")]
+    # A second default on the same loan finds the loan taken already used.
+    assert store.deliver([default("d/2", day(60), "L1")]) == []
+
+
+def test_each_second_step_takes_the_earliest_unused_first_step() -> None:
+    engine = RuleEngine(rule_set(LOAN))
+    events = [
+        taken("t/1", day(0), "L1"),
+        taken("t/2", day(1), "L1"),
+        default("d/1", day(10), "L1"),
+        default("d/2", day(11), "L1"),
+        default("d/3", day(12), "L1"),
+    ]
+
+    assert keys(engine.evaluate(events)) == [("t/1", "d/1"), ("t/2", "d/2")]
+
+
+def test_run_raw_counts_window_matches_and_sequence_joins() -> None:
+    definition = rule_set(THREE_IN_30, LOAN)
+    events = [
+        ev("s/1", day(0)),
+        ev("s/2", day(1)),
+        taken("t/1", day(0), "L1"),
+        default("d/1", day(5), "L1"),
+        default("d/2", day(6), "L1"),
+    ]
+
+    # Two window matches and two joined pairs; evaluate() picks one pair, no window.
+    assert run_raw(definition, events) == 4
+    assert keys(RuleEngine(definition).evaluate(events)) == [("t/1", "d/1")]
+
+
+# --- caps ----------------------------------------------------------------------------
+
+CAPPED = rule(
+    "volunteer",
+    points="hours",
+    severity="positive",
+    cap={"points": 20, "per": "10d"},
+    effective_from=T0,
+)
+
+
+def test_a_cap_limits_the_points_per_period_and_resets_at_the_period_boundary() -> None:
+    engine = RuleEngine(rule_set(CAPPED))
+    events = [
+        ev("v/1", day(0), {"hours": 8}),
+        ev("v/2", day(1), {"hours": 8}),
+        ev("v/3", day(2), {"hours": 8}),  # 4 left of 20
+        ev("v/4", day(3), {"hours": 8}),  # nothing left: not emitted
+        ev("v/5", day(10) - timedelta(seconds=1), {"hours": 1}),  # still the first period
+        ev("v/6", day(10), {"hours": 8}),  # the second period starts at T0 + 10 days
+    ]
+
+    assert [(f.event_keys[0], f.points) for f in engine.evaluate(events)] == [
+        ("v/1", 8),
+        ("v/2", 8),
+        ("v/3", 4),
+        ("v/6", 8),
+    ]
+
+
+def test_a_cap_counts_what_earlier_evaluations_gave_whatever_order_they_came_in() -> None:
+    store = Store(rule_set(CAPPED))
+    store.deliver([ev("v/3", day(3), {"hours": 15})])
+    store.deliver([ev("v/1", day(1), {"hours": 15})])  # late: 5 left
+    last = store.deliver([ev("v/2", day(2), {"hours": 15})])  # nothing left
+
+    assert [(f.event_keys[0], f.points) for f in store.firings] == [("v/3", 15), ("v/1", 5)]
+    assert last == []
+    assert sum(f.points for f in store.firings) == 20
+
+
+def test_a_negative_capped_rule_deducts_at_most_the_cap() -> None:
+    engine = RuleEngine(rule_set(rule("n", points="-10 * months", cap={"points": 25, "per": "365d"})))
+
+    firings = engine.evaluate([ev("t/1", day(0), {"months": 2}), ev("t/2", day(1), {"months": 2})])
+
+    assert [f.points for f in firings] == [-20, -5]
+
+
+# --- effective dating ----------------------------------------------------------------
+
+
+def test_effective_from_is_inclusive_and_effective_to_exclusive_on_occurred_at() -> None:
+    dated = rule("dated", effective_from=day(10), effective_to=day(20))
+    engine = RuleEngine(rule_set(dated))
+    events = [
+        ev("e/1", day(10) - timedelta(seconds=1)),
+        ev("e/2", day(10)),
+        ev("e/3", day(20) - timedelta(seconds=1)),
+        ev("e/4", day(20)),
+    ]
+
+    assert keys(engine.evaluate(events)) == [("e/2",), ("e/3",)]
+
+
+def test_a_window_counts_only_events_inside_the_effective_period() -> None:
+    dated = rule("w", window={"count": 2, "within": "30d"}, effective_from=day(10))
+    engine = RuleEngine(rule_set(dated))
+
+    assert keys(engine.evaluate([ev("e/1", day(9)), ev("e/2", day(11)), ev("e/3", day(12))])) == [
+        ("e/2", "e/3")
+    ]
+
+
+# --- the rule set's lookback ---------------------------------------------------------
+
+
+def test_lookback_is_the_longest_window_sequence_or_cap_period() -> None:
+    assert rule_set(rule()).lookback == timedelta(0)
+    assert rule_set(rule()).history_event_types == frozenset()
+    definition = rule_set(THREE_IN_30, LOAN, rule("c", cap={"points": 5, "per": "2w"}, event_types=["x.y"]))
+    assert definition.lookback == timedelta(days=180)
+    assert definition.history_event_types == {
+        "test.happened",
+        "finance.loan_taken",
+        "finance.loan_default",
+        "x.y",
+    }
