@@ -52,5 +52,6 @@ ENV PATH=/opt/egret/bin:$PATH \
     EGRET_DATA_DIR=/var/lib/egret
 USER 10001:10001
 EXPOSE 50051 50052 50053 50054
-# No HEALTHCHECK: Kubernetes probes grpc.health.v1 directly (see deploy/k8s).
+# No HEALTHCHECK: the chart's exec probes run `python -c` with grpcio-health-checking from this
+# image against grpc.health.v1 over TLS, with the pod's mounted CA and certificate (deploy/k8s).
 CMD ["python", "-m", "services.ingest"]

@@ -38,7 +38,7 @@ import grpc
 import sqlalchemy as sa
 
 from devtools.cluster import SERVICES, Cluster
-from devtools.ingest_client import StreamTotals, stream_events
+from devtools.ingest_client import StreamTotals, stream_by_source
 from devtools.population import (
     GeneratedEvent,
     Origin,
@@ -251,10 +251,7 @@ async def _run_stream(
         by_batch.setdefault(sample.batch_id, []).append(sample)
     pollers: list[asyncio.Task[None]] = []
     limit = asyncio.Semaphore(8)
-    async with (
-        grpc.aio.insecure_channel(cluster.address("ingest")) as ingest,
-        grpc.aio.insecure_channel(cluster.address("query")) as query,
-    ):
+    async with cluster.channel("query") as query:
         stub = query_service_pb2_grpc.QueryServiceStub(query)
 
         def on_ack(
@@ -267,7 +264,9 @@ async def _run_stream(
                 sample.sent_at = sent_at
                 pollers.append(asyncio.create_task(_visible(stub, sample, limit, 300.0)))
 
-        totals = await stream_events(ingest, requests, in_flight=args.in_flight, on_ack=on_ack)
+        totals = await stream_by_source(
+            cluster.department_channel, requests, in_flight=args.in_flight, on_ack=on_ack
+        )
         await asyncio.to_thread(cluster.wait_drained, args.drain_timeout)
         drained_at = time.perf_counter()
         await asyncio.gather(*pollers)

@@ -38,10 +38,11 @@ import sqlalchemy as sa
 
 from bench.pipeline import machine, percentile
 from devtools.cluster import Cluster
-from devtools.ingest_client import stream_events
+from devtools.ingest_client import stream_by_source
 from devtools.population import Population, PopulationConfig, batch_requests, subjects_for_events
 from egret.common.v1 import subject_pb2
 from egret.query.v1 import query_service_pb2, query_service_pb2_grpc
+from kit.auth import Role
 from kit.db import create_engine
 from kit.migrations import upgrade
 from services.score.bootstrap import MIGRATIONS
@@ -162,14 +163,28 @@ def seed(database_url: str, count: int, seed_value: int) -> float:
     return time.perf_counter() - started
 
 
-def _drive(address: str, subjects: int, rate: int, warmup_s: float, duration_s: float, out: Any) -> None:
+# (address, CA certificate PEM or None for plaintext, bearer token): picklable for the child.
+Target = tuple[str, bytes | None, str]
+
+
+def _channel(target: Target) -> grpc.aio.Channel:
+    address, ca, token = target
+    if ca is None:
+        return grpc.aio.insecure_channel(address)
+    credentials = grpc.composite_channel_credentials(
+        grpc.ssl_channel_credentials(root_certificates=ca), grpc.access_token_call_credentials(token)
+    )
+    return grpc.aio.secure_channel(address, credentials)
+
+
+def _drive(target: Target, subjects: int, rate: int, warmup_s: float, duration_s: float, out: Any) -> None:
     """Child process: open-loop GetScore at `rate`; puts (latencies_ms, errors, elapsed) on `out`."""
 
     async def run() -> tuple[list[float], int, float]:
         rng = random.Random(1)
         latencies: list[float] = []
         errors = 0
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with _channel(target) as channel:
             stub = query_service_pb2_grpc.QueryServiceStub(channel)
             loop = asyncio.get_running_loop()
 
@@ -201,11 +216,11 @@ def _drive(address: str, subjects: int, rate: int, warmup_s: float, duration_s: 
     out.put(asyncio.run(run()))
 
 
-def _phase(address: str, args: argparse.Namespace) -> tuple[Any, Any]:
+def _phase(target: Target, args: argparse.Namespace) -> tuple[Any, Any]:
     context = multiprocessing.get_context("spawn")
     out = context.Queue()
     process = context.Process(
-        target=_drive, args=(address, args.subjects, args.rate, args.warmup, args.duration, out), daemon=True
+        target=_drive, args=(target, args.subjects, args.rate, args.warmup, args.duration, out), daemon=True
     )
     process.start()
     return process, out
@@ -236,14 +251,13 @@ async def _ingest(cluster: Cluster, args: argparse.Namespace, stop_after_s: floa
         batch_requests(((g.source, g.event) for g in Population(config).generate()), batch_size=500)
     )
     started = time.perf_counter()
-    async with grpc.aio.insecure_channel(cluster.address("ingest")) as channel:
-        task = asyncio.create_task(stream_events(channel, requests, in_flight=4))
-        done, _ = await asyncio.wait([task], timeout=stop_after_s)
-        if not done:
-            task.cancel()
-            totals = None
-        else:
-            totals = task.result()
+    task = asyncio.create_task(stream_by_source(cluster.department_channel, requests, in_flight=4))
+    done, _ = await asyncio.wait([task], timeout=stop_after_s)
+    if not done:
+        task.cancel()
+        totals = None
+    else:
+        totals = task.result()
     return {
         "events_offered": args.ingest_events,
         "events_acknowledged": totals.events if totals else None,
@@ -269,7 +283,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  {results['seed_seconds']} s", flush=True)
         cluster.start()
         cluster.wait_healthy()
-        address = cluster.address("query")
+        # TLS and a reviewer's token, as a production reader would call.
+        ca = cluster.pki.ca_file.read_bytes() if cluster.pki else None
+        address: Target = (cluster.address("query"), ca, cluster.token("bench-reviewer", Role.REVIEWER))
 
         print(f"phase 1: GetScore at {args.rate}/s for {args.duration} s, idle ...", flush=True)
         process, out = _phase(address, args)

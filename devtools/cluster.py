@@ -32,6 +32,8 @@ import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.engine import Engine
 
+from devtools.localpki import LocalPki, create_local_pki
+from kit.auth import Role
 from kit.db import create_engine
 
 SERVICES = ("score", "rules", "ingest", "query")
@@ -83,6 +85,7 @@ class Cluster:
         python: str = sys.executable,
         cwd: Path = REPO_ROOT,
         rules_shards: int = 1,
+        secure: bool = True,
     ) -> None:
         if rules_shards < 1:
             raise ValueError("rules_shards must be at least 1")
@@ -98,6 +101,8 @@ class Cluster:
             Path(tempfile.mkdtemp(prefix="egret-cluster-")) if data_dir is None else Path(data_dir)
         )
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        # Security on, as in production: a throwaway CA, certificates and tokens per cluster.
+        self.pki: LocalPki | None = create_local_pki(self.data_dir / "pki") if secure else None
         self.data_dir = self.data_dir.resolve()
         # A fresh random key per cluster: the data is throwaway, and no key is ever written down.
         self.subject_key = subject_key or secrets.token_hex(32)
@@ -139,7 +144,6 @@ class Cluster:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EGRET_")}
         env.update(
             PYTHONUNBUFFERED="1",
-            EGRET_INSECURE="true",
             EGRET_LISTEN_ADDRESS=self._addresses[name],
             EGRET_DATA_DIR=str(self.data_dir),
             EGRET_DATABASE_URL=self._database_urls[name],
@@ -147,6 +151,10 @@ class Cluster:
             EGRET_LOG_LEVEL=self._log_level,
             EGRET_SHUTDOWN_GRACE_SECONDS=str(self.shutdown_grace_s),
         )
+        if self.pki is None:
+            env["EGRET_INSECURE"] = "true"
+        else:
+            env.update(self.pki.env("rules" if name in self.rules_names else name))
         if name in ("ingest", "query"):
             env.update(EGRET_SUBJECT_KEY=self.subject_key, EGRET_SUBJECT_KEY_ID=self.subject_key_id)
         if name == "ingest":
@@ -167,6 +175,35 @@ class Cluster:
             env.update(self._service_env.get("rules", {}))
         env.update(self._service_env.get(name, {}))
         return env
+
+    def token(self, subject: str, role: Role) -> str:
+        """A bearer token of this cluster's local identity provider."""
+        if self.pki is None:
+            return ""
+        return self.pki.token(subject, role)
+
+    def channel(self, name: str, token: str | None = None) -> grpc.aio.Channel:
+        """A client channel to service `name`: TLS and `token` (an admin's by default)."""
+        if self.pki is None:
+            return grpc.aio.insecure_channel(self._addresses[name])
+        return self.pki.channel(self._addresses[name], token or self.token("cluster-admin", Role.ADMIN))
+
+    def sync_channel(self, name: str, token: str | None = None) -> grpc.Channel:
+        """A blocking client channel, for tools that are not asynchronous."""
+        if self.pki is None:
+            return grpc.insecure_channel(self._addresses[name])
+        credentials = self.pki.credentials(token or self.token("cluster-admin", Role.ADMIN))
+        return grpc.secure_channel(self._addresses[name], credentials)
+
+    def service_channel(self, name: str, as_service: str) -> grpc.aio.Channel:
+        """A channel to `name` as service `as_service` calls it (mutual TLS, service token)."""
+        if self.pki is None:
+            return grpc.aio.insecure_channel(self._addresses[name])
+        return self.pki.service_channel(self._addresses[name], as_service)
+
+    def department_channel(self, source: str) -> grpc.aio.Channel:
+        """A channel to ingest as department `source`."""
+        return self.channel("ingest", self.token(source, Role.DEPARTMENT))
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -223,7 +260,7 @@ class Cluster:
         names = self.services if names is None else names
         deadline = time.monotonic() + (self.start_timeout_s if timeout_s is None else timeout_s)
         for name in names:
-            with grpc.insecure_channel(self._addresses[name]) as channel:
+            with self._health_channel(name) as channel:
                 stub = health_pb2_grpc.HealthStub(channel)
                 last = "no answer"
                 while True:
@@ -245,6 +282,18 @@ class Cluster:
                             f"{name} not SERVING in time (last: {last})\n{self.log_tail(name)}"
                         )
                     time.sleep(0.1)
+
+    def _health_channel(self, name: str) -> grpc.Channel:
+        if self.pki is None:
+            return grpc.insecure_channel(self._addresses[name])
+        # With the service's own certificate: rules and score require one (mutual TLS).
+        base = "rules" if name in self.rules_names else name
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=self.pki.ca_file.read_bytes(),
+            private_key=self.pki.key_file(base).read_bytes(),
+            certificate_chain=self.pki.cert_file(base).read_bytes(),
+        )
+        return grpc.secure_channel(self._addresses[name], credentials)
 
     def kill(self, name: str) -> None:
         """SIGKILL one service: a crash, for tests of recovery."""

@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from tqdm import tqdm
 
 from devtools.cluster import Cluster, ClusterError
-from devtools.ingest_client import StreamFailed, StreamTotals, stream_events
+from devtools.ingest_client import StreamFailed, StreamTotals, stream_by_source
 from devtools.population import (
     Population,
     PopulationConfig,
@@ -36,6 +36,7 @@ from devtools.population import (
 from egret.common.v1 import outcome_pb2, subject_pb2
 from egret.ingest.v1 import ingest_service_pb2
 from egret.query.v1 import query_service_pb2, query_service_pb2_grpc
+from kit.auth import Role
 from kit.db import create_engine
 
 # Files a previous demo run leaves behind; only these are removed, never the whole directory.
@@ -91,13 +92,13 @@ async def _stream(
         ) -> None:
             bar.update(len(request.events))
 
-        async with grpc.aio.insecure_channel(cluster.address("ingest")) as channel:
-            return await stream_events(
-                channel,
-                batch_requests(population.events(), batch_size=args.batch_size),
-                in_flight=args.in_flight,
-                on_ack=on_ack,
-            )
+        # One stream per department, each with its own token: a department submits only as itself.
+        return await stream_by_source(
+            cluster.department_channel,
+            batch_requests(population.events(), batch_size=args.batch_size),
+            in_flight=args.in_flight,
+            on_ack=on_ack,
+        )
 
 
 def _tier_distribution(database_url: str) -> dict[str, int] | None:
@@ -134,9 +135,9 @@ def _print_tiers(tiers: dict[str, int] | None) -> None:
         print(f"  {tier:>4} {tiers[tier]:>8}  {share:6.1%}  {'#' * round(share * 50)}")
 
 
-def _print_tiers_by_kind(address: str) -> None:
+def _print_tiers_by_kind(cluster: Cluster) -> None:
     """Subjects per tier and per list for persons and organizations, as query reports them."""
-    with grpc.insecure_channel(address) as channel:
+    with cluster.sync_channel("query") as channel:
         stub = query_service_pb2_grpc.QueryServiceStub(channel)
         try:
             d = stub.GetTierDistribution(query_service_pb2.GetTierDistributionRequest(), timeout=30)
@@ -165,8 +166,9 @@ def _print_rejection(totals: StreamTotals) -> None:
         print(f"  {violation.field}: {violation.reason}: {violation.description}")
 
 
-def _print_subject(address: str, subjects: Sequence[SyntheticSubject]) -> None:
-    with grpc.insecure_channel(address) as channel:
+def _print_subject(cluster: Cluster, subjects: Sequence[SyntheticSubject]) -> None:
+    # Read as a reviewer of the credit office would.
+    with cluster.sync_channel("query", cluster.token("demo-reviewer", Role.REVIEWER)) as channel:
         stub = query_service_pb2_grpc.QueryServiceStub(channel)
         for subject in subjects:
             ref = subject_pb2.SubjectRef(subject=subject.proto())
@@ -269,9 +271,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print("\nTiers")
         _print_tiers(_tier_distribution(cluster.database_url("score")))
-        _print_tiers_by_kind(cluster.address("query"))
+        _print_tiers_by_kind(cluster)
         _print_rejection(totals)
-        _print_subject(cluster.address("query"), population.busiest_subjects(10))
+        _print_subject(cluster, population.busiest_subjects(10))
         if not args.exit_after_summary:
             _serve_until_interrupted(cluster)
     except (ClusterError, StreamFailed) as exc:

@@ -17,6 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -181,6 +182,7 @@ class _Streamer:
         self.source = source
         self.in_flight = in_flight
         self.ack_timeout_s = ack_timeout_s
+        self._next: asyncio.Future[Request] | None = None
         self.stream_deadline_s = stream_deadline_s
         self.on_ack = on_ack
         self.keep_rejections = keep_rejections
@@ -212,34 +214,57 @@ class _Streamer:
             for task in tasks:
                 if not task.done():
                     task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError, _Broken):
+                with contextlib.suppress(
+                    asyncio.CancelledError, asyncio.InvalidStateError, grpc.aio.AioRpcError, _Broken
+                ):
                     await task
             call.cancel()
+
+    @staticmethod
+    async def _send(call: grpc.aio.StreamStreamCall[Request, Response], request: Request) -> None:
+        try:
+            await call.write(request)
+        except (asyncio.InvalidStateError, grpc.aio.AioRpcError) as exc:
+            # The call ended under us (server gone): the reader reports why; resend later.
+            raise _Broken("the stream ended while writing") from exc
 
     async def _write(
         self, call: grpc.aio.StreamStreamCall[Request, Response], room: asyncio.Condition
     ) -> None:
         for item in list(self.pending.values()):
             item.sent_at = time.perf_counter()
-            await call.write(item.request)
+            await self._send(call, item.request)
         while not self.exhausted:
             async with room:
                 await room.wait_for(lambda: len(self.pending) < self.in_flight)
+            # Shielded: a stream broken while the source is waiting must not cancel (and so
+            # close) an asynchronous source; the next stream picks the same pull up again.
+            if self._next is None:
+                self._next = asyncio.ensure_future(anext(self.source))
             try:
-                request = await anext(self.source)
+                request = await asyncio.shield(self._next)
             except StopAsyncIteration:
+                self._next = None
                 self.exhausted = True
                 break
+            # Cleared only once the request is in hand: if this writer is cancelled after
+            # the pull completed but before it resumed, the next stream still gets it.
+            self._next = None
             if request.batch_id in self.pending:
                 raise ValueError(f"batch_id {request.batch_id!r} is already in flight")
             now = time.perf_counter()
             if self.totals.first_send_at is None:
                 self.totals.first_send_at = now
             self.pending[request.batch_id] = _InFlight(request, now)
-            await call.write(request)
+            await self._send(call, request)
         async with room:
             await room.wait_for(lambda: not self.pending)
-        await call.done_writing()
+        try:
+            await call.done_writing()
+        except Exception as exc:  # grpc raises its internal ExecuteBatchError here
+            # Every batch is acknowledged; only closing the call failed (the server left).
+            if self.pending:
+                raise _Broken(f"the stream ended while closing: {type(exc).__name__}") from exc
 
     async def _read(
         self, call: grpc.aio.StreamStreamCall[Request, Response], room: asyncio.Condition
@@ -272,3 +297,70 @@ class _Streamer:
                 oldest = next(iter(self.pending.values()))
                 if time.perf_counter() - oldest.sent_at > self.ack_timeout_s:
                     raise _Broken(f"no acknowledgement for {self.ack_timeout_s:.0f}s")
+
+
+def merge_totals(parts: Iterable[StreamTotals]) -> StreamTotals:
+    """One StreamTotals for several streams run side by side."""
+    total = StreamTotals()
+    for part in parts:
+        for name in ("accepted", "duplicate", "rejected", "conflict", "batches", "events"):
+            setattr(total, name, getattr(total, name) + getattr(part, name))
+        total.resent_batches += part.resent_batches
+        total.stream_errors += part.stream_errors
+        total.ack_latencies_s.extend(part.ack_latencies_s)
+        total.rejections.extend(part.rejections)
+        if part.first_send_at is not None:
+            total.first_send_at = min(total.first_send_at or part.first_send_at, part.first_send_at)
+        if part.last_ack_at is not None:
+            total.last_ack_at = max(total.last_ack_at or part.last_ack_at, part.last_ack_at)
+    return total
+
+
+async def stream_by_source(
+    channel_for: Callable[[str], grpc.aio.Channel],
+    requests: Iterable[Request] | AsyncIterable[Request],
+    **options: Any,
+) -> StreamTotals:
+    """Stream each department's batches on its own StreamEvents call and channel.
+
+    A department's token lets it submit only as itself, so a mixed stream (the demo's
+    synthetic city) becomes one stream per source, run side by side. `channel_for(source)`
+    opens that department's channel; `options` go to `stream_events`.
+    """
+    queues: dict[str, asyncio.Queue[Request | None]] = {}
+    tasks: dict[str, asyncio.Task[StreamTotals]] = {}
+    channels: list[grpc.aio.Channel] = []
+
+    async def put(source: str, item: Request | None) -> None:
+        # A stream that gave up stops reading its queue: surface its error, don't hang.
+        while True:
+            if tasks[source].done():
+                tasks[source].result()
+                raise RuntimeError(f"the stream of {source} ended before its batches were sent")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(queues[source].put(item), 1.0)
+                return
+
+    async def drain(queue: asyncio.Queue[Request | None]) -> AsyncIterator[Request]:
+        while (item := await queue.get()) is not None:
+            yield item
+
+    try:
+        async for request in _aiter(requests):
+            if request.source not in queues:
+                # Bounded, so one slow department cannot make the feeder buffer everything.
+                queue: asyncio.Queue[Request | None] = asyncio.Queue(maxsize=8)
+                queues[request.source] = queue
+                channels.append(channel_for(request.source))
+                tasks[request.source] = asyncio.create_task(
+                    stream_events(channels[-1], drain(queue), **options)
+                )
+            await put(request.source, request)
+        for source in queues:
+            await put(source, None)
+        return merge_totals(await asyncio.gather(*tasks.values()))
+    finally:
+        for task in tasks.values():
+            task.cancel()
+        for channel in channels:
+            await channel.close()

@@ -21,6 +21,8 @@ from kit.auth import Role, issue_token
 SERVICES = ("ingest", "rules", "score", "query")
 # Services only other services call: they require a client certificate (mutual TLS).
 INTERNAL = ("rules", "score")
+# The client certificate of local tools (demo, tests, an operator's console).
+OPERATOR = "operator"
 ISSUER = "https://idp.egret.local"
 AUDIENCE = "egret"
 
@@ -67,13 +69,28 @@ class LocalPki:
             env["EGRET_TLS_CLIENT_CA_FILE"] = str(self.ca_file)
         return env
 
+    def credentials(self, token: str) -> grpc.ChannelCredentials:
+        """TLS with the operator's client certificate (rules and score require one) and `token`."""
+        tls = grpc.ssl_channel_credentials(
+            root_certificates=self.ca_file.read_bytes(),
+            private_key=self.key_file(OPERATOR).read_bytes(),
+            certificate_chain=self.cert_file(OPERATOR).read_bytes(),
+        )
+        return grpc.composite_channel_credentials(tls, grpc.access_token_call_credentials(token))
+
+    def service_channel(self, address: str, name: str) -> grpc.aio.Channel:
+        """A channel as service `name` calls another: mutual TLS with its certificate, its token."""
+        tls = grpc.ssl_channel_credentials(
+            root_certificates=self.ca_file.read_bytes(),
+            private_key=self.key_file(name).read_bytes(),
+            certificate_chain=self.cert_file(name).read_bytes(),
+        )
+        token = grpc.access_token_call_credentials(self.service_token_file(name).read_text().strip())
+        return grpc.aio.secure_channel(address, grpc.composite_channel_credentials(tls, token))
+
     def channel(self, address: str, token: str) -> grpc.aio.Channel:
         """A client channel to a local service: TLS against the local CA plus `token`."""
-        credentials = grpc.composite_channel_credentials(
-            grpc.ssl_channel_credentials(root_certificates=self.ca_file.read_bytes()),
-            grpc.access_token_call_credentials(token),
-        )
-        return grpc.aio.secure_channel(address, credentials)
+        return grpc.aio.secure_channel(address, self.credentials(token))
 
 
 def create_local_pki(directory: Path) -> LocalPki:
@@ -82,7 +99,7 @@ def create_local_pki(directory: Path) -> LocalPki:
     pki = LocalPki(directory)
     ca = trustme.CA(organization_name="Egret local development CA")
     ca.cert_pem.write_to_path(str(pki.ca_file))
-    for name in SERVICES:
+    for name in (*SERVICES, OPERATOR):
         leaf = ca.issue_cert("127.0.0.1", "localhost", f"egret-{name}", common_name=f"egret-{name}")
         leaf.private_key_pem.write_to_path(str(pki.key_file(name)))
         pki.cert_file(name).write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))

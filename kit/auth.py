@@ -156,8 +156,12 @@ class TokenVerifier:
         # A subject's `sub` is "<kind>:<scheme>:<value>"; it is hashed here and dropped.
         kind, _, rest = subject.partition(":")
         scheme, _, value = rest.partition(":")
-        if not (kind and scheme and value) or self.subject_key_of is None:
+        if not (kind and scheme and value):
             raise Unauthenticated("subject token does not name a subject")
+        if self.subject_key_of is None:
+            # A service that serves no subject data cannot hash ids (it holds no key); the
+            # token is valid, and the role check refuses what a subject may not call.
+            return Principal(id="subject", role=role, scopes=scopes)
         key = self.subject_key_of(kind, scheme, value)
         return Principal(id=key, role=role, scopes=scopes, subject_key=key)
 
@@ -287,3 +291,12 @@ class Gate:
             if wait > 0:
                 raise ResourceExhausted(f"rate limit of {principal.loggable_id} reached", retry_after_s=wait)
         return principal
+
+
+def acting_principal(claimed: str | None) -> str | None:
+    """Who performs a change, for audit records: the authenticated principal when there is
+    one (a claimed name is then ignored), else what the caller claims (insecure mode)."""
+    principal = current_principal()
+    if principal is not None:
+        return principal.loggable_id
+    return claimed

@@ -6,7 +6,7 @@ The chart (deploy/k8s/egret/) is the one hand-written deploy source. From it com
   users and for review; `egret.yaml` (the release), `migrations.yaml` (the pre-install /
   pre-upgrade hook Jobs, applied and awaited first) and `tests.yaml` (the `helm test` pod);
 - `deploy/k8s/egret/files/`: copies of the repository's config/ (catalogue, rule sets,
-  policy) that the chart's ConfigMaps default to, since a chart cannot read outside itself.
+  policy, benefits) that the chart's ConfigMaps default to, since a chart cannot read outside itself.
 
 `python -m deploy.k8s.render` rewrites both; `--check` only reports drift (exit 1).
 Rendering goes through helm-python-sdk (Helm's Go SDK in-process): no helm binary, no cluster.
@@ -95,6 +95,7 @@ def chart_config_files() -> dict[Path, Path]:
     pairs = {
         CHART_DIR / "files" / "catalogue.yaml": CONFIG_DIR / "catalogue.yaml",
         CHART_DIR / "files" / "policy.yaml": CONFIG_DIR / "policy.yaml",
+        CHART_DIR / "files" / "benefits.yaml": CONFIG_DIR / "benefits.yaml",
     }
     for ruleset in sorted((CONFIG_DIR / "rulesets").glob("*.yaml")):
         pairs[CHART_DIR / "files" / "rulesets" / ruleset.name] = ruleset

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from kit.auth import CallPolicy, Role, allow
+from kit.auth import CallPolicy, Principal, Role, allow
+from kit.errors import PermissionDenied
 
 _RPC = "/egret.ingest.v1.IngestService/"
 
@@ -13,3 +14,9 @@ POLICY: Mapping[str, CallPolicy] = {
     _RPC + "SubmitEvents": allow(Role.DEPARTMENT, require_deadline=True),
     _RPC + "StreamEvents": allow(Role.DEPARTMENT, require_deadline=True),
 }
+
+
+def require_own_source(principal: Principal | None, source: str) -> None:
+    """A department submits only as itself: the request's source must be its principal."""
+    if principal is not None and principal.role is Role.DEPARTMENT and principal.id != source:
+        raise PermissionDenied(f"department {principal.id!r} may not submit as source {source!r}")

@@ -19,6 +19,7 @@ from kit.app import run_cli
 from kit.db import create_engine, make_session_factory
 from kit.outbox import OutboxRelay, Send, relay_to_peer
 from kit.pseudonym import Pseudonymiser
+from kit.security import channel_credentials
 from kit.server import Service
 from kit.settings import SettingsError
 from services.ingest.access import POLICY
@@ -74,6 +75,7 @@ def rules_relays(settings: IngestSettings, sessions: sessionmaker[Session]) -> l
             peer=peer,
             settings=settings.relay,
             make_send=send_to_rules,
+            credentials=channel_credentials(settings.common.security),
             where=Outbox.shard == shard,
         )
         for shard, peer in enumerate(settings.rules)

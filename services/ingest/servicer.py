@@ -12,10 +12,12 @@ from opentelemetry import trace
 from egret.common.v1 import errors_pb2
 from egret.ingest.v1 import ingest_service_pb2 as pb
 from egret.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
+from kit.auth import current_principal
 from kit.db import run_blocking
 from kit.errors import AlreadyExists, InvalidArgument, Violation
 from kit.logging import get_logger
 from kit.protoconv import SUBJECT_KIND_NAMES, attribute_value, to_datetime
+from services.ingest.access import require_own_source
 from services.ingest.catalogue import IncomingEvent
 from services.ingest.domain import EventResult, EventStatus, Intake
 
@@ -104,6 +106,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             return results
 
     async def SubmitEvent(self, request: pb.SubmitEventRequest, context: Any) -> pb.SubmitEventResponse:
+        require_own_source(current_principal(), request.source)
         problems = self._intake.check_request(request.source, 1)
         if not request.HasField("event"):
             problems.append(Violation("event", "is required", "REQUIRED"))
@@ -119,6 +122,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         return pb.SubmitEventResponse(result=result_message(result))
 
     async def SubmitEvents(self, request: pb.SubmitEventsRequest, context: Any) -> pb.SubmitEventsResponse:
+        require_own_source(current_principal(), request.source)
         problems = self._intake.check_request(request.source, len(request.events))
         if problems:
             raise InvalidArgument("invalid batch", problems)
@@ -128,7 +132,10 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
     async def StreamEvents(
         self, request_iterator: AsyncIterator[pb.StreamEventsRequest], context: Any
     ) -> AsyncIterator[pb.StreamEventsResponse]:
+        principal = current_principal()
         async for request in request_iterator:
+            # Another department's batch ends the stream: it is a credential misuse, not bad data.
+            require_own_source(principal, request.source)
             problems = self._intake.check_request(request.source, len(request.events))
             if problems:
                 # A bad batch is answered, not fatal: the stream's other batches go on.

@@ -71,6 +71,8 @@ class Benefit:
     benefit_id: str
     purpose: str
     provider: str
+    # The principal id of the provider's system: only it may check this benefit.
+    provider_id: str
     subject_kinds: tuple[str, ...]
     # None: every category (`considers: all`).
     considers: frozenset[str] | None
@@ -142,13 +144,14 @@ def _parse_benefit(path: str, raw: Any, policy: ScorePolicy, problems: list[str]
         problems.append(f"{path}: must be a mapping")
         return None
     before = len(problems)
-    known = {"id", "purpose", "provider", "subject_kinds", "considers", "condition"}
+    known = {"id", "purpose", "provider", "provider_id", "subject_kinds", "considers", "condition"}
     unknown = sorted(str(k) for k in set(raw) - known)
     if unknown:
         problems.append(f"{path}: unknown keys {', '.join(unknown)}")
     benefit_id = _text(f"{path}.id", raw.get("id"), problems)
     purpose = _text(f"{path}.purpose", raw.get("purpose"), problems)
     provider = _text(f"{path}.provider", raw.get("provider"), problems)
+    provider_id = _text(f"{path}.provider_id", raw.get("provider_id"), problems)
     kinds = raw.get("subject_kinds")
     if not isinstance(kinds, list) or not kinds or not all(k in SUBJECT_KINDS for k in kinds):
         problems.append(f"{path}.subject_kinds: must be a non-empty list of {', '.join(SUBJECT_KINDS)}")
@@ -170,7 +173,7 @@ def _parse_benefit(path: str, raw: Any, policy: ScorePolicy, problems: list[str]
     condition = _parse_condition(f"{path}.condition", raw.get("condition"), considers, tiers, problems)
     if len(problems) > before or condition is None:
         return None
-    return Benefit(benefit_id, purpose, provider, tuple(kinds), considers, condition)
+    return Benefit(benefit_id, purpose, provider, provider_id, tuple(kinds), considers, condition)
 
 
 def _parse_condition(

@@ -282,6 +282,11 @@ class Reader:
             )
         return as_of, False
 
+    def benefit_provider(self, benefit_id: str) -> str | None:
+        """The provider id of a catalogued benefit, None when there is no such benefit."""
+        benefit = self._catalogue.benefits.get(benefit_id)
+        return None if benefit is None else benefit.provider_id
+
     def subject_key(self, ref: SubjectRef, field: str = "subject") -> str:
         """The subject key `ref` names; InvalidArgument listing every problem otherwise."""
         if ref.subject_key is not None:

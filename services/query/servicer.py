@@ -12,8 +12,11 @@ import grpc
 from egret.common.v1 import outcome_pb2, subject_pb2
 from egret.query.v1 import query_service_pb2 as pb
 from egret.query.v1 import query_service_pb2_grpc as pb_grpc
+from kit.auth import Role, current_principal
 from kit.db import run_blocking
+from kit.logging import get_logger
 from kit.protoconv import SEVERITY_VALUES, SUBJECT_KIND_NAMES, SUBJECT_KIND_VALUES, to_datetime, to_timestamp
+from services.query.access import require_own_benefit, require_own_subject, require_stated_purpose
 from services.query.benefits import Benefit
 from services.query.domain import HistoryRow, RawSubject, Reader, ScoreView, SubjectRef
 from services.score.domain import ENTRIES, EXPIRY, POLICY, EntryStatus, LedgerEntry
@@ -25,6 +28,9 @@ _STATUS = {
     EntryStatus.REPAIRED: pb.ENTRY_STATUS_REPAIRED,
     EntryStatus.EXPIRED: pb.ENTRY_STATUS_EXPIRED,
 }
+
+
+log = get_logger(__name__)
 
 
 def subject_ref(ref: subject_pb2.SubjectRef) -> SubjectRef:
@@ -138,7 +144,14 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
         self._reader = reader
         self._executor = executor
 
+    def _own(self, ref: Any) -> None:
+        """Per-datum check before any read: subjects see only their own data."""
+        principal = current_principal()
+        if principal is not None and principal.role is Role.SUBJECT:
+            require_own_subject(principal, self._reader.subject_key(subject_ref(ref)))
+
     async def GetScore(self, request: pb.GetScoreRequest, context: Any) -> pb.GetScoreResponse:
+        self._own(request.subject)
         view = await run_blocking(
             self._executor, self._reader.score, subject_ref(request.subject), optional_time(request, "as_of")
         )
@@ -183,6 +196,7 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
     async def ListScoreHistory(
         self, request: pb.ListScoreHistoryRequest, context: Any
     ) -> pb.ListScoreHistoryResponse:
+        self._own(request.subject)
         page = await run_blocking(
             self._executor,
             self._reader.history,
@@ -197,12 +211,25 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
     async def CheckEligibility(
         self, request: pb.CheckEligibilityRequest, context: Any
     ) -> pb.CheckEligibilityResponse:
+        self._own(request.subject)
+        principal = current_principal()
+        provider_id = self._reader.benefit_provider(request.benefit_id)
+        if provider_id is not None:
+            require_own_benefit(principal, provider_id)
+        require_stated_purpose(principal, request.purpose)
         view = await run_blocking(
             self._executor,
             self._reader.eligibility,
             subject_ref(request.subject),
             request.benefit_id,
             optional_time(request, "as_of"),
+        )
+        log.info(
+            "eligibility checked",
+            benefit_id=request.benefit_id,
+            caller=principal.loggable_id if principal else "insecure",
+            purpose=request.purpose,
+            eligible=view.eligibility.eligible,
         )
         result = view.eligibility
         return pb.CheckEligibilityResponse(
@@ -234,6 +261,7 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
         )
 
     async def ListEntries(self, request: pb.ListEntriesRequest, context: Any) -> pb.ListEntriesResponse:
+        self._own(request.subject)
         page = await run_blocking(
             self._executor,
             self._reader.entries,
@@ -248,6 +276,7 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
 
     async def GetEntry(self, request: pb.GetEntryRequest, context: Any) -> pb.GetEntryResponse:
         entry = await run_blocking(self._executor, self._reader.entry, request.entry_id)
+        require_own_subject(current_principal(), entry.subject_key)
         return pb.GetEntryResponse(entry=entry_message(entry, with_evidence=True, now=self._reader.now()))
 
 

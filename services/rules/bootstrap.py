@@ -17,6 +17,7 @@ from kit.app import run_cli
 from kit.db import create_engine, make_session_factory
 from kit.logging import get_logger
 from kit.outbox import Send, relay_to_peer
+from kit.security import channel_credentials
 from kit.server import Service
 from services.rules.access import POLICY
 from services.rules.backtest_servicer import build_backtests
@@ -73,6 +74,7 @@ def build(settings: RulesSettings) -> Service:
         peer=settings.score,
         settings=settings.relay,
         make_send=send_to_score,
+        credentials=channel_credentials(settings.common.security),
     )
     # One thread: durable-rules is not thread-safe and holds the GIL while it works.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rules-engine")

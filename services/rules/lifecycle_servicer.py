@@ -15,6 +15,7 @@ from typing import Any, Final
 
 from egret.common.v1 import errors_pb2, event_pb2
 from egret.rules.v1 import rules_service_pb2 as pb
+from kit.auth import acting_principal
 from kit.db import run_blocking
 from kit.errors import InvalidArgument, Violation
 from kit.logging import get_logger
@@ -50,7 +51,7 @@ _STATUS_NAMES: Final = {value: name for name, value in _STATUS_VALUES.items()}
 def actor_of(context: Any) -> str:
     metadata = dict(context.invocation_metadata() or ())
     value = metadata.get(ACTOR_METADATA)
-    return actor_name(value if isinstance(value, str) else None)
+    return actor_name(acting_principal(value if isinstance(value, str) else None))
 
 
 def rule_set_message(stored: StoredRuleSet, rule_ids: list[str] | None = None) -> pb.RuleSet:

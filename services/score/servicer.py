@@ -15,6 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from egret.common.v1 import outcome_pb2
 from egret.score.v1 import score_service_pb2 as pb
 from egret.score.v1 import score_service_pb2_grpc as pb_grpc
+from kit.auth import acting_principal
 from kit.db import run_blocking
 from kit.errors import InvalidArgument, Violation
 from kit.logging import get_logger
@@ -215,13 +216,13 @@ class ScoreServicer(pb_grpc.ScoreServiceServicer):
             self._ledger.activate,
             proposed,
             request.policy_yaml,
-            request.activated_by,
+            acting_principal(request.activated_by) or "",
             request.expected_current_version,
         )
         log.info(
             "policy activated",
             version=proposed.version,
-            activated_by=request.activated_by,
+            activated_by=acting_principal(request.activated_by) or "",
             subjects_recomputed=recomputed,
             tier_changed=report.tier_changed,
         )

@@ -12,7 +12,10 @@ and Secrets (written to a per-pod directory), the ports, and which Service reach
 - a mount path in a setting means that pod's copy of the mounted volume;
 - `python` is this interpreter and the working directory is the repository (the image's
   /app, which holds the same config/ defaults); the image's ENV comes from the Dockerfile;
-- the operator's Secrets are a dict the caller passes in.
+- the operator's Secrets are a dict the caller passes in (tests/deploy/pki.py adds the TLS,
+  JWT-key and service-token ones, shaped by what the pods mount);
+- a probe is its exec command run with the pod's environment and mounts, killed after its
+  timeoutSeconds, as the kubelet runs it inside the container.
 
 So a wrong label, port, key, path or variable in the chart fails the rehearsal.
 """
@@ -31,9 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import grpc
 import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deploy.k8s.render import MANIFESTS_DIR, REPO_ROOT, Manifest, hooks
 from tests.deploy.k8s import container_port, matches, pod_template
@@ -117,7 +118,7 @@ class Rehearsal:
         """A Service address (name[.namespace[.svc[.cluster.local]]]:port) → the selected pod's ip:port."""
         name = host.split(".", maxsplit=1)[0]
         service = self.services.get(name)
-        if service is None or host not in _dns_names(name):
+        if service is None or host not in dns_names(name):
             raise RehearsalError(f"no Service answers to {host!r}")
         (service_port,) = [p for p in service["spec"]["ports"] if int(p["port"]) == port] or [None]
         if service_port is None:
@@ -187,6 +188,10 @@ class Rehearsal:
             )
         return self.secrets[(name, key)]
 
+    def declared_env(self, pod: Pod) -> dict[str, str]:
+        """The container's plain `value` settings as written in the manifest (no Secrets, untranslated)."""
+        return {e["name"]: str(e["value"]) for e in pod.container.get("env", []) if "value" in e}
+
     def environment(self, pod: Pod) -> dict[str, str]:
         """The container's environment, as the kubelet would build it."""
         if pod.spec.get("enableServiceLinks", True):
@@ -214,7 +219,9 @@ class Rehearsal:
         return env
 
     def command(self, pod: Pod) -> list[str]:
-        argv = [*pod.container.get("command", []), *pod.container.get("args", [])]
+        return self.command_of(pod, [*pod.container.get("command", []), *pod.container.get("args", [])])
+
+    def command_of(self, pod: Pod, argv: list[str]) -> list[str]:
         if not argv or argv[0] != "python":
             raise RehearsalError(f"{pod.name}: the image runs `python ...`, not {argv[:1]}")
         return [sys.executable, *(self._translate(pod, a) for a in argv[1:])]
@@ -255,28 +262,41 @@ class Rehearsal:
     def deployments(self) -> list[str]:
         return [p.name for p in self.pods.values() if p.manifest["kind"] == "Deployment"]
 
-    def wait_ready(self, name: str, timeout_s: float = 60.0) -> None:
-        """Poll the container's own readinessProbe (grpc port and service) until it passes."""
+    def probe(
+        self, name: str, kind: str = "readinessProbe", timeout_s: float | None = None
+    ) -> tuple[int, str]:
+        """Run one of the container's exec probes as the kubelet would: its command, inside the
+        container (the pod's environment and mounts), killed after the probe's timeoutSeconds."""
         pod = self.pods[name]
-        probe = pod.container["readinessProbe"]["grpc"]
+        probe = pod.container[kind]
+        if "exec" not in probe:
+            raise RehearsalError(f"{name}: {kind} is not an exec probe ({sorted(probe)})")
+        try:
+            result = subprocess.run(
+                self.command_of(pod, probe["exec"]["command"]),
+                cwd=REPO_ROOT,
+                env=self.environment(pod),
+                capture_output=True,
+                timeout=timeout_s or float(probe.get("timeoutSeconds", 1)),
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            return 1, "probe timed out"
+        return result.returncode, (result.stdout + result.stderr).decode(errors="replace")
+
+    def wait_ready(self, name: str, timeout_s: float = 60.0) -> None:
+        """Run the container's own readinessProbe until it passes."""
+        pod = self.pods[name]
         deadline = time.monotonic() + timeout_s
         last = "no answer"
-        with grpc.insecure_channel(f"{pod.ip}:{probe['port']}") as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if pod.process is None or pod.process.poll() is not None:
-                    raise RehearsalError(f"{name} exited while starting\n{pod.log_tail()}")
-                try:
-                    reply = stub.Check(
-                        health_pb2.HealthCheckRequest(service=probe.get("service", "")), timeout=1
-                    )
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                    last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-                except grpc.RpcError as exc:
-                    last = exc.code().name
-                time.sleep(0.1)
-        raise RehearsalError(f"{name} not ready after {timeout_s}s (last: {last})\n{pod.log_tail()}")
+        while time.monotonic() < deadline:
+            if pod.process is None or pod.process.poll() is not None:
+                raise RehearsalError(f"{name} exited while starting\n{pod.log_tail()}")
+            code, last = self.probe(name, "readinessProbe")
+            if code == 0:
+                return
+            time.sleep(0.2)
+        raise RehearsalError(f"{name} not ready after {timeout_s}s (last: {last.strip()})\n{pod.log_tail()}")
 
     def stop(self) -> dict[str, int]:
         """SIGTERM every running pod, wait up to its terminationGracePeriodSeconds, SIGKILL the rest."""
@@ -299,5 +319,5 @@ class Rehearsal:
         return codes
 
 
-def _dns_names(name: str) -> set[str]:
+def dns_names(name: str) -> set[str]:
     return {name, f"{name}.{NAMESPACE}", f"{name}.{NAMESPACE}.svc", f"{name}.{NAMESPACE}.svc.cluster.local"}

@@ -18,7 +18,7 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
-from deploy.k8s.render import CHART_DIR, REPO_ROOT, Manifest, drift, hooks
+from deploy.k8s.render import CHART_DIR, REPO_ROOT, Manifest, drift, hooks, objects, render
 from tests.deploy.conftest import load_values
 from tests.deploy.k8s import (
     Endpoint,
@@ -83,6 +83,11 @@ def test_every_rendered_object_is_valid_kubernetes(rendered: list[Manifest], kub
         ({"env": {"DATABASE_URL": "x"}}, "DATABASE_URL"),
         ({"services": {"rules": {"shards": 0}}}, "shards"),
         ({"otel": {"endpoint": "collector:4317"}}, "endpoint"),
+        ({"security": {"insecure": "no"}}, "insecure"),
+        ({"security": {"tls": {"secretName": "x"}}}, "secretName"),
+        ({"security": {"jwt": {"keys": {"format": "der"}}}}, "format"),
+        ({"security": {"jwt": {"algorithms": ["HS256"]}}}, "algorithms"),
+        ({"security": {"jwt": {"issuer": ""}}}, "issuer"),
     ],
 )
 def test_values_schema_rejects_unknown_keys_and_bad_values(
@@ -194,7 +199,15 @@ def test_every_service_has_grpc_probes_resources_a_service_and_a_pdb(rendered: l
         (port,) = container["ports"]
         assert port["name"] == "grpc"
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert container[probe]["grpc"] == {"port": port["containerPort"], "service": ""}, (name, probe)
+            # The kubelet's gRPC probe cannot speak TLS: an exec probe asks grpc.health.v1 itself,
+            # expecting the workload's Service name on the certificate, within the probe's timeout.
+            command = container[probe]["exec"]["command"]
+            assert command[:2] == ["python", "-c"], (name, probe)
+            assert "grpc_health.v1" in command[2], (name, probe)
+            assert 'service=""' in command[2], (name, probe)
+            assert command[3] == name, (name, probe)
+            assert 0 < float(command[4]) < container[probe]["timeoutSeconds"], (name, probe)
+            assert "EGRET_LISTEN_ADDRESS" in env_of(container), name
         resources = container["resources"]
         assert {"cpu", "memory"} <= set(resources["requests"]), name
         assert "memory" in resources["limits"], name
@@ -260,6 +273,10 @@ def test_secrets_are_referenced_never_inlined_by_default(render_objects: RenderO
         ("egret-database", "score-url"),
         ("egret-database", "score-readonly-url"),
         ("egret-subject-key", "subject-key"),
+        *((f"egret-{name}-tls", key) for name in (*SERVICES, "test") for key in TLS_KEYS),
+        ("egret-jwt-keys", "jwks.json"),
+        ("egret-ingest-token", "token"),
+        ("egret-rules-token", "token"),
     }
     text = yaml.safe_dump_all(manifests)
     assert "postgresql" not in text
@@ -267,14 +284,37 @@ def test_secrets_are_referenced_never_inlined_by_default(render_objects: RenderO
 
 def test_existing_secrets_are_referenced_by_the_given_names(render_objects: RenderObjects) -> None:
     manifests = render_objects(load_values(CHART_DIR / "ci" / "existing-secrets-values.yaml"))
-    assert {n for n, _ in secret_refs(manifests)} == {"egret-pg-urls", "egret-hmac"}
+    assert {n for n, _ in secret_refs(manifests)} == {
+        "egret-pg-urls",
+        "egret-hmac",
+        "egret-ingest-cert",
+        "egret-rules-cert",
+        "egret-score-cert",
+        "egret-query-cert",
+        "egret-smoke-test-cert",
+        "egret-ingest-svc-token",
+        "egret-rules-svc-token",
+    }
     ingest = named(manifests, "Deployment", "egret-ingest")
     _, spec = pod_template(ingest)
-    mounts = {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
-    # TLS and JWT keys are reserved: mounted, but no variable names them until a service reads them.
-    assert {"/etc/egret/tls", "/etc/egret/jwt"} <= mounts
-    assert env_of(spec["containers"][0])["EGRET_SUBJECT_KEY_ID"] == "k2"
-    assert not any("TLS" in k or "JWT" in k for k in env_of(spec["containers"][0]))
+    env = env_of(spec["containers"][0])
+    assert env["EGRET_SUBJECT_KEY_ID"] == "k2"
+    # The IdP's key as a PEM public key in a ConfigMap (public keys are no secret).
+    (jwt,) = [v for v in spec["volumes"] if v["name"] == "jwt"]
+    assert jwt["configMap"]["name"] == "city-idp-signing-key"
+    assert env["EGRET_JWT_PUBLIC_KEY_FILE"] == "/var/run/secrets/egret/jwt/signing.pem"
+    assert "EGRET_JWT_JWKS_FILE" not in env
+    assert (env["EGRET_JWT_ISSUER"], env["EGRET_JWT_AUDIENCE"], env["EGRET_JWT_ALGORITHMS"]) == (
+        "https://login.city.example/realms/egret",
+        "egret-api",
+        "ES256",
+    )
+    assert env["EGRET_SERVICE_TOKEN_FILE"] == "/var/run/secrets/egret/service-token/jwt"
+    # Departments must present client certificates to ingest; query stays server-TLS only.
+    assert env["EGRET_TLS_CLIENT_CA_FILE"] == "/var/run/secrets/egret/tls/ca.crt"
+    query = env_of(pod_template(named(manifests, "Deployment", "egret-query"))[1]["containers"][0])
+    assert "EGRET_TLS_CLIENT_CA_FILE" not in query
+    assert (query["EGRET_RATE_LIMIT_PER_SECOND"], query["EGRET_RATE_LIMIT_BURST"]) == ("50", "100")
 
 
 def test_created_secrets_exist_before_the_migration_hooks(render_objects: RenderObjects) -> None:
@@ -291,10 +331,11 @@ def test_created_secrets_exist_before_the_migration_hooks(render_objects: Render
 
 def test_config_files_are_mounted_where_the_settings_point(rendered: list[Manifest]) -> None:
     config_maps = {c["metadata"]["name"]: c for c in of_kind(rendered, "ConfigMap")}
-    file_settings = {
+    file_settings = set(SECURITY_FILES) | {
         "EGRET_CATALOGUE_FILE",
         "EGRET_RULESET_FILE",
         "EGRET_POLICY_FILE",
+        "EGRET_BENEFITS_FILE",
         "EGRET_SUBJECT_KEY_FILE",
     }
     for deployment in services_deployments(rendered):
@@ -307,10 +348,12 @@ def test_config_files_are_mounted_where_the_settings_point(rendered: list[Manife
             (mount,) = [m for m in container["volumeMounts"] if value.startswith(m["mountPath"] + "/")]
             file = value.removeprefix(mount["mountPath"] + "/")
             volume = volumes[mount["name"]]
-            if "configMap" in volume:
+            assert mount.get("readOnly") is True, (name, value)
+            if "configMap" in volume and volume["configMap"]["name"] in config_maps:
                 assert file in config_maps[volume["configMap"]["name"]]["data"], (name, value)
             else:
-                assert file in {i["path"] for i in volume["secret"]["items"]}, (name, value)
+                source = volume.get("secret") or volume["configMap"]
+                assert file in {i["path"] for i in source["items"]}, (name, value)
 
 
 def test_config_change_rolls_the_pods(render_objects: RenderObjects) -> None:
@@ -321,15 +364,179 @@ def test_config_change_rolls_the_pods(render_objects: RenderObjects) -> None:
     assert checksum({}) != checksum({"config": {"policy": "version: x\n"}})
 
 
-def test_benefits_configmap_is_ready_for_the_scoring_issue(render_objects: RenderObjects) -> None:
-    assert not [
-        c for c in of_kind(render_objects({}), "ConfigMap") if c["metadata"]["name"] == "egret-benefits"
-    ]
-    manifests = render_objects({"config": {"benefits": "benefits: []\n"}})
-    assert named(manifests, "ConfigMap", "egret-benefits")["data"] == {"benefits.yaml": "benefits: []\n"}
-    for service in ("score", "query"):
-        _, spec = pod_template(named(manifests, "Deployment", f"egret-{service}"))
-        assert "/etc/egret/benefits" in {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+def test_every_config_file_is_mounted_for_the_services_that_read_it(render_objects: RenderObjects) -> None:
+    manifests = render_objects({})
+    bundled = (CHART_DIR / "files" / "benefits.yaml").read_text()
+    assert named(manifests, "ConfigMap", "egret-benefits")["data"] == {"benefits.yaml": bundled}
+    settings = {
+        "ingest": {"EGRET_CATALOGUE_FILE"},
+        # Backtests score with the policy and split reports by the catalogue's cohorts.
+        "rules": {"EGRET_RULESET_FILE", "EGRET_POLICY_FILE", "EGRET_CATALOGUE_FILE"},
+        # The policy seeds score's policy store on its first start.
+        "score": {"EGRET_POLICY_FILE"},
+        "query": {"EGRET_POLICY_FILE", "EGRET_BENEFITS_FILE"},
+    }
+    config = {"EGRET_CATALOGUE_FILE", "EGRET_RULESET_FILE", "EGRET_POLICY_FILE", "EGRET_BENEFITS_FILE"}
+    for service, expected in settings.items():
+        env = env_of(pod_template(named(manifests, "Deployment", f"egret-{service}"))[1]["containers"][0])
+        assert {name for name in env if name in config} == expected, service
+    score = env_of(pod_template(named(manifests, "Deployment", "egret-score"))[1]["containers"][0])
+    assert score["EGRET_SWEEP_INTERVAL_SECONDS"] == "60"
+
+    custom = render_objects({"config": {"benefits": "benefits: []\n"}})
+    assert named(custom, "ConfigMap", "egret-benefits")["data"] == {"benefits.yaml": "benefits: []\n"}
+
+
+# -- security ------------------------------------------------------------------------------
+
+TLS_KEYS = ("tls.crt", "tls.key", "ca.crt")  # a kubernetes.io/tls Secret as cert-manager writes it
+SECURITY_FILES = (
+    "EGRET_TLS_CERT_FILE",
+    "EGRET_TLS_KEY_FILE",
+    "EGRET_TLS_CA_FILE",
+    "EGRET_TLS_CLIENT_CA_FILE",
+    "EGRET_JWT_JWKS_FILE",
+    "EGRET_JWT_PUBLIC_KEY_FILE",
+    "EGRET_SERVICE_TOKEN_FILE",
+)
+# Every service serves TLS and checks tokens; these two call another service with a token;
+# these two are called only by services and require client certificates (mutual TLS).
+EVERY_SERVICE = {
+    "EGRET_INSECURE",
+    "EGRET_TLS_CERT_FILE",
+    "EGRET_TLS_KEY_FILE",
+    "EGRET_TLS_CA_FILE",
+    "EGRET_JWT_ISSUER",
+    "EGRET_JWT_AUDIENCE",
+    "EGRET_JWT_ALGORITHMS",
+    "EGRET_JWT_JWKS_FILE",
+    "EGRET_RATE_LIMIT_PER_SECOND",
+    "EGRET_RATE_LIMIT_BURST",
+}
+CALLERS = {"ingest", "rules"}
+INTERNAL = {"rules", "score"}
+
+
+def security_env(env: dict[str, Any]) -> set[str]:
+    return {n for n in env if re.match(r"^EGRET_(INSECURE|TLS_|JWT_|SERVICE_TOKEN|RATE_LIMIT)", n)}
+
+
+def test_every_service_gets_every_security_variable(rendered: list[Manifest]) -> None:
+    for deployment in services_deployments(rendered):
+        name = deployment["metadata"]["name"]
+        env = env_of(pod_template(deployment)[1]["containers"][0])
+        if env["EGRET_INSECURE"] == "true":
+            continue  # development-values.yaml: see test_insecure_mode_is_explicit_and_loud
+        service = component(deployment["metadata"]["labels"])
+        expected = set(EVERY_SERVICE)
+        if service in CALLERS:
+            expected.add("EGRET_SERVICE_TOKEN_FILE")
+        if service in INTERNAL or env.get("EGRET_TLS_CLIENT_CA_FILE"):
+            expected.add("EGRET_TLS_CLIENT_CA_FILE")
+        if "EGRET_JWT_PUBLIC_KEY_FILE" in env:
+            expected = (expected - {"EGRET_JWT_JWKS_FILE"}) | {"EGRET_JWT_PUBLIC_KEY_FILE"}
+        assert security_env(env) == expected, name
+        assert env["EGRET_INSECURE"] == "false", name
+        assert all(env[n] for n in expected), name
+
+
+def test_insecure_is_off_by_default() -> None:
+    assert load_values(CHART_DIR / "values.yaml")["security"]["insecure"] is False
+    rendered = render(None)
+    for deployment in services_deployments(objects(rendered)):
+        env = env_of(pod_template(deployment)[1]["containers"][0])
+        assert env["EGRET_INSECURE"] == "false", deployment["metadata"]["name"]
+    assert "INSECURE" not in rendered["egret/templates/NOTES.txt"]
+
+
+def test_rules_and_score_require_client_certificates(
+    rendered: list[Manifest], render_objects: RenderObjects
+) -> None:
+    for deployment in services_deployments(rendered):
+        env = env_of(pod_template(deployment)[1]["containers"][0])
+        if component(deployment["metadata"]["labels"]) in INTERNAL and env["EGRET_INSECURE"] == "false":
+            # Mutual TLS against the services' CA; the callers present their own certificates.
+            assert env["EGRET_TLS_CLIENT_CA_FILE"] == env["EGRET_TLS_CA_FILE"], deployment["metadata"]["name"]
+    defaults = render_objects({})
+    for service in ("ingest", "query"):
+        env = env_of(pod_template(named(defaults, "Deployment", f"egret-{service}"))[1]["containers"][0])
+        assert "EGRET_TLS_CLIENT_CA_FILE" not in env, service  # departments and readers: server TLS
+
+
+def test_pods_mount_tls_and_keys_read_only_from_cert_manager_shaped_secrets(rendered: list[Manifest]) -> None:
+    checked = 0
+    for manifest, _, spec in pods(rendered):
+        where = f"{manifest['kind']}/{manifest['metadata']['name']}"
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for container in spec["containers"]:
+            for mount in container.get("volumeMounts", []):
+                volume = volumes[mount["name"]]
+                if "emptyDir" not in volume:
+                    assert mount.get("readOnly") is True, (where, mount["name"])
+                if mount["name"] == "tls":
+                    assert mount["mountPath"] == "/var/run/secrets/egret/tls", where
+                    items = volume["secret"]["items"]
+                    assert [(i["key"], i["path"]) for i in items] == [(k, k) for k in TLS_KEYS], where
+                    assert volume["secret"]["defaultMode"] == 0o440, where
+                    checked += 1
+    if is_insecure(rendered):
+        assert checked == 0
+    else:
+        assert checked >= 5  # every service and the test pod
+
+
+def is_insecure(manifests: list[Manifest]) -> bool:
+    modes = {
+        env_of(pod_template(d)[1]["containers"][0])["EGRET_INSECURE"] for d in services_deployments(manifests)
+    }
+    assert len(modes) == 1
+    return modes == {"true"}
+
+
+def test_helm_test_pod_and_probes_speak_tls_with_the_mounted_certificates(
+    render_objects: RenderObjects,
+) -> None:
+    manifests = render_objects({})
+    test_pod = named(manifests, "Pod", "egret-test-health")
+    (container,) = test_pod["spec"]["containers"]
+    env = env_of(container)
+    assert env["EGRET_TLS_CA_FILE"] == "/var/run/secrets/egret/tls/ca.crt"
+    assert {env["EGRET_TLS_CERT_FILE"], env["EGRET_TLS_KEY_FILE"]} == {
+        "/var/run/secrets/egret/tls/tls.crt",
+        "/var/run/secrets/egret/tls/tls.key",
+    }
+    assert "ssl_channel_credentials" in container["command"][2]
+    (tls,) = [v for v in test_pod["spec"]["volumes"] if v["name"] == "tls"]
+    assert tls["secret"]["secretName"] == "egret-test-tls"
+    for deployment in services_deployments(manifests):
+        container = pod_template(deployment)[1]["containers"][0]
+        script = container["readinessProbe"]["exec"]["command"][2]
+        assert "ssl_channel_credentials" in script
+        assert "ssl_target_name_override" in script
+
+
+def test_insecure_mode_is_explicit_and_loud() -> None:
+    rendered = render({"security": {"insecure": True}})
+    manifests = objects(rendered)
+    for deployment in services_deployments(manifests):
+        container = pod_template(deployment)[1]["containers"][0]
+        env = env_of(container)
+        assert security_env(env) == {
+            "EGRET_INSECURE",
+            "EGRET_RATE_LIMIT_PER_SECOND",
+            "EGRET_RATE_LIMIT_BURST",
+        }
+        assert env["EGRET_INSECURE"] == "true"
+        assert not {"tls", "jwt", "service-token"} & {m["name"] for m in container["volumeMounts"]}
+    assert "WARNING: INSECURE MODE" in rendered["egret/templates/NOTES.txt"]
+    assert {n for n, _ in secret_refs(manifests)} == {"egret-database", "egret-subject-key"}
+
+
+def test_migration_jobs_need_no_tls_or_token_keys(render_objects: RenderObjects) -> None:
+    for job in of_kind(render_objects({}), "Job"):
+        container = pod_template(job)[1]["containers"][0]
+        assert security_env(env_of(container)) == set(), job["metadata"]["name"]
+        assert not {"tls", "jwt", "service-token"} & {m["name"] for m in container["volumeMounts"]}
 
 
 # -- wiring ----------------------------------------------------------------------------------

@@ -2,8 +2,11 @@
 
 deploy/k8s/manifests/ (the chart's default render) is read as a cluster would read it: the
 migration hook Jobs run first, then every Deployment starts with exactly the command,
-environment, ports and mounted files its manifest gives it, Services route by their selectors,
-and finally the `helm test` pod checks every service. See tests/deploy/rehearsal.py for the
+environment, ports and mounted files its manifest gives it, becomes ready by its own exec probe,
+Services route by their selectors, and finally the `helm test` pod checks every service. Security
+is on, as the manifests say: the operator's TLS, JWT-key and service-token Secrets come from a
+throwaway PKI (tests/deploy/pki.py), clients call with TLS and bearer tokens, and the services
+call each other over mutual TLS with their own tokens. See tests/deploy/rehearsal.py for the
 few things a cluster provides that are simulated, and how.
 """
 
@@ -13,15 +16,19 @@ import asyncio
 import secrets
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from egret.ingest.v1 import ingest_service_pb2 as ingest_pb
 from egret.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 from egret.query.v1 import query_service_pb2 as query_pb
 from egret.query.v1 import query_service_pb2_grpc as query_grpc
+from kit.auth import Role
+from tests.deploy.pki import RehearsalPki, create_rehearsal_pki
 from tests.deploy.rehearsal import Rehearsal, load_manifests
 from tests.e2e.test_pipeline import EXPECTED, SCENARIO, raw, requests
 from tests.support.databases import create_postgres_database, drop_postgres_database
@@ -48,29 +55,39 @@ def operator_secrets(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator
             drop_postgres_database(url)
 
 
+@dataclass
+class Cluster:
+    rehearsal: Rehearsal
+    pki: RehearsalPki
+
+
 @pytest.fixture
-def rehearsal(tmp_path: Path, operator_secrets: dict[tuple[str, str], str]) -> Iterator[Rehearsal]:
+def cluster(tmp_path: Path, operator_secrets: dict[tuple[str, str], str]) -> Iterator[Cluster]:
     running = Rehearsal(load_manifests(), operator_secrets, tmp_path / "cluster")
+    # cert-manager and the identity provider: the TLS, JWT-key and service-token Secrets.
+    pki = create_rehearsal_pki(running)
     try:
-        yield running
+        yield Cluster(running, pki)
     finally:
         running.stop()
 
 
-async def submit_scenario(address: str) -> int:
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = ingest_grpc.IngestServiceStub(channel)
-        accepted = 0
-        for source, events in requests("rehearsal-").items():
-            response = await stub.SubmitEvents(
+async def submit_scenario(cluster: Cluster) -> int:
+    accepted = 0
+    for source, events in requests("rehearsal-").items():
+        # Each department with its own token (`sub` = the event source); ingest requires a deadline.
+        token = cluster.pki.token(source, Role.DEPARTMENT)
+        async with cluster.pki.channel(cluster.rehearsal, "egret-ingest", token) as channel:
+            response = await ingest_grpc.IngestServiceStub(channel).SubmitEvents(
                 ingest_pb.SubmitEventsRequest(source=source, events=events), timeout=10
             )
-            accepted += response.counts.accepted
-        return accepted
+        accepted += response.counts.accepted
+    return accepted
 
 
-async def scores(address: str) -> dict[str, tuple[int, str, int]]:
-    async with grpc.aio.insecure_channel(address) as channel:
+async def scores(cluster: Cluster) -> dict[str, tuple[int, str, int]]:
+    token = cluster.pki.token("rehearsal-reviewer", Role.REVIEWER)
+    async with cluster.pki.channel(cluster.rehearsal, "egret-query", token) as channel:
         query = query_grpc.QueryServiceStub(channel)
         found = {}
         for subject in EXPECTED:
@@ -79,13 +96,13 @@ async def scores(address: str) -> dict[str, tuple[int, str, int]]:
         return found
 
 
-async def wait_for_scores(address: str, timeout_s: float = 60.0) -> dict[str, tuple[int, str, int]]:
+async def wait_for_scores(cluster: Cluster, timeout_s: float = 60.0) -> dict[str, tuple[int, str, int]]:
     expected = {subject: (score, tier, entries) for subject, (score, tier, _, entries) in EXPECTED.items()}
     deadline = time.monotonic() + timeout_s
     found: dict[str, tuple[int, str, int]] = {}
     while time.monotonic() < deadline:
         try:
-            found = await scores(address)
+            found = await scores(cluster)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise
@@ -95,15 +112,33 @@ async def wait_for_scores(address: str, timeout_s: float = 60.0) -> dict[str, tu
     return found
 
 
-async def test_the_rendered_manifests_run_the_pipeline_end_to_end(rehearsal: Rehearsal) -> None:
-    # helm install: pre-install hooks (the migration Jobs) first, each must succeed.
+async def health(cluster: Cluster, service: str, credentials: grpc.ChannelCredentials) -> str:
+    """grpc.health.v1 of Service `service`, dialled by name with the given credentials."""
+    address = cluster.rehearsal.service_address(service)
+    options = [("grpc.ssl_target_name_override", service)]
+    async with grpc.aio.secure_channel(address, credentials, options=options) as channel:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=3
+            )
+        except grpc.aio.AioRpcError as exc:
+            return str(exc.code().name)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+async def test_the_rendered_manifests_run_the_pipeline_end_to_end(cluster: Cluster) -> None:
+    rehearsal = cluster.rehearsal
+    # helm install: pre-install hooks (the migration Jobs) first, each must succeed, without
+    # any TLS or token keys (migrate does not serve).
     migrations = rehearsal.hook_pods("pre-install")
     assert migrations == ["egret-ingest-migrate", "egret-rules-migrate", "egret-score-migrate"]
     for job in migrations:
         code, log = rehearsal.run_to_completion(job)
         assert code == 0, log
 
-    # Then the Deployments, which must not migrate again, and must become ready by their own probes.
+    # Then the Deployments, which must not migrate again, run secure (no EGRET_INSECURE), and
+    # must become ready by their own readiness probes: exec probes speaking TLS with the
+    # mounted CA and certificate, expecting the Service's name on the certificate.
     deployments = rehearsal.deployments()
     assert sorted(deployments) == ["egret-ingest", "egret-query", "egret-rules", "egret-score"]
     for name in deployments:
@@ -111,16 +146,44 @@ async def test_the_rendered_manifests_run_the_pipeline_end_to_end(rehearsal: Reh
     for name in deployments:
         rehearsal.wait_ready(name)
     for name in deployments:
-        assert rehearsal.environment(rehearsal.pods[name])["EGRET_MIGRATE_ON_START"] == "false"
+        env = rehearsal.environment(rehearsal.pods[name])
+        assert (env["EGRET_MIGRATE_ON_START"], env["EGRET_INSECURE"]) == ("false", "false")
+        for kind in ("startupProbe", "livenessProbe"):
+            code, output = rehearsal.probe(name, kind)
+            assert code == 0, (name, kind, output)
+            assert output.strip().endswith(": SERVING"), (name, kind, output)
+        assert "INSECURE" not in rehearsal.pods[name].log_path.read_text(errors="replace").upper()
 
-    # Clients reach ingest and query through their Services; ingest reaches rules and rules
-    # reaches score only through the addresses the manifests gave them.
-    accepted = await submit_scenario(rehearsal.service_address("egret-ingest"))
+    # Clients reach ingest and query through their Services, over TLS with bearer tokens;
+    # ingest reaches rules and rules reaches score only through the addresses the manifests gave
+    # them, over mutual TLS with their service tokens, verifying the callee's certificate.
+    accepted = await submit_scenario(cluster)
     assert accepted == len(SCENARIO)
-    found = await wait_for_scores(rehearsal.service_address("egret-query"))
-    assert found == {subject: (s, tier, n) for subject, (s, tier, _, n) in EXPECTED.items()}
+    found = await wait_for_scores(cluster)
+    assert found == {subject: (s, tier, n) for subject, (s, tier, _, n) in EXPECTED.items()}, [
+        rehearsal.pods[n].log_tail() for n in deployments
+    ]
 
-    # helm test: the test pod's own command, against the Services, passes.
+    # What the security wiring refuses: a call without a token, a client without a certificate
+    # on the internal services, and a probe that finds another name on the certificate.
+    async with cluster.pki.channel(rehearsal, "egret-query", None) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await query_grpc.QueryServiceStub(channel).GetScore(
+                query_pb.GetScoreRequest(subject=raw(next(iter(EXPECTED)))), timeout=5
+            )
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    plain_tls = cluster.pki.credentials(None)
+    assert await health(cluster, "egret-ingest", plain_tls) == "SERVING"
+    assert await health(cluster, "egret-query", plain_tls) == "SERVING"
+    assert await health(cluster, "egret-rules", plain_tls) == "UNAVAILABLE"  # mutual TLS
+    assert await health(cluster, "egret-score", plain_tls) == "UNAVAILABLE"
+    probe = rehearsal.pods["egret-rules"].container["readinessProbe"]["exec"]["command"]
+    probe[3] = "egret-score"
+    code, output = rehearsal.probe("egret-rules")
+    assert code == 1, output
+    assert "UNAVAILABLE" in output
+
+    # helm test: the test pod's own command, against the Services, with its client certificate.
     (test_pod,) = rehearsal.hook_pods("test")
     code, log = await asyncio.to_thread(rehearsal.run_to_completion, test_pod)
     assert code == 0, log
@@ -133,8 +196,9 @@ async def test_the_rendered_manifests_run_the_pipeline_end_to_end(rehearsal: Reh
     ]
 
 
-def test_the_helm_test_pod_fails_when_a_service_is_down(rehearsal: Rehearsal) -> None:
+def test_the_helm_test_pod_fails_when_a_service_is_down(cluster: Cluster) -> None:
     """The health check is not a rubber stamp: with nothing running it reports failure."""
+    rehearsal = cluster.rehearsal
     (test_pod,) = rehearsal.hook_pods("test")
     pod = rehearsal.pods[test_pod]
     # A short deadline: the manifest's own timeout is for a real rollout.
@@ -142,3 +206,17 @@ def test_the_helm_test_pod_fails_when_a_service_is_down(rehearsal: Rehearsal) ->
     code, log = rehearsal.run_to_completion(test_pod)
     assert code == 1
     assert log.count("UNAVAILABLE") == 4, log
+
+
+def test_a_service_without_its_security_secrets_refuses_to_serve(cluster: Cluster) -> None:
+    """Security is on by default: without the manifests' TLS and token settings a pod exits 2."""
+    rehearsal = cluster.rehearsal
+    pod = rehearsal.pods["egret-score"]
+    pod.spec["containers"][0]["env"] = [
+        e
+        for e in pod.spec["containers"][0]["env"]
+        if not str(e["name"]).startswith(("EGRET_TLS_", "EGRET_JWT_"))
+    ]
+    code, log = rehearsal.run_to_completion("egret-score")
+    assert code == 2, log
+    assert "EGRET_TLS_CERT_FILE is required" in log

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-import grpc
 import pytest
 
 from devtools.cluster import Cluster
@@ -15,6 +14,7 @@ from egret.query.v1 import query_service_pb2 as query_pb
 from egret.query.v1 import query_service_pb2_grpc as query_grpc
 from egret.score.v1 import score_service_pb2 as score_pb
 from egret.score.v1 import score_service_pb2_grpc as score_grpc
+from kit.auth import Role
 from kit.protoconv import Scalar
 from tests.support.events import ORGANIZATION, PERSON, event
 
@@ -132,16 +132,18 @@ def raw(subject: str) -> subject_pb2.SubjectRef:
 
 
 async def submit_all(cluster: Cluster, prefix: str = "") -> list[ingest_pb.SubmitEventsResponse]:
-    async with grpc.aio.insecure_channel(cluster.address("ingest")) as channel:
-        stub = ingest_grpc.IngestServiceStub(channel)
-        return [
-            await stub.SubmitEvents(ingest_pb.SubmitEventsRequest(source=source, events=events), timeout=10)
-            for source, events in requests(prefix).items()
-        ]
+    responses = []
+    for source, events in requests(prefix).items():
+        # Each department submits with its own token: it may submit only as itself.
+        async with cluster.department_channel(source) as channel:
+            stub = ingest_grpc.IngestServiceStub(channel)
+            request = ingest_pb.SubmitEventsRequest(source=source, events=events)
+            responses.append(await stub.SubmitEvents(request, timeout=10))
+    return responses
 
 
 async def assert_expected_scores(cluster: Cluster) -> None:
-    async with grpc.aio.insecure_channel(cluster.address("query")) as channel:
+    async with cluster.channel("query", cluster.token("e2e-reviewer", Role.REVIEWER)) as channel:
         query = query_grpc.QueryServiceStub(channel)
         for subject, (score, tier, categories, entries) in EXPECTED.items():
             found = (await query.GetScore(query_pb.GetScoreRequest(subject=raw(subject)), timeout=5)).score
@@ -150,7 +152,7 @@ async def assert_expected_scores(cluster: Cluster) -> None:
 
 
 async def assert_scores_equal_recompute(cluster: Cluster) -> int:
-    async with grpc.aio.insecure_channel(cluster.address("score")) as channel:
+    async with cluster.channel("score", cluster.token("e2e-auditor", Role.AUDITOR)) as channel:
         verified = await score_grpc.ScoreServiceStub(channel).VerifyScores(
             score_pb.VerifyScoresRequest(max_mismatches=10), timeout=60
         )
@@ -165,7 +167,7 @@ async def test_hand_computed_scenario_lands_the_expected_scores(cluster: Cluster
     await assert_expected_scores(cluster)
     assert await assert_scores_equal_recompute(cluster) == len(EXPECTED)
 
-    async with grpc.aio.insecure_channel(cluster.address("query")) as channel:
+    async with cluster.channel("query", cluster.token("e2e-reviewer", Role.REVIEWER)) as channel:
         query = query_grpc.QueryServiceStub(channel)
         page = await query.ListEntries(query_pb.ListEntriesRequest(subject=raw(ALICE), page_size=10))
         assert [e.rule.rule_id for e in page.entries] == [
@@ -203,7 +205,7 @@ async def test_invalid_events_are_rejected_with_field_detail_while_the_rest_of_t
         "bad-1", "library.book_returned_late", ALICE, {"days_late": -2, "shelf": "A3"}, occurred_at=at(1)
     )
     wrong_kind = event("bad-2", "library.book_returned_late", ACME, {"days_late": 45}, kind=ORGANIZATION)
-    async with grpc.aio.insecure_channel(cluster.address("ingest")) as channel:
+    async with cluster.department_channel("library") as channel:
         stub = ingest_grpc.IngestServiceStub(channel)
         response = await stub.SubmitEvents(
             ingest_pb.SubmitEventsRequest(source="library", events=[bad, good, wrong_kind]), timeout=10
@@ -219,7 +221,7 @@ async def test_invalid_events_are_rejected_with_field_detail_while_the_rest_of_t
     ]
     assert [(v.field, v.reason) for v in response.results[2].violations] == [("subject.kind", "NOT_ALLOWED")]
     cluster.wait_drained(timeout_s=60)
-    async with grpc.aio.insecure_channel(cluster.address("query")) as channel:
+    async with cluster.channel("query", cluster.token("e2e-reviewer", Role.REVIEWER)) as channel:
         found = await query_grpc.QueryServiceStub(channel).GetScore(
             query_pb.GetScoreRequest(subject=raw(ALICE))
         )

@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from devtools.cluster import Cluster
-from devtools.ingest_client import stream_events
+from devtools.ingest_client import stream_by_source
 from devtools.population import Population, PopulationConfig, batch_requests
 from egret.common.v1 import event_pb2
 from egret.rules.v1 import rules_service_pb2 as rules_pb
@@ -53,10 +53,11 @@ async def run_population(data_dir: Path, subject_key: str, rules_shards: int) ->
         env={"EGRET_RELAY_POLL_SECONDS": "0.05", "EGRET_RELAY_BACKOFF_MAX_SECONDS": "1"},
     )
     with cluster:
-        async with grpc.aio.insecure_channel(cluster.address("ingest")) as channel:
-            totals = await stream_events(
-                channel, batch_requests(Population(POPULATION).events(), batch_size=200), in_flight=4
-            )
+        totals = await stream_by_source(
+            cluster.department_channel,
+            batch_requests(Population(POPULATION).events(), batch_size=200),
+            in_flight=4,
+        )
         assert totals.rejected == 0
         await asyncio.to_thread(cluster.wait_drained, 180)
         await assert_scores_equal_recompute(cluster)
@@ -91,7 +92,7 @@ async def assert_a_misrouted_event_is_refused(cluster: Cluster) -> None:
     subject_key, record = str(row[0]), bytes(row[1])
     event = event_pb2.RecordedEvent.FromString(record)
     wrong = f"rules-{1 - shard_of(subject_key, 2)}"
-    async with grpc.aio.insecure_channel(cluster.address(wrong)) as channel:
+    async with cluster.service_channel(wrong, "ingest") as channel:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await rules_grpc.RulesServiceStub(channel).EvaluateEvents(
                 rules_pb.EvaluateEventsRequest(events=[event]), timeout=10

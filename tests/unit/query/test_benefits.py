@@ -78,6 +78,7 @@ def test_considers_all_may_read_any_category() -> None:
                 "id": "x",
                 "purpose": "p",
                 "provider": "q",
+                "provider_id": "q",
                 "subject_kinds": ["person"],
                 "considers": "all",
                 "condition": {"no_active_negative": "legal"},

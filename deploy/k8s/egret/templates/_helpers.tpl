@@ -100,9 +100,65 @@ egret.io/shard: {{ .workload.shard | quote }}
 {{- printf "%s-%s:%d" (include "egret.fullname" .root) .service (int (index .root.Values.services .service).port) -}}
 {{- end -}}
 
-{{/* Mount paths, shared by the Deployments, Jobs and docs. */}}
+{{/* Mount paths, shared by the Deployments, Jobs, the test pod and docs. */}}
 {{- define "egret.configDir" -}}/etc/egret{{- end -}}
 {{- define "egret.subjectKeyDir" -}}/var/run/secrets/egret/subject-key{{- end -}}
+{{- define "egret.tlsDir" -}}/var/run/secrets/egret/tls{{- end -}}
+{{- define "egret.jwtDir" -}}/var/run/secrets/egret/jwt{{- end -}}
+{{- define "egret.serviceTokenDir" -}}/var/run/secrets/egret/service-token{{- end -}}
+
+{{/* The TLS Secret of one workload kind (. = dict root, name: ingest|rules|score|query|test). */}}
+{{- define "egret.tlsSecretName" -}}
+{{- default (printf "%s-%s-tls" (include "egret.fullname" .root) .name) (index .root.Values.security.tls.secretNames .name) -}}
+{{- end -}}
+
+{{/* The service-token Secret of a calling service (. = dict root, name: ingest|rules). */}}
+{{- define "egret.serviceTokenSecretName" -}}
+{{- default (printf "%s-%s-token" (include "egret.fullname" .root) .name) (index .root.Values.security.serviceTokens .name) -}}
+{{- end -}}
+
+{{- define "egret.jwtKeysName" -}}
+{{- default (printf "%s-jwt-keys" (include "egret.fullname" .)) .Values.security.jwt.keys.name -}}
+{{- end -}}
+
+{{/* The services that call another one with a service token. */}}
+{{- define "egret.callers" -}}ingest rules{{- end -}}
+
+{{/*
+The exec probe of every service (the kubelet's gRPC probe cannot speak TLS): asks
+grpc.health.v1 for service "" on the container's own EGRET_LISTEN_ADDRESS (0.0.0.0 means
+loopback), over TLS with the mounted CA and the pod's own certificate as client certificate
+(rules and score require one), checking that the certificate names argv[1], the workload's
+Service. Without EGRET_TLS_CA_FILE (insecure mode) it uses plain text.
+Arguments: dict "root" $ "name" <Service name> "timeout" <seconds>.
+*/}}
+{{- define "egret.healthProbe" -}}
+exec:
+  command:
+    - python
+    - -c
+    - |
+      import os, sys
+      import grpc
+      from grpc_health.v1 import health_pb2 as pb, health_pb2_grpc as pb_grpc
+      host, _, port = os.environ["EGRET_LISTEN_ADDRESS"].rpartition(":")
+      target = ("127.0.0.1" if host in ("0.0.0.0", "[::]") else host) + ":" + port
+      if os.environ.get("EGRET_TLS_CA_FILE"):
+          pem = lambda name: open(os.environ[name], "rb").read()
+          tls = grpc.ssl_channel_credentials(pem("EGRET_TLS_CA_FILE"), pem("EGRET_TLS_KEY_FILE"), pem("EGRET_TLS_CERT_FILE"))
+          channel = grpc.secure_channel(target, tls, options=[("grpc.ssl_target_name_override", sys.argv[1])])
+      else:
+          channel = grpc.insecure_channel(target)
+      try:
+          reply = pb_grpc.HealthStub(channel).Check(pb.HealthCheckRequest(service=""), timeout=float(sys.argv[2]))
+          status = pb.HealthCheckResponse.ServingStatus.Name(reply.status)
+      except grpc.RpcError as error:
+          status = error.code().name
+      print(f"{target}: {status}")
+      sys.exit(0 if status == "SERVING" else 1)
+    - {{ .name | quote }}
+    - {{ sub (int .timeout) 1 | max 1 | quote }}
+{{- end -}}
 
 {{/* Fails rendering on values the schema cannot express. */}}
 {{- define "egret.validate" -}}
@@ -117,12 +173,6 @@ egret.io/shard: {{ .workload.shard | quote }}
 {{- end -}}
 {{- if and .Values.secrets.create (not .Values.secrets.subjectKey.value) -}}
 {{- fail "secrets.create needs secrets.subjectKey.value (at least 32 bytes)" -}}
-{{- end -}}
-{{- if and .Values.secrets.tls.enabled (not .Values.secrets.tls.name) -}}
-{{- fail "secrets.tls.enabled needs secrets.tls.name" -}}
-{{- end -}}
-{{- if and .Values.secrets.jwt.enabled (not .Values.secrets.jwt.name) -}}
-{{- fail "secrets.jwt.enabled needs secrets.jwt.name" -}}
 {{- end -}}
 {{- end -}}
 

@@ -74,9 +74,39 @@ Arguments: dict "root" $ "workload" <item of egret.workloads> "job" <bool>.
 {{- if eq $service "rules" -}}
 {{- $_ := set $settings "EGRET_RULESET_FILE" (printf "%s/rulesets/%s" (include "egret.configDir" $root) $root.Values.config.activeRuleset) -}}
 {{- $_ := set $settings "EGRET_SCORE_ADDRESS" (include "egret.address" (dict "root" $root "service" "score")) -}}
+{{- /* Backtests score with the policy and split reports by the catalogue's cohorts. */ -}}
+{{- $_ := set $settings "EGRET_CATALOGUE_FILE" (printf "%s/catalogue/catalogue.yaml" (include "egret.configDir" $root)) -}}
 {{- end -}}
-{{- if has $service (list "score" "query") -}}
+{{- if has $service (list "rules" "score" "query") -}}
 {{- $_ := set $settings "EGRET_POLICY_FILE" (printf "%s/policy/policy.yaml" (include "egret.configDir" $root)) -}}
+{{- end -}}
+{{- if eq $service "query" -}}
+{{- $_ := set $settings "EGRET_BENEFITS_FILE" (printf "%s/benefits/benefits.yaml" (include "egret.configDir" $root)) -}}
+{{- end -}}
+{{- /* Security: serving refuses to start without these unless EGRET_INSECURE=true. */ -}}
+{{- $security := $root.Values.security -}}
+{{- $_ := set $settings "EGRET_RATE_LIMIT_PER_SECOND" (toString $security.rateLimit.perSecond) -}}
+{{- $_ := set $settings "EGRET_RATE_LIMIT_BURST" (toString $security.rateLimit.burst) -}}
+{{- if $security.insecure -}}
+{{- $_ := set $settings "EGRET_INSECURE" "true" -}}
+{{- else -}}
+{{- $_ := set $settings "EGRET_INSECURE" "false" -}}
+{{- $tls := include "egret.tlsDir" $root -}}
+{{- $_ := set $settings "EGRET_TLS_CERT_FILE" (printf "%s/tls.crt" $tls) -}}
+{{- $_ := set $settings "EGRET_TLS_KEY_FILE" (printf "%s/tls.key" $tls) -}}
+{{- /* Verifies the other services on outgoing calls (presenting tls.crt as client certificate). */ -}}
+{{- $_ := set $settings "EGRET_TLS_CA_FILE" (printf "%s/ca.crt" $tls) -}}
+{{- if or (has $service (list "rules" "score")) (index $security.tls.clientAuth $service) -}}
+{{- $_ := set $settings "EGRET_TLS_CLIENT_CA_FILE" (printf "%s/ca.crt" $tls) -}}
+{{- end -}}
+{{- $_ := set $settings "EGRET_JWT_ISSUER" $security.jwt.issuer -}}
+{{- $_ := set $settings "EGRET_JWT_AUDIENCE" $security.jwt.audience -}}
+{{- $_ := set $settings "EGRET_JWT_ALGORITHMS" (join "," $security.jwt.algorithms) -}}
+{{- $keys := printf "%s/%s" (include "egret.jwtDir" $root) $security.jwt.keys.key -}}
+{{- $_ := set $settings (ternary "EGRET_JWT_JWKS_FILE" "EGRET_JWT_PUBLIC_KEY_FILE" (eq $security.jwt.keys.format "jwks")) $keys -}}
+{{- if has $service (splitList " " (include "egret.callers" $root)) -}}
+{{- $_ := set $settings "EGRET_SERVICE_TOKEN_FILE" (printf "%s/%s" (include "egret.serviceTokenDir" $root) $security.serviceTokens.key) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 {{- if and (eq $service "rules") (ge (int $w.shard) 0) -}}
@@ -105,7 +135,7 @@ Arguments: dict "root" $ "workload" <item of egret.workloads> "job" <bool>.
   readOnly: true
 {{- end }}
 {{- if not .job }}
-{{- if eq $service "ingest" }}
+{{- if has $service (list "ingest" "rules") }}
 - name: catalogue
   mountPath: {{ $config }}/catalogue
   readOnly: true
@@ -115,25 +145,28 @@ Arguments: dict "root" $ "workload" <item of egret.workloads> "job" <bool>.
   mountPath: {{ $config }}/rulesets
   readOnly: true
 {{- end }}
-{{- if has $service (list "score" "query") }}
+{{- if has $service (list "rules" "score" "query") }}
 - name: policy
   mountPath: {{ $config }}/policy
   readOnly: true
-{{- if $root.Values.config.benefits }}
+{{- end }}
+{{- if eq $service "query" }}
 - name: benefits
   mountPath: {{ $config }}/benefits
   readOnly: true
 {{- end }}
-{{- end }}
-{{- if $root.Values.secrets.tls.enabled }}
+{{- if not $root.Values.security.insecure }}
 - name: tls
-  mountPath: {{ $config }}/tls
+  mountPath: {{ include "egret.tlsDir" $root }}
+  readOnly: true
+- name: jwt
+  mountPath: {{ include "egret.jwtDir" $root }}
+  readOnly: true
+{{- if has $service (splitList " " (include "egret.callers" $root)) }}
+- name: service-token
+  mountPath: {{ include "egret.serviceTokenDir" $root }}
   readOnly: true
 {{- end }}
-{{- if $root.Values.secrets.jwt.enabled }}
-- name: jwt
-  mountPath: {{ $config }}/jwt
-  readOnly: true
 {{- end }}
 {{- end }}
 {{- end -}}
@@ -159,7 +192,7 @@ Arguments: dict "root" $ "workload" <item of egret.workloads> "job" <bool>.
         path: {{ $root.Values.secrets.subjectKey.key }}
 {{- end }}
 {{- if not .job }}
-{{- if eq $service "ingest" }}
+{{- if has $service (list "ingest" "rules") }}
 - name: catalogue
   configMap:
     name: {{ $fullname }}-catalogue
@@ -169,29 +202,54 @@ Arguments: dict "root" $ "workload" <item of egret.workloads> "job" <bool>.
   configMap:
     name: {{ $fullname }}-rulesets
 {{- end }}
-{{- if has $service (list "score" "query") }}
+{{- if has $service (list "rules" "score" "query") }}
 - name: policy
   configMap:
     name: {{ $fullname }}-policy
-{{- if $root.Values.config.benefits }}
+{{- end }}
+{{- if eq $service "query" }}
 - name: benefits
   configMap:
     name: {{ $fullname }}-benefits
 {{- end }}
+{{- if not $root.Values.security.insecure }}
+{{ include "egret.tlsVolume" (dict "root" $root "name" $service) }}
+{{- $jwt := $root.Values.security.jwt.keys }}
+- name: jwt
+  {{- if eq $jwt.kind "Secret" }}
+  secret:
+    secretName: {{ include "egret.jwtKeysName" $root }}
+  {{- else }}
+  configMap:
+    name: {{ include "egret.jwtKeysName" $root }}
+  {{- end }}
+    defaultMode: 0444
+    items:
+      - key: {{ $jwt.key }}
+        path: {{ $jwt.key }}
+{{- if has $service (splitList " " (include "egret.callers" $root)) }}
+- name: service-token
+  secret:
+    secretName: {{ include "egret.serviceTokenSecretName" (dict "root" $root "name" $service) }}
+    defaultMode: 0440
+    items:
+      - key: {{ $root.Values.security.serviceTokens.key }}
+        path: {{ $root.Values.security.serviceTokens.key }}
 {{- end }}
-{{- if $root.Values.secrets.tls.enabled }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* A TLS Secret volume named "tls" (. = dict root, name: ingest|rules|score|query|test). */}}
+{{- define "egret.tlsVolume" -}}
 - name: tls
   secret:
-    secretName: {{ $root.Values.secrets.tls.name }}
+    secretName: {{ include "egret.tlsSecretName" . }}
     defaultMode: 0440
-{{- end }}
-{{- if $root.Values.secrets.jwt.enabled }}
-- name: jwt
-  secret:
-    secretName: {{ $root.Values.secrets.jwt.name }}
-    defaultMode: 0440
-{{- end }}
-{{- end }}
+    items:
+      - {key: tls.crt, path: tls.crt}
+      - {key: tls.key, path: tls.key}
+      - {key: ca.crt, path: ca.crt}
 {{- end -}}
 
 {{/* The pod-level settings every Egret pod shares. */}}

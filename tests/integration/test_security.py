@@ -1,0 +1,388 @@
+"""Security on every call: TLS, mutual TLS between services, bearer tokens, per-RPC roles,
+per-datum checks and rate limits, with the four real servers on loopback."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import trustme
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from google.protobuf import message_factory
+from google.rpc import error_details_pb2, status_pb2
+
+from devtools.localpki import ISSUER, LocalPki, create_local_pki
+from egret.common.v1 import subject_pb2
+from egret.ingest.v1 import ingest_service_pb2
+from egret.query.v1 import query_service_pb2
+from egret.rules.v1 import rules_service_pb2
+from egret.score.v1 import score_service_pb2
+from kit.auth import Role, issue_token
+from kit.settings import SecuritySettings
+from services.ingest import access as ingest_access
+from services.ingest import bootstrap as ingest_bootstrap
+from services.ingest.servicer import IngestServicer
+from services.query import access as query_access
+from services.query import bootstrap as query_bootstrap
+from services.query.servicer import QueryServicer
+from services.rules import access as rules_access
+from services.rules import bootstrap as rules_bootstrap
+from services.rules.servicer import RulesServicer
+from services.score import access as score_access
+from services.score import bootstrap as score_bootstrap
+from services.score.servicer import ScoreServicer
+from tests.integration.test_ingest_service import ingest_settings
+from tests.integration.test_query_service import query_settings
+from tests.integration.test_rules_service import rules_settings
+from tests.integration.test_score_service import score_settings
+from tests.support.servers import running
+
+SERVICERS = {"ingest": IngestServicer, "rules": RulesServicer, "score": ScoreServicer, "query": QueryServicer}
+POLICIES = {
+    "ingest": ingest_access.POLICY,
+    "rules": rules_access.POLICY,
+    "score": score_access.POLICY,
+    "query": query_access.POLICY,
+}
+DESCRIPTORS = {
+    "ingest": ingest_service_pb2.DESCRIPTOR.services_by_name["IngestService"],
+    "rules": rules_service_pb2.DESCRIPTOR.services_by_name["RulesService"],
+    "score": score_service_pb2.DESCRIPTOR.services_by_name["ScoreService"],
+    "query": query_service_pb2.DESCRIPTOR.services_by_name["QueryService"],
+}
+
+
+def secured(settings: Any, pki: LocalPki, name: str, **changes: Any) -> Any:
+    env = pki.env(name)
+    security = SecuritySettings(
+        insecure=False,
+        tls_cert_file=Path(env["EGRET_TLS_CERT_FILE"]),
+        tls_key_file=Path(env["EGRET_TLS_KEY_FILE"]),
+        tls_client_ca_file=Path(env["EGRET_TLS_CLIENT_CA_FILE"])
+        if "EGRET_TLS_CLIENT_CA_FILE" in env
+        else None,
+        tls_ca_file=pki.ca_file,
+        jwt_issuer=ISSUER,
+        jwt_audience="egret",
+        jwt_public_key_file=pki.jwt_public_key_file,
+        service_token_file=pki.service_token_file(name),
+        **changes,
+    )
+    return replace(settings, common=replace(settings.common, security=security))
+
+
+@dataclass
+class Secure:
+    pki: LocalPki
+    addresses: dict[str, str]
+    calls: list[str]
+
+    def channel(self, name: str, token: str | None) -> grpc.aio.Channel:
+        """TLS (with the operator's client certificate, which rules and score require)."""
+        tls = grpc.ssl_channel_credentials(
+            root_certificates=self.pki.ca_file.read_bytes(),
+            private_key=self.pki.key_file("operator").read_bytes(),
+            certificate_chain=self.pki.cert_file("operator").read_bytes(),
+        )
+        credentials = (
+            tls
+            if token is None
+            else grpc.composite_channel_credentials(tls, grpc.access_token_call_credentials(token))
+        )
+        return grpc.aio.secure_channel(self.addresses[name], credentials)
+
+
+def spy_on(monkeypatch: pytest.MonkeyPatch, calls: list[str]) -> None:
+    """Record every handler that runs, so a denied call can be shown to have run none."""
+    for name, servicer in SERVICERS.items():
+        for rpc in DESCRIPTORS[name].methods_by_name:
+            original = getattr(servicer, rpc)
+            label = f"{name}.{rpc}"
+            if inspect.isasyncgenfunction(original):
+
+                def stream(original: Any = original, label: str = label) -> Callable[..., Any]:
+                    async def handler(self: Any, *args: Any) -> AsyncIterator[Any]:
+                        calls.append(label)
+                        async for item in original(self, *args):
+                            yield item
+
+                    return handler
+
+                monkeypatch.setattr(servicer, rpc, stream())
+            else:
+
+                def unary(original: Any = original, label: str = label) -> Callable[..., Any]:
+                    async def handler(self: Any, *args: Any) -> Any:
+                        calls.append(label)
+                        return await original(self, *args)
+
+                    return handler
+
+                monkeypatch.setattr(servicer, rpc, unary())
+
+
+@pytest.fixture
+async def secure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Secure]:
+    pki = create_local_pki(tmp_path / "pki")
+    calls: list[str] = []
+    spy_on(monkeypatch, calls)
+    url = {name: f"sqlite:///{tmp_path / name}.db" for name in SERVICERS}
+    addresses: dict[str, str] = {}
+    async with AsyncExitStack() as stack:
+        addresses["score"] = await stack.enter_async_context(
+            running(
+                secured(score_settings(url["score"], tmp_path), pki, "score"),
+                score_bootstrap.build,
+                score_bootstrap.MIGRATIONS,
+            )
+        )
+        addresses["rules"] = await stack.enter_async_context(
+            running(
+                secured(rules_settings(url["rules"], tmp_path, addresses["score"]), pki, "rules"),
+                rules_bootstrap.build,
+                rules_bootstrap.MIGRATIONS,
+            )
+        )
+        addresses["ingest"] = await stack.enter_async_context(
+            running(
+                secured(ingest_settings(url["ingest"], tmp_path, addresses["rules"]), pki, "ingest"),
+                ingest_bootstrap.build,
+                ingest_bootstrap.MIGRATIONS,
+            )
+        )
+        addresses["query"] = await stack.enter_async_context(
+            running(
+                secured(query_settings(url["score"], tmp_path), pki, "query"), query_bootstrap.build, None
+            )
+        )
+        yield Secure(pki, addresses, calls)
+
+
+def matrix() -> Iterator[tuple[str, str, Role]]:
+    for name, descriptor in DESCRIPTORS.items():
+        for rpc in descriptor.methods_by_name:
+            for role in Role:
+                yield name, rpc, role
+
+
+def request_for(name: str, rpc: str, role: Role) -> Any:
+    method = DESCRIPTORS[name].methods_by_name[rpc]
+    request: Any = message_factory.GetMessageClass(method.input_type)()
+    if name == "ingest":
+        request.source = "library"  # the department token below is library's
+    return request
+
+
+async def call(channel: grpc.aio.Channel, name: str, rpc: str, request: Any) -> grpc.StatusCode:
+    method = DESCRIPTORS[name].methods_by_name[rpc]
+    path = f"/{DESCRIPTORS[name].full_name}/{rpc}"
+    try:
+        if method.client_streaming:
+            stream: Any = channel.stream_stream(path, request_serializer=lambda m: m.SerializeToString())
+            async for _ in stream(iter([request]), timeout=5):
+                pass
+        else:
+            await channel.unary_unary(path, request_serializer=lambda m: m.SerializeToString())(
+                request, timeout=5
+            )
+    except grpc.aio.AioRpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+def principal_for(role: Role) -> str:
+    return {
+        Role.DEPARTMENT: "library",
+        Role.SUBJECT: "person:resident-id:350200199001011234",
+        Role.BENEFIT_PROVIDER: "library",
+        Role.SERVICE: "egret-ingest",
+    }.get(role, f"a-{role.value}")
+
+
+async def test_every_role_may_call_exactly_the_rpcs_its_policy_grants(secure: Secure) -> None:
+    outcomes: dict[tuple[str, str, Role], grpc.StatusCode] = {}
+    channels = {}
+    for role in Role:
+        token = secure.pki.token(principal_for(role), role)
+        channels[role] = {name: secure.channel(name, token) for name in DESCRIPTORS}
+    try:
+        for name, rpc, role in matrix():
+            before = len(secure.calls)
+            code = await call(channels[role][name], name, rpc, request_for(name, rpc, role))
+            outcomes[(name, rpc, role)] = code
+            allowed = role in POLICIES[name][f"/{DESCRIPTORS[name].full_name}/{rpc}"].roles
+            if allowed:
+                assert code not in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED), (
+                    name,
+                    rpc,
+                    role,
+                    code,
+                )
+            else:
+                assert code == grpc.StatusCode.PERMISSION_DENIED, (name, rpc, role, code)
+                assert len(secure.calls) == before, f"{name}.{rpc} ran a handler for a denied {role.value}"
+    finally:
+        for by_name in channels.values():
+            for channel in by_name.values():
+                await channel.close()
+    # Every RPC of every service is in the policy (default deny would hide a forgotten one).
+    for name, descriptor in DESCRIPTORS.items():
+        assert {f"/{descriptor.full_name}/{rpc}" for rpc in descriptor.methods_by_name} == set(POLICIES[name])
+    assert len(outcomes) == sum(len(d.methods_by_name) for d in DESCRIPTORS.values()) * len(Role)
+
+
+def _other_key() -> Any:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def _audience_token(pki: LocalPki) -> str:
+    key = serialization.load_pem_private_key((pki.directory / "jwt-private.pem").read_bytes(), None)
+    return issue_token(key, issuer=ISSUER, audience="another-system", subject="library", role=Role.DEPARTMENT)
+
+
+@pytest.mark.parametrize(
+    ("make_token", "reason"),
+    [
+        (lambda pki: None, "a bearer token is required"),
+        (lambda pki: pki.token("library", Role.DEPARTMENT, lifetime_s=-120), "token expired"),
+        (
+            lambda pki: issue_token(
+                _other_key(), issuer=ISSUER, audience="egret", subject="library", role=Role.DEPARTMENT
+            ),
+            "token signature is invalid",
+        ),
+        (_audience_token, "token is for another audience"),
+    ],
+)
+async def test_missing_expired_forged_and_foreign_tokens_are_unauthenticated(
+    secure: Secure, make_token: Callable[[LocalPki], str | None], reason: str
+) -> None:
+    async with secure.channel("ingest", make_token(secure.pki)) as channel:
+        stub: Any = channel.unary_unary(
+            "/egret.ingest.v1.IngestService/SubmitEvents", request_serializer=lambda m: m.SerializeToString()
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub(ingest_service_pb2.SubmitEventsRequest(source="library"), timeout=5)
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert raised.value.details() == reason
+    assert secure.calls == []
+
+
+async def test_a_department_may_submit_only_as_itself(secure: Secure) -> None:
+    async with secure.channel("ingest", secure.pki.token("metro", Role.DEPARTMENT)) as channel:
+        submit: Any = channel.unary_unary(
+            "/egret.ingest.v1.IngestService/SubmitEvents", request_serializer=lambda m: m.SerializeToString()
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await submit(ingest_service_pb2.SubmitEventsRequest(source="library"), timeout=5)
+    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "may not submit as source 'library'" in (raised.value.details() or "")
+
+
+async def test_a_subject_reads_only_its_own_score(secure: Secure) -> None:
+    token = secure.pki.token("person:resident-id:350200199001011234", Role.SUBJECT)
+    get = "/egret.query.v1.QueryService/GetScore"
+
+    def ref(value: str) -> query_service_pb2.GetScoreRequest:
+        request = query_service_pb2.GetScoreRequest()
+        request.subject.subject.kind = subject_pb2.SUBJECT_KIND_PERSON
+        request.subject.subject.id_scheme = "resident-id"
+        request.subject.subject.id_value = value
+        return request
+
+    async with secure.channel("query", token) as channel:
+        stub: Any = channel.unary_unary(get, request_serializer=lambda m: m.SerializeToString())
+        with pytest.raises(grpc.aio.AioRpcError) as other:
+            await stub(ref("350200198502023456"), timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError) as own:
+            await stub(ref("350200199001011234"), timeout=5)
+    assert other.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert own.value.code() == grpc.StatusCode.NOT_FOUND  # allowed; nothing recorded yet
+
+
+async def test_a_client_certificate_from_another_ca_cannot_reach_an_internal_service(
+    secure: Secure, tmp_path: Path
+) -> None:
+    stranger = trustme.CA().issue_cert("127.0.0.1")
+    tls = grpc.ssl_channel_credentials(
+        root_certificates=secure.pki.ca_file.read_bytes(),
+        private_key=stranger.private_key_pem.bytes(),
+        certificate_chain=b"".join(b.bytes() for b in stranger.cert_chain_pems),
+    )
+    token = grpc.access_token_call_credentials(secure.pki.service_token_file("ingest").read_text())
+    async with grpc.aio.secure_channel(
+        secure.addresses["rules"], grpc.composite_channel_credentials(tls, token)
+    ) as channel:
+        code = await call(channel, "rules", "EvaluateEvents", rules_service_pb2.EvaluateEventsRequest())
+    assert code == grpc.StatusCode.UNAVAILABLE  # the TLS handshake is refused
+    async with grpc.aio.insecure_channel(secure.addresses["ingest"]) as plaintext:
+        code = await call(plaintext, "ingest", "SubmitEvents", ingest_service_pb2.SubmitEventsRequest())
+    assert code == grpc.StatusCode.UNAVAILABLE  # no plaintext on a TLS port
+    async with secure.pki.service_channel(secure.addresses["rules"], "ingest") as channel:
+        code = await call(channel, "rules", "EvaluateEvents", rules_service_pb2.EvaluateEventsRequest())
+    assert code == grpc.StatusCode.OK  # the real service certificate and token pass
+    assert secure.calls == ["rules.EvaluateEvents"]
+
+
+async def test_a_principal_over_its_rate_gets_resource_exhausted_with_retry_info(tmp_path: Path) -> None:
+    pki = create_local_pki(tmp_path / "pki")
+    settings = secured(
+        ingest_settings(f"sqlite:///{tmp_path / 'ingest.db'}", tmp_path, "127.0.0.1:9"),
+        pki,
+        "ingest",
+        rate_per_second=0.5,
+        rate_burst=2.0,
+    )
+    async with (
+        running(settings, ingest_bootstrap.build, ingest_bootstrap.MIGRATIONS) as address,
+        pki.channel(address, pki.token("library", Role.DEPARTMENT)) as channel,
+    ):
+        submit: Any = channel.unary_unary(
+            "/egret.ingest.v1.IngestService/SubmitEvents", request_serializer=lambda m: m.SerializeToString()
+        )
+        codes = []
+        for _ in range(3):
+            try:
+                await submit(ingest_service_pb2.SubmitEventsRequest(source="library"), timeout=5)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.aio.AioRpcError as error:
+                codes.append(error.code())
+                last = error
+    assert codes == [
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ]
+    details = dict(last.trailing_metadata() or ())["grpc-status-details-bin"]
+    retry = error_details_pb2.RetryInfo()
+    assert status_pb2.Status.FromString(details).details[0].Unpack(retry)
+    assert 0 < retry.retry_delay.ToTimedelta().total_seconds() <= 2.0
+
+
+async def test_a_benefit_provider_checks_only_its_own_benefits_and_states_a_purpose(secure: Secure) -> None:
+    def check(benefit_id: str, purpose: str) -> query_service_pb2.CheckEligibilityRequest:
+        request = query_service_pb2.CheckEligibilityRequest(benefit_id=benefit_id, purpose=purpose)
+        request.subject.subject_key = "a" * 64
+        return request
+
+    async with secure.channel("query", secure.pki.token("library", Role.BENEFIT_PROVIDER)) as channel:
+        codes = [
+            await call(channel, "query", "CheckEligibility", check(benefit, purpose))
+            for benefit, purpose in (
+                ("metro.discount", "fare discount"),  # the metro's benefit, not the library's
+                ("library.deposit_free", ""),  # no purpose stated
+                ("library.deposit_free", "deposit waiver at the loan desk"),
+            )
+        ]
+    assert codes == [
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,  # allowed; the subject has no score yet
+    ]
