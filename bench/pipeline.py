@@ -37,7 +37,7 @@ from typing import Any
 import grpc
 import sqlalchemy as sa
 
-from devtools.cluster import SERVICES, Cluster
+from devtools.cluster import SERVICES, UNLIMITED, Cluster
 from devtools.ingest_client import StreamTotals, stream_by_source
 from devtools.population import (
     GeneratedEvent,
@@ -339,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     postgres = _PostgresDatabases(args.postgres) if args.postgres else None
     database_urls = postgres.create() if postgres else {}
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="egret-bench-"))
-    cluster = Cluster(data_dir, database_urls=database_urls, log_level="warning")
+    cluster = Cluster(data_dir, database_urls=database_urls, log_level="warning", env=UNLIMITED)
     try:
         cluster.start()
         print(f"cluster up ({figures['database']}); streaming ...")

@@ -37,7 +37,7 @@ import grpc
 import sqlalchemy as sa
 
 from bench.pipeline import machine, percentile
-from devtools.cluster import Cluster
+from devtools.cluster import UNLIMITED, Cluster
 from devtools.ingest_client import stream_by_source
 from devtools.population import Population, PopulationConfig, batch_requests, subjects_for_events
 from egret.common.v1 import subject_pb2
@@ -276,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     with (
         tempfile.TemporaryDirectory(prefix="egret-bench-query-") as tmp,
-        Cluster(Path(tmp), log_level="warning") as cluster,
+        Cluster(Path(tmp), log_level="warning", env=UNLIMITED) as cluster,
     ):
         print(f"seeding {args.subjects:,} subjects into score's store ...", flush=True)
         results["seed_seconds"] = round(seed(cluster.database_url("score"), args.subjects, args.seed), 1)

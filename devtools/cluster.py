@@ -42,6 +42,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 OUTBOXES = {"ingest": "ingest_outbox", "rules": "rules_outbox"}
 
 
+# For load tests: one client principal drives far more calls than a tenant's rate limit.
+UNLIMITED = {"EGRET_RATE_LIMIT_PER_SECOND": "1000000", "EGRET_RATE_LIMIT_BURST": "1000000"}
+
+
 class ClusterError(RuntimeError):
     """A service failed to start, died, or the pipeline did not drain in time."""
 
