@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -112,7 +113,8 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 def machine() -> dict[str, Any]:
     cpu = "unknown"
     ram_gib: float | None = None
-    try:
+    # Off Linux there is no /proc: the figures then say "unknown" rather than fail.
+    with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
@@ -120,8 +122,6 @@ def machine() -> dict[str, Any]:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
                 ram_gib = round(int(line.split()[1]) / 1024**2, 1)
-    except OSError:
-        pass
     return {
         "nproc": os.cpu_count(),
         "cpu": cpu,
