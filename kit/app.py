@@ -11,9 +11,10 @@ import asyncio
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from kit.db import create_engine
+from kit.audit import verify as verify_audit_chain
+from kit.db import create_engine, make_session_factory
 from kit.logging import configure_logging, get_logger
 from kit.migrations import upgrade
 from kit.server import Service, serve
@@ -38,6 +39,23 @@ def migrate(common: CommonSettings, migrations_dir: Path) -> None:
         engine.dispose()
 
 
+def verify_audit(common: CommonSettings, log: Any, head: Any) -> int:
+    """Walk the service's audit chain; exit 0 when intact, 1 listing every break."""
+    engine = create_engine(common.database_url, read_only=True)
+    try:
+        with make_session_factory(engine)() as session:
+            report = verify_audit_chain(session, log, head)
+    finally:
+        engine.dispose()
+    if report.intact:
+        print(f"egret-{common.service}: audit log intact ({report.records} records)")
+        return 0
+    print(f"egret-{common.service}: audit log BROKEN ({report.records} records):", file=sys.stderr)
+    for problem in report.problems:
+        print(f"  {problem}", file=sys.stderr)
+    return 1
+
+
 def run_cli(
     *,
     name: str,
@@ -45,14 +63,22 @@ def run_cli(
     build: Callable[[S], Service],
     migrations_dir: Path | None,
     commands: Mapping[str, tuple[str, Callable[[S], int]]] | None = None,
+    audit: tuple[Any, Any] | None = None,
     argv: Sequence[str] | None = None,
 ) -> int:
+    """`audit` is the service's (AuditLog, AuditHead) models: adds `verify-audit`."""
     parser = argparse.ArgumentParser(prog=f"python -m services.{name}", description=f"Egret {name} service")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", help="run the gRPC server (the default)")
     if migrations_dir is not None:
         sub.add_parser("migrate", help="apply database migrations and exit")
     extra = dict(commands or {})
+    if audit is not None:
+        log_model, head_model = audit
+        extra["verify-audit"] = (
+            "verify the hash chain of the audit log; exit 1 on any altered, inserted or deleted record",
+            lambda settings: verify_audit(settings.common, log_model, head_model),
+        )
     for command, (help_text, _) in extra.items():
         sub.add_parser(command, help=help_text)
     args = parser.parse_args(argv)

@@ -1,0 +1,297 @@
+"""The audit trail: an append-only, hash-chained log of who read or changed what.
+
+Every service that performs an audited act (a read of a subject's data, a rule set
+publication or activation, a dispute or repair decision, a retraction, a consent change)
+appends its record to its own database's log in the same transaction as the act, so an
+act without its record cannot commit. Each record carries the SHA-256 of its canonical
+content and of the record before it; a one-row head table holds the last sequence number
+and hash. `verify` walks the chain and reports any record that was altered, inserted or
+deleted (a deleted tail is caught by the head). An attacker who can rewrite the whole
+table and the head consistently is out of scope: anchor the head elsewhere for that
+(docs/security.md).
+
+Each service declares `class AuditLog(Base, AuditMixin)` and `class AuditHead(Base,
+AuditHeadMixin)` with its own table names, like the outbox.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from kit.auth import Principal, current_principal
+
+GENESIS = "0" * 64
+HEAD_ID = 1
+# SQLite only autoincrements INTEGER PRIMARY KEY; sequence numbers are assigned here,
+# but the type must still match across dialects.
+_BigInt = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+class AuditMixin:
+    """Columns of an audit log table."""
+
+    seq: Mapped[int] = mapped_column(_BigInt, primary_key=True, autoincrement=False)
+    at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    actor: Mapped[str] = mapped_column(sa.String(256))
+    role: Mapped[str] = mapped_column(sa.String(32))
+    # What was done, e.g. "read:GetScore", "dispute.resolve", "ruleset.activate".
+    action: Mapped[str] = mapped_column(sa.String(64))
+    # The pseudonymous subject concerned, when there is one (never a raw id).
+    subject_key: Mapped[str | None] = mapped_column(sa.String(64))
+    purpose: Mapped[str] = mapped_column(sa.Text)
+    # What the act was about: an entry id, a rule set, an event reference...
+    target: Mapped[str] = mapped_column(sa.String(512))
+    # Canonical JSON of any further facts (a decision, a reason).
+    detail: Mapped[str] = mapped_column(sa.Text)
+    prev_hash: Mapped[str] = mapped_column(sa.String(64))
+    hash: Mapped[str] = mapped_column(sa.String(64))
+
+
+class AuditHeadMixin:
+    """The one-row head of an audit log: its last sequence number and hash."""
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(_BigInt)
+    hash: Mapped[str] = mapped_column(sa.String(64))
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One audited act, before it is chained."""
+
+    action: str
+    actor: str
+    role: str
+    at: datetime
+    subject_key: str | None = None
+    purpose: str = ""
+    target: str = ""
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+
+def actor_of(principal: Principal | None, claimed: str = "") -> tuple[str, str]:
+    """(actor, role) for a record: the authenticated principal, else the claimed name
+    (insecure development mode only)."""
+    if principal is None:
+        return (claimed or "anonymous", "unauthenticated")
+    return (principal.loggable_id, principal.role.value)
+
+
+def record(
+    action: str,
+    at: datetime,
+    *,
+    subject_key: str | None = None,
+    purpose: str = "",
+    target: str = "",
+    detail: Mapping[str, Any] | None = None,
+    claimed_actor: str = "",
+) -> AuditRecord:
+    """A record of an act by the principal of the call being handled."""
+    actor, role = actor_of(current_principal(), claimed_actor)
+    return AuditRecord(
+        action=action,
+        actor=actor,
+        role=role,
+        at=at,
+        subject_key=subject_key,
+        purpose=purpose,
+        target=target,
+        detail=dict(detail or {}),
+    )
+
+
+def _canonical_time(at: datetime) -> str:
+    # Stored and re-read values must hash alike: UTC, microseconds, explicit offset.
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
+    return at.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _detail_text(detail: Mapping[str, Any]) -> str:
+    return json.dumps(detail, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def chain_hash(
+    *,
+    seq: int,
+    at: datetime,
+    actor: str,
+    role: str,
+    action: str,
+    subject_key: str | None,
+    purpose: str,
+    target: str,
+    detail: str,
+    prev_hash: str,
+) -> str:
+    content = json.dumps(
+        [
+            seq,
+            _canonical_time(at),
+            actor,
+            role,
+            action,
+            subject_key or "",
+            purpose,
+            target,
+            detail,
+            prev_hash,
+        ],
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(content.encode()).hexdigest()
+
+
+def append(session: Session, log: Any, head: Any, records: Sequence[AuditRecord]) -> None:
+    """Append `records`, in order, within the caller's transaction.
+
+    The head is moved first with one UPDATE ... RETURNING, which takes the write lock
+    (PostgreSQL row lock, SQLite's database lock) before anything is read, so concurrent
+    appenders serialize and the chain never forks.
+    """
+    if not records:
+        return
+    n = len(records)
+    moved = session.execute(
+        sa.update(head).where(head.id == HEAD_ID).values(seq=head.seq + n).returning(head.seq, head.hash)
+    ).one_or_none()
+    if moved is None:
+        session.execute(sa.insert(head).values(id=HEAD_ID, seq=n, hash=GENESIS))
+        last_seq, prev = n, GENESIS
+    else:
+        last_seq, prev = int(moved[0]), str(moved[1])
+    rows = []
+    for offset, r in enumerate(records):
+        seq = last_seq - n + 1 + offset
+        detail = _detail_text(r.detail)
+        at = r.at if r.at.tzinfo is not None else r.at.replace(tzinfo=UTC)
+        digest = chain_hash(
+            seq=seq,
+            at=at,
+            actor=r.actor,
+            role=r.role,
+            action=r.action,
+            subject_key=r.subject_key,
+            purpose=r.purpose,
+            target=r.target,
+            detail=detail,
+            prev_hash=prev,
+        )
+        rows.append(
+            {
+                "seq": seq,
+                "at": at,
+                "actor": r.actor,
+                "role": r.role,
+                "action": r.action,
+                "subject_key": r.subject_key,
+                "purpose": r.purpose,
+                "target": r.target,
+                "detail": detail,
+                "prev_hash": prev,
+                "hash": digest,
+            }
+        )
+        prev = digest
+    session.execute(sa.insert(log), rows)
+    session.execute(sa.update(head).where(head.id == HEAD_ID).values(hash=prev))
+
+
+@dataclass(frozen=True)
+class ChainReport:
+    records: int
+    problems: tuple[str, ...]
+
+    @property
+    def intact(self) -> bool:
+        return not self.problems
+
+
+def _as_utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+def check_chain(rows: Iterable[Any], head: tuple[int, str] | None, *, max_problems: int = 100) -> ChainReport:
+    """Walk `rows` (in seq order) and the head; report every break found.
+
+    - altered record: its hash no longer matches its content;
+    - inserted or deleted record: a gap or repeat in seq, or a prev_hash that does not
+      match the record before;
+    - deleted or appended tail: the head disagrees with the last record.
+    """
+    problems: list[str] = []
+
+    def problem(text: str) -> None:
+        if len(problems) < max_problems:
+            problems.append(text)
+
+    expected_seq = 1
+    prev = GENESIS
+    count = 0
+    for row in rows:
+        count += 1
+        if row.seq != expected_seq:
+            problem(f"seq {row.seq}: expected seq {expected_seq} (a record was deleted or inserted)")
+        if row.prev_hash != prev:
+            problem(f"seq {row.seq}: prev_hash does not match the record before (chain broken)")
+        digest = chain_hash(
+            seq=row.seq,
+            at=_as_utc(row.at),
+            actor=row.actor,
+            role=row.role,
+            action=row.action,
+            subject_key=row.subject_key,
+            purpose=row.purpose,
+            target=row.target,
+            detail=row.detail,
+            prev_hash=row.prev_hash,
+        )
+        if digest != row.hash:
+            problem(f"seq {row.seq}: content does not match its hash (the record was altered)")
+        expected_seq = row.seq + 1
+        prev = row.hash
+    last_seq = expected_seq - 1
+    head_seq, head_hash = head if head is not None else (0, GENESIS)
+    if head_seq != last_seq or head_hash != prev:
+        problem(
+            f"head says seq {head_seq} but the log ends at seq {last_seq} "
+            "(records at the end were deleted, or appended without the head)"
+        )
+    return ChainReport(count, tuple(problems))
+
+
+def verify(session: Session, log: Any, head: Any, *, max_problems: int = 100) -> ChainReport:
+    """Verify the whole chain of one audit log (streams the rows)."""
+    head_row = session.execute(sa.select(head.seq, head.hash).where(head.id == HEAD_ID)).one_or_none()
+    rows = session.execute(
+        sa.select(
+            log.seq,
+            log.at,
+            log.actor,
+            log.role,
+            log.action,
+            log.subject_key,
+            log.purpose,
+            log.target,
+            log.detail,
+            log.prev_hash,
+            log.hash,
+        )
+        .order_by(log.seq)
+        .execution_options(yield_per=5000)
+    )
+    return check_chain(
+        rows,
+        None if head_row is None else (int(head_row[0]), str(head_row[1])),
+        max_problems=max_problems,
+    )
