@@ -159,7 +159,7 @@ class Cluster:
             env["EGRET_INSECURE"] = "true"
         else:
             env.update(self.pki.env("rules" if name in self.rules_names else name))
-        if name in ("ingest", "query"):
+        if name in ("ingest", "score", "query"):
             env.update(EGRET_SUBJECT_KEY=self.subject_key, EGRET_SUBJECT_KEY_ID=self.subject_key_id)
         if name == "ingest":
             rules = [self._addresses[r] for r in self.rules_names]

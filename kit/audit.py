@@ -16,6 +16,7 @@ AuditHeadMixin)` with its own table names, like the outbox.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
@@ -24,6 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from kit.auth import Principal, current_principal
@@ -152,8 +154,9 @@ def chain_hash(
     return hashlib.sha256(content.encode()).hexdigest()
 
 
-def append(session: Session, log: Any, head: Any, records: Sequence[AuditRecord]) -> None:
-    """Append `records`, in order, within the caller's transaction.
+def append(session: Session | Connection, log: Any, head: Any, records: Sequence[AuditRecord]) -> None:
+    """Append `records`, in order, within the caller's transaction (an ORM session or,
+    cheaper on a hot path, a Core connection).
 
     The head is moved first with one UPDATE ... RETURNING, which takes the write lock
     (PostgreSQL row lock, SQLite's database lock) before anything is read, so concurrent
@@ -162,9 +165,8 @@ def append(session: Session, log: Any, head: Any, records: Sequence[AuditRecord]
     if not records:
         return
     n = len(records)
-    moved = session.execute(
-        sa.update(head).where(head.id == HEAD_ID).values(seq=head.seq + n).returning(head.seq, head.hash)
-    ).one_or_none()
+    move, insert, set_hash = _statements(log, head)
+    moved = session.execute(move, {"n": n}).one_or_none()
     if moved is None:
         session.execute(sa.insert(head).values(id=HEAD_ID, seq=n, hash=GENESIS))
         last_seq, prev = n, GENESIS
@@ -203,8 +205,22 @@ def append(session: Session, log: Any, head: Any, records: Sequence[AuditRecord]
             }
         )
         prev = digest
-    session.execute(sa.insert(log), rows)
-    session.execute(sa.update(head).where(head.id == HEAD_ID).values(hash=prev))
+    session.execute(insert, rows)
+    session.execute(set_hash, {"h": prev})
+
+
+@functools.cache
+def _statements(log: Any, head: Any) -> tuple[Any, Any, Any]:
+    # Built once per table pair: reads append per call, and building statements costs
+    # more than running them.
+    move = (
+        sa.update(head)
+        .where(head.id == HEAD_ID)
+        .values(seq=head.seq + sa.bindparam("n", type_=sa.Integer))
+        .returning(head.seq, head.hash)
+    )
+    set_hash = sa.update(head).where(head.id == HEAD_ID).values(hash=sa.bindparam("h", type_=sa.String))
+    return move, sa.insert(log), set_hash
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,8 @@
 """Who may call ScoreService: rules (as a service) delivers outcomes; admins change the
-policy, reviewers preview it; auditors verify and read."""
+policy, reviewers preview it; auditors verify and read. Due process: subjects and
+departments file disputes, subjects apply for repair, reviewers decide both; consent is
+set by its subject or recorded by reviewers and admins. Per-datum checks (own entries,
+own events, own consent) are in services.score.due_process."""
 
 from __future__ import annotations
 
@@ -15,4 +18,9 @@ POLICY: Mapping[str, CallPolicy] = {
     _RPC + "PreviewPolicy": allow(Role.ADMIN, Role.REVIEWER),
     _RPC + "ActivatePolicy": allow(Role.ADMIN),
     _RPC + "ListPolicies": allow(Role.ADMIN, Role.REVIEWER, Role.AUDITOR),
+    _RPC + "FileDispute": allow(Role.SUBJECT, Role.DEPARTMENT),
+    _RPC + "ResolveDispute": allow(Role.REVIEWER),
+    _RPC + "ApplyForRepair": allow(Role.SUBJECT),
+    _RPC + "DecideRepair": allow(Role.REVIEWER),
+    _RPC + "SetConsent": allow(Role.SUBJECT, Role.REVIEWER, Role.ADMIN),
 }

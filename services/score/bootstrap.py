@@ -14,13 +14,15 @@ from egret.score.v1 import score_service_pb2 as pb
 from kit.app import run_cli
 from kit.db import create_engine, make_session_factory
 from kit.logging import get_logger
+from kit.pseudonym import Pseudonymiser
 from kit.server import Service
 from services.score.access import POLICY
 from services.score.domain import Ledger
+from services.score.due_process import DueProcess
 from services.score.policy import ActivatedPolicy, PolicyBook, load_policy
 from services.score.servicer import DEFAULT_MAX_MISMATCHES, ScoreServicer, register
 from services.score.settings import ScoreSettings
-from services.score.storage import SqlLedgerStore
+from services.score.storage import ScoreAuditHead, ScoreAuditLog, SqlDueProcessStore, SqlLedgerStore
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -58,24 +60,27 @@ def policy_book(store: SqlLedgerStore, policy_file: Path, clock: Clock) -> Polic
     return book
 
 
-def _ledger(settings: ScoreSettings, clock: Clock) -> tuple[Ledger, Engine]:
+def _ledger(settings: ScoreSettings, clock: Clock) -> tuple[Ledger, DueProcess, Engine]:
     engine = create_engine(
         settings.common.database_url,
         sqlite_synchronous=settings.common.sqlite_synchronous,
         pool_size=settings.db_workers + 2,
     )
-    store = SqlLedgerStore(make_session_factory(engine))
+    sessions = make_session_factory(engine)
+    store = SqlLedgerStore(sessions)
     ledger = Ledger(
         policies=policy_book(store, settings.policy_file, clock),
         store=store,
         clock=clock,
         page_size=settings.verify_page_size,
     )
-    return ledger, engine
+    # One clock for every instant: entries, deadlines, decisions, sweeps (tests move it).
+    due_process = DueProcess(ledger=ledger, store=SqlDueProcessStore(sessions), clock=clock)
+    return ledger, due_process, engine
 
 
 def build(settings: ScoreSettings, clock: Clock = _utc_now) -> Service:
-    ledger, engine = _ledger(settings, clock)
+    ledger, due_process, engine = _ledger(settings, clock)
     # A policy activation interrupted by a crash is finished before serving.
     caught_up = ledger.catch_up_policy()
     if caught_up:
@@ -84,13 +89,21 @@ def build(settings: ScoreSettings, clock: Clock = _utc_now) -> Service:
     # thread applies batches in arrival order without lock contention.
     executor = ThreadPoolExecutor(max_workers=settings.db_workers, thread_name_prefix="score-db")
     servicer = ScoreServicer(
-        ledger, executor, max_batch_size=settings.max_batch_size, verify_page_size=settings.verify_page_size
+        ledger,
+        executor,
+        max_batch_size=settings.max_batch_size,
+        verify_page_size=settings.verify_page_size,
+        due_process=due_process,
+        clock=clock,
     )
     return Service(
         name="score",
         service_names=[pb.DESCRIPTOR.services_by_name["ScoreService"].full_name],
         register=register(servicer),
         policy=POLICY,
+        pseudonymiser=None
+        if settings.pseudonym is None
+        else Pseudonymiser(settings.pseudonym.key, settings.pseudonym.key_id),
         engines=[engine],
         background=[functools.partial(servicer.sweep_loop, settings.sweep_interval_s)],
         executors=[executor],
@@ -99,7 +112,7 @@ def build(settings: ScoreSettings, clock: Clock = _utc_now) -> Service:
 
 def verify(settings: ScoreSettings) -> int:
     """`python -m services.score verify`: exit status 1 when any stored score is wrong."""
-    ledger, engine = _ledger(settings, _utc_now)
+    ledger, _, engine = _ledger(settings, _utc_now)
     try:
         result = ledger.verify(DEFAULT_MAX_MISMATCHES, settings.verify_page_size)
     finally:
@@ -126,5 +139,6 @@ def main(argv: list[str] | None = None) -> int:
         build=build,
         migrations_dir=MIGRATIONS,
         commands={"verify": ("recompute every score from the ledger; exit 1 on any mismatch", verify)},
+        audit=(ScoreAuditLog, ScoreAuditHead),
         argv=argv,
     )

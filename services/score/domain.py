@@ -2,10 +2,14 @@
 
 Each outcome of a rule firing becomes exactly one ledger entry, keyed by its
 outcome id, so redelivery by the rules outbox has no effect. A subject's score is a
-pure function of its ledger, the policy and an instant (`compute_score`): the store keeps
-the result, with the instant it next changes by expiry, only so that reads are cheap;
-`Ledger.sweep` recomputes subjects whose entries expired and `Ledger.verify` proves the
-stored results still match.
+pure function of its ledger (entries with their pauses), the policy, an instant and a
+view (`compute_score`): the store keeps the result, with the instant it next changes
+with no new event, only so that reads are cheap; `Ledger.sweep` recomputes subjects
+whose entries expired or paused and `Ledger.verify` proves the stored results still match.
+
+Due process (disputes, repairs, corrections) never edits an entry's facts: it adds
+*pauses*, dated intervals in which the entry does not count (see `Pause`,
+`pauses_of` and docs/due-process.md).
 """
 
 from __future__ import annotations
@@ -26,6 +30,11 @@ MAX_CATEGORY_LENGTH = 64
 
 
 class EntryStatus(Enum):
+    """What an entry shows on reads, stored in `score_ledger.status` (`status_of`):
+    reversed > repaired > disputed (an open dispute) > active. Expired is not stored:
+    readers derive it from visible_until. Whether an entry counts at an instant is decided
+    by its pauses (`counts_at`), not by this status."""
+
     ACTIVE = "active"
     DISPUTED = "disputed"
     REVERSED = "reversed"
@@ -33,13 +42,192 @@ class EntryStatus(Enum):
     EXPIRED = "expired"
 
 
-# Only active entries count; disputes and repairs (due-process issue) will widen or
-# narrow this without touching the arithmetic. Expiry is not a status: whether an entry
-# is visible is a function of the instant asked about (`visible_until`).
+# For scorable objects that carry no pauses (e.g. the rules backtest's lines): only
+# active entries count.
 COUNTING = frozenset({EntryStatus.ACTIVE})
+
+
+class View(Enum):
+    """Which timeline an instant is read on.
+
+    AS_KNOWN (the default, what Egret served then): an entry counts from its recorded_at,
+    and a reversal takes effect from the instant it was made. AS_CORRECTED: reversed
+    (void) entries never counted, and entries count from their occurred_at, as if every
+    event had been known when it happened.
+    """
+
+    AS_KNOWN = "as_known"
+    AS_CORRECTED = "as_corrected"
+
+
+# Kinds of pause, and the causes of history rows they produce.
+DISPUTE = "dispute"
+REPAIR = "repair"
+CORRECTION = "correction"
+OVERTURN = "overturn"
+
+
+@dataclass(frozen=True)
+class Pause:
+    """An interval [start, end) in which an entry does not count (end None: for good).
+
+    - `dispute`: a dispute undecided at its deadline, from the deadline to its decision;
+    - `overturn`: a dispute overturned, from the decision on (void);
+    - `repair`: an approved repair, from the decision on;
+    - `correction`: a source retraction, from the instant score learned it on (void).
+
+    A void pause makes the entry void: on the corrected timeline it never counted.
+    `ref` names what caused it (a dispute or application id, "source/event_id").
+    """
+
+    start: datetime
+    end: datetime | None = None
+    void: bool = False
+    kind: str = ""
+    ref: str = ""
+
+    def covers(self, at: datetime) -> bool:
+        return self.start <= at and (self.end is None or at < self.end)
+
 
 RED = "red"
 BLACK = "black"
+
+
+OPEN = "open"
+UPHELD = "upheld"
+OVERTURNED = "overturned"
+PENDING = "pending"
+APPROVED = "approved"
+REJECTED = "rejected"
+
+
+@dataclass(frozen=True)
+class DisputeRecord:
+    """A dispute of one entry (table score_disputes). `status` is open, upheld or
+    overturned; `resolved_*` are set once decided."""
+
+    dispute_id: int
+    entry_id: str
+    subject_key: str
+    statement: str
+    filed_by: str
+    filed_by_role: str
+    filed_at: datetime
+    deadline: datetime
+    status: str = OPEN
+    resolution_reason: str = ""
+    resolved_by: str = ""
+    resolved_at: datetime | None = None
+
+    def overdue(self, now: datetime) -> bool:
+        """Open at or past its deadline: the entry does not count until it is decided."""
+        return self.status == OPEN and now >= self.deadline
+
+
+@dataclass(frozen=True)
+class RepairRecord:
+    """A credit repair application (table score_repairs). `status` is pending, approved
+    or rejected; `decided_*` are set once decided."""
+
+    application_id: int
+    entry_id: str
+    subject_key: str
+    evidence: str
+    evidence_uri: str
+    applied_at: datetime
+    decision_due: datetime
+    status: str = PENDING
+    decision_reason: str = ""
+    decided_by: str = ""
+    decided_at: datetime | None = None
+
+    def overdue(self, now: datetime) -> bool:
+        """Pending past its decision date (computed at read, never stored)."""
+        return self.status == PENDING and now > self.decision_due
+
+
+@dataclass(frozen=True)
+class ReversalRecord:
+    """A reversal of an outcome by a source correction (table score_reversals), keyed by
+    outcome id. It may arrive before its outcome: it then waits (a tombstone) and the
+    outcome is reversed from the moment it is recorded."""
+
+    outcome_id: str
+    subject_key: str
+    source: str
+    event_id: str
+    reason: str
+    retracted_at: datetime | None
+    retracted_by: str
+    reversed_at: datetime
+
+    @property
+    def event(self) -> str:
+        return f"{self.source}/{self.event_id}"
+
+
+@dataclass(frozen=True)
+class Consent:
+    """One consent record (table score_consents, append-only): `granted` from
+    `effective_at` on, until a later record says otherwise."""
+
+    subject_key: str
+    granted: bool
+    effective_at: datetime
+    recorded_at: datetime
+    recorded_by: str
+    consent_id: int = 0
+
+
+def consent_in_force(records: Iterable[Consent], at: datetime) -> Consent | None:
+    """The consent in force at `at`: the record with the latest effective_at at or before
+    `at`, ties broken by recording order (consent_id); None when none is."""
+    chosen: Consent | None = None
+    for r in records:
+        if r.effective_at <= at and (
+            chosen is None or (r.effective_at, r.consent_id) > (chosen.effective_at, chosen.consent_id)
+        ):
+            chosen = r
+    return chosen
+
+
+def may_serve(consent_required: bool, consent: Consent | None) -> bool:
+    """Whether a score may be served: the policy does not require consent, or consent is
+    granted at the instant read."""
+    return not consent_required or (consent is not None and consent.granted)
+
+
+def pauses_of(
+    disputes: Iterable[DisputeRecord], repairs: Iterable[RepairRecord], reversals: Iterable[ReversalRecord]
+) -> tuple[Pause, ...]:
+    """An entry's pauses, derived from its disputes, repair applications and reversals."""
+    pauses: list[Pause] = []
+    for d in disputes:
+        if d.resolved_at is None or d.resolved_at > d.deadline:
+            pauses.append(Pause(d.deadline, d.resolved_at, False, DISPUTE, str(d.dispute_id)))
+        if d.status == OVERTURNED and d.resolved_at is not None:
+            pauses.append(Pause(d.resolved_at, None, True, OVERTURN, str(d.dispute_id)))
+    for r in repairs:
+        if r.status == APPROVED and r.decided_at is not None:
+            pauses.append(Pause(r.decided_at, None, False, REPAIR, str(r.application_id)))
+    for v in reversals:
+        pauses.append(Pause(v.reversed_at, None, True, CORRECTION, v.event))
+    return tuple(sorted(pauses, key=lambda p: (p.start, p.kind, p.ref)))
+
+
+def status_of(
+    disputes: Iterable[DisputeRecord], repairs: Iterable[RepairRecord], reversed_: bool
+) -> EntryStatus:
+    """What an entry shows: reversed > repaired > disputed (an open dispute) > active."""
+    disputes = list(disputes)
+    if reversed_ or any(d.status == OVERTURNED for d in disputes):
+        return EntryStatus.REVERSED
+    if any(r.status == APPROVED for r in repairs):
+        return EntryStatus.REPAIRED
+    if any(d.status == OPEN for d in disputes):
+        return EntryStatus.DISPUTED
+    return EntryStatus.ACTIVE
 
 
 class Scorable(Protocol):
@@ -65,7 +253,7 @@ class Scorable(Protocol):
 
 @dataclass(frozen=True)
 class ScoredEntry:
-    """The part of a ledger entry the score depends on."""
+    """The part of a ledger entry the score depends on, with its pauses (`pauses_of`)."""
 
     entry_id: str
     points: int
@@ -75,11 +263,53 @@ class ScoredEntry:
     occurred_at: datetime
     recorded_at: datetime
     black_list: bool = False
+    pauses: tuple[Pause, ...] = ()
+
+    @property
+    def void(self) -> bool:
+        return any(p.void for p in self.pauses)
 
 
 def visible_until(entry: Scorable, policy: SubjectPolicy) -> datetime:
     """The first instant at which `entry` no longer counts under `policy`."""
     return entry.occurred_at + policy.visibility(entry.severity)
+
+
+def _pauses(entry: Scorable) -> tuple[Pause, ...] | None:
+    # Scorables without pauses (the rules backtest's lines) fall back to their status.
+    pauses: tuple[Pause, ...] | None = getattr(entry, "pauses", None)
+    return pauses
+
+
+def known_at(entry: Scorable, at: datetime, view: View = View.AS_KNOWN) -> bool:
+    """Whether `entry` is part of the ledger at `at` on `view`'s timeline (whatever its
+    expiry): this is what caps are computed over.
+
+    AS_KNOWN: recorded by `at` and not voided (reversed) by `at`: a reversal frees the
+    entry's share of the cap from the reversal on, never before. AS_CORRECTED: occurred by
+    `at` and never voided.
+    """
+    pauses = _pauses(entry)
+    if pauses is None:
+        return entry.status in COUNTING and entry.recorded_at <= at
+    if view is View.AS_CORRECTED:
+        return entry.occurred_at <= at and not any(p.void for p in pauses)
+    return entry.recorded_at <= at and not any(p.void and p.start <= at for p in pauses)
+
+
+def counts_at(entry: Scorable, policy: SubjectPolicy, at: datetime, view: View = View.AS_KNOWN) -> bool:
+    """Whether `entry` adds to the score at `at`: known (`known_at`), not expired, and in
+    no pause."""
+    if not (known_at(entry, at, view) and at < visible_until(entry, policy)):
+        return False
+    return not any(p.covers(at) for p in _pauses(entry) or ())
+
+
+def _boundaries(entry: Scorable) -> Iterator[datetime]:
+    for p in _pauses(entry) or ():
+        yield p.start
+        if p.end is not None:
+            yield p.end
 
 
 @dataclass(frozen=True)
@@ -133,8 +363,9 @@ class ScoreResult:
     as_of: datetime | None = None
     lists: tuple[ListMembership, ...] = ()
     counted: tuple[CountedEntry, ...] = ()
-    # When the score next changes with no new entry (the earliest visible_until of a
-    # counting entry); None when nothing is due to expire.
+    # When the score next changes with no new event: the earliest visible_until of a
+    # counting entry, or pause start or end (a dispute's deadline) after as_of; None when
+    # nothing is due.
     next_change_at: datetime | None = None
 
     def on_list(self, name: str) -> ListMembership | None:
@@ -188,29 +419,35 @@ def compute_score(
     as_of: datetime,
     *,
     categories: frozenset[str] | None = None,
+    view: View = View.AS_KNOWN,
 ) -> ScoreResult:
     """The score, tier, lists and category breakdown of one subject's ledger under `policy`,
-    exactly as it stood at `as_of`.
+    exactly as it stood at `as_of` on `view`'s timeline.
 
-    An entry counts at `as_of` when its status counts, it was recorded at or before `as_of`
-    and `as_of` is before its visible_until. `categories` restricts the ledger to a
-    benefit's purpose (None: every category).
+    An entry counts at `as_of` when `counts_at` says so: known then (recorded by then on
+    the as-known timeline, occurred by then on the corrected one, where void entries never
+    count), `as_of` before its visible_until, and `as_of` in none of its pauses. Caps are
+    computed over the entries known then (`known_at`), so a paused entry keeps its share of
+    the cap and its contribution does not change when it counts again. `categories`
+    restricts the ledger to a benefit's purpose (None: every category).
     """
+    entries = list(entries)
     known = [
-        e
-        for e in entries
-        if e.status in COUNTING
-        and e.recorded_at <= as_of
-        and (categories is None or e.category in categories)
+        e for e in entries if known_at(e, as_of, view) and (categories is None or e.category in categories)
     ]
     allowed = _capped_points(known, policy)
     points: dict[str, int] = {}
     counts: dict[str, int] = {}
     capped: dict[str, int] = {}
     counted: list[CountedEntry] = []
+    upcoming: list[datetime] = []
     for e in sorted(known, key=lambda e: (e.occurred_at, e.entry_id)):
         until = visible_until(e, policy)
-        if as_of >= until:
+        # A pause that starts or ends later changes the score with no new event (a
+        # dispute's deadline passing undecided); so may a void pause of an expired entry
+        # (it frees cap), hence every known entry's boundaries.
+        upcoming += [b for b in _boundaries(e) if b > as_of]
+        if as_of >= until or any(p.covers(as_of) for p in _pauses(e) or ()):
             continue
         grant = allowed[e.entry_id]
         points[e.category] = points.get(e.category, 0) + grant
@@ -228,8 +465,22 @@ def compute_score(
         as_of=as_of,
         lists=_lists(tier, counted, policy),
         counted=tuple(counted),
-        next_change_at=min((c.visible_until for c in counted), default=None),
+        next_change_at=min(
+            [*(c.visible_until for c in counted), *upcoming, *_arrivals(entries, as_of, view, categories)],
+            default=None,
+        ),
     )
+
+
+def _arrivals(
+    entries: Sequence[Scorable], as_of: datetime, view: View, categories: frozenset[str] | None
+) -> Iterator[datetime]:
+    # On the corrected timeline an entry recorded early with a future event time starts
+    # counting at its occurred_at.
+    if view is View.AS_CORRECTED:
+        for e in entries:
+            if e.occurred_at > as_of and (categories is None or e.category in categories):
+                yield e.occurred_at
 
 
 def _lists(tier: str, counted: Sequence[CountedEntry], policy: SubjectPolicy) -> tuple[ListMembership, ...]:
@@ -257,11 +508,18 @@ def _lists(tier: str, counted: Sequence[CountedEntry], policy: SubjectPolicy) ->
 ENTRIES = "entries"
 EXPIRY = "expiry"
 POLICY = "policy"
+# DISPUTE, REPAIR and CORRECTION (above) are causes too.
 
 
 @dataclass(frozen=True)
 class Change:
-    """One history event: the score, tier or list membership changed at `changed_at`."""
+    """One history row: the score, tier or list membership changed at `changed_at`, or a
+    due-process act happened then (those are written even when nothing changed).
+
+    `ended_entry_ids` stopped counting by a decision, a correction or a dispute's lapse;
+    `resumed_entry_ids` count again (a dispute upheld after its deadline); `note` says
+    what happened ("dispute 7 filed", "event library/ev-9 retracted").
+    """
 
     changed_at: datetime
     cause: str
@@ -269,6 +527,37 @@ class Change:
     after: ScoreResult
     added_entry_ids: tuple[str, ...] = ()
     expired_entry_ids: tuple[str, ...] = ()
+    ended_entry_ids: tuple[str, ...] = ()
+    resumed_entry_ids: tuple[str, ...] = ()
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Event:
+    """What happens at the end of a replay (its `until`): its history cause, the entries it
+    adds, ends or resumes, and whether it is written even if nothing changed (`always`:
+    every due-process act is part of the subject's history)."""
+
+    cause: str
+    added: tuple[str, ...] = ()
+    ended: tuple[str, ...] = ()
+    resumed: tuple[str, ...] = ()
+    note: str = ""
+    always: bool = False
+
+
+def lapses_at(entries: Sequence[Scorable], at: datetime) -> list[tuple[str, str]]:
+    """(dispute id, entry id) of every dispute whose deadline passes undecided at `at`."""
+    found = []
+    for e in entries:
+        for p in _pauses(e) or ():
+            if p.kind == DISPUTE and p.start == at and (p.end is None or p.end > at) and e.recorded_at < at:
+                found.append((p.ref, e.entry_id))
+    return sorted(found)
+
+
+def _lapse_note(lapses: Sequence[tuple[str, str]]) -> str:
+    return "; ".join(f"dispute {d} undecided at its deadline" for d, _ in lapses)
 
 
 def replay(
@@ -280,33 +569,69 @@ def replay(
     until: datetime,
     added: Collection[str] = (),
     cause: str = ENTRIES,
+    event: Event | None = None,
+    view: View = View.AS_KNOWN,
 ) -> tuple[list[Change], ScoreResult]:
     """Every change between the state stored at `since` and `until`, at the instant it happened.
 
-    Entries only expire between two recomputes, so the instants to look at are the
-    visible_until values in (since, until); at `until` itself new entries (`added`) or a new
-    policy (`cause`) may also apply. Expiry therefore appears in history at the exact instant
-    an entry stopped counting, however late the sweep that wrote it ran.
+    With no new event, an entry stops or starts counting only at its visible_until or at
+    a pause boundary (a dispute's deadline), so the instants to look at are those in
+    (since, until); at `until` itself the `event` applies (new entries, a policy, a
+    due-process act; `added`/`cause` are the older spelling of an ENTRIES or POLICY
+    event). Expiry and a dispute's lapse therefore appear in history at the exact instant
+    they took effect, however late the sweep that wrote them ran. A lapse is always
+    written (cause DISPUTE), even when the score does not change.
     """
+    if event is None:
+        event = Event(cause, added=tuple(sorted(added))) if (added or cause == POLICY) else None
     instants: set[datetime] = set()
     if since is not None:
         for e in entries:
-            end = visible_until(e, policy)
-            if since < end < until and e.recorded_at < end:
-                instants.add(end)
+            for b in (visible_until(e, policy), *_boundaries(e)):
+                if since < b < until and e.recorded_at < b:
+                    instants.add(b)
     changes: list[Change] = []
     state = before
     result: ScoreResult | None = None
     for at in [*sorted(instants), until]:
-        result = compute_score(entries, policy, at)
-        if result.state == state:
-            continue
+        result = compute_score(entries, policy, at, view=view)
         expired = tuple(
             sorted(e.entry_id for e in entries if visible_until(e, policy) == at and e.recorded_at < at)
         )
-        if at == until and (added or cause == POLICY):
-            changes.append(Change(at, cause, state, result, tuple(sorted(added)), expired))
-        else:
+        lapses = lapses_at(entries, at) if since is None or at > since else []
+        final = at == until and event is not None
+        if lapses:
+            changes.append(
+                Change(
+                    at,
+                    DISPUTE,
+                    state,
+                    result,
+                    (),
+                    expired,
+                    ended_entry_ids=tuple(sorted({e for _, e in lapses})),
+                    note=_lapse_note(lapses),
+                )
+            )
+            state = result.state
+            expired = ()
+        if final:
+            assert event is not None
+            if result.state != state or event.always:
+                changes.append(
+                    Change(
+                        at,
+                        event.cause,
+                        state,
+                        result,
+                        tuple(sorted(event.added)),
+                        expired,
+                        tuple(sorted(event.ended)),
+                        tuple(sorted(event.resumed)),
+                        event.note,
+                    )
+                )
+        elif result.state != state and not lapses:
             changes.append(Change(at, EXPIRY, state, result, (), expired))
         state = result.state
     assert result is not None
@@ -395,6 +720,77 @@ class ApplyResult:
     duplicate: int
     subjects_updated: int
     rejected: tuple[Rejected, ...] = ()
+    # Entries reversed by this batch's reversals.
+    reversed: int = 0
+
+
+@dataclass(frozen=True)
+class IncomingReversal:
+    """A reversal as delivered: the outcome to reverse and the retraction behind it."""
+
+    outcome_id: str
+    subject_key: str
+    source: str
+    event_id: str
+    reason: str
+    retracted_at: datetime | None
+    retracted_by: str
+
+    def record(self, now: datetime) -> ReversalRecord:
+        return ReversalRecord(
+            outcome_id=self.outcome_id,
+            subject_key=self.subject_key,
+            source=self.source,
+            event_id=self.event_id,
+            reason=self.reason,
+            retracted_at=self.retracted_at,
+            retracted_by=self.retracted_by,
+            reversed_at=now,
+        )
+
+
+def reversal_violations(reversal: IncomingReversal) -> list[Violation]:
+    problems = []
+    if not reversal.outcome_id:
+        problems.append(Violation("outcome_id", "is required", "REQUIRED"))
+    elif len(reversal.outcome_id) > MAX_ID_LENGTH:
+        problems.append(Violation("outcome_id", f"must be at most {MAX_ID_LENGTH} characters", "TOO_LONG"))
+    if len(reversal.subject_key) > MAX_SUBJECT_KEY_LENGTH:
+        problems.append(
+            Violation(
+                "retraction.subject_key", f"must be at most {MAX_SUBJECT_KEY_LENGTH} characters", "TOO_LONG"
+            )
+        )
+    for name, value in (
+        ("retraction.ref.source", reversal.source),
+        ("retraction.ref.event_id", reversal.event_id),
+    ):
+        if len(value) > MAX_ID_LENGTH:
+            problems.append(Violation(name, f"must be at most {MAX_ID_LENGTH} characters", "TOO_LONG"))
+    return problems
+
+
+def corrections(done: Sequence[ReversalRecord]) -> dict[str, Event]:
+    """One CORRECTION history event per subject for the reversals just applied (their
+    subject_key is the reversed entry's)."""
+    by_subject: dict[str, list[ReversalRecord]] = {}
+    for r in done:
+        by_subject.setdefault(r.subject_key, []).append(r)
+    return {
+        key: Event(
+            CORRECTION,
+            ended=tuple(sorted({r.outcome_id for r in items})),
+            note="; ".join(sorted({f"event {r.event} retracted" for r in items})),
+            always=True,
+        )
+        for key, items in by_subject.items()
+    }
+
+
+@dataclass(frozen=True)
+class Reversed:
+    reversed: int
+    subjects_updated: int
 
 
 @dataclass(frozen=True)
@@ -448,6 +844,15 @@ class LedgerStore(Protocol):
 
     def recompute(self, subject_keys: Sequence[str], rescore: Rescore) -> int:
         """In one transaction: rescore and store the named subjects; returns how many."""
+        ...
+
+    def reverse(
+        self, reversals: Sequence[ReversalRecord], rescore: Callable[[Sequence[ReversalRecord]], Rescore]
+    ) -> Reversed:
+        """In one transaction: store each reversal whose outcome id is new (with its audit
+        record), mark reversed the entries that exist, and rescore their subjects with
+        `rescore(applied)`, where `applied` are the new reversals of existing entries, with
+        the entry's subject key. A reversal of an outcome not yet recorded waits for it."""
         ...
 
     def due_subjects(self, now: datetime, limit: int) -> list[str]:
@@ -558,7 +963,11 @@ class Ledger:
         added: Collection[str] = (),
         cause: str = ENTRIES,
         previous: ScorePolicy | None = None,
+        events: Mapping[str, Event] | None = None,
     ) -> Rescore:
+        """The rescore of one subject at `now`: catch up on expiry and lapses since its
+        stored row, then apply the event at `now` (new entries, `events[subject]` for a
+        due-process act, or a policy change)."""
         chosen = self._book.active
 
         def rescore(subject: SubjectLedger) -> Rescored:
@@ -579,6 +988,7 @@ class Ledger:
                     until=now,
                     added=mine,
                     cause=cause,
+                    event=None if events is None else events.get(subject.subject_key),
                 )
             periods: dict[str, datetime] = {}
             changed_periods = previous is None or dict(
@@ -591,8 +1001,14 @@ class Ledger:
 
         return rescore
 
-    def apply(self, outcomes: Sequence[IncomingOutcome]) -> ApplyResult:
-        """Record a batch; invalid outcomes are skipped, never block the others."""
+    def rescorer(self, now: datetime, events: Mapping[str, Event]) -> Rescore:
+        """The rescore for due-process acts at `now`: `events` by subject key."""
+        return self._rescore(now, cause=EXPIRY, events=events)
+
+    def apply(
+        self, outcomes: Sequence[IncomingOutcome], reversals: Sequence[IncomingReversal] = ()
+    ) -> ApplyResult:
+        """Record a batch, then its reversals; invalid ones are skipped, never block the others."""
         now = self._clock()
         rejected: list[Rejected] = []
         fresh: dict[str, LedgerEntry] = {}
@@ -610,11 +1026,26 @@ class Ledger:
             if fresh
             else Recorded(0, 0)
         )
+        wanted: dict[str, ReversalRecord] = {}
+        for reversal in reversals:
+            violations = reversal_violations(reversal)
+            if violations:
+                rejected.append(Rejected(reversal.outcome_id, tuple(violations)))
+            else:
+                wanted.setdefault(reversal.outcome_id, reversal.record(now))
+        reversed_ = (
+            self._store.reverse(
+                list(wanted.values()), lambda done: self._rescore(now, events=corrections(done))
+            )
+            if wanted
+            else Reversed(0, 0)
+        )
         return ApplyResult(
             applied=recorded.applied,
             duplicate=duplicate + len(fresh) - recorded.applied,
-            subjects_updated=recorded.subjects_updated,
+            subjects_updated=recorded.subjects_updated + reversed_.subjects_updated,
             rejected=tuple(rejected),
+            reversed=reversed_.reversed,
         )
 
     def _entry(self, outcome: IncomingOutcome, now: datetime) -> LedgerEntry:

@@ -101,9 +101,40 @@ class SubjectPolicy:
 
 
 @dataclass(frozen=True)
+class DueProcessPolicy:
+    """Deadlines of disputes and credit repair (DOMAIN.md defaults).
+
+    `dispute_deadline_days`: a reviewer decides a dispute within this many days of its
+    filing; undecided past it, the entry stops counting until decided.
+    `repair_min_period_days`: per severity, the days after occurred_at before a repair may
+    be applied for (a severity absent here, e.g. positive, is never repaired).
+    `repair_decision_working_days`: a repair decision is due this many working days
+    (Monday to Friday, UTC, no holiday calendar) after the application.
+    """
+
+    dispute_deadline_days: int = 20
+    repair_min_period_days: Mapping[str, int] = field(
+        default_factory=lambda: {"minor": 0, "general": 90, "serious": 365}
+    )
+    repair_decision_working_days: int = 3
+
+    @property
+    def dispute_deadline(self) -> timedelta:
+        return timedelta(days=self.dispute_deadline_days)
+
+    def repair_min_period(self, severity: str) -> timedelta | None:
+        days = self.repair_min_period_days.get(severity)
+        return None if days is None else timedelta(days=days)
+
+
+REPAIRABLE_SEVERITIES = ("minor", "general", "serious")
+
+
+@dataclass(frozen=True)
 class ScorePolicy:
     version: str
     kinds: Mapping[str, SubjectPolicy]
+    due_process: DueProcessPolicy = field(default_factory=DueProcessPolicy)
 
     def for_kind(self, kind: str) -> SubjectPolicy:
         return self.kinds[kind]
@@ -131,7 +162,7 @@ def parse_policy(document: Any) -> ScorePolicy:
     if not isinstance(document, dict):
         raise PolicyError(["the policy must be a mapping"])
     problems: list[str] = []
-    _unknown_keys("", document, {"version", "policies"}, problems)
+    _unknown_keys("", document, {"version", "policies", "disputes", "repair"}, problems)
     version = document.get("version")
     # YAML reads `version: 3` as a number; a version is a label, so both are accepted.
     if isinstance(version, bool) or not isinstance(version, str | int) or str(version).strip() == "":
@@ -155,9 +186,60 @@ def parse_policy(document: Any) -> ScorePolicy:
         parsed = _parse_subject_policy(f"policies.{kind}", raw_kinds[kind], version, problems)
         if parsed is not None:
             kinds[kind] = parsed
+    due_process = _parse_due_process(document, problems)
     if problems:
         raise PolicyError(problems)
-    return ScorePolicy(version=version, kinds=kinds)
+    return ScorePolicy(version=version, kinds=kinds, due_process=due_process)
+
+
+def _parse_due_process(document: dict[Any, Any], problems: list[str]) -> DueProcessPolicy:
+    """`disputes` and `repair` are optional (policies activated before they existed have
+    neither); when present they are checked like the rest."""
+    default = DueProcessPolicy()
+    deadline = default.dispute_deadline_days
+    disputes = document.get("disputes")
+    if disputes is not None:
+        if not isinstance(disputes, dict):
+            problems.append("disputes: must be a mapping with deadline_days")
+        else:
+            _unknown_keys("disputes", disputes, {"deadline_days"}, problems)
+            value = _whole("disputes.deadline_days", disputes.get("deadline_days"), problems)
+            if value is not None and value < 1:
+                problems.append("disputes.deadline_days: must be at least 1 day")
+            elif value is not None:
+                deadline = value
+    periods = dict(default.repair_min_period_days)
+    working = default.repair_decision_working_days
+    repair = document.get("repair")
+    if repair is not None:
+        if not isinstance(repair, dict):
+            problems.append("repair: must be a mapping with min_period_days and decision_working_days")
+        else:
+            _unknown_keys("repair", repair, {"min_period_days", "decision_working_days"}, problems)
+            raw_periods = repair.get("min_period_days")
+            if not isinstance(raw_periods, dict):
+                problems.append(
+                    f"repair.min_period_days: must be a mapping with days for each of "
+                    f"{', '.join(REPAIRABLE_SEVERITIES)}"
+                )
+            else:
+                _unknown_keys("repair.min_period_days", raw_periods, set(REPAIRABLE_SEVERITIES), problems)
+                for severity in REPAIRABLE_SEVERITIES:
+                    days = _whole(f"repair.min_period_days.{severity}", raw_periods.get(severity), problems)
+                    if days is not None and days < 0:
+                        problems.append(f"repair.min_period_days.{severity}: must not be negative")
+                    elif days is not None:
+                        periods[severity] = days
+            value = _whole("repair.decision_working_days", repair.get("decision_working_days"), problems)
+            if value is not None and value < 1:
+                problems.append("repair.decision_working_days: must be at least 1 working day")
+            elif value is not None:
+                working = value
+    return DueProcessPolicy(
+        dispute_deadline_days=deadline,
+        repair_min_period_days=periods,
+        repair_decision_working_days=working,
+    )
 
 
 def _parse_subject_policy(path: str, raw: Any, version: str, problems: list[str]) -> SubjectPolicy | None:

@@ -6,21 +6,41 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
 from opentelemetry import trace
 from sqlalchemy.exc import SQLAlchemyError
 
+from egret.common.v1 import due_process_pb2 as dp
 from egret.common.v1 import outcome_pb2
 from egret.score.v1 import score_service_pb2 as pb
 from egret.score.v1 import score_service_pb2_grpc as pb_grpc
-from kit.auth import acting_principal
+from kit.auth import acting_principal, current_principal
 from kit.db import run_blocking
 from kit.errors import InvalidArgument, Violation
 from kit.logging import get_logger
 from kit.protoconv import SEVERITY_NAMES, SUBJECT_KIND_NAMES, SUBJECT_KIND_VALUES, to_datetime, to_timestamp
-from services.score.domain import ApplyResult, IncomingOutcome, Ledger, PolicyReport, RuleRef, VerifyResult
+from services.score.domain import (
+    APPROVED,
+    OPEN,
+    OVERTURNED,
+    PENDING,
+    REJECTED,
+    UPHELD,
+    ApplyResult,
+    Consent,
+    DisputeRecord,
+    IncomingOutcome,
+    IncomingReversal,
+    Ledger,
+    PolicyReport,
+    RepairRecord,
+    RuleRef,
+    VerifyResult,
+)
+from services.score.due_process import APPROVE, OVERTURN, REJECT, UPHOLD, DueProcess
 from services.score.policy import PolicyError, ScorePolicy, policy_from_text
 
 log = get_logger(__name__)
@@ -52,6 +72,84 @@ def incoming(outcome: outcome_pb2.Outcome) -> IncomingOutcome:
         reason=outcome.reason,
         black_list=outcome.black_list,
         snapshot=outcome.SerializeToString(),
+    )
+
+
+def incoming_reversal(reversal: pb.Reversal) -> IncomingReversal:
+    retraction = reversal.retraction
+    return IncomingReversal(
+        outcome_id=reversal.outcome_id,
+        subject_key=retraction.subject_key,
+        source=retraction.ref.source,
+        event_id=retraction.ref.event_id,
+        reason=retraction.reason,
+        retracted_at=to_datetime(retraction.retracted_at) if retraction.HasField("retracted_at") else None,
+        retracted_by=retraction.retracted_by,
+    )
+
+
+DISPUTE_STATUSES = {
+    OPEN: dp.DISPUTE_STATUS_OPEN,
+    UPHELD: dp.DISPUTE_STATUS_UPHELD,
+    OVERTURNED: dp.DISPUTE_STATUS_OVERTURNED,
+}
+REPAIR_STATUSES = {
+    PENDING: dp.REPAIR_STATUS_PENDING,
+    APPROVED: dp.REPAIR_STATUS_APPROVED,
+    REJECTED: dp.REPAIR_STATUS_REJECTED,
+}
+DISPUTE_DECISIONS = {dp.DISPUTE_DECISION_UPHOLD: UPHOLD, dp.DISPUTE_DECISION_OVERTURN: OVERTURN}
+REPAIR_DECISIONS = {dp.REPAIR_DECISION_APPROVE: APPROVE, dp.REPAIR_DECISION_REJECT: REJECT}
+
+
+def dispute_message(d: DisputeRecord, now: datetime) -> dp.Dispute:
+    """The wire form of a dispute as of `now` (`overdue` depends on it); query uses it too."""
+    message = dp.Dispute(
+        dispute_id=str(d.dispute_id),
+        entry_id=d.entry_id,
+        subject_key=d.subject_key,
+        statement=d.statement,
+        filed_by=d.filed_by,
+        filed_by_role=d.filed_by_role,
+        filed_at=to_timestamp(d.filed_at),
+        deadline=to_timestamp(d.deadline),
+        status=DISPUTE_STATUSES[d.status],
+        resolution_reason=d.resolution_reason,
+        resolved_by=d.resolved_by,
+        overdue=d.overdue(now),
+    )
+    if d.resolved_at is not None:
+        message.resolved_at.CopyFrom(to_timestamp(d.resolved_at))
+    return message
+
+
+def repair_message(r: RepairRecord, now: datetime) -> dp.RepairApplication:
+    """The wire form of a repair application as of `now`; query uses it too."""
+    message = dp.RepairApplication(
+        application_id=str(r.application_id),
+        entry_id=r.entry_id,
+        subject_key=r.subject_key,
+        evidence=r.evidence,
+        evidence_uri=r.evidence_uri,
+        applied_at=to_timestamp(r.applied_at),
+        decision_due=to_timestamp(r.decision_due),
+        status=REPAIR_STATUSES[r.status],
+        decision_reason=r.decision_reason,
+        decided_by=r.decided_by,
+        overdue=r.overdue(now),
+    )
+    if r.decided_at is not None:
+        message.decided_at.CopyFrom(to_timestamp(r.decided_at))
+    return message
+
+
+def consent_message(c: Consent) -> dp.ConsentRecord:
+    return dp.ConsentRecord(
+        subject_key=c.subject_key,
+        granted=c.granted,
+        effective_at=to_timestamp(c.effective_at),
+        recorded_at=to_timestamp(c.recorded_at),
+        recorded_by=c.recorded_by,
     )
 
 
@@ -119,26 +217,43 @@ def parse_proposed(text: str) -> ScorePolicy:
 
 class ScoreServicer(pb_grpc.ScoreServiceServicer):
     def __init__(
-        self, ledger: Ledger, executor: Executor, *, max_batch_size: int, verify_page_size: int
+        self,
+        ledger: Ledger,
+        executor: Executor,
+        *,
+        max_batch_size: int,
+        verify_page_size: int,
+        due_process: DueProcess | None = None,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         self._ledger = ledger
+        self._due_process = due_process
+        self._clock = clock or (lambda: datetime.now(UTC))
         self._executor = executor
         self._max_batch_size = max_batch_size
         self._verify_page_size = verify_page_size
         self._tracer = trace.get_tracer("egret.score")
 
-    async def _apply(self, outcomes: Sequence[outcome_pb2.Outcome]) -> ApplyResult:
+    async def _apply(
+        self, outcomes: Sequence[outcome_pb2.Outcome], reversals: Sequence[pb.Reversal] = ()
+    ) -> ApplyResult:
         """Run one batch through the ledger off the event loop, in its own span."""
         with self._tracer.start_as_current_span(
             "score apply", attributes={"egret.batch.size": len(outcomes)}
         ) as span:
-            result = await run_blocking(self._executor, self._ledger.apply, [incoming(o) for o in outcomes])
+            result = await run_blocking(
+                self._executor,
+                self._ledger.apply,
+                [incoming(o) for o in outcomes],
+                [incoming_reversal(r) for r in reversals],
+            )
             span.set_attributes(
                 {
                     "egret.applied": result.applied,
                     "egret.duplicate": result.duplicate,
                     "egret.rejected": len(result.rejected),
                     "egret.subjects_updated": result.subjects_updated,
+                    "egret.reversed": result.reversed,
                 }
             )
             fields = {
@@ -147,6 +262,7 @@ class ScoreServicer(pb_grpc.ScoreServiceServicer):
                 "duplicate": result.duplicate,
                 "rejected": len(result.rejected),
                 "subjects_updated": result.subjects_updated,
+                "reversed": result.reversed,
             }
             if result.rejected:
                 # Rejected outcomes are dropped for good (a resend would fail the same way),
@@ -161,20 +277,24 @@ class ScoreServicer(pb_grpc.ScoreServiceServicer):
             return result
 
     async def ApplyOutcomes(self, request: pb.ApplyOutcomesRequest, context: Any) -> pb.ApplyOutcomesResponse:
-        if len(request.outcomes) > self._max_batch_size:
+        size = len(request.outcomes) + len(request.reversals)
+        if size > self._max_batch_size:
             raise InvalidArgument(
                 "invalid batch",
                 [
                     Violation(
                         "outcomes",
-                        f"holds {len(request.outcomes)} outcomes; the maximum is {self._max_batch_size}",
+                        f"holds {size} outcomes and reversals; the maximum is {self._max_batch_size}",
                         "BATCH_TOO_LARGE",
                     )
                 ],
             )
-        result = await self._apply(request.outcomes)
+        result = await self._apply(request.outcomes, request.reversals)
         return pb.ApplyOutcomesResponse(
-            applied=result.applied, duplicate=result.duplicate, subjects_updated=result.subjects_updated
+            applied=result.applied,
+            duplicate=result.duplicate,
+            subjects_updated=result.subjects_updated,
+            reversed=result.reversed,
         )
 
     async def VerifyScores(self, request: pb.VerifyScoresRequest, context: Any) -> pb.VerifyScoresResponse:
@@ -245,13 +365,85 @@ class ScoreServicer(pb_grpc.ScoreServiceServicer):
             ]
         )
 
+    def _due(self) -> DueProcess:
+        assert self._due_process is not None, "the servicer was built without due process"
+        return self._due_process
+
+    async def FileDispute(self, request: pb.FileDisputeRequest, context: Any) -> pb.FileDisputeResponse:
+        dispute = await run_blocking(
+            self._executor, self._due().file_dispute, current_principal(), request.entry_id, request.statement
+        )
+        log.info("dispute filed", dispute_id=dispute.dispute_id, entry_id=dispute.entry_id)
+        return pb.FileDisputeResponse(dispute=dispute_message(dispute, self._clock()))
+
+    async def ResolveDispute(
+        self, request: pb.ResolveDisputeRequest, context: Any
+    ) -> pb.ResolveDisputeResponse:
+        dispute = await run_blocking(
+            self._executor,
+            self._due().resolve_dispute,
+            current_principal(),
+            request.dispute_id,
+            DISPUTE_DECISIONS.get(request.decision),
+            request.reason,
+        )
+        log.info("dispute resolved", dispute_id=dispute.dispute_id, status=dispute.status)
+        return pb.ResolveDisputeResponse(dispute=dispute_message(dispute, self._clock()))
+
+    async def ApplyForRepair(
+        self, request: pb.ApplyForRepairRequest, context: Any
+    ) -> pb.ApplyForRepairResponse:
+        repair = await run_blocking(
+            self._executor,
+            self._due().apply_for_repair,
+            current_principal(),
+            request.entry_id,
+            request.evidence,
+            request.evidence_uri,
+        )
+        log.info("repair applied for", application_id=repair.application_id, entry_id=repair.entry_id)
+        return pb.ApplyForRepairResponse(application=repair_message(repair, self._clock()))
+
+    async def DecideRepair(self, request: pb.DecideRepairRequest, context: Any) -> pb.DecideRepairResponse:
+        repair = await run_blocking(
+            self._executor,
+            self._due().decide_repair,
+            current_principal(),
+            request.application_id,
+            REPAIR_DECISIONS.get(request.decision),
+            request.reason,
+        )
+        log.info("repair decided", application_id=repair.application_id, status=repair.status)
+        return pb.DecideRepairResponse(application=repair_message(repair, self._clock()))
+
+    async def SetConsent(self, request: pb.SetConsentRequest, context: Any) -> pb.SetConsentResponse:
+        consent = await run_blocking(
+            self._executor,
+            self._due().set_consent,
+            current_principal(),
+            request.subject_key,
+            request.granted,
+            to_datetime(request.effective_at) if request.HasField("effective_at") else None,
+        )
+        log.info("consent recorded", granted=consent.granted)
+        return pb.SetConsentResponse(consent=consent_message(consent))
+
     async def sweep_loop(self, interval_s: float, stopping: asyncio.Event) -> None:
-        """Background loop: recompute subjects whose entries expired, on the writer thread."""
+        """Background loop: recompute subjects whose entries expired or whose disputes
+        passed their deadline, on the writer thread; warn of overdue repair decisions."""
         while not stopping.is_set():
             try:
                 swept = await run_blocking(self._executor, self._ledger.sweep)
                 if swept:
                     log.info("expiry swept", subjects_recomputed=swept)
+                if self._due_process is not None:
+                    overdue = await run_blocking(None, self._due_process.overdue_repairs)
+                    if overdue:
+                        log.warning(
+                            "repair decisions overdue",
+                            count=len(overdue),
+                            application_ids=[r.application_id for r in overdue[:LOGGED_REJECTIONS]],
+                        )
             except SQLAlchemyError as exc:
                 # The database is away (health reports it); the next round retries.
                 log.warning("expiry sweep failed; will retry", error=type(exc).__name__)

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from kit.settings import CommonSettings, Env
+from kit.settings import CommonSettings, Env, PseudonymSettings
 
 DEFAULT_PORT = 50053
 
@@ -19,6 +19,11 @@ class ScoreSettings:
     verify_page_size: int
     db_workers: int
     sweep_interval_s: float = 60.0
+    # The subject HMAC key (EGRET_SUBJECT_KEY_FILE or EGRET_SUBJECT_KEY), so that a
+    # subject's token names its subject key: needed for subjects to file disputes, apply
+    # for repair and set consent. Without it subjects are known by role only and those
+    # calls find nothing of theirs.
+    pseudonym: PseudonymSettings | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ScoreSettings:
@@ -35,6 +40,10 @@ class ScoreSettings:
             # Reads are exact without the sweep (query recomputes a row past its next
             # change), so the interval only bounds how stale history and distributions get.
             sweep_interval_s=env.number("EGRET_SWEEP_INTERVAL_SECONDS", 60.0, minimum=0.05, maximum=86400.0),
+            pseudonym=PseudonymSettings.read(env)
+            if env.optional("EGRET_SUBJECT_KEY_FILE") is not None
+            or env.optional("EGRET_SUBJECT_KEY") is not None
+            else None,
         )
         env.check()
         return settings

@@ -1,14 +1,35 @@
-"""Score's store: the ledger, each subject's score and its per-category breakdown.
+"""Score's store: the ledger, each subject's score and its per-category breakdown, and
+due process (disputes, repairs, reversals, consent) with its audit log.
 
 This module owns the schema of the score database (migrations under
 services/score/migrations); the query service reads the same tables through these
-models and never writes them.
+models and the functions below (`load_entries`, `load_entry_facts`, `consent_at`,
+`dispute_record`, `repair_record`) and never writes them.
+
+Tables:
+- score_ledger: one row per entry (an outcome), immutable except `status` (what reads
+  show: active, disputed, repaired, reversed) and `visible_until` (rewritten when the
+  policy's period changes);
+- score_subjects / score_categories: each subject's score as last computed (a cache);
+- score_history: every change of score, tier or lists, and every due-process act;
+- score_policies: every activated policy;
+- score_disputes, score_repairs: disputes and repair applications, updated once when
+  decided;
+- score_reversals: source corrections, keyed by outcome id (a row may precede its
+  outcome: the outcome is then reversed on arrival);
+- score_consents: consent records, append-only (`consent_at`);
+- score_audit_log / score_audit_head: the hash-chained audit log (kit.audit).
+
+Whether an entry counts at an instant is never stored: it is derived from the entry, its
+disputes, repairs and reversals (`services.score.domain.pauses_of`, `counts_at`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,22 +38,33 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from egret.common.v1 import outcome_pb2
+from kit import audit
+from kit.audit import AuditHeadMixin, AuditMixin
 from kit.db import as_utc, make_metadata
 from services.score.domain import (
     MAX_CATEGORY_LENGTH,
     MAX_ID_LENGTH,
     MAX_SUBJECT_KEY_LENGTH,
+    PENDING,
+    Consent,
+    DisputeRecord,
     EntryStatus,
     LedgerEntry,
     Recorded,
+    RepairRecord,
     Rescore,
     Rescored,
+    ReversalRecord,
+    Reversed,
     RuleRef,
     ScoredEntry,
     ScoreState,
     SubjectLedger,
     list_names,
+    pauses_of,
 )
+from services.score.due_process import Audited, EntryFacts
 from services.score.policy import ActivatedPolicy, policy_from_text
 
 
@@ -117,6 +149,115 @@ class StoredHistory(Base):
     # JSON arrays of entry ids.
     added_entry_ids: Mapped[str] = mapped_column(sa.Text)
     expired_entry_ids: Mapped[str] = mapped_column(sa.Text)
+    # Entries that stopped counting by a decision, a correction or a dispute's lapse, and
+    # those that count again (a dispute upheld after its deadline); JSON arrays.
+    ended_entry_ids: Mapped[str] = mapped_column(sa.Text, server_default="[]")
+    resumed_entry_ids: Mapped[str] = mapped_column(sa.Text, server_default="[]")
+    # What happened, e.g. "dispute 7 filed", "event library/ev-9 retracted".
+    note: Mapped[str] = mapped_column(sa.Text, server_default="")
+
+
+class StoredDispute(Base):
+    """A dispute of one entry. Open until a reviewer decides it (upheld or overturned);
+    open past `deadline`, the entry does not count from the deadline until the decision.
+    An overturned dispute reverses the entry from `resolved_at` on."""
+
+    __tablename__ = "score_disputes"
+    __table_args__ = (
+        sa.Index("ix_score_disputes_entry_id", "entry_id"),
+        sa.Index("ix_score_disputes_subject_key", "subject_key"),
+        sa.Index("ix_score_disputes_status_deadline", "status", "deadline"),
+    )
+
+    dispute_id: Mapped[int] = mapped_column(
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    entry_id: Mapped[str] = mapped_column(sa.String(MAX_ID_LENGTH))
+    subject_key: Mapped[str] = mapped_column(sa.String(MAX_SUBJECT_KEY_LENGTH))
+    statement: Mapped[str] = mapped_column(sa.Text)
+    filed_by: Mapped[str] = mapped_column(sa.String(256))
+    filed_by_role: Mapped[str] = mapped_column(sa.String(32))
+    filed_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    deadline: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    # open, upheld, overturned
+    status: Mapped[str] = mapped_column(sa.String(16))
+    resolution_reason: Mapped[str] = mapped_column(sa.Text, server_default="")
+    resolved_by: Mapped[str] = mapped_column(sa.String(256), server_default="")
+    resolved_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
+
+
+class StoredRepair(Base):
+    """A credit repair application. Pending until decided; approved, the entry does not
+    count from `decided_at` on. Overdue (pending past `decision_due`) is computed at read."""
+
+    __tablename__ = "score_repairs"
+    __table_args__ = (
+        sa.Index("ix_score_repairs_entry_id", "entry_id"),
+        sa.Index("ix_score_repairs_subject_key", "subject_key"),
+        sa.Index("ix_score_repairs_status_decision_due", "status", "decision_due"),
+    )
+
+    application_id: Mapped[int] = mapped_column(
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    entry_id: Mapped[str] = mapped_column(sa.String(MAX_ID_LENGTH))
+    subject_key: Mapped[str] = mapped_column(sa.String(MAX_SUBJECT_KEY_LENGTH))
+    evidence: Mapped[str] = mapped_column(sa.Text)
+    evidence_uri: Mapped[str] = mapped_column(sa.Text)
+    applied_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    decision_due: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    # pending, approved, rejected
+    status: Mapped[str] = mapped_column(sa.String(16))
+    decision_reason: Mapped[str] = mapped_column(sa.Text, server_default="")
+    decided_by: Mapped[str] = mapped_column(sa.String(256), server_default="")
+    decided_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
+
+
+class StoredReversal(Base):
+    """The reversal of one outcome by a source's retraction, from `reversed_at` (when
+    score learned it) on; on the corrected timeline the entry never counted. Keyed by
+    outcome id, so a redelivered reversal has no effect; a row whose outcome is not in
+    score_ledger yet reverses it when it arrives."""
+
+    __tablename__ = "score_reversals"
+    __table_args__ = (sa.Index("ix_score_reversals_subject_key", "subject_key"),)
+
+    outcome_id: Mapped[str] = mapped_column(sa.String(MAX_ID_LENGTH), primary_key=True)
+    # As the retraction names it; the entry's own subject key decides.
+    subject_key: Mapped[str] = mapped_column(sa.String(MAX_SUBJECT_KEY_LENGTH))
+    source: Mapped[str] = mapped_column(sa.String(MAX_ID_LENGTH))
+    event_id: Mapped[str] = mapped_column(sa.String(MAX_ID_LENGTH))
+    reason: Mapped[str] = mapped_column(sa.Text)
+    retracted_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
+    retracted_by: Mapped[str] = mapped_column(sa.String(256))
+    reversed_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+
+
+class StoredConsent(Base):
+    """A subject's consent (granted) or its withdrawal, from `effective_at` on.
+    Append-only; the record in force at an instant is `consent_at`'s."""
+
+    __tablename__ = "score_consents"
+    __table_args__ = (sa.Index("ix_score_consents_subject_key", "subject_key", "effective_at", "consent_id"),)
+
+    consent_id: Mapped[int] = mapped_column(
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    subject_key: Mapped[str] = mapped_column(sa.String(MAX_SUBJECT_KEY_LENGTH))
+    granted: Mapped[bool] = mapped_column(sa.Boolean)
+    effective_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    recorded_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    recorded_by: Mapped[str] = mapped_column(sa.String(256))
+
+
+class ScoreAuditLog(Base, AuditMixin):
+    """Score's audit log: disputes, repairs, consent, reversals, policy activations."""
+
+    __tablename__ = "score_audit_log"
+
+
+class ScoreAuditHead(Base, AuditHeadMixin):
+    __tablename__ = "score_audit_head"
 
 
 class StoredPolicy(Base):
@@ -225,12 +366,153 @@ def scored_entry(row: Any) -> ScoredEntry:
     )
 
 
+def dispute_record(row: StoredDispute) -> DisputeRecord:
+    return DisputeRecord(
+        dispute_id=row.dispute_id,
+        entry_id=row.entry_id,
+        subject_key=row.subject_key,
+        statement=row.statement,
+        filed_by=row.filed_by,
+        filed_by_role=row.filed_by_role,
+        filed_at=as_utc(row.filed_at),
+        deadline=as_utc(row.deadline),
+        status=row.status,
+        resolution_reason=row.resolution_reason,
+        resolved_by=row.resolved_by,
+        resolved_at=None if row.resolved_at is None else as_utc(row.resolved_at),
+    )
+
+
+def repair_record(row: StoredRepair) -> RepairRecord:
+    return RepairRecord(
+        application_id=row.application_id,
+        entry_id=row.entry_id,
+        subject_key=row.subject_key,
+        evidence=row.evidence,
+        evidence_uri=row.evidence_uri,
+        applied_at=as_utc(row.applied_at),
+        decision_due=as_utc(row.decision_due),
+        status=row.status,
+        decision_reason=row.decision_reason,
+        decided_by=row.decided_by,
+        decided_at=None if row.decided_at is None else as_utc(row.decided_at),
+    )
+
+
+def reversal_record(row: StoredReversal) -> ReversalRecord:
+    return ReversalRecord(
+        outcome_id=row.outcome_id,
+        subject_key=row.subject_key,
+        source=row.source,
+        event_id=row.event_id,
+        reason=row.reason,
+        retracted_at=None if row.retracted_at is None else as_utc(row.retracted_at),
+        retracted_by=row.retracted_by,
+        reversed_at=as_utc(row.reversed_at),
+    )
+
+
+def consent_record(row: StoredConsent) -> Consent:
+    return Consent(
+        subject_key=row.subject_key,
+        granted=row.granted,
+        effective_at=as_utc(row.effective_at),
+        recorded_at=as_utc(row.recorded_at),
+        recorded_by=row.recorded_by,
+        consent_id=row.consent_id,
+    )
+
+
+@dataclass
+class _DueFacts:
+    disputes: list[DisputeRecord] = field(default_factory=list)
+    repairs: list[RepairRecord] = field(default_factory=list)
+    reversals: list[ReversalRecord] = field(default_factory=list)
+
+
+def _due_facts(session: Session, keys: Sequence[str]) -> dict[str, _DueFacts]:
+    """Disputes, repairs and reversals of the named subjects' entries, by entry id."""
+    facts: dict[str, _DueFacts] = {}
+    for d in session.scalars(
+        sa.select(StoredDispute)
+        .where(StoredDispute.subject_key.in_(list(keys)))
+        .order_by(StoredDispute.dispute_id)
+    ):
+        facts.setdefault(d.entry_id, _DueFacts()).disputes.append(dispute_record(d))
+    for r in session.scalars(
+        sa.select(StoredRepair)
+        .where(StoredRepair.subject_key.in_(list(keys)))
+        .order_by(StoredRepair.application_id)
+    ):
+        facts.setdefault(r.entry_id, _DueFacts()).repairs.append(repair_record(r))
+    # By the entry's subject, whatever subject key the retraction named.
+    for v in session.scalars(
+        sa.select(StoredReversal)
+        .join(StoredEntry, StoredEntry.entry_id == StoredReversal.outcome_id)
+        .where(StoredEntry.subject_key.in_(list(keys)))
+    ):
+        facts.setdefault(v.outcome_id, _DueFacts()).reversals.append(reversal_record(v))
+    return facts
+
+
 def load_entries(session: Session, keys: Sequence[str]) -> dict[str, list[ScoredEntry]]:
-    """The scoring view of every entry of the named subjects."""
+    """The scoring view of every entry of the named subjects, with its pauses (disputes
+    past their deadline, approved repairs, reversals): what `compute_score` reads, on
+    either timeline."""
     ledgers: dict[str, list[ScoredEntry]] = {key: [] for key in keys}
-    for row in session.execute(sa.select(*_ENTRY_COLUMNS).where(StoredEntry.subject_key.in_(list(keys)))):
-        ledgers[row.subject_key].append(scored_entry(row))
+    rows = list(session.execute(sa.select(*_ENTRY_COLUMNS).where(StoredEntry.subject_key.in_(list(keys)))))
+    due = _due_facts(session, keys) if rows else {}
+    for row in rows:
+        entry = scored_entry(row)
+        facts = due.get(entry.entry_id)
+        if facts is not None:
+            entry = replace(entry, pauses=pauses_of(facts.disputes, facts.repairs, facts.reversals))
+        ledgers[row.subject_key].append(entry)
     return ledgers
+
+
+def load_entry_facts(session: Session, entry_id: str) -> EntryFacts | None:
+    """One entry with its disputes, repair applications and reversals (oldest first) and
+    the sources of its evidence events; None if there is no such entry."""
+    row = session.get(StoredEntry, entry_id)
+    if row is None:
+        return None
+    disputes = session.scalars(
+        sa.select(StoredDispute).where(StoredDispute.entry_id == entry_id).order_by(StoredDispute.dispute_id)
+    )
+    repairs = session.scalars(
+        sa.select(StoredRepair).where(StoredRepair.entry_id == entry_id).order_by(StoredRepair.application_id)
+    )
+    reversal = session.get(StoredReversal, entry_id)
+    return EntryFacts(
+        entry=ledger_entry(row),
+        disputes=tuple(dispute_record(d) for d in disputes),
+        repairs=tuple(repair_record(r) for r in repairs),
+        reversals=() if reversal is None else (reversal_record(reversal),),
+        sources=evidence_sources(row.outcome),
+    )
+
+
+def evidence_sources(snapshot: bytes) -> frozenset[str]:
+    """The departments whose events an entry rests on (from its outcome snapshot)."""
+    try:
+        outcome = outcome_pb2.Outcome.FromString(snapshot)
+    except Exception:  # a snapshot that does not parse names no source
+        return frozenset()
+    return frozenset(e.ref.source for e in outcome.events if e.ref.source)
+
+
+def consent_at(session: Session, subject_key: str, at: datetime) -> Consent | None:
+    """The consent in force for `subject_key` at `at`: the latest record effective at or
+    before `at` (ties: the later recorded); None when the subject never consented by then.
+    The same answer as `services.score.domain.consent_in_force` over every record."""
+    row = session.scalars(
+        sa.select(StoredConsent)
+        .where(StoredConsent.subject_key == subject_key, StoredConsent.effective_at <= at.astimezone(UTC))
+        .order_by(StoredConsent.effective_at.desc(), StoredConsent.consent_id.desc())
+        .limit(1)
+    ).first()
+    return None if row is None else consent_record(row)
 
 
 def _state(row: StoredScore | Any) -> ScoreState | None:
@@ -277,7 +559,19 @@ class SqlLedgerStore:
             fresh = sorted((e for e in entries if e.entry_id not in existing), key=lambda e: e.entry_id)
             if not fresh:
                 return Recorded(applied=0, subjects_updated=0)
-            session.execute(sa.insert(StoredEntry), [entry_row(e) for e in fresh])
+            waiting = set(
+                session.scalars(
+                    sa.select(StoredReversal.outcome_id).where(
+                        StoredReversal.outcome_id.in_([e.entry_id for e in fresh])
+                    )
+                )
+            )
+            rows = [entry_row(e) for e in fresh]
+            for row in rows:
+                # Retracted before it arrived: reversed from the moment it is recorded.
+                if row["entry_id"] in waiting:
+                    row["status"] = EntryStatus.REVERSED.value
+            session.execute(sa.insert(StoredEntry), rows)
             kinds = {e.subject_key: e.subject_kind for e in fresh}
             now = max(e.recorded_at for e in fresh).astimezone(UTC)
             _lock_subjects(session, kinds, now)
@@ -334,6 +628,79 @@ class SqlLedgerStore:
                     document=activation.document,
                 )
             )
+            session.flush()
+            append_audit(
+                session,
+                Audited(
+                    "policy.activate",
+                    None,
+                    activation.policy.version,
+                    {"activated_by": activation.activated_by},
+                ),
+                activation.activated_at,
+                claimed_actor=activation.activated_by,
+            )
+
+    def reverse(
+        self, reversals: Sequence[ReversalRecord], rescore: Callable[[Sequence[ReversalRecord]], Rescore]
+    ) -> Reversed:
+        with self._sessions() as session, session.begin():
+            ids = sorted({r.outcome_id for r in reversals})
+            known = set(
+                session.scalars(
+                    sa.select(StoredReversal.outcome_id).where(StoredReversal.outcome_id.in_(ids))
+                )
+            )
+            fresh = sorted((r for r in reversals if r.outcome_id not in known), key=lambda r: r.outcome_id)
+            if not fresh:
+                return Reversed(0, 0)
+            session.execute(sa.insert(StoredReversal), [_reversal_row(r) for r in fresh])
+            entries = {
+                row.entry_id: row.subject_key
+                for row in session.execute(
+                    sa.select(StoredEntry.entry_id, StoredEntry.subject_key).where(
+                        StoredEntry.entry_id.in_([r.outcome_id for r in fresh])
+                    )
+                )
+            }
+            for r in fresh:
+                append_audit(
+                    session,
+                    Audited(
+                        "entry.reverse",
+                        entries.get(r.outcome_id, r.subject_key),
+                        r.outcome_id,
+                        {
+                            "event": r.event,
+                            "reason": r.reason,
+                            "retracted_by": r.retracted_by,
+                            "entry_recorded": r.outcome_id in entries,
+                        },
+                    ),
+                    r.reversed_at,
+                )
+            applied = [
+                replace(r, subject_key=entries[r.outcome_id]) for r in fresh if r.outcome_id in entries
+            ]
+            if not applied:
+                return Reversed(0, 0)
+            session.execute(
+                sa.update(StoredEntry)
+                .where(StoredEntry.entry_id.in_([r.outcome_id for r in applied]))
+                .values(status=EntryStatus.REVERSED.value)
+            )
+            keys = sorted({r.subject_key for r in applied})
+            locked = list(
+                session.scalars(
+                    sa.select(StoredScore.subject_key)
+                    .where(StoredScore.subject_key.in_(keys))
+                    .order_by(StoredScore.subject_key)
+                    .with_for_update()
+                )
+            )
+            now = max(r.reversed_at for r in applied).astimezone(UTC)
+            _rescore_and_store(session, locked, rescore(applied), now)
+            return Reversed(len(applied), len(locked))
 
     def subject_pages(self, page_size: int) -> Iterator[Sequence[SubjectLedger]]:
         after = ""
@@ -474,6 +841,9 @@ def _store_scores(session: Session, results: Mapping[str, Rescored], now: dateti
                     "lists": _lists_text(list_names(c.after.state)),
                     "added_entry_ids": json.dumps(list(c.added_entry_ids)),
                     "expired_entry_ids": json.dumps(list(c.expired_entry_ids)),
+                    "ended_entry_ids": json.dumps(list(c.ended_entry_ids)),
+                    "resumed_entry_ids": json.dumps(list(c.resumed_entry_ids)),
+                    "note": c.note,
                 }
             )
         periods += [
@@ -498,3 +868,170 @@ def _store_scores(session: Session, results: Mapping[str, Rescored], now: dateti
     ]
     if categories:
         session.execute(sa.insert(StoredCategory), categories)
+
+
+def _reversal_row(r: ReversalRecord) -> dict[str, Any]:
+    return {
+        "outcome_id": r.outcome_id,
+        "subject_key": r.subject_key,
+        "source": r.source,
+        "event_id": r.event_id,
+        "reason": r.reason,
+        "retracted_at": None if r.retracted_at is None else r.retracted_at.astimezone(UTC),
+        "retracted_by": r.retracted_by,
+        "reversed_at": r.reversed_at.astimezone(UTC),
+    }
+
+
+def append_audit(session: Session, act: Audited, at: datetime, *, claimed_actor: str = "") -> None:
+    """Append one audit record, by the principal of the call being handled, in the
+    session's transaction."""
+    audit.append(
+        session,
+        ScoreAuditLog,
+        ScoreAuditHead,
+        [
+            audit.record(
+                act.action,
+                at.astimezone(UTC),
+                subject_key=act.subject_key,
+                target=act.target,
+                detail=act.detail,
+                claimed_actor=claimed_actor,
+            )
+        ],
+    )
+
+
+class _SqlDueProcessTx:
+    """DueProcessTx on one session in one transaction."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def entry(self, entry_id: str) -> EntryFacts | None:
+        subject = self._session.scalar(
+            sa.select(StoredEntry.subject_key).where(StoredEntry.entry_id == entry_id)
+        )
+        if subject is None:
+            return None
+        # Lock the subject's score row first, so acts on one subject serialize (PostgreSQL;
+        # SQLite has one writer anyway) and facts read below are current.
+        self._session.execute(
+            sa.select(StoredScore.subject_key).where(StoredScore.subject_key == subject).with_for_update()
+        ).all()
+        return load_entry_facts(self._session, entry_id)
+
+    def dispute(self, dispute_id: int) -> DisputeRecord | None:
+        row = self._session.get(StoredDispute, dispute_id)
+        return None if row is None else dispute_record(row)
+
+    def repair(self, application_id: int) -> RepairRecord | None:
+        row = self._session.get(StoredRepair, application_id)
+        return None if row is None else repair_record(row)
+
+    def add_dispute(self, dispute: DisputeRecord) -> DisputeRecord:
+        row = StoredDispute(
+            entry_id=dispute.entry_id,
+            subject_key=dispute.subject_key,
+            statement=dispute.statement,
+            filed_by=dispute.filed_by,
+            filed_by_role=dispute.filed_by_role,
+            filed_at=dispute.filed_at.astimezone(UTC),
+            deadline=dispute.deadline.astimezone(UTC),
+            status=dispute.status,
+            resolution_reason="",
+            resolved_by="",
+        )
+        self._session.add(row)
+        self._session.flush()
+        return replace(dispute, dispute_id=row.dispute_id)
+
+    def save_dispute(self, dispute: DisputeRecord) -> None:
+        self._session.execute(
+            sa.update(StoredDispute)
+            .where(StoredDispute.dispute_id == dispute.dispute_id)
+            .values(
+                status=dispute.status,
+                resolution_reason=dispute.resolution_reason,
+                resolved_by=dispute.resolved_by,
+                resolved_at=None if dispute.resolved_at is None else dispute.resolved_at.astimezone(UTC),
+            )
+        )
+
+    def add_repair(self, repair: RepairRecord) -> RepairRecord:
+        row = StoredRepair(
+            entry_id=repair.entry_id,
+            subject_key=repair.subject_key,
+            evidence=repair.evidence,
+            evidence_uri=repair.evidence_uri,
+            applied_at=repair.applied_at.astimezone(UTC),
+            decision_due=repair.decision_due.astimezone(UTC),
+            status=repair.status,
+            decision_reason="",
+            decided_by="",
+        )
+        self._session.add(row)
+        self._session.flush()
+        return replace(repair, application_id=row.application_id)
+
+    def save_repair(self, repair: RepairRecord) -> None:
+        self._session.execute(
+            sa.update(StoredRepair)
+            .where(StoredRepair.application_id == repair.application_id)
+            .values(
+                status=repair.status,
+                decision_reason=repair.decision_reason,
+                decided_by=repair.decided_by,
+                decided_at=None if repair.decided_at is None else repair.decided_at.astimezone(UTC),
+            )
+        )
+
+    def add_consent(self, consent: Consent) -> Consent:
+        row = StoredConsent(
+            subject_key=consent.subject_key,
+            granted=consent.granted,
+            effective_at=consent.effective_at.astimezone(UTC),
+            recorded_at=consent.recorded_at.astimezone(UTC),
+            recorded_by=consent.recorded_by,
+        )
+        self._session.add(row)
+        self._session.flush()
+        return replace(consent, consent_id=row.consent_id)
+
+    def set_status(self, entry_id: str, status: EntryStatus) -> None:
+        self._session.execute(
+            sa.update(StoredEntry).where(StoredEntry.entry_id == entry_id).values(status=status.value)
+        )
+
+    def rescore(self, subject_key: str, rescore: Rescore, now: datetime) -> None:
+        _rescore_and_store(self._session, [subject_key], rescore, now.astimezone(UTC))
+
+    def audit(self, act: Audited, at: datetime) -> None:
+        append_audit(self._session, act, at)
+
+
+class SqlDueProcessStore:
+    """DueProcessStore on SQLAlchemy: one transaction per act."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self._sessions = sessions
+
+    @contextmanager
+    def transaction(self) -> Iterator[_SqlDueProcessTx]:
+        with self._sessions() as session, session.begin():
+            yield _SqlDueProcessTx(session)
+
+    def overdue_repairs(self, now: datetime, limit: int) -> list[RepairRecord]:
+        with self._sessions() as session:
+            rows = session.scalars(
+                sa.select(StoredRepair)
+                .where(StoredRepair.status == PENDING, StoredRepair.decision_due < now.astimezone(UTC))
+                .order_by(StoredRepair.decision_due)
+                .limit(limit)
+            )
+            return [repair_record(r) for r in rows]
+
+    def consent_at(self, subject_key: str, at: datetime) -> Consent | None:
+        with self._sessions() as session:
+            return consent_at(session, subject_key, at)

@@ -272,6 +272,7 @@ def test_secrets_are_referenced_never_inlined_by_default(render_objects: RenderO
         ("egret-database", "rules-url"),
         ("egret-database", "score-url"),
         ("egret-database", "score-readonly-url"),
+        ("egret-database", "query-url"),
         ("egret-subject-key", "subject-key"),
         *((f"egret-{name}-tls", key) for name in (*SERVICES, "test") for key in TLS_KEYS),
         ("egret-jwt-keys", "jwks.json"),
@@ -326,7 +327,13 @@ def test_created_secrets_exist_before_the_migration_hooks(render_objects: Render
     for secret in secrets:
         assert "pre-install" in hooks(secret)
         assert int(secret["metadata"]["annotations"]["helm.sh/hook-weight"]) < 0
-    assert set(secrets[0]["stringData"]) == {"ingest-url", "rules-url", "score-url", "score-readonly-url"}
+    assert set(secrets[0]["stringData"]) == {
+        "ingest-url",
+        "rules-url",
+        "score-url",
+        "score-readonly-url",
+        "query-url",
+    }
 
 
 def test_config_files_are_mounted_where_the_settings_point(rendered: list[Manifest]) -> None:
@@ -545,7 +552,12 @@ def test_migration_jobs_need_no_tls_or_token_keys(render_objects: RenderObjects)
 def test_migrations_run_in_hook_jobs_and_the_services_do_not_migrate(render_objects: RenderObjects) -> None:
     manifests = render_objects({})
     jobs = {j["metadata"]["name"]: j for j in of_kind(manifests, "Job")}
-    assert set(jobs) == {"egret-ingest-migrate", "egret-rules-migrate", "egret-score-migrate"}
+    assert set(jobs) == {
+        "egret-ingest-migrate",
+        "egret-rules-migrate",
+        "egret-score-migrate",
+        "egret-query-migrate",
+    }
     for job in jobs.values():
         assert hooks(job) == {"pre-install", "pre-upgrade"}
         _, spec = pod_template(job)

@@ -40,14 +40,15 @@ pytestmark = pytest.mark.e2e
 def operator_secrets(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[tuple[str, str], str]]:
     """The Secrets docs/deploy.md tells an operator to create, with the names and keys it gives."""
     if request.param == "sqlite":
-        urls = {name: f"sqlite:///{tmp_path / name}.db" for name in ("ingest", "rules", "score")}
+        urls = {name: f"sqlite:///{tmp_path / name}.db" for name in ("ingest", "rules", "score", "query")}
     else:
-        urls = {name: create_postgres_database() for name in ("ingest", "rules", "score")}
+        urls = {name: create_postgres_database() for name in ("ingest", "rules", "score", "query")}
     yield {
         ("egret-database", "ingest-url"): urls["ingest"],
         ("egret-database", "rules-url"): urls["rules"],
         ("egret-database", "score-url"): urls["score"],
         ("egret-database", "score-readonly-url"): urls["score"],
+        ("egret-database", "query-url"): urls["query"],
         ("egret-subject-key", "subject-key"): secrets.token_hex(32),
     }
     if request.param == "postgresql":

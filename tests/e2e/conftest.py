@@ -26,7 +26,7 @@ def database_urls(backend: str) -> Iterator[dict[str, str]]:
     if backend == "sqlite":
         yield {}
         return
-    urls = {name: create_postgres_database() for name in ("ingest", "rules", "score")}
+    urls = {name: create_postgres_database() for name in ("ingest", "rules", "score", "query")}
     try:
         yield urls
     finally:

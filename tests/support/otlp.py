@@ -27,6 +27,9 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.spans: list[CollectedSpan] = []
+        # Every export request as received, so a test can search all of it (events,
+        # status messages, resource attributes), not just the fields parsed above.
+        self.raw: list[bytes] = []
 
     def Export(self, request: trace_service_pb2.ExportTraceServiceRequest, context: Any) -> Any:
         collected = []
@@ -50,11 +53,16 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
                     )
         with self._lock:
             self.spans.extend(collected)
+            self.raw.append(request.SerializeToString())
         return trace_service_pb2.ExportTraceServiceResponse()
 
     def snapshot(self) -> list[CollectedSpan]:
         with self._lock:
             return list(self.spans)
+
+    def raw_snapshot(self) -> list[bytes]:
+        with self._lock:
+            return list(self.raw)
 
 
 @contextmanager

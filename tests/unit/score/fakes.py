@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
@@ -11,6 +11,8 @@ from services.score.domain import (
     LedgerEntry,
     Recorded,
     Rescore,
+    ReversalRecord,
+    Reversed,
     ScoredEntry,
     ScoreState,
     SubjectLedger,
@@ -86,6 +88,11 @@ class FakeStore:
         for key in keys:
             self._rescore(key, self.rows[key].kind, rescore)
         return len(keys)
+
+    def reverse(
+        self, reversals: Sequence[ReversalRecord], rescore: Callable[[Sequence[ReversalRecord]], Rescore]
+    ) -> Reversed:
+        raise NotImplementedError("reversals are tested through the SQL store")
 
     def due_subjects(self, now: datetime, limit: int) -> list[str]:
         due = [k for k, r in self.rows.items() if r.next_change_at is not None and r.next_change_at <= now]

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from services.score.domain import (
+    CORRECTION,
+    DISPUTE,
+    REPAIR,
     CategoryScore,
     EntryStatus,
     IncomingOutcome,
     Ledger,
     Mismatch,
+    Pause,
     RuleRef,
     ScoredEntry,
     ScoreResult,
@@ -65,12 +69,41 @@ def test_an_empty_ledger_scores_the_base() -> None:
 
 
 @pytest.mark.parametrize(
-    "status", [EntryStatus.DISPUTED, EntryStatus.REVERSED, EntryStatus.REPAIRED, EntryStatus.EXPIRED]
+    "pause",
+    [
+        Pause(OCCURRED, None, False, DISPUTE, "1"),
+        Pause(OCCURRED, None, True, CORRECTION, "library/ev-1"),
+        Pause(OCCURRED, None, False, REPAIR, "2"),
+    ],
 )
-def test_entries_that_are_not_active_do_not_count(status: EntryStatus) -> None:
-    result = score_of([active(-50, "traffic"), active(-100, "legal", status)])
+def test_entries_in_a_pause_do_not_count(pause: Pause) -> None:
+    paused = replace(active(-100, "legal", EntryStatus.DISPUTED), pauses=(pause,))
+    result = score_of([active(-50, "traffic"), paused])
     assert (result.score, result.entry_count) == (950, 1)
     assert result.categories == (CategoryScore("traffic", -50, 1),)
+
+
+@dataclass(frozen=True)
+class Line:
+    """A scorable without pauses (like the rules backtest's lines): its status decides."""
+
+    entry_id: str
+    points: int
+    category: str
+    severity: str
+    status: EntryStatus
+    occurred_at: datetime
+    recorded_at: datetime
+    black_list: bool = False
+
+
+@pytest.mark.parametrize(
+    "status", [EntryStatus.DISPUTED, EntryStatus.REVERSED, EntryStatus.REPAIRED, EntryStatus.EXPIRED]
+)
+def test_scorables_without_pauses_count_only_when_active(status: EntryStatus) -> None:
+    line = Line("x", -100, "legal", "general", status, OCCURRED, OCCURRED)
+    result = compute_score([active(-50, "traffic"), line], UNCAPPED, NOW)
+    assert (result.score, result.entry_count) == (950, 1)
 
 
 def test_the_score_is_clamped_to_the_upper_bound() -> None:

@@ -18,13 +18,12 @@ Arguments: dict "root" $ "workload" <item of egret.workloads> "job" <bool>.
   valueFrom:
     fieldRef:
       fieldPath: metadata.namespace
-{{- if ne $service "query" }}
 - name: EGRET_DATABASE_URL
   valueFrom:
     secretKeyRef:
       name: {{ include "egret.databaseSecretName" $root }}
       key: {{ include "egret.databaseKey" . }}
-{{- else }}
+{{- if eq $service "query" }}
 - name: EGRET_SCORE_DATABASE_URL
   valueFrom:
     secretKeyRef:
@@ -52,7 +51,7 @@ Arguments: dict "root" $ "workload" <item of egret.workloads> "job" <bool>.
 {{- else -}}
 {{- $_ := set $settings "OTEL_TRACES_EXPORTER" "none" -}}
 {{- end -}}
-{{- if has $service (list "ingest" "query") -}}
+{{- if has $service (list "ingest" "score" "query") -}}
 {{- $_ := set $settings "EGRET_SUBJECT_KEY_FILE" (printf "%s/%s" (include "egret.subjectKeyDir" $root) $root.Values.secrets.subjectKey.key) -}}
 {{- $_ := set $settings "EGRET_SUBJECT_KEY_ID" $root.Values.secrets.subjectKey.keyId -}}
 {{- end -}}
@@ -129,7 +128,7 @@ Arguments: dict "root" $ "workload" <item of egret.workloads> "job" <bool>.
   mountPath: /tmp
 - name: data
   mountPath: /var/lib/egret
-{{- if has $service (list "ingest" "query") }}
+{{- if has $service (list "ingest" "score" "query") }}
 - name: subject-key
   mountPath: {{ include "egret.subjectKeyDir" $root }}
   readOnly: true
@@ -182,7 +181,7 @@ Arguments: dict "root" $ "workload" <item of egret.workloads> "job" <bool>.
 - name: data
   emptyDir:
     sizeLimit: 64Mi
-{{- if has $service (list "ingest" "query") }}
+{{- if has $service (list "ingest" "score" "query") }}
 - name: subject-key
   secret:
     secretName: {{ include "egret.subjectKeySecretName" $root }}

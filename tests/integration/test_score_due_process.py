@@ -1,0 +1,496 @@
+"""Due process through score's real gRPC server on loopback, with authenticated principals
+and one injected clock, on SQLite and PostgreSQL: disputes (filing, lapse at the deadline
+written by the sweep, uphold, overturn), repairs, consent, reversals from ApplyOutcomes,
+history rows and the audit chain."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from devtools.localpki import ISSUER, LocalPki, create_local_pki
+from egret.common.v1 import due_process_pb2 as dp
+from egret.common.v1 import event_pb2, outcome_pb2
+from egret.score.v1 import score_service_pb2 as pb
+from egret.score.v1 import score_service_pb2_grpc as pb_grpc
+from kit import audit
+from kit.auth import Role
+from kit.protoconv import to_timestamp
+from kit.pseudonym import Pseudonymiser
+from kit.settings import PseudonymSettings, SecuritySettings
+from services.score.bootstrap import MIGRATIONS, build
+from services.score.storage import ScoreAuditHead, ScoreAuditLog, StoredEntry, StoredHistory, StoredScore
+from tests.integration.test_score_service import score_settings
+from tests.support.events import TEST_SUBJECT_KEY
+from tests.support.outcomes import outcome
+from tests.support.servers import running
+from tests.support.status import bad_request
+
+T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)  # a Monday
+DAY = timedelta(days=1)
+ALICE_ID = "person:resident-id:350200199001011234"
+BOB_ID = "person:resident-id:350200199202022345"
+PSEUDONYMS = Pseudonymiser(TEST_SUBJECT_KEY, "k1")
+ALICE = PSEUDONYMS.subject_key("person", "resident-id", "350200199001011234")
+BOB = PSEUDONYMS.subject_key("person", "resident-id", "350200199202022345")
+MINOR = outcome_pb2.SEVERITY_MINOR
+GENERAL = outcome_pb2.SEVERITY_GENERAL
+
+
+class Clock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@dataclass
+class Score:
+    clock: Clock
+    pki: LocalPki
+    address: str
+    database_url: str
+    channels: list[grpc.aio.Channel]
+
+    def as_(self, subject: str, role: Role) -> pb_grpc.ScoreServiceAsyncStub:
+        channel = self.pki.channel(self.address, self.pki.token(subject, role))
+        self.channels.append(channel)
+        return pb_grpc.ScoreServiceStub(channel)
+
+    @property
+    def alice(self) -> pb_grpc.ScoreServiceAsyncStub:
+        return self.as_(ALICE_ID, Role.SUBJECT)
+
+    @property
+    def bob(self) -> pb_grpc.ScoreServiceAsyncStub:
+        return self.as_(BOB_ID, Role.SUBJECT)
+
+    @property
+    def reviewer(self) -> pb_grpc.ScoreServiceAsyncStub:
+        return self.as_("reviewer-7", Role.REVIEWER)
+
+    @property
+    def rules(self) -> pb_grpc.ScoreServiceAsyncStub:
+        return self.as_("egret-rules", Role.SERVICE)
+
+    async def apply(self, *outcomes: outcome_pb2.Outcome, reversals: tuple[pb.Reversal, ...] = ()) -> Any:
+        return await self.rules.ApplyOutcomes(pb.ApplyOutcomesRequest(outcomes=outcomes, reversals=reversals))
+
+    def read(self, work: Callable[[Any], Any]) -> Any:
+        engine = sa.create_engine(self.database_url)
+        try:
+            with engine.connect() as connection:
+                return work(connection)
+        finally:
+            engine.dispose()
+
+    def history(self, subject_key: str) -> list[Any]:
+        return list(
+            self.read(
+                lambda c: c.execute(
+                    sa.select(StoredHistory)
+                    .where(StoredHistory.subject_key == subject_key)
+                    .order_by(StoredHistory.history_id)
+                ).all()
+            )
+        )
+
+    def status(self, entry_id: str) -> str:
+        return str(
+            self.read(
+                lambda c: c.scalar(sa.select(StoredEntry.status).where(StoredEntry.entry_id == entry_id))
+            )
+        )
+
+    def score(self, subject_key: str) -> int:
+        return int(
+            self.read(
+                lambda c: c.scalar(sa.select(StoredScore.score).where(StoredScore.subject_key == subject_key))
+            )
+        )
+
+    def verify_audit(self) -> audit.ChainReport:
+        engine = sa.create_engine(self.database_url)
+        try:
+            with Session(engine) as session:
+                return audit.verify(session, ScoreAuditLog, ScoreAuditHead)
+        finally:
+            engine.dispose()
+
+
+def secured(settings: Any, pki: LocalPki) -> Any:
+    env = pki.env("score")
+    security = SecuritySettings(
+        insecure=False,
+        tls_cert_file=Path(env["EGRET_TLS_CERT_FILE"]),
+        tls_key_file=Path(env["EGRET_TLS_KEY_FILE"]),
+        tls_client_ca_file=Path(env["EGRET_TLS_CLIENT_CA_FILE"]),
+        tls_ca_file=pki.ca_file,
+        jwt_issuer=ISSUER,
+        jwt_audience="egret",
+        jwt_public_key_file=pki.jwt_public_key_file,
+        service_token_file=pki.service_token_file("score"),
+    )
+    return replace(
+        settings,
+        common=replace(settings.common, security=security),
+        pseudonym=PseudonymSettings(key=TEST_SUBJECT_KEY, key_id="k1"),
+        sweep_interval_s=0.05,
+    )
+
+
+@pytest.fixture
+async def score(database_url: str, tmp_path: Path) -> AsyncIterator[Score]:
+    pki = create_local_pki(tmp_path / "pki")
+    clock = Clock(T0)
+    settings = secured(score_settings(database_url, tmp_path), pki)
+    async with running(settings, functools.partial(build, clock=clock), MIGRATIONS) as address:
+        s = Score(clock, pki, address, database_url, [])
+        try:
+            yield s
+        finally:
+            for channel in s.channels:
+                await channel.close()
+
+
+def negative(
+    outcome_id: str, subject_key: str, points: int = -10, severity: int = GENERAL
+) -> outcome_pb2.Outcome:
+    return outcome(outcome_id, subject_key, points, "finance", severity=severity, occurred_at=T0 - 200 * DAY)
+
+
+def retraction(outcome_id: str, subject_key: str, event_id: str) -> pb.Reversal:
+    return pb.Reversal(
+        outcome_id=outcome_id,
+        retraction=dp.Retraction(
+            ref=event_pb2.EventRef(source="library", event_id=event_id),
+            subject_key=subject_key,
+            reason="sent in error",
+            retracted_at=to_timestamp(T0),
+            retracted_by="library",
+        ),
+    )
+
+
+async def eventually(
+    check: Callable[[], Awaitable[None]] | Callable[[], None], within_s: float = 10.0
+) -> None:
+    deadline = asyncio.get_running_loop().time() + within_s
+    while True:
+        try:
+            result = check()
+            if asyncio.iscoroutine(result):
+                await result
+            return
+        except AssertionError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+async def expect(code: grpc.StatusCode, call: Awaitable[Any]) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call
+    assert raised.value.code() == code, raised.value.details()
+    return raised.value
+
+
+def notes(rows: list[Any]) -> list[tuple[str, str, list[str], list[str]]]:
+    return [(r.cause, r.note, json.loads(r.ended_entry_ids), json.loads(r.resumed_entry_ids)) for r in rows]
+
+
+async def test_a_dispute_lapses_at_its_deadline_and_counts_again_when_upheld(score: Score) -> None:
+    await score.apply(negative("o1", ALICE))
+    assert score.score(ALICE) == 990
+    filed = (await score.alice.FileDispute(pb.FileDisputeRequest(entry_id="o1", statement="not me"))).dispute
+    deadline = T0 + 20 * DAY
+    assert (filed.status, filed.filed_by_role, filed.deadline.ToDatetime(UTC)) == (
+        dp.DISPUTE_STATUS_OPEN,
+        "subject",
+        deadline,
+    )
+    assert score.status("o1") == "disputed"
+    # The instant before the deadline nothing happens; then the sweep writes the lapse at
+    # the exact deadline, with no new event.
+    score.clock.now = deadline - timedelta(microseconds=1)
+    await asyncio.sleep(0.3)
+    assert score.score(ALICE) == 990
+    score.clock.now = deadline + 3 * DAY
+
+    def lapsed() -> None:
+        assert score.score(ALICE) == 1000
+
+    await eventually(lapsed)
+    rows = score.history(ALICE)
+    lapse = rows[-1]
+    assert (lapse.cause, lapse.changed_at.replace(tzinfo=UTC), lapse.score_before, lapse.score) == (
+        "dispute",
+        deadline,
+        990,
+        1000,
+    )
+    upheld = (
+        await score.reviewer.ResolveDispute(
+            pb.ResolveDisputeRequest(
+                dispute_id=filed.dispute_id, decision=dp.DISPUTE_DECISION_UPHOLD, reason="the record is right"
+            )
+        )
+    ).dispute
+    assert (upheld.status, upheld.resolved_by, upheld.overdue) == (
+        dp.DISPUTE_STATUS_UPHELD,
+        "reviewer-7",
+        False,
+    )
+    assert score.score(ALICE) == 990
+    assert score.status("o1") == "active"
+    assert notes(score.history(ALICE))[1:] == [
+        ("dispute", f"dispute {filed.dispute_id} filed", [], []),
+        ("dispute", f"dispute {filed.dispute_id} undecided at its deadline", ["o1"], []),
+        ("dispute", f"dispute {filed.dispute_id} upheld: the record is right", [], ["o1"]),
+    ]
+    # Decided once.
+    await expect(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        score.reviewer.ResolveDispute(
+            pb.ResolveDisputeRequest(
+                dispute_id=filed.dispute_id, decision=dp.DISPUTE_DECISION_OVERTURN, reason="x"
+            )
+        ),
+    )
+
+
+async def test_an_overturned_dispute_reverses_the_entry(score: Score) -> None:
+    await score.apply(negative("o1", ALICE))
+    filed = (await score.alice.FileDispute(pb.FileDisputeRequest(entry_id="o1", statement="paid"))).dispute
+    score.clock.now = T0 + DAY
+    await score.reviewer.ResolveDispute(
+        pb.ResolveDisputeRequest(
+            dispute_id=filed.dispute_id, decision=dp.DISPUTE_DECISION_OVERTURN, reason="proof"
+        )
+    )
+    assert (score.score(ALICE), score.status("o1")) == (1000, "reversed")
+    assert notes(score.history(ALICE))[-1] == (
+        "dispute",
+        f"dispute {filed.dispute_id} overturned: proof",
+        ["o1"],
+        [],
+    )
+    # A reversed entry is not disputed again.
+    await expect(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        score.alice.FileDispute(pb.FileDisputeRequest(entry_id="o1", statement="again")),
+    )
+
+
+async def test_who_may_dispute_and_what_a_request_must_hold(score: Score) -> None:
+    await score.apply(negative("o1", ALICE))
+    # Another subject, or a department whose events the entry does not rest on, finds nothing.
+    await expect(
+        grpc.StatusCode.NOT_FOUND, score.bob.FileDispute(pb.FileDisputeRequest(entry_id="o1", statement="x"))
+    )
+    courts = score.as_("courts", Role.DEPARTMENT)
+    await expect(
+        grpc.StatusCode.NOT_FOUND, courts.FileDispute(pb.FileDisputeRequest(entry_id="o1", statement="x"))
+    )
+    await expect(
+        grpc.StatusCode.NOT_FOUND,
+        score.alice.FileDispute(pb.FileDisputeRequest(entry_id="nope", statement="x")),
+    )
+    error = await expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        score.alice.FileDispute(pb.FileDisputeRequest(entry_id="o1", statement="")),
+    )
+    assert [field for field, _ in bad_request(error)] == ["statement"]
+    error = await expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        score.alice.FileDispute(pb.FileDisputeRequest(entry_id="o1", statement="x" * 4001)),
+    )
+    assert [reason for _, reason in bad_request(error)] == ["TOO_LONG"]
+    # The library reported the event, so it may dispute the entry.
+    library = score.as_("library", Role.DEPARTMENT)
+    filed = (await library.FileDispute(pb.FileDisputeRequest(entry_id="o1", statement="our error"))).dispute
+    assert filed.filed_by == "library"
+    await expect(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        score.alice.FileDispute(pb.FileDisputeRequest(entry_id="o1", statement="x")),
+    )
+    error = await expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        score.reviewer.ResolveDispute(pb.ResolveDisputeRequest(dispute_id=filed.dispute_id, reason="")),
+    )
+    assert [field for field, _ in bad_request(error)] == ["decision", "reason"]
+    await expect(
+        grpc.StatusCode.NOT_FOUND,
+        score.reviewer.ResolveDispute(
+            pb.ResolveDisputeRequest(dispute_id="999", decision=dp.DISPUTE_DECISION_UPHOLD, reason="x")
+        ),
+    )
+    # Roles outside the policy are refused before any handler runs.
+    await expect(
+        grpc.StatusCode.PERMISSION_DENIED,
+        score.alice.ResolveDispute(
+            pb.ResolveDisputeRequest(
+                dispute_id=filed.dispute_id, decision=dp.DISPUTE_DECISION_UPHOLD, reason="x"
+            )
+        ),
+    )
+
+
+async def test_repair_waits_for_the_minimum_period_then_an_approval_ends_the_entry(score: Score) -> None:
+    serious = outcome(
+        "s1", ALICE, -50, "legal", severity=outcome_pb2.SEVERITY_SERIOUS, occurred_at=T0 - 300 * DAY
+    )
+    await score.apply(serious, outcome("p1", ALICE, 5, "civic", occurred_at=T0 - DAY))
+    error = await expect(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        score.alice.ApplyForRepair(pb.ApplyForRepairRequest(entry_id="s1", evidence="paid")),
+    )
+    assert (T0 + 65 * DAY).date().isoformat() in (error.details() or "")
+    await expect(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        score.alice.ApplyForRepair(pb.ApplyForRepairRequest(entry_id="p1", evidence="x")),
+    )
+    await expect(
+        grpc.StatusCode.NOT_FOUND,
+        score.bob.ApplyForRepair(pb.ApplyForRepairRequest(entry_id="s1", evidence="x")),
+    )
+    score.clock.now = T0 + 65 * DAY  # a Friday: 365 days after the event
+    application = (
+        await score.alice.ApplyForRepair(
+            pb.ApplyForRepairRequest(
+                entry_id="s1", evidence="paid and apologised", evidence_uri="https://x.example/r"
+            )
+        )
+    ).application
+    assert application.status == dp.REPAIR_STATUS_PENDING
+    # Three working days over the weekend: Friday -> Wednesday.
+    assert application.decision_due.ToDatetime(UTC) == T0 + 70 * DAY
+    await expect(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        score.alice.ApplyForRepair(pb.ApplyForRepairRequest(entry_id="s1", evidence="again")),
+    )
+    before = score.score(ALICE)
+    score.clock.now = T0 + 71 * DAY
+    decided = (
+        await score.reviewer.DecideRepair(
+            pb.DecideRepairRequest(
+                application_id=application.application_id,
+                decision=dp.REPAIR_DECISION_APPROVE,
+                reason="made good",
+            )
+        )
+    ).application
+    assert (decided.status, decided.decided_by) == (dp.REPAIR_STATUS_APPROVED, "reviewer-7")
+    assert (score.score(ALICE), score.status("s1")) == (before + 50, "repaired")
+    assert notes(score.history(ALICE))[-1] == (
+        "repair",
+        f"repair {application.application_id} approved: made good",
+        ["s1"],
+        [],
+    )
+    await expect(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        score.reviewer.DecideRepair(
+            pb.DecideRepairRequest(
+                application_id=application.application_id, decision=dp.REPAIR_DECISION_REJECT, reason="x"
+            )
+        ),
+    )
+    await expect(
+        grpc.StatusCode.PERMISSION_DENIED,
+        score.as_("library", Role.DEPARTMENT).ApplyForRepair(
+            pb.ApplyForRepairRequest(entry_id="s1", evidence="x")
+        ),
+    )
+
+
+async def test_consent_is_set_by_its_subject_or_recorded_on_paper_by_a_reviewer(score: Score) -> None:
+    own = (await score.alice.SetConsent(pb.SetConsentRequest(granted=True))).consent
+    assert (own.subject_key, own.granted, own.effective_at.ToDatetime(UTC)) == (ALICE, True, T0)
+    await expect(
+        grpc.StatusCode.PERMISSION_DENIED,
+        score.alice.SetConsent(pb.SetConsentRequest(subject_key=BOB, granted=True)),
+    )
+    request = pb.SetConsentRequest(subject_key=BOB, granted=True)
+    request.effective_at.CopyFrom(to_timestamp(T0 + DAY))
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, score.reviewer.SetConsent(request))
+    request.effective_at.CopyFrom(to_timestamp(T0 - DAY))
+    paper = (await score.reviewer.SetConsent(request)).consent
+    assert (paper.subject_key, paper.recorded_by) == (BOB, "reviewer-7")
+    await expect(
+        grpc.StatusCode.INVALID_ARGUMENT, score.reviewer.SetConsent(pb.SetConsentRequest(granted=True))
+    )
+    await expect(
+        grpc.StatusCode.PERMISSION_DENIED, score.rules.SetConsent(pb.SetConsentRequest(granted=True))
+    )
+
+
+async def test_reversals_apply_once_and_wait_for_a_late_outcome(score: Score) -> None:
+    await score.apply(negative("o1", ALICE))
+    first = await score.apply(reversals=(retraction("o1", ALICE, "o1-0"), retraction("late", BOB, "late-0")))
+    assert (first.reversed, score.score(ALICE), score.status("o1")) == (1, 1000, "reversed")
+    again = await score.apply(reversals=(retraction("o1", ALICE, "o1-0"),))
+    assert again.reversed == 0
+    assert [r for r in notes(score.history(ALICE)) if r[0] == "correction"] == [
+        ("correction", "event library/o1-0 retracted", ["o1"], [])
+    ]
+    # The outcome retracted before it arrived never counts.
+    await score.apply(negative("late", BOB))
+    assert (score.score(BOB), score.status("late")) == (1000, "reversed")
+
+
+async def test_the_audit_chain_holds_every_act_and_breaks_when_a_row_is_tampered_with(score: Score) -> None:
+    await score.apply(
+        negative("o1", ALICE), outcome("o2", ALICE, -3, "civic", severity=MINOR, occurred_at=T0 - 10 * DAY)
+    )
+    filed = (await score.alice.FileDispute(pb.FileDisputeRequest(entry_id="o1", statement="not me"))).dispute
+    await score.reviewer.ResolveDispute(
+        pb.ResolveDisputeRequest(
+            dispute_id=filed.dispute_id, decision=dp.DISPUTE_DECISION_UPHOLD, reason="right"
+        )
+    )
+    application = (
+        await score.alice.ApplyForRepair(pb.ApplyForRepairRequest(entry_id="o2", evidence="x"))
+    ).application
+    await score.reviewer.DecideRepair(
+        pb.DecideRepairRequest(
+            application_id=application.application_id, decision=dp.REPAIR_DECISION_REJECT, reason="not yet"
+        )
+    )
+    await score.alice.SetConsent(pb.SetConsentRequest(granted=True))
+    await score.apply(reversals=(retraction("o1", ALICE, "o1-0"),))
+    report = score.verify_audit()
+    assert report.intact, report.problems
+    actions = score.read(
+        lambda c: [r.action for r in c.execute(sa.select(ScoreAuditLog.action).order_by(ScoreAuditLog.seq))]
+    )
+    assert actions == [
+        "policy.activate",
+        "dispute.file",
+        "dispute.resolve",
+        "repair.apply",
+        "repair.decide",
+        "consent.set",
+        "entry.reverse",
+    ]
+    engine = sa.create_engine(score.database_url)
+    with engine.begin() as connection:
+        connection.execute(
+            sa.update(ScoreAuditLog).where(ScoreAuditLog.seq == 3).values(detail='{"decision":"overturned"}')
+        )
+    engine.dispose()
+    broken = score.verify_audit()
+    assert not broken.intact
+    assert any("seq 3" in p for p in broken.problems)
