@@ -174,6 +174,8 @@ class Cluster:
                 env["EGRET_RULES_SHARDS"] = str(len(self.rules_names))
         if name == "query":
             env["EGRET_SCORE_DATABASE_URL"] = self._database_urls["score"]
+            # Explain reads the active rule set; every shard holds the same rule sets.
+            env["EGRET_RULES_ADDRESS"] = self._addresses[self.rules_names[0]]
         env.update(self._env)
         if name in self.rules_names and name != "rules":
             env.update(self._service_env.get("rules", {}))

@@ -11,7 +11,6 @@ import grpc
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from egret.common.v1 import event_pb2
 from egret.ingest.v1 import ingest_service_pb2 as pb
 from egret.rules.v1 import rules_service_pb2 as rules_pb
 from egret.rules.v1 import rules_service_pb2_grpc as rules_grpc
@@ -27,17 +26,26 @@ from services.ingest.catalogue import load_catalogue
 from services.ingest.domain import Intake, Limits
 from services.ingest.servicer import IngestServicer, register
 from services.ingest.settings import IngestSettings
-from services.ingest.storage import Outbox, SqlEventStore
+from services.ingest.storage import IngestAuditHead, IngestAuditLog, Outbox, SqlEventStore
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def merged_request(payloads: Sequence[bytes]) -> rules_pb.EvaluateEventsRequest:
+    """One EvaluateEventsRequest from outbox rows (each a request with one event or one
+    retraction), keeping row order within events and within retractions. Rules applies
+    the retractions after the events, and a retraction's row always follows its event's."""
+    request = rules_pb.EvaluateEventsRequest()
+    for payload in payloads:
+        request.MergeFromString(payload)
+    return request
 
 
 def send_to_rules(channel: grpc.aio.Channel, deadline_s: float) -> Send:
     rules = rules_grpc.RulesServiceStub(channel)
 
     async def send(payloads: Sequence[bytes]) -> None:
-        events = [event_pb2.RecordedEvent.FromString(p) for p in payloads]
-        await rules.EvaluateEvents(rules_pb.EvaluateEventsRequest(events=events), timeout=deadline_s)
+        await rules.EvaluateEvents(merged_request(payloads), timeout=deadline_s)
 
     return send
 
@@ -133,5 +141,6 @@ def main(argv: list[str] | None = None) -> int:
         load_settings=IngestSettings.from_env,
         build=build,
         migrations_dir=MIGRATIONS,
+        audit=(IngestAuditLog, IngestAuditHead),
         argv=argv,
     )

@@ -1,8 +1,14 @@
-"""Intake of events (pure domain): validate, pseudonymise, deduplicate, record.
+"""Intake of events (pure domain): validate, pseudonymise, deduplicate, record; and the
+departments' retractions and corrections of events they sent.
 
 (source, event_id) is the idempotency key. The payload's fingerprint, a hash over
 everything the department sent (with the subject already pseudonymised), decides
 whether a repeated key is a harmless duplicate or a conflicting reuse.
+
+A retraction never deletes: the event stays (so a resend of it is still a duplicate,
+never a new event) and the retraction is stored beside it and relayed to rules after
+the event, which reverses what the event caused. A correction is a retraction and the
+replacement event, committed together.
 """
 
 from __future__ import annotations
@@ -13,9 +19,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
-from typing import Protocol
+from typing import Final, Protocol
 
-from kit.errors import Violation
+from kit.errors import AlreadyExists, InvalidArgument, Violation
 from kit.pseudonym import Pseudonymiser
 from services.ingest.catalogue import Catalogue, IncomingEvent, Scalar
 
@@ -56,12 +62,75 @@ class NewEvent:
         return (self.source, self.event_id)
 
 
+# A retraction's reason is shown to the subject and to reviewers: long enough to explain.
+MAX_REASON_LENGTH: Final = 1000
+
+
+@dataclass(frozen=True)
+class Retraction:
+    """A department's withdrawal of an event it sent, as stored."""
+
+    source: str
+    event_id: str
+    subject_key: str
+    reason: str
+    retracted_at: datetime
+    retracted_by: str
+    # For a correction: the replacement's (source, event_id).
+    replaced_by: tuple[str, str] | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.source, self.event_id)
+
+
+@dataclass(frozen=True)
+class Retracted:
+    """The answer to a retraction: the stored retraction, and whether it existed before."""
+
+    retraction: Retraction
+    already_retracted: bool
+
+
+@dataclass(frozen=True)
+class Corrected:
+    retraction: Retraction
+    replacement: EventResult
+
+
+@dataclass(frozen=True)
+class RetractionRequest:
+    """What a department asks for; the store decides against what is stored."""
+
+    source: str
+    event_id: str
+    reason: str
+    actor: str
+    at: datetime
+
+
 class EventStore(Protocol):
     def record(self, events: Sequence[NewEvent], recorded_at: datetime) -> Mapping[tuple[str, str], str]:
         """In one transaction, store every event whose key is new, with its outbox row.
 
         Returns the stored fingerprint of each key that already existed (those events
         are not stored again).
+        """
+        ...
+
+    def retract(self, request: RetractionRequest) -> Retracted:
+        """In one transaction: the retraction, its outbox row (after the event's) and its
+        audit record. NotFound if the source never sent the event; an existing
+        retraction is returned as it is (already_retracted)."""
+        ...
+
+    def correct(self, request: RetractionRequest, replacement: NewEvent) -> tuple[Retracted, str | None]:
+        """In one transaction: retract the original (replaced_by the replacement) and store
+        the replacement with its outbox row, and the audit record.
+
+        Returns the retraction (already_retracted when this very correction was made
+        before) and the stored fingerprint of the replacement if its key existed. Raises
+        NotFound for an unknown original, FailedPrecondition if it was retracted otherwise.
         """
         ...
 
@@ -174,6 +243,57 @@ class Intake:
             )
         return [results[i] for i in range(len(events))]
 
+    def retract(self, source: str, event_id: str, reason: str, actor: str) -> Retracted:
+        """Retract an event the department sent; a repeated retraction returns the first."""
+        problems = check_reason(reason) + check_ref(source, event_id)
+        if problems:
+            raise InvalidArgument("invalid retraction", problems)
+        return self._store.retract(RetractionRequest(source, event_id, reason, actor, self._clock()))
+
+    def correct(
+        self, source: str, event_id: str, reason: str, replacement: IncomingEvent, actor: str
+    ) -> Corrected:
+        """Retract an event and store its replacement together.
+
+        The replacement is validated exactly as a submitted event (violations under
+        "replacement."), must come from the same source and needs its own event_id. A
+        resend of the same correction answers as the first did, the replacement being
+        a duplicate.
+        """
+        now = self._clock()
+        problems = check_reason(reason) + check_ref(source, event_id)
+        problems += [
+            v.prefixed("replacement")
+            for v in self._catalogue.validate(
+                source,
+                replacement,
+                now=now,
+                max_skew=self._limits.max_future_skew,
+                max_age=self._limits.max_event_age,
+            )
+        ]
+        if replacement.event_id == event_id:
+            problems.append(
+                Violation(
+                    "replacement.event_id",
+                    "must differ from the corrected event's: its id stays taken by the retracted event",
+                    "SAME_EVENT_ID",
+                )
+            )
+        if problems:
+            raise InvalidArgument("invalid correction", problems)
+        new = self._pseudonymise(source, replacement)
+        retracted, stored = self._store.correct(RetractionRequest(source, event_id, reason, actor, now), new)
+        result = (
+            EventResult(0, new.event_id, EventStatus.ACCEPTED)
+            if stored is None
+            else self._repeat(0, new, stored, "earlier")
+        )
+        if result.status is EventStatus.CONFLICT:
+            # The store refuses before committing anything; this is the belt to its braces.
+            raise AlreadyExists(result.message, reason="EVENT_ID_CONFLICT")
+        return Corrected(retracted.retraction, result)
+
     @staticmethod
     def _repeat(index: int, new: NewEvent, stored_fingerprint: str, when: str) -> EventResult:
         if stored_fingerprint == new.fingerprint:
@@ -218,3 +338,22 @@ class Intake:
             evidence_uri=event.evidence_uri,
             fingerprint=fingerprint(normalised, subject_key),
         )
+
+
+def check_reason(reason: str) -> list[Violation]:
+    if not reason.strip():
+        return [Violation("reason", "is required", "REQUIRED")]
+    if len(reason) > MAX_REASON_LENGTH:
+        return [
+            Violation("reason", f"holds {len(reason)} characters; at most {MAX_REASON_LENGTH}", "TOO_LONG")
+        ]
+    return []
+
+
+def check_ref(source: str, event_id: str) -> list[Violation]:
+    problems = []
+    if not source:
+        problems.append(Violation("ref.source", "is required", "REQUIRED"))
+    if not event_id:
+        problems.append(Violation("ref.event_id", "is required", "REQUIRED"))
+    return problems

@@ -17,9 +17,10 @@ from kit.db import run_blocking
 from kit.errors import AlreadyExists, InvalidArgument, Violation
 from kit.logging import get_logger
 from kit.protoconv import SUBJECT_KIND_NAMES, attribute_value, to_datetime
-from services.ingest.access import require_own_source
+from services.ingest.access import acting_department, require_own_source
 from services.ingest.catalogue import IncomingEvent
 from services.ingest.domain import EventResult, EventStatus, Intake
+from services.ingest.storage import retraction_message
 
 log = get_logger(__name__)
 
@@ -158,6 +159,61 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                 results=[result_message(r) for r in results],
                 counts=counts(results),
             )
+
+    async def RetractEvent(self, request: pb.RetractEventRequest, context: Any) -> pb.RetractEventResponse:
+        principal = current_principal()
+        ref = request.ref
+        require_own_source(principal, ref.source, "retract events of")
+        with self._tracer.start_as_current_span("ingest retract", attributes={"egret.source": ref.source}):
+            retracted = await run_blocking(
+                self._executor,
+                self._intake.retract,
+                ref.source,
+                ref.event_id,
+                request.reason,
+                acting_department(principal, ref.source),
+            )
+        if not retracted.already_retracted:
+            self._committed()
+        log.info(
+            "event retracted",
+            source=ref.source,
+            event_id=ref.event_id,
+            already_retracted=retracted.already_retracted,
+        )
+        return pb.RetractEventResponse(
+            retraction=retraction_message(retracted.retraction),
+            already_retracted=retracted.already_retracted,
+        )
+
+    async def CorrectEvent(self, request: pb.CorrectEventRequest, context: Any) -> pb.CorrectEventResponse:
+        principal = current_principal()
+        ref = request.ref
+        require_own_source(principal, ref.source, "correct events of")
+        if not request.HasField("replacement"):
+            raise InvalidArgument("invalid correction", [Violation("replacement", "is required", "REQUIRED")])
+        with self._tracer.start_as_current_span("ingest correct", attributes={"egret.source": ref.source}):
+            corrected = await run_blocking(
+                self._executor,
+                self._intake.correct,
+                ref.source,
+                ref.event_id,
+                request.reason,
+                incoming(request.replacement),
+                acting_department(principal, ref.source),
+            )
+        self._committed()
+        log.info(
+            "event corrected",
+            source=ref.source,
+            event_id=ref.event_id,
+            replacement=request.replacement.event_id,
+            status=corrected.replacement.status.value,
+        )
+        return pb.CorrectEventResponse(
+            retraction=retraction_message(corrected.retraction),
+            replacement=result_message(corrected.replacement),
+        )
 
 
 def register(servicer: IngestServicer) -> Callable[[grpc.aio.Server], None]:

@@ -1,4 +1,11 @@
-"""Ingest's store: the durable event log and the outbox to rules, written together."""
+"""Ingest's store: the durable event log, the departments' retractions, the outbox to rules
+and the audit log, written together.
+
+Each outbox row is one serialized EvaluateEventsRequest holding exactly one event or one
+retraction; the relay merges a claim's rows into one request (services/ingest/bootstrap.py).
+A retraction's row is written after its event's, for the same subject and so the same
+shard, so rules always receives the event first.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +16,16 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from egret.common.v1 import event_pb2
-from kit.db import make_metadata
+from egret.common.v1 import due_process_pb2, event_pb2
+from egret.rules.v1 import rules_service_pb2 as rules_pb
+from kit import audit
+from kit.audit import AuditHeadMixin, AuditMixin
+from kit.db import as_utc, make_metadata
+from kit.errors import AlreadyExists, FailedPrecondition, NotFound
 from kit.outbox import BigId, OutboxMixin, outbox_rows
 from kit.protoconv import SUBJECT_KIND_VALUES, to_attribute_value, to_timestamp
 from kit.sharding import shard_of
-from services.ingest.domain import NewEvent
+from services.ingest.domain import NewEvent, Retracted, Retraction, RetractionRequest
 
 
 class Base(DeclarativeBase):
@@ -39,8 +50,35 @@ class StoredEvent(Base):
     record: Mapped[bytes] = mapped_column(sa.LargeBinary)
 
 
+class StoredRetraction(Base):
+    """A department's retraction of one of its events (the event itself stays, never deleted)."""
+
+    __tablename__ = "ingest_retractions"
+
+    source: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    event_id: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
+    subject_key: Mapped[str] = mapped_column(sa.String(64), index=True)
+    reason: Mapped[str] = mapped_column(sa.Text)
+    retracted_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    retracted_by: Mapped[str] = mapped_column(sa.String(256))
+    # For a correction, the replacement event (same source).
+    replaced_by_source: Mapped[str | None] = mapped_column(sa.String(64))
+    replaced_by_event_id: Mapped[str | None] = mapped_column(sa.String(128))
+
+
+class IngestAuditLog(Base, AuditMixin):
+    """The hash-chained audit log of ingest's audited acts (retractions, corrections)."""
+
+    __tablename__ = "ingest_audit_log"
+
+
+class IngestAuditHead(Base, AuditHeadMixin):
+    __tablename__ = "ingest_audit_head"
+
+
 class Outbox(Base, OutboxMixin):
-    """Recorded events waiting to be relayed to the rules service, each to its subject's shard."""
+    """Events and retractions waiting to be relayed to the rules service, each to its
+    subject's shard: one serialized EvaluateEventsRequest per row."""
 
     __tablename__ = "ingest_outbox"
     # Each shard's relay claims its rows in id order through this index.
@@ -48,6 +86,41 @@ class Outbox(Base, OutboxMixin):
 
     # The rules shard that owns the event's subject (kit.sharding); 0 when unsharded.
     shard: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+
+
+def event_payload(event: event_pb2.RecordedEvent) -> bytes:
+    return rules_pb.EvaluateEventsRequest(events=[event]).SerializeToString()
+
+
+def retraction_message(retraction: Retraction) -> due_process_pb2.Retraction:
+    message = due_process_pb2.Retraction(
+        ref=event_pb2.EventRef(source=retraction.source, event_id=retraction.event_id),
+        subject_key=retraction.subject_key,
+        reason=retraction.reason,
+        retracted_at=to_timestamp(retraction.retracted_at),
+        retracted_by=retraction.retracted_by,
+    )
+    if retraction.replaced_by is not None:
+        source, event_id = retraction.replaced_by
+        message.replaced_by.CopyFrom(event_pb2.EventRef(source=source, event_id=event_id))
+    return message
+
+
+def _retraction(row: StoredRetraction) -> Retraction:
+    replaced_by = (
+        (row.replaced_by_source, row.replaced_by_event_id)
+        if row.replaced_by_source is not None and row.replaced_by_event_id is not None
+        else None
+    )
+    return Retraction(
+        source=row.source,
+        event_id=row.event_id,
+        subject_key=row.subject_key,
+        reason=row.reason,
+        retracted_at=as_utc(row.retracted_at),
+        retracted_by=row.retracted_by,
+        replaced_by=replaced_by,
+    )
 
 
 def recorded_event(event: NewEvent, recorded_at: datetime) -> event_pb2.RecordedEvent:
@@ -87,36 +160,164 @@ class SqlEventStore:
         with self._sessions() as session, session.begin():
             existing = self._existing(session, events)
             fresh = [e for e in events if e.key not in existing]
-            if not fresh:
-                return existing
-            messages = [recorded_event(e, recorded_at) for e in fresh]
-            sequences = session.scalars(
-                sa.insert(StoredEvent).returning(StoredEvent.sequence, sort_by_parameter_order=True),
-                [
-                    {
-                        "source": e.source,
-                        "event_id": e.event_id,
-                        "event_type": e.event_type,
-                        "subject_key": e.subject_key,
-                        "subject_key_id": e.subject_key_id,
-                        "occurred_at": e.occurred_at,
-                        "recorded_at": recorded_at,
-                        "fingerprint": e.fingerprint,
-                        "record": m.SerializeToString(),
-                    }
-                    for e, m in zip(fresh, messages, strict=True)
-                ],
-            ).all()
-            # The sequence is only known after the insert; the relayed copy carries it.
-            records = []
-            for message, sequence in zip(messages, sequences, strict=True):
-                message.sequence = sequence
-                records.append(message.SerializeToString())
-            rows = outbox_rows(records, recorded_at)
-            for row, event in zip(rows, fresh, strict=True):
-                row["shard"] = shard_of(event.subject_key, self._rules_shards)
-            session.execute(sa.insert(Outbox), rows)
+            if fresh:
+                self._insert(session, fresh, recorded_at)
         return existing
+
+    def _insert(self, session: Session, fresh: Sequence[NewEvent], recorded_at: datetime) -> None:
+        """Store new events and their outbox rows, in the caller's transaction."""
+        messages = [recorded_event(e, recorded_at) for e in fresh]
+        sequences = session.scalars(
+            sa.insert(StoredEvent).returning(StoredEvent.sequence, sort_by_parameter_order=True),
+            [
+                {
+                    "source": e.source,
+                    "event_id": e.event_id,
+                    "event_type": e.event_type,
+                    "subject_key": e.subject_key,
+                    "subject_key_id": e.subject_key_id,
+                    "occurred_at": e.occurred_at,
+                    "recorded_at": recorded_at,
+                    "fingerprint": e.fingerprint,
+                    "record": m.SerializeToString(),
+                }
+                for e, m in zip(fresh, messages, strict=True)
+            ],
+        ).all()
+        # The sequence is only known after the insert; the relayed copy carries it.
+        payloads = []
+        for message, sequence in zip(messages, sequences, strict=True):
+            message.sequence = sequence
+            payloads.append(event_payload(message))
+        rows = outbox_rows(payloads, recorded_at)
+        for row, event in zip(rows, fresh, strict=True):
+            row["shard"] = shard_of(event.subject_key, self._rules_shards)
+        session.execute(sa.insert(Outbox), rows)
+
+    def retract(self, request: RetractionRequest) -> Retracted:
+        try:
+            return self._retract(request)
+        except IntegrityError:
+            # A concurrent retraction of the same event won; the retry returns it.
+            return self._retract(request)
+
+    def _retract(self, request: RetractionRequest) -> Retracted:
+        with self._sessions() as session, session.begin():
+            subject_key = self._subject_of(session, request)
+            earlier = self._retraction(session, request.source, request.event_id)
+            if earlier is not None:
+                return Retracted(earlier, already_retracted=True)
+            retraction = self._add_retraction(session, request, subject_key, None, "event.retract")
+            return Retracted(retraction, already_retracted=False)
+
+    def correct(self, request: RetractionRequest, replacement: NewEvent) -> tuple[Retracted, str | None]:
+        try:
+            return self._correct(request, replacement)
+        except IntegrityError:
+            return self._correct(request, replacement)
+
+    def _correct(self, request: RetractionRequest, replacement: NewEvent) -> tuple[Retracted, str | None]:
+        with self._sessions() as session, session.begin():
+            subject_key = self._subject_of(session, request)
+            stored = self._existing(session, [replacement]).get(replacement.key)
+            if stored is not None and stored != replacement.fingerprint:
+                raise AlreadyExists(
+                    f"replacement event_id {replacement.event_id!r} was submitted earlier with a "
+                    "different payload",
+                    reason="EVENT_ID_CONFLICT",
+                )
+            earlier = self._retraction(session, request.source, request.event_id)
+            if earlier is not None:
+                if earlier.replaced_by == replacement.key and stored is not None:
+                    return Retracted(earlier, already_retracted=True), stored
+                raise FailedPrecondition(
+                    f"event {request.source}/{request.event_id} was already retracted at "
+                    f"{earlier.retracted_at.isoformat()}"
+                    + (
+                        f" and replaced by {'/'.join(earlier.replaced_by)}"
+                        if earlier.replaced_by is not None
+                        else ""
+                    )
+                )
+            # The retraction's row first: rules reverses the original, then evaluates the
+            # replacement (order matters only on one shard; either order converges).
+            retraction = self._add_retraction(session, request, subject_key, replacement.key, "event.correct")
+            if stored is None:
+                self._insert(session, [replacement], request.at)
+            return Retracted(retraction, already_retracted=False), stored
+
+    @staticmethod
+    def _subject_of(session: Session, request: RetractionRequest) -> str:
+        subject_key = session.scalar(
+            sa.select(StoredEvent.subject_key).where(
+                StoredEvent.source == request.source, StoredEvent.event_id == request.event_id
+            )
+        )
+        if subject_key is None:
+            raise NotFound(f"source {request.source!r} sent no event {request.event_id!r}")
+        return subject_key
+
+    @staticmethod
+    def _retraction(session: Session, source: str, event_id: str) -> Retraction | None:
+        row = session.scalars(
+            sa.select(StoredRetraction).where(
+                StoredRetraction.source == source, StoredRetraction.event_id == event_id
+            )
+        ).one_or_none()
+        return None if row is None else _retraction(row)
+
+    def _add_retraction(
+        self,
+        session: Session,
+        request: RetractionRequest,
+        subject_key: str,
+        replaced_by: tuple[str, str] | None,
+        action: str,
+    ) -> Retraction:
+        retraction = Retraction(
+            source=request.source,
+            event_id=request.event_id,
+            subject_key=subject_key,
+            reason=request.reason,
+            retracted_at=request.at,
+            retracted_by=request.actor,
+            replaced_by=replaced_by,
+        )
+        session.execute(
+            sa.insert(StoredRetraction).values(
+                source=retraction.source,
+                event_id=retraction.event_id,
+                subject_key=subject_key,
+                reason=retraction.reason,
+                retracted_at=retraction.retracted_at,
+                retracted_by=retraction.retracted_by,
+                replaced_by_source=replaced_by[0] if replaced_by else None,
+                replaced_by_event_id=replaced_by[1] if replaced_by else None,
+            )
+        )
+        payload = rules_pb.EvaluateEventsRequest(retractions=[retraction_message(retraction)])
+        (row,) = outbox_rows([payload.SerializeToString()], request.at)
+        row["shard"] = shard_of(subject_key, self._rules_shards)
+        session.execute(sa.insert(Outbox), [row])
+        detail: dict[str, object] = {"reason": retraction.reason}
+        if replaced_by is not None:
+            detail["replaced_by"] = "/".join(replaced_by)
+        audit.append(
+            session,
+            IngestAuditLog,
+            IngestAuditHead,
+            [
+                audit.record(
+                    action,
+                    request.at,
+                    subject_key=subject_key,
+                    target=f"event:{retraction.source}/{retraction.event_id}",
+                    detail=detail,
+                    claimed_actor=request.actor,
+                )
+            ],
+        )
+        return retraction
 
     def stranded_shards(self) -> list[int]:
         """Shards of waiting outbox rows that no relay of this configuration serves: rows

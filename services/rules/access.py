@@ -1,5 +1,6 @@
-"""Who may call RulesService: ingest (as a service) delivers events; reviewers own the
-rule sets; auditors read them; admins handle dead letters."""
+"""Who may call RulesService: ingest (as a service) delivers events; query (as a service)
+reads the active rule set; reviewers own the rule sets; auditors read them; admins handle
+dead letters."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ POLICY: Mapping[str, CallPolicy] = {
     _RPC + "RetireRuleSet": allow(Role.REVIEWER),
     _RPC + "BacktestRuleSet": allow(Role.REVIEWER),
     _RPC + "ListRuleSets": allow(*_READERS),
-    _RPC + "GetRuleSet": allow(*_READERS),
+    # Query (as a service) reads the active rule set's positive rules for Explain.
+    _RPC + "GetRuleSet": allow(*_READERS, Role.SERVICE),
     _RPC + "ListRuleSetChanges": allow(*_READERS),
     _RPC + "ListDeadLetters": allow(Role.ADMIN, Role.AUDITOR),
     _RPC + "RedriveDeadLetters": allow(Role.ADMIN),

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import grpc
 
-from egret.common.v1 import outcome_pb2
 from egret.rules.v1 import rules_service_pb2 as pb
 from egret.score.v1 import score_service_pb2 as score_pb
 from egret.score.v1 import score_service_pb2_grpc as score_grpc
@@ -26,19 +25,33 @@ from services.rules.lifecycle import RuleSetLifecycle
 from services.rules.servicer import RulesServicer, register
 from services.rules.settings import RulesSettings
 from services.rules.shard_layout import check_shard_layout
-from services.rules.storage import Outbox, SqlEvaluationStore, SqlLifecycleStore
+from services.rules.storage import (
+    Outbox,
+    RulesAuditHead,
+    RulesAuditLog,
+    SqlEvaluationStore,
+    SqlLifecycleStore,
+)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 log = get_logger(__name__)
 
 
+def merged_request(payloads: Sequence[bytes]) -> score_pb.ApplyOutcomesRequest:
+    """One ApplyOutcomesRequest from outbox rows (each a request with one outcome or one
+    reversal), keeping row order within outcomes and within reversals."""
+    request = score_pb.ApplyOutcomesRequest()
+    for payload in payloads:
+        request.MergeFromString(payload)
+    return request
+
+
 def send_to_score(channel: grpc.aio.Channel, deadline_s: float) -> Send:
     score = score_grpc.ScoreServiceStub(channel)
 
     async def send(payloads: Sequence[bytes]) -> None:
-        outcomes = [outcome_pb2.Outcome.FromString(p) for p in payloads]
-        await score.ApplyOutcomes(score_pb.ApplyOutcomesRequest(outcomes=outcomes), timeout=deadline_s)
+        await score.ApplyOutcomes(merged_request(payloads), timeout=deadline_s)
 
     return send
 
@@ -101,5 +114,10 @@ def build(settings: RulesSettings) -> Service:
 
 def main(argv: list[str] | None = None) -> int:
     return run_cli(
-        name="rules", load_settings=RulesSettings.from_env, build=build, migrations_dir=MIGRATIONS, argv=argv
+        name="rules",
+        load_settings=RulesSettings.from_env,
+        build=build,
+        migrations_dir=MIGRATIONS,
+        audit=(RulesAuditLog, RulesAuditHead),
+        argv=argv,
     )

@@ -24,6 +24,16 @@ subject by subject) and the rest is committed. A failing event is retried with t
 relay's backoff (the call fails with UNAVAILABLE after the commit); once it has failed
 `dead_letter_after` times it is parked in the dead letters with its reason and the
 call succeeds, so a poison event never blocks its subject or the relay.
+
+Retractions. After a batch's events, each retraction (a department withdrew an event)
+is applied once, in its own transaction: the event is marked retracted (it leaves every
+later history), every outcome that used it is reversed, the events those outcomes had
+consumed are released for the outcome's rule, and the released events are evaluated
+again through the normal path with the subject's history, so a window or sequence they
+now complete with other events fires (a new outcome with its own deterministic id).
+Only firings of a rule that holds an event released for that rule are kept: the
+re-evaluation never repeats a per-event outcome the event already gave. docs/rules.md,
+"Retractions and corrections".
 """
 
 from __future__ import annotations
@@ -68,6 +78,8 @@ class BatchState:
     parked: frozenset[str] = frozenset()
     # Failed before, not parked yet: key → failed attempts so far.
     attempts: Mapping[str, int] = field(default_factory=dict)
+    # Retracted: never evaluated again, even if ingest delivers the event again.
+    retracted: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -102,6 +114,47 @@ class DeadLetter:
     parked_at: datetime | None
 
 
+@dataclass(frozen=True)
+class RetractionNotice:
+    """A retraction as delivered: the event's key, its subject, and the Retraction message
+    (serialized), which the reversals carry to score."""
+
+    key: str
+    subject_key: str
+    record: bytes
+
+
+@dataclass(frozen=True)
+class ReversedOutcome:
+    """An outcome that used a retracted event: reversed, its other events released."""
+
+    outcome_id: str
+    rule_id: str
+    event_keys: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RetractionContext:
+    """What a retraction undoes: the outcomes to reverse, and the released events still
+    evaluated and not retracted (the ones to evaluate again), with their records."""
+
+    reversed: tuple[ReversedOutcome, ...]
+    released: Mapping[str, EngineEvent]
+    records: Mapping[str, bytes]
+
+
+@dataclass(frozen=True)
+class Retractions:
+    """What a call's retractions did."""
+
+    retracted: int = 0
+    duplicate: int = 0
+    reversed: tuple[str, ...] = ()
+    firings: tuple[Firing, ...] = ()
+    # Released events whose re-evaluation failed: they stay evaluated and unused.
+    failed: Mapping[str, str] = field(default_factory=dict)
+
+
 class EvaluationStore(Protocol):
     def batch_state(self, keys: Sequence[str]) -> BatchState: ...
 
@@ -130,6 +183,26 @@ class EvaluationStore(Protocol):
 
     def dead_letters(self, ids: Sequence[int]) -> Sequence[DeadLetter]:
         """The parked dead letters among `ids`."""
+        ...
+
+    def retraction_context(self, notice: RetractionNotice) -> RetractionContext | None:
+        """What the retraction undoes; None if it was applied before."""
+        ...
+
+    def commit_retraction(
+        self,
+        notice: RetractionNotice,
+        reversed_ids: Sequence[str],
+        firings: Sequence[Firing],
+        records: Mapping[str, bytes],
+        *,
+        rule_set: RuleSet,
+        now: datetime,
+    ) -> bool:
+        """In one transaction: record the retraction as applied, mark the event retracted
+        (and drop any dead letter of it), reverse `reversed_ids` (releasing their events,
+        queueing a reversal each for score), and record `firings` with their outbox rows.
+        False if a concurrent application won."""
         ...
 
     def parked_ids(self, after: int | None, limit: int) -> Sequence[int]: ...
@@ -289,6 +362,66 @@ class Evaluator:
                     return result
             raise RuntimeError("redrive kept losing races with a concurrent evaluator")
 
+    def retract(self, notices: Sequence[RetractionNotice]) -> Retractions:
+        """Apply retractions in order, each once, each in its own transaction, so that a
+        later one sees what an earlier one re-formed."""
+        with self._lock:
+            active = self._refresh()
+            retracted, duplicate = 0, 0
+            reversed_ids: list[str] = []
+            firings: list[Firing] = []
+            failed: dict[str, str] = {}
+            for notice in notices:
+                for _ in range(3):
+                    applied = self._retract_once(active, notice)
+                    if applied is not None:
+                        break
+                else:
+                    raise RuntimeError("a retraction kept losing races with a concurrent evaluator")
+                if applied is _ALREADY_APPLIED:
+                    duplicate += 1
+                    continue
+                retracted += 1
+                reversed_ids.extend(applied.reversed)
+                firings.extend(applied.firings)
+                failed.update(applied.failed)
+            return Retractions(retracted, duplicate, tuple(reversed_ids), tuple(firings), failed)
+
+    def _retract_once(self, active: ActiveRuleSet, notice: RetractionNotice) -> Retractions | None:
+        context = self._store.retraction_context(notice)
+        if context is None:
+            return _ALREADY_APPLIED
+        released = released_by_rule(context.reversed, notice.key)
+        firings: list[Firing] = []
+        reasons: dict[str, str] = {}
+        history_records: Mapping[str, bytes] = {}
+        if context.released:
+            rule_set = active.rule_set
+            events = in_evaluation_order(context.released.values())
+            excluded = frozenset(context.released) | {notice.key}
+
+            def context_of(ranges: Mapping[str, tuple[datetime, datetime]]) -> EvaluationContext:
+                stored = self._store.context(ranges, rule_set.history_event_types)
+                return without(stored, excluded, context.reversed)
+
+            found, reasons, history_records = run_batch(rule_set, active.engine, events, context_of)
+            firings = reformed(found, released)
+        if not self._store.commit_retraction(
+            notice,
+            [o.outcome_id for o in context.reversed],
+            firings,
+            {**history_records, **context.records},
+            rule_set=active.rule_set,
+            now=self._clock(),
+        ):
+            return None
+        return Retractions(
+            retracted=1,
+            reversed=tuple(o.outcome_id for o in context.reversed),
+            firings=tuple(firings),
+            failed=reasons,
+        )
+
     def parked_ids(self, after: int | None, limit: int) -> Sequence[int]:
         return self._store.parked_ids(after, limit)
 
@@ -318,7 +451,7 @@ class Evaluator:
     ) -> Evaluation | None:
         state = self._store.batch_state([e.key for e in events])
         # A parked event stays parked when ingest delivers it again; a redrive decides.
-        ordered = in_evaluation_order(events, state.evaluated | state.parked)
+        ordered = in_evaluation_order(events, state.evaluated | state.parked | state.retracted)
         if not ordered:
             return Evaluation(evaluated=0, duplicate=len(events), firings=())
         firings, reasons, context_records = self._run(active, ordered)
@@ -454,6 +587,48 @@ def in_evaluation_order(
         if event.key not in done and event.key not in fresh:
             fresh[event.key] = event
     return sorted(fresh.values(), key=lambda e: (e.occurred_at, e.key))
+
+
+_ALREADY_APPLIED: Final = Retractions(duplicate=1)
+
+
+def released_by_rule(
+    reversed_outcomes: Iterable[ReversedOutcome], retracted: str
+) -> dict[str, frozenset[str]]:
+    """Per rule, the events its reversed outcomes had consumed, but for the retracted one:
+    free again for that rule (and only that one)."""
+    released: dict[str, set[str]] = {}
+    for outcome in reversed_outcomes:
+        keys = {k for k in outcome.event_keys if k != retracted}
+        if keys:
+            released.setdefault(outcome.rule_id, set()).update(keys)
+    return {rule_id: frozenset(keys) for rule_id, keys in released.items()}
+
+
+def without(
+    context: EvaluationContext, excluded: Container[str], reversed_outcomes: Iterable[ReversedOutcome]
+) -> EvaluationContext:
+    """The context a re-evaluation of released events runs with: the history without
+    `excluded` (the released events, evaluated as new, and the retracted one), and each
+    rule's consumed events without those of its reversed outcomes."""
+    freed: dict[str, set[str]] = {}
+    for outcome in reversed_outcomes:
+        freed.setdefault(outcome.rule_id, set()).update(outcome.event_keys)
+    return EvaluationContext(
+        history={
+            subject: [e for e in events if e.key not in excluded]
+            for subject, events in context.history.items()
+        },
+        consumed={rule_id: keys - freed.get(rule_id, set()) for rule_id, keys in context.consumed.items()},
+        records=context.records,
+    )
+
+
+def reformed(firings: Iterable[Firing], released: Mapping[str, frozenset[str]]) -> list[Firing]:
+    """The firings a re-evaluation may emit: those of a rule holding an event released for
+    that rule. Any other firing of a released event (a per-event rule, a rule that never
+    used it) was emitted when the event was first evaluated."""
+    return [f for f in firings if released.get(f.rule_id, frozenset()).intersection(f.event_keys)]
 
 
 def _ranges(events: Sequence[EngineEvent], reach: timedelta) -> dict[str, tuple[datetime, datetime]]:

@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 from opentelemetry import trace
 
-from egret.common.v1 import event_pb2
+from egret.common.v1 import due_process_pb2, event_pb2
 from egret.rules.v1 import backtest_pb2
 from egret.rules.v1 import rules_service_pb2 as pb
 from egret.rules.v1 import rules_service_pb2_grpc as pb_grpc
@@ -19,13 +19,31 @@ from kit.logging import get_logger
 from kit.protoconv import SUBJECT_KIND_NAMES, to_timestamp
 from kit.sharding import UNSHARDED, Shard
 from services.rules.backtest_servicer import BacktestHandler
-from services.rules.domain import EvaluationFailed, Evaluator
+from services.rules.domain import EvaluationFailed, Evaluator, RetractionNotice, Retractions
 from services.rules.lifecycle import RuleSetLifecycle
 from services.rules.lifecycle_servicer import LifecycleRpcs
 from services.rules.records import engine_event
 from services.rules.ruleset import rule_set_from_yaml
 
 log = get_logger(__name__)
+
+
+def _retraction_violations(index: int, retraction: due_process_pb2.Retraction) -> list[Violation]:
+    path = f"retractions[{index}]"
+    problems = []
+    if not retraction.ref.source or not retraction.ref.event_id or "/" in retraction.ref.source:
+        problems.append(Violation(f"{path}.ref", "needs a source without '/' and an event_id", "INVALID"))
+    if not retraction.subject_key:
+        problems.append(Violation(f"{path}.subject_key", "is required", "REQUIRED"))
+    return problems
+
+
+def retraction_notice(retraction: due_process_pb2.Retraction) -> RetractionNotice:
+    return RetractionNotice(
+        key=f"{retraction.ref.source}/{retraction.ref.event_id}",
+        subject_key=retraction.subject_key,
+        record=retraction.SerializeToString(),
+    )
 
 
 def _violations(index: int, event: event_pb2.RecordedEvent) -> list[Violation]:
@@ -66,19 +84,28 @@ class RulesServicer(LifecycleRpcs, pb_grpc.RulesServiceServicer):
     async def EvaluateEvents(
         self, request: pb.EvaluateEventsRequest, context: Any
     ) -> pb.EvaluateEventsResponse:
-        if len(request.events) > self._max_batch_size:
+        if len(request.events) + len(request.retractions) > self._max_batch_size:
             raise InvalidArgument(
                 "batch too large",
-                [Violation("events", f"at most {self._max_batch_size} events per call", "BATCH_TOO_LARGE")],
+                [
+                    Violation(
+                        "events",
+                        f"at most {self._max_batch_size} events and retractions per call",
+                        "BATCH_TOO_LARGE",
+                    )
+                ],
             )
         # Ingest validated these events; a malformed one here is a contract breach by
         # the caller, reported for the whole call so that it is fixed, not skipped.
         problems = [v for i, e in enumerate(request.events) for v in _violations(i, e)]
+        problems += [v for i, r in enumerate(request.retractions) for v in _retraction_violations(i, r)]
         if problems:
             raise InvalidArgument("malformed recorded events", problems)
         # Evaluating another shard's subjects here would split their window state over two
         # instances; refused as a whole so the misrouting caller retries loudly, never skips.
-        misrouted = self._shard.misrouted(e.subject_key for e in request.events)
+        misrouted = self._shard.misrouted(
+            [e.subject_key for e in request.events] + [r.subject_key for r in request.retractions]
+        )
         if misrouted:
             raise FailedPrecondition(self._shard.refusal(misrouted))
         with self._tracer.start_as_current_span(
@@ -87,18 +114,35 @@ class RulesServicer(LifecycleRpcs, pb_grpc.RulesServiceServicer):
             events = [engine_event(e) for e in request.events]
             records = {ev.key: e.SerializeToString() for ev, e in zip(events, request.events, strict=True)}
             result = await run_blocking(self._executor, self._evaluator.evaluate, events, records)
+            # After the events (a retraction follows its event), even when some events failed:
+            # the retractions are applied once and the failed events are retried anyway.
+            retractions = (
+                await run_blocking(
+                    self._executor,
+                    self._evaluator.retract,
+                    [retraction_notice(r) for r in request.retractions],
+                )
+                if request.retractions
+                else Retractions()
+            )
+            outcomes = len(result.firings) + len(retractions.firings)
             span.set_attributes(
                 {
                     "egret.evaluated": result.evaluated,
                     "egret.duplicate": result.duplicate,
-                    "egret.outcomes": len(result.firings),
+                    "egret.outcomes": outcomes,
+                    "egret.retracted": retractions.retracted,
+                    "egret.reversed": len(retractions.reversed),
                     "egret.parked": len(result.parked),
                     "egret.failed": len(result.failed),
                     "egret.rule_set": f"{result.rule_set}@{result.rule_set_version}",
                 }
             )
-            if result.firings:
+            if outcomes or retractions.reversed:
                 self._committed()
+            for key, reason in retractions.failed.items():
+                # The event stays evaluated and unused; a later event may still join it.
+                log.warning("released event could not be evaluated again", event_key=key, reason=reason)
             for failure in result.parked:
                 log.error(
                     "event parked as a dead letter",
@@ -112,9 +156,11 @@ class RulesServicer(LifecycleRpcs, pb_grpc.RulesServiceServicer):
                 size=len(events),
                 evaluated=result.evaluated,
                 duplicate=result.duplicate,
-                outcomes=len(result.firings),
+                outcomes=outcomes,
                 parked=len(result.parked),
                 failed=len(result.failed),
+                retracted=retractions.retracted,
+                reversed=len(retractions.reversed),
                 rule_set=f"{result.rule_set}@{result.rule_set_version}",
             )
             if result.failed:
@@ -124,8 +170,10 @@ class RulesServicer(LifecycleRpcs, pb_grpc.RulesServiceServicer):
             return pb.EvaluateEventsResponse(
                 evaluated=result.evaluated,
                 duplicate=result.duplicate,
-                outcomes=len(result.firings),
+                outcomes=outcomes,
                 parked=len(result.parked),
+                retracted=retractions.retracted,
+                reversed=len(retractions.reversed),
             )
 
     async def BacktestRuleSet(

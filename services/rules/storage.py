@@ -1,9 +1,15 @@
 """Rules' store: evaluated events, outcomes and the events they consumed, the outbox to
-score, dead letters, and the rule sets with their audit trail.
+score, dead letters, retractions, and the rule sets with their audit trail.
 
 Evaluation writes in one transaction per batch: an event is either evaluated with its
 outcomes queued for score (or recorded as failed), or not at all. Every per-batch
 statement is a bulk one; no query runs per event.
+
+A retraction writes in one transaction too: the retraction (the inbox of retractions),
+the event marked retracted (it leaves every later history read), the reversed outcomes
+marked and their consumed events released, the reversals and any re-formed outcomes in
+the outbox. Each outbox row is one serialized ApplyOutcomesRequest holding one outcome
+or one reversal; the relay merges a claim's rows into one request.
 """
 
 from __future__ import annotations
@@ -18,12 +24,25 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from egret.common.v1 import event_pb2, outcome_pb2
+from egret.common.v1 import due_process_pb2, event_pb2, outcome_pb2
+from egret.score.v1 import score_service_pb2 as score_pb
+from kit import audit
+from kit.audit import AuditHeadMixin, AuditMixin, AuditRecord
+from kit.auth import current_principal
 from kit.db import as_utc, make_metadata
 from kit.errors import FailedPrecondition
 from kit.outbox import BigId, OutboxMixin, outbox_rows
 from kit.protoconv import SEVERITY_VALUES, SUBJECT_KIND_VALUES, to_timestamp
-from services.rules.domain import BatchState, DeadLetter, EvaluationContext, Failure, split_key
+from services.rules.domain import (
+    BatchState,
+    DeadLetter,
+    EvaluationContext,
+    Failure,
+    RetractionContext,
+    RetractionNotice,
+    ReversedOutcome,
+    split_key,
+)
 from services.rules.lifecycle import (
     ActivePointer,
     Change,
@@ -62,6 +81,9 @@ class EvaluatedEvent(Base):
     rule_set: Mapped[str] = mapped_column(sa.String(128))
     rule_set_version: Mapped[int] = mapped_column(sa.Integer)
     record: Mapped[bytes] = mapped_column(sa.LargeBinary)
+    # Set when the department retracted the event: it stays for the record but takes part
+    # in no later window, sequence, cap or history read (backtests skip it too).
+    retracted_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
 
 
 class EmittedOutcome(Base):
@@ -78,6 +100,9 @@ class EmittedOutcome(Base):
     occurred_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
     emitted_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
     outcome: Mapped[bytes] = mapped_column(sa.LargeBinary)
+    # Set when a retraction of one of its events reversed it (reversed_by: that event's key).
+    reversed_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
+    reversed_by: Mapped[str | None] = mapped_column(sa.String(193))
 
 
 class OutcomeEvent(Base):
@@ -92,6 +117,24 @@ class OutcomeEvent(Base):
     subject_key: Mapped[str] = mapped_column(sa.String(64))
     # The event's occurred_at, so consumed keys are read within the same lookback as history.
     occurred_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+
+
+class RetractionRow(Base):
+    """A retraction rules has applied (the inbox of retractions): applied once, whatever
+    the redeliveries. Also keeps an event that arrives after its retraction from being
+    evaluated."""
+
+    __tablename__ = "rules_retractions"
+
+    source: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    event_id: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
+    subject_key: Mapped[str] = mapped_column(sa.String(64))
+    applied_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    # How many outcomes it reversed and how many it re-formed from the released events.
+    reversed: Mapped[int] = mapped_column(sa.Integer)
+    reformed: Mapped[int] = mapped_column(sa.Integer)
+    # The Retraction as ingest sent it (egret.common.v1.Retraction).
+    record: Mapped[bytes] = mapped_column(sa.LargeBinary)
 
 
 class DeadLetterRow(Base):
@@ -164,10 +207,31 @@ class RuleSetChangeRow(Base):
     detail: Mapped[str] = mapped_column(sa.Text)
 
 
+class RulesAuditLog(Base, AuditMixin):
+    """The hash-chained audit log of rules' audited acts: rule-set lifecycle changes and
+    dead-letter redrives (the rule-set change table stays, for ListRuleSetChanges)."""
+
+    __tablename__ = "rules_audit_log"
+
+
+class RulesAuditHead(Base, AuditHeadMixin):
+    __tablename__ = "rules_audit_head"
+
+
 class Outbox(Base, OutboxMixin):
-    """Outcomes waiting to be relayed to the score service."""
+    """Outcomes and reversals waiting to be relayed to the score service: one serialized
+    ApplyOutcomesRequest per row."""
 
     __tablename__ = "rules_outbox"
+
+
+def outcome_payload(outcome: outcome_pb2.Outcome) -> bytes:
+    return score_pb.ApplyOutcomesRequest(outcomes=[outcome]).SerializeToString()
+
+
+def reversal_payload(outcome_id: str, retraction: due_process_pb2.Retraction) -> bytes:
+    reversal = score_pb.Reversal(outcome_id=outcome_id, retraction=retraction)
+    return score_pb.ApplyOutcomesRequest(reversals=[reversal]).SerializeToString()
 
 
 def outcome_message(firing: Firing, records: Mapping[str, bytes]) -> outcome_pb2.Outcome:
@@ -228,6 +292,7 @@ class SqlEvaluationStore:
             return BatchState()
         evaluated: set[str] = set()
         parked: set[str] = set()
+        retracted: set[str] = set()
         attempts: dict[str, int] = {}
         with self._sessions() as session:
             for chunk in _chunks(list(dict.fromkeys(keys))):
@@ -237,6 +302,12 @@ class SqlEvaluationStore:
                     )
                 )
                 evaluated.update(f"{r.source}/{r.event_id}" for r in rows)
+                gone = session.execute(
+                    sa.select(RetractionRow.source, RetractionRow.event_id).where(
+                        _key_filter(RetractionRow, chunk)
+                    )
+                )
+                retracted.update(f"{r.source}/{r.event_id}" for r in gone)
                 letters = session.execute(
                     sa.select(
                         DeadLetterRow.source,
@@ -251,7 +322,7 @@ class SqlEvaluationStore:
                         parked.add(key)
                     else:
                         attempts[key] = r.attempts
-        return BatchState(frozenset(evaluated), frozenset(parked), attempts)
+        return BatchState(frozenset(evaluated), frozenset(parked), attempts, frozenset(retracted))
 
     def context(
         self, ranges: Mapping[str, tuple[datetime, datetime]], event_types: frozenset[str]
@@ -280,6 +351,7 @@ class SqlEvaluationStore:
                         EvaluatedEvent.occurred_at >= low,
                         EvaluatedEvent.occurred_at <= high,
                         EvaluatedEvent.event_type.in_(sorted(event_types)),
+                        EvaluatedEvent.retracted_at.is_(None),
                     )
                     .order_by(EvaluatedEvent.occurred_at, EvaluatedEvent.source, EvaluatedEvent.event_id)
                 )
@@ -320,7 +392,6 @@ class SqlEvaluationStore:
         rule_set: RuleSet,
         now: datetime,
     ) -> bool:
-        outcomes = {f.outcome_id: outcome_message(f, records) for f in firings}
         occurred = {e.key: e.occurred_at for e in events}
         try:
             with self._sessions() as session, session.begin():
@@ -342,47 +413,178 @@ class SqlEvaluationStore:
                             for e in events
                         ],
                     )
-                fresh = self._not_yet_emitted(session, list(outcomes))
-                if fresh:
-                    by_id = {f.outcome_id: f for f in firings}
-                    payloads = [outcomes[i].SerializeToString() for i in fresh]
-                    session.execute(
-                        sa.insert(EmittedOutcome),
-                        [
-                            {
-                                "outcome_id": i,
-                                "subject_key": by_id[i].subject_key,
-                                "rule_id": by_id[i].rule_id,
-                                "rule_set": rule_set.name,
-                                "rule_set_version": rule_set.version,
-                                "points": by_id[i].points,
-                                "occurred_at": by_id[i].occurred_at,
-                                "emitted_at": now,
-                                "outcome": payload,
-                            }
-                            for i, payload in zip(fresh, payloads, strict=True)
-                        ],
-                    )
-                    session.execute(
-                        sa.insert(OutcomeEvent),
-                        [
-                            {
-                                "outcome_id": i,
-                                "event_key": key,
-                                "rule_id": by_id[i].rule_id,
-                                "subject_key": by_id[i].subject_key,
-                                "occurred_at": occurred.get(key) or self._occurred(records, key),
-                            }
-                            for i in fresh
-                            for key in dict.fromkeys(by_id[i].event_keys)
-                        ],
-                    )
-                    session.execute(sa.insert(Outbox), outbox_rows(payloads, now))
+                self._emit(session, firings, records, occurred, rule_set=rule_set, now=now)
                 if cleared:
                     for chunk in _chunks(list(cleared)):
                         session.execute(sa.delete(DeadLetterRow).where(_key_filter(DeadLetterRow, chunk)))
                 if failures:
                     self._record_failures(session, failures, records, rule_set, now)
+        except IntegrityError:
+            return False
+        return True
+
+    def _emit(
+        self,
+        session: Session,
+        firings: Sequence[Firing],
+        records: Mapping[str, bytes],
+        occurred: Mapping[str, datetime],
+        *,
+        rule_set: RuleSet,
+        now: datetime,
+    ) -> None:
+        """Record the firings not emitted before, their consumed events and outbox rows."""
+        outcomes = {f.outcome_id: outcome_message(f, records) for f in firings}
+        fresh = self._not_yet_emitted(session, list(outcomes))
+        if fresh:
+            by_id = {f.outcome_id: f for f in firings}
+            payloads = [outcomes[i].SerializeToString() for i in fresh]
+            session.execute(
+                sa.insert(EmittedOutcome),
+                [
+                    {
+                        "outcome_id": i,
+                        "subject_key": by_id[i].subject_key,
+                        "rule_id": by_id[i].rule_id,
+                        "rule_set": rule_set.name,
+                        "rule_set_version": rule_set.version,
+                        "points": by_id[i].points,
+                        "occurred_at": by_id[i].occurred_at,
+                        "emitted_at": now,
+                        "outcome": payload,
+                    }
+                    for i, payload in zip(fresh, payloads, strict=True)
+                ],
+            )
+            session.execute(
+                sa.insert(OutcomeEvent),
+                [
+                    {
+                        "outcome_id": i,
+                        "event_key": key,
+                        "rule_id": by_id[i].rule_id,
+                        "subject_key": by_id[i].subject_key,
+                        "occurred_at": occurred.get(key) or self._occurred(records, key),
+                    }
+                    for i in fresh
+                    for key in dict.fromkeys(by_id[i].event_keys)
+                ],
+            )
+            session.execute(
+                sa.insert(Outbox), outbox_rows([outcome_payload(outcomes[i]) for i in fresh], now)
+            )
+
+    def retraction_context(self, notice: RetractionNotice) -> RetractionContext | None:
+        source, event_id = split_key(notice.key)
+        with self._sessions() as session:
+            applied = session.scalar(
+                sa.select(RetractionRow.source).where(
+                    RetractionRow.source == source, RetractionRow.event_id == event_id
+                )
+            )
+            if applied is not None:
+                return None
+            subject_key = session.scalar(
+                sa.select(EvaluatedEvent.subject_key).where(
+                    EvaluatedEvent.source == source, EvaluatedEvent.event_id == event_id
+                )
+            )
+            if subject_key is None:
+                # Never evaluated (parked, or still failing): it caused nothing to reverse.
+                return RetractionContext((), {}, {})
+            # The subject's index bounds this; a subject has few outcomes per event.
+            used_by = list(
+                session.scalars(
+                    sa.select(OutcomeEvent.outcome_id).where(
+                        OutcomeEvent.subject_key == subject_key, OutcomeEvent.event_key == notice.key
+                    )
+                )
+            )
+            if not used_by:
+                return RetractionContext((), {}, {})
+            rules_of = {
+                row.outcome_id: row.rule_id
+                for row in session.execute(
+                    sa.select(EmittedOutcome.outcome_id, EmittedOutcome.rule_id).where(
+                        EmittedOutcome.outcome_id.in_(used_by), EmittedOutcome.reversed_at.is_(None)
+                    )
+                )
+            }
+            keys_of: dict[str, list[str]] = {}
+            for outcome_id, key in session.execute(
+                sa.select(OutcomeEvent.outcome_id, OutcomeEvent.event_key)
+                .where(OutcomeEvent.outcome_id.in_(list(rules_of)))
+                .order_by(OutcomeEvent.outcome_id, OutcomeEvent.occurred_at, OutcomeEvent.event_key)
+            ):
+                keys_of.setdefault(outcome_id, []).append(key)
+            reversed_outcomes = tuple(
+                ReversedOutcome(outcome_id, rules_of[outcome_id], tuple(keys_of.get(outcome_id, ())))
+                for outcome_id in sorted(rules_of)
+            )
+            freed = sorted({k for o in reversed_outcomes for k in o.event_keys} - {notice.key})
+            records: dict[str, bytes] = {}
+            for chunk in _chunks(freed):
+                rows = session.execute(
+                    sa.select(EvaluatedEvent.source, EvaluatedEvent.event_id, EvaluatedEvent.record).where(
+                        _key_filter(EvaluatedEvent, chunk), EvaluatedEvent.retracted_at.is_(None)
+                    )
+                )
+                records.update({f"{r.source}/{r.event_id}": r.record for r in rows})
+        events = {key: engine_event_from_record(record) for key, record in records.items()}
+        return RetractionContext(reversed_outcomes, events, records)
+
+    def commit_retraction(
+        self,
+        notice: RetractionNotice,
+        reversed_ids: Sequence[str],
+        firings: Sequence[Firing],
+        records: Mapping[str, bytes],
+        *,
+        rule_set: RuleSet,
+        now: datetime,
+    ) -> bool:
+        source, event_id = split_key(notice.key)
+        retraction = due_process_pb2.Retraction.FromString(notice.record)
+        try:
+            with self._sessions() as session, session.begin():
+                # First: a concurrent application of the same retraction fails here, on the key.
+                session.execute(
+                    sa.insert(RetractionRow).values(
+                        source=source,
+                        event_id=event_id,
+                        subject_key=notice.subject_key,
+                        applied_at=now,
+                        reversed=len(reversed_ids),
+                        reformed=len(firings),
+                        record=notice.record,
+                    )
+                )
+                session.execute(
+                    sa.update(EvaluatedEvent)
+                    .where(EvaluatedEvent.source == source, EvaluatedEvent.event_id == event_id)
+                    .values(retracted_at=now)
+                )
+                # A parked or failing copy of the event must never be redriven.
+                session.execute(
+                    sa.delete(DeadLetterRow).where(
+                        DeadLetterRow.source == source, DeadLetterRow.event_id == event_id
+                    )
+                )
+                if reversed_ids:
+                    ids = list(reversed_ids)
+                    session.execute(
+                        sa.update(EmittedOutcome)
+                        .where(EmittedOutcome.outcome_id.in_(ids))
+                        .values(reversed_at=now, reversed_by=notice.key)
+                    )
+                    # Releases the events the reversed outcomes consumed (their evidence stays
+                    # in the outcome's record).
+                    session.execute(sa.delete(OutcomeEvent).where(OutcomeEvent.outcome_id.in_(ids)))
+                    session.execute(
+                        sa.insert(Outbox),
+                        outbox_rows([reversal_payload(i, retraction) for i in ids], now),
+                    )
+                self._emit(session, firings, records, {}, rule_set=rule_set, now=now)
         except IntegrityError:
             return False
         return True
@@ -618,7 +820,31 @@ class SqlLifecycleUnit:
         _record(self._session, change)
 
 
+# Each lifecycle change is also an act of rules' audit log.
+_AUDIT_ACTIONS: Final = {
+    "create_draft": "ruleset.draft",
+    "publish": "ruleset.publish",
+    "activate": "ruleset.activate",
+    "retire": "ruleset.retire",
+    "import": "ruleset.import",
+    "redrive": "deadletter.redrive",
+}
+
+
+def audit_record(change: Change) -> AuditRecord:
+    """The audit record of a lifecycle change: the authenticated principal when there is one;
+    the service itself ("system:...") at start-up; else the claimed actor."""
+    action = _AUDIT_ACTIONS[change.action]
+    target = f"rule_set:{change.rule_set_id}" if change.rule_set_id is not None else "dead_letters"
+    detail = dict(change.detail)
+    if current_principal() is None and change.actor.startswith("system:"):
+        return AuditRecord(action, change.actor, "system", change.at, target=target, detail=detail)
+    return audit.record(action, change.at, target=target, detail=detail, claimed_actor=change.actor)
+
+
 def _record(session: Session, change: Change) -> None:
+    """The change row and its audit record, in the caller's transaction."""
+    audit.append(session, RulesAuditLog, RulesAuditHead, [audit_record(change)])
     session.execute(
         sa.insert(RuleSetChangeRow).values(
             rule_set_id=change.rule_set_id,

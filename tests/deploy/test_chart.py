@@ -278,6 +278,7 @@ def test_secrets_are_referenced_never_inlined_by_default(render_objects: RenderO
         ("egret-jwt-keys", "jwks.json"),
         ("egret-ingest-token", "token"),
         ("egret-rules-token", "token"),
+        ("egret-query-token", "token"),
     }
     text = yaml.safe_dump_all(manifests)
     assert "postgresql" not in text
@@ -295,6 +296,7 @@ def test_existing_secrets_are_referenced_by_the_given_names(render_objects: Rend
         "egret-smoke-test-cert",
         "egret-ingest-svc-token",
         "egret-rules-svc-token",
+        "egret-query-svc-token",
     }
     ingest = named(manifests, "Deployment", "egret-ingest")
     _, spec = pod_template(ingest)
@@ -420,7 +422,7 @@ EVERY_SERVICE = {
     "EGRET_RATE_LIMIT_PER_SECOND",
     "EGRET_RATE_LIMIT_BURST",
 }
-CALLERS = {"ingest", "rules"}
+CALLERS = {"ingest", "rules", "query"}
 INTERNAL = {"rules", "score"}
 
 
@@ -637,10 +639,9 @@ def endpoint(service: str) -> Endpoint:
 
 
 OUTSIDE = Endpoint({}, external=True)
-PIPELINE = [("ingest", "rules", 50052), ("rules", "score", 50053)]
+PIPELINE = [("ingest", "rules", 50052), ("rules", "score", 50053), ("query", "rules", 50052)]
 FORBIDDEN = [
     ("ingest", "score", 50053),
-    ("query", "rules", 50052),
     ("query", "score", 50053),
     ("rules", "ingest", 50051),
     ("score", "rules", 50052),

@@ -176,7 +176,12 @@ def request_for(name: str, rpc: str, role: Role) -> Any:
     method = DESCRIPTORS[name].methods_by_name[rpc]
     request: Any = message_factory.GetMessageClass(method.input_type)()
     if name == "ingest":
-        request.source = "library"  # the department token below is library's
+        # The department token below is library's: submissions name it as their source,
+        # retractions and corrections in the event they refer to.
+        if "source" in request.DESCRIPTOR.fields_by_name:
+            request.source = "library"
+        else:
+            request.ref.source = "library"
     return request
 
 

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from kit.errors import NotFound
 from kit.pseudonym import Pseudonymiser
 from services.ingest.catalogue import IncomingEvent, load_catalogue
-from services.ingest.domain import EventStatus, Intake, Limits, NewEvent
+from services.ingest.domain import (
+    EventStatus,
+    Intake,
+    Limits,
+    NewEvent,
+    Retracted,
+    Retraction,
+    RetractionRequest,
+)
 
 NOW = datetime(2026, 11, 1, tzinfo=UTC)
 
@@ -16,6 +26,7 @@ NOW = datetime(2026, 11, 1, tzinfo=UTC)
 class MemoryStore:
     def __init__(self) -> None:
         self.events: dict[tuple[str, str], NewEvent] = {}
+        self.retractions: dict[tuple[str, str], Retraction] = {}
         self.calls = 0
 
     def record(self, events: Sequence[NewEvent], recorded_at: datetime) -> Mapping[tuple[str, str], str]:
@@ -24,6 +35,34 @@ class MemoryStore:
         for e in events:
             self.events.setdefault(e.key, e)
         return existing
+
+    def retract(self, request: RetractionRequest) -> Retracted:
+        key = (request.source, request.event_id)
+        if key not in self.events:
+            raise NotFound("no such event")
+        if key in self.retractions:
+            return Retracted(self.retractions[key], already_retracted=True)
+        retraction = Retraction(
+            request.source,
+            request.event_id,
+            self.events[key].subject_key,
+            request.reason,
+            request.at,
+            request.actor,
+        )
+        self.retractions[key] = retraction
+        return Retracted(retraction, already_retracted=False)
+
+    def correct(self, request: RetractionRequest, replacement: NewEvent) -> tuple[Retracted, str | None]:
+        stored = self.events.get(replacement.key)
+        retracted = self.retract(request)
+        self.retractions[retracted.retraction.key] = replace(
+            retracted.retraction, replaced_by=replacement.key
+        )
+        self.events.setdefault(replacement.key, replacement)
+        return Retracted(self.retractions[retracted.retraction.key], False), (
+            None if stored is None else stored.fingerprint
+        )
 
 
 def make_intake(store: MemoryStore) -> Intake:

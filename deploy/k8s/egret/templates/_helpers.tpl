@@ -122,7 +122,7 @@ egret.io/shard: {{ .workload.shard | quote }}
 {{- end -}}
 
 {{/* The services that call another one with a service token. */}}
-{{- define "egret.callers" -}}ingest rules{{- end -}}
+{{- define "egret.callers" -}}ingest rules query{{- end -}}
 
 {{/*
 The exec probe of every service (the kubelet's gRPC probe cannot speak TLS): asks

@@ -81,6 +81,12 @@ Arguments: dict "root" $ "workload" <item of egret.workloads> "job" <bool>.
 {{- end -}}
 {{- if eq $service "query" -}}
 {{- $_ := set $settings "EGRET_BENEFITS_FILE" (printf "%s/benefits/benefits.yaml" (include "egret.configDir" $root)) -}}
+{{- /* Explain lists the active rule set's positive rules; every shard holds the same rule sets. */ -}}
+{{- if gt (int $root.Values.services.rules.shards) 1 -}}
+{{- $_ := set $settings "EGRET_RULES_ADDRESS" (printf "%s-rules-0:%d" $fullname (int $root.Values.services.rules.port)) -}}
+{{- else -}}
+{{- $_ := set $settings "EGRET_RULES_ADDRESS" (include "egret.address" (dict "root" $root "service" "rules")) -}}
+{{- end -}}
 {{- end -}}
 {{- /* Security: serving refuses to start without these unless EGRET_INSECURE=true. */ -}}
 {{- $security := $root.Values.security -}}
