@@ -69,10 +69,13 @@ deploy-check: setup ## Chart and image checks: hadolint, helm lint, render, vali
 	$(PY) -m deploy.k8s.render --check
 	$(PY) -m pytest tests/deploy -m 'not e2e' -q
 
+bench-rules-memory: setup ## Benchmark: live rules evaluation's RSS over 1M events across 100k subjects
+	$(PY) -m bench.rules_memory $(BENCH_ARGS)
+
 bench-query: setup ## Benchmark: GetScore p99 at 1,000 req/s, idle and while ingest runs (BENCH_ARGS=--subjects 1000000)
 	$(PY) -m bench.query_latency $(BENCH_ARGS)
 
 clean: ## Remove the virtual environment, generated stubs and local data
 	rm -rf $(VENV) gen var
 
-.PHONY: help setup protos run test lint breaking typecheck bench bench-backtest bench-query manifests deploy-check clean
+.PHONY: help setup protos run test lint breaking typecheck bench bench-backtest bench-rules-memory bench-query manifests deploy-check clean

@@ -19,6 +19,7 @@ version raised, a typical "make it stricter" change.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import json
 import multiprocessing
@@ -39,11 +40,12 @@ from egret.common.v1 import event_pb2
 from kit.db import create_engine, make_session_factory
 from kit.protoconv import to_timestamp
 from services.ingest.catalogue import load_catalogue
-from services.rules.backtest import Backtest, BacktestScope
-from services.rules.backtest_servicer import cohort_attributes
+from services.rules.backtest import Backtest, BacktestScope, combine
+from services.rules.backtest_servicer import ShardResult, cohort_attributes, replay_in_workers, shard_jobs
 from services.rules.backtest_storage import HistoryReader
 from services.rules.records import engine_event_from_record
-from services.rules.ruleset import RuleSet, load_rule_set, rule_set_from_yaml
+from services.rules.ruleset import RuleSet, rule_set_from_yaml
+from services.rules.settings import default_workers
 from services.rules.storage import Base, EvaluatedEvent
 from services.score.policy import load_policy
 
@@ -69,24 +71,29 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--catalogue", type=Path, default=ROOT / "config/catalogue.yaml")
     parser.add_argument("--sample", type=float, default=1.0, help="share of subjects replayed (default 1)")
     parser.add_argument("--page-size", type=int, default=5000)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=default_workers(),
+        help="replay processes, as EGRET_BACKTEST_WORKERS (default: the CPUs; 1: in this process)",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args(argv)
-    if args.events < 1 or args.batch_size < 1:
-        parser.error("--events and --batch-size must be at least 1")
+    if args.events < 1 or args.batch_size < 1 or args.workers < 1:
+        parser.error("--events, --batch-size and --workers must be at least 1")
     return args
 
 
-def stricter(baseline: RuleSet, source: str) -> RuleSet:
-    """The baseline with traffic.red_light at -15 points and the version raised by one."""
+def stricter(baseline: RuleSet, source: str) -> str:
+    """The baseline's source with traffic.red_light at -15 points and the version raised by one."""
     marker = "  - id: traffic.red_light\n"
     head, found, tail = source.partition(marker)
     if not found or "    points: -5\n" not in tail:
         raise SystemExit("the baseline has no traffic.red_light rule at -5 points; pass --candidate")
     tail = tail.replace("    points: -5\n", "    points: -15\n", 1)
-    text = (head + found + tail).replace(
+    return (head + found + tail).replace(
         f"version: {baseline.version}\n", f"version: {baseline.version + 1}\n", 1
     )
-    return rule_set_from_yaml(text)
 
 
 def _rows(events: int, seed: int, batch_size: int) -> Iterator[dict[str, Any]]:
@@ -159,6 +166,15 @@ def _populate_apart(url: str, events: int, seed: int, batch_size: int) -> None:
         raise SystemExit(f"writing the history failed (exit code {child.exitcode})")
 
 
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
 def _rss_mib() -> float:
     # ru_maxrss is in KiB on Linux: the peak of the whole process so far.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -168,12 +184,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     with tempfile.TemporaryDirectory(prefix="egret-bench-backtest-") as tmp:
         url = args.database or f"sqlite:///{tmp}/rules.db"
-        baseline = load_rule_set(args.baseline)
-        candidate = (
-            load_rule_set(args.candidate)
+        baseline_source = args.baseline.read_text(encoding="utf-8")
+        baseline = rule_set_from_yaml(baseline_source)
+        candidate_source = (
+            args.candidate.read_text(encoding="utf-8")
             if args.candidate
-            else stricter(baseline, args.baseline.read_text(encoding="utf-8"))
+            else stricter(baseline, baseline_source)
         )
+        candidate = rule_set_from_yaml(candidate_source)
         print(f"writing {args.events} stored events in batches of {args.batch_size} ...", flush=True)
         started = time.perf_counter()
         _populate_apart(url, args.events, args.seed, args.batch_size)
@@ -187,24 +205,57 @@ def main(argv: Sequence[str] | None = None) -> int:
             make_session_factory(engine), engine_event_from_record, page_size=args.page_size
         )
         scope = BacktestScope(sample_fraction=args.sample)
-        print("replaying ...", flush=True)
+        policy = load_policy(args.policy)
+        cohorts = cohort_attributes(load_catalogue(args.catalogue))
+        as_of = datetime.now(UTC)
+        print(f"replaying in {args.workers} process(es) ...", flush=True)
+        load_before = _load_average()
         started = time.perf_counter()
-        # What the handler runs on the engine thread, without the gRPC hop and the yields
-        # to live batches between pages.
-        backtest = Backtest(
-            baseline=baseline,
-            candidate=candidate,
-            policy=load_policy(args.policy),
-            cohort_attributes=cohort_attributes(load_catalogue(args.catalogue)),
-        )
-        try:
-            for page in reader.pages(scope):
-                backtest.feed(page)
+        cpu_started = _cpu_seconds()
+        workers: list[ShardResult] = []
+        if args.workers > 1:
+            # What the handler runs with EGRET_BACKTEST_WORKERS > 1, without the gRPC hop.
+            until = reader.latest()
+            if until is None:
+                raise SystemExit("no stored history")
+            jobs = shard_jobs(
+                url,
+                baseline_source,
+                candidate_source,
+                policy=policy,
+                cohort_attributes=cohorts,
+                scope=scope,
+                until=until,
+                as_of=as_of,
+                workers=args.workers,
+                page_size=args.page_size,
+            )
+            workers = asyncio.run(replay_in_workers(jobs))
             replayed = time.perf_counter()
-            report = backtest.report(as_of=datetime.now(UTC), rule_limit=5)
-        finally:
-            backtest.close()
+            report = combine(
+                [w.partial for w in workers],
+                baseline=baseline,
+                candidate=candidate,
+                policy=policy,
+                cohort_attributes=cohorts,
+                as_of=as_of,
+                rule_limit=5,
+            )
+        else:
+            # What the handler runs on the engine thread with one worker, without the gRPC
+            # hop and the yields to live batches between pages.
+            backtest = Backtest(
+                baseline=baseline, candidate=candidate, policy=policy, cohort_attributes=cohorts
+            )
+            try:
+                for page in reader.pages(scope):
+                    backtest.feed(page)
+                replayed = time.perf_counter()
+                report = backtest.report(as_of=as_of, rule_limit=5)
+            finally:
+                backtest.close()
         elapsed = time.perf_counter() - started
+        cpu = _cpu_seconds() - cpu_started
         engine.dispose()
 
     figures: dict[str, Any] = {
@@ -216,15 +267,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         "batches_replayed": report.batches_replayed,
         "subjects": report.overall.subjects,
         "subjects_changed": report.overall.subjects_changed,
+        "workers": args.workers,
         "wall_s": round(elapsed, 2),
         # Reading, decoding and evaluating both sides; the rest is scoring and the report.
+        # With workers: until the last worker is done (each scores its own subjects), then
+        # combining their partial reports.
         "replay_s": round(replayed - started, 2),
         "report_s": round(elapsed - (replayed - started), 2),
         "events_per_s": round(report.events_replayed / elapsed),
+        # CPU seconds of this process and its finished children (the workers), which on a
+        # busy machine say more than the wall time.
+        "cpu_s": round(cpu, 1),
         "rss_peak_mib": round(_rss_mib()),
         "rss_before_replay_mib": round(rss_before),
+        "load_average_before": load_before,
+        "load_average_after": _load_average(),
         "target_s": 60,
     }
+    if workers:
+        figures["worker_replay_s"] = [round(w.replay_seconds, 2) for w in workers]
+        figures["worker_report_s"] = [round(w.report_seconds, 2) for w in workers]
+        figures["worker_rss_peak_mib"] = [round(w.peak_rss_mib) for w in workers]
     print(json.dumps(figures, indent=2))
     print("tier migrations (baseline -> candidate):")
     for move in report.overall.migrations:

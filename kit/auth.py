@@ -83,6 +83,15 @@ class TokenVerifier:
     algorithms: tuple[str, ...] = ("RS256", "ES256")
     subject_key_of: SubjectKeyOf | None = None
     leeway_s: float = 30.0
+    clock: Callable[[], float] = time.time
+    # Tokens already verified, by their exact text, with the instant they stop being
+    # accepted. A caller sends the same token for its whole lifetime, and a signature check
+    # costs far more than the call it guards; the cache changes no outcome, as the keys,
+    # issuer and audience are fixed for the verifier's life and expiry is checked per call.
+    cache_size: int = 4096
+    _verified: dict[str, tuple[Principal, float]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @classmethod
     def from_files(
@@ -109,6 +118,23 @@ class TokenVerifier:
         return cls(keys, issuer, audience, algorithms, subject_key_of)
 
     def verify(self, token: str) -> Principal:
+        cached = self._verified.get(token)
+        if cached is not None:
+            principal, valid_until = cached
+            if self.clock() < valid_until:
+                return principal
+            # Expired since: forget it, and let the full check say why it is refused.
+            self._verified.pop(token, None)
+        principal, valid_until = self._verify(token)
+        if self.cache_size > 0:
+            while len(self._verified) >= self.cache_size:
+                # Oldest first: a bounded cache, whatever the number of distinct callers.
+                self._verified.pop(next(iter(self._verified)), None)
+            self._verified[token] = (principal, valid_until)
+        return principal
+
+    def _verify(self, token: str) -> tuple[Principal, float]:
+        """The principal of a fully checked token, and until when the token is accepted."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError as exc:
@@ -142,7 +168,8 @@ class TokenVerifier:
             # A key of another type than the token's algorithm (e.g. kid of an RSA key on
             # an ES256 token) is a forgery attempt or a misconfiguration, never a pass.
             raise Unauthenticated("token key does not fit its algorithm") from exc
-        return self._principal(claims)
+        # PyJWT refuses a token once `exp` lies more than the leeway in the past.
+        return self._principal(claims), float(claims["exp"]) + self.leeway_s
 
     def _principal(self, claims: Mapping[str, Any]) -> Principal:
         try:

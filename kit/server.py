@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import Executor
@@ -122,6 +123,11 @@ async def serve(
     if port == 0:
         raise RuntimeError(f"cannot listen on {settings.listen_address}")
     await server.start()
+    # Everything built so far (modules, protobuf descriptors, ORM mappers, policies) lives
+    # as long as the process: move it out of the collector's sight, so a full collection
+    # walks only what calls allocate instead of pausing every call for tens of milliseconds.
+    gc.collect()
+    gc.freeze()
 
     stopping = asyncio.Event()
     tasks = [

@@ -1,6 +1,12 @@
 """Who may call QueryService. Subjects read only their own data and benefit providers
 check only their own benefits (per-datum checks in the servicer); statistics and bulk
-reads are for reviewers, auditors and admins."""
+reads are for reviewers, auditors and admins.
+
+Due process: Explain is for the subject itself and the staff who review and audit
+(departments submit events and file disputes through score; they get no explanation of
+anyone's score). The dispute and repair queues are the reviewers' work, readable by
+auditors and admins; a subject lists only its own. Who read a subject's data
+(ListAccessLog) is shown to the subject itself and to auditors and admins."""
 
 from __future__ import annotations
 
@@ -21,7 +27,13 @@ POLICY: Mapping[str, CallPolicy] = {
     _RPC + "BatchGetScores": allow(*_STAFF),
     _RPC + "GetTierDistribution": allow(*_STAFF),
     _RPC + "ListBenefits": allow(Role.DEPARTMENT, Role.SUBJECT, Role.BENEFIT_PROVIDER, *_STAFF),
+    _RPC + "Explain": allow(Role.SUBJECT, *_STAFF),
+    _RPC + "ListDisputes": allow(Role.SUBJECT, *_STAFF),
+    _RPC + "ListRepairApplications": allow(Role.SUBJECT, *_STAFF),
+    _RPC + "ListAccessLog": allow(Role.SUBJECT, Role.AUDITOR, Role.ADMIN),
 }
+# Callers who must say why they read a subject's data (recorded in the access log).
+_PURPOSE_REQUIRED = frozenset({Role.DEPARTMENT, Role.BENEFIT_PROVIDER})
 
 
 def require_own_subject(principal: Principal | None, subject_key: str) -> None:
@@ -37,9 +49,11 @@ def require_own_benefit(principal: Principal | None, provider_id: str) -> None:
 
 
 def require_stated_purpose(principal: Principal | None, purpose: str) -> None:
-    """Benefit providers must say why they ask; the purpose is recorded with the read."""
-    if principal is not None and principal.role is Role.BENEFIT_PROVIDER and not purpose.strip():
+    """Departments and benefit providers must say why they read a subject's data; the
+    purpose is recorded with the read in the access log."""
+    if principal is not None and principal.role in _PURPOSE_REQUIRED and not purpose.strip():
+        who = principal.role.value.replace("_", " ")
         raise InvalidArgument(
-            "a benefit provider must state the purpose of the check",
-            [Violation("purpose", "is required from benefit providers", "REQUIRED")],
+            f"a {who} must state the purpose of the read",
+            [Violation("purpose", "is required from departments and benefit providers", "REQUIRED")],
         )

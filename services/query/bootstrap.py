@@ -1,23 +1,34 @@
-"""Wiring of the query service: settings → read-only score store → domain → servicer → runtime."""
+"""Wiring of the query service: settings → read-only score store and query's own access-log
+database → domain → servicer → runtime."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from pathlib import Path
 
 from egret.query.v1 import query_service_pb2 as pb
 from kit.app import run_cli
 from kit.db import create_engine, make_session_factory
+from kit.logging import get_logger
 from kit.pseudonym import Pseudonymiser
+from kit.security import channel_credentials
 from kit.server import Service
 from services.query.access import POLICY
+from services.query.access_log import AccessRecorder, QueryAuditHead, QueryAuditLog, SqlAccessLog
 from services.query.benefits import load_catalogue
 from services.query.domain import Reader
-from services.query.servicer import QueryServicer, register
+from services.query.due_process import SqlDueProcessReader
+from services.query.due_process_servicer import DueProcessDeps, DueProcessQueryServicer
+from services.query.rules_client import RulesClient
+from services.query.servicer import register
 from services.query.settings import QuerySettings
 from services.query.storage import SqlScoreReader
 from services.score.policy import load_policy
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+log = get_logger(__name__)
 
 
 def _utc_now() -> datetime:
@@ -32,7 +43,7 @@ def build(settings: QuerySettings, clock: Callable[[], datetime] = _utc_now) -> 
     catalogue = load_catalogue(settings.benefits_file, policy)
     engine = create_engine(settings.score_database_url, read_only=True, pool_size=settings.db_workers + 2)
     reader = Reader(
-        store=SqlScoreReader(make_session_factory(engine)),
+        store=SqlScoreReader(engine),
         pseudonymiser=pseudonymiser,
         policy=policy,
         catalogue=catalogue,
@@ -40,21 +51,43 @@ def build(settings: QuerySettings, clock: Callable[[], datetime] = _utc_now) -> 
     )
     # Several threads: reads do not contend the way writes do.
     executor = ThreadPoolExecutor(max_workers=settings.db_workers, thread_name_prefix="query-db")
-    servicer = QueryServicer(reader, executor)
+    # Query's own database, read-write: the access log. One thread writes it, a group
+    # commit at a time, so records of concurrent reads share a commit.
+    log_engine = create_engine(
+        settings.common.database_url, sqlite_synchronous=settings.common.sqlite_synchronous
+    )
+    access_log = SqlAccessLog(log_engine)
+    recorder_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="query-access-log")
+    if settings.rules is None:
+        log.warning("EGRET_RULES_ADDRESS is not set: explanations list no positive behaviours")
+    deps = DueProcessDeps(
+        recorder=AccessRecorder(access_log, recorder_executor, clock),
+        access_log=access_log,
+        due=SqlDueProcessReader(make_session_factory(engine)),
+        rules=None
+        if settings.rules is None
+        else RulesClient(settings.rules, channel_credentials(settings.common.security)),
+    )
+    servicer = DueProcessQueryServicer(reader, executor, deps, inline_reads=settings.inline_reads)
     return Service(
         pseudonymiser=pseudonymiser,
         name="query",
         service_names=[pb.DESCRIPTOR.services_by_name["QueryService"].full_name],
         register=register(servicer),
         policy=POLICY,
-        # Watched by the runtime: NOT_SERVING until score's store exists and answers.
-        engines=[engine],
-        executors=[executor],
+        # Watched by the runtime: NOT_SERVING until score's store and query's own answer.
+        engines=[engine, log_engine],
+        executors=[executor, recorder_executor],
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    # No migrations: the schema is score's, migrated by the score service.
+    # Migrations are query's own (the access log); score's schema is migrated by score.
     return run_cli(
-        name="query", load_settings=QuerySettings.from_env, build=build, migrations_dir=None, argv=argv
+        name="query",
+        load_settings=QuerySettings.from_env,
+        build=build,
+        migrations_dir=MIGRATIONS,
+        audit=(QueryAuditLog, QueryAuditHead),
+        argv=argv,
     )

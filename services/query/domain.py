@@ -30,11 +30,14 @@ from kit.pseudonym import Pseudonymiser, subject_violations
 from services.query.benefits import Benefit, Catalogue, Eligibility, check
 from services.score.domain import (
     CategoryScore,
+    Consent,
     LedgerEntry,
     ListMembership,
     ScoredEntry,
     ScoreResult,
+    View,
     compute_score,
+    may_serve,
 )
 from services.score.policy import ActivatedPolicy, PolicyBook, ScorePolicy, SubjectPolicy
 
@@ -93,6 +96,11 @@ class HistoryRow:
     lists: tuple[str, ...]
     added_entry_ids: tuple[str, ...]
     expired_entry_ids: tuple[str, ...]
+    # Due process (docs/due-process.md): entries ended by a decision or correction, entries
+    # counting again, and what happened.
+    ended_entry_ids: tuple[str, ...] = ()
+    resumed_entry_ids: tuple[str, ...] = ()
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -168,6 +176,15 @@ class ScoreReadStore(Protocol):
     def distribution(self, kind: str | None) -> RawDistribution: ...
 
     def activations(self) -> Sequence[ActivatedPolicy]: ...
+
+    def consent_at(self, subject_key: str, at: datetime) -> Consent | None:
+        """The consent in force for the subject at `at` (one indexed lookup)."""
+        ...
+
+    def activation_marks(self) -> Sequence[tuple[str, datetime]]:
+        """(version, activated_at) of every activation: what tells, cheaply, whether the
+        activations changed (policies are append-only, one row per version)."""
+        ...
 
 
 def encode_page_token(cursor: Cursor) -> str:
@@ -252,20 +269,35 @@ class Reader:
         self._catalogue = catalogue or Catalogue({})
         self._clock = clock
         self._book: PolicyBook | None = None
-        self._book_loaded = 0.0
+        self._book_marks: tuple[tuple[str, datetime], ...] | None = None
+        self._book_checked = 0.0
         self._lock = threading.Lock()
 
     def now(self) -> datetime:
         return self._clock()
 
     def _policies(self, version: str | None = None) -> PolicyBook:
-        book = self._book
-        stale = time.monotonic() - self._book_loaded > POLICY_CACHE_SECONDS
-        if book is None or stale or (version is not None and version not in book.versions()):
+        book = self._fresh_policies(version)
+        if book is None:
             with self._lock:
-                activations = tuple(self._store.activations())
-                book = PolicyBook(activations) if activations else self._book_of_fallback()
-                self._book, self._book_loaded = book, time.monotonic()
+                # Documents are parsed again only when the activations changed: parsing
+                # every policy every few seconds stalled reads for milliseconds.
+                marks = tuple(self._store.activation_marks())
+                book = self._book
+                if book is None or marks != self._book_marks:
+                    activations = tuple(self._store.activations())
+                    book = PolicyBook(activations) if activations else self._book_of_fallback()
+                    self._book, self._book_marks = book, marks
+                self._book_checked = time.monotonic()
+        return book
+
+    def _fresh_policies(self, version: str | None = None) -> PolicyBook | None:
+        """The cached policies while they need no look at the store, else None."""
+        book = self._book
+        if book is None or time.monotonic() - self._book_checked > POLICY_CACHE_SECONDS:
+            return None
+        if version is not None and version not in book.versions():
+            return None
         return book
 
     def _book_of_fallback(self) -> PolicyBook:
@@ -307,15 +339,20 @@ class Reader:
         assert raw.kind is not None
         return self._pseudonymiser.subject_key(raw.kind, raw.id_scheme, raw.id_value)
 
-    def score(self, ref: SubjectRef, as_of: datetime | None = None) -> ScoreView:
+    def score(self, ref: SubjectRef, as_of: datetime | None = None, view: View = View.AS_KNOWN) -> ScoreView:
         key = self.subject_key(ref)
         when, now = self._instant(as_of)
-        view = self._score_of(key, when, now)
-        if view is None:
+        found = self._score_of(key, when, now, view)
+        if found is None:
             raise NotFound("no score is held for this subject" + ("" if now else " at as_of"))
-        return view
+        return found
 
-    def batch(self, refs: Sequence[SubjectRef], as_of: datetime | None = None) -> list[ScoreView | None]:
+    def batch(
+        self, refs: Sequence[SubjectRef], as_of: datetime | None = None, view: View = View.AS_KNOWN
+    ) -> list[ScoreView | None]:
+        """Scores in request order. A subject without the consent a policy requires fails
+        the whole batch (FAILED_PRECONDITION naming its positions): found = false would
+        read as "no entries", and leaving it out would still tell the caller it exists."""
         if not 1 <= len(refs) <= MAX_BATCH:
             raise InvalidArgument(
                 "invalid batch",
@@ -331,38 +368,95 @@ class Reader:
         if problems:
             raise InvalidArgument("invalid subjects", problems)
         when, now = self._instant(as_of)
-        return [self._score_of(key, when, now) for key in keys]
+        views: list[ScoreView | None] = []
+        refused: list[int] = []
+        for i, key in enumerate(keys):
+            try:
+                views.append(self._score_of(key, when, now, view))
+            except FailedPrecondition:
+                refused.append(i)
+        if refused:
+            raise FailedPrecondition(
+                f"{len(refused)} of the {len(keys)} subjects (at positions "
+                f"{', '.join(map(str, refused))}) have not given the consent the score policy "
+                "requires; no score is served for them"
+            )
+        return views
 
-    def _score_of(self, key: str, when: datetime, now: bool) -> ScoreView | None:
+    def current_score(self, ref: SubjectRef) -> ScoreView | None:
+        """The score now when its stored row answers at once: one point read of the store,
+        no policy reload, no recompute. None when the answer needs more (an expiry passed,
+        a policy changed, no row, the cached policies are due a look): `score` gives it.
+
+        Cheap enough to run on the event loop when the store is local (SQLite)."""
+        key = self.subject_key(ref)
+        book = self._fresh_policies()
+        if book is None:
+            return None
+        stored = self._store.score(key)
+        if stored is None or stored.policy_version not in book.versions():
+            return None
+        return self._as_stored(stored, book, self._clock())
+
+    def _score_of(
+        self, key: str, when: datetime, now: bool, timeline: View = View.AS_KNOWN
+    ) -> ScoreView | None:
         stored = self._store.score(key)
         if stored is None:
             return None
         book = self._policies(stored.policy_version)
+        if now:
+            view = self._as_stored(stored, book, when)
+            if view is not None:
+                return view
         policy = book.at(when).for_kind(stored.subject_kind)
-        self._require_consent(policy)
-        fresh = stored.next_change_at is None or when < stored.next_change_at
-        if now and fresh and stored.policy_version == book.active.version and stored.as_of <= when:
-            return ScoreView(score=stored, base_score=policy.base)
+        self.require_consent(policy, key, when)
         # Past instant, or something expired since the row was computed: score it exactly.
         entries = self._store.scorable_entries(key)
-        if not any(e.recorded_at <= when for e in entries):
+        if timeline is View.AS_CORRECTED:
+            # Now, both timelines agree (every reversal so far has taken effect); at a past
+            # instant, void entries never counted and entries count from their event time.
+            if not any(e.occurred_at <= when and not e.void for e in entries):
+                return None
+        elif not any(e.recorded_at <= when for e in entries):
             return None
-        result = compute_score(entries, policy, when)
+        result = compute_score(entries, policy, when, view=timeline)
         return ScoreView(score=_subject_score(key, stored.subject_kind, result), base_score=policy.base)
 
-    @staticmethod
-    def _require_consent(policy: SubjectPolicy) -> None:
-        if policy.consent_required:
-            # Consent records come with the due-process issue; until then a policy that
-            # requires consent serves no score at all, which is the safe reading.
-            raise FailedPrecondition("the score policy requires the subject's consent, and none is recorded")
+    def _as_stored(self, stored: SubjectScore, book: PolicyBook, now: datetime) -> ScoreView | None:
+        """The stored row as the score at `now`, or None when it is not that score: computed
+        under another policy than the active one, or something expired since (the row's
+        `next_change_at` has passed)."""
+        policy = book.at(now).for_kind(stored.subject_kind)
+        self.require_consent(policy, stored.subject_key, now)
+        fresh = stored.next_change_at is None or now < stored.next_change_at
+        if fresh and stored.policy_version == book.active.version and stored.as_of <= now:
+            return ScoreView(score=stored, base_score=policy.base)
+        return None
+
+    def require_consent(self, policy: SubjectPolicy, key: str, when: datetime) -> None:
+        """FAILED_PRECONDITION when `policy` requires consent and the subject's consent in
+        force at `when` is not granted. Free when the policy does not require it; else one
+        indexed lookup."""
+        if policy.consent_required and not may_serve(True, self._store.consent_at(key, when)):
+            raise FailedPrecondition(
+                "the score policy requires the subject's consent to serve a score, and the subject "
+                f"has not given it (as of {when.isoformat()}); their events are still recorded"
+            )
+
+    def policies(self) -> PolicyBook:
+        """Every activated policy (cached), for reads that score themselves."""
+        return self._policies()
 
     def history(self, ref: SubjectRef, requested_page_size: int, page_token: str) -> HistoryPage:
         key = self.subject_key(ref)
         size = page_size(requested_page_size)
         before = decode_token(page_token, int, "ListScoreHistory") if page_token else None
-        if self._store.score(key) is None:
+        stored = self._store.score(key)
+        if stored is None:
             raise NotFound("no score is held for this subject")
+        now = self._clock()
+        self.require_consent(self._policies().at(now).for_kind(stored.subject_kind), key, now)
         rows = self._store.history(key, before, size + 1)
         page = tuple(rows[:size])
         token = encode_token(page[-1].history_id) if len(rows) > size else ""
@@ -402,7 +496,7 @@ class Reader:
             raise NotFound("no score is held for this subject" + ("" if as_of is None else " at as_of"))
         book = self._policies(stored.policy_version)
         policy = book.at(when).for_kind(stored.subject_kind)
-        self._require_consent(policy)
+        self.require_consent(policy, key, when)
         bound = compute_score(entries, policy, when, categories=benefit.considers)
         result = check(benefit, stored.subject_kind, policy, bound)
         return EligibilityView(benefit, result, when, policy.version)

@@ -6,14 +6,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from kit.settings import CommonSettings, Env, PseudonymSettings
+from kit.db import is_sqlite
+from kit.settings import CommonSettings, Env, PeerSettings, PseudonymSettings
 
 DEFAULT_PORT = 50054
+READ_PATHS = ("auto", "inline", "pool")
 
 
 @dataclass(frozen=True)
 class QuerySettings:
-    """Query keeps no database of its own; `score_database_url` is score's store, read-only."""
+    """`score_database_url` is score's store, read-only; `common.database_url` is query's own
+    database, which holds only the access log (who read which subject's data). `rules`, when
+    EGRET_RULES_ADDRESS is set, is where Explain asks for the active rule set's positive
+    behaviours (optional: without it, explanations list none)."""
 
     common: CommonSettings
     pseudonym: PseudonymSettings
@@ -21,6 +26,10 @@ class QuerySettings:
     policy_file: Path
     db_workers: int
     benefits_file: Path = Path("config/benefits.yaml")
+    # Where a current score is read: "inline" on the event loop, "pool" on a worker thread,
+    # "auto" inline for a local SQLite store and on the pool for a networked database.
+    read_path: str = "auto"
+    rules: PeerSettings | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> QuerySettings:
@@ -35,6 +44,16 @@ class QuerySettings:
             policy_file=env.file("EGRET_POLICY_FILE", Path("config/policy.yaml")),
             db_workers=env.integer("EGRET_DB_WORKERS", 4, minimum=1, maximum=64),
             benefits_file=env.file("EGRET_BENEFITS_FILE", Path("config/benefits.yaml")),
+            read_path=env.choice("EGRET_QUERY_READ_PATH", "auto", READ_PATHS),
+            rules=(
+                PeerSettings.read(env, prefix="EGRET_RULES", default_address="")
+                if env.optional("EGRET_RULES_ADDRESS")
+                else None
+            ),
         )
         env.check()
         return settings
+
+    @property
+    def inline_reads(self) -> bool:
+        return self.read_path == "inline" or (self.read_path == "auto" and is_sqlite(self.score_database_url))

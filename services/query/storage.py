@@ -1,29 +1,34 @@
 """Query's read-only view of the score store.
 
 The schema belongs to the score service: its models (services.score.storage) and its
-migrations define the tables, and query has no migrations of its own. Query opens
-the database read-only and may start before score has created it.
+migrations define the tables. Query opens that database read-only and may start before
+score has created it; query's own migrations (services/query/migrations) are for its own
+database, which holds only the access log (services.query.access_log).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from datetime import datetime
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
 
-from kit.db import as_utc
+from kit.db import as_utc, make_session_factory
 from kit.errors import Unavailable
 from services.query.domain import Cursor, HistoryRow, RawDistribution, SubjectScore
-from services.score.domain import CategoryScore, LedgerEntry, ListMembership, ScoredEntry
+from services.score.domain import CategoryScore, Consent, LedgerEntry, ListMembership, ScoredEntry
 from services.score.policy import ActivatedPolicy
 from services.score.storage import (
     StoredCategory,
     StoredEntry,
     StoredHistory,
+    StoredPolicy,
     StoredScore,
+    consent_at,
     ledger_entry,
     load_entries,
     load_policies,
@@ -35,9 +40,7 @@ T = TypeVar("T")
 _UNDEFINED_TABLE = "42P01"
 
 
-# The hottest read, built once: one statement (row and categories by an outer join) run on
-# the session's connection, returning plain rows. At a thousand reads a second, building
-# the statement and the ORM's per-call bookkeeping cost more than the query itself.
+# The hottest read: a subject's stored row and its categories, by one outer join.
 _SCORE_QUERY = (
     sa.select(
         StoredScore.subject_kind,
@@ -50,7 +53,7 @@ _SCORE_QUERY = (
         StoredScore.next_change_at,
         StoredCategory.category,
         StoredCategory.points,
-        StoredCategory.entry_count.label("category_entries"),
+        StoredCategory.entry_count,
         StoredCategory.capped,
     )
     .outerjoin(StoredCategory, StoredCategory.subject_key == StoredScore.subject_key)
@@ -59,52 +62,100 @@ _SCORE_QUERY = (
 )
 
 
+class _PreparedRead:
+    """A statement compiled once for the engine's dialect and run on a pooled DBAPI
+    connection, with the column types' own result conversions applied by hand.
+
+    At a thousand reads a second the ORM session, the connection wrapper and the per-call
+    parameter processing cost several times the query itself (about 300 µs against 60 µs
+    per read on the benchmark machine). The driver keeps the statement prepared: sqlite3
+    caches it per connection, psycopg prepares it server-side after a few executions.
+    """
+
+    def __init__(self, engine: Engine, statement: sa.Select[*tuple[Any, ...]], parameter: str) -> None:
+        dialect = engine.dialect
+        compiled = statement.compile(dialect=dialect)
+        if set(compiled.params) != {parameter}:
+            raise ValueError(f"the statement must take exactly the parameter {parameter!r}")
+        self._engine = engine
+        self._sql = compiled.string
+        self._positional = compiled.positiontup is not None
+        self._parameter = parameter
+        self._convert = [
+            column.type.dialect_impl(dialect).result_processor(dialect, None)
+            for column in statement.selected_columns
+        ]
+        self._dbapi_error: type[Exception] = dialect.loaded_dbapi.Error
+        self._operational_error: type[Exception] = dialect.loaded_dbapi.OperationalError
+
+    def rows(self, value: object) -> list[list[Any]]:
+        params: Any = (value,) if self._positional else {self._parameter: value}
+        try:
+            connection = self._engine.raw_connection()
+        except self._dbapi_error as exc:
+            # The store cannot be opened: it does not exist yet (score creates it) or is down.
+            _unavailable_if_store_missing(exc, isinstance(exc, self._operational_error), exc)
+            raise
+        try:
+            cursor = connection.cursor()
+            try:
+                cursor.execute(self._sql, params)
+                raw = cursor.fetchall()
+            finally:
+                cursor.close()
+        except self._dbapi_error as exc:
+            connection.invalidate(exc)
+            _unavailable_if_store_missing(exc, isinstance(exc, self._operational_error), exc)
+            raise
+        finally:
+            # Back to the pool, which ends the (read-only) transaction.
+            connection.close()
+        convert = self._convert
+        return [[v if f is None else f(v) for f, v in zip(convert, row, strict=True)] for row in raw]
+
+
+def _unavailable_if_store_missing(exc: Exception, operational: bool, driver_error: object) -> None:
+    """Score has not created or migrated its store yet, or it is down: retryable. Any other
+    database error is a bug and stays INTERNAL."""
+    if operational or getattr(driver_error, "sqlstate", None) == _UNDEFINED_TABLE:
+        raise Unavailable("the score store is not available yet") from exc
+
+
 class SqlScoreReader:
     """ScoreReadStore on SQLAlchemy over score's tables."""
 
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
-        self._sessions = sessions
+    def __init__(self, engine: Engine) -> None:
+        self._sessions = make_session_factory(engine)
+        self._score = _PreparedRead(engine, _SCORE_QUERY, "key")
 
     def _read(self, work: Callable[[Session], T]) -> T:
         try:
             with self._sessions() as session:
                 return work(session)
         except sa.exc.DBAPIError as exc:
-            # Score has not created or migrated its store yet, or it is down: retryable.
-            # Any other database error is a bug and stays INTERNAL.
-            missing_table = getattr(exc.orig, "sqlstate", None) == _UNDEFINED_TABLE
-            if isinstance(exc, sa.exc.OperationalError) or missing_table:
-                raise Unavailable("the score store is not available yet") from exc
+            _unavailable_if_store_missing(exc, isinstance(exc, sa.exc.OperationalError), exc.orig)
             raise
 
     def score(self, subject_key: str) -> SubjectScore | None:
-        def work(session: Session) -> SubjectScore | None:
-            rows = session.connection().execute(_SCORE_QUERY, {"key": subject_key}).all()
-
-            if not rows or not rows[0].tier:
-                return None
-            row = rows[0]
-            return SubjectScore(
-                subject_key=subject_key,
-                subject_kind=row.subject_kind,
-                score=row.score,
-                tier=row.tier,
-                categories=tuple(
-                    CategoryScore(r.category, r.points, r.category_entries, r.capped)
-                    for r in rows
-                    if r.category is not None
-                ),
-                as_of=as_utc(row.updated_at),
-                policy_version=row.policy_version,
-                entry_count=row.entry_count,
-                lists=tuple(
-                    ListMembership(name, tuple(reasons), tuple(ids))
-                    for name, reasons, ids in json.loads(row.list_reasons or "[]")
-                ),
-                next_change_at=None if row.next_change_at is None else as_utc(row.next_change_at),
-            )
-
-        return self._read(work)
+        rows = self._score.rows(subject_key)
+        if not rows or not rows[0][2]:
+            return None
+        kind, score, tier, updated_at, version, entries, lists, next_change_at = rows[0][:8]
+        return SubjectScore(
+            subject_key=subject_key,
+            subject_kind=kind,
+            score=score,
+            tier=tier,
+            categories=tuple(CategoryScore(r[8], r[9], r[10], r[11]) for r in rows if r[8] is not None),
+            as_of=as_utc(updated_at),
+            policy_version=version,
+            entry_count=entries,
+            lists=tuple(
+                ListMembership(name, tuple(reasons), tuple(ids))
+                for name, reasons, ids in json.loads(lists or "[]")
+            ),
+            next_change_at=None if next_change_at is None else as_utc(next_change_at),
+        )
 
     def entries(self, subject_key: str, after: Cursor | None, limit: int) -> Sequence[LedgerEntry]:
         def work(session: Session) -> list[LedgerEntry]:
@@ -185,6 +236,20 @@ class SqlScoreReader:
     def activations(self) -> Sequence[ActivatedPolicy]:
         return self._read(load_policies)
 
+    def consent_at(self, subject_key: str, at: datetime) -> Consent | None:
+        return self._read(lambda session: consent_at(session, subject_key, at))
+
+    def activation_marks(self) -> Sequence[tuple[str, datetime]]:
+        def work(session: Session) -> list[tuple[str, datetime]]:
+            rows = session.execute(
+                sa.select(StoredPolicy.version, StoredPolicy.activated_at).order_by(
+                    StoredPolicy.activated_at, StoredPolicy.version
+                )
+            )
+            return [(version, as_utc(at)) for version, at in rows]
+
+        return self._read(work)
+
 
 def _split(text: str | None) -> tuple[str, ...]:
     return tuple(n for n in (text or "").split(",") if n)
@@ -205,4 +270,7 @@ def _history_row(row: StoredHistory) -> HistoryRow:
         lists=_split(row.lists),
         added_entry_ids=tuple(json.loads(row.added_entry_ids)),
         expired_entry_ids=tuple(json.loads(row.expired_entry_ids)),
+        ended_entry_ids=tuple(json.loads(row.ended_entry_ids or "[]")),
+        resumed_entry_ids=tuple(json.loads(row.resumed_entry_ids or "[]")),
+        note=row.note or "",
     )

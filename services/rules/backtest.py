@@ -199,6 +199,25 @@ class BacktestReport:
     subjects: tuple[SubjectComparison, ...]  # most changed first, then by subject key
 
 
+@dataclass(frozen=True)
+class PartialReport:
+    """A report's raw material from one group of subjects, before it is combined.
+
+    Subjects are independent, so replaying disjoint groups of subjects (shards, in
+    separate processes) and combining their partial reports (``combine``) gives the
+    report of replaying them together: every figure is a sum over subjects, except the
+    batches, which are counted once per ``evaluated_at`` however many groups saw one.
+    """
+
+    events: int
+    batches: frozenset[datetime]  # the evaluated_at of every batch replayed
+    baseline_failed_events: int
+    candidate_failed_events: int
+    overall: _Tally
+    cohorts: Mapping[tuple[str, str], _Tally]
+    subjects: tuple[SubjectComparison, ...]
+
+
 @dataclass(frozen=True, slots=True)
 class LedgerLine:
     """The ledger entry score would make of one firing: what compute_score reads, and the rule.
@@ -326,16 +345,11 @@ class Backtest:
             raise
         self._baseline = _Side(baseline, baseline_engine)
         self._candidate = _Side(candidate, candidate_engine)
-        # Tiers in policy order (highest first), so the matrix reads top to bottom.
-        self._tier_rank: dict[str, int] = {}
-        for kind_policy in policy.kinds.values():
-            for tier in kind_policy.tiers:
-                self._tier_rank.setdefault(tier.name, len(self._tier_rank))
         self._subjects: dict[str, _Subject] = {}
         self._pending: list[EngineEvent] = []
         self._pending_at: datetime | None = None
         self._events = 0
-        self._batches = 0
+        self._batches: set[datetime] = set()
 
     def feed(self, stored: Iterable[StoredEvent]) -> None:
         """Replay stored events, which must come in ``evaluated_at`` order (ties in any order)."""
@@ -354,8 +368,22 @@ class Backtest:
         The report ends the backtest: each subject's entries are dropped once scored, so
         that the report does not double the replay's memory.
         """
+        return combine(
+            [self.partial(as_of=as_of)],
+            baseline=self._baseline.rule_set,
+            candidate=self._candidate.rule_set,
+            policy=self._policy,
+            cohort_attributes=self._cohort_attributes,
+            as_of=as_of,
+            rule_limit=rule_limit,
+        )
+
+    def partial(self, *, as_of: datetime) -> PartialReport:
+        """What ``report`` builds on: the replayed subjects scored at ``as_of`` and tallied.
+
+        Like ``report``, it ends the backtest.
+        """
         self._flush()
-        dimensions = (SUBJECT_KIND_DIMENSION, *self._cohort_attributes)
         overall = _Tally()
         cohorts: dict[tuple[str, str], _Tally] = {}
         comparisons: list[SubjectComparison] = []
@@ -389,23 +417,14 @@ class Backtest:
                 if tally is None:
                     tally = cohorts[key] = _Tally()
                 tally.add(comparison, totals[0], totals[1])
-        comparisons.sort(key=lambda c: (-abs(c.change), c.baseline.tier == c.candidate.tier, c.subject_key))
-        return BacktestReport(
-            baseline=self._baseline.rule_set,
-            candidate=self._candidate.rule_set,
-            policy_version=self._policy.version,
-            as_of=as_of,
-            events_replayed=self._events,
-            batches_replayed=self._batches,
+        self._subjects = {}
+        return PartialReport(
+            events=self._events,
+            batches=frozenset(self._batches),
             baseline_failed_events=self._baseline.failed_events,
             candidate_failed_events=self._candidate.failed_events,
-            overall=overall.breakdown(rule_limit, self._tier_rank),
-            cohorts=tuple(
-                CohortBreakdown(dimension, value, tally.breakdown(rule_limit, self._tier_rank))
-                for (dimension, value), tally in sorted(
-                    cohorts.items(), key=lambda item: (dimensions.index(item[0][0]), item[0][1])
-                )
-            ),
+            overall=overall,
+            cohorts=cohorts,
             subjects=tuple(comparisons),
         )
 
@@ -422,7 +441,7 @@ class Backtest:
         ordered = in_evaluation_order(self._pending)
         self._pending = []
         self._pending_at = None
-        self._batches += 1
+        self._batches.add(evaluated_at)
         self._events += len(ordered)
         for event in ordered:
             self._note_subject(event)
@@ -442,6 +461,58 @@ class Backtest:
             # breaks ties), so it does not depend on the order events arrived in.
             if latest is None or (event.occurred_at, event.key) > latest[:2]:
                 subject.cohorts[attribute] = (event.occurred_at, event.key, str(value))
+
+
+def combine(
+    partials: Iterable[PartialReport],
+    *,
+    baseline: RuleSet,
+    candidate: RuleSet,
+    policy: ScorePolicy,
+    cohort_attributes: Sequence[str],
+    as_of: datetime,
+    rule_limit: int | None = None,
+) -> BacktestReport:
+    """The report of partial reports from disjoint groups of subjects (see PartialReport)."""
+    dimensions = (SUBJECT_KIND_DIMENSION, *dict.fromkeys(cohort_attributes))
+    # Tiers in policy order (highest first), so the matrix reads top to bottom.
+    tier_rank: dict[str, int] = {}
+    for kind_policy in policy.kinds.values():
+        for tier in kind_policy.tiers:
+            tier_rank.setdefault(tier.name, len(tier_rank))
+    events = baseline_failed = candidate_failed = 0
+    batches: set[datetime] = set()
+    overall = _Tally()
+    cohorts: dict[tuple[str, str], _Tally] = {}
+    comparisons: list[SubjectComparison] = []
+    for part in partials:
+        events += part.events
+        batches |= part.batches
+        baseline_failed += part.baseline_failed_events
+        candidate_failed += part.candidate_failed_events
+        overall.merge(part.overall)
+        for key, tally in part.cohorts.items():
+            cohorts.setdefault(key, _Tally()).merge(tally)
+        comparisons.extend(part.subjects)
+    comparisons.sort(key=lambda c: (-abs(c.change), c.baseline.tier == c.candidate.tier, c.subject_key))
+    return BacktestReport(
+        baseline=baseline,
+        candidate=candidate,
+        policy_version=policy.version,
+        as_of=as_of,
+        events_replayed=events,
+        batches_replayed=len(batches),
+        baseline_failed_events=baseline_failed,
+        candidate_failed_events=candidate_failed,
+        overall=overall.breakdown(rule_limit, tier_rank),
+        cohorts=tuple(
+            CohortBreakdown(dimension, value, tally.breakdown(rule_limit, tier_rank))
+            for (dimension, value), tally in sorted(
+                cohorts.items(), key=lambda item: (dimensions.index(item[0][0]), item[0][1])
+            )
+        ),
+        subjects=tuple(comparisons),
+    )
 
 
 def _rule_totals(outcomes: Mapping[str, LedgerLine]) -> dict[str, list[int]]:
@@ -494,6 +565,19 @@ class _Tally:
                     row = self.rules[rule_id] = [0, 0, 0, 0]
                 row[offset] += firings
                 row[2 + offset] += points
+
+    def merge(self, other: _Tally) -> None:
+        self.subjects += other.subjects
+        self.changed += other.changed
+        for move, subjects in other.moves.items():
+            self.moves[move] = self.moves.get(move, 0) + subjects
+        self.buckets = [a + b for a, b in zip(self.buckets, other.buckets, strict=True)]
+        for rule_id, row in other.rules.items():
+            mine = self.rules.get(rule_id)
+            if mine is None:
+                self.rules[rule_id] = list(row)
+            else:
+                self.rules[rule_id] = [a + b for a, b in zip(mine, row, strict=True)]
 
     def breakdown(self, rule_limit: int | None, tier_rank: Mapping[str, int]) -> Breakdown:
         impacts = sorted(

@@ -1,28 +1,50 @@
 """RulesService.BacktestRuleSet: protobuf ⇄ the backtest domain, and the replay's scheduling.
 
-durable-rules is not thread-safe, so every step that touches an engine (compiling the
-two rule sets, replaying a page, the report, freeing the engines) runs on the rules
-engine executor, the one thread live evaluation uses. The replay is submitted one page
-at a time, so live batches queued meanwhile run between pages instead of waiting for
-the whole backtest; reading a page happens in the same step, on the same thread, so the
-database cursor is only ever touched from one thread.
+With more than one worker (EGRET_BACKTEST_WORKERS, by default one per CPU) the
+subjects are split into that many shards by a salted hash of the subject key, and each
+shard is replayed in its own spawned process: it reads the history itself (skipping
+other shards' records before decoding them), compiles both rule sets on its own
+durable-rules, and returns a partial report (services.rules.backtest.PartialReport);
+the partial reports are combined here. Subjects are independent of each other, so the
+combined report is the one replaying every subject together would give. Every worker
+reads the history up to the same ``evaluated_at`` (the latest one when the backtest
+started), so all replay the same batches. The engine thread is not used, so live
+evaluation goes on meanwhile (sharing the CPUs). A worker that fails or dies fails the
+backtest, and the workers are stopped if the call is cancelled.
+
+With one worker, or a database other processes cannot open (in-memory SQLite), the
+replay runs in this process. durable-rules is not thread-safe, so every step that
+touches an engine (compiling the two rule sets, replaying a page, the report, freeing
+the engines) then runs on the rules engine executor, the one thread live evaluation
+uses. The replay is submitted one page at a time, so live batches queued meanwhile run
+between pages instead of waiting for the whole backtest; reading a page happens in the
+same step, on the same thread, so the database cursor is only ever touched from one
+thread.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import multiprocessing
+import resource
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from typing import Any, Final
 
+import sqlalchemy as sa
 from opentelemetry import trace
 from sqlalchemy.orm import Session, sessionmaker
 
 from egret.rules.v1 import backtest_pb2 as pb
-from kit.db import run_blocking
+from kit.db import create_engine, is_sqlite, make_session_factory, run_blocking
 from kit.errors import InvalidArgument, ResourceExhausted, Violation
 from kit.logging import get_logger
 from kit.protoconv import to_datetime, to_timestamp
@@ -32,7 +54,9 @@ from services.rules.backtest import (
     BacktestReport,
     BacktestScope,
     Breakdown,
+    PartialReport,
     StoredEvent,
+    combine,
 )
 from services.rules.backtest_storage import HistoryReader
 from services.rules.lifecycle import RuleSetLifecycle, StoredRuleSet
@@ -47,6 +71,10 @@ DEFAULT_RULE_LIMIT: Final = 20
 MAX_RULE_LIMIT: Final = 1000
 MAX_SUBJECT_LIMIT: Final = 10_000
 
+# Independent of the sample's salt and of the rules shards' hash of the bare key: a
+# rules shard's subjects still spread evenly over its backtest workers.
+_WORKER_SALT: Final = b"egret-bt-worker"
+
 
 @dataclass(frozen=True)
 class Contender:
@@ -54,6 +82,7 @@ class Contender:
 
     rule_set_id: int
     rule_set: RuleSet
+    source: str  # the YAML it was parsed from, which worker processes parse again
 
 
 def cohort_attributes(catalogue: Catalogue) -> tuple[str, ...]:
@@ -83,8 +112,14 @@ class BacktestHandler:
         baseline: Callable[[], Contender],
         candidate: Callable[[int], Contender],
         clock: Callable[[], datetime],
+        workers: int = 1,
+        database_url: str | None = None,
     ) -> None:
+        """``database_url`` is what worker processes read the history from; without one
+        (or with one worker) the replay runs in this process."""
         self._clock = clock
+        self._workers = workers
+        self._database_url = database_url if database_url and shareable(database_url) else None
         self._executor = executor
         self._reader = reader
         self._policy = policy
@@ -126,6 +161,55 @@ class BacktestHandler:
         started = time.perf_counter()
         baseline = await run_blocking(self._executor, self._baseline)
         candidate = await run_blocking(self._executor, self._candidate, request.rule_set_id)
+        until = None
+        if self._workers > 1 and self._database_url is not None:
+            until = await run_blocking(self._executor, self._reader.latest)
+        if until is not None and self._database_url is not None:
+            jobs = shard_jobs(
+                self._database_url,
+                baseline.source,
+                candidate.source,
+                policy=self._policy,
+                cohort_attributes=self._cohort_attributes,
+                scope=scope,
+                until=until,
+                as_of=as_of,
+                workers=self._workers,
+                page_size=self._reader.page_size,
+            )
+            results = await replay_in_workers(jobs)
+            report = combine(
+                [r.partial for r in results],
+                baseline=baseline.rule_set,
+                candidate=candidate.rule_set,
+                policy=self._policy,
+                cohort_attributes=self._cohort_attributes,
+                as_of=as_of,
+                rule_limit=rule_limit,
+            )
+        else:
+            report = await self._replay_here(baseline, candidate, scope, as_of, rule_limit)
+        elapsed = time.perf_counter() - started
+        log.info(
+            "backtest done",
+            candidate=f"{candidate.rule_set.name}@{candidate.rule_set.version}",
+            baseline=f"{baseline.rule_set.name}@{baseline.rule_set.version}",
+            events=report.events_replayed,
+            subjects=report.overall.subjects,
+            changed=report.overall.subjects_changed,
+            workers=self._workers if until is not None else 1,
+            elapsed_s=round(elapsed, 3),
+        )
+        return response(report, baseline, candidate, subject_limit=subject_limit, elapsed=elapsed)
+
+    async def _replay_here(
+        self,
+        baseline: Contender,
+        candidate: Contender,
+        scope: BacktestScope,
+        as_of: datetime,
+        rule_limit: int,
+    ) -> BacktestReport:
         replay = await run_blocking(self._executor, self._start, baseline.rule_set, candidate.rule_set)
         pages = self._reader.pages(scope)
         try:
@@ -137,17 +221,7 @@ class BacktestHandler:
         finally:
             # Both on the engine thread: the cursor was opened there, the engines live there.
             await run_blocking(self._executor, _close, pages, replay)
-        elapsed = time.perf_counter() - started
-        log.info(
-            "backtest done",
-            candidate=f"{candidate.rule_set.name}@{candidate.rule_set.version}",
-            baseline=f"{baseline.rule_set.name}@{baseline.rule_set.version}",
-            events=report.events_replayed,
-            subjects=report.overall.subjects,
-            changed=report.overall.subjects_changed,
-            elapsed_s=round(elapsed, 3),
-        )
-        return response(report, baseline, candidate, subject_limit=subject_limit, elapsed=elapsed)
+        return report
 
     def _start(self, baseline: RuleSet, candidate: RuleSet) -> Backtest:
         return Backtest(
@@ -160,7 +234,7 @@ class BacktestHandler:
 
 def contender(stored: StoredRuleSet) -> Contender:
     """A stored rule set, parsed from its source (it was validated when it was stored)."""
-    return Contender(stored.rule_set_id, rule_set_from_yaml(stored.source))
+    return Contender(stored.rule_set_id, rule_set_from_yaml(stored.source), stored.source)
 
 
 def build_backtests(
@@ -179,7 +253,155 @@ def build_backtests(
         baseline=lambda: contender(lifecycle.active()),
         candidate=lambda rule_set_id: contender(lifecycle.get(rule_set_id)),
         clock=lambda: datetime.now(UTC),
+        workers=settings.backtest_workers,
+        database_url=settings.common.database_url,
     )
+
+
+def shareable(database_url: str) -> bool:
+    """Whether other processes can open the database (not an in-memory SQLite one)."""
+    url = sa.make_url(database_url)
+    if not is_sqlite(url):
+        return True
+    return bool(url.database) and url.database != ":memory:" and url.query.get("mode") != "memory"
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One worker process's share of a backtest, picklable: the subjects whose worker_of
+    is ``shard``, every stored batch evaluated at ``until`` or before."""
+
+    database_url: str
+    baseline: str  # rule-set YAML
+    candidate: str
+    policy: ScorePolicy
+    cohort_attributes: tuple[str, ...]
+    scope: BacktestScope
+    until: datetime
+    as_of: datetime
+    shard: int
+    shards: int
+    page_size: int
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    partial: PartialReport
+    replay_seconds: float  # reading, decoding and replaying both sides
+    report_seconds: float  # scoring the shard's subjects and tallying them
+    peak_rss_mib: float  # the worker process's
+
+
+def shard_jobs(
+    database_url: str,
+    baseline: str,
+    candidate: str,
+    *,
+    policy: ScorePolicy,
+    cohort_attributes: Sequence[str],
+    scope: BacktestScope,
+    until: datetime,
+    as_of: datetime,
+    workers: int,
+    page_size: int,
+) -> list[ShardJob]:
+    return [
+        ShardJob(
+            database_url,
+            baseline,
+            candidate,
+            policy,
+            tuple(cohort_attributes),
+            scope,
+            until,
+            as_of,
+            shard,
+            workers,
+            page_size,
+        )
+        for shard in range(workers)
+    ]
+
+
+def worker_of(subject_key: str, shards: int) -> int:
+    digest = hashlib.blake2b(subject_key.encode(), digest_size=8, person=_WORKER_SALT).digest()
+    return int.from_bytes(digest, "big") % shards
+
+
+def replay_shard(job: ShardJob) -> ShardResult:
+    """Replay one shard of subjects (in a worker process): what the in-process replay does
+    for every subject, for these subjects only."""
+    engine = create_engine(job.database_url)
+    try:
+        reader = HistoryReader(make_session_factory(engine), engine_event_from_record, job.page_size)
+        backtest = Backtest(
+            baseline=rule_set_from_yaml(job.baseline),
+            candidate=rule_set_from_yaml(job.candidate),
+            policy=job.policy,
+            cohort_attributes=job.cohort_attributes,
+        )
+        try:
+            started = time.perf_counter()
+            pages = reader.pages(
+                job.scope, until=job.until, owns=lambda key: worker_of(key, job.shards) == job.shard
+            )
+            for page in pages:
+                backtest.feed(page)
+            replayed = time.perf_counter()
+            part = backtest.partial(as_of=job.as_of)
+        finally:
+            backtest.close()
+    finally:
+        engine.dispose()
+    # ru_maxrss is in KiB on Linux.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return ShardResult(part, replayed - started, time.perf_counter() - replayed, peak)
+
+
+async def replay_in_workers(jobs: Sequence[ShardJob]) -> list[ShardResult]:
+    """Run each job in its own spawned process (forking a process that runs gRPC's
+    threads is unsafe); the processes are stopped on failure or cancellation."""
+    context = multiprocessing.get_context("spawn")
+    workers: list[tuple[BaseProcess, Connection]] = []
+    try:
+        for job in jobs:
+            receiver, sender = context.Pipe(duplex=False)
+            process: BaseProcess = context.Process(
+                target=_work, args=(job, sender), name=f"rules-backtest-{job.shard}", daemon=True
+            )
+            process.start()
+            sender.close()  # so that the receiver sees EOF if the worker dies
+            workers.append((process, receiver))
+        return list(await asyncio.gather(*(asyncio.to_thread(_receive, p, r) for p, r in workers)))
+    finally:
+        for process, receiver in workers:
+            if process.is_alive():
+                process.terminate()
+            process.join()
+            receiver.close()
+
+
+def _work(job: ShardJob, sender: Connection) -> None:
+    try:
+        result = replay_shard(job)
+    except BaseException as error:
+        sender.send((False, f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
+    else:
+        sender.send((True, result))
+    finally:
+        sender.close()
+
+
+def _receive(process: BaseProcess, receiver: Connection) -> ShardResult:
+    try:
+        ok, value = receiver.recv()
+    except EOFError:
+        process.join()
+        raise RuntimeError(f"backtest worker {process.name} died (exit code {process.exitcode})") from None
+    if not ok:
+        raise RuntimeError(f"backtest worker {process.name} failed: {value}")
+    assert isinstance(value, ShardResult)
+    return value
 
 
 def _replay_page(pages: Iterator[list[StoredEvent]], replay: Backtest) -> bool:

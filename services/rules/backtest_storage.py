@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
@@ -32,11 +33,32 @@ class HistoryReader:
     decode: Decode
     page_size: int = 5000
 
-    def pages(self, scope: BacktestScope) -> Iterator[list[StoredEvent]]:
+    def latest(self) -> datetime | None:
+        """When the last stored batch was evaluated (None: no history)."""
         table = EvaluatedEvent.__table__
-        query = sa.select(table.c.evaluated_at, table.c.subject_key, table.c.record).order_by(
-            table.c.evaluated_at
+        with self.sessions() as session:
+            latest = session.execute(sa.select(sa.func.max(table.c.evaluated_at))).scalar_one()
+        return None if latest is None else as_utc(latest)
+
+    def pages(
+        self,
+        scope: BacktestScope,
+        *,
+        until: datetime | None = None,
+        owns: Callable[[str], bool] | None = None,
+    ) -> Iterator[list[StoredEvent]]:
+        """Stored events in scope, evaluated at ``until`` or before (None: all), of the
+        subjects ``owns`` accepts (None: all); ``owns`` is asked before decoding too."""
+        table = EvaluatedEvent.__table__
+        # Retracted events are history that never should have been: a candidate activated
+        # live would never see them either (docs/rules.md, "Retractions and corrections").
+        query = (
+            sa.select(table.c.evaluated_at, table.c.subject_key, table.c.record)
+            .where(table.c.retracted_at.is_(None))
+            .order_by(table.c.evaluated_at)
         )
+        if until is not None:
+            query = query.where(table.c.evaluated_at <= until)
         if scope.occurred_from is not None:
             query = query.where(table.c.occurred_at >= scope.occurred_from)
         if scope.occurred_to is not None:
@@ -48,7 +70,7 @@ class HistoryReader:
                 page = [
                     StoredEvent(as_utc(evaluated_at), decode(record))
                     for evaluated_at, subject_key, record in rows
-                    if scope.includes_subject(subject_key)
+                    if (owns is None or owns(subject_key)) and scope.includes_subject(subject_key)
                 ]
                 if page:
                     yield page

@@ -25,12 +25,18 @@ ones that can be reproduced safely):
   durable.engine wraps, which returns the state handle even then (result code 1), and
   the session's actions are run at once. Unmatched events are normal, not errors.
 - durable.engine.Host starts two timer threads that, every 0.2 s, run pending actions
-  and timers on a ruleset that is not thread-safe. The host used here never starts
-  them, and is private to each RuleEngine, so engines (two rule-set versions during a
-  hot swap, tests) coexist without durable.lang's module-level host.
+  and timers on a ruleset that is not thread-safe. No host is used here: each
+  RuleEngine creates its ruleset on the binding and runs a subject's actions itself,
+  right after asserting its facts (start an action, record it, write the session state
+  back, complete it and start the next: durable.engine's own loop, without its
+  per-action Closure, Content wrappers and clock readings, which cost more than the
+  matching). Engines (two rule-set versions during a hot swap, tests) coexist without
+  durable.lang's module-level host.
 - An exception inside an action is stored in the session state and never reaches the
   caller (jruizgit/rules#58, #305). Actions here only record (event, rule) pairs and
   catch everything; whatever goes wrong surfaces as an exception from evaluate().
+  durable-rules offers an action again once its 10-second lease lapses; an action that
+  takes that long fails the evaluation instead.
 - A ruleset holds at most 1024 live sessions: the next new one fails with MemoryError
   (engine error 101) whatever the machine's memory. A session costs about 100 KB plus
   11 KB per rule and is created even for a message that matches nothing. Each
@@ -68,6 +74,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -106,6 +113,8 @@ _SOME_NOT_HANDLED: Final = 1
 _ERR_SID_NOT_FOUND: Final = "error code: 309"
 _INT64_MIN: Final = -(2**63)
 _INT64_MAX: Final = 2**63 - 1
+# durable-rules offers an action again if it is not completed within 10 s (its rules.h).
+_ACTION_LEASE_S: Final = 10.0
 
 # Far below the ~250 properties that crash durable-rules; a fact also carries sid,
 # id, event_type, subject_kind, occurred_at and attrs.
@@ -497,18 +506,17 @@ class _CompiledRuleSet:
                     f"'any' alternative is one); durable-rules hangs beyond {MAX_CONDITION_BRANCHES}"
                 ]
             )
-        # durable.engine deletes "run" from the definition it is given: build it fresh.
-        definition: dict[str, Any] = {
-            f"r{index}": {"all": pattern, "run": self._counted(action)}
-            for index, (pattern, action) in enumerate(zip(patterns, actions, strict=True))
+        # Actions by rule name; the seal rule's only job is to start.
+        self._actions: dict[str, _Action | None] = {
+            f"r{index}": action for index, action in enumerate(actions)
         }
-        definition[_SEAL_RULE] = {"all": [{"m": {"event_type": _SEAL_TYPE}}], "run": self._counted(None)}
-        host = _PrivateHost()
+        self._actions[_SEAL_RULE] = None
+        definition: dict[str, Any] = {f"r{index}": {"all": pattern} for index, pattern in enumerate(patterns)}
+        definition[_SEAL_RULE] = {"all": [{"m": {"event_type": _SEAL_TYPE}}]}
         try:
-            host.register_rulesets({name: definition})
+            self._handle: Any = _binding.create_ruleset(name, _dumps(definition))
         except (_binding.error, MemoryError) as error:
             raise RuleSetError(_rejected_rules(rule_set, error)) from error
-        self._ruleset = host.get_ruleset(name)
 
     def run_subject(self, subject_key: str, facts: list[dict[str, Any]]) -> None:
         """Assert one subject's facts, run every action they start, and delete the session."""
@@ -523,7 +531,7 @@ class _CompiledRuleSet:
 
     def holds_session(self, subject_key: str) -> bool:
         try:
-            self._ruleset.get_state(subject_key)
+            _binding.get_state(self._handle, subject_key)
         except _binding.error as error:
             if _ERR_SID_NOT_FOUND in str(error):
                 return False
@@ -531,26 +539,39 @@ class _CompiledRuleSet:
         return True
 
     def delete(self) -> None:
-        _binding.delete_ruleset(self._ruleset._handle)
-
-    def _counted(self, action: _Action | None) -> _Action:
-        def run(c: Any) -> None:
-            self._started += 1
-            if action is not None:
-                action(c)
-
-        return run
+        _binding.delete_ruleset(self._handle)
 
     def _assert_and_act(self, facts: list[dict[str, Any]]) -> None:
-        result, state = _binding.assert_facts(self._ruleset._handle, _dumps(facts))
+        """Assert facts into their session and run the actions they start, one by one.
+
+        The loop durable.engine's Ruleset.do_actions runs (start an action, run it,
+        write the session state back, complete it and start the next), on the binding
+        directly: durable.engine wraps each action in a Closure, a Content per message
+        and two clock readings, which cost more than the matching itself.
+        """
+        handle = self._handle
+        result, state = _binding.assert_facts(handle, _dumps(facts))
         if result not in (_ALL_HANDLED, _SOME_NOT_HANDLED):
             raise RuleEngineError(f"durable-rules refused the facts of a subject (result {result})")
-        completions: list[object] = []
-        self._ruleset.do_actions(state, lambda error, _state: completions.append(error))
-        if completions != [None]:
-            # An error while completing an action, or durable-rules' 10-second action
-            # lease lapsing (its clock is local wall time), which leaves it unfinished.
-            raise RuleEngineError(f"durable-rules did not complete the actions of a subject: {completions!r}")
+        started = _binding.start_action_for_state(handle, state)
+        if not started:
+            return
+        session_state, message = started[0], started[1]
+        while message:
+            leased_at = time.monotonic()
+            # {rule name: {pattern name: fact}}, one rule per action.
+            for rule_name, patterns in json.loads(message).items():
+                self._started += 1
+                action = self._actions[rule_name]
+                if action is not None:
+                    action(_Match(patterns))
+                break
+            if time.monotonic() - leased_at > _ACTION_LEASE_S:
+                # durable-rules would have offered the action again once its lease lapsed.
+                raise RuleEngineError("durable-rules' action lease lapsed while an action ran")
+            _binding.update_state(handle, session_state)
+            # The next action's message, or None once the session has none left.
+            message = _binding.complete_and_start_action(handle, state)
 
     def _delete_session(self, subject_key: str) -> None:
         if not self._started:
@@ -559,17 +580,23 @@ class _CompiledRuleSet:
             if not self._started:
                 raise RuleEngineError("the seal rule did not fire; the subject's session is left in place")
         try:
-            self._ruleset.delete_state(subject_key)
+            _binding.delete_state(self._handle, subject_key)
         except _binding.error as error:
             if _ERR_SID_NOT_FOUND not in str(error):
                 raise
 
 
-class _PrivateHost(durable_engine.Host):  # type: ignore[misc]
-    """A durable-rules host without the background threads that Host._run starts."""
+class _Match:
+    """What an action is given: the matched facts by pattern name, as durable.engine's
+    Closure exposes them (``c.m``, or ``c.first`` and ``c.second`` for a sequence)."""
 
-    def _run(self) -> None:
-        pass
+    __slots__ = ("_patterns",)
+
+    def __init__(self, patterns: Mapping[str, Any]) -> None:
+        self._patterns = patterns
+
+    def __getattr__(self, name: str) -> Any:
+        return self._patterns.get(name)
 
 
 def _positions(events: Sequence[EngineEvent]) -> dict[str, int]:

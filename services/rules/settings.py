@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ class RulesSettings:
     # cohort attributes, so rules reads the same two files score and ingest do.
     policy_file: Path = Path("config/policy.yaml")
     catalogue_file: Path = Path("config/catalogue.yaml")
+    # Processes a backtest replays its shards of subjects in (1: on the engine thread).
+    backtest_workers: int = 1
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> RulesSettings:
@@ -43,6 +46,12 @@ class RulesSettings:
             shard=Shard.read(env, prefix="EGRET_RULES"),
             policy_file=env.file("EGRET_POLICY_FILE", Path("config/policy.yaml")),
             catalogue_file=env.file("EGRET_CATALOGUE_FILE", Path("config/catalogue.yaml")),
+            backtest_workers=env.integer("EGRET_BACKTEST_WORKERS", default_workers(), minimum=1, maximum=64),
         )
         env.check()
         return settings
+
+
+def default_workers() -> int:
+    """The CPUs this process may run on."""
+    return max(1, len(os.sched_getaffinity(0)))

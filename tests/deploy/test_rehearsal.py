@@ -132,7 +132,12 @@ async def test_the_rendered_manifests_run_the_pipeline_end_to_end(cluster: Clust
     # helm install: pre-install hooks (the migration Jobs) first, each must succeed, without
     # any TLS or token keys (migrate does not serve).
     migrations = rehearsal.hook_pods("pre-install")
-    assert migrations == ["egret-ingest-migrate", "egret-rules-migrate", "egret-score-migrate"]
+    assert migrations == [
+        "egret-ingest-migrate",
+        "egret-rules-migrate",
+        "egret-score-migrate",
+        "egret-query-migrate",
+    ]
     for job in migrations:
         code, log = rehearsal.run_to_completion(job)
         assert code == 0, log

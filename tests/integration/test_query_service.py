@@ -22,6 +22,7 @@ from egret.score.v1 import score_service_pb2_grpc as score_grpc
 from kit.db import is_sqlite
 from kit.pseudonym import Pseudonymiser
 from kit.settings import PseudonymSettings
+from services.query.bootstrap import MIGRATIONS as QUERY_MIGRATIONS
 from services.query.bootstrap import build as build_query
 from services.query.settings import QuerySettings
 from services.score.bootstrap import MIGRATIONS
@@ -51,8 +52,11 @@ def score_settings(database_url: str, data_dir: Path) -> ScoreSettings:
 
 
 def query_settings(score_database_url: str, data_dir: Path) -> QuerySettings:
+    # Query's own database (the access log): a file of its own on SQLite, so score's store
+    # is never created by query; on PostgreSQL the test database, beside score's tables.
+    own = f"sqlite:///{data_dir / 'query.db'}" if is_sqlite(score_database_url) else score_database_url
     return QuerySettings(
-        common=common_settings("query", score_database_url, data_dir),
+        common=common_settings("query", own, data_dir),
         pseudonym=PseudonymSettings(key=TEST_SUBJECT_KEY, key_id="k1"),
         score_database_url=score_database_url,
         policy_file=POLICY_FILE,
@@ -91,7 +95,7 @@ class Services:
 async def services(database_url: str, tmp_path: Path) -> AsyncIterator[Services]:
     async with (
         running(score_settings(database_url, tmp_path), build_score, MIGRATIONS) as score_address,
-        running(query_settings(database_url, tmp_path), build_query, None) as query_address,
+        running(query_settings(database_url, tmp_path), build_query, QUERY_MIGRATIONS) as query_address,
         grpc.aio.insecure_channel(score_address) as score_channel,
         grpc.aio.insecure_channel(query_address) as query_channel,
     ):
@@ -276,7 +280,7 @@ async def test_query_starts_before_scores_store_exists(database_url: str, tmp_pa
     # On SQLite the store does not exist at all; on PostgreSQL the database exists but has no tables.
     url = f"sqlite:///{tmp_path / 'later' / 'score.db'}" if sqlite else database_url
     async with (
-        running(query_settings(url, tmp_path), build_query, None) as query_address,
+        running(query_settings(url, tmp_path), build_query, QUERY_MIGRATIONS) as query_address,
         grpc.aio.insecure_channel(query_address) as channel,
     ):
         query = pb_grpc.QueryServiceStub(channel)

@@ -22,6 +22,7 @@ from egret.query.v1 import query_service_pb2_grpc as pb_grpc
 from egret.score.v1 import score_service_pb2 as score_pb
 from egret.score.v1 import score_service_pb2_grpc as score_grpc
 from kit.protoconv import to_timestamp
+from services.query.bootstrap import MIGRATIONS as QUERY_MIGRATIONS
 from services.query.bootstrap import build as build_query
 from services.score.bootstrap import MIGRATIONS
 from services.score.bootstrap import build as build_score
@@ -115,7 +116,9 @@ def running_score(settings: ScoreSettings, clock: Clock) -> AbstractAsyncContext
 
 
 def running_query(database_url: str, tmp_path: Path, clock: Clock) -> AbstractAsyncContextManager[str]:
-    return running(query_settings(database_url, tmp_path), functools.partial(build_query, clock=clock), None)
+    return running(
+        query_settings(database_url, tmp_path), functools.partial(build_query, clock=clock), QUERY_MIGRATIONS
+    )
 
 
 async def eventually(check: Callable[[], Awaitable[None]], within_s: float = 10.0) -> None:

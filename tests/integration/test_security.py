@@ -31,7 +31,7 @@ from services.ingest import bootstrap as ingest_bootstrap
 from services.ingest.servicer import IngestServicer
 from services.query import access as query_access
 from services.query import bootstrap as query_bootstrap
-from services.query.servicer import QueryServicer
+from services.query.due_process_servicer import DueProcessQueryServicer
 from services.rules import access as rules_access
 from services.rules import bootstrap as rules_bootstrap
 from services.rules.servicer import RulesServicer
@@ -44,7 +44,12 @@ from tests.integration.test_rules_service import rules_settings
 from tests.integration.test_score_service import score_settings
 from tests.support.servers import running
 
-SERVICERS = {"ingest": IngestServicer, "rules": RulesServicer, "score": ScoreServicer, "query": QueryServicer}
+SERVICERS = {
+    "ingest": IngestServicer,
+    "rules": RulesServicer,
+    "score": ScoreServicer,
+    "query": DueProcessQueryServicer,
+}
 POLICIES = {
     "ingest": ingest_access.POLICY,
     "rules": rules_access.POLICY,
@@ -159,7 +164,9 @@ async def secure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterat
         )
         addresses["query"] = await stack.enter_async_context(
             running(
-                secured(query_settings(url["score"], tmp_path), pki, "query"), query_bootstrap.build, None
+                secured(query_settings(url["score"], tmp_path), pki, "query"),
+                query_bootstrap.build,
+                query_bootstrap.MIGRATIONS,
             )
         )
         yield Secure(pki, addresses, calls)

@@ -1,0 +1,244 @@
+"""Live evaluation's memory: N events across S subjects through rules' real evaluation path.
+
+    python -m bench.rules_memory [--events N] [--subjects S] [--batch-size B] [--database URL]
+
+Builds what services/rules/bootstrap.py builds for evaluation (the lifecycle with the
+sample rule set active, the Evaluator on SqlEvaluationStore over a real database,
+SQLite in a temporary directory by default) and, in this process, pushes N recorded
+events in batches of B through exactly what RulesServicer.EvaluateEvents runs per batch:
+engine_event() of each RecordedEvent, then Evaluator.evaluate(events, records), which
+reads the inbox and the history, runs durable-rules and commits events, outcomes and
+outbox rows. Every B*100 events the outbox is emptied, as the relay to score would.
+
+Each event goes to a subject drawn uniformly from S (100,000 by default), so every batch
+touches about B different subjects and a subject's history grows through the whole run
+(the window, sequence and cap rules read it back from the database). Event time advances
+with the stream over two years, with a few days' jitter, so some events arrive late.
+Attributes are drawn from the catalogue the way devtools/population.py draws them.
+
+RSS (VmRSS of /proc/self/status) is read after every batch: the figures are the RSS
+before the first batch, the highest reading, the RSS at the end, and the RSS after each
+tenth of the events, with events/s for that tenth, so a reader sees whether memory is
+flat. Subject keys are computed before the start reading (they are the benchmark's own
+data, about 20 MB for 100,000 subjects), so the readings show evaluation alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from bench.pipeline import machine
+from devtools.population import (
+    DEFAULT_TYPE_WEIGHT,
+    TYPE_WEIGHTS,
+    Population,
+    PopulationConfig,
+    attribute_value,
+)
+from egret.common.v1 import event_pb2
+from kit.db import create_engine, make_session_factory
+from kit.protoconv import to_timestamp
+from services.ingest.catalogue import EventType
+from services.rules.domain import Evaluator, check_rule_set
+from services.rules.lifecycle import RuleSetLifecycle
+from services.rules.records import engine_event
+from services.rules.storage import Base, Outbox, SqlEvaluationStore, SqlLifecycleStore
+
+ROOT = Path(__file__).resolve().parents[1]
+SPAN = timedelta(days=730)
+JITTER_DAYS = 5.0
+DRAIN_EVERY_BATCHES = 100
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.rules_memory", description=__doc__.split("\n")[0])
+    parser.add_argument("--events", type=int, default=1_000_000, help="events evaluated (default 1000000)")
+    parser.add_argument("--subjects", type=int, default=100_000, help="subjects (default 100000)")
+    parser.add_argument("--batch-size", type=int, default=1000, help="events per batch (default 1000)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--database", metavar="URL", help="an empty rules database (default: SQLite in a temp dir)"
+    )
+    parser.add_argument("--ruleset", type=Path, default=ROOT / "config/rulesets/sample.yaml")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as JSON")
+    args = parser.parse_args(argv)
+    if args.events < 1 or args.subjects < 1 or args.batch_size < 1:
+        parser.error("--events, --subjects and --batch-size must be at least 1")
+    return args
+
+
+@dataclass(frozen=True)
+class _Subject:
+    key: str
+    kind: str  # "person" or "organization"
+    kind_value: int  # its SubjectKind number
+
+
+class _Stream:
+    """Recorded events as ingest delivers them, batch by batch, from a seeded generator."""
+
+    def __init__(self, subjects: int, seed: int, now: datetime) -> None:
+        population = Population(PopulationConfig(subjects=subjects, seed=seed, now=now))
+        self._rng = random.Random(f"egret-bench-rules-memory/{seed}")
+        self._seed = seed
+        self._start = now - SPAN
+        self._subjects: list[_Subject] = []
+        for index in range(subjects):
+            subject = population.subject(index)
+            # Keyed like ingest's HMAC pseudonyms (64 hex characters).
+            key = hashlib.sha256(f"bench/{subject.id_scheme}/{subject.id_value}".encode()).hexdigest()
+            self._subjects.append(_Subject(key, subject.kind, subject.proto().kind))
+        self._types: dict[str, tuple[list[EventType], list[float]]] = {}
+        for kind in {s.kind for s in self._subjects}:
+            types = [t for t in population.catalogue.event_types.values() if kind in t.subject_kinds]
+            self._types[kind] = (types, [TYPE_WEIGHTS.get(t.name, DEFAULT_TYPE_WEIGHT) for t in types])
+        self._serial = 0
+
+    def batches(self, events: int, batch_size: int) -> Iterator[list[event_pb2.RecordedEvent]]:
+        recorded_at = to_timestamp(datetime.now(UTC))
+        while self._serial < events:
+            size = min(batch_size, events - self._serial)
+            yield [self._event(events, recorded_at) for _ in range(size)]
+
+    def _event(self, events: int, recorded_at: Any) -> event_pb2.RecordedEvent:
+        rng = self._rng
+        subject = self._subjects[rng.randrange(len(self._subjects))]
+        types, weights = self._types[subject.kind]
+        type_spec = rng.choices(types, weights)[0]
+        progress = self._serial / events
+        occurred_at = self._start + SPAN * progress - timedelta(days=rng.uniform(0, JITTER_DAYS))
+        occurred_at = occurred_at.replace(microsecond=0)
+        self._serial += 1
+        return event_pb2.RecordedEvent(
+            ref=event_pb2.EventRef(
+                source=rng.choice(sorted(type_spec.departments)),
+                event_id=f"mem-{self._seed}-{self._serial:09d}",
+            ),
+            event_type=type_spec.name,
+            subject_key=subject.key,
+            subject_kind=subject.kind_value,  # type: ignore[arg-type]
+            occurred_at=to_timestamp(occurred_at),
+            recorded_at=recorded_at,
+            attributes={
+                spec.name: attribute_value(spec, rng, occurred_at)
+                for spec in type_spec.attributes.values()
+                if spec.required or rng.random() < 0.7
+            },
+        )
+
+
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def _load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(argv)
+    with tempfile.TemporaryDirectory(prefix="egret-bench-rules-memory-") as tmp:
+        url = args.database or f"sqlite:///{tmp}/rules.db"
+        engine = create_engine(url, sqlite_synchronous="NORMAL")
+        # The models' own tables, as the migrations create them.
+        Base.metadata.create_all(engine)
+        sessions = make_session_factory(engine)
+        rule_sets = SqlLifecycleStore(sessions)
+        lifecycle = RuleSetLifecycle(rule_sets, validate=check_rule_set, clock=lambda: datetime.now(UTC))
+        lifecycle.ensure_active(args.ruleset.read_text(encoding="utf-8"))
+        evaluator = Evaluator(
+            rule_sets=rule_sets,
+            store=SqlEvaluationStore(sessions),
+            clock=lambda: datetime.now(UTC),
+            dead_letter_after=3,
+        )
+        evaluator.load_active()
+        print(f"preparing {args.subjects} subjects ...", flush=True)
+        stream = _Stream(args.subjects, args.seed, datetime.now(UTC))
+
+        checkpoints = [round(args.events * tenth / 10) for tenth in range(1, 11)]
+        samples: list[dict[str, Any]] = []
+        rss_start = rss_peak = rss_mib()
+        load_before = _load_average()
+        print(f"evaluating {args.events} events in batches of {args.batch_size} ...", flush=True)
+        started = mark = time.perf_counter()
+        evaluating = 0.0
+        done = firings = marked = 0
+        for batches, batch in enumerate(stream.batches(args.events, args.batch_size), start=1):
+            # What RulesServicer.EvaluateEvents runs for a batch (without retractions).
+            clock = time.perf_counter()
+            events = [engine_event(e) for e in batch]
+            records = {ev.key: e.SerializeToString() for ev, e in zip(events, batch, strict=True)}
+            result = evaluator.evaluate(events, records)
+            evaluating += time.perf_counter() - clock
+            firings += len(result.firings)
+            done += len(batch)
+            if batches % DRAIN_EVERY_BATCHES == 0:
+                with engine.begin() as connection:  # the relay to score, all at once
+                    connection.execute(sa.delete(Outbox))
+            rss = rss_mib()
+            rss_peak = max(rss_peak, rss)
+            if checkpoints and done >= checkpoints[0]:
+                checkpoints.pop(0)
+                now = time.perf_counter()
+                samples.append(
+                    {
+                        "events": done,
+                        "rss_mib": round(rss),
+                        "elapsed_s": round(now - started, 1),
+                        "events_per_s": round((done - marked) / (now - mark)),
+                    }
+                )
+                print(f"  {done:>9} events  RSS {rss:7.0f} MiB  {samples[-1]['events_per_s']:>6} events/s")
+                mark, marked = now, done
+        elapsed = time.perf_counter() - started
+        rss_end = rss_mib()
+        evaluator.close()
+        engine.dispose()
+
+    figures: dict[str, Any] = {
+        "command": " ".join(["python -m bench.rules_memory", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": machine(),
+        "database": "sqlite" if args.database is None else sa.make_url(args.database).get_backend_name(),
+        "events": done,
+        "subjects": args.subjects,
+        "batch_size": args.batch_size,
+        "firings": firings,
+        "wall_s": round(elapsed, 1),
+        "events_per_s": round(done / elapsed),
+        # Time inside the servicer's per-batch path only (not generating the events).
+        "evaluation_events_per_s": round(done / evaluating),
+        "rss_start_mib": round(rss_start),
+        "rss_peak_mib": round(rss_peak),
+        "rss_end_mib": round(rss_end),
+        # ru_maxrss: the process's peak, including moments between two readings.
+        "ru_maxrss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "rss_by_tenth": samples,
+        "load_average_before": load_before,
+        "load_average_after": _load_average(),
+    }
+    print(json.dumps(figures, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,231 @@
+"""Query's reads of due process in score's store (read-only): who disputed what, repair
+applications, consent, and each entry's facts (disputes, repairs, reversals) for the
+disputed flags on reads and for Explain.
+
+Lists are keyset-paged by (deadline or decision_due, id): the token carries the last
+pair seen, so pages stay stable while new disputes and applications arrive.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+from kit.errors import InvalidArgument, Unavailable, Violation
+from services.score.domain import OPEN, PENDING, Consent, DisputeRecord, RepairRecord
+from services.score.due_process import EntryFacts
+from services.score.storage import (
+    StoredDispute,
+    StoredEntry,
+    StoredRepair,
+    StoredReversal,
+    consent_at,
+    dispute_record,
+    evidence_sources,
+    ledger_entry,
+    repair_record,
+    reversal_record,
+)
+
+T = TypeVar("T")
+# PostgreSQL's SQLSTATE for "relation does not exist": score has not migrated yet.
+UNDEFINED_TABLE = "42P01"
+
+
+@dataclass(frozen=True)
+class ListFilter:
+    """Filters of ListDisputes / ListRepairApplications; `status` is the stored status
+    (open, upheld, ...), None for every status."""
+
+    status: str | None = None
+    subject_key: str | None = None
+    overdue_only: bool = False
+
+
+@dataclass(frozen=True)
+class DisputePage:
+    disputes: tuple[DisputeRecord, ...]
+    next_page_token: str
+
+
+@dataclass(frozen=True)
+class RepairPage:
+    applications: tuple[RepairRecord, ...]
+    next_page_token: str
+
+
+def encode_key(at: datetime, number: int) -> str:
+    raw = json.dumps([at.astimezone(UTC).isoformat(), number], separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_key(token: str, rpc: str) -> tuple[datetime, int]:
+    invalid = InvalidArgument(
+        "invalid page token",
+        [Violation("page_token", f"is not a next_page_token returned by {rpc}", "INVALID_PAGE_TOKEN")],
+    )
+    try:
+        at, number = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        when = datetime.fromisoformat(at)
+    except (binascii.Error, ValueError, TypeError) as exc:
+        raise invalid from exc
+    if when.tzinfo is None or not isinstance(number, int) or isinstance(number, bool):
+        raise invalid
+    return when.astimezone(UTC), number
+
+
+class SqlDueProcessReader:
+    """Due-process facts from score's tables, read-only."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self._sessions = sessions
+
+    def _read(self, work: Callable[[Session], T]) -> T:
+        try:
+            with self._sessions() as session:
+                return work(session)
+        except sa.exc.DBAPIError as exc:
+            # As SqlScoreReader: score's store not created, migrated or up yet is retryable.
+            missing_table = getattr(exc.orig, "sqlstate", None) == UNDEFINED_TABLE
+            if isinstance(exc, sa.exc.OperationalError) or missing_table:
+                raise Unavailable("the score store is not available yet") from exc
+            raise
+
+    def consent(self, subject_key: str, at: datetime) -> Consent | None:
+        """The consent in force at `at` (one indexed lookup)."""
+        return self._read(lambda session: consent_at(session, subject_key, at))
+
+    def open_disputed(self, subject_keys: Sequence[str], at: datetime) -> dict[str, tuple[str, ...]]:
+        """Per subject, the entries under a dispute open at `at` and not yet past its
+        deadline (past it, the entry does not count), that count at `at` otherwise: recorded,
+        not expired, not reversed."""
+
+        def work(session: Session) -> dict[str, tuple[str, ...]]:
+            d, e, v = StoredDispute, StoredEntry, StoredReversal
+            moment = at.astimezone(UTC)
+            rows = session.execute(
+                sa.select(d.subject_key, d.entry_id)
+                .join(e, e.entry_id == d.entry_id)
+                .outerjoin(v, sa.and_(v.outcome_id == d.entry_id, v.reversed_at <= moment))
+                .where(
+                    d.subject_key.in_(list(subject_keys)),
+                    d.filed_at <= moment,
+                    sa.or_(d.resolved_at.is_(None), d.resolved_at > moment),
+                    d.deadline > moment,
+                    e.recorded_at <= moment,
+                    e.visible_until > moment,
+                    v.outcome_id.is_(None),
+                )
+                .order_by(d.entry_id)
+            )
+            found: dict[str, list[str]] = {}
+            for key, entry_id in rows:
+                found.setdefault(key, []).append(entry_id)
+            return {k: tuple(ids) for k, ids in found.items()}
+
+        return self._read(work)
+
+    def facts(self, subject_key: str) -> list[EntryFacts]:
+        """Every entry of the subject with its disputes, repairs and reversals."""
+        query = sa.select(StoredEntry).where(StoredEntry.subject_key == subject_key)
+        return self._read(lambda session: _facts(session, list(session.scalars(query))))
+
+    def facts_of(self, entry_ids: Sequence[str]) -> dict[str, EntryFacts]:
+        """The named entries with their disputes, repairs and reversals, by entry id."""
+        if not entry_ids:
+            return {}
+        query = sa.select(StoredEntry).where(StoredEntry.entry_id.in_(list(entry_ids)))
+        found = self._read(lambda session: _facts(session, list(session.scalars(query))))
+        return {f.entry.entry_id: f for f in found}
+
+    def disputes(
+        self, where: ListFilter, now: datetime, after: tuple[datetime, int] | None, limit: int
+    ) -> list[DisputeRecord]:
+        def work(session: Session) -> list[DisputeRecord]:
+            d = StoredDispute
+            query = sa.select(d)
+            if where.status is not None:
+                query = query.where(d.status == where.status)
+            if where.subject_key is not None:
+                query = query.where(d.subject_key == where.subject_key)
+            if where.overdue_only:
+                query = query.where(d.status == OPEN, d.deadline <= now.astimezone(UTC))
+            if after is not None:
+                at, number = after
+                query = query.where(sa.or_(d.deadline > at, sa.and_(d.deadline == at, d.dispute_id > number)))
+            query = query.order_by(d.deadline, d.dispute_id).limit(limit)
+            return [dispute_record(row) for row in session.scalars(query)]
+
+        return self._read(work)
+
+    def repairs(
+        self, where: ListFilter, now: datetime, after: tuple[datetime, int] | None, limit: int
+    ) -> list[RepairRecord]:
+        def work(session: Session) -> list[RepairRecord]:
+            r = StoredRepair
+            query = sa.select(r)
+            if where.status is not None:
+                query = query.where(r.status == where.status)
+            if where.subject_key is not None:
+                query = query.where(r.subject_key == where.subject_key)
+            if where.overdue_only:
+                query = query.where(r.status == PENDING, r.decision_due < now.astimezone(UTC))
+            if after is not None:
+                at, number = after
+                query = query.where(
+                    sa.or_(r.decision_due > at, sa.and_(r.decision_due == at, r.application_id > number))
+                )
+            query = query.order_by(r.decision_due, r.application_id).limit(limit)
+            return [repair_record(row) for row in session.scalars(query)]
+
+        return self._read(work)
+
+
+def dispute_page(rows: Sequence[DisputeRecord], size: int) -> DisputePage:
+    page = tuple(rows[:size])
+    token = encode_key(page[-1].deadline, page[-1].dispute_id) if len(rows) > size else ""
+    return DisputePage(page, token)
+
+
+def repair_page(rows: Sequence[RepairRecord], size: int) -> RepairPage:
+    page = tuple(rows[:size])
+    token = encode_key(page[-1].decision_due, page[-1].application_id) if len(rows) > size else ""
+    return RepairPage(page, token)
+
+
+def _facts(session: Session, entries: Sequence[StoredEntry]) -> list[EntryFacts]:
+    if not entries:
+        return []
+    ids = [row.entry_id for row in entries]
+    disputes: dict[str, list[DisputeRecord]] = {}
+    for row in session.scalars(
+        sa.select(StoredDispute).where(StoredDispute.entry_id.in_(ids)).order_by(StoredDispute.dispute_id)
+    ):
+        disputes.setdefault(row.entry_id, []).append(dispute_record(row))
+    repairs: dict[str, list[RepairRecord]] = {}
+    for r in session.scalars(
+        sa.select(StoredRepair).where(StoredRepair.entry_id.in_(ids)).order_by(StoredRepair.application_id)
+    ):
+        repairs.setdefault(r.entry_id, []).append(repair_record(r))
+    reversals = {
+        v.outcome_id: reversal_record(v)
+        for v in session.scalars(sa.select(StoredReversal).where(StoredReversal.outcome_id.in_(ids)))
+    }
+    return [
+        EntryFacts(
+            entry=ledger_entry(row),
+            disputes=tuple(disputes.get(row.entry_id, ())),
+            repairs=tuple(repairs.get(row.entry_id, ())),
+            reversals=(reversals[row.entry_id],) if row.entry_id in reversals else (),
+            sources=evidence_sources(row.outcome),
+        )
+        for row in entries
+    ]

@@ -1,0 +1,595 @@
+"""Query's half of due process over real gRPC on loopback, with score's real server writing
+the store, authenticated principals and one injected clock, on SQLite and PostgreSQL:
+access records for every subject read (record-then-serve) and ListAccessLog, consent,
+disputed flags, Explain, the dispute and repair queues, and the corrected timeline."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from devtools.localpki import LocalPki, create_local_pki
+from egret.common.v1 import due_process_pb2 as dp
+from egret.common.v1 import event_pb2, outcome_pb2, subject_pb2
+from egret.query.v1 import query_service_pb2 as pb
+from egret.query.v1 import query_service_pb2_grpc as pb_grpc
+from egret.score.v1 import score_service_pb2 as score_pb
+from egret.score.v1 import score_service_pb2_grpc as score_grpc
+from kit import audit
+from kit.auth import Role
+from kit.protoconv import to_timestamp
+from kit.settings import PeerSettings
+from services.query.access_log import QueryAuditHead, QueryAuditLog
+from services.query.bootstrap import MIGRATIONS as QUERY_MIGRATIONS
+from services.query.bootstrap import build as build_query
+from services.rules.bootstrap import MIGRATIONS as RULES_MIGRATIONS
+from services.rules.bootstrap import build as build_rules
+from services.score.bootstrap import MIGRATIONS as SCORE_MIGRATIONS
+from services.score.bootstrap import build as build_score
+from tests.integration.test_query_service import POLICY_FILE, query_settings
+from tests.integration.test_rules_service import rules_settings
+from tests.integration.test_score_due_process import ALICE, ALICE_ID, BOB, BOB_ID, Clock
+from tests.integration.test_score_due_process import secured as secured_score
+from tests.integration.test_score_service import score_settings
+from tests.integration.test_security import secured
+from tests.support.outcomes import outcome
+from tests.support.servers import running
+from tests.support.status import bad_request
+
+T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)  # a Monday
+DAY = timedelta(days=1)
+GENERAL = outcome_pb2.SEVERITY_GENERAL
+
+
+@dataclass
+class Egret:
+    clock: Clock
+    pki: LocalPki
+    score_address: str
+    query_address: str
+    query_database_url: str
+    channels: list[grpc.aio.Channel] = field(default_factory=list)
+
+    def query(self, subject: str, role: Role) -> pb_grpc.QueryServiceAsyncStub:
+        channel = self.pki.channel(self.query_address, self.pki.token(subject, role))
+        self.channels.append(channel)
+        return pb_grpc.QueryServiceStub(channel)
+
+    def score(self, subject: str, role: Role) -> score_grpc.ScoreServiceAsyncStub:
+        channel = self.pki.channel(self.score_address, self.pki.token(subject, role))
+        self.channels.append(channel)
+        return score_grpc.ScoreServiceStub(channel)
+
+    @property
+    def reviewer(self) -> pb_grpc.QueryServiceAsyncStub:
+        return self.query("reviewer-7", Role.REVIEWER)
+
+    @property
+    def alice(self) -> pb_grpc.QueryServiceAsyncStub:
+        return self.query(ALICE_ID, Role.SUBJECT)
+
+    @property
+    def bob(self) -> pb_grpc.QueryServiceAsyncStub:
+        return self.query(BOB_ID, Role.SUBJECT)
+
+    async def apply(
+        self, *outcomes: outcome_pb2.Outcome, reversals: tuple[score_pb.Reversal, ...] = ()
+    ) -> None:
+        await self.score("egret-rules", Role.SERVICE).ApplyOutcomes(
+            score_pb.ApplyOutcomesRequest(outcomes=outcomes, reversals=reversals)
+        )
+
+    async def dispute(self, entry_id: str, subject: str = ALICE_ID) -> dp.Dispute:
+        response = await self.score(subject, Role.SUBJECT).FileDispute(
+            score_pb.FileDisputeRequest(entry_id=entry_id, statement="not me")
+        )
+        return response.dispute
+
+    def audit_session(self) -> Any:
+        return sa.create_engine(self.query_database_url)
+
+
+async def start(database_url: str, tmp_path: Path, policy_file: Path = POLICY_FILE) -> AsyncIterator[Egret]:
+    pki = create_local_pki(tmp_path / "pki")
+    clock = Clock(T0)
+    score = replace(secured_score(score_settings(database_url, tmp_path), pki), policy_file=policy_file)
+    query = replace(secured(query_settings(database_url, tmp_path), pki, "query"), policy_file=policy_file)
+    async with (
+        running(score, functools.partial(build_score, clock=clock), SCORE_MIGRATIONS) as score_address,
+        running(query, functools.partial(build_query, clock=clock), QUERY_MIGRATIONS) as query_address,
+    ):
+        egret = Egret(clock, pki, score_address, query_address, query.common.database_url)
+        try:
+            yield egret
+        finally:
+            for channel in egret.channels:
+                await channel.close()
+
+
+@pytest.fixture
+async def egret(database_url: str, tmp_path: Path) -> AsyncIterator[Egret]:
+    async for e in start(database_url, tmp_path):
+        yield e
+
+
+def key(subject_key: str = ALICE) -> subject_pb2.SubjectRef:
+    return subject_pb2.SubjectRef(subject_key=subject_key)
+
+
+def entry(
+    outcome_id: str,
+    points: int,
+    category: str,
+    *,
+    days_ago: float,
+    subject_key: str = ALICE,
+    severity: int | None = None,
+) -> outcome_pb2.Outcome:
+    return outcome(
+        outcome_id,
+        subject_key,
+        points,
+        category,
+        severity=severity,
+        occurred_at=T0 - timedelta(days=days_ago),
+    )
+
+
+async def code_of(call: Any) -> grpc.StatusCode:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    return caught.value.code()
+
+
+async def access_log(e: Egret, subject_key: str = ALICE) -> list[pb.AccessRecord]:
+    records: list[pb.AccessRecord] = []
+    token = ""
+    auditor = e.query("auditor-1", Role.AUDITOR)
+    while True:
+        page = await auditor.ListAccessLog(
+            pb.ListAccessLogRequest(subject=key(subject_key), page_size=3, page_token=token)
+        )
+        records += page.records
+        token = page.next_page_token
+        if not token:
+            return records
+
+
+async def test_every_subject_read_is_recorded_with_who_role_and_purpose(egret: Egret) -> None:
+    await egret.apply(
+        entry("a1", 10, "civic", days_ago=5),
+        entry("a2", -5, "transport", days_ago=3),
+        entry("b1", 2, "civic", days_ago=1, subject_key=BOB),
+    )
+    r = egret.reviewer
+    purpose = "review of case 7"
+    await r.GetScore(pb.GetScoreRequest(subject=key(), purpose=purpose))
+    await r.BatchGetScores(pb.BatchGetScoresRequest(subjects=[key(), key(BOB), key()], purpose=purpose))
+    await r.ListScoreHistory(pb.ListScoreHistoryRequest(subject=key(), purpose=purpose))
+    await r.ListEntries(pb.ListEntriesRequest(subject=key(), purpose=purpose))
+    await r.GetEntry(pb.GetEntryRequest(entry_id="a1", purpose=purpose))
+    await r.Explain(pb.ExplainRequest(subject=key(), purpose=purpose))
+    await r.CheckEligibility(
+        pb.CheckEligibilityRequest(subject=key(), benefit_id="bike.deposit_free", purpose=purpose)
+    )
+    provider = egret.query("bike-share", Role.BENEFIT_PROVIDER)
+    await provider.CheckEligibility(
+        pb.CheckEligibilityRequest(subject=key(), benefit_id="bike.deposit_free", purpose="rental 12")
+    )
+    records = await access_log(egret)
+    # Newest first; the auditor's own first page read is recorded before it is served.
+    assert [(x.method, x.actor, x.role, x.purpose) for x in records] == [
+        ("ListAccessLog", "auditor-1", "auditor", ""),
+        ("CheckEligibility", "bike-share", "benefit_provider", "rental 12"),
+        ("CheckEligibility", "reviewer-7", "reviewer", purpose),
+        ("Explain", "reviewer-7", "reviewer", purpose),
+        ("GetEntry", "reviewer-7", "reviewer", purpose),
+        ("ListEntries", "reviewer-7", "reviewer", purpose),
+        ("ListScoreHistory", "reviewer-7", "reviewer", purpose),
+        ("BatchGetScores", "reviewer-7", "reviewer", purpose),
+        ("GetScore", "reviewer-7", "reviewer", purpose),
+    ]
+    assert all(x.at.ToDatetime(UTC) == T0 for x in records)
+    # One record per subject of a batch, on each subject's own log.
+    assert [x.method for x in await access_log(egret, BOB)] == ["ListAccessLog", "BatchGetScores"]
+
+
+async def test_departments_and_providers_must_state_a_purpose(egret: Egret) -> None:
+    await egret.apply(entry("a1", 10, "civic", days_ago=5))
+    provider = egret.query("library", Role.BENEFIT_PROVIDER)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await provider.CheckEligibility(
+            pb.CheckEligibilityRequest(subject=key(), benefit_id="library.deposit_free", purpose="  ")
+        )
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request(caught.value) == [("purpose", "REQUIRED")]
+    # Staff and the subject may leave it empty.
+    await egret.alice.GetScore(pb.GetScoreRequest(subject=key()))
+    # Departments may read no subject's data at all here.
+    department = egret.query("library", Role.DEPARTMENT)
+    assert await code_of(department.GetScore(pb.GetScoreRequest(subject=key(), purpose="x"))) is (
+        grpc.StatusCode.PERMISSION_DENIED
+    )
+    # Refused reads serve nothing and record nothing.
+    assert [x.method for x in await access_log(egret)] == ["ListAccessLog", "GetScore"]
+
+
+async def test_a_subject_sees_who_looked_in_the_last_twelve_months_and_only_its_own(egret: Egret) -> None:
+    await egret.apply(entry("a1", 10, "civic", days_ago=5))
+    await egret.reviewer.GetScore(pb.GetScoreRequest(subject=key(), purpose="old look"))
+    egret.clock.now = T0 + 300 * DAY
+    await egret.reviewer.GetScore(pb.GetScoreRequest(subject=key(), purpose="recent look"))
+    egret.clock.now = T0 + 370 * DAY
+    own = await egret.alice.ListAccessLog(pb.ListAccessLogRequest(subject=key()))
+    assert [(x.method, x.purpose) for x in own.records] == [
+        ("ListAccessLog", ""),
+        ("GetScore", "recent look"),
+    ]
+    assert own.records[0].role == "subject"
+    for call in (
+        egret.bob.ListAccessLog(pb.ListAccessLogRequest(subject=key(ALICE))),
+        egret.reviewer.ListAccessLog(pb.ListAccessLogRequest(subject=key(ALICE))),
+    ):
+        assert await code_of(call) is grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_the_access_log_chain_verifies_and_breaks_when_a_record_is_altered(egret: Egret) -> None:
+    await egret.apply(entry("a1", 10, "civic", days_ago=5))
+    for n in range(3):
+        await egret.reviewer.GetScore(pb.GetScoreRequest(subject=key(), purpose=f"look {n}"))
+    engine = egret.audit_session()
+    try:
+        with Session(engine) as session:
+            report = audit.verify(session, QueryAuditLog, QueryAuditHead)
+            assert report.intact
+            assert report.records == 3
+            session.execute(sa.update(QueryAuditLog).where(QueryAuditLog.seq == 2).values(purpose="nothing"))
+            session.commit()
+            broken = audit.verify(session, QueryAuditLog, QueryAuditHead)
+        assert not broken.intact
+        assert any("seq 2" in p and "altered" in p for p in broken.problems)
+    finally:
+        engine.dispose()
+
+
+async def test_a_read_whose_access_record_cannot_be_written_fails_unavailable(egret: Egret) -> None:
+    await egret.apply(entry("a1", 10, "civic", days_ago=5))
+    engine = egret.audit_session()
+    try:
+        with engine.begin() as connection:
+            connection.execute(sa.text("DROP TABLE query_audit_log"))
+    finally:
+        engine.dispose()
+    for call in (
+        egret.reviewer.GetScore(pb.GetScoreRequest(subject=key())),
+        egret.alice.ListEntries(pb.ListEntriesRequest(subject=key())),
+        egret.reviewer.Explain(pb.ExplainRequest(subject=key())),
+    ):
+        assert await code_of(call) is grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.fixture
+async def consenting(database_url: str, tmp_path: Path) -> AsyncIterator[Egret]:
+    """Egret under a policy that requires consent."""
+    policy = tmp_path / "consent-policy.yaml"
+    policy.write_text(POLICY_FILE.read_text().replace("consent_required: false", "consent_required: true"))
+    async for e in start(database_url, tmp_path, policy):
+        yield e
+
+
+async def test_no_score_without_consent_when_the_policy_requires_it(consenting: Egret) -> None:
+    e = consenting
+    await e.apply(entry("a1", 10, "civic", days_ago=5), entry("b1", 2, "civic", days_ago=5, subject_key=BOB))
+    alice = e.alice
+    reads: dict[str, Callable[[], Awaitable[Any]]] = {
+        "GetScore": lambda: alice.GetScore(pb.GetScoreRequest(subject=key())),
+        "Explain": lambda: alice.Explain(pb.ExplainRequest(subject=key())),
+        "ListScoreHistory": lambda: alice.ListScoreHistory(pb.ListScoreHistoryRequest(subject=key())),
+        "CheckEligibility": lambda: alice.CheckEligibility(
+            pb.CheckEligibilityRequest(subject=key(), benefit_id="library.deposit_free")
+        ),
+    }
+    for name, read in reads.items():
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await read()
+        assert caught.value.code() is grpc.StatusCode.FAILED_PRECONDITION, name
+        assert "consent" in (caught.value.details() or "")
+    # The subject still sees its entries, so it can dispute them.
+    entries = await e.alice.ListEntries(pb.ListEntriesRequest(subject=key()))
+    assert [x.entry_id for x in entries.entries] == ["a1"]
+    await e.score(ALICE_ID, Role.SUBJECT).SetConsent(score_pb.SetConsentRequest(granted=True))
+    for read in reads.values():
+        await read()
+    assert (await e.alice.GetScore(pb.GetScoreRequest(subject=key()))).score.score == 1010
+    # A batch fails whole, naming how many lack consent.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await e.reviewer.BatchGetScores(pb.BatchGetScoresRequest(subjects=[key(), key(BOB)]))
+    assert caught.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert "1 of the 2 subjects" in (caught.value.details() or "")
+    # Consent is judged at the instant asked about: before it was given, still refused.
+    e.clock.now = T0 + DAY
+    assert (
+        await code_of(e.alice.GetScore(pb.GetScoreRequest(subject=key(), as_of=to_timestamp(T0 - DAY))))
+        is grpc.StatusCode.FAILED_PRECONDITION
+    )
+
+
+async def test_an_open_dispute_is_flagged_on_every_read(egret: Egret) -> None:
+    await egret.apply(entry("t1", -5, "transport", days_ago=3), entry("c1", 10, "civic", days_ago=2))
+    dispute = await egret.dispute("t1")
+    score = (await egret.reviewer.GetScore(pb.GetScoreRequest(subject=key()))).score
+    assert list(score.disputed_entry_ids) == ["t1"]
+    batch = await egret.reviewer.BatchGetScores(pb.BatchGetScoresRequest(subjects=[key()]))
+    assert list(batch.results[0].score.disputed_entry_ids) == ["t1"]
+    eligibility = await egret.alice.CheckEligibility(
+        pb.CheckEligibilityRequest(subject=key(), benefit_id="bike.deposit_free")
+    )
+    # Both conditions rest on t1 (the tier counts it, and it is a negative transport entry).
+    assert [(list(r.entry_ids), list(r.disputed_entry_ids)) for r in eligibility.reasons] == [
+        (["t1"], ["t1"]),
+        (["t1"], ["t1"]),
+    ]
+    listed = {
+        x.entry_id: x for x in (await egret.alice.ListEntries(pb.ListEntriesRequest(subject=key()))).entries
+    }
+    assert listed["t1"].status == pb.ENTRY_STATUS_DISPUTED
+    assert listed["t1"].dispute.dispute_id == dispute.dispute_id
+    assert listed["c1"].status == pb.ENTRY_STATUS_ACTIVE
+    assert not listed["c1"].HasField("dispute")
+    got = (await egret.alice.GetEntry(pb.GetEntryRequest(entry_id="t1"))).entry
+    assert got.status == pb.ENTRY_STATUS_DISPUTED
+    assert got.dispute.statement == "not me"
+    explained = {
+        x.entry.entry_id: x
+        for x in (await egret.alice.Explain(pb.ExplainRequest(subject=key()))).explanation.entries
+    }
+    assert explained["t1"].entry.status == pb.ENTRY_STATUS_DISPUTED
+    assert explained["t1"].counting
+    # Past the deadline undecided, it stops counting and says why.
+    egret.clock.now = T0 + 21 * DAY
+    score = (await egret.reviewer.GetScore(pb.GetScoreRequest(subject=key()))).score
+    assert list(score.disputed_entry_ids) == []
+    got = (await egret.alice.GetEntry(pb.GetEntryRequest(entry_id="t1"))).entry
+    assert got.dispute.overdue
+    assert "past the deadline" in got.status_reason
+
+
+async def test_explain_adds_up_and_projects_the_dates_entries_expire(egret: Egret) -> None:
+    await egret.apply(
+        entry("c1", 30, "civic", days_ago=10),
+        entry("c2", 30, "civic", days_ago=5),
+        entry("f1", -10, "finance", days_ago=200, severity=GENERAL),
+        entry("t1", -5, "traffic", days_ago=30),
+        entry("old", -7, "traffic", days_ago=100),
+    )
+    x = (await egret.alice.Explain(pb.ExplainRequest(subject=key(), purpose="why"))).explanation
+    # 1000 + 30 + 20 (10 withheld by the +50 cap) - 10 - 5; "old" expired at 90 days.
+    assert (x.score, x.tier, x.base_score, x.min_score, x.max_score) == (1035, "AA", 1000, 0, 2000)
+    assert [(t.tier, t.min_score) for t in x.tiers][:3] == [("AAA", 1050), ("AA", 1030), ("A", 960)]
+    assert (x.next_tier.tier, x.next_tier.min_score, x.next_tier.points_needed) == ("AAA", 1050, 15)
+    assert x.cap_window_days == 365
+    rows = {e.entry.entry_id: e for e in x.entries}
+    assert [e.entry.entry_id for e in x.entries] == ["c2", "c1", "t1", "old", "f1"]  # newest event first
+    assert [(rows[i].contribution, rows[i].capped_points, rows[i].counting) for i in rows] == [
+        (20, 10, True),
+        (30, 0, True),
+        (-5, 0, True),
+        (0, 0, False),
+        (-10, 0, True),
+    ]
+    assert rows["old"].entry.status == pb.ENTRY_STATUS_EXPIRED
+    assert "expired" in rows["old"].entry.status_reason
+    assert rows["f1"].repair_possible_from.ToDatetime(UTC) == T0 - 110 * DAY  # general: 90 days
+    assert rows["t1"].repair_possible_from.ToDatetime(UTC) == T0 - 30 * DAY  # minor: at once
+    assert not rows["c1"].HasField("repair_possible_from")
+    assert len(rows["c1"].entry.evidence) == 1
+    assert rows["c1"].entry.rule.legal_basis == "Regulation 7"
+    assert [(c.category, c.points, c.capped_points) for c in x.categories] == [
+        ("civic", 50, 10),
+        ("finance", -10, 0),
+        ("traffic", -5, 0),
+    ]
+    assert [(p.at.ToDatetime(UTC), p.score, p.tier, list(p.expiring_entry_ids)) for p in x.projection] == [
+        (T0 + 60 * DAY, 1040, "AA", ["t1"]),
+        (T0 + 165 * DAY, 1050, "AAA", ["f1"]),
+        (T0 + 720 * DAY, 1020, "A", ["c1"]),
+        (T0 + 725 * DAY, 1000, "A", ["c2"]),
+    ]
+    # No rules service configured: no positive behaviours, the explanation is still served.
+    assert list(x.positive_behaviours) == []
+    # Only the subject itself (and staff) may ask.
+    assert (
+        await code_of(egret.bob.Explain(pb.ExplainRequest(subject=key())))
+        is grpc.StatusCode.PERMISSION_DENIED
+    )
+
+
+async def test_dispute_and_repair_queues_filter_and_page(egret: Egret) -> None:
+    await egret.apply(
+        *(entry(f"t{n}", -5, "transport", days_ago=3) for n in range(3)),
+        entry("b1", -5, "transport", days_ago=3, subject_key=BOB),
+    )
+    ids = []
+    for n in range(3):
+        egret.clock.now = T0 + n * timedelta(hours=1)
+        ids.append((await egret.dispute(f"t{n}")).dispute_id)
+    ids.append((await egret.dispute("b1", BOB_ID)).dispute_id)
+    await egret.score("reviewer-7", Role.REVIEWER).ResolveDispute(
+        score_pb.ResolveDisputeRequest(
+            dispute_id=ids[1], decision=dp.DISPUTE_DECISION_UPHOLD, reason="stands"
+        )
+    )
+    r = egret.reviewer
+    pages, token = [], ""
+    while True:
+        page = await r.ListDisputes(pb.ListDisputesRequest(page_size=2, page_token=token))
+        pages.append([d.dispute_id for d in page.disputes])
+        token = page.next_page_token
+        if not token:
+            break
+    assert pages == [[ids[0], ids[1]], [ids[2], ids[3]]]  # earliest deadline first
+    upheld = await r.ListDisputes(pb.ListDisputesRequest(status=dp.DISPUTE_STATUS_UPHELD))
+    assert [d.dispute_id for d in upheld.disputes] == [ids[1]]
+    bobs = await r.ListDisputes(pb.ListDisputesRequest(subject=key(BOB)))
+    assert [d.dispute_id for d in bobs.disputes] == [ids[3]]
+    own = await egret.alice.ListDisputes(pb.ListDisputesRequest())
+    assert [d.dispute_id for d in own.disputes] == ids[:3]
+    assert await code_of(egret.alice.ListDisputes(pb.ListDisputesRequest(subject=key(BOB)))) is (
+        grpc.StatusCode.PERMISSION_DENIED
+    )
+    egret.clock.now = T0 + 20 * DAY + timedelta(minutes=90)  # past the first two deadlines
+    overdue = await r.ListDisputes(pb.ListDisputesRequest(overdue_only=True))
+    assert [(d.dispute_id, d.overdue) for d in overdue.disputes] == [(ids[0], True)]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await r.ListDisputes(pb.ListDisputesRequest(page_token="nonsense"))
+    assert bad_request(caught.value) == [("page_token", "INVALID_PAGE_TOKEN")]
+
+    # Repair applications: one pending, one rejected.
+    alice_score = egret.score(ALICE_ID, Role.SUBJECT)
+    egret.clock.now = T0 + 30 * DAY
+    await egret.apply(entry("m1", -3, "civic", days_ago=1), entry("m2", -3, "civic", days_ago=1))
+    apps = []
+    for n, entry_id in enumerate(("m1", "m2")):
+        egret.clock.now = T0 + 30 * DAY + n * DAY  # a Wednesday, then a Thursday
+        applied = await alice_score.ApplyForRepair(
+            score_pb.ApplyForRepairRequest(entry_id=entry_id, evidence="paid")
+        )
+        apps.append(applied.application.application_id)
+    await egret.score("reviewer-7", Role.REVIEWER).DecideRepair(
+        score_pb.DecideRepairRequest(application_id=apps[1], decision=dp.REPAIR_DECISION_REJECT, reason="no")
+    )
+    first = await r.ListRepairApplications(pb.ListRepairApplicationsRequest(page_size=1))
+    second = await r.ListRepairApplications(
+        pb.ListRepairApplicationsRequest(page_size=1, page_token=first.next_page_token)
+    )
+    assert [a.application_id for a in [*first.applications, *second.applications]] == apps
+    assert second.next_page_token == ""
+    pending = await r.ListRepairApplications(
+        pb.ListRepairApplicationsRequest(status=dp.REPAIR_STATUS_PENDING)
+    )
+    assert [a.application_id for a in pending.applications] == [apps[0]]
+    egret.clock.now = T0 + 40 * DAY
+    late = await r.ListRepairApplications(pb.ListRepairApplicationsRequest(overdue_only=True))
+    assert [(a.application_id, a.overdue) for a in late.applications] == [(apps[0], True)]
+    assert (await egret.bob.ListRepairApplications(pb.ListRepairApplicationsRequest())).applications == []
+    # Listing a subject's queue is a read of its data.
+    methods = [x.method for x in await access_log(egret, BOB)]
+    assert "ListDisputes" in methods
+    assert "ListRepairApplications" in methods
+
+
+async def test_as_corrected_reads_never_count_a_reversed_entry(egret: Egret) -> None:
+    await egret.apply(entry("keep", 5, "civic", days_ago=10), entry("wrong", -10, "finance", days_ago=10))
+    egret.clock.now = T0 + DAY
+    reversal = score_pb.Reversal(
+        outcome_id="wrong",
+        retraction=dp.Retraction(
+            ref=event_pb2.EventRef(source="library", event_id="wrong-0"),
+            subject_key=ALICE,
+            reason="sent in error",
+            retracted_at=to_timestamp(T0 + DAY),
+            retracted_by="library",
+        ),
+    )
+    # A replacement, recorded late with its own (earlier) event time.
+    await egret.apply(entry("fixed", -4, "finance", days_ago=9), reversals=(reversal,))
+    egret.clock.now = T0 + 2 * DAY
+    at = to_timestamp(T0 + timedelta(hours=12))
+
+    async def score_at(view: int) -> int:
+        got = await egret.reviewer.GetScore(pb.GetScoreRequest(subject=key(), as_of=at, view=view))  # type: ignore[arg-type]
+        return got.score.score
+
+    assert await score_at(pb.SCORE_VIEW_AS_KNOWN) == 995
+    # As corrected, "wrong" never counted and "fixed" counted from its event time.
+    assert await score_at(pb.SCORE_VIEW_AS_CORRECTED) == 1001
+    now = (await egret.reviewer.GetScore(pb.GetScoreRequest(subject=key()))).score.score
+    assert now == 1001  # now, both timelines agree
+    known = await egret.reviewer.ListScoreHistory(pb.ListScoreHistoryRequest(subject=key()))
+    assert next((c.cause, c.score) for c in known.changes) == (pb.CHANGE_CAUSE_CORRECTION, 1001)
+    assert list(known.changes[0].ended_entry_ids) == ["wrong"]
+    assert "retracted" in known.changes[0].note
+    corrected = await egret.reviewer.ListScoreHistory(
+        pb.ListScoreHistoryRequest(subject=key(), as_corrected=True)
+    )
+    assert [
+        (c.changed_at.ToDatetime(UTC), c.cause, c.score, list(c.added_entry_ids)) for c in corrected.changes
+    ] == [
+        (T0 - 9 * DAY, pb.CHANGE_CAUSE_ENTRIES, 1001, ["fixed"]),
+        (T0 - 10 * DAY, pb.CHANGE_CAUSE_ENTRIES, 1005, ["keep"]),
+    ]
+    assert not corrected.changes[1].HasField("score_before")
+    assert corrected.changes[0].score_before == 1005
+
+
+async def test_explain_lists_the_active_rule_sets_positive_behaviours_with_cap_room(
+    database_url: str, database_url_factory: Callable[[str], str], tmp_path: Path
+) -> None:
+    sample = (POLICY_FILE.parent / "rulesets" / "sample.yaml").read_text()
+    clock = Clock(T0)
+    rules = rules_settings(database_url_factory("rules"), tmp_path, "127.0.0.1:9", source=sample)
+    async with (
+        running(rules, build_rules, RULES_MIGRATIONS) as rules_address,
+        running(
+            score_settings(database_url, tmp_path),
+            functools.partial(build_score, clock=clock),
+            SCORE_MIGRATIONS,
+        ) as score_address,
+        running(
+            replace(query_settings(database_url, tmp_path), rules=PeerSettings(rules_address, 2.0)),
+            functools.partial(build_query, clock=clock),
+            QUERY_MIGRATIONS,
+        ) as query_address,
+        grpc.aio.insecure_channel(score_address) as score_channel,
+        grpc.aio.insecure_channel(query_address) as query_channel,
+    ):
+        await score_grpc.ScoreServiceStub(score_channel).ApplyOutcomes(
+            score_pb.ApplyOutcomesRequest(outcomes=[entry("c1", 30, "civic", days_ago=10)])
+        )
+        query = pb_grpc.QueryServiceStub(query_channel)
+        for _ in range(2):  # the second answer comes from the cached rule set
+            x = (await query.Explain(pb.ExplainRequest(subject=key()))).explanation
+            behaviours = {b.rule_id: (b.points, b.category, b.cap_remaining) for b in x.positive_behaviours}
+            assert behaviours == {
+                "transport.bike_parked_in_fence": ("1", "transport", 50),
+                "civic.volunteer_hours": ("2 * (hours // 10)", "civic", 20),
+                "civic.blood_donation": ("10", "civic", 20),
+                "finance.tax_paid_on_time": ("10", "finance", 50),
+                "library.returns_on_time": ("5", "civic", 20),
+            }  # commerce.inspection_passed is for organizations only
+
+
+async def test_explain_is_served_without_positive_behaviours_when_rules_is_down(
+    database_url: str, tmp_path: Path
+) -> None:
+    clock = Clock(T0)
+    async with (
+        running(
+            score_settings(database_url, tmp_path),
+            functools.partial(build_score, clock=clock),
+            SCORE_MIGRATIONS,
+        ) as score_address,
+        running(
+            replace(query_settings(database_url, tmp_path), rules=PeerSettings("127.0.0.1:9", 0.5)),
+            functools.partial(build_query, clock=clock),
+            QUERY_MIGRATIONS,
+        ) as query_address,
+        grpc.aio.insecure_channel(score_address) as score_channel,
+        grpc.aio.insecure_channel(query_address) as query_channel,
+    ):
+        await score_grpc.ScoreServiceStub(score_channel).ApplyOutcomes(
+            score_pb.ApplyOutcomesRequest(outcomes=[entry("c1", 30, "civic", days_ago=10)])
+        )
+        x = (
+            await pb_grpc.QueryServiceStub(query_channel).Explain(pb.ExplainRequest(subject=key()))
+        ).explanation
+        assert (x.score, list(x.positive_behaviours)) == (1030, [])

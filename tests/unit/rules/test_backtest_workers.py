@@ -1,0 +1,171 @@
+"""Backtests split over worker processes: shards of subjects combine to the whole report."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from bench.backtest import populate, stricter
+from kit.db import create_engine, make_session_factory
+from kit.sharding import shard_of
+from services.ingest.catalogue import load_catalogue
+from services.rules.backtest import Backtest, BacktestReport, BacktestScope, StoredEvent, combine
+from services.rules.backtest_servicer import (
+    cohort_attributes,
+    replay_in_workers,
+    shard_jobs,
+    shareable,
+    worker_of,
+)
+from services.rules.backtest_storage import HistoryReader
+from services.rules.records import engine_event_from_record
+from services.rules.ruleset import rule_set_from_yaml
+from services.score.policy import load_policy
+from tests.unit.rules.test_backtest import ACME, ALICE, AS_OF, BOB, T0, event, policy, rule_set
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_partial_reports_of_disjoint_subjects_combine_to_the_report_of_all() -> None:
+    batches = [
+        [event("1", ALICE, "traffic.red_light", 1), event("2", BOB, "civic.blood_donation", 1)],
+        [event("3", ALICE, "transport.metro.fare_evasion", 2), event("4", ACME, "traffic.red_light", 2)],
+        [event("5", ALICE, "transport.metro.fare_evasion", 3), event("6", BOB, "traffic.red_light", 4)],
+    ]
+    baseline, candidate = rule_set(1), rule_set(2, red="-15")
+
+    def backtest() -> Backtest:
+        return Backtest(baseline=baseline, candidate=candidate, policy=policy())
+
+    whole = backtest()
+    parts = [backtest(), backtest()]
+    try:
+        for number, batch in enumerate(batches):
+            at = T0 + number * timedelta(seconds=1)
+            whole.feed(StoredEvent(at, e) for e in batch)
+            for shard, part in enumerate(parts):
+                part.feed(StoredEvent(at, e) for e in batch if (e.subject_key == ALICE) == (shard == 0))
+        expected = whole.report(as_of=AS_OF)
+        combined = combine(
+            [part.partial(as_of=AS_OF) for part in parts],
+            baseline=baseline,
+            candidate=candidate,
+            policy=policy(),
+            cohort_attributes=(),
+            as_of=AS_OF,
+        )
+    finally:
+        for replay in (whole, *parts):
+            replay.close()
+
+    assert combined == expected
+    # The second shard saw all three batches too: a batch counts once.
+    assert combined.batches_replayed == 3
+
+
+def test_the_worker_split_spreads_one_rules_shards_subjects_over_every_worker() -> None:
+    keys = [f"{i:064x}" for i in range(4000)]
+    one_rules_shard = [k for k in keys if shard_of(k, 2) == 0]
+
+    workers = [worker_of(k, 2) for k in one_rules_shard]
+
+    assert 0.4 < workers.count(0) / len(workers) < 0.6
+
+
+def test_in_memory_sqlite_cannot_be_shared_with_worker_processes() -> None:
+    assert not shareable("sqlite://")
+    assert not shareable("sqlite:///:memory:")
+    assert shareable("sqlite:////var/lib/egret/rules.db")
+    assert shareable("postgresql+psycopg://egret@db/rules")
+
+
+def _report_here(url: str, baseline: str, candidate: str, as_of: datetime) -> BacktestReport:
+    engine = create_engine(url)
+    reader = HistoryReader(make_session_factory(engine), engine_event_from_record, page_size=500)
+    backtest = Backtest(
+        baseline=rule_set_from_yaml(baseline),
+        candidate=rule_set_from_yaml(candidate),
+        policy=load_policy(ROOT / "config/policy.yaml"),
+        cohort_attributes=cohort_attributes(load_catalogue(ROOT / "config/catalogue.yaml")),
+    )
+    try:
+        for page in reader.pages(BacktestScope()):
+            backtest.feed(page)
+        return backtest.report(as_of=as_of, rule_limit=5)
+    finally:
+        backtest.close()
+        engine.dispose()
+
+
+def test_worker_processes_replay_a_stored_history_exactly_as_one_process_does(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/rules.db"
+    populate(url, 4000, seed=3, batch_size=200)
+    baseline = (ROOT / "config/rulesets/sample.yaml").read_text(encoding="utf-8")
+    candidate = stricter(rule_set_from_yaml(baseline), baseline)
+    as_of = datetime.now(UTC) + timedelta(days=1)
+    reader = HistoryReader(make_session_factory(create_engine(url)), engine_event_from_record)
+    latest = reader.latest()
+    assert latest is not None
+    policy_, cohorts = (
+        load_policy(ROOT / "config/policy.yaml"),
+        cohort_attributes(load_catalogue(ROOT / "config/catalogue.yaml")),
+    )
+
+    results = asyncio.run(
+        replay_in_workers(
+            shard_jobs(
+                url,
+                baseline,
+                candidate,
+                policy=policy_,
+                cohort_attributes=cohorts,
+                scope=BacktestScope(),
+                until=latest,
+                as_of=as_of,
+                workers=3,
+                page_size=500,
+            )
+        )
+    )
+    combined = combine(
+        [r.partial for r in results],
+        baseline=rule_set_from_yaml(baseline),
+        candidate=rule_set_from_yaml(candidate),
+        policy=policy_,
+        cohort_attributes=cohorts,
+        as_of=as_of,
+        rule_limit=5,
+    )
+    expected = _report_here(url, baseline, candidate, as_of)
+
+    # RuleSet objects are parsed separately on each side; everything else must be equal.
+    assert (combined.baseline.source_sha256, combined.candidate.source_sha256) == (
+        expected.baseline.source_sha256,
+        expected.candidate.source_sha256,
+    )
+    for field in ("events_replayed", "batches_replayed", "overall", "cohorts", "subjects"):
+        assert getattr(combined, field) == getattr(expected, field), field
+    assert combined.overall.subjects_changed > 0
+    assert all(r.partial.events > 0 for r in results)
+
+
+def test_a_worker_that_fails_fails_the_backtest(tmp_path: Path) -> None:
+    source = (ROOT / "config/rulesets/sample.yaml").read_text(encoding="utf-8")
+    jobs = shard_jobs(
+        f"sqlite:///{tmp_path}/missing/rules.db",  # no history table: the query fails
+        source,
+        source,
+        policy=policy(),
+        cohort_attributes=(),
+        scope=BacktestScope(),
+        until=T0,
+        as_of=AS_OF,
+        workers=2,
+        page_size=100,
+    )
+
+    with pytest.raises(RuntimeError, match=r"backtest worker rules-backtest-[01] failed"):
+        asyncio.run(replay_in_workers(jobs))
