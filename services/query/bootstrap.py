@@ -10,7 +10,7 @@ from pathlib import Path
 
 from egret.query.v1 import query_service_pb2 as pb
 from kit.app import run_cli
-from kit.db import create_engine, make_session_factory
+from kit.db import create_engine
 from kit.logging import get_logger
 from kit.pseudonym import Pseudonymiser
 from kit.security import channel_credentials
@@ -63,7 +63,7 @@ def build(settings: QuerySettings, clock: Callable[[], datetime] = _utc_now) -> 
     deps = DueProcessDeps(
         recorder=AccessRecorder(access_log, recorder_executor, clock),
         access_log=access_log,
-        due=SqlDueProcessReader(make_session_factory(engine)),
+        due=SqlDueProcessReader(engine),
         rules=None
         if settings.rules is None
         else RulesClient(settings.rules, channel_credentials(settings.common.security)),

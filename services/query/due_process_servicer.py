@@ -131,6 +131,13 @@ class DueProcessQueryServicer(QueryServicer):
         deps = self._due_process
         if deps is None or not subject_keys:
             return {}
+        if (
+            self._inline_reads
+            and len(subject_keys) == 1
+            and not deps.due.has_undecided_dispute(subject_keys[0])
+        ):
+            # The common answer, from one prepared index probe on the loop (as the score read).
+            return {}
         return await run_blocking(self._executor, deps.due.open_disputed, subject_keys, at)
 
     def _deps(self) -> DueProcessDeps:
@@ -164,6 +171,16 @@ class DueProcessQueryServicer(QueryServicer):
         self._own(request.subject)
         as_of = to_datetime(request.as_of) if request.HasField("as_of") else None
         at = as_of or self._reader.now()
+        if as_of is None and self._inline_reads:
+            # The hot path (a current score from a local store): record, then read on the
+            # loop; no task is spawned unless the subject has an undecided dispute.
+            await self._record_reads("GetScore", [key], request.purpose)
+            view = self._reader.current_score(ref)
+            if view is None:  # an expiry passed, a policy changed, no row: recompute
+                view = await run_blocking(self._executor, self._reader.score, ref, None)
+            response = pb.GetScoreResponse(score=score_message(view))
+            response.score.disputed_entry_ids.extend((await self._disputed([key], at)).get(key, ()))
+            return response
         if request.view == pb.SCORE_VIEW_AS_CORRECTED and as_of is not None:
             read: Awaitable[Any] = run_blocking(
                 self._executor, self._reader.score, ref, as_of, View.AS_CORRECTED

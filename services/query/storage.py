@@ -62,7 +62,7 @@ _SCORE_QUERY = (
 )
 
 
-class _PreparedRead:
+class PreparedRead:
     """A statement compiled once for the engine's dialect and run on a pooled DBAPI
     connection, with the column types' own result conversions applied by hand.
 
@@ -126,7 +126,7 @@ class SqlScoreReader:
 
     def __init__(self, engine: Engine) -> None:
         self._sessions = make_session_factory(engine)
-        self._score = _PreparedRead(engine, _SCORE_QUERY, "key")
+        self._score = PreparedRead(engine, _SCORE_QUERY, "key")
 
     def _read(self, work: Callable[[Session], T]) -> T:
         try:
