@@ -110,6 +110,9 @@ async def test_a_subjects_dispute_shows_on_every_read_and_an_overturn_recomputes
         explained = next(e for e in explanation.entries if e.entry.entry_id == fare.entry_id)
         assert explained.entry.status == query_pb.ENTRY_STATUS_DISPUTED
         assert explained.entry.dispute.dispute_id == filed.dispute.dispute_id
+        # Positive behaviours come from rules (query calls it with its own service token).
+        rewarded = {b.rule_id for b in explanation.positive_behaviours}
+        assert {"civic.blood_donation", "civic.volunteer_hours"} <= rewarded
 
     async with cluster.channel("score", cluster.token("e2e-reviewer", Role.REVIEWER)) as channel:
         await score_grpc.ScoreServiceStub(channel).ResolveDispute(
