@@ -45,6 +45,7 @@ from egret.common.v1 import subject_pb2
 from egret.query.v1 import query_service_pb2, query_service_pb2_grpc
 from kit.auth import Role
 from kit.db import create_engine
+from kit.interceptors import bearer_token
 from kit.migrations import upgrade
 from services.score.bootstrap import MIGRATIONS
 from services.score.domain import EntryStatus, ScoredEntry, compute_score
@@ -187,10 +188,8 @@ def _channel(target: Target) -> grpc.aio.Channel:
     address, ca, token = target
     if ca is None:
         return grpc.aio.insecure_channel(address)
-    credentials = grpc.composite_channel_credentials(
-        grpc.ssl_channel_credentials(root_certificates=ca), grpc.access_token_call_credentials(token)
-    )
-    return grpc.aio.secure_channel(address, credentials)
+    tls = grpc.ssl_channel_credentials(root_certificates=ca)
+    return grpc.aio.secure_channel(address, tls, interceptors=bearer_token(token))
 
 
 def _drive(target: Target, subjects: int, rate: int, warmup_s: float, duration_s: float, out: Any) -> None:

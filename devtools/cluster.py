@@ -198,8 +198,7 @@ class Cluster:
         """A blocking client channel, for tools that are not asynchronous."""
         if self.pki is None:
             return grpc.insecure_channel(self._addresses[name])
-        credentials = self.pki.credentials(token or self.token("cluster-admin", Role.ADMIN))
-        return grpc.secure_channel(self._addresses[name], credentials)
+        return self.pki.sync_channel(self._addresses[name], token or self.token("cluster-admin", Role.ADMIN))
 
     def service_channel(self, name: str, as_service: str) -> grpc.aio.Channel:
         """A channel to `name` as service `as_service` calls it (mutual TLS, service token)."""

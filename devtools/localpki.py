@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from kit.auth import Role, issue_token
+from kit.interceptors import SyncBearerToken, bearer_token
 
 SERVICES = ("ingest", "rules", "score", "query")
 # Services only other services call: they require a client certificate (mutual TLS).
@@ -69,28 +70,28 @@ class LocalPki:
             env["EGRET_TLS_CLIENT_CA_FILE"] = str(self.ca_file)
         return env
 
-    def credentials(self, token: str) -> grpc.ChannelCredentials:
-        """TLS with the operator's client certificate (rules and score require one) and `token`."""
-        tls = grpc.ssl_channel_credentials(
-            root_certificates=self.ca_file.read_bytes(),
-            private_key=self.key_file(OPERATOR).read_bytes(),
-            certificate_chain=self.cert_file(OPERATOR).read_bytes(),
-        )
-        return grpc.composite_channel_credentials(tls, grpc.access_token_call_credentials(token))
-
-    def service_channel(self, address: str, name: str) -> grpc.aio.Channel:
-        """A channel as service `name` calls another: mutual TLS with its certificate, its token."""
-        tls = grpc.ssl_channel_credentials(
+    def tls(self, name: str = OPERATOR) -> grpc.ChannelCredentials:
+        """TLS against the local CA with `name`'s client certificate (rules and score
+        require one; the operator's by default)."""
+        return grpc.ssl_channel_credentials(
             root_certificates=self.ca_file.read_bytes(),
             private_key=self.key_file(name).read_bytes(),
             certificate_chain=self.cert_file(name).read_bytes(),
         )
-        token = grpc.access_token_call_credentials(self.service_token_file(name).read_text().strip())
-        return grpc.aio.secure_channel(address, grpc.composite_channel_credentials(tls, token))
+
+    def service_channel(self, address: str, name: str) -> grpc.aio.Channel:
+        """A channel as service `name` calls another: mutual TLS with its certificate, its token."""
+        token = self.service_token_file(name).read_text().strip()
+        return grpc.aio.secure_channel(address, self.tls(name), interceptors=bearer_token(token))
 
     def channel(self, address: str, token: str) -> grpc.aio.Channel:
-        """A client channel to a local service: TLS against the local CA plus `token`."""
-        return grpc.aio.secure_channel(address, self.credentials(token))
+        """A client channel to a local service: TLS against the local CA plus `token`
+        (sent by an interceptor, not call credentials: see kit.interceptors.bearer_token)."""
+        return grpc.aio.secure_channel(address, self.tls(), interceptors=bearer_token(token))
+
+    def sync_channel(self, address: str, token: str) -> grpc.Channel:
+        """The blocking form of `channel`."""
+        return grpc.intercept_channel(grpc.secure_channel(address, self.tls()), SyncBearerToken(token))
 
 
 def create_local_pki(directory: Path) -> LocalPki:

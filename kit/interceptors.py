@@ -10,6 +10,7 @@ The client interceptor injects the current trace context into every outgoing cal
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -179,20 +180,102 @@ async def _fail(
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; the failure was logged")
 
 
-class _TraceContextInjector(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
+class _TraceContext:
     """Adds the current trace context to the metadata of every outgoing call."""
 
     @staticmethod
     def _with_context(details: Any) -> Any:
         return details._replace(metadata=metadata_with_context(list(details.metadata or ())))
 
+
+class _TraceContextUnary(_TraceContext, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         return await continuation(self._with_context(client_call_details), request)
 
+
+# grpc.aio files an interceptor under the first call shape it implements only, so each
+# shape gets its own class.
+class _TraceContextStream(_TraceContext, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(
         self, continuation: Any, client_call_details: Any, request_iterator: Any
     ) -> Any:
         return await continuation(self._with_context(client_call_details), request_iterator)
+
+
+class _Bearer:
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: Any) -> Any:
+        return details._replace(metadata=[*(details.metadata or ()), self._header])
+
+
+class _BearerUnaryUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return await continuation(self._with_token(client_call_details), request)
+
+
+class _BearerUnaryStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return await continuation(self._with_token(client_call_details), request)
+
+
+class _BearerStreamUnary(_Bearer, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(
+        self, continuation: Any, client_call_details: Any, request_iterator: Any
+    ) -> Any:
+        return await continuation(self._with_token(client_call_details), request_iterator)
+
+
+class _BearerStreamStream(_Bearer, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(
+        self, continuation: Any, client_call_details: Any, request_iterator: Any
+    ) -> Any:
+        return await continuation(self._with_token(client_call_details), request_iterator)
+
+
+def bearer_token(token: str) -> list[grpc.aio.ClientInterceptor]:
+    """Interceptors adding `authorization: Bearer <token>` to every outgoing call of an
+    asyncio channel (grpc.aio files each interceptor under its first call shape only, so
+    there is one per shape).
+
+    Used instead of grpc.access_token_call_credentials: that is a Python metadata plugin,
+    and destroying a channel that holds one can deadlock the whole process (the plugin's
+    destroy callback takes the GIL on a gRPC thread while channel destruction waits for
+    that thread with the GIL held; grpc/grpc PR 42247). Interceptors involve no plugin.
+    """
+    return [
+        _BearerUnaryUnary(token),
+        _BearerUnaryStream(token),
+        _BearerStreamUnary(token),
+        _BearerStreamStream(token),
+    ]
+
+
+class SyncBearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """`bearer_token` for blocking channels (`grpc.intercept_channel` files an interceptor
+    under every shape it implements)."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: Any) -> Any:
+        return details._replace(metadata=[*(details.metadata or ()), self._header])
+
+    def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return continuation(self._with_token(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return continuation(self._with_token(client_call_details), request)
+
+
+@dataclass(frozen=True)
+class PeerCredentials:
+    """How this service calls another: TLS (with its client certificate) and, when it has
+    one, its bearer token (sent by `bearer_token`)."""
+
+    tls: grpc.ChannelCredentials
+    token: str | None = None
 
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -203,13 +286,17 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def open_channel(target: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.aio.Channel:
+def open_channel(target: str, credentials: PeerCredentials | None = None) -> grpc.aio.Channel:
     """A channel to another Egret service that carries trace context on every call;
     TLS (and this service's certificate and token) when `credentials` are given."""
-    interceptors = [_TraceContextInjector()]
+    interceptors: list[Any] = [_TraceContextUnary(), _TraceContextStream()]
     if credentials is None:
         return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors)
-    return grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS, interceptors=interceptors)
+    if credentials.token:
+        interceptors += bearer_token(credentials.token)
+    return grpc.aio.secure_channel(
+        target, credentials.tls, options=CHANNEL_OPTIONS, interceptors=interceptors
+    )
 
 
 def server_interceptors(gate: Gate | None = None) -> list[grpc.aio.ServerInterceptor]:
@@ -217,4 +304,13 @@ def server_interceptors(gate: Gate | None = None) -> list[grpc.aio.ServerInterce
     return [ServerInterceptor(gate)]
 
 
-__all__ = ["CHANNEL_OPTIONS", "abort_with", "open_channel", "server_interceptors", "status_of"]
+__all__ = [
+    "CHANNEL_OPTIONS",
+    "PeerCredentials",
+    "SyncBearerToken",
+    "abort_with",
+    "bearer_token",
+    "open_channel",
+    "server_interceptors",
+    "status_of",
+]

@@ -28,7 +28,7 @@ from opentelemetry import trace
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
-from kit.interceptors import open_channel
+from kit.interceptors import PeerCredentials, open_channel
 from kit.logging import get_logger
 from kit.settings import PeerSettings, RelaySettings
 from kit.tracing import context_from_traceparent, current_traceparent, links_from_traceparents
@@ -260,7 +260,7 @@ def relay_to_peer(
     peer: PeerSettings,
     settings: RelaySettings,
     make_send: MakeSend,
-    credentials: grpc.ChannelCredentials | None = None,
+    credentials: PeerCredentials | None = None,
     where: sa.ColumnElement[bool] | None = None,
 ) -> OutboxRelay:
     """A relay to another Egret service over its own channel, closed when the relay stops.

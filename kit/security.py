@@ -6,6 +6,7 @@ from __future__ import annotations
 import grpc
 
 from kit.auth import RateLimiter, TokenVerifier
+from kit.interceptors import PeerCredentials
 from kit.pseudonym import Pseudonymiser
 from kit.settings import SecuritySettings
 
@@ -40,7 +41,7 @@ def server_credentials(settings: SecuritySettings) -> grpc.ServerCredentials | N
     )
 
 
-def channel_credentials(settings: SecuritySettings) -> grpc.ChannelCredentials | None:
+def channel_credentials(settings: SecuritySettings) -> PeerCredentials | None:
     """For calls to other services: TLS against the services' CA, this service's
     certificate as client certificate (mutual TLS), and its bearer token."""
     if settings.tls_ca_file is None:
@@ -51,6 +52,5 @@ def channel_credentials(settings: SecuritySettings) -> grpc.ChannelCredentials |
         certificate_chain=settings.tls_cert_file.read_bytes() if settings.tls_cert_file else None,
     )
     if settings.service_token_file is None:
-        return tls
-    token = settings.service_token_file.read_text().strip()
-    return grpc.composite_channel_credentials(tls, grpc.access_token_call_credentials(token))
+        return PeerCredentials(tls)
+    return PeerCredentials(tls, settings.service_token_file.read_text().strip())

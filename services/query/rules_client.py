@@ -14,7 +14,7 @@ import grpc
 
 from egret.rules.v1 import rules_service_pb2 as rules_pb
 from egret.rules.v1 import rules_service_pb2_grpc as rules_grpc
-from kit.interceptors import open_channel
+from kit.interceptors import PeerCredentials, open_channel
 from kit.logging import get_logger
 from kit.settings import PeerSettings
 from services.query.explain import PositiveRule
@@ -54,7 +54,7 @@ def positive_rules(rule_set: RuleSet) -> tuple[PositiveRule, ...]:
 class RulesClient:
     """Reads the active rule set's positive rules from the rules service."""
 
-    def __init__(self, peer: PeerSettings, credentials: grpc.ChannelCredentials | None) -> None:
+    def __init__(self, peer: PeerSettings, credentials: PeerCredentials | None) -> None:
         self._peer = peer
         self._credentials = credentials
         self._channel: grpc.aio.Channel | None = None

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from kit.auth import Role, issue_token, jwks_document
+from kit.interceptors import bearer_token
 from tests.deploy.k8s import matches
 from tests.deploy.rehearsal import Pod, Rehearsal, RehearsalError, dns_names
 
@@ -48,19 +49,18 @@ class RehearsalPki:
             key_id=KEY_ID,
         )
 
-    def credentials(self, token: str | None) -> grpc.ChannelCredentials:
-        """Server-authenticated TLS against the cluster CA, plus a bearer token when given."""
-        tls = grpc.ssl_channel_credentials(root_certificates=self.ca_pem)
-        if token is None:
-            return tls
-        return grpc.composite_channel_credentials(tls, grpc.access_token_call_credentials(token))
+    def credentials(self) -> grpc.ChannelCredentials:
+        """Server-authenticated TLS against the cluster CA."""
+        return grpc.ssl_channel_credentials(root_certificates=self.ca_pem)
 
     def channel(self, rehearsal: Rehearsal, service: str, token: str | None) -> grpc.aio.Channel:
-        """A client in the cluster dialling Service `service` by name, as a department or reader would."""
+        """A client in the cluster dialling Service `service` by name, as a department or reader
+        would; the token travels in an interceptor (kit.interceptors.bearer_token)."""
         return grpc.aio.secure_channel(
             rehearsal.service_address(service),
-            self.credentials(token),
+            self.credentials(),
             options=[("grpc.ssl_target_name_override", service)],
+            interceptors=bearer_token(token) if token else None,
         )
 
 

@@ -178,7 +178,7 @@ async def test_the_rendered_manifests_run_the_pipeline_end_to_end(cluster: Clust
                 query_pb.GetScoreRequest(subject=raw(next(iter(EXPECTED)))), timeout=5
             )
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    plain_tls = cluster.pki.credentials(None)
+    plain_tls = cluster.pki.credentials()
     assert await health(cluster, "egret-ingest", plain_tls) == "SERVING"
     assert await health(cluster, "egret-query", plain_tls) == "SERVING"
     assert await health(cluster, "egret-rules", plain_tls) == "UNAVAILABLE"  # mutual TLS

@@ -25,6 +25,7 @@ from egret.query.v1 import query_service_pb2
 from egret.rules.v1 import rules_service_pb2
 from egret.score.v1 import score_service_pb2
 from kit.auth import Role, issue_token
+from kit.interceptors import bearer_token
 from kit.settings import SecuritySettings
 from services.ingest import access as ingest_access
 from services.ingest import bootstrap as ingest_bootstrap
@@ -96,12 +97,8 @@ class Secure:
             private_key=self.pki.key_file("operator").read_bytes(),
             certificate_chain=self.pki.cert_file("operator").read_bytes(),
         )
-        credentials = (
-            tls
-            if token is None
-            else grpc.composite_channel_credentials(tls, grpc.access_token_call_credentials(token))
-        )
-        return grpc.aio.secure_channel(self.addresses[name], credentials)
+        interceptors = bearer_token(token) if token is not None else None
+        return grpc.aio.secure_channel(self.addresses[name], tls, interceptors=interceptors)
 
 
 def spy_on(monkeypatch: pytest.MonkeyPatch, calls: list[str]) -> None:
@@ -328,10 +325,8 @@ async def test_a_client_certificate_from_another_ca_cannot_reach_an_internal_ser
         private_key=stranger.private_key_pem.bytes(),
         certificate_chain=b"".join(b.bytes() for b in stranger.cert_chain_pems),
     )
-    token = grpc.access_token_call_credentials(secure.pki.service_token_file("ingest").read_text())
-    async with grpc.aio.secure_channel(
-        secure.addresses["rules"], grpc.composite_channel_credentials(tls, token)
-    ) as channel:
+    token = bearer_token(secure.pki.service_token_file("ingest").read_text().strip())
+    async with grpc.aio.secure_channel(secure.addresses["rules"], tls, interceptors=token) as channel:
         code = await call(channel, "rules", "EvaluateEvents", rules_service_pb2.EvaluateEventsRequest())
     assert code == grpc.StatusCode.UNAVAILABLE  # the TLS handshake is refused
     async with grpc.aio.insecure_channel(secure.addresses["ingest"]) as plaintext:
