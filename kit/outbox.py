@@ -107,20 +107,28 @@ class OutboxRelay:
     def _claim(self) -> _Claimed | None:
         t = self._table
         now = self._clock()
+        # One statement selects and leases, so two relays on one database (replicas)
+        # never claim the same row: SQLite takes the write lock before the statement
+        # reads; PostgreSQL skips rows another claim has locked.
         with self._sessions() as session, session.begin():
-            query = (
-                sa.select(t.id, t.payload, t.traceparent, t.attempts)
+            due = (
+                sa.select(t.id)
                 .where(t.available_at <= now, self._where)
                 .order_by(t.id)
                 .limit(self._settings.batch_size)
             )
             if session.get_bind().dialect.name == "postgresql":
-                query = query.with_for_update(skip_locked=True)
-            rows = session.execute(query).all()
+                due = due.with_for_update(skip_locked=True)
+            claim = (
+                sa.update(t)
+                .where(t.id.in_(due.scalar_subquery()))
+                .values(available_at=now + self._lease)
+                .returning(t.id, t.payload, t.traceparent, t.attempts)
+            )
+            rows = sorted(session.execute(claim).all(), key=lambda r: r.id)
             if not rows:
                 return None
             ids = [r.id for r in rows]
-            session.execute(sa.update(t).where(t.id.in_(ids)).values(available_at=now + self._lease))
         return _Claimed(
             ids=ids,
             payloads=[r.payload for r in rows],
