@@ -41,7 +41,13 @@ from kit.db import create_engine, make_session_factory
 from kit.protoconv import to_timestamp
 from services.ingest.catalogue import load_catalogue
 from services.rules.backtest import Backtest, BacktestScope, combine
-from services.rules.backtest_servicer import ShardResult, cohort_attributes, replay_in_workers, shard_jobs
+from services.rules.backtest_servicer import (
+    MAX_SUBJECT_LIMIT,
+    ShardResult,
+    cohort_attributes,
+    replay_in_workers,
+    shard_jobs,
+)
 from services.rules.backtest_storage import HistoryReader
 from services.rules.records import engine_event_from_record
 from services.rules.ruleset import RuleSet, rule_set_from_yaml
@@ -71,6 +77,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--catalogue", type=Path, default=ROOT / "config/catalogue.yaml")
     parser.add_argument("--sample", type=float, default=1.0, help="share of subjects replayed (default 1)")
     parser.add_argument("--page-size", type=int, default=5000)
+    parser.add_argument(
+        "--subject-limit",
+        type=int,
+        default=MAX_SUBJECT_LIMIT,
+        help=f"subjects listed, as the request's subject_limit (default {MAX_SUBJECT_LIMIT}, the most)",
+    )
     parser.add_argument(
         "--workers",
         type=int,
@@ -229,6 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 as_of=as_of,
                 workers=args.workers,
                 page_size=args.page_size,
+                subject_limit=args.subject_limit,
             )
             workers = asyncio.run(replay_in_workers(jobs))
             replayed = time.perf_counter()
@@ -240,6 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cohort_attributes=cohorts,
                 as_of=as_of,
                 rule_limit=5,
+                subject_limit=args.subject_limit,
             )
         else:
             # What the handler runs on the engine thread with one worker, without the gRPC
@@ -251,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for page in reader.pages(scope):
                     backtest.feed(page)
                 replayed = time.perf_counter()
-                report = backtest.report(as_of=as_of, rule_limit=5)
+                report = backtest.report(as_of=as_of, rule_limit=5, subject_limit=args.subject_limit)
             finally:
                 backtest.close()
         elapsed = time.perf_counter() - started

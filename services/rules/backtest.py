@@ -37,6 +37,7 @@ rules is deliberate: the score function must be the one score runs, not a copy o
 from __future__ import annotations
 
 import hashlib
+import heapq
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -196,7 +197,8 @@ class BacktestReport:
     candidate_failed_events: int
     overall: Breakdown
     cohorts: tuple[CohortBreakdown, ...]
-    subjects: tuple[SubjectComparison, ...]  # most changed first, then by subject key
+    # Most changed first (most_changed_first); every subject, or the first subject_limit.
+    subjects: tuple[SubjectComparison, ...]
 
 
 @dataclass(frozen=True)
@@ -215,6 +217,8 @@ class PartialReport:
     candidate_failed_events: int
     overall: _Tally
     cohorts: Mapping[tuple[str, str], _Tally]
+    # The group's subjects, or only its first subject_limit by most_changed_first: the
+    # first N of all subjects are among the first N of each group.
     subjects: tuple[SubjectComparison, ...]
 
 
@@ -361,25 +365,32 @@ class Backtest:
             self._pending_at = item.evaluated_at
             self._pending.append(item.event)
 
-    def report(self, *, as_of: datetime, rule_limit: int | None = None) -> BacktestReport:
+    def report(
+        self, *, as_of: datetime, rule_limit: int | None = None, subject_limit: int | None = None
+    ) -> BacktestReport:
         """Replay the last batch and compare the scores as they stand at ``as_of`` (entries
-        expire by then as live ones do); ``rule_limit`` caps the rules listed per breakdown.
+        expire by then as live ones do); ``rule_limit`` caps the rules listed per breakdown,
+        ``subject_limit`` the subjects listed (None: every one).
 
         The report ends the backtest: each subject's entries are dropped once scored, so
         that the report does not double the replay's memory.
         """
         return combine(
-            [self.partial(as_of=as_of)],
+            [self.partial(as_of=as_of, subject_limit=subject_limit)],
             baseline=self._baseline.rule_set,
             candidate=self._candidate.rule_set,
             policy=self._policy,
             cohort_attributes=self._cohort_attributes,
             as_of=as_of,
             rule_limit=rule_limit,
+            subject_limit=subject_limit,
         )
 
-    def partial(self, *, as_of: datetime) -> PartialReport:
-        """What ``report`` builds on: the replayed subjects scored at ``as_of`` and tallied.
+    def partial(self, *, as_of: datetime, subject_limit: int | None = None) -> PartialReport:
+        """What ``report`` builds on: the replayed subjects scored at ``as_of`` and tallied,
+        listing every subject or the first ``subject_limit`` (most changed first); every
+        tally still counts every subject. A worker process sends only what can be listed:
+        hundreds of thousands of comparisons cost seconds to pickle and unpickle.
 
         Like ``report``, it ends the backtest.
         """
@@ -425,7 +436,7 @@ class Backtest:
             candidate_failed_events=self._candidate.failed_events,
             overall=overall,
             cohorts=cohorts,
-            subjects=tuple(comparisons),
+            subjects=_first(comparisons, subject_limit),
         )
 
     def close(self) -> None:
@@ -472,8 +483,10 @@ def combine(
     cohort_attributes: Sequence[str],
     as_of: datetime,
     rule_limit: int | None = None,
+    subject_limit: int | None = None,
 ) -> BacktestReport:
-    """The report of partial reports from disjoint groups of subjects (see PartialReport)."""
+    """The report of partial reports from disjoint groups of subjects (see PartialReport),
+    listing the first ``subject_limit`` subjects (None: all the partial reports hold)."""
     dimensions = (SUBJECT_KIND_DIMENSION, *dict.fromkeys(cohort_attributes))
     # Tiers in policy order (highest first), so the matrix reads top to bottom.
     tier_rank: dict[str, int] = {}
@@ -494,7 +507,6 @@ def combine(
         for key, tally in part.cohorts.items():
             cohorts.setdefault(key, _Tally()).merge(tally)
         comparisons.extend(part.subjects)
-    comparisons.sort(key=lambda c: (-abs(c.change), c.baseline.tier == c.candidate.tier, c.subject_key))
     return BacktestReport(
         baseline=baseline,
         candidate=candidate,
@@ -511,8 +523,24 @@ def combine(
                 cohorts.items(), key=lambda item: (dimensions.index(item[0][0]), item[0][1])
             )
         ),
-        subjects=tuple(comparisons),
+        subjects=_first(comparisons, subject_limit),
     )
+
+
+def most_changed_first(comparison: SubjectComparison) -> tuple[int, bool, str]:
+    """The order subjects are listed in: the largest score change first, then those whose
+    tier changed, then by subject key (a total order, so any group's first N are well defined)."""
+    return (
+        -abs(comparison.change),
+        comparison.baseline.tier == comparison.candidate.tier,
+        comparison.subject_key,
+    )
+
+
+def _first(comparisons: list[SubjectComparison], limit: int | None) -> tuple[SubjectComparison, ...]:
+    if limit is None:
+        return tuple(sorted(comparisons, key=most_changed_first))
+    return tuple(heapq.nsmallest(limit, comparisons, key=most_changed_first))
 
 
 def _rule_totals(outcomes: Mapping[str, LedgerLine]) -> dict[str, list[int]]:

@@ -25,6 +25,7 @@ thread.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import multiprocessing
 import resource
@@ -176,6 +177,7 @@ class BacktestHandler:
                 as_of=as_of,
                 workers=self._workers,
                 page_size=self._reader.page_size,
+                subject_limit=subject_limit,
             )
             results = await replay_in_workers(jobs)
             report = combine(
@@ -186,9 +188,12 @@ class BacktestHandler:
                 cohort_attributes=self._cohort_attributes,
                 as_of=as_of,
                 rule_limit=rule_limit,
+                subject_limit=subject_limit,
             )
         else:
-            report = await self._replay_here(baseline, candidate, scope, as_of, rule_limit)
+            report = await self._replay_here(
+                baseline, candidate, scope, as_of=as_of, rule_limit=rule_limit, subject_limit=subject_limit
+            )
         elapsed = time.perf_counter() - started
         log.info(
             "backtest done",
@@ -207,8 +212,10 @@ class BacktestHandler:
         baseline: Contender,
         candidate: Contender,
         scope: BacktestScope,
+        *,
         as_of: datetime,
         rule_limit: int,
+        subject_limit: int,
     ) -> BacktestReport:
         replay = await run_blocking(self._executor, self._start, baseline.rule_set, candidate.rule_set)
         pages = self._reader.pages(scope)
@@ -216,7 +223,8 @@ class BacktestHandler:
             while await run_blocking(self._executor, _replay_page, pages, replay):
                 pass
             report = await run_blocking(
-                self._executor, partial(replay.report, as_of=as_of, rule_limit=rule_limit)
+                self._executor,
+                partial(replay.report, as_of=as_of, rule_limit=rule_limit, subject_limit=subject_limit),
             )
         finally:
             # Both on the engine thread: the cursor was opened there, the engines live there.
@@ -282,6 +290,7 @@ class ShardJob:
     shard: int
     shards: int
     page_size: int
+    subject_limit: int | None = None  # subjects to send back (None: every one)
 
 
 @dataclass(frozen=True)
@@ -304,6 +313,7 @@ def shard_jobs(
     as_of: datetime,
     workers: int,
     page_size: int,
+    subject_limit: int | None = None,
 ) -> list[ShardJob]:
     return [
         ShardJob(
@@ -318,6 +328,7 @@ def shard_jobs(
             shard,
             workers,
             page_size,
+            subject_limit,
         )
         for shard in range(workers)
     ]
@@ -348,7 +359,7 @@ def replay_shard(job: ShardJob) -> ShardResult:
             for page in pages:
                 backtest.feed(page)
             replayed = time.perf_counter()
-            part = backtest.partial(as_of=job.as_of)
+            part = backtest.partial(as_of=job.as_of, subject_limit=job.subject_limit)
         finally:
             backtest.close()
     finally:
@@ -381,7 +392,15 @@ async def replay_in_workers(jobs: Sequence[ShardJob]) -> list[ShardResult]:
             receiver.close()
 
 
+# A worker's replay holds hundreds of MB of small, acyclic objects (history, ledger
+# lines) that the default thresholds make the cyclic collector walk again and again:
+# about a fifth of a worker's CPU on a million events. It still collects, rarely; the
+# process ends with its backtest.
+_WORKER_GC_THRESHOLDS: Final = (1_000_000, 100, 100)
+
+
 def _work(job: ShardJob, sender: Connection) -> None:
+    gc.set_threshold(*_WORKER_GC_THRESHOLDS)
     try:
         result = replay_shard(job)
     except BaseException as error:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -49,21 +50,29 @@ def test_partial_reports_of_disjoint_subjects_combine_to_the_report_of_all() -> 
             for shard, part in enumerate(parts):
                 part.feed(StoredEvent(at, e) for e in batch if (e.subject_key == ALICE) == (shard == 0))
         expected = whole.report(as_of=AS_OF)
-        combined = combine(
-            [part.partial(as_of=AS_OF) for part in parts],
+        partials = [part.partial(as_of=AS_OF) for part in parts]
+    finally:
+        for replay in (whole, *parts):
+            replay.close()
+
+    def combined(limit: int | None) -> BacktestReport:
+        return combine(
+            partials,
             baseline=baseline,
             candidate=candidate,
             policy=policy(),
             cohort_attributes=(),
             as_of=AS_OF,
+            subject_limit=limit,
         )
-    finally:
-        for replay in (whole, *parts):
-            replay.close()
 
-    assert combined == expected
+    assert combined(None) == expected
     # The second shard saw all three batches too: a batch counts once.
-    assert combined.batches_replayed == 3
+    assert combined(None).batches_replayed == 3
+    # Listing fewer subjects changes nothing but the list.
+    assert {s.subject_key for s in expected.subjects} == {ALICE, BOB, ACME}
+    assert combined(2) == replace(expected, subjects=expected.subjects[:2])
+    assert combined(0).subjects == ()
 
 
 def test_the_worker_split_spreads_one_rules_shards_subjects_over_every_worker() -> None:
@@ -114,22 +123,19 @@ def test_worker_processes_replay_a_stored_history_exactly_as_one_process_does(tm
         cohort_attributes(load_catalogue(ROOT / "config/catalogue.yaml")),
     )
 
-    results = asyncio.run(
-        replay_in_workers(
-            shard_jobs(
-                url,
-                baseline,
-                candidate,
-                policy=policy_,
-                cohort_attributes=cohorts,
-                scope=BacktestScope(),
-                until=latest,
-                as_of=as_of,
-                workers=3,
-                page_size=500,
-            )
-        )
+    jobs = shard_jobs(
+        url,
+        baseline,
+        candidate,
+        policy=policy_,
+        cohort_attributes=cohorts,
+        scope=BacktestScope(),
+        until=latest,
+        as_of=as_of,
+        workers=3,
+        page_size=500,
     )
+    results = asyncio.run(replay_in_workers(jobs))
     combined = combine(
         [r.partial for r in results],
         baseline=rule_set_from_yaml(baseline),
@@ -150,6 +156,24 @@ def test_worker_processes_replay_a_stored_history_exactly_as_one_process_does(tm
         assert getattr(combined, field) == getattr(expected, field), field
     assert combined.overall.subjects_changed > 0
     assert all(r.partial.events > 0 for r in results)
+
+    # Workers asked for the first N subjects send only those back, and the combined
+    # list is still the first N of everyone (each worker's first N hold them).
+    limited = asyncio.run(replay_in_workers([replace(job, subject_limit=25) for job in jobs]))
+    assert all(len(r.partial.subjects) == 25 for r in limited)
+    assert (
+        combine(
+            [r.partial for r in limited],
+            baseline=rule_set_from_yaml(baseline),
+            candidate=rule_set_from_yaml(candidate),
+            policy=policy_,
+            cohort_attributes=cohorts,
+            as_of=as_of,
+            rule_limit=5,
+            subject_limit=25,
+        ).subjects
+        == expected.subjects[:25]
+    )
 
 
 def test_a_worker_that_fails_fails_the_backtest(tmp_path: Path) -> None:
