@@ -15,6 +15,7 @@ from kit.sharding import shard_of
 from services.ingest.catalogue import load_catalogue
 from services.rules.backtest import Backtest, BacktestReport, BacktestScope, StoredEvent, combine
 from services.rules.backtest_servicer import (
+    ShardResult,
     cohort_attributes,
     replay_in_workers,
     shard_jobs,
@@ -136,15 +137,20 @@ def test_worker_processes_replay_a_stored_history_exactly_as_one_process_does(tm
         page_size=500,
     )
     results = asyncio.run(replay_in_workers(jobs))
-    combined = combine(
-        [r.partial for r in results],
-        baseline=rule_set_from_yaml(baseline),
-        candidate=rule_set_from_yaml(candidate),
-        policy=policy_,
-        cohort_attributes=cohorts,
-        as_of=as_of,
-        rule_limit=5,
-    )
+
+    def combined_of(parts: list[ShardResult], subject_limit: int | None = None) -> BacktestReport:
+        return combine(
+            [r.partial for r in parts],
+            baseline=rule_set_from_yaml(baseline),
+            candidate=rule_set_from_yaml(candidate),
+            policy=policy_,
+            cohort_attributes=cohorts,
+            as_of=as_of,
+            rule_limit=5,
+            subject_limit=subject_limit,
+        )
+
+    combined = combined_of(results)
     expected = _report_here(url, baseline, candidate, as_of)
 
     # RuleSet objects are parsed separately on each side; everything else must be equal.
@@ -161,19 +167,7 @@ def test_worker_processes_replay_a_stored_history_exactly_as_one_process_does(tm
     # list is still the first N of everyone (each worker's first N hold them).
     limited = asyncio.run(replay_in_workers([replace(job, subject_limit=25) for job in jobs]))
     assert all(len(r.partial.subjects) == 25 for r in limited)
-    assert (
-        combine(
-            [r.partial for r in limited],
-            baseline=rule_set_from_yaml(baseline),
-            candidate=rule_set_from_yaml(candidate),
-            policy=policy_,
-            cohort_attributes=cohorts,
-            as_of=as_of,
-            rule_limit=5,
-            subject_limit=25,
-        ).subjects
-        == expected.subjects[:25]
-    )
+    assert combined_of(limited, subject_limit=25).subjects == expected.subjects[:25]
 
 
 def test_a_worker_that_fails_fails_the_backtest(tmp_path: Path) -> None:
