@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import gc
 import signal
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +54,8 @@ class Service:
     background: Sequence[BackgroundLoop] = field(default_factory=list)
     # Worker pools of blocking (database, engine) work, shut down after in-flight calls end.
     executors: Sequence[Executor] = field(default_factory=list)
+    # Closed after in-flight calls end, before the executors: clients of other services.
+    closers: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
 async def _watch_database(
@@ -153,6 +155,11 @@ async def serve(
     for result in results:
         if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
             log.error("background loop ended with an error", exc_info=result)
+    for close in service.closers:
+        try:
+            await close()
+        except Exception:
+            log.exception("closing a client failed")
     for executor in service.executors:
         executor.shutdown(wait=True)
     for engine in service.engines:

@@ -60,13 +60,16 @@ def build(settings: QuerySettings, clock: Callable[[], datetime] = _utc_now) -> 
     recorder_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="query-access-log")
     if settings.rules is None:
         log.warning("EGRET_RULES_ADDRESS is not set: explanations list no positive behaviours")
+    rules = (
+        None
+        if settings.rules is None
+        else RulesClient(settings.rules, channel_credentials(settings.common.security))
+    )
     deps = DueProcessDeps(
         recorder=AccessRecorder(access_log, recorder_executor, clock),
         access_log=access_log,
         due=SqlDueProcessReader(engine),
-        rules=None
-        if settings.rules is None
-        else RulesClient(settings.rules, channel_credentials(settings.common.security)),
+        rules=rules,
     )
     servicer = DueProcessQueryServicer(reader, executor, deps, inline_reads=settings.inline_reads)
     return Service(
@@ -78,6 +81,7 @@ def build(settings: QuerySettings, clock: Callable[[], datetime] = _utc_now) -> 
         # Watched by the runtime: NOT_SERVING until score's store and query's own answer.
         engines=[engine, log_engine],
         executors=[executor, recorder_executor],
+        closers=[] if rules is None else [rules.close],
     )
 
 
