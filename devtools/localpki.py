@@ -16,7 +16,7 @@ import trustme
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from kit.auth import Role, issue_token
+from kit.auth import SERVICE_SCOPES, Role, issue_token
 from kit.interceptors import SyncBearerToken, bearer_token
 
 SERVICES = ("ingest", "rules", "score", "query")
@@ -49,11 +49,23 @@ class LocalPki:
     def service_token_file(self, name: str) -> Path:
         return self.directory / f"{name}.token"
 
-    def token(self, subject: str, role: Role, *, lifetime_s: float = 86_400.0) -> str:
+    def token(
+        self, subject: str, role: Role, *, scopes: tuple[str, ...] = (), lifetime_s: float = 86_400.0
+    ) -> str:
         key = serialization.load_pem_private_key((self.directory / "jwt-private.pem").read_bytes(), None)
         return issue_token(
-            key, issuer=ISSUER, audience=AUDIENCE, subject=subject, role=role, lifetime_s=lifetime_s
+            key,
+            issuer=ISSUER,
+            audience=AUDIENCE,
+            subject=subject,
+            role=role,
+            scopes=scopes,
+            lifetime_s=lifetime_s,
         )
+
+    def service_token(self, name: str, *, lifetime_s: float = 86_400.0) -> str:
+        """The token service `name` calls the others with: role service, its own scopes."""
+        return self.token(f"egret-{name}", Role.SERVICE, scopes=SERVICE_SCOPES[name], lifetime_s=lifetime_s)
 
     def env(self, name: str) -> dict[str, str]:
         """The security settings of service `name`."""
@@ -116,9 +128,7 @@ def create_local_pki(directory: Path) -> LocalPki:
         )
     )
     for name in SERVICES:
-        pki.service_token_file(name).write_text(
-            pki.token(f"egret-{name}", Role.SERVICE, lifetime_s=30 * 86_400.0)
-        )
+        pki.service_token_file(name).write_text(pki.service_token(name, lifetime_s=30 * 86_400.0))
     for path in directory.iterdir():
         path.chmod(0o600)
     return pki

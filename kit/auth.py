@@ -43,6 +43,22 @@ class Role(StrEnum):
     SERVICE = "service"
 
 
+# What one Egret service may ask of another. The role `service` alone admits nothing: a
+# service token must also carry the scope of each RPC it calls, so a leaked query token
+# cannot deliver events to rules or outcomes to score.
+SCOPE_EVALUATE_EVENTS = "egret.rules.evaluate"  # ingest → rules: EvaluateEvents
+SCOPE_READ_RULE_SETS = "egret.rules.read"  # query → rules: GetActiveRuleSet, GetRuleSet
+SCOPE_APPLY_OUTCOMES = "egret.score.apply"  # rules → score: ApplyOutcomes
+
+# The scopes each calling service's token carries (the identity provider issues them).
+SERVICE_SCOPES: Mapping[str, tuple[str, ...]] = {
+    "ingest": (SCOPE_EVALUATE_EVENTS,),
+    "rules": (SCOPE_APPLY_OUTCOMES,),
+    "query": (SCOPE_READ_RULE_SETS,),
+    "score": (),
+}
+
+
 @dataclass(frozen=True)
 class Principal:
     """An authenticated caller. For subjects, `subject_key` replaces the raw id."""
@@ -262,10 +278,14 @@ class CallPolicy:
     roles: frozenset[Role]
     # Ingest calls must carry a deadline, so a stuck department cannot hold work forever.
     require_deadline: bool = False
+    # The scope a `service` principal must hold (one of the SCOPE_* above).
+    service_scope: str | None = None
 
 
-def allow(*roles: Role, require_deadline: bool = False) -> CallPolicy:
-    return CallPolicy(frozenset(roles), require_deadline)
+def allow(*roles: Role, require_deadline: bool = False, service_scope: str | None = None) -> CallPolicy:
+    if (Role.SERVICE in roles) != (service_scope is not None):
+        raise ValueError("an RPC open to services names the scope they need, and only then")
+    return CallPolicy(frozenset(roles), require_deadline, service_scope)
 
 
 # Health checks and reflection answer anyone: probes and tooling carry no tokens.
@@ -313,6 +333,10 @@ class Gate:
         principal = self.verifier.verify(header[7:].strip())
         if principal.role not in rule.roles:
             raise PermissionDenied(f"role {principal.role.value} may not call {method.rsplit('/', 1)[-1]}")
+        if principal.role is Role.SERVICE and rule.service_scope not in principal.scopes:
+            raise PermissionDenied(
+                f"service {principal.id} lacks scope {rule.service_scope} for {method.rsplit('/', 1)[-1]}"
+            )
         if self.limiter is not None:
             wait = self.limiter.acquire(principal.loggable_id)
             if wait > 0:

@@ -1,19 +1,19 @@
-"""Who may call RulesService: ingest (as a service) delivers events; query (as a service)
-reads the active rule set; reviewers own the rule sets; auditors read them; admins handle
-dead letters."""
+"""Who may call RulesService: ingest (a service token with the evaluate scope) delivers
+events; query (a service token with the read scope) reads the active rule set; reviewers
+own the rule sets; auditors read them; admins handle dead letters."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from kit.auth import CallPolicy, Role, allow
+from kit.auth import SCOPE_EVALUATE_EVENTS, SCOPE_READ_RULE_SETS, CallPolicy, Role, allow
 
 _RPC = "/egret.rules.v1.RulesService/"
 _READERS = (Role.REVIEWER, Role.AUDITOR, Role.ADMIN)
 
 POLICY: Mapping[str, CallPolicy] = {
-    _RPC + "EvaluateEvents": allow(Role.SERVICE),
-    _RPC + "GetActiveRuleSet": allow(*_READERS, Role.SERVICE),
+    _RPC + "EvaluateEvents": allow(Role.SERVICE, service_scope=SCOPE_EVALUATE_EVENTS),
+    _RPC + "GetActiveRuleSet": allow(*_READERS, Role.SERVICE, service_scope=SCOPE_READ_RULE_SETS),
     _RPC + "ValidateRuleSet": allow(Role.REVIEWER),
     _RPC + "CreateDraft": allow(Role.REVIEWER),
     _RPC + "PublishRuleSet": allow(Role.REVIEWER),
@@ -22,7 +22,7 @@ POLICY: Mapping[str, CallPolicy] = {
     _RPC + "BacktestRuleSet": allow(Role.REVIEWER),
     _RPC + "ListRuleSets": allow(*_READERS),
     # Query (as a service) reads the active rule set's positive rules for Explain.
-    _RPC + "GetRuleSet": allow(*_READERS, Role.SERVICE),
+    _RPC + "GetRuleSet": allow(*_READERS, Role.SERVICE, service_scope=SCOPE_READ_RULE_SETS),
     _RPC + "ListRuleSetChanges": allow(*_READERS),
     _RPC + "ListDeadLetters": allow(Role.ADMIN, Role.AUDITOR),
     _RPC + "RedriveDeadLetters": allow(Role.ADMIN),

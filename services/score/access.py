@@ -1,5 +1,5 @@
-"""Who may call ScoreService: rules (as a service) delivers outcomes; admins change the
-policy, reviewers preview it; auditors verify and read. Due process: subjects and
+"""Who may call ScoreService: rules (a service token with the apply scope) delivers
+outcomes; admins change the policy, reviewers preview it; auditors verify and read. Due process: subjects and
 departments file disputes, subjects apply for repair, reviewers decide both; consent is
 set by its subject or recorded by reviewers and admins. Per-datum checks (own entries,
 own events, own consent) are in services.score.due_process."""
@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from kit.auth import CallPolicy, Role, allow
+from kit.auth import SCOPE_APPLY_OUTCOMES, CallPolicy, Role, allow
 
 _RPC = "/egret.score.v1.ScoreService/"
 
 POLICY: Mapping[str, CallPolicy] = {
-    _RPC + "ApplyOutcomes": allow(Role.SERVICE),
+    _RPC + "ApplyOutcomes": allow(Role.SERVICE, service_scope=SCOPE_APPLY_OUTCOMES),
     _RPC + "VerifyScores": allow(Role.ADMIN, Role.AUDITOR),
     _RPC + "PreviewPolicy": allow(Role.ADMIN, Role.REVIEWER),
     _RPC + "ActivatePolicy": allow(Role.ADMIN),

@@ -20,7 +20,7 @@ import trustme
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from kit.auth import Role, issue_token, jwks_document
+from kit.auth import SERVICE_SCOPES, Role, issue_token, jwks_document
 from kit.interceptors import bearer_token
 from tests.deploy.k8s import matches
 from tests.deploy.rehearsal import Pod, Rehearsal, RehearsalError, dns_names
@@ -38,13 +38,16 @@ class RehearsalPki:
     signing_key: rsa.RSAPrivateKey
     secrets: dict[tuple[str, str], str] = field(default_factory=dict)
 
-    def token(self, subject: str, role: Role, *, lifetime_s: float = 3600.0) -> str:
+    def token(
+        self, subject: str, role: Role, *, scopes: tuple[str, ...] = (), lifetime_s: float = 3600.0
+    ) -> str:
         return issue_token(
             self.signing_key,
             issuer=self.issuer,
             audience=self.audience,
             subject=subject,
             role=role,
+            scopes=scopes,
             lifetime_s=lifetime_s,
             key_id=KEY_ID,
         )
@@ -125,7 +128,7 @@ def create_rehearsal_pki(rehearsal: Rehearsal) -> RehearsalPki:
         (item,) = volume["secret"]["items"]
         service = pod.metadata["labels"]["app.kubernetes.io/component"]
         pki.secrets[(volume["secret"]["secretName"], item["key"])] = pki.token(
-            f"egret-{service}", Role.SERVICE, lifetime_s=86_400.0
+            f"egret-{service}", Role.SERVICE, scopes=SERVICE_SCOPES[service], lifetime_s=86_400.0
         )
 
     rehearsal.secrets.update(pki.secrets)

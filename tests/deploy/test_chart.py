@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from deploy.k8s.render import CHART_DIR, REPO_ROOT, Manifest, drift, hooks, objects, render
+from kit.auth import SERVICE_SCOPES
 from tests.deploy.conftest import load_values
 from tests.deploy.k8s import (
     Endpoint,
@@ -456,6 +457,13 @@ def test_insecure_is_off_by_default() -> None:
         env = env_of(pod_template(deployment)[1]["containers"][0])
         assert env["EGRET_INSECURE"] == "false", deployment["metadata"]["name"]
     assert "INSECURE" not in rendered["egret/templates/NOTES.txt"]
+
+
+def test_the_install_notes_name_each_callers_token_scope_as_the_services_check_it() -> None:
+    notes = render(None)["egret/templates/NOTES.txt"]
+    for caller in ("ingest", "rules", "query"):
+        (scope,) = SERVICE_SCOPES[caller]
+        assert f'{caller}\'s bearer token, role "service", scope "{scope}"' in notes, caller
 
 
 def test_rules_and_score_require_client_certificates(

@@ -84,7 +84,9 @@ class Egret:
     async def apply(
         self, *outcomes: outcome_pb2.Outcome, reversals: tuple[score_pb.Reversal, ...] = ()
     ) -> None:
-        await self.score("egret-rules", Role.SERVICE).ApplyOutcomes(
+        channel = self.pki.channel(self.score_address, self.pki.service_token("rules"))
+        self.channels.append(channel)
+        await score_grpc.ScoreServiceStub(channel).ApplyOutcomes(
             score_pb.ApplyOutcomesRequest(outcomes=outcomes, reversals=reversals)
         )
 

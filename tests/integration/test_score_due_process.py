@@ -83,7 +83,9 @@ class Score:
 
     @property
     def rules(self) -> pb_grpc.ScoreServiceAsyncStub:
-        return self.as_("egret-rules", Role.SERVICE)
+        channel = self.pki.channel(self.address, self.pki.service_token("rules"))
+        self.channels.append(channel)
+        return pb_grpc.ScoreServiceStub(channel)
 
     async def apply(self, *outcomes: outcome_pb2.Outcome, reversals: tuple[pb.Reversal, ...] = ()) -> Any:
         return await self.rules.ApplyOutcomes(pb.ApplyOutcomesRequest(outcomes=outcomes, reversals=reversals))

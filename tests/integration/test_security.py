@@ -24,7 +24,7 @@ from egret.ingest.v1 import ingest_service_pb2
 from egret.query.v1 import query_service_pb2
 from egret.rules.v1 import rules_service_pb2
 from egret.score.v1 import score_service_pb2
-from kit.auth import Role, issue_token
+from kit.auth import SERVICE_SCOPES, Role, issue_token
 from kit.interceptors import bearer_token
 from kit.settings import SecuritySettings
 from services.ingest import access as ingest_access
@@ -218,8 +218,12 @@ def principal_for(role: Role) -> str:
 async def test_every_role_may_call_exactly_the_rpcs_its_policy_grants(secure: Secure) -> None:
     outcomes: dict[tuple[str, str, Role], grpc.StatusCode] = {}
     channels = {}
+    # The service token here holds every service scope, so that the role decides alone;
+    # which scope opens which RPC is the next test's.
+    every_scope = tuple(sorted({s for scopes in SERVICE_SCOPES.values() for s in scopes}))
     for role in Role:
-        token = secure.pki.token(principal_for(role), role)
+        scopes = every_scope if role is Role.SERVICE else ()
+        token = secure.pki.token(principal_for(role), role, scopes=scopes)
         channels[role] = {name: secure.channel(name, token) for name in DESCRIPTORS}
     try:
         for name, rpc, role in matrix():
@@ -245,6 +249,39 @@ async def test_every_role_may_call_exactly_the_rpcs_its_policy_grants(secure: Se
     for name, descriptor in DESCRIPTORS.items():
         assert {f"/{descriptor.full_name}/{rpc}" for rpc in descriptor.methods_by_name} == set(POLICIES[name])
     assert len(outcomes) == sum(len(d.methods_by_name) for d in DESCRIPTORS.values()) * len(Role)
+
+
+async def test_each_service_token_opens_only_the_rpcs_of_its_own_scopes(secure: Secure) -> None:
+    expected = {
+        "ingest": {"rules.EvaluateEvents"},
+        "rules": {"score.ApplyOutcomes"},
+        "query": {"rules.GetActiveRuleSet", "rules.GetRuleSet"},
+        "score": set(),
+    }
+    open_to_services = [
+        (name, rpc)
+        for name, descriptor in DESCRIPTORS.items()
+        for rpc in descriptor.methods_by_name
+        if Role.SERVICE in POLICIES[name][f"/{descriptor.full_name}/{rpc}"].roles
+    ]
+    assert sorted(f"{n}.{r}" for n, r in open_to_services) == sorted(set().union(*expected.values()))
+    for caller, allowed in expected.items():
+        token = secure.pki.service_token(caller)
+        for name, rpc in open_to_services:
+            before = len(secure.calls)
+            async with secure.channel(name, token) as channel:
+                code = await call(channel, name, rpc, request_for(name, rpc, Role.SERVICE))
+            if f"{name}.{rpc}" in allowed:
+                assert code != grpc.StatusCode.PERMISSION_DENIED, (caller, name, rpc, code)
+            else:
+                assert code == grpc.StatusCode.PERMISSION_DENIED, (caller, name, rpc, code)
+                assert len(secure.calls) == before, f"{name}.{rpc} ran a handler for {caller}'s token"
+    # A service token without scopes (an old one, or one the IdP issued wrongly) opens nothing.
+    async with secure.channel("score", secure.pki.token("egret-rules", Role.SERVICE)) as channel:
+        code = await call(
+            channel, "score", "ApplyOutcomes", request_for("score", "ApplyOutcomes", Role.SERVICE)
+        )
+    assert code == grpc.StatusCode.PERMISSION_DENIED
 
 
 def _other_key() -> Any:

@@ -14,7 +14,15 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from kit.auth import RateLimiter, Role, TokenVerifier, issue_token, jwks_document
+from kit.auth import (
+    SCOPE_APPLY_OUTCOMES,
+    RateLimiter,
+    Role,
+    TokenVerifier,
+    allow,
+    issue_token,
+    jwks_document,
+)
 from kit.errors import Unauthenticated
 from kit.pseudonym import Pseudonymiser
 
@@ -144,3 +152,11 @@ def test_the_rate_limiter_allows_bursts_then_names_the_wait() -> None:
     assert limiter.acquire("metro") == 0.0  # per principal
     now[0] += 0.5
     assert limiter.acquire("library") == 0.0
+
+
+def test_an_rpc_open_to_services_must_name_their_scope_and_only_such_an_rpc_may() -> None:
+    assert allow(Role.SERVICE, service_scope=SCOPE_APPLY_OUTCOMES).service_scope == SCOPE_APPLY_OUTCOMES
+    with pytest.raises(ValueError, match="names the scope"):
+        allow(Role.SERVICE)
+    with pytest.raises(ValueError, match="names the scope"):
+        allow(Role.ADMIN, service_scope=SCOPE_APPLY_OUTCOMES)
