@@ -227,23 +227,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers: list[ShardResult] = []
         if args.workers > 1:
             # What the handler runs with EGRET_BACKTEST_WORKERS > 1, without the gRPC hop.
-            until = reader.latest()
-            if until is None:
-                raise SystemExit("no stored history")
-            jobs = shard_jobs(
-                url,
-                baseline_source,
-                candidate_source,
-                policy=policy,
-                cohort_attributes=cohorts,
-                scope=scope,
-                until=until,
-                as_of=as_of,
-                workers=args.workers,
-                page_size=args.page_size,
-                subject_limit=args.subject_limit,
-            )
-            workers = asyncio.run(replay_in_workers(jobs))
+            view = reader.shared_view()
+            try:
+                if view.until is None:
+                    raise SystemExit("no stored history")
+                jobs = shard_jobs(
+                    url,
+                    baseline_source,
+                    candidate_source,
+                    policy=policy,
+                    cohort_attributes=cohorts,
+                    scope=scope,
+                    until=view.until,
+                    as_of=as_of,
+                    workers=args.workers,
+                    page_size=args.page_size,
+                    subject_limit=args.subject_limit,
+                    snapshot=view.snapshot,
+                )
+                workers = asyncio.run(replay_in_workers(jobs))
+            finally:
+                view.close()
             replayed = time.perf_counter()
             report = combine(
                 [w.partial for w in workers],

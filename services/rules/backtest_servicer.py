@@ -59,7 +59,7 @@ from services.rules.backtest import (
     StoredEvent,
     combine,
 )
-from services.rules.backtest_storage import HistoryReader
+from services.rules.backtest_storage import HistoryReader, SharedView
 from services.rules.lifecycle import RuleSetLifecycle, StoredRuleSet
 from services.rules.records import engine_event_from_record
 from services.rules.ruleset import RuleSet, rule_set_from_yaml
@@ -162,38 +162,50 @@ class BacktestHandler:
         started = time.perf_counter()
         baseline = await run_blocking(self._executor, self._baseline)
         candidate = await run_blocking(self._executor, self._candidate, request.rule_set_id)
-        until = None
+        view: SharedView | None = None
         if self._workers > 1 and self._database_url is not None:
-            until = await run_blocking(self._executor, self._reader.latest)
-        if until is not None and self._database_url is not None:
-            jobs = shard_jobs(
-                self._database_url,
-                baseline.source,
-                candidate.source,
-                policy=self._policy,
-                cohort_attributes=self._cohort_attributes,
-                scope=scope,
-                until=until,
-                as_of=as_of,
-                workers=self._workers,
-                page_size=self._reader.page_size,
-                subject_limit=subject_limit,
-            )
-            results = await replay_in_workers(jobs)
-            report = combine(
-                [r.partial for r in results],
-                baseline=baseline.rule_set,
-                candidate=candidate.rule_set,
-                policy=self._policy,
-                cohort_attributes=self._cohort_attributes,
-                as_of=as_of,
-                rule_limit=rule_limit,
-                subject_limit=subject_limit,
-            )
-        else:
-            report = await self._replay_here(
-                baseline, candidate, scope, as_of=as_of, rule_limit=rule_limit, subject_limit=subject_limit
-            )
+            # Every worker reads the same history: up to the same evaluated_at, and on
+            # PostgreSQL in one exported snapshot, held until the workers are done.
+            view = await run_blocking(self._executor, self._reader.shared_view)
+        try:
+            if view is not None and view.until is not None and self._database_url is not None:
+                jobs = shard_jobs(
+                    self._database_url,
+                    baseline.source,
+                    candidate.source,
+                    policy=self._policy,
+                    cohort_attributes=self._cohort_attributes,
+                    scope=scope,
+                    until=view.until,
+                    as_of=as_of,
+                    workers=self._workers,
+                    page_size=self._reader.page_size,
+                    subject_limit=subject_limit,
+                    snapshot=view.snapshot,
+                )
+                results = await replay_in_workers(jobs)
+                report = combine(
+                    [r.partial for r in results],
+                    baseline=baseline.rule_set,
+                    candidate=candidate.rule_set,
+                    policy=self._policy,
+                    cohort_attributes=self._cohort_attributes,
+                    as_of=as_of,
+                    rule_limit=rule_limit,
+                    subject_limit=subject_limit,
+                )
+            else:
+                report = await self._replay_here(
+                    baseline,
+                    candidate,
+                    scope,
+                    as_of=as_of,
+                    rule_limit=rule_limit,
+                    subject_limit=subject_limit,
+                )
+        finally:
+            if view is not None:
+                await run_blocking(self._executor, view.close)
         elapsed = time.perf_counter() - started
         log.info(
             "backtest done",
@@ -202,7 +214,7 @@ class BacktestHandler:
             events=report.events_replayed,
             subjects=report.overall.subjects,
             changed=report.overall.subjects_changed,
-            workers=self._workers if until is not None else 1,
+            workers=self._workers if view is not None and view.until is not None else 1,
             elapsed_s=round(elapsed, 3),
         )
         return response(report, baseline, candidate, subject_limit=subject_limit, elapsed=elapsed)
@@ -291,6 +303,7 @@ class ShardJob:
     shards: int
     page_size: int
     subject_limit: int | None = None  # subjects to send back (None: every one)
+    snapshot: str | None = None  # the PostgreSQL snapshot every worker reads (SharedView)
 
 
 @dataclass(frozen=True)
@@ -314,6 +327,7 @@ def shard_jobs(
     workers: int,
     page_size: int,
     subject_limit: int | None = None,
+    snapshot: str | None = None,
 ) -> list[ShardJob]:
     return [
         ShardJob(
@@ -329,6 +343,7 @@ def shard_jobs(
             workers,
             page_size,
             subject_limit,
+            snapshot,
         )
         for shard in range(workers)
     ]
@@ -354,7 +369,10 @@ def replay_shard(job: ShardJob) -> ShardResult:
         try:
             started = time.perf_counter()
             pages = reader.pages(
-                job.scope, until=job.until, owns=lambda key: worker_of(key, job.shards) == job.shard
+                job.scope,
+                until=job.until,
+                owns=lambda key: worker_of(key, job.shards) == job.shard,
+                snapshot=job.snapshot,
             )
             for page in pages:
                 backtest.feed(page)

@@ -5,12 +5,18 @@ live evaluation committed), streamed a page at a time (a server-side cursor on
 PostgreSQL, SQLite's own stepping), so memory stays bounded by the page size however
 long the history; the query also gives the replay one consistent snapshot. Ties in
 ``evaluated_at`` are re-ordered by the replay, so the query needs no further sort key.
+
+Worker processes each run that query on their own connection. On PostgreSQL they all
+import one snapshot the service exported (``shared_view``), so every worker reads the
+same history even while rules replicas commit batches; SQLite has no way to share a
+snapshot, so there each worker reads up to the same ``evaluated_at`` in its own.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import sqlalchemy as sa
@@ -22,6 +28,27 @@ from services.rules.ruleset import EngineEvent
 from services.rules.storage import EvaluatedEvent
 
 Decode = Callable[[bytes], EngineEvent]
+
+_REPEATABLE_READ = {"isolation_level": "REPEATABLE READ"}
+# What pg_export_snapshot() returns ("00000003-0000001B-1"); checked before it is spliced
+# into SET TRANSACTION SNAPSHOT, which takes no bind parameters.
+_SNAPSHOT_ID = re.compile(r"[0-9A-F]+(-[0-9A-F]+)+")
+
+
+@dataclass
+class SharedView:
+    """What every worker of one backtest reads: batches evaluated at ``until`` or before
+    (None: no history), and on PostgreSQL the snapshot they import. ``close()`` ends the
+    exporting transaction once the workers are done."""
+
+    until: datetime | None
+    snapshot: str | None
+    _session: Session | None = field(default=None, repr=False)
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
 
 
 @dataclass(frozen=True)
@@ -35,9 +62,29 @@ class HistoryReader:
 
     def latest(self) -> datetime | None:
         """When the last stored batch was evaluated (None: no history)."""
-        table = EvaluatedEvent.__table__
         with self.sessions() as session:
-            latest = session.execute(sa.select(sa.func.max(table.c.evaluated_at))).scalar_one()
+            return self._latest(session)
+
+    def shared_view(self) -> SharedView:
+        """The view a backtest's workers share: the latest ``evaluated_at`` and, on
+        PostgreSQL, a snapshot exported from a transaction that stays open until
+        ``close()`` (workers must import it before then)."""
+        session = self.sessions()
+        if session.get_bind().dialect.name != "postgresql":
+            with session:
+                return SharedView(self._latest(session), None)
+        try:
+            session.connection(execution_options=_REPEATABLE_READ)
+            snapshot = str(session.execute(sa.text("SELECT pg_export_snapshot()")).scalar_one())
+            return SharedView(self._latest(session), snapshot, session)
+        except BaseException:
+            session.close()
+            raise
+
+    @staticmethod
+    def _latest(session: Session) -> datetime | None:
+        table = EvaluatedEvent.__table__
+        latest = session.execute(sa.select(sa.func.max(table.c.evaluated_at))).scalar_one()
         return None if latest is None else as_utc(latest)
 
     def pages(
@@ -46,9 +93,11 @@ class HistoryReader:
         *,
         until: datetime | None = None,
         owns: Callable[[str], bool] | None = None,
+        snapshot: str | None = None,
     ) -> Iterator[list[StoredEvent]]:
         """Stored events in scope, evaluated at ``until`` or before (None: all), of the
-        subjects ``owns`` accepts (None: all); ``owns`` is asked before decoding too."""
+        subjects ``owns`` accepts (None: all); ``owns`` is asked before decoding too.
+        ``snapshot`` (PostgreSQL) is a SharedView's: the read sees exactly that snapshot."""
         table = EvaluatedEvent.__table__
         # Retracted events are history that never should have been: a candidate activated
         # live would never see them either (docs/rules.md, "Retractions and corrections").
@@ -65,6 +114,11 @@ class HistoryReader:
             query = query.where(table.c.occurred_at < scope.occurred_to)
         decode = self.decode
         with self.sessions() as session:
+            if snapshot is not None:
+                if not _SNAPSHOT_ID.fullmatch(snapshot):
+                    raise ValueError(f"not a PostgreSQL snapshot id: {snapshot!r}")
+                session.connection(execution_options=_REPEATABLE_READ)
+                session.execute(sa.text(f"SET TRANSACTION SNAPSHOT '{snapshot}'"))
             result = session.execute(query, execution_options={"yield_per": self.page_size})
             for rows in result.partitions():
                 page = [
