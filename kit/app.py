@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from kit.audit import parse_anchor
 from kit.audit import verify as verify_audit_chain
 from kit.db import create_engine, make_session_factory
 from kit.logging import configure_logging, get_logger
@@ -39,21 +40,36 @@ def migrate(common: CommonSettings, migrations_dir: Path) -> None:
         engine.dispose()
 
 
-def verify_audit(common: CommonSettings, log: Any, head: Any) -> int:
-    """Walk the service's audit chain; exit 0 when intact, 1 listing every break."""
+def verify_audit(
+    common: CommonSettings, log: Any, head: Any, anchors: Mapping[int, str] | None = None
+) -> int:
+    """Walk the service's audit chain and check `anchors` (seq → hash recorded elsewhere);
+    exit 0 when intact, printing the anchor to record next, 1 listing every break."""
     engine = create_engine(common.database_url, read_only=True)
     try:
         with make_session_factory(engine)() as session:
-            report = verify_audit_chain(session, log, head)
+            report = verify_audit_chain(session, log, head, anchors=anchors)
     finally:
         engine.dispose()
     if report.intact:
-        print(f"egret-{common.service}: audit log intact ({report.records} records)")
+        checked = f", {len(anchors)} anchor(s) hold" if anchors else ""
+        print(f"egret-{common.service}: audit log intact ({report.records} records{checked})")
+        if report.records:
+            # Kept outside the database (a ticket, a notary, write-once storage), it lets a
+            # later `verify-audit --anchor` catch a consistent rewrite of the whole log.
+            print(f"anchor: {report.last_seq}:{report.last_hash}")
         return 0
     print(f"egret-{common.service}: audit log BROKEN ({report.records} records):", file=sys.stderr)
     for problem in report.problems:
         print(f"  {problem}", file=sys.stderr)
     return 1
+
+
+def _anchor(text: str) -> tuple[int, str]:
+    try:
+        return parse_anchor(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def run_cli(
@@ -73,14 +89,22 @@ def run_cli(
     if migrations_dir is not None:
         sub.add_parser("migrate", help="apply database migrations and exit")
     extra = dict(commands or {})
-    if audit is not None:
-        log_model, head_model = audit
-        extra["verify-audit"] = (
-            "verify the hash chain of the audit log; exit 1 on any altered, inserted or deleted record",
-            lambda settings: verify_audit(settings.common, log_model, head_model),
-        )
     for command, (help_text, _) in extra.items():
         sub.add_parser(command, help=help_text)
+    if audit is not None:
+        verify_parser = sub.add_parser(
+            "verify-audit",
+            help="verify the hash chain of the audit log; exit 1 on any altered, inserted or deleted "
+            "record, or on a record that no longer matches an anchor",
+        )
+        verify_parser.add_argument(
+            "--anchor",
+            action="append",
+            default=[],
+            type=_anchor,
+            metavar="SEQ:HASH",
+            help="a head printed by an earlier verify-audit and kept outside the database (repeatable)",
+        )
     args = parser.parse_args(argv)
     command = args.command or "serve"
 
@@ -99,6 +123,8 @@ def run_cli(
         return 0
     if command in extra:
         return extra[command][1](settings)
+    if command == "verify-audit" and audit is not None:
+        return verify_audit(common, audit[0], audit[1], dict(args.anchor))
 
     missing = common.security.missing()
     if missing:

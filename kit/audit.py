@@ -7,8 +7,11 @@ act without its record cannot commit. Each record carries the SHA-256 of its can
 content and of the record before it; a one-row head table holds the last sequence number
 and hash. `verify` walks the chain and reports any record that was altered, inserted or
 deleted (a deleted tail is caught by the head). An attacker who can rewrite the whole
-table and the head consistently is out of scope: anchor the head elsewhere for that
-(docs/security.md).
+table and the head consistently would pass that walk; anchors catch it: `verify-audit`
+prints the head (seq and hash) for the operator to record outside the database, and
+`verify-audit --anchor SEQ:HASH` checks that record SEQ still has that hash, which
+(every hash covering every record before it) proves the first SEQ records unchanged
+since the anchor was taken (docs/security.md).
 
 Each service declares `class AuditLog(Base, AuditMixin)` and `class AuditHead(Base,
 AuditHeadMixin)` with its own table names, like the outbox.
@@ -227,6 +230,9 @@ def _statements(log: Any, head: Any) -> tuple[Any, Any, Any]:
 class ChainReport:
     records: int
     problems: tuple[str, ...]
+    # The last record walked: what to record outside the database as an anchor.
+    last_seq: int = 0
+    last_hash: str = GENESIS
 
     @property
     def intact(self) -> bool:
@@ -237,14 +243,39 @@ def _as_utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
-def check_chain(rows: Iterable[Any], head: tuple[int, str] | None, *, max_problems: int = 100) -> ChainReport:
+def hash_of(row: Any) -> str:
+    """The hash a stored record (anything with the log's columns) should carry."""
+    return chain_hash(
+        seq=row.seq,
+        at=_as_utc(row.at),
+        actor=row.actor,
+        role=row.role,
+        action=row.action,
+        subject_key=row.subject_key,
+        purpose=row.purpose,
+        target=row.target,
+        detail=row.detail,
+        prev_hash=row.prev_hash,
+    )
+
+
+def check_chain(
+    rows: Iterable[Any],
+    head: tuple[int, str] | None,
+    *,
+    anchors: Mapping[int, str] | None = None,
+    max_problems: int = 100,
+) -> ChainReport:
     """Walk `rows` (in seq order) and the head; report every break found.
 
     - altered record: its hash no longer matches its content;
     - inserted or deleted record: a gap or repeat in seq, or a prev_hash that does not
       match the record before;
-    - deleted or appended tail: the head disagrees with the last record.
+    - deleted or appended tail: the head disagrees with the last record;
+    - rewritten log: a record's hash differs from an anchor (seq → hash recorded outside
+      the database), or an anchored record is gone.
     """
+    anchors = dict(anchors or {})
     problems: list[str] = []
 
     def problem(text: str) -> None:
@@ -260,20 +291,11 @@ def check_chain(rows: Iterable[Any], head: tuple[int, str] | None, *, max_proble
             problem(f"seq {row.seq}: expected seq {expected_seq} (a record was deleted or inserted)")
         if row.prev_hash != prev:
             problem(f"seq {row.seq}: prev_hash does not match the record before (chain broken)")
-        digest = chain_hash(
-            seq=row.seq,
-            at=_as_utc(row.at),
-            actor=row.actor,
-            role=row.role,
-            action=row.action,
-            subject_key=row.subject_key,
-            purpose=row.purpose,
-            target=row.target,
-            detail=row.detail,
-            prev_hash=row.prev_hash,
-        )
-        if digest != row.hash:
+        if hash_of(row) != row.hash:
             problem(f"seq {row.seq}: content does not match its hash (the record was altered)")
+        anchored = anchors.pop(row.seq, None)
+        if anchored is not None and anchored != row.hash:
+            problem(f"seq {row.seq}: hash differs from its anchor (the log was rewritten up to here)")
         expected_seq = row.seq + 1
         prev = row.hash
     last_seq = expected_seq - 1
@@ -283,11 +305,31 @@ def check_chain(rows: Iterable[Any], head: tuple[int, str] | None, *, max_proble
             f"head says seq {head_seq} but the log ends at seq {last_seq} "
             "(records at the end were deleted, or appended without the head)"
         )
-    return ChainReport(count, tuple(problems))
+    for seq in sorted(anchors):
+        problem(f"anchored seq {seq} is missing (the log was truncated or rewritten)")
+    return ChainReport(count, tuple(problems), last_seq, prev)
 
 
-def verify(session: Session, log: Any, head: Any, *, max_problems: int = 100) -> ChainReport:
-    """Verify the whole chain of one audit log (streams the rows)."""
+def parse_anchor(text: str) -> tuple[int, str]:
+    """Parse an anchor as `verify-audit` prints it ("SEQ:HASH"); ValueError if malformed."""
+    seq, sep, digest = text.strip().partition(":")
+    if not sep or not seq.isdigit() or int(seq) < 1 or len(digest) != 64 or digest.strip(_HEX):
+        raise ValueError(f"an anchor is SEQ:HASH (a positive number and 64 hex digits), not {text!r}")
+    return int(seq), digest.lower()
+
+
+_HEX = "0123456789abcdefABCDEF"
+
+
+def verify(
+    session: Session,
+    log: Any,
+    head: Any,
+    *,
+    anchors: Mapping[int, str] | None = None,
+    max_problems: int = 100,
+) -> ChainReport:
+    """Verify the whole chain of one audit log (streams the rows), and any anchors."""
     head_row = session.execute(sa.select(head.seq, head.hash).where(head.id == HEAD_ID)).one_or_none()
     rows = session.execute(
         sa.select(
@@ -309,5 +351,6 @@ def verify(session: Session, log: Any, head: Any, *, max_problems: int = 100) ->
     return check_chain(
         rows,
         None if head_row is None else (int(head_row[0]), str(head_row[1])),
+        anchors=anchors,
         max_problems=max_problems,
     )

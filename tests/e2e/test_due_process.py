@@ -5,6 +5,7 @@ recomputes; every audit chain verifies afterwards."""
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -137,14 +138,32 @@ async def test_a_subjects_dispute_shows_on_every_read_and_an_overturn_recomputes
 
 
 def verify_audit_chains(cluster: Cluster) -> None:
-    for name in cluster.services:
-        result = subprocess.run(
-            [sys.executable, "-m", f"services.{name}", "verify-audit"],
+    """`verify-audit` of every service passes and prints an anchor, which a second run
+    then checks; an anchor that does not match fails the check."""
+
+    def verify(name: str, *anchors: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", f"services.{name}", "verify-audit", *(f"--anchor={a}" for a in anchors)],
             env=cluster.env_for(name),
             capture_output=True,
             text=True,
             timeout=60,
             check=False,
         )
+
+    for name in cluster.services:
+        result = verify(name)
         assert result.returncode == 0, (name, result.stdout, result.stderr)
         assert "audit log intact" in result.stdout
+        if "(0 records)" in result.stdout:
+            assert "anchor:" not in result.stdout  # nothing to anchor yet
+            continue
+        anchor = re.search(r"^anchor: (\d+:[0-9a-f]{64})$", result.stdout, re.MULTILINE)
+        assert anchor is not None, (name, result.stdout)
+        again = verify(name, anchor.group(1))
+        assert again.returncode == 0, (name, again.stdout, again.stderr)
+        assert "1 anchor(s) hold" in again.stdout
+        seq = anchor.group(1).split(":")[0]
+        forged = verify(name, f"{seq}:{'0' * 64}")
+        assert forged.returncode == 1, (name, forged.stdout, forged.stderr)
+        assert f"seq {seq}: hash differs from its anchor" in forged.stderr

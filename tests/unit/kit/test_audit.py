@@ -9,7 +9,16 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Session
 
-from kit.audit import GENESIS, AuditHeadMixin, AuditMixin, AuditRecord, append, verify
+from kit.audit import (
+    GENESIS,
+    AuditHeadMixin,
+    AuditMixin,
+    AuditRecord,
+    append,
+    hash_of,
+    parse_anchor,
+    verify,
+)
 from kit.db import make_metadata
 
 
@@ -154,3 +163,60 @@ def test_an_appended_record_without_the_head_is_detected(session: Session) -> No
             )
         )
     assert not verify(session, Log, Head).intact
+
+
+def _rewrite_consistently(session: Session, seq: int, purpose: str) -> None:
+    """What an attacker with write access to the table and the head can do: change one
+    record and recompute every hash after it, and the head."""
+    session.rollback()  # end the read transaction verify() began
+    with session.begin():
+        prev = GENESIS
+        for row in session.scalars(sa.select(Log).order_by(Log.seq)).all():
+            if row.seq == seq:
+                row.purpose = purpose
+            row.prev_hash = prev
+            row.hash = hash_of(row)
+            prev = row.hash
+        session.execute(sa.update(Head).values(hash=prev))
+
+
+def test_a_consistent_rewrite_passes_the_walk_but_not_an_anchor_taken_before(session: Session) -> None:
+    before = verify(session, Log, Head)
+    assert before.intact
+    assert (before.last_seq, before.last_hash) == (10, session.get(Head, 1).hash)  # type: ignore[union-attr]
+    early = (3, session.get(Log, 3).hash)  # type: ignore[union-attr]
+    anchors = dict([early, (before.last_seq, before.last_hash)])
+
+    _rewrite_consistently(session, 2, "nothing to see")
+
+    assert verify(session, Log, Head).intact  # the walk alone cannot tell
+    problems = verify(session, Log, Head, anchors=anchors).problems
+    assert problems == (
+        "seq 3: hash differs from its anchor (the log was rewritten up to here)",
+        "seq 10: hash differs from its anchor (the log was rewritten up to here)",
+    )
+
+
+def test_an_anchor_beyond_the_log_is_reported_missing(session: Session) -> None:
+    report = verify(session, Log, Head)
+    assert verify(session, Log, Head, anchors={report.last_seq: report.last_hash}).intact
+    session.rollback()
+    with session.begin():
+        session.execute(sa.delete(Log).where(Log.seq >= 9))
+        session.execute(sa.update(Head).values(seq=8, hash=session.get(Log, 8).hash))  # type: ignore[union-attr]
+    assert verify(session, Log, Head).intact  # truncated together with the head
+    assert verify(session, Log, Head, anchors={10: report.last_hash}).problems == (
+        "anchored seq 10 is missing (the log was truncated or rewritten)",
+    )
+
+
+@pytest.mark.parametrize(
+    "text", ["", "3", "0:" + "a" * 64, "x:" + "a" * 64, "3:" + "a" * 63, "3:" + "g" * 64]
+)
+def test_a_malformed_anchor_is_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="SEQ:HASH"):
+        parse_anchor(text)
+
+
+def test_an_anchor_is_read_as_printed() -> None:
+    assert parse_anchor(f" 12:{'AB' * 32} ") == (12, "ab" * 32)
