@@ -45,8 +45,7 @@ from services.rules.backtest_servicer import (
     MAX_SUBJECT_LIMIT,
     ShardResult,
     cohort_attributes,
-    replay_in_workers,
-    shard_jobs,
+    replay_sharded,
 )
 from services.rules.backtest_storage import HistoryReader
 from services.rules.records import engine_event_from_record
@@ -227,27 +226,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers: list[ShardResult] = []
         if args.workers > 1:
             # What the handler runs with EGRET_BACKTEST_WORKERS > 1, without the gRPC hop.
-            view = reader.shared_view()
-            try:
-                if view.until is None:
-                    raise SystemExit("no stored history")
-                jobs = shard_jobs(
+            replayed_in = asyncio.run(
+                replay_sharded(
+                    reader,
                     url,
                     baseline_source,
                     candidate_source,
                     policy=policy,
                     cohort_attributes=cohorts,
                     scope=scope,
-                    until=view.until,
                     as_of=as_of,
                     workers=args.workers,
-                    page_size=args.page_size,
                     subject_limit=args.subject_limit,
-                    snapshot=view.snapshot,
                 )
-                workers = asyncio.run(replay_in_workers(jobs))
-            finally:
-                view.close()
+            )
+            if replayed_in is None:
+                raise SystemExit("no stored history")
+            workers = replayed_in
             replayed = time.perf_counter()
             report = combine(
                 [w.partial for w in workers],

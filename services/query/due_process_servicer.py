@@ -45,7 +45,15 @@ from services.query.due_process import (
 )
 from services.query.explain import Explanation, PositiveRule, explain, shown_status
 from services.query.rules_client import RulesClient
-from services.query.servicer import QueryServicer, change_message, entry_message, score_message, subject_ref
+from services.query.servicer import (
+    QueryServicer,
+    category_messages,
+    change_message,
+    entry_message,
+    list_messages,
+    score_message,
+    subject_ref,
+)
 from services.score.domain import EntryStatus, View
 from services.score.due_process import EntryFacts
 from services.score.servicer import DISPUTE_STATUSES, REPAIR_STATUSES, dispute_message, repair_message
@@ -442,15 +450,8 @@ def explanation_message(x: Explanation) -> pb.Explanation:
         score=x.score,
         tier=x.tier,
         tiers=[pb.TierThreshold(tier=t.name, min_score=t.min) for t in x.tiers],
-        categories=[
-            pb.CategoryScore(
-                category=c.category, points=c.points, entry_count=c.entry_count, capped_points=c.capped
-            )
-            for c in x.categories
-        ],
-        lists=[
-            pb.ListMembership(list_name=m.name, reasons=m.reasons, entry_ids=m.entry_ids) for m in x.lists
-        ],
+        categories=category_messages(x.categories),
+        lists=list_messages(x.lists),
         projection=[
             pb.ProjectedScore(
                 at=to_timestamp(p.at), score=p.score, tier=p.tier, expiring_entry_ids=p.expiring_entry_ids

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
 from datetime import datetime
 from typing import Any
@@ -26,8 +26,10 @@ from services.score.domain import (
     EXPIRY,
     POLICY,
     REPAIR,
+    CategoryScore,
     EntryStatus,
     LedgerEntry,
+    ListMembership,
 )
 
 _STATUS = {
@@ -52,6 +54,19 @@ def subject_ref(ref: subject_pb2.SubjectRef) -> SubjectRef:
     return SubjectRef()
 
 
+def category_messages(categories: Iterable[CategoryScore]) -> list[pb.CategoryScore]:
+    return [
+        pb.CategoryScore(
+            category=c.category, points=c.points, entry_count=c.entry_count, capped_points=c.capped
+        )
+        for c in categories
+    ]
+
+
+def list_messages(lists: Iterable[ListMembership]) -> list[pb.ListMembership]:
+    return [pb.ListMembership(list_name=m.name, reasons=m.reasons, entry_ids=m.entry_ids) for m in lists]
+
+
 def score_message(view: ScoreView) -> pb.Score:
     s = view.score
     return pb.Score(
@@ -59,15 +74,8 @@ def score_message(view: ScoreView) -> pb.Score:
         subject_kind=SUBJECT_KIND_VALUES[s.subject_kind],
         score=s.score,
         tier=s.tier,
-        categories=[
-            pb.CategoryScore(
-                category=c.category, points=c.points, entry_count=c.entry_count, capped_points=c.capped
-            )
-            for c in s.categories
-        ],
-        lists=[
-            pb.ListMembership(list_name=m.name, reasons=m.reasons, entry_ids=m.entry_ids) for m in s.lists
-        ],
+        categories=category_messages(s.categories),
+        lists=list_messages(s.lists),
         as_of=to_timestamp(s.as_of),
         policy_version=s.policy_version,
         base_score=view.base_score,

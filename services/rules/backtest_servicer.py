@@ -59,7 +59,7 @@ from services.rules.backtest import (
     StoredEvent,
     combine,
 )
-from services.rules.backtest_storage import HistoryReader, SharedView
+from services.rules.backtest_storage import HistoryReader
 from services.rules.lifecycle import RuleSetLifecycle, StoredRuleSet
 from services.rules.records import engine_event_from_record
 from services.rules.ruleset import RuleSet, rule_set_from_yaml
@@ -162,50 +162,41 @@ class BacktestHandler:
         started = time.perf_counter()
         baseline = await run_blocking(self._executor, self._baseline)
         candidate = await run_blocking(self._executor, self._candidate, request.rule_set_id)
-        view: SharedView | None = None
+        results = None
         if self._workers > 1 and self._database_url is not None:
-            # Every worker reads the same history: up to the same evaluated_at, and on
-            # PostgreSQL in one exported snapshot, held until the workers are done.
-            view = await run_blocking(self._executor, self._reader.shared_view)
-        try:
-            if view is not None and view.until is not None and self._database_url is not None:
-                jobs = shard_jobs(
-                    self._database_url,
-                    baseline.source,
-                    candidate.source,
-                    policy=self._policy,
-                    cohort_attributes=self._cohort_attributes,
-                    scope=scope,
-                    until=view.until,
-                    as_of=as_of,
-                    workers=self._workers,
-                    page_size=self._reader.page_size,
-                    subject_limit=subject_limit,
-                    snapshot=view.snapshot,
-                )
-                results = await replay_in_workers(jobs)
-                report = combine(
-                    [r.partial for r in results],
-                    baseline=baseline.rule_set,
-                    candidate=candidate.rule_set,
-                    policy=self._policy,
-                    cohort_attributes=self._cohort_attributes,
-                    as_of=as_of,
-                    rule_limit=rule_limit,
-                    subject_limit=subject_limit,
-                )
-            else:
-                report = await self._replay_here(
-                    baseline,
-                    candidate,
-                    scope,
-                    as_of=as_of,
-                    rule_limit=rule_limit,
-                    subject_limit=subject_limit,
-                )
-        finally:
-            if view is not None:
-                await run_blocking(self._executor, view.close)
+            results = await replay_sharded(
+                self._reader,
+                self._database_url,
+                baseline.source,
+                candidate.source,
+                policy=self._policy,
+                cohort_attributes=self._cohort_attributes,
+                scope=scope,
+                as_of=as_of,
+                workers=self._workers,
+                subject_limit=subject_limit,
+                executor=self._executor,
+            )
+        if results is not None:
+            report = combine(
+                [r.partial for r in results],
+                baseline=baseline.rule_set,
+                candidate=candidate.rule_set,
+                policy=self._policy,
+                cohort_attributes=self._cohort_attributes,
+                as_of=as_of,
+                rule_limit=rule_limit,
+                subject_limit=subject_limit,
+            )
+        else:
+            report = await self._replay_here(
+                baseline,
+                candidate,
+                scope,
+                as_of=as_of,
+                rule_limit=rule_limit,
+                subject_limit=subject_limit,
+            )
         elapsed = time.perf_counter() - started
         log.info(
             "backtest done",
@@ -214,7 +205,7 @@ class BacktestHandler:
             events=report.events_replayed,
             subjects=report.overall.subjects,
             changed=report.overall.subjects_changed,
-            workers=self._workers if view is not None and view.until is not None else 1,
+            workers=self._workers if results is not None else 1,
             elapsed_s=round(elapsed, 3),
         )
         return response(report, baseline, candidate, subject_limit=subject_limit, elapsed=elapsed)
@@ -385,6 +376,48 @@ def replay_shard(job: ShardJob) -> ShardResult:
     # ru_maxrss is in KiB on Linux.
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return ShardResult(part, replayed - started, time.perf_counter() - replayed, peak)
+
+
+async def replay_sharded(
+    reader: HistoryReader,
+    database_url: str,
+    baseline: str,
+    candidate: str,
+    *,
+    policy: ScorePolicy,
+    cohort_attributes: Sequence[str],
+    scope: BacktestScope,
+    as_of: datetime,
+    workers: int,
+    subject_limit: int | None,
+    executor: Executor | None = None,
+) -> list[ShardResult] | None:
+    """Replay the stored history in ``workers`` processes (None: nothing stored yet).
+
+    Every worker reads the same history: up to the same ``evaluated_at`` and, on
+    PostgreSQL, in one exported snapshot held until they are done. ``executor`` runs the
+    blocking reads of that view (None: the default pool)."""
+    view = await run_blocking(executor, reader.shared_view)
+    try:
+        if view.until is None:
+            return None
+        jobs = shard_jobs(
+            database_url,
+            baseline,
+            candidate,
+            policy=policy,
+            cohort_attributes=cohort_attributes,
+            scope=scope,
+            until=view.until,
+            as_of=as_of,
+            workers=workers,
+            page_size=reader.page_size,
+            subject_limit=subject_limit,
+            snapshot=view.snapshot,
+        )
+        return await replay_in_workers(jobs)
+    finally:
+        await run_blocking(executor, view.close)
 
 
 async def replay_in_workers(jobs: Sequence[ShardJob]) -> list[ShardResult]:

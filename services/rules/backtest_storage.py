@@ -60,11 +60,6 @@ class HistoryReader:
     decode: Decode
     page_size: int = 5000
 
-    def latest(self) -> datetime | None:
-        """When the last stored batch was evaluated (None: no history)."""
-        with self.sessions() as session:
-            return self._latest(session)
-
     def shared_view(self) -> SharedView:
         """The view a backtest's workers share: the latest ``evaluated_at`` and, on
         PostgreSQL, a snapshot exported from a transaction that stays open until
