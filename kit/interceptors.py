@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf import any_pb2
@@ -21,6 +21,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from sqlalchemy.exc import OperationalError
 
 from kit.auth import Gate, bind_principal
+from kit.decoding import Undecodable, tolerant
 from kit.errors import (
     AlreadyExists,
     DomainError,
@@ -115,13 +116,30 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         method: str = handler_call_details.method
         metadata = handler_call_details.invocation_metadata
         h: Any = handler
+        # grpc-aio answers UNKNOWN when a deserializer or serializer raises, outside any
+        # handler (and before authentication): requests are decoded by a deserializer that
+        # never raises, and responses are serialized inside the wrappers below.
+        serialize = h.response_serializer or _as_is
+        h = h._replace(
+            request_deserializer=tolerant(h.request_deserializer, method), response_serializer=None
+        )
         if h.unary_unary is not None:
-            return h._replace(unary_unary=self._wrap_unary(method, metadata, h.unary_unary))  # type: ignore[no-any-return]
-        if h.unary_stream is not None:
-            return h._replace(unary_stream=self._wrap_stream(method, metadata, h.unary_stream))  # type: ignore[no-any-return]
-        if h.stream_unary is not None:
-            return h._replace(stream_unary=self._wrap_unary(method, metadata, h.stream_unary))  # type: ignore[no-any-return]
-        return h._replace(stream_stream=self._wrap_stream(method, metadata, h.stream_stream))  # type: ignore[no-any-return]
+            wrapped = h._replace(
+                unary_unary=self._wrap_unary(method, metadata, h.unary_unary, serialize, False)
+            )
+        elif h.unary_stream is not None:
+            wrapped = h._replace(
+                unary_stream=self._wrap_stream(method, metadata, h.unary_stream, serialize, False)
+            )
+        elif h.stream_unary is not None:
+            wrapped = h._replace(
+                stream_unary=self._wrap_unary(method, metadata, h.stream_unary, serialize, True)
+            )
+        else:
+            wrapped = h._replace(
+                stream_stream=self._wrap_stream(method, metadata, h.stream_stream, serialize, True)
+            )
+        return cast("grpc.RpcMethodHandler[Any, Any]", wrapped)
 
     def _span(self, method: str, metadata: Any) -> Any:
         service, _, name = method.lstrip("/").partition("/")
@@ -132,30 +150,74 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
         )
 
-    def _wrap_unary(self, method: str, metadata: Any, inner: Callable[..., Awaitable[Any]]) -> Any:
+    def _wrap_unary(
+        self,
+        method: str,
+        metadata: Any,
+        inner: Callable[..., Awaitable[Any]],
+        serialize: Callable[[Any], bytes],
+        streaming_request: bool,
+    ) -> Any:
         async def behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             with self._span(method, metadata) as span:
                 try:
                     self._admit(method, metadata, context)
-                    return await inner(request, context)
+                    request = _decoded(request, streaming_request)
+                    return serialize(await inner(request, context))
                 except Exception as exc:
                     await _fail(span, method, context, exc)
                     raise  # unreachable: _fail aborts
 
         return behaviour
 
-    def _wrap_stream(self, method: str, metadata: Any, inner: Callable[..., AsyncIterator[Any]]) -> Any:
+    def _wrap_stream(
+        self,
+        method: str,
+        metadata: Any,
+        inner: Callable[..., AsyncIterator[Any]],
+        serialize: Callable[[Any], bytes],
+        streaming_request: bool,
+    ) -> Any:
         async def behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             with self._span(method, metadata) as span:
                 try:
                     self._admit(method, metadata, context)
+                    request = _decoded(request, streaming_request)
                     async for response in inner(request, context):
-                        yield response
+                        yield serialize(response)
                 except Exception as exc:
                     await _fail(span, method, context, exc)
                     raise
 
         return behaviour
+
+
+def _as_is(response: Any) -> Any:
+    return response
+
+
+def _decoded(request: Any, streaming: bool) -> Any:
+    """The request, or for a stream the messages, raising InvalidArgument for one that
+    did not decode. Called after admission, so an unauthenticated caller learns nothing
+    about its bytes."""
+    if streaming:
+        return _decoded_stream(request)
+    if isinstance(request, Undecodable):
+        raise request.error
+    return request
+
+
+async def _decoded_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        if isinstance(request, Undecodable):
+            raise request.error
+        yield request
+
+
+# Client errors a caller can send as fast as it likes: logged without traceback, and each
+# (method, code) at most at the rate kit.logging allows, so a flood of garbage cannot
+# flood the log.
+_SECURITY_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
 async def _fail(
@@ -166,17 +228,20 @@ async def _fail(
     if isinstance(exc, DomainError):
         code, _ = status_of(exc)
         span.set_status(StatusCode.ERROR, code.name)
-        log.info("rpc rejected", method=method, code=code.name, error=exc.message)
+        level = log.warning if code in _SECURITY_CODES else log.info
+        level("rpc rejected", method=method, code=code.name, error=exc.message, throttle=(method, code.name))
         await abort_with(context, exc)
         return
     span.record_exception(exc)
     span.set_status(StatusCode.ERROR, type(exc).__name__)
     if isinstance(exc, OperationalError):
         # The database is unreachable or locked: nothing was committed, a retry is safe.
-        log.warning("rpc failed: database unavailable", method=method, error=str(exc.orig))
+        log.warning(
+            "rpc failed: database unavailable", method=method, error=str(exc.orig), throttle=(method, "db")
+        )
         await context.abort(grpc.StatusCode.UNAVAILABLE, "database unavailable; retry later")
         return
-    log.error("rpc failed", method=method, exc_info=exc)
+    log.error("rpc failed", method=method, exc_info=exc, throttle=(method, type(exc).__name__))
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; the failure was logged")
 
 

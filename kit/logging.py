@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import MutableMapping
+import time
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import structlog
 from opentelemetry import trace
+
+from kit.auth import RateLimiter
 
 
 def _add_trace_ids(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -22,6 +25,30 @@ def _add_trace_ids(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mut
         event_dict["trace_id"] = format(context.trace_id, "032x")
         event_dict["span_id"] = format(context.span_id, "016x")
     return event_dict
+
+
+class Throttle:
+    """Drops the lines logged with `throttle=<key>` beyond `burst` per key, then `rate` per
+    second per key (a token bucket each); the next line of a key that passes carries
+    `suppressed=<n>`, the number dropped since. For what callers can provoke at will
+    (rejected requests), so a flood of bad calls cannot flood the log."""
+
+    def __init__(self, rate: float = 1.0, burst: float = 20.0, clock: Callable[[], float] = time.monotonic):
+        self._limiter = RateLimiter(rate, burst, clock)
+        self._dropped: dict[str, int] = {}
+
+    def __call__(self, _: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        key = event_dict.pop("throttle", None)
+        if key is None:
+            return event_dict
+        name = repr(key)
+        if self._limiter.acquire(name) > 0:
+            self._dropped[name] = self._dropped.get(name, 0) + 1
+            raise structlog.DropEvent
+        dropped = self._dropped.pop(name, 0)
+        if dropped:
+            event_dict["suppressed"] = dropped
+        return event_dict
 
 
 def configure_logging(service: str, *, log_format: str = "json", level: str = "info") -> None:
@@ -39,7 +66,8 @@ def configure_logging(service: str, *, log_format: str = "json", level: str = "i
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        # Throttled lines are dropped first, before any work (a traceback) is spent on them.
+        processors=[Throttle(), *shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,

@@ -16,10 +16,9 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from kit.errors import Violation
 from kit.pseudonym import subject_violations
+from kit.safeyaml import YamlError, load_yaml
 from kit.vocabulary import SUBJECT_KINDS
 
 Scalar = str | int | float | bool | datetime
@@ -181,8 +180,8 @@ def _num(value: float) -> str:
 def load_catalogue(path: Path) -> Catalogue:
     """Load and check a catalogue file; raises CatalogueError listing every problem."""
     try:
-        document = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        document, _ = load_yaml(path.read_bytes())
+    except (OSError, YamlError) as exc:
         raise CatalogueError([f"{path}: {exc}"]) from exc
     return parse_catalogue(document)
 

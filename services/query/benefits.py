@@ -27,8 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from kit.safeyaml import YamlError, load_yaml
 from kit.vocabulary import SUBJECT_KINDS
 from services.score.domain import BLACK, RED, ScoreResult
 from services.score.policy import ScorePolicy, SubjectPolicy
@@ -105,8 +104,8 @@ class Eligibility:
 
 def load_catalogue(path: Path, policy: ScorePolicy) -> Catalogue:
     try:
-        document = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        document, _ = load_yaml(path.read_bytes())
+    except (OSError, YamlError) as exc:
         raise CatalogueError([f"{path}: {exc}"]) from exc
     return parse_catalogue(document, policy)
 

@@ -55,6 +55,8 @@ from typing import Any, Final, Literal, TypeAlias, TypeGuard, cast
 
 import yaml
 
+from kit.safeyaml import YamlError, load_yaml
+
 AttributeScalar: TypeAlias = str | int | float | bool | datetime
 Severity: TypeAlias = Literal["positive", "minor", "general", "serious"]
 SubjectKind: TypeAlias = Literal["person", "organization"]
@@ -68,6 +70,8 @@ OPERATORS: Final[tuple[Operator, ...]] = ("eq", "ne", "gt", "gte", "lt", "lte", 
 _MAX_NAME_LENGTH: Final = 128
 # Outcome.points is an int32 on the wire.
 _MAX_POINTS: Final = 2**31 - 1
+# Rule-set versions are int32 on the wire (RuleSetSummary.version, Outcome.rule_set_version).
+_MAX_VERSION: Final = 2**31 - 1
 _MAX_EXPRESSION_LENGTH: Final = 500
 # durable-rules refuses (error 502-507) or misbehaves beyond this interval bound.
 _MAX_REGEX_INTERVAL: Final = 100
@@ -399,13 +403,10 @@ def load_rule_set(path: Path | str) -> RuleSet:
 def rule_set_from_yaml(source: str | bytes) -> RuleSet:
     """Validate rule-set YAML text; raises RuleSetError listing every problem."""
     raw = source.encode() if isinstance(source, str) else source
-    loader = _StrictLoader(raw)
     try:
-        document = loader.get_single_data()
-    except yaml.YAMLError as error:
+        document, loader = load_yaml(raw, loader=_StrictLoader)
+    except YamlError as error:
         raise RuleSetError([f"invalid YAML: {error}"]) from None
-    finally:
-        loader.dispose()
     return parse_rule_set(document, source_sha256=hashlib.sha256(raw).hexdigest(), errors=loader.duplicates)
 
 
@@ -420,8 +421,8 @@ def parse_rule_set(document: object, *, source_sha256: str = "", errors: Sequenc
     if not _is_text(name) or len(name) > _MAX_NAME_LENGTH:
         problems.append(f"name: must be a non-empty string of at most {_MAX_NAME_LENGTH} characters")
     version = document.get("version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        problems.append("version: must be an integer >= 1")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= _MAX_VERSION:
+        problems.append(f"version: must be an integer from 1 to {_MAX_VERSION}")
 
     raw_rules = document.get("rules")
     rules: list[Rule] = []
@@ -453,7 +454,7 @@ def parse_rule_set(document: object, *, source_sha256: str = "", errors: Sequenc
 class _StrictLoader(yaml.SafeLoader):
     """SafeLoader that notes duplicate mapping keys, which PyYAML would silently overwrite."""
 
-    def __init__(self, stream: bytes) -> None:
+    def __init__(self, stream: str | bytes) -> None:
         super().__init__(stream)
         self.duplicates: list[str] = []
 

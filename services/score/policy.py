@@ -15,8 +15,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from kit.safeyaml import YamlError, load_yaml
 from kit.vocabulary import SEVERITIES, SUBJECT_KINDS
 
 
@@ -149,12 +148,19 @@ def load_policy(path: Path) -> ScorePolicy:
     return policy_from_text(text, source=str(path))
 
 
+# Scores and points are int32 on the wire; day counts feed date arithmetic, so a hundred
+# years bounds them; versions are stored in 64-character columns.
+_MAX_INT32 = 2**31 - 1
+_MAX_DAYS = 36_600
+_MAX_VERSION_LENGTH = 64
+
+
 def policy_from_text(text: str, *, source: str = "policy") -> ScorePolicy:
     """Parse and check a policy document given as YAML text (a file or an RPC's payload)."""
     try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise PolicyError([f"{source}: {exc}"]) from exc
+        document, _ = load_yaml(text)
+    except YamlError as exc:
+        raise PolicyError([f"{source}: {exc}"]) from None
     return parse_policy(document)
 
 
@@ -167,6 +173,14 @@ def parse_policy(document: Any) -> ScorePolicy:
     # YAML reads `version: 3` as a number; a version is a label, so both are accepted.
     if isinstance(version, bool) or not isinstance(version, str | int) or str(version).strip() == "":
         problems.append("version: must be a non-empty string")
+        version = ""
+    elif isinstance(version, int) and not 0 <= version <= _MAX_INT32:
+        problems.append(
+            f"version: a number must lie between 0 and {_MAX_INT32} (quote it to use it as a label)"
+        )
+        version = ""
+    elif len(str(version).strip()) > _MAX_VERSION_LENGTH:
+        problems.append(f"version: must be at most {_MAX_VERSION_LENGTH} characters")
         version = ""
     version = str(version).strip()
     raw_kinds = document.get("policies")
@@ -203,7 +217,7 @@ def _parse_due_process(document: dict[Any, Any], problems: list[str]) -> DueProc
             problems.append("disputes: must be a mapping with deadline_days")
         else:
             _unknown_keys("disputes", disputes, {"deadline_days"}, problems)
-            value = _whole("disputes.deadline_days", disputes.get("deadline_days"), problems)
+            value = _whole("disputes.deadline_days", disputes.get("deadline_days"), problems, _MAX_DAYS)
             if value is not None and value < 1:
                 problems.append("disputes.deadline_days: must be at least 1 day")
             elif value is not None:
@@ -225,12 +239,16 @@ def _parse_due_process(document: dict[Any, Any], problems: list[str]) -> DueProc
             else:
                 _unknown_keys("repair.min_period_days", raw_periods, set(REPAIRABLE_SEVERITIES), problems)
                 for severity in REPAIRABLE_SEVERITIES:
-                    days = _whole(f"repair.min_period_days.{severity}", raw_periods.get(severity), problems)
+                    days = _whole(
+                        f"repair.min_period_days.{severity}", raw_periods.get(severity), problems, _MAX_DAYS
+                    )
                     if days is not None and days < 0:
                         problems.append(f"repair.min_period_days.{severity}: must not be negative")
                     elif days is not None:
                         periods[severity] = days
-            value = _whole("repair.decision_working_days", repair.get("decision_working_days"), problems)
+            value = _whole(
+                "repair.decision_working_days", repair.get("decision_working_days"), problems, _MAX_DAYS
+            )
             if value is not None and value < 1:
                 problems.append("repair.decision_working_days: must be at least 1 working day")
             elif value is not None:
@@ -293,7 +311,7 @@ def _parse_caps(path: str, raw: Any, problems: list[str]) -> Caps:
         problems.append(f"{path}: must be a mapping with window_days and positive_per_category")
         return Caps()
     _unknown_keys(path, raw, {"window_days", "positive_per_category", "by_category"}, problems)
-    window = _whole(f"{path}.window_days", raw.get("window_days"), problems)
+    window = _whole(f"{path}.window_days", raw.get("window_days"), problems, _MAX_DAYS)
     if window is not None and window < 1:
         problems.append(f"{path}.window_days: must be at least 1 day")
     # null is allowed on purpose: a city may choose to leave positive points uncapped.
@@ -384,7 +402,7 @@ def _parse_visibility(path: str, raw: Any, problems: list[str]) -> dict[str, int
     _unknown_keys(path, raw, set(SEVERITIES), problems)
     days: dict[str, int] = {}
     for severity in SEVERITIES:
-        value = _whole(f"{path}.{severity}", raw.get(severity), problems)
+        value = _whole(f"{path}.{severity}", raw.get(severity), problems, _MAX_DAYS)
         if value is not None and value < 1:
             problems.append(f"{path}.{severity}: must be at least 1 day")
         elif value is not None:
@@ -392,9 +410,14 @@ def _parse_visibility(path: str, raw: Any, problems: list[str]) -> dict[str, int
     return days
 
 
-def _whole(path: str, value: Any, problems: list[str]) -> int | None:
+def _whole(path: str, value: Any, problems: list[str], high: int = _MAX_INT32) -> int | None:
+    """A whole number no larger than `high` (and above -2**31): every number of a policy ends
+    up in an int32 field (scores, points) or in date arithmetic (days)."""
     if isinstance(value, bool) or not isinstance(value, int):
         problems.append(f"{path}: must be a whole number")
+        return None
+    if not -_MAX_INT32 - 1 <= value <= high:
+        problems.append(f"{path}: must lie between {-_MAX_INT32 - 1} and {high}")
         return None
     return value
 

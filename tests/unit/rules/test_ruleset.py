@@ -226,7 +226,7 @@ def test_validation_reports_every_error_at_once_each_with_its_path() -> None:
 
     assert sorted(caught.value.errors) == sorted(
         [
-            "version: must be an integer >= 1",
+            "version: must be an integer from 1 to 2147483647",
             "rules[1] (a.one).id: duplicate rule id (first at rules[0])",
             "rules[1] (a.one).title: must be a non-empty string",
             "rules[1] (a.one).severity: unknown severity 'grave' (one of positive, minor, general, serious)",
@@ -254,7 +254,7 @@ def test_top_level_shape_is_checked() -> None:
     assert caught.value.errors == [
         "extra: unknown field",
         "name: must be a non-empty string of at most 128 characters",
-        "version: must be an integer >= 1",
+        "version: must be an integer from 1 to 2147483647",
         "rules: must be a non-empty list",
     ]
 
