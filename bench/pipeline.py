@@ -131,7 +131,7 @@ def machine() -> dict[str, Any]:
     }
 
 
-class _PostgresDatabases:
+class PostgresDatabases:
     """One fresh database per service on the given server, dropped afterwards."""
 
     def __init__(self, server_url: str) -> None:
@@ -336,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     requests, generated = _build(args)
     samples = _pick_samples(requests, args.samples)
 
-    postgres = _PostgresDatabases(args.postgres) if args.postgres else None
+    postgres = PostgresDatabases(args.postgres) if args.postgres else None
     database_urls = postgres.create() if postgres else {}
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="egret-bench-"))
     cluster = Cluster(data_dir, database_urls=database_urls, log_level="warning", env=UNLIMITED)
