@@ -41,6 +41,11 @@ run: setup ## Start the four services on SQLite, stream a synthetic population, 
 test: setup ## Run every test (unit, integration on SQLite and PostgreSQL, end to end)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+FUZZ_CALLS ?= 20000
+FUZZ_SEED ?=
+fuzz: setup ## Fuzz every RPC of the four services with malformed calls (FUZZ_CALLS=20000, FUZZ_SEED=<seed> replays)
+	EGRET_FUZZ_CALLS=$(FUZZ_CALLS) EGRET_FUZZ_SEED=$(FUZZ_SEED) $(PY) -m pytest tests/integration/test_fuzz.py -s -q $(PYTEST_ARGS)
+
 lint: setup ## ruff lint and format check, buf lint and format check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -81,4 +86,4 @@ chaos: setup ## Chaos: 50k events under 10 random SIGKILLs vs an uninterrupted r
 clean: ## Remove the virtual environment, generated stubs and local data
 	rm -rf $(VENV) gen var
 
-.PHONY: help setup protos run test lint breaking typecheck bench bench-backtest bench-rules-memory bench-query chaos manifests deploy-check clean
+.PHONY: help setup protos run test fuzz lint breaking typecheck bench bench-backtest bench-rules-memory bench-query chaos manifests deploy-check clean

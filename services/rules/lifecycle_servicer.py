@@ -17,7 +17,7 @@ from egret.common.v1 import errors_pb2, event_pb2
 from egret.rules.v1 import rules_service_pb2 as pb
 from kit.auth import acting_principal
 from kit.db import run_blocking
-from kit.errors import InvalidArgument, Violation
+from kit.errors import FailedPrecondition, InvalidArgument, Violation
 from kit.logging import get_logger
 from kit.protoconv import to_timestamp
 from services.rules.domain import DeadLetter, Evaluator, Redrive
@@ -200,15 +200,22 @@ class LifecycleRpcs:
                 page_token=request.page_token,
             )
         )
+        rendered = (_renderable(s) for s in page.items)
         return pb.ListRuleSetsResponse(
-            rule_sets=[rule_set_message(s) for s in page.items], next_page_token=page.next_page_token
+            rule_sets=[m for m in rendered if m is not None], next_page_token=page.next_page_token
         )
 
     async def GetRuleSet(self, request: pb.GetRuleSetRequest, context: Any) -> pb.GetRuleSetResponse:
         stored: StoredRuleSet = await self._on_db(self._lifecycle.get, _positive_id(request.rule_set_id))
         # The source was valid when stored; its rule ids are read back from it.
         rule_set = await self._on_db(_parse_quietly, stored.source)
-        return pb.GetRuleSetResponse(rule_set=rule_set_message(stored, rule_set))
+        message = _renderable(stored, rule_set)
+        if message is None:
+            raise FailedPrecondition(
+                f"rule set {stored.rule_set_id} is stored with values this service cannot show; "
+                "an operator must repair or remove it (the failure was logged)"
+            )
+        return pb.GetRuleSetResponse(rule_set=message)
 
     async def ListRuleSetChanges(
         self, request: pb.ListRuleSetChangesRequest, context: Any
@@ -295,6 +302,21 @@ class LifecycleRpcs:
         return pb.RedriveDeadLettersResponse(
             redriven=redriven, outcomes=firings, still_failing=[dead_letter_message(d) for d in still]
         )
+
+
+def _renderable(stored: StoredRuleSet, rule_ids: list[str] | None = None) -> pb.RuleSet | None:
+    """The message of a stored rule set, or None (with a warning) when a stored value does
+    not fit it: a row written by other code or by hand must not break every listing."""
+    try:
+        return rule_set_message(stored, rule_ids)
+    except (KeyError, TypeError, ValueError, OverflowError) as error:
+        log.warning(
+            "stored rule set cannot be shown; left out",
+            rule_set_id=stored.rule_set_id,
+            error=f"{type(error).__name__}: {error}",
+            throttle=("unrenderable rule set", stored.rule_set_id),
+        )
+        return None
 
 
 def _parse_quietly(source: str) -> list[str]:
