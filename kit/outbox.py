@@ -6,18 +6,30 @@ commit. A relay then sends outbox rows downstream in batches, deleting them only
 after the receiver has committed them: at least once on the wire, exactly once in
 effect because every receiver is idempotent.
 
-Rows are claimed with a lease (`available_at` pushed past the call deadline), so a
-crashed relay's rows come back by themselves and several replicas can share a table
-(PostgreSQL claims with SKIP LOCKED). A failed send is retried with capped
-exponential backoff and jitter; order is kept because a batch that fails blocks the
-rows behind it until it goes through.
+Order: within a relay's slice of the table (`where=`, e.g. one rules shard's rows; the
+whole table by default), rows are delivered in id order, across restarts and across
+replicas sharing the slice. A claim is always a prefix of the slice in id order, up to
+the first row that is blocked: claimed by another live relay (until its lease ends) or
+waiting in backoff after a failed send. Claims on one slice are serialised (PostgreSQL:
+an advisory lock per table and slice; SQLite: the write lock is taken before reading).
+
+Each relay has an identity (`instance`, EGRET_INSTANCE: stable across restarts of one
+replica, unique across replicas) and a generation (fresh per start), recorded on the
+rows it claims. A restarted relay takes over its identity's earlier claims at once; a
+replica that is gone for good holds its claims until their lease ends. Deletes,
+postpones and releases touch only rows still claimed by the relay's own generation.
+Two live replicas given one identity (a misconfiguration) take each other's claims:
+rows go out more than once and order is no longer guaranteed; the relay warns when
+its rows were taken over. Details in docs/architecture.md ("Flow and delivery").
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import random
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -28,6 +40,7 @@ from opentelemetry import trace
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
+from kit.db import as_utc
 from kit.interceptors import PeerCredentials, open_channel
 from kit.logging import get_logger
 from kit.settings import PeerSettings, RelaySettings
@@ -46,13 +59,42 @@ class OutboxMixin:
     payload: Mapped[bytes] = mapped_column(sa.LargeBinary)
     traceparent: Mapped[str] = mapped_column(sa.String(64), default="")
     attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
+    # When the row may be claimed: its lease's end while claimed, its retry time in backoff.
     available_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), index=True)
+    # The relay identity and generation holding the row's claim; NULL when unclaimed.
+    claimed_by: Mapped[str | None] = mapped_column(sa.String(200), default=None)
+    claim_generation: Mapped[str | None] = mapped_column(sa.String(32), default=None)
 
 
 def outbox_rows(payloads: Sequence[bytes], now: datetime) -> list[dict[str, object]]:
     """Rows for a bulk insert of `payloads`, carrying the current trace context."""
     traceparent = current_traceparent()
     return [{"payload": p, "traceparent": traceparent, "attempts": 0, "available_at": now} for p in payloads]
+
+
+@dataclass(frozen=True)
+class RowState:
+    """What the claim rule reads of one outbox row."""
+
+    id: int
+    claimed_by: str | None
+    claim_generation: str | None
+    available_at: datetime
+
+
+def claimable_prefix(rows: Sequence[RowState], *, instance: str, generation: str, now: datetime) -> list[int]:
+    """Ids a relay may claim from the head of its slice (`rows`, in id order): the longest
+    prefix of rows that are due (free, lease over, backoff over) or claimed by an earlier
+    generation of this same identity (a restart takes its own claims over at once). The
+    first row claimed by someone else, or by this generation, or in backoff, ends it, so
+    no row is ever sent while an earlier row of the slice is held back."""
+    ids: list[int] = []
+    for row in rows:
+        own_earlier_claim = row.claimed_by == instance and row.claim_generation != generation
+        if not (own_earlier_claim or as_utc(row.available_at) <= now):
+            break
+        ids.append(row.id)
+    return ids
 
 
 @dataclass(frozen=True)
@@ -81,6 +123,7 @@ class OutboxRelay:
         send: Send,
         settings: RelaySettings,
         lease_s: float,
+        instance: str,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_close: Callable[[], Awaitable[None]] | None = None,
         where: sa.ColumnElement[bool] | None = None,
@@ -88,7 +131,12 @@ class OutboxRelay:
         self._on_close = on_close
         # The slice of the table this relay owns (e.g. one downstream shard's rows), so
         # several relays drain one table side by side and a slow receiver blocks only its own.
+        # Relays that share rows must share the same slice: order is kept per slice.
         self._where = sa.true() if where is None else where
+        self._slice_lock = _slice_lock_key(table, self._where)
+        self.generation = uuid.uuid4().hex
+        # No identity given: a fresh one per start, so a restart waits for the lease.
+        self.instance = instance or f"anonymous-{self.generation}"
         self._name = name
         self._sessions = sessions
         self._table = table
@@ -106,60 +154,99 @@ class OutboxRelay:
 
     def _claim(self) -> _Claimed | None:
         t = self._table
-        now = self._clock()
-        # One statement selects and leases, so two relays on one database (replicas)
-        # never claim the same row: SQLite takes the write lock before the statement
-        # reads; PostgreSQL skips rows another claim has locked.
         with self._sessions() as session, session.begin():
-            due = (
-                sa.select(t.id)
-                .where(t.available_at <= now, self._where)
+            self._serialise_claims(session)
+            # Read after the lock, so the state every earlier claim committed is seen.
+            now = self._clock()
+            head = session.execute(
+                sa.select(t.id, t.claimed_by, t.claim_generation, t.available_at)
+                .where(self._where)
                 .order_by(t.id)
                 .limit(self._settings.batch_size)
+            ).all()
+            ids = claimable_prefix(
+                [RowState(*row) for row in head], instance=self.instance, generation=self.generation, now=now
             )
-            if session.get_bind().dialect.name == "postgresql":
-                due = due.with_for_update(skip_locked=True)
+            if not ids:
+                return None
             claim = (
                 sa.update(t)
-                .where(t.id.in_(due.scalar_subquery()))
-                .values(available_at=now + self._lease)
+                .where(t.id.in_(ids))
+                .values(
+                    claimed_by=self.instance, claim_generation=self.generation, available_at=now + self._lease
+                )
                 .returning(t.id, t.payload, t.traceparent, t.attempts)
+                .execution_options(synchronize_session=False)
             )
+            # A row missing here was deleted by the relay whose expired claim this one took
+            # over, after it delivered the row: the rest is still a prefix of what is unsent.
             rows = sorted(session.execute(claim).all(), key=lambda r: r.id)
             if not rows:
                 return None
-            ids = [r.id for r in rows]
         return _Claimed(
-            ids=ids,
+            ids=[r.id for r in rows],
             payloads=[r.payload for r in rows],
             traceparents=[r.traceparent for r in rows],
             attempts=max(r.attempts for r in rows),
         )
 
-    def _delete(self, ids: list[int]) -> None:
-        with self._sessions() as session, session.begin():
-            session.execute(sa.delete(self._table).where(self._table.id.in_(ids)))
-
-    def _release(self, ids: list[int]) -> None:
-        """End the lease of claimed rows that were not sent, so they go out next."""
-        with self._sessions() as session, session.begin():
+    def _serialise_claims(self, session: Session) -> None:
+        """Make this transaction the only claim on the slice until it ends."""
+        if session.get_bind().dialect.name == "postgresql":
+            # Read and update below run in READ COMMITTED after the lock, so each claim sees
+            # every earlier one committed. (One UPDATE with subqueries would not: after
+            # waiting on a row lock PostgreSQL does not re-evaluate its subqueries.)
+            session.execute(sa.select(sa.func.pg_advisory_xact_lock(self._slice_lock)))
+        else:
+            # A write that matches nothing takes SQLite's write lock before anything is read.
             session.execute(
-                sa.update(self._table).where(self._table.id.in_(ids)).values(available_at=self._clock())
+                sa.update(self._table)
+                .where(sa.false())
+                .values(id=self._table.id)
+                .execution_options(synchronize_session=False)
             )
 
+    def _mine(self, ids: list[int]) -> sa.ColumnElement[bool]:
+        """Rows of `ids` still claimed by this generation: the fence on every change after a
+        send, so a relay whose claim was taken over never deletes or frees another's rows."""
+        return sa.and_(self._table.id.in_(ids), self._table.claim_generation == self.generation)
+
+    def _changed(self, statement: sa.Delete | sa.Update, ids: list[int], what: str) -> None:
+        with self._sessions() as session, session.begin():
+            result = session.execute(statement.execution_options(synchronize_session=False))
+        changed = int(getattr(result, "rowcount", len(ids)))
+        if changed < len(ids):
+            # Only when this relay's lease ran out, or when two live replicas share one identity.
+            log.warning(
+                "relay rows were taken over by another relay",
+                relay=self._name,
+                instance=self.instance,
+                rows=len(ids) - changed,
+                action=what,
+            )
+
+    def _delete(self, ids: list[int]) -> None:
+        self._changed(sa.delete(self._table).where(self._mine(ids)), ids, "delete")
+
+    def _release(self, ids: list[int]) -> None:
+        """Free claimed rows that were not sent, so they go out next (after the rows in front)."""
+        free = {"claimed_by": None, "claim_generation": None, "available_at": self._clock()}
+        self._changed(sa.update(self._table).where(self._mine(ids)).values(free), ids, "release")
+
     def _postpone(self, ids: list[int], attempts: int) -> float:
+        """Free rows whose send failed, due again after a backoff; until then they hold back
+        every later row of the slice, whichever relay would claim it."""
         delay: float = min(
             self._settings.backoff_max_s, self._settings.backoff_initial_s * 2.0 ** min(attempts, 30)
         )
         delay *= random.uniform(0.5, 1.0)
-        with self._sessions() as session, session.begin():
-            session.execute(
-                sa.update(self._table)
-                .where(self._table.id.in_(ids))
-                .values(
-                    attempts=self._table.attempts + 1, available_at=self._clock() + timedelta(seconds=delay)
-                )
-            )
+        backoff = {
+            "claimed_by": None,
+            "claim_generation": None,
+            "attempts": self._table.attempts + 1,
+            "available_at": self._clock() + timedelta(seconds=delay),
+        }
+        self._changed(sa.update(self._table).where(self._mine(ids)).values(backoff), ids, "postpone")
         return delay
 
     def pending(self) -> int:
@@ -169,6 +256,7 @@ class OutboxRelay:
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Relay until `stopping` is set; the batch in flight is finished first."""
+        log.info("relay starting", relay=self._name, instance=self.instance, generation=self.generation)
         try:
             await self._run(stopping)
         finally:
@@ -268,6 +356,7 @@ def relay_to_peer(
     peer: PeerSettings,
     settings: RelaySettings,
     make_send: MakeSend,
+    instance: str,
     credentials: PeerCredentials | None = None,
     where: sa.ColumnElement[bool] | None = None,
 ) -> OutboxRelay:
@@ -276,7 +365,8 @@ def relay_to_peer(
     `make_send(channel, deadline_s)` returns the function that delivers one batch of
     payloads with the service's RPC. A claim's lease outlasts the call's deadline, so
     rows are not sent twice by the same relay while a call is still running. `where`
-    limits the relay to some of the table's rows (see OutboxRelay).
+    limits the relay to some of the table's rows and `instance` is the relay's identity
+    (see OutboxRelay and the module docstring).
     """
     channel = open_channel(peer.address, credentials)
     return OutboxRelay(
@@ -286,9 +376,17 @@ def relay_to_peer(
         send=make_send(channel, peer.deadline_s),
         settings=settings,
         lease_s=peer.deadline_s * 2,
+        instance=instance,
         on_close=channel.close,
         where=where,
     )
+
+
+def _slice_lock_key(table: type[OutboxMixin], where: sa.ColumnElement[bool]) -> int:
+    """The PostgreSQL advisory lock of one table and slice, the same in every replica."""
+    condition = where.compile(compile_kwargs={"literal_binds": True})
+    name = f"egret.outbox|{sa.inspect(table).local_table}|{condition}".encode()
+    return int.from_bytes(hashlib.sha256(name).digest()[:8], "big", signed=True)
 
 
 def _runs(traceparents: Sequence[str]) -> list[tuple[int, int]]:

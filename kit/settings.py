@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import TypeVar
 _N = TypeVar("_N", int, float)
 
 _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
+# The outbox's claimed_by column holds at most this many characters.
+MAX_INSTANCE_LENGTH = 200
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -231,13 +234,22 @@ class CommonSettings:
     migrate_on_start: bool
     sqlite_synchronous: str
     security: SecuritySettings
+    # This replica's identity, recorded on the outbox rows its relays claim (kit.outbox):
+    # stable across its restarts, unique across replicas. Empty: a fresh one per start.
+    instance: str = ""
 
     @classmethod
     def read(cls, env: Env, *, service: str, default_port: int) -> CommonSettings:
         data_dir = Path(env.text("EGRET_DATA_DIR", "var"))
+        listen_address = env.address("EGRET_LISTEN_ADDRESS", f"127.0.0.1:{default_port}")
+        # The pod name (HOSTNAME in Kubernetes), and the port for replicas on one host.
+        host = env.optional("HOSTNAME") or socket.gethostname()
+        instance = env.text("EGRET_INSTANCE", f"{host}:{listen_address.rsplit(':', 1)[-1]}")
+        if len(instance) > MAX_INSTANCE_LENGTH:
+            env.problems.append(f"EGRET_INSTANCE is longer than {MAX_INSTANCE_LENGTH} characters")
         return cls(
             service=service,
-            listen_address=env.address("EGRET_LISTEN_ADDRESS", f"127.0.0.1:{default_port}"),
+            listen_address=listen_address,
             database_url=env.text("EGRET_DATABASE_URL", f"sqlite:///{data_dir / service}.db"),
             data_dir=data_dir,
             log_format=env.choice("EGRET_LOG_FORMAT", "json", ("json", "console")),
@@ -249,6 +261,7 @@ class CommonSettings:
             migrate_on_start=env.flag("EGRET_MIGRATE_ON_START", True),
             sqlite_synchronous=env.choice("EGRET_SQLITE_SYNCHRONOUS", "FULL", ("FULL", "NORMAL")),
             security=SecuritySettings.read(env),
+            instance=instance,
         )
 
 

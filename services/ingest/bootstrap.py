@@ -83,6 +83,7 @@ def rules_relays(settings: IngestSettings, sessions: sessionmaker[Session]) -> l
             peer=peer,
             settings=settings.relay,
             make_send=send_to_rules,
+            instance=settings.common.instance,
             credentials=channel_credentials(settings.common.security),
             where=Outbox.shard == shard,
         )

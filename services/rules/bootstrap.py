@@ -87,6 +87,7 @@ def build(settings: RulesSettings) -> Service:
         peer=settings.score,
         settings=settings.relay,
         make_send=send_to_score,
+        instance=settings.common.instance,
         credentials=channel_credentials(settings.common.security),
     )
     # One thread: durable-rules is not thread-safe and holds the GIL while it works.

@@ -1,8 +1,11 @@
-"""Replicas share one outbox table: every row goes out once, whoever claims it.
+"""Relays sharing an outbox table, on SQLite and PostgreSQL: who may claim which rows.
 
-Two relays with their own engines (as two replicas would have) drain one table at the
-same time, on SQLite and PostgreSQL. A claim is one statement, so no row can be
-claimed by both; a row sent twice would show up as a duplicate delivery here.
+Every relay has an identity (stable across its restarts) and a generation (fresh per
+start). A claim is a prefix of the relay's slice in id order, up to the first row held by
+another live relay or waiting in backoff; a restart takes its own claims over at once;
+changes after a send are fenced to the claiming generation. Two relays with their own
+engines (as two replicas would have) draining one table never send a row twice and, since
+they take turns, deliver the rows in id order.
 """
 
 from __future__ import annotations
@@ -10,16 +13,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from datetime import UTC, datetime
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
+import pytest
 import sqlalchemy as sa
-from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from kit.db import create_engine, make_metadata, make_session_factory
 from kit.outbox import OutboxMixin, OutboxRelay, outbox_rows
 from kit.settings import RelaySettings
 
 ROWS = 600
+LEASE_S = 60.0
+T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 
 
 class Base(DeclarativeBase):
@@ -29,8 +36,196 @@ class Base(DeclarativeBase):
 class Outbox(Base, OutboxMixin):
     __tablename__ = "test_outbox"
 
+    shard: Mapped[int] = mapped_column(sa.Integer, default=0)
 
-async def test_two_relays_on_one_table_deliver_every_row_exactly_once(database_url: str) -> None:
+
+class Clock:
+    """A clock the test moves by hand, shared by the relays of one test."""
+
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
+    engine = create_engine(database_url)
+    Base.metadata.create_all(engine)
+    try:
+        yield make_session_factory(engine)
+    finally:
+        engine.dispose()
+
+
+def insert(sessions: sessionmaker[Session], count: int, shard: int = 0) -> None:
+    rows = outbox_rows([f"{shard}-{i}".encode() for i in range(count)], T0)
+    with sessions() as session, session.begin():
+        session.execute(sa.insert(Outbox), [{**row, "shard": shard} for row in rows])
+
+
+def relay(
+    sessions: sessionmaker[Session], instance: str, clock: Clock, *, batch: int = 3, shard: int | None = None
+) -> OutboxRelay:
+    async def send(_: list[bytes]) -> None:
+        raise AssertionError("these tests claim and settle by hand")
+
+    return OutboxRelay(
+        name=instance,
+        sessions=sessions,
+        table=Outbox,
+        send=send,
+        settings=RelaySettings(batch_size=batch, poll_interval_s=0.01, backoff_initial_s=5, backoff_max_s=5),
+        lease_s=LEASE_S,
+        instance=instance,
+        clock=clock,
+        where=None if shard is None else Outbox.shard == shard,
+    )
+
+
+def claim(relay: OutboxRelay) -> list[int]:
+    claimed = relay._claim()
+    return [] if claimed is None else claimed.ids
+
+
+def holders(sessions: sessionmaker[Session]) -> dict[int, str | None]:
+    with sessions() as session:
+        return dict(session.execute(sa.select(Outbox.id, Outbox.claim_generation).order_by(Outbox.id)).all())
+
+
+def test_a_restarted_relay_takes_over_its_own_claims_at_once(sessions: sessionmaker[Session]) -> None:
+    insert(sessions, 5)
+    clock = Clock()
+    assert claim(relay(sessions, "ingest-a", clock)) == [1, 2, 3]  # then killed, claim in flight
+    # Another identity respects the lease; the same identity restarted does not wait for it.
+    assert claim(relay(sessions, "ingest-b", clock)) == []
+    restarted = relay(sessions, "ingest-a", clock)
+    assert claim(restarted) == [1, 2, 3]
+    assert set(holders(sessions).values()) == {restarted.generation, None}
+
+
+def test_a_claim_of_a_replica_gone_for_good_waits_for_its_lease(sessions: sessionmaker[Session]) -> None:
+    insert(sessions, 5)
+    clock = Clock()
+    assert claim(relay(sessions, "ingest-a", clock)) == [1, 2, 3]
+    other = relay(sessions, "ingest-b", clock)
+    clock.now += timedelta(seconds=LEASE_S - 1)
+    assert claim(other) == []
+    clock.now += timedelta(seconds=1)
+    assert claim(other) == [1, 2, 3]
+
+
+def test_a_foreign_live_claim_blocks_the_later_rows_of_its_slice_only(
+    sessions: sessionmaker[Session],
+) -> None:
+    insert(sessions, 6, shard=0)
+    insert(sessions, 3, shard=1)
+    clock = Clock()
+    first, second = relay(sessions, "a", clock, shard=0), relay(sessions, "b", clock, shard=0)
+    assert claim(first) == [1, 2, 3]
+    assert claim(second) == [], "rows 4..6 must wait for 1..3"
+    assert claim(relay(sessions, "c", clock, shard=1)) == [7, 8, 9], "another slice is not held back"
+    first._delete([1, 2, 3])
+    assert claim(second) == [4, 5, 6]
+    assert claim(first) == []
+
+
+def test_a_claim_stops_at_the_first_blocked_row(sessions: sessionmaker[Session]) -> None:
+    insert(sessions, 6)
+    clock = Clock()
+    holder = relay(sessions, "a", clock)
+    assert claim(holder) == [1, 2, 3]
+    holder._release([1, 2])  # rows 1 and 2 free again, row 3 still held by a
+    assert claim(relay(sessions, "b", clock, batch=6)) == [1, 2], "never past a's claim on row 3"
+
+
+def test_rows_in_backoff_block_every_later_row_of_the_slice(sessions: sessionmaker[Session]) -> None:
+    insert(sessions, 6)
+    clock = Clock()
+    first = relay(sessions, "a", clock)
+    assert claim(first) == [1, 2, 3]
+    delay = first._postpone([1], attempts=0)  # the send of row 1 failed
+    first._release([2, 3])
+    assert claim(first) == []
+    assert claim(relay(sessions, "b", clock)) == []
+    clock.now += timedelta(seconds=delay)
+    retried = first._claim()
+    assert retried is not None
+    assert retried.ids == [1, 2, 3]
+    assert retried.attempts == 1
+
+
+def test_a_stale_generation_cannot_delete_release_or_postpone_rows_claimed_by_another(
+    sessions: sessionmaker[Session],
+) -> None:
+    insert(sessions, 3)
+    clock = Clock()
+    stale = relay(sessions, "a", clock)
+    assert claim(stale) == [1, 2, 3]
+    restarted = relay(sessions, "a", clock)  # the same identity, started again
+    assert claim(restarted) == [1, 2, 3]
+    stale._delete([1])
+    stale._release([2])
+    stale._postpone([3], attempts=0)
+    assert holders(sessions) == dict.fromkeys([1, 2, 3], restarted.generation)
+    # And after a lease ran out and another identity took the rows over.
+    clock.now += timedelta(seconds=LEASE_S)
+    taker = relay(sessions, "b", clock)
+    assert claim(taker) == [1, 2, 3]
+    restarted._delete([1, 2, 3])
+    assert holders(sessions) == dict.fromkeys([1, 2, 3], taker.generation)
+    taker._delete([1, 2, 3])
+    assert holders(sessions) == {}
+
+
+async def test_a_failed_send_holds_back_the_rows_behind_it_and_order_is_kept(
+    sessions: sessionmaker[Session],
+) -> None:
+    insert(sessions, 20)
+    delivered: list[bytes] = []
+    failures = 2
+
+    async def send(batch: list[bytes]) -> None:
+        nonlocal failures
+        if failures and b"0-7" in batch:
+            failures -= 1
+            raise ConnectionError("downstream away")
+        delivered.extend(batch)
+
+    relays = [
+        OutboxRelay(
+            name=f"replica-{i}",
+            sessions=sessions,
+            table=Outbox,
+            send=send,
+            settings=RelaySettings(
+                batch_size=4, poll_interval_s=0.01, backoff_initial_s=0.05, backoff_max_s=0.1
+            ),
+            lease_s=LEASE_S,
+            instance=f"replica-{i}",
+        )
+        for i in range(2)
+    ]
+    await drain(relays, 20)
+    assert delivered == [f"0-{i}".encode() for i in range(20)]
+
+
+async def drain(relays: list[OutboxRelay], rows: int) -> None:
+    stopping = asyncio.Event()
+    tasks = [asyncio.create_task(relay.run(stopping)) for relay in relays]
+    try:
+        deadline = asyncio.get_running_loop().time() + 30
+        while sum(relay.sent for relay in relays) < rows:
+            assert asyncio.get_running_loop().time() < deadline, "relays did not drain the table"
+            await asyncio.sleep(0.02)
+    finally:
+        stopping.set()
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*tasks)
+
+
+async def test_two_relays_on_one_table_deliver_every_row_exactly_once_in_id_order(database_url: str) -> None:
     setup = create_engine(database_url)
     Base.metadata.create_all(setup)
     with setup.begin() as connection:
@@ -38,11 +233,11 @@ async def test_two_relays_on_one_table_deliver_every_row_exactly_once(database_u
         connection.execute(sa.insert(Outbox), outbox_rows(payloads, datetime.now(UTC)))
     setup.dispose()
 
-    delivered: Counter[bytes] = Counter()
+    delivered: list[bytes] = []
     engines = [create_engine(database_url) for _ in range(2)]
 
     async def send(batch: list[bytes]) -> None:
-        delivered.update(batch)
+        delivered.extend(batch)
         await asyncio.sleep(0)
 
     relays = [
@@ -55,25 +250,19 @@ async def test_two_relays_on_one_table_deliver_every_row_exactly_once(database_u
                 batch_size=7, poll_interval_s=0.01, backoff_initial_s=0.01, backoff_max_s=0.05
             ),
             lease_s=60.0,
+            instance=f"replica-{i}",
         )
         for i, engine in enumerate(engines)
     ]
-    stopping = asyncio.Event()
-    tasks = [asyncio.create_task(relay.run(stopping)) for relay in relays]
     try:
-        deadline = asyncio.get_running_loop().time() + 30
-        while sum(relay.sent for relay in relays) < ROWS:
-            assert asyncio.get_running_loop().time() < deadline, "relays did not drain the table"
-            await asyncio.sleep(0.02)
+        await drain(relays, ROWS)
         await asyncio.sleep(0.1)  # a duplicate claim in flight would land now
     finally:
-        stopping.set()
-        with contextlib.suppress(Exception):
-            await asyncio.gather(*tasks)
         for engine in engines:
             engine.dispose()
 
     assert all(relay.sent > 0 for relay in relays), "both replicas should have taken part"
-    assert sorted(delivered) == sorted(payloads)
-    assert max(delivered.values()) == 1, [p for p, n in delivered.items() if n > 1][:5]
+    counts = Counter(delivered)
+    assert max(counts.values()) == 1, [p for p, n in counts.items() if n > 1][:5]
+    assert delivered == payloads, "replicas sharing a slice take turns, in id order"
     assert sum(relay.sent for relay in relays) == ROWS

@@ -6,7 +6,7 @@ Used to test a relay against a real gRPC server on loopback without running rule
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -50,15 +50,22 @@ class RecordingRules(_RulesServicer):  # type: ignore[misc]
 
 
 @asynccontextmanager
-async def serving_rules(servicer: RecordingRules) -> AsyncIterator[str]:
+async def serving(add: Callable[[Any, grpc.aio.Server], None], servicer: Any) -> AsyncIterator[str]:
+    """A stand-in servicer on a free loopback port (`add` is the generated add_..._to_server)."""
     server = grpc.aio.server()
-    rules_grpc.add_RulesServiceServicer_to_server(servicer, server)
+    add(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
         yield f"127.0.0.1:{port}"
     finally:
         await server.stop(0)
+
+
+@asynccontextmanager
+async def serving_rules(servicer: RecordingRules) -> AsyncIterator[str]:
+    async with serving(rules_grpc.add_RulesServiceServicer_to_server, servicer) as address:
+        yield address
 
 
 @asynccontextmanager

@@ -53,3 +53,14 @@ def test_production_refuses_to_serve_without_tls_and_token_keys() -> None:
         "EGRET_JWT_PUBLIC_KEY_FILE or EGRET_JWT_JWKS_FILE is required unless EGRET_INSECURE=true"
         " (never in production)",
     ]
+
+
+def test_the_relay_identity_defaults_to_host_and_port_and_can_be_set() -> None:
+    base = {"EGRET_SUBJECT_KEY": "x" * 32, "EGRET_INSECURE": "true", "HOSTNAME": "egret-ingest-7d9f-x2k"}
+    pod = IngestSettings.from_env(base | {"EGRET_LISTEN_ADDRESS": "0.0.0.0:50051"})
+    assert pod.common.instance == "egret-ingest-7d9f-x2k:50051"
+    named = IngestSettings.from_env(base | {"EGRET_INSTANCE": "ingest-a"})
+    assert named.common.instance == "ingest-a"
+    with pytest.raises(SettingsError) as raised:
+        IngestSettings.from_env(base | {"EGRET_INSTANCE": "i" * 201})
+    assert raised.value.problems == ["EGRET_INSTANCE is longer than 200 characters"]
