@@ -122,7 +122,7 @@ def shown_status(facts: EntryFacts, now: datetime) -> tuple[EntryStatus, str]:
         overturned = [d for d in facts.disputes if d.status == OVERTURNED]
         if facts.reversals:
             r = facts.reversals[0]
-            return status, f"reversed: event {r.event} retracted: {r.reason}"
+            return status, f"reversed: {r.explanation()}"
         if overturned:
             d = overturned[-1]
             return status, f"reversed: dispute {d.dispute_id} overturned: {d.resolution_reason}"

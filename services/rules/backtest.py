@@ -44,8 +44,9 @@ from datetime import datetime, timedelta
 from typing import Final
 
 from services.rules.domain import EvaluationContext, in_evaluation_order, lookback, run_batch
-from services.rules.engine import RuleEngine
+from services.rules.engine import RuleEngine, Supersession, prior_outcome
 from services.rules.ruleset import EngineEvent, Firing, RuleSet
+from services.rules.windows import PriorOutcome
 from services.score.domain import EntryStatus, ScoreResult, compute_score
 from services.score.policy import ScorePolicy
 
@@ -247,7 +248,8 @@ class _Side:
 
     The state is what the live store would hold had this rule set been active from the
     start: the events evaluated so far (only the types whose history the rule set reads)
-    and, per window or sequence rule, the event keys its firings used.
+    and, per subject, the active outcomes of its window, sequence and capped rules; an
+    outcome a later batch supersedes leaves the ledger, as its reversal does live.
     """
 
     def __init__(self, rule_set: RuleSet, engine: RuleEngine) -> None:
@@ -256,11 +258,13 @@ class _Side:
         self._history_types = (
             rule_set.history_event_types if lookback(rule_set) > timedelta(0) else frozenset()
         )
-        self._consuming = frozenset(
-            rule.id for rule in rule_set.rules if rule.window is not None or rule.sequence is not None
+        self._settled = frozenset(
+            rule.id
+            for rule in rule_set.rules
+            if rule.window is not None or rule.sequence is not None or rule.cap is not None
         )
         self._history: dict[str, list[EngineEvent]] = {}
-        self._consumed: dict[str, dict[str, set[str]]] = {}
+        self._prior: dict[str, dict[str, PriorOutcome]] = {}
         # Per subject, the ledger entries of its firings (a list: a dict per subject keyed
         # by outcome id would cost far more; ids are made unique when the subject is scored).
         self.outcomes: dict[str, list[LedgerLine]] = {}
@@ -270,7 +274,7 @@ class _Side:
         self._engine.close()
 
     def evaluate(self, ordered: Sequence[EngineEvent], evaluated_at: datetime) -> None:
-        firings, failed, _records = run_batch(self.rule_set, self._engine, ordered, self._context)
+        result, failed, _records = run_batch(self.rule_set, self._engine, ordered, self._context)
         # Live evaluation parks an event that keeps failing: it is never stored as
         # evaluated, so it is in no later batch's history either.
         self.failed_events += len(failed)
@@ -278,30 +282,32 @@ class _Side:
             for event in ordered:
                 if event.event_type in self._history_types and event.key not in failed:
                     self._history.setdefault(event.subject_key, []).append(event)
-        self._record(firings, evaluated_at)
+        self._supersede(result.superseded)
+        self._record(result.firings, evaluated_at)
 
-    def _context(self, ranges: Mapping[str, tuple[datetime, datetime]]) -> EvaluationContext:
+    def _context(self, since: Mapping[str, datetime]) -> EvaluationContext:
         """What the store's context() returns, from this side's replay instead of the database."""
         history: dict[str, list[EngineEvent]] = {}
-        consumed: dict[str, set[str]] = {}
-        for subject_key, (low, high) in ranges.items():
-            history[subject_key] = [
-                e for e in self._history.get(subject_key, ()) if low <= e.occurred_at <= high
+        prior: dict[str, list[PriorOutcome]] = {}
+        for subject_key, low in since.items():
+            history[subject_key] = [e for e in self._history.get(subject_key, ()) if e.occurred_at >= low]
+            prior[subject_key] = [o for o in self._prior.get(subject_key, {}).values() if o.last_at >= low]
+        return EvaluationContext(history=history, prior=prior, records={})
+
+    def _supersede(self, superseded: Iterable[Supersession]) -> None:
+        gone: dict[str, set[str]] = {}
+        for s in superseded:
+            del self._prior[s.outcome.subject_key][s.outcome.outcome_id]
+            gone.setdefault(s.outcome.subject_key, set()).add(s.outcome.outcome_id)
+        for subject_key, ids in gone.items():
+            self.outcomes[subject_key] = [
+                line for line in self.outcomes[subject_key] if line.entry_id not in ids
             ]
-            for rule_id, keys in self._consumed.get(subject_key, {}).items():
-                consumed.setdefault(rule_id, set()).update(keys)
-        return EvaluationContext(
-            history=history,
-            consumed={rule_id: frozenset(keys) for rule_id, keys in consumed.items()},
-            records={},
-        )
 
     def _record(self, firings: Iterable[Firing], evaluated_at: datetime) -> None:
         for firing in firings:
-            if firing.rule_id in self._consuming:
-                self._consumed.setdefault(firing.subject_key, {}).setdefault(firing.rule_id, set()).update(
-                    firing.event_keys
-                )
+            if firing.rule_id in self._settled:
+                self._prior.setdefault(firing.subject_key, {})[firing.outcome_id] = prior_outcome(firing)
             self.outcomes.setdefault(firing.subject_key, []).append(
                 LedgerLine(
                     entry_id=firing.outcome_id,

@@ -7,10 +7,13 @@ resent batch a no-op, and outcome ids are deterministic (rule, version, events),
 even an evaluation repeated after a crash yields the same outcomes, which score
 applies once.
 
-Event time. Windows and sequences need a subject's earlier (and, for late arrivals,
-later) events. They are read per batch from the inbox, within the rule set's lookback
-around the batch's events, together with the events each rule already consumed in an
-earlier firing; both live in the database, so a restart loses nothing.
+Event time. Windows, sequences and caps need a subject's earlier (and, for late
+arrivals, later) events. They are read per batch from the inbox, from the rule set's
+lookback before the batch's earliest event of each subject on, together with the
+subject's active outcomes of those rules (prior outcomes); both live in the database,
+so a restart loses nothing. The engine settles those rules in event time: what a late
+event changes is reversed (a reversal to score) and re-formed, so the outcomes do not
+depend on arrival order (docs/rules.md, "Event time").
 
 Hot swap. At the start of every batch the evaluator compares the database's active
 rule-set id with the one it holds (one primary-key read) and, if they differ, loads
@@ -27,13 +30,10 @@ call succeeds, so a poison event never blocks its subject or the relay.
 
 Retractions. After a batch's events, each retraction (a department withdrew an event)
 is applied once, in its own transaction: the event is marked retracted (it leaves every
-later history), every outcome that used it is reversed, the events those outcomes had
-consumed are released for the outcome's rule, and the released events are evaluated
-again through the normal path with the subject's history, so a window or sequence they
-now complete with other events fires (a new outcome with its own deterministic id).
-Only firings of a rule that holds an event released for that rule are kept: the
-re-evaluation never repeats a per-event outcome the event already gave. docs/rules.md,
-"Retractions and corrections".
+later history), every outcome that used it is reversed, and the subject's window,
+sequence and capped rules are settled again from the event's instant on without it,
+exactly as for a late event, so what the rest of its events now form fires (a new
+outcome with its own deterministic id). docs/rules.md, "Retractions and corrections".
 """
 
 from __future__ import annotations
@@ -45,9 +45,10 @@ from datetime import datetime, timedelta
 from typing import Final, Protocol
 
 from kit.errors import FailedPrecondition, NotFound, Unavailable
-from services.rules.engine import RuleEngine, RuleEvaluationError
+from services.rules.engine import Evaluated, RuleEngine, RuleEvaluationError
 from services.rules.lifecycle import ActivePointer, StoredRuleSet
 from services.rules.ruleset import EngineEvent, Firing, RuleSet, rule_set_from_yaml
+from services.rules.windows import PriorOutcome
 
 # Reasons are shown to operators and stored; a pathological message is cut.
 MAX_REASON_LENGTH: Final = 2000
@@ -84,10 +85,11 @@ class BatchState:
 
 @dataclass(frozen=True)
 class EvaluationContext:
-    """A batch's subjects' history within the lookback and what each rule consumed."""
+    """A batch's subjects' history from the lookback on, and their prior outcomes."""
 
     history: Mapping[str, Sequence[EngineEvent]]
-    consumed: Mapping[str, frozenset[str]]
+    # Per subject: the active outcomes of window, sequence and capped rules.
+    prior: Mapping[str, Sequence[PriorOutcome]]
     # The stored records of the history events: a window's outcome quotes them as evidence.
     records: Mapping[str, bytes]
 
@@ -135,12 +137,11 @@ class ReversedOutcome:
 
 @dataclass(frozen=True)
 class RetractionContext:
-    """What a retraction undoes: the outcomes to reverse, and the released events still
-    evaluated and not retracted (the ones to evaluate again), with their records."""
+    """What a retraction undoes: the outcomes that used the event, and the event itself
+    (None if it was never evaluated), from whose instant its subject is settled again."""
 
     reversed: tuple[ReversedOutcome, ...]
-    released: Mapping[str, EngineEvent]
-    records: Mapping[str, bytes]
+    event: EngineEvent | None
 
 
 @dataclass(frozen=True)
@@ -151,24 +152,20 @@ class Retractions:
     duplicate: int = 0
     reversed: tuple[str, ...] = ()
     firings: tuple[Firing, ...] = ()
-    # Released events whose re-evaluation failed: they stay evaluated and unused.
-    failed: Mapping[str, str] = field(default_factory=dict)
 
 
 class EvaluationStore(Protocol):
     def batch_state(self, keys: Sequence[str]) -> BatchState: ...
 
-    def context(
-        self, ranges: Mapping[str, tuple[datetime, datetime]], event_types: frozenset[str]
-    ) -> EvaluationContext:
-        """History (events of `event_types` only) and consumed keys of each subject with
-        occurred_at within its range (inclusive)."""
+    def context(self, since: Mapping[str, datetime], event_types: frozenset[str]) -> EvaluationContext:
+        """History (events of `event_types` only) of each subject with occurred_at at or
+        after its instant, and the prior outcomes that reach that far."""
         ...
 
     def commit_evaluation(
         self,
         events: Sequence[EngineEvent],
-        firings: Sequence[Firing],
+        evaluated: Evaluated,
         records: Mapping[str, bytes],
         *,
         failures: Sequence[Failure] = (),
@@ -176,9 +173,10 @@ class EvaluationStore(Protocol):
         rule_set: RuleSet,
         now: datetime,
     ) -> bool:
-        """In one transaction: record the events as evaluated and their firings (with the
-        outbox rows), record the failures (attempt counts, parked ones), and delete the
-        dead-letter rows of `cleared` keys. False if another evaluation won a race."""
+        """In one transaction: record the events as evaluated, their firings (with the
+        outbox rows) and the reversal of the outcomes they superseded, record the failures
+        (attempt counts, parked ones), and delete the dead-letter rows of `cleared` keys.
+        False if another evaluation won a race."""
         ...
 
     def dead_letters(self, ids: Sequence[int]) -> Sequence[DeadLetter]:
@@ -193,16 +191,16 @@ class EvaluationStore(Protocol):
         self,
         notice: RetractionNotice,
         reversed_ids: Sequence[str],
-        firings: Sequence[Firing],
+        evaluated: Evaluated,
         records: Mapping[str, bytes],
         *,
         rule_set: RuleSet,
         now: datetime,
     ) -> bool:
         """In one transaction: record the retraction as applied, mark the event retracted
-        (and drop any dead letter of it), reverse `reversed_ids` (releasing their events,
-        queueing a reversal each for score), and record `firings` with their outbox rows.
-        False if a concurrent application won."""
+        (and drop any dead letter of it), reverse `reversed_ids` and the outcomes the
+        settling superseded (queueing a reversal each for score), and record its firings
+        with their outbox rows. False if a concurrent application won."""
         ...
 
     def parked_ids(self, after: int | None, limit: int) -> Sequence[int]: ...
@@ -233,6 +231,8 @@ class Evaluation:
     evaluated: int
     duplicate: int
     firings: tuple[Firing, ...]
+    # Outcomes reversed because the batch's late events changed how events group.
+    superseded: tuple[str, ...] = ()
     parked: tuple[Failure, ...] = ()
     # Failed, with attempts left: the caller must fail the call so that it is retried.
     failed: tuple[Failure, ...] = ()
@@ -259,16 +259,16 @@ class EvaluationFailed(Unavailable):
         self.failed = tuple(failed)
 
 
-Run = Callable[[Sequence[EngineEvent]], list[Firing]]
+Run = Callable[[Sequence[EngineEvent]], Evaluated]
 
 
-def isolate(run: Run, events: Sequence[EngineEvent]) -> tuple[list[Firing], dict[str, str]]:
+def isolate(run: Run, events: Sequence[EngineEvent]) -> tuple[Evaluated, dict[str, str]]:
     """Evaluate `events`, setting aside the ones that make evaluation fail.
 
     RuleEvaluationError names its events, which are removed before evaluating the rest
     again. Any other exception is narrowed subject by subject; a subject that still
     fails on its own fails with all its events (the engine gives no finer cause).
-    Returns the firings of the rest and a reason per failed event key.
+    Returns what the rest brings about and a reason per failed event key.
     """
     failures: dict[str, str] = {}
     remaining = list(events)
@@ -292,14 +292,15 @@ def isolate(run: Run, events: Sequence[EngineEvent]) -> tuple[list[Firing], dict
         if len(subjects) == 1:
             reason = _cut(f"{type(cause).__name__}: {cause}")
             failures.update(dict.fromkeys((e.key for e in remaining), reason))
-            return [], failures
-        firings: list[Firing] = []
+            return Evaluated(), failures
+        merged = Evaluated()
         for subject_events in subjects.values():
-            subject_firings, subject_failures = isolate(run, subject_events)
-            firings.extend(subject_firings)
+            subject_result, subject_failures = isolate(run, subject_events)
+            merged.firings.extend(subject_result.firings)
+            merged.superseded.extend(subject_result.superseded)
             failures.update(subject_failures)
-        return firings, failures
-    return [], failures
+        return merged, failures
+    return Evaluated(), failures
 
 
 class Evaluator:
@@ -370,7 +371,6 @@ class Evaluator:
             retracted, duplicate = 0, 0
             reversed_ids: list[str] = []
             firings: list[Firing] = []
-            failed: dict[str, str] = {}
             for notice in notices:
                 for _ in range(3):
                     applied = self._retract_once(active, notice)
@@ -384,42 +384,37 @@ class Evaluator:
                 retracted += 1
                 reversed_ids.extend(applied.reversed)
                 firings.extend(applied.firings)
-                failed.update(applied.failed)
-            return Retractions(retracted, duplicate, tuple(reversed_ids), tuple(firings), failed)
+            return Retractions(retracted, duplicate, tuple(reversed_ids), tuple(firings))
 
     def _retract_once(self, active: ActiveRuleSet, notice: RetractionNotice) -> Retractions | None:
         context = self._store.retraction_context(notice)
         if context is None:
             return _ALREADY_APPLIED
-        released = released_by_rule(context.reversed, notice.key)
-        firings: list[Firing] = []
-        reasons: dict[str, str] = {}
-        history_records: Mapping[str, bytes] = {}
-        if context.released:
-            rule_set = active.rule_set
-            events = in_evaluation_order(context.released.values())
-            excluded = frozenset(context.released) | {notice.key}
+        evaluated = Evaluated()
+        records: Mapping[str, bytes] = {}
+        event = context.event
+        rule_set = active.rule_set
+        if event is not None and lookback(rule_set) > timedelta(0):
+            # Settle the subject again from the event's instant on, as if it had never come:
+            # without it in the history and without the outcomes that used it.
+            gone = {o.outcome_id for o in context.reversed}
 
-            def context_of(ranges: Mapping[str, tuple[datetime, datetime]]) -> EvaluationContext:
-                stored = self._store.context(ranges, rule_set.history_event_types)
-                return without(stored, excluded, context.reversed)
+            def context_of(since: Mapping[str, datetime]) -> EvaluationContext:
+                stored = self._store.context(since, rule_set.history_event_types)
+                return without(stored, notice.key, gone)
 
-            found, reasons, history_records = run_batch(rule_set, active.engine, events, context_of)
-            firings = reformed(found, released)
+            evaluated, _, records = run_batch(
+                rule_set, active.engine, [], context_of, since={event.subject_key: event.occurred_at}
+            )
+        reversed_ids = [o.outcome_id for o in context.reversed]
         if not self._store.commit_retraction(
-            notice,
-            [o.outcome_id for o in context.reversed],
-            firings,
-            {**history_records, **context.records},
-            rule_set=active.rule_set,
-            now=self._clock(),
+            notice, reversed_ids, evaluated, records, rule_set=rule_set, now=self._clock()
         ):
             return None
         return Retractions(
             retracted=1,
-            reversed=tuple(o.outcome_id for o in context.reversed),
-            firings=tuple(firings),
-            failed=reasons,
+            reversed=(*reversed_ids, *(s.outcome.outcome_id for s in evaluated.superseded)),
+            firings=tuple(evaluated.firings),
         )
 
     def parked_ids(self, after: int | None, limit: int) -> Sequence[int]:
@@ -454,7 +449,7 @@ class Evaluator:
         ordered = in_evaluation_order(events, state.evaluated | state.parked | state.retracted)
         if not ordered:
             return Evaluation(evaluated=0, duplicate=len(events), firings=())
-        firings, reasons, context_records = self._run(active, ordered)
+        result, reasons, context_records = self._run(active, ordered)
         failures = tuple(
             Failure(
                 event=e,
@@ -468,7 +463,7 @@ class Evaluator:
         evaluated = [e for e in ordered if e.key not in reasons]
         if not self._store.commit_evaluation(
             evaluated,
-            firings,
+            result,
             {**context_records, **records},
             failures=failures,
             cleared=[e.key for e in evaluated if e.key in state.attempts],
@@ -479,7 +474,8 @@ class Evaluator:
         return Evaluation(
             evaluated=len(evaluated),
             duplicate=len(events) - len(ordered),
-            firings=tuple(firings),
+            firings=tuple(result.firings),
+            superseded=tuple(s.outcome.outcome_id for s in result.superseded),
             parked=tuple(f for f in failures if f.parked),
             failed=tuple(f for f in failures if not f.parked),
             rule_set=active.rule_set.name,
@@ -495,7 +491,7 @@ class Evaluator:
         # Evaluated meanwhile (e.g. redriven by another replica): only the row is left to clear.
         pending = [d.event for key, d in letters.items() if key not in state.evaluated]
         ordered = in_evaluation_order(pending)
-        firings, reasons, context_records = self._run(active, ordered)
+        result, reasons, context_records = self._run(active, ordered)
         failures = tuple(
             Failure(e, reasons[e.key], letters[e.key].attempts + 1, parked=True)
             for e in ordered
@@ -506,7 +502,7 @@ class Evaluator:
         records = {**context_records, **{key: d.record for key, d in letters.items()}}
         if not self._store.commit_evaluation(
             evaluated,
-            firings,
+            result,
             records,
             failures=failures,
             cleared=[key for key in letters if key not in reasons],
@@ -529,49 +525,60 @@ class Evaluator:
             )
             for f in failures
         )
-        return Redrive(redriven=len(evaluated), firings=tuple(firings), still_failing=still)
+        return Redrive(redriven=len(evaluated), firings=tuple(result.firings), still_failing=still)
 
     def _run(
         self, active: ActiveRuleSet, ordered: Sequence[EngineEvent]
-    ) -> tuple[list[Firing], dict[str, str], Mapping[str, bytes]]:
-        """Firings, failure reasons per event key, and the records of the history used."""
+    ) -> tuple[Evaluated, dict[str, str], Mapping[str, bytes]]:
+        """What the batch brings about, failure reasons per event key, and the records of
+        the history used."""
         rule_set = active.rule_set
         return run_batch(
             rule_set,
             active.engine,
             ordered,
             # Only the types windows, sequences and caps read: the engine ignores the rest.
-            lambda ranges: self._store.context(ranges, rule_set.history_event_types),
+            lambda since: self._store.context(since, rule_set.history_event_types),
         )
 
 
-ContextSource = Callable[[Mapping[str, tuple[datetime, datetime]]], EvaluationContext]
+ContextSource = Callable[[Mapping[str, datetime]], EvaluationContext]
 
 
 def run_batch(
-    rule_set: RuleSet, engine: RuleEngine, ordered: Sequence[EngineEvent], context_of: ContextSource
-) -> tuple[list[Firing], dict[str, str], Mapping[str, bytes]]:
-    """Evaluate a batch (already in evaluation order) with the history and consumed events
-    `context_of` gives for each subject's range; failing events are set aside (`isolate`).
+    rule_set: RuleSet,
+    engine: RuleEngine,
+    ordered: Sequence[EngineEvent],
+    context_of: ContextSource,
+    *,
+    since: Mapping[str, datetime] | None = None,
+) -> tuple[Evaluated, dict[str, str], Mapping[str, bytes]]:
+    """Evaluate a batch (already in evaluation order) with the history and prior outcomes
+    `context_of` gives for each subject's instant (its earliest event, or `since` when a
+    subject is to be settled from an earlier instant or without new events); failing
+    events are set aside (`isolate`).
 
-    Returns the firings, a failure reason per event key, and the records of the history
-    used. Live evaluation reads the context from the store; a backtest
+    Returns what the batch brings about, a failure reason per event key, and the records
+    of the history used. Live evaluation reads the context from the store; a backtest
     (services/rules/backtest.py) from its own replay, through this same function.
     """
-    if not ordered:
-        return [], {}, {}
+    if not ordered and not since:
+        return Evaluated(), {}, {}
     reach = lookback(rule_set)
     if reach <= timedelta(0):
         # Per-event rules only: no history to read, two queries saved per batch.
-        firings, reasons = isolate(engine.evaluate, ordered)
-        return firings, reasons, {}
-    context = context_of(_ranges(ordered, reach))
+        result, reasons = isolate(engine.evaluate, ordered)
+        return result, reasons, {}
+    instants = _instants(ordered, since or {})
+    context = context_of({subject: at - reach for subject, at in instants.items()})
 
-    def run(events: Sequence[EngineEvent]) -> list[Firing]:
-        return engine.evaluate(events, history=context.history, consumed=context.consumed)
+    def run(events: Sequence[EngineEvent]) -> Evaluated:
+        return engine.evaluate(events, history=context.history, prior=context.prior, since=since or {})
 
-    firings, reasons = isolate(run, ordered)
-    return firings, reasons, context.records
+    if not ordered:
+        return run([]), {}, context.records
+    result, reasons = isolate(run, ordered)
+    return result, reasons, context.records
 
 
 def in_evaluation_order(
@@ -592,52 +599,29 @@ def in_evaluation_order(
 _ALREADY_APPLIED: Final = Retractions(duplicate=1)
 
 
-def released_by_rule(
-    reversed_outcomes: Iterable[ReversedOutcome], retracted: str
-) -> dict[str, frozenset[str]]:
-    """Per rule, the events its reversed outcomes had consumed, but for the retracted one:
-    free again for that rule (and only that one)."""
-    released: dict[str, set[str]] = {}
-    for outcome in reversed_outcomes:
-        keys = {k for k in outcome.event_keys if k != retracted}
-        if keys:
-            released.setdefault(outcome.rule_id, set()).update(keys)
-    return {rule_id: frozenset(keys) for rule_id, keys in released.items()}
-
-
-def without(
-    context: EvaluationContext, excluded: Container[str], reversed_outcomes: Iterable[ReversedOutcome]
-) -> EvaluationContext:
-    """The context a re-evaluation of released events runs with: the history without
-    `excluded` (the released events, evaluated as new, and the retracted one), and each
-    rule's consumed events without those of its reversed outcomes."""
-    freed: dict[str, set[str]] = {}
-    for outcome in reversed_outcomes:
-        freed.setdefault(outcome.rule_id, set()).update(outcome.event_keys)
+def without(context: EvaluationContext, retracted: str, reversed_ids: Container[str]) -> EvaluationContext:
+    """The context a retraction settles its subject with: the history without the retracted
+    event, the prior outcomes without the ones it reverses."""
     return EvaluationContext(
         history={
-            subject: [e for e in events if e.key not in excluded]
-            for subject, events in context.history.items()
+            subject: [e for e in events if e.key != retracted] for subject, events in context.history.items()
         },
-        consumed={rule_id: keys - freed.get(rule_id, set()) for rule_id, keys in context.consumed.items()},
+        prior={
+            subject: [o for o in outcomes if o.outcome_id not in reversed_ids]
+            for subject, outcomes in context.prior.items()
+        },
         records=context.records,
     )
 
 
-def reformed(firings: Iterable[Firing], released: Mapping[str, frozenset[str]]) -> list[Firing]:
-    """The firings a re-evaluation may emit: those of a rule holding an event released for
-    that rule. Any other firing of a released event (a per-event rule, a rule that never
-    used it) was emitted when the event was first evaluated."""
-    return [f for f in firings if released.get(f.rule_id, frozenset()).intersection(f.event_keys)]
-
-
-def _ranges(events: Sequence[EngineEvent], reach: timedelta) -> dict[str, tuple[datetime, datetime]]:
-    """Per subject: [earliest new event - lookback, latest new event + lookback]."""
-    bounds: dict[str, tuple[datetime, datetime]] = {}
+def _instants(events: Sequence[EngineEvent], since: Mapping[str, datetime]) -> dict[str, datetime]:
+    """Per subject: its earliest new event's occurred_at, or `since` if earlier."""
+    earliest = dict(since)
     for event in events:
-        low, high = bounds.get(event.subject_key, (event.occurred_at, event.occurred_at))
-        bounds[event.subject_key] = (min(low, event.occurred_at), max(high, event.occurred_at))
-    return {subject: (low - reach, high + reach) for subject, (low, high) in bounds.items()}
+        at = earliest.get(event.subject_key)
+        if at is None or event.occurred_at < at:
+            earliest[event.subject_key] = event.occurred_at
+    return earliest
 
 
 def _by_subject(events: Sequence[EngineEvent]) -> dict[str, list[EngineEvent]]:

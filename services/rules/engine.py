@@ -101,7 +101,7 @@ from services.rules.ruleset import (
     condition_attributes,
     outcome_id,
 )
-from services.rules.windows import capped, event_time_order, period_of, select_pairs, select_windows
+from services.rules.windows import PriorOutcome, cap_region, pair_region, window_region
 
 # The C extension durable.engine wraps, reached through it so that durable.engine
 # stays the one entry point into durable-rules.
@@ -143,7 +143,8 @@ _SEAL_RULE: Final = "$seal"
 # Cap periods are laid from here when a rule has no effective_from.
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _NO_HISTORY: Final[Mapping[str, Sequence[EngineEvent]]] = MappingProxyType({})
-_NO_CONSUMED: Final[Mapping[str, frozenset[str]]] = MappingProxyType({})
+_NO_PRIOR: Final[Mapping[str, Sequence[PriorOutcome]]] = MappingProxyType({})
+_NO_SINCE: Final[Mapping[str, datetime]] = MappingProxyType({})
 
 JsonCondition: TypeAlias = dict[str, Any]
 _Action: TypeAlias = Callable[[Any], None]
@@ -194,6 +195,12 @@ class RuleEngine:
         self._projections = _projections(rule_set)
         self._history_types = rule_set.history_event_types
         self._lookback = rule_set.lookback
+        # Window, sequence and capped rules: settled in event time against prior outcomes.
+        self._settled = frozenset(
+            index
+            for index, rule in enumerate(rule_set.rules)
+            if rule.window is not None or rule.sequence is not None or rule.cap is not None
+        )
         # Written by the actions while one subject's facts are evaluated, read right after:
         # (event keys, rule index), one key per pattern of the rule.
         self._matched: list[tuple[tuple[str, ...], int]] = []
@@ -213,36 +220,47 @@ class RuleEngine:
         self,
         events: Sequence[EngineEvent],
         history: Mapping[str, Sequence[EngineEvent]] = _NO_HISTORY,
-        consumed: Mapping[str, frozenset[str]] = _NO_CONSUMED,
-    ) -> list[Firing]:
-        """The firings that include at least one of ``events`` (the new events).
+        prior: Mapping[str, Sequence[PriorOutcome]] = _NO_PRIOR,
+        since: Mapping[str, datetime] = _NO_SINCE,
+    ) -> Evaluated:
+        """The firings and reversals that ``events`` (the new events) bring about.
 
-        ``history`` holds, per subject key, events evaluated before; only those of
-        window, sequence and capped rules' types within the rule set's lookback of the
-        subject's new events are used. ``consumed`` holds, per rule id, the event keys
-        that earlier firings of that window or sequence rule used; no firing reuses one.
-        Firings are ordered by their latest new event (input order), then by rule (file
-        order). The result is a function of the arguments alone, so evaluating the same
-        inputs again (a retry, a restart) yields the same firings and outcome ids.
+        Per-event rules fire on the new events. Window, sequence and capped rules are
+        settled in event time (services/rules/windows.py): from each subject's earliest
+        new event (or ``since[subject]``, when earlier or when the subject has no new
+        event, e.g. after a retraction) on, their canonical firings are formed from every
+        event, new and in ``history``, and compared with ``prior`` (per subject, the
+        active outcomes earlier evaluations emitted): what is missing fires, what is no
+        longer canonical is superseded. ``history`` holds, per subject key, events
+        evaluated before; those of window, sequence and capped rules' types from the rule
+        set's lookback before that instant on are used. Firings are ordered by their latest
+        new event (input order), then by rule (file order). The result is a function of
+        the arguments alone, so evaluating the same inputs again (a retry, a restart) gives
+        the same result, and the settled outcomes do not depend on arrival order.
 
         Raises RuleEvaluationError if an event cannot be evaluated, and RuleEngineError
-        if durable-rules fails; either way no firing of the batch is returned.
+        if durable-rules fails; either way nothing of the batch is returned.
         """
         with self._lock:
             if self._closed:
                 raise RuleEngineError("the rule engine is closed")
             positions = _positions(events)
-            subjects, failures = self._subjects(events, history, positions)
+            subjects, failures = self._subjects(events, history, positions, since)
             if failures:
                 raise RuleEvaluationError(failures)
             ranked: list[tuple[tuple[int, int], Firing]] = []
+            superseded: list[Supersession] = []
             for subject in subjects:
-                matched = self._match_subject(subject.key, subject.facts)
-                ranked.extend(self._subject_firings(subject, matched, positions, consumed, failures))
+                matched = self._match_subject(subject.key, subject.facts) if subject.facts else []
+                found, gone = self._subject_firings(
+                    subject, matched, positions, prior.get(subject.key, ()), failures
+                )
+                ranked.extend(found)
+                superseded.extend(gone)
             if failures:
                 raise RuleEvaluationError(failures)
             ranked.sort(key=lambda pair: pair[0])
-            return [firing for _, firing in ranked]
+            return Evaluated([firing for _, firing in ranked], superseded)
 
     def holds_session(self, subject_key: str) -> bool:
         """Whether durable-rules keeps state for the subject (after evaluate(), it never does)."""
@@ -284,10 +302,17 @@ class RuleEngine:
         events: Sequence[EngineEvent],
         history: Mapping[str, Sequence[EngineEvent]],
         positions: Mapping[str, int],
+        since: Mapping[str, datetime],
     ) -> tuple[list[_Subject], list[EvaluationFailure]]:
         subjects: dict[str, _Subject] = {}
         failures: list[EvaluationFailure] = []
         for event in events:
+            subject = subjects.get(event.subject_key)
+            if subject is None:
+                subject = _Subject(event.subject_key, event.occurred_at, event.key)
+                subjects[event.subject_key] = subject
+            elif event.occurred_at < subject.since:
+                subject.since, subject.cause = event.occurred_at, event.key
             projection = self._projections.get(event.event_type)
             if projection is None:
                 continue  # no rule listens to this type: durable-rules would match nothing
@@ -296,24 +321,27 @@ class RuleEngine:
             except EvaluationProblem as problem:
                 failures.append(EvaluationFailure(event.key, None, str(problem)))
                 continue
-            subject = subjects.get(event.subject_key)
-            if subject is None:
-                subject = subjects[event.subject_key] = _Subject(event.subject_key)
             subject.add(event, fact)
         if not self._history_types:
-            return list(subjects.values()), failures
+            return [s for s in subjects.values() if s.facts], failures
+        for key, at in since.items():
+            subject = subjects.get(key)
+            if subject is None:
+                subjects[key] = _Subject(key, at, "")
+            elif at < subject.since:
+                subject.since, subject.cause = at, ""
         for subject in subjects.values():
-            # The subject's own range, not the batch's: what a subject's firings are
-            # must not depend on which other subjects share its batch.
-            times = [e.occurred_at for e in subject.events.values()]
-            earliest, latest = min(times) - self._lookback, max(times) + self._lookback
+            # The subject's own instant, not the batch's: what a subject's firings are
+            # must not depend on which other subjects share its batch. Everything later
+            # is read: a late event can change how the later events group.
+            earliest = subject.since - self._lookback
             for old in history.get(subject.key, ()):
                 if (
                     old.event_type not in self._history_types
                     or old.key in positions
                     or old.key in subject.events
                     or old.subject_key != subject.key
-                    or not earliest <= old.occurred_at <= latest
+                    or old.occurred_at < earliest
                 ):
                     continue
                 try:
@@ -343,34 +371,80 @@ class RuleEngine:
         subject: _Subject,
         matched: list[tuple[tuple[str, ...], int]],
         positions: Mapping[str, int],
-        consumed: Mapping[str, frozenset[str]],
+        prior: Sequence[PriorOutcome],
         failures: list[EvaluationFailure],
-    ) -> list[tuple[tuple[int, int], Firing]]:
+    ) -> tuple[list[tuple[tuple[int, int], Firing]], list[Supersession]]:
         # A set per rule: durable-rules fires a rule once per branch of an "or" that holds.
-        by_rule: dict[int, set[tuple[str, ...]]] = {}
+        # Every settled rule is visited, even without matches: its prior outcomes may go.
+        by_rule: dict[int, set[tuple[str, ...]]] = {index: set() for index in self._settled}
         for keys, rule_index in matched:
             by_rule.setdefault(rule_index, set()).add(keys)
+        prior_of: dict[str, list[PriorOutcome]] = {}
+        for outcome in prior:
+            prior_of.setdefault(outcome.rule_id, []).append(outcome)
         ranked: list[tuple[tuple[int, int], Firing]] = []
+        superseded: list[Supersession] = []
         for rule_index, matches in by_rule.items():
             rule = self._rule_set.rules[rule_index]
-            patterns = _patterns(rule, matches, subject.events, positions, consumed.get(rule.id, frozenset()))
-            for events, points in patterns:
-                newest = max(positions[e.key] for e in events if e.key in positions)
+            patterns, gone = _patterns(
+                rule,
+                matches,
+                subject,
+                positions=positions,
+                prior=prior_of.get(rule.id, ()),
+                settled=rule_index in self._settled,
+            )
+            superseded.extend(Supersession(o, subject.cause) for o in gone)
+            for events, points, variant in patterns:
+                newest = max((positions[e.key] for e in events if e.key in positions), default=-1)
                 try:
-                    firing = _firing(self._rule_set, rule, events, points)
+                    firing = _firing(self._rule_set, rule, events, points, variant)
                 except EvaluationProblem as problem:
                     failures.append(EvaluationFailure(events[-1].key, rule.id, str(problem)))
                     continue
                 if firing is not None:
                     ranked.append(((newest, rule_index), firing))
-        return ranked
+        return ranked, superseded
+
+
+@dataclass(frozen=True)
+class Supersession:
+    """A prior outcome that is no longer canonical, and the new event whose arrival made
+    it so (the subject's earliest new event; empty when a retraction did)."""
+
+    outcome: PriorOutcome
+    by: str
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    """What an evaluation brings about: outcomes to emit and prior outcomes to reverse."""
+
+    firings: list[Firing] = field(default_factory=list)
+    superseded: list[Supersession] = field(default_factory=list)
+
+
+def prior_outcome(firing: Firing) -> PriorOutcome:
+    """A firing as the prior outcome a later evaluation settles against."""
+    return PriorOutcome(
+        outcome_id=firing.outcome_id,
+        rule_id=firing.rule_id,
+        subject_key=firing.subject_key,
+        event_keys=firing.event_keys,
+        first_at=firing.first_at,
+        last_at=firing.occurred_at,
+        points=firing.points,
+    )
 
 
 @dataclass
 class _Subject:
-    """One subject's events in one evaluation: the new ones and the history they need."""
+    """One subject's events in one evaluation: the new ones and the history they need.
+    ``since`` is where its region of event time starts; ``cause`` the new event there."""
 
     key: str
+    since: datetime
+    cause: str
     events: dict[str, EngineEvent] = field(default_factory=dict)
     facts: list[dict[str, Any]] = field(default_factory=list)
 
@@ -379,52 +453,62 @@ class _Subject:
         self.facts.append(fact)
 
 
-# (events in event-time order, capped points or None to compute them)
-_Pattern: TypeAlias = tuple[tuple[EngineEvent, ...], int | None]
+# (events in event-time order, capped points or None to compute them, outcome id variant)
+_Pattern: TypeAlias = tuple[tuple[EngineEvent, ...], int | None, str]
 
 
 def _patterns(
     rule: Rule,
     matches: set[tuple[str, ...]],
-    events: Mapping[str, EngineEvent],
+    subject: _Subject,
+    *,
     positions: Mapping[str, int],
-    used: frozenset[str],
-) -> list[_Pattern]:
-    """The rule's firings among one subject's matches that include a new event."""
+    prior: Sequence[PriorOutcome],
+    settled: bool,
+) -> tuple[list[_Pattern], list[PriorOutcome]]:
+    """The rule's firings among one subject's matches, and its prior outcomes they supersede."""
+    events = subject.events
+    if not settled:
+        # A per-event rule fires on new events only: the old ones fired when they were new.
+        return [((events[key],), None, "") for (key,) in matches if key in positions], []
     if rule.window is not None:
         window = rule.window
-        groups: dict[object, list[EngineEvent]] = {}
-        for (key,) in matches:
-            event = events[key]
-            if key in used:
-                continue
-            if window.group_by is None:
-                groups.setdefault(None, []).append(event)
-            elif window.group_by in event.attributes:
-                # Events without the attribute belong to no group, so they count in none.
-                groups.setdefault(event.attributes[window.group_by], []).append(event)
-        found: list[tuple[EngineEvent, ...]] = [
-            chosen
-            for members in groups.values()
-            for chosen in select_windows(members, window.count, window.within)
-        ]
-    elif rule.sequence is not None:
+        group_by = window.group_by
+
+        def group_of(event: EngineEvent) -> tuple[bool, object]:
+            if group_by is None:
+                return True, None
+            # Events without the attribute belong to no group, so they count in none.
+            return group_by in event.attributes, event.attributes.get(group_by)
+
+        region = window_region(
+            (events[key] for (key,) in matches),
+            prior,
+            since=subject.since,
+            count=window.count,
+            within=window.within,
+            group_of=group_of,
+        )
+        return [(chosen, None, "") for chosen in region.fire], region.superseded
+    if rule.sequence is not None:
         sequence = rule.sequence
-        candidates: list[tuple[EngineEvent, EngineEvent]] = []
-        for first_key, second_key in matches:
-            if first_key in used or second_key in used:
-                continue
-            first, second = events[first_key], events[second_key]
-            if sequence.correlate_by is not None and not _correlated(first, second, sequence.correlate_by):
-                continue
-            candidates.append((first, second))
-        found = list(select_pairs(candidates, sequence.within))
-    elif rule.cap is not None:
-        return _capped(rule, rule.cap, [events[key] for (key,) in matches], positions)
-    else:
-        found = [(events[key],) for (key,) in matches]
-    # Patterns made of history alone fired (or not) in an earlier evaluation.
-    return [(chosen, None) for chosen in found if any(e.key in positions for e in chosen)]
+        candidates = [
+            (events[first], events[second])
+            for first, second in matches
+            if sequence.correlate_by is None
+            or _correlated(events[first], events[second], sequence.correlate_by)
+        ]
+        pairs = pair_region(candidates, prior, subject.since, sequence.within)
+        return [(chosen, None, "") for chosen in pairs.fire], pairs.superseded
+    assert rule.cap is not None
+    return _capped(
+        rule,
+        rule.cap,
+        [events[key] for (key,) in matches],
+        positions=positions,
+        prior=prior,
+        since=subject.since,
+    )
 
 
 def _correlated(first: EngineEvent, second: EngineEvent, attribute: str) -> bool:
@@ -433,35 +517,40 @@ def _correlated(first: EngineEvent, second: EngineEvent, attribute: str) -> bool
     return attribute in first.attributes and first.attributes[attribute] == second.attributes.get(attribute)
 
 
-def _capped(rule: Rule, cap: Cap, matched: list[EngineEvent], positions: Mapping[str, int]) -> list[_Pattern]:
-    """Per-event firings of new events, each limited by what its cap period has left."""
-    anchor = rule.effective_from or _EPOCH
-    earlier: dict[int, list[int]] = {}
-    new: dict[int, list[tuple[EngineEvent, int]]] = {}
+def _capped(
+    rule: Rule,
+    cap: Cap,
+    matched: list[EngineEvent],
+    *,
+    positions: Mapping[str, int],
+    prior: Sequence[PriorOutcome],
+    since: datetime,
+) -> tuple[list[_Pattern], list[PriorOutcome]]:
+    """Per-event firings, each limited by what its cap period has left in event-time order.
+    A firing cut by the cap has its own outcome id (its share is part of it), so that a
+    late event that changes the share reverses the old firing and emits a new one."""
     failing: list[_Pattern] = []
-    for event in sorted(matched, key=event_time_order):
-        is_new = event.key in positions
+    valued: list[tuple[EngineEvent, int]] = []
+    full: dict[str, int] = {}
+    for event in matched:
         try:
             points = rule.points_for(event.attributes)
         except EvaluationProblem:
-            if is_new:
-                failing.append(((event,), None))  # _firing computes the points again and reports it
+            if event.key in positions:
+                failing.append(((event,), None, ""))  # _firing computes the points again and reports it
             # Otherwise it could not fire when it was evaluated, so it gave nothing.
             continue
-        if points == 0:
-            continue
-        period = period_of(event.occurred_at, anchor, cap.per)
-        if is_new:
-            new.setdefault(period, []).append((event, points))
-        else:
-            earlier.setdefault(period, []).append(abs(points))
-    patterns = failing
-    for period, firings in new.items():
-        allowed = capped(cap.points, earlier.get(period, ()), [abs(points) for _, points in firings])
-        for (event, points), share in zip(firings, allowed, strict=True):
-            if share > 0:
-                patterns.append(((event,), share if points > 0 else -share))
-    return patterns
+        if points != 0:
+            valued.append((event, points))
+            full[event.key] = points
+    region = cap_region(
+        valued, prior, since=since, anchor=rule.effective_from or _EPOCH, per=cap.per, cap=cap.points
+    )
+    patterns = failing + [
+        ((event,), points, "" if points == full[event.key] else f"cap:{points}")
+        for event, points in region.fire
+    ]
+    return patterns, region.superseded
 
 
 def run_raw(rule_set: RuleSet, events: Sequence[EngineEvent]) -> int:
@@ -610,7 +699,7 @@ def _positions(events: Sequence[EngineEvent]) -> dict[str, int]:
 
 
 def _firing(
-    rule_set: RuleSet, rule: Rule, events: tuple[EngineEvent, ...], points: int | None
+    rule_set: RuleSet, rule: Rule, events: tuple[EngineEvent, ...], points: int | None, variant: str = ""
 ) -> Firing | None:
     """The firing of a rule on events in event-time order, ``points`` already capped if given."""
     last = events[-1]
@@ -645,7 +734,8 @@ def _firing(
         reason=rule.reason.render(variables),
         black_list=rule.black_list,
         occurred_at=last.occurred_at,
-        outcome_id=outcome_id(rule_set.name, rule_set.version, rule.id, event_keys),
+        outcome_id=outcome_id(rule_set.name, rule_set.version, rule.id, event_keys, variant),
+        first_at=events[0].occurred_at,
     )
 
 

@@ -178,11 +178,26 @@ class Firing:
     black_list: bool
     occurred_at: datetime
     outcome_id: str
+    # The earliest event's occurred_at (occurred_at is the latest's).
+    first_at: datetime
 
 
-def outcome_id(rule_set: str, rule_set_version: int, rule_id: str, event_keys: Iterable[str]) -> str:
-    """The deterministic id of a firing, so a re-evaluation yields the same outcome."""
+def outcome_id(
+    rule_set: str, rule_set_version: int, rule_id: str, event_keys: Iterable[str], variant: str = ""
+) -> str:
+    """The deterministic id of a firing, so a re-evaluation yields the same outcome.
+    ``variant`` tells apart firings of the same events that differ otherwise (a share cut
+    by a cap)."""
     text = f"{rule_set}|{rule_set_version}|{rule_id}|" + "|".join(sorted(event_keys))
+    if variant:
+        text += f"|{variant}"
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def reissued_id(original: str, generation: int) -> str:
+    """The id of an outcome formed again from the same events after its reversal (the
+    generation-th time): deterministic, and never the reversed id itself."""
+    text = f"{original}|again|{generation}"
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 

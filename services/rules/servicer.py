@@ -126,23 +126,21 @@ class RulesServicer(LifecycleRpcs, pb_grpc.RulesServiceServicer):
                 else Retractions()
             )
             outcomes = len(result.firings) + len(retractions.firings)
+            reversed_ = len(retractions.reversed) + len(result.superseded)
             span.set_attributes(
                 {
                     "egret.evaluated": result.evaluated,
                     "egret.duplicate": result.duplicate,
                     "egret.outcomes": outcomes,
                     "egret.retracted": retractions.retracted,
-                    "egret.reversed": len(retractions.reversed),
+                    "egret.reversed": reversed_,
                     "egret.parked": len(result.parked),
                     "egret.failed": len(result.failed),
                     "egret.rule_set": f"{result.rule_set}@{result.rule_set_version}",
                 }
             )
-            if outcomes or retractions.reversed:
+            if outcomes or retractions.reversed or result.superseded:
                 self._committed()
-            for key, reason in retractions.failed.items():
-                # The event stays evaluated and unused; a later event may still join it.
-                log.warning("released event could not be evaluated again", event_key=key, reason=reason)
             for failure in result.parked:
                 log.error(
                     "event parked as a dead letter",
@@ -160,7 +158,7 @@ class RulesServicer(LifecycleRpcs, pb_grpc.RulesServiceServicer):
                 parked=len(result.parked),
                 failed=len(result.failed),
                 retracted=retractions.retracted,
-                reversed=len(retractions.reversed),
+                reversed=reversed_,
                 rule_set=f"{result.rule_set}@{result.rule_set_version}",
             )
             if result.failed:
@@ -173,7 +171,7 @@ class RulesServicer(LifecycleRpcs, pb_grpc.RulesServiceServicer):
                 outcomes=outcomes,
                 parked=len(result.parked),
                 retracted=retractions.retracted,
-                reversed=len(retractions.reversed),
+                reversed=reversed_,
             )
 
     async def BacktestRuleSet(

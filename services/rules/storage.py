@@ -5,15 +5,18 @@ Evaluation writes in one transaction per batch: an event is either evaluated wit
 outcomes queued for score (or recorded as failed), or not at all. Every per-batch
 statement is a bulk one; no query runs per event.
 
-A retraction writes in one transaction too: the retraction (the inbox of retractions),
-the event marked retracted (it leaves every later history read), the reversed outcomes
-marked and their consumed events released, the reversals and any re-formed outcomes in
-the outbox. Each outbox row is one serialized ApplyOutcomesRequest holding one outcome
-or one reversal; the relay merges a claim's rows into one request.
+An evaluation or a retraction that settles a subject again in event time reverses the
+outcomes it superseded in the same transaction: each is marked (only if still active,
+otherwise the transaction yields to the evaluation that got there first), its consumed
+events released and a reversal queued for score. A retraction also records itself (the
+inbox of retractions) and marks the event retracted (it leaves every later history read).
+Each outbox row is one serialized ApplyOutcomesRequest holding one outcome or one
+reversal; the relay merges a claim's rows into one request.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -43,6 +46,7 @@ from services.rules.domain import (
     ReversedOutcome,
     split_key,
 )
+from services.rules.engine import Evaluated
 from services.rules.lifecycle import (
     ActivePointer,
     Change,
@@ -53,7 +57,8 @@ from services.rules.lifecycle import (
     source_sha256,
 )
 from services.rules.records import engine_event_from_record
-from services.rules.ruleset import EngineEvent, Firing, RuleSet
+from services.rules.ruleset import EngineEvent, Firing, RuleSet, reissued_id
+from services.rules.windows import PriorOutcome
 
 # Keeps IN lists well below SQLite's and PostgreSQL's bound-parameter limits.
 _CHUNK: Final = 5000
@@ -230,8 +235,28 @@ def outcome_payload(outcome: outcome_pb2.Outcome) -> bytes:
 
 
 def reversal_payload(outcome_id: str, retraction: due_process_pb2.Retraction) -> bytes:
-    reversal = score_pb.Reversal(outcome_id=outcome_id, retraction=retraction)
+    reversal = score_pb.Reversal(
+        outcome_id=outcome_id,
+        retraction=retraction,
+        cause=score_pb.REVERSAL_CAUSE_RETRACTION,
+        subject_key=retraction.subject_key,
+    )
     return score_pb.ApplyOutcomesRequest(reversals=[reversal]).SerializeToString()
+
+
+def regrouped_payload(outcome_id: str, subject_key: str, late_event: str) -> bytes:
+    source, event_id = split_key(late_event)
+    reversal = score_pb.Reversal(
+        outcome_id=outcome_id,
+        cause=score_pb.REVERSAL_CAUSE_REGROUPED,
+        late_event=event_pb2.EventRef(source=source, event_id=event_id),
+        subject_key=subject_key,
+    )
+    return score_pb.ApplyOutcomesRequest(reversals=[reversal]).SerializeToString()
+
+
+class _Superseded(Exception):
+    """An outcome to reverse was reversed meanwhile: another evaluation settled the subject."""
 
 
 def outcome_message(firing: Firing, records: Mapping[str, bytes]) -> outcome_pb2.Outcome:
@@ -324,23 +349,19 @@ class SqlEvaluationStore:
                         attempts[key] = r.attempts
         return BatchState(frozenset(evaluated), frozenset(parked), attempts, frozenset(retracted))
 
-    def context(
-        self, ranges: Mapping[str, tuple[datetime, datetime]], event_types: frozenset[str]
-    ) -> EvaluationContext:
+    def context(self, since: Mapping[str, datetime], event_types: frozenset[str]) -> EvaluationContext:
         history: dict[str, list[EngineEvent]] = {}
         records: dict[str, bytes] = {}
-        consumed: dict[str, set[str]] = {}
-        if not ranges:
+        prior: dict[str, list[PriorOutcome]] = {}
+        if not since:
             return EvaluationContext({}, {}, {})
-        # One range for the whole statement (the index on subject and time bounds it),
-        # then each subject's own range in Python.
-        low = min(r[0] for r in ranges.values())
-        high = max(r[1] for r in ranges.values())
-        subjects = list(ranges)
+        # One bound for the whole statement (the index on subject and time bounds it),
+        # then each subject's own instant in Python.
+        low = min(since.values())
+        subjects = list(since)
 
-        def within(subject: str, occurred_at: datetime) -> bool:
-            start, end = ranges[subject]
-            return start <= as_utc(occurred_at) <= end
+        def reaches(subject: str, occurred_at: datetime) -> bool:
+            return as_utc(occurred_at) >= since[subject]
 
         with self._sessions() as session:
             for chunk in _chunks(subjects):
@@ -349,42 +370,60 @@ class SqlEvaluationStore:
                     .where(
                         EvaluatedEvent.subject_key.in_(chunk),
                         EvaluatedEvent.occurred_at >= low,
-                        EvaluatedEvent.occurred_at <= high,
                         EvaluatedEvent.event_type.in_(sorted(event_types)),
                         EvaluatedEvent.retracted_at.is_(None),
                     )
                     .order_by(EvaluatedEvent.occurred_at, EvaluatedEvent.source, EvaluatedEvent.event_id)
                 )
                 for row in rows:
-                    if within(row.subject_key, row.occurred_at):
+                    if reaches(row.subject_key, row.occurred_at):
                         event = engine_event_from_record(row.record)
                         history.setdefault(row.subject_key, []).append(event)
                         records[event.key] = row.record
-                used = session.execute(
-                    sa.select(
-                        OutcomeEvent.rule_id,
-                        OutcomeEvent.event_key,
-                        OutcomeEvent.subject_key,
-                        OutcomeEvent.occurred_at,
-                    ).where(
-                        OutcomeEvent.subject_key.in_(chunk),
-                        OutcomeEvent.occurred_at >= low,
-                        OutcomeEvent.occurred_at <= high,
-                    )
+                # Every active outcome with an event from the subject's instant on, whole
+                # (an outcome that starts earlier decides what its region may reuse).
+                reaching = (
+                    sa.select(OutcomeEvent.outcome_id)
+                    .where(OutcomeEvent.subject_key.in_(chunk), OutcomeEvent.occurred_at >= low)
+                    .scalar_subquery()
                 )
-                for use in used:
-                    if within(use.subject_key, use.occurred_at):
-                        consumed.setdefault(use.rule_id, set()).add(use.event_key)
-        return EvaluationContext(
-            history=history,
-            consumed={rule_id: frozenset(keys) for rule_id, keys in consumed.items()},
-            records=records,
-        )
+                uses = session.execute(
+                    sa.select(
+                        OutcomeEvent.outcome_id,
+                        OutcomeEvent.rule_id,
+                        OutcomeEvent.subject_key,
+                        OutcomeEvent.event_key,
+                        OutcomeEvent.occurred_at,
+                        EmittedOutcome.points,
+                    )
+                    .join(EmittedOutcome, EmittedOutcome.outcome_id == OutcomeEvent.outcome_id)
+                    .where(OutcomeEvent.outcome_id.in_(reaching))
+                    .order_by(OutcomeEvent.outcome_id, OutcomeEvent.occurred_at, OutcomeEvent.event_key)
+                )
+                grouped: dict[str, list[Any]] = {}
+                for use in uses:
+                    grouped.setdefault(use.outcome_id, []).append(use)
+                for outcome_id, events in grouped.items():
+                    first, last = events[0], events[-1]
+                    if not reaches(first.subject_key, last.occurred_at):
+                        continue
+                    prior.setdefault(first.subject_key, []).append(
+                        PriorOutcome(
+                            outcome_id=outcome_id,
+                            rule_id=first.rule_id,
+                            subject_key=first.subject_key,
+                            event_keys=tuple(e.event_key for e in events),
+                            first_at=as_utc(first.occurred_at),
+                            last_at=as_utc(last.occurred_at),
+                            points=first.points,
+                        )
+                    )
+        return EvaluationContext(history=history, prior=prior, records=records)
 
     def commit_evaluation(
         self,
         events: Sequence[EngineEvent],
-        firings: Sequence[Firing],
+        evaluated: Evaluated,
         records: Mapping[str, bytes],
         *,
         failures: Sequence[Failure] = (),
@@ -413,15 +452,50 @@ class SqlEvaluationStore:
                             for e in events
                         ],
                     )
-                self._emit(session, firings, records, occurred, rule_set=rule_set, now=now)
+                self._supersede(
+                    session,
+                    [
+                        (
+                            s.outcome.outcome_id,
+                            regrouped_payload(s.outcome.outcome_id, s.outcome.subject_key, s.by),
+                        )
+                        for s in evaluated.superseded
+                    ],
+                    by={s.outcome.outcome_id: s.by for s in evaluated.superseded},
+                    now=now,
+                )
+                self._emit(session, evaluated.firings, records, occurred, rule_set=rule_set, now=now)
                 if cleared:
                     for chunk in _chunks(list(cleared)):
                         session.execute(sa.delete(DeadLetterRow).where(_key_filter(DeadLetterRow, chunk)))
                 if failures:
                     self._record_failures(session, failures, records, rule_set, now)
-        except IntegrityError:
+        except (IntegrityError, _Superseded):
             return False
         return True
+
+    @staticmethod
+    def _supersede(
+        session: Session, reversals: Sequence[tuple[str, bytes]], *, by: Mapping[str, str], now: datetime
+    ) -> None:
+        """Reverse active outcomes (id, reversal payload): mark them, release their events,
+        queue the reversals. Raises _Superseded if one is no longer active."""
+        if not reversals:
+            return
+        ids = [outcome_id for outcome_id, _ in reversals]
+        table = cast(sa.Table, EmittedOutcome.__table__)
+        marked = session.connection().execute(
+            sa.update(table)
+            .where(table.c.outcome_id == sa.bindparam("b_id"), table.c.reversed_at.is_(None))
+            .values(reversed_at=now, reversed_by=sa.bindparam("b_by")),
+            [{"b_id": i, "b_by": by[i]} for i in ids],
+        )
+        if marked.rowcount != len(ids):
+            raise _Superseded
+        # Releases the events they consumed (their evidence stays in the outcome's record).
+        for chunk in _chunks(ids):
+            session.execute(sa.delete(OutcomeEvent).where(OutcomeEvent.outcome_id.in_(chunk)))
+        session.execute(sa.insert(Outbox), outbox_rows([payload for _, payload in reversals], now))
 
     def _emit(
         self,
@@ -434,6 +508,7 @@ class SqlEvaluationStore:
         now: datetime,
     ) -> None:
         """Record the firings not emitted before, their consumed events and outbox rows."""
+        firings = self._reissued(session, firings)
         outcomes = {f.outcome_id: outcome_message(f, records) for f in firings}
         fresh = self._not_yet_emitted(session, list(outcomes))
         if fresh:
@@ -484,24 +559,23 @@ class SqlEvaluationStore:
             )
             if applied is not None:
                 return None
-            subject_key = session.scalar(
-                sa.select(EvaluatedEvent.subject_key).where(
+            record = session.scalar(
+                sa.select(EvaluatedEvent.record).where(
                     EvaluatedEvent.source == source, EvaluatedEvent.event_id == event_id
                 )
             )
-            if subject_key is None:
+            if record is None:
                 # Never evaluated (parked, or still failing): it caused nothing to reverse.
-                return RetractionContext((), {}, {})
+                return RetractionContext((), None)
+            event = engine_event_from_record(record)
             # The subject's index bounds this; a subject has few outcomes per event.
             used_by = list(
                 session.scalars(
                     sa.select(OutcomeEvent.outcome_id).where(
-                        OutcomeEvent.subject_key == subject_key, OutcomeEvent.event_key == notice.key
+                        OutcomeEvent.subject_key == event.subject_key, OutcomeEvent.event_key == notice.key
                     )
                 )
             )
-            if not used_by:
-                return RetractionContext((), {}, {})
             rules_of = {
                 row.outcome_id: row.rule_id
                 for row in session.execute(
@@ -517,27 +591,17 @@ class SqlEvaluationStore:
                 .order_by(OutcomeEvent.outcome_id, OutcomeEvent.occurred_at, OutcomeEvent.event_key)
             ):
                 keys_of.setdefault(outcome_id, []).append(key)
-            reversed_outcomes = tuple(
-                ReversedOutcome(outcome_id, rules_of[outcome_id], tuple(keys_of.get(outcome_id, ())))
-                for outcome_id in sorted(rules_of)
-            )
-            freed = sorted({k for o in reversed_outcomes for k in o.event_keys} - {notice.key})
-            records: dict[str, bytes] = {}
-            for chunk in _chunks(freed):
-                rows = session.execute(
-                    sa.select(EvaluatedEvent.source, EvaluatedEvent.event_id, EvaluatedEvent.record).where(
-                        _key_filter(EvaluatedEvent, chunk), EvaluatedEvent.retracted_at.is_(None)
-                    )
-                )
-                records.update({f"{r.source}/{r.event_id}": r.record for r in rows})
-        events = {key: engine_event_from_record(record) for key, record in records.items()}
-        return RetractionContext(reversed_outcomes, events, records)
+        reversed_outcomes = tuple(
+            ReversedOutcome(outcome_id, rules_of[outcome_id], tuple(keys_of.get(outcome_id, ())))
+            for outcome_id in sorted(rules_of)
+        )
+        return RetractionContext(reversed_outcomes, event)
 
     def commit_retraction(
         self,
         notice: RetractionNotice,
         reversed_ids: Sequence[str],
-        firings: Sequence[Firing],
+        evaluated: Evaluated,
         records: Mapping[str, bytes],
         *,
         rule_set: RuleSet,
@@ -554,8 +618,8 @@ class SqlEvaluationStore:
                         event_id=event_id,
                         subject_key=notice.subject_key,
                         applied_at=now,
-                        reversed=len(reversed_ids),
-                        reformed=len(firings),
+                        reversed=len(reversed_ids) + len(evaluated.superseded),
+                        reformed=len(evaluated.firings),
                         record=notice.record,
                     )
                 )
@@ -570,22 +634,15 @@ class SqlEvaluationStore:
                         DeadLetterRow.source == source, DeadLetterRow.event_id == event_id
                     )
                 )
-                if reversed_ids:
-                    ids = list(reversed_ids)
-                    session.execute(
-                        sa.update(EmittedOutcome)
-                        .where(EmittedOutcome.outcome_id.in_(ids))
-                        .values(reversed_at=now, reversed_by=notice.key)
-                    )
-                    # Releases the events the reversed outcomes consumed (their evidence stays
-                    # in the outcome's record).
-                    session.execute(sa.delete(OutcomeEvent).where(OutcomeEvent.outcome_id.in_(ids)))
-                    session.execute(
-                        sa.insert(Outbox),
-                        outbox_rows([reversal_payload(i, retraction) for i in ids], now),
-                    )
-                self._emit(session, firings, records, {}, rule_set=rule_set, now=now)
-        except IntegrityError:
+                ids = [*reversed_ids, *(s.outcome.outcome_id for s in evaluated.superseded)]
+                self._supersede(
+                    session,
+                    [(i, reversal_payload(i, retraction)) for i in ids],
+                    by=dict.fromkeys(ids, notice.key),
+                    now=now,
+                )
+                self._emit(session, evaluated.firings, records, {}, rule_set=rule_set, now=now)
+        except (IntegrityError, _Superseded):
             return False
         return True
 
@@ -657,6 +714,34 @@ class SqlEvaluationStore:
                     for f in again
                 ],
             )
+
+    @staticmethod
+    def _reissued(session: Session, firings: Sequence[Firing]) -> list[Firing]:
+        """The firings, each whose id belongs to a reversed outcome under the next id of
+        its line (reissued_id): the same events can form an outcome again after it was
+        reversed (a late event regrouped them, then was retracted), and a reversed id
+        must stay reversed at score. An id already active stays as it is (a redelivery)."""
+        result = list(firings)
+        originals = {i: f.outcome_id for i, f in enumerate(result)}
+        current = dict(originals)
+        generation = 0
+        while current:
+            reversed_ids: set[str] = set()
+            for chunk in _chunks(list(set(current.values()))):
+                reversed_ids.update(
+                    session.scalars(
+                        sa.select(EmittedOutcome.outcome_id).where(
+                            EmittedOutcome.outcome_id.in_(chunk), EmittedOutcome.reversed_at.is_not(None)
+                        )
+                    )
+                )
+            generation += 1
+            current = {
+                i: reissued_id(originals[i], generation) for i, oid in current.items() if oid in reversed_ids
+            }
+            for i, oid in current.items():
+                result[i] = dataclasses.replace(result[i], outcome_id=oid)
+        return result
 
     @staticmethod
     def _not_yet_emitted(session: Session, outcome_ids: list[str]) -> list[str]:

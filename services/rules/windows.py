@@ -16,9 +16,10 @@ unused first step before it. docs/rules.md states the semantics these implement.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 
 class Timed(Protocol):
@@ -30,6 +31,8 @@ class Timed(Protocol):
 
 
 T = TypeVar("T", bound=Timed)
+P = TypeVar("P")
+S = TypeVar("S", bound=tuple[Timed, ...])
 
 
 def event_time_order(event: Timed) -> tuple[datetime, str]:
@@ -113,3 +116,119 @@ def capped(cap: int, earlier: Iterable[int], new: Sequence[int]) -> list[int]:
         allowed.append(share)
         given += share
     return allowed
+
+
+@dataclass(frozen=True)
+class PriorOutcome:
+    """An active outcome an earlier evaluation emitted for a window, sequence or capped rule.
+
+    ``event_keys`` are in event-time order; ``first_at`` and ``last_at`` are the occurred_at
+    of the first and last of them (equal for a per-event outcome of a capped rule).
+    """
+
+    outcome_id: str
+    rule_id: str
+    subject_key: str
+    event_keys: tuple[str, ...]
+    first_at: datetime
+    last_at: datetime
+    points: int
+
+
+@dataclass(frozen=True)
+class Region(Generic[P]):
+    """What changes in one rule's region of event time: patterns to fire, prior outcomes to reverse."""
+
+    fire: list[P]
+    superseded: list[PriorOutcome]
+
+
+# The canonical choice of every selection below is a left-to-right scan in event time
+# (select_windows, select_pairs, capped): what it decides before some instant depends
+# only on events before that instant (plus, for a window, its duration). So when new
+# events arrive (or one is retracted) at ``since``, every prior outcome that starts
+# early enough is already canonical and stays ("frozen", its events used), and only the
+# region after it is scanned again, with every event there, new and old. Comparing
+# that region's canonical patterns with its prior outcomes says what to fire and what
+# to reverse; the result is the same whatever order and batches the events came in.
+
+
+def window_region(
+    matched: Iterable[T],
+    prior: Sequence[PriorOutcome],
+    *,
+    since: datetime,
+    count: int,
+    within: timedelta,
+    group_of: Callable[[T], tuple[bool, object]],
+) -> Region[tuple[T, ...]]:
+    """A window rule's region from ``since - within`` on. ``group_of(event)`` is
+    (belongs to a group, the group's value)."""
+    start = since - within
+    frozen = {key for o in prior if o.first_at < start for key in o.event_keys}
+    groups: dict[object, list[T]] = {}
+    for event in matched:
+        if event.occurred_at < start or event.key in frozen:
+            continue
+        belongs, value = group_of(event)
+        if belongs:
+            groups.setdefault(value, []).append(event)
+    canonical = [chosen for members in groups.values() for chosen in select_windows(members, count, within)]
+    return _diff(canonical, [o for o in prior if o.first_at >= start])
+
+
+def pair_region(
+    pairs: Iterable[tuple[T, T]], prior: Sequence[PriorOutcome], since: datetime, within: timedelta
+) -> Region[tuple[T, T]]:
+    """A sequence rule's region: every pair whose second step is at or after ``since``."""
+    frozen = {key for o in prior if o.last_at < since for key in o.event_keys}
+    candidates = [
+        (first, second)
+        for first, second in pairs
+        if second.occurred_at >= since and first.key not in frozen and second.key not in frozen
+    ]
+    return _diff(list(select_pairs(candidates, within)), [o for o in prior if o.last_at >= since])
+
+
+def cap_region(
+    matched: Iterable[tuple[T, int]],
+    prior: Sequence[PriorOutcome],
+    *,
+    since: datetime,
+    anchor: datetime,
+    per: timedelta,
+    cap: int,
+) -> Region[tuple[T, int]]:
+    """A capped per-event rule's region: every period from ``since``'s on, each period's
+    firings given ``min(points, what is left)`` in event-time order. ``matched`` are
+    (event, uncapped points) of the rule's matches, new and old."""
+    first_period = period_of(since, anchor, per)
+    by_period: dict[int, list[tuple[T, int]]] = {}
+    for event, points in sorted(matched, key=lambda pair: event_time_order(pair[0])):
+        period = period_of(event.occurred_at, anchor, per)
+        if period >= first_period:
+            by_period.setdefault(period, []).append((event, points))
+    canonical: list[tuple[T, int]] = []
+    for firings in by_period.values():
+        allowed = capped(cap, (), [abs(points) for _, points in firings])
+        for (event, points), share in zip(firings, allowed, strict=True):
+            if share > 0:
+                canonical.append((event, share if points > 0 else -share))
+    open_ = [o for o in prior if period_of(o.first_at, anchor, per) >= first_period]
+    fire_keys = {(event.key, points) for event, points in canonical}
+    kept = {(o.event_keys[0], o.points) for o in open_} & fire_keys
+    return Region(
+        fire=[(event, points) for event, points in canonical if (event.key, points) not in kept],
+        superseded=[o for o in open_ if (o.event_keys[0], o.points) not in kept],
+    )
+
+
+def _diff(canonical: list[S], open_: Sequence[PriorOutcome]) -> Region[S]:
+    """Canonical patterns (tuples of events) against the prior outcomes of the same region,
+    compared by their sets of events."""
+    wanted = {frozenset(e.key for e in pattern) for pattern in canonical}
+    have = {frozenset(o.event_keys) for o in open_}
+    return Region(
+        fire=[p for p in canonical if frozenset(e.key for e in p) not in have],
+        superseded=[o for o in open_ if frozenset(o.event_keys) not in wanted],
+    )

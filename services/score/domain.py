@@ -18,7 +18,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
-from typing import Protocol
+from typing import Final, Protocol
 
 from kit.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Violation
 from kit.vocabulary import SEVERITIES, SUBJECT_KINDS
@@ -147,11 +147,17 @@ class RepairRecord:
         return self.status == PENDING and now > self.decision_due
 
 
+# Why rules reversed an outcome: a department retracted one of its events, or a late
+# event regrouped the subject's events in event time (source/event_id name that event).
+RETRACTION: Final = "retraction"
+REGROUPED: Final = "regrouped"
+
+
 @dataclass(frozen=True)
 class ReversalRecord:
-    """A reversal of an outcome by a source correction (table score_reversals), keyed by
-    outcome id. It may arrive before its outcome: it then waits (a tombstone) and the
-    outcome is reversed from the moment it is recorded."""
+    """A reversal of an outcome by a source correction or a regrouping in event time (table
+    score_reversals), keyed by outcome id. It may arrive before its outcome: it then waits
+    (a tombstone) and the outcome is reversed from the moment it is recorded."""
 
     outcome_id: str
     subject_key: str
@@ -161,10 +167,17 @@ class ReversalRecord:
     retracted_at: datetime | None
     retracted_by: str
     reversed_at: datetime
+    cause: str = RETRACTION
 
     @property
     def event(self) -> str:
         return f"{self.source}/{self.event_id}"
+
+    def explanation(self) -> str:
+        """Why the entry no longer counts, in a sentence."""
+        if self.cause == REGROUPED:
+            return f"event {self.event} arrived late and changed which events form this entry"
+        return f"event {self.event} retracted: {self.reason}"
 
 
 @dataclass(frozen=True)
@@ -726,7 +739,7 @@ class ApplyResult:
 
 @dataclass(frozen=True)
 class IncomingReversal:
-    """A reversal as delivered: the outcome to reverse and the retraction behind it."""
+    """A reversal as delivered: the outcome to reverse and the retraction (or late event) behind it."""
 
     outcome_id: str
     subject_key: str
@@ -735,6 +748,7 @@ class IncomingReversal:
     reason: str
     retracted_at: datetime | None
     retracted_by: str
+    cause: str = RETRACTION
 
     def record(self, now: datetime) -> ReversalRecord:
         return ReversalRecord(
@@ -746,6 +760,7 @@ class IncomingReversal:
             retracted_at=self.retracted_at,
             retracted_by=self.retracted_by,
             reversed_at=now,
+            cause=self.cause,
         )
 
 
@@ -780,11 +795,17 @@ def corrections(done: Sequence[ReversalRecord]) -> dict[str, Event]:
         key: Event(
             CORRECTION,
             ended=tuple(sorted({r.outcome_id for r in items})),
-            note="; ".join(sorted({f"event {r.event} retracted" for r in items})),
+            note="; ".join(sorted({_correction_note(r) for r in items})),
             always=True,
         )
         for key, items in by_subject.items()
     }
+
+
+def _correction_note(r: ReversalRecord) -> str:
+    if r.cause == REGROUPED:
+        return f"event {r.event} arrived late and regrouped"
+    return f"event {r.event} retracted"
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from services.score.domain import (
     OPEN,
     OVERTURNED,
     PENDING,
+    REGROUPED,
     REJECTED,
     UPHELD,
     ApplyResult,
@@ -76,6 +77,17 @@ def incoming(outcome: outcome_pb2.Outcome) -> IncomingOutcome:
 
 
 def incoming_reversal(reversal: pb.Reversal) -> IncomingReversal:
+    if reversal.cause == pb.REVERSAL_CAUSE_REGROUPED:
+        return IncomingReversal(
+            outcome_id=reversal.outcome_id,
+            subject_key=reversal.subject_key,
+            source=reversal.late_event.source,
+            event_id=reversal.late_event.event_id,
+            reason="",
+            retracted_at=None,
+            retracted_by="",
+            cause=REGROUPED,
+        )
     retraction = reversal.retraction
     return IncomingReversal(
         outcome_id=reversal.outcome_id,

@@ -231,6 +231,8 @@ class StoredReversal(Base):
     retracted_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
     retracted_by: Mapped[str] = mapped_column(sa.String(256))
     reversed_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    # RETRACTION or REGROUPED (services/score/domain.py).
+    cause: Mapped[str] = mapped_column(sa.String(16), server_default="retraction")
 
 
 class StoredConsent(Base):
@@ -409,6 +411,7 @@ def reversal_record(row: StoredReversal) -> ReversalRecord:
         retracted_at=None if row.retracted_at is None else as_utc(row.retracted_at),
         retracted_by=row.retracted_by,
         reversed_at=as_utc(row.reversed_at),
+        cause=row.cause,
     )
 
 
@@ -672,6 +675,7 @@ class SqlLedgerStore:
                         r.outcome_id,
                         {
                             "event": r.event,
+                            "cause": r.cause,
                             "reason": r.reason,
                             "retracted_by": r.retracted_by,
                             "entry_recorded": r.outcome_id in entries,
@@ -880,6 +884,7 @@ def _reversal_row(r: ReversalRecord) -> dict[str, Any]:
         "retracted_at": None if r.retracted_at is None else r.retracted_at.astimezone(UTC),
         "retracted_by": r.retracted_by,
         "reversed_at": r.reversed_at.astimezone(UTC),
+        "cause": r.cause,
     }
 
 

@@ -55,7 +55,7 @@ def expected_outcome_ids(cluster: Cluster, population: Population) -> set[str]:
         )
     engine = RuleEngine(load_rule_set(Path("config/rulesets/sample.yaml")))
     ordered = sorted(events.values(), key=lambda e: (e.occurred_at, e.key))
-    return {firing.outcome_id for firing in engine.evaluate(ordered)}
+    return {firing.outcome_id for firing in engine.evaluate(ordered).firings}
 
 
 def column(cluster: Cluster, service: str, query: str) -> list[str]:

@@ -86,7 +86,9 @@ def fired(firings: list[Firing]) -> list[tuple[str, str]]:
 def matching_keys(condition: dict[str, Any], cases: list[Mapping[str, AttributeScalar]]) -> list[int]:
     """Indexes of the attribute sets on which a rule with this condition fires."""
     with RuleEngine(rule_set(rule(when=condition))) as engine:
-        firings = engine.evaluate([event(f"src/{i}", attributes) for i, attributes in enumerate(cases)])
+        firings = engine.evaluate(
+            [event(f"src/{i}", attributes) for i, attributes in enumerate(cases)]
+        ).firings
     return [int(f.event_keys[0].removeprefix("src/")) for f in firings]
 
 
@@ -180,7 +182,7 @@ def test_an_event_matching_two_rules_fires_both() -> None:
     # durable-rules would consume a posted event with the first rule only.
     engine = RuleEngine(rule_set(rule("first"), rule("second", points=-2)))
 
-    assert fired(engine.evaluate([event("src/1")])) == [("src/1", "first"), ("src/1", "second")]
+    assert fired(engine.evaluate([event("src/1")]).firings) == [("src/1", "first"), ("src/1", "second")]
 
 
 def test_a_rule_fires_once_per_event_however_many_branches_of_an_any_hold() -> None:
@@ -188,13 +190,13 @@ def test_a_rule_fires_once_per_event_however_many_branches_of_an_any_hold() -> N
     condition = {"any": [{"attr": "x", "op": "gt", "value": 1}, {"attr": "x", "op": "gt", "value": 2}]}
     engine = RuleEngine(rule_set(rule(when=condition, event_types=["test.happened", "test.other"])))
 
-    assert fired(engine.evaluate([event("src/1", {"x": 3})])) == [("src/1", "r")]
+    assert fired(engine.evaluate([event("src/1", {"x": 3})]).firings) == [("src/1", "r")]
 
 
 def test_subject_kinds_restrict_which_subjects_a_rule_applies_to() -> None:
     engine = RuleEngine(rule_set(rule(subject_kinds=["organization"])))
 
-    firings = engine.evaluate([event("src/1"), event("src/2", subject=COMPANY, kind="organization")])
+    firings = engine.evaluate([event("src/1"), event("src/2", subject=COMPANY, kind="organization")]).firings
 
     assert fired(firings) == [("src/2", "r")]
 
@@ -210,9 +212,9 @@ def test_unmatched_and_unlistened_events_are_normal_and_do_not_hold_back_matched
         event("src/4", {"x": 1}),
     ]
 
-    assert engine.evaluate([events[0], events[3]]) == []
-    assert fired(engine.evaluate(events)) == [("src/2", "r")]
-    assert engine.evaluate([]) == []
+    assert engine.evaluate([events[0], events[3]]).firings == []
+    assert fired(engine.evaluate(events).firings) == [("src/2", "r")]
+    assert engine.evaluate([]).firings == []
 
 
 def test_firings_follow_input_order_then_rule_order() -> None:
@@ -231,7 +233,7 @@ def test_firings_follow_input_order_then_rule_order() -> None:
         event("src/5", {"x": 1}),
     ]
 
-    assert fired(engine.evaluate(events)) == [
+    assert fired(engine.evaluate(events).firings) == [
         ("src/1", "a"),
         ("src/1", "b"),
         ("src/2", "a"),
@@ -259,7 +261,7 @@ def test_points_expressions_give_points_and_zero_point_firings_are_not_emitted()
             event("src/2", {"hours": 9}, event_type="civic.volunteer_hours"),
             event("src/3", {"months": 3}, event_type="finance.tax_arrears"),
         ]
-    )
+    ).firings
 
     assert [(f.event_keys, f.points) for f in firings] == [(("src/1",), 4), (("src/3",), -30)]
 
@@ -285,7 +287,7 @@ def test_a_firing_carries_the_rule_the_event_and_the_rendered_reason() -> None:
 
     (firing,) = engine.evaluate(
         [event("tax/7", {"months": 2, "amount": 1200.5}, subject=COMPANY, kind="organization")]
-    )
+    ).firings
 
     assert firing == Firing(
         rule_id="finance.tax_arrears",
@@ -304,6 +306,7 @@ def test_a_firing_carries_the_rule_the_event_and_the_rendered_reason() -> None:
         black_list=True,
         occurred_at=AT,
         outcome_id=hashlib.sha256(b"egret-sample|3|finance.tax_arrears|tax/7").hexdigest()[:32],
+        first_at=AT,
     )
 
 
@@ -312,9 +315,9 @@ def test_outcome_ids_are_the_same_whatever_the_engine_or_batch() -> None:
     events = [event(f"src/{i}", subject=f"{i % 3:064x}") for i in range(6)]
 
     with RuleEngine(definition) as first, RuleEngine(definition) as second:
-        whole = [f.outcome_id for f in first.evaluate(events)]
-        split = [f.outcome_id for f in second.evaluate(events[:2])] + [
-            f.outcome_id for f in second.evaluate(events[2:])
+        whole = [f.outcome_id for f in first.evaluate(events).firings]
+        split = [f.outcome_id for f in second.evaluate(events[:2]).firings] + [
+            f.outcome_id for f in second.evaluate(events[2:]).firings
         ]
 
     assert whole == split
@@ -327,14 +330,14 @@ def test_two_engines_coexist_in_one_process() -> None:
 
     for batch in range(3):
         key = f"src/{batch}"
-        (from_old,) = old.evaluate([event(key)])
-        (from_new,) = new.evaluate([event(key)])
+        (from_old,) = old.evaluate([event(key)]).firings
+        (from_new,) = new.evaluate([event(key)]).firings
         assert (from_old.points, from_old.rule_set_version) == (-3, 1)
         assert (from_new.points, from_new.rule_set_version) == (-5, 2)
         assert from_old.outcome_id != from_new.outcome_id
 
     old.close()
-    assert [f.points for f in new.evaluate([event("src/9")])] == [-5]
+    assert [f.points for f in new.evaluate([event("src/9")]).firings] == [-5]
 
 
 def test_an_engine_starts_no_background_threads() -> None:
@@ -354,7 +357,7 @@ def test_a_subject_is_not_blocked_after_many_batches_including_failed_ones() -> 
             with pytest.raises(RuleEvaluationError):
                 engine.evaluate([event(f"src/{batch}", {"n": "not a number"})])
             continue
-        assert [f.points for f in engine.evaluate([event(f"src/{batch}", {"n": 1 + batch % 3})])] == [
+        assert [f.points for f in engine.evaluate([event(f"src/{batch}", {"n": 1 + batch % 3})]).firings] == [
             -(1 + batch % 3)
         ]
 
@@ -377,7 +380,7 @@ def test_the_engine_keeps_no_session_even_past_durable_rules_limit_of_1024_subje
         for i in range(20_000)
     ]
 
-    firings = engine.evaluate(events)
+    firings = engine.evaluate(events).firings
 
     # Even-numbered events fire: 10,000 of them, on the 1,250 even-numbered subjects.
     assert len(firings) == 10_000
@@ -394,8 +397,8 @@ def test_subjects_on_which_nothing_fires_are_evaluated_and_forgotten() -> None:
     subjects = [f"{i:064x}" for i in range(3000)]
     events = [event(f"src/{i}", {"x": i % 2}, subject=subject) for i, subject in enumerate(subjects)]
 
-    assert engine.evaluate(events) == []
-    assert engine.evaluate(events[:10]) == []
+    assert engine.evaluate(events).firings == []
+    assert engine.evaluate(events[:10]).firings == []
     assert not any(engine.holds_session(subject) for subject in subjects)
 
 
@@ -419,7 +422,7 @@ def test_attribute_values_the_engine_cannot_take_fail_the_batch_naming_the_event
         "attribute 'x' is a timestamp without a timezone",
         "attribute 'x' does not fit in 64 bits",
     ]
-    assert fired(engine.evaluate([event("src/ok", {"x": 2})])) == [("src/ok", "r")]
+    assert fired(engine.evaluate([event("src/ok", {"x": 2})]).firings) == [("src/ok", "r")]
 
 
 def test_a_rule_that_cannot_be_applied_fails_the_batch_naming_the_event_and_rule() -> None:
@@ -458,7 +461,7 @@ def test_an_action_that_fails_surfaces_from_evaluate_and_leaves_the_subject_usab
 
     with pytest.raises(RuleEngineError, match="a rule action failed: RuntimeError"):
         engine.evaluate([event("src/1")])
-    assert fired(engine.evaluate([event("src/1")])) == [("src/1", "r")]
+    assert fired(engine.evaluate([event("src/1")]).firings) == [("src/1", "r")]
 
 
 def test_duplicate_event_keys_in_a_batch_are_refused() -> None:
@@ -521,7 +524,7 @@ def test_run_raw_counts_every_match_including_zero_point_ones() -> None:
     ]
 
     assert run_raw(definition, events) == 2
-    assert fired(RuleEngine(definition).evaluate(events)) == [("src/1", "late")]
+    assert fired(RuleEngine(definition).evaluate(events).firings) == [("src/1", "late")]
 
 
 SAMPLE_EVENTS: list[tuple[str, dict[str, AttributeScalar], str]] = [
@@ -559,7 +562,7 @@ def test_the_sample_rule_set_fires_once_for_one_event_of_each_type() -> None:
         for i, (event_type, attributes, kind) in enumerate(SAMPLE_EVENTS)
     ]
 
-    firings = engine.evaluate(events)
+    firings = engine.evaluate(events).firings
 
     # One bike parking outside a fence or one book returned completes no window.
     assert [
@@ -618,7 +621,7 @@ def test_the_sample_rule_set_thresholds_hold_at_their_boundaries() -> None:
         ),  # a person, not a business
     ]
 
-    assert engine.evaluate(below) == []
+    assert engine.evaluate(below).firings == []
 
 
 def _reference(condition: Condition | None, attributes: Mapping[str, Any]) -> bool:
@@ -706,4 +709,4 @@ def test_compiled_conditions_agree_with_the_documented_semantics_on_random_rules
         for r in definition.rules
         if e.event_type in r.event_types and _reference(r.when, e.attributes)
     ]
-    assert fired(RuleEngine(definition).evaluate(events)) == expected
+    assert fired(RuleEngine(definition).evaluate(events).firings) == expected

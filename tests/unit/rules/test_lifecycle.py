@@ -11,7 +11,7 @@ import pytest
 
 from kit.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.rules.domain import in_evaluation_order, isolate
-from services.rules.engine import EvaluationFailure, RuleEngineError, RuleEvaluationError
+from services.rules.engine import Evaluated, EvaluationFailure, RuleEngineError, RuleEvaluationError
 from services.rules.lifecycle import (
     ActivePointer,
     Change,
@@ -217,33 +217,49 @@ def event(key: str, subject: str, minute: int = 0) -> EngineEvent:
 
 def firing_for(e: EngineEvent) -> Firing:
     return Firing(
-        "r", "s", 1, "", "", "", (e.key,), e.subject_key, "person", -1, "c", "minor", "", False, NOW, e.key
+        "r",
+        "s",
+        1,
+        "",
+        "",
+        "",
+        (e.key,),
+        e.subject_key,
+        "person",
+        -1,
+        "c",
+        "minor",
+        "",
+        False,
+        NOW,
+        e.key,
+        NOW,
     )
 
 
 def test_isolate_removes_the_named_events_and_evaluates_the_rest() -> None:
     events = [event("a/1", "s1"), event("a/2", "s1"), event("a/3", "s2")]
 
-    def run(batch: Sequence[EngineEvent]) -> list[Firing]:
+    def run(batch: Sequence[EngineEvent]) -> Evaluated:
         if any(e.key == "a/2" for e in batch):
             raise RuleEvaluationError([EvaluationFailure("a/2", "r", "division by zero")])
-        return [firing_for(e) for e in batch]
+        return Evaluated([firing_for(e) for e in batch])
 
-    firings, failures = isolate(run, events)
-    assert [f.outcome_id for f in firings] == ["a/1", "a/3"]
+    result, failures = isolate(run, events)
+    assert [f.outcome_id for f in result.firings] == ["a/1", "a/3"]
     assert failures == {"a/2": "[r] division by zero"}
 
 
 def test_isolate_narrows_an_unexplained_failure_to_its_subject() -> None:
     events = [event("a/1", "s1"), event("a/2", "s2"), event("a/3", "s2")]
 
-    def run(batch: Sequence[EngineEvent]) -> list[Firing]:
+    def run(batch: Sequence[EngineEvent]) -> Evaluated:
         if any(e.subject_key == "s2" for e in batch):
             raise RuleEngineError("durable-rules failed")
-        return [firing_for(e) for e in batch]
+        return Evaluated([firing_for(e) for e in batch])
 
-    firings, failures = isolate(run, events)
-    assert [f.outcome_id for f in firings] == ["a/1"]
+    result, failures = isolate(run, events)
+    assert [f.outcome_id for f in result.firings] == ["a/1"]
     assert set(failures) == {"a/2", "a/3"}
     assert "durable-rules failed" in failures["a/2"]
 

@@ -1,49 +1,90 @@
-"""What a retraction releases and which firings a re-evaluation may emit (pure functions of
-services/rules/domain.py)."""
+"""What a retraction settles its subject with (pure functions of services/rules/domain.py)
+and what the settling does to the subject's outcomes (the engine, in event time)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from services.rules.domain import EvaluationContext, ReversedOutcome, reformed, released_by_rule, without
-from services.rules.ruleset import EngineEvent, Firing
+from services.rules.domain import EvaluationContext, without
+from services.rules.engine import RuleEngine, prior_outcome
+from services.rules.ruleset import EngineEvent, parse_rule_set
+from services.rules.windows import PriorOutcome
 
 WHEN = datetime(2026, 1, 1, tzinfo=UTC)
+SUBJECT = "s"
+RULES = parse_rule_set(
+    {
+        "name": "test",
+        "version": 1,
+        "rules": [
+            {
+                "id": "fare.repeated",
+                "title": "Repeated fare evasion",
+                "event_types": ["transport.metro.fare_evasion"],
+                "window": {"count": 3, "within": "90d"},
+                "points": -10,
+                "category": "transport",
+                "severity": "general",
+                "legal_basis": "Illustrative",
+                "reason": "{count} fare evasions",
+            }
+        ],
+    }
+)
 
 
-def engine_event(key: str) -> EngineEvent:
-    return EngineEvent(key, "s", "person", "transport.metro.fare_evasion", WHEN, {})
-
-
-def firing(rule_id: str, *keys: str) -> Firing:
-    return Firing(
-        rule_id, "rs", 1, "t", "", "", keys, "s", "person", -1, "c", "minor", "r", False, WHEN, "|".join(keys)
+def engine_event(key: str, days: int = 0) -> EngineEvent:
+    return EngineEvent(
+        key, SUBJECT, "person", "transport.metro.fare_evasion", WHEN + timedelta(days=days), {}
     )
 
 
-WINDOW = ReversedOutcome("w", "fare.repeated", ("m/1", "m/2", "m/3"))
-EACH = ReversedOutcome("e", "fare.each", ("m/2",))
+def outcome(outcome_id: str, *keys: str) -> PriorOutcome:
+    return PriorOutcome(outcome_id, "fare.repeated", SUBJECT, keys, WHEN, WHEN, -10)
 
 
-def test_a_reversed_outcome_releases_its_other_events_for_its_own_rule_only() -> None:
-    assert released_by_rule([WINDOW, EACH], "m/2") == {"fare.repeated": frozenset({"m/1", "m/3"})}
-    assert released_by_rule([EACH], "m/2") == {}
-
-
-def test_the_re_evaluation_context_drops_the_released_and_retracted_events_and_their_consumption() -> None:
+def test_the_settling_context_drops_the_retracted_event_and_the_outcomes_it_reverses() -> None:
     context = EvaluationContext(
-        history={"s": [engine_event(k) for k in ("m/1", "m/2", "m/3", "m/4")]},
-        consumed={"fare.repeated": frozenset({"m/1", "m/2", "m/3", "m/9"}), "fare.each": frozenset({"m/4"})},
+        history={SUBJECT: [engine_event(k) for k in ("m/1", "m/2", "m/3", "m/4")]},
+        prior={SUBJECT: [outcome("w", "m/1", "m/2", "m/3"), outcome("v", "m/4", "m/5", "m/6")]},
         records={},
     )
-    adjusted = without(context, {"m/1", "m/3", "m/2"}, [WINDOW, EACH])
-    assert [e.key for e in adjusted.history["s"]] == ["m/4"]
-    assert adjusted.consumed == {"fare.repeated": frozenset({"m/9"}), "fare.each": frozenset({"m/4"})}
+    adjusted = without(context, "m/2", {"w"})
+    assert [e.key for e in adjusted.history[SUBJECT]] == ["m/1", "m/3", "m/4"]
+    assert [o.outcome_id for o in adjusted.prior[SUBJECT]] == ["v"]
 
 
-def test_only_firings_of_a_rule_holding_an_event_released_for_it_are_emitted() -> None:
-    released = {"fare.repeated": frozenset({"m/1", "m/3"})}
-    window = firing("fare.repeated", "m/1", "m/3", "m/4")
-    per_event_again = firing("fare.each", "m/1")  # emitted when m/1 was first evaluated
-    unrelated = firing("fare.repeated", "m/4", "m/5", "m/6")
-    assert reformed([window, per_event_again, unrelated], released) == [window]
+def test_settling_after_a_retraction_re_forms_the_window_the_rest_of_the_events_make() -> None:
+    # Days 0, 10, 20 and 60 of "3 within 90 days": {0, 10, 20} fired and day 60 waits.
+    engine = RuleEngine(RULES)
+    days = {"m/0": 0, "m/10": 10, "m/20": 20, "m/60": 60}
+    events = [engine_event(key, at) for key, at in days.items()]
+    (fired,) = engine.evaluate(events).firings
+    assert fired.event_keys == ("m/0", "m/10", "m/20")
+
+    # Day 10 is retracted: its outcome is reversed and the subject settled from day 10 on.
+    settled = engine.evaluate(
+        [],
+        history={SUBJECT: [e for e in events if e.key != "m/10"]},
+        prior={SUBJECT: []},
+        since={SUBJECT: WHEN + timedelta(days=10)},
+    )
+    assert [f.event_keys for f in settled.firings] == [("m/0", "m/20", "m/60")]
+    assert settled.superseded == []
+
+
+def test_settling_supersedes_a_later_window_the_retraction_regroups() -> None:
+    # "3 within 90 days" on days 0, 10, 20, 30, 40, 50: {0, 10, 20} and {30, 40, 50}.
+    engine = RuleEngine(RULES)
+    events = [engine_event(f"m/{d}", d) for d in (0, 10, 20, 30, 40, 50)]
+    first, second = engine.evaluate(events).firings
+    # Day 10 retracted: in event time the windows are now {0, 20, 30}, and 40, 50 wait.
+    settled = engine.evaluate(
+        [],
+        history={SUBJECT: [e for e in events if e.key != "m/10"]},
+        prior={SUBJECT: [prior_outcome(second)]},
+        since={SUBJECT: WHEN + timedelta(days=10)},
+    )
+    assert [f.event_keys for f in settled.firings] == [("m/0", "m/20", "m/30")]
+    assert [s.outcome.outcome_id for s in settled.superseded] == [second.outcome_id]
+    assert first.outcome_id not in {f.outcome_id for f in settled.firings}

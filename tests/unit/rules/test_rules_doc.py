@@ -53,7 +53,7 @@ def test_the_worked_example_gives_the_documented_outcome(rule_id: str) -> None:
             "black_list": f.black_list,
             "reason": f.reason,
         }
-        for f in RuleEngine(SAMPLE).evaluate(events)
+        for f in RuleEngine(SAMPLE).evaluate(events).firings
         if f.rule_id == rule_id
     ]
 
