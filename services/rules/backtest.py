@@ -12,15 +12,15 @@ Why the numbers equal what activating the candidate live would produce:
 
 - Batches. Live evaluation commits each delivered batch with one ``evaluated_at``, so
   the stored events grouped by ``evaluated_at``, in that order, are the batches exactly
-  as live evaluation saw them (arrival order matters to windows: a late event can
-  complete a window the events before it could not). Within a batch the order is the
+  as live evaluation saw them (the final outcomes do not depend on them, but which
+  outcomes were superseded on the way does). Within a batch the order is the
   one ``services.rules.domain.in_evaluation_order`` gives, the very function live
   evaluation uses: event time, then event key. Two batches committed in the same
   microsecond would be replayed as one; that is the documented tie-break of the order
   (``evaluated_at``, ``occurred_at``, key).
-- History and consumed events. Each side keeps, per subject, the events it has
-  replayed and the events its firings consumed, and passes them to the engine as live
-  evaluation passes what it stored, bounded by the rule set's lookback.
+- History and prior outcomes. Each side keeps, per subject, the events it has replayed
+  and its active window, sequence and capped outcomes, passes them to the engine as
+  live evaluation passes what it stored, and drops the outcomes a batch supersedes.
 - Scores. Score keeps one ledger entry per distinct outcome id and computes the score
   with ``compute_score``; the replay does the same with the same function and policy.
 

@@ -5,13 +5,15 @@ which pairs join on the correlation attribute). What it cannot do is decide, in 
 time and with late data, which of those events form a window that has not fired
 yet: its own count/distinct/cap operators work on arrival order inside a session, and
 a session cannot outlive a batch (1024-session limit). These functions make that
-decision from the subject's matched events, new and historical, and the events
-earlier firings already used, as a deterministic function of those inputs, so that
+decision from the subject's matched events, new and historical, and the outcomes
+earlier evaluations emitted, as a deterministic function of those inputs, so that
 re-evaluating the same inputs (after a crash or a restart) gives the same firings.
 
 The canonical choice is "earliest first": a window is formed by the earliest unused
 events that fit in its duration, and a sequence's second step takes the earliest
-unused first step before it. docs/rules.md states the semantics these implement.
+unused first step before it. The *_region functions settle one rule's region of event
+time against the outcomes emitted before, so that the result does not depend on the
+order events arrived in. docs/rules.md ("Event time") states the semantics these implement.
 """
 
 from __future__ import annotations
