@@ -96,7 +96,7 @@ def kill_schedule(
 @dataclass(frozen=True)
 class KillRecord:
     kill: Kill
-    at_s: float  # since the first batch was sent
+    at_s: float  # since streaming began
     during_stream: bool
     outboxes: Mapping[str, int | None]  # rows waiting when it struck
     restart_s: float  # from SIGKILL until every victim answered SERVING again
@@ -150,7 +150,6 @@ async def stream_with_kills(
     drained. A service that cannot restart raises ClusterError."""
     acked = 0
     progress = asyncio.Event()
-    stream_done = False
     started = time.monotonic()
     run = ChaosRun(StreamTotals())
 
@@ -178,7 +177,7 @@ async def stream_with_kills(
         async with contextlib.AsyncExitStack() as held:
             for victim in sorted(kill.victims):
                 await held.enter_async_context(down[victim])
-            during_stream = not stream_done
+            during_stream = not streaming.done()
             outboxes = await asyncio.to_thread(cluster.outbox_counts)
             struck = time.monotonic()
             for victim in kill.victims:
@@ -196,9 +195,8 @@ async def stream_with_kills(
     async def chaos() -> None:
         await asyncio.gather(*(strike(kill) for kill in schedule))
 
-    chaos_task = asyncio.create_task(chaos())
-    try:
-        run.totals = await stream_by_source(
+    streaming = asyncio.create_task(
+        stream_by_source(
             cluster.department_channel,
             paced(requests, events_per_s),
             in_flight=in_flight,
@@ -209,13 +207,24 @@ async def stream_with_kills(
             ack_timeout_s=60.0,
             on_ack=on_ack,
         )
+    )
+
+    def stream_ended(_: asyncio.Task[StreamTotals]) -> None:
         run.stream_s = time.monotonic() - started
-        stream_done = True
-        await chaos_task
-        run.kills.sort(key=lambda k: k.at_s)
+
+    streaming.add_done_callback(stream_ended)
+    killing = asyncio.create_task(chaos())
+    try:
+        # A service that does not come back fails the run now, not when the stream gives up.
+        done, _ = await asyncio.wait({streaming, killing}, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            task.result()
+        run.totals = await streaming
+        await killing
     finally:
-        if not chaos_task.done():
-            chaos_task.cancel()
+        for task in (streaming, killing):
+            task.cancel()
+    run.kills.sort(key=lambda k: k.at_s)
     run.drain_s = await asyncio.to_thread(cluster.wait_drained, drain_timeout_s)
     return run
 
