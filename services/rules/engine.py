@@ -386,6 +386,8 @@ class RuleEngine:
         superseded: list[Supersession] = []
         for rule_index, matches in by_rule.items():
             rule = self._rule_set.rules[rule_index]
+            if not matches and rule.id not in prior_of:
+                continue
             patterns, gone = _patterns(
                 rule,
                 matches,
