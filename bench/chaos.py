@@ -65,7 +65,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--in-flight", type=int, default=4, help="batches awaiting acknowledgement per stream (4)"
     )
     parser.add_argument(
-        "--events-per-s", type=float, default=0.0, help="pace the stream to this rate (0: flat out)"
+        "--events-per-s",
+        type=float,
+        default=1000.0,
+        help="pace the chaos run's stream so every kill lands while it runs (1000; 0: flat out)",
     )
     parser.add_argument("--postgres", metavar="URL", help="server URL; fresh databases per service and run")
     parser.add_argument("--data-dir", type=Path, help="keep logs and SQLite files here (default: temporary)")
@@ -111,7 +114,8 @@ def _run(
                 requests,
                 schedule,
                 in_flight=args.in_flight,
-                events_per_s=args.events_per_s,
+                # Uninterrupted, flat out: the pace changes when events arrive, not what they give.
+                events_per_s=args.events_per_s if kills else 0.0,
                 drain_timeout_s=900,
                 log=True,
             )
