@@ -319,10 +319,8 @@ def expected_outcomes(records: Iterable[bytes], ruleset: Path = SAMPLE_RULESET) 
     what the pipeline must hold whatever order the events arrived in."""
     events = sorted((engine_event_from_record(r) for r in records), key=lambda e: (e.occurred_at, e.key))
     with RuleEngine(load_rule_set(ruleset)) as engine:
-        evaluated = engine.evaluate(events)
-    # evaluate() returns its firings as a list, or (once outcomes are settled in event
-    # time) inside an Evaluated; with nothing evaluated before there is nothing to supersede.
-    firings = evaluated if isinstance(evaluated, list) else evaluated.firings
+        # Nothing was evaluated before, so nothing is superseded: the firings are all of it.
+        firings = engine.evaluate(events).firings
     return {firing.outcome_id: firing.points for firing in firings}
 
 
