@@ -45,6 +45,11 @@ from services.score.domain import (
 
 MAX_TEXT_LENGTH = 4000
 MAX_URI_LENGTH = 2048
+# How far a consent may be dated from the moment it is recorded: a little in the past (paper
+# consent entered the next day), never further, since a backdated consent changes what past
+# as-of reads return; in the future only by clock skew.
+CONSENT_MAX_BACKDATE = timedelta(hours=24)
+CONSENT_MAX_FUTURE_SKEW = timedelta(minutes=5)
 
 UPHOLD = "uphold"
 OVERTURN = "overturn"
@@ -449,8 +454,22 @@ class DueProcess:
             problems.append(
                 Violation("subject_key", f"must be at most {MAX_SUBJECT_KEY_LENGTH} characters", "TOO_LONG")
             )
-        if effective_at is not None and effective_at > now:
-            problems.append(Violation("effective_at", "must not be in the future", "IN_FUTURE"))
+        if effective_at is not None and effective_at > now + CONSENT_MAX_FUTURE_SKEW:
+            problems.append(
+                Violation(
+                    "effective_at",
+                    f"must be at most {CONSENT_MAX_FUTURE_SKEW.total_seconds():g} seconds after now",
+                    "IN_FUTURE",
+                )
+            )
+        if effective_at is not None and effective_at < now - CONSENT_MAX_BACKDATE:
+            problems.append(
+                Violation(
+                    "effective_at",
+                    f"must be at most {CONSENT_MAX_BACKDATE.total_seconds() / 3600:g} hours before now",
+                    "TOO_OLD",
+                )
+            )
         _check(problems)
         by, _ = _actor(principal)
         with self._store.transaction() as tx:

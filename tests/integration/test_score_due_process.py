@@ -439,6 +439,25 @@ async def test_consent_is_set_by_its_subject_or_recorded_on_paper_by_a_reviewer(
     )
 
 
+async def test_consent_cannot_be_backdated_beyond_a_day_nor_dated_past_clock_skew(score: Score) -> None:
+    def at(moment: datetime) -> pb.SetConsentRequest:
+        request = pb.SetConsentRequest(subject_key=BOB, granted=True)
+        request.effective_at.CopyFrom(to_timestamp(moment))
+        return request
+
+    refused = {
+        T0 - DAY - timedelta(seconds=1): "TOO_OLD",
+        T0 - 365 * DAY: "TOO_OLD",
+        T0 + timedelta(minutes=5, seconds=1): "IN_FUTURE",
+    }
+    for moment, reason in refused.items():
+        error = await expect(grpc.StatusCode.INVALID_ARGUMENT, score.reviewer.SetConsent(at(moment)))
+        assert bad_request(error) == [("effective_at", reason)]
+    for accepted in (T0 - DAY, T0 + timedelta(minutes=5)):
+        consent = (await score.reviewer.SetConsent(at(accepted))).consent
+        assert consent.effective_at.ToDatetime(UTC) == accepted
+
+
 async def test_reversals_apply_once_and_wait_for_a_late_outcome(score: Score) -> None:
     await score.apply(negative("o1", ALICE))
     first = await score.apply(reversals=(retraction("o1", ALICE, "o1-0"), retraction("late", BOB, "late-0")))
