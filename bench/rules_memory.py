@@ -50,6 +50,7 @@ from devtools.population import (
     attribute_value,
 )
 from egret.common.v1 import event_pb2
+from kit.audit import UNKEYED
 from kit.db import create_engine, make_session_factory
 from kit.protoconv import to_timestamp
 from services.ingest.catalogue import EventType
@@ -160,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The models' own tables, as the migrations create them.
         Base.metadata.create_all(engine)
         sessions = make_session_factory(engine)
-        rule_sets = SqlLifecycleStore(sessions)
+        rule_sets = SqlLifecycleStore(sessions, audit_keys=UNKEYED)
         lifecycle = RuleSetLifecycle(rule_sets, validate=check_rule_set, clock=lambda: datetime.now(UTC))
         lifecycle.ensure_active(args.ruleset.read_text(encoding="utf-8"))
         evaluator = Evaluator(

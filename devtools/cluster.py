@@ -140,6 +140,9 @@ class Cluster:
     def log_path(self, name: str) -> Path:
         return self.data_dir / f"{name}.log"
 
+    def anchor_file(self, name: str) -> Path:
+        return self.data_dir / "audit-anchors" / f"{name}.anchors"
+
     def env_for(self, name: str) -> dict[str, str]:
         """The complete environment service `name` is started with."""
         if name not in self.services:
@@ -154,6 +157,9 @@ class Cluster:
             EGRET_LOG_FORMAT=self._log_format,
             EGRET_LOG_LEVEL=self._log_level,
             EGRET_SHUTDOWN_GRACE_SECONDS=str(self.shutdown_grace_s),
+            # Each process's audit head, appended every few seconds (verify-audit checks them).
+            EGRET_AUDIT_ANCHOR_FILE=str(self.anchor_file(name)),
+            EGRET_AUDIT_ANCHOR_SECONDS="5",
         )
         if self.pki is None:
             env["EGRET_INSECURE"] = "true"

@@ -8,6 +8,7 @@ signed bearer tokens). Nothing here is ever committed; every run makes its own.
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ INTERNAL = ("rules", "score")
 OPERATOR = "operator"
 ISSUER = "https://idp.egret.local"
 AUDIENCE = "egret"
+AUDIT_KEY_ID = "local-1"
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,11 @@ class LocalPki:
 
     def service_token_file(self, name: str) -> Path:
         return self.directory / f"{name}.token"
+
+    @property
+    def audit_key_file(self) -> Path:
+        """The MAC key of every service's audit chain (a mounted Secret in a cluster)."""
+        return self.directory / "audit.key"
 
     def token(
         self, subject: str, role: Role, *, scopes: tuple[str, ...] = (), lifetime_s: float = 86_400.0
@@ -77,6 +84,8 @@ class LocalPki:
             "EGRET_JWT_AUDIENCE": AUDIENCE,
             "EGRET_JWT_PUBLIC_KEY_FILE": str(self.jwt_public_key_file),
             "EGRET_SERVICE_TOKEN_FILE": str(self.service_token_file(name)),
+            "EGRET_AUDIT_KEY_FILE": str(self.audit_key_file),
+            "EGRET_AUDIT_KEY_ID": AUDIT_KEY_ID,
         }
         if name in INTERNAL:
             env["EGRET_TLS_CLIENT_CA_FILE"] = str(self.ca_file)
@@ -129,6 +138,7 @@ def create_local_pki(directory: Path) -> LocalPki:
     )
     for name in SERVICES:
         pki.service_token_file(name).write_text(pki.service_token(name, lifetime_s=30 * 86_400.0))
+    pki.audit_key_file.write_text(secrets.token_hex(32))
     for path in directory.iterdir():
         path.chmod(0o600)
     return pki

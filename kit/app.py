@@ -13,12 +13,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from kit.audit import parse_anchor
+from kit.audit import audit_keys, parse_anchor
 from kit.audit import verify as verify_audit_chain
+from kit.audit_anchors import anchor_loop, read_anchors
 from kit.db import create_engine, make_session_factory
 from kit.logging import configure_logging, get_logger
 from kit.migrations import upgrade
-from kit.server import Service, serve
+from kit.server import BackgroundLoop, Service, serve
 from kit.settings import CommonSettings, SettingsError
 from kit.tracing import configure_tracing
 
@@ -40,19 +41,28 @@ def migrate(common: CommonSettings, migrations_dir: Path) -> None:
         engine.dispose()
 
 
-def verify_audit(
-    common: CommonSettings, log: Any, head: Any, anchors: Mapping[int, str] | None = None
-) -> int:
-    """Walk the service's audit chain and check `anchors` (seq → hash recorded elsewhere);
-    exit 0 when intact, printing the anchor to record next, 1 listing every break."""
+def verify_audit(common: CommonSettings, log: Any, head: Any, anchors: Sequence[tuple[int, str]] = ()) -> int:
+    """Walk the service's audit chain under its keys and check `anchors` (seq, hash recorded
+    elsewhere) and every automatic anchor in EGRET_AUDIT_ANCHOR_FILE; exit 0 when intact,
+    printing the anchor to record next, 1 listing every break."""
+    automatic: tuple[tuple[int, str], ...] = ()
+    file_problems: tuple[str, ...] = ()
+    if common.audit.anchor_file is not None:
+        found = read_anchors(common.audit.anchor_file, common.service)
+        automatic, file_problems = found.anchors, found.problems
     engine = create_engine(common.database_url, read_only=True)
     try:
         with make_session_factory(engine)() as session:
-            report = verify_audit_chain(session, log, head, anchors=anchors)
+            report = verify_audit_chain(
+                session, log, head, keys=audit_keys(common.audit), anchors=[*anchors, *automatic]
+            )
     finally:
         engine.dispose()
-    if report.intact:
+    problems = (*file_problems, *report.problems)
+    if not problems:
         checked = f", {len(anchors)} anchor(s) hold" if anchors else ""
+        if common.audit.anchor_file is not None:
+            checked += f", {len(automatic)} automatic anchor(s) in {common.audit.anchor_file} hold"
         print(f"egret-{common.service}: audit log intact ({report.records} records{checked})")
         if report.records:
             # Kept outside the database (a ticket, a notary, write-once storage), it lets a
@@ -60,9 +70,32 @@ def verify_audit(
             print(f"anchor: {report.last_seq}:{report.last_hash}")
         return 0
     print(f"egret-{common.service}: audit log BROKEN ({report.records} records):", file=sys.stderr)
-    for problem in report.problems:
+    for problem in problems:
         print(f"  {problem}", file=sys.stderr)
     return 1
+
+
+def audit_anchors(common: CommonSettings, head: Any) -> BackgroundLoop:
+    """The background loop appending the audit head to EGRET_AUDIT_ANCHOR_FILE, on its own
+    small read-only engine (it must not wait behind the service's pool)."""
+    assert common.audit.anchor_file is not None
+    path = common.audit.anchor_file
+
+    async def run(stopping: asyncio.Event) -> None:
+        engine = create_engine(common.database_url, read_only=True, pool_size=1)
+        try:
+            await anchor_loop(
+                stopping,
+                engine=engine,
+                head=head,
+                service=common.service,
+                path=path,
+                interval_s=common.audit.anchor_interval_s,
+            )
+        finally:
+            engine.dispose()
+
+    return run
 
 
 def _anchor(text: str) -> tuple[int, str]:
@@ -124,9 +157,9 @@ def run_cli(
     if command in extra:
         return extra[command][1](settings)
     if command == "verify-audit" and audit is not None:
-        return verify_audit(common, audit[0], audit[1], dict(args.anchor))
+        return verify_audit(common, audit[0], audit[1], args.anchor)
 
-    missing = common.security.missing()
+    missing = common.security.missing() + ([] if common.security.insecure else common.audit.missing())
     if missing:
         print(f"egret-{name}: {SettingsError(missing)}", file=sys.stderr)
         return 2
@@ -140,7 +173,10 @@ def run_cli(
 
     async def build_and_serve() -> None:
         # Built inside the running loop: gRPC channels and asyncio objects bind to it.
-        await serve(common, build(settings), tracer_provider=provider)
+        service = build(settings)
+        if audit is not None and common.audit.anchor_file is not None:
+            service.background = [*service.background, audit_anchors(common, audit[1])]
+        await serve(common, service, tracer_provider=provider)
 
     try:
         asyncio.run(build_and_serve())

@@ -3,15 +3,18 @@
 Every service that performs an audited act (a read of a subject's data, a rule set
 publication or activation, a dispute or repair decision, a retraction, a consent change)
 appends its record to its own database's log in the same transaction as the act, so an
-act without its record cannot commit. Each record carries the SHA-256 of its canonical
-content and of the record before it; a one-row head table holds the last sequence number
-and hash. `verify` walks the chain and reports any record that was altered, inserted or
-deleted (a deleted tail is caught by the head). An attacker who can rewrite the whole
-table and the head consistently would pass that walk; anchors catch it: `verify-audit`
-prints the head (seq and hash) for the operator to record outside the database, and
-`verify-audit --anchor SEQ:HASH` checks that record SEQ still has that hash, which
-(every hash covering every record before it) proves the first SEQ records unchanged
-since the anchor was taken (docs/security.md).
+act without its record cannot commit. Each record carries a keyed MAC (HMAC-SHA256) of its
+canonical content and of the record before it, under a key kept outside the database
+(`AuditKeys`; the record names its key id, so keys rotate); a one-row head table holds the
+last sequence number and MAC. Records written before a key was configured carry a plain
+SHA-256 and an empty key id; once a keyed record appears, every later one must be keyed.
+`verify` walks the chain and reports any record that was altered, inserted or deleted (a
+deleted tail is caught by the head). Someone who can rewrite the whole table and the head
+consistently cannot forge the MACs without the key; anchors catch the rest: each service
+appends its head to an append-only file at intervals (kit.audit_anchors), `verify-audit`
+checks every one of them, and `verify-audit --anchor SEQ:HASH` checks one recorded by hand.
+Every MAC covers every record before it, so a matching anchor proves the first SEQ records
+unchanged since it was taken (docs/security.md).
 
 Each service declares `class AuditLog(Base, AuditMixin)` and `class AuditHead(Base,
 AuditHeadMixin)` with its own table names, like the outbox.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +36,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from kit.auth import Principal, current_principal
+from kit.settings import AuditSettings
 
 GENESIS = "0" * 64
 HEAD_ID = 1
@@ -58,6 +63,8 @@ class AuditMixin:
     detail: Mapped[str] = mapped_column(sa.Text)
     prev_hash: Mapped[str] = mapped_column(sa.String(64))
     hash: Mapped[str] = mapped_column(sa.String(64))
+    # The id of the MAC key of `hash`; "" for a plain SHA-256 (records from before keys).
+    key_id: Mapped[str] = mapped_column(sa.String(32), server_default="")
 
 
 class AuditHeadMixin:
@@ -66,6 +73,34 @@ class AuditHeadMixin:
     id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=False)
     seq: Mapped[int] = mapped_column(_BigInt)
     hash: Mapped[str] = mapped_column(sa.String(64))
+
+
+@dataclass(frozen=True)
+class AuditKeys:
+    """The MAC keys of an audit chain, by id: new records use `current`, verification accepts
+    every key listed. No current key means plain SHA-256 (development only)."""
+
+    current: str = ""
+    keys: Mapping[str, bytes] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.current and self.current not in self.keys:
+            raise ValueError(f"the current audit key id {self.current!r} has no key")
+
+    def digest(self, key_id: str, content: bytes) -> str | None:
+        """The MAC of `content` under key `key_id` (SHA-256 for ""); None for an unknown id."""
+        if not key_id:
+            return hashlib.sha256(content).hexdigest()
+        key = self.keys.get(key_id)
+        return None if key is None else hmac.new(key, content, hashlib.sha256).hexdigest()
+
+
+UNKEYED = AuditKeys()
+
+
+def audit_keys(settings: AuditSettings) -> AuditKeys:
+    """The keys the settings name (UNKEYED without EGRET_AUDIT_KEY_FILE)."""
+    return AuditKeys(settings.key_id, dict(settings.keys))
 
 
 @dataclass(frozen=True)
@@ -137,29 +172,39 @@ def chain_hash(
     target: str,
     detail: str,
     prev_hash: str,
-) -> str:
-    content = json.dumps(
-        [
-            seq,
-            _canonical_time(at),
-            actor,
-            role,
-            action,
-            subject_key or "",
-            purpose,
-            target,
-            detail,
-            prev_hash,
-        ],
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
-    return hashlib.sha256(content.encode()).hexdigest()
+    key_id: str = "",
+    keys: AuditKeys = UNKEYED,
+) -> str | None:
+    """The record's MAC under `key_id` (plain SHA-256 for ""), None when that key is unknown."""
+    fields: list[object] = [
+        seq,
+        _canonical_time(at),
+        actor,
+        role,
+        action,
+        subject_key or "",
+        purpose,
+        target,
+        detail,
+        prev_hash,
+    ]
+    if key_id:
+        # The key id is covered too; unkeyed records keep the content they were hashed with.
+        fields.append(key_id)
+    content = json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
+    return keys.digest(key_id, content.encode())
 
 
-def append(session: Session | Connection, log: Any, head: Any, records: Sequence[AuditRecord]) -> None:
+def append(
+    session: Session | Connection,
+    log: Any,
+    head: Any,
+    records: Sequence[AuditRecord],
+    *,
+    keys: AuditKeys,
+) -> None:
     """Append `records`, in order, within the caller's transaction (an ORM session or,
-    cheaper on a hot path, a Core connection).
+    cheaper on a hot path, a Core connection), MACed with the current key of `keys`.
 
     The head is moved first with one UPDATE ... RETURNING, which takes the write lock
     (PostgreSQL row lock, SQLite's database lock) before anything is read, so concurrent
@@ -191,7 +236,10 @@ def append(session: Session | Connection, log: Any, head: Any, records: Sequence
             target=r.target,
             detail=detail,
             prev_hash=prev,
+            key_id=keys.current,
+            keys=keys,
         )
+        assert digest is not None  # AuditKeys holds its current key
         rows.append(
             {
                 "seq": seq,
@@ -205,6 +253,7 @@ def append(session: Session | Connection, log: Any, head: Any, records: Sequence
                 "detail": detail,
                 "prev_hash": prev,
                 "hash": digest,
+                "key_id": keys.current,
             }
         )
         prev = digest
@@ -243,8 +292,9 @@ def _as_utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
-def hash_of(row: Any) -> str:
-    """The hash a stored record (anything with the log's columns) should carry."""
+def hash_of(row: Any, keys: AuditKeys = UNKEYED) -> str | None:
+    """The MAC a stored record (anything with the log's columns) should carry; None when its
+    key is not in `keys`."""
     return chain_hash(
         seq=row.seq,
         at=_as_utc(row.at),
@@ -256,6 +306,8 @@ def hash_of(row: Any) -> str:
         target=row.target,
         detail=row.detail,
         prev_hash=row.prev_hash,
+        key_id=row.key_id or "",
+        keys=keys,
     )
 
 
@@ -263,7 +315,8 @@ def check_chain(
     rows: Iterable[Any],
     head: tuple[int, str] | None,
     *,
-    anchors: Mapping[int, str] | None = None,
+    keys: AuditKeys = UNKEYED,
+    anchors: Iterable[tuple[int, str]] = (),
     max_problems: int = 100,
 ) -> ChainReport:
     """Walk `rows` (in seq order) and the head; report every break found.
@@ -272,10 +325,14 @@ def check_chain(
     - inserted or deleted record: a gap or repeat in seq, or a prev_hash that does not
       match the record before;
     - deleted or appended tail: the head disagrees with the last record;
-    - rewritten log: a record's hash differs from an anchor (seq → hash recorded outside
-      the database), or an anchored record is gone.
+    - rewritten log: a record's hash differs from an anchor ((seq, hash) recorded outside
+      the database; several for one seq are each checked), or an anchored record is gone;
+    - re-chained without the key: an unkeyed record after a keyed one, or a MAC that does
+      not match (an unknown key id is reported as uncheckable).
     """
-    anchors = dict(anchors or {})
+    anchored: dict[int, set[str]] = {}
+    for seq, digest in anchors:
+        anchored.setdefault(seq, set()).add(digest)
     problems: list[str] = []
 
     def problem(text: str) -> None:
@@ -285,17 +342,27 @@ def check_chain(
     expected_seq = 1
     prev = GENESIS
     count = 0
+    keyed = False
     for row in rows:
         count += 1
         if row.seq != expected_seq:
             problem(f"seq {row.seq}: expected seq {expected_seq} (a record was deleted or inserted)")
         if row.prev_hash != prev:
             problem(f"seq {row.seq}: prev_hash does not match the record before (chain broken)")
-        if hash_of(row) != row.hash:
+        key_id = row.key_id or ""
+        if keyed and not key_id:
+            problem(
+                f"seq {row.seq}: unkeyed record after keyed ones (the log was re-chained without the key)"
+            )
+        keyed = keyed or bool(key_id)
+        expected = hash_of(row, keys)
+        if expected is None:
+            problem(f"seq {row.seq}: audit key id {key_id!r} is not configured, its MAC cannot be checked")
+        elif expected != row.hash:
             problem(f"seq {row.seq}: content does not match its hash (the record was altered)")
-        anchored = anchors.pop(row.seq, None)
-        if anchored is not None and anchored != row.hash:
-            problem(f"seq {row.seq}: hash differs from its anchor (the log was rewritten up to here)")
+        for digest in sorted(anchored.pop(row.seq, ())):
+            if digest != row.hash:
+                problem(f"seq {row.seq}: hash differs from its anchor (the log was rewritten up to here)")
         expected_seq = row.seq + 1
         prev = row.hash
     last_seq = expected_seq - 1
@@ -305,7 +372,7 @@ def check_chain(
             f"head says seq {head_seq} but the log ends at seq {last_seq} "
             "(records at the end were deleted, or appended without the head)"
         )
-    for seq in sorted(anchors):
+    for seq in sorted(anchored):
         problem(f"anchored seq {seq} is missing (the log was truncated or rewritten)")
     return ChainReport(count, tuple(problems), last_seq, prev)
 
@@ -321,16 +388,23 @@ def parse_anchor(text: str) -> tuple[int, str]:
 _HEX = "0123456789abcdefABCDEF"
 
 
+def read_head(session: Session | Connection, head: Any) -> tuple[int, str] | None:
+    """The log's head (last seq, its MAC), or None before the first record."""
+    row = session.execute(sa.select(head.seq, head.hash).where(head.id == HEAD_ID)).one_or_none()
+    return None if row is None else (int(row[0]), str(row[1]))
+
+
 def verify(
     session: Session,
     log: Any,
     head: Any,
     *,
-    anchors: Mapping[int, str] | None = None,
+    keys: AuditKeys = UNKEYED,
+    anchors: Iterable[tuple[int, str]] = (),
     max_problems: int = 100,
 ) -> ChainReport:
-    """Verify the whole chain of one audit log (streams the rows), and any anchors."""
-    head_row = session.execute(sa.select(head.seq, head.hash).where(head.id == HEAD_ID)).one_or_none()
+    """Verify the whole chain of one audit log (streams the rows) under `keys`, and any anchors."""
+    head_row = read_head(session, head)
     rows = session.execute(
         sa.select(
             log.seq,
@@ -344,13 +418,15 @@ def verify(
             log.detail,
             log.prev_hash,
             log.hash,
+            log.key_id,
         )
         .order_by(log.seq)
         .execution_options(yield_per=5000)
     )
     return check_chain(
         rows,
-        None if head_row is None else (int(head_row[0]), str(head_row[1])),
+        head_row,
+        keys=keys,
         anchors=anchors,
         max_problems=max_problems,
     )

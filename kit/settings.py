@@ -11,7 +11,7 @@ import os
 import re
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -216,6 +216,78 @@ class SecuritySettings:
         )
 
 
+_AUDIT_KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,32}")
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """The audit chain's MAC keys (files outside the database, by key id) and its automatic
+    anchors (kit.audit, kit.audit_anchors; docs/security.md, "Audit log")."""
+
+    # The id new records are MACed with ("" without a key: plain SHA-256, development only).
+    key_id: str = ""
+    # Every key by id: the current one and the older ones verification still accepts.
+    keys: Mapping[str, bytes] = field(default_factory=dict)
+    # Append-only file the service writes its head to every `anchor_interval_s`.
+    anchor_file: Path | None = None
+    anchor_interval_s: float = 300.0
+
+    def missing(self) -> list[str]:
+        """What serving needs in production (EGRET_INSECURE=false)."""
+        unset = [
+            name
+            for name, value in (
+                ("EGRET_AUDIT_KEY_FILE", self.key_id),
+                ("EGRET_AUDIT_ANCHOR_FILE", self.anchor_file),
+            )
+            if not value
+        ]
+        return [f"{name} is required unless EGRET_INSECURE=true (never in production)" for name in unset]
+
+    @classmethod
+    def read(cls, env: Env) -> AuditSettings:
+        keys: dict[str, bytes] = {}
+
+        def key(name: str, key_id: str, path: str) -> None:
+            if not _AUDIT_KEY_ID.fullmatch(key_id):
+                env.problems.append(f"{name}: key id {key_id!r} is not 1-32 of A-Z a-z 0-9 . _ -")
+                return
+            if key_id in keys:
+                env.problems.append(f"{name}: key id {key_id!r} is given twice")
+                return
+            try:
+                value = Path(path).read_bytes().strip()
+            except OSError as exc:
+                env.problems.append(f"{name}={path!r}: {exc.strerror}")
+                return
+            if len(value) < 32:
+                env.problems.append(f"{name}={path!r}: an audit key must be at least 32 bytes long")
+            keys[key_id] = value
+
+        key_id = ""
+        current = env.optional("EGRET_AUDIT_KEY_FILE")
+        if current is not None:
+            key_id = env.text("EGRET_AUDIT_KEY_ID", "a1")
+            key("EGRET_AUDIT_KEY_FILE", key_id, current)
+        # Older keys, still accepted on verification: "id=path,id=path".
+        for item in (env.optional("EGRET_AUDIT_OLD_KEY_FILES") or "").split(","):
+            if item.strip():
+                old_id, sep, path = item.strip().partition("=")
+                if not sep or not path:
+                    env.problems.append(f"EGRET_AUDIT_OLD_KEY_FILES: {item.strip()!r} is not ID=PATH")
+                else:
+                    key("EGRET_AUDIT_OLD_KEY_FILES", old_id.strip(), path.strip())
+        anchor_file = env.optional("EGRET_AUDIT_ANCHOR_FILE")
+        return cls(
+            key_id=key_id,
+            keys=keys,
+            anchor_file=None if anchor_file is None else Path(anchor_file),
+            anchor_interval_s=env.number(
+                "EGRET_AUDIT_ANCHOR_SECONDS", cls.anchor_interval_s, minimum=0.1, maximum=86_400.0
+            ),
+        )
+
+
 @dataclass(frozen=True)
 class CommonSettings:
     """The settings every service has, read from EGRET_* variables.
@@ -237,6 +309,7 @@ class CommonSettings:
     # This replica's identity, recorded on the outbox rows its relays claim (kit.outbox):
     # stable across its restarts, unique across replicas. Empty: a fresh one per start.
     instance: str = ""
+    audit: AuditSettings = field(default_factory=AuditSettings)
 
     @classmethod
     def read(cls, env: Env, *, service: str, default_port: int) -> CommonSettings:
@@ -262,6 +335,7 @@ class CommonSettings:
             sqlite_synchronous=env.choice("EGRET_SQLITE_SYNCHRONOUS", "FULL", ("FULL", "NORMAL")),
             security=SecuritySettings.read(env),
             instance=instance,
+            audit=AuditSettings.read(env),
         )
 
 

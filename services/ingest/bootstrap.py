@@ -15,6 +15,7 @@ from egret.ingest.v1 import ingest_service_pb2 as pb
 from egret.rules.v1 import rules_service_pb2 as rules_pb
 from egret.rules.v1 import rules_service_pb2_grpc as rules_grpc
 from kit.app import run_cli
+from kit.audit import audit_keys
 from kit.db import create_engine, make_session_factory
 from kit.outbox import OutboxRelay, Send, relay_to_peer
 from kit.pseudonym import Pseudonymiser
@@ -99,7 +100,9 @@ def build(settings: IngestSettings) -> Service:
         pool_size=settings.db_workers + 2,
     )
     sessions = make_session_factory(engine)
-    store = SqlEventStore(sessions, rules_shards=len(settings.rules))
+    store = SqlEventStore(
+        sessions, audit_keys=audit_keys(settings.common.audit), rules_shards=len(settings.rules)
+    )
     refuse_stranded_rows(store, len(settings.rules))
     intake = Intake(
         catalogue=load_catalogue(settings.catalogue_file),

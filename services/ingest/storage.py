@@ -144,8 +144,11 @@ class SqlEventStore:
     shard that owns its subject, so each shard's relay sends only its own rows.
     """
 
-    def __init__(self, sessions: sessionmaker[Session], rules_shards: int = 1) -> None:
+    def __init__(
+        self, sessions: sessionmaker[Session], *, audit_keys: audit.AuditKeys, rules_shards: int = 1
+    ) -> None:
         self._sessions = sessions
+        self._audit_keys = audit_keys
         self._rules_shards = rules_shards
 
     def record(self, events: Sequence[NewEvent], recorded_at: datetime) -> Mapping[tuple[str, str], str]:
@@ -316,6 +319,7 @@ class SqlEventStore:
                     claimed_actor=request.actor,
                 )
             ],
+            keys=self._audit_keys,
         )
         return retraction
 

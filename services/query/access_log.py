@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase
 
-from kit.audit import AuditHeadMixin, AuditMixin, AuditRecord, append
+from kit.audit import AuditHeadMixin, AuditKeys, AuditMixin, AuditRecord, append
 from kit.db import as_utc, make_metadata, make_session_factory, run_blocking
 from kit.logging import get_logger
 
@@ -68,14 +68,15 @@ READ_PREFIX = "read:"
 class SqlAccessLog:
     """Appends records and pages one subject's reads."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, audit_keys: AuditKeys) -> None:
         self._engine = engine
+        self._audit_keys = audit_keys
         self._sessions = make_session_factory(engine)
 
     def append(self, records: Sequence[AuditRecord]) -> None:
         # A Core connection, not an ORM session: a third of the cost on the read path.
         with self._engine.begin() as connection:
-            append(connection, QueryAuditLog, QueryAuditHead, records)
+            append(connection, QueryAuditLog, QueryAuditHead, records, keys=self._audit_keys)
 
     def page(
         self, subject_key: str, since: datetime, before_seq: int | None, limit: int

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from egret.query.v1 import query_service_pb2 as pb
 from kit.app import run_cli
+from kit.audit import audit_keys
 from kit.db import create_engine
 from kit.logging import get_logger
 from kit.pseudonym import Pseudonymiser
@@ -56,7 +57,7 @@ def build(settings: QuerySettings, clock: Callable[[], datetime] = _utc_now) -> 
     log_engine = create_engine(
         settings.common.database_url, sqlite_synchronous=settings.common.sqlite_synchronous
     )
-    access_log = SqlAccessLog(log_engine)
+    access_log = SqlAccessLog(log_engine, audit_keys=audit_keys(settings.common.audit))
     recorder_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="query-access-log")
     if settings.rules is None:
         log.warning("EGRET_RULES_ADDRESS is not set: explanations list no positive behaviours")

@@ -13,6 +13,7 @@ from egret.rules.v1 import rules_service_pb2 as pb
 from egret.score.v1 import score_service_pb2 as score_pb
 from egret.score.v1 import score_service_pb2_grpc as score_grpc
 from kit.app import run_cli
+from kit.audit import audit_keys
 from kit.db import create_engine, make_session_factory
 from kit.logging import get_logger
 from kit.outbox import Send, relay_to_peer
@@ -62,7 +63,7 @@ def build(settings: RulesSettings) -> Service:
     )
     sessions = make_session_factory(engine)
     check_shard_layout(sessions, settings.shard)
-    rule_sets = SqlLifecycleStore(sessions)
+    rule_sets = SqlLifecycleStore(sessions, audit_keys=audit_keys(settings.common.audit))
     lifecycle = RuleSetLifecycle(rule_sets, validate=check_rule_set, clock=lambda: datetime.now(UTC))
     # The file seeds an empty database (so `make run` works); once a rule set is active the
     # database is the source of truth and the file is ignored.

@@ -825,8 +825,9 @@ def _stored(row: RuleSetRow, active_id: int | None, *, with_source: bool = True)
 class SqlLifecycleUnit:
     """One transaction of lifecycle changes (services.rules.lifecycle.LifecycleUnit)."""
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, audit_keys: audit.AuditKeys) -> None:
         self._session = session
+        self._audit_keys = audit_keys
         self._locking = session.get_bind().dialect.name == "postgresql"
 
     def get(self, rule_set_id: int, *, lock: bool = False) -> StoredRuleSet | None:
@@ -902,7 +903,7 @@ class SqlLifecycleUnit:
         self._session.flush()
 
     def record(self, change: Change) -> None:
-        _record(self._session, change)
+        _record(self._session, change, self._audit_keys)
 
 
 # Each lifecycle change is also an act of rules' audit log.
@@ -927,9 +928,9 @@ def audit_record(change: Change) -> AuditRecord:
     return audit.record(action, change.at, target=target, detail=detail, claimed_actor=change.actor)
 
 
-def _record(session: Session, change: Change) -> None:
+def _record(session: Session, change: Change, audit_keys: audit.AuditKeys) -> None:
     """The change row and its audit record, in the caller's transaction."""
-    audit.append(session, RulesAuditLog, RulesAuditHead, [audit_record(change)])
+    audit.append(session, RulesAuditLog, RulesAuditHead, [audit_record(change)], keys=audit_keys)
     session.execute(
         sa.insert(RuleSetChangeRow).values(
             rule_set_id=change.rule_set_id,
@@ -944,21 +945,22 @@ def _record(session: Session, change: Change) -> None:
 class SqlLifecycleStore:
     """Rule sets, the active pointer and the audit trail (services.rules.lifecycle.LifecycleStore)."""
 
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, sessions: sessionmaker[Session], *, audit_keys: audit.AuditKeys) -> None:
         self._sessions = sessions
+        self._audit_keys = audit_keys
 
     @contextmanager
     def unit(self) -> Iterator[SqlLifecycleUnit]:
         try:
             with self._sessions() as session, session.begin():
-                yield SqlLifecycleUnit(session)
+                yield SqlLifecycleUnit(session, self._audit_keys)
         except IntegrityError as error:
             # Two changes raced (two publications of one version, two first activations).
             raise FailedPrecondition("a concurrent change to the rule sets won; read them again") from error
 
     def get(self, rule_set_id: int) -> StoredRuleSet | None:
         with self._sessions() as session:
-            return SqlLifecycleUnit(session).get(rule_set_id)
+            return SqlLifecycleUnit(session, self._audit_keys).get(rule_set_id)
 
     def active(self) -> ActivePointer | None:
         """One primary-key read: every batch calls it to notice an activation."""
@@ -974,7 +976,7 @@ class SqlLifecycleStore:
         self, *, after: int | None, limit: int, name: str | None, status: Status | None
     ) -> Sequence[StoredRuleSet]:
         with self._sessions() as session:
-            active_id = SqlLifecycleUnit(session).active_id()
+            active_id = SqlLifecycleUnit(session, self._audit_keys).active_id()
             query = sa.select(RuleSetRow)
             if after is not None:
                 query = query.where(RuleSetRow.id > after)
@@ -1013,4 +1015,4 @@ class SqlLifecycleStore:
 
     def record(self, change: Change) -> None:
         with self._sessions() as session, session.begin():
-            _record(session, change)
+            _record(session, change, self._audit_keys)

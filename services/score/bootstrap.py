@@ -12,6 +12,7 @@ from sqlalchemy.engine import Engine
 
 from egret.score.v1 import score_service_pb2 as pb
 from kit.app import run_cli
+from kit.audit import audit_keys
 from kit.db import create_engine, make_session_factory
 from kit.logging import get_logger
 from kit.pseudonym import Pseudonymiser
@@ -67,7 +68,8 @@ def _ledger(settings: ScoreSettings, clock: Clock) -> tuple[Ledger, DueProcess, 
         pool_size=settings.db_workers + 2,
     )
     sessions = make_session_factory(engine)
-    store = SqlLedgerStore(sessions)
+    keys = audit_keys(settings.common.audit)
+    store = SqlLedgerStore(sessions, audit_keys=keys)
     ledger = Ledger(
         policies=policy_book(store, settings.policy_file, clock),
         store=store,
@@ -75,7 +77,7 @@ def _ledger(settings: ScoreSettings, clock: Clock) -> tuple[Ledger, DueProcess, 
         page_size=settings.verify_page_size,
     )
     # One clock for every instant: entries, deadlines, decisions, sweeps (tests move it).
-    due_process = DueProcess(ledger=ledger, store=SqlDueProcessStore(sessions), clock=clock)
+    due_process = DueProcess(ledger=ledger, store=SqlDueProcessStore(sessions, audit_keys=keys), clock=clock)
     return ledger, due_process, engine
 
 

@@ -541,8 +541,9 @@ def load_policies(session: Session) -> list[ActivatedPolicy]:
 class SqlLedgerStore:
     """LedgerStore on SQLAlchemy: one transaction per batch, a fixed number of bulk statements."""
 
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, sessions: sessionmaker[Session], *, audit_keys: audit.AuditKeys) -> None:
         self._sessions = sessions
+        self._audit_keys = audit_keys
 
     def record(self, entries: Sequence[LedgerEntry], rescore: Rescore) -> Recorded:
         try:
@@ -641,6 +642,7 @@ class SqlLedgerStore:
                     {"activated_by": activation.activated_by},
                 ),
                 activation.activated_at,
+                self._audit_keys,
                 claimed_actor=activation.activated_by,
             )
 
@@ -682,6 +684,7 @@ class SqlLedgerStore:
                         },
                     ),
                     r.reversed_at,
+                    self._audit_keys,
                 )
             applied = [
                 replace(r, subject_key=entries[r.outcome_id]) for r in fresh if r.outcome_id in entries
@@ -888,7 +891,9 @@ def _reversal_row(r: ReversalRecord) -> dict[str, Any]:
     }
 
 
-def append_audit(session: Session, act: Audited, at: datetime, *, claimed_actor: str = "") -> None:
+def append_audit(
+    session: Session, act: Audited, at: datetime, keys: audit.AuditKeys, *, claimed_actor: str = ""
+) -> None:
     """Append one audit record, by the principal of the call being handled, in the
     session's transaction."""
     audit.append(
@@ -905,14 +910,16 @@ def append_audit(session: Session, act: Audited, at: datetime, *, claimed_actor:
                 claimed_actor=claimed_actor,
             )
         ],
+        keys=keys,
     )
 
 
 class _SqlDueProcessTx:
     """DueProcessTx on one session in one transaction."""
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, audit_keys: audit.AuditKeys) -> None:
         self._session = session
+        self._audit_keys = audit_keys
 
     def entry(self, entry_id: str) -> EntryFacts | None:
         subject = self._session.scalar(
@@ -1013,19 +1020,20 @@ class _SqlDueProcessTx:
         _rescore_and_store(self._session, [subject_key], rescore, now.astimezone(UTC))
 
     def audit(self, act: Audited, at: datetime) -> None:
-        append_audit(self._session, act, at)
+        append_audit(self._session, act, at, self._audit_keys)
 
 
 class SqlDueProcessStore:
     """DueProcessStore on SQLAlchemy: one transaction per act."""
 
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, sessions: sessionmaker[Session], *, audit_keys: audit.AuditKeys) -> None:
         self._sessions = sessions
+        self._audit_keys = audit_keys
 
     @contextmanager
     def transaction(self) -> Iterator[_SqlDueProcessTx]:
         with self._sessions() as session, session.begin():
-            yield _SqlDueProcessTx(session)
+            yield _SqlDueProcessTx(session, self._audit_keys)
 
     def overdue_repairs(self, now: datetime, limit: int) -> list[RepairRecord]:
         with self._sessions() as session:

@@ -138,8 +138,9 @@ async def test_a_subjects_dispute_shows_on_every_read_and_an_overturn_recomputes
 
 
 def verify_audit_chains(cluster: Cluster) -> None:
-    """`verify-audit` of every service passes and prints an anchor, which a second run
-    then checks; an anchor that does not match fails the check."""
+    """`verify-audit` of every service passes (MACs under the cluster's audit key, and every
+    automatic anchor the service appended) and prints an anchor, which a second run then
+    checks; an anchor that does not match fails the check."""
 
     def verify(name: str, *anchors: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -160,6 +161,12 @@ def verify_audit_chains(cluster: Cluster) -> None:
             continue
         anchor = re.search(r"^anchor: (\d+:[0-9a-f]{64})$", result.stdout, re.MULTILINE)
         assert anchor is not None, (name, result.stdout)
+        # Each service anchored its own head on the way out, at least (EGRET_AUDIT_ANCHOR_FILE).
+        automatic = re.search(r"(\d+) automatic anchor\(s\) in \S+ hold", result.stdout)
+        assert automatic is not None, (name, result.stdout)
+        assert int(automatic.group(1)) >= 1, (name, result.stdout)
+        last_line = cluster.anchor_file(name).read_text().splitlines()[-1]
+        assert last_line.split()[2:] == anchor.group(1).split(":")
         again = verify(name, anchor.group(1))
         assert again.returncode == 0, (name, again.stdout, again.stderr)
         assert "1 anchor(s) hold" in again.stdout
