@@ -57,8 +57,16 @@ class LocalPki:
         return self.directory / "audit.key"
 
     def token(
-        self, subject: str, role: Role, *, scopes: tuple[str, ...] = (), lifetime_s: float = 86_400.0
+        self,
+        subject: str,
+        role: Role,
+        *,
+        scopes: tuple[str, ...] = (),
+        lifetime_s: float = 86_400.0,
+        issued_at: float | None = None,
     ) -> str:
+        """A token for `subject`, issued now (or at `issued_at`); 24 h, the longest lifetime
+        services accept by default (EGRET_MAX_TOKEN_LIFETIME_S)."""
         key = serialization.load_pem_private_key((self.directory / "jwt-private.pem").read_bytes(), None)
         return issue_token(
             key,
@@ -68,6 +76,7 @@ class LocalPki:
             role=role,
             scopes=scopes,
             lifetime_s=lifetime_s,
+            now=issued_at,
         )
 
     def service_token(self, name: str, *, lifetime_s: float = 86_400.0) -> str:
@@ -137,7 +146,8 @@ def create_local_pki(directory: Path) -> LocalPki:
         )
     )
     for name in SERVICES:
-        pki.service_token_file(name).write_text(pki.service_token(name, lifetime_s=30 * 86_400.0))
+        # The longest lifetime services accept (EGRET_MAX_TOKEN_LIFETIME_S, 24 h by default).
+        pki.service_token_file(name).write_text(pki.service_token(name))
     pki.audit_key_file.write_text(secrets.token_hex(32))
     for path in directory.iterdir():
         path.chmod(0o600)

@@ -19,8 +19,9 @@ from __future__ import annotations
 import contextvars
 import json
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,9 @@ class Principal:
     role: Role
     scopes: frozenset[str] = frozenset()
     subject_key: str | None = None
+    # When the token stops being accepted (its exp plus the verifier's leeway, on the
+    # verifier's clock): an open stream ends then (Gate.readmit). None: no token.
+    valid_until: float | None = field(default=None, compare=False)
 
     @property
     def loggable_id(self) -> str:
@@ -100,6 +104,9 @@ class TokenVerifier:
     subject_key_of: SubjectKeyOf | None = None
     leeway_s: float = 30.0
     clock: Callable[[], float] = time.time
+    # The longest lifetime (exp - iat) a token may have: a token minted for years is a
+    # standing credential, whoever leaks it. None: no limit.
+    max_lifetime_s: float | None = 86_400.0
     # Tokens already verified, by their exact text, with the instant they stop being
     # accepted. A caller sends the same token for its whole lifetime, and a signature check
     # costs far more than the call it guards; the cache changes no outcome, as the keys,
@@ -119,6 +126,7 @@ class TokenVerifier:
         jwks_file: Path | None = None,
         algorithms: tuple[str, ...] = ("RS256", "ES256"),
         subject_key_of: SubjectKeyOf | None = None,
+        max_lifetime_s: float | None = 86_400.0,
     ) -> TokenVerifier:
         keys: dict[str | None, Any] = {}
         if jwks_file is not None:
@@ -131,7 +139,7 @@ class TokenVerifier:
         bad = [a for a in algorithms if a not in ALLOWED_ALGORITHMS]
         if bad:
             raise ValueError(f"algorithms not allowed: {', '.join(bad)}")
-        return cls(keys, issuer, audience, algorithms, subject_key_of)
+        return cls(keys, issuer, audience, algorithms, subject_key_of, max_lifetime_s=max_lifetime_s)
 
     def verify(self, token: str) -> Principal:
         cached = self._verified.get(token)
@@ -142,6 +150,7 @@ class TokenVerifier:
             # Expired since: forget it, and let the full check say why it is refused.
             self._verified.pop(token, None)
         principal, valid_until = self._verify(token)
+        principal = replace(principal, valid_until=valid_until)
         if self.cache_size > 0:
             while len(self._verified) >= self.cache_size:
                 # Oldest first: a bounded cache, whatever the number of distinct callers.
@@ -184,7 +193,13 @@ class TokenVerifier:
             # A key of another type than the token's algorithm (e.g. kid of an RSA key on
             # an ES256 token) is a forgery attempt or a misconfiguration, never a pass.
             raise Unauthenticated("token key does not fit its algorithm") from exc
-        # PyJWT refuses a token once `exp` lies more than the leeway in the past.
+        # PyJWT refuses a token once `exp` lies more than the leeway in the past, and one
+        # whose `iat` lies more than the leeway ahead, so exp - iat bounds what is left.
+        lifetime = float(claims["exp"]) - float(claims["iat"])
+        if self.max_lifetime_s is not None and lifetime > self.max_lifetime_s:
+            raise Unauthenticated(
+                f"token lifetime {lifetime:.0f} s exceeds the maximum of {self.max_lifetime_s:.0f} s"
+            )
         return self._principal(claims), float(claims["exp"]) + self.leeway_s
 
     def _principal(self, claims: Mapping[str, Any]) -> Principal:
@@ -211,23 +226,49 @@ class TokenVerifier:
 
 @dataclass
 class RateLimiter:
-    """A token bucket per principal: `rate` calls per second, bursts up to `burst`."""
+    """A token bucket per principal: it refills at `rate` tokens a second up to `burst`, and
+    a call takes its cost in tokens (CallPolicy.cost), so an expensive RPC spends more of a
+    principal's allowance than a cheap one.
+
+    Memory is bounded whatever the population: a bucket untouched for burst / rate seconds
+    is full again, the same as no bucket, so it is dropped; and at most `max_buckets` are
+    held, the longest idle dropped first (at worst its principal gets a full bucket back a
+    little early). Buckets are kept in order of last use, so both cost O(1) per call.
+    """
 
     rate: float
     burst: float
     clock: Callable[[], float] = time.monotonic
-    _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)
+    max_buckets: int = 100_000
+    # key -> (tokens, when last updated), least recently used first.
+    _buckets: OrderedDict[str, tuple[float, float]] = field(default_factory=OrderedDict)
 
-    def acquire(self, key: str) -> float:
-        """0 when the call may proceed, else the seconds until it may be retried."""
+    def acquire(self, key: str, cost: float = 1.0) -> float:
+        """0 when the call may proceed (its cost is taken), else the seconds until it may be
+        retried (nothing is taken)."""
         now = self.clock()
-        tokens, updated = self._buckets.get(key, (self.burst, now))
+        tokens, updated = self._buckets.pop(key, (self.burst, now))
         tokens = min(self.burst, tokens + (now - updated) * self.rate)
-        if tokens >= 1.0:
-            self._buckets[key] = (tokens - 1.0, now)
-            return 0.0
-        self._buckets[key] = (tokens, now)
-        return (1.0 - tokens) / self.rate
+        # A call never costs more than a full bucket, so every call passes once it has waited.
+        cost = min(cost, self.burst)
+        wait = 0.0 if tokens >= cost else (cost - tokens) / self.rate
+        self._evict(now)
+        self._buckets[key] = (tokens - cost if wait == 0.0 else tokens, now)
+        return wait
+
+    @property
+    def held(self) -> int:
+        """How many buckets are held now."""
+        return len(self._buckets)
+
+    def _evict(self, now: float) -> None:
+        """Drop refilled buckets, then the longest idle until there is room for one more."""
+        refilled_after = self.burst / self.rate
+        while self._buckets:
+            oldest, (_, updated) = next(iter(self._buckets.items()))
+            if now - updated < refilled_after and len(self._buckets) < self.max_buckets:
+                return
+            del self._buckets[oldest]
 
 
 def issue_token(
@@ -280,12 +321,20 @@ class CallPolicy:
     require_deadline: bool = False
     # The scope a `service` principal must hold (one of the SCOPE_* above).
     service_scope: str | None = None
+    # What one call takes from the caller's rate-limit bucket (RateLimiter), and each
+    # further message of a request stream too: about the work it makes, in units of a
+    # simple read of one subject (docs/security.md, "Limits").
+    cost: float = 1.0
 
 
-def allow(*roles: Role, require_deadline: bool = False, service_scope: str | None = None) -> CallPolicy:
+def allow(
+    *roles: Role, require_deadline: bool = False, service_scope: str | None = None, cost: float = 1.0
+) -> CallPolicy:
     if (Role.SERVICE in roles) != (service_scope is not None):
         raise ValueError("an RPC open to services names the scope they need, and only then")
-    return CallPolicy(frozenset(roles), require_deadline, service_scope)
+    if not cost > 0:
+        raise ValueError("an RPC costs something")
+    return CallPolicy(frozenset(roles), require_deadline, service_scope, cost)
 
 
 # Health checks and reflection answer anyone: probes and tooling carry no tokens.
@@ -337,11 +386,31 @@ class Gate:
             raise PermissionDenied(
                 f"service {principal.id} lacks scope {rule.service_scope} for {method.rsplit('/', 1)[-1]}"
             )
+        self._charge(principal, rule.cost)
+        return principal
+
+    def readmit(self, method: str, principal: Principal | None) -> None:
+        """Before each message of a request stream after it opened: the token must still be
+        accepted (UNAUTHENTICATED once it has expired) and the message is charged like a
+        call (RESOURCE_EXHAUSTED beyond the rate)."""
+        if principal is None:
+            return
+        left = self.seconds_left(principal)
+        if left is not None and left <= 0:
+            raise Unauthenticated("token expired")
+        self._charge(principal, self.policy[method].cost)
+
+    def seconds_left(self, principal: Principal | None) -> float | None:
+        """How long `principal`'s token is still accepted; None when there is no token."""
+        if principal is None or principal.valid_until is None or self.verifier is None:
+            return None
+        return principal.valid_until - self.verifier.clock()
+
+    def _charge(self, principal: Principal, cost: float) -> None:
         if self.limiter is not None:
-            wait = self.limiter.acquire(principal.loggable_id)
+            wait = self.limiter.acquire(principal.loggable_id, cost)
             if wait > 0:
                 raise ResourceExhausted(f"rate limit of {principal.loggable_id} reached", retry_after_s=wait)
-        return principal
 
 
 def acting_principal(claimed: str | None) -> str | None:

@@ -9,6 +9,7 @@ The client interceptor injects the current trace context into every outgoing cal
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -20,7 +21,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 from sqlalchemy.exc import OperationalError
 
-from kit.auth import Gate, bind_principal
+from kit.auth import Gate, Principal, bind_principal
 from kit.decoding import Undecodable, tolerant
 from kit.errors import (
     AlreadyExists,
@@ -94,9 +95,18 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         self._tracer = trace.get_tracer("egret.grpc")
         self._gate = gate
 
-    def _admit(self, method: str, metadata: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    def _admit(
+        self,
+        method: str,
+        metadata: Any,
+        context: grpc.aio.ServicerContext[Any, Any],
+        request: Any,
+        streaming: bool,
+    ) -> Any:
+        """The request once the call is admitted; for a request stream, its messages, each
+        re-admitted (`_readmitted`)."""
         if self._gate is None:
-            return
+            return _decoded(request, streaming)
         carrier = dict(metadata or ())
         principal = self._gate.admit(method, carrier, context.time_remaining())
         bind_principal(principal)
@@ -104,6 +114,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             trace.get_current_span().set_attributes(
                 {"enduser.id": principal.loggable_id, "enduser.role": principal.role.value}
             )
+        if streaming and principal is not None:
+            request = _readmitted(request, self._gate, method, principal)
+        return _decoded(request, streaming)
 
     async def intercept_service(
         self,
@@ -161,8 +174,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         async def behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             with self._span(method, metadata) as span:
                 try:
-                    self._admit(method, metadata, context)
-                    request = _decoded(request, streaming_request)
+                    request = self._admit(method, metadata, context, request, streaming_request)
                     return serialize(await inner(request, context))
                 except Exception as exc:
                     await _fail(span, method, context, exc)
@@ -181,8 +193,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         async def behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             with self._span(method, metadata) as span:
                 try:
-                    self._admit(method, metadata, context)
-                    request = _decoded(request, streaming_request)
+                    request = self._admit(method, metadata, context, request, streaming_request)
                     async for response in inner(request, context):
                         yield serialize(response)
                 except Exception as exc:
@@ -211,6 +222,29 @@ async def _decoded_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
     async for request in requests:
         if isinstance(request, Undecodable):
             raise request.error
+        yield request
+
+
+async def _readmitted(
+    requests: AsyncIterator[Any], gate: Gate, method: str, principal: Principal
+) -> AsyncIterator[Any]:
+    """The messages of a request stream, each admitted again (`Gate.readmit`: token still
+    accepted, message charged to the rate limit). Waiting for the next message ends with
+    UNAUTHENTICATED when the token expires meanwhile, so an idle stream is closed at its
+    token's expiry; work on a message already received is never interrupted."""
+    iterator = aiter(requests)
+    while True:
+        left = gate.seconds_left(principal)
+        try:
+            if left is None:
+                request = await anext(iterator)
+            else:
+                request = await asyncio.wait_for(anext(iterator), max(0.0, left))
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise Unauthenticated("token expired") from None
+        gate.readmit(method, principal)
         yield request
 
 

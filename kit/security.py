@@ -22,6 +22,7 @@ def token_verifier(settings: SecuritySettings, pseudonymiser: Pseudonymiser | No
         jwks_file=settings.jwt_jwks_file,
         algorithms=settings.jwt_algorithms,
         subject_key_of=pseudonymiser.subject_key if pseudonymiser is not None else None,
+        max_lifetime_s=settings.max_token_lifetime_s,
     )
 
 

@@ -164,6 +164,8 @@ class SecuritySettings:
     service_token_file: Path | None = None
     rate_per_second: float = 200.0
     rate_burst: float = 400.0
+    # Tokens whose lifetime (exp - iat) is longer are refused (UNAUTHENTICATED).
+    max_token_lifetime_s: float = 86_400.0
 
     def missing(self) -> list[str]:
         """What serving needs but is not configured; empty in insecure mode. Commands that
@@ -213,6 +215,9 @@ class SecuritySettings:
             service_token_file=path("EGRET_SERVICE_TOKEN_FILE"),
             rate_per_second=env.number("EGRET_RATE_LIMIT_PER_SECOND", 200.0, minimum=0.1),
             rate_burst=env.number("EGRET_RATE_LIMIT_BURST", 400.0, minimum=1.0),
+            max_token_lifetime_s=env.number(
+                "EGRET_MAX_TOKEN_LIFETIME_S", 86_400.0, minimum=60.0, maximum=31 * 86_400.0
+            ),
         )
 
 

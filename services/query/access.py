@@ -20,17 +20,18 @@ _STAFF = (Role.REVIEWER, Role.AUDITOR, Role.ADMIN)
 
 POLICY: Mapping[str, CallPolicy] = {
     _RPC + "GetScore": allow(Role.SUBJECT, *_STAFF),
-    _RPC + "ListEntries": allow(Role.SUBJECT, *_STAFF),
+    _RPC + "ListEntries": allow(Role.SUBJECT, *_STAFF, cost=2),
     _RPC + "GetEntry": allow(Role.SUBJECT, *_STAFF),
-    _RPC + "ListScoreHistory": allow(Role.SUBJECT, *_STAFF),
+    # Reads and replays the subject's whole ledger (the corrected view), per page.
+    _RPC + "ListScoreHistory": allow(Role.SUBJECT, *_STAFF, cost=5),
     _RPC + "CheckEligibility": allow(Role.BENEFIT_PROVIDER, Role.SUBJECT, *_STAFF),
-    _RPC + "BatchGetScores": allow(*_STAFF),
-    _RPC + "GetTierDistribution": allow(*_STAFF),
+    _RPC + "BatchGetScores": allow(*_STAFF, cost=10),
+    _RPC + "GetTierDistribution": allow(*_STAFF, cost=20),
     _RPC + "ListBenefits": allow(Role.DEPARTMENT, Role.SUBJECT, Role.BENEFIT_PROVIDER, *_STAFF),
-    _RPC + "Explain": allow(Role.SUBJECT, *_STAFF),
+    _RPC + "Explain": allow(Role.SUBJECT, *_STAFF, cost=5),
     _RPC + "ListDisputes": allow(Role.SUBJECT, *_STAFF),
     _RPC + "ListRepairApplications": allow(Role.SUBJECT, *_STAFF),
-    _RPC + "ListAccessLog": allow(Role.SUBJECT, Role.AUDITOR, Role.ADMIN),
+    _RPC + "ListAccessLog": allow(Role.SUBJECT, Role.AUDITOR, Role.ADMIN, cost=2),
 }
 # Callers who must say why they read a subject's data (recorded in the access log).
 _PURPOSE_REQUIRED = frozenset({Role.DEPARTMENT, Role.BENEFIT_PROVIDER})

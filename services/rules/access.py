@@ -14,16 +14,17 @@ _READERS = (Role.REVIEWER, Role.AUDITOR, Role.ADMIN)
 POLICY: Mapping[str, CallPolicy] = {
     _RPC + "EvaluateEvents": allow(Role.SERVICE, service_scope=SCOPE_EVALUATE_EVENTS),
     _RPC + "GetActiveRuleSet": allow(*_READERS, Role.SERVICE, service_scope=SCOPE_READ_RULE_SETS),
-    _RPC + "ValidateRuleSet": allow(Role.REVIEWER),
-    _RPC + "CreateDraft": allow(Role.REVIEWER),
+    _RPC + "ValidateRuleSet": allow(Role.REVIEWER, cost=10),
+    _RPC + "CreateDraft": allow(Role.REVIEWER, cost=10),
     _RPC + "PublishRuleSet": allow(Role.REVIEWER),
     _RPC + "ActivateRuleSet": allow(Role.REVIEWER),
     _RPC + "RetireRuleSet": allow(Role.REVIEWER),
-    _RPC + "BacktestRuleSet": allow(Role.REVIEWER),
+    # Replays the recorded history: the dearest call of all.
+    _RPC + "BacktestRuleSet": allow(Role.REVIEWER, cost=50),
     _RPC + "ListRuleSets": allow(*_READERS),
     # Query (as a service) reads the active rule set's positive rules for Explain.
     _RPC + "GetRuleSet": allow(*_READERS, Role.SERVICE, service_scope=SCOPE_READ_RULE_SETS),
     _RPC + "ListRuleSetChanges": allow(*_READERS),
     _RPC + "ListDeadLetters": allow(Role.ADMIN, Role.AUDITOR),
-    _RPC + "RedriveDeadLetters": allow(Role.ADMIN),
+    _RPC + "RedriveDeadLetters": allow(Role.ADMIN, cost=10),
 }

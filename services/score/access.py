@@ -14,9 +14,10 @@ _RPC = "/egret.score.v1.ScoreService/"
 
 POLICY: Mapping[str, CallPolicy] = {
     _RPC + "ApplyOutcomes": allow(Role.SERVICE, service_scope=SCOPE_APPLY_OUTCOMES),
-    _RPC + "VerifyScores": allow(Role.ADMIN, Role.AUDITOR),
-    _RPC + "PreviewPolicy": allow(Role.ADMIN, Role.REVIEWER),
-    _RPC + "ActivatePolicy": allow(Role.ADMIN),
+    # Recompute every score (VerifyScores) or score the population under a draft (PreviewPolicy).
+    _RPC + "VerifyScores": allow(Role.ADMIN, Role.AUDITOR, cost=50),
+    _RPC + "PreviewPolicy": allow(Role.ADMIN, Role.REVIEWER, cost=50),
+    _RPC + "ActivatePolicy": allow(Role.ADMIN, cost=10),
     _RPC + "ListPolicies": allow(Role.ADMIN, Role.REVIEWER, Role.AUDITOR),
     _RPC + "FileDispute": allow(Role.SUBJECT, Role.DEPARTMENT),
     _RPC + "ResolveDispute": allow(Role.REVIEWER),

@@ -160,3 +160,28 @@ def test_an_rpc_open_to_services_must_name_their_scope_and_only_such_an_rpc_may(
         allow(Role.SERVICE)
     with pytest.raises(ValueError, match="names the scope"):
         allow(Role.ADMIN, service_scope=SCOPE_APPLY_OUTCOMES)
+
+
+def test_a_token_living_longer_than_the_maximum_lifetime_is_refused(tmp_path: Path) -> None:
+    pem = tmp_path / "idp.pem"
+    pem.write_bytes(public_pem(KEY))
+    verifier = TokenVerifier.from_files(issuer=ISSUER, audience=AUDIENCE, public_key_file=pem)
+    assert verifier.max_lifetime_s == 86_400.0  # the default: a day, for people and services
+    assert verifier.verify(token(lifetime_s=86_400)).id == "library"
+    with pytest.raises(Unauthenticated, match="lifetime 86401 s exceeds the maximum of 86400 s"):
+        verifier.verify(token(lifetime_s=86_401))
+    # A token expiring in 2200 (found by the security review) is refused however it is signed.
+    with pytest.raises(Unauthenticated, match="exceeds the maximum"):
+        verifier.verify(token(lifetime_s=7_258_118_400 - time.time()))
+    short = TokenVerifier.from_files(
+        issuer=ISSUER, audience=AUDIENCE, public_key_file=pem, max_lifetime_s=600
+    )
+    with pytest.raises(Unauthenticated, match="exceeds the maximum of 600 s"):
+        short.verify(token(lifetime_s=3600))
+
+
+def test_a_verified_principal_says_until_when_its_token_is_accepted(verifier: TokenVerifier) -> None:
+    issued = time.time()
+    principal = verifier.verify(token(now=issued, lifetime_s=600))
+    assert principal.valid_until == int(issued + 600) + verifier.leeway_s
+    assert verifier.verify(token(now=issued, lifetime_s=600)).valid_until == principal.valid_until  # cached
