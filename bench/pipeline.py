@@ -218,7 +218,9 @@ async def _visible(
             try:
                 while True:
                     page = await stub.ListEntries(
-                        query_service_pb2.ListEntriesRequest(subject=ref, page_size=500, page_token=token),
+                        query_service_pb2.ListEntriesRequest(
+                            subject=ref, page_size=500, page_token=token, purpose="operations"
+                        ),
                         timeout=10,
                     )
                     if any(

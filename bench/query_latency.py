@@ -55,6 +55,8 @@ from services.score.storage import StoredCategory, StoredEntry, StoredScore
 TARGET_P99_MS = 3.0
 POLICY_FILE = Path(__file__).parents[1] / "config" / "policy.yaml"
 CATEGORIES = ("civic", "transport", "traffic", "finance", "commerce")
+# Reads as a reviewer, who must state a purpose code (config/purposes.yaml).
+PURPOSE = "subject-request"
 CHUNK = 20_000
 # Phase 2's ingest load: a steady 200 events/s in batches of 50, about 17 million events a
 # day, far above what the city's departments send on average, and enough to keep ingest,
@@ -207,7 +209,9 @@ def _drive(target: Target, subjects: int, rate: int, warmup_s: float, duration_s
                 nonlocal errors
                 ref = subject_pb2.SubjectRef(subject_key=bench_key(rng.randrange(subjects)))
                 try:
-                    await stub.GetScore(query_service_pb2.GetScoreRequest(subject=ref), timeout=5)
+                    await stub.GetScore(
+                        query_service_pb2.GetScoreRequest(subject=ref, purpose=PURPOSE), timeout=5
+                    )
                 except grpc.aio.AioRpcError:
                     if measured:
                         errors += 1

@@ -42,6 +42,8 @@ from kit.db import create_engine
 # Files a previous demo run leaves behind; only these are removed, never the whole directory.
 _RUN_FILES = ("*.db", "*.db-wal", "*.db-shm", "*.db-journal", "*.log")
 _TIER_ORDER = ("AAA", "AA", "A", "B", "C", "D")
+# The demo reads as a reviewer, who must state a purpose code (config/purposes.yaml).
+DEMO_PURPOSE = "subject-request"
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -173,9 +175,12 @@ def _print_subject(cluster: Cluster, subjects: Sequence[SyntheticSubject]) -> No
         for subject in subjects:
             ref = subject_pb2.SubjectRef(subject=subject.proto())
             try:
-                score = stub.GetScore(query_service_pb2.GetScoreRequest(subject=ref), timeout=10).score
+                score = stub.GetScore(
+                    query_service_pb2.GetScoreRequest(subject=ref, purpose=DEMO_PURPOSE), timeout=10
+                ).score
                 entries = stub.ListEntries(
-                    query_service_pb2.ListEntriesRequest(subject=ref, page_size=10), timeout=10
+                    query_service_pb2.ListEntriesRequest(subject=ref, page_size=10, purpose=DEMO_PURPOSE),
+                    timeout=10,
                 ).entries
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND:

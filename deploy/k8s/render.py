@@ -96,6 +96,7 @@ def chart_config_files() -> dict[Path, Path]:
         CHART_DIR / "files" / "catalogue.yaml": CONFIG_DIR / "catalogue.yaml",
         CHART_DIR / "files" / "policy.yaml": CONFIG_DIR / "policy.yaml",
         CHART_DIR / "files" / "benefits.yaml": CONFIG_DIR / "benefits.yaml",
+        CHART_DIR / "files" / "purposes.yaml": CONFIG_DIR / "purposes.yaml",
     }
     for ruleset in sorted((CONFIG_DIR / "rulesets").glob("*.yaml")):
         pairs[CHART_DIR / "files" / "rulesets" / ruleset.name] = ruleset

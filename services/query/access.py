@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from kit.auth import CallPolicy, Principal, Role, allow
-from kit.errors import InvalidArgument, PermissionDenied, Violation
+from kit.errors import PermissionDenied
 
 _RPC = "/egret.query.v1.QueryService/"
 _STAFF = (Role.REVIEWER, Role.AUDITOR, Role.ADMIN)
@@ -33,8 +33,6 @@ POLICY: Mapping[str, CallPolicy] = {
     _RPC + "ListRepairApplications": allow(Role.SUBJECT, *_STAFF),
     _RPC + "ListAccessLog": allow(Role.SUBJECT, Role.AUDITOR, Role.ADMIN, cost=2),
 }
-# Callers who must say why they read a subject's data (recorded in the access log).
-_PURPOSE_REQUIRED = frozenset({Role.DEPARTMENT, Role.BENEFIT_PROVIDER})
 
 
 def require_own_subject(principal: Principal | None, subject_key: str) -> None:
@@ -47,14 +45,3 @@ def require_own_benefit(principal: Principal | None, provider_id: str) -> None:
     """A benefit provider may check eligibility only for the benefits it provides."""
     if principal is not None and principal.role is Role.BENEFIT_PROVIDER and principal.id != provider_id:
         raise PermissionDenied("a benefit provider may check only its own benefits")
-
-
-def require_stated_purpose(principal: Principal | None, purpose: str) -> None:
-    """Departments and benefit providers must say why they read a subject's data; the
-    purpose is recorded with the read in the access log."""
-    if principal is not None and principal.role in _PURPOSE_REQUIRED and not purpose.strip():
-        who = principal.role.value.replace("_", " ")
-        raise InvalidArgument(
-            f"a {who} must state the purpose of the read",
-            [Violation("purpose", "is required from departments and benefit providers", "REQUIRED")],
-        )

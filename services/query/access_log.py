@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ class AccessEntry:
     role: str
     purpose: str
     method: str
+    purpose_note: str = ""
 
 
 READ_PREFIX = "read:"
@@ -83,7 +85,7 @@ class SqlAccessLog:
     ) -> list[AccessEntry]:
         t = QueryAuditLog
         query = (
-            sa.select(t.seq, t.at, t.actor, t.role, t.purpose, t.action)
+            sa.select(t.seq, t.at, t.actor, t.role, t.purpose, t.action, t.detail)
             .where(t.subject_key == subject_key, t.at >= since)
             .order_by(t.seq.desc())
             .limit(limit)
@@ -99,9 +101,15 @@ class SqlAccessLog:
                     role=role,
                     purpose=purpose,
                     method=action.removeprefix(READ_PREFIX),
+                    purpose_note=_note_of(detail),
                 )
-                for seq, at, actor, role, purpose, action in session.execute(query)
+                for seq, at, actor, role, purpose, action, detail in session.execute(query)
             ]
+
+
+def _note_of(detail: str) -> str:
+    note = json.loads(detail or "{}").get("purpose_note", "") if detail.startswith("{") else ""
+    return note if isinstance(note, str) else ""
 
 
 @dataclass

@@ -14,6 +14,7 @@ from kit.audit import audit_keys
 from kit.db import create_engine
 from kit.logging import get_logger
 from kit.pseudonym import Pseudonymiser
+from kit.purposes import load_purposes
 from kit.security import channel_credentials
 from kit.server import Service
 from services.query.access import POLICY
@@ -42,6 +43,7 @@ def build(settings: QuerySettings, clock: Callable[[], datetime] = _utc_now) -> 
     # Checked against the policy's tiers and for purpose binding before serving: a bad
     # catalogue stops start-up with every problem listed.
     catalogue = load_catalogue(settings.benefits_file, policy)
+    purposes = load_purposes(settings.purposes_file)
     engine = create_engine(settings.score_database_url, read_only=True, pool_size=settings.db_workers + 2)
     reader = Reader(
         store=SqlScoreReader(engine),
@@ -70,6 +72,7 @@ def build(settings: QuerySettings, clock: Callable[[], datetime] = _utc_now) -> 
         recorder=AccessRecorder(access_log, recorder_executor, clock),
         access_log=access_log,
         due=SqlDueProcessReader(engine),
+        purposes=purposes,
         rules=rules,
     )
     servicer = DueProcessQueryServicer(reader, executor, deps, inline_reads=settings.inline_reads)

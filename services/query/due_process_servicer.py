@@ -12,7 +12,7 @@ whose record cannot be written fails with UNAVAILABLE (record-then-serve).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,7 +26,8 @@ from kit.db import run_blocking
 from kit.errors import InvalidArgument, NotFound, Unavailable
 from kit.logging import get_logger
 from kit.protoconv import SUBJECT_KIND_VALUES, to_datetime, to_timestamp
-from services.query.access import require_own_subject, require_stated_purpose
+from kit.purposes import Purposes, StatedPurpose
+from services.query.access import require_own_subject
 from services.query.access_log import (
     ACCESS_LOG_PERIOD,
     READ_PREFIX,
@@ -79,11 +80,17 @@ class DueProcessDeps:
     recorder: AccessRecorder
     access_log: SqlAccessLog
     due: SqlDueProcessReader
+    purposes: Purposes
     rules: RulesClient | None = None
 
 
 def _subject_named(ref: subject_pb2.SubjectRef) -> bool:
     return ref.WhichOneof("ref") is not None
+
+
+def _identifiers(refs: Iterable[subject_pb2.SubjectRef]) -> list[str]:
+    """The identifiers the requests names, which its purpose note must not repeat."""
+    return [r.subject.id_value if r.WhichOneof("ref") == "subject" else r.subject_key for r in refs]
 
 
 def annotate_entry(message: pb.LedgerEntry, facts: EntryFacts | None, now: datetime) -> pb.LedgerEntry:
@@ -114,12 +121,17 @@ class DueProcessQueryServicer(QueryServicer):
 
     # --- shared by every subject read ---------------------------------------------------
 
-    @staticmethod
-    def _check_purpose(purpose: str) -> None:
-        """Departments and benefit providers must state why they read (INVALID_ARGUMENT)."""
-        require_stated_purpose(current_principal(), purpose)
+    def _purpose(self, request: Any, *subjects: subject_pb2.SubjectRef) -> StatedPurpose:
+        """The request's purpose code and note, checked before any read (INVALID_ARGUMENT
+        naming the field): a configured code the caller's role may state, required from
+        all but a subject reading its own data, and a short note naming no identifier."""
+        return self._deps().purposes.check(
+            current_principal(), request.purpose, request.purpose_note, identifiers=_identifiers(subjects)
+        )
 
-    async def _record_reads(self, method: str, subject_keys: Sequence[str | None], purpose: str) -> None:
+    async def _record_reads(
+        self, method: str, subject_keys: Sequence[str | None], purpose: StatedPurpose
+    ) -> None:
         """Commit one access record per subject before the answer is sent; a record that
         cannot be written fails the read with UNAVAILABLE."""
         deps = self._due_process
@@ -127,7 +139,14 @@ class DueProcessQueryServicer(QueryServicer):
             return
         at = deps.recorder.now()
         records = [
-            audit.record(READ_PREFIX + method, at, subject_key=key, purpose=purpose.strip(), target=key or "")
+            audit.record(
+                READ_PREFIX + method,
+                at,
+                subject_key=key,
+                purpose=purpose.code,
+                target=key or "",
+                detail=purpose.detail(),
+            )
             for key in subject_keys
         ]
         try:
@@ -158,7 +177,7 @@ class DueProcessQueryServicer(QueryServicer):
         require_own_subject(current_principal(), key)
         return key
 
-    async def _serve(self, method: str, keys: Sequence[str], purpose: str, read: Awaitable[T]) -> T:
+    async def _serve(self, method: str, keys: Sequence[str], purpose: StatedPurpose, read: Awaitable[T]) -> T:
         """Run the read and commit its access records together: the answer leaves only
         once both succeeded (the read's own error first, else UNAVAILABLE for the log)."""
         answer, recorded = await asyncio.gather(
@@ -175,14 +194,14 @@ class DueProcessQueryServicer(QueryServicer):
     async def GetScore(self, request: pb.GetScoreRequest, context: Any) -> pb.GetScoreResponse:
         ref = subject_ref(request.subject)
         key = self._reader.subject_key(ref)
-        self._check_purpose(request.purpose)
+        purpose = self._purpose(request, request.subject)
         self._own(request.subject)
         as_of = to_datetime(request.as_of) if request.HasField("as_of") else None
         at = as_of or self._reader.now()
         if as_of is None and self._inline_reads:
             # The hot path (a current score from a local store): record, then read on the
             # loop; no task is spawned unless the subject has an undecided dispute.
-            await self._record_reads("GetScore", [key], request.purpose)
+            await self._record_reads("GetScore", [key], purpose)
             view = self._reader.current_score(ref)
             if view is None:  # an expiry passed, a policy changed, no row: recompute
                 view = await run_blocking(self._executor, self._reader.score, ref, None)
@@ -196,7 +215,7 @@ class DueProcessQueryServicer(QueryServicer):
         else:
             read = super().GetScore(request, context)
         answer, disputed = await asyncio.gather(
-            self._serve("GetScore", [key], request.purpose, read), self._disputed([key], at)
+            self._serve("GetScore", [key], purpose, read), self._disputed([key], at)
         )
         response = (
             answer
@@ -216,7 +235,7 @@ class DueProcessQueryServicer(QueryServicer):
             ]
         except InvalidArgument:
             return await super().BatchGetScores(request, context)  # raises with every problem listed
-        self._check_purpose(request.purpose)
+        purpose = self._purpose(request, *request.subjects)
         as_of = to_datetime(request.as_of) if request.HasField("as_of") else None
         at = as_of or self._reader.now()
         view = (
@@ -228,7 +247,7 @@ class DueProcessQueryServicer(QueryServicer):
         read = run_blocking(self._executor, self._reader.batch, refs, as_of, view)
         distinct = sorted(set(keys))
         views, disputed = await asyncio.gather(
-            self._serve("BatchGetScores", distinct, request.purpose, read), self._disputed(distinct, at)
+            self._serve("BatchGetScores", distinct, purpose, read), self._disputed(distinct, at)
         )
         results = []
         for key, found in zip(keys, views, strict=True):
@@ -245,13 +264,13 @@ class DueProcessQueryServicer(QueryServicer):
     ) -> pb.ListScoreHistoryResponse:
         ref = subject_ref(request.subject)
         key = self._reader.subject_key(ref)
-        self._check_purpose(request.purpose)
+        purpose = self._purpose(request, request.subject)
         self._own(request.subject)
         if request.as_corrected:
             read: Awaitable[pb.ListScoreHistoryResponse] = self._corrected_history(request, key)
         else:
             read = super().ListScoreHistory(request, context)
-        return await self._serve("ListScoreHistory", [key], request.purpose, read)
+        return await self._serve("ListScoreHistory", [key], purpose, read)
 
     async def _corrected_history(
         self, request: pb.ListScoreHistoryRequest, key: str
@@ -282,13 +301,11 @@ class DueProcessQueryServicer(QueryServicer):
             key = self._reader.subject_key(ref)
         except InvalidArgument:
             return await super().CheckEligibility(request, context)  # every problem listed
-        self._check_purpose(request.purpose)
+        purpose = self._purpose(request, request.subject)
         self._own(request.subject)
         at = to_datetime(request.as_of) if request.HasField("as_of") else self._reader.now()
         response, disputed = await asyncio.gather(
-            self._serve(
-                "CheckEligibility", [key], request.purpose, super().CheckEligibility(request, context)
-            ),
+            self._serve("CheckEligibility", [key], purpose, super().CheckEligibility(request, context)),
             self._disputed([key], at),
         )
         open_ids = set(disputed.get(key, ()))
@@ -298,19 +315,17 @@ class DueProcessQueryServicer(QueryServicer):
 
     async def ListEntries(self, request: pb.ListEntriesRequest, context: Any) -> pb.ListEntriesResponse:
         key = self._reader.subject_key(subject_ref(request.subject))
-        self._check_purpose(request.purpose)
+        purpose = self._purpose(request, request.subject)
         self._own(request.subject)
-        response = await self._serve(
-            "ListEntries", [key], request.purpose, super().ListEntries(request, context)
-        )
+        response = await self._serve("ListEntries", [key], purpose, super().ListEntries(request, context))
         await self._annotate(response.entries)
         return response
 
     async def GetEntry(self, request: pb.GetEntryRequest, context: Any) -> pb.GetEntryResponse:
-        self._check_purpose(request.purpose)
-        response = await super().GetEntry(request, context)  # NOT_FOUND / PERMISSION_DENIED first
+        purpose = self._purpose(request)
+        response = await super().GetEntry(request, context)  # NOT_FOUND first, for a stranger too
         await self._annotate([response.entry])
-        await self._record_reads("GetEntry", [response.entry.subject_key], request.purpose)
+        await self._record_reads("GetEntry", [response.entry.subject_key], purpose)
         return response
 
     async def _annotate(self, entries: Sequence[pb.LedgerEntry]) -> None:
@@ -327,7 +342,7 @@ class DueProcessQueryServicer(QueryServicer):
     async def Explain(self, request: pb.ExplainRequest, context: Any) -> pb.ExplainResponse:
         deps = self._deps()
         key = self._own_key(request.subject)
-        self._check_purpose(request.purpose)
+        purpose = self._purpose(request, request.subject)
         now = self._reader.now()
         # Served only where a score is: NOT_FOUND for no entries, FAILED_PRECONDITION without consent.
         view = await run_blocking(self._executor, self._reader.score, SubjectRef(subject_key=key), None)
@@ -347,7 +362,7 @@ class DueProcessQueryServicer(QueryServicer):
             now=now,
             positive_rules=rules or (),
         )
-        await self._record_reads("Explain", [key], request.purpose)
+        await self._record_reads("Explain", [key], purpose)
         return pb.ExplainResponse(explanation=explanation_message(explanation))
 
     # --- ListDisputes / ListRepairApplications --------------------------------------------
@@ -362,7 +377,9 @@ class DueProcessQueryServicer(QueryServicer):
             key = own
         return ListFilter(status=status, subject_key=key, overdue_only=overdue_only)
 
-    async def _record_listed(self, method: str, where: ListFilter, keys: Sequence[str], purpose: str) -> None:
+    async def _record_listed(
+        self, method: str, where: ListFilter, keys: Sequence[str], purpose: StatedPurpose
+    ) -> None:
         listed = [where.subject_key] if where.subject_key is not None else sorted(set(keys))
         await self._record_reads(method, listed, purpose)
 
@@ -370,15 +387,13 @@ class DueProcessQueryServicer(QueryServicer):
         deps = self._deps()
         status = _DISPUTE_FILTER.get(request.status) if request.status else None
         where = self._list_filter(request.subject, status, request.overdue_only)
-        self._check_purpose(request.purpose)
+        purpose = self._purpose(request, request.subject)
         size = page_size(request.page_size)
         after = decode_key(request.page_token, "ListDisputes") if request.page_token else None
         now = self._reader.now()
         rows = await run_blocking(self._executor, deps.due.disputes, where, now, after, size + 1)
         page = dispute_page(rows, size)
-        await self._record_listed(
-            "ListDisputes", where, [d.subject_key for d in page.disputes], request.purpose
-        )
+        await self._record_listed("ListDisputes", where, [d.subject_key for d in page.disputes], purpose)
         return pb.ListDisputesResponse(
             disputes=[dispute_message(d, now) for d in page.disputes], next_page_token=page.next_page_token
         )
@@ -389,14 +404,14 @@ class DueProcessQueryServicer(QueryServicer):
         deps = self._deps()
         status = _REPAIR_FILTER.get(request.status) if request.status else None
         where = self._list_filter(request.subject, status, request.overdue_only)
-        self._check_purpose(request.purpose)
+        purpose = self._purpose(request, request.subject)
         size = page_size(request.page_size)
         after = decode_key(request.page_token, "ListRepairApplications") if request.page_token else None
         now = self._reader.now()
         rows = await run_blocking(self._executor, deps.due.repairs, where, now, after, size + 1)
         page = repair_page(rows, size)
         await self._record_listed(
-            "ListRepairApplications", where, [r.subject_key for r in page.applications], request.purpose
+            "ListRepairApplications", where, [r.subject_key for r in page.applications], purpose
         )
         return pb.ListRepairApplicationsResponse(
             applications=[repair_message(r, now) for r in page.applications],
@@ -408,11 +423,11 @@ class DueProcessQueryServicer(QueryServicer):
     async def ListAccessLog(self, request: pb.ListAccessLogRequest, context: Any) -> pb.ListAccessLogResponse:
         deps = self._deps()
         key = self._own_key(request.subject)
-        self._check_purpose(request.purpose)
+        purpose = self._purpose(request, request.subject)
         size = page_size(request.page_size)
         before = decode_token(request.page_token, int, "ListAccessLog") if request.page_token else None
         # Recorded first: this read is part of the log it shows.
-        await self._record_reads("ListAccessLog", [key], request.purpose)
+        await self._record_reads("ListAccessLog", [key], purpose)
         since = deps.recorder.now() - ACCESS_LOG_PERIOD
         rows = await run_blocking(self._executor, deps.access_log.page, key, since, before, size + 1)
         page = rows[:size]
@@ -435,6 +450,7 @@ def access_record_message(entry: AccessEntry) -> pb.AccessRecord:
         role=entry.role,
         purpose=entry.purpose,
         method=entry.method,
+        purpose_note=entry.purpose_note,
     )
 
 

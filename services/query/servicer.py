@@ -14,9 +14,10 @@ from egret.query.v1 import query_service_pb2 as pb
 from egret.query.v1 import query_service_pb2_grpc as pb_grpc
 from kit.auth import Role, current_principal
 from kit.db import run_blocking
+from kit.errors import NotFound
 from kit.logging import get_logger
 from kit.protoconv import SEVERITY_VALUES, SUBJECT_KIND_NAMES, SUBJECT_KIND_VALUES, to_datetime, to_timestamp
-from services.query.access import require_own_benefit, require_own_subject, require_stated_purpose
+from services.query.access import require_own_benefit, require_own_subject
 from services.query.benefits import Benefit
 from services.query.domain import HistoryRow, RawSubject, Reader, ScoreView, SubjectRef
 from services.score.domain import (
@@ -248,7 +249,6 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
         provider_id = self._reader.benefit_provider(request.benefit_id)
         if provider_id is not None:
             require_own_benefit(principal, provider_id)
-        require_stated_purpose(principal, request.purpose)
         view = await run_blocking(
             self._executor,
             self._reader.eligibility,
@@ -260,7 +260,6 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
             "eligibility checked",
             benefit_id=request.benefit_id,
             caller=principal.loggable_id if principal else "insecure",
-            purpose=request.purpose,
             eligible=view.eligibility.eligible,
         )
         result = view.eligibility
@@ -308,7 +307,15 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
 
     async def GetEntry(self, request: pb.GetEntryRequest, context: Any) -> pb.GetEntryResponse:
         entry = await run_blocking(self._executor, self._reader.entry, request.entry_id)
-        require_own_subject(current_principal(), entry.subject_key)
+        principal = current_principal()
+        if (
+            principal is not None
+            and principal.role is Role.SUBJECT
+            and principal.subject_key != entry.subject_key
+        ):
+            # Entry ids are deterministic: answering otherwise than for an unknown id would
+            # tell a stranger that the entry exists.
+            raise NotFound(f"no ledger entry {request.entry_id!r}")
         return pb.GetEntryResponse(entry=entry_message(entry, with_evidence=True, now=self._reader.now()))
 
 

@@ -26,6 +26,8 @@ class QuerySettings:
     policy_file: Path
     db_workers: int
     benefits_file: Path = Path("config/benefits.yaml")
+    # The purposes a read may state (kit.purposes).
+    purposes_file: Path = Path("config/purposes.yaml")
     # Where a current score is read: "inline" on the event loop, "pool" on a worker thread,
     # "auto" inline for a local SQLite store and on the pool for a networked database.
     read_path: str = "auto"
@@ -44,6 +46,7 @@ class QuerySettings:
             policy_file=env.file("EGRET_POLICY_FILE", Path("config/policy.yaml")),
             db_workers=env.integer("EGRET_DB_WORKERS", 4, minimum=1, maximum=64),
             benefits_file=env.file("EGRET_BENEFITS_FILE", Path("config/benefits.yaml")),
+            purposes_file=env.file("EGRET_PURPOSES_FILE", Path("config/purposes.yaml")),
             read_path=env.choice("EGRET_QUERY_READ_PATH", "auto", READ_PATHS),
             rules=(
                 PeerSettings.read(env, prefix="EGRET_RULES", default_address="")

@@ -17,6 +17,7 @@ from egret.score.v1 import score_service_pb2_grpc as score_grpc
 from kit.auth import Role
 from kit.protoconv import Scalar
 from tests.support.events import ORGANIZATION, PERSON, event
+from tests.support.purposes import purposed
 
 pytestmark = pytest.mark.e2e
 
@@ -144,7 +145,7 @@ async def submit_all(cluster: Cluster, prefix: str = "") -> list[ingest_pb.Submi
 
 async def assert_expected_scores(cluster: Cluster) -> None:
     async with cluster.channel("query", cluster.token("e2e-reviewer", Role.REVIEWER)) as channel:
-        query = query_grpc.QueryServiceStub(channel)
+        query = purposed(query_grpc.QueryServiceStub(channel), "subject-request")
         for subject, (score, tier, categories, entries) in EXPECTED.items():
             found = (await query.GetScore(query_pb.GetScoreRequest(subject=raw(subject)), timeout=5)).score
             assert (found.score, found.tier, found.entry_count) == (score, tier, entries), subject
@@ -168,7 +169,7 @@ async def test_hand_computed_scenario_lands_the_expected_scores(cluster: Cluster
     assert await assert_scores_equal_recompute(cluster) == len(EXPECTED)
 
     async with cluster.channel("query", cluster.token("e2e-reviewer", Role.REVIEWER)) as channel:
-        query = query_grpc.QueryServiceStub(channel)
+        query = purposed(query_grpc.QueryServiceStub(channel), "subject-request")
         page = await query.ListEntries(query_pb.ListEntriesRequest(subject=raw(ALICE), page_size=10))
         assert [e.rule.rule_id for e in page.entries] == [
             "transport.metro_fare_evasion",
@@ -222,7 +223,7 @@ async def test_invalid_events_are_rejected_with_field_detail_while_the_rest_of_t
     assert [(v.field, v.reason) for v in response.results[2].violations] == [("subject.kind", "NOT_ALLOWED")]
     cluster.wait_drained(timeout_s=60)
     async with cluster.channel("query", cluster.token("e2e-reviewer", Role.REVIEWER)) as channel:
-        found = await query_grpc.QueryServiceStub(channel).GetScore(
+        found = await purposed(query_grpc.QueryServiceStub(channel), "subject-request").GetScore(
             query_pb.GetScoreRequest(subject=raw(ALICE))
         )
     assert (found.score.score, found.score.entry_count) == (997, 1)

@@ -34,6 +34,7 @@ from kit.protoconv import SUBJECT_KIND_NAMES
 from tests.support.databases import create_postgres_database, drop_postgres_database
 from tests.support.otlp import Collector, collector
 from tests.support.privacy import Finding, find_in, scan_database, scan_files
+from tests.support.purposes import purposed
 
 pytestmark = pytest.mark.e2e
 
@@ -124,10 +125,12 @@ async def exercise(cluster: Cluster, population: Population) -> set[str]:
 
     reviewer = cluster.token("privacy-reviewer", Role.REVIEWER)
     async with cluster.channel("query", reviewer) as channel:
-        query = query_grpc.QueryServiceStub(channel)
+        query = purposed(query_grpc.QueryServiceStub(channel), "subject-request")
         for synthetic in busiest:
             ref = subject_pb2.SubjectRef(subject=synthetic.proto())
-            await query.GetScore(query_pb.GetScoreRequest(subject=ref, purpose="privacy test"), timeout=10)
+            await query.GetScore(
+                query_pb.GetScoreRequest(subject=ref, purpose_note="privacy test"), timeout=10
+            )
             await query.BatchGetScores(query_pb.BatchGetScoresRequest(subjects=[ref]), timeout=10)
             await query.ListScoreHistory(query_pb.ListScoreHistoryRequest(subject=ref), timeout=10)
             await query.ListScoreHistory(
@@ -154,7 +157,8 @@ async def exercise(cluster: Cluster, population: Population) -> set[str]:
                     query_pb.CheckEligibilityRequest(
                         subject=subject_pb2.SubjectRef(subject=synthetic.proto()),
                         benefit_id="metro.discount",
-                        purpose="fare discount at gate 4",
+                        purpose="eligibility-check",
+                        purpose_note="fare discount at gate 4",
                     ),
                     timeout=10,
                 )

@@ -420,13 +420,15 @@ async def test_a_benefit_provider_checks_only_its_own_benefits_and_states_a_purp
         codes = [
             await call(channel, "query", "CheckEligibility", check(benefit, purpose))
             for benefit, purpose in (
-                ("metro.discount", "fare discount"),  # the metro's benefit, not the library's
+                ("metro.discount", "eligibility-check"),  # the metro's benefit, not the library's
                 ("library.deposit_free", ""),  # no purpose stated
-                ("library.deposit_free", "deposit waiver at the loan desk"),
+                ("library.deposit_free", "deposit waiver at the loan desk"),  # free text, no code
+                ("library.deposit_free", "eligibility-check"),
             )
         ]
     assert codes == [
         grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.INVALID_ARGUMENT,
         grpc.StatusCode.INVALID_ARGUMENT,
         grpc.StatusCode.NOT_FOUND,  # allowed; the subject has no score yet
     ]
