@@ -80,10 +80,13 @@ bench-rules-memory: setup ## Benchmark: live rules evaluation's RSS over 1M even
 bench-query: setup ## Benchmark: GetScore p99 at 1,000 req/s, idle and while ingest runs (BENCH_ARGS=--subjects 1000000)
 	$(PY) -m bench.query_latency $(BENCH_ARGS)
 
+bench-history: setup ## Benchmark: CPU per as-corrected ListScoreHistory call, 1,000 and 10,000 entries, incremental vs definition
+	$(PY) -m bench.history_cost $(BENCH_ARGS)
+
 chaos: setup ## Chaos: 50k events under 10 random SIGKILLs vs an uninterrupted run (CHAOS_ARGS=--postgres URL --seed N)
 	$(PY) -m bench.chaos $(CHAOS_ARGS)
 
 clean: ## Remove the virtual environment, generated stubs and local data
 	rm -rf $(VENV) gen var
 
-.PHONY: help setup protos run test fuzz lint breaking typecheck bench bench-backtest bench-rules-memory bench-query chaos manifests deploy-check clean
+.PHONY: help setup protos run test fuzz lint breaking typecheck bench bench-backtest bench-rules-memory bench-query bench-history chaos manifests deploy-check clean

@@ -496,11 +496,20 @@ def _arrivals(
                 yield e.occurred_at
 
 
+def on_lists(tier: str, negative: bool, flagged: bool, policy: SubjectPolicy) -> tuple[bool, bool]:
+    """(red, black): whether a subject of `tier` is on each list, given whether any counting
+    entry is negative and whether any is black-list flagged."""
+    criteria = policy.lists
+    red = tier in criteria.red_tiers and not (criteria.red_requires_no_negative and negative)
+    black = tier in criteria.black_tiers or (criteria.black_on_flag and flagged)
+    return red, black
+
+
 def _lists(tier: str, counted: Sequence[CountedEntry], policy: SubjectPolicy) -> tuple[ListMembership, ...]:
     criteria = policy.lists
     memberships = []
-    negatives = [c.entry_id for c in counted if c.negative]
-    if tier in criteria.red_tiers and not (criteria.red_requires_no_negative and negatives):
+    red, _ = on_lists(tier, any(c.negative for c in counted), False, policy)
+    if red:
         reasons = [f"tier {tier}"]
         if criteria.red_requires_no_negative:
             reasons.append("no counting negative entry")
