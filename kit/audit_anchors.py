@@ -89,7 +89,8 @@ async def anchor_loop(
         stopped = stopping.is_set()
         try:
             current = await asyncio.to_thread(_head, engine, head)
-            if current is not None and current != last:
+            # seq 0: a head created empty by a migration, nothing to anchor yet.
+            if current is not None and current[0] > 0 and current != last:
                 await asyncio.to_thread(append_anchor, path, anchor_line(clock(), service, *current))
                 last = current
         except Exception as exc:  # the database or the volume is away: try again next time

@@ -4,6 +4,10 @@ OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES name the resource, OTEL_TRACES_SA
 picks the sampler, OTEL_TRACES_EXPORTER chooses exporters (otlp, console, none) and
 OTEL_EXPORTER_OTLP_* configure OTLP. With nothing set, spans are recorded (so trace ids
 reach the logs) but not exported; setting OTEL_EXPORTER_OTLP_ENDPOINT alone turns OTLP on.
+OTLP goes over TLS unless OTEL_EXPORTER_OTLP_INSECURE=true (or its _TRACES_ form) says
+otherwise, whatever the endpoint's scheme (the SDK alone would send an http:// endpoint in
+plain text): spans name methods, principals' ids and errors. OTEL_EXPORTER_OTLP_CERTIFICATE
+is the CA that verifies the collector (default: the system's roots).
 
 Context crosses services as W3C trace context in gRPC metadata, and crosses the outbox
 as a stored `traceparent`, so one trace follows a batch from ingest to score.
@@ -35,12 +39,34 @@ def _exporters() -> list[SpanExporter]:
     exporters: list[SpanExporter] = []
     for name in names:
         if name == "otlp":
-            exporters.append(OTLPSpanExporter())
+            exporters.append(_otlp_exporter())
         elif name == "console":
             exporters.append(ConsoleSpanExporter())
         elif name != "none":
             raise SettingsError([f"OTEL_TRACES_EXPORTER={name!r} is not one of otlp, console, none"])
     return exporters
+
+
+def _flag(name: str) -> bool | None:
+    value = os.environ.get(name)
+    if value is None or not value.strip():
+        return None
+    if value.strip().lower() not in ("true", "false"):
+        raise SettingsError([f"{name}={value!r} is not true or false"])
+    return value.strip().lower() == "true"
+
+
+def _otlp_exporter() -> OTLPSpanExporter:
+    """OTLP over TLS unless plain text is asked for explicitly."""
+    insecure = _flag("OTEL_EXPORTER_OTLP_TRACES_INSECURE")
+    if insecure is None:
+        insecure = _flag("OTEL_EXPORTER_OTLP_INSECURE") or False
+    if not insecure:
+        for name in ("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "OTEL_EXPORTER_OTLP_CERTIFICATE"):
+            path = os.environ.get(name)
+            if path and not os.path.isfile(path):
+                raise SettingsError([f"{name}={path!r}: no such file"])
+    return OTLPSpanExporter(insecure=insecure)
 
 
 def configure_tracing(service: str, *, extra_processors: Sequence[SpanProcessor] = ()) -> TracerProvider:

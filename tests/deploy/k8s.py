@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -67,12 +68,22 @@ class Endpoint:
 
     labels: Mapping[str, str]
     external: bool = False  # outside the release's namespace pods (e.g. the database, a client)
+    # An external endpoint's address, for ipBlock peers; None: one no ipBlock names.
+    ip: str | None = None
 
 
 def _peer_admits(peer: Mapping[str, Any], other: Endpoint) -> bool:
     if "podSelector" in peer and "namespaceSelector" not in peer:
         return not other.external and matches(peer["podSelector"], other.labels)
-    # namespaceSelector / ipBlock peers stand for things outside the namespace here.
+    if "ipBlock" in peer:
+        if not other.external or other.ip is None:
+            return False
+        address = ipaddress.ip_address(other.ip)
+        block = peer["ipBlock"]
+        return address in ipaddress.ip_network(block["cidr"]) and not any(
+            address in ipaddress.ip_network(e) for e in block.get("except", [])
+        )
+    # namespaceSelector peers stand for things outside the namespace here.
     return other.external
 
 

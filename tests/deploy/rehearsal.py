@@ -14,6 +14,7 @@ and Secrets (written to a per-pod directory), the ports, and which Service reach
   /app, which holds the same config/ defaults); the image's ENV comes from the Dockerfile;
 - the operator's Secrets are a dict the caller passes in (tests/deploy/pki.py adds the TLS,
   JWT-key and service-token ones, shaped by what the pods mount);
+- a PersistentVolumeClaim is one directory per claim, shared by every pod that mounts it;
 - a probe is its exec command run with the pod's environment and mounts, killed after its
   timeoutSeconds, as the kubelet runs it inside the container.
 
@@ -161,6 +162,8 @@ class Rehearsal:
                 raise RehearsalError(f"{pod.name}: subPath mounts are not rehearsed")
             volume = volumes[mount["name"]]
             local = pod.directory / "mounts" / mount["mountPath"].strip("/")
+            if "persistentVolumeClaim" in volume:
+                local = self.root / "claims" / volume["persistentVolumeClaim"]["claimName"]
             local.mkdir(parents=True, exist_ok=True)
             if "configMap" in volume:
                 config_map = self.config_maps.get(volume["configMap"]["name"])
@@ -175,7 +178,7 @@ class Rehearsal:
                 secret = volume["secret"]
                 for item in secret.get("items", []):
                     (local / item["path"]).write_text(self._secret(pod, secret["secretName"], item["key"]))
-            elif "emptyDir" not in volume:
+            elif "emptyDir" not in volume and "persistentVolumeClaim" not in volume:
                 raise RehearsalError(
                     f"{pod.name}: volume {mount['name']} is of a kind the rehearsal does not know"
                 )

@@ -89,6 +89,8 @@ def test_every_rendered_object_is_valid_kubernetes(rendered: list[Manifest], kub
         ({"security": {"jwt": {"keys": {"format": "der"}}}}, "format"),
         ({"security": {"jwt": {"algorithms": ["HS256"]}}}, "algorithms"),
         ({"security": {"jwt": {"issuer": ""}}}, "issuer"),
+        ({"networkPolicy": {"database": {"cidrs": ["pg.example.org"]}}}, "cidrs"),
+        ({"secrets": {"auditKey": {"keyId": "a 1"}}}, "keyId"),
     ],
 )
 def test_values_schema_rejects_unknown_keys_and_bad_values(
@@ -105,6 +107,9 @@ def test_values_schema_rejects_unknown_keys_and_bad_values(
         {"services": {"rules": {"autoscaling": {"enabled": True}}}},
         {"secrets": {"create": True}},
         {"config": {"rulesets": {"city.yaml": "x: 1"}, "activeRuleset": "other.yaml"}},
+        # Nowhere to send the database traffic would mean anywhere on its ports.
+        {"networkPolicy": {"database": {"cidrs": [], "to": []}}},
+        {"secrets": {"create": True, "subjectKey": {"value": "x" * 32}}},
     ],
 )
 def test_values_the_schema_cannot_express_fail_the_render(
@@ -275,6 +280,7 @@ def test_secrets_are_referenced_never_inlined_by_default(render_objects: RenderO
         ("egret-database", "score-readonly-url"),
         ("egret-database", "query-url"),
         ("egret-subject-key", "subject-key"),
+        ("egret-audit-key", "audit-key"),
         *((f"egret-{name}-tls", key) for name in (*SERVICES, "test") for key in TLS_KEYS),
         ("egret-jwt-keys", "jwks.json"),
         ("egret-ingest-token", "token"),
@@ -290,6 +296,7 @@ def test_existing_secrets_are_referenced_by_the_given_names(render_objects: Rend
     assert {n for n, _ in secret_refs(manifests)} == {
         "egret-pg-urls",
         "egret-hmac",
+        "egret-audit-key",
         "egret-ingest-cert",
         "egret-rules-cert",
         "egret-score-cert",
@@ -326,7 +333,11 @@ def test_created_secrets_exist_before_the_migration_hooks(render_objects: Render
         load_values(CHART_DIR / "ci" / "development-values.yaml") | {"migrations": {"enabled": True}}
     )
     secrets = of_kind(manifests, "Secret")
-    assert {s["metadata"]["name"] for s in secrets} == {"egret-database", "egret-subject-key"}
+    assert {s["metadata"]["name"] for s in secrets} == {
+        "egret-database",
+        "egret-subject-key",
+        "egret-audit-key",
+    }
     for secret in secrets:
         assert "pre-install" in hooks(secret)
         assert int(secret["metadata"]["annotations"]["helm.sh/hook-weight"]) < 0
@@ -346,7 +357,6 @@ def test_config_files_are_mounted_where_the_settings_point(rendered: list[Manife
         "EGRET_RULESET_FILE",
         "EGRET_POLICY_FILE",
         "EGRET_BENEFITS_FILE",
-        "EGRET_PURPOSES_FILE",
         "EGRET_SUBJECT_KEY_FILE",
     }
     for deployment in services_deployments(rendered):
@@ -379,23 +389,15 @@ def test_every_config_file_is_mounted_for_the_services_that_read_it(render_objec
     manifests = render_objects({})
     bundled = (CHART_DIR / "files" / "benefits.yaml").read_text()
     assert named(manifests, "ConfigMap", "egret-benefits")["data"] == {"benefits.yaml": bundled}
-    purposes = (CHART_DIR / "files" / "purposes.yaml").read_text()
-    assert named(manifests, "ConfigMap", "egret-purposes")["data"] == {"purposes.yaml": purposes}
     settings = {
         "ingest": {"EGRET_CATALOGUE_FILE"},
         # Backtests score with the policy and split reports by the catalogue's cohorts.
         "rules": {"EGRET_RULESET_FILE", "EGRET_POLICY_FILE", "EGRET_CATALOGUE_FILE"},
         # The policy seeds score's policy store on its first start.
         "score": {"EGRET_POLICY_FILE"},
-        "query": {"EGRET_POLICY_FILE", "EGRET_BENEFITS_FILE", "EGRET_PURPOSES_FILE"},
+        "query": {"EGRET_POLICY_FILE", "EGRET_BENEFITS_FILE"},
     }
-    config = {
-        "EGRET_CATALOGUE_FILE",
-        "EGRET_RULESET_FILE",
-        "EGRET_POLICY_FILE",
-        "EGRET_BENEFITS_FILE",
-        "EGRET_PURPOSES_FILE",
-    }
+    config = {"EGRET_CATALOGUE_FILE", "EGRET_RULESET_FILE", "EGRET_POLICY_FILE", "EGRET_BENEFITS_FILE"}
     for service, expected in settings.items():
         env = env_of(pod_template(named(manifests, "Deployment", f"egret-{service}"))[1]["containers"][0])
         assert {name for name in env if name in config} == expected, service
@@ -497,7 +499,7 @@ def test_pods_mount_tls_and_keys_read_only_from_cert_manager_shaped_secrets(rend
         for container in spec["containers"]:
             for mount in container.get("volumeMounts", []):
                 volume = volumes[mount["name"]]
-                if "emptyDir" not in volume:
+                if "emptyDir" not in volume and mount["name"] != "audit-anchors":
                     assert mount.get("readOnly") is True, (where, mount["name"])
                 if mount["name"] == "tls":
                     assert mount["mountPath"] == "/var/run/secrets/egret/tls", where
@@ -555,7 +557,11 @@ def test_insecure_mode_is_explicit_and_loud() -> None:
         assert env["EGRET_INSECURE"] == "true"
         assert not {"tls", "jwt", "service-token"} & {m["name"] for m in container["volumeMounts"]}
     assert "WARNING: INSECURE MODE" in rendered["egret/templates/NOTES.txt"]
-    assert {n for n, _ in secret_refs(manifests)} == {"egret-database", "egret-subject-key"}
+    assert {n for n, _ in secret_refs(manifests)} == {
+        "egret-database",
+        "egret-subject-key",
+        "egret-audit-key",
+    }
 
 
 def test_migration_jobs_need_no_tls_or_token_keys(render_objects: RenderObjects) -> None:
@@ -588,6 +594,66 @@ def test_migrations_run_in_hook_jobs_and_the_services_do_not_migrate(render_obje
     assert of_kind(without, "Job") == []
     for deployment in services_deployments(without):
         assert env_of(pod_template(deployment)[1]["containers"][0])["EGRET_MIGRATE_ON_START"] == "true"
+
+
+def test_every_service_gets_the_audit_key_and_its_own_anchor_file(render_objects: RenderObjects) -> None:
+    rotated = {
+        "secrets": {"auditKey": {"keyId": "a2", "key": "key-2", "oldKeys": [{"keyId": "a1", "key": "key-1"}]}}
+    }
+    for values in ({}, load_values(CHART_DIR / "ci" / "sharded-rules-values.yaml"), rotated):
+        manifests = render_objects(values)
+        anchor_files = []
+        for deployment in services_deployments(manifests):
+            _, spec = pod_template(deployment)
+            container = spec["containers"][0]
+            env = env_of(container)
+            mounts = {m["name"]: m for m in container["volumeMounts"]}
+            volumes = {v["name"]: v for v in spec["volumes"]}
+            key_dir = mounts["audit-key"]["mountPath"]
+            assert mounts["audit-key"]["readOnly"] is True
+            items = [i["key"] for i in volumes["audit-key"]["secret"]["items"]]
+            assert volumes["audit-key"]["secret"]["secretName"] == "egret-audit-key"
+            if values is rotated:
+                assert (env["EGRET_AUDIT_KEY_FILE"], env["EGRET_AUDIT_KEY_ID"]) == (f"{key_dir}/key-2", "a2")
+                assert env["EGRET_AUDIT_OLD_KEY_FILES"] == f"a1={key_dir}/key-1"
+                assert items == ["key-2", "key-1"]
+            else:
+                assert (env["EGRET_AUDIT_KEY_FILE"], env["EGRET_AUDIT_KEY_ID"]) == (
+                    f"{key_dir}/audit-key",
+                    "a1",
+                )
+                assert "EGRET_AUDIT_OLD_KEY_FILES" not in env
+            # Anchors: a file per workload (one chain each) on the anchor volume, never the database.
+            anchors = mounts["audit-anchors"]["mountPath"]
+            assert env["EGRET_AUDIT_ANCHOR_FILE"] == f"{anchors}/{deployment['metadata']['name']}.anchors"
+            assert volumes["audit-anchors"] == {
+                "name": "audit-anchors",
+                "persistentVolumeClaim": {"claimName": "egret-audit-anchors"},
+            }
+            assert env["EGRET_AUDIT_ANCHOR_SECONDS"] == "300"
+            anchor_files.append(env["EGRET_AUDIT_ANCHOR_FILE"])
+        assert len(set(anchor_files)) == len(anchor_files) >= 4
+        for job in of_kind(manifests, "Job"):
+            env = env_of(pod_template(job)[1]["containers"][0])
+            assert not any(name.startswith("EGRET_AUDIT_") for name in env), job["metadata"]["name"]
+
+
+def test_otlp_export_is_tls_by_default_with_the_collectors_ca(render_objects: RenderObjects) -> None:
+    for deployment in services_deployments(render_objects({"otel": {"enabled": True}})):
+        env = env_of(pod_template(deployment)[1]["containers"][0])
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("https://")
+        assert env["OTEL_EXPORTER_OTLP_INSECURE"] == "false"
+        assert "OTEL_EXPORTER_OTLP_CERTIFICATE" not in env  # the system's roots
+    ha = render_objects(load_values(CHART_DIR / "ci" / "high-availability-values.yaml"))
+    for deployment in services_deployments(ha):
+        _, spec = pod_template(deployment)
+        container = spec["containers"][0]
+        env = env_of(container)
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == "otel-ca"]
+        (volume,) = [v for v in spec["volumes"] if v["name"] == "otel-ca"]
+        assert volume["configMap"]["name"] == "observability-ca"
+        assert env["OTEL_EXPORTER_OTLP_CERTIFICATE"] == f"{mount['mountPath']}/ca.crt"
+        assert env["OTEL_EXPORTER_OTLP_INSECURE"] == "false"
 
 
 def test_otel_variables_point_at_the_configured_collector(render_objects: RenderObjects) -> None:
@@ -677,7 +743,12 @@ def test_network_policy_denies_by_default_and_allows_the_pipeline(render_objects
             destination,
         )
     for pod in (*SERVICES, "migrate"):
-        assert network_allows(policies, endpoint(pod), OUTSIDE, 5432), pod  # its database
+        # The database only at its configured addresses (the default is a placeholder).
+        assert network_allows(policies, endpoint(pod), Endpoint({}, external=True, ip="192.0.2.1"), 5432), pod
+        assert not network_allows(
+            policies, endpoint(pod), Endpoint({}, external=True, ip="10.1.2.3"), 5432
+        ), pod
+        assert not network_allows(policies, endpoint(pod), OUTSIDE, 5432), pod
         assert network_allows(policies, endpoint(pod), OUTSIDE, 53, "UDP"), pod  # DNS
         assert not network_allows(policies, endpoint(pod), OUTSIDE, 443), pod
         assert not network_allows(policies, endpoint(pod), OUTSIDE, 4317), pod  # tracing is off
@@ -697,8 +768,12 @@ def test_network_policy_allows_the_collector_and_restricts_clients_when_configur
     policies = of_kind(
         render_objects(load_values(CHART_DIR / "ci" / "high-availability-values.yaml")), "NetworkPolicy"
     )
-    for service in SERVICES:
-        assert network_allows(policies, endpoint(service), OUTSIDE, 4317), service
+    for service in (*SERVICES, "migrate"):
+        if service != "migrate":
+            assert network_allows(policies, endpoint(service), OUTSIDE, 4317), service
+        database, elsewhere = (Endpoint({}, external=True, ip=ip) for ip in ("10.20.7.9", "10.21.0.1"))
+        assert network_allows(policies, endpoint(service), database, 5432), service
+        assert not network_allows(policies, endpoint(service), elsewhere, 5432), service
     client = Endpoint({"egret-client": "true"})
     stranger = Endpoint({"app": "something-else"})
     assert network_allows(policies, client, endpoint("query"), 50054)

@@ -50,6 +50,7 @@ def operator_secrets(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator
         ("egret-database", "score-readonly-url"): urls["score"],
         ("egret-database", "query-url"): urls["query"],
         ("egret-subject-key", "subject-key"): secrets.token_hex(32),
+        ("egret-audit-key", "audit-key"): secrets.token_hex(32),
     }
     if request.param == "postgresql":
         for url in urls.values():

@@ -394,7 +394,9 @@ def test_anchor_loop_appends_the_head_when_it_moves_and_on_the_way_out(
     empty: Session, url: str, tmp_path: Path
 ) -> None:
     anchors = tmp_path / "anchors.log"
-    anchors.write_text("2026-11-01T08:00:00+00:00 score 0 " + "0" * 64 + "\n")  # kept, never truncated
+    anchors.write_text(anchor_line(T0, "score", 1, "a" * 64))  # kept, never truncated
+    with empty.begin():
+        empty.add(Head(id=1, seq=0, hash=GENESIS))  # as a migration creates it: nothing to anchor
     engine = sa.create_engine(url)
 
     async def run() -> None:
@@ -410,7 +412,7 @@ def test_anchor_loop_appends_the_head_when_it_moves_and_on_the_way_out(
                 clock=lambda: T0,
             )
         )
-        await asyncio.sleep(0.2)  # no head yet, then an unchanged head: nothing written
+        await asyncio.sleep(0.2)  # an empty head, then an unchanged one: nothing written
         await asyncio.to_thread(_append, empty, K1, range(3))
         await asyncio.sleep(0.2)
         await asyncio.to_thread(_append, empty, K1, range(3, 5))
@@ -422,7 +424,7 @@ def test_anchor_loop_appends_the_head_when_it_moves_and_on_the_way_out(
     finally:
         engine.dispose()
     lines = anchors.read_text().splitlines()
-    assert lines[0].endswith(" score 0 " + "0" * 64)
+    assert lines[0] == anchor_line(T0, "score", 1, "a" * 64).strip()
     assert [line.split()[1:3] for line in lines[1:]] == [["score", "3"], ["score", "5"]]
     assert lines[-1] == anchor_line(T0, "score", *_head(empty)).strip()
     assert read_anchors(anchors, "score").anchors[-1] == _head(empty)

@@ -89,6 +89,10 @@ egret.io/shard: {{ .workload.shard | quote }}
 {{- default (printf "%s-subject-key" (include "egret.fullname" .)) .Values.secrets.subjectKey.name -}}
 {{- end -}}
 
+{{- define "egret.auditKeySecretName" -}}
+{{- default (printf "%s-audit-key" (include "egret.fullname" .)) .Values.secrets.auditKey.name -}}
+{{- end -}}
+
 {{/* The database URL key of one workload (. = dict root, workload). */}}
 {{- define "egret.databaseKey" -}}
 {{- $key := index .root.Values.secrets.database.keys .workload.service -}}
@@ -106,6 +110,9 @@ egret.io/shard: {{ .workload.shard | quote }}
 {{- define "egret.tlsDir" -}}/var/run/secrets/egret/tls{{- end -}}
 {{- define "egret.jwtDir" -}}/var/run/secrets/egret/jwt{{- end -}}
 {{- define "egret.serviceTokenDir" -}}/var/run/secrets/egret/service-token{{- end -}}
+{{- define "egret.auditKeyDir" -}}/var/run/secrets/egret/audit-key{{- end -}}
+{{- define "egret.auditAnchorDir" -}}/var/lib/egret-audit{{- end -}}
+{{- define "egret.otelDir" -}}/var/run/secrets/egret/otel{{- end -}}
 
 {{/* The TLS Secret of one workload kind (. = dict root, name: ingest|rules|score|query|test). */}}
 {{- define "egret.tlsSecretName" -}}
@@ -174,6 +181,13 @@ exec:
 {{- if and .Values.secrets.create (not .Values.secrets.subjectKey.value) -}}
 {{- fail "secrets.create needs secrets.subjectKey.value (at least 32 bytes)" -}}
 {{- end -}}
+{{- if and .Values.secrets.create (not .Values.secrets.auditKey.value) -}}
+{{- fail "secrets.create needs secrets.auditKey.value (at least 32 bytes)" -}}
+{{- end -}}
+{{- $database := .Values.networkPolicy.database -}}
+{{- if and .Values.networkPolicy.enabled (not $database.cidrs) (not $database.to) -}}
+{{- fail "networkPolicy.database: name the database's addresses (cidrs) or peers (to); both empty would let every pod reach any address on the database ports" -}}
+{{- end -}}
 {{- end -}}
 
 {{/* Egress rules every Egret pod needs: DNS, and PostgreSQL. */}}
@@ -191,8 +205,13 @@ exec:
     - port: {{ . }}
       protocol: TCP
     {{- end }}
-  {{- with $np.database.to }}
+  # Only the configured database addresses (egret.validate refuses an empty list).
   to:
+    {{- range $np.database.cidrs }}
+    - ipBlock:
+        cidr: {{ . }}
+    {{- end }}
+    {{- with $np.database.to }}
     {{- toYaml . | nindent 4 }}
-  {{- end }}
+    {{- end }}
 {{- end -}}

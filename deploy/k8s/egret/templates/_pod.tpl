@@ -45,6 +45,9 @@ Arguments: dict "root" $ "workload" <item of egret.workloads> "job" <bool>.
 {{- if $root.Values.otel.enabled -}}
 {{- $_ := set $settings "OTEL_EXPORTER_OTLP_ENDPOINT" $root.Values.otel.endpoint -}}
 {{- $_ := set $settings "OTEL_EXPORTER_OTLP_INSECURE" (ternary "true" "false" $root.Values.otel.insecure) -}}
+{{- if and (not $root.Values.otel.insecure) $root.Values.otel.ca.name -}}
+{{- $_ := set $settings "OTEL_EXPORTER_OTLP_CERTIFICATE" (printf "%s/%s" (include "egret.otelDir" $root) $root.Values.otel.ca.key) -}}
+{{- end -}}
 {{- if $root.Values.otel.samplerArg -}}
 {{- $_ := set $settings "OTEL_TRACES_SAMPLER_ARG" (toString $root.Values.otel.samplerArg) -}}
 {{- end -}}
@@ -56,6 +59,19 @@ Arguments: dict "root" $ "workload" <item of egret.workloads> "job" <bool>.
 {{- $_ := set $settings "EGRET_SUBJECT_KEY_ID" $root.Values.secrets.subjectKey.keyId -}}
 {{- end -}}
 {{- if not .job -}}
+{{- /* The audit logs' MAC keys (a Secret, never the database) and their automatic anchors. */ -}}
+{{- $audit := $root.Values.secrets.auditKey -}}
+{{- $_ := set $settings "EGRET_AUDIT_KEY_FILE" (printf "%s/%s" (include "egret.auditKeyDir" $root) $audit.key) -}}
+{{- $_ := set $settings "EGRET_AUDIT_KEY_ID" $audit.keyId -}}
+{{- if $audit.oldKeys -}}
+{{- $old := list -}}
+{{- range $audit.oldKeys -}}
+{{- $old = append $old (printf "%s=%s/%s" .keyId (include "egret.auditKeyDir" $root) .key) -}}
+{{- end -}}
+{{- $_ := set $settings "EGRET_AUDIT_OLD_KEY_FILES" (join "," $old) -}}
+{{- end -}}
+{{- $_ := set $settings "EGRET_AUDIT_ANCHOR_FILE" (printf "%s/%s.anchors" (include "egret.auditAnchorDir" $root) $w.name) -}}
+{{- $_ := set $settings "EGRET_AUDIT_ANCHOR_SECONDS" (toString $root.Values.audit.anchors.intervalSeconds) -}}
 {{- if eq $service "ingest" -}}
 {{- $_ := set $settings "EGRET_CATALOGUE_FILE" (printf "%s/catalogue/catalogue.yaml" (include "egret.configDir" $root)) -}}
 {{- $shards := int $root.Values.services.rules.shards -}}
@@ -81,7 +97,6 @@ Arguments: dict "root" $ "workload" <item of egret.workloads> "job" <bool>.
 {{- end -}}
 {{- if eq $service "query" -}}
 {{- $_ := set $settings "EGRET_BENEFITS_FILE" (printf "%s/benefits/benefits.yaml" (include "egret.configDir" $root)) -}}
-{{- $_ := set $settings "EGRET_PURPOSES_FILE" (printf "%s/purposes/purposes.yaml" (include "egret.configDir" $root)) -}}
 {{- /* Explain lists the active rule set's positive rules; every shard holds the same rule sets. */ -}}
 {{- if gt (int $root.Values.services.rules.shards) 1 -}}
 {{- $_ := set $settings "EGRET_RULES_ADDRESS" (printf "%s-rules-0:%d" $fullname (int $root.Values.services.rules.port)) -}}
@@ -141,6 +156,16 @@ Arguments: dict "root" $ "workload" <item of egret.workloads> "job" <bool>.
   readOnly: true
 {{- end }}
 {{- if not .job }}
+- name: audit-key
+  mountPath: {{ include "egret.auditKeyDir" $root }}
+  readOnly: true
+- name: audit-anchors
+  mountPath: {{ include "egret.auditAnchorDir" $root }}
+{{- if and $root.Values.otel.enabled (not $root.Values.otel.insecure) $root.Values.otel.ca.name }}
+- name: otel-ca
+  mountPath: {{ include "egret.otelDir" $root }}
+  readOnly: true
+{{- end }}
 {{- if has $service (list "ingest" "rules") }}
 - name: catalogue
   mountPath: {{ $config }}/catalogue
@@ -159,9 +184,6 @@ Arguments: dict "root" $ "workload" <item of egret.workloads> "job" <bool>.
 {{- if eq $service "query" }}
 - name: benefits
   mountPath: {{ $config }}/benefits
-  readOnly: true
-- name: purposes
-  mountPath: {{ $config }}/purposes
   readOnly: true
 {{- end }}
 {{- if not $root.Values.security.insecure }}
@@ -201,6 +223,40 @@ Arguments: dict "root" $ "workload" <item of egret.workloads> "job" <bool>.
         path: {{ $root.Values.secrets.subjectKey.key }}
 {{- end }}
 {{- if not .job }}
+{{- $audit := $root.Values.secrets.auditKey }}
+- name: audit-key
+  secret:
+    secretName: {{ include "egret.auditKeySecretName" $root }}
+    defaultMode: 0440
+    items:
+      - key: {{ $audit.key }}
+        path: {{ $audit.key }}
+      {{- range $audit.oldKeys }}
+      - key: {{ .key }}
+        path: {{ .key }}
+      {{- end }}
+- name: audit-anchors
+  {{- with $root.Values.audit.anchors.volume }}
+  {{- toYaml . | nindent 2 }}
+  {{- else }}
+  persistentVolumeClaim:
+    claimName: {{ $fullname }}-audit-anchors
+  {{- end }}
+{{- $ca := $root.Values.otel.ca }}
+{{- if and $root.Values.otel.enabled (not $root.Values.otel.insecure) $ca.name }}
+- name: otel-ca
+  {{- if eq $ca.kind "Secret" }}
+  secret:
+    secretName: {{ $ca.name }}
+  {{- else }}
+  configMap:
+    name: {{ $ca.name }}
+  {{- end }}
+    defaultMode: 0444
+    items:
+      - key: {{ $ca.key }}
+        path: {{ $ca.key }}
+{{- end }}
 {{- if has $service (list "ingest" "rules") }}
 - name: catalogue
   configMap:
@@ -220,9 +276,6 @@ Arguments: dict "root" $ "workload" <item of egret.workloads> "job" <bool>.
 - name: benefits
   configMap:
     name: {{ $fullname }}-benefits
-- name: purposes
-  configMap:
-    name: {{ $fullname }}-purposes
 {{- end }}
 {{- if not $root.Values.security.insecure }}
 {{ include "egret.tlsVolume" (dict "root" $root "name" $service) }}
