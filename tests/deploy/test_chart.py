@@ -357,6 +357,7 @@ def test_config_files_are_mounted_where_the_settings_point(rendered: list[Manife
         "EGRET_RULESET_FILE",
         "EGRET_POLICY_FILE",
         "EGRET_BENEFITS_FILE",
+        "EGRET_PURPOSES_FILE",
         "EGRET_SUBJECT_KEY_FILE",
     }
     for deployment in services_deployments(rendered):
@@ -389,15 +390,23 @@ def test_every_config_file_is_mounted_for_the_services_that_read_it(render_objec
     manifests = render_objects({})
     bundled = (CHART_DIR / "files" / "benefits.yaml").read_text()
     assert named(manifests, "ConfigMap", "egret-benefits")["data"] == {"benefits.yaml": bundled}
+    purposes = (CHART_DIR / "files" / "purposes.yaml").read_text()
+    assert named(manifests, "ConfigMap", "egret-purposes")["data"] == {"purposes.yaml": purposes}
     settings = {
         "ingest": {"EGRET_CATALOGUE_FILE"},
         # Backtests score with the policy and split reports by the catalogue's cohorts.
         "rules": {"EGRET_RULESET_FILE", "EGRET_POLICY_FILE", "EGRET_CATALOGUE_FILE"},
         # The policy seeds score's policy store on its first start.
         "score": {"EGRET_POLICY_FILE"},
-        "query": {"EGRET_POLICY_FILE", "EGRET_BENEFITS_FILE"},
+        "query": {"EGRET_POLICY_FILE", "EGRET_BENEFITS_FILE", "EGRET_PURPOSES_FILE"},
     }
-    config = {"EGRET_CATALOGUE_FILE", "EGRET_RULESET_FILE", "EGRET_POLICY_FILE", "EGRET_BENEFITS_FILE"}
+    config = {
+        "EGRET_CATALOGUE_FILE",
+        "EGRET_RULESET_FILE",
+        "EGRET_POLICY_FILE",
+        "EGRET_BENEFITS_FILE",
+        "EGRET_PURPOSES_FILE",
+    }
     for service, expected in settings.items():
         env = env_of(pod_template(named(manifests, "Deployment", f"egret-{service}"))[1]["containers"][0])
         assert {name for name in env if name in config} == expected, service

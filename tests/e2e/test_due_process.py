@@ -22,6 +22,7 @@ from egret.score.v1 import score_service_pb2 as score_pb
 from egret.score.v1 import score_service_pb2_grpc as score_grpc
 from kit.auth import Role
 from tests.e2e.test_pipeline import ALICE, EXPECTED, assert_scores_equal_recompute, raw, submit_all
+from tests.support.purposes import purposed
 
 
 def _timestamp(value: datetime) -> Timestamp:
@@ -33,7 +34,11 @@ def _timestamp(value: datetime) -> Timestamp:
 async def _alice_score(cluster: Cluster, **fields: object) -> query_pb.Score:
     async with cluster.channel("query", cluster.token("e2e-reviewer", Role.REVIEWER)) as channel:
         request = query_pb.GetScoreRequest(subject=raw(ALICE), **fields)  # type: ignore[arg-type]
-        return (await query_grpc.QueryServiceStub(channel).GetScore(request, timeout=10)).score
+        return (
+            await purposed(query_grpc.QueryServiceStub(channel), "subject-request").GetScore(
+                request, timeout=10
+            )
+        ).score
 
 
 async def _wait_for_score(cluster: Cluster, expected: int) -> query_pb.Score:
@@ -71,7 +76,7 @@ async def test_a_retraction_reverses_the_entry_end_to_end_and_keeps_both_timelin
     assert corrected.score == 1001
 
     async with cluster.channel("query", cluster.token("e2e-reviewer", Role.REVIEWER)) as channel:
-        query = query_grpc.QueryServiceStub(channel)
+        query = purposed(query_grpc.QueryServiceStub(channel), "subject-request")
         history = await query.ListScoreHistory(
             query_pb.ListScoreHistoryRequest(subject=raw(ALICE)), timeout=10
         )

@@ -97,6 +97,7 @@ Arguments: dict "root" $ "workload" <item of egret.workloads> "job" <bool>.
 {{- end -}}
 {{- if eq $service "query" -}}
 {{- $_ := set $settings "EGRET_BENEFITS_FILE" (printf "%s/benefits/benefits.yaml" (include "egret.configDir" $root)) -}}
+{{- $_ := set $settings "EGRET_PURPOSES_FILE" (printf "%s/purposes/purposes.yaml" (include "egret.configDir" $root)) -}}
 {{- /* Explain lists the active rule set's positive rules; every shard holds the same rule sets. */ -}}
 {{- if gt (int $root.Values.services.rules.shards) 1 -}}
 {{- $_ := set $settings "EGRET_RULES_ADDRESS" (printf "%s-rules-0:%d" $fullname (int $root.Values.services.rules.port)) -}}
@@ -184,6 +185,9 @@ Arguments: dict "root" $ "workload" <item of egret.workloads> "job" <bool>.
 {{- if eq $service "query" }}
 - name: benefits
   mountPath: {{ $config }}/benefits
+  readOnly: true
+- name: purposes
+  mountPath: {{ $config }}/purposes
   readOnly: true
 {{- end }}
 {{- if not $root.Values.security.insecure }}
@@ -276,6 +280,9 @@ Arguments: dict "root" $ "workload" <item of egret.workloads> "job" <bool>.
 - name: benefits
   configMap:
     name: {{ $fullname }}-benefits
+- name: purposes
+  configMap:
+    name: {{ $fullname }}-purposes
 {{- end }}
 {{- if not $root.Values.security.insecure }}
 {{ include "egret.tlsVolume" (dict "root" $root "name" $service) }}
