@@ -27,7 +27,8 @@ from sqlalchemy.engine import Engine
 
 from kit.auth import CallPolicy, Gate
 from kit.db import ping
-from kit.interceptors import CHANNEL_OPTIONS, server_interceptors
+from kit.interceptors import server_interceptors
+from kit.limits import LimitInterceptor, server_options
 from kit.logging import get_logger
 from kit.pseudonym import Pseudonymiser
 from kit.security import rate_limiter, server_credentials, token_verifier
@@ -97,7 +98,13 @@ async def serve(
         policy=service.policy,
         limiter=rate_limiter(security),
     )
-    server = grpc.aio.server(interceptors=server_interceptors(gate), options=CHANNEL_OPTIONS)
+    limits = settings.limits
+    server = grpc.aio.server(
+        # Outermost, so the batch slot a decoded request holds is given back whoever refuses it.
+        interceptors=[LimitInterceptor(limits), *server_interceptors(gate)],
+        options=server_options(service.service_names, limits),
+        maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
+    )
     service.register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

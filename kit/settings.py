@@ -221,6 +221,40 @@ class SecuritySettings:
         )
 
 
+@dataclass(frozen=True)
+class LimitSettings:
+    """What one process holds at once (kit.limits): the largest batch request message, calls
+    in flight, unary batches decoded at once and open request streams. Derived from the
+    pod's memory limit: docs/deploy.md, "Memory"."""
+
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_concurrent_rpcs: int = 16
+    max_concurrent_batches: int = 2
+    max_concurrent_streams: int = 8
+
+    @classmethod
+    def read(cls, env: Env) -> LimitSettings:
+        rpcs = env.integer("EGRET_MAX_CONCURRENT_RPCS", cls.max_concurrent_rpcs, minimum=2, maximum=10000)
+        streams = env.integer(
+            "EGRET_MAX_CONCURRENT_STREAMS", cls.max_concurrent_streams, minimum=1, maximum=10000
+        )
+        if streams >= rpcs:
+            env.problems.append(
+                f"EGRET_MAX_CONCURRENT_STREAMS={streams} must be below EGRET_MAX_CONCURRENT_RPCS={rpcs}, "
+                "so open streams never take every call slot (health checks included)"
+            )
+        return cls(
+            max_message_bytes=env.integer(
+                "EGRET_MAX_MESSAGE_BYTES", cls.max_message_bytes, minimum=64 * 1024, maximum=64 * 1024 * 1024
+            ),
+            max_concurrent_rpcs=rpcs,
+            max_concurrent_batches=env.integer(
+                "EGRET_MAX_CONCURRENT_BATCHES", cls.max_concurrent_batches, minimum=1, maximum=10000
+            ),
+            max_concurrent_streams=streams,
+        )
+
+
 _AUDIT_KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,32}")
 
 
@@ -314,6 +348,7 @@ class CommonSettings:
     # This replica's identity, recorded on the outbox rows its relays claim (kit.outbox):
     # stable across its restarts, unique across replicas. Empty: a fresh one per start.
     instance: str = ""
+    limits: LimitSettings = field(default_factory=LimitSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
 
     @classmethod
@@ -340,6 +375,7 @@ class CommonSettings:
             sqlite_synchronous=env.choice("EGRET_SQLITE_SYNCHRONOUS", "FULL", ("FULL", "NORMAL")),
             security=SecuritySettings.read(env),
             instance=instance,
+            limits=LimitSettings.read(env),
             audit=AuditSettings.read(env),
         )
 
