@@ -202,7 +202,10 @@ async def exercise(cluster: Cluster, population: Population) -> set[str]:
         # A reviewer decides what was filed.
         async with cluster.channel("query", reviewer) as query_channel:
             listed = await query_grpc.QueryServiceStub(query_channel).ListDisputes(
-                query_pb.ListDisputesRequest(status=due_process_pb2.DISPUTE_STATUS_OPEN), timeout=10
+                query_pb.ListDisputesRequest(
+                    status=due_process_pb2.DISPUTE_STATUS_OPEN, purpose="dispute-review"
+                ),
+                timeout=10,
             )
         for dispute in listed.disputes:
             await score_grpc.ScoreServiceStub(channel).ResolveDispute(
