@@ -210,13 +210,13 @@ FLOODS: dict[str, Flood] = {
         # the access log for each of the 100 subjects, which no size limit here prevents.
         request=lambda: padded(
             lambda n: query_pb.BatchGetScoresRequest(
-                subjects=[_subject(i, "9" * n) for i in range(100)], purpose="flood"
+                subjects=[_subject(i, "9" * n) for i in range(100)], purpose="subject-request"
             ),
             request_limit("/egret.query.v1.QueryService/BatchGetScores", LIMITS),
         ),
         valid=lambda ch: _answered(
             query_grpc.QueryServiceStub(ch).GetScore(
-                query_pb.GetScoreRequest(subject=_subject(1), purpose="after the flood"),
+                query_pb.GetScoreRequest(subject=_subject(1), purpose="subject-request"),
                 timeout=CALL_DEADLINE_S,
             )
         ),
