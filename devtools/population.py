@@ -30,6 +30,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from egret.common.v1 import event_pb2, subject_pb2
 from egret.ingest.v1 import ingest_service_pb2
+from kit.pseudonym import USCC_ALPHABET, resident_id_check_character, uscc_check_character
 from services.ingest.catalogue import AttributeSpec, Catalogue, EventType, load_catalogue
 
 PERSON = "person"
@@ -66,8 +67,6 @@ TYPE_WEIGHTS: Mapping[str, float] = {
 DEFAULT_TYPE_WEIGHT = 1.0
 
 _PERSON_REGIONS = ("350203", "350206", "350211", "350102", "310101", "110105", "440305", "330106")
-_USCC_ALPHABET = "0123456789ABCDEFGHJKLMNPQRTUWXY"
-_USCC_WEIGHTS = (1, 3, 9, 27, 19, 26, 16, 17, 20, 29, 25, 13, 8, 24, 10, 30, 28)
 _STATIONS = (
     "Lianban",
     "Wenzao",
@@ -190,24 +189,21 @@ def _person_id(index: int, seed: int) -> str:
     day = (rest // len(_PERSON_REGIONS) * 7919 + sequence * 131 + seed * 104_729) % _BIRTH_DAYS
     birth = (_BIRTH_START + timedelta(days=day)).strftime("%Y%m%d")
     body = f"{region}{birth}{sequence:03d}"
-    # All digits, as asked for; the national check character can be "X", so use a
-    # simple digit checksum instead. These ids are synthetic and should look it.
-    check = sum(int(c) * (i + 1) for i, c in enumerate(body)) % 10
-    return f"{body}{check}"
+    # The national check character (one id in eleven ends in "X"): ingest refuses any other.
+    return body + resident_id_check_character(body)
 
 
 def _uscc(index: int, seed: int) -> str:
     region = _PERSON_REGIONS[index % len(_PERSON_REGIONS)]
-    base = len(_USCC_ALPHABET)
+    base = len(USCC_ALPHABET)
     # 1_000_003 is coprime to 31**9, so the index maps to distinct organization codes.
     code_number = (index * 1_000_003 + seed * 7919) % base**9
     code = ""
     for _ in range(9):
         code_number, digit = divmod(code_number, base)
-        code = _USCC_ALPHABET[digit] + code
+        code = USCC_ALPHABET[digit] + code
     body = f"91{region}{code}"
-    total = sum(_USCC_ALPHABET.index(c) * w for c, w in zip(body, _USCC_WEIGHTS, strict=True))
-    return body + _USCC_ALPHABET[(base - total % base) % base]
+    return body + uscc_check_character(body)
 
 
 def _clamp(value: float, spec: AttributeSpec) -> float:

@@ -30,6 +30,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from kit.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated, Violation
+from kit.pseudonym import subject_violations
 
 ALLOWED_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "PS256", "EdDSA")
 
@@ -216,6 +217,10 @@ class TokenVerifier:
         scheme, _, value = rest.partition(":")
         if not (kind and scheme and value):
             raise Unauthenticated("subject token does not name a subject")
+        if subject_violations(kind, scheme, value):
+            # An unknown kind or scheme, or an id its scheme refuses (a wrong check
+            # character): no subject could ever match it. The message names no part of it.
+            raise Unauthenticated("subject token does not name a valid subject")
         if self.subject_key_of is None:
             # A service that serves no subject data cannot hash ids (it holds no key); the
             # token is valid, and the role check refuses what a subject may not call.

@@ -1,8 +1,10 @@
-"""Pseudonymous subject keys: a keyed HMAC of the raw subject identifier.
+"""Pseudonymous subject keys: a keyed HMAC of the canonical subject identifier.
 
 Raw identifiers are turned into keys on arrival and never stored, logged or traced.
-A read by raw identifier hashes it the same way. The key id is recorded next to every
-key so that a key can be rotated.
+Every raw id (a submitted event, a subject token, a read by raw id) is brought to its
+scheme's canonical form here, once, before it is hashed, so that one subject has one key
+however its id was written (docs/security.md, "Subject identifiers"). The key id is
+recorded next to every key so that a key can be rotated.
 """
 
 from __future__ import annotations
@@ -10,10 +12,137 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kit.errors import Violation
 from kit.vocabulary import SUBJECT_KINDS
+
+# GB 11643-1999: weights of the first 17 digits of a resident identity number (ISO 7064
+# MOD 11-2) and the check character for each remainder.
+_RESIDENT_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
+_RESIDENT_CHECK = "10X98765432"
+# GB 32100-2015: the unified social credit code's 31 characters (no I, O, Z, S, V) and the
+# weights 3**i mod 31 of its first 17.
+USCC_ALPHABET = "0123456789ABCDEFGHJKLMNPQRTUWXY"
+_USCC_WEIGHTS = (1, 3, 9, 27, 19, 26, 16, 17, 20, 29, 25, 13, 8, 24, 10, 30, 28)
+# Written ids often carry spaces, dashes or dots between groups; no scheme here uses them.
+_SEPARATORS = re.compile(r"[\s\-./]+")
+
+
+def resident_id_check_character(body: str) -> str:
+    """The check character of the first 17 digits of a resident identity number."""
+    return _RESIDENT_CHECK[sum(int(c) * w for c, w in zip(body, _RESIDENT_WEIGHTS, strict=True)) % 11]
+
+
+def uscc_check_character(body: str) -> str:
+    """The check character of the first 17 characters of a unified social credit code."""
+    base = len(USCC_ALPHABET)
+    total = sum(USCC_ALPHABET.index(c) * w for c, w in zip(body, _USCC_WEIGHTS, strict=True))
+    return USCC_ALPHABET[(base - total % base) % base]
+
+
+class InvalidId(ValueError):
+    """A raw id its scheme refuses; `reason` becomes the violation's code."""
+
+    def __init__(self, description: str, reason: str = "INVALID") -> None:
+        super().__init__(description)
+        self.description = description
+        self.reason = reason
+
+
+_RESIDENT_ID = re.compile(r"^\d{17}[\dX]$")
+_RESIDENT_ID_15 = re.compile(r"^\d{15}$")
+
+
+def _resident_id(value: str) -> str:
+    if _RESIDENT_ID_15.match(value):
+        # A first-generation (1984) number: region, YYMMDD, sequence, no check character.
+        # GB 11643-1999 widens it to the 18-character number the same person holds now.
+        body = f"{value[:6]}19{value[6:]}"
+        return body + resident_id_check_character(body)
+    if not _RESIDENT_ID.match(value):
+        raise InvalidId("must be 18 characters: 17 digits and a check digit or X")
+    if resident_id_check_character(value[:17]) != value[17]:
+        raise InvalidId("has a wrong check character", "BAD_CHECK_CHARACTER")
+    return value
+
+
+_USCC = re.compile(f"^[{USCC_ALPHABET}]{{18}}$")
+
+
+def _uscc(value: str) -> str:
+    if not _USCC.match(value):
+        raise InvalidId("must be 18 characters of 0-9 and A-Y without I, O, S, V, Z")
+    if uscc_check_character(value[:17]) != value[17]:
+        raise InvalidId("has a wrong check character", "BAD_CHECK_CHARACTER")
+    return value
+
+
+_PASSPORT = re.compile(r"^[A-Z0-9]{5,20}$")
+
+
+def _passport(value: str) -> str:
+    # Passport numbers carry no check character of their own (ICAO 9303 puts it in the
+    # machine-readable zone, not in the number).
+    if not _PASSPORT.match(value):
+        raise InvalidId("must be 5 to 20 letters or digits")
+    return value
+
+
+@dataclass(frozen=True)
+class IdScheme:
+    kinds: tuple[str, ...]
+    canonical: Callable[[str], str]
+
+
+# The identifier schemes Egret accepts, by name (DOMAIN.md, "Subject"). A new scheme
+# needs its canonical form here first: ids of an unknown scheme could not be matched.
+ID_SCHEMES: dict[str, IdScheme] = {
+    "resident-id": IdScheme(("person",), _resident_id),
+    "passport": IdScheme(("person",), _passport),
+    "uscc": IdScheme(("organization",), _uscc),
+}
+
+
+def canonical_scheme(id_scheme: str) -> str:
+    return unicodedata.normalize("NFKC", id_scheme).strip().lower()
+
+
+def canonical_value(id_scheme: str, id_value: str) -> str:
+    """`id_value` in the canonical form of its scheme: NFKC, upper case, no separators,
+    its check character verified. InvalidId when the scheme is unknown or refuses it."""
+    scheme = ID_SCHEMES.get(canonical_scheme(id_scheme))
+    if scheme is None:
+        raise InvalidId(f"must be one of {', '.join(sorted(ID_SCHEMES))}")
+    return scheme.canonical(_SEPARATORS.sub("", unicodedata.normalize("NFKC", id_value)).upper())
+
+
+def subject_violations(kind: str | None, id_scheme: str, id_value: str) -> list[Violation]:
+    """Every problem of a raw subject id, with paths under "subject."; empty when valid.
+
+    Ingest, query and the token verifier check raw ids the same way, so a subject one
+    accepts the others find.
+    """
+    problems = []
+    if kind not in SUBJECT_KINDS:
+        problems.append(Violation("subject.kind", "is required", "REQUIRED"))
+    scheme = ID_SCHEMES.get(canonical_scheme(id_scheme))
+    if scheme is None:
+        problems.append(
+            Violation("subject.id_scheme", f"must be one of {', '.join(sorted(ID_SCHEMES))}", "INVALID")
+        )
+    elif kind in SUBJECT_KINDS and kind not in scheme.kinds:
+        problems.append(Violation("subject.id_scheme", f"does not name a {kind}", "WRONG_KIND"))
+    if not 1 <= len(id_value.strip()) <= 128:
+        problems.append(Violation("subject.id_value", "must be 1 to 128 characters", "INVALID"))
+    elif scheme is not None:
+        try:
+            canonical_value(id_scheme, id_value)
+        except InvalidId as exc:
+            problems.append(Violation("subject.id_value", exc.description, exc.reason))
+    return problems
 
 
 @dataclass(frozen=True)
@@ -22,26 +151,13 @@ class Pseudonymiser:
     key_id: str
 
     def subject_key(self, kind: str, id_scheme: str, id_value: str) -> str:
-        """The subject key for (kind, scheme, value); scheme and value are normalised first."""
-        message = "\x1f".join((kind, id_scheme.strip().lower(), id_value.strip())).encode()
-        return hmac.new(self.key, message, hashlib.sha256).hexdigest()
+        """The subject key for (kind, scheme, value), hashed in their canonical form.
 
-
-_ID_SCHEME = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
-
-
-def subject_violations(kind: str | None, id_scheme: str, id_value: str) -> list[Violation]:
-    """Every problem of a raw subject id, with paths under "subject."; empty when valid.
-
-    Ingest and query check raw ids the same way, so a subject one accepts the other finds.
-    """
-    problems = []
-    if kind not in SUBJECT_KINDS:
-        problems.append(Violation("subject.kind", "is required", "REQUIRED"))
-    if not _ID_SCHEME.match(id_scheme):
-        problems.append(
-            Violation("subject.id_scheme", "must be 1 to 32 lower-case letters, digits or dashes", "INVALID")
-        )
-    if not 1 <= len(id_value.strip()) <= 128:
-        problems.append(Violation("subject.id_value", "must be 1 to 128 characters", "INVALID"))
-    return problems
+        InvalidId for an id `subject_violations` refuses: callers check first.
+        """
+        scheme = canonical_scheme(id_scheme)
+        value = canonical_value(scheme, id_value)
+        if kind not in ID_SCHEMES[scheme].kinds:
+            raise InvalidId(f"{scheme} does not name a {kind}", "WRONG_KIND")
+        message = "\x1f".join((kind, scheme, value))
+        return hmac.new(self.key, message.encode(), hashlib.sha256).hexdigest()

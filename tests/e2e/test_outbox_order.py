@@ -33,7 +33,7 @@ from egret.score.v1 import score_service_pb2 as score_pb
 from egret.score.v1 import score_service_pb2_grpc as score_grpc
 from kit.db import create_engine
 from kit.protoconv import to_attribute_value, to_timestamp
-from tests.support.events import event
+from tests.support.events import event, resident_id
 from tests.support.fakes import serving
 
 pytestmark = pytest.mark.e2e
@@ -178,7 +178,7 @@ async def submit_to_ingest(channel: grpc.aio.Channel) -> None:
             event(
                 f"r{r}-s{s}",
                 "library.book_returned_late",
-                f"35020019900101{s:04d}",
+                resident_id(s),
                 {"days_late": 31 + r},
                 occurred_at=WHEN + timedelta(days=r),
             )

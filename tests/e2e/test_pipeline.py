@@ -29,12 +29,12 @@ pytestmark = pytest.mark.e2e
 # Carol's civic +40 and Acme's finance +10 / commerce +5 stay under them.
 WHEN = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=30)
 ALICE, BOB, CAROL, DAVE = (
-    "350200199001011234",
-    "350200198502023456",
-    "350200197703035678",
-    "350200196604047890",
+    "350200199001011230",
+    "350200198502023454",
+    "350200197703035676",
+    "350200196604047896",
 )
-ACME = "91350200MA2XYZ1234"
+ACME = "91350200MA2XY0123A"
 
 
 def at(day: int) -> datetime:

@@ -41,7 +41,7 @@ pytestmark = pytest.mark.e2e
 POPULATION = PopulationConfig(subjects=80, seed=23, duplicate_fraction=0.02, invalid_events=6)
 # A raw id that is never stored anywhere: looked up, it must leave no trace either.
 UNKNOWN = subject_pb2.Subject(
-    kind=subject_pb2.SUBJECT_KIND_PERSON, id_scheme="resident-id", id_value="350203198807070017"
+    kind=subject_pb2.SUBJECT_KIND_PERSON, id_scheme="resident-id", id_value="350203198807070015"
 )
 
 
@@ -254,7 +254,7 @@ def test_no_raw_subject_id_reaches_a_log_a_span_or_a_table(traced: tuple[Cluster
 
 def test_the_scanner_finds_a_planted_raw_id(tmp_path: Path) -> None:
     """A control for the proof above: a raw id planted in a log, a table and a blob is found."""
-    raw = b"350203199001011234"
+    raw = b"35020319900101123X"
     log = tmp_path / "x.log"
     log.write_bytes(b'{"event": "oops", "subject": "' + raw + b'"}\n')
     url = f"sqlite:///{tmp_path / 'x.db'}"

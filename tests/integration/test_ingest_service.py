@@ -23,12 +23,12 @@ from kit.sharding import shard_of
 from services.ingest.bootstrap import MIGRATIONS, build
 from services.ingest.settings import IngestSettings
 from tests.support.databases import create_postgres_database, drop_postgres_database
-from tests.support.events import TEST_SUBJECT_KEY, event
+from tests.support.events import TEST_SUBJECT_KEY, event, full_width, resident_id
 from tests.support.fakes import RecordingRules, serving_rules, serving_rules_shards
 from tests.support.servers import client_channel, common_settings, running
 from tests.support.status import bad_request
 
-SUBJECT = "350200199001011234"
+SUBJECT = "350200199001011230"
 
 
 def ingest_settings(
@@ -104,6 +104,33 @@ async def test_single_invalid_event_gets_invalid_argument_with_field_violations(
     ]
 
 
+async def test_one_resident_has_one_subject_key_however_the_id_is_written(
+    ingest: tuple[pb_grpc.IngestServiceAsyncStub, RecordingRules],
+) -> None:
+    # Issue 12: "...234x" and "...234X" were two subjects, so a resident's token saw half
+    # of its records and points could be dodged by writing the check character in lower case.
+    stub, rules = ingest
+    written = (
+        "35020019920202234X",
+        "35020019920202234x",
+        "3502 0019 9202 0223 4X",
+        full_width("35020019920202234x"),
+    )
+    events = [late(f"w{i}", subject=value) for i, value in enumerate(written)]
+    response = await stub.SubmitEvents(pb.SubmitEventsRequest(source="library", events=events))
+    assert response.counts.accepted == len(written)
+    await until(lambda: len(rules.event_ids()) == len(written))
+    keys = {e.subject_key for batch in rules.batches for e in batch.events}
+    assert keys == {Pseudonymiser(TEST_SUBJECT_KEY, "k1").subject_key("person", "resident-id", written[0])}
+    # A wrong check character is no subject at all: refused, naming the field.
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.SubmitEvent(
+            pb.SubmitEventRequest(source="library", event=late("w9", subject="350200199202022345"))
+        )
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request(raised.value) == [("event.subject.id_value", "BAD_CHECK_CHARACTER")]
+
+
 async def test_duplicate_is_acknowledged_and_conflict_is_already_exists(
     ingest: tuple[pb_grpc.IngestServiceAsyncStub, RecordingRules],
 ) -> None:
@@ -157,7 +184,7 @@ async def test_stream_acknowledges_every_batch_in_order_and_survives_a_bad_batch
         )
         yield pb.StreamEventsRequest(source="nobody", batch_id="two", events=[late("s99")])
         yield pb.StreamEventsRequest(
-            source="library", batch_id="three", events=[late("s0"), late("s10", subject="other")]
+            source="library", batch_id="three", events=[late("s0"), late("s10", subject=resident_id(1))]
         )
 
     acks = [ack async for ack in stub.StreamEvents(batches(), timeout=30)]
@@ -277,7 +304,7 @@ def shard_of_subject(subject: str, shards: int) -> int:
     return shard_of(subject_key_of(subject), shards)
 
 
-SHARDED_SUBJECTS = [f"3502001990{i:08d}" for i in range(40)]
+SHARDED_SUBJECTS = [resident_id(i) for i in range(40)]
 
 
 async def submit_three_each(stub: pb_grpc.IngestServiceAsyncStub) -> None:

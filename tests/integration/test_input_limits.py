@@ -133,7 +133,7 @@ async def test_out_of_range_timestamps_and_undecodable_bytes_are_invalid_argumen
         client_channel(address) as channel,
     ):
         stub = ingest_grpc.IngestServiceStub(channel)
-        late = event("e1", "library.book_returned_late", "350200199001011234", {"days_late": 3})
+        late = event("e1", "library.book_returned_late", "350200199001011230", {"days_late": 3})
         late.occurred_at.seconds = 253_402_300_800  # year 10000
         error = await _refused(stub.SubmitEvent(ingest_pb.SubmitEventRequest(source="library", event=late)))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -28,13 +28,13 @@ from services.query.settings import QuerySettings
 from services.score.bootstrap import MIGRATIONS
 from services.score.bootstrap import build as build_score
 from services.score.settings import ScoreSettings
-from tests.support.events import PERSON, TEST_SUBJECT_KEY
+from tests.support.events import PERSON, TEST_SUBJECT_KEY, full_width
 from tests.support.outcomes import outcome as make_outcome
 from tests.support.servers import common_settings, running
 from tests.support.status import bad_request
 
 POLICY_FILE = Path(__file__).parents[2] / "config" / "policy.yaml"
-RESIDENT_ID = "350200199001011234"
+RESIDENT_ID = "350200199001011230"
 ALICE = Pseudonymiser(TEST_SUBJECT_KEY, "k1").subject_key("person", "resident-id", RESIDENT_ID)
 # A month ago, so that no entry has reached its visible_until (the shortest period, minor,
 # is 90 days); expiry itself is tested at its boundaries with an injected clock.
@@ -119,9 +119,28 @@ async def test_get_score_by_raw_id_and_by_subject_key(services: Services) -> Non
     assert abs(score.as_of.ToDatetime(UTC) - datetime.now(UTC)) < timedelta(minutes=1)
 
 
+async def test_a_read_by_raw_id_finds_the_subject_however_its_id_is_written(services: Services) -> None:
+    # Issue 12: the check character "x" and "X" named two subjects.
+    resident = "35020019920202234X"
+    key = Pseudonymiser(TEST_SUBJECT_KEY, "k1").subject_key("person", "resident-id", resident)
+    await services.apply(outcome("o1", 10, "civic", subject_key=key))
+    for written in (
+        resident,
+        resident.lower(),
+        "350200-19920202-234x",
+        full_width(resident),
+    ):
+        found = await services.query.GetScore(pb.GetScoreRequest(subject=by_raw_id(written)))
+        assert found.score.subject_key == key, written
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await services.query.GetScore(pb.GetScoreRequest(subject=by_raw_id("350200199202022345")))
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request(caught.value) == [("subject.subject.id_value", "BAD_CHECK_CHARACTER")]
+
+
 async def test_an_unknown_subject_is_not_found(services: Services) -> None:
     await services.apply(outcome("o1", 10, "civic"))
-    for ref in (by_raw_id("350200199001019999"), by_key("0" * 64)):
+    for ref in (by_raw_id("350200199001019996"), by_key("0" * 64)):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await services.query.GetScore(pb.GetScoreRequest(subject=ref))
         assert caught.value.code() is grpc.StatusCode.NOT_FOUND

@@ -39,11 +39,11 @@ from tests.support.status import bad_request
 
 T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)  # a Monday
 DAY = timedelta(days=1)
-ALICE_ID = "person:resident-id:350200199001011234"
-BOB_ID = "person:resident-id:350200199202022345"
+ALICE_ID = "person:resident-id:350200199001011230"
+BOB_ID = "person:resident-id:35020019920202234X"
 PSEUDONYMS = Pseudonymiser(TEST_SUBJECT_KEY, "k1")
-ALICE = PSEUDONYMS.subject_key("person", "resident-id", "350200199001011234")
-BOB = PSEUDONYMS.subject_key("person", "resident-id", "350200199202022345")
+ALICE = PSEUDONYMS.subject_key("person", "resident-id", "350200199001011230")
+BOB = PSEUDONYMS.subject_key("person", "resident-id", "35020019920202234X")
 MINOR = outcome_pb2.SEVERITY_MINOR
 GENERAL = outcome_pb2.SEVERITY_GENERAL
 

@@ -209,7 +209,7 @@ async def call(channel: grpc.aio.Channel, name: str, rpc: str, request: Any) -> 
 def principal_for(role: Role) -> str:
     return {
         Role.DEPARTMENT: "library",
-        Role.SUBJECT: "person:resident-id:350200199001011234",
+        Role.SUBJECT: "person:resident-id:350200199001011230",
         Role.BENEFIT_PROVIDER: "library",
         Role.SERVICE: "egret-ingest",
     }.get(role, f"a-{role.value}")
@@ -333,7 +333,7 @@ async def test_a_department_may_submit_only_as_itself(secure: Secure) -> None:
 
 
 async def test_a_subject_reads_only_its_own_score(secure: Secure) -> None:
-    token = secure.pki.token("person:resident-id:350200199001011234", Role.SUBJECT)
+    token = secure.pki.token("person:resident-id:350200199001011230", Role.SUBJECT)
     get = "/egret.query.v1.QueryService/GetScore"
 
     def ref(value: str) -> query_service_pb2.GetScoreRequest:
@@ -346,11 +346,40 @@ async def test_a_subject_reads_only_its_own_score(secure: Secure) -> None:
     async with secure.channel("query", token) as channel:
         stub: Any = channel.unary_unary(get, request_serializer=lambda m: m.SerializeToString())
         with pytest.raises(grpc.aio.AioRpcError) as other:
-            await stub(ref("350200198502023456"), timeout=5)
+            await stub(ref("350200198502023454"), timeout=5)
         with pytest.raises(grpc.aio.AioRpcError) as own:
-            await stub(ref("350200199001011234"), timeout=5)
+            await stub(ref("350200199001011230"), timeout=5)
     assert other.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert own.value.code() == grpc.StatusCode.NOT_FOUND  # allowed; nothing recorded yet
+
+
+async def test_a_subject_token_names_its_subject_canonically_and_only_a_known_one(secure: Secure) -> None:
+    # Issue 12: a token written "...234x" must read the records of "...234X", and a token
+    # naming an unknown kind or scheme, or a wrong check character, names nobody.
+    get = "/egret.query.v1.QueryService/GetScore"
+    request = query_service_pb2.GetScoreRequest()
+    request.subject.subject.kind = subject_pb2.SUBJECT_KIND_PERSON
+    request.subject.subject.id_scheme = "resident-id"
+    request.subject.subject.id_value = "35020019920202234X"
+    codes = {}
+    for sub in (
+        "person:resident-id:35020019920202234x",
+        "person:Resident-ID:3502 0019 9202 0223 4X",
+        "robot:resident-id:35020019920202234X",
+        "person:shoe-size:42",
+        "organization:resident-id:35020019920202234X",
+        "person:resident-id:350200199202022345",
+    ):
+        async with secure.channel("query", secure.pki.token(sub, Role.SUBJECT)) as channel:
+            stub: Any = channel.unary_unary(get, request_serializer=lambda m: m.SerializeToString())
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await stub(request, timeout=5)
+            codes[sub] = raised.value.code()
+    assert list(codes.values()) == [
+        grpc.StatusCode.NOT_FOUND,  # its own subject; nothing recorded yet
+        grpc.StatusCode.NOT_FOUND,
+        *[grpc.StatusCode.UNAUTHENTICATED] * 4,
+    ]
 
 
 async def test_a_client_certificate_from_another_ca_cannot_reach_an_internal_service(

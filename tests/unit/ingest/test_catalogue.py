@@ -19,7 +19,7 @@ def incoming(**changes: object) -> IncomingEvent:
         "event_type": "library.book_returned_late",
         "subject_kind": "person",
         "id_scheme": "resident-id",
-        "id_value": "350200199001011234",
+        "id_value": "350200199001011230",
         "occurred_at": NOW - timedelta(days=1),
         "attributes": {"days_late": 31},
         "evidence_uri": "",
@@ -73,7 +73,7 @@ def test_a_department_may_submit_only_its_own_event_types() -> None:
 
 
 def test_subject_kind_must_be_allowed_by_the_event_type() -> None:
-    event = incoming(subject_kind="organization", id_scheme="uscc")
+    event = incoming(subject_kind="organization", id_scheme="uscc", id_value="91350200MA2XY0123A")
     assert violations(event) == [("subject.kind", "NOT_ALLOWED")]
 
 
@@ -98,6 +98,7 @@ def test_enum_and_double_attributes() -> None:
         event_type="commerce.food_safety_violation",
         subject_kind="organization",
         id_scheme="uscc",
+        id_value="91350200MA2XY0123A",
         attributes={"level": "catastrophic"},
     )
     assert violations(food, source="market-regulator") == [("attributes.level", "NOT_IN_ENUM")]

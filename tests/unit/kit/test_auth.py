@@ -71,10 +71,10 @@ def test_a_valid_token_names_the_principal_role_and_scopes(verifier: TokenVerifi
 def test_a_subject_token_is_hashed_into_a_subject_key_and_never_keeps_the_raw_id(
     verifier: TokenVerifier,
 ) -> None:
-    principal = verifier.verify(token(subject="person:resident-id:350200199001011234", role=Role.SUBJECT))
-    expected = PSEUDONYMS.subject_key("person", "resident-id", "350200199001011234")
+    principal = verifier.verify(token(subject="person:resident-id:350200199001011230", role=Role.SUBJECT))
+    expected = PSEUDONYMS.subject_key("person", "resident-id", "350200199001011230")
     assert principal.subject_key == principal.id == expected
-    assert "350200199001011234" not in repr(principal)
+    assert "350200199001011230" not in repr(principal)
     assert principal.loggable_id == f"subject:{expected[:12]}"
 
 

@@ -1,0 +1,119 @@
+"""Canonical subject ids: one subject, one key, however its id was written (issue 12, 6)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from kit.auth import Role, TokenVerifier, issue_token
+from kit.errors import Unauthenticated
+from kit.pseudonym import InvalidId, Pseudonymiser, canonical_value, subject_violations
+from tests.support.events import full_width
+
+PSEUDONYMS = Pseudonymiser(b"k" * 32, "k1")
+# Valid check characters: GB 11643 (ISO 7064 MOD 11-2) and GB 32100.
+RESIDENT = "35020019920202234X"
+USCC = "91350211M000100Y46"
+
+
+def key(kind: str, scheme: str, value: str) -> str:
+    return PSEUDONYMS.subject_key(kind, scheme, value)
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        "35020019920202234x",  # lower-case check character
+        " 35020019920202234X ",
+        "350200 19920202 234X",
+        "3502-0019-9202-0223-4X",
+        full_width(RESIDENT),  # typed with a CJK input method (NFKC)
+    ],
+)
+def test_a_resident_id_has_one_key_however_it_is_written(written: str) -> None:
+    assert subject_violations("person", "resident-id", written) == []
+    assert key("person", "resident-id", written) == key("person", "resident-id", RESIDENT)
+    assert key("person", " Resident-ID ", written) == key("person", "resident-id", RESIDENT)
+
+
+def test_a_first_generation_resident_id_is_the_same_person_as_its_18_character_form() -> None:
+    # 15 digits (1984): region, YYMMDD, sequence; widened by "19" and a check character.
+    assert canonical_value("resident-id", "350200920202234") == RESIDENT
+    assert key("person", "resident-id", "350200920202234") == key("person", "resident-id", RESIDENT)
+
+
+def test_a_unified_social_credit_code_has_one_key_however_it_is_written() -> None:
+    for written in ("91350211m000100y46", "91-350211-M000100Y4-6", full_width("91") + "350211M000100Y46"):
+        assert key("organization", "uscc", written) == key("organization", "uscc", USCC)
+
+
+def test_ids_that_do_not_change_under_canonicalisation_keep_their_keys() -> None:
+    # The message hashed is unchanged for canonical ids, so existing keys stay valid.
+    expected = hmac.new(
+        b"k" * 32, f"person\x1fresident-id\x1f{RESIDENT}".encode(), hashlib.sha256
+    ).hexdigest()
+    assert key("person", "resident-id", RESIDENT) == expected
+
+
+@pytest.mark.parametrize(
+    ("kind", "scheme", "value", "expected"),
+    [
+        ("person", "resident-id", "350200199202022345", [("subject.id_value", "BAD_CHECK_CHARACTER")]),
+        ("person", "resident-id", "35020019920202234", [("subject.id_value", "INVALID")]),
+        ("person", "resident-id", "3502001992020223XX", [("subject.id_value", "INVALID")]),
+        ("organization", "uscc", "91350211M000100Y47", [("subject.id_value", "BAD_CHECK_CHARACTER")]),
+        ("organization", "uscc", "91350211M000100I46", [("subject.id_value", "INVALID")]),
+        ("person", "passport", "E12", [("subject.id_value", "INVALID")]),
+        ("person", "shoe-size", "42", [("subject.id_scheme", "INVALID")]),
+        ("organization", "resident-id", RESIDENT, [("subject.id_scheme", "WRONG_KIND")]),
+        ("person", "uscc", USCC, [("subject.id_scheme", "WRONG_KIND")]),
+        (None, "resident-id", RESIDENT, [("subject.kind", "REQUIRED")]),
+    ],
+)
+def test_an_id_its_scheme_refuses_is_a_violation_and_has_no_key(
+    kind: str | None, scheme: str, value: str, expected: list[tuple[str, str]]
+) -> None:
+    assert [(v.field, v.reason) for v in subject_violations(kind, scheme, value)] == expected
+    with pytest.raises(InvalidId):
+        key(kind or "thing", scheme, value)
+
+
+def test_a_passport_number_is_upper_cased_without_separators() -> None:
+    assert key("person", "passport", "e-1234 567") == key("person", "passport", "E1234567")
+
+
+SIGNING_KEY = ec.generate_private_key(ec.SECP256R1())
+
+
+def subject_token(sub: str) -> str:
+    return issue_token(
+        SIGNING_KEY, issuer="idp", audience="egret", subject=sub, role=Role.SUBJECT, algorithm="ES256"
+    )
+
+
+@pytest.mark.parametrize("holds_key", [True, False])
+def test_a_subject_token_names_its_subject_canonically(holds_key: bool) -> None:
+    verifier = TokenVerifier(
+        {None: SIGNING_KEY.public_key()},
+        "idp",
+        "egret",
+        subject_key_of=PSEUDONYMS.subject_key if holds_key else None,
+    )
+    lower = verifier.verify(subject_token("person:resident-id:35020019920202234x"))
+    assert lower.role is Role.SUBJECT
+    if holds_key:
+        assert lower.subject_key == key("person", "resident-id", RESIDENT)
+    # Unknown kind or scheme, a kind the scheme does not name, a wrong check character:
+    # refused whether or not the service holds the key.
+    for sub in (
+        "robot:resident-id:35020019920202234X",
+        "person:shoe-size:42",
+        "organization:resident-id:35020019920202234X",
+        "person:resident-id:350200199202022345",
+    ):
+        with pytest.raises(Unauthenticated) as refused:
+            verifier.verify(subject_token(sub))
+        assert sub.rsplit(":", 1)[1] not in str(refused.value)
