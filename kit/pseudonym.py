@@ -146,18 +146,68 @@ def subject_violations(kind: str | None, id_scheme: str, id_value: str) -> list[
 
 
 @dataclass(frozen=True)
+class KeyLink:
+    """One key rotation: a key of the generation before is re-keyed as HMAC(secret, key)."""
+
+    key_id: str
+    secret: bytes
+
+
+def _link(secret: bytes, key: str) -> str:
+    return hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()
+
+
+@dataclass(frozen=True)
 class Pseudonymiser:
+    """The root key (`key`, `key_id`), applied to canonical raw ids, and the rotations after it.
+
+    Rotation is a keyed chain (docs/security.md, "Rotating the subject key"): the key of
+    generation n is HMAC(secret_n, key of generation n-1), so stored keys move to a new
+    generation without their raw ids, and a raw id reaches a stored key only through
+    every secret of the chain: a leaked root key alone links no raw id to a stored key.
+    """
+
     key: bytes
     key_id: str
+    rotations: tuple[KeyLink, ...] = ()
+
+    @property
+    def current_key_id(self) -> str:
+        return self.rotations[-1].key_id if self.rotations else self.key_id
+
+    @property
+    def previous_key_id(self) -> str | None:
+        """The generation before the current one, whose keys are still accepted."""
+        ids = [self.key_id, *(link.key_id for link in self.rotations)]
+        return ids[-2] if len(ids) > 1 else None
 
     def subject_key(self, kind: str, id_scheme: str, id_value: str) -> str:
-        """The subject key for (kind, scheme, value), hashed in their canonical form.
+        """The current subject key for (kind, scheme, value), hashed in their canonical form.
 
         InvalidId for an id `subject_violations` refuses: callers check first.
         """
+        return self.subject_keys(kind, id_scheme, id_value)[0]
+
+    def subject_keys(self, kind: str, id_scheme: str, id_value: str) -> tuple[str, ...]:
+        """The current key, then the previous generation's (during a rotation): a read by
+        raw id looks for both until the re-keying job has moved every stored key."""
         scheme = canonical_scheme(id_scheme)
         value = canonical_value(scheme, id_value)
         if kind not in ID_SCHEMES[scheme].kinds:
             raise InvalidId(f"{scheme} does not name a {kind}", "WRONG_KIND")
         message = "\x1f".join((kind, scheme, value))
-        return hmac.new(self.key, message.encode(), hashlib.sha256).hexdigest()
+        keys = [hmac.new(self.key, message.encode(), hashlib.sha256).hexdigest()]
+        for link in self.rotations:
+            keys.append(_link(link.secret, keys[-1]))
+        return tuple(reversed(keys[-2:]))
+
+    def rekey(self, key: str, key_id: str) -> str:
+        """`key`, stored under generation `key_id`, moved to the current generation. Needs
+        only the secrets of the rotations after `key_id`, never the root key or a raw id.
+        KeyError for a generation this chain does not know."""
+        ids = [self.key_id, *(link.key_id for link in self.rotations)]
+        if key_id not in ids:
+            raise KeyError(f"unknown subject key id {key_id!r}")
+        for link in self.rotations[ids.index(key_id) :]:
+            key = _link(link.secret, key)
+        return key

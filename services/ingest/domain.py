@@ -331,7 +331,7 @@ class Intake:
             event_id=event.event_id,
             event_type=event.event_type,
             subject_key=subject_key,
-            subject_key_id=self._pseudonymiser.key_id,
+            subject_key_id=self._pseudonymiser.current_key_id,
             subject_kind=event.subject_kind,
             occurred_at=event.occurred_at,
             attributes=attributes,

@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from kit.auth import Role, TokenVerifier, issue_token
 from kit.errors import Unauthenticated
-from kit.pseudonym import InvalidId, Pseudonymiser, canonical_value, subject_violations
+from kit.pseudonym import InvalidId, KeyLink, Pseudonymiser, canonical_value, subject_violations
 from tests.support.events import full_width
 
 PSEUDONYMS = Pseudonymiser(b"k" * 32, "k1")
@@ -117,3 +117,32 @@ def test_a_subject_token_names_its_subject_canonically(holds_key: bool) -> None:
         with pytest.raises(Unauthenticated) as refused:
             verifier.verify(subject_token(sub))
         assert sub.rsplit(":", 1)[1] not in str(refused.value)
+
+
+# Key rotation as a keyed chain (issue 12, point 7; docs/security.md).
+K2 = KeyLink("k2", b"second-generation-secret-0123456789")
+K3 = KeyLink("k3", b"third-generation-secret-01234567890")
+
+
+def test_a_rotated_key_is_the_new_secret_applied_to_the_old_key() -> None:
+    rotated = Pseudonymiser(b"k" * 32, "k1", (K2,))
+    old = key("person", "resident-id", RESIDENT)
+    current, previous = rotated.subject_keys("person", "resident-id", RESIDENT.lower())
+    assert previous == old
+    assert current == hmac.new(K2.secret, old.encode(), hashlib.sha256).hexdigest()
+    assert rotated.subject_key("person", "resident-id", RESIDENT) == current
+    assert (rotated.current_key_id, rotated.previous_key_id) == ("k2", "k1")
+    assert (PSEUDONYMS.current_key_id, PSEUDONYMS.previous_key_id) == ("k1", None)
+    assert PSEUDONYMS.subject_keys("person", "resident-id", RESIDENT) == (old,)
+
+
+def test_stored_keys_move_to_the_current_generation_without_raw_ids_or_the_root_key() -> None:
+    chain = Pseudonymiser(b"k" * 32, "k1", (K2, K3))
+    # The job holds only the rotations' secrets: the root key is not needed to re-key.
+    job = Pseudonymiser(b"", "k1", (K2, K3))
+    v1 = key("person", "resident-id", RESIDENT)
+    v2 = Pseudonymiser(b"k" * 32, "k1", (K2,)).subject_key("person", "resident-id", RESIDENT)
+    v3 = chain.subject_key("person", "resident-id", RESIDENT)
+    assert job.rekey(v1, "k1") == job.rekey(v2, "k2") == job.rekey(v3, "k3") == v3
+    with pytest.raises(KeyError):
+        job.rekey(v1, "k0")
