@@ -38,7 +38,7 @@ from kit.auth import Role
 from kit.limits import request_limit
 from kit.protoconv import to_timestamp
 from kit.settings import LimitSettings
-from tests.support.events import event
+from tests.support.events import event, resident_id
 from tests.support.outcomes import outcome
 
 pytestmark = pytest.mark.e2e
@@ -118,7 +118,7 @@ async def _batches(request: ingest_pb.SubmitEventsRequest) -> AsyncIterator[inge
 
 
 def _raw_id(i: int) -> str:
-    return f"35020319880707{i:04d}"
+    return resident_id(i, region="350203")
 
 
 def recorded(i: int, pad: str) -> event_pb2.RecordedEvent:
