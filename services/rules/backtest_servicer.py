@@ -130,8 +130,13 @@ class BacktestHandler:
         self._running = False
         self._tracer = trace.get_tracer("egret.rules")
 
-    async def backtest(self, request: pb.BacktestRuleSetRequest) -> pb.BacktestRuleSetResponse:
+    async def backtest(
+        self, request: pb.BacktestRuleSetRequest, *, list_subjects: bool = True
+    ) -> pb.BacktestRuleSetResponse:
+        """The report; without `list_subjects` (no purpose stated) it names no subject."""
         scope, rule_limit, subject_limit = _parse(request)
+        if not list_subjects:
+            subject_limit = 0
         # One at a time per instance: a replay holds every replayed subject's entries in
         # memory, and two would also take turns on the one engine thread.
         if self._running:

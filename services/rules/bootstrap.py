@@ -17,6 +17,8 @@ from kit.audit import audit_keys
 from kit.db import create_engine, make_session_factory
 from kit.logging import get_logger
 from kit.outbox import Send, relay_to_peer
+from kit.purposes import load_purposes
+from kit.reads import ReadLog
 from kit.security import channel_credentials
 from kit.server import Service
 from services.rules.access import POLICY
@@ -63,7 +65,16 @@ def build(settings: RulesSettings) -> Service:
     )
     sessions = make_session_factory(engine)
     check_shard_layout(sessions, settings.shard)
-    rule_sets = SqlLifecycleStore(sessions, audit_keys=audit_keys(settings.common.audit))
+    keys = audit_keys(settings.common.audit)
+    rule_sets = SqlLifecycleStore(sessions, audit_keys=keys)
+    reads = ReadLog(
+        load_purposes(settings.purposes_file),
+        sessions,
+        RulesAuditLog,
+        RulesAuditHead,
+        keys=keys,
+        clock=lambda: datetime.now(UTC),
+    )
     lifecycle = RuleSetLifecycle(rule_sets, validate=check_rule_set, clock=lambda: datetime.now(UTC))
     # The file seeds an empty database (so `make run` works); once a rule set is active the
     # database is the source of truth and the file is ignored.
@@ -100,6 +111,7 @@ def build(settings: RulesSettings) -> Service:
         max_batch_size=settings.max_batch_size,
         shard=settings.shard,
         lifecycle=lifecycle,
+        reads=reads,
         backtests=build_backtests(settings, sessions, lifecycle, executor),
     )
 

@@ -20,6 +20,7 @@ from kit.db import run_blocking
 from kit.errors import FailedPrecondition, InvalidArgument, Violation
 from kit.logging import get_logger
 from kit.protoconv import to_timestamp
+from kit.reads import ReadLog
 from services.rules.domain import DeadLetter, Evaluator, Redrive
 from services.rules.lifecycle import (
     RecordedChange,
@@ -78,10 +79,12 @@ def rule_set_message(stored: StoredRuleSet, rule_ids: list[str] | None = None) -
     return message
 
 
-def dead_letter_message(letter: DeadLetter) -> pb.DeadLetter:
+def dead_letter_message(letter: DeadLetter, *, with_event: bool) -> pb.DeadLetter:
+    """The dead letter; its event (the subject data) only `with_event`, its key always."""
+    source, _, event_id = letter.event.key.partition("/")
     message = pb.DeadLetter(
         dead_letter_id=letter.dead_letter_id,
-        event=event_pb2.RecordedEvent.FromString(letter.record),
+        event_ref=event_pb2.EventRef(source=source, event_id=event_id),
         reason=letter.reason,
         attempts=letter.attempts,
         rule_set=letter.rule_set,
@@ -91,6 +94,8 @@ def dead_letter_message(letter: DeadLetter) -> pb.DeadLetter:
     )
     if letter.parked_at is not None:
         message.parked_at.CopyFrom(to_timestamp(letter.parked_at))
+    if with_event:
+        message.event.CopyFrom(event_pb2.RecordedEvent.FromString(letter.record))
     return message
 
 
@@ -120,6 +125,7 @@ class LifecycleRpcs:
     _executor: Executor
     _committed: Callable[[], None]
     _max_batch_size: int
+    _reads: ReadLog
 
     async def _on_engine(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await run_blocking(self._executor, fn, *args)
@@ -234,6 +240,7 @@ class LifecycleRpcs:
     async def ListDeadLetters(
         self, request: pb.ListDeadLettersRequest, context: Any
     ) -> pb.ListDeadLettersResponse:
+        purpose = self._reads.purpose(request)
         limit = page_size(request.page_size)
         after = decode_page_token(request.page_token)
         letters: list[DeadLetter] = list(
@@ -241,8 +248,17 @@ class LifecycleRpcs:
         )
         more = len(letters) > limit
         letters = letters[:limit]
+        if purpose is not None:
+            ids = [d.dead_letter_id for d in letters]
+            await self._reads.record(
+                "ListDeadLetters",
+                [d.event.subject_key for d in letters],
+                purpose,
+                target="dead_letters",
+                detail={"dead_letter_range": [min(ids), max(ids)]} if ids else {},
+            )
         return pb.ListDeadLettersResponse(
-            dead_letters=[dead_letter_message(d) for d in letters],
+            dead_letters=[dead_letter_message(d, with_event=purpose is not None) for d in letters],
             next_page_token=encode_page_token(letters[-1].dead_letter_id) if more else "",
         )
 
@@ -300,7 +316,9 @@ class LifecycleRpcs:
             actor=actor,
         )
         return pb.RedriveDeadLettersResponse(
-            redriven=redriven, outcomes=firings, still_failing=[dead_letter_message(d) for d in still]
+            redriven=redriven,
+            outcomes=firings,
+            still_failing=[dead_letter_message(d, with_event=False) for d in still],
         )
 
 

@@ -16,7 +16,8 @@ from egret.rules.v1 import rules_service_pb2_grpc as pb_grpc
 from kit.db import run_blocking
 from kit.errors import FailedPrecondition, InvalidArgument, Violation
 from kit.logging import get_logger
-from kit.protoconv import SUBJECT_KIND_NAMES, to_timestamp
+from kit.protoconv import SUBJECT_KIND_NAMES, to_datetime, to_timestamp
+from kit.reads import ReadLog
 from kit.sharding import UNSHARDED, Shard
 from services.rules.backtest_servicer import BacktestHandler
 from services.rules.domain import EvaluationFailed, Evaluator, RetractionNotice, Retractions
@@ -60,6 +61,22 @@ def _violations(index: int, event: event_pb2.RecordedEvent) -> list[Violation]:
     return problems
 
 
+def backtest_scope(
+    request: backtest_pb2.BacktestRuleSetRequest, response: backtest_pb2.BacktestRuleSetResponse
+) -> dict[str, object]:
+    """What a backtest's read record keeps of the request: its scope and the instant
+    scored (rerun over the same history, it lists the same subjects: the digest checks)."""
+    scope: dict[str, object] = {
+        "as_of": to_datetime(response.as_of).isoformat(),
+        "sample_fraction": request.sample_fraction,
+        "subject_limit": request.subject_limit,
+    }
+    for field in ("occurred_from", "occurred_to"):
+        if request.HasField(field):
+            scope[field] = to_datetime(getattr(request, field)).isoformat()
+    return scope
+
+
 class RulesServicer(LifecycleRpcs, pb_grpc.RulesServiceServicer):
     def __init__(
         self,
@@ -70,9 +87,11 @@ class RulesServicer(LifecycleRpcs, pb_grpc.RulesServiceServicer):
         shard: Shard = UNSHARDED,
         *,
         lifecycle: RuleSetLifecycle,
+        reads: ReadLog,
         backtests: BacktestHandler | None = None,
     ) -> None:
         self._lifecycle = lifecycle
+        self._reads = reads
         self._backtests = backtests
         self._evaluator = evaluator
         self._executor = executor
@@ -179,7 +198,18 @@ class RulesServicer(LifecycleRpcs, pb_grpc.RulesServiceServicer):
     ) -> backtest_pb2.BacktestRuleSetResponse:
         if self._backtests is None:
             raise FailedPrecondition("backtests are not configured on this instance")
-        return await self._backtests.backtest(request)
+        # Checked before the replay: a refused purpose costs nothing.
+        purpose = self._reads.purpose(request)
+        response = await self._backtests.backtest(request, list_subjects=purpose is not None)
+        if purpose is not None:
+            await self._reads.record(
+                "BacktestRuleSet",
+                [s.subject_key for s in response.subjects],
+                purpose,
+                target=f"rule_set:{request.rule_set_id}",
+                detail=backtest_scope(request, response),
+            )
+        return response
 
     async def GetActiveRuleSet(
         self, request: pb.GetActiveRuleSetRequest, context: Any

@@ -30,6 +30,8 @@ class RulesSettings:
     catalogue_file: Path = Path("config/catalogue.yaml")
     # Processes a backtest replays its shards of subjects in (1: on the engine thread).
     backtest_workers: int = 1
+    # The purposes a read of subject data may state (backtests, dead letters; kit.reads).
+    purposes_file: Path = Path("config/purposes.yaml")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> RulesSettings:
@@ -47,6 +49,7 @@ class RulesSettings:
             policy_file=env.file("EGRET_POLICY_FILE", Path("config/policy.yaml")),
             catalogue_file=env.file("EGRET_CATALOGUE_FILE", Path("config/catalogue.yaml")),
             backtest_workers=env.integer("EGRET_BACKTEST_WORKERS", default_workers(), minimum=1, maximum=64),
+            purposes_file=env.file("EGRET_PURPOSES_FILE", Path("config/purposes.yaml")),
         )
         env.check()
         return settings

@@ -16,6 +16,8 @@ from kit.audit import audit_keys
 from kit.db import create_engine, make_session_factory
 from kit.logging import get_logger
 from kit.pseudonym import Pseudonymiser
+from kit.purposes import load_purposes
+from kit.reads import ReadLog
 from kit.server import Service
 from services.score.access import POLICY
 from services.score.domain import Ledger
@@ -61,7 +63,7 @@ def policy_book(store: SqlLedgerStore, policy_file: Path, clock: Clock) -> Polic
     return book
 
 
-def _ledger(settings: ScoreSettings, clock: Clock) -> tuple[Ledger, DueProcess, Engine]:
+def _ledger(settings: ScoreSettings, clock: Clock) -> tuple[Ledger, DueProcess, ReadLog, Engine]:
     engine = create_engine(
         settings.common.database_url,
         sqlite_synchronous=settings.common.sqlite_synchronous,
@@ -78,11 +80,14 @@ def _ledger(settings: ScoreSettings, clock: Clock) -> tuple[Ledger, DueProcess, 
     )
     # One clock for every instant: entries, deadlines, decisions, sweeps (tests move it).
     due_process = DueProcess(ledger=ledger, store=SqlDueProcessStore(sessions, audit_keys=keys), clock=clock)
-    return ledger, due_process, engine
+    reads = ReadLog(
+        load_purposes(settings.purposes_file), sessions, ScoreAuditLog, ScoreAuditHead, keys=keys, clock=clock
+    )
+    return ledger, due_process, reads, engine
 
 
 def build(settings: ScoreSettings, clock: Clock = _utc_now) -> Service:
-    ledger, due_process, engine = _ledger(settings, clock)
+    ledger, due_process, reads, engine = _ledger(settings, clock)
     # A policy activation interrupted by a crash is finished before serving.
     caught_up = ledger.catch_up_policy()
     if caught_up:
@@ -96,6 +101,7 @@ def build(settings: ScoreSettings, clock: Clock = _utc_now) -> Service:
         max_batch_size=settings.max_batch_size,
         verify_page_size=settings.verify_page_size,
         due_process=due_process,
+        reads=reads,
         clock=clock,
     )
     return Service(
@@ -114,7 +120,7 @@ def build(settings: ScoreSettings, clock: Clock = _utc_now) -> Service:
 
 def verify(settings: ScoreSettings) -> int:
     """`python -m services.score verify`: exit status 1 when any stored score is wrong."""
-    ledger, _, engine = _ledger(settings, _utc_now)
+    ledger, _, _, engine = _ledger(settings, _utc_now)
     try:
         result = ledger.verify(DEFAULT_MAX_MISMATCHES, settings.verify_page_size)
     finally:

@@ -22,6 +22,7 @@ from kit.db import run_blocking
 from kit.errors import InvalidArgument, Violation
 from kit.logging import get_logger
 from kit.protoconv import SEVERITY_NAMES, SUBJECT_KIND_NAMES, SUBJECT_KIND_VALUES, to_datetime, to_timestamp
+from kit.reads import ReadLog
 from services.score.domain import (
     APPROVED,
     OPEN,
@@ -165,11 +166,14 @@ def consent_message(c: Consent) -> dp.ConsentRecord:
     )
 
 
-def verify_response(result: VerifyResult) -> pb.VerifyScoresResponse:
+def verify_response(result: VerifyResult, *, with_subjects: bool) -> pb.VerifyScoresResponse:
+    """The counts; the mismatched subjects (key, scores, tiers, lists) only `with_subjects`."""
     return pb.VerifyScoresResponse(
         subjects_checked=result.subjects_checked,
         mismatch_count=result.mismatch_count,
-        mismatches=[
+        mismatches=[]
+        if not with_subjects
+        else [
             pb.ScoreMismatch(
                 subject_key=m.subject_key,
                 stored_score=m.stored_score,
@@ -235,10 +239,12 @@ class ScoreServicer(pb_grpc.ScoreServiceServicer):
         *,
         max_batch_size: int,
         verify_page_size: int,
+        reads: ReadLog,
         due_process: DueProcess | None = None,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
         self._ledger = ledger
+        self._reads = reads
         self._due_process = due_process
         self._clock = clock or (lambda: datetime.now(UTC))
         self._executor = executor
@@ -322,6 +328,7 @@ class ScoreServicer(pb_grpc.ScoreServiceServicer):
                     )
                 ],
             )
+        purpose = self._reads.purpose(request)
         # The sweep writes, so it runs on the writer thread; the full read that follows runs
         # off it, so it does not hold up batches.
         swept = await run_blocking(self._executor, self._ledger.sweep_now)
@@ -329,7 +336,15 @@ class ScoreServicer(pb_grpc.ScoreServiceServicer):
         log.info(
             "scores verified", subjects_checked=result.subjects_checked, mismatch_count=result.mismatch_count
         )
-        return verify_response(result)
+        if purpose is not None:
+            await self._reads.record(
+                "VerifyScores",
+                [m.subject_key for m in result.mismatches],
+                purpose,
+                target="scores",
+                detail={"subjects_checked": result.subjects_checked, "mismatch_count": result.mismatch_count},
+            )
+        return verify_response(result, with_subjects=purpose is not None)
 
     async def PreviewPolicy(self, request: pb.PreviewPolicyRequest, context: Any) -> pb.PreviewPolicyResponse:
         proposed = parse_proposed(request.policy_yaml)

@@ -24,6 +24,8 @@ class ScoreSettings:
     # for repair and set consent. Without it subjects are known by role only and those
     # calls find nothing of theirs.
     pseudonym: PseudonymSettings | None = None
+    # The purposes a read of subject data may state (VerifyScores; kit.reads).
+    purposes_file: Path = Path("config/purposes.yaml")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ScoreSettings:
@@ -44,6 +46,7 @@ class ScoreSettings:
             if env.optional("EGRET_SUBJECT_KEY_FILE") is not None
             or env.optional("EGRET_SUBJECT_KEY") is not None
             else None,
+            purposes_file=env.file("EGRET_PURPOSES_FILE", Path("config/purposes.yaml")),
         )
         env.check()
         return settings

@@ -394,10 +394,12 @@ def test_every_config_file_is_mounted_for_the_services_that_read_it(render_objec
     assert named(manifests, "ConfigMap", "egret-purposes")["data"] == {"purposes.yaml": purposes}
     settings = {
         "ingest": {"EGRET_CATALOGUE_FILE"},
-        # Backtests score with the policy and split reports by the catalogue's cohorts.
-        "rules": {"EGRET_RULESET_FILE", "EGRET_POLICY_FILE", "EGRET_CATALOGUE_FILE"},
-        # The policy seeds score's policy store on its first start.
-        "score": {"EGRET_POLICY_FILE"},
+        # Backtests score with the policy and split reports by the catalogue's cohorts; a
+        # backtest or a dead-letter listing names subjects only for a stated purpose.
+        "rules": {"EGRET_RULESET_FILE", "EGRET_POLICY_FILE", "EGRET_CATALOGUE_FILE", "EGRET_PURPOSES_FILE"},
+        # The policy seeds score's policy store on its first start; VerifyScores names
+        # subjects only for a stated purpose.
+        "score": {"EGRET_POLICY_FILE", "EGRET_PURPOSES_FILE"},
         "query": {"EGRET_POLICY_FILE", "EGRET_BENEFITS_FILE", "EGRET_PURPOSES_FILE"},
     }
     config = {

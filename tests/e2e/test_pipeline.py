@@ -155,7 +155,7 @@ async def assert_expected_scores(cluster: Cluster) -> None:
 async def assert_scores_equal_recompute(cluster: Cluster) -> int:
     async with cluster.channel("score", cluster.token("e2e-auditor", Role.AUDITOR)) as channel:
         verified = await score_grpc.ScoreServiceStub(channel).VerifyScores(
-            score_pb.VerifyScoresRequest(max_mismatches=10), timeout=60
+            score_pb.VerifyScoresRequest(max_mismatches=10, purpose="audit"), timeout=60
         )
     assert verified.mismatch_count == 0, list(verified.mismatches)
     return int(verified.subjects_checked)

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -27,15 +29,17 @@ from egret.common.v1 import event_pb2
 from egret.rules.v1 import backtest_pb2
 from egret.rules.v1 import rules_service_pb2 as pb
 from egret.rules.v1 import rules_service_pb2_grpc as pb_grpc
+from kit import reads
 from kit.db import create_engine
 from kit.protoconv import to_timestamp
 from services.rules import bootstrap as rules_bootstrap
 from services.rules.settings import RulesSettings
-from services.rules.storage import EmittedOutcome, EvaluatedEvent, Outbox
+from services.rules.storage import EmittedOutcome, EvaluatedEvent, Outbox, RulesAuditLog
 from services.score import bootstrap as score_bootstrap
 from services.score.policy import load_policy
 from services.score.settings import ScoreSettings
 from services.score.storage import StoredScore
+from tests.support.purposes import assert_bad_purposes_refused
 from tests.support.servers import running
 from tests.support.status import bad_request
 
@@ -211,7 +215,10 @@ async def test_backtest_equals_activating_the_candidate_live(
         scores_a_before = live_scores(a.score_url)
         report = await a.rules.BacktestRuleSet(
             backtest_pb2.BacktestRuleSetRequest(
-                rule_set_id=draft.rule_set.rule_set_id, subject_limit=10_000, rule_limit=1000
+                rule_set_id=draft.rule_set.rule_set_id,
+                subject_limit=10_000,
+                rule_limit=1000,
+                purpose="rule-backtest",
             )
         )
         # No effect on live state: the same rows in rules, the same scores in score.
@@ -266,6 +273,7 @@ async def test_a_sample_and_a_range_replay_a_deterministic_part_of_the_history(
             request = backtest_pb2.BacktestRuleSetRequest(
                 rule_set_id=draft.rule_set.rule_set_id,
                 subject_limit=10_000,
+                purpose="rule-backtest",
                 **fields,  # type: ignore[arg-type]
             )
             response: backtest_pb2.BacktestRuleSetResponse = await a.rules.BacktestRuleSet(request)
@@ -303,3 +311,86 @@ async def test_a_sample_and_a_range_replay_a_deterministic_part_of_the_history(
         with pytest.raises(grpc.aio.AioRpcError) as missing:
             await a.rules.BacktestRuleSet(backtest_pb2.BacktestRuleSetRequest(rule_set_id=9999))
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_backtest_lists_subjects_only_for_a_purpose_and_records_the_read(
+    database_url: str,
+    database_url_factory: Callable[[str], str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Past this many listed subjects one record holds their count and digest.
+    monkeypatch.setattr(reads, "PER_SUBJECT_BOUND", 50)
+    async with live(SAMPLE.read_text(encoding="utf-8"), database_url_factory, tmp_path, "a") as a:
+        await evaluate(a, history())
+        draft = await a.rules.CreateDraft(pb.CreateDraftRequest(source=candidate_source()))
+
+        async def backtest(**fields: object) -> backtest_pb2.BacktestRuleSetResponse:
+            request = backtest_pb2.BacktestRuleSetRequest(
+                rule_set_id=draft.rule_set.rule_set_id,
+                **fields,  # type: ignore[arg-type]
+            )
+            response: backtest_pb2.BacktestRuleSetResponse = await a.rules.BacktestRuleSet(request)
+            return response
+
+        # Without a purpose: the aggregate report, no subject, nothing recorded.
+        bare = await backtest(subject_limit=10_000)
+        assert list(bare.subjects) == []
+        assert bare.overall.subjects > 50
+        assert bare.overall.subjects_changed > 0
+        assert bare.overall.migrations
+        assert bare.cohorts
+        assert read_records(a.rules_url) == []
+        await assert_bad_purposes_refused(
+            lambda code, note: backtest(subject_limit=10_000, purpose=code, purpose_note=note)
+        )
+        assert read_records(a.rules_url) == []
+
+        # With one: up to the bound, one record per subject listed.
+        few = await backtest(subject_limit=20, purpose="rule-backtest", purpose_note="RFC 12")
+        keys = [s.subject_key for s in few.subjects]
+        assert len(keys) == 20
+        records = read_records(a.rules_url)
+        assert [(r[0], r[2], r[3]) for r in records] == [
+            ("read:BacktestRuleSet", "rule-backtest", f"rule_set:{draft.rule_set.rule_set_id}")
+        ] * 20
+        assert [r[1] for r in records] == sorted(keys)
+        assert records[0][4]["purpose_note"] == "RFC 12"
+        assert records[0][4]["subjects"] == 20
+        assert records[0][4]["as_of"] == few.as_of.ToDatetime(UTC).isoformat()
+
+        # Beyond it, one record with the count and a digest of the keys listed.
+        full = await backtest(subject_limit=10_000, purpose="rule-backtest")
+        everyone = [s.subject_key for s in full.subjects]
+        assert len(everyone) == full.overall.subjects == bare.overall.subjects
+        (summary,) = read_records(a.rules_url)[20:]
+        assert summary[:4] == (
+            "read:BacktestRuleSet",
+            None,
+            "rule-backtest",
+            f"rule_set:{draft.rule_set.rule_set_id}",
+        )
+        assert summary[4]["subjects"] == len(everyone)
+        assert summary[4]["subjects_sha256"] == reads.keys_digest(everyone)
+        url = a.rules_url
+    monkeypatch.setenv("EGRET_DATABASE_URL", url)
+    monkeypatch.setenv("EGRET_POLICY_FILE", str(POLICY))
+    assert rules_bootstrap.main(["verify-audit"]) == 0
+
+
+def read_records(url: str) -> list[tuple[str, str | None, str, str, dict[str, Any]]]:
+    """The read records of rules' audit log, in order."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            t = RulesAuditLog
+            rows = connection.execute(
+                sa.select(t.action, t.subject_key, t.purpose, t.target, t.detail)
+                .where(t.action.startswith("read:"))
+                .order_by(t.seq)
+            ).all()
+    finally:
+        engine.dispose()
+    return [
+        (action, key, purpose, target, json.loads(detail)) for action, key, purpose, target, detail in rows
+    ]

@@ -22,7 +22,10 @@ from egret.score.v1 import score_service_pb2_grpc as score_grpc
 from kit.protoconv import Scalar, to_attribute_value, to_timestamp
 from kit.settings import PeerSettings, RelaySettings
 from services.rules.bootstrap import MIGRATIONS, build
+from services.rules.bootstrap import main as rules_main
 from services.rules.settings import RulesSettings
+from services.rules.storage import RulesAuditLog
+from tests.support.purposes import assert_bad_purposes_refused
 from tests.support.servers import common_settings, running
 from tests.support.status import bad_request
 
@@ -417,7 +420,7 @@ async def test_a_poison_event_is_parked_listed_and_redriven_once_fixed(
         assert (await evaluate(stub, late("poison", 40))).duplicate == 1
 
         letters = (await stub.ListDeadLetters(pb.ListDeadLettersRequest())).dead_letters
-        assert [d.event.ref.event_id for d in letters] == ["poison"]
+        assert [d.event_ref.event_id for d in letters] == ["poison"]
         (letter,) = letters
         assert letter.attempts == 2
         assert letter.rule_set_version == 1
@@ -430,6 +433,7 @@ async def test_a_poison_event_is_parked_listed_and_redriven_once_fixed(
             pb.RedriveDeadLettersRequest(dead_letter_ids=[letter.dead_letter_id]), metadata=as_actor("erin")
         )
         assert (still.redriven, [d.attempts for d in still.still_failing]) == (0, [3])
+        assert [d.HasField("event") for d in still.still_failing] == [False]
 
         await publish_and_activate(stub, V2)
         fixed = await stub.RedriveDeadLetters(
@@ -474,6 +478,65 @@ async def test_dead_letters_page(
         second = await stub.ListDeadLetters(
             pb.ListDeadLettersRequest(page_size=2, page_token=first.next_page_token)
         )
-        ids = [d.event.ref.event_id for d in [*first.dead_letters, *second.dead_letters]]
+        ids = [d.event_ref.event_id for d in [*first.dead_letters, *second.dead_letters]]
         assert sorted(ids) == ["p0", "p1", "p2"]
         assert second.next_page_token == ""
+
+
+async def test_dead_letters_show_their_events_only_for_a_purpose_and_the_read_is_recorded(
+    database_url: str, tmp_path: Path, score: tuple[RecordingScore, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = rules_settings(database_url, tmp_path, score[1], attempts=1)
+    async with running(settings, build, MIGRATIONS) as address, grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.RulesServiceStub(channel)
+        assert (await evaluate(stub, late("p0", 40), late("p1", 40, subject=OTHER))).parked == 2
+        # Without a purpose: ids, keys, reasons, attempts; no event, no subject, no record.
+        bare = (await stub.ListDeadLetters(pb.ListDeadLettersRequest())).dead_letters
+        assert [(d.event_ref.source, d.event_ref.event_id, d.attempts) for d in bare] == [
+            ("library", "p0", 1),
+            ("library", "p1", 1),
+        ]
+        assert not any(d.HasField("event") for d in bare)
+        assert all("division by zero" in d.reason for d in bare)
+        assert SUBJECT.encode() not in b"".join(d.SerializeToString() for d in bare)
+        await assert_bad_purposes_refused(
+            lambda code, note: stub.ListDeadLetters(
+                pb.ListDeadLettersRequest(purpose=code, purpose_note=note)
+            )
+        )
+        assert read_records(database_url) == []
+        # With one: the events, and one record per subject on the page.
+        full = await stub.ListDeadLetters(
+            pb.ListDeadLettersRequest(purpose="operations", purpose_note="INC 9")
+        )
+        assert [d.event.subject_key for d in full.dead_letters] == [SUBJECT, OTHER]
+        ids = [d.dead_letter_id for d in full.dead_letters]
+        detail = {"purpose_note": "INC 9", "subjects": 2, "dead_letter_range": [min(ids), max(ids)]}
+        assert read_records(database_url) == [
+            ("read:ListDeadLetters", SUBJECT, "operations", "dead_letters", detail),
+            ("read:ListDeadLetters", OTHER, "operations", "dead_letters", detail),
+        ]
+    monkeypatch.setenv("EGRET_DATABASE_URL", database_url)
+    monkeypatch.setenv("EGRET_RULESET_FILE", str(settings.ruleset_file))
+    assert rules_main(["verify-audit"]) == 0
+
+
+def read_records(database_url: str) -> list[tuple[str, str | None, str, str, dict[str, object]]]:
+    """The read records of rules' audit log, in order."""
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(
+                sa.select(
+                    RulesAuditLog.action,
+                    RulesAuditLog.subject_key,
+                    RulesAuditLog.purpose,
+                    RulesAuditLog.target,
+                    RulesAuditLog.detail,
+                )
+                .where(RulesAuditLog.action.startswith("read:"))
+                .order_by(RulesAuditLog.seq)
+            ).all()
+    finally:
+        engine.dispose()
+    return [(a, k, p, t, json.loads(d)) for a, k, p, t, d in rows]

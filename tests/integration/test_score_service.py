@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,8 +19,9 @@ from kit.db import as_utc, create_engine
 from services.score import bootstrap
 from services.score.bootstrap import MIGRATIONS, build
 from services.score.settings import ScoreSettings
-from services.score.storage import StoredCategory, StoredEntry, StoredScore
+from services.score.storage import ScoreAuditLog, StoredCategory, StoredEntry, StoredScore
 from tests.support.outcomes import outcome as make_outcome
+from tests.support.purposes import assert_bad_purposes_refused
 from tests.support.servers import common_settings, running
 
 POLICY_FILE = Path(__file__).parents[2] / "config" / "policy.yaml"
@@ -185,7 +187,7 @@ async def test_verify_detects_a_corrupted_score(
         c.execute(
             sa.text("UPDATE score_subjects SET score = 1100, tier = 'AAA' WHERE subject_key = :k"), {"k": BOB}
         )
-    result = await score.VerifyScores(pb.VerifyScoresRequest(max_mismatches=5))
+    result = await score.VerifyScores(pb.VerifyScoresRequest(max_mismatches=5, purpose="operations"))
     assert (result.subjects_checked, result.mismatch_count) == (2, 1)
     assert result.mismatches[0] == pb.ScoreMismatch(
         subject_key=BOB, stored_score=1100, recomputed_score=950, stored_tier="AAA", recomputed_tier="B"
@@ -195,6 +197,47 @@ async def test_verify_detects_a_corrupted_score(
     printed = capsys.readouterr().out
     assert "mismatches: 1" in printed
     assert f"{BOB}: stored 1100 AAA, recomputed 950 B" in printed
+
+
+async def test_verify_names_mismatched_subjects_only_for_a_purpose_and_records_the_read(
+    score: pb_grpc.ScoreServiceAsyncStub, db: Engine, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await score.ApplyOutcomes(pb.ApplyOutcomesRequest(outcomes=BATCH))
+    with db.begin() as c:
+        c.execute(
+            sa.text("UPDATE score_subjects SET score = 1 WHERE subject_key IN (:a, :b)"),
+            {"a": ALICE, "b": BOB},
+        )
+    # Without a purpose: the counts, no subject, nothing recorded.
+    counts = await score.VerifyScores(pb.VerifyScoresRequest())
+    assert (counts.subjects_checked, counts.mismatch_count, list(counts.mismatches)) == (2, 2, [])
+    assert read_records(db) == []
+    await assert_bad_purposes_refused(
+        lambda code, note: score.VerifyScores(pb.VerifyScoresRequest(purpose=code, purpose_note=note))
+    )
+    assert read_records(db) == []
+    # With one: the subjects, and one record per subject listed, before the answer.
+    named = await score.VerifyScores(pb.VerifyScoresRequest(purpose="operations", purpose_note="ticket 42"))
+    assert sorted(m.subject_key for m in named.mismatches) == sorted([ALICE, BOB])
+    detail = {"purpose_note": "ticket 42", "subjects": 2, "subjects_checked": 2, "mismatch_count": 2}
+    assert read_records(db) == [
+        ("read:VerifyScores", ALICE, "operations", "scores", detail),
+        ("read:VerifyScores", BOB, "operations", "scores", detail),
+    ]
+    monkeypatch.setenv("EGRET_DATABASE_URL", database_url)
+    monkeypatch.setenv("EGRET_POLICY_FILE", str(POLICY_FILE))
+    assert bootstrap.main(["verify-audit"]) == 0
+
+
+def read_records(db: Engine) -> list[tuple[str, str | None, str, str, dict[str, object]]]:
+    with db.connect() as c:
+        rows = c.execute(
+            sa.select(ScoreAuditLog.action, ScoreAuditLog.subject_key, ScoreAuditLog.purpose)
+            .add_columns(ScoreAuditLog.target, ScoreAuditLog.detail)
+            .where(ScoreAuditLog.action.startswith("read:"))
+            .order_by(ScoreAuditLog.subject_key)
+        ).all()
+    return [(a, k, p, t, json.loads(d)) for a, k, p, t, d in rows]
 
 
 async def test_verify_cli_exits_non_zero_on_a_mismatch(

@@ -4,6 +4,7 @@ per-datum checks and rate limits, with the four real servers on loopback."""
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
@@ -12,6 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
+import sqlalchemy as sa
 import trustme
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -22,7 +24,7 @@ from devtools.localpki import ISSUER, LocalPki, create_local_pki
 from egret.common.v1 import subject_pb2
 from egret.ingest.v1 import ingest_service_pb2
 from egret.query.v1 import query_service_pb2
-from egret.rules.v1 import rules_service_pb2
+from egret.rules.v1 import backtest_pb2, rules_service_pb2
 from egret.score.v1 import score_service_pb2
 from kit.auth import SERVICE_SCOPES, Role, issue_token
 from kit.interceptors import bearer_token
@@ -39,6 +41,7 @@ from services.rules.servicer import RulesServicer
 from services.score import access as score_access
 from services.score import bootstrap as score_bootstrap
 from services.score.servicer import ScoreServicer
+from services.score.storage import ScoreAuditLog
 from tests.integration.test_ingest_service import ingest_settings
 from tests.integration.test_query_service import query_settings
 from tests.integration.test_rules_service import rules_settings
@@ -460,4 +463,42 @@ async def test_a_benefit_provider_checks_only_its_own_benefits_and_states_a_purp
         grpc.StatusCode.INVALID_ARGUMENT,
         grpc.StatusCode.INVALID_ARGUMENT,
         grpc.StatusCode.NOT_FOUND,  # allowed; the subject has no score yet
+    ]
+
+
+async def test_reads_of_subject_data_in_rules_and_score_state_a_code_their_role_may_state(
+    secure: Secure, tmp_path: Path
+) -> None:
+    """Backtests, dead letters and verification name subjects only for a purpose the
+    caller's role may state (config/purposes.yaml), and record who read them."""
+    backtest = backtest_pb2.BacktestRuleSetRequest(rule_set_id=1, purpose="operations")  # admins, auditors
+    async with secure.channel("rules", secure.pki.token("rita", Role.REVIEWER)) as channel:
+        assert await call(channel, "rules", "BacktestRuleSet", backtest) == grpc.StatusCode.INVALID_ARGUMENT
+    async with secure.channel("rules", secure.pki.token("ada", Role.AUDITOR)) as channel:
+        letters = [
+            await call(
+                channel, "rules", "ListDeadLetters", rules_service_pb2.ListDeadLettersRequest(purpose=p)
+            )
+            for p in ("rule-backtest", "operations", "")
+        ]
+    assert letters == [grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OK, grpc.StatusCode.OK]
+    async with secure.channel("score", secure.pki.token("ada", Role.AUDITOR)) as channel:
+        verified = [
+            await call(channel, "score", "VerifyScores", score_service_pb2.VerifyScoresRequest(purpose=p))
+            for p in ("dispute-review", "audit")
+        ]
+    assert verified == [grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OK]
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'score'}.db")
+    try:
+        with engine.connect() as connection:
+            recorded = connection.execute(
+                sa.select(ScoreAuditLog.role, ScoreAuditLog.purpose, ScoreAuditLog.detail).where(
+                    ScoreAuditLog.action == "read:VerifyScores"
+                )
+            ).all()
+    finally:
+        engine.dispose()
+    # Nothing to verify yet: one record stating the purpose, with no subject.
+    assert [(r.role, r.purpose, json.loads(r.detail)["subjects"]) for r in recorded] == [
+        ("auditor", "audit", 0)
     ]

@@ -94,10 +94,11 @@ Arguments: dict "root" $ "workload" <item of egret.workloads> "job" <bool>.
 {{- end -}}
 {{- if has $service (list "rules" "score" "query") -}}
 {{- $_ := set $settings "EGRET_POLICY_FILE" (printf "%s/policy/policy.yaml" (include "egret.configDir" $root)) -}}
+{{- /* Reads of subject data state a purpose: query's reads, rules' backtests and dead letters, score's verification. */ -}}
+{{- $_ := set $settings "EGRET_PURPOSES_FILE" (printf "%s/purposes/purposes.yaml" (include "egret.configDir" $root)) -}}
 {{- end -}}
 {{- if eq $service "query" -}}
 {{- $_ := set $settings "EGRET_BENEFITS_FILE" (printf "%s/benefits/benefits.yaml" (include "egret.configDir" $root)) -}}
-{{- $_ := set $settings "EGRET_PURPOSES_FILE" (printf "%s/purposes/purposes.yaml" (include "egret.configDir" $root)) -}}
 {{- /* Explain lists the active rule set's positive rules; every shard holds the same rule sets. */ -}}
 {{- if gt (int $root.Values.services.rules.shards) 1 -}}
 {{- $_ := set $settings "EGRET_RULES_ADDRESS" (printf "%s-rules-0:%d" $fullname (int $root.Values.services.rules.port)) -}}
@@ -181,13 +182,13 @@ Arguments: dict "root" $ "workload" <item of egret.workloads> "job" <bool>.
 - name: policy
   mountPath: {{ $config }}/policy
   readOnly: true
+- name: purposes
+  mountPath: {{ $config }}/purposes
+  readOnly: true
 {{- end }}
 {{- if eq $service "query" }}
 - name: benefits
   mountPath: {{ $config }}/benefits
-  readOnly: true
-- name: purposes
-  mountPath: {{ $config }}/purposes
   readOnly: true
 {{- end }}
 {{- if not $root.Values.security.insecure }}
@@ -275,14 +276,14 @@ Arguments: dict "root" $ "workload" <item of egret.workloads> "job" <bool>.
 - name: policy
   configMap:
     name: {{ $fullname }}-policy
+- name: purposes
+  configMap:
+    name: {{ $fullname }}-purposes
 {{- end }}
 {{- if eq $service "query" }}
 - name: benefits
   configMap:
     name: {{ $fullname }}-benefits
-- name: purposes
-  configMap:
-    name: {{ $fullname }}-purposes
 {{- end }}
 {{- if not $root.Values.security.insecure }}
 {{ include "egret.tlsVolume" (dict "root" $root "name" $service) }}
