@@ -27,6 +27,8 @@ Request = ingest_service_pb2.StreamEventsRequest
 Response = ingest_service_pb2.StreamEventsResponse
 OnAck = Callable[[Request, Response, float], None]
 
+# Not UNAUTHENTICATED: ingest ends a stream so when its token expires, and the same token
+# would fail again; StreamFailed surfaces it and the caller renews its token.
 _RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
