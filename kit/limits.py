@@ -18,7 +18,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
@@ -315,8 +315,8 @@ class LimitInterceptor(grpc.aio.ServerInterceptor):
         limit: int,
         requests: AsyncIterator[Any],
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> AsyncIterator[Any]:
-        async def checked() -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
+        async def checked() -> AsyncGenerator[Any, None]:
             async for request in requests:
                 if isinstance(request, _Refused):
                     await _refuse(method, limit, request, context)
@@ -335,9 +335,13 @@ class LimitInterceptor(grpc.aio.ServerInterceptor):
     def _stream_unary(self, method: str, limit: int, inner: Callable[..., Awaitable[Any]]) -> Any:
         async def behaviour(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             await self._open_stream(method, context)
+            checked = self._requests(method, limit, requests, context)
             try:
-                return await inner(self._requests(method, limit, requests, context), context)
+                return await inner(checked, context)
             finally:
+                # A handler that stops reading (it failed, or aborted on a bad message) leaves
+                # the generator suspended while it holds a batch slot: close it to give it back.
+                await checked.aclose()
                 self.streams.give()
 
         return behaviour
@@ -345,10 +349,12 @@ class LimitInterceptor(grpc.aio.ServerInterceptor):
     def _stream_stream(self, method: str, limit: int, inner: Callable[..., AsyncIterator[Any]]) -> Any:
         async def behaviour(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             await self._open_stream(method, context)
+            checked = self._requests(method, limit, requests, context)
             try:
-                async for response in inner(self._requests(method, limit, requests, context), context):
+                async for response in inner(checked, context):
                     yield response
             finally:
+                await checked.aclose()
                 self.streams.give()
 
         return behaviour
