@@ -93,7 +93,8 @@ async def scores(cluster: Cluster) -> dict[str, tuple[int, str, int]]:
         query = query_grpc.QueryServiceStub(channel)
         found = {}
         for subject in EXPECTED:
-            score = (await query.GetScore(query_pb.GetScoreRequest(subject=raw(subject)), timeout=5)).score
+            request = query_pb.GetScoreRequest(subject=raw(subject), purpose="subject-request")
+            score = (await query.GetScore(request, timeout=5)).score
             found[subject] = (score.score, score.tier, score.entry_count)
         return found
 
