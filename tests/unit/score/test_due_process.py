@@ -40,7 +40,13 @@ from services.score.domain import (
     replay,
     status_of,
 )
-from services.score.due_process import Audited, DueProcess, EntryFacts, add_working_days
+from services.score.due_process import (
+    CONSENT_MAX_FUTURE_SKEW,
+    Audited,
+    DueProcess,
+    EntryFacts,
+    add_working_days,
+)
 from services.score.policy import ActivatedPolicy, Caps, PolicyBook, load_policy
 from tests.unit.score.fakes import FakeStore
 
@@ -436,13 +442,13 @@ def test_statements_and_reasons_are_required_and_bounded() -> None:
     assert [v.field for v in both.value.violations] == ["decision", "reason"]
 
 
-def test_a_subject_sets_only_its_own_consent_and_never_in_the_future() -> None:
+def test_a_subject_sets_only_its_own_consent_and_never_beyond_clock_skew_in_the_future() -> None:
     act, _ = due_process(EntryFacts(ledger_entry("general")), T0)
     assert act.set_consent(ALICE, "", True, None).subject_key == "alice"
     with pytest.raises(PermissionDenied):
         act.set_consent(ALICE, "bob", True, None)
     with pytest.raises(InvalidArgument):
-        act.set_consent(ALICE, "", True, T0 + US)
+        act.set_consent(ALICE, "", True, T0 + CONSENT_MAX_FUTURE_SKEW + US)
     paper = act.set_consent(Principal("r-1", Role.REVIEWER), "bob", False, T0 - DAY)
     assert (paper.subject_key, paper.granted, paper.recorded_by) == ("bob", False, "r-1")
     with pytest.raises(InvalidArgument):
