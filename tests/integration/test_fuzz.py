@@ -296,10 +296,9 @@ async def _call(channels: Channels, method: MethodDescriptor, payload: bytes, to
                 lambda: list(stream(iter(messages), timeout=DEADLINE_S, metadata=metadata))
             )
         elif method.server_streaming:
-            async for _ in channels.aio[name].unary_stream(path_of(method), _as_is, _as_is)(
-                payload, timeout=DEADLINE_S, metadata=metadata
-            ):
-                pass
+            # Read every response: the call's status comes at the end of the stream.
+            responses = channels.aio[name].unary_stream(path_of(method), _as_is, _as_is)
+            _ = [r async for r in responses(payload, timeout=DEADLINE_S, metadata=metadata)]
         else:
             await channels.aio[name].unary_unary(path_of(method), _as_is, _as_is)(
                 payload, timeout=DEADLINE_S, metadata=metadata
