@@ -19,6 +19,8 @@ from kit.audit_anchors import anchor_loop, read_anchors
 from kit.db import create_engine, make_session_factory
 from kit.logging import configure_logging, get_logger
 from kit.migrations import upgrade
+from kit.pseudonym import Pseudonymiser
+from kit.rekey import KeyedStore, needs_rekey, rekey
 from kit.server import BackgroundLoop, Service, serve
 from kit.settings import CommonSettings, SettingsError
 from kit.tracing import configure_tracing
@@ -37,6 +39,27 @@ def migrate(common: CommonSettings, migrations_dir: Path) -> None:
     engine = create_engine(common.database_url, sqlite_synchronous=common.sqlite_synchronous)
     try:
         upgrade(engine, migrations_dir, f"{common.service}_alembic_version")
+    finally:
+        engine.dispose()
+
+
+def rekey_database(common: CommonSettings, store: KeyedStore, pseudonymiser: Pseudonymiser) -> int:
+    """Move the database's stored subject keys to the current generation (kit.rekey)."""
+    engine = create_engine(common.database_url, sqlite_synchronous=common.sqlite_synchronous)
+    try:
+        result = rekey(engine, store, pseudonymiser, audit_keys(common.audit))
+    finally:
+        engine.dispose()
+    print(f"subject keys: generation {result.generation}, {result.moved} rows moved")
+    return 0
+
+
+def stored_generation_current(
+    common: CommonSettings, store: KeyedStore, pseudonymiser: Pseudonymiser
+) -> bool:
+    engine = create_engine(common.database_url, read_only=True)
+    try:
+        return not needs_rekey(engine, store, pseudonymiser)
     finally:
         engine.dispose()
 
@@ -113,14 +136,24 @@ def run_cli(
     migrations_dir: Path | None,
     commands: Mapping[str, tuple[str, Callable[[S], int]]] | None = None,
     audit: tuple[Any, Any] | None = None,
+    keyed: tuple[KeyedStore, Callable[[S], Pseudonymiser]] | None = None,
     argv: Sequence[str] | None = None,
 ) -> int:
-    """`audit` is the service's (AuditLog, AuditHead) models: adds `verify-audit`."""
+    """`audit` is the service's (AuditLog, AuditHead) models: adds `verify-audit`.
+    `keyed` is what its database stores under subject keys and how its settings name the
+    key chain: adds `rekey`, which `migrate` (and serving with EGRET_MIGRATE_ON_START) runs
+    too, and keeps `serve` from starting on keys of another generation."""
     parser = argparse.ArgumentParser(prog=f"python -m services.{name}", description=f"Egret {name} service")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", help="run the gRPC server (the default)")
     if migrations_dir is not None:
         sub.add_parser("migrate", help="apply database migrations and exit")
+    if keyed is not None:
+        sub.add_parser(
+            "rekey",
+            help="move stored subject keys to the current key generation (resumable, audited; "
+            "instances of other generations answer UNAVAILABLE meanwhile)",
+        )
     extra = dict(commands or {})
     for command, (help_text, _) in extra.items():
         sub.add_parser(command, help=help_text)
@@ -153,7 +186,9 @@ def run_cli(
     if command == "migrate" and migrations_dir is not None:
         migrate(common, migrations_dir)
         log.info("migrated")
-        return 0
+        return 0 if keyed is None else rekey_database(common, keyed[0], keyed[1](settings))
+    if command == "rekey" and keyed is not None:
+        return rekey_database(common, keyed[0], keyed[1](settings))
     if command in extra:
         return extra[command][1](settings)
     if command == "verify-audit" and audit is not None:
@@ -170,6 +205,16 @@ def run_cli(
         return 2
     if common.migrate_on_start and migrations_dir is not None:
         migrate(common, migrations_dir)
+        if keyed is not None:
+            rekey_database(common, keyed[0], keyed[1](settings))
+    elif keyed is not None and not stored_generation_current(common, keyed[0], keyed[1](settings)):
+        generation = keyed[1](settings).current_key_id
+        print(
+            f"egret-{name}: stored subject keys are not of this instance's generation {generation!r}: "
+            f"run `python -m services.{name} migrate` (or `rekey`) first",
+            file=sys.stderr,
+        )
+        return 2
 
     async def build_and_serve() -> None:
         # Built inside the running loop: gRPC channels and asyncio objects bind to it.

@@ -15,9 +15,13 @@ import re
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from kit.errors import Violation
+from kit.errors import Unavailable, Violation
 from kit.vocabulary import SUBJECT_KINDS
+
+if TYPE_CHECKING:
+    from kit.settings import PseudonymSettings
 
 # GB 11643-1999: weights of the first 17 digits of a resident identity number (ISO 7064
 # MOD 11-2) and the check character for each remainder.
@@ -153,6 +157,11 @@ class KeyLink:
     secret: bytes
 
 
+class UnknownKeyGeneration(Unavailable):
+    """A subject key of a generation this instance is not configured for (yet): the sender
+    retries (UNAVAILABLE) until the rotation reaches this instance's settings."""
+
+
 def _link(secret: bytes, key: str) -> str:
     return hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()
 
@@ -165,20 +174,31 @@ class Pseudonymiser:
     generation n is HMAC(secret_n, key of generation n-1), so stored keys move to a new
     generation without their raw ids, and a raw id reaches a stored key only through
     every secret of the chain: a leaked root key alone links no raw id to a stored key.
+    A service that never hashes raw ids (rules) holds the rotations without the root key
+    (`key` empty): it can move keys forward but not make them.
     """
 
     key: bytes
     key_id: str
     rotations: tuple[KeyLink, ...] = ()
 
+    @classmethod
+    def from_settings(cls, settings: PseudonymSettings) -> Pseudonymiser:
+        return cls(settings.key, settings.key_id, tuple(KeyLink(i, s) for i, s in settings.rotations))
+
+    @property
+    def generations(self) -> tuple[str, ...]:
+        """Every key id of the chain, root first, current last."""
+        return (self.key_id, *(link.key_id for link in self.rotations))
+
     @property
     def current_key_id(self) -> str:
-        return self.rotations[-1].key_id if self.rotations else self.key_id
+        return self.generations[-1]
 
     @property
     def previous_key_id(self) -> str | None:
         """The generation before the current one, whose keys are still accepted."""
-        ids = [self.key_id, *(link.key_id for link in self.rotations)]
+        ids = self.generations
         return ids[-2] if len(ids) > 1 else None
 
     def subject_key(self, kind: str, id_scheme: str, id_value: str) -> str:
@@ -186,28 +206,49 @@ class Pseudonymiser:
 
         InvalidId for an id `subject_violations` refuses: callers check first.
         """
-        return self.subject_keys(kind, id_scheme, id_value)[0]
+        return self.generation_keys(kind, id_scheme, id_value)[-1][1]
 
     def subject_keys(self, kind: str, id_scheme: str, id_value: str) -> tuple[str, ...]:
         """The current key, then the previous generation's (during a rotation): a read by
         raw id looks for both until the re-keying job has moved every stored key."""
+        return tuple(key for _, key in reversed(self.generation_keys(kind, id_scheme, id_value)[-2:]))
+
+    def generation_keys(self, kind: str, id_scheme: str, id_value: str) -> tuple[tuple[str, str], ...]:
+        """(key id, key) of every generation, root first: records that keep the key they
+        were written with (hash-chained logs) are found by raw id under any of them."""
+        if not self.key:
+            raise RuntimeError("this instance holds no root subject key: it cannot hash raw ids")
         scheme = canonical_scheme(id_scheme)
         value = canonical_value(scheme, id_value)
         if kind not in ID_SCHEMES[scheme].kinds:
             raise InvalidId(f"{scheme} does not name a {kind}", "WRONG_KIND")
         message = "\x1f".join((kind, scheme, value))
-        keys = [hmac.new(self.key, message.encode(), hashlib.sha256).hexdigest()]
+        keys = [(self.key_id, hmac.new(self.key, message.encode(), hashlib.sha256).hexdigest())]
         for link in self.rotations:
-            keys.append(_link(link.secret, keys[-1]))
-        return tuple(reversed(keys[-2:]))
+            keys.append((link.key_id, _link(link.secret, keys[-1][1])))
+        return tuple(keys)
 
     def rekey(self, key: str, key_id: str) -> str:
         """`key`, stored under generation `key_id`, moved to the current generation. Needs
         only the secrets of the rotations after `key_id`, never the root key or a raw id.
         KeyError for a generation this chain does not know."""
-        ids = [self.key_id, *(link.key_id for link in self.rotations)]
+        ids = self.generations
         if key_id not in ids:
             raise KeyError(f"unknown subject key id {key_id!r}")
         for link in self.rotations[ids.index(key_id) :]:
             key = _link(link.secret, key)
         return key
+
+    def forward(self, key: str, key_id: str) -> str:
+        """A key that arrived from another service, in the current generation: `key_id`
+        names its generation ("" for a sender that predates rotation: the current one).
+        UnknownKeyGeneration when this instance does not know `key_id` yet."""
+        if not key_id or key_id == self.current_key_id:
+            return key
+        try:
+            return self.rekey(key, key_id)
+        except KeyError:
+            raise UnknownKeyGeneration(
+                f"subject key generation {key_id!r} is not configured here "
+                f"(this instance knows {', '.join(self.generations)}); retry after the rotation reaches it"
+            ) from None

@@ -414,24 +414,63 @@ class RelaySettings:
         )
 
 
+_KEY_ID = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+
+
 @dataclass(frozen=True)
 class PseudonymSettings:
-    """The HMAC key that turns raw subject ids into subject keys, and its id."""
+    """The HMAC key that turns raw subject ids into subject keys, its id, and the rotations
+    after it (docs/security.md, "Rotating the subject key").
+
+    EGRET_SUBJECT_KEY_ROTATIONS (or the file EGRET_SUBJECT_KEY_ROTATIONS_FILE names) lists
+    the rotations in order, `key_id:secret` separated by commas or new lines; the last is
+    the current generation. Rules, which never hash raw ids, reads the rotations without
+    the root key (`root_required=False`).
+    """
 
     key: bytes
     key_id: str
+    rotations: tuple[tuple[str, bytes], ...] = ()
 
     @classmethod
-    def read(cls, env: Env) -> PseudonymSettings:
-        key_file = env.optional("EGRET_SUBJECT_KEY_FILE")
+    def read(cls, env: Env, *, root_required: bool = True) -> PseudonymSettings:
         key = b""
-        if key_file is not None:
-            try:
-                key = Path(key_file).read_bytes().strip()
-            except OSError as exc:
-                env.problems.append(f"EGRET_SUBJECT_KEY_FILE={key_file!r}: {exc.strerror}")
-        else:
-            key = env.text("EGRET_SUBJECT_KEY").encode()
-        if key and len(key) < 32:
-            env.problems.append("the subject HMAC key must be at least 32 bytes long")
-        return cls(key=key, key_id=env.text("EGRET_SUBJECT_KEY_ID", "k1"))
+        if root_required:
+            key = _secret(env, "EGRET_SUBJECT_KEY") or b""
+            if key and len(key) < 32:
+                env.problems.append("the subject HMAC key must be at least 32 bytes long")
+        key_id = env.text("EGRET_SUBJECT_KEY_ID", "k1")
+        rotations: list[tuple[str, bytes]] = []
+        listed = _secret(env, "EGRET_SUBJECT_KEY_ROTATIONS", required=False) or b""
+        for item in re.split(r"[,\n]", listed.decode()):
+            if not item.strip():
+                continue
+            rotation_id, _, secret = item.strip().partition(":")
+            if not _KEY_ID.match(rotation_id) or len(secret.strip()) < 32:
+                env.problems.append(
+                    "EGRET_SUBJECT_KEY_ROTATIONS: each rotation must be key_id:secret, the id 1 to 32 "
+                    "letters, digits, '.', '_' or '-', the secret at least 32 bytes"
+                )
+                continue
+            rotations.append((rotation_id, secret.strip().encode()))
+        ids = [key_id, *(rotation_id for rotation_id, _ in rotations)]
+        if not _KEY_ID.match(key_id):
+            env.problems.append("EGRET_SUBJECT_KEY_ID must be 1 to 32 letters, digits, '.', '_' or '-'")
+        if len(set(ids)) != len(ids):
+            env.problems.append(f"subject key ids must be distinct, got {', '.join(ids)}")
+        return cls(key=key, key_id=key_id, rotations=tuple(rotations))
+
+
+def _secret(env: Env, name: str, *, required: bool = True) -> bytes | None:
+    """The value of `name`, or of the file `name`_FILE names (a mounted Secret), stripped."""
+    path = env.optional(f"{name}_FILE")
+    if path is not None:
+        try:
+            return Path(path).read_bytes().strip()
+        except OSError as exc:
+            env.problems.append(f"{name}_FILE={path!r}: {exc.strerror}")
+            return None
+    if required:
+        return env.text(name).encode()
+    value = env.optional(name)
+    return value.encode() if value is not None else None
