@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from kit.auth import Role, TokenVerifier, issue_token
 from kit.errors import Unauthenticated
-from kit.pseudonym import InvalidId, KeyLink, Pseudonymiser, canonical_value, subject_violations
+from kit.pseudonym import (
+    InvalidId,
+    KeyLink,
+    Pseudonymiser,
+    UnknownKeyGeneration,
+    canonical_value,
+    subject_violations,
+)
+from kit.settings import Env, PseudonymSettings
 from tests.support.events import full_width
 
 PSEUDONYMS = Pseudonymiser(b"k" * 32, "k1")
@@ -146,3 +155,46 @@ def test_stored_keys_move_to_the_current_generation_without_raw_ids_or_the_root_
     assert job.rekey(v1, "k1") == job.rekey(v2, "k2") == job.rekey(v3, "k3") == v3
     with pytest.raises(KeyError):
         job.rekey(v1, "k0")
+
+
+def test_keys_in_flight_move_forward_and_an_unknown_generation_is_retried_later() -> None:
+    # A receiver configured for k3 gets keys of any earlier generation from a sender's
+    # outbox; one that predates rotation sends no key id. A generation it does not know
+    # yet is UNAVAILABLE: the sender retries until the rotation reaches the receiver.
+    chain = Pseudonymiser(b"k" * 32, "k1", (K2, K3))
+    receiver = Pseudonymiser(b"", "k1", (K2, K3))
+    ((_, v1), (_, v2), (_, v3)) = chain.generation_keys("person", "resident-id", RESIDENT)
+    assert receiver.forward(v1, "k1") == receiver.forward(v2, "k2") == receiver.forward(v3, "k3") == v3
+    assert receiver.forward(v3, "") == v3
+    with pytest.raises(UnknownKeyGeneration) as raised:
+        Pseudonymiser(b"", "k1", (K2,)).forward(v3, "k3")
+    assert "k3" in str(raised.value)
+    assert v3 not in str(raised.value)
+
+
+def test_every_generation_key_is_found_by_raw_id_but_only_with_the_root_key() -> None:
+    chain = Pseudonymiser(b"k" * 32, "k1", (K2, K3))
+    keys = chain.generation_keys("person", "resident-id", RESIDENT)
+    assert [key_id for key_id, _ in keys] == ["k1", "k2", "k3"]
+    assert keys[0][1] == key("person", "resident-id", RESIDENT)
+    assert chain.subject_keys("person", "resident-id", RESIDENT) == (keys[2][1], keys[1][1])
+    with pytest.raises(RuntimeError):
+        Pseudonymiser(b"", "k1", (K2,)).subject_key("person", "resident-id", RESIDENT)
+
+
+def test_rotations_are_read_in_order_from_settings_and_bad_ones_are_refused(tmp_path: Path) -> None:
+    root = "r" * 32
+    listed = tmp_path / "rotations"
+    listed.write_text(f"k2:{K2.secret.decode()}\nk3:{K3.secret.decode()}\n")
+    env = Env({"EGRET_SUBJECT_KEY": root, "EGRET_SUBJECT_KEY_ROTATIONS_FILE": str(listed)})
+    settings = PseudonymSettings.read(env)
+    assert env.problems == []
+    assert Pseudonymiser.from_settings(settings) == Pseudonymiser(root.encode(), "k1", (K2, K3))
+    # Rules reads the chain without the root key.
+    env = Env({"EGRET_SUBJECT_KEY_ROTATIONS": f"k2:{K2.secret.decode()}"})
+    assert PseudonymSettings.read(env, root_required=False).key == b""
+    assert env.problems == []
+    for bad in ("k2:short", "k1:" + "s" * 32, "bad id:" + "s" * 32):
+        env = Env({"EGRET_SUBJECT_KEY": root, "EGRET_SUBJECT_KEY_ROTATIONS": bad})
+        PseudonymSettings.read(env)
+        assert env.problems, bad
