@@ -34,6 +34,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
+from egret.common.v1 import event_pb2, outcome_pb2
 from kit import audit
 from kit.errors import Unavailable
 from kit.logging import get_logger
@@ -54,13 +55,42 @@ class GenerationMixin:
     changed_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
 
 
+# Writes the subject key and its generation into a stored message (a serialized
+# RecordedEvent or Outcome that carries them), returning the new bytes.
+Rewrite = Callable[[bytes, str, str], bytes]
+
+
+def rewrite_recorded_event(payload: bytes, key: str, key_id: str) -> bytes:
+    """A stored RecordedEvent with its subject key moved."""
+    event = event_pb2.RecordedEvent.FromString(payload)
+    event.subject_key, event.subject_key_id = key, key_id
+    return event.SerializeToString(deterministic=True)
+
+
+def rewrite_outcome(payload: bytes, key: str, key_id: str) -> bytes:
+    """A stored Outcome with its subject key moved, and the key of every event in its evidence."""
+    outcome = outcome_pb2.Outcome.FromString(payload)
+    outcome.subject_key, outcome.subject_key_id = key, key_id
+    for event in outcome.events:
+        event.subject_key, event.subject_key_id = key, key_id
+    return outcome.SerializeToString(deterministic=True)
+
+
 @dataclass(frozen=True)
 class KeyedColumn:
-    """A table column holding subject keys and the column holding their generation."""
+    """A table column holding subject keys and the column holding their generation; with
+    `payload`, also a column of serialized messages that embed the same key, which
+    `rewrite` moves with it (a stored copy must not keep the old key)."""
 
     table: sa.Table
     key: str = "subject_key"
     key_id: str = "subject_key_id"
+    payload: str | None = None
+    rewrite: Rewrite | None = None
+
+    def __post_init__(self) -> None:
+        if (self.payload is None) != (self.rewrite is None):
+            raise ValueError("a payload column needs its rewrite, and a rewrite its payload column")
 
 
 @dataclass(frozen=True)
@@ -194,13 +224,19 @@ def _move_column(
     primary = list(table.primary_key.columns)
     current = pseudonymiser.current_key_id
     stale = sa.or_(key_id.is_(None), key_id != current)
-    select = sa.select(*primary, key, key_id).where(stale, key.is_not(None)).limit(batch_size)
+    payload = table.c[column.payload] if column.payload is not None else None
+    selected = [*primary, key, key_id, *([payload] if payload is not None else [])]
+    select = sa.select(*selected).where(stale, key.is_not(None)).limit(batch_size)
+    values: dict[Any, Any] = {key: sa.bindparam("new_key"), key_id: current}
+    if payload is not None:
+        values[payload] = sa.bindparam("new_payload")
     update = (
         sa.update(table)
         .where(*(c == sa.bindparam(f"pk_{c.name}") for c in primary))
         .where(sa.func.coalesce(key_id, pseudonymiser.key_id) == sa.bindparam("old_id"))
-        .values({key: sa.bindparam("new_key"), key_id: current})
+        .values(values)
     )
+    n = len(primary)
     target = f"{table.name}.{column.key}"
     moved = 0
     while True:
@@ -210,14 +246,13 @@ def _move_column(
                 return moved
             params = []
             for row in rows:
-                old_id = row[-1] or pseudonymiser.key_id
-                params.append(
-                    {
-                        **{f"pk_{c.name}": row[i] for i, c in enumerate(primary)},
-                        "old_id": old_id,
-                        "new_key": pseudonymiser.rekey(row[-2], old_id),
-                    }
-                )
+                old_id = row[n + 1] or pseudonymiser.key_id
+                new_key = pseudonymiser.rekey(row[n], old_id)
+                moved_row = {f"pk_{c.name}": row[i] for i, c in enumerate(primary)}
+                moved_row.update(old_id=old_id, new_key=new_key)
+                if column.rewrite is not None:
+                    moved_row["new_payload"] = column.rewrite(row[n + 2], new_key, current)
+                params.append(moved_row)
             connection.execute(update, params)
             audit.append(
                 connection,

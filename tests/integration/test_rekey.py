@@ -14,10 +14,19 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from egret.common.v1 import event_pb2
 from kit import audit
 from kit.db import create_engine, make_session_factory
 from kit.pseudonym import KeyLink, Pseudonymiser, resident_id_check_character
-from kit.rekey import GenerationGuard, GenerationMixin, KeyedColumn, KeyedStore, StaleKeyGeneration, rekey
+from kit.rekey import (
+    GenerationGuard,
+    GenerationMixin,
+    KeyedColumn,
+    KeyedStore,
+    StaleKeyGeneration,
+    rekey,
+    rewrite_recorded_event,
+)
 
 ROOT = b"root-subject-key-0123456789abcdef"
 K2 = KeyLink("k2", b"second-generation-secret-0123456789")
@@ -38,6 +47,8 @@ class Event(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     subject_key: Mapped[str] = mapped_column(sa.String(64))
     subject_key_id: Mapped[str | None] = mapped_column(sa.String(32))
+    # A stored copy of the event that embeds the same key.
+    record: Mapped[bytes] = mapped_column(sa.LargeBinary)
 
 
 class Subject(Base):
@@ -62,7 +73,10 @@ class Head(Base, audit.AuditHeadMixin):
 
 STORE = KeyedStore(
     Generation,
-    [KeyedColumn(Event.__table__), KeyedColumn(Subject.__table__)],  # type: ignore[arg-type]
+    [
+        KeyedColumn(Event.__table__, payload="record", rewrite=rewrite_recorded_event),  # type: ignore[arg-type]
+        KeyedColumn(Subject.__table__),  # type: ignore[arg-type]
+    ],
     Log,
     Head,
 )
@@ -85,8 +99,11 @@ def engine(database_url: str) -> Iterator[Engine]:
 def store_under(engine: Engine, chain: Pseudonymiser, key_id: str | None) -> None:
     with engine.begin() as connection:
         for key in keys(chain):
-            connection.execute(sa.insert(Event).values(subject_key=key, subject_key_id=key_id))
-            connection.execute(sa.insert(Event).values(subject_key=key, subject_key_id=key_id))
+            record = event_pb2.RecordedEvent(subject_key=key, subject_key_id=key_id or "").SerializeToString()
+            for _ in range(2):
+                connection.execute(
+                    sa.insert(Event).values(subject_key=key, subject_key_id=key_id, record=record)
+                )
             for category in ("transport", "library"):
                 connection.execute(
                     sa.insert(Subject).values(
@@ -104,6 +121,13 @@ def stored(engine: Engine) -> tuple[Pairs, Pairs]:
         events = connection.execute(sa.select(Event.subject_key, Event.subject_key_id)).all()
         subjects = connection.execute(sa.select(Subject.subject_key, Subject.subject_key_id)).all()
     return {(r[0], r[1]) for r in events}, {(r[0], r[1]) for r in subjects}
+
+
+def embedded(engine: Engine) -> set[tuple[str, str]]:
+    """The (key, generation) pairs the stored copies carry."""
+    with engine.connect() as connection:
+        records = connection.scalars(sa.select(Event.record)).all()
+    return {(e.subject_key, e.subject_key_id) for e in map(event_pb2.RecordedEvent.FromString, records)}
 
 
 def moved_events(engine: Engine, key_id: str) -> int:
@@ -124,6 +148,7 @@ def test_rows_of_every_older_generation_move_to_the_current_one_and_the_chain_re
     assert rekey(engine, STORE, Pseudonymiser(b"", "k1", (K2, K3)), AUDIT_KEYS, settle_s=0).moved == 120
     assert rekey(engine, STORE, Pseudonymiser(b"", "k1", (K2, K3)), AUDIT_KEYS, settle_s=0).moved == 0
     assert stored(engine) == ({(k, "k3") for k in keys(V3)}, {(k, "k3") for k in keys(V3)})
+    assert embedded(engine) == {(k, "k3") for k in keys(V3)}
     with make_session_factory(engine)() as session:
         report = audit.verify(session, Log, Head, keys=AUDIT_KEYS)
         actions = [row[0] for row in session.execute(sa.select(Log.action).order_by(Log.seq))]
@@ -162,6 +187,7 @@ def test_a_killed_job_resumes_where_it_stopped(engine: Engine, monkeypatch: pyte
     assert rekey(engine, STORE, chain, AUDIT_KEYS, settle_s=0).moved == 100
     expected = {(key, "k2") for key in keys(V2)}
     assert stored(engine) == (expected, expected)
+    assert embedded(engine) == expected
 
 
 def test_an_instance_of_another_generation_is_refused_once_the_marker_moved(engine: Engine) -> None:
@@ -172,12 +198,12 @@ def test_an_instance_of_another_generation_is_refused_once_the_marker_moved(engi
     GenerationGuard(Generation, "k2", interval_s=0).install(new_sessions)
     # No marker yet: the database is of the root generation, and the old instance works.
     with old_sessions() as session, session.begin():
-        session.add(Event(subject_key=keys(V1)[0], subject_key_id="k1"))
+        session.add(Event(subject_key=keys(V1)[0], subject_key_id="k1", record=b""))
     rekey(engine, STORE, Pseudonymiser(b"", "k1", (K2,)), AUDIT_KEYS, settle_s=0)
     with pytest.raises(StaleKeyGeneration, match="generation 'k2'"), old_sessions() as session:
         session.execute(sa.select(Event.id)).all()
     with new_sessions() as session, session.begin():
-        session.add(Event(subject_key=keys(V2)[0], subject_key_id="k2"))
+        session.add(Event(subject_key=keys(V2)[0], subject_key_id="k2", record=b""))
     events, _ = stored(engine)
     assert {key_id for _, key_id in events} == {"k2"}
 
@@ -204,7 +230,7 @@ def test_two_jobs_at_once_move_each_row_once(engine: Engine) -> None:
 
 def test_an_unknown_generation_in_the_database_stops_the_job(engine: Engine) -> None:
     with engine.begin() as connection:
-        connection.execute(sa.insert(Event).values(subject_key="a" * 64, subject_key_id="k9"))
+        connection.execute(sa.insert(Event).values(subject_key="a" * 64, subject_key_id="k9", record=b""))
         connection.execute(
             sa.insert(Generation).values(id=1, key_id="k1", complete=True, changed_at=datetime.now(UTC))
         )
