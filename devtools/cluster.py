@@ -35,6 +35,7 @@ from sqlalchemy.engine import Engine
 from devtools.localpki import LocalPki, create_local_pki
 from kit.auth import Role
 from kit.db import create_engine
+from kit.pseudonym import KeyLink, Pseudonymiser
 
 SERVICES = ("score", "rules", "ingest", "query")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -113,6 +114,8 @@ class Cluster:
         if len(self.subject_key.encode()) < 32:
             raise ValueError("the subject key must be at least 32 bytes")
         self.subject_key_id = subject_key_id
+        # Rotations of the subject key (rotate_subject_key), in order: (key id, secret).
+        self.subject_key_rotations: list[tuple[str, str]] = []
         self.start_timeout_s = start_timeout_s
         self.shutdown_grace_s = shutdown_grace_s
         self._env = dict(env or {})
@@ -166,7 +169,11 @@ class Cluster:
         else:
             env.update(self.pki.env("rules" if name in self.rules_names else name))
         if name in ("ingest", "score", "query"):
-            env.update(EGRET_SUBJECT_KEY=self.subject_key, EGRET_SUBJECT_KEY_ID=self.subject_key_id)
+            env["EGRET_SUBJECT_KEY"] = self.subject_key
+        # Rules holds the rotations without the root key: it moves keys, never makes them.
+        env["EGRET_SUBJECT_KEY_ID"] = self.subject_key_id
+        if self.subject_key_rotations:
+            env["EGRET_SUBJECT_KEY_ROTATIONS"] = ",".join(f"{i}:{s}" for i, s in self.subject_key_rotations)
         if name == "ingest":
             rules = [self._addresses[r] for r in self.rules_names]
             if len(rules) == 1:
@@ -187,6 +194,18 @@ class Cluster:
             env.update(self._service_env.get("rules", {}))
         env.update(self._service_env.get(name, {}))
         return env
+
+    def rotate_subject_key(self, key_id: str) -> None:
+        """Add a rotation of the subject key with a fresh secret. Running processes keep
+        their generation; each holds the new one from its next (re)start, which re-keys
+        its database first (docs/security.md, "Rotating the subject key")."""
+        self.subject_key_rotations.append((key_id, secrets.token_hex(32)))
+
+    @property
+    def pseudonymiser(self) -> Pseudonymiser:
+        """The cluster's key chain as configured now (the current generation's keys)."""
+        links = tuple(KeyLink(i, s.encode()) for i, s in self.subject_key_rotations)
+        return Pseudonymiser(self.subject_key.encode(), self.subject_key_id, links)
 
     def token(self, subject: str, role: Role) -> str:
         """A bearer token of this cluster's local identity provider."""
