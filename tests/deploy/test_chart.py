@@ -644,9 +644,41 @@ def test_every_service_gets_the_audit_key_and_its_own_anchor_file(render_objects
             assert env["EGRET_AUDIT_ANCHOR_SECONDS"] == "300"
             anchor_files.append(env["EGRET_AUDIT_ANCHOR_FILE"])
         assert len(set(anchor_files)) == len(anchor_files) >= 4
+        # The migration Jobs re-key (kit.rekey) and record it in the chain: the keys, no anchors.
         for job in of_kind(manifests, "Job"):
             env = env_of(pod_template(job)[1]["containers"][0])
-            assert not any(name.startswith("EGRET_AUDIT_") for name in env), job["metadata"]["name"]
+            audit_env = {name for name in env if name.startswith("EGRET_AUDIT_")}
+            assert {"EGRET_AUDIT_KEY_FILE", "EGRET_AUDIT_KEY_ID"} <= audit_env, job["metadata"]["name"]
+            assert "EGRET_AUDIT_ANCHOR_FILE" not in audit_env
+
+
+def test_subject_key_rotations_reach_every_service_and_migration_job(render_objects: RenderObjects) -> None:
+    """The root key only where raw ids are hashed; the rotations list everywhere, rules
+    included, and in the migration Jobs that re-key (docs/security.md)."""
+    plain = render_objects({})
+    rotated = render_objects({"secrets": {"subjectKey": {"rotationsKey": "subject-key-rotations"}}})
+    for manifests, rotations in ((plain, False), (rotated, True)):
+        for workload in [*services_deployments(manifests), *of_kind(manifests, "Job")]:
+            name = workload["metadata"]["name"]
+            _, spec = pod_template(workload)
+            env = env_of(spec["containers"][0])
+            hashes = not name.startswith("egret-rules")
+            assert env["EGRET_SUBJECT_KEY_ID"] == "k1", name
+            assert ("EGRET_SUBJECT_KEY_FILE" in env) is hashes, name
+            volumes = {v["name"]: v for v in spec["volumes"]}
+            items = [
+                i["key"] for i in volumes.get("subject-key", {"secret": {"items": []}})["secret"]["items"]
+            ]
+            assert ("subject-key" in items) is hashes, name
+            assert ("subject-key-rotations" in items) is rotations, name
+            if rotations:
+                mounts = {m["name"]: m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+                assert (
+                    env["EGRET_SUBJECT_KEY_ROTATIONS_FILE"]
+                    == f"{mounts['subject-key']}/subject-key-rotations"
+                )
+            else:
+                assert "EGRET_SUBJECT_KEY_ROTATIONS_FILE" not in env
 
 
 def test_otlp_export_is_tls_by_default_with_the_collectors_ca(render_objects: RenderObjects) -> None:

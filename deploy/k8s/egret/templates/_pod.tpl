@@ -54,12 +54,18 @@ Arguments: dict "root" $ "workload" <item of egret.workloads> "job" <bool>.
 {{- else -}}
 {{- $_ := set $settings "OTEL_TRACES_EXPORTER" "none" -}}
 {{- end -}}
+{{- /* The subject key chain: the root key where raw ids are hashed, the rotations (key ids
+and secrets, docs/security.md "Rotating the subject key") everywhere, rules included. */ -}}
+{{- $subjectKey := $root.Values.secrets.subjectKey -}}
+{{- $_ := set $settings "EGRET_SUBJECT_KEY_ID" $subjectKey.keyId -}}
 {{- if has $service (list "ingest" "score" "query") -}}
-{{- $_ := set $settings "EGRET_SUBJECT_KEY_FILE" (printf "%s/%s" (include "egret.subjectKeyDir" $root) $root.Values.secrets.subjectKey.key) -}}
-{{- $_ := set $settings "EGRET_SUBJECT_KEY_ID" $root.Values.secrets.subjectKey.keyId -}}
+{{- $_ := set $settings "EGRET_SUBJECT_KEY_FILE" (printf "%s/%s" (include "egret.subjectKeyDir" $root) $subjectKey.key) -}}
 {{- end -}}
-{{- if not .job -}}
-{{- /* The audit logs' MAC keys (a Secret, never the database) and their automatic anchors. */ -}}
+{{- if $subjectKey.rotationsKey -}}
+{{- $_ := set $settings "EGRET_SUBJECT_KEY_ROTATIONS_FILE" (printf "%s/%s" (include "egret.subjectKeyDir" $root) $subjectKey.rotationsKey) -}}
+{{- end -}}
+{{- /* The audit logs' MAC keys (a Secret, never the database): the migration Jobs record
+their re-keying batches in the chain too. */ -}}
 {{- $audit := $root.Values.secrets.auditKey -}}
 {{- $_ := set $settings "EGRET_AUDIT_KEY_FILE" (printf "%s/%s" (include "egret.auditKeyDir" $root) $audit.key) -}}
 {{- $_ := set $settings "EGRET_AUDIT_KEY_ID" $audit.keyId -}}
@@ -70,6 +76,8 @@ Arguments: dict "root" $ "workload" <item of egret.workloads> "job" <bool>.
 {{- end -}}
 {{- $_ := set $settings "EGRET_AUDIT_OLD_KEY_FILES" (join "," $old) -}}
 {{- end -}}
+{{- if not .job -}}
+{{- /* The automatic anchors of the audit logs. */ -}}
 {{- $_ := set $settings "EGRET_AUDIT_ANCHOR_FILE" (printf "%s/%s.anchors" (include "egret.auditAnchorDir" $root) $w.name) -}}
 {{- $_ := set $settings "EGRET_AUDIT_ANCHOR_SECONDS" (toString $root.Values.audit.anchors.intervalSeconds) -}}
 {{- if eq $service "ingest" -}}
@@ -152,15 +160,15 @@ Arguments: dict "root" $ "workload" <item of egret.workloads> "job" <bool>.
   mountPath: /tmp
 - name: data
   mountPath: /var/lib/egret
-{{- if has $service (list "ingest" "score" "query") }}
+{{- if or (has $service (list "ingest" "score" "query")) $root.Values.secrets.subjectKey.rotationsKey }}
 - name: subject-key
   mountPath: {{ include "egret.subjectKeyDir" $root }}
   readOnly: true
 {{- end }}
-{{- if not .job }}
 - name: audit-key
   mountPath: {{ include "egret.auditKeyDir" $root }}
   readOnly: true
+{{- if not .job }}
 - name: audit-anchors
   mountPath: {{ include "egret.auditAnchorDir" $root }}
 {{- if and $root.Values.otel.enabled (not $root.Values.otel.insecure) $root.Values.otel.ca.name }}
@@ -218,16 +226,23 @@ Arguments: dict "root" $ "workload" <item of egret.workloads> "job" <bool>.
 - name: data
   emptyDir:
     sizeLimit: 64Mi
-{{- if has $service (list "ingest" "score" "query") }}
+{{- $subjectKey := $root.Values.secrets.subjectKey }}
+{{- $hashes := has $service (list "ingest" "score" "query") }}
+{{- if or $hashes $subjectKey.rotationsKey }}
 - name: subject-key
   secret:
     secretName: {{ include "egret.subjectKeySecretName" $root }}
     defaultMode: 0440
     items:
-      - key: {{ $root.Values.secrets.subjectKey.key }}
-        path: {{ $root.Values.secrets.subjectKey.key }}
+      {{- if $hashes }}
+      - key: {{ $subjectKey.key }}
+        path: {{ $subjectKey.key }}
+      {{- end }}
+      {{- if $subjectKey.rotationsKey }}
+      - key: {{ $subjectKey.rotationsKey }}
+        path: {{ $subjectKey.rotationsKey }}
+      {{- end }}
 {{- end }}
-{{- if not .job }}
 {{- $audit := $root.Values.secrets.auditKey }}
 - name: audit-key
   secret:
@@ -240,6 +255,7 @@ Arguments: dict "root" $ "workload" <item of egret.workloads> "job" <bool>.
       - key: {{ .key }}
         path: {{ .key }}
       {{- end }}
+{{- if not .job }}
 - name: audit-anchors
   {{- with $root.Values.audit.anchors.volume }}
   {{- toYaml . | nindent 2 }}
