@@ -1,0 +1,5 @@
+import sys
+
+from services.portal.bootstrap import main
+
+sys.exit(main())

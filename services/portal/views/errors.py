@@ -1,0 +1,117 @@
+"""What a refused or failed call to a service means to the person, in words: a page for a
+read, a message on the form for an act. Never a stack trace, never the raw message of an
+unexpected failure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.portal.i18n import Localiser
+from services.portal.views.entries import FieldError
+
+# The HTTP status each gRPC code becomes.
+HTTP_STATUS = {
+    "NOT_FOUND": 404,
+    "PERMISSION_DENIED": 403,
+    "UNAUTHENTICATED": 401,
+    "INVALID_ARGUMENT": 400,
+    "FAILED_PRECONDITION": 409,
+    "ALREADY_EXISTS": 409,
+    "RESOURCE_EXHAUSTED": 429,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 503,
+}
+
+
+@dataclass(frozen=True)
+class ErrorView:
+    status: int
+    title: str
+    message: str
+    # The service's own words for a refusal it explains (FAILED_PRECONDITION); "" otherwise.
+    service_says: str
+    violations: tuple[FieldError, ...]
+
+
+def field_label(t: Localiser, field: str) -> str:
+    return {
+        "statement": t.gettext("Your statement"),
+        "evidence": t.gettext("What you did to put things right"),
+        "evidence_uri": t.gettext("Link to your evidence"),
+        "entry_id": t.gettext("The entry"),
+        "effective_at": t.gettext("The date of your consent"),
+        "purpose": t.gettext("The purpose of the read"),
+        "purpose_note": t.gettext("The note to the purpose"),
+        "page_token": t.gettext("The page"),
+    }.get(field, field)
+
+
+def violation_message(t: Localiser, field: str, reason: str, description: str) -> str:
+    label = field_label(t, field)
+    known = {
+        "REQUIRED": t.gettext("%(field)s is required.", field=label),
+        "TOO_LONG": t.gettext("%(field)s is too long.", field=label),
+        "INVALID_PAGE_TOKEN": t.gettext("This page no longer exists; start again from the first page."),
+        "IN_FUTURE": t.gettext("%(field)s cannot be in the future.", field=label),
+        "TOO_OLD": t.gettext("%(field)s is too far in the past.", field=label),
+    }
+    return known.get(reason) or t.gettext(
+        "%(field)s: %(problem)s", field=label, problem=description or reason
+    )
+
+
+def error_view(
+    t: Localiser, code: str, message: str, violations: tuple[tuple[str, str, str], ...] = ()
+) -> ErrorView:
+    status = HTTP_STATUS.get(code, 500)
+    if code == "NOT_FOUND":
+        return ErrorView(
+            status,
+            t.gettext("Not found"),
+            t.gettext("We could not find this among your data. Check the link, or go back to your entries."),
+            "",
+            (),
+        )
+    if code in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
+        return ErrorView(
+            status,
+            t.gettext("Not allowed"),
+            t.gettext("You are not allowed to see or do this with the account you signed in with."),
+            "",
+            (),
+        )
+    if code == "INVALID_ARGUMENT":
+        return ErrorView(
+            status,
+            t.gettext("Something in the request was not right"),
+            t.gettext("Please correct the following and try again."),
+            "",
+            tuple(FieldError(f, violation_message(t, f, reason, d)) for f, reason, d in violations),
+        )
+    if code in ("FAILED_PRECONDITION", "ALREADY_EXISTS"):
+        return ErrorView(
+            status,
+            t.gettext("This cannot be done now"),
+            t.gettext("The credit service refused it, and gave this reason:"),
+            message,
+            (),
+        )
+    if code == "RESOURCE_EXHAUSTED":
+        return ErrorView(
+            status, t.gettext("Too many requests"), t.gettext("Please wait a moment and try again."), "", ()
+        )
+    if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+        return ErrorView(
+            status,
+            t.gettext("The service is unavailable"),
+            t.gettext("The credit service cannot answer right now. Please try again in a few minutes."),
+            "",
+            (),
+        )
+    return ErrorView(
+        500,
+        t.gettext("Something went wrong"),
+        t.gettext("An unexpected error happened. It has been recorded; please try again later."),
+        "",
+        (),
+    )
