@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
+import httpx
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -299,7 +300,24 @@ class Pages:
     async def sign_in(self, request: Request) -> Response:
         if self.signin.limited(request):
             return self.too_many(request)
-        return await self.signin.start(request, request.query_params.get("next"))
+        try:
+            return await self.signin.start(request, request.query_params.get("next"))
+        except (httpx.HTTPError, OAuthError, ValueError) as exc:
+            # Discovery failed: the provider is down, or answers something that is not OpenID.
+            log.warning("identity provider unreachable", error=type(exc).__name__, throttle="idp-down")
+            t = self.t(request)
+            return self.error_page(
+                request,
+                ErrorView(
+                    503,
+                    t.gettext("Sign-in is unavailable"),
+                    t.gettext(
+                        "The sign-in service cannot be reached right now. Please try again in a few minutes."
+                    ),
+                    "",
+                    (),
+                ),
+            )
 
     async def callback(self, request: Request) -> Response:
         if self.signin.limited(request):

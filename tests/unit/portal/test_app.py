@@ -1,0 +1,414 @@
+"""The portal application end to end in process, with a fake backend: pages, sign-in
+guard, CSRF, confirmation steps, refusals in words, security headers and privacy."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from starlette.testclient import TestClient
+
+from services.portal import records as r
+from services.portal.backend import ServiceError
+from services.portal.bootstrap import build
+from services.portal.sessions import COOKIE, EncryptedSessionMiddleware
+from services.portal.settings import PortalSettings
+from tests.unit.portal.samples import NOW, entry, explanation
+
+RAW_ID = "350200199001011230"
+SECRET = b"a-session-secret-of-forty-bytes-or-more!"
+PERSONAL_PAGES = (
+    "/credit",
+    "/entries",
+    "/entries/e1",
+    "/history",
+    "/benefits",
+    "/contest",
+    "/access",
+    "/download",
+)
+
+
+class FakeBackend:
+    """What the services would answer, and what the portal asked of them."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.fail: dict[str, ServiceError] = {}
+        self.stored = {"e1": entry(), "e2": entry("e2", 10, status="active")}
+
+    def _record(self, name: str, *args: Any) -> None:
+        self.calls.append((name, args))
+        if name in self.fail:
+            raise self.fail[name]
+
+    async def explain(self, caller: Any) -> r.Explanation:
+        self._record("explain", caller)
+        return explanation()
+
+    async def entries(self, caller: Any, page_token: str = "", page_size: int = 50) -> r.Page[r.Entry]:
+        self._record("entries", page_token)
+        return r.Page(tuple(self.stored.values()), "next-token")
+
+    async def all_entries(self, caller: Any) -> tuple[r.Entry, ...]:
+        self._record("all_entries")
+        return tuple(self.stored.values())
+
+    async def entry(self, caller: Any, entry_id: str) -> r.Entry:
+        self._record("entry", entry_id)
+        if entry_id not in self.stored:
+            raise ServiceError("NOT_FOUND", f"no ledger entry {entry_id!r}")
+        return self.stored[entry_id]
+
+    async def history(self, caller: Any, *, as_corrected: bool) -> tuple[r.ScoreChange, ...]:
+        self._record("history", as_corrected)
+        return ()
+
+    async def benefits(self, token: str | None) -> tuple[r.Benefit, ...]:
+        self._record("benefits")
+        return (
+            r.Benefit("library.deposit_free", "Borrow books", "Library", ("civic",), False, ("person",), "A"),
+        )
+
+    async def eligibility(self, caller: Any, benefit_id: str) -> r.Eligibility:
+        self._record("eligibility", benefit_id)
+        return r.Eligibility(benefit_id, True, (), ("civic",), 1010, "A", (), NOW, "2026.2")
+
+    async def access_log(
+        self, caller: Any, page_token: str = "", page_size: int = 50
+    ) -> r.Page[r.AccessRecord]:
+        self._record("access_log", page_token)
+        return r.Page((r.AccessRecord(NOW, "rev-1", "reviewer", "dispute-review", "GetEntry", ""),), "")
+
+    async def all_access_records(self, caller: Any) -> tuple[r.AccessRecord, ...]:
+        return (await self.access_log(caller)).items
+
+    async def disputes(self, caller: Any) -> tuple[r.Dispute, ...]:
+        self._record("disputes")
+        return ()
+
+    async def repairs(self, caller: Any) -> tuple[r.Repair, ...]:
+        self._record("repairs")
+        return ()
+
+    async def file_dispute(self, caller: Any, entry_id: str, statement: str) -> r.Dispute:
+        self._record("file_dispute", entry_id, statement)
+        return r.Dispute("7", entry_id, statement, NOW, NOW + timedelta(days=20), "open")
+
+    async def apply_for_repair(self, caller: Any, entry_id: str, evidence: str, uri: str) -> r.Repair:
+        self._record("apply_for_repair", entry_id, evidence, uri)
+        return r.Repair("3", entry_id, evidence, uri, NOW, NOW + timedelta(days=3), "pending")
+
+    async def set_consent(self, caller: Any, granted: bool) -> r.Consent:
+        self._record("set_consent", granted)
+        return r.Consent(granted, NOW, NOW)
+
+    async def rule_set(self) -> r.PublishedRuleSet:
+        self._record("rule_set")
+        raise ServiceError("PERMISSION_DENIED", "role subject may not call GetActiveRuleSet")
+
+    async def policy(self) -> r.PublishedPolicy:
+        self._record("policy")
+        return r.PublishedPolicy("2026.2", NOW, 20, (("minor", 0),), 3, ())
+
+    async def public_benefits(self) -> tuple[r.Benefit, ...]:
+        return await self.benefits(None)
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> PortalSettings:
+    (tmp_path / "session.key").write_bytes(SECRET)
+    (tmp_path / "client.secret").write_text("s")
+    return PortalSettings.from_env(
+        {
+            "EGRET_INSECURE": "true",
+            "EGRET_PORTAL_PUBLIC_URL": "http://127.0.0.1:8080",
+            "EGRET_PORTAL_INSECURE_HTTP": "true",
+            "EGRET_PORTAL_SESSION_SECRET_FILE": str(tmp_path / "session.key"),
+            "EGRET_PORTAL_OIDC_CLIENT_SECRET_FILE": str(tmp_path / "client.secret"),
+            # Nothing listens there: discovery fails, as when the provider is down.
+            "EGRET_PORTAL_OIDC_ISSUER": "http://127.0.0.1:9",
+            "EGRET_PORTAL_SIGNIN_BURST": "2",
+        }
+    )
+
+
+@pytest.fixture
+def backend() -> FakeBackend:
+    return FakeBackend()
+
+
+@pytest.fixture
+def client(settings: PortalSettings, backend: FakeBackend) -> Iterator[TestClient]:
+    app = build(settings, backend=lambda: backend, clock=lambda: NOW)  # type: ignore[arg-type,return-value]
+    with TestClient(app, base_url="http://127.0.0.1:8080") as test_client:
+        yield test_client
+
+
+def session_cookie(role: str = "subject", expires_in: float = 600, **extra: Any) -> str:
+    token = jwt.encode(
+        {"sub": f"person:resident-id:{RAW_ID}", "role": role, "exp": int(time.time() + 3600)},
+        "k" * 32,
+        "HS256",
+    )
+    sessions = EncryptedSessionMiddleware(
+        lambda *a: None,  # type: ignore[arg-type]
+        secrets=(SECRET,),
+        idle_s=900,
+        absolute_s=28_800,
+        secure=False,
+    )
+    return sessions.dump(
+        {
+            "access_token": token,
+            "expires_at": time.time() + expires_in,
+            "role": role,
+            "name": "Alice",
+            **extra,
+        }
+    )
+
+
+def signed_in(client: TestClient, role: str = "subject") -> TestClient:
+    client.cookies.set(COOKIE, session_cookie(role))
+    return client
+
+
+def csrf_of(html: str) -> str:
+    match = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    assert match, "no CSRF field on the page"
+    return match.group(1)
+
+
+def test_public_pages_work_without_sign_in_and_carry_a_strict_csp(client: TestClient) -> None:
+    for path in ("/", "/rules", "/tiers", "/catalogue", "/how-it-works"):
+        response = client.get(path)
+        assert response.status_code == 200, path
+        csp = response.headers["content-security-policy"]
+        assert "unsafe-inline" not in csp
+        assert "default-src 'none'" in csp
+        assert response.headers["cache-control"] == "no-store"
+        # No script and no inline style anywhere: the CSP would block them.
+        assert not re.search(r"<script|<style|\sstyle=|\son\w+=", response.text), path
+    assert 'lang="zh-Hans"' in client.get("/").text  # the city's default language
+    assert "信用等级及分数线" in client.get("/tiers").text
+    # A public read the services refuse becomes words, not an error page.
+    assert "cannot be read from the credit services" in client.get("/language/en?next=/rules").text
+
+
+def test_the_language_switch_is_remembered_and_stays_on_the_page(client: TestClient) -> None:
+    response = client.get("/language/en?next=/tiers", follow_redirects=False)
+    assert (response.status_code, response.headers["location"]) == (303, "/tiers")
+    assert "Tiers and their thresholds" in client.get("/tiers").text
+    assert client.get("/language/en?next=//evil.example", follow_redirects=False).headers["location"] == "/"
+    assert client.get("/language/fr").status_code == 404
+
+
+def test_personal_pages_send_a_visitor_to_sign_in(client: TestClient, backend: FakeBackend) -> None:
+    for path in PERSONAL_PAGES:
+        response = client.get(path, follow_redirects=False)
+        assert response.status_code == 303, path
+        assert response.headers["location"].startswith("/signin?next="), path
+    assert backend.calls == []
+
+
+def test_signed_in_pages_render_the_persons_data(client: TestClient, backend: FakeBackend) -> None:
+    signed_in(client)
+    client.get("/language/en")
+    credit = client.get("/credit")
+    assert credit.status_code == 200
+    assert "30 more points reach tier AA" in credit.text
+    assert "Signed in as Alice" in credit.text
+    entries = client.get("/entries")
+    assert "/entries/e1" in entries.text
+    assert "/entries?page=next-token" in entries.text
+    detail = client.get("/entries/e1")
+    assert "Dispute this entry" in detail.text
+    assert "Too early" in detail.text
+    assert client.get("/history").text.count("Your score has no history yet.") == 1
+    assert "You can use this benefit" in client.get("/benefits").text
+    assert "Reviewing a dispute you filed" in client.get("/access").text
+    for path in ("/credit", "/entries", "/entries/e1", "/benefits", "/access", "/contest", "/download"):
+        assert client.get(path).headers["cache-control"] == "no-store"
+
+
+def test_an_entry_that_is_not_the_persons_is_not_found_in_words(client: TestClient) -> None:
+    signed_in(client)
+    client.get("/language/en")
+    response = client.get("/entries/" + "f" * 64)
+    assert response.status_code == 404
+    assert "We could not find this among your data" in response.text
+    assert client.get("/entries/<script>").status_code == 404
+
+
+def test_a_dispute_is_checked_confirmed_then_filed(client: TestClient, backend: FakeBackend) -> None:
+    signed_in(client)
+    client.get("/language/en")
+    form = client.get("/entries/e1/dispute")
+    assert "within 20 days" in form.text
+    token = csrf_of(form.text)
+    empty = client.post("/entries/e1/dispute", data={"csrf_token": token, "statement": "  "})
+    assert empty.status_code == 400
+    assert "There is a problem" in empty.text
+    assert 'href="#statement"' in empty.text
+    too_long = client.post("/entries/e1/dispute", data={"csrf_token": token, "statement": "x" * 4001})
+    assert too_long.status_code == 400
+    assert "4,001 characters" in too_long.text
+    confirm = client.post("/entries/e1/dispute", data={"csrf_token": token, "statement": "I had a ticket"})
+    assert "Check your dispute" in confirm.text
+    assert "I had a ticket" in confirm.text
+    assert not [c for c in backend.calls if c[0] == "file_dispute"]
+    done = client.post(
+        "/entries/e1/dispute",
+        data={"csrf_token": token, "statement": "I had a ticket", "confirm": "yes"},
+        follow_redirects=False,
+    )
+    assert (done.status_code, done.headers["location"]) == (303, "/contest")
+    assert ("file_dispute", ("e1", "I had a ticket")) in backend.calls
+    contest = client.get("/contest")
+    assert "Your dispute has been filed" in contest.text
+    assert "June 21, 2026" in contest.text
+    assert "Your dispute has been filed" not in client.get("/contest").text  # shown once
+
+
+def test_a_form_without_the_sessions_csrf_token_does_nothing(
+    client: TestClient, backend: FakeBackend
+) -> None:
+    signed_in(client)
+    for data in ({}, {"csrf_token": "forged"}):
+        response = client.post("/entries/e1/dispute", data={**data, "statement": "x", "confirm": "yes"})
+        assert response.status_code == 403
+    assert client.post("/consent", data={"granted": "no", "confirm": "yes"}).status_code == 403
+    assert client.post("/signout", data={}).status_code == 403
+    assert not [c for c in backend.calls if c[0] in ("file_dispute", "set_consent", "entry")]
+
+
+def test_the_services_refusal_is_shown_on_the_form(client: TestClient, backend: FakeBackend) -> None:
+    signed_in(client)
+    client.get("/language/en")
+    token = csrf_of(client.get("/entries/e1/dispute").text)
+    backend.fail["file_dispute"] = ServiceError(
+        "FAILED_PRECONDITION", "entry 'e1' already has an open dispute"
+    )
+    refused = client.post(
+        "/entries/e1/dispute", data={"csrf_token": token, "statement": "again", "confirm": "yes"}
+    )
+    assert refused.status_code == 409
+    assert "The credit service refused it" in refused.text
+    assert "already has an open dispute" in refused.text
+    assert "Traceback" not in refused.text
+
+
+def test_a_repair_applied_for_too_early_says_from_when(client: TestClient, backend: FakeBackend) -> None:
+    signed_in(client)
+    client.get("/language/en")
+    form = client.get("/entries/e1/repair")
+    assert "Too early: you can apply for repair of this entry from July 31, 2026." in form.text
+    token = csrf_of(form.text)
+    confirm = client.post(
+        "/entries/e1/repair", data={"csrf_token": token, "evidence": "Paid", "evidence_uri": ""}
+    )
+    assert "Check your application" in confirm.text
+    done = client.post(
+        "/entries/e1/repair",
+        data={"csrf_token": token, "evidence": "Paid", "evidence_uri": "", "confirm": "yes"},
+        follow_redirects=False,
+    )
+    assert done.status_code == 303
+    assert "Your repair application has been sent" in client.get("/contest").text
+
+
+def test_consent_has_a_confirmation_step(client: TestClient, backend: FakeBackend) -> None:
+    signed_in(client)
+    client.get("/language/en")
+    token = csrf_of(client.get("/contest").text)
+    ask = client.post("/consent", data={"csrf_token": token, "granted": "no"})
+    assert "Withdraw your consent?" in ask.text
+    assert not [c for c in backend.calls if c[0] == "set_consent"]
+    client.post(
+        "/consent", data={"csrf_token": token, "granted": "no", "confirm": "yes"}, follow_redirects=False
+    )
+    assert ("set_consent", (False,)) in backend.calls
+    assert "Consent withdrawn" in client.get("/contest").text
+
+
+def test_unavailable_services_and_expired_sessions_get_friendly_pages(
+    client: TestClient, backend: FakeBackend
+) -> None:
+    signed_in(client)
+    client.get("/language/en")
+    backend.fail["explain"] = ServiceError("UNAVAILABLE", "connection refused")
+    down = client.get("/credit")
+    assert down.status_code == 503
+    assert "cannot answer right now" in down.text
+    assert "connection refused" not in down.text
+    backend.fail["explain"] = ServiceError("UNAUTHENTICATED", "token expired")
+    ended = client.get("/credit")
+    assert ended.status_code == 401
+    assert "Your session has ended" in ended.text
+    client.cookies.set(COOKIE, session_cookie(expires_in=-1))
+    assert client.get("/credit", follow_redirects=False).status_code == 303  # token past its expiry
+
+
+def test_an_idle_session_says_it_ended(client: TestClient, settings: PortalSettings) -> None:
+    sessions = EncryptedSessionMiddleware(
+        lambda *a: None,  # type: ignore[arg-type]
+        secrets=(SECRET,),
+        idle_s=settings.session_idle_s,
+        absolute_s=settings.session_absolute_s,
+        secure=False,
+        clock=lambda: time.time() - settings.session_idle_s - 5,
+    )
+    client.cookies.set(COOKIE, sessions.dump({"access_token": "x", "role": "subject", "expires_at": 2e9}))
+    response = client.get("/credit", follow_redirects=False)
+    assert response.status_code == 401
+
+
+def test_staff_accounts_are_sent_to_the_staff_console(client: TestClient, backend: FakeBackend) -> None:
+    signed_in(client, role="reviewer")
+    response = client.get("/credit")
+    assert response.status_code == 403
+    assert "工作人员" in response.text
+    assert backend.calls == []
+
+
+def test_downloads_hold_the_data_without_any_identifier(client: TestClient) -> None:
+    signed_in(client)
+    data = client.get("/download/my-credit-data.json")
+    assert data.headers["content-disposition"] == 'attachment; filename="my-credit-data.json"'
+    doc = json.loads(data.text)
+    assert doc["score"]["score"] == 1000
+    assert len(doc["entries"]) == 2
+    assert RAW_ID not in data.text
+    csv = client.get("/download/entries.csv")
+    assert csv.text.startswith("\ufeffentry_id,")
+    assert "e1" in csv.text
+    assert client.get("/download/passwords.csv").status_code == 404
+
+
+def test_sign_in_is_rate_limited_and_a_down_provider_is_said_in_words(client: TestClient) -> None:
+    statuses = [client.get("/signin", follow_redirects=False).status_code for _ in range(4)]
+    assert statuses[:2] == [503, 503]
+    assert statuses[2:] == [429, 429]
+
+
+def test_no_raw_subject_id_in_any_log_line_or_url(
+    client: TestClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    signed_in(client)
+    for path in (*PERSONAL_PAGES, "/download/my-credit-data.json"):
+        response = client.get(path)
+        assert RAW_ID not in str(response.url)
+        assert RAW_ID not in response.text
+    captured = capsys.readouterr()
+    assert RAW_ID not in captured.out + captured.err
