@@ -166,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lifecycle.ensure_active(args.ruleset.read_text(encoding="utf-8"))
         evaluator = Evaluator(
             rule_sets=rule_sets,
-            store=SqlEvaluationStore(sessions),
+            store=SqlEvaluationStore(sessions, key_id="k1"),
             clock=lambda: datetime.now(UTC),
             dead_letter_after=3,
         )

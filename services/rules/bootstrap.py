@@ -17,8 +17,10 @@ from kit.audit import audit_keys
 from kit.db import create_engine, make_session_factory
 from kit.logging import get_logger
 from kit.outbox import Send, relay_to_peer
+from kit.pseudonym import Pseudonymiser
 from kit.purposes import load_purposes
 from kit.reads import ReadLog
+from kit.rekey import GenerationGuard
 from kit.security import channel_credentials
 from kit.server import Service
 from services.rules.access import POLICY
@@ -29,9 +31,11 @@ from services.rules.servicer import RulesServicer, register
 from services.rules.settings import RulesSettings
 from services.rules.shard_layout import check_shard_layout
 from services.rules.storage import (
+    KEYED,
     Outbox,
     RulesAuditHead,
     RulesAuditLog,
+    RulesSubjectKeyGeneration,
     SqlEvaluationStore,
     SqlLifecycleStore,
 )
@@ -63,7 +67,14 @@ def build(settings: RulesSettings) -> Service:
     engine = create_engine(
         settings.common.database_url, sqlite_synchronous=settings.common.sqlite_synchronous
     )
+    pseudonymiser = Pseudonymiser.from_settings(settings.pseudonym)
+    # The outbox's messages carry their key generation (score moves them forward), so the
+    # relay keeps sending while a re-keying job holds the rest of the database.
+    relay_sessions = make_session_factory(engine)
     sessions = make_session_factory(engine)
+    # Once the stored keys move to another generation, this instance refuses (UNAVAILABLE)
+    # rather than write or evaluate keys of its own.
+    GenerationGuard(RulesSubjectKeyGeneration, pseudonymiser.current_key_id).install(sessions)
     check_shard_layout(sessions, settings.shard)
     keys = audit_keys(settings.common.audit)
     rule_sets = SqlLifecycleStore(sessions, audit_keys=keys)
@@ -87,14 +98,14 @@ def build(settings: RulesSettings) -> Service:
     )
     evaluator = Evaluator(
         rule_sets=rule_sets,
-        store=SqlEvaluationStore(sessions),
+        store=SqlEvaluationStore(sessions, key_id=pseudonymiser.current_key_id),
         clock=lambda: datetime.now(UTC),
         dead_letter_after=settings.dead_letter_after_attempts,
     )
     evaluator.load_active()  # compile now: a rule set the engine refuses stops start-up
     relay = relay_to_peer(
         name="rules→score",
-        sessions=sessions,
+        sessions=relay_sessions,
         table=Outbox,
         peer=settings.score,
         settings=settings.relay,
@@ -113,6 +124,7 @@ def build(settings: RulesSettings) -> Service:
         lifecycle=lifecycle,
         reads=reads,
         backtests=build_backtests(settings, sessions, lifecycle, executor),
+        pseudonymiser=pseudonymiser,
     )
 
     return Service(
@@ -133,5 +145,6 @@ def main(argv: list[str] | None = None) -> int:
         build=build,
         migrations_dir=MIGRATIONS,
         audit=(RulesAuditLog, RulesAuditHead),
+        keyed=(KEYED, lambda settings: Pseudonymiser.from_settings(settings.pseudonym)),
         argv=argv,
     )

@@ -17,6 +17,7 @@ from kit.db import run_blocking
 from kit.errors import FailedPrecondition, InvalidArgument, Violation
 from kit.logging import get_logger
 from kit.protoconv import SUBJECT_KIND_NAMES, to_datetime, to_timestamp
+from kit.pseudonym import Pseudonymiser
 from kit.reads import ReadLog
 from kit.sharding import UNSHARDED, Shard
 from services.rules.backtest_servicer import BacktestHandler
@@ -61,6 +62,29 @@ def _violations(index: int, event: event_pb2.RecordedEvent) -> list[Violation]:
     return problems
 
 
+def forward_keys(request: pb.EvaluateEventsRequest, pseudonymiser: Pseudonymiser) -> None:
+    """Moves every subject key of the request to the current generation, in place, so that
+    rules evaluates, shards and stores current keys only (docs/security.md, "Rotating the
+    subject key"): a sender's outbox may hold keys of the generation before. Raises
+    UnknownKeyGeneration (UNAVAILABLE: the relay retries) for a generation not configured
+    here yet. An empty key is left for the contract check to refuse."""
+    current = pseudonymiser.current_key_id
+    moved: dict[tuple[str, str], str] = {}
+    messages: list[event_pb2.RecordedEvent | due_process_pb2.Retraction] = [
+        *request.events,
+        *request.retractions,
+    ]
+    for message in messages:
+        if not message.subject_key:
+            continue
+        if message.subject_key_id not in ("", current):
+            known = (message.subject_key, message.subject_key_id)
+            if known not in moved:
+                moved[known] = pseudonymiser.forward(*known)
+            message.subject_key = moved[known]
+        message.subject_key_id = current
+
+
 def backtest_scope(
     request: backtest_pb2.BacktestRuleSetRequest, response: backtest_pb2.BacktestRuleSetResponse
 ) -> dict[str, object]:
@@ -89,7 +113,9 @@ class RulesServicer(LifecycleRpcs, pb_grpc.RulesServiceServicer):
         lifecycle: RuleSetLifecycle,
         reads: ReadLog,
         backtests: BacktestHandler | None = None,
+        pseudonymiser: Pseudonymiser,
     ) -> None:
+        self._pseudonymiser = pseudonymiser
         self._lifecycle = lifecycle
         self._reads = reads
         self._backtests = backtests
@@ -114,6 +140,7 @@ class RulesServicer(LifecycleRpcs, pb_grpc.RulesServiceServicer):
                     )
                 ],
             )
+        forward_keys(request, self._pseudonymiser)
         # Ingest validated these events; a malformed one here is a contract breach by
         # the caller, reported for the whole call so that it is fixed, not skipped.
         problems = [v for i, e in enumerate(request.events) for v in _violations(i, e)]

@@ -7,10 +7,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from kit.settings import CommonSettings, Env, PeerSettings, RelaySettings
+from kit.settings import CommonSettings, Env, PeerSettings, PseudonymSettings, RelaySettings
 from kit.sharding import UNSHARDED, Shard
 
 DEFAULT_PORT = 50052
+# The root generation alone, as before rotations: what the environment gives by default.
+ROOT_GENERATION = PseudonymSettings(key=b"", key_id="k1")
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,9 @@ class RulesSettings:
     backtest_workers: int = 1
     # The purposes a read of subject data may state (backtests, dead letters; kit.reads).
     purposes_file: Path = Path("config/purposes.yaml")
+    # The subject key's generations: rules never hashes raw ids, so it holds the rotation
+    # secrets without the root key, to move keys of an earlier generation forward.
+    pseudonym: PseudonymSettings = ROOT_GENERATION
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> RulesSettings:
@@ -50,7 +55,15 @@ class RulesSettings:
             catalogue_file=env.file("EGRET_CATALOGUE_FILE", Path("config/catalogue.yaml")),
             backtest_workers=env.integer("EGRET_BACKTEST_WORKERS", default_workers(), minimum=1, maximum=64),
             purposes_file=env.file("EGRET_PURPOSES_FILE", Path("config/purposes.yaml")),
+            pseudonym=PseudonymSettings.read(env, root_required=False),
         )
+        if settings.pseudonym.rotations and settings.shard.count > 1:
+            # Shards split subjects by their key (kit.sharding): a re-keyed subject would
+            # belong to another shard, whose database does not hold its window state.
+            env.problems.append(
+                f"rotating subject keys with {settings.shard.count} rules shards needs resharding "
+                "(docs/security.md)"
+            )
         env.check()
         return settings
 

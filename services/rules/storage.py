@@ -12,6 +12,12 @@ events released and a reversal queued for score. A retraction also records itsel
 inbox of retractions) and marks the event retracted (it leaves every later history read).
 Each outbox row is one serialized ApplyOutcomesRequest holding one outcome or one
 reversal; the relay merges a claim's rows into one request.
+
+Every stored subject key has its generation next to it (`subject_key_id`; NULL in rows
+from before generations were recorded: the root generation), and every key written is
+of the instance's current generation; `KEYED` is what the re-keying job moves (kit.rekey,
+docs/security.md "Rotating the subject key"). The audit log and the outbox keep the keys
+they were written with.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from kit.db import as_utc, make_metadata
 from kit.errors import FailedPrecondition
 from kit.outbox import BigId, OutboxMixin, outbox_rows
 from kit.protoconv import SEVERITY_VALUES, SUBJECT_KIND_VALUES, to_timestamp
+from kit.rekey import GenerationMixin, KeyedColumn, KeyedStore, rewrite_outcome, rewrite_recorded_event
 from services.rules.domain import (
     BatchState,
     DeadLetter,
@@ -80,6 +87,7 @@ class EvaluatedEvent(Base):
     source: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
     event_id: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
     subject_key: Mapped[str] = mapped_column(sa.String(64))
+    subject_key_id: Mapped[str | None] = mapped_column(sa.String(32))
     event_type: Mapped[str] = mapped_column(sa.String(128))
     occurred_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
     evaluated_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
@@ -98,6 +106,7 @@ class EmittedOutcome(Base):
 
     outcome_id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
     subject_key: Mapped[str] = mapped_column(sa.String(64), index=True)
+    subject_key_id: Mapped[str | None] = mapped_column(sa.String(32))
     rule_id: Mapped[str] = mapped_column(sa.String(128))
     rule_set: Mapped[str] = mapped_column(sa.String(128))
     rule_set_version: Mapped[int] = mapped_column(sa.Integer)
@@ -120,6 +129,7 @@ class OutcomeEvent(Base):
     event_key: Mapped[str] = mapped_column(sa.String(193), primary_key=True)
     rule_id: Mapped[str] = mapped_column(sa.String(128))
     subject_key: Mapped[str] = mapped_column(sa.String(64))
+    subject_key_id: Mapped[str | None] = mapped_column(sa.String(32))
     # The event's occurred_at, so consumed keys are read within the same lookback as history.
     occurred_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
 
@@ -134,6 +144,7 @@ class RetractionRow(Base):
     source: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
     event_id: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
     subject_key: Mapped[str] = mapped_column(sa.String(64))
+    subject_key_id: Mapped[str | None] = mapped_column(sa.String(32))
     applied_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
     # How many outcomes it reversed and how many it re-formed from the released events.
     reversed: Mapped[int] = mapped_column(sa.Integer)
@@ -152,6 +163,7 @@ class DeadLetterRow(Base):
     source: Mapped[str] = mapped_column(sa.String(64))
     event_id: Mapped[str] = mapped_column(sa.String(128))
     subject_key: Mapped[str] = mapped_column(sa.String(64))
+    subject_key_id: Mapped[str | None] = mapped_column(sa.String(32))
     occurred_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
     attempts: Mapped[int] = mapped_column(sa.Integer)
     reason: Mapped[str] = mapped_column(sa.Text)
@@ -230,27 +242,62 @@ class Outbox(Base, OutboxMixin):
     __tablename__ = "rules_outbox"
 
 
+class RulesSubjectKeyGeneration(Base, GenerationMixin):
+    """The generation rules' stored subject keys are in (kit.rekey's marker)."""
+
+    __tablename__ = "rules_subject_key_generation"
+
+
+def rewrite_retraction(payload: bytes, key: str, key_id: str) -> bytes:
+    """A stored Retraction with its subject key moved (kit.rekey.Rewrite)."""
+    retraction = due_process_pb2.Retraction.FromString(payload)
+    retraction.subject_key, retraction.subject_key_id = key, key_id
+    return retraction.SerializeToString(deterministic=True)
+
+
+def _table(model: type[Base]) -> sa.Table:
+    return cast(sa.Table, model.__table__)
+
+
+# Every stored subject key of rules, with the stored messages that embed it.
+KEYED: Final = KeyedStore(
+    RulesSubjectKeyGeneration,
+    [
+        KeyedColumn(_table(EvaluatedEvent), payload="record", rewrite=rewrite_recorded_event),
+        KeyedColumn(_table(EmittedOutcome), payload="outcome", rewrite=rewrite_outcome),
+        KeyedColumn(_table(OutcomeEvent)),
+        KeyedColumn(_table(RetractionRow), payload="record", rewrite=rewrite_retraction),
+        KeyedColumn(_table(DeadLetterRow), payload="record", rewrite=rewrite_recorded_event),
+    ],
+    RulesAuditLog,
+    RulesAuditHead,
+)
+
+
 def outcome_payload(outcome: outcome_pb2.Outcome) -> bytes:
     return score_pb.ApplyOutcomesRequest(outcomes=[outcome]).SerializeToString()
 
 
-def reversal_payload(outcome_id: str, retraction: due_process_pb2.Retraction) -> bytes:
+def reversal_payload(outcome_id: str, retraction: due_process_pb2.Retraction, key_id: str) -> bytes:
+    """The reversal of an outcome by a retraction, whose key the servicer moved to `key_id`."""
     reversal = score_pb.Reversal(
         outcome_id=outcome_id,
         retraction=retraction,
         cause=score_pb.REVERSAL_CAUSE_RETRACTION,
         subject_key=retraction.subject_key,
+        subject_key_id=key_id,
     )
     return score_pb.ApplyOutcomesRequest(reversals=[reversal]).SerializeToString()
 
 
-def regrouped_payload(outcome_id: str, subject_key: str, late_event: str) -> bytes:
+def regrouped_payload(outcome_id: str, subject_key: str, late_event: str, key_id: str) -> bytes:
     source, event_id = split_key(late_event)
     reversal = score_pb.Reversal(
         outcome_id=outcome_id,
         cause=score_pb.REVERSAL_CAUSE_REGROUPED,
         late_event=event_pb2.EventRef(source=source, event_id=event_id),
         subject_key=subject_key,
+        subject_key_id=key_id,
     )
     return score_pb.ApplyOutcomesRequest(reversals=[reversal]).SerializeToString()
 
@@ -259,8 +306,13 @@ class _Superseded(Exception):
     """An outcome to reverse was reversed meanwhile: another evaluation settled the subject."""
 
 
-def outcome_message(firing: Firing, records: Mapping[str, bytes]) -> outcome_pb2.Outcome:
-    """The Outcome sent to score, with the firing events as its evidence snapshot."""
+def outcome_message(firing: Firing, records: Mapping[str, bytes], key_id: str) -> outcome_pb2.Outcome:
+    """The Outcome sent to score, with the firing events as its evidence snapshot. Every
+    stored key is of generation `key_id` (the guard keeps it so), the evidence's too, even
+    when its stored copy predates generations."""
+    events = [event_pb2.RecordedEvent.FromString(records[key]) for key in firing.event_keys]
+    for event in events:
+        event.subject_key_id = key_id
     return outcome_pb2.Outcome(
         outcome_id=firing.outcome_id,
         rule=outcome_pb2.RuleRef(
@@ -279,7 +331,8 @@ def outcome_message(firing: Firing, records: Mapping[str, bytes]) -> outcome_pb2
         occurred_at=to_timestamp(firing.occurred_at),
         reason=firing.reason,
         black_list=firing.black_list,
-        events=[event_pb2.RecordedEvent.FromString(records[key]) for key in firing.event_keys],
+        events=events,
+        subject_key_id=key_id,
     )
 
 
@@ -307,10 +360,12 @@ def _key_filter(table: Any, keys: Sequence[str]) -> Any:
 
 
 class SqlEvaluationStore:
-    """Inbox, outcomes, outbox and dead letters on SQLAlchemy, bulk statements only."""
+    """Inbox, outcomes, outbox and dead letters on SQLAlchemy, bulk statements only.
+    `key_id`: the current generation of subject keys, stored next to every key written."""
 
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, sessions: sessionmaker[Session], *, key_id: str) -> None:
         self._sessions = sessions
+        self._key_id = key_id
 
     def batch_state(self, keys: Sequence[str]) -> BatchState:
         if not keys:
@@ -442,6 +497,7 @@ class SqlEvaluationStore:
                                 "source": split_key(e.key)[0],
                                 "event_id": split_key(e.key)[1],
                                 "subject_key": e.subject_key,
+                                "subject_key_id": self._key_id,
                                 "event_type": e.event_type,
                                 "occurred_at": e.occurred_at,
                                 "evaluated_at": now,
@@ -457,7 +513,9 @@ class SqlEvaluationStore:
                     [
                         (
                             s.outcome.outcome_id,
-                            regrouped_payload(s.outcome.outcome_id, s.outcome.subject_key, s.by),
+                            regrouped_payload(
+                                s.outcome.outcome_id, s.outcome.subject_key, s.by, self._key_id
+                            ),
                         )
                         for s in evaluated.superseded
                     ],
@@ -509,7 +567,7 @@ class SqlEvaluationStore:
     ) -> None:
         """Record the firings not emitted before, their consumed events and outbox rows."""
         firings = self._reissued(session, firings)
-        outcomes = {f.outcome_id: outcome_message(f, records) for f in firings}
+        outcomes = {f.outcome_id: outcome_message(f, records, self._key_id) for f in firings}
         fresh = self._not_yet_emitted(session, list(outcomes))
         if fresh:
             by_id = {f.outcome_id: f for f in firings}
@@ -520,6 +578,7 @@ class SqlEvaluationStore:
                     {
                         "outcome_id": i,
                         "subject_key": by_id[i].subject_key,
+                        "subject_key_id": self._key_id,
                         "rule_id": by_id[i].rule_id,
                         "rule_set": rule_set.name,
                         "rule_set_version": rule_set.version,
@@ -539,6 +598,7 @@ class SqlEvaluationStore:
                         "event_key": key,
                         "rule_id": by_id[i].rule_id,
                         "subject_key": by_id[i].subject_key,
+                        "subject_key_id": self._key_id,
                         "occurred_at": occurred.get(key) or self._occurred(records, key),
                     }
                     for i in fresh
@@ -617,6 +677,7 @@ class SqlEvaluationStore:
                         source=source,
                         event_id=event_id,
                         subject_key=notice.subject_key,
+                        subject_key_id=self._key_id,
                         applied_at=now,
                         reversed=len(reversed_ids) + len(evaluated.superseded),
                         reformed=len(evaluated.firings),
@@ -637,7 +698,7 @@ class SqlEvaluationStore:
                 ids = [*reversed_ids, *(s.outcome.outcome_id for s in evaluated.superseded)]
                 self._supersede(
                     session,
-                    [(i, reversal_payload(i, retraction)) for i in ids],
+                    [(i, reversal_payload(i, retraction, self._key_id)) for i in ids],
                     by=dict.fromkeys(ids, notice.key),
                     now=now,
                 )
@@ -650,8 +711,8 @@ class SqlEvaluationStore:
     def _occurred(records: Mapping[str, bytes], key: str) -> datetime:
         return engine_event_from_record(records[key]).occurred_at
 
-    @staticmethod
     def _record_failures(
+        self,
         session: Session,
         failures: Sequence[Failure],
         records: Mapping[str, bytes],
@@ -676,6 +737,7 @@ class SqlEvaluationStore:
                         "source": split_key(f.event.key)[0],
                         "event_id": split_key(f.event.key)[1],
                         "subject_key": f.event.subject_key,
+                        "subject_key_id": self._key_id,
                         "occurred_at": f.event.occurred_at,
                         "attempts": f.attempts,
                         "reason": f.reason,

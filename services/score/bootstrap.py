@@ -18,6 +18,7 @@ from kit.logging import get_logger
 from kit.pseudonym import Pseudonymiser
 from kit.purposes import load_purposes
 from kit.reads import ReadLog
+from kit.rekey import GenerationGuard
 from kit.server import Service
 from services.score.access import POLICY
 from services.score.domain import Ledger
@@ -25,7 +26,14 @@ from services.score.due_process import DueProcess
 from services.score.policy import ActivatedPolicy, PolicyBook, load_policy
 from services.score.servicer import DEFAULT_MAX_MISMATCHES, ScoreServicer, register
 from services.score.settings import ScoreSettings
-from services.score.storage import ScoreAuditHead, ScoreAuditLog, SqlDueProcessStore, SqlLedgerStore
+from services.score.storage import (
+    KEYED,
+    ScoreAuditHead,
+    ScoreAuditLog,
+    ScoreSubjectKeyGeneration,
+    SqlDueProcessStore,
+    SqlLedgerStore,
+)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -63,15 +71,24 @@ def policy_book(store: SqlLedgerStore, policy_file: Path, clock: Clock) -> Polic
     return book
 
 
-def _ledger(settings: ScoreSettings, clock: Clock) -> tuple[Ledger, DueProcess, ReadLog, Engine]:
+def _pseudonymiser(settings: ScoreSettings) -> Pseudonymiser:
+    return Pseudonymiser.from_settings(settings.pseudonym)
+
+
+def _ledger(
+    settings: ScoreSettings, pseudonymiser: Pseudonymiser, clock: Clock
+) -> tuple[Ledger, DueProcess, ReadLog, Engine]:
     engine = create_engine(
         settings.common.database_url,
         sqlite_synchronous=settings.common.sqlite_synchronous,
         pool_size=settings.db_workers + 2,
     )
     sessions = make_session_factory(engine)
+    # Refuses (UNAVAILABLE) while the stored keys are of, or moving to, another generation.
+    GenerationGuard(ScoreSubjectKeyGeneration, pseudonymiser.current_key_id).install(sessions)
     keys = audit_keys(settings.common.audit)
-    store = SqlLedgerStore(sessions, audit_keys=keys)
+    key_id = pseudonymiser.current_key_id
+    store = SqlLedgerStore(sessions, audit_keys=keys, key_id=key_id)
     ledger = Ledger(
         policies=policy_book(store, settings.policy_file, clock),
         store=store,
@@ -79,7 +96,12 @@ def _ledger(settings: ScoreSettings, clock: Clock) -> tuple[Ledger, DueProcess, 
         page_size=settings.verify_page_size,
     )
     # One clock for every instant: entries, deadlines, decisions, sweeps (tests move it).
-    due_process = DueProcess(ledger=ledger, store=SqlDueProcessStore(sessions, audit_keys=keys), clock=clock)
+    due_process = DueProcess(
+        ledger=ledger,
+        store=SqlDueProcessStore(sessions, audit_keys=keys, key_id=key_id),
+        clock=clock,
+        pseudonymiser=pseudonymiser,
+    )
     reads = ReadLog(
         load_purposes(settings.purposes_file), sessions, ScoreAuditLog, ScoreAuditHead, keys=keys, clock=clock
     )
@@ -87,7 +109,8 @@ def _ledger(settings: ScoreSettings, clock: Clock) -> tuple[Ledger, DueProcess, 
 
 
 def build(settings: ScoreSettings, clock: Clock = _utc_now) -> Service:
-    ledger, due_process, reads, engine = _ledger(settings, clock)
+    pseudonymiser = _pseudonymiser(settings)
+    ledger, due_process, reads, engine = _ledger(settings, pseudonymiser, clock)
     # A policy activation interrupted by a crash is finished before serving.
     caught_up = ledger.catch_up_policy()
     if caught_up:
@@ -102,6 +125,7 @@ def build(settings: ScoreSettings, clock: Clock = _utc_now) -> Service:
         verify_page_size=settings.verify_page_size,
         due_process=due_process,
         reads=reads,
+        pseudonymiser=pseudonymiser,
         clock=clock,
     )
     return Service(
@@ -109,9 +133,8 @@ def build(settings: ScoreSettings, clock: Clock = _utc_now) -> Service:
         service_names=[pb.DESCRIPTOR.services_by_name["ScoreService"].full_name],
         register=register(servicer),
         policy=POLICY,
-        pseudonymiser=None
-        if settings.pseudonym is None
-        else Pseudonymiser(settings.pseudonym.key, settings.pseudonym.key_id),
+        # Subject tokens name their subject key only with the root key to hash their raw id.
+        pseudonymiser=pseudonymiser if pseudonymiser.key else None,
         engines=[engine],
         background=[functools.partial(servicer.sweep_loop, settings.sweep_interval_s)],
         executors=[executor],
@@ -120,7 +143,7 @@ def build(settings: ScoreSettings, clock: Clock = _utc_now) -> Service:
 
 def verify(settings: ScoreSettings) -> int:
     """`python -m services.score verify`: exit status 1 when any stored score is wrong."""
-    ledger, _, _, engine = _ledger(settings, _utc_now)
+    ledger, _, _, engine = _ledger(settings, _pseudonymiser(settings), _utc_now)
     try:
         result = ledger.verify(DEFAULT_MAX_MISMATCHES, settings.verify_page_size)
     finally:
@@ -148,5 +171,6 @@ def main(argv: list[str] | None = None) -> int:
         migrations_dir=MIGRATIONS,
         commands={"verify": ("recompute every score from the ledger; exit 1 on any mismatch", verify)},
         audit=(ScoreAuditLog, ScoreAuditHead),
+        keyed=(KEYED, _pseudonymiser),
         argv=argv,
     )

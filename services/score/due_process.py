@@ -9,7 +9,7 @@ is still a pure function of the ledger (docs/due-process.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from kit.auth import Principal, Role
 from kit.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Violation
+from kit.pseudonym import Pseudonymiser
 from services.score.domain import (
     APPROVED,
     DISPUTE,
@@ -125,6 +126,10 @@ class DueProcessTx(Protocol):
         """Append a consent record; returns it with its assigned id."""
         ...
 
+    def stored_subject(self, subject_keys: Sequence[str]) -> str | None:
+        """The first of `subject_keys` the store holds a score or a consent record of."""
+        ...
+
     def set_status(self, entry_id: str, status: EntryStatus) -> None: ...
 
     def rescore(self, subject_key: str, rescore: Rescore, now: datetime) -> None:
@@ -214,10 +219,31 @@ class DueProcess:
     """Disputes, repairs and consent, each one transaction with its history row and
     audit record."""
 
-    def __init__(self, *, ledger: Ledger, store: DueProcessStore, clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self,
+        *,
+        ledger: Ledger,
+        store: DueProcessStore,
+        clock: Callable[[], datetime],
+        pseudonymiser: Pseudonymiser | None = None,
+    ) -> None:
         self._ledger = ledger
         self._store = store
         self._clock = clock
+        self._pseudonymiser = pseudonymiser
+
+    def _requested_subject(self, tx: DueProcessTx, subject_key: str) -> str:
+        """The subject a caller names by key: the key as given, or, after a rotation, a key
+        of the previous generation (one a read returned before it) moved to the current
+        one. Every stored key is of the current generation while this instance serves
+        (kit.rekey's guard), so a given key the store holds nothing of, whose moved form it
+        does, was of the previous generation. A key it knows in neither form is taken as given."""
+        chain = self._pseudonymiser
+        previous = None if chain is None else chain.previous_key_id
+        if chain is None or previous is None:
+            return subject_key
+        moved = chain.rekey(subject_key, previous)
+        return tx.stored_subject((subject_key, moved)) or subject_key
 
     def _entry(self, tx: DueProcessTx, entry_id: str) -> EntryFacts:
         facts = tx.entry(entry_id) if len(entry_id) <= MAX_ID_LENGTH else None
@@ -472,7 +498,10 @@ class DueProcess:
             )
         _check(problems)
         by, _ = _actor(principal)
+        staff = principal is None or principal.role is not Role.SUBJECT
         with self._store.transaction() as tx:
+            if staff:
+                subject_key = self._requested_subject(tx, subject_key)
             consent = tx.add_consent(Consent(subject_key, granted, effective_at or now, now, by))
             tx.audit(
                 Audited(

@@ -19,9 +19,10 @@ from egret.score.v1 import score_service_pb2 as pb
 from egret.score.v1 import score_service_pb2_grpc as pb_grpc
 from kit.auth import acting_principal, current_principal
 from kit.db import run_blocking
-from kit.errors import InvalidArgument, Violation
+from kit.errors import InvalidArgument, Unavailable, Violation
 from kit.logging import get_logger
 from kit.protoconv import SEVERITY_NAMES, SUBJECT_KIND_NAMES, SUBJECT_KIND_VALUES, to_datetime, to_timestamp
+from kit.pseudonym import Pseudonymiser
 from kit.reads import ReadLog
 from services.score.domain import (
     APPROVED,
@@ -51,6 +52,47 @@ DEFAULT_MAX_MISMATCHES = 100
 MAX_MISMATCHES = 1000
 # Enough to tell an operator what was wrong without letting one bad batch flood the log.
 LOGGED_REJECTIONS = 20
+
+
+def forwarded_outcome(outcome: outcome_pb2.Outcome, pseudonymiser: Pseudonymiser) -> outcome_pb2.Outcome:
+    """`outcome` with its subject key, and its events', moved to the current generation
+    (`Pseudonymiser.forward`; an event without a generation of its own is of its outcome's),
+    so the entry and its evidence snapshot are stored under the current key. Returned
+    verbatim when nothing moves. UnknownKeyGeneration for a generation not configured here."""
+    current = pseudonymiser.current_key_id
+    if {outcome.subject_key_id, *(e.subject_key_id for e in outcome.events)} <= {"", current}:
+        return outcome
+    moved = outcome_pb2.Outcome()
+    moved.CopyFrom(outcome)
+    if moved.subject_key:
+        moved.subject_key = pseudonymiser.forward(outcome.subject_key, outcome.subject_key_id)
+        moved.subject_key_id = current
+    for event in moved.events:
+        if event.subject_key:
+            event.subject_key = pseudonymiser.forward(
+                event.subject_key, event.subject_key_id or outcome.subject_key_id
+            )
+            event.subject_key_id = current
+    return moved
+
+
+def forwarded_reversal(reversal: pb.Reversal, pseudonymiser: Pseudonymiser) -> pb.Reversal:
+    """`reversal` with the subject keys it names (its own, its retraction's) moved to the
+    current generation, as `forwarded_outcome`."""
+    current = pseudonymiser.current_key_id
+    if {reversal.subject_key_id, reversal.retraction.subject_key_id} <= {"", current}:
+        return reversal
+    moved = pb.Reversal()
+    moved.CopyFrom(reversal)
+    if moved.subject_key:
+        moved.subject_key = pseudonymiser.forward(reversal.subject_key, reversal.subject_key_id)
+        moved.subject_key_id = current
+    if moved.HasField("retraction") and moved.retraction.subject_key:
+        moved.retraction.subject_key = pseudonymiser.forward(
+            reversal.retraction.subject_key, reversal.retraction.subject_key_id
+        )
+        moved.retraction.subject_key_id = current
+    return moved
 
 
 def incoming(outcome: outcome_pb2.Outcome) -> IncomingOutcome:
@@ -240,10 +282,12 @@ class ScoreServicer(pb_grpc.ScoreServiceServicer):
         max_batch_size: int,
         verify_page_size: int,
         reads: ReadLog,
+        pseudonymiser: Pseudonymiser,
         due_process: DueProcess | None = None,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
         self._ledger = ledger
+        self._pseudonymiser = pseudonymiser
         self._reads = reads
         self._due_process = due_process
         self._clock = clock or (lambda: datetime.now(UTC))
@@ -255,16 +299,17 @@ class ScoreServicer(pb_grpc.ScoreServiceServicer):
     async def _apply(
         self, outcomes: Sequence[outcome_pb2.Outcome], reversals: Sequence[pb.Reversal] = ()
     ) -> ApplyResult:
-        """Run one batch through the ledger off the event loop, in its own span."""
+        """Run one batch through the ledger off the event loop, in its own span. Keys of an
+        earlier generation are moved forward first; a generation not configured here refuses
+        the whole batch (UNAVAILABLE), which the sender retries."""
         with self._tracer.start_as_current_span(
             "score apply", attributes={"egret.batch.size": len(outcomes)}
         ) as span:
-            result = await run_blocking(
-                self._executor,
-                self._ledger.apply,
-                [incoming(o) for o in outcomes],
-                [incoming_reversal(r) for r in reversals],
-            )
+            arrived = [incoming(forwarded_outcome(o, self._pseudonymiser)) for o in outcomes]
+            arrived_reversals = [
+                incoming_reversal(forwarded_reversal(r, self._pseudonymiser)) for r in reversals
+            ]
+            result = await run_blocking(self._executor, self._ledger.apply, arrived, arrived_reversals)
             span.set_attributes(
                 {
                     "egret.applied": result.applied,
@@ -471,8 +516,9 @@ class ScoreServicer(pb_grpc.ScoreServiceServicer):
                             count=len(overdue),
                             application_ids=[r.application_id for r in overdue[:LOGGED_REJECTIONS]],
                         )
-            except SQLAlchemyError as exc:
-                # The database is away (health reports it); the next round retries.
+            except (SQLAlchemyError, Unavailable) as exc:
+                # The database is away (health reports it), or its subject keys are being
+                # moved to another generation (kit.rekey); the next round retries.
                 log.warning("expiry sweep failed; will retry", error=type(exc).__name__)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), interval_s)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kit.settings import CommonSettings, Env, PseudonymSettings
@@ -19,11 +19,13 @@ class ScoreSettings:
     verify_page_size: int
     db_workers: int
     sweep_interval_s: float = 60.0
-    # The subject HMAC key (EGRET_SUBJECT_KEY_FILE or EGRET_SUBJECT_KEY), so that a
-    # subject's token names its subject key: needed for subjects to file disputes, apply
-    # for repair and set consent. Without it subjects are known by role only and those
-    # calls find nothing of theirs.
-    pseudonym: PseudonymSettings | None = None
+    # The subject key chain: its id and rotations (EGRET_SUBJECT_KEY_ID,
+    # EGRET_SUBJECT_KEY_ROTATIONS), always read, since score moves the keys it receives and
+    # stores to the current generation; and the root key (EGRET_SUBJECT_KEY_FILE or
+    # EGRET_SUBJECT_KEY) when set, so that a subject's token names its subject key: needed
+    # for subjects to file disputes, apply for repair and set consent. Without the root key
+    # (`key` empty) subjects are known by role only and those calls find nothing of theirs.
+    pseudonym: PseudonymSettings = field(default_factory=lambda: PseudonymSettings(key=b"", key_id="k1"))
     # The purposes a read of subject data may state (VerifyScores; kit.reads).
     purposes_file: Path = Path("config/purposes.yaml")
 
@@ -42,10 +44,11 @@ class ScoreSettings:
             # Reads are exact without the sweep (query recomputes a row past its next
             # change), so the interval only bounds how stale history and distributions get.
             sweep_interval_s=env.number("EGRET_SWEEP_INTERVAL_SECONDS", 60.0, minimum=0.05, maximum=86400.0),
-            pseudonym=PseudonymSettings.read(env)
-            if env.optional("EGRET_SUBJECT_KEY_FILE") is not None
-            or env.optional("EGRET_SUBJECT_KEY") is not None
-            else None,
+            pseudonym=PseudonymSettings.read(
+                env,
+                root_required=env.optional("EGRET_SUBJECT_KEY_FILE") is not None
+                or env.optional("EGRET_SUBJECT_KEY") is not None,
+            ),
             purposes_file=env.file("EGRET_PURPOSES_FILE", Path("config/purposes.yaml")),
         )
         env.check()

@@ -18,7 +18,13 @@ Tables:
 - score_reversals: source corrections, keyed by outcome id (a row may precede its
   outcome: the outcome is then reversed on arrival);
 - score_consents: consent records, append-only (`consent_at`);
-- score_audit_log / score_audit_head: the hash-chained audit log (kit.audit).
+- score_audit_log / score_audit_head: the hash-chained audit log (kit.audit);
+- score_subject_key_generation: the generation of the stored subject keys (kit.rekey).
+
+Every stored subject key has its generation next to it (`subject_key_id`; NULL in rows
+written before generations were recorded: the root generation), except in the audit log,
+whose records keep the key they were written with (docs/security.md, "Rotating the
+subject key"). `KEYED` lists them for the re-keying job.
 
 Whether an entry counts at an instant is never stored: it is derived from the entry, its
 disputes, repairs and reversals (`services.score.domain.pauses_of`, `counts_at`).
@@ -42,6 +48,7 @@ from egret.common.v1 import outcome_pb2
 from kit import audit
 from kit.audit import AuditHeadMixin, AuditMixin
 from kit.db import as_utc, make_metadata
+from kit.rekey import GenerationMixin, KeyedColumn, KeyedStore, rewrite_outcome
 from services.score.domain import (
     MAX_CATEGORY_LENGTH,
     MAX_ID_LENGTH,
@@ -67,6 +74,9 @@ from services.score.domain import (
 from services.score.due_process import Audited, EntryFacts
 from services.score.policy import ActivatedPolicy, policy_from_text
 
+# As long as kit.rekey's marker allows.
+MAX_KEY_ID_LENGTH = 32
+
 
 class Base(DeclarativeBase):
     metadata = make_metadata()
@@ -81,6 +91,7 @@ class StoredEntry(Base):
 
     entry_id: Mapped[str] = mapped_column(sa.String(MAX_ID_LENGTH), primary_key=True)
     subject_key: Mapped[str] = mapped_column(sa.String(MAX_SUBJECT_KEY_LENGTH))
+    subject_key_id: Mapped[str | None] = mapped_column(sa.String(MAX_KEY_ID_LENGTH))
     subject_kind: Mapped[str] = mapped_column(sa.String(16))
     rule_id: Mapped[str] = mapped_column(sa.String(MAX_ID_LENGTH))
     rule_set: Mapped[str] = mapped_column(sa.String(MAX_ID_LENGTH))
@@ -111,6 +122,7 @@ class StoredScore(Base):
     __tablename__ = "score_subjects"
 
     subject_key: Mapped[str] = mapped_column(sa.String(MAX_SUBJECT_KEY_LENGTH), primary_key=True)
+    subject_key_id: Mapped[str | None] = mapped_column(sa.String(MAX_KEY_ID_LENGTH))
     subject_kind: Mapped[str] = mapped_column(sa.String(16))
     score: Mapped[int] = mapped_column(sa.Integer)
     tier: Mapped[str] = mapped_column(sa.String(32))
@@ -135,6 +147,7 @@ class StoredHistory(Base):
         sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True
     )
     subject_key: Mapped[str] = mapped_column(sa.String(MAX_SUBJECT_KEY_LENGTH))
+    subject_key_id: Mapped[str | None] = mapped_column(sa.String(MAX_KEY_ID_LENGTH))
     changed_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
     recorded_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
     cause: Mapped[str] = mapped_column(sa.String(16))
@@ -174,6 +187,7 @@ class StoredDispute(Base):
     )
     entry_id: Mapped[str] = mapped_column(sa.String(MAX_ID_LENGTH))
     subject_key: Mapped[str] = mapped_column(sa.String(MAX_SUBJECT_KEY_LENGTH))
+    subject_key_id: Mapped[str | None] = mapped_column(sa.String(MAX_KEY_ID_LENGTH))
     statement: Mapped[str] = mapped_column(sa.Text)
     filed_by: Mapped[str] = mapped_column(sa.String(256))
     filed_by_role: Mapped[str] = mapped_column(sa.String(32))
@@ -202,6 +216,7 @@ class StoredRepair(Base):
     )
     entry_id: Mapped[str] = mapped_column(sa.String(MAX_ID_LENGTH))
     subject_key: Mapped[str] = mapped_column(sa.String(MAX_SUBJECT_KEY_LENGTH))
+    subject_key_id: Mapped[str | None] = mapped_column(sa.String(MAX_KEY_ID_LENGTH))
     evidence: Mapped[str] = mapped_column(sa.Text)
     evidence_uri: Mapped[str] = mapped_column(sa.Text)
     applied_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
@@ -225,6 +240,7 @@ class StoredReversal(Base):
     outcome_id: Mapped[str] = mapped_column(sa.String(MAX_ID_LENGTH), primary_key=True)
     # As the retraction names it; the entry's own subject key decides.
     subject_key: Mapped[str] = mapped_column(sa.String(MAX_SUBJECT_KEY_LENGTH))
+    subject_key_id: Mapped[str | None] = mapped_column(sa.String(MAX_KEY_ID_LENGTH))
     source: Mapped[str] = mapped_column(sa.String(MAX_ID_LENGTH))
     event_id: Mapped[str] = mapped_column(sa.String(MAX_ID_LENGTH))
     reason: Mapped[str] = mapped_column(sa.Text)
@@ -246,6 +262,7 @@ class StoredConsent(Base):
         sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True
     )
     subject_key: Mapped[str] = mapped_column(sa.String(MAX_SUBJECT_KEY_LENGTH))
+    subject_key_id: Mapped[str | None] = mapped_column(sa.String(MAX_KEY_ID_LENGTH))
     granted: Mapped[bool] = mapped_column(sa.Boolean)
     effective_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
     recorded_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
@@ -279,11 +296,11 @@ class StoredCategory(Base):
 
     __tablename__ = "score_categories"
 
-    subject_key: Mapped[str] = mapped_column(
-        sa.String(MAX_SUBJECT_KEY_LENGTH),
-        sa.ForeignKey("score_subjects.subject_key", ondelete="CASCADE"),
-        primary_key=True,
-    )
+    # No foreign key to score_subjects: the re-keying job moves each table's keys in its
+    # own transactions (kit.rekey), which a key referencing the other table would refuse.
+    # Categories are rewritten whole with their subject's row (_store_scores).
+    subject_key: Mapped[str] = mapped_column(sa.String(MAX_SUBJECT_KEY_LENGTH), primary_key=True)
+    subject_key_id: Mapped[str | None] = mapped_column(sa.String(MAX_KEY_ID_LENGTH))
     category: Mapped[str] = mapped_column(sa.String(MAX_CATEGORY_LENGTH), primary_key=True)
     points: Mapped[int] = mapped_column(sa.Integer)
     entry_count: Mapped[int] = mapped_column(sa.Integer)
@@ -291,10 +308,35 @@ class StoredCategory(Base):
     capped: Mapped[int] = mapped_column(sa.Integer, server_default="0")
 
 
-def entry_row(entry: LedgerEntry) -> dict[str, Any]:
+class ScoreSubjectKeyGeneration(Base, GenerationMixin):
+    """The generation score's stored subject keys are in (kit.rekey's marker)."""
+
+    __tablename__ = "score_subject_key_generation"
+
+
+# What the re-keying job moves: every stored subject key but the audit log's.
+KEYED = KeyedStore(
+    ScoreSubjectKeyGeneration,
+    [
+        KeyedColumn(StoredEntry.__table__, payload="outcome", rewrite=rewrite_outcome),  # type: ignore[arg-type]
+        KeyedColumn(StoredScore.__table__),  # type: ignore[arg-type]
+        KeyedColumn(StoredCategory.__table__),  # type: ignore[arg-type]
+        KeyedColumn(StoredHistory.__table__),  # type: ignore[arg-type]
+        KeyedColumn(StoredDispute.__table__),  # type: ignore[arg-type]
+        KeyedColumn(StoredRepair.__table__),  # type: ignore[arg-type]
+        KeyedColumn(StoredReversal.__table__),  # type: ignore[arg-type]
+        KeyedColumn(StoredConsent.__table__),  # type: ignore[arg-type]
+    ],
+    ScoreAuditLog,
+    ScoreAuditHead,
+)
+
+
+def entry_row(entry: LedgerEntry, key_id: str) -> dict[str, Any]:
     return {
         "entry_id": entry.entry_id,
         "subject_key": entry.subject_key,
+        "subject_key_id": key_id,
         "subject_kind": entry.subject_kind,
         "rule_id": entry.rule.rule_id,
         "rule_set": entry.rule.rule_set,
@@ -539,11 +581,13 @@ def load_policies(session: Session) -> list[ActivatedPolicy]:
 
 
 class SqlLedgerStore:
-    """LedgerStore on SQLAlchemy: one transaction per batch, a fixed number of bulk statements."""
+    """LedgerStore on SQLAlchemy: one transaction per batch, a fixed number of bulk statements.
+    Keys are written as of generation `key_id` (the instance's current one)."""
 
-    def __init__(self, sessions: sessionmaker[Session], *, audit_keys: audit.AuditKeys) -> None:
+    def __init__(self, sessions: sessionmaker[Session], *, audit_keys: audit.AuditKeys, key_id: str) -> None:
         self._sessions = sessions
         self._audit_keys = audit_keys
+        self._key_id = key_id
 
     def record(self, entries: Sequence[LedgerEntry], rescore: Rescore) -> Recorded:
         try:
@@ -570,7 +614,7 @@ class SqlLedgerStore:
                     )
                 )
             )
-            rows = [entry_row(e) for e in fresh]
+            rows = [entry_row(e, self._key_id) for e in fresh]
             for row in rows:
                 # Retracted before it arrived: reversed from the moment it is recorded.
                 if row["entry_id"] in waiting:
@@ -578,8 +622,8 @@ class SqlLedgerStore:
             session.execute(sa.insert(StoredEntry), rows)
             kinds = {e.subject_key: e.subject_kind for e in fresh}
             now = max(e.recorded_at for e in fresh).astimezone(UTC)
-            _lock_subjects(session, kinds, now)
-            _rescore_and_store(session, sorted(kinds), rescore, now)
+            _lock_subjects(session, kinds, now, self._key_id)
+            _rescore_and_store(session, sorted(kinds), rescore, now, self._key_id)
         return Recorded(applied=len(fresh), subjects_updated=len(kinds))
 
     def recompute(self, subject_keys: Sequence[str], rescore: Rescore) -> int:
@@ -593,7 +637,7 @@ class SqlLedgerStore:
                 )
             )
             if keys:
-                _rescore_and_store(session, keys, rescore, None)
+                _rescore_and_store(session, keys, rescore, None, self._key_id)
             return len(keys)
 
     def due_subjects(self, now: datetime, limit: int) -> list[str]:
@@ -659,7 +703,7 @@ class SqlLedgerStore:
             fresh = sorted((r for r in reversals if r.outcome_id not in known), key=lambda r: r.outcome_id)
             if not fresh:
                 return Reversed(0, 0)
-            session.execute(sa.insert(StoredReversal), [_reversal_row(r) for r in fresh])
+            session.execute(sa.insert(StoredReversal), [_reversal_row(r, self._key_id) for r in fresh])
             entries = {
                 row.entry_id: row.subject_key
                 for row in session.execute(
@@ -706,7 +750,7 @@ class SqlLedgerStore:
                 )
             )
             now = max(r.reversed_at for r in applied).astimezone(UTC)
-            _rescore_and_store(session, locked, rescore(applied), now)
+            _rescore_and_store(session, locked, rescore(applied), now, self._key_id)
             return Reversed(len(applied), len(locked))
 
     def subject_pages(self, page_size: int) -> Iterator[Sequence[SubjectLedger]]:
@@ -757,8 +801,11 @@ def _subject_ledger(
     )
 
 
-def _rescore_and_store(session: Session, keys: Sequence[str], rescore: Rescore, now: datetime | None) -> None:
-    """Rescore the (locked) subjects and write their rows, categories and history."""
+def _rescore_and_store(
+    session: Session, keys: Sequence[str], rescore: Rescore, now: datetime | None, key_id: str
+) -> None:
+    """Rescore the (locked) subjects and write their rows, categories and history (keys of
+    generation `key_id`)."""
     rows = {
         r.subject_key: r
         for r in session.scalars(sa.select(StoredScore).where(StoredScore.subject_key.in_(keys)))
@@ -768,10 +815,10 @@ def _rescore_and_store(session: Session, keys: Sequence[str], rescore: Rescore, 
     for key in keys:
         row = rows[key]
         results[key] = rescore(_subject_ledger(key, row.subject_kind, row, ledgers[key]))
-    _store_scores(session, results, now)
+    _store_scores(session, results, now, key_id)
 
 
-def _lock_subjects(session: Session, kinds: Mapping[str, str], now: datetime) -> None:
+def _lock_subjects(session: Session, kinds: Mapping[str, str], now: datetime, key_id: str) -> None:
     """Create missing score rows and lock every affected one until commit.
 
     On PostgreSQL a concurrent batch for the same subject then waits here and
@@ -783,6 +830,7 @@ def _lock_subjects(session: Session, kinds: Mapping[str, str], now: datetime) ->
     rows = [
         {
             "subject_key": key,
+            "subject_key_id": key_id,
             "subject_kind": kinds[key],
             "score": 0,
             "tier": "",
@@ -810,7 +858,9 @@ def _lists_text(names: Sequence[str]) -> str:
     return ",".join(names)
 
 
-def _store_scores(session: Session, results: Mapping[str, Rescored], now: datetime | None) -> None:
+def _store_scores(
+    session: Session, results: Mapping[str, Rescored], now: datetime | None, key_id: str
+) -> None:
     updates = []
     history = []
     periods = []
@@ -836,6 +886,7 @@ def _store_scores(session: Session, results: Mapping[str, Rescored], now: dateti
             history.append(
                 {
                     "subject_key": key,
+                    "subject_key_id": key_id,
                     "changed_at": c.changed_at.astimezone(UTC),
                     "recorded_at": written_at,
                     "cause": c.cause,
@@ -865,6 +916,7 @@ def _store_scores(session: Session, results: Mapping[str, Rescored], now: dateti
     categories = [
         {
             "subject_key": key,
+            "subject_key_id": key_id,
             "category": c.category,
             "points": c.points,
             "entry_count": c.entry_count,
@@ -877,10 +929,11 @@ def _store_scores(session: Session, results: Mapping[str, Rescored], now: dateti
         session.execute(sa.insert(StoredCategory), categories)
 
 
-def _reversal_row(r: ReversalRecord) -> dict[str, Any]:
+def _reversal_row(r: ReversalRecord, key_id: str) -> dict[str, Any]:
     return {
         "outcome_id": r.outcome_id,
         "subject_key": r.subject_key,
+        "subject_key_id": key_id,
         "source": r.source,
         "event_id": r.event_id,
         "reason": r.reason,
@@ -915,11 +968,12 @@ def append_audit(
 
 
 class _SqlDueProcessTx:
-    """DueProcessTx on one session in one transaction."""
+    """DueProcessTx on one session in one transaction, writing keys of generation `key_id`."""
 
-    def __init__(self, session: Session, audit_keys: audit.AuditKeys) -> None:
+    def __init__(self, session: Session, audit_keys: audit.AuditKeys, key_id: str) -> None:
         self._session = session
         self._audit_keys = audit_keys
+        self._key_id = key_id
 
     def entry(self, entry_id: str) -> EntryFacts | None:
         subject = self._session.scalar(
@@ -946,6 +1000,7 @@ class _SqlDueProcessTx:
         row = StoredDispute(
             entry_id=dispute.entry_id,
             subject_key=dispute.subject_key,
+            subject_key_id=self._key_id,
             statement=dispute.statement,
             filed_by=dispute.filed_by,
             filed_by_role=dispute.filed_by_role,
@@ -975,6 +1030,7 @@ class _SqlDueProcessTx:
         row = StoredRepair(
             entry_id=repair.entry_id,
             subject_key=repair.subject_key,
+            subject_key_id=self._key_id,
             evidence=repair.evidence,
             evidence_uri=repair.evidence_uri,
             applied_at=repair.applied_at.astimezone(UTC),
@@ -1002,6 +1058,7 @@ class _SqlDueProcessTx:
     def add_consent(self, consent: Consent) -> Consent:
         row = StoredConsent(
             subject_key=consent.subject_key,
+            subject_key_id=self._key_id,
             granted=consent.granted,
             effective_at=consent.effective_at.astimezone(UTC),
             recorded_at=consent.recorded_at.astimezone(UTC),
@@ -1011,29 +1068,44 @@ class _SqlDueProcessTx:
         self._session.flush()
         return replace(consent, consent_id=row.consent_id)
 
+    def stored_subject(self, subject_keys: Sequence[str]) -> str | None:
+        known = set(
+            self._session.scalars(
+                sa.select(StoredScore.subject_key).where(StoredScore.subject_key.in_(subject_keys))
+            )
+        ) | set(
+            self._session.scalars(
+                sa.select(StoredConsent.subject_key)
+                .where(StoredConsent.subject_key.in_(subject_keys))
+                .distinct()
+            )
+        )
+        return next((k for k in subject_keys if k in known), None)
+
     def set_status(self, entry_id: str, status: EntryStatus) -> None:
         self._session.execute(
             sa.update(StoredEntry).where(StoredEntry.entry_id == entry_id).values(status=status.value)
         )
 
     def rescore(self, subject_key: str, rescore: Rescore, now: datetime) -> None:
-        _rescore_and_store(self._session, [subject_key], rescore, now.astimezone(UTC))
+        _rescore_and_store(self._session, [subject_key], rescore, now.astimezone(UTC), self._key_id)
 
     def audit(self, act: Audited, at: datetime) -> None:
         append_audit(self._session, act, at, self._audit_keys)
 
 
 class SqlDueProcessStore:
-    """DueProcessStore on SQLAlchemy: one transaction per act."""
+    """DueProcessStore on SQLAlchemy: one transaction per act, writing keys of generation `key_id`."""
 
-    def __init__(self, sessions: sessionmaker[Session], *, audit_keys: audit.AuditKeys) -> None:
+    def __init__(self, sessions: sessionmaker[Session], *, audit_keys: audit.AuditKeys, key_id: str) -> None:
         self._sessions = sessions
         self._audit_keys = audit_keys
+        self._key_id = key_id
 
     @contextmanager
     def transaction(self) -> Iterator[_SqlDueProcessTx]:
         with self._sessions() as session, session.begin():
-            yield _SqlDueProcessTx(session, self._audit_keys)
+            yield _SqlDueProcessTx(session, self._audit_keys, self._key_id)
 
     def overdue_repairs(self, now: datetime, limit: int) -> list[RepairRecord]:
         with self._sessions() as session:

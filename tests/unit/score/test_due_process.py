@@ -4,7 +4,7 @@ the sweep look at."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -14,6 +14,7 @@ import pytest
 
 from kit.auth import Principal, Role
 from kit.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from kit.pseudonym import KeyLink, Pseudonymiser
 from services.score.domain import (
     APPROVED,
     DISPUTE,
@@ -306,6 +307,7 @@ class FakeTx:
         self.disputes: list[DisputeRecord] = []
         self.audited: list[Audited] = []
         self.rescored: list[str] = []
+        self.known: set[str] = set()
 
     def entry(self, entry_id: str) -> EntryFacts | None:
         return self.facts.get(entry_id)
@@ -332,6 +334,9 @@ class FakeTx:
 
     def add_consent(self, consent: Consent) -> Consent:
         return consent
+
+    def stored_subject(self, subject_keys: Sequence[str]) -> str | None:
+        return next((k for k in subject_keys if k in self.known), None)
 
     def set_status(self, entry_id: str, status: EntryStatus) -> None: ...
 
@@ -376,11 +381,15 @@ def ledger_entry(severity: str, points: int = -10, occurred_at: datetime = T0) -
 ALICE = Principal("alice", Role.SUBJECT, subject_key="alice")
 
 
-def due_process(facts: EntryFacts, now: datetime) -> tuple[DueProcess, FakeTx]:
+def due_process(
+    facts: EntryFacts, now: datetime, pseudonymiser: Pseudonymiser | None = None
+) -> tuple[DueProcess, FakeTx]:
     tx = FakeTx({"e1": facts})
     book = PolicyBook((ActivatedPolicy(POLICY, T0 - 1000 * DAY, "test", ""),))
     ledger = Ledger(policies=book, store=FakeStore(), clock=lambda: now)
-    return DueProcess(ledger=ledger, store=FakeDueStore(tx), clock=lambda: now), tx
+    return DueProcess(
+        ledger=ledger, store=FakeDueStore(tx), clock=lambda: now, pseudonymiser=pseudonymiser
+    ), tx
 
 
 @pytest.mark.parametrize(("severity", "days"), [("minor", 0), ("general", 90), ("serious", 365)])
@@ -453,3 +462,21 @@ def test_a_subject_sets_only_its_own_consent_and_never_beyond_clock_skew_in_the_
     assert (paper.subject_key, paper.granted, paper.recorded_by) == ("bob", False, "r-1")
     with pytest.raises(InvalidArgument):
         act.set_consent(Principal("r-1", Role.REVIEWER), "", True, None)
+
+
+def test_staff_naming_a_subject_by_a_key_of_the_previous_generation_reach_its_current_key() -> None:
+    chain = Pseudonymiser(b"", "k1", (KeyLink("k2", b"second-generation-secret-0123456789"),))
+    act, tx = due_process(EntryFacts(ledger_entry("general")), T0, chain)
+    old, unknown = "a1" * 32, "b2" * 32
+    current = chain.rekey(old, "k1")
+    tx.known = {current}
+    reviewer = Principal("r-1", Role.REVIEWER)
+    # A key a read returned before the rotation, the current key itself, and a key of a
+    # subject the store knows nothing of (taken as given).
+    assert act.set_consent(reviewer, old, True, None).subject_key == current
+    assert act.set_consent(reviewer, current, True, None).subject_key == current
+    assert act.set_consent(reviewer, unknown, True, None).subject_key == unknown
+    # Before any rotation there is no previous generation to look for.
+    act, tx = due_process(EntryFacts(ledger_entry("general")), T0, Pseudonymiser(b"", "k1"))
+    tx.known = {current}
+    assert act.set_consent(reviewer, old, True, None).subject_key == old
