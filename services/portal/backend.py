@@ -179,11 +179,6 @@ class Backend:
         response = await self._call(self._query.Explain, request, caller.token)
         return convert.explanation(response.explanation)
 
-    async def disputed_entry_ids(self, caller: Caller) -> tuple[str, ...]:
-        request = query_pb.GetScoreRequest(subject=self._ref(caller), purpose=OWN_RECORD)
-        response = await self._call(self._query.GetScore, request, caller.token)
-        return tuple(response.score.disputed_entry_ids)
-
     async def entries(
         self, caller: Caller, page_token: str = "", page_size: int = PAGE_SIZE
     ) -> r.Page[r.Entry]:
