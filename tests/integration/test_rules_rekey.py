@@ -25,7 +25,6 @@ import sqlalchemy as sa
 from egret.common.v1 import due_process_pb2, event_pb2, outcome_pb2, subject_pb2
 from egret.rules.v1 import rules_service_pb2 as pb
 from egret.rules.v1 import rules_service_pb2_grpc as pb_grpc
-from egret.score.v1 import score_service_pb2 as score_pb
 from egret.score.v1 import score_service_pb2_grpc as score_grpc
 from kit import audit
 from kit.db import create_engine, make_session_factory
@@ -46,7 +45,10 @@ from services.rules.storage import (
     RulesAuditLog,
     RulesSubjectKeyGeneration,
 )
-from tests.integration.test_rules_service import rules_settings, until
+from tests.integration.test_corrections import RecordingScore
+from tests.integration.test_rules_service import V1 as FRAGILE_V1
+from tests.integration.test_rules_service import WINDOW, rules_settings, until
+from tests.support.fakes import serving
 from tests.support.servers import running, with_common
 
 ROOT = b"root-subject-key-0123456789abcdef"
@@ -68,60 +70,14 @@ ALICE, BOB = person(101), person(102)
 
 # A window over fare evasions, and a per-event rule that cannot evaluate days_late = 40
 # (parked at once: dead_letter_after_attempts = 1).
-RULES = """\
-name: test-rekey
-version: 1
-rules:
-  - id: transport.fare_evasion_repeated
-    title: Three fare evasions within 90 days
-    description: Evaded the fare three times.
-    event_types: [transport.metro.fare_evasion]
-    window: {count: 3, within: 90d}
-    points: -20
-    category: transport
-    severity: general
-    legal_basis: Metro regulation (test)
-    reason: Evaded the fare {count} times within 90 days
-  - id: library.late_return
-    title: Book returned late
-    description: Returned {days_late} days late.
-    event_types: [library.book_returned_late]
-    when: {all: [{attr: days_late, op: gt, value: 30}]}
-    points: "-30 / abs(days_late - 40)"
-    category: civic
-    severity: minor
-    legal_basis: Library regulation (test)
-    reason: Returned {days_late} days late
-"""
-
-# Typed as Any: the stand-in implements only ApplyOutcomes, which the relay calls.
-_ScoreServicer: Any = score_grpc.ScoreServiceServicer
-
-
-class RecordingScore(_ScoreServicer):  # type: ignore[misc]
-    """A stand-in score service that keeps every outcome and reversal it is sent."""
-
-    def __init__(self) -> None:
-        self.outcomes: list[outcome_pb2.Outcome] = []
-        self.reversals: list[score_pb.Reversal] = []
-
-    async def ApplyOutcomes(self, request: score_pb.ApplyOutcomesRequest, context: Any) -> Any:
-        self.outcomes.extend(request.outcomes)
-        self.reversals.extend(request.reversals)
-        return score_pb.ApplyOutcomesResponse()
+RULES = WINDOW + FRAGILE_V1.split("rules:\n", 1)[1]
 
 
 @pytest.fixture
 async def score() -> AsyncIterator[tuple[RecordingScore, str]]:
-    servicer = RecordingScore()
-    server = grpc.aio.server()
-    score_grpc.add_ScoreServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield servicer, f"127.0.0.1:{port}"
-    finally:
-        await server.stop(0)
+    recorder = RecordingScore()
+    async with serving(score_grpc.add_ScoreServiceServicer_to_server, recorder) as address:
+        yield recorder, address
 
 
 def key(chain: Pseudonymiser, raw_id: str) -> str:
