@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from opentelemetry import trace
@@ -54,44 +54,50 @@ MAX_MISMATCHES = 1000
 LOGGED_REJECTIONS = 20
 
 
+class _Keyed(Protocol):
+    """A message carrying a subject key and its generation."""
+
+    subject_key: str
+    subject_key_id: str
+
+
+def _move_key(message: _Keyed, pseudonymiser: Pseudonymiser, key_id: str = "") -> None:
+    """Moves `message`'s subject key, of its generation (or `key_id`'s when it names none), to
+    the current generation (`Pseudonymiser.forward`). UnknownKeyGeneration for a generation
+    not configured here."""
+    if message.subject_key:
+        message.subject_key = pseudonymiser.forward(message.subject_key, message.subject_key_id or key_id)
+        message.subject_key_id = pseudonymiser.current_key_id
+
+
+def _all_current(pseudonymiser: Pseudonymiser, *key_ids: str) -> bool:
+    return set(key_ids) <= {"", pseudonymiser.current_key_id}
+
+
 def forwarded_outcome(outcome: outcome_pb2.Outcome, pseudonymiser: Pseudonymiser) -> outcome_pb2.Outcome:
-    """`outcome` with its subject key, and its events', moved to the current generation
-    (`Pseudonymiser.forward`; an event without a generation of its own is of its outcome's),
-    so the entry and its evidence snapshot are stored under the current key. Returned
-    verbatim when nothing moves. UnknownKeyGeneration for a generation not configured here."""
-    current = pseudonymiser.current_key_id
-    if {outcome.subject_key_id, *(e.subject_key_id for e in outcome.events)} <= {"", current}:
+    """`outcome` with its subject key, and its events', in the current generation (an event
+    naming no generation is of its outcome's), so the entry and its evidence snapshot are
+    stored under the current key; the outcome itself, verbatim, when nothing moves."""
+    if _all_current(pseudonymiser, outcome.subject_key_id, *(e.subject_key_id for e in outcome.events)):
         return outcome
     moved = outcome_pb2.Outcome()
     moved.CopyFrom(outcome)
-    if moved.subject_key:
-        moved.subject_key = pseudonymiser.forward(outcome.subject_key, outcome.subject_key_id)
-        moved.subject_key_id = current
     for event in moved.events:
-        if event.subject_key:
-            event.subject_key = pseudonymiser.forward(
-                event.subject_key, event.subject_key_id or outcome.subject_key_id
-            )
-            event.subject_key_id = current
+        _move_key(event, pseudonymiser, outcome.subject_key_id)
+    _move_key(moved, pseudonymiser)
     return moved
 
 
 def forwarded_reversal(reversal: pb.Reversal, pseudonymiser: Pseudonymiser) -> pb.Reversal:
-    """`reversal` with the subject keys it names (its own, its retraction's) moved to the
-    current generation, as `forwarded_outcome`."""
-    current = pseudonymiser.current_key_id
-    if {reversal.subject_key_id, reversal.retraction.subject_key_id} <= {"", current}:
+    """`reversal` with the subject keys it names (its own, its retraction's) in the current
+    generation; itself when nothing moves."""
+    if _all_current(pseudonymiser, reversal.subject_key_id, reversal.retraction.subject_key_id):
         return reversal
     moved = pb.Reversal()
     moved.CopyFrom(reversal)
-    if moved.subject_key:
-        moved.subject_key = pseudonymiser.forward(reversal.subject_key, reversal.subject_key_id)
-        moved.subject_key_id = current
-    if moved.HasField("retraction") and moved.retraction.subject_key:
-        moved.retraction.subject_key = pseudonymiser.forward(
-            reversal.retraction.subject_key, reversal.retraction.subject_key_id
-        )
-        moved.retraction.subject_key_id = current
+    _move_key(moved, pseudonymiser)
+    if moved.HasField("retraction"):
+        _move_key(moved.retraction, pseudonymiser)
     return moved
 
 

@@ -9,6 +9,9 @@ score_categories loses its foreign key to score_subjects: the re-keying job upda
 table's keys in place, one table at a time, which the key would refuse (score_subjects'
 key is its primary key). Categories are rewritten whole with their subject's row.
 
+The downgrade refuses once keys have been rotated (the marker has a row): the previous
+revision would read every stored key as of the root generation.
+
 Revision ID: 0006
 Revises: 0005
 Create Date: 2026-12-06 14:00:00.000000
@@ -54,6 +57,13 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    marker = sa.table("score_subject_key_generation", sa.column("key_id", sa.String()))
+    rotated = op.get_bind().execute(sa.select(marker.c.key_id)).scalar()
+    if rotated is not None:
+        raise RuntimeError(
+            f"score's stored subject keys are of generation {rotated!r}: the previous revision "
+            "cannot tell them from the root generation's, so it is not downgraded to"
+        )
     op.drop_table("score_subject_key_generation")
     for table in reversed(KEYED_TABLES):
         with op.batch_alter_table(table, schema=None) as batch_op:
