@@ -41,10 +41,15 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
 from kit.db import as_utc
+from kit.errors import Unavailable
 from kit.interceptors import PeerCredentials, open_channel
 from kit.logging import get_logger
 from kit.settings import PeerSettings, RelaySettings
 from kit.tracing import context_from_traceparent, current_traceparent, links_from_traceparents
+
+# The outbox's database is away, or refuses this instance for now (kit.rekey's guard while
+# subject keys move to another generation): the relay waits and tries again, never dies.
+_STORE_AWAY = (SQLAlchemyError, Unavailable)
 
 log = get_logger(__name__)
 
@@ -269,7 +274,7 @@ class OutboxRelay:
             self._wakeup.clear()
             try:
                 claimed = await asyncio.to_thread(self._claim)
-            except SQLAlchemyError as exc:
+            except _STORE_AWAY as exc:
                 # The database is away (health reports it); keep trying, never die.
                 log.warning("relay cannot read its outbox", relay=self._name, error=type(exc).__name__)
                 with contextlib.suppress(TimeoutError):
@@ -298,7 +303,7 @@ class OutboxRelay:
                 # Keep order: what follows a failed run waits for it.
                 rest = claimed.ids[end:]
                 if rest:
-                    with contextlib.suppress(SQLAlchemyError):
+                    with contextlib.suppress(*_STORE_AWAY):
                         await asyncio.to_thread(self._release, rest)
                 return
 
@@ -318,7 +323,7 @@ class OutboxRelay:
                 span.set_status(trace.StatusCode.ERROR, type(exc).__name__)
                 try:
                     delay = await asyncio.to_thread(self._postpone, ids, claimed.attempts)
-                except SQLAlchemyError:
+                except _STORE_AWAY:
                     delay = self._settings.backoff_max_s  # the lease brings the rows back
                 log.warning(
                     "relay send failed; will retry",
@@ -333,7 +338,7 @@ class OutboxRelay:
                 return False
             try:
                 await asyncio.to_thread(self._delete, ids)
-            except SQLAlchemyError as exc:
+            except _STORE_AWAY as exc:
                 # Delivered but not deleted: the rows come back when their lease ends and
                 # are sent again, which the idempotent receiver absorbs.
                 log.warning(
