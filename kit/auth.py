@@ -12,6 +12,10 @@ its own event types, a subject may only read its own data, ...).
 
 Subject principals carry their raw identifier in the token (the city's identity
 provider knows it); it is hashed into a subject key on arrival and never logged.
+
+Each trusted issuer has its own keys and its own claim mapping: which claims carry the
+role and the subject, and how the issuer's role values translate into Egret's roles
+(EGRET_JWT_ROLE_CLAIM, _SUBJECT_CLAIM, _ROLE_MAP, _EXTRA_ISSUERS: docs/configuration.md).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import contextvars
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
@@ -95,6 +99,102 @@ SubjectKeyOf = Callable[[str, str, str], str]
 
 
 @dataclass(frozen=True)
+class ClaimMapping:
+    """Where one issuer's tokens name Egret's role and a subject's identifier.
+
+    A claim name is looked up as written first, so a namespaced claim such as
+    `https://city.example/role` works; failing that, a dotted name walks into nested
+    objects (`realm_access.roles`). A role claim may hold one value or a list.
+    """
+
+    role_claim: str = "role"
+    # For role `subject`, the claim holding "<kind>:<scheme>:<value>". Other roles are
+    # named by `sub`, the person's or system's stable id at the identity provider.
+    subject_claim: str = "sub"
+    # Issuer role value -> Egret role. When given, it is the complete list: a value it
+    # does not name grants nothing, even one spelled like an Egret role.
+    role_map: Mapping[str, Role] | None = None
+
+    def role(self, claims: Mapping[str, Any]) -> Role:
+        values = _claim_values(claims, self.role_claim)
+        if self.role_map is not None:
+            roles = {self.role_map[v] for v in values if v in self.role_map}
+        else:
+            roles = {Role(v) for v in values if v in _ROLE_VALUES}
+        if not roles:
+            raise Unauthenticated("token has no valid role")
+        if len(roles) > 1:
+            # Which one was meant cannot be known; taking the strongest would be a guess.
+            raise Unauthenticated("token names more than one role")
+        return roles.pop()
+
+    def subject(self, claims: Mapping[str, Any]) -> str:
+        """The raw "<kind>:<scheme>:<value>" of a subject token."""
+        value = _claim(claims, self.subject_claim)
+        if not isinstance(value, str):
+            raise Unauthenticated("subject token does not name a subject")
+        return value
+
+
+_ROLE_VALUES = frozenset(role.value for role in Role)
+
+
+def _claim(claims: Mapping[str, Any], name: str) -> Any:
+    if name in claims:
+        return claims[name]
+    value: Any = claims
+    for part in name.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _claim_values(claims: Mapping[str, Any], name: str) -> list[str]:
+    value = _claim(claims, name)
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, str)]
+    return []
+
+
+def load_keys(public_key_file: Path | None = None, jwks_file: Path | None = None) -> dict[str | None, Any]:
+    """Verification keys by key id (None: the PEM key, for tokens without a known `kid`)."""
+    keys: dict[str | None, Any] = {}
+    if jwks_file is not None:
+        for key in jwt.PyJWKSet.from_json(jwks_file.read_text()).keys:
+            keys[key.key_id] = key.key
+    if public_key_file is not None:
+        keys[None] = public_key_file.read_bytes()
+    if not keys:
+        raise ValueError("token verification needs a public key file or a JWKS file")
+    return keys
+
+
+@dataclass(frozen=True)
+class TrustedIssuer:
+    """An issuer whose tokens are accepted: its keys and its claim mapping. A verifier may
+    trust several (the city's sign-in service for people, a workload issuer for Egret's
+    services); a token is checked against the keys of the issuer it names, and only those."""
+
+    issuer: str
+    keys: Mapping[str | None, Any]
+    claims: ClaimMapping = field(default_factory=ClaimMapping)
+
+    @classmethod
+    def from_files(
+        cls,
+        issuer: str,
+        *,
+        public_key_file: Path | None = None,
+        jwks_file: Path | None = None,
+        claims: ClaimMapping | None = None,
+    ) -> TrustedIssuer:
+        return cls(issuer, load_keys(public_key_file, jwks_file), claims or ClaimMapping())
+
+
+@dataclass(frozen=True)
 class TokenVerifier:
     """Verifies bearer tokens against configured keys, issuer and audience."""
 
@@ -113,6 +213,10 @@ class TokenVerifier:
     # costs far more than the call it guards; the cache changes no outcome, as the keys,
     # issuer and audience are fixed for the verifier's life and expiry is checked per call.
     cache_size: int = 4096
+    # How this issuer's tokens name role and subject.
+    claims: ClaimMapping = field(default_factory=ClaimMapping)
+    # Further issuers whose tokens are accepted, each with its own keys and mapping.
+    more_issuers: tuple[TrustedIssuer, ...] = ()
     _verified: dict[str, tuple[Principal, float]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -128,19 +232,26 @@ class TokenVerifier:
         algorithms: tuple[str, ...] = ("RS256", "ES256"),
         subject_key_of: SubjectKeyOf | None = None,
         max_lifetime_s: float | None = 86_400.0,
+        claims: ClaimMapping | None = None,
+        more_issuers: Sequence[TrustedIssuer] = (),
     ) -> TokenVerifier:
-        keys: dict[str | None, Any] = {}
-        if jwks_file is not None:
-            for key in jwt.PyJWKSet.from_json(jwks_file.read_text()).keys:
-                keys[key.key_id] = key.key
-        if public_key_file is not None:
-            keys[None] = public_key_file.read_bytes()
-        if not keys:
-            raise ValueError("token verification needs a public key file or a JWKS file")
+        keys = load_keys(public_key_file, jwks_file)
         bad = [a for a in algorithms if a not in ALLOWED_ALGORITHMS]
         if bad:
             raise ValueError(f"algorithms not allowed: {', '.join(bad)}")
-        return cls(keys, issuer, audience, algorithms, subject_key_of, max_lifetime_s=max_lifetime_s)
+        issuers = [issuer, *(more.issuer for more in more_issuers)]
+        if len(set(issuers)) != len(issuers):
+            raise ValueError(f"an issuer is trusted twice: {', '.join(issuers)}")
+        return cls(
+            keys,
+            issuer,
+            audience,
+            algorithms,
+            subject_key_of,
+            max_lifetime_s=max_lifetime_s,
+            claims=claims or ClaimMapping(),
+            more_issuers=tuple(more_issuers),
+        )
 
     def verify(self, token: str) -> Principal:
         cached = self._verified.get(token)
@@ -167,7 +278,8 @@ class TokenVerifier:
             raise Unauthenticated("malformed token") from exc
         if header.get("alg") not in self.algorithms:
             raise Unauthenticated(f"token algorithm {header.get('alg')!r} is not accepted")
-        key = self.keys.get(header.get("kid"), self.keys.get(None))
+        trusted = self._trusted_issuer(token)
+        key = trusted.keys.get(header.get("kid"), trusted.keys.get(None))
         if key is None:
             raise Unauthenticated("token signed with an unknown key")
         try:
@@ -176,7 +288,7 @@ class TokenVerifier:
                 key,
                 algorithms=list(self.algorithms),
                 audience=self.audience,
-                issuer=self.issuer,
+                issuer=trusted.issuer,
                 leeway=self.leeway_s,
                 options={"require": ["exp", "iat", "sub", "iss", "aud"]},
             )
@@ -201,18 +313,27 @@ class TokenVerifier:
             raise Unauthenticated(
                 f"token lifetime {lifetime:.0f} s exceeds the maximum of {self.max_lifetime_s:.0f} s"
             )
-        return self._principal(claims), float(claims["exp"]) + self.leeway_s
+        return self._principal(claims, trusted.claims), float(claims["exp"]) + self.leeway_s
 
-    def _principal(self, claims: Mapping[str, Any]) -> Principal:
+    def _trusted_issuer(self, token: str) -> TrustedIssuer:
+        """The issuer whose keys may verify `token`: the one its `iss` names, if trusted.
+        The unverified `iss` only chooses the keys; decoding then requires that issuer."""
+        own = TrustedIssuer(self.issuer, self.keys, self.claims)
+        if not self.more_issuers:
+            return own
         try:
-            role = Role(claims.get("role", ""))
-        except ValueError as exc:
-            raise Unauthenticated("token has no valid role") from exc
+            named = jwt.decode(token, options={"verify_signature": False}).get("iss")
+        except jwt.InvalidTokenError as exc:
+            raise Unauthenticated("malformed token") from exc
+        return next((more for more in self.more_issuers if more.issuer == named), own)
+
+    def _principal(self, claims: Mapping[str, Any], mapping: ClaimMapping) -> Principal:
+        role = mapping.role(claims)
         scopes = frozenset(str(claims.get("scope", "")).split())
-        subject = str(claims["sub"])
         if role is not Role.SUBJECT:
-            return Principal(id=subject, role=role, scopes=scopes)
-        # A subject's `sub` is "<kind>:<scheme>:<value>"; it is hashed here and dropped.
+            return Principal(id=str(claims["sub"]), role=role, scopes=scopes)
+        subject = mapping.subject(claims)
+        # A subject is named "<kind>:<scheme>:<value>"; it is hashed here and dropped.
         kind, _, rest = subject.partition(":")
         scheme, _, value = rest.partition(":")
         if not (kind and scheme and value):

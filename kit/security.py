@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import grpc
 
-from kit.auth import RateLimiter, TokenVerifier
+from kit.auth import ClaimMapping, RateLimiter, Role, TokenVerifier, TrustedIssuer
 from kit.interceptors import PeerCredentials
 from kit.pseudonym import Pseudonymiser
 from kit.settings import SecuritySettings
@@ -23,7 +23,22 @@ def token_verifier(settings: SecuritySettings, pseudonymiser: Pseudonymiser | No
         algorithms=settings.jwt_algorithms,
         subject_key_of=pseudonymiser.subject_key if pseudonymiser is not None else None,
         max_lifetime_s=settings.max_token_lifetime_s,
+        claims=_claims(settings.jwt_role_claim, settings.jwt_subject_claim, settings.jwt_role_map),
+        more_issuers=[
+            TrustedIssuer.from_files(
+                extra.issuer,
+                public_key_file=extra.public_key_file,
+                jwks_file=extra.jwks_file,
+                claims=_claims(extra.role_claim, extra.subject_claim, extra.role_map),
+            )
+            for extra in settings.jwt_extra_issuers
+        ],
     )
+
+
+def _claims(role_claim: str, subject_claim: str, role_map: tuple[tuple[str, str], ...]) -> ClaimMapping:
+    mapped = {value: Role(role) for value, role in role_map}
+    return ClaimMapping(role_claim, subject_claim, mapped or None)
 
 
 def rate_limiter(settings: SecuritySettings) -> RateLimiter:

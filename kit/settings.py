@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from kit.auth import Role
+
 _N = TypeVar("_N", int, float)
 
 _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
@@ -137,10 +139,81 @@ class Env:
             self.problems.append(f"{name}={str(path)!r}: no such file")
         return path
 
+    def optional_file(self, name: str) -> Path | None:
+        """The file `name` names, which must exist; None when unset."""
+        raw = self._raw(name)
+        if raw is None:
+            return None
+        if not Path(raw).is_file():
+            self.problems.append(f"{name}={raw!r}: no such file")
+        return Path(raw)
+
     def check(self) -> None:
         """Raise SettingsError listing every problem recorded so far."""
         if self.problems:
             raise SettingsError(list(self.problems))
+
+
+# The name of a further trusted issuer, as it appears in its settings' names.
+_ISSUER_NAME = re.compile(r"^[A-Z][A-Z0-9]{0,31}$")
+_ROLES = tuple(role.value for role in Role)
+
+
+def _claim_mapping(env: Env, prefix: str) -> tuple[str, str, tuple[tuple[str, str], ...]]:
+    """`prefix`_ROLE_CLAIM, _SUBJECT_CLAIM and _ROLE_MAP: where an issuer's tokens name
+    Egret's role and a subject (kit.auth.ClaimMapping)."""
+    name = f"{prefix}_ROLE_MAP"
+    role_map: list[tuple[str, str]] = []
+    for item in (env.optional(name) or "").split(","):
+        if not item.strip():
+            continue
+        value, sep, role = (part.strip() for part in item.partition("="))
+        if not sep or not value:
+            env.problems.append(f"{name}: {item.strip()!r} is not ISSUER_VALUE=EGRET_ROLE")
+        elif role not in _ROLES:
+            env.problems.append(f"{name}: {role!r} is not a role (one of {', '.join(_ROLES)})")
+        elif any(value == known for known, _ in role_map):
+            env.problems.append(f"{name}: {value!r} is mapped twice")
+        else:
+            role_map.append((value, role))
+    role_claim = env.text(f"{prefix}_ROLE_CLAIM", "role")
+    return role_claim, env.text(f"{prefix}_SUBJECT_CLAIM", "sub"), tuple(role_map)
+
+
+@dataclass(frozen=True)
+class IssuerSettings:
+    """A further issuer whose tokens the service accepts (EGRET_JWT_EXTRA_ISSUERS), e.g. the
+    city's sign-in service for people: EGRET_JWT_<NAME>_* name its keys and claim mapping."""
+
+    name: str
+    issuer: str
+    public_key_file: Path | None = None
+    jwks_file: Path | None = None
+    role_claim: str = "role"
+    subject_claim: str = "sub"
+    # (the issuer's role value, Egret role); empty: the role claim holds Egret's role names.
+    role_map: tuple[tuple[str, str], ...] = ()
+
+    def missing(self) -> list[str]:
+        prefix = f"EGRET_JWT_{self.name}"
+        missing = [] if self.issuer else [f"{prefix}_ISSUER"]
+        if self.public_key_file is None and self.jwks_file is None:
+            missing.append(f"{prefix}_PUBLIC_KEY_FILE or {prefix}_JWKS_FILE")
+        return missing
+
+    @classmethod
+    def read(cls, env: Env, name: str) -> IssuerSettings:
+        prefix = f"EGRET_JWT_{name}"
+        role_claim, subject_claim, role_map = _claim_mapping(env, prefix)
+        return cls(
+            name=name,
+            issuer=env.optional(f"{prefix}_ISSUER") or "",
+            public_key_file=env.optional_file(f"{prefix}_PUBLIC_KEY_FILE"),
+            jwks_file=env.optional_file(f"{prefix}_JWKS_FILE"),
+            role_claim=role_claim,
+            subject_claim=subject_claim,
+            role_map=role_map,
+        )
 
 
 @dataclass(frozen=True)
@@ -166,6 +239,12 @@ class SecuritySettings:
     rate_burst: float = 400.0
     # Tokens whose lifetime (exp - iat) is longer are refused (UNAUTHENTICATED).
     max_token_lifetime_s: float = 86_400.0
+    # Where EGRET_JWT_ISSUER's tokens name Egret's role and a subject (kit.auth.ClaimMapping).
+    jwt_role_claim: str = "role"
+    jwt_subject_claim: str = "sub"
+    jwt_role_map: tuple[tuple[str, str], ...] = ()
+    # Further trusted issuers, each with its own keys and claim mapping.
+    jwt_extra_issuers: tuple[IssuerSettings, ...] = ()
 
     def missing(self) -> list[str]:
         """What serving needs but is not configured; empty in insecure mode. Commands that
@@ -183,20 +262,15 @@ class SecuritySettings:
         ]
         if self.jwt_public_key_file is None and self.jwt_jwks_file is None:
             missing.append("EGRET_JWT_PUBLIC_KEY_FILE or EGRET_JWT_JWKS_FILE")
+        for extra in self.jwt_extra_issuers:
+            missing.extend(extra.missing())
         return [f"{name} is required unless EGRET_INSECURE=true (never in production)" for name in missing]
 
     @classmethod
     def read(cls, env: Env) -> SecuritySettings:
         insecure = env.flag("EGRET_INSECURE", False)
-
-        def path(name: str) -> Path | None:
-            raw = env.optional(name)
-            if raw is None:
-                return None
-            if not Path(raw).is_file():
-                env.problems.append(f"{name}={raw!r}: no such file")
-            return Path(raw)
-
+        path = env.optional_file
+        role_claim, subject_claim, role_map = _claim_mapping(env, "EGRET_JWT")
         return cls(
             insecure=insecure,
             tls_cert_file=path("EGRET_TLS_CERT_FILE"),
@@ -218,7 +292,31 @@ class SecuritySettings:
             max_token_lifetime_s=env.number(
                 "EGRET_MAX_TOKEN_LIFETIME_S", 86_400.0, minimum=60.0, maximum=31 * 86_400.0
             ),
+            jwt_role_claim=role_claim,
+            jwt_subject_claim=subject_claim,
+            jwt_role_map=role_map,
+            jwt_extra_issuers=_extra_issuers(env),
         )
+
+
+def _extra_issuers(env: Env) -> tuple[IssuerSettings, ...]:
+    listed = (env.optional("EGRET_JWT_EXTRA_ISSUERS") or "").split(",")
+    names = [n.strip().upper() for n in listed if n.strip()]
+    extras: list[IssuerSettings] = []
+    for name in names:
+        if not _ISSUER_NAME.match(name):
+            env.problems.append(
+                f"EGRET_JWT_EXTRA_ISSUERS: {name!r} is not a name of 1 to 32 upper-case letters and "
+                "digits, starting with a letter"
+            )
+        elif any(extra.name == name for extra in extras):
+            env.problems.append(f"EGRET_JWT_EXTRA_ISSUERS: {name!r} is listed twice")
+        else:
+            extras.append(IssuerSettings.read(env, name))
+    issuers = [i for i in (env.optional("EGRET_JWT_ISSUER"), *(e.issuer for e in extras)) if i]
+    if len(set(issuers)) != len(issuers):
+        env.problems.append(f"an issuer is trusted twice: {', '.join(issuers)}")
+    return tuple(extras)
 
 
 @dataclass(frozen=True)
