@@ -17,7 +17,9 @@ Every MAC covers every record before it, so a matching anchor proves the first S
 unchanged since it was taken (docs/security.md).
 
 Each service declares `class AuditLog(Base, AuditMixin)` and `class AuditHead(Base,
-AuditHeadMixin)` with its own table names, like the outbox.
+AuditHeadMixin)` with its own table names, like the outbox. A log that keeps subject keys of
+several generations (query's access log) adds a `subject_key_id` column: records that carry
+the key's generation are MACed with it, records without one keep the content they had.
 """
 
 from __future__ import annotations
@@ -115,6 +117,8 @@ class AuditRecord:
     purpose: str = ""
     target: str = ""
     detail: Mapping[str, Any] = field(default_factory=dict)
+    # The generation of subject_key (kit.pseudonym), for a log with a subject_key_id column.
+    subject_key_id: str | None = None
 
 
 def actor_of(principal: Principal | None, claimed: str = "") -> tuple[str, str]:
@@ -134,6 +138,7 @@ def record(
     target: str = "",
     detail: Mapping[str, Any] | None = None,
     claimed_actor: str = "",
+    subject_key_id: str | None = None,
 ) -> AuditRecord:
     """A record of an act by the principal of the call being handled."""
     actor, role = actor_of(current_principal(), claimed_actor)
@@ -146,6 +151,7 @@ def record(
         purpose=purpose,
         target=target,
         detail=dict(detail or {}),
+        subject_key_id=subject_key_id,
     )
 
 
@@ -174,6 +180,7 @@ def chain_hash(
     prev_hash: str,
     key_id: str = "",
     keys: AuditKeys = UNKEYED,
+    subject_key_id: str | None = None,
 ) -> str | None:
     """The record's MAC under `key_id` (plain SHA-256 for ""), None when that key is unknown."""
     fields: list[object] = [
@@ -191,6 +198,9 @@ def chain_hash(
     if key_id:
         # The key id is covered too; unkeyed records keep the content they were hashed with.
         fields.append(key_id)
+    if subject_key_id is not None:
+        # Tagged, so that it never reads as a key id; records without it keep their content.
+        fields.append(["subject_key_id", subject_key_id])
     content = json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
     return keys.digest(key_id, content.encode())
 
@@ -213,7 +223,9 @@ def append(
     if not records:
         return
     n = len(records)
-    move, insert, set_hash = _statements(log, head)
+    move, insert, set_hash, generations = _statements(log, head)
+    if not generations and any(r.subject_key_id is not None for r in records):
+        raise ValueError(f"{log.__tablename__} has no subject_key_id column for the records' key generation")
     moved = session.execute(move, {"n": n}).one_or_none()
     if moved is None:
         session.execute(sa.insert(head).values(id=HEAD_ID, seq=n, hash=GENESIS))
@@ -238,31 +250,38 @@ def append(
             prev_hash=prev,
             key_id=keys.current,
             keys=keys,
+            subject_key_id=r.subject_key_id,
         )
         assert digest is not None  # AuditKeys holds its current key
-        rows.append(
-            {
-                "seq": seq,
-                "at": at,
-                "actor": r.actor,
-                "role": r.role,
-                "action": r.action,
-                "subject_key": r.subject_key,
-                "purpose": r.purpose,
-                "target": r.target,
-                "detail": detail,
-                "prev_hash": prev,
-                "hash": digest,
-                "key_id": keys.current,
-            }
-        )
+        row = {
+            "seq": seq,
+            "at": at,
+            "actor": r.actor,
+            "role": r.role,
+            "action": r.action,
+            "subject_key": r.subject_key,
+            "purpose": r.purpose,
+            "target": r.target,
+            "detail": detail,
+            "prev_hash": prev,
+            "hash": digest,
+            "key_id": keys.current,
+        }
+        if generations:
+            row["subject_key_id"] = r.subject_key_id
+        rows.append(row)
         prev = digest
     session.execute(insert, rows)
     session.execute(set_hash, {"h": prev})
 
 
+def _has_generations(log: Any) -> bool:
+    """Whether the log stores the generation of its subject keys (subject_key_id)."""
+    return "subject_key_id" in log.__table__.c
+
+
 @functools.cache
-def _statements(log: Any, head: Any) -> tuple[Any, Any, Any]:
+def _statements(log: Any, head: Any) -> tuple[Any, Any, Any, bool]:
     # Built once per table pair: reads append per call, and building statements costs
     # more than running them.
     move = (
@@ -272,7 +291,7 @@ def _statements(log: Any, head: Any) -> tuple[Any, Any, Any]:
         .returning(head.seq, head.hash)
     )
     set_hash = sa.update(head).where(head.id == HEAD_ID).values(hash=sa.bindparam("h", type_=sa.String))
-    return move, sa.insert(log), set_hash
+    return move, sa.insert(log), set_hash, _has_generations(log)
 
 
 @dataclass(frozen=True)
@@ -308,6 +327,7 @@ def hash_of(row: Any, keys: AuditKeys = UNKEYED) -> str | None:
         prev_hash=row.prev_hash,
         key_id=row.key_id or "",
         keys=keys,
+        subject_key_id=getattr(row, "subject_key_id", None),
     )
 
 
@@ -419,6 +439,7 @@ def verify(
             log.prev_hash,
             log.hash,
             log.key_id,
+            *([log.subject_key_id] if _has_generations(log) else []),
         )
         .order_by(log.seq)
         .execution_options(yield_per=5000)

@@ -19,6 +19,7 @@ from kit.audit import audit_keys
 from kit.db import create_engine, make_session_factory
 from kit.outbox import OutboxRelay, Send, relay_to_peer
 from kit.pseudonym import Pseudonymiser
+from kit.rekey import GenerationGuard, StaleKeyGeneration
 from kit.security import channel_credentials
 from kit.server import Service
 from kit.settings import SettingsError
@@ -27,7 +28,14 @@ from services.ingest.catalogue import load_catalogue
 from services.ingest.domain import Intake, Limits
 from services.ingest.servicer import IngestServicer, register
 from services.ingest.settings import IngestSettings
-from services.ingest.storage import IngestAuditHead, IngestAuditLog, Outbox, SqlEventStore
+from services.ingest.storage import (
+    KEYED,
+    IngestAuditHead,
+    IngestAuditLog,
+    IngestSubjectKeyGeneration,
+    Outbox,
+    SqlEventStore,
+)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -55,11 +63,12 @@ def refuse_stranded_rows(store: SqlEventStore, shards: int) -> None:
     """Stop start-up when the outbox holds rows for shards this configuration does not have.
 
     They were written for a larger shard count, no relay would ever send them, and nothing
-    else would say so. A database that cannot be read yet is left to the health check.
+    else would say so. A database that cannot be read yet is left to the health check, one
+    being re-keyed to the generation guard.
     """
     try:
         stranded = store.stranded_shards()
-    except SQLAlchemyError:
+    except (SQLAlchemyError, StaleKeyGeneration):
         return
     if stranded:
         raise SettingsError(
@@ -92,14 +101,22 @@ def rules_relays(settings: IngestSettings, sessions: sessionmaker[Session]) -> l
     ]
 
 
+def pseudonymiser_of(settings: IngestSettings) -> Pseudonymiser:
+    return Pseudonymiser.from_settings(settings.pseudonym)
+
+
 def build(settings: IngestSettings) -> Service:
-    pseudonymiser = Pseudonymiser(settings.pseudonym.key, settings.pseudonym.key_id)
+    pseudonymiser = pseudonymiser_of(settings)
     engine = create_engine(
         settings.common.database_url,
         sqlite_synchronous=settings.common.sqlite_synchronous,
         pool_size=settings.db_workers + 2,
     )
     sessions = make_session_factory(engine)
+    # Events and retractions are refused (UNAVAILABLE) while the stored keys are of another
+    # generation than this instance's or being moved (kit.rekey). The relays have sessions
+    # of their own: outbox rows carry their generation, and rules moves them forward.
+    GenerationGuard(IngestSubjectKeyGeneration, pseudonymiser.current_key_id).install(sessions)
     store = SqlEventStore(
         sessions, audit_keys=audit_keys(settings.common.audit), rules_shards=len(settings.rules)
     )
@@ -115,7 +132,7 @@ def build(settings: IngestSettings) -> Service:
         ),
         clock=lambda: datetime.now(UTC),
     )
-    relays = rules_relays(settings, sessions)
+    relays = rules_relays(settings, make_session_factory(engine))
     # One writer thread by default: SQLite has one writer at a time anyway, and a single
     # thread commits batches in arrival order without lock contention.
     executor = ThreadPoolExecutor(max_workers=settings.db_workers, thread_name_prefix="ingest-db")
@@ -146,5 +163,6 @@ def main(argv: list[str] | None = None) -> int:
         build=build,
         migrations_dir=MIGRATIONS,
         audit=(IngestAuditLog, IngestAuditHead),
+        keyed=(KEYED, pseudonymiser_of),
         argv=argv,
     )

@@ -3,7 +3,10 @@ departments' retractions and corrections of events they sent.
 
 (source, event_id) is the idempotency key. The payload's fingerprint, a hash over
 everything the department sent (with the subject already pseudonymised), decides
-whether a repeated key is a harmless duplicate or a conflicting reuse.
+whether a repeated key is a harmless duplicate or a conflicting reuse. It is taken with
+the root generation's subject key and carried along the key chain like a subject key, so
+a rotation moves it with the keys and a leaked root key alone does not reach it
+(docs/security.md, "Rotating the subject key").
 
 A retraction never deletes: the event stays (so a resend of it is still a duplicate,
 never a new event) and the retraction is stored beside it and relayed to rules after
@@ -78,6 +81,8 @@ class Retraction:
     retracted_by: str
     # For a correction: the replacement's (source, event_id).
     replaced_by: tuple[str, str] | None = None
+    # The generation of subject_key, the stored event's ("" for one from before generations).
+    subject_key_id: str = ""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -308,7 +313,9 @@ class Intake:
     def _pseudonymise(self, source: str, event: IncomingEvent) -> NewEvent:
         assert event.subject_kind is not None
         assert event.occurred_at is not None
-        subject_key = self._pseudonymiser.subject_key(event.subject_kind, event.id_scheme, event.id_value)
+        chain = self._pseudonymiser
+        keys = chain.generation_keys(event.subject_kind, event.id_scheme, event.id_value)
+        subject_key = keys[-1][1]
         attributes = {k: v for k, v in event.attributes.items() if v is not None}
         spec = self._catalogue.event_types[event.event_type].attributes
         # A double attribute sent as a whole number is stored as a double, so that a
@@ -331,12 +338,13 @@ class Intake:
             event_id=event.event_id,
             event_type=event.event_type,
             subject_key=subject_key,
-            subject_key_id=self._pseudonymiser.current_key_id,
+            subject_key_id=chain.current_key_id,
             subject_kind=event.subject_kind,
             occurred_at=event.occurred_at,
             attributes=attributes,
             evidence_uri=event.evidence_uri,
-            fingerprint=fingerprint(normalised, subject_key),
+            # Of the same generation as the key: the store keeps both in one generation.
+            fingerprint=chain.rekey(fingerprint(normalised, keys[0][1]), chain.key_id),
         )
 
 

@@ -5,6 +5,12 @@ Each outbox row is one serialized EvaluateEventsRequest holding exactly one even
 retraction; the relay merges a claim's rows into one request (services/ingest/bootstrap.py).
 A retraction's row is written after its event's, for the same subject and so the same
 shard, so rules always receives the event first.
+
+Every stored subject key carries its generation (`KEYED`, kit.rekey), and so does each
+event's fingerprint, which moves along the key chain with it (services.ingest.domain).
+The outbox's messages carry their generation too and are not re-keyed: rules moves them
+forward on arrival. The audit log keeps the keys it was written with (docs/security.md,
+"Rotating the subject key").
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from kit.db import as_utc, make_metadata
 from kit.errors import AlreadyExists, FailedPrecondition, NotFound
 from kit.outbox import BigId, OutboxMixin, outbox_rows
 from kit.protoconv import SUBJECT_KIND_VALUES, to_attribute_value, to_timestamp
+from kit.rekey import GenerationMixin, KeyedColumn, KeyedStore, rewrite_recorded_event
 from kit.sharding import shard_of
 from services.ingest.domain import NewEvent, Retracted, Retraction, RetractionRequest
 
@@ -47,6 +54,8 @@ class StoredEvent(Base):
     occurred_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), index=True)
     recorded_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
     fingerprint: Mapped[str] = mapped_column(sa.String(64))
+    # The generation of `fingerprint` (NULL: the root's, from before generations).
+    fingerprint_key_id: Mapped[str | None] = mapped_column(sa.String(32))
     record: Mapped[bytes] = mapped_column(sa.LargeBinary)
 
 
@@ -58,6 +67,7 @@ class StoredRetraction(Base):
     source: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
     event_id: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
     subject_key: Mapped[str] = mapped_column(sa.String(64), index=True)
+    subject_key_id: Mapped[str | None] = mapped_column(sa.String(32))
     reason: Mapped[str] = mapped_column(sa.Text)
     retracted_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
     retracted_by: Mapped[str] = mapped_column(sa.String(256))
@@ -74,6 +84,27 @@ class IngestAuditLog(Base, AuditMixin):
 
 class IngestAuditHead(Base, AuditHeadMixin):
     __tablename__ = "ingest_audit_head"
+
+
+class IngestSubjectKeyGeneration(Base, GenerationMixin):
+    """The generation ingest's stored subject keys are in (kit.rekey)."""
+
+    __tablename__ = "ingest_subject_key_generation"
+
+
+# What ingest stores under subject keys, for the re-keying job: the events (with their
+# stored RecordedEvent and their fingerprint) and the retractions.
+_EVENTS = Base.metadata.tables["ingest_events"]
+KEYED = KeyedStore(
+    IngestSubjectKeyGeneration,
+    [
+        KeyedColumn(_EVENTS, payload="record", rewrite=rewrite_recorded_event),
+        KeyedColumn(_EVENTS, key="fingerprint", key_id="fingerprint_key_id"),
+        KeyedColumn(Base.metadata.tables["ingest_retractions"]),
+    ],
+    IngestAuditLog,
+    IngestAuditHead,
+)
 
 
 class Outbox(Base, OutboxMixin):
@@ -99,6 +130,7 @@ def retraction_message(retraction: Retraction) -> due_process_pb2.Retraction:
         reason=retraction.reason,
         retracted_at=to_timestamp(retraction.retracted_at),
         retracted_by=retraction.retracted_by,
+        subject_key_id=retraction.subject_key_id,
     )
     if retraction.replaced_by is not None:
         source, event_id = retraction.replaced_by
@@ -120,6 +152,7 @@ def _retraction(row: StoredRetraction) -> Retraction:
         retracted_at=as_utc(row.retracted_at),
         retracted_by=row.retracted_by,
         replaced_by=replaced_by,
+        subject_key_id=row.subject_key_id or "",
     )
 
 
@@ -182,6 +215,7 @@ class SqlEventStore:
                     "occurred_at": e.occurred_at,
                     "recorded_at": recorded_at,
                     "fingerprint": e.fingerprint,
+                    "fingerprint_key_id": e.subject_key_id,
                     "record": m.SerializeToString(),
                 }
                 for e, m in zip(fresh, messages, strict=True)
@@ -206,11 +240,11 @@ class SqlEventStore:
 
     def _retract(self, request: RetractionRequest) -> Retracted:
         with self._sessions() as session, session.begin():
-            subject_key = self._subject_of(session, request)
+            subject = self._subject_of(session, request)
             earlier = self._retraction(session, request.source, request.event_id)
             if earlier is not None:
                 return Retracted(earlier, already_retracted=True)
-            retraction = self._add_retraction(session, request, subject_key, None, "event.retract")
+            retraction = self._add_retraction(session, request, subject, None, "event.retract")
             return Retracted(retraction, already_retracted=False)
 
     def correct(self, request: RetractionRequest, replacement: NewEvent) -> tuple[Retracted, str | None]:
@@ -221,7 +255,7 @@ class SqlEventStore:
 
     def _correct(self, request: RetractionRequest, replacement: NewEvent) -> tuple[Retracted, str | None]:
         with self._sessions() as session, session.begin():
-            subject_key = self._subject_of(session, request)
+            subject = self._subject_of(session, request)
             stored = self._existing(session, [replacement]).get(replacement.key)
             if stored is not None and stored != replacement.fingerprint:
                 raise AlreadyExists(
@@ -244,21 +278,22 @@ class SqlEventStore:
                 )
             # The retraction's row first: rules reverses the original, then evaluates the
             # replacement (order matters only on one shard; either order converges).
-            retraction = self._add_retraction(session, request, subject_key, replacement.key, "event.correct")
+            retraction = self._add_retraction(session, request, subject, replacement.key, "event.correct")
             if stored is None:
                 self._insert(session, [replacement], request.at)
             return Retracted(retraction, already_retracted=False), stored
 
     @staticmethod
-    def _subject_of(session: Session, request: RetractionRequest) -> str:
-        subject_key = session.scalar(
-            sa.select(StoredEvent.subject_key).where(
+    def _subject_of(session: Session, request: RetractionRequest) -> tuple[str, str]:
+        """The retracted event's subject key and its generation, which its retraction carries."""
+        row = session.execute(
+            sa.select(StoredEvent.subject_key, StoredEvent.subject_key_id).where(
                 StoredEvent.source == request.source, StoredEvent.event_id == request.event_id
             )
-        )
-        if subject_key is None:
+        ).one_or_none()
+        if row is None:
             raise NotFound(f"source {request.source!r} sent no event {request.event_id!r}")
-        return subject_key
+        return row.subject_key, row.subject_key_id
 
     @staticmethod
     def _retraction(session: Session, source: str, event_id: str) -> Retraction | None:
@@ -273,10 +308,11 @@ class SqlEventStore:
         self,
         session: Session,
         request: RetractionRequest,
-        subject_key: str,
+        subject: tuple[str, str],
         replaced_by: tuple[str, str] | None,
         action: str,
     ) -> Retraction:
+        subject_key, subject_key_id = subject
         retraction = Retraction(
             source=request.source,
             event_id=request.event_id,
@@ -285,12 +321,14 @@ class SqlEventStore:
             retracted_at=request.at,
             retracted_by=request.actor,
             replaced_by=replaced_by,
+            subject_key_id=subject_key_id,
         )
         session.execute(
             sa.insert(StoredRetraction).values(
                 source=retraction.source,
                 event_id=retraction.event_id,
                 subject_key=subject_key,
+                subject_key_id=subject_key_id,
                 reason=retraction.reason,
                 retracted_at=retraction.retracted_at,
                 retracted_by=retraction.retracted_by,

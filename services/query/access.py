@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 from kit.auth import CallPolicy, Principal, Role, allow
 from kit.errors import PermissionDenied
+from services.query.domain import current_key
 
 _RPC = "/egret.query.v1.QueryService/"
 _STAFF = (Role.REVIEWER, Role.AUDITOR, Role.ADMIN)
@@ -36,8 +37,13 @@ POLICY: Mapping[str, CallPolicy] = {
 
 
 def require_own_subject(principal: Principal | None, subject_key: str) -> None:
-    """A subject may read only its own data; staff roles read any subject's."""
-    if principal is not None and principal.role is Role.SUBJECT and principal.subject_key != subject_key:
+    """A subject may read only its own data; staff roles read any subject's. A subject's
+    token names its current key; `subject_key` may be its previous one during a rotation."""
+    if (
+        principal is not None
+        and principal.role is Role.SUBJECT
+        and principal.subject_key != current_key(subject_key)
+    ):
         raise PermissionDenied("a subject may read only its own data")
 
 

@@ -7,6 +7,11 @@ sent: a read whose record cannot be written fails with UNAVAILABLE, so there is 
 unrecorded read. Records from concurrent reads are committed together (group commit):
 while one commit runs, new records queue up and the next commit takes all of them, so
 the cost per read is a share of one commit rather than a commit each.
+
+Records keep the subject key they were written with: rewriting them at a key rotation would
+break the chain and its anchors. Each names its key's generation instead, and a subject
+named by raw id is found under every generation's key (docs/security.md, "Rotating the
+subject key").
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from kit.audit import AuditHeadMixin, AuditKeys, AuditMixin, AuditRecord, append
 from kit.db import as_utc, make_metadata, make_session_factory, run_blocking
@@ -45,6 +50,14 @@ class QueryAuditLog(Base, AuditMixin):
     __tablename__ = "query_audit_log"
     # ListAccessLog: one subject's records, newest first.
     __table_args__ = (sa.Index("ix_query_audit_log_subject_key_seq", "subject_key", "seq"),)
+
+    # The generation of subject_key (kit.pseudonym) when query derived the key; NULL when it
+    # cannot tell: in records from before generations (root generation keys) and for keys a
+    # caller gave or score's rows held. ListAccessLog matches keys, not this (keys of two
+    # generations never collide), yet new records' MACs cover it (kit.audit) so that no
+    # column of a new record changes unseen. Old records' MACs cannot: they were signed
+    # without it.
+    subject_key_id: Mapped[str | None] = mapped_column(sa.String(32))
 
 
 class QueryAuditHead(Base, AuditHeadMixin):
@@ -81,12 +94,14 @@ class SqlAccessLog:
             append(connection, QueryAuditLog, QueryAuditHead, records, keys=self._audit_keys)
 
     def page(
-        self, subject_key: str, since: datetime, before_seq: int | None, limit: int
+        self, subject_keys: Sequence[str], since: datetime, before_seq: int | None, limit: int
     ) -> list[AccessEntry]:
+        """One subject's records, newest first: those written under any of `subject_keys`
+        (its keys of every generation, when it was named by raw id)."""
         t = QueryAuditLog
         query = (
             sa.select(t.seq, t.at, t.actor, t.role, t.purpose, t.action, t.detail)
-            .where(t.subject_key == subject_key, t.at >= since)
+            .where(t.subject_key.in_(subject_keys), t.at >= since)
             .order_by(t.seq.desc())
             .limit(limit)
         )

@@ -38,7 +38,7 @@ def _utc_now() -> datetime:
 
 
 def build(settings: QuerySettings, clock: Callable[[], datetime] = _utc_now) -> Service:
-    pseudonymiser = Pseudonymiser(settings.pseudonym.key, settings.pseudonym.key_id)
+    pseudonymiser = Pseudonymiser.from_settings(settings.pseudonym)
     policy = load_policy(settings.policy_file)
     # Checked against the policy's tiers and for purpose binding before serving: a bad
     # catalogue stops start-up with every problem listed.

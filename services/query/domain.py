@@ -1,7 +1,10 @@
 """Reads of scores, ledger entries, history and eligibility (pure domain).
 
 A subject is named either by its raw identifier, hashed exactly as ingest hashes it
-(the raw value goes no further than the hash), or by its subject key. Entries are
+(the raw value goes no further than the hash), or by its subject key. During a key
+rotation score's store may still hold a subject under the previous generation's key;
+`Reader.subject_key` then reads with that one (docs/security.md, "Rotating the subject
+key"). Entries are
 listed newest event time first with keyset pages: the page token carries the last
 (occurred_at, entry_id) seen, so pages stay stable while new entries arrive.
 
@@ -51,6 +54,26 @@ class RawSubject:
     kind: str | None
     id_scheme: str
     id_value: str
+
+
+class SubjectKey(str):
+    """A key query derived itself (from a raw id, or a subject's token), so of a known
+    generation: the key to read score's store with, the previous generation's while score
+    still holds the subject under it; `current` is the subject's key in the current
+    generation, which its token names and its access records keep."""
+
+    current: str
+
+    def __new__(cls, key: str, current: str) -> SubjectKey:
+        held = super().__new__(cls, key)
+        held.current = current
+        return held
+
+
+def current_key(key: str) -> str:
+    """The current generation's key of the subject `key` names when query derived it; a
+    key given by a caller, or read from score's rows, as it is (its generation is unknown)."""
+    return key.current if isinstance(key, SubjectKey) else key
 
 
 @dataclass(frozen=True)
@@ -181,6 +204,15 @@ class ScoreReadStore(Protocol):
         """The consent in force for the subject at `at` (one indexed lookup)."""
         ...
 
+    def key_generation(self) -> tuple[str, bool] | None:
+        """Score's generation marker (kit.rekey): the generation of the keys it stores and
+        whether the move to it is complete; None when it has none (root generation keys)."""
+        ...
+
+    def holds(self, subject_key: str) -> bool:
+        """Whether score holds a score for the subject (one primary-key probe)."""
+        ...
+
     def activation_marks(self) -> Sequence[tuple[str, datetime]]:
         """(version, activated_at) of every activation: what tells, cheaply, whether the
         activations changed (policies are append-only, one row per version)."""
@@ -248,6 +280,8 @@ MAX_BATCH = 100
 # How long a read trusts its cached copy of the activated policies before looking again;
 # a stored row under an unknown version triggers a reload at once.
 POLICY_CACHE_SECONDS = 5.0
+# How long a read trusts its last look at score's key generation marker.
+GENERATION_CACHE_SECONDS = 1.0
 
 
 class Reader:
@@ -272,6 +306,8 @@ class Reader:
         self._book_marks: tuple[tuple[str, datetime], ...] | None = None
         self._book_checked = 0.0
         self._lock = threading.Lock()
+        # (when looked at, score's generation marker); replaced whole, so reads need no lock.
+        self._generation: tuple[float, tuple[str, bool] | None] = (float("-inf"), None)
 
     def now(self) -> datetime:
         return self._clock()
@@ -319,8 +355,53 @@ class Reader:
         benefit = self._catalogue.benefits.get(benefit_id)
         return None if benefit is None else benefit.provider_id
 
+    @property
+    def current_key_id(self) -> str:
+        """The generation of the keys this instance hashes raw ids to."""
+        return self._pseudonymiser.current_key_id
+
     def subject_key(self, ref: SubjectRef, field: str = "subject") -> str:
-        """The subject key `ref` names; InvalidArgument listing every problem otherwise."""
+        """The key to read `ref`'s subject with; InvalidArgument listing every problem otherwise.
+
+        A raw id is hashed to the current generation, unless score's store is not (or not
+        yet wholly) of that generation and holds the subject only under the previous one's
+        key: then to that key (a SubjectKey either way). Every read by raw id turns it into
+        a key here; a subject_key is returned as given.
+        """
+        named = self._named(ref, field)
+        if isinstance(named, str):
+            return named
+        assert named.kind is not None
+        keys = self._pseudonymiser.subject_keys(named.kind, named.id_scheme, named.id_value)
+        current = keys[0]
+        if len(keys) == 1 or self._score_keys_current():
+            return SubjectKey(current, current)
+        previous = keys[1]
+        if self._store.holds(current) or not self._store.holds(previous):
+            return SubjectKey(current, current)
+        return SubjectKey(previous, current)
+
+    def recorded_keys(self, ref: SubjectRef, field: str = "subject") -> tuple[str, ...]:
+        """The keys access records may name `ref`'s subject with: records keep the key they
+        were written with, so a raw id's keys of every generation, or the key given."""
+        named = self._named(ref, field)
+        if isinstance(named, str):
+            return (named,)
+        assert named.kind is not None
+        keys = self._pseudonymiser.generation_keys(named.kind, named.id_scheme, named.id_value)
+        return tuple(key for _, key in keys)
+
+    def same_subject(self, stored_key: str, current: str | None) -> bool:
+        """Whether a key read from score's rows is of the subject whose current key is
+        `current` (a subject's token): the same key or, while score still holds the subject
+        under the previous generation, that generation's key of it."""
+        chain = self._pseudonymiser
+        return stored_key == current or (
+            chain.previous_key_id is not None and chain.rekey(stored_key, chain.previous_key_id) == current
+        )
+
+    def _named(self, ref: SubjectRef, field: str) -> RawSubject | str:
+        """The valid raw id or subject key `ref` names; InvalidArgument listing every problem."""
         if ref.subject_key is not None:
             if not _SUBJECT_KEY.match(ref.subject_key):
                 raise InvalidArgument(
@@ -336,8 +417,17 @@ class Reader:
         problems = [v.prefixed(field) for v in subject_violations(raw.kind, raw.id_scheme, raw.id_value)]
         if problems:
             raise InvalidArgument("invalid subject", problems)
-        assert raw.kind is not None
-        return self._pseudonymiser.subject_key(raw.kind, raw.id_scheme, raw.id_value)
+        return raw
+
+    def _score_keys_current(self) -> bool:
+        """Whether score's marker says every key it stores is of this instance's current
+        generation (looked at once per GENERATION_CACHE_SECONDS at most)."""
+        checked_at, marker = self._generation
+        now = time.monotonic()
+        if now - checked_at > GENERATION_CACHE_SECONDS:
+            marker = self._store.key_generation()
+            self._generation = (now, marker)
+        return marker == (self._pseudonymiser.current_key_id, True)
 
     def score(self, ref: SubjectRef, as_of: datetime | None = None, view: View = View.AS_KNOWN) -> ScoreView:
         key = self.subject_key(ref)

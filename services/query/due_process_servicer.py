@@ -36,7 +36,15 @@ from services.query.access_log import (
     SqlAccessLog,
 )
 from services.query.corrected import corrected_history
-from services.query.domain import Reader, SubjectRef, decode_token, encode_token, page_size
+from services.query.domain import (
+    Reader,
+    SubjectKey,
+    SubjectRef,
+    current_key,
+    decode_token,
+    encode_token,
+    page_size,
+)
 from services.query.due_process import (
     ListFilter,
     SqlDueProcessReader,
@@ -133,19 +141,27 @@ class DueProcessQueryServicer(QueryServicer):
         self, method: str, subject_keys: Sequence[str | None], purpose: StatedPurpose
     ) -> None:
         """Commit one access record per subject before the answer is sent; a record that
-        cannot be written fails the read with UNAVAILABLE."""
+        cannot be written fails the read with UNAVAILABLE.
+
+        A record names the subject by its current generation's key when query derived the
+        key (from a raw id or the subject's token; also while score still holds the subject
+        under the previous one), with that generation. A key given by the caller or read from
+        score's rows is recorded as it is, its generation unknown (NULL): ListAccessLog
+        matches keys, not generations (services.query.access_log)."""
         deps = self._due_process
         if deps is None or not subject_keys:
             return
         at = deps.recorder.now()
+        generation = self._reader.current_key_id
         records = [
             audit.record(
                 READ_PREFIX + method,
                 at,
-                subject_key=key,
+                subject_key=None if key is None else current_key(key),
                 purpose=purpose.code,
-                target=key or "",
+                target="" if key is None else current_key(key),
                 detail=purpose.detail(),
+                subject_key_id=generation if isinstance(key, SubjectKey) else None,
             )
             for key in subject_keys
         ]
@@ -371,10 +387,12 @@ class DueProcessQueryServicer(QueryServicer):
         principal = current_principal()
         key = self._reader.subject_key(subject_ref(ref)) if _subject_named(ref) else None
         if principal is not None and principal.role is Role.SUBJECT:
-            # A subject lists only its own: the filter is forced to its key.
-            own = _own_subject_key(principal)
+            # A subject lists only its own: the filter is forced to its key (as read from
+            # score's store when it named itself, else its token's).
+            token_key = _own_subject_key(principal)  # hashed by this instance: current
+            own = SubjectKey(token_key, token_key)
             require_own_subject(principal, key or own)
-            key = own
+            key = key or own
         return ListFilter(status=status, subject_key=key, overdue_only=overdue_only)
 
     async def _record_listed(
@@ -429,7 +447,9 @@ class DueProcessQueryServicer(QueryServicer):
         # Recorded first: this read is part of the log it shows.
         await self._record_reads("ListAccessLog", [key], purpose)
         since = deps.recorder.now() - ACCESS_LOG_PERIOD
-        rows = await run_blocking(self._executor, deps.access_log.page, key, since, before, size + 1)
+        # Named by raw id, the subject's records are found under every generation's key.
+        keys = self._reader.recorded_keys(subject_ref(request.subject))
+        rows = await run_blocking(self._executor, deps.access_log.page, keys, since, before, size + 1)
         page = rows[:size]
         return pb.ListAccessLogResponse(
             records=[access_record_message(r) for r in page],

@@ -311,7 +311,7 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
         if (
             principal is not None
             and principal.role is Role.SUBJECT
-            and principal.subject_key != entry.subject_key
+            and not self._reader.same_subject(entry.subject_key, principal.subject_key)
         ):
             # Entry ids are deterministic: answering otherwise than for an unknown id would
             # tell a stranger that the entry exists.

@@ -19,10 +19,12 @@ from sqlalchemy.orm import Session
 
 from kit.db import as_utc, make_session_factory
 from kit.errors import Unavailable
+from kit.rekey import read_marker
 from services.query.domain import Cursor, HistoryRow, RawDistribution, SubjectScore
 from services.score.domain import CategoryScore, Consent, LedgerEntry, ListMembership, ScoredEntry
 from services.score.policy import ActivatedPolicy
 from services.score.storage import (
+    ScoreSubjectKeyGeneration,
     StoredCategory,
     StoredEntry,
     StoredHistory,
@@ -60,6 +62,10 @@ _SCORE_QUERY = (
     .where(StoredScore.subject_key == sa.bindparam("key"))
     .order_by(StoredCategory.category)
 )
+
+
+# Whether score holds a subject (Reader.subject_key, during a key rotation).
+_HOLDS_QUERY = sa.select(StoredScore.subject_key).where(StoredScore.subject_key == sa.bindparam("key"))
 
 
 class PreparedRead:
@@ -127,6 +133,7 @@ class SqlScoreReader:
     def __init__(self, engine: Engine) -> None:
         self._sessions = make_session_factory(engine)
         self._score = PreparedRead(engine, _SCORE_QUERY, "key")
+        self._holds = PreparedRead(engine, _HOLDS_QUERY, "key")
 
     def _read(self, work: Callable[[Session], T]) -> T:
         try:
@@ -238,6 +245,18 @@ class SqlScoreReader:
 
     def consent_at(self, subject_key: str, at: datetime) -> Consent | None:
         return self._read(lambda session: consent_at(session, subject_key, at))
+
+    def key_generation(self) -> tuple[str, bool] | None:
+        def work(session: Session) -> tuple[str, bool] | None:
+            # A store from before generations has no marker: its keys are of the root generation.
+            if not sa.inspect(session.connection()).has_table(ScoreSubjectKeyGeneration.__tablename__):
+                return None
+            return read_marker(session, ScoreSubjectKeyGeneration)
+
+        return self._read(work)
+
+    def holds(self, subject_key: str) -> bool:
+        return bool(self._holds.rows(subject_key))
 
     def activation_marks(self) -> Sequence[tuple[str, datetime]]:
         def work(session: Session) -> list[tuple[str, datetime]]:
