@@ -46,6 +46,13 @@ OUTBOXES = {"ingest": "ingest_outbox", "rules": "rules_outbox"}
 # For load tests: one client principal drives far more calls than a tenant's rate limit.
 UNLIMITED = {"EGRET_RATE_LIMIT_PER_SECOND": "1000000", "EGRET_RATE_LIMIT_BURST": "1000000"}
 
+# One process per service serves every department of the sample catalogue (12), each
+# streaming on its own StreamEvents call and holding it open while it has batches to send:
+# the production default of 8 open streams per instance, sized for a replica among
+# several, would leave the others refused until a stream closes (docs/deploy.md,
+# "Sizing ingest for streaming departments"). Callers' `env` overrides these.
+SINGLE_INSTANCE = {"EGRET_MAX_CONCURRENT_STREAMS": "16", "EGRET_MAX_CONCURRENT_RPCS": "24"}
+
 
 class ClusterError(RuntimeError):
     """A service failed to start, died, or the pipeline did not drain in time."""
@@ -164,6 +171,7 @@ class Cluster:
             EGRET_AUDIT_ANCHOR_FILE=str(self.anchor_file(name)),
             EGRET_AUDIT_ANCHOR_SECONDS="5",
         )
+        env.update(SINGLE_INSTANCE)
         if self.pki is None:
             env["EGRET_INSECURE"] = "true"
         else:

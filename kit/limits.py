@@ -10,6 +10,8 @@ its pod's memory limit (docs/security.md, "Limits"; the arithmetic is in docs/de
   than its own RPC's limit and a batch beyond `max_concurrent_batches` decoded at once
   (batches decode to about ten times their size), and a request stream beyond
   `max_concurrent_streams` open ones, so long-lived streams never take every call slot.
+- It also lets go of an aborted call's request when the call ends (`_forget`), instead of
+  leaving it to the cycle collector.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import time
+import traceback
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
@@ -200,6 +203,30 @@ async def _refuse(
 _Done = Callable[[], object]
 
 
+def _forget(aborted: grpc.aio.AbortError) -> None:
+    """Break the reference cycle through which an aborted call would keep its request.
+
+    grpc-aio keeps the AbortError on the call's state, and the error's traceback holds the
+    frames of the handlers it unwound, whose locals hold the servicer context (which holds
+    that state), the request and whatever the handler derived from it; the exception it was
+    raised while handling (`__context__`, a refused call's domain error) holds more such
+    frames. That cycle is freed only by a full collection of the cycle collector, which runs
+    after a number of objects, not of bytes: a flood of refused 1 MiB calls kept hundreds
+    of them (docs/deploy.md, "Memory"). grpc's own synchronous server stopped storing the
+    exception for this reason (grpc/grpc#17899).
+
+    The frames below the outermost handler are all finished (the error propagated out of
+    each of them, once: grpc raises a new AbortError per call), so clearing their locals is
+    safe; the frames of chained exceptions are not cleared, as those exceptions may be shared
+    with live coroutines (a failed group commit is raised in every call that waited for it),
+    only detached from the AbortError."""
+    if aborted.__traceback__ is not None:
+        # Its first entry is the frame of the outermost handler, still executing.
+        traceback.clear_frames(aborted.__traceback__.tb_next)
+    aborted.__context__ = None
+    aborted.__cause__ = None
+
+
 class LimitInterceptor(grpc.aio.ServerInterceptor):
     """Per-RPC request size (checked on the raw bytes, before decoding), the bound on unary
     batch calls holding a decoded request and the bound on open request streams.
@@ -274,6 +301,12 @@ class LimitInterceptor(grpc.aio.ServerInterceptor):
                 if isinstance(request, _Refused):
                     await _refuse(method, limit, request, context)
                 return await inner(request, context)
+            except grpc.aio.AbortError as aborted:
+                # This frame stays in the error's traceback: without these, the call's
+                # state would still be in a cycle (small), and the request in it.
+                del request, context
+                _forget(aborted)
+                raise
             finally:
                 for done in held:
                     done()
@@ -294,6 +327,10 @@ class LimitInterceptor(grpc.aio.ServerInterceptor):
                     await _refuse(method, limit, request, context)
                 async for response in inner(request, context):
                     yield response
+            except grpc.aio.AbortError as aborted:
+                del request, context
+                _forget(aborted)
+                raise
             finally:
                 for done in held:
                     done()
@@ -338,11 +375,16 @@ class LimitInterceptor(grpc.aio.ServerInterceptor):
             checked = self._requests(method, limit, requests, context)
             try:
                 return await inner(checked, context)
+            except grpc.aio.AbortError as aborted:
+                _forget(aborted)
+                raise
             finally:
                 # A handler that stops reading (it failed, or aborted on a bad message) leaves
                 # the generator suspended while it holds a batch slot: close it to give it back.
-                await checked.aclose()
-                self.streams.give()
+                try:
+                    await checked.aclose()
+                finally:
+                    self.streams.give()
 
         return behaviour
 
@@ -353,9 +395,15 @@ class LimitInterceptor(grpc.aio.ServerInterceptor):
             try:
                 async for response in inner(checked, context):
                     yield response
+            except grpc.aio.AbortError as aborted:
+                _forget(aborted)
+                raise
             finally:
-                await checked.aclose()
-                self.streams.give()
+                try:
+                    await checked.aclose()
+                finally:
+                    # Given back even if closing is interrupted (a second cancellation).
+                    self.streams.give()
 
         return behaviour
 
