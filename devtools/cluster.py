@@ -144,6 +144,15 @@ class Cluster:
     def address(self, name: str) -> str:
         return self._addresses[name]
 
+    @property
+    def python(self) -> str:
+        """The interpreter the services run under (tools started beside them use it too)."""
+        return self._python
+
+    @property
+    def cwd(self) -> Path:
+        return self._cwd
+
     def database_url(self, name: str) -> str:
         return self._database_urls[name]
 
@@ -202,6 +211,11 @@ class Cluster:
             env.update(self._service_env.get("rules", {}))
         env.update(self._service_env.get(name, {}))
         return env
+
+    def add_env(self, values: Mapping[str, str]) -> None:
+        """Settings for every service from its next (re)start, as if given as `env`
+        (devtools.portal_stack adds the local OpenID provider as a trusted issuer)."""
+        self._env.update(values)
 
     def rotate_subject_key(self, key_id: str) -> None:
         """Add a rotation of the subject key with a fresh secret. Running processes keep

@@ -25,6 +25,8 @@ SERVICES = ("ingest", "rules", "score", "query")
 INTERNAL = ("rules", "score")
 # The client certificate of local tools (demo, tests, an operator's console).
 OPERATOR = "operator"
+# The web portal's client certificate: score requires mutual TLS of every caller.
+PORTAL = "portal"
 ISSUER = "https://idp.egret.local"
 AUDIENCE = "egret"
 AUDIT_KEY_ID = "local-1"
@@ -130,7 +132,7 @@ def create_local_pki(directory: Path) -> LocalPki:
     pki = LocalPki(directory)
     ca = trustme.CA(organization_name="Egret local development CA")
     ca.cert_pem.write_to_path(str(pki.ca_file))
-    for name in (*SERVICES, OPERATOR):
+    for name in (*SERVICES, OPERATOR, PORTAL):
         leaf = ca.issue_cert("127.0.0.1", "localhost", f"egret-{name}", common_name=f"egret-{name}")
         leaf.private_key_pem.write_to_path(str(pki.key_file(name)))
         pki.cert_file(name).write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
