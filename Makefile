@@ -10,7 +10,7 @@ PROTO_FILES := $(shell find protos -name '*.proto')
 .DEFAULT_GOAL := help
 
 help: ## List every target with one line each
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,29 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-setup: $(STAMP) ## Create .venv, install Egret with dev tools, generate stubs
+setup: $(STAMP) browser-tools ## Create .venv, install Egret with dev tools, generate stubs, browser-tools
+
+# The browser tests (tests/browser) drive Debian's Chromium with Playwright (never a downloaded
+# browser) and check every page with axe-core from npm. Installed only when missing; without
+# root (and so without apt-get) they are named and the browser tests skip, saying why.
+CHROMIUM := /usr/bin/chromium
+AXE := .tools/node_modules/axe-core/axe.min.js
+BROWSER_PACKAGES := chromium fonts-noto-cjk
+
+browser-tools: ## Chromium and CJK fonts (apt-get, when missing) and axe-core (npm) for the browser tests
+	@if [ -x $(CHROMIUM) ] && fc-list 2>/dev/null | grep -qi 'Noto Sans CJK' && command -v npm >/dev/null; then \
+	  :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "browser-tools: apt-get install $(BROWSER_PACKAGES) npm"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BROWSER_PACKAGES) npm >/dev/null; \
+	else \
+	  echo "browser-tools: Chromium, the CJK fonts or npm are missing and this is not root;"; \
+	  echo "  run: sudo apt-get install -y $(BROWSER_PACKAGES) npm && make browser-tools"; \
+	  echo "  (until then tests/browser skip; CI runs make setup as root and installs them)"; \
+	fi
+	@if [ ! -f $(AXE) ] && command -v npm >/dev/null; then \
+	  npm install --silent --no-save --no-package-lock --no-audit --no-fund --prefix .tools axe-core@4; \
+	fi
 
 # Generated into gen.new and swapped in, so running services and tests never see a
 # half-written gen/.
@@ -35,7 +57,7 @@ gen/.stamp: $(PROTO_FILES)
 
 protos: gen/.stamp ## Generate Python stubs (+ .pyi) from protos/ into gen/
 
-run: setup ## Start the four services on SQLite, stream a synthetic population, keep serving
+run: setup ## Start the four services, the portal and the local OpenID provider, stream a synthetic population, keep serving
 	$(PY) -m devtools.demo $(RUN_ARGS)
 
 test: setup ## Run every test (unit, integration on SQLite and PostgreSQL, end to end)
@@ -86,7 +108,7 @@ bench-history: setup ## Benchmark: CPU per as-corrected ListScoreHistory call, 1
 chaos: setup ## Chaos: 50k events under 10 random SIGKILLs vs an uninterrupted run (CHAOS_ARGS=--postgres URL --seed N)
 	$(PY) -m bench.chaos $(CHAOS_ARGS)
 
-clean: ## Remove the virtual environment, generated stubs and local data
-	rm -rf $(VENV) gen var
+clean: ## Remove the virtual environment, generated stubs, local data, npm tools and test artefacts
+	rm -rf $(VENV) gen var .tools test-artefacts
 
-.PHONY: help setup protos run test fuzz lint breaking typecheck bench bench-backtest bench-rules-memory bench-query bench-history chaos manifests deploy-check clean
+.PHONY: help setup browser-tools protos run test fuzz lint breaking typecheck bench bench-backtest bench-rules-memory bench-query bench-history chaos manifests deploy-check clean

@@ -1,11 +1,15 @@
-"""`make run`: the four services on SQLite, a synthetic city streamed through them, a summary.
+"""`make run`: the four services on SQLite, the web portal and the local OpenID provider, a
+synthetic city streamed through them, a summary.
 
     python -m devtools.demo [--subjects N] [--seed S] [--exit-after-summary] [--data-dir D]
+                            [--portal-port 8080] [--provider-port 9400]
 
-Starts the cluster in a fresh ./var/demo, streams the population through
-IngestService.StreamEvents (with a few deliberately invalid events), waits until every
-accepted event has reached the ledger, prints what happened and one subject's score,
-then keeps serving until Ctrl-C so the services can be explored with grpcurl.
+Starts the cluster in a fresh ./var/demo with the portal and the provider beside it
+(devtools.portal_stack), streams the population through IngestService.StreamEvents (with
+a few deliberately invalid events), waits until every accepted event has reached the
+ledger, prints what happened, one subject's score, the portal's URL and the sample
+accounts, then keeps serving until Ctrl-C so the portal can be used in a browser and the
+services explored with grpcurl.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import socket
 import sys
 import threading
 import time
@@ -33,6 +38,7 @@ from devtools.population import (
     batch_requests,
     expected_mean_events,
 )
+from devtools.portal_stack import PortalStack
 from egret.common.v1 import outcome_pb2, subject_pb2
 from egret.ingest.v1 import ingest_service_pb2
 from egret.query.v1 import query_service_pb2, query_service_pb2_grpc
@@ -62,6 +68,15 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="stop the services after the summary instead of serving",
     )
+    parser.add_argument(
+        "--portal-port", type=int, default=8080, help="the portal's port (default 8080, else a free one)"
+    )
+    parser.add_argument(
+        "--provider-port",
+        type=int,
+        default=9400,
+        help="the local OpenID provider's port (default 9400, else a free one)",
+    )
     args = parser.parse_args(argv)
     if args.subjects < 1 or args.batch_size < 1 or args.in_flight < 1:
         parser.error("--subjects, --batch-size and --in-flight must be at least 1")
@@ -74,6 +89,17 @@ def _fresh_data_dir(path: Path) -> Path:
         for stale in path.glob(pattern):
             stale.unlink()
     return path.resolve()
+
+
+def _port_if_free(port: int) -> int:
+    """`port` if nothing listens on it on loopback, else 0 (a free one)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            print(f"  port {port} is taken; using a free one")
+            return 0
+    return port
 
 
 def _today() -> datetime:
@@ -212,11 +238,22 @@ def _print_subject(cluster: Cluster, subjects: Sequence[SyntheticSubject]) -> No
     print("\n  (none of the busiest subjects has a score yet)")
 
 
-def _serve_until_interrupted(cluster: Cluster) -> None:
+def _print_portal(stack: PortalStack) -> None:
+    print(f"\nPortal: open {stack.url} in a browser and sign in (Chinese by default, English on every page)")
+    print(
+        f"  sign in at the local OpenID provider {stack.issuer}; "
+        f"every sample account's password: {stack.password}"
+    )
+    for account in stack.accounts:
+        print(f"  {account.username:<9} {account.role.value:<9} {account.display_name}")
+    print(f"  logs: {stack.log_path('portal')}, {stack.log_path('oidc-provider')}")
+
+
+def _serve_until_interrupted(cluster: Cluster, stack: PortalStack) -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    print("\nServing; Ctrl-C stops all four services. Try:")
+    print("\nServing; Ctrl-C stops the portal, the provider and all four services. Try:")
     for name in ("ingest", "query"):
         print(f"  grpcurl -plaintext {cluster.address(name)} list")
     print(f"Logs and databases: {cluster.data_dir}")
@@ -224,6 +261,10 @@ def _serve_until_interrupted(cluster: Cluster) -> None:
         for name in ("ingest", "rules", "score", "query"):
             if not cluster.is_running(name):
                 print(f"{name} exited unexpectedly\n{cluster.log_tail(name)}", file=sys.stderr)
+                return
+        for name in ("portal", "oidc-provider"):
+            if not stack.is_running(name):
+                print(f"{name} exited unexpectedly\n{stack.log_tail(name)}", file=sys.stderr)
                 return
 
 
@@ -249,10 +290,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"Starting ingest, rules, score and query in {data_dir} ...")
     cluster = Cluster(data_dir, log_format="json")
+    # Before the services start: they must trust the provider's tokens from the first.
+    stack = PortalStack(
+        cluster,
+        portal_port=_port_if_free(args.portal_port),
+        provider_port=_port_if_free(args.provider_port),
+    )
     try:
         cluster.start()
         for name in ("ingest", "rules", "score", "query"):
             print(f"  {name:<7} {cluster.address(name)}")
+        print("Starting the local OpenID provider and the portal ...")
+        stack.start()
+        print(f"  portal  {stack.url}\n  OpenID  {stack.issuer}")
         print(f"Streaming {total} events about {args.subjects} synthetic subjects (seed {args.seed})")
         totals = asyncio.run(_stream(cluster, population, args, total))
         print("Waiting for rules and score to catch up ...")
@@ -279,16 +329,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_tiers_by_kind(cluster)
         _print_rejection(totals)
         _print_subject(cluster, population.busiest_subjects(10))
+        _print_portal(stack)
         if not args.exit_after_summary:
-            _serve_until_interrupted(cluster)
+            _serve_until_interrupted(cluster, stack)
     except (ClusterError, StreamFailed) as exc:
         print(f"demo failed: {exc}", file=sys.stderr)
         status = 1
     except KeyboardInterrupt:
         print("\ninterrupted")
     finally:
-        print("Stopping the services ...")
-        codes = cluster.stop()
+        print("Stopping the portal, the provider and the services ...")
+        codes = {**stack.stop(), **cluster.stop()}
         bad = {name: code for name, code in codes.items() if code not in (0, -signal.SIGTERM)}
         if bad:
             print(f"  unclean exits: {bad}; see the logs in {data_dir}", file=sys.stderr)
