@@ -190,8 +190,8 @@ exec:
 {{- end -}}
 {{- end -}}
 
-{{/* Egress rules every Egret pod needs: DNS, and PostgreSQL. */}}
-{{- define "egret.egressDnsAndDatabase" -}}
+{{/* The egress rule every Egret pod needs: DNS. */}}
+{{- define "egret.egressDns" -}}
 {{- $np := .Values.networkPolicy -}}
 - ports:
     - port: {{ $np.dns.port }}
@@ -200,6 +200,28 @@ exec:
       protocol: TCP
   to:
     {{- toYaml $np.dns.to | nindent 4 }}
+{{- end -}}
+
+{{/* The egress rule to the OpenTelemetry collector, when traces are exported. */}}
+{{- define "egret.egressOtel" -}}
+{{- if .Values.otel.enabled -}}
+{{- $np := .Values.networkPolicy -}}
+- ports:
+    {{- range $np.otelCollector.ports }}
+    - port: {{ . }}
+      protocol: TCP
+    {{- end }}
+  {{- with $np.otelCollector.to }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end -}}
+{{- end -}}
+
+{{/* Egress rules every Egret service pod needs: DNS, and PostgreSQL. */}}
+{{- define "egret.egressDnsAndDatabase" -}}
+{{- $np := .Values.networkPolicy -}}
+{{ include "egret.egressDns" . }}
 - ports:
     {{- range $np.database.ports }}
     - port: {{ . }}

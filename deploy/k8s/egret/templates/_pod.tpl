@@ -1,4 +1,32 @@
 {{/*
+The OpenTelemetry settings of one workload, as a JSON object (. = dict root, service): its
+service name, resource attributes (the pod's K8S_NAMESPACE and K8S_POD_NAME by $(VAR)
+expansion), the sampler, and the exporter when otel.enabled. Shared by the services and the portal.
+*/}}
+{{- define "egret.otelSettings" -}}
+{{- $root := .root -}}
+{{- $settings := dict "OTEL_SERVICE_NAME" (printf "egret-%s" .service) "OTEL_TRACES_SAMPLER" $root.Values.otel.sampler -}}
+{{- $attributes := list "service.namespace=egret" (printf "service.version=%s" (default $root.Chart.AppVersion $root.Values.image.tag)) "k8s.namespace.name=$(K8S_NAMESPACE)" "k8s.pod.name=$(K8S_POD_NAME)" -}}
+{{- range $key, $value := $root.Values.otel.resourceAttributes -}}
+{{- $attributes = append $attributes (printf "%s=%s" $key $value) -}}
+{{- end -}}
+{{- $_ := set $settings "OTEL_RESOURCE_ATTRIBUTES" (join "," $attributes) -}}
+{{- if $root.Values.otel.enabled -}}
+{{- $_ := set $settings "OTEL_EXPORTER_OTLP_ENDPOINT" $root.Values.otel.endpoint -}}
+{{- $_ := set $settings "OTEL_EXPORTER_OTLP_INSECURE" (ternary "true" "false" $root.Values.otel.insecure) -}}
+{{- if and (not $root.Values.otel.insecure) $root.Values.otel.ca.name -}}
+{{- $_ := set $settings "OTEL_EXPORTER_OTLP_CERTIFICATE" (printf "%s/%s" (include "egret.otelDir" $root) $root.Values.otel.ca.key) -}}
+{{- end -}}
+{{- if $root.Values.otel.samplerArg -}}
+{{- $_ := set $settings "OTEL_TRACES_SAMPLER_ARG" (toString $root.Values.otel.samplerArg) -}}
+{{- end -}}
+{{- else -}}
+{{- $_ := set $settings "OTEL_TRACES_EXPORTER" "none" -}}
+{{- end -}}
+{{- toJson $settings -}}
+{{- end -}}
+
+{{/*
 What a service's container is given, shared by its Deployment and its migration Job.
 Arguments: dict "root" $ "workload" <item of egret.workloads> "job" <bool>.
 */}}
@@ -34,26 +62,8 @@ Arguments: dict "root" $ "workload" <item of egret.workloads> "job" <bool>.
   "EGRET_LISTEN_ADDRESS" (printf "0.0.0.0:%d" (int $values.port))
   "EGRET_DATA_DIR" "/var/lib/egret"
   "EGRET_MIGRATE_ON_START" (ternary "false" "true" $root.Values.migrations.enabled)
-  "OTEL_SERVICE_NAME" (printf "egret-%s" $service)
-  "OTEL_TRACES_SAMPLER" $root.Values.otel.sampler
 -}}
-{{- $attributes := list "service.namespace=egret" (printf "service.version=%s" (default $root.Chart.AppVersion $root.Values.image.tag)) "k8s.namespace.name=$(K8S_NAMESPACE)" "k8s.pod.name=$(K8S_POD_NAME)" -}}
-{{- range $key, $value := $root.Values.otel.resourceAttributes -}}
-{{- $attributes = append $attributes (printf "%s=%s" $key $value) -}}
-{{- end -}}
-{{- $_ := set $settings "OTEL_RESOURCE_ATTRIBUTES" (join "," $attributes) -}}
-{{- if $root.Values.otel.enabled -}}
-{{- $_ := set $settings "OTEL_EXPORTER_OTLP_ENDPOINT" $root.Values.otel.endpoint -}}
-{{- $_ := set $settings "OTEL_EXPORTER_OTLP_INSECURE" (ternary "true" "false" $root.Values.otel.insecure) -}}
-{{- if and (not $root.Values.otel.insecure) $root.Values.otel.ca.name -}}
-{{- $_ := set $settings "OTEL_EXPORTER_OTLP_CERTIFICATE" (printf "%s/%s" (include "egret.otelDir" $root) $root.Values.otel.ca.key) -}}
-{{- end -}}
-{{- if $root.Values.otel.samplerArg -}}
-{{- $_ := set $settings "OTEL_TRACES_SAMPLER_ARG" (toString $root.Values.otel.samplerArg) -}}
-{{- end -}}
-{{- else -}}
-{{- $_ := set $settings "OTEL_TRACES_EXPORTER" "none" -}}
-{{- end -}}
+{{- $settings = merge $settings (include "egret.otelSettings" (dict "root" $root "service" $service) | fromJson) -}}
 {{- /* The subject key chain: the root key where raw ids are hashed, the rotations (key ids
 and secrets, docs/security.md "Rotating the subject key") everywhere, rules included. */ -}}
 {{- $subjectKey := $root.Values.secrets.subjectKey -}}
@@ -171,11 +181,7 @@ their re-keying batches in the chain too. */ -}}
 {{- if not .job }}
 - name: audit-anchors
   mountPath: {{ include "egret.auditAnchorDir" $root }}
-{{- if and $root.Values.otel.enabled (not $root.Values.otel.insecure) $root.Values.otel.ca.name }}
-- name: otel-ca
-  mountPath: {{ include "egret.otelDir" $root }}
-  readOnly: true
-{{- end }}
+{{- include "egret.otelCaMount" $root }}
 {{- if has $service (list "ingest" "rules") }}
 - name: catalogue
   mountPath: {{ $config }}/catalogue
@@ -263,21 +269,7 @@ their re-keying batches in the chain too. */ -}}
   persistentVolumeClaim:
     claimName: {{ $fullname }}-audit-anchors
   {{- end }}
-{{- $ca := $root.Values.otel.ca }}
-{{- if and $root.Values.otel.enabled (not $root.Values.otel.insecure) $ca.name }}
-- name: otel-ca
-  {{- if eq $ca.kind "Secret" }}
-  secret:
-    secretName: {{ $ca.name }}
-  {{- else }}
-  configMap:
-    name: {{ $ca.name }}
-  {{- end }}
-    defaultMode: 0444
-    items:
-      - key: {{ $ca.key }}
-        path: {{ $ca.key }}
-{{- end }}
+{{- include "egret.otelCaVolume" $root }}
 {{- if has $service (list "ingest" "rules") }}
 - name: catalogue
   configMap:
@@ -327,6 +319,37 @@ their re-keying batches in the chain too. */ -}}
 {{- end }}
 {{- end }}
 {{- end }}
+{{- end -}}
+
+{{/* The collector's CA, mounted when traces go to it over TLS with a CA of its own (. = root). */}}
+{{- define "egret.otelCaMount" -}}
+{{- if and .Values.otel.enabled (not .Values.otel.insecure) .Values.otel.ca.name }}
+- name: otel-ca
+  mountPath: {{ include "egret.otelDir" . }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "egret.otelCaVolume" -}}
+{{- if and .Values.otel.enabled (not .Values.otel.insecure) .Values.otel.ca.name }}
+{{ include "egret.keyVolume" (dict "name" "otel-ca" "source" .Values.otel.ca) }}
+{{- end }}
+{{- end -}}
+
+{{/* A volume of one key of a Secret or ConfigMap (. = dict name, source: {kind, name, key}). */}}
+{{- define "egret.keyVolume" -}}
+- name: {{ .name }}
+  {{- if eq .source.kind "Secret" }}
+  secret:
+    secretName: {{ .source.name }}
+  {{- else }}
+  configMap:
+    name: {{ .source.name }}
+  {{- end }}
+    defaultMode: 0444
+    items:
+      - key: {{ .source.key }}
+        path: {{ .source.key }}
 {{- end -}}
 
 {{/* A TLS Secret volume named "tls" (. = dict root, name: ingest|rules|score|query|test). */}}
