@@ -55,6 +55,9 @@ class Role(StrEnum):
 SCOPE_EVALUATE_EVENTS = "egret.rules.evaluate"  # ingest → rules: EvaluateEvents
 SCOPE_READ_RULE_SETS = "egret.rules.read"  # query → rules: GetActiveRuleSet, GetRuleSet
 SCOPE_APPLY_OUTCOMES = "egret.score.apply"  # rules → score: ApplyOutcomes
+# The portal's public pages: published, non-personal data only (score's GetActivePolicy,
+# query's ListBenefits). It reads rules' active rule set with SCOPE_READ_RULE_SETS.
+SCOPE_PUBLIC_READ = "egret.public.read"
 
 # The scopes each calling service's token carries (the identity provider issues them).
 SERVICE_SCOPES: Mapping[str, tuple[str, ...]] = {
@@ -62,6 +65,7 @@ SERVICE_SCOPES: Mapping[str, tuple[str, ...]] = {
     "rules": (SCOPE_APPLY_OUTCOMES,),
     "query": (SCOPE_READ_RULE_SETS,),
     "score": (),
+    "portal": (SCOPE_PUBLIC_READ, SCOPE_READ_RULE_SETS),
 }
 
 
@@ -73,6 +77,10 @@ class Principal:
     role: Role
     scopes: frozenset[str] = frozenset()
     subject_key: str | None = None
+    # For subjects: (key id, key) of every generation of the subject key, root first, the
+    # last being `subject_key`, when the verifier can make them (GenerationKeysOf). A read
+    # naming no subject finds the subject under any generation, as a read by raw id does.
+    generation_keys: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
     # When the token stops being accepted (its exp plus the verifier's leeway, on the
     # verifier's clock): an open stream ends then (Gate.readmit). None: no token.
     valid_until: float | None = field(default=None, compare=False)
@@ -96,6 +104,8 @@ def bind_principal(principal: Principal | None) -> contextvars.Token[Principal |
 
 
 SubjectKeyOf = Callable[[str, str, str], str]
+# (kind, scheme, value) -> (key id, key) of every generation, root first (Pseudonymiser.generation_keys).
+GenerationKeysOf = Callable[[str, str, str], tuple[tuple[str, str], ...]]
 
 
 @dataclass(frozen=True)
@@ -217,6 +227,9 @@ class TokenVerifier:
     claims: ClaimMapping = field(default_factory=ClaimMapping)
     # Further issuers whose tokens are accepted, each with its own keys and mapping.
     more_issuers: tuple[TrustedIssuer, ...] = ()
+    # Every generation's key of a subject (during a subject-key rotation, more than one);
+    # when set, a subject principal carries them and its key is the last.
+    generation_keys_of: GenerationKeysOf | None = None
     _verified: dict[str, tuple[Principal, float]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -234,6 +247,7 @@ class TokenVerifier:
         max_lifetime_s: float | None = 86_400.0,
         claims: ClaimMapping | None = None,
         more_issuers: Sequence[TrustedIssuer] = (),
+        generation_keys_of: GenerationKeysOf | None = None,
     ) -> TokenVerifier:
         keys = load_keys(public_key_file, jwks_file)
         bad = [a for a in algorithms if a not in ALLOWED_ALGORITHMS]
@@ -251,6 +265,7 @@ class TokenVerifier:
             max_lifetime_s=max_lifetime_s,
             claims=claims or ClaimMapping(),
             more_issuers=tuple(more_issuers),
+            generation_keys_of=generation_keys_of,
         )
 
     def verify(self, token: str) -> Principal:
@@ -342,6 +357,10 @@ class TokenVerifier:
             # An unknown kind or scheme, or an id its scheme refuses (a wrong check
             # character): no subject could ever match it. The message names no part of it.
             raise Unauthenticated("subject token does not name a valid subject")
+        if self.generation_keys_of is not None:
+            generations = self.generation_keys_of(kind, scheme, value)
+            key = generations[-1][1]
+            return Principal(id=key, role=role, scopes=scopes, subject_key=key, generation_keys=generations)
         if self.subject_key_of is None:
             # A service that serves no subject data cannot hash ids (it holds no key); the
             # token is valid, and the role check refuses what a subject may not call.

@@ -5,8 +5,11 @@ Pure Python on purpose: domain code raises these without importing grpc.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+# The google.rpc.ErrorInfo domain of every reason Egret's services give (kit.interceptors).
+ERROR_DOMAIN = "egret.city"
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,16 @@ class AlreadyExists(DomainError):
 
 
 class FailedPrecondition(DomainError):
-    """The system is not in a state that allows the request (FAILED_PRECONDITION)."""
+    """The system is not in a state that allows the request (FAILED_PRECONDITION).
+
+    `reason` (UPPER_SNAKE_CASE) and `metadata` reach the caller as a google.rpc.ErrorInfo,
+    so a client can tell refusals apart and word them itself; the message stays for people.
+    """
+
+    def __init__(self, message: str, reason: str = "", metadata: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.metadata = dict(metadata or {})
 
 
 class PermissionDenied(DomainError):

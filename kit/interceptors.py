@@ -24,6 +24,7 @@ from sqlalchemy.exc import OperationalError
 from kit.auth import Gate, Principal, bind_principal
 from kit.decoding import Undecodable, tolerant
 from kit.errors import (
+    ERROR_DOMAIN,
     AlreadyExists,
     DomainError,
     FailedPrecondition,
@@ -66,7 +67,11 @@ def status_of(error: DomainError) -> tuple[grpc.StatusCode, status_pb2.Status]:
         )
         details.append(bad_request)
     if isinstance(error, AlreadyExists):
-        details.append(error_details_pb2.ErrorInfo(reason=error.reason, domain="egret"))
+        details.append(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN))
+    if isinstance(error, FailedPrecondition) and error.reason:
+        details.append(
+            error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)
+        )
     if isinstance(error, ResourceExhausted):
         retry = error_details_pb2.RetryInfo()
         retry.retry_delay.FromNanoseconds(int(error.retry_after_s * 1e9))

@@ -22,6 +22,9 @@ def token_verifier(settings: SecuritySettings, pseudonymiser: Pseudonymiser | No
         jwks_file=settings.jwt_jwks_file,
         algorithms=settings.jwt_algorithms,
         subject_key_of=pseudonymiser.subject_key if pseudonymiser is not None else None,
+        generation_keys_of=pseudonymiser.generation_keys
+        if pseudonymiser is not None and pseudonymiser.key
+        else None,
         max_lifetime_s=settings.max_token_lifetime_s,
         claims=_claims(settings.jwt_role_claim, settings.jwt_subject_claim, settings.jwt_role_map),
         more_issuers=[

@@ -6,13 +6,16 @@ Due process: Explain is for the subject itself and the staff who review and audi
 (departments submit events and file disputes through score; they get no explanation of
 anyone's score). The dispute and repair queues are the reviewers' work, readable by
 auditors and admins; a subject lists only its own. Who read a subject's data
-(ListAccessLog) is shown to the subject itself and to auditors and admins."""
+(ListAccessLog) is shown to the subject itself and to auditors and admins. The consent in
+force (GetConsent) is read by the subject itself and by staff stating a purpose. The
+benefits catalogue is published: the portal's public pages read it with a service token
+holding egret.public.read."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from kit.auth import CallPolicy, Principal, Role, allow
+from kit.auth import SCOPE_PUBLIC_READ, CallPolicy, Principal, Role, allow
 from kit.errors import PermissionDenied
 from services.query.domain import current_key
 
@@ -28,7 +31,16 @@ POLICY: Mapping[str, CallPolicy] = {
     _RPC + "CheckEligibility": allow(Role.BENEFIT_PROVIDER, Role.SUBJECT, *_STAFF),
     _RPC + "BatchGetScores": allow(*_STAFF, cost=10),
     _RPC + "GetTierDistribution": allow(*_STAFF, cost=20),
-    _RPC + "ListBenefits": allow(Role.DEPARTMENT, Role.SUBJECT, Role.BENEFIT_PROVIDER, *_STAFF),
+    # The catalogue is published: the portal's public pages read it with their own token.
+    _RPC + "ListBenefits": allow(
+        Role.DEPARTMENT,
+        Role.SUBJECT,
+        Role.BENEFIT_PROVIDER,
+        *_STAFF,
+        Role.SERVICE,
+        service_scope=SCOPE_PUBLIC_READ,
+    ),
+    _RPC + "GetConsent": allow(Role.SUBJECT, *_STAFF),
     _RPC + "Explain": allow(Role.SUBJECT, *_STAFF, cost=5),
     _RPC + "ListDisputes": allow(Role.SUBJECT, *_STAFF),
     _RPC + "ListRepairApplications": allow(Role.SUBJECT, *_STAFF),

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from kit import reasons
 from kit.errors import FailedPrecondition, InvalidArgument, NotFound, Violation
 from kit.pseudonym import Pseudonymiser, subject_violations
 from services.query.benefits import Benefit, Catalogue, Eligibility, check
@@ -78,10 +79,13 @@ def current_key(key: str) -> str:
 
 @dataclass(frozen=True)
 class SubjectRef:
-    """Exactly one of `subject` and `subject_key` is set in a valid ref."""
+    """Exactly one of `subject`, `subject_key` and `own` is set in a valid ref. `own` is a
+    subject caller naming itself by its token: (key id, key) of every generation of its
+    key, root first (kit.auth.Principal.generation_keys), found as a raw id's keys are."""
 
     subject: RawSubject | None = None
     subject_key: str | None = None
+    own: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,21 @@ class SubjectScore:
     entry_count: int
     lists: tuple[ListMembership, ...] = ()
     next_change_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ConsentView:
+    """The consent in force for a subject at an instant, and whether the policy in force
+    then requires it (False when the subject's kind is not known: no score is held)."""
+
+    consent: Consent | None
+    required: bool
+    as_of: datetime
+    policy_version: str
+
+    @property
+    def granted(self) -> bool:
+        return may_serve(True, self.consent)
 
 
 @dataclass(frozen=True)
@@ -371,8 +390,8 @@ class Reader:
         named = self._named(ref, field)
         if isinstance(named, str):
             return named
-        assert named.kind is not None
-        keys = self._pseudonymiser.subject_keys(named.kind, named.id_scheme, named.id_value)
+        # The current key, then the previous generation's (during a rotation).
+        keys = tuple(key for _, key in reversed(self._generations(named)[-2:]))
         current = keys[0]
         if len(keys) == 1 or self._score_keys_current():
             return SubjectKey(current, current)
@@ -387,9 +406,14 @@ class Reader:
         named = self._named(ref, field)
         if isinstance(named, str):
             return (named,)
+        return tuple(key for _, key in self._generations(named))
+
+    def _generations(self, named: RawSubject | tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+        """(key id, key) of every generation of a raw id's or a subject token's key."""
+        if isinstance(named, tuple):
+            return named
         assert named.kind is not None
-        keys = self._pseudonymiser.generation_keys(named.kind, named.id_scheme, named.id_value)
-        return tuple(key for _, key in keys)
+        return self._pseudonymiser.generation_keys(named.kind, named.id_scheme, named.id_value)
 
     def same_subject(self, stored_key: str, current: str | None) -> bool:
         """Whether a key read from score's rows is of the subject whose current key is
@@ -400,8 +424,9 @@ class Reader:
             chain.previous_key_id is not None and chain.rekey(stored_key, chain.previous_key_id) == current
         )
 
-    def _named(self, ref: SubjectRef, field: str) -> RawSubject | str:
-        """The valid raw id or subject key `ref` names; InvalidArgument listing every problem."""
+    def _named(self, ref: SubjectRef, field: str) -> RawSubject | str | tuple[tuple[str, str], ...]:
+        """The valid raw id, subject key or token's keys `ref` names; InvalidArgument listing
+        every problem."""
         if ref.subject_key is not None:
             if not _SUBJECT_KEY.match(ref.subject_key):
                 raise InvalidArgument(
@@ -409,6 +434,8 @@ class Reader:
                     [Violation(f"{field}.subject_key", "must be 64 lower-case hex digits", "INVALID")],
                 )
             return ref.subject_key
+        if ref.own:
+            return ref.own
         raw = ref.subject
         if raw is None:
             raise InvalidArgument(
@@ -469,7 +496,9 @@ class Reader:
             raise FailedPrecondition(
                 f"{len(refused)} of the {len(keys)} subjects (at positions "
                 f"{', '.join(map(str, refused))}) have not given the consent the score policy "
-                "requires; no score is served for them"
+                "requires; no score is served for them",
+                reasons.CONSENT_REQUIRED,
+                {"as_of": when.isoformat(), "positions": ",".join(map(str, refused))},
             )
         return views
 
@@ -531,8 +560,22 @@ class Reader:
         if policy.consent_required and not may_serve(True, self._store.consent_at(key, when)):
             raise FailedPrecondition(
                 "the score policy requires the subject's consent to serve a score, and the subject "
-                f"has not given it (as of {when.isoformat()}); their events are still recorded"
+                f"has not given it (as of {when.isoformat()}); their events are still recorded",
+                reasons.CONSENT_REQUIRED,
+                {"as_of": when.isoformat()},
             )
+
+    def consent(self, ref: SubjectRef, as_of: datetime | None = None) -> ConsentView:
+        """The consent in force for `ref`'s subject at `as_of` (now by default). Never
+        refused for want of consent: this read is how a subject learns it has none."""
+        key = self.subject_key(ref)
+        when, _ = self._instant(as_of)
+        named = self._named(ref, "subject")
+        stored = self._store.score(key)
+        kind = stored.subject_kind if stored is not None else getattr(named, "kind", None)
+        policy = self._policies().at(when)
+        required = kind is not None and policy.for_kind(kind).consent_required
+        return ConsentView(self._store.consent_at(key, when), required, when, policy.version)
 
     def policies(self) -> PolicyBook:
         """Every activated policy (cached), for reads that score themselves."""

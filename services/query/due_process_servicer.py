@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from egret.common.v1 import subject_pb2
 from egret.query.v1 import query_service_pb2 as pb
 from kit import audit
-from kit.auth import Principal, Role, current_principal
+from kit.auth import Role, current_principal
 from kit.db import run_blocking
 from kit.errors import InvalidArgument, NotFound, Unavailable
 from kit.logging import get_logger
@@ -65,7 +65,13 @@ from services.query.servicer import (
 )
 from services.score.domain import EntryStatus, View
 from services.score.due_process import EntryFacts
-from services.score.servicer import DISPUTE_STATUSES, REPAIR_STATUSES, dispute_message, repair_message
+from services.score.servicer import (
+    DISPUTE_STATUSES,
+    REPAIR_STATUSES,
+    consent_message,
+    dispute_message,
+    repair_message,
+)
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -98,7 +104,8 @@ def _subject_named(ref: subject_pb2.SubjectRef) -> bool:
 
 def _identifiers(refs: Iterable[subject_pb2.SubjectRef]) -> list[str]:
     """The identifiers the requests names, which its purpose note must not repeat."""
-    return [r.subject.id_value if r.WhichOneof("ref") == "subject" else r.subject_key for r in refs]
+    named = (r.subject.id_value if r.WhichOneof("ref") == "subject" else r.subject_key for r in refs)
+    return [identifier for identifier in named if identifier]
 
 
 def annotate_entry(message: pb.LedgerEntry, facts: EntryFacts | None, now: datetime) -> pb.LedgerEntry:
@@ -385,14 +392,12 @@ class DueProcessQueryServicer(QueryServicer):
 
     def _list_filter(self, ref: subject_pb2.SubjectRef, status: str | None, overdue_only: bool) -> ListFilter:
         principal = current_principal()
-        key = self._reader.subject_key(subject_ref(ref)) if _subject_named(ref) else None
-        if principal is not None and principal.role is Role.SUBJECT:
-            # A subject lists only its own: the filter is forced to its key (as read from
-            # score's store when it named itself, else its token's).
-            token_key = _own_subject_key(principal)  # hashed by this instance: current
-            own = SubjectKey(token_key, token_key)
-            require_own_subject(principal, key or own)
-            key = key or own
+        subject = principal is not None and principal.role is Role.SUBJECT
+        # A subject lists only its own: the filter is forced to its key (named, or its token's:
+        # an unset ref names the subject caller itself, found as a raw id is).
+        key = self._reader.subject_key(subject_ref(ref)) if subject or _subject_named(ref) else None
+        if subject and key is not None:
+            require_own_subject(principal, key)
         return ListFilter(status=status, subject_key=key, overdue_only=overdue_only)
 
     async def _record_listed(
@@ -436,6 +441,28 @@ class DueProcessQueryServicer(QueryServicer):
             next_page_token=page.next_page_token,
         )
 
+    # --- GetConsent ------------------------------------------------------------------------
+
+    async def GetConsent(self, request: pb.GetConsentRequest, context: Any) -> pb.GetConsentResponse:
+        key = self._own_key(request.subject)
+        purpose = self._purpose(request, request.subject)
+        as_of = to_datetime(request.as_of) if request.HasField("as_of") else None
+        view = await self._serve(
+            "GetConsent",
+            [key],
+            purpose,
+            run_blocking(self._executor, self._reader.consent, subject_ref(request.subject), as_of),
+        )
+        response = pb.GetConsentResponse(
+            granted=view.granted,
+            consent_required=view.required,
+            as_of=to_timestamp(view.as_of),
+            policy_version=view.policy_version,
+        )
+        if view.consent is not None:
+            response.consent.CopyFrom(consent_message(view.consent))
+        return response
+
     # --- ListAccessLog ---------------------------------------------------------------------
 
     async def ListAccessLog(self, request: pb.ListAccessLogRequest, context: Any) -> pb.ListAccessLogResponse:
@@ -455,12 +482,6 @@ class DueProcessQueryServicer(QueryServicer):
             records=[access_record_message(r) for r in page],
             next_page_token=encode_token(page[-1].seq) if len(rows) > size else "",
         )
-
-
-def _own_subject_key(principal: Principal) -> str:
-    if not principal.subject_key:
-        raise NotFound("this service cannot tell which subject you are")
-    return principal.subject_key
 
 
 def access_record_message(entry: AccessEntry) -> pb.AccessRecord:

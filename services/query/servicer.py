@@ -46,12 +46,18 @@ log = get_logger(__name__)
 
 
 def subject_ref(ref: subject_pb2.SubjectRef) -> SubjectRef:
+    """The domain form of a request's SubjectRef. Unset, it names the caller when the caller
+    is a subject (its token's keys); for anyone else it stays unset, and the read refuses it
+    (INVALID_ARGUMENT, REQUIRED)."""
     which = ref.WhichOneof("ref")
     if which == "subject_key":
         return SubjectRef(subject_key=ref.subject_key)
     if which == "subject":
         raw = ref.subject
         return SubjectRef(subject=RawSubject(SUBJECT_KIND_NAMES.get(raw.kind), raw.id_scheme, raw.id_value))
+    principal = current_principal()
+    if principal is not None and principal.role is Role.SUBJECT and principal.subject_key:
+        return SubjectRef(own=principal.generation_keys or (("", principal.subject_key),))
     return SubjectRef()
 
 

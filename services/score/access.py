@@ -1,6 +1,8 @@
 """Who may call ScoreService: rules (a service token with the apply scope) delivers
-outcomes; admins change the policy, reviewers preview it; auditors verify and read. Due process: subjects and
-departments file disputes, subjects apply for repair, reviewers decide both; consent is
+outcomes; admins change the policy, reviewers preview it; auditors verify and read; the
+active policy is published to every role and the portal's public token (egret.public.read).
+Due process: subjects and departments file disputes, subjects apply for repair, reviewers
+decide both; consent is
 set by its subject or recorded by reviewers and admins. Per-datum checks (own entries,
 own events, own consent) are in services.score.due_process."""
 
@@ -8,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from kit.auth import SCOPE_APPLY_OUTCOMES, CallPolicy, Role, allow
+from kit.auth import SCOPE_APPLY_OUTCOMES, SCOPE_PUBLIC_READ, CallPolicy, Role, allow
 
 _RPC = "/egret.score.v1.ScoreService/"
 
@@ -19,6 +21,17 @@ POLICY: Mapping[str, CallPolicy] = {
     _RPC + "PreviewPolicy": allow(Role.ADMIN, Role.REVIEWER, cost=50),
     _RPC + "ActivatePolicy": allow(Role.ADMIN, cost=10),
     _RPC + "ListPolicies": allow(Role.ADMIN, Role.REVIEWER, Role.AUDITOR),
+    # The active policy is published: anyone signed in, and the portal's public pages.
+    _RPC + "GetActivePolicy": allow(
+        Role.ADMIN,
+        Role.REVIEWER,
+        Role.AUDITOR,
+        Role.SUBJECT,
+        Role.DEPARTMENT,
+        Role.BENEFIT_PROVIDER,
+        Role.SERVICE,
+        service_scope=SCOPE_PUBLIC_READ,
+    ),
     _RPC + "FileDispute": allow(Role.SUBJECT, Role.DEPARTMENT),
     _RPC + "ResolveDispute": allow(Role.REVIEWER),
     _RPC + "ApplyForRepair": allow(Role.SUBJECT),

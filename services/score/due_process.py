@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
+from kit import reasons
 from kit.auth import Principal, Role
 from kit.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Violation
 from kit.pseudonym import Pseudonymiser
@@ -266,9 +267,15 @@ class DueProcess:
                 # The same answer as for a missing entry, so existence does not leak.
                 raise NotFound(f"no ledger entry {entry_id!r}")
             if any(d.status == OPEN for d in facts.disputes):
-                raise FailedPrecondition(f"entry {entry_id!r} already has an open dispute")
+                raise FailedPrecondition(
+                    f"entry {entry_id!r} already has an open dispute", reasons.DISPUTE_ALREADY_OPEN
+                )
             if facts.status in (EntryStatus.REVERSED, EntryStatus.REPAIRED):
-                raise FailedPrecondition(f"entry {entry_id!r} is {facts.status.value}; it no longer counts")
+                raise FailedPrecondition(
+                    f"entry {entry_id!r} is {facts.status.value}; it no longer counts",
+                    reasons.ENTRY_NOT_DISPUTABLE,
+                    {"status": facts.status.value},
+                )
             by, role = _actor(principal)
             deadline = now + self._ledger.policy.due_process.dispute_deadline
             dispute = tx.add_dispute(
@@ -313,7 +320,11 @@ class DueProcess:
             # Read again under the subject's lock: a concurrent decision may have won.
             dispute = next(d for d in facts.disputes if d.dispute_id == number)
             if dispute.status != OPEN:
-                raise FailedPrecondition(f"dispute {dispute_id} was decided before ({dispute.status})")
+                raise FailedPrecondition(
+                    f"dispute {dispute_id} was decided before ({dispute.status})",
+                    reasons.ALREADY_DECIDED,
+                    {"status": dispute.status},
+                )
             by, _ = _actor(principal)
             decided = replace(
                 dispute,
@@ -371,24 +382,41 @@ class DueProcess:
             entry = facts.entry
             if entry.points >= 0:
                 raise FailedPrecondition(
-                    f"entry {entry_id!r} is not negative; only negative entries are repaired"
+                    f"entry {entry_id!r} is not negative; only negative entries are repaired",
+                    reasons.ENTRY_NOT_NEGATIVE,
                 )
             if not counts_at(facts.scored, policy.for_kind(entry.subject_kind), now):
+                why, words = _why_not(facts, now)
                 raise FailedPrecondition(
-                    f"entry {entry_id!r} does not count now ({_why_not(facts, now)}); "
-                    "there is nothing to repair"
+                    f"entry {entry_id!r} does not count now ({words}); there is nothing to repair",
+                    reasons.ENTRY_NOT_COUNTING,
+                    {"why": why},
                 )
             if any(r.status == PENDING for r in facts.repairs):
-                raise FailedPrecondition(f"entry {entry_id!r} already has a pending repair application")
+                raise FailedPrecondition(
+                    f"entry {entry_id!r} already has a pending repair application",
+                    reasons.REPAIR_ALREADY_PENDING,
+                )
             period = policy.due_process.repair_min_period(entry.severity)
             if period is None:
-                raise FailedPrecondition(f"entries of severity {entry.severity!r} cannot be repaired")
+                raise FailedPrecondition(
+                    f"entries of severity {entry.severity!r} cannot be repaired",
+                    reasons.SEVERITY_NOT_REPAIRABLE,
+                    {"severity": entry.severity},
+                )
             possible = repair_possible_from(entry, period)
             if now < possible:
                 raise FailedPrecondition(
                     f"a repair of this {entry.severity} entry may be applied for from "
                     f"{possible.date().isoformat()} ({possible.isoformat()}), "
-                    f"{period.days} days after the event"
+                    f"{period.days} days after the event",
+                    reasons.REPAIR_TOO_EARLY,
+                    {
+                        "earliest_date": possible.date().isoformat(),
+                        "earliest_at": possible.isoformat(),
+                        "min_period_days": str(period.days),
+                        "severity": entry.severity,
+                    },
                 )
             due = add_working_days(now, policy.due_process.repair_decision_working_days)
             repair = tx.add_repair(
@@ -422,7 +450,9 @@ class DueProcess:
             repair = next(r for r in facts.repairs if r.application_id == number)
             if repair.status != PENDING:
                 raise FailedPrecondition(
-                    f"repair application {application_id} was decided before ({repair.status})"
+                    f"repair application {application_id} was decided before ({repair.status})",
+                    reasons.ALREADY_DECIDED,
+                    {"status": repair.status},
                 )
             by, _ = _actor(principal)
             decided = replace(
@@ -469,7 +499,8 @@ class DueProcess:
             own = principal.subject_key or ""
             if not own:
                 raise FailedPrecondition(
-                    "this service has no subject key configured; it cannot tell who you are"
+                    "this service has no subject key configured; it cannot tell who you are",
+                    reasons.SUBJECT_NOT_IDENTIFIED,
                 )
             if subject_key and subject_key != own:
                 raise PermissionDenied("a subject may only set its own consent")
@@ -518,10 +549,13 @@ class DueProcess:
         return self._store.overdue_repairs(self._clock(), limit)
 
 
-def _why_not(facts: EntryFacts, now: datetime) -> str:
+def _why_not(facts: EntryFacts, now: datetime) -> tuple[str, str]:
+    """Why a recorded entry does not count at `now`: a reasons.WHY_* code, and in words."""
     status = facts.status
-    if status is not EntryStatus.ACTIVE and status is not EntryStatus.DISPUTED:
-        return str(status.value)
+    if status is EntryStatus.REVERSED:
+        return reasons.WHY_REVERSED, "reversed"
+    if status is EntryStatus.REPAIRED:
+        return reasons.WHY_REPAIRED, "repaired"
     if any(d.overdue(now) for d in facts.disputes):
-        return "disputed past the deadline"
-    return "expired"
+        return reasons.WHY_DISPUTE_PAST_DEADLINE, "disputed past the deadline"
+    return reasons.WHY_EXPIRED, "expired"

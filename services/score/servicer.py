@@ -443,6 +443,17 @@ class ScoreServicer(pb_grpc.ScoreServiceServicer):
             ]
         )
 
+    async def GetActivePolicy(
+        self, request: pb.GetActivePolicyRequest, context: Any
+    ) -> pb.GetActivePolicyResponse:
+        # Who activated it is left out: the published policy is the document and its date.
+        active = self._ledger.policies.activations[-1]
+        return pb.GetActivePolicyResponse(
+            version=active.policy.version,
+            activated_at=to_timestamp(active.activated_at),
+            policy_yaml=active.document,
+        )
+
     def _due(self) -> DueProcess:
         assert self._due_process is not None, "the servicer was built without due process"
         return self._due_process

@@ -44,7 +44,7 @@ from tests.integration.test_security import secured
 from tests.support.outcomes import outcome
 from tests.support.purposes import purposed
 from tests.support.servers import running
-from tests.support.status import bad_request
+from tests.support.status import bad_request, error_info
 
 T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)  # a Monday
 DAY = timedelta(days=1)
@@ -761,3 +761,120 @@ async def test_explain_is_served_without_positive_behaviours_when_rules_is_down(
             await pb_grpc.QueryServiceStub(query_channel).Explain(pb.ExplainRequest(subject=key()))
         ).explanation
         assert (x.score, list(x.positive_behaviours)) == (1030, [])
+
+
+def myself() -> subject_pb2.SubjectRef:
+    """An unset SubjectRef: for a subject caller, the subject its token names."""
+    return subject_pb2.SubjectRef()
+
+
+async def test_consent_in_force_is_read_by_its_subject_and_by_staff_stating_a_purpose(
+    consenting: Egret,
+) -> None:
+    e = consenting
+    await e.apply(entry("a1", 10, "civic", days_ago=5))
+    never = await e.alice.GetConsent(pb.GetConsentRequest(subject=myself()))
+    assert (never.HasField("consent"), never.granted, never.consent_required) == (False, False, True)
+    assert never.as_of.ToDatetime(UTC) == T0
+    assert never.policy_version
+    # Without consent a score read is refused with a reason a client can word.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await e.alice.GetScore(pb.GetScoreRequest(subject=myself()))
+    assert error_info(caught.value) == ("egret.city", "CONSENT_REQUIRED", {"as_of": T0.isoformat()})
+    await e.score(ALICE_ID, Role.SUBJECT).SetConsent(score_pb.SetConsentRequest(granted=True))
+    given = await e.alice.GetConsent(pb.GetConsentRequest(subject=key()))
+    assert (given.granted, given.consent.granted, given.consent.subject_key) == (True, True, ALICE)
+    assert given.consent.effective_at.ToDatetime(UTC) == T0
+    # Read at an instant before it was given: none in force then.
+    e.clock.now = T0 + DAY
+    before = await e.alice.GetConsent(pb.GetConsentRequest(as_of=to_timestamp(T0 - DAY)))
+    assert (before.HasField("consent"), before.granted) == (False, False)
+    # Staff state a purpose and name the subject; another subject may not read it.
+    reviewer = e.query("reviewer-7", Role.REVIEWER)
+    assert await refused(reviewer.GetConsent(pb.GetConsentRequest(subject=key()))) == [
+        ("purpose", "REQUIRED")
+    ]
+    assert await refused(reviewer.GetConsent(pb.GetConsentRequest(purpose="subject-request"))) == [
+        ("subject", "REQUIRED")
+    ]
+    staff = await reviewer.GetConsent(pb.GetConsentRequest(subject=key(), purpose="subject-request"))
+    assert staff.granted
+    assert await code_of(e.bob.GetConsent(pb.GetConsentRequest(subject=key()))) is (
+        grpc.StatusCode.PERMISSION_DENIED
+    )
+    # Each read is on the subject's access log, as every read of its data.
+    records = [(x.method, x.role, x.purpose) for x in await access_log(e)]
+    assert records[:2] == [
+        ("ListAccessLog", "auditor", "audit"),
+        ("GetConsent", "reviewer", "subject-request"),
+    ]
+    assert [m for m, _, _ in records].count("GetConsent") == 4
+
+
+async def test_a_subject_names_itself_by_its_token_and_staff_must_name_the_subject(egret: Egret) -> None:
+    await egret.apply(
+        entry("a1", -5, "transport", days_ago=3), entry("b1", 2, "civic", days_ago=1, subject_key=BOB)
+    )
+    await egret.dispute("a1")
+    alice = egret.alice
+    assert (await alice.GetScore(pb.GetScoreRequest(subject=myself()))).score.subject_key == ALICE
+    assert (await alice.GetScore(pb.GetScoreRequest())).score.score == 995
+    entries = await alice.ListEntries(pb.ListEntriesRequest())
+    assert [x.entry_id for x in entries.entries] == ["a1"]
+    assert (await alice.ListScoreHistory(pb.ListScoreHistoryRequest())).changes
+    assert (await alice.Explain(pb.ExplainRequest())).explanation.subject_key == ALICE
+    eligibility = await alice.CheckEligibility(pb.CheckEligibilityRequest(benefit_id="library.deposit_free"))
+    assert eligibility.reasons
+    disputes = await alice.ListDisputes(pb.ListDisputesRequest())
+    assert [d.entry_id for d in disputes.disputes] == ["a1"]
+    assert not (await alice.GetConsent(pb.GetConsentRequest())).granted
+    # Bob's token names Bob: his own data, never Alice's.
+    assert (await egret.bob.GetScore(pb.GetScoreRequest())).score.subject_key == BOB
+    own = await alice.ListAccessLog(pb.ListAccessLogRequest())
+    assert [x.method for x in own.records] == [
+        "ListAccessLog",
+        "GetConsent",
+        "ListDisputes",
+        "CheckEligibility",
+        "Explain",
+        "ListScoreHistory",
+        "ListEntries",
+        "GetScore",
+        "GetScore",
+    ]
+    assert {x.role for x in own.records} == {"subject"}
+    # Staff name the subject: an unset SubjectRef is a field violation, and nothing is recorded.
+    reviewer = egret.reviewer
+    for call in (
+        reviewer.GetScore(pb.GetScoreRequest()),
+        reviewer.ListEntries(pb.ListEntriesRequest()),
+        reviewer.ListScoreHistory(pb.ListScoreHistoryRequest()),
+        reviewer.Explain(pb.ExplainRequest()),
+        reviewer.CheckEligibility(pb.CheckEligibilityRequest(benefit_id="library.deposit_free")),
+        reviewer.GetConsent(pb.GetConsentRequest()),
+        purposed(egret.query("auditor-1", Role.AUDITOR), "audit").ListAccessLog(pb.ListAccessLogRequest()),
+    ):
+        assert await refused(call) == [("subject", "REQUIRED")]
+    assert len(await access_log(egret)) == len(own.records) + 1
+
+
+async def test_the_portals_public_token_reads_the_catalogue_and_nothing_personal(egret: Egret) -> None:
+    await egret.apply(entry("a1", 10, "civic", days_ago=5))
+    public = egret.pki.channel(egret.query_address, egret.pki.service_token("portal"))
+    egret.channels.append(public)
+    query = pb_grpc.QueryServiceStub(public)
+    benefits = await query.ListBenefits(pb.ListBenefitsRequest())
+    assert "library.deposit_free" in [b.benefit_id for b in benefits.benefits]
+    for call in (
+        query.GetScore(pb.GetScoreRequest(subject=key(), purpose="audit")),
+        query.ListEntries(pb.ListEntriesRequest(subject=key(), purpose="audit")),
+        query.GetConsent(pb.GetConsentRequest(subject=key(), purpose="audit")),
+        query.ListDisputes(pb.ListDisputesRequest(purpose="audit")),
+    ):
+        assert await code_of(call) is grpc.StatusCode.PERMISSION_DENIED
+    # Another service's token lacks the scope.
+    other = egret.pki.channel(egret.query_address, egret.pki.service_token("rules"))
+    egret.channels.append(other)
+    assert await code_of(pb_grpc.QueryServiceStub(other).ListBenefits(pb.ListBenefitsRequest())) is (
+        grpc.StatusCode.PERMISSION_DENIED
+    )

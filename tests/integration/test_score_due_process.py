@@ -35,7 +35,7 @@ from tests.integration.test_score_service import score_settings
 from tests.support.events import TEST_SUBJECT_KEY
 from tests.support.outcomes import outcome
 from tests.support.servers import running
-from tests.support.status import bad_request
+from tests.support.status import bad_request, error_info
 
 T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)  # a Monday
 DAY = timedelta(days=1)
@@ -263,7 +263,7 @@ async def test_a_dispute_lapses_at_its_deadline_and_counts_again_when_upheld(sco
         ("dispute", f"dispute {filed.dispute_id} upheld: the record is right", [], ["o1"]),
     ]
     # Decided once.
-    await expect(
+    error = await expect(
         grpc.StatusCode.FAILED_PRECONDITION,
         score.reviewer.ResolveDispute(
             pb.ResolveDisputeRequest(
@@ -271,6 +271,7 @@ async def test_a_dispute_lapses_at_its_deadline_and_counts_again_when_upheld(sco
             )
         ),
     )
+    assert error_info(error) == ("egret.city", "ALREADY_DECIDED", {"status": "upheld"})
 
 
 async def test_an_overturned_dispute_reverses_the_entry(score: Score) -> None:
@@ -290,10 +291,11 @@ async def test_an_overturned_dispute_reverses_the_entry(score: Score) -> None:
         [],
     )
     # A reversed entry is not disputed again.
-    await expect(
+    error = await expect(
         grpc.StatusCode.FAILED_PRECONDITION,
         score.alice.FileDispute(pb.FileDisputeRequest(entry_id="o1", statement="again")),
     )
+    assert error_info(error) == ("egret.city", "ENTRY_NOT_DISPUTABLE", {"status": "reversed"})
 
 
 async def test_who_may_dispute_and_what_a_request_must_hold(score: Score) -> None:
@@ -324,10 +326,11 @@ async def test_who_may_dispute_and_what_a_request_must_hold(score: Score) -> Non
     library = score.as_("library", Role.DEPARTMENT)
     filed = (await library.FileDispute(pb.FileDisputeRequest(entry_id="o1", statement="our error"))).dispute
     assert filed.filed_by == "library"
-    await expect(
+    error = await expect(
         grpc.StatusCode.FAILED_PRECONDITION,
         score.alice.FileDispute(pb.FileDisputeRequest(entry_id="o1", statement="x")),
     )
+    assert error_info(error) == ("egret.city", "DISPUTE_ALREADY_OPEN", {})
     error = await expect(
         grpc.StatusCode.INVALID_ARGUMENT,
         score.reviewer.ResolveDispute(pb.ResolveDisputeRequest(dispute_id=filed.dispute_id, reason="")),
@@ -360,10 +363,19 @@ async def test_repair_waits_for_the_minimum_period_then_an_approval_ends_the_ent
         score.alice.ApplyForRepair(pb.ApplyForRepairRequest(entry_id="s1", evidence="paid")),
     )
     assert (T0 + 65 * DAY).date().isoformat() in (error.details() or "")
-    await expect(
+    domain, reason, metadata = error_info(error)
+    assert (domain, reason) == ("egret.city", "REPAIR_TOO_EARLY")
+    assert metadata == {
+        "earliest_date": (T0 + 65 * DAY).date().isoformat(),
+        "earliest_at": (T0 + 65 * DAY).isoformat(),
+        "min_period_days": "365",
+        "severity": "serious",
+    }
+    error = await expect(
         grpc.StatusCode.FAILED_PRECONDITION,
         score.alice.ApplyForRepair(pb.ApplyForRepairRequest(entry_id="p1", evidence="x")),
     )
+    assert error_info(error)[1] == "ENTRY_NOT_NEGATIVE"
     await expect(
         grpc.StatusCode.NOT_FOUND,
         score.bob.ApplyForRepair(pb.ApplyForRepairRequest(entry_id="s1", evidence="x")),
@@ -379,10 +391,11 @@ async def test_repair_waits_for_the_minimum_period_then_an_approval_ends_the_ent
     assert application.status == dp.REPAIR_STATUS_PENDING
     # Three working days over the weekend: Friday -> Wednesday.
     assert application.decision_due.ToDatetime(UTC) == T0 + 70 * DAY
-    await expect(
+    error = await expect(
         grpc.StatusCode.FAILED_PRECONDITION,
         score.alice.ApplyForRepair(pb.ApplyForRepairRequest(entry_id="s1", evidence="again")),
     )
+    assert error_info(error)[1] == "REPAIR_ALREADY_PENDING"
     before = score.score(ALICE)
     score.clock.now = T0 + 71 * DAY
     decided = (
@@ -402,7 +415,7 @@ async def test_repair_waits_for_the_minimum_period_then_an_approval_ends_the_ent
         ["s1"],
         [],
     )
-    await expect(
+    error = await expect(
         grpc.StatusCode.FAILED_PRECONDITION,
         score.reviewer.DecideRepair(
             pb.DecideRepairRequest(
@@ -410,6 +423,7 @@ async def test_repair_waits_for_the_minimum_period_then_an_approval_ends_the_ent
             )
         ),
     )
+    assert error_info(error) == ("egret.city", "ALREADY_DECIDED", {"status": "approved"})
     await expect(
         grpc.StatusCode.PERMISSION_DENIED,
         score.as_("library", Role.DEPARTMENT).ApplyForRepair(
