@@ -18,8 +18,8 @@ cluster was already running, `start()` restarts query and score first so that th
 accept the provider's tokens. `stop()` (or leaving the block) ends both processes.
 
 The portal calls query and score over TLS with the local PKI's CA, its own client
-certificate (score requires mutual TLS) and, for the public pages only, a service token
-with the rules read scope; people's pages use the signed-in person's own token.
+certificate (score requires mutual TLS) and, for the public pages only, its service token
+(the portal's scopes in kit.auth.SERVICE_SCOPES); people's pages use the signed-in person's own token.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from devtools.cluster import Cluster, ClusterError, free_port
 from devtools.localpki import PORTAL
 from devtools.oidc.config import DEFAULT_PASSWORD, SAMPLE_RESIDENT_ID, SAMPLE_USCC, Account, sample_accounts
 from devtools.oidc_provider import command, verifier_env, write_jwks
-from kit.auth import SCOPE_READ_RULE_SETS, Role
 
 CLIENT_ID = "egret-portal"
 # Services the provider's tokens reach through the portal: restarted to trust it if running.
@@ -92,10 +91,9 @@ class PortalStack:
         self.client_secret_file = self._secret("client.secret", os.urandom(24).hex())
         # One key, 64 hex characters: above the portal's 32-byte minimum.
         self.session_secret_file = self._secret("session.key", os.urandom(32).hex())
-        # The public pages' reads only (the active rule set); 24 h, as the services' own tokens.
-        self.service_token_file = self._secret(
-            "portal.token", self.pki.token("egret-portal", Role.SERVICE, scopes=(SCOPE_READ_RULE_SETS,))
-        )
+        # The public pages' reads only (kit.auth.SERVICE_SCOPES["portal"]: published rules,
+        # policy and benefits); 24 h, as the services' own tokens.
+        self.service_token_file = self._secret("portal.token", self.pki.service_token(PORTAL))
         self._resident_id = resident_id
         self._uscc = uscc
         self._portal_env = dict(portal_env or {})
