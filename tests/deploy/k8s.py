@@ -10,6 +10,7 @@ from typing import Any
 from deploy.k8s.render import Manifest, hooks
 
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Job", "Pod")
+PORTAL = "portal"
 
 
 def of_kind(manifests: list[Manifest], kind: str) -> list[Manifest]:
@@ -37,8 +38,19 @@ def pods(manifests: list[Manifest]) -> Iterator[tuple[Manifest, dict[str, Any], 
             yield manifest, metadata, spec
 
 
+def component_of(manifest: Manifest) -> str:
+    return str(manifest["metadata"]["labels"]["app.kubernetes.io/component"])
+
+
 def services_deployments(manifests: list[Manifest]) -> list[Manifest]:
-    return [m for m in of_kind(manifests, "Deployment") if not hooks(m)]
+    """The gRPC services' Deployments (the portal, an HTTP front end, is checked on its own)."""
+    return [
+        m for m in of_kind(manifests, "Deployment") if not hooks(m) and component_of(m) != PORTAL
+    ]
+
+
+def portal_deployments(manifests: list[Manifest]) -> list[Manifest]:
+    return [m for m in of_kind(manifests, "Deployment") if component_of(m) == PORTAL]
 
 
 def matches(selector: Mapping[str, Any] | None, labels: Mapping[str, str]) -> bool:

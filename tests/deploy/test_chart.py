@@ -29,6 +29,7 @@ from tests.deploy.k8s import (
     of_kind,
     pod_template,
     pods,
+    portal_deployments,
     services_deployments,
 )
 
@@ -69,10 +70,17 @@ def test_helm_lint_strict_reports_no_warning_or_error(values_file: Path) -> None
     assert (problems, report["errors"]) == ([], [])
 
 
+# Kinds from CRDs whose schemas kubernetes-validate does not ship (Gateway API's HTTPRoute):
+# test_the_portals_http_route_attaches_to_the_gateway_and_serves_the_public_host checks them.
+CRD_GROUPS = ("gateway.networking.k8s.io/",)
+
+
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
 def test_every_rendered_object_is_valid_kubernetes(rendered: list[Manifest], kube_version: str) -> None:
     assert len(rendered) > 20
     for manifest in rendered:
+        if manifest["apiVersion"].startswith(CRD_GROUPS):
+            continue
         kubernetes_validate.validate(manifest, kube_version, strict=True)
 
 
@@ -191,7 +199,7 @@ def test_every_pod_meets_pod_security_restricted(rendered: list[Manifest]) -> No
 
 def test_service_accounts_do_not_mount_tokens(rendered: list[Manifest]) -> None:
     accounts = of_kind(rendered, "ServiceAccount")
-    assert {a["metadata"]["name"] for a in accounts} == {f"egret-{s}" for s in SERVICES}
+    assert {a["metadata"]["name"] for a in accounts} == {f"egret-{s}" for s in (*SERVICES, "portal")}
     assert all(a["automountServiceAccountToken"] is False for a in accounts)
 
 
@@ -249,7 +257,7 @@ def test_high_availability_autoscales_ingest_and_query(render_objects: RenderObj
         h["spec"]["scaleTargetRef"]["name"]
         for h in of_kind(render_objects(values), "HorizontalPodAutoscaler")
     }
-    assert scaled == {"egret-ingest", "egret-query"}
+    assert scaled == {"egret-ingest", "egret-query", "egret-portal"}
 
 
 # -- secrets and configuration -------------------------------------------------------------
@@ -286,6 +294,11 @@ def test_secrets_are_referenced_never_inlined_by_default(render_objects: RenderO
         ("egret-ingest-token", "token"),
         ("egret-rules-token", "token"),
         ("egret-query-token", "token"),
+        # The portal: its client certificate, its token for the public pages, its two secrets.
+        *(("egret-portal-tls", key) for key in TLS_KEYS),
+        ("egret-portal-token", "token"),
+        ("egret-portal-oidc", "client-secret"),
+        ("egret-portal-session", "session-secret"),
     }
     text = yaml.safe_dump_all(manifests)
     assert "postgresql" not in text
@@ -305,6 +318,10 @@ def test_existing_secrets_are_referenced_by_the_given_names(render_objects: Rend
         "egret-ingest-svc-token",
         "egret-rules-svc-token",
         "egret-query-svc-token",
+        "egret-portal-client-cert",
+        "egret-portal-svc-token",
+        "egret-portal-client",
+        "egret-portal-cookies",
     }
     ingest = named(manifests, "Deployment", "egret-ingest")
     _, spec = pod_template(ingest)
@@ -332,12 +349,17 @@ def test_created_secrets_exist_before_the_migration_hooks(render_objects: Render
     manifests = render_objects(
         load_values(CHART_DIR / "ci" / "development-values.yaml") | {"migrations": {"enabled": True}}
     )
-    secrets = of_kind(manifests, "Secret")
-    assert {s["metadata"]["name"] for s in secrets} == {
+    every = {s["metadata"]["name"]: s for s in of_kind(manifests, "Secret")}
+    assert set(every) == {
         "egret-database",
         "egret-subject-key",
         "egret-audit-key",
+        "egret-portal-oidc",
+        "egret-portal-session",
     }
+    # The portal's are release objects: no hook Job reads them.
+    assert not hooks(every.pop("egret-portal-oidc")) | hooks(every.pop("egret-portal-session"))
+    secrets = list(every.values())
     for secret in secrets:
         assert "pre-install" in hooks(secret)
         assert int(secret["metadata"]["annotations"]["helm.sh/hook-weight"]) < 0
@@ -567,11 +589,18 @@ def test_insecure_mode_is_explicit_and_loud() -> None:
         }
         assert env["EGRET_INSECURE"] == "true"
         assert not {"tls", "jwt", "service-token"} & {m["name"] for m in container["volumeMounts"]}
+    (portal,) = portal_deployments(manifests)
+    container = pod_template(portal)[1]["containers"][0]
+    assert security_env(env_of(container)) == {"EGRET_INSECURE"}
+    assert env_of(container)["EGRET_INSECURE"] == "true"
+    assert not {"tls", "service-token"} & {m["name"] for m in container["volumeMounts"]}
     assert "WARNING: INSECURE MODE" in rendered["egret/templates/NOTES.txt"]
     assert {n for n, _ in secret_refs(manifests)} == {
         "egret-database",
         "egret-subject-key",
         "egret-audit-key",
+        "egret-portal-oidc",
+        "egret-portal-session",
     }
 
 
@@ -755,7 +784,10 @@ def test_helm_test_pod_checks_every_service_through_its_service(rendered: list[M
     (test_pod,) = [p for p in of_kind(rendered, "Pod") if "test" in hooks(p)]
     addresses = test_pod["spec"]["containers"][0]["args"][1:]
     expected = {
-        f"{s['metadata']['name']}:{s['spec']['ports'][0]['port']}" for s in of_kind(rendered, "Service")
+        # gRPC health of each service, the portal's /healthz over HTTP.
+        f"http://{name}:{port}/healthz" if s["spec"]["ports"][0]["name"] == "http" else f"{name}:{port}"
+        for s in of_kind(rendered, "Service")
+        for name, port in [(s["metadata"]["name"], s["spec"]["ports"][0]["port"])]
     }
     assert set(addresses) == expected
 

@@ -237,3 +237,58 @@ exec:
     {{- toYaml . | nindent 4 }}
     {{- end }}
 {{- end -}}
+
+{{/* The portal (templates/portal/): its object name, Secrets, public host and mount paths. */}}
+{{- define "egret.portalName" -}}
+{{- printf "%s-portal" (include "egret.fullname" .) -}}
+{{- end -}}
+
+{{- define "egret.portalOidcSecretName" -}}
+{{- default (printf "%s-portal-oidc" (include "egret.fullname" .)) .Values.secrets.portal.oidcClientSecret.name -}}
+{{- end -}}
+
+{{- define "egret.portalSessionSecretName" -}}
+{{- default (printf "%s-portal-session" (include "egret.fullname" .)) .Values.secrets.portal.sessionSecret.name -}}
+{{- end -}}
+
+{{/* The identity provider the portal signs people in with: by default the services' token issuer. */}}
+{{- define "egret.portalIssuer" -}}
+{{- default .Values.security.jwt.issuer .Values.portal.oidc.issuer | trimSuffix "/" -}}
+{{- end -}}
+
+{{/* The host of portal.publicUrl, which the Ingress and the HTTPRoute serve. */}}
+{{- define "egret.portalHost" -}}
+{{- (urlParse .Values.portal.publicUrl).hostname -}}
+{{- end -}}
+
+{{- define "egret.portalOidcDir" -}}/var/run/secrets/egret/portal-oidc{{- end -}}
+{{- define "egret.portalSessionDir" -}}/var/run/secrets/egret/portal-session{{- end -}}
+{{- define "egret.portalOidcCaDir" -}}/var/run/secrets/egret/portal-oidc-ca{{- end -}}
+
+{{/* Fails rendering on portal values the schema cannot express. */}}
+{{- define "egret.validatePortal" -}}
+{{- $portal := .Values.portal -}}
+{{- if $portal.enabled -}}
+{{- $secrets := .Values.secrets.portal -}}
+{{- if and .Values.secrets.create (not $secrets.oidcClientSecret.value) -}}
+{{- fail "secrets.create with portal.enabled needs secrets.portal.oidcClientSecret.value" -}}
+{{- end -}}
+{{- if .Values.secrets.create -}}
+{{- range $line := splitList "\n" $secrets.sessionSecret.value -}}
+{{- if and (trim $line) (lt (len (trim $line)) 32) -}}
+{{- fail "secrets.portal.sessionSecret.value: every session key must be at least 32 bytes" -}}
+{{- end -}}
+{{- end -}}
+{{- if not (trim $secrets.sessionSecret.value) -}}
+{{- fail "secrets.create with portal.enabled needs secrets.portal.sessionSecret.value (at least 32 bytes)" -}}
+{{- end -}}
+{{- end -}}
+{{- if and $portal.httpRoute.enabled (not $portal.httpRoute.parentRefs) -}}
+{{- fail "portal.httpRoute.parentRefs: name the Gateway the HTTPRoute attaches to" -}}
+{{- end -}}
+{{- $idp := .Values.networkPolicy.identityProvider -}}
+{{- if and .Values.networkPolicy.enabled (not $idp.cidrs) (not $idp.to) -}}
+{{- fail "networkPolicy.identityProvider: name the identity provider's addresses (cidrs) or peers (to); both empty would let the portal reach any address on its ports" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
