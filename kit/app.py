@@ -20,7 +20,7 @@ from kit.db import create_engine, make_session_factory
 from kit.logging import configure_logging, get_logger
 from kit.migrations import upgrade
 from kit.pseudonym import Pseudonymiser
-from kit.rekey import KeyedStore, needs_rekey, rekey
+from kit.rekey import KeyedStore, StaleKeyGeneration, needs_rekey, rekey
 from kit.server import BackgroundLoop, Service, serve
 from kit.settings import CommonSettings, SettingsError
 from kit.tracing import configure_tracing
@@ -183,51 +183,57 @@ def run_cli(
     configure_logging(name, log_format=common.log_format, level=common.log_level)
     log = get_logger(f"services.{name}")
 
-    if command == "migrate" and migrations_dir is not None:
-        migrate(common, migrations_dir)
-        log.info("migrated")
-        return 0 if keyed is None else rekey_database(common, keyed[0], keyed[1](settings))
-    if command == "rekey" and keyed is not None:
-        return rekey_database(common, keyed[0], keyed[1](settings))
-    if command in extra:
-        return extra[command][1](settings)
-    if command == "verify-audit" and audit is not None:
-        return verify_audit(common, audit[0], audit[1], args.anchor)
-
-    missing = common.security.missing() + ([] if common.security.insecure else common.audit.missing())
-    if missing:
-        print(f"egret-{name}: {SettingsError(missing)}", file=sys.stderr)
-        return 2
     try:
-        provider = configure_tracing(name)
-    except SettingsError as exc:
+        if command == "migrate" and migrations_dir is not None:
+            migrate(common, migrations_dir)
+            log.info("migrated")
+            return 0 if keyed is None else rekey_database(common, keyed[0], keyed[1](settings))
+        if command == "rekey" and keyed is not None:
+            return rekey_database(common, keyed[0], keyed[1](settings))
+        if command in extra:
+            return extra[command][1](settings)
+        if command == "verify-audit" and audit is not None:
+            return verify_audit(common, audit[0], audit[1], args.anchor)
+
+        missing = common.security.missing() + ([] if common.security.insecure else common.audit.missing())
+        if missing:
+            print(f"egret-{name}: {SettingsError(missing)}", file=sys.stderr)
+            return 2
+        try:
+            provider = configure_tracing(name)
+        except SettingsError as exc:
+            print(f"egret-{name}: {exc}", file=sys.stderr)
+            return 2
+        if common.migrate_on_start and migrations_dir is not None:
+            migrate(common, migrations_dir)
+            if keyed is not None:
+                rekey_database(common, keyed[0], keyed[1](settings))
+        elif keyed is not None and not stored_generation_current(common, keyed[0], keyed[1](settings)):
+            generation = keyed[1](settings).current_key_id
+            print(
+                f"egret-{name}: stored subject keys are not of this instance's generation {generation!r}: "
+                f"run `python -m services.{name} migrate` (or `rekey`) first",
+                file=sys.stderr,
+            )
+            return 2
+
+        async def build_and_serve() -> None:
+            # Built inside the running loop: gRPC channels and asyncio objects bind to it.
+            service = build(settings)
+            if audit is not None and common.audit.anchor_file is not None:
+                service.background = [*service.background, audit_anchors(common, audit[1])]
+            await serve(common, service, tracer_provider=provider)
+
+        try:
+            asyncio.run(build_and_serve())
+        except SettingsError as exc:
+            # A setting that contradicts the stored state (found while building) stops start-up
+            # the same way as a bad value.
+            print(f"egret-{name}: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    except StaleKeyGeneration as exc:
+        # Settings of another key generation than the stored keys' (found before serving,
+        # while building, or by a command): stop with the reason, as for a bad setting.
         print(f"egret-{name}: {exc}", file=sys.stderr)
         return 2
-    if common.migrate_on_start and migrations_dir is not None:
-        migrate(common, migrations_dir)
-        if keyed is not None:
-            rekey_database(common, keyed[0], keyed[1](settings))
-    elif keyed is not None and not stored_generation_current(common, keyed[0], keyed[1](settings)):
-        generation = keyed[1](settings).current_key_id
-        print(
-            f"egret-{name}: stored subject keys are not of this instance's generation {generation!r}: "
-            f"run `python -m services.{name} migrate` (or `rekey`) first",
-            file=sys.stderr,
-        )
-        return 2
-
-    async def build_and_serve() -> None:
-        # Built inside the running loop: gRPC channels and asyncio objects bind to it.
-        service = build(settings)
-        if audit is not None and common.audit.anchor_file is not None:
-            service.background = [*service.background, audit_anchors(common, audit[1])]
-        await serve(common, service, tracer_provider=provider)
-
-    try:
-        asyncio.run(build_and_serve())
-    except SettingsError as exc:
-        # A setting that contradicts the stored state (found while building) stops start-up
-        # the same way as a bad value.
-        print(f"egret-{name}: {exc}", file=sys.stderr)
-        return 2
-    return 0

@@ -163,10 +163,19 @@ def _set_marker(connection: Connection, generation: Any, key_id: str, complete: 
 
 def needs_rekey(engine: Engine, store: KeyedStore, pseudonymiser: Pseudonymiser) -> bool:
     """True unless the marker says every stored key is of the current generation. A
-    database without a marker (new, or from before generations) is of the root generation."""
+    database without a marker (new, or from before generations) is of the root generation.
+    StaleKeyGeneration when the stored generation is one the chain does not hold (newer)."""
     with engine.connect() as connection:
         marker = read_marker(connection, store.generation)
     stored = marker or (pseudonymiser.key_id, True)
+    if stored[0] not in pseudonymiser.generations:
+        # An instance of older settings (a pod restarted mid-rollout) must neither serve nor
+        # move keys "back": it cannot, and marking the database would stop every current one.
+        raise StaleKeyGeneration(
+            f"stored subject keys are of generation {stored[0]!r}, which this instance's key chain "
+            f"({', '.join(pseudonymiser.generations)}) does not hold: start it with the current "
+            "subject key settings"
+        )
     return stored != (pseudonymiser.current_key_id, True)
 
 

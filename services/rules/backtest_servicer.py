@@ -46,9 +46,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from egret.rules.v1 import backtest_pb2 as pb
 from kit.db import create_engine, is_sqlite, make_session_factory, run_blocking
-from kit.errors import InvalidArgument, ResourceExhausted, Violation
+from kit.errors import InvalidArgument, ResourceExhausted, Unavailable, Violation
 from kit.logging import get_logger
 from kit.protoconv import to_datetime, to_timestamp
+from kit.pseudonym import Pseudonymiser
+from kit.rekey import GenerationGuard
 from services.ingest.catalogue import Catalogue, load_catalogue
 from services.rules.backtest import (
     Backtest,
@@ -64,6 +66,7 @@ from services.rules.lifecycle import RuleSetLifecycle, StoredRuleSet
 from services.rules.records import engine_event_from_record
 from services.rules.ruleset import RuleSet, rule_set_from_yaml
 from services.rules.settings import RulesSettings
+from services.rules.storage import RulesSubjectKeyGeneration
 from services.score.policy import ScorePolicy, load_policy
 
 log = get_logger(__name__)
@@ -115,12 +118,15 @@ class BacktestHandler:
         clock: Callable[[], datetime],
         workers: int = 1,
         database_url: str | None = None,
+        key_id: str | None = None,
     ) -> None:
         """``database_url`` is what worker processes read the history from; without one
-        (or with one worker) the replay runs in this process."""
+        (or with one worker) the replay runs in this process. ``key_id`` is this instance's
+        subject key generation, which the workers hold the database to (kit.rekey)."""
         self._clock = clock
         self._workers = workers
         self._database_url = database_url if database_url and shareable(database_url) else None
+        self._key_id = key_id
         self._executor = executor
         self._reader = reader
         self._policy = policy
@@ -181,6 +187,7 @@ class BacktestHandler:
                 workers=self._workers,
                 subject_limit=subject_limit,
                 executor=self._executor,
+                key_id=self._key_id,
             )
         if results is not None:
             report = combine(
@@ -271,6 +278,7 @@ def build_backtests(
         clock=lambda: datetime.now(UTC),
         workers=settings.backtest_workers,
         database_url=settings.common.database_url,
+        key_id=Pseudonymiser.from_settings(settings.pseudonym).current_key_id,
     )
 
 
@@ -300,6 +308,7 @@ class ShardJob:
     page_size: int
     subject_limit: int | None = None  # subjects to send back (None: every one)
     snapshot: str | None = None  # the PostgreSQL snapshot every worker reads (SharedView)
+    key_id: str | None = None  # the subject key generation the replay must find stored
 
 
 @dataclass(frozen=True)
@@ -324,6 +333,7 @@ def shard_jobs(
     page_size: int,
     subject_limit: int | None = None,
     snapshot: str | None = None,
+    key_id: str | None = None,
 ) -> list[ShardJob]:
     return [
         ShardJob(
@@ -340,6 +350,7 @@ def shard_jobs(
             page_size,
             subject_limit,
             snapshot,
+            key_id,
         )
         for shard in range(workers)
     ]
@@ -355,7 +366,15 @@ def replay_shard(job: ShardJob) -> ShardResult:
     for every subject, for these subjects only."""
     engine = create_engine(job.database_url)
     try:
-        reader = HistoryReader(make_session_factory(engine), engine_event_from_record, job.page_size)
+        sessions = make_session_factory(engine)
+        if job.key_id is not None and job.snapshot is None:
+            # Read page by page in transactions of its own, the worker is held to the key
+            # generation like the service: a re-keying job started meanwhile makes it fail
+            # (UNAVAILABLE) instead of replaying one subject as two. Workers reading the
+            # service's exported PostgreSQL snapshot see one consistent state already (and
+            # that import must be their transaction's first statement).
+            GenerationGuard(RulesSubjectKeyGeneration, job.key_id).install(sessions)
+        reader = HistoryReader(sessions, engine_event_from_record, job.page_size)
         backtest = Backtest(
             baseline=rule_set_from_yaml(job.baseline),
             candidate=rule_set_from_yaml(job.candidate),
@@ -396,6 +415,7 @@ async def replay_sharded(
     workers: int,
     subject_limit: int | None,
     executor: Executor | None = None,
+    key_id: str | None = None,
 ) -> list[ShardResult] | None:
     """Replay the stored history in ``workers`` processes (None: nothing stored yet).
 
@@ -419,6 +439,7 @@ async def replay_sharded(
             page_size=reader.page_size,
             subject_limit=subject_limit,
             snapshot=view.snapshot,
+            key_id=key_id,
         )
         return await replay_in_workers(jobs)
     finally:
@@ -459,6 +480,9 @@ def _work(job: ShardJob, sender: Connection) -> None:
     gc.set_threshold(*_WORKER_GC_THRESHOLDS)
     try:
         result = replay_shard(job)
+    except Unavailable as error:
+        # The caller retries (the keys moved under the replay): no traceback to report.
+        sender.send((False, Unavailable(str(error))))
     except BaseException as error:
         sender.send((False, f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
     else:
@@ -474,6 +498,8 @@ def _receive(process: BaseProcess, receiver: Connection) -> ShardResult:
         process.join()
         raise RuntimeError(f"backtest worker {process.name} died (exit code {process.exitcode})") from None
     if not ok:
+        if isinstance(value, Unavailable):
+            raise value
         raise RuntimeError(f"backtest worker {process.name} failed: {value}")
     assert isinstance(value, ShardResult)
     return value

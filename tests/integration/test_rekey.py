@@ -24,6 +24,7 @@ from kit.rekey import (
     KeyedColumn,
     KeyedStore,
     StaleKeyGeneration,
+    read_marker,
     rekey,
     rewrite_recorded_event,
 )
@@ -236,3 +237,16 @@ def test_an_unknown_generation_in_the_database_stops_the_job(engine: Engine) -> 
         )
     with pytest.raises(KeyError, match="k9"):
         rekey(engine, STORE, Pseudonymiser(b"", "k1", (K2,)), AUDIT_KEYS, settle_s=0)
+
+
+def test_an_instance_of_older_settings_neither_moves_keys_back_nor_marks_the_database(engine: Engine) -> None:
+    """A pod restarted mid-rollout with the settings before the rotation (migrating on start):
+    it is refused with the reason, and the marker stays as the current instances need it."""
+    store_under(engine, V1, "k1")
+    rekey(engine, STORE, V2, AUDIT_KEYS, settle_s=0)
+    before = stored(engine)
+    with pytest.raises(StaleKeyGeneration, match=r"generation 'k2', which this instance's key chain \(k1\)"):
+        rekey(engine, STORE, V1, AUDIT_KEYS, settle_s=0)
+    with engine.connect() as connection:
+        assert read_marker(connection, Generation) == ("k2", True)
+    assert stored(engine) == before

@@ -271,7 +271,11 @@ class Killed(BaseException):
 
 
 async def test_a_killed_rekey_job_resumes_and_completes_with_every_score_intact(
-    database_url: str, tmp_path: Path, db: Engine, monkeypatch: pytest.MonkeyPatch
+    database_url: str,
+    tmp_path: Path,
+    db: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     settings = settings_of(database_url, tmp_path, K1)
     async with running(settings, build, MIGRATIONS) as address, client_channel(address) as channel:
@@ -323,6 +327,17 @@ async def test_a_killed_rekey_job_resumes_and_completes_with_every_score_intact(
     assert actions.count(("subject-keys-rotated", None)) == 1
     # Nothing left to move.
     assert rekey(db, KEYED, K2, audit.audit_keys(AUDIT), settle_s=0).moved == 0
+    # An instance of the settings before the rotation stops with the reason and exit status
+    # 2, whatever it is asked to do, and leaves the marker as it is.
+    monkeypatch.delenv("EGRET_SUBJECT_KEY_ROTATIONS")
+    capsys.readouterr()
+    for command in ("verify", "migrate", "rekey"):
+        assert bootstrap.main([command]) == 2, command
+    refused = capsys.readouterr().err
+    assert refused.count("egret-score: stored subject keys are of generation 'k2'") == 3, refused
+    assert "Traceback" not in refused
+    with db.connect() as connection:
+        assert read_marker(connection, KEYED.generation) == ("k2", True)
 
     async with (
         running(settings_of(database_url, tmp_path, K2), build, MIGRATIONS) as address,

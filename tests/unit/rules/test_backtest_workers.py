@@ -8,9 +8,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from bench.backtest import populate, stricter
 from kit.db import create_engine, make_session_factory
+from kit.errors import Unavailable
 from kit.sharding import shard_of
 from services.ingest.catalogue import load_catalogue
 from services.rules.backtest import Backtest, BacktestReport, BacktestScope, StoredEvent, combine
@@ -25,6 +27,7 @@ from services.rules.backtest_servicer import (
 from services.rules.backtest_storage import HistoryReader
 from services.rules.records import engine_event_from_record
 from services.rules.ruleset import rule_set_from_yaml
+from services.rules.storage import RulesSubjectKeyGeneration
 from services.score.policy import load_policy
 from tests.unit.rules.test_backtest import ACME, ALICE, AS_OF, BOB, T0, event, policy, rule_set
 
@@ -189,3 +192,40 @@ def test_a_worker_that_fails_fails_the_backtest(tmp_path: Path) -> None:
 
     with pytest.raises(RuntimeError, match=r"backtest worker rules-backtest-[01] failed"):
         asyncio.run(replay_in_workers(jobs))
+
+
+def test_workers_refuse_to_replay_while_the_subject_keys_are_being_moved(tmp_path: Path) -> None:
+    """A re-keying job that starts during a backtest marks the database first; a worker that
+    reads in transactions of its own then stops with UNAVAILABLE (the caller runs the
+    backtest again) rather than replay a subject half under its old key, half under its new."""
+    url = f"sqlite:///{tmp_path}/rules.db"
+    populate(url, 400, seed=5, batch_size=100)
+    source = (ROOT / "config/rulesets/sample.yaml").read_text(encoding="utf-8")
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(
+            sa.insert(RulesSubjectKeyGeneration).values(
+                id=1, key_id="k2", complete=False, changed_at=datetime.now(UTC)
+            )
+        )
+    engine.dispose()
+    jobs = shard_jobs(
+        url,
+        source,
+        source,
+        policy=policy(),
+        cohort_attributes=(),
+        scope=BacktestScope(),
+        until=datetime.now(UTC) + timedelta(days=1),
+        as_of=AS_OF,
+        workers=2,
+        page_size=100,
+        key_id="k2",
+    )
+
+    with pytest.raises(Unavailable, match="being moved to generation 'k2'"):
+        asyncio.run(replay_in_workers(jobs))
+    # Once the move is complete, workers of that generation replay.
+    with create_engine(url).begin() as connection:
+        connection.execute(sa.update(RulesSubjectKeyGeneration).values(complete=True))
+    assert all(r.partial.events > 0 for r in asyncio.run(replay_in_workers(jobs)))
