@@ -147,7 +147,7 @@ def create_local_pki(directory: Path) -> LocalPki:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
     )
-    for name in SERVICES:
+    for name in (*SERVICES, PORTAL):
         # The longest lifetime services accept (EGRET_MAX_TOKEN_LIFETIME_S, 24 h by default).
         pki.service_token_file(name).write_text(pki.service_token(name))
     pki.audit_key_file.write_text(secrets.token_hex(32))
