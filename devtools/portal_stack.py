@@ -221,6 +221,10 @@ class PortalStack:
         process = self._processes.get(name)
         return process is not None and process.popen.poll() is None
 
+    def pid(self, name: str) -> int:
+        """`name` is "portal" or "oidc-provider" (as Cluster.pid for the services)."""
+        return self._processes[name].popen.pid
+
     def stop(self) -> dict[str, int]:
         """SIGTERM the portal, then the provider; SIGKILL what is left; return exit codes."""
         codes: dict[str, int] = {}
