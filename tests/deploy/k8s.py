@@ -44,9 +44,7 @@ def component_of(manifest: Manifest) -> str:
 
 def services_deployments(manifests: list[Manifest]) -> list[Manifest]:
     """The gRPC services' Deployments (the portal, an HTTP front end, is checked on its own)."""
-    return [
-        m for m in of_kind(manifests, "Deployment") if not hooks(m) and component_of(m) != PORTAL
-    ]
+    return [m for m in of_kind(manifests, "Deployment") if not hooks(m) and component_of(m) != PORTAL]
 
 
 def portal_deployments(manifests: list[Manifest]) -> list[Manifest]:

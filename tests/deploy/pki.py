@@ -20,12 +20,15 @@ import trustme
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from kit.auth import SERVICE_SCOPES, Role, issue_token, jwks_document
+from kit.auth import SCOPE_READ_RULE_SETS, SERVICE_SCOPES, Role, issue_token, jwks_document
 from kit.interceptors import bearer_token
 from tests.deploy.k8s import matches
 from tests.deploy.rehearsal import Pod, Rehearsal, RehearsalError, dns_names
 
 KEY_ID = "rehearsal-1"
+# The scopes of each caller's service token; the portal's reads the published rule set only
+# (docs/portal.md, "Security model"; docs/deploy.md, "Service tokens").
+TOKEN_SCOPES = {**SERVICE_SCOPES, "portal": (SCOPE_READ_RULE_SETS,)}
 
 
 @dataclass
@@ -76,8 +79,10 @@ def create_rehearsal_pki(rehearsal: Rehearsal) -> RehearsalPki:
     """Issue every security Secret the rehearsal's pods mount; add them to its Secrets."""
     deployments = [rehearsal.pods[name] for name in rehearsal.deployments()]
     envs = [rehearsal.declared_env(pod) for pod in deployments]
-    issuers = {env.get("EGRET_JWT_ISSUER") for env in envs}
-    audiences = {env.get("EGRET_JWT_AUDIENCE") for env in envs}
+    # The services verify tokens; the portal only carries them.
+    verifying = [env for env in envs if env.get("EGRET_JWT_ISSUER") or "EGRET_PORTAL_PUBLIC_URL" not in env]
+    issuers = {env.get("EGRET_JWT_ISSUER") for env in verifying}
+    audiences = {env.get("EGRET_JWT_AUDIENCE") for env in verifying}
     if len(issuers) != 1 or len(audiences) != 1 or None in issuers | audiences:
         raise RehearsalError(f"the services disagree on the token issuer or audience: {issuers} {audiences}")
     ca = trustme.CA(organization_name="Egret rehearsal CA")
@@ -128,7 +133,7 @@ def create_rehearsal_pki(rehearsal: Rehearsal) -> RehearsalPki:
         (item,) = volume["secret"]["items"]
         service = pod.metadata["labels"]["app.kubernetes.io/component"]
         pki.secrets[(volume["secret"]["secretName"], item["key"])] = pki.token(
-            f"egret-{service}", Role.SERVICE, scopes=SERVICE_SCOPES[service], lifetime_s=86_400.0
+            f"egret-{service}", Role.SERVICE, scopes=TOKEN_SCOPES[service], lifetime_s=86_400.0
         )
 
     rehearsal.secrets.update(pki.secrets)

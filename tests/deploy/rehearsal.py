@@ -16,7 +16,8 @@ and Secrets (written to a per-pod directory), the ports, and which Service reach
   JWT-key and service-token ones, shaped by what the pods mount);
 - a PersistentVolumeClaim is one directory per claim, shared by every pod that mounts it;
 - a probe is its exec command run with the pod's environment and mounts, killed after its
-  timeoutSeconds, as the kubelet runs it inside the container.
+  timeoutSeconds, as the kubelet runs it inside the container; an httpGet probe is a GET of
+  its path on the pod's IP and named or numbered port, passing on 200-399 as the kubelet's.
 
 So a wrong label, port, key, path or variable in the chart fails the rehearsal.
 """
@@ -30,6 +31,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,8 +275,10 @@ class Rehearsal:
         container (the pod's environment and mounts), killed after the probe's timeoutSeconds."""
         pod = self.pods[name]
         probe = pod.container[kind]
+        if "httpGet" in probe:
+            return self._http_probe(pod, probe, timeout_s)
         if "exec" not in probe:
-            raise RehearsalError(f"{name}: {kind} is not an exec probe ({sorted(probe)})")
+            raise RehearsalError(f"{name}: {kind} is neither an exec nor an httpGet probe ({sorted(probe)})")
         try:
             result = subprocess.run(
                 self.command_of(pod, probe["exec"]["command"]),
@@ -286,6 +291,21 @@ class Rehearsal:
         except subprocess.TimeoutExpired:
             return 1, "probe timed out"
         return result.returncode, (result.stdout + result.stderr).decode(errors="replace")
+
+    def _http_probe(self, pod: Pod, probe: Mapping[str, Any], timeout_s: float | None) -> tuple[int, str]:
+        get = probe["httpGet"]
+        if get.get("scheme", "HTTP") != "HTTP" or "host" in get:
+            raise RehearsalError(f"{pod.name}: only plain HTTP probes of the pod's own IP are rehearsed")
+        url = f"http://{pod.ip}:{container_port(pod.spec, get['port'])}{get.get('path', '/')}"
+        try:
+            with urllib.request.urlopen(
+                url, timeout=timeout_s or float(probe.get("timeoutSeconds", 1))
+            ) as reply:
+                return (0 if 200 <= reply.status < 400 else 1), f"{url}: HTTP {reply.status}"
+        except urllib.error.HTTPError as exc:
+            return 1, f"{url}: HTTP {exc.code}"
+        except OSError as exc:
+            return 1, f"{url}: {exc}"
 
     def wait_ready(self, name: str, timeout_s: float = 60.0) -> None:
         """Run the container's own readinessProbe until it passes."""

@@ -1,4 +1,5 @@
-"""Cluster rehearsal: the rendered manifests, run as processes, carry events ingest → rules → score → query.
+"""Cluster rehearsal: the rendered manifests, run as processes, carry events ingest → rules → score → query,
+and the portal serves its public pages from the running services.
 
 deploy/k8s/manifests/ (the chart's default render) is read as a cluster would read it: the
 migration hook Jobs run first, then every Deployment starts with exactly the command,
@@ -14,15 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from deploy.k8s.render import REPO_ROOT
 from egret.ingest.v1 import ingest_service_pb2 as ingest_pb
 from egret.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 from egret.query.v1 import query_service_pb2 as query_pb
@@ -51,6 +56,8 @@ def operator_secrets(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator
         ("egret-database", "query-url"): urls["query"],
         ("egret-subject-key", "subject-key"): secrets.token_hex(32),
         ("egret-audit-key", "audit-key"): secrets.token_hex(32),
+        ("egret-portal-oidc", "client-secret"): secrets.token_urlsafe(24),
+        ("egret-portal-session", "session-secret"): secrets.token_urlsafe(32),
     }
     if request.param == "postgresql":
         for url in urls.values():
@@ -148,12 +155,14 @@ async def test_the_rendered_manifests_run_the_pipeline_end_to_end(cluster: Clust
     # must become ready by their own readiness probes: exec probes speaking TLS with the
     # mounted CA and certificate, expecting the Service's name on the certificate.
     deployments = rehearsal.deployments()
-    assert sorted(deployments) == ["egret-ingest", "egret-query", "egret-rules", "egret-score"]
+    workloads = ("ingest", "portal", "query", "rules", "score")
+    assert sorted(deployments) == [f"egret-{name}" for name in workloads]
     for name in deployments:
         rehearsal.start(name)
     for name in deployments:
         rehearsal.wait_ready(name)
-    for name in deployments:
+    services = [name for name in deployments if name != "egret-portal"]
+    for name in services:
         env = rehearsal.environment(rehearsal.pods[name])
         assert (env["EGRET_MIGRATE_ON_START"], env["EGRET_INSECURE"]) == ("false", "false")
         for kind in ("startupProbe", "livenessProbe"):
@@ -191,17 +200,59 @@ async def test_the_rendered_manifests_run_the_pipeline_end_to_end(cluster: Clust
     assert code == 1, output
     assert "UNAVAILABLE" in output
 
-    # helm test: the test pod's own command, against the Services, with its client certificate.
+    # The portal: its kubelet HTTP probes pass, and through its Service it serves the public
+    # pages, the published rules read from rules with its own token over mutual TLS.
+    await check_the_portal(cluster)
+
+    # helm test: the test pod's own command, against the Services, with its client certificate,
+    # and the portal's /healthz.
     (test_pod,) = rehearsal.hook_pods("test")
     code, log = await asyncio.to_thread(rehearsal.run_to_completion, test_pod)
     assert code == 0, log
-    assert log.count(": SERVING") == 4, log
+    assert log.count(": SERVING") == 5, log
+    assert f"http://{rehearsal.service_address('egret-portal')}/healthz: SERVING" in log, log
 
-    # Pods stop cleanly on SIGTERM within their termination grace period.
+    # Pods stop cleanly on SIGTERM within their termination grace period (uvicorn, having
+    # finished its requests, re-raises the SIGTERM it caught: the portal ends by that signal).
     codes = rehearsal.stop()
-    assert {name: codes[name] for name in deployments} == dict.fromkeys(deployments, 0), [
+    expected = {**dict.fromkeys(services, 0), "egret-portal": -signal.SIGTERM}
+    assert {name: codes[name] for name in deployments} == expected, [
         rehearsal.pods[n].log_tail() for n in deployments
     ]
+    assert "Application shutdown complete" in rehearsal.pods["egret-portal"].log_path.read_text()
+
+
+def published_rule_titles() -> list[str]:
+    """The titles of the active rule set the chart mounts for rules (its bundled sample)."""
+    ruleset = yaml.safe_load((REPO_ROOT / "deploy/k8s/egret/files/rulesets/sample.yaml").read_text())
+    return [str(rule["title"]) for rule in ruleset["rules"]]
+
+
+async def check_the_portal(cluster: Cluster) -> None:
+    rehearsal = cluster.rehearsal
+    env = rehearsal.environment(rehearsal.pods["egret-portal"])
+    assert env["EGRET_INSECURE"] == "false"
+    # The services it calls, resolved through their Services to their pods, over TLS with the
+    # portal's own client certificate (rules and score require one).
+    for service in ("query", "score", "rules"):
+        assert env[f"EGRET_{service.upper()}_ADDRESS"] == rehearsal.service_address(f"egret-{service}")
+    for kind in ("startupProbe", "livenessProbe"):
+        code, output = rehearsal.probe("egret-portal", kind)
+        assert code == 0, (kind, output)
+    base = f"http://{rehearsal.service_address('egret-portal')}"
+    async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+        health = await client.get("/healthz")
+        assert (health.status_code, health.text) == (200, "ok")
+        home = await client.get("/")
+        assert home.status_code == 200, home.text
+        assert "Content-Security-Policy" in home.headers
+        rules = await client.get("/rules", headers={"Cookie": "egret_lang=en"})
+        assert rules.status_code == 200, rules.text
+    titles = published_rule_titles()
+    assert titles
+    assert all(title in rules.text for title in titles), rehearsal.pods["egret-portal"].log_tail()
+    # None of its calls to the services was refused or failed.
+    assert "UNAVAILABLE" not in rehearsal.pods["egret-portal"].log_path.read_text()
 
 
 def test_the_helm_test_pod_fails_when_a_service_is_down(cluster: Cluster) -> None:
@@ -213,7 +264,7 @@ def test_the_helm_test_pod_fails_when_a_service_is_down(cluster: Cluster) -> Non
     pod.spec["containers"][0]["args"][0] = "1"
     code, log = rehearsal.run_to_completion(test_pod)
     assert code == 1
-    assert log.count("UNAVAILABLE") == 4, log
+    assert log.count("UNAVAILABLE") == 5, log  # the four services and the portal
 
 
 def test_a_service_without_its_security_secrets_refuses_to_serve(cluster: Cluster) -> None:
