@@ -4,13 +4,16 @@ Every call about a person carries **that person's own access token** (bearer met
 the services' role checks, purpose rules, consent gates and access log apply exactly as to
 any other caller: the portal can never see more than the person could with their token.
 Every read that has a purpose field states `own-record` (config/purposes.yaml), the code a
-subject reading its own data may state, so the access log the person sees names it.
+subject reading its own data may state, so the access log the person sees names it. The
+person's reads leave the subject unset: the services take it from the token, so the raw id
+never travels in a request.
 
 The public pages' reads (the active rule set, policy and benefits catalogue) carry the
-portal's own token (EGRET_SERVICE_TOKEN_FILE) when one is configured, never a person's.
+portal's own token (EGRET_SERVICE_TOKEN_FILE, scope egret.public.read) when one is
+configured, never a person's.
 
-Errors come back as `ServiceError` (code name, message, field violations), so routes and
-views never import grpc.
+Errors come back as `ServiceError` (code name, message, field violations, and the
+service's machine-readable reason with its metadata), so routes and views never import grpc.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from egret.rules.v1 import rules_service_pb2 as rules_pb
 from egret.rules.v1 import rules_service_pb2_grpc as rules_grpc
 from egret.score.v1 import score_service_pb2 as score_pb
 from egret.score.v1 import score_service_pb2_grpc as score_grpc
+from kit.errors import ERROR_DOMAIN
 from kit.interceptors import PeerCredentials, open_channel
 from services.portal import convert
 from services.portal import records as r
@@ -44,10 +48,8 @@ MAX_PAGES = 20
 PUBLIC_CACHE_S = 60.0
 
 T = TypeVar("T")
-_KINDS: dict[str, subject_pb2.SubjectKind] = {
-    "person": subject_pb2.SUBJECT_KIND_PERSON,
-    "organization": subject_pb2.SUBJECT_KIND_ORGANIZATION,
-}
+# An unset SubjectRef: the subject the person's token names (query resolves it).
+_MYSELF = subject_pb2.SubjectRef()
 
 
 @dataclass(frozen=True)
@@ -58,13 +60,23 @@ class Violation:
 
 
 class ServiceError(Exception):
-    """A service refused or failed a call: the gRPC code's name, its message, field violations."""
+    """A service refused or failed a call: the gRPC code's name, its message, field
+    violations, and the reason (google.rpc.ErrorInfo of Egret's domain) with its metadata."""
 
-    def __init__(self, code: str, message: str, violations: tuple[Violation, ...] = ()) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        violations: tuple[Violation, ...] = (),
+        reason: str = "",
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.violations = violations
+        self.reason = reason
+        self.metadata = dict(metadata)
 
 
 @dataclass(frozen=True)
@@ -92,17 +104,21 @@ class Caller:
 
 def _error(exc: grpc.aio.AioRpcError) -> ServiceError:
     violations: list[Violation] = []
+    reason, metadata = "", ()
     details = dict(exc.trailing_metadata() or ()).get("grpc-status-details-bin")
     if isinstance(details, bytes):
         try:
             status = status_pb2.Status.FromString(details)
             for item in status.details:
                 bad = error_details_pb2.BadRequest()
+                info = error_details_pb2.ErrorInfo()
                 if item.Unpack(bad):
                     violations += [Violation(v.field, v.reason, v.description) for v in bad.field_violations]
+                elif item.Unpack(info) and info.domain == ERROR_DOMAIN:
+                    reason, metadata = info.reason, tuple(sorted(info.metadata.items()))
         except Exception:
-            violations = []
-    return ServiceError(exc.code().name, exc.details() or "", tuple(violations))
+            violations, reason, metadata = [], "", ()
+    return ServiceError(exc.code().name, exc.details() or "", tuple(violations), reason, metadata)
 
 
 class Backend:
@@ -161,21 +177,10 @@ class Backend:
         except grpc.aio.AioRpcError as exc:
             raise _error(exc) from None
 
-    @staticmethod
-    def _ref(caller: Caller) -> subject_pb2.SubjectRef:
-        s = caller.subject
-        return subject_pb2.SubjectRef(
-            subject=subject_pb2.Subject(
-                kind=_KINDS.get(s.kind, subject_pb2.SUBJECT_KIND_UNSPECIFIED),
-                id_scheme=s.scheme,
-                id_value=s.value,
-            )
-        )
-
     # -- the signed-in person's own data ---------------------------------------------------
 
     async def explain(self, caller: Caller) -> r.Explanation:
-        request = query_pb.ExplainRequest(subject=self._ref(caller), purpose=OWN_RECORD)
+        request = query_pb.ExplainRequest(subject=_MYSELF, purpose=OWN_RECORD)
         response = await self._call(self._query.Explain, request, caller.token)
         return convert.explanation(response.explanation)
 
@@ -183,7 +188,7 @@ class Backend:
         self, caller: Caller, page_token: str = "", page_size: int = PAGE_SIZE
     ) -> r.Page[r.Entry]:
         request = query_pb.ListEntriesRequest(
-            subject=self._ref(caller), page_size=page_size, page_token=page_token, purpose=OWN_RECORD
+            subject=_MYSELF, page_size=page_size, page_token=page_token, purpose=OWN_RECORD
         )
         response = await self._call(self._query.ListEntries, request, caller.token)
         return r.Page(tuple(convert.entry(e) for e in response.entries), response.next_page_token)
@@ -200,7 +205,7 @@ class Backend:
         self, caller: Caller, *, as_corrected: bool, page_token: str = "", page_size: int = 500
     ) -> r.Page[r.ScoreChange]:
         request = query_pb.ListScoreHistoryRequest(
-            subject=self._ref(caller),
+            subject=_MYSELF,
             page_size=page_size,
             page_token=page_token,
             purpose=OWN_RECORD,
@@ -224,9 +229,7 @@ class Backend:
         return await self._all(page)
 
     async def eligibility(self, caller: Caller, benefit_id: str) -> r.Eligibility:
-        request = query_pb.CheckEligibilityRequest(
-            subject=self._ref(caller), benefit_id=benefit_id, purpose=OWN_RECORD
-        )
+        request = query_pb.CheckEligibilityRequest(subject=_MYSELF, benefit_id=benefit_id, purpose=OWN_RECORD)
         response = await self._call(self._query.CheckEligibility, request, caller.token)
         return convert.eligibility(benefit_id, response)
 
@@ -234,7 +237,7 @@ class Backend:
         self, caller: Caller, page_token: str = "", page_size: int = PAGE_SIZE
     ) -> r.Page[r.AccessRecord]:
         request = query_pb.ListAccessLogRequest(
-            subject=self._ref(caller), page_size=page_size, page_token=page_token, purpose=OWN_RECORD
+            subject=_MYSELF, page_size=page_size, page_token=page_token, purpose=OWN_RECORD
         )
         response = await self._call(self._query.ListAccessLog, request, caller.token)
         return r.Page(tuple(convert.access_record(a) for a in response.records), response.next_page_token)
@@ -245,7 +248,7 @@ class Backend:
     async def disputes(self, caller: Caller) -> tuple[r.Dispute, ...]:
         async def page(page_token: str) -> r.Page[r.Dispute]:
             request = query_pb.ListDisputesRequest(
-                subject=self._ref(caller), page_size=500, page_token=page_token, purpose=OWN_RECORD
+                subject=_MYSELF, page_size=500, page_token=page_token, purpose=OWN_RECORD
             )
             response = await self._call(self._query.ListDisputes, request, caller.token)
             return r.Page(tuple(convert.dispute(d) for d in response.disputes), response.next_page_token)
@@ -255,7 +258,7 @@ class Backend:
     async def repairs(self, caller: Caller) -> tuple[r.Repair, ...]:
         async def page(page_token: str) -> r.Page[r.Repair]:
             request = query_pb.ListRepairApplicationsRequest(
-                subject=self._ref(caller), page_size=500, page_token=page_token, purpose=OWN_RECORD
+                subject=_MYSELF, page_size=500, page_token=page_token, purpose=OWN_RECORD
             )
             response = await self._call(self._query.ListRepairApplications, request, caller.token)
             return r.Page(tuple(convert.repair(a) for a in response.applications), response.next_page_token)
@@ -277,6 +280,11 @@ class Backend:
         )
         response = await self._call(self._score.ApplyForRepair, request, caller.token)
         return convert.repair(response.application)
+
+    async def consent(self, caller: Caller) -> r.ConsentState:
+        request = query_pb.GetConsentRequest(subject=_MYSELF, purpose=OWN_RECORD)
+        response = await self._call(self._query.GetConsent, request, caller.token)
+        return convert.consent_state(response)
 
     async def set_consent(self, caller: Caller, granted: bool) -> r.Consent:
         # An empty subject_key: the caller's own consent (the only one a subject may set).
@@ -309,13 +317,10 @@ class Backend:
 
     async def policy(self) -> r.PublishedPolicy:
         async def load() -> r.PublishedPolicy:
-            response = await self._call(
-                self._score.ListPolicies, score_pb.ListPoliciesRequest(), self._public_token
+            active = await self._call(
+                self._score.GetActivePolicy, score_pb.GetActivePolicyRequest(), self._public_token
             )
-            if not response.activations:
-                raise ServiceError("NOT_FOUND", "no policy has been activated")
-            latest = max(response.activations, key=lambda a: (a.activated_at.seconds, a.activated_at.nanos))
-            return convert.published_policy(latest.policy_yaml, convert.when(latest.activated_at))
+            return convert.published_policy(active.policy_yaml, convert.when(active.activated_at))
 
         return await self._cached("policy", load)
 

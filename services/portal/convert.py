@@ -252,6 +252,14 @@ def consent(c: due_process_pb2.ConsentRecord) -> r.Consent:
     return r.Consent(c.granted, when(c.effective_at), when(c.recorded_at))
 
 
+def consent_state(response: query_pb.GetConsentResponse) -> r.ConsentState:
+    return r.ConsentState(
+        consent(response.consent) if response.HasField("consent") else None,
+        response.granted,
+        response.consent_required,
+    )
+
+
 # -- published sources ---------------------------------------------------------------------
 
 

@@ -220,6 +220,17 @@ class Consent:
 
 
 @dataclass(frozen=True)
+class ConsentState:
+    """The consent in force for the person now (query's GetConsent)."""
+
+    # The record in force; None when the person never gave or withdrew consent.
+    consent: Consent | None
+    granted: bool
+    # Whether the city's policy requires consent before a score is served.
+    required: bool
+
+
+@dataclass(frozen=True)
 class Page(Generic[T]):
     items: tuple[T, ...]
     next_page_token: str = ""

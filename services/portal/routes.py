@@ -102,6 +102,8 @@ class Pages:
             error.code,
             error.message,
             tuple((v.field, v.reason, v.description) for v in error.violations),
+            reason=error.reason,
+            metadata=error.metadata,
         )
         # The code and trace id only: a service's message may quote an entry id or a note.
         log.warning("service refused", code=error.code, status=view.status, throttle="service-refused")
@@ -535,7 +537,12 @@ class Pages:
             raise error
         t = self.t(request)
         view = error_view(
-            t, error.code, error.message, tuple((v.field, v.reason, v.description) for v in error.violations)
+            t,
+            error.code,
+            error.message,
+            tuple((v.field, v.reason, v.description) for v in error.violations),
+            reason=error.reason,
+            metadata=error.metadata,
         )
         log.info("form refused by the service", code=error.code)
         context["refusal"] = view
@@ -562,8 +569,10 @@ class Pages:
     async def contest(self, request: Request) -> Response:
         caller = self.person(request)
         t = self.t(request)
-        disputes, repairs = await asyncio.gather(
-            _settled(self.backend.disputes(caller)), _settled(self.backend.repairs(caller))
+        disputes, repairs, consent = await asyncio.gather(
+            _settled(self.backend.disputes(caller)),
+            _settled(self.backend.repairs(caller)),
+            _settled(self.backend.consent(caller)),
         )
         flash = request.session.pop(FLASH, None)
         return self.render(
@@ -579,13 +588,16 @@ class Pages:
             if isinstance(repairs, ServiceError)
             else [entry_views.repair_view(t, a) for a in repairs],
             repairs_error=self._read_error(t, repairs),
-            consent="",
+            consent=None if isinstance(consent, ServiceError) else entry_views.consent_view(t, consent),
+            consent_error=self._read_error(t, consent),
         )
 
     def _read_error(self, t: Localiser, result: object) -> str:
         if not isinstance(result, ServiceError):
             return ""
-        return error_view(t, result.code, result.message).message
+        return error_view(
+            t, result.code, result.message, reason=result.reason, metadata=result.metadata
+        ).message
 
     async def consent(self, request: Request) -> Response:
         caller = self.person(request)
@@ -621,7 +633,9 @@ class Pages:
         rows = []
         for benefit, result in zip(offered, results, strict=True):
             if isinstance(result, ServiceError):
-                message = error_view(t, result.code, result.message).message
+                message = error_view(
+                    t, result.code, result.message, reason=result.reason, metadata=result.metadata
+                ).message
                 rows.append(benefit_views.benefit_row(t, benefit, None, message))
             else:
                 rows.append(benefit_views.benefit_row(t, benefit, result))

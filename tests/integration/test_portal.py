@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from starlette.testclient import TestClient
 
 from devtools.cluster import Cluster, free_port
+from devtools.localpki import PORTAL
 from devtools.oidc.config import Client, sample_accounts
 from devtools.oidc_provider import RunningProvider, running, verifier_env, write_jwks
 from egret.common.v1 import due_process_pb2
@@ -24,7 +25,7 @@ from egret.query.v1 import query_service_pb2 as query_pb
 from egret.query.v1 import query_service_pb2_grpc as query_grpc
 from egret.score.v1 import score_service_pb2 as score_pb
 from egret.score.v1 import score_service_pb2_grpc as score_grpc
-from kit.auth import SCOPE_READ_RULE_SETS, Role
+from kit.auth import Role
 from services.portal.bootstrap import build
 from services.portal.settings import PortalSettings
 from tests.e2e.test_pipeline import ALICE, BOB, EXPECTED, raw, submit_all
@@ -62,8 +63,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     secret = tmp / "client.secret"
     secret.write_text("portal-client-secret")
     (tmp / "session.key").write_text("a-session-secret-of-at-least-32-bytes-long")
-    # The portal's own token: the public pages' reads only (rules' read scope).
-    (tmp / "portal.token").write_text(pki.token("egret-portal", Role.SERVICE, scopes=(SCOPE_READ_RULE_SETS,)))
     client = Client(
         CLIENT_ID, "portal-client-secret", (f"{PUBLIC_URL}/auth/callback",), (f"{PUBLIC_URL}/signed-out",)
     )
@@ -83,10 +82,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 "EGRET_SCORE_ADDRESS": cluster.address("score"),
                 "EGRET_RULES_ADDRESS": cluster.address("rules"),
                 "EGRET_TLS_CA_FILE": str(pki.ca_file),
-                # Score requires a client certificate; the local PKI has none for the portal yet.
-                "EGRET_TLS_CERT_FILE": str(pki.cert_file("operator")),
-                "EGRET_TLS_KEY_FILE": str(pki.key_file("operator")),
-                "EGRET_SERVICE_TOKEN_FILE": str(tmp / "portal.token"),
+                # Score requires a client certificate: the local PKI's portal certificate, and
+                # its portal token (egret.public.read, rules' read scope) for the public pages.
+                "EGRET_TLS_CERT_FILE": str(pki.cert_file(PORTAL)),
+                "EGRET_TLS_KEY_FILE": str(pki.key_file(PORTAL)),
+                "EGRET_SERVICE_TOKEN_FILE": str(pki.service_token_file(PORTAL)),
             }
         )
         yield World(cluster, provider, settings)
@@ -193,6 +193,9 @@ def test_a_resident_signs_in_reads_disputes_and_sees_the_decision_and_who_looked
     contest = portal.get("/contest").text
     assert "Your dispute has been filed" in contest
     assert "Open: waiting for a decision" in contest
+    # The consent in force, read by the resident's own token naming no subject.
+    assert "Your consent now" in contest
+    assert "You have not given or withdrawn consent." in contest
     assert "Disputed" in portal.get(f"/entries/{fare}").text
 
     # A reviewer reads the entry for the dispute and overturns it (the existing RPCs).
@@ -271,9 +274,15 @@ def test_public_pages_read_the_running_services(portal: TestClient) -> None:
     rules = portal.get("/rules").text
     assert "rule set egret-sample" in rules
     assert "Drunk driving" in rules
-    # Policy and catalogue: no RPC serves them to the portal's token yet (docs/portal.md).
-    assert portal.get("/tiers").status_code == 200
-    assert portal.get("/catalogue").status_code == 200
+    # Policy and catalogue from score and query, read with the portal's own token.
+    tiers = portal.get("/tiers").text
+    assert "Score policy 2026.2, in force since" in tiers
+    assert "cannot be read" not in tiers
+    catalogue = portal.get("/catalogue").text
+    assert "Borrow books without paying a deposit" in catalogue
+    assert "cannot be read" not in catalogue
+    how = portal.get("/how-it-works").text
+    assert "within 20 days" in how
 
 
 def test_sign_out_ends_the_session_here_and_at_the_provider(portal: TestClient, populated: World) -> None:

@@ -127,6 +127,41 @@ def repair_view(t: Localiser, a: r.Repair) -> RepairView:
 
 
 @dataclass(frozen=True)
+class ConsentView:
+    """The consent in force, in words: the state, since when, and what it means here."""
+
+    state: str
+    since: str
+    meaning: str
+    granted: bool
+
+
+def consent_view(t: Localiser, c: r.ConsentState) -> ConsentView:
+    if c.consent is None:
+        state = t.gettext("You have not given or withdrawn consent.")
+    elif c.granted:
+        state = t.gettext("You have given consent.")
+    else:
+        state = t.gettext("You have withdrawn consent.")
+    since = (
+        t.gettext("In force since %(date)s.", date=t.datetime(c.consent.effective_at))
+        if c.consent is not None and c.consent.effective_at is not None
+        else ""
+    )
+    if not c.required:
+        meaning = t.gettext(
+            "The city's policy does not require consent now: your score is served either way."
+        )
+    elif c.granted:
+        meaning = t.gettext(
+            "The city's policy requires consent, and yours is in force: your score is served."
+        )
+    else:
+        meaning = t.gettext("The city's policy requires consent: without it, no score is served about you.")
+    return ConsentView(state, since, meaning, c.granted)
+
+
+@dataclass(frozen=True)
 class EntryDetail:
     row: EntryRow
     rule_id: str

@@ -4,8 +4,11 @@ unexpected failure."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 
+from kit import reasons
 from services.portal.i18n import Localiser
 from services.portal.views.entries import FieldError
 
@@ -28,7 +31,8 @@ class ErrorView:
     status: int
     title: str
     message: str
-    # The service's own words for a refusal it explains (FAILED_PRECONDITION); "" otherwise.
+    # The service's own words for a refusal whose reason the portal cannot word itself
+    # (FAILED_PRECONDITION without a known reason); "" otherwise.
     service_says: str
     violations: tuple[FieldError, ...]
 
@@ -60,8 +64,61 @@ def violation_message(t: Localiser, field: str, reason: str, description: str) -
     )
 
 
+def _date(t: Localiser, value: str) -> str:
+    try:
+        return t.date(datetime.fromisoformat(value))
+    except ValueError:
+        return value
+
+
+def reason_message(t: Localiser, reason: str, metadata: Mapping[str, str]) -> str | None:
+    """A refusal's reason (kit.reasons) in the reader's words; None for one not known here."""
+    if reason == reasons.REPAIR_TOO_EARLY:
+        earliest = metadata.get("earliest_at") or metadata.get("earliest_date") or ""
+        return t.gettext(
+            "Too early: you can apply for repair of this entry from %(date)s.", date=_date(t, earliest)
+        )
+    if reason == reasons.ENTRY_NOT_DISPUTABLE:
+        if metadata.get("status") == "repaired":
+            return t.gettext(
+                "This entry has been repaired and no longer counts, so there is nothing to dispute."
+            )
+        return t.gettext("This entry has been reversed and no longer counts, so there is nothing to dispute.")
+    known = {
+        reasons.DISPUTE_ALREADY_OPEN: t.gettext(
+            "This entry already has an open dispute. You can follow it on your contest page."
+        ),
+        reasons.ALREADY_DECIDED: t.gettext("This has already been decided."),
+        reasons.ENTRY_NOT_NEGATIVE: t.gettext("Only entries that take points away can be repaired."),
+        reasons.ENTRY_NOT_COUNTING: t.gettext(
+            "This entry does not count now, so there is nothing to repair."
+        ),
+        reasons.REPAIR_ALREADY_PENDING: t.gettext(
+            "You have already applied for repair of this entry. Please wait for the decision."
+        ),
+        reasons.SEVERITY_NOT_REPAIRABLE: t.gettext(
+            "Under the city's policy, entries of this severity cannot be repaired."
+        ),
+        reasons.SUBJECT_NOT_IDENTIFIED: t.gettext(
+            "The credit service could not tell who you are from your sign-in. "
+            "Please sign out and sign in again, or contact the credit office."
+        ),
+        reasons.CONSENT_REQUIRED: t.gettext(
+            "The city's policy requires your consent before your score is shown, and you have not "
+            "given it. You can give it on the contest page."
+        ),
+    }
+    return known.get(reason)
+
+
 def error_view(
-    t: Localiser, code: str, message: str, violations: tuple[tuple[str, str, str], ...] = ()
+    t: Localiser,
+    code: str,
+    message: str,
+    violations: tuple[tuple[str, str, str], ...] = (),
+    *,
+    reason: str = "",
+    metadata: Mapping[str, str] | None = None,
 ) -> ErrorView:
     status = HTTP_STATUS.get(code, 500)
     if code == "NOT_FOUND":
@@ -89,6 +146,9 @@ def error_view(
             tuple(FieldError(f, violation_message(t, f, reason, d)) for f, reason, d in violations),
         )
     if code in ("FAILED_PRECONDITION", "ALREADY_EXISTS"):
+        worded = reason_message(t, reason, metadata or {})
+        if worded is not None:
+            return ErrorView(status, t.gettext("This cannot be done now"), worded, "", ())
         return ErrorView(
             status,
             t.gettext("This cannot be done now"),

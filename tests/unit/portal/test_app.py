@@ -43,6 +43,7 @@ class FakeBackend:
         self.calls: list[tuple[str, Any]] = []
         self.fail: dict[str, ServiceError] = {}
         self.stored = {"e1": entry(), "e2": entry("e2", 10, status="active")}
+        self.consent_state = r.ConsentState(None, False, True)
 
     def _record(self, name: str, *args: Any) -> None:
         self.calls.append((name, args))
@@ -106,8 +107,13 @@ class FakeBackend:
         self._record("apply_for_repair", entry_id, evidence, uri)
         return r.Repair("3", entry_id, evidence, uri, NOW, NOW + timedelta(days=3), "pending")
 
+    async def consent(self, caller: Any) -> r.ConsentState:
+        self._record("consent")
+        return self.consent_state
+
     async def set_consent(self, caller: Any, granted: bool) -> r.Consent:
         self._record("set_consent", granted)
+        self.consent_state = r.ConsentState(r.Consent(granted, NOW, NOW), granted, True)
         return r.Consent(granted, NOW, NOW)
 
     async def rule_set(self) -> r.PublishedRuleSet:
@@ -339,7 +345,44 @@ def test_consent_has_a_confirmation_step(client: TestClient, backend: FakeBacken
         "/consent", data={"csrf_token": token, "granted": "no", "confirm": "yes"}, follow_redirects=False
     )
     assert ("set_consent", (False,)) in backend.calls
-    assert "Consent withdrawn" in client.get("/contest").text
+    contest = client.get("/contest").text
+    assert "Consent withdrawn" in contest
+    assert "You have withdrawn consent." in contest
+    assert "without it, no score is served about you" in contest
+
+
+def test_the_contest_page_shows_the_consent_in_force(client: TestClient, backend: FakeBackend) -> None:
+    signed_in(client)
+    client.get("/language/en")
+    never = client.get("/contest").text
+    assert "You have not given or withdrawn consent." in never
+    backend.consent_state = r.ConsentState(r.Consent(True, NOW, NOW), True, True)
+    given = client.get("/contest").text
+    assert "You have given consent." in given
+    assert "yours is in force: your score is served" in given
+    client.get("/language/zh_Hans")
+    assert "您已授权。" in client.get("/contest").text
+    client.get("/language/en")
+    backend.fail["consent"] = ServiceError("UNAVAILABLE", "connection refused")
+    assert "The credit service cannot answer right now" in client.get("/contest").text
+
+
+def test_a_refusal_with_a_known_reason_is_worded_by_the_portal_in_the_readers_language(
+    client: TestClient, backend: FakeBackend
+) -> None:
+    signed_in(client)
+    client.get("/language/en")
+    token = csrf_of(client.get("/entries/e1/dispute").text)
+    backend.fail["file_dispute"] = ServiceError(
+        "FAILED_PRECONDITION", "entry 'e1' already has an open dispute", reason="DISPUTE_ALREADY_OPEN"
+    )
+    form = {"csrf_token": token, "statement": "again", "confirm": "yes"}
+    refused = client.post("/entries/e1/dispute", data=form)
+    assert refused.status_code == 409
+    assert "This entry already has an open dispute. You can follow it on your contest page." in refused.text
+    assert "entry &#39;e1&#39;" not in refused.text  # the service's English message is not needed
+    client.get("/language/zh_Hans")
+    assert "该记录已有一项未决异议" in client.post("/entries/e1/dispute", data=form).text
 
 
 def test_unavailable_services_and_expired_sessions_get_friendly_pages(
