@@ -1,12 +1,13 @@
 # syntax=docker/dockerfile:1
-# One Egret image for all four services: each runs from it with its own entry point,
-# `python -m services.<name>` (the Helm chart sets the command per Deployment). The services
-# share kit/, the generated stubs and every dependency, so one image means one build, one
-# vulnerability scan, one tag to promote, and services of one release can never disagree
-# about the protobuf contracts between them.
+# One Egret image for all five deployables, the four services and the portal: each runs from it
+# with its own entry point, `python -m services.<name>` (the Helm chart sets the command per
+# Deployment). They share kit/, the generated stubs and every dependency, so one image means one
+# build, one vulnerability scan, one tag to promote, and the deployables of one release can never
+# disagree about the protobuf contracts between them.
 #
 #   docker build -t egret:0.1.0 .
 #   docker run --rm egret:0.1.0 python -m services.score --help
+#   docker run --rm egret:0.1.0 python -m services.portal --help
 
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
@@ -30,13 +31,17 @@ COPY kit/ kit/
 COPY services/ services/
 COPY devtools/ devtools/
 COPY bench/ bench/
+# The portal's message catalogues are compiled (.po → .mo) into the installed package by the
+# portal's own command (Babel, as pybabel compile), so it loads them instead of compiling them in
+# memory at every start (services/portal/i18n.py). -P: the installed package, not ./services.
 RUN /opt/egret/bin/pip install --no-cache-dir . \
+ && /opt/egret/bin/python -P -m services.portal compile-translations \
  && /opt/egret/bin/python -m compileall -q /opt/egret/lib
 
 # --- runtime: the virtual environment and the default config, nothing else ----------------
 FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="egret" \
-      org.opencontainers.image.description="Egret civic credit-points engine: ingest, rules, score and query" \
+      org.opencontainers.image.description="Egret civic credit-points engine: ingest, rules, score, query and the portal" \
       org.opencontainers.image.source="https://example.org/egret"
 # A fixed numeric user, so Kubernetes' runAsNonRoot can verify it without a passwd lookup.
 RUN groupadd --system --gid 10001 egret \
@@ -55,7 +60,8 @@ ENV PATH=/opt/egret/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     EGRET_DATA_DIR=/var/lib/egret
 USER 10001:10001
-EXPOSE 50051 50052 50053 50054
+EXPOSE 50051 50052 50053 50054 8080
 # No HEALTHCHECK: the chart's exec probes run `python -c` with grpcio-health-checking from this
-# image against grpc.health.v1 over TLS, with the pod's mounted CA and certificate (deploy/k8s).
+# image against grpc.health.v1 over TLS, with the pod's mounted CA and certificate (deploy/k8s);
+# the portal's are the kubelet's HTTP probes of its /healthz.
 CMD ["python", "-m", "services.ingest"]

@@ -877,6 +877,8 @@ def test_dockerfile_is_hadolint_clean_and_runs_as_the_charts_user() -> None:
         in dockerfile
     )
     assert "grpc_tools.protoc" in dockerfile  # stubs are generated in the build, never copied
+    # The portal's catalogues compiled into the installed package by its own command (one way).
+    assert "python -P -m services.portal compile-translations" in dockerfile
     ignored = (REPO_ROOT / ".dockerignore").read_text().splitlines()
     assert ignored[ignored.index("*") :].count("!gen/") == 0  # the context never carries a local gen/
 
