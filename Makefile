@@ -105,10 +105,13 @@ bench-query: setup ## Benchmark: GetScore p99 at 1,000 req/s, idle and while ing
 bench-history: setup ## Benchmark: CPU per as-corrected ListScoreHistory call, 1,000 and 10,000 entries, incremental vs definition
 	$(PY) -m bench.history_cost $(BENCH_ARGS)
 
+bench-portal: setup ## Benchmark: the portal's time per page at 20 req/s, services, provider and portal on this machine (My credit p95 <= 150 ms)
+	$(PY) -m bench.portal $(BENCH_ARGS)
+
 chaos: setup ## Chaos: 50k events under 10 random SIGKILLs vs an uninterrupted run (CHAOS_ARGS=--postgres URL --seed N)
 	$(PY) -m bench.chaos $(CHAOS_ARGS)
 
 clean: ## Remove the virtual environment, generated stubs, local data, npm tools and test artefacts
 	rm -rf $(VENV) gen var .tools test-artefacts
 
-.PHONY: help setup browser-tools protos run test fuzz lint breaking typecheck bench bench-backtest bench-rules-memory bench-query bench-history chaos manifests deploy-check clean
+.PHONY: help setup browser-tools protos run test fuzz lint breaking typecheck bench bench-backtest bench-rules-memory bench-query bench-history bench-portal chaos manifests deploy-check clean
