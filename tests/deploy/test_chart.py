@@ -885,3 +885,235 @@ def test_dockerfile_is_hadolint_clean_and_runs_as_the_charts_user() -> None:
 
 def test_plain_manifests_and_chart_config_have_not_drifted() -> None:
     assert drift() == [], "run `make manifests`"
+
+
+# -- the portal ------------------------------------------------------------------------------
+
+
+def portal_of(manifests: list[Manifest]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(pod spec, container, env) of the portal's Deployment."""
+    (deployment,) = portal_deployments(manifests)
+    _, spec = pod_template(deployment)
+    (container,) = spec["containers"]
+    return spec, container, env_of(container)
+
+
+def test_the_portal_runs_from_the_image_with_http_probes_a_service_and_a_pdb(
+    rendered: list[Manifest],
+) -> None:
+    (deployment,) = portal_deployments(rendered)
+    metadata, spec = pod_template(deployment)
+    container = spec["containers"][0]
+    assert [*container["command"], *container["args"]] == ["python", "-m", "services.portal", "serve"]
+    (port,) = container["ports"]
+    assert port["name"] == "http"
+    assert env_of(container)["EGRET_LISTEN_ADDRESS"] == f"0.0.0.0:{port['containerPort']}"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        # Plain HTTP inside the pod network: the kubelet's own probe, on the portal's /healthz.
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "http"}, probe
+    assert {"cpu", "memory"} <= set(container["resources"]["requests"])
+    (service,) = [
+        s for s in of_kind(rendered, "Service") if matches(s["spec"]["selector"], metadata["labels"])
+    ]
+    assert service["metadata"]["name"] == "egret-portal"
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    assert [
+        p
+        for p in of_kind(rendered, "PodDisruptionBudget")
+        if matches(p["spec"]["selector"], metadata["labels"])
+    ]
+    assert spec["serviceAccountName"] == "egret-portal"
+
+
+def test_the_portal_calls_the_services_with_its_certificate_and_token(render_objects: RenderObjects) -> None:
+    spec, container, env = portal_of(render_objects({}))
+    assert (env["EGRET_QUERY_ADDRESS"], env["EGRET_SCORE_ADDRESS"], env["EGRET_RULES_ADDRESS"]) == (
+        "egret-query:50054",
+        "egret-score:50053",
+        "egret-rules:50052",
+    )
+    assert env["EGRET_INSECURE"] == "false"
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    files = {
+        "EGRET_TLS_CA_FILE": ("tls", "egret-portal-tls", "ca.crt"),
+        "EGRET_TLS_CERT_FILE": ("tls", "egret-portal-tls", "tls.crt"),
+        "EGRET_TLS_KEY_FILE": ("tls", "egret-portal-tls", "tls.key"),
+        "EGRET_SERVICE_TOKEN_FILE": ("service-token", "egret-portal-token", "token"),
+        "EGRET_PORTAL_OIDC_CLIENT_SECRET_FILE": ("oidc-client-secret", "egret-portal-oidc", "client-secret"),
+        "EGRET_PORTAL_SESSION_SECRET_FILE": ("session-secret", "egret-portal-session", "session-secret"),
+    }
+    for setting, (volume, secret, key) in files.items():
+        assert env[setting] == f"{mounts[volume]['mountPath']}/{key}", setting
+        assert mounts[volume]["readOnly"] is True, setting
+        assert volumes[volume]["secret"]["secretName"] == secret, setting
+        assert key in {i["key"] for i in volumes[volume]["secret"]["items"]}, setting
+    # Sign-in at the issuer whose tokens the services accept, unless told otherwise.
+    assert env["EGRET_PORTAL_OIDC_ISSUER"] == "https://idp.example.org/realms/egret"
+    assert env["EGRET_PORTAL_PUBLIC_URL"] == "https://credit.example.org"
+    assert "EGRET_PORTAL_OIDC_CA_FILE" not in env
+    # It verifies no token and reads no database: none of the services' keys reach it.
+    assert not {n for n in env if n.startswith(("EGRET_JWT_", "EGRET_DATABASE", "EGRET_SUBJECT_KEY"))}
+    assert env["OTEL_SERVICE_NAME"] == "egret-portal"
+
+    sharded = portal_of(render_objects({"services": {"rules": {"shards": 3}}}))[2]
+    assert sharded["EGRET_RULES_ADDRESS"] == "egret-rules-0:50052"
+
+
+def test_the_portals_settings_follow_its_values(render_objects: RenderObjects) -> None:
+    spec, container, env = portal_of(
+        render_objects(load_values(CHART_DIR / "ci" / "existing-secrets-values.yaml"))
+    )
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["oidc-client-secret"]["secret"]["secretName"] == "egret-portal-client"
+    assert env["EGRET_PORTAL_OIDC_CLIENT_SECRET_FILE"].endswith("/secret")
+    assert volumes["session-secret"]["secret"]["secretName"] == "egret-portal-cookies"
+    assert env["EGRET_PORTAL_SESSION_SECRET_FILE"].endswith("/keys")
+    assert volumes["tls"]["secret"]["secretName"] == "egret-portal-client-cert"
+    assert volumes["service-token"]["secret"]["secretName"] == "egret-portal-svc-token"
+    assert env["EGRET_SERVICE_TOKEN_FILE"].endswith("/jwt")
+    assert env["EGRET_PORTAL_OIDC_CLIENT_ID"] == "credit-website"
+    # The provider's private CA from a ConfigMap.
+    assert volumes["oidc-ca"]["configMap"]["name"] == "city-root-ca"
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "oidc-ca"]
+    assert env["EGRET_PORTAL_OIDC_CA_FILE"] == f"{mount['mountPath']}/root.pem"
+
+    _, _, env = portal_of(render_objects(load_values(CHART_DIR / "ci" / "portal-gateway-values.yaml")))
+    assert env["EGRET_PORTAL_OIDC_ISSUER"] == "https://login.city.example/realms/residents"
+    assert env["EGRET_PORTAL_PUBLIC_URL"] == "https://credit.city.example"  # no trailing slash
+    assert (env["EGRET_PORTAL_ROLE_CLAIM"], env["EGRET_PORTAL_SUBJECT_CLAIM"]) == (
+        "realm_access.roles",
+        "egret_subject",
+    )
+    assert env["EGRET_PORTAL_OIDC_SCOPE"] == "openid profile email"
+
+    _, _, env = portal_of(render_objects({"portal": {"env": {"EGRET_PORTAL_DEFAULT_LANGUAGE": "en"}}}))
+    assert env["EGRET_PORTAL_DEFAULT_LANGUAGE"] == "en"
+
+
+def test_the_portal_is_reached_by_ingress_or_http_route_at_its_public_host(
+    render_objects: RenderObjects,
+) -> None:
+    manifests = render_objects(load_values(CHART_DIR / "ci" / "high-availability-values.yaml"))
+    service = named(manifests, "Service", "egret-portal")
+    (ingress,) = of_kind(manifests, "Ingress")
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert ingress["spec"]["tls"] == [
+        {"hosts": ["credit.city.example"], "secretName": "credit-city-example-tls"}
+    ]
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] == "credit.city.example"
+    (path,) = rule["http"]["paths"]
+    backend = path["backend"]["service"]
+    assert backend["name"] == service["metadata"]["name"]
+    assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
+    assert of_kind(manifests, "HTTPRoute") == []
+
+    manifests = render_objects(load_values(CHART_DIR / "ci" / "portal-gateway-values.yaml"))
+    (route,) = of_kind(manifests, "HTTPRoute")
+    assert route["apiVersion"] == "gateway.networking.k8s.io/v1"
+    assert route["spec"]["parentRefs"] == [
+        {"name": "city-gateway", "namespace": "gateway-system", "sectionName": "https"}
+    ]
+    assert route["spec"]["hostnames"] == ["credit.city.example"]
+    (rule,) = route["spec"]["rules"]
+    assert rule["matches"] == [{"path": {"type": "PathPrefix", "value": "/"}}]
+    assert rule["backendRefs"] == [{"name": "egret-portal", "port": service["spec"]["ports"][0]["port"]}]
+    assert route["metadata"]["annotations"] == {"example.org/owner": "city-web"}
+    assert of_kind(manifests, "Ingress") == []
+    assert of_kind(render_objects({}), "Ingress") == of_kind(render_objects({}), "HTTPRoute") == []
+
+
+PORTAL_CALLS = [("portal", "query", 50054), ("portal", "score", 50053), ("portal", "rules", 50052)]
+
+
+def test_network_policy_lets_the_portal_reach_query_score_rules_and_the_identity_provider_only(
+    render_objects: RenderObjects,
+) -> None:
+    policies = of_kind(render_objects({}), "NetworkPolicy")
+    portal = endpoint("portal")
+    for source, destination, port in PORTAL_CALLS:
+        assert network_allows(policies, endpoint(source), endpoint(destination), port), destination
+    assert not network_allows(policies, portal, endpoint("ingest"), 50051)
+    assert not network_allows(policies, portal, Endpoint({}, external=True, ip="192.0.2.1"), 5432)  # database
+    assert network_allows(policies, portal, Endpoint({}, external=True, ip="192.0.2.2"), 443)  # the provider
+    assert not network_allows(policies, portal, Endpoint({}, external=True, ip="10.9.9.9"), 443)
+    assert network_allows(policies, portal, OUTSIDE, 53, "UDP")
+    # People reach its HTTP port from anywhere by default, nothing else of it.
+    assert network_allows(policies, OUTSIDE, portal, 8080)
+    assert not network_allows(policies, OUTSIDE, portal, 50054)
+    assert network_allows(policies, endpoint("test"), portal, 8080)
+    # Nobody else gets the portal's way in to score and rules.
+    assert not network_allows(policies, endpoint("ingest"), endpoint("score"), 50053)
+
+    ha = of_kind(
+        render_objects(load_values(CHART_DIR / "ci" / "high-availability-values.yaml")), "NetworkPolicy"
+    )
+    assert network_allows(ha, OUTSIDE, portal, 8080)  # the ingress controller's namespace
+    assert not network_allows(ha, Endpoint({"app": "something-else"}), portal, 8080)
+    assert network_allows(ha, endpoint("test"), portal, 8080)
+    # query admits the portal when it admits only named clients.
+    assert network_allows(ha, portal, endpoint("query"), 50054)
+    assert network_allows(ha, portal, Endpoint({}, external=True, ip="203.0.113.5"), 443)
+    assert network_allows(ha, portal, OUTSIDE, 4317)  # the collector
+
+
+def test_the_portal_can_be_left_out(render_objects: RenderObjects) -> None:
+    manifests = render_objects({"portal": {"enabled": False}, "secrets": {"create": False}})
+    assert not [m for m in manifests if "portal" in m["metadata"]["name"]]
+    text = yaml.safe_dump_all(manifests)
+    assert "component: portal" not in text
+    args = named(manifests, "Pod", "egret-test-health")["spec"]["containers"][0]["args"]
+    assert not [a for a in args if a.startswith("http://")]
+    # Without a portal, development needs no portal secrets.
+    development = load_values(CHART_DIR / "ci" / "development-values.yaml")
+    del development["secrets"]["portal"]
+    assert not portal_deployments(render_objects(development | {"portal": {"enabled": False}}))
+
+
+@pytest.mark.parametrize(
+    ("values", "complaint"),
+    [
+        ({"portal": {"publicUrl": "http://credit.example.org"}}, "publicUrl"),
+        ({"portal": {"publicUrl": "https://credit.example.org/portal"}}, "publicUrl"),
+        ({"portal": {"ingress": {"host": "x"}}}, "host"),
+        ({"portal": {"oidc": {"scope": "profile"}}}, "scope"),
+        ({"portal": {"oidc": {"issuer": "http://idp.example.org"}}}, "issuer"),
+        ({"secrets": {"portal": {"sessionSecret": {"key": "a/b"}}}}, "key"),
+    ],
+)
+def test_values_schema_rejects_bad_portal_values(
+    render_objects: RenderObjects, values: dict[str, Any], complaint: str
+) -> None:
+    with pytest.raises(helm.HelmError, match=complaint):
+        render_objects(values)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"portal": {"httpRoute": {"enabled": True}}},
+        {"networkPolicy": {"identityProvider": {"cidrs": [], "to": []}}},
+        {
+            "secrets": {
+                "create": True,
+                "subjectKey": {"value": "k" * 32},
+                "auditKey": {"value": "a" * 32},
+                "portal": {"oidcClientSecret": {"value": "client"}, "sessionSecret": {"value": "short"}},
+            }
+        },
+        {
+            "secrets": {
+                "create": True,
+                "subjectKey": {"value": "k" * 32},
+                "auditKey": {"value": "a" * 32},
+                "portal": {"sessionSecret": {"value": "s" * 32}},
+            }
+        },
+    ],
+)
+def test_portal_values_the_schema_cannot_express_fail_the_render(
+    render_objects: RenderObjects, values: dict[str, Any]
+) -> None:
+    with pytest.raises(helm.HelmRenderError):
+        render_objects(values)
