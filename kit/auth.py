@@ -53,10 +53,10 @@ class Role(StrEnum):
 # service token must also carry the scope of each RPC it calls, so a leaked query token
 # cannot deliver events to rules or outcomes to score.
 SCOPE_EVALUATE_EVENTS = "egret.rules.evaluate"  # ingest → rules: EvaluateEvents
-SCOPE_READ_RULE_SETS = "egret.rules.read"  # query → rules: GetActiveRuleSet, GetRuleSet
+SCOPE_READ_RULE_SETS = "egret.rules.read"  # query → rules: GetActiveRuleSet, GetRuleSet (any version)
 SCOPE_APPLY_OUTCOMES = "egret.score.apply"  # rules → score: ApplyOutcomes
-# The portal's public pages: published, non-personal data only (score's GetActivePolicy,
-# query's ListBenefits). It reads rules' active rule set with SCOPE_READ_RULE_SETS.
+# The portal's public pages: published, non-personal data only (rules' GetActiveRuleSet,
+# score's GetActivePolicy, query's ListBenefits); never a draft or another version.
 SCOPE_PUBLIC_READ = "egret.public.read"
 
 # The scopes each calling service's token carries (the identity provider issues them).
@@ -65,7 +65,7 @@ SERVICE_SCOPES: Mapping[str, tuple[str, ...]] = {
     "rules": (SCOPE_APPLY_OUTCOMES,),
     "query": (SCOPE_READ_RULE_SETS,),
     "score": (),
-    "portal": (SCOPE_PUBLIC_READ, SCOPE_READ_RULE_SETS),
+    "portal": (SCOPE_PUBLIC_READ,),
 }
 
 
@@ -464,8 +464,8 @@ class CallPolicy:
     roles: frozenset[Role]
     # Ingest calls must carry a deadline, so a stuck department cannot hold work forever.
     require_deadline: bool = False
-    # The scope a `service` principal must hold (one of the SCOPE_* above).
-    service_scope: str | None = None
+    # The scopes of which a `service` principal must hold one (SCOPE_* above).
+    service_scopes: frozenset[str] = frozenset()
     # What one call takes from the caller's rate-limit bucket (RateLimiter), and each
     # further message of a request stream too: about the work it makes, in units of a
     # simple read of one subject (docs/security.md, "Limits").
@@ -473,13 +473,18 @@ class CallPolicy:
 
 
 def allow(
-    *roles: Role, require_deadline: bool = False, service_scope: str | None = None, cost: float = 1.0
+    *roles: Role,
+    require_deadline: bool = False,
+    service_scope: str | tuple[str, ...] = (),
+    cost: float = 1.0,
 ) -> CallPolicy:
-    if (Role.SERVICE in roles) != (service_scope is not None):
+    """`service_scope`: the scope (or any of the scopes) a `service` caller must hold."""
+    scopes = frozenset((service_scope,) if isinstance(service_scope, str) else service_scope)
+    if (Role.SERVICE in roles) != bool(scopes):
         raise ValueError("an RPC open to services names the scope they need, and only then")
     if not cost > 0:
         raise ValueError("an RPC costs something")
-    return CallPolicy(frozenset(roles), require_deadline, service_scope, cost)
+    return CallPolicy(frozenset(roles), require_deadline, scopes, cost)
 
 
 # Health checks and reflection answer anyone: probes and tooling carry no tokens.
@@ -527,9 +532,10 @@ class Gate:
         principal = self.verifier.verify(header[7:].strip())
         if principal.role not in rule.roles:
             raise PermissionDenied(f"role {principal.role.value} may not call {method.rsplit('/', 1)[-1]}")
-        if principal.role is Role.SERVICE and rule.service_scope not in principal.scopes:
+        if principal.role is Role.SERVICE and not rule.service_scopes & set(principal.scopes):
             raise PermissionDenied(
-                f"service {principal.id} lacks scope {rule.service_scope} for {method.rsplit('/', 1)[-1]}"
+                f"service {principal.id} lacks scope {' or '.join(sorted(rule.service_scopes))} "
+                f"for {method.rsplit('/', 1)[-1]}"
             )
         self._charge(principal, rule.cost)
         return principal

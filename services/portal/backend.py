@@ -304,13 +304,8 @@ class Backend:
                 rules.GetActiveRuleSet, rules_pb.GetActiveRuleSetRequest(), self._public_token
             )
             summary = active.rule_set
-            stored = await self._call(
-                rules.GetRuleSet,
-                rules_pb.GetRuleSetRequest(rule_set_id=summary.rule_set_id),
-                self._public_token,
-            )
             return convert.published_rule_set(
-                summary.name, summary.version, convert.when(summary.activated_at), stored.rule_set.source
+                summary.name, summary.version, convert.when(summary.activated_at), active.source
             )
 
         return await self._cached("rules", load)

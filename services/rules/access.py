@@ -1,19 +1,23 @@
 """Who may call RulesService: ingest (a service token with the evaluate scope) delivers
-events; query (a service token with the read scope) reads the active rule set; reviewers
-own the rule sets; auditors read them; admins handle dead letters."""
+events; query (a service token with the read scope) reads the active rule set and the
+versions its outcomes name; the portal (the public read scope) reads the active rule set
+only; reviewers own the rule sets; auditors read them; admins handle dead letters."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from kit.auth import SCOPE_EVALUATE_EVENTS, SCOPE_READ_RULE_SETS, CallPolicy, Role, allow
+from kit.auth import SCOPE_EVALUATE_EVENTS, SCOPE_PUBLIC_READ, SCOPE_READ_RULE_SETS, CallPolicy, Role, allow
 
 _RPC = "/egret.rules.v1.RulesService/"
 _READERS = (Role.REVIEWER, Role.AUDITOR, Role.ADMIN)
 
 POLICY: Mapping[str, CallPolicy] = {
     _RPC + "EvaluateEvents": allow(Role.SERVICE, service_scope=SCOPE_EVALUATE_EVENTS),
-    _RPC + "GetActiveRuleSet": allow(*_READERS, Role.SERVICE, service_scope=SCOPE_READ_RULE_SETS),
+    # Published: the portal's public rules page reads it too (its source included).
+    _RPC + "GetActiveRuleSet": allow(
+        *_READERS, Role.SERVICE, service_scope=(SCOPE_READ_RULE_SETS, SCOPE_PUBLIC_READ)
+    ),
     _RPC + "ValidateRuleSet": allow(Role.REVIEWER, cost=10),
     _RPC + "CreateDraft": allow(Role.REVIEWER, cost=10),
     _RPC + "PublishRuleSet": allow(Role.REVIEWER),

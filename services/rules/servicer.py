@@ -252,7 +252,8 @@ class RulesServicer(LifecycleRpcs, pb_grpc.RulesServiceServicer):
                 activated_at=to_timestamp(stored.activated_at or stored.created_at),
                 source_sha256=rule_set.source_sha256,
                 rule_set_id=stored.rule_set_id,
-            )
+            ),
+            source=stored.source,
         )
 
 

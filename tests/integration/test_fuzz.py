@@ -272,7 +272,7 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
 def _tokens(pki: LocalPki, policy: CallPolicy) -> tuple[str, str | None]:
     """A token whose role may call the RPC, and one whose role may not (if any role may not)."""
     allowed = sorted(policy.roles)[0]
-    scopes = (policy.service_scope,) if policy.service_scope else ()
+    scopes = tuple(policy.service_scopes)
     refused = next((r for r in Role if r not in policy.roles and r is not Role.SERVICE), None)
     return (
         pki.token(principal_for(allowed), allowed, scopes=scopes),

@@ -260,13 +260,9 @@ async def test_each_service_token_opens_only_the_rpcs_of_its_own_scopes(secure: 
         "rules": {"score.ApplyOutcomes"},
         "query": {"rules.GetActiveRuleSet", "rules.GetRuleSet"},
         "score": set(),
-        # The portal's public pages: published, non-personal data only.
-        "portal": {
-            "query.ListBenefits",
-            "score.GetActivePolicy",
-            "rules.GetActiveRuleSet",
-            "rules.GetRuleSet",
-        },
+        # The portal's public pages: published, non-personal data only (the active rule set,
+        # never a draft or another version by id).
+        "portal": {"query.ListBenefits", "score.GetActivePolicy", "rules.GetActiveRuleSet"},
     }
     open_to_services = [
         (name, rpc)

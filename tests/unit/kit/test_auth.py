@@ -155,7 +155,7 @@ def test_the_rate_limiter_allows_bursts_then_names_the_wait() -> None:
 
 
 def test_an_rpc_open_to_services_must_name_their_scope_and_only_such_an_rpc_may() -> None:
-    assert allow(Role.SERVICE, service_scope=SCOPE_APPLY_OUTCOMES).service_scope == SCOPE_APPLY_OUTCOMES
+    assert allow(Role.SERVICE, service_scope=SCOPE_APPLY_OUTCOMES).service_scopes == {SCOPE_APPLY_OUTCOMES}
     with pytest.raises(ValueError, match="names the scope"):
         allow(Role.SERVICE)
     with pytest.raises(ValueError, match="names the scope"):

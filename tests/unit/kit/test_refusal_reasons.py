@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from google.rpc import error_details_pb2
 
 from kit import reasons
-from kit.auth import SCOPE_PUBLIC_READ, SCOPE_READ_RULE_SETS, SERVICE_SCOPES, Role, TokenVerifier, issue_token
+from kit.auth import SCOPE_PUBLIC_READ, SERVICE_SCOPES, Role, TokenVerifier, issue_token
 from kit.errors import AlreadyExists, FailedPrecondition
 from kit.interceptors import status_of
 from kit.pseudonym import KeyLink, Pseudonymiser
@@ -52,8 +52,8 @@ def test_a_refusal_without_a_reason_has_no_error_info_and_every_reason_is_one_do
     assert all(r.isupper() and " " not in r for r in reasons.ALL)
 
 
-def test_the_portal_service_token_holds_the_public_read_scope_only_with_rules_reads() -> None:
-    assert set(SERVICE_SCOPES["portal"]) == {SCOPE_PUBLIC_READ, SCOPE_READ_RULE_SETS}
+def test_the_portal_service_token_holds_the_public_read_scope_only() -> None:
+    assert set(SERVICE_SCOPES["portal"]) == {SCOPE_PUBLIC_READ}
     assert all(SCOPE_PUBLIC_READ not in scopes for name, scopes in SERVICE_SCOPES.items() if name != "portal")
 
 
