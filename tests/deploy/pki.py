@@ -20,15 +20,12 @@ import trustme
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from kit.auth import SCOPE_READ_RULE_SETS, SERVICE_SCOPES, Role, issue_token, jwks_document
+from kit.auth import SERVICE_SCOPES, Role, issue_token, jwks_document
 from kit.interceptors import bearer_token
 from tests.deploy.k8s import matches
 from tests.deploy.rehearsal import Pod, Rehearsal, RehearsalError, dns_names
 
 KEY_ID = "rehearsal-1"
-# The scopes of each caller's service token; the portal's reads the published rule set only
-# (docs/portal.md, "Security model"; docs/deploy.md, "Service tokens").
-TOKEN_SCOPES = {**SERVICE_SCOPES, "portal": (SCOPE_READ_RULE_SETS,)}
 
 
 @dataclass
@@ -133,7 +130,7 @@ def create_rehearsal_pki(rehearsal: Rehearsal) -> RehearsalPki:
         (item,) = volume["secret"]["items"]
         service = pod.metadata["labels"]["app.kubernetes.io/component"]
         pki.secrets[(volume["secret"]["secretName"], item["key"])] = pki.token(
-            f"egret-{service}", Role.SERVICE, scopes=TOKEN_SCOPES[service], lifetime_s=86_400.0
+            f"egret-{service}", Role.SERVICE, scopes=SERVICE_SCOPES[service], lifetime_s=86_400.0
         )
 
     rehearsal.secrets.update(pki.secrets)

@@ -531,8 +531,8 @@ def test_insecure_is_off_by_default() -> None:
 
 def test_the_install_notes_name_each_callers_token_scope_as_the_services_check_it() -> None:
     notes = render(None)["egret/templates/NOTES.txt"]
-    for caller in ("ingest", "rules", "query"):
-        (scope,) = SERVICE_SCOPES[caller]
+    for caller in ("ingest", "rules", "query", "portal"):
+        scope = " ".join(SERVICE_SCOPES[caller])
         assert f'{caller}\'s bearer token, role "service", scope "{scope}"' in notes, caller
 
 
