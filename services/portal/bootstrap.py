@@ -149,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_config=None,  # uvicorn's lines go through kit.logging (JSON, trace ids)
         access_log=False,  # RequestSpans logs each request by its route, never its path
         proxy_headers=True,
+        forwarded_allow_ips=list(settings.trusted_proxies),
         server_header=False,
     )
     return 0

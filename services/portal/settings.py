@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,9 @@ class PortalSettings:
     # Sign-in attempts per client address: a token bucket (kit.auth.RateLimiter).
     signin_rate_per_minute: float
     signin_burst: float
+    # The proxies (addresses or networks) whose X-Forwarded-For names the client: behind an
+    # ingress, the client address the sign-in limit counts is the person's, not the proxy's.
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1",)
     # The city's time zone: every date and time the portal shows is in it.
     timezone: str = "Asia/Shanghai"
     log_format: str = "json"
@@ -127,6 +131,7 @@ class PortalSettings:
             deadline_s=env.number("EGRET_PORTAL_DEADLINE_SECONDS", 10.0, minimum=0.1, maximum=120.0),
             signin_rate_per_minute=env.number("EGRET_PORTAL_SIGNIN_PER_MINUTE", 10.0, minimum=0.1),
             signin_burst=env.number("EGRET_PORTAL_SIGNIN_BURST", 20.0, minimum=1.0),
+            trusted_proxies=_networks(env, "EGRET_PORTAL_TRUSTED_PROXIES", "127.0.0.1"),
             timezone=_timezone(env),
             log_format=env.choice("EGRET_LOG_FORMAT", "json", ("json", "console")),
             log_level=env.choice("EGRET_LOG_LEVEL", "info", LOG_LEVELS),
@@ -202,3 +207,14 @@ def _session_secrets(env: Env, path: Path) -> tuple[bytes, ...]:
 
 
 __all__ = ["LANGUAGES", "OidcSettings", "PortalSettings", "SettingsError"]
+
+
+def _networks(env: Env, name: str, default: str) -> tuple[str, ...]:
+    """A comma-separated list of IP addresses or networks (CIDR)."""
+    values = tuple(v.strip() for v in env.text(name, default).split(",") if v.strip())
+    for value in values:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            env.problems.append(f"{name}: {value!r} is not an IP address or network")
+    return values

@@ -103,6 +103,7 @@ def test_every_rendered_object_is_valid_kubernetes(rendered: list[Manifest], kub
         ({"portal": {"publicUrl": "https://credit.example.org/portal"}}, "publicUrl"),
         ({"portal": {"ingress": {"host": "x"}}}, "host"),
         ({"portal": {"oidc": {"scope": "profile"}}}, "scope"),
+        ({"portal": {"trustedProxies": ["ingress-nginx"]}}, "trustedProxies"),
         ({"portal": {"oidc": {"issuer": "http://idp.example.org"}}}, "issuer"),
         ({"secrets": {"portal": {"sessionSecret": {"key": "a/b"}}}}, "key"),
     ],
@@ -1015,6 +1016,11 @@ def test_the_portals_settings_follow_its_values(render_objects: RenderObjects) -
 
     _, _, env = portal_of(render_objects({"portal": {"env": {"EGRET_PORTAL_DEFAULT_LANGUAGE": "en"}}}))
     assert env["EGRET_PORTAL_DEFAULT_LANGUAGE"] == "en"
+    assert "EGRET_PORTAL_TRUSTED_PROXIES" not in env  # the portal's default: loopback only
+
+    # Behind an ingress: the controller's pods name the client in X-Forwarded-For.
+    _, _, env = portal_of(render_objects({"portal": {"trustedProxies": ["10.42.0.0/16", "192.0.2.9"]}}))
+    assert env["EGRET_PORTAL_TRUSTED_PROXIES"] == "10.42.0.0/16,192.0.2.9"
 
 
 def test_the_portal_is_reached_by_ingress_or_http_route_at_its_public_host(

@@ -78,3 +78,11 @@ def test_a_short_session_secret_is_refused(files: dict[str, str], tmp_path: Path
     short.write_text("too short")
     with pytest.raises(SettingsError, match="at least 32 bytes"):
         PortalSettings.from_env({**files, "EGRET_PORTAL_SESSION_SECRET_FILE": str(short)})
+
+
+def test_forwarded_headers_are_trusted_from_the_named_proxies_only(files: dict[str, str]) -> None:
+    assert PortalSettings.from_env(files).trusted_proxies == ("127.0.0.1",)
+    behind = PortalSettings.from_env({**files, "EGRET_PORTAL_TRUSTED_PROXIES": "10.0.0.0/8, 192.0.2.7"})
+    assert behind.trusted_proxies == ("10.0.0.0/8", "192.0.2.7")
+    with pytest.raises(SettingsError, match=r"EGRET_PORTAL_TRUSTED_PROXIES: 'ingress' is not an IP"):
+        PortalSettings.from_env({**files, "EGRET_PORTAL_TRUSTED_PROXIES": "10.0.0.0/8,ingress"})

@@ -37,6 +37,9 @@ text in insecure mode), its own token for the public pages, tracing, and the log
 {{- else -}}
 {{- $_ := set $settings "EGRET_RULES_ADDRESS" (include "egret.address" (dict "root" . "service" "rules")) -}}
 {{- end -}}
+{{- with $portal.trustedProxies -}}
+{{- $_ := set $settings "EGRET_PORTAL_TRUSTED_PROXIES" (join "," .) -}}
+{{- end -}}
 {{- if $portal.oidc.ca.name -}}
 {{- $_ := set $settings "EGRET_PORTAL_OIDC_CA_FILE" (printf "%s/%s" (include "egret.portalOidcCaDir" .) $portal.oidc.ca.key) -}}
 {{- end -}}
