@@ -8,8 +8,8 @@
         print(stack.url, stack.accounts)  # http://127.0.0.1:<port>, the sample accounts
 
 `PortalStack(cluster)` picks the ports, writes what both need under
-`<cluster data dir>/portal/` (the provider's JWKS, the portal's client secret, session
-key and service token) and adds the provider to the services' trusted issuers
+`<cluster data dir>/portal/` (the provider's JWKS, the portal's client secret and session
+key) and adds the provider to the services' trusted issuers
 (`Cluster.add_env`, `devtools.oidc_provider.verifier_env`). `start()` runs
 `python -m devtools.oidc_provider` and `python -m services.portal`, each configured only
 by its command line and `EGRET_*` environment as in production, waits until both answer,
@@ -93,7 +93,7 @@ class PortalStack:
         self.session_secret_file = self._secret("session.key", os.urandom(32).hex())
         # The public pages' reads only (kit.auth.SERVICE_SCOPES["portal"]: published rules,
         # policy and benefits); 24 h, as the services' own tokens.
-        self.service_token_file = self._secret("portal.token", self.pki.service_token(PORTAL))
+        self.service_token_file = self.pki.service_token_file(PORTAL)
         self._resident_id = resident_id
         self._uscc = uscc
         self._portal_env = dict(portal_env or {})
