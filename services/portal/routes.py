@@ -613,12 +613,15 @@ class Pages:
     async def history(self, request: Request) -> Response:
         caller = self.person(request)
         t = self.t(request)
-        known, corrected, explanation = await asyncio.gather(
+        # The tier lines come from the published policy (cached), not the person's Explain,
+        # which would cost query a projection of the whole ledger for a chart's thresholds.
+        known, corrected, policy = await asyncio.gather(
             self.backend.history(caller, as_corrected=False),
             self.backend.history(caller, as_corrected=True),
-            _settled(self.backend.explain(caller)),
+            _settled(self.backend.policy()),
         )
-        tiers = () if isinstance(explanation, ServiceError) else explanation.tiers
+        kinds = () if isinstance(policy, ServiceError) else policy.kinds
+        tiers = next((k.tiers for k in kinds if k.kind == caller.subject.kind), ())
         view = history_views.history(t, known, corrected, self.now(), tiers)
         return self.render(request, "history.html", section="/history", h=view)
 

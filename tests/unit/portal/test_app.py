@@ -455,3 +455,32 @@ def test_no_raw_subject_id_in_any_log_line_or_url(
         assert RAW_ID not in response.text
     captured = capsys.readouterr()
     assert RAW_ID not in captured.out + captured.err
+
+
+def test_the_history_chart_takes_its_tier_lines_from_the_published_policy_without_an_explain(
+    client: TestClient, backend: FakeBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def change(days: int, score: int) -> r.ScoreChange:
+        return r.ScoreChange(
+            NOW - timedelta(days=days), "entries", None, score, "", "A", (), (), (), (), (), (), "2026.2", ""
+        )
+
+    async def history(caller: Any, *, as_corrected: bool) -> tuple[r.ScoreChange, ...]:
+        backend._record("history", as_corrected)
+        return (change(10, 1040), change(40, 1000))
+
+    tiers = (r.Tier("AA", 1030), r.Tier("A", 960))
+    person = r.KindPolicy("person", 1000, 0, 1100, tiers, (), 365, 30, (), (), False, False)
+    policy = r.PublishedPolicy("2026.2", NOW, 20, (("minor", 0),), 3, (person,))
+
+    async def published() -> r.PublishedPolicy:
+        backend._record("policy")
+        return policy
+
+    monkeypatch.setattr(backend, "history", history)
+    monkeypatch.setattr(backend, "policy", published)
+    signed_in(client)
+    page = client.get("/history")
+    assert page.status_code == 200
+    assert re.search(r'class="threshold-label"[^>]*>AA<', page.text)
+    assert "explain" not in [name for name, _ in backend.calls]
