@@ -281,7 +281,7 @@ def table(results: dict[str, Any]) -> str:
     """One line per page: what a reader compares."""
     head = (
         f"{'page':<10} {'rate/s':>7} {'ok':>5} {'err':>4}  {'client p50/p95/p99 ms':>23}"
-        f"  {'server p50/p95/p99 ms':>23}  CPU ms/request (portal query score provider client)"
+        f"  {'server p50/p95/p99 ms':>23}  CPU ms/request (portal query rules score provider client)"
     )
     lines = [head, "-" * len(head)]
 
@@ -297,7 +297,8 @@ def table(results: dict[str, Any]) -> str:
             f"{page:<10} {r['achieved_rate']:>7} {r['ok']:>5} {sum(r['errors'].values()):>4}  "
             f"{ms(r['client_ms']):>23}  {ms(r['server_ms']):>23}  "
             + " ".join(
-                f"{cpu.get(n, 0):.1f}" for n in ("portal", "query", "score", "oidc-provider", "client")
+                f"{cpu.get(n, 0):.1f}"
+                for n in ("portal", "query", "rules", "score", "oidc-provider", "client")
             )
         )
     return "\n".join(lines)

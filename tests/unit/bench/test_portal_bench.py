@@ -43,6 +43,7 @@ def test_the_table_has_a_line_per_page_and_says_when_a_page_was_skipped() -> Non
         "cpu_ms_per_request": {
             "portal": 5.0,
             "query": 20.0,
+            "rules": 9.0,
             "score": 0.0,
             "oidc-provider": 0.0,
             "client": 4.0,
@@ -52,4 +53,5 @@ def test_the_table_has_a_line_per_page_and_says_when_a_page_was_skipped() -> Non
     assert lines[2].split()[:4] == ["credit", "20.0", "600", "2"]
     assert "40 / 90 / 120" in lines[2]
     assert "30 / 80 / -" in lines[2]
+    assert lines[2].split()[-6:] == ["5.0", "20.0", "9.0", "0.0", "0.0", "4.0"]
     assert lines[3] == "entry      skipped: no resident has an entry"
