@@ -152,7 +152,7 @@ def credit(t: Localiser, x: r.Explanation) -> CreditView:
         behaviours=tuple(
             BehaviourRow(
                 title=b.title,
-                description=b.description,
+                description=words.general(b.description),
                 points=b.points if not b.points.lstrip("-").isdigit() else t.signed(int(b.points)),
                 category=words.category(t, b.category),
                 room=room_text(t, b.cap_remaining, x.cap_window_days),

@@ -58,7 +58,7 @@ def rule_groups(
             RuleRow(
                 rule_id=rule.rule_id,
                 title=rule.title,
-                description=rule.description,
+                description=words.general(rule.description),
                 points=points,
                 positive=positive,
                 category=words.category(t, rule.category),

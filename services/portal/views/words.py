@@ -3,7 +3,19 @@ purposes and tiers, in the reader's language."""
 
 from __future__ import annotations
 
+import re
+
 from services.portal.i18n import Localiser
+
+# A quoted event attribute in a rule's template: {station}, {amount:.2f}, {count}.
+_QUOTED = re.compile(r"\{\w+(?:![rsa])?(?::[^{}]*)?\}")
+
+
+def general(template: str) -> str:
+    """A rule's description as a statement about any such event: the attributes its
+    template quotes ("... at {station} ... {amount:.2f} yuan") become "…", where an
+    entry's explanation shows the event's own values."""
+    return _QUOTED.sub("…", template)
 
 
 def status(t: Localiser, code: str) -> str:

@@ -66,7 +66,7 @@ def explanation(**fields: object) -> r.Explanation:
         "projection": (r.Projection(NOW + timedelta(days=335), 1010, "A", ("e1",)),),
         "positive_behaviours": (
             r.PositiveBehaviour(
-                "civic.blood_donation", "Voluntary blood donation", "A donation.", "10", "civic", 40
+                "civic.blood_donation", "Voluntary blood donation", "Gave {ml} ml.", "10", "civic", 40
             ),
             r.PositiveBehaviour(
                 "civic.volunteer_hours", "Volunteer service", "Hours.", "2 * (hours // 10)", "civic", -1

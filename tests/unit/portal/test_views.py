@@ -28,6 +28,8 @@ def test_my_credit_shows_the_tier_meaning_the_thresholds_and_the_path_to_the_nex
     room = {b.title: b.room for b in view.behaviours}
     assert room["Voluntary blood donation"].startswith("Can still add up to 40 points")
     assert room["Volunteer service"] == "No limit in this category"
+    said = {b.title: b.description for b in view.behaviours}
+    assert said["Voluntary blood donation"] == "Gave … ml."  # the template's {ml}: no event here
     assert view.projection[0].stops == "1 entry stops counting"
 
 
@@ -200,7 +202,15 @@ def test_public_rules_are_grouped_by_category_with_how_long_they_count(en: Local
         NOW,
         (
             r.PublishedRule(
-                "a", "Fare evasion", "d", ("x",), ("person",), "-10", "transport", "general", "law"
+                "a",
+                "Fare evasion",
+                "Passed the gate at {station} without paying {amount:.2f} yuan ({count!s} times).",
+                ("x",),
+                ("person",),
+                "-10",
+                "transport",
+                "general",
+                "law",
             ),
             r.PublishedRule(
                 "b", "Volunteering", "d", ("y",), ("person",), "2 * (hours // 10)", "civic", "positive", "l"
@@ -234,6 +244,8 @@ def test_public_rules_are_grouped_by_category_with_how_long_they_count(en: Local
     assert [g.category for g in groups] == ["Civic life", "Transport"]
     fare = groups[1].rules[0]
     assert (fare.points, fare.positive, fare.counts_for) == ("\u221210", False, "365 days")
+    # A rule's template said of any such event: its quoted attributes are not shown raw.
+    assert fare.description == "Passed the gate at … without paying … yuan (… times)."
     assert groups[0].rules[0].points == "computed: 2 * (hours // 10)"
     kinds = public.kind_tiers(en, policy)
     assert kinds[0].black == "Tier D; or any counting entry of a black-list rule"
