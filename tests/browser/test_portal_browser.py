@@ -41,6 +41,7 @@ from tests.browser.support import (
     tab_to,
 )
 from tests.e2e.test_pipeline import ALICE, BOB, raw, submit_all
+from tests.support.privacy import scan_files
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
@@ -468,3 +469,28 @@ def test_the_accessibility_check_finds_what_it_must(page: Page) -> None:
         assert_accessible(page, "a page made to fail")
     for rule in ("critical image-alt:", "critical label:", "serious html-has-lang:"):
         assert rule in str(failed.value)
+
+
+def test_no_raw_subject_id_in_a_url_or_a_log_line(world: World, page: Page) -> None:
+    """Last, so that it also covers every flow above: the portal's pages, links and
+    downloads never put the resident's raw id in a URL, and neither the portal's log nor
+    any service's does (the provider's is left out: an identity provider knows who
+    signs in). The services' own privacy proof is tests/e2e/test_privacy.py."""
+    urls: list[str] = []
+    page.on("request", lambda request: urls.append(request.url))
+    sign_in(page)
+    for path in ("/credit", "/entries", "/history", "/benefits", "/contest", "/access", "/download"):
+        page.goto(path)
+        for href in page.locator("main a[href^='/']").evaluate_all(
+            "as => as.map(a => a.getAttribute('href'))"
+        ):
+            urls.append(str(href))
+    page.goto(entry_with(page, "transport.metro_fare_evasion"))
+    assert len(urls) > 20
+    needles = {ALICE.encode(), BOB.encode()}
+    assert [u for u in urls if any(n.decode() in u for n in needles)] == []
+    time.sleep(0.5)  # the processes write unbuffered; let the last lines land
+    logs = [world.stack.log_path("portal"), *(world.cluster.log_path(s) for s in world.cluster.services)]
+    assert world.stack.log_path("portal").stat().st_size > 0
+    # scan_files finds a planted id (tests/e2e/test_privacy.py proves it).
+    assert scan_files(logs, needles) == []
