@@ -211,9 +211,14 @@ def next_tier(policy: SubjectPolicy, score: int) -> NextTier | None:
     return NextTier(nearest.name, nearest.min, nearest.min - score)
 
 
+# The next changes a projection shows: each costs a whole score computation, so the
+# projection of a long ledger stays linear in its length (a page shows the near future).
+MAX_PROJECTED = 12
+
+
 def project(entries: Sequence[ScoredEntry], policy: SubjectPolicy, now: datetime) -> tuple[Projected, ...]:
-    """The score at each future instant a counting entry expires or a pause starts or
-    ends, with the entries that stop counting then."""
+    """The score at each of the next MAX_PROJECTED future instants a counting entry
+    expires or a pause starts or ends, with the entries that stop counting then."""
     instants: set[datetime] = set()
     for e in entries:
         if not known_at(e, now):
@@ -226,7 +231,7 @@ def project(entries: Sequence[ScoredEntry], policy: SubjectPolicy, now: datetime
                 if b is not None and now < b < until:
                     instants.add(b)
     projected = []
-    for at in sorted(instants):
+    for at in sorted(instants)[:MAX_PROJECTED]:
         before = at - timedelta(microseconds=1)
         stopping = tuple(
             sorted(

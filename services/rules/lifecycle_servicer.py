@@ -33,7 +33,7 @@ from services.rules.lifecycle import (
     page_size,
     rule_set_violations,
 )
-from services.rules.ruleset import RuleSetError, rule_set_from_yaml
+from services.rules.ruleset import RuleSetError, stored_rule_set
 
 log = get_logger(__name__)
 
@@ -339,7 +339,7 @@ def _renderable(stored: StoredRuleSet, rule_ids: list[str] | None = None) -> pb.
 
 def _parse_quietly(source: str) -> list[str]:
     try:
-        return [r.id for r in rule_set_from_yaml(source).rules]
+        return [r.id for r in stored_rule_set(source).rules]
     except RuleSetError:
         # Stored by an older format that this code no longer reads: still show the rest.
         return []

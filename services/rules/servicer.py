@@ -25,7 +25,7 @@ from services.rules.domain import EvaluationFailed, Evaluator, RetractionNotice,
 from services.rules.lifecycle import RuleSetLifecycle
 from services.rules.lifecycle_servicer import LifecycleRpcs
 from services.rules.records import engine_event
-from services.rules.ruleset import rule_set_from_yaml
+from services.rules.ruleset import stored_rule_set
 
 log = get_logger(__name__)
 
@@ -243,7 +243,7 @@ class RulesServicer(LifecycleRpcs, pb_grpc.RulesServiceServicer):
     ) -> pb.GetActiveRuleSetResponse:
         # The database's answer, which every replica converges on at its next batch.
         stored = await run_blocking(None, self._lifecycle.active)
-        rule_set = rule_set_from_yaml(stored.source)
+        rule_set = stored_rule_set(stored.source)
         return pb.GetActiveRuleSetResponse(
             rule_set=pb.RuleSetSummary(
                 name=rule_set.name,

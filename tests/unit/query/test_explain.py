@@ -9,7 +9,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from services.query.corrected import corrected_history
-from services.query.explain import PositiveRule, cap_remaining, explain, next_tier, project, shown_status
+from services.query.explain import (
+    MAX_PROJECTED,
+    PositiveRule,
+    cap_remaining,
+    explain,
+    next_tier,
+    project,
+    shown_status,
+)
 from services.query.rules_client import positive_rules
 from services.rules.ruleset import rule_set_from_yaml
 from services.score.domain import (
@@ -113,6 +121,18 @@ def test_the_projection_is_the_score_at_each_expiry() -> None:
         (NOW + 720 * DAY, 1020, "A", ("c1",)),
         (NOW + 725 * DAY, 1000, "A", ("c2",)),
     ]
+
+
+def test_the_projection_shows_the_next_changes_only() -> None:
+    """Each projected date costs a whole score computation: a long ledger projects its
+    next MAX_PROJECTED changes, in date order, not all of them."""
+    ledger = [
+        facts(f"t{i}", -1, "traffic", "minor", days_ago=30 - i).scored for i in range(MAX_PROJECTED + 8)
+    ]
+    projected = project(ledger, PERSON, NOW)
+    assert len(projected) == MAX_PROJECTED
+    assert [p.expiring_entry_ids for p in projected] == [(f"t{i}",) for i in range(MAX_PROJECTED)]
+    assert projected[-1].score == 1000 - 8  # the entries not yet expired still count
 
 
 def test_an_open_dispute_lapsing_is_part_of_the_projection() -> None:
