@@ -54,8 +54,11 @@ COPY config/ config/
 # Two malloc arenas instead of eight per core: the gRPC, database and engine threads otherwise
 # each keep freed heap in an arena of their own (a flood of 1 MiB queries peaked at 515 MiB
 # RSS with the default, 397 MiB with two; docs/deploy.md, "Memory").
+# matplotlib (the portal's charts) keeps its font list in a writable directory: the pods'
+# /tmp (an emptyDir; the root filesystem is read-only), built once per pod start.
 ENV PATH=/opt/egret/bin:$PATH \
     MALLOC_ARENA_MAX=2 \
+    MPLCONFIGDIR=/tmp/matplotlib \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     EGRET_DATA_DIR=/var/lib/egret

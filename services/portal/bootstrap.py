@@ -19,6 +19,7 @@ from kit.auth import RateLimiter
 from kit.logging import configure_logging, get_logger
 from kit.settings import SettingsError
 from kit.tracing import configure_tracing
+from services.portal import console
 from services.portal.backend import Backend
 from services.portal.i18n import compile_all, localisers
 from services.portal.routes import Pages
@@ -94,7 +95,7 @@ def build(
         finally:
             await pages.backend.close()
 
-    routes = pages.routes(settings.oidc.redirect_path)
+    routes = [*pages.routes(settings.oidc.redirect_path), *console.routes(pages)]
     return Starlette(
         routes=routes,
         middleware=[

@@ -19,12 +19,14 @@ from starlette.responses import HTMLResponse, PlainTextResponse, RedirectRespons
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from kit.auth import Role
 from kit.logging import get_logger
-from services.portal import csrf
+from services.portal import charts, csrf
 from services.portal import records as r
 from services.portal.backend import Backend, Caller, ServiceError
 from services.portal.i18n import HTML_LANG, LANGUAGES, NATIVE_NAMES, Localiser
-from services.portal.signin import SUBJECT_ROLE, OAuthError, SignIn
+from services.portal.signin import ACCESS_TOKEN, SUBJECT_ROLE, OAuthError, SignIn
+from services.portal.staff import STAFF_ROLES, NotAllowed, Staff, navigation
 from services.portal.views import access as access_views
 from services.portal.views import benefits as benefit_views
 from services.portal.views import credit as credit_views
@@ -43,6 +45,9 @@ FLASH = "flash"
 MAX_FORM_FIELDS = 20
 # Form fields beyond what any form posts are refused before anything else is read.
 MAX_FIELD_BYTES = 64 * 1024
+# A chart is a standalone image: nothing to load, no script (an image cannot run any), only
+# its own inline styles (matplotlib styles each SVG element inline). The pages' CSP stays strict.
+CHART_CSP = "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'"
 
 
 class NotSignedIn(Exception):
@@ -86,6 +91,8 @@ class Pages:
             "here": here,
             "section": section,
             "signed_in": person is not None,
+            "resident": person is not None and person.role == SUBJECT_ROLE,
+            "staff_nav": navigation(self.localisers[language], person.role) if person else (),
             "user_name": (person.name if person else "") or self.localisers[language].gettext("you"),
             # Made on first use: a page without a form leaves an anonymous visitor cookie-free.
             "csrf_token": _LazyCsrf(request.session),
@@ -117,6 +124,17 @@ class Pages:
             raise _NotSubject
         return person.caller
 
+    def staff(self, request: Request, *roles: Role) -> Staff:
+        """The signed-in staff member, if their role is one of `roles` (NotAllowed if not)."""
+        person = self.signin.signed_in(request.session)
+        if person is None:
+            raise NotSignedIn
+        if person.role not in STAFF_ROLES or person.role not in roles:
+            raise NotAllowed
+        token = request.session.get(ACCESS_TOKEN)
+        assert isinstance(token, str)
+        return Staff(token, Role(person.role), person.name)
+
     async def form(self, request: Request) -> FormData:
         """The posted form, once its CSRF token matched this session's."""
         async with request.form(
@@ -143,6 +161,8 @@ class Pages:
                 return RedirectResponse(f"/signin?next={_quote(request)}", status_code=303)
             except _NotSubject:
                 return self.render(request, "not_subject.html", status=403)
+            except NotAllowed:
+                return self.render(request, "staff/not_allowed.html", status=403)
             except CsrfRefused:
                 t = self.t(request)
                 log.warning("form refused: CSRF token missing or wrong", throttle="csrf")
@@ -610,20 +630,50 @@ class Pages:
         log.info("consent set")
         return RedirectResponse("/contest", status_code=303)
 
-    async def history(self, request: Request) -> Response:
-        caller = self.person(request)
-        t = self.t(request)
+    async def _history(self, caller: Caller, t: Localiser, *, tiers: bool) -> history_views.HistoryView:
         # The tier lines come from the published policy (cached), not the person's Explain,
         # which would cost query a projection of the whole ledger for a chart's thresholds.
-        known, corrected, policy = await asyncio.gather(
+        # Only the chart draws them; the page reads the history alone.
+        reads: list[Awaitable[Any]] = [
             self.backend.history(caller, as_corrected=False),
             self.backend.history(caller, as_corrected=True),
-            _settled(self.backend.policy()),
+        ]
+        if tiers:
+            reads.append(_settled(self.backend.policy()))
+        known, corrected, *policy = await asyncio.gather(*reads)
+        kinds = policy[0].kinds if policy and not isinstance(policy[0], ServiceError) else ()
+        lines = next((k.tiers for k in kinds if k.kind == caller.subject.kind), ())
+        return history_views.history(t, known, corrected, self.now(), lines)
+
+    async def history(self, request: Request) -> Response:
+        caller = self.person(request)
+        view = await self._history(caller, self.t(request), tiers=False)
+        return self.render(
+            request,
+            "history.html",
+            section="/history",
+            h=view,
+            chart_width=charts.WIDTH,
+            chart_height=charts.HEIGHT,
         )
-        kinds = () if isinstance(policy, ServiceError) else policy.kinds
-        tiers = next((k.tiers for k in kinds if k.kind == caller.subject.kind), ())
-        view = history_views.history(t, known, corrected, self.now(), tiers)
-        return self.render(request, "history.html", section="/history", h=view)
+
+    async def history_chart(self, request: Request) -> Response:
+        """The History page's chart as an SVG image, in the language its `lang` names (the
+        page's, even if the cookie changed since)."""
+        caller = self.person(request)
+        language = request.query_params.get("lang", "")
+        t = self.localisers[language] if language in LANGUAGES else self.t(request)
+        view = await self._history(caller, t, tiers=True)
+        if view.chart is None:
+            raise HTTPException(404)
+        # Drawn in a thread: the event loop keeps serving other requests meanwhile.
+        svg = await asyncio.to_thread(charts.history, t, view.chart)
+        return Response(
+            svg,
+            media_type="image/svg+xml",
+            # Its own CSP, which SecurityHeaders keeps; no-store as every personal page.
+            headers={"Content-Security-Policy": CHART_CSP},
+        )
 
     async def benefits(self, request: Request) -> Response:
         caller = self.person(request)
@@ -749,6 +799,7 @@ class Pages:
             Route("/entries/{entry_id}/dispute", p(self.dispute), methods=["GET", "POST"]),
             Route("/entries/{entry_id}/repair", p(self.repair), methods=["GET", "POST"]),
             Route("/history", p(self.history)),
+            Route("/history/chart.svg", p(self.history_chart)),
             Route("/benefits", p(self.benefits)),
             Route("/contest", p(self.contest)),
             Route("/consent", p(self.consent), methods=["POST"]),

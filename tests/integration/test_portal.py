@@ -229,7 +229,10 @@ def test_a_resident_signs_in_reads_disputes_and_sees_the_decision_and_who_looked
     assert "You reading your own data" in looked  # the portal's own reads state own-record
 
     history = portal.get("/history").text
-    assert "<svg" in history
+    assert 'src="/history/chart.svg?lang=en"' in history
+    chart = portal.get("/history/chart.svg?lang=en")
+    assert chart.headers["content-type"] == "image/svg+xml"
+    assert "As known at the time" in chart.text
     assert "Dispute" in history
     assert "I had a ticket" not in history  # statements are not history notes
 

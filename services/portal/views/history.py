@@ -1,48 +1,46 @@
-"""*History*: the score over time, as known then and as corrected, as a chart drawn on the
-server (an SVG built from the data: no script, no inline style, readable with JavaScript
-off) and as a table with the cause of every change (the chart's text alternative)."""
+"""*History*: the score over time, as known then and as corrected, as a chart (drawn by
+services.portal.charts from the `Chart` below and served as an image) and as a table with the
+cause of every change (the chart's text alternative)."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from services.portal import records as r
 from services.portal.i18n import Localiser
 from services.portal.views import words
 
-WIDTH, HEIGHT = 720, 280
-LEFT, RIGHT, TOP, BOTTOM = 56, 16, 16, 36
+# A shorter history is drawn over a week, so the date axis shows days rather than hours.
+SHORTEST_SPAN = timedelta(days=7)
 
 
 @dataclass(frozen=True)
-class Tick:
-    x: float
-    y: float
+class Series:
     label: str
+    # (instant, score) at each change, oldest first, and the last score held until now:
+    # drawn as steps, the score holding until the next change.
+    points: tuple[tuple[datetime, int], ...]
 
 
 @dataclass(frozen=True)
 class Threshold:
-    y: float
+    score: int
     label: str
 
 
 @dataclass(frozen=True)
 class Chart:
-    width: int
-    height: int
-    plot_left: int
-    plot_right: int
-    plot_top: int
-    plot_bottom: int
-    known: str  # SVG polyline points
-    corrected: str  # "" when identical to known
-    x_ticks: tuple[Tick, ...]
-    y_ticks: tuple[Tick, ...]
+    """What the chart shows, every word already in the reader's language."""
+
+    title: str
+    summary: str  # the score and its trend in a sentence: the image's alt text and <desc>
+    score_label: str  # the vertical axis
+    start: datetime
+    end: datetime
+    known: Series
+    corrected: Series | None  # None when no correction changed a score
     thresholds: tuple[Threshold, ...]
-    summary: str  # the chart's description, for screen readers
 
 
 @dataclass(frozen=True)
@@ -64,28 +62,55 @@ class HistoryView:
     differs: bool
 
 
-def steps(changes: tuple[r.ScoreChange, ...], until: datetime) -> list[tuple[datetime, int]]:
-    """The score as a step function: (instant, score) corners, oldest first, held until `until`."""
-    ordered = sorted((c for c in changes if c.changed_at is not None), key=lambda c: c.changed_at)  # type: ignore[arg-type,return-value]
-    corners: list[tuple[datetime, int]] = []
-    for change in ordered:
-        assert change.changed_at is not None
-        if corners:
-            corners.append((change.changed_at, corners[-1][1]))
-        corners.append((change.changed_at, change.score))
-    if corners and until > corners[-1][0]:
-        corners.append((until, corners[-1][1]))
-    return corners
+def timeline(changes: tuple[r.ScoreChange, ...], until: datetime) -> tuple[tuple[datetime, int], ...]:
+    """(instant, score) after each change, oldest first, and the last score again at `until`."""
+    dated = sorted(((c.changed_at, c.score) for c in changes if c.changed_at is not None), key=lambda p: p[0])
+    if dated and until > dated[-1][0]:
+        dated.append((until, dated[-1][1]))
+    return tuple(dated)
 
 
-def nice_step(span: float, count: int = 4) -> int:
-    """A round tick interval (1, 2, 5 times a power of ten) giving about `count` ticks."""
-    raw = max(span / count, 1.0)
-    power = 10 ** math.floor(math.log10(raw))
-    for factor in (1, 2, 5, 10):
-        if factor * power >= raw:
-            return int(factor * power)
-    return int(10 * power)
+def thresholds(tiers: tuple[r.Tier, ...], low: int, high: int) -> tuple[int, ...]:
+    """The thresholds of the tiers the score passed through and of the tier just above:
+    the band the person is in, and the line to reach next."""
+    starts = sorted(t.min_score for t in tiers)
+    floor = max((s for s in starts if s <= low), default=None)
+    ceiling = min((s for s in starts if s > high), default=None)
+    return tuple(
+        s
+        for s in starts
+        if (floor is None or s >= floor) and (ceiling is None or s <= ceiling) and s > min(starts)
+    )
+
+
+def summary(t: Localiser, points: tuple[tuple[datetime, int], ...]) -> str:
+    start, end = t.date(points[0][0]), t.date(points[-1][0])
+    scores = [score for _, score in points]
+    first, now = scores[0], scores[-1]
+    values = {
+        "start": start,
+        "end": end,
+        "first": t.number(first),
+        "now": t.number(now),
+        "low": t.number(min(scores)),
+        "high": t.number(max(scores)),
+    }
+    if now > first:
+        return t.gettext(
+            "Your score went up from %(first)s on %(start)s to %(now)s on %(end)s "
+            "(lowest %(low)s, highest %(high)s).",
+            **values,
+        )
+    if now < first:
+        return t.gettext(
+            "Your score went down from %(first)s on %(start)s to %(now)s on %(end)s "
+            "(lowest %(low)s, highest %(high)s).",
+            **values,
+        )
+    return t.gettext(
+        "Your score is %(now)s on %(end)s, as it was on %(start)s (lowest %(low)s, highest %(high)s).",
+        **values,
+    )
 
 
 def chart(
@@ -93,62 +118,37 @@ def chart(
     known: tuple[r.ScoreChange, ...],
     corrected: tuple[r.ScoreChange, ...],
     now: datetime,
+    *,
     tiers: tuple[r.Tier, ...] = (),
+    differs: bool = True,
 ) -> Chart | None:
-    known_steps = steps(known, now)
-    corrected_steps = steps(corrected, now)
-    if not known_steps:
+    known_points = timeline(known, now)
+    if not known_points:
         return None
-    every = known_steps + corrected_steps
-    start, end = min(p[0] for p in every), max(*(p[0] for p in every), now)
-    low, high = min(p[1] for p in every), max(p[1] for p in every)
-    step = nice_step(max(high - low, 10))
-    low, high = (low // step) * step, -((-high) // step) * step
-    if high == low:
-        high = low + step
-    seconds = max((end - start).total_seconds(), 1.0)
-    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
-
-    def x(at: datetime) -> float:
-        return round(LEFT + plot_w * (at - start).total_seconds() / seconds, 1)
-
-    def y(score: float) -> float:
-        return round(TOP + plot_h * (high - score) / (high - low), 1)
-
-    def line(points: list[tuple[datetime, int]]) -> str:
-        return " ".join(f"{x(at)},{y(score)}" for at, score in points)
-
-    y_ticks = tuple(Tick(LEFT, y(v), t.number(v)) for v in range(low, high + 1, step))
-    x_ticks = tuple(
-        Tick(x(at), HEIGHT - BOTTOM, t.date(at))
-        for at in dict.fromkeys((start, start + (end - start) / 2, end))
-    )
-    thresholds = tuple(
-        Threshold(y(tier.min_score), tier.name) for tier in tiers if low < tier.min_score < high
-    )
-    last = known_steps[-1][1]
-    summary = t.gettext(
-        "Your score from %(start)s to %(end)s: lowest %(low)s, highest %(high)s, now %(now)s.",
-        start=t.date(start),
-        end=t.date(end),
-        low=t.number(min(p[1] for p in known_steps)),
-        high=t.number(max(p[1] for p in known_steps)),
-        now=t.number(last),
-    )
-    corrected_line = line(corrected_steps) if corrected_steps and corrected_steps != known_steps else ""
+    corrected_points = timeline(corrected, now) if differs else ()
+    every = known_points + corrected_points
+    end = max(*(at for at, _ in every), now)
+    start = min(*(at for at, _ in every), end - SHORTEST_SPAN)
+    scores = [score for _, score in every]
     return Chart(
-        WIDTH,
-        HEIGHT,
-        LEFT,
-        WIDTH - RIGHT,
-        TOP,
-        HEIGHT - BOTTOM,
-        line(known_steps),
-        corrected_line,
-        x_ticks,
-        y_ticks,
-        thresholds,
-        summary,
+        title=t.gettext("Your score over time"),
+        summary=summary(t, known_points),
+        score_label=t.gettext("Score"),
+        start=start,
+        end=end,
+        known=Series(t.gettext("As known at the time"), known_points),
+        corrected=Series(t.gettext("As corrected since"), corrected_points) if corrected_points else None,
+        thresholds=tuple(
+            Threshold(
+                score,
+                t.gettext(
+                    "%(tier)s from %(score)s",
+                    tier=next(tier.name for tier in tiers if tier.min_score == score),
+                    score=t.number(score),
+                ),
+            )
+            for score in thresholds(tiers, min(scores), max(scores))
+        ),
     )
 
 
@@ -180,11 +180,10 @@ def history(
 ) -> HistoryView:
     # The corrected timeline dates changes by event time, so instants nearly always differ;
     # the scores it passes through are what tells a correction.
-    known_scores = [c.score for c in known]
-    corrected_scores = [c.score for c in corrected]
+    differs = [c.score for c in known] != [c.score for c in corrected]
     return HistoryView(
-        chart=chart(t, known, corrected, now, tiers),
+        chart=chart(t, known, corrected, now, tiers=tiers, differs=differs),
         known=tuple(change_row(t, c) for c in known),
         corrected=tuple(change_row(t, c) for c in corrected),
-        differs=known_scores != corrected_scores,
+        differs=differs,
     )

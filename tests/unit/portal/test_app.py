@@ -6,194 +6,30 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
-import jwt
 import pytest
 from starlette.testclient import TestClient
 
 from services.portal import records as r
 from services.portal.backend import ServiceError
-from services.portal.bootstrap import build
 from services.portal.sessions import COOKIE, EncryptedSessionMiddleware
 from services.portal.settings import PortalSettings
-from tests.unit.portal.samples import NOW, entry, explanation
+from tests.unit.portal.fakes import RAW_ID, SECRET, FakeBackend, csrf_of, session_cookie, signed_in
+from tests.unit.portal.samples import NOW, change
 
-RAW_ID = "350200199001011230"
-SECRET = b"a-session-secret-of-forty-bytes-or-more!"
 PERSONAL_PAGES = (
     "/credit",
     "/entries",
     "/entries/e1",
     "/history",
+    "/history/chart.svg",
     "/benefits",
     "/contest",
     "/access",
     "/download",
 )
-
-
-class FakeBackend:
-    """What the services would answer, and what the portal asked of them."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, Any]] = []
-        self.fail: dict[str, ServiceError] = {}
-        self.stored = {"e1": entry(), "e2": entry("e2", 10, status="active")}
-        self.consent_state = r.ConsentState(None, False, True)
-
-    def _record(self, name: str, *args: Any) -> None:
-        self.calls.append((name, args))
-        if name in self.fail:
-            raise self.fail[name]
-
-    async def explain(self, caller: Any) -> r.Explanation:
-        self._record("explain", caller)
-        return explanation()
-
-    async def entries(self, caller: Any, page_token: str = "", page_size: int = 50) -> r.Page[r.Entry]:
-        self._record("entries", page_token)
-        return r.Page(tuple(self.stored.values()), "next-token")
-
-    async def all_entries(self, caller: Any) -> tuple[r.Entry, ...]:
-        self._record("all_entries")
-        return tuple(self.stored.values())
-
-    async def entry(self, caller: Any, entry_id: str) -> r.Entry:
-        self._record("entry", entry_id)
-        if entry_id not in self.stored:
-            raise ServiceError("NOT_FOUND", f"no ledger entry {entry_id!r}")
-        return self.stored[entry_id]
-
-    async def history(self, caller: Any, *, as_corrected: bool) -> tuple[r.ScoreChange, ...]:
-        self._record("history", as_corrected)
-        return ()
-
-    async def benefits(self, token: str | None) -> tuple[r.Benefit, ...]:
-        self._record("benefits")
-        return (
-            r.Benefit("library.deposit_free", "Borrow books", "Library", ("civic",), False, ("person",), "A"),
-        )
-
-    async def eligibility(self, caller: Any, benefit_id: str) -> r.Eligibility:
-        self._record("eligibility", benefit_id)
-        return r.Eligibility(benefit_id, True, (), ("civic",), 1010, "A", (), NOW, "2026.2")
-
-    async def access_log(
-        self, caller: Any, page_token: str = "", page_size: int = 50
-    ) -> r.Page[r.AccessRecord]:
-        self._record("access_log", page_token)
-        return r.Page((r.AccessRecord(NOW, "rev-1", "reviewer", "dispute-review", "GetEntry", ""),), "")
-
-    async def all_access_records(self, caller: Any) -> tuple[r.AccessRecord, ...]:
-        return (await self.access_log(caller)).items
-
-    async def disputes(self, caller: Any) -> tuple[r.Dispute, ...]:
-        self._record("disputes")
-        return ()
-
-    async def repairs(self, caller: Any) -> tuple[r.Repair, ...]:
-        self._record("repairs")
-        return ()
-
-    async def file_dispute(self, caller: Any, entry_id: str, statement: str) -> r.Dispute:
-        self._record("file_dispute", entry_id, statement)
-        return r.Dispute("7", entry_id, statement, NOW, NOW + timedelta(days=20), "open")
-
-    async def apply_for_repair(self, caller: Any, entry_id: str, evidence: str, uri: str) -> r.Repair:
-        self._record("apply_for_repair", entry_id, evidence, uri)
-        return r.Repair("3", entry_id, evidence, uri, NOW, NOW + timedelta(days=3), "pending")
-
-    async def consent(self, caller: Any) -> r.ConsentState:
-        self._record("consent")
-        return self.consent_state
-
-    async def set_consent(self, caller: Any, granted: bool) -> r.Consent:
-        self._record("set_consent", granted)
-        self.consent_state = r.ConsentState(r.Consent(granted, NOW, NOW), granted, True)
-        return r.Consent(granted, NOW, NOW)
-
-    async def rule_set(self) -> r.PublishedRuleSet:
-        self._record("rule_set")
-        raise ServiceError("PERMISSION_DENIED", "role subject may not call GetActiveRuleSet")
-
-    async def policy(self) -> r.PublishedPolicy:
-        self._record("policy")
-        return r.PublishedPolicy("2026.2", NOW, 20, (("minor", 0),), 3, ())
-
-    async def public_benefits(self) -> tuple[r.Benefit, ...]:
-        return await self.benefits(None)
-
-    async def close(self) -> None:
-        pass
-
-
-@pytest.fixture
-def settings(tmp_path: Path) -> PortalSettings:
-    (tmp_path / "session.key").write_bytes(SECRET)
-    (tmp_path / "client.secret").write_text("s")
-    return PortalSettings.from_env(
-        {
-            "EGRET_INSECURE": "true",
-            "EGRET_PORTAL_PUBLIC_URL": "http://127.0.0.1:8080",
-            "EGRET_PORTAL_INSECURE_HTTP": "true",
-            "EGRET_PORTAL_SESSION_SECRET_FILE": str(tmp_path / "session.key"),
-            "EGRET_PORTAL_OIDC_CLIENT_SECRET_FILE": str(tmp_path / "client.secret"),
-            # Nothing listens there: discovery fails, as when the provider is down.
-            "EGRET_PORTAL_OIDC_ISSUER": "http://127.0.0.1:9",
-            "EGRET_PORTAL_SIGNIN_BURST": "2",
-        }
-    )
-
-
-@pytest.fixture
-def backend() -> FakeBackend:
-    return FakeBackend()
-
-
-@pytest.fixture
-def client(settings: PortalSettings, backend: FakeBackend) -> Iterator[TestClient]:
-    app = build(settings, backend=lambda: backend, clock=lambda: NOW)  # type: ignore[arg-type,return-value]
-    with TestClient(app, base_url="http://127.0.0.1:8080") as test_client:
-        yield test_client
-
-
-def session_cookie(role: str = "subject", expires_in: float = 600, **extra: Any) -> str:
-    token = jwt.encode(
-        {"sub": f"person:resident-id:{RAW_ID}", "role": role, "exp": int(time.time() + 3600)},
-        "k" * 32,
-        "HS256",
-    )
-    sessions = EncryptedSessionMiddleware(
-        lambda *a: None,  # type: ignore[arg-type]
-        secrets=(SECRET,),
-        idle_s=900,
-        absolute_s=28_800,
-        secure=False,
-    )
-    return sessions.dump(
-        {
-            "access_token": token,
-            "expires_at": time.time() + expires_in,
-            "role": role,
-            "name": "Alice",
-            **extra,
-        }
-    )
-
-
-def signed_in(client: TestClient, role: str = "subject") -> TestClient:
-    client.cookies.set(COOKIE, session_cookie(role))
-    return client
-
-
-def csrf_of(html: str) -> str:
-    match = re.search(r'name="csrf_token" value="([^"]+)"', html)
-    assert match, "no CSRF field on the page"
-    return match.group(1)
 
 
 def test_public_pages_work_without_sign_in_and_carry_a_strict_csp(client: TestClient) -> None:
@@ -246,6 +82,52 @@ def test_signed_in_pages_render_the_persons_data(client: TestClient, backend: Fa
     assert "Reviewing a dispute you filed" in client.get("/access").text
     for path in ("/credit", "/entries", "/entries/e1", "/benefits", "/access", "/contest", "/download"):
         assert client.get(path).headers["cache-control"] == "no-store"
+
+
+def test_the_history_page_embeds_its_chart_as_an_image_with_the_tables_as_its_text(
+    client: TestClient, backend: FakeBackend
+) -> None:
+    backend.changes = (change(2, 1010, 1000), change(30, 1000, None))
+    signed_in(client)
+    client.get("/language/en")
+    page = client.get("/history")
+    assert page.status_code == 200
+    image = re.search(r'<img class="chart-image" src="([^"]+)"[^>]* alt="([^"]+)"', page.text)
+    assert image is not None
+    assert image.group(1) == "/history/chart.svg?lang=en"
+    assert image.group(2).startswith("Your score went up from 1,000 on May 2, 2026 to 1,010 on June 1, 2026")
+    assert "<svg" not in page.text  # drawn as its own resource, under the page's strict CSP
+    assert "Every change, as known at the time" in page.text
+    assert "unsafe-inline" not in page.headers["content-security-policy"]
+
+
+def test_the_history_chart_is_an_svg_image_of_the_persons_own_history(
+    client: TestClient, backend: FakeBackend
+) -> None:
+    backend.changes = (change(2, 1010, 1000), change(30, 1000, None))
+    signed_in(client)
+    response = client.get("/history/chart.svg?lang=en")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/svg+xml"
+    # Its own CSP: no script, nothing loaded, inline styles only; never cached.
+    assert response.headers["content-security-policy"] == (
+        "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'"
+    )
+    assert response.headers["cache-control"] == "no-store"
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert "As known at the time" in response.text
+    assert RAW_ID not in response.text
+    assert ("history", (False,)) in backend.calls
+    assert ("history", (True,)) in backend.calls
+    # The language the page asked for; the cookie's (the default, Chinese) without one.
+    assert "您的分数变化" in client.get("/history/chart.svg").text
+    assert "您的分数变化" in client.get("/history/chart.svg?lang=fr").text
+
+
+def test_no_history_means_no_chart_to_fetch(client: TestClient, backend: FakeBackend) -> None:
+    signed_in(client)
+    assert client.get("/history/chart.svg?lang=en").status_code == 404
+    assert "chart.svg" not in client.get("/history").text
 
 
 def test_an_entry_that_is_not_the_persons_is_not_found_in_words(client: TestClient) -> None:
@@ -480,7 +362,9 @@ def test_the_history_chart_takes_its_tier_lines_from_the_published_policy_withou
     monkeypatch.setattr(backend, "history", history)
     monkeypatch.setattr(backend, "policy", published)
     signed_in(client)
-    page = client.get("/history")
-    assert page.status_code == 200
-    assert re.search(r'class="threshold-label"[^>]*>AA<', page.text)
+    assert client.get("/history").status_code == 200
+    assert "policy" not in [name for name, _ in backend.calls]  # the page draws no tier lines
+    chart = client.get("/history/chart.svg?lang=en")
+    assert chart.status_code == 200
+    assert ">AA from 1,030<" in chart.text
     assert "explain" not in [name for name, _ in backend.calls]

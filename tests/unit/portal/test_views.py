@@ -109,34 +109,62 @@ def test_a_repair_needs_evidence_and_a_web_link_if_any(en: Localiser) -> None:
     assert entries.check_repair(en, "Paid the fine", "https://example.org/receipt") == []
 
 
-def test_the_history_chart_is_a_step_line_over_the_whole_period(en: Localiser) -> None:
+def test_the_history_chart_holds_both_timelines_until_now_and_the_tiers_around_them(en: Localiser) -> None:
     known = (change(1, 990, 1000, "correction"), change(10, 1000, None))
     corrected = (change(12, 1000, None),)
     view = history.history(en, known, corrected, NOW, explanation().tiers)
     chart = view.chart
     assert chart is not None
-    points = [tuple(map(float, p.split(","))) for p in chart.known.split()]
-    # (start, 1000), (correction, 1000), (correction, 990), (now, 990): a step, not a slope.
-    assert len(points) == 4
-    assert points[1][0] == points[2][0]
-    assert points[2][1] > points[1][1]
-    assert points[-1][0] == chart.plot_right
-    assert chart.corrected  # a different line: the correction never counted there
-    assert [t.label for t in chart.thresholds] == []  # 960 and 1030 lie outside 990..1000
-    assert "lowest 990, highest 1,000, now 990" in chart.summary
+    # Oldest first, one point per change, the last score held until now.
+    assert [score for _, score in chart.known.points] == [1000, 990, 990]
+    assert chart.known.points[-1][0] == NOW == chart.end
+    assert chart.corrected is not None  # a different line: the correction never counted there
+    assert [score for _, score in chart.corrected.points] == [1000, 1000]
+    # The band the score is in (A from 960) and the tier above it (AA from 1,030).
+    assert [(t.score, t.label) for t in chart.thresholds] == [(960, "A from 960"), (1030, "AA from 1,030")]
+    assert chart.summary == (
+        "Your score went down from 1,000 on May 22, 2026 to 990 on June 1, 2026 (lowest 990, highest 1,000)."
+    )
+    assert (chart.title, chart.score_label, chart.known.label) == (
+        "Your score over time",
+        "Score",
+        "As known at the time",
+    )
     assert view.known[0].cause == "Correction by the source"
     assert view.known[0].entry_links == (("stopped counting", "e1"),)
     assert view.differs
+
+
+def test_the_history_chart_in_chinese_and_without_a_correction(zh: Localiser) -> None:
+    known = (change(3, 1010, 1000), change(20, 1000, None))
+    view = history.history(zh, known, known, NOW, explanation().tiers)
+    assert view.chart is not None
+    assert view.chart.corrected is None  # no correction changed a score: one line
+    assert view.chart.summary.startswith("您的分数从 2026年5月12日 的 1,000 上升到 2026年6月1日 的 1,010")
+    assert view.chart.thresholds[-1].label == "AA 级 1,030 分起"
+    assert not view.differs
+
+
+def test_a_short_history_is_drawn_over_a_week(en: Localiser) -> None:
+    view = history.history(en, (change(1, 1000, None),), (), NOW)
+    assert view.chart is not None
+    assert view.chart.end - view.chart.start == history.SHORTEST_SPAN
+    assert view.chart.summary.startswith("Your score is 1,000 on June 1, 2026, as it was on May 31, 2026")
+    assert view.chart.thresholds == ()  # no tiers known (Explain refused): no lines
+
+
+def test_the_thresholds_shown_are_the_band_of_the_scores_and_the_next_tier_up() -> None:
+    tiers = explanation().tiers  # 0, 600, 850, 960, 1030, 1050
+    assert history.thresholds(tiers, 990, 1000) == (960, 1030)
+    assert history.thresholds(tiers, 300, 640) == (600, 850)  # the lowest tier's 0 is no threshold
+    assert history.thresholds(tiers, 1060, 1200) == (1050,)
+    assert history.thresholds((), 990, 1000) == ()
 
 
 def test_no_history_means_no_chart(en: Localiser) -> None:
     view = history.history(en, (), (), NOW)
     assert view.chart is None
     assert view.known == ()
-
-
-def test_nice_ticks() -> None:
-    assert [history.nice_step(s) for s in (10, 40, 95, 700)] == [5, 10, 50, 200]
 
 
 def test_benefit_rows_say_yes_or_no_with_the_deciding_entries(en: Localiser) -> None:
