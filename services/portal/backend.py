@@ -138,6 +138,10 @@ class Backend:
         self._query = query_grpc.QueryServiceStub(query)
         self._score = score_grpc.ScoreServiceStub(score)
         self._rules = rules_grpc.RulesServiceStub(rules) if rules is not None else None
+        # The stubs the staff console's calls name (services.portal.staffcalls).
+        self._stubs: dict[str, Any] = {"query": self._query, "score": self._score}
+        if self._rules is not None:
+            self._stubs["rules"] = self._rules
         self._public_token = public_token
         self._deadline_s = deadline_s
         self._clock = clock
@@ -176,6 +180,18 @@ class Backend:
             return await method(request, metadata=metadata, timeout=self._deadline_s)
         except grpc.aio.AioRpcError as exc:
             raise _error(exc) from None
+
+    def serves(self, stub: str) -> bool:
+        """Whether the portal has a channel for `stub` (see `call`)."""
+        return stub in self._stubs
+
+    async def call(self, stub: str, method: str, request: Any, token: str) -> Any:
+        """RPC `method` of `stub` ("query", "score", "rules") with a staff member's own token:
+        the staff console's calls (services.portal.staffcalls) build the requests and read the
+        answers; the service decides. UNAVAILABLE if the portal has no channel for it."""
+        if stub not in self._stubs:
+            raise ServiceError("UNAVAILABLE", f"the portal has no channel for {stub}")
+        return await self._call(getattr(self._stubs[stub], method), request, token)
 
     # -- the signed-in person's own data ---------------------------------------------------
 

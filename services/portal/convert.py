@@ -75,6 +75,7 @@ def dispute(d: due_process_pb2.Dispute) -> r.Dispute:
         resolution_reason=d.resolution_reason,
         resolved_at=when(d.resolved_at),
         overdue=d.overdue,
+        resolved_by=d.resolved_by,
     )
 
 
@@ -90,6 +91,7 @@ def repair(a: due_process_pb2.RepairApplication) -> r.Repair:
         decision_reason=a.decision_reason,
         decided_at=when(a.decided_at),
         overdue=a.overdue,
+        decided_by=a.decided_by,
     )
 
 

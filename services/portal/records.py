@@ -46,6 +46,7 @@ class Dispute:
     resolution_reason: str = ""
     resolved_at: datetime | None = None
     overdue: bool = False
+    resolved_by: str = ""  # the reviewer (staff pages only)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class Repair:
     decision_reason: str = ""
     decided_at: datetime | None = None
     overdue: bool = False
+    decided_by: str = ""  # the reviewer (staff pages only)
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from starlette.routing import BaseRoute
 
-from services.portal.console import home
+from services.portal.console import disputes, home
 from services.portal.routes import Pages
 
 
 def routes(pages: Pages) -> list[BaseRoute]:
-    return [*home.routes(pages)]
+    return [
+        *home.routes(pages),
+        *disputes.routes(pages),
+    ]
