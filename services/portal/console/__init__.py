@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from starlette.routing import BaseRoute
 
-from services.portal.console import disputes, home
+from services.portal.console import disputes, home, repairs
 from services.portal.routes import Pages
 
 
@@ -17,4 +17,5 @@ def routes(pages: Pages) -> list[BaseRoute]:
     return [
         *home.routes(pages),
         *disputes.routes(pages),
+        *repairs.routes(pages),
     ]

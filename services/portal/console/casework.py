@@ -112,6 +112,7 @@ def routes(pages: Pages, work: Work) -> list[BaseRoute]:
             c=views.case_view(t, case.entry, pages.now()),
             item_id=work.item_id(item),
             decided_by=item.resolved_by if isinstance(item, r.Dispute) else item.decided_by,
+            evidence_uri=item.evidence_uri if isinstance(item, r.Repair) else "",
             decided=decided,
             decided_now=flash == {"kind": work.kind, "entry": case.entry.entry_id},
             history=() if isinstance(changes, ServiceError) else views.history_around(t, case.entry, changes),
