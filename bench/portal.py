@@ -62,6 +62,8 @@ PAGES = {
     "entries": "/entries",
     "entry": "/entries/{entry}",
     "history": "/history",
+    # The history page's chart image, which a browser fetches with the page.
+    "chart": "/history/chart.svg",
     "benefits": "/benefits",
     "access": "/access",
     "contest": "/contest",

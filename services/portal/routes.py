@@ -5,6 +5,7 @@ every refusal of a service becomes words (services.portal.views.errors)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -666,8 +667,8 @@ class Pages:
         view = await self._history(caller, t, tiers=True)
         if view.chart is None:
             raise HTTPException(404)
-        # Drawn in a thread: the event loop keeps serving other requests meanwhile.
-        svg = await asyncio.to_thread(charts.history, t, view.chart)
+        # Drawn in a thread (the event loop keeps serving meanwhile), once per distinct chart.
+        svg = await asyncio.to_thread(_history_svg, t, view.chart)
         return Response(
             svg,
             media_type="image/svg+xml",
@@ -832,6 +833,15 @@ class _LazyCsrf:
 
     def __str__(self) -> str:
         return csrf.token(self._session)
+
+
+@functools.lru_cache(maxsize=256)
+def _history_svg(t: Localiser, chart: history_views.Chart) -> bytes:
+    """A history chart as drawn before, if the same one was (matplotlib takes about 100 ms
+    of CPU per chart; a person's history changes rarely, and the drawing is deterministic).
+    Keyed by the localiser (one per language) and the chart's data: scores and dates, no
+    identifier; at most 256 charts of some 20-40 KB are kept."""
+    return charts.history(t, chart)
 
 
 def _entry_id(request: Request) -> str:

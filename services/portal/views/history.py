@@ -122,6 +122,9 @@ def chart(
     tiers: tuple[r.Tier, ...] = (),
     differs: bool = True,
 ) -> Chart | None:
+    # The last scores are held to the end of the current hour rather than to this instant,
+    # so the same history draws the same chart for an hour (drawn charts are cached).
+    now = now.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
     known_points = timeline(known, now)
     if not known_points:
         return None

@@ -4,7 +4,6 @@ language, named and described for assistive technology, and drawn the same every
 from __future__ import annotations
 
 import re
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -85,15 +84,12 @@ def test_the_same_history_gives_the_same_bytes(en: Localiser) -> None:
     assert b"<dc:date>" not in first  # no creation date in the metadata
 
 
-def test_a_long_history_draws_quickly_without_markers(en: Localiser) -> None:
+def test_a_long_history_draws_without_markers(en: Localiser) -> None:
+    """(Its drawing time is measured by bench.portal's `chart` page, not asserted here.)"""
     known = tuple(change(200 - i, 1000 + (i % 7) * 5, 1000) for i in range(200))
     view = history.history(en, known, known[::2], NOW, explanation().tiers)
     assert view.chart is not None
-    charts.history(en, view.chart)  # the first draw sets matplotlib up
-    started = time.perf_counter()
     svg = charts.history(en, view.chart)
-    # About 0.1 s on a laptop; the bound leaves room for a busy CI runner.
-    assert time.perf_counter() - started < 2
     root = ET.fromstring(svg)
     for series in ("series-known", "series-corrected"):  # 200 markers would merge into a smear
         assert list(by_id(root, series)[0].iter(f"{SVG}use")) == []

@@ -115,9 +115,13 @@ def test_the_history_chart_holds_both_timelines_until_now_and_the_tiers_around_t
     view = history.history(en, known, corrected, NOW, explanation().tiers)
     chart = view.chart
     assert chart is not None
-    # Oldest first, one point per change, the last score held until now.
+    # Oldest first, one point per change, the last score held to the end of this hour (so
+    # the same history draws the same chart for an hour: drawn charts are cached).
     assert [score for _, score in chart.known.points] == [1000, 990, 990]
-    assert chart.known.points[-1][0] == NOW == chart.end
+    end_of_hour = NOW.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+    assert chart.known.points[-1][0] == end_of_hour == chart.end
+    later = history.history(en, known, corrected, NOW + timedelta(minutes=59), explanation().tiers)
+    assert later.chart == chart  # NOW is on the hour: 59 minutes later, the same chart
     assert chart.corrected is not None  # a different line: the correction never counted there
     assert [score for _, score in chart.corrected.points] == [1000, 1000]
     # The band the score is in (A from 960) and the tier above it (AA from 1,030).
