@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from kit.audit import audit_keys, parse_anchor
-from kit.audit import verify as verify_audit_chain
-from kit.audit_anchors import anchor_loop, read_anchors
-from kit.db import create_engine, make_session_factory
+from kit.audit_anchors import anchor_loop
+from kit.audit_chain import AuditChainServicer
+from kit.audit_chain import check as check_audit_chain
+from kit.db import create_engine
 from kit.logging import configure_logging, get_logger
 from kit.migrations import upgrade
 from kit.pseudonym import Pseudonymiser
@@ -68,24 +69,16 @@ def verify_audit(common: CommonSettings, log: Any, head: Any, anchors: Sequence[
     """Walk the service's audit chain under its keys and check `anchors` (seq, hash recorded
     elsewhere) and every automatic anchor in EGRET_AUDIT_ANCHOR_FILE; exit 0 when intact,
     printing the anchor to record next, 1 listing every break."""
-    automatic: tuple[tuple[int, str], ...] = ()
-    file_problems: tuple[str, ...] = ()
-    if common.audit.anchor_file is not None:
-        found = read_anchors(common.audit.anchor_file, common.service)
-        automatic, file_problems = found.anchors, found.problems
     engine = create_engine(common.database_url, read_only=True)
     try:
-        with make_session_factory(engine)() as session:
-            report = verify_audit_chain(
-                session, log, head, keys=audit_keys(common.audit), anchors=[*anchors, *automatic]
-            )
+        state = check_audit_chain(common, engine, log, head, anchors)
     finally:
         engine.dispose()
-    problems = (*file_problems, *report.problems)
-    if not problems:
+    report = state.report
+    if state.intact:
         checked = f", {len(anchors)} anchor(s) hold" if anchors else ""
         if common.audit.anchor_file is not None:
-            checked += f", {len(automatic)} automatic anchor(s) in {common.audit.anchor_file} hold"
+            checked += f", {state.automatic} automatic anchor(s) in {common.audit.anchor_file} hold"
         print(f"egret-{common.service}: audit log intact ({report.records} records{checked})")
         if report.records:
             # Kept outside the database (a ticket, a notary, write-once storage), it lets a
@@ -93,7 +86,7 @@ def verify_audit(common: CommonSettings, log: Any, head: Any, anchors: Sequence[
             print(f"anchor: {report.last_seq}:{report.last_hash}")
         return 0
     print(f"egret-{common.service}: audit log BROKEN ({report.records} records):", file=sys.stderr)
-    for problem in problems:
+    for problem in state.problems:
         print(f"  {problem}", file=sys.stderr)
     return 1
 
@@ -220,8 +213,11 @@ def run_cli(
         async def build_and_serve() -> None:
             # Built inside the running loop: gRPC channels and asyncio objects bind to it.
             service = build(settings)
-            if audit is not None and common.audit.anchor_file is not None:
-                service.background = [*service.background, audit_anchors(common, audit[1])]
+            if audit is not None:
+                # Every service with an audit log serves its state (kit.server registers it).
+                service.audit_chain = AuditChainServicer(common, *audit)
+                if common.audit.anchor_file is not None:
+                    service.background = [*service.background, audit_anchors(common, audit[1])]
             await serve(common, service, tracer_provider=provider)
 
         try:

@@ -25,6 +25,9 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 from sqlalchemy.engine import Engine
 
+from kit.audit_chain import POLICY as AUDIT_CHAIN_POLICY
+from kit.audit_chain import SERVICE_NAME as AUDIT_CHAIN_SERVICE
+from kit.audit_chain import AuditChainServicer
 from kit.auth import CallPolicy, Gate
 from kit.db import ping
 from kit.interceptors import server_interceptors
@@ -57,6 +60,8 @@ class Service:
     executors: Sequence[Executor] = field(default_factory=list)
     # Closed after in-flight calls end, before the executors: clients of other services.
     closers: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # The audit log's state as a gRPC read (kit.audit_chain), for services with an audit log.
+    audit_chain: AuditChainServicer | None = None
 
 
 async def _watch_database(
@@ -93,24 +98,30 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
 
     security = settings.security
+    # Served beside the service's own RPCs, like health and reflection.
+    extra_names = [AUDIT_CHAIN_SERVICE] if service.audit_chain is not None else []
+    policy = {**service.policy, **(AUDIT_CHAIN_POLICY if service.audit_chain is not None else {})}
     gate = Gate(
         verifier=token_verifier(security, service.pseudonymiser),
-        policy=service.policy,
+        policy=policy,
         limiter=rate_limiter(security),
     )
     limits = settings.limits
     server = grpc.aio.server(
         # Outermost, so the batch slot a decoded request holds is given back whoever refuses it.
         interceptors=[LimitInterceptor(limits), *server_interceptors(gate)],
-        options=server_options(service.service_names, limits),
+        options=server_options([*service.service_names, *extra_names], limits),
         maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
     )
     service.register(server)
+    if service.audit_chain is not None:
+        service.audit_chain.register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [
             *service.service_names,
+            *extra_names,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ],
@@ -162,7 +173,8 @@ async def serve(
     for result in results:
         if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
             log.error("background loop ended with an error", exc_info=result)
-    for close in service.closers:
+    closers = [*service.closers, *([service.audit_chain.close] if service.audit_chain else [])]
+    for close in closers:
         try:
             await close()
         except Exception:
