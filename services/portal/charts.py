@@ -3,8 +3,8 @@
 One look for every chart (`style`, `figure`, `to_svg`): the portal's palette and fonts,
 text left as text (the browser draws Chinese with its own fonts; nothing is downloaded),
 deterministic output, and a <title> and <desc> inside the SVG for assistive technology.
-Each chart is one function over a view model (`history` for the History page); the staff
-console's heat map, histogram and bar charts are to be built the same way.
+Each chart is one function over a view model: `history` for the History page; `heat_map`
+and `bars` (a histogram or a bar chart) for the staff console (views/figures.py).
 
 matplotlib keeps state shared by every figure (rcParams, font caches), so figures are drawn
 one at a time (`_DRAWING`) and the style is set once, on first use.
@@ -24,10 +24,13 @@ from xml.sax.saxutils import escape, quoteattr
 import matplotlib
 from matplotlib import dates as mdates
 from matplotlib.axes import Axes
+from matplotlib.colors import LinearSegmentedColormap
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from services.portal.i18n import Localiser
+from services.portal.views.figures import Bars, HeatMap
 from services.portal.views.history import Chart
 
 # The portal's palette (static/portal.css :root; a unit test keeps them equal). Every
@@ -37,6 +40,12 @@ MUTED = "#505a5f"  # --muted
 BRAND = "#0b3a6f"  # --brand
 CORRECTED = "#7a4a00"  # --warn
 GRID = "#b1b4b6"  # --border
+
+# The heat map's cells: white to the brand blue; the count is written in every cell, in
+# white on the darker half, so no reading depends on telling shades apart.
+HEAT = ("#ffffff", BRAND)
+# Bars adding points: brand blue, plain; taking points away: the warning brown, hatched.
+GAIN, LOSS = BRAND, CORRECTED
 
 # Width and height in CSS pixels (the SVG's points, at 72 per inch, are drawn as pixels).
 WIDTH, HEIGHT = 720, 320
@@ -199,3 +208,90 @@ def _date_axis(ax: Axes, t: Localiser) -> None:
     ax.xaxis.set_major_formatter(
         FuncFormatter(lambda value, _: t.date(mdates.num2date(value)))  # type: ignore[no-untyped-call]
     )
+
+
+def heat_map(chart: HeatMap) -> bytes:
+    """A matrix as coloured cells, each with its count written in it; rows and columns
+    named on the axes. The diagonal (no move) is outlined."""
+    with _DRAWING:
+        fig = figure()
+        fig.set_size_inches(WIDTH / 72, max(HEIGHT, 80 + 44 * len(chart.rows)) / 72)
+        ax = fig.add_subplot()
+        ax.grid(False)
+        top = max((max(row) for row in chart.counts if row), default=0) or 1
+        cmap = LinearSegmentedColormap.from_list("egret-heat", HEAT)
+        ax.imshow(chart.counts, cmap=cmap, vmin=0, vmax=top, aspect="auto", gid="cells")
+        for i, row in enumerate(chart.counts):
+            for j, value in enumerate(row):
+                dark = value > top / 2
+                ax.text(
+                    j,
+                    i,
+                    chart.cell_text[i][j],
+                    ha="center",
+                    va="center",
+                    color="white" if dark else TEXT,
+                    fontweight="bold" if chart.rows[i] != chart.columns[j] and value else "normal",
+                    gid="cell-value",
+                )
+                if chart.rows[i] == chart.columns[j]:
+                    ax.add_patch(
+                        Rectangle(
+                            (j - 0.5, i - 0.5),
+                            1,
+                            1,
+                            fill=False,
+                            edgecolor=MUTED,
+                            linestyle="--",
+                            linewidth=1.5,
+                        )
+                    )
+        ax.set_xticks(range(len(chart.columns)), chart.columns)
+        ax.set_yticks(range(len(chart.rows)), chart.rows)
+        ax.xaxis.set_ticks_position("top")
+        ax.xaxis.set_label_position("top")
+        ax.set_xlabel(chart.column_label)
+        ax.set_ylabel(chart.row_label)
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        return to_svg(fig, chart.title, chart.summary)
+
+
+def bars(chart: Bars) -> bytes:
+    """Bars with their value written at each end. Horizontal (one labelled row per bar,
+    e.g. a rule) or vertical (a histogram's buckets along the axis); when `signed`, bars
+    taking away are hatched as well as coloured differently."""
+    with _DRAWING:
+        fig = figure()
+        if chart.horizontal:
+            fig.set_size_inches(WIDTH / 72, max(HEIGHT, 60 + 30 * len(chart.labels)) / 72)
+        ax = fig.add_subplot()
+        positions = range(len(chart.labels))
+        colours = [LOSS if chart.signed and v < 0 else GAIN for v in chart.values]
+        hatches = ["//" if chart.signed and v < 0 else "" for v in chart.values]
+        if chart.horizontal:
+            drawn = ax.barh(
+                positions, chart.values, color=colours, hatch=hatches, edgecolor="white", gid="bars"
+            )
+            ax.set_yticks(positions, chart.labels)
+            ax.invert_yaxis()  # the first (largest) at the top
+            ax.grid(axis="x")
+            ax.grid(axis="y", visible=False)
+            ax.set_xlabel(chart.axis_label)
+            if chart.signed:
+                ax.axvline(0, color=MUTED, linewidth=1)
+        else:
+            drawn = ax.bar(
+                positions, chart.values, color=colours, hatch=hatches, edgecolor="white", gid="bars"
+            )
+            ax.set_xticks(
+                positions,
+                chart.labels,
+                rotation=45 if len(chart.labels) > 6 else 0,
+                ha="right" if len(chart.labels) > 6 else "center",
+            )
+            ax.set_ylabel(chart.axis_label)
+            ax.yaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
+        ax.bar_label(drawn, labels=list(chart.value_text), padding=3, gid="bar-values")
+        ax.margins(x=0.15 if chart.horizontal else 0.02, y=0.02 if chart.horizontal else 0.15)
+        return to_svg(fig, chart.title, chart.summary)
