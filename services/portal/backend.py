@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
+from egret.common.v1 import audit_chain_pb2_grpc as audit_chain_grpc
 from egret.common.v1 import subject_pb2
 from egret.query.v1 import query_service_pb2 as query_pb
 from egret.query.v1 import query_service_pb2_grpc as query_grpc
@@ -142,6 +143,10 @@ class Backend:
         self._stubs: dict[str, Any] = {"query": self._query, "score": self._score}
         if self._rules is not None:
             self._stubs["rules"] = self._rules
+        # Every service serves its audit chain's state (kit.audit_chain): "<service>.audit".
+        for name, channel in (("query", query), ("score", score), ("rules", rules)):
+            if channel is not None:
+                self._stubs[f"{name}.audit"] = audit_chain_grpc.AuditChainServiceStub(channel)
         self._public_token = public_token
         self._deadline_s = deadline_s
         self._clock = clock

@@ -35,3 +35,17 @@ class Score:
     tier: str
     as_of: datetime | None
     policy_version: str
+
+
+@dataclass(frozen=True)
+class ChainState:
+    """A service's audit chain as its VerifyAuditChain answered."""
+
+    service: str
+    intact: bool
+    records: int
+    last_seq: int
+    last_hash: str
+    problems: tuple[str, ...]
+    anchors_checked: int
+    verified_at: datetime | None

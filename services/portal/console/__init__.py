@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from starlette.routing import BaseRoute
 
-from services.portal.console import disputes, home, policy, repairs, rulesets
+from services.portal.console import audit, disputes, home, policy, repairs, rulesets
 from services.portal.routes import Pages
 
 
@@ -18,6 +18,7 @@ def routes(pages: Pages) -> list[BaseRoute]:
         *home.routes(pages),
         *disputes.routes(pages),
         *repairs.routes(pages),
+        *audit.routes(pages),
         *rulesets.routes(pages),
         *policy.routes(pages),
     ]

@@ -10,8 +10,8 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from egret.common.v1 import audit_chain_pb2, event_pb2, outcome_pb2
 from egret.common.v1 import due_process_pb2 as dp
-from egret.common.v1 import event_pb2, outcome_pb2
 from egret.query.v1 import query_service_pb2 as query_pb
 from egret.score.v1 import score_service_pb2 as score_pb
 from kit import reasons
@@ -77,7 +77,11 @@ class StaffBackend(FakeBackend):
             ("query", "GetScore"): self._score,
             ("score", "ResolveDispute"): self._resolve,
             ("score", "DecideRepair"): self._decide_repair,
+            ("query", "ListAccessLog"): self._access_log,
         }
+        for service in ("query", "score", "rules"):
+            self.handlers[(f"{service}.audit", "VerifyAuditChain")] = self._chain(service)
+        self.broken: set[str] = set()
         self.add_dispute(OVERDUE_ENTRY, "metro", "transport", "Metro fare evasion", days_left=-2)
         self.add_dispute(FRESH_ENTRY, "library", "civic", "Late return", days_left=15)
 
@@ -123,6 +127,9 @@ class StaffBackend(FakeBackend):
         if handler is None:
             raise ServiceError("UNIMPLEMENTED", f"{stub}.{method}")
         return handler(request)
+
+    def serves(self, stub: str) -> bool:
+        return stub.split(".", maxsplit=1)[0] in ("query", "score", "rules")
 
     def asked(self, method: str) -> list[Any]:
         return [request for _, m, request, _ in self.rpcs if m == method]
@@ -219,3 +226,33 @@ class StaffBackend(FakeBackend):
         entry.repair.decided_at.CopyFrom(_ts(NOW))
         entry.repair.overdue = False
         return score_pb.DecideRepairResponse(application=entry.repair)
+
+    def _access_log(self, request: query_pb.ListAccessLogRequest) -> query_pb.ListAccessLogResponse:
+        return query_pb.ListAccessLogResponse(
+            records=[
+                query_pb.AccessRecord(
+                    at=_ts(NOW),
+                    actor="reviewer-1",
+                    role="reviewer",
+                    purpose="dispute-review",
+                    method="read:GetEntry",
+                )
+            ]
+        )
+
+    def _chain(self, service: str) -> Callable[[Any], Any]:
+        def verify(request: Any) -> audit_chain_pb2.VerifyAuditChainResponse:
+            broken = service in self.broken
+            return audit_chain_pb2.VerifyAuditChainResponse(
+                service=service,
+                intact=not broken,
+                records=12,
+                last_seq=12,
+                last_hash="b" * 64,
+                problems=["seq 3: content does not match its hash (the record was altered)"]
+                if broken
+                else [],
+                verified_at=_ts(NOW),
+            )
+
+        return verify
