@@ -1,7 +1,8 @@
 """Who may call RulesService: ingest (a service token with the evaluate scope) delivers
 events; query (a service token with the read scope) reads the active rule set and the
 versions its outcomes name; the portal (the public read scope) reads the active rule set
-only; reviewers own the rule sets; auditors read them; admins handle dead letters."""
+only; reviewers own the rule sets and run backtests; auditors read both; admins handle
+dead letters and read backtests."""
 
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ POLICY: Mapping[str, CallPolicy] = {
     _RPC + "RetireRuleSet": allow(Role.REVIEWER),
     # Replays the recorded history: the dearest call of all.
     _RPC + "BacktestRuleSet": allow(Role.REVIEWER, cost=50),
+    # The same replay, in the background.
+    _RPC + "StartBacktest": allow(Role.REVIEWER, cost=50),
+    _RPC + "GetBacktest": allow(*_READERS),
+    _RPC + "ListBacktests": allow(*_READERS),
     _RPC + "ListRuleSets": allow(*_READERS),
     # Query (as a service) reads the active rule set's positive rules for Explain.
     _RPC + "GetRuleSet": allow(*_READERS, Role.SERVICE, service_scope=SCOPE_READ_RULE_SETS),

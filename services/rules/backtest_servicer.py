@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 from functools import partial
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import sqlalchemy as sa
 from opentelemetry import trace
@@ -61,6 +61,7 @@ from services.rules.backtest import (
     StoredEvent,
     combine,
 )
+from services.rules.backtest_job import Progress
 from services.rules.backtest_storage import HistoryReader
 from services.rules.lifecycle import RuleSetLifecycle, StoredRuleSet
 from services.rules.records import engine_event_from_record
@@ -87,6 +88,15 @@ class Contender:
     rule_set_id: int
     rule_set: RuleSet
     source: str  # the YAML it was parsed from, which worker processes parse again
+
+
+class Plan(NamedTuple):
+    """A checked backtest request: what to replay, and what to list."""
+
+    request: pb.BacktestRuleSetRequest
+    scope: BacktestScope
+    rule_limit: int
+    subject_limit: int  # 0 when no purpose was stated
 
 
 def cohort_attributes(catalogue: Catalogue) -> tuple[str, ...]:
@@ -136,43 +146,66 @@ class BacktestHandler:
         self._running = False
         self._tracer = trace.get_tracer("egret.rules")
 
-    async def backtest(
-        self, request: pb.BacktestRuleSetRequest, *, list_subjects: bool = True
-    ) -> pb.BacktestRuleSetResponse:
-        """The report; without `list_subjects` (no purpose stated) it names no subject."""
+    def plan(self, request: pb.BacktestRuleSetRequest, *, list_subjects: bool = True) -> Plan:
+        """The request checked (INVALID_ARGUMENT); without `list_subjects` (no purpose
+        stated) the report names no subject."""
         scope, rule_limit, subject_limit = _parse(request)
-        if not list_subjects:
-            subject_limit = 0
-        # One at a time per instance: a replay holds every replayed subject's entries in
-        # memory, and two would also take turns on the one engine thread.
+        return Plan(request, scope, rule_limit, subject_limit if list_subjects else 0)
+
+    def reserve(self) -> None:
+        """Takes this instance's one backtest slot until ``release()``: a replay holds every
+        replayed subject's entries in memory, and two would also take turns on the one
+        engine thread."""
         if self._running:
             raise ResourceExhausted(
                 "a backtest is already running on this instance; retry when it is done", retry_after_s=30.0
             )
         self._running = True
+
+    def release(self) -> None:
+        self._running = False
+
+    async def contenders(self, rule_set_id: int) -> tuple[Contender, Contender]:
+        """The baseline (the active rule set) and the candidate (NOT_FOUND if unknown)."""
+        baseline = await run_blocking(self._executor, self._baseline)
+        candidate = await run_blocking(self._executor, self._candidate, rule_set_id)
+        return baseline, candidate
+
+    async def backtest(
+        self, request: pb.BacktestRuleSetRequest, *, list_subjects: bool = True
+    ) -> pb.BacktestRuleSetResponse:
+        """The report, at once (BacktestRuleSet)."""
+        plan = self.plan(request, list_subjects=list_subjects)
+        self.reserve()
         try:
-            with self._tracer.start_as_current_span(
-                "rules backtest", attributes={"egret.rule_set_id": request.rule_set_id}
-            ) as span:
-                response = await self._backtest(request, scope, rule_limit, subject_limit)
-                span.set_attributes(
-                    {
-                        "egret.events": response.events_replayed,
-                        "egret.subjects": response.overall.subjects,
-                        "egret.subjects_changed": response.overall.subjects_changed,
-                    }
-                )
-                return response
+            return await self.run(plan, await self.contenders(request.rule_set_id))
         finally:
-            self._running = False
+            self.release()
+
+    async def run(
+        self, plan: Plan, contenders: tuple[Contender, Contender], progress: Progress | None = None
+    ) -> pb.BacktestRuleSetResponse:
+        """Replays a planned backtest; the caller holds the slot (``reserve``). ``progress``,
+        when given, is told the events to replay and counts those replayed."""
+        with self._tracer.start_as_current_span(
+            "rules backtest", attributes={"egret.rule_set_id": plan.request.rule_set_id}
+        ) as span:
+            response = await self._backtest(plan, *contenders, progress)
+            span.set_attributes(
+                {
+                    "egret.events": response.events_replayed,
+                    "egret.subjects": response.overall.subjects,
+                    "egret.subjects_changed": response.overall.subjects_changed,
+                }
+            )
+            return response
 
     async def _backtest(
-        self, request: pb.BacktestRuleSetRequest, scope: BacktestScope, rule_limit: int, subject_limit: int
+        self, plan: Plan, baseline: Contender, candidate: Contender, progress: Progress | None
     ) -> pb.BacktestRuleSetResponse:
+        request, scope, rule_limit, subject_limit = plan
         as_of = to_datetime(request.as_of) if request.HasField("as_of") else self._clock()
         started = time.perf_counter()
-        baseline = await run_blocking(self._executor, self._baseline)
-        candidate = await run_blocking(self._executor, self._candidate, request.rule_set_id)
         results = None
         if self._workers > 1 and self._database_url is not None:
             results = await replay_sharded(
@@ -188,6 +221,7 @@ class BacktestHandler:
                 subject_limit=subject_limit,
                 executor=self._executor,
                 key_id=self._key_id,
+                progress=progress,
             )
         if results is not None:
             report = combine(
@@ -208,6 +242,7 @@ class BacktestHandler:
                 as_of=as_of,
                 rule_limit=rule_limit,
                 subject_limit=subject_limit,
+                progress=progress,
             )
         elapsed = time.perf_counter() - started
         log.info(
@@ -231,9 +266,14 @@ class BacktestHandler:
         as_of: datetime,
         rule_limit: int,
         subject_limit: int,
+        progress: Progress | None = None,
     ) -> BacktestReport:
+        read = None
+        if progress is not None:
+            progress.expect(await run_blocking(None, self._reader.count, scope))
+            read = progress.read
         replay = await run_blocking(self._executor, self._start, baseline.rule_set, candidate.rule_set)
-        pages = self._reader.pages(scope)
+        pages = self._reader.pages(scope, read=read)
         try:
             while await run_blocking(self._executor, _replay_page, pages, replay):
                 pass
@@ -253,6 +293,22 @@ class BacktestHandler:
             policy=self._policy,
             cohort_attributes=self._cohort_attributes,
         )
+
+
+def backtest_scope(
+    request: pb.BacktestRuleSetRequest, response: pb.BacktestRuleSetResponse
+) -> dict[str, object]:
+    """What a backtest's read record keeps of the request: its scope and the instant
+    scored (rerun over the same history, it lists the same subjects: the digest checks)."""
+    scope: dict[str, object] = {
+        "as_of": to_datetime(response.as_of).isoformat(),
+        "sample_fraction": request.sample_fraction,
+        "subject_limit": request.subject_limit,
+    }
+    for field in ("occurred_from", "occurred_to"):
+        if request.HasField(field):
+            scope[field] = to_datetime(getattr(request, field)).isoformat()
+    return scope
 
 
 def contender(stored: StoredRuleSet) -> Contender:
@@ -361,9 +417,10 @@ def worker_of(subject_key: str, shards: int) -> int:
     return int.from_bytes(digest, "big") % shards
 
 
-def replay_shard(job: ShardJob) -> ShardResult:
+def replay_shard(job: ShardJob, read: Callable[[int], None] | None = None) -> ShardResult:
     """Replay one shard of subjects (in a worker process): what the in-process replay does
-    for every subject, for these subjects only."""
+    for every subject, for these subjects only. ``read`` is told the stored events each
+    page read."""
     engine = create_engine(job.database_url)
     try:
         sessions = make_session_factory(engine)
@@ -388,6 +445,7 @@ def replay_shard(job: ShardJob) -> ShardResult:
                 until=job.until,
                 owns=lambda key: worker_of(key, job.shards) == job.shard,
                 snapshot=job.snapshot,
+                read=read,
             )
             for page in pages:
                 backtest.feed(page)
@@ -416,16 +474,21 @@ async def replay_sharded(
     subject_limit: int | None,
     executor: Executor | None = None,
     key_id: str | None = None,
+    progress: Progress | None = None,
 ) -> list[ShardResult] | None:
     """Replay the stored history in ``workers`` processes (None: nothing stored yet).
 
     Every worker reads the same history: up to the same ``evaluated_at`` and, on
     PostgreSQL, in one exported snapshot held until they are done. ``executor`` runs the
-    blocking reads of that view (None: the default pool)."""
+    blocking reads of that view (None: the default pool). ``progress`` is told the events
+    to replay and what each worker has read."""
     view = await run_blocking(executor, reader.shared_view)
     try:
         if view.until is None:
             return None
+        if progress is not None:
+            total = await run_blocking(None, partial(reader.count, scope, until=view.until))
+            progress.expect(total, workers=workers)
         jobs = shard_jobs(
             database_url,
             baseline,
@@ -441,14 +504,15 @@ async def replay_sharded(
             snapshot=view.snapshot,
             key_id=key_id,
         )
-        return await replay_in_workers(jobs)
+        return await replay_in_workers(jobs, progress)
     finally:
         await run_blocking(executor, view.close)
 
 
-async def replay_in_workers(jobs: Sequence[ShardJob]) -> list[ShardResult]:
+async def replay_in_workers(jobs: Sequence[ShardJob], progress: Progress | None = None) -> list[ShardResult]:
     """Run each job in its own spawned process (forking a process that runs gRPC's
-    threads is unsafe); the processes are stopped on failure or cancellation."""
+    threads is unsafe); the processes are stopped on failure or cancellation. Each
+    worker reports the stored events it has read over its pipe, after every page."""
     context = multiprocessing.get_context("spawn")
     workers: list[tuple[BaseProcess, Connection]] = []
     try:
@@ -460,7 +524,14 @@ async def replay_in_workers(jobs: Sequence[ShardJob]) -> list[ShardResult]:
             process.start()
             sender.close()  # so that the receiver sees EOF if the worker dies
             workers.append((process, receiver))
-        return list(await asyncio.gather(*(asyncio.to_thread(_receive, p, r) for p, r in workers)))
+        return list(
+            await asyncio.gather(
+                *(
+                    asyncio.to_thread(_receive, process, receiver, shard, progress)
+                    for shard, (process, receiver) in enumerate(workers)
+                )
+            )
+        )
     finally:
         for process, receiver in workers:
             if process.is_alive():
@@ -476,33 +547,56 @@ async def replay_in_workers(jobs: Sequence[ShardJob]) -> list[ShardResult]:
 _WORKER_GC_THRESHOLDS: Final = (1_000_000, 100, 100)
 
 
+# What a worker sends over its pipe: (_READ, stored events read so far) after every page,
+# then (_DONE, ShardResult) or (_FAILED, Unavailable or the error in words).
+_READ: Final = "read"
+_DONE: Final = "done"
+_FAILED: Final = "failed"
+
+
 def _work(job: ShardJob, sender: Connection) -> None:
     gc.set_threshold(*_WORKER_GC_THRESHOLDS)
+    read = 0
+
+    def report_read(rows: int) -> None:
+        nonlocal read
+        read += rows
+        sender.send((_READ, read))
+
     try:
-        result = replay_shard(job)
+        result = replay_shard(job, read=report_read)
     except Unavailable as error:
         # The caller retries (the keys moved under the replay): no traceback to report.
-        sender.send((False, Unavailable(str(error))))
+        sender.send((_FAILED, Unavailable(str(error))))
     except BaseException as error:
-        sender.send((False, f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
+        sender.send((_FAILED, f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
     else:
-        sender.send((True, result))
+        sender.send((_DONE, result))
     finally:
         sender.close()
 
 
-def _receive(process: BaseProcess, receiver: Connection) -> ShardResult:
-    try:
-        ok, value = receiver.recv()
-    except EOFError:
-        process.join()
-        raise RuntimeError(f"backtest worker {process.name} died (exit code {process.exitcode})") from None
-    if not ok:
-        if isinstance(value, Unavailable):
-            raise value
-        raise RuntimeError(f"backtest worker {process.name} failed: {value}")
-    assert isinstance(value, ShardResult)
-    return value
+def _receive(
+    process: BaseProcess, receiver: Connection, shard: int, progress: Progress | None
+) -> ShardResult:
+    while True:
+        try:
+            kind, value = receiver.recv()
+        except EOFError:
+            process.join()
+            raise RuntimeError(
+                f"backtest worker {process.name} died (exit code {process.exitcode})"
+            ) from None
+        if kind == _READ:
+            if progress is not None:
+                progress.reached(value, worker=shard)
+            continue
+        if kind == _FAILED:
+            if isinstance(value, Unavailable):
+                raise value
+            raise RuntimeError(f"backtest worker {process.name} failed: {value}")
+        assert isinstance(value, ShardResult)
+        return value
 
 
 def _replay_page(pages: Iterator[list[StoredEvent]], replay: Backtest) -> bool:

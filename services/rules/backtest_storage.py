@@ -1,10 +1,12 @@
-"""Reading stored history for backtests: rules_evaluated_events in evaluation order, in pages.
+"""Reading stored history for backtests: rules_evaluated_events in evaluation order, in
+pages; and storing background backtests (rules_backtests).
 
-Read-only: a backtest never writes. One query, ordered by ``evaluated_at`` (the batch a
-live evaluation committed), streamed a page at a time (a server-side cursor on
-PostgreSQL, SQLite's own stepping), so memory stays bounded by the page size however
-long the history; the query also gives the replay one consistent snapshot. Ties in
-``evaluated_at`` are re-ordered by the replay, so the query needs no further sort key.
+The replay never writes (a background backtest's job row is its only write). One query,
+ordered by ``evaluated_at`` (the batch a live evaluation committed), streamed a page at
+a time (a server-side cursor on PostgreSQL, SQLite's own stepping), so memory stays
+bounded by the page size however long the history; the query also gives the replay one
+consistent snapshot. Ties in ``evaluated_at`` are re-ordered by the replay, so the query
+needs no further sort key.
 
 Worker processes each run that query on their own connection. On PostgreSQL they all
 import one snapshot the service exported (``shared_view``), so every worker reads the
@@ -15,17 +17,19 @@ snapshot, so there each worker reads up to the same ``evaluated_at`` in its own.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any, cast
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, defer, sessionmaker
 
 from kit.db import as_utc
 from services.rules.backtest import BacktestScope, StoredEvent
+from services.rules.backtest_job import UNFINISHED, JobState, StoredJob
 from services.rules.ruleset import EngineEvent
-from services.rules.storage import EvaluatedEvent
+from services.rules.storage import BacktestJobRow, EvaluatedEvent
 
 Decode = Callable[[bytes], EngineEvent]
 
@@ -82,6 +86,14 @@ class HistoryReader:
         latest = session.execute(sa.select(sa.func.max(table.c.evaluated_at))).scalar_one()
         return None if latest is None else as_utc(latest)
 
+    def count(self, scope: BacktestScope, *, until: datetime | None = None) -> int:
+        """The stored events ``pages`` reads for this scope (before the sample): what a
+        background backtest's progress is measured against."""
+        table = EvaluatedEvent.__table__
+        query = _in_scope(sa.select(sa.func.count()).select_from(table), scope, until)
+        with self.sessions() as session:
+            return int(session.execute(query).scalar_one())
+
     def pages(
         self,
         scope: BacktestScope,
@@ -89,24 +101,20 @@ class HistoryReader:
         until: datetime | None = None,
         owns: Callable[[str], bool] | None = None,
         snapshot: str | None = None,
+        read: Callable[[int], None] | None = None,
     ) -> Iterator[list[StoredEvent]]:
         """Stored events in scope, evaluated at ``until`` or before (None: all), of the
         subjects ``owns`` accepts (None: all); ``owns`` is asked before decoding too.
-        ``snapshot`` (PostgreSQL) is a SharedView's: the read sees exactly that snapshot."""
+        ``snapshot`` (PostgreSQL) is a SharedView's: the read sees exactly that snapshot.
+        ``read`` is told how many stored events each page read, kept or not."""
         table = EvaluatedEvent.__table__
-        # Retracted events are history that never should have been: a candidate activated
-        # live would never see them either (docs/rules.md, "Retractions and corrections").
-        query = (
-            sa.select(table.c.evaluated_at, table.c.subject_key, table.c.record)
-            .where(table.c.retracted_at.is_(None))
-            .order_by(table.c.evaluated_at)
+        query = _in_scope(
+            sa.select(table.c.evaluated_at, table.c.subject_key, table.c.record).order_by(
+                table.c.evaluated_at
+            ),
+            scope,
+            until,
         )
-        if until is not None:
-            query = query.where(table.c.evaluated_at <= until)
-        if scope.occurred_from is not None:
-            query = query.where(table.c.occurred_at >= scope.occurred_from)
-        if scope.occurred_to is not None:
-            query = query.where(table.c.occurred_at < scope.occurred_to)
         decode = self.decode
         with self.sessions() as session:
             if snapshot is not None:
@@ -116,6 +124,8 @@ class HistoryReader:
                 session.execute(sa.text(f"SET TRANSACTION SNAPSHOT '{snapshot}'"))
             result = session.execute(query, execution_options={"yield_per": self.page_size})
             for rows in result.partitions():
+                if read is not None:
+                    read(len(rows))
                 page = [
                     StoredEvent(as_utc(evaluated_at), decode(record))
                     for evaluated_at, subject_key, record in rows
@@ -123,3 +133,145 @@ class HistoryReader:
                 ]
                 if page:
                     yield page
+
+
+def _in_scope(query: Any, scope: BacktestScope, until: datetime | None) -> Any:
+    table = EvaluatedEvent.__table__
+    # Retracted events are history that never should have been: a candidate activated
+    # live would never see them either (docs/rules.md, "Retractions and corrections").
+    query = query.where(table.c.retracted_at.is_(None))
+    if until is not None:
+        query = query.where(table.c.evaluated_at <= until)
+    if scope.occurred_from is not None:
+        query = query.where(table.c.occurred_at >= scope.occurred_from)
+    if scope.occurred_to is not None:
+        query = query.where(table.c.occurred_at < scope.occurred_to)
+    return query
+
+
+class SqlBacktestJobStore:
+    """Background backtests in rules_backtests, one short transaction per call."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self._sessions = sessions
+
+    def add(self, job: StoredJob) -> StoredJob:
+        """Stores a new job (its row_id is ignored) and returns it with its row id."""
+        row = BacktestJobRow(
+            backtest_id=job.backtest_id,
+            rule_set_id=job.rule_set_id,
+            state=job.state,
+            events_replayed=job.events_replayed,
+            events_total=job.events_total,
+            started_at=job.started_at,
+            heartbeat_at=job.heartbeat_at,
+            finished_at=job.finished_at,
+            started_by=job.started_by,
+            instance=job.instance,
+            subject_key_id=job.subject_key_id,
+            request=job.request,
+            report=job.report,
+            error=job.error,
+        )
+        with self._sessions() as session, session.begin():
+            session.add(row)
+            session.flush()
+            return _job(row)
+
+    def get(self, backtest_id: str) -> StoredJob | None:
+        with self._sessions() as session:
+            row = session.scalars(
+                sa.select(BacktestJobRow).where(BacktestJobRow.backtest_id == backtest_id)
+            ).one_or_none()
+            return None if row is None else _job(row)
+
+    def list(self, *, rule_set_id: int | None, before: int | None, limit: int) -> list[StoredJob]:
+        """Newest first, from below row id ``before`` (None: the newest), without reports."""
+        query = sa.select(BacktestJobRow).options(defer(BacktestJobRow.report))
+        if rule_set_id is not None:
+            query = query.where(BacktestJobRow.rule_set_id == rule_set_id)
+        if before is not None:
+            query = query.where(BacktestJobRow.id < before)
+        with self._sessions() as session:
+            rows = session.scalars(query.order_by(BacktestJobRow.id.desc()).limit(limit)).all()
+            return [_job(row, with_report=False) for row in rows]
+
+    def progress(self, backtest_id: str, *, state: JobState, replayed: int, total: int, at: datetime) -> None:
+        """An unfinished job's state, progress and heartbeat (nothing once it finished)."""
+        self._update(
+            backtest_id,
+            UNFINISHED,
+            state=state,
+            events_replayed=replayed,
+            events_total=total,
+            heartbeat_at=at,
+        )
+
+    def finish(
+        self,
+        backtest_id: str,
+        *,
+        state: JobState,
+        at: datetime,
+        replayed: int,
+        total: int,
+        report: bytes | None = None,
+        error: str = "",
+    ) -> None:
+        self._update(
+            backtest_id,
+            UNFINISHED,
+            state=state,
+            events_replayed=replayed,
+            events_total=total,
+            heartbeat_at=at,
+            finished_at=at,
+            report=report,
+            error=error,
+        )
+
+    def fail_unfinished(
+        self, *, error: str, at: datetime, instance: str | None = None, stale_before: datetime | None = None
+    ) -> int:
+        """Fails the unfinished jobs of ``instance``, or those whose heartbeat is older
+        than ``stale_before``; returns how many."""
+        query = sa.update(BacktestJobRow).where(BacktestJobRow.state.in_(UNFINISHED))
+        if instance is not None:
+            query = query.where(BacktestJobRow.instance == instance)
+        if stale_before is not None:
+            query = query.where(BacktestJobRow.heartbeat_at < stale_before)
+        with self._sessions() as session, session.begin():
+            result = session.execute(
+                query.values(state="failed", finished_at=at, heartbeat_at=at, error=error),
+                execution_options={"synchronize_session": False},
+            )
+            return int(getattr(result, "rowcount", 0) or 0)
+
+    def _update(self, backtest_id: str, states: Sequence[str], **values: Any) -> None:
+        with self._sessions() as session, session.begin():
+            session.execute(
+                sa.update(BacktestJobRow)
+                .where(BacktestJobRow.backtest_id == backtest_id, BacktestJobRow.state.in_(states))
+                .values(**values),
+                execution_options={"synchronize_session": False},
+            )
+
+
+def _job(row: BacktestJobRow, *, with_report: bool = True) -> StoredJob:
+    return StoredJob(
+        row_id=row.id,
+        backtest_id=row.backtest_id,
+        rule_set_id=row.rule_set_id,
+        state=cast(JobState, row.state),
+        events_replayed=row.events_replayed,
+        events_total=row.events_total,
+        started_at=as_utc(row.started_at),
+        heartbeat_at=as_utc(row.heartbeat_at),
+        finished_at=as_utc(row.finished_at) if row.finished_at is not None else None,
+        started_by=row.started_by,
+        instance=row.instance,
+        subject_key_id=row.subject_key_id,
+        request=row.request,
+        report=row.report if with_report else None,
+        error=row.error,
+    )

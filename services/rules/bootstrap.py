@@ -24,7 +24,9 @@ from kit.rekey import GenerationGuard
 from kit.security import channel_credentials
 from kit.server import Service
 from services.rules.access import POLICY
+from services.rules.backtest_runner import BacktestJobs
 from services.rules.backtest_servicer import build_backtests
+from services.rules.backtest_storage import SqlBacktestJobStore
 from services.rules.domain import Evaluator, check_rule_set
 from services.rules.lifecycle import RuleSetLifecycle
 from services.rules.servicer import RulesServicer, register
@@ -115,6 +117,17 @@ def build(settings: RulesSettings) -> Service:
     )
     # One thread: durable-rules is not thread-safe and holds the GIL while it works.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rules-engine")
+    backtests = build_backtests(settings, sessions, lifecycle, executor)
+    jobs = BacktestJobs(
+        SqlBacktestJobStore(sessions),
+        backtests,
+        reads,
+        clock=lambda: datetime.now(UTC),
+        instance=settings.common.instance,
+        key_id=pseudonymiser.current_key_id,
+    )
+    # A job this instance was running when it stopped can never finish now.
+    jobs.recover()
     servicer = RulesServicer(
         evaluator,
         executor,
@@ -123,7 +136,8 @@ def build(settings: RulesSettings) -> Service:
         shard=settings.shard,
         lifecycle=lifecycle,
         reads=reads,
-        backtests=build_backtests(settings, sessions, lifecycle, executor),
+        backtests=backtests,
+        jobs=jobs,
         pseudonymiser=pseudonymiser,
     )
 
@@ -135,6 +149,8 @@ def build(settings: RulesSettings) -> Service:
         engines=[engine],
         background=[relay.run],
         executors=[executor],
+        # Before the engine thread and the database go: running backtests are stored as failed.
+        closers=[jobs.close],
     )
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Final
 
 import grpc
 from opentelemetry import trace
@@ -16,14 +17,16 @@ from egret.rules.v1 import rules_service_pb2_grpc as pb_grpc
 from kit.db import run_blocking
 from kit.errors import FailedPrecondition, InvalidArgument, Violation
 from kit.logging import get_logger
-from kit.protoconv import SUBJECT_KIND_NAMES, to_datetime, to_timestamp
+from kit.protoconv import SUBJECT_KIND_NAMES, to_timestamp
 from kit.pseudonym import Pseudonymiser
 from kit.reads import ReadLog
 from kit.sharding import UNSHARDED, Shard
-from services.rules.backtest_servicer import BacktestHandler
+from services.rules.backtest_job import StoredJob
+from services.rules.backtest_runner import MAX_PAGE_SIZE, BacktestJobs
+from services.rules.backtest_servicer import BacktestHandler, backtest_scope
 from services.rules.domain import EvaluationFailed, Evaluator, RetractionNotice, Retractions
-from services.rules.lifecycle import RuleSetLifecycle
-from services.rules.lifecycle_servicer import LifecycleRpcs
+from services.rules.lifecycle import RuleSetLifecycle, decode_page_token, encode_page_token, page_size
+from services.rules.lifecycle_servicer import LifecycleRpcs, actor_of
 from services.rules.records import engine_event
 from services.rules.ruleset import stored_rule_set
 
@@ -85,20 +88,44 @@ def forward_keys(request: pb.EvaluateEventsRequest, pseudonymiser: Pseudonymiser
         message.subject_key_id = current
 
 
-def backtest_scope(
-    request: backtest_pb2.BacktestRuleSetRequest, response: backtest_pb2.BacktestRuleSetResponse
-) -> dict[str, object]:
-    """What a backtest's read record keeps of the request: its scope and the instant
-    scored (rerun over the same history, it lists the same subjects: the digest checks)."""
-    scope: dict[str, object] = {
-        "as_of": to_datetime(response.as_of).isoformat(),
-        "sample_fraction": request.sample_fraction,
-        "subject_limit": request.subject_limit,
-    }
-    for field in ("occurred_from", "occurred_to"):
-        if request.HasField(field):
-            scope[field] = to_datetime(getattr(request, field)).isoformat()
-    return scope
+_JOB_STATES: Final[dict[str, backtest_pb2.BacktestState]] = {
+    "queued": backtest_pb2.BACKTEST_STATE_QUEUED,
+    "running": backtest_pb2.BACKTEST_STATE_RUNNING,
+    "succeeded": backtest_pb2.BACKTEST_STATE_SUCCEEDED,
+    "failed": backtest_pb2.BACKTEST_STATE_FAILED,
+}
+
+
+def job_message(job: StoredJob, *, with_subjects: bool = False) -> backtest_pb2.BacktestJob:
+    """The stored job; its report (when loaded) lists subjects only `with_subjects`."""
+    message = backtest_pb2.BacktestJob(
+        backtest_id=job.backtest_id,
+        rule_set_id=job.rule_set_id,
+        state=_JOB_STATES[job.state],
+        progress=job.progress,
+        events_replayed=job.events_replayed,
+        events_total=job.events_total,
+        started_at=to_timestamp(job.started_at),
+        started_by=job.started_by,
+        request=backtest_pb2.BacktestRuleSetRequest.FromString(job.request),
+        error=job.error,
+    )
+    if job.finished_at is not None:
+        message.finished_at.CopyFrom(to_timestamp(job.finished_at))
+    if job.report is not None:
+        message.report.ParseFromString(job.report)
+        if not with_subjects:
+            del message.report.subjects[:]
+    return message
+
+
+@contextmanager
+def _fields_of(prefix: str) -> Iterator[None]:
+    """Names the fields of an embedded message's violations from the request's top."""
+    try:
+        yield
+    except InvalidArgument as error:
+        raise InvalidArgument(str(error), [v.prefixed(prefix) for v in error.violations]) from error
 
 
 class RulesServicer(LifecycleRpcs, pb_grpc.RulesServiceServicer):
@@ -113,8 +140,10 @@ class RulesServicer(LifecycleRpcs, pb_grpc.RulesServiceServicer):
         lifecycle: RuleSetLifecycle,
         reads: ReadLog,
         backtests: BacktestHandler | None = None,
+        jobs: BacktestJobs | None = None,
         pseudonymiser: Pseudonymiser,
     ) -> None:
+        self._jobs = jobs
         self._pseudonymiser = pseudonymiser
         self._lifecycle = lifecycle
         self._reads = reads
@@ -237,6 +266,55 @@ class RulesServicer(LifecycleRpcs, pb_grpc.RulesServiceServicer):
                 detail=backtest_scope(request, response),
             )
         return response
+
+    def _backtest_jobs(self) -> BacktestJobs:
+        if self._jobs is None:
+            raise FailedPrecondition("backtests are not configured on this instance")
+        return self._jobs
+
+    async def StartBacktest(
+        self, request: backtest_pb2.StartBacktestRequest, context: Any
+    ) -> backtest_pb2.StartBacktestResponse:
+        jobs = self._backtest_jobs()
+        with _fields_of("backtest"):
+            purpose = self._reads.purpose(request.backtest)
+            job = await jobs.start(request.backtest, purpose=purpose, started_by=actor_of(context))
+        return backtest_pb2.StartBacktestResponse(backtest=job_message(job))
+
+    async def GetBacktest(
+        self, request: backtest_pb2.GetBacktestRequest, context: Any
+    ) -> backtest_pb2.GetBacktestResponse:
+        jobs = self._backtest_jobs()
+        purpose = self._reads.purpose(request)
+        job = await jobs.get(request.backtest_id)
+        # A report's subjects are keys of the generation it was made under: after a
+        # rotation of the subject key they are withheld (run the backtest again).
+        listed = purpose is not None and job.subject_key_id == jobs.key_id
+        message = job_message(job, with_subjects=listed)
+        if purpose is not None:
+            await self._reads.record(
+                "GetBacktest",
+                [s.subject_key for s in message.report.subjects],
+                purpose,
+                target=f"backtest:{job.backtest_id}",
+                detail={"rule_set_id": job.rule_set_id},
+            )
+        return backtest_pb2.GetBacktestResponse(backtest=message)
+
+    async def ListBacktests(
+        self, request: backtest_pb2.ListBacktestsRequest, context: Any
+    ) -> backtest_pb2.ListBacktestsResponse:
+        jobs = self._backtest_jobs()
+        size = min(page_size(request.page_size), MAX_PAGE_SIZE)
+        page = await jobs.list(
+            rule_set_id=request.rule_set_id or None,
+            before=decode_page_token(request.page_token),
+            size=size,
+        )
+        return backtest_pb2.ListBacktestsResponse(
+            backtests=[job_message(job) for job in page.items],
+            next_page_token="" if page.next_before is None else encode_page_token(page.next_before),
+        )
 
     async def GetActiveRuleSet(
         self, request: pb.GetActiveRuleSetRequest, context: Any

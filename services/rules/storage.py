@@ -242,6 +242,34 @@ class Outbox(Base, OutboxMixin):
     __tablename__ = "rules_outbox"
 
 
+class BacktestJobRow(Base):
+    """A backtest run in the background (StartBacktest): its state, progress and report.
+
+    ``report`` is a serialized BacktestRuleSetResponse, with subjects only when the start
+    stated a purpose; they are keys of generation ``subject_key_id``. ``heartbeat_at`` is
+    written while the job runs, so that a job whose instance died is seen as such."""
+
+    __tablename__ = "rules_backtests"
+    __table_args__ = (sa.Index("ix_rules_backtests_state_heartbeat", "state", "heartbeat_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    backtest_id: Mapped[str] = mapped_column(sa.String(36), unique=True)
+    rule_set_id: Mapped[int] = mapped_column(BigId, index=True)
+    state: Mapped[str] = mapped_column(sa.String(16))
+    events_replayed: Mapped[int] = mapped_column(sa.BigInteger)
+    events_total: Mapped[int] = mapped_column(sa.BigInteger)
+    started_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    heartbeat_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
+    started_by: Mapped[str] = mapped_column(sa.String(128))
+    # EGRET_INSTANCE of the instance running it: that instance fails it when it restarts.
+    instance: Mapped[str] = mapped_column(sa.String(200))
+    subject_key_id: Mapped[str] = mapped_column(sa.String(32))
+    request: Mapped[bytes] = mapped_column(sa.LargeBinary)
+    report: Mapped[bytes | None] = mapped_column(sa.LargeBinary)
+    error: Mapped[str] = mapped_column(sa.Text)
+
+
 class RulesSubjectKeyGeneration(Base, GenerationMixin):
     """The generation rules' stored subject keys are in (kit.rekey's marker)."""
 

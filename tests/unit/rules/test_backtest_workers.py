@@ -16,6 +16,7 @@ from kit.errors import Unavailable
 from kit.sharding import shard_of
 from services.ingest.catalogue import load_catalogue
 from services.rules.backtest import Backtest, BacktestReport, BacktestScope, StoredEvent, combine
+from services.rules.backtest_job import Progress
 from services.rules.backtest_servicer import (
     ShardResult,
     cohort_attributes,
@@ -141,7 +142,11 @@ def test_worker_processes_replay_a_stored_history_exactly_as_one_process_does(tm
         workers=3,
         page_size=500,
     )
-    results = asyncio.run(replay_in_workers(jobs))
+    # Each worker reports the stored events it read over its pipe, every one of them.
+    progress = Progress()
+    progress.expect(reader.count(BacktestScope(), until=latest), workers=3)
+    results = asyncio.run(replay_in_workers(jobs, progress))
+    assert progress.replayed == progress.total > 0
 
     def combined_of(parts: list[ShardResult], subject_limit: int | None = None) -> BacktestReport:
         return combine(
