@@ -215,7 +215,7 @@ def heat_map(chart: HeatMap) -> bytes:
     named on the axes. The diagonal (no move) is outlined."""
     with _DRAWING:
         fig = figure()
-        fig.set_size_inches(WIDTH / 72, max(HEIGHT, 80 + 44 * len(chart.rows)) / 72)
+        fig.set_size_inches(WIDTH / 72, max(150, 90 + 50 * len(chart.rows)) / 72)
         ax = fig.add_subplot()
         ax.grid(False)
         top = max((max(row) for row in chart.counts if row), default=0) or 1
@@ -264,17 +264,28 @@ def bars(chart: Bars) -> bytes:
     with _DRAWING:
         fig = figure()
         if chart.horizontal:
-            fig.set_size_inches(WIDTH / 72, max(HEIGHT, 60 + 30 * len(chart.labels)) / 72)
+            # A row per bar, whatever their number: one bar is a short chart, not a block.
+            fig.set_size_inches(WIDTH / 72, max(140, 90 + 34 * len(chart.labels)) / 72)
         ax = fig.add_subplot()
         positions = range(len(chart.labels))
         colours = [LOSS if chart.signed and v < 0 else GAIN for v in chart.values]
         hatches = ["//" if chart.signed and v < 0 else "" for v in chart.values]
         if chart.horizontal:
             drawn = ax.barh(
-                positions, chart.values, color=colours, hatch=hatches, edgecolor="white", gid="bars"
+                positions,
+                chart.values,
+                height=0.6,
+                color=colours,
+                hatch=hatches,
+                edgecolor="white",
+                gid="bars",
             )
+            low, high = min(0, *chart.values), max(0, *chart.values)
+            room = (high - low or 1) * 0.2  # for the values written past the bars' ends
+            ax.set_xlim(low - (room if low < 0 else 0), high + (room if high > 0 else room / 4))
             ax.set_yticks(positions, chart.labels)
-            ax.invert_yaxis()  # the first (largest) at the top
+            ax.set_ylim(len(chart.labels) - 0.3, -0.7)  # the first (largest) at the top
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
             ax.grid(axis="x")
             ax.grid(axis="y", visible=False)
             ax.set_xlabel(chart.axis_label)
@@ -293,5 +304,6 @@ def bars(chart: Bars) -> bytes:
             ax.set_ylabel(chart.axis_label)
             ax.yaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
         ax.bar_label(drawn, labels=list(chart.value_text), padding=3, gid="bar-values")
-        ax.margins(x=0.15 if chart.horizontal else 0.02, y=0.02 if chart.horizontal else 0.15)
+        if not chart.horizontal:
+            ax.margins(x=0.02, y=0.15)
         return to_svg(fig, chart.title, chart.summary)

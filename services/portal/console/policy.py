@@ -50,6 +50,10 @@ def routes(pages: Pages) -> list[BaseRoute]:
             **{"errors": [], "candidate": "", "preview": None, "refusal": None, **context},
         )
 
+    async def _active_yaml(token: str) -> str:
+        activations = await calls().policies(token)
+        return activations[-1].policy_yaml if activations else ""
+
     async def index(request: Request) -> Response:
         staff = pages.staff(request, *READERS)
         return await show(request, staff.role, staff.token)
@@ -86,7 +90,7 @@ def routes(pages: Pages) -> list[BaseRoute]:
                 section="/staff/policy",
                 candidate=candidate,
                 expected=report.current_version,
-                preview=views.preview(t, report),
+                preview=views.preview(t, report, await _active_yaml(staff.token)),
             )
         try:
             report = await calls().activate_policy(staff.token, candidate, expected)

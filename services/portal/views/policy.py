@@ -56,10 +56,15 @@ class Preview:
     list_moves: tuple[tuple[str, str, str, str], ...]  # kind, list, entering, leaving
 
 
-def preview(t: Localiser, report: a.PolicyReport) -> Preview:
+def preview(t: Localiser, report: a.PolicyReport, active_yaml: str = "") -> Preview:
+    """`active_yaml`: the active policy, whose tiers (highest first) order the matrices."""
+    order = {
+        k.kind: tuple(tier.name for tier in k.tiers)
+        for k in convert.published_policy(active_yaml, None).kinds
+    }
     kinds = []
     for kind in dict.fromkeys(m.kind for m in report.migrations):
-        table = matrix_table(t, tuple(m for m in report.migrations if m.kind == kind))
+        table = matrix_table(t, tuple(m for m in report.migrations if m.kind == kind), order.get(kind, ()))
         if table is not None:
             kinds.append(KindMigration(words.kind(t, kind), table))
     return Preview(

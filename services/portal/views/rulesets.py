@@ -335,9 +335,12 @@ def headline_text(t: Localiser, h: Mapping[str, Any]) -> str:
     )
 
 
-def tier_order(migrations: tuple[a.Migration, ...]) -> tuple[str, ...]:
-    """Tiers as the report lists them (policy order, highest first)."""
-    seen: dict[str, None] = {}
+def tier_order(migrations: tuple[a.Migration, ...], known: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """Tiers in `known` order (the policy's, highest first), then any other as the report
+    lists them (a backtest's in policy order; a policy preview's in no stated order)."""
+    seen: dict[str, None] = {
+        tier: None for tier in known if any(tier in (m.from_tier, m.to_tier) for m in migrations)
+    }
     for m in migrations:
         seen.setdefault(m.from_tier)
     for m in migrations:
@@ -345,8 +348,10 @@ def tier_order(migrations: tuple[a.Migration, ...]) -> tuple[str, ...]:
     return tuple(seen)
 
 
-def matrix(migrations: tuple[a.Migration, ...]) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
-    tiers = tier_order(migrations)
+def matrix(
+    migrations: tuple[a.Migration, ...], known: tuple[str, ...] = ()
+) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
+    tiers = tier_order(migrations, known)
     counts = {(m.from_tier, m.to_tier): m.subjects for m in migrations}
     return tiers, tuple(tuple(counts.get((f, c), 0) for c in tiers) for f in tiers)
 
@@ -358,8 +363,10 @@ class MatrixTable:
     chart: str  # the chart's data for its URL
 
 
-def matrix_table(t: Localiser, migrations: tuple[a.Migration, ...]) -> MatrixTable | None:
-    tiers, counts = matrix(migrations)
+def matrix_table(
+    t: Localiser, migrations: tuple[a.Migration, ...], known: tuple[str, ...] = ()
+) -> MatrixTable | None:
+    tiers, counts = matrix(migrations, known)
     if not tiers:
         return None
     return MatrixTable(

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 from starlette.testclient import TestClient
 
+from services.portal import authoring_records as a
 from services.portal import charts
 from services.portal.backend import Violation
 from services.portal.i18n import Localiser
 from services.portal.views import figures
+from services.portal.views import policy as policy_views
 from services.portal.views import rulesets as views
 from tests.unit.portal.authoring_fakes import V1, V2, AuthoringBackend
 from tests.unit.portal.fakes import csrf_of, signed_in
@@ -404,3 +407,25 @@ def test_an_admin_activates_a_policy_after_a_confirmation_restating_its_preview(
     )
     assert stale.status_code == 409
     assert backend.policy_versions == ["2026.1", "2026.9"]
+
+
+def test_a_policy_previews_matrix_follows_the_active_policys_tier_order(en: Localiser) -> None:
+    active = (Path(__file__).resolve().parents[3] / "config" / "policy.yaml").read_text()
+    report = a.PolicyReport(
+        "2026.2",
+        "2026.3",
+        None,
+        4,
+        2,
+        2,
+        tuple(
+            a.Migration(before, after, 1, "person")
+            for before, after in (("C", "C"), ("A", "AAA"), ("AAA", "A"), ("D", "C"))
+        ),
+        (),
+    )
+    view = policy_views.preview(en, report, active)
+    assert [k.kind for k in view.kinds] == ["Residents"]
+    assert view.kinds[0].matrix.tiers == ("AAA", "A", "C", "D")
+    # Without the active policy, the report's own order.
+    assert policy_views.preview(en, report).kinds[0].matrix.tiers == ("C", "A", "AAA", "D")
