@@ -39,12 +39,16 @@ from grpc_health.v1 import health_pb2
 
 import egret
 from devtools.localpki import LocalPki, create_local_pki
+from kit.audit_chain import POLICY as AUDIT_CHAIN_POLICY
+from kit.audit_chain import AuditChainServicer
 from kit.auth import PUBLIC_METHODS, CallPolicy, Role
 from kit.decoding import TIMESTAMP_MAX_SECONDS, TIMESTAMP_MIN_SECONDS
+from kit.server import Service
 from services.ingest import bootstrap as ingest_bootstrap
 from services.query import bootstrap as query_bootstrap
 from services.rules import bootstrap as rules_bootstrap
 from services.score import bootstrap as score_bootstrap
+from services.score.storage import ScoreAuditHead, ScoreAuditLog
 from tests.integration.test_ingest_service import ingest_settings
 from tests.integration.test_query_service import query_settings
 from tests.integration.test_rules_service import rules_settings
@@ -58,6 +62,9 @@ CALLS = int(os.environ.get("EGRET_FUZZ_CALLS") or 1200)
 FORBIDDEN = (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.DEADLINE_EXCEEDED)
 DEADLINE_S = 10.0
 SERVICES = ("ingest", "rules", "score", "query")
+# kit's own services, which every service serves from the same code (egret.common.v1
+# AuditChainService): fuzzed on one server.
+SHARED = {"common": "score"}
 
 
 def rpcs() -> Iterator[tuple[str, MethodDescriptor]]:
@@ -76,10 +83,26 @@ def path_of(method: MethodDescriptor) -> str:
     return f"/{method.containing_service.full_name}/{method.name}"
 
 
+def package_of(method: MethodDescriptor) -> str:
+    return str(method.containing_service.full_name.split(".")[1])
+
+
+def server_of(method: MethodDescriptor) -> str:
+    """The service whose server the method is called on."""
+    return SHARED.get(package_of(method), package_of(method))
+
+
+def valid_request(method: MethodDescriptor, role: Role) -> Any:
+    if package_of(method) in SHARED:
+        return message_factory.GetMessageClass(method.input_type)()
+    return request_for(package_of(method), method.name, role)
+
+
 def policies() -> dict[str, CallPolicy]:
     every: dict[str, CallPolicy] = {}
     for name in SERVICES:
         every.update(importlib.import_module(f"services.{name}.access").POLICY)
+    every.update(AUDIT_CHAIN_POLICY)
     return every
 
 
@@ -197,7 +220,7 @@ def _string_fields(descriptor: Descriptor) -> list[int]:
 def mutations(method: MethodDescriptor, rng: random.Random) -> tuple[str, bytes]:
     """One request's bytes and a name for what was done to them."""
     descriptor = method.input_type
-    base: Any = request_for(method.containing_service.full_name.split(".")[1], method.name, Role.ADMIN)
+    base: Any = valid_request(method, Role.ADMIN)
     if rng.random() < 0.6:
         base.MergeFrom(_random_message(descriptor, rng))
     valid = base.SerializeToString()
@@ -263,10 +286,18 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
             ),
             ("query", lambda: query_settings(url["score"], tmp_path), query_bootstrap),
         ):
+            build = _with_audit_chain if name == SHARED["common"] else bootstrap.build
             addresses[name] = await stack.enter_async_context(
-                running(secured(settings(), pki, name), bootstrap.build, bootstrap.MIGRATIONS)
+                running(secured(settings(), pki, name), build, bootstrap.MIGRATIONS)
             )
         yield Fleet(pki, addresses)
+
+
+def _with_audit_chain(settings: Any) -> Service:
+    """Score as `python -m services.score` serves it: with its audit chain's read (kit.app)."""
+    service = score_bootstrap.build(settings)
+    service.audit_chain = AuditChainServicer(settings.common, ScoreAuditLog, ScoreAuditHead)
+    return service
 
 
 def _tokens(pki: LocalPki, policy: CallPolicy) -> tuple[str, str | None]:
@@ -282,13 +313,13 @@ def _tokens(pki: LocalPki, policy: CallPolicy) -> tuple[str, str | None]:
 
 async def _call(channels: Channels, method: MethodDescriptor, payload: bytes, token: str | None) -> Any:
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
-    name = method.containing_service.full_name.split(".")[1]
+    name = server_of(method)
     try:
         if method.client_streaming:
             # The blocking client, in a thread: the asyncio client may report INTERNAL
             # instead of the server's status when the server ends a call while the client is
             # still writing (grpc/grpc issue 36066), as it does when it refuses a caller.
-            valid = request_for(name, method.name, Role.ADMIN).SerializeToString()
+            valid = valid_request(method, Role.ADMIN).SerializeToString()
             stream: Any = channels.blocking[name].stream_stream(path_of(method), _as_is, _as_is)
             # The bad message in the middle of a stream of good ones.
             messages = [valid, payload, valid]
@@ -339,7 +370,7 @@ async def test_no_malformed_call_gets_unknown_or_internal_and_services_stay_up(
     rng = random.Random(SEED)
     policy = policies()
     methods = list(rpcs())
-    assert {name for name, _ in methods} == set(SERVICES), "a service without a running server"
+    assert {name for name, _ in methods} == {*SERVICES, *SHARED}, "a service without a running server"
     assert {path_of(m) for _, m in methods} == set(policy), "every RPC in a policy and fuzzed"
     channels = Channels.to(fleet)
     tokens = {path_of(m): _tokens(fleet.pki, policy[path_of(m)]) for _, m in methods}
@@ -382,8 +413,8 @@ async def test_no_malformed_call_gets_unknown_or_internal_and_services_stay_up(
             health = await check(health_pb2.HealthCheckRequest(), timeout=5)
             assert health.status == health_pb2.HealthCheckResponse.SERVING, name
         # Valid calls still answer: every RPC's plain request with an allowed token.
-        for name, method in methods:
-            valid = request_for(name, method.name, Role.ADMIN).SerializeToString()
+        for _, method in methods:
+            valid = valid_request(method, Role.ADMIN).SerializeToString()
             code, details = await _call(channels, method, valid, tokens[path_of(method)][0])
             if code in FORBIDDEN:
                 failures.append(f"after the fuzz {path_of(method)} [valid] -> {code.name}: {details}")
