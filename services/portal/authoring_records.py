@@ -107,6 +107,7 @@ class BacktestReport:
     baseline_failed_events: int
     candidate_failed_events: int
     as_of: datetime | None
+    subjects: tuple[BacktestSubject, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -135,3 +136,36 @@ class PolicyReport:
     tier_changed: int
     migrations: tuple[Migration, ...]
     list_moves: tuple[ListMove, ...]
+
+
+# BacktestState, as the pages name it.
+JOB_STATES = ("queued", "running", "succeeded", "failed")
+
+
+@dataclass(frozen=True)
+class BacktestJob:
+    """A background backtest (StartBacktest): where it is and, once it succeeded and was read
+    with GetBacktest, its report."""
+
+    backtest_id: str
+    rule_set_id: int
+    state: str  # one of JOB_STATES
+    progress: float  # 0 to 1
+    events_replayed: int
+    events_total: int
+    started_at: datetime | None
+    finished_at: datetime | None
+    started_by: str
+    purpose: str  # the purpose the start stated; "" for none (no subjects listed)
+    report: BacktestReport | None
+    error: str
+
+
+@dataclass(frozen=True)
+class BacktestSubject:
+    subject_key: str  # pseudonymous, never a raw id
+    kind: str
+    baseline_score: int
+    baseline_tier: str
+    candidate_score: int
+    candidate_tier: str

@@ -20,6 +20,7 @@ from starlette.routing import BaseRoute, Route
 
 from kit.auth import Role
 from kit.logging import get_logger
+from services.portal import authoring_records as a
 from services.portal import charts, csrf
 from services.portal.backend import ServiceError
 from services.portal.i18n import LANGUAGES, Localiser
@@ -38,10 +39,9 @@ AUTHORS = (Role.REVIEWER,)
 # refused in words; a larger one goes to the rules service's CreateDraft directly (1 MiB).
 MAX_SOURCE_BYTES = 48 * 1024
 FLASH = "rule_set_flash"
-# The headline figures of the backtests run in this session, per rule set, for the
-# confirmation of publishing and activating it.
-BACKTESTS = "rule_set_backtests"
-KEPT_BACKTESTS = 10
+# The purpose a rule author states to see the subjects a backtest affects (config/purposes.yaml).
+RULE_BACKTEST = "rule-backtest"
+PURPOSE_ROLES = (Role.REVIEWER, Role.ADMIN)
 
 
 def _rule_set_id(request: Request) -> int:
@@ -101,10 +101,11 @@ def routes(pages: Pages) -> list[BaseRoute]:
         staff = pages.staff(request, *READERS)
         t = pages.t(request)
         rule_set_id = _rule_set_id(request)
-        rule_set, changes, policy = await asyncio.gather(
+        rule_set, changes, policy, backtests = await asyncio.gather(
             calls().rule_set(staff.token, rule_set_id),
             calls().changes(staff.token, rule_set_id),
             _settled(pages.backend.policy()),
+            calls().backtests(staff.token, rule_set_id),
         )
         view = views.rule_set_view(
             t,
@@ -113,14 +114,15 @@ def routes(pages: Pages) -> list[BaseRoute]:
             None if isinstance(policy, ServiceError) else policy,
             author=staff.role in AUTHORS,
         )
-        backtest = _backtests(request).get(str(rule_set_id))
         return pages.render(
             request,
             "staff/rule_set.html",
             section="/staff/rule-sets",
             v=view,
             done=request.session.pop(FLASH, None),
-            backtest=views.headline_text(t, backtest) if backtest else "",
+            backtest=await latest_headline(t, staff.token, backtests),
+            backtests=views.job_rows(t, backtests),
+            purpose=RULE_BACKTEST,
         )
 
     async def compare(request: Request) -> Response:
@@ -182,24 +184,44 @@ def routes(pages: Pages) -> list[BaseRoute]:
         )
         return RedirectResponse(f"/staff/rule-sets/{saved.rule_set_id}", status_code=303)
 
-    async def backtest(request: Request) -> Response:
+    async def latest_headline(t: Localiser, token: str, jobs: tuple[a.BacktestJob, ...]) -> str:
+        """The headline of the rule set's newest backtest that succeeded, or ""."""
+        done = next((job for job in jobs if job.state == "succeeded"), None)
+        if done is None:
+            return ""
+        read = await calls().backtest(token, done.backtest_id)
+        return views.headline_text(t, views.headline(read.report).as_dict()) if read.report else ""
+
+    async def start_backtest(request: Request) -> Response:
         staff = pages.staff(request, *AUTHORS)
-        await pages.form(request)
-        t = pages.t(request)
+        form = await pages.form(request)
         rule_set_id = _rule_set_id(request)
-        report = await calls().backtest(staff.token, rule_set_id)
-        view = views.backtest_view(t, report)
-        kept = _backtests(request)
-        kept.pop(str(rule_set_id), None)
-        kept[str(rule_set_id)] = view.headline.as_dict()
-        request.session[BACKTESTS] = dict(list(kept.items())[-KEPT_BACKTESTS:])
-        log.info("rule set backtested", rule_set_id=rule_set_id, subjects_changed=view.headline.changed)
+        purpose = RULE_BACKTEST if form.get("subjects") == "yes" else ""
+        job = await calls().start_backtest(staff.token, rule_set_id, purpose)
+        log.info("rule set backtest started", rule_set_id=rule_set_id, with_subjects=bool(purpose))
+        return RedirectResponse(f"/staff/backtests/{job.backtest_id}", status_code=303)
+
+    async def backtest(request: Request) -> Response:
+        """A background backtest: its state and progress while it runs (the page offers to
+        look again; nothing refreshes by itself), its report once it succeeded."""
+        staff = pages.staff(request, *READERS)
+        t = pages.t(request)
+        backtest_id = str(request.path_params["backtest_id"])
+        if not 0 < len(backtest_id) <= 64 or not all(c.isalnum() or c in "-_" for c in backtest_id):
+            raise ServiceError("NOT_FOUND", "no such backtest")
+        # The subjects only for a role that may state the purpose (config/purposes.yaml).
+        job = await calls().backtest(staff.token, backtest_id, subjects=staff.role in PURPOSE_ROLES)
+        if job.report is None:
+            return pages.render(
+                request, "staff/backtest_job.html", section="/staff/rule-sets", j=views.job_view(t, job)
+            )
         return pages.render(
             request,
             "staff/backtest.html",
             section="/staff/rule-sets",
-            rule_set_id=rule_set_id,
-            b=view,
+            rule_set_id=job.rule_set_id,
+            b=views.backtest_view(t, job.report),
+            subjects=views.subject_rows(t, job.report),
             lang=pages.language(request),
         )
 
@@ -212,8 +234,9 @@ def routes(pages: Pages) -> list[BaseRoute]:
         if what not in LIFECYCLE:
             raise HTTPException(404)
         if form.get("confirm") != "yes":
-            rule_set = await calls().rule_set(staff.token, rule_set_id)
-            backtest = _backtests(request).get(str(rule_set_id))
+            rule_set, jobs = await asyncio.gather(
+                calls().rule_set(staff.token, rule_set_id), calls().backtests(staff.token, rule_set_id)
+            )
             return pages.render(
                 request,
                 "staff/rule_set_confirm.html",
@@ -221,7 +244,7 @@ def routes(pages: Pages) -> list[BaseRoute]:
                 act=what,
                 rule_set=rule_set,
                 title=views.rule_set_view(t, rule_set, (), None, author=True).title,
-                backtest=views.headline_text(t, backtest) if backtest else "",
+                backtest=await latest_headline(t, staff.token, jobs),
             )
         done = await calls().change(staff.token, what, rule_set_id)
         log.info("rule set changed", act=what, rule_set_id=rule_set_id)
@@ -259,15 +282,11 @@ def routes(pages: Pages) -> list[BaseRoute]:
         Route("/staff/rule-sets/new", p(draft), methods=["GET", "POST"]),
         Route("/staff/rule-sets/compare", p(compare)),
         Route("/staff/rule-sets/{rule_set_id}", p(show)),
-        Route("/staff/rule-sets/{rule_set_id}/backtest", p(backtest), methods=["POST"]),
+        Route("/staff/rule-sets/{rule_set_id}/backtest", p(start_backtest), methods=["POST"]),
+        Route("/staff/backtests/{backtest_id}", p(backtest)),
         Route("/staff/rule-sets/{rule_set_id}/{act}", p(act), methods=["POST"]),
         Route("/staff/charts/{kind}.svg", p(chart)),
     ]
-
-
-def _backtests(request: Request) -> dict[str, Any]:
-    kept = request.session.get(BACKTESTS)
-    return dict(kept) if isinstance(kept, dict) else {}
 
 
 async def _settled(call: Any) -> Any:

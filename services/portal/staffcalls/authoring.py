@@ -22,6 +22,12 @@ _STATE = {
     rules_pb.RULE_SET_STATUS_ACTIVE: "active",
     rules_pb.RULE_SET_STATUS_RETIRED: "retired",
 }
+_JOB_STATE = {
+    backtest_pb.BACKTEST_STATE_QUEUED: "queued",
+    backtest_pb.BACKTEST_STATE_RUNNING: "running",
+    backtest_pb.BACKTEST_STATE_SUCCEEDED: "succeeded",
+    backtest_pb.BACKTEST_STATE_FAILED: "failed",
+}
 _KIND = {subject_pb2.SUBJECT_KIND_PERSON: "person", subject_pb2.SUBJECT_KIND_ORGANIZATION: "organization"}
 # The lifecycle acts the console offers, with their RPC and request.
 LIFECYCLE: dict[str, tuple[str, type[Any]]] = {
@@ -30,6 +36,9 @@ LIFECYCLE: dict[str, tuple[str, type[Any]]] = {
     "retire": ("RetireRuleSet", rules_pb.RetireRuleSetRequest),
 }
 PAGE = 500
+# Subjects a backtest with a purpose lists; backtests a rule set's page lists.
+SUBJECTS = 50
+JOBS = 10
 MAX_PAGES = 20
 
 
@@ -100,16 +109,44 @@ class AuthoringCalls:
         response = await self._backend.call("rules", method, request(rule_set_id=rule_set_id), token)
         return rule_set(response.rule_set)
 
-    async def backtest(self, token: str, rule_set_id: int) -> a.BacktestReport:
-        """The synchronous backtest over all stored history, without subjects (no purpose
-        stated: the report's tallies, matrix, histogram, rules and cohorts only)."""
+    async def start_backtest(self, token: str, rule_set_id: int, purpose: str) -> a.BacktestJob:
+        """A background backtest of a stored rule set over all stored history. With a purpose
+        (`rule-backtest`), the report lists the most affected subjects (pseudonymous keys),
+        a read the rules service records in its audit log."""
+        request = backtest_pb.BacktestRuleSetRequest(
+            rule_set_id=rule_set_id, purpose=purpose, subject_limit=SUBJECTS if purpose else 0
+        )
         response = await self._backend.call(
+            "rules", "StartBacktest", backtest_pb.StartBacktestRequest(backtest=request), token
+        )
+        return backtest_job(response.backtest)
+
+    async def backtest(self, token: str, backtest_id: str, *, subjects: bool = False) -> a.BacktestJob:
+        """The job with its report once it succeeded; with `subjects`, the report's subjects
+        too, read with the purpose the start stated (if it stated none, none are listed)."""
+        first = await self._backend.call(
+            "rules", "GetBacktest", backtest_pb.GetBacktestRequest(backtest_id=backtest_id), token
+        )
+        purpose = first.backtest.request.purpose
+        if not (subjects and purpose) or first.backtest.state != backtest_pb.BACKTEST_STATE_SUCCEEDED:
+            return backtest_job(first.backtest)
+        again = await self._backend.call(
             "rules",
-            "BacktestRuleSet",
-            backtest_pb.BacktestRuleSetRequest(rule_set_id=rule_set_id),
+            "GetBacktest",
+            backtest_pb.GetBacktestRequest(backtest_id=backtest_id, purpose=purpose),
             token,
         )
-        return backtest_report(response)
+        return backtest_job(again.backtest)
+
+    async def backtests(self, token: str, rule_set_id: int) -> tuple[a.BacktestJob, ...]:
+        """A rule set's backtests, newest first, without their reports."""
+        response = await self._backend.call(
+            "rules",
+            "ListBacktests",
+            backtest_pb.ListBacktestsRequest(rule_set_id=rule_set_id, page_size=JOBS),
+            token,
+        )
+        return tuple(backtest_job(job) for job in response.backtests)
 
     # -- the score policy --------------------------------------------------------------------
 
@@ -209,6 +246,35 @@ def backtest_report(response: backtest_pb.BacktestRuleSetResponse) -> a.Backtest
         baseline_failed_events=response.baseline_failed_events,
         candidate_failed_events=response.candidate_failed_events,
         as_of=when(response.as_of),
+        subjects=tuple(
+            a.BacktestSubject(
+                s.subject_key,
+                s.subject_kind,
+                s.baseline_score,
+                s.baseline_tier,
+                s.candidate_score,
+                s.candidate_tier,
+            )
+            for s in response.subjects
+        ),
+    )
+
+
+def backtest_job(job: backtest_pb.BacktestJob) -> a.BacktestJob:
+    succeeded = job.state == backtest_pb.BACKTEST_STATE_SUCCEEDED and job.HasField("report")
+    return a.BacktestJob(
+        backtest_id=job.backtest_id,
+        rule_set_id=job.rule_set_id,
+        state=_JOB_STATE.get(job.state, "queued"),
+        progress=min(max(job.progress, 0.0), 1.0),
+        events_replayed=job.events_replayed,
+        events_total=job.events_total,
+        started_at=when(job.started_at),
+        finished_at=when(job.finished_at),
+        started_by=job.started_by,
+        purpose=job.request.purpose,
+        report=backtest_report(job.report) if succeeded else None,
+        error=job.error,
     )
 
 

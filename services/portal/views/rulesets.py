@@ -411,11 +411,13 @@ def cohort_rows(t: Localiser, report: a.BacktestReport) -> tuple[CohortRow, ...]
     return tuple(found)
 
 
+def _kind(t: Localiser, code: str) -> str:
+    return {"person": t.gettext("Person"), "organization": t.gettext("Organisation")}.get(code, code)
+
+
 def _cohort_value(t: Localiser, c: a.Cohort) -> str:
     if c.dimension == "subject_kind":
-        return {"person": t.gettext("Person"), "organization": t.gettext("Organisation")}.get(
-            c.value, c.value
-        )
+        return _kind(t, c.value)
     return c.value or t.gettext("(not stated)")
 
 
@@ -484,4 +486,79 @@ def backtest_view(t: Localiser, report: a.BacktestReport) -> BacktestView:
         if moving
         else "",
         cohorts=cohort_rows(t, report),
+    )
+
+
+# -- background backtests ----------------------------------------------------------------------
+
+
+def job_state(t: Localiser, code: str) -> str:
+    return {
+        "queued": t.gettext("Waiting to start"),
+        "running": t.gettext("Running"),
+        "succeeded": t.gettext("Finished"),
+        "failed": t.gettext("Failed"),
+    }.get(code, code)
+
+
+@dataclass(frozen=True)
+class JobView:
+    backtest_id: str
+    rule_set_id: int
+    state: str
+    state_code: str
+    percent: int  # 0 to 100
+    progress: str  # "1,234 of 5,000 stored events replayed (25 %)"
+    started: str
+    error: str
+
+
+def job_view(t: Localiser, job: a.BacktestJob) -> JobView:
+    percent = round(job.progress * 100)
+    return JobView(
+        backtest_id=job.backtest_id,
+        rule_set_id=job.rule_set_id,
+        state=job_state(t, job.state),
+        state_code=job.state,
+        percent=percent,
+        progress=t.gettext(
+            "%(done)s of %(total)s stored events replayed (%(percent)s %%).",
+            done=t.number(job.events_replayed),
+            total=t.number(job.events_total),
+            percent=t.number(percent),
+        )
+        if job.events_total
+        else "",
+        started=t.gettext(
+            "%(when)s by %(who)s",
+            when=t.datetime(job.started_at) if job.started_at else "—",
+            who=job.started_by or "—",
+        ),
+        error=job.error,
+    )
+
+
+def job_rows(t: Localiser, jobs: tuple[a.BacktestJob, ...]) -> tuple[JobView, ...]:
+    return tuple(job_view(t, job) for job in jobs)
+
+
+@dataclass(frozen=True)
+class SubjectRow:
+    key: str  # the pseudonymous key, shortened: enough to tell rows apart, never a raw id
+    kind: str
+    score: str
+    tier: str
+
+
+def subject_rows(t: Localiser, report: a.BacktestReport) -> tuple[SubjectRow, ...]:
+    return tuple(
+        SubjectRow(
+            key=s.subject_key[:12] + "…",
+            kind=_kind(t, s.kind),
+            score=f"{t.number(s.baseline_score)} → {t.number(s.candidate_score)}",
+            tier=s.baseline_tier
+            if s.baseline_tier == s.candidate_tier
+            else f"{s.baseline_tier} → {s.candidate_tier}",
+        )
+        for s in report.subjects
     )

@@ -56,7 +56,9 @@ ALLOWED = {
     "PublishRuleSet": {"reviewer"},
     "ActivateRuleSet": {"reviewer"},
     "RetireRuleSet": {"reviewer"},
-    "BacktestRuleSet": {"reviewer"},
+    "StartBacktest": {"reviewer"},
+    "GetBacktest": {"reviewer", "auditor", "admin"},
+    "ListBacktests": {"reviewer", "auditor", "admin"},
     "ListPolicies": {"reviewer", "auditor", "admin"},
     "PreviewPolicy": {"reviewer", "admin"},
     "ActivatePolicy": {"admin"},
@@ -112,6 +114,8 @@ class AuthoringBackend(FakeBackend):
         self.rule_sets: dict[int, dict[str, Any]] = {}
         self.rule_set_changes: list[rules_pb.RuleSetChange] = []
         self.policy_versions = ["2026.1"]
+        # backtest id → the job's start and how often it was read (it finishes on the second read).
+        self.jobs: dict[str, dict[str, Any]] = {}
         self._store(V1, "active")
         self._store(V2, "draft")
 
@@ -156,6 +160,65 @@ class AuthoringBackend(FakeBackend):
                 changed_at=_stamp(),
                 detail_json="{}",
             )
+        )
+
+    fail_next_backtest = False
+
+    def _job(self, backtest_id: str, purpose: str, *, report: bool = True) -> bt.BacktestJob:
+        """Queued before any read, running at the first, done from the second on."""
+        job = self.jobs[backtest_id]
+        start: bt.BacktestRuleSetRequest = job["request"]
+        reads = job["reads"]
+        state = (
+            bt.BACKTEST_STATE_QUEUED
+            if reads == 0
+            else bt.BACKTEST_STATE_RUNNING
+            if reads == 1
+            else bt.BACKTEST_STATE_FAILED
+            if job["fail"]
+            else bt.BACKTEST_STATE_SUCCEEDED
+        )
+        message = bt.BacktestJob(
+            backtest_id=backtest_id,
+            rule_set_id=start.rule_set_id,
+            state=state,
+            progress={0: 0.0, 1: 0.25}.get(reads, 1.0),
+            events_replayed={0: 0, 1: 300}.get(reads, 1200),
+            events_total=1200,
+            started_at=_stamp(),
+            started_by="reviewer-1",
+            request=start,
+            error="the candidate failed: division by zero" if state == bt.BACKTEST_STATE_FAILED else "",
+        )
+        if state == bt.BACKTEST_STATE_SUCCEEDED and report:
+            message.report.CopyFrom(self._report(start.rule_set_id, start.purpose != "" and purpose != ""))
+        return message
+
+    def _report(self, rule_set_id: int, with_subjects: bool) -> bt.BacktestRuleSetResponse:
+        s = self.rule_sets[rule_set_id]
+        return bt.BacktestRuleSetResponse(
+            baseline=bt.BacktestedRuleSet(rule_set_id=1, name="egret-sample", version=1),
+            candidate=bt.BacktestedRuleSet(rule_set_id=rule_set_id, name=s["name"], version=s["version"]),
+            policy_version="2026.1",
+            events_replayed=1234,
+            overall=breakdown(),
+            cohorts=[
+                bt.BacktestCohort(dimension="subject_kind", value="person", breakdown=breakdown()),
+                bt.BacktestCohort(dimension="district", value="Siming", breakdown=breakdown()),
+            ],
+            subjects=[
+                bt.BacktestSubject(
+                    subject_key="k" * 64,
+                    subject_kind="person",
+                    baseline_score=1000,
+                    baseline_tier="A",
+                    candidate_score=940,
+                    candidate_tier="B",
+                )
+            ]
+            if with_subjects
+            else [],
+            as_of=_stamp(),
         )
 
     @staticmethod
@@ -238,21 +301,24 @@ class AuthoringBackend(FakeBackend):
                 "RetireRuleSet": rules_pb.RetireRuleSetResponse,
             }[method]
             return response(rule_set=self._message(request.rule_set_id))
-        if method == "BacktestRuleSet":
-            s = self._get(request.rule_set_id)
-            return bt.BacktestRuleSetResponse(
-                baseline=bt.BacktestedRuleSet(rule_set_id=1, name="egret-sample", version=1),
-                candidate=bt.BacktestedRuleSet(
-                    rule_set_id=request.rule_set_id, name=s["name"], version=s["version"]
-                ),
-                policy_version="2026.1",
-                events_replayed=1234,
-                overall=breakdown(),
-                cohorts=[
-                    bt.BacktestCohort(dimension="subject_kind", value="person", breakdown=breakdown()),
-                    bt.BacktestCohort(dimension="district", value="Siming", breakdown=breakdown()),
-                ],
-                as_of=_stamp(),
+        if method == "StartBacktest":
+            self._get(request.backtest.rule_set_id)
+            backtest_id = f"bt-{len(self.jobs) + 1}"
+            self.jobs[backtest_id] = {
+                "request": request.backtest,
+                "reads": 0,
+                "fail": self.fail_next_backtest,
+            }
+            return bt.StartBacktestResponse(backtest=self._job(backtest_id, purpose=""))
+        if method == "GetBacktest":
+            if request.backtest_id not in self.jobs:
+                raise ServiceError("NOT_FOUND", "no such backtest")
+            self.jobs[request.backtest_id]["reads"] += 1
+            return bt.GetBacktestResponse(backtest=self._job(request.backtest_id, request.purpose))
+        if method == "ListBacktests":
+            ids = [i for i, j in self.jobs.items() if j["request"].rule_set_id == request.rule_set_id]
+            return bt.ListBacktestsResponse(
+                backtests=[self._job(i, purpose="", report=False) for i in reversed(ids)]
             )
         if method == "ListPolicies":
             return score_pb.ListPoliciesResponse(

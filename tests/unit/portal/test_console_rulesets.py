@@ -232,7 +232,7 @@ def test_every_form_needs_the_csrf_token(client: TestClient, backend: AuthoringB
         )
     assert not {
         "ValidateRuleSet",
-        "BacktestRuleSet",
+        "StartBacktest",
         "PublishRuleSet",
         "PreviewPolicy",
         "ActivatePolicy",
@@ -247,7 +247,17 @@ def test_a_backtest_report_shows_its_headline_charts_and_tables(
 ) -> None:
     as_staff(client, "reviewer")
     token = csrf_of(client.get("/staff/rule-sets/2").text)
-    page = client.post("/staff/rule-sets/2/backtest", data={"csrf_token": token})
+    started = client.post("/staff/rule-sets/2/backtest", data={"csrf_token": token}, follow_redirects=False)
+    assert (started.status_code, started.headers["location"]) == (303, "/staff/backtests/bt-1")
+    assert backend.jobs["bt-1"]["request"].purpose == ""  # no subjects asked for, none listed
+    running = client.get("/staff/backtests/bt-1")
+    assert running.status_code == 200
+    assert "Backtest: Running" in running.text
+    assert '<progress id="progress" max="100" value="25">' in running.text
+    assert "300 of 1,200 stored events replayed (25 %)." in running.text
+    assert 'href="/staff/backtests/bt-1">Check progress' in running.text
+    assert "http-equiv" not in running.text  # nothing refreshes by itself (WCAG 2.2.1)
+    page = client.get("/staff/backtests/bt-1")
     assert page.status_code == 200
     assert "12 of 100 subjects would change score or tier; 10 would change tier." in page.text
     images = [src.replace("&amp;", "&") for src in re.findall(r'src="(/staff/charts/[^"]+)"', page.text)]
@@ -269,8 +279,45 @@ def test_a_backtest_report_shows_its_headline_charts_and_tables(
         r"<td class=\"num\">12 %</td><td class=\"num\">3</td><td class=\"num\">7</td>",
         page.text,
     )
-    # Every chart has its table.
+    # Every chart has its table; no subjects without a purpose.
     assert page.text.count("<table") == 4
+    assert "The subjects it affects most" not in page.text
+
+
+def test_a_backtest_with_a_purpose_lists_the_subjects_it_affects_by_shortened_key(
+    client: TestClient, backend: AuthoringBackend
+) -> None:
+    as_staff(client, "reviewer")
+    token = csrf_of(client.get("/staff/rule-sets/2").text)
+    client.post("/staff/rule-sets/2/backtest", data={"csrf_token": token, "subjects": "yes"})
+    assert backend.jobs["bt-1"]["request"].purpose == "rule-backtest"
+    assert backend.jobs["bt-1"]["request"].subject_limit == 50
+    page = client.get("/staff/backtests/bt-1")
+    assert re.search(r"<title>Backtest of egret-sample v2 – ", page.text)
+    assert "The subjects it affects most" in page.text
+    assert "<code>kkkkkkkkkkkk…</code>" in page.text
+    assert "k" * 13 not in page.text
+    assert "A → B" in page.text
+    reads = [args[0].purpose for name, args in backend.calls if name == "GetBacktest"]
+    assert reads[-2:] == ["", "rule-backtest"]  # the subjects read with the start's purpose
+
+
+def test_a_failed_backtest_says_why_and_an_auditor_may_read_but_not_start_one(
+    client: TestClient, backend: AuthoringBackend
+) -> None:
+    backend.fail_next_backtest = True
+    as_staff(client, "reviewer")
+    token = csrf_of(client.get("/staff/rule-sets/2").text)
+    client.post("/staff/rule-sets/2/backtest", data={"csrf_token": token})
+    page = client.get("/staff/backtests/bt-1")
+    assert "The backtest failed" in page.text
+    assert "division by zero" in page.text
+    as_staff(client, "auditor")
+    assert client.get("/staff/backtests/bt-1").status_code == 200
+    assert client.get("/staff/backtests/bt-9").status_code == 404
+    assert client.get("/staff/backtests/bt%2F..").status_code == 404
+    token = csrf_of(client.get("/staff/rule-sets").text)
+    assert client.post("/staff/rule-sets/2/backtest", data={"csrf_token": token}).status_code == 403
 
 
 def test_publishing_restates_the_backtest_and_lands_under_the_staff_members_name(
@@ -280,10 +327,16 @@ def test_publishing_restates_the_backtest_and_lands_under_the_staff_members_name
     token = csrf_of(client.get("/staff/rule-sets/2").text)
     confirm = client.post("/staff/rule-sets/2/publish", data={"csrf_token": token})
     assert confirm.status_code == 200
-    assert "You have not backtested this version" in confirm.text
+    assert "This version has no finished backtest" in confirm.text
     assert backend.rule_sets[2]["state"] == "draft"  # nothing done before the confirmation
 
-    client.post("/staff/rule-sets/2/backtest", data={"csrf_token": token})
+    started = client.post("/staff/rule-sets/2/backtest", data={"csrf_token": token})
+    assert "Backtest: Running" in started.text  # the start leads to the job's page
+    assert (
+        "no finished backtest" in client.post("/staff/rule-sets/2/publish", data={"csrf_token": token}).text
+    )
+    client.get("/staff/backtests/bt-1")  # done
+    assert "Its latest backtest: 12 of 100 subjects" in client.get("/staff/rule-sets/2").text
     confirm = client.post("/staff/rule-sets/2/publish", data={"csrf_token": token})
     assert "12 of 100 subjects would change score or tier; 10 would change tier." in confirm.text
     done = client.post("/staff/rule-sets/2/publish", data={"csrf_token": token, "confirm": "yes"})
@@ -429,3 +482,18 @@ def test_a_policy_previews_matrix_follows_the_active_policys_tier_order(en: Loca
     assert view.kinds[0].matrix.tiers == ("AAA", "A", "C", "D")
     # Without the active policy, the report's own order.
     assert policy_views.preview(en, report).kinds[0].matrix.tiers == ("C", "A", "AAA", "D")
+
+
+def test_an_auditor_reads_a_backtest_with_subjects_without_stating_a_purpose_they_may_not(
+    client: TestClient, backend: AuthoringBackend
+) -> None:
+    as_staff(client, "reviewer")
+    token = csrf_of(client.get("/staff/rule-sets/2").text)
+    client.post("/staff/rule-sets/2/backtest", data={"csrf_token": token, "subjects": "yes"})
+    as_staff(client, "auditor")
+    backend.calls.clear()
+    page = client.get("/staff/backtests/bt-1")
+    assert "12 of 100 subjects" in page.text
+    assert "The subjects it affects most" not in page.text
+    assert "Its latest backtest: 12 of 100" in client.get("/staff/rule-sets/2").text
+    assert {args[0].purpose for name, args in backend.calls if name == "GetBacktest"} == {""}
