@@ -245,7 +245,7 @@ def _print_portal(stack: PortalStack) -> None:
         f"every sample account's password: {stack.password}"
     )
     for account in stack.accounts:
-        print(f"  {account.username:<9} {account.role.value:<9} {account.display_name}")
+        print(f"  {account.username:<9} {account.role.value:<16} {account.display_name}")
     print(f"  logs: {stack.log_path('portal')}, {stack.log_path('oidc-provider')}")
 
 

@@ -48,7 +48,9 @@ class Account:
 def sample_accounts(
     *, password: str = DEFAULT_PASSWORD, resident_id: str = SAMPLE_RESIDENT_ID, uscc: str = SAMPLE_USCC
 ) -> tuple[Account, ...]:
-    """A resident, a business representative, a reviewer, an auditor and an admin."""
+    """A resident, a business representative, a reviewer, an auditor, an admin and a benefit
+    provider: the metro company, whose `sub` is the provider_id config/benefits.yaml gives
+    metro.discount, so query answers it about that benefit alone."""
     return (
         Account(
             "resident", "Chen Jing, resident", Role.SUBJECT, f"person:resident-id:{resident_id}", password
@@ -63,6 +65,9 @@ def sample_accounts(
         Account("reviewer", "Wang Fang, credit office reviewer", Role.REVIEWER, "reviewer-wang", password),
         Account("auditor", "Zhao Lei, auditor", Role.AUDITOR, "auditor-zhao", password),
         Account("admin", "Liu Yang, administrator", Role.ADMIN, "admin-liu", password),
+        Account(
+            "metro", "Sun Li, metro company (benefit provider)", Role.BENEFIT_PROVIDER, "metro", password
+        ),
     )
 
 

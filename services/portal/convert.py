@@ -219,6 +219,7 @@ def benefit(b: query_pb.Benefit) -> r.Benefit:
         considers_all=b.considers_all,
         subject_kinds=tuple(_KIND.get(k, "person") for k in b.subject_kinds),
         condition=b.condition,
+        provider_id=b.provider_id,
     )
 
 

@@ -180,6 +180,7 @@ class Benefit:
     considers_all: bool
     subject_kinds: tuple[str, ...]
     condition: str
+    provider_id: str = ""  # the provider's principal id (its token's `sub`)
 
 
 @dataclass(frozen=True)

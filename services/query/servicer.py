@@ -135,6 +135,7 @@ def benefit_message(benefit: Benefit) -> pb.Benefit:
         considers_all=benefit.considers is None,
         subject_kinds=[SUBJECT_KIND_VALUES[k] for k in benefit.subject_kinds],
         condition=benefit.condition.describe(),
+        provider_id=benefit.provider_id,
     )
 
 

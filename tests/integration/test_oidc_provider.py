@@ -189,6 +189,7 @@ def test_the_jwks_serves_the_local_pki_token_key_under_its_thumbprint(
         ("reviewer", Role.REVIEWER, None),
         ("auditor", Role.AUDITOR, None),
         ("admin", Role.ADMIN, None),
+        ("metro", Role.BENEFIT_PROVIDER, None),
     ],
 )
 def test_a_sign_in_gives_an_id_token_with_the_nonce_and_an_access_token_the_services_accept(

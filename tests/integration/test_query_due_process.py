@@ -865,6 +865,8 @@ async def test_the_portals_public_token_reads_the_catalogue_and_nothing_personal
     query = pb_grpc.QueryServiceStub(public)
     benefits = await query.ListBenefits(pb.ListBenefitsRequest())
     assert "library.deposit_free" in [b.benefit_id for b in benefits.benefits]
+    # Each benefit names its provider's principal id: the one CheckEligibility answers about it.
+    assert {b.benefit_id: b.provider_id for b in benefits.benefits}["library.deposit_free"] == "library"
     for call in (
         query.GetScore(pb.GetScoreRequest(subject=key(), purpose="audit")),
         query.ListEntries(pb.ListEntriesRequest(subject=key(), purpose="audit")),

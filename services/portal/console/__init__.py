@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from starlette.routing import BaseRoute
 
-from services.portal.console import audit, disputes, home, policy, repairs, rulesets
+from services.portal.console import audit, disputes, eligibility, home, policy, repairs, rulesets
 from services.portal.routes import Pages
 
 
@@ -21,4 +21,5 @@ def routes(pages: Pages) -> list[BaseRoute]:
         *audit.routes(pages),
         *rulesets.routes(pages),
         *policy.routes(pages),
+        *eligibility.routes(pages),
     ]

@@ -6,26 +6,26 @@ never does, and never logs, traces or links it); and each service's audit chain 
 from __future__ import annotations
 
 from egret.common.v1 import audit_chain_pb2 as chain_pb
-from egret.common.v1 import subject_pb2
 from egret.query.v1 import query_service_pb2 as query_pb
 from services.portal import convert
 from services.portal import records as r
 from services.portal.backend import Backend
 from services.portal.staff_records import ChainState
+from services.portal.staffcalls import typed_subject
 
 AUDIT = "audit"
 ACCESS_PAGE = 100
-_KINDS = {"person": subject_pb2.SUBJECT_KIND_PERSON, "organization": subject_pb2.SUBJECT_KIND_ORGANIZATION}
 
 
 async def access_log(
     backend: Backend, token: str, *, kind: str, scheme: str, value: str, note: str = "", page_token: str = ""
 ) -> r.Page[r.AccessRecord]:
-    subject = subject_pb2.SubjectRef(
-        subject=subject_pb2.Subject(kind=_KINDS[kind], id_scheme=scheme, id_value=value)
-    )
     request = query_pb.ListAccessLogRequest(
-        subject=subject, page_size=ACCESS_PAGE, page_token=page_token, purpose=AUDIT, purpose_note=note
+        subject=typed_subject(kind, scheme, value),
+        page_size=ACCESS_PAGE,
+        page_token=page_token,
+        purpose=AUDIT,
+        purpose_note=note,
     )
     response = await backend.call("query", "ListAccessLog", request, token)
     return r.Page(tuple(convert.access_record(a) for a in response.records), response.next_page_token)

@@ -117,9 +117,11 @@ class FakeBackend:
         pass
 
 
-def session_cookie(role: str = "subject", expires_in: float = 600, **extra: Any) -> str:
+def session_cookie(
+    role: str = "subject", expires_in: float = 600, *, sub: str = f"person:resident-id:{RAW_ID}", **extra: Any
+) -> str:
     token = jwt.encode(
-        {"sub": f"person:resident-id:{RAW_ID}", "role": role, "exp": int(time.time() + 3600)},
+        {"sub": sub, "role": role, "exp": int(time.time() + 3600)},
         "k" * 32,
         "HS256",
     )
@@ -141,8 +143,10 @@ def session_cookie(role: str = "subject", expires_in: float = 600, **extra: Any)
     )
 
 
-def signed_in(client: TestClient, role: str = "subject") -> TestClient:
-    client.cookies.set(COOKIE, session_cookie(role))
+def signed_in(
+    client: TestClient, role: str = "subject", *, sub: str = f"person:resident-id:{RAW_ID}"
+) -> TestClient:
+    client.cookies.set(COOKIE, session_cookie(role, sub=sub))
     return client
 
 
