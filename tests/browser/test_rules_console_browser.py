@@ -147,7 +147,7 @@ def test_a_rule_author_drafts_backtests_and_activates_and_the_resident_sees_it(
     # The rules service's audit trail names the reviewer for each act.
     changes = page.locator("main table").last
     for act in ("Draft created", "Published", "Activated"):
-        expect(changes).to_contain_text(act)
+        expect(changes.locator("tr", has_text=act)).to_contain_text("reviewer-wang")
     check_page(page, "console-activated-en")
 
     # An event flows through ingest; the resident's entry counts under the new rule.

@@ -56,7 +56,6 @@ class RuleSetRow:
     version: str
     state: str
     state_code: str
-    rules: str
     created: str
     created_by: str
 
@@ -70,7 +69,6 @@ def rows(t: Localiser, rule_sets: tuple[a.RuleSetInfo, ...]) -> tuple[RuleSetRow
             t.number(s.version),
             state(t, s.state),
             s.state,
-            t.ngettext("%(num)s rule", "%(num)s rules", len(s.rule_ids)),
             t.datetime(s.created_at) if s.created_at else "",
             s.created_by,
         )

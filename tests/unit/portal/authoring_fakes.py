@@ -140,7 +140,8 @@ class AuthoringBackend(FakeBackend):
             status=STATUS[s["state"]],
             source=s["source"] if source else "",
             source_sha256=hashlib.sha256(s["source"].encode()).hexdigest(),
-            rule_ids=s["rule_ids"],
+            # ListRuleSets leaves the source out, and with it the rule ids read from it.
+            rule_ids=s["rule_ids"] if source else [],
             created_at=_stamp(),
             created_by="rev-1",
         )

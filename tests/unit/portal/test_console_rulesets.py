@@ -293,7 +293,7 @@ def test_a_backtest_with_a_purpose_lists_the_subjects_it_affects_by_shortened_ke
     assert backend.jobs["bt-1"]["request"].purpose == "rule-backtest"
     assert backend.jobs["bt-1"]["request"].subject_limit == 50
     page = client.get("/staff/backtests/bt-1")
-    assert re.search(r"<title>Backtest of egret-sample v2 – ", page.text)
+    assert re.search(r"<title>Backtest of egret-sample v2 \u2013 ", page.text)
     assert "The subjects it affects most" in page.text
     assert "<code>kkkkkkkkkkkk…</code>" in page.text
     assert "k" * 13 not in page.text
