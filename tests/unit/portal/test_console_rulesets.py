@@ -133,6 +133,10 @@ def test_the_diff_page_compares_two_stored_versions(client: TestClient, backend:
     assert "<del>-5</del>" in page.text
     assert "<ins>-8</ins>" in page.text
     assert "civic.volunteer" in page.text
+    assert "From egret-sample 1 to egret-sample 2: 2 rules differ; 1 unchanged." in page.text
+    same = client.get("/staff/rule-sets/compare?from=2&to=2")
+    assert "0 rules differ" in same.text
+    assert "The two versions have the same rules." in same.text
     assert as_staff(client, "auditor").get("/staff/rule-sets/compare?from=1&to=x").status_code == 404
 
 
