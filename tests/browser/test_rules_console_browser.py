@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,15 @@ def red_light(world: World, event_id: str, camera: str) -> None:
             await ingest_grpc.IngestServiceStub(channel).SubmitEvents(
                 ingest_pb.SubmitEventsRequest(
                     source="traffic-police",
-                    events=[event(event_id, "traffic.red_light", ALICE, {"camera_id": camera})],
+                    events=[
+                        event(
+                            event_id,
+                            "traffic.red_light",
+                            ALICE,
+                            {"camera_id": camera},
+                            occurred_at=datetime.now(UTC) - timedelta(hours=1),
+                        )
+                    ],
                 ),
                 timeout=10,
             )
@@ -159,6 +168,7 @@ def test_a_rule_author_drafts_backtests_and_activates_and_the_resident_sees_it(
         switch_language(their_page, "en")
         row = their_page.locator("main tr", has_text="C-99")
         expect(row).to_contain_text("\u221220")
+        expect(row).to_contain_text("Counts until")
         check_page(their_page, "console-resident-entries-after-activation-en")
     finally:
         resident.close()
