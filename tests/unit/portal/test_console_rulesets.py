@@ -14,7 +14,7 @@ from starlette.testclient import TestClient
 
 from services.portal import authoring_records as a
 from services.portal import charts
-from services.portal.backend import Violation
+from services.portal.backend import ServiceError, Violation
 from services.portal.i18n import Localiser
 from services.portal.views import figures
 from services.portal.views import policy as policy_views
@@ -84,15 +84,21 @@ def test_an_auditor_sees_no_actions_and_a_benefit_provider_or_resident_no_rule_s
     assert as_staff(client, "auditor").get("/staff/rule-sets/new").status_code == 403
 
 
-def test_the_service_decides_even_when_the_portal_is_bypassed(
+def test_the_portal_and_the_service_each_refuse_an_act_out_of_role(
     client: TestClient, backend: AuthoringBackend
 ) -> None:
-    # An admin's page shows no publish button, but the refusal is the rules service's.
+    # An admin reads rule sets but may not publish: posting around the page is refused by
+    # the portal before any call.
+    as_staff(client, "admin")
+    token = csrf_of(client.get("/staff/rule-sets").text)
+    refused = client.post("/staff/rule-sets/2/publish", data={"csrf_token": token, "confirm": "yes"})
+    assert refused.status_code == 403
+    assert "PublishRuleSet" not in methods(backend)
+    # A reviewer the rules service refuses all the same (its own role check decides): the
+    # refusal is shown and nothing changed.
     as_staff(client, "reviewer")
     token = csrf_of(client.get("/staff/rule-sets/2").text)
-    backend.fail["PublishRuleSet"] = __import__(
-        "services.portal.backend", fromlist=["ServiceError"]
-    ).ServiceError("PERMISSION_DENIED", "role may not call PublishRuleSet")
+    backend.fail["PublishRuleSet"] = ServiceError("PERMISSION_DENIED", "role may not call PublishRuleSet")
     response = client.post("/staff/rule-sets/2/publish", data={"csrf_token": token, "confirm": "yes"})
     assert response.status_code == 403
     assert backend.rule_sets[2]["state"] == "draft"
@@ -501,3 +507,20 @@ def test_an_auditor_reads_a_backtest_with_subjects_without_stating_a_purpose_the
     assert "The subjects it affects most" not in page.text
     assert "Its latest backtest: 12 of 100" in client.get("/staff/rule-sets/2").text
     assert {args[0].purpose for name, args in backend.calls if name == "GetBacktest"} == {""}
+
+
+def test_a_candidate_policy_score_refuses_is_shown_again_with_the_refusal(
+    client: TestClient, backend: AuthoringBackend
+) -> None:
+    as_staff(client, "reviewer")
+    token = csrf_of(client.get("/staff/policy").text)
+    backend.fail["PreviewPolicy"] = ServiceError(
+        "INVALID_ARGUMENT",
+        "invalid policy",
+        (Violation("policy_yaml.kinds.person.tiers[0].min", "OUT_OF_RANGE", "must be at most max"),),
+    )
+    page = client.post("/staff/policy/preview", data={"csrf_token": token, "policy_yaml": "version: '9'\n"})
+    assert page.status_code == 400
+    assert 'href="#policy_yaml"' in page.text
+    assert "policy_yaml.kinds.person.tiers[0].min" in page.text
+    assert "version: &#39;9&#39;" in page.text  # the candidate is kept in the text area
