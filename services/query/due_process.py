@@ -39,6 +39,8 @@ from services.score.storage import (
 )
 
 T = TypeVar("T")
+# Disputes read at a time when filtering by department (kept in Python, see disputes()).
+DEPARTMENT_BATCH = 200
 # PostgreSQL's SQLSTATE for "relation does not exist": score has not migrated yet.
 UNDEFINED_TABLE = "42P01"
 
@@ -51,6 +53,12 @@ class ListFilter:
     status: str | None = None
     subject_key: str | None = None
     overdue_only: bool = False
+    # ListDisputes only: the entry's source department and category, the reviewer holding
+    # the dispute (a principal id), or only disputes no one holds.
+    department: str | None = None
+    category: str | None = None
+    assignee: str | None = None
+    unassigned_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -180,20 +188,41 @@ class SqlDueProcessReader:
     def disputes(
         self, where: ListFilter, now: datetime, after: tuple[datetime, int] | None, limit: int
     ) -> list[DisputeRecord]:
+        """Up to `limit` disputes after the keyset `after`, earliest deadline first, every
+        filter applied. The department is named only in the entry's outcome snapshot, so
+        with that filter the rows are read in batches and kept here until `limit` match:
+        a page is short only at the end of the queue."""
+
         def work(session: Session) -> list[DisputeRecord]:
-            d = StoredDispute
-            query = sa.select(d)
+            d, e = StoredDispute, StoredEntry
+            query = sa.select(d, e.outcome).join(e, e.entry_id == d.entry_id)
             if where.status is not None:
                 query = query.where(d.status == where.status)
             if where.subject_key is not None:
                 query = query.where(d.subject_key == where.subject_key)
             if where.overdue_only:
                 query = query.where(d.status == OPEN, d.deadline <= now.astimezone(UTC))
-            if after is not None:
-                at, number = after
-                query = query.where(sa.or_(d.deadline > at, sa.and_(d.deadline == at, d.dispute_id > number)))
-            query = query.order_by(d.deadline, d.dispute_id).limit(limit)
-            return [dispute_record(row) for row in session.scalars(query)]
+            if where.category is not None:
+                query = query.where(e.category == where.category)
+            if where.assignee is not None:
+                query = query.where(d.assignee == where.assignee)
+            if where.unassigned_only:
+                query = query.where(d.assignee == "")
+            query = query.order_by(d.deadline, d.dispute_id)
+            batch = limit if where.department is None else max(limit, DEPARTMENT_BATCH)
+            found: list[DisputeRecord] = []
+            cursor = after
+            while True:
+                rows = session.execute(_after(query, cursor).limit(batch)).all()
+                for row, outcome in rows:
+                    if where.department is None or where.department in evidence_sources(outcome):
+                        found.append(dispute_record(row))
+                        if len(found) == limit:
+                            return found
+                if len(rows) < batch:
+                    return found
+                last = rows[-1][0]
+                cursor = (last.deadline, last.dispute_id)
 
         return self._read(work)
 
@@ -218,6 +247,16 @@ class SqlDueProcessReader:
             return [repair_record(row) for row in session.scalars(query)]
 
         return self._read(work)
+
+
+def _after(
+    query: sa.Select[StoredDispute, bytes], after: tuple[datetime, int] | None
+) -> sa.Select[StoredDispute, bytes]:
+    if after is None:
+        return query
+    at, number = after
+    d = StoredDispute
+    return query.where(sa.or_(d.deadline > at, sa.and_(d.deadline == at, d.dispute_id > number)))
 
 
 def dispute_page(rows: Sequence[DisputeRecord], size: int) -> DisputePage:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Iterable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -23,7 +23,7 @@ from egret.query.v1 import query_service_pb2 as pb
 from kit import audit
 from kit.auth import Role, current_principal
 from kit.db import run_blocking
-from kit.errors import InvalidArgument, NotFound, Unavailable
+from kit.errors import InvalidArgument, NotFound, Unavailable, Violation
 from kit.logging import get_logger
 from kit.protoconv import SUBJECT_KIND_VALUES, to_datetime, to_timestamp
 from kit.purposes import Purposes, StatedPurpose
@@ -409,7 +409,13 @@ class DueProcessQueryServicer(QueryServicer):
     async def ListDisputes(self, request: pb.ListDisputesRequest, context: Any) -> pb.ListDisputesResponse:
         deps = self._deps()
         status = _DISPUTE_FILTER.get(request.status) if request.status else None
-        where = self._list_filter(request.subject, status, request.overdue_only)
+        where = replace(
+            self._list_filter(request.subject, status, request.overdue_only),
+            department=request.department or None,
+            category=request.category or None,
+            assignee=_assignee_filter(request),
+            unassigned_only=request.unassigned_only,
+        )
         purpose = self._purpose(request, request.subject)
         size = page_size(request.page_size)
         after = decode_key(request.page_token, "ListDisputes") if request.page_token else None
@@ -482,6 +488,25 @@ class DueProcessQueryServicer(QueryServicer):
             records=[access_record_message(r) for r in page],
             next_page_token=encode_token(page[-1].seq) if len(rows) > size else "",
         )
+
+
+def _assignee_filter(request: pb.ListDisputesRequest) -> str | None:
+    """The reviewer whose disputes are asked for: the one named, or the caller itself."""
+    if request.assigned_to_caller and request.assignee:
+        raise InvalidArgument(
+            "invalid request",
+            [Violation("assigned_to_caller", "cannot be set with assignee", "CONFLICTING_FILTERS")],
+        )
+    if request.unassigned_only and (request.assignee or request.assigned_to_caller):
+        raise InvalidArgument(
+            "invalid request",
+            [Violation("unassigned_only", "cannot be set with an assignee filter", "CONFLICTING_FILTERS")],
+        )
+    if request.assigned_to_caller:
+        principal = current_principal()
+        # Insecure development mode has no caller: it holds nothing.
+        return principal.loggable_id if principal is not None else "anonymous"
+    return request.assignee or None
 
 
 def access_record_message(entry: AccessEntry) -> pb.AccessRecord:

@@ -119,6 +119,9 @@ class DisputeRecord:
     resolution_reason: str = ""
     resolved_by: str = ""
     resolved_at: datetime | None = None
+    # The reviewer holding it (principal id), "" while no one does.
+    assignee: str = ""
+    assigned_at: datetime | None = None
 
     def overdue(self, now: datetime) -> bool:
         """Open at or past its deadline: the entry does not count until it is decided."""

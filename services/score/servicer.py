@@ -178,9 +178,12 @@ def dispute_message(d: DisputeRecord, now: datetime) -> dp.Dispute:
         resolution_reason=d.resolution_reason,
         resolved_by=d.resolved_by,
         overdue=d.overdue(now),
+        assignee=d.assignee,
     )
     if d.resolved_at is not None:
         message.resolved_at.CopyFrom(to_timestamp(d.resolved_at))
+    if d.assigned_at is not None:
+        message.assigned_at.CopyFrom(to_timestamp(d.assigned_at))
     return message
 
 

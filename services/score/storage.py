@@ -180,6 +180,7 @@ class StoredDispute(Base):
         sa.Index("ix_score_disputes_entry_id", "entry_id"),
         sa.Index("ix_score_disputes_subject_key", "subject_key"),
         sa.Index("ix_score_disputes_status_deadline", "status", "deadline"),
+        sa.Index("ix_score_disputes_assignee_deadline", "assignee", "deadline"),
     )
 
     dispute_id: Mapped[int] = mapped_column(
@@ -198,6 +199,9 @@ class StoredDispute(Base):
     resolution_reason: Mapped[str] = mapped_column(sa.Text, server_default="")
     resolved_by: Mapped[str] = mapped_column(sa.String(256), server_default="")
     resolved_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
+    # The reviewer holding it (principal id, never a subject's), "" while no one does.
+    assignee: Mapped[str] = mapped_column(sa.String(256), server_default="")
+    assigned_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
 
 
 class StoredRepair(Base):
@@ -424,6 +428,8 @@ def dispute_record(row: StoredDispute) -> DisputeRecord:
         resolution_reason=row.resolution_reason,
         resolved_by=row.resolved_by,
         resolved_at=None if row.resolved_at is None else as_utc(row.resolved_at),
+        assignee=row.assignee,
+        assigned_at=None if row.assigned_at is None else as_utc(row.assigned_at),
     )
 
 
@@ -1023,6 +1029,8 @@ class _SqlDueProcessTx:
                 resolution_reason=dispute.resolution_reason,
                 resolved_by=dispute.resolved_by,
                 resolved_at=None if dispute.resolved_at is None else dispute.resolved_at.astimezone(UTC),
+                assignee=dispute.assignee,
+                assigned_at=None if dispute.assigned_at is None else dispute.assigned_at.astimezone(UTC),
             )
         )
 

@@ -655,6 +655,83 @@ async def test_dispute_and_repair_queues_filter_and_page(egret: Egret) -> None:
     assert "ListRepairApplications" in methods
 
 
+def from_source(o: outcome_pb2.Outcome, source: str) -> outcome_pb2.Outcome:
+    for e in o.events:
+        e.ref.source = source
+    return o
+
+
+async def test_the_dispute_queue_filters_by_department_category_overdue_and_assignee_across_pages(
+    egret: Egret, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The department is kept in Python over batches of rows: a tiny batch makes every page
+    # span several of them.
+    monkeypatch.setattr("services.query.due_process.DEPARTMENT_BATCH", 2)
+    sources = ["metro", "library", "metro", "library", "metro"]
+    await egret.apply(
+        *(from_source(entry(f"t{n}", -5, "transport", days_ago=3), s) for n, s in enumerate(sources)),
+        from_source(entry("c0", -5, "civic", days_ago=3), "metro"),
+    )
+    ids = {}
+    for n, entry_id in enumerate(["t0", "t1", "t2", "t3", "t4", "c0"]):
+        egret.clock.now = T0 + n * timedelta(hours=1)
+        ids[entry_id] = (await egret.dispute(entry_id)).dispute_id
+    r = egret.reviewer
+
+    async def listed(**filters: Any) -> list[str]:
+        found, token = [], ""
+        while True:
+            page = await r.ListDisputes(pb.ListDisputesRequest(page_size=1, page_token=token, **filters))
+            assert len(page.disputes) == 1 or not page.next_page_token  # short only at the end
+            found += [d.dispute_id for d in page.disputes]
+            token = page.next_page_token
+            if not token:
+                return found
+
+    by = [ids[e] for e in ("t0", "t2", "t4", "c0")]
+    assert await listed(department="metro") == by  # earliest deadline first
+    assert await listed(department="library") == [ids["t1"], ids["t3"]]
+    assert await listed(department="fire") == []
+    assert await listed(category="civic") == [ids["c0"]]
+    assert await listed(department="metro", category="transport") == [ids[e] for e in ("t0", "t2", "t4")]
+
+    # Held by reviewers (AssignDispute writes these columns; set here to test the reads alone).
+    score_db = sa.create_engine(database_url)
+    with score_db.begin() as db:
+        db.execute(
+            sa.text(
+                "UPDATE score_disputes SET assignee = :who, assigned_at = :at WHERE dispute_id IN (:a, :b)"
+            ),
+            {"who": "reviewer-7", "at": T0, "a": int(ids["t1"]), "b": int(ids["c0"])},
+        )
+        db.execute(
+            sa.text("UPDATE score_disputes SET assignee = 'reviewer-9' WHERE dispute_id = :a"),
+            {"a": int(ids["t2"])},
+        )
+    score_db.dispose()
+    mine = await r.ListDisputes(pb.ListDisputesRequest(assigned_to_caller=True))
+    assert [(d.dispute_id, d.assignee) for d in mine.disputes] == [
+        (ids["t1"], "reviewer-7"),
+        (ids["c0"], "reviewer-7"),
+    ]
+    assert mine.disputes[0].assigned_at.ToDatetime(UTC) == T0
+    assert await listed(assignee="reviewer-9") == [ids["t2"]]
+    assert await listed(unassigned_only=True) == [ids[e] for e in ("t0", "t3", "t4")]
+    assert await listed(unassigned_only=True, department="metro") == [ids["t0"], ids["t4"]]
+    assert await listed(assigned_to_caller=True, department="metro") == [ids["c0"]]
+    for conflicting, named in (
+        ({"assigned_to_caller": True, "assignee": "reviewer-9"}, "assigned_to_caller"),
+        ({"unassigned_only": True, "assigned_to_caller": True}, "unassigned_only"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await r.ListDisputes(pb.ListDisputesRequest(**conflicting))
+        assert bad_request(caught.value) == [(named, "CONFLICTING_FILTERS")]
+
+    egret.clock.now = T0 + 20 * DAY + timedelta(minutes=150)  # past the first three deadlines
+    overdue = await listed(overdue_only=True, department="metro", status=dp.DISPUTE_STATUS_OPEN)
+    assert overdue == [ids["t0"], ids["t2"]]
+
+
 async def test_as_corrected_reads_never_count_a_reversed_entry(egret: Egret) -> None:
     await egret.apply(entry("keep", 5, "civic", days_ago=10), entry("wrong", -10, "finance", days_ago=10))
     egret.clock.now = T0 + DAY
