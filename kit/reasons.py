@@ -14,6 +14,9 @@ DISPUTE_ALREADY_OPEN = "DISPUTE_ALREADY_OPEN"
 ENTRY_NOT_DISPUTABLE = "ENTRY_NOT_DISPUTABLE"
 # ResolveDispute, DecideRepair: decided before. Metadata `status`: the decision taken.
 ALREADY_DECIDED = "ALREADY_DECIDED"
+# AssignDispute, ResolveDispute: another reviewer holds the dispute (AssignDispute); only
+# they decide or release it, or an admin reassigns it. Metadata `assignee`: who holds it.
+ASSIGNED_TO_ANOTHER = "ASSIGNED_TO_ANOTHER"
 # ApplyForRepair: a positive (or zero) entry; only negative ones are repaired.
 ENTRY_NOT_NEGATIVE = "ENTRY_NOT_NEGATIVE"
 # ApplyForRepair: the entry does not count now. Metadata `why`: one of NOT_COUNTING_WHY.
@@ -44,6 +47,7 @@ ALL = (
     DISPUTE_ALREADY_OPEN,
     ENTRY_NOT_DISPUTABLE,
     ALREADY_DECIDED,
+    ASSIGNED_TO_ANOTHER,
     ENTRY_NOT_NEGATIVE,
     ENTRY_NOT_COUNTING,
     REPAIR_ALREADY_PENDING,

@@ -2,7 +2,7 @@
 outcomes; admins change the policy, reviewers preview it; auditors verify and read; the
 active policy is published to every role and the portal's public token (egret.public.read).
 Due process: subjects and departments file disputes, subjects apply for repair, reviewers
-decide both; consent is
+take (AssignDispute; admins assign them too) and decide both; consent is
 set by its subject or recorded by reviewers and admins. Per-datum checks (own entries,
 own events, own consent) are in services.score.due_process."""
 
@@ -33,6 +33,8 @@ POLICY: Mapping[str, CallPolicy] = {
         service_scope=SCOPE_PUBLIC_READ,
     ),
     _RPC + "FileDispute": allow(Role.SUBJECT, Role.DEPARTMENT),
+    # A reviewer takes or releases a dispute for itself; an admin assigns one to a reviewer.
+    _RPC + "AssignDispute": allow(Role.REVIEWER, Role.ADMIN),
     _RPC + "ResolveDispute": allow(Role.REVIEWER),
     _RPC + "ApplyForRepair": allow(Role.SUBJECT),
     _RPC + "DecideRepair": allow(Role.REVIEWER),

@@ -95,16 +95,16 @@ def _ledger(
         clock=clock,
         page_size=settings.verify_page_size,
     )
+    purposes = load_purposes(settings.purposes_file)
     # One clock for every instant: entries, deadlines, decisions, sweeps (tests move it).
     due_process = DueProcess(
         ledger=ledger,
         store=SqlDueProcessStore(sessions, audit_keys=keys, key_id=key_id),
         clock=clock,
         pseudonymiser=pseudonymiser,
+        purposes=purposes,
     )
-    reads = ReadLog(
-        load_purposes(settings.purposes_file), sessions, ScoreAuditLog, ScoreAuditHead, keys=keys, clock=clock
-    )
+    reads = ReadLog(purposes, sessions, ScoreAuditLog, ScoreAuditHead, keys=keys, clock=clock)
     return ledger, due_process, reads, engine
 
 

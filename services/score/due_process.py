@@ -19,6 +19,7 @@ from kit import reasons
 from kit.auth import Principal, Role
 from kit.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Violation
 from kit.pseudonym import Pseudonymiser
+from kit.purposes import Purposes
 from services.score.domain import (
     APPROVED,
     DISPUTE,
@@ -52,6 +53,10 @@ MAX_URI_LENGTH = 2048
 # as-of reads return; in the future only by clock skew.
 CONSENT_MAX_BACKDATE = timedelta(hours=24)
 CONSENT_MAX_FUTURE_SKEW = timedelta(minutes=5)
+
+# A reviewer's principal id as an admin names it in AssignDispute.
+MAX_ASSIGNEE_LENGTH = 256
+_ASSIGNEE_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._@:-")
 
 UPHOLD = "uphold"
 OVERTURN = "overturn"
@@ -227,11 +232,14 @@ class DueProcess:
         store: DueProcessStore,
         clock: Callable[[], datetime],
         pseudonymiser: Pseudonymiser | None = None,
+        purposes: Purposes | None = None,
     ) -> None:
         self._ledger = ledger
         self._store = store
         self._clock = clock
         self._pseudonymiser = pseudonymiser
+        # Its identifier patterns keep a resident's id from being stored as an assignee.
+        self._purposes = purposes
 
     def _requested_subject(self, tx: DueProcessTx, subject_key: str) -> str:
         """The subject a caller names by key: the key as given, or, after a rotation, a key
@@ -254,6 +262,22 @@ class DueProcess:
 
     def _rescore(self, tx: DueProcessTx, subject_key: str, event: Event, now: datetime) -> None:
         tx.rescore(subject_key, self._ledger.rescorer(now, {subject_key: event}), now)
+
+    def _open_dispute(self, tx: DueProcessTx, number: int) -> tuple[EntryFacts, DisputeRecord]:
+        """The dispute with its entry's facts, read under the subject's lock (a concurrent
+        decision or assignment may have won): ALREADY_DECIDED unless it is still open."""
+        found = tx.dispute(number)
+        if found is None:
+            raise NotFound(f"no dispute {str(number)!r}")
+        facts = self._entry(tx, found.entry_id)
+        dispute = next(d for d in facts.disputes if d.dispute_id == number)
+        if dispute.status != OPEN:
+            raise FailedPrecondition(
+                f"dispute {number} was decided before ({dispute.status})",
+                reasons.ALREADY_DECIDED,
+                {"status": dispute.status},
+            )
+        return facts, dispute
 
     def file_dispute(self, principal: Principal | None, entry_id: str, statement: str) -> DisputeRecord:
         _check(
@@ -313,19 +337,11 @@ class DueProcess:
         number = _id("dispute_id", dispute_id, "dispute")
         now = self._clock()
         with self._store.transaction() as tx:
-            found = tx.dispute(number)
-            if found is None:
-                raise NotFound(f"no dispute {dispute_id!r}")
-            facts = self._entry(tx, found.entry_id)
-            # Read again under the subject's lock: a concurrent decision may have won.
-            dispute = next(d for d in facts.disputes if d.dispute_id == number)
-            if dispute.status != OPEN:
-                raise FailedPrecondition(
-                    f"dispute {dispute_id} was decided before ({dispute.status})",
-                    reasons.ALREADY_DECIDED,
-                    {"status": dispute.status},
-                )
+            facts, dispute = self._open_dispute(tx, number)
             by, _ = _actor(principal)
+            if dispute.assignee and dispute.assignee != by:
+                # Held by another reviewer: only they decide it, unless it is released.
+                raise _held_by_another(dispute)
             decided = replace(
                 dispute,
                 status=UPHELD if decision == UPHOLD else OVERTURNED,
@@ -364,6 +380,65 @@ class DueProcess:
                 now,
             )
             return decided
+
+    def assign_dispute(
+        self, principal: Principal | None, dispute_id: str, assignee: str, release: bool
+    ) -> DisputeRecord:
+        """A reviewer takes an open dispute (or releases the one it holds); an admin assigns
+        one to a named reviewer or releases it from whoever holds it. Taking or releasing a
+        dispute another reviewer holds is refused with ASSIGNED_TO_ANOTHER; only an admin
+        moves it. Each change is an audit record under the caller's identity."""
+        by, role = _actor(principal)
+        admin = principal is not None and principal.role is Role.ADMIN
+        self._check_assignee(assignee, release, admin, by)
+        number = _id("dispute_id", dispute_id, "dispute")
+        now = self._clock()
+        with self._store.transaction() as tx:
+            _, dispute = self._open_dispute(tx, number)
+            target = "" if release else (assignee or by)
+            if not admin and dispute.assignee and dispute.assignee != by:
+                raise _held_by_another(dispute)
+            if dispute.assignee == target:
+                return dispute  # already so: nothing changes, nothing to record
+            changed = replace(dispute, assignee=target, assigned_at=None if release else now)
+            tx.save_dispute(changed)
+            tx.audit(
+                Audited(
+                    "dispute.release" if release else "dispute.assign",
+                    dispute.subject_key,
+                    dispute.entry_id,
+                    {
+                        "dispute_id": number,
+                        "assignee": target,
+                        "previous_assignee": dispute.assignee,
+                        "by_role": role,
+                    },
+                ),
+                now,
+            )
+            return changed
+
+    def _check_assignee(self, assignee: str, release: bool, admin: bool, by: str) -> None:
+        if release:
+            if assignee:
+                _check([Violation("assignee", "must be empty when releasing", "CONFLICTING_FIELDS")])
+            return
+        if not assignee:
+            if admin:
+                _check([Violation("assignee", "an admin names the reviewer", "REQUIRED")])
+            return
+        if not admin:
+            if assignee != by:
+                raise PermissionDenied("a reviewer takes a dispute for itself only")
+            return
+        looks_like_id = (
+            len(assignee) > MAX_ASSIGNEE_LENGTH
+            or not set(assignee) <= _ASSIGNEE_CHARACTERS
+            or assignee.startswith("subject:")
+            or (self._purposes is not None and self._purposes.names_identifier(assignee))
+        )
+        if looks_like_id:
+            _check([Violation("assignee", "must be a reviewer's principal id", "INVALID_ASSIGNEE")])
 
     def apply_for_repair(
         self, principal: Principal | None, entry_id: str, evidence: str, evidence_uri: str
@@ -547,6 +622,14 @@ class DueProcess:
 
     def overdue_repairs(self, limit: int = 100) -> list[RepairRecord]:
         return self._store.overdue_repairs(self._clock(), limit)
+
+
+def _held_by_another(dispute: DisputeRecord) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"dispute {dispute.dispute_id} is assigned to {dispute.assignee}",
+        reasons.ASSIGNED_TO_ANOTHER,
+        {"assignee": dispute.assignee},
+    )
 
 
 def _why_not(facts: EntryFacts, now: datetime) -> tuple[str, str]:

@@ -468,6 +468,18 @@ class ScoreServicer(pb_grpc.ScoreServiceServicer):
         log.info("dispute filed", dispute_id=dispute.dispute_id, entry_id=dispute.entry_id)
         return pb.FileDisputeResponse(dispute=dispute_message(dispute, self._clock()))
 
+    async def AssignDispute(self, request: pb.AssignDisputeRequest, context: Any) -> pb.AssignDisputeResponse:
+        dispute = await run_blocking(
+            self._executor,
+            self._due().assign_dispute,
+            current_principal(),
+            request.dispute_id,
+            request.assignee,
+            request.release,
+        )
+        log.info("dispute assigned", dispute_id=dispute.dispute_id, assignee=dispute.assignee)
+        return pb.AssignDisputeResponse(dispute=dispute_message(dispute, self._clock()))
+
     async def ResolveDispute(
         self, request: pb.ResolveDisputeRequest, context: Any
     ) -> pb.ResolveDisputeResponse:

@@ -274,6 +274,99 @@ async def test_a_dispute_lapses_at_its_deadline_and_counts_again_when_upheld(sco
     assert error_info(error) == ("egret.city", "ALREADY_DECIDED", {"status": "upheld"})
 
 
+async def test_a_reviewer_takes_a_dispute_and_only_the_holder_decides_it_until_released(score: Score) -> None:
+    await score.apply(negative("o1", ALICE))
+    filed = (await score.alice.FileDispute(pb.FileDisputeRequest(entry_id="o1", statement="not me"))).dispute
+    assert (filed.assignee, filed.HasField("assigned_at")) == ("", False)
+    other = score.as_("reviewer-9", Role.REVIEWER)
+    admin = score.as_("admin-1", Role.ADMIN)
+    score.clock.now = T0 + DAY
+    taken = (await score.reviewer.AssignDispute(pb.AssignDisputeRequest(dispute_id=filed.dispute_id))).dispute
+    assert (taken.assignee, taken.assigned_at.ToDatetime(UTC)) == ("reviewer-7", T0 + DAY)
+    # Taking it again changes nothing.
+    again = await score.reviewer.AssignDispute(pb.AssignDisputeRequest(dispute_id=filed.dispute_id))
+    assert again.dispute.assigned_at.ToDatetime(UTC) == T0 + DAY
+    # Another reviewer neither takes, releases nor decides it.
+    for call in (
+        other.AssignDispute(pb.AssignDisputeRequest(dispute_id=filed.dispute_id)),
+        other.AssignDispute(pb.AssignDisputeRequest(dispute_id=filed.dispute_id, release=True)),
+        other.ResolveDispute(
+            pb.ResolveDisputeRequest(
+                dispute_id=filed.dispute_id, decision=dp.DISPUTE_DECISION_OVERTURN, reason="mine now"
+            )
+        ),
+    ):
+        error = await expect(grpc.StatusCode.FAILED_PRECONDITION, call)
+        assert error_info(error) == ("egret.city", "ASSIGNED_TO_ANOTHER", {"assignee": "reviewer-7"})
+    assert score.status("o1") == "disputed"
+    # A reviewer takes for itself only; an admin names the reviewer, and nothing else.
+    await expect(
+        grpc.StatusCode.PERMISSION_DENIED,
+        other.AssignDispute(pb.AssignDisputeRequest(dispute_id=filed.dispute_id, assignee="reviewer-7")),
+    )
+    for assignee, reason in (
+        ("", "REQUIRED"),
+        ("110101199003078888", "INVALID_ASSIGNEE"),
+        ("a b", "INVALID_ASSIGNEE"),
+    ):
+        error = await expect(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            admin.AssignDispute(pb.AssignDisputeRequest(dispute_id=filed.dispute_id, assignee=assignee)),
+        )
+        assert bad_request(error) == [("assignee", reason)]
+    moved = await admin.AssignDispute(
+        pb.AssignDisputeRequest(dispute_id=filed.dispute_id, assignee="reviewer-9")
+    )
+    assert moved.dispute.assignee == "reviewer-9"
+    released = await other.AssignDispute(pb.AssignDisputeRequest(dispute_id=filed.dispute_id, release=True))
+    assert (released.dispute.assignee, released.dispute.HasField("assigned_at")) == ("", False)
+    # No one holds it: any reviewer decides, and a decided dispute is not assigned.
+    decided = await score.reviewer.ResolveDispute(
+        pb.ResolveDisputeRequest(
+            dispute_id=filed.dispute_id, decision=dp.DISPUTE_DECISION_UPHOLD, reason="right"
+        )
+    )
+    assert decided.dispute.status == dp.DISPUTE_STATUS_UPHELD
+    error = await expect(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        other.AssignDispute(pb.AssignDisputeRequest(dispute_id=filed.dispute_id)),
+    )
+    assert error_info(error) == ("egret.city", "ALREADY_DECIDED", {"status": "upheld"})
+    await expect(
+        grpc.StatusCode.PERMISSION_DENIED, score.alice.AssignDispute(pb.AssignDisputeRequest(dispute_id="1"))
+    )
+    # Every change under its caller's identity, in the audit chain.
+    acts = score.read(
+        lambda c: [
+            (r.action, r.actor, r.role, json.loads(r.detail)["assignee"])
+            for r in c.execute(
+                sa.select(ScoreAuditLog.action, ScoreAuditLog.actor, ScoreAuditLog.role, ScoreAuditLog.detail)
+                .where(ScoreAuditLog.action.in_(("dispute.assign", "dispute.release")))
+                .order_by(ScoreAuditLog.seq)
+            )
+        ]
+    )
+    assert acts == [
+        ("dispute.assign", "reviewer-7", "reviewer", "reviewer-7"),
+        ("dispute.assign", "admin-1", "admin", "reviewer-9"),
+        ("dispute.release", "reviewer-9", "reviewer", ""),
+    ]
+    assert score.verify_audit().intact
+
+
+async def test_the_holder_decides_its_dispute(score: Score) -> None:
+    await score.apply(negative("o1", ALICE))
+    filed = (await score.alice.FileDispute(pb.FileDisputeRequest(entry_id="o1", statement="not me"))).dispute
+    await score.reviewer.AssignDispute(pb.AssignDisputeRequest(dispute_id=filed.dispute_id))
+    decided = await score.reviewer.ResolveDispute(
+        pb.ResolveDisputeRequest(
+            dispute_id=filed.dispute_id, decision=dp.DISPUTE_DECISION_OVERTURN, reason="proof"
+        )
+    )
+    assert (decided.dispute.status, decided.dispute.assignee) == (dp.DISPUTE_STATUS_OVERTURNED, "reviewer-7")
+    assert score.status("o1") == "reversed"
+
+
 async def test_an_overturned_dispute_reverses_the_entry(score: Score) -> None:
     await score.apply(negative("o1", ALICE))
     filed = (await score.alice.FileDispute(pb.FileDisputeRequest(entry_id="o1", statement="paid"))).dispute

@@ -84,6 +84,12 @@ def reason_message(t: Localiser, reason: str, metadata: Mapping[str, str]) -> st
                 "This entry has been repaired and no longer counts, so there is nothing to dispute."
             )
         return t.gettext("This entry has been reversed and no longer counts, so there is nothing to dispute.")
+    if reason == reasons.ASSIGNED_TO_ANOTHER:
+        return t.gettext(
+            "Another reviewer (%(assignee)s) has taken this dispute: only they can decide or release it, "
+            "or an administrator can assign it to someone else.",
+            assignee=metadata.get("assignee", ""),
+        )
     known = {
         reasons.DISPUTE_ALREADY_OPEN: t.gettext(
             "This entry already has an open dispute. You can follow it on your contest page."
