@@ -76,6 +76,8 @@ def dispute(d: due_process_pb2.Dispute) -> r.Dispute:
         resolved_at=when(d.resolved_at),
         overdue=d.overdue,
         resolved_by=d.resolved_by,
+        assignee=d.assignee,
+        assigned_at=when(d.assigned_at),
     )
 
 

@@ -47,6 +47,8 @@ class Dispute:
     resolved_at: datetime | None = None
     overdue: bool = False
     resolved_by: str = ""  # the reviewer (staff pages only)
+    assignee: str = ""  # the reviewer holding it (staff pages only), "" for no one
+    assigned_at: datetime | None = None
 
 
 @dataclass(frozen=True)

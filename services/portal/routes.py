@@ -26,7 +26,7 @@ from services.portal import charts, csrf
 from services.portal import records as r
 from services.portal.backend import Backend, Caller, ServiceError
 from services.portal.i18n import HTML_LANG, LANGUAGES, NATIVE_NAMES, Localiser
-from services.portal.signin import ACCESS_TOKEN, SUBJECT_ROLE, OAuthError, SignIn
+from services.portal.signin import ACCESS_TOKEN, SUBJECT_ROLE, OAuthError, SignIn, claims_of
 from services.portal.staff import STAFF_ROLES, NotAllowed, Staff, navigation
 from services.portal.views import access as access_views
 from services.portal.views import benefits as benefit_views
@@ -134,7 +134,7 @@ class Pages:
             raise NotAllowed
         token = request.session.get(ACCESS_TOKEN)
         assert isinstance(token, str)
-        return Staff(token, Role(person.role), person.name)
+        return Staff(token, Role(person.role), person.name, str(claims_of(token).get("sub", "")))
 
     async def form(self, request: Request) -> FormData:
         """The posted form, once its CSRF token matched this session's."""

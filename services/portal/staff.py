@@ -50,11 +50,13 @@ def navigation(t: Localiser, role: str) -> tuple[tuple[str, str], ...]:
 
 @dataclass(frozen=True)
 class Staff:
-    """The signed-in staff member: their access token, role and display name."""
+    """The signed-in staff member: their access token, role, display name and principal id
+    (the token's `sub`, as the services name them, e.g. in a dispute's assignee)."""
 
     token: str
     role: Role
     name: str
+    principal_id: str = ""
 
     def __repr__(self) -> str:
         return f"Staff(role={self.role.value!r}, token=<hidden>)"

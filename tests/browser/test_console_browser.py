@@ -1,12 +1,13 @@
 """The staff console's casework in a real browser (the world of test_portal_browser: the four
 services, the local OpenID provider and the portal as processes): a resident disputes an
 entry and applies for repair of a minor one on the website; a reviewer signs in through the
-provider's form, finds the dispute in the queue, overturns it with a reason and the
-confirmation, and sees the decision and the new score; the resident sees both; the repair
-waits in its queue; an auditor reads the resident's access log (the reviewer's reads are in
-it) and the audit chains; the metro company checks the resident's eligibility for its
-discount. Role navigation and refusals. axe-core on every page, 360 px without sideways
-scrolling; screenshots in test-artefacts/browser/."""
+provider's form, finds the dispute in the queue, takes it, finds it again under "assigned to
+me", overturns it with a reason and the confirmation, and sees the decision and the new
+score; the resident sees both; the repair waits in its queue; an auditor reads the
+resident's access log (the reviewer's reads are in it) and the audit chains; the metro
+company checks the resident's eligibility for its discount. Role navigation and refusals.
+axe-core on every page, 360 px without sideways scrolling; screenshots in
+test-artefacts/browser/."""
 
 from __future__ import annotations
 
@@ -101,6 +102,20 @@ def test_a_reviewer_decides_a_dispute_filed_on_the_website_and_an_auditor_sees_t
         expect(rmain).to_contain_text("I had a valid ticket; the gate was broken.")
         expect(rmain).to_contain_text("Urban Rail Transit Operation Management Provisions")
         check_page(reviewer, "console-dispute-en")
+        # The reviewer takes it, then finds it in the queue under "Assigned to me".
+        reviewer.get_by_role("button", name="Take this dispute").click()
+        reviewer.wait_for_url(re.compile(rf"/staff/disputes/{fare_id}$"))
+        expect(rmain).to_contain_text("You have taken this dispute.")
+        expect(reviewer.get_by_role("button", name="Release")).to_be_visible()
+        reviewer.goto("/staff/disputes")
+        reviewer.locator("#held").select_option("me")
+        reviewer.get_by_role("button", name="Show").click()
+        reviewer.wait_for_url(re.compile(r"/staff/disputes\?.*held=me"))
+        mine = reviewer.locator("table.queue tbody tr")
+        expect(mine).to_have_count(1)
+        expect(mine).to_contain_text("You")
+        check_page(reviewer, "console-disputes-mine-en")
+        mine.locator(f"a[href='/staff/disputes/{fare_id}']").click()
         reviewer.locator("#decision-overturn").check()
         reviewer.locator("#reason").fill("The gate log shows a valid ticket at Lianban.")
         reviewer.get_by_role("button", name="Continue").click()

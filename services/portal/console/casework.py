@@ -3,7 +3,9 @@ queue of open items, earliest due first; an item's page with its entry, evidence
 subject's history; a decision with a required reason, a confirmation step, and the outcome.
 
 Two reviewers deciding the same item: score decides once and refuses the second with
-ALREADY_DECIDED; the second reviewer sees that in words with the decision that stands."""
+ALREADY_DECIDED; the second reviewer sees that in words with the decision that stands.
+A reviewer takes a dispute before working it (score's AssignDispute); one another reviewer
+holds is refused with ASSIGNED_TO_ANOTHER, shown in words."""
 
 from __future__ import annotations
 
@@ -50,6 +52,9 @@ class Work:
     item: Callable[[r.Entry], r.Dispute | r.Repair | None]
     # Whether it still waits for a decision.
     open_status: str
+    # Taking or releasing an item (disputes: score's AssignDispute); None where items are
+    # not assigned. Its queue then filters by department, category and who holds it too.
+    assign: Callable[..., Awaitable[Any]] | None = None
 
     def item_id(self, item: r.Dispute | r.Repair) -> str:
         return item.dispute_id if isinstance(item, r.Dispute) else item.application_id
@@ -68,19 +73,37 @@ def routes(pages: Pages, work: Work) -> list[BaseRoute]:
         staff = pages.staff(request, Role.REVIEWER)
         t = pages.t(request)
         params = request.query_params
-        department, category = params.get("department", ""), params.get("category", "")
         overdue = params.get("overdue") == "yes"
         page_token = params.get("page", "")
-        page = await work.queue(pages.backend, staff.token, overdue_only=overdue, page_token=page_token)
-        rows = views.queue(t, page.items, pages.now(), department=department, category=category)
+        department = category = held = ""
+        if work.assign is not None:
+            # Sent to the service, which filters the whole queue (never a page here).
+            department, category = params.get("department", "").strip(), params.get("category", "")
+            held = params.get("held", "")
+            held = held if held in reviews.HELD else ""
+            page = await work.queue(
+                pages.backend,
+                staff.token,
+                overdue_only=overdue,
+                page_token=page_token,
+                department=department,
+                category=category,
+                held=held,
+            )
+        else:
+            page = await work.queue(pages.backend, staff.token, overdue_only=overdue, page_token=page_token)
+        filters = views.filters(
+            t, page.items, department=department, category=category, overdue=overdue, held=held
+        )
         return pages.render(
             request,
             work.queue_template,
             section=work.path,
-            rows=rows,
-            filters=views.filters(t, page.items, department=department, category=category, overdue=overdue),
+            rows=views.queue(t, page.items, pages.now(), me=staff.principal_id),
+            filters=filters,
+            assignable=work.assign is not None,
             page_token=page_token,
-            next_page=page.next_page_token,
+            next_page=filters.query(page.next_page_token) if page.next_page_token else "",
             total=len(page.items),
         )
 
@@ -104,6 +127,7 @@ def routes(pages: Pages, work: Work) -> list[BaseRoute]:
             _settled(reviews.score(pages.backend, staff.token, case, work.purpose)) if decided else _none(),
         )
         flash = request.session.pop(FLASH, None)
+        assignee = item.assignee if isinstance(item, r.Dispute) else ""
         return pages.render(
             request,
             work.case_template,
@@ -115,6 +139,12 @@ def routes(pages: Pages, work: Work) -> list[BaseRoute]:
             evidence_uri=item.evidence_uri if isinstance(item, r.Repair) else "",
             decided=decided,
             decided_now=flash == {"kind": work.kind, "entry": case.entry.entry_id},
+            assignable=work.assign is not None and not decided,
+            held_by=views.held_by(t, assignee, staff.principal_id),
+            held_by_me=bool(assignee) and assignee == staff.principal_id,
+            held_by_other=bool(assignee) and assignee != staff.principal_id,
+            assigned_now=flash == {"kind": work.kind, "entry": case.entry.entry_id, "assigned": True},
+            released_now=flash == {"kind": work.kind, "entry": case.entry.entry_id, "assigned": False},
             history=() if isinstance(changes, ServiceError) else views.history_around(t, case.entry, changes),
             history_error=_words(pages, request, changes),
             score=None if score is None or isinstance(score, ServiceError) else views.score_view(t, score),
@@ -201,10 +231,36 @@ def routes(pages: Pages, work: Work) -> list[BaseRoute]:
         request.session[FLASH] = {"kind": work.kind, "entry": entry_id}
         return RedirectResponse(f"{work.path}/{entry_id}", status_code=303)
 
+    async def assign(request: Request) -> Response:
+        """Take the item or release it (a POSTed form with the CSRF token), with the
+        reviewer's own token: the service decides who may."""
+        staff = pages.staff(request, Role.REVIEWER)
+        entry_id = entry_id_of(request)
+        form = await pages.form(request)
+        action = str(form.get("action", ""))
+        if work.assign is None or action not in ("take", "release"):
+            raise ServiceError("INVALID_ARGUMENT", "unknown action")
+        try:
+            await work.assign(
+                pages.backend, staff.token, str(form.get("item_id", "")), release=action == "release"
+            )
+        except ServiceError as error:
+            if error.code != "FAILED_PRECONDITION":
+                raise
+            log.info("assignment refused by the service", kind=work.kind, reason=error.reason)
+            t = pages.t(request)
+            refusal = error_view(t, error.code, error.message, reason=error.reason, metadata=error.metadata)
+            fresh = await reviews.case_of(pages.backend, staff.token, entry_id, work.purpose)
+            return await show(request, staff, fresh, status=refusal.status, refusal=refusal)
+        log.info("assignment recorded", kind=work.kind, action=action)
+        request.session[FLASH] = {"kind": work.kind, "entry": entry_id, "assigned": action == "take"}
+        return RedirectResponse(f"{work.path}/{entry_id}", status_code=303)
+
     return [
         Route(work.path, pages.page(queue)),
         Route(work.path + "/{entry_id}", pages.page(case), methods=["GET"]),
         Route(work.path + "/{entry_id}", pages.page(decide), methods=["POST"]),
+        Route(work.path + "/{entry_id}/assign", pages.page(assign), methods=["POST"]),
     ]
 
 

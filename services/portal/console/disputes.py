@@ -1,6 +1,8 @@
 """/staff/disputes (reviewers): the open disputes by deadline, a dispute's page (its entry,
 rule and legal basis, evidence, the subject's history around it, the statement), and the
 decision: uphold or overturn with a reason, confirmed, then the outcome with the new score.
+The queue filters (department, category, overdue, assigned to me, unassigned) are the
+service's; the reviewer takes a dispute ("Take this dispute") or releases it.
 Reads state the purpose `dispute-review`; the subject sees each in its access log."""
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ DISPUTES = Work(
     case_template="staff/dispute.html",
     item=lambda entry: entry.dispute,
     open_status="open",
+    assign=reviews.assign_dispute,
 )
 
 

@@ -1,6 +1,7 @@
 """A reviewer's calls: the dispute and repair queues (query), an entry under review with
 its subject's history and score (query, purpose `dispute-review` or `repair-review`), and
-the decisions (score's ResolveDispute and DecideRepair)."""
+the decisions (score's ResolveDispute and DecideRepair), and taking or releasing a dispute
+(score's AssignDispute)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,11 @@ from services.portal.backend import Backend, ServiceError
 from services.portal.staff_records import Case, Queued, Score
 
 Purpose = Literal["dispute-review", "repair-review"]
+# Who holds the disputes a queue shows: anyone (""), the reviewer ("me"), no one ("none").
+Held = Literal["", "me", "none"]
+HELD_BY_ME: Held = "me"
+HELD_BY_NONE: Held = "none"
+HELD = ("", HELD_BY_ME, HELD_BY_NONE)
 DISPUTE_REVIEW: Purpose = "dispute-review"
 REPAIR_REVIEW: Purpose = "repair-review"
 # A queue page; each of its items' entries is read too (for the rule, category and source).
@@ -51,15 +57,27 @@ async def _with_entries(
 
 
 async def dispute_queue(
-    backend: Backend, token: str, *, overdue_only: bool, page_token: str = ""
+    backend: Backend,
+    token: str,
+    *,
+    overdue_only: bool,
+    page_token: str = "",
+    department: str = "",
+    category: str = "",
+    held: Held = "",
 ) -> r.Page[Queued]:
-    """A page of open disputes, earliest deadline first, each with its entry."""
+    """A page of open disputes, earliest deadline first, each with its entry. The service
+    applies every filter to the whole queue: held "me" is the caller's own, "none" no one's."""
     request = query_pb.ListDisputesRequest(
         status=due_process_pb2.DISPUTE_STATUS_OPEN,
         overdue_only=overdue_only,
         page_size=QUEUE_PAGE,
         page_token=page_token,
         purpose=DISPUTE_REVIEW,
+        department=department,
+        category=category,
+        assigned_to_caller=held == HELD_BY_ME,
+        unassigned_only=held == HELD_BY_NONE,
     )
     response = await backend.call("query", "ListDisputes", request, token)
     disputes = tuple(convert.dispute(d) for d in response.disputes)
@@ -113,6 +131,13 @@ async def resolve_dispute(
         dispute_id=dispute_id, decision=_DISPUTE_DECISIONS[decision], reason=reason
     )
     response = await backend.call("score", "ResolveDispute", request, token)
+    return convert.dispute(response.dispute)
+
+
+async def assign_dispute(backend: Backend, token: str, dispute_id: str, *, release: bool) -> r.Dispute:
+    """The reviewer takes the dispute for itself, or releases the one it holds."""
+    request = score_pb.AssignDisputeRequest(dispute_id=dispute_id, release=release)
+    response = await backend.call("score", "AssignDispute", request, token)
     return convert.dispute(response.dispute)
 
 

@@ -7,6 +7,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from urllib.parse import urlencode
 
 from services.portal import records as r
 from services.portal.i18n import Localiser
@@ -33,6 +34,7 @@ class QueueRow:
     departments: str
     points: str
     excerpt: str  # the statement or the evidence, shortened
+    held_by: str  # who holds a dispute ("You", a reviewer's id, "No one"); "" for a repair
 
 
 @dataclass(frozen=True)
@@ -44,11 +46,26 @@ class Option:
 
 @dataclass(frozen=True)
 class Filters:
+    """The queue's filters as chosen (all sent to the service) and the form's choices."""
+
     department: str
     category: str
     overdue: bool
-    departments: tuple[Option, ...]
+    held: str  # "", "me" or "none"
+    departments: tuple[str, ...]  # suggestions: the departments of the entries shown
     categories: tuple[Option, ...]
+    helds: tuple[Option, ...]
+
+    def query(self, page_token: str) -> str:
+        """The query string of the queue's next page, with the same filters."""
+        chosen = {
+            "department": self.department,
+            "category": self.category,
+            "overdue": "yes" if self.overdue else "",
+            "held": self.held,
+            "page": page_token,
+        }
+        return urlencode({k: v for k, v in chosen.items() if v})
 
 
 def _due_in(t: Localiser, due: datetime | None, now: datetime) -> str:
@@ -66,7 +83,14 @@ def _excerpt(text: str) -> str:
     return text if len(text) <= EXCERPT else text[: EXCERPT - 1] + "…"
 
 
-def queue_row(t: Localiser, queued: Queued, now: datetime) -> QueueRow:
+def held_by(t: Localiser, assignee: str, me: str) -> str:
+    """Who holds a dispute, as the reviewer reads it."""
+    if not assignee:
+        return t.gettext("No one")
+    return t.gettext("You") if assignee == me else assignee
+
+
+def queue_row(t: Localiser, queued: Queued, now: datetime, me: str = "") -> QueueRow:
     item, entry = queued.item, queued.entry
     if isinstance(item, r.Dispute):
         received, due, text = item.filed_at, item.deadline, item.statement
@@ -88,40 +112,38 @@ def queue_row(t: Localiser, queued: Queued, now: datetime) -> QueueRow:
         departments=", ".join(entry.sources) if entry else "",
         points=t.signed(entry.points) if entry else "",
         excerpt=_excerpt(text),
+        held_by=held_by(t, item.assignee, me) if isinstance(item, r.Dispute) else "",
     )
 
 
-def queue(
-    t: Localiser, items: Iterable[Queued], now: datetime, *, department: str = "", category: str = ""
-) -> tuple[QueueRow, ...]:
-    """The queue's rows, earliest due first, kept to one department and category if chosen."""
-    kept = [
-        q
-        for q in items
-        if (not department or (q.entry is not None and department in q.entry.sources))
-        and (not category or (q.entry is not None and q.entry.category == category))
-    ]
-
-    def due(q: Queued) -> datetime:
-        at = q.item.deadline if isinstance(q.item, r.Dispute) else q.item.decision_due
-        return at or now
-
-    return tuple(queue_row(t, q, now) for q in sorted(kept, key=due))
+def queue(t: Localiser, items: Iterable[Queued], now: datetime, *, me: str = "") -> tuple[QueueRow, ...]:
+    """The queue's rows in the service's order (earliest due first, already filtered by it);
+    `me` is the reviewer's principal id, to say "You" of the disputes it holds."""
+    return tuple(queue_row(t, q, now, me) for q in items)
 
 
 def filters(
-    t: Localiser, items: Iterable[Queued], *, department: str, category: str, overdue: bool
+    t: Localiser, items: Iterable[Queued], *, department: str, category: str, overdue: bool, held: str = ""
 ) -> Filters:
-    """The filter form: the departments and categories of the queue's entries (and the chosen ones)."""
+    """The filter form: every category the city scores (and any other seen or chosen), the
+    departments of the entries shown as suggestions (any department id may be typed), and
+    who holds the dispute."""
     entries = [q.entry for q in items if q.entry is not None]
     departments = sorted({s for e in entries for s in e.sources} | ({department} - {""}))
-    categories = sorted({e.category for e in entries} | ({category} - {""}))
+    categories = sorted(set(words.CATEGORIES) | {e.category for e in entries} | ({category} - {""}))
+    helds = (
+        ("", t.gettext("Anyone or no one")),
+        ("me", t.gettext("Assigned to me")),
+        ("none", t.gettext("Unassigned")),
+    )
     return Filters(
         department,
         category,
         overdue,
-        tuple(Option(d, d, d == department) for d in departments),
+        held,
+        tuple(departments),
         tuple(Option(c, words.category(t, c), c == category) for c in categories),
+        tuple(Option(v, label, v == held) for v, label in helds),
     )
 
 

@@ -37,6 +37,10 @@ def severity(t: Localiser, code: str) -> str:
     }.get(code, code)
 
 
+# The categories the city's rules score in (config/rulesets), as category() words them.
+CATEGORIES = ("transport", "traffic", "civic", "finance", "legal", "commerce", "public_order")
+
+
 def category(t: Localiser, code: str) -> str:
     return {
         "transport": t.gettext("Transport"),

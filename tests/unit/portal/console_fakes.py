@@ -8,6 +8,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import jwt
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from egret.common.v1 import audit_chain_pb2, event_pb2, outcome_pb2
@@ -76,12 +77,14 @@ class StaffBackend(FakeBackend):
             ("query", "ListScoreHistory"): self._history,
             ("query", "GetScore"): self._score,
             ("score", "ResolveDispute"): self._resolve,
+            ("score", "AssignDispute"): self._assign,
             ("score", "DecideRepair"): self._decide_repair,
             ("query", "ListAccessLog"): self._access_log,
         }
         for service in ("query", "score", "rules"):
             self.handlers[(f"{service}.audit", "VerifyAuditChain")] = self._chain(service)
         self.broken: set[str] = set()
+        self.caller = ""
         self.add_dispute(OVERDUE_ENTRY, "metro", "transport", "Metro fare evasion", days_left=-2)
         self.add_dispute(FRESH_ENTRY, "library", "civic", "Late return", days_left=15)
 
@@ -122,6 +125,8 @@ class StaffBackend(FakeBackend):
 
     async def call(self, stub: str, method: str, request: Any, token: str) -> Any:
         self.rpcs.append((stub, method, request, token))
+        # The services name the caller by its token's `sub` (a reviewer's principal id).
+        self.caller = str(jwt.decode(token, options={"verify_signature": False}).get("sub", ""))
         self._record(f"{stub}.{method}", request)
         handler = self.handlers.get((stub, method))
         if handler is None:
@@ -137,12 +142,18 @@ class StaffBackend(FakeBackend):
     # -- answers ---------------------------------------------------------------------------
 
     def _list_disputes(self, request: query_pb.ListDisputesRequest) -> query_pb.ListDisputesResponse:
+        # Every filter on the whole case file, as query does.
+        holder = self.caller if request.assigned_to_caller else request.assignee
         found: list[dp.Dispute] = [
             e.dispute
             for e in self.cases.values()
             if e.HasField("dispute")
             and e.dispute.status == request.status
             and (e.dispute.overdue or not request.overdue_only)
+            and (not request.department or request.department in {r.source for r in e.event_refs})
+            and (not request.category or e.category == request.category)
+            and (not holder or e.dispute.assignee == holder)
+            and (not request.unassigned_only or not e.dispute.assignee)
         ]
         found.sort(key=lambda d: d.deadline.seconds)
         return query_pb.ListDisputesResponse(disputes=found)
@@ -157,6 +168,7 @@ class StaffBackend(FakeBackend):
             and e.repair.status == request.status
             and (e.repair.overdue or not request.overdue_only)
         ]
+        found.sort(key=lambda a: a.decision_due.seconds)  # as query: earliest decision due first
         return query_pb.ListRepairApplicationsResponse(applications=found)
 
     def _get_entry(self, request: query_pb.GetEntryRequest) -> query_pb.GetEntryResponse:
@@ -192,6 +204,13 @@ class StaffBackend(FakeBackend):
 
     def _resolve(self, request: score_pb.ResolveDisputeRequest) -> score_pb.ResolveDisputeResponse:
         entry = next(e for e in self.cases.values() if e.dispute.dispute_id == request.dispute_id)
+        if entry.dispute.assignee and entry.dispute.assignee != self.caller:
+            raise ServiceError(
+                "FAILED_PRECONDITION",
+                f"dispute {request.dispute_id} is assigned to {entry.dispute.assignee}",
+                reason=reasons.ASSIGNED_TO_ANOTHER,
+                metadata=(("assignee", entry.dispute.assignee),),
+            )
         if entry.dispute.status != dp.DISPUTE_STATUS_OPEN:
             status = "upheld" if entry.dispute.status == dp.DISPUTE_STATUS_UPHELD else "overturned"
             raise ServiceError(
@@ -208,6 +227,23 @@ class StaffBackend(FakeBackend):
         entry.dispute.overdue = False
         entry.status = query_pb.ENTRY_STATUS_REVERSED if overturn else query_pb.ENTRY_STATUS_ACTIVE
         return score_pb.ResolveDisputeResponse(dispute=entry.dispute)
+
+    def _assign(self, request: score_pb.AssignDisputeRequest) -> score_pb.AssignDisputeResponse:
+        entry = next(e for e in self.cases.values() if e.dispute.dispute_id == request.dispute_id)
+        held = entry.dispute.assignee
+        if held and held != self.caller:
+            raise ServiceError(
+                "FAILED_PRECONDITION",
+                f"dispute {request.dispute_id} is assigned to {held}",
+                reason=reasons.ASSIGNED_TO_ANOTHER,
+                metadata=(("assignee", held),),
+            )
+        entry.dispute.assignee = "" if request.release else self.caller
+        if request.release:
+            entry.dispute.ClearField("assigned_at")
+        else:
+            entry.dispute.assigned_at.CopyFrom(_ts(NOW))
+        return score_pb.AssignDisputeResponse(dispute=entry.dispute)
 
     def _decide_repair(self, request: score_pb.DecideRepairRequest) -> score_pb.DecideRepairResponse:
         entry = next(e for e in self.cases.values() if e.repair.application_id == request.application_id)
