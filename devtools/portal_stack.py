@@ -150,6 +150,7 @@ class PortalStack:
             EGRET_QUERY_ADDRESS=self.cluster.address("query"),
             EGRET_SCORE_ADDRESS=self.cluster.address("score"),
             EGRET_RULES_ADDRESS=self.cluster.address(self.cluster.rules_names[0]),
+            EGRET_INGEST_ADDRESS=self.cluster.address("ingest"),
             EGRET_TLS_CA_FILE=str(self.pki.ca_file),
             EGRET_TLS_CERT_FILE=str(self.pki.cert_file(PORTAL)),
             EGRET_TLS_KEY_FILE=str(self.pki.key_file(PORTAL)),

@@ -123,7 +123,8 @@ def _error(exc: grpc.aio.AioRpcError) -> ServiceError:
 
 
 class Backend:
-    """Channels to query, score and (optionally) rules, shared by every request."""
+    """Channels to query, score and (optionally) rules and ingest, shared by every request.
+    Of ingest the portal calls its audit chain's state only (the auditors' page)."""
 
     def __init__(
         self,
@@ -131,11 +132,12 @@ class Backend:
         query: grpc.aio.Channel,
         score: grpc.aio.Channel,
         rules: grpc.aio.Channel | None = None,
+        ingest: grpc.aio.Channel | None = None,
         public_token: str | None = None,
         deadline_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._channels = [c for c in (query, score, rules) if c is not None]
+        self._channels = [c for c in (query, score, rules, ingest) if c is not None]
         self._query = query_grpc.QueryServiceStub(query)
         self._score = score_grpc.ScoreServiceStub(score)
         self._rules = rules_grpc.RulesServiceStub(rules) if rules is not None else None
@@ -144,7 +146,7 @@ class Backend:
         if self._rules is not None:
             self._stubs["rules"] = self._rules
         # Every service serves its audit chain's state (kit.audit_chain): "<service>.audit".
-        for name, channel in (("query", query), ("score", score), ("rules", rules)):
+        for name, channel in (("query", query), ("score", score), ("rules", rules), ("ingest", ingest)):
             if channel is not None:
                 self._stubs[f"{name}.audit"] = audit_chain_grpc.AuditChainServiceStub(channel)
         self._public_token = public_token
@@ -160,6 +162,7 @@ class Backend:
         score_address: str,
         rules_address: str | None,
         tls: grpc.ChannelCredentials | None,
+        ingest_address: str | None = None,
         public_token: str | None,
         deadline_s: float,
     ) -> Backend:
@@ -169,6 +172,7 @@ class Backend:
             query=open_channel(query_address, credentials),
             score=open_channel(score_address, credentials),
             rules=open_channel(rules_address, credentials) if rules_address else None,
+            ingest=open_channel(ingest_address, credentials) if ingest_address else None,
             public_token=public_token,
             deadline_s=deadline_s,
         )

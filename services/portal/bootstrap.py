@@ -54,6 +54,7 @@ def connect(settings: PortalSettings) -> Backend:
         query_address=settings.query_address,
         score_address=settings.score_address,
         rules_address=settings.rules_address,
+        ingest_address=settings.ingest_address,
         tls=tls_credentials(settings),
         public_token=token,
         deadline_s=settings.deadline_s,

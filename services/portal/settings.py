@@ -46,6 +46,8 @@ class PortalSettings:
     score_address: str
     # Optional: the published rules page reads the active rule set from rules.
     rules_address: str | None
+    # Optional: the auditors' audit chain page reads ingest's chain (nothing else of ingest).
+    ingest_address: str | None
     oidc: OidcSettings
     # MultiFernet keys, one a line, the first the current: rotate by adding a line on top.
     session_secrets: tuple[bytes, ...]
@@ -118,6 +120,9 @@ class PortalSettings:
             score_address=env.address("EGRET_SCORE_ADDRESS", "127.0.0.1:50053"),
             rules_address=env.address("EGRET_RULES_ADDRESS", "")
             if env.optional("EGRET_RULES_ADDRESS")
+            else None,
+            ingest_address=env.address("EGRET_INGEST_ADDRESS", "")
+            if env.optional("EGRET_INGEST_ADDRESS")
             else None,
             oidc=oidc,
             session_secrets=_session_secrets(env, secrets_file),

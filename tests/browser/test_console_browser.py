@@ -169,7 +169,7 @@ def test_a_reviewer_decides_a_dispute_filed_on_the_website_and_an_auditor_sees_t
         open_page(auditor, "/staff/audit/chains", "console-audit-chains-en")
         amain = auditor.locator("main")
         expect(amain).not_to_contain_text("DOES NOT VERIFY")
-        assert amain.inner_text().count("Intact:") == 3  # rules, score, query; ingest not from here
+        assert amain.inner_text().count("Intact:") == 4  # ingest, rules, score and query
         switch_language(auditor, "zh_Hans")
         check_page(auditor, "console-audit-chains-zh")
     finally:

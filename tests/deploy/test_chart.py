@@ -1056,17 +1056,23 @@ def test_the_portal_is_reached_by_ingress_or_http_route_at_its_public_host(
     assert of_kind(render_objects({}), "Ingress") == of_kind(render_objects({}), "HTTPRoute") == []
 
 
-PORTAL_CALLS = [("portal", "query", 50054), ("portal", "score", 50053), ("portal", "rules", 50052)]
+# Ingest for the auditors' audit chain page only (its other RPCs refuse the portal's callers).
+PORTAL_CALLS = [
+    ("portal", "query", 50054),
+    ("portal", "score", 50053),
+    ("portal", "rules", 50052),
+    ("portal", "ingest", 50051),
+]
 
 
-def test_network_policy_lets_the_portal_reach_query_score_rules_and_the_identity_provider_only(
+def test_network_policy_lets_the_portal_reach_the_services_and_the_identity_provider_only(
     render_objects: RenderObjects,
 ) -> None:
     policies = of_kind(render_objects({}), "NetworkPolicy")
     portal = endpoint("portal")
     for source, destination, port in PORTAL_CALLS:
         assert network_allows(policies, endpoint(source), endpoint(destination), port), destination
-    assert not network_allows(policies, portal, endpoint("ingest"), 50051)
+    assert not network_allows(policies, portal, endpoint("ingest"), 8080)  # a gRPC port only
     assert not network_allows(policies, portal, Endpoint({}, external=True, ip="192.0.2.1"), 5432)  # database
     assert network_allows(policies, portal, Endpoint({}, external=True, ip="192.0.2.2"), 443)  # the provider
     assert not network_allows(policies, portal, Endpoint({}, external=True, ip="10.9.9.9"), 443)
@@ -1084,8 +1090,9 @@ def test_network_policy_lets_the_portal_reach_query_score_rules_and_the_identity
     assert network_allows(ha, OUTSIDE, portal, 8080)  # the ingress controller's namespace
     assert not network_allows(ha, Endpoint({"app": "something-else"}), portal, 8080)
     assert network_allows(ha, endpoint("test"), portal, 8080)
-    # query admits the portal when it admits only named clients.
+    # query and ingest admit the portal when they admit only named clients.
     assert network_allows(ha, portal, endpoint("query"), 50054)
+    assert network_allows(ha, portal, endpoint("ingest"), 50051)
     assert network_allows(ha, portal, Endpoint({}, external=True, ip="203.0.113.5"), 443)
     assert network_allows(ha, portal, OUTSIDE, 4317)  # the collector
 

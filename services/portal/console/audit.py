@@ -2,8 +2,9 @@
 resident gives, typed into a form that is POSTed (never in a URL, a log line or a span; query
 hashes it from the request's SubjectRef), read with the purpose `audit`; and
 /staff/audit/chains: each service's audit chain state (AuditChainService), with an alarm
-when one does not verify. Ingest is not reachable from the portal (the chart's
-NetworkPolicy): its chain is shown as not checked here, with the command to run."""
+when one does not verify. Ingest's is read too when EGRET_INGEST_ADDRESS is set (the chart
+sets it and lets the portal reach ingest's port); without it, ingest's chain is shown as
+not checked here, with the command to run."""
 
 from __future__ import annotations
 

@@ -30,6 +30,7 @@ text in insecure mode), its own token for the public pages, tracing, and the log
   "EGRET_PORTAL_SESSION_SECRET_FILE" (printf "%s/%s" (include "egret.portalSessionDir" .) $secrets.sessionSecret.key)
   "EGRET_QUERY_ADDRESS" (include "egret.address" (dict "root" . "service" "query"))
   "EGRET_SCORE_ADDRESS" (include "egret.address" (dict "root" . "service" "score"))
+  "EGRET_INGEST_ADDRESS" (include "egret.address" (dict "root" . "service" "ingest"))
 -}}
 {{- /* The published rules page reads the active rule set; every shard holds the same rule sets. */ -}}
 {{- if gt (int .Values.services.rules.shards) 1 -}}
