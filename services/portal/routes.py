@@ -35,7 +35,7 @@ from services.portal.views import entries as entry_views
 from services.portal.views import export as export_views
 from services.portal.views import history as history_views
 from services.portal.views import public as public_views
-from services.portal.views.errors import ErrorView, error_view
+from services.portal.views.errors import ErrorView, error_view, refusal_view
 from services.portal.web import STATIC, Renderer, trace_id
 
 log = get_logger(__name__)
@@ -105,14 +105,7 @@ class Pages:
         return self.render(request, "error.html", status=view.status, e=view, trace_id=trace_id())
 
     def service_error_page(self, request: Request, error: ServiceError) -> HTMLResponse:
-        view = error_view(
-            self.t(request),
-            error.code,
-            error.message,
-            tuple((v.field, v.reason, v.description) for v in error.violations),
-            reason=error.reason,
-            metadata=error.metadata,
-        )
+        view = refusal_view(self.t(request), error)
         # The code and trace id only: a service's message may quote an entry id or a note.
         log.warning("service refused", code=error.code, status=view.status, throttle="service-refused")
         return self.error_page(request, view)
@@ -556,15 +549,7 @@ class Pages:
             "DEADLINE_EXCEEDED",
         ):
             raise error
-        t = self.t(request)
-        view = error_view(
-            t,
-            error.code,
-            error.message,
-            tuple((v.field, v.reason, v.description) for v in error.violations),
-            reason=error.reason,
-            metadata=error.metadata,
-        )
+        view = refusal_view(self.t(request), error)
         log.info("form refused by the service", code=error.code)
         context["refusal"] = view
         return self.render(request, template, status=view.status, errors=list(view.violations), **context)

@@ -20,7 +20,7 @@ from services.portal.backend import ServiceError
 from services.portal.routes import Pages
 from services.portal.staffcalls import audit as calls
 from services.portal.views import audit as views
-from services.portal.views.errors import error_view
+from services.portal.views.errors import error_view, refusal_view
 
 log = get_logger(__name__)
 ROLES = (Role.AUDITOR, Role.ADMIN)
@@ -76,8 +76,7 @@ def routes(pages: Pages) -> list[BaseRoute]:
                 raise
             # Only the code: the service's message may quote what was typed.
             log.info("access log lookup refused", code=error.code)
-            violations = tuple((v.field, v.reason, v.description) for v in error.violations)
-            refusal = error_view(t, error.code, "", violations, reason=error.reason, metadata=error.metadata)
+            refusal = refusal_view(t, error, quote_message=False)
             return lookup_page(request, refusal.status, form=values, refusal=refusal)
         log.info("access log read", records=len(page.items))
         return lookup_page(

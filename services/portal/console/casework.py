@@ -29,7 +29,7 @@ from services.portal.staff_records import Case
 from services.portal.staffcalls import reviews
 from services.portal.views import reviews as views
 from services.portal.views.entries import FieldError
-from services.portal.views.errors import error_view
+from services.portal.views.errors import error_view, refusal_view
 
 log = get_logger(__name__)
 
@@ -208,14 +208,7 @@ def routes(pages: Pages, work: Work) -> list[BaseRoute]:
                 )
                 return await show(request, staff, fresh, status=409, refusal=refusal)
             if error.code in ("INVALID_ARGUMENT", "FAILED_PRECONDITION"):
-                refusal = error_view(
-                    t,
-                    error.code,
-                    error.message,
-                    tuple((v.field, v.reason, v.description) for v in error.violations),
-                    reason=error.reason,
-                    metadata=error.metadata,
-                )
+                refusal = refusal_view(t, error)
                 log.info("decision refused by the service", kind=work.kind, code=error.code)
                 return await show(
                     request,

@@ -20,7 +20,7 @@ from services.portal.routes import Pages
 from services.portal.staffcalls.authoring import AuthoringCalls
 from services.portal.views import policy as views
 from services.portal.views.entries import FieldError
-from services.portal.views.errors import error_view
+from services.portal.views.errors import refusal_view
 
 log = get_logger(__name__)
 
@@ -106,14 +106,7 @@ def routes(pages: Pages) -> list[BaseRoute]:
         if error.code in ("PERMISSION_DENIED", "UNAUTHENTICATED", "UNAVAILABLE", "DEADLINE_EXCEEDED"):
             raise error
         t = pages.t(request)
-        view = error_view(
-            t,
-            error.code,
-            error.message,
-            tuple((v.field, v.reason, v.description) for v in error.violations),
-            reason=error.reason,
-            metadata=error.metadata,
-        )
+        view = refusal_view(t, error)
         log.info("policy refused by score", code=error.code)
         return await show(
             request,

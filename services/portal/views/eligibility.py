@@ -13,7 +13,7 @@ from services.portal.i18n import Localiser
 from services.portal.views import audit, words
 from services.portal.views.benefits import considers
 from services.portal.views.entries import FieldError
-from services.portal.views.errors import ErrorView, error_view
+from services.portal.views.errors import ErrorView, refusal_view
 
 
 def purpose(t: Localiser, code: str) -> str:
@@ -160,5 +160,4 @@ def refusal(t: Localiser, error: ServiceError) -> ErrorView:
                 ),
             ),
         )
-    violations = tuple((v.field, v.reason, v.description) for v in error.violations)
-    return error_view(t, error.code, "", violations, reason=error.reason, metadata=error.metadata)
+    return refusal_view(t, error, quote_message=False)

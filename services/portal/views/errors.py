@@ -4,9 +4,10 @@ unexpected failure."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol
 
 from kit import reasons
 from services.portal.i18n import Localiser
@@ -115,6 +116,44 @@ def reason_message(t: Localiser, reason: str, metadata: Mapping[str, str]) -> st
         ),
     }
     return known.get(reason)
+
+
+class _Violation(Protocol):
+    @property
+    def field(self) -> str: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def description(self) -> str: ...
+
+
+class Refusal(Protocol):
+    """What a service's refusal carries (services.portal.backend.ServiceError)."""
+
+    @property
+    def code(self) -> str: ...
+    @property
+    def message(self) -> str: ...
+    @property
+    def violations(self) -> Sequence[_Violation]: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def metadata(self) -> Mapping[str, str]: ...
+
+
+def refusal_view(t: Localiser, error: Refusal, *, quote_message: bool = True) -> ErrorView:
+    """A service's refusal in words: error_view of its code, violations, reason and metadata;
+    without `quote_message` the service's own message is left out (it may quote what a
+    person typed, e.g. an identifier)."""
+    return error_view(
+        t,
+        error.code,
+        error.message if quote_message else "",
+        tuple((v.field, v.reason, v.description) for v in error.violations),
+        reason=error.reason,
+        metadata=error.metadata,
+    )
 
 
 def error_view(
