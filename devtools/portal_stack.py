@@ -211,7 +211,7 @@ class PortalStack:
                 if answered(httpx.get(url, timeout=1.0)):
                     return
             except httpx.HTTPError:
-                pass
+                pass  # not listening yet: poll again until the deadline
             if time.monotonic() > deadline:
                 raise ClusterError(
                     f"no answer from {url} after {self._start_timeout_s:.0f} s\n{self.log_tail(name)}"

@@ -114,7 +114,7 @@ class FakeBackend:
         return await self.benefits(None)
 
     async def close(self) -> None:
-        pass
+        """Nothing to close: no channels."""
 
 
 def session_cookie(
