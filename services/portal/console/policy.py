@@ -73,9 +73,9 @@ def routes(pages: Pages) -> list[BaseRoute]:
             report = await calls().preview_policy(staff.token, candidate)
         except ServiceError as error:
             return await _refused(request, staff.role, staff.token, error, candidate)
-        return await show(
-            request, staff.role, staff.token, candidate=candidate, preview=views.preview(t, report)
-        )
+        # The matrices in the active policy's tier order (highest first), as on confirmation.
+        preview = views.preview(t, report, await _active_yaml(staff.token))
+        return await show(request, staff.role, staff.token, candidate=candidate, preview=preview)
 
     async def activate(request: Request) -> Response:
         staff = pages.staff(request, *ACTIVATORS)
