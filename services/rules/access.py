@@ -2,7 +2,8 @@
 events; query (a service token with the read scope) reads the active rule set and the
 versions its outcomes name; the portal (the public read scope) reads the active rule set
 only; reviewers own the rule sets and run backtests; auditors read both; admins handle
-dead letters and read backtests."""
+dead letters, read backtests and cancel any (a reviewer cancels only the backtests it
+started: the servicer checks that, BacktestJobs.cancel)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ POLICY: Mapping[str, CallPolicy] = {
     _RPC + "BacktestRuleSet": allow(Role.REVIEWER, cost=50),
     # The same replay, in the background.
     _RPC + "StartBacktest": allow(Role.REVIEWER, cost=50),
+    # Its starter's (a reviewer) or, to free the instance's one backtest slot, an admin's.
+    _RPC + "CancelBacktest": allow(Role.REVIEWER, Role.ADMIN),
     _RPC + "GetBacktest": allow(*_READERS),
     _RPC + "ListBacktests": allow(*_READERS),
     _RPC + "ListRuleSets": allow(*_READERS),
