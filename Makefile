@@ -12,12 +12,12 @@ PROTO_FILES := $(shell find protos -name '*.proto')
 help: ## List every target with one line each
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet 'grpcio-tools>=1.66' 'mypy-protobuf>=3.6'
 	$(MAKE) --no-print-directory protos
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev]' -e 'clients/python[cli]'
 	touch $(STAMP)
 
 setup: $(STAMP) browser-tools ## Create .venv, install Egret with dev tools, generate stubs, browser-tools
@@ -80,7 +80,7 @@ breaking: setup ## buf breaking against the main branch
 	else echo "buf breaking: main has no protos yet, nothing to compare"; fi
 
 typecheck: setup ## mypy (strict) on our code
-	$(BIN)/mypy kit services devtools bench tests deploy
+	$(BIN)/mypy kit services devtools bench tests deploy clients/python/src
 
 bench: setup ## Benchmarks: streaming ingest end to end vs raw durable-rules
 	$(PY) -m bench.pipeline $(BENCH_ARGS)
@@ -111,7 +111,12 @@ bench-portal: setup ## Benchmark: the portal's time per page at 20 req/s, servic
 chaos: setup ## Chaos: 50k events under 10 random SIGKILLs vs an uninterrupted run (CHAOS_ARGS=--postgres URL --seed N)
 	$(PY) -m bench.chaos $(CHAOS_ARGS)
 
+client-dist: setup ## Build the Python client's wheel (clients/python, with the generated stubs) into dist/
+	rm -rf build/client && mkdir -p build dist && cp -r clients/python build/client
+	cp -r gen/egret build/client/src/egret
+	$(BIN)/pip wheel --quiet --no-deps --no-build-isolation build/client -w dist
+
 clean: ## Remove the virtual environment, generated stubs, local data, npm tools and test artefacts
 	rm -rf $(VENV) gen var .tools test-artefacts
 
-.PHONY: help setup browser-tools protos run test fuzz lint breaking typecheck bench bench-backtest bench-rules-memory bench-query bench-history bench-portal chaos manifests deploy-check clean
+.PHONY: help setup client-dist browser-tools protos run test fuzz lint breaking typecheck bench bench-backtest bench-rules-memory bench-query bench-history bench-portal chaos manifests deploy-check clean

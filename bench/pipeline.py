@@ -39,7 +39,6 @@ import grpc
 import sqlalchemy as sa
 
 from devtools.cluster import SERVICES, UNLIMITED, Cluster
-from devtools.ingest_client import StreamTotals, stream_by_source
 from devtools.population import (
     GeneratedEvent,
     Origin,
@@ -51,6 +50,7 @@ from devtools.population import (
 from egret.common.v1 import event_pb2, subject_pb2
 from egret.ingest.v1 import ingest_service_pb2
 from egret.query.v1 import query_service_pb2, query_service_pb2_grpc
+from egret_client.submitter import StreamTotals, stream_by_source
 from kit.protoconv import to_datetime
 from kit.pseudonym import Pseudonymiser
 from services.rules.engine import run_raw

@@ -48,10 +48,10 @@ import httpx
 
 from bench.pipeline import machine, percentile
 from devtools.cluster import UNLIMITED, Cluster
-from devtools.ingest_client import stream_by_source
 from devtools.oidc.config import DEFAULT_PASSWORD, SAMPLE_RESIDENT_ID
 from devtools.population import Origin, Population, PopulationConfig, batch_requests
 from devtools.portal_stack import PortalStack
+from egret_client.submitter import stream_by_source
 
 TARGET_PAGE = "credit"
 TARGET_P95_MS = 150.0

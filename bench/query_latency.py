@@ -39,10 +39,10 @@ import sqlalchemy as sa
 
 from bench.pipeline import machine, percentile
 from devtools.cluster import UNLIMITED, Cluster
-from devtools.ingest_client import stream_by_source
 from devtools.population import Population, PopulationConfig, batch_requests, subjects_for_events
 from egret.common.v1 import subject_pb2
 from egret.query.v1 import query_service_pb2, query_service_pb2_grpc
+from egret_client.submitter import stream_by_source
 from kit.auth import Role
 from kit.db import create_engine
 from kit.interceptors import bearer_token

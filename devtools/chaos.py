@@ -31,8 +31,8 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from devtools.cluster import REPO_ROOT, Cluster
-from devtools.ingest_client import StreamTotals, stream_by_source
 from egret.ingest.v1 import ingest_service_pb2 as ingest_pb
+from egret_client.submitter import StreamTotals, stream_by_source
 from kit.db import create_engine
 from services.ingest.storage import StoredEvent, StoredRetraction
 from services.rules.engine import RuleEngine

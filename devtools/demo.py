@@ -30,7 +30,6 @@ import sqlalchemy as sa
 from tqdm import tqdm
 
 from devtools.cluster import Cluster, ClusterError
-from devtools.ingest_client import StreamFailed, StreamTotals, stream_by_source
 from devtools.population import (
     Population,
     PopulationConfig,
@@ -42,6 +41,7 @@ from devtools.portal_stack import PortalStack
 from egret.common.v1 import outcome_pb2, subject_pb2
 from egret.ingest.v1 import ingest_service_pb2
 from egret.query.v1 import query_service_pb2, query_service_pb2_grpc
+from egret_client.submitter import StreamFailed, StreamTotals, stream_by_source
 from kit.auth import Role
 from kit.db import create_engine
 

@@ -20,7 +20,6 @@ import pytest
 import sqlalchemy as sa
 
 from devtools.cluster import Cluster
-from devtools.ingest_client import stream_by_source
 from devtools.population import Origin, Population, PopulationConfig, batch_requests
 from egret.common.v1 import due_process_pb2, event_pb2, subject_pb2
 from egret.ingest.v1 import ingest_service_pb2 as ingest_pb
@@ -29,6 +28,7 @@ from egret.query.v1 import query_service_pb2 as query_pb
 from egret.query.v1 import query_service_pb2_grpc as query_grpc
 from egret.score.v1 import score_service_pb2 as score_pb
 from egret.score.v1 import score_service_pb2_grpc as score_grpc
+from egret_client.submitter import stream_by_source
 from kit.auth import Role
 from kit.protoconv import SUBJECT_KIND_NAMES
 from tests.support.databases import create_postgres_database, drop_postgres_database

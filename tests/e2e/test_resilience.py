@@ -14,9 +14,9 @@ import pytest
 import sqlalchemy as sa
 
 from devtools.cluster import Cluster
-from devtools.ingest_client import stream_by_source
 from devtools.population import Origin, Population, PopulationConfig, batch_requests
 from egret.ingest.v1 import ingest_service_pb2 as ingest_pb
+from egret_client.submitter import stream_by_source
 from kit.db import create_engine
 from kit.protoconv import SUBJECT_KIND_NAMES, attributes_dict, to_datetime
 from kit.pseudonym import Pseudonymiser

@@ -13,11 +13,11 @@ import pytest
 import sqlalchemy as sa
 
 from devtools.cluster import Cluster
-from devtools.ingest_client import stream_by_source
 from devtools.population import Population, PopulationConfig, batch_requests
 from egret.common.v1 import event_pb2
 from egret.rules.v1 import rules_service_pb2 as rules_pb
 from egret.rules.v1 import rules_service_pb2_grpc as rules_grpc
+from egret_client.submitter import stream_by_source
 from kit.db import create_engine
 from kit.sharding import shard_of
 from tests.e2e.test_pipeline import assert_scores_equal_recompute

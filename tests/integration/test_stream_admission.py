@@ -14,10 +14,10 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from devtools.ingest_client import StreamFailed, stream_events
 from devtools.localpki import LocalPki, create_local_pki
 from egret.ingest.v1 import ingest_service_pb2 as pb
 from egret.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
+from egret_client.submitter import StreamFailed, stream_events
 from kit.auth import Role
 from services.ingest import bootstrap as ingest_bootstrap
 from tests.integration.test_ingest_service import ingest_settings

@@ -1,4 +1,5 @@
-"""The streaming ingest client shared by the demo, the benchmark and the end to end tests.
+"""The resend-on-break streaming submitter of the Python client (the demo, the benchmarks, the
+end-to-end tests and `egret submit` use it).
 
 It keeps up to `in_flight` batches outstanding on one IngestService.StreamEvents call and
 matches acknowledgements to batches by batch_id. The server acknowledges a batch only

@@ -1,0 +1,1 @@
+"""`egret`, the command line of integrators and operators (Typer, Rich)."""
