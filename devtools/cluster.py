@@ -76,7 +76,8 @@ class Cluster:
 
     `env` applies to every service, `service_env[name]` to one (both override the
     cluster's own settings, e.g. OTEL_* or EGRET_LOG_LEVEL). `database_urls[name]`
-    replaces a service's SQLite database; query reads score's URL. With `rules_shards`
+    replaces a service's SQLite database; query reads score's URL. `ports[name]` fixes a
+    service's loopback port (else a free one). With `rules_shards`
     > 1 the rules processes are named rules-0, rules-1, ...: `service_env["rules"]` applies
     to each of them, `service_env["rules-1"]` and `database_urls["rules-1"]` to one.
     """
@@ -98,6 +99,7 @@ class Cluster:
         cwd: Path = REPO_ROOT,
         rules_shards: int = 1,
         secure: bool = True,
+        ports: Mapping[str, int] | None = None,
     ) -> None:
         if rules_shards < 1:
             raise ValueError("rules_shards must be at least 1")
@@ -135,7 +137,10 @@ class Cluster:
         self._log_level = log_level
         self._python = python
         self._cwd = cwd
-        self._addresses = {name: f"127.0.0.1:{free_port()}" for name in self.services}
+        # Free ports by default; `ports` fixes some (make run's documented 50051-50054).
+        self._addresses = {
+            name: f"127.0.0.1:{(ports or {}).get(name) or free_port()}" for name in self.services
+        }
         self._processes: dict[str, _Process] = {}
         self._engines: dict[str, Engine] = {}
 

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from egret_client.cli import profiles
+from egret_client.cli import dev, profiles
 from egret_client.cli.common import State
 from egret_client.cli.output import Format
 
@@ -46,6 +46,7 @@ def main(
 
 
 app.add_typer(profiles.app, name="profile")
+app.add_typer(dev.app, name="dev")
 
 
 def hoist_output(argv: list[str]) -> list[str]:
