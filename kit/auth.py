@@ -514,31 +514,47 @@ class Gate:
     def admit(
         self, method: str, metadata: Mapping[str, str | bytes], time_remaining: float | None
     ) -> Principal | None:
+        """The caller's principal, checked in a fixed order so that what a refusal says
+        never depends on what else is wrong with the call: the token
+        (UNAUTHENTICATED), then the role and scope (PERMISSION_DENIED), then the call's
+        own shape, its deadline (INVALID_ARGUMENT), then the rate (RESOURCE_EXHAUSTED).
+        A caller without a valid token learns nothing about the RPC's other rules."""
         if method in PUBLIC_METHODS:
             return None
+        principal = self._authenticated(metadata)
         rule = self.policy.get(method)
         if rule is None:
             raise PermissionDenied(f"{method} is not open to any caller")
+        if principal is not None:
+            self._authorize(principal, rule, method)
         if rule.require_deadline and time_remaining is None:
             raise InvalidArgument(
-                "a deadline is required",
-                [Violation("grpc-timeout", "set a deadline on the call", "REQUIRED")],
+                f"a deadline is required: every {_service_of(method)} call must carry one "
+                "(a timeout on the call, sent as grpc-timeout)",
+                [Violation("grpc-timeout", "set a deadline (timeout) on the call", "REQUIRED")],
             )
+        if principal is not None:
+            self._charge(principal, rule.cost)
+        return principal
+
+    def _authenticated(self, metadata: Mapping[str, str | bytes]) -> Principal | None:
+        """The principal of the call's bearer token; None in insecure mode only."""
         if self.verifier is None:
             return None
         header = metadata.get("authorization")
         if not isinstance(header, str) or not header.lower().startswith("bearer "):
             raise Unauthenticated("a bearer token is required")
-        principal = self.verifier.verify(header[7:].strip())
+        return self.verifier.verify(header[7:].strip())
+
+    @staticmethod
+    def _authorize(principal: Principal, rule: CallPolicy, method: str) -> None:
+        name = method.rsplit("/", 1)[-1]
         if principal.role not in rule.roles:
-            raise PermissionDenied(f"role {principal.role.value} may not call {method.rsplit('/', 1)[-1]}")
+            raise PermissionDenied(f"role {principal.role.value} may not call {name}")
         if principal.role is Role.SERVICE and not rule.service_scopes & set(principal.scopes):
             raise PermissionDenied(
-                f"service {principal.id} lacks scope {' or '.join(sorted(rule.service_scopes))} "
-                f"for {method.rsplit('/', 1)[-1]}"
+                f"service {principal.id} lacks scope {' or '.join(sorted(rule.service_scopes))} for {name}"
             )
-        self._charge(principal, rule.cost)
-        return principal
 
     def readmit(self, method: str, principal: Principal | None) -> None:
         """Before each message of a request stream after it opened: the token must still be
@@ -562,6 +578,11 @@ class Gate:
             wait = self.limiter.acquire(principal.loggable_id, cost)
             if wait > 0:
                 raise ResourceExhausted(f"rate limit of {principal.loggable_id} reached", retry_after_s=wait)
+
+
+def _service_of(method: str) -> str:
+    """`IngestService` for `/egret.ingest.v1.IngestService/SubmitEvent`."""
+    return method.lstrip("/").partition("/")[0].rsplit(".", 1)[-1]
 
 
 def acting_principal(claimed: str | None) -> str | None:

@@ -21,7 +21,6 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 from sqlalchemy.engine import Engine
 
@@ -34,6 +33,7 @@ from kit.interceptors import server_interceptors
 from kit.limits import LimitInterceptor, server_options
 from kit.logging import get_logger
 from kit.pseudonym import Pseudonymiser
+from kit.reflection import enable_reflection
 from kit.security import rate_limiter, server_credentials, token_verifier
 from kit.settings import CommonSettings
 
@@ -118,13 +118,8 @@ async def serve(
         service.audit_chain.register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [
-            *service.service_names,
-            *extra_names,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ],
+    enable_reflection(
+        [*service.service_names, *extra_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name],
         server,
     )
     # Known but not yet serving until the first database check passes.

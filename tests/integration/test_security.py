@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from google.protobuf import message_factory
 from google.rpc import error_details_pb2, status_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 
 from devtools.localpki import ISSUER, LocalPki, create_local_pki
 from egret.common.v1 import subject_pb2
@@ -325,6 +326,55 @@ async def test_missing_expired_forged_and_foreign_tokens_are_unauthenticated(
     assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert raised.value.details() == reason
     assert secure.calls == []
+
+
+async def call_without_deadline(channel: grpc.aio.Channel, name: str, rpc: str) -> grpc.aio.AioRpcError:
+    method = DESCRIPTORS[name].methods_by_name[rpc]
+    call_it: Any = channel.unary_unary(
+        f"/{DESCRIPTORS[name].full_name}/{rpc}", request_serializer=lambda m: m.SerializeToString()
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call_it(message_factory.GetMessageClass(method.input_type)())
+    return raised.value
+
+
+async def test_each_service_authenticates_then_authorizes_then_asks_for_the_deadline(secure: Secure) -> None:
+    """The order of refusals on the real servers: a call with neither token nor deadline is
+    UNAUTHENTICATED, with a token of the wrong role PERMISSION_DENIED, and only a caller the
+    RPC is open to hears about the deadline (ingest requires one on every call)."""
+    wrong_role = {"ingest": Role.REVIEWER, "rules": Role.DEPARTMENT, "score": Role.DEPARTMENT}
+    first_rpc = {"ingest": "SubmitEvents", "rules": "ListRuleSets", "score": "ListPolicies"}
+    for name, rpc in [*first_rpc.items(), ("query", "GetTierDistribution")]:
+        async with secure.channel(name, None) as channel:
+            refused = await call_without_deadline(channel, name, rpc)
+        assert refused.code() == grpc.StatusCode.UNAUTHENTICATED, (name, refused)
+        role = wrong_role.get(name, Role.DEPARTMENT)
+        async with secure.channel(name, secure.pki.token(principal_for(role), role)) as channel:
+            refused = await call_without_deadline(channel, name, rpc)
+        assert refused.code() == grpc.StatusCode.PERMISSION_DENIED, (name, refused)
+    async with secure.channel("ingest", secure.pki.token("library", Role.DEPARTMENT)) as channel:
+        refused = await call_without_deadline(channel, "ingest", "SubmitEvents")
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "a deadline is required" in (refused.details() or "")
+    status = status_pb2.Status.FromString(dict(refused.trailing_metadata() or ())["grpc-status-details-bin"])
+    bad_request = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(bad_request)
+    assert [(v.field, v.reason) for v in bad_request.field_violations] == [("grpc-timeout", "REQUIRED")]
+    assert secure.calls == []
+
+
+async def test_every_service_answers_v1_reflection_without_a_token(secure: Secure) -> None:
+    """Tools ask grpc.reflection.v1 first and carry no token: each TLS port answers it."""
+    for name, descriptor in DESCRIPTORS.items():
+        async with secure.channel(name, None) as channel:
+            info = channel.stream_stream(
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+            )
+            request = reflection_pb2.ServerReflectionRequest(list_services="")
+            (listed,) = [r async for r in info(iter([request]), timeout=5)]
+        assert descriptor.full_name in {s.name for s in listed.list_services_response.service}, name
 
 
 async def test_a_department_may_submit_only_as_itself(secure: Secure) -> None:
