@@ -14,7 +14,11 @@ ERROR_DOMAIN = "egret.city"
 
 @dataclass(frozen=True)
 class Violation:
-    """One problem with one field, as google.rpc.BadRequest.FieldViolation."""
+    """One problem with one field, as google.rpc.BadRequest.FieldViolation. What a caller
+    receives names the field from the root of its request message, in proto field names,
+    `[i]` for an index and `.key` for a map key (`events[3].attributes.days_late`;
+    errors.proto): domain code names fields relative to what it checks, and whoever puts
+    that into a request `prefixed`s it."""
 
     field: str
     description: str

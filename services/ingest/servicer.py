@@ -45,14 +45,20 @@ def incoming(event: pb.Event) -> IncomingEvent:
     )
 
 
-def result_message(result: EventResult) -> pb.EventResult:
+def result_message(result: EventResult, within: str = "") -> pb.EventResult:
+    """`within`: the repeated field of the request that held the event (`events`), so that
+    a violation's path starts at the request's root (`events[3].attributes.days_late`,
+    errors.proto); empty when the violations are the request's own."""
+    violations = (
+        [v.prefixed(f"{within}[{result.index}]") for v in result.violations] if within else result.violations
+    )
     return pb.EventResult(
         index=result.index,
         event_id=result.event_id,
         status=_STATUS[result.status],
         violations=[
             errors_pb2.FieldViolation(field=v.field, description=v.description, reason=v.reason)
-            for v in result.violations
+            for v in violations
         ],
         message=result.message,
     )
@@ -128,7 +134,9 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         if problems:
             raise InvalidArgument("invalid batch", problems)
         results = await self._submit(request.source, request.events)
-        return pb.SubmitEventsResponse(results=[result_message(r) for r in results], counts=counts(results))
+        return pb.SubmitEventsResponse(
+            results=[result_message(r, "events") for r in results], counts=counts(results)
+        )
 
     async def StreamEvents(
         self, request_iterator: AsyncIterator[pb.StreamEventsRequest], context: Any
@@ -139,13 +147,15 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             require_own_source(principal, request.source)
             problems = self._intake.check_request(request.source, len(request.events))
             if problems:
-                # A bad batch is answered, not fatal: the stream's other batches go on.
+                # A bad batch is answered, not fatal: the stream's other batches go on. Its
+                # violations name fields of the request itself (`source`, `events`).
                 results = [
                     EventResult(
                         i, e.event_id, EventStatus.REJECTED, tuple(problems), "the batch was rejected"
                     )
                     for i, e in enumerate(request.events)
                 ]
+                within = ""
                 log.info(
                     "batch rejected",
                     source=request.source,
@@ -154,9 +164,10 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                 )
             else:
                 results = await self._submit(request.source, request.events)
+                within = "events"
             yield pb.StreamEventsResponse(
                 batch_id=request.batch_id,
-                results=[result_message(r) for r in results],
+                results=[result_message(r, within) for r in results],
                 counts=counts(results),
             )
 

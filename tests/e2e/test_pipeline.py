@@ -217,10 +217,12 @@ async def test_invalid_events_are_rejected_with_field_detail_while_the_rest_of_t
         ingest_pb.EVENT_STATUS_REJECTED,
     ]
     assert [(v.field, v.reason) for v in response.results[0].violations] == [
-        ("attributes.days_late", "OUT_OF_RANGE"),
-        ("attributes.shelf", "UNKNOWN"),
+        ("events[0].attributes.days_late", "OUT_OF_RANGE"),
+        ("events[0].attributes.shelf", "UNKNOWN"),
     ]
-    assert [(v.field, v.reason) for v in response.results[2].violations] == [("subject.kind", "NOT_ALLOWED")]
+    assert [(v.field, v.reason) for v in response.results[2].violations] == [
+        ("events[2].subject.kind", "NOT_ALLOWED")
+    ]
     cluster.wait_drained(timeout_s=60)
     async with cluster.channel("query", cluster.token("e2e-reviewer", Role.REVIEWER)) as channel:
         found = await purposed(query_grpc.QueryServiceStub(channel), "subject-request").GetScore(

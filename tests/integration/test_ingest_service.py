@@ -11,8 +11,9 @@ from pathlib import Path
 import grpc
 import pytest
 import sqlalchemy as sa
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 
 from egret.common.v1 import event_pb2
 from egret.ingest.v1 import ingest_service_pb2 as pb
@@ -159,7 +160,7 @@ async def test_batch_results_per_event_and_limits(
         pb.EVENT_STATUS_DUPLICATE,
     ]
     assert [(v.field, v.reason) for v in response.results[1].violations] == [
-        ("attributes.days_late", "OUT_OF_RANGE")
+        ("events[1].attributes.days_late", "OUT_OF_RANGE")
     ]
     assert (response.counts.accepted, response.counts.rejected, response.counts.duplicate) == (1, 1, 1)
 
@@ -171,6 +172,44 @@ async def test_batch_results_per_event_and_limits(
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await stub.SubmitEvents(pb.SubmitEventsRequest(source="zoo", events=[late("z")]))
     assert bad_request(raised.value) == [("source", "UNKNOWN_SOURCE")]
+
+
+async def test_every_violation_names_its_field_from_the_root_of_the_request(
+    ingest: tuple[pb_grpc.IngestServiceAsyncStub, RecordingRules],
+) -> None:
+    """One field-path convention (errors.proto): from the request message's root, proto
+    field names, `[i]` for an index and `.key` for a map key; SubmitEvent's status,
+    SubmitEvents' results and each StreamEvents acknowledgement alike."""
+    stub, _ = ingest
+    bad = late("p2", days=0)
+    bad.subject.id_scheme = "shoe-size"
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.SubmitEvent(pb.SubmitEventRequest(source="library", event=bad))
+    assert bad_request(raised.value) == [
+        ("event.subject.id_scheme", "INVALID"),
+        ("event.attributes.days_late", "OUT_OF_RANGE"),
+    ]
+    batch = [late("p0"), late("p1"), bad]
+    response = await stub.SubmitEvents(pb.SubmitEventsRequest(source="library", events=batch))
+    assert [(v.field, v.reason) for v in response.results[2].violations] == [
+        ("events[2].subject.id_scheme", "INVALID"),
+        ("events[2].attributes.days_late", "OUT_OF_RANGE"),
+    ]
+
+    async def batches() -> AsyncIterator[pb.StreamEventsRequest]:
+        yield pb.StreamEventsRequest(source="library", batch_id="a", events=[late("p3"), bad])
+        yield pb.StreamEventsRequest(source="nobody", batch_id="b", events=[late("p4")])
+
+    acks = [ack async for ack in stub.StreamEvents(batches(), timeout=30)]
+    assert [(v.field, v.reason) for v in acks[0].results[1].violations] == [
+        ("events[1].subject.id_scheme", "INVALID"),
+        ("events[1].attributes.days_late", "OUT_OF_RANGE"),
+    ]
+    # A batch refused as a whole names the fields of its StreamEventsRequest.
+    assert [(v.field, v.reason) for v in acks[1].results[0].violations] == [("source", "UNKNOWN_SOURCE")]
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.RetractEvent(pb.RetractEventRequest(ref=event_pb2.EventRef(source="library")))
+    assert bad_request(raised.value) == [("reason", "REQUIRED"), ("ref.event_id", "REQUIRED")]
 
 
 async def test_stream_acknowledges_every_batch_in_order_and_survives_a_bad_batch(
@@ -279,16 +318,43 @@ async def test_health_turns_not_serving_when_the_database_goes_away(tmp_path: Pa
         drop_postgres_database(url)
 
 
-async def test_reflection_lists_the_service_and_health(database_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+async def test_reflection_lists_the_service_and_health_under_v1_and_v1alpha(
+    database_url: str, tmp_path: Path, version: str
+) -> None:
+    """grpcurl and others ask grpc.reflection.v1 first, older tools v1alpha; both answer,
+    and each describes itself (the two protocols' messages are the same on the wire)."""
     async with (
         running(ingest_settings(database_url, tmp_path, "127.0.0.1:9"), build, MIGRATIONS) as address,
         client_channel(address) as channel,
     ):
-        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        request = reflection_pb2.ServerReflectionRequest(list_services="")
-        responses = [r async for r in stub.ServerReflectionInfo(iter([request]))]
-        names = {s.name for s in responses[0].list_services_response.service}
-        assert {"egret.ingest.v1.IngestService", "grpc.health.v1.Health"} <= names
+        info = channel.stream_stream(
+            f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        requests = [
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(
+                file_containing_symbol=f"grpc.reflection.{version}.ServerReflection"
+            ),
+        ]
+        listed, described = [r async for r in info(iter(requests), timeout=5)]
+        names = {s.name for s in listed.list_services_response.service}
+        assert {
+            "egret.ingest.v1.IngestService",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        } <= names
+        files = [
+            descriptor_pb2.FileDescriptorProto.FromString(raw)
+            for raw in described.file_descriptor_response.file_descriptor_proto
+        ]
+        assert [f.package for f in files] == [f"grpc.reflection.{version}"]
+        assert [m.input_type for m in files[0].service[0].method] == [
+            f".grpc.reflection.{version}.ServerReflectionRequest"
+        ]
 
 
 def sharded_settings(database_url: str, data_dir: Path, addresses: list[str]) -> IngestSettings:
