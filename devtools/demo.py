@@ -30,6 +30,7 @@ import sqlalchemy as sa
 from tqdm import tqdm
 
 from devtools.cluster import Cluster, ClusterError
+from devtools.first_contact import print_first_contact, write_first_contact
 from devtools.population import (
     Population,
     PopulationConfig,
@@ -48,6 +49,9 @@ from kit.db import create_engine
 # Files a previous demo run leaves behind; only these are removed, never the whole directory.
 _RUN_FILES = ("*.db", "*.db-wal", "*.db-shm", "*.db-journal", "*.log")
 _TIER_ORDER = ("AAA", "AA", "A", "B", "C", "D")
+# The services' documented ports (docs/configuration.md): ingest 50051 ... query 50054.
+BASE_PORT = 50051
+_SERVICES = ("ingest", "rules", "score", "query")
 # The demo reads as a reviewer, who must state a purpose code (config/purposes.yaml).
 DEMO_PURPOSE = "subject-request"
 
@@ -67,6 +71,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--exit-after-summary",
         action="store_true",
         help="stop the services after the summary instead of serving",
+    )
+    parser.add_argument(
+        "--base-port",
+        type=int,
+        default=BASE_PORT,
+        help=f"ingest listens here, rules, score and query on the next three (default {BASE_PORT})",
     )
     parser.add_argument(
         "--portal-port", type=int, default=8080, help="the portal's port (default 8080, else a free one)"
@@ -253,9 +263,7 @@ def _serve_until_interrupted(cluster: Cluster, stack: PortalStack) -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    print("\nServing; Ctrl-C stops the portal, the provider and all four services. Try:")
-    for name in ("ingest", "query"):
-        print(f"  grpcurl -plaintext {cluster.address(name)} list")
+    print("\nServing; Ctrl-C stops the portal, the provider and all four services.")
     print(f"Logs and databases: {cluster.data_dir}")
     while not stop.wait(1.0):
         for name in ("ingest", "rules", "score", "query"):
@@ -289,7 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else round(args.subjects * expected_mean_events(config))
     )
     print(f"Starting ingest, rules, score and query in {data_dir} ...")
-    cluster = Cluster(data_dir, log_format="json")
+    ports = {name: _port_if_free(args.base_port + offset) for offset, name in enumerate(_SERVICES)}
+    cluster = Cluster(data_dir, log_format="json", ports=ports)
     # Before the services start: they must trust the provider's tokens from the first.
     stack = PortalStack(
         cluster,
@@ -298,8 +307,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         cluster.start()
-        for name in ("ingest", "rules", "score", "query"):
+        for name in _SERVICES:
             print(f"  {name:<7} {cluster.address(name)}")
+        first_contact = write_first_contact(cluster, data_dir)
         print("Starting the local OpenID provider and the portal ...")
         stack.start()
         print(f"  portal  {stack.url}\n  OpenID  {stack.issuer}")
@@ -330,6 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_rejection(totals)
         _print_subject(cluster, population.busiest_subjects(10))
         _print_portal(stack)
+        print_first_contact(first_contact)
         if not args.exit_after_summary:
             _serve_until_interrupted(cluster, stack)
     except (ClusterError, StreamFailed) as exc:
