@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]' -e 'clients/python[cli]'
 	touch $(STAMP)
 
-setup: $(STAMP) browser-tools ## Create .venv, install Egret with dev tools, generate stubs, browser-tools
+setup: $(STAMP) browser-tools node-example ## Create .venv, install Egret with dev tools, generate stubs, browser-tools, node-example
 
 # The browser tests (tests/browser) drive Debian's Chromium with Playwright (never a downloaded
 # browser) and check every page with axe-core from npm. Installed only when missing; without
@@ -42,6 +42,19 @@ browser-tools: ## Chromium and CJK fonts (apt-get, when missing) and axe-core (n
 	fi
 	@if [ ! -f $(AXE) ] && command -v npm >/dev/null; then \
 	  npm install --silent --no-save --no-package-lock --no-audit --no-fund --prefix .tools axe-core@4; \
+	fi
+
+# The Node.js example client (examples/node) and its end-to-end test: npm ci from its lockfile
+# when node_modules is missing or older than package-lock.json (npm ci rewrites this file).
+NODE_EXAMPLE := examples/node/node_modules/.package-lock.json
+
+node-example: $(NODE_EXAMPLE) ## npm packages of the Node.js example client (examples/node) for its end-to-end test
+
+$(NODE_EXAMPLE): examples/node/package-lock.json
+	@if command -v npm >/dev/null; then \
+	  npm ci --prefix examples/node --no-audit --no-fund --loglevel=error; \
+	else \
+	  echo "node-example: npm is missing (make browser-tools installs it as root); tests/e2e/test_node_example.py skips"; \
 	fi
 
 # Generated into gen.new and swapped in, so running services and tests never see a
@@ -119,4 +132,4 @@ client-dist: setup ## Build the Python client's wheel (clients/python, with the 
 clean: ## Remove the virtual environment, generated stubs, local data, npm tools and test artefacts
 	rm -rf $(VENV) gen var .tools test-artefacts
 
-.PHONY: help setup client-dist browser-tools protos run test fuzz lint breaking typecheck bench bench-backtest bench-rules-memory bench-query bench-history bench-portal chaos manifests deploy-check clean
+.PHONY: help setup client-dist browser-tools node-example protos run test fuzz lint breaking typecheck bench bench-backtest bench-rules-memory bench-query bench-history bench-portal chaos manifests deploy-check clean
