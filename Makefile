@@ -24,7 +24,8 @@ setup: $(STAMP) browser-tools node-example ## Create .venv, install Egret with d
 
 # The browser tests (tests/browser) drive Debian's Chromium with Playwright (never a downloaded
 # browser) and check every page with axe-core from npm. Installed only when missing; without
-# root (and so without apt-get) they are named and the browser tests skip, saying why.
+# root (and so without apt-get) they are named and the browser tests skip, saying why. Debian's
+# npm only when there is none: a Node.js from NodeSource carries its own and conflicts with it.
 CHROMIUM := /usr/bin/chromium
 AXE := .tools/node_modules/axe-core/axe.min.js
 BROWSER_PACKAGES := chromium fonts-noto-cjk
@@ -33,8 +34,10 @@ browser-tools: ## Chromium and CJK fonts (apt-get, when missing) and axe-core (n
 	@if [ -x $(CHROMIUM) ] && fc-list 2>/dev/null | grep -qi 'Noto Sans CJK' && command -v npm >/dev/null; then \
 	  :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "browser-tools: apt-get install $(BROWSER_PACKAGES) npm"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BROWSER_PACKAGES) npm >/dev/null; \
+	  packages="$(BROWSER_PACKAGES)"; \
+	  command -v npm >/dev/null || packages="$$packages npm"; \
+	  echo "browser-tools: apt-get install $$packages"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$packages >/dev/null; \
 	else \
 	  echo "browser-tools: Chromium, the CJK fonts or npm are missing and this is not root;"; \
 	  echo "  run: sudo apt-get install -y $(BROWSER_PACKAGES) npm && make browser-tools"; \
