@@ -123,6 +123,10 @@ class EventStore(Protocol):
         """
         ...
 
+    def fingerprints(self, keys: Sequence[tuple[str, str]]) -> Mapping[tuple[str, str], str]:
+        """The stored fingerprint of each of these keys that exists; reads only."""
+        ...
+
     def retract(self, request: RetractionRequest) -> Retracted:
         """In one transaction: the retraction, its outbox row (after the event's) and its
         audit record. NotFound if the source never sent the event; an existing
@@ -207,8 +211,13 @@ class Intake:
             )
         return problems
 
-    def submit(self, source: str, events: Sequence[IncomingEvent]) -> list[EventResult]:
-        """Validate and record a batch; one bad event never rejects the others."""
+    def submit(
+        self, source: str, events: Sequence[IncomingEvent], *, validate_only: bool = False
+    ) -> list[EventResult]:
+        """Validate and record a batch; one bad event never rejects the others.
+
+        With `validate_only` nothing is recorded: the results are what recording would
+        answer now (accepted meaning "would be accepted")."""
         now = self._clock()
         results: dict[int, EventResult] = {}
         candidates: dict[tuple[str, str], tuple[int, NewEvent]] = {}
@@ -238,7 +247,12 @@ class Intake:
             candidates[new.key] = (index, new)
             pending.append((index, new))
 
-        existing = self._store.record([new for _, new in pending], now) if pending else {}
+        if not pending:
+            existing: Mapping[tuple[str, str], str] = {}
+        elif validate_only:
+            existing = self._store.fingerprints([new.key for _, new in pending])
+        else:
+            existing = self._store.record([new for _, new in pending], now)
         for index, new in pending:
             stored = existing.get(new.key)
             results[index] = (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
+from functools import partial
 from typing import Any
 
 import grpc
@@ -83,13 +84,22 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         self._committed = committed
         self._tracer = trace.get_tracer("egret.ingest")
 
-    async def _submit(self, source: str, events: Sequence[pb.Event]) -> list[EventResult]:
+    async def _submit(
+        self, source: str, events: Sequence[pb.Event], *, validate_only: bool = False
+    ) -> list[EventResult]:
         """Run one batch through the domain off the event loop, in its own span."""
         with self._tracer.start_as_current_span(
-            "ingest batch", attributes={"egret.source": source, "egret.batch.size": len(events)}
+            "ingest batch",
+            attributes={
+                "egret.source": source,
+                "egret.batch.size": len(events),
+                "egret.validate_only": validate_only,
+            },
         ) as span:
             converted = [incoming(e) for e in events]
-            results = await run_blocking(self._executor, self._intake.submit, source, converted)
+            results = await run_blocking(
+                self._executor, partial(self._intake.submit, validate_only=validate_only), source, converted
+            )
             tally = counts(results)
             span.set_attributes(
                 {
@@ -99,10 +109,10 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                     "egret.conflict": tally.conflict,
                 }
             )
-            if tally.accepted:
+            if tally.accepted and not validate_only:
                 self._committed()
             log.info(
-                "batch committed",
+                "batch validated" if validate_only else "batch committed",
                 source=source,
                 size=len(events),
                 accepted=tally.accepted,
@@ -133,7 +143,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         problems = self._intake.check_request(request.source, len(request.events))
         if problems:
             raise InvalidArgument("invalid batch", problems)
-        results = await self._submit(request.source, request.events)
+        results = await self._submit(request.source, request.events, validate_only=request.validate_only)
         return pb.SubmitEventsResponse(
             results=[result_message(r, "events") for r in results], counts=counts(results)
         )

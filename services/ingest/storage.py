@@ -231,6 +231,10 @@ class SqlEventStore:
             row["shard"] = shard_of(event.subject_key, self._rules_shards)
         session.execute(sa.insert(Outbox), rows)
 
+    def fingerprints(self, keys: Sequence[tuple[str, str]]) -> Mapping[tuple[str, str], str]:
+        with self._sessions() as session:
+            return self._fingerprints(session, keys)
+
     def retract(self, request: RetractionRequest) -> Retracted:
         try:
             return self._retract(request)
@@ -368,12 +372,16 @@ class SqlEventStore:
             query = sa.select(Outbox.shard).where(Outbox.shard >= self._rules_shards).distinct()
             return sorted(session.scalars(query))
 
+    @classmethod
+    def _existing(cls, session: Session, events: Sequence[NewEvent]) -> dict[tuple[str, str], str]:
+        return cls._fingerprints(session, [e.key for e in events])
+
     @staticmethod
-    def _existing(session: Session, events: Sequence[NewEvent]) -> dict[tuple[str, str], str]:
+    def _fingerprints(session: Session, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]:
         found: dict[tuple[str, str], str] = {}
         by_source: dict[str, list[str]] = {}
-        for e in events:
-            by_source.setdefault(e.source, []).append(e.event_id)
+        for source, event_id in keys:
+            by_source.setdefault(source, []).append(event_id)
         for source, ids in by_source.items():
             rows = session.execute(
                 sa.select(StoredEvent.event_id, StoredEvent.fingerprint).where(

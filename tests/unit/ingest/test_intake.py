@@ -36,6 +36,9 @@ class MemoryStore:
             self.events.setdefault(e.key, e)
         return existing
 
+    def fingerprints(self, keys: Sequence[tuple[str, str]]) -> Mapping[tuple[str, str], str]:
+        return {key: self.events[key].fingerprint for key in keys if key in self.events}
+
     def retract(self, request: RetractionRequest) -> Retracted:
         key = (request.source, request.event_id)
         if key not in self.events:
@@ -117,6 +120,23 @@ def test_repeats_inside_one_batch_are_recognised_before_storing() -> None:
     results = make_intake(store).submit("library", [late("a", 40), late("a", 40), late("a", 50)])
     assert statuses(results) == [EventStatus.ACCEPTED, EventStatus.DUPLICATE, EventStatus.CONFLICT]
     assert store.calls == 1
+
+
+def test_validate_only_answers_as_a_submission_would_and_stores_nothing() -> None:
+    store = MemoryStore()
+    intake = make_intake(store)
+    intake.submit("library", [late("a", 40)])
+    batch = [late("a", 40), late("a", 41), late("b", 0), late("c", 2)]
+    checked = intake.submit("library", batch, validate_only=True)
+    assert statuses(checked) == [
+        EventStatus.DUPLICATE,
+        EventStatus.CONFLICT,
+        EventStatus.REJECTED,
+        EventStatus.ACCEPTED,
+    ]
+    assert set(store.events) == {("library", "a")}
+    assert store.calls == 1
+    assert intake.submit("library", batch) == checked
 
 
 def test_the_same_event_id_from_another_source_is_another_event() -> None:
