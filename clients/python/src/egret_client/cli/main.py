@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from egret_client.cli import audit, cases, dev, profiles, reads
+from egret_client.cli import audit, cases, dev, policy, profiles, reads, rules
 from egret_client.cli.common import State
 from egret_client.cli.output import Format
 
@@ -46,6 +46,8 @@ def main(
 
 
 app.add_typer(profiles.app, name="profile")
+app.add_typer(rules.app, name="rules")
+app.add_typer(policy.app, name="policy")
 app.add_typer(reads.app)  # score …, eligibility …, access-log
 app.add_typer(cases.app)  # disputes …, repairs …
 app.add_typer(audit.app)  # audit verify
