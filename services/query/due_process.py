@@ -41,6 +41,8 @@ from services.score.storage import (
 T = TypeVar("T")
 # Disputes read at a time when filtering by department (kept in Python, see disputes()).
 DEPARTMENT_BATCH = 200
+# Ids a list may be narrowed to (ListDisputesRequest.dispute_ids, ...application_ids).
+MAX_IDS = 100
 # PostgreSQL's SQLSTATE for "relation does not exist": score has not migrated yet.
 UNDEFINED_TABLE = "42P01"
 
@@ -53,6 +55,8 @@ class ListFilter:
     status: str | None = None
     subject_key: str | None = None
     overdue_only: bool = False
+    # Only these dispute or application ids; None means every one, () none at all.
+    ids: tuple[int, ...] | None = None
     # ListDisputes only: the entry's source department and category, the reviewer holding
     # the dispute (a principal id), or only disputes no one holds.
     department: str | None = None
@@ -71,6 +75,18 @@ class DisputePage:
 class RepairPage:
     applications: tuple[RepairRecord, ...]
     next_page_token: str
+
+
+def id_filter(given: Sequence[str], field: str) -> tuple[int, ...] | None:
+    """The ids a list is narrowed to: None when none are given; ids that are not a
+    server-assigned number match nothing (as an unknown one), so they are left out."""
+    if len(given) > MAX_IDS:
+        raise InvalidArgument(
+            "invalid request", [Violation(field, f"must hold at most {MAX_IDS} ids", "OUT_OF_RANGE")]
+        )
+    if not given:
+        return None
+    return tuple(sorted({int(v) for v in given if v.isascii() and v.isdigit() and len(v) <= 18}))
 
 
 def encode_key(at: datetime, number: int) -> str:
@@ -193,9 +209,14 @@ class SqlDueProcessReader:
         with that filter the rows are read in batches and kept here until `limit` match:
         a page is short only at the end of the queue."""
 
+        if where.ids == ():
+            return []
+
         def work(session: Session) -> list[DisputeRecord]:
             d, e = StoredDispute, StoredEntry
             query = sa.select(d, e.outcome).join(e, e.entry_id == d.entry_id)
+            if where.ids is not None:
+                query = query.where(d.dispute_id.in_(where.ids))
             if where.status is not None:
                 query = query.where(d.status == where.status)
             if where.subject_key is not None:
@@ -229,9 +250,14 @@ class SqlDueProcessReader:
     def repairs(
         self, where: ListFilter, now: datetime, after: tuple[datetime, int] | None, limit: int
     ) -> list[RepairRecord]:
+        if where.ids == ():
+            return []
+
         def work(session: Session) -> list[RepairRecord]:
             r = StoredRepair
             query = sa.select(r)
+            if where.ids is not None:
+                query = query.where(r.application_id.in_(where.ids))
             if where.status is not None:
                 query = query.where(r.status == where.status)
             if where.subject_key is not None:

@@ -50,6 +50,7 @@ from services.query.due_process import (
     SqlDueProcessReader,
     decode_key,
     dispute_page,
+    id_filter,
     repair_page,
 )
 from services.query.explain import Explanation, PositiveRule, explain, shown_status
@@ -415,6 +416,7 @@ class DueProcessQueryServicer(QueryServicer):
             category=request.category or None,
             assignee=_assignee_filter(request),
             unassigned_only=request.unassigned_only,
+            ids=id_filter(request.dispute_ids, "dispute_ids"),
         )
         purpose = self._purpose(request, request.subject)
         size = page_size(request.page_size)
@@ -432,7 +434,10 @@ class DueProcessQueryServicer(QueryServicer):
     ) -> pb.ListRepairApplicationsResponse:
         deps = self._deps()
         status = _REPAIR_FILTER.get(request.status) if request.status else None
-        where = self._list_filter(request.subject, status, request.overdue_only)
+        where = replace(
+            self._list_filter(request.subject, status, request.overdue_only),
+            ids=id_filter(request.application_ids, "application_ids"),
+        )
         purpose = self._purpose(request, request.subject)
         size = page_size(request.page_size)
         after = decode_key(request.page_token, "ListRepairApplications") if request.page_token else None

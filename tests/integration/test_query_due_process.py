@@ -655,6 +655,79 @@ async def test_dispute_and_repair_queues_filter_and_page(egret: Egret) -> None:
     assert "ListRepairApplications" in methods
 
 
+async def test_one_dispute_or_application_is_read_by_id_and_recorded_for_its_subject_only(
+    egret: Egret,
+) -> None:
+    await egret.apply(
+        entry("a1", -5, "transport", days_ago=1),
+        entry("a2", -5, "transport", days_ago=1),
+        entry("b1", -5, "transport", days_ago=1, subject_key=BOB),
+    )
+    alices = [(await egret.dispute(e)).dispute_id for e in ("a1", "a2")]
+    bobs = (await egret.dispute("b1", BOB_ID)).dispute_id
+    applied = []
+    for entry_id, subject in (("a1", ALICE_ID), ("b1", BOB_ID)):
+        response = await egret.score(subject, Role.SUBJECT).ApplyForRepair(
+            score_pb.ApplyForRepairRequest(entry_id=entry_id, evidence="paid")
+        )
+        applied.append(response.application.application_id)
+    r = egret.reviewer
+
+    async def read_by(subject_key: str) -> list[str]:
+        return [x.method for x in await access_log(egret, subject_key) if x.method != "ListAccessLog"]
+
+    before = {k: await read_by(k) for k in (ALICE, BOB)}
+    one = await r.ListDisputes(pb.ListDisputesRequest(dispute_ids=[alices[1]]))
+    assert [d.dispute_id for d in one.disputes] == [alices[1]]
+    assert one.next_page_token == ""
+    app = await r.ListRepairApplications(pb.ListRepairApplicationsRequest(application_ids=[applied[0]]))
+    assert [a.application_id for a in app.applications] == [applied[0]]
+    # Only the subject of what was read has a record of it; Bob's queue was not read.
+    assert await read_by(ALICE) == ["ListRepairApplications", "ListDisputes", *before[ALICE]]  # newest first
+    assert await read_by(BOB) == before[BOB]
+
+    several = await r.ListDisputes(pb.ListDisputesRequest(dispute_ids=[bobs, alices[0], alices[0]]))
+    assert sorted(d.dispute_id for d in several.disputes) == sorted([alices[0], bobs])
+    paged = await r.ListDisputes(pb.ListDisputesRequest(dispute_ids=[bobs, *alices], page_size=2))
+    rest = await r.ListDisputes(
+        pb.ListDisputesRequest(dispute_ids=[bobs, *alices], page_size=2, page_token=paged.next_page_token)
+    )
+    assert [len(paged.disputes), len(rest.disputes), rest.next_page_token] == [2, 1, ""]
+    # The other filters still apply, and a subject sees only its own.
+    assert (
+        await r.ListDisputes(pb.ListDisputesRequest(dispute_ids=[bobs], subject=key(ALICE)))
+    ).disputes == []
+    assert (await egret.alice.ListDisputes(pb.ListDisputesRequest(dispute_ids=[bobs]))).disputes == []
+    mine = await egret.alice.ListDisputes(pb.ListDisputesRequest(dispute_ids=[alices[0], bobs]))
+    assert [d.dispute_id for d in mine.disputes] == [alices[0]]
+
+    # An unknown id, or one that is no dispute id at all, is an empty page, read of no one.
+    before = {k: await read_by(k) for k in (ALICE, BOB)}
+    for unknown in ("999999", "nonsense", "²"):
+        assert (await r.ListDisputes(pb.ListDisputesRequest(dispute_ids=[unknown]))).disputes == []
+        listed = await r.ListRepairApplications(pb.ListRepairApplicationsRequest(application_ids=[unknown]))
+        assert listed.applications == []
+    assert {k: await read_by(k) for k in (ALICE, BOB)} == before
+
+    for call, named in (
+        (r.ListDisputes(pb.ListDisputesRequest(dispute_ids=[str(n) for n in range(101)])), "dispute_ids"),
+        (
+            r.ListRepairApplications(
+                pb.ListRepairApplicationsRequest(application_ids=[str(n) for n in range(101)])
+            ),
+            "application_ids",
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert bad_request(caught.value) == [(named, "OUT_OF_RANGE")]
+    hundred = await r.ListDisputes(
+        pb.ListDisputesRequest(dispute_ids=[str(10**6 + n) for n in range(99)] + [bobs])
+    )
+    assert [d.dispute_id for d in hundred.disputes] == [bobs]
+
+
 def from_source(o: outcome_pb2.Outcome, source: str) -> outcome_pb2.Outcome:
     for e in o.events:
         e.ref.source = source
