@@ -140,11 +140,23 @@ def test_a_subject_lists_only_its_own_disputes(egret: Egret, filed: Filed) -> No
     assert set(_ids(result.json(), "disputes", "dispute_id")) == {d.dispute_id for d in own}
 
 
+def _noted_reads(egret: Egret, subject: str, note: str) -> list[str]:
+    """The reads of the subject's data recorded with this purpose note, newest first."""
+    log = egret("-p", "auditor", "access-log", subject, "--all", "-o", "json").json()
+    return [r["method"] for r in log.get("records", []) if r.get("purpose_note") == note]
+
+
 def test_disputes_show_gives_the_dispute_its_entry_and_the_evidence(egret: Egret, filed: Filed) -> None:
     own = filed.own
     dispute = own[0]
-    shown = egret("-p", "reviewer", "disputes", "show", dispute.dispute_id, "--purpose", "dispute-review")
+    shown = egret(
+        "-p", "reviewer", "disputes", "show", dispute.dispute_id,
+        "--purpose", "dispute-review", "--purpose-note", "case 4711",
+    )  # fmt: skip
     assert shown.code == 0, shown.stderr
+    # Only that dispute was read: its subject's access log records the read, no one else's.
+    assert _noted_reads(egret, SUBJECT, "case 4711") == ["GetEntry", "ListDisputes"]
+    assert _noted_reads(egret, NEIGHBOUR, "case 4711") == []
     fields = record(shown.stdout)
     assert fields["dispute"] == dispute.dispute_id
     assert fields["statement"] == "I returned it on time, at the night box"

@@ -9,9 +9,9 @@ from typing import Annotated
 import typer
 
 from egret.common.v1 import audit_chain_pb2
-from egret_client.cli.common import Exit, State, fail, gather, run, when
+from egret_client.cli.common import Exit, State, fail, gather, run, show, when, yes_no
+from egret_client.cli.options import reflowed
 from egret_client.cli.output import fields
-from egret_client.cli.reads import reflowed, show, yes_no
 from egret_client.connection import Connection
 from egret_client.profile import SERVICES
 

@@ -11,27 +11,26 @@ from typing import Annotated
 
 import typer
 
-from egret.common.v1 import due_process_pb2, event_pb2, subject_pb2
+from egret.common.v1 import due_process_pb2, event_pb2
 from egret.query.v1 import query_service_pb2 as query_pb
 from egret.score.v1 import score_service_pb2 as score_pb
-from egret_client.cli.common import Exit, State, fail, run, subject_ref, when
-from egret_client.cli.output import fields, table
-from egret_client.cli.reads import (
-    AllPages,
-    PageSize,
-    PageToken,
-    Purpose,
-    PurposeNote,
-    event_ref,
+from egret_client.cli.common import (
+    Exit,
+    State,
+    fail,
     joined,
     listing,
+    optional_subject,
     read_pages,
-    reflowed,
-    rule,
+    run,
     show,
+    when,
     word,
     yes_no,
 )
+from egret_client.cli.options import AllPages, PageSize, PageToken, Purpose, PurposeNote, reflowed
+from egret_client.cli.output import fields, table
+from egret_client.cli.reads import event_ref, rule
 from egret_client.connection import Connection
 
 app = typer.Typer()
@@ -42,9 +41,6 @@ disputes_app = typer.Typer(
 repairs_app = typer.Typer(help="Credit repair applications: the queue and a decision.", no_args_is_help=True)
 app.add_typer(disputes_app, name="disputes")
 app.add_typer(repairs_app, name="repairs")
-
-# A page when looking one dispute up in the queue (query has no read of one dispute by id).
-SEARCH_PAGE = 500
 
 
 class DisputeState(StrEnum):
@@ -109,10 +105,6 @@ Reason = Annotated[
     typer.Option("--reason", "-r", help="Why (required, at most 4,000 characters; the subject reads it)."),
 ]
 Yes = Annotated[bool, typer.Option("--yes", "-y", help="Decide without asking for confirmation.")]
-
-
-def _subject(text: str | None) -> subject_pb2.SubjectRef | None:
-    return None if text is None else subject_ref(text)
 
 
 def confirm(question: str, yes: bool) -> None:
@@ -190,7 +182,7 @@ def list_disputes(
     QueryService.ListDisputes: the service applies every filter to the whole queue. A
     subject sees its own disputes.
     """
-    ref = _subject(subject)
+    ref = optional_subject(subject)
 
     request = query_pb.ListDisputesRequest(
         status=_DISPUTE_STATUS[status] if status else due_process_pb2.DISPUTE_STATUS_UNSPECIFIED,
@@ -225,8 +217,8 @@ def show_dispute(
         str | None,
         typer.Option(
             "--subject",
-            help="The dispute's subject, if known: only that subject's disputes are searched (and"
-            " recorded as read).",
+            help="Show it only if it is this subject's dispute (otherwise: not found). The read is"
+            " recorded for this subject either way.",
             show_default=False,
         ),
     ] = None,
@@ -235,34 +227,24 @@ def show_dispute(
 ) -> None:
     """One dispute with its entry and the evidence behind it.
 
-    The dispute from the queue (QueryService.ListDisputes, every status), the entry with
-    its evidence snapshot (QueryService.GetEntry). Query reads no single dispute, so the
-    queue is searched page by page, and each page read is recorded in its subjects' access
-    logs: name the subject with --subject when you know it.
+    QueryService.ListDisputes narrowed to this one dispute (dispute_ids, every status),
+    then the entry with its evidence snapshot (QueryService.GetEntry). Only this dispute
+    is read, so only its subject's access log records the read.
     """
-    ref = _subject(subject)
+    ref = optional_subject(subject)
 
     async def work(
         egret: Connection, settings: State
     ) -> tuple[due_process_pb2.Dispute, query_pb.LedgerEntry] | None:
         said = settings.purpose(purpose)
-        token = ""
-        while True:
-            page = await egret.query.ListDisputes(
-                query_pb.ListDisputesRequest(
-                    subject=ref,
-                    page_size=SEARCH_PAGE,
-                    page_token=token,
-                    purpose=said,
-                    purpose_note=purpose_note,
-                )
+        listed = await egret.query.ListDisputes(
+            query_pb.ListDisputesRequest(
+                dispute_ids=[dispute_id], subject=ref, purpose=said, purpose_note=purpose_note
             )
-            found = next((d for d in page.disputes if d.dispute_id == dispute_id), None)
-            if found is not None:
-                break
-            token = page.next_page_token
-            if not token:
-                return None
+        )
+        if not listed.disputes:
+            return None
+        found = listed.disputes[0]
         entry = await egret.query.GetEntry(
             query_pb.GetEntryRequest(entry_id=found.entry_id, purpose=said, purpose_note=purpose_note)
         )
@@ -409,7 +391,7 @@ def list_repairs(
 
     QueryService.ListRepairApplications. A subject sees its own.
     """
-    ref = _subject(subject)
+    ref = optional_subject(subject)
 
     request = query_pb.ListRepairApplicationsRequest(
         status=_REPAIR_STATUS[status] if status else due_process_pb2.REPAIR_STATUS_UNSPECIFIED,

@@ -1,20 +1,23 @@
-"""What every subcommand shares: the connection of the chosen profile, the output format,
-running a coroutine, turning a refusal into words and an exit code, naming a subject."""
+"""What every subcommand shares: the connection of the chosen profile, running a coroutine
+(or a paged read, page after page), turning a refusal into words and an exit code, naming a
+subject, and showing what came back (enum values and instants in words, a page with how to
+read the next). The shared options are in options.py."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Coroutine
+import re
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, TypeVar
+from typing import Any, Protocol, Self, TypeVar
 
 import grpc
 import typer
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from egret.common.v1 import subject_pb2
-from egret_client.cli.output import Format, err
+from egret_client.cli.output import Format, emit, err
 from egret_client.connection import Connection
 from egret_client.errors import error_report
 from egret_client.profile import Profile, ProfileError, load_profile
@@ -136,6 +139,114 @@ def subject_ref(text: str) -> subject_pb2.SubjectRef:
     return subject_pb2.SubjectRef(
         subject=subject_pb2.Subject(kind=_KINDS[kind], id_scheme=scheme, id_value=value)
     )
+
+
+def optional_subject(text: str | None) -> subject_pb2.SubjectRef | None:
+    """A subject the command line may leave out, or None (the request leaves it unset: a
+    subject reads its own; for anyone else the service refuses it, naming `subject`)."""
+    return None if text is None else subject_ref(text)
+
+
+class Paged(Protocol):
+    next_page_token: str
+
+    def MergeFrom(self, other_msg: Self, /) -> None: ...
+
+
+P = TypeVar("P", bound=Paged)
+
+
+async def pages(fetch: Callable[[str], Awaitable[P]], token: str, follow: bool) -> P:
+    """The page at `token`; with `follow`, it and every later page as one response (repeated
+    fields appended, next_page_token empty at the end)."""
+    response = await fetch(token)
+    while follow and response.next_page_token:
+        page = await fetch(response.next_page_token)
+        response.MergeFrom(page)
+        response.next_page_token = page.next_page_token
+    return response
+
+
+class PagedRequest(Protocol):
+    page_token: str
+    purpose: str
+
+
+R = TypeVar("R", bound=PagedRequest)
+
+
+def read_pages(
+    ctx: typer.Context,
+    rpc: Callable[[Connection], Callable[[R], Awaitable[P]]],
+    request: R,
+    *,
+    page_token: str,
+    follow: bool,
+    purpose: str | None,
+) -> P:
+    """A paged read (`request` without its page token and purpose): the page at `page_token`,
+    or with `follow` every page from there, stating the purpose given or the profile's."""
+
+    async def work(egret: Connection, settings: State) -> P:
+        request.purpose = settings.purpose(purpose)
+        call = rpc(egret)
+
+        def fetch(token: str) -> Awaitable[P]:
+            # Pages are read one after another, so the one request is re-sent with each token.
+            request.page_token = token
+            return call(request)
+
+        return await pages(fetch, page_token, follow)
+
+    return run(ctx, work)
+
+
+def listing(ctx: typer.Context, response: Any, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """A page as a table (with how to read the next one) or as the response itself."""
+    emit(ctx.obj.output, response, columns=columns, rows=rows, after=more_hint(response.next_page_token))
+
+
+def more_hint(token: str) -> Callable[[], None]:
+    """After a table: how to read the next page, on stderr (stdout keeps only the table)."""
+
+    def hint() -> None:
+        if token:
+            err.print(f"more: --page-token {token} (or --all)", highlight=False, markup=False)
+
+    return hint
+
+
+def show(fmt: Format, data: Any, draw: Callable[[], None]) -> None:
+    """JSON/YAML of `data`, or for a table whatever `draw` prints (several tables)."""
+    if fmt is Format.TABLE:
+        draw()
+    else:
+        emit(fmt, data)
+
+
+def word(enum: Any, value: int) -> str:
+    """An enum value in words: EntryStatus ENTRY_STATUS_ACTIVE → "active"."""
+    try:
+        name: str = enum.Name(value)
+    except ValueError:
+        return str(value)
+    prefix = re.sub(r"(?<!^)(?=[A-Z])", "_", enum.DESCRIPTOR.name).upper() + "_"
+    name = name.removeprefix(prefix)
+    return "" if name == "UNSPECIFIED" else name.lower().replace("_", " ")
+
+
+def yes_no(value: bool) -> str:
+    return "yes" if value else "no"
+
+
+def joined(items: Iterable[Any], empty: str = "") -> str:
+    text = ", ".join(str(item) for item in items)
+    return text or empty
+
+
+def day(stamp: Timestamp) -> str:
+    """A timestamp's date (UTC) for a wide table, or empty when unset."""
+    return when(stamp)[:10]
 
 
 def when(stamp: Timestamp) -> str:

@@ -2,24 +2,33 @@
 query's reads of one subject. Each states a purpose (the profile's unless `--purpose`),
 which query records with the read in the access log the subject sees (docs/cli-reads.md).
 
-The options and helpers every read of a subject shares (subject, purpose, paging,
-instants, enum names in words) live here too; cases.py uses them."""
+The options and helpers every command shares are in options.py and common.py; what query's
+reads of cases and entries share (a rule, an event reference) is here, for cases.py too."""
 
 from __future__ import annotations
 
-import inspect
-import re
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from datetime import UTC, datetime
-from typing import Annotated, Any, Protocol, Self, TypeVar
+from collections.abc import Iterable
+from typing import Annotated
 
 import typer
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from egret.common.v1 import due_process_pb2, event_pb2, outcome_pb2, subject_pb2
 from egret.query.v1 import query_service_pb2 as query_pb
-from egret_client.cli.common import State, run, subject_ref, when
-from egret_client.cli.output import Format, emit, err, fields, table
+from egret_client.cli.common import State, day, joined, optional_subject, read_pages, run, when, yes_no
+
+# The names imported "as" themselves are re-exported: rules.py, backtests.py and policy.py
+# still import them from here. Once they import them from common.py and options.py, drop "as".
+from egret_client.cli.common import listing as listing  # noqa: PLC0414
+from egret_client.cli.common import pages as pages  # noqa: PLC0414
+from egret_client.cli.common import show as show  # noqa: PLC0414
+from egret_client.cli.common import word as word  # noqa: PLC0414
+from egret_client.cli.options import AllPages as AllPages  # noqa: PLC0414
+from egret_client.cli.options import AsOf, Purpose, PurposeNote
+from egret_client.cli.options import PageSize as PageSize  # noqa: PLC0414
+from egret_client.cli.options import PageToken as PageToken  # noqa: PLC0414
+from egret_client.cli.options import instant as instant  # noqa: PLC0414
+from egret_client.cli.options import reflowed as reflowed  # noqa: PLC0414
+from egret_client.cli.output import fields, table
 from egret_client.connection import Connection
 
 # Merged into the root command: its groups and commands are top-level (`egret score …`).
@@ -37,174 +46,6 @@ SUBJECT_HELP = (
     " scheme, or key:HEX (a subject key). A subject's own profile may leave it out."
 )
 SubjectArg = Annotated[str | None, typer.Argument(metavar="SUBJECT", help=SUBJECT_HELP, show_default=False)]
-Purpose = Annotated[
-    str | None,
-    typer.Option(
-        "--purpose",
-        help="Why you read, a code of config/purposes.yaml (e.g. dispute-review); default: the"
-        " profile's purpose. Recorded with the read; required of everyone but a subject reading"
-        " its own data.",
-        show_default=False,
-    ),
-]
-PurposeNote = Annotated[
-    str,
-    typer.Option(
-        "--purpose-note",
-        help="A case or ticket number recorded with the purpose (at most 200 characters; never an"
-        " identifier).",
-    ),
-]
-PageSize = Annotated[
-    int, typer.Option("--page-size", min=0, max=500, help="Items per page, 1 to 500; 0: the service's 50.")
-]
-PageToken = Annotated[
-    str, typer.Option("--page-token", help="Continue from a previous page's next_page_token.")
-]
-AllPages = Annotated[bool, typer.Option("--all", help="Follow next_page_token to the last page.")]
-AsOf = Annotated[
-    str | None,
-    typer.Option(
-        "--as-of",
-        help="Read at a past instant, ISO 8601 (2026-03-01 or 2026-03-01T12:00:00+08:00; UTC when no"
-        " offset is given); default: now.",
-        show_default=False,
-    ),
-]
-
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def reflowed(command: F) -> F:
-    """Typer (0.29, rich mode) keeps the line breaks of a help text's later paragraphs, which
-    then wrap badly in a narrow terminal: join each paragraph's lines so it wraps to fit."""
-    text = inspect.cleandoc(command.__doc__ or "")
-    command.__doc__ = "\n\n".join(" ".join(part.split()) for part in text.split("\n\n"))
-    return command
-
-
-def optional_subject(text: str | None) -> subject_pb2.SubjectRef | None:
-    """The SUBJECT argument, or None (the request leaves it unset: a subject reads its own;
-    for anyone else the service refuses it, naming `subject`)."""
-    return None if text is None else subject_ref(text)
-
-
-def instant(text: str | None, option: str = "--as-of") -> Timestamp | None:
-    """An ISO 8601 instant from the command line (UTC when it has no offset)."""
-    if text is None:
-        return None
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise typer.BadParameter(
-            f"{text!r} is not an ISO 8601 date or instant", param_hint=f"'{option}'"
-        ) from None
-    stamp = Timestamp()
-    stamp.FromDatetime(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
-    return stamp
-
-
-def word(enum: Any, value: int) -> str:
-    """An enum value in words: EntryStatus ENTRY_STATUS_ACTIVE → "active"."""
-    try:
-        name: str = enum.Name(value)
-    except ValueError:
-        return str(value)
-    prefix = re.sub(r"(?<!^)(?=[A-Z])", "_", enum.DESCRIPTOR.name).upper() + "_"
-    name = name.removeprefix(prefix)
-    return "" if name == "UNSPECIFIED" else name.lower().replace("_", " ")
-
-
-def day(stamp: Timestamp) -> str:
-    """A timestamp's date (UTC) for a wide table, or empty when unset."""
-    return when(stamp)[:10]
-
-
-def yes_no(value: bool) -> str:
-    return "yes" if value else "no"
-
-
-def joined(items: Iterable[Any], empty: str = "") -> str:
-    text = ", ".join(str(item) for item in items)
-    return text or empty
-
-
-def show(fmt: Format, data: Any, draw: Callable[[], None]) -> None:
-    """JSON/YAML of `data`, or for a table whatever `draw` prints (several tables)."""
-    if fmt is Format.TABLE:
-        draw()
-    else:
-        emit(fmt, data)
-
-
-class Paged(Protocol):
-    next_page_token: str
-
-    def MergeFrom(self, other_msg: Self, /) -> None: ...
-
-
-P = TypeVar("P", bound=Paged)
-
-
-async def pages(fetch: Callable[[str], Awaitable[P]], token: str, follow: bool) -> P:
-    """The page at `token`; with `follow`, it and every later page as one response (repeated
-    fields appended, next_page_token empty at the end)."""
-    response = await fetch(token)
-    while follow and response.next_page_token:
-        page = await fetch(response.next_page_token)
-        response.MergeFrom(page)
-        response.next_page_token = page.next_page_token
-    return response
-
-
-class PagedRequest(Protocol):
-    page_token: str
-    purpose: str
-
-
-R = TypeVar("R", bound=PagedRequest)
-
-
-def read_pages(
-    ctx: typer.Context,
-    rpc: Callable[[Connection], Callable[[R], Awaitable[P]]],
-    request: R,
-    *,
-    page_token: str,
-    follow: bool,
-    purpose: str | None,
-) -> P:
-    """A paged read (`request` without its page token and purpose): the page at `page_token`,
-    or with `follow` every page from there, stating the purpose given or the profile's."""
-
-    async def work(egret: Connection, settings: State) -> P:
-        request.purpose = settings.purpose(purpose)
-        call = rpc(egret)
-
-        def fetch(token: str) -> Awaitable[P]:
-            # Pages are read one after another, so the one request is re-sent with each token.
-            request.page_token = token
-            return call(request)
-
-        return await pages(fetch, page_token, follow)
-
-    return run(ctx, work)
-
-
-def listing(ctx: typer.Context, response: Any, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    """A page as a table (with how to read the next one) or as the response itself."""
-    emit(ctx.obj.output, response, columns=columns, rows=rows, after=more_hint(response.next_page_token))
-
-
-def more_hint(token: str) -> Callable[[], None]:
-    """After a table: how to read the next page, on stderr (stdout keeps only the table)."""
-
-    def hint() -> None:
-        if token:
-            err.print(f"more: --page-token {token} (or --all)", highlight=False, markup=False)
-
-    return hint
 
 
 def event_ref(ref: event_pb2.EventRef) -> str:
