@@ -1,9 +1,10 @@
 """A backtest run in the background (pure): its stored record, its states and its progress.
 
 QUEUED (accepted) → RUNNING (replaying) → SUCCEEDED (report stored) or FAILED (error
-stored). A job whose instance died cannot finish: the instance fails its own unfinished
-jobs when it starts again, and any instance reading a job whose heartbeat stopped fails
-it then (docs/backtests.md, "Background backtests").
+stored), or CANCELLED (CancelBacktest) from either unfinished state. A job whose instance
+died cannot finish: the instance fails its own unfinished jobs when it starts again, and
+any instance reading a job whose heartbeat stopped fails it then (docs/backtests.md,
+"Background backtests").
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final, Literal, TypeAlias
 
-JobState: TypeAlias = Literal["queued", "running", "succeeded", "failed"]
+from kit.errors import FailedPrecondition, PermissionDenied
+
+JobState: TypeAlias = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 UNFINISHED: Final[tuple[JobState, ...]] = ("queued", "running")
 
 INTERRUPTED: Final = "interrupted by a restart of the instance"
@@ -24,6 +27,10 @@ HEARTBEAT: Final = timedelta(seconds=15)
 STALE_AFTER: Final = timedelta(minutes=2)
 # An error is stored in words, not with a worker's whole traceback.
 MAX_ERROR_LENGTH: Final = 2000
+# CancelBacktest waits this long for the replay to stop (one page on the engine thread,
+# or the workers' exit) before it answers: a step that cannot be interrupted (scoring
+# every subject at the end of a large replay) may hold the slot a little longer.
+CANCEL_WAIT: Final = timedelta(seconds=30)
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,7 @@ class StoredJob:
     request: bytes
     report: bytes | None
     error: str
+    cancelled_by: str = ""
 
     @property
     def progress(self) -> float:
@@ -89,6 +97,24 @@ class Progress:
         with self._lock:
             # Batches committed between the count and the replay's read may add a few.
             return min(self.total, sum(self._read.values()) // self._workers)
+
+
+def cancels(job: StoredJob, *, by: str, any_job: bool) -> bool:
+    """Whether cancelling ``job`` for ``by`` changes it: False when it is cancelled already
+    (the call answers it unchanged). Only its starter, or anyone when ``any_job`` (an
+    admin), may cancel it (PERMISSION_DENIED); a job that succeeded or failed can no longer
+    be (FAILED_PRECONDITION)."""
+    if not any_job and job.started_by != by:
+        raise PermissionDenied("a backtest is cancelled by whoever started it, or by an admin")
+    if job.state == "cancelled":
+        return False
+    if job.state not in UNFINISHED:
+        raise FailedPrecondition(
+            f"the backtest {job.state} already; only a queued or running one can be cancelled",
+            reason="BACKTEST_FINISHED",
+            metadata={"state": job.state},
+        )
+    return True
 
 
 def in_words(error: BaseException) -> str:

@@ -8,7 +8,9 @@ thread or worker processes as BacktestRuleSet. While it runs a ticker writes its
 progress at most once a second and its heartbeat at least every 15 seconds. The
 instance fails its own unfinished jobs when it starts (a restart), and a read fails
 any unfinished job whose heartbeat is older than two minutes (an instance that died
-and did not come back under its name). docs/backtests.md, "Background backtests".
+and did not come back under its name). CancelBacktest stores the job cancelled and
+stops its replay here, or, when another instance runs it, that instance's ticker finds
+its row no longer unfinished and stops it. docs/backtests.md, "Background backtests".
 """
 
 from __future__ import annotations
@@ -18,15 +20,18 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Final
 
 from egret.rules.v1 import backtest_pb2 as pb
+from kit import audit
 from kit.db import run_blocking
 from kit.errors import NotFound
 from kit.logging import get_logger
 from kit.purposes import StatedPurpose
 from kit.reads import ReadLog
 from services.rules.backtest_job import (
+    CANCEL_WAIT,
     HEARTBEAT,
     INTERRUPTED,
     PROGRESS_INTERVAL,
@@ -34,6 +39,7 @@ from services.rules.backtest_job import (
     JobState,
     Progress,
     StoredJob,
+    cancels,
     in_words,
 )
 from services.rules.backtest_servicer import BacktestHandler, Contender, Plan, backtest_scope
@@ -48,6 +54,14 @@ MAX_PAGE_SIZE: Final = 200
 class JobPage:
     items: tuple[StoredJob, ...]
     next_before: int | None  # the row id the next page starts below; None on the last page
+
+
+@dataclass(frozen=True)
+class _Running:
+    """A job replaying on this instance."""
+
+    task: asyncio.Task[None]
+    progress: Progress
 
 
 class BacktestJobs:
@@ -69,7 +83,7 @@ class BacktestJobs:
         self._clock = clock
         self._instance = instance
         self._key_id = key_id
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._running: dict[str, _Running] = {}
 
     @property
     def key_id(self) -> str:
@@ -116,9 +130,11 @@ class BacktestJobs:
             self._handler.release()
             raise
         # The task keeps the call's context: its principal is who the read is recorded of.
-        task = asyncio.create_task(self._run(job, plan, contenders, purpose))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        progress = Progress()
+        task = asyncio.create_task(self._run(job, plan, contenders, purpose, progress))
+        self._running[job.backtest_id] = _Running(task, progress)
+        # Released when the task ends however it ends, even cancelled before it ran a step.
+        task.add_done_callback(partial(self._ended, job.backtest_id))
         log.info("backtest started", backtest_id=job.backtest_id, rule_set_id=job.rule_set_id)
         return job
 
@@ -128,6 +144,39 @@ class BacktestJobs:
         if job is None:
             raise NotFound(f"no backtest {backtest_id!r}")
         return job
+
+    async def cancel(self, backtest_id: str, *, by: str, any_job: bool) -> StoredJob:
+        """Stops an unfinished job (``cancels`` decides) and stores it cancelled with the
+        audit record of the act; when it ran here, answers once its replay stopped and the
+        slot is free (or after CANCEL_WAIT). A job cancelled already is returned unchanged."""
+        job = await self.get(backtest_id)
+        if not cancels(job, by=by, any_job=any_job):
+            return job
+        running = self._running.get(backtest_id)
+        at = self._clock()
+        record = audit.record(
+            "backtest.cancel",
+            at,
+            target=f"backtest:{backtest_id}",
+            detail={"rule_set_id": job.rule_set_id, "started_by": job.started_by, "state": job.state},
+            claimed_actor=by,
+        )
+        # What the replay here has read by now, rather than its last write (up to a second old).
+        progress = None if running is None else (running.progress.replayed, running.progress.total)
+        cancelled = await run_blocking(
+            None,
+            lambda: self._store.cancel(backtest_id, by=by, at=at, record=record, progress=progress),
+        )
+        if cancelled:
+            log.info("backtest cancelled", backtest_id=backtest_id, by=by)
+            if running is not None:
+                running.task.cancel()
+                await asyncio.wait({running.task}, timeout=CANCEL_WAIT.total_seconds())
+        stored = await self.get(backtest_id)
+        # Not cancelled: it finished (or another call cancelled it) since it was read.
+        if not cancelled:
+            cancels(stored, by=by, any_job=any_job)
+        return stored
 
     async def list(self, *, rule_set_id: int | None, before: int | None, size: int) -> JobPage:
         await self._fail_stale()
@@ -140,9 +189,14 @@ class BacktestJobs:
 
     async def close(self) -> None:
         """At shutdown: stop the running jobs (each is stored as failed)."""
-        for task in list(self._tasks):
+        tasks = [running.task for running in self._running.values()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _ended(self, backtest_id: str, _: asyncio.Task[None]) -> None:
+        self._running.pop(backtest_id, None)
+        self._handler.release()
 
     async def _fail_stale(self) -> None:
         now = self._clock()
@@ -157,11 +211,14 @@ class BacktestJobs:
         plan: Plan,
         contenders: tuple[Contender, Contender],
         purpose: StatedPurpose | None,
+        progress: Progress,
     ) -> None:
-        progress = Progress()
         try:
-            await self._write_progress(job.backtest_id, "running", progress)
-            ticker = asyncio.create_task(self._tick(job.backtest_id, progress))
+            if not await self._write_progress(job.backtest_id, "running", progress):
+                return  # cancelled while queued
+            run = asyncio.current_task()
+            assert run is not None
+            ticker = asyncio.create_task(self._tick(job.backtest_id, progress, run))
             try:
                 response = await self._handler.run(plan, contenders, progress)
             finally:
@@ -185,29 +242,34 @@ class BacktestJobs:
             )
             log.info("backtest succeeded", backtest_id=job.backtest_id)
         except asyncio.CancelledError:
+            # A cancelled job's row is finished already, and stays as CancelBacktest stored it.
             await asyncio.shield(self._finish(job.backtest_id, "failed", progress, error=INTERRUPTED))
             raise
         except Exception as error:
             log.warning("backtest failed", backtest_id=job.backtest_id, error=in_words(error), exc_info=True)
             await self._finish(job.backtest_id, "failed", progress, error=in_words(error))
-        finally:
-            self._handler.release()
 
-    async def _tick(self, backtest_id: str, progress: Progress) -> None:
+    async def _tick(self, backtest_id: str, progress: Progress, run: asyncio.Task[object]) -> None:
         """Writes the progress when it moved, at most once per PROGRESS_INTERVAL, and the
-        heartbeat at least every HEARTBEAT."""
+        heartbeat at least every HEARTBEAT; stops ``run`` once the row is no longer
+        unfinished (cancelled, possibly by another instance, or failed as stale)."""
         written = (progress.replayed, progress.total)
         last = self._clock()
         while True:
             await asyncio.sleep(PROGRESS_INTERVAL.total_seconds())
             now = (progress.replayed, progress.total)
             if now != written or self._clock() - last >= HEARTBEAT:
-                await self._write_progress(backtest_id, "running", progress)
+                if not await self._write_progress(backtest_id, "running", progress):
+                    if not run.cancelling():  # else CancelBacktest here stops it already
+                        log.info("backtest stopped: its row was finished elsewhere", backtest_id=backtest_id)
+                        run.cancel()
+                    return
                 written, last = now, self._clock()
 
-    async def _write_progress(self, backtest_id: str, state: JobState, progress: Progress) -> None:
+    async def _write_progress(self, backtest_id: str, state: JobState, progress: Progress) -> bool:
+        """Whether the job is still unfinished (and so was written)."""
         replayed, total, at = progress.replayed, progress.total, self._clock()
-        await run_blocking(
+        return await run_blocking(
             None,
             lambda: self._store.progress(backtest_id, state=state, replayed=replayed, total=total, at=at),
         )

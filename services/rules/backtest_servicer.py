@@ -25,6 +25,7 @@ thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hashlib
 import multiprocessing
@@ -38,7 +39,7 @@ from datetime import UTC, datetime
 from functools import partial
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, TypeVar
 
 import sqlalchemy as sa
 from opentelemetry import trace
@@ -62,7 +63,7 @@ from services.rules.backtest import (
     combine,
 )
 from services.rules.backtest_job import Progress
-from services.rules.backtest_storage import HistoryReader
+from services.rules.backtest_storage import HistoryReader, SharedView
 from services.rules.lifecycle import RuleSetLifecycle, StoredRuleSet
 from services.rules.records import engine_event_from_record
 from services.rules.ruleset import RuleSet, rule_set_from_yaml
@@ -79,6 +80,8 @@ MAX_SUBJECT_LIMIT: Final = 10_000
 # Independent of the sample's salt and of the rules shards' hash of the bare key: a
 # rules shard's subjects still spread evenly over its backtest workers.
 _WORKER_SALT: Final = b"egret-bt-worker"
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -272,7 +275,11 @@ class BacktestHandler:
         if progress is not None:
             progress.expect(await run_blocking(None, self._reader.count, scope))
             read = progress.read
-        replay = await run_blocking(self._executor, self._start, baseline.rule_set, candidate.rule_set)
+        replay = await opened(
+            self._executor,
+            partial(self._start, baseline.rule_set, candidate.rule_set),
+            lambda replay: replay.close(),
+        )
         pages = self._reader.pages(scope, read=read)
         try:
             while await run_blocking(self._executor, _replay_page, pages, replay):
@@ -283,7 +290,8 @@ class BacktestHandler:
             )
         finally:
             # Both on the engine thread: the cursor was opened there, the engines live there.
-            await run_blocking(self._executor, _close, pages, replay)
+            # Shielded: a second cancellation (a cancel, then a shutdown) still frees them.
+            await asyncio.shield(run_blocking(self._executor, _close, pages, replay))
         return report
 
     def _start(self, baseline: RuleSet, candidate: RuleSet) -> Backtest:
@@ -293,6 +301,19 @@ class BacktestHandler:
             policy=self._policy,
             cohort_attributes=self._cohort_attributes,
         )
+
+
+async def opened(executor: Executor | None, open_: Callable[[], T], close: Callable[[T], None]) -> T:
+    """``open_()`` run on ``executor``. A backtest cancelled meanwhile (CancelBacktest, a
+    client's deadline, a shutdown) closes what it opens once it is open, on the same
+    executor, rather than leave engines or a snapshot's transaction behind."""
+    opening = asyncio.ensure_future(run_blocking(executor, open_))
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await run_blocking(executor, close, await opening)
+        raise
 
 
 def backtest_scope(
@@ -482,7 +503,7 @@ async def replay_sharded(
     PostgreSQL, in one exported snapshot held until they are done. ``executor`` runs the
     blocking reads of that view (None: the default pool). ``progress`` is told the events
     to replay and what each worker has read."""
-    view = await run_blocking(executor, reader.shared_view)
+    view = await opened(executor, reader.shared_view, SharedView.close)
     try:
         if view.until is None:
             return None
@@ -506,7 +527,7 @@ async def replay_sharded(
         )
         return await replay_in_workers(jobs, progress)
     finally:
-        await run_blocking(executor, view.close)
+        await asyncio.shield(run_blocking(executor, view.close))
 
 
 async def replay_in_workers(jobs: Sequence[ShardJob], progress: Progress | None = None) -> list[ShardResult]:

@@ -25,11 +25,12 @@ from typing import Any, cast
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, defer, sessionmaker
 
+from kit import audit
 from kit.db import as_utc
 from services.rules.backtest import BacktestScope, StoredEvent
 from services.rules.backtest_job import UNFINISHED, JobState, StoredJob
 from services.rules.ruleset import EngineEvent
-from services.rules.storage import BacktestJobRow, EvaluatedEvent
+from services.rules.storage import BacktestJobRow, EvaluatedEvent, RulesAuditHead, RulesAuditLog
 
 Decode = Callable[[bytes], EngineEvent]
 
@@ -150,10 +151,12 @@ def _in_scope(query: Any, scope: BacktestScope, until: datetime | None) -> Any:
 
 
 class SqlBacktestJobStore:
-    """Background backtests in rules_backtests, one short transaction per call."""
+    """Background backtests in rules_backtests, one short transaction per call; a
+    cancellation is committed with its record in rules' audit log."""
 
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, sessions: sessionmaker[Session], *, audit_keys: audit.AuditKeys) -> None:
         self._sessions = sessions
+        self._audit_keys = audit_keys
 
     def add(self, job: StoredJob) -> StoredJob:
         """Stores a new job (its row_id is ignored) and returns it with its row id."""
@@ -172,6 +175,7 @@ class SqlBacktestJobStore:
             request=job.request,
             report=job.report,
             error=job.error,
+            cancelled_by=job.cancelled_by,
         )
         with self._sessions() as session, session.begin():
             session.add(row)
@@ -196,9 +200,10 @@ class SqlBacktestJobStore:
             rows = session.scalars(query.order_by(BacktestJobRow.id.desc()).limit(limit)).all()
             return [_job(row, with_report=False) for row in rows]
 
-    def progress(self, backtest_id: str, *, state: JobState, replayed: int, total: int, at: datetime) -> None:
-        """An unfinished job's state, progress and heartbeat (nothing once it finished)."""
-        self._update(
+    def progress(self, backtest_id: str, *, state: JobState, replayed: int, total: int, at: datetime) -> bool:
+        """An unfinished job's state, progress and heartbeat; False (nothing written) once
+        it finished, was cancelled or was failed as stale: its replay should stop."""
+        return self._update(
             backtest_id,
             UNFINISHED,
             state=state,
@@ -230,6 +235,33 @@ class SqlBacktestJobStore:
             error=error,
         )
 
+    def cancel(
+        self,
+        backtest_id: str,
+        *,
+        by: str,
+        at: datetime,
+        record: audit.AuditRecord,
+        progress: tuple[int, int] | None = None,
+    ) -> bool:
+        """Stores an unfinished job as cancelled by ``by``, its progress as stored or as
+        ``progress`` (replayed, total) when the caller knows better, and appends ``record``
+        to the audit log, in one transaction; False (nothing written) when the job is no
+        longer unfinished."""
+        values: dict[str, Any] = {
+            "state": "cancelled",
+            "finished_at": at,
+            "heartbeat_at": at,
+            "cancelled_by": by,
+        }
+        if progress is not None:
+            values["events_replayed"], values["events_total"] = progress
+        with self._sessions() as session, session.begin():
+            if not _update_in(session, backtest_id, UNFINISHED, values):
+                return False
+            audit.append(session, RulesAuditLog, RulesAuditHead, [record], keys=self._audit_keys)
+            return True
+
     def fail_unfinished(
         self, *, error: str, at: datetime, instance: str | None = None, stale_before: datetime | None = None
     ) -> int:
@@ -247,14 +279,20 @@ class SqlBacktestJobStore:
             )
             return int(getattr(result, "rowcount", 0) or 0)
 
-    def _update(self, backtest_id: str, states: Sequence[str], **values: Any) -> None:
+    def _update(self, backtest_id: str, states: Sequence[str], **values: Any) -> bool:
         with self._sessions() as session, session.begin():
-            session.execute(
-                sa.update(BacktestJobRow)
-                .where(BacktestJobRow.backtest_id == backtest_id, BacktestJobRow.state.in_(states))
-                .values(**values),
-                execution_options={"synchronize_session": False},
-            )
+            return _update_in(session, backtest_id, states, values)
+
+
+def _update_in(session: Session, backtest_id: str, states: Sequence[str], values: dict[str, Any]) -> bool:
+    """Updates the job if it is in one of ``states``; whether it was."""
+    result = session.execute(
+        sa.update(BacktestJobRow)
+        .where(BacktestJobRow.backtest_id == backtest_id, BacktestJobRow.state.in_(states))
+        .values(**values),
+        execution_options={"synchronize_session": False},
+    )
+    return bool(getattr(result, "rowcount", 0))
 
 
 def _job(row: BacktestJobRow, *, with_report: bool = True) -> StoredJob:
@@ -274,4 +312,5 @@ def _job(row: BacktestJobRow, *, with_report: bool = True) -> StoredJob:
         request=row.request,
         report=row.report if with_report else None,
         error=row.error,
+        cancelled_by=row.cancelled_by,
     )

@@ -119,7 +119,7 @@ def build(settings: RulesSettings) -> Service:
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rules-engine")
     backtests = build_backtests(settings, sessions, lifecycle, executor)
     jobs = BacktestJobs(
-        SqlBacktestJobStore(sessions),
+        SqlBacktestJobStore(sessions, audit_keys=keys),
         backtests,
         reads,
         clock=lambda: datetime.now(UTC),

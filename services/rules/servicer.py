@@ -14,6 +14,7 @@ from egret.common.v1 import due_process_pb2, event_pb2
 from egret.rules.v1 import backtest_pb2
 from egret.rules.v1 import rules_service_pb2 as pb
 from egret.rules.v1 import rules_service_pb2_grpc as pb_grpc
+from kit.auth import Role, current_principal
 from kit.db import run_blocking
 from kit.errors import FailedPrecondition, InvalidArgument, Violation
 from kit.logging import get_logger
@@ -93,6 +94,7 @@ _JOB_STATES: Final[dict[str, backtest_pb2.BacktestState]] = {
     "running": backtest_pb2.BACKTEST_STATE_RUNNING,
     "succeeded": backtest_pb2.BACKTEST_STATE_SUCCEEDED,
     "failed": backtest_pb2.BACKTEST_STATE_FAILED,
+    "cancelled": backtest_pb2.BACKTEST_STATE_CANCELLED,
 }
 
 
@@ -109,6 +111,7 @@ def job_message(job: StoredJob, *, with_subjects: bool = False) -> backtest_pb2.
         started_by=job.started_by,
         request=backtest_pb2.BacktestRuleSetRequest.FromString(job.request),
         error=job.error,
+        cancelled_by=job.cancelled_by,
     )
     if job.finished_at is not None:
         message.finished_at.CopyFrom(to_timestamp(job.finished_at))
@@ -300,6 +303,18 @@ class RulesServicer(LifecycleRpcs, pb_grpc.RulesServiceServicer):
                 detail={"rule_set_id": job.rule_set_id},
             )
         return backtest_pb2.GetBacktestResponse(backtest=message)
+
+    async def CancelBacktest(
+        self, request: backtest_pb2.CancelBacktestRequest, context: Any
+    ) -> backtest_pb2.CancelBacktestResponse:
+        jobs = self._backtest_jobs()
+        principal = current_principal()
+        job = await jobs.cancel(
+            request.backtest_id,
+            by=actor_of(context),
+            any_job=principal is not None and principal.role is Role.ADMIN,
+        )
+        return backtest_pb2.CancelBacktestResponse(backtest=job_message(job))
 
     async def ListBacktests(
         self, request: backtest_pb2.ListBacktestsRequest, context: Any

@@ -268,6 +268,8 @@ class BacktestJobRow(Base):
     request: Mapped[bytes] = mapped_column(sa.LargeBinary)
     report: Mapped[bytes | None] = mapped_column(sa.LargeBinary)
     error: Mapped[str] = mapped_column(sa.Text)
+    # Who stopped it (CancelBacktest); empty unless its state is "cancelled".
+    cancelled_by: Mapped[str] = mapped_column(sa.String(128), server_default="")
 
 
 class RulesSubjectKeyGeneration(Base, GenerationMixin):

@@ -1,38 +1,51 @@
-"""StartBacktest, GetBacktest and ListBacktests over real gRPC, on SQLite and PostgreSQL:
-a backtest run in the background shows its progress and stores the report BacktestRuleSet
-gives; it fails in words, refuses a second one meanwhile, lists subjects only when both
-its start and its read state a purpose (each read recorded), and is failed by a restart."""
+"""StartBacktest, GetBacktest, CancelBacktest and ListBacktests over real gRPC, on SQLite
+and PostgreSQL: a backtest run in the background shows its progress and stores the report
+BacktestRuleSet gives; it fails in words, refuses a second one meanwhile, lists subjects
+only when both its start and its read state a purpose (each read recorded), is failed by
+a restart, and is cancelled mid-run by its starter or an admin, freeing the slot."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import json
+import multiprocessing
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import sqlalchemy as sa
 
+from devtools.localpki import LocalPki, create_local_pki
 from egret.rules.v1 import backtest_pb2 as bt
 from egret.rules.v1 import rules_service_pb2 as pb
 from egret.rules.v1 import rules_service_pb2_grpc as pb_grpc
+from kit import audit
 from kit.app import migrate
+from kit.audit import UNKEYED
+from kit.auth import Role
 from kit.db import create_engine, make_session_factory
+from kit.interceptors import bearer_token
 from kit.protoconv import to_timestamp
-from services.rules import backtest_runner, backtest_servicer
+from services.rules import backtest, backtest_runner, backtest_servicer
 from services.rules import bootstrap as rules_bootstrap
 from services.rules import settings as settings_module
 from services.rules.backtest_job import INTERRUPTED, StoredJob
 from services.rules.backtest_storage import HistoryReader, SqlBacktestJobStore
 from services.rules.settings import RulesSettings
+from services.rules.storage import RulesAuditLog
 from tests.integration.test_backtest_service import (
     POLICY,
     ROOT,
     SAMPLE,
+    Live,
     candidate_source,
     environment,
     evaluate,
@@ -66,6 +79,19 @@ def slow_pages(monkeypatch: pytest.MonkeyPatch, seconds: float = 0.02) -> None:
     monkeypatch.setattr(backtest_servicer, "_replay_page", slowly)
 
 
+@asynccontextmanager
+async def evaluated(
+    make_url: Callable[[str], str], data_dir: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> AsyncIterator[tuple[Live, int]]:
+    """Rules relaying to score, the test history evaluated and the candidate drafted, its
+    backtests replayed by `workers` workers; yields them and the candidate's rule_set_id."""
+    monkeypatch.setattr(settings_module, "default_workers", lambda: workers)
+    async with live(SAMPLE.read_text(encoding="utf-8"), make_url, data_dir, "a") as a:
+        await evaluate(a, history())
+        draft = await a.rules.CreateDraft(pb.CreateDraftRequest(source=candidate_source()))
+        yield a, draft.rule_set.rule_set_id
+
+
 def request(rule_set_id: int, **fields: Any) -> bt.BacktestRuleSetRequest:
     fields = {"subject_limit": 10_000, "rule_limit": 1000, "as_of": to_timestamp(AS_OF), **fields}
     return bt.BacktestRuleSetRequest(rule_set_id=rule_set_id, **fields)
@@ -77,7 +103,7 @@ async def finished(rules: pb_grpc.RulesServiceAsyncStub, backtest_id: str) -> li
     for _ in range(3000):
         job = (await rules.GetBacktest(bt.GetBacktestRequest(backtest_id=backtest_id))).backtest
         seen.append(job)
-        if job.state in (bt.BACKTEST_STATE_SUCCEEDED, bt.BACKTEST_STATE_FAILED):
+        if job.state in (bt.BACKTEST_STATE_SUCCEEDED, bt.BACKTEST_STATE_FAILED, bt.BACKTEST_STATE_CANCELLED):
             return seen
         await asyncio.sleep(0.01)
     raise AssertionError(f"backtest {backtest_id} did not finish")
@@ -105,12 +131,8 @@ async def test_a_background_backtest_shows_progress_and_stores_the_synchronous_r
     monkeypatch: pytest.MonkeyPatch,
     workers: str,
 ) -> None:
-    monkeypatch.setattr(settings_module, "default_workers", lambda: int(workers))
     slow_pages(monkeypatch)
-    async with live(SAMPLE.read_text(encoding="utf-8"), database_url_factory, tmp_path, "a") as a:
-        await evaluate(a, history())
-        draft = await a.rules.CreateDraft(pb.CreateDraftRequest(source=candidate_source()))
-        rule_set_id = draft.rule_set.rule_set_id
+    async with evaluated(database_url_factory, tmp_path, monkeypatch, int(workers)) as (a, rule_set_id):
         started = (
             await a.rules.StartBacktest(
                 bt.StartBacktestRequest(backtest=request(rule_set_id, purpose="rule-backtest"))
@@ -155,12 +177,8 @@ async def test_a_background_backtest_fails_in_words_runs_alone_and_lists_subject
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(settings_module, "default_workers", lambda: 1)
     slow_pages(monkeypatch)
-    async with live(SAMPLE.read_text(encoding="utf-8"), database_url_factory, tmp_path, "a") as a:
-        await evaluate(a, history())
-        draft = await a.rules.CreateDraft(pb.CreateDraftRequest(source=candidate_source()))
-        rule_set_id = draft.rule_set.rule_set_id
+    async with evaluated(database_url_factory, tmp_path, monkeypatch, 1) as (a, rule_set_id):
 
         async def start(**fields: Any) -> bt.BacktestJob:
             response = await a.rules.StartBacktest(
@@ -260,7 +278,7 @@ async def test_a_background_backtest_fails_in_words_runs_alone_and_lists_subject
     assert rules_bootstrap.main(["verify-audit"]) == 0
 
 
-def rules_settings(url: str, data_dir: Path) -> RulesSettings:
+def rules_settings(url: str, data_dir: Path, **extra: str) -> RulesSettings:
     return RulesSettings.from_env(
         environment(
             "rules",
@@ -269,6 +287,7 @@ def rules_settings(url: str, data_dir: Path) -> RulesSettings:
             EGRET_RULESET_FILE=str(SAMPLE),
             EGRET_CATALOGUE_FILE=str(ROOT / "config" / "catalogue.yaml"),
             EGRET_BACKTEST_WORKERS="1",
+            **extra,
         )
     )
 
@@ -284,10 +303,30 @@ async def rules_alone(settings: RulesSettings) -> AsyncIterator[pb_grpc.RulesSer
         yield pb_grpc.RulesServiceStub(channel)
 
 
+@asynccontextmanager
+async def secured_rules(
+    settings: RulesSettings, pki: LocalPki
+) -> AsyncIterator[Callable[[str, Role], pb_grpc.RulesServiceAsyncStub]]:
+    """Rules alone with TLS and tokens: yields a stub maker for a principal and its role."""
+    async with AsyncExitStack() as stack:
+        address = await stack.enter_async_context(
+            running(settings, rules_bootstrap.build, rules_bootstrap.MIGRATIONS)
+        )
+
+        def as_(principal: str, role: Role) -> pb_grpc.RulesServiceAsyncStub:
+            channel = grpc.aio.secure_channel(
+                address, pki.tls(), interceptors=bearer_token(pki.token(principal, role))
+            )
+            stack.push_async_callback(channel.close)
+            return pb_grpc.RulesServiceStub(channel)
+
+        yield as_
+
+
 @pytest.fixture
 def store(database_url: str) -> Iterator[SqlBacktestJobStore]:
     engine = create_engine(database_url)
-    yield SqlBacktestJobStore(make_session_factory(engine))
+    yield SqlBacktestJobStore(make_session_factory(engine), audit_keys=UNKEYED)
     engine.dispose()
 
 
@@ -392,3 +431,207 @@ async def test_backtests_are_listed_newest_first_in_pages(database_url: str, tmp
             with pytest.raises(grpc.aio.AioRpcError) as bad:
                 await rules.ListBacktests(bt.ListBacktestsRequest(**fields))
             assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# -- cancellation -------------------------------------------------------------------------
+
+# Seconds more per page of 50 events: the test history (about 800 events) then takes about
+# 2 s to replay, long enough to be cancelled part way; the test waits for it to be part way.
+PAGE_DELAY = 0.1
+
+
+def slow_work(job: backtest_servicer.ShardJob, sender: Connection) -> None:
+    """A backtest worker process whose every page takes PAGE_DELAY more: a spawned process
+    does not see the test's monkeypatches, so the test makes this the workers' target."""
+    feed = backtest.Backtest.feed
+
+    def slowly(self: backtest.Backtest, page: Any) -> None:
+        time.sleep(PAGE_DELAY)
+        feed(self, page)
+
+    backtest.Backtest.feed = slowly  # type: ignore[method-assign,assignment]
+    backtest_servicer._work(job, sender)
+
+
+async def part_way(rules: pb_grpc.RulesServiceAsyncStub, backtest_id: str) -> bt.BacktestJob:
+    """The job once GetBacktest shows it running with some events replayed."""
+    for _ in range(3000):
+        job = (await rules.GetBacktest(bt.GetBacktestRequest(backtest_id=backtest_id))).backtest
+        if job.state == bt.BACKTEST_STATE_RUNNING and job.events_replayed > 0:
+            return job
+        assert job.state in (bt.BACKTEST_STATE_QUEUED, bt.BACKTEST_STATE_RUNNING), job
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"backtest {backtest_id} was never seen part way")
+
+
+def cancel(rules: pb_grpc.RulesServiceAsyncStub, backtest_id: str) -> Awaitable[bt.CancelBacktestResponse]:
+    return rules.CancelBacktest(bt.CancelBacktestRequest(backtest_id=backtest_id))
+
+
+def acts(url: str, action: str) -> list[tuple[str, str, str, dict[str, Any]]]:
+    """(actor, role, target, detail) of the records of `action` in rules' audit log, in order."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            t = RulesAuditLog
+            rows = connection.execute(
+                sa.select(t.actor, t.role, t.target, t.detail).where(t.action == action).order_by(t.seq)
+            ).all()
+    finally:
+        engine.dispose()
+    return [(actor, role, target, json.loads(detail)) for actor, role, target, detail in rows]
+
+
+def backtest_workers() -> list[str]:
+    """The backtest worker processes alive (the service runs in this process)."""
+    return [p.name for p in multiprocessing.active_children() if p.name.startswith("rules-backtest-")]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_a_running_backtest_is_cancelled_part_way_keeps_its_progress_and_frees_the_slot(
+    database_url: str,
+    database_url_factory: Callable[[str], str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    workers: str,
+) -> None:
+    slow_pages(monkeypatch, PAGE_DELAY)
+    monkeypatch.setattr(backtest_servicer, "_work", slow_work)
+    async with evaluated(database_url_factory, tmp_path, monkeypatch, int(workers)) as (a, rule_set_id):
+        started = (
+            await a.rules.StartBacktest(bt.StartBacktestRequest(backtest=request(rule_set_id)))
+        ).backtest
+        seen = await part_way(a.rules, started.backtest_id)
+
+        cancelled = (await cancel(a.rules, started.backtest_id)).backtest
+        assert cancelled.state == bt.BACKTEST_STATE_CANCELLED
+        assert cancelled.cancelled_by == "anonymous"  # insecure mode: no principal
+        assert cancelled.HasField("finished_at")
+        assert not cancelled.HasField("report")
+        assert cancelled.error == ""
+        # Stopped part way, with what it had replayed by then.
+        assert seen.events_replayed <= cancelled.events_replayed < cancelled.events_total
+        assert cancelled.events_total == seen.events_total
+        assert 0 < cancelled.progress < 1
+        # The replay stopped when the call answered: its workers are gone, the slot is free.
+        assert backtest_workers() == []
+        # Cancelling it again returns it unchanged.
+        assert (await cancel(a.rules, started.backtest_id)).backtest == cancelled
+
+        # The next backtest starts at once, from a client that goes away before it is done:
+        # its report is stored, and read (again and again) by another client.
+        async with grpc.aio.insecure_channel(a.rules_address) as channel:
+            gone = pb_grpc.RulesServiceStub(channel)
+            second = (
+                await gone.StartBacktest(bt.StartBacktestRequest(backtest=request(rule_set_id)))
+            ).backtest
+        done = (await finished(a.rules, second.backtest_id))[-1]
+        assert done.state == bt.BACKTEST_STATE_SUCCEEDED, done.error
+        assert done.events_replayed == done.events_total == cancelled.events_total
+        again = (await a.rules.GetBacktest(bt.GetBacktestRequest(backtest_id=second.backtest_id))).backtest
+        assert again == done
+        assert again.report.overall.subjects > 0
+
+        # The cancelled one stayed as it was stored while the other replayed.
+        later = await a.rules.GetBacktest(bt.GetBacktestRequest(backtest_id=started.backtest_id))
+        assert later.backtest == cancelled
+        # A finished backtest can no longer be cancelled; an unknown one is not found.
+        assert await status_of(cancel(a.rules, second.backtest_id)) == grpc.StatusCode.FAILED_PRECONDITION
+        assert await status_of(cancel(a.rules, "no-such-backtest")) == grpc.StatusCode.NOT_FOUND
+        assert await status_of(cancel(a.rules, "")) == grpc.StatusCode.NOT_FOUND
+        listed = await a.rules.ListBacktests(bt.ListBacktestsRequest())
+        assert [j.state for j in listed.backtests] == [
+            bt.BACKTEST_STATE_SUCCEEDED,
+            bt.BACKTEST_STATE_CANCELLED,
+        ]
+        url = a.rules_url
+
+    # Recorded once, as an act in rules' audit log, whose chain stays intact.
+    assert acts(url, "backtest.cancel") == [
+        (
+            "anonymous",
+            "unauthenticated",
+            f"backtest:{started.backtest_id}",
+            {"rule_set_id": rule_set_id, "started_by": "anonymous", "state": "running"},
+        )
+    ]
+    monkeypatch.setenv("EGRET_DATABASE_URL", url)
+    monkeypatch.setenv("EGRET_POLICY_FILE", str(POLICY))
+    assert rules_bootstrap.main(["verify-audit"]) == 0
+
+
+async def test_a_backtest_cancelled_by_another_instance_stops_here_too(
+    database_url: str,
+    database_url_factory: Callable[[str], str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    slow_pages(monkeypatch, PAGE_DELAY)
+    async with evaluated(database_url_factory, tmp_path, monkeypatch, 1) as (a, rule_set_id):
+        started = (
+            await a.rules.StartBacktest(bt.StartBacktestRequest(backtest=request(rule_set_id)))
+        ).backtest
+        await part_way(a.rules, started.backtest_id)
+        # What CancelBacktest on another instance sharing the database writes.
+        engine = create_engine(a.rules_url)
+        try:
+            elsewhere = SqlBacktestJobStore(make_session_factory(engine), audit_keys=UNKEYED)
+            record = audit.AuditRecord("backtest.cancel", "reviewer-2", "reviewer", datetime.now(UTC))
+            assert elsewhere.cancel(started.backtest_id, by="reviewer-2", at=record.at, record=record)
+        finally:
+            engine.dispose()
+        # This instance's replay notices at its next progress write and frees the slot.
+        for _ in range(1000):
+            try:
+                second = await a.rules.StartBacktest(bt.StartBacktestRequest(backtest=request(rule_set_id)))
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+                await asyncio.sleep(0.01)
+            else:
+                break
+        else:
+            raise AssertionError("the slot was never freed")
+        await cancel(a.rules, second.backtest.backtest_id)
+        stopped = (await a.rules.GetBacktest(bt.GetBacktestRequest(backtest_id=started.backtest_id))).backtest
+    assert stopped.state == bt.BACKTEST_STATE_CANCELLED
+    assert stopped.cancelled_by == "reviewer-2"
+    assert stopped.events_replayed < stopped.events_total
+
+
+async def test_a_reviewer_cancels_its_own_backtests_and_an_admin_any(
+    database_url: str, store: SqlBacktestJobStore, tmp_path: Path
+) -> None:
+    pki = create_local_pki(tmp_path / "pki")
+    settings = rules_settings(database_url, tmp_path, EGRET_INSECURE="false", **pki.env("rules"))
+    migrate(settings.common, rules_bootstrap.MIGRATIONS)
+    now = datetime.now(UTC)
+    # Running on another instance, and one that succeeded: both reviewer-1's.
+    store.add(unfinished("theirs", instance="rules-2:50052", heartbeat=now))
+    store.add(replace(unfinished("done", instance="rules-2:50052", heartbeat=now), state="succeeded"))
+    async with secured_rules(settings, pki) as as_:
+        author, colleague = as_("reviewer-1", Role.REVIEWER), as_("reviewer-2", Role.REVIEWER)
+        admin, auditor = as_("admin-1", Role.ADMIN), as_("auditor-1", Role.AUDITOR)
+        # Neither another role nor another reviewer; the auditor is refused before the handler.
+        assert await status_of(cancel(auditor, "theirs")) == grpc.StatusCode.PERMISSION_DENIED
+        assert await status_of(cancel(auditor, "no-such-backtest")) == grpc.StatusCode.PERMISSION_DENIED
+        assert await status_of(cancel(colleague, "theirs")) == grpc.StatusCode.PERMISSION_DENIED
+        assert await status_of(cancel(colleague, "no-such-backtest")) == grpc.StatusCode.NOT_FOUND
+        # Its author, or an admin (here), whose cancellation keeps the progress as stored.
+        cancelled = (await cancel(admin, "theirs")).backtest
+        assert (cancelled.state, cancelled.cancelled_by) == (bt.BACKTEST_STATE_CANCELLED, "admin-1")
+        assert (cancelled.events_replayed, cancelled.events_total, cancelled.progress) == (10, 100, 0.1)
+        assert (await cancel(author, "theirs")).backtest == cancelled
+        assert await status_of(cancel(colleague, "theirs")) == grpc.StatusCode.PERMISSION_DENIED
+        assert await status_of(cancel(author, "done")) == grpc.StatusCode.FAILED_PRECONDITION
+        assert await status_of(cancel(admin, "done")) == grpc.StatusCode.FAILED_PRECONDITION
+        job = (await auditor.GetBacktest(bt.GetBacktestRequest(backtest_id="theirs"))).backtest
+        assert job == cancelled
+    assert acts(settings.common.database_url, "backtest.cancel") == [
+        (
+            "admin-1",
+            "admin",
+            "backtest:theirs",
+            {"rule_set_id": 1, "started_by": "reviewer-1", "state": "running"},
+        )
+    ]

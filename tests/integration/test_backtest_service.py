@@ -118,6 +118,7 @@ class Live:
     rules: pb_grpc.RulesServiceAsyncStub
     rules_url: str
     score_url: str
+    rules_address: str  # for another client of the same service
 
 
 @asynccontextmanager
@@ -147,7 +148,7 @@ async def live(
             running(rules_settings, rules_bootstrap.build, rules_bootstrap.MIGRATIONS)
         )
         channel = await stack.enter_async_context(grpc.aio.insecure_channel(rules_address))
-        yield Live(pb_grpc.RulesServiceStub(channel), rules_url, score_url)
+        yield Live(pb_grpc.RulesServiceStub(channel), rules_url, score_url, rules_address)
 
 
 async def evaluate(service: Live, batches: Sequence[Sequence[event_pb2.RecordedEvent]]) -> None:
