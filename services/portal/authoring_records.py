@@ -139,7 +139,7 @@ class PolicyReport:
 
 
 # BacktestState, as the pages name it.
-JOB_STATES = ("queued", "running", "succeeded", "failed")
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
 @dataclass(frozen=True)
@@ -159,6 +159,7 @@ class BacktestJob:
     purpose: str  # the purpose the start stated; "" for none (no subjects listed)
     report: BacktestReport | None
     error: str
+    cancelled_by: str = ""  # who cancelled it (CancelBacktest); "" unless cancelled
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,15 @@ FLASH = "rule_set_flash"
 # The purpose a rule author states to see the subjects a backtest affects (config/purposes.yaml).
 RULE_BACKTEST = "rule-backtest"
 PURPOSE_ROLES = (Role.REVIEWER, Role.ADMIN)
+# A reviewer cancels the backtests it started, an admin any (services/rules/access.py).
+CANCELLERS = (Role.REVIEWER, Role.ADMIN)
+
+
+def _backtest_id(request: Request) -> str:
+    backtest_id = str(request.path_params["backtest_id"])
+    if not 0 < len(backtest_id) <= 64 or not all(c.isalnum() or c in "-_" for c in backtest_id):
+        raise ServiceError("NOT_FOUND", "no such backtest")
+    return backtest_id
 
 
 def _rule_set_id(request: Request) -> int:
@@ -206,14 +215,15 @@ def routes(pages: Pages) -> list[BaseRoute]:
         look again; nothing refreshes by itself), its report once it succeeded."""
         staff = pages.staff(request, *READERS)
         t = pages.t(request)
-        backtest_id = str(request.path_params["backtest_id"])
-        if not 0 < len(backtest_id) <= 64 or not all(c.isalnum() or c in "-_" for c in backtest_id):
-            raise ServiceError("NOT_FOUND", "no such backtest")
+        backtest_id = _backtest_id(request)
         # The subjects only for a role that may state the purpose (config/purposes.yaml).
         job = await calls().backtest(staff.token, backtest_id, subjects=staff.role in PURPOSE_ROLES)
         if job.report is None:
             return pages.render(
-                request, "staff/backtest_job.html", section="/staff/rule-sets", j=views.job_view(t, job)
+                request,
+                "staff/backtest_job.html",
+                section="/staff/rule-sets",
+                j=views.job_view(t, job, may_cancel=staff.role in CANCELLERS),
             )
         return pages.render(
             request,
@@ -224,6 +234,14 @@ def routes(pages: Pages) -> list[BaseRoute]:
             subjects=views.subject_rows(t, job.report),
             lang=pages.language(request),
         )
+
+    async def cancel_backtest(request: Request) -> Response:
+        staff = pages.staff(request, *CANCELLERS)
+        await pages.form(request)
+        backtest_id = _backtest_id(request)
+        await calls().cancel_backtest(staff.token, backtest_id)
+        log.info("backtest cancelled", backtest_id=backtest_id)
+        return RedirectResponse(f"/staff/backtests/{backtest_id}", status_code=303)
 
     async def act(request: Request) -> Response:
         staff = pages.staff(request, *AUTHORS)
@@ -284,6 +302,7 @@ def routes(pages: Pages) -> list[BaseRoute]:
         Route("/staff/rule-sets/{rule_set_id}", p(show)),
         Route("/staff/rule-sets/{rule_set_id}/backtest", p(start_backtest), methods=["POST"]),
         Route("/staff/backtests/{backtest_id}", p(backtest)),
+        Route("/staff/backtests/{backtest_id}/cancel", p(cancel_backtest), methods=["POST"]),
         Route("/staff/rule-sets/{rule_set_id}/{act}", p(act), methods=["POST"]),
         Route("/staff/charts/{kind}.svg", p(chart)),
     ]

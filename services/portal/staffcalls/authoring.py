@@ -27,6 +27,7 @@ _JOB_STATE = {
     backtest_pb.BACKTEST_STATE_RUNNING: "running",
     backtest_pb.BACKTEST_STATE_SUCCEEDED: "succeeded",
     backtest_pb.BACKTEST_STATE_FAILED: "failed",
+    backtest_pb.BACKTEST_STATE_CANCELLED: "cancelled",
 }
 _KIND = {subject_pb2.SUBJECT_KIND_PERSON: "person", subject_pb2.SUBJECT_KIND_ORGANIZATION: "organization"}
 # The lifecycle acts the console offers, with their RPC and request.
@@ -137,6 +138,14 @@ class AuthoringCalls:
             token,
         )
         return backtest_job(again.backtest)
+
+    async def cancel_backtest(self, token: str, backtest_id: str) -> a.BacktestJob:
+        """Stops a queued or running backtest (its starter's, or any for an admin: the rules
+        service decides, and records the act in its audit log)."""
+        response = await self._backend.call(
+            "rules", "CancelBacktest", backtest_pb.CancelBacktestRequest(backtest_id=backtest_id), token
+        )
+        return backtest_job(response.backtest)
 
     async def backtests(self, token: str, rule_set_id: int) -> tuple[a.BacktestJob, ...]:
         """A rule set's backtests, newest first, without their reports."""
@@ -275,6 +284,7 @@ def backtest_job(job: backtest_pb.BacktestJob) -> a.BacktestJob:
         purpose=job.request.purpose,
         report=backtest_report(job.report) if succeeded else None,
         error=job.error,
+        cancelled_by=job.cancelled_by,
     )
 
 

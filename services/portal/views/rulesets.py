@@ -13,6 +13,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import yaml
@@ -496,6 +497,7 @@ def job_state(t: Localiser, code: str) -> str:
         "running": t.gettext("Running"),
         "succeeded": t.gettext("Finished"),
         "failed": t.gettext("Failed"),
+        "cancelled": t.gettext("Cancelled"),
     }.get(code, code)
 
 
@@ -509,9 +511,13 @@ class JobView:
     progress: str  # "1,234 of 5,000 stored events replayed (25 %)"
     started: str
     error: str
+    cancelled: str  # "<when> by <who>" once cancelled; "" otherwise
+    can_cancel: bool
 
 
-def job_view(t: Localiser, job: a.BacktestJob) -> JobView:
+def job_view(t: Localiser, job: a.BacktestJob, *, may_cancel: bool = False) -> JobView:
+    """``may_cancel``: the viewer's role may cancel a backtest (the rules service still
+    decides whose): the page then offers it while the backtest is queued or running."""
     percent = round(job.progress * 100)
     return JobView(
         backtest_id=job.backtest_id,
@@ -527,13 +533,15 @@ def job_view(t: Localiser, job: a.BacktestJob) -> JobView:
         )
         if job.events_total
         else "",
-        started=t.gettext(
-            "%(when)s by %(who)s",
-            when=t.datetime(job.started_at) if job.started_at else "—",
-            who=job.started_by or "—",
-        ),
+        started=_when_by(t, job.started_at, job.started_by),
         error=job.error,
+        cancelled=_when_by(t, job.finished_at, job.cancelled_by) if job.state == "cancelled" else "",
+        can_cancel=may_cancel and job.state in ("queued", "running"),
     )
+
+
+def _when_by(t: Localiser, at: datetime | None, who: str) -> str:
+    return t.gettext("%(when)s by %(who)s", when=t.datetime(at) if at else "—", who=who or "—")
 
 
 def job_rows(t: Localiser, jobs: tuple[a.BacktestJob, ...]) -> tuple[JobView, ...]:

@@ -57,6 +57,7 @@ ALLOWED = {
     "ActivateRuleSet": {"reviewer"},
     "RetireRuleSet": {"reviewer"},
     "StartBacktest": {"reviewer"},
+    "CancelBacktest": {"reviewer", "admin"},
     "GetBacktest": {"reviewer", "auditor", "admin"},
     "ListBacktests": {"reviewer", "auditor", "admin"},
     "ListPolicies": {"reviewer", "auditor", "admin"},
@@ -166,12 +167,15 @@ class AuthoringBackend(FakeBackend):
     fail_next_backtest = False
 
     def _job(self, backtest_id: str, purpose: str, *, report: bool = True) -> bt.BacktestJob:
-        """Queued before any read, running at the first, done from the second on."""
+        """Queued before any read, running at the first, done from the second on; once
+        cancelled, as it was then."""
         job = self.jobs[backtest_id]
         start: bt.BacktestRuleSetRequest = job["request"]
-        reads = job["reads"]
+        cancelled_by, reads = job.get("cancelled", ("", job["reads"]))
         state = (
-            bt.BACKTEST_STATE_QUEUED
+            bt.BACKTEST_STATE_CANCELLED
+            if cancelled_by
+            else bt.BACKTEST_STATE_QUEUED
             if reads == 0
             else bt.BACKTEST_STATE_RUNNING
             if reads == 1
@@ -190,7 +194,10 @@ class AuthoringBackend(FakeBackend):
             started_by="reviewer-1",
             request=start,
             error="the candidate failed: division by zero" if state == bt.BACKTEST_STATE_FAILED else "",
+            cancelled_by=cancelled_by,
         )
+        if cancelled_by:
+            message.finished_at.CopyFrom(_stamp())
         if state == bt.BACKTEST_STATE_SUCCEEDED and report:
             message.report.CopyFrom(self._report(start.rule_set_id, start.purpose != "" and purpose != ""))
         return message
@@ -316,6 +323,17 @@ class AuthoringBackend(FakeBackend):
                 raise ServiceError("NOT_FOUND", "no such backtest")
             self.jobs[request.backtest_id]["reads"] += 1
             return bt.GetBacktestResponse(backtest=self._job(request.backtest_id, request.purpose))
+        if method == "CancelBacktest":
+            if request.backtest_id not in self.jobs:
+                raise ServiceError("NOT_FOUND", "no such backtest")
+            job = self.jobs[request.backtest_id]
+            if role != "admin" and actor != "reviewer-1":  # who started every job here
+                raise ServiceError("PERMISSION_DENIED", "not your backtest")
+            if "cancelled" not in job:
+                if job["reads"] >= 2:
+                    raise ServiceError("FAILED_PRECONDITION", "the backtest finished already")
+                job["cancelled"] = (actor, job["reads"])
+            return bt.CancelBacktestResponse(backtest=self._job(request.backtest_id, purpose=""))
         if method == "ListBacktests":
             ids = [i for i, j in self.jobs.items() if j["request"].rule_set_id == request.rule_set_id]
             return bt.ListBacktestsResponse(

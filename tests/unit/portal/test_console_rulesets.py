@@ -231,7 +231,12 @@ def test_a_draft_can_be_uploaded_and_an_oversized_or_binary_file_is_refused(
 
 def test_every_form_needs_the_csrf_token(client: TestClient, backend: AuthoringBackend) -> None:
     as_staff(client, "reviewer")
-    for path in ("/staff/rule-sets/new", "/staff/rule-sets/2/backtest", "/staff/rule-sets/2/publish"):
+    for path in (
+        "/staff/rule-sets/new",
+        "/staff/rule-sets/2/backtest",
+        "/staff/rule-sets/2/publish",
+        "/staff/backtests/bt-1/cancel",
+    ):
         response = client.post(path, data={"csrf_token": "forged", "source": V2, "confirm": "yes"})
         assert response.status_code == 403, path
         assert "This form has expired" in response.text
@@ -243,6 +248,7 @@ def test_every_form_needs_the_csrf_token(client: TestClient, backend: AuthoringB
     assert not {
         "ValidateRuleSet",
         "StartBacktest",
+        "CancelBacktest",
         "PublishRuleSet",
         "PreviewPolicy",
         "ActivatePolicy",
@@ -328,6 +334,49 @@ def test_a_failed_backtest_says_why_and_an_auditor_may_read_but_not_start_one(
     assert client.get("/staff/backtests/bt%2F..").status_code == 404
     token = csrf_of(client.get("/staff/rule-sets").text)
     assert client.post("/staff/rule-sets/2/backtest", data={"csrf_token": token}).status_code == 403
+
+
+def test_a_running_backtest_is_cancelled_from_its_page_and_then_says_so(
+    client: TestClient, backend: AuthoringBackend
+) -> None:
+    as_staff(client, "reviewer")
+    token = csrf_of(client.get("/staff/rule-sets/2").text)
+    running = client.post("/staff/rule-sets/2/backtest", data={"csrf_token": token})  # its page
+    assert "Backtest: Running" in running.text
+    assert 'action="/staff/backtests/bt-1/cancel"' in running.text
+    done = client.post(
+        "/staff/backtests/bt-1/cancel", data={"csrf_token": csrf_of(running.text)}, follow_redirects=False
+    )
+    assert (done.status_code, done.headers["location"]) == (303, "/staff/backtests/bt-1")
+    page = client.get("/staff/backtests/bt-1")
+    assert "Backtest: Cancelled" in page.text
+    assert "by reviewer-1" in page.text
+    # Its progress as it was when it stopped; nothing more to cancel or to wait for.
+    assert "300 of 1,200 stored events replayed (25 %)." in page.text
+    assert "/cancel" not in page.text
+    assert "Check progress" not in page.text
+    assert "<td>Cancelled</td>" in client.get("/staff/rule-sets/2").text
+    # A finished backtest: the service's refusal, in words.
+    client.post("/staff/rule-sets/2/backtest", data={"csrf_token": token})
+    client.get("/staff/backtests/bt-2")
+    assert client.post("/staff/backtests/bt-2/cancel", data={"csrf_token": token}).status_code == 409
+    # An auditor reads a running backtest but is offered no cancel, and may not post one.
+    client.post("/staff/rule-sets/2/backtest", data={"csrf_token": token})
+    backend.jobs["bt-3"]["reads"] = 0  # the fake's next read shows it running
+    as_staff(client, "auditor")
+    page = client.get("/staff/backtests/bt-3")
+    assert "Backtest: Running" in page.text
+    assert "/cancel" not in page.text
+    token = csrf_of(client.get("/staff/rule-sets").text)
+    assert client.post("/staff/backtests/bt-3/cancel", data={"csrf_token": token}).status_code == 403
+    # An admin may cancel anyone's.
+    as_staff(client, "admin")
+    backend.jobs["bt-3"]["reads"] = 0
+    page = client.get("/staff/backtests/bt-3")
+    assert 'action="/staff/backtests/bt-3/cancel"' in page.text
+    client.post("/staff/backtests/bt-3/cancel", data={"csrf_token": csrf_of(page.text)})
+    assert "by admin-1" in client.get("/staff/backtests/bt-3").text
+    assert methods(backend).count("CancelBacktest") == 3
 
 
 def test_publishing_restates_the_backtest_and_lands_under_the_staff_members_name(
