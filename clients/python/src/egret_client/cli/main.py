@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from egret_client.cli import audit, cases, dev, policy, profiles, reads, rules
+from egret_client.cli import audit, cases, dev, events, policy, profiles, reads, rules, submit
 from egret_client.cli.common import State
 from egret_client.cli.output import Format
 
@@ -46,6 +46,8 @@ def main(
 
 
 app.add_typer(profiles.app, name="profile")
+app.command("submit")(submit.submit)
+app.add_typer(events.app, name="events")  # events retract|correct
 app.add_typer(rules.app, name="rules")
 app.add_typer(policy.app, name="policy")
 app.add_typer(reads.app)  # score …, eligibility …, access-log
