@@ -124,6 +124,9 @@ bench-history: setup ## Benchmark: CPU per as-corrected ListScoreHistory call, 1
 bench-portal: setup ## Benchmark: the portal's time per page at 20 req/s, services, provider and portal on this machine (My credit p95 <= 150 ms)
 	$(PY) -m bench.portal $(BENCH_ARGS)
 
+bench-backfill: setup ## Benchmark: egret submit of a 1M-event JSON Lines file (check, send, drain), CLI CPU per event (BENCH_ARGS=--events 200000)
+	$(PY) -m bench.backfill $(BENCH_ARGS)
+
 chaos: setup ## Chaos: 50k events under 10 random SIGKILLs vs an uninterrupted run (CHAOS_ARGS=--postgres URL --seed N)
 	$(PY) -m bench.chaos $(CHAOS_ARGS)
 
@@ -135,4 +138,4 @@ client-dist: setup ## Build the Python client's wheel (clients/python, with the 
 clean: ## Remove the virtual environment, generated stubs, local data, npm tools and test artefacts
 	rm -rf $(VENV) gen var .tools test-artefacts
 
-.PHONY: help setup client-dist browser-tools node-example protos run test fuzz lint breaking typecheck bench bench-backtest bench-rules-memory bench-query bench-history bench-portal chaos manifests deploy-check clean
+.PHONY: help setup client-dist browser-tools node-example protos run test fuzz lint breaking typecheck bench bench-backtest bench-rules-memory bench-query bench-history bench-portal bench-backfill chaos manifests deploy-check clean
