@@ -1,7 +1,7 @@
 """`egret rules …` against the four real services: a rule set's lifecycle from a file (the
 sample rule set, and a candidate made from it that takes 60 points instead of 3 for a late
 library return), its problems at their path and line, comparisons, and backtests in the
-background (followed to their report, detached and read again, left running by Ctrl-C).
+background (followed to their report, detached and read again, cancelled by Ctrl-C).
 
 History: 40 residents each returned a book 40 days late yesterday, so the active sample
 gives each 997 (tier A) and the candidate 940 (tier B)."""
@@ -274,29 +274,63 @@ def test_a_detached_backtest_is_read_again_by_its_id(world: Egret, candidate: in
     assert [backtest_id, str(candidate), "succeeded", "100%"] == rows(listed.stdout)[0][:4]
     assert len(rows(listed.stdout)) == 3
 
+    finished = world("-p", "admin", "rules", "backtests", "cancel", backtest_id)
+    assert finished.code == 1
+    assert "FAILED_PRECONDITION" in finished.stderr
+
     unknown = world("-p", "reviewer", "rules", "backtests", "get", "no-such-backtest")
     assert unknown.code == 1
     assert "NOT_FOUND" in unknown.stderr
 
 
-def test_ctrl_c_stops_following_and_the_backtest_goes_on(world: Egret, candidate: int) -> None:
-    process = spawn(
-        world, "-p", "reviewer", "rules", "backtest", str(candidate), "--interval", "0.2",
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    assert process.stderr is not None
-    started = process.stderr.readline()
-    assert "started for rule set" in started, started
-    backtest_id = started.split()[1]
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr
+def test_ctrl_c_cancels_the_backtest_the_command_started_and_only_stops_a_watch(
+    world: Egret, candidate: int
+) -> None:
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    started = spawn(
+        world, "-p", "reviewer", "rules", "backtest", str(candidate), "--interval", "0.2", **pipes
+    )
+    assert started.stderr is not None
+    line = started.stderr.readline()
+    assert "started for rule set" in line, line
+    backtest_id = line.split()[1]
+
+    # Someone watching it and pressing Ctrl-C stops watching; the backtest goes on.
+    watching = spawn(world, "-p", "auditor", "rules", "backtests", "get", backtest_id, "--watch", **pipes)
+    assert watching.stderr is not None
+    line = watching.stderr.readline()
+    assert f"watching backtest {backtest_id}" in line, line
+    watching.send_signal(signal.SIGINT)
+    stdout, stderr = watching.communicate(timeout=60)
+    assert watching.returncode == 130, stderr
     assert f"stopped following; backtest {backtest_id} goes on" in stderr
     assert stdout == ""
 
-    watched = world("-p", "reviewer", "rules", "backtests", "get", backtest_id, "--watch", "-o", "json")
-    assert watched.code == 0, watched.stderr
-    assert watched.json()["state"] == "BACKTEST_STATE_SUCCEEDED"
+    # Its starter pressing Ctrl-C cancels it.
+    started.send_signal(signal.SIGINT)
+    stdout, stderr = started.communicate(timeout=60)
+    assert started.returncode == 130, stderr
+    assert f"interrupted: cancelling backtest {backtest_id}" in stderr
+    assert f"backtest {backtest_id} cancelled by reviewer-demo after" in stderr
+    assert stdout == ""
+
+    stored = world("-p", "reviewer", "rules", "backtests", "get", backtest_id, "-o", "json")
+    assert stored.code == 1  # a cancelled backtest has no report
+    job = stored.json()
+    assert (job["state"], job["cancelled_by"]) == ("BACKTEST_STATE_CANCELLED", "reviewer-demo")
+    assert "report" not in job
+    assert f"backtest {backtest_id} cancelled: cancelled by reviewer-demo" in stored.stderr
+
+    # Cancelling it again changes nothing; the slot is free for the next backtest.
+    again = world("-p", "admin", "rules", "backtests", "cancel", backtest_id)
+    assert again.code == 0, again.stderr
+    assert record(again.stdout)["state"] == "cancelled"
+    assert record(again.stdout)["cancelled by"] == "reviewer-demo"
+    detached = world("-p", "reviewer", "rules", "backtest", str(candidate), "-d", "-o", "json")
+    assert detached.code == 0, detached.stderr
+    assert world(
+        "-p", "reviewer", "rules", "backtests", "get", detached.json()["backtest_id"], "--watch"
+    ).code == 0  # fmt: skip
 
 
 # -- activation and retirement; roles ----------------------------------------------------------
@@ -338,6 +372,7 @@ def test_activate_then_retire_the_former_version(world: Egret, candidate: int) -
         ("department", ("rules", "list")),
         ("subject", ("rules", "diff", "candidate.yaml")),
         ("auditor", ("rules", "backtest", "1")),
+        ("auditor", ("rules", "backtests", "cancel", "any")),
         ("department", ("rules", "backtests", "list")),
     ],
 )
@@ -355,6 +390,7 @@ def test_every_command_says_what_it_does(world: Egret) -> None:
         ("rules",), ("rules", "validate"), ("rules", "diff"), ("rules", "draft"), ("rules", "publish"),
         ("rules", "activate"), ("rules", "retire"), ("rules", "show"), ("rules", "list"),
         ("rules", "backtest"), ("rules", "backtests", "get"), ("rules", "backtests", "list"),
+        ("rules", "backtests", "cancel"),
     ]  # fmt: skip
     for command in commands:
         helped = world(*command, "--help")

@@ -1,11 +1,12 @@
-"""`egret rules backtest ID` and `egret rules backtests list|get`: a rule set's
+"""`egret rules backtest ID` and `egret rules backtests list|get|cancel`: a rule set's
 backtest as a long-running operation on the rules service (docs/backtests.md).
 
 StartBacktest answers at once with the job; the command then polls GetBacktest, showing
 events replayed over events to replay on stderr, and prints the stored report. Nothing
 lives in the client: `--detach` returns with the id, and `backtests get ID` reads the
-job (and its report) again, or follows it with `--watch`. Ctrl-C stops following a
-backtest; the backtest goes on. docs/cli-rules.md is the reference.
+job (and its report) again, or follows it with `--watch`. Ctrl-C on the command that
+started a backtest asks the service to cancel it (CancelBacktest); Ctrl-C on a `--watch`
+only stops watching. docs/cli-rules.md is the reference.
 """
 
 from __future__ import annotations
@@ -14,30 +15,25 @@ import asyncio
 from collections.abc import Awaitable
 from typing import Annotated, Any
 
+import grpc
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from egret.rules.v1 import backtest_pb2 as bt
 from egret.rules.v1 import rules_service_pb2_grpc as pb_grpc
-from egret_client.cli.common import State, fail, run, state, when
+from egret_client.cli.common import State, fail, listing, pages, run, show, state, when, word
+from egret_client.cli.options import AllPages, PageSize, PageToken, instant, reflowed
 from egret_client.cli.output import err, fields, out, table
-from egret_client.cli.reads import (
-    AllPages,
-    PageSize,
-    PageToken,
-    instant,
-    listing,
-    pages,
-    reflowed,
-    show,
-    word,
-)
 from egret_client.connection import Connection
+from egret_client.errors import error_report
 
-app = typer.Typer(help="Backtests run in the background: list them, read one again.")
+app = typer.Typer(help="Backtests run in the background: list them, read one again, cancel one.")
 
 # The exit code of a command stopped by Ctrl-C, as shells report SIGINT.
 INTERRUPTED = 130
+# CancelBacktest answers once the replay has stopped, waiting up to 30 s for it: more than
+# the default deadline leaves it room.
+CANCEL_DEADLINE_S = 45.0
 
 _FINISHED = frozenset({bt.BACKTEST_STATE_SUCCEEDED, bt.BACKTEST_STATE_FAILED, bt.BACKTEST_STATE_CANCELLED})
 
@@ -114,10 +110,31 @@ def take_back_interrupt() -> None:
 
 
 def stop_following(backtest_id: str) -> typer.Exit:
-    """Ctrl-C while following a backtest: stop following it; it goes on."""
+    """Ctrl-C while watching a backtest: stop watching it; it goes on."""
     take_back_interrupt()
     err.print(
         f"stopped following; backtest {backtest_id} goes on: egret rules backtests get {backtest_id} --watch",
+        highlight=False,
+    )
+    return typer.Exit(INTERRUPTED)
+
+
+async def cancel_interrupted(rules: pb_grpc.RulesServiceAsyncStub, backtest_id: str) -> typer.Exit:
+    """Ctrl-C while following a backtest this command started: ask the service to cancel it
+    (a finished one is refused: the refusal says so, and how to read it)."""
+    take_back_interrupt()
+    err.print(f"interrupted: cancelling backtest {backtest_id}", highlight=False)
+    request = bt.CancelBacktestRequest(backtest_id=backtest_id)
+    try:
+        job = (await rules.CancelBacktest(request, timeout=CANCEL_DEADLINE_S)).backtest
+    except grpc.aio.AioRpcError as exc:
+        for line in error_report(exc).lines():
+            err.print(line, highlight=False, markup=False)
+        err.print(f"read it with: egret rules backtests get {backtest_id}", highlight=False)
+        return typer.Exit(INTERRUPTED)
+    err.print(
+        f"backtest {backtest_id} {state_word(job.state)} by {job.cancelled_by} after "
+        f"{job.events_replayed:,} of {job.events_total:,} events",
         highlight=False,
     )
     return typer.Exit(INTERRUPTED)
@@ -279,9 +296,8 @@ def start(
 
     The rules service replays the stored history through the candidate and the active rule
     set in the background (StartBacktest); the command shows its progress on stderr, then
-    the report as tables. Ctrl-C stops following and leaves the backtest running. With
-    --detach it prints the backtest's id and returns; egret rules backtests get ID reads it
-    later.
+    the report as tables. Ctrl-C cancels the backtest (CancelBacktest). With --detach it
+    prints the backtest's id and returns; egret rules backtests get ID reads it later.
     """
     request = bt.BacktestRuleSetRequest(
         rule_set_id=rule_set_id,
@@ -303,7 +319,7 @@ def start(
         try:
             job = await follow(egret.rules, job, interval)
         except asyncio.CancelledError:
-            raise stop_following(job.backtest_id) from None
+            raise await cancel_interrupted(egret.rules, job.backtest_id) from None
         return await with_subjects(egret.rules, job, purpose, purpose_note)
 
     job = run(ctx, work)
@@ -337,7 +353,8 @@ def get(
 
     async def work(egret: Connection, settings: State) -> bt.BacktestJob:
         job = (await egret.rules.GetBacktest(bt.GetBacktestRequest(backtest_id=backtest_id))).backtest
-        if watch:
+        if watch and job.state not in _FINISHED:
+            err.print(f"watching backtest {backtest_id}; Ctrl-C stops watching, it goes on", highlight=False)
             try:
                 job = await follow(egret.rules, job, interval)
             except asyncio.CancelledError:
@@ -377,3 +394,20 @@ def list_backtests(
             for j in answer.backtests
         ),
     )  # fmt: skip
+
+
+@app.command("cancel")
+@reflowed
+def cancel(ctx: typer.Context, backtest_id: BacktestId) -> None:
+    """Stop a queued or running backtest; its progress is kept, no report is stored.
+
+    A reviewer cancels the backtests it started, an admin any. Cancelling a cancelled
+    backtest changes nothing; a finished one is refused.
+    """
+
+    async def work(egret: Connection, settings: State) -> bt.CancelBacktestResponse:
+        request = bt.CancelBacktestRequest(backtest_id=backtest_id)
+        return await egret.rules.CancelBacktest(request, timeout=CANCEL_DEADLINE_S)
+
+    answer = run(ctx, work)
+    show(state(ctx).output, answer, lambda: fields(job_rows(answer.backtest), title="Backtest"))

@@ -15,10 +15,10 @@ import typer
 
 from egret.common.v1 import subject_pb2
 from egret.score.v1 import score_service_pb2 as pb
-from egret_client.cli.common import Exit, State, fail, run, state, when
+from egret_client.cli.common import Exit, State, fail, run, show, state, when, word
 from egret_client.cli.documents import read_document, refused_in_place
+from egret_client.cli.options import reflowed
 from egret_client.cli.output import Format, emit, fields, out, table
-from egret_client.cli.reads import reflowed, show, word
 from egret_client.connection import Connection
 
 app = typer.Typer(help="The score policy: preview a new one, activate it, list the activations.")

@@ -14,20 +14,29 @@ import typer
 
 from egret.common.v1 import due_process_pb2, event_pb2, outcome_pb2, subject_pb2
 from egret.query.v1 import query_service_pb2 as query_pb
-from egret_client.cli.common import State, day, joined, optional_subject, read_pages, run, when, yes_no
-
-# The names imported "as" themselves are re-exported: rules.py, backtests.py and policy.py
-# still import them from here. Once they import them from common.py and options.py, drop "as".
-from egret_client.cli.common import listing as listing  # noqa: PLC0414
-from egret_client.cli.common import pages as pages  # noqa: PLC0414
-from egret_client.cli.common import show as show  # noqa: PLC0414
-from egret_client.cli.common import word as word  # noqa: PLC0414
-from egret_client.cli.options import AllPages as AllPages  # noqa: PLC0414
-from egret_client.cli.options import AsOf, Purpose, PurposeNote
-from egret_client.cli.options import PageSize as PageSize  # noqa: PLC0414
-from egret_client.cli.options import PageToken as PageToken  # noqa: PLC0414
-from egret_client.cli.options import instant as instant  # noqa: PLC0414
-from egret_client.cli.options import reflowed as reflowed  # noqa: PLC0414
+from egret_client.cli.common import (
+    State,
+    day,
+    joined,
+    listing,
+    optional_subject,
+    read_pages,
+    run,
+    show,
+    when,
+    word,
+    yes_no,
+)
+from egret_client.cli.options import (
+    AllPages,
+    AsOf,
+    PageSize,
+    PageToken,
+    Purpose,
+    PurposeNote,
+    instant,
+    reflowed,
+)
 from egret_client.cli.output import fields, table
 from egret_client.connection import Connection
 

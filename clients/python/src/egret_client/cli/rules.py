@@ -3,7 +3,7 @@
     egret rules validate FILE            egret rules draft FILE
     egret rules diff [A] B               egret rules publish|activate|retire ID
     egret rules list                     egret rules show ID|active
-    egret rules backtest ID [--detach]   egret rules backtests list|get
+    egret rules backtest ID [--detach]   egret rules backtests list|get|cancel
 
 Every command calls RulesService; the format of a rule set is the service's
 (docs/rules.md), so the command line only reads it to place a problem on its line and to
@@ -27,10 +27,10 @@ from rich.text import Text
 from egret.rules.v1 import rules_service_pb2 as pb
 from egret.rules.v1 import rules_service_pb2_grpc as pb_grpc
 from egret_client.cli import backtests
-from egret_client.cli.common import Exit, State, fail, run, state, when
+from egret_client.cli.common import Exit, State, fail, listing, pages, run, show, state, when, word
 from egret_client.cli.documents import problem_lines, problems_table, read_document, refused_in_place
+from egret_client.cli.options import AllPages, PageSize, PageToken, reflowed
 from egret_client.cli.output import Format, as_data, emit, err, fields, out, table
-from egret_client.cli.reads import AllPages, PageSize, PageToken, listing, pages, reflowed, show, word
 from egret_client.connection import Connection
 
 app = typer.Typer(
