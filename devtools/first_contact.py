@@ -8,6 +8,7 @@ tests/e2e/test_first_contact.py runs each of them against a cluster set up this 
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import shlex
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from devtools.client_config import default_identities, write_client_config
 from devtools.cluster import Cluster
 from devtools.localpki import OPERATOR
 from devtools.oidc.config import SAMPLE_RESIDENT_ID
+from egret.rules.v1 import rules_service_pb2
+from egret_client import Connection, load_profile
 
 # config/rulesets/ holds the rule sets rules starts with; the candidate is the active one
 # with the late-library-book penalty doubled, so a backtest has something to show.
@@ -72,15 +75,29 @@ def write_candidate_rules(path: Path) -> Path:
     rule = source.index("id: library.late_return")
     points = source.index("points: -3", rule)
     candidate = source[:points] + "points: -6" + source[points + len("points: -3") :]
+    candidate = candidate.replace("\nversion: 2\n", "\nversion: 3\n", 1)
     path.write_text(
         "# A candidate written by `make run`: config/rulesets/sample.yaml with the late-return\n"
-        "# penalty doubled (-3 -> -6). Draft it and backtest it (var/demo/README.md).\n" + candidate,
+        "# penalty doubled (-3 -> -6), as version 3. Backtest it (var/demo/README.md).\n" + candidate,
         encoding="utf-8",
     )
     return path
 
 
-def commands(directory: Path, config: Path, query_address: str) -> tuple[Command, ...]:
+def store_candidate(config: Path, path: Path) -> int:
+    """Store the candidate as a draft, as the reviewer profile (reviewers author rule sets);
+    its id, for the admin's backtest command."""
+
+    request = rules_service_pb2.CreateDraftRequest(source=path.read_text(encoding="utf-8"))
+
+    async def draft() -> int:
+        async with Connection(load_profile("reviewer", config)) as egret:
+            return int((await egret.rules.CreateDraft(request)).rule_set.rule_set_id)
+
+    return asyncio.run(draft())
+
+
+def commands(directory: Path, config: Path, query_address: str, draft_id: int) -> tuple[Command, ...]:
     """The commands a newcomer copies, relative to the repository when the files are in it."""
     pki = directory / "pki"
     events = _relative(directory / "sample-events.csv")
@@ -108,10 +125,9 @@ def commands(directory: Path, config: Path, query_address: str) -> tuple[Command
         Command("submit a CSV file as a department (the library)", f"egret -p department submit {events}"),
         Command("read the sample resident's score as a reviewer", f"egret -p reviewer score get {subject}"),
         Command("why: each entry, its rule and evidence", f"egret -p reviewer score explain {subject}"),
-        Command("draft a candidate rule set as an admin", f"egret -p admin rules draft {candidate}"),
         Command(
-            "backtest it against stored history (the draft's id from the line above)",
-            "egret -p admin rules backtest DRAFT_ID",
+            f"backtest draft {draft_id} ({candidate}) against the stored history, as an admin",
+            f"egret -p admin rules backtest {draft_id}",
         ),
         Command("the same score read with grpcurl (TLS, client certificate, token)", grpcurl),
     )
@@ -121,8 +137,8 @@ def write_first_contact(cluster: Cluster, directory: Path) -> FirstContact:
     """Tokens and profiles (devtools.client_config), the sample files and README.md."""
     config = write_client_config(cluster, directory, default_identities(SAMPLE_RESIDENT_ID))
     write_sample_events(directory / "sample-events.csv")
-    write_candidate_rules(directory / "candidate-ruleset.yaml")
-    steps = commands(directory, config, cluster.address("query"))
+    candidate = write_candidate_rules(directory / "candidate-ruleset.yaml")
+    steps = commands(directory, config, cluster.address("query"), store_candidate(config, candidate))
     readme = [
         "# This local Egret",
         "",
@@ -139,7 +155,8 @@ def write_first_contact(cluster: Cluster, directory: Path) -> FirstContact:
         "- `pki/`: the throwaway CA (`ca.pem`) and the client certificate every profile uses",
         "  (`operator.pem`, `operator-key.pem`; score requires mutual TLS).",
         "- `sample-events.csv`: a library's export about the sample resident;",
-        "  `candidate-ruleset.yaml`: the sample rule set with one penalty doubled.",
+        "  `candidate-ruleset.yaml`: the sample rule set with one penalty doubled, stored as a",
+        "  draft by the reviewer profile (reviewers author rule sets; admins may backtest them).",
         "",
         "From the repository's root, try in order:",
         "",

@@ -2,8 +2,9 @@
 events; query (a service token with the read scope) reads the active rule set and the
 versions its outcomes name; the portal (the public read scope) reads the active rule set
 only; reviewers own the rule sets and run backtests; auditors read both; admins handle
-dead letters, read backtests and cancel any (a reviewer cancels only the backtests it
-started: the servicer checks that, BacktestJobs.cancel)."""
+dead letters, run backtests of stored rule sets (config/purposes.yaml lets them state
+rule-backtest; a backtest changes nothing live) and cancel any (a reviewer cancels only
+the backtests it started: the servicer checks that, BacktestJobs.cancel)."""
 
 from __future__ import annotations
 
@@ -26,9 +27,9 @@ POLICY: Mapping[str, CallPolicy] = {
     _RPC + "ActivateRuleSet": allow(Role.REVIEWER),
     _RPC + "RetireRuleSet": allow(Role.REVIEWER),
     # Replays the recorded history: the dearest call of all.
-    _RPC + "BacktestRuleSet": allow(Role.REVIEWER, cost=50),
+    _RPC + "BacktestRuleSet": allow(Role.REVIEWER, Role.ADMIN, cost=50),
     # The same replay, in the background.
-    _RPC + "StartBacktest": allow(Role.REVIEWER, cost=50),
+    _RPC + "StartBacktest": allow(Role.REVIEWER, Role.ADMIN, cost=50),
     # Its starter's (a reviewer) or, to free the instance's one backtest slot, an admin's.
     _RPC + "CancelBacktest": allow(Role.REVIEWER, Role.ADMIN),
     _RPC + "GetBacktest": allow(*_READERS),

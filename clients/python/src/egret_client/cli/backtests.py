@@ -20,8 +20,10 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from egret.rules.v1 import backtest_pb2 as bt
+from egret.rules.v1 import rules_service_pb2 as pb
 from egret.rules.v1 import rules_service_pb2_grpc as pb_grpc
 from egret_client.cli.common import State, fail, listing, pages, run, show, state, when, word
+from egret_client.cli.documents import read_document, refused_in_place
 from egret_client.cli.options import AllPages, PageSize, PageToken, instant, reflowed
 from egret_client.cli.output import err, fields, out, table
 from egret_client.connection import Connection
@@ -264,8 +266,13 @@ def show_job(settings: State, job: bt.BacktestJob) -> None:
 @reflowed
 def start(
     ctx: typer.Context,
-    rule_set_id: Annotated[
-        int, typer.Argument(metavar="ID", help="The candidate: a stored draft or version (egret rules list).")
+    candidate: Annotated[
+        str,
+        typer.Argument(
+            metavar="ID|FILE",
+            help="The candidate: a stored draft or version (egret rules list), or a rule-set file, "
+            "stored as a draft first.",
+        ),
     ],
     *,
     occurred_from: Annotated[
@@ -298,9 +305,11 @@ def start(
     set in the background (StartBacktest); the command shows its progress on stderr, then
     the report as tables. Ctrl-C cancels the backtest (CancelBacktest). With --detach it
     prints the backtest's id and returns; egret rules backtests get ID reads it later.
+    Given a FILE, it stores the file as a draft first (CreateDraft) and backtests that.
     """
+    source = None if candidate.isdigit() else read_document(candidate)
     request = bt.BacktestRuleSetRequest(
-        rule_set_id=rule_set_id,
+        rule_set_id=int(candidate) if source is None else 0,
         occurred_from=instant(occurred_from, "--from"),
         occurred_to=instant(occurred_to, "--to"),
         sample_fraction=sample,
@@ -312,8 +321,13 @@ def start(
     )
 
     async def work(egret: Connection, settings: State) -> bt.BacktestJob:
+        if source is not None:
+            call = egret.rules.CreateDraft(pb.CreateDraftRequest(source=source))
+            drafted = await refused_in_place(call, source, candidate, "source")
+            request.rule_set_id = drafted.rule_set.rule_set_id
+            err.print(f"{candidate} stored as draft {request.rule_set_id}", highlight=False)
         job = (await egret.rules.StartBacktest(bt.StartBacktestRequest(backtest=request))).backtest
-        err.print(f"backtest {job.backtest_id} started for rule set {rule_set_id}", highlight=False)
+        err.print(f"backtest {job.backtest_id} started for rule set {request.rule_set_id}", highlight=False)
         if detach:
             return job
         try:
