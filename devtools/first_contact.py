@@ -51,7 +51,7 @@ def _relative(path: Path) -> str:
 
 
 def write_sample_events(path: Path, resident_id: str = SAMPLE_RESIDENT_ID) -> Path:
-    """A department's CSV export (the format `egret submit` reads, docs/cli.md): the library's
+    """A department's CSV export (the format `egret submit` reads, docs/cli-submit.md): the library's
     returns for the sample resident over the last weeks, twelve on time (a window rule awards
     points for 12 in a year) and one 45 days late (a penalty)."""
     today = datetime.now(UTC).replace(hour=10, minute=0, second=0, microsecond=0)
@@ -103,6 +103,9 @@ def commands(directory: Path, config: Path, query_address: str, draft_id: int) -
     events = _relative(directory / "sample-events.csv")
     candidate = _relative(directory / "candidate-ruleset.yaml")
     subject = f"resident-id:{SAMPLE_RESIDENT_ID}"
+    # Whole commands, so that any one can be copied alone: the venv's egret (make setup) with
+    # the config make run wrote (or `source .venv/bin/activate; export EGRET_CONFIG=...`).
+    egret = f".venv/bin/egret --config {shlex.quote(_relative(config))}"
     grpcurl_body = (
         '{"subject": {"subject": {"kind": "SUBJECT_KIND_PERSON", "id_scheme": "resident-id", '
         f'"id_value": "{SAMPLE_RESIDENT_ID}"}}}}, "purpose": "subject-request"}}'
@@ -121,13 +124,12 @@ def commands(directory: Path, config: Path, query_address: str, draft_id: int) -
         ]
     )
     return (
-        Command("use the profiles make run wrote", f"export EGRET_CONFIG={shlex.quote(_relative(config))}"),
-        Command("submit a CSV file as a department (the library)", f"egret -p department submit {events}"),
-        Command("read the sample resident's score as a reviewer", f"egret -p reviewer score get {subject}"),
-        Command("why: each entry, its rule and evidence", f"egret -p reviewer score explain {subject}"),
+        Command("submit a CSV file as a department (the library)", f"{egret} -p department submit {events}"),
+        Command("read the sample resident's score as a reviewer", f"{egret} -p reviewer score get {subject}"),
+        Command("why: each entry, its rule and evidence", f"{egret} -p reviewer score explain {subject}"),
         Command(
             f"backtest draft {draft_id} ({candidate}) against the stored history, as an admin",
-            f"egret -p admin rules backtest {draft_id}",
+            f"{egret} -p admin rules backtest {draft_id}",
         ),
         Command("the same score read with grpcurl (TLS, client certificate, token)", grpcurl),
     )
@@ -151,14 +153,15 @@ def write_first_contact(cluster: Cluster, directory: Path) -> FirstContact:
         "",
         "- `egret.yaml`: one `egret` profile per role (department, reviewer, auditor, admin,",
         "  benefit-provider, subject), each with its token in `tokens/` (24 h; renew with",
-        "  `egret -p admin dev token --role ROLE -w tokens/ROLE.token`).",
+        "  `egret -p admin dev token --role ROLE -w var/demo/tokens/ROLE.token`).",
         "- `pki/`: the throwaway CA (`ca.pem`) and the client certificate every profile uses",
         "  (`operator.pem`, `operator-key.pem`; score requires mutual TLS).",
         "- `sample-events.csv`: a library's export about the sample resident;",
         "  `candidate-ruleset.yaml`: the sample rule set with one penalty doubled, stored as a",
         "  draft by the reviewer profile (reviewers author rule sets; admins may backtest them).",
         "",
-        "From the repository's root, try in order:",
+        "From the repository's root, try in order (or `source .venv/bin/activate` and",
+        f"`export EGRET_CONFIG={_relative(config)}`, then `egret -p ROLE ...`):",
         "",
         "```sh",
         *(line for step in steps for line in (f"# {step.what}", step.shell)),

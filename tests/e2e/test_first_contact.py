@@ -35,6 +35,7 @@ def contact(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster,
     root = tmp_path_factory.mktemp("newcomer")
     with Cluster(root / "var" / "demo") as cluster:
         cluster.wait_healthy()
+        (root / ".venv").symlink_to(Path(sys.prefix))  # the repository's venv, as make setup made it
         here = Path.cwd()
         os.chdir(root)  # the commands name files relative to where make run was started
         try:
@@ -44,9 +45,14 @@ def contact(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster,
         yield cluster, written, root
 
 
-def sh(command: str, root: Path, exports: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, **exports, "PATH": f"{BIN}:{os.environ['PATH']}", "COLUMNS": "200", "NO_COLOR": "1"}
-    env.pop("EGRET_PROFILE", None)
+def sh(
+    command: str, root: Path, exports: dict[str, str], *, activated: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """`command` in bash from `root`; `activated`: with the venv's bin first on PATH, as after
+    `source .venv/bin/activate` (the guide's commands); else as a fresh shell has it."""
+    path = f"{BIN}:{os.environ['PATH']}" if activated else os.environ["PATH"].replace(f"{BIN}:", "")
+    inherited = {k: v for k, v in os.environ.items() if k not in ("EGRET_PROFILE", "EGRET_CONFIG")}
+    env = {**inherited, **exports, "PATH": path, "COLUMNS": "200", "NO_COLOR": "1"}
     return subprocess.run(
         ["bash", "-c", command], cwd=root, env=env, capture_output=True, text=True, timeout=300, check=False
     )
@@ -73,25 +79,39 @@ def test_the_readme_lists_the_commands_and_every_file_it_names_exists(
 
 def test_the_printed_egret_commands_work_as_printed(contact: tuple[Cluster, FirstContact, Path]) -> None:
     cluster, written, root = contact
-    export = written.commands[0].shell
-    assert export.startswith("export EGRET_CONFIG=")
-    exports = {"EGRET_CONFIG": str(root / shlex.split(export.split("=", 1)[1])[0])}
+    exports: dict[str, str] = {}  # each printed command stands alone
 
-    submitted = sh(step(written, "egret -p department submit").shell, root, exports)
+    submitted = sh(
+        step(written, ".venv/bin/egret --config var/demo/egret.yaml -p department submit").shell,
+        root,
+        exports,
+    )
     assert submitted.returncode == 0, submitted.stderr
     assert "13" in submitted.stdout
     cluster.wait_drained()
 
-    score = sh(step(written, "egret -p reviewer score get").shell, root, exports)
+    score = sh(
+        step(written, ".venv/bin/egret --config var/demo/egret.yaml -p reviewer score get").shell,
+        root,
+        exports,
+    )
     assert score.returncode == 0, score.stderr
     assert "+5" in score.stdout or "5" in score.stdout
 
-    explained = sh(step(written, "egret -p reviewer score explain").shell, root, exports)
+    explained = sh(
+        step(written, ".venv/bin/egret --config var/demo/egret.yaml -p reviewer score explain").shell,
+        root,
+        exports,
+    )
     assert explained.returncode == 0, explained.stderr
     assert "library.late_return" in explained.stdout
     assert "library.returns_on_time" in explained.stdout
 
-    backtest = sh(step(written, "egret -p admin rules backtest").shell, root, exports)
+    backtest = sh(
+        step(written, ".venv/bin/egret --config var/demo/egret.yaml -p admin rules backtest").shell,
+        root,
+        exports,
+    )
     assert backtest.returncode == 0, backtest.stderr
     assert "started for rule set 2" in backtest.stderr  # the guide says make run stores draft 2
     assert "succeeded" in backtest.stdout.lower()
@@ -171,7 +191,7 @@ def test_every_command_of_the_integrators_guide_runs(contact: tuple[Cluster, Fir
             # The guide shows make run's port; the test's cluster listens on a free one.
             assert line.replace("127.0.0.1:50054", cluster.address("query")) == step(written, "grpcurl").shell
             continue
-        done = sh(line, root, exports)
+        done = sh(line, root, exports, activated=True)
         assert done.returncode == 0, f"{line}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
         if " submit " in line:
             cluster.wait_drained()
