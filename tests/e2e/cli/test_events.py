@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 
 from egret.ingest.v1 import ingest_service_pb2 as ingest_pb
 from egret.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 from tests.e2e.cli.conftest import RESIDENT_ID, Egret
 from tests.e2e.cli.test_reads import record
+from tests.e2e.cli.test_submit import ingest_rows
 from tests.support.events import event
 
 DAY = datetime.now(UTC).replace(microsecond=0) - timedelta(days=2)
@@ -26,17 +26,10 @@ DAY = datetime.now(UTC).replace(microsecond=0) - timedelta(days=2)
 
 def retractions(egret: Egret) -> dict[str, tuple[str, str | None]]:
     """event_id → (reason, replaced by) of the library's retractions in ingest's database."""
-    engine = sa.create_engine(egret.cluster.database_url("ingest"))
-    try:
-        with engine.connect() as connection:
-            rows = connection.execute(
-                sa.text(
-                    "SELECT event_id, reason, replaced_by_event_id FROM ingest_retractions "
-                    "WHERE source = 'library'"
-                )
-            ).all()
-    finally:
-        engine.dispose()
+    rows = ingest_rows(
+        egret,
+        "SELECT event_id, reason, replaced_by_event_id FROM ingest_retractions WHERE source = 'library'",
+    )
     return {row[0]: (row[1], row[2]) for row in rows}
 
 

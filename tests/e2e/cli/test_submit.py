@@ -63,22 +63,25 @@ def write_jsonl(path: Path, events: list[dict[str, Any]]) -> Path:
     return path
 
 
-def stored(egret: Egret, prefix: str) -> tuple[int, int]:
-    """(rows, distinct event ids) of the library's events whose id starts with `prefix`, in
-    ingest's own database."""
+def ingest_rows(egret: Egret, sql: str, **params: str) -> list[tuple[Any, ...]]:
+    """The rows of a query on ingest's own database (what it really stored)."""
     engine = sa.create_engine(egret.cluster.database_url("ingest"))
     try:
         with engine.connect() as connection:
-            row = connection.execute(
-                sa.text(
-                    "SELECT count(*), count(DISTINCT event_id) FROM ingest_events "
-                    "WHERE source = 'library' AND event_id LIKE :prefix"
-                ),
-                {"prefix": prefix + "%"},
-            ).one()
+            return [tuple(row) for row in connection.execute(sa.text(sql), params)]
     finally:
         engine.dispose()
-    return int(row[0]), int(row[1])
+
+
+def stored(egret: Egret, prefix: str) -> tuple[int, int]:
+    """(rows, distinct event ids) of the library's events whose id starts with `prefix`."""
+    ((rows, distinct),) = ingest_rows(
+        egret,
+        "SELECT count(*), count(DISTINCT event_id) FROM ingest_events "
+        "WHERE source = 'library' AND event_id LIKE :prefix",
+        prefix=prefix + "%",
+    )
+    return int(rows), int(distinct)
 
 
 def settled(egret: Egret, prefix: str) -> int:
