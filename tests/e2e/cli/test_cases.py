@@ -23,8 +23,7 @@ from egret.query.v1 import query_service_pb2_grpc as query_grpc
 from egret.score.v1 import score_service_pb2 as score_pb
 from egret.score.v1 import score_service_pb2_grpc as score_grpc
 from kit.auth import Role
-from tests.e2e.cli.conftest import EGRET, RESIDENT_ID, Egret
-from tests.e2e.cli.test_reads import late_returns, record, rows, submit_as_library
+from tests.support.cli import EGRET, RESIDENT_ID, Egret, late_returns, record, rows, submit_as_library
 from tests.support.events import resident_id
 
 SUBJECT = f"resident-id:{RESIDENT_ID}"

@@ -16,9 +16,7 @@ import pytest
 
 from egret.ingest.v1 import ingest_service_pb2 as ingest_pb
 from egret.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
-from tests.e2e.cli.conftest import RESIDENT_ID, Egret
-from tests.e2e.cli.test_reads import record
-from tests.e2e.cli.test_submit import ingest_rows
+from tests.support.cli import RESIDENT_ID, Egret, ingest_rows, record
 from tests.support.events import event
 
 DAY = datetime.now(UTC).replace(microsecond=0) - timedelta(days=2)

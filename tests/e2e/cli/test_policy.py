@@ -13,9 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.cli.conftest import Egret
-from tests.e2e.cli.test_reads import record, rows
-from tests.e2e.cli.test_rules import late_residents, spawn
+from tests.support.cli import Egret, late_residents, record, rows, spawn
 
 ROOT = Path(__file__).resolve().parents[3]
 POLICY = ROOT / "config" / "policy.yaml"

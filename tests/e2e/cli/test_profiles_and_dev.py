@@ -11,7 +11,7 @@ import yaml
 from egret.query.v1 import query_service_pb2
 from egret_client import Connection, load_profile
 from egret_client.tokens import TokenFile
-from tests.e2e.cli.conftest import Egret
+from tests.support.cli import Egret
 
 
 def test_profile_list_marks_the_current_one_and_show_names_its_files(egret: Egret) -> None:

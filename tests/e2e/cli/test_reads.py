@@ -6,61 +6,18 @@ status in words on stderr."""
 
 from __future__ import annotations
 
-import asyncio
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
 import yaml
 
-from devtools.cluster import Cluster
-from egret.ingest.v1 import ingest_service_pb2 as ingest_pb
-from egret.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
-from tests.e2e.cli.conftest import RESIDENT_ID, Egret
-from tests.support.events import event, resident_id
+from tests.support.cli import DAY, RESIDENT_ID, Egret, late_returns, record, rows, submit_as_library
+from tests.support.events import resident_id
 
 SUBJECT = f"resident-id:{RESIDENT_ID}"
 # A well-formed resident Egret holds nothing for.
 STRANGER = f"resident-id:{resident_id(424242)}"
 NOTE = "case 2026-118"
-DAY = datetime.now(UTC).replace(microsecond=0)
-
-
-def late_returns(
-    *days_ago: int, subject_id: str = RESIDENT_ID, prefix: str = "late"
-) -> list[ingest_pb.Event]:
-    """Library books returned 40 days late (-3 civic, minor: repairable at once), `days_ago`."""
-    return [
-        event(f"{prefix}-{n}", "library.book_returned_late", subject_id, {"days_late": 40},
-              occurred_at=DAY - timedelta(days=ago))
-        for n, ago in enumerate(days_ago)
-    ]  # fmt: skip
-
-
-def submit_as_library(cluster: Cluster, events: list[ingest_pb.Event]) -> None:
-    """Submit through ingest's raw API as the library, then wait for the pipeline to drain."""
-
-    async def submit() -> ingest_pb.SubmitEventsResponse:
-        async with cluster.department_channel("library") as channel:
-            request = ingest_pb.SubmitEventsRequest(source="library", events=events)
-            return await ingest_grpc.IngestServiceStub(channel).SubmitEvents(request, timeout=10)
-
-    response = asyncio.run(submit())
-    assert response.counts.accepted == len(events), response
-    cluster.wait_drained(timeout_s=60)
-
-
-def rows(stdout: str) -> list[list[str]]:
-    """The cells of every row of the tables printed (Rich's `│` between columns)."""
-    return [[cell.strip() for cell in line.split("│")] for line in stdout.splitlines() if "│" in line]
-
-
-def record(stdout: str) -> dict[str, str]:
-    """A `field │ value` table as a mapping (the first occurrence of each field)."""
-    found: dict[str, str] = {}
-    for cells in rows(stdout):
-        if len(cells) == 2:
-            found.setdefault(cells[0], cells[1])
-    return found
 
 
 @pytest.fixture(scope="module")

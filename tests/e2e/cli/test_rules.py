@@ -8,17 +8,13 @@ gives each 997 (tier A) and the candidate 940 (tier B)."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.e2e.cli.conftest import EGRET, Egret
-from tests.e2e.cli.test_reads import late_returns, record, rows, submit_as_library
-from tests.support.events import resident_id
+from tests.support.cli import Egret, late_residents, record, rows, spawn
 
 ROOT = Path(__file__).resolve().parents[3]
 SAMPLE = ROOT / "config" / "rulesets" / "sample.yaml"
@@ -37,24 +33,6 @@ def line_of(source: str, text: str, after: str) -> int:
     lines = source.splitlines()
     start = lines.index(after)
     return lines.index(text, start) + 1
-
-
-def spawn(egret: Egret, *args: str, **options: Any) -> subprocess.Popen[str]:
-    """`egret ARGS…` as a process the test can signal or talk to (Egret's own call waits)."""
-    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "EGRET_CONFIG": str(egret.config)}
-    env.pop("EGRET_PROFILE", None)
-    return subprocess.Popen([EGRET, *args], text=True, env=env, cwd=egret.cwd, **options)
-
-
-def late_residents(egret: Egret, count: int) -> None:
-    """`count` residents who each returned a book 40 days late yesterday (-3 under the
-    sample rule set: 997, tier A), submitted as the library."""
-    history = [
-        event
-        for n in range(count)
-        for event in late_returns(1, subject_id=resident_id(7000 + n), prefix=f"history-{n}")
-    ]
-    submit_as_library(egret.cluster, history)
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
-
-from tests.e2e.cli.conftest import EGRET, RESIDENT_ID, Egret
-from tests.e2e.cli.test_reads import rows
+from tests.support.cli import EGRET, RESIDENT_ID, Egret, ingest_rows, rows
 from tests.support.events import resident_id
 
 DAY = datetime.now(UTC).replace(microsecond=0) - timedelta(days=1)
@@ -61,16 +58,6 @@ def jsonl_event(event_id: str, subject: str, days_late: int = 5) -> dict[str, An
 def write_jsonl(path: Path, events: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(e) + "\n" for e in events), encoding="utf-8")
     return path
-
-
-def ingest_rows(egret: Egret, sql: str, **params: str) -> list[tuple[Any, ...]]:
-    """The rows of a query on ingest's own database (what it really stored)."""
-    engine = sa.create_engine(egret.cluster.database_url("ingest"))
-    try:
-        with engine.connect() as connection:
-            return [tuple(row) for row in connection.execute(sa.text(sql), params)]
-    finally:
-        engine.dispose()
 
 
 def stored(egret: Egret, prefix: str) -> tuple[int, int]:
