@@ -130,10 +130,11 @@ bench-backfill: setup ## Benchmark: egret submit of a 1M-event JSON Lines file (
 chaos: setup ## Chaos: 50k events under 10 random SIGKILLs vs an uninterrupted run (CHAOS_ARGS=--postgres URL --seed N)
 	$(PY) -m bench.chaos $(CHAOS_ARGS)
 
-client-dist: setup ## Build the Python client's wheel (clients/python, with the generated stubs) into dist/
-	rm -rf build/client && mkdir -p build dist && cp -r clients/python build/client
+CLIENT_DIST ?= dist
+client-dist: protos ## Build the Python client's wheel (clients/python, with the generated stubs) into dist/
+	rm -rf build/client && mkdir -p build $(CLIENT_DIST) && cp -r clients/python build/client
 	cp -r gen/egret build/client/src/egret
-	$(BIN)/pip wheel --quiet --no-deps --no-build-isolation build/client -w dist
+	$(BIN)/pip wheel --quiet --no-deps --no-build-isolation build/client -w $(CLIENT_DIST)
 
 clean: ## Remove the virtual environment, generated stubs, local data, npm tools and test artefacts
 	rm -rf $(VENV) gen var .tools test-artefacts
