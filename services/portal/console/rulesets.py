@@ -34,6 +34,8 @@ log = get_logger(__name__)
 
 READERS = (Role.REVIEWER, Role.AUDITOR, Role.ADMIN)
 AUTHORS = (Role.REVIEWER,)
+# Reviewers backtest what they author; admins may backtest any stored rule set.
+BACKTESTERS = (Role.REVIEWER, Role.ADMIN)
 # The portal reads no request body over 64 KiB (bootstrap.MAX_BODY_BYTES): a source of at
 # most 48 KiB (the sample rule set is 10 KiB) leaves room for the form around it and is
 # refused in words; a larger one goes to the rules service's CreateDraft directly (1 MiB).
@@ -122,6 +124,7 @@ def routes(pages: Pages) -> list[BaseRoute]:
             changes,
             None if isinstance(policy, ServiceError) else policy,
             author=staff.role in AUTHORS,
+            backtester=staff.role in BACKTESTERS,
         )
         return pages.render(
             request,
@@ -202,7 +205,7 @@ def routes(pages: Pages) -> list[BaseRoute]:
         return views.headline_text(t, views.headline(read.report).as_dict()) if read.report else ""
 
     async def start_backtest(request: Request) -> Response:
-        staff = pages.staff(request, *AUTHORS)
+        staff = pages.staff(request, *BACKTESTERS)
         form = await pages.form(request)
         rule_set_id = _rule_set_id(request)
         purpose = RULE_BACKTEST if form.get("subjects") == "yes" else ""
@@ -261,7 +264,7 @@ def routes(pages: Pages) -> list[BaseRoute]:
                 section="/staff/rule-sets",
                 act=what,
                 rule_set=rule_set,
-                title=views.rule_set_view(t, rule_set, (), None, author=True).title,
+                title=views.rule_set_view(t, rule_set, (), None, author=True, backtester=True).title,
                 backtest=await latest_headline(t, staff.token, jobs),
             )
         done = await calls().change(staff.token, what, rule_set_id)

@@ -121,8 +121,10 @@ def rule_set_view(
     policy: r.PublishedPolicy | None,
     *,
     author: bool,
+    backtester: bool,
 ) -> RuleSetView:
-    """`author`: the reader may change rule sets (the rules service decides all the same)."""
+    """`author`: the reader may change rule sets; `backtester`: it may backtest them (the
+    rules service decides all the same)."""
     facts = [(t.gettext("State"), state(t, s.state)), (t.gettext("Source SHA-256"), s.source_sha256)]
     for label, at, who in (
         (t.gettext("Created"), s.created_at, s.created_by),
@@ -153,7 +155,7 @@ def rule_set_view(
         can_publish=author and s.state == "draft",
         can_activate=author and s.state == "published",
         can_retire=author and s.state in ("draft", "published"),
-        can_backtest=author and s.state != "retired",
+        can_backtest=backtester and s.state != "retired",
     )
 
 

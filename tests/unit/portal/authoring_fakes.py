@@ -15,8 +15,11 @@ from egret.common.v1 import errors_pb2, subject_pb2
 from egret.rules.v1 import backtest_pb2 as bt
 from egret.rules.v1 import rules_service_pb2 as rules_pb
 from egret.score.v1 import score_service_pb2 as score_pb
+from kit.auth import Role
 from kit.safeyaml import YamlError, load_yaml
 from services.portal.backend import ServiceError
+from services.rules.access import POLICY as RULES_ACCESS
+from services.score.access import POLICY as SCORE_ACCESS
 from tests.unit.portal.fakes import FakeBackend
 from tests.unit.portal.samples import NOW
 
@@ -47,22 +50,17 @@ V2 = V1.replace("version: 1", "version: 2").replace("points: -5", "points: -8") 
 )
 
 # Who may call what (the services' tables, abridged to what the pages call).
+# Who the fake services admit: the services' own access tables (staff roles only).
+_METHODS = (
+    "ListRuleSets", "GetRuleSet", "ListRuleSetChanges", "ValidateRuleSet", "CreateDraft", "PublishRuleSet",
+    "ActivateRuleSet", "RetireRuleSet", "StartBacktest", "CancelBacktest", "GetBacktest", "ListBacktests",
+    "ListPolicies", "PreviewPolicy", "ActivatePolicy",
+)  # fmt: skip
 ALLOWED = {
-    "ListRuleSets": {"reviewer", "auditor", "admin"},
-    "GetRuleSet": {"reviewer", "auditor", "admin"},
-    "ListRuleSetChanges": {"reviewer", "auditor", "admin"},
-    "ValidateRuleSet": {"reviewer"},
-    "CreateDraft": {"reviewer"},
-    "PublishRuleSet": {"reviewer"},
-    "ActivateRuleSet": {"reviewer"},
-    "RetireRuleSet": {"reviewer"},
-    "StartBacktest": {"reviewer"},
-    "CancelBacktest": {"reviewer", "admin"},
-    "GetBacktest": {"reviewer", "auditor", "admin"},
-    "ListBacktests": {"reviewer", "auditor", "admin"},
-    "ListPolicies": {"reviewer", "auditor", "admin"},
-    "PreviewPolicy": {"reviewer", "admin"},
-    "ActivatePolicy": {"admin"},
+    method: {role.value for role in policy.roles if role is not Role.SERVICE}
+    for table in (RULES_ACCESS, SCORE_ACCESS)
+    for path, policy in table.items()
+    if (method := path.rsplit("/", 1)[1]) in _METHODS
 }
 STATUS = {
     "draft": rules_pb.RULE_SET_STATUS_DRAFT,

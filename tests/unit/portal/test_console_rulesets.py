@@ -94,6 +94,16 @@ def test_the_portal_and_the_service_each_refuse_an_act_out_of_role(
     refused = client.post("/staff/rule-sets/2/publish", data={"csrf_token": token, "confirm": "yes"})
     assert refused.status_code == 403
     assert "PublishRuleSet" not in methods(backend)
+    # It may backtest a stored rule set (an operator's check; it changes nothing live), and
+    # the page offers only that.
+    page = client.get("/staff/rule-sets/2")
+    assert 'action="/staff/rule-sets/2/backtest"' in page.text
+    assert 'action="/staff/rule-sets/2/publish"' not in page.text
+    started = client.post(
+        "/staff/rule-sets/2/backtest", data={"csrf_token": csrf_of(page.text)}, follow_redirects=False
+    )
+    assert started.status_code == 303
+    assert "StartBacktest" in methods(backend)
     # A reviewer the rules service refuses all the same (its own role check decides): the
     # refusal is shown and nothing changed.
     as_staff(client, "reviewer")
