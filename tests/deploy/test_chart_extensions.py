@@ -205,6 +205,9 @@ def test_default_values_render_no_extension() -> None:
         ({"extraEnv": {"HTTPS_PROXY": "x"}}, "extraEnv"),
         ({"extraEnv": [{"value": "x"}]}, "name"),
         ({"extraEnv": [{"name": "A", "value": 1}]}, "value"),
+        # The chart's own settings go in env, where they replace the chart's values instead of
+        # adding a second variable of the same name.
+        ({"services": {"query": {"extraEnv": [{"name": "EGRET_LOG_LEVEL", "value": "debug"}]}}}, "name"),
         ({"extraEnvFrom": [{"secret": {"name": "x"}}]}, "secret"),
         ({"extraVolumes": [{"csi": {"driver": "d"}}]}, "name"),
         ({"extraVolumeMounts": [{"name": "v"}]}, "mountPath"),
