@@ -107,9 +107,13 @@ bench-backtest: setup ## Backtest benchmark: 1M stored events replayed through t
 manifests: setup ## Re-render deploy/k8s/manifests/ (and the chart's copy of config/) from the Helm chart
 	$(PY) -m deploy.k8s.render
 
+chart-docs: setup ## Re-generate the chart's README (deploy/k8s/egret/README.md) from values.yaml's comments
+	$(PY) -m deploy.k8s.chart_docs
+
 deploy-check: setup ## Chart and image checks: hadolint, helm lint, render, validate, drift (tests/deploy, no rehearsal)
 	$(BIN)/hadolint Dockerfile
 	$(PY) -m deploy.k8s.render --check
+	$(PY) -m deploy.k8s.chart_docs --check
 	$(PY) -m pytest tests/deploy -m 'not e2e' -q
 
 bench-rules-memory: setup ## Benchmark: live rules evaluation's RSS over 1M events across 100k subjects
@@ -139,4 +143,4 @@ client-dist: protos ## Build the Python client's wheel (clients/python, with the
 clean: ## Remove the virtual environment, generated stubs, local data, npm tools and test artefacts
 	rm -rf $(VENV) gen var .tools test-artefacts
 
-.PHONY: help setup client-dist browser-tools node-example protos run test fuzz lint breaking typecheck bench bench-backtest bench-rules-memory bench-query bench-history bench-portal bench-backfill chaos manifests deploy-check clean
+.PHONY: help setup client-dist browser-tools node-example protos run test fuzz lint breaking typecheck bench bench-backtest bench-rules-memory bench-query bench-history bench-portal bench-backfill chaos manifests chart-docs deploy-check clean
