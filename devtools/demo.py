@@ -9,7 +9,7 @@ Starts the cluster in a fresh ./var/demo with the portal and the provider beside
 a few deliberately invalid events), waits until every accepted event has reached the
 ledger, prints what happened, one subject's score, the portal's URL and the sample
 accounts, then keeps serving until Ctrl-C so the portal can be used in a browser and the
-services explored with grpcurl.
+services explored with the `egret` command and grpcurl (devtools.first_contact).
 """
 
 from __future__ import annotations
