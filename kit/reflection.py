@@ -37,11 +37,8 @@ def enable_reflection(service_names: Sequence[str], server: grpc.aio.Server) -> 
 
 
 def _add_v1_descriptor(pool: descriptor_pool.DescriptorPool) -> None:
-    try:
-        pool.FindFileByName(_V1_FILE)
+    if _has_file(pool, _V1_FILE):  # a second server in the same process
         return
-    except KeyError:
-        pass
     proto = descriptor_pb2.FileDescriptorProto()
     reflection_pb2.DESCRIPTOR.CopyToProto(proto)
     old, new = proto.package, V1.rsplit(".", 1)[0]
@@ -55,3 +52,11 @@ def _add_v1_descriptor(pool: descriptor_pool.DescriptorPool) -> None:
             method.input_type = f".{new}." + method.input_type.removeprefix(f".{old}.")
             method.output_type = f".{new}." + method.output_type.removeprefix(f".{old}.")
     pool.Add(proto)
+
+
+def _has_file(pool: descriptor_pool.DescriptorPool, name: str) -> bool:
+    try:
+        pool.FindFileByName(name)
+    except KeyError:
+        return False
+    return True

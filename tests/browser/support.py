@@ -4,15 +4,14 @@ while the tests run."""
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
 
-import pytest
 from playwright.sync_api import Page, ViewportSize
 
 from devtools.cluster import REPO_ROOT
+from tests.support.tools import tool_missing
 
 CHROMIUM = Path("/usr/bin/chromium")
 AXE = REPO_ROOT / ".tools" / "node_modules" / "axe-core" / "axe.min.js"
@@ -28,10 +27,9 @@ def require_browser_tools() -> None:
     missing = [str(p) for p in (CHROMIUM, AXE) if not p.exists()]
     if not missing:
         return
-    message = f"browser tests need {' and '.join(missing)}: run `make browser-tools` (as root for apt-get)"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
+    tool_missing(
+        f"browser tests need {' and '.join(missing)}: run `make browser-tools` (as root for apt-get)"
+    )
 
 
 def axe_violations(page: Page) -> list[dict[str, Any]]:

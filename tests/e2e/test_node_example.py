@@ -23,6 +23,7 @@ import pytest
 from devtools.cluster import REPO_ROOT, Cluster
 from kit.auth import Role
 from tests.support.events import resident_id
+from tests.support.tools import tool_missing
 
 pytestmark = pytest.mark.e2e
 
@@ -36,12 +37,9 @@ SUBJECT = resident_id(4242)
 def npm_command() -> str:
     """npm's path; skip without node or npm (fail on CI, where make setup installs them)."""
     npm = shutil.which("npm")
-    if npm is not None and shutil.which("node") is not None:
-        return npm
-    message = "the Node example needs node and npm: apt-get install nodejs npm, then make setup"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
+    if npm is None or shutil.which("node") is None:
+        tool_missing("the Node example needs node and npm: apt-get install nodejs npm, then make setup")
+    return npm
 
 
 def run_npm(npm: str, *args: str, env: Mapping[str, str] | None = None, timeout: float = 300) -> str:
