@@ -51,10 +51,6 @@ class ErrorReport:
         return out
 
 
-def decode_status(blob: bytes) -> status_pb2.Status:
-    return status_pb2.Status.FromString(blob)
-
-
 def error_report(error: grpc.RpcError) -> ErrorReport:
     """Decode a refused call (grpc.RpcError or grpc.aio.AioRpcError)."""
     call: Any = error  # both shapes offer code(), details() and trailing_metadata()
@@ -64,7 +60,7 @@ def error_report(error: grpc.RpcError) -> ErrorReport:
     blob = next((value for key, value in trailers if key == STATUS_DETAILS_KEY), None)
     if not isinstance(blob, bytes):
         return ErrorReport(code, message)
-    status = decode_status(blob)
+    status = status_pb2.Status.FromString(blob)
     violations: list[Violation] = []
     reason = domain = ""
     metadata: dict[str, str] = {}

@@ -4,12 +4,13 @@ given and the service's automatic ones. Exit 1 when any chain is broken."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 import typer
 
 from egret.common.v1 import audit_chain_pb2
-from egret_client.cli.common import Exit, State, fail, gather, run, show, when, yes_no
+from egret_client.cli.common import Exit, State, fail, run, show, when, yes_no
 from egret_client.cli.options import reflowed
 from egret_client.cli.output import fields
 from egret_client.connection import Connection
@@ -70,7 +71,7 @@ def verify(
     anchors = anchors_by_service(anchor or [])
 
     async def work(egret: Connection, settings: State) -> list[audit_chain_pb2.VerifyAuditChainResponse]:
-        return await gather(
+        return await asyncio.gather(
             *(
                 egret.audit_chain(service).VerifyAuditChain(
                     audit_chain_pb2.VerifyAuditChainRequest(anchors=anchors[service])

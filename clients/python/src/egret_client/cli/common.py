@@ -112,10 +112,6 @@ def run(ctx: typer.Context, work: Callable[[Connection, State], Coroutine[Any, A
         raise fail(str(exc), Exit.CONFIG) from None
 
 
-async def gather(*calls: Awaitable[T]) -> list[T]:
-    return list(await asyncio.gather(*calls))
-
-
 _KINDS = {
     "person": subject_pb2.SUBJECT_KIND_PERSON,
     "organization": subject_pb2.SUBJECT_KIND_ORGANIZATION,

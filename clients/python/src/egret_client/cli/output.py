@@ -65,7 +65,8 @@ def emit(
 def table(columns: Sequence[str], rows: Iterable[Sequence[Any]], *, title: str | None = None) -> None:
     grid = Table(title=title, title_justify="left", show_edge=False, header_style="bold")
     for column in columns:
-        grid.add_column(column)
+        # Fold, never cut: an id, a rule or a date cut to "library…" hides what it names.
+        grid.add_column(column, overflow="fold")
     for row in rows:
         grid.add_row(*("" if cell is None else str(cell) for cell in row))
     out.print(grid)
