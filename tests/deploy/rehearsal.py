@@ -15,9 +15,8 @@ and Secrets (written to a per-pod directory), the ports, and which Service reach
 - the operator's Secrets are a dict the caller passes in (tests/deploy/pki.py adds the TLS,
   JWT-key and service-token ones, shaped by what the pods mount);
 - a PersistentVolumeClaim is one directory per claim, shared by every pod that mounts it;
-- a probe is its exec command run with the pod's environment and mounts, killed after its
-  timeoutSeconds, as the kubelet runs it inside the container; an httpGet probe is a GET of
-  its path on the pod's IP and named or numbered port, passing on 200-399 as the kubelet's.
+- a probe (every probe in the chart is an httpGet) is a GET of its path on the pod's IP and
+  named or numbered port, within its timeoutSeconds, passing on 200-399 as the kubelet's.
 
 So a wrong label, port, key, path or variable in the chart fails the rehearsal.
 """
@@ -271,41 +270,32 @@ class Rehearsal:
     def probe(
         self, name: str, kind: str = "readinessProbe", timeout_s: float | None = None
     ) -> tuple[int, str]:
-        """Run one of the container's exec probes as the kubelet would: its command, inside the
-        container (the pod's environment and mounts), killed after the probe's timeoutSeconds."""
+        """Run one of the container's probes as the kubelet would: (0 pass or 1 fail, what it saw)."""
         pod = self.pods[name]
         probe = pod.container[kind]
-        if "httpGet" in probe:
-            return self._http_probe(pod, probe, timeout_s)
-        if "exec" not in probe:
-            raise RehearsalError(f"{name}: {kind} is neither an exec nor an httpGet probe ({sorted(probe)})")
-        try:
-            result = subprocess.run(
-                self.command_of(pod, probe["exec"]["command"]),
-                cwd=REPO_ROOT,
-                env=self.environment(pod),
-                capture_output=True,
-                timeout=timeout_s or float(probe.get("timeoutSeconds", 1)),
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            return 1, "probe timed out"
-        return result.returncode, (result.stdout + result.stderr).decode(errors="replace")
-
-    def _http_probe(self, pod: Pod, probe: Mapping[str, Any], timeout_s: float | None) -> tuple[int, str]:
+        if "httpGet" not in probe:
+            raise RehearsalError(f"{name}: {kind} is not an httpGet probe ({sorted(probe)})")
         get = probe["httpGet"]
         if get.get("scheme", "HTTP") != "HTTP" or "host" in get:
-            raise RehearsalError(f"{pod.name}: only plain HTTP probes of the pod's own IP are rehearsed")
+            raise RehearsalError(f"{name}: only plain HTTP probes of the pod's own IP are rehearsed")
+        status, body = self.http_get(
+            name, get["port"], get.get("path", "/"), timeout_s or float(probe.get("timeoutSeconds", 1))
+        )
         url = f"http://{pod.ip}:{container_port(pod.spec, get['port'])}{get.get('path', '/')}"
+        return (0 if 200 <= status < 400 else 1), f"{url}: HTTP {status}" if status else f"{url}: {body}"
+
+    def http_get(self, name: str, port: int | str, path: str, timeout_s: float = 5.0) -> tuple[int, str]:
+        """GET `path` on a pod's own IP and (named) container port: (status, body); status 0 and
+        the error when nothing answered."""
+        pod = self.pods[name]
+        url = f"http://{pod.ip}:{container_port(pod.spec, port)}{path}"
         try:
-            with urllib.request.urlopen(
-                url, timeout=timeout_s or float(probe.get("timeoutSeconds", 1))
-            ) as reply:
-                return (0 if 200 <= reply.status < 400 else 1), f"{url}: HTTP {reply.status}"
+            with urllib.request.urlopen(url, timeout=timeout_s) as reply:
+                return int(reply.status), reply.read().decode(errors="replace")
         except urllib.error.HTTPError as exc:
-            return 1, f"{url}: HTTP {exc.code}"
+            return int(exc.code), exc.read().decode(errors="replace")
         except OSError as exc:
-            return 1, f"{url}: {exc}"
+            return 0, str(exc)
 
     def wait_ready(self, name: str, timeout_s: float = 60.0) -> None:
         """Run the container's own readinessProbe until it passes."""

@@ -3,7 +3,8 @@ and the portal serves its public pages from the running services.
 
 deploy/k8s/manifests/ (the chart's default render) is read as a cluster would read it: the
 migration hook Jobs run first, then every Deployment starts with exactly the command,
-environment, ports and mounted files its manifest gives it, becomes ready by its own exec probe,
+environment, ports and mounted files its manifest gives it, becomes ready by its own readiness
+probe (a GET of its admin port's /readyz), serves its metrics there,
 Services route by their selectors, and finally the `helm test` pod checks every service. Security
 is on, as the manifests say: the operator's TLS, JWT-key and service-token Secrets come from a
 throwaway PKI (tests/deploy/pki.py), clients call with TLS and bearer tokens, and the services
@@ -14,6 +15,7 @@ few things a cluster provides that are simulated, and how.
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import signal
 import time
@@ -152,8 +154,8 @@ async def test_the_rendered_manifests_run_the_pipeline_end_to_end(cluster: Clust
         assert code == 0, log
 
     # Then the Deployments, which must not migrate again, run secure (no EGRET_INSECURE), and
-    # must become ready by their own readiness probes: exec probes speaking TLS with the
-    # mounted CA and certificate, expecting the Service's name on the certificate.
+    # must become ready by their own readiness probes: GETs of /readyz on the plain-HTTP admin
+    # port the manifests give them (EGRET_ADMIN_ADDRESS, container port "admin").
     deployments = rehearsal.deployments()
     workloads = ("ingest", "portal", "query", "rules", "score")
     assert sorted(deployments) == [f"egret-{name}" for name in workloads]
@@ -168,8 +170,13 @@ async def test_the_rendered_manifests_run_the_pipeline_end_to_end(cluster: Clust
         for kind in ("startupProbe", "livenessProbe"):
             code, output = rehearsal.probe(name, kind)
             assert code == 0, (name, kind, output)
-            assert output.strip().endswith(": SERVING"), (name, kind, output)
+            assert output.endswith(": HTTP 200"), (name, kind, output)
         assert "INSECURE" not in rehearsal.pods[name].log_path.read_text(errors="replace").upper()
+        # The admin port serves the service's metrics (ready: egret_ready 1) and nothing else.
+        status, metrics = rehearsal.http_get(name, "admin", "/metrics")
+        assert status == 200, (name, metrics)
+        assert re.search(r"^egret_ready(\{[^}]*\})? 1(\.0)?$", metrics, re.MULTILINE), (name, metrics[:2000])
+        assert rehearsal.http_get(name, "admin", "/")[0] == 404, name
 
     # Clients reach ingest and query through their Services, over TLS with bearer tokens;
     # ingest reaches rules and rules reaches score only through the addresses the manifests gave
@@ -181,8 +188,8 @@ async def test_the_rendered_manifests_run_the_pipeline_end_to_end(cluster: Clust
         rehearsal.pods[n].log_tail() for n in deployments
     ]
 
-    # What the security wiring refuses: a call without a token, a client without a certificate
-    # on the internal services, and a probe that finds another name on the certificate.
+    # What the security wiring refuses: a call without a token, and a client without a
+    # certificate on the internal services.
     async with cluster.pki.channel(rehearsal, "egret-query", None) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await query_grpc.QueryServiceStub(channel).GetScore(
@@ -194,11 +201,6 @@ async def test_the_rendered_manifests_run_the_pipeline_end_to_end(cluster: Clust
     assert await health(cluster, "egret-query", plain_tls) == "SERVING"
     assert await health(cluster, "egret-rules", plain_tls) == "UNAVAILABLE"  # mutual TLS
     assert await health(cluster, "egret-score", plain_tls) == "UNAVAILABLE"
-    probe = rehearsal.pods["egret-rules"].container["readinessProbe"]["exec"]["command"]
-    probe[3] = "egret-score"
-    code, output = rehearsal.probe("egret-rules")
-    assert code == 1, output
-    assert "UNAVAILABLE" in output
 
     # The portal: its kubelet HTTP probes pass, and through its Service it serves the public
     # pages, the published rules read from rules with its own token over mutual TLS.

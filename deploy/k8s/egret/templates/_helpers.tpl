@@ -132,39 +132,41 @@ egret.io/shard: {{ .workload.shard | quote }}
 {{- define "egret.callers" -}}ingest rules query{{- end -}}
 
 {{/*
-The exec probe of every service (the kubelet's gRPC probe cannot speak TLS): asks
-grpc.health.v1 for service "" on the container's own EGRET_LISTEN_ADDRESS (0.0.0.0 means
-loopback), over TLS with the mounted CA and the pod's own certificate as client certificate
-(rules and score require one), checking that the certificate names argv[1], the workload's
-Service. Without EGRET_TLS_CA_FILE (insecure mode) it uses plain text.
-Arguments: dict "root" $ "name" <Service name> "timeout" <seconds>.
+One probe of a service: the kubelet's own HTTP GET of the admin port (metrics.port, plain HTTP,
+answered from its own thread). Startup and readiness ask /readyz (200 only while the database is
+reachable and the service is not shutting down, what grpc.health.v1 tells clients); liveness asks
+/healthz (200 while the event loop answers). No interpreter starts per check, and the gRPC
+port's TLS stays out of it.
+Arguments: dict "path" </readyz|/healthz> "probe" <an item of .Values.probes>.
 */}}
-{{- define "egret.healthProbe" -}}
-exec:
-  command:
-    - python
-    - -c
-    - |
-      import os, sys
-      import grpc
-      from grpc_health.v1 import health_pb2 as pb, health_pb2_grpc as pb_grpc
-      host, _, port = os.environ["EGRET_LISTEN_ADDRESS"].rpartition(":")
-      target = ("127.0.0.1" if host in ("0.0.0.0", "[::]") else host) + ":" + port
-      if os.environ.get("EGRET_TLS_CA_FILE"):
-          pem = lambda name: open(os.environ[name], "rb").read()
-          tls = grpc.ssl_channel_credentials(pem("EGRET_TLS_CA_FILE"), pem("EGRET_TLS_KEY_FILE"), pem("EGRET_TLS_CERT_FILE"))
-          channel = grpc.secure_channel(target, tls, options=[("grpc.ssl_target_name_override", sys.argv[1])])
-      else:
-          channel = grpc.insecure_channel(target)
-      try:
-          reply = pb_grpc.HealthStub(channel).Check(pb.HealthCheckRequest(service=""), timeout=float(sys.argv[2]))
-          status = pb.HealthCheckResponse.ServingStatus.Name(reply.status)
-      except grpc.RpcError as error:
-          status = error.code().name
-      print(f"{target}: {status}")
-      sys.exit(0 if status == "SERVING" else 1)
-    - {{ .name | quote }}
-    - {{ sub (int .timeout) 1 | max 1 | quote }}
+{{- define "egret.adminProbe" -}}
+httpGet:
+  path: {{ .path }}
+  port: admin
+periodSeconds: {{ .probe.periodSeconds }}
+failureThreshold: {{ .probe.failureThreshold }}
+timeoutSeconds: {{ .probe.timeoutSeconds }}
+{{- end -}}
+
+{{/*
+The chart's relabeling of every scrape (ServiceMonitor and PodMonitor alike): `job` is
+"<fullname>-<service>", one job per service whatever scrapes it and however rules is sharded.
+The alerts (prometheusrule.yaml) and the dashboard select by it.
+*/}}
+{{- define "egret.metricsRelabelings" -}}
+- sourceLabels: [__meta_kubernetes_pod_label_app_kubernetes_io_component]
+  targetLabel: job
+  replacement: {{ include "egret.fullname" . }}-$1
+{{- end -}}
+
+{{/* The series of this release's four services, as PromQL label matchers. */}}
+{{- define "egret.metricsSelector" -}}
+namespace="{{ .Release.Namespace }}", job=~"{{ include "egret.fullname" . }}-(ingest|rules|score|query)"
+{{- end -}}
+
+{{/* The labels of one alert (. = dict severity, rule: .Values.metrics.prometheusRule). */}}
+{{- define "egret.alertLabels" -}}
+{{- toYaml (merge (dict "severity" .severity) .rule.alertLabels) -}}
 {{- end -}}
 
 {{/* Fails rendering on values the schema cannot express. */}}
@@ -183,6 +185,9 @@ exec:
 {{- end -}}
 {{- if and .Values.secrets.create (not .Values.secrets.auditKey.value) -}}
 {{- fail "secrets.create needs secrets.auditKey.value (at least 32 bytes)" -}}
+{{- end -}}
+{{- if and .Values.metrics.serviceMonitor.enabled .Values.metrics.podMonitor.enabled -}}
+{{- fail "metrics: enable serviceMonitor or podMonitor, not both (Prometheus would scrape every pod twice)" -}}
 {{- end -}}
 {{- $database := .Values.networkPolicy.database -}}
 {{- if and .Values.networkPolicy.enabled (not $database.cidrs) (not $database.to) -}}

@@ -90,6 +90,8 @@ their re-keying batches in the chain too. */ -}}
 {{- /* The automatic anchors of the audit logs. */ -}}
 {{- $_ := set $settings "EGRET_AUDIT_ANCHOR_FILE" (printf "%s/%s.anchors" (include "egret.auditAnchorDir" $root) $w.name) -}}
 {{- $_ := set $settings "EGRET_AUDIT_ANCHOR_SECONDS" (toString $root.Values.audit.anchors.intervalSeconds) -}}
+{{- /* The admin port: /metrics, /healthz and /readyz (the probes), plain HTTP. */ -}}
+{{- $_ := set $settings "EGRET_ADMIN_ADDRESS" (printf "0.0.0.0:%d" (int $root.Values.metrics.port)) -}}
 {{- if eq $service "ingest" -}}
 {{- $_ := set $settings "EGRET_CATALOGUE_FILE" (printf "%s/catalogue/catalogue.yaml" (include "egret.configDir" $root)) -}}
 {{- $shards := int $root.Values.services.rules.shards -}}
