@@ -34,7 +34,7 @@ _EVERY_SERVICE = frozenset(
         "rpc_server_duration_milliseconds",
         "egret_ready",
         "egret_tls_certificate_not_after_seconds",
-        "db_client_connections_usage",
+        "db_client_connections_usage_connections",
         "egret_db_query_duration_seconds",
         "process_cpu_time_seconds_total",
         "process_memory_usage_bytes",
