@@ -77,7 +77,7 @@ class Cluster:
     `env` applies to every service, `service_env[name]` to one (both override the
     cluster's own settings, e.g. OTEL_* or EGRET_LOG_LEVEL). `database_urls[name]`
     replaces a service's SQLite database; query reads score's URL. `ports[name]` fixes a
-    service's loopback port (else a free one). With `rules_shards`
+    service's loopback port (else a free one), `admin_ports[name]` its admin port. With `rules_shards`
     > 1 the rules processes are named rules-0, rules-1, ...: `service_env["rules"]` applies
     to each of them, `service_env["rules-1"]` and `database_urls["rules-1"]` to one.
     """
@@ -100,6 +100,7 @@ class Cluster:
         rules_shards: int = 1,
         secure: bool = True,
         ports: Mapping[str, int] | None = None,
+        admin_ports: Mapping[str, int] | None = None,
     ) -> None:
         if rules_shards < 1:
             raise ValueError("rules_shards must be at least 1")
@@ -141,6 +142,10 @@ class Cluster:
         self._addresses = {
             name: f"127.0.0.1:{(ports or {}).get(name) or free_port()}" for name in self.services
         }
+        # Each service's admin port (kit.admin: /metrics, /healthz, /readyz), free unless fixed.
+        self._admin_addresses = {
+            name: f"127.0.0.1:{(admin_ports or {}).get(name) or free_port()}" for name in self.services
+        }
         self._processes: dict[str, _Process] = {}
         self._engines: dict[str, Engine] = {}
 
@@ -148,6 +153,10 @@ class Cluster:
 
     def address(self, name: str) -> str:
         return self._addresses[name]
+
+    def admin_url(self, name: str) -> str:
+        """The base URL of a service's admin port (plaintext HTTP on loopback)."""
+        return f"http://{self._admin_addresses[name]}"
 
     @property
     def python(self) -> str:
@@ -176,6 +185,7 @@ class Cluster:
         env.update(
             PYTHONUNBUFFERED="1",
             EGRET_LISTEN_ADDRESS=self._addresses[name],
+            EGRET_ADMIN_ADDRESS=self._admin_addresses[name],
             EGRET_DATA_DIR=str(self.data_dir),
             EGRET_DATABASE_URL=self._database_urls[name],
             EGRET_LOG_FORMAT=self._log_format,

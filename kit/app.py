@@ -13,12 +13,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from kit.admin import AdminServer, Readiness
 from kit.audit import audit_keys, parse_anchor
 from kit.audit_anchors import anchor_loop
 from kit.audit_chain import AuditChainServicer
 from kit.audit_chain import check as check_audit_chain
 from kit.db import create_engine
 from kit.logging import configure_logging, get_logger
+from kit.metrics import configure_metrics
 from kit.migrations import upgrade
 from kit.pseudonym import Pseudonymiser
 from kit.rekey import KeyedStore, StaleKeyGeneration, needs_rekey, rekey
@@ -194,6 +196,7 @@ def run_cli(
             return 2
         try:
             provider = configure_tracing(name)
+            metrics = configure_metrics(name, provider)
         except SettingsError as exc:
             print(f"egret-{name}: {exc}", file=sys.stderr)
             return 2
@@ -216,9 +219,26 @@ def run_cli(
             if audit is not None:
                 # Every service with an audit log serves its state (kit.server registers it).
                 service.audit_chain = AuditChainServicer(common, *audit)
+                service.background = [*service.background, service.audit_chain.verify_periodically]
                 if common.audit.anchor_file is not None:
                     service.background = [*service.background, audit_anchors(common, audit[1])]
-            await serve(common, service, tracer_provider=provider)
+            readiness = Readiness()
+            try:
+                admin = AdminServer(
+                    common.admin_address,
+                    readiness=readiness,
+                    loop=asyncio.get_running_loop(),
+                    registry=metrics.registry if metrics is not None else None,
+                )
+            except OSError as exc:
+                raise SettingsError([f"EGRET_ADMIN_ADDRESS={common.admin_address!r}: {exc}"]) from exc
+            admin.start()
+            try:
+                await serve(common, service, tracer_provider=provider, readiness=readiness)
+            finally:
+                admin.stop()
+                if metrics is not None:
+                    metrics.shutdown()
 
         try:
             asyncio.run(build_and_serve())

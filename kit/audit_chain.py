@@ -6,6 +6,7 @@ ones of EGRET_AUDIT_ANCHOR_FILE (kit.audit, kit.audit_anchors; docs/security.md)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,6 +22,7 @@ from kit.auth import CallPolicy, Role, allow
 from kit.db import create_engine, make_session_factory
 from kit.errors import InvalidArgument, Violation
 from kit.logging import get_logger
+from kit.metrics import gauge, meter
 from kit.protoconv import to_timestamp
 from kit.settings import CommonSettings
 
@@ -76,6 +78,35 @@ class AuditChainServicer(pb_grpc.AuditChainServiceServicer):
         self._head = head
         self._engine: Engine | None = None
         self._lock = asyncio.Lock()
+        # The last walk's verdict (a call's or the periodic one's), for egret_audit_chain_intact.
+        self._intact: bool | None = None
+        gauge(
+            meter("egret.audit"),
+            "egret.audit.chain.intact",
+            lambda: None if self._intact is None else float(self._intact),
+            description="1 when the last walk of the audit chain found it intact, 0 when broken",
+        )
+
+    async def _check(self, anchors: Sequence[tuple[int, str]] = ()) -> ChainState:
+        async with self._lock:  # one walk of the log at a time
+            if self._engine is None:
+                self._engine = create_engine(self._common.database_url, read_only=True, pool_size=1)
+            state = await asyncio.to_thread(check, self._common, self._engine, self._log, self._head, anchors)
+        self._intact = state.intact
+        if not state.intact:
+            log.error("audit chain BROKEN", problems=list(state.problems[:10]), records=state.report.records)
+        return state
+
+    async def verify_periodically(self, stopping: asyncio.Event) -> None:
+        """Walk the chain every EGRET_AUDIT_VERIFY_SECONDS (a service background loop)."""
+        interval = self._common.audit.verify_interval_s
+        while interval > 0 and not stopping.is_set():
+            try:
+                await self._check()
+            except Exception as exc:  # the database away: health reports it; the verdict stays
+                log.warning("audit chain check failed", error=type(exc).__name__)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), interval)
 
     def register(self, server: Any) -> None:
         pb_grpc.add_AuditChainServiceServicer_to_server(self, server)
@@ -95,10 +126,7 @@ class AuditChainServicer(pb_grpc.AuditChainServiceServicer):
                 raise InvalidArgument(
                     "malformed anchor", [Violation(f"anchors[{index}]", str(exc))]
                 ) from None
-        async with self._lock:  # one walk of the log at a time
-            if self._engine is None:
-                self._engine = create_engine(self._common.database_url, read_only=True, pool_size=1)
-            state = await asyncio.to_thread(check, self._common, self._engine, self._log, self._head, anchors)
+        state = await self._check(anchors)
         log.info("audit chain verified", intact=state.intact, records=state.report.records)
         return pb.VerifyAuditChainResponse(
             service=self._common.service,

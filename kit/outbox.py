@@ -44,6 +44,7 @@ from kit.db import as_utc
 from kit.errors import Unavailable
 from kit.interceptors import PeerCredentials, open_channel
 from kit.logging import get_logger
+from kit.metrics import gauge, meter
 from kit.settings import PeerSettings, RelaySettings
 from kit.tracing import context_from_traceparent, current_traceparent, links_from_traceparents
 
@@ -52,6 +53,43 @@ from kit.tracing import context_from_traceparent, current_traceparent, links_fro
 _STORE_AWAY = (SQLAlchemyError, Unavailable)
 
 log = get_logger(__name__)
+
+_meter = meter("egret.outbox")
+_sent = _meter.create_counter("egret.outbox.sent", unit="{row}", description="Rows delivered downstream")
+_failures = _meter.create_counter(
+    "egret.outbox.send.failures", unit="{call}", description="Sends that failed (the rows wait in backoff)"
+)
+_retries = _meter.create_counter(
+    "egret.outbox.retries", unit="{row}", description="Rows sent again after a failed send"
+)
+# The relays of this process, for the waiting and lag gauges (read from their last refresh).
+_relays: list[OutboxRelay] = []
+
+
+def _waiting() -> dict[tuple[tuple[str, str], ...], float]:
+    return {(("outbox", r.label),): float(r.backlog[0]) for r in _relays if r.backlog is not None}
+
+
+def _oldest_age() -> dict[tuple[tuple[str, str], ...], float]:
+    now = datetime.now(UTC)
+    ages: dict[tuple[tuple[str, str], ...], float] = {}
+    for relay in _relays:
+        if relay.backlog is not None:
+            oldest = relay.backlog[1]
+            ages[(("outbox", relay.label),)] = max(0.0, (now - oldest).total_seconds()) if oldest else 0.0
+    return ages
+
+
+gauge(_meter, "egret.outbox.waiting", _waiting, unit="{row}", description="Rows not yet delivered")
+gauge(
+    _meter,
+    "egret.outbox.oldest_age",
+    _oldest_age,
+    unit="s",
+    description="Age of the oldest undelivered row: the pipeline's lag at this hop",
+)
+# How often each relay counts its backlog for the gauges (one indexed count per interval).
+BACKLOG_REFRESH_S = 5.0
 
 # SQLite only autoincrements INTEGER PRIMARY KEY; PostgreSQL wants BIGINT.
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -69,12 +107,17 @@ class OutboxMixin:
     # The relay identity and generation holding the row's claim; NULL when unclaimed.
     claimed_by: Mapped[str | None] = mapped_column(sa.String(200), default=None)
     claim_generation: Mapped[str | None] = mapped_column(sa.String(32), default=None)
+    # When the row was written: the lag gauge's start (NULL for rows older than the column).
+    created_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True), default=None)
 
 
 def outbox_rows(payloads: Sequence[bytes], now: datetime) -> list[dict[str, object]]:
     """Rows for a bulk insert of `payloads`, carrying the current trace context."""
     traceparent = current_traceparent()
-    return [{"payload": p, "traceparent": traceparent, "attempts": 0, "available_at": now} for p in payloads]
+    return [
+        {"payload": p, "traceparent": traceparent, "attempts": 0, "available_at": now, "created_at": now}
+        for p in payloads
+    ]
 
 
 @dataclass(frozen=True)
@@ -152,6 +195,15 @@ class OutboxRelay:
         self._wakeup = asyncio.Event()
         self._tracer = trace.get_tracer("egret.outbox")
         self.sent = 0
+        # The metrics' name of this hop (ASCII: ingest-to-rules-0), and its last counted
+        # backlog: rows waiting and the oldest one's write time.
+        self.label = name.replace("→", "-to-")
+        self.backlog: tuple[int, datetime | None] | None = None
+        self._backlog_counted = 0.0
+        self._labels = {"outbox": self.label}
+        for counter in (_sent, _failures, _retries):
+            counter.add(0, self._labels)  # exported from the start, not from the first event
+        _relays.append(self)
 
     def notify(self) -> None:
         """Wake the relay: new rows were committed. Safe to call from the event loop only."""
@@ -259,17 +311,39 @@ class OutboxRelay:
             query = sa.select(sa.func.count()).select_from(self._table).where(self._where)
             return int(session.scalar(query) or 0)
 
+    def _count_backlog(self) -> None:
+        t = self._table
+        with self._sessions() as session:
+            count, oldest = session.execute(
+                sa.select(sa.func.count(), sa.func.min(sa.func.coalesce(t.created_at, t.available_at))).where(
+                    self._where
+                )
+            ).one()
+        self.backlog = (int(count or 0), as_utc(oldest) if oldest is not None else None)
+
+    async def _refresh_backlog(self) -> None:
+        """Count the backlog for the gauges, at most every BACKLOG_REFRESH_S."""
+        now = asyncio.get_running_loop().time()
+        if now - self._backlog_counted < BACKLOG_REFRESH_S:
+            return
+        self._backlog_counted = now
+        with contextlib.suppress(*_STORE_AWAY):
+            await asyncio.to_thread(self._count_backlog)
+
     async def run(self, stopping: asyncio.Event) -> None:
         """Relay until `stopping` is set; the batch in flight is finished first."""
         log.info("relay starting", relay=self._name, instance=self.instance, generation=self.generation)
         try:
             await self._run(stopping)
         finally:
+            with contextlib.suppress(ValueError):
+                _relays.remove(self)
             if self._on_close is not None:
                 await self._on_close()
 
     async def _run(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
+            await self._refresh_backlog()
             # Cleared before the claim, so a notify() during the claim is never lost.
             self._wakeup.clear()
             try:
@@ -316,9 +390,12 @@ class OutboxRelay:
             links=links_from_traceparents(traceparents[1:]),
             attributes={"egret.batch.size": len(ids), "egret.relay.attempt": claimed.attempts + 1},
         ) as span:
+            if claimed.attempts:
+                _retries.add(len(ids), self._labels)
             try:
                 await self._send(claimed.payloads[start:end])
             except Exception as exc:
+                _failures.add(1, self._labels)
                 span.record_exception(exc)
                 span.set_status(trace.StatusCode.ERROR, type(exc).__name__)
                 try:
@@ -346,6 +423,7 @@ class OutboxRelay:
                 )
                 return False
             self.sent += len(ids)
+            _sent.add(len(ids), self._labels)
             log.debug("relayed", relay=self._name, batch=len(ids))
             return True
 

@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 from sqlalchemy.engine import Engine
 
+from kit.admin import Readiness
 from kit.audit_chain import POLICY as AUDIT_CHAIN_POLICY
 from kit.audit_chain import SERVICE_NAME as AUDIT_CHAIN_SERVICE
 from kit.audit_chain import AuditChainServicer
@@ -34,6 +35,7 @@ from kit.limits import LimitInterceptor, server_options
 from kit.logging import get_logger
 from kit.pseudonym import Pseudonymiser
 from kit.reflection import enable_reflection
+from kit.rpc_metrics import RpcMetricsInterceptor
 from kit.security import rate_limiter, server_credentials, token_verifier
 from kit.settings import CommonSettings
 
@@ -65,11 +67,16 @@ class Service:
 
 
 async def _watch_database(
-    service: Service, health_servicer: health.aio.HealthServicer, interval_s: float, stopping: asyncio.Event
+    service: Service,
+    health_servicer: health.aio.HealthServicer,
+    readiness: Readiness,
+    interval_s: float,
+    stopping: asyncio.Event,
 ) -> None:
     serving: bool | None = None
     while not stopping.is_set():
         ok = all([await asyncio.to_thread(ping, engine) for engine in service.engines])
+        readiness.database_ok = ok
         if ok != serving and not stopping.is_set():
             status = (
                 health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -89,9 +96,12 @@ async def serve(
     stop: asyncio.Event | None = None,
     started: Callable[[int], None] | None = None,
     tracer_provider: TracerProvider | None = None,
+    readiness: Readiness | None = None,
 ) -> None:
-    """Serve until `stop` is set (or SIGTERM/SIGINT arrives), then shut down gracefully."""
+    """Serve until `stop` is set (or SIGTERM/SIGINT arrives), then shut down gracefully.
+    `readiness` is told what health tells clients (the admin port's /readyz)."""
     stop = stop or asyncio.Event()
+    readiness = readiness or Readiness()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -108,8 +118,9 @@ async def serve(
     )
     limits = settings.limits
     server = grpc.aio.server(
-        # Outermost, so the batch slot a decoded request holds is given back whoever refuses it.
-        interceptors=[LimitInterceptor(limits), *server_interceptors(gate)],
+        # Metrics outermost, to see every call's final status; then limits, so the batch slot a
+        # decoded request holds is given back whoever refuses it.
+        interceptors=[RpcMetricsInterceptor(), LimitInterceptor(limits), *server_interceptors(gate)],
         options=server_options([*service.service_names, *extra_names], limits),
         maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
     )
@@ -146,7 +157,9 @@ async def serve(
 
     stopping = asyncio.Event()
     tasks = [
-        asyncio.create_task(_watch_database(service, health_servicer, settings.health_interval_s, stopping))
+        asyncio.create_task(
+            _watch_database(service, health_servicer, readiness, settings.health_interval_s, stopping)
+        )
     ]
     tasks += [asyncio.create_task(loop_fn(stopping)) for loop_fn in service.background]
     log.info("serving", address=settings.listen_address, port=port)
@@ -161,6 +174,7 @@ async def serve(
 
     log.info("shutting down", grace_s=settings.shutdown_grace_s)
     stopping.set()
+    readiness.stopping = True
     await health_servicer.enter_graceful_shutdown()
     await server.stop(settings.shutdown_grace_s)
     waiter.cancel()

@@ -368,6 +368,8 @@ class AuditSettings:
     # Append-only file the service writes its head to every `anchor_interval_s`.
     anchor_file: Path | None = None
     anchor_interval_s: float = 300.0
+    # How often the service walks its own chain for the egret_audit_chain_intact gauge (0: never).
+    verify_interval_s: float = 3600.0
 
     def missing(self) -> list[str]:
         """What serving needs in production (EGRET_INSECURE=false)."""
@@ -422,6 +424,9 @@ class AuditSettings:
             anchor_interval_s=env.number(
                 "EGRET_AUDIT_ANCHOR_SECONDS", cls.anchor_interval_s, minimum=0.1, maximum=86_400.0
             ),
+            verify_interval_s=env.number(
+                "EGRET_AUDIT_VERIFY_SECONDS", cls.verify_interval_s, minimum=0.0, maximum=7 * 86_400.0
+            ),
         )
 
 
@@ -448,6 +453,9 @@ class CommonSettings:
     instance: str = ""
     limits: LimitSettings = field(default_factory=LimitSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
+    # The admin port's plaintext HTTP (kit.admin: /metrics, /healthz, /readyz). Port 0, the
+    # default, picks a free port and logs it; the chart and `make run` set fixed ones.
+    admin_address: str = "127.0.0.1:0"
 
     @classmethod
     def read(cls, env: Env, *, service: str, default_port: int) -> CommonSettings:
@@ -475,6 +483,7 @@ class CommonSettings:
             instance=instance,
             limits=LimitSettings.read(env),
             audit=AuditSettings.read(env),
+            admin_address=env.address("EGRET_ADMIN_ADDRESS", "127.0.0.1:0"),
         )
 
 

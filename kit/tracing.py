@@ -56,17 +56,23 @@ def _flag(name: str) -> bool | None:
     return value.strip().lower() == "true"
 
 
-def _otlp_exporter() -> OTLPSpanExporter:
-    """OTLP over TLS unless plain text is asked for explicitly."""
-    insecure = _flag("OTEL_EXPORTER_OTLP_TRACES_INSECURE")
+def otlp_insecure(signal: str) -> bool:
+    """Whether OTLP for `signal` (TRACES, METRICS) goes in plain text: only when asked for
+    explicitly; over TLS, a configured CA file must exist."""
+    insecure = _flag(f"OTEL_EXPORTER_OTLP_{signal}_INSECURE")
     if insecure is None:
         insecure = _flag("OTEL_EXPORTER_OTLP_INSECURE") or False
     if not insecure:
-        for name in ("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "OTEL_EXPORTER_OTLP_CERTIFICATE"):
+        for name in (f"OTEL_EXPORTER_OTLP_{signal}_CERTIFICATE", "OTEL_EXPORTER_OTLP_CERTIFICATE"):
             path = os.environ.get(name)
             if path and not os.path.isfile(path):
                 raise SettingsError([f"{name}={path!r}: no such file"])
-    return OTLPSpanExporter(insecure=insecure)
+    return insecure
+
+
+def _otlp_exporter() -> OTLPSpanExporter:
+    """OTLP over TLS unless plain text is asked for explicitly."""
+    return OTLPSpanExporter(insecure=otlp_insecure("TRACES"))
 
 
 def configure_tracing(service: str, *, extra_processors: Sequence[SpanProcessor] = ()) -> TracerProvider:

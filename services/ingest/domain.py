@@ -194,6 +194,10 @@ class Intake:
     def max_batch_size(self) -> int:
         return self._limits.max_batch_size
 
+    @property
+    def catalogue(self) -> Catalogue:
+        return self._catalogue
+
     def check_request(self, source: str, count: int) -> list[Violation]:
         """Violations of the request as a whole (source, batch size)."""
         problems = []

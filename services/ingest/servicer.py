@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
 from functools import partial
@@ -17,6 +18,7 @@ from kit.auth import current_principal
 from kit.db import run_blocking
 from kit.errors import AlreadyExists, InvalidArgument, Violation
 from kit.logging import get_logger
+from kit.metrics import meter
 from kit.protoconv import SUBJECT_KIND_NAMES, attribute_value, to_datetime
 from services.ingest.access import acting_department, require_own_source
 from services.ingest.catalogue import IncomingEvent
@@ -24,6 +26,10 @@ from services.ingest.domain import EventResult, EventStatus, Intake
 from services.ingest.storage import retraction_message
 
 log = get_logger(__name__)
+
+_events = meter("egret.ingest").create_counter(
+    "egret.ingest.events", unit="{event}", description="Submitted events by department, event type and result"
+)
 
 _STATUS = {
     EventStatus.ACCEPTED: pb.EVENT_STATUS_ACCEPTED,
@@ -101,6 +107,8 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                 self._executor, partial(self._intake.submit, validate_only=validate_only), source, converted
             )
             tally = counts(results)
+            if not validate_only:
+                self._count(source, events, results)
             span.set_attributes(
                 {
                     "egret.accepted": tally.accepted,
@@ -121,6 +129,18 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                 conflict=tally.conflict,
             )
             return results
+
+    def _count(self, source: str, events: Sequence[pb.Event], results: Sequence[EventResult]) -> None:
+        """egret.ingest.events, labelled only with names the catalogue knows (a caller's
+        unknown source or event type counts as "unknown"), so the label set stays bounded."""
+        catalogue = self._intake.catalogue
+        department = source if catalogue.knows_source(source) else "unknown"
+        tally = Counter(
+            (e.event_type if e.event_type in catalogue.event_types else "unknown", r.status)
+            for e, r in zip(events, results, strict=True)
+        )
+        for (event_type, status), n in tally.items():
+            _events.add(n, {"department": department, "event_type": event_type, "result": status.value})
 
     async def SubmitEvent(self, request: pb.SubmitEventRequest, context: Any) -> pb.SubmitEventResponse:
         require_own_source(current_principal(), request.source)
@@ -165,6 +185,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                     )
                     for i, e in enumerate(request.events)
                 ]
+                self._count(request.source, request.events, results)
                 within = ""
                 log.info(
                     "batch rejected",

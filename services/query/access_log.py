@@ -31,6 +31,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from kit.audit import AuditHeadMixin, AuditKeys, AuditMixin, AuditRecord, append
 from kit.db import as_utc, make_metadata, make_session_factory, run_blocking
 from kit.logging import get_logger
+from services.query import metrics
 
 log = get_logger(__name__)
 
@@ -142,6 +143,8 @@ class AccessRecorder:
         self._clock = clock
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
+        for committed in (True, False):
+            metrics.access_records(0, committed=committed)  # exported from the start
 
     def now(self) -> datetime:
         return self._clock()
@@ -169,11 +172,13 @@ class AccessRecorder:
             try:
                 await run_blocking(self._executor, self._store.append, records)
             except Exception as exc:  # every waiting read fails with the commit's error
+                metrics.access_records(len(records), committed=False)
                 log.warning("access log commit failed", records=len(records), error=type(exc).__name__)
                 for pending in group:
                     if not pending.done.done():
                         pending.done.set_exception(exc)
                 continue
+            metrics.access_records(len(records), committed=True)
             for pending in group:
                 if not pending.done.done():
                     pending.done.set_result(None)

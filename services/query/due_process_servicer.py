@@ -27,6 +27,7 @@ from kit.errors import InvalidArgument, NotFound, Unavailable, Violation
 from kit.logging import get_logger
 from kit.protoconv import SUBJECT_KIND_VALUES, to_datetime, to_timestamp
 from kit.purposes import Purposes, StatedPurpose
+from services.query import metrics
 from services.query.access import require_own_subject
 from services.query.access_log import (
     ACCESS_LOG_PERIOD,
@@ -159,6 +160,7 @@ class DueProcessQueryServicer(QueryServicer):
         deps = self._due_process
         if deps is None or not subject_keys:
             return
+        metrics.read(method, purpose.code)
         at = deps.recorder.now()
         generation = self._reader.current_key_id
         records = [

@@ -16,6 +16,7 @@ from kit.app import run_cli
 from kit.audit import audit_keys
 from kit.db import create_engine, make_session_factory
 from kit.logging import get_logger
+from kit.metrics import refreshing
 from kit.outbox import Send, relay_to_peer
 from kit.pseudonym import Pseudonymiser
 from kit.purposes import load_purposes
@@ -29,6 +30,7 @@ from services.rules.backtest_servicer import build_backtests
 from services.rules.backtest_storage import SqlBacktestJobStore
 from services.rules.domain import Evaluator, check_rule_set
 from services.rules.lifecycle import RuleSetLifecycle
+from services.rules.metrics import RulesGauges
 from services.rules.servicer import RulesServicer, register
 from services.rules.settings import RulesSettings
 from services.rules.shard_layout import check_shard_layout
@@ -98,9 +100,10 @@ def build(settings: RulesSettings) -> Service:
         version=active.version,
         rule_set_id=active.rule_set_id,
     )
+    evaluation_store = SqlEvaluationStore(sessions, key_id=pseudonymiser.current_key_id)
     evaluator = Evaluator(
         rule_sets=rule_sets,
-        store=SqlEvaluationStore(sessions, key_id=pseudonymiser.current_key_id),
+        store=evaluation_store,
         clock=lambda: datetime.now(UTC),
         dead_letter_after=settings.dead_letter_after_attempts,
     )
@@ -147,7 +150,7 @@ def build(settings: RulesSettings) -> Service:
         register=register(servicer),
         policy=POLICY,
         engines=[engine],
-        background=[relay.run],
+        background=[relay.run, refreshing(RulesGauges(evaluator, evaluation_store).refresh)],
         executors=[executor],
         # Before the engine thread and the database go: running backtests are stored as failed.
         closers=[jobs.close],

@@ -21,6 +21,7 @@ from kit.errors import FailedPrecondition, InvalidArgument, Violation
 from kit.logging import get_logger
 from kit.protoconv import to_timestamp
 from kit.reads import ReadLog
+from services.rules import metrics
 from services.rules.domain import DeadLetter, Evaluator, Redrive
 from services.rules.lifecycle import (
     RecordedChange,
@@ -298,6 +299,7 @@ class LifecycleRpcs:
             redriven, firings, still = result.redriven, len(result.firings), list(result.still_failing)
             if result.firings:
                 self._committed()
+        metrics.redriven(redriven)
         await self._on_db(
             self._lifecycle.record_redrive,
             actor,

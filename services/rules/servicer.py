@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ from kit.protoconv import SUBJECT_KIND_NAMES, to_timestamp
 from kit.pseudonym import Pseudonymiser
 from kit.reads import ReadLog
 from kit.sharding import UNSHARDED, Shard
+from services.rules import metrics
 from services.rules.backtest_job import StoredJob
 from services.rules.backtest_runner import MAX_PAGE_SIZE, BacktestJobs
 from services.rules.backtest_servicer import BacktestHandler, backtest_scope
@@ -189,6 +191,7 @@ class RulesServicer(LifecycleRpcs, pb_grpc.RulesServiceServicer):
         with self._tracer.start_as_current_span(
             "rules evaluate", attributes={"egret.batch.size": len(request.events)}
         ) as span:
+            started = time.perf_counter()
             events = [engine_event(e) for e in request.events]
             records = {ev.key: e.SerializeToString() for ev, e in zip(events, request.events, strict=True)}
             result = await run_blocking(self._executor, self._evaluator.evaluate, events, records)
@@ -205,6 +208,9 @@ class RulesServicer(LifecycleRpcs, pb_grpc.RulesServiceServicer):
             )
             outcomes = len(result.firings) + len(retractions.firings)
             reversed_ = len(retractions.reversed) + len(result.superseded)
+            metrics.batch_evaluated(
+                time.perf_counter() - started, [*result.firings, *retractions.firings], len(result.parked)
+            )
             span.set_attributes(
                 {
                     "egret.evaluated": result.evaluated,

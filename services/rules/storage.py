@@ -859,6 +859,11 @@ class SqlEvaluationStore:
             ).all()
             return [_dead_letter(r) for r in rows]
 
+    def parked_count(self) -> int:
+        with self._sessions() as session:
+            query = sa.select(sa.func.count()).where(DeadLetterRow.parked_at.is_not(None))
+            return int(session.scalar(query) or 0)
+
     def parked_ids(self, after: int | None, limit: int) -> Sequence[int]:
         with self._sessions() as session:
             query = sa.select(DeadLetterRow.id).where(DeadLetterRow.parked_at.is_not(None))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from kit.app import run_cli
 from kit.audit import audit_keys
 from kit.db import create_engine, make_session_factory
 from kit.logging import get_logger
+from kit.metrics import refreshing
 from kit.pseudonym import Pseudonymiser
 from kit.purposes import load_purposes
 from kit.reads import ReadLog
@@ -23,6 +25,7 @@ from kit.server import Service
 from services.score.access import POLICY
 from services.score.domain import Ledger
 from services.score.due_process import DueProcess
+from services.score.metrics import ScoreGauges
 from services.score.policy import ActivatedPolicy, PolicyBook, load_policy
 from services.score.servicer import DEFAULT_MAX_MISMATCHES, ScoreServicer, register
 from services.score.settings import ScoreSettings
@@ -75,9 +78,16 @@ def _pseudonymiser(settings: ScoreSettings) -> Pseudonymiser:
     return Pseudonymiser.from_settings(settings.pseudonym)
 
 
-def _ledger(
-    settings: ScoreSettings, pseudonymiser: Pseudonymiser, clock: Clock
-) -> tuple[Ledger, DueProcess, ReadLog, Engine]:
+@dataclass(frozen=True)
+class _Parts:
+    ledger: Ledger
+    due_process: DueProcess
+    reads: ReadLog
+    engine: Engine
+    gauges: ScoreGauges
+
+
+def _ledger(settings: ScoreSettings, pseudonymiser: Pseudonymiser, clock: Clock) -> _Parts:
     engine = create_engine(
         settings.common.database_url,
         sqlite_synchronous=settings.common.sqlite_synchronous,
@@ -97,20 +107,18 @@ def _ledger(
     )
     purposes = load_purposes(settings.purposes_file)
     # One clock for every instant: entries, deadlines, decisions, sweeps (tests move it).
+    due_store = SqlDueProcessStore(sessions, audit_keys=keys, key_id=key_id)
     due_process = DueProcess(
-        ledger=ledger,
-        store=SqlDueProcessStore(sessions, audit_keys=keys, key_id=key_id),
-        clock=clock,
-        pseudonymiser=pseudonymiser,
-        purposes=purposes,
+        ledger=ledger, store=due_store, clock=clock, pseudonymiser=pseudonymiser, purposes=purposes
     )
     reads = ReadLog(purposes, sessions, ScoreAuditLog, ScoreAuditHead, keys=keys, clock=clock)
-    return ledger, due_process, reads, engine
+    return _Parts(ledger, due_process, reads, engine, ScoreGauges(store, due_store, clock))
 
 
 def build(settings: ScoreSettings, clock: Clock = _utc_now) -> Service:
     pseudonymiser = _pseudonymiser(settings)
-    ledger, due_process, reads, engine = _ledger(settings, pseudonymiser, clock)
+    parts = _ledger(settings, pseudonymiser, clock)
+    ledger, due_process, reads, engine = parts.ledger, parts.due_process, parts.reads, parts.engine
     # A policy activation interrupted by a crash is finished before serving.
     caught_up = ledger.catch_up_policy()
     if caught_up:
@@ -136,14 +144,18 @@ def build(settings: ScoreSettings, clock: Clock = _utc_now) -> Service:
         # Subject tokens name their subject key only with the root key to hash their raw id.
         pseudonymiser=pseudonymiser if pseudonymiser.key else None,
         engines=[engine],
-        background=[functools.partial(servicer.sweep_loop, settings.sweep_interval_s)],
+        background=[
+            functools.partial(servicer.sweep_loop, settings.sweep_interval_s),
+            refreshing(parts.gauges.refresh),
+        ],
         executors=[executor],
     )
 
 
 def verify(settings: ScoreSettings) -> int:
     """`python -m services.score verify`: exit status 1 when any stored score is wrong."""
-    ledger, _, _, engine = _ledger(settings, _pseudonymiser(settings), _utc_now)
+    parts = _ledger(settings, _pseudonymiser(settings), _utc_now)
+    ledger, engine = parts.ledger, parts.engine
     try:
         result = ledger.verify(DEFAULT_MAX_MISMATCHES, settings.verify_page_size)
     finally:

@@ -24,6 +24,7 @@ from kit.logging import get_logger
 from kit.protoconv import SEVERITY_NAMES, SUBJECT_KIND_NAMES, SUBJECT_KIND_VALUES, to_datetime, to_timestamp
 from kit.pseudonym import Pseudonymiser
 from kit.reads import ReadLog
+from services.score import metrics
 from services.score.domain import (
     APPROVED,
     OPEN,
@@ -319,6 +320,7 @@ class ScoreServicer(pb_grpc.ScoreServiceServicer):
                 incoming_reversal(forwarded_reversal(r, self._pseudonymiser)) for r in reversals
             ]
             result = await run_blocking(self._executor, self._ledger.apply, arrived, arrived_reversals)
+            metrics.batch_applied(result)
             span.set_attributes(
                 {
                     "egret.applied": result.applied,

@@ -53,6 +53,7 @@ from services.score.domain import (
     MAX_CATEGORY_LENGTH,
     MAX_ID_LENGTH,
     MAX_SUBJECT_KEY_LENGTH,
+    OPEN,
     PENDING,
     Consent,
     DisputeRecord,
@@ -595,6 +596,17 @@ class SqlLedgerStore:
         self._audit_keys = audit_keys
         self._key_id = key_id
 
+    def tier_counts(self) -> dict[tuple[str, str], int]:
+        """Subjects by (tier, subject kind), for the tiers gauge; placeholder rows (tier "")
+        of a batch in flight are left out."""
+        with self._sessions() as session:
+            rows = session.execute(
+                sa.select(StoredScore.tier, StoredScore.subject_kind, sa.func.count())
+                .where(StoredScore.tier != "")
+                .group_by(StoredScore.tier, StoredScore.subject_kind)
+            ).all()
+        return {(tier, kind): int(n) for tier, kind, n in rows}
+
     def record(self, entries: Sequence[LedgerEntry], rescore: Rescore) -> Recorded:
         try:
             return self._record(entries, rescore)
@@ -1114,6 +1126,22 @@ class SqlDueProcessStore:
     def transaction(self) -> Iterator[_SqlDueProcessTx]:
         with self._sessions() as session, session.begin():
             yield _SqlDueProcessTx(session, self._audit_keys, self._key_id)
+
+    def queue_counts(self, now: datetime) -> tuple[int, int, int]:
+        """Disputes open, disputes open past their deadline, repair decisions overdue (the
+        due-process gauges; each an indexed count)."""
+        at = now.astimezone(UTC)
+        with self._sessions() as session:
+            open_ = sa.select(sa.func.count()).where(StoredDispute.status == OPEN)
+            overdue = open_.where(StoredDispute.deadline < at)
+            repairs = sa.select(sa.func.count()).where(
+                StoredRepair.status == PENDING, StoredRepair.decision_due < at
+            )
+            return (
+                int(session.scalar(open_) or 0),
+                int(session.scalar(overdue) or 0),
+                int(session.scalar(repairs) or 0),
+            )
 
     def overdue_repairs(self, now: datetime, limit: int) -> list[RepairRecord]:
         with self._sessions() as session:

@@ -1,0 +1,205 @@
+"""Metrics with OpenTelemetry's metrics SDK: scraped by Prometheus from the admin port
+(kit.admin serves this process's registry at /metrics) and, when configured, pushed over OTLP.
+
+Modules create their instruments at import time with `meter(...)`; before `configure_metrics`
+runs (in tests that host a service in-process, or with EGRET_METRICS=false) they are the API's
+no-op instruments, so recording costs next to nothing and nothing is exported.
+
+OTEL_METRICS_EXPORTER chooses pushers besides the scrape (otlp, console, none); setting
+OTEL_EXPORTER_OTLP_ENDPOINT (or its _METRICS_ form) alone turns OTLP on, over TLS unless
+OTEL_EXPORTER_OTLP_INSECURE (or _METRICS_INSECURE) says otherwise, as for traces (kit.tracing).
+
+Labels are bounded by construction: methods, departments and event types the service knows,
+rule names of the active rule set, tiers, roles and purposes of the catalogues; never a subject
+id or subject key (tests/integration/test_metrics.py scrapes every service and checks both).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry import metrics
+from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+from opentelemetry.instrumentation.system_metrics import SystemMetricsInstrumentor
+from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    ConsoleMetricExporter,
+    MetricReader,
+    PeriodicExportingMetricReader,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from prometheus_client import CollectorRegistry
+
+from kit.logging import get_logger
+from kit.settings import SettingsError
+from kit.tracing import otlp_insecure
+
+log = get_logger(__name__)
+
+# How often gauges counted from the database (tiers, due-process queues, dead letters) are
+# refreshed: a scrape reads the last count, never the database.
+REFRESH_INTERVAL_S = 30.0
+
+# Seconds: database statements and batches, from well under a millisecond to a minute.
+SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# Milliseconds (rpc.server.duration, as OpenTelemetry's RPC conventions measure it).
+MILLISECONDS_BUCKETS = tuple(b * 1000 for b in SECONDS_BUCKETS)
+
+# Process metrics of the system-metrics instrumentation; the host's are the node exporter's job.
+_PROCESS_METRICS: dict[str, list[str] | None] = {
+    "process.cpu.time": ["user", "system"],
+    "process.memory.usage": None,
+    "process.memory.virtual": None,
+    "process.open_file_descriptor.count": None,
+    "process.thread.count": None,
+    "cpython.gc.collections": None,
+}
+
+
+def meter(scope: str) -> Meter:
+    """The meter of one part of Egret (`egret.ingest`, `egret.outbox`, ...)."""
+    return metrics.get_meter(scope)
+
+
+def histogram(scope: Meter, name: str, *, unit: str = "s", description: str = "") -> Histogram:
+    """A latency histogram with Egret's buckets (seconds, or milliseconds for unit "ms")."""
+    buckets = MILLISECONDS_BUCKETS if unit == "ms" else SECONDS_BUCKETS
+    return scope.create_histogram(
+        name, unit=unit, description=description, explicit_bucket_boundaries_advisory=buckets
+    )
+
+
+# A gauge's current value, or its value per label set (label pairs → value); None: no series.
+Reading = Mapping[tuple[tuple[str, str], ...], float] | float | None
+
+
+def gauge(
+    scope: Meter, name: str, read: Callable[[], Reading], *, unit: str = "", description: str = ""
+) -> None:
+    """An observable gauge whose callback reads state kept up to date elsewhere (a periodic
+    refresh, a flag): a scrape never queries the database."""
+
+    def observe(_options: CallbackOptions) -> Iterable[Observation]:
+        value = read()
+        if value is None:
+            return []
+        if isinstance(value, int | float):
+            return [Observation(value)]
+        return [Observation(v, dict(labels)) for labels, v in value.items()]
+
+    scope.create_observable_gauge(name, callbacks=[observe], unit=unit, description=description)
+
+
+def refreshing(
+    refresh: Callable[[], None], interval_s: float = REFRESH_INTERVAL_S
+) -> Callable[[asyncio.Event], Coroutine[Any, Any, None]]:
+    """A service background loop running `refresh` (blocking: it counts in the database) off
+    the event loop every `interval_s` until stopping; a failed count keeps the last values."""
+
+    async def run(stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            try:
+                await asyncio.to_thread(refresh)
+            except Exception as exc:  # the database away: health reports it; try again later
+                log.warning(
+                    "metrics refresh failed", error=f"{type(exc).__name__}: {exc}", throttle="refresh"
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), interval_s)
+
+    return run
+
+
+@dataclass
+class Metrics:
+    """This process's metrics: the registry the admin port serves and the provider to flush."""
+
+    registry: CollectorRegistry
+    provider: MeterProvider
+
+    def shutdown(self) -> None:
+        self.provider.shutdown()
+
+
+def enabled() -> bool:
+    value = os.environ.get("EGRET_METRICS", "true").strip().lower()
+    if value not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+        raise SettingsError([f"EGRET_METRICS={value!r} is not a boolean (true/false)"])
+    return value in ("true", "1", "yes", "on")
+
+
+def _pushers() -> list[MetricReader]:
+    default = (
+        "otlp"
+        if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+        else "none"
+    )
+    names = [n.strip() for n in os.environ.get("OTEL_METRICS_EXPORTER", default).split(",") if n.strip()]
+    readers: list[MetricReader] = []
+    for name in names:
+        if name == "otlp":
+            exporter = OTLPMetricExporter(insecure=otlp_insecure("METRICS"))
+            readers.append(PeriodicExportingMetricReader(exporter))
+        elif name == "console":
+            readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
+        elif name not in ("none", "prometheus"):
+            raise SettingsError(
+                [f"OTEL_METRICS_EXPORTER={name!r} is not one of otlp, console, prometheus, none"]
+            )
+    return readers
+
+
+def configure_metrics(service: str, tracer_provider: TracerProvider | None = None) -> Metrics | None:
+    """Install the process's meter provider (Prometheus registry plus any OTLP pusher), the
+    process and SQLAlchemy instrumentations; None with EGRET_METRICS=false."""
+    if not enabled():
+        return None
+    registry = CollectorRegistry(auto_describe=True)
+    readers: list[MetricReader] = [PrometheusMetricReader(registry=registry), *_pushers()]
+    attributes = {} if os.environ.get("OTEL_SERVICE_NAME") else {"service.name": f"egret-{service}"}
+    provider = MeterProvider(metric_readers=readers, resource=Resource.create(attributes))
+    metrics.set_meter_provider(provider)
+    SystemMetricsInstrumentor(config=_PROCESS_METRICS).instrument(meter_provider=provider)
+    # Connection pool use of every engine created from here on; statement spans feed
+    # egret.db.query.duration (kit.tracing.DatabaseDurations).
+    # Its declared range stops below SQLAlchemy 2.1, whose event API it uses unchanged; the
+    # live scrape test (tests/e2e/test_metrics.py) shows its series.
+    SQLAlchemyInstrumentor().instrument(
+        meter_provider=provider, tracer_provider=tracer_provider, skip_dep_check=True
+    )
+    if tracer_provider is not None:
+        tracer_provider.add_span_processor(DatabaseDurations())
+    return Metrics(registry=registry, provider=provider)
+
+
+_OPERATIONS = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE"})
+_query_duration = histogram(
+    meter("egret.db"), "egret.db.query.duration", description="Database statements, by operation"
+)
+
+
+class DatabaseDurations(SpanProcessor):
+    """egret.db.query.duration from the SQLAlchemy instrumentation's statement spans (the
+    instrumentation measures pool use itself, but statement latency only as spans)."""
+
+    def on_end(self, span: ReadableSpan) -> None:
+        attributes = span.attributes or {}
+        if "db.system" not in attributes and "db.system.name" not in attributes:
+            return
+        if span.start_time is None or span.end_time is None:
+            return
+        operation = span.name.split(" ", 1)[0].upper()
+        _query_duration.record(
+            (span.end_time - span.start_time) / 1e9,
+            {"operation": operation if operation in _OPERATIONS else "other"},
+        )
