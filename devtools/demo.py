@@ -49,8 +49,10 @@ from kit.db import create_engine
 # Files a previous demo run leaves behind; only these are removed, never the whole directory.
 _RUN_FILES = ("*.db", "*.db-wal", "*.db-shm", "*.db-journal", "*.log")
 _TIER_ORDER = ("AAA", "AA", "A", "B", "C", "D")
-# The services' documented ports (docs/configuration.md): ingest 50051 ... query 50054.
+# The services' documented ports (docs/configuration.md): ingest 50051 ... query 50054, and
+# their admin ports (metrics and probes, kit.admin) 9461 ... 9464.
 BASE_PORT = 50051
+ADMIN_BASE_PORT = 9461
 _SERVICES = ("ingest", "rules", "score", "query")
 # The demo reads as a reviewer, who must state a purpose code (config/purposes.yaml).
 DEMO_PURPOSE = "subject-request"
@@ -298,7 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"Starting ingest, rules, score and query in {data_dir} ...")
     ports = {name: _port_if_free(args.base_port + offset) for offset, name in enumerate(_SERVICES)}
-    cluster = Cluster(data_dir, log_format="json", ports=ports)
+    admin_ports = {name: _port_if_free(ADMIN_BASE_PORT + offset) for offset, name in enumerate(_SERVICES)}
+    cluster = Cluster(data_dir, log_format="json", ports=ports, admin_ports=admin_ports)
     # Before the services start: they must trust the provider's tokens from the first.
     stack = PortalStack(
         cluster,
@@ -308,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cluster.start()
         for name in _SERVICES:
-            print(f"  {name:<7} {cluster.address(name)}")
+            print(f"  {name:<7} {cluster.address(name)}  metrics {cluster.admin_url(name)}/metrics")
         first_contact = write_first_contact(cluster, data_dir)
         print("Starting the local OpenID provider and the portal ...")
         stack.start()
