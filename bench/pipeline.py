@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import sys
 import tempfile
 import time
@@ -65,6 +66,8 @@ VISIBLE_TYPES = (
     "traffic.red_light",
     "transport.metro.fare_evasion",
 )
+# Any key gives the bare engine the same work: subjects stay apart under every key.
+RAW_SUBJECT_KEY = "bench-raw-durable-rules-subject-key-0123456789"
 _KINDS = {subject_pb2.SUBJECT_KIND_PERSON: "person", subject_pb2.SUBJECT_KIND_ORGANIZATION: "organization"}
 
 
@@ -95,6 +98,16 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--drain-timeout", type=float, default=1800.0)
     parser.add_argument("--skip-raw", action="store_true", help="skip the raw durable-rules measurement")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as JSON")
+    parser.add_argument(
+        "--observability",
+        choices=("on", "off", "compare"),
+        default="on",
+        help="metrics on (the default, as deployed), off (EGRET_METRICS=false), or compare: "
+        "alternating runs off and on (--repeats each) and their throughput ratio",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="runs per setting with --observability compare"
+    )
     args = parser.parse_args(argv)
     if args.events < 1:
         parser.error("--events must be at least 1")
@@ -318,6 +331,98 @@ def _raw_rate(ruleset: Path, generated: Sequence[GeneratedEvent], subject_key: s
     }
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds of a process so far (/proc/PID/stat), 0.0 off Linux."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _measured_run(
+    args: argparse.Namespace,
+    requests: list[ingest_service_pb2.StreamEventsRequest],
+    samples: dict[str, _Sample],
+    *,
+    metrics: bool,
+) -> tuple[StreamTotals, float, dict[str, float]]:
+    """One cluster, one stream: the totals, first send → drained seconds, and each service's
+    CPU seconds (read before it stops)."""
+    for sample in samples.values():
+        sample.sent_at, sample.visible_after_s = 0.0, None
+    postgres = PostgresDatabases(args.postgres) if args.postgres else None
+    database_urls = postgres.create() if postgres else {}
+    data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="egret-bench-"))
+    env = {**UNLIMITED, "EGRET_METRICS": "true" if metrics else "false"}
+    cluster = Cluster(data_dir, database_urls=database_urls, log_level="warning", env=env)
+    try:
+        cluster.start()
+        database = "postgresql" if args.postgres else "sqlite"
+        print(f"cluster up ({database}, metrics {'on' if metrics else 'off'}); streaming ...")
+        totals, end_to_end_s = asyncio.run(_run_stream(cluster, requests, samples, args))
+        cpu = {name: _cpu_seconds(cluster.pid(name)) for name in cluster.services}
+    finally:
+        cluster.close(remove_data_dir=args.data_dir is None)
+        if postgres:
+            postgres.drop()
+    return totals, end_to_end_s, cpu
+
+
+def _per_event(cpu: dict[str, float], events: int) -> dict[str, float]:
+    return {name: round(seconds / max(events, 1) * 1e6, 1) for name, seconds in cpu.items()}
+
+
+def _compare_observability(
+    args: argparse.Namespace,
+    requests: list[ingest_service_pb2.StreamEventsRequest],
+    samples: dict[str, _Sample],
+    figures: dict[str, Any],
+) -> int:
+    """Alternate runs with metrics off and on (off first), so drift of a shared machine falls
+    on both; report the median throughput of each and the on/off ratio."""
+    runs: list[dict[str, Any]] = []
+    for _ in range(args.repeats):
+        for metrics in (False, True):
+            load_before = os.getloadavg()[0]
+            totals, seconds, cpu = _measured_run(args, requests, samples, metrics=metrics)
+            runs.append(
+                {
+                    "metrics": metrics,
+                    "events_per_s": round(totals.events / seconds, 1),
+                    "cpu_us_per_event": _per_event(cpu, totals.events),
+                    "loadavg_1m_before": round(load_before, 2),
+                }
+            )
+            print(
+                f"  metrics {'on ' if metrics else 'off'}: {runs[-1]['events_per_s']:,.0f} events/s, "
+                f"CPU µs/event {runs[-1]['cpu_us_per_event']}"
+            )
+
+    def median(metrics: bool, pick: Any) -> float:
+        return float(statistics.median(pick(r) for r in runs if r["metrics"] is metrics))
+
+    on = median(True, lambda r: r["events_per_s"])
+    off = median(False, lambda r: r["events_per_s"])
+    cpu_on = median(True, lambda r: sum(r["cpu_us_per_event"].values()))
+    cpu_off = median(False, lambda r: sum(r["cpu_us_per_event"].values()))
+    figures["observability"] = {
+        "runs": runs,
+        "events_per_s_on": on,
+        "events_per_s_off": off,
+        "throughput_ratio_on_off": round(on / off, 3),
+        "cpu_us_per_event_on": round(cpu_on, 1),
+        "cpu_us_per_event_off": round(cpu_off, 1),
+    }
+    print(f"\nmetrics on/off throughput: {on:,.0f} / {off:,.0f} events/s = {on / off:.3f}")
+    print(f"services' CPU per event: on {cpu_on:.0f} µs, off {cpu_off:.0f} µs")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        print(f"figures written to {args.json}")
+    return 0
+
+
 def _ms(value: float | None) -> float | None:
     return None if value is None else round(value * 1000, 1)
 
@@ -338,18 +443,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     requests, generated = _build(args)
     samples = _pick_samples(requests, args.samples)
 
-    postgres = PostgresDatabases(args.postgres) if args.postgres else None
-    database_urls = postgres.create() if postgres else {}
-    data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="egret-bench-"))
-    cluster = Cluster(data_dir, database_urls=database_urls, log_level="warning", env=UNLIMITED)
-    try:
-        cluster.start()
-        print(f"cluster up ({figures['database']}); streaming ...")
-        totals, end_to_end_s = asyncio.run(_run_stream(cluster, requests, samples, args))
-    finally:
-        cluster.stop()
-        if postgres:
-            postgres.drop()
+    if args.observability == "compare":
+        return _compare_observability(args, requests, samples, figures)
+    totals, end_to_end_s, cpu = _measured_run(args, requests, samples, metrics=args.observability == "on")
+    figures["cpu_us_per_event"] = _per_event(cpu, totals.events)
+    figures["loadavg"] = [round(v, 2) for v in os.getloadavg()]
 
     visible = [s.visible_after_s for s in samples.values() if s.visible_after_s is not None]
     figures["stream"] = {
@@ -384,6 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"ack latency:    p50 {ack['p50']} ms, p95 {ack['p95']} ms, p99 {ack['p99']} ms "
         f"(batches of {args.batch_size}, {args.in_flight} in flight)"
     )
+    print(f"CPU per event:  {figures['cpu_us_per_event']} µs (load average {figures['loadavg']})")
     vis = figures["visible_latency_ms"]
     print(
         f"event→visible:  p50 {vis['p50']} ms, p95 {vis['p95']} ms, p99 {vis['p99']} ms "
@@ -393,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.skip_raw:
         # The end to end figures are worth keeping even when the bare engine fails.
         try:
-            raw = _raw_rate(args.ruleset, generated, cluster.subject_key)
+            raw = _raw_rate(args.ruleset, generated, RAW_SUBJECT_KEY)
         except Exception as exc:
             figures["raw_durable_rules"] = {"error": f"{type(exc).__name__}: {exc}"}
             print(f"raw durable-rules: failed: {type(exc).__name__}: {exc}", file=sys.stderr)

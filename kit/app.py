@@ -196,7 +196,7 @@ def run_cli(
             return 2
         try:
             provider = configure_tracing(name)
-            metrics = configure_metrics(name, provider)
+            metrics = configure_metrics(name)
         except SettingsError as exc:
             print(f"egret-{name}: {exc}", file=sys.stderr)
             return 2

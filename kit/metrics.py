@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -36,8 +37,10 @@ from opentelemetry.sdk.metrics.export import (
     PeriodicExportingMetricReader,
 )
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.trace import NoOpTracerProvider
 from prometheus_client import CollectorRegistry
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
 from kit.logging import get_logger
 from kit.settings import SettingsError
@@ -159,7 +162,7 @@ def _pushers() -> list[MetricReader]:
     return readers
 
 
-def configure_metrics(service: str, tracer_provider: TracerProvider | None = None) -> Metrics | None:
+def configure_metrics(service: str) -> Metrics | None:
     """Install the process's meter provider (Prometheus registry plus any OTLP pusher), the
     process and SQLAlchemy instrumentations; None with EGRET_METRICS=false."""
     if not enabled():
@@ -170,15 +173,15 @@ def configure_metrics(service: str, tracer_provider: TracerProvider | None = Non
     provider = MeterProvider(metric_readers=readers, resource=Resource.create(attributes))
     metrics.set_meter_provider(provider)
     SystemMetricsInstrumentor(config=_PROCESS_METRICS).instrument(meter_provider=provider)
-    # Connection pool use of every engine created from here on; statement spans feed
-    # egret.db.query.duration (kit.tracing.DatabaseDurations).
-    # Its declared range stops below SQLAlchemy 2.1, whose event API it uses unchanged; the
-    # live scrape test (tests/e2e/test_metrics.py) shows its series.
+    # Connection pool use of every engine created from here on. Its declared range stops below
+    # SQLAlchemy 2.1, whose pool events it uses unchanged (tests/e2e/test_metrics.py shows its
+    # series). It would also record a span per statement (every span is recorded, so trace ids
+    # reach the logs): it gets a no-op tracer, and time_statements' two hooks measure
+    # statement latency instead.
     SQLAlchemyInstrumentor().instrument(
-        meter_provider=provider, tracer_provider=tracer_provider, skip_dep_check=True
+        meter_provider=provider, tracer_provider=NoOpTracerProvider(), skip_dep_check=True
     )
-    if tracer_provider is not None:
-        tracer_provider.add_span_processor(DatabaseDurations())
+    time_statements()
     return Metrics(registry=registry, provider=provider)
 
 
@@ -186,20 +189,27 @@ _OPERATIONS = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE"})
 _query_duration = histogram(
     meter("egret.db"), "egret.db.query.duration", description="Database statements, by operation"
 )
+_STARTED = "egret_statement_started"
 
 
-class DatabaseDurations(SpanProcessor):
-    """egret.db.query.duration from the SQLAlchemy instrumentation's statement spans (the
-    instrumentation measures pool use itself, but statement latency only as spans)."""
+def _operation(statement: str) -> str:
+    operation = statement.lstrip()[:6].upper()
+    return operation if operation in _OPERATIONS else "other"
 
-    def on_end(self, span: ReadableSpan) -> None:
-        attributes = span.attributes or {}
-        if "db.system" not in attributes and "db.system.name" not in attributes:
-            return
-        if span.start_time is None or span.end_time is None:
-            return
-        operation = span.name.split(" ", 1)[0].upper()
-        _query_duration.record(
-            (span.end_time - span.start_time) / 1e9,
-            {"operation": operation if operation in _OPERATIONS else "other"},
-        )
+
+def _before(_conn: Any, _cursor: Any, _statement: str, _params: Any, context: Any, _many: bool) -> None:
+    if context is not None:
+        setattr(context, _STARTED, time.perf_counter())
+
+
+def _after(_conn: Any, _cursor: Any, statement: str, _params: Any, context: Any, _many: bool) -> None:
+    started = getattr(context, _STARTED, None)
+    if started is not None:
+        _query_duration.record(time.perf_counter() - started, {"operation": _operation(statement)})
+
+
+def time_statements() -> None:
+    """egret.db.query.duration for every engine: two cursor-execute hooks on Engine itself."""
+    if not event.contains(Engine, "before_cursor_execute", _before):
+        event.listen(Engine, "before_cursor_execute", _before)
+        event.listen(Engine, "after_cursor_execute", _after)
