@@ -21,7 +21,7 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import promql_parser
 import pytest
 
-from deploy.k8s.render import REPO_ROOT, Manifest
+from deploy.k8s.render import CHART_DIR, REPO_ROOT, Manifest
 from tests.deploy.k8s import (
     Endpoint,
     container_port,
@@ -126,6 +126,12 @@ def test_the_admin_port_stays_off_the_grpc_services(render_objects: RenderObject
 
 
 # -- the Prometheus Operator objects ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", [WITH_SERVICE_MONITOR, WITH_POD_MONITOR], ids=["service", "pod"])
+def test_helm_lint_strict_passes_with_the_metrics_objects(values: dict[str, Any]) -> None:
+    report = helm.lint(CHART_DIR, values, strict=True, kube_version="v1.35.0")
+    assert ([m for m in report["messages"] if m["severity"] >= 2], report["errors"]) == ([], [])
 
 
 def test_no_metrics_object_renders_by_default(render_objects: RenderObjects) -> None:
