@@ -54,7 +54,12 @@ class Role(StrEnum):
 # cannot deliver events to rules or outcomes to score.
 SCOPE_EVALUATE_EVENTS = "egret.rules.evaluate"  # ingest → rules: EvaluateEvents
 SCOPE_READ_RULE_SETS = "egret.rules.read"  # query → rules: GetActiveRuleSet, GetRuleSet (any version)
-SCOPE_APPLY_OUTCOMES = "egret.score.apply"  # rules → score: ApplyOutcomes
+# rules → score: ApplyOutcomes, and GetActivePolicy (the policy rules' backtests score with)
+SCOPE_APPLY_OUTCOMES = "egret.score.apply"
+# The chart's config-apply Job (services.configapply) → rules and score: what a reviewer
+# does to make a rule set active (validate, draft, publish, activate) and an admin's
+# ActivatePolicy, with the reads to compare; its principal is named in every audit record.
+SCOPE_APPLY_CONFIG = "egret.config.apply"
 # The portal's public pages: published, non-personal data only (rules' GetActiveRuleSet,
 # score's GetActivePolicy, query's ListBenefits); never a draft or another version.
 SCOPE_PUBLIC_READ = "egret.public.read"
@@ -66,6 +71,7 @@ SERVICE_SCOPES: Mapping[str, tuple[str, ...]] = {
     "query": (SCOPE_READ_RULE_SETS,),
     "score": (),
     "portal": (SCOPE_PUBLIC_READ,),
+    "config-apply": (SCOPE_APPLY_CONFIG,),
 }
 
 

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from kit.auth import SCOPE_EVALUATE_EVENTS, SCOPE_PUBLIC_READ, SCOPE_READ_RULE_SETS, CallPolicy, Role, allow
+from kit.auth import (
+    SCOPE_APPLY_CONFIG,
+    SCOPE_EVALUATE_EVENTS,
+    SCOPE_PUBLIC_READ,
+    SCOPE_READ_RULE_SETS,
+    CallPolicy,
+    Role,
+    allow,
+)
 
 _RPC = "/egret.rules.v1.RulesService/"
 _READERS = (Role.REVIEWER, Role.AUDITOR, Role.ADMIN)
@@ -19,12 +27,14 @@ POLICY: Mapping[str, CallPolicy] = {
     _RPC + "EvaluateEvents": allow(Role.SERVICE, service_scope=SCOPE_EVALUATE_EVENTS),
     # Published: the portal's public rules page reads it too (its source included).
     _RPC + "GetActiveRuleSet": allow(
-        *_READERS, Role.SERVICE, service_scope=(SCOPE_READ_RULE_SETS, SCOPE_PUBLIC_READ)
+        *_READERS, Role.SERVICE, service_scope=(SCOPE_READ_RULE_SETS, SCOPE_PUBLIC_READ, SCOPE_APPLY_CONFIG)
     ),
-    _RPC + "ValidateRuleSet": allow(Role.REVIEWER, cost=10),
-    _RPC + "CreateDraft": allow(Role.REVIEWER, cost=10),
-    _RPC + "PublishRuleSet": allow(Role.REVIEWER),
-    _RPC + "ActivateRuleSet": allow(Role.REVIEWER),
+    # A reviewer's, and the chart's config-apply Job's for the rule set its values give
+    # (services.configapply): the same calls, checks and audit records.
+    _RPC + "ValidateRuleSet": allow(Role.REVIEWER, Role.SERVICE, service_scope=SCOPE_APPLY_CONFIG, cost=10),
+    _RPC + "CreateDraft": allow(Role.REVIEWER, Role.SERVICE, service_scope=SCOPE_APPLY_CONFIG, cost=10),
+    _RPC + "PublishRuleSet": allow(Role.REVIEWER, Role.SERVICE, service_scope=SCOPE_APPLY_CONFIG),
+    _RPC + "ActivateRuleSet": allow(Role.REVIEWER, Role.SERVICE, service_scope=SCOPE_APPLY_CONFIG),
     _RPC + "RetireRuleSet": allow(Role.REVIEWER),
     # Replays the recorded history: the dearest call of all.
     _RPC + "BacktestRuleSet": allow(Role.REVIEWER, Role.ADMIN, cost=50),
@@ -34,7 +44,7 @@ POLICY: Mapping[str, CallPolicy] = {
     _RPC + "CancelBacktest": allow(Role.REVIEWER, Role.ADMIN),
     _RPC + "GetBacktest": allow(*_READERS),
     _RPC + "ListBacktests": allow(*_READERS),
-    _RPC + "ListRuleSets": allow(*_READERS),
+    _RPC + "ListRuleSets": allow(*_READERS, Role.SERVICE, service_scope=SCOPE_APPLY_CONFIG),
     # Query (as a service) reads the active rule set's positive rules for Explain.
     _RPC + "GetRuleSet": allow(*_READERS, Role.SERVICE, service_scope=SCOPE_READ_RULE_SETS),
     _RPC + "ListRuleSetChanges": allow(*_READERS),

@@ -32,7 +32,7 @@ import multiprocessing
 import resource
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -69,7 +69,7 @@ from services.rules.records import engine_event_from_record
 from services.rules.ruleset import RuleSet, rule_set_from_yaml
 from services.rules.settings import RulesSettings
 from services.rules.storage import RulesSubjectKeyGeneration
-from services.score.policy import ScorePolicy, load_policy
+from services.score.policy import ScorePolicy
 
 log = get_logger(__name__)
 
@@ -124,7 +124,7 @@ class BacktestHandler:
         *,
         executor: Executor,
         reader: HistoryReader,
-        policy: ScorePolicy,
+        policy: Callable[[], Awaitable[ScorePolicy]],
         cohort_attributes: Sequence[str],
         baseline: Callable[[], Contender],
         candidate: Callable[[int], Contender],
@@ -133,7 +133,9 @@ class BacktestHandler:
         database_url: str | None = None,
         key_id: str | None = None,
     ) -> None:
-        """``database_url`` is what worker processes read the history from; without one
+        """``policy`` gives the score policy to score with, asked at the start of every
+        backtest (score's active one: services.rules.policy_source). ``database_url`` is
+        what worker processes read the history from; without one
         (or with one worker) the replay runs in this process. ``key_id`` is this instance's
         subject key generation, which the workers hold the database to (kit.rekey)."""
         self._clock = clock
@@ -208,6 +210,8 @@ class BacktestHandler:
     ) -> pb.BacktestRuleSetResponse:
         request, scope, rule_limit, subject_limit = plan
         as_of = to_datetime(request.as_of) if request.HasField("as_of") else self._clock()
+        # Asked anew for every backtest: an activation in score since the last one applies.
+        policy = await self._policy()
         started = time.perf_counter()
         results = None
         if self._workers > 1 and self._database_url is not None:
@@ -216,7 +220,7 @@ class BacktestHandler:
                 self._database_url,
                 baseline.source,
                 candidate.source,
-                policy=self._policy,
+                policy=policy,
                 cohort_attributes=self._cohort_attributes,
                 scope=scope,
                 as_of=as_of,
@@ -231,7 +235,7 @@ class BacktestHandler:
                 [r.partial for r in results],
                 baseline=baseline.rule_set,
                 candidate=candidate.rule_set,
-                policy=self._policy,
+                policy=policy,
                 cohort_attributes=self._cohort_attributes,
                 as_of=as_of,
                 rule_limit=rule_limit,
@@ -242,6 +246,7 @@ class BacktestHandler:
                 baseline,
                 candidate,
                 scope,
+                policy,
                 as_of=as_of,
                 rule_limit=rule_limit,
                 subject_limit=subject_limit,
@@ -265,6 +270,7 @@ class BacktestHandler:
         baseline: Contender,
         candidate: Contender,
         scope: BacktestScope,
+        policy: ScorePolicy,
         *,
         as_of: datetime,
         rule_limit: int,
@@ -277,7 +283,7 @@ class BacktestHandler:
             read = progress.read
         replay = await opened(
             self._executor,
-            partial(self._start, baseline.rule_set, candidate.rule_set),
+            partial(self._start, baseline.rule_set, candidate.rule_set, policy),
             lambda replay: replay.close(),
         )
         pages = self._reader.pages(scope, read=read)
@@ -294,11 +300,11 @@ class BacktestHandler:
             await asyncio.shield(run_blocking(self._executor, _close, pages, replay))
         return report
 
-    def _start(self, baseline: RuleSet, candidate: RuleSet) -> Backtest:
+    def _start(self, baseline: RuleSet, candidate: RuleSet, policy: ScorePolicy) -> Backtest:
         return Backtest(
             baseline=baseline,
             candidate=candidate,
-            policy=self._policy,
+            policy=policy,
             cohort_attributes=self._cohort_attributes,
         )
 
@@ -342,13 +348,15 @@ def build_backtests(
     sessions: sessionmaker[Session],
     lifecycle: RuleSetLifecycle,
     executor: Executor,
+    policy: Callable[[], Awaitable[ScorePolicy]],
 ) -> BacktestHandler:
     """The handler as the service wires it: history from the rules database, the rule sets
-    from the lifecycle, the policy and the cohort attributes from their files."""
+    from the lifecycle, the policy from score (``policy``: score's active one), the cohort
+    attributes from the catalogue file."""
     return BacktestHandler(
         executor=executor,
         reader=HistoryReader(sessions, engine_event_from_record),
-        policy=load_policy(settings.policy_file),
+        policy=policy,
         cohort_attributes=cohort_attributes(load_catalogue(settings.catalogue_file)),
         baseline=lambda: contender(lifecycle.active()),
         candidate=lambda rule_set_id: contender(lifecycle.get(rule_set_id)),

@@ -31,6 +31,7 @@ from services.rules.backtest_storage import SqlBacktestJobStore
 from services.rules.domain import Evaluator, check_rule_set
 from services.rules.lifecycle import RuleSetLifecycle
 from services.rules.metrics import RulesGauges
+from services.rules.policy_source import ActivePolicy
 from services.rules.servicer import RulesServicer, register
 from services.rules.settings import RulesSettings
 from services.rules.shard_layout import check_shard_layout
@@ -120,7 +121,10 @@ def build(settings: RulesSettings) -> Service:
     )
     # One thread: durable-rules is not thread-safe and holds the GIL while it works.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rules-engine")
-    backtests = build_backtests(settings, sessions, lifecycle, executor)
+    # Backtests score with score's active policy, asked over the channel to score's API
+    # with rules' own token (the outbox relay has a channel of its own).
+    active_policy = ActivePolicy(settings.score, channel_credentials(settings.common.security))
+    backtests = build_backtests(settings, sessions, lifecycle, executor, active_policy)
     jobs = BacktestJobs(
         SqlBacktestJobStore(sessions, audit_keys=keys),
         backtests,
@@ -153,7 +157,7 @@ def build(settings: RulesSettings) -> Service:
         background=[relay.run, refreshing(RulesGauges(evaluator, evaluation_store).refresh)],
         executors=[executor],
         # Before the engine thread and the database go: running backtests are stored as failed.
-        closers=[jobs.close],
+        closers=[jobs.close, active_policy.close],
     )
 
 

@@ -26,9 +26,8 @@ class RulesSettings:
     dead_letter_after_attempts: int = 3
     # Which subjects this instance evaluates (EGRET_RULES_SHARD of EGRET_RULES_SHARDS).
     shard: Shard = UNSHARDED
-    # Backtests score subjects with score's policy and split reports by the catalogue's
-    # cohort attributes, so rules reads the same two files score and ingest do.
-    policy_file: Path = Path("config/policy.yaml")
+    # Backtests split reports by the catalogue's cohort attributes, so rules reads the file
+    # ingest does. (They score with score's active policy, asked from score: no file.)
     catalogue_file: Path = Path("config/catalogue.yaml")
     # Processes a backtest replays its shards of subjects in (1: on the engine thread).
     backtest_workers: int = 1
@@ -51,7 +50,6 @@ class RulesSettings:
                 "EGRET_DEAD_LETTER_AFTER_ATTEMPTS", 3, minimum=1, maximum=100
             ),
             shard=Shard.read(env, prefix="EGRET_RULES"),
-            policy_file=env.file("EGRET_POLICY_FILE", Path("config/policy.yaml")),
             catalogue_file=env.file("EGRET_CATALOGUE_FILE", Path("config/catalogue.yaml")),
             backtest_workers=env.integer("EGRET_BACKTEST_WORKERS", default_workers(), minimum=1, maximum=64),
             purposes_file=env.file("EGRET_PURPOSES_FILE", Path("config/purposes.yaml")),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from kit.auth import SCOPE_APPLY_OUTCOMES, SCOPE_PUBLIC_READ, CallPolicy, Role, allow
+from kit.auth import SCOPE_APPLY_CONFIG, SCOPE_APPLY_OUTCOMES, SCOPE_PUBLIC_READ, CallPolicy, Role, allow
 
 _RPC = "/egret.score.v1.ScoreService/"
 
@@ -19,9 +19,11 @@ POLICY: Mapping[str, CallPolicy] = {
     # Recompute every score (VerifyScores) or score the population under a draft (PreviewPolicy).
     _RPC + "VerifyScores": allow(Role.ADMIN, Role.AUDITOR, cost=50),
     _RPC + "PreviewPolicy": allow(Role.ADMIN, Role.REVIEWER, cost=50),
-    _RPC + "ActivatePolicy": allow(Role.ADMIN, cost=10),
+    # The chart's config-apply Job activates the policy its values give (services.configapply).
+    _RPC + "ActivatePolicy": allow(Role.ADMIN, Role.SERVICE, service_scope=SCOPE_APPLY_CONFIG, cost=10),
     _RPC + "ListPolicies": allow(Role.ADMIN, Role.REVIEWER, Role.AUDITOR),
-    # The active policy is published: anyone signed in, and the portal's public pages.
+    # The active policy is published: anyone signed in, the portal's public pages, rules'
+    # backtests (they score with it) and the config-apply Job (it compares with it).
     _RPC + "GetActivePolicy": allow(
         Role.ADMIN,
         Role.REVIEWER,
@@ -30,7 +32,7 @@ POLICY: Mapping[str, CallPolicy] = {
         Role.DEPARTMENT,
         Role.BENEFIT_PROVIDER,
         Role.SERVICE,
-        service_scope=SCOPE_PUBLIC_READ,
+        service_scope=(SCOPE_PUBLIC_READ, SCOPE_APPLY_OUTCOMES, SCOPE_APPLY_CONFIG),
     ),
     _RPC + "FileDispute": allow(Role.SUBJECT, Role.DEPARTMENT),
     # A reviewer takes or releases a dispute for itself; an admin assigns one to a reviewer.

@@ -41,6 +41,8 @@ from services.rules.backtest_job import INTERRUPTED, StoredJob
 from services.rules.backtest_storage import HistoryReader, SqlBacktestJobStore
 from services.rules.settings import RulesSettings
 from services.rules.storage import RulesAuditLog
+from services.score import bootstrap as score_bootstrap
+from services.score.settings import ScoreSettings
 from tests.integration.test_backtest_service import (
     POLICY,
     ROOT,
@@ -294,8 +296,17 @@ def rules_settings(url: str, data_dir: Path, **extra: str) -> RulesSettings:
 
 @asynccontextmanager
 async def rules_alone(settings: RulesSettings) -> AsyncIterator[pb_grpc.RulesServiceAsyncStub]:
-    """Rules without a score service: backtests need none."""
+    """Rules with no history relayed anywhere, and a score service of its own (on SQLite
+    beside it) only for what backtests ask of score: its active policy."""
     async with AsyncExitStack() as stack:
+        data_dir = settings.common.data_dir
+        score_settings = ScoreSettings.from_env(
+            environment("score", f"sqlite:///{data_dir / 'score.db'}", data_dir)
+        )
+        score_address = await stack.enter_async_context(
+            running(score_settings, score_bootstrap.build, score_bootstrap.MIGRATIONS)
+        )
+        settings = replace(settings, score=replace(settings.score, address=score_address))
         address = await stack.enter_async_context(
             running(settings, rules_bootstrap.build, rules_bootstrap.MIGRATIONS)
         )

@@ -258,12 +258,25 @@ async def test_every_role_may_call_exactly_the_rpcs_its_policy_grants(secure: Se
 async def test_each_service_token_opens_only_the_rpcs_of_its_own_scopes(secure: Secure) -> None:
     expected = {
         "ingest": {"rules.EvaluateEvents"},
-        "rules": {"score.ApplyOutcomes"},
+        # Rules' backtests score with score's active policy.
+        "rules": {"score.ApplyOutcomes", "score.GetActivePolicy"},
         "query": {"rules.GetActiveRuleSet", "rules.GetRuleSet"},
         "score": set(),
         # The portal's public pages: published, non-personal data only (the active rule set,
         # never a draft or another version by id).
         "portal": {"query.ListBenefits", "score.GetActivePolicy", "rules.GetActiveRuleSet"},
+        # The chart's config-apply Job: what makes a rule set and a policy active, and the
+        # reads it compares with; no backtest, retirement or other version's source.
+        "config-apply": {
+            "rules.GetActiveRuleSet",
+            "rules.ValidateRuleSet",
+            "rules.CreateDraft",
+            "rules.PublishRuleSet",
+            "rules.ActivateRuleSet",
+            "rules.ListRuleSets",
+            "score.ActivatePolicy",
+            "score.GetActivePolicy",
+        },
     }
     open_to_services = [
         (name, rpc)

@@ -1,0 +1,3 @@
+from services.configapply.bootstrap import main
+
+raise SystemExit(main())
