@@ -2,8 +2,9 @@
 
 Callers present a signed JWT in the `authorization: Bearer <token>` metadata. The token
 names the principal (`sub`), its role and scopes. Keys come from a PEM public key or a
-JWKS document on disk (a mounted Secret); only asymmetric algorithms are accepted, so
-`alg=none` and HMAC-with-the-public-key forgeries are refused.
+JWKS document on disk (a mounted Secret) or a JWKS URL, and are read again when they change
+(kit.token_keys); only asymmetric algorithms are accepted, so `alg=none` and
+HMAC-with-the-public-key forgeries are refused.
 
 Authorization is default-deny: an RPC not in the service's policy is refused for every
 role. The interceptor decides before any handler work and binds the principal to a
@@ -35,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from kit.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated, Violation
 from kit.pseudonym import subject_violations
+from kit.token_keys import KeySource, issuer_keys
 
 ALLOWED_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "PS256", "EdDSA")
 
@@ -175,17 +177,18 @@ def _claim_values(claims: Mapping[str, Any], name: str) -> list[str]:
     return []
 
 
-def load_keys(public_key_file: Path | None = None, jwks_file: Path | None = None) -> dict[str | None, Any]:
-    """Verification keys by key id (None: the PEM key, for tokens without a known `kid`)."""
-    keys: dict[str | None, Any] = {}
-    if jwks_file is not None:
-        for key in jwt.PyJWKSet.from_json(jwks_file.read_text()).keys:
-            keys[key.key_id] = key.key
-    if public_key_file is not None:
-        keys[None] = public_key_file.read_bytes()
-    if not keys:
-        raise ValueError("token verification needs a public key file or a JWKS file")
-    return keys
+# A verifier's keys: fixed (tests, code) or a KeySource kept current while serving.
+Keys = Mapping[str | None, Any] | KeySource
+
+
+def _key(keys: Keys, kid: str | None) -> Any | None:
+    if isinstance(keys, Mapping):
+        return keys.get(kid, keys.get(None))
+    return keys.key(kid)
+
+
+def _generation(keys: Keys) -> int:
+    return 0 if isinstance(keys, Mapping) else keys.generation()
 
 
 @dataclass(frozen=True)
@@ -195,7 +198,7 @@ class TrustedIssuer:
     services); a token is checked against the keys of the issuer it names, and only those."""
 
     issuer: str
-    keys: Mapping[str | None, Any]
+    keys: Keys
     claims: ClaimMapping = field(default_factory=ClaimMapping)
 
     @classmethod
@@ -205,16 +208,26 @@ class TrustedIssuer:
         *,
         public_key_file: Path | None = None,
         jwks_file: Path | None = None,
+        jwks_url: str | None = None,
+        jwks_lifespan_s: float = 300.0,
         claims: ClaimMapping | None = None,
     ) -> TrustedIssuer:
-        return cls(issuer, load_keys(public_key_file, jwks_file), claims or ClaimMapping())
+        """Keys from files and/or a URL, read again when they change (kit.token_keys)."""
+        keys = issuer_keys(
+            what=f"token keys of {issuer}",
+            public_key_file=public_key_file,
+            jwks_file=jwks_file,
+            jwks_url=jwks_url,
+            jwks_lifespan_s=jwks_lifespan_s,
+        )
+        return cls(issuer, keys, claims or ClaimMapping())
 
 
 @dataclass(frozen=True)
 class TokenVerifier:
     """Verifies bearer tokens against configured keys, issuer and audience."""
 
-    keys: Mapping[str | None, Any]
+    keys: Keys
     issuer: str
     audience: str
     algorithms: tuple[str, ...] = ("RS256", "ES256")
@@ -226,8 +239,9 @@ class TokenVerifier:
     max_lifetime_s: float | None = 86_400.0
     # Tokens already verified, by their exact text, with the instant they stop being
     # accepted. A caller sends the same token for its whole lifetime, and a signature check
-    # costs far more than the call it guards; the cache changes no outcome, as the keys,
-    # issuer and audience are fixed for the verifier's life and expiry is checked per call.
+    # costs far more than the call it guards; the cache changes no outcome, as issuer and
+    # audience are fixed for the verifier's life, expiry is checked per call, and the cache
+    # is emptied whenever any issuer's keys change (a removed key refuses its tokens).
     cache_size: int = 4096
     # How this issuer's tokens name role and subject.
     claims: ClaimMapping = field(default_factory=ClaimMapping)
@@ -239,6 +253,8 @@ class TokenVerifier:
     _verified: dict[str, tuple[Principal, float]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    # The keys' generation the cache was filled under.
+    _cached_under: list[int] = field(default_factory=lambda: [0], init=False, repr=False, compare=False)
 
     @classmethod
     def from_files(
@@ -248,6 +264,8 @@ class TokenVerifier:
         audience: str,
         public_key_file: Path | None = None,
         jwks_file: Path | None = None,
+        jwks_url: str | None = None,
+        jwks_lifespan_s: float = 300.0,
         algorithms: tuple[str, ...] = ("RS256", "ES256"),
         subject_key_of: SubjectKeyOf | None = None,
         max_lifetime_s: float | None = 86_400.0,
@@ -255,7 +273,13 @@ class TokenVerifier:
         more_issuers: Sequence[TrustedIssuer] = (),
         generation_keys_of: GenerationKeysOf | None = None,
     ) -> TokenVerifier:
-        keys = load_keys(public_key_file, jwks_file)
+        keys = issuer_keys(
+            what=f"token keys of {issuer}",
+            public_key_file=public_key_file,
+            jwks_file=jwks_file,
+            jwks_url=jwks_url,
+            jwks_lifespan_s=jwks_lifespan_s,
+        )
         bad = [a for a in algorithms if a not in ALLOWED_ALGORITHMS]
         if bad:
             raise ValueError(f"algorithms not allowed: {', '.join(bad)}")
@@ -275,6 +299,11 @@ class TokenVerifier:
         )
 
     def verify(self, token: str) -> Principal:
+        generation = _generation(self.keys) + sum(_generation(more.keys) for more in self.more_issuers)
+        if generation != self._cached_under[0]:
+            # Generations only grow, so their sum changes whenever any issuer's keys do.
+            self._verified.clear()
+            self._cached_under[0] = generation
         cached = self._verified.get(token)
         if cached is not None:
             principal, valid_until = cached
@@ -300,7 +329,8 @@ class TokenVerifier:
         if header.get("alg") not in self.algorithms:
             raise Unauthenticated(f"token algorithm {header.get('alg')!r} is not accepted")
         trusted = self._trusted_issuer(token)
-        key = trusted.keys.get(header.get("kid"), trusted.keys.get(None))
+        kid = header.get("kid")
+        key = _key(trusted.keys, None if kid is None else str(kid))
         if key is None:
             raise Unauthenticated("token signed with an unknown key")
         try:

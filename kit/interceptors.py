@@ -22,6 +22,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from sqlalchemy.exc import OperationalError
 
 from kit.auth import Gate, Principal, bind_principal
+from kit.channels import RenewingChannel
 from kit.decoding import Undecodable, tolerant
 from kit.errors import (
     ERROR_DOMAIN,
@@ -306,12 +307,18 @@ class _TraceContextStream(_TraceContext, grpc.aio.StreamStreamClientInterceptor)
         return await continuation(self._with_context(client_call_details), request_iterator)
 
 
+# A bearer token, or what reads the current one (kit.security: the service token file,
+# read again when it changes, at most a stat a second).
+Token = str | Callable[[], str]
+
+
 class _Bearer:
-    def __init__(self, token: str) -> None:
-        self._header = ("authorization", f"Bearer {token}")
+    def __init__(self, token: Token) -> None:
+        self._token = token
 
     def _with_token(self, details: Any) -> Any:
-        return details._replace(metadata=[*(details.metadata or ()), self._header])
+        token = self._token if isinstance(self._token, str) else self._token()
+        return details._replace(metadata=[*(details.metadata or ()), ("authorization", f"Bearer {token}")])
 
 
 class _BearerUnaryUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
@@ -338,10 +345,10 @@ class _BearerStreamStream(_Bearer, grpc.aio.StreamStreamClientInterceptor):
         return await continuation(self._with_token(client_call_details), request_iterator)
 
 
-def bearer_token(token: str) -> list[grpc.aio.ClientInterceptor]:
+def bearer_token(token: Token) -> list[grpc.aio.ClientInterceptor]:
     """Interceptors adding `authorization: Bearer <token>` to every outgoing call of an
     asyncio channel (grpc.aio files each interceptor under its first call shape only, so
-    there is one per shape).
+    there is one per shape). Given a reader, each call carries the token it reads then.
 
     Used instead of grpc.access_token_call_credentials: that is a Python metadata plugin,
     and destroying a channel that holds one can deadlock the whole process (the plugin's
@@ -356,15 +363,9 @@ def bearer_token(token: str) -> list[grpc.aio.ClientInterceptor]:
     ]
 
 
-class SyncBearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+class SyncBearerToken(_Bearer, grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
     """`bearer_token` for blocking channels (`grpc.intercept_channel` files an interceptor
     under every shape it implements)."""
-
-    def __init__(self, token: str) -> None:
-        self._header = ("authorization", f"Bearer {token}")
-
-    def _with_token(self, details: Any) -> Any:
-        return details._replace(metadata=[*(details.metadata or ()), self._header])
 
     def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         return continuation(self._with_token(client_call_details), request)
@@ -376,10 +377,11 @@ class SyncBearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIn
 @dataclass(frozen=True)
 class PeerCredentials:
     """How this service calls another: TLS (with its client certificate) and, when it has
-    one, its bearer token (sent by `bearer_token`)."""
+    one, its bearer token (sent by `bearer_token`). Each may be given as what reads the
+    current one (kit.security.channel_credentials): a channel then follows renewals."""
 
-    tls: grpc.ChannelCredentials
-    token: str | None = None
+    tls: grpc.ChannelCredentials | Callable[[], grpc.ChannelCredentials]
+    token: Token | None = None
 
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -392,15 +394,21 @@ CHANNEL_OPTIONS = [
 
 def open_channel(target: str, credentials: PeerCredentials | None = None) -> grpc.aio.Channel:
     """A channel to another Egret service that carries trace context on every call;
-    TLS (and this service's certificate and token) when `credentials` are given."""
+    TLS (and this service's certificate and token) when `credentials` are given, following
+    renewals of both when they are given as readers (PeerCredentials)."""
     interceptors: list[Any] = [_TraceContextUnary(), _TraceContextStream()]
     if credentials is None:
         return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors)
     if credentials.token:
         interceptors += bearer_token(credentials.token)
-    return grpc.aio.secure_channel(
-        target, credentials.tls, options=CHANNEL_OPTIONS, interceptors=interceptors
-    )
+
+    def secure(tls: grpc.ChannelCredentials) -> grpc.aio.Channel:
+        return grpc.aio.secure_channel(target, tls, options=CHANNEL_OPTIONS, interceptors=interceptors)
+
+    if isinstance(credentials.tls, grpc.ChannelCredentials):
+        return secure(credentials.tls)
+    # Renewed TLS files take a new channel (kit.channels).
+    return RenewingChannel(credentials.tls, secure, target=target)
 
 
 def server_interceptors(gate: Gate | None = None) -> list[grpc.aio.ServerInterceptor]:

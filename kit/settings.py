@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from kit.auth import Role
+from kit.token_keys import check_jwks_url
 
 _N = TypeVar("_N", int, float)
 
@@ -189,6 +190,8 @@ class IssuerSettings:
     issuer: str
     public_key_file: Path | None = None
     jwks_file: Path | None = None
+    # Fetched, and fetched again after EGRET_JWT_JWKS_CACHE_S (kit.token_keys).
+    jwks_url: str | None = None
     role_claim: str = "role"
     subject_claim: str = "sub"
     # (the issuer's role value, Egret role); empty: the role claim holds Egret's role names.
@@ -197,8 +200,8 @@ class IssuerSettings:
     def missing(self) -> list[str]:
         prefix = f"EGRET_JWT_{self.name}"
         missing = [] if self.issuer else [f"{prefix}_ISSUER"]
-        if self.public_key_file is None and self.jwks_file is None:
-            missing.append(f"{prefix}_PUBLIC_KEY_FILE or {prefix}_JWKS_FILE")
+        if self.public_key_file is None and self.jwks_file is None and self.jwks_url is None:
+            missing.append(f"{prefix}_PUBLIC_KEY_FILE, {prefix}_JWKS_FILE or {prefix}_JWKS_URL")
         return missing
 
     @classmethod
@@ -210,6 +213,7 @@ class IssuerSettings:
             issuer=env.optional(f"{prefix}_ISSUER") or "",
             public_key_file=env.optional_file(f"{prefix}_PUBLIC_KEY_FILE"),
             jwks_file=env.optional_file(f"{prefix}_JWKS_FILE"),
+            jwks_url=_jwks_url(env, f"{prefix}_JWKS_URL"),
             role_claim=role_claim,
             subject_claim=subject_claim,
             role_map=role_map,
@@ -232,6 +236,10 @@ class SecuritySettings:
     jwt_audience: str = ""
     jwt_public_key_file: Path | None = None
     jwt_jwks_file: Path | None = None
+    # The identity provider's JWKS endpoint (https), instead of or besides the files.
+    jwt_jwks_url: str | None = None
+    # How long a fetched JWKS is used before it is fetched again (every issuer's URL).
+    jwt_jwks_cache_s: float = 300.0
     jwt_algorithms: tuple[str, ...] = ("RS256", "ES256")
     # This service's own token for calls to other services.
     service_token_file: Path | None = None
@@ -260,8 +268,8 @@ class SecuritySettings:
             )
             if not value
         ]
-        if self.jwt_public_key_file is None and self.jwt_jwks_file is None:
-            missing.append("EGRET_JWT_PUBLIC_KEY_FILE or EGRET_JWT_JWKS_FILE")
+        if self.jwt_public_key_file is None and self.jwt_jwks_file is None and self.jwt_jwks_url is None:
+            missing.append("EGRET_JWT_PUBLIC_KEY_FILE, EGRET_JWT_JWKS_FILE or EGRET_JWT_JWKS_URL")
         for extra in self.jwt_extra_issuers:
             missing.extend(extra.missing())
         return [f"{name} is required unless EGRET_INSECURE=true (never in production)" for name in missing]
@@ -281,6 +289,8 @@ class SecuritySettings:
             jwt_audience=env.optional("EGRET_JWT_AUDIENCE") or "egret",
             jwt_public_key_file=path("EGRET_JWT_PUBLIC_KEY_FILE"),
             jwt_jwks_file=path("EGRET_JWT_JWKS_FILE"),
+            jwt_jwks_url=_jwks_url(env, "EGRET_JWT_JWKS_URL"),
+            jwt_jwks_cache_s=env.number("EGRET_JWT_JWKS_CACHE_S", 300.0, minimum=1.0, maximum=86_400.0),
             jwt_algorithms=tuple(
                 a.strip()
                 for a in (env.optional("EGRET_JWT_ALGORITHMS") or "RS256,ES256").split(",")
@@ -297,6 +307,14 @@ class SecuritySettings:
             jwt_role_map=role_map,
             jwt_extra_issuers=_extra_issuers(env),
         )
+
+
+def _jwks_url(env: Env, name: str) -> str | None:
+    url = env.optional(name)
+    problem = None if url is None else check_jwks_url(url)
+    if problem is not None:
+        env.problems.append(f"{name}={url!r} {problem}")
+    return url
 
 
 def _extra_issuers(env: Env) -> tuple[IssuerSettings, ...]:

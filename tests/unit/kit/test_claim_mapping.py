@@ -241,6 +241,6 @@ def test_a_further_issuer_needs_its_issuer_and_keys_to_serve(tmp_path: Path) -> 
     settings = security(tmp_path, EGRET_JWT_EXTRA_ISSUERS="CITY")
     assert [m for m in settings.missing() if "JWT" in m] == [
         "EGRET_JWT_CITY_ISSUER is required unless EGRET_INSECURE=true (never in production)",
-        "EGRET_JWT_CITY_PUBLIC_KEY_FILE or EGRET_JWT_CITY_JWKS_FILE is required unless EGRET_INSECURE=true "
-        "(never in production)",
+        "EGRET_JWT_CITY_PUBLIC_KEY_FILE, EGRET_JWT_CITY_JWKS_FILE or EGRET_JWT_CITY_JWKS_URL is required "
+        "unless EGRET_INSECURE=true (never in production)",
     ]

@@ -50,8 +50,8 @@ def test_production_refuses_to_serve_without_tls_and_token_keys() -> None:
         "EGRET_TLS_CERT_FILE is required unless EGRET_INSECURE=true (never in production)",
         "EGRET_TLS_KEY_FILE is required unless EGRET_INSECURE=true (never in production)",
         "EGRET_JWT_ISSUER is required unless EGRET_INSECURE=true (never in production)",
-        "EGRET_JWT_PUBLIC_KEY_FILE or EGRET_JWT_JWKS_FILE is required unless EGRET_INSECURE=true"
-        " (never in production)",
+        "EGRET_JWT_PUBLIC_KEY_FILE, EGRET_JWT_JWKS_FILE or EGRET_JWT_JWKS_URL is required unless"
+        " EGRET_INSECURE=true (never in production)",
     ]
 
 
