@@ -20,10 +20,11 @@ from kit.audit_chain import AuditChainServicer
 from kit.audit_chain import check as check_audit_chain
 from kit.db import create_engine
 from kit.logging import configure_logging, get_logger
-from kit.metrics import configure_metrics
+from kit.metrics import Reading, configure_metrics, gauge, meter
 from kit.migrations import upgrade
 from kit.pseudonym import Pseudonymiser
 from kit.rekey import KeyedStore, StaleKeyGeneration, needs_rekey, rekey
+from kit.security import certificate_expiry
 from kit.server import BackgroundLoop, Service, serve
 from kit.settings import CommonSettings, SettingsError
 from kit.tracing import configure_tracing
@@ -114,6 +115,16 @@ def audit_anchors(common: CommonSettings, head: Any) -> BackgroundLoop:
             engine.dispose()
 
     return run
+
+
+def export_certificate_expiry(common: CommonSettings) -> None:
+    """egret_tls_certificate_not_after_seconds: when each certificate on disk expires, read
+    again as rotation replaces the files (kit.security), for the expiring-soon alert."""
+
+    def read() -> Reading:
+        return {(("certificate", name),): at for name, at in certificate_expiry(common.security).items()}
+
+    gauge(meter("egret.tls"), "egret.tls.certificate.not_after", read, unit="s", description="Expiry (unix)")
 
 
 def _anchor(text: str) -> tuple[int, str]:
@@ -222,6 +233,7 @@ def run_cli(
                 service.background = [*service.background, service.audit_chain.verify_periodically]
                 if common.audit.anchor_file is not None:
                     service.background = [*service.background, audit_anchors(common, audit[1])]
+            export_certificate_expiry(common)
             readiness = Readiness()
             try:
                 admin = AdminServer(

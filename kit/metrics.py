@@ -49,7 +49,7 @@ from kit.tracing import otlp_insecure
 log = get_logger(__name__)
 
 # How often gauges counted from the database (tiers, due-process queues, dead letters) are
-# refreshed: a scrape reads the last count, never the database.
+# refreshed (EGRET_METRICS_REFRESH_SECONDS): a scrape reads the last count, never the database.
 REFRESH_INTERVAL_S = 30.0
 
 # Seconds: database statements and batches, from well under a millisecond to a minute.
@@ -102,11 +102,22 @@ def gauge(
     scope.create_observable_gauge(name, callbacks=[observe], unit=unit, description=description)
 
 
-def refreshing(
-    refresh: Callable[[], None], interval_s: float = REFRESH_INTERVAL_S
-) -> Callable[[asyncio.Event], Coroutine[Any, Any, None]]:
+def refresh_interval() -> float:
+    raw = os.environ.get("EGRET_METRICS_REFRESH_SECONDS", "").strip()
+    try:
+        value = float(raw) if raw else REFRESH_INTERVAL_S
+    except ValueError:
+        value = -1.0
+    if not 0.1 <= value <= 3600:
+        raise SettingsError([f"EGRET_METRICS_REFRESH_SECONDS={raw!r} is not a number of seconds in 0.1-3600"])
+    return value
+
+
+def refreshing(refresh: Callable[[], None]) -> Callable[[asyncio.Event], Coroutine[Any, Any, None]]:
     """A service background loop running `refresh` (blocking: it counts in the database) off
-    the event loop every `interval_s` until stopping; a failed count keeps the last values."""
+    the event loop every EGRET_METRICS_REFRESH_SECONDS until stopping; a failed count keeps
+    the last values."""
+    interval_s = refresh_interval()
 
     async def run(stopping: asyncio.Event) -> None:
         while not stopping.is_set():

@@ -53,6 +53,7 @@ from kit.protoconv import to_datetime, to_timestamp
 from kit.pseudonym import Pseudonymiser
 from kit.rekey import GenerationGuard
 from services.ingest.catalogue import Catalogue, load_catalogue
+from services.rules import metrics
 from services.rules.backtest import (
     Backtest,
     BacktestReport,
@@ -192,9 +193,12 @@ class BacktestHandler:
     ) -> pb.BacktestRuleSetResponse:
         """Replays a planned backtest; the caller holds the slot (``reserve``). ``progress``,
         when given, is told the events to replay and counts those replayed."""
-        with self._tracer.start_as_current_span(
-            "rules backtest", attributes={"egret.rule_set_id": plan.request.rule_set_id}
-        ) as span:
+        with (
+            metrics.backtest_running(),
+            self._tracer.start_as_current_span(
+                "rules backtest", attributes={"egret.rule_set_id": plan.request.rule_set_id}
+            ) as span,
+        ):
             response = await self._backtest(plan, *contenders, progress)
             span.set_attributes(
                 {

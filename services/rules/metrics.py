@@ -1,13 +1,16 @@
 """What the rules service tells Prometheus (kit.metrics): batches and their duration, firings by
-rule, dead letters parked, redriven and waiting, the active rule set's version.
+rule, dead letters parked, redriven and waiting, the active rule set's version, backtests
+running and their duration.
 
 Labels are the active rule set's own names (rule set, rule id): bounded by what is published.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from kit.metrics import Reading, gauge, histogram, meter
 from services.rules.domain import Evaluator
@@ -27,6 +30,11 @@ _redriven = _meter.create_counter(
     "egret.rules.dead_letters.redriven", unit="{event}", description="Dead letters evaluated again"
 )
 
+_backtests = _meter.create_up_down_counter(
+    "egret.rules.backtests.running", unit="{backtest}", description="Backtests replaying on this instance"
+)
+_backtest_duration = histogram(_meter, "egret.rules.backtest.duration", description="Replay time")
+
 
 def batch_evaluated(duration_s: float, firings: Sequence[Firing], parked: int) -> None:
     _batches.add(1)
@@ -41,6 +49,18 @@ def redriven(count: int) -> None:
     _redriven.add(count)
 
 
+@contextmanager
+def backtest_running() -> Iterator[None]:
+    """Counts a backtest as running while it replays, and its duration when it ends."""
+    _backtests.add(1)
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        _backtests.add(-1)
+        _backtest_duration.record(time.perf_counter() - started)
+
+
 class RulesGauges:
     """The gauges read from the evaluator (the rule set in force) and from a periodic count of
     the dead letters waiting (kit.metrics.refreshing runs `refresh`)."""
@@ -49,7 +69,7 @@ class RulesGauges:
         self._evaluator = evaluator
         self._store = store
         self._waiting: int | None = None
-        for counter in (_batches, _parked, _redriven):
+        for counter in (_batches, _parked, _redriven, _backtests):
             counter.add(0)  # exported from the start, not from the first batch
         gauge(
             _meter, "egret.rules.active_version", self._active_version, description="Active rule set version"

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import grpc
 import pytest
 
 from devtools.cluster import Cluster
@@ -16,9 +17,19 @@ from egret.ingest.v1 import ingest_service_pb2 as ingest_pb
 from egret.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 from egret.query.v1 import query_service_pb2 as query_pb
 from egret.query.v1 import query_service_pb2_grpc as query_grpc
+from egret.rules.v1 import backtest_pb2
+from egret.rules.v1 import rules_service_pb2 as rules_pb
+from egret.rules.v1 import rules_service_pb2_grpc as rules_grpc
 from kit.auth import Role
-from kit.protoconv import Scalar
 from tests.support.events import PERSON, event, resident_id
+from tests.support.promql import (
+    EXPORTED_METRICS,
+    METRICS_BY_SERVICE,
+    alert_expressions,
+    base_name,
+    dashboard_expressions,
+    referenced_metrics,
+)
 from tests.support.purposes import purposed
 from tests.support.scrape import Sample, scrape, scrape_until, status, total
 
@@ -66,7 +77,11 @@ async def _submit(cluster: Cluster, source: str, events: list[ingest_pb.Event]) 
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     with Cluster(
         tmp_path / "cluster",
-        env={"EGRET_RELAY_POLL_SECONDS": "0.05", "EGRET_RELAY_BACKOFF_MAX_SECONDS": "1"},
+        env={
+            "EGRET_RELAY_POLL_SECONDS": "0.05",
+            "EGRET_RELAY_BACKOFF_MAX_SECONDS": "1",
+            "EGRET_METRICS_REFRESH_SECONDS": "0.5",
+        },
     ) as running:
         yield running
 
@@ -84,6 +99,47 @@ async def test_admin_port_serves_probes_and_nothing_else(cluster: Cluster) -> No
     # Stopped: nothing answers any more (the kubelet's probe fails the same way).
     with pytest.raises(OSError):
         scrape(cluster.admin_url("score"))
+
+
+async def test_every_call_is_counted_with_its_final_status(cluster: Cluster) -> None:
+    one = _late(1, SUBJECTS[0])
+    async with cluster.channel("ingest", cluster.token("library", Role.DEPARTMENT)) as channel:
+        stub = ingest_grpc.IngestServiceStub(channel)
+        await stub.SubmitEvents(ingest_pb.SubmitEventsRequest(source="library", events=[one]), timeout=10)
+        for request, code in (
+            # Another department's source: refused by the servicer.
+            (ingest_pb.SubmitEventsRequest(source="courts", events=[one]), grpc.StatusCode.PERMISSION_DENIED),
+            # No events: refused by validation.
+            (ingest_pb.SubmitEventsRequest(source="library"), grpc.StatusCode.INVALID_ARGUMENT),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.SubmitEvents(request, timeout=10)
+            assert refused.value.code() == code
+    async with cluster.channel("ingest", "not-a-token") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await ingest_grpc.IngestServiceStub(channel).SubmitEvents(
+                ingest_pb.SubmitEventsRequest(source="library", events=[one]), timeout=10
+            )
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    calls = scrape(cluster.admin_url("ingest"))
+    count = "rpc_server_duration_milliseconds_count"
+    for code, expected in (
+        (grpc.StatusCode.OK, 1),
+        (grpc.StatusCode.PERMISSION_DENIED, 1),
+        (grpc.StatusCode.INVALID_ARGUMENT, 1),
+        (grpc.StatusCode.UNAUTHENTICATED, 1),
+    ):
+        found = total(calls, count, rpc_method="SubmitEvents", rpc_grpc_status_code=str(code.value[0]))
+        assert found == expected, code
+    # The latency histogram counts the same calls.
+    buckets = [
+        s
+        for s in calls
+        if s.name == "rpc_server_duration_milliseconds_bucket"
+        and s.labels.get("rpc_method") == "SubmitEvents"
+        and s.labels["le"] == "+Inf"
+    ]
+    assert sum(b.value for b in buckets) == 4
 
 
 async def test_counters_equal_what_was_sent_and_lag_returns_to_zero(cluster: Cluster) -> None:
@@ -146,9 +202,25 @@ async def test_counters_equal_what_was_sent_and_lag_returns_to_zero(cluster: Clu
     assert total(reads, "egret_query_access_log_written_total") == 3
     assert total(reads, "egret_query_access_log_failed_total") == 0
 
+    # A backtest replays on rules; tiers are counted in the background on score.
+    async with cluster.channel("rules") as channel:
+        rules_stub = rules_grpc.RulesServiceStub(channel)
+        active = await rules_stub.GetActiveRuleSet(rules_pb.GetActiveRuleSetRequest(), timeout=10)
+        request = backtest_pb2.BacktestRuleSetRequest(rule_set_id=active.rule_set.rule_set_id)
+        report = await rules_stub.BacktestRuleSet(request, timeout=60)
+    assert report.events_replayed == len(library) + len(health)
+    rules = scrape(cluster.admin_url("rules"))
+    assert total(rules, "egret_rules_backtest_duration_seconds_count") == 1
+    assert total(rules, "egret_rules_backtests_running") == 0
+    score = scrape_until(
+        cluster.admin_url("score"), lambda s: total(s, "egret_score_subjects") == len(SUBJECTS)
+    )
+    assert total(score, "egret_score_subjects", subject_kind="person") == len(SUBJECTS)
+
     everything = {name: scrape(cluster.admin_url(name)) for name in SERVICES}
     _assert_no_subject_in_labels(cluster, everything)
     _assert_bounded(everything)
+    _assert_chart_reads_only_what_is_exported(everything)
 
 
 def _ref(subject: str) -> subject_pb2.SubjectRef:
@@ -164,6 +236,22 @@ def _assert_no_subject_in_labels(cluster: Cluster, scraped: dict[str, list[Sampl
         for sample in samples:
             for label, value in sample.labels.items():
                 assert not any(f in value for f in forbidden), (service, sample.name, label, value)
+
+
+def _assert_chart_reads_only_what_is_exported(scraped: dict[str, list[Sample]]) -> None:
+    """Every metric an alert or a dashboard panel reads, and every metric the catalogue
+    (docs/operations.md) lists for a service, is in that live scrape."""
+    exported = {service: {base_name(s.name) for s in samples} for service, samples in scraped.items()}
+    everywhere = set().union(*exported.values())
+    wanted = {
+        name: referenced_metrics(expr)
+        for name, expr in {**alert_expressions(), **dashboard_expressions()}.items()
+    }
+    for name, metrics in wanted.items():
+        assert metrics <= everywhere, (name, sorted(metrics - everywhere))
+    for service, catalogue in METRICS_BY_SERVICE.items():
+        assert catalogue <= exported[service], (service, sorted(catalogue - exported[service]))
+    assert everywhere >= EXPORTED_METRICS
 
 
 def _assert_bounded(scraped: dict[str, list[Sample]]) -> None:

@@ -113,7 +113,7 @@ def referenced_metrics(expr: str) -> set[str]:
             if node.name is None:
                 unnamed.append(str(node.matchers))
             else:
-                names.add(_base_name(node.name))
+                names.add(base_name(node.name))
 
     promql_parser.walk(promql_parser.parse(expr), visit)
     if unnamed:
@@ -121,7 +121,7 @@ def referenced_metrics(expr: str) -> set[str]:
     return names - SCRAPE_SERIES
 
 
-def _base_name(series: str) -> str:
+def base_name(series: str) -> str:
     for suffix in _HISTOGRAM_SUFFIXES:
         if series.endswith(suffix) and series.removesuffix(suffix) in HISTOGRAMS:
             return series.removesuffix(suffix)
