@@ -122,8 +122,8 @@ def create_rehearsal_pki(rehearsal: Rehearsal) -> RehearsalPki:
             ).decode()
         pki.secrets[(volume["secret"]["secretName"], item["key"])] = document
 
-    # Each calling service's own bearer token (role "service").
-    for pod in deployments:
+    # Each calling service's own bearer token (role "service"), and the config-apply Job's.
+    for pod in rehearsal.pods.values():
         volume = _volume(pod, "service-token")
         if volume is None:
             continue

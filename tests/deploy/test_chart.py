@@ -61,6 +61,11 @@ def component(labels: dict[str, str]) -> str:
     return labels["app.kubernetes.io/component"]
 
 
+def migration_jobs(manifests: list[Manifest]) -> list[Manifest]:
+    """The migration Jobs (not the config-apply Job: test_chart_config_apply.py)."""
+    return [j for j in of_kind(manifests, "Job") if component(j["metadata"]["labels"]) == "migrate"]
+
+
 # -- lint, schema, validity -----------------------------------------------------------------
 
 
@@ -320,6 +325,9 @@ def test_secrets_are_referenced_never_inlined_by_default(render_objects: RenderO
         ("egret-portal-token", "token"),
         ("egret-portal-oidc", "client-secret"),
         ("egret-portal-session", "session-secret"),
+        # The config-apply Job: its client certificate and its token.
+        *(("egret-config-apply-tls", key) for key in TLS_KEYS),
+        ("egret-config-apply-token", "token"),
     }
     text = yaml.safe_dump_all(manifests)
     assert "postgresql" not in text
@@ -343,6 +351,8 @@ def test_existing_secrets_are_referenced_by_the_given_names(render_objects: Rend
         "egret-portal-svc-token",
         "egret-portal-client",
         "egret-portal-cookies",
+        "egret-config-apply-cert",
+        "egret-config-apply-svc-token",
     }
     ingest = named(manifests, "Deployment", "egret-ingest")
     _, spec = pod_template(ingest)
@@ -437,9 +447,10 @@ def test_every_config_file_is_mounted_for_the_services_that_read_it(render_objec
     assert named(manifests, "ConfigMap", "egret-purposes")["data"] == {"purposes.yaml": purposes}
     settings = {
         "ingest": {"EGRET_CATALOGUE_FILE"},
-        # Backtests score with the policy and split reports by the catalogue's cohorts; a
-        # backtest or a dead-letter listing names subjects only for a stated purpose.
-        "rules": {"EGRET_RULESET_FILE", "EGRET_POLICY_FILE", "EGRET_CATALOGUE_FILE", "EGRET_PURPOSES_FILE"},
+        # Backtests split reports by the catalogue's cohorts (and score with score's active
+        # policy, no file); a backtest or a dead-letter listing names subjects only for a
+        # stated purpose.
+        "rules": {"EGRET_RULESET_FILE", "EGRET_CATALOGUE_FILE", "EGRET_PURPOSES_FILE"},
         # The policy seeds score's policy store on its first start; VerifyScores names
         # subjects only for a stated purpose.
         "score": {"EGRET_POLICY_FILE", "EGRET_PURPOSES_FILE"},
@@ -621,7 +632,7 @@ def test_insecure_mode_is_explicit_and_loud() -> None:
 
 
 def test_migration_jobs_need_no_tls_or_token_keys(render_objects: RenderObjects) -> None:
-    for job in of_kind(render_objects({}), "Job"):
+    for job in migration_jobs(render_objects({})):
         container = pod_template(job)[1]["containers"][0]
         assert security_env(env_of(container)) == set(), job["metadata"]["name"]
         assert not {"tls", "jwt", "service-token"} & {m["name"] for m in container["volumeMounts"]}
@@ -632,7 +643,7 @@ def test_migration_jobs_need_no_tls_or_token_keys(render_objects: RenderObjects)
 
 def test_migrations_run_in_hook_jobs_and_the_services_do_not_migrate(render_objects: RenderObjects) -> None:
     manifests = render_objects({})
-    jobs = {j["metadata"]["name"]: j for j in of_kind(manifests, "Job")}
+    jobs = {j["metadata"]["name"]: j for j in migration_jobs(manifests)}
     assert set(jobs) == {
         "egret-ingest-migrate",
         "egret-rules-migrate",
@@ -647,7 +658,7 @@ def test_migrations_run_in_hook_jobs_and_the_services_do_not_migrate(render_obje
         assert env_of(pod_template(deployment)[1]["containers"][0])["EGRET_MIGRATE_ON_START"] == "false"
 
     without = render_objects({"migrations": {"enabled": False}})
-    assert of_kind(without, "Job") == []
+    assert migration_jobs(without) == []
     for deployment in services_deployments(without):
         assert env_of(pod_template(deployment)[1]["containers"][0])["EGRET_MIGRATE_ON_START"] == "true"
 
@@ -690,7 +701,7 @@ def test_every_service_gets_the_audit_key_and_its_own_anchor_file(render_objects
             anchor_files.append(env["EGRET_AUDIT_ANCHOR_FILE"])
         assert len(set(anchor_files)) == len(anchor_files) >= 4
         # The migration Jobs re-key (kit.rekey) and record it in the chain: the keys, no anchors.
-        for job in of_kind(manifests, "Job"):
+        for job in migration_jobs(manifests):
             env = env_of(pod_template(job)[1]["containers"][0])
             audit_env = {name for name in env if name.startswith("EGRET_AUDIT_")}
             assert {"EGRET_AUDIT_KEY_FILE", "EGRET_AUDIT_KEY_ID"} <= audit_env, job["metadata"]["name"]
@@ -703,7 +714,7 @@ def test_subject_key_rotations_reach_every_service_and_migration_job(render_obje
     plain = render_objects({})
     rotated = render_objects({"secrets": {"subjectKey": {"rotationsKey": "subject-key-rotations"}}})
     for manifests, rotations in ((plain, False), (rotated, True)):
-        for workload in [*services_deployments(manifests), *of_kind(manifests, "Job")]:
+        for workload in [*services_deployments(manifests), *migration_jobs(manifests)]:
             name = workload["metadata"]["name"]
             _, spec = pod_template(workload)
             env = env_of(spec["containers"][0])

@@ -49,7 +49,8 @@ def egret_containers(manifests: list[Manifest]) -> dict[str, tuple[dict[str, Any
 
 def all_pods_expected() -> set[str]:
     names = {f"Deployment/egret-{s}" for s in (*SERVICES, "portal")}
-    return names | {f"Job/egret-{s}-migrate" for s in SERVICES} | {"Pod/egret-test-health"}
+    jobs = {f"Job/egret-{s}-migrate" for s in SERVICES} | {"Job/egret-config-apply"}
+    return names | jobs | {"Pod/egret-test-health"}
 
 
 def test_the_extension_values_render_valid_kubernetes(extended: list[Manifest]) -> None:
@@ -76,7 +77,7 @@ def test_chart_wide_pod_metadata_and_scheduling_reach_every_pod(extended: list[M
 
 def test_chart_wide_env_and_volumes_reach_every_egret_container(extended: list[Manifest]) -> None:
     containers = egret_containers(extended)
-    assert len(containers) == 9  # four services, the portal, four migration Jobs
+    assert len(containers) == 10  # four services, the portal, four migration Jobs, config-apply
     for where, (spec, container) in containers.items():
         env = {e["name"]: e for e in container["env"]}
         assert env["HTTPS_PROXY"]["value"] == "http://proxy.city.example:3128", where

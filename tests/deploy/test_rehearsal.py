@@ -206,6 +206,16 @@ async def test_the_rendered_manifests_run_the_pipeline_end_to_end(cluster: Clust
     # pages, the published rules read from rules with its own token over mutual TLS.
     await check_the_portal(cluster)
 
+    # helm install's post-install hook: the config-apply Job, with its own certificate and
+    # token, finds the values' rule set and policy active (rules and score imported them at
+    # their first start) and changes nothing.
+    (config_apply,) = rehearsal.hook_pods("post-install")
+    code, log = await asyncio.to_thread(rehearsal.run_to_completion, config_apply)
+    assert code == 0, log
+    rules, score = rehearsal.service_address("egret-rules"), rehearsal.service_address("egret-score")
+    assert f"rule set on {rules}: unchanged: egret-sample version 2 is active" in log, log
+    assert f"policy on {score}: unchanged: version 2026.2 is active" in log, log
+
     # helm test: the test pod's own command, against the Services, with its client certificate,
     # and the portal's /healthz.
     (test_pod,) = rehearsal.hook_pods("test")

@@ -185,6 +185,14 @@ async def test_unchanged_content_does_nothing_and_changed_content_is_activated_a
 
         # Changed: a new rule-set version and a new policy version, activated through the RPCs.
         e.configure(rule_set=candidate_source(), policy=new_policy("2026.3"))
+        # --dry-run: the plan, and nothing done.
+        planned = await run(e.apply_settings(), dry_run=True)
+        assert outcomes(planned) == [
+            ("rule set", "would activate"),
+            ("policy", "would activate"),
+            ("benefits", "checked"),
+        ]
+        assert (await e.changes(), await e.policies()) == (seeded_changes, seeded_policies)
         steps = await e.apply()
         assert outcomes(steps) == [
             ("rule set", "activated"),

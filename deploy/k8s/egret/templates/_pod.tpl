@@ -109,11 +109,14 @@ their re-keying batches in the chain too. */ -}}
 {{- if eq $service "rules" -}}
 {{- $_ := set $settings "EGRET_RULESET_FILE" (printf "%s/rulesets/%s" (include "egret.configDir" $root) $root.Values.config.activeRuleset) -}}
 {{- $_ := set $settings "EGRET_SCORE_ADDRESS" (include "egret.address" (dict "root" $root "service" "score")) -}}
-{{- /* Backtests score with the policy and split reports by the catalogue's cohorts. */ -}}
+{{- /* Backtests split reports by the catalogue's cohorts (they score with score's active policy, read from score). */ -}}
 {{- $_ := set $settings "EGRET_CATALOGUE_FILE" (printf "%s/catalogue/catalogue.yaml" (include "egret.configDir" $root)) -}}
 {{- end -}}
-{{- if has $service (list "rules" "score" "query") -}}
+{{- if has $service (list "score" "query") -}}
+{{- /* Score seeds its policy store with it at its first start; query reads it. */ -}}
 {{- $_ := set $settings "EGRET_POLICY_FILE" (printf "%s/policy/policy.yaml" (include "egret.configDir" $root)) -}}
+{{- end -}}
+{{- if has $service (list "rules" "score" "query") -}}
 {{- /* Reads of subject data state a purpose: query's reads, rules' backtests and dead letters, score's verification. */ -}}
 {{- $_ := set $settings "EGRET_PURPOSES_FILE" (printf "%s/purposes/purposes.yaml" (include "egret.configDir" $root)) -}}
 {{- end -}}
@@ -194,10 +197,12 @@ their re-keying batches in the chain too. */ -}}
   mountPath: {{ $config }}/rulesets
   readOnly: true
 {{- end }}
-{{- if has $service (list "rules" "score" "query") }}
+{{- if has $service (list "score" "query") }}
 - name: policy
   mountPath: {{ $config }}/policy
   readOnly: true
+{{- end }}
+{{- if has $service (list "rules" "score" "query") }}
 - name: purposes
   mountPath: {{ $config }}/purposes
   readOnly: true
@@ -282,10 +287,12 @@ their re-keying batches in the chain too. */ -}}
   configMap:
     name: {{ $fullname }}-rulesets
 {{- end }}
-{{- if has $service (list "rules" "score" "query") }}
+{{- if has $service (list "score" "query") }}
 - name: policy
   configMap:
     name: {{ $fullname }}-policy
+{{- end }}
+{{- if has $service (list "rules" "score" "query") }}
 - name: purposes
   configMap:
     name: {{ $fullname }}-purposes
