@@ -44,7 +44,6 @@ from services.rules.storage import RulesAuditLog
 from services.score import bootstrap as score_bootstrap
 from services.score.settings import ScoreSettings
 from tests.integration.test_backtest_service import (
-    POLICY,
     ROOT,
     SAMPLE,
     Live,
@@ -276,7 +275,6 @@ async def test_a_background_backtest_fails_in_words_runs_alone_and_lists_subject
         assert again.state == bt.BACKTEST_STATE_SUCCEEDED
         url = a.rules_url
     monkeypatch.setenv("EGRET_DATABASE_URL", url)
-    monkeypatch.setenv("EGRET_POLICY_FILE", str(POLICY))
     assert rules_bootstrap.main(["verify-audit"]) == 0
 
 
@@ -567,7 +565,6 @@ async def test_a_running_backtest_is_cancelled_part_way_keeps_its_progress_and_f
         )
     ]
     monkeypatch.setenv("EGRET_DATABASE_URL", url)
-    monkeypatch.setenv("EGRET_POLICY_FILE", str(POLICY))
     assert rules_bootstrap.main(["verify-audit"]) == 0
 
 

@@ -375,7 +375,6 @@ async def test_a_backtest_lists_subjects_only_for_a_purpose_and_records_the_read
         assert summary[4]["subjects_sha256"] == reads.keys_digest(everyone)
         url = a.rules_url
     monkeypatch.setenv("EGRET_DATABASE_URL", url)
-    monkeypatch.setenv("EGRET_POLICY_FILE", str(POLICY))
     assert rules_bootstrap.main(["verify-audit"]) == 0
 
 
