@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import cast
+from typing import Protocol, cast
 
 import grpc
 from cryptography import x509
@@ -146,11 +146,26 @@ def _token(contents: list[bytes]) -> str:
     return token
 
 
-def channel_credentials(settings: SecuritySettings) -> PeerCredentials | None:
+class CallerFiles(Protocol):
+    """The files a caller of the services reads: SecuritySettings' fields of these names,
+    and the portal's settings (services.portal.settings), which have the same ones."""
+
+    @property
+    def tls_ca_file(self) -> Path | None: ...
+    @property
+    def tls_cert_file(self) -> Path | None: ...
+    @property
+    def tls_key_file(self) -> Path | None: ...
+    @property
+    def service_token_file(self) -> Path | None: ...
+
+
+def channel_credentials(settings: CallerFiles) -> PeerCredentials | None:
     """For calls to other services: TLS against the services' CA, this service's
     certificate as client certificate (mutual TLS), and its bearer token. Each is read
     again when its files change: a channel opened with these credentials reopens itself
-    with renewed TLS files, and the next call carries a renewed token (kit.channels)."""
+    with renewed TLS files, and the next call carries a renewed token (kit.channels).
+    None without a CA (insecure mode): no TLS, and no token either."""
     if settings.tls_ca_file is None:
         return None
     pair = (

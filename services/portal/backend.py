@@ -10,7 +10,9 @@ never travels in a request.
 
 The public pages' reads (the active rule set, policy and benefits catalogue) carry the
 portal's own token (EGRET_SERVICE_TOKEN_FILE, scope egret.public.read) when one is
-configured, never a person's.
+configured, never a person's. That token and the TLS files are read again when they change
+(kit.security.channel_credentials, as every service does; docs/security.md, "Rotation
+without restart").
 
 Errors come back as `ServiceError` (code name, message, field violations, and the
 service's machine-readable reason with its metadata), so routes and views never import grpc.
@@ -36,7 +38,7 @@ from egret.rules.v1 import rules_service_pb2_grpc as rules_grpc
 from egret.score.v1 import score_service_pb2 as score_pb
 from egret.score.v1 import score_service_pb2_grpc as score_grpc
 from kit.errors import ERROR_DOMAIN
-from kit.interceptors import PeerCredentials, open_channel
+from kit.interceptors import PeerCredentials, Token, open_channel
 from services.portal import convert
 from services.portal import records as r
 
@@ -133,7 +135,7 @@ class Backend:
         score: grpc.aio.Channel,
         rules: grpc.aio.Channel | None = None,
         ingest: grpc.aio.Channel | None = None,
-        public_token: str | None = None,
+        public_token: Token | None = None,
         deadline_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -161,19 +163,20 @@ class Backend:
         query_address: str,
         score_address: str,
         rules_address: str | None,
-        tls: grpc.ChannelCredentials | None,
+        credentials: PeerCredentials | None,
         ingest_address: str | None = None,
-        public_token: str | None,
         deadline_s: float,
     ) -> Backend:
-        # No token on the channel: each call carries the token of whoever it is for.
-        credentials = PeerCredentials(tls) if tls is not None else None
+        """Channels with `credentials`' TLS (kit.channels renews them when it is a reader);
+        its token, the portal's own, goes on the public reads only."""
+        # No token on the channels: each call carries the token of whoever it is for.
+        tls = PeerCredentials(credentials.tls) if credentials is not None else None
         return cls(
-            query=open_channel(query_address, credentials),
-            score=open_channel(score_address, credentials),
-            rules=open_channel(rules_address, credentials) if rules_address else None,
-            ingest=open_channel(ingest_address, credentials) if ingest_address else None,
-            public_token=public_token,
+            query=open_channel(query_address, tls),
+            score=open_channel(score_address, tls),
+            rules=open_channel(rules_address, tls) if rules_address else None,
+            ingest=open_channel(ingest_address, tls) if ingest_address else None,
+            public_token=credentials.token if credentials is not None else None,
             deadline_s=deadline_s,
         )
 
@@ -183,8 +186,10 @@ class Backend:
 
     # -- calls -----------------------------------------------------------------------------
 
-    async def _call(self, method: Callable[..., Awaitable[T]], request: Any, token: str | None) -> T:
-        metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    async def _call(self, method: Callable[..., Awaitable[T]], request: Any, token: Token | None) -> T:
+        # The portal's own token is a reader: the call carries the one on disk now.
+        bearer = token() if callable(token) else token
+        metadata = (("authorization", f"Bearer {bearer}"),) if bearer else ()
         try:
             return await method(request, metadata=metadata, timeout=self._deadline_s)
         except grpc.aio.AioRpcError as exc:
@@ -245,7 +250,7 @@ class Backend:
             lambda token: self.history_page(caller, as_corrected=as_corrected, page_token=token)
         )
 
-    async def benefits(self, token: str | None) -> tuple[r.Benefit, ...]:
+    async def benefits(self, token: Token | None) -> tuple[r.Benefit, ...]:
         async def page(page_token: str) -> r.Page[r.Benefit]:
             request = query_pb.ListBenefitsRequest(page_size=500, page_token=page_token)
             response = await self._call(self._query.ListBenefits, request, token)

@@ -10,13 +10,13 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import cast
 
-import grpc
 import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
 from kit.auth import RateLimiter
 from kit.logging import configure_logging, get_logger
+from kit.security import channel_credentials
 from kit.settings import SettingsError
 from kit.tracing import configure_tracing
 from services.portal import console
@@ -38,25 +38,15 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def tls_credentials(settings: PortalSettings) -> grpc.ChannelCredentials | None:
-    if settings.tls_ca_file is None:
-        return None
-    return grpc.ssl_channel_credentials(
-        root_certificates=settings.tls_ca_file.read_bytes(),
-        private_key=settings.tls_key_file.read_bytes() if settings.tls_key_file else None,
-        certificate_chain=settings.tls_cert_file.read_bytes() if settings.tls_cert_file else None,
-    )
-
-
 def connect(settings: PortalSettings) -> Backend:
-    token = settings.service_token_file.read_text().strip() if settings.service_token_file else None
+    """The CA, the client certificate and key, and the portal's own token are read as the
+    services read theirs (kit.security): again when their files change, no restart."""
     return Backend.connect(
         query_address=settings.query_address,
         score_address=settings.score_address,
         rules_address=settings.rules_address,
         ingest_address=settings.ingest_address,
-        tls=tls_credentials(settings),
-        public_token=token,
+        credentials=channel_credentials(settings),
         deadline_s=settings.deadline_s,
     )
 
