@@ -5,7 +5,7 @@ the new token, and a person's calls still carry that person's own token (docs/se
 "Rotation without restart").
 
 The backend is the portal's own (services.portal.bootstrap.connect from PortalSettings read
-from the environment); score, its PKI and the spy on who calls come from test_rotation.
+from the environment); score, its PKI and the spy on who calls come from tests.support.rotation.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from services.portal import backend as portal_backend
 from services.portal.backend import Backend, ServiceError
 from services.portal.bootstrap import connect
 from services.portal.settings import PortalSettings
-from tests.integration.test_rotation import (
+from tests.support.rotation import (
     AUDIENCE,
     ISSUER,
     POLL_S,
@@ -35,7 +35,7 @@ from tests.integration.test_rotation import (
     admin_token,
     chain,
     leaf,
-    rotation,  # noqa: F401  (the fixture: score over mutual TLS, and who called it)
+    rotating_score,
     until,
 )
 
@@ -72,8 +72,14 @@ class Portal:
 
 
 @pytest.fixture
+async def rotation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Rotation]:
+    async with rotating_score(tmp_path, monkeypatch) as running_score:
+        yield running_score
+
+
+@pytest.fixture
 async def portal(
-    rotation: Rotation,  # noqa: F811
+    rotation: Rotation,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> AsyncIterator[Portal]:
