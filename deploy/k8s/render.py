@@ -4,7 +4,8 @@ The chart (deploy/k8s/egret/) is the one hand-written deploy source. From it com
 
 - `deploy/k8s/manifests/`: the chart rendered with its default values, for `kubectl apply`
   users and for review; `egret.yaml` (the release), `migrations.yaml` (the pre-install /
-  pre-upgrade hook Jobs, applied and awaited first) and `tests.yaml` (the `helm test` pod);
+  pre-upgrade hook Jobs, applied and awaited first), `post-install.yaml` (the post-install hook:
+  the config-apply Job, applied after the release) and `tests.yaml` (the `helm test` pod);
 - `deploy/k8s/egret/files/`: copies of the repository's config/ (catalogue, rule sets,
   policy, benefits) that the chart's ConfigMaps default to, since a chart cannot read outside itself.
 
@@ -82,10 +83,20 @@ def _documents(rendered: Mapping[str, str]) -> Iterator[tuple[str, str]]:
 
 def manifest_files(rendered: Mapping[str, str]) -> dict[str, str]:
     """The contents of deploy/k8s/manifests/: file name → text."""
-    groups: dict[str, list[str]] = {"egret.yaml": [], "migrations.yaml": [], "tests.yaml": []}
+    groups: dict[str, list[str]] = {
+        "egret.yaml": [],
+        "migrations.yaml": [],
+        "post-install.yaml": [],
+        "tests.yaml": [],
+    }
     for path, text in _documents(rendered):
         kinds = hooks(yaml.safe_load(text))
-        group = "tests.yaml" if "test" in kinds else "migrations.yaml" if kinds else "egret.yaml"
+        if "test" in kinds:
+            group = "tests.yaml"
+        elif "post-install" in kinds:
+            group = "post-install.yaml"  # needs the release running: after egret.yaml
+        else:
+            group = "migrations.yaml" if kinds else "egret.yaml"
         groups[group].append(f"# Source: {path.split('/', 1)[1]}\n{text}\n")
     return {name: HEADER + "---\n" + "---\n".join(docs) for name, docs in groups.items()}
 
