@@ -15,8 +15,23 @@ ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 FROM ${PYTHON_IMAGE} AS build
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+# durable-rules is published only as a source distribution with a C extension: the build
+# stage compiles it (Python's headers come with the python image; a Debian base needs
+# python3-dev). Nothing of this reaches the runtime stage.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && include="$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends gcc libc6-dev \
+ && { [ -f "$include/Python.h" ] \
+      || DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-dev; } \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-RUN python -m venv /opt/egret \
+# An index other than PyPI's, its credentials or its CA come in as the optional build secret
+# `pip.conf` (a pip configuration file; deploy/image/build.sh passes this machine's), never as a
+# build argument or a file of the image: secrets are mounted for one RUN and leave no layer.
+RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=pip-ca \
+    if [ -f /run/secrets/pip.conf ]; then export PIP_CONFIG_FILE=/run/secrets/pip.conf; fi \
+ && python -m venv /opt/egret \
  && python -m venv /opt/protoc \
  && /opt/protoc/bin/pip install --no-cache-dir 'grpcio-tools==1.85.1'
 COPY protos/ protos/
@@ -34,8 +49,12 @@ COPY bench/ bench/
 # The portal's message catalogues are compiled (.po → .mo) into the installed package by the
 # portal's own command (Babel, as pybabel compile), so it loads them instead of compiling them in
 # memory at every start (services/portal/i18n.py). -P: the installed package, not ./services.
-RUN /opt/egret/bin/pip install --no-cache-dir . \
+# pip then leaves the virtual environment: nothing installs into a running image.
+RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=pip-ca \
+    if [ -f /run/secrets/pip.conf ]; then export PIP_CONFIG_FILE=/run/secrets/pip.conf; fi \
+ && /opt/egret/bin/pip install --no-cache-dir . \
  && /opt/egret/bin/python -P -m services.portal compile-translations \
+ && /opt/egret/bin/python -m pip uninstall --yes --quiet pip \
  && /opt/egret/bin/python -m compileall -q /opt/egret/lib
 
 # --- runtime: the virtual environment and the default config, nothing else ----------------
@@ -44,8 +63,15 @@ LABEL org.opencontainers.image.title="egret" \
       org.opencontainers.image.description="Egret civic credit-points engine: ingest, rules, score, query and the portal" \
       org.opencontainers.image.source="https://example.org/egret"
 # A fixed numeric user, so Kubernetes' runAsNonRoot can verify it without a passwd lookup.
+# No package manager either: apt's and dpkg's programs, pip (the base image's, its module and
+# ensurepip's bundled wheels) go, so nothing can be installed into a running container. dpkg's
+# database stays: image scanners read it to list the operating system's packages.
 RUN groupadd --system --gid 10001 egret \
- && useradd --system --uid 10001 --gid egret --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin egret
+ && useradd --system --uid 10001 --gid egret --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin egret \
+ && rm -rf /usr/bin/apt /usr/bin/apt-* /usr/bin/dpkg /usr/bin/dpkg-* /usr/lib/apt /etc/apt \
+      /usr/local/bin/pip* /usr/bin/pip* /usr/local/lib/python3*/site-packages/pip \
+      /usr/lib/python3/dist-packages/pip /usr/local/lib/python3*/ensurepip /usr/lib/python3*/ensurepip \
+      /usr/share/python-wheels /root/.cache
 COPY --from=build /opt/egret /opt/egret
 WORKDIR /app
 # The sample configuration: the defaults of EGRET_*_FILE (relative to /app). Deployments

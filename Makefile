@@ -116,6 +116,19 @@ deploy-check: setup ## Chart and image checks: hadolint, helm lint, render, vali
 	$(PY) -m deploy.k8s.chart_docs --check
 	$(PY) -m pytest tests/deploy -m 'not e2e' -q
 
+# The image, built here without a container engine or a registry (deploy/image/build.sh: buildah
+# with a debootstrap base, installed by apt-get when missing, so as root), then checked from the
+# inside: its user, no compiler or package manager, the four services through the end-to-end
+# scenario (tests/deploy/test_image_run.py, which only make image-check runs).
+# IMAGE_NICE="nice -n 10": CI builds it beside make test.
+IMAGE ?= localhost/egret:ci
+IMAGE_NICE ?=
+image: setup ## Build the image (buildah, a debootstrap base), report its size, write its SBOM to var/image/
+	EGRET_IMAGE=$(IMAGE) $(IMAGE_NICE) deploy/image/build.sh
+
+image-check: image ## Build the image and check it: uid 10001, no compiler or package manager, the e2e scenario run from it
+	EGRET_IMAGE=$(IMAGE) EGRET_IMAGE_CHECK=1 $(PY) -m pytest tests/deploy/test_image_run.py -q $(PYTEST_ARGS)
+
 bench-rules-memory: setup ## Benchmark: live rules evaluation's RSS over 1M events across 100k subjects
 	$(PY) -m bench.rules_memory $(BENCH_ARGS)
 
@@ -143,4 +156,4 @@ client-dist: protos ## Build the Python client's wheel (clients/python, with the
 clean: ## Remove the virtual environment, generated stubs, local data, npm tools and test artefacts
 	rm -rf $(VENV) gen var .tools test-artefacts
 
-.PHONY: help setup client-dist browser-tools node-example protos run test fuzz lint breaking typecheck bench bench-backtest bench-rules-memory bench-query bench-history bench-portal bench-backfill chaos manifests chart-docs deploy-check clean
+.PHONY: help setup client-dist browser-tools node-example protos run test fuzz lint breaking typecheck bench bench-backtest bench-rules-memory bench-query bench-history bench-portal bench-backfill chaos manifests chart-docs deploy-check image image-check clean

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -54,6 +54,12 @@ UNLIMITED = {"EGRET_RATE_LIMIT_PER_SECOND": "1000000", "EGRET_RATE_LIMIT_BURST":
 SINGLE_INSTANCE = {"EGRET_MAX_CONCURRENT_STREAMS": "16", "EGRET_MAX_CONCURRENT_RPCS": "24"}
 
 
+# How a service process is run: given the interpreter's arguments (`-m services.<name>`) and the
+# environment the cluster made for it, the command line to start. Without one the services run
+# under the cluster's own Python; tests/deploy/test_image_run.py runs them in the built image.
+Launcher = Callable[[Sequence[str], Mapping[str, str]], Sequence[str]]
+
+
 class ClusterError(RuntimeError):
     """A service failed to start, died, or the pipeline did not drain in time."""
 
@@ -77,7 +83,8 @@ class Cluster:
     `env` applies to every service, `service_env[name]` to one (both override the
     cluster's own settings, e.g. OTEL_* or EGRET_LOG_LEVEL). `database_urls[name]`
     replaces a service's SQLite database; query reads score's URL. `ports[name]` fixes a
-    service's loopback port (else a free one), `admin_ports[name]` its admin port. With `rules_shards`
+    service's loopback port (else a free one), `admin_ports[name]` its admin port. `launcher`
+    runs each process another way (in the built image, say). With `rules_shards`
     > 1 the rules processes are named rules-0, rules-1, ...: `service_env["rules"]` applies
     to each of them, `service_env["rules-1"]` and `database_urls["rules-1"]` to one.
     """
@@ -101,6 +108,7 @@ class Cluster:
         secure: bool = True,
         ports: Mapping[str, int] | None = None,
         admin_ports: Mapping[str, int] | None = None,
+        launcher: Launcher | None = None,
     ) -> None:
         if rules_shards < 1:
             raise ValueError("rules_shards must be at least 1")
@@ -138,6 +146,7 @@ class Cluster:
         self._log_level = log_level
         self._python = python
         self._cwd = cwd
+        self._launcher = launcher
         # Free ports by default; `ports` fixes some (make run's documented 50051-50054).
         self._addresses = {
             name: f"127.0.0.1:{(ports or {}).get(name) or free_port()}" for name in self.services
@@ -305,10 +314,13 @@ class Cluster:
         log = self.log_path(name).open("ab")
         log.write(f"--- egret cluster: starting {name} at {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
         log.flush()
+        args = ["-m", f"services.{'rules' if name in self.rules_names else name}"]
+        env = self.env_for(name)
+        command = [self._python, *args] if self._launcher is None else list(self._launcher(args, env))
         popen = subprocess.Popen(
-            [self._python, "-m", f"services.{'rules' if name in self.rules_names else name}"],
+            command,
             cwd=self._cwd,
-            env=self.env_for(name),
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
