@@ -29,7 +29,7 @@ from services.rules.backtest_runner import BacktestJobs
 from services.rules.backtest_servicer import build_backtests
 from services.rules.backtest_storage import SqlBacktestJobStore
 from services.rules.domain import Evaluator, check_rule_set
-from services.rules.lifecycle import RuleSetLifecycle
+from services.rules.lifecycle import RuleSetLifecycle, source_sha256
 from services.rules.metrics import RulesGauges
 from services.rules.policy_source import ActivePolicy
 from services.rules.servicer import RulesServicer, register
@@ -93,14 +93,23 @@ def build(settings: RulesSettings) -> Service:
     )
     lifecycle = RuleSetLifecycle(rule_sets, validate=check_rule_set, clock=lambda: datetime.now(UTC))
     # The file seeds an empty database (so `make run` works); once a rule set is active the
-    # database is the source of truth and the file is ignored.
-    active, imported = lifecycle.ensure_active(settings.ruleset_file.read_text(encoding="utf-8"))
+    # database is the source of truth: a changed file is activated through the lifecycle RPCs
+    # (the chart's config-apply Job does it, docs/deploy.md), and until then rules says so.
+    seed = settings.ruleset_file.read_text(encoding="utf-8")
+    active, imported = lifecycle.ensure_active(seed)
     log.info(
         "rule set imported from EGRET_RULESET_FILE and activated" if imported else "active rule set loaded",
         rule_set=active.name,
         version=active.version,
         rule_set_id=active.rule_set_id,
     )
+    if source_sha256(seed) != active.source_sha256:
+        log.warning(
+            "EGRET_RULESET_FILE is not the active rule set; activate it through the lifecycle RPCs "
+            "(egret rules, or the chart's config-apply Job) to apply it",
+            ruleset_file=str(settings.ruleset_file),
+            active_rule_set_id=active.rule_set_id,
+        )
     evaluation_store = SqlEvaluationStore(sessions, key_id=pseudonymiser.current_key_id)
     evaluator = Evaluator(
         rule_sets=rule_sets,

@@ -306,3 +306,27 @@ async def test_backtests_score_with_the_policy_score_has_active(
         assert "MID" in tiers(second)
         assert "A" not in tiers(second)
         assert second.overall.subjects == first.overall.subjects
+
+
+async def test_rules_says_when_its_file_is_not_the_active_rule_set(
+    database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without the Job, a changed EGRET_RULESET_FILE is not activated by a restart (the
+    database decides), and rules says so at start instead of ignoring it silently."""
+    warning = "EGRET_RULESET_FILE is not the active rule set"
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(candidate_source(), encoding="utf-8")
+    for ruleset_file, warned in ((SAMPLE, False), (SAMPLE, False), (changed, True)):
+        capsys.readouterr()
+        settings = RulesSettings.from_env(
+            environment("rules", database_url, tmp_path, EGRET_RULESET_FILE=str(ruleset_file))
+        )
+        async with AsyncExitStack() as stack:
+            address = await stack.enter_async_context(
+                running(settings, rules_bootstrap.build, rules_bootstrap.MIGRATIONS)
+            )
+            channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
+            active = await pb_grpc.RulesServiceStub(channel).GetActiveRuleSet(pb.GetActiveRuleSetRequest())
+        assert (active.rule_set.name, active.rule_set.version) == ("egret-sample", 2)
+        # structlog's console output in tests (JSON on stderr in a deployment).
+        assert (warning in capsys.readouterr().out) is warned, ruleset_file
