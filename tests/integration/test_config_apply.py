@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import sqlalchemy as sa
 
 from devtools.localpki import LocalPki, create_local_pki
 from egret.rules.v1 import backtest_pb2 as bt
@@ -21,14 +22,17 @@ from egret.rules.v1 import rules_service_pb2_grpc as pb_grpc
 from egret.score.v1 import score_service_pb2 as score_pb
 from egret.score.v1 import score_service_pb2_grpc as score_grpc
 from kit.auth import Role
+from kit.db import create_engine
 from kit.interceptors import bearer_token
 from services.configapply.apply import Step
 from services.configapply.bootstrap import run
 from services.configapply.settings import ConfigApplySettings
 from services.rules import bootstrap as rules_bootstrap
 from services.rules.settings import RulesSettings
+from services.rules.storage import RulesAuditLog
 from services.score import bootstrap as score_bootstrap
 from services.score.settings import ScoreSettings
+from services.score.storage import ScoreAuditLog
 from tests.integration.test_backtest_service import (
     POLICY,
     ROOT,
@@ -75,6 +79,8 @@ class Egret:
     ingest: pb_grpc.RulesServiceAsyncStub
     admin: score_grpc.ScoreServiceAsyncStub
     config: Path
+    rules_url: str
+    score_url: str
 
     def apply_settings(self) -> ConfigApplySettings:
         token = self.config / "deployer.token"
@@ -122,10 +128,11 @@ async def egret(make_url: Callable[[str], str], tmp_path: Path) -> AsyncIterator
     config = tmp_path / "config"
     config.mkdir()
     (config / "benefits.yaml").write_text(BENEFITS.read_text(encoding="utf-8"), encoding="utf-8")
+    rules_url, score_url = make_url("rules"), make_url("score")
     secure = {"EGRET_INSECURE": "false"}
     async with AsyncExitStack() as stack:
         score_settings = ScoreSettings.from_env(
-            environment("score", make_url("score"), tmp_path, **secure, **pki.env("score"))
+            environment("score", score_url, tmp_path, **secure, **pki.env("score"))
         )
         score_address = await stack.enter_async_context(
             running(score_settings, score_bootstrap.build, score_bootstrap.MIGRATIONS)
@@ -133,7 +140,7 @@ async def egret(make_url: Callable[[str], str], tmp_path: Path) -> AsyncIterator
         rules_settings = RulesSettings.from_env(
             environment(
                 "rules",
-                make_url("rules"),
+                rules_url,
                 tmp_path,
                 EGRET_RULESET_FILE=str(SAMPLE),
                 EGRET_SCORE_ADDRESS=score_address,
@@ -161,7 +168,20 @@ async def egret(make_url: Callable[[str], str], tmp_path: Path) -> AsyncIterator
             ingest=pb_grpc.RulesServiceStub(channel(rules_address, pki.service_token("ingest"))),
             admin=score_grpc.ScoreServiceStub(channel(score_address, pki.token("admin-1", Role.ADMIN))),
             config=config,
+            rules_url=rules_url,
+            score_url=score_url,
         )
+
+
+def audit_acts(url: str, table: type[RulesAuditLog] | type[ScoreAuditLog]) -> list[tuple[str, str, str]]:
+    """(action, actor, role) of every record of a service's hash-chained audit log, in order."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(sa.select(table.action, table.actor, table.role).order_by(table.seq))
+            return [(action, actor, role) for action, actor, role in rows]
+    finally:
+        engine.dispose()
 
 
 def outcomes(steps: list[Step]) -> list[tuple[str, str]]:
@@ -210,6 +230,14 @@ async def test_unchanged_content_does_nothing_and_changed_content_is_activated_a
         assert [(a.version, a.activated_by) for a in activations[len(seeded_policies) :]] == [
             ("2026.3", DEPLOYER)
         ]
+        # In both hash-chained audit logs, as the deployer's service principal.
+        deployer = [act for act in audit_acts(e.rules_url, RulesAuditLog) if act[1] == DEPLOYER]
+        assert [(action, role) for action, _, role in deployer] == [
+            ("ruleset.draft", "service"),
+            ("ruleset.publish", "service"),
+            ("ruleset.activate", "service"),
+        ]
+        assert ("policy.activate", DEPLOYER, "service") in audit_acts(e.score_url, ScoreAuditLog)
 
         # Applied again: nothing, and nothing recorded.
         changes, policies = await e.changes(), await e.policies()
