@@ -59,8 +59,11 @@ else
     say "debootstrap --variant=minbase $SUITE with ${BASE_PACKAGES[*]}"
     mkdir -p "$CACHE"
     rootfs=$(mktemp -d "$CACHE/rootfs.XXXXXX")
-    debootstrap --variant=minbase --include="$(IFS=,; echo "${BASE_PACKAGES[*]}")" \
-      "$SUITE" "$rootfs" "$MIRROR" >"$CACHE/debootstrap.log"
+    if ! debootstrap --variant=minbase --include="$(IFS=,; echo "${BASE_PACKAGES[*]}")" \
+      "$SUITE" "$rootfs" "$MIRROR" >"$CACHE/debootstrap.log" 2>&1; then
+      tail -n 20 "$CACHE/debootstrap.log" >&2
+      exit 1
+    fi
     # What a docker image of Debian leaves out too: the downloaded packages and indexes.
     rm -rf "$rootfs"/var/cache/apt/* "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/log/*
     tar -C "$rootfs" --numeric-owner -cf "$tarball.tmp" .
