@@ -104,8 +104,11 @@ buildah bud --quiet --format docker --isolation chroot --network host \
   --secret id=pip.conf,src="$secrets/pip.conf" --secret id=pip-ca,src="$secrets/pip-ca" \
   -t "$IMAGE" -f Dockerfile .
 say "built in $(($(date +%s) - started)) s"
-# The image this tag named before is no longer needed (vfs keeps every layer as a full copy).
-buildah rmi --prune >/dev/null
+# The image this tag named before is no longer needed (vfs keeps every layer as a full copy), nor
+# are the working containers of image checks that were stopped before they could remove their own.
+buildah containers --format '{{.ContainerName}}' | { grep '^egret-image-check-' || true; } |
+  xargs -r buildah --storage-driver vfs rm >/dev/null
+buildah rmi --prune >/dev/null || echo "image: could not remove the previous image (still in use?)" >&2
 
 # --- 4. size and SBOM -----------------------------------------------------------------------
 mkdir -p "$OUT"
