@@ -2,10 +2,11 @@
 run from it through the end-to-end scenario.
 
 buildah runs every command inside the image (chroot isolation: no container engine here), and
-runs the services with the host's network, their SQLite databases and PKI in a directory mounted
-at the same path. These tests need the image, so they run when `make image-check` asks for them
-(EGRET_IMAGE_CHECK=1, after building it; CI runs that beside `make test`) and skip otherwise: a
-`make test` running while the image is being rebuilt must not race it.
+runs the services with the host's network, their PKI (and SQLite databases) in a directory
+mounted at the same path, or on the local PostgreSQL. These tests need the image, so they run
+when `make image-check` asks for them (EGRET_IMAGE_CHECK=1, after building it; CI runs that
+beside `make test`) and skip otherwise: a `make test` running while the image is being rebuilt
+must not race it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from tests.e2e.test_pipeline import (
     assert_scores_equal_recompute,
     submit_all,
 )
+from tests.support.databases import create_postgres_database, drop_postgres_database
 
 pytestmark = pytest.mark.e2e
 
@@ -138,11 +140,11 @@ def test_no_pip_cache_is_left_in_the_image(container: str) -> None:
     assert run(container, "test", "-e", "/root/.cache", user="0:0").returncode != 0
 
 
-def test_a_service_entry_point_answers_from_the_image(container: str) -> None:
-    done = run(container, "python", "-m", "services.score", "--help")
+@pytest.mark.parametrize("entry_point", [*SERVICES, "portal"])
+def test_every_entry_point_answers_from_the_image(container: str, entry_point: str) -> None:
+    done = run(container, "python", "-m", f"services.{entry_point}", "--help")
     assert done.returncode == 0, done.stderr
     assert "serve" in done.stdout
-    assert "migrate" in done.stdout
 
 
 def service_processes(cluster: Cluster) -> dict[str, psutil.Process]:
@@ -154,8 +156,23 @@ def service_processes(cluster: Cluster) -> dict[str, psutil.Process]:
     return found
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_urls(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
+    """{} for the cluster's own SQLite files; else a PostgreSQL database per service (on
+    127.0.0.1, which the services reach over the host's network with the image's libpq)."""
+    if request.param == "sqlite":
+        yield {}
+        return
+    urls = {name: create_postgres_database() for name in SERVICES}
+    try:
+        yield urls
+    finally:
+        for url in urls.values():
+            drop_postgres_database(url)
+
+
 @pytest.fixture
-def image_cluster(container: str, tmp_path: Path) -> Iterator[Cluster]:
+def image_cluster(container: str, tmp_path: Path, database_urls: dict[str, str]) -> Iterator[Cluster]:
     data_dir = tmp_path / "cluster"
 
     def in_image(args: Sequence[str], env: Mapping[str, str]) -> list[str]:
@@ -165,6 +182,7 @@ def image_cluster(container: str, tmp_path: Path) -> Iterator[Cluster]:
 
     cluster = Cluster(
         data_dir,
+        database_urls=database_urls,
         env={"EGRET_RELAY_POLL_SECONDS": "0.05", "EGRET_RELAY_BACKOFF_MAX_SECONDS": "1"},
         launcher=in_image,
     )
