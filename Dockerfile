@@ -8,6 +8,10 @@
 #   docker build -t egret:0.1.0 .
 #   docker run --rm egret:0.1.0 python -m services.score --help
 #   docker run --rm egret:0.1.0 python -m services.portal --help
+#
+# Without a container engine (the development and CI machines): `make image` builds this file with
+# buildah on a debootstrap base, `make image-check` checks the result (deploy/image/build.sh,
+# docs/deploy.md "The image").
 
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
