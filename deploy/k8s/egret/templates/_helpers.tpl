@@ -223,6 +223,31 @@ namespace="{{ .Release.Namespace }}", job=~"{{ include "egret.fullname" . }}-(in
 {{- end -}}
 {{- end -}}
 
+{{/*
+The egress rule to the identity provider (networkPolicy.identityProvider): the portal's sign-in,
+and the services' JWKS with security.jwt.keys.format url. Refuses to render with neither
+addresses nor peers, which would mean any address on its ports.
+*/}}
+{{- define "egret.egressIdentityProvider" -}}
+{{- $idp := .Values.networkPolicy.identityProvider -}}
+{{- if and (not $idp.cidrs) (not $idp.to) -}}
+{{- fail "networkPolicy.identityProvider: name the identity provider's addresses (cidrs) or peers (to); both empty would let the portal and the services reach any address on its ports" -}}
+{{- end -}}
+- ports:
+    {{- range $idp.ports }}
+    - port: {{ . }}
+      protocol: TCP
+    {{- end }}
+  to:
+    {{- range $idp.cidrs }}
+    - ipBlock:
+        cidr: {{ . }}
+    {{- end }}
+    {{- with $idp.to }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+{{- end -}}
+
 {{/* Egress rules every Egret service pod needs: DNS, and PostgreSQL. */}}
 {{- define "egret.egressDnsAndDatabase" -}}
 {{- $np := .Values.networkPolicy -}}
@@ -290,10 +315,6 @@ namespace="{{ .Release.Namespace }}", job=~"{{ include "egret.fullname" . }}-(in
 {{- end -}}
 {{- if and $portal.httpRoute.enabled (not $portal.httpRoute.parentRefs) -}}
 {{- fail "portal.httpRoute.parentRefs: name the Gateway the HTTPRoute attaches to" -}}
-{{- end -}}
-{{- $idp := .Values.networkPolicy.identityProvider -}}
-{{- if and .Values.networkPolicy.enabled (not $idp.cidrs) (not $idp.to) -}}
-{{- fail "networkPolicy.identityProvider: name the identity provider's addresses (cidrs) or peers (to); both empty would let the portal reach any address on its ports" -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}

@@ -148,8 +148,15 @@ their re-keying batches in the chain too. */ -}}
 {{- $_ := set $settings "EGRET_JWT_ISSUER" $security.jwt.issuer -}}
 {{- $_ := set $settings "EGRET_JWT_AUDIENCE" $security.jwt.audience -}}
 {{- $_ := set $settings "EGRET_JWT_ALGORITHMS" (join "," $security.jwt.algorithms) -}}
+{{- if eq $security.jwt.keys.format "url" -}}
+{{- /* Fetched from the identity provider, again after the cache lifetime (docs/security.md,
+"Rotation without restart"); no keys volume then. */ -}}
+{{- $_ := set $settings "EGRET_JWT_JWKS_URL" $security.jwt.jwksUrl -}}
+{{- $_ := set $settings "EGRET_JWT_JWKS_CACHE_S" (toString (int $security.jwt.jwksCacheSeconds)) -}}
+{{- else -}}
 {{- $keys := printf "%s/%s" (include "egret.jwtDir" $root) $security.jwt.keys.key -}}
 {{- $_ := set $settings (ternary "EGRET_JWT_JWKS_FILE" "EGRET_JWT_PUBLIC_KEY_FILE" (eq $security.jwt.keys.format "jwks")) $keys -}}
+{{- end -}}
 {{- if has $service (splitList " " (include "egret.callers" $root)) -}}
 {{- $_ := set $settings "EGRET_SERVICE_TOKEN_FILE" (printf "%s/%s" (include "egret.serviceTokenDir" $root) $security.serviceTokens.key) -}}
 {{- end -}}
@@ -216,9 +223,11 @@ their re-keying batches in the chain too. */ -}}
 - name: tls
   mountPath: {{ include "egret.tlsDir" $root }}
   readOnly: true
+{{- if ne $root.Values.security.jwt.keys.format "url" }}
 - name: jwt
   mountPath: {{ include "egret.jwtDir" $root }}
   readOnly: true
+{{- end }}
 {{- if has $service (splitList " " (include "egret.callers" $root)) }}
 - name: service-token
   mountPath: {{ include "egret.serviceTokenDir" $root }}
@@ -305,6 +314,7 @@ their re-keying batches in the chain too. */ -}}
 {{- if not $root.Values.security.insecure }}
 {{ include "egret.tlsVolume" (dict "root" $root "name" $service) }}
 {{- $jwt := $root.Values.security.jwt.keys }}
+{{- if ne $jwt.format "url" }}
 - name: jwt
   {{- if eq $jwt.kind "Secret" }}
   secret:
@@ -317,6 +327,7 @@ their re-keying batches in the chain too. */ -}}
     items:
       - key: {{ $jwt.key }}
         path: {{ $jwt.key }}
+{{- end }}
 {{- if has $service (splitList " " (include "egret.callers" $root)) }}
 - name: service-token
   secret:
