@@ -10,7 +10,7 @@ import helm_python as helm
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 
-from deploy.k8s.render import Manifest, render
+from deploy.k8s.render import CHART_DIR, Manifest, render
 from kit.settings import Env, SecuritySettings
 from tests.deploy.k8s import Endpoint, of_kind, pod_template, services_deployments
 from tests.deploy.k8s import network_allows as allows
@@ -82,6 +82,11 @@ def test_the_default_still_mounts_the_jwks_file(render_objects: RenderObjects) -
         assert env["EGRET_JWT_JWKS_FILE"] == "/var/run/secrets/egret/jwt/jwks.json", service
         assert not {"EGRET_JWT_JWKS_URL", "EGRET_JWT_JWKS_CACHE_S"} & set(env), service
         assert "jwt" in {v["name"] for v in spec["volumes"]}, service
+
+
+def test_helm_lint_strict_is_clean_with_format_url() -> None:
+    report = helm.lint(CHART_DIR, url_values(), strict=True, kube_version="v1.35.0")
+    assert ([m for m in report["messages"] if m["severity"] >= 2], report["errors"]) == ([], [])
 
 
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
