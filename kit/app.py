@@ -19,6 +19,7 @@ from kit.audit_anchors import anchor_loop
 from kit.audit_chain import AuditChainServicer
 from kit.audit_chain import check as check_audit_chain
 from kit.db import create_engine
+from kit.db_metrics import statement_sample, time_statements
 from kit.logging import configure_logging, get_logger
 from kit.metrics import Reading, configure_metrics, gauge, meter
 from kit.migrations import upgrade
@@ -208,6 +209,8 @@ def run_cli(
         try:
             provider = configure_tracing(name)
             metrics = configure_metrics(name)
+            if metrics is not None:
+                time_statements(statement_sample())
         except SettingsError as exc:
             print(f"egret-{name}: {exc}", file=sys.stderr)
             return 2

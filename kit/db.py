@@ -22,6 +22,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from kit.db_metrics import watch_pool
+
 T = TypeVar("T")
 
 NAMING_CONVENTION = {
@@ -74,8 +76,10 @@ def create_engine(
                 cursor.execute("PRAGMA query_only=ON")
             cursor.close()
 
+        watch_pool(engine)
         return engine
     engine = sa.create_engine(parsed, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size)
+    watch_pool(engine)
     if read_only:
 
         @event.listens_for(engine, "connect")

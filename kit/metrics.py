@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +26,6 @@ from typing import Any
 from opentelemetry import metrics
 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
-from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
 from opentelemetry.instrumentation.system_metrics import SystemMetricsInstrumentor
 from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation
 from opentelemetry.sdk.metrics import MeterProvider
@@ -37,10 +35,7 @@ from opentelemetry.sdk.metrics.export import (
     PeriodicExportingMetricReader,
 )
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.trace import NoOpTracerProvider
 from prometheus_client import CollectorRegistry
-from sqlalchemy import event
-from sqlalchemy.engine import Engine
 
 from kit.logging import get_logger
 from kit.settings import SettingsError
@@ -174,8 +169,8 @@ def _pushers() -> list[MetricReader]:
 
 
 def configure_metrics(service: str) -> Metrics | None:
-    """Install the process's meter provider (Prometheus registry plus any OTLP pusher), the
-    process and SQLAlchemy instrumentations; None with EGRET_METRICS=false."""
+    """Install the process's meter provider (Prometheus registry plus any OTLP pusher) and the
+    process instrumentation; None with EGRET_METRICS=false. (The database's are kit.db_metrics.)"""
     if not enabled():
         return None
     registry = CollectorRegistry(auto_describe=True)
@@ -184,43 +179,4 @@ def configure_metrics(service: str) -> Metrics | None:
     provider = MeterProvider(metric_readers=readers, resource=Resource.create(attributes))
     metrics.set_meter_provider(provider)
     SystemMetricsInstrumentor(config=_PROCESS_METRICS).instrument(meter_provider=provider)
-    # Connection pool use of every engine created from here on. Its declared range stops below
-    # SQLAlchemy 2.1, whose pool events it uses unchanged (tests/e2e/test_metrics.py shows its
-    # series). It would also record a span per statement (every span is recorded, so trace ids
-    # reach the logs): it gets a no-op tracer, and time_statements' two hooks measure
-    # statement latency instead.
-    SQLAlchemyInstrumentor().instrument(
-        meter_provider=provider, tracer_provider=NoOpTracerProvider(), skip_dep_check=True
-    )
-    time_statements()
     return Metrics(registry=registry, provider=provider)
-
-
-_OPERATIONS = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE"})
-_query_duration = histogram(
-    meter("egret.db"), "egret.db.query.duration", description="Database statements, by operation"
-)
-_STARTED = "egret_statement_started"
-
-
-def _operation(statement: str) -> str:
-    operation = statement.lstrip()[:6].upper()
-    return operation if operation in _OPERATIONS else "other"
-
-
-def _before(_conn: Any, _cursor: Any, _statement: str, _params: Any, context: Any, _many: bool) -> None:
-    if context is not None:
-        setattr(context, _STARTED, time.perf_counter())
-
-
-def _after(_conn: Any, _cursor: Any, statement: str, _params: Any, context: Any, _many: bool) -> None:
-    started = getattr(context, _STARTED, None)
-    if started is not None:
-        _query_duration.record(time.perf_counter() - started, {"operation": _operation(statement)})
-
-
-def time_statements() -> None:
-    """egret.db.query.duration for every engine: two cursor-execute hooks on Engine itself."""
-    if not event.contains(Engine, "before_cursor_execute", _before):
-        event.listen(Engine, "before_cursor_execute", _before)
-        event.listen(Engine, "after_cursor_execute", _after)
