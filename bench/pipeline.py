@@ -416,11 +416,15 @@ def _compare_observability(
     }
     print(f"\nmetrics on/off throughput: {on:,.0f} / {off:,.0f} events/s = {on / off:.3f}")
     print(f"services' CPU per event: on {cpu_on:.0f} µs, off {cpu_off:.0f} µs")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
-        print(f"figures written to {args.json}")
+    _write(args.json, figures)
     return 0
+
+
+def _write(path: Path | None, figures: dict[str, Any]) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(figures, indent=2) + "\n")
+        print(f"figures written to {path}")
 
 
 def _ms(value: float | None) -> float | None:
@@ -509,10 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             print(f"end to end / raw: {figures['ratio_end_to_end_to_raw']:.3f}")
 
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
-        print(f"figures written to {args.json}")
+    _write(args.json, figures)
     return 0
 
 
