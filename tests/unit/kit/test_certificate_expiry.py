@@ -7,12 +7,14 @@ import datetime
 import time
 from pathlib import Path
 
+import pytest
 import trustme
 from cryptography import x509
-from structlog.testing import capture_logs
 
+from kit import filewatch
 from kit.security import certificate_expiry
 from kit.settings import SecuritySettings
+from tests.support.logs import capture
 
 
 def not_after(pem: bytes) -> float:
@@ -52,7 +54,9 @@ def test_a_file_that_never_parsed_is_left_out(tmp_path: Path) -> None:
     assert certificate_expiry(settings) == {}
 
 
-def test_a_renewed_certificate_is_read_again_and_a_bad_one_ignored(tmp_path: Path) -> None:
+def test_a_renewed_certificate_is_read_again_and_a_bad_one_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ca = trustme.CA()
     first = ca.issue_cert("localhost", not_after=datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC))
     renewed = ca.issue_cert("localhost", not_after=datetime.datetime(2030, 4, 1, tzinfo=datetime.UTC))
@@ -71,10 +75,10 @@ def test_a_renewed_certificate_is_read_again_and_a_bad_one_ignored(tmp_path: Pat
 
     path.write_bytes(b"-----BEGIN CERTIFICATE-----\ntrunc")
     deadline = time.monotonic() + 5.0
-    with capture_logs() as logs:
-        # Until the watch has looked at the bad file (it warns), every answer is the good one.
-        while not any(line["log_level"] == "warning" for line in logs):
-            assert certificate_expiry(settings) == wanted
-            assert time.monotonic() < deadline, "the bad file was not looked at"
-            time.sleep(0.05)
+    logs = capture(monkeypatch, filewatch)
+    # Until the watch has looked at the bad file (it warns), every answer is the good one.
+    while not any(line["log_level"] == "warning" for line in logs):
+        assert certificate_expiry(settings) == wanted
+        assert time.monotonic() < deadline, "the bad file was not looked at"
+        time.sleep(0.05)
     assert certificate_expiry(settings) == wanted

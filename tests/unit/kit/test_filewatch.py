@@ -7,9 +7,10 @@ import os
 from pathlib import Path
 
 import pytest
-from structlog.testing import capture_logs
 
+from kit import filewatch
 from kit.filewatch import FileWatch
+from tests.support.logs import capture
 
 
 class Clock:
@@ -51,17 +52,19 @@ def test_a_symlink_swap_is_seen_at_the_next_check(tmp_path: Path) -> None:
     assert (watch.get(), watch.generation) == (2, 1)
 
 
-def test_a_half_written_file_keeps_the_last_good_value_and_warns_once(tmp_path: Path) -> None:
+def test_a_half_written_file_keeps_the_last_good_value_and_warns_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "value"
     path.write_bytes(b"10")
     clock = Clock()
     watch = FileWatch([path], parse_number, what="test", clock=clock)
 
     path.write_bytes(b"2x")  # a writer caught half-way
-    with capture_logs() as logs:
-        for second in range(1, 4):
-            clock.now = float(second)
-            assert watch.get() == 10
+    logs = capture(monkeypatch, filewatch)
+    for second in range(1, 4):
+        clock.now = float(second)
+        assert watch.get() == 10
     warnings = [line for line in logs if line["log_level"] == "warning"]
     assert len(warnings) == 1
     assert warnings[0]["what"] == "test"

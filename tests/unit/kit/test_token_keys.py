@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from structlog.testing import capture_logs
 
+from kit import filewatch
 from kit.auth import Role, TokenVerifier, issue_token, jwks_document
 from kit.errors import Unauthenticated
 from kit.settings import Env, SecuritySettings
 from kit.token_keys import RemoteJwks, check_jwks_url
 from tests.support.jwks import jwks_endpoint
+from tests.support.logs import capture
 
 ISSUER = "https://idp.test"
 AUDIENCE = "egret"
@@ -127,7 +128,9 @@ def test_a_removed_key_refuses_tokens_it_verified_before(tmp_path: Path) -> None
     assert verifier.verify(token(new, "new")).role is Role.ADMIN
 
 
-def test_a_public_key_file_that_is_not_a_key_keeps_the_old_one(tmp_path: Path) -> None:
+def test_a_public_key_file_that_is_not_a_key_keeps_the_old_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     key = signing_key()
     pem = tmp_path / "public.pem"
     pem.write_bytes(
@@ -138,9 +141,9 @@ def test_a_public_key_file_that_is_not_a_key_keeps_the_old_one(tmp_path: Path) -
     verifier = TokenVerifier.from_files(issuer=ISSUER, audience=AUDIENCE, public_key_file=pem)
     pem.write_bytes(b"-----BEGIN PUBLIC KEY-----\ntruncated")
     signed = token(key)
-    with capture_logs() as logs:
-        # Each verify looks at the file once the watch's interval has passed.
-        wait_for(lambda: verifier.verify(signed) and any(line["log_level"] == "warning" for line in logs))
+    logs = capture(monkeypatch, filewatch)
+    # Each verify looks at the file once the watch's interval has passed.
+    wait_for(lambda: verifier.verify(signed) and any(line["log_level"] == "warning" for line in logs))
     assert verifier.verify(signed).role is Role.ADMIN
     assert verifier.keys.generation() == 0  # type: ignore[union-attr]
 
