@@ -84,11 +84,12 @@ FUZZ_SEED ?=
 fuzz: setup ## Fuzz every RPC of the four services with malformed calls (FUZZ_CALLS=20000, FUZZ_SEED=<seed> replays)
 	EGRET_FUZZ_CALLS=$(FUZZ_CALLS) EGRET_FUZZ_SEED=$(FUZZ_SEED) $(PY) -m pytest tests/integration/test_fuzz.py -s -q $(PYTEST_ARGS)
 
-lint: setup ## ruff lint and format check, buf lint and format check
+lint: setup ## ruff lint and format check, buf lint and format check, import contracts (lint-imports)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/buf lint
 	$(BIN)/buf format --diff --exit-code
+	$(BIN)/lint-imports
 
 breaking: setup ## buf breaking against the main branch
 	@if git rev-parse --verify -q main >/dev/null && git ls-tree -r --name-only main | grep -q '^protos/'; then \

@@ -1,0 +1,111 @@
+"""The import contracts in pyproject.toml ([tool.importlinter]) hold today and fail on a new crossing.
+
+Each breaking case copies the real packages and the real pyproject.toml into a temporary tree, adds one
+import the contracts forbid, and runs lint-imports there: the run must fail and name that import.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
+# The contracts' root packages, and where each lives in the repository.
+PACKAGES = {
+    "kit": ROOT / "kit",
+    "services": ROOT / "services",
+    "devtools": ROOT / "devtools",
+    "bench": ROOT / "bench",
+    "tests": ROOT / "tests",
+    "egret_client": ROOT / "clients" / "python" / "src" / "egret_client",
+}
+
+
+def lint_imports(cwd: Path, *path: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in path)}
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def copy_tree(dest: Path) -> Path:
+    """The contracts' packages (Python files only) and pyproject.toml, copied under dest."""
+    for name, source in PACKAGES.items():
+        shutil.copytree(
+            source,
+            dest / name,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
+    shutil.copy(ROOT / "pyproject.toml", dest / "pyproject.toml")
+    return dest
+
+
+def test_the_repository_keeps_every_contract() -> None:
+    result = lint_imports(ROOT, ROOT, ROOT / "gen", ROOT / "clients" / "python" / "src")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("new_module", "source", "broken_contract", "named_import"),
+    [
+        pytest.param(
+            "services/portal/crossing.py",
+            "from services.score import domain\n",
+            "services are independent of each other BROKEN",
+            "services.portal.crossing -> services.score.domain",
+            id="a-service-imports-another",
+        ),
+        pytest.param(
+            "services/query/second_crossing.py",
+            "import services.rules.ruleset\n",
+            "services are independent of each other BROKEN",
+            "services.query.second_crossing -> services.rules.ruleset",
+            id="a-new-crossing-beside-an-ignored-one",
+        ),
+        pytest.param(
+            "kit/uses_a_service.py",
+            "import services.ingest.catalogue\n",
+            "kit imports no service BROKEN",
+            "kit.uses_a_service -> services.ingest.catalogue",
+            id="kit-imports-a-service",
+        ),
+    ],
+)
+def test_a_new_forbidden_import_breaks_its_contract(
+    tmp_path: Path, new_module: str, source: str, broken_contract: str, named_import: str
+) -> None:
+    tree = copy_tree(tmp_path)
+    (tree / new_module).write_text(f'"""Added by the test."""\n\n{source}')
+
+    result = lint_imports(tree, tree, ROOT / "gen")
+
+    assert result.returncode != 0, result.stdout
+    assert broken_contract in result.stdout
+    assert named_import in result.stdout
+    assert " kept, 1 broken." in result.stdout
+
+
+def test_a_domain_module_importing_sqlalchemy_breaks_its_contract(tmp_path: Path) -> None:
+    tree = copy_tree(tmp_path)
+    domain = tree / "services" / "score" / "domain.py"
+    domain.write_text(domain.read_text() + "\nimport sqlalchemy  # added by the test\n")
+
+    result = lint_imports(tree, tree, ROOT / "gen")
+
+    assert result.returncode != 0, result.stdout
+    assert "score's pure modules import neither grpc, sqlalchemy nor durable-rules BROKEN" in result.stdout
+    assert "services.score.domain -> sqlalchemy" in result.stdout
