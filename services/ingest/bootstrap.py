@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import grpc
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -17,7 +15,8 @@ from egret.rules.v1 import rules_service_pb2_grpc as rules_grpc
 from kit.app import run_cli
 from kit.audit import audit_keys
 from kit.db import create_engine, make_session_factory
-from kit.outbox import OutboxRelay, Send, relay_to_peer
+from kit.outbox import OutboxRelay, relay_to_peer
+from kit.outbox_send import merged_sender
 from kit.pseudonym import Pseudonymiser
 from kit.rekey import GenerationGuard, StaleKeyGeneration
 from kit.security import channel_credentials
@@ -40,23 +39,13 @@ from services.ingest.storage import (
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def merged_request(payloads: Sequence[bytes]) -> rules_pb.EvaluateEventsRequest:
-    """One EvaluateEventsRequest from outbox rows (each a request with one event or one
-    retraction), keeping row order within events and within retractions. Rules applies
-    the retractions after the events, and a retraction's row always follows its event's."""
-    request = rules_pb.EvaluateEventsRequest()
-    for payload in payloads:
-        request.MergeFromString(payload)
-    return request
-
-
-def send_to_rules(channel: grpc.aio.Channel, deadline_s: float) -> Send:
-    rules = rules_grpc.RulesServiceStub(channel)
-
-    async def send(payloads: Sequence[bytes]) -> None:
-        await rules.EvaluateEvents(merged_request(payloads), timeout=deadline_s)
-
-    return send
+# Rules applies a request's retractions after its events, and a retraction's row always
+# follows its event's, so merging the rows (order kept within each field) keeps their effect.
+send_to_rules = merged_sender(
+    rules_pb.EvaluateEventsRequest,
+    fields=("events", "retractions"),
+    method=lambda channel: rules_grpc.RulesServiceStub(channel).EvaluateEvents,
+)
 
 
 def refuse_stranded_rows(store: SqlEventStore, shards: int) -> None:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-
-import grpc
 
 from egret.rules.v1 import rules_service_pb2 as pb
 from egret.score.v1 import score_service_pb2 as score_pb
@@ -17,7 +14,8 @@ from kit.audit import audit_keys
 from kit.db import create_engine, make_session_factory
 from kit.logging import get_logger
 from kit.metrics import refreshing
-from kit.outbox import Send, relay_to_peer
+from kit.outbox import relay_to_peer
+from kit.outbox_send import merged_sender
 from kit.pseudonym import Pseudonymiser
 from kit.purposes import load_purposes
 from kit.reads import ReadLog
@@ -50,22 +48,11 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 log = get_logger(__name__)
 
 
-def merged_request(payloads: Sequence[bytes]) -> score_pb.ApplyOutcomesRequest:
-    """One ApplyOutcomesRequest from outbox rows (each a request with one outcome or one
-    reversal), keeping row order within outcomes and within reversals."""
-    request = score_pb.ApplyOutcomesRequest()
-    for payload in payloads:
-        request.MergeFromString(payload)
-    return request
-
-
-def send_to_score(channel: grpc.aio.Channel, deadline_s: float) -> Send:
-    score = score_grpc.ScoreServiceStub(channel)
-
-    async def send(payloads: Sequence[bytes]) -> None:
-        await score.ApplyOutcomes(merged_request(payloads), timeout=deadline_s)
-
-    return send
+send_to_score = merged_sender(
+    score_pb.ApplyOutcomesRequest,
+    fields=("outcomes", "reversals"),
+    method=lambda channel: score_grpc.ScoreServiceStub(channel).ApplyOutcomes,
+)
 
 
 def build(settings: RulesSettings) -> Service:
