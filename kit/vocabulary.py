@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Final, Literal, TypeAlias
+
 # Persons and organizations are scored under separate policies.
-SUBJECT_KINDS: tuple[str, ...] = ("person", "organization")
+SubjectKind: TypeAlias = Literal["person", "organization"]
+SUBJECT_KINDS: Final[tuple[SubjectKind, ...]] = ("person", "organization")
 
 # Severity decides visibility periods and repair eligibility (DOMAIN.md).
-SEVERITIES: tuple[str, ...] = ("positive", "minor", "general", "serious")
+Severity: TypeAlias = Literal["positive", "minor", "general", "serious"]
+SEVERITIES: Final[tuple[Severity, ...]] = ("positive", "minor", "general", "serious")

@@ -17,6 +17,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from egret.common.v1 import due_process_pb2, event_pb2, outcome_pb2, subject_pb2
 from egret.query.v1 import query_service_pb2 as query_pb
 from kit.safeyaml import load_yaml
+from kit.vocabulary import SUBJECT_KINDS
 from services.portal import records as r
 
 _SEVERITY = {
@@ -295,9 +296,7 @@ def published_rule_set(
                 title=_text(rule.get("title")),
                 description=_text(rule.get("description")),
                 event_types=tuple(_text(t) for t in rule.get("event_types") or ()),
-                subject_kinds=tuple(
-                    _text(k) for k in rule.get("subject_kinds") or ("person", "organization")
-                ),
+                subject_kinds=tuple(_text(k) for k in rule.get("subject_kinds") or SUBJECT_KINDS),
                 points=_text(rule.get("points")),
                 category=_text(rule.get("category")),
                 severity=_text(rule.get("severity")),

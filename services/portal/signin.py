@@ -29,6 +29,7 @@ from starlette.responses import RedirectResponse, Response
 
 from kit.auth import RateLimiter
 from kit.logging import get_logger
+from kit.vocabulary import SUBJECT_KINDS
 from services.portal.backend import Caller, SubjectId
 from services.portal.settings import OidcSettings
 
@@ -64,7 +65,7 @@ def subject_of(claims: Mapping[str, Any], claim: str) -> SubjectId | None:
     value = str(claims.get(claim, ""))
     kind, _, rest = value.partition(":")
     scheme, _, raw = rest.partition(":")
-    if kind not in ("person", "organization") or not scheme or not raw:
+    if kind not in SUBJECT_KINDS or not scheme or not raw:
         return None
     return SubjectId(kind, scheme, raw)
 

@@ -57,14 +57,11 @@ from typing import Any, Final, Literal, TypeAlias, TypeGuard, cast
 import yaml
 
 from kit.safeyaml import YamlError, load_yaml
+from kit.vocabulary import SEVERITIES, SUBJECT_KINDS, Severity, SubjectKind
 
 AttributeScalar: TypeAlias = str | int | float | bool | datetime
-Severity: TypeAlias = Literal["positive", "minor", "general", "serious"]
-SubjectKind: TypeAlias = Literal["person", "organization"]
 Operator: TypeAlias = Literal["eq", "ne", "gt", "gte", "lt", "lte", "in", "between", "matches"]
 
-SEVERITIES: Final[tuple[Severity, ...]] = ("positive", "minor", "general", "serious")
-SUBJECT_KINDS: Final[tuple[SubjectKind, ...]] = ("person", "organization")
 OPERATORS: Final[tuple[Operator, ...]] = ("eq", "ne", "gt", "gte", "lt", "lte", "in", "between", "matches")
 
 # Storage keeps rule ids and rule-set names in 128-character columns.
