@@ -35,6 +35,7 @@ from kit.db import create_engine
 from kit.protoconv import to_attribute_value, to_timestamp
 from tests.support.events import event, resident_id
 from tests.support.fakes import serving
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.e2e
 
@@ -117,14 +118,6 @@ def stored_rows(cluster: Cluster, service: str, decode: Callable[[bytes], Item])
     return [(decode(bytes(payload)), claimed_by is not None) for payload, claimed_by in rows]
 
 
-async def until(predicate: Callable[[], bool], within_s: float, what: str) -> None:
-    deadline = time.monotonic() + within_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not reached within {within_s:.0f}s: {what}")
-        await asyncio.sleep(0.05)
-
-
 def by_subject(items: list[Item]) -> dict[str, list[str]]:
     """Each subject's messages in first-arrival order (a resent message counts once)."""
     seen: set[Item] = set()
@@ -141,7 +134,7 @@ async def kill_with_claim_in_flight_and_restart(
 ) -> None:
     """The stored rows must be complete and the first call held; then kill -9, restart, and
     check the drain: immediate, claimed batch first, each subject in stored order."""
-    await until(downstream.holding.is_set, 60, "the relay's first call")
+    await until(downstream.holding.is_set, what="the relay's first call", within_s=60, every_s=0.05)
     stored = await asyncio.to_thread(stored_rows, cluster, service, decode)
     claimed = [item for item, is_claimed in stored if is_claimed]
     assert claimed, "the relay holds a claim"
@@ -152,7 +145,12 @@ async def kill_with_claim_in_flight_and_restart(
     restarted = time.monotonic()
     await asyncio.to_thread(cluster.start, service)
     expected = {item for item, _ in stored}
-    await until(lambda: expected <= set(downstream.received), RESTART_BOUND_S, "every row delivered")
+    await until(
+        lambda: expected <= set(downstream.received),
+        what="every row delivered",
+        within_s=RESTART_BOUND_S,
+        every_s=0.05,
+    )
     assert time.monotonic() - restarted < RESTART_BOUND_S < 2 * DEADLINE_S
 
     assert set(downstream.received) == expected

@@ -9,9 +9,8 @@ here run without authentication, where the request's source is taken at its word
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -37,8 +36,10 @@ from services.rules.storage import RulesAuditHead, RulesAuditLog
 from tests.integration.test_ingest_service import ingest_settings, late
 from tests.integration.test_rules_service import as_actor, rules_settings
 from tests.support.fakes import RecordingRules, serving_rules
+from tests.support.outbox import until_drained
 from tests.support.servers import client_channel, running
 from tests.support.status import bad_request
+from tests.support.waiting import until
 
 SUBJECT = "a" * 64
 WHEN = datetime(2026, 1, 1, tzinfo=UTC)
@@ -84,14 +85,6 @@ def expected_id(rule_id: str, *keys: str) -> str:
     """The deterministic outcome id, computed by hand (docs/architecture.md)."""
     text = f"test-corrections|1|{rule_id}|" + "|".join(sorted(keys))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-async def until(predicate: Callable[[], bool], within_s: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within_s
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
 
 
 def verify_chain(database_url: str, log: Any, head: Any) -> audit.ChainReport:
@@ -387,7 +380,7 @@ async def send(
 
 
 async def test_retracting_one_event_of_a_window_reverses_it_and_another_event_re_forms_it(
-    rules: tuple[pb_grpc.RulesServiceAsyncStub, RecordingScore],
+    database_url: str, rules: tuple[pb_grpc.RulesServiceAsyncStub, RecordingScore]
 ) -> None:
     stub, score = rules
     # Days 0, 10, 20 complete "3 within 90 days"; day 60 is left over, unused.
@@ -421,7 +414,8 @@ async def test_retracting_one_event_of_a_window_reverses_it_and_another_event_re
     # The retracted event is in no later window: without it, days 70 and 75 have no third.
     later = await send(stub, [fare("f5", 70), fare("f6", 75)])
     assert later.outcomes == 2  # their per-event outcomes only
-    await asyncio.sleep(0.3)
+    # Drained, everything rules emitted has reached score: nothing was emitted twice.
+    await until_drained(database_url, "rules_outbox")
     assert len(score.outcomes) == 8
     assert len(score.reversals) == 2
     assert score.ids("fare.repeated") == [window, re_formed]
@@ -444,7 +438,7 @@ async def test_retracting_the_second_step_of_a_sequence_reverses_it_and_frees_th
 
 
 async def test_retracting_an_event_that_caused_nothing_only_records_it(
-    rules: tuple[pb_grpc.RulesServiceAsyncStub, RecordingScore],
+    database_url: str, rules: tuple[pb_grpc.RulesServiceAsyncStub, RecordingScore]
 ) -> None:
     stub, score = rules
     await send(stub, [loan("a1", 0, "L1")])
@@ -455,7 +449,7 @@ async def test_retracting_an_event_that_caused_nothing_only_records_it(
     assert early.retracted == 1
     late_event = await send(stub, [loan("a9", 5, "L9"), default("b9", 20, "L9")])
     assert (late_event.evaluated, late_event.duplicate, late_event.outcomes) == (1, 1, 0)
-    await asyncio.sleep(0.3)
+    await until_drained(database_url, "rules_outbox")
     assert score.outcomes == []
     assert score.reversals == []
 

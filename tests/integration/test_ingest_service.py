@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -26,8 +25,10 @@ from services.ingest.settings import IngestSettings
 from tests.support.databases import create_postgres_database, drop_postgres_database
 from tests.support.events import TEST_SUBJECT_KEY, event, full_width, resident_id
 from tests.support.fakes import RecordingRules, serving_rules, serving_rules_shards
+from tests.support.outbox import until_drained
 from tests.support.servers import client_channel, common_settings, running
 from tests.support.status import bad_request
+from tests.support.waiting import until
 
 SUBJECT = "350200199001011230"
 
@@ -63,14 +64,6 @@ async def ingest(
         client_channel(address) as channel,
     ):
         yield pb_grpc.IngestServiceStub(channel), rules
-
-
-async def until(predicate: object, within_s: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within_s
-    while not predicate():  # type: ignore[operator]
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
 
 
 async def test_accepted_events_are_relayed_to_rules_pseudonymised(
@@ -133,7 +126,7 @@ async def test_one_resident_has_one_subject_key_however_the_id_is_written(
 
 
 async def test_duplicate_is_acknowledged_and_conflict_is_already_exists(
-    ingest: tuple[pb_grpc.IngestServiceAsyncStub, RecordingRules],
+    database_url: str, ingest: tuple[pb_grpc.IngestServiceAsyncStub, RecordingRules]
 ) -> None:
     stub, rules = ingest
     await stub.SubmitEvent(pb.SubmitEventRequest(source="library", event=late("e3")))
@@ -142,8 +135,9 @@ async def test_duplicate_is_acknowledged_and_conflict_is_already_exists(
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await stub.SubmitEvent(pb.SubmitEventRequest(source="library", event=late("e3", days=41)))
     assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
-    await until(lambda: rules.event_ids() == ["e3"])
-    await asyncio.sleep(0.2)
+    # Drained, every row the three calls wrote has reached rules: the duplicate and the
+    # conflict relayed nothing more.
+    await until_drained(database_url, "ingest_outbox")
     assert rules.event_ids() == ["e3"]
 
 
@@ -304,15 +298,15 @@ async def test_health_turns_not_serving_when_the_database_goes_away(tmp_path: Pa
                 )
                 return int(reply.status)
 
-            serving = health_pb2.HealthCheckResponse.SERVING
-            deadline = asyncio.get_running_loop().time() + 10
-            while await status() != serving:
-                assert asyncio.get_running_loop().time() < deadline
-                await asyncio.sleep(0.05)
+            async def serving() -> bool:
+                return await status() == int(health_pb2.HealthCheckResponse.SERVING)
+
+            async def not_serving() -> bool:
+                return not await serving()
+
+            await until(serving, what="ingest serving", every_s=0.05)
             drop_postgres_database(url)
-            while await status() == serving:
-                assert asyncio.get_running_loop().time() < deadline + 10
-                await asyncio.sleep(0.05)
+            await until(not_serving, what="ingest to stop serving without its database", every_s=0.05)
             assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
         drop_postgres_database(url)

@@ -3,7 +3,6 @@ on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from tests.support.events import PERSON, TEST_SUBJECT_KEY, full_width
 from tests.support.outcomes import outcome as make_outcome
 from tests.support.servers import common_settings, running
 from tests.support.status import bad_request
+from tests.support.waiting import until
 
 POLICY_FILE = Path(__file__).parents[2] / "config" / "policy.yaml"
 RESIDENT_ID = "350200199001011230"
@@ -281,17 +281,14 @@ async def health_of(channel: grpc.aio.Channel) -> int:
     return int(response.status)
 
 
-async def until_health(channel: grpc.aio.Channel, status: int, within_s: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within_s
-    while True:
+async def until_health(channel: grpc.aio.Channel, status: int) -> None:
+    async def reached() -> bool:
         try:
-            if await health_of(channel) == status:
-                return
+            return await health_of(channel) == status
         except grpc.aio.AioRpcError:
-            pass  # the runtime has not published the service's status yet
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"health never became {status}")
-        await asyncio.sleep(0.05)
+            return False  # the runtime has not published the service's status yet
+
+    await until(reached, what=f"query's health to become {status}", every_s=0.05)
 
 
 async def test_query_starts_before_scores_store_exists(database_url: str, tmp_path: Path) -> None:

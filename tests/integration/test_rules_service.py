@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,9 +25,11 @@ from services.rules.bootstrap import MIGRATIONS, build
 from services.rules.bootstrap import main as rules_main
 from services.rules.settings import RulesSettings
 from services.rules.storage import RulesAuditLog
+from tests.support.outbox import until_drained
 from tests.support.purposes import assert_bad_purposes_refused
 from tests.support.servers import common_settings, running
 from tests.support.status import bad_request
+from tests.support.waiting import until
 
 SUBJECT = "a" * 64
 OTHER = "b" * 64
@@ -137,14 +139,6 @@ def recorded(
 
 def as_actor(name: str) -> tuple[tuple[str, str]]:
     return (("x-egret-actor", name),)
-
-
-async def until(predicate: Callable[[], bool], within_s: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within_s
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
 
 
 async def evaluate(stub: pb_grpc.RulesServiceAsyncStub, *events: event_pb2.RecordedEvent) -> Any:
@@ -333,7 +327,8 @@ async def test_version_swap_in_the_middle_of_a_stream_loses_nothing(
         assert versions[-1] == 2
         points = {o.rule.rule_set_version: o.points for o in recording.outcomes}
         assert points == {1: -3, 2: -3}
-        await asyncio.sleep(0.2)
+        # Drained, everything rules emitted has reached score: none was emitted twice.
+        await until_drained(database_url, "rules_outbox")
         assert len(recording.outcomes) == 20
 
 
@@ -384,7 +379,8 @@ async def test_a_window_open_across_a_restart_fires_exactly_once(
             await evaluate(pb_grpc.RulesServiceStub(channel), *batch)
             # Delivered again after the restart (at least once): no second firing.
             await evaluate(pb_grpc.RulesServiceStub(channel), *batch)
-            await asyncio.sleep(0.3)
+            # Every firing leaves before the process stops, so a second one would be counted.
+            await until_drained(database_url, "rules_outbox")
     assert len(recording.outcomes) == 1
     (outcome,) = recording.outcomes
     assert sorted(e.ref.event_id for e in outcome.events) == ["f1", "f2", "f3"]
@@ -447,7 +443,7 @@ async def test_a_poison_event_is_parked_listed_and_redriven_once_fixed(
         assert (await evaluate(stub, late("poison", 40))).duplicate == 1
         nothing = await stub.RedriveDeadLetters(pb.RedriveDeadLettersRequest(all=True))
         assert nothing.redriven == 0
-        await asyncio.sleep(0.2)
+        await until_drained(database_url, "rules_outbox")
         assert sorted(e for e, _ in recording.versions()) == ["good", "later", "other", "poison"]
         changes = (await stub.ListRuleSetChanges(pb.ListRuleSetChangesRequest())).changes
         assert [(c.action, c.actor) for c in changes if c.action == "redrive"] == [

@@ -5,9 +5,9 @@ history rows and the audit chain."""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -36,6 +36,7 @@ from tests.support.events import TEST_SUBJECT_KEY
 from tests.support.outcomes import outcome
 from tests.support.servers import running
 from tests.support.status import bad_request, error_info
+from tests.support.waiting import until
 
 T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)  # a Monday
 DAY = timedelta(days=1)
@@ -49,11 +50,16 @@ GENERAL = outcome_pb2.SEVERITY_GENERAL
 
 
 class Clock:
+    """The service's clock, set by the test; counts the reads at each instant it returns."""
+
     def __init__(self, now: datetime) -> None:
         self.now = now
+        self.reads: Counter[datetime] = Counter()
 
     def __call__(self) -> datetime:
-        return self.now
+        now = self.now
+        self.reads[now] += 1
+        return now
 
 
 @dataclass
@@ -186,22 +192,6 @@ def retraction(outcome_id: str, subject_key: str, event_id: str) -> pb.Reversal:
     )
 
 
-async def eventually(
-    check: Callable[[], Awaitable[None]] | Callable[[], None], within_s: float = 10.0
-) -> None:
-    deadline = asyncio.get_running_loop().time() + within_s
-    while True:
-        try:
-            result = check()
-            if asyncio.iscoroutine(result):
-                await result
-            return
-        except AssertionError:
-            if asyncio.get_running_loop().time() > deadline:
-                raise
-            await asyncio.sleep(0.05)
-
-
 async def expect(code: grpc.StatusCode, call: Awaitable[Any]) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await call
@@ -226,15 +216,18 @@ async def test_a_dispute_lapses_at_its_deadline_and_counts_again_when_upheld(sco
     assert score.status("o1") == "disputed"
     # The instant before the deadline nothing happens; then the sweep writes the lapse at
     # the exact deadline, with no new event.
-    score.clock.now = deadline - timedelta(microseconds=1)
-    await asyncio.sleep(0.3)
+    score.clock.now = before = deadline - timedelta(microseconds=1)
+    # Nothing else reads the clock meanwhile, and a sweep round reads it twice (the expiry
+    # sweep first, then the overdue repairs): four reads at `before` include a whole expiry
+    # sweep at it, even if a round read it up to three times.
+    await until(lambda: score.clock.reads[before] >= 4, what="a whole sweep round at the deadline's eve")
     assert score.score(ALICE) == 990
     score.clock.now = deadline + 3 * DAY
 
     def lapsed() -> None:
         assert score.score(ALICE) == 1000
 
-    await eventually(lapsed)
+    await until(lapsed, what="the dispute's lapse restoring ALICE's score")
     rows = score.history(ALICE)
     lapse = rows[-1]
     assert (lapse.cause, lapse.changed_at.replace(tzinfo=UTC), lapse.score_before, lapse.score) == (

@@ -5,9 +5,8 @@ policy preview and activation."""
 
 from __future__ import annotations
 
-import asyncio
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -28,6 +27,7 @@ from services.score.bootstrap import MIGRATIONS
 from services.score.bootstrap import build as build_score
 from services.score.settings import ScoreSettings
 from tests.integration.test_query_service import POLICY_FILE, query_settings, score_settings
+from tests.support import waiting
 from tests.support.events import ORGANIZATION
 from tests.support.outcomes import outcome as make_outcome
 from tests.support.servers import running
@@ -121,18 +121,6 @@ def running_query(database_url: str, tmp_path: Path, clock: Clock) -> AbstractAs
     )
 
 
-async def eventually(check: Callable[[], Awaitable[None]], within_s: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within_s
-    while True:
-        try:
-            await check()
-            return
-        except AssertionError:
-            if asyncio.get_running_loop().time() > deadline:
-                raise
-            await asyncio.sleep(0.05)
-
-
 async def test_the_cap_counts_exactly_plus_fifty_and_withholds_the_point_beyond(egret: Egret) -> None:
     await egret.apply(
         outcome("c1", ALICE, 30, "civic", POSITIVE),
@@ -177,7 +165,7 @@ async def test_an_entry_stops_counting_at_visible_until_with_no_event(egret: Egr
         assert (changes[1].score_before, changes[1].HasField("score_before")) == (998, True)
         assert not changes[0].HasField("score_before")
 
-    await eventually(swept)
+    await waiting.until(swept, what="the sweep's expiry change in BOB's history")
     verified = await egret.score.VerifyScores(score_pb.VerifyScoresRequest())
     assert (verified.subjects_checked, verified.mismatch_count) == (1, 0)
 

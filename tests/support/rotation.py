@@ -5,11 +5,9 @@ test_portal_rotation.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import ssl
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -30,6 +28,7 @@ from kit.settings import IssuerSettings, SecuritySettings
 from services.score import bootstrap as score_bootstrap
 from services.score.servicer import ScoreServicer
 from tests.integration.test_score_service import score_settings
+from tests.support import waiting
 from tests.support.jwks import JwksEndpoint, jwks_endpoint
 from tests.support.servers import running
 
@@ -276,13 +275,6 @@ async def rotating_score(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Asy
 
 
 async def until(condition: Callable[[], bool | Awaitable[bool]]) -> None:
-    deadline = time.monotonic() + ROTATION_TIMEOUT_S
-    while True:
-        result = condition()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError("the rotation did not take effect in time")
-        await asyncio.sleep(POLL_S)
+    """tests/support/waiting.py's `until` with the rotation tests' bound and pace; on timeout it
+    names the condition by where the caller wrote it."""
+    await waiting.until(condition, within_s=ROTATION_TIMEOUT_S, every_s=POLL_S)

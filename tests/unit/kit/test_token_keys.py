@@ -3,7 +3,6 @@ a failed fetch keeps the last good keys, and a verifier forgets tokens of a remo
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from kit.settings import Env, SecuritySettings
 from kit.token_keys import RemoteJwks, check_jwks_url
 from tests.support.jwks import jwks_endpoint
 from tests.support.logs import capture
+from tests.support.waiting import wait_until
 
 ISSUER = "https://idp.test"
 AUDIENCE = "egret"
@@ -36,14 +36,6 @@ def signing_key() -> rsa.RSAPrivateKey:
 
 def token(key: rsa.RSAPrivateKey, kid: str | None = None) -> str:
     return issue_token(key, issuer=ISSUER, audience=AUDIENCE, subject="ops", role=Role.ADMIN, key_id=kid)
-
-
-def wait_for(condition: object, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
 
 
 @pytest.mark.parametrize(
@@ -90,8 +82,8 @@ def test_a_failed_fetch_keeps_the_last_good_keys() -> None:
         endpoint.failing = True
         clock.now = 61.0
         generation = keys.generation()  # starts the refresh after the lifespan
-        wait_for(lambda: endpoint.fetches == 2)
-        wait_for(lambda: not keys._refreshing)
+        wait_until(lambda: endpoint.fetches == 2)
+        wait_until(lambda: not keys._refreshing)
         assert keys.key("k1") is not None
         assert keys.generation() == generation
 
@@ -106,7 +98,7 @@ def test_the_jwks_is_fetched_again_after_its_lifespan() -> None:
         assert keys.key("old") is not None
         clock.now = 60.0
         keys.generation()
-        wait_for(lambda: keys.generation() == 2)
+        wait_until(lambda: keys.generation() == 2)
         assert keys.key("new") is not None
         # The removed key is gone (and no fetch is due for it within the refetch interval).
         assert keys.key("old") is None
@@ -122,7 +114,7 @@ def test_a_removed_key_refuses_tokens_it_verified_before(tmp_path: Path) -> None
     assert verifier.verify(signed_by_old).role is Role.ADMIN
 
     jwks.write_text(jwks_document({"new": new.public_key()}))
-    wait_for(lambda: verifier.keys.generation() == 1)  # type: ignore[union-attr]
+    wait_until(lambda: verifier.keys.generation() == 1)  # type: ignore[union-attr]
     with pytest.raises(Unauthenticated, match="unknown key"):
         verifier.verify(signed_by_old)
     assert verifier.verify(token(new, "new")).role is Role.ADMIN
@@ -143,7 +135,7 @@ def test_a_public_key_file_that_is_not_a_key_keeps_the_old_one(
     signed = token(key)
     logs = capture(monkeypatch, filewatch)
     # Each verify looks at the file once the watch's interval has passed.
-    wait_for(lambda: verifier.verify(signed) and any(line["log_level"] == "warning" for line in logs))
+    wait_until(lambda: bool(verifier.verify(signed)) and any(line["log_level"] == "warning" for line in logs))
     assert verifier.verify(signed).role is Role.ADMIN
     assert verifier.keys.generation() == 0  # type: ignore[union-attr]
 
