@@ -47,9 +47,10 @@ from services.rules.storage import (
 )
 from tests.integration.test_corrections import RecordingScore
 from tests.integration.test_rules_service import V1 as FRAGILE_V1
-from tests.integration.test_rules_service import WINDOW, rules_settings, until
+from tests.integration.test_rules_service import WINDOW, rules_settings
 from tests.support.fakes import serving
 from tests.support.servers import running, with_common
+from tests.support.waiting import until
 
 ROOT = b"root-subject-key-0123456789abcdef"
 K2_SECRET = b"second-generation-secret-0123456789"
