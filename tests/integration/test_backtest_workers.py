@@ -32,7 +32,7 @@ from services.rules.storage import RulesSubjectKeyGeneration
 from services.score.policy import load_policy
 from tests.unit.rules.test_backtest import ACME, ALICE, AS_OF, BOB, T0, event, policy, rule_set
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_partial_reports_of_disjoint_subjects_combine_to_the_report_of_all() -> None:
