@@ -52,6 +52,7 @@ from devtools.population import (
 from egret.common.v1 import event_pb2
 from kit.audit import UNKEYED
 from kit.db import create_engine, make_session_factory
+from kit.page_tokens import PageTokens
 from kit.protoconv import to_timestamp
 from services.ingest.catalogue import EventType
 from services.rules.domain import Evaluator, check_rule_set
@@ -162,7 +163,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         Base.metadata.create_all(engine)
         sessions = make_session_factory(engine)
         rule_sets = SqlLifecycleStore(sessions, audit_keys=UNKEYED)
-        lifecycle = RuleSetLifecycle(rule_sets, validate=check_rule_set, clock=lambda: datetime.now(UTC))
+        lifecycle = RuleSetLifecycle(
+            rule_sets,
+            validate=check_rule_set,
+            clock=lambda: datetime.now(UTC),
+            tokens=PageTokens.development(),
+        )
         lifecycle.ensure_active(args.ruleset.read_text(encoding="utf-8"))
         evaluator = Evaluator(
             rule_sets=rule_sets,

@@ -13,6 +13,7 @@ from kit.app import run_cli
 from kit.audit import audit_keys
 from kit.db import create_engine
 from kit.logging import get_logger
+from kit.page_tokens import PageTokens
 from kit.pseudonym import Pseudonymiser
 from kit.purposes import load_purposes
 from kit.security import channel_credentials
@@ -51,6 +52,7 @@ def build(settings: QuerySettings, clock: Callable[[], datetime] = _utc_now) -> 
         policy=policy,
         catalogue=catalogue,
         clock=clock,
+        tokens=PageTokens.from_audit(settings.common.audit),
     )
     # Several threads: reads do not contend the way writes do.
     executor = ThreadPoolExecutor(max_workers=settings.db_workers, thread_name_prefix="query-db")

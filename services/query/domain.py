@@ -17,19 +17,17 @@ and under the policy in force then.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from kit import reasons
 from kit.errors import FailedPrecondition, InvalidArgument, NotFound, Violation
+from kit.page_tokens import PageTokens
 from kit.pseudonym import Pseudonymiser, subject_violations
 from services.query.benefits import Benefit, Catalogue, Eligibility, check
 from services.score.domain import (
@@ -238,43 +236,37 @@ class ScoreReadStore(Protocol):
         ...
 
 
-def encode_page_token(cursor: Cursor) -> str:
-    raw = json.dumps([cursor.occurred_at.astimezone(UTC).isoformat(), cursor.entry_id], separators=(",", ":"))
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-
-def decode_page_token(token: str) -> Cursor:
-    invalid = InvalidArgument(
+def _invalid_token() -> InvalidArgument:
+    return InvalidArgument(
         "invalid page token",
-        [Violation("page_token", "is not a next_page_token returned by ListEntries", "INVALID_PAGE_TOKEN")],
+        [Violation("page_token", "is not a page token of this query", "INVALID_PAGE_TOKEN")],
     )
+
+
+def encode_cursor(tokens: PageTokens, cursor: Cursor, *, bound_to: Mapping[str, object]) -> str:
+    return tokens.encode([cursor.occurred_at.astimezone(UTC).isoformat(), cursor.entry_id], bound_to=bound_to)
+
+
+def decode_cursor(tokens: PageTokens, token: str, *, bound_to: Mapping[str, object]) -> Cursor | None:
+    """The ListEntries cursor in `token` (kit.page_tokens checks it); None for the first page."""
+    value = tokens.decode(token, bound_to=bound_to)
+    if value is None:
+        return None
     try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        occurred_at, entry_id = json.loads(raw)
+        occurred_at, entry_id = value
         when = datetime.fromisoformat(occurred_at)
-    except (binascii.Error, ValueError, TypeError) as exc:
-        raise invalid from exc
+    except (ValueError, TypeError) as exc:
+        raise _invalid_token() from exc
     if when.tzinfo is None or not isinstance(entry_id, str):
-        raise invalid
+        raise _invalid_token()
     return Cursor(when.astimezone(UTC), entry_id)
 
 
-def encode_token(value: str | int) -> str:
-    return base64.urlsafe_b64encode(json.dumps([value]).encode()).decode().rstrip("=")
-
-
-def decode_token(token: str, kind: type, rpc: str) -> Any:
-    """The value of a token from `encode_token`; InvalidArgument for anything else."""
-    invalid = InvalidArgument(
-        "invalid page token",
-        [Violation("page_token", f"is not a next_page_token returned by {rpc}", "INVALID_PAGE_TOKEN")],
-    )
-    try:
-        (value,) = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-    except (binascii.Error, ValueError, TypeError) as exc:
-        raise invalid from exc
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise invalid
+def decode_token(tokens: PageTokens, token: str, kind: type, *, bound_to: Mapping[str, object]) -> Any:
+    """The single value a token of `tokens.encode` holds, of type `kind`; None for ""."""
+    value = tokens.decode(token, bound_to=bound_to)
+    if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+        raise _invalid_token()
     return value
 
 
@@ -314,8 +306,11 @@ class Reader:
         policy: ScorePolicy,
         catalogue: Catalogue | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        tokens: PageTokens,
     ) -> None:
         self._store = store
+        # Signs this service's page tokens (kit.page_tokens); the due-process reads use it too.
+        self.tokens = tokens
         self._pseudonymiser = pseudonymiser
         # The policy file stands in until score has recorded its first activation.
         self._fallback = policy
@@ -584,7 +579,8 @@ class Reader:
     def history(self, ref: SubjectRef, requested_page_size: int, page_token: str) -> HistoryPage:
         key = self.subject_key(ref)
         size = page_size(requested_page_size)
-        before = decode_token(page_token, int, "ListScoreHistory") if page_token else None
+        binding = {"method": "ListScoreHistory", "subject_key": current_key(key), "as_corrected": False}
+        before = decode_token(self.tokens, page_token, int, bound_to=binding)
         stored = self._store.score(key)
         if stored is None:
             raise NotFound("no score is held for this subject")
@@ -592,7 +588,7 @@ class Reader:
         self.require_consent(self._policies().at(now).for_kind(stored.subject_kind), key, now)
         rows = self._store.history(key, before, size + 1)
         page = tuple(rows[:size])
-        token = encode_token(page[-1].history_id) if len(rows) > size else ""
+        token = self.tokens.encode(page[-1].history_id, bound_to=binding) if len(rows) > size else ""
         return HistoryPage(page, token)
 
     def distribution(self, kind: str | None) -> Distribution:
@@ -636,20 +632,24 @@ class Reader:
 
     def benefits(self, requested_page_size: int, page_token: str) -> BenefitPage:
         size = page_size(requested_page_size)
-        after = decode_token(page_token, str, "ListBenefits") if page_token else ""
+        binding = {"method": "ListBenefits"}
+        after = decode_token(self.tokens, page_token, str, bound_to=binding) or ""
         rest = [b for b in self._catalogue.ordered() if b.benefit_id > after]
         page = tuple(rest[:size])
-        return BenefitPage(page, encode_token(page[-1].benefit_id) if len(rest) > size else "")
+        more = len(rest) > size
+        return BenefitPage(page, self.tokens.encode(page[-1].benefit_id, bound_to=binding) if more else "")
 
     def entries(self, ref: SubjectRef, requested_page_size: int, page_token: str) -> EntryPage:
         key = self.subject_key(ref)
         size = page_size(requested_page_size)
-        after = decode_page_token(page_token) if page_token else None
+        binding = {"method": "ListEntries", "subject_key": current_key(key)}
+        after = decode_cursor(self.tokens, page_token, bound_to=binding)
         # One extra row tells whether another page follows without a count query.
         rows = self._store.entries(key, after, size + 1)
         page = tuple(rows[:size])
         more = len(rows) > size
-        token = encode_page_token(Cursor(page[-1].occurred_at, page[-1].entry_id)) if more else ""
+        last = Cursor(page[-1].occurred_at, page[-1].entry_id)
+        token = encode_cursor(self.tokens, last, bound_to=binding) if more else ""
         return EntryPage(entries=page, next_page_token=token)
 
     def entry(self, entry_id: str) -> LedgerEntry:

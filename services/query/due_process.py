@@ -8,10 +8,7 @@ pair seen, so pages stay stable while new disputes and applications arrive.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -22,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from kit.db import make_session_factory
 from kit.errors import InvalidArgument, Unavailable, Violation
+from kit.page_tokens import PageTokens
 from services.query.storage import PreparedRead
 from services.score.domain import OPEN, PENDING, Consent, DisputeRecord, RepairRecord
 from services.score.due_process import EntryFacts
@@ -89,20 +87,25 @@ def id_filter(given: Sequence[str], field: str) -> tuple[int, ...] | None:
     return tuple(sorted({int(v) for v in given if v.isascii() and v.isdigit() and len(v) <= 18}))
 
 
-def encode_key(at: datetime, number: int) -> str:
-    raw = json.dumps([at.astimezone(UTC).isoformat(), number], separators=(",", ":"))
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+def encode_key(tokens: PageTokens, at: datetime, number: int, *, bound_to: Mapping[str, object]) -> str:
+    return tokens.encode([at.astimezone(UTC).isoformat(), number], bound_to=bound_to)
 
 
-def decode_key(token: str, rpc: str) -> tuple[datetime, int]:
+def decode_key(
+    tokens: PageTokens, token: str, *, bound_to: Mapping[str, object]
+) -> tuple[datetime, int] | None:
+    """The (instant, id) a page ended at (kit.page_tokens checks the token); None for ""."""
+    value = tokens.decode(token, bound_to=bound_to)
+    if value is None:
+        return None
     invalid = InvalidArgument(
         "invalid page token",
-        [Violation("page_token", f"is not a next_page_token returned by {rpc}", "INVALID_PAGE_TOKEN")],
+        [Violation("page_token", "is not a page token of this query", "INVALID_PAGE_TOKEN")],
     )
     try:
-        at, number = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        at, number = value
         when = datetime.fromisoformat(at)
-    except (binascii.Error, ValueError, TypeError) as exc:
+    except (ValueError, TypeError) as exc:
         raise invalid from exc
     if when.tzinfo is None or not isinstance(number, int) or isinstance(number, bool):
         raise invalid
@@ -285,15 +288,23 @@ def _after(
     return query.where(sa.or_(d.deadline > at, sa.and_(d.deadline == at, d.dispute_id > number)))
 
 
-def dispute_page(rows: Sequence[DisputeRecord], size: int) -> DisputePage:
+def dispute_page(
+    rows: Sequence[DisputeRecord], size: int, tokens: PageTokens, *, bound_to: Mapping[str, object]
+) -> DisputePage:
     page = tuple(rows[:size])
-    token = encode_key(page[-1].deadline, page[-1].dispute_id) if len(rows) > size else ""
+    more = len(rows) > size
+    token = encode_key(tokens, page[-1].deadline, page[-1].dispute_id, bound_to=bound_to) if more else ""
     return DisputePage(page, token)
 
 
-def repair_page(rows: Sequence[RepairRecord], size: int) -> RepairPage:
+def repair_page(
+    rows: Sequence[RepairRecord], size: int, tokens: PageTokens, *, bound_to: Mapping[str, object]
+) -> RepairPage:
     page = tuple(rows[:size])
-    token = encode_key(page[-1].decision_due, page[-1].application_id) if len(rows) > size else ""
+    more = len(rows) > size
+    token = (
+        encode_key(tokens, page[-1].decision_due, page[-1].application_id, bound_to=bound_to) if more else ""
+    )
     return RepairPage(page, token)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Iterable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -43,7 +43,6 @@ from services.query.domain import (
     SubjectRef,
     current_key,
     decode_token,
-    encode_token,
     page_size,
 )
 from services.query.due_process import (
@@ -303,7 +302,8 @@ class DueProcessQueryServicer(QueryServicer):
     ) -> pb.ListScoreHistoryResponse:
         deps = self._deps()
         size = page_size(request.page_size)
-        before = decode_token(request.page_token, int, "ListScoreHistory") if request.page_token else None
+        binding = {"method": "ListScoreHistory", "subject_key": current_key(key), "as_corrected": True}
+        before = decode_token(self._reader.tokens, request.page_token, int, bound_to=binding)
         facts = await run_blocking(self._executor, deps.due.facts, key)
         if not facts:
             raise NotFound("no score is held for this subject")
@@ -316,7 +316,11 @@ class DueProcessQueryServicer(QueryServicer):
         page = newest[:size]
         return pb.ListScoreHistoryResponse(
             changes=[change_message(c) for c in page],
-            next_page_token=encode_token(page[-1].history_id) if len(newest) > size else "",
+            next_page_token=(
+                self._reader.tokens.encode(page[-1].history_id, bound_to=binding)
+                if len(newest) > size
+                else ""
+            ),
         )
 
     async def CheckEligibility(
@@ -422,10 +426,11 @@ class DueProcessQueryServicer(QueryServicer):
         )
         purpose = self._purpose(request, request.subject)
         size = page_size(request.page_size)
-        after = decode_key(request.page_token, "ListDisputes") if request.page_token else None
+        binding = {"method": "ListDisputes", "where": _bound_filter(where)}
+        after = decode_key(self._reader.tokens, request.page_token, bound_to=binding)
         now = self._reader.now()
         rows = await run_blocking(self._executor, deps.due.disputes, where, now, after, size + 1)
-        page = dispute_page(rows, size)
+        page = dispute_page(rows, size, self._reader.tokens, bound_to=binding)
         await self._record_listed("ListDisputes", where, [d.subject_key for d in page.disputes], purpose)
         return pb.ListDisputesResponse(
             disputes=[dispute_message(d, now) for d in page.disputes], next_page_token=page.next_page_token
@@ -442,10 +447,11 @@ class DueProcessQueryServicer(QueryServicer):
         )
         purpose = self._purpose(request, request.subject)
         size = page_size(request.page_size)
-        after = decode_key(request.page_token, "ListRepairApplications") if request.page_token else None
+        binding = {"method": "ListRepairApplications", "where": _bound_filter(where)}
+        after = decode_key(self._reader.tokens, request.page_token, bound_to=binding)
         now = self._reader.now()
         rows = await run_blocking(self._executor, deps.due.repairs, where, now, after, size + 1)
-        page = repair_page(rows, size)
+        page = repair_page(rows, size, self._reader.tokens, bound_to=binding)
         await self._record_listed(
             "ListRepairApplications", where, [r.subject_key for r in page.applications], purpose
         )
@@ -483,7 +489,8 @@ class DueProcessQueryServicer(QueryServicer):
         key = self._own_key(request.subject)
         purpose = self._purpose(request, request.subject)
         size = page_size(request.page_size)
-        before = decode_token(request.page_token, int, "ListAccessLog") if request.page_token else None
+        binding = {"method": "ListAccessLog", "subject_key": current_key(key)}
+        before = decode_token(self._reader.tokens, request.page_token, int, bound_to=binding)
         # Recorded first: this read is part of the log it shows.
         await self._record_reads("ListAccessLog", [key], purpose)
         since = deps.recorder.now() - ACCESS_LOG_PERIOD
@@ -493,8 +500,18 @@ class DueProcessQueryServicer(QueryServicer):
         page = rows[:size]
         return pb.ListAccessLogResponse(
             records=[access_record_message(r) for r in page],
-            next_page_token=encode_token(page[-1].seq) if len(rows) > size else "",
+            next_page_token=self._reader.tokens.encode(page[-1].seq, bound_to=binding)
+            if len(rows) > size
+            else "",
         )
+
+
+def _bound_filter(where: ListFilter) -> dict[str, object]:
+    """The filter as a page token binds it (kit.page_tokens)."""
+    bound: dict[str, object] = {f.name: getattr(where, f.name) for f in fields(where)}
+    if where.subject_key is not None:
+        bound["subject_key"] = current_key(where.subject_key)
+    return bound
 
 
 def _assignee_filter(request: pb.ListDisputesRequest) -> str | None:

@@ -16,6 +16,7 @@ from kit.logging import get_logger
 from kit.metrics import refreshing
 from kit.outbox import relay_to_peer
 from kit.outbox_send import merged_sender
+from kit.page_tokens import PageTokens
 from kit.pseudonym import Pseudonymiser
 from kit.purposes import load_purposes
 from kit.reads import ReadLog
@@ -78,7 +79,12 @@ def build(settings: RulesSettings) -> Service:
         keys=keys,
         clock=lambda: datetime.now(UTC),
     )
-    lifecycle = RuleSetLifecycle(rule_sets, validate=check_rule_set, clock=lambda: datetime.now(UTC))
+    lifecycle = RuleSetLifecycle(
+        rule_sets,
+        validate=check_rule_set,
+        clock=lambda: datetime.now(UTC),
+        tokens=PageTokens.from_audit(settings.common.audit),
+    )
     # The file seeds an empty database (so `make run` works); once a rule set is active the
     # database is the source of truth: a changed file is activated through the lifecycle RPCs
     # (the chart's config-apply Job does it, docs/deploy.md), and until then rules says so.

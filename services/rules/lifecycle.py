@@ -19,8 +19,6 @@ metadata until the security issue brings authenticated principals).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -29,6 +27,7 @@ from datetime import datetime
 from typing import Final, Literal, Protocol, TypeAlias
 
 from kit.errors import FailedPrecondition, InvalidArgument, NotFound, Violation
+from kit.page_tokens import PageTokens
 from services.rules.ruleset import RuleSet, RuleSetError
 
 State: TypeAlias = Literal["draft", "published", "retired"]
@@ -176,29 +175,15 @@ def page_size(requested: int) -> int:
     return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
-def encode_page_token(after: int) -> str:
-    return base64.urlsafe_b64encode(f"v1:{after}".encode()).decode().rstrip("=")
-
-
-def decode_page_token(token: str) -> int | None:
-    """The id a page ended at, or None for the first page."""
-    if not token:
-        return None
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        prefix, _, number = raw.partition(":")
-        if prefix != "v1" or not number.isdigit():
-            raise ValueError(raw)
-        return int(number)
-    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+def decode_page_token(tokens: PageTokens, token: str, *, bound_to: Mapping[str, object]) -> int | None:
+    """The id a page ended at, or None for the first page (kit.page_tokens checks the token)."""
+    after = tokens.decode(token, bound_to=bound_to)
+    if after is not None and (not isinstance(after, int) or isinstance(after, bool) or after < 0):
         raise InvalidArgument(
             "invalid page token",
-            [
-                Violation(
-                    "page_token", "is not a next_page_token returned by this service", "INVALID_PAGE_TOKEN"
-                )
-            ],
-        ) from exc
+            [Violation("page_token", "is not a page token of this query", "INVALID_PAGE_TOKEN")],
+        )
+    return after
 
 
 def actor_name(value: str | None) -> str:
@@ -229,12 +214,15 @@ class RuleSetLifecycle:
         *,
         validate: Callable[[str], RuleSet],
         clock: Callable[[], datetime],
+        tokens: PageTokens,
     ) -> None:
         # validate parses the source and compiles it for the engine, so that what
         # durable-rules would refuse is refused here, before anyone can activate it.
         self._store = store
         self._validate = validate
         self._clock = clock
+        # Signs the page tokens of this service's list RPCs (kit.page_tokens).
+        self.tokens = tokens
 
     def validate(self, source: str) -> RuleSet:
         """The rule set the source describes; raises RuleSetError listing every problem."""
@@ -390,20 +378,22 @@ class RuleSetLifecycle:
 
     def list(self, *, name: str | None, status: Status | None, requested_size: int, page_token: str) -> Page:
         limit = page_size(requested_size)
-        after = decode_page_token(page_token)
+        binding = {"method": "ListRuleSets", "name": name, "status": status}
+        after = decode_page_token(self.tokens, page_token, bound_to=binding)
         rows = list(self._store.list(after=after, limit=limit + 1, name=name, status=status))
         more = len(rows) > limit
         rows = rows[:limit]
-        token = encode_page_token(rows[-1].rule_set_id) if more else ""
+        token = self.tokens.encode(rows[-1].rule_set_id, bound_to=binding) if more else ""
         return Page(tuple(rows), token)
 
     def changes(self, *, rule_set_id: int | None, requested_size: int, page_token: str) -> ChangePage:
         limit = page_size(requested_size)
-        after = decode_page_token(page_token)
+        binding = {"method": "ListRuleSetChanges", "rule_set_id": rule_set_id}
+        after = decode_page_token(self.tokens, page_token, bound_to=binding)
         rows = list(self._store.changes(rule_set_id=rule_set_id, after=after, limit=limit + 1))
         more = len(rows) > limit
         rows = rows[:limit]
-        token = encode_page_token(rows[-1].change_id) if more else ""
+        token = self.tokens.encode(rows[-1].change_id, bound_to=binding) if more else ""
         return ChangePage(tuple(rows), token)
 
 

@@ -30,7 +30,6 @@ from services.rules.lifecycle import (
     StoredRuleSet,
     actor_name,
     decode_page_token,
-    encode_page_token,
     page_size,
     rule_set_violations,
 )
@@ -243,7 +242,9 @@ class LifecycleRpcs:
     ) -> pb.ListDeadLettersResponse:
         purpose = self._reads.purpose(request)
         limit = page_size(request.page_size)
-        after = decode_page_token(request.page_token)
+        tokens = self._lifecycle.tokens
+        binding = {"method": "ListDeadLetters"}
+        after = decode_page_token(tokens, request.page_token, bound_to=binding)
         letters: list[DeadLetter] = list(
             await self._on_db(self._evaluator.list_dead_letters, after, limit + 1)
         )
@@ -260,7 +261,7 @@ class LifecycleRpcs:
             )
         return pb.ListDeadLettersResponse(
             dead_letters=[dead_letter_message(d, with_event=purpose is not None) for d in letters],
-            next_page_token=encode_page_token(letters[-1].dead_letter_id) if more else "",
+            next_page_token=tokens.encode(letters[-1].dead_letter_id, bound_to=binding) if more else "",
         )
 
     async def RedriveDeadLetters(

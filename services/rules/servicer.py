@@ -28,7 +28,7 @@ from services.rules.backtest_job import StoredJob
 from services.rules.backtest_runner import MAX_PAGE_SIZE, BacktestJobs
 from services.rules.backtest_servicer import BacktestHandler, backtest_scope
 from services.rules.domain import EvaluationFailed, Evaluator, RetractionNotice, Retractions
-from services.rules.lifecycle import RuleSetLifecycle, decode_page_token, encode_page_token, page_size
+from services.rules.lifecycle import RuleSetLifecycle, decode_page_token, page_size
 from services.rules.lifecycle_servicer import LifecycleRpcs, actor_of
 from services.rules.records import engine_event
 from services.rules.ruleset import stored_rule_set
@@ -327,14 +327,18 @@ class RulesServicer(LifecycleRpcs, pb_grpc.RulesServiceServicer):
     ) -> backtest_pb2.ListBacktestsResponse:
         jobs = self._backtest_jobs()
         size = min(page_size(request.page_size), MAX_PAGE_SIZE)
+        tokens = self._lifecycle.tokens
+        binding = {"method": "ListBacktests", "rule_set_id": request.rule_set_id}
         page = await jobs.list(
             rule_set_id=request.rule_set_id or None,
-            before=decode_page_token(request.page_token),
+            before=decode_page_token(tokens, request.page_token, bound_to=binding),
             size=size,
         )
         return backtest_pb2.ListBacktestsResponse(
             backtests=[job_message(job) for job in page.items],
-            next_page_token="" if page.next_before is None else encode_page_token(page.next_before),
+            next_page_token=""
+            if page.next_before is None
+            else tokens.encode(page.next_before, bound_to=binding),
         )
 
     async def GetActiveRuleSet(

@@ -249,6 +249,22 @@ async def test_a_bad_page_size_or_token_is_an_invalid_argument(services: Service
     assert len(largest.entries) == 1
 
 
+async def test_a_page_token_pages_only_the_listing_it_came_from(services: Services) -> None:
+    await services.apply(outcome("o1", -5, "traffic"), outcome("o2", -5, "traffic"))
+    first = await services.query.ListEntries(pb.ListEntriesRequest(subject=by_key(), page_size=1))
+    rest = await services.query.ListEntries(
+        pb.ListEntriesRequest(subject=by_key(), page_size=1, page_token=first.next_page_token)
+    )
+    assert [e.entry_id for e in [*first.entries, *rest.entries]] in (["o1", "o2"], ["o2", "o1"])
+    other = Pseudonymiser(b"o" * 32, "k1").subject_key("person", "resident-id", RESIDENT_ID)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await services.query.ListEntries(
+            pb.ListEntriesRequest(subject=by_key(other), page_size=1, page_token=first.next_page_token)
+        )
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request(caught.value) == [("page_token", "INVALID_PAGE_TOKEN")]
+
+
 async def test_get_entry_returns_the_rule_and_the_evidence_snapshot(services: Services) -> None:
     sent = outcome("o1", -5, "traffic")
     await services.apply(sent)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from kit.page_tokens import PageTokens
 from kit.pseudonym import Pseudonymiser
 from services.query.domain import Reader, SubjectRef, SubjectScore
 from services.score.domain import EntryStatus, ScoredEntry
@@ -56,7 +57,13 @@ def row(next_change_at: datetime | None) -> SubjectScore:
 
 
 def reader(store: FakeStore) -> Reader:
-    return Reader(store=store, pseudonymiser=Pseudonymiser(b"k" * 32, "k1"), policy=POLICY, clock=lambda: NOW)  # type: ignore[arg-type]
+    return Reader(
+        store=store,  # type: ignore[arg-type]
+        pseudonymiser=Pseudonymiser(b"k" * 32, "k1"),
+        policy=POLICY,
+        clock=lambda: NOW,
+        tokens=PageTokens.development(),
+    )
 
 
 def test_a_current_row_is_served_as_stored_without_a_recompute() -> None:

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 import pytest
 
 from kit.errors import FailedPrecondition, InvalidArgument, NotFound
+from kit.page_tokens import PageTokens
 from services.rules.domain import in_evaluation_order, isolate
 from services.rules.engine import Evaluated, EvaluationFailure, RuleEngineError, RuleEvaluationError
 from services.rules.lifecycle import (
@@ -20,7 +21,6 @@ from services.rules.lifecycle import (
     Status,
     StoredRuleSet,
     decode_page_token,
-    encode_page_token,
     rule_set_violations,
     source_sha256,
 )
@@ -141,7 +141,9 @@ def store() -> MemoryStore:
 
 @pytest.fixture
 def lifecycle(store: MemoryStore) -> RuleSetLifecycle:
-    return RuleSetLifecycle(store, validate=rule_set_from_yaml, clock=lambda: NOW)
+    return RuleSetLifecycle(
+        store, validate=rule_set_from_yaml, clock=lambda: NOW, tokens=PageTokens.development()
+    )
 
 
 def test_the_file_is_imported_once_then_the_database_wins(
@@ -200,15 +202,31 @@ def test_an_invalid_draft_reports_every_problem_as_a_field() -> None:
         "source.rules",
     ]
     with pytest.raises(InvalidArgument) as invalid:
-        RuleSetLifecycle(MemoryStore(), validate=rule_set_from_yaml, clock=lambda: NOW).create_draft("{", "a")
+        RuleSetLifecycle(
+            MemoryStore(), validate=rule_set_from_yaml, clock=lambda: NOW, tokens=PageTokens.development()
+        ).create_draft("{", "a")
     assert [v.field for v in invalid.value.violations] == ["source"]
 
 
-def test_page_tokens_round_trip_and_garbage_is_refused() -> None:
-    assert decode_page_token(encode_page_token(42)) == 42
-    assert decode_page_token("") is None
+def test_page_tokens_page_their_own_query_only(lifecycle: RuleSetLifecycle) -> None:
+    for version in (1, 2, 3):
+        lifecycle.create_draft(SOURCE.format(version=version), "alice")
+    first = lifecycle.list(name=None, status=None, requested_size=2, page_token="")
+    rest = lifecycle.list(name=None, status=None, requested_size=2, page_token=first.next_page_token)
+    assert len(first.items) + len(rest.items) == 3
+    assert rest.next_page_token == ""
+    for misuse in (
+        lambda: lifecycle.list(name=None, status="draft", requested_size=2, page_token=first.next_page_token),
+        lambda: lifecycle.changes(rule_set_id=None, requested_size=2, page_token=first.next_page_token),
+        lambda: lifecycle.list(name=None, status=None, requested_size=2, page_token="not-a-token"),
+    ):
+        with pytest.raises(InvalidArgument) as refused:
+            misuse()
+        assert [v.reason for v in refused.value.violations] == ["INVALID_PAGE_TOKEN"]
+    tokens = lifecycle.tokens
+    assert decode_page_token(tokens, "", bound_to={}) is None
     with pytest.raises(InvalidArgument):
-        decode_page_token("not-a-token")
+        decode_page_token(tokens, tokens.encode("42", bound_to={}), bound_to={})
 
 
 def event(key: str, subject: str, minute: int = 0) -> EngineEvent:
