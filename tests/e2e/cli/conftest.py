@@ -19,8 +19,6 @@ def cli_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     with Cluster(
         tmp_path_factory.mktemp("cli") / "cluster",
         env={"EGRET_RELAY_POLL_SECONDS": "0.05", "EGRET_RELAY_BACKOFF_MAX_SECONDS": "1"},
-        # Rules' calls to score may wait this long (test_rules stops score to hold a backtest).
-        service_env={"rules": {"EGRET_SCORE_DEADLINE_SECONDS": "30"}},
     ) as running:
         running.wait_healthy()
         yield running
