@@ -12,6 +12,7 @@ with its own port, log and database, and ingest routes to them by subject.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import secrets
 import shutil
@@ -72,9 +73,20 @@ class _Process:
 
 def free_port() -> int:
     """A port free on loopback right now (the OS may hand it out again later, rarely)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free on loopback right now: all held open together while they
+    are picked, so one cluster never gets the same port twice (picked one at a time, a
+    service's gRPC port once equalled another's admin port)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind(("127.0.0.1", 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
 
 
 class Cluster:
@@ -148,12 +160,13 @@ class Cluster:
         self._cwd = cwd
         self._launcher = launcher
         # Free ports by default; `ports` fixes some (make run's documented 50051-50054).
+        spare = iter(free_ports(2 * len(self.services)))
         self._addresses = {
-            name: f"127.0.0.1:{(ports or {}).get(name) or free_port()}" for name in self.services
+            name: f"127.0.0.1:{(ports or {}).get(name) or next(spare)}" for name in self.services
         }
         # Each service's admin port (kit.admin: /metrics, /healthz, /readyz), free unless fixed.
         self._admin_addresses = {
-            name: f"127.0.0.1:{(admin_ports or {}).get(name) or free_port()}" for name in self.services
+            name: f"127.0.0.1:{(admin_ports or {}).get(name) or next(spare)}" for name in self.services
         }
         self._processes: dict[str, _Process] = {}
         self._engines: dict[str, Engine] = {}
