@@ -261,9 +261,7 @@ def test_a_detached_backtest_is_read_again_by_its_id(world: Egret, candidate: in
     assert "NOT_FOUND" in unknown.stderr
 
 
-def test_ctrl_c_cancels_the_backtest_the_command_started_and_only_stops_a_watch(
-    world: Egret, candidate: int
-) -> None:
+def test_ctrl_c_cancels_the_backtest_the_command_started(world: Egret, candidate: int) -> None:
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
     # Its starter pressing Ctrl-C cancels it. The signal goes as soon as the command says the
     # backtest started: milliseconds, where the 40-event backtest takes about a second.
@@ -294,27 +292,12 @@ def test_ctrl_c_cancels_the_backtest_the_command_started_and_only_stops_a_watch(
     assert record(again.stdout)["state"] == "cancelled"
     assert record(again.stdout)["cancelled by"] == "reviewer-demo"
 
-    # Someone watching a backtest and pressing Ctrl-C stops watching; the backtest goes on and
-    # its starter follows it to its report.
-    following = spawn(
-        world, "-p", "reviewer", "rules", "backtest", str(candidate), "--interval", "0.2", **pipes
-    )
-    assert following.stderr is not None
-    line = following.stderr.readline()
-    assert "started for rule set" in line, line
-    next_id = line.split()[1]
-    watching = spawn(world, "-p", "auditor", "rules", "backtests", "get", next_id, "--watch", **pipes)
-    assert watching.stderr is not None
-    line = watching.stderr.readline()
-    assert f"watching backtest {next_id}" in line, line
-    watching.send_signal(signal.SIGINT)
-    stdout, stderr = watching.communicate(timeout=60)
-    assert watching.returncode == 130, stderr
-    assert f"stopped following; backtest {next_id} goes on" in stderr
-    assert stdout == ""
-    stdout, stderr = following.communicate(timeout=120)
-    assert following.returncode == 0, stderr
-    assert world("-p", "reviewer", "rules", "backtests", "get", next_id, "--watch").code == 0
+    # The slot is free again: the next backtest runs, and a watch follows it to its report.
+    detached = world("-p", "reviewer", "rules", "backtest", str(candidate), "-d", "-o", "json")
+    assert detached.code == 0, detached.stderr
+    assert world(
+        "-p", "reviewer", "rules", "backtests", "get", detached.json()["backtest_id"], "--watch"
+    ).code == 0  # fmt: skip
 
 
 # -- activation and retirement; roles ----------------------------------------------------------
