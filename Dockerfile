@@ -47,6 +47,8 @@ RUN mkdir -p gen \
  && touch gen/egret/py.typed
 COPY pyproject.toml ./
 COPY kit/ kit/
+COPY domain/ domain/
+COPY contracts/ contracts/
 COPY services/ services/
 COPY devtools/ devtools/
 COPY bench/ bench/

@@ -103,7 +103,7 @@ breaking: setup ## buf breaking against the main branch
 	else echo "buf breaking: main has no protos yet, nothing to compare"; fi
 
 typecheck: setup ## mypy (strict) on our code
-	$(BIN)/mypy kit services devtools bench tests deploy clients/python/src
+	$(BIN)/mypy kit domain contracts services devtools bench tests deploy clients/python/src
 
 bench: setup ## Benchmarks: streaming ingest end to end vs raw durable-rules
 	$(PY) -m bench.pipeline $(BENCH_ARGS)
