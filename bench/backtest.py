@@ -36,6 +36,7 @@ import sqlalchemy as sa
 
 from bench.pipeline import machine
 from devtools.population import Origin, Population, PopulationConfig, subjects_for_events
+from domain.policy import load_policy
 from egret.common.v1 import event_pb2
 from kit.db import create_engine, make_session_factory
 from kit.protoconv import to_timestamp
@@ -52,7 +53,6 @@ from services.rules.records import engine_event_from_record
 from services.rules.ruleset import RuleSet, rule_set_from_yaml
 from services.rules.settings import default_workers
 from services.rules.storage import Base, EvaluatedEvent
-from services.score.policy import load_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 INSERT_CHUNK = 10_000

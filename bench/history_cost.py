@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.pipeline import machine
+from domain.entries import DISPUTE, REPAIR, EntryStatus, Pause, ScoredEntry
+from domain.policy import ActivatedPolicy, PolicyBook, load_policy
 from services.query.corrected import corrected_history, corrected_history_by_definition
-from services.score.domain import DISPUTE, REPAIR, EntryStatus, Pause, ScoredEntry
-from services.score.policy import ActivatedPolicy, PolicyBook, load_policy
 
 POLICY_FILE = Path(__file__).parents[1] / "config" / "policy.yaml"
 START = datetime(2016, 1, 1, tzinfo=UTC)

@@ -40,6 +40,9 @@ import sqlalchemy as sa
 from bench.pipeline import machine, percentile
 from devtools.cluster import UNLIMITED, Cluster
 from devtools.population import Population, PopulationConfig, batch_requests, subjects_for_events
+from domain.entries import EntryStatus, ScoredEntry
+from domain.policy import load_policy
+from domain.scoring import compute_score
 from egret.common.v1 import subject_pb2
 from egret.query.v1 import query_service_pb2, query_service_pb2_grpc
 from egret_client.submitter import stream_by_source
@@ -48,8 +51,6 @@ from kit.db import create_engine
 from kit.interceptors import bearer_token
 from kit.migrations import upgrade
 from services.score.bootstrap import MIGRATIONS
-from services.score.domain import EntryStatus, ScoredEntry, compute_score
-from services.score.policy import load_policy
 from services.score.storage import StoredCategory, StoredEntry, StoredScore
 
 TARGET_P99_MS = 3.0

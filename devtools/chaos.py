@@ -31,6 +31,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from devtools.cluster import REPO_ROOT, Cluster
+from domain.entries import EntryStatus
 from egret.ingest.v1 import ingest_service_pb2 as ingest_pb
 from egret_client.submitter import StreamTotals, stream_by_source
 from kit.db import create_engine
@@ -39,7 +40,6 @@ from services.rules.engine import RuleEngine
 from services.rules.records import engine_event_from_record
 from services.rules.ruleset import load_rule_set
 from services.rules.storage import DeadLetterRow, EmittedOutcome, EvaluatedEvent
-from services.score.domain import EntryStatus
 from services.score.storage import StoredEntry, StoredReversal
 
 SEED_ENV = "EGRET_CHAOS_SEED"

@@ -23,12 +23,12 @@ from typing import Literal, TypeAlias
 
 import grpc
 
+from domain.benefits import CatalogueError, load_catalogue
+from domain.policy import PolicyError, ScorePolicy, policy_from_text
 from egret.rules.v1 import rules_service_pb2 as rules_pb
 from egret.rules.v1 import rules_service_pb2_grpc as rules_grpc
 from egret.score.v1 import score_service_pb2 as score_pb
 from egret.score.v1 import score_service_pb2_grpc as score_grpc
-from services.query.benefits import CatalogueError, load_catalogue
-from services.score.policy import PolicyError, ScorePolicy, policy_from_text
 
 Outcome: TypeAlias = Literal["unchanged", "activated", "would activate", "checked", "refused"]
 RuleSetAction: TypeAlias = Literal["unchanged", "activate", "publish", "create", "refused"]

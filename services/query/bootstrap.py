@@ -8,6 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
+from domain.benefits import load_catalogue
+from domain.policy import load_policy
 from egret.query.v1 import query_service_pb2 as pb
 from kit.app import run_cli
 from kit.audit import audit_keys
@@ -20,7 +22,6 @@ from kit.security import channel_credentials
 from kit.server import Service
 from services.query.access import POLICY
 from services.query.access_log import AccessRecorder, QueryAuditHead, QueryAuditLog, SqlAccessLog
-from services.query.benefits import load_catalogue
 from services.query.domain import Reader
 from services.query.due_process import SqlDueProcessReader
 from services.query.due_process_servicer import DueProcessDeps, DueProcessQueryServicer
@@ -28,7 +29,6 @@ from services.query.rules_client import RulesClient
 from services.query.servicer import register
 from services.query.settings import QuerySettings
 from services.query.storage import SqlScoreReader
-from services.score.policy import load_policy
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 log = get_logger(__name__)

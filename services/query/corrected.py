@@ -26,25 +26,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from domain.entries import DISPUTE, REPAIR, ScoredEntry, View, counts_at, visible_until
+from domain.history import ENTRIES, EXPIRY, POLICY
+from domain.policy import PolicyBook, SubjectPolicy
+from domain.scoring import ScoreResult, ScoreState, compute_score, granted_points, list_names, on_lists
 from services.query.domain import HistoryRow
-from services.score.domain import (
-    DISPUTE,
-    ENTRIES,
-    EXPIRY,
-    POLICY,
-    REPAIR,
-    ScoredEntry,
-    ScoreResult,
-    ScoreState,
-    View,
-    _capped_points,
-    compute_score,
-    counts_at,
-    list_names,
-    on_lists,
-    visible_until,
-)
-from services.score.policy import PolicyBook, SubjectPolicy
 
 
 @dataclass(frozen=True)
@@ -193,7 +179,7 @@ class _Tally:
         ends: dict[datetime, list[int]] = {}
         for i, e in enumerate(live):
             ends.setdefault(visible_until(e, policy), []).append(i)
-        tally = cls(policy, _capped_points(live, policy), ends)
+        tally = cls(policy, granted_points(live, policy), ends)
         tally.update(live, range(len(live)), at)
         return tally
 

@@ -25,23 +25,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from domain.benefits import Benefit, Catalogue, Eligibility, check
+from domain.consent import Consent, may_serve
+from domain.entries import LedgerEntry, ScoredEntry, View
+from domain.policy import ActivatedPolicy, PolicyBook, ScorePolicy, SubjectPolicy
+from domain.scoring import CategoryScore, ListMembership, ScoreResult, compute_score
 from kit import reasons
 from kit.errors import FailedPrecondition, InvalidArgument, NotFound, Violation
 from kit.page_tokens import PageTokens
 from kit.pseudonym import Pseudonymiser, subject_violations
-from services.query.benefits import Benefit, Catalogue, Eligibility, check
-from services.score.domain import (
-    CategoryScore,
-    Consent,
-    LedgerEntry,
-    ListMembership,
-    ScoredEntry,
-    ScoreResult,
-    View,
-    compute_score,
-    may_serve,
-)
-from services.score.policy import ActivatedPolicy, PolicyBook, ScorePolicy, SubjectPolicy
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500

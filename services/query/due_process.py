@@ -17,12 +17,12 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from domain.consent import Consent
+from domain.entries import OPEN, PENDING, DisputeRecord, EntryFacts, RepairRecord
 from kit.db import make_session_factory
 from kit.errors import InvalidArgument, Unavailable, Violation
 from kit.page_tokens import PageTokens
 from services.query.storage import PreparedRead
-from services.score.domain import OPEN, PENDING, Consent, DisputeRecord, RepairRecord
-from services.score.due_process import EntryFacts
 from services.score.storage import (
     StoredDispute,
     StoredEntry,

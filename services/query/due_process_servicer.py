@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from typing import Any, TypeVar
 
+from domain.entries import EntryFacts, EntryStatus, View
 from egret.common.v1 import subject_pb2
 from egret.query.v1 import query_service_pb2 as pb
 from kit import audit
@@ -64,8 +65,6 @@ from services.query.servicer import (
     score_message,
     subject_ref,
 )
-from services.score.domain import EntryStatus, View
-from services.score.due_process import EntryFacts
 from services.score.servicer import (
     DISPUTE_STATUSES,
     REPAIR_STATUSES,

@@ -14,24 +14,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from services.score.domain import (
+from domain.entries import (
     APPROVED,
     OPEN,
     OVERTURNED,
-    CategoryScore,
     DisputeRecord,
+    EntryFacts,
     EntryStatus,
-    ListMembership,
     RepairRecord,
     ScoredEntry,
-    _capped_points,
-    compute_score,
     counts_at,
     known_at,
     visible_until,
 )
-from services.score.due_process import EntryFacts
-from services.score.policy import DueProcessPolicy, SubjectPolicy, Tier
+from domain.policy import DueProcessPolicy, SubjectPolicy, Tier
+from domain.scoring import CategoryScore, ListMembership, compute_score, granted_points
 
 
 @dataclass(frozen=True)
@@ -254,7 +251,7 @@ def cap_remaining(entries: Sequence[ScoredEntry], policy: SubjectPolicy, categor
     window_start = now - policy.caps.window
     # The same allowance score computes: in event-time order, each positive adds at most
     # what is left of the limit over its window.
-    granted = _capped_points(known, policy)
+    granted = granted_points(known, policy)
     used = sum(
         granted.get(e.entry_id, 0)
         for e in known

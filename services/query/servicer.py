@@ -9,6 +9,10 @@ from typing import Any
 
 import grpc
 
+from domain.benefits import Benefit
+from domain.entries import CORRECTION, DISPUTE, REPAIR, EntryStatus, LedgerEntry
+from domain.history import ENTRIES, EXPIRY, POLICY
+from domain.scoring import CategoryScore, ListMembership
 from egret.common.v1 import outcome_pb2, subject_pb2
 from egret.query.v1 import query_service_pb2 as pb
 from egret.query.v1 import query_service_pb2_grpc as pb_grpc
@@ -18,20 +22,7 @@ from kit.errors import NotFound
 from kit.logging import get_logger
 from kit.protoconv import SEVERITY_VALUES, SUBJECT_KIND_NAMES, SUBJECT_KIND_VALUES, to_datetime, to_timestamp
 from services.query.access import require_own_benefit, require_own_subject
-from services.query.benefits import Benefit
 from services.query.domain import HistoryRow, RawSubject, Reader, ScoreView, SubjectRef
-from services.score.domain import (
-    CORRECTION,
-    DISPUTE,
-    ENTRIES,
-    EXPIRY,
-    POLICY,
-    REPAIR,
-    CategoryScore,
-    EntryStatus,
-    LedgerEntry,
-    ListMembership,
-)
 
 _STATUS = {
     EntryStatus.ACTIVE: pb.ENTRY_STATUS_ACTIVE,

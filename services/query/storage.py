@@ -17,12 +17,14 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from domain.consent import Consent
+from domain.entries import LedgerEntry, ScoredEntry
+from domain.policy import ActivatedPolicy
+from domain.scoring import CategoryScore, ListMembership
 from kit.db import as_utc, make_session_factory
 from kit.errors import Unavailable
 from kit.rekey import read_marker
 from services.query.domain import Cursor, HistoryRow, RawDistribution, SubjectScore
-from services.score.domain import CategoryScore, Consent, LedgerEntry, ListMembership, ScoredEntry
-from services.score.policy import ActivatedPolicy
 from services.score.storage import (
     ScoreSubjectKeyGeneration,
     StoredCategory,

@@ -30,8 +30,8 @@ that rule set"), and a sample keeps a deterministic share of subjects by a hash 
 subject key. Subjects are independent of each other, so a sampled subject's numbers are
 exactly its numbers in the full run.
 
-Importing score's pure domain (``services.score.domain``, ``services.score.policy``) from
-rules is deliberate: the score function must be the one score runs, not a copy of it.
+Scoring comes from the shared domain (``domain.scoring``, ``domain.policy``): the score
+function must be the one score runs, not a copy of it.
 """
 
 from __future__ import annotations
@@ -43,12 +43,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Final
 
+from domain.entries import EntryStatus
+from domain.policy import ScorePolicy
+from domain.scoring import ScoreResult, compute_score
 from services.rules.domain import EvaluationContext, in_evaluation_order, lookback, run_batch
 from services.rules.engine import RuleEngine, Supersession, prior_outcome
 from services.rules.ruleset import EngineEvent, Firing, RuleSet
 from services.rules.windows import PriorOutcome
-from services.score.domain import EntryStatus, ScoreResult, compute_score
-from services.score.policy import ScorePolicy
 
 SUBJECT_KIND_DIMENSION: Final = "subject_kind"
 

@@ -45,6 +45,7 @@ import sqlalchemy as sa
 from opentelemetry import trace
 from sqlalchemy.orm import Session, sessionmaker
 
+from domain.policy import ScorePolicy
 from egret.rules.v1 import backtest_pb2 as pb
 from kit.db import create_engine, is_sqlite, make_session_factory, run_blocking
 from kit.errors import InvalidArgument, ResourceExhausted, Unavailable, Violation
@@ -70,7 +71,6 @@ from services.rules.records import engine_event_from_record
 from services.rules.ruleset import RuleSet, rule_set_from_yaml
 from services.rules.settings import RulesSettings
 from services.rules.storage import RulesSubjectKeyGeneration
-from services.score.policy import ScorePolicy
 
 log = get_logger(__name__)
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import grpc
 
+from domain.policy import PolicyError, ScorePolicy, policy_from_text
 from egret.score.v1 import score_service_pb2 as score_pb
 from egret.score.v1 import score_service_pb2_grpc as score_grpc
 from kit.errors import Unavailable
 from kit.interceptors import PeerCredentials, open_channel
 from kit.settings import PeerSettings
-from services.score.policy import PolicyError, ScorePolicy, policy_from_text
 
 
 class ActivePolicy:

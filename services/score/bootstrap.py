@@ -11,6 +11,7 @@ from pathlib import Path
 
 from sqlalchemy.engine import Engine
 
+from domain.policy import ActivatedPolicy, PolicyBook, load_policy
 from egret.score.v1 import score_service_pb2 as pb
 from kit.app import run_cli
 from kit.audit import audit_keys
@@ -23,10 +24,9 @@ from kit.reads import ReadLog
 from kit.rekey import GenerationGuard
 from kit.server import Service
 from services.score.access import POLICY
-from services.score.domain import Ledger
 from services.score.due_process import DueProcess
+from services.score.ledger import Ledger
 from services.score.metrics import ScoreGauges
-from services.score.policy import ActivatedPolicy, PolicyBook, load_policy
 from services.score.servicer import DEFAULT_MAX_MISMATCHES, ScoreServicer, register
 from services.score.settings import ScoreSettings
 from services.score.storage import (

@@ -3,7 +3,7 @@
 Every act is one transaction of a `DueProcessStore`: the facts are read under the
 subject's lock, checked here, written with their history row and audit record, and the
 subject is rescored. Nothing here edits an entry's facts: disputes and repairs end or
-resume its effect through pauses (`services.score.domain.pauses_of`), so any past score
+resume its effect through pauses (`domain.entries.pauses_of`), so any past score
 is still a pure function of the ledger (docs/due-process.md).
 """
 
@@ -15,36 +15,31 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from kit import reasons
-from kit.auth import Principal, Role
-from kit.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Violation
-from kit.pseudonym import Pseudonymiser
-from kit.purposes import Purposes
-from services.score.domain import (
+from domain.consent import Consent
+from domain.entries import (
     APPROVED,
     DISPUTE,
-    MAX_ID_LENGTH,
-    MAX_SUBJECT_KEY_LENGTH,
     OPEN,
     OVERTURNED,
     PENDING,
     REJECTED,
     REPAIR,
     UPHELD,
-    Consent,
     DisputeRecord,
+    EntryFacts,
     EntryStatus,
-    Event,
-    Ledger,
     LedgerEntry,
     RepairRecord,
-    Rescore,
-    ReversalRecord,
-    ScoredEntry,
     counts_at,
-    pauses_of,
-    status_of,
 )
+from domain.history import Event
+from domain.intake import MAX_ID_LENGTH, MAX_SUBJECT_KEY_LENGTH
+from kit import reasons
+from kit.auth import Principal, Role
+from kit.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Violation
+from kit.pseudonym import Pseudonymiser
+from kit.purposes import Purposes
+from services.score.ledger import Ledger, Rescore
 
 MAX_TEXT_LENGTH = 4000
 MAX_URI_LENGTH = 2048
@@ -62,37 +57,6 @@ UPHOLD = "uphold"
 OVERTURN = "overturn"
 APPROVE = "approve"
 REJECT = "reject"
-
-
-@dataclass(frozen=True)
-class EntryFacts:
-    """One entry with everything due process decides on: its disputes, repair
-    applications and reversals (oldest first), and the sources of its evidence events."""
-
-    entry: LedgerEntry
-    disputes: tuple[DisputeRecord, ...] = ()
-    repairs: tuple[RepairRecord, ...] = ()
-    reversals: tuple[ReversalRecord, ...] = ()
-    sources: frozenset[str] = frozenset()
-
-    @property
-    def status(self) -> EntryStatus:
-        return status_of(self.disputes, self.repairs, bool(self.reversals))
-
-    @property
-    def scored(self) -> ScoredEntry:
-        e = self.entry
-        return ScoredEntry(
-            e.entry_id,
-            e.points,
-            e.category,
-            e.severity,
-            self.status,
-            e.occurred_at,
-            e.recorded_at,
-            e.black_list,
-            pauses_of(self.disputes, self.repairs, self.reversals),
-        )
 
 
 @dataclass(frozen=True)

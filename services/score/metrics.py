@@ -11,7 +11,7 @@ from collections.abc import Callable
 from datetime import datetime
 
 from kit.metrics import Reading, gauge, meter
-from services.score.domain import ApplyResult
+from services.score.ledger import ApplyResult
 from services.score.storage import SqlDueProcessStore, SqlLedgerStore
 
 _meter = meter("egret.score")

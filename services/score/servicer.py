@@ -13,6 +13,22 @@ import grpc
 from opentelemetry import trace
 from sqlalchemy.exc import SQLAlchemyError
 
+from domain.consent import Consent
+from domain.entries import (
+    APPROVED,
+    OPEN,
+    OVERTURN,
+    OVERTURNED,
+    PENDING,
+    REGROUPED,
+    REJECTED,
+    UPHELD,
+    DisputeRecord,
+    RepairRecord,
+    RuleRef,
+)
+from domain.intake import IncomingOutcome, IncomingReversal
+from domain.policy import PolicyError, ScorePolicy, policy_from_text
 from egret.common.v1 import due_process_pb2 as dp
 from egret.common.v1 import outcome_pb2
 from egret.score.v1 import score_service_pb2 as pb
@@ -25,27 +41,8 @@ from kit.protoconv import SEVERITY_NAMES, SUBJECT_KIND_NAMES, SUBJECT_KIND_VALUE
 from kit.pseudonym import Pseudonymiser
 from kit.reads import ReadLog
 from services.score import metrics
-from services.score.domain import (
-    APPROVED,
-    OPEN,
-    OVERTURNED,
-    PENDING,
-    REGROUPED,
-    REJECTED,
-    UPHELD,
-    ApplyResult,
-    Consent,
-    DisputeRecord,
-    IncomingOutcome,
-    IncomingReversal,
-    Ledger,
-    PolicyReport,
-    RepairRecord,
-    RuleRef,
-    VerifyResult,
-)
-from services.score.due_process import APPROVE, OVERTURN, REJECT, UPHOLD, DueProcess
-from services.score.policy import PolicyError, ScorePolicy, policy_from_text
+from services.score.due_process import APPROVE, REJECT, UPHOLD, DueProcess
+from services.score.ledger import ApplyResult, Ledger, PolicyReport, VerifyResult
 
 log = get_logger(__name__)
 

@@ -27,7 +27,7 @@ whose records keep the key they were written with (docs/security.md, "Rotating t
 subject key"). `KEYED` lists them for the re-keying job.
 
 Whether an entry counts at an instant is never stored: it is derived from the entry, its
-disputes, repairs and reversals (`services.score.domain.pauses_of`, `counts_at`).
+disputes, repairs and reversals (`domain.entries.pauses_of`, `counts_at`).
 """
 
 from __future__ import annotations
@@ -44,36 +44,30 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from domain.consent import Consent
+from domain.entries import (
+    OPEN,
+    PENDING,
+    DisputeRecord,
+    EntryFacts,
+    EntryStatus,
+    LedgerEntry,
+    RepairRecord,
+    ReversalRecord,
+    RuleRef,
+    ScoredEntry,
+    pauses_of,
+)
+from domain.intake import MAX_CATEGORY_LENGTH, MAX_ID_LENGTH, MAX_SUBJECT_KEY_LENGTH
+from domain.policy import ActivatedPolicy, policy_from_text
+from domain.scoring import ScoreState, list_names
 from egret.common.v1 import outcome_pb2
 from kit import audit
 from kit.audit import AuditHeadMixin, AuditMixin
 from kit.db import as_utc, make_metadata
 from kit.rekey import GenerationMixin, KeyedColumn, KeyedStore, rewrite_outcome
-from services.score.domain import (
-    MAX_CATEGORY_LENGTH,
-    MAX_ID_LENGTH,
-    MAX_SUBJECT_KEY_LENGTH,
-    OPEN,
-    PENDING,
-    Consent,
-    DisputeRecord,
-    EntryStatus,
-    LedgerEntry,
-    Recorded,
-    RepairRecord,
-    Rescore,
-    Rescored,
-    ReversalRecord,
-    Reversed,
-    RuleRef,
-    ScoredEntry,
-    ScoreState,
-    SubjectLedger,
-    list_names,
-    pauses_of,
-)
-from services.score.due_process import Audited, EntryFacts
-from services.score.policy import ActivatedPolicy, policy_from_text
+from services.score.due_process import Audited
+from services.score.ledger import Recorded, Rescore, Rescored, Reversed, SubjectLedger
 
 # As long as kit.rekey's marker allows.
 MAX_KEY_ID_LENGTH = 32
@@ -252,7 +246,7 @@ class StoredReversal(Base):
     retracted_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
     retracted_by: Mapped[str] = mapped_column(sa.String(256))
     reversed_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
-    # RETRACTION or REGROUPED (services/score/domain.py).
+    # RETRACTION or REGROUPED (domain/entries.py).
     cause: Mapped[str] = mapped_column(sa.String(16), server_default="retraction")
 
 
@@ -557,7 +551,7 @@ def evidence_sources(snapshot: bytes) -> frozenset[str]:
 def consent_at(session: Session, subject_key: str, at: datetime) -> Consent | None:
     """The consent in force for `subject_key` at `at`: the latest record effective at or
     before `at` (ties: the later recorded); None when the subject never consented by then.
-    The same answer as `services.score.domain.consent_in_force` over every record."""
+    The same answer as `domain.consent.consent_in_force` over every record."""
     row = session.scalars(
         sa.select(StoredConsent)
         .where(StoredConsent.subject_key == subject_key, StoredConsent.effective_at <= at.astimezone(UTC))

@@ -25,6 +25,7 @@ import pytest
 import sqlalchemy as sa
 
 from devtools.population import Origin, Population, PopulationConfig
+from domain.policy import load_policy
 from egret.common.v1 import event_pb2
 from egret.rules.v1 import backtest_pb2
 from egret.rules.v1 import rules_service_pb2 as pb
@@ -36,7 +37,6 @@ from services.rules import bootstrap as rules_bootstrap
 from services.rules.settings import RulesSettings
 from services.rules.storage import EmittedOutcome, EvaluatedEvent, Outbox, RulesAuditLog
 from services.score import bootstrap as score_bootstrap
-from services.score.policy import load_policy
 from services.score.settings import ScoreSettings
 from services.score.storage import StoredScore
 from tests.support.purposes import assert_bad_purposes_refused

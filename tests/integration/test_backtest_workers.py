@@ -11,6 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from bench.backtest import populate, stricter
+from domain.policy import load_policy
 from kit.db import create_engine, make_session_factory
 from kit.errors import Unavailable
 from kit.sharding import shard_of
@@ -29,7 +30,6 @@ from services.rules.backtest_storage import HistoryReader
 from services.rules.records import engine_event_from_record
 from services.rules.ruleset import rule_set_from_yaml
 from services.rules.storage import RulesSubjectKeyGeneration
-from services.score.policy import load_policy
 from tests.unit.rules.test_backtest import ACME, ALICE, AS_OF, BOB, T0, event, policy, rule_set
 
 ROOT = Path(__file__).resolve().parents[2]

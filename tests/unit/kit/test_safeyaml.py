@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from domain.policy import PolicyError, policy_from_text
 from kit.safeyaml import YamlError, load_yaml
 from services.rules.ruleset import RuleSetError, rule_set_from_yaml
-from services.score.policy import PolicyError, policy_from_text
 
 
 def _refusal(source: str | bytes, **limits: int) -> YamlError:

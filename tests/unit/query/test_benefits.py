@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 import yaml
 
-from services.query.benefits import CatalogueError, check, load_catalogue, parse_catalogue
-from services.score.domain import EntryStatus, ScoredEntry, compute_score
-from services.score.policy import load_policy
+from domain.benefits import CatalogueError, check, load_catalogue, parse_catalogue
+from domain.entries import EntryStatus, ScoredEntry
+from domain.policy import load_policy
+from domain.scoring import compute_score
 
 ROOT = Path(__file__).parents[3]
 POLICY = load_policy(ROOT / "config" / "policy.yaml")

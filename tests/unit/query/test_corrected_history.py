@@ -11,17 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from domain.entries import CORRECTION, DISPUTE, OVERTURN, REPAIR, EntryStatus, Pause, ScoredEntry
+from domain.policy import ActivatedPolicy, Caps, ListCriteria, PolicyBook, load_policy
 from services.query.corrected import corrected_history, corrected_history_by_definition
-from services.score.domain import (
-    CORRECTION,
-    DISPUTE,
-    OVERTURN,
-    REPAIR,
-    EntryStatus,
-    Pause,
-    ScoredEntry,
-)
-from services.score.policy import ActivatedPolicy, Caps, ListCriteria, PolicyBook, load_policy
 
 POLICY = load_policy(Path(__file__).parents[3] / "config" / "policy.yaml")
 T0 = datetime(2024, 1, 1, tzinfo=UTC)

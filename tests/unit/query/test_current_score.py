@@ -7,11 +7,11 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from domain.entries import EntryStatus, ScoredEntry
+from domain.policy import ActivatedPolicy, load_policy
 from kit.page_tokens import PageTokens
 from kit.pseudonym import Pseudonymiser
 from services.query.domain import Reader, SubjectRef, SubjectScore
-from services.score.domain import EntryStatus, ScoredEntry
-from services.score.policy import ActivatedPolicy, load_policy
 
 POLICY = load_policy(Path(__file__).parents[3] / "config" / "policy.yaml")
 NOW = datetime(2026, 11, 28, 12, tzinfo=UTC)

@@ -8,6 +8,17 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from domain.entries import (
+    OPEN,
+    OVERTURNED,
+    DisputeRecord,
+    EntryFacts,
+    EntryStatus,
+    LedgerEntry,
+    ReversalRecord,
+    RuleRef,
+)
+from domain.policy import ActivatedPolicy, Caps, PolicyBook, load_policy
 from services.query.corrected import corrected_history
 from services.query.explain import (
     MAX_PROJECTED,
@@ -20,17 +31,6 @@ from services.query.explain import (
 )
 from services.query.rules_client import positive_rules
 from services.rules.ruleset import rule_set_from_yaml
-from services.score.domain import (
-    OPEN,
-    OVERTURNED,
-    DisputeRecord,
-    EntryStatus,
-    LedgerEntry,
-    ReversalRecord,
-    RuleRef,
-)
-from services.score.due_process import EntryFacts
-from services.score.policy import ActivatedPolicy, Caps, PolicyBook, load_policy
 
 POLICY = load_policy(Path(__file__).parents[3] / "config" / "policy.yaml")
 PERSON = POLICY.for_kind("person")

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from domain.policy import ScorePolicy, parse_policy
 from services.ingest.catalogue import CatalogueError, parse_catalogue
 from services.rules.backtest import (
     SCORE_CHANGE_BUCKETS,
@@ -18,7 +19,6 @@ from services.rules.backtest import (
 )
 from services.rules.backtest_servicer import cohort_attributes
 from services.rules.ruleset import AttributeScalar, EngineEvent, RuleSet, rule_set_from_yaml
-from services.score.policy import ScorePolicy, parse_policy
 
 DAY = timedelta(days=1)
 T0 = datetime(2026, 3, 1, tzinfo=UTC)

@@ -6,18 +6,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from services.score.domain import (
-    Change,
-    LedgerEntry,
-    Recorded,
-    Rescore,
-    ReversalRecord,
-    Reversed,
-    ScoredEntry,
-    ScoreState,
-    SubjectLedger,
-)
-from services.score.policy import ActivatedPolicy
+from domain.entries import LedgerEntry, ReversalRecord, ScoredEntry
+from domain.history import Change
+from domain.policy import ActivatedPolicy
+from domain.scoring import ScoreState
+from services.score.ledger import Recorded, Rescore, Reversed, SubjectLedger
 
 
 @dataclass

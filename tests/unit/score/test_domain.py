@@ -9,24 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from services.score.domain import (
-    CORRECTION,
-    DISPUTE,
-    REPAIR,
-    CategoryScore,
-    EntryStatus,
-    IncomingOutcome,
-    Ledger,
-    Mismatch,
-    Pause,
-    RuleRef,
-    ScoredEntry,
-    ScoreResult,
-    ScoreState,
-    compute_score,
-    outcome_violations,
-)
-from services.score.policy import ActivatedPolicy, Caps, PolicyBook, ScorePolicy, SubjectPolicy, load_policy
+from domain.entries import CORRECTION, DISPUTE, REPAIR, EntryStatus, Pause, RuleRef, ScoredEntry
+from domain.intake import IncomingOutcome, outcome_violations
+from domain.policy import ActivatedPolicy, Caps, PolicyBook, ScorePolicy, SubjectPolicy, load_policy
+from domain.scoring import CategoryScore, ScoreResult, ScoreState, compute_score
+from services.score.ledger import Ledger, Mismatch
 from tests.unit.score.fakes import FakeStore
 
 POLICY = load_policy(Path(__file__).parents[3] / "config" / "policy.yaml")

@@ -12,43 +12,34 @@ from pathlib import Path
 
 import pytest
 
-from kit.auth import Principal, Role
-from kit.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from kit.pseudonym import KeyLink, Pseudonymiser
-from services.score.domain import (
+from domain.consent import Consent, consent_in_force, may_serve
+from domain.entries import (
     APPROVED,
     DISPUTE,
     OPEN,
     OVERTURNED,
     UPHELD,
-    Consent,
     DisputeRecord,
+    EntryFacts,
     EntryStatus,
-    Event,
-    Ledger,
     LedgerEntry,
     RepairRecord,
-    Rescore,
     ReversalRecord,
     RuleRef,
     ScoredEntry,
     View,
-    compute_score,
-    consent_in_force,
     counts_at,
-    may_serve,
     pauses_of,
-    replay,
     status_of,
 )
-from services.score.due_process import (
-    CONSENT_MAX_FUTURE_SKEW,
-    Audited,
-    DueProcess,
-    EntryFacts,
-    add_working_days,
-)
-from services.score.policy import ActivatedPolicy, Caps, PolicyBook, load_policy
+from domain.history import Event, replay
+from domain.policy import ActivatedPolicy, Caps, PolicyBook, load_policy
+from domain.scoring import compute_score
+from kit.auth import Principal, Role
+from kit.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from kit.pseudonym import KeyLink, Pseudonymiser
+from services.score.due_process import CONSENT_MAX_FUTURE_SKEW, Audited, DueProcess, add_working_days
+from services.score.ledger import Ledger, Rescore
 from tests.unit.score.fakes import FakeStore
 
 POLICY = load_policy(Path(__file__).parents[3] / "config" / "policy.yaml")

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from domain.policy import ListCriteria, PolicyError, Tier, load_policy, parse_policy
 from kit.protoconv import SEVERITY_NAMES, SUBJECT_KIND_NAMES
 from kit.vocabulary import SEVERITIES, SUBJECT_KINDS
-from services.score.policy import ListCriteria, PolicyError, Tier, load_policy, parse_policy
 
 POLICY_FILE = Path(__file__).parents[3] / "config" / "policy.yaml"
 

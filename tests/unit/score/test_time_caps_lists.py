@@ -9,31 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from domain.entries import EntryStatus, RuleRef, ScoredEntry
+from domain.history import ENTRIES, EXPIRY, POLICY, replay
+from domain.intake import IncomingOutcome
+from domain.policy import ActivatedPolicy, Caps, PolicyBook, ScorePolicy, load_policy, policy_from_text
+from domain.scoring import BLACK, RED, ScoreState, compute_score
 from kit.errors import AlreadyExists, FailedPrecondition, InvalidArgument
-from services.score.domain import (
-    BLACK,
-    ENTRIES,
-    EXPIRY,
-    POLICY,
-    RED,
-    EntryStatus,
-    IncomingOutcome,
-    Ledger,
-    Migration,
-    RuleRef,
-    ScoredEntry,
-    ScoreState,
-    compute_score,
-    replay,
-)
-from services.score.policy import (
-    ActivatedPolicy,
-    Caps,
-    PolicyBook,
-    ScorePolicy,
-    load_policy,
-    policy_from_text,
-)
+from services.score.ledger import Ledger, Migration
 from tests.unit.score.fakes import FakeStore
 
 POLICY_DOC = Path(__file__).parents[3] / "config" / "policy.yaml"

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from domain.policy import ScorePolicy, SubjectPolicy
+from domain.scoring import BLACK, RED, ScoreResult
 from kit.safeyaml import YamlError, load_yaml
 from kit.vocabulary import SUBJECT_KINDS
-from services.score.domain import BLACK, RED, ScoreResult
-from services.score.policy import ScorePolicy, SubjectPolicy
 
 LISTS = (RED, BLACK)
 _LEAVES = {"tier_at_least", "on_list", "not_on_list", "no_active_negative", "category_points_at_least"}
