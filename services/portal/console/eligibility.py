@@ -15,7 +15,7 @@ from kit.auth import Role
 from kit.logging import get_logger
 from services.portal import records as r
 from services.portal.backend import ServiceError
-from services.portal.routes import Pages
+from services.portal.pages import Pages
 from services.portal.signin import claims_of
 from services.portal.staff import Staff
 from services.portal.staffcalls import eligibility as calls

@@ -16,7 +16,7 @@ from starlette.routing import BaseRoute, Route
 from kit.auth import Role
 from kit.logging import get_logger
 from services.portal.backend import ServiceError
-from services.portal.routes import Pages
+from services.portal.pages import Pages
 from services.portal.staffcalls.authoring import AuthoringCalls
 from services.portal.views import policy as views
 from services.portal.views.entries import FieldError

@@ -24,7 +24,7 @@ from services.portal import authoring_records as a
 from services.portal import charts, csrf
 from services.portal.backend import ServiceError
 from services.portal.i18n import LANGUAGES, Localiser
-from services.portal.routes import CHART_CSP, CsrfRefused, Pages
+from services.portal.pages import CHART_CSP, CsrfRefused, Pages
 from services.portal.staffcalls.authoring import LIFECYCLE, AuthoringCalls
 from services.portal.views import figures
 from services.portal.views import rulesets as views
