@@ -43,10 +43,10 @@ from devtools.population import Population, PopulationConfig, batch_requests, su
 from egret.common.v1 import subject_pb2
 from egret.query.v1 import query_service_pb2, query_service_pb2_grpc
 from egret_client.submitter import stream_by_source
-from kit.auth import Role
 from kit.db import create_engine
 from kit.interceptors import bearer_token
 from kit.migrations import upgrade
+from kit.principal import Role
 from services.score.bootstrap import MIGRATIONS
 from services.score.domain import EntryStatus, ScoredEntry, compute_score
 from services.score.policy import load_policy

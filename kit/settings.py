@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from kit.auth import Role
+from kit.principal import Role
 from kit.token_keys import check_jwks_url
 
 _N = TypeVar("_N", int, float)
@@ -162,7 +162,7 @@ _ROLES = tuple(role.value for role in Role)
 
 def _claim_mapping(env: Env, prefix: str) -> tuple[str, str, tuple[tuple[str, str], ...]]:
     """`prefix`_ROLE_CLAIM, _SUBJECT_CLAIM and _ROLE_MAP: where an issuer's tokens name
-    Egret's role and a subject (kit.auth.ClaimMapping)."""
+    Egret's role and a subject (kit.claims.ClaimMapping)."""
     name = f"{prefix}_ROLE_MAP"
     role_map: list[tuple[str, str]] = []
     for item in (env.optional(name) or "").split(","):
@@ -247,7 +247,7 @@ class SecuritySettings:
     rate_burst: float = 400.0
     # Tokens whose lifetime (exp - iat) is longer are refused (UNAUTHENTICATED).
     max_token_lifetime_s: float = 86_400.0
-    # Where EGRET_JWT_ISSUER's tokens name Egret's role and a subject (kit.auth.ClaimMapping).
+    # Where EGRET_JWT_ISSUER's tokens name Egret's role and a subject (kit.claims.ClaimMapping).
     jwt_role_claim: str = "role"
     jwt_subject_claim: str = "sub"
     jwt_role_map: tuple[tuple[str, str], ...] = ()

@@ -16,8 +16,8 @@ from starlette.middleware import Middleware
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
-from kit.auth import RateLimiter
 from kit.logging import configure_logging, get_logger
+from kit.rate_limit import RateLimiter
 from kit.security import channel_credentials
 from kit.settings import SettingsError
 from kit.tracing import configure_tracing

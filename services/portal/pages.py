@@ -17,8 +17,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
-from kit.auth import Role
 from kit.logging import get_logger
+from kit.principal import Role
 from services.portal import csrf
 from services.portal.backend import Backend, Caller, ServiceError
 from services.portal.i18n import HTML_LANG, LANGUAGES, NATIVE_NAMES, Localiser

@@ -16,8 +16,8 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from kit import reasons
-from kit.auth import Principal, Role
 from kit.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Violation
+from kit.principal import Principal, Role
 from kit.pseudonym import Pseudonymiser
 from kit.purposes import Purposes
 from services.score.domain import (

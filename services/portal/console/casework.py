@@ -19,8 +19,8 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from kit import reasons
-from kit.auth import Role
 from kit.logging import get_logger
+from kit.principal import Role
 from services.portal import records as r
 from services.portal.backend import Backend, ServiceError
 from services.portal.pages import Pages

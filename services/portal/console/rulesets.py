@@ -18,8 +18,8 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from kit.auth import Role
 from kit.logging import get_logger
+from kit.principal import Role
 from services.portal import authoring_records as a
 from services.portal import charts, csrf
 from services.portal.backend import ServiceError

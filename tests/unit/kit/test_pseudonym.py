@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from kit.auth import Role, TokenVerifier, issue_token
 from kit.errors import Unauthenticated
+from kit.principal import Role
 from kit.pseudonym import (
     InvalidId,
     KeyLink,
@@ -20,6 +20,7 @@ from kit.pseudonym import (
     subject_violations,
 )
 from kit.settings import Env, PseudonymSettings
+from kit.tokens import TokenVerifier, issue_token
 from tests.support.events import full_width
 
 PSEUDONYMS = Pseudonymiser(b"k" * 32, "k1")

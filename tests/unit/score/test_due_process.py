@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from kit.auth import Principal, Role
 from kit.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from kit.principal import Principal, Role
 from kit.pseudonym import KeyLink, Pseudonymiser
 from services.score.domain import (
     APPROVED,
