@@ -16,10 +16,10 @@ from starlette.middleware import Middleware
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
+from kit.env import SettingsError
 from kit.logging import configure_logging, get_logger
 from kit.rate_limit import RateLimiter
 from kit.security import channel_credentials
-from kit.settings import SettingsError
 from kit.tracing import configure_tracing
 from services.portal import console, public_pages, resident, signin_pages
 from services.portal.backend import Backend

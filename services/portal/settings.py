@@ -10,7 +10,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from kit.settings import Env, SettingsError
+from kit.env import Env, SettingsError
 
 DEFAULT_PORT = 8080
 LANGUAGES = ("zh_Hans", "en")

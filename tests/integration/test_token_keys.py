@@ -10,9 +10,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from kit import filewatch
+from kit.env import Env
 from kit.errors import Unauthenticated
 from kit.principal import Role
-from kit.settings import Env, SecuritySettings
+from kit.settings import SecuritySettings
 from kit.token_keys import RemoteJwks, check_jwks_url
 from kit.tokens import TokenVerifier, issue_token, jwks_document
 from tests.support.jwks import jwks_endpoint

@@ -13,11 +13,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from kit.claims import ClaimMapping
+from kit.env import Env, SettingsError
 from kit.errors import Unauthenticated
 from kit.principal import Role
 from kit.pseudonym import Pseudonymiser
 from kit.security import token_verifier
-from kit.settings import Env, SecuritySettings, SettingsError
+from kit.settings import SecuritySettings
 from kit.tokens import TokenVerifier, TrustedIssuer, jwks_document
 
 SERVICES_ISSUER, CITY_ISSUER = "https://workload.egret.example", "https://login.city.example"
