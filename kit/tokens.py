@@ -132,13 +132,13 @@ class TokenVerifier:
         more_issuers: Sequence[TrustedIssuer] = (),
         generation_keys_of: GenerationKeysOf | None = None,
     ) -> TokenVerifier:
-        keys = issuer_keys(
-            what=f"token keys of {issuer}",
+        keys = TrustedIssuer.from_files(
+            issuer,
             public_key_file=public_key_file,
             jwks_file=jwks_file,
             jwks_url=jwks_url,
             jwks_lifespan_s=jwks_lifespan_s,
-        )
+        ).keys
         bad = [a for a in algorithms if a not in ALLOWED_ALGORITHMS]
         if bad:
             raise ValueError(f"algorithms not allowed: {', '.join(bad)}")
