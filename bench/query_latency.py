@@ -46,10 +46,10 @@ from domain.scoring import compute_score
 from egret.common.v1 import subject_pb2
 from egret.query.v1 import query_service_pb2, query_service_pb2_grpc
 from egret_client.submitter import stream_by_source
-from kit.auth import Role
 from kit.db import create_engine
 from kit.interceptors import bearer_token
 from kit.migrations import upgrade
+from kit.principal import Role
 from services.score.bootstrap import MIGRATIONS
 from services.score.storage import StoredCategory, StoredEntry, StoredScore
 

@@ -15,7 +15,7 @@ import yaml
 
 from devtools.cluster import Cluster
 from devtools.localpki import AUDIENCE, ISSUER, OPERATOR
-from kit.auth import Role
+from kit.principal import Role
 
 
 @dataclass(frozen=True)

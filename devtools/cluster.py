@@ -34,8 +34,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.engine import Engine
 
 from devtools.localpki import LocalPki, create_local_pki
-from kit.auth import Role
 from kit.db import create_engine
+from kit.principal import Role
 from kit.pseudonym import KeyLink, Pseudonymiser
 
 SERVICES = ("score", "rules", "ingest", "query")

@@ -43,8 +43,8 @@ from egret.common.v1 import outcome_pb2, subject_pb2
 from egret.ingest.v1 import ingest_service_pb2
 from egret.query.v1 import query_service_pb2, query_service_pb2_grpc
 from egret_client.submitter import StreamFailed, StreamTotals, stream_by_source
-from kit.auth import Role
 from kit.db import create_engine
+from kit.principal import Role
 
 # Files a previous demo run leaves behind; only these are removed, never the whole directory.
 _RUN_FILES = ("*.db", "*.db-wal", "*.db-shm", "*.db-journal", "*.log")

@@ -17,8 +17,9 @@ import trustme
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from kit.auth import SERVICE_SCOPES, Role, issue_token
 from kit.interceptors import SyncBearerToken, bearer_token
+from kit.principal import SERVICE_SCOPES, Role
+from kit.tokens import issue_token
 
 SERVICES = ("ingest", "rules", "score", "query")
 # Services only other services call: they require a client certificate (mutual TLS).

@@ -45,7 +45,7 @@ from devtools.oidc.config import (
     sample_accounts,
 )
 from devtools.oidc.tokens import jwks
-from kit.auth import Role
+from kit.principal import Role
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 # The name services know the provider by in their settings (EGRET_JWT_LOCALOIDC_*).

@@ -20,6 +20,7 @@ from kit.audit_chain import AuditChainServicer
 from kit.audit_chain import check as check_audit_chain
 from kit.db import create_engine
 from kit.db_metrics import statement_sample, time_statements
+from kit.env import SettingsError
 from kit.logging import configure_logging, get_logger
 from kit.metrics import Reading, configure_metrics, gauge, meter
 from kit.migrations import upgrade
@@ -27,7 +28,7 @@ from kit.pseudonym import Pseudonymiser
 from kit.rekey import KeyedStore, StaleKeyGeneration, needs_rekey, rekey
 from kit.security import certificate_expiry
 from kit.server import BackgroundLoop, Service, serve
-from kit.settings import CommonSettings, SettingsError
+from kit.settings import CommonSettings
 from kit.tracing import configure_tracing
 
 

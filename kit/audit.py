@@ -37,7 +37,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from kit.auth import Principal, current_principal
+from kit.principal import Principal, current_principal
 from kit.settings import AuditSettings
 
 GENESIS = "0" * 64

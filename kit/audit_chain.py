@@ -18,11 +18,12 @@ from egret.common.v1 import audit_chain_pb2 as pb
 from egret.common.v1 import audit_chain_pb2_grpc as pb_grpc
 from kit.audit import ChainReport, audit_keys, parse_anchor, verify
 from kit.audit_anchors import read_anchors
-from kit.auth import CallPolicy, Role, allow
+from kit.auth import CallPolicy, allow
 from kit.db import create_engine, make_session_factory
 from kit.errors import InvalidArgument, Violation
 from kit.logging import get_logger
 from kit.metrics import gauge, meter
+from kit.principal import Role
 from kit.protoconv import to_timestamp
 from kit.settings import CommonSettings
 

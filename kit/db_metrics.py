@@ -28,8 +28,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import QueuePool
 
+from kit.env import SettingsError
 from kit.metrics import Reading, gauge, histogram, meter
-from kit.settings import SettingsError
 
 DEFAULT_SAMPLE = 10
 _OPERATIONS = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE"})

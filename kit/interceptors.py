@@ -21,7 +21,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 from sqlalchemy.exc import OperationalError
 
-from kit.auth import Gate, Principal, bind_principal
+from kit.auth import Gate
 from kit.channels import RenewingChannel
 from kit.decoding import Undecodable, tolerant
 from kit.errors import (
@@ -37,6 +37,7 @@ from kit.errors import (
     Unavailable,
 )
 from kit.logging import get_logger
+from kit.principal import Principal, bind_principal
 from kit.tracing import context_from_metadata, metadata_with_context
 
 log = get_logger(__name__)

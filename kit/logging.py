@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 from opentelemetry import trace
 
-from kit.auth import RateLimiter
+from kit.rate_limit import RateLimiter
 
 
 def _add_trace_ids(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

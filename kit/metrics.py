@@ -37,8 +37,8 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import Resource
 from prometheus_client import CollectorRegistry
 
+from kit.env import SettingsError
 from kit.logging import get_logger
-from kit.settings import SettingsError
 from kit.tracing import otlp_insecure
 
 log = get_logger(__name__)

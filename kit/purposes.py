@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kit.auth import Principal, Role
 from kit.errors import InvalidArgument, Violation
+from kit.principal import Principal, Role
 from kit.safeyaml import YamlError, load_yaml
 
 MAX_CODE_LENGTH = 64

@@ -19,8 +19,8 @@ from typing import Any, Final
 from sqlalchemy.orm import Session, sessionmaker
 
 from kit import audit
-from kit.auth import current_principal
 from kit.db import run_blocking
+from kit.principal import current_principal
 from kit.purposes import Purposes, StatedPurpose
 
 READ_PREFIX: Final = "read:"

@@ -16,11 +16,14 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from kit.auth import ClaimMapping, RateLimiter, Role, TokenVerifier, TrustedIssuer
+from kit.claims import ClaimMapping
 from kit.filewatch import FileWatch
 from kit.interceptors import PeerCredentials
+from kit.principal import Role
 from kit.pseudonym import Pseudonymiser
+from kit.rate_limit import RateLimiter
 from kit.settings import SecuritySettings
+from kit.tokens import TokenVerifier, TrustedIssuer
 
 
 def token_verifier(settings: SecuritySettings, pseudonymiser: Pseudonymiser | None) -> TokenVerifier | None:

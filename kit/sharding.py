@@ -17,7 +17,8 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from kit.settings import Env, PeerSettings
+from kit.env import Env
+from kit.settings import PeerSettings
 
 # A generous bound: a shard count far above this is a typo, not a deployment.
 MAX_SHARDS = 1024

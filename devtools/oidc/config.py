@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from kit.auth import Role
+from kit.principal import Role
 from kit.pseudonym import subject_violations
 
 # Subjects of the demo's synthetic population (devtools.population, seed 1, as `make run`

@@ -16,7 +16,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from devtools.oidc.config import Account, ProviderConfig
-from kit.auth import jwks_document
+from kit.tokens import jwks_document
 
 ALGORITHM = "RS256"
 

@@ -17,10 +17,10 @@ import grpc
 
 from egret.rules.v1 import rules_service_pb2_grpc as rules_grpc
 from egret.score.v1 import score_service_pb2_grpc as score_grpc
+from kit.env import SettingsError
 from kit.interceptors import open_channel
 from kit.logging import configure_logging, get_logger
 from kit.security import channel_credentials
-from kit.settings import SettingsError
 from services.configapply.apply import Calls, Desired, Step, Targets, apply
 from services.configapply.settings import ConfigApplySettings
 

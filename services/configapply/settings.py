@@ -6,7 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from kit.settings import Env, PeerSettings, SecuritySettings
+from kit.env import Env
+from kit.settings import PeerSettings, SecuritySettings
 
 
 @dataclass(frozen=True)

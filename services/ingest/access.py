@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from kit.auth import CallPolicy, Principal, Role, allow
+from kit.auth import CallPolicy, allow
 from kit.errors import PermissionDenied
+from kit.principal import Principal, Role
 
 _RPC = "/egret.ingest.v1.IngestService/"
 

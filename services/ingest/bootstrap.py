@@ -15,13 +15,13 @@ from egret.rules.v1 import rules_service_pb2_grpc as rules_grpc
 from kit.app import run_cli
 from kit.audit import audit_keys
 from kit.db import create_engine, make_session_factory
+from kit.env import SettingsError
 from kit.outbox import OutboxRelay, relay_to_peer
 from kit.outbox_send import merged_sender
 from kit.pseudonym import Pseudonymiser
 from kit.rekey import GenerationGuard, StaleKeyGeneration
 from kit.security import channel_credentials
 from kit.server import Service
-from kit.settings import SettingsError
 from services.ingest.access import POLICY
 from services.ingest.catalogue import load_catalogue
 from services.ingest.domain import Intake, Limits

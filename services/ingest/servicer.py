@@ -14,11 +14,11 @@ from opentelemetry import trace
 from egret.common.v1 import errors_pb2
 from egret.ingest.v1 import ingest_service_pb2 as pb
 from egret.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
-from kit.auth import current_principal
 from kit.db import run_blocking
 from kit.errors import AlreadyExists, InvalidArgument, Violation
 from kit.logging import get_logger
 from kit.metrics import meter
+from kit.principal import current_principal
 from kit.protoconv import SUBJECT_KIND_NAMES, attribute_value, to_datetime
 from services.ingest.access import acting_department, require_own_source
 from services.ingest.catalogue import IncomingEvent

@@ -6,7 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from kit.settings import CommonSettings, Env, PeerSettings, PseudonymSettings, RelaySettings
+from kit.env import Env
+from kit.settings import CommonSettings, PeerSettings, PseudonymSettings, RelaySettings
 from kit.sharding import read_shard_peers
 
 DEFAULT_PORT = 50051

@@ -13,20 +13,29 @@ from typing import cast
 import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.routing import Mount
+from starlette.staticfiles import StaticFiles
 
-from kit.auth import RateLimiter
+from kit.env import SettingsError
 from kit.logging import configure_logging, get_logger
+from kit.rate_limit import RateLimiter
 from kit.security import channel_credentials
-from kit.settings import SettingsError
 from kit.tracing import configure_tracing
-from services.portal import console
+from services.portal import console, public_pages, resident, signin_pages
 from services.portal.backend import Backend
 from services.portal.i18n import compile_all, localisers
-from services.portal.routes import Pages
+from services.portal.pages import Pages
 from services.portal.sessions import EncryptedSessionMiddleware
 from services.portal.settings import PortalSettings
 from services.portal.signin import SignIn
-from services.portal.web import BodyLimit, Renderer, RequestSpans, SecurityHeaders, content_security_policy
+from services.portal.web import (
+    STATIC,
+    BodyLimit,
+    Renderer,
+    RequestSpans,
+    SecurityHeaders,
+    content_security_policy,
+)
 
 log = get_logger("services.portal")
 
@@ -86,7 +95,13 @@ def build(
         finally:
             await pages.backend.close()
 
-    routes = [*pages.routes(settings.oidc.redirect_path), *console.routes(pages)]
+    routes = [
+        *public_pages.routes(pages),
+        *signin_pages.routes(pages, settings.oidc.redirect_path),
+        *resident.routes(pages),
+        Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
+        *console.routes(pages),
+    ]
     return Starlette(
         routes=routes,
         middleware=[

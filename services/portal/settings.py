@@ -10,7 +10,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from kit.settings import Env, SettingsError
+from kit.env import Env, SettingsError
 
 DEFAULT_PORT = 8080
 LANGUAGES = ("zh_Hans", "en")
@@ -61,7 +61,7 @@ class PortalSettings:
     # The portal's own token, for the public pages' reads only (rules, policy, benefits).
     service_token_file: Path | None
     deadline_s: float
-    # Sign-in attempts per client address: a token bucket (kit.auth.RateLimiter).
+    # Sign-in attempts per client address: a token bucket (kit.rate_limit.RateLimiter).
     signin_rate_per_minute: float
     signin_burst: float
     # The proxies (addresses or networks) whose X-Forwarded-For names the client: behind an

@@ -27,8 +27,8 @@ from authlib.integrations.starlette_client import OAuth, OAuthError
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from kit.auth import RateLimiter
 from kit.logging import get_logger
+from kit.rate_limit import RateLimiter
 from kit.vocabulary import SUBJECT_KINDS
 from services.portal.backend import Caller, SubjectId
 from services.portal.settings import OidcSettings

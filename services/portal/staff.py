@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kit.auth import Role
+from kit.principal import Role
 from services.portal.i18n import Localiser
 
 STAFF_ROLES = frozenset({Role.REVIEWER, Role.AUDITOR, Role.ADMIN, Role.BENEFIT_PROVIDER})

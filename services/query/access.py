@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from kit.auth import SCOPE_PUBLIC_READ, CallPolicy, Principal, Role, allow
+from kit.auth import CallPolicy, allow
 from kit.errors import PermissionDenied
+from kit.principal import SCOPE_PUBLIC_READ, Principal, Role
 from services.query.domain import current_key
 
 _RPC = "/egret.query.v1.QueryService/"

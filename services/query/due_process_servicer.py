@@ -22,10 +22,10 @@ from domain.entries import EntryFacts, EntryStatus, View
 from egret.common.v1 import subject_pb2
 from egret.query.v1 import query_service_pb2 as pb
 from kit import audit
-from kit.auth import Role, current_principal
 from kit.db import run_blocking
 from kit.errors import InvalidArgument, NotFound, Unavailable, Violation
 from kit.logging import get_logger
+from kit.principal import Role, current_principal
 from kit.protoconv import SUBJECT_KIND_VALUES, to_datetime, to_timestamp
 from kit.purposes import Purposes, StatedPurpose
 from services.query import metrics

@@ -7,8 +7,8 @@ Labels: RPC names, the role enumeration and purpose codes the purposes catalogue
 
 from __future__ import annotations
 
-from kit.auth import current_principal
 from kit.metrics import meter
+from kit.principal import current_principal
 
 _meter = meter("egret.query")
 _reads = _meter.create_counter(

@@ -16,10 +16,10 @@ from domain.scoring import CategoryScore, ListMembership
 from egret.common.v1 import outcome_pb2, subject_pb2
 from egret.query.v1 import query_service_pb2 as pb
 from egret.query.v1 import query_service_pb2_grpc as pb_grpc
-from kit.auth import Role, current_principal
 from kit.db import run_blocking
 from kit.errors import NotFound
 from kit.logging import get_logger
+from kit.principal import Role, current_principal
 from kit.protoconv import SEVERITY_VALUES, SUBJECT_KIND_NAMES, SUBJECT_KIND_VALUES, to_datetime, to_timestamp
 from services.query.access import require_own_benefit, require_own_subject
 from services.query.domain import HistoryRow, RawSubject, Reader, ScoreView, SubjectRef

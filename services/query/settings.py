@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kit.db import is_sqlite
-from kit.settings import CommonSettings, Env, PeerSettings, PseudonymSettings
+from kit.env import Env
+from kit.settings import CommonSettings, PeerSettings, PseudonymSettings
 
 DEFAULT_PORT = 50054
 READ_PATHS = ("auto", "inline", "pool")

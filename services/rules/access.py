@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from kit.auth import (
+from kit.auth import CallPolicy, allow
+from kit.principal import (
     SCOPE_APPLY_CONFIG,
     SCOPE_EVALUATE_EVENTS,
     SCOPE_PUBLIC_READ,
     SCOPE_READ_RULE_SETS,
-    CallPolicy,
     Role,
-    allow,
 )
 
 _RPC = "/egret.rules.v1.RulesService/"

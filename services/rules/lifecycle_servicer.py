@@ -15,10 +15,10 @@ from typing import Any, Final
 
 from egret.common.v1 import errors_pb2, event_pb2
 from egret.rules.v1 import rules_service_pb2 as pb
-from kit.auth import acting_principal
 from kit.db import run_blocking
 from kit.errors import FailedPrecondition, InvalidArgument, Violation
 from kit.logging import get_logger
+from kit.principal import acting_principal
 from kit.protoconv import to_timestamp
 from kit.reads import ReadLog
 from services.rules import metrics

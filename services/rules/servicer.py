@@ -15,10 +15,10 @@ from egret.common.v1 import due_process_pb2, event_pb2
 from egret.rules.v1 import backtest_pb2
 from egret.rules.v1 import rules_service_pb2 as pb
 from egret.rules.v1 import rules_service_pb2_grpc as pb_grpc
-from kit.auth import Role, current_principal
 from kit.db import run_blocking
 from kit.errors import FailedPrecondition, InvalidArgument, Violation
 from kit.logging import get_logger
+from kit.principal import Role, current_principal
 from kit.protoconv import SUBJECT_KIND_NAMES, to_timestamp
 from kit.pseudonym import Pseudonymiser
 from kit.reads import ReadLog

@@ -7,7 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from kit.settings import CommonSettings, Env, PeerSettings, PseudonymSettings, RelaySettings
+from kit.env import Env
+from kit.settings import CommonSettings, PeerSettings, PseudonymSettings, RelaySettings
 from kit.sharding import UNSHARDED, Shard
 
 DEFAULT_PORT = 50052

@@ -15,8 +15,8 @@ import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
+from kit.env import SettingsError
 from kit.logging import get_logger
-from kit.settings import SettingsError
 from kit.sharding import Shard
 from services.rules.storage import Base
 

@@ -37,10 +37,10 @@ from egret.common.v1 import due_process_pb2, event_pb2, outcome_pb2
 from egret.score.v1 import score_service_pb2 as score_pb
 from kit import audit
 from kit.audit import AuditHeadMixin, AuditMixin, AuditRecord
-from kit.auth import current_principal
 from kit.db import as_utc, make_metadata
 from kit.errors import FailedPrecondition
 from kit.outbox import BigId, OutboxMixin, outbox_rows
+from kit.principal import current_principal
 from kit.protoconv import SEVERITY_VALUES, SUBJECT_KIND_VALUES, to_timestamp
 from kit.rekey import GenerationMixin, KeyedColumn, KeyedStore, rewrite_outcome, rewrite_recorded_event
 from services.rules.domain import (

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from kit.auth import SCOPE_APPLY_CONFIG, SCOPE_APPLY_OUTCOMES, SCOPE_PUBLIC_READ, CallPolicy, Role, allow
+from kit.auth import CallPolicy, allow
+from kit.principal import SCOPE_APPLY_CONFIG, SCOPE_APPLY_OUTCOMES, SCOPE_PUBLIC_READ, Role
 
 _RPC = "/egret.score.v1.ScoreService/"
 

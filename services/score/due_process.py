@@ -35,8 +35,8 @@ from domain.entries import (
 from domain.history import Event
 from domain.intake import MAX_ID_LENGTH, MAX_SUBJECT_KEY_LENGTH
 from kit import reasons
-from kit.auth import Principal, Role
 from kit.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Violation
+from kit.principal import Principal, Role
 from kit.pseudonym import Pseudonymiser
 from kit.purposes import Purposes
 from services.score.ledger import Ledger, Rescore

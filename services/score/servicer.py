@@ -33,10 +33,10 @@ from egret.common.v1 import due_process_pb2 as dp
 from egret.common.v1 import outcome_pb2
 from egret.score.v1 import score_service_pb2 as pb
 from egret.score.v1 import score_service_pb2_grpc as pb_grpc
-from kit.auth import acting_principal, current_principal
 from kit.db import run_blocking
 from kit.errors import InvalidArgument, Unavailable, Violation
 from kit.logging import get_logger
+from kit.principal import acting_principal, current_principal
 from kit.protoconv import SEVERITY_NAMES, SUBJECT_KIND_NAMES, SUBJECT_KIND_VALUES, to_datetime, to_timestamp
 from kit.pseudonym import Pseudonymiser
 from kit.reads import ReadLog

@@ -6,7 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kit.settings import CommonSettings, Env, PseudonymSettings
+from kit.env import Env
+from kit.settings import CommonSettings, PseudonymSettings
 
 DEFAULT_PORT = 50053
 

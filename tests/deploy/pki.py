@@ -20,8 +20,9 @@ import trustme
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from kit.auth import SERVICE_SCOPES, Role, issue_token, jwks_document
 from kit.interceptors import bearer_token
+from kit.principal import SERVICE_SCOPES, Role
+from kit.tokens import issue_token, jwks_document
 from tests.deploy.k8s import matches
 from tests.deploy.rehearsal import Pod, Rehearsal, RehearsalError, dns_names
 

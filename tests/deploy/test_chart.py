@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from deploy.k8s.render import CHART_DIR, REPO_ROOT, Manifest, drift, hooks, objects, render
-from kit.auth import SERVICE_SCOPES
+from kit.principal import SERVICE_SCOPES
 from tests.deploy.conftest import load_values
 from tests.deploy.k8s import (
     Endpoint,

@@ -13,7 +13,7 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 
 from deploy.k8s.render import Manifest, render
-from kit.auth import SERVICE_SCOPES
+from kit.principal import SERVICE_SCOPES
 from services.configapply.apply import Step, parse_policy
 from services.configapply.settings import ConfigApplySettings
 from tests.deploy.k8s import Endpoint, named, network_allows, of_kind, pod_template

@@ -11,7 +11,8 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 
 from deploy.k8s.render import CHART_DIR, Manifest, render
-from kit.settings import Env, SecuritySettings
+from kit.env import Env
+from kit.settings import SecuritySettings
 from tests.deploy.k8s import Endpoint, of_kind, pod_template, services_deployments
 from tests.deploy.k8s import network_allows as allows
 from tests.deploy.test_chart import (

@@ -34,7 +34,7 @@ from egret.ingest.v1 import ingest_service_pb2 as ingest_pb
 from egret.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 from egret.query.v1 import query_service_pb2 as query_pb
 from egret.query.v1 import query_service_pb2_grpc as query_grpc
-from kit.auth import Role
+from kit.principal import Role
 from tests.deploy.pki import RehearsalPki, create_rehearsal_pki
 from tests.deploy.rehearsal import Rehearsal, load_manifests
 from tests.e2e.test_pipeline import EXPECTED, SCENARIO, raw, requests

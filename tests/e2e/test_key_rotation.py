@@ -24,8 +24,8 @@ from devtools.population import Origin, Population, PopulationConfig, SyntheticS
 from egret.common.v1 import subject_pb2
 from egret.query.v1 import query_service_pb2 as query_pb
 from egret.query.v1 import query_service_pb2_grpc as query_grpc
-from kit.auth import Role
 from kit.db import create_engine
+from kit.principal import Role
 
 pytestmark = pytest.mark.e2e
 

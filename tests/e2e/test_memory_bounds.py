@@ -36,10 +36,10 @@ from egret.rules.v1 import rules_service_pb2 as rules_pb
 from egret.rules.v1 import rules_service_pb2_grpc as rules_grpc
 from egret.score.v1 import score_service_pb2 as score_pb
 from egret.score.v1 import score_service_pb2_grpc as score_grpc
-from kit.auth import Role
 from kit.errors import InvalidArgument, Violation
 from kit.interceptors import server_interceptors
 from kit.limits import LimitInterceptor, request_limit
+from kit.principal import Role
 from kit.protoconv import to_timestamp
 from kit.settings import LimitSettings
 from tests.support.events import event, resident_id

@@ -20,7 +20,7 @@ from egret.query.v1 import query_service_pb2_grpc as query_grpc
 from egret.rules.v1 import backtest_pb2
 from egret.rules.v1 import rules_service_pb2 as rules_pb
 from egret.rules.v1 import rules_service_pb2_grpc as rules_grpc
-from kit.auth import Role
+from kit.principal import Role
 from tests.support.events import PERSON, event, resident_id
 from tests.support.promql import (
     EXPORTED_METRICS,

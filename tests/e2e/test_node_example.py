@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from devtools.cluster import REPO_ROOT, Cluster
-from kit.auth import Role
+from kit.principal import Role
 from tests.support.events import resident_id
 from tests.support.tools import tool_missing
 

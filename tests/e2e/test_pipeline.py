@@ -14,7 +14,7 @@ from egret.query.v1 import query_service_pb2 as query_pb
 from egret.query.v1 import query_service_pb2_grpc as query_grpc
 from egret.score.v1 import score_service_pb2 as score_pb
 from egret.score.v1 import score_service_pb2_grpc as score_grpc
-from kit.auth import Role
+from kit.principal import Role
 from kit.protoconv import Scalar
 from tests.support.events import ORGANIZATION, PERSON, event
 from tests.support.purposes import purposed

@@ -29,7 +29,7 @@ from egret.query.v1 import query_service_pb2_grpc as query_grpc
 from egret.score.v1 import score_service_pb2 as score_pb
 from egret.score.v1 import score_service_pb2_grpc as score_grpc
 from egret_client.submitter import stream_by_source
-from kit.auth import Role
+from kit.principal import Role
 from kit.protoconv import SUBJECT_KIND_NAMES
 from tests.support.databases import create_postgres_database, drop_postgres_database
 from tests.support.otlp import Collector, collector

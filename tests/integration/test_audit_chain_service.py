@@ -19,7 +19,7 @@ from egret.common.v1 import audit_chain_pb2_grpc as pb_grpc
 from egret.score.v1 import score_service_pb2 as score_pb
 from egret.score.v1 import score_service_pb2_grpc as score_grpc
 from kit.audit_chain import AuditChainServicer
-from kit.auth import Role
+from kit.principal import Role
 from kit.server import Service
 from services.score.bootstrap import MIGRATIONS, build
 from services.score.storage import ScoreAuditHead, ScoreAuditLog

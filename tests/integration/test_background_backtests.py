@@ -30,9 +30,9 @@ from egret.rules.v1 import rules_service_pb2_grpc as pb_grpc
 from kit import audit
 from kit.app import migrate
 from kit.audit import UNKEYED
-from kit.auth import Role
 from kit.db import create_engine, make_session_factory
 from kit.interceptors import bearer_token
+from kit.principal import Role
 from kit.protoconv import to_timestamp
 from services.rules import backtest, backtest_runner, backtest_servicer
 from services.rules import bootstrap as rules_bootstrap

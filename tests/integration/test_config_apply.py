@@ -22,9 +22,9 @@ from egret.rules.v1 import rules_service_pb2 as pb
 from egret.rules.v1 import rules_service_pb2_grpc as pb_grpc
 from egret.score.v1 import score_service_pb2 as score_pb
 from egret.score.v1 import score_service_pb2_grpc as score_grpc
-from kit.auth import Role
 from kit.db import create_engine
 from kit.interceptors import bearer_token
+from kit.principal import Role
 from services.configapply.apply import Step
 from services.configapply.bootstrap import run
 from services.configapply.settings import ConfigApplySettings

@@ -41,8 +41,9 @@ import egret
 from devtools.localpki import LocalPki, create_local_pki
 from kit.audit_chain import POLICY as AUDIT_CHAIN_POLICY
 from kit.audit_chain import AuditChainServicer
-from kit.auth import PUBLIC_METHODS, CallPolicy, Role
+from kit.auth import PUBLIC_METHODS, CallPolicy
 from kit.decoding import TIMESTAMP_MAX_SECONDS, TIMESTAMP_MIN_SECONDS
+from kit.principal import Role
 from kit.server import Service
 from services.ingest import bootstrap as ingest_bootstrap
 from services.query import bootstrap as query_bootstrap

@@ -17,8 +17,9 @@ from grpc_reflection.v1alpha import reflection_pb2
 from egret.common.v1 import event_pb2
 from egret.ingest.v1 import ingest_service_pb2 as pb
 from egret.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
+from kit.env import SettingsError
 from kit.pseudonym import Pseudonymiser
-from kit.settings import PeerSettings, PseudonymSettings, RelaySettings, SettingsError
+from kit.settings import PeerSettings, PseudonymSettings, RelaySettings
 from kit.sharding import shard_of
 from services.ingest.bootstrap import MIGRATIONS, build
 from services.ingest.settings import IngestSettings

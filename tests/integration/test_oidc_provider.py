@@ -29,11 +29,13 @@ from devtools.oidc.config import SAMPLE_RESIDENT_ID, SAMPLE_USCC, Client
 from devtools.oidc.tokens import at_hash, key_id
 from devtools.oidc_provider import RunningProvider, command, running, verifier_env, wait_ready, write_jwks
 from devtools.population import Population, PopulationConfig
-from kit.auth import Principal, Role, TokenVerifier
+from kit.env import Env
 from kit.errors import Unauthenticated
+from kit.principal import Principal, Role
 from kit.pseudonym import Pseudonymiser
 from kit.security import token_verifier
-from kit.settings import Env, SecuritySettings
+from kit.settings import SecuritySettings
+from kit.tokens import TokenVerifier
 
 CLIENT_ID, SECRET = "egret-portal", "portal-secret-for-tests"
 CALLBACK = "http://127.0.0.1:8080/auth/callback"

@@ -25,7 +25,7 @@ from egret.query.v1 import query_service_pb2 as query_pb
 from egret.query.v1 import query_service_pb2_grpc as query_grpc
 from egret.score.v1 import score_service_pb2 as score_pb
 from egret.score.v1 import score_service_pb2_grpc as score_grpc
-from kit.auth import Role
+from kit.principal import Role
 from services.portal.bootstrap import build
 from services.portal.settings import PortalSettings
 from tests.e2e.test_pipeline import ALICE, BOB, EXPECTED, raw, submit_all

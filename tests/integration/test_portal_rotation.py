@@ -20,8 +20,9 @@ import pytest
 import trustme
 
 from egret.score.v1 import score_service_pb2 as pb
-from kit.auth import SCOPE_PUBLIC_READ, Role, issue_token
 from kit.channels import RenewingChannel
+from kit.principal import SCOPE_PUBLIC_READ, Role
+from kit.tokens import issue_token
 from services.portal import backend as portal_backend
 from services.portal.backend import Backend, ServiceError
 from services.portal.bootstrap import connect

@@ -25,7 +25,7 @@ from egret.query.v1 import query_service_pb2_grpc as pb_grpc
 from egret.score.v1 import score_service_pb2 as score_pb
 from egret.score.v1 import score_service_pb2_grpc as score_grpc
 from kit import audit
-from kit.auth import Role
+from kit.principal import Role
 from kit.protoconv import to_timestamp
 from kit.settings import PeerSettings
 from services.query.access_log import QueryAuditHead, QueryAuditLog

@@ -26,7 +26,7 @@ from egret.common.v1 import subject_pb2
 from egret.query.v1 import query_service_pb2 as pb
 from egret.query.v1 import query_service_pb2_grpc as pb_grpc
 from kit import audit
-from kit.auth import Role
+from kit.principal import Role
 from kit.pseudonym import KeyLink, Pseudonymiser
 from kit.settings import PseudonymSettings
 from services.query import domain

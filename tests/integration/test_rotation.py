@@ -21,10 +21,10 @@ from cryptography import x509
 
 from egret.score.v1 import score_service_pb2 as pb
 from egret.score.v1 import score_service_pb2_grpc as pb_grpc
-from kit.auth import jwks_document
 from kit.channels import RenewingChannel
 from kit.interceptors import open_channel
 from kit.security import certificate_expiry, channel_credentials
+from kit.tokens import jwks_document
 from tests.support.rotation import (
     CITY,
     ISSUER,

@@ -13,8 +13,8 @@ import pytest
 from egret.common.v1 import event_pb2, subject_pb2
 from egret.rules.v1 import rules_service_pb2 as pb
 from egret.rules.v1 import rules_service_pb2_grpc as pb_grpc
+from kit.env import SettingsError
 from kit.protoconv import to_attribute_value, to_timestamp
-from kit.settings import SettingsError
 from kit.sharding import shard_of
 from services.rules.bootstrap import MIGRATIONS, build
 from services.rules.settings import RulesSettings

@@ -25,7 +25,7 @@ from egret.common.v1 import event_pb2, outcome_pb2
 from egret.score.v1 import score_service_pb2 as pb
 from egret.score.v1 import score_service_pb2_grpc as pb_grpc
 from kit import audit
-from kit.auth import Role
+from kit.principal import Role
 from kit.protoconv import to_timestamp
 from kit.pseudonym import Pseudonymiser
 from kit.settings import PseudonymSettings, SecuritySettings

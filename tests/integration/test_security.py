@@ -27,9 +27,10 @@ from egret.ingest.v1 import ingest_service_pb2
 from egret.query.v1 import query_service_pb2
 from egret.rules.v1 import backtest_pb2, rules_service_pb2
 from egret.score.v1 import score_service_pb2
-from kit.auth import SERVICE_SCOPES, Role, issue_token
 from kit.interceptors import bearer_token
+from kit.principal import SERVICE_SCOPES, Role
 from kit.settings import SecuritySettings
+from kit.tokens import issue_token
 from services.ingest import access as ingest_access
 from services.ingest import bootstrap as ingest_bootstrap
 from services.ingest.servicer import IngestServicer

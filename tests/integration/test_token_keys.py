@@ -10,10 +10,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from kit import filewatch
-from kit.auth import Role, TokenVerifier, issue_token, jwks_document
+from kit.env import Env
 from kit.errors import Unauthenticated
-from kit.settings import Env, SecuritySettings
+from kit.principal import Role
+from kit.settings import SecuritySettings
 from kit.token_keys import RemoteJwks, check_jwks_url
+from kit.tokens import TokenVerifier, issue_token, jwks_document
 from tests.support.jwks import jwks_endpoint
 from tests.support.logs import capture
 from tests.support.waiting import wait_until

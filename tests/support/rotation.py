@@ -22,9 +22,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from kit import filewatch
-from kit.auth import SCOPE_APPLY_OUTCOMES, Role, current_principal, issue_token, jwks_document
 from kit.interceptors import bearer_token
+from kit.principal import SCOPE_APPLY_OUTCOMES, Role, current_principal
 from kit.settings import IssuerSettings, SecuritySettings
+from kit.tokens import issue_token, jwks_document
 from services.score import bootstrap as score_bootstrap
 from services.score.servicer import ScoreServicer
 from tests.integration.test_score_service import score_settings

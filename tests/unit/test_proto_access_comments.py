@@ -23,7 +23,8 @@ import egret.query.v1.query_service_pb2
 import egret.rules.v1.rules_service_pb2
 import egret.score.v1.score_service_pb2  # noqa: F401 (registers the descriptors read below)
 from kit.audit_chain import POLICY as AUDIT_CHAIN_POLICY
-from kit.auth import CallPolicy, Role
+from kit.auth import CallPolicy
+from kit.principal import Role
 from services.ingest.access import POLICY as INGEST_POLICY
 from services.query.access import POLICY as QUERY_POLICY
 from services.rules.access import POLICY as RULES_POLICY

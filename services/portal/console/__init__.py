@@ -10,7 +10,7 @@ from __future__ import annotations
 from starlette.routing import BaseRoute
 
 from services.portal.console import audit, disputes, eligibility, home, policy, repairs, rulesets
-from services.portal.routes import Pages
+from services.portal.pages import Pages
 
 
 def routes(pages: Pages) -> list[BaseRoute]:

@@ -14,10 +14,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from kit.auth import Role
 from kit.logging import get_logger
+from kit.principal import Role
 from services.portal.backend import ServiceError
-from services.portal.routes import Pages
+from services.portal.pages import Pages
 from services.portal.staffcalls import audit as calls
 from services.portal.views import audit as views
 from services.portal.views.errors import error_view, refusal_view

@@ -19,11 +19,11 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from kit import reasons
-from kit.auth import Role
 from kit.logging import get_logger
+from kit.principal import Role
 from services.portal import records as r
 from services.portal.backend import Backend, ServiceError
-from services.portal.routes import Pages
+from services.portal.pages import Pages
 from services.portal.staff import Staff
 from services.portal.staff_records import Case
 from services.portal.staffcalls import reviews

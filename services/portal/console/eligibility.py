@@ -11,11 +11,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from kit.auth import Role
 from kit.logging import get_logger
+from kit.principal import Role
 from services.portal import records as r
 from services.portal.backend import ServiceError
-from services.portal.routes import Pages
+from services.portal.pages import Pages
 from services.portal.signin import claims_of
 from services.portal.staff import Staff
 from services.portal.staffcalls import eligibility as calls

@@ -6,7 +6,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from services.portal.routes import Pages
+from services.portal.pages import Pages
 from services.portal.staff import STAFF_ROLES
 from services.portal.views import words
 

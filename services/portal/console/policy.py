@@ -13,10 +13,10 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from kit.auth import Role
 from kit.logging import get_logger
+from kit.principal import Role
 from services.portal.backend import ServiceError
-from services.portal.routes import Pages
+from services.portal.pages import Pages
 from services.portal.staffcalls.authoring import AuthoringCalls
 from services.portal.views import policy as views
 from services.portal.views.entries import FieldError

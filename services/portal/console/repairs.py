@@ -9,7 +9,7 @@ from starlette.routing import BaseRoute
 
 from services.portal.console.casework import Work
 from services.portal.console.casework import routes as casework_routes
-from services.portal.routes import Pages
+from services.portal.pages import Pages
 from services.portal.staffcalls import reviews
 
 REPAIRS = Work(

@@ -18,14 +18,15 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from kit.auth import Role
 from kit.logging import get_logger
+from kit.principal import Role
 from services.portal import authoring_records as a
 from services.portal import charts, csrf
 from services.portal.backend import ServiceError
 from services.portal.i18n import LANGUAGES, Localiser
-from services.portal.routes import CHART_CSP, CsrfRefused, Pages
+from services.portal.pages import CHART_CSP, CsrfRefused, Pages
 from services.portal.staffcalls.authoring import LIFECYCLE, AuthoringCalls
+from services.portal.views import backtests as backtest_views
 from services.portal.views import figures
 from services.portal.views import rulesets as views
 from services.portal.views.entries import FieldError
@@ -133,7 +134,7 @@ def routes(pages: Pages) -> list[BaseRoute]:
             v=view,
             done=request.session.pop(FLASH, None),
             backtest=await latest_headline(t, staff.token, backtests),
-            backtests=views.job_rows(t, backtests),
+            backtests=backtest_views.job_rows(t, backtests),
             purpose=RULE_BACKTEST,
         )
 
@@ -202,7 +203,11 @@ def routes(pages: Pages) -> list[BaseRoute]:
         if done is None:
             return ""
         read = await calls().backtest(token, done.backtest_id)
-        return views.headline_text(t, views.headline(read.report).as_dict()) if read.report else ""
+        return (
+            backtest_views.headline_text(t, backtest_views.headline(read.report).as_dict())
+            if read.report
+            else ""
+        )
 
     async def start_backtest(request: Request) -> Response:
         staff = pages.staff(request, *BACKTESTERS)
@@ -226,15 +231,15 @@ def routes(pages: Pages) -> list[BaseRoute]:
                 request,
                 "staff/backtest_job.html",
                 section="/staff/rule-sets",
-                j=views.job_view(t, job, may_cancel=staff.role in CANCELLERS),
+                j=backtest_views.job_view(t, job, may_cancel=staff.role in CANCELLERS),
             )
         return pages.render(
             request,
             "staff/backtest.html",
             section="/staff/rule-sets",
             rule_set_id=job.rule_set_id,
-            b=views.backtest_view(t, job.report),
-            subjects=views.subject_rows(t, job.report),
+            b=backtest_views.backtest_view(t, job.report),
+            subjects=backtest_views.subject_rows(t, job.report),
             lang=pages.language(request),
         )
 

@@ -10,8 +10,8 @@ from services.portal import authoring_records as a
 from services.portal import convert
 from services.portal.i18n import Localiser
 from services.portal.views import words
+from services.portal.views.backtests import MatrixTable, matrix_table
 from services.portal.views.public import KindTiers, kind_tiers
-from services.portal.views.rulesets import MatrixTable, matrix_table
 
 
 @dataclass(frozen=True)

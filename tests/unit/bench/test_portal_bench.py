@@ -9,7 +9,7 @@ import time
 
 from bench.portal import PAGES, _parse, cpu_seconds, resident_accounts, table
 from devtools.oidc.config import Account
-from kit.auth import Role
+from kit.principal import Role
 
 
 def test_cpu_seconds_reads_this_process_from_proc() -> None:

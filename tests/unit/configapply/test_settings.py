@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kit.settings import SettingsError
+from kit.env import SettingsError
 from services.configapply.bootstrap import main
 from services.configapply.settings import ConfigApplySettings
 

@@ -10,8 +10,8 @@ import pytest
 
 from egret.common.v1 import event_pb2
 from egret.ingest.v1 import ingest_service_pb2 as pb
-from kit.auth import Principal, Role, bind_principal
 from kit.errors import InvalidArgument, PermissionDenied
+from kit.principal import Principal, Role, bind_principal
 from services.ingest.domain import EventStatus
 from services.ingest.servicer import IngestServicer
 from tests.unit.ingest.test_intake import NOW, MemoryStore, late, make_intake

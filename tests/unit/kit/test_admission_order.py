@@ -11,8 +11,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from kit.audit_chain import POLICY as AUDIT_CHAIN_POLICY
-from kit.auth import CallPolicy, Gate, Role, TokenVerifier, issue_token
+from kit.auth import CallPolicy, Gate
 from kit.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from kit.principal import Role
+from kit.tokens import TokenVerifier, issue_token
 from services.ingest.access import POLICY as INGEST_POLICY
 from services.query.access import POLICY as QUERY_POLICY
 from services.rules.access import POLICY as RULES_POLICY

@@ -32,7 +32,8 @@ from kit.audit import (
 )
 from kit.audit_anchors import anchor_line, anchor_loop, append_anchor, read_anchors
 from kit.db import make_metadata
-from kit.settings import AuditSettings, Env
+from kit.env import Env
+from kit.settings import AuditSettings
 from tests.support.servers import common_settings
 
 

@@ -14,17 +14,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from kit.auth import (
-    SCOPE_APPLY_OUTCOMES,
-    RateLimiter,
-    Role,
-    TokenVerifier,
-    allow,
-    issue_token,
-    jwks_document,
-)
+from kit.auth import allow
 from kit.errors import Unauthenticated
+from kit.principal import SCOPE_APPLY_OUTCOMES, Role
 from kit.pseudonym import Pseudonymiser
+from kit.rate_limit import RateLimiter
+from kit.tokens import TokenVerifier, issue_token, jwks_document
 
 ISSUER, AUDIENCE = "https://idp.city.example", "egret"
 KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)

@@ -12,11 +12,14 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from kit.auth import ClaimMapping, Role, TokenVerifier, TrustedIssuer, jwks_document
+from kit.claims import ClaimMapping
+from kit.env import Env, SettingsError
 from kit.errors import Unauthenticated
+from kit.principal import Role
 from kit.pseudonym import Pseudonymiser
 from kit.security import token_verifier
-from kit.settings import Env, SecuritySettings, SettingsError
+from kit.settings import SecuritySettings
+from kit.tokens import TokenVerifier, TrustedIssuer, jwks_document
 
 SERVICES_ISSUER, CITY_ISSUER = "https://workload.egret.example", "https://login.city.example"
 SERVICES_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)

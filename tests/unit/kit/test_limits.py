@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from kit.env import Env
 from kit.limits import MiB, request_limit, server_options, service_limit
-from kit.settings import Env, LimitSettings
+from kit.settings import LimitSettings
 
 DEFAULTS = LimitSettings()
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from kit.auth import Role, TokenVerifier, issue_token
+from kit.env import Env
 from kit.errors import Unauthenticated
+from kit.principal import Role
 from kit.pseudonym import (
     InvalidId,
     KeyLink,
@@ -19,7 +20,8 @@ from kit.pseudonym import (
     canonical_value,
     subject_violations,
 )
-from kit.settings import Env, PseudonymSettings
+from kit.settings import PseudonymSettings
+from kit.tokens import TokenVerifier, issue_token
 from tests.support.events import full_width
 
 PSEUDONYMS = Pseudonymiser(b"k" * 32, "k1")

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from kit.auth import CallPolicy, Gate, Principal, RateLimiter, Role, TokenVerifier, allow
+from kit.auth import CallPolicy, Gate, allow
 from kit.errors import ResourceExhausted, Unauthenticated
+from kit.principal import Principal, Role
+from kit.rate_limit import RateLimiter
+from kit.tokens import TokenVerifier
 
 RPC = "/egret.query.v1.QueryService/ListScoreHistory"
 

@@ -11,10 +11,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from google.rpc import error_details_pb2
 
 from kit import reasons
-from kit.auth import SCOPE_PUBLIC_READ, SERVICE_SCOPES, Role, TokenVerifier, issue_token
 from kit.errors import AlreadyExists, FailedPrecondition
 from kit.interceptors import status_of
+from kit.principal import SCOPE_PUBLIC_READ, SERVICE_SCOPES, Role
 from kit.pseudonym import KeyLink, Pseudonymiser
+from kit.tokens import TokenVerifier, issue_token
 
 KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kit.settings import SettingsError
+from kit.env import SettingsError
 from services.ingest.settings import IngestSettings
 
 

@@ -8,8 +8,8 @@ from collections import Counter
 
 import pytest
 
+from kit.env import Env
 from kit.pseudonym import Pseudonymiser
-from kit.settings import Env
 from kit.sharding import Misrouted, Shard, read_shard_peers, shard_of
 from tests.support.events import resident_id
 

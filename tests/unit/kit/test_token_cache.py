@@ -11,8 +11,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from kit.auth import Principal, Role, TokenVerifier, issue_token
 from kit.errors import Unauthenticated
+from kit.principal import Principal, Role
+from kit.tokens import TokenVerifier, issue_token
 
 ISSUER, AUDIENCE = "https://idp.city.example", "egret"
 KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)

@@ -8,7 +8,7 @@ import pytest
 import trustme
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-from kit.settings import SettingsError
+from kit.env import SettingsError
 from kit.tracing import _exporters
 
 

@@ -15,7 +15,7 @@ from egret.common.v1 import errors_pb2, subject_pb2
 from egret.rules.v1 import backtest_pb2 as bt
 from egret.rules.v1 import rules_service_pb2 as rules_pb
 from egret.score.v1 import score_service_pb2 as score_pb
-from kit.auth import Role
+from kit.principal import Role
 from kit.safeyaml import YamlError, load_yaml
 from services.portal.backend import ServiceError
 from services.rules.access import POLICY as RULES_ACCESS

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from starlette.testclient import TestClient
 
-from kit.auth import Role
+from kit.principal import Role
 from services.portal.i18n import Localiser
 from services.portal.staff import AREAS, STAFF_ROLES, areas_for, navigation
 from tests.unit.portal.fakes import signed_in

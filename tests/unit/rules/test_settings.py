@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kit.settings import SettingsError
+from kit.env import SettingsError
 from services.rules.settings import RulesSettings
 
 BASE = {"EGRET_INSECURE": "true", "EGRET_DATA_DIR": "/tmp/egret"}

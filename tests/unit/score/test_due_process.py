@@ -35,8 +35,8 @@ from domain.entries import (
 from domain.history import Event, replay
 from domain.policy import ActivatedPolicy, Caps, PolicyBook, load_policy
 from domain.scoring import compute_score
-from kit.auth import Principal, Role
 from kit.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from kit.principal import Principal, Role
 from kit.pseudonym import KeyLink, Pseudonymiser
 from services.score.due_process import CONSENT_MAX_FUTURE_SKEW, Audited, DueProcess, add_working_days
 from services.score.ledger import Ledger, Rescore

@@ -82,7 +82,8 @@ def token(
         # Egret's own signer: the claims every service checks (docs/integrators.md, "Tokens").
         from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
 
-        from kit.auth import Role, issue_token  # noqa: PLC0415
+        from kit.principal import Role  # noqa: PLC0415
+        from kit.tokens import issue_token  # noqa: PLC0415
     except ImportError:
         raise fail(
             "egret dev token works in an Egret checkout (it signs with kit.auth)", Exit.CONFIG
