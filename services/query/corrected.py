@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from services.query.domain import HistoryRow
+from services.query.read_models import HistoryRow
 from services.score.domain import (
     DISPUTE,
     ENTRIES,

@@ -20,7 +20,8 @@ from sqlalchemy.orm import Session
 from kit.db import as_utc, make_session_factory
 from kit.errors import Unavailable
 from kit.rekey import read_marker
-from services.query.domain import Cursor, HistoryRow, RawDistribution, SubjectScore
+from services.query.paging import Cursor
+from services.query.read_models import HistoryRow, RawDistribution, SubjectScore
 from services.score.domain import CategoryScore, Consent, LedgerEntry, ListMembership, ScoredEntry
 from services.score.policy import ActivatedPolicy
 from services.score.storage import (
