@@ -10,8 +10,8 @@ from pathlib import Path
 from kit.page_tokens import PageTokens
 from kit.pseudonym import Pseudonymiser
 from services.query.domain import Reader
-from services.query.subjects import SubjectRef
 from services.query.read_models import SubjectScore
+from services.query.subjects import SubjectRef
 from services.score.domain import EntryStatus, ScoredEntry
 from services.score.policy import ActivatedPolicy, load_policy
 
