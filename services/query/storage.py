@@ -3,7 +3,7 @@
 The schema belongs to the score service: its models (services.score.storage) and its
 migrations define the tables. Query opens that database read-only and may start before
 score has created it; query's own migrations (services/query/migrations) are for its own
-database, which holds only the access log (services.query.access_log).
+database, which holds only the access log (services.query.access_log_storage).
 """
 
 from __future__ import annotations
