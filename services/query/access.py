@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from kit.auth import CallPolicy, allow
 from kit.errors import PermissionDenied
 from kit.principal import SCOPE_PUBLIC_READ, Principal, Role
-from services.query.domain import current_key
+from services.query.subjects import current_key
 
 _RPC = "/egret.query.v1.QueryService/"
 _STAFF = (Role.REVIEWER, Role.AUDITOR, Role.ADMIN)

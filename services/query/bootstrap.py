@@ -21,12 +21,12 @@ from kit.purposes import load_purposes
 from kit.security import channel_credentials
 from kit.server import Service
 from services.query.access import POLICY
-from services.query.access_log import AccessRecorder, QueryAuditHead, QueryAuditLog, SqlAccessLog
+from services.query.access_log_storage import AccessRecorder, QueryAuditHead, QueryAuditLog, SqlAccessLog
 from services.query.domain import Reader
-from services.query.due_process import SqlDueProcessReader
-from services.query.due_process_servicer import DueProcessDeps, DueProcessQueryServicer
+from services.query.due_process_storage import SqlDueProcessReader
+from services.query.read_pipeline import ReadPipeline
 from services.query.rules_client import RulesClient
-from services.query.servicer import register
+from services.query.servicer import QueryServicer, register
 from services.query.settings import QuerySettings
 from services.query.storage import SqlScoreReader
 
@@ -70,14 +70,15 @@ def build(settings: QuerySettings, clock: Callable[[], datetime] = _utc_now) -> 
         if settings.rules is None
         else RulesClient(settings.rules, channel_credentials(settings.common.security))
     )
-    deps = DueProcessDeps(
-        recorder=AccessRecorder(access_log, recorder_executor, clock),
+    servicer = QueryServicer(
+        reader=reader,
+        due_process=SqlDueProcessReader(engine),
         access_log=access_log,
-        due=SqlDueProcessReader(engine),
-        purposes=purposes,
+        reads=ReadPipeline(AccessRecorder(access_log, recorder_executor, clock), purposes, pseudonymiser),
+        executor=executor,
         rules=rules,
+        inline_reads=settings.inline_reads,
     )
-    servicer = DueProcessQueryServicer(reader, executor, deps, inline_reads=settings.inline_reads)
     return Service(
         pseudonymiser=pseudonymiser,
         name="query",

@@ -30,7 +30,7 @@ from domain.entries import DISPUTE, REPAIR, ScoredEntry, View, counts_at, visibl
 from domain.history import ENTRIES, EXPIRY, POLICY
 from domain.policy import PolicyBook, SubjectPolicy
 from domain.scoring import ScoreResult, ScoreState, compute_score, granted_points, list_names, on_lists
-from services.query.domain import HistoryRow
+from services.query.read_models import HistoryRow
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,9 @@ A subject is named either by its raw identifier, hashed exactly as ingest hashes
 (the raw value goes no further than the hash), or by its subject key. During a key
 rotation score's store may still hold a subject under the previous generation's key;
 `Reader.subject_key` then reads with that one (docs/security.md, "Rotating the subject
-key"). Entries are
-listed newest event time first with keyset pages: the page token carries the last
-(occurred_at, entry_id) seen, so pages stay stable while new entries arrive.
+key"). Entries are listed newest event time first with keyset pages (services.query.paging):
+the page token carries the last (occurred_at, entry_id) seen, so pages stay stable while new
+entries arrive.
 
 Scores are exact at any instant without waiting for score's expiry sweep: the stored
 row is served while the instant asked about lies before its `next_change_at` (nothing
@@ -20,173 +20,35 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Protocol
 
-from domain.benefits import Benefit, Catalogue, Eligibility, check
+from domain.benefits import Catalogue, check
 from domain.consent import Consent, may_serve
 from domain.entries import LedgerEntry, ScoredEntry, View
 from domain.policy import ActivatedPolicy, PolicyBook, ScorePolicy, SubjectPolicy
-from domain.scoring import CategoryScore, ListMembership, ScoreResult, compute_score
+from domain.scoring import ScoreResult, compute_score
 from kit import reasons
 from kit.errors import FailedPrecondition, InvalidArgument, NotFound, Violation
 from kit.page_tokens import PageTokens
 from kit.pseudonym import Pseudonymiser, subject_violations
+from services.query.paging import Cursor, decode_cursor, decode_token, encode_cursor, page_size
+from services.query.read_models import (
+    BenefitPage,
+    ConsentView,
+    Distribution,
+    EligibilityView,
+    EntryPage,
+    HistoryPage,
+    HistoryRow,
+    RawDistribution,
+    ScoreView,
+    SubjectScore,
+)
+from services.query.subjects import RawSubject, SubjectKey, SubjectRef, current_key
 
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 500
 _SUBJECT_KEY = re.compile(r"^[0-9a-f]{64}$")
-
-
-@dataclass(frozen=True)
-class RawSubject:
-    kind: str | None
-    id_scheme: str
-    id_value: str
-
-
-class SubjectKey(str):
-    """A key query derived itself (from a raw id, or a subject's token), so of a known
-    generation: the key to read score's store with, the previous generation's while score
-    still holds the subject under it; `current` is the subject's key in the current
-    generation, which its token names and its access records keep."""
-
-    current: str
-
-    def __new__(cls, key: str, current: str) -> SubjectKey:
-        held = super().__new__(cls, key)
-        held.current = current
-        return held
-
-
-def current_key(key: str) -> str:
-    """The current generation's key of the subject `key` names when query derived it; a
-    key given by a caller, or read from score's rows, as it is (its generation is unknown)."""
-    return key.current if isinstance(key, SubjectKey) else key
-
-
-@dataclass(frozen=True)
-class SubjectRef:
-    """Exactly one of `subject`, `subject_key` and `own` is set in a valid ref. `own` is a
-    subject caller naming itself by its token: (key id, key) of every generation of its
-    key, root first (kit.auth.Principal.generation_keys), found as a raw id's keys are."""
-
-    subject: RawSubject | None = None
-    subject_key: str | None = None
-    own: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass(frozen=True)
-class SubjectScore:
-    subject_key: str
-    subject_kind: str
-    score: int
-    tier: str
-    categories: tuple[CategoryScore, ...]
-    as_of: datetime
-    policy_version: str
-    entry_count: int
-    lists: tuple[ListMembership, ...] = ()
-    next_change_at: datetime | None = None
-
-
-@dataclass(frozen=True)
-class ConsentView:
-    """The consent in force for a subject at an instant, and whether the policy in force
-    then requires it (False when the subject's kind is not known: no score is held)."""
-
-    consent: Consent | None
-    required: bool
-    as_of: datetime
-    policy_version: str
-
-    @property
-    def granted(self) -> bool:
-        return may_serve(True, self.consent)
-
-
-@dataclass(frozen=True)
-class ScoreView:
-    score: SubjectScore
-    base_score: int
-
-
-@dataclass(frozen=True)
-class HistoryRow:
-    history_id: int
-    changed_at: datetime
-    recorded_at: datetime
-    cause: str
-    policy_version: str
-    score_before: int | None
-    score: int
-    tier_before: str
-    tier: str
-    lists_before: tuple[str, ...]
-    lists: tuple[str, ...]
-    added_entry_ids: tuple[str, ...]
-    expired_entry_ids: tuple[str, ...]
-    # Due process (docs/due-process.md): entries ended by a decision or correction, entries
-    # counting again, and what happened.
-    ended_entry_ids: tuple[str, ...] = ()
-    resumed_entry_ids: tuple[str, ...] = ()
-    note: str = ""
-
-
-@dataclass(frozen=True)
-class HistoryPage:
-    changes: tuple[HistoryRow, ...]
-    next_page_token: str
-
-
-@dataclass(frozen=True)
-class Distribution:
-    # (kind, tier) -> subjects
-    by_kind: dict[tuple[str, str], int] = field(default_factory=dict)
-    # (category, kind, purpose-bound tier) -> subjects
-    by_category: dict[tuple[str, str, str], int] = field(default_factory=dict)
-    # (kind, list) -> subjects
-    lists: dict[tuple[str, str], int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class RawDistribution:
-    """What the store counts: tiers and lists per kind, and subjects per (kind, category,
-    category points), which the domain turns into purpose-bound tiers."""
-
-    tiers: Sequence[tuple[str, str, int]]
-    lists: Sequence[tuple[str, str, int]]
-    category_points: Sequence[tuple[str, str, int, int]]
-
-
-@dataclass(frozen=True)
-class EligibilityView:
-    benefit: Benefit
-    eligibility: Eligibility
-    as_of: datetime
-    policy_version: str
-
-
-@dataclass(frozen=True)
-class BenefitPage:
-    benefits: tuple[Benefit, ...]
-    next_page_token: str
-
-
-@dataclass(frozen=True)
-class Cursor:
-    """Where a page ended: the last entry it returned."""
-
-    occurred_at: datetime
-    entry_id: str
-
-
-@dataclass(frozen=True)
-class EntryPage:
-    entries: tuple[LedgerEntry, ...]
-    next_page_token: str
 
 
 class ScoreReadStore(Protocol):
@@ -226,57 +88,6 @@ class ScoreReadStore(Protocol):
         """(version, activated_at) of every activation: what tells, cheaply, whether the
         activations changed (policies are append-only, one row per version)."""
         ...
-
-
-def _invalid_token() -> InvalidArgument:
-    return InvalidArgument(
-        "invalid page token",
-        [Violation("page_token", "is not a page token of this query", "INVALID_PAGE_TOKEN")],
-    )
-
-
-def encode_cursor(tokens: PageTokens, cursor: Cursor, *, bound_to: Mapping[str, object]) -> str:
-    return tokens.encode([cursor.occurred_at.astimezone(UTC).isoformat(), cursor.entry_id], bound_to=bound_to)
-
-
-def decode_cursor(tokens: PageTokens, token: str, *, bound_to: Mapping[str, object]) -> Cursor | None:
-    """The ListEntries cursor in `token` (kit.page_tokens checks it); None for the first page."""
-    value = tokens.decode(token, bound_to=bound_to)
-    if value is None:
-        return None
-    try:
-        occurred_at, entry_id = value
-        when = datetime.fromisoformat(occurred_at)
-    except (ValueError, TypeError) as exc:
-        raise _invalid_token() from exc
-    if when.tzinfo is None or not isinstance(entry_id, str):
-        raise _invalid_token()
-    return Cursor(when.astimezone(UTC), entry_id)
-
-
-def decode_token(tokens: PageTokens, token: str, kind: type, *, bound_to: Mapping[str, object]) -> Any:
-    """The single value a token of `tokens.encode` holds, of type `kind`; None for ""."""
-    value = tokens.decode(token, bound_to=bound_to)
-    if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-        raise _invalid_token()
-    return value
-
-
-def page_size(requested: int) -> int:
-    if requested == 0:
-        return DEFAULT_PAGE_SIZE
-    if not 1 <= requested <= MAX_PAGE_SIZE:
-        raise InvalidArgument(
-            "invalid page size",
-            [
-                Violation(
-                    "page_size",
-                    f"must be 0 (default {DEFAULT_PAGE_SIZE}) or 1 to {MAX_PAGE_SIZE}",
-                    "OUT_OF_RANGE",
-                )
-            ],
-        )
-    return requested
 
 
 MAX_BATCH = 100

@@ -1,208 +1,180 @@
-"""QueryService over gRPC: translates protobuf ⇄ domain; errors map to statuses in kit."""
+"""QueryService over gRPC: translates protobuf ⇄ domain; errors map to statuses in kit.
+
+Every read naming a subject goes through the read pipeline (services.query.read_pipeline):
+its subject key, the stated purpose, the per-datum check, then the read served together
+with its access record. Reads of a subject's score also flag the entries under an undecided
+dispute; entries read carry their dispute and repair application (docs/due-process.md).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
 import grpc
 
-from domain.benefits import Benefit
-from domain.entries import CORRECTION, DISPUTE, REPAIR, EntryStatus, LedgerEntry
-from domain.history import ENTRIES, EXPIRY, POLICY
-from domain.scoring import CategoryScore, ListMembership
-from egret.common.v1 import outcome_pb2, subject_pb2
+from contracts.due_process_wire import consent_message, dispute_message, repair_message
+from egret.common.v1 import subject_pb2
 from egret.query.v1 import query_service_pb2 as pb
 from egret.query.v1 import query_service_pb2_grpc as pb_grpc
 from kit.db import run_blocking
-from kit.errors import NotFound
+from kit.errors import InvalidArgument, NotFound
 from kit.logging import get_logger
 from kit.principal import Role, current_principal
-from kit.protoconv import SEVERITY_VALUES, SUBJECT_KIND_NAMES, SUBJECT_KIND_VALUES, to_datetime, to_timestamp
+from kit.protoconv import SUBJECT_KIND_NAMES, SUBJECT_KIND_VALUES, to_timestamp
+from kit.purposes import StatedPurpose
 from services.query.access import require_own_benefit, require_own_subject
-from services.query.domain import HistoryRow, RawSubject, Reader, ScoreView, SubjectRef
-
-_STATUS = {
-    EntryStatus.ACTIVE: pb.ENTRY_STATUS_ACTIVE,
-    EntryStatus.DISPUTED: pb.ENTRY_STATUS_DISPUTED,
-    EntryStatus.REVERSED: pb.ENTRY_STATUS_REVERSED,
-    EntryStatus.REPAIRED: pb.ENTRY_STATUS_REPAIRED,
-    EntryStatus.EXPIRED: pb.ENTRY_STATUS_EXPIRED,
-}
-
+from services.query.access_log_storage import ACCESS_LOG_PERIOD, SqlAccessLog
+from services.query.corrected import corrected_history
+from services.query.domain import Reader
+from services.query.due_process_storage import (
+    ListFilter,
+    SqlDueProcessReader,
+    decode_key,
+    dispute_page,
+    id_filter,
+    repair_page,
+)
+from services.query.explain import PositiveRule, explain
+from services.query.paging import decode_token, page_size
+from services.query.read_pipeline import ReadPipeline
+from services.query.rules_client import RulesClient
+from services.query.subjects import SubjectRef, current_key
+from services.query.wire import (
+    DISPUTE_FILTER,
+    REPAIR_FILTER,
+    access_record_message,
+    annotate_entry,
+    assignee_filter,
+    benefit_message,
+    bound_filter,
+    change_message,
+    entry_message,
+    explanation_message,
+    optional_time,
+    score_message,
+    subject_named,
+    subject_ref,
+    timeline,
+)
 
 log = get_logger(__name__)
 
 
-def subject_ref(ref: subject_pb2.SubjectRef) -> SubjectRef:
-    """The domain form of a request's SubjectRef. Unset, it names the caller when the caller
-    is a subject (its token's keys); for anyone else it stays unset, and the read refuses it
-    (INVALID_ARGUMENT, REQUIRED)."""
-    which = ref.WhichOneof("ref")
-    if which == "subject_key":
-        return SubjectRef(subject_key=ref.subject_key)
-    if which == "subject":
-        raw = ref.subject
-        return SubjectRef(subject=RawSubject(SUBJECT_KIND_NAMES.get(raw.kind), raw.id_scheme, raw.id_value))
-    principal = current_principal()
-    if principal is not None and principal.role is Role.SUBJECT and principal.subject_key:
-        return SubjectRef(own=principal.generation_keys or (("", principal.subject_key),))
-    return SubjectRef()
-
-
-def category_messages(categories: Iterable[CategoryScore]) -> list[pb.CategoryScore]:
-    return [
-        pb.CategoryScore(
-            category=c.category, points=c.points, entry_count=c.entry_count, capped_points=c.capped
-        )
-        for c in categories
-    ]
-
-
-def list_messages(lists: Iterable[ListMembership]) -> list[pb.ListMembership]:
-    return [pb.ListMembership(list_name=m.name, reasons=m.reasons, entry_ids=m.entry_ids) for m in lists]
-
-
-def score_message(view: ScoreView) -> pb.Score:
-    s = view.score
-    return pb.Score(
-        subject_key=s.subject_key,
-        subject_kind=SUBJECT_KIND_VALUES[s.subject_kind],
-        score=s.score,
-        tier=s.tier,
-        categories=category_messages(s.categories),
-        lists=list_messages(s.lists),
-        as_of=to_timestamp(s.as_of),
-        policy_version=s.policy_version,
-        base_score=view.base_score,
-        entry_count=s.entry_count,
-    )
-
-
-def optional_time(message: Any, name: str) -> datetime | None:
-    return to_datetime(getattr(message, name)) if message.HasField(name) else None
-
-
-_CAUSES = {
-    ENTRIES: pb.CHANGE_CAUSE_ENTRIES,
-    EXPIRY: pb.CHANGE_CAUSE_EXPIRY,
-    POLICY: pb.CHANGE_CAUSE_POLICY,
-    CORRECTION: pb.CHANGE_CAUSE_CORRECTION,
-    DISPUTE: pb.CHANGE_CAUSE_DISPUTE,
-    REPAIR: pb.CHANGE_CAUSE_REPAIR,
-}
-
-
-def change_message(row: HistoryRow) -> pb.ScoreChange:
-    change = pb.ScoreChange(
-        changed_at=to_timestamp(row.changed_at),
-        cause=_CAUSES.get(row.cause, pb.CHANGE_CAUSE_UNSPECIFIED),
-        score=row.score,
-        tier_before=row.tier_before,
-        tier=row.tier,
-        lists_before=row.lists_before,
-        lists=row.lists,
-        added_entry_ids=row.added_entry_ids,
-        expired_entry_ids=row.expired_entry_ids,
-        ended_entry_ids=row.ended_entry_ids,
-        resumed_entry_ids=row.resumed_entry_ids,
-        note=row.note,
-        policy_version=row.policy_version,
-        recorded_at=to_timestamp(row.recorded_at),
-    )
-    if row.score_before is not None:
-        change.score_before = row.score_before
-    return change
-
-
-def benefit_message(benefit: Benefit) -> pb.Benefit:
-    return pb.Benefit(
-        benefit_id=benefit.benefit_id,
-        purpose=benefit.purpose,
-        provider=benefit.provider,
-        considers=sorted(benefit.considers or ()),
-        considers_all=benefit.considers is None,
-        subject_kinds=[SUBJECT_KIND_VALUES[k] for k in benefit.subject_kinds],
-        condition=benefit.condition.describe(),
-        provider_id=benefit.provider_id,
-    )
-
-
-def now_or_expired(entry: LedgerEntry, now: datetime) -> EntryStatus:
-    # Expiry is not stored: an active entry past its visible_until reads as expired.
-    if entry.status is EntryStatus.ACTIVE and entry.visible_until <= now:
-        return EntryStatus.EXPIRED
-    return entry.status
-
-
-def entry_message(entry: LedgerEntry, *, with_evidence: bool, now: datetime) -> pb.LedgerEntry:
-    outcome = outcome_pb2.Outcome.FromString(entry.snapshot)
-    rule = entry.rule
-    return pb.LedgerEntry(
-        entry_id=entry.entry_id,
-        subject_key=entry.subject_key,
-        rule=outcome_pb2.RuleRef(
-            rule_id=rule.rule_id,
-            rule_set=rule.rule_set,
-            rule_set_version=rule.rule_set_version,
-            title=rule.title,
-            description=rule.description,
-            legal_basis=rule.legal_basis,
-        ),
-        points=entry.points,
-        category=entry.category,
-        severity=SEVERITY_VALUES[entry.severity],
-        status=_STATUS[now_or_expired(entry, now)],
-        occurred_at=to_timestamp(entry.occurred_at),
-        recorded_at=to_timestamp(entry.recorded_at),
-        visible_until=to_timestamp(entry.visible_until),
-        reason=entry.reason,
-        black_list=entry.black_list,
-        evidence=outcome.events if with_evidence else [],
-        event_refs=[e.ref for e in outcome.events],
-    )
-
-
 class QueryServicer(pb_grpc.QueryServiceServicer):
-    def __init__(self, reader: Reader, executor: Executor, *, inline_reads: bool = False) -> None:
+    """Every QueryService RPC, over the collaborators it is given."""
+
+    def __init__(
+        self,
+        *,
+        reader: Reader,
+        due_process: SqlDueProcessReader,
+        access_log: SqlAccessLog,
+        reads: ReadPipeline,
+        executor: Executor,
+        rules: RulesClient | None = None,
+        inline_reads: bool = False,
+    ) -> None:
         self._reader = reader
+        self._due = due_process
+        self._access_log = access_log
+        self._reads = reads
         self._executor = executor
+        self._rules = rules
         # With a local store (SQLite), a current score is one point read of ~50 µs: cheaper
         # on the event loop than the hop to a worker thread and back, and free of the wait
         # for the GIL between the two. Anything more goes to the executor.
         self._inline_reads = inline_reads
 
-    def _own(self, ref: Any) -> None:
-        """Per-datum check before any read: subjects see only their own data."""
-        principal = current_principal()
-        if principal is not None and principal.role is Role.SUBJECT:
-            require_own_subject(principal, self._reader.subject_key(subject_ref(ref)))
+    # --- shared by every subject read ----------------------------------------------------
+
+    def _subject_read(self, request: Any, ref: subject_pb2.SubjectRef) -> tuple[str, StatedPurpose]:
+        """The key of the one subject `request` reads and its stated purpose, once the caller
+        is known to be allowed to read that subject (subjects see only their own data)."""
+        key = self._reader.subject_key(subject_ref(ref))
+        return key, self._allowed(request, ref, key)
+
+    def _allowed(self, request: Any, ref: subject_pb2.SubjectRef, key: str) -> StatedPurpose:
+        """The stated purpose, then the per-datum check: subjects see only their own data."""
+        purpose = self._reads.purpose(request, ref)
+        require_own_subject(current_principal(), key)
+        return purpose
+
+    async def _disputed(self, subject_keys: Sequence[str], at: datetime) -> dict[str, tuple[str, ...]]:
+        if not subject_keys:
+            return {}
+        if (
+            self._inline_reads
+            and len(subject_keys) == 1
+            and not self._due.has_undecided_dispute(subject_keys[0])
+        ):
+            # The common answer, from one prepared index probe on the loop (as the score read).
+            return {}
+        return await run_blocking(self._executor, self._due.open_disputed, subject_keys, at)
+
+    async def _annotate(self, entries: Sequence[pb.LedgerEntry]) -> None:
+        if not entries:
+            return
+        facts = await run_blocking(self._executor, self._due.facts_of, [e.entry_id for e in entries])
+        now = self._reader.now()
+        for message in entries:
+            annotate_entry(message, facts.get(message.entry_id), now)
+
+    # --- scores ----------------------------------------------------------------------------
 
     async def GetScore(self, request: pb.GetScoreRequest, context: Any) -> pb.GetScoreResponse:
-        self._own(request.subject)
+        key, purpose = self._subject_read(request, request.subject)
         ref, as_of = subject_ref(request.subject), optional_time(request, "as_of")
-        view = self._reader.current_score(ref) if self._inline_reads and as_of is None else None
-        if view is None:
-            view = await run_blocking(self._executor, self._reader.score, ref, as_of)
-        return pb.GetScoreResponse(score=score_message(view))
+        at = as_of or self._reader.now()
+        if as_of is None and self._inline_reads:
+            # The hot path (a current score from a local store): record, then read on the
+            # loop; no task is spawned unless the subject has an undecided dispute.
+            await self._reads.record("GetScore", [key], purpose)
+            view = self._reader.current_score(ref)
+            if view is None:  # an expiry passed, a policy changed, no row: recompute
+                view = await run_blocking(self._executor, self._reader.score, ref, None)
+            response = pb.GetScoreResponse(score=score_message(view))
+            response.score.disputed_entry_ids.extend((await self._disputed([key], at)).get(key, ()))
+            return response
+        read = run_blocking(self._executor, self._reader.score, ref, as_of, timeline(request))
+        found, disputed = await asyncio.gather(
+            self._reads.serve("GetScore", [key], purpose, read), self._disputed([key], at)
+        )
+        response = pb.GetScoreResponse(score=score_message(found))
+        response.score.disputed_entry_ids.extend(disputed.get(key, ()))
+        return response
 
     async def BatchGetScores(
         self, request: pb.BatchGetScoresRequest, context: Any
     ) -> pb.BatchGetScoresResponse:
-        views = await run_blocking(
-            self._executor,
-            self._reader.batch,
-            [subject_ref(s) for s in request.subjects],
-            optional_time(request, "as_of"),
+        refs = [subject_ref(s) for s in request.subjects]
+        as_of = optional_time(request, "as_of")
+        try:
+            keys = [self._reader.subject_key(ref, f"subjects[{i}]") for i, ref in enumerate(refs)]
+        except InvalidArgument:
+            # The batch read lists every problem, the batch's size first.
+            await run_blocking(self._executor, self._reader.batch, refs, as_of)
+            raise
+        purpose = self._reads.purpose(request, *request.subjects)
+        at = as_of or self._reader.now()
+        read = run_blocking(self._executor, self._reader.batch, refs, as_of, timeline(request))
+        distinct = sorted(set(keys))
+        views, disputed = await asyncio.gather(
+            self._reads.serve("BatchGetScores", distinct, purpose, read), self._disputed(distinct, at)
         )
-        return pb.BatchGetScoresResponse(
-            results=[
-                pb.BatchScoreResult(found=True, score=score_message(v)) if v else pb.BatchScoreResult()
-                for v in views
-            ]
-        )
+        results = []
+        for key, found in zip(keys, views, strict=True):
+            if found is None:
+                results.append(pb.BatchScoreResult())
+                continue
+            score = score_message(found)
+            score.disputed_entry_ids.extend(disputed.get(key, ()))
+            results.append(pb.BatchScoreResult(found=True, score=score))
+        return pb.BatchGetScoresResponse(results=results)
 
     async def GetTierDistribution(
         self, request: pb.GetTierDistributionRequest, context: Any
@@ -227,7 +199,14 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
     async def ListScoreHistory(
         self, request: pb.ListScoreHistoryRequest, context: Any
     ) -> pb.ListScoreHistoryResponse:
-        self._own(request.subject)
+        key, purpose = self._subject_read(request, request.subject)
+        if request.as_corrected:
+            read: Awaitable[pb.ListScoreHistoryResponse] = self._corrected_history(request, key)
+        else:
+            read = self._history(request)
+        return await self._reads.serve("ListScoreHistory", [key], purpose, read)
+
+    async def _history(self, request: pb.ListScoreHistoryRequest) -> pb.ListScoreHistoryResponse:
         page = await run_blocking(
             self._executor,
             self._reader.history,
@@ -239,11 +218,55 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
             changes=[change_message(c) for c in page.changes], next_page_token=page.next_page_token
         )
 
+    async def _corrected_history(
+        self, request: pb.ListScoreHistoryRequest, key: str
+    ) -> pb.ListScoreHistoryResponse:
+        size = page_size(request.page_size)
+        binding = {"method": "ListScoreHistory", "subject_key": current_key(key), "as_corrected": True}
+        before = decode_token(self._reader.tokens, request.page_token, int, bound_to=binding)
+        facts = await run_blocking(self._executor, self._due.facts, key)
+        if not facts:
+            raise NotFound("no score is held for this subject")
+        kind = facts[0].entry.subject_kind
+        now = self._reader.now()
+        book = self._reader.policies()
+        self._reader.require_consent(book.at(now).for_kind(kind), key, now)
+        rows = corrected_history([f.scored for f in facts], book, kind, now)
+        newest = [r for r in reversed(rows) if before is None or r.history_id < before]
+        page = newest[:size]
+        return pb.ListScoreHistoryResponse(
+            changes=[change_message(c) for c in page],
+            next_page_token=(
+                self._reader.tokens.encode(page[-1].history_id, bound_to=binding)
+                if len(newest) > size
+                else ""
+            ),
+        )
+
+    # --- eligibility and benefits ----------------------------------------------------------
+
     async def CheckEligibility(
         self, request: pb.CheckEligibilityRequest, context: Any
     ) -> pb.CheckEligibilityResponse:
-        self._own(request.subject)
+        try:
+            key = self._reader.subject_key(subject_ref(request.subject))
+        except InvalidArgument:
+            return await self._eligibility(request)  # every problem listed
+        purpose = self._allowed(request, request.subject, key)
+        at = optional_time(request, "as_of") or self._reader.now()
+        response, disputed = await asyncio.gather(
+            self._reads.serve("CheckEligibility", [key], purpose, self._eligibility(request)),
+            self._disputed([key], at),
+        )
+        open_ids = set(disputed.get(key, ()))
+        for reason in response.reasons:
+            reason.disputed_entry_ids.extend(e for e in reason.entry_ids if e in open_ids)
+        return response
+
+    async def _eligibility(self, request: pb.CheckEligibilityRequest) -> pb.CheckEligibilityResponse:
         principal = current_principal()
+        if principal is not None and principal.role is Role.SUBJECT:
+            require_own_subject(principal, self._reader.subject_key(subject_ref(request.subject)))
         provider_id = self._reader.benefit_provider(request.benefit_id)
         if provider_id is not None:
             require_own_benefit(principal, provider_id)
@@ -289,8 +312,15 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
             benefits=[benefit_message(b) for b in page.benefits], next_page_token=page.next_page_token
         )
 
+    # --- ledger entries --------------------------------------------------------------------
+
     async def ListEntries(self, request: pb.ListEntriesRequest, context: Any) -> pb.ListEntriesResponse:
-        self._own(request.subject)
+        key, purpose = self._subject_read(request, request.subject)
+        response = await self._reads.serve("ListEntries", [key], purpose, self._entries(request))
+        await self._annotate(response.entries)
+        return response
+
+    async def _entries(self, request: pb.ListEntriesRequest) -> pb.ListEntriesResponse:
         page = await run_blocking(
             self._executor,
             self._reader.entries,
@@ -304,6 +334,7 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
         )
 
     async def GetEntry(self, request: pb.GetEntryRequest, context: Any) -> pb.GetEntryResponse:
+        purpose = self._reads.purpose(request)
         entry = await run_blocking(self._executor, self._reader.entry, request.entry_id)
         principal = current_principal()
         if (
@@ -314,7 +345,137 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
             # Entry ids are deterministic: answering otherwise than for an unknown id would
             # tell a stranger that the entry exists.
             raise NotFound(f"no ledger entry {request.entry_id!r}")
-        return pb.GetEntryResponse(entry=entry_message(entry, with_evidence=True, now=self._reader.now()))
+        response = pb.GetEntryResponse(entry=entry_message(entry, with_evidence=True, now=self._reader.now()))
+        await self._annotate([response.entry])
+        # Whose entry it is is known only once it is read.
+        await self._reads.record("GetEntry", [response.entry.subject_key], purpose)
+        return response
+
+    # --- due process -----------------------------------------------------------------------
+
+    async def Explain(self, request: pb.ExplainRequest, context: Any) -> pb.ExplainResponse:
+        key, purpose = self._subject_read(request, request.subject)
+        now = self._reader.now()
+        # Served only where a score is: NOT_FOUND for no entries, FAILED_PRECONDITION without consent.
+        view = await run_blocking(self._executor, self._reader.score, SubjectRef(subject_key=key), None)
+        facts = await run_blocking(self._executor, self._due.facts, key)
+        kind = view.score.subject_kind
+        active = self._reader.policies().at(now)
+        rules: Sequence[PositiveRule] | None = None
+        if self._rules is not None:
+            rules = await self._rules.positive_rules()
+        explanation = explain(
+            subject_key=key,
+            subject_kind=kind,
+            facts=facts,
+            policy=active.for_kind(kind),
+            due_process=active.due_process,
+            now=now,
+            positive_rules=rules or (),
+        )
+        await self._reads.record("Explain", [key], purpose)
+        return pb.ExplainResponse(explanation=explanation_message(explanation))
+
+    def _list_filter(
+        self, request: Any, status: str | None, overdue_only: bool
+    ) -> tuple[ListFilter, StatedPurpose]:
+        """The filter of a due-process list and its stated purpose. A subject lists only its
+        own: the filter is forced to its key (named, or its token's: an unset ref names the
+        subject caller itself, found as a raw id is)."""
+        ref = request.subject
+        principal = current_principal()
+        subject = principal is not None and principal.role is Role.SUBJECT
+        if subject or subject_named(ref):
+            key, purpose = self._subject_read(request, ref)
+        else:
+            key, purpose = None, self._reads.purpose(request, ref)
+        return ListFilter(status=status, subject_key=key, overdue_only=overdue_only), purpose
+
+    async def _record_listed(
+        self, method: str, where: ListFilter, keys: Sequence[str], purpose: StatedPurpose
+    ) -> None:
+        listed = [where.subject_key] if where.subject_key is not None else sorted(set(keys))
+        await self._reads.record(method, listed, purpose)
+
+    async def ListDisputes(self, request: pb.ListDisputesRequest, context: Any) -> pb.ListDisputesResponse:
+        status = DISPUTE_FILTER.get(request.status) if request.status else None
+        where, purpose = self._list_filter(request, status, request.overdue_only)
+        where = replace(
+            where,
+            department=request.department or None,
+            category=request.category or None,
+            assignee=assignee_filter(request),
+            unassigned_only=request.unassigned_only,
+            ids=id_filter(request.dispute_ids, "dispute_ids"),
+        )
+        size = page_size(request.page_size)
+        binding = {"method": "ListDisputes", "where": bound_filter(where)}
+        after = decode_key(self._reader.tokens, request.page_token, bound_to=binding)
+        now = self._reader.now()
+        rows = await run_blocking(self._executor, self._due.disputes, where, now, after, size + 1)
+        page = dispute_page(rows, size, self._reader.tokens, bound_to=binding)
+        await self._record_listed("ListDisputes", where, [d.subject_key for d in page.disputes], purpose)
+        return pb.ListDisputesResponse(
+            disputes=[dispute_message(d, now) for d in page.disputes], next_page_token=page.next_page_token
+        )
+
+    async def ListRepairApplications(
+        self, request: pb.ListRepairApplicationsRequest, context: Any
+    ) -> pb.ListRepairApplicationsResponse:
+        status = REPAIR_FILTER.get(request.status) if request.status else None
+        where, purpose = self._list_filter(request, status, request.overdue_only)
+        where = replace(where, ids=id_filter(request.application_ids, "application_ids"))
+        size = page_size(request.page_size)
+        binding = {"method": "ListRepairApplications", "where": bound_filter(where)}
+        after = decode_key(self._reader.tokens, request.page_token, bound_to=binding)
+        now = self._reader.now()
+        rows = await run_blocking(self._executor, self._due.repairs, where, now, after, size + 1)
+        page = repair_page(rows, size, self._reader.tokens, bound_to=binding)
+        await self._record_listed(
+            "ListRepairApplications", where, [r.subject_key for r in page.applications], purpose
+        )
+        return pb.ListRepairApplicationsResponse(
+            applications=[repair_message(r, now) for r in page.applications],
+            next_page_token=page.next_page_token,
+        )
+
+    async def GetConsent(self, request: pb.GetConsentRequest, context: Any) -> pb.GetConsentResponse:
+        key, purpose = self._subject_read(request, request.subject)
+        read = run_blocking(
+            self._executor,
+            self._reader.consent,
+            subject_ref(request.subject),
+            optional_time(request, "as_of"),
+        )
+        view = await self._reads.serve("GetConsent", [key], purpose, read)
+        response = pb.GetConsentResponse(
+            granted=view.granted,
+            consent_required=view.required,
+            as_of=to_timestamp(view.as_of),
+            policy_version=view.policy_version,
+        )
+        if view.consent is not None:
+            response.consent.CopyFrom(consent_message(view.consent))
+        return response
+
+    async def ListAccessLog(self, request: pb.ListAccessLogRequest, context: Any) -> pb.ListAccessLogResponse:
+        key, purpose = self._subject_read(request, request.subject)
+        size = page_size(request.page_size)
+        binding = {"method": "ListAccessLog", "subject_key": current_key(key)}
+        before = decode_token(self._reader.tokens, request.page_token, int, bound_to=binding)
+        # Recorded first: this read is part of the log it shows.
+        await self._reads.record("ListAccessLog", [key], purpose)
+        since = self._reads.now() - ACCESS_LOG_PERIOD
+        # Named by raw id, the subject's records are found under every generation's key.
+        keys = self._reader.recorded_keys(subject_ref(request.subject))
+        rows = await run_blocking(self._executor, self._access_log.page, keys, since, before, size + 1)
+        page = rows[:size]
+        return pb.ListAccessLogResponse(
+            records=[access_record_message(r) for r in page],
+            next_page_token=self._reader.tokens.encode(page[-1].seq, bound_to=binding)
+            if len(rows) > size
+            else "",
+        )
 
 
 def register(servicer: QueryServicer) -> Callable[[grpc.aio.Server], None]:

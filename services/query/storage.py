@@ -3,7 +3,7 @@
 The schema belongs to the score service: its models (services.score.storage) and its
 migrations define the tables. Query opens that database read-only and may start before
 score has created it; query's own migrations (services/query/migrations) are for its own
-database, which holds only the access log (services.query.access_log).
+database, which holds only the access log (services.query.access_log_storage).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from domain.scoring import CategoryScore, ListMembership
 from kit.db import as_utc, make_session_factory
 from kit.errors import Unavailable
 from kit.rekey import read_marker
-from services.query.domain import Cursor, HistoryRow, RawDistribution, SubjectScore
+from services.query.paging import Cursor
+from services.query.read_models import HistoryRow, RawDistribution, SubjectScore
 from services.score.storage import (
     ScoreSubjectKeyGeneration,
     StoredCategory,

@@ -30,7 +30,7 @@ from kit.principal import Role
 from kit.pseudonym import KeyLink, Pseudonymiser
 from kit.settings import PseudonymSettings
 from services.query import domain
-from services.query.access_log import QueryAuditHead, QueryAuditLog
+from services.query.access_log_storage import QueryAuditHead, QueryAuditLog
 from services.query.bootstrap import MIGRATIONS as QUERY_MIGRATIONS
 from services.query.bootstrap import build as build_query
 from services.query.settings import QuerySettings

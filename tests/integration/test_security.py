@@ -36,7 +36,7 @@ from services.ingest import bootstrap as ingest_bootstrap
 from services.ingest.servicer import IngestServicer
 from services.query import access as query_access
 from services.query import bootstrap as query_bootstrap
-from services.query.due_process_servicer import DueProcessQueryServicer
+from services.query.servicer import QueryServicer
 from services.rules import access as rules_access
 from services.rules import bootstrap as rules_bootstrap
 from services.rules.servicer import RulesServicer
@@ -54,7 +54,7 @@ SERVICERS = {
     "ingest": IngestServicer,
     "rules": RulesServicer,
     "score": ScoreServicer,
-    "query": DueProcessQueryServicer,
+    "query": QueryServicer,
 }
 POLICIES = {
     "ingest": ingest_access.POLICY,

@@ -11,7 +11,9 @@ from domain.entries import EntryStatus, ScoredEntry
 from domain.policy import ActivatedPolicy, load_policy
 from kit.page_tokens import PageTokens
 from kit.pseudonym import Pseudonymiser
-from services.query.domain import Reader, SubjectRef, SubjectScore
+from services.query.domain import Reader
+from services.query.read_models import SubjectScore
+from services.query.subjects import SubjectRef
 
 POLICY = load_policy(Path(__file__).parents[3] / "config" / "policy.yaml")
 NOW = datetime(2026, 11, 28, 12, tzinfo=UTC)
