@@ -242,7 +242,11 @@ class EvaluationFailed(Unavailable):
 
 
 class Evaluator:
-    """Evaluates batches one at a time: durable-rules is not thread-safe."""
+    """Evaluates batches one at a time: durable-rules is not thread-safe.
+
+    ``compile_rule_set`` makes the engine of each rule set that becomes active (bootstrap
+    passes services.rules.engine.RuleEngine).
+    """
 
     def __init__(
         self,

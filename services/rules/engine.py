@@ -119,7 +119,7 @@ class RuleEngine:
         """The firings and reversals that ``events`` (the new events) bring about.
 
         Per-event rules fire on the new events. Window, sequence and capped rules are
-        settled in event time (services/rules/windows.py): from each subject's earliest
+        settled in event time (services/rules/firings.py): from each subject's earliest
         new event (or ``since[subject]``, when earlier or when the subject has no new
         event, e.g. after a retraction) on, their canonical firings are formed from every
         event, new and in ``history``, and compared with ``prior`` (per subject, the
