@@ -49,6 +49,7 @@ from services.rules.backtest_servicer import (
     replay_sharded,
 )
 from services.rules.backtest_storage import HistoryReader
+from services.rules.engine import RuleEngine
 from services.rules.records import engine_event_from_record
 from services.rules.ruleset import RuleSet, rule_set_from_yaml
 from services.rules.settings import default_workers
@@ -258,7 +259,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             # What the handler runs on the engine thread with one worker, without the gRPC
             # hop and the yields to live batches between pages.
             backtest = Backtest(
-                baseline=baseline, candidate=candidate, policy=policy, cohort_attributes=cohorts
+                baseline=baseline,
+                candidate=candidate,
+                policy=policy,
+                cohort_attributes=cohorts,
+                make_engine=RuleEngine,
             )
             try:
                 for page in reader.pages(scope):

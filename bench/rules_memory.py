@@ -55,7 +55,8 @@ from kit.db import create_engine, make_session_factory
 from kit.page_tokens import PageTokens
 from kit.protoconv import to_timestamp
 from services.ingest.catalogue import EventType
-from services.rules.domain import Evaluator, check_rule_set
+from services.rules.domain import Evaluator
+from services.rules.engine import RuleEngine, check_rule_set
 from services.rules.lifecycle import RuleSetLifecycle
 from services.rules.records import engine_event
 from services.rules.storage import Base, Outbox, SqlEvaluationStore, SqlLifecycleStore
@@ -175,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             store=SqlEvaluationStore(sessions, key_id="k1"),
             clock=lambda: datetime.now(UTC),
             dead_letter_after=3,
+            compile_rule_set=RuleEngine,
         )
         evaluator.load_active()
         print(f"preparing {args.subjects} subjects ...", flush=True)

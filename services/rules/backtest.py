@@ -6,7 +6,8 @@ one, each on its own engine and its own in-memory state: nothing live is read du
 the replay and nothing is written anywhere. Both outcome sets are scored per subject
 with score's pure ``compute_score`` under the score policy, and the report compares
 them: the tier migration matrix, the distribution of score changes, the rules moving
-the most points, and the same per cohort.
+the most points, and the same per cohort (services/rules/backtest_report.py). The
+engines are the caller's (``make_engine``): services.rules.engine.RuleEngine.
 
 Why the numbers equal what activating the candidate live would produce:
 
@@ -14,7 +15,7 @@ Why the numbers equal what activating the candidate live would produce:
   the stored events grouped by ``evaluated_at``, in that order, are the batches exactly
   as live evaluation saw them (the final outcomes do not depend on them, but which
   outcomes were superseded on the way does). Within a batch the order is the
-  one ``services.rules.domain.in_evaluation_order`` gives, the very function live
+  one ``services.rules.batch.in_evaluation_order`` gives, the very function live
   evaluation uses: event time, then event key. Two batches committed in the same
   microsecond would be replayed as one; that is the documented tie-break of the order
   (``evaluated_at``, ``occurred_at``, key).
@@ -37,8 +38,7 @@ function must be the one score runs, not a copy of it.
 from __future__ import annotations
 
 import hashlib
-import heapq
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Final
@@ -46,28 +46,21 @@ from typing import Final
 from domain.entries import EntryStatus
 from domain.policy import ScorePolicy
 from domain.scoring import ScoreResult, compute_score
-from services.rules.domain import EvaluationContext, in_evaluation_order, lookback, run_batch
-from services.rules.engine import RuleEngine, Supersession, prior_outcome
+from services.rules.backtest_report import (
+    BacktestReport,
+    CohortBreakdown,
+    PartialReport,
+    SideScore,
+    SubjectComparison,
+    Tally,
+    first_listed,
+)
+from services.rules.batch import Compiler, Engine, EvaluationContext, in_evaluation_order, lookback, run_batch
+from services.rules.evaluated import Supersession, prior_outcome
 from services.rules.ruleset import EngineEvent, Firing, RuleSet
 from services.rules.windows import PriorOutcome
 
 SUBJECT_KIND_DIMENSION: Final = "subject_kind"
-
-# Score change buckets, (label, lowest change, highest change), inclusive; None is open.
-# Fixed, so that reports of different backtests can be compared side by side.
-SCORE_CHANGE_BUCKETS: Final[tuple[tuple[str, int | None, int | None], ...]] = (
-    ("<= -100", None, -100),
-    ("-99..-50", -99, -50),
-    ("-49..-20", -49, -20),
-    ("-19..-10", -19, -10),
-    ("-9..-1", -9, -1),
-    ("0", 0, 0),
-    ("+1..+9", 1, 9),
-    ("+10..+19", 10, 19),
-    ("+20..+49", 20, 49),
-    ("+50..+99", 50, 99),
-    (">= +100", 100, None),
-)
 
 _SAMPLE_SALT: Final = b"egret-backtest-sample/"
 _HASH_SPACE: Final = 2**64
@@ -113,117 +106,6 @@ class StoredEvent:
     event: EngineEvent
 
 
-@dataclass(frozen=True)
-class TierMove:
-    from_tier: str
-    to_tier: str
-    subjects: int
-
-
-@dataclass(frozen=True)
-class ScoreChangeBucket:
-    label: str
-    min_change: int | None
-    max_change: int | None
-    subjects: int
-
-
-@dataclass(frozen=True)
-class RuleImpact:
-    """Firings and points of one rule id under each side; ``points_moved`` is candidate - baseline."""
-
-    rule_id: str
-    baseline_firings: int
-    candidate_firings: int
-    baseline_points: int
-    candidate_points: int
-
-    @property
-    def points_moved(self) -> int:
-        return self.candidate_points - self.baseline_points
-
-
-@dataclass(frozen=True)
-class Breakdown:
-    """The comparison over one group of subjects (everyone, or one cohort)."""
-
-    subjects: int
-    subjects_changed: int
-    migrations: tuple[TierMove, ...]
-    score_changes: tuple[ScoreChangeBucket, ...]
-    rules: tuple[RuleImpact, ...]  # most points moved first
-
-
-@dataclass(frozen=True)
-class CohortBreakdown:
-    dimension: str  # "subject_kind" or a catalogue attribute marked as a cohort
-    value: str  # "" for subjects without a value
-    breakdown: Breakdown
-
-
-@dataclass(frozen=True, slots=True)
-class SideScore:
-    """A subject's score and tier under one side (the rest of ScoreResult is not kept:
-    a report covers hundreds of thousands of subjects)."""
-
-    score: int
-    tier: str
-
-
-@dataclass(frozen=True, slots=True)
-class SubjectComparison:
-    subject_key: str
-    subject_kind: str
-    baseline: SideScore
-    candidate: SideScore
-
-    @property
-    def change(self) -> int:
-        return self.candidate.score - self.baseline.score
-
-    @property
-    def changed(self) -> bool:
-        return self.change != 0 or self.baseline.tier != self.candidate.tier
-
-
-@dataclass(frozen=True)
-class BacktestReport:
-    baseline: RuleSet
-    candidate: RuleSet
-    policy_version: str
-    as_of: datetime
-    events_replayed: int
-    batches_replayed: int
-    # Replayed events the rule set fails on (live evaluation would park them).
-    baseline_failed_events: int
-    candidate_failed_events: int
-    overall: Breakdown
-    cohorts: tuple[CohortBreakdown, ...]
-    # Most changed first (most_changed_first); every subject, or the first subject_limit.
-    subjects: tuple[SubjectComparison, ...]
-
-
-@dataclass(frozen=True)
-class PartialReport:
-    """A report's raw material from one group of subjects, before it is combined.
-
-    Subjects are independent, so replaying disjoint groups of subjects (shards, in
-    separate processes) and combining their partial reports (``combine``) gives the
-    report of replaying them together: every figure is a sum over subjects, except the
-    batches, which are counted once per ``evaluated_at`` however many groups saw one.
-    """
-
-    events: int
-    batches: frozenset[datetime]  # the evaluated_at of every batch replayed
-    baseline_failed_events: int
-    candidate_failed_events: int
-    overall: _Tally
-    cohorts: Mapping[tuple[str, str], _Tally]
-    # The group's subjects, or only its first subject_limit by most_changed_first: the
-    # first N of all subjects are among the first N of each group.
-    subjects: tuple[SubjectComparison, ...]
-
-
 @dataclass(frozen=True, slots=True)
 class LedgerLine:
     """The ledger entry score would make of one firing: what compute_score reads, and the rule.
@@ -253,7 +135,7 @@ class _Side:
     outcome a later batch supersedes leaves the ledger, as its reversal does live.
     """
 
-    def __init__(self, rule_set: RuleSet, engine: RuleEngine) -> None:
+    def __init__(self, rule_set: RuleSet, engine: Engine) -> None:
         self.rule_set = rule_set
         self._engine = engine
         self._history_types = (
@@ -344,7 +226,7 @@ class Backtest:
         candidate: RuleSet,
         policy: ScorePolicy,
         cohort_attributes: Sequence[str] = (),
-        make_engine: Callable[[RuleSet], RuleEngine] = RuleEngine,
+        make_engine: Compiler,
     ) -> None:
         self._policy = policy
         self._cohort_attributes = tuple(dict.fromkeys(cohort_attributes))
@@ -402,8 +284,8 @@ class Backtest:
         Like ``report``, it ends the backtest.
         """
         self._flush()
-        overall = _Tally()
-        cohorts: dict[tuple[str, str], _Tally] = {}
+        overall = Tally()
+        cohorts: dict[tuple[str, str], Tally] = {}
         comparisons: list[SubjectComparison] = []
         # compute_score of an empty ledger depends only on the kind's policy and as_of.
         empty: dict[str, SideScore] = {}
@@ -433,7 +315,7 @@ class Backtest:
             for key in keys:
                 tally = cohorts.get(key)
                 if tally is None:
-                    tally = cohorts[key] = _Tally()
+                    tally = cohorts[key] = Tally()
                 tally.add(comparison, totals[0], totals[1])
         self._subjects = {}
         return PartialReport(
@@ -443,7 +325,7 @@ class Backtest:
             candidate_failed_events=self._candidate.failed_events,
             overall=overall,
             cohorts=cohorts,
-            subjects=_first(comparisons, subject_limit),
+            subjects=first_listed(comparisons, subject_limit),
         )
 
     def close(self) -> None:
@@ -502,8 +384,8 @@ def combine(
             tier_rank.setdefault(tier.name, len(tier_rank))
     events = baseline_failed = candidate_failed = 0
     batches: set[datetime] = set()
-    overall = _Tally()
-    cohorts: dict[tuple[str, str], _Tally] = {}
+    overall = Tally()
+    cohorts: dict[tuple[str, str], Tally] = {}
     comparisons: list[SubjectComparison] = []
     for part in partials:
         events += part.events
@@ -512,7 +394,7 @@ def combine(
         candidate_failed += part.candidate_failed_events
         overall.merge(part.overall)
         for key, tally in part.cohorts.items():
-            cohorts.setdefault(key, _Tally()).merge(tally)
+            cohorts.setdefault(key, Tally()).merge(tally)
         comparisons.extend(part.subjects)
     return BacktestReport(
         baseline=baseline,
@@ -530,24 +412,8 @@ def combine(
                 cohorts.items(), key=lambda item: (dimensions.index(item[0][0]), item[0][1])
             )
         ),
-        subjects=_first(comparisons, subject_limit),
+        subjects=first_listed(comparisons, subject_limit),
     )
-
-
-def most_changed_first(comparison: SubjectComparison) -> tuple[int, bool, str]:
-    """The order subjects are listed in: the largest score change first, then those whose
-    tier changed, then by subject key (a total order, so any group's first N are well defined)."""
-    return (
-        -abs(comparison.change),
-        comparison.baseline.tier == comparison.candidate.tier,
-        comparison.subject_key,
-    )
-
-
-def _first(comparisons: list[SubjectComparison], limit: int | None) -> tuple[SubjectComparison, ...]:
-    if limit is None:
-        return tuple(sorted(comparisons, key=most_changed_first))
-    return tuple(heapq.nsmallest(limit, comparisons, key=most_changed_first))
 
 
 def _rule_totals(outcomes: Mapping[str, LedgerLine]) -> dict[str, list[int]]:
@@ -560,77 +426,5 @@ def _rule_totals(outcomes: Mapping[str, LedgerLine]) -> dict[str, list[int]]:
     return totals
 
 
-def bucket_of(change: int) -> int:
-    for index, (_label, low, high) in enumerate(SCORE_CHANGE_BUCKETS):
-        if (low is None or change >= low) and (high is None or change <= high):
-            return index
-    raise AssertionError(f"no bucket holds {change}")  # the buckets cover every integer
-
-
 def _side_score(result: ScoreResult) -> SideScore:
     return SideScore(result.score, result.tier)
-
-
-class _Tally:
-    """The comparison over a group of subjects, accumulated one subject at a time."""
-
-    def __init__(self) -> None:
-        self.subjects = 0
-        self.changed = 0
-        self.moves: dict[tuple[str, str], int] = {}
-        self.buckets = [0] * len(SCORE_CHANGE_BUCKETS)
-        # rule id -> [baseline firings, candidate firings, baseline points, candidate points]
-        self.rules: dict[str, list[int]] = {}
-
-    def add(
-        self,
-        comparison: SubjectComparison,
-        baseline: Mapping[str, list[int]],
-        candidate: Mapping[str, list[int]],
-    ) -> None:
-        self.subjects += 1
-        self.changed += comparison.changed
-        move = (comparison.baseline.tier, comparison.candidate.tier)
-        self.moves[move] = self.moves.get(move, 0) + 1
-        self.buckets[bucket_of(comparison.change)] += 1
-        for offset, totals in ((0, baseline), (1, candidate)):
-            for rule_id, (firings, points) in totals.items():
-                row = self.rules.get(rule_id)
-                if row is None:
-                    row = self.rules[rule_id] = [0, 0, 0, 0]
-                row[offset] += firings
-                row[2 + offset] += points
-
-    def merge(self, other: _Tally) -> None:
-        self.subjects += other.subjects
-        self.changed += other.changed
-        for move, subjects in other.moves.items():
-            self.moves[move] = self.moves.get(move, 0) + subjects
-        self.buckets = [a + b for a, b in zip(self.buckets, other.buckets, strict=True)]
-        for rule_id, row in other.rules.items():
-            mine = self.rules.get(rule_id)
-            if mine is None:
-                self.rules[rule_id] = list(row)
-            else:
-                self.rules[rule_id] = [a + b for a, b in zip(mine, row, strict=True)]
-
-    def breakdown(self, rule_limit: int | None, tier_rank: Mapping[str, int]) -> Breakdown:
-        impacts = sorted(
-            (RuleImpact(rule_id, *row) for rule_id, row in self.rules.items()),
-            key=lambda r: (-abs(r.points_moved), r.rule_id),
-        )
-        return Breakdown(
-            subjects=self.subjects,
-            subjects_changed=self.changed,
-            migrations=tuple(
-                TierMove(a, b, n)
-                for (a, b), n in sorted(
-                    self.moves.items(), key=lambda m: (tier_rank[m[0][0]], tier_rank[m[0][1]])
-                )
-            ),
-            score_changes=tuple(
-                ScoreChangeBucket(label, low, high, count)
-                for (label, low, high), count in zip(SCORE_CHANGE_BUCKETS, self.buckets, strict=True)
-            ),
-            rules=tuple(impacts if rule_limit is None else impacts[:rule_limit]),
-        )

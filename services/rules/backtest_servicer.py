@@ -55,17 +55,11 @@ from kit.pseudonym import Pseudonymiser
 from kit.rekey import GenerationGuard
 from services.ingest.catalogue import Catalogue, load_catalogue
 from services.rules import metrics
-from services.rules.backtest import (
-    Backtest,
-    BacktestReport,
-    BacktestScope,
-    Breakdown,
-    PartialReport,
-    StoredEvent,
-    combine,
-)
+from services.rules.backtest import Backtest, BacktestScope, StoredEvent, combine
 from services.rules.backtest_job import Progress
+from services.rules.backtest_report import BacktestReport, Breakdown, PartialReport
 from services.rules.backtest_storage import HistoryReader, SharedView
+from services.rules.engine import RuleEngine
 from services.rules.lifecycle import RuleSetLifecycle, StoredRuleSet
 from services.rules.records import engine_event_from_record
 from services.rules.ruleset import RuleSet, rule_set_from_yaml
@@ -310,6 +304,7 @@ class BacktestHandler:
             candidate=candidate,
             policy=policy,
             cohort_attributes=self._cohort_attributes,
+            make_engine=RuleEngine,
         )
 
 
@@ -470,6 +465,7 @@ def replay_shard(job: ShardJob, read: Callable[[int], None] | None = None) -> Sh
             candidate=rule_set_from_yaml(job.candidate),
             policy=job.policy,
             cohort_attributes=job.cohort_attributes,
+            make_engine=RuleEngine,
         )
         try:
             started = time.perf_counter()

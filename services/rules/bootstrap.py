@@ -27,7 +27,8 @@ from services.rules.access import POLICY
 from services.rules.backtest_runner import BacktestJobs
 from services.rules.backtest_servicer import build_backtests
 from services.rules.backtest_storage import SqlBacktestJobStore
-from services.rules.domain import Evaluator, check_rule_set
+from services.rules.domain import Evaluator
+from services.rules.engine import RuleEngine, check_rule_set
 from services.rules.lifecycle import RuleSetLifecycle, source_sha256
 from services.rules.metrics import RulesGauges
 from services.rules.policy_source import ActivePolicy
@@ -109,6 +110,7 @@ def build(settings: RulesSettings) -> Service:
         store=evaluation_store,
         clock=lambda: datetime.now(UTC),
         dead_letter_after=settings.dead_letter_after_attempts,
+        compile_rule_set=RuleEngine,
     )
     evaluator.load_active()  # compile now: a rule set the engine refuses stops start-up
     relay = relay_to_peer(

@@ -39,36 +39,29 @@ outcome with its own deterministic id). docs/rules.md, "Retractions and correcti
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Container, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Final, Protocol
 
 from kit.errors import FailedPrecondition, NotFound, Unavailable
-from services.rules.engine import Evaluated, RuleEngine, RuleEvaluationError
+from services.rules.batch import (
+    Compiler,
+    Engine,
+    EvaluationContext,
+    in_evaluation_order,
+    lookback,
+    run_batch,
+    without,
+)
+from services.rules.evaluated import Evaluated
 from services.rules.lifecycle import ActivePointer, StoredRuleSet
 from services.rules.ruleset import EngineEvent, Firing, RuleSet, rule_set_from_yaml
-from services.rules.windows import PriorOutcome
-
-# Reasons are shown to operators and stored; a pathological message is cut.
-MAX_REASON_LENGTH: Final = 2000
 
 
 def split_key(key: str) -> tuple[str, str]:
     source, _, event_id = key.partition("/")
     return source, event_id
-
-
-def check_rule_set(source: str) -> RuleSet:
-    """Parse and compile rule-set source; raises RuleSetError (every problem) if either fails."""
-    rule_set = rule_set_from_yaml(source)
-    RuleEngine(rule_set).close()
-    return rule_set
-
-
-def lookback(rule_set: RuleSet) -> timedelta:
-    """How far around an event its windows and sequences reach (0: per-event rules only)."""
-    return rule_set.lookback
 
 
 @dataclass(frozen=True)
@@ -81,17 +74,6 @@ class BatchState:
     attempts: Mapping[str, int] = field(default_factory=dict)
     # Retracted: never evaluated again, even if ingest delivers the event again.
     retracted: frozenset[str] = frozenset()
-
-
-@dataclass(frozen=True)
-class EvaluationContext:
-    """A batch's subjects' history from the lookback on, and their prior outcomes."""
-
-    history: Mapping[str, Sequence[EngineEvent]]
-    # Per subject: the active outcomes of window, sequence and capped rules.
-    prior: Mapping[str, Sequence[PriorOutcome]]
-    # The stored records of the history events: a window's outcome quotes them as evidence.
-    records: Mapping[str, bytes]
 
 
 @dataclass(frozen=True)
@@ -222,7 +204,7 @@ class ActiveRuleSet:
 
     rule_set_id: int
     rule_set: RuleSet
-    engine: RuleEngine
+    engine: Engine
     activated_at: datetime
 
 
@@ -259,52 +241,12 @@ class EvaluationFailed(Unavailable):
         self.failed = tuple(failed)
 
 
-Run = Callable[[Sequence[EngineEvent]], Evaluated]
-
-
-def isolate(run: Run, events: Sequence[EngineEvent]) -> tuple[Evaluated, dict[str, str]]:
-    """Evaluate `events`, setting aside the ones that make evaluation fail.
-
-    RuleEvaluationError names its events, which are removed before evaluating the rest
-    again. Any other exception is narrowed subject by subject; a subject that still
-    fails on its own fails with all its events (the engine gives no finer cause).
-    Returns what the rest brings about and a reason per failed event key.
-    """
-    failures: dict[str, str] = {}
-    remaining = list(events)
-    while remaining:
-        try:
-            return run(remaining), failures
-        except RuleEvaluationError as error:
-            present = {e.key for e in remaining}
-            named = [f for f in error.failures if f.event_key in present]
-            if named:
-                for failure in named:
-                    reason = f"[{failure.rule_id}] {failure.message}" if failure.rule_id else failure.message
-                    failures.setdefault(failure.event_key, _cut(reason))
-                keys = {f.event_key for f in named}
-                remaining = [e for e in remaining if e.key not in keys]
-                continue
-            cause: Exception = error
-        except Exception as error:  # the engine's failure becomes these events' failure
-            cause = error
-        subjects = _by_subject(remaining)
-        if len(subjects) == 1:
-            reason = _cut(f"{type(cause).__name__}: {cause}")
-            failures.update(dict.fromkeys((e.key for e in remaining), reason))
-            return Evaluated(), failures
-        merged = Evaluated()
-        for subject_events in subjects.values():
-            subject_result, subject_failures = isolate(run, subject_events)
-            merged.firings.extend(subject_result.firings)
-            merged.superseded.extend(subject_result.superseded)
-            failures.update(subject_failures)
-        return merged, failures
-    return Evaluated(), failures
-
-
 class Evaluator:
-    """Evaluates batches one at a time: durable-rules is not thread-safe."""
+    """Evaluates batches one at a time: durable-rules is not thread-safe.
+
+    ``compile_rule_set`` makes the engine of each rule set that becomes active (bootstrap
+    passes services.rules.engine.RuleEngine).
+    """
 
     def __init__(
         self,
@@ -313,7 +255,7 @@ class Evaluator:
         store: EvaluationStore,
         clock: Callable[[], datetime],
         dead_letter_after: int,
-        compile_rule_set: Callable[[RuleSet], RuleEngine] = RuleEngine,
+        compile_rule_set: Compiler,
     ) -> None:
         self._rule_sets = rule_sets
         self._store = store
@@ -542,94 +484,4 @@ class Evaluator:
         )
 
 
-ContextSource = Callable[[Mapping[str, datetime]], EvaluationContext]
-
-
-def run_batch(
-    rule_set: RuleSet,
-    engine: RuleEngine,
-    ordered: Sequence[EngineEvent],
-    context_of: ContextSource,
-    *,
-    since: Mapping[str, datetime] | None = None,
-) -> tuple[Evaluated, dict[str, str], Mapping[str, bytes]]:
-    """Evaluate a batch (already in evaluation order) with the history and prior outcomes
-    `context_of` gives for each subject's instant (its earliest event, or `since` when a
-    subject is to be settled from an earlier instant or without new events); failing
-    events are set aside (`isolate`).
-
-    Returns what the batch brings about, a failure reason per event key, and the records
-    of the history used. Live evaluation reads the context from the store; a backtest
-    (services/rules/backtest.py) from its own replay, through this same function.
-    """
-    if not ordered and not since:
-        return Evaluated(), {}, {}
-    reach = lookback(rule_set)
-    if reach <= timedelta(0):
-        # Per-event rules only: no history to read, two queries saved per batch.
-        result, reasons = isolate(engine.evaluate, ordered)
-        return result, reasons, {}
-    instants = _instants(ordered, since or {})
-    context = context_of({subject: at - reach for subject, at in instants.items()})
-
-    def run(events: Sequence[EngineEvent]) -> Evaluated:
-        return engine.evaluate(events, history=context.history, prior=context.prior, since=since or {})
-
-    if not ordered:
-        return run([]), {}, context.records
-    result, reasons = isolate(run, ordered)
-    return result, reasons, context.records
-
-
-def in_evaluation_order(
-    events: Iterable[EngineEvent], done: Container[str] = frozenset()
-) -> list[EngineEvent]:
-    """A batch as it is evaluated: without events in `done` or repeated keys, in event-time
-    order (then key), so that windows and sequences see a subject's events as they happened.
-
-    Backtests replay stored batches through this very function (services/rules/backtest.py).
-    """
-    fresh: dict[str, EngineEvent] = {}
-    for event in events:
-        if event.key not in done and event.key not in fresh:
-            fresh[event.key] = event
-    return sorted(fresh.values(), key=lambda e: (e.occurred_at, e.key))
-
-
 _ALREADY_APPLIED: Final = Retractions(duplicate=1)
-
-
-def without(context: EvaluationContext, retracted: str, reversed_ids: Container[str]) -> EvaluationContext:
-    """The context a retraction settles its subject with: the history without the retracted
-    event, the prior outcomes without the ones it reverses."""
-    return EvaluationContext(
-        history={
-            subject: [e for e in events if e.key != retracted] for subject, events in context.history.items()
-        },
-        prior={
-            subject: [o for o in outcomes if o.outcome_id not in reversed_ids]
-            for subject, outcomes in context.prior.items()
-        },
-        records=context.records,
-    )
-
-
-def _instants(events: Sequence[EngineEvent], since: Mapping[str, datetime]) -> dict[str, datetime]:
-    """Per subject: its earliest new event's occurred_at, or `since` if earlier."""
-    earliest = dict(since)
-    for event in events:
-        at = earliest.get(event.subject_key)
-        if at is None or event.occurred_at < at:
-            earliest[event.subject_key] = event.occurred_at
-    return earliest
-
-
-def _by_subject(events: Sequence[EngineEvent]) -> dict[str, list[EngineEvent]]:
-    grouped: dict[str, list[EngineEvent]] = {}
-    for event in events:
-        grouped.setdefault(event.subject_key, []).append(event)
-    return grouped
-
-
-def _cut(reason: str) -> str:
-    return reason if len(reason) <= MAX_REASON_LENGTH else reason[: MAX_REASON_LENGTH - 1] + "…"

@@ -43,17 +43,17 @@ from kit.outbox import BigId, OutboxMixin, outbox_rows
 from kit.principal import current_principal
 from kit.protoconv import SEVERITY_VALUES, SUBJECT_KIND_VALUES, to_timestamp
 from kit.rekey import GenerationMixin, KeyedColumn, KeyedStore, rewrite_outcome, rewrite_recorded_event
+from services.rules.batch import EvaluationContext
 from services.rules.domain import (
     BatchState,
     DeadLetter,
-    EvaluationContext,
     Failure,
     RetractionContext,
     RetractionNotice,
     ReversedOutcome,
     split_key,
 )
-from services.rules.engine import Evaluated
+from services.rules.evaluated import Evaluated
 from services.rules.lifecycle import (
     ActivePointer,
     Change,

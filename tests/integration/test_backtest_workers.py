@@ -16,8 +16,9 @@ from kit.db import create_engine, make_session_factory
 from kit.errors import Unavailable
 from kit.sharding import shard_of
 from services.ingest.catalogue import load_catalogue
-from services.rules.backtest import Backtest, BacktestReport, BacktestScope, StoredEvent, combine
+from services.rules.backtest import Backtest, BacktestScope, StoredEvent, combine
 from services.rules.backtest_job import Progress
+from services.rules.backtest_report import BacktestReport
 from services.rules.backtest_servicer import (
     ShardResult,
     cohort_attributes,
@@ -27,6 +28,7 @@ from services.rules.backtest_servicer import (
     worker_of,
 )
 from services.rules.backtest_storage import HistoryReader
+from services.rules.engine import RuleEngine
 from services.rules.records import engine_event_from_record
 from services.rules.ruleset import rule_set_from_yaml
 from services.rules.storage import RulesSubjectKeyGeneration
@@ -44,7 +46,7 @@ def test_partial_reports_of_disjoint_subjects_combine_to_the_report_of_all() -> 
     baseline, candidate = rule_set(1), rule_set(2, red="-15")
 
     def backtest() -> Backtest:
-        return Backtest(baseline=baseline, candidate=candidate, policy=policy())
+        return Backtest(baseline=baseline, candidate=candidate, policy=policy(), make_engine=RuleEngine)
 
     whole = backtest()
     parts = [backtest(), backtest()]
@@ -104,6 +106,7 @@ def _report_here(url: str, baseline: str, candidate: str, as_of: datetime) -> Ba
         candidate=rule_set_from_yaml(candidate),
         policy=load_policy(ROOT / "config/policy.yaml"),
         cohort_attributes=cohort_attributes(load_catalogue(ROOT / "config/catalogue.yaml")),
+        make_engine=RuleEngine,
     )
     try:
         for page in reader.pages(BacktestScope()):

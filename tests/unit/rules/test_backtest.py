@@ -9,15 +9,10 @@ import pytest
 
 from domain.policy import ScorePolicy, parse_policy
 from services.ingest.catalogue import CatalogueError, parse_catalogue
-from services.rules.backtest import (
-    SCORE_CHANGE_BUCKETS,
-    Backtest,
-    BacktestReport,
-    BacktestScope,
-    StoredEvent,
-    bucket_of,
-)
+from services.rules.backtest import Backtest, BacktestScope, StoredEvent
+from services.rules.backtest_report import SCORE_CHANGE_BUCKETS, BacktestReport, bucket_of
 from services.rules.backtest_servicer import cohort_attributes
+from services.rules.engine import RuleEngine
 from services.rules.ruleset import AttributeScalar, EngineEvent, RuleSet, rule_set_from_yaml
 
 DAY = timedelta(days=1)
@@ -101,7 +96,13 @@ def event(
 def replay(
     baseline: RuleSet, candidate: RuleSet, batches: list[list[EngineEvent]], cohorts: tuple[str, ...] = ()
 ) -> BacktestReport:
-    backtest = Backtest(baseline=baseline, candidate=candidate, policy=policy(), cohort_attributes=cohorts)
+    backtest = Backtest(
+        baseline=baseline,
+        candidate=candidate,
+        policy=policy(),
+        cohort_attributes=cohorts,
+        make_engine=RuleEngine,
+    )
     try:
         for number, batch in enumerate(batches):
             backtest.feed(StoredEvent(T0 + number * timedelta(seconds=1), e) for e in batch)
@@ -180,7 +181,7 @@ def test_events_the_candidate_cannot_evaluate_are_counted_and_count_for_nothing(
 
 
 def test_stored_events_must_come_in_evaluation_order() -> None:
-    backtest = Backtest(baseline=rule_set(1), candidate=rule_set(2), policy=policy())
+    backtest = Backtest(baseline=rule_set(1), candidate=rule_set(2), policy=policy(), make_engine=RuleEngine)
     try:
         backtest.feed([StoredEvent(T0 + DAY, event("1", ALICE, "traffic.red_light", 1))])
         with pytest.raises(ValueError, match="evaluated_at order"):

@@ -13,13 +13,9 @@ from typing import Any
 
 import pytest
 
-from services.rules.engine import (
-    RuleEngine,
-    RuleEngineError,
-    RuleEvaluationError,
-    compile_condition,
-    run_raw,
-)
+from services.rules.conditions import compile_condition
+from services.rules.engine import RuleEngine, run_raw
+from services.rules.evaluated import RuleEngineError, RuleEvaluationError
 from services.rules.ruleset import (
     AllOf,
     AnyOf,

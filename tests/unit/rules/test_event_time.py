@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from services.rules.engine import RuleEngine, prior_outcome, run_raw
+from services.rules.engine import RuleEngine, run_raw
+from services.rules.evaluated import prior_outcome
 from services.rules.ruleset import AttributeScalar, EngineEvent, Firing, RuleSet, parse_rule_set
 from services.rules.windows import PriorOutcome
 

@@ -11,8 +11,8 @@ import pytest
 
 from kit.errors import FailedPrecondition, InvalidArgument, NotFound
 from kit.page_tokens import PageTokens
-from services.rules.domain import in_evaluation_order, isolate
-from services.rules.engine import Evaluated, EvaluationFailure, RuleEngineError, RuleEvaluationError
+from services.rules.batch import in_evaluation_order, isolate
+from services.rules.evaluated import Evaluated, EvaluationFailure, RuleEngineError, RuleEvaluationError
 from services.rules.lifecycle import (
     ActivePointer,
     Change,

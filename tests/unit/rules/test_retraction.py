@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from services.rules.domain import EvaluationContext, without
-from services.rules.engine import RuleEngine, prior_outcome
+from services.rules.batch import EvaluationContext, without
+from services.rules.engine import RuleEngine
+from services.rules.evaluated import prior_outcome
 from services.rules.ruleset import EngineEvent, parse_rule_set
 from services.rules.windows import PriorOutcome
 
