@@ -45,10 +45,10 @@ from typing import Final
 
 from domain.entries import EntryStatus
 from domain.policy import ScorePolicy
+from domain.ruleset.model import EngineEvent, Firing, RuleSet
 from domain.scoring import ScoreResult, compute_score
 from services.rules.domain import EvaluationContext, in_evaluation_order, lookback, run_batch
 from services.rules.engine import RuleEngine, Supersession, prior_outcome
-from services.rules.ruleset import EngineEvent, Firing, RuleSet
 from services.rules.windows import PriorOutcome
 
 SUBJECT_KIND_DIMENSION: Final = "subject_kind"

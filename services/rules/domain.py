@@ -44,10 +44,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Final, Protocol
 
+from domain.ruleset.model import EngineEvent, Firing, RuleSet
+from domain.ruleset.parsing import rule_set_from_yaml
 from kit.errors import FailedPrecondition, NotFound, Unavailable
 from services.rules.engine import Evaluated, RuleEngine, RuleEvaluationError
 from services.rules.lifecycle import ActivePointer, StoredRuleSet
-from services.rules.ruleset import EngineEvent, Firing, RuleSet, rule_set_from_yaml
 from services.rules.windows import PriorOutcome
 
 # Reasons are shown to operators and stored; a pathological message is cut.

@@ -83,7 +83,7 @@ from typing import Any, Final, TypeAlias
 
 from durable import engine as durable_engine
 
-from services.rules.ruleset import (
+from domain.ruleset.model import (
     AllOf,
     AnyOf,
     AttributeScalar,

@@ -13,14 +13,7 @@ from typing import Any
 
 import pytest
 
-from services.rules.engine import (
-    RuleEngine,
-    RuleEngineError,
-    RuleEvaluationError,
-    compile_condition,
-    run_raw,
-)
-from services.rules.ruleset import (
+from domain.ruleset.model import (
     AllOf,
     AnyOf,
     AttributeScalar,
@@ -31,8 +24,14 @@ from services.rules.ruleset import (
     Not,
     RuleSet,
     RuleSetError,
-    load_rule_set,
-    parse_rule_set,
+)
+from domain.ruleset.parsing import load_rule_set, parse_rule_set
+from services.rules.engine import (
+    RuleEngine,
+    RuleEngineError,
+    RuleEvaluationError,
+    compile_condition,
+    run_raw,
 )
 
 SAMPLE = Path(__file__).resolve().parents[3] / "config" / "rulesets" / "sample.yaml"
