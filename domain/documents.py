@@ -22,7 +22,7 @@ _DURATION: Final = re.compile(r"\s*([0-9]{1,9})\s*([smhdw])\s*")
 _DURATION_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
-def field(path: str, key: object) -> str:
+def child(path: str, key: object) -> str:
     """The path of ``key`` inside the mapping at ``path`` (``""`` is the document itself)."""
     return f"{path}.{key}" if path else str(key)
 
@@ -65,7 +65,7 @@ class Problems:
         allowed = set(known)
         for key in node:
             if key not in allowed:
-                self.add(field(path, key), "unknown field")
+                self.add(child(path, key), "unknown field")
 
     def unknown_keys(self, node: Mapping[Any, Any], known: Iterable[str], path: str) -> None:
         """One problem naming every unknown key, sorted: ``<path>: unknown keys a, b``."""
@@ -77,7 +77,7 @@ class Problems:
         """One problem per missing key: ``<path>.<key>: is required``."""
         for key in keys:
             if key not in node:
-                self.add(field(path, key), "is required")
+                self.add(child(path, key), "is required")
 
     def text(
         self, value: object, path: str, *, max_length: int | None = None, message: str = ""

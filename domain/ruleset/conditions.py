@@ -10,7 +10,7 @@ import math
 from datetime import date, datetime
 from typing import Any, Final, cast
 
-from domain.documents import Problems, field, item
+from domain.documents import Problems, child, item
 from domain.ruleset.model import (
     OPERATORS,
     AllOf,
@@ -41,14 +41,14 @@ def parse_condition(node: object, path: str, problems: Problems, *, negated: boo
             return None
         (key, value) = next(iter(node.items()))
         if key == "not":
-            child = parse_condition(value, field(path, "not"), problems, negated=not negated)
-            return None if child is None else Not(child)
+            negation = parse_condition(value, child(path, "not"), problems, negated=not negated)
+            return None if negation is None else Not(negation)
         if not isinstance(value, list) or not value:
-            problems.add(field(path, key), "must be a non-empty list of conditions")
+            problems.add(child(path, key), "must be a non-empty list of conditions")
             return None
         children = [
-            parse_condition(child, item(field(path, key), position), problems, negated=negated)
-            for position, child in enumerate(value)
+            parse_condition(part, item(child(path, key), position), problems, negated=negated)
+            for position, part in enumerate(value)
         ]
         parsed = tuple(c for c in children if c is not None)
         if len(parsed) != len(children):
@@ -66,27 +66,27 @@ def _parse_comparison(
     attr, op, value = node.get("attr"), node.get("op"), node.get("value")
     if "attr" in node and not is_attribute_name(attr):
         problems.add(
-            field(path, "attr"), f"must be an attribute name (letters, digits, underscore), got {attr!r}"
+            child(path, "attr"), f"must be an attribute name (letters, digits, underscore), got {attr!r}"
         )
     if "op" in node and op not in OPERATORS:
-        problems.add(field(path, "op"), f"unknown operator {op!r}")
+        problems.add(child(path, "op"), f"unknown operator {op!r}")
     if len(problems) > before:
         return None
 
     operand: AttributeScalar | tuple[AttributeScalar, ...] | None
     if op in ("eq", "ne"):
-        operand = _scalar(value, field(path, "value"), problems)
+        operand = _scalar(value, child(path, "value"), problems)
     elif op in _ORDERING_OPERATORS:
-        operand = _orderable(value, field(path, "value"), problems)
+        operand = _orderable(value, child(path, "value"), problems)
     elif op == "in":
-        operand = _candidates(value, field(path, "value"), problems)
+        operand = _candidates(value, child(path, "value"), problems)
     elif op == "between":
-        operand = _bounds(value, field(path, "value"), problems)
+        operand = _bounds(value, child(path, "value"), problems)
     else:
-        operand = _pattern(value, field(path, "value"), problems)
+        operand = _pattern(value, child(path, "value"), problems)
         if negated:
             problems.add(
-                field(path, "op"),
+                child(path, "op"),
                 "'matches' cannot be negated (durable-rules has no negated match); "
                 "write the complement as a positive pattern",
             )

@@ -38,7 +38,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, cast
 
-from domain.documents import Problems, field, is_text, item, read_strict
+from domain.documents import Problems, child, is_text, item, read_strict
 from domain.ruleset.conditions import aware_timestamp, parse_condition
 from domain.ruleset.model import (
     Cap,
@@ -182,63 +182,63 @@ def _parse_rule(raw: object, index: int, problems: Problems) -> Rule | None:
         not is_text(rule_id) or len(rule_id) > _MAX_NAME_LENGTH or any(c.isspace() for c in rule_id)
     ):
         problems.add(
-            field(where, "id"),
+            child(where, "id"),
             f"must be a non-empty string without spaces, at most {_MAX_NAME_LENGTH} characters",
         )
     for key in ("title", "category", "legal_basis"):
         if key in raw:
-            problems.text(raw[key], field(where, key))
+            problems.text(raw[key], child(where, key))
 
     severity = raw.get("severity")
     if "severity" in raw and severity not in SEVERITIES:
         problems.add(
-            field(where, "severity"), f"unknown severity {severity!r} (one of {', '.join(SEVERITIES)})"
+            child(where, "severity"), f"unknown severity {severity!r} (one of {', '.join(SEVERITIES)})"
         )
     black_list = raw.get("black_list", False)
-    problems.flag(black_list, field(where, "black_list"))
+    problems.flag(black_list, child(where, "black_list"))
 
     event_types: tuple[str, ...] = ()
     if "sequence" not in raw:
-        event_types = _parse_event_types(raw.get("event_types"), field(where, "event_types"), problems)
-    subject_kinds = _parse_subject_kinds(raw.get("subject_kinds"), field(where, "subject_kinds"), problems)
+        event_types = _parse_event_types(raw.get("event_types"), child(where, "event_types"), problems)
+    subject_kinds = _parse_subject_kinds(raw.get("subject_kinds"), child(where, "subject_kinds"), problems)
     window = sequence = cap = None
     if "window" in raw:
-        window = _parse_window(raw["window"], field(where, "window"), problems)
+        window = _parse_window(raw["window"], child(where, "window"), problems)
     if "sequence" in raw:
-        sequence = _parse_sequence(raw["sequence"], field(where, "sequence"), problems)
+        sequence = _parse_sequence(raw["sequence"], child(where, "sequence"), problems)
         for key in ("event_types", "when"):
             if key in raw:
-                problems.add(field(where, key), "not allowed on a sequence rule (each step has its own)")
+                problems.add(child(where, key), "not allowed on a sequence rule (each step has its own)")
         if "window" in raw:
-            problems.add(field(where, "sequence"), "a rule has a window or a sequence, not both")
+            problems.add(child(where, "sequence"), "a rule has a window or a sequence, not both")
     if "cap" in raw:
-        cap = _parse_cap(raw["cap"], field(where, "cap"), problems)
+        cap = _parse_cap(raw["cap"], child(where, "cap"), problems)
         if "window" in raw or "sequence" in raw:
             problems.add(
-                field(where, "cap"),
+                child(where, "cap"),
                 "only a per-event rule may have a cap (a window or sequence fires once per "
                 "completed pattern)",
             )
     effective_from = _parse_instant(raw, "effective_from", where, problems)
     effective_to = _parse_instant(raw, "effective_to", where, problems)
     if effective_from is not None and effective_to is not None and effective_from >= effective_to:
-        problems.add(field(where, "effective_to"), "must be later than effective_from")
+        problems.add(child(where, "effective_to"), "must be later than effective_from")
 
     when = None
     if sequence is not None:
         event_types = tuple(dict.fromkeys(t for step in sequence.steps for t in step.event_types))
     if raw.get("when") is not None and "sequence" not in raw:
-        when = parse_condition(raw["when"], field(where, "when"), problems, negated=False)
+        when = parse_condition(raw["when"], child(where, "when"), problems, negated=False)
     points = None
     if "points" in raw:
-        points = _parse_points(raw["points"], field(where, "points"), severity, problems)
-    description = parse_template(raw.get("description", ""), field(where, "description"), problems)
-    reason = parse_template(raw.get("reason"), field(where, "reason"), problems) if "reason" in raw else None
+        points = _parse_points(raw["points"], child(where, "points"), severity, problems)
+    description = parse_template(raw.get("description", ""), child(where, "description"), problems)
+    reason = parse_template(raw.get("reason"), child(where, "reason"), problems) if "reason" in raw else None
     if reason is not None and not reason.source.strip():
-        problems.add(field(where, "reason"), "must be a non-empty string")
+        problems.add(child(where, "reason"), "must be a non-empty string")
     if window is not None or "sequence" in raw:
         # Checked here, where the rule form is known: a per-event rule has no {count}.
-        _check_window_variables(points, field(where, "points"), problems)
+        _check_window_variables(points, child(where, "points"), problems)
 
     if len(problems) > before:
         return None
@@ -272,7 +272,7 @@ def _optional_attribute(node: dict[Any, Any], key: str, path: str, problems: Pro
         return None
     if not is_attribute_name(value):
         problems.add(
-            field(path, key), f"must be an attribute name (letters, digits, underscore), got {value!r}"
+            child(path, key), f"must be an attribute name (letters, digits, underscore), got {value!r}"
         )
         return None
     return cast(str, value)
@@ -281,7 +281,7 @@ def _optional_attribute(node: dict[Any, Any], key: str, path: str, problems: Pro
 def _duration(node: dict[Any, Any], key: str, path: str, problems: Problems) -> timedelta | None:
     if key not in node:
         return None
-    return problems.duration(node[key], field(path, key), most=_MAX_DURATION)
+    return problems.duration(node[key], child(path, key), most=_MAX_DURATION)
 
 
 def _parse_window(node: object, path: str, problems: Problems) -> Window | None:
@@ -295,7 +295,7 @@ def _parse_window(node: object, path: str, problems: Problems) -> Window | None:
     if "count" in node:
         problems.whole(
             count,
-            field(path, "count"),
+            child(path, "count"),
             2,
             _MAX_WINDOW_COUNT,
             message=f"must be an integer from 2 to {_MAX_WINDOW_COUNT} (one event is a per-event rule)",
@@ -320,10 +320,10 @@ def _parse_sequence(node: object, path: str, problems: Problems) -> SequenceSpec
     steps: list[Step] = []
     if "steps" in node:
         if not isinstance(raw_steps, list) or len(raw_steps) != 2:
-            problems.add(field(path, "steps"), "must be a list of exactly 2 steps (A, then B)")
+            problems.add(child(path, "steps"), "must be a list of exactly 2 steps (A, then B)")
         else:
             for position, raw_step in enumerate(raw_steps):
-                step = _parse_step(raw_step, item(field(path, "steps"), position), problems)
+                step = _parse_step(raw_step, item(child(path, "steps"), position), problems)
                 if step is not None:
                     steps.append(step)
     if len(problems) > before or within is None:
@@ -338,10 +338,10 @@ def _parse_step(node: object, path: str, problems: Problems) -> Step | None:
     before = len(problems)
     problems.unknown_fields(node, _STEP_FIELDS, path)
     problems.required(node, ("event_types",), path)
-    event_types = _parse_event_types(node.get("event_types"), field(path, "event_types"), problems)
+    event_types = _parse_event_types(node.get("event_types"), child(path, "event_types"), problems)
     when = None
     if node.get("when") is not None:
-        when = parse_condition(node["when"], field(path, "when"), problems, negated=False)
+        when = parse_condition(node["when"], child(path, "when"), problems, negated=False)
     if len(problems) > before:
         return None
     return Step(event_types=event_types, when=when)
@@ -358,7 +358,7 @@ def _parse_cap(node: object, path: str, problems: Problems) -> Cap | None:
     if "points" in node:
         problems.whole(
             points,
-            field(path, "points"),
+            child(path, "points"),
             1,
             MAX_POINTS,
             message="must be a positive integer (the most points, in absolute value)",
@@ -374,9 +374,9 @@ def _parse_instant(raw: dict[Any, Any], key: str, where: str, problems: Problems
     if value is None:
         return None
     if not isinstance(value, datetime):
-        problems.add(field(where, key), "must be a timestamp with a timezone, e.g. 2025-01-01T00:00:00Z")
+        problems.add(child(where, key), "must be a timestamp with a timezone, e.g. 2025-01-01T00:00:00Z")
         return None
-    return aware_timestamp(value, field(where, key), problems)
+    return aware_timestamp(value, child(where, key), problems)
 
 
 def _check_window_variables(points: object, path: str, problems: Problems) -> None:
