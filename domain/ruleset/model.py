@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Final, Literal, TypeAlias
 from kit.vocabulary import Severity, SubjectKind
 
 if TYPE_CHECKING:
+    # For annotations only: points.py reads AttributeScalar and EvaluationProblem from here.
     from domain.ruleset.points import PointsExpression, Template
 
 AttributeScalar: TypeAlias = str | int | float | bool | datetime

@@ -22,7 +22,6 @@ from domain.ruleset.model import AttributeScalar, EvaluationProblem, is_attribut
 MAX_POINTS: Final = 2**31 - 1
 _MAX_EXPRESSION_LENGTH: Final = 500
 
-
 _Evaluator: TypeAlias = Callable[[Mapping[str, AttributeScalar]], int | float]
 
 
@@ -117,6 +116,7 @@ _FUNCTIONS: Final[dict[str, tuple[Callable[..., Any], int, int | None]]] = {
 
 
 def compile_points(source: str, path: str, problems: Problems) -> PointsExpression | None:
+    """The expression ``source`` compiled, or None with its problems added under ``path``."""
     if len(source) > _MAX_EXPRESSION_LENGTH:
         problems.add(path, f"expression longer than {_MAX_EXPRESSION_LENGTH} characters")
         return None
@@ -194,6 +194,7 @@ def _attribute_reader(name: str) -> _Evaluator:
 
 
 def parse_template(value: object, path: str, problems: Problems) -> Template | None:
+    """The template ``value`` compiled, or None with its problems added under ``path``."""
     if not isinstance(value, str):
         problems.add(path, "must be a string")
         return None

@@ -12,7 +12,7 @@ import re
 from typing import Final
 
 # durable-rules refuses (error 502-507) or misbehaves beyond this interval bound.
-MAX_REGEX_INTERVAL: Final = 100
+_MAX_REGEX_INTERVAL: Final = 100
 
 
 def regex_problem(pattern: str) -> str | None:
@@ -29,8 +29,8 @@ def regex_problem(pattern: str) -> str | None:
         return "empty groups and classes are not supported"
     for match in re.finditer(r"\{(\d*)(,?)(\d*)\}", pattern):
         bounds = [int(n) for n in (match[1], match[3]) if n]
-        if any(n > MAX_REGEX_INTERVAL for n in bounds):
-            return f"repetition bounds may not exceed {MAX_REGEX_INTERVAL}"
+        if any(n > _MAX_REGEX_INTERVAL for n in bounds):
+            return f"repetition bounds may not exceed {_MAX_REGEX_INTERVAL}"
     outside_classes = re.sub(r"\[[^\]]*\]", "x", pattern)
     if re.search(r"[*+?}][*+?{]", outside_classes):
         return "a quantifier may not follow another quantifier (no lazy or possessive forms)"
