@@ -60,6 +60,24 @@ class Problems:
     def add(self, path: str, message: str) -> None:
         self.messages.append(f"{path}: {message}" if path else message)
 
+    def mapping(
+        self,
+        value: object,
+        path: str,
+        known: Iterable[str],
+        required: Iterable[str] = (),
+        *,
+        message: str = "must be a mapping",
+    ) -> dict[Any, Any] | None:
+        """``value`` if it is a mapping, its unknown and missing fields noted as `unknown_fields` and
+        `required` do; None (with ``message``) if it is no mapping."""
+        if not isinstance(value, dict):
+            self.add(path, message)
+            return None
+        self.unknown_fields(value, known, path)
+        self.required(value, required, path)
+        return value
+
     def unknown_fields(self, node: Mapping[Any, Any], known: Iterable[str], path: str = "") -> None:
         """One problem per unknown key: ``<path>.<key>: unknown field``."""
         allowed = set(known)

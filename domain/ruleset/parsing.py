@@ -284,13 +284,17 @@ def _duration(node: dict[Any, Any], key: str, path: str, problems: Problems) -> 
     return problems.duration(node[key], child(path, key), most=_MAX_DURATION)
 
 
-def _parse_window(node: object, path: str, problems: Problems) -> Window | None:
-    if not isinstance(node, dict):
-        problems.add(path, "must be a mapping {count, within, group_by?}")
-        return None
+def _parse_window(value: object, path: str, problems: Problems) -> Window | None:
     before = len(problems)
-    problems.unknown_fields(node, _WINDOW_FIELDS, path)
-    problems.required(node, ("count", "within"), path)
+    node = problems.mapping(
+        value,
+        path,
+        _WINDOW_FIELDS,
+        ("count", "within"),
+        message="must be a mapping {count, within, group_by?}",
+    )
+    if node is None:
+        return None
     count = node.get("count")
     if "count" in node:
         problems.whole(
@@ -307,13 +311,17 @@ def _parse_window(node: object, path: str, problems: Problems) -> Window | None:
     return Window(count=cast(int, count), within=within, group_by=group_by)
 
 
-def _parse_sequence(node: object, path: str, problems: Problems) -> SequenceSpec | None:
-    if not isinstance(node, dict):
-        problems.add(path, "must be a mapping {steps, within, correlate_by?}")
-        return None
+def _parse_sequence(value: object, path: str, problems: Problems) -> SequenceSpec | None:
     before = len(problems)
-    problems.unknown_fields(node, _SEQUENCE_FIELDS, path)
-    problems.required(node, ("steps", "within"), path)
+    node = problems.mapping(
+        value,
+        path,
+        _SEQUENCE_FIELDS,
+        ("steps", "within"),
+        message="must be a mapping {steps, within, correlate_by?}",
+    )
+    if node is None:
+        return None
     within = _duration(node, "within", path, problems)
     correlate_by = _optional_attribute(node, "correlate_by", path, problems)
     raw_steps = node.get("steps")
@@ -331,13 +339,13 @@ def _parse_sequence(node: object, path: str, problems: Problems) -> SequenceSpec
     return SequenceSpec(steps=(steps[0], steps[1]), within=within, correlate_by=correlate_by)
 
 
-def _parse_step(node: object, path: str, problems: Problems) -> Step | None:
-    if not isinstance(node, dict):
-        problems.add(path, "must be a mapping {event_types, when?}")
-        return None
+def _parse_step(value: object, path: str, problems: Problems) -> Step | None:
     before = len(problems)
-    problems.unknown_fields(node, _STEP_FIELDS, path)
-    problems.required(node, ("event_types",), path)
+    node = problems.mapping(
+        value, path, _STEP_FIELDS, ("event_types",), message="must be a mapping {event_types, when?}"
+    )
+    if node is None:
+        return None
     event_types = _parse_event_types(node.get("event_types"), child(path, "event_types"), problems)
     when = None
     if node.get("when") is not None:
@@ -347,13 +355,13 @@ def _parse_step(node: object, path: str, problems: Problems) -> Step | None:
     return Step(event_types=event_types, when=when)
 
 
-def _parse_cap(node: object, path: str, problems: Problems) -> Cap | None:
-    if not isinstance(node, dict):
-        problems.add(path, "must be a mapping {points, per}")
-        return None
+def _parse_cap(value: object, path: str, problems: Problems) -> Cap | None:
     before = len(problems)
-    problems.unknown_fields(node, _CAP_FIELDS, path)
-    problems.required(node, ("points", "per"), path)
+    node = problems.mapping(
+        value, path, _CAP_FIELDS, ("points", "per"), message="must be a mapping {points, per}"
+    )
+    if node is None:
+        return None
     points = node.get("points")
     if "points" in node:
         problems.whole(
