@@ -42,8 +42,8 @@ from bench.portal import cpu_seconds, load_average
 from devtools.client_config import Identity, write_client_config
 from devtools.cluster import UNLIMITED, Cluster
 from devtools.population import DEFAULT_CATALOGUE, Population, PopulationConfig, subjects_for_events
+from domain.catalogue import load_catalogue
 from kit.principal import Role
-from services.ingest.catalogue import load_catalogue
 
 EGRET = Path(sys.executable).with_name("egret")
 

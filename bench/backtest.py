@@ -36,11 +36,13 @@ import sqlalchemy as sa
 
 from bench.pipeline import machine
 from devtools.population import Origin, Population, PopulationConfig, subjects_for_events
+from domain.catalogue import load_catalogue
 from domain.policy import load_policy
+from domain.ruleset.model import RuleSet
+from domain.ruleset.parsing import rule_set_from_yaml
 from egret.common.v1 import event_pb2
 from kit.db import create_engine, make_session_factory
 from kit.protoconv import to_timestamp
-from services.ingest.catalogue import load_catalogue
 from services.rules.backtest import Backtest, BacktestScope, combine
 from services.rules.backtest_servicer import (
     MAX_SUBJECT_LIMIT,
@@ -51,7 +53,6 @@ from services.rules.backtest_servicer import (
 from services.rules.backtest_storage import HistoryReader
 from services.rules.engine import RuleEngine
 from services.rules.records import engine_event_from_record
-from services.rules.ruleset import RuleSet, rule_set_from_yaml
 from services.rules.settings import default_workers
 from services.rules.storage import Base, EvaluatedEvent
 

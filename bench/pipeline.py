@@ -48,6 +48,8 @@ from devtools.population import (
     batch_requests,
     subjects_for_events,
 )
+from domain.ruleset.model import EngineEvent
+from domain.ruleset.parsing import load_rule_set
 from egret.common.v1 import event_pb2, subject_pb2
 from egret.ingest.v1 import ingest_service_pb2
 from egret.query.v1 import query_service_pb2, query_service_pb2_grpc
@@ -55,7 +57,6 @@ from egret_client.submitter import StreamTotals, stream_by_source
 from kit.protoconv import to_datetime
 from kit.pseudonym import Pseudonymiser
 from services.rules.engine import run_raw
-from services.rules.ruleset import EngineEvent, load_rule_set
 
 # Event types whose sample rules fire on every single event (DOMAIN.md's table), so that
 # every sampled event must show up as an entry; positive ones first because they stay

@@ -49,12 +49,12 @@ from devtools.population import (
     PopulationConfig,
     attribute_value,
 )
+from domain.catalogue import EventType
 from egret.common.v1 import event_pb2
 from kit.audit import UNKEYED
 from kit.db import create_engine, make_session_factory
 from kit.page_tokens import PageTokens
 from kit.protoconv import to_timestamp
-from services.ingest.catalogue import EventType
 from services.rules.domain import Evaluator
 from services.rules.engine import RuleEngine, check_rule_set
 from services.rules.lifecycle import RuleSetLifecycle

@@ -28,10 +28,10 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from domain.catalogue import AttributeSpec, Catalogue, EventType, load_catalogue
 from egret.common.v1 import event_pb2, subject_pb2
 from egret.ingest.v1 import ingest_service_pb2
 from kit.pseudonym import USCC_ALPHABET, resident_id_check_character, uscc_check_character
-from services.ingest.catalogue import AttributeSpec, Catalogue, EventType, load_catalogue
 
 PERSON = "person"
 ORGANIZATION = "organization"

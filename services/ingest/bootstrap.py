@@ -9,6 +9,7 @@ from pathlib import Path
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from domain.catalogue import load_catalogue
 from egret.ingest.v1 import ingest_service_pb2 as pb
 from egret.rules.v1 import rules_service_pb2 as rules_pb
 from egret.rules.v1 import rules_service_pb2_grpc as rules_grpc
@@ -23,7 +24,6 @@ from kit.rekey import GenerationGuard, StaleKeyGeneration
 from kit.security import channel_credentials
 from kit.server import Service
 from services.ingest.access import POLICY
-from services.ingest.catalogue import load_catalogue
 from services.ingest.domain import Intake, Limits
 from services.ingest.servicer import IngestServicer, register
 from services.ingest.settings import IngestSettings

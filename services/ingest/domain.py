@@ -24,9 +24,9 @@ from datetime import datetime, timedelta
 from enum import Enum
 from typing import Final, Protocol
 
+from domain.catalogue import Catalogue, IncomingEvent, Scalar
 from kit.errors import AlreadyExists, InvalidArgument, Violation
 from kit.pseudonym import Pseudonymiser
-from services.ingest.catalogue import Catalogue, IncomingEvent, Scalar
 
 
 class EventStatus(Enum):

@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 from opentelemetry import trace
 
+from domain.catalogue import IncomingEvent
 from egret.common.v1 import errors_pb2
 from egret.ingest.v1 import ingest_service_pb2 as pb
 from egret.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
@@ -21,7 +22,6 @@ from kit.metrics import meter
 from kit.principal import current_principal
 from kit.protoconv import SUBJECT_KIND_NAMES, attribute_value, to_datetime
 from services.ingest.access import acting_department, require_own_source
-from services.ingest.catalogue import IncomingEvent
 from services.ingest.domain import EventResult, EventStatus, Intake
 from services.ingest.storage import retraction_message
 

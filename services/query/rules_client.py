@@ -12,13 +12,15 @@ from collections.abc import Sequence
 
 import grpc
 
+from domain.ruleset.model import RuleSet, RuleSetError
+from domain.ruleset.parsing import rule_set_from_yaml
+from domain.ruleset.points import PointsExpression
 from egret.rules.v1 import rules_service_pb2 as rules_pb
 from egret.rules.v1 import rules_service_pb2_grpc as rules_grpc
 from kit.interceptors import PeerCredentials, open_channel
 from kit.logging import get_logger
 from kit.settings import PeerSettings
 from services.query.explain import PositiveRule
-from services.rules.ruleset import PointsExpression, RuleSet, RuleSetError, rule_set_from_yaml
 
 log = get_logger(__name__)
 

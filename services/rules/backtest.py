@@ -45,6 +45,7 @@ from typing import Final
 
 from domain.entries import EntryStatus
 from domain.policy import ScorePolicy
+from domain.ruleset.model import EngineEvent, Firing, RuleSet
 from domain.scoring import ScoreResult, compute_score
 from services.rules.backtest_report import (
     BacktestReport,
@@ -57,7 +58,6 @@ from services.rules.backtest_report import (
 )
 from services.rules.batch import Compiler, Engine, EvaluationContext, in_evaluation_order, lookback, run_batch
 from services.rules.evaluated import Supersession, prior_outcome
-from services.rules.ruleset import EngineEvent, Firing, RuleSet
 from services.rules.windows import PriorOutcome
 
 SUBJECT_KIND_DIMENSION: Final = "subject_kind"

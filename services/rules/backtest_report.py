@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
 
-from services.rules.ruleset import RuleSet
+from domain.ruleset.model import RuleSet
 
 # Score change buckets, (label, lowest change, highest change), inclusive; None is open.
 # Fixed, so that reports of different backtests can be compared side by side.

@@ -45,7 +45,10 @@ import sqlalchemy as sa
 from opentelemetry import trace
 from sqlalchemy.orm import Session, sessionmaker
 
+from domain.catalogue import Catalogue, load_catalogue
 from domain.policy import ScorePolicy
+from domain.ruleset.model import RuleSet
+from domain.ruleset.parsing import rule_set_from_yaml
 from egret.rules.v1 import backtest_pb2 as pb
 from kit.db import create_engine, is_sqlite, make_session_factory, run_blocking
 from kit.errors import InvalidArgument, ResourceExhausted, Unavailable, Violation
@@ -53,7 +56,6 @@ from kit.logging import get_logger
 from kit.protoconv import to_datetime, to_timestamp
 from kit.pseudonym import Pseudonymiser
 from kit.rekey import GenerationGuard
-from services.ingest.catalogue import Catalogue, load_catalogue
 from services.rules import metrics
 from services.rules.backtest import Backtest, BacktestScope, StoredEvent, combine
 from services.rules.backtest_job import Progress
@@ -62,7 +64,6 @@ from services.rules.backtest_storage import HistoryReader, SharedView
 from services.rules.engine import RuleEngine
 from services.rules.lifecycle import RuleSetLifecycle, StoredRuleSet
 from services.rules.records import engine_event_from_record
-from services.rules.ruleset import RuleSet, rule_set_from_yaml
 from services.rules.settings import RulesSettings
 from services.rules.storage import RulesSubjectKeyGeneration
 

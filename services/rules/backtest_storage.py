@@ -25,11 +25,11 @@ from typing import Any, cast
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, defer, sessionmaker
 
+from domain.ruleset.model import EngineEvent
 from kit import audit
 from kit.db import as_utc
 from services.rules.backtest import BacktestScope, StoredEvent
 from services.rules.backtest_job import UNFINISHED, JobState, StoredJob
-from services.rules.ruleset import EngineEvent
 from services.rules.storage import BacktestJobRow, EvaluatedEvent, RulesAuditHead, RulesAuditLog
 
 Decode = Callable[[bytes], EngineEvent]

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final, Protocol, TypeAlias
 
+from domain.ruleset.model import EngineEvent, RuleSet
 from services.rules.evaluated import Evaluated, RuleEvaluationError
-from services.rules.ruleset import EngineEvent, RuleSet
 from services.rules.windows import PriorOutcome
 
 # Reasons are shown to operators and stored; a pathological message is cut.

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, Final, TypeAlias
 
-from services.rules.ruleset import (
+from domain.ruleset.model import (
     AllOf,
     AnyOf,
     AttributeScalar,

@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Final, Protocol
 
+from domain.ruleset.model import EngineEvent, Firing, RuleSet
+from domain.ruleset.parsing import rule_set_from_yaml
 from kit.errors import FailedPrecondition, NotFound, Unavailable
 from services.rules.batch import (
     Compiler,
@@ -56,7 +58,6 @@ from services.rules.batch import (
 )
 from services.rules.evaluated import Evaluated
 from services.rules.lifecycle import ActivePointer, StoredRuleSet
-from services.rules.ruleset import EngineEvent, Firing, RuleSet, rule_set_from_yaml
 
 
 def split_key(key: str) -> tuple[str, str]:

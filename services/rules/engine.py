@@ -20,6 +20,8 @@ from typing import Any, Final, TypeAlias
 
 from durable import engine as durable_engine
 
+from domain.ruleset.model import EngineEvent, EvaluationProblem, Firing, RuleSet, RuleSetError
+from domain.ruleset.parsing import rule_set_from_yaml
 from services.rules.conditions import engine_value, projections, rule_patterns, rule_set_patterns
 from services.rules.evaluated import (
     Evaluated,
@@ -29,14 +31,6 @@ from services.rules.evaluated import (
     Supersession,
 )
 from services.rules.firings import firing_of, rule_candidates
-from services.rules.ruleset import (
-    EngineEvent,
-    EvaluationProblem,
-    Firing,
-    RuleSet,
-    RuleSetError,
-    rule_set_from_yaml,
-)
 from services.rules.windows import PriorOutcome
 
 # The C extension durable.engine wraps, reached through it so that durable.engine

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from services.rules.ruleset import Firing
+from domain.ruleset.model import Firing
 from services.rules.windows import PriorOutcome
 
 

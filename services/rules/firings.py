@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Final, TypeAlias
 
-from services.rules.ruleset import (
+from domain.ruleset.model import (
     AttributeScalar,
     Cap,
     EngineEvent,

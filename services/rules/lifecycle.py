@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Final, Literal, Protocol, TypeAlias
 
+from domain.ruleset.model import RuleSet, RuleSetError
 from kit.errors import FailedPrecondition, InvalidArgument, NotFound, Violation
 from kit.page_tokens import PageTokens
-from services.rules.ruleset import RuleSet, RuleSetError
 
 State: TypeAlias = Literal["draft", "published", "retired"]
 Status: TypeAlias = Literal["draft", "published", "active", "retired"]

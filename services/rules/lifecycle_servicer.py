@@ -13,6 +13,8 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any, Final
 
+from domain.ruleset.model import RuleSetError
+from domain.ruleset.parsing import stored_rule_set
 from egret.common.v1 import errors_pb2, event_pb2
 from egret.rules.v1 import rules_service_pb2 as pb
 from kit.db import run_blocking
@@ -33,7 +35,6 @@ from services.rules.lifecycle import (
     page_size,
     rule_set_violations,
 )
-from services.rules.ruleset import RuleSetError, stored_rule_set
 
 log = get_logger(__name__)
 

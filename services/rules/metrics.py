@@ -12,9 +12,9 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+from domain.ruleset.model import Firing
 from kit.metrics import Reading, gauge, histogram, meter
 from services.rules.domain import Evaluator
-from services.rules.ruleset import Firing
 from services.rules.storage import SqlEvaluationStore
 
 _meter = meter("egret.rules")

@@ -6,9 +6,9 @@ from the inbox and the dead letters as evaluation history), so both see one shap
 
 from __future__ import annotations
 
+from domain.ruleset.model import EngineEvent
 from egret.common.v1 import event_pb2
 from kit.protoconv import SUBJECT_KIND_NAMES, attributes_dict, to_datetime
-from services.rules.ruleset import EngineEvent
 
 
 def engine_event(event: event_pb2.RecordedEvent) -> EngineEvent:

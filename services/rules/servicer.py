@@ -11,6 +11,7 @@ from typing import Any, Final
 import grpc
 from opentelemetry import trace
 
+from domain.ruleset.parsing import stored_rule_set
 from egret.common.v1 import due_process_pb2, event_pb2
 from egret.rules.v1 import backtest_pb2
 from egret.rules.v1 import rules_service_pb2 as pb
@@ -31,7 +32,6 @@ from services.rules.domain import EvaluationFailed, Evaluator, RetractionNotice,
 from services.rules.lifecycle import RuleSetLifecycle, decode_page_token, page_size
 from services.rules.lifecycle_servicer import LifecycleRpcs, actor_of
 from services.rules.records import engine_event
-from services.rules.ruleset import stored_rule_set
 
 log = get_logger(__name__)
 

@@ -33,6 +33,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from domain.ruleset.model import EngineEvent, Firing, RuleSet, reissued_id
 from egret.common.v1 import due_process_pb2, event_pb2, outcome_pb2
 from egret.score.v1 import score_service_pb2 as score_pb
 from kit import audit
@@ -64,7 +65,6 @@ from services.rules.lifecycle import (
     source_sha256,
 )
 from services.rules.records import engine_event_from_record
-from services.rules.ruleset import EngineEvent, Firing, RuleSet, reissued_id
 from services.rules.windows import PriorOutcome
 
 # Keeps IN lists well below SQLite's and PostgreSQL's bound-parameter limits.

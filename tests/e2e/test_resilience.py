@@ -15,13 +15,14 @@ import sqlalchemy as sa
 
 from devtools.cluster import Cluster
 from devtools.population import Origin, Population, PopulationConfig, batch_requests
+from domain.ruleset.model import EngineEvent
+from domain.ruleset.parsing import load_rule_set
 from egret.ingest.v1 import ingest_service_pb2 as ingest_pb
 from egret_client.submitter import stream_by_source
 from kit.db import create_engine
 from kit.protoconv import SUBJECT_KIND_NAMES, attributes_dict, to_datetime
 from kit.pseudonym import Pseudonymiser
 from services.rules.engine import RuleEngine
-from services.rules.ruleset import EngineEvent, load_rule_set
 from tests.e2e.test_pipeline import SCENARIO, assert_scores_equal_recompute, submit_all
 from tests.support.otlp import collector
 

@@ -11,11 +11,12 @@ import pytest
 import sqlalchemy as sa
 
 from bench.backtest import populate, stricter
+from domain.catalogue import load_catalogue
 from domain.policy import load_policy
+from domain.ruleset.parsing import rule_set_from_yaml
 from kit.db import create_engine, make_session_factory
 from kit.errors import Unavailable
 from kit.sharding import shard_of
-from services.ingest.catalogue import load_catalogue
 from services.rules.backtest import Backtest, BacktestScope, StoredEvent, combine
 from services.rules.backtest_job import Progress
 from services.rules.backtest_report import BacktestReport
@@ -30,7 +31,6 @@ from services.rules.backtest_servicer import (
 from services.rules.backtest_storage import HistoryReader
 from services.rules.engine import RuleEngine
 from services.rules.records import engine_event_from_record
-from services.rules.ruleset import rule_set_from_yaml
 from services.rules.storage import RulesSubjectKeyGeneration
 from tests.unit.rules.test_backtest import ACME, ALICE, AS_OF, BOB, T0, event, policy, rule_set
 

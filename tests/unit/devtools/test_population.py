@@ -20,10 +20,10 @@ from devtools.population import (
     batch_requests,
     subjects_for_events,
 )
+from domain.catalogue import Catalogue, load_catalogue
 from egret.common.v1 import subject_pb2
 from kit.protoconv import to_datetime
 from kit.pseudonym import canonical_value, subject_violations
-from services.ingest.catalogue import Catalogue, load_catalogue
 from services.ingest.servicer import incoming
 
 SMALL = PopulationConfig(subjects=1500, seed=7, chunk_subjects=400)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.ingest.catalogue import CatalogueError, IncomingEvent, load_catalogue, parse_catalogue
+from domain.catalogue import CatalogueError, IncomingEvent, load_catalogue, parse_catalogue
 
 NOW = datetime(2026, 11, 1, tzinfo=UTC)
 CATALOGUE = load_catalogue(Path("config/catalogue.yaml"))

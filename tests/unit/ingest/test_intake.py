@@ -7,9 +7,9 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from domain.catalogue import IncomingEvent, load_catalogue
 from kit.errors import NotFound
 from kit.pseudonym import Pseudonymiser
-from services.ingest.catalogue import IncomingEvent, load_catalogue
 from services.ingest.domain import (
     EventStatus,
     Intake,

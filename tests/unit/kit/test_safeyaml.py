@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 
 from domain.policy import PolicyError, policy_from_text
+from domain.ruleset.model import RuleSetError
+from domain.ruleset.parsing import rule_set_from_yaml
 from kit.safeyaml import YamlError, load_yaml
-from services.rules.ruleset import RuleSetError, rule_set_from_yaml
 
 
 def _refusal(source: str | bytes, **limits: int) -> YamlError:

@@ -19,6 +19,7 @@ from domain.entries import (
     RuleRef,
 )
 from domain.policy import ActivatedPolicy, Caps, PolicyBook, load_policy
+from domain.ruleset.parsing import rule_set_from_yaml
 from services.query.corrected import corrected_history
 from services.query.explain import (
     MAX_PROJECTED,
@@ -30,7 +31,6 @@ from services.query.explain import (
     shown_status,
 )
 from services.query.rules_client import positive_rules
-from services.rules.ruleset import rule_set_from_yaml
 
 POLICY = load_policy(Path(__file__).parents[3] / "config" / "policy.yaml")
 PERSON = POLICY.for_kind("person")

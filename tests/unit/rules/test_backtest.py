@@ -7,13 +7,14 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from domain.catalogue import CatalogueError, parse_catalogue
 from domain.policy import ScorePolicy, parse_policy
-from services.ingest.catalogue import CatalogueError, parse_catalogue
+from domain.ruleset.model import AttributeScalar, EngineEvent, RuleSet
+from domain.ruleset.parsing import rule_set_from_yaml
 from services.rules.backtest import Backtest, BacktestScope, StoredEvent
 from services.rules.backtest_report import SCORE_CHANGE_BUCKETS, BacktestReport, bucket_of
 from services.rules.backtest_servicer import cohort_attributes
 from services.rules.engine import RuleEngine
-from services.rules.ruleset import AttributeScalar, EngineEvent, RuleSet, rule_set_from_yaml
 
 DAY = timedelta(days=1)
 T0 = datetime(2026, 3, 1, tzinfo=UTC)

@@ -13,10 +13,7 @@ from typing import Any
 
 import pytest
 
-from services.rules.conditions import compile_condition
-from services.rules.engine import RuleEngine, run_raw
-from services.rules.evaluated import RuleEngineError, RuleEvaluationError
-from services.rules.ruleset import (
+from domain.ruleset.model import (
     AllOf,
     AnyOf,
     AttributeScalar,
@@ -27,9 +24,11 @@ from services.rules.ruleset import (
     Not,
     RuleSet,
     RuleSetError,
-    load_rule_set,
-    parse_rule_set,
 )
+from domain.ruleset.parsing import load_rule_set, parse_rule_set
+from services.rules.conditions import compile_condition
+from services.rules.engine import RuleEngine, run_raw
+from services.rules.evaluated import RuleEngineError, RuleEvaluationError
 
 SAMPLE = Path(__file__).resolve().parents[3] / "config" / "rulesets" / "sample.yaml"
 AT = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)

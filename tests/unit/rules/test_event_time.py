@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
+from domain.ruleset.model import AttributeScalar, EngineEvent, Firing, RuleSet
+from domain.ruleset.parsing import parse_rule_set
 from services.rules.engine import RuleEngine, run_raw
 from services.rules.evaluated import prior_outcome
-from services.rules.ruleset import AttributeScalar, EngineEvent, Firing, RuleSet, parse_rule_set
 from services.rules.windows import PriorOutcome
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)

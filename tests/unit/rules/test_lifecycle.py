@@ -9,6 +9,8 @@ from datetime import UTC, datetime
 
 import pytest
 
+from domain.ruleset.model import EngineEvent, Firing, RuleSet, RuleSetError
+from domain.ruleset.parsing import rule_set_from_yaml
 from kit.errors import FailedPrecondition, InvalidArgument, NotFound
 from kit.page_tokens import PageTokens
 from services.rules.batch import in_evaluation_order, isolate
@@ -24,7 +26,6 @@ from services.rules.lifecycle import (
     rule_set_violations,
     source_sha256,
 )
-from services.rules.ruleset import EngineEvent, Firing, RuleSet, RuleSetError, rule_set_from_yaml
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 SOURCE = """\

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from domain.ruleset.model import EngineEvent
+from domain.ruleset.parsing import parse_rule_set
 from services.rules.batch import EvaluationContext, without
 from services.rules.engine import RuleEngine
 from services.rules.evaluated import prior_outcome
-from services.rules.ruleset import EngineEvent, parse_rule_set
 from services.rules.windows import PriorOutcome
 
 WHEN = datetime(2026, 1, 1, tzinfo=UTC)

@@ -7,16 +7,8 @@ from typing import Any
 
 import pytest
 
-from services.rules.ruleset import (
-    Cap,
-    Comparison,
-    RuleSetError,
-    SequenceSpec,
-    Step,
-    Window,
-    parse_rule_set,
-    rule_set_from_yaml,
-)
+from domain.ruleset.model import Cap, Comparison, RuleSetError, SequenceSpec, Step, Window
+from domain.ruleset.parsing import parse_rule_set, rule_set_from_yaml
 
 
 def rule(rule_id: str = "r", **overrides: Any) -> dict[str, Any]:

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
+from domain.ruleset.model import EngineEvent
+from domain.ruleset.parsing import load_rule_set
 from services.rules.engine import RuleEngine
-from services.rules.ruleset import EngineEvent, load_rule_set
 
 REPO = Path(__file__).resolve().parents[3]
 SAMPLE = load_rule_set(REPO / "config" / "rulesets" / "sample.yaml")

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from services.rules.ruleset import (
+from domain.ruleset.model import (
     WINDOW_VARIABLES,
     AllOf,
     AttributeScalar,
@@ -19,17 +19,15 @@ from services.rules.ruleset import (
     Comparison,
     EvaluationProblem,
     Not,
-    PointsExpression,
     RuleSet,
     RuleSetError,
     SequenceSpec,
     Step,
     Window,
-    load_rule_set,
     outcome_id,
-    parse_rule_set,
-    rule_set_from_yaml,
 )
+from domain.ruleset.parsing import load_rule_set, parse_rule_set, rule_set_from_yaml
+from domain.ruleset.points import PointsExpression
 
 REPO = Path(__file__).resolve().parents[3]
 SAMPLE = REPO / "config" / "rulesets" / "sample.yaml"

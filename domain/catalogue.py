@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from domain.documents import Problems, child, item
 from kit.errors import Violation
 from kit.pseudonym import subject_violations
 from kit.safeyaml import YamlError, load_yaml
@@ -32,6 +33,7 @@ ATTRIBUTE_TYPES: dict[str, tuple[type, ...]] = {
 }
 _EVENT_TYPE_NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
 _PRINTABLE_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+_ATTRIBUTE_FIELDS = frozenset({"type", "required", "enum", "min", "max", "max_length", "cohort"})
 
 
 class CatalogueError(Exception):
@@ -187,64 +189,66 @@ def load_catalogue(path: Path) -> Catalogue:
 
 
 def parse_catalogue(document: Any) -> Catalogue:
-    problems: list[str] = []
+    problems = Problems()
     if not isinstance(document, dict):
         raise CatalogueError(["the catalogue must be a mapping"])
     departments: dict[str, str] = {}
     for i, dept in enumerate(_list(document, "departments", problems)):
         if not isinstance(dept, dict) or not isinstance(dept.get("id"), str):
-            problems.append(f"departments[{i}]: needs an id")
+            problems.add(item("departments", i), "needs an id")
             continue
         departments[dept["id"]] = str(dept.get("name", dept["id"]))
     event_types: dict[str, EventType] = {}
     for i, raw in enumerate(_list(document, "event_types", problems)):
-        parsed = _parse_event_type(f"event_types[{i}]", raw, departments, problems)
+        parsed = _parse_event_type(item("event_types", i), raw, departments, problems)
         if parsed is not None:
             if parsed.name in event_types:
-                problems.append(f"event_types[{i}].name: duplicate event type {parsed.name!r}")
+                problems.add(child(item("event_types", i), "name"), f"duplicate event type {parsed.name!r}")
             event_types[parsed.name] = parsed
     version = document.get("version", 1)
     if not isinstance(version, int) or version < 1:
-        problems.append("version: must be a whole number >= 1")
+        problems.add("version", "must be a whole number >= 1")
     if problems:
-        raise CatalogueError(problems)
+        raise CatalogueError(problems.messages)
     return Catalogue(version=version, departments=departments, event_types=event_types)
 
 
-def _list(document: dict[str, Any], key: str, problems: list[str]) -> Sequence[Any]:
+def _list(document: dict[str, Any], key: str, problems: Problems) -> Sequence[Any]:
     value = document.get(key)
     if not isinstance(value, list) or not value:
-        problems.append(f"{key}: must be a non-empty list")
+        problems.add(key, "must be a non-empty list")
         return []
     return value
 
 
 def _parse_event_type(
-    path: str, raw: Any, departments: Mapping[str, str], problems: list[str]
+    path: str, raw: Any, departments: Mapping[str, str], problems: Problems
 ) -> EventType | None:
     if not isinstance(raw, dict):
-        problems.append(f"{path}: must be a mapping")
+        problems.add(path, "must be a mapping")
         return None
     name = raw.get("name")
     if not isinstance(name, str) or not _EVENT_TYPE_NAME.match(name):
-        problems.append(f"{path}.name: must be a dotted lower-case name")
+        problems.add(child(path, "name"), "must be a dotted lower-case name")
         return None
     path = f"{path} ({name})"
     kinds = raw.get("subject_kinds") or []
     for kind in kinds:
         if kind not in SUBJECT_KINDS:
-            problems.append(f"{path}.subject_kinds: unknown subject kind {kind!r}")
+            problems.add(child(path, "subject_kinds"), f"unknown subject kind {kind!r}")
     if not kinds:
-        problems.append(f"{path}.subject_kinds: must name at least one subject kind")
+        problems.add(child(path, "subject_kinds"), "must name at least one subject kind")
     owners = raw.get("departments") or []
     for owner in owners:
         if owner not in departments:
-            problems.append(f"{path}.departments: unknown department {owner!r}")
+            problems.add(child(path, "departments"), f"unknown department {owner!r}")
     if not owners:
-        problems.append(f"{path}.departments: must name at least one department")
+        problems.add(child(path, "departments"), "must name at least one department")
     attributes: dict[str, AttributeSpec] = {}
     for attr_name, spec in (raw.get("attributes") or {}).items():
-        attributes[attr_name] = _parse_attribute(f"{path}.attributes.{attr_name}", attr_name, spec, problems)
+        attributes[attr_name] = _parse_attribute(
+            child(path, f"attributes.{attr_name}"), attr_name, spec, problems
+        )
     return EventType(
         name=name,
         description=str(raw.get("description", "")),
@@ -254,27 +258,23 @@ def _parse_event_type(
     )
 
 
-def _parse_attribute(path: str, name: str, spec: Any, problems: list[str]) -> AttributeSpec:
+def _parse_attribute(path: str, name: str, spec: Any, problems: Problems) -> AttributeSpec:
     if not isinstance(spec, dict) or spec.get("type") not in ATTRIBUTE_TYPES:
-        problems.append(f"{path}.type: must be one of {', '.join(ATTRIBUTE_TYPES)}")
+        problems.add(child(path, "type"), f"must be one of {', '.join(ATTRIBUTE_TYPES)}")
         return AttributeSpec(name=name, type="string")
-    unknown = set(spec) - {"type", "required", "enum", "min", "max", "max_length", "cohort"}
-    if unknown:
-        problems.append(f"{path}: unknown keys {', '.join(sorted(unknown))}")
+    problems.unknown_keys(spec, _ATTRIBUTE_FIELDS, path)
     enum = spec.get("enum") or []
     if enum and (spec["type"] != "string" or not all(isinstance(e, str) for e in enum)):
-        problems.append(f"{path}.enum: only string attributes take an enum of strings")
+        problems.add(child(path, "enum"), "only string attributes take an enum of strings")
     for bound in ("min", "max"):
         if bound in spec and (
             spec["type"] not in ("int", "double") or not isinstance(spec[bound], int | float)
         ):
-            problems.append(f"{path}.{bound}: only numeric attributes take a numeric {bound}")
-    cohort = spec.get("cohort", False)
-    if not isinstance(cohort, bool):
-        problems.append(f"{path}.cohort: must be true or false")
-    elif cohort and spec["type"] not in ("string", "int", "bool"):
+            problems.add(child(path, bound), f"only numeric attributes take a numeric {bound}")
+    cohort = problems.flag(spec.get("cohort", False), child(path, "cohort"))
+    if cohort and spec["type"] not in ("string", "int", "bool"):
         # A cohort is a group of subjects; continuous values would make one per subject.
-        problems.append(f"{path}.cohort: only string, int and bool attributes can be cohorts")
+        problems.add(child(path, "cohort"), "only string, int and bool attributes can be cohorts")
     return AttributeSpec(
         name=name,
         type=spec["type"],
