@@ -38,7 +38,7 @@ from services.ingest.storage import StoredEvent, StoredRetraction
 from services.rules.engine import RuleEngine
 from services.rules.records import engine_event_from_record
 from services.rules.ruleset import load_rule_set
-from services.rules.storage import DeadLetterRow, EmittedOutcome, EvaluatedEvent
+from services.rules.stores.schema import DeadLetterRow, EmittedOutcome, EvaluatedEvent
 from services.score.domain import EntryStatus
 from services.score.storage import StoredEntry, StoredReversal
 

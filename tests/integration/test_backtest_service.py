@@ -34,7 +34,7 @@ from kit.db import create_engine
 from kit.protoconv import to_timestamp
 from services.rules import bootstrap as rules_bootstrap
 from services.rules.settings import RulesSettings
-from services.rules.storage import EmittedOutcome, EvaluatedEvent, Outbox, RulesAuditLog
+from services.rules.stores.schema import EmittedOutcome, EvaluatedEvent, Outbox, RulesAuditLog
 from services.score import bootstrap as score_bootstrap
 from services.score.policy import load_policy
 from services.score.settings import ScoreSettings

@@ -16,7 +16,7 @@ from services.rules.backtest import (
     StoredEvent,
     bucket_of,
 )
-from services.rules.backtest_servicer import cohort_attributes
+from services.rules.handlers.backtests import cohort_attributes
 from services.rules.ruleset import AttributeScalar, EngineEvent, RuleSet, rule_set_from_yaml
 from services.score.policy import ScorePolicy, parse_policy
 
