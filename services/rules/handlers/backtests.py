@@ -1,5 +1,5 @@
-"""BacktestRuleSet's replay, scheduled: on worker processes (services.rules.handlers.
-backtest_workers) when there are several and the database is shareable, else here.
+"""Backtests run: the replay on worker processes (services.rules.handlers.backtest_workers)
+when there are several and the database is shareable, else here.
 
 With one worker, or a database other processes cannot open (in-memory SQLite), the
 replay runs in this process. durable-rules is not thread-safe, so every step that
