@@ -44,17 +44,14 @@ from egret.common.v1 import event_pb2
 from kit.db import create_engine, make_session_factory
 from kit.protoconv import to_timestamp
 from services.rules.backtest import Backtest, BacktestScope, combine
-from services.rules.backtest_servicer import (
-    MAX_SUBJECT_LIMIT,
-    ShardResult,
-    cohort_attributes,
-    replay_sharded,
-)
-from services.rules.backtest_storage import HistoryReader
+from services.rules.backtest_messages import MAX_SUBJECT_LIMIT
 from services.rules.engine import RuleEngine
+from services.rules.handlers.backtest_workers import ShardResult, replay_sharded
+from services.rules.handlers.backtests import cohort_attributes
 from services.rules.records import engine_event_from_record
 from services.rules.settings import default_workers
-from services.rules.storage import Base, EvaluatedEvent
+from services.rules.stores.history import HistoryReader
+from services.rules.stores.schema import Base, EvaluatedEvent
 
 ROOT = Path(__file__).resolve().parents[1]
 INSERT_CHUNK = 10_000

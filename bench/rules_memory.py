@@ -59,7 +59,9 @@ from services.rules.domain import Evaluator
 from services.rules.engine import RuleEngine, check_rule_set
 from services.rules.lifecycle import RuleSetLifecycle
 from services.rules.records import engine_event
-from services.rules.storage import Base, Outbox, SqlEvaluationStore, SqlLifecycleStore
+from services.rules.stores.evaluation import SqlEvaluationStore
+from services.rules.stores.rule_sets import SqlLifecycleStore
+from services.rules.stores.schema import Base, Outbox
 
 ROOT = Path(__file__).resolve().parents[1]
 SPAN = timedelta(days=730)

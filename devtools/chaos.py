@@ -39,7 +39,7 @@ from kit.db import create_engine
 from services.ingest.storage import StoredEvent, StoredRetraction
 from services.rules.engine import RuleEngine
 from services.rules.records import engine_event_from_record
-from services.rules.storage import DeadLetterRow, EmittedOutcome, EvaluatedEvent
+from services.rules.stores.schema import DeadLetterRow, EmittedOutcome, EvaluatedEvent
 from services.score.storage import StoredEntry, StoredReversal
 
 SEED_ENV = "EGRET_CHAOS_SEED"

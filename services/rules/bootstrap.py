@@ -24,25 +24,27 @@ from kit.rekey import GenerationGuard
 from kit.security import channel_credentials
 from kit.server import Service
 from services.rules.access import POLICY
-from services.rules.backtest_runner import BacktestJobs
-from services.rules.backtest_servicer import build_backtests
-from services.rules.backtest_storage import SqlBacktestJobStore
 from services.rules.domain import Evaluator
 from services.rules.engine import RuleEngine, check_rule_set
+from services.rules.handlers.backtest_jobs import BacktestJobs
+from services.rules.handlers.backtests import build_backtests
+from services.rules.handlers.evaluation import EvaluationHandler
+from services.rules.handlers.lifecycle import LifecycleHandler
 from services.rules.lifecycle import RuleSetLifecycle, source_sha256
 from services.rules.metrics import RulesGauges
 from services.rules.policy_source import ActivePolicy
 from services.rules.servicer import RulesServicer, register
 from services.rules.settings import RulesSettings
 from services.rules.shard_layout import check_shard_layout
-from services.rules.storage import (
+from services.rules.stores.backtest_jobs import SqlBacktestJobStore
+from services.rules.stores.evaluation import SqlEvaluationStore
+from services.rules.stores.rule_sets import SqlLifecycleStore
+from services.rules.stores.schema import (
     KEYED,
     Outbox,
     RulesAuditHead,
     RulesAuditLog,
     RulesSubjectKeyGeneration,
-    SqlEvaluationStore,
-    SqlLifecycleStore,
 )
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -106,11 +108,11 @@ def build(settings: RulesSettings) -> Service:
         )
     evaluation_store = SqlEvaluationStore(sessions, key_id=pseudonymiser.current_key_id)
     evaluator = Evaluator(
+        compile_rule_set=RuleEngine,
         rule_sets=rule_sets,
         store=evaluation_store,
         clock=lambda: datetime.now(UTC),
         dead_letter_after=settings.dead_letter_after_attempts,
-        compile_rule_set=RuleEngine,
     )
     evaluator.load_active()  # compile now: a rule set the engine refuses stops start-up
     relay = relay_to_peer(
@@ -140,16 +142,20 @@ def build(settings: RulesSettings) -> Service:
     # A job this instance was running when it stopped can never finish now.
     jobs.recover()
     servicer = RulesServicer(
-        evaluator,
-        executor,
-        committed=relay.notify,
+        evaluation=EvaluationHandler(
+            evaluator,
+            executor,
+            relay.notify,
+            lifecycle=lifecycle,
+            max_batch_size=settings.max_batch_size,
+        ),
+        lifecycle=LifecycleHandler(lifecycle, executor),
+        reads=reads,
+        pseudonymiser=pseudonymiser,
         max_batch_size=settings.max_batch_size,
         shard=settings.shard,
-        lifecycle=lifecycle,
-        reads=reads,
         backtests=backtests,
         jobs=jobs,
-        pseudonymiser=pseudonymiser,
     )
 
     return Service(

@@ -13,8 +13,8 @@ rule id@version, so a reviewer reading a ledger entry finds the exact text. Publ
 requires it to be greater than every published version of the same name, so a name's
 versions only increase and (name, version) names one immutable text.
 
-Who made a change comes from the caller (the servicer reads the x-egret-actor
-metadata until the security issue brings authenticated principals).
+Who made a change comes from the caller: the servicer reads it from the call (the
+authenticated principal, else the x-egret-actor metadata) and passes it down as an Actor.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ MAX_PAGE_SIZE: Final = 500
 MAX_SOURCE_BYTES: Final = 1024 * 1024
 MAX_ACTOR_LENGTH: Final = 128
 ANONYMOUS: Final = "anonymous"
-SYSTEM_IMPORT: Final = "system:import"
 
 
 @dataclass(frozen=True)
@@ -67,14 +66,37 @@ class StoredRuleSet:
 
 
 @dataclass(frozen=True)
+class Actor:
+    """Who makes a change, as the servicer read it from the call: the name recorded with
+    it, and the authenticated principal's role (None for a name the caller claims, in
+    insecure mode, or for the service itself)."""
+
+    name: str
+    role: str | None = None
+
+    @property
+    def audit_role(self) -> str:
+        """The role rules' audit log names: the principal's, "system" for the service
+        itself ("system:..." at start-up), else "unauthenticated"."""
+        if self.role is not None:
+            return self.role
+        return "system" if self.name.startswith("system:") else "unauthenticated"
+
+
+SYSTEM_IMPORT: Final = Actor("system:import")
+
+
+@dataclass(frozen=True)
 class Change:
-    """One audited change: what happened to which rule set, by whom, when."""
+    """One audited change: what happened to which rule set, by whom, when. ``role`` is the
+    actor's role in the audit log; the change table does not keep it (empty when read back)."""
 
     rule_set_id: int | None
     action: Action
     actor: str
     at: datetime
     detail: Mapping[str, object] = field(default_factory=dict)
+    role: str = ""
 
 
 @dataclass(frozen=True)
@@ -230,30 +252,31 @@ class RuleSetLifecycle:
             raise RuleSetError([f"the source is larger than {MAX_SOURCE_BYTES} bytes"])
         return self._validate(source)
 
-    def create_draft(self, source: str, actor: str) -> StoredRuleSet:
+    def create_draft(self, source: str, actor: Actor) -> StoredRuleSet:
         try:
             rule_set = self.validate(source)
         except RuleSetError as error:
             raise InvalidArgument("invalid rule set", rule_set_violations(error)) from error
         now = self._clock()
         with self._store.unit() as unit:
-            rule_set_id = unit.add_draft(rule_set, source, actor, now)
+            rule_set_id = unit.add_draft(rule_set, source, actor.name, now)
             unit.record(
                 Change(
                     rule_set_id,
                     "create_draft",
-                    actor,
+                    actor.name,
                     now,
                     {
                         "name": rule_set.name,
                         "version": rule_set.version,
                         "source_sha256": source_sha256(source),
                     },
+                    actor.audit_role,
                 )
             )
             return _required(unit.get(rule_set_id), rule_set_id)
 
-    def publish(self, rule_set_id: int, actor: str) -> StoredRuleSet:
+    def publish(self, rule_set_id: int, actor: Actor) -> StoredRuleSet:
         now = self._clock()
         with self._store.unit() as unit:
             stored = _required(unit.get(rule_set_id, lock=True), rule_set_id)
@@ -267,13 +290,20 @@ class RuleSetLifecycle:
                     f"{stored.name} version {stored.version} must be greater than its latest "
                     f"published version {latest}: raise the version in the source and create a new draft"
                 )
-            unit.mark_published(rule_set_id, actor, now)
+            unit.mark_published(rule_set_id, actor.name, now)
             unit.record(
-                Change(rule_set_id, "publish", actor, now, {"name": stored.name, "version": stored.version})
+                Change(
+                    rule_set_id,
+                    "publish",
+                    actor.name,
+                    now,
+                    {"name": stored.name, "version": stored.version},
+                    actor.audit_role,
+                )
             )
             return _required(unit.get(rule_set_id), rule_set_id)
 
-    def activate(self, rule_set_id: int, actor: str) -> Activation:
+    def activate(self, rule_set_id: int, actor: Actor) -> Activation:
         now = self._clock()
         with self._store.unit() as unit:
             previous = unit.active_id(lock=True)
@@ -285,19 +315,20 @@ class RuleSetLifecycle:
                 raise FailedPrecondition(
                     f"rule set {rule_set_id} is {stored.status}; only a published rule set can be activated"
                 )
-            unit.set_active(rule_set_id, actor, now)
+            unit.set_active(rule_set_id, actor.name, now)
             unit.record(
                 Change(
                     rule_set_id,
                     "activate",
-                    actor,
+                    actor.name,
                     now,
                     {"name": stored.name, "version": stored.version, "previous_rule_set_id": previous},
+                    actor.audit_role,
                 )
             )
             return Activation(_required(unit.get(rule_set_id), rule_set_id), previous)
 
-    def retire(self, rule_set_id: int, actor: str) -> StoredRuleSet:
+    def retire(self, rule_set_id: int, actor: Actor) -> StoredRuleSet:
         now = self._clock()
         with self._store.unit() as unit:
             unit.active_id(lock=True)  # serialises with a concurrent activation of this rule set
@@ -308,19 +339,20 @@ class RuleSetLifecycle:
                 )
             if stored.state == "retired":
                 raise FailedPrecondition(f"rule set {rule_set_id} is already retired")
-            unit.mark_retired(rule_set_id, actor, now)
+            unit.mark_retired(rule_set_id, actor.name, now)
             unit.record(
                 Change(
                     rule_set_id,
                     "retire",
-                    actor,
+                    actor.name,
                     now,
                     {"name": stored.name, "version": stored.version, "from": stored.state},
+                    actor.audit_role,
                 )
             )
             return _required(unit.get(rule_set_id), rule_set_id)
 
-    def ensure_active(self, source: str, actor: str = SYSTEM_IMPORT) -> tuple[StoredRuleSet, bool]:
+    def ensure_active(self, source: str, actor: Actor = SYSTEM_IMPORT) -> tuple[StoredRuleSet, bool]:
         """At start-up: import and activate `source` unless a rule set is already active.
 
         Returns the active rule set and whether it was imported now. Once a rule set is
@@ -343,29 +375,30 @@ class RuleSetLifecycle:
                     f"{rule_set.name} version {rule_set.version} is retired; it cannot be activated again"
                 )
             if existing is None:
-                rule_set_id = unit.add_draft(rule_set, source, actor, now)
-                unit.mark_published(rule_set_id, actor, now)
+                rule_set_id = unit.add_draft(rule_set, source, actor.name, now)
+                unit.mark_published(rule_set_id, actor.name, now)
             else:
                 rule_set_id = existing.rule_set_id
-            unit.set_active(rule_set_id, actor, now)
+            unit.set_active(rule_set_id, actor.name, now)
             unit.record(
                 Change(
                     rule_set_id,
                     "import",
-                    actor,
+                    actor.name,
                     now,
                     {
                         "name": rule_set.name,
                         "version": rule_set.version,
                         "source_sha256": source_sha256(source),
                     },
+                    actor.audit_role,
                 )
             )
             return _required(unit.get(rule_set_id), rule_set_id), True
 
-    def record_redrive(self, actor: str, detail: Mapping[str, object]) -> None:
+    def record_redrive(self, actor: Actor, detail: Mapping[str, object]) -> None:
         """Dead letters are no rule set's, but redriving them emits outcomes: audited too."""
-        self._store.record(Change(None, "redrive", actor, self._clock(), detail))
+        self._store.record(Change(None, "redrive", actor.name, self._clock(), detail, actor.audit_role))
 
     def get(self, rule_set_id: int) -> StoredRuleSet:
         return _required(self._store.get(rule_set_id), rule_set_id)

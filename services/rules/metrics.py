@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from domain.ruleset.model import Firing
 from kit.metrics import Reading, gauge, histogram, meter
 from services.rules.domain import Evaluator
-from services.rules.storage import SqlEvaluationStore
+from services.rules.stores.evaluation import SqlEvaluationStore
 
 _meter = meter("egret.rules")
 _batches = _meter.create_counter("egret.rules.batches", unit="{batch}", description="Batches evaluated")

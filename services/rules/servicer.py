@@ -1,127 +1,59 @@
-"""RulesService over gRPC: translates protobuf ⇄ domain."""
+"""RulesService over gRPC: translates protobuf ⇄ domain (services.rules.messages) and
+delegates each call to its handler: evaluation and dead letters, the rule-set lifecycle,
+backtests at once and in the background."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor
 from contextlib import contextmanager
 from typing import Any, Final
 
 import grpc
-from opentelemetry import trace
 
-from domain.ruleset.parsing import stored_rule_set
-from egret.common.v1 import due_process_pb2, event_pb2
+from domain.ruleset.model import RuleSetError
+from egret.common.v1 import errors_pb2
 from egret.rules.v1 import backtest_pb2
 from egret.rules.v1 import rules_service_pb2 as pb
 from egret.rules.v1 import rules_service_pb2_grpc as pb_grpc
-from kit.db import run_blocking
 from kit.errors import FailedPrecondition, InvalidArgument, Violation
-from kit.logging import get_logger
-from kit.principal import Role, current_principal
-from kit.protoconv import SUBJECT_KIND_NAMES, to_timestamp
+from kit.principal import Role, acting_principal, current_principal
+from kit.protoconv import to_timestamp
 from kit.pseudonym import Pseudonymiser
 from kit.reads import ReadLog
 from kit.sharding import UNSHARDED, Shard
-from services.rules import metrics
-from services.rules.backtest_job import StoredJob
-from services.rules.backtest_runner import MAX_PAGE_SIZE, BacktestJobs
-from services.rules.backtest_servicer import BacktestHandler, backtest_scope
-from services.rules.domain import EvaluationFailed, Evaluator, RetractionNotice, Retractions
-from services.rules.lifecycle import RuleSetLifecycle, decode_page_token, page_size
-from services.rules.lifecycle_servicer import LifecycleRpcs, actor_of
+from services.rules.backtest_messages import backtest_scope
+from services.rules.handlers.backtest_jobs import MAX_PAGE_SIZE, BacktestJobs
+from services.rules.handlers.backtests import BacktestHandler
+from services.rules.handlers.evaluation import EvaluationHandler
+from services.rules.handlers.lifecycle import LifecycleHandler
+from services.rules.lifecycle import Actor, actor_name, decode_page_token, page_size, rule_set_violations
+from services.rules.messages import (
+    batch_violations,
+    change_message,
+    dead_letter_message,
+    forward_keys,
+    job_message,
+    positive_id,
+    renderable,
+    retraction_notice,
+    rule_set_message,
+    status_of,
+)
 from services.rules.records import engine_event
 
-log = get_logger(__name__)
+# Until every caller is authenticated, an unauthenticated caller names itself here.
+ACTOR_METADATA: Final = "x-egret-actor"
 
 
-def _retraction_violations(index: int, retraction: due_process_pb2.Retraction) -> list[Violation]:
-    path = f"retractions[{index}]"
-    problems = []
-    if not retraction.ref.source or not retraction.ref.event_id or "/" in retraction.ref.source:
-        problems.append(Violation(f"{path}.ref", "needs a source without '/' and an event_id", "INVALID"))
-    if not retraction.subject_key:
-        problems.append(Violation(f"{path}.subject_key", "is required", "REQUIRED"))
-    return problems
-
-
-def retraction_notice(retraction: due_process_pb2.Retraction) -> RetractionNotice:
-    return RetractionNotice(
-        key=f"{retraction.ref.source}/{retraction.ref.event_id}",
-        subject_key=retraction.subject_key,
-        record=retraction.SerializeToString(),
+def actor_of(context: Any) -> Actor:
+    """Who the caller is: the authenticated principal, else the name it claims."""
+    metadata = dict(context.invocation_metadata() or ())
+    value = metadata.get(ACTOR_METADATA)
+    principal = current_principal()
+    return Actor(
+        actor_name(acting_principal(value if isinstance(value, str) else None)),
+        principal.role.value if principal is not None else None,
     )
-
-
-def _violations(index: int, event: event_pb2.RecordedEvent) -> list[Violation]:
-    path = f"events[{index}]"
-    problems = []
-    if not event.ref.source or not event.ref.event_id or "/" in event.ref.source:
-        problems.append(Violation(f"{path}.ref", "needs a source without '/' and an event_id", "INVALID"))
-    if not event.subject_key:
-        problems.append(Violation(f"{path}.subject_key", "is required", "REQUIRED"))
-    if event.subject_kind not in SUBJECT_KIND_NAMES:
-        problems.append(Violation(f"{path}.subject_kind", "is required", "REQUIRED"))
-    if not event.HasField("occurred_at"):
-        problems.append(Violation(f"{path}.occurred_at", "is required", "REQUIRED"))
-    return problems
-
-
-def forward_keys(request: pb.EvaluateEventsRequest, pseudonymiser: Pseudonymiser) -> None:
-    """Moves every subject key of the request to the current generation, in place, so that
-    rules evaluates, shards and stores current keys only (docs/security.md, "Rotating the
-    subject key"): a sender's outbox may hold keys of the generation before. Raises
-    UnknownKeyGeneration (UNAVAILABLE: the relay retries) for a generation not configured
-    here yet. An empty key is left for the contract check to refuse."""
-    current = pseudonymiser.current_key_id
-    moved: dict[tuple[str, str], str] = {}
-    messages: list[event_pb2.RecordedEvent | due_process_pb2.Retraction] = [
-        *request.events,
-        *request.retractions,
-    ]
-    for message in messages:
-        if not message.subject_key:
-            continue
-        if message.subject_key_id not in ("", current):
-            known = (message.subject_key, message.subject_key_id)
-            if known not in moved:
-                moved[known] = pseudonymiser.forward(*known)
-            message.subject_key = moved[known]
-        message.subject_key_id = current
-
-
-_JOB_STATES: Final[dict[str, backtest_pb2.BacktestState]] = {
-    "queued": backtest_pb2.BACKTEST_STATE_QUEUED,
-    "running": backtest_pb2.BACKTEST_STATE_RUNNING,
-    "succeeded": backtest_pb2.BACKTEST_STATE_SUCCEEDED,
-    "failed": backtest_pb2.BACKTEST_STATE_FAILED,
-    "cancelled": backtest_pb2.BACKTEST_STATE_CANCELLED,
-}
-
-
-def job_message(job: StoredJob, *, with_subjects: bool = False) -> backtest_pb2.BacktestJob:
-    """The stored job; its report (when loaded) lists subjects only `with_subjects`."""
-    message = backtest_pb2.BacktestJob(
-        backtest_id=job.backtest_id,
-        rule_set_id=job.rule_set_id,
-        state=_JOB_STATES[job.state],
-        progress=job.progress,
-        events_replayed=job.events_replayed,
-        events_total=job.events_total,
-        started_at=to_timestamp(job.started_at),
-        started_by=job.started_by,
-        request=backtest_pb2.BacktestRuleSetRequest.FromString(job.request),
-        error=job.error,
-        cancelled_by=job.cancelled_by,
-    )
-    if job.finished_at is not None:
-        message.finished_at.CopyFrom(to_timestamp(job.finished_at))
-    if job.report is not None:
-        message.report.ParseFromString(job.report)
-        if not with_subjects:
-            del message.report.subjects[:]
-    return message
 
 
 @contextmanager
@@ -133,32 +65,27 @@ def _fields_of(prefix: str) -> Iterator[None]:
         raise InvalidArgument(str(error), [v.prefixed(prefix) for v in error.violations]) from error
 
 
-class RulesServicer(LifecycleRpcs, pb_grpc.RulesServiceServicer):
+class RulesServicer(pb_grpc.RulesServiceServicer):
     def __init__(
         self,
-        evaluator: Evaluator,
-        executor: Executor,
-        committed: Callable[[], None],
+        *,
+        evaluation: EvaluationHandler,
+        lifecycle: LifecycleHandler,
+        reads: ReadLog,
+        pseudonymiser: Pseudonymiser,
         max_batch_size: int,
         shard: Shard = UNSHARDED,
-        *,
-        lifecycle: RuleSetLifecycle,
-        reads: ReadLog,
         backtests: BacktestHandler | None = None,
         jobs: BacktestJobs | None = None,
-        pseudonymiser: Pseudonymiser,
     ) -> None:
-        self._jobs = jobs
-        self._pseudonymiser = pseudonymiser
+        self._evaluation = evaluation
         self._lifecycle = lifecycle
         self._reads = reads
-        self._backtests = backtests
-        self._evaluator = evaluator
-        self._executor = executor
-        self._committed = committed
+        self._pseudonymiser = pseudonymiser
         self._max_batch_size = max_batch_size
         self._shard = shard
-        self._tracer = trace.get_tracer("egret.rules")
+        self._backtests = backtests
+        self._jobs = jobs
 
     async def EvaluateEvents(
         self, request: pb.EvaluateEventsRequest, context: Any
@@ -177,8 +104,7 @@ class RulesServicer(LifecycleRpcs, pb_grpc.RulesServiceServicer):
         forward_keys(request, self._pseudonymiser)
         # Ingest validated these events; a malformed one here is a contract breach by
         # the caller, reported for the whole call so that it is fixed, not skipped.
-        problems = [v for i, e in enumerate(request.events) for v in _violations(i, e)]
-        problems += [v for i, r in enumerate(request.retractions) for v in _retraction_violations(i, r)]
+        problems = batch_violations(request)
         if problems:
             raise InvalidArgument("malformed recorded events", problems)
         # Evaluating another shard's subjects here would split their window state over two
@@ -188,75 +114,160 @@ class RulesServicer(LifecycleRpcs, pb_grpc.RulesServiceServicer):
         )
         if misrouted:
             raise FailedPrecondition(self._shard.refusal(misrouted))
-        with self._tracer.start_as_current_span(
-            "rules evaluate", attributes={"egret.batch.size": len(request.events)}
-        ) as span:
-            started = time.perf_counter()
-            events = [engine_event(e) for e in request.events]
-            records = {ev.key: e.SerializeToString() for ev, e in zip(events, request.events, strict=True)}
-            result = await run_blocking(self._executor, self._evaluator.evaluate, events, records)
-            # After the events (a retraction follows its event), even when some events failed:
-            # the retractions are applied once and the failed events are retried anyway.
-            retractions = (
-                await run_blocking(
-                    self._executor,
-                    self._evaluator.retract,
-                    [retraction_notice(r) for r in request.retractions],
-                )
-                if request.retractions
-                else Retractions()
+        events = [engine_event(e) for e in request.events]
+        records = {ev.key: e.SerializeToString() for ev, e in zip(events, request.events, strict=True)}
+        batch = await self._evaluation.evaluate(
+            events, records, [retraction_notice(r) for r in request.retractions]
+        )
+        return pb.EvaluateEventsResponse(
+            evaluated=batch.evaluated,
+            duplicate=batch.duplicate,
+            outcomes=batch.outcomes,
+            parked=batch.parked,
+            retracted=batch.retracted,
+            reversed=batch.reversed,
+        )
+
+    async def ValidateRuleSet(
+        self, request: pb.ValidateRuleSetRequest, context: Any
+    ) -> pb.ValidateRuleSetResponse:
+        try:
+            rule_set = await self._lifecycle.validate(request.source)
+        except RuleSetError as error:
+            return pb.ValidateRuleSetResponse(
+                valid=False,
+                problems=[
+                    errors_pb2.FieldViolation(field=v.field, description=v.description, reason=v.reason)
+                    for v in rule_set_violations(error)
+                ],
             )
-            outcomes = len(result.firings) + len(retractions.firings)
-            reversed_ = len(retractions.reversed) + len(result.superseded)
-            metrics.batch_evaluated(
-                time.perf_counter() - started, [*result.firings, *retractions.firings], len(result.parked)
+        return pb.ValidateRuleSetResponse(
+            valid=True, name=rule_set.name, version=rule_set.version, rule_ids=[r.id for r in rule_set.rules]
+        )
+
+    async def CreateDraft(self, request: pb.CreateDraftRequest, context: Any) -> pb.CreateDraftResponse:
+        stored = await self._lifecycle.create_draft(request.source, actor_of(context))
+        return pb.CreateDraftResponse(rule_set=rule_set_message(stored))
+
+    async def PublishRuleSet(
+        self, request: pb.PublishRuleSetRequest, context: Any
+    ) -> pb.PublishRuleSetResponse:
+        actor = actor_of(context)
+        stored = await self._lifecycle.publish(positive_id(request.rule_set_id), actor)
+        return pb.PublishRuleSetResponse(rule_set=rule_set_message(stored))
+
+    async def ActivateRuleSet(
+        self, request: pb.ActivateRuleSetRequest, context: Any
+    ) -> pb.ActivateRuleSetResponse:
+        actor = actor_of(context)
+        activation = await self._lifecycle.activate(positive_id(request.rule_set_id), actor)
+        return pb.ActivateRuleSetResponse(
+            rule_set=rule_set_message(activation.rule_set),
+            previous_rule_set_id=activation.previous_rule_set_id or 0,
+        )
+
+    async def RetireRuleSet(self, request: pb.RetireRuleSetRequest, context: Any) -> pb.RetireRuleSetResponse:
+        actor = actor_of(context)
+        stored = await self._lifecycle.retire(positive_id(request.rule_set_id), actor)
+        return pb.RetireRuleSetResponse(rule_set=rule_set_message(stored))
+
+    async def ListRuleSets(self, request: pb.ListRuleSetsRequest, context: Any) -> pb.ListRuleSetsResponse:
+        page = await self._lifecycle.rule_sets(
+            name=request.name or None,
+            status=status_of(request.status),
+            requested_size=request.page_size,
+            page_token=request.page_token,
+        )
+        rendered = (renderable(s) for s in page.items)
+        return pb.ListRuleSetsResponse(
+            rule_sets=[m for m in rendered if m is not None], next_page_token=page.next_page_token
+        )
+
+    async def GetRuleSet(self, request: pb.GetRuleSetRequest, context: Any) -> pb.GetRuleSetResponse:
+        stored, rule_ids = await self._lifecycle.get(positive_id(request.rule_set_id))
+        message = renderable(stored, rule_ids)
+        if message is None:
+            raise FailedPrecondition(
+                f"rule set {stored.rule_set_id} is stored with values this service cannot show; "
+                "an operator must repair or remove it (the failure was logged)"
             )
-            span.set_attributes(
-                {
-                    "egret.evaluated": result.evaluated,
-                    "egret.duplicate": result.duplicate,
-                    "egret.outcomes": outcomes,
-                    "egret.retracted": retractions.retracted,
-                    "egret.reversed": reversed_,
-                    "egret.parked": len(result.parked),
-                    "egret.failed": len(result.failed),
-                    "egret.rule_set": f"{result.rule_set}@{result.rule_set_version}",
-                }
+        return pb.GetRuleSetResponse(rule_set=message)
+
+    async def ListRuleSetChanges(
+        self, request: pb.ListRuleSetChangesRequest, context: Any
+    ) -> pb.ListRuleSetChangesResponse:
+        page = await self._lifecycle.changes(
+            rule_set_id=request.rule_set_id or None,
+            requested_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListRuleSetChangesResponse(
+            changes=[change_message(c) for c in page.items], next_page_token=page.next_page_token
+        )
+
+    async def GetActiveRuleSet(
+        self, request: pb.GetActiveRuleSetRequest, context: Any
+    ) -> pb.GetActiveRuleSetResponse:
+        stored, rule_set = await self._lifecycle.active()
+        return pb.GetActiveRuleSetResponse(
+            rule_set=pb.RuleSetSummary(
+                name=rule_set.name,
+                version=rule_set.version,
+                rule_ids=[r.id for r in rule_set.rules],
+                activated_at=to_timestamp(stored.activated_at or stored.created_at),
+                source_sha256=rule_set.source_sha256,
+                rule_set_id=stored.rule_set_id,
+            ),
+            source=stored.source,
+        )
+
+    async def ListDeadLetters(
+        self, request: pb.ListDeadLettersRequest, context: Any
+    ) -> pb.ListDeadLettersResponse:
+        purpose = self._reads.purpose(request)
+        limit = page_size(request.page_size)
+        tokens = self._lifecycle.tokens
+        binding = {"method": "ListDeadLetters"}
+        after = decode_page_token(tokens, request.page_token, bound_to=binding)
+        letters = await self._evaluation.dead_letters(after, limit + 1)
+        more = len(letters) > limit
+        letters = letters[:limit]
+        if purpose is not None:
+            ids = [d.dead_letter_id for d in letters]
+            await self._reads.record(
+                "ListDeadLetters",
+                [d.event.subject_key for d in letters],
+                purpose,
+                target="dead_letters",
+                detail={"dead_letter_range": [min(ids), max(ids)]} if ids else {},
             )
-            if outcomes or retractions.reversed or result.superseded:
-                self._committed()
-            for failure in result.parked:
-                log.error(
-                    "event parked as a dead letter",
-                    event_key=failure.event.key,
-                    attempts=failure.attempts,
-                    reason=failure.reason,
-                    rule_set=f"{result.rule_set}@{result.rule_set_version}",
-                )
-            log.info(
-                "batch evaluated",
-                size=len(events),
-                evaluated=result.evaluated,
-                duplicate=result.duplicate,
-                outcomes=outcomes,
-                parked=len(result.parked),
-                failed=len(result.failed),
-                retracted=retractions.retracted,
-                reversed=reversed_,
-                rule_set=f"{result.rule_set}@{result.rule_set_version}",
+        return pb.ListDeadLettersResponse(
+            dead_letters=[dead_letter_message(d, with_event=purpose is not None) for d in letters],
+            next_page_token=tokens.encode(letters[-1].dead_letter_id, bound_to=binding) if more else "",
+        )
+
+    async def RedriveDeadLetters(
+        self, request: pb.RedriveDeadLettersRequest, context: Any
+    ) -> pb.RedriveDeadLettersResponse:
+        actor = actor_of(context)
+        if request.all == bool(request.dead_letter_ids):
+            raise InvalidArgument(
+                "name the dead letters or ask for all",
+                [Violation("dead_letter_ids", "give either dead_letter_ids or all, not both", "INVALID")],
             )
-            if result.failed:
-                # The rest of the batch is committed; failing the call makes the relay
-                # retry it with backoff, and the failed events count one more attempt.
-                raise EvaluationFailed(result.failed, self._evaluator.dead_letter_after)
-            return pb.EvaluateEventsResponse(
-                evaluated=result.evaluated,
-                duplicate=result.duplicate,
-                outcomes=outcomes,
-                parked=len(result.parked),
-                retracted=retractions.retracted,
-                reversed=reversed_,
+        if len(request.dead_letter_ids) > self._max_batch_size:
+            raise InvalidArgument(
+                "too many dead letters",
+                [Violation("dead_letter_ids", f"at most {self._max_batch_size} per call", "BATCH_TOO_LARGE")],
             )
+        redrive = await self._evaluation.redrive(
+            None if request.all else list(request.dead_letter_ids), actor
+        )
+        return pb.RedriveDeadLettersResponse(
+            redriven=redrive.redriven,
+            outcomes=redrive.outcomes,
+            still_failing=[dead_letter_message(d, with_event=False) for d in redrive.still_failing],
+        )
 
     async def BacktestRuleSet(
         self, request: backtest_pb2.BacktestRuleSetRequest, context: Any
@@ -287,7 +298,7 @@ class RulesServicer(LifecycleRpcs, pb_grpc.RulesServiceServicer):
         jobs = self._backtest_jobs()
         with _fields_of("backtest"):
             purpose = self._reads.purpose(request.backtest)
-            job = await jobs.start(request.backtest, purpose=purpose, started_by=actor_of(context))
+            job = await jobs.start(request.backtest, purpose=purpose, started_by=actor_of(context).name)
         return backtest_pb2.StartBacktestResponse(backtest=job_message(job))
 
     async def GetBacktest(
@@ -314,12 +325,8 @@ class RulesServicer(LifecycleRpcs, pb_grpc.RulesServiceServicer):
         self, request: backtest_pb2.CancelBacktestRequest, context: Any
     ) -> backtest_pb2.CancelBacktestResponse:
         jobs = self._backtest_jobs()
-        principal = current_principal()
-        job = await jobs.cancel(
-            request.backtest_id,
-            by=actor_of(context),
-            any_job=principal is not None and principal.role is Role.ADMIN,
-        )
+        actor = actor_of(context)
+        job = await jobs.cancel(request.backtest_id, by=actor, any_job=actor.role == Role.ADMIN.value)
         return backtest_pb2.CancelBacktestResponse(backtest=job_message(job))
 
     async def ListBacktests(
@@ -339,24 +346,6 @@ class RulesServicer(LifecycleRpcs, pb_grpc.RulesServiceServicer):
             next_page_token=""
             if page.next_before is None
             else tokens.encode(page.next_before, bound_to=binding),
-        )
-
-    async def GetActiveRuleSet(
-        self, request: pb.GetActiveRuleSetRequest, context: Any
-    ) -> pb.GetActiveRuleSetResponse:
-        # The database's answer, which every replica converges on at its next batch.
-        stored = await run_blocking(None, self._lifecycle.active)
-        rule_set = stored_rule_set(stored.source)
-        return pb.GetActiveRuleSetResponse(
-            rule_set=pb.RuleSetSummary(
-                name=rule_set.name,
-                version=rule_set.version,
-                rule_ids=[r.id for r in rule_set.rules],
-                activated_at=to_timestamp(stored.activated_at or stored.created_at),
-                source_sha256=rule_set.source_sha256,
-                rule_set_id=stored.rule_set_id,
-            ),
-            source=stored.source,
         )
 
 

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 from kit.env import SettingsError
 from kit.logging import get_logger
 from kit.sharding import Shard
-from services.rules.storage import Base
+from services.rules.stores.schema import Base
 
 log = get_logger(__name__)
 

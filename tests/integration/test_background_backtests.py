@@ -34,13 +34,17 @@ from kit.db import create_engine, make_session_factory
 from kit.interceptors import bearer_token
 from kit.principal import Role
 from kit.protoconv import to_timestamp
-from services.rules import backtest, backtest_runner, backtest_servicer
+from services.rules import backtest
 from services.rules import bootstrap as rules_bootstrap
 from services.rules import settings as settings_module
 from services.rules.backtest_job import INTERRUPTED, StoredJob
-from services.rules.backtest_storage import HistoryReader, SqlBacktestJobStore
+from services.rules.handlers import backtest_jobs as jobs_handler
+from services.rules.handlers import backtest_workers as workers_handler
+from services.rules.handlers import backtests as backtest_handler
 from services.rules.settings import RulesSettings
-from services.rules.storage import RulesAuditLog
+from services.rules.stores.backtest_jobs import SqlBacktestJobStore
+from services.rules.stores.history import HistoryReader
+from services.rules.stores.schema import RulesAuditLog
 from services.score import bootstrap as score_bootstrap
 from services.score.settings import ScoreSettings
 from tests.integration.test_backtest_service import (
@@ -65,19 +69,19 @@ AS_OF = datetime.now(UTC).replace(microsecond=0) + timedelta(days=1)
 def observable(monkeypatch: pytest.MonkeyPatch) -> None:
     """Small pages and frequent progress writes, so that a test history of a few thousand
     events is replayed in many steps a test can watch."""
-    monkeypatch.setattr(backtest_servicer, "HistoryReader", functools.partial(HistoryReader, page_size=50))
-    monkeypatch.setattr(backtest_runner, "PROGRESS_INTERVAL", timedelta(seconds=0.05))
+    monkeypatch.setattr(backtest_handler, "HistoryReader", functools.partial(HistoryReader, page_size=50))
+    monkeypatch.setattr(jobs_handler, "PROGRESS_INTERVAL", timedelta(seconds=0.05))
 
 
 def slow_pages(monkeypatch: pytest.MonkeyPatch, seconds: float = 0.02) -> None:
     """The in-process replay takes `seconds` more per page (on the engine thread)."""
-    replay_page = backtest_servicer._replay_page
+    replay_page = workers_handler.replay_page
 
     def slowly(*args: Any) -> bool:
         time.sleep(seconds)
         return replay_page(*args)
 
-    monkeypatch.setattr(backtest_servicer, "_replay_page", slowly)
+    monkeypatch.setattr(backtest_handler, "replay_page", slowly)
 
 
 @asynccontextmanager
@@ -265,7 +269,7 @@ async def test_a_background_backtest_fails_in_words_runs_alone_and_lists_subject
             raise RuntimeError("the engine refused the candidate: rule 'x' does not compile")
 
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(backtest_servicer, "Backtest", refused)
+            patch.setattr(backtest_handler, "Backtest", refused)
             failed = (await finished(a.rules, (await start()).backtest_id))[-1]
         assert failed.state == bt.BACKTEST_STATE_FAILED
         assert failed.error == "the engine refused the candidate: rule 'x' does not compile"
@@ -449,7 +453,7 @@ async def test_backtests_are_listed_newest_first_in_pages(database_url: str, tmp
 PAGE_DELAY = 0.1
 
 
-def slow_work(job: backtest_servicer.ShardJob, sender: Connection) -> None:
+def slow_work(job: workers_handler.ShardJob, sender: Connection) -> None:
     """A backtest worker process whose every page takes PAGE_DELAY more: a spawned process
     does not see the test's monkeypatches, so the test makes this the workers' target."""
     feed = backtest.Backtest.feed
@@ -459,7 +463,7 @@ def slow_work(job: backtest_servicer.ShardJob, sender: Connection) -> None:
         feed(self, page)
 
     backtest.Backtest.feed = slowly  # type: ignore[method-assign,assignment]
-    backtest_servicer._work(job, sender)
+    workers_handler._work(job, sender)
 
 
 async def part_way(rules: pb_grpc.RulesServiceAsyncStub, backtest_id: str) -> bt.BacktestJob:
@@ -505,7 +509,7 @@ async def test_a_running_backtest_is_cancelled_part_way_keeps_its_progress_and_f
     workers: str,
 ) -> None:
     slow_pages(monkeypatch, PAGE_DELAY)
-    monkeypatch.setattr(backtest_servicer, "_work", slow_work)
+    monkeypatch.setattr(workers_handler, "_work", slow_work)
     async with evaluated(database_url_factory, tmp_path, monkeypatch, int(workers)) as (a, rule_set_id):
         started = (
             await a.rules.StartBacktest(bt.StartBacktestRequest(backtest=request(rule_set_id)))

@@ -35,7 +35,7 @@ from kit.db import create_engine
 from kit.protoconv import to_timestamp
 from services.rules import bootstrap as rules_bootstrap
 from services.rules.settings import RulesSettings
-from services.rules.storage import EmittedOutcome, EvaluatedEvent, Outbox, RulesAuditLog
+from services.rules.stores.schema import EmittedOutcome, EvaluatedEvent, Outbox, RulesAuditLog
 from services.score import bootstrap as score_bootstrap
 from services.score.settings import ScoreSettings
 from services.score.storage import StoredScore

@@ -20,10 +20,10 @@ from domain.policy import load_policy
 from egret.common.v1 import event_pb2
 from kit.db import create_engine, make_session_factory
 from services.rules.backtest import BacktestScope
-from services.rules.backtest_servicer import replay_in_workers, shard_jobs
-from services.rules.backtest_storage import HistoryReader
+from services.rules.handlers.backtest_workers import replay_in_workers, shard_jobs
 from services.rules.records import engine_event_from_record
-from services.rules.storage import EvaluatedEvent
+from services.rules.stores.history import HistoryReader
+from services.rules.stores.schema import EvaluatedEvent
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -20,18 +20,18 @@ from kit.sharding import shard_of
 from services.rules.backtest import Backtest, BacktestScope, StoredEvent, combine
 from services.rules.backtest_job import Progress
 from services.rules.backtest_report import BacktestReport
-from services.rules.backtest_servicer import (
+from services.rules.engine import RuleEngine
+from services.rules.handlers.backtest_workers import (
     ShardResult,
-    cohort_attributes,
     replay_in_workers,
     shard_jobs,
     shareable,
     worker_of,
 )
-from services.rules.backtest_storage import HistoryReader
-from services.rules.engine import RuleEngine
+from services.rules.handlers.backtests import cohort_attributes
 from services.rules.records import engine_event_from_record
-from services.rules.storage import RulesSubjectKeyGeneration
+from services.rules.stores.history import HistoryReader
+from services.rules.stores.schema import RulesSubjectKeyGeneration
 from tests.unit.rules.test_backtest import ACME, ALICE, AS_OF, BOB, T0, event, policy, rule_set
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -30,7 +30,7 @@ from services.configapply.bootstrap import run
 from services.configapply.settings import ConfigApplySettings
 from services.rules import bootstrap as rules_bootstrap
 from services.rules.settings import RulesSettings
-from services.rules.storage import RulesAuditLog
+from services.rules.stores.schema import RulesAuditLog
 from services.score import bootstrap as score_bootstrap
 from services.score.settings import ScoreSettings
 from services.score.storage import ScoreAuditLog

@@ -32,7 +32,7 @@ from kit.protoconv import Scalar, to_attribute_value, to_timestamp
 from services.ingest import bootstrap as ingest_bootstrap
 from services.ingest.storage import IngestAuditHead, IngestAuditLog
 from services.rules import bootstrap as rules_bootstrap
-from services.rules.storage import RulesAuditHead, RulesAuditLog
+from services.rules.stores.schema import RulesAuditHead, RulesAuditLog
 from tests.integration.test_ingest_service import ingest_settings, late
 from tests.integration.test_rules_service import as_actor, rules_settings
 from tests.support.fakes import RecordingRules, serving_rules

@@ -21,7 +21,7 @@ from egret.score.v1 import score_service_pb2_grpc as score_grpc
 from kit.db import create_engine
 from services.ingest import bootstrap as ingest_bootstrap
 from services.rules import bootstrap as rules_bootstrap
-from services.rules.storage import RuleSetRow
+from services.rules.stores.schema import RuleSetRow
 from services.score import bootstrap as score_bootstrap
 from tests.integration.test_ingest_service import ingest_settings
 from tests.integration.test_rules_service import V1, rules_settings

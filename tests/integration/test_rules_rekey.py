@@ -35,7 +35,7 @@ from kit.settings import AuditSettings, PseudonymSettings
 from services.rules.bootstrap import MIGRATIONS, build
 from services.rules.bootstrap import main as rules_main
 from services.rules.settings import RulesSettings
-from services.rules.storage import (
+from services.rules.stores.schema import (
     KEYED,
     DeadLetterRow,
     EmittedOutcome,

@@ -24,7 +24,7 @@ from kit.settings import PeerSettings, RelaySettings
 from services.rules.bootstrap import MIGRATIONS, build
 from services.rules.bootstrap import main as rules_main
 from services.rules.settings import RulesSettings
-from services.rules.storage import RulesAuditLog
+from services.rules.stores.schema import RulesAuditLog
 from tests.support.outbox import until_drained
 from tests.support.purposes import assert_bad_purposes_refused
 from tests.support.servers import common_settings, running

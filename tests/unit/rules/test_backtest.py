@@ -13,8 +13,8 @@ from domain.ruleset.model import AttributeScalar, EngineEvent, RuleSet
 from domain.ruleset.parsing import rule_set_from_yaml
 from services.rules.backtest import Backtest, BacktestScope, StoredEvent
 from services.rules.backtest_report import SCORE_CHANGE_BUCKETS, BacktestReport, bucket_of
-from services.rules.backtest_servicer import cohort_attributes
 from services.rules.engine import RuleEngine
+from services.rules.handlers.backtests import cohort_attributes
 
 DAY = timedelta(days=1)
 T0 = datetime(2026, 3, 1, tzinfo=UTC)

@@ -17,6 +17,7 @@ from services.rules.batch import in_evaluation_order, isolate
 from services.rules.evaluated import Evaluated, EvaluationFailure, RuleEngineError, RuleEvaluationError
 from services.rules.lifecycle import (
     ActivePointer,
+    Actor,
     Change,
     RecordedChange,
     RuleSetLifecycle,
@@ -162,8 +163,8 @@ def test_the_file_is_imported_once_then_the_database_wins(
 def test_an_import_never_overwrites_a_published_version_with_other_text(
     lifecycle: RuleSetLifecycle, store: MemoryStore
 ) -> None:
-    draft = lifecycle.create_draft(SOURCE.format(version=1), "alice")
-    lifecycle.publish(draft.rule_set_id, "alice")
+    draft = lifecycle.create_draft(SOURCE.format(version=1), Actor("alice"))
+    lifecycle.publish(draft.rule_set_id, Actor("alice"))
     with pytest.raises(FailedPrecondition, match="different source"):
         lifecycle.ensure_active(SOURCE.format(version=1) + "# edited\n")
     assert store.active_id is None
@@ -171,26 +172,39 @@ def test_an_import_never_overwrites_a_published_version_with_other_text(
 
 
 def test_each_step_checks_the_state_and_records_who(lifecycle: RuleSetLifecycle, store: MemoryStore) -> None:
-    first = lifecycle.create_draft(SOURCE.format(version=1), "alice").rule_set_id
+    first = lifecycle.create_draft(SOURCE.format(version=1), Actor("alice")).rule_set_id
     with pytest.raises(FailedPrecondition, match="only a published"):
-        lifecycle.activate(first, "bob")
-    lifecycle.publish(first, "bob")
+        lifecycle.activate(first, Actor("bob"))
+    lifecycle.publish(first, Actor("bob"))
     with pytest.raises(FailedPrecondition, match="only a draft"):
-        lifecycle.publish(first, "bob")
-    assert lifecycle.activate(first, "carol").previous_rule_set_id is None
-    assert lifecycle.activate(first, "carol").previous_rule_set_id is None  # no-op, not recorded
+        lifecycle.publish(first, Actor("bob"))
+    assert lifecycle.activate(first, Actor("carol")).previous_rule_set_id is None
+    assert lifecycle.activate(first, Actor("carol")).previous_rule_set_id is None  # no-op, not recorded
     with pytest.raises(FailedPrecondition, match="is active"):
-        lifecycle.retire(first, "dave")
-    older = lifecycle.create_draft(SOURCE.format(version=1), "alice").rule_set_id
+        lifecycle.retire(first, Actor("dave"))
+    older = lifecycle.create_draft(SOURCE.format(version=1), Actor("alice")).rule_set_id
     with pytest.raises(FailedPrecondition, match="must be greater"):
-        lifecycle.publish(older, "bob")
+        lifecycle.publish(older, Actor("bob"))
     with pytest.raises(NotFound):
-        lifecycle.publish(99, "bob")
+        lifecycle.publish(99, Actor("bob"))
     assert [(c.action, c.actor) for c in store.log] == [
         ("create_draft", "alice"),
         ("publish", "bob"),
         ("activate", "carol"),
         ("create_draft", "alice"),
+    ]
+
+
+def test_a_change_carries_the_role_the_audit_log_names(
+    lifecycle: RuleSetLifecycle, store: MemoryStore
+) -> None:
+    lifecycle.ensure_active(SOURCE.format(version=1))
+    lifecycle.create_draft(SOURCE.format(version=2), Actor("alice", "admin"))
+    lifecycle.create_draft(SOURCE.format(version=3), Actor("bob"))
+    assert [(c.actor, c.role) for c in store.log] == [
+        ("system:import", "system"),
+        ("alice", "admin"),
+        ("bob", "unauthenticated"),
     ]
 
 
@@ -205,13 +219,13 @@ def test_an_invalid_draft_reports_every_problem_as_a_field() -> None:
     with pytest.raises(InvalidArgument) as invalid:
         RuleSetLifecycle(
             MemoryStore(), validate=rule_set_from_yaml, clock=lambda: NOW, tokens=PageTokens.development()
-        ).create_draft("{", "a")
+        ).create_draft("{", Actor("a"))
     assert [v.field for v in invalid.value.violations] == ["source"]
 
 
 def test_page_tokens_page_their_own_query_only(lifecycle: RuleSetLifecycle) -> None:
     for version in (1, 2, 3):
-        lifecycle.create_draft(SOURCE.format(version=version), "alice")
+        lifecycle.create_draft(SOURCE.format(version=version), Actor("alice"))
     first = lifecycle.list(name=None, status=None, requested_size=2, page_token="")
     rest = lifecycle.list(name=None, status=None, requested_size=2, page_token=first.next_page_token)
     assert len(first.items) + len(rest.items) == 3

@@ -42,8 +42,10 @@ from services.rules.backtest_job import (
     cancels,
     in_words,
 )
-from services.rules.backtest_servicer import BacktestHandler, Contender, Plan, backtest_scope
-from services.rules.backtest_storage import SqlBacktestJobStore
+from services.rules.backtest_messages import Contender, Plan, backtest_scope
+from services.rules.handlers.backtests import BacktestHandler
+from services.rules.lifecycle import Actor
+from services.rules.stores.backtest_jobs import SqlBacktestJobStore
 
 log = get_logger(__name__)
 
@@ -145,37 +147,38 @@ class BacktestJobs:
             raise NotFound(f"no backtest {backtest_id!r}")
         return job
 
-    async def cancel(self, backtest_id: str, *, by: str, any_job: bool) -> StoredJob:
+    async def cancel(self, backtest_id: str, *, by: Actor, any_job: bool) -> StoredJob:
         """Stops an unfinished job (``cancels`` decides) and stores it cancelled with the
         audit record of the act; when it ran here, answers once its replay stopped and the
         slot is free (or after CANCEL_WAIT). A job cancelled already is returned unchanged."""
         job = await self.get(backtest_id)
-        if not cancels(job, by=by, any_job=any_job):
+        if not cancels(job, by=by.name, any_job=any_job):
             return job
         running = self._running.get(backtest_id)
         at = self._clock()
-        record = audit.record(
+        record = audit.AuditRecord(
             "backtest.cancel",
+            by.name,
+            by.role or "unauthenticated",
             at,
             target=f"backtest:{backtest_id}",
             detail={"rule_set_id": job.rule_set_id, "started_by": job.started_by, "state": job.state},
-            claimed_actor=by,
         )
         # What the replay here has read by now, rather than its last write (up to a second old).
         progress = None if running is None else (running.progress.replayed, running.progress.total)
         cancelled = await run_blocking(
             None,
-            lambda: self._store.cancel(backtest_id, by=by, at=at, record=record, progress=progress),
+            lambda: self._store.cancel(backtest_id, by=by.name, at=at, record=record, progress=progress),
         )
         if cancelled:
-            log.info("backtest cancelled", backtest_id=backtest_id, by=by)
+            log.info("backtest cancelled", backtest_id=backtest_id, by=by.name)
             if running is not None:
                 running.task.cancel()
                 await asyncio.wait({running.task}, timeout=CANCEL_WAIT.total_seconds())
         stored = await self.get(backtest_id)
         # Not cancelled: it finished (or another call cancelled it) since it was read.
         if not cancelled:
-            cancels(stored, by=by, any_job=any_job)
+            cancels(stored, by=by.name, any_job=any_job)
         return stored
 
     async def list(self, *, rule_set_id: int | None, before: int | None, size: int) -> JobPage:

@@ -1,0 +1,1 @@
+"""Rules' storage: the ORM schema, and one store per concern over it."""
