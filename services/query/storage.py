@@ -17,15 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from domain.consent import Consent
-from domain.entries import LedgerEntry, ScoredEntry
-from domain.policy import ActivatedPolicy
-from domain.scoring import CategoryScore, ListMembership
-from kit.db import as_utc, make_session_factory
-from kit.errors import Unavailable
-from kit.rekey import read_marker
-from services.query.domain import Cursor, HistoryRow, RawDistribution, SubjectScore
-from services.score.storage import (
+from contracts.score_store import (
     ScoreSubjectKeyGeneration,
     StoredCategory,
     StoredEntry,
@@ -37,6 +29,14 @@ from services.score.storage import (
     load_entries,
     load_policies,
 )
+from domain.consent import Consent
+from domain.entries import LedgerEntry, ScoredEntry
+from domain.policy import ActivatedPolicy
+from domain.scoring import CategoryScore, ListMembership
+from kit.db import as_utc, make_session_factory
+from kit.errors import Unavailable
+from kit.rekey import read_marker
+from services.query.domain import Cursor, HistoryRow, RawDistribution, SubjectScore
 
 T = TypeVar("T")
 

@@ -119,6 +119,8 @@ class LedgerStore(Protocol):
         """Every subject that has ledger entries, in pages ordered by subject key."""
         ...
 
+
+class PolicyStore(Protocol):
     def activations(self) -> list[ActivatedPolicy]:
         """Every policy activated so far, oldest first."""
         ...
@@ -186,11 +188,13 @@ class Ledger:
         *,
         policies: PolicyBook,
         store: LedgerStore,
+        policy_store: PolicyStore,
         clock: Callable[[], datetime],
         page_size: int = 1000,
     ) -> None:
         self._book = policies
         self._store = store
+        self._policy_store = policy_store
         self._clock = clock
         self._page_size = page_size
 
@@ -399,7 +403,7 @@ class Ledger:
         report = self.preview(proposed, now)
         activation = ActivatedPolicy(proposed, now, activated_by.strip(), document)
         previous = self._book.active
-        self._store.save_activation(activation)
+        self._policy_store.save_activation(activation)
         self._book = PolicyBook((*self._book.activations, activation))
         return report, self.catch_up_policy(now, previous)
 

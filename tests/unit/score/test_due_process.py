@@ -377,7 +377,7 @@ def due_process(
 ) -> tuple[DueProcess, FakeTx]:
     tx = FakeTx({"e1": facts})
     book = PolicyBook((ActivatedPolicy(POLICY, T0 - 1000 * DAY, "test", ""),))
-    ledger = Ledger(policies=book, store=FakeStore(), clock=lambda: now)
+    ledger = Ledger(policies=book, store=(store := FakeStore()), policy_store=store, clock=lambda: now)
     return DueProcess(
         ledger=ledger, store=FakeDueStore(tx), clock=lambda: now, pseudonymiser=pseudonymiser
     ), tx
