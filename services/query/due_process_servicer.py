@@ -18,6 +18,13 @@ from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from typing import Any, TypeVar
 
+from contracts.due_process_wire import (
+    DISPUTE_STATUSES,
+    REPAIR_STATUSES,
+    consent_message,
+    dispute_message,
+    repair_message,
+)
 from domain.entries import EntryFacts, EntryStatus, View
 from egret.common.v1 import subject_pb2
 from egret.query.v1 import query_service_pb2 as pb
@@ -64,13 +71,6 @@ from services.query.servicer import (
     list_messages,
     score_message,
     subject_ref,
-)
-from services.score.servicer import (
-    DISPUTE_STATUSES,
-    REPAIR_STATUSES,
-    consent_message,
-    dispute_message,
-    repair_message,
 )
 
 log = get_logger(__name__)

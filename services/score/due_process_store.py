@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
@@ -33,8 +34,10 @@ from domain.entries import (
 from kit import audit
 from services.score.audit_store import append_audit
 from services.score.due_process import Audited
-from services.score.ledger import Rescore
-from services.score.subject_store import rescore_and_store
+from services.score.ledger import Rescored, SubjectLedger
+from services.score.subject_store import lock_subjects, save_scores
+
+_Row = TypeVar("_Row", StoredDispute, StoredRepair, StoredConsent)
 
 
 class _SqlDueProcessTx:
@@ -66,6 +69,12 @@ class _SqlDueProcessTx:
         row = self._session.get(StoredRepair, application_id)
         return None if row is None else repair_record(row)
 
+    def _inserted(self, row: _Row) -> _Row:
+        """`row` stored, with the id the database gave it."""
+        self._session.add(row)
+        self._session.flush()
+        return row
+
     def add_dispute(self, dispute: DisputeRecord) -> DisputeRecord:
         row = StoredDispute(
             entry_id=dispute.entry_id,
@@ -80,9 +89,7 @@ class _SqlDueProcessTx:
             resolution_reason="",
             resolved_by="",
         )
-        self._session.add(row)
-        self._session.flush()
-        return replace(dispute, dispute_id=row.dispute_id)
+        return replace(dispute, dispute_id=self._inserted(row).dispute_id)
 
     def save_dispute(self, dispute: DisputeRecord) -> None:
         self._session.execute(
@@ -92,9 +99,9 @@ class _SqlDueProcessTx:
                 status=dispute.status,
                 resolution_reason=dispute.resolution_reason,
                 resolved_by=dispute.resolved_by,
-                resolved_at=None if dispute.resolved_at is None else dispute.resolved_at.astimezone(UTC),
+                resolved_at=_utc(dispute.resolved_at),
                 assignee=dispute.assignee,
-                assigned_at=None if dispute.assigned_at is None else dispute.assigned_at.astimezone(UTC),
+                assigned_at=_utc(dispute.assigned_at),
             )
         )
 
@@ -111,9 +118,7 @@ class _SqlDueProcessTx:
             decision_reason="",
             decided_by="",
         )
-        self._session.add(row)
-        self._session.flush()
-        return replace(repair, application_id=row.application_id)
+        return replace(repair, application_id=self._inserted(row).application_id)
 
     def save_repair(self, repair: RepairRecord) -> None:
         self._session.execute(
@@ -123,7 +128,7 @@ class _SqlDueProcessTx:
                 status=repair.status,
                 decision_reason=repair.decision_reason,
                 decided_by=repair.decided_by,
-                decided_at=None if repair.decided_at is None else repair.decided_at.astimezone(UTC),
+                decided_at=_utc(repair.decided_at),
             )
         )
 
@@ -136,9 +141,7 @@ class _SqlDueProcessTx:
             recorded_at=consent.recorded_at.astimezone(UTC),
             recorded_by=consent.recorded_by,
         )
-        self._session.add(row)
-        self._session.flush()
-        return replace(consent, consent_id=row.consent_id)
+        return replace(consent, consent_id=self._inserted(row).consent_id)
 
     def stored_subject(self, subject_keys: Sequence[str]) -> str | None:
         known = set(
@@ -159,8 +162,11 @@ class _SqlDueProcessTx:
             sa.update(StoredEntry).where(StoredEntry.entry_id == entry_id).values(status=status.value)
         )
 
-    def rescore(self, subject_key: str, rescore: Rescore, now: datetime) -> None:
-        rescore_and_store(self._session, [subject_key], rescore, now.astimezone(UTC), self._key_id)
+    def lock(self, subject_keys: Sequence[str]) -> list[SubjectLedger]:
+        return lock_subjects(self._session, subject_keys)
+
+    def save(self, results: Mapping[str, Rescored], recorded_at: datetime | None) -> None:
+        save_scores(self._session, results, recorded_at, self._key_id)
 
     def audit(self, act: Audited, at: datetime) -> None:
         append_audit(self._session, act, at, self._audit_keys)
@@ -208,3 +214,7 @@ class SqlDueProcessStore:
     def consent_at(self, subject_key: str, at: datetime) -> Consent | None:
         with self._sessions() as session:
             return consent_at(session, subject_key, at)
+
+
+def _utc(at: datetime | None) -> datetime | None:
+    return None if at is None else at.astimezone(UTC)

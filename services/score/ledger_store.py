@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -25,8 +26,8 @@ from domain.entries import (
 from kit import audit
 from services.score.audit_store import append_audit
 from services.score.due_process import Audited
-from services.score.ledger import Recorded, Rescore, Reversed, SubjectLedger
-from services.score.subject_store import create_subject_rows, rescore_and_store, subject_ledger
+from services.score.ledger import ConcurrentWrite, Rescored, SubjectLedger
+from services.score.subject_store import create_subject_rows, lock_subjects, save_scores, subject_ledger
 
 
 def entry_row(entry: LedgerEntry, key_id: str) -> dict[str, Any]:
@@ -55,8 +56,97 @@ def entry_row(entry: LedgerEntry, key_id: str) -> dict[str, Any]:
     }
 
 
+class _SqlLedgerUnitOfWork:
+    """LedgerUnitOfWork on one session in one transaction, a fixed number of bulk statements,
+    writing keys of generation `key_id`."""
+
+    def __init__(self, session: Session, audit_keys: audit.AuditKeys, key_id: str) -> None:
+        self._session = session
+        self._audit_keys = audit_keys
+        self._key_id = key_id
+
+    def add_entries(self, entries: Sequence[LedgerEntry]) -> list[LedgerEntry]:
+        session = self._session
+        ids = [e.entry_id for e in entries]
+        existing = set(session.scalars(sa.select(StoredEntry.entry_id).where(StoredEntry.entry_id.in_(ids))))
+        # Sorted, so that concurrent writers take row locks in the same order.
+        fresh = sorted((e for e in entries if e.entry_id not in existing), key=lambda e: e.entry_id)
+        if not fresh:
+            return []
+        waiting = set(
+            session.scalars(
+                sa.select(StoredReversal.outcome_id).where(
+                    StoredReversal.outcome_id.in_([e.entry_id for e in fresh])
+                )
+            )
+        )
+        rows = [entry_row(e, self._key_id) for e in fresh]
+        for row in rows:
+            # Retracted before it arrived: reversed from the moment it is recorded.
+            if row["entry_id"] in waiting:
+                row["status"] = EntryStatus.REVERSED.value
+        try:
+            session.execute(sa.insert(StoredEntry), rows)
+        except IntegrityError as error:
+            raise ConcurrentWrite("another writer stored one of these entries first") from error
+        kinds = {e.subject_key: e.subject_kind for e in fresh}
+        create_subject_rows(session, kinds, max(e.recorded_at for e in fresh).astimezone(UTC), self._key_id)
+        return fresh
+
+    def add_reversals(self, reversals: Sequence[ReversalRecord]) -> list[ReversalRecord]:
+        session = self._session
+        ids = sorted({r.outcome_id for r in reversals})
+        known = set(
+            session.scalars(sa.select(StoredReversal.outcome_id).where(StoredReversal.outcome_id.in_(ids)))
+        )
+        fresh = sorted((r for r in reversals if r.outcome_id not in known), key=lambda r: r.outcome_id)
+        if not fresh:
+            return []
+        session.execute(sa.insert(StoredReversal), [_reversal_row(r, self._key_id) for r in fresh])
+        entries = {
+            row.entry_id: row.subject_key
+            for row in session.execute(
+                sa.select(StoredEntry.entry_id, StoredEntry.subject_key).where(
+                    StoredEntry.entry_id.in_([r.outcome_id for r in fresh])
+                )
+            )
+        }
+        for r in fresh:
+            append_audit(
+                session,
+                Audited(
+                    "entry.reverse",
+                    entries.get(r.outcome_id, r.subject_key),
+                    r.outcome_id,
+                    {
+                        "event": r.event,
+                        "cause": r.cause,
+                        "reason": r.reason,
+                        "retracted_by": r.retracted_by,
+                        "entry_recorded": r.outcome_id in entries,
+                    },
+                ),
+                r.reversed_at,
+                self._audit_keys,
+            )
+        applied = [replace(r, subject_key=entries[r.outcome_id]) for r in fresh if r.outcome_id in entries]
+        if applied:
+            session.execute(
+                sa.update(StoredEntry)
+                .where(StoredEntry.entry_id.in_([r.outcome_id for r in applied]))
+                .values(status=EntryStatus.REVERSED.value)
+            )
+        return applied
+
+    def lock(self, subject_keys: Sequence[str]) -> list[SubjectLedger]:
+        return lock_subjects(self._session, subject_keys)
+
+    def save(self, results: Mapping[str, Rescored], recorded_at: datetime | None) -> None:
+        save_scores(self._session, results, recorded_at, self._key_id)
+
+
 class SqlLedgerStore:
-    """LedgerStore on SQLAlchemy: one transaction per batch, a fixed number of bulk statements.
+    """LedgerStore on SQLAlchemy: one unit of work per batch, sweep page or policy page.
     Keys are written as of generation `key_id` (the instance's current one)."""
 
     def __init__(self, sessions: sessionmaker[Session], *, audit_keys: audit.AuditKeys, key_id: str) -> None:
@@ -75,56 +165,10 @@ class SqlLedgerStore:
             ).all()
         return {(tier, kind): int(n) for tier, kind, n in rows}
 
-    def record(self, entries: Sequence[LedgerEntry], rescore: Rescore) -> Recorded:
-        try:
-            return self._record(entries, rescore)
-        except IntegrityError:
-            # A concurrent writer stored one of these ids between our read and our insert
-            # (PostgreSQL with several replicas); the retry sees it as a duplicate.
-            return self._record(entries, rescore)
-
-    def _record(self, entries: Sequence[LedgerEntry], rescore: Rescore) -> Recorded:
+    @contextmanager
+    def unit_of_work(self) -> Iterator[_SqlLedgerUnitOfWork]:
         with self._sessions() as session, session.begin():
-            ids = [e.entry_id for e in entries]
-            existing = set(
-                session.scalars(sa.select(StoredEntry.entry_id).where(StoredEntry.entry_id.in_(ids)))
-            )
-            # Sorted, so that concurrent writers take row locks in the same order.
-            fresh = sorted((e for e in entries if e.entry_id not in existing), key=lambda e: e.entry_id)
-            if not fresh:
-                return Recorded(applied=0, subjects_updated=0)
-            waiting = set(
-                session.scalars(
-                    sa.select(StoredReversal.outcome_id).where(
-                        StoredReversal.outcome_id.in_([e.entry_id for e in fresh])
-                    )
-                )
-            )
-            rows = [entry_row(e, self._key_id) for e in fresh]
-            for row in rows:
-                # Retracted before it arrived: reversed from the moment it is recorded.
-                if row["entry_id"] in waiting:
-                    row["status"] = EntryStatus.REVERSED.value
-            session.execute(sa.insert(StoredEntry), rows)
-            kinds = {e.subject_key: e.subject_kind for e in fresh}
-            now = max(e.recorded_at for e in fresh).astimezone(UTC)
-            create_subject_rows(session, kinds, now, self._key_id)
-            rescore_and_store(session, sorted(kinds), rescore, now, self._key_id)
-        return Recorded(applied=len(fresh), subjects_updated=len(kinds))
-
-    def recompute(self, subject_keys: Sequence[str], rescore: Rescore) -> int:
-        with self._sessions() as session, session.begin():
-            keys = list(
-                session.scalars(
-                    sa.select(StoredScore.subject_key)
-                    .where(StoredScore.subject_key.in_(sorted(subject_keys)))
-                    .order_by(StoredScore.subject_key)
-                    .with_for_update()
-                )
-            )
-            if keys:
-                rescore_and_store(session, keys, rescore, None, self._key_id)
-            return len(keys)
+            yield _SqlLedgerUnitOfWork(session, self._audit_keys, self._key_id)
 
     def due_subjects(self, now: datetime, limit: int) -> list[str]:
         with self._sessions() as session:
@@ -147,69 +191,6 @@ class SqlLedgerStore:
                     .limit(limit)
                 )
             )
-
-    def reverse(
-        self, reversals: Sequence[ReversalRecord], rescore: Callable[[Sequence[ReversalRecord]], Rescore]
-    ) -> Reversed:
-        with self._sessions() as session, session.begin():
-            ids = sorted({r.outcome_id for r in reversals})
-            known = set(
-                session.scalars(
-                    sa.select(StoredReversal.outcome_id).where(StoredReversal.outcome_id.in_(ids))
-                )
-            )
-            fresh = sorted((r for r in reversals if r.outcome_id not in known), key=lambda r: r.outcome_id)
-            if not fresh:
-                return Reversed(0, 0)
-            session.execute(sa.insert(StoredReversal), [_reversal_row(r, self._key_id) for r in fresh])
-            entries = {
-                row.entry_id: row.subject_key
-                for row in session.execute(
-                    sa.select(StoredEntry.entry_id, StoredEntry.subject_key).where(
-                        StoredEntry.entry_id.in_([r.outcome_id for r in fresh])
-                    )
-                )
-            }
-            for r in fresh:
-                append_audit(
-                    session,
-                    Audited(
-                        "entry.reverse",
-                        entries.get(r.outcome_id, r.subject_key),
-                        r.outcome_id,
-                        {
-                            "event": r.event,
-                            "cause": r.cause,
-                            "reason": r.reason,
-                            "retracted_by": r.retracted_by,
-                            "entry_recorded": r.outcome_id in entries,
-                        },
-                    ),
-                    r.reversed_at,
-                    self._audit_keys,
-                )
-            applied = [
-                replace(r, subject_key=entries[r.outcome_id]) for r in fresh if r.outcome_id in entries
-            ]
-            if not applied:
-                return Reversed(0, 0)
-            session.execute(
-                sa.update(StoredEntry)
-                .where(StoredEntry.entry_id.in_([r.outcome_id for r in applied]))
-                .values(status=EntryStatus.REVERSED.value)
-            )
-            keys = sorted({r.subject_key for r in applied})
-            locked = list(
-                session.scalars(
-                    sa.select(StoredScore.subject_key)
-                    .where(StoredScore.subject_key.in_(keys))
-                    .order_by(StoredScore.subject_key)
-                    .with_for_update()
-                )
-            )
-            now = max(r.reversed_at for r in applied).astimezone(UTC)
-            rescore_and_store(session, locked, rescore(applied), now, self._key_id)
-            return Reversed(len(applied), len(locked))
 
     def subject_pages(self, page_size: int) -> Iterator[Sequence[SubjectLedger]]:
         after = ""

@@ -7,24 +7,16 @@ import contextlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from opentelemetry import trace
 from sqlalchemy.exc import SQLAlchemyError
 
-from domain.consent import Consent
+from contracts.due_process_wire import consent_message, dispute_message, repair_message
 from domain.entries import (
-    APPROVED,
-    OPEN,
     OVERTURN,
-    OVERTURNED,
-    PENDING,
     REGROUPED,
-    REJECTED,
-    UPHELD,
-    DisputeRecord,
-    RepairRecord,
     RuleRef,
 )
 from domain.intake import IncomingOutcome, IncomingReversal
@@ -45,6 +37,7 @@ from services.score.due_process import APPROVE, REJECT, UPHOLD, DueProcess
 from services.score.ledger import ApplyResult, Ledger, PolicyReport, VerifyResult
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 DEFAULT_MAX_MISMATCHES = 100
 MAX_MISMATCHES = 1000
@@ -147,72 +140,8 @@ def incoming_reversal(reversal: pb.Reversal) -> IncomingReversal:
     )
 
 
-DISPUTE_STATUSES = {
-    OPEN: dp.DISPUTE_STATUS_OPEN,
-    UPHELD: dp.DISPUTE_STATUS_UPHELD,
-    OVERTURNED: dp.DISPUTE_STATUS_OVERTURNED,
-}
-REPAIR_STATUSES = {
-    PENDING: dp.REPAIR_STATUS_PENDING,
-    APPROVED: dp.REPAIR_STATUS_APPROVED,
-    REJECTED: dp.REPAIR_STATUS_REJECTED,
-}
 DISPUTE_DECISIONS = {dp.DISPUTE_DECISION_UPHOLD: UPHOLD, dp.DISPUTE_DECISION_OVERTURN: OVERTURN}
 REPAIR_DECISIONS = {dp.REPAIR_DECISION_APPROVE: APPROVE, dp.REPAIR_DECISION_REJECT: REJECT}
-
-
-def dispute_message(d: DisputeRecord, now: datetime) -> dp.Dispute:
-    """The wire form of a dispute as of `now` (`overdue` depends on it); query uses it too."""
-    message = dp.Dispute(
-        dispute_id=str(d.dispute_id),
-        entry_id=d.entry_id,
-        subject_key=d.subject_key,
-        statement=d.statement,
-        filed_by=d.filed_by,
-        filed_by_role=d.filed_by_role,
-        filed_at=to_timestamp(d.filed_at),
-        deadline=to_timestamp(d.deadline),
-        status=DISPUTE_STATUSES[d.status],
-        resolution_reason=d.resolution_reason,
-        resolved_by=d.resolved_by,
-        overdue=d.overdue(now),
-        assignee=d.assignee,
-    )
-    if d.resolved_at is not None:
-        message.resolved_at.CopyFrom(to_timestamp(d.resolved_at))
-    if d.assigned_at is not None:
-        message.assigned_at.CopyFrom(to_timestamp(d.assigned_at))
-    return message
-
-
-def repair_message(r: RepairRecord, now: datetime) -> dp.RepairApplication:
-    """The wire form of a repair application as of `now`; query uses it too."""
-    message = dp.RepairApplication(
-        application_id=str(r.application_id),
-        entry_id=r.entry_id,
-        subject_key=r.subject_key,
-        evidence=r.evidence,
-        evidence_uri=r.evidence_uri,
-        applied_at=to_timestamp(r.applied_at),
-        decision_due=to_timestamp(r.decision_due),
-        status=REPAIR_STATUSES[r.status],
-        decision_reason=r.decision_reason,
-        decided_by=r.decided_by,
-        overdue=r.overdue(now),
-    )
-    if r.decided_at is not None:
-        message.decided_at.CopyFrom(to_timestamp(r.decided_at))
-    return message
-
-
-def consent_message(c: Consent) -> dp.ConsentRecord:
-    return dp.ConsentRecord(
-        subject_key=c.subject_key,
-        granted=c.granted,
-        effective_at=to_timestamp(c.effective_at),
-        recorded_at=to_timestamp(c.recorded_at),
-        recorded_by=c.recorded_by,
-    )
 
 
 def verify_response(result: VerifyResult, *, with_subjects: bool) -> pb.VerifyScoresResponse:
@@ -460,18 +389,18 @@ class ScoreServicer(pb_grpc.ScoreServiceServicer):
         assert self._due_process is not None, "the servicer was built without due process"
         return self._due_process
 
+    async def _act(self, act: Callable[..., T], *args: Any) -> T:
+        """A due-process act on the writer thread, by the calling principal."""
+        return await run_blocking(self._executor, act, current_principal(), *args)
+
     async def FileDispute(self, request: pb.FileDisputeRequest, context: Any) -> pb.FileDisputeResponse:
-        dispute = await run_blocking(
-            self._executor, self._due().file_dispute, current_principal(), request.entry_id, request.statement
-        )
+        dispute = await self._act(self._due().file_dispute, request.entry_id, request.statement)
         log.info("dispute filed", dispute_id=dispute.dispute_id, entry_id=dispute.entry_id)
         return pb.FileDisputeResponse(dispute=dispute_message(dispute, self._clock()))
 
     async def AssignDispute(self, request: pb.AssignDisputeRequest, context: Any) -> pb.AssignDisputeResponse:
-        dispute = await run_blocking(
-            self._executor,
+        dispute = await self._act(
             self._due().assign_dispute,
-            current_principal(),
             request.dispute_id,
             request.assignee,
             request.release,
@@ -482,10 +411,8 @@ class ScoreServicer(pb_grpc.ScoreServiceServicer):
     async def ResolveDispute(
         self, request: pb.ResolveDisputeRequest, context: Any
     ) -> pb.ResolveDisputeResponse:
-        dispute = await run_blocking(
-            self._executor,
+        dispute = await self._act(
             self._due().resolve_dispute,
-            current_principal(),
             request.dispute_id,
             DISPUTE_DECISIONS.get(request.decision),
             request.reason,
@@ -496,10 +423,8 @@ class ScoreServicer(pb_grpc.ScoreServiceServicer):
     async def ApplyForRepair(
         self, request: pb.ApplyForRepairRequest, context: Any
     ) -> pb.ApplyForRepairResponse:
-        repair = await run_blocking(
-            self._executor,
+        repair = await self._act(
             self._due().apply_for_repair,
-            current_principal(),
             request.entry_id,
             request.evidence,
             request.evidence_uri,
@@ -508,10 +433,8 @@ class ScoreServicer(pb_grpc.ScoreServiceServicer):
         return pb.ApplyForRepairResponse(application=repair_message(repair, self._clock()))
 
     async def DecideRepair(self, request: pb.DecideRepairRequest, context: Any) -> pb.DecideRepairResponse:
-        repair = await run_blocking(
-            self._executor,
+        repair = await self._act(
             self._due().decide_repair,
-            current_principal(),
             request.application_id,
             REPAIR_DECISIONS.get(request.decision),
             request.reason,
@@ -520,10 +443,8 @@ class ScoreServicer(pb_grpc.ScoreServiceServicer):
         return pb.DecideRepairResponse(application=repair_message(repair, self._clock()))
 
     async def SetConsent(self, request: pb.SetConsentRequest, context: Any) -> pb.SetConsentResponse:
-        consent = await run_blocking(
-            self._executor,
+        consent = await self._act(
             self._due().set_consent,
-            current_principal(),
             request.subject_key,
             request.granted,
             to_datetime(request.effective_at) if request.HasField("effective_at") else None,

@@ -24,11 +24,11 @@ from domain.entries import (
 )
 from domain.scoring import ScoreState, list_names
 from kit.db import as_utc
-from services.score.ledger import Rescore, Rescored, SubjectLedger
+from services.score.ledger import Rescored, SubjectLedger
 
 
 def score_state(row: StoredScore | Any) -> ScoreState | None:
-    # A placeholder row (tier "") was created by _lock_subjects in this transaction.
+    # A placeholder row (tier "") was created by create_subject_rows in this transaction.
     if row is None or not row.tier:
         return None
     return ScoreState(row.score, row.tier, bool(row.red_list), bool(row.black_list))
@@ -46,21 +46,28 @@ def subject_ledger(key: str, kind: str, row: StoredScore | None, entries: list[S
     )
 
 
-def rescore_and_store(
-    session: Session, keys: Sequence[str], rescore: Rescore, now: datetime | None, key_id: str
+def lock_subjects(session: Session, keys: Sequence[str]) -> list[SubjectLedger]:
+    """The named subjects that have a score row, in key order, locked until commit (PostgreSQL;
+    SQLite has one writer anyway), each with its whole ledger."""
+    rows = list(
+        session.scalars(
+            sa.select(StoredScore)
+            .where(StoredScore.subject_key.in_(sorted(keys)))
+            .order_by(StoredScore.subject_key)
+            .with_for_update()
+        )
+    )
+    ledgers = load_entries(session, [r.subject_key for r in rows])
+    return [subject_ledger(r.subject_key, r.subject_kind, r, ledgers[r.subject_key]) for r in rows]
+
+
+def save_scores(
+    session: Session, results: Mapping[str, Rescored], recorded_at: datetime | None, key_id: str
 ) -> None:
-    """Rescore the (locked) subjects and write their rows, categories and history (keys of
-    generation `key_id`)."""
-    rows = {
-        r.subject_key: r
-        for r in session.scalars(sa.select(StoredScore).where(StoredScore.subject_key.in_(keys)))
-    }
-    ledgers = load_entries(session, keys)
-    results: dict[str, Rescored] = {}
-    for key in keys:
-        row = rows[key]
-        results[key] = rescore(subject_ledger(key, row.subject_kind, row, ledgers[key]))
-    _store_scores(session, results, now, key_id)
+    """Write the rescored subjects' rows, categories and history (keys of generation `key_id`);
+    history rows are recorded at `recorded_at`, or now."""
+    if results:
+        _store_scores(session, results, None if recorded_at is None else recorded_at.astimezone(UTC), key_id)
 
 
 def create_subject_rows(session: Session, kinds: Mapping[str, str], now: datetime, key_id: str) -> None:
