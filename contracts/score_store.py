@@ -288,7 +288,7 @@ class StoredCategory(Base):
 
     # No foreign key to score_subjects: the re-keying job moves each table's keys in its
     # own transactions (kit.rekey), which a key referencing the other table would refuse.
-    # Categories are rewritten whole with their subject's row (_store_scores).
+    # Categories are rewritten whole with their subject's row.
     subject_key: Mapped[str] = mapped_column(sa.String(MAX_SUBJECT_KEY_LENGTH), primary_key=True)
     subject_key_id: Mapped[str | None] = mapped_column(sa.String(MAX_KEY_ID_LENGTH))
     category: Mapped[str] = mapped_column(sa.String(MAX_CATEGORY_LENGTH), primary_key=True)

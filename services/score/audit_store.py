@@ -6,10 +6,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy.orm import Session
 
-from contracts.score_store import (
-    ScoreAuditHead,
-    ScoreAuditLog,
-)
+from contracts.score_store import ScoreAuditHead, ScoreAuditLog
 from kit import audit
 from services.score.due_process import Audited
 

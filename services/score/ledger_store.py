@@ -18,11 +18,7 @@ from contracts.score_store import (
     StoredScore,
     load_entries,
 )
-from domain.entries import (
-    EntryStatus,
-    LedgerEntry,
-    ReversalRecord,
-)
+from domain.entries import EntryStatus, LedgerEntry, ReversalRecord
 from kit import audit
 from services.score.audit_store import append_audit
 from services.score.due_process import Audited

@@ -6,10 +6,7 @@ from datetime import UTC
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from contracts.score_store import (
-    StoredPolicy,
-    load_policies,
-)
+from contracts.score_store import StoredPolicy, load_policies
 from domain.policy import ActivatedPolicy
 from kit import audit
 from services.score.audit_store import append_audit

@@ -14,11 +14,7 @@ from opentelemetry import trace
 from sqlalchemy.exc import SQLAlchemyError
 
 from contracts.due_process_wire import consent_message, dispute_message, repair_message
-from domain.entries import (
-    OVERTURN,
-    REGROUPED,
-    RuleRef,
-)
+from domain.entries import OVERTURN, REGROUPED, RuleRef
 from domain.intake import IncomingOutcome, IncomingReversal
 from domain.policy import PolicyError, ScorePolicy, policy_from_text
 from egret.common.v1 import due_process_pb2 as dp

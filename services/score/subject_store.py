@@ -19,9 +19,7 @@ from contracts.score_store import (
     StoredScore,
     load_entries,
 )
-from domain.entries import (
-    ScoredEntry,
-)
+from domain.entries import ScoredEntry
 from domain.scoring import ScoreState, list_names
 from kit.db import as_utc
 from services.score.ledger import Rescored, SubjectLedger
