@@ -38,6 +38,7 @@ import grpc
 import sqlalchemy as sa
 
 from bench.pipeline import machine, percentile
+from contracts.score_store import StoredCategory, StoredEntry, StoredScore
 from devtools.cluster import UNLIMITED, Cluster
 from devtools.population import Population, PopulationConfig, batch_requests, subjects_for_events
 from domain.entries import EntryStatus, ScoredEntry
@@ -51,7 +52,6 @@ from kit.interceptors import bearer_token
 from kit.migrations import upgrade
 from kit.principal import Role
 from services.score.bootstrap import MIGRATIONS
-from services.score.storage import StoredCategory, StoredEntry, StoredScore
 
 TARGET_P99_MS = 3.0
 POLICY_FILE = Path(__file__).parents[1] / "config" / "policy.yaml"

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from contracts.score_store import StoredEntry, StoredReversal
 from devtools.cluster import REPO_ROOT, Cluster
 from domain.entries import EntryStatus
 from domain.ruleset.parsing import load_rule_set
@@ -40,7 +41,6 @@ from services.ingest.storage import StoredEvent, StoredRetraction
 from services.rules.engine import RuleEngine
 from services.rules.records import engine_event_from_record
 from services.rules.stores.schema import DeadLetterRow, EmittedOutcome, EvaluatedEvent
-from services.score.storage import StoredEntry, StoredReversal
 
 SEED_ENV = "EGRET_CHAOS_SEED"
 SAMPLE_RULESET = REPO_ROOT / "config" / "rulesets" / "sample.yaml"

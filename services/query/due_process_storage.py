@@ -17,13 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from domain.consent import Consent
-from domain.entries import OPEN, PENDING, DisputeRecord, EntryFacts, RepairRecord
-from kit.db import make_session_factory
-from kit.errors import InvalidArgument, Unavailable, Violation
-from kit.page_tokens import PageTokens
-from services.query.storage import PreparedRead
-from services.score.storage import (
+from contracts.score_store import (
     StoredDispute,
     StoredEntry,
     StoredRepair,
@@ -35,6 +29,12 @@ from services.score.storage import (
     repair_record,
     reversal_record,
 )
+from domain.consent import Consent
+from domain.entries import OPEN, PENDING, DisputeRecord, EntryFacts, RepairRecord
+from kit.db import make_session_factory
+from kit.errors import InvalidArgument, Unavailable, Violation
+from kit.page_tokens import PageTokens
+from services.query.storage import PreparedRead
 
 T = TypeVar("T")
 # Disputes read at a time when filtering by department (kept in Python, see disputes()).

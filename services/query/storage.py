@@ -1,7 +1,7 @@
 """Query's read-only view of the score store.
 
-The schema belongs to the score service: its models (services.score.storage) and its
-migrations define the tables. Query opens that database read-only and may start before
+The schema belongs to the score service: score's migrations define the tables and
+contracts.score_store publishes what query reads of them (ADR 0003). Query opens that database read-only and may start before
 score has created it; query's own migrations (services/query/migrations) are for its own
 database, which holds only the access log (services.query.access_log_storage).
 """
@@ -17,16 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from domain.consent import Consent
-from domain.entries import LedgerEntry, ScoredEntry
-from domain.policy import ActivatedPolicy
-from domain.scoring import CategoryScore, ListMembership
-from kit.db import as_utc, make_session_factory
-from kit.errors import Unavailable
-from kit.rekey import read_marker
-from services.query.paging import Cursor
-from services.query.read_models import HistoryRow, RawDistribution, SubjectScore
-from services.score.storage import (
+from contracts.score_store import (
     ScoreSubjectKeyGeneration,
     StoredCategory,
     StoredEntry,
@@ -38,6 +29,15 @@ from services.score.storage import (
     load_entries,
     load_policies,
 )
+from domain.consent import Consent
+from domain.entries import LedgerEntry, ScoredEntry
+from domain.policy import ActivatedPolicy
+from domain.scoring import CategoryScore, ListMembership
+from kit.db import as_utc, make_session_factory
+from kit.errors import Unavailable
+from kit.rekey import read_marker
+from services.query.paging import Cursor
+from services.query.read_models import HistoryRow, RawDistribution, SubjectScore
 
 T = TypeVar("T")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from sqlalchemy.engine import Engine
 
+from contracts.score_store import ScoreAuditHead, ScoreAuditLog, ScoreSubjectKeyGeneration
 from domain.policy import ActivatedPolicy, PolicyBook, load_policy
 from egret.score.v1 import score_service_pb2 as pb
 from kit.app import run_cli
@@ -25,18 +26,14 @@ from kit.rekey import GenerationGuard
 from kit.server import Service
 from services.score.access import POLICY
 from services.score.due_process import DueProcess
+from services.score.due_process_store import SqlDueProcessStore
+from services.score.keyed import KEYED
 from services.score.ledger import Ledger
+from services.score.ledger_store import SqlLedgerStore
 from services.score.metrics import ScoreGauges
+from services.score.policy_store import SqlPolicyStore
 from services.score.servicer import DEFAULT_MAX_MISMATCHES, ScoreServicer, register
 from services.score.settings import ScoreSettings
-from services.score.storage import (
-    KEYED,
-    ScoreAuditHead,
-    ScoreAuditLog,
-    ScoreSubjectKeyGeneration,
-    SqlDueProcessStore,
-    SqlLedgerStore,
-)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -50,7 +47,7 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def policy_book(store: SqlLedgerStore, policy_file: Path, clock: Clock) -> PolicyBook:
+def policy_book(store: SqlPolicyStore, policy_file: Path, clock: Clock) -> PolicyBook:
     """The activated policies; the policy file seeds an empty store.
 
     Once a store holds a policy, the file no longer decides: a change is previewed and
@@ -99,9 +96,11 @@ def _ledger(settings: ScoreSettings, pseudonymiser: Pseudonymiser, clock: Clock)
     keys = audit_keys(settings.common.audit)
     key_id = pseudonymiser.current_key_id
     store = SqlLedgerStore(sessions, audit_keys=keys, key_id=key_id)
+    policy_store = SqlPolicyStore(sessions, audit_keys=keys)
     ledger = Ledger(
-        policies=policy_book(store, settings.policy_file, clock),
+        policies=policy_book(policy_store, settings.policy_file, clock),
         store=store,
+        policy_store=policy_store,
         clock=clock,
         page_size=settings.verify_page_size,
     )

@@ -11,6 +11,7 @@ stored results still match.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -88,24 +89,44 @@ class Rescored:
 Rescore = Callable[[SubjectLedger], Rescored]
 
 
-class LedgerStore(Protocol):
-    def record(self, entries: Sequence[LedgerEntry], rescore: Rescore) -> Recorded:
-        """In one transaction: store each entry whose id is new, then rescore and store every
-        subject that gained one (score row, categories, history rows)."""
+class ConcurrentWrite(Exception):
+    """A concurrent writer stored one of a batch's entries first (PostgreSQL with several
+    replicas); the unit of work is rolled back and the batch may be tried again."""
+
+
+class Rescoring(Protocol):
+    """The part of a unit of work that rescores subjects: load them locked, then store what
+    the domain decided."""
+
+    def lock(self, subject_keys: Sequence[str]) -> list[SubjectLedger]:
+        """The named subjects that have a score row, in key order, each locked until commit
+        and with its whole ledger."""
         ...
 
-    def recompute(self, subject_keys: Sequence[str], rescore: Rescore) -> int:
-        """In one transaction: rescore and store the named subjects; returns how many."""
+    def save(self, results: Mapping[str, Rescored], recorded_at: datetime | None) -> None:
+        """Store each subject's new score row, categories, history rows (recorded at
+        `recorded_at`, or now) and changed visible_until."""
         ...
 
-    def reverse(
-        self, reversals: Sequence[ReversalRecord], rescore: Callable[[Sequence[ReversalRecord]], Rescore]
-    ) -> Reversed:
-        """In one transaction: store each reversal whose outcome id is new (with its audit
-        record), mark reversed the entries that exist, and rescore their subjects with
-        `rescore(applied)`, where `applied` are the new reversals of existing entries, with
+
+class LedgerUnitOfWork(Rescoring, Protocol):
+    """One transaction of the ledger's store, committed when its block ends."""
+
+    def add_entries(self, entries: Sequence[LedgerEntry]) -> list[LedgerEntry]:
+        """Store each entry whose id is new (reversed at once if its reversal came first) and
+        create or lock its subject's score row; returns the new entries. Raises
+        ConcurrentWrite when another writer stored one of them meanwhile."""
+        ...
+
+    def add_reversals(self, reversals: Sequence[ReversalRecord]) -> list[ReversalRecord]:
+        """Store each reversal whose outcome id is new, with its audit record, and mark
+        reversed the entries that exist; returns the new reversals of existing entries, with
         the entry's subject key. A reversal of an outcome not yet recorded waits for it."""
         ...
+
+
+class LedgerStore(Protocol):
+    def unit_of_work(self) -> AbstractContextManager[LedgerUnitOfWork]: ...
 
     def due_subjects(self, now: datetime, limit: int) -> list[str]:
         """Subjects whose stored score is due to change by `now` with no new entry."""
@@ -119,6 +140,8 @@ class LedgerStore(Protocol):
         """Every subject that has ledger entries, in pages ordered by subject key."""
         ...
 
+
+class PolicyStore(Protocol):
     def activations(self) -> list[ActivatedPolicy]:
         """Every policy activated so far, oldest first."""
         ...
@@ -186,11 +209,13 @@ class Ledger:
         *,
         policies: PolicyBook,
         store: LedgerStore,
+        policy_store: PolicyStore,
         clock: Callable[[], datetime],
         page_size: int = 1000,
     ) -> None:
         self._book = policies
         self._store = store
+        self._policy_store = policy_store
         self._clock = clock
         self._page_size = page_size
 
@@ -247,9 +272,11 @@ class Ledger:
 
         return rescore
 
-    def rescorer(self, now: datetime, events: Mapping[str, Event]) -> Rescore:
-        """The rescore for due-process acts at `now`: `events` by subject key."""
-        return self._rescore(now, cause=EXPIRY, events=events)
+    def rescore_acts(
+        self, subjects: Sequence[SubjectLedger], now: datetime, events: Mapping[str, Event]
+    ) -> dict[str, Rescored]:
+        """The subjects rescored for due-process acts at `now`: `events` by subject key."""
+        return _each(subjects, self._rescore(now, cause=EXPIRY, events=events))
 
     def apply(
         self, outcomes: Sequence[IncomingOutcome], reversals: Sequence[IncomingReversal] = ()
@@ -267,11 +294,7 @@ class Ledger:
                 duplicate += 1
             else:
                 fresh[outcome.outcome_id] = self._entry(outcome, now)
-        recorded = (
-            self._store.record(list(fresh.values()), self._rescore(now, added=set(fresh)))
-            if fresh
-            else Recorded(0, 0)
-        )
+        recorded = self._record(list(fresh.values()), now) if fresh else Recorded(0, 0)
         wanted: dict[str, ReversalRecord] = {}
         for reversal in reversals:
             violations = reversal_violations(reversal)
@@ -279,13 +302,7 @@ class Ledger:
                 rejected.append(Rejected(reversal.outcome_id, tuple(violations)))
             else:
                 wanted.setdefault(reversal.outcome_id, reversal.record(now))
-        reversed_ = (
-            self._store.reverse(
-                list(wanted.values()), lambda done: self._rescore(now, events=corrections(done))
-            )
-            if wanted
-            else Reversed(0, 0)
-        )
+        reversed_ = self._reverse(list(wanted.values()), now) if wanted else Reversed(0, 0)
         return ApplyResult(
             applied=recorded.applied,
             duplicate=duplicate + len(fresh) - recorded.applied,
@@ -293,6 +310,43 @@ class Ledger:
             rejected=tuple(rejected),
             reversed=reversed_.reversed,
         )
+
+    def _record(self, entries: Sequence[LedgerEntry], now: datetime) -> Recorded:
+        try:
+            return self._record_once(entries, now)
+        except ConcurrentWrite:
+            # The retry sees the other writer's entries as duplicates.
+            return self._record_once(entries, now)
+
+    def _record_once(self, entries: Sequence[LedgerEntry], now: datetime) -> Recorded:
+        """Store the new entries and rescore every subject that gained one, in one unit of work."""
+        with self._store.unit_of_work() as uow:
+            fresh = uow.add_entries(entries)
+            if not fresh:
+                return Recorded(0, 0)
+            subjects = uow.lock(sorted({e.subject_key for e in fresh}))
+            added = {e.entry_id for e in fresh}
+            uow.save(_each(subjects, self._rescore(now, added=added)), max(e.recorded_at for e in fresh))
+        return Recorded(len(fresh), len(subjects))
+
+    def _reverse(self, reversals: Sequence[ReversalRecord], now: datetime) -> Reversed:
+        """Store the new reversals and rescore the subjects of the entries they reverse, with
+        a correction event for each, in one unit of work."""
+        with self._store.unit_of_work() as uow:
+            applied = uow.add_reversals(reversals)
+            if not applied:
+                return Reversed(0, 0)
+            subjects = uow.lock(sorted({r.subject_key for r in applied}))
+            rescore = self._rescore(now, events=corrections(applied))
+            uow.save(_each(subjects, rescore), max(r.reversed_at for r in applied))
+        return Reversed(len(applied), len(subjects))
+
+    def _recompute(self, keys: Sequence[str], rescore: Rescore) -> int:
+        """Rescore the named subjects (those with a score row) in one unit of work."""
+        with self._store.unit_of_work() as uow:
+            subjects = uow.lock(keys)
+            uow.save(_each(subjects, rescore), None)
+        return len(subjects)
 
     def _entry(self, outcome: IncomingOutcome, now: datetime) -> LedgerEntry:
         assert outcome.subject_kind is not None
@@ -325,7 +379,7 @@ class Ledger:
             keys = self._store.due_subjects(now, self._page_size)
             if not keys:
                 return total
-            total += self._store.recompute(keys, self._rescore(now, cause=EXPIRY))
+            total += self._recompute(keys, self._rescore(now, cause=EXPIRY))
 
     def catch_up_policy(self, now: datetime | None = None, previous: ScorePolicy | None = None) -> int:
         """Recompute subjects still stored under an older policy (an activation that was
@@ -338,7 +392,7 @@ class Ledger:
             keys = self._store.subjects_not_on(version, after, self._page_size)
             if not keys:
                 return total
-            total += self._store.recompute(keys, self._rescore(now, cause=POLICY, previous=previous))
+            total += self._recompute(keys, self._rescore(now, cause=POLICY, previous=previous))
             after = keys[-1]
 
     def preview(self, proposed: ScorePolicy, now: datetime | None = None) -> PolicyReport:
@@ -399,7 +453,7 @@ class Ledger:
         report = self.preview(proposed, now)
         activation = ActivatedPolicy(proposed, now, activated_by.strip(), document)
         previous = self._book.active
-        self._store.save_activation(activation)
+        self._policy_store.save_activation(activation)
         self._book = PolicyBook((*self._book.activations, activation))
         return report, self.catch_up_policy(now, previous)
 
@@ -441,3 +495,7 @@ class Ledger:
         return VerifyResult(
             subjects_checked=checked, mismatch_count=count, mismatches=tuple(mismatches), swept=swept_count
         )
+
+
+def _each(subjects: Sequence[SubjectLedger], rescore: Rescore) -> dict[str, Rescored]:
+    return {s.subject_key: rescore(s) for s in subjects}

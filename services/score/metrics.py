@@ -11,8 +11,9 @@ from collections.abc import Callable
 from datetime import datetime
 
 from kit.metrics import Reading, gauge, meter
+from services.score.due_process_store import SqlDueProcessStore
 from services.score.ledger import ApplyResult
-from services.score.storage import SqlDueProcessStore, SqlLedgerStore
+from services.score.ledger_store import SqlLedgerStore
 
 _meter = meter("egret.score")
 _applied = _meter.create_counter(

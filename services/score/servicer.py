@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from opentelemetry import trace
@@ -33,6 +33,7 @@ from services.score.due_process import APPROVE, REJECT, UPHOLD, DueProcess
 from services.score.ledger import ApplyResult, Ledger, PolicyReport, VerifyResult
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 DEFAULT_MAX_MISMATCHES = 100
 MAX_MISMATCHES = 1000
@@ -384,18 +385,18 @@ class ScoreServicer(pb_grpc.ScoreServiceServicer):
         assert self._due_process is not None, "the servicer was built without due process"
         return self._due_process
 
+    async def _act(self, act: Callable[..., T], *args: Any) -> T:
+        """A due-process act on the writer thread, by the calling principal."""
+        return await run_blocking(self._executor, act, current_principal(), *args)
+
     async def FileDispute(self, request: pb.FileDisputeRequest, context: Any) -> pb.FileDisputeResponse:
-        dispute = await run_blocking(
-            self._executor, self._due().file_dispute, current_principal(), request.entry_id, request.statement
-        )
+        dispute = await self._act(self._due().file_dispute, request.entry_id, request.statement)
         log.info("dispute filed", dispute_id=dispute.dispute_id, entry_id=dispute.entry_id)
         return pb.FileDisputeResponse(dispute=dispute_message(dispute, self._clock()))
 
     async def AssignDispute(self, request: pb.AssignDisputeRequest, context: Any) -> pb.AssignDisputeResponse:
-        dispute = await run_blocking(
-            self._executor,
+        dispute = await self._act(
             self._due().assign_dispute,
-            current_principal(),
             request.dispute_id,
             request.assignee,
             request.release,
@@ -406,10 +407,8 @@ class ScoreServicer(pb_grpc.ScoreServiceServicer):
     async def ResolveDispute(
         self, request: pb.ResolveDisputeRequest, context: Any
     ) -> pb.ResolveDisputeResponse:
-        dispute = await run_blocking(
-            self._executor,
+        dispute = await self._act(
             self._due().resolve_dispute,
-            current_principal(),
             request.dispute_id,
             DISPUTE_DECISIONS.get(request.decision),
             request.reason,
@@ -420,10 +419,8 @@ class ScoreServicer(pb_grpc.ScoreServiceServicer):
     async def ApplyForRepair(
         self, request: pb.ApplyForRepairRequest, context: Any
     ) -> pb.ApplyForRepairResponse:
-        repair = await run_blocking(
-            self._executor,
+        repair = await self._act(
             self._due().apply_for_repair,
-            current_principal(),
             request.entry_id,
             request.evidence,
             request.evidence_uri,
@@ -432,10 +429,8 @@ class ScoreServicer(pb_grpc.ScoreServiceServicer):
         return pb.ApplyForRepairResponse(application=repair_message(repair, self._clock()))
 
     async def DecideRepair(self, request: pb.DecideRepairRequest, context: Any) -> pb.DecideRepairResponse:
-        repair = await run_blocking(
-            self._executor,
+        repair = await self._act(
             self._due().decide_repair,
-            current_principal(),
             request.application_id,
             REPAIR_DECISIONS.get(request.decision),
             request.reason,
@@ -444,10 +439,8 @@ class ScoreServicer(pb_grpc.ScoreServiceServicer):
         return pb.DecideRepairResponse(application=repair_message(repair, self._clock()))
 
     async def SetConsent(self, request: pb.SetConsentRequest, context: Any) -> pb.SetConsentResponse:
-        consent = await run_blocking(
-            self._executor,
+        consent = await self._act(
             self._due().set_consent,
-            current_principal(),
             request.subject_key,
             request.granted,
             to_datetime(request.effective_at) if request.HasField("effective_at") else None,

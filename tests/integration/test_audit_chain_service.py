@@ -13,6 +13,7 @@ import grpc
 import pytest
 import sqlalchemy as sa
 
+from contracts.score_store import ScoreAuditHead, ScoreAuditLog
 from devtools.localpki import LocalPki, create_local_pki
 from egret.common.v1 import audit_chain_pb2 as pb
 from egret.common.v1 import audit_chain_pb2_grpc as pb_grpc
@@ -22,7 +23,6 @@ from kit.audit_chain import AuditChainServicer
 from kit.principal import Role
 from kit.server import Service
 from services.score.bootstrap import MIGRATIONS, build
-from services.score.storage import ScoreAuditHead, ScoreAuditLog
 from tests.integration.test_score_due_process import ALICE, T0, Clock, negative, secured
 from tests.integration.test_score_service import score_settings
 from tests.support.servers import running

@@ -24,6 +24,7 @@ import grpc
 import pytest
 import sqlalchemy as sa
 
+from contracts.score_store import StoredScore
 from devtools.population import Origin, Population, PopulationConfig
 from domain.policy import load_policy
 from egret.common.v1 import event_pb2
@@ -38,7 +39,6 @@ from services.rules.settings import RulesSettings
 from services.rules.stores.schema import EmittedOutcome, EvaluatedEvent, Outbox, RulesAuditLog
 from services.score import bootstrap as score_bootstrap
 from services.score.settings import ScoreSettings
-from services.score.storage import StoredScore
 from tests.support.purposes import assert_bad_purposes_refused
 from tests.support.servers import running
 from tests.support.status import bad_request

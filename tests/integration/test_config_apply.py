@@ -16,6 +16,7 @@ import pytest
 import sqlalchemy as sa
 from structlog.testing import CapturingLogger
 
+from contracts.score_store import ScoreAuditLog
 from devtools.localpki import LocalPki, create_local_pki
 from egret.rules.v1 import backtest_pb2 as bt
 from egret.rules.v1 import rules_service_pb2 as pb
@@ -33,7 +34,6 @@ from services.rules.settings import RulesSettings
 from services.rules.stores.schema import RulesAuditLog
 from services.score import bootstrap as score_bootstrap
 from services.score.settings import ScoreSettings
-from services.score.storage import ScoreAuditLog
 from tests.integration.test_backtest_service import (
     POLICY,
     ROOT,

@@ -38,6 +38,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescri
 from grpc_health.v1 import health_pb2
 
 import egret
+from contracts.score_store import ScoreAuditHead, ScoreAuditLog
 from devtools.localpki import LocalPki, create_local_pki
 from kit.audit_chain import POLICY as AUDIT_CHAIN_POLICY
 from kit.audit_chain import AuditChainServicer
@@ -49,7 +50,6 @@ from services.ingest import bootstrap as ingest_bootstrap
 from services.query import bootstrap as query_bootstrap
 from services.rules import bootstrap as rules_bootstrap
 from services.score import bootstrap as score_bootstrap
-from services.score.storage import ScoreAuditHead, ScoreAuditLog
 from tests.integration.test_ingest_service import ingest_settings
 from tests.integration.test_query_service import query_settings
 from tests.integration.test_rules_service import rules_settings

@@ -21,6 +21,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from contracts.score_store import ScoreSubjectKeyGeneration
 from devtools.localpki import create_local_pki
 from egret.common.v1 import subject_pb2
 from egret.query.v1 import query_service_pb2 as pb
@@ -36,7 +37,6 @@ from services.query.bootstrap import build as build_query
 from services.query.settings import QuerySettings
 from services.score.bootstrap import MIGRATIONS as SCORE_MIGRATIONS
 from services.score.bootstrap import build as build_score
-from services.score.storage import ScoreSubjectKeyGeneration
 from tests.integration.test_query_due_process import T0, Egret, code_of, entry
 from tests.integration.test_query_service import POLICY_FILE, query_settings
 from tests.integration.test_score_due_process import ALICE_ID, BOB_ID, Clock

@@ -19,6 +19,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from contracts.score_store import ScoreAuditHead, ScoreAuditLog, StoredEntry, StoredHistory, StoredScore
 from devtools.localpki import ISSUER, LocalPki, create_local_pki
 from egret.common.v1 import due_process_pb2 as dp
 from egret.common.v1 import event_pb2, outcome_pb2
@@ -30,7 +31,6 @@ from kit.protoconv import to_timestamp
 from kit.pseudonym import Pseudonymiser
 from kit.settings import PseudonymSettings, SecuritySettings
 from services.score.bootstrap import MIGRATIONS, build
-from services.score.storage import ScoreAuditHead, ScoreAuditLog, StoredEntry, StoredHistory, StoredScore
 from tests.integration.test_score_service import score_settings
 from tests.support.events import TEST_SUBJECT_KEY
 from tests.support.outcomes import outcome

@@ -22,6 +22,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from contracts.score_store import ScoreAuditHead, ScoreAuditLog, StoredEntry, StoredScore
 from egret.common.v1 import due_process_pb2 as dp
 from egret.common.v1 import event_pb2, outcome_pb2
 from egret.score.v1 import score_service_pb2 as pb
@@ -34,8 +35,8 @@ from kit.rekey import read_marker, rekey
 from kit.settings import AuditSettings, PseudonymSettings
 from services.score import bootstrap
 from services.score.bootstrap import MIGRATIONS, build
+from services.score.keyed import KEYED
 from services.score.settings import ScoreSettings
-from services.score.storage import KEYED, ScoreAuditHead, ScoreAuditLog, StoredEntry, StoredScore
 from tests.integration.test_score_service import POLICY_FILE, score_settings
 from tests.support.events import TEST_SUBJECT_KEY
 from tests.support.outcomes import outcome

@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from contracts.score_store import ScoreAuditLog, StoredCategory, StoredEntry, StoredScore
 from egret.common.v1 import outcome_pb2
 from egret.score.v1 import score_service_pb2 as pb
 from egret.score.v1 import score_service_pb2_grpc as pb_grpc
@@ -19,7 +20,6 @@ from kit.db import as_utc, create_engine
 from services.score import bootstrap
 from services.score.bootstrap import MIGRATIONS, build
 from services.score.settings import ScoreSettings
-from services.score.storage import ScoreAuditLog, StoredCategory, StoredEntry, StoredScore
 from tests.support.outcomes import outcome as make_outcome
 from tests.support.purposes import assert_bad_purposes_refused
 from tests.support.servers import common_settings, running

@@ -21,6 +21,7 @@ from google.protobuf import message_factory
 from google.rpc import error_details_pb2, status_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
+from contracts.score_store import ScoreAuditLog
 from devtools.localpki import ISSUER, LocalPki, create_local_pki
 from egret.common.v1 import subject_pb2
 from egret.ingest.v1 import ingest_service_pb2
@@ -43,7 +44,6 @@ from services.rules.servicer import RulesServicer
 from services.score import access as score_access
 from services.score import bootstrap as score_bootstrap
 from services.score.servicer import ScoreServicer
-from services.score.storage import ScoreAuditLog
 from tests.integration.test_ingest_service import ingest_settings
 from tests.integration.test_query_service import query_settings
 from tests.integration.test_rules_service import rules_settings

@@ -1,4 +1,4 @@
+from contracts.score_store import Base
 from kit.migrations import run_env
-from services.score.storage import Base
 
 run_env(Base.metadata)

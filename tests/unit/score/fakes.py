@@ -1,8 +1,10 @@
-"""An in-memory LedgerStore with the SQL store's contract, for the Ledger's unit tests."""
+"""An in-memory LedgerStore and PolicyStore with the SQL stores' contracts, for the Ledger's unit
+tests; it is its own unit of work (nothing to roll back)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
 
@@ -10,7 +12,7 @@ from domain.entries import LedgerEntry, ReversalRecord, ScoredEntry
 from domain.history import Change
 from domain.policy import ActivatedPolicy
 from domain.scoring import ScoreState
-from services.score.ledger import Recorded, Rescore, Reversed, SubjectLedger
+from services.score.ledger import Rescored, SubjectLedger
 
 
 @dataclass
@@ -58,34 +60,38 @@ class FakeStore:
             ),
         )
 
-    def _rescore(self, key: str, kind: str, rescore: Rescore) -> None:
-        rescored = rescore(self._ledger(key, kind))
-        r = rescored.result
-        assert r.as_of is not None
-        self.rows[key] = Row(kind, r.state, r.as_of, r.policy_version, r.next_change_at)
-        self.history += [(key, c) for c in rescored.changes]
-        for entry_id, until in rescored.visible_until.items():
-            self.entries[entry_id] = replace(self.entries[entry_id], visible_until=until)
+    @contextmanager
+    def unit_of_work(self) -> Iterator[FakeStore]:
+        yield self
 
-    def record(self, entries: Sequence[LedgerEntry], rescore: Rescore) -> Recorded:
+    def add_entries(self, entries: Sequence[LedgerEntry]) -> list[LedgerEntry]:
         self.record_calls += 1
         fresh = [e for e in entries if e.entry_id not in self.entries]
         self.entries.update((e.entry_id, e) for e in fresh)
-        subjects = {e.subject_key: e.subject_kind for e in fresh}
-        for key, kind in sorted(subjects.items()):
-            self._rescore(key, kind, rescore)
-        return Recorded(applied=len(fresh), subjects_updated=len(subjects))
+        return fresh
 
-    def recompute(self, subject_keys: Sequence[str], rescore: Rescore) -> int:
-        keys = [k for k in sorted(subject_keys) if k in self.rows]
-        for key in keys:
-            self._rescore(key, self.rows[key].kind, rescore)
-        return len(keys)
-
-    def reverse(
-        self, reversals: Sequence[ReversalRecord], rescore: Callable[[Sequence[ReversalRecord]], Rescore]
-    ) -> Reversed:
+    def add_reversals(self, reversals: Sequence[ReversalRecord]) -> list[ReversalRecord]:
         raise NotImplementedError("reversals are tested through the SQL store")
+
+    def lock(self, subject_keys: Sequence[str]) -> list[SubjectLedger]:
+        known = set(self.rows) | {e.subject_key for e in self.entries.values()}
+        return [self._ledger(k, self._kind(k)) for k in sorted(subject_keys) if k in known]
+
+    def save(self, results: Mapping[str, Rescored], recorded_at: datetime | None) -> None:
+        for key, rescored in results.items():
+            r = rescored.result
+            assert r.as_of is not None
+            kind = self._kind(key)
+            self.rows[key] = Row(kind, r.state, r.as_of, r.policy_version, r.next_change_at)
+            self.history += [(key, c) for c in rescored.changes]
+            for entry_id, until in rescored.visible_until.items():
+                self.entries[entry_id] = replace(self.entries[entry_id], visible_until=until)
+
+    def _kind(self, key: str) -> str:
+        row = self.rows.get(key)
+        if row is not None:
+            return row.kind
+        return next(e.subject_kind for e in self.entries.values() if e.subject_key == key)
 
     def due_subjects(self, now: datetime, limit: int) -> list[str]:
         due = [k for k, r in self.rows.items() if r.next_change_at is not None and r.next_change_at <= now]

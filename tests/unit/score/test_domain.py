@@ -174,7 +174,7 @@ def book(policy: ScorePolicy = POLICY) -> PolicyBook:
 
 @pytest.fixture
 def ledger(store: FakeStore) -> Ledger:
-    return Ledger(policies=book(), store=store, clock=lambda: NOW)
+    return Ledger(policies=book(), store=store, policy_store=store, clock=lambda: NOW)
 
 
 def test_apply_records_each_outcome_as_an_active_entry(ledger: Ledger, store: FakeStore) -> None:

@@ -4,7 +4,7 @@ the sweep look at."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -38,8 +38,9 @@ from domain.scoring import compute_score
 from kit.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from kit.principal import Principal, Role
 from kit.pseudonym import KeyLink, Pseudonymiser
-from services.score.due_process import CONSENT_MAX_FUTURE_SKEW, Audited, DueProcess, add_working_days
-from services.score.ledger import Ledger, Rescore
+from services.score.due_process import Audited, DueProcess
+from services.score.due_process_checks import CONSENT_MAX_FUTURE_SKEW, add_working_days
+from services.score.ledger import Ledger, Rescored, SubjectLedger
 from tests.unit.score.fakes import FakeStore
 
 POLICY = load_policy(Path(__file__).parents[3] / "config" / "policy.yaml")
@@ -331,8 +332,11 @@ class FakeTx:
 
     def set_status(self, entry_id: str, status: EntryStatus) -> None: ...
 
-    def rescore(self, subject_key: str, rescore: Rescore, now: datetime) -> None:
-        self.rescored.append(subject_key)
+    def lock(self, subject_keys: Sequence[str]) -> list[SubjectLedger]:
+        return [SubjectLedger(k, "person", None, None, "", ()) for k in subject_keys]
+
+    def save(self, results: Mapping[str, Rescored], recorded_at: datetime | None) -> None:
+        self.rescored += list(results)
 
     def audit(self, act: Audited, at: datetime) -> None:
         self.audited.append(act)
@@ -377,7 +381,7 @@ def due_process(
 ) -> tuple[DueProcess, FakeTx]:
     tx = FakeTx({"e1": facts})
     book = PolicyBook((ActivatedPolicy(POLICY, T0 - 1000 * DAY, "test", ""),))
-    ledger = Ledger(policies=book, store=FakeStore(), clock=lambda: now)
+    ledger = Ledger(policies=book, store=(store := FakeStore()), policy_store=store, clock=lambda: now)
     return DueProcess(
         ledger=ledger, store=FakeDueStore(tx), clock=lambda: now, pseudonymiser=pseudonymiser
     ), tx

@@ -271,7 +271,7 @@ def store() -> FakeStore:
 @pytest.fixture
 def ledger(store: FakeStore, clock: Clock) -> Ledger:
     book = PolicyBook((ActivatedPolicy(SHIPPED, T0 - DAY, "test", ""),))
-    return Ledger(policies=book, store=store, clock=clock, page_size=2)
+    return Ledger(policies=book, store=store, policy_store=store, clock=clock, page_size=2)
 
 
 def test_the_sweep_recomputes_expired_subjects_with_no_event_and_verify_agrees(

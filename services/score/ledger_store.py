@@ -1,0 +1,237 @@
+"""The ledger's store on SQLAlchemy: entries and reversals in, subjects' ledgers out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from contracts.score_store import (
+    StoredEntry,
+    StoredReversal,
+    StoredScore,
+    load_entries,
+)
+from domain.entries import EntryStatus, LedgerEntry, ReversalRecord
+from kit import audit
+from services.score.audit_store import append_audit
+from services.score.due_process import Audited
+from services.score.ledger import ConcurrentWrite, Rescored, SubjectLedger
+from services.score.subject_store import create_subject_rows, lock_subjects, save_scores, subject_ledger
+
+
+def entry_row(entry: LedgerEntry, key_id: str) -> dict[str, Any]:
+    return {
+        "entry_id": entry.entry_id,
+        "subject_key": entry.subject_key,
+        "subject_key_id": key_id,
+        "subject_kind": entry.subject_kind,
+        "rule_id": entry.rule.rule_id,
+        "rule_set": entry.rule.rule_set,
+        "rule_set_version": entry.rule.rule_set_version,
+        "rule_title": entry.rule.title,
+        "rule_description": entry.rule.description,
+        "legal_basis": entry.rule.legal_basis,
+        "points": entry.points,
+        "category": entry.category,
+        "severity": entry.severity,
+        "status": entry.status.value,
+        # SQLite drops the offset, so only UTC survives a round trip.
+        "occurred_at": entry.occurred_at.astimezone(UTC),
+        "recorded_at": entry.recorded_at.astimezone(UTC),
+        "visible_until": entry.visible_until.astimezone(UTC),
+        "reason": entry.reason,
+        "black_list": entry.black_list,
+        "outcome": entry.snapshot,
+    }
+
+
+class _SqlLedgerUnitOfWork:
+    """LedgerUnitOfWork on one session in one transaction, a fixed number of bulk statements,
+    writing keys of generation `key_id`."""
+
+    def __init__(self, session: Session, audit_keys: audit.AuditKeys, key_id: str) -> None:
+        self._session = session
+        self._audit_keys = audit_keys
+        self._key_id = key_id
+
+    def add_entries(self, entries: Sequence[LedgerEntry]) -> list[LedgerEntry]:
+        session = self._session
+        ids = [e.entry_id for e in entries]
+        existing = set(session.scalars(sa.select(StoredEntry.entry_id).where(StoredEntry.entry_id.in_(ids))))
+        # Sorted, so that concurrent writers take row locks in the same order.
+        fresh = sorted((e for e in entries if e.entry_id not in existing), key=lambda e: e.entry_id)
+        if not fresh:
+            return []
+        waiting = set(
+            session.scalars(
+                sa.select(StoredReversal.outcome_id).where(
+                    StoredReversal.outcome_id.in_([e.entry_id for e in fresh])
+                )
+            )
+        )
+        rows = [entry_row(e, self._key_id) for e in fresh]
+        for row in rows:
+            # Retracted before it arrived: reversed from the moment it is recorded.
+            if row["entry_id"] in waiting:
+                row["status"] = EntryStatus.REVERSED.value
+        try:
+            session.execute(sa.insert(StoredEntry), rows)
+        except IntegrityError as error:
+            raise ConcurrentWrite("another writer stored one of these entries first") from error
+        kinds = {e.subject_key: e.subject_kind for e in fresh}
+        create_subject_rows(session, kinds, max(e.recorded_at for e in fresh).astimezone(UTC), self._key_id)
+        return fresh
+
+    def add_reversals(self, reversals: Sequence[ReversalRecord]) -> list[ReversalRecord]:
+        session = self._session
+        ids = sorted({r.outcome_id for r in reversals})
+        known = set(
+            session.scalars(sa.select(StoredReversal.outcome_id).where(StoredReversal.outcome_id.in_(ids)))
+        )
+        fresh = sorted((r for r in reversals if r.outcome_id not in known), key=lambda r: r.outcome_id)
+        if not fresh:
+            return []
+        session.execute(sa.insert(StoredReversal), [_reversal_row(r, self._key_id) for r in fresh])
+        entries = {
+            row.entry_id: row.subject_key
+            for row in session.execute(
+                sa.select(StoredEntry.entry_id, StoredEntry.subject_key).where(
+                    StoredEntry.entry_id.in_([r.outcome_id for r in fresh])
+                )
+            )
+        }
+        for r in fresh:
+            append_audit(
+                session,
+                Audited(
+                    "entry.reverse",
+                    entries.get(r.outcome_id, r.subject_key),
+                    r.outcome_id,
+                    {
+                        "event": r.event,
+                        "cause": r.cause,
+                        "reason": r.reason,
+                        "retracted_by": r.retracted_by,
+                        "entry_recorded": r.outcome_id in entries,
+                    },
+                ),
+                r.reversed_at,
+                self._audit_keys,
+            )
+        applied = [replace(r, subject_key=entries[r.outcome_id]) for r in fresh if r.outcome_id in entries]
+        if applied:
+            session.execute(
+                sa.update(StoredEntry)
+                .where(StoredEntry.entry_id.in_([r.outcome_id for r in applied]))
+                .values(status=EntryStatus.REVERSED.value)
+            )
+        return applied
+
+    def lock(self, subject_keys: Sequence[str]) -> list[SubjectLedger]:
+        return lock_subjects(self._session, subject_keys)
+
+    def save(self, results: Mapping[str, Rescored], recorded_at: datetime | None) -> None:
+        save_scores(self._session, results, recorded_at, self._key_id)
+
+
+class SqlLedgerStore:
+    """LedgerStore on SQLAlchemy: one unit of work per batch, sweep page or policy page.
+    Keys are written as of generation `key_id` (the instance's current one)."""
+
+    def __init__(self, sessions: sessionmaker[Session], *, audit_keys: audit.AuditKeys, key_id: str) -> None:
+        self._sessions = sessions
+        self._audit_keys = audit_keys
+        self._key_id = key_id
+
+    def tier_counts(self) -> dict[tuple[str, str], int]:
+        """Subjects by (tier, subject kind), for the tiers gauge; placeholder rows (tier "")
+        of a batch in flight are left out."""
+        with self._sessions() as session:
+            rows = session.execute(
+                sa.select(StoredScore.tier, StoredScore.subject_kind, sa.func.count())
+                .where(StoredScore.tier != "")
+                .group_by(StoredScore.tier, StoredScore.subject_kind)
+            ).all()
+        return {(tier, kind): int(n) for tier, kind, n in rows}
+
+    @contextmanager
+    def unit_of_work(self) -> Iterator[_SqlLedgerUnitOfWork]:
+        with self._sessions() as session, session.begin():
+            yield _SqlLedgerUnitOfWork(session, self._audit_keys, self._key_id)
+
+    def due_subjects(self, now: datetime, limit: int) -> list[str]:
+        with self._sessions() as session:
+            return list(
+                session.scalars(
+                    sa.select(StoredScore.subject_key)
+                    .where(StoredScore.next_change_at <= now.astimezone(UTC))
+                    .order_by(StoredScore.next_change_at)
+                    .limit(limit)
+                )
+            )
+
+    def subjects_not_on(self, policy_version: str, after: str, limit: int) -> list[str]:
+        with self._sessions() as session:
+            return list(
+                session.scalars(
+                    sa.select(StoredScore.subject_key)
+                    .where(StoredScore.policy_version != policy_version, StoredScore.subject_key > after)
+                    .order_by(StoredScore.subject_key)
+                    .limit(limit)
+                )
+            )
+
+    def subject_pages(self, page_size: int) -> Iterator[Sequence[SubjectLedger]]:
+        after = ""
+        while True:
+            with self._sessions() as session:
+                keys = list(
+                    session.scalars(
+                        sa.select(StoredEntry.subject_key)
+                        .where(StoredEntry.subject_key > after)
+                        .group_by(StoredEntry.subject_key)
+                        .order_by(StoredEntry.subject_key)
+                        .limit(page_size)
+                    )
+                )
+                if not keys:
+                    return
+                # Score rows first, then entries: an entry recorded in between is newer than
+                # the row and is left out by scoring as of the row's instant (Ledger.verify).
+                stored = {
+                    r.subject_key: r
+                    for r in session.scalars(sa.select(StoredScore).where(StoredScore.subject_key.in_(keys)))
+                }
+                ledgers = load_entries(session, keys)
+                kinds = {
+                    r.subject_key: r.subject_kind
+                    for r in session.execute(
+                        sa.select(StoredEntry.subject_key, StoredEntry.subject_kind)
+                        .where(StoredEntry.subject_key.in_(keys))
+                        .distinct()
+                    )
+                }
+            yield [subject_ledger(key, kinds[key], stored.get(key), ledgers[key]) for key in keys]
+            after = keys[-1]
+
+
+def _reversal_row(r: ReversalRecord, key_id: str) -> dict[str, Any]:
+    return {
+        "outcome_id": r.outcome_id,
+        "subject_key": r.subject_key,
+        "subject_key_id": key_id,
+        "source": r.source,
+        "event_id": r.event_id,
+        "reason": r.reason,
+        "retracted_at": None if r.retracted_at is None else r.retracted_at.astimezone(UTC),
+        "retracted_by": r.retracted_by,
+        "reversed_at": r.reversed_at.astimezone(UTC),
+        "cause": r.cause,
+    }

@@ -1,0 +1,179 @@
+"""Each subject's score row, categories and history: locking them for a rescore, and
+writing the rescore's results (shared by the ledger's and due process's transactions)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from contracts.score_store import (
+    StoredCategory,
+    StoredEntry,
+    StoredHistory,
+    StoredScore,
+    load_entries,
+)
+from domain.entries import ScoredEntry
+from domain.scoring import ScoreState, list_names
+from kit.db import as_utc
+from services.score.ledger import Rescored, SubjectLedger
+
+
+def score_state(row: StoredScore | Any) -> ScoreState | None:
+    # A placeholder row (tier "") was created by create_subject_rows in this transaction.
+    if row is None or not row.tier:
+        return None
+    return ScoreState(row.score, row.tier, bool(row.red_list), bool(row.black_list))
+
+
+def subject_ledger(key: str, kind: str, row: StoredScore | None, entries: list[ScoredEntry]) -> SubjectLedger:
+    state = score_state(row)
+    return SubjectLedger(
+        subject_key=key,
+        subject_kind=row.subject_kind if row is not None else kind,
+        stored=state,
+        computed_at=as_utc(row.updated_at) if row is not None and state is not None else None,
+        stored_policy_version=row.policy_version if row is not None else "",
+        entries=tuple(entries),
+    )
+
+
+def lock_subjects(session: Session, keys: Sequence[str]) -> list[SubjectLedger]:
+    """The named subjects that have a score row, in key order, locked until commit (PostgreSQL;
+    SQLite has one writer anyway), each with its whole ledger."""
+    rows = list(
+        session.scalars(
+            sa.select(StoredScore)
+            .where(StoredScore.subject_key.in_(sorted(keys)))
+            .order_by(StoredScore.subject_key)
+            .with_for_update()
+        )
+    )
+    ledgers = load_entries(session, [r.subject_key for r in rows])
+    return [subject_ledger(r.subject_key, r.subject_kind, r, ledgers[r.subject_key]) for r in rows]
+
+
+def save_scores(
+    session: Session, results: Mapping[str, Rescored], recorded_at: datetime | None, key_id: str
+) -> None:
+    """Write the rescored subjects' rows, categories and history (keys of generation `key_id`);
+    history rows are recorded at `recorded_at`, or now."""
+    if results:
+        _store_scores(session, results, None if recorded_at is None else recorded_at.astimezone(UTC), key_id)
+
+
+def create_subject_rows(session: Session, kinds: Mapping[str, str], now: datetime, key_id: str) -> None:
+    """Create missing score rows and lock every affected one until commit.
+
+    On PostgreSQL a concurrent batch for the same subject then waits here and
+    recomputes after our commit, from a ledger that includes our entries, so the
+    last score written always covers every entry. The placeholder values (tier "")
+    are overwritten in this same transaction. An existing row is locked by a no-op
+    update, so its stored state and instant survive to be compared with the new one.
+    """
+    rows = [
+        {
+            "subject_key": key,
+            "subject_key_id": key_id,
+            "subject_kind": kinds[key],
+            "score": 0,
+            "tier": "",
+            "policy_version": "",
+            "entry_count": 0,
+            "updated_at": now,
+        }
+        for key in sorted(kinds)
+    ]
+    statement: sa.Insert
+    if session.get_bind().dialect.name == "postgresql":
+        pg = postgresql.insert(StoredScore)
+        statement = pg.on_conflict_do_update(
+            index_elements=["subject_key"], set_={"subject_kind": StoredScore.__table__.c.subject_kind}
+        )
+    else:
+        lite = sqlite.insert(StoredScore)
+        statement = lite.on_conflict_do_update(
+            index_elements=["subject_key"], set_={"subject_kind": StoredScore.__table__.c.subject_kind}
+        )
+    session.execute(statement, rows)
+
+
+def _lists_text(names: Sequence[str]) -> str:
+    return ",".join(names)
+
+
+def _store_scores(
+    session: Session, results: Mapping[str, Rescored], now: datetime | None, key_id: str
+) -> None:
+    updates = []
+    history = []
+    periods = []
+    written_at = now or datetime.now(UTC)
+    for key, rescored in results.items():
+        r = rescored.result
+        assert r.as_of is not None
+        updates.append(
+            {
+                "subject_key": key,
+                "score": r.score,
+                "tier": r.tier,
+                "policy_version": r.policy_version,
+                "entry_count": r.entry_count,
+                "updated_at": r.as_of.astimezone(UTC),
+                "next_change_at": None if r.next_change_at is None else r.next_change_at.astimezone(UTC),
+                "red_list": r.state.red,
+                "black_list": r.state.black,
+                "list_reasons": json.dumps([[m.name, list(m.reasons), list(m.entry_ids)] for m in r.lists]),
+            }
+        )
+        for c in rescored.changes:
+            history.append(
+                {
+                    "subject_key": key,
+                    "subject_key_id": key_id,
+                    "changed_at": c.changed_at.astimezone(UTC),
+                    "recorded_at": written_at,
+                    "cause": c.cause,
+                    "policy_version": c.after.policy_version,
+                    "score_before": None if c.before is None else c.before.score,
+                    "score": c.after.score,
+                    "tier_before": None if c.before is None else c.before.tier,
+                    "tier": c.after.tier,
+                    "lists_before": None if c.before is None else _lists_text(list_names(c.before)),
+                    "lists": _lists_text(list_names(c.after.state)),
+                    "added_entry_ids": json.dumps(list(c.added_entry_ids)),
+                    "expired_entry_ids": json.dumps(list(c.expired_entry_ids)),
+                    "ended_entry_ids": json.dumps(list(c.ended_entry_ids)),
+                    "resumed_entry_ids": json.dumps(list(c.resumed_entry_ids)),
+                    "note": c.note,
+                }
+            )
+        periods += [
+            {"entry_id": i, "visible_until": v.astimezone(UTC)} for i, v in rescored.visible_until.items()
+        ]
+    session.execute(sa.update(StoredScore), updates)
+    if history:
+        session.execute(sa.insert(StoredHistory), history)
+    if periods:
+        session.execute(sa.update(StoredEntry), periods)
+    session.execute(sa.delete(StoredCategory).where(StoredCategory.subject_key.in_(list(results))))
+    categories = [
+        {
+            "subject_key": key,
+            "subject_key_id": key_id,
+            "category": c.category,
+            "points": c.points,
+            "entry_count": c.entry_count,
+            "capped": c.capped,
+        }
+        for key, r in results.items()
+        for c in r.result.categories
+    ]
+    if categories:
+        session.execute(sa.insert(StoredCategory), categories)
