@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from domain.documents import Problems, child, is_text, item
 from domain.policy import ScorePolicy, SubjectPolicy
 from domain.scoring import BLACK, RED, ScoreResult
 from kit.safeyaml import YamlError, load_yaml
@@ -35,9 +36,10 @@ from kit.vocabulary import SUBJECT_KINDS
 LISTS = (RED, BLACK)
 _LEAVES = {"tier_at_least", "on_list", "not_on_list", "no_active_negative", "category_points_at_least"}
 _COMBINATORS = {"all", "any", "not"}
+_BENEFIT_FIELDS = ("id", "purpose", "provider", "provider_id", "subject_kinds", "considers", "condition")
 
 
-class CatalogueError(Exception):
+class BenefitCatalogueError(Exception):
     """The benefit catalogue is invalid; `problems` lists every problem with its path."""
 
     def __init__(self, problems: list[str]) -> None:
@@ -79,7 +81,7 @@ class Benefit:
 
 
 @dataclass(frozen=True)
-class Catalogue:
+class BenefitCatalogue:
     benefits: Mapping[str, Benefit]
 
     def ordered(self) -> list[Benefit]:
@@ -102,112 +104,93 @@ class Eligibility:
     score: ScoreResult
 
 
-def load_catalogue(path: Path, policy: ScorePolicy) -> Catalogue:
+def load_benefits(path: Path, policy: ScorePolicy) -> BenefitCatalogue:
     try:
         document, _ = load_yaml(path.read_bytes())
     except (OSError, YamlError) as exc:
-        raise CatalogueError([f"{path}: {exc}"]) from exc
-    return parse_catalogue(document, policy)
+        raise BenefitCatalogueError([f"{path}: {exc}"]) from exc
+    return parse_benefits(document, policy)
 
 
-def parse_catalogue(document: Any, policy: ScorePolicy) -> Catalogue:
+def parse_benefits(document: Any, policy: ScorePolicy) -> BenefitCatalogue:
     """Check the whole catalogue against `policy` (tier names) and purpose binding."""
     if not isinstance(document, dict) or not isinstance(document.get("benefits"), list):
-        raise CatalogueError(["benefits: must be a list of benefits"])
-    problems: list[str] = []
-    unknown = sorted(str(k) for k in set(document) - {"benefits"})
-    if unknown:
-        problems.append(f"catalogue: unknown keys {', '.join(unknown)}")
+        raise BenefitCatalogueError(["benefits: must be a list of benefits"])
+    problems = Problems()
+    problems.unknown_keys(document, {"benefits"}, "catalogue")
     benefits: dict[str, Benefit] = {}
     for i, raw in enumerate(document["benefits"]):
-        benefit = _parse_benefit(f"benefits[{i}]", raw, policy, problems)
+        benefit = _parse_benefit(item("benefits", i), raw, policy, problems)
         if benefit is None:
             continue
         if benefit.benefit_id in benefits:
-            problems.append(f"benefits[{i}].id: duplicate benefit {benefit.benefit_id!r}")
+            problems.add(child(item("benefits", i), "id"), f"duplicate benefit {benefit.benefit_id!r}")
         benefits[benefit.benefit_id] = benefit
     if problems:
-        raise CatalogueError(problems)
-    return Catalogue(benefits)
+        raise BenefitCatalogueError(problems.messages)
+    return BenefitCatalogue(benefits)
 
 
-def _text(path: str, value: Any, problems: list[str]) -> str:
-    if not isinstance(value, str) or not value.strip():
-        problems.append(f"{path}: must be a non-empty string")
-        return ""
-    return value.strip()
-
-
-def _parse_benefit(path: str, raw: Any, policy: ScorePolicy, problems: list[str]) -> Benefit | None:
-    if not isinstance(raw, dict):
-        problems.append(f"{path}: must be a mapping")
-        return None
+def _parse_benefit(path: str, raw: Any, policy: ScorePolicy, problems: Problems) -> Benefit | None:
     before = len(problems)
-    known = {"id", "purpose", "provider", "provider_id", "subject_kinds", "considers", "condition"}
-    unknown = sorted(str(k) for k in set(raw) - known)
-    if unknown:
-        problems.append(f"{path}: unknown keys {', '.join(unknown)}")
-    benefit_id = _text(f"{path}.id", raw.get("id"), problems)
-    purpose = _text(f"{path}.purpose", raw.get("purpose"), problems)
-    provider = _text(f"{path}.provider", raw.get("provider"), problems)
-    provider_id = _text(f"{path}.provider_id", raw.get("provider_id"), problems)
-    kinds = raw.get("subject_kinds")
+    node = problems.mapping(raw, path, _BENEFIT_FIELDS, unknown="together")
+    if node is None:
+        return None
+    benefit_id, purpose, provider, provider_id = (
+        (problems.text(node.get(key), child(path, key)) or "").strip()
+        for key in ("id", "purpose", "provider", "provider_id")
+    )
+    kinds = node.get("subject_kinds")
     if not isinstance(kinds, list) or not kinds or not all(k in SUBJECT_KINDS for k in kinds):
-        problems.append(f"{path}.subject_kinds: must be a non-empty list of {', '.join(SUBJECT_KINDS)}")
+        problems.add(child(path, "subject_kinds"), f"must be a non-empty list of {', '.join(SUBJECT_KINDS)}")
         kinds = []
-    considers_raw = raw.get("considers")
+    considers_raw = node.get("considers")
     considers: frozenset[str] | None
     if considers_raw == "all":
         considers = None
-    elif (
-        isinstance(considers_raw, list)
-        and considers_raw
-        and all(isinstance(c, str) and c.strip() for c in considers_raw)
-    ):
+    elif isinstance(considers_raw, list) and considers_raw and all(is_text(c) for c in considers_raw):
         considers = frozenset(considers_raw)
     else:
-        problems.append(f"{path}.considers: must be `all` or a non-empty list of categories")
+        problems.add(child(path, "considers"), "must be `all` or a non-empty list of categories")
         considers = frozenset()
     tiers = [{t.name for t in policy.for_kind(k).tiers} for k in kinds]
-    condition = _parse_condition(f"{path}.condition", raw.get("condition"), considers, tiers, problems)
+    condition = _parse_condition(child(path, "condition"), node.get("condition"), considers, tiers, problems)
     if len(problems) > before or condition is None:
         return None
     return Benefit(benefit_id, purpose, provider, provider_id, tuple(kinds), considers, condition)
 
 
 def _parse_condition(
-    path: str, raw: Any, considers: frozenset[str] | None, tiers: Sequence[set[str]], problems: list[str]
+    path: str, raw: Any, considers: frozenset[str] | None, tiers: Sequence[set[str]], problems: Problems
 ) -> Condition | None:
     if not isinstance(raw, dict) or len(raw) != 1:
-        problems.append(
-            f"{path}: must be a mapping with exactly one of {', '.join(sorted(_LEAVES | _COMBINATORS))}"
+        problems.add(
+            path, f"must be a mapping with exactly one of {', '.join(sorted(_LEAVES | _COMBINATORS))}"
         )
         return None
     ((op, value),) = raw.items()
-    here = f"{path}.{op}"
+    here = child(path, op)
     if op in ("all", "any"):
         if not isinstance(value, list) or not value:
-            problems.append(f"{here}: must be a non-empty list of conditions")
+            problems.add(here, "must be a non-empty list of conditions")
             return None
         children = [
-            _parse_condition(f"{here}[{i}]", c, considers, tiers, problems) for i, c in enumerate(value)
+            _parse_condition(item(here, i), c, considers, tiers, problems) for i, c in enumerate(value)
         ]
         if any(c is None for c in children):
             return None
         return Condition(op, tuple(c for c in children if c is not None))
     if op == "not":
-        child = _parse_condition(here, value, considers, tiers, problems)
-        return None if child is None else Condition(op, (child,))
+        negated = _parse_condition(here, value, considers, tiers, problems)
+        return None if negated is None else Condition(op, (negated,))
     if op == "tier_at_least":
         if not isinstance(value, str) or not all(value in names for names in tiers):
-            problems.append(
-                f"{here}: {value!r} is not a tier of the policy for every subject kind of the benefit"
-            )
+            problems.add(here, f"{value!r} is not a tier of the policy for every subject kind of the benefit")
             return None
         return Condition(op, argument=value)
     if op in ("on_list", "not_on_list"):
         if value not in LISTS:
-            problems.append(f"{here}: must be one of {', '.join(LISTS)}")
+            problems.add(here, f"must be one of {', '.join(LISTS)}")
             return None
         return Condition(op, argument=value)
     if op == "no_active_negative":
@@ -215,27 +198,26 @@ def _parse_condition(
         return None if category is None else Condition(op, argument=category)
     if op == "category_points_at_least":
         if not isinstance(value, dict) or set(value) != {"category", "points"}:
-            problems.append(f"{here}: must be a mapping with category and points")
+            problems.add(here, "must be a mapping with category and points")
             return None
-        category = _category(f"{here}.category", value["category"], considers, problems)
-        points = value["points"]
-        if isinstance(points, bool) or not isinstance(points, int):
-            problems.append(f"{here}.points: must be a whole number")
+        category = _category(child(here, "category"), value["category"], considers, problems)
+        points = problems.integer(value["points"], child(here, "points"))
+        if points is None or category is None:
             return None
-        return None if category is None else Condition(op, argument=category, points=points)
-    problems.append(f"{path}: unknown condition {op!r}")
+        return Condition(op, argument=category, points=points)
+    problems.add(path, f"unknown condition {op!r}")
     return None
 
 
-def _category(path: str, value: Any, considers: frozenset[str] | None, problems: list[str]) -> str | None:
-    if not isinstance(value, str) or not value.strip():
-        problems.append(f"{path}: must be a category name")
+def _category(path: str, value: Any, considers: frozenset[str] | None, problems: Problems) -> str | None:
+    if not is_text(value):
+        problems.add(path, "must be a category name")
         return None
     if considers is not None and value not in considers:
         # Purpose binding: a benefit may only read the categories its purpose declares.
         declared = ", ".join(sorted(considers)) or "none"
-        problems.append(
-            f"{path}: category {value!r} is not among the categories the benefit considers ({declared})"
+        problems.add(
+            path, f"category {value!r} is not among the categories the benefit considers ({declared})"
         )
         return None
     return value

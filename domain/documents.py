@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import timedelta
-from typing import Any, Final, TypeGuard
+from typing import Any, Final, Literal, TypeGuard
 
 import yaml
 
@@ -68,13 +68,18 @@ class Problems:
         required: Iterable[str] = (),
         *,
         message: str = "must be a mapping",
+        unknown: Literal["each", "together"] = "each",
     ) -> dict[Any, Any] | None:
-        """``value`` if it is a mapping, its unknown and missing fields noted as `unknown_fields` and
-        `required` do; None (with ``message``) if it is no mapping."""
+        """``value`` if it is a mapping, its missing fields noted as `required` does and its unknown
+        ones as `unknown_fields` (``each``) or `unknown_keys` (``together``) do; None (with
+        ``message``) if it is no mapping."""
         if not isinstance(value, dict):
             self.add(path, message)
             return None
-        self.unknown_fields(value, known, path)
+        if unknown == "each":
+            self.unknown_fields(value, known, path)
+        else:
+            self.unknown_keys(value, known, path)
         self.required(value, required, path)
         return value
 
@@ -115,6 +120,17 @@ class Problems:
             return value
         self.add(path, message or f"must be an integer from {low} to {high}")
         return None
+
+    def integer(self, value: object, path: str, bounds: tuple[int, int] | None = None) -> int | None:
+        """``value`` if it is an integer (booleans are not) within ``bounds``, if any, said in two
+        steps: ``must be a whole number``, then ``must lie between <low> and <high>``."""
+        if not is_whole(value):
+            self.add(path, "must be a whole number")
+            return None
+        if bounds is not None and not bounds[0] <= value <= bounds[1]:
+            self.add(path, f"must lie between {bounds[0]} and {bounds[1]}")
+            return None
+        return value
 
     def flag(self, value: object, path: str) -> bool | None:
         """``value`` if it is true or false."""

@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from domain.documents import Problems, child, item
 from kit.safeyaml import YamlError, load_yaml
 from kit.vocabulary import SEVERITIES, SUBJECT_KINDS
 
@@ -151,8 +152,12 @@ def load_policy(path: Path) -> ScorePolicy:
 # Scores and points are int32 on the wire; day counts feed date arithmetic, so a hundred
 # years bounds them; versions are stored in 64-character columns.
 _MAX_INT32 = 2**31 - 1
+_INT32 = (-_MAX_INT32 - 1, _MAX_INT32)
 _MAX_DAYS = 36_600
+_DAYS = (-_MAX_INT32 - 1, _MAX_DAYS)
 _MAX_VERSION_LENGTH = 64
+_NEGATIVE = "must not be negative"
+_ONE_WORKING_DAY = "must be at least 1 working day"
 
 
 def policy_from_text(text: str, *, source: str = "policy") -> ScorePolicy:
@@ -167,92 +172,78 @@ def policy_from_text(text: str, *, source: str = "policy") -> ScorePolicy:
 def parse_policy(document: Any) -> ScorePolicy:
     if not isinstance(document, dict):
         raise PolicyError(["the policy must be a mapping"])
-    problems: list[str] = []
-    _unknown_keys("", document, {"version", "policies", "disputes", "repair"}, problems)
-    version = document.get("version")
-    # YAML reads `version: 3` as a number; a version is a label, so both are accepted.
-    if isinstance(version, bool) or not isinstance(version, str | int) or str(version).strip() == "":
-        problems.append("version: must be a non-empty string")
-        version = ""
-    elif isinstance(version, int) and not 0 <= version <= _MAX_INT32:
-        problems.append(
-            f"version: a number must lie between 0 and {_MAX_INT32} (quote it to use it as a label)"
-        )
-        version = ""
-    elif len(str(version).strip()) > _MAX_VERSION_LENGTH:
-        problems.append(f"version: must be at most {_MAX_VERSION_LENGTH} characters")
-        version = ""
-    version = str(version).strip()
+    problems = Problems()
+    problems.unknown_keys(document, {"version", "policies", "disputes", "repair"}, "policy")
+    version = _version(document.get("version"), problems)
     raw_kinds = document.get("policies")
     kinds: dict[str, SubjectPolicy] = {}
     if not isinstance(raw_kinds, dict):
-        problems.append(f"policies: must be a mapping with an entry for each of {', '.join(SUBJECT_KINDS)}")
+        problems.add("policies", f"must be a mapping with an entry for each of {', '.join(SUBJECT_KINDS)}")
         raw_kinds = {}
     for kind in raw_kinds:
         if kind not in SUBJECT_KINDS:
-            problems.append(
-                f"policies.{kind}: unknown subject kind (expected one of {', '.join(SUBJECT_KINDS)})"
+            problems.add(
+                child("policies", kind), f"unknown subject kind (expected one of {', '.join(SUBJECT_KINDS)})"
             )
     for kind in SUBJECT_KINDS:
         if kind not in raw_kinds:
-            problems.append(f"policies.{kind}: is required")
+            problems.add(child("policies", kind), "is required")
             continue
-        parsed = _parse_subject_policy(f"policies.{kind}", raw_kinds[kind], version, problems)
+        parsed = _parse_subject_policy(child("policies", kind), raw_kinds[kind], version, problems)
         if parsed is not None:
             kinds[kind] = parsed
     due_process = _parse_due_process(document, problems)
     if problems:
-        raise PolicyError(problems)
+        raise PolicyError(problems.messages)
     return ScorePolicy(version=version, kinds=kinds, due_process=due_process)
 
 
-def _parse_due_process(document: dict[Any, Any], problems: list[str]) -> DueProcessPolicy:
+def _version(value: object, problems: Problems) -> str:
+    """YAML reads `version: 3` as a number; a version is a label, so both are accepted."""
+    if isinstance(value, bool) or not isinstance(value, str | int) or str(value).strip() == "":
+        problems.add("version", "must be a non-empty string")
+        return ""
+    if isinstance(value, int) and not 0 <= value <= _MAX_INT32:
+        problems.add(
+            "version", f"a number must lie between 0 and {_MAX_INT32} (quote it to use it as a label)"
+        )
+        return ""
+    if len(str(value).strip()) > _MAX_VERSION_LENGTH:
+        problems.add("version", f"must be at most {_MAX_VERSION_LENGTH} characters")
+        return ""
+    return str(value).strip()
+
+
+def _parse_due_process(document: dict[Any, Any], problems: Problems) -> DueProcessPolicy:
     """`disputes` and `repair` are optional (policies activated before they existed have
     neither); when present they are checked like the rest."""
     default = DueProcessPolicy()
     deadline = default.dispute_deadline_days
-    disputes = document.get("disputes")
+    disputes = _optional(document, "disputes", ("deadline_days",), problems)
     if disputes is not None:
-        if not isinstance(disputes, dict):
-            problems.append("disputes: must be a mapping with deadline_days")
-        else:
-            _unknown_keys("disputes", disputes, {"deadline_days"}, problems)
-            value = _whole("disputes.deadline_days", disputes.get("deadline_days"), problems, _MAX_DAYS)
-            if value is not None and value < 1:
-                problems.append("disputes.deadline_days: must be at least 1 day")
-            elif value is not None:
-                deadline = value
+        path = "disputes.deadline_days"
+        deadline = _at_least(disputes.get("deadline_days"), path, problems) or deadline
     periods = dict(default.repair_min_period_days)
     working = default.repair_decision_working_days
-    repair = document.get("repair")
+    repair = _optional(document, "repair", ("min_period_days", "decision_working_days"), problems)
     if repair is not None:
-        if not isinstance(repair, dict):
-            problems.append("repair: must be a mapping with min_period_days and decision_working_days")
-        else:
-            _unknown_keys("repair", repair, {"min_period_days", "decision_working_days"}, problems)
-            raw_periods = repair.get("min_period_days")
-            if not isinstance(raw_periods, dict):
-                problems.append(
-                    f"repair.min_period_days: must be a mapping with days for each of "
-                    f"{', '.join(REPAIRABLE_SEVERITIES)}"
-                )
-            else:
-                _unknown_keys("repair.min_period_days", raw_periods, set(REPAIRABLE_SEVERITIES), problems)
-                for severity in REPAIRABLE_SEVERITIES:
-                    days = _whole(
-                        f"repair.min_period_days.{severity}", raw_periods.get(severity), problems, _MAX_DAYS
-                    )
-                    if days is not None and days < 0:
-                        problems.append(f"repair.min_period_days.{severity}: must not be negative")
-                    elif days is not None:
-                        periods[severity] = days
-            value = _whole(
-                "repair.decision_working_days", repair.get("decision_working_days"), problems, _MAX_DAYS
-            )
-            if value is not None and value < 1:
-                problems.append("repair.decision_working_days: must be at least 1 working day")
-            elif value is not None:
-                working = value
+        raw_periods = problems.mapping(
+            repair.get("min_period_days"),
+            "repair.min_period_days",
+            REPAIRABLE_SEVERITIES,
+            message=f"must be a mapping with days for each of {', '.join(REPAIRABLE_SEVERITIES)}",
+            unknown="together",
+        )
+        if raw_periods is not None:
+            for severity in REPAIRABLE_SEVERITIES:
+                path = child("repair.min_period_days", severity)
+                days = _at_least(raw_periods.get(severity), path, problems, least=0, message=_NEGATIVE)
+                periods[severity] = periods[severity] if days is None else days
+        working_days = repair.get("decision_working_days")
+        working = (
+            _at_least(working_days, "repair.decision_working_days", problems, message=_ONE_WORKING_DAY)
+            or working
+        )
     return DueProcessPolicy(
         dispute_deadline_days=deadline,
         repair_min_period_days=periods,
@@ -260,37 +251,61 @@ def _parse_due_process(document: dict[Any, Any], problems: list[str]) -> DueProc
     )
 
 
-def _parse_subject_policy(path: str, raw: Any, version: str, problems: list[str]) -> SubjectPolicy | None:
-    if not isinstance(raw, dict):
-        problems.append(f"{path}: must be a mapping")
+def _optional(
+    document: dict[Any, Any], key: str, known: tuple[str, ...], problems: Problems
+) -> dict[Any, Any] | None:
+    """The section ``key`` if the document has one and it is a mapping."""
+    if document.get(key) is None:
         return None
-    _unknown_keys(
-        path,
-        raw,
-        {"base", "bounds", "tiers", "visibility_days", "caps", "lists", "consent_required"},
-        problems,
-    )
+    must = f"must be a mapping with {' and '.join(known)}"
+    return problems.mapping(document[key], key, known, message=must, unknown="together")
+
+
+def _at_least(
+    value: object,
+    path: str,
+    problems: Problems,
+    *,
+    least: int = 1,
+    message: str = "must be at least 1 day",
+    bounds: tuple[int, int] = _DAYS,
+) -> int | None:
+    """A whole number within ``bounds`` (a hundred years of days unless told) and not below
+    ``least`` (``message`` if it is); None if it is no such number."""
+    number = problems.integer(value, path, bounds)
+    if number is not None and number < least:
+        problems.add(path, message)
+        return None
+    return number
+
+
+def _parse_subject_policy(path: str, raw: Any, version: str, problems: Problems) -> SubjectPolicy | None:
+    known = {"base", "bounds", "tiers", "visibility_days", "caps", "lists", "consent_required"}
+    node = problems.mapping(raw, path, known, unknown="together")
+    if node is None:
+        return None
     before = len(problems)
-    base = _whole(f"{path}.base", raw.get("base"), problems)
-    bounds = raw.get("bounds")
+    base = problems.integer(node.get("base"), child(path, "base"), _INT32)
     low = high = None
-    if isinstance(bounds, dict):
-        _unknown_keys(f"{path}.bounds", bounds, {"min", "max"}, problems)
-        low = _whole(f"{path}.bounds.min", bounds.get("min"), problems)
-        high = _whole(f"{path}.bounds.max", bounds.get("max"), problems)
+    bounds = problems.mapping(
+        node.get("bounds"),
+        child(path, "bounds"),
+        {"min", "max"},
+        message="must be a mapping with min and max",
+        unknown="together",
+    )
+    if bounds is not None:
+        low = problems.integer(bounds.get("min"), child(path, "bounds.min"), _INT32)
+        high = problems.integer(bounds.get("max"), child(path, "bounds.max"), _INT32)
         if low is not None and high is not None and low >= high:
-            problems.append(f"{path}.bounds: min must be below max")
+            problems.add(child(path, "bounds"), "min must be below max")
         elif base is not None and low is not None and high is not None and not low <= base <= high:
-            problems.append(f"{path}.base: must lie within bounds {low}..{high}")
-    else:
-        problems.append(f"{path}.bounds: must be a mapping with min and max")
-    tiers = _parse_tiers(f"{path}.tiers", raw.get("tiers"), low, problems)
-    visibility = _parse_visibility(f"{path}.visibility_days", raw.get("visibility_days"), problems)
-    caps = _parse_caps(f"{path}.caps", raw.get("caps"), problems)
-    lists = _parse_lists(f"{path}.lists", raw.get("lists"), {t.name for t in tiers}, problems)
-    consent = raw.get("consent_required")
-    if not isinstance(consent, bool):
-        problems.append(f"{path}.consent_required: must be true or false")
+            problems.add(child(path, "base"), f"must lie within bounds {low}..{high}")
+    tiers = _parse_tiers(child(path, "tiers"), node.get("tiers"), low, problems)
+    visibility = _parse_visibility(child(path, "visibility_days"), node.get("visibility_days"), problems)
+    caps = _parse_caps(child(path, "caps"), node.get("caps"), problems)
+    lists = _parse_lists(child(path, "lists"), node.get("lists"), {t.name for t in tiers}, problems)
+    consent = problems.flag(node.get("consent_required"), child(path, "consent_required"))
     if len(problems) > before or base is None or low is None or high is None:
         return None
     return SubjectPolicy(
@@ -306,59 +321,64 @@ def _parse_subject_policy(path: str, raw: Any, version: str, problems: list[str]
     )
 
 
-def _parse_caps(path: str, raw: Any, problems: list[str]) -> Caps:
-    if not isinstance(raw, dict):
-        problems.append(f"{path}: must be a mapping with window_days and positive_per_category")
+def _parse_caps(path: str, raw: Any, problems: Problems) -> Caps:
+    node = problems.mapping(
+        raw,
+        path,
+        {"window_days", "positive_per_category", "by_category"},
+        message="must be a mapping with window_days and positive_per_category",
+        unknown="together",
+    )
+    if node is None:
         return Caps()
-    _unknown_keys(path, raw, {"window_days", "positive_per_category", "by_category"}, problems)
-    window = _whole(f"{path}.window_days", raw.get("window_days"), problems, _MAX_DAYS)
-    if window is not None and window < 1:
-        problems.append(f"{path}.window_days: must be at least 1 day")
+    window = _at_least(node.get("window_days"), child(path, "window_days"), problems)
     # null is allowed on purpose: a city may choose to leave positive points uncapped.
-    default = raw.get("positive_per_category")
+    default = node.get("positive_per_category")
     if default is not None:
-        default = _whole(f"{path}.positive_per_category", default, problems)
-        if default is not None and default < 0:
-            problems.append(f"{path}.positive_per_category: must not be negative")
+        default = _at_least(
+            default, child(path, "positive_per_category"), problems, least=0, message=_NEGATIVE, bounds=_INT32
+        )
     by_category: dict[str, int] = {}
-    raw_by = raw.get("by_category", {})
+    raw_by = node.get("by_category", {})
     if not isinstance(raw_by, dict):
-        problems.append(f"{path}.by_category: must be a mapping of category to points")
+        problems.add(child(path, "by_category"), "must be a mapping of category to points")
         raw_by = {}
     for category, value in raw_by.items():
-        limit = _whole(f"{path}.by_category.{category}", value, problems)
-        if limit is not None and limit < 0:
-            problems.append(f"{path}.by_category.{category}: must not be negative")
-        elif limit is not None:
+        limit = _at_least(
+            value, child(path, f"by_category.{category}"), problems, least=0, message=_NEGATIVE, bounds=_INT32
+        )
+        if limit is not None:
             by_category[str(category)] = limit
     return Caps(window_days=window or 365, positive_per_category=default, by_category=by_category)
 
 
-def _parse_lists(path: str, raw: Any, tier_names: set[str], problems: list[str]) -> ListCriteria:
-    if not isinstance(raw, dict):
-        problems.append(f"{path}: must be a mapping with red and black")
+def _parse_lists(path: str, raw: Any, tier_names: set[str], problems: Problems) -> ListCriteria:
+    node = problems.mapping(
+        raw, path, {"red", "black"}, message="must be a mapping with red and black", unknown="together"
+    )
+    if node is None:
         return ListCriteria()
-    _unknown_keys(path, raw, {"red", "black"}, problems)
     found: dict[str, tuple[frozenset[str], bool]] = {}
     for name, flag in (("red", "no_active_negative"), ("black", "flagged_entries")):
-        item = raw.get(name)
-        item_path = f"{path}.{name}"
-        if not isinstance(item, dict):
-            problems.append(f"{item_path}: must be a mapping with tiers and {flag}")
+        where = child(path, name)
+        criteria = problems.mapping(
+            node.get(name),
+            where,
+            {"tiers", flag},
+            message=f"must be a mapping with tiers and {flag}",
+            unknown="together",
+        )
+        if criteria is None:
             found[name] = (frozenset(), False)
             continue
-        _unknown_keys(item_path, item, {"tiers", flag}, problems)
-        tiers = item.get("tiers")
+        tiers = criteria.get("tiers")
         if not isinstance(tiers, list) or not all(isinstance(t, str) for t in tiers):
-            problems.append(f"{item_path}.tiers: must be a list of tier names")
+            problems.add(child(where, "tiers"), "must be a list of tier names")
             tiers = []
         for i, tier in enumerate(tiers):
             if tier_names and tier not in tier_names:
-                problems.append(f"{item_path}.tiers[{i}]: unknown tier {tier!r}")
-        value = item.get(flag)
-        if not isinstance(value, bool):
-            problems.append(f"{item_path}.{flag}: must be true or false")
-        found[name] = (frozenset(tiers), bool(value))
+                problems.add(item(child(where, "tiers"), i), f"unknown tier {tier!r}")
+        found[name] = (frozenset(tiers), bool(problems.flag(criteria.get(flag), child(where, flag))))
     return ListCriteria(
         red_tiers=found["red"][0],
         red_requires_no_negative=found["red"][1],
@@ -367,65 +387,48 @@ def _parse_lists(path: str, raw: Any, tier_names: set[str], problems: list[str])
     )
 
 
-def _parse_tiers(path: str, raw: Any, low: int | None, problems: list[str]) -> tuple[Tier, ...]:
+def _parse_tiers(path: str, raw: Any, low: int | None, problems: Problems) -> tuple[Tier, ...]:
     if not isinstance(raw, list) or not raw:
-        problems.append(f"{path}: must be a non-empty list, highest tier first")
+        problems.add(path, "must be a non-empty list, highest tier first")
         return ()
     tiers: list[Tier] = []
-    for i, item in enumerate(raw):
-        item_path = f"{path}[{i}]"
-        if not isinstance(item, dict):
-            problems.append(f"{item_path}: must be a mapping with name and min")
+    for i, entry in enumerate(raw):
+        where = item(path, i)
+        node = problems.mapping(
+            entry, where, {"name", "min"}, message="must be a mapping with name and min", unknown="together"
+        )
+        if node is None:
             continue
-        _unknown_keys(item_path, item, {"name", "min"}, problems)
-        name = item.get("name")
-        if not isinstance(name, str) or not name.strip():
-            problems.append(f"{item_path}.name: must be a non-empty string")
-            name = ""
-        minimum = _whole(f"{item_path}.min", item.get("min"), problems)
+        name = problems.text(node.get("name"), child(where, "name")) or ""
+        minimum = problems.integer(node.get("min"), child(where, "min"), _INT32)
         if name and any(t.name == name for t in tiers):
-            problems.append(f"{item_path}.name: duplicate tier {name!r}")
+            problems.add(child(where, "name"), f"duplicate tier {name!r}")
         if minimum is not None and tiers and minimum >= tiers[-1].min:
-            problems.append(f"{item_path}.min: must be below the previous tier's min {tiers[-1].min}")
+            problems.add(child(where, "min"), f"must be below the previous tier's min {tiers[-1].min}")
         if minimum is not None:
             tiers.append(Tier(name=name, min=minimum))
     # Every score within bounds must land in some tier.
     if tiers and low is not None and tiers[-1].min > low:
-        problems.append(f"{path}: the lowest tier's min {tiers[-1].min} must not exceed bounds.min {low}")
+        problems.add(path, f"the lowest tier's min {tiers[-1].min} must not exceed bounds.min {low}")
     return tuple(tiers)
 
 
-def _parse_visibility(path: str, raw: Any, problems: list[str]) -> dict[str, int]:
-    if not isinstance(raw, dict):
-        problems.append(f"{path}: must be a mapping with days for each of {', '.join(SEVERITIES)}")
+def _parse_visibility(path: str, raw: Any, problems: Problems) -> dict[str, int]:
+    node = problems.mapping(
+        raw,
+        path,
+        SEVERITIES,
+        message=f"must be a mapping with days for each of {', '.join(SEVERITIES)}",
+        unknown="together",
+    )
+    if node is None:
         return {}
-    _unknown_keys(path, raw, set(SEVERITIES), problems)
     days: dict[str, int] = {}
     for severity in SEVERITIES:
-        value = _whole(f"{path}.{severity}", raw.get(severity), problems, _MAX_DAYS)
-        if value is not None and value < 1:
-            problems.append(f"{path}.{severity}: must be at least 1 day")
-        elif value is not None:
+        value = _at_least(node.get(severity), child(path, severity), problems)
+        if value is not None:
             days[severity] = value
     return days
-
-
-def _whole(path: str, value: Any, problems: list[str], high: int = _MAX_INT32) -> int | None:
-    """A whole number no larger than `high` (and above -2**31): every number of a policy ends
-    up in an int32 field (scores, points) or in date arithmetic (days)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        problems.append(f"{path}: must be a whole number")
-        return None
-    if not -_MAX_INT32 - 1 <= value <= high:
-        problems.append(f"{path}: must lie between {-_MAX_INT32 - 1} and {high}")
-        return None
-    return value
-
-
-def _unknown_keys(path: str, raw: dict[Any, Any], known: set[str], problems: list[str]) -> None:
-    unknown = sorted(str(k) for k in set(raw) - known)
-    if unknown:
-        problems.append(f"{path or 'policy'}: unknown keys {', '.join(unknown)}")
 
 
 @dataclass(frozen=True)

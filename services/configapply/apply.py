@@ -23,7 +23,7 @@ from typing import Literal, TypeAlias
 
 import grpc
 
-from domain.benefits import CatalogueError, load_catalogue
+from domain.benefits import BenefitCatalogueError, load_benefits
 from domain.policy import PolicyError, ScorePolicy, policy_from_text
 from egret.rules.v1 import rules_service_pb2 as rules_pb
 from egret.rules.v1 import rules_service_pb2_grpc as rules_grpc
@@ -261,8 +261,8 @@ async def apply_policy(
 def check_benefits(path: Path, policy: ScorePolicy) -> Step:
     """The catalogue checked as query checks it at start, against the configured policy."""
     try:
-        catalogue = load_catalogue(path, policy)
-    except CatalogueError as exc:
+        catalogue = load_benefits(path, policy)
+    except BenefitCatalogueError as exc:
         return Step("benefits", "refused", "the benefit catalogue is invalid", tuple(exc.problems))
     digest = sha256(path.read_text(encoding="utf-8"))
     return Step(

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
-from domain.benefits import load_catalogue
+from domain.benefits import load_benefits
 from domain.policy import load_policy
 from egret.query.v1 import query_service_pb2 as pb
 from kit.app import run_cli
@@ -43,7 +43,7 @@ def build(settings: QuerySettings, clock: Callable[[], datetime] = _utc_now) -> 
     policy = load_policy(settings.policy_file)
     # Checked against the policy's tiers and for purpose binding before serving: a bad
     # catalogue stops start-up with every problem listed.
-    catalogue = load_catalogue(settings.benefits_file, policy)
+    catalogue = load_benefits(settings.benefits_file, policy)
     purposes = load_purposes(settings.purposes_file)
     engine = create_engine(settings.score_database_url, read_only=True, pool_size=settings.db_workers + 2)
     reader = Reader(

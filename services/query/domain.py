@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Protocol
 
-from domain.benefits import Catalogue, check
+from domain.benefits import BenefitCatalogue, check
 from domain.consent import Consent, may_serve
 from domain.entries import LedgerEntry, ScoredEntry, View
 from domain.policy import ActivatedPolicy, PolicyBook, ScorePolicy, SubjectPolicy
@@ -107,7 +107,7 @@ class Reader:
         store: ScoreReadStore,
         pseudonymiser: Pseudonymiser,
         policy: ScorePolicy,
-        catalogue: Catalogue | None = None,
+        catalogue: BenefitCatalogue | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         tokens: PageTokens,
     ) -> None:
@@ -117,7 +117,7 @@ class Reader:
         self._pseudonymiser = pseudonymiser
         # The policy file stands in until score has recorded its first activation.
         self._fallback = policy
-        self._catalogue = catalogue or Catalogue({})
+        self._catalogue = catalogue or BenefitCatalogue({})
         self._clock = clock
         self._book: PolicyBook | None = None
         self._book_marks: tuple[tuple[str, datetime], ...] | None = None

@@ -35,6 +35,14 @@ def test_no_mapping_is_one_problem() -> None:
     assert problems.messages == ["cap: must be a mapping {per}"]
 
 
+def test_a_mapping_can_name_its_unknown_keys_together() -> None:
+    problems = Problems()
+    node = problems.mapping({"min": 1, "zeta": 2, "alpha": 3}, "bounds", {"min", "max"}, unknown="together")
+
+    assert node == {"min": 1, "zeta": 2, "alpha": 3}
+    assert problems.messages == ["bounds: unknown keys alpha, zeta"]
+
+
 def test_unknown_keys_are_named_together_sorted() -> None:
     problems = Problems()
     problems.unknown_keys({"type": "int", "zeta": 1, "alpha": 2}, {"type"}, "attributes.n")
@@ -51,6 +59,34 @@ def test_a_whole_number_in_range_is_no_boolean_or_float(value: object, expected:
 
     assert problems.whole(value, "version", 1, 10) == expected
     assert problems.messages == ([] if expected is not None else ["version: must be an integer from 1 to 10"])
+
+
+@pytest.mark.parametrize(
+    ("value", "expected", "problem"),
+    [
+        (-3, -3, None),
+        (10, 10, None),
+        (11, None, "must lie between -5 and 10"),
+        (True, None, "must be a whole number"),
+        (2.0, None, "must be a whole number"),
+        (None, None, "must be a whole number"),
+    ],
+)
+def test_an_integer_is_first_whole_then_within_bounds(
+    value: object, expected: int | None, problem: str | None
+) -> None:
+    problems = Problems()
+
+    assert problems.integer(value, "base", (-5, 10)) == expected
+    assert problems.messages == ([] if problem is None else [f"base: {problem}"])
+
+
+def test_an_integer_without_bounds_is_any_whole_number() -> None:
+    problems = Problems()
+
+    assert problems.integer(-(2**70), "points") == -(2**70)
+    assert problems.integer("1", "points") is None
+    assert problems.messages == ["points: must be a whole number"]
 
 
 def test_text_flag_and_duration() -> None:

@@ -10,14 +10,14 @@ from typing import Any
 import pytest
 import yaml
 
-from domain.benefits import CatalogueError, check, load_catalogue, parse_catalogue
+from domain.benefits import BenefitCatalogueError, check, load_benefits, parse_benefits
 from domain.entries import EntryStatus, ScoredEntry
 from domain.policy import load_policy
 from domain.scoring import compute_score
 
 ROOT = Path(__file__).parents[3]
 POLICY = load_policy(ROOT / "config" / "policy.yaml")
-CATALOGUE = load_catalogue(ROOT / "config" / "benefits.yaml", POLICY)
+CATALOGUE = load_benefits(ROOT / "config" / "benefits.yaml", POLICY)
 PERSON = POLICY.for_kind("person")
 ORGANIZATION = POLICY.for_kind("organization")
 T0 = datetime(2026, 6, 1, tzinfo=UTC)
@@ -58,8 +58,8 @@ def test_a_condition_reading_an_undeclared_category_is_rejected_with_every_probl
     broken["benefits"][2]["condition"] = {"category_points_at_least": {"category": "finance", "points": 5}}
     broken["benefits"][3]["considers"] = []
     broken["benefits"][4]["condition"] = {"on_list": "green"}
-    with pytest.raises(CatalogueError) as caught:
-        parse_catalogue(broken, POLICY)
+    with pytest.raises(BenefitCatalogueError) as caught:
+        parse_benefits(broken, POLICY)
     assert caught.value.problems == [
         "benefits[0].condition.all[1].no_active_negative: category 'legal' is not among the categories"
         " the benefit considers (civic)",
@@ -86,7 +86,7 @@ def test_considers_all_may_read_any_category() -> None:
             }
         ]
     }
-    assert parse_catalogue(document, POLICY).benefits["x"].considers is None
+    assert parse_benefits(document, POLICY).benefits["x"].considers is None
 
 
 def test_eligibility_reasons_cite_the_entries_they_rest_on() -> None:
