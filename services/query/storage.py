@@ -1,9 +1,10 @@
 """Query's read-only view of the score store.
 
 The schema belongs to the score service: score's migrations define the tables and
-contracts.score_store publishes what query reads of them (ADR 0003). Query opens that database read-only and may start before
-score has created it; query's own migrations (services/query/migrations) are for its own
-database, which holds only the access log (services.query.access_log_storage).
+contracts.score_store publishes what query reads of them (ADR 0003). Query opens that
+database read-only and may start before score has created it; query's own migrations
+(services/query/migrations) are for its own database, which holds only the access log
+(services.query.access_log_storage).
 """
 
 from __future__ import annotations
