@@ -37,7 +37,7 @@ from domain.ruleset.parsing import load_rule_set
 from egret.ingest.v1 import ingest_service_pb2 as ingest_pb
 from egret_client.submitter import StreamTotals, stream_by_source
 from kit.db import create_engine
-from services.ingest.storage import StoredEvent, StoredRetraction
+from services.ingest.stores.events import StoredEvent, StoredRetraction
 from services.rules.engine import RuleEngine
 from services.rules.records import engine_event_from_record
 from services.rules.stores.schema import DeadLetterRow, EmittedOutcome, EvaluatedEvent

@@ -27,7 +27,7 @@ from services.ingest.access import POLICY
 from services.ingest.domain import Intake, Limits
 from services.ingest.servicer import IngestServicer, register
 from services.ingest.settings import IngestSettings
-from services.ingest.storage import (
+from services.ingest.stores.events import (
     KEYED,
     IngestAuditHead,
     IngestAuditLog,

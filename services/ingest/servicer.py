@@ -23,7 +23,7 @@ from kit.principal import current_principal
 from kit.protoconv import SUBJECT_KIND_NAMES, attribute_value, to_datetime
 from services.ingest.access import acting_department, require_own_source
 from services.ingest.domain import EventResult, EventStatus, Intake
-from services.ingest.storage import retraction_message
+from services.ingest.stores.events import retraction_message
 
 log = get_logger(__name__)
 

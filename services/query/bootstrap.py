@@ -21,14 +21,14 @@ from kit.purposes import load_purposes
 from kit.security import channel_credentials
 from kit.server import Service
 from services.query.access import POLICY
-from services.query.access_log_storage import AccessRecorder, QueryAuditHead, QueryAuditLog, SqlAccessLog
 from services.query.domain import Reader
-from services.query.due_process_storage import SqlDueProcessReader
 from services.query.read_pipeline import ReadPipeline
 from services.query.rules_client import RulesClient
 from services.query.servicer import QueryServicer, register
 from services.query.settings import QuerySettings
-from services.query.storage import SqlScoreReader
+from services.query.stores.access_log import AccessRecorder, QueryAuditHead, QueryAuditLog, SqlAccessLog
+from services.query.stores.due_process import SqlDueProcessReader
+from services.query.stores.scores import SqlScoreReader
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 log = get_logger(__name__)

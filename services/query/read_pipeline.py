@@ -2,7 +2,7 @@
 access record per subject is committed with the read, and only then is the answer sent.
 
 Every record is `read:<Method>` with the principal, role and stated purpose
-(kit.audit.record), in query's own hash-chained log (services.query.access_log_storage).
+(kit.audit.record), in query's own hash-chained log (services.query.stores.access_log).
 A read whose record cannot be written fails with UNAVAILABLE (record-then-serve).
 """
 
@@ -20,9 +20,9 @@ from kit.principal import current_principal
 from kit.pseudonym import Pseudonymiser
 from kit.purposes import Purposes, StatedPurpose
 from services.query import metrics
-from services.query.access_log_storage import READ_PREFIX, AccessRecorder
+from services.query.messages import identifiers
+from services.query.stores.access_log import READ_PREFIX, AccessRecorder
 from services.query.subjects import SubjectKey, current_key
-from services.query.wire import identifiers
 
 T = TypeVar("T")
 
@@ -55,7 +55,7 @@ class ReadPipeline:
         key (from a raw id or the subject's token; also while score still holds the subject
         under the previous one), with that generation. A key given by the caller or read from
         score's rows is recorded as it is, its generation unknown (NULL): ListAccessLog
-        matches keys, not generations (services.query.access_log_storage)."""
+        matches keys, not generations (services.query.stores.access_log)."""
         if not subject_keys:
             return
         metrics.read(method, purpose.code)

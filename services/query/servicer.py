@@ -28,23 +28,10 @@ from kit.principal import Role, current_principal
 from kit.protoconv import SUBJECT_KIND_NAMES, SUBJECT_KIND_VALUES, to_timestamp
 from kit.purposes import StatedPurpose
 from services.query.access import require_own_benefit, require_own_subject
-from services.query.access_log_storage import ACCESS_LOG_PERIOD, SqlAccessLog
 from services.query.corrected import corrected_history
 from services.query.domain import Reader
-from services.query.due_process_storage import (
-    ListFilter,
-    SqlDueProcessReader,
-    decode_key,
-    dispute_page,
-    id_filter,
-    repair_page,
-)
 from services.query.explain import PositiveRule, explain
-from services.query.paging import decode_token, page_size
-from services.query.read_pipeline import ReadPipeline
-from services.query.rules_client import RulesClient
-from services.query.subjects import SubjectRef, current_key
-from services.query.wire import (
+from services.query.messages import (
     DISPUTE_FILTER,
     REPAIR_FILTER,
     access_record_message,
@@ -61,6 +48,19 @@ from services.query.wire import (
     subject_ref,
     timeline,
 )
+from services.query.paging import decode_token, page_size
+from services.query.read_pipeline import ReadPipeline
+from services.query.rules_client import RulesClient
+from services.query.stores.access_log import ACCESS_LOG_PERIOD, SqlAccessLog
+from services.query.stores.due_process import (
+    ListFilter,
+    SqlDueProcessReader,
+    decode_key,
+    dispute_page,
+    id_filter,
+    repair_page,
+)
+from services.query.subjects import SubjectRef, current_key
 
 log = get_logger(__name__)
 

@@ -26,14 +26,14 @@ from kit.rekey import GenerationGuard
 from kit.server import Service
 from services.score.access import POLICY
 from services.score.due_process import DueProcess
-from services.score.due_process_store import SqlDueProcessStore
-from services.score.keyed import KEYED
 from services.score.ledger import Ledger
-from services.score.ledger_store import SqlLedgerStore
 from services.score.metrics import ScoreGauges
-from services.score.policy_store import SqlPolicyStore
 from services.score.servicer import DEFAULT_MAX_MISMATCHES, ScoreServicer, register
 from services.score.settings import ScoreSettings
+from services.score.stores.due_process import SqlDueProcessStore
+from services.score.stores.keyed import KEYED
+from services.score.stores.ledger import SqlLedgerStore
+from services.score.stores.policies import SqlPolicyStore
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 

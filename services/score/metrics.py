@@ -11,9 +11,9 @@ from collections.abc import Callable
 from datetime import datetime
 
 from kit.metrics import Reading, gauge, meter
-from services.score.due_process_store import SqlDueProcessStore
 from services.score.ledger import ApplyResult
-from services.score.ledger_store import SqlLedgerStore
+from services.score.stores.due_process import SqlDueProcessStore
+from services.score.stores.ledger import SqlLedgerStore
 
 _meter = meter("egret.score")
 _applied = _meter.create_counter(

@@ -30,7 +30,7 @@ from egret.score.v1 import score_service_pb2_grpc as score_grpc
 from kit import audit
 from kit.protoconv import Scalar, to_attribute_value, to_timestamp
 from services.ingest import bootstrap as ingest_bootstrap
-from services.ingest.storage import IngestAuditHead, IngestAuditLog
+from services.ingest.stores.events import IngestAuditHead, IngestAuditLog
 from services.rules import bootstrap as rules_bootstrap
 from services.rules.stores.schema import RulesAuditHead, RulesAuditLog
 from tests.integration.test_ingest_service import ingest_settings, late

@@ -73,9 +73,9 @@ def test_the_repository_keeps_every_contract() -> None:
         ),
         pytest.param(
             "services/query/reads_scores_store.py",
-            "import services.score.ledger_store\n",
+            "import services.score.stores.ledger\n",
             "services are independent of each other BROKEN",
-            "services.query.reads_scores_store -> services.score.ledger_store",
+            "services.query.reads_scores_store -> services.score.stores.ledger",
             id="query-reads-score-store-past-the-contract",
         ),
         pytest.param(
@@ -94,9 +94,9 @@ def test_the_repository_keeps_every_contract() -> None:
         ),
         pytest.param(
             "kit/uses_a_service.py",
-            "import services.ingest.storage\n",
+            "import services.ingest.stores.events\n",
             "kit imports no service BROKEN",
-            "kit.uses_a_service -> services.ingest.storage",
+            "kit.uses_a_service -> services.ingest.stores.events",
             id="kit-imports-a-service",
         ),
     ],

@@ -29,7 +29,7 @@ from kit.rekey import read_marker
 from kit.settings import AuditSettings, PseudonymSettings
 from services.ingest.bootstrap import MIGRATIONS, build, main
 from services.ingest.settings import IngestSettings
-from services.ingest.storage import (
+from services.ingest.stores.events import (
     IngestAuditHead,
     IngestAuditLog,
     IngestSubjectKeyGeneration,

@@ -28,9 +28,9 @@ from kit import audit
 from kit.principal import Role
 from kit.protoconv import to_timestamp
 from kit.settings import PeerSettings
-from services.query.access_log_storage import QueryAuditHead, QueryAuditLog
 from services.query.bootstrap import MIGRATIONS as QUERY_MIGRATIONS
 from services.query.bootstrap import build as build_query
+from services.query.stores.access_log import QueryAuditHead, QueryAuditLog
 from services.rules.bootstrap import MIGRATIONS as RULES_MIGRATIONS
 from services.rules.bootstrap import build as build_rules
 from services.score.bootstrap import MIGRATIONS as SCORE_MIGRATIONS
@@ -739,7 +739,7 @@ async def test_the_dispute_queue_filters_by_department_category_overdue_and_assi
 ) -> None:
     # The department is kept in Python over batches of rows: a tiny batch makes every page
     # span several of them.
-    monkeypatch.setattr("services.query.due_process_storage.DEPARTMENT_BATCH", 2)
+    monkeypatch.setattr("services.query.stores.due_process.DEPARTMENT_BATCH", 2)
     sources = ["metro", "library", "metro", "library", "metro"]
     await egret.apply(
         *(from_source(entry(f"t{n}", -5, "transport", days_ago=3), s) for n, s in enumerate(sources)),

@@ -31,10 +31,10 @@ from kit.principal import Role
 from kit.pseudonym import KeyLink, Pseudonymiser
 from kit.settings import PseudonymSettings
 from services.query import domain
-from services.query.access_log_storage import QueryAuditHead, QueryAuditLog
 from services.query.bootstrap import MIGRATIONS as QUERY_MIGRATIONS
 from services.query.bootstrap import build as build_query
 from services.query.settings import QuerySettings
+from services.query.stores.access_log import QueryAuditHead, QueryAuditLog
 from services.score.bootstrap import MIGRATIONS as SCORE_MIGRATIONS
 from services.score.bootstrap import build as build_score
 from tests.integration.test_query_due_process import T0, Egret, code_of, entry

@@ -35,8 +35,8 @@ from kit.rekey import read_marker, rekey
 from kit.settings import AuditSettings, PseudonymSettings
 from services.score import bootstrap
 from services.score.bootstrap import MIGRATIONS, build
-from services.score.keyed import KEYED
 from services.score.settings import ScoreSettings
+from services.score.stores.keyed import KEYED
 from tests.integration.test_score_service import POLICY_FILE, score_settings
 from tests.support.events import TEST_SUBJECT_KEY
 from tests.support.outcomes import outcome

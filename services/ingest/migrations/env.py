@@ -1,4 +1,4 @@
 from kit.migrations import run_env
-from services.ingest.storage import Base
+from services.ingest.stores.events import Base
 
 run_env(Base.metadata)

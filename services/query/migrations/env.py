@@ -1,4 +1,4 @@
 from kit.migrations import run_env
-from services.query.access_log_storage import Base
+from services.query.stores.access_log import Base
 
 run_env(Base.metadata)

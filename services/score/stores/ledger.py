@@ -20,10 +20,10 @@ from contracts.score_store import (
 )
 from domain.entries import EntryStatus, LedgerEntry, ReversalRecord
 from kit import audit
-from services.score.audit_store import append_audit
 from services.score.due_process import Audited
 from services.score.ledger import ConcurrentWrite, Rescored, SubjectLedger
-from services.score.subject_store import create_subject_rows, lock_subjects, save_scores, subject_ledger
+from services.score.stores.audit import append_audit
+from services.score.stores.subjects import create_subject_rows, lock_subjects, save_scores, subject_ledger
 
 
 def entry_row(entry: LedgerEntry, key_id: str) -> dict[str, Any]:

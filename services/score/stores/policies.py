@@ -9,8 +9,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from contracts.score_store import StoredPolicy, load_policies
 from domain.policy import ActivatedPolicy
 from kit import audit
-from services.score.audit_store import append_audit
 from services.score.due_process import Audited
+from services.score.stores.audit import append_audit
 
 
 class SqlPolicyStore:

@@ -4,7 +4,7 @@ The schema belongs to the score service: score's migrations define the tables an
 contracts.score_store publishes what query reads of them (ADR 0003). Query opens that
 database read-only and may start before score has created it; query's own migrations
 (services/query/migrations) are for its own database, which holds only the access log
-(services.query.access_log_storage).
+(services.query.stores.access_log).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from domain.entries import OPEN, PENDING, DisputeRecord, EntryFacts, RepairRecor
 from kit.db import make_session_factory
 from kit.errors import InvalidArgument, Unavailable, Violation
 from kit.page_tokens import PageTokens
-from services.query.storage import PreparedRead
+from services.query.stores.scores import PreparedRead
 
 T = TypeVar("T")
 # Disputes read at a time when filtering by department (kept in Python, see disputes()).

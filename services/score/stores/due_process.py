@@ -32,10 +32,10 @@ from domain.entries import (
     RepairRecord,
 )
 from kit import audit
-from services.score.audit_store import append_audit
 from services.score.due_process import Audited
 from services.score.ledger import Rescored, SubjectLedger
-from services.score.subject_store import lock_subjects, save_scores
+from services.score.stores.audit import append_audit
+from services.score.stores.subjects import lock_subjects, save_scores
 
 _Row = TypeVar("_Row", StoredDispute, StoredRepair, StoredConsent)
 

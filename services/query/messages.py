@@ -17,10 +17,10 @@ from egret.query.v1 import query_service_pb2 as pb
 from kit.errors import InvalidArgument, Violation
 from kit.principal import Role, current_principal
 from kit.protoconv import SEVERITY_VALUES, SUBJECT_KIND_NAMES, SUBJECT_KIND_VALUES, to_datetime, to_timestamp
-from services.query.access_log_storage import AccessEntry
-from services.query.due_process_storage import ListFilter
 from services.query.explain import Explanation, shown_status
 from services.query.read_models import HistoryRow, ScoreView
+from services.query.stores.access_log import AccessEntry
+from services.query.stores.due_process import ListFilter
 from services.query.subjects import RawSubject, SubjectRef, current_key
 
 DISPUTE_FILTER = {value: name for name, value in DISPUTE_STATUSES.items()}
