@@ -19,7 +19,7 @@ accept the provider's tokens. `stop()` (or leaving the block) ends both processe
 
 The portal calls query and score over TLS with the local PKI's CA, its own client
 certificate (score requires mutual TLS) and, for the public pages only, its service token
-(the portal's scopes in kit.auth.SERVICE_SCOPES); people's pages use the signed-in person's own token.
+(the portal's scopes in kit.principal.SERVICE_SCOPES); people's pages use the signed-in person's own token.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class PortalStack:
         self.client_secret_file = self._secret("client.secret", os.urandom(24).hex())
         # One key, 64 hex characters: above the portal's 32-byte minimum.
         self.session_secret_file = self._secret("session.key", os.urandom(32).hex())
-        # The public pages' reads only (kit.auth.SERVICE_SCOPES["portal"]: published rules,
+        # The public pages' reads only (kit.principal.SERVICE_SCOPES["portal"]: published rules,
         # policy and benefits); 24 h, as the services' own tokens.
         self.service_token_file = self.pki.service_token_file(PORTAL)
         self._resident_id = resident_id

@@ -23,10 +23,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Generic, TypeVar
 
-import structlog
+from kit.logging import get_logger
 
-# Not kit.logging.get_logger: kit.logging imports kit.auth, which reads its keys through here.
-log = structlog.stdlib.get_logger(__name__)
+log = get_logger(__name__)
 
 T = TypeVar("T")
 

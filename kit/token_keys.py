@@ -18,13 +18,12 @@ from typing import Any, Protocol
 from urllib.parse import urlparse
 
 import jwt
-import structlog
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from kit.filewatch import FileWatch
+from kit.logging import get_logger
 
-# Not kit.logging.get_logger: kit.logging imports kit.auth, which imports this module.
-log = structlog.stdlib.get_logger(__name__)
+log = get_logger(__name__)
 
 # An unknown key id makes one fetch at most this often, however many tokens name one:
 # a caller sending made-up key ids cannot make the service hammer the identity provider.

@@ -1,6 +1,6 @@
 """The rule-set model: frozen rules, their conditions and forms, and what evaluating them yields.
 
-Condition semantics, which the engine (services/rules/engine.py) honours:
+Condition semantics, which rules compiles for durable-rules (services/rules/conditions.py) and honours:
 
 - A comparison on an attribute the event does not carry is false, and ``not`` is plain
   boolean negation, so ``not`` of such a comparison is true.

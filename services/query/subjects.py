@@ -37,7 +37,7 @@ def current_key(key: str) -> str:
 class SubjectRef:
     """Exactly one of `subject`, `subject_key` and `own` is set in a valid ref. `own` is a
     subject caller naming itself by its token: (key id, key) of every generation of its
-    key, root first (kit.auth.Principal.generation_keys), found as a raw id's keys are."""
+    key, root first (kit.principal.Principal.generation_keys), found as a raw id's keys are."""
 
     subject: RawSubject | None = None
     subject_key: str | None = None

@@ -172,7 +172,7 @@ class Activation:
 def rule_set_violations(error: RuleSetError) -> list[Violation]:
     """One field violation per problem, the field being "source" and the problem's path.
 
-    ruleset.py writes each problem as "<path>: <message>" when it has a path inside
+    domain.ruleset.parsing writes each problem as "<path>: <message>" when it has a path inside
     the document (name, version, rules[i] (id).field...), otherwise as plain text.
     """
     violations = []

@@ -27,7 +27,7 @@ log = get_logger(__name__)
 
 def routes(pages: Pages) -> list[BaseRoute]:
     async def own(staff: Staff) -> tuple[r.Benefit, ...]:
-        # The services name a staff principal by its token's `sub` (kit.auth), as query does
+        # The services name a staff principal by its token's `sub` (kit.principal), as query does
         # when it compares a benefit's provider_id with the caller.
         provider_id = str(claims_of(staff.token).get("sub", ""))
         return views.own_benefits(await pages.backend.benefits(staff.token), provider_id)

@@ -1,7 +1,7 @@
 """`egret dev token`: a token for any role, signed with a local cluster's development key.
 
 Only for a profile marked `local: true` whose endpoints are all on loopback, and only in
-an Egret checkout (the signing helper is Egret's own kit.auth): production tokens come
+an Egret checkout (the signing helper is Egret's own kit.tokens): production tokens come
 from the city's identity provider, never from this command.
 """
 
@@ -86,7 +86,7 @@ def token(
         from kit.tokens import issue_token  # noqa: PLC0415
     except ImportError:
         raise fail(
-            "egret dev token works in an Egret checkout (it signs with kit.auth)", Exit.CONFIG
+            "egret dev token works in an Egret checkout (it signs with kit.tokens)", Exit.CONFIG
         ) from None
     try:
         key = serialization.load_pem_private_key(signing_key.read_bytes(), None)
