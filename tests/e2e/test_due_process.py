@@ -21,8 +21,8 @@ from egret.query.v1 import query_service_pb2_grpc as query_grpc
 from egret.score.v1 import score_service_pb2 as score_pb
 from egret.score.v1 import score_service_pb2_grpc as score_grpc
 from kit.auth import Role
-from tests.e2e.test_pipeline import ALICE, EXPECTED, assert_scores_equal_recompute, raw, submit_all
 from tests.support.purposes import purposed
+from tests.support.scenario import ALICE, EXPECTED, assert_scores_equal_recompute, raw, submit_all
 
 
 def _timestamp(value: datetime) -> Timestamp:

@@ -18,12 +18,9 @@ from devtools.population import Origin, Population, PopulationConfig, batch_requ
 from egret.ingest.v1 import ingest_service_pb2 as ingest_pb
 from egret_client.submitter import stream_by_source
 from kit.db import create_engine
-from kit.protoconv import SUBJECT_KIND_NAMES, attributes_dict, to_datetime
-from kit.pseudonym import Pseudonymiser
-from services.rules.engine import RuleEngine
-from services.rules.ruleset import EngineEvent, load_rule_set
-from tests.e2e.test_pipeline import SCENARIO, assert_scores_equal_recompute, submit_all
+from tests.support.expected_outcomes import expected_outcome_ids
 from tests.support.otlp import collector
+from tests.support.scenario import SCENARIO, assert_scores_equal_recompute, submit_all
 
 pytestmark = pytest.mark.e2e
 
@@ -32,30 +29,6 @@ pytestmark = pytest.mark.e2e
 POPULATION = PopulationConfig(
     subjects=400, seed=7, duplicate_fraction=0.05, late_fraction=0.0, invalid_events=5
 )
-
-
-def expected_outcome_ids(cluster: Cluster, population: Population) -> set[str]:
-    """Every outcome the sample rules give for the population's valid events, computed here
-    with the same engine in-process: what the pipeline must hold exactly once."""
-    pseudonyms = Pseudonymiser(cluster.subject_key.encode(), cluster.subject_key_id)
-    events: dict[str, EngineEvent] = {}
-    for generated in population.generate():
-        if generated.origin is not Origin.ORIGINAL:
-            continue
-        e = generated.event
-        kind = SUBJECT_KIND_NAMES[e.subject.kind]
-        key = f"{generated.source}/{e.event_id}"
-        events[key] = EngineEvent(
-            key=key,
-            subject_key=pseudonyms.subject_key(kind, e.subject.id_scheme, e.subject.id_value),
-            subject_kind=kind,
-            event_type=e.event_type,
-            occurred_at=to_datetime(e.occurred_at),
-            attributes=attributes_dict(e.attributes),
-        )
-    engine = RuleEngine(load_rule_set(Path("config/rulesets/sample.yaml")))
-    ordered = sorted(events.values(), key=lambda e: (e.occurred_at, e.key))
-    return {firing.outcome_id for firing in engine.evaluate(ordered).firings}
 
 
 def column(cluster: Cluster, service: str, query: str) -> list[str]:

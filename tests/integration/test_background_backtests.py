@@ -43,7 +43,7 @@ from services.rules.settings import RulesSettings
 from services.rules.storage import RulesAuditLog
 from services.score import bootstrap as score_bootstrap
 from services.score.settings import ScoreSettings
-from tests.integration.test_backtest_service import (
+from tests.support.backtests import (
     ROOT,
     SAMPLE,
     Live,

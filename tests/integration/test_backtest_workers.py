@@ -30,7 +30,7 @@ from services.rules.records import engine_event_from_record
 from services.rules.ruleset import rule_set_from_yaml
 from services.rules.storage import RulesSubjectKeyGeneration
 from services.score.policy import load_policy
-from tests.unit.rules.test_backtest import ACME, ALICE, AS_OF, BOB, T0, event, policy, rule_set
+from tests.support.backtest_events import ACME, ALICE, AS_OF, BOB, T0, event, policy, rule_set
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -11,9 +11,9 @@ import sqlalchemy as sa
 from egret.ingest.v1 import ingest_service_pb2 as pb
 from egret.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from services.ingest.bootstrap import MIGRATIONS, build
-from tests.integration.test_ingest_service import SUBJECT, ingest_settings, late
 from tests.support.events import event
 from tests.support.fakes import RecordingRules, serving_rules
+from tests.support.ingest import SUBJECT, ingest_settings, late
 from tests.support.servers import client_channel, running
 from tests.support.waiting import until
 

@@ -28,7 +28,7 @@ from egret.score.v1 import score_service_pb2_grpc as score_grpc
 from kit.auth import Role
 from services.portal.bootstrap import build
 from services.portal.settings import PortalSettings
-from tests.e2e.test_pipeline import ALICE, BOB, EXPECTED, raw, submit_all
+from tests.support.scenario import ALICE, BOB, EXPECTED, raw, submit_all
 
 pytestmark = pytest.mark.e2e
 

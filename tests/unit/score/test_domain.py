@@ -27,7 +27,7 @@ from services.score.domain import (
     outcome_violations,
 )
 from services.score.policy import ActivatedPolicy, Caps, PolicyBook, ScorePolicy, SubjectPolicy, load_policy
-from tests.unit.score.fakes import FakeStore
+from tests.support.score_store import FakeStore
 
 POLICY = load_policy(Path(__file__).parents[3] / "config" / "policy.yaml")
 PERSON = POLICY.for_kind("person")

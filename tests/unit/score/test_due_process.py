@@ -49,7 +49,7 @@ from services.score.due_process import (
     add_working_days,
 )
 from services.score.policy import ActivatedPolicy, Caps, PolicyBook, load_policy
-from tests.unit.score.fakes import FakeStore
+from tests.support.score_store import FakeStore
 
 POLICY = load_policy(Path(__file__).parents[3] / "config" / "policy.yaml")
 PERSON = POLICY.for_kind("person")

@@ -34,7 +34,7 @@ from services.score.policy import (
     load_policy,
     policy_from_text,
 )
-from tests.unit.score.fakes import FakeStore
+from tests.support.score_store import FakeStore
 
 POLICY_DOC = Path(__file__).parents[3] / "config" / "policy.yaml"
 SHIPPED = load_policy(POLICY_DOC)
