@@ -6,10 +6,11 @@ import asyncio
 import socket
 import subprocess
 
+import grpc
 import pytest
 from pytest_socket import SocketBlockedError
 
-from tests.support.offline import ProcessBlockedError
+from tests.support.offline import GrpcBlockedError, ProcessBlockedError
 
 
 def test_a_network_connection_is_refused() -> None:
@@ -21,6 +22,15 @@ def test_a_network_connection_is_refused() -> None:
 def test_a_child_process_is_refused() -> None:
     with pytest.raises(ProcessBlockedError):
         subprocess.run(["true"], check=False)
+
+
+def test_a_grpc_server_or_channel_is_refused() -> None:
+    with pytest.raises(GrpcBlockedError):
+        grpc.aio.server()
+    with pytest.raises(GrpcBlockedError):
+        grpc.aio.insecure_channel("127.0.0.1:9")
+    with pytest.raises(GrpcBlockedError):
+        grpc.insecure_channel("127.0.0.1:9")
 
 
 def test_an_event_loop_still_runs() -> None:
