@@ -3,26 +3,21 @@ with a fake backend (tests.support.portal.fakes); no services."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from starlette.testclient import TestClient
 
-from services.portal import bootstrap
 from services.portal.i18n import Localiser, localisers
 from services.portal.settings import PortalSettings
-from tests.support.portal.app import portal_client, portal_settings
+from tests.support.portal.app import parsed_and_compiled_once, portal_client, portal_settings
 from tests.support.portal.fakes import FakeBackend
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _catalogues_parsed_once() -> Iterator[None]:
-    """Parsing the .po catalogues was most of each test's time; every app built here has the same words.
-    tests/unit/portal/test_catalogues.py checks the catalogues themselves."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(bootstrap, "localisers", functools.cache(localisers))
+def _catalogues_and_templates_once() -> Iterator[None]:
+    with parsed_and_compiled_once():
         yield
 
 
