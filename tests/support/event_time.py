@@ -158,6 +158,10 @@ def ledger(firings: Sequence[Firing]) -> set[tuple[str, tuple[str, ...], int]]:
     return {(f.rule_id, f.event_keys, f.points) for f in firings}
 
 
+# The seeded properties below run these seeds in the unit ring and the rest in the integration ring.
+UNIT_SEEDS = range(2)
+
+
 def in_order_batches_give_the_firings_of_one_evaluation(seed: int) -> None:
     """Delivering events in order, batch by batch, settles to what one evaluation of them all fires."""
     generator = random.Random(seed)

@@ -17,6 +17,7 @@ from tests.support.event_time import (
     PERSON,
     T0,
     THREE_IN_30,
+    UNIT_SEEDS,
     Store,
     any_arrival_order_gives_the_ledger_of_one_evaluation,
     day,
@@ -29,8 +30,6 @@ from tests.support.event_time import (
 )
 
 # --- windows -------------------------------------------------------------------------
-
-UNIT_SEEDS = range(2)
 
 
 def test_a_window_fires_on_the_event_that_completes_it_with_every_event_as_evidence() -> None:
