@@ -34,8 +34,14 @@ def catalogue() -> Catalogue:
 
 
 @pytest.fixture(scope="module")
-def stream(catalogue: Catalogue) -> list[GeneratedEvent]:
-    return list(Population(SMALL, catalogue).generate())
+def generated(catalogue: Catalogue) -> tuple[Population, list[GeneratedEvent]]:
+    population = Population(SMALL, catalogue)
+    return population, list(population.generate())
+
+
+@pytest.fixture(scope="module")
+def stream(generated: tuple[Population, list[GeneratedEvent]]) -> list[GeneratedEvent]:
+    return generated[1]
 
 
 def _violations(item: GeneratedEvent, catalogue: Catalogue, config: PopulationConfig) -> list[str]:
@@ -181,10 +187,8 @@ def test_max_events_stops_the_stream_exactly(catalogue: Catalogue) -> None:
     assert sum(1 for _ in Population(config, catalogue).generate()) == 3000
 
 
-def test_busiest_subjects_are_known_after_a_run(catalogue: Catalogue, stream: list[GeneratedEvent]) -> None:
-    population = Population(SMALL, catalogue)
-    for _ in population.generate():
-        pass
+def test_busiest_subjects_are_known_after_a_run(generated: tuple[Population, list[GeneratedEvent]]) -> None:
+    population, stream = generated
     busiest = population.busiest_subjects(3)
     per_subject = Counter(i.event.subject.id_value for i in stream if i.origin is Origin.ORIGINAL)
     assert per_subject[busiest[0].id_value] == max(per_subject.values())
