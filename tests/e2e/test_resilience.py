@@ -6,9 +6,9 @@ import asyncio
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -21,6 +21,7 @@ from kit.db import create_engine
 from tests.support.expected_outcomes import expected_outcome_ids
 from tests.support.otlp import collector
 from tests.support.scenario import SCENARIO, assert_scores_equal_recompute, submit_all
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -141,22 +142,25 @@ def test_one_trace_follows_a_batch_from_ingest_to_score(traced_cluster: tuple[Cl
     responses = asyncio.run(submit_all(cluster, prefix="traced-"))
     assert all(r.counts.accepted for r in responses)
     cluster.wait_drained(timeout_s=60)
-    deadline = time.monotonic() + 20
-    while True:
-        collected = spans.snapshot()  # type: ignore[attr-defined]
-        batches = [s for s in collected if s.name == "ingest batch"]
-        traces = {b.trace_id for b in batches}
-        by_trace = {t: {s.service for s in collected if s.trace_id == t} for t in traces}
-        complete = [
+    collected: list[Any] = []
+    batches: list[Any] = []
+    complete: list[Any] = []
+
+    def every_batch_traced_to_score() -> None:
+        collected[:] = spans.snapshot()  # type: ignore[attr-defined]
+        batches[:] = [s for s in collected if s.name == "ingest batch"]
+        by_trace = {b.trace_id: {s.service for s in collected if s.trace_id == b.trace_id} for b in batches}
+        complete[:] = [
             t
             for t, services in by_trace.items()
             if {"egret-ingest", "egret-rules", "egret-score"} <= services
         ]
-        if len(complete) == len(batches) > 0 or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert batches, "no ingest batch spans were exported"
-    assert len(complete) == len(batches), by_trace
+        assert batches, "no ingest batch spans were exported"
+        assert len(complete) == len(batches), by_trace
+
+    wait_until(
+        every_batch_traced_to_score, what="every batch's trace to reach score", within_s=20, every_s=0.2
+    )
     names = {s.name for s in collected if s.trace_id == complete[0]}
     assert {"ingest batch", "ingest→rules relay", "rules evaluate", "rules→score relay"} <= names
     # Spans are per batch, never per event: far fewer spans than events.
