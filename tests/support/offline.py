@@ -2,12 +2,13 @@
 
 Network sockets are refused by pytest-socket; Unix sockets stay allowed because every asyncio event loop
 opens a socketpair to wake itself. gRPC's own sockets are out of pytest-socket's sight, so its servers and
-channels are refused where they are made. Child processes are refused at the one place subprocess (and so
-asyncio) starts them, and at os.fork.
+channels are refused where they are made. Child processes are refused where subprocess (and so asyncio),
+multiprocessing and os start them.
 """
 
 from __future__ import annotations
 
+import multiprocessing.process
 import os
 import subprocess
 from collections.abc import Iterator
@@ -39,7 +40,9 @@ def _refuse_grpc(*_args: object, **_kwargs: object) -> NoReturn:
 def offline_and_in_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Within: no network socket, gRPC server or channel, no child process (monkeypatch undoes its part)."""
     monkeypatch.setattr(subprocess.Popen, "_execute_child", _refuse_process)
-    monkeypatch.setattr(os, "fork", _refuse_process)
+    for starter in ("fork", "system", "posix_spawn", "posix_spawnp"):
+        monkeypatch.setattr(os, starter, _refuse_process)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", _refuse_process)
     for module in (grpc, grpc.aio):
         for maker in ("server", "insecure_channel", "secure_channel"):
             monkeypatch.setattr(module, maker, _refuse_grpc)

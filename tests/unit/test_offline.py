@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import socket
 import subprocess
 
@@ -22,6 +23,8 @@ def test_a_network_connection_is_refused() -> None:
 def test_a_child_process_is_refused() -> None:
     with pytest.raises(ProcessBlockedError):
         subprocess.run(["true"], check=False)
+    with pytest.raises(ProcessBlockedError):
+        multiprocessing.Process(target=print).start()
 
 
 def test_a_grpc_server_or_channel_is_refused() -> None:
