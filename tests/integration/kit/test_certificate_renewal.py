@@ -4,7 +4,6 @@ last good value when the file turns bad (a watch thread on a real file, so not i
 from __future__ import annotations
 
 import datetime
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from kit.security import certificate_expiry
 from kit.settings import SecuritySettings
 from tests.support.certificates import not_after
 from tests.support.logs import capture
+from tests.support.waiting import wait_until
 
 
 def test_a_renewed_certificate_is_read_again_and_a_bad_one_ignored(
@@ -31,17 +31,20 @@ def test_a_renewed_certificate_is_read_again_and_a_bad_one_ignored(
     # One byte longer, so the stat differs even within the filesystem's timestamp granularity.
     path.write_bytes(renewed.cert_chain_pems[0].bytes() + b"\n")
     wanted = {"server": not_after(renewed.cert_chain_pems[0].bytes())}
-    deadline = time.monotonic() + 5.0
-    while certificate_expiry(settings) != wanted:  # read again within the watch's interval
-        assert time.monotonic() < deadline, "the renewed certificate was not read"
-        time.sleep(0.05)
+    # Read again within the watch's interval.
+    wait_until(
+        lambda: certificate_expiry(settings) == wanted, what="the renewed certificate read", within_s=5
+    )
 
     path.write_bytes(b"-----BEGIN CERTIFICATE-----\ntrunc")
-    deadline = time.monotonic() + 5.0
     logs = capture(monkeypatch, filewatch)
-    # Until the watch has looked at the bad file (it warns), every answer is the good one.
-    while not any(line["log_level"] == "warning" for line in logs):
-        assert certificate_expiry(settings) == wanted
-        assert time.monotonic() < deadline, "the bad file was not looked at"
-        time.sleep(0.05)
+    answers: list[dict[str, float]] = []
+
+    def looked_at_the_bad_file() -> bool:
+        answers.append(certificate_expiry(settings))
+        return any(line["log_level"] == "warning" for line in logs)
+
+    wait_until(looked_at_the_bad_file, what="the watch to look at the bad file", within_s=5, every_s=0.05)
+    # Until then, and after, every answer is the good one.
+    assert all(answer == wanted for answer in answers)
     assert certificate_expiry(settings) == wanted
