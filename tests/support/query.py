@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from kit.db import is_sqlite
@@ -9,18 +10,12 @@ from kit.settings import PseudonymSettings
 from services.query.settings import QuerySettings
 from services.score.settings import ScoreSettings
 from tests.support.events import TEST_SUBJECT_KEY
-from tests.support.score import POLICY_FILE
+from tests.support.score import POLICY_FILE, score_settings
 from tests.support.servers import common_settings
 
 
 def score_beside_query_settings(database_url: str, data_dir: Path) -> ScoreSettings:
-    return ScoreSettings(
-        common=common_settings("score", database_url, data_dir),
-        policy_file=POLICY_FILE,
-        max_batch_size=100,
-        verify_page_size=100,
-        db_workers=1,
-    )
+    return replace(score_settings(database_url, data_dir), max_batch_size=100, verify_page_size=100)
 
 
 def query_settings(score_database_url: str, data_dir: Path) -> QuerySettings:

@@ -34,26 +34,12 @@ from services.rules.ruleset import (
     load_rule_set,
     parse_rule_set,
 )
+from tests.support.event_time import rule
 
 SAMPLE = Path(__file__).resolve().parents[3] / "config" / "rulesets" / "sample.yaml"
 AT = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)
 PERSON = "a1" * 32
 COMPANY = "b2" * 32
-
-
-def rule(rule_id: str = "r", **overrides: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "id": rule_id,
-        "title": "A rule",
-        "event_types": ["test.happened"],
-        "points": -1,
-        "category": "civic",
-        "severity": "minor",
-        "legal_basis": "Illustrative",
-        "reason": "It happened",
-    }
-    base.update(overrides)
-    return base
 
 
 def rule_set(*rules: dict[str, Any], name: str = "test", version: int = 1) -> RuleSet:
