@@ -28,8 +28,8 @@ from tests.browser.test_portal_browser import (  # the module-scoped world and i
     switch_language,
     world,
 )
-from tests.e2e.test_pipeline import ALICE
 from tests.support.events import resident_id
+from tests.support.scenario import ALICE
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 __all__ = ["context", "page", "world"]  # fixtures, used by name

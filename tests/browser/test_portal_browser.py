@@ -40,8 +40,8 @@ from tests.browser.support import (
     screenshot,
     tab_to,
 )
-from tests.e2e.test_pipeline import ALICE, BOB, raw, submit_all
 from tests.support.privacy import scan_files
+from tests.support.scenario import ALICE, BOB, raw, submit_all
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 

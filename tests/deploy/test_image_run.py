@@ -25,14 +25,14 @@ import psutil
 import pytest
 
 from devtools.cluster import SERVICES, Cluster
-from tests.e2e.test_pipeline import (
+from tests.support.databases import create_postgres_database, drop_postgres_database
+from tests.support.scenario import (
     EXPECTED,
     SCENARIO,
     assert_expected_scores,
     assert_scores_equal_recompute,
     submit_all,
 )
-from tests.support.databases import create_postgres_database, drop_postgres_database
 
 pytestmark = pytest.mark.e2e
 

@@ -37,8 +37,8 @@ from egret.query.v1 import query_service_pb2_grpc as query_grpc
 from kit.principal import Role
 from tests.deploy.pki import RehearsalPki, create_rehearsal_pki
 from tests.deploy.rehearsal import Rehearsal, load_manifests
-from tests.e2e.test_pipeline import EXPECTED, SCENARIO, raw, requests
 from tests.support.databases import create_postgres_database, drop_postgres_database
+from tests.support.scenario import EXPECTED, SCENARIO, raw, requests
 
 pytestmark = pytest.mark.e2e
 

@@ -4,7 +4,6 @@ recomputes; every audit chain verifies afterwards."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 import subprocess
 import sys
@@ -21,8 +20,9 @@ from egret.query.v1 import query_service_pb2_grpc as query_grpc
 from egret.score.v1 import score_service_pb2 as score_pb
 from egret.score.v1 import score_service_pb2_grpc as score_grpc
 from kit.principal import Role
-from tests.e2e.test_pipeline import ALICE, EXPECTED, assert_scores_equal_recompute, raw, submit_all
 from tests.support.purposes import purposed
+from tests.support.scenario import ALICE, EXPECTED, assert_scores_equal_recompute, raw, submit_all
+from tests.support.waiting import until
 
 
 def _timestamp(value: datetime) -> Timestamp:
@@ -42,12 +42,14 @@ async def _alice_score(cluster: Cluster, **fields: object) -> query_pb.Score:
 
 
 async def _wait_for_score(cluster: Cluster, expected: int) -> query_pb.Score:
-    for _ in range(100):
-        score = await _alice_score(cluster)
-        if score.score == expected:
-            return score
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"Alice's score never became {expected}: {score.score}")
+    latest: list[query_pb.Score] = []
+
+    async def reached() -> None:
+        latest[:] = [await _alice_score(cluster)]
+        assert latest[0].score == expected, latest[0].score
+
+    await until(reached, what=f"Alice's score to become {expected}", every_s=0.1)
+    return latest[0]
 
 
 async def test_a_retraction_reverses_the_entry_end_to_end_and_keeps_both_timelines(cluster: Cluster) -> None:

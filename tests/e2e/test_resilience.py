@@ -6,25 +6,22 @@ import asyncio
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 from devtools.cluster import Cluster
 from devtools.population import Origin, Population, PopulationConfig, batch_requests
-from domain.ruleset.model import EngineEvent
-from domain.ruleset.parsing import load_rule_set
 from egret.ingest.v1 import ingest_service_pb2 as ingest_pb
 from egret_client.submitter import stream_by_source
 from kit.db import create_engine
-from kit.protoconv import SUBJECT_KIND_NAMES, attributes_dict, to_datetime
-from kit.pseudonym import Pseudonymiser
-from services.rules.engine import RuleEngine
-from tests.e2e.test_pipeline import SCENARIO, assert_scores_equal_recompute, submit_all
+from tests.support.expected_outcomes import expected_outcome_ids
 from tests.support.otlp import collector
+from tests.support.scenario import SCENARIO, assert_scores_equal_recompute, submit_all
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -33,30 +30,6 @@ pytestmark = pytest.mark.e2e
 POPULATION = PopulationConfig(
     subjects=400, seed=7, duplicate_fraction=0.05, late_fraction=0.0, invalid_events=5
 )
-
-
-def expected_outcome_ids(cluster: Cluster, population: Population) -> set[str]:
-    """Every outcome the sample rules give for the population's valid events, computed here
-    with the same engine in-process: what the pipeline must hold exactly once."""
-    pseudonyms = Pseudonymiser(cluster.subject_key.encode(), cluster.subject_key_id)
-    events: dict[str, EngineEvent] = {}
-    for generated in population.generate():
-        if generated.origin is not Origin.ORIGINAL:
-            continue
-        e = generated.event
-        kind = SUBJECT_KIND_NAMES[e.subject.kind]
-        key = f"{generated.source}/{e.event_id}"
-        events[key] = EngineEvent(
-            key=key,
-            subject_key=pseudonyms.subject_key(kind, e.subject.id_scheme, e.subject.id_value),
-            subject_kind=kind,
-            event_type=e.event_type,
-            occurred_at=to_datetime(e.occurred_at),
-            attributes=attributes_dict(e.attributes),
-        )
-    engine = RuleEngine(load_rule_set(Path("config/rulesets/sample.yaml")))
-    ordered = sorted(events.values(), key=lambda e: (e.occurred_at, e.key))
-    return {firing.outcome_id for firing in engine.evaluate(ordered).firings}
 
 
 def column(cluster: Cluster, service: str, query: str) -> list[str]:
@@ -169,22 +142,25 @@ def test_one_trace_follows_a_batch_from_ingest_to_score(traced_cluster: tuple[Cl
     responses = asyncio.run(submit_all(cluster, prefix="traced-"))
     assert all(r.counts.accepted for r in responses)
     cluster.wait_drained(timeout_s=60)
-    deadline = time.monotonic() + 20
-    while True:
-        collected = spans.snapshot()  # type: ignore[attr-defined]
-        batches = [s for s in collected if s.name == "ingest batch"]
-        traces = {b.trace_id for b in batches}
-        by_trace = {t: {s.service for s in collected if s.trace_id == t} for t in traces}
-        complete = [
+    collected: list[Any] = []
+    batches: list[Any] = []
+    complete: list[Any] = []
+
+    def every_batch_traced_to_score() -> None:
+        collected[:] = spans.snapshot()  # type: ignore[attr-defined]
+        batches[:] = [s for s in collected if s.name == "ingest batch"]
+        by_trace = {b.trace_id: {s.service for s in collected if s.trace_id == b.trace_id} for b in batches}
+        complete[:] = [
             t
             for t, services in by_trace.items()
             if {"egret-ingest", "egret-rules", "egret-score"} <= services
         ]
-        if len(complete) == len(batches) > 0 or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert batches, "no ingest batch spans were exported"
-    assert len(complete) == len(batches), by_trace
+        assert batches, "no ingest batch spans were exported"
+        assert len(complete) == len(batches), by_trace
+
+    wait_until(
+        every_batch_traced_to_score, what="every batch's trace to reach score", within_s=20, every_s=0.2
+    )
     names = {s.name for s in collected if s.trace_id == complete[0]}
     assert {"ingest batch", "ingest→rules relay", "rules evaluate", "rules→score relay"} <= names
     # Spans are per batch, never per event: far fewer spans than events.

@@ -20,8 +20,8 @@ from egret.rules.v1 import rules_service_pb2_grpc as rules_grpc
 from egret_client.submitter import stream_by_source
 from kit.db import create_engine
 from kit.sharding import shard_of
-from tests.e2e.test_pipeline import assert_scores_equal_recompute
-from tests.e2e.test_resilience import expected_outcome_ids
+from tests.support.expected_outcomes import expected_outcome_ids
+from tests.support.scenario import assert_scores_equal_recompute
 
 pytestmark = pytest.mark.e2e
 

@@ -23,8 +23,8 @@ from kit.audit_chain import AuditChainServicer
 from kit.principal import Role
 from kit.server import Service
 from services.score.bootstrap import MIGRATIONS, build
-from tests.integration.test_score_due_process import ALICE, T0, Clock, negative, secured
-from tests.integration.test_score_service import score_settings
+from tests.support.due_process import ALICE, T0, Clock, negative, secured
+from tests.support.score import score_settings
 from tests.support.servers import running
 from tests.support.status import bad_request
 

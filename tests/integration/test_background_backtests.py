@@ -47,7 +47,7 @@ from services.rules.stores.history import HistoryReader
 from services.rules.stores.schema import RulesAuditLog
 from services.score import bootstrap as score_bootstrap
 from services.score.settings import ScoreSettings
-from tests.integration.test_backtest_service import (
+from tests.support.backtests import (
     ROOT,
     SAMPLE,
     Live,
@@ -60,6 +60,7 @@ from tests.integration.test_backtest_service import (
 )
 from tests.support.servers import running
 from tests.support.status import bad_request
+from tests.support.waiting import until
 
 # After the history is evaluated: an entry counts from when it was recorded.
 AS_OF = datetime.now(UTC).replace(microsecond=0) + timedelta(days=1)
@@ -105,13 +106,18 @@ def request(rule_set_id: int, **fields: Any) -> bt.BacktestRuleSetRequest:
 async def finished(rules: pb_grpc.RulesServiceAsyncStub, backtest_id: str) -> list[bt.BacktestJob]:
     """Every state GetBacktest showed, polled until the job finished."""
     seen: list[bt.BacktestJob] = []
-    for _ in range(3000):
+
+    async def done() -> bool:
         job = (await rules.GetBacktest(bt.GetBacktestRequest(backtest_id=backtest_id))).backtest
         seen.append(job)
-        if job.state in (bt.BACKTEST_STATE_SUCCEEDED, bt.BACKTEST_STATE_FAILED, bt.BACKTEST_STATE_CANCELLED):
-            return seen
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"backtest {backtest_id} did not finish")
+        return job.state in (
+            bt.BACKTEST_STATE_SUCCEEDED,
+            bt.BACKTEST_STATE_FAILED,
+            bt.BACKTEST_STATE_CANCELLED,
+        )
+
+    await until(done, what=f"backtest {backtest_id} to finish", within_s=60, every_s=0.01)
+    return seen
 
 
 def without_time(report: bt.BacktestRuleSetResponse) -> bt.BacktestRuleSetResponse:
@@ -468,13 +474,17 @@ def slow_work(job: workers_handler.ShardJob, sender: Connection) -> None:
 
 async def part_way(rules: pb_grpc.RulesServiceAsyncStub, backtest_id: str) -> bt.BacktestJob:
     """The job once GetBacktest shows it running with some events replayed."""
-    for _ in range(3000):
+    latest: list[bt.BacktestJob] = []
+
+    async def part_way_through() -> bool:
         job = (await rules.GetBacktest(bt.GetBacktestRequest(backtest_id=backtest_id))).backtest
-        if job.state == bt.BACKTEST_STATE_RUNNING and job.events_replayed > 0:
-            return job
-        assert job.state in (bt.BACKTEST_STATE_QUEUED, bt.BACKTEST_STATE_RUNNING), job
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"backtest {backtest_id} was never seen part way")
+        if job.state not in (bt.BACKTEST_STATE_QUEUED, bt.BACKTEST_STATE_RUNNING):
+            pytest.fail(f"backtest {backtest_id} left the queue other than by running: {job}")
+        latest[:] = [job]
+        return job.state == bt.BACKTEST_STATE_RUNNING and job.events_replayed > 0
+
+    await until(part_way_through, what=f"backtest {backtest_id} part way", within_s=60, every_s=0.01)
+    return latest[0]
 
 
 def cancel(rules: pb_grpc.RulesServiceAsyncStub, backtest_id: str) -> Awaitable[bt.CancelBacktestResponse]:

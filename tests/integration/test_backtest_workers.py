@@ -32,7 +32,7 @@ from services.rules.handlers.backtests import cohort_attributes
 from services.rules.records import engine_event_from_record
 from services.rules.stores.history import HistoryReader
 from services.rules.stores.schema import RulesSubjectKeyGeneration
-from tests.unit.rules.test_backtest import ACME, ALICE, AS_OF, BOB, T0, event, policy, rule_set
+from tests.support.backtest_events import ACME, ALICE, AS_OF, BOB, T0, event, policy, rule_set
 
 ROOT = Path(__file__).resolve().parents[2]
 

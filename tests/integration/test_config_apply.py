@@ -34,14 +34,7 @@ from services.rules.settings import RulesSettings
 from services.rules.stores.schema import RulesAuditLog
 from services.score import bootstrap as score_bootstrap
 from services.score.settings import ScoreSettings
-from tests.integration.test_backtest_service import (
-    POLICY,
-    ROOT,
-    SAMPLE,
-    candidate_source,
-    environment,
-    history,
-)
+from tests.support.backtests import POLICY, ROOT, SAMPLE, candidate_source, environment, history
 from tests.support.servers import running
 
 BENEFITS = ROOT / "config" / "benefits.yaml"

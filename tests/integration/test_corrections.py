@@ -20,12 +20,11 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from egret.common.v1 import due_process_pb2, event_pb2, outcome_pb2, subject_pb2
+from egret.common.v1 import due_process_pb2, event_pb2, subject_pb2
 from egret.ingest.v1 import ingest_service_pb2 as ingest_pb
 from egret.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 from egret.rules.v1 import rules_service_pb2 as pb
 from egret.rules.v1 import rules_service_pb2_grpc as pb_grpc
-from egret.score.v1 import score_service_pb2 as score_pb
 from egret.score.v1 import score_service_pb2_grpc as score_grpc
 from kit import audit
 from kit.protoconv import Scalar, to_attribute_value, to_timestamp
@@ -33,10 +32,11 @@ from services.ingest import bootstrap as ingest_bootstrap
 from services.ingest.stores.events import IngestAuditHead, IngestAuditLog
 from services.rules import bootstrap as rules_bootstrap
 from services.rules.stores.schema import RulesAuditHead, RulesAuditLog
-from tests.integration.test_ingest_service import ingest_settings, late
-from tests.integration.test_rules_service import as_actor, rules_settings
 from tests.support.fakes import RecordingRules, serving_rules
+from tests.support.ingest import ingest_settings, late
 from tests.support.outbox import until_drained
+from tests.support.recording_score import RecordingScore
+from tests.support.rules import as_actor, rules_settings
 from tests.support.servers import client_channel, running
 from tests.support.status import bad_request
 from tests.support.waiting import until
@@ -285,32 +285,6 @@ async def test_a_correction_retracts_and_replaces_in_one_step_and_a_resend_is_id
         "event.correct",
         "event.retract",
     ]
-
-
-# ---------------------------------------------------------------------------------------
-# Rules
-
-_ScoreServicer: Any = score_grpc.ScoreServiceServicer
-
-
-class RecordingScore(_ScoreServicer):  # type: ignore[misc]
-    """A stand-in score service that keeps every outcome and reversal it is sent."""
-
-    def __init__(self) -> None:
-        self.outcomes: list[outcome_pb2.Outcome] = []
-        self.reversals: list[score_pb.Reversal] = []
-
-    async def ApplyOutcomes(self, request: score_pb.ApplyOutcomesRequest, context: Any) -> Any:
-        self.outcomes.extend(request.outcomes)
-        self.reversals.extend(request.reversals)
-        return score_pb.ApplyOutcomesResponse()
-
-    def ids(self, rule_id: str) -> list[str]:
-        return [o.outcome_id for o in self.outcomes if o.rule.rule_id == rule_id]
-
-    def keys(self, outcome_id: str) -> list[str]:
-        (outcome,) = [o for o in self.outcomes if o.outcome_id == outcome_id]
-        return [f"{e.ref.source}/{e.ref.event_id}" for e in outcome.events]
 
 
 @pytest.fixture

@@ -50,11 +50,11 @@ from services.ingest import bootstrap as ingest_bootstrap
 from services.query import bootstrap as query_bootstrap
 from services.rules import bootstrap as rules_bootstrap
 from services.score import bootstrap as score_bootstrap
-from tests.integration.test_ingest_service import ingest_settings
-from tests.integration.test_query_service import query_settings
-from tests.integration.test_rules_service import rules_settings
-from tests.integration.test_score_service import score_settings
-from tests.integration.test_security import principal_for, request_for, secured
+from tests.support.ingest import ingest_settings
+from tests.support.query import query_settings
+from tests.support.rules import rules_settings
+from tests.support.score import score_settings
+from tests.support.security import principal_for, request_for, secured
 from tests.support.servers import running
 
 SEED = int(os.environ.get("EGRET_FUZZ_SEED") or random.SystemRandom().randrange(2**32))

@@ -36,9 +36,9 @@ from services.ingest.stores.events import (
     StoredEvent,
     StoredRetraction,
 )
-from tests.integration.test_ingest_service import ingest_settings, late
 from tests.support.events import TEST_SUBJECT_KEY, resident_id
 from tests.support.fakes import RecordingRules, serving_rules
+from tests.support.ingest import ingest_settings, late
 from tests.support.servers import client_channel, running, with_common
 from tests.support.waiting import until
 

@@ -3,7 +3,6 @@ stored and nothing relayed, on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -11,9 +10,10 @@ import sqlalchemy as sa
 from egret.ingest.v1 import ingest_service_pb2 as pb
 from egret.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from services.ingest.bootstrap import MIGRATIONS, build
-from tests.integration.test_ingest_service import SUBJECT, ingest_settings, late
 from tests.support.events import event
 from tests.support.fakes import RecordingRules, serving_rules
+from tests.support.ingest import SUBJECT, ingest_settings, late
+from tests.support.outbox import until_drained
 from tests.support.servers import client_channel, running
 from tests.support.waiting import until
 
@@ -50,6 +50,7 @@ async def test_validate_only_answers_as_a_submission_does_and_stores_nothing(
         stub = pb_grpc.IngestServiceStub(channel)
         await stub.SubmitEvents(pb.SubmitEventsRequest(source="library", events=[late("kept", 10)]))
         await until(lambda: rules.event_ids() == ["kept"])
+        await until_drained(database_url, "ingest_outbox")
         before = row_counts(database_url)
 
         batch = [
@@ -79,7 +80,7 @@ async def test_validate_only_answers_as_a_submission_does_and_stores_nothing(
         ]
 
         # Nothing stored, nothing waiting in the outbox, nothing relayed.
-        await asyncio.sleep(0.3)
+        await until_drained(database_url, "ingest_outbox")
         assert row_counts(database_url) == before
         assert rules.event_ids() == ["kept"]
 

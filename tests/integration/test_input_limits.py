@@ -23,10 +23,10 @@ from services.ingest import bootstrap as ingest_bootstrap
 from services.rules import bootstrap as rules_bootstrap
 from services.rules.stores.schema import RuleSetRow
 from services.score import bootstrap as score_bootstrap
-from tests.integration.test_ingest_service import ingest_settings
-from tests.integration.test_rules_service import V1, rules_settings
-from tests.integration.test_score_service import score_settings
 from tests.support.events import event
+from tests.support.ingest import ingest_settings
+from tests.support.rules import V1, rules_settings
+from tests.support.score import score_settings
 from tests.support.servers import client_channel, running
 from tests.support.status import bad_request
 

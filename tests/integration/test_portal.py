@@ -26,9 +26,12 @@ from egret.query.v1 import query_service_pb2_grpc as query_grpc
 from egret.score.v1 import score_service_pb2 as score_pb
 from egret.score.v1 import score_service_pb2_grpc as score_grpc
 from kit.principal import Role
+from services.portal import pages, signin, signin_pages, web
 from services.portal.bootstrap import build
+from services.portal.resident import contest as contest_pages
 from services.portal.settings import PortalSettings
-from tests.e2e.test_pipeline import ALICE, BOB, EXPECTED, raw, submit_all
+from tests.support.logs import capture
+from tests.support.scenario import ALICE, BOB, EXPECTED, raw, submit_all
 
 pytestmark = pytest.mark.e2e
 
@@ -154,9 +157,10 @@ def test_a_resident_signs_in_reads_disputes_and_sees_the_decision_and_who_looked
     portal: TestClient,
     populated: World,
     span_exporter: InMemorySpanExporter,
-    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cluster = populated.cluster
+    logged = [capture(monkeypatch, module) for module in (signin, signin_pages, pages, contest_pages, web)]
     sign_in(portal)
     portal.get("/language/en")
     credit = portal.get("/credit")
@@ -240,8 +244,12 @@ def test_a_resident_signs_in_reads_disputes_and_sees_the_decision_and_who_looked
     portal.get("/language/zh_Hans")
     assert "我的信用" in portal.get("/credit").text
 
-    # No raw identifier in any URL, log line of this process, or span.
-    assert ALICE not in capsys.readouterr().out
+    # No raw identifier in any URL, log line of the portal, or span; the lines were seen.
+    signin_lines, route_lines, request_lines = logged
+    assert "signed in" in [line["event"] for line in signin_lines]
+    assert "dispute filed" in [line["event"] for line in route_lines]
+    assert {"/credit", "/contest"} <= {line["route"] for line in request_lines}
+    assert ALICE not in repr(logged)
     for span in span_exporter.get_finished_spans():
         assert ALICE not in span.name
         assert ALICE not in repr(dict(span.attributes or {}))

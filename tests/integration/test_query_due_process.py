@@ -1,14 +1,15 @@
 """Query's half of due process over real gRPC on loopback, with score's real server writing
 the store, authenticated principals and one injected clock, on SQLite and PostgreSQL:
 access records for every subject read (record-then-serve) and ListAccessLog, consent,
-disputed flags, Explain, the dispute and repair queues, and the corrected timeline."""
+disputed flags, Explain, the dispute and repair queues, and the corrected timeline.
+"""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from dataclasses import replace
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from devtools.localpki import LocalPki, create_local_pki
+from devtools.localpki import create_local_pki
 from egret.common.v1 import due_process_pb2 as dp
 from egret.common.v1 import event_pb2, outcome_pb2, subject_pb2
 from egret.query.v1 import query_service_pb2 as pb
@@ -35,71 +36,16 @@ from services.rules.bootstrap import MIGRATIONS as RULES_MIGRATIONS
 from services.rules.bootstrap import build as build_rules
 from services.score.bootstrap import MIGRATIONS as SCORE_MIGRATIONS
 from services.score.bootstrap import build as build_score
-from tests.integration.test_query_service import POLICY_FILE, query_settings
-from tests.integration.test_rules_service import rules_settings
-from tests.integration.test_score_due_process import ALICE, ALICE_ID, BOB, BOB_ID, Clock
-from tests.integration.test_score_due_process import secured as secured_score
-from tests.integration.test_score_service import score_settings
-from tests.integration.test_security import secured
-from tests.support.outcomes import outcome
+from tests.support.due_process import ALICE, ALICE_ID, BOB, BOB_ID, DAY, GENERAL, T0, Clock
+from tests.support.due_process import secured as secured_score
 from tests.support.purposes import purposed
+from tests.support.query import query_settings
+from tests.support.rules import rules_settings
+from tests.support.score import POLICY_FILE, score_settings
+from tests.support.score_and_query import Egret, code_of, entry
+from tests.support.security import secured
 from tests.support.servers import running
 from tests.support.status import bad_request, error_info
-
-T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)  # a Monday
-DAY = timedelta(days=1)
-GENERAL = outcome_pb2.SEVERITY_GENERAL
-
-
-@dataclass
-class Egret:
-    clock: Clock
-    pki: LocalPki
-    score_address: str
-    query_address: str
-    query_database_url: str
-    channels: list[grpc.aio.Channel] = field(default_factory=list)
-
-    def query(self, subject: str, role: Role) -> pb_grpc.QueryServiceAsyncStub:
-        channel = self.pki.channel(self.query_address, self.pki.token(subject, role))
-        self.channels.append(channel)
-        return pb_grpc.QueryServiceStub(channel)
-
-    def score(self, subject: str, role: Role) -> score_grpc.ScoreServiceAsyncStub:
-        channel = self.pki.channel(self.score_address, self.pki.token(subject, role))
-        self.channels.append(channel)
-        return score_grpc.ScoreServiceStub(channel)
-
-    @property
-    def reviewer(self) -> pb_grpc.QueryServiceAsyncStub:
-        """A reviewer stating "dispute-review" unless the request states a purpose."""
-        return purposed(self.query("reviewer-7", Role.REVIEWER), "dispute-review")
-
-    @property
-    def alice(self) -> pb_grpc.QueryServiceAsyncStub:
-        return self.query(ALICE_ID, Role.SUBJECT)
-
-    @property
-    def bob(self) -> pb_grpc.QueryServiceAsyncStub:
-        return self.query(BOB_ID, Role.SUBJECT)
-
-    async def apply(
-        self, *outcomes: outcome_pb2.Outcome, reversals: tuple[score_pb.Reversal, ...] = ()
-    ) -> None:
-        channel = self.pki.channel(self.score_address, self.pki.service_token("rules"))
-        self.channels.append(channel)
-        await score_grpc.ScoreServiceStub(channel).ApplyOutcomes(
-            score_pb.ApplyOutcomesRequest(outcomes=outcomes, reversals=reversals)
-        )
-
-    async def dispute(self, entry_id: str, subject: str = ALICE_ID) -> dp.Dispute:
-        response = await self.score(subject, Role.SUBJECT).FileDispute(
-            score_pb.FileDisputeRequest(entry_id=entry_id, statement="not me")
-        )
-        return response.dispute
-
-    def audit_session(self) -> Any:
-        return sa.create_engine(self.query_database_url)
 
 
 async def start(database_url: str, tmp_path: Path, policy_file: Path = POLICY_FILE) -> AsyncIterator[Egret]:
@@ -127,31 +73,6 @@ async def egret(database_url: str, tmp_path: Path) -> AsyncIterator[Egret]:
 
 def key(subject_key: str = ALICE) -> subject_pb2.SubjectRef:
     return subject_pb2.SubjectRef(subject_key=subject_key)
-
-
-def entry(
-    outcome_id: str,
-    points: int,
-    category: str,
-    *,
-    days_ago: float,
-    subject_key: str = ALICE,
-    severity: int | None = None,
-) -> outcome_pb2.Outcome:
-    return outcome(
-        outcome_id,
-        subject_key,
-        points,
-        category,
-        severity=severity,
-        occurred_at=T0 - timedelta(days=days_ago),
-    )
-
-
-async def code_of(call: Any) -> grpc.StatusCode:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    return caught.value.code()
 
 
 async def access_log(e: Egret, subject_key: str = ALICE) -> list[pb.AccessRecord]:

@@ -37,14 +37,14 @@ from services.query.settings import QuerySettings
 from services.query.stores.access_log import QueryAuditHead, QueryAuditLog
 from services.score.bootstrap import MIGRATIONS as SCORE_MIGRATIONS
 from services.score.bootstrap import build as build_score
-from tests.integration.test_query_due_process import T0, Egret, code_of, entry
-from tests.integration.test_query_service import POLICY_FILE, query_settings
-from tests.integration.test_score_due_process import ALICE_ID, BOB_ID, Clock
-from tests.integration.test_score_due_process import secured as secured_score
-from tests.integration.test_score_service import score_settings
-from tests.integration.test_security import secured
+from tests.support.due_process import ALICE_ID, BOB_ID, T0, Clock
+from tests.support.due_process import secured as secured_score
 from tests.support.events import TEST_SUBJECT_KEY
 from tests.support.purposes import purposed
+from tests.support.query import query_settings
+from tests.support.score import POLICY_FILE, score_settings
+from tests.support.score_and_query import Egret, code_of, entry
+from tests.support.security import secured
 from tests.support.servers import running
 
 K2_SECRET = b"query-test-second-generation-secret-0123"

@@ -1,5 +1,6 @@
 """The query service's gRPC API on loopback, reading a store the real score service wrote,
-on SQLite and on PostgreSQL."""
+on SQLite and on PostgreSQL.
+"""
 
 from __future__ import annotations
 
@@ -20,48 +21,22 @@ from egret.score.v1 import score_service_pb2 as score_pb
 from egret.score.v1 import score_service_pb2_grpc as score_grpc
 from kit.db import is_sqlite
 from kit.pseudonym import Pseudonymiser
-from kit.settings import PseudonymSettings
 from services.query.bootstrap import MIGRATIONS as QUERY_MIGRATIONS
 from services.query.bootstrap import build as build_query
-from services.query.settings import QuerySettings
 from services.score.bootstrap import MIGRATIONS
 from services.score.bootstrap import build as build_score
-from services.score.settings import ScoreSettings
 from tests.support.events import PERSON, TEST_SUBJECT_KEY, full_width
 from tests.support.outcomes import outcome as make_outcome
-from tests.support.servers import common_settings, running
+from tests.support.query import query_settings, score_beside_query_settings
+from tests.support.servers import running
 from tests.support.status import bad_request
 from tests.support.waiting import until
 
-POLICY_FILE = Path(__file__).parents[2] / "config" / "policy.yaml"
 RESIDENT_ID = "350200199001011230"
 ALICE = Pseudonymiser(TEST_SUBJECT_KEY, "k1").subject_key("person", "resident-id", RESIDENT_ID)
 # A month ago, so that no entry has reached its visible_until (the shortest period, minor,
 # is 90 days); expiry itself is tested at its boundaries with an injected clock.
 OCCURRED = (datetime.now(UTC) - timedelta(days=30)).replace(microsecond=0)
-
-
-def score_settings(database_url: str, data_dir: Path) -> ScoreSettings:
-    return ScoreSettings(
-        common=common_settings("score", database_url, data_dir),
-        policy_file=POLICY_FILE,
-        max_batch_size=100,
-        verify_page_size=100,
-        db_workers=1,
-    )
-
-
-def query_settings(score_database_url: str, data_dir: Path) -> QuerySettings:
-    # Query's own database (the access log): a file of its own on SQLite, so score's store
-    # is never created by query; on PostgreSQL the test database, beside score's tables.
-    own = f"sqlite:///{data_dir / 'query.db'}" if is_sqlite(score_database_url) else score_database_url
-    return QuerySettings(
-        common=common_settings("query", own, data_dir),
-        pseudonym=PseudonymSettings(key=TEST_SUBJECT_KEY, key_id="k1"),
-        score_database_url=score_database_url,
-        policy_file=POLICY_FILE,
-        db_workers=2,
-    )
 
 
 def outcome(
@@ -94,7 +69,9 @@ class Services:
 @pytest.fixture
 async def services(database_url: str, tmp_path: Path) -> AsyncIterator[Services]:
     async with (
-        running(score_settings(database_url, tmp_path), build_score, MIGRATIONS) as score_address,
+        running(
+            score_beside_query_settings(database_url, tmp_path), build_score, MIGRATIONS
+        ) as score_address,
         running(query_settings(database_url, tmp_path), build_query, QUERY_MIGRATIONS) as query_address,
         grpc.aio.insecure_channel(score_address) as score_channel,
         grpc.aio.insecure_channel(query_address) as query_channel,
@@ -326,7 +303,7 @@ async def test_query_starts_before_scores_store_exists(database_url: str, tmp_pa
             assert not (tmp_path / "later" / "score.db").exists()
 
         async with (
-            running(score_settings(url, tmp_path), build_score, MIGRATIONS) as score_address,
+            running(score_beside_query_settings(url, tmp_path), build_score, MIGRATIONS) as score_address,
             grpc.aio.insecure_channel(score_address) as score_channel,
         ):
             await score_grpc.ScoreServiceStub(score_channel).ApplyOutcomes(

@@ -45,10 +45,10 @@ from services.rules.stores.schema import (
     RulesAuditLog,
     RulesSubjectKeyGeneration,
 )
-from tests.integration.test_corrections import RecordingScore
-from tests.integration.test_rules_service import V1 as FRAGILE_V1
-from tests.integration.test_rules_service import WINDOW, rules_settings
 from tests.support.fakes import serving
+from tests.support.recording_score import RecordingScore
+from tests.support.rules import V1 as FRAGILE_V1
+from tests.support.rules import WINDOW, rules_settings
 from tests.support.servers import running, with_common
 from tests.support.waiting import until
 

@@ -1,5 +1,6 @@
 """The rules service's lifecycle, hot swap, event-time restarts and dead letters over real
-gRPC on loopback, on SQLite and on PostgreSQL, with a recording score service."""
+gRPC on loopback, on SQLite and on PostgreSQL, with a recording score service.
+"""
 
 from __future__ import annotations
 
@@ -20,55 +21,19 @@ from egret.rules.v1 import rules_service_pb2_grpc as pb_grpc
 from egret.score.v1 import score_service_pb2 as score_pb
 from egret.score.v1 import score_service_pb2_grpc as score_grpc
 from kit.protoconv import Scalar, to_attribute_value, to_timestamp
-from kit.settings import PeerSettings, RelaySettings
 from services.rules.bootstrap import MIGRATIONS, build
 from services.rules.bootstrap import main as rules_main
-from services.rules.settings import RulesSettings
 from services.rules.stores.schema import RulesAuditLog
 from tests.support.outbox import until_drained
 from tests.support.purposes import assert_bad_purposes_refused
-from tests.support.servers import common_settings, running
+from tests.support.rules import V2, WINDOW, as_actor, rules_settings
+from tests.support.servers import running
 from tests.support.status import bad_request
 from tests.support.waiting import until
 
 SUBJECT = "a" * 64
 OTHER = "b" * 64
 WHEN = datetime(2026, 6, 1, tzinfo=UTC)
-
-# Points divide by (days_late - 40): an event with days_late = 40 cannot be evaluated.
-FRAGILE = """\
-name: test-rules
-version: {version}
-rules:
-  - id: library.late_return
-    title: Book returned late
-    description: Returned {{days_late}} days late.
-    event_types: [library.book_returned_late]
-    when: {{all: [{{attr: days_late, op: gt, value: 30}}]}}
-    points: {points}
-    category: civic
-    severity: minor
-    legal_basis: Library regulation (test)
-    reason: Returned {{days_late}} days late
-"""
-V1 = FRAGILE.format(version=1, points='"-30 / abs(days_late - 40)"')
-V2 = FRAGILE.format(version=2, points="-3")
-
-WINDOW = """\
-name: test-windows
-version: 1
-rules:
-  - id: transport.fare_evasion_repeated
-    title: Three fare evasions within 90 days
-    description: Evaded the fare three times.
-    event_types: [transport.metro.fare_evasion]
-    window: {count: 3, within: 90d}
-    points: -20
-    category: transport
-    severity: general
-    legal_basis: Metro regulation (test)
-    reason: Evaded the fare {count} times within 90 days
-"""
 
 
 # Typed as Any: the stand-in implements only ApplyOutcomes, which the relay calls.
@@ -102,21 +67,6 @@ async def score() -> AsyncIterator[tuple[RecordingScore, str]]:
         await server.stop(0)
 
 
-def rules_settings(
-    database_url: str, data_dir: Path, score_address: str, source: str = V1, attempts: int = 2
-) -> RulesSettings:
-    ruleset_file = data_dir / "ruleset.yaml"
-    ruleset_file.write_text(source)
-    return RulesSettings(
-        common=common_settings("rules", database_url, data_dir),
-        ruleset_file=ruleset_file,
-        max_batch_size=100,
-        score=PeerSettings(address=score_address, deadline_s=2.0),
-        relay=RelaySettings(batch_size=50, poll_interval_s=0.05, backoff_initial_s=0.05, backoff_max_s=0.2),
-        dead_letter_after_attempts=attempts,
-    )
-
-
 def late(event_id: str, days: int, subject: str = SUBJECT, day: int = 0) -> event_pb2.RecordedEvent:
     return recorded(event_id, "library.book_returned_late", {"days_late": days}, subject, day)
 
@@ -135,10 +85,6 @@ def recorded(
         attributes={k: to_attribute_value(v) for k, v in attributes.items()},
         subject_key_id="k1",
     )
-
-
-def as_actor(name: str) -> tuple[tuple[str, str]]:
-    return (("x-egret-actor", name),)
 
 
 async def evaluate(stub: pb_grpc.RulesServiceAsyncStub, *events: event_pb2.RecordedEvent) -> Any:

@@ -1,15 +1,15 @@
 """Due process through score's real gRPC server on loopback, with authenticated principals
 and one injected clock, on SQLite and PostgreSQL: disputes (filing, lapse at the deadline
 written by the sweep, uphold, overturn), repairs, consent, reversals from ApplyOutcomes,
-history rows and the audit chain."""
+history rows and the audit chain.
+"""
 
 from __future__ import annotations
 
 import functools
 import json
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from contracts.score_store import ScoreAuditHead, ScoreAuditLog, StoredEntry, StoredHistory, StoredScore
-from devtools.localpki import ISSUER, LocalPki, create_local_pki
+from devtools.localpki import LocalPki, create_local_pki
 from egret.common.v1 import due_process_pb2 as dp
 from egret.common.v1 import event_pb2, outcome_pb2
 from egret.score.v1 import score_service_pb2 as pb
@@ -28,38 +28,15 @@ from egret.score.v1 import score_service_pb2_grpc as pb_grpc
 from kit import audit
 from kit.principal import Role
 from kit.protoconv import to_timestamp
-from kit.pseudonym import Pseudonymiser
-from kit.settings import PseudonymSettings, SecuritySettings
 from services.score.bootstrap import MIGRATIONS, build
-from tests.integration.test_score_service import score_settings
-from tests.support.events import TEST_SUBJECT_KEY
+from tests.support.due_process import ALICE, ALICE_ID, BOB, BOB_ID, DAY, T0, Clock, negative, secured
 from tests.support.outcomes import outcome
+from tests.support.score import score_settings
 from tests.support.servers import running
 from tests.support.status import bad_request, error_info
 from tests.support.waiting import until
 
-T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)  # a Monday
-DAY = timedelta(days=1)
-ALICE_ID = "person:resident-id:350200199001011230"
-BOB_ID = "person:resident-id:35020019920202234X"
-PSEUDONYMS = Pseudonymiser(TEST_SUBJECT_KEY, "k1")
-ALICE = PSEUDONYMS.subject_key("person", "resident-id", "350200199001011230")
-BOB = PSEUDONYMS.subject_key("person", "resident-id", "35020019920202234X")
 MINOR = outcome_pb2.SEVERITY_MINOR
-GENERAL = outcome_pb2.SEVERITY_GENERAL
-
-
-class Clock:
-    """The service's clock, set by the test; counts the reads at each instant it returns."""
-
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-        self.reads: Counter[datetime] = Counter()
-
-    def __call__(self) -> datetime:
-        now = self.now
-        self.reads[now] += 1
-        return now
 
 
 @dataclass
@@ -138,27 +115,6 @@ class Score:
             engine.dispose()
 
 
-def secured(settings: Any, pki: LocalPki) -> Any:
-    env = pki.env("score")
-    security = SecuritySettings(
-        insecure=False,
-        tls_cert_file=Path(env["EGRET_TLS_CERT_FILE"]),
-        tls_key_file=Path(env["EGRET_TLS_KEY_FILE"]),
-        tls_client_ca_file=Path(env["EGRET_TLS_CLIENT_CA_FILE"]),
-        tls_ca_file=pki.ca_file,
-        jwt_issuer=ISSUER,
-        jwt_audience="egret",
-        jwt_public_key_file=pki.jwt_public_key_file,
-        service_token_file=pki.service_token_file("score"),
-    )
-    return replace(
-        settings,
-        common=replace(settings.common, security=security),
-        pseudonym=PseudonymSettings(key=TEST_SUBJECT_KEY, key_id="k1"),
-        sweep_interval_s=0.05,
-    )
-
-
 @pytest.fixture
 async def score(database_url: str, tmp_path: Path) -> AsyncIterator[Score]:
     pki = create_local_pki(tmp_path / "pki")
@@ -171,12 +127,6 @@ async def score(database_url: str, tmp_path: Path) -> AsyncIterator[Score]:
         finally:
             for channel in s.channels:
                 await channel.close()
-
-
-def negative(
-    outcome_id: str, subject_key: str, points: int = -10, severity: int = GENERAL
-) -> outcome_pb2.Outcome:
-    return outcome(outcome_id, subject_key, points, "finance", severity=severity, occurred_at=T0 - 200 * DAY)
 
 
 def retraction(outcome_id: str, subject_key: str, event_id: str) -> pb.Reversal:

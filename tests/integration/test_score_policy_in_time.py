@@ -26,10 +26,11 @@ from services.query.bootstrap import build as build_query
 from services.score.bootstrap import MIGRATIONS
 from services.score.bootstrap import build as build_score
 from services.score.settings import ScoreSettings
-from tests.integration.test_query_service import POLICY_FILE, query_settings, score_settings
 from tests.support import waiting
 from tests.support.events import ORGANIZATION
 from tests.support.outcomes import outcome as make_outcome
+from tests.support.query import query_settings, score_beside_query_settings
+from tests.support.score import POLICY_FILE
 from tests.support.servers import running
 from tests.support.status import bad_request
 
@@ -99,7 +100,7 @@ class Egret:
 @pytest.fixture
 async def egret(database_url: str, tmp_path: Path) -> AsyncIterator[Egret]:
     clock = Clock(T0 + timedelta(days=1))
-    score = replace(score_settings(database_url, tmp_path), sweep_interval_s=0.05)
+    score = replace(score_beside_query_settings(database_url, tmp_path), sweep_interval_s=0.05)
     async with (
         running_score(score, clock) as score_address,
         running_query(database_url, tmp_path, clock) as query_address,

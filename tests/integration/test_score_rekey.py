@@ -37,9 +37,9 @@ from services.score import bootstrap
 from services.score.bootstrap import MIGRATIONS, build
 from services.score.settings import ScoreSettings
 from services.score.stores.keyed import KEYED
-from tests.integration.test_score_service import POLICY_FILE, score_settings
 from tests.support.events import TEST_SUBJECT_KEY
 from tests.support.outcomes import outcome
+from tests.support.score import POLICY_FILE, score_settings
 from tests.support.servers import client_channel, running, with_common
 
 SECRET = "second-generation-secret-0123456789"

@@ -22,9 +22,9 @@ from services.score.bootstrap import MIGRATIONS, build
 from services.score.settings import ScoreSettings
 from tests.support.outcomes import outcome as make_outcome
 from tests.support.purposes import assert_bad_purposes_refused
-from tests.support.servers import common_settings, running
+from tests.support.score import POLICY_FILE, score_settings
+from tests.support.servers import running
 
-POLICY_FILE = Path(__file__).parents[2] / "config" / "policy.yaml"
 ALICE = "a1" * 32
 BOB = "b2" * 32
 # A month ago, so that no entry has reached its visible_until (the shortest period, minor,
@@ -34,16 +34,6 @@ OCCURRED = (datetime.now(UTC) - timedelta(days=30)).replace(microsecond=0)
 MINOR = outcome_pb2.SEVERITY_MINOR
 SERIOUS = outcome_pb2.SEVERITY_SERIOUS
 POSITIVE = outcome_pb2.SEVERITY_POSITIVE
-
-
-def score_settings(database_url: str, data_dir: Path) -> ScoreSettings:
-    return ScoreSettings(
-        common=common_settings("score", database_url, data_dir),
-        policy_file=POLICY_FILE,
-        max_batch_size=50,
-        verify_page_size=2,
-        db_workers=1,
-    )
 
 
 def outcome(

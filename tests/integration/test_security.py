@@ -1,5 +1,6 @@
 """Security on every call: TLS, mutual TLS between services, bearer tokens, per-RPC roles,
-per-datum checks and rate limits, with the four real servers on loopback."""
+per-datum checks and rate limits, with the four real servers on loopback.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import inspect
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,6 @@ from egret.rules.v1 import backtest_pb2, rules_service_pb2
 from egret.score.v1 import score_service_pb2
 from kit.interceptors import bearer_token
 from kit.principal import SERVICE_SCOPES, Role
-from kit.settings import SecuritySettings
 from kit.tokens import issue_token
 from services.ingest import access as ingest_access
 from services.ingest import bootstrap as ingest_bootstrap
@@ -44,10 +44,11 @@ from services.rules.servicer import RulesServicer
 from services.score import access as score_access
 from services.score import bootstrap as score_bootstrap
 from services.score.servicer import ScoreServicer
-from tests.integration.test_ingest_service import ingest_settings
-from tests.integration.test_query_service import query_settings
-from tests.integration.test_rules_service import rules_settings
-from tests.integration.test_score_service import score_settings
+from tests.support.ingest import ingest_settings
+from tests.support.query import query_settings
+from tests.support.rules import rules_settings
+from tests.support.score import score_settings
+from tests.support.security import DESCRIPTORS, principal_for, request_for, secured
 from tests.support.servers import running
 
 SERVICERS = {
@@ -62,31 +63,6 @@ POLICIES = {
     "score": score_access.POLICY,
     "query": query_access.POLICY,
 }
-DESCRIPTORS = {
-    "ingest": ingest_service_pb2.DESCRIPTOR.services_by_name["IngestService"],
-    "rules": rules_service_pb2.DESCRIPTOR.services_by_name["RulesService"],
-    "score": score_service_pb2.DESCRIPTOR.services_by_name["ScoreService"],
-    "query": query_service_pb2.DESCRIPTOR.services_by_name["QueryService"],
-}
-
-
-def secured(settings: Any, pki: LocalPki, name: str, **changes: Any) -> Any:
-    env = pki.env(name)
-    security = SecuritySettings(
-        insecure=False,
-        tls_cert_file=Path(env["EGRET_TLS_CERT_FILE"]),
-        tls_key_file=Path(env["EGRET_TLS_KEY_FILE"]),
-        tls_client_ca_file=Path(env["EGRET_TLS_CLIENT_CA_FILE"])
-        if "EGRET_TLS_CLIENT_CA_FILE" in env
-        else None,
-        tls_ca_file=pki.ca_file,
-        jwt_issuer=ISSUER,
-        jwt_audience="egret",
-        jwt_public_key_file=pki.jwt_public_key_file,
-        service_token_file=pki.service_token_file(name),
-        **changes,
-    )
-    return replace(settings, common=replace(settings.common, security=security))
 
 
 @dataclass
@@ -181,19 +157,6 @@ def matrix() -> Iterator[tuple[str, str, Role]]:
                 yield name, rpc, role
 
 
-def request_for(name: str, rpc: str, role: Role) -> Any:
-    method = DESCRIPTORS[name].methods_by_name[rpc]
-    request: Any = message_factory.GetMessageClass(method.input_type)()
-    if name == "ingest":
-        # The department token below is library's: submissions name it as their source,
-        # retractions and corrections in the event they refer to.
-        if "source" in request.DESCRIPTOR.fields_by_name:
-            request.source = "library"
-        else:
-            request.ref.source = "library"
-    return request
-
-
 async def call(channel: grpc.aio.Channel, name: str, rpc: str, request: Any) -> grpc.StatusCode:
     method = DESCRIPTORS[name].methods_by_name[rpc]
     path = f"/{DESCRIPTORS[name].full_name}/{rpc}"
@@ -209,15 +172,6 @@ async def call(channel: grpc.aio.Channel, name: str, rpc: str, request: Any) -> 
     except grpc.aio.AioRpcError as error:
         return error.code()
     return grpc.StatusCode.OK
-
-
-def principal_for(role: Role) -> str:
-    return {
-        Role.DEPARTMENT: "library",
-        Role.SUBJECT: "person:resident-id:350200199001011230",
-        Role.BENEFIT_PROVIDER: "library",
-        Role.SERVICE: "egret-ingest",
-    }.get(role, f"a-{role.value}")
 
 
 async def test_every_role_may_call_exactly_the_rpcs_its_policy_grants(secure: Secure) -> None:

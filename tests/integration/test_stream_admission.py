@@ -20,8 +20,8 @@ from egret.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from egret_client.submitter import StreamFailed, stream_events
 from kit.principal import Role
 from services.ingest import bootstrap as ingest_bootstrap
-from tests.integration.test_ingest_service import ingest_settings
-from tests.integration.test_security import secured
+from tests.support.ingest import ingest_settings
+from tests.support.security import secured
 from tests.support.servers import running
 
 

@@ -28,9 +28,9 @@ from kit.settings import IssuerSettings, SecuritySettings
 from kit.tokens import issue_token, jwks_document
 from services.score import bootstrap as score_bootstrap
 from services.score.servicer import ScoreServicer
-from tests.integration.test_score_service import score_settings
 from tests.support import waiting
 from tests.support.jwks import JwksEndpoint, jwks_endpoint
+from tests.support.score import score_settings
 from tests.support.servers import running
 
 ISSUER = "https://idp.rotation.test"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +24,7 @@ from egret.score.v1 import score_service_pb2_grpc as score_grpc
 from kit.principal import Role
 from tests.support.cli import EGRET, RESIDENT_ID, Egret, late_returns, record, rows, submit_as_library
 from tests.support.events import resident_id
+from tests.support.waiting import wait_until
 
 SUBJECT = f"resident-id:{RESIDENT_ID}"
 NEIGHBOUR_ID = resident_id(77)
@@ -293,7 +293,7 @@ def test_a_reviewer_approves_a_repair_and_the_score_recovers(egret: Egret, filed
     assert decided["decision_reason"] == "a month of volunteering"
 
     # Three entries of -3: one overturned, one repaired; the one still disputed counts.
-    assert _score_becomes(egret, 997) == 997
+    _wait_for_score(egret, 997)
 
     table = egret(
         "-p", "reviewer", "repairs", "decide", application.application_id, "reject", "-r", "no", "-y"
@@ -302,14 +302,14 @@ def test_a_reviewer_approves_a_repair_and_the_score_recovers(egret: Egret, filed
     assert "ALREADY_DECIDED" in table.stderr
 
 
-def _score_becomes(egret: Egret, expected: int) -> int:
-    """The resident's own score, read until it is `expected` (score recomputes after the act)."""
-    for _ in range(20):
+def _wait_for_score(egret: Egret, expected: int) -> None:
+    """Reads the resident's own score until it is `expected` (score recomputes after the act)."""
+
+    def reached() -> None:
         score = int(egret("-p", "subject", "score", "get", "-o", "json").json()["score"])
-        if score == expected:
-            break
-        time.sleep(0.25)
-    return score
+        assert score == expected, score
+
+    wait_until(reached, what=f"the resident's score to become {expected}", within_s=5, every_s=0.25)
 
 
 def test_unknown_cases_are_not_found(egret: Egret, filed: Filed) -> None:

@@ -14,7 +14,7 @@ from kit.errors import InvalidArgument, PermissionDenied
 from kit.principal import Principal, Role, bind_principal
 from services.ingest.domain import EventStatus
 from services.ingest.servicer import IngestServicer
-from tests.unit.ingest.test_intake import NOW, MemoryStore, late, make_intake
+from tests.support.intake import NOW, MemoryStore, late, make_intake
 
 
 def fields(error: InvalidArgument) -> list[str]:

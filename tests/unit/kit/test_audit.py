@@ -35,6 +35,7 @@ from kit.db import make_metadata
 from kit.env import Env
 from kit.settings import AuditSettings
 from tests.support.servers import common_settings
+from tests.support.waiting import until
 
 
 class Base(DeclarativeBase):
@@ -399,6 +400,11 @@ def test_anchor_loop_appends_the_head_when_it_moves_and_on_the_way_out(
     with empty.begin():
         empty.add(Head(id=1, seq=0, hash=GENESIS))  # as a migration creates it: nothing to anchor
     engine = sa.create_engine(url)
+    looks: list[object] = []
+    sa.event.listen(engine, "engine_connect", lambda *_: looks.append(None))
+
+    def anchored(seq: int) -> bool:
+        return any(line.split()[1:3] == ["score", str(seq)] for line in anchors.read_text().splitlines())
 
     async def run() -> None:
         stopping = asyncio.Event()
@@ -413,9 +419,10 @@ def test_anchor_loop_appends_the_head_when_it_moves_and_on_the_way_out(
                 clock=lambda: T0,
             )
         )
-        await asyncio.sleep(0.2)  # an empty head, then an unchanged one: nothing written
+        # An empty head, then an unchanged one: nothing written.
+        await until(lambda: len(looks) >= 2, what="two looks at the empty head")
         await asyncio.to_thread(_append, empty, K1, range(3))
-        await asyncio.sleep(0.2)
+        await until(lambda: anchored(3), what="the moved head anchored")
         await asyncio.to_thread(_append, empty, K1, range(3, 5))
         stopping.set()
         await loop

@@ -1,5 +1,5 @@
 """Fixtures for the portal's unit tests: a localiser per language, and the application
-with a fake backend (tests.unit.portal.fakes); no services."""
+with a fake backend (tests.support.portal.fakes); no services."""
 
 from __future__ import annotations
 
@@ -9,11 +9,16 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from services.portal.bootstrap import build
 from services.portal.i18n import Localiser, localisers
 from services.portal.settings import PortalSettings
-from tests.unit.portal.fakes import SECRET, FakeBackend
-from tests.unit.portal.samples import NOW
+from tests.support.portal.app import parsed_and_compiled_once, portal_client, portal_settings
+from tests.support.portal.fakes import FakeBackend
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _catalogues_and_templates_once() -> Iterator[None]:
+    with parsed_and_compiled_once():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -33,20 +38,7 @@ def zh(languages: dict[str, Localiser]) -> Localiser:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> PortalSettings:
-    (tmp_path / "session.key").write_bytes(SECRET)
-    (tmp_path / "client.secret").write_text("s")
-    return PortalSettings.from_env(
-        {
-            "EGRET_INSECURE": "true",
-            "EGRET_PORTAL_PUBLIC_URL": "http://127.0.0.1:8080",
-            "EGRET_PORTAL_INSECURE_HTTP": "true",
-            "EGRET_PORTAL_SESSION_SECRET_FILE": str(tmp_path / "session.key"),
-            "EGRET_PORTAL_OIDC_CLIENT_SECRET_FILE": str(tmp_path / "client.secret"),
-            # Nothing listens there: discovery fails, as when the provider is down.
-            "EGRET_PORTAL_OIDC_ISSUER": "http://127.0.0.1:9",
-            "EGRET_PORTAL_SIGNIN_BURST": "2",
-        }
-    )
+    return portal_settings(tmp_path)
 
 
 @pytest.fixture
@@ -56,6 +48,5 @@ def backend() -> FakeBackend:
 
 @pytest.fixture
 def client(settings: PortalSettings, backend: FakeBackend) -> Iterator[TestClient]:
-    app = build(settings, backend=lambda: backend, clock=lambda: NOW)  # type: ignore[arg-type,return-value]
-    with TestClient(app, base_url="http://127.0.0.1:8080") as test_client:
+    with portal_client(settings, backend) as test_client:
         yield test_client

@@ -16,8 +16,8 @@ from services.portal import records as r
 from services.portal.backend import ServiceError
 from services.portal.sessions import COOKIE, EncryptedSessionMiddleware
 from services.portal.settings import PortalSettings
-from tests.unit.portal.fakes import RAW_ID, SECRET, FakeBackend, csrf_of, session_cookie, signed_in
-from tests.unit.portal.samples import NOW, change
+from tests.support.portal.fakes import RAW_ID, SECRET, FakeBackend, csrf_of, session_cookie, signed_in
+from tests.support.portal.samples import NOW, change
 
 PERSONAL_PAGES = (
     "/credit",
@@ -319,12 +319,6 @@ def test_downloads_hold_the_data_without_any_identifier(client: TestClient) -> N
     assert csv.text.startswith("\ufeffentry_id,")
     assert "e1" in csv.text
     assert client.get("/download/passwords.csv").status_code == 404
-
-
-def test_sign_in_is_rate_limited_and_a_down_provider_is_said_in_words(client: TestClient) -> None:
-    statuses = [client.get("/signin", follow_redirects=False).status_code for _ in range(4)]
-    assert statuses[:2] == [503, 503]
-    assert statuses[2:] == [429, 429]
 
 
 def test_no_raw_subject_id_in_any_log_line_or_url(

@@ -10,7 +10,7 @@ from pathlib import Path
 from services.portal import charts
 from services.portal.i18n import Localiser
 from services.portal.views import history
-from tests.unit.portal.samples import NOW, change, explanation
+from tests.support.portal.samples import NOW, change, explanation
 
 SVG = "{http://www.w3.org/2000/svg}"
 

@@ -8,7 +8,7 @@ from starlette.testclient import TestClient
 from kit.principal import Role
 from services.portal.i18n import Localiser
 from services.portal.staff import AREAS, STAFF_ROLES, areas_for, navigation
-from tests.unit.portal.fakes import signed_in
+from tests.support.portal.fakes import signed_in
 
 
 def test_each_staff_role_sees_its_own_areas_and_a_resident_none(en: Localiser) -> None:

@@ -10,8 +10,8 @@ from starlette.testclient import TestClient
 
 from egret.common.v1 import subject_pb2
 from services.portal.backend import ServiceError
-from tests.unit.portal.console_fakes import StaffBackend
-from tests.unit.portal.fakes import RAW_ID, csrf_of, signed_in
+from tests.support.portal.console_fakes import StaffBackend
+from tests.support.portal.fakes import RAW_ID, csrf_of, signed_in
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ from egret.common.v1 import due_process_pb2 as dp
 from egret.query.v1 import query_service_pb2 as query_pb
 from services.portal.backend import ServiceError
 from services.portal.staffcalls.reviews import DISPUTE_REVIEW
-from tests.unit.portal.console_fakes import FRESH_ENTRY, OVERDUE_ENTRY, SUBJECT_KEY, StaffBackend
-from tests.unit.portal.fakes import csrf_of, signed_in
+from tests.support.portal.console_fakes import FRESH_ENTRY, OVERDUE_ENTRY, SUBJECT_KEY, StaffBackend
+from tests.support.portal.fakes import csrf_of, signed_in
 
 
 @pytest.fixture

@@ -15,9 +15,9 @@ from egret.common.v1 import subject_pb2
 from egret.query.v1 import query_service_pb2 as query_pb
 from services.portal import records as r
 from services.portal.backend import ServiceError, Violation
-from tests.unit.portal.console_fakes import StaffBackend
-from tests.unit.portal.fakes import RAW_ID, csrf_of, signed_in
-from tests.unit.portal.samples import NOW
+from tests.support.portal.console_fakes import StaffBackend
+from tests.support.portal.fakes import RAW_ID, csrf_of, signed_in
+from tests.support.portal.samples import NOW
 
 METRO = "metro"
 

@@ -9,8 +9,8 @@ from starlette.testclient import TestClient
 
 from egret.common.v1 import due_process_pb2 as dp
 from services.portal.staffcalls.reviews import REPAIR_REVIEW
-from tests.unit.portal.console_fakes import SUBJECT_KEY, StaffBackend
-from tests.unit.portal.fakes import csrf_of, signed_in
+from tests.support.portal.console_fakes import SUBJECT_KEY, StaffBackend
+from tests.support.portal.fakes import csrf_of, signed_in
 
 LATE = "1" * 64
 DUE = "2" * 64

@@ -19,8 +19,8 @@ from services.portal.i18n import Localiser
 from services.portal.views import figures
 from services.portal.views import policy as policy_views
 from services.portal.views import rulesets as views
-from tests.unit.portal.authoring_fakes import V1, V2, AuthoringBackend
-from tests.unit.portal.fakes import csrf_of, signed_in
+from tests.support.portal.authoring_fakes import V1, V2, AuthoringBackend
+from tests.support.portal.fakes import csrf_of, signed_in
 
 SVG = "{http://www.w3.org/2000/svg}"
 

@@ -8,7 +8,7 @@ from kit import reasons
 from services.portal import records as r
 from services.portal.i18n import Localiser
 from services.portal.views import access, benefits, credit, entries, errors, history, public, words
-from tests.unit.portal.samples import NOW, change, entry, explained, explanation
+from tests.support.portal.samples import NOW, change, entry, explained, explanation
 
 
 def test_my_credit_shows_the_tier_meaning_the_thresholds_and_the_path_to_the_next_tier(en: Localiser) -> None:

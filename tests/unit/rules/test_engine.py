@@ -29,26 +29,12 @@ from domain.ruleset.parsing import load_rule_set, parse_rule_set
 from services.rules.conditions import compile_condition
 from services.rules.engine import RuleEngine, run_raw
 from services.rules.evaluated import RuleEngineError, RuleEvaluationError
+from tests.support.event_time import rule
 
 SAMPLE = Path(__file__).resolve().parents[3] / "config" / "rulesets" / "sample.yaml"
 AT = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)
 PERSON = "a1" * 32
 COMPANY = "b2" * 32
-
-
-def rule(rule_id: str = "r", **overrides: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "id": rule_id,
-        "title": "A rule",
-        "event_types": ["test.happened"],
-        "points": -1,
-        "category": "civic",
-        "severity": "minor",
-        "legal_basis": "Illustrative",
-        "reason": "It happened",
-    }
-    base.update(overrides)
-    return base
 
 
 def rule_set(*rules: dict[str, Any], name: str = "test", version: int = 1) -> RuleSet:
@@ -357,30 +343,6 @@ def test_a_subject_is_not_blocked_after_many_batches_including_failed_ones() -> 
         ]
 
     assert not engine.holds_session(PERSON)
-
-
-def test_the_engine_keeps_no_session_even_past_durable_rules_limit_of_1024_subjects() -> None:
-    """Bounded memory: durable-rules keeps a session (about 100 KB + 11 KB per rule) per
-    subject it sees, and fails with MemoryError at the 1025th. Evaluating 20,000 events
-    over 2,500 subjects must leave none behind."""
-    engine = RuleEngine(load_rule_set(SAMPLE))
-    subjects = [f"{i:064x}" for i in range(2500)]
-    events = [
-        event(
-            f"lib/{i}",
-            {"days_late": 31 if i % 2 == 0 else 30},
-            event_type="library.book_returned_late",
-            subject=subjects[i % 2500],
-        )
-        for i in range(20_000)
-    ]
-
-    firings = engine.evaluate(events).firings
-
-    # Even-numbered events fire: 10,000 of them, on the 1,250 even-numbered subjects.
-    assert len(firings) == 10_000
-    assert len({f.subject_key for f in firings}) == 1250
-    assert not any(engine.holds_session(subject) for subject in subjects)
 
 
 def test_subjects_on_which_nothing_fires_are_evaluated_and_forgotten() -> None:

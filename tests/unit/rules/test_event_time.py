@@ -1,126 +1,34 @@
-"""Windows, sequences, caps and effective dating, settled in event time with history and prior outcomes."""
+"""Windows, sequences, caps and effective dating, settled in event time with history and prior outcomes.
+
+The seeded arrival-order properties run two seeds here; tests/integration/rules/test_event_time_at_scale.py
+runs the others and the 50k-event memory bound.
+"""
 
 from __future__ import annotations
 
-import random
-from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import datetime, timedelta
 
 import pytest
 
-from domain.ruleset.model import AttributeScalar, EngineEvent, Firing, RuleSet
-from domain.ruleset.parsing import parse_rule_set
+from domain.ruleset.model import AttributeScalar, EngineEvent
 from services.rules.engine import RuleEngine, run_raw
 from services.rules.evaluated import prior_outcome
-from services.rules.windows import PriorOutcome
-
-T0 = datetime(2025, 1, 1, tzinfo=UTC)
-PERSON = "a1" * 32
-OTHER = "c3" * 32
-
-
-def day(n: float) -> datetime:
-    return T0 + timedelta(days=n)
-
-
-def ev(
-    key: str,
-    at: datetime,
-    attributes: Mapping[str, AttributeScalar] | None = None,
-    *,
-    event_type: str = "test.happened",
-    subject: str = PERSON,
-) -> EngineEvent:
-    return EngineEvent(
-        key=key,
-        subject_key=subject,
-        subject_kind="person",
-        event_type=event_type,
-        occurred_at=at,
-        attributes=attributes or {},
-    )
-
-
-def rule(rule_id: str = "r", **overrides: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "id": rule_id,
-        "title": "A rule",
-        "event_types": ["test.happened"],
-        "points": -1,
-        "category": "civic",
-        "severity": "minor",
-        "legal_basis": "Illustrative",
-        "reason": "It happened",
-    }
-    base.update(overrides)
-    return {key: value for key, value in base.items() if value is not None}
-
-
-def rule_set(*rules: dict[str, Any]) -> RuleSet:
-    return parse_rule_set({"name": "test", "version": 1, "rules": list(rules)})
-
-
-def keys(firings: Sequence[Firing]) -> list[tuple[str, ...]]:
-    return [f.event_keys for f in firings]
-
-
-class Store:
-    """What the storage side does around the engine: history from the lookback on, the
-    active outcomes as prior outcomes, reversals of the superseded ones, retractions."""
-
-    def __init__(self, definition: RuleSet) -> None:
-        self.engine = RuleEngine(definition)
-        self.evaluated: dict[str, EngineEvent] = {}
-        self.active: dict[str, Firing] = {}
-        self.reversed: list[str] = []
-
-    @property
-    def firings(self) -> list[Firing]:
-        return list(self.active.values())
-
-    def deliver(self, events: Sequence[EngineEvent]) -> list[Firing]:
-        fresh = [e for e in events if e.key not in self.evaluated]
-        if not fresh:
-            return []
-        ordered = sorted(fresh, key=lambda e: (e.occurred_at, e.key))
-        since: dict[str, datetime] = {}
-        for e in ordered:
-            since.setdefault(e.subject_key, e.occurred_at)
-        firings = self._settle(ordered, since)
-        self.evaluated.update((e.key, e) for e in fresh)
-        return firings
-
-    def retract(self, key: str) -> list[Firing]:
-        event = self.evaluated.pop(key)
-        for outcome_id in [i for i, f in self.active.items() if key in f.event_keys]:
-            del self.active[outcome_id]
-            self.reversed.append(outcome_id)
-        return self._settle([], {event.subject_key: event.occurred_at}, since=True)
-
-    def _settle(
-        self, ordered: Sequence[EngineEvent], instants: Mapping[str, datetime], *, since: bool = False
-    ) -> list[Firing]:
-        lookback = self.engine.rule_set.lookback
-        history: dict[str, list[EngineEvent]] = {subject: [] for subject in instants}
-        prior: dict[str, list[PriorOutcome]] = {subject: [] for subject in instants}
-        for e in self.evaluated.values():
-            if e.subject_key in history and e.occurred_at >= instants[e.subject_key] - lookback:
-                history[e.subject_key].append(e)
-        for f in self.active.values():
-            if f.subject_key in prior:
-                prior[f.subject_key].append(prior_outcome(f))
-        result = self.engine.evaluate(ordered, history, prior, since=instants if since else {})
-        for gone in result.superseded:
-            del self.active[gone.outcome.outcome_id]
-            self.reversed.append(gone.outcome.outcome_id)
-        for firing in result.firings:
-            self.active[firing.outcome_id] = firing
-        return result.firings
-
-
-THREE_IN_30 = rule("three", window={"count": 3, "within": "30d"}, points=-5, reason="{count} times")
-
+from tests.support.event_time import (
+    OTHER,
+    PERSON,
+    T0,
+    THREE_IN_30,
+    UNIT_SEEDS,
+    Store,
+    any_arrival_order_gives_the_ledger_of_one_evaluation,
+    day,
+    ev,
+    in_order_batches_give_the_firings_of_one_evaluation,
+    keys,
+    retractions_in_any_order_give_the_ledger_of_the_remaining_events,
+    rule,
+    rule_set,
+)
 
 # --- windows -------------------------------------------------------------------------
 
@@ -270,46 +178,9 @@ def test_history_alone_fires_when_no_prior_outcome_holds_it() -> None:
     assert keys(engine.evaluate([ev("s/4", day(3))], history).firings) == [("s/1", "s/2", "s/3")]
 
 
-GROUPED = rule("grouped", window={"count": 2, "within": "10d", "group_by": "g"})
-PAIRED = rule(
-    "seq",
-    event_types=None,
-    sequence={
-        "steps": [{"event_types": ["test.happened"]}, {"event_types": ["test.closed"]}],
-        "within": "20d",
-        "correlate_by": "g",
-    },
-)
-
-
-@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("seed", UNIT_SEEDS)
 def test_in_order_batches_give_exactly_the_firings_of_one_evaluation_of_everything(seed: int) -> None:
-    generator = random.Random(seed)
-    definition = rule_set(THREE_IN_30, GROUPED, PAIRED)
-    events = sorted(
-        (
-            ev(
-                f"s/{i}",
-                day(generator.randrange(0, 2000) / 10),
-                {"g": generator.choice("xyz")},
-                event_type=generator.choice(["test.happened", "test.happened", "test.closed"]),
-                subject=generator.choice([PERSON, OTHER]),
-            )
-            for i in range(300)
-        ),
-        key=lambda e: (e.occurred_at, e.key),
-    )
-    at_once = {f.outcome_id for f in RuleEngine(definition).evaluate(events).firings}
-
-    store = Store(definition)
-    position = 0
-    while position < len(events):
-        size = generator.randrange(1, 25)
-        store.deliver(events[position : position + size])
-        position += size
-
-    assert {f.outcome_id for f in store.firings} == at_once
-    assert len(store.firings) == len(at_once)
+    in_order_batches_give_the_firings_of_one_evaluation(seed)
 
 
 def test_a_restart_rebuilds_open_windows_from_history_and_loses_or_duplicates_nothing() -> None:
@@ -350,25 +221,6 @@ def test_window_points_and_reasons_may_use_count_and_the_latest_events_attribute
     )
 
     assert [(f.points, f.reason) for f in firings] == [(-7, "2 between 2025-01-01 and 2025-01-01, last 3")]
-
-
-def test_bounded_memory_over_50k_events_and_5k_subjects_leaves_no_session() -> None:
-    store = Store(rule_set(THREE_IN_30, rule("g", window={"count": 2, "within": "5d", "group_by": "g"})))
-    generator = random.Random(1)
-    subjects = [f"{n:064x}" for n in range(5000)]
-    events = sorted(
-        (
-            ev(f"s/{i}", day(generator.randrange(0, 3650) / 10), {"g": i % 3}, subject=subjects[i % 5000])
-            for i in range(50_000)
-        ),
-        key=lambda e: (e.occurred_at, e.key),
-    )
-    for start in range(0, len(events), 5000):
-        store.deliver(events[start : start + 5000])
-
-    # Far more subjects than durable-rules' 1024 live sessions, and none is left behind.
-    assert len(store.firings) > 1000
-    assert not any(store.engine.holds_session(subject) for subject in subjects)
 
 
 # --- sequences -----------------------------------------------------------------------
@@ -571,74 +423,11 @@ def test_lookback_is_the_longest_window_sequence_or_cap_period() -> None:
     }
 
 
-# --- arrival order -------------------------------------------------------------------
-
-MIXED = rule_set(
-    THREE_IN_30,
-    GROUPED,
-    PAIRED,
-    rule("capped", points="hours", severity="positive", cap={"points": 20, "per": "10d"}),
-    rule("each", event_types=["test.closed"], points=-2),
-)
-
-
-def population(generator: random.Random, size: int) -> list[EngineEvent]:
-    return [
-        ev(
-            f"s/{i}",
-            day(generator.randrange(0, 1200) / 10),
-            {"g": generator.choice("xy"), "hours": generator.randrange(1, 12)},
-            event_type=generator.choice(["test.happened", "test.happened", "test.closed"]),
-            subject=generator.choice([PERSON, OTHER]),
-        )
-        for i in range(size)
-    ]
-
-
-def ledger(firings: Sequence[Firing]) -> set[tuple[str, tuple[str, ...], int]]:
-    return {(f.rule_id, f.event_keys, f.points) for f in firings}
-
-
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", UNIT_SEEDS)
 def test_any_arrival_order_and_batching_gives_the_ledger_of_one_evaluation_in_event_time(seed: int) -> None:
-    generator = random.Random(seed)
-    print(f"seed {seed}")
-    events = population(generator, 160)
-    at_once = RuleEngine(MIXED).evaluate(sorted(events, key=lambda e: (e.occurred_at, e.key))).firings
-
-    arrival = events[:]
-    generator.shuffle(arrival)
-    store = Store(MIXED)
-    position = 0
-    while position < len(arrival):
-        size = generator.randrange(1, 20)
-        store.deliver(arrival[position : position + size])
-        position += size
-
-    assert ledger(store.firings) == ledger(at_once)
-    assert {f.outcome_id for f in store.firings} == {f.outcome_id for f in at_once}
+    any_arrival_order_gives_the_ledger_of_one_evaluation(seed)
 
 
-@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("seed", UNIT_SEEDS)
 def test_retractions_in_any_order_give_the_ledger_of_the_remaining_events(seed: int) -> None:
-    generator = random.Random(1000 + seed)
-    print(f"seed {1000 + seed}")
-    events = population(generator, 120)
-    withdrawn = {e.key for e in generator.sample(events, 25)}
-    remaining = sorted((e for e in events if e.key not in withdrawn), key=lambda e: (e.occurred_at, e.key))
-    expected = RuleEngine(MIXED).evaluate(remaining).firings
-
-    arrival = events[:]
-    generator.shuffle(arrival)
-    store = Store(MIXED)
-    pending = set(withdrawn)
-    for event in arrival:
-        store.deliver([event])
-        # A retraction follows its event, at some later point of the stream.
-        for key in [k for k in sorted(pending) if k in store.evaluated and generator.random() < 0.3]:
-            store.retract(key)
-            pending.discard(key)
-    for key in sorted(pending):
-        store.retract(key)
-
-    assert ledger(store.firings) == ledger(expected)
+    retractions_in_any_order_give_the_ledger_of_the_remaining_events(seed)

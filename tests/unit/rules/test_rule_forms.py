@@ -9,21 +9,7 @@ import pytest
 
 from domain.ruleset.model import Cap, Comparison, RuleSetError, SequenceSpec, Step, Window
 from domain.ruleset.parsing import parse_rule_set, rule_set_from_yaml
-
-
-def rule(rule_id: str = "r", **overrides: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "id": rule_id,
-        "title": "A rule",
-        "event_types": ["test.happened"],
-        "points": -1,
-        "category": "civic",
-        "severity": "minor",
-        "legal_basis": "Illustrative",
-        "reason": "It happened",
-    }
-    base.update(overrides)
-    return {key: value for key, value in base.items() if value is not None}
+from tests.support.event_time import rule
 
 
 def errors_of(*rules: dict[str, Any]) -> list[str]:

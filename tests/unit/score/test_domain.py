@@ -14,7 +14,7 @@ from domain.intake import IncomingOutcome, outcome_violations
 from domain.policy import ActivatedPolicy, Caps, PolicyBook, ScorePolicy, SubjectPolicy, load_policy
 from domain.scoring import CategoryScore, ScoreResult, ScoreState, compute_score
 from services.score.ledger import Ledger, Mismatch
-from tests.unit.score.fakes import FakeStore
+from tests.support.score_store import FakeStore
 
 POLICY = load_policy(Path(__file__).parents[3] / "config" / "policy.yaml")
 PERSON = POLICY.for_kind("person")

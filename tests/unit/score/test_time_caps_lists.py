@@ -16,7 +16,7 @@ from domain.policy import ActivatedPolicy, Caps, PolicyBook, ScorePolicy, load_p
 from domain.scoring import BLACK, RED, ScoreState, compute_score
 from kit.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from services.score.ledger import Ledger, Migration
-from tests.unit.score.fakes import FakeStore
+from tests.support.score_store import FakeStore
 
 POLICY_DOC = Path(__file__).parents[3] / "config" / "policy.yaml"
 SHIPPED = load_policy(POLICY_DOC)

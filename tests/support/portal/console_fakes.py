@@ -1,4 +1,4 @@
-"""The staff console's fake services: FakeBackend (tests.unit.portal.fakes) with
+"""The staff console's fake services: FakeBackend (tests.support.portal.fakes) with
 `Backend.call` answered from a small in-memory case file in the services' own messages,
 so each test runs the console's real requests and conversions."""
 
@@ -17,8 +17,8 @@ from egret.query.v1 import query_service_pb2 as query_pb
 from egret.score.v1 import score_service_pb2 as score_pb
 from kit import reasons
 from services.portal.backend import ServiceError
-from tests.unit.portal.fakes import FakeBackend
-from tests.unit.portal.samples import NOW
+from tests.support.portal.fakes import FakeBackend
+from tests.support.portal.samples import NOW
 
 SUBJECT_KEY = "a" * 64
 OVERDUE_ENTRY = "f" * 64

@@ -20,8 +20,8 @@ from kit.safeyaml import YamlError, load_yaml
 from services.portal.backend import ServiceError
 from services.rules.access import POLICY as RULES_ACCESS
 from services.score.access import POLICY as SCORE_ACCESS
-from tests.unit.portal.fakes import FakeBackend
-from tests.unit.portal.samples import NOW
+from tests.support.portal.fakes import FakeBackend
+from tests.support.portal.samples import NOW
 
 V1 = """name: egret-sample
 version: 1

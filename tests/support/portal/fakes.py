@@ -15,7 +15,7 @@ from starlette.testclient import TestClient
 from services.portal import records as r
 from services.portal.backend import ServiceError
 from services.portal.sessions import COOKIE, EncryptedSessionMiddleware
-from tests.unit.portal.samples import NOW, entry, explanation
+from tests.support.portal.samples import NOW, entry, explanation
 
 RAW_ID = "350200199001011230"
 SECRET = b"a-session-secret-of-forty-bytes-or-more!"

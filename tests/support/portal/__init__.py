@@ -1,0 +1,1 @@
+"""Fakes, samples and the application under test for the portal's tests."""
