@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import yaml
 
 SERVICES = ("ingest", "rules", "score", "query")
@@ -165,6 +164,10 @@ def read_config(path: Path) -> dict[str, Any]:
         ) from None
     except (OSError, yaml.YAMLError) as exc:
         raise ProfileError(f"cannot read {path}: {exc}") from None
+    # Imported here: with rfc3987-syntax installed, importing jsonschema builds a grammar (~0.9 s),
+    # which commands that never read a profile should not pay.
+    import jsonschema  # noqa: PLC0415
+
     try:
         jsonschema.validate(document, _SCHEMA)
     except jsonschema.ValidationError as exc:
