@@ -450,9 +450,10 @@ class Reader:
         # One extra row tells whether another page follows without a count query.
         rows = self._store.entries(key, after, size + 1)
         page = tuple(rows[:size])
-        more = len(rows) > size
-        last = Cursor(page[-1].occurred_at, page[-1].entry_id)
-        token = encode_cursor(self.tokens, last, bound_to=binding) if more else ""
+        token = ""
+        if len(rows) > size:
+            last = Cursor(page[-1].occurred_at, page[-1].entry_id)
+            token = encode_cursor(self.tokens, last, bound_to=binding)
         return EntryPage(entries=page, next_page_token=token)
 
     def entry(self, entry_id: str) -> LedgerEntry:

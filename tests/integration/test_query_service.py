@@ -147,6 +147,13 @@ async def test_an_empty_or_invalid_subject_ref_is_an_invalid_argument(services: 
         assert bad_request(caught.value) == expected
 
 
+async def test_a_subject_with_no_entries_yet_lists_an_empty_page(services: Services) -> None:
+    await services.apply(outcome("o1", 10, "civic"))
+    page = await services.query.ListEntries(pb.ListEntriesRequest(subject=by_key("0" * 64)))
+    assert list(page.entries) == []
+    assert page.next_page_token == ""
+
+
 async def test_list_entries_pages_every_entry_once_newest_first(services: Services) -> None:
     same_time = OCCURRED - timedelta(days=3)
     await services.apply(
