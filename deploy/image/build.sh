@@ -36,8 +36,8 @@ say() { printf 'image: %s\n' "$*"; }
 
 # --- 1. tools -------------------------------------------------------------------------------
 missing=()
-command -v buildah >/dev/null || missing+=(buildah)
-command -v debootstrap >/dev/null || missing+=(debootstrap)
+type -P buildah >/dev/null || missing+=(buildah)  # type -P: PATH only, not the function above
+type -P debootstrap >/dev/null || missing+=(debootstrap)
 if ((${#missing[@]})); then
   if [ "$(id -u)" != 0 ]; then
     echo "image: ${missing[*]} missing; run as root or: sudo apt-get install -y ${missing[*]}" >&2
