@@ -160,7 +160,7 @@ def test_a_resident_signs_in_reads_disputes_and_sees_the_decision_and_who_looked
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cluster = populated.cluster
-    logged = [capture(monkeypatch, module) for module in (signin, signin_pages, pages, contest_pages, web)]
+    logged = [capture(monkeypatch, module) for module in (signin, contest_pages, web, signin_pages, pages)]
     sign_in(portal)
     portal.get("/language/en")
     credit = portal.get("/credit")
@@ -245,7 +245,7 @@ def test_a_resident_signs_in_reads_disputes_and_sees_the_decision_and_who_looked
     assert "我的信用" in portal.get("/credit").text
 
     # No raw identifier in any URL, log line of the portal, or span; the lines were seen.
-    signin_lines, route_lines, request_lines = logged
+    signin_lines, route_lines, request_lines, *_ = logged
     assert "signed in" in [line["event"] for line in signin_lines]
     assert "dispute filed" in [line["event"] for line in route_lines]
     assert {"/credit", "/contest"} <= {line["route"] for line in request_lines}
