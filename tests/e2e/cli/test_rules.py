@@ -8,6 +8,7 @@ gives each 997 (tier A) and the candidate 940 (tier B)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -263,17 +264,24 @@ def test_a_detached_backtest_is_read_again_by_its_id(world: Egret, candidate: in
 
 def test_ctrl_c_cancels_the_backtest_the_command_started(world: Egret, candidate: int) -> None:
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
-    # Its starter pressing Ctrl-C cancels it. The signal goes as soon as the command says the
-    # backtest started: milliseconds, where the 40-event backtest takes about a second.
-    started = spawn(
-        world, "-p", "reviewer", "rules", "backtest", str(candidate), "--interval", "0.2", **pipes
-    )
-    assert started.stderr is not None
-    line = started.stderr.readline()
-    assert "started for rule set" in line, line
-    backtest_id = line.split()[1]
-    started.send_signal(signal.SIGINT)
-    stdout, stderr = started.communicate(timeout=60)
+    # Its starter pressing Ctrl-C cancels it. Score is paused meanwhile, so the backtest waits
+    # for score's active policy (its first step, up to rules' 10-second deadline) and cannot
+    # finish before the cancel arrives, however slow the machine (a 40-event backtest otherwise
+    # takes about a second, and under CI's load it once finished first).
+    score = world.cluster.pid("score")
+    os.kill(score, signal.SIGSTOP)
+    try:
+        started = spawn(
+            world, "-p", "reviewer", "rules", "backtest", str(candidate), "--interval", "0.2", **pipes
+        )
+        assert started.stderr is not None
+        line = started.stderr.readline()
+        assert "started for rule set" in line, line
+        backtest_id = line.split()[1]
+        started.send_signal(signal.SIGINT)
+        stdout, stderr = started.communicate(timeout=60)
+    finally:
+        os.kill(score, signal.SIGCONT)
     assert started.returncode == 130, stderr
     assert f"interrupted: cancelling backtest {backtest_id}" in stderr
     assert f"backtest {backtest_id} cancelled by reviewer-demo after" in stderr
