@@ -43,6 +43,7 @@ RESTRICTED_VOLUMES = {
     "projected",
     "secret",
 }
+# The security settings that name a mounted file (test_chart_security.py checks their Secrets).
 SECURITY_FILES = (
     "EGRET_TLS_CERT_FILE",
     "EGRET_TLS_KEY_FILE",
