@@ -1,4 +1,4 @@
-"""The staff console's casework in a real browser (the world of test_portal_browser: the four
+"""The staff console's casework in a real browser (the world of tests/browser/conftest.py: the four
 services, the local OpenID provider and the portal as processes): a resident disputes an
 entry and applies for repair of a minor one on the website; a reviewer signs in through the
 provider's form, finds the dispute in the queue, takes it, finds it again under "assigned to
@@ -16,23 +16,12 @@ import re
 import pytest
 from playwright.sync_api import BrowserContext, Page, expect
 
-from tests.browser.support import PHONE, assert_fits_width, check_page
-from tests.browser.test_portal_browser import (  # the module-scoped world and its pages
-    World,
-    context,
-    entry_with,
-    open_page,
-    page,
-    shown_score,
-    sign_in,
-    switch_language,
-    world,
-)
+from tests.support.browser import PHONE, assert_fits_width, check_page
+from tests.support.browser_world import World, entry_with, open_page, shown_score, sign_in, switch_language
 from tests.support.events import resident_id
 from tests.support.scenario import ALICE
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
-__all__ = ["context", "page", "world"]  # fixtures, used by name
 
 AREAS = {
     "/staff/disputes",

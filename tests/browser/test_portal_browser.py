@@ -7,20 +7,13 @@ screenshots go to test-artefacts/browser/."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import time
-from collections.abc import Coroutine, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, TypeVar
 
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+from playwright.sync_api import BrowserContext, Page, expect
 
-from devtools.cluster import Cluster
-from devtools.portal_stack import PortalStack
 from egret.common.v1 import due_process_pb2
 from egret.query.v1 import query_service_pb2 as query_pb
 from egret.query.v1 import query_service_pb2_grpc as query_grpc
@@ -29,119 +22,31 @@ from egret.score.v1 import score_service_pb2_grpc as score_grpc
 from kit.principal import Role
 from services.portal.sessions import COOKIE, SEEN, fernet
 from services.portal.signin import ACCESS_TOKEN
-from tests.browser.support import (
-    CHROMIUM,
+from tests.support.browser import (
     PHONE,
     assert_accessible,
     assert_fits_width,
     check_page,
     focused,
-    require_browser_tools,
     screenshot,
     tab_to,
 )
+from tests.support.browser_world import (
+    World,
+    entry_with,
+    off_loop,
+    open_page,
+    shown_score,
+    sign_in,
+    switch_language,
+)
 from tests.support.privacy import scan_files
-from tests.support.scenario import ALICE, BOB, raw, submit_all
+from tests.support.scenario import ALICE, BOB, raw
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
-T = TypeVar("T")
 PUBLIC_PAGES = ("/", "/rules", "/tiers", "/catalogue", "/how-it-works")
 RESIDENT_PAGES = ("/credit", "/entries", "/history", "/benefits", "/contest", "/access", "/download")
-ENTRY_LINK = re.compile(r"^/entries/[0-9a-f]{32}$")
-
-
-@dataclass
-class World:
-    cluster: Cluster
-    stack: PortalStack
-    browser: Browser
-
-
-def off_loop(coroutine: Coroutine[Any, Any, T]) -> T:
-    """Run gRPC calls on a thread of their own: Playwright's sync API owns this thread's loop."""
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coroutine).result()
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    require_browser_tools()
-    cluster = Cluster(
-        tmp_path_factory.mktemp("browser") / "cluster",
-        env={"EGRET_RELAY_POLL_SECONDS": "0.05", "EGRET_RELAY_BACKOFF_MAX_SECONDS": "1"},
-    )
-    stack = PortalStack(cluster, resident_id=ALICE)
-    with cluster, stack:
-        asyncio.run(submit_all(cluster))
-        cluster.wait_drained(timeout_s=60)
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=str(CHROMIUM))
-            try:
-                yield World(cluster, stack, browser)
-            finally:
-                browser.close()
-
-
-@pytest.fixture
-def context(world: World) -> Iterator[BrowserContext]:
-    # No bypass_csp: the portal's Content-Security-Policy is in force (axe runs over DevTools).
-    ctx = world.browser.new_context(base_url=world.stack.url, locale="zh-Hans")
-    ctx.set_default_timeout(15_000)
-    try:
-        yield ctx
-    finally:
-        ctx.close()
-
-
-@pytest.fixture
-def page(context: BrowserContext) -> Page:
-    page = context.new_page()
-    problems: list[str] = []
-    # A CSP violation, a script error or a missing asset would show here (pages that are
-    # themselves refusals, 4xx documents, are expected by the tests that open them).
-    page.on(
-        "console",
-        lambda m: (
-            problems.append(m.text)
-            if m.type == "error" and not m.text.startswith("Failed to load resource")
-            else None
-        ),
-    )
-    page.on("pageerror", lambda e: problems.append(str(e)))
-    page.on(
-        "response",
-        lambda r: (
-            problems.append(f"{r.status} {r.url}")
-            if r.status >= 400 and r.request.resource_type != "document"
-            else None
-        ),
-    )
-    page.problems = problems  # type: ignore[attr-defined]
-    return page
-
-
-def open_page(page: Page, path: str, name: str, *, status: int = 200) -> None:
-    response = page.goto(path)
-    assert response is not None
-    assert response.status == status, f"{path}: {response.status}"
-    check_page(page, name)
-
-
-def sign_in(page: Page, account: str = "resident", *, next_path: str = "/credit") -> None:
-    """Through the provider's real sign-in form, as a person would, with the mouse."""
-    page.goto(f"/signin?next={next_path}")
-    expect(page.locator("h1")).to_contain_text("Sign in")
-    page.locator(f"input[name=account][value={account}]").check()
-    page.locator("#password").fill("egret")
-    page.get_by_role("button", name="Sign in").click()
-    page.wait_for_url(re.compile(re.escape(next_path) + "$"))
-
-
-def switch_language(page: Page, to: str) -> None:
-    name = {"en": "English", "zh_Hans": "中文"}[to]
-    page.locator("nav.language").get_by_role("link", name=name).click()
-    expect(page.locator("html")).to_have_attribute("lang", "en" if to == "en" else "zh-Hans")
 
 
 def access_token(context: BrowserContext, world: World) -> str:
@@ -161,24 +66,6 @@ def query_score(world: World, token: str) -> int:
         return int(response.score.score)
 
     return off_loop(read())
-
-
-def shown_score(page: Page) -> int:
-    return int(page.locator("dd.score").inner_text().replace(",", ""))
-
-
-def entry_with(page: Page, text: str) -> str:
-    """The path of the resident's entry whose page mentions `text`."""
-    page.goto("/entries")
-    links = page.locator("main a[href^='/entries/']")
-    paths = [
-        h for h in links.evaluate_all("as => as.map(a => a.getAttribute('href'))") if ENTRY_LINK.match(h)
-    ]
-    for path in paths:
-        page.goto(path)
-        if text in page.locator("main").inner_text():
-            return str(path)
-    raise AssertionError(f"no entry mentions {text!r}")
 
 
 def review(world: World, entry_id: str) -> None:

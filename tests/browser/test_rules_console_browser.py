@@ -1,4 +1,4 @@
-"""The staff console's rule sets in a real browser (the world of test_portal_browser: the four
+"""The staff console's rule sets in a real browser (the world of tests/browser/conftest.py: the four
 services, the local OpenID provider and the portal as processes): a rule author checks a
 draft with an error, fixes it, saves it, backtests it and sees the charts, publishes and
 activates it after confirmations restating the backtest; an event then flows through ingest
@@ -18,22 +18,12 @@ from playwright.sync_api import BrowserContext, Page, expect
 
 from egret.ingest.v1 import ingest_service_pb2 as ingest_pb
 from egret.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
-from tests.browser.support import check_page
-from tests.browser.test_portal_browser import (  # the module-scoped world and its pages
-    World,
-    context,
-    off_loop,
-    open_page,
-    page,
-    sign_in,
-    switch_language,
-    world,
-)
+from tests.support.browser import check_page
+from tests.support.browser_world import World, off_loop, open_page, sign_in, switch_language
 from tests.support.events import event
 from tests.support.scenario import ALICE
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
-__all__ = ["context", "page", "world"]  # fixtures, used by name
 
 SAMPLE = Path(__file__).resolve().parents[2] / "config" / "rulesets" / "sample.yaml"
 RED_LIGHT = "  - id: traffic.red_light\n"

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from deploy.k8s.render import CI_VALUES_DIR, Manifest, objects, render
+from tests.support.chart import RenderObjects, load_values
 
 VALUES_FILES = sorted(CI_VALUES_DIR.glob("*-values.yaml"))
-
-
-def load_values(path: Path) -> dict[str, Any]:
-    loaded = yaml.safe_load(path.read_text())
-    return dict(loaded) if loaded else {}
 
 
 @cache
@@ -39,7 +33,7 @@ def rendered(values_file: Path) -> list[Manifest]:
 
 
 @pytest.fixture
-def render_objects() -> Callable[[dict[str, Any]], list[Manifest]]:
+def render_objects() -> RenderObjects:
     """Render the chart with ad-hoc values."""
 
     def make(values: dict[str, Any]) -> list[Manifest]:

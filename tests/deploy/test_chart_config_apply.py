@@ -16,8 +16,8 @@ from deploy.k8s.render import Manifest, render
 from kit.principal import SERVICE_SCOPES
 from services.configapply.apply import Step, parse_policy
 from services.configapply.settings import ConfigApplySettings
-from tests.deploy.k8s import Endpoint, named, network_allows, of_kind, pod_template
-from tests.deploy.test_chart import OUTSIDE, RenderObjects, endpoint, env_of
+from tests.support.chart import OUTSIDE, RenderObjects, endpoint, env_of
+from tests.support.k8s import Endpoint, named, network_allows, of_kind, pod_template
 
 JOB = "egret-config-apply"
 RULE_SET = "name: city\nversion: 1\nrules: []\n"

@@ -18,11 +18,9 @@ import yaml
 
 from deploy.k8s import chart_docs
 from deploy.k8s.render import CHART_DIR, CI_VALUES_DIR, RELEASE, Manifest, hooks, objects, render
-from tests.deploy.conftest import load_values
-from tests.deploy.k8s import named, of_kind, pod_template, pods
+from tests.support.chart import KUBE_VERSIONS, SERVICES, load_values
+from tests.support.k8s import named, of_kind, pod_template, pods
 
-KUBE_VERSIONS = (kubernetes_validate.latest_version(), "1.30.0")
-SERVICES = ("ingest", "rules", "score", "query")
 EXTENSIONS = load_values(CI_VALUES_DIR / "platform-extensions-values.yaml")
 
 

@@ -13,17 +13,9 @@ import pytest
 from deploy.k8s.render import CHART_DIR, Manifest, render
 from kit.env import Env
 from kit.settings import SecuritySettings
-from tests.deploy.k8s import Endpoint, of_kind, pod_template, services_deployments
-from tests.deploy.k8s import network_allows as allows
-from tests.deploy.test_chart import (
-    CRD_GROUPS,
-    KUBE_VERSIONS,
-    OUTSIDE,
-    SERVICES,
-    RenderObjects,
-    endpoint,
-    env_of,
-)
+from tests.support.chart import CRD_GROUPS, KUBE_VERSIONS, OUTSIDE, SERVICES, RenderObjects, endpoint, env_of
+from tests.support.k8s import Endpoint, of_kind, pod_template, services_deployments
+from tests.support.k8s import network_allows as allows
 
 JWKS_URL = "https://idp.example.org/realms/egret/protocol/openid-connect/certs"
 IDP = Endpoint({}, external=True, ip="192.0.2.2")  # the chart's placeholder address

@@ -3,7 +3,7 @@ alerts and their runbooks, the Grafana dashboard, and the NetworkPolicy rule let
 
 Everything renders offline (helm-python-sdk). Kubernetes' own kinds are checked with
 kubernetes-validate; the Prometheus Operator's kinds with the hand-written schemas of
-tests/deploy/monitoring_crds.py (its docstring says why). Every PromQL expression parses with
+tests/support/monitoring_crds.py (its docstring says why). Every PromQL expression parses with
 promql-parser and names only metrics of the catalogue (tests/support/promql.py); a live scrape of
 the services checks that catalogue itself.
 """
@@ -22,7 +22,8 @@ import promql_parser
 import pytest
 
 from deploy.k8s.render import CHART_DIR, REPO_ROOT, Manifest
-from tests.deploy.k8s import (
+from tests.support.chart import SERVICES, RenderObjects
+from tests.support.k8s import (
     Endpoint,
     container_port,
     matches,
@@ -32,7 +33,7 @@ from tests.deploy.k8s import (
     pod_template,
     services_deployments,
 )
-from tests.deploy.monitoring_crds import validate as validate_monitoring
+from tests.support.monitoring_crds import validate as validate_monitoring
 from tests.support.promql import (
     EXPORTED_METRICS,
     alert_expressions,
@@ -41,9 +42,6 @@ from tests.support.promql import (
     referenced_metrics,
 )
 
-RenderObjects = Callable[[dict[str, Any]], list[Manifest]]
-
-SERVICES = ("ingest", "rules", "score", "query")
 ALERTS = {
     "EgretPipelineLagHigh",
     "EgretDeadLettersWaiting",
@@ -62,7 +60,7 @@ METRICS_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 
 
 def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
-    """A LabelSelector with matchLabels and In/NotIn matchExpressions (tests.deploy.k8s.matches
+    """A LabelSelector with matchLabels and In/NotIn matchExpressions (tests.support.k8s.matches
     knows matchLabels only)."""
     if not matches({"matchLabels": selector.get("matchLabels", {})}, labels):
         return False

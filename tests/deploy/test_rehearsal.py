@@ -7,8 +7,8 @@ environment, ports and mounted files its manifest gives it, becomes ready by its
 probe (a GET of its admin port's /readyz), serves its metrics there,
 Services route by their selectors, and finally the `helm test` pod checks every service. Security
 is on, as the manifests say: the operator's TLS, JWT-key and service-token Secrets come from a
-throwaway PKI (tests/deploy/pki.py), clients call with TLS and bearer tokens, and the services
-call each other over mutual TLS with their own tokens. See tests/deploy/rehearsal.py for the
+throwaway PKI (tests/support/pki.py), clients call with TLS and bearer tokens, and the services
+call each other over mutual TLS with their own tokens. See tests/support/rehearsal.py for the
 few things a cluster provides that are simulated, and how.
 """
 
@@ -35,9 +35,9 @@ from egret.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 from egret.query.v1 import query_service_pb2 as query_pb
 from egret.query.v1 import query_service_pb2_grpc as query_grpc
 from kit.principal import Role
-from tests.deploy.pki import RehearsalPki, create_rehearsal_pki
-from tests.deploy.rehearsal import Rehearsal, load_manifests
 from tests.support.databases import create_postgres_database, drop_postgres_database
+from tests.support.pki import RehearsalPki, create_rehearsal_pki
+from tests.support.rehearsal import Rehearsal, load_manifests
 from tests.support.scenario import EXPECTED, SCENARIO, raw, requests
 
 pytestmark = pytest.mark.e2e

@@ -1,25 +1,41 @@
-"""Score and query running together over mutual TLS at a test clock, for the due-process tests."""
+"""Score and query running together over mutual TLS at a test clock, for the due-process tests: the
+servers, their fixtures (`egret`, and `consenting` under a policy that requires consent) and the
+readers those tests share."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 import sqlalchemy as sa
 
-from devtools.localpki import LocalPki
+from devtools.localpki import LocalPki, create_local_pki
 from egret.common.v1 import due_process_pb2 as dp
-from egret.common.v1 import outcome_pb2
+from egret.common.v1 import outcome_pb2, subject_pb2
+from egret.query.v1 import query_service_pb2 as pb
 from egret.query.v1 import query_service_pb2_grpc as pb_grpc
 from egret.score.v1 import score_service_pb2 as score_pb
 from egret.score.v1 import score_service_pb2_grpc as score_grpc
 from kit.principal import Role
+from services.query.bootstrap import MIGRATIONS as QUERY_MIGRATIONS
+from services.query.bootstrap import build as build_query
+from services.score.bootstrap import MIGRATIONS as SCORE_MIGRATIONS
+from services.score.bootstrap import build as build_score
 from tests.support.due_process import ALICE, ALICE_ID, BOB_ID, T0, Clock
+from tests.support.due_process import secured as secured_score
 from tests.support.outcomes import outcome
 from tests.support.purposes import purposed
+from tests.support.query import query_settings
+from tests.support.score import POLICY_FILE, score_settings
+from tests.support.security import secured
+from tests.support.servers import running
+from tests.support.status import bad_request
 
 
 @dataclass
@@ -96,3 +112,61 @@ async def code_of(call: Any) -> grpc.StatusCode:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call
     return caught.value.code()
+
+
+async def start(database_url: str, tmp_path: Path, policy_file: Path = POLICY_FILE) -> AsyncIterator[Egret]:
+    pki = create_local_pki(tmp_path / "pki")
+    clock = Clock(T0)
+    score = replace(secured_score(score_settings(database_url, tmp_path), pki), policy_file=policy_file)
+    query = replace(secured(query_settings(database_url, tmp_path), pki, "query"), policy_file=policy_file)
+    async with (
+        running(score, functools.partial(build_score, clock=clock), SCORE_MIGRATIONS) as score_address,
+        running(query, functools.partial(build_query, clock=clock), QUERY_MIGRATIONS) as query_address,
+    ):
+        egret = Egret(clock, pki, score_address, query_address, query.common.database_url)
+        try:
+            yield egret
+        finally:
+            for channel in egret.channels:
+                await channel.close()
+
+
+@pytest.fixture
+async def egret(database_url: str, tmp_path: Path) -> AsyncIterator[Egret]:
+    async for e in start(database_url, tmp_path):
+        yield e
+
+
+def key(subject_key: str = ALICE) -> subject_pb2.SubjectRef:
+    return subject_pb2.SubjectRef(subject_key=subject_key)
+
+
+async def access_log(e: Egret, subject_key: str = ALICE) -> list[pb.AccessRecord]:
+    records: list[pb.AccessRecord] = []
+    token = ""
+    auditor = purposed(e.query("auditor-1", Role.AUDITOR), "audit")
+    while True:
+        page = await auditor.ListAccessLog(
+            pb.ListAccessLogRequest(subject=key(subject_key), page_size=3, page_token=token)
+        )
+        records += page.records
+        token = page.next_page_token
+        if not token:
+            return records
+
+
+async def refused(call: Awaitable[Any]) -> list[tuple[str, str]]:
+    """The field violations of a call that must fail with INVALID_ARGUMENT."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    return bad_request(caught.value)
+
+
+@pytest.fixture
+async def consenting(database_url: str, tmp_path: Path) -> AsyncIterator[Egret]:
+    """Egret under a policy that requires consent."""
+    policy = tmp_path / "consent-policy.yaml"
+    policy.write_text(POLICY_FILE.read_text().replace("consent_required: false", "consent_required: true"))
+    async for e in start(database_url, tmp_path, policy):
+        yield e

@@ -12,7 +12,7 @@ and Secrets (written to a per-pod directory), the ports, and which Service reach
 - a mount path in a setting means that pod's copy of the mounted volume;
 - `python` is this interpreter and the working directory is the repository (the image's
   /app, which holds the same config/ defaults); the image's ENV comes from the Dockerfile;
-- the operator's Secrets are a dict the caller passes in (tests/deploy/pki.py adds the TLS,
+- the operator's Secrets are a dict the caller passes in (tests/support/pki.py adds the TLS,
   JWT-key and service-token ones, shaped by what the pods mount);
 - a PersistentVolumeClaim is one directory per claim, shared by every pod that mounts it;
 - a probe (every probe in the chart is an httpGet) is a GET of its path on the pod's IP and
@@ -40,7 +40,7 @@ from typing import IO, Any
 import yaml
 
 from deploy.k8s.render import MANIFESTS_DIR, REPO_ROOT, Manifest, hooks
-from tests.deploy.k8s import container_port, matches, pod_template
+from tests.support.k8s import container_port, matches, pod_template
 
 NAMESPACE = "egret"
 

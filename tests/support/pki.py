@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from kit.interceptors import bearer_token
 from kit.principal import SERVICE_SCOPES, Role
 from kit.tokens import issue_token, jwks_document
-from tests.deploy.k8s import matches
-from tests.deploy.rehearsal import Pod, Rehearsal, RehearsalError, dns_names
+from tests.support.k8s import matches
+from tests.support.rehearsal import Pod, Rehearsal, RehearsalError, dns_names
 
 KEY_ID = "rehearsal-1"
 
