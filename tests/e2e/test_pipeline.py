@@ -10,12 +10,11 @@ from egret.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 from egret.query.v1 import query_service_pb2 as query_pb
 from egret.query.v1 import query_service_pb2_grpc as query_grpc
 from kit.principal import Role
-from tests.support.events import ORGANIZATION, PERSON, event
+from tests.support.events import ORGANIZATION, event
 from tests.support.purposes import purposed
 from tests.support.scenario import (
     ACME,
     ALICE,
-    DAVE,
     EXPECTED,
     SCENARIO,
     assert_expected_scores,
@@ -26,11 +25,6 @@ from tests.support.scenario import (
 )
 
 pytestmark = pytest.mark.e2e
-# Dave: -2500 in all, clamped at the lower bound 0.
-SCENARIO += [
-    ("courts", f"dave-{n}", "legal.judgment_defaulter", DAVE, PERSON, {"case_id": f"(2026)Min{n}"}, n)
-    for n in range(25)
-]
 
 
 async def test_hand_computed_scenario_lands_the_expected_scores(cluster: Cluster) -> None:

@@ -90,6 +90,11 @@ SCENARIO: list[tuple[str, str, str, str, int, dict[str, Scalar], int]] = [
     ("transport-bureau", "bike-3", "transport.bike.parked_in_fence", CAROL, PERSON, {"fence_id": "F1"}, 5),
     ("civil-affairs", "vol-2", "civic.volunteer_hours", CAROL, PERSON, {"hours": 100}, 6),  # +20
 ]
+# Dave: -2500 in all, clamped at the lower bound 0.
+SCENARIO += [
+    ("courts", f"dave-{n}", "legal.judgment_defaulter", DAVE, PERSON, {"case_id": f"(2026)Min{n}"}, n)
+    for n in range(25)
+]
 
 # subject → (score, tier, {category: points}, entries)
 EXPECTED = {
