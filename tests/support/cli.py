@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -105,7 +108,25 @@ def spawn(egret: Egret, *args: str, **options: Any) -> subprocess.Popen[str]:
     """`egret ARGS…` as a process the test can signal or talk to (Egret's own call waits)."""
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "EGRET_CONFIG": str(egret.config)}
     env.pop("EGRET_PROFILE", None)
-    return subprocess.Popen([EGRET, *args], text=True, env=env, cwd=egret.cwd, **options)
+    with interruptible_children():
+        return subprocess.Popen([EGRET, *args], text=True, env=env, cwd=egret.cwd, **options)
+
+
+@contextmanager
+def interruptible_children() -> Iterator[None]:
+    """Children started meanwhile get SIGINT at its default, as a command typed at a terminal
+    does. A shell starts a background job with SIGINT ignored (POSIX), its children inherit
+    that, and Ctrl-C then never reaches them: a suite run with `&` lost every test SIGINT.
+    A caught signal is reset to its default on exec, so catching it here for the moment of
+    the fork is enough."""
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def late_residents(egret: Egret, count: int) -> None:
