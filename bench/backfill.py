@@ -37,8 +37,7 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
-from bench.pipeline import machine
-from bench.portal import cpu_seconds, load_average
+from bench.meter import cpu_seconds, load_average, machine
 from devtools.client_config import Identity, write_client_config
 from devtools.cluster import UNLIMITED, Cluster
 from devtools.population import DEFAULT_CATALOGUE, Population, PopulationConfig, subjects_for_events

@@ -34,7 +34,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from bench.pipeline import machine
+from bench.meter import machine
 from devtools.population import Origin, Population, PopulationConfig, subjects_for_events
 from domain.catalogue import load_catalogue
 from domain.policy import load_policy

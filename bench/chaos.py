@@ -27,7 +27,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench.pipeline import PostgresDatabases, machine
+from bench.meter import machine
+from bench.pipeline import PostgresDatabases
 from devtools.chaos import (
     SEED_ENV,
     ChaosRun,

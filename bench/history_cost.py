@@ -22,7 +22,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.pipeline import machine
+from bench.meter import machine
 from domain.entries import DISPUTE, REPAIR, EntryStatus, Pause, ScoredEntry
 from domain.policy import ActivatedPolicy, PolicyBook, load_policy
 from services.query.corrected import corrected_history, corrected_history_by_definition

@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -39,6 +37,15 @@ from typing import Any
 import grpc
 import sqlalchemy as sa
 
+from bench.meter import (
+    Profiler,
+    cpu_seconds,
+    load_average,
+    machine,
+    percentile,
+    server_cpu_seconds,
+    stored_bytes,
+)
 from devtools.cluster import SERVICES, UNLIMITED, Cluster
 from devtools.population import (
     GeneratedEvent,
@@ -69,6 +76,8 @@ VISIBLE_TYPES = (
 )
 # Any key gives the bare engine the same work: subjects stay apart under every key.
 RAW_SUBJECT_KEY = "bench-raw-durable-rules-subject-key-0123456789"
+# Visibility polling backs off from 20 ms to 1 s per sampled event.
+FIRST_POLL_S, POLL_GROWTH, MAX_POLL_S = 0.02, 1.5, 1.0
 _KINDS = {subject_pb2.SUBJECT_KIND_PERSON: "person", subject_pb2.SUBJECT_KIND_ORGANIZATION: "organization"}
 
 
@@ -80,6 +89,9 @@ class _Sample:
     subject: subject_pb2.Subject
     sent_at: float = 0.0
     visible_after_s: float | None = None
+    # ListEntries calls made, and the wait before the poll that saw it.
+    polls: int = 0
+    resolution_s: float = 0.0
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -88,7 +100,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--in-flight", type=int, default=4, help="batches awaiting acknowledgement")
-    parser.add_argument("--samples", type=int, default=40, help="events to time until visible in query")
+    parser.add_argument(
+        "--samples", type=int, default=20, help="events to time until visible in query (default 20)"
+    )
     parser.add_argument(
         "--postgres", metavar="URL", help="server URL; one fresh database per service is made"
     )
@@ -99,6 +113,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--drain-timeout", type=float, default=1800.0)
     parser.add_argument("--skip-raw", action="store_true", help="skip the raw durable-rules measurement")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as JSON")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="record a py-spy flame graph of each service while the stream runs: DIR/SERVICE.svg",
+    )
     parser.add_argument(
         "--observability",
         choices=("on", "off", "compare"),
@@ -113,36 +133,6 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.events < 1:
         parser.error("--events must be at least 1")
     return args
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile; None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
-    return ordered[rank - 1]
-
-
-def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    ram_gib: float | None = None
-    # Off Linux there is no /proc: the figures then say "unknown" rather than fail.
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                ram_gib = round(int(line.split()[1]) / 1024**2, 1)
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": cpu,
-        "ram_gib": ram_gib,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
 
 
 class PostgresDatabases:
@@ -223,14 +213,20 @@ async def _visible(
     limit: asyncio.Semaphore,
     timeout_s: float,
 ) -> None:
+    """Poll query until an entry names the sampled event. The wait between polls grows
+    (from FIRST_POLL_S by POLL_GROWTH up to MAX_POLL_S), so sampling stays a small load on query
+    however long the pipeline takes; each figure is late by at most the last wait, which is
+    stored with it (`resolution_s`)."""
     ref = subject_pb2.SubjectRef(subject=sample.subject)
     deadline = time.perf_counter() + timeout_s
+    wait = FIRST_POLL_S
     while time.perf_counter() < deadline:
         async with limit:
             token = ""
             found = False
             try:
                 while True:
+                    sample.polls += 1
                     page = await stub.ListEntries(
                         query_service_pb2.ListEntriesRequest(
                             subject=ref, page_size=500, page_token=token, purpose="operations"
@@ -253,7 +249,9 @@ async def _visible(
         if found:
             sample.visible_after_s = time.perf_counter() - sample.sent_at
             return
-        await asyncio.sleep(0.05)
+        sample.resolution_s = wait
+        await asyncio.sleep(wait)
+        wait = min(MAX_POLL_S, wait * POLL_GROWTH)
 
 
 async def _run_stream(
@@ -332,13 +330,15 @@ def _raw_rate(ruleset: Path, generated: Sequence[GeneratedEvent], subject_key: s
     }
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User plus system CPU seconds of a process so far (/proc/PID/stat), 0.0 off Linux."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+@dataclass
+class _Run:
+    totals: StreamTotals
+    end_to_end_s: float
+    # CPU seconds over the run: each service, "client" (this process: the stream and the
+    # visibility sampling) and, on PostgreSQL, "postgres" (the whole server's processes).
+    cpu: dict[str, float]
+    # Bytes per table of each service's database once drained (indexes included).
+    stored: dict[str, dict[str, int]]
 
 
 def _measured_run(
@@ -347,31 +347,63 @@ def _measured_run(
     samples: dict[str, _Sample],
     *,
     metrics: bool,
-) -> tuple[StreamTotals, float, dict[str, float]]:
-    """One cluster, one stream: the totals, first send → drained seconds, and each service's
-    CPU seconds (read before it stops)."""
+) -> _Run:
+    """One cluster, one stream: the totals, first send → drained seconds, the CPU seconds
+    of every process involved (read before the services stop) and what the stores hold."""
     for sample in samples.values():
-        sample.sent_at, sample.visible_after_s = 0.0, None
+        sample.sent_at, sample.visible_after_s, sample.polls, sample.resolution_s = 0.0, None, 0, 0.0
     postgres = PostgresDatabases(args.postgres) if args.postgres else None
     database_urls = postgres.create() if postgres else {}
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="egret-bench-"))
     env = {**UNLIMITED, "EGRET_METRICS": "true" if metrics else "false"}
     cluster = Cluster(data_dir, database_urls=database_urls, log_level="warning", env=env)
+    profiler = Profiler(args.profile) if args.profile else None
     try:
         cluster.start()
         database = "postgresql" if args.postgres else "sqlite"
         print(f"cluster up ({database}, metrics {'on' if metrics else 'off'}); streaming ...")
+        pids = {name: cluster.pid(name) for name in cluster.services}
+        if profiler:
+            profiler.start(pids)
+        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        client_before, server_before = time.process_time(), server_cpu_seconds() if postgres else 0.0
         totals, end_to_end_s = asyncio.run(_run_stream(cluster, requests, samples, args))
-        cpu = {name: _cpu_seconds(cluster.pid(name)) for name in cluster.services}
+        cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+        cpu["client"] = time.process_time() - client_before
+        if postgres:
+            cpu["postgres"] = server_cpu_seconds() - server_before
+        if profiler:
+            for path in profiler.stop():
+                print(f"flame graph: {path}")
+        stored = {name: stored_bytes(cluster.database_url(name)) for name in SERVICES}
     finally:
+        if profiler:
+            profiler.stop()
         cluster.close(remove_data_dir=args.data_dir is None)
         if postgres:
             postgres.drop()
-    return totals, end_to_end_s, cpu
+    return _Run(totals, end_to_end_s, cpu, stored)
 
 
 def _per_event(cpu: dict[str, float], events: int) -> dict[str, float]:
     return {name: round(seconds / max(events, 1) * 1e6, 1) for name, seconds in cpu.items()}
+
+
+def _pipeline_us(per_event: dict[str, float]) -> float:
+    """CPU µs per event of everything but query, which serves only the visibility sampling here."""
+    return round(sum(v for name, v in per_event.items() if name != "query"), 1)
+
+
+def _storage(stored: dict[str, dict[str, int]], accepted: int) -> dict[str, Any]:
+    """Bytes per accepted event, per service and table."""
+    per = max(accepted, 1)
+    return {
+        name: {
+            "bytes_per_event": round(sum(tables.values()) / per, 1),
+            "tables": {t: round(b / per, 1) for t, b in sorted(tables.items(), key=lambda kv: -kv[1]) if b},
+        }
+        for name, tables in stored.items()
+    }
 
 
 def _compare_observability(
@@ -386,12 +418,12 @@ def _compare_observability(
     for _ in range(args.repeats):
         for metrics in (False, True):
             load_before = os.getloadavg()[0]
-            totals, seconds, cpu = _measured_run(args, requests, samples, metrics=metrics)
+            run = _measured_run(args, requests, samples, metrics=metrics)
             runs.append(
                 {
                     "metrics": metrics,
-                    "events_per_s": round(totals.events / seconds, 1),
-                    "cpu_us_per_event": _per_event(cpu, totals.events),
+                    "events_per_s": round(run.totals.events / run.end_to_end_s, 1),
+                    "cpu_us_per_event": _per_event(run.cpu, run.totals.events),
                     "loadavg_1m_before": round(load_before, 2),
                 }
             )
@@ -405,8 +437,8 @@ def _compare_observability(
 
     on = median(True, lambda r: r["events_per_s"])
     off = median(False, lambda r: r["events_per_s"])
-    cpu_on = median(True, lambda r: sum(r["cpu_us_per_event"].values()))
-    cpu_off = median(False, lambda r: sum(r["cpu_us_per_event"].values()))
+    cpu_on = median(True, lambda r: _pipeline_us(r["cpu_us_per_event"]))
+    cpu_off = median(False, lambda r: _pipeline_us(r["cpu_us_per_event"]))
     figures["observability"] = {
         "runs": runs,
         "events_per_s_on": on,
@@ -416,7 +448,9 @@ def _compare_observability(
         "cpu_us_per_event_off": round(cpu_off, 1),
     }
     print(f"\nmetrics on/off throughput: {on:,.0f} / {off:,.0f} events/s = {on / off:.3f}")
-    print(f"services' CPU per event: on {cpu_on:.0f} µs, off {cpu_off:.0f} µs")
+    print(
+        f"pipeline CPU per event (client included, query left out): on {cpu_on:.0f} µs, off {cpu_off:.0f} µs"
+    )
     _write(args.json, figures)
     return 0
 
@@ -450,9 +484,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.observability == "compare":
         return _compare_observability(args, requests, samples, figures)
-    totals, end_to_end_s, cpu = _measured_run(args, requests, samples, metrics=args.observability == "on")
-    figures["cpu_us_per_event"] = _per_event(cpu, totals.events)
-    figures["loadavg"] = [round(v, 2) for v in os.getloadavg()]
+    load_before = load_average()
+    run = _measured_run(args, requests, samples, metrics=args.observability == "on")
+    totals, end_to_end_s = run.totals, run.end_to_end_s
+    figures["cpu_us_per_event"] = _per_event(run.cpu, totals.events)
+    figures["pipeline_cpu_us_per_event"] = _pipeline_us(figures["cpu_us_per_event"])
+    figures["loadavg_before"] = load_before
+    figures["loadavg"] = load_average()
+    figures["stored"] = _storage(run.stored, totals.accepted)
+    figures["visibility_sampling"] = {
+        "polls": sum(s.polls for s in samples.values()),
+        "query_cpu_us_per_event": figures["cpu_us_per_event"]["query"],
+        "resolution_ms_max": _ms(max((s.resolution_s for s in samples.values()), default=0.0)),
+    }
 
     visible = [s.visible_after_s for s in samples.values() if s.visible_after_s is not None]
     figures["stream"] = {
@@ -487,11 +531,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"ack latency:    p50 {ack['p50']} ms, p95 {ack['p95']} ms, p99 {ack['p99']} ms "
         f"(batches of {args.batch_size}, {args.in_flight} in flight)"
     )
-    print(f"CPU per event:  {figures['cpu_us_per_event']} µs (load average {figures['loadavg']})")
+    per_event = figures["cpu_us_per_event"]
+    print(
+        f"CPU per event:  {figures['pipeline_cpu_us_per_event']} µs pipeline = "
+        + " + ".join(f"{name} {us}" for name, us in per_event.items() if name != "query")
+        + f" (load average {figures['loadavg_before']} before, {figures['loadavg']} after)"
+    )
+    sampling = figures["visibility_sampling"]
+    print(
+        f"sampling cost:  query {per_event['query']} µs per event for {sampling['polls']} ListEntries polls "
+        f"(not in the pipeline figure)"
+    )
+    stored = figures["stored"]
+    total_stored = sum(v["bytes_per_event"] for v in stored.values())
+    print(
+        f"stored:         {total_stored:,.0f} bytes per accepted event = "
+        + " + ".join(f"{name} {v['bytes_per_event']:,.0f}" for name, v in stored.items())
+        + " (tables and indexes; free pages and WAL left out)"
+    )
     vis = figures["visible_latency_ms"]
     print(
         f"event→visible:  p50 {vis['p50']} ms, p95 {vis['p95']} ms, p99 {vis['p99']} ms "
-        f"({len(visible)} of {len(samples)} sampled events seen)"
+        f"({len(visible)} of {len(samples)} sampled events seen; polls back off, each figure is late "
+        f"by at most {figures['visibility_sampling']['resolution_ms_max']} ms)"
     )
 
     if not args.skip_raw:

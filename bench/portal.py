@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import signal
 import sys
@@ -46,7 +45,7 @@ from typing import Any
 
 import httpx
 
-from bench.pipeline import machine, percentile
+from bench.meter import cpu_seconds, load_average, machine, percentile
 from devtools.cluster import UNLIMITED, Cluster
 from devtools.oidc.config import DEFAULT_PASSWORD, SAMPLE_RESIDENT_ID
 from devtools.population import Origin, Population, PopulationConfig, batch_requests
@@ -72,7 +71,6 @@ PAGES = {
     "catalogue": "/catalogue",
 }
 REQUEST_TIMEOUT_S = 10.0
-_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _ENTRY_LINK = re.compile(r'href="/entries/([0-9a-f]{32})"')
 _SERVER_TIMING = re.compile(r"\bapp;dur=([0-9.]+)")
 
@@ -103,18 +101,6 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.residents < 1 or args.rate <= 0 or args.duration <= 0:
         parser.error("--residents, --rate and --duration must be positive")
     return args
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of process `pid` (all its threads), from /proc/<pid>/stat."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    # The command name (field 2) may hold spaces and parentheses: split after its last ")".
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS
-
-
-def load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 # -- the population and who signs in -------------------------------------------------------

@@ -41,7 +41,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from bench.pipeline import machine
+from bench.meter import machine
 from devtools.population import (
     DEFAULT_TYPE_WEIGHT,
     TYPE_WEIGHTS,

@@ -7,7 +7,8 @@ from __future__ import annotations
 import os
 import time
 
-from bench.portal import PAGES, _parse, cpu_seconds, resident_accounts, table
+from bench.meter import cpu_seconds
+from bench.portal import PAGES, _parse, resident_accounts, table
 from devtools.oidc.config import Account
 from kit.principal import Role
 
