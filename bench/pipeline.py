@@ -106,6 +106,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--postgres", metavar="URL", help="server URL; one fresh database per service is made"
     )
+    parser.add_argument(
+        "--rules-shards", type=int, default=1, help="rules processes, each with its own database (default 1)"
+    )
+    parser.add_argument(
+        "--score-replicas", type=int, default=1, help="score processes on one shared database (default 1)"
+    )
     parser.add_argument("--ruleset", type=Path, default=Path("config/rulesets/sample.yaml"))
     parser.add_argument(
         "--data-dir", type=Path, help="logs and SQLite files (default: a temporary directory)"
@@ -132,19 +138,22 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.events < 1:
         parser.error("--events must be at least 1")
+    if args.rules_shards < 1 or args.score_replicas < 1:
+        parser.error("--rules-shards and --score-replicas must be at least 1")
     return args
 
 
 class PostgresDatabases:
     """One fresh database per service on the given server, dropped afterwards."""
 
-    def __init__(self, server_url: str) -> None:
+    def __init__(self, server_url: str, databases: Sequence[str] = SERVICES) -> None:
         url = sa.make_url(server_url)
         if url.drivername in ("postgresql", "postgres"):
             url = url.set(drivername="postgresql+psycopg")
         self._server = url
         stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
-        self.names = {service: f"egret_bench_{stamp}_{os.getpid()}_{service}" for service in SERVICES}
+        prefix = f"egret_bench_{stamp}_{os.getpid()}"
+        self.names = {name: f"{prefix}_{name.replace('-', '_')}" for name in databases}
 
     def _admin(self) -> sa.Engine:
         return sa.create_engine(self._server, isolation_level="AUTOCOMMIT")
@@ -334,9 +343,12 @@ def _raw_rate(ruleset: Path, generated: Sequence[GeneratedEvent], subject_key: s
 class _Run:
     totals: StreamTotals
     end_to_end_s: float
-    # CPU seconds over the run: each service, "client" (this process: the stream and the
-    # visibility sampling) and, on PostgreSQL, "postgres" (the whole server's processes).
+    # CPU seconds over the run: each service process (rules-1, score-0 with shards and
+    # replicas), "client" (this process: the stream and the visibility sampling) and, on
+    # PostgreSQL, "postgres" (the whole server's processes).
     cpu: dict[str, float]
+    # The service each process runs: "rules" for rules-1.
+    service_of: dict[str, str]
     # Bytes per table of each service's database once drained (indexes included).
     stored: dict[str, dict[str, int]]
 
@@ -352,11 +364,20 @@ def _measured_run(
     of every process involved (read before the services stop) and what the stores hold."""
     for sample in samples.values():
         sample.sent_at, sample.visible_after_s, sample.polls, sample.resolution_s = 0.0, None, 0, 0.0
-    postgres = PostgresDatabases(args.postgres) if args.postgres else None
+    rules = ("rules",) if args.rules_shards == 1 else tuple(f"rules-{i}" for i in range(args.rules_shards))
+    databases = ("score", *rules, "ingest", "query")
+    postgres = PostgresDatabases(args.postgres, databases) if args.postgres else None
     database_urls = postgres.create() if postgres else {}
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="egret-bench-"))
     env = {**UNLIMITED, "EGRET_METRICS": "true" if metrics else "false"}
-    cluster = Cluster(data_dir, database_urls=database_urls, log_level="warning", env=env)
+    cluster = Cluster(
+        data_dir,
+        database_urls=database_urls,
+        log_level="warning",
+        env=env,
+        rules_shards=args.rules_shards,
+        score_replicas=args.score_replicas,
+    )
     profiler = Profiler(args.profile) if args.profile else None
     try:
         cluster.start()
@@ -375,18 +396,27 @@ def _measured_run(
         if profiler:
             for path in profiler.stop():
                 print(f"flame graph: {path}")
-        stored = {name: stored_bytes(cluster.database_url(name)) for name in SERVICES}
+        stored = {name: stored_bytes(cluster.database_url(name)) for name in databases}
     finally:
         if profiler:
             profiler.stop()
         cluster.close(remove_data_dir=args.data_dir is None)
         if postgres:
             postgres.drop()
-    return _Run(totals, end_to_end_s, cpu, stored)
+    return _Run(totals, end_to_end_s, cpu, {name: cluster.service_of(name) for name in pids}, stored)
 
 
 def _per_event(cpu: dict[str, float], events: int) -> dict[str, float]:
     return {name: round(seconds / max(events, 1) * 1e6, 1) for name, seconds in cpu.items()}
+
+
+def _by_service(per_event: dict[str, float], service_of: dict[str, str]) -> dict[str, float]:
+    """Per-process figures summed per service (rules-0 + rules-1 as rules)."""
+    summed: dict[str, float] = {}
+    for name, us in per_event.items():
+        service = service_of.get(name, name)
+        summed[service] = round(summed.get(service, 0.0) + us, 1)
+    return summed
 
 
 def _pipeline_us(per_event: dict[str, float]) -> float:
@@ -423,7 +453,7 @@ def _compare_observability(
                 {
                     "metrics": metrics,
                     "events_per_s": round(run.totals.events / run.end_to_end_s, 1),
-                    "cpu_us_per_event": _per_event(run.cpu, run.totals.events),
+                    "cpu_us_per_event": _by_service(_per_event(run.cpu, run.totals.events), run.service_of),
                     "loadavg_1m_before": round(load_before, 2),
                 }
             )
@@ -487,7 +517,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = load_average()
     run = _measured_run(args, requests, samples, metrics=args.observability == "on")
     totals, end_to_end_s = run.totals, run.end_to_end_s
-    figures["cpu_us_per_event"] = _per_event(run.cpu, totals.events)
+    figures["topology"] = {"rules_shards": args.rules_shards, "score_replicas": args.score_replicas}
+    figures["cpu_us_per_process_event"] = _per_event(run.cpu, totals.events)
+    figures["cpu_us_per_event"] = _by_service(figures["cpu_us_per_process_event"], run.service_of)
     figures["pipeline_cpu_us_per_event"] = _pipeline_us(figures["cpu_us_per_event"])
     figures["loadavg_before"] = load_before
     figures["loadavg"] = load_average()
@@ -537,6 +569,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         + " + ".join(f"{name} {us}" for name, us in per_event.items() if name != "query")
         + f" (load average {figures['loadavg_before']} before, {figures['loadavg']} after)"
     )
+    if len(figures["cpu_us_per_process_event"]) > len(per_event):
+        print(f"  per process:  {figures['cpu_us_per_process_event']}")
     sampling = figures["visibility_sampling"]
     print(
         f"sampling cost:  query {per_event['query']} µs per event for {sampling['polls']} ListEntries polls "

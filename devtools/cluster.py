@@ -6,7 +6,9 @@ with its own free port, its own log file in the shared data directory and, by de
 its own SQLite database there. Pass per-service database URLs to run on PostgreSQL.
 
 With `rules_shards=N` (N > 1) rules runs as N processes named rules-0 .. rules-N-1, each
-with its own port, log and database, and ingest routes to them by subject.
+with its own port, log and database, and ingest routes to them by subject. With
+`score_replicas=M` (M > 1) score runs as M processes named score-0 .. score-M-1 on one
+shared database, rules shard i sending to replica i mod M.
 """
 
 from __future__ import annotations
@@ -98,7 +100,9 @@ class Cluster:
     service's loopback port (else a free one), `admin_ports[name]` its admin port. `launcher`
     runs each process another way (in the built image, say). With `rules_shards`
     > 1 the rules processes are named rules-0, rules-1, ...: `service_env["rules"]` applies
-    to each of them, `service_env["rules-1"]` and `database_urls["rules-1"]` to one.
+    to each of them, `service_env["rules-1"]` and `database_urls["rules-1"]` to one. With
+    `score_replicas` > 1 the score processes are score-0, score-1, ...: `service_env["score"]`
+    applies to each, and all share `database_urls["score"]`.
     """
 
     def __init__(
@@ -117,20 +121,24 @@ class Cluster:
         python: str = sys.executable,
         cwd: Path = REPO_ROOT,
         rules_shards: int = 1,
+        score_replicas: int = 1,
         secure: bool = True,
         ports: Mapping[str, int] | None = None,
         admin_ports: Mapping[str, int] | None = None,
         launcher: Launcher | None = None,
     ) -> None:
-        if rules_shards < 1:
-            raise ValueError("rules_shards must be at least 1")
+        if rules_shards < 1 or score_replicas < 1:
+            raise ValueError("rules_shards and score_replicas must be at least 1")
         if rules_shards > 1 and database_urls and "rules" in database_urls:
             raise ValueError("with rules shards, give each one its own URL (rules-0, rules-1, ...)")
         self.rules_names = (
             ("rules",) if rules_shards == 1 else tuple(f"rules-{i}" for i in range(rules_shards))
         )
+        self.score_names = (
+            ("score",) if score_replicas == 1 else tuple(f"score-{i}" for i in range(score_replicas))
+        )
         # Every process of this cluster, in start order (downstream first).
-        self.services = ("score", *self.rules_names, "ingest", "query")
+        self.services = (*self.score_names, *self.rules_names, "ingest", "query")
         self._own_data_dir = data_dir is None
         self.data_dir = (
             Path(tempfile.mkdtemp(prefix="egret-cluster-")) if data_dir is None else Path(data_dir)
@@ -152,8 +160,10 @@ class Cluster:
         self._service_env = {name: dict(values) for name, values in (service_env or {}).items()}
         self._database_urls = {
             name: (database_urls or {}).get(name, f"sqlite:///{self.data_dir / name}.db")
-            for name in self.services
+            for name in (*self.services, "score")
         }
+        for name in self.score_names:
+            self._database_urls[name] = self._database_urls["score"]
         self._log_format = log_format
         self._log_level = log_level
         self._python = python
@@ -164,6 +174,8 @@ class Cluster:
         self._addresses = {
             name: f"127.0.0.1:{(ports or {}).get(name) or next(spare)}" for name in self.services
         }
+        # "score" reaches the first replica: every replica answers for the whole service.
+        self._addresses.setdefault("score", self._addresses[self.score_names[0]])
         # Each service's admin port (kit.admin: /metrics, /healthz, /readyz), free unless fixed.
         self._admin_addresses = {
             name: f"127.0.0.1:{(admin_ports or {}).get(name) or next(spare)}" for name in self.services
@@ -191,6 +203,12 @@ class Cluster:
 
     def database_url(self, name: str) -> str:
         return self._database_urls[name]
+
+    def service_of(self, name: str) -> str:
+        """The service a process runs: "rules" for rules-1, "score" for score-0."""
+        if name in self.rules_names:
+            return "rules"
+        return "score" if name in self.score_names else name
 
     def log_path(self, name: str) -> Path:
         return self.data_dir / f"{name}.log"
@@ -221,8 +239,8 @@ class Cluster:
         if self.pki is None:
             env["EGRET_INSECURE"] = "true"
         else:
-            env.update(self.pki.env("rules" if name in self.rules_names else name))
-        if name in ("ingest", "score", "query"):
+            env.update(self.pki.env(self.service_of(name)))
+        if self.service_of(name) in ("ingest", "score", "query"):
             env["EGRET_SUBJECT_KEY"] = self.subject_key
         # Rules holds the rotations without the root key: it moves keys, never makes them.
         env["EGRET_SUBJECT_KEY_ID"] = self.subject_key_id
@@ -235,17 +253,18 @@ class Cluster:
             else:
                 env["EGRET_RULES_ADDRESSES"] = ",".join(rules)  # in shard order
         if name in self.rules_names:
-            env["EGRET_SCORE_ADDRESS"] = self._addresses["score"]
+            shard = self.rules_names.index(name)
+            env["EGRET_SCORE_ADDRESS"] = self._addresses[self.score_names[shard % len(self.score_names)]]
             if len(self.rules_names) > 1:
-                env["EGRET_RULES_SHARD"] = str(self.rules_names.index(name))
+                env["EGRET_RULES_SHARD"] = str(shard)
                 env["EGRET_RULES_SHARDS"] = str(len(self.rules_names))
         if name == "query":
             env["EGRET_SCORE_DATABASE_URL"] = self._database_urls["score"]
             # Explain reads the active rule set; every shard holds the same rule sets.
             env["EGRET_RULES_ADDRESS"] = self._addresses[self.rules_names[0]]
         env.update(self._env)
-        if name in self.rules_names and name != "rules":
-            env.update(self._service_env.get("rules", {}))
+        if self.service_of(name) != name:
+            env.update(self._service_env.get(self.service_of(name), {}))
         env.update(self._service_env.get(name, {}))
         return env
 
@@ -299,6 +318,9 @@ class Cluster:
     def start(self, name: str | None = None) -> None:
         """Start one service (or all that are not running) and wait until each is SERVING."""
         names = self.services if name is None else (name,)
+        if name is None and len(self.score_names) > 1 and not self.is_running(self.score_names[0]):
+            # The first replica migrates the shared database before the others start.
+            self.start(self.score_names[0])
         started = []
         for service in names:
             if self.is_running(service):
@@ -327,7 +349,7 @@ class Cluster:
         log = self.log_path(name).open("ab")
         log.write(f"--- egret cluster: starting {name} at {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
         log.flush()
-        args = ["-m", f"services.{'rules' if name in self.rules_names else name}"]
+        args = ["-m", f"services.{self.service_of(name)}"]
         env = self.env_for(name)
         command = [self._python, *args] if self._launcher is None else list(self._launcher(args, env))
         popen = subprocess.Popen(
@@ -379,7 +401,7 @@ class Cluster:
         if self.pki is None:
             return grpc.insecure_channel(self._addresses[name])
         # With the service's own certificate: rules and score require one (mutual TLS).
-        base = "rules" if name in self.rules_names else name
+        base = self.service_of(name)
         credentials = grpc.ssl_channel_credentials(
             root_certificates=self.pki.ca_file.read_bytes(),
             private_key=self.pki.key_file(base).read_bytes(),
@@ -401,7 +423,7 @@ class Cluster:
     def stop(self, name: str | None = None) -> dict[str, int]:
         """SIGTERM, wait for the graceful shutdown, SIGKILL what is left; return exit codes."""
         # Upstream first, so no service is left sending to one that is gone.
-        order = ("ingest", *self.rules_names, "score", "query")
+        order = ("ingest", *self.rules_names, *self.score_names, "query")
         names: list[str] = [n for n in order if n in self._processes]
         if name is not None:
             names = [name] if name in self._processes else []

@@ -1,9 +1,11 @@
-"""Rules split over two shards gives exactly what one rules instance gives, across processes (SQLite)."""
+"""Rules split over two shards, each sending to its own score replica on one shared PostgreSQL
+database, gives exactly what one rules and one score instance give on SQLite, across processes."""
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +22,10 @@ from egret.rules.v1 import rules_service_pb2_grpc as rules_grpc
 from egret_client.submitter import stream_by_source
 from kit.db import create_engine
 from kit.sharding import shard_of
+from tests.support.databases import create_postgres_database, drop_postgres_database
 from tests.support.expected_outcomes import expected_outcome_ids
 from tests.support.scenario import assert_scores_equal_recompute
+from tests.support.scrape import scrape, total
 
 pytestmark = pytest.mark.e2e
 
@@ -34,6 +38,7 @@ class Outcome:
     ledger: frozenset[str]
     scores: dict[str, tuple[int, str, int]]
     evaluated_by: dict[str, frozenset[str]]  # rules process → subject keys it evaluated
+    applied_by: dict[str, float]  # score process → outcomes it applied
 
 
 def read(url: str, query: str) -> list[tuple[Any, ...]]:
@@ -45,11 +50,17 @@ def read(url: str, query: str) -> list[tuple[Any, ...]]:
         engine.dispose()
 
 
-async def run_population(data_dir: Path, subject_key: str, rules_shards: int) -> tuple[Outcome, Cluster]:
+async def run_population(
+    data_dir: Path, subject_key: str, rules_shards: int, score_url: str | None = None
+) -> tuple[Outcome, Cluster]:
+    """The population through a cluster; with `score_url`, as many score replicas as rules
+    shards share that database."""
     cluster = Cluster(
         data_dir,
         subject_key=subject_key,
         rules_shards=rules_shards,
+        score_replicas=rules_shards if score_url else 1,
+        database_urls={"score": score_url} if score_url else None,
         env={"EGRET_RELAY_POLL_SECONDS": "0.05", "EGRET_RELAY_BACKOFF_MAX_SECONDS": "1"},
     )
     with cluster:
@@ -79,6 +90,10 @@ async def run_population(data_dir: Path, subject_key: str, rules_shards: int) ->
                 )
                 for name in cluster.rules_names
             },
+            applied_by={
+                name: total(scrape(cluster.admin_url(name)), "egret_score_outcomes_applied_total")
+                for name in cluster.score_names
+            },
         )
     return outcome, cluster
 
@@ -101,10 +116,22 @@ async def assert_a_misrouted_event_is_refused(cluster: Cluster) -> None:
     assert f"{wrong[-1]} of 2" in (raised.value.details() or "")
 
 
-async def test_two_rules_shards_give_the_same_ledger_and_scores_as_one(tmp_path: Path) -> None:
+@pytest.fixture
+def score_url() -> Iterator[str]:
+    url = create_postgres_database()
+    try:
+        yield url
+    finally:
+        drop_postgres_database(url)
+
+
+@pytest.mark.postgres
+async def test_two_rules_shards_and_score_replicas_give_the_same_ledger_and_scores_as_one(
+    tmp_path: Path, score_url: str
+) -> None:
     subject_key = secrets.token_hex(32)  # the same pseudonyms in both runs, so outcome ids compare
     single, single_cluster = await run_population(tmp_path / "one", subject_key, rules_shards=1)
-    sharded, _ = await run_population(tmp_path / "two", subject_key, rules_shards=2)
+    sharded, _ = await run_population(tmp_path / "two", subject_key, rules_shards=2, score_url=score_url)
 
     assert len(single.ledger) > 1000
     assert sharded.ledger == single.ledger
@@ -120,3 +147,9 @@ async def test_two_rules_shards_give_the_same_ledger_and_scores_as_one(tmp_path:
     assert first | second == single.evaluated_by["rules"]
     assert all(shard_of(key, 2) == 0 for key in first)
     assert all(shard_of(key, 2) == 1 for key in second)
+
+    # Both score replicas wrote to the one ledger, which has each outcome once (the scores
+    # above were also recomputed from it, assert_scores_equal_recompute).
+    assert set(sharded.applied_by) == {"score-0", "score-1"}
+    assert all(applied > 0 for applied in sharded.applied_by.values())
+    assert sum(sharded.applied_by.values()) == len(sharded.ledger)
