@@ -113,6 +113,24 @@ def stored_bytes(url: str) -> dict[str, int]:
         engine.dispose()
 
 
+def row_writes(url: str) -> dict[str, int]:
+    """Rows a PostgreSQL database's tables took in (inserted, updated, deleted) and the
+    transactions committed in it, from pg_stat_database. Backends report at exit at the
+    latest: read it once the services have stopped."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as connection:
+            row = connection.execute(
+                sa.text(
+                    "SELECT tup_inserted, tup_updated, tup_deleted, xact_commit"
+                    " FROM pg_catalog.pg_stat_database WHERE datname = current_database()"
+                )
+            ).one()
+    finally:
+        engine.dispose()
+    return dict(zip(("inserted", "updated", "deleted", "commits"), (int(v) for v in row), strict=True))
+
+
 class Profiler:
     """py-spy flame graphs of running processes: `start` attaches one recorder per process,
     `stop` interrupts them, and each writes DIRECTORY/NAME.svg (py-spy writes on SIGINT)."""

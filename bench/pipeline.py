@@ -43,6 +43,7 @@ from bench.meter import (
     load_average,
     machine,
     percentile,
+    row_writes,
     server_cpu_seconds,
     stored_bytes,
 )
@@ -351,6 +352,8 @@ class _Run:
     service_of: dict[str, str]
     # Bytes per table of each service's database once drained (indexes included).
     stored: dict[str, dict[str, int]]
+    # On PostgreSQL: rows inserted, updated, deleted and commits per service's database.
+    writes: dict[str, dict[str, int]]
 
 
 def _measured_run(
@@ -379,6 +382,7 @@ def _measured_run(
         score_replicas=args.score_replicas,
     )
     profiler = Profiler(args.profile) if args.profile else None
+    writes: dict[str, dict[str, int]] = {}
     try:
         cluster.start()
         database = "postgresql" if args.postgres else "sqlite"
@@ -402,8 +406,12 @@ def _measured_run(
             profiler.stop()
         cluster.close(remove_data_dir=args.data_dir is None)
         if postgres:
-            postgres.drop()
-    return _Run(totals, end_to_end_s, cpu, {name: cluster.service_of(name) for name in pids}, stored)
+            try:
+                writes = {name: row_writes(database_urls[name]) for name in databases}
+            finally:
+                postgres.drop()
+    service_of = {name: cluster.service_of(name) for name in pids}
+    return _Run(totals, end_to_end_s, cpu, service_of, stored, writes)
 
 
 def _per_event(cpu: dict[str, float], events: int) -> dict[str, float]:
@@ -524,6 +532,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     figures["loadavg_before"] = load_before
     figures["loadavg"] = load_average()
     figures["stored"] = _storage(run.stored, totals.accepted)
+    if run.writes:
+        figures["database_writes_per_event"] = {
+            name: {what: round(n / max(totals.accepted, 1), 2) for what, n in counts.items()}
+            for name, counts in run.writes.items()
+        }
     figures["visibility_sampling"] = {
         "polls": sum(s.polls for s in samples.values()),
         "query_cpu_us_per_event": figures["cpu_us_per_event"]["query"],
@@ -583,6 +596,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         + " + ".join(f"{name} {v['bytes_per_event']:,.0f}" for name, v in stored.items())
         + " (tables and indexes; free pages and WAL left out)"
     )
+    for name, per in figures.get("database_writes_per_event", {}).items():
+        print(
+            f"  {name} database per accepted event: {per['inserted']} rows inserted, "
+            f"{per['updated']} updated, {per['deleted']} deleted, {per['commits']} commits"
+        )
     vis = figures["visible_latency_ms"]
     print(
         f"event→visible:  p50 {vis['p50']} ms, p95 {vis['p95']} ms, p99 {vis['p99']} ms "
