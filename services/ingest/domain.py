@@ -64,7 +64,7 @@ class NewEvent:
     fingerprint: str
     # The canonical bytes (services.ingest.wire.body), serialized once: hashed for the
     # fingerprint, then stored and relayed as they are.
-    body: bytes = b""
+    body: bytes
     # The fingerprint over JSON that events stored before FINGERPRINT_CANONICAL carry;
     # taken only when such an event is compared (`same_payload`).
     json_fingerprint: str | None = None

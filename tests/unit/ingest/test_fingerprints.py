@@ -10,10 +10,12 @@ import pytest
 
 from domain.catalogue import IncomingEvent
 from kit.pseudonym import KeyLink, Pseudonymiser
+from services.ingest import wire
 from services.ingest.domain import (
     FINGERPRINT_JSON,
     EventStatus,
     StoredFingerprint,
+    fingerprint,
     json_fingerprint,
 )
 from tests.support.intake import NOW, MemoryStore, late, make_intake
@@ -38,6 +40,22 @@ def test_the_json_fingerprint_is_the_one_events_were_stored_with() -> None:
         json_fingerprint(event, "ab" * 32)
         == "283fda20d81b27034e44549a635c03450efe12c5fcb9abc807b06d3869541892"
     )
+
+
+def test_the_canonical_fingerprint_is_stable() -> None:
+    # Stored fingerprints must compare equal for as long as they are stored: a protobuf
+    # release that serialized these fields otherwise would need a FINGERPRINT version 3.
+    body = wire.body(
+        source="metro",
+        event_id="e1",
+        event_type="transport.metro.fare_evasion",
+        subject_kind="person",
+        occurred_at=datetime(2026, 10, 1, 8, 30, 15, 250000, tzinfo=UTC),
+        attributes={"station": "西湖", "amount": 3.0},
+        evidence_uri="https://metro.example/r/1",
+    )
+    pinned = "2e82d8b9b8fc219c076f26bc89c81d838a0dd57ae622cea389638ec8a2180375"
+    assert fingerprint(body, "ab" * 32) == pinned
 
 
 def stored_before_the_upgrade(event: IncomingEvent, chain: Pseudonymiser) -> StoredFingerprint:
