@@ -6,7 +6,9 @@ everything the department sent (with the subject already pseudonymised), decides
 whether a repeated key is a harmless duplicate or a conflicting reuse. It is taken with
 the root generation's subject key and carried along the key chain like a subject key, so
 a rotation moves it with the keys and a leaked root key alone does not reach it
-(docs/security.md, "Rotating the subject key").
+(docs/security.md, "Rotating the subject key"). It hashes the event's canonical bytes,
+the very bytes stored and relayed (services.ingest.wire); events stored before that
+carry a hash over JSON, and a resend of one is compared with that hash.
 
 A retraction never deletes: the event stays (so a resend of it is still a duplicate,
 never a new event) and the retraction is stored beside it and relayed to rules after
@@ -19,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import Enum
 from typing import Final, Protocol
@@ -27,6 +29,7 @@ from typing import Final, Protocol
 from domain.catalogue import Catalogue, IncomingEvent, Scalar
 from kit.errors import AlreadyExists, InvalidArgument, Violation
 from kit.pseudonym import Pseudonymiser
+from services.ingest import wire
 
 
 class EventStatus(Enum):
@@ -59,10 +62,38 @@ class NewEvent:
     attributes: Mapping[str, Scalar]
     evidence_uri: str
     fingerprint: str
+    # The canonical bytes (services.ingest.wire.body), serialized once: hashed for the
+    # fingerprint, then stored and relayed as they are.
+    body: bytes
+    # The fingerprint over JSON that events stored before FINGERPRINT_CANONICAL carry;
+    # taken only when such an event is compared (`same_payload`).
+    json_fingerprint: str | None = None
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.source, self.event_id)
+
+
+# How a stored fingerprint was taken: SHA-256 over JSON (events stored before the
+# canonical bytes; NULL in the database), or over the canonical bytes (`fingerprint`).
+FINGERPRINT_JSON: Final = 1
+FINGERPRINT_CANONICAL: Final = 2
+
+
+@dataclass(frozen=True)
+class StoredFingerprint:
+    value: str
+    version: int = FINGERPRINT_CANONICAL
+
+
+def same_payload(stored: StoredFingerprint, new: NewEvent) -> bool:
+    """Whether `new` is the event stored under its key: compared with the fingerprint of
+    the stored one's version."""
+    if stored.version == FINGERPRINT_CANONICAL:
+        return stored.value == new.fingerprint
+    if new.json_fingerprint is None:
+        raise ValueError(f"the JSON fingerprint of event {new.event_id!r} was not taken")
+    return stored.value == new.json_fingerprint
 
 
 # A retraction's reason is shown to the subject and to reviewers: long enough to explain.
@@ -115,7 +146,9 @@ class RetractionRequest:
 
 
 class EventStore(Protocol):
-    def record(self, events: Sequence[NewEvent], recorded_at: datetime) -> Mapping[tuple[str, str], str]:
+    def record(
+        self, events: Sequence[NewEvent], recorded_at: datetime
+    ) -> Mapping[tuple[str, str], StoredFingerprint]:
         """In one transaction, store every event whose key is new, with its outbox row.
 
         Returns the stored fingerprint of each key that already existed (those events
@@ -123,7 +156,7 @@ class EventStore(Protocol):
         """
         ...
 
-    def fingerprints(self, keys: Sequence[tuple[str, str]]) -> Mapping[tuple[str, str], str]:
+    def fingerprints(self, keys: Sequence[tuple[str, str]]) -> Mapping[tuple[str, str], StoredFingerprint]:
         """The stored fingerprint of each of these keys that exists; reads only."""
         ...
 
@@ -133,7 +166,9 @@ class EventStore(Protocol):
         retraction is returned as it is (already_retracted)."""
         ...
 
-    def correct(self, request: RetractionRequest, replacement: NewEvent) -> tuple[Retracted, str | None]:
+    def correct(
+        self, request: RetractionRequest, replacement: NewEvent
+    ) -> tuple[Retracted, StoredFingerprint | None]:
         """In one transaction: retract the original (replaced_by the replacement) and store
         the replacement with its outbox row, and the audit record.
 
@@ -151,7 +186,14 @@ class Limits:
     max_event_age: timedelta
 
 
-def fingerprint(event: IncomingEvent, subject_key: str) -> str:
+def fingerprint(body: bytes, subject_key: str) -> str:
+    """SHA-256 over the root generation's subject key and the event's canonical bytes."""
+    return hashlib.sha256(subject_key.encode() + b"\x1f" + body).hexdigest()
+
+
+def json_fingerprint(event: IncomingEvent, subject_key: str) -> str:
+    """The fingerprint of events stored before FINGERPRINT_CANONICAL, kept as it was
+    for their resends."""
     attributes = {
         name: [type(value).__name__, value.isoformat() if isinstance(value, datetime) else value]
         for name, value in sorted(event.attributes.items())
@@ -225,7 +267,7 @@ class Intake:
         now = self._clock()
         results: dict[int, EventResult] = {}
         candidates: dict[tuple[str, str], tuple[int, NewEvent]] = {}
-        pending: list[tuple[int, NewEvent]] = []
+        pending: list[tuple[int, NewEvent, IncomingEvent]] = []
         for index, event in enumerate(events):
             violations = self._catalogue.validate(
                 source,
@@ -246,24 +288,30 @@ class Intake:
             new = self._pseudonymise(source, event)
             earlier = candidates.get(new.key)
             if earlier is not None:
-                results[index] = self._repeat(index, new, earlier[1].fingerprint, "earlier in this batch")
+                in_batch = StoredFingerprint(earlier[1].fingerprint)
+                results[index] = self._repeat(index, new, in_batch, "earlier in this batch")
                 continue
             candidates[new.key] = (index, new)
-            pending.append((index, new))
+            pending.append((index, new, event))
 
         if not pending:
-            existing: Mapping[tuple[str, str], str] = {}
+            existing: Mapping[tuple[str, str], StoredFingerprint] = {}
         elif validate_only:
-            existing = self._store.fingerprints([new.key for _, new in pending])
+            existing = self._store.fingerprints([new.key for _, new, _ in pending])
         else:
-            existing = self._store.record([new for _, new in pending], now)
-        for index, new in pending:
-            stored = existing.get(new.key)
-            results[index] = (
-                EventResult(index, new.event_id, EventStatus.ACCEPTED)
-                if stored is None
-                else self._repeat(index, new, stored, "earlier")
+            existing = self._store.record([new for _, new, _ in pending], now)
+        for index, new, event in pending:
+            found = existing.get(new.key)
+            if found is None:
+                results[index] = EventResult(index, new.event_id, EventStatus.ACCEPTED)
+                continue
+            # Stored before canonical fingerprints: compared with the JSON one (rare, so taken here).
+            compared = (
+                new
+                if found.version == FINGERPRINT_CANONICAL
+                else self._pseudonymise(source, event, with_json_fingerprint=True)
             )
+            results[index] = self._repeat(index, compared, found, "earlier")
         return [results[i] for i in range(len(events))]
 
     def retract(self, source: str, event_id: str, reason: str, actor: str) -> Retracted:
@@ -305,7 +353,8 @@ class Intake:
             )
         if problems:
             raise InvalidArgument("invalid correction", problems)
-        new = self._pseudonymise(source, replacement)
+        # The store compares it with a stored event of either fingerprint version.
+        new = self._pseudonymise(source, replacement, with_json_fingerprint=True)
         retracted, stored = self._store.correct(RetractionRequest(source, event_id, reason, actor, now), new)
         result = (
             EventResult(0, new.event_id, EventStatus.ACCEPTED)
@@ -318,8 +367,8 @@ class Intake:
         return Corrected(retracted.retraction, result)
 
     @staticmethod
-    def _repeat(index: int, new: NewEvent, stored_fingerprint: str, when: str) -> EventResult:
-        if stored_fingerprint == new.fingerprint:
+    def _repeat(index: int, new: NewEvent, stored: StoredFingerprint, when: str) -> EventResult:
+        if same_payload(stored, new):
             return EventResult(index, new.event_id, EventStatus.DUPLICATE)
         return EventResult(
             index,
@@ -328,7 +377,9 @@ class Intake:
             message=f"event_id {new.event_id!r} was submitted {when} with a different payload",
         )
 
-    def _pseudonymise(self, source: str, event: IncomingEvent) -> NewEvent:
+    def _pseudonymise(
+        self, source: str, event: IncomingEvent, *, with_json_fingerprint: bool = False
+    ) -> NewEvent:
         assert event.subject_kind is not None
         assert event.occurred_at is not None
         chain = self._pseudonymiser
@@ -341,17 +392,16 @@ class Intake:
         for name, value in attributes.items():
             if spec[name].type == "double" and isinstance(value, int):
                 attributes[name] = float(value)
-        normalised = IncomingEvent(
-            event.event_id,
-            event.event_type,
-            event.subject_kind,
-            event.id_scheme,
-            event.id_value,
-            event.occurred_at,
-            attributes,
-            event.evidence_uri,
+        body = wire.body(
+            source=source,
+            event_id=event.event_id,
+            event_type=event.event_type,
+            subject_kind=event.subject_kind,
+            occurred_at=event.occurred_at,
+            attributes=attributes,
+            evidence_uri=event.evidence_uri,
         )
-        return NewEvent(
+        new = NewEvent(
             source=source,
             event_id=event.event_id,
             event_type=event.event_type,
@@ -362,7 +412,23 @@ class Intake:
             attributes=attributes,
             evidence_uri=event.evidence_uri,
             # Of the same generation as the key: the store keeps both in one generation.
-            fingerprint=chain.rekey(fingerprint(normalised, keys[0][1]), chain.key_id),
+            fingerprint=chain.rekey(fingerprint(body, keys[0][1]), chain.key_id),
+            body=body,
+        )
+        if not with_json_fingerprint:
+            return new
+        normalised = IncomingEvent(
+            event.event_id,
+            event.event_type,
+            event.subject_kind,
+            event.id_scheme,
+            event.id_value,
+            event.occurred_at,
+            attributes,
+            event.evidence_uri,
+        )
+        return replace(
+            new, json_fingerprint=chain.rekey(json_fingerprint(normalised, keys[0][1]), chain.key_id)
         )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -83,6 +84,15 @@ def counts(results: Sequence[EventResult]) -> pb.BatchCounts:
     )
 
 
+@dataclass(frozen=True)
+class Answered:
+    """A batch's results, as the domain decided them and as the response carries them."""
+
+    results: list[EventResult]
+    messages: list[pb.EventResult]
+    counts: pb.BatchCounts
+
+
 class IngestServicer(pb_grpc.IngestServiceServicer):
     def __init__(self, intake: Intake, executor: Executor, committed: Callable[[], None]) -> None:
         self._intake = intake
@@ -91,9 +101,10 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         self._tracer = trace.get_tracer("egret.ingest")
 
     async def _submit(
-        self, source: str, events: Sequence[pb.Event], *, validate_only: bool = False
-    ) -> list[EventResult]:
-        """Run one batch through the domain off the event loop, in its own span."""
+        self, source: str, events: Sequence[pb.Event], *, validate_only: bool = False, within: str = ""
+    ) -> Answered:
+        """Run one batch through the domain off the event loop, in its own span: the
+        conversions of each event and of each result run in the executor too."""
         with self._tracer.start_as_current_span(
             "ingest batch",
             attributes={
@@ -102,13 +113,13 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                 "egret.validate_only": validate_only,
             },
         ) as span:
-            converted = [incoming(e) for e in events]
-            results = await run_blocking(
-                self._executor, partial(self._intake.submit, validate_only=validate_only), source, converted
+            answered = await run_blocking(
+                self._executor,
+                partial(self._answer, validate_only=validate_only, within=within),
+                source,
+                events,
             )
-            tally = counts(results)
-            if not validate_only:
-                self._count(source, events, results)
+            tally = answered.counts
             span.set_attributes(
                 {
                     "egret.accepted": tally.accepted,
@@ -128,7 +139,15 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                 rejected=tally.rejected,
                 conflict=tally.conflict,
             )
-            return results
+            return answered
+
+    def _answer(
+        self, source: str, events: Sequence[pb.Event], *, validate_only: bool, within: str
+    ) -> Answered:
+        results = self._intake.submit(source, [incoming(e) for e in events], validate_only=validate_only)
+        if not validate_only:
+            self._count(source, events, results)
+        return Answered(results, [result_message(r, within) for r in results], counts(results))
 
     def _count(self, source: str, events: Sequence[pb.Event], results: Sequence[EventResult]) -> None:
         """egret.ingest.events, labelled only with names the catalogue knows (a caller's
@@ -149,7 +168,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             problems.append(Violation("event", "is required", "REQUIRED"))
         if problems:
             raise InvalidArgument("invalid request", problems)
-        (result,) = await self._submit(request.source, [request.event])
+        (result,) = (await self._submit(request.source, [request.event])).results
         if result.status is EventStatus.REJECTED:
             raise InvalidArgument(
                 f"event {result.event_id!r} is invalid", [v.prefixed("event") for v in result.violations]
@@ -163,10 +182,10 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         problems = self._intake.check_request(request.source, len(request.events))
         if problems:
             raise InvalidArgument("invalid batch", problems)
-        results = await self._submit(request.source, request.events, validate_only=request.validate_only)
-        return pb.SubmitEventsResponse(
-            results=[result_message(r, "events") for r in results], counts=counts(results)
+        answered = await self._submit(
+            request.source, request.events, validate_only=request.validate_only, within="events"
         )
+        return pb.SubmitEventsResponse(results=answered.messages, counts=answered.counts)
 
     async def StreamEvents(
         self, request_iterator: AsyncIterator[pb.StreamEventsRequest], context: Any
@@ -186,7 +205,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                     for i, e in enumerate(request.events)
                 ]
                 self._count(request.source, request.events, results)
-                within = ""
+                answered = Answered(results, [result_message(r) for r in results], counts(results))
                 log.info(
                     "batch rejected",
                     source=request.source,
@@ -194,12 +213,9 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                     reasons=[p.reason for p in problems],
                 )
             else:
-                results = await self._submit(request.source, request.events)
-                within = "events"
+                answered = await self._submit(request.source, request.events, within="events")
             yield pb.StreamEventsResponse(
-                batch_id=request.batch_id,
-                results=[result_message(r, within) for r in results],
-                counts=counts(results),
+                batch_id=request.batch_id, results=answered.messages, counts=answered.counts
             )
 
     async def RetractEvent(self, request: pb.RetractEventRequest, context: Any) -> pb.RetractEventResponse:

@@ -11,12 +11,14 @@ from domain.catalogue import IncomingEvent, load_catalogue
 from kit.errors import NotFound
 from kit.pseudonym import Pseudonymiser
 from services.ingest.domain import (
+    EventStore,
     Intake,
     Limits,
     NewEvent,
     Retracted,
     Retraction,
     RetractionRequest,
+    StoredFingerprint,
 )
 
 NOW = datetime(2026, 11, 1, tzinfo=UTC)
@@ -27,16 +29,23 @@ class MemoryStore:
         self.events: dict[tuple[str, str], NewEvent] = {}
         self.retractions: dict[tuple[str, str], Retraction] = {}
         self.calls = 0
+        # Fingerprints as an earlier version stored them, by key (e.g. over JSON).
+        self.stored_fingerprints: dict[tuple[str, str], StoredFingerprint] = {}
 
-    def record(self, events: Sequence[NewEvent], recorded_at: datetime) -> Mapping[tuple[str, str], str]:
+    def stored(self, key: tuple[str, str]) -> StoredFingerprint:
+        return self.stored_fingerprints.get(key) or StoredFingerprint(self.events[key].fingerprint)
+
+    def record(
+        self, events: Sequence[NewEvent], recorded_at: datetime
+    ) -> Mapping[tuple[str, str], StoredFingerprint]:
         self.calls += 1
-        existing = {e.key: self.events[e.key].fingerprint for e in events if e.key in self.events}
+        existing = {e.key: self.stored(e.key) for e in events if e.key in self.events}
         for e in events:
             self.events.setdefault(e.key, e)
         return existing
 
-    def fingerprints(self, keys: Sequence[tuple[str, str]]) -> Mapping[tuple[str, str], str]:
-        return {key: self.events[key].fingerprint for key in keys if key in self.events}
+    def fingerprints(self, keys: Sequence[tuple[str, str]]) -> Mapping[tuple[str, str], StoredFingerprint]:
+        return {key: self.stored(key) for key in keys if key in self.events}
 
     def retract(self, request: RetractionRequest) -> Retracted:
         key = (request.source, request.event_id)
@@ -55,22 +64,22 @@ class MemoryStore:
         self.retractions[key] = retraction
         return Retracted(retraction, already_retracted=False)
 
-    def correct(self, request: RetractionRequest, replacement: NewEvent) -> tuple[Retracted, str | None]:
-        stored = self.events.get(replacement.key)
+    def correct(
+        self, request: RetractionRequest, replacement: NewEvent
+    ) -> tuple[Retracted, StoredFingerprint | None]:
+        stored = self.stored(replacement.key) if replacement.key in self.events else None
         retracted = self.retract(request)
         self.retractions[retracted.retraction.key] = replace(
             retracted.retraction, replaced_by=replacement.key
         )
         self.events.setdefault(replacement.key, replacement)
-        return Retracted(self.retractions[retracted.retraction.key], False), (
-            None if stored is None else stored.fingerprint
-        )
+        return Retracted(self.retractions[retracted.retraction.key], False), stored
 
 
-def make_intake(store: MemoryStore) -> Intake:
+def make_intake(store: EventStore, pseudonymiser: Pseudonymiser | None = None) -> Intake:
     return Intake(
         catalogue=load_catalogue(Path("config/catalogue.yaml")),
-        pseudonymiser=Pseudonymiser(b"k" * 32, "k1"),
+        pseudonymiser=pseudonymiser or Pseudonymiser(b"k" * 32, "k1"),
         store=store,
         limits=Limits(
             max_batch_size=3, max_future_skew=timedelta(minutes=5), max_event_age=timedelta(days=3650)

@@ -3,6 +3,9 @@ and the audit log, written together.
 
 Each outbox row is one serialized EvaluateEventsRequest holding exactly one event or one
 retraction; the relay merges a claim's rows into one request (services/ingest/bootstrap.py).
+An event's row holds the bytes stored as its record, with its sequence appended
+(services.ingest.wire): each event is serialized once. Events and outbox rows go in with
+one executemany per batch each.
 A retraction's row is written after its event's, for the same subject and so the same
 shard, so rules always receives the event first.
 
@@ -29,10 +32,20 @@ from kit.audit import AuditHeadMixin, AuditMixin
 from kit.db import as_utc, make_metadata
 from kit.errors import AlreadyExists, FailedPrecondition, NotFound
 from kit.outbox import BigId, OutboxMixin, outbox_rows
-from kit.protoconv import SUBJECT_KIND_VALUES, to_attribute_value, to_timestamp
+from kit.protoconv import to_timestamp
 from kit.rekey import GenerationMixin, KeyedColumn, KeyedStore, rewrite_recorded_event
 from kit.sharding import shard_of
-from services.ingest.domain import NewEvent, Retracted, Retraction, RetractionRequest
+from services.ingest import wire
+from services.ingest.domain import (
+    FINGERPRINT_CANONICAL,
+    FINGERPRINT_JSON,
+    NewEvent,
+    Retracted,
+    Retraction,
+    RetractionRequest,
+    StoredFingerprint,
+    same_payload,
+)
 
 
 class Base(DeclarativeBase):
@@ -56,6 +69,8 @@ class StoredEvent(Base):
     fingerprint: Mapped[str] = mapped_column(sa.String(64))
     # The generation of `fingerprint` (NULL: the root's, from before generations).
     fingerprint_key_id: Mapped[str | None] = mapped_column(sa.String(32))
+    # How `fingerprint` was taken (services.ingest.domain; NULL: FINGERPRINT_JSON).
+    fingerprint_version: Mapped[int | None] = mapped_column(sa.SmallInteger)
     record: Mapped[bytes] = mapped_column(sa.LargeBinary)
 
 
@@ -119,8 +134,17 @@ class Outbox(Base, OutboxMixin):
     shard: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
 
 
-def event_payload(event: event_pb2.RecordedEvent) -> bytes:
-    return rules_pb.EvaluateEventsRequest(events=[event]).SerializeToString()
+# Batches go into these Core tables with executemany, without the ORM's per-row bookkeeping.
+_OUTBOX = Base.metadata.tables["ingest_outbox"]
+
+
+_EVENTS_FIELD = rules_pb.EvaluateEventsRequest.EVENTS_FIELD_NUMBER
+
+
+def event_payload(record: bytes, sequence: int) -> bytes:
+    """The outbox row of a stored event: an EvaluateEventsRequest holding its record, the
+    stored bytes as they are, with its sequence."""
+    return wire.length_delimited(_EVENTS_FIELD, record + wire.sequence(sequence))
 
 
 def retraction_message(retraction: Retraction) -> due_process_pb2.Retraction:
@@ -156,20 +180,6 @@ def _retraction(row: StoredRetraction) -> Retraction:
     )
 
 
-def recorded_event(event: NewEvent, recorded_at: datetime) -> event_pb2.RecordedEvent:
-    return event_pb2.RecordedEvent(
-        ref=event_pb2.EventRef(source=event.source, event_id=event.event_id),
-        event_type=event.event_type,
-        subject_key=event.subject_key,
-        subject_kind=SUBJECT_KIND_VALUES[event.subject_kind],
-        occurred_at=to_timestamp(event.occurred_at),
-        recorded_at=to_timestamp(recorded_at),
-        attributes={name: to_attribute_value(value) for name, value in event.attributes.items()},
-        evidence_uri=event.evidence_uri,
-        subject_key_id=event.subject_key_id,
-    )
-
-
 class SqlEventStore:
     """EventStore on SQLAlchemy: one transaction per batch, bulk statements only.
 
@@ -184,7 +194,9 @@ class SqlEventStore:
         self._audit_keys = audit_keys
         self._rules_shards = rules_shards
 
-    def record(self, events: Sequence[NewEvent], recorded_at: datetime) -> Mapping[tuple[str, str], str]:
+    def record(
+        self, events: Sequence[NewEvent], recorded_at: datetime
+    ) -> Mapping[tuple[str, str], StoredFingerprint]:
         try:
             return self._record(events, recorded_at)
         except IntegrityError:
@@ -192,7 +204,9 @@ class SqlEventStore:
             # insert (PostgreSQL with several writers); the retry sees it as existing.
             return self._record(events, recorded_at)
 
-    def _record(self, events: Sequence[NewEvent], recorded_at: datetime) -> Mapping[tuple[str, str], str]:
+    def _record(
+        self, events: Sequence[NewEvent], recorded_at: datetime
+    ) -> Mapping[tuple[str, str], StoredFingerprint]:
         with self._sessions() as session, session.begin():
             existing = self._existing(session, events)
             fresh = [e for e in events if e.key not in existing]
@@ -201,10 +215,12 @@ class SqlEventStore:
         return existing
 
     def _insert(self, session: Session, fresh: Sequence[NewEvent], recorded_at: datetime) -> None:
-        """Store new events and their outbox rows, in the caller's transaction."""
-        messages = [recorded_event(e, recorded_at) for e in fresh]
-        sequences = session.scalars(
-            sa.insert(StoredEvent).returning(StoredEvent.sequence, sort_by_parameter_order=True),
+        """Store new events and their outbox rows, in the caller's transaction: one
+        executemany each, and one read of the sequences the database gave the events."""
+        at = wire.recorded_at(recorded_at)
+        records = [e.body + wire.subject(e.subject_key, e.subject_key_id) + at for e in fresh]
+        session.execute(
+            sa.insert(_EVENTS),
             [
                 {
                     "source": e.source,
@@ -216,22 +232,34 @@ class SqlEventStore:
                     "recorded_at": recorded_at,
                     "fingerprint": e.fingerprint,
                     "fingerprint_key_id": e.subject_key_id,
-                    "record": m.SerializeToString(),
+                    "fingerprint_version": FINGERPRINT_CANONICAL,
+                    "record": record,
                 }
-                for e, m in zip(fresh, messages, strict=True)
+                for e, record in zip(fresh, records, strict=True)
             ],
-        ).all()
+        )
         # The sequence is only known after the insert; the relayed copy carries it.
-        payloads = []
-        for message, sequence in zip(messages, sequences, strict=True):
-            message.sequence = sequence
-            payloads.append(event_payload(message))
-        rows = outbox_rows(payloads, recorded_at)
+        sequences = self._sequences(session, [e.key for e in fresh])
+        rows = outbox_rows(
+            [event_payload(r, sequences[e.key]) for e, r in zip(fresh, records, strict=True)], recorded_at
+        )
         for row, event in zip(rows, fresh, strict=True):
             row["shard"] = shard_of(event.subject_key, self._rules_shards)
-        session.execute(sa.insert(Outbox), rows)
+        session.execute(sa.insert(_OUTBOX), rows)
 
-    def fingerprints(self, keys: Sequence[tuple[str, str]]) -> Mapping[tuple[str, str], str]:
+    @staticmethod
+    def _sequences(session: Session, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        found: dict[tuple[str, str], int] = {}
+        for source, ids in _by_source(keys).items():
+            rows = session.execute(
+                sa.select(_EVENTS.c.event_id, _EVENTS.c.sequence).where(
+                    _EVENTS.c.source == source, _EVENTS.c.event_id.in_(ids)
+                )
+            )
+            found.update({(source, event_id): sequence for event_id, sequence in rows})
+        return found
+
+    def fingerprints(self, keys: Sequence[tuple[str, str]]) -> Mapping[tuple[str, str], StoredFingerprint]:
         with self._sessions() as session:
             return self._fingerprints(session, keys)
 
@@ -251,17 +279,21 @@ class SqlEventStore:
             retraction = self._add_retraction(session, request, subject, None, "event.retract")
             return Retracted(retraction, already_retracted=False)
 
-    def correct(self, request: RetractionRequest, replacement: NewEvent) -> tuple[Retracted, str | None]:
+    def correct(
+        self, request: RetractionRequest, replacement: NewEvent
+    ) -> tuple[Retracted, StoredFingerprint | None]:
         try:
             return self._correct(request, replacement)
         except IntegrityError:
             return self._correct(request, replacement)
 
-    def _correct(self, request: RetractionRequest, replacement: NewEvent) -> tuple[Retracted, str | None]:
+    def _correct(
+        self, request: RetractionRequest, replacement: NewEvent
+    ) -> tuple[Retracted, StoredFingerprint | None]:
         with self._sessions() as session, session.begin():
             subject = self._subject_of(session, request)
             stored = self._existing(session, [replacement]).get(replacement.key)
-            if stored is not None and stored != replacement.fingerprint:
+            if stored is not None and not same_payload(stored, replacement):
                 raise AlreadyExists(
                     f"replacement event_id {replacement.event_id!r} was submitted earlier with a "
                     "different payload",
@@ -343,7 +375,7 @@ class SqlEventStore:
         payload = rules_pb.EvaluateEventsRequest(retractions=[retraction_message(retraction)])
         (row,) = outbox_rows([payload.SerializeToString()], request.at)
         row["shard"] = shard_of(subject_key, self._rules_shards)
-        session.execute(sa.insert(Outbox), [row])
+        session.execute(sa.insert(_OUTBOX), [row])
         detail: dict[str, object] = {"reason": retraction.reason}
         if replaced_by is not None:
             detail["replaced_by"] = "/".join(replaced_by)
@@ -373,20 +405,33 @@ class SqlEventStore:
             return sorted(session.scalars(query))
 
     @classmethod
-    def _existing(cls, session: Session, events: Sequence[NewEvent]) -> dict[tuple[str, str], str]:
+    def _existing(
+        cls, session: Session, events: Sequence[NewEvent]
+    ) -> dict[tuple[str, str], StoredFingerprint]:
         return cls._fingerprints(session, [e.key for e in events])
 
     @staticmethod
-    def _fingerprints(session: Session, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]:
-        found: dict[tuple[str, str], str] = {}
-        by_source: dict[str, list[str]] = {}
-        for source, event_id in keys:
-            by_source.setdefault(source, []).append(event_id)
-        for source, ids in by_source.items():
+    def _fingerprints(
+        session: Session, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], StoredFingerprint]:
+        found: dict[tuple[str, str], StoredFingerprint] = {}
+        for source, ids in _by_source(keys).items():
             rows = session.execute(
-                sa.select(StoredEvent.event_id, StoredEvent.fingerprint).where(
-                    StoredEvent.source == source, StoredEvent.event_id.in_(ids)
+                sa.select(_EVENTS.c.event_id, _EVENTS.c.fingerprint, _EVENTS.c.fingerprint_version).where(
+                    _EVENTS.c.source == source, _EVENTS.c.event_id.in_(ids)
                 )
             )
-            found.update({(source, r.event_id): r.fingerprint for r in rows})
+            found.update(
+                {
+                    (source, event_id): StoredFingerprint(value, version or FINGERPRINT_JSON)
+                    for event_id, value, version in rows
+                }
+            )
         return found
+
+
+def _by_source(keys: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for source, event_id in keys:
+        grouped.setdefault(source, []).append(event_id)
+    return grouped
