@@ -32,10 +32,17 @@ def to_datetime(ts: Timestamp) -> datetime:
     return datetime.fromtimestamp(ts.seconds, UTC).replace(microsecond=ts.nanos // 1000)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def to_timestamp(value: datetime) -> Timestamp:
-    ts = Timestamp()
-    ts.FromDatetime(value.astimezone(UTC))
-    return ts
+    """A Timestamp of `value` (a naive one read as local time, as astimezone does): seconds
+    rounded down, nanos in [0, 1e9). Computed here, as Timestamp.FromDatetime is Python code
+    four times as slow and this runs for every event."""
+    if value.tzinfo is None:
+        value = value.astimezone(UTC)
+    delta = value - _EPOCH
+    return Timestamp(seconds=delta.days * 86400 + delta.seconds, nanos=delta.microseconds * 1000)
 
 
 def attribute_value(value: event_pb2.AttributeValue) -> Scalar | None:

@@ -12,43 +12,32 @@ as one item of a repeated field; no copy is built or serialized again.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import UTC, datetime
-
-from google.protobuf.timestamp_pb2 import Timestamp
+from datetime import datetime
 
 from domain.catalogue import Scalar
 from egret.common.v1 import event_pb2
-from kit.protoconv import SUBJECT_KIND_VALUES, to_attribute_value
+from kit.protoconv import SUBJECT_KIND_VALUES, to_attribute_value, to_timestamp
 
 _LEN = 2  # wire type of strings, bytes and messages
-_VARINT = 0
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 Event = event_pb2.RecordedEvent
 
 
-def timestamp(value: datetime) -> Timestamp:
-    """kit.protoconv.to_timestamp for an aware datetime, in a quarter of its time (the
-    Timestamp's FromDatetime is Python code): seconds rounded down, nanos in [0, 1e9)."""
-    delta = value - _EPOCH
-    return Timestamp(seconds=delta.days * 86400 + delta.seconds, nanos=delta.microseconds * 1000)
+def length_delimited(number: int, payload: bytes) -> bytes:
+    """Field `number` holding `payload` (a serialized message) in a message of its own: the
+    framing of a record as one item of a repeated field, without parsing it again."""
+    return _encode_varint(number << 3 | _LEN) + _encode_varint(len(payload)) + payload
 
 
-def varint(value: int) -> bytes:
-    """A non-negative integer in protobuf's base-128 varint encoding."""
-    if value < 0x80:
-        return bytes((value,))
+def _encode_varint(value: int) -> bytes:
+    # A non-negative int in protobuf's base-128 varint encoding: the one piece of the wire
+    # format the generated classes do not expose for bytes that are already serialized.
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
         value >>= 7
     out.append(value)
     return bytes(out)
-
-
-def length_delimited(number: int, payload: bytes) -> bytes:
-    """Field `number` holding `payload` (a string, bytes or a serialized message)."""
-    return varint(number << 3 | _LEN) + varint(len(payload)) + payload
 
 
 def body(
@@ -69,7 +58,7 @@ def body(
         ref=event_pb2.EventRef(source=source, event_id=event_id),
         event_type=event_type,
         subject_kind=SUBJECT_KIND_VALUES[subject_kind],
-        occurred_at=timestamp(occurred_at),
+        occurred_at=to_timestamp(occurred_at),
         attributes={name: to_attribute_value(value) for name, value in attributes.items()},
         evidence_uri=evidence_uri,
     ).SerializeToString(deterministic=True)
@@ -77,16 +66,14 @@ def body(
 
 def subject(subject_key: str, subject_key_id: str) -> bytes:
     """The subject key and its generation, as RecordedEvent fields."""
-    return length_delimited(Event.SUBJECT_KEY_FIELD_NUMBER, subject_key.encode()) + length_delimited(
-        Event.SUBJECT_KEY_ID_FIELD_NUMBER, subject_key_id.encode()
-    )
+    return Event(subject_key=subject_key, subject_key_id=subject_key_id).SerializeToString()
 
 
 def recorded_at(value: datetime) -> bytes:
     """The recording time as a RecordedEvent field (one per batch: every event shares it)."""
-    return length_delimited(Event.RECORDED_AT_FIELD_NUMBER, timestamp(value).SerializeToString())
+    return Event(recorded_at=to_timestamp(value)).SerializeToString()
 
 
 def sequence(value: int) -> bytes:
     """The sequence as a RecordedEvent field."""
-    return varint(Event.SEQUENCE_FIELD_NUMBER << 3 | _VARINT) + varint(value)
+    return Event(sequence=value).SerializeToString()

@@ -3,7 +3,7 @@ canonical bytes with fields appended, and parse as the messages built whole."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -78,17 +78,3 @@ def test_the_canonical_body_does_not_depend_on_attribute_order() -> None:
     forward = wire.body(attributes=ATTRIBUTES, **kwargs)  # type: ignore[arg-type]
     backward = wire.body(attributes=dict(reversed(ATTRIBUTES.items())), **kwargs)  # type: ignore[arg-type]
     assert forward == backward
-
-
-@pytest.mark.parametrize(
-    "value",
-    [
-        OCCURRED,
-        datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
-        datetime(1, 1, 1, tzinfo=UTC),
-        datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
-        datetime(2026, 3, 29, 10, 30, 0, 1, tzinfo=timezone(timedelta(hours=8))),
-    ],
-)
-def test_timestamps_are_those_of_kit_protoconv(value: datetime) -> None:
-    assert wire.timestamp(value) == to_timestamp(value)
