@@ -14,7 +14,9 @@ seeded subjects at R requests per second, open loop, from a separate process:
 
 Latency is measured from each request's scheduled send time to its response, so a client
 that falls behind is charged for it (no coordinated omission). The report gives p50, p95,
-p99 and max, the achieved rate and errors, next to the target (p99 ≤ 3 ms).
+p99 and max, the achieved rate and errors by status code, next to the target (p99 ≤ 3
+ms), and for phase 1 the query process's CPU per read served with the load average
+(`--idle-only` runs phase 1 alone).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from typing import Any
 import grpc
 import sqlalchemy as sa
 
-from bench.meter import machine, percentile
+from bench.meter import cpu_seconds, machine, percentile
 from contracts.score_store import StoredCategory, StoredEntry, StoredScore
 from devtools.cluster import UNLIMITED, Cluster
 from devtools.population import Population, PopulationConfig, batch_requests, subjects_for_events
@@ -90,6 +92,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="events per second offered to ingest in phase 2 (0: as fast as the pipeline takes them)",
     )
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--idle-only", action="store_true", help="phase 1 only (a quick run)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     return parser.parse_args(argv)
 
@@ -196,27 +199,32 @@ def _channel(target: Target) -> grpc.aio.Channel:
 
 
 def _drive(target: Target, subjects: int, rate: int, warmup_s: float, duration_s: float, out: Any) -> None:
-    """Child process: open-loop GetScore at `rate`; puts (latencies_ms, errors, elapsed, cpu_s) on `out`."""
+    """Child process: open-loop GetScore at `rate`; puts (latencies_ms, errors by code,
+    elapsed, cpu_s, calls served including the warm-up) on `out`."""
 
-    async def run() -> tuple[list[float], int, float]:
+    served = 0
+
+    async def run() -> tuple[list[float], dict[str, int], float]:
+        nonlocal served
         rng = random.Random(1)
         latencies: list[float] = []
-        errors = 0
+        errors: dict[str, int] = {}
         async with _channel(target) as channel:
             stub = query_service_pb2_grpc.QueryServiceStub(channel)
             loop = asyncio.get_running_loop()
 
             async def one(scheduled: float, measured: bool) -> None:
-                nonlocal errors
+                nonlocal served
                 ref = subject_pb2.SubjectRef(subject_key=bench_key(rng.randrange(subjects)))
                 try:
                     await stub.GetScore(
                         query_service_pb2.GetScoreRequest(subject=ref, purpose=PURPOSE), timeout=5
                     )
-                except grpc.aio.AioRpcError:
+                except grpc.aio.AioRpcError as exc:
                     if measured:
-                        errors += 1
+                        errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
                     return
+                served += 1
                 if measured:
                     latencies.append((loop.time() - scheduled) * 1000)
 
@@ -235,7 +243,18 @@ def _drive(target: Target, subjects: int, rate: int, warmup_s: float, duration_s
 
     cpu = time.process_time()
     latencies, errors, elapsed = asyncio.run(run())
-    out.put((latencies, errors, elapsed, time.process_time() - cpu))
+    out.put((latencies, errors, elapsed, time.process_time() - cpu, served))
+
+
+def _query_cpu(seconds: float, served: int) -> dict[str, Any]:
+    """Query's CPU per GetScore served over the phase, warm-up included (/proc/PID/stat
+    before and after), with the load average at its end. Refused calls cost a little
+    too, so a phase with errors overstates the figure slightly."""
+    return {
+        "query_cpu_s": round(seconds, 2),
+        "query_cpu_ms_per_read": round(seconds * 1000 / served, 3) if served else 0.0,
+        "load_average": load_average(),
+    }
 
 
 def _phase(target: Target, args: argparse.Namespace) -> tuple[Any, Any]:
@@ -248,10 +267,11 @@ def _phase(target: Target, args: argparse.Namespace) -> tuple[Any, Any]:
     return process, out
 
 
-def _summary(latencies: list[float], errors: int, elapsed: float, rate: int) -> dict[str, Any]:
+def _summary(latencies: list[float], errors: dict[str, int], elapsed: float, rate: int) -> dict[str, Any]:
     return {
         "requests": len(latencies),
-        "errors": errors,
+        "errors": sum(errors.values()),
+        "error_codes": errors,
         "target_rate": rate,
         "achieved_rate": round(len(latencies) / elapsed, 1) if elapsed > 0 else 0.0,
         "p50_ms": round(percentile(latencies, 50) or 0, 2),
@@ -342,26 +362,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         address: Target = (cluster.address("query"), ca, cluster.token("bench-reviewer", Role.REVIEWER))
 
         print(f"phase 1: GetScore at {args.rate}/s for {args.duration} s, idle ...", flush=True)
+        query_cpu = cpu_seconds(cluster.pid("query"))
         process, out = _phase(address, args)
-        latencies, errors, elapsed, client_cpu = out.get()
+        latencies, errors, elapsed, client_cpu, served = out.get()
+        query_cpu = cpu_seconds(cluster.pid("query")) - query_cpu
         results["idle"] = _summary(latencies, errors, elapsed, args.rate)
         results["idle"]["client_cpu_s"] = round(client_cpu, 1)
+        results["idle"].update(_query_cpu(query_cpu, served))
         process.join()
         print(f"  {results['idle']}", flush=True)
-
-        pace = f"{args.ingest_rate}/s" if args.ingest_rate else "as fast as it takes them"
-        print(f"phase 2: the same while ingest takes events at {pace} ...", flush=True)
-        requests = _ingest_requests(args)
-        process, out = _phase(address, args)
-        # After the GetScore generator has started, which keeps its normal priority.
-        os.nice(INGEST_CLIENT_NICE)
-        ingest = asyncio.run(_ingest(cluster, args, requests, args.warmup + args.duration))
-        latencies, errors, elapsed, client_cpu = out.get()
-        results["while_ingest"] = _summary(latencies, errors, elapsed, args.rate)
-        results["while_ingest"]["client_cpu_s"] = round(client_cpu, 1)
-        results["while_ingest"]["ingest"] = ingest
-        process.join()
-        print(f"  {results['while_ingest']}", flush=True)
+        if not args.idle_only:
+            pace = f"{args.ingest_rate}/s" if args.ingest_rate else "as fast as it takes them"
+            print(f"phase 2: the same while ingest takes events at {pace} ...", flush=True)
+            requests = _ingest_requests(args)
+            process, out = _phase(address, args)
+            # After the GetScore generator has started, which keeps its normal priority.
+            os.nice(INGEST_CLIENT_NICE)
+            ingest = asyncio.run(_ingest(cluster, args, requests, args.warmup + args.duration))
+            latencies, errors, elapsed, client_cpu, _ = out.get()
+            results["while_ingest"] = _summary(latencies, errors, elapsed, args.rate)
+            results["while_ingest"]["client_cpu_s"] = round(client_cpu, 1)
+            results["while_ingest"]["ingest"] = ingest
+            process.join()
+            print(f"  {results['while_ingest']}", flush=True)
     print(json.dumps(results, indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
