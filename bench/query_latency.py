@@ -39,7 +39,7 @@ from typing import Any
 import grpc
 import sqlalchemy as sa
 
-from bench.meter import cpu_seconds, machine, percentile
+from bench.meter import cpu_seconds, load_average, machine, percentile
 from contracts.score_store import StoredCategory, StoredEntry, StoredScore
 from devtools.cluster import UNLIMITED, Cluster
 from devtools.population import Population, PopulationConfig, batch_requests, subjects_for_events
