@@ -117,7 +117,7 @@ def build(settings: RulesSettings) -> Service:
         # This process is its shard's only evaluator (docs/architecture.md, "Scaling out
         # rules"), so what it committed is all there is to follow.
         window_cache=WindowCache(
-            max_subjects=settings.window_cache_subjects, max_events=settings.window_cache_events
+            max_subjects=settings.window_cache_subjects, max_bytes=settings.window_cache_mib * 2**20
         ),
     )
     evaluator.load_active()  # compile now: a rule set the engine refuses stops start-up

@@ -268,7 +268,7 @@ class Evaluator:
         window_cache: WindowCache | None = None,
     ) -> None:
         self._rule_sets = rule_sets
-        self._cache = window_cache if window_cache is not None else WindowCache(max_subjects=0, max_events=0)
+        self._cache = window_cache if window_cache is not None else WindowCache(max_subjects=0, max_bytes=0)
         self._store = store
         self._clock = clock
         self._dead_letter_after = dead_letter_after

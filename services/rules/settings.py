@@ -38,10 +38,10 @@ class RulesSettings:
     # secrets without the root key, to move keys of an earlier generation forward.
     pseudonym: PseudonymSettings = ROOT_GENERATION
     # The window cache (services/rules/window_cache.py): subjects whose history and prior
-    # outcomes stay in memory between batches, and the events they may hold together
-    # (about 1.2 KiB each, docs/benchmarks.md); 0 in either turns it off.
+    # outcomes stay in memory between batches, and the memory they may take together
+    # (estimated; about 1.2 KiB per event); 0 in either turns it off.
     window_cache_subjects: int = 100_000
-    window_cache_events: int = 300_000
+    window_cache_mib: int = 384
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> RulesSettings:
@@ -63,9 +63,7 @@ class RulesSettings:
             window_cache_subjects=env.integer(
                 "EGRET_RULES_WINDOW_CACHE_SUBJECTS", 100_000, minimum=0, maximum=10_000_000
             ),
-            window_cache_events=env.integer(
-                "EGRET_RULES_WINDOW_CACHE_EVENTS", 300_000, minimum=0, maximum=100_000_000
-            ),
+            window_cache_mib=env.integer("EGRET_RULES_WINDOW_CACHE_MIB", 384, minimum=0, maximum=1_000_000),
         )
         if settings.pseudonym.rotations and settings.shard.count > 1:
             # Shards split subjects by their key (kit.sharding): a re-keyed subject would

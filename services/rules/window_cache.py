@@ -13,10 +13,11 @@ out: the engine never reads them (services/rules/firings.py), as in a backtest.
 Entries change only with what a committed transaction wrote (``committed``, called after
 the commit succeeded); whatever cannot be followed exactly (a failed or yielded commit, a
 retraction, a redrive, an outcome stored under a reissued id, another rule set) drops the
-entries concerned, so the next read goes to the store. Bounded by subjects and by events,
-least recently used first; an entry's events older than the lookback behind its newest
-event are trimmed. The Evaluator (services/rules/domain.py) is its only caller, under its
-lock. docs/architecture.md, "Rules' window cache", says why a shard's cache stays coherent.
+entries concerned, so the next read goes to the store. Bounded by subjects and by the
+memory its entries are estimated to take, least recently used first; an entry's events
+older than the lookback behind its newest event are trimmed. The Evaluator
+(services/rules/domain.py) is its only caller, under its lock. docs/architecture.md,
+"Rules' window cache", says why a shard's cache stays coherent.
 """
 
 from __future__ import annotations
@@ -33,6 +34,16 @@ from services.rules.evaluated import Evaluated, prior_outcome
 from services.rules.windows import PriorOutcome
 
 Load = Callable[[Mapping[str, datetime]], EvaluationContext]
+
+# Estimated bytes an entry takes (measured with tracemalloc on the sample catalogue's events):
+# an event decoded (about 900 bytes with a few attributes, which its record holds again)
+# plus its record, and an entry's own containers.
+_EVENT_BYTES = 900
+_ENTRY_BYTES = 600
+
+
+def _weight(record: bytes) -> int:
+    return _EVENT_BYTES + 2 * len(record)
 
 
 def _order(event: EngineEvent) -> tuple[datetime, str, str]:
@@ -51,24 +62,28 @@ class _Entry:
     events: list[EngineEvent] = field(default_factory=list)
     records: dict[str, bytes] = field(default_factory=dict)
     outcomes: dict[str, PriorOutcome] = field(default_factory=dict)
+    bytes: int = _ENTRY_BYTES
 
 
 @dataclass(frozen=True)
 class CacheStats:
     subjects: int
     events: int
+    # Estimated (see _weight).
+    bytes: int
     hits: int
     misses: int
 
 
 class WindowCache:
-    """LRU by subject, at most ``max_subjects`` subjects and ``max_events`` events (0: off)."""
+    """LRU by subject: at most ``max_subjects`` subjects in an estimated ``max_bytes`` (0: off)."""
 
-    def __init__(self, *, max_subjects: int, max_events: int) -> None:
+    def __init__(self, *, max_subjects: int, max_bytes: int) -> None:
         self._max_subjects = max_subjects
-        self._max_events = max_events
+        self._max_bytes = max_bytes
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._events = 0
+        self._bytes = 0
         self._rule_set: RuleSet | None = None
         self._types: frozenset[str] = frozenset()
         self._settled: frozenset[str] = frozenset()
@@ -78,10 +93,10 @@ class WindowCache:
 
     @property
     def enabled(self) -> bool:
-        return self._max_subjects > 0 and self._max_events > 0
+        return self._max_subjects > 0 and self._max_bytes > 0
 
     def stats(self) -> CacheStats:
-        return CacheStats(len(self._entries), self._events, self._hits, self._misses)
+        return CacheStats(len(self._entries), self._events, self._bytes, self._hits, self._misses)
 
     def context(self, rule_set: RuleSet, since: Mapping[str, datetime], load: Load) -> EvaluationContext:
         """What ``load`` (the store's context() for the rule set's history types) would
@@ -152,8 +167,10 @@ class WindowCache:
             if entry is None or event.event_type not in self._types or event.occurred_at < entry.floor:
                 continue
             insort(entry.events, event, key=_order)
-            entry.records[event.key] = records[event.key]
+            record = entry.records[event.key] = records[event.key]
             self._events += 1
+            entry.bytes += _weight(record)
+            self._bytes += _weight(record)
             touched.add(event.subject_key)
         for gone in evaluated.superseded:
             entry = self._entries.get(gone.outcome.subject_key)
@@ -177,11 +194,12 @@ class WindowCache:
         for subject in subjects:
             entry = self._entries.pop(subject, None)
             if entry is not None:
-                self._events -= len(entry.events)
+                self._forget(entry)
 
     def clear(self) -> None:
         self._entries.clear()
         self._events = 0
+        self._bytes = 0
 
     def _follow(self, rule_set: RuleSet) -> None:
         """Entries belong to one rule set (its lookback, history types and settled rules)."""
@@ -200,16 +218,20 @@ class WindowCache:
     def _fill(self, subject: str, at: datetime, stored: EvaluationContext) -> None:
         self.drop((subject,))
         events = list(stored.history.get(subject, ()))
-        if len(events) > self._max_events:
+        records = {e.key: stored.records[e.key] for e in events}
+        weight = _ENTRY_BYTES + sum(_weight(record) for record in records.values())
+        if weight > self._max_bytes:
             return  # it would push every other subject out
         entry = _Entry(
             floor=at,
             events=events,
-            records={e.key: stored.records[e.key] for e in events},
+            records=records,
             outcomes={o.outcome_id: o for o in stored.prior.get(subject, ()) if o.rule_id in self._settled},
+            bytes=weight,
         )
         self._entries[subject] = entry
         self._events += len(events)
+        self._bytes += weight
         self._trim(subject)
         self._bound()
 
@@ -225,15 +247,21 @@ class WindowCache:
         entry.floor = newest - self._lookback * 5 / 4
         cut = bisect_left(entry.events, entry.floor, key=_occurred)
         for event in entry.events[:cut]:
-            del entry.records[event.key]
+            weight = _weight(entry.records.pop(event.key))
+            entry.bytes -= weight
+            self._bytes -= weight
         del entry.events[:cut]
         self._events -= cut
         entry.outcomes = {i: o for i, o in entry.outcomes.items() if o.last_at >= entry.floor}
 
     def _bound(self) -> None:
-        while self._entries and (len(self._entries) > self._max_subjects or self._events > self._max_events):
+        while self._entries and (len(self._entries) > self._max_subjects or self._bytes > self._max_bytes):
             _, entry = self._entries.popitem(last=False)
-            self._events -= len(entry.events)
+            self._forget(entry)
+
+    def _forget(self, entry: _Entry) -> None:
+        self._events -= len(entry.events)
+        self._bytes -= entry.bytes
 
 
 def _outcome_id(outcome: PriorOutcome) -> str:

@@ -188,9 +188,9 @@ def test_a_warm_or_thrashing_cache_fires_exactly_what_the_store_alone_fires(
 ) -> None:
     steps = _schedule(seed)
     cold_results, cold_stored = _run(database_url, None, steps)
-    warm = WindowCache(max_subjects=100, max_events=100_000)
+    warm = WindowCache(max_subjects=100, max_bytes=2**30)
     warm_results, warm_stored = _run(database_url_factory("warm"), warm, steps)
-    tiny = WindowCache(max_subjects=3, max_events=60)
+    tiny = WindowCache(max_subjects=3, max_bytes=60 * 1500)
     tiny_results, tiny_stored = _run(database_url_factory("tiny"), tiny, steps)
 
     # The stream exercises what it should: windows, sequences and caps fired and superseded,

@@ -82,7 +82,7 @@ def test_a_later_instant_is_answered_from_memory_exactly_as_the_store_would() ->
     store.events = [a, b, c]
     store.outcomes["o2"] = prior_outcome(firing("o2", a, b, c))
     store.outcomes["o1"] = prior_outcome(firing("o1", b, c))
-    cache = WindowCache(max_subjects=10, max_events=100)
+    cache = WindowCache(max_subjects=10, max_bytes=10**6)
 
     assert served(cache, store, {PERSON: day(0)}) == store.context({PERSON: day(0)})
     reads = len(store.reads)
@@ -95,7 +95,7 @@ def test_a_later_instant_is_answered_from_memory_exactly_as_the_store_would() ->
 def test_an_instant_before_what_an_entry_holds_goes_to_the_store_and_refills_it() -> None:
     store = FakeStore()
     store.events = [ev("s/a", day(1)), ev("s/b", day(30))]
-    cache = WindowCache(max_subjects=10, max_events=100)
+    cache = WindowCache(max_subjects=10, max_bytes=10**6)
     served(cache, store, {PERSON: day(10)})
 
     assert served(cache, store, {PERSON: day(0)}) == store.context({PERSON: day(0)})
@@ -107,7 +107,7 @@ def test_an_instant_before_what_an_entry_holds_goes_to_the_store_and_refills_it(
 def test_only_the_subjects_not_held_are_read_from_the_store() -> None:
     store = FakeStore()
     store.events = [ev("s/a", day(1)), ev("s/b", day(2), subject=OTHER)]
-    cache = WindowCache(max_subjects=10, max_events=100)
+    cache = WindowCache(max_subjects=10, max_bytes=10**6)
     served(cache, store, {PERSON: day(0)})
 
     both = {PERSON: day(0), OTHER: day(0)}
@@ -121,7 +121,7 @@ def test_a_committed_batch_is_followed_events_in_order_superseded_gone_settled_f
     store.events = [a, b]
     old = firing("old", a, b)
     store.outcomes["old"] = prior_outcome(old)
-    cache = WindowCache(max_subjects=10, max_events=100)
+    cache = WindowCache(max_subjects=10, max_bytes=10**6)
     served(cache, store, {PERSON: day(0)})
 
     # A late event at the same instant as another, ordered by key; a per-event firing too.
@@ -148,7 +148,7 @@ def test_an_outcome_stored_under_a_reissued_id_drops_its_subject() -> None:
     store = FakeStore()
     a = ev("s/a", day(1))
     store.events = [a]
-    cache = WindowCache(max_subjects=10, max_events=100)
+    cache = WindowCache(max_subjects=10, max_bytes=10**6)
     served(cache, store, {PERSON: day(0), OTHER: day(0)})
     again = firing("again", a)
 
@@ -164,7 +164,7 @@ def test_least_recently_used_subjects_leave_first_within_both_bounds() -> None:
     store = FakeStore()
     subjects = [f"{n:064x}" for n in range(4)]
     store.events = [ev(f"s/{n}-{i}", day(i), subject=s) for n, s in enumerate(subjects) for i in range(3)]
-    cache = WindowCache(max_subjects=3, max_events=100)
+    cache = WindowCache(max_subjects=3, max_bytes=10**6)
     for subject in subjects[:3]:
         served(cache, store, {subject: day(0)})
     served(cache, store, {subjects[0]: day(0)})  # used again: subjects[1] is now the oldest
@@ -177,17 +177,19 @@ def test_least_recently_used_subjects_leave_first_within_both_bounds() -> None:
     served(cache, store, {subjects[1]: day(0)})
     assert len(store.reads) == reads + 1
 
-    by_events = WindowCache(max_subjects=100, max_events=7)
+    # An entry of three 5-byte records is estimated at 600 + 3 * (900 + 2 * 5) bytes.
+    by_size = WindowCache(max_subjects=100, max_bytes=2 * 3330 + 100)
     for subject in subjects:
-        served(by_events, store, {subject: day(0)})
-    assert by_events.stats().subjects == 2
-    assert by_events.stats().events == 6
+        served(by_size, store, {subject: day(0)})
+    assert by_size.stats().subjects == 2
+    assert by_size.stats().events == 6
+    assert by_size.stats().bytes == 2 * 3330
 
 
-def test_a_subject_larger_than_the_event_bound_is_never_held() -> None:
+def test_a_subject_larger_than_the_memory_bound_is_never_held() -> None:
     store = FakeStore()
     store.events = [ev(f"s/{i}", day(i)) for i in range(5)] + [ev("o/1", day(1), subject=OTHER)]
-    cache = WindowCache(max_subjects=100, max_events=4)
+    cache = WindowCache(max_subjects=100, max_bytes=4000)  # the subject's five events take 5130
     served(cache, store, {OTHER: day(0)})
     served(cache, store, {PERSON: day(0)})
     assert cache.stats().subjects == 1  # the other subject stayed
@@ -197,7 +199,7 @@ def test_old_events_are_trimmed_behind_the_newest_and_then_read_from_the_store()
     store = FakeStore()
     first = ev("s/a", day(0))
     store.events = [first]
-    cache = WindowCache(max_subjects=10, max_events=100)
+    cache = WindowCache(max_subjects=10, max_bytes=10**6)
     served(cache, store, {PERSON: day(0)})
     later = ev("s/b", day(100))  # the lookback is 30 days
     store.commit(cache, [later], Evaluated())
@@ -213,7 +215,7 @@ def test_old_events_are_trimmed_behind_the_newest_and_then_read_from_the_store()
 def test_drop_clear_another_rule_set_and_size_zero_leave_everything_to_the_store() -> None:
     store = FakeStore()
     store.events = [ev("s/a", day(1)), ev("o/a", day(1), subject=OTHER)]
-    cache = WindowCache(max_subjects=10, max_events=100)
+    cache = WindowCache(max_subjects=10, max_bytes=10**6)
     both = {PERSON: day(0), OTHER: day(0)}
     served(cache, store, both)
     cache.drop([PERSON])
@@ -225,7 +227,7 @@ def test_drop_clear_another_rule_set_and_size_zero_leave_everything_to_the_store
     cache.committed(RULES, [ev("s/b", day(2))], Evaluated(), {"s/b": b""})
     assert cache.stats().subjects == 0
 
-    off = WindowCache(max_subjects=0, max_events=100)
+    off = WindowCache(max_subjects=0, max_bytes=10**6)
     off.context(RULES, both, store.context)
     off.context(RULES, both, store.context)
     assert store.reads[-2:] == [both, both]
