@@ -441,9 +441,14 @@ class Evaluator:
             # Another evaluation got there first: the next attempt reads the store.
             self._cache.drop(subjects)
             return None
-        confirm = self._cache.to_confirm(result)
-        reissued = self._store.reversed_among(confirm) if confirm else frozenset()
-        self._cache.committed(active.rule_set, evaluated, result, every_record, reissued=reissued)
+        try:
+            confirm = self._cache.to_confirm(result)
+            reissued = self._store.reversed_among(confirm) if confirm else frozenset()
+            self._cache.committed(active.rule_set, evaluated, result, every_record, reissued=reissued)
+        except BaseException:
+            # The commit stands but the cache could not follow it: read from the store next time.
+            self._cache.drop(subjects)
+            raise
         return Evaluation(
             evaluated=len(evaluated),
             duplicate=len(events) - len(ordered),
