@@ -46,6 +46,7 @@ from services.rules.stores.schema import (
     RulesAuditLog,
     RulesSubjectKeyGeneration,
 )
+from services.rules.window_cache import WindowCache
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -113,6 +114,11 @@ def build(settings: RulesSettings) -> Service:
         store=evaluation_store,
         clock=lambda: datetime.now(UTC),
         dead_letter_after=settings.dead_letter_after_attempts,
+        # This process is its shard's only evaluator (docs/architecture.md, "Scaling out
+        # rules"), so what it committed is all there is to follow.
+        window_cache=WindowCache(
+            max_subjects=settings.window_cache_subjects, max_bytes=settings.window_cache_mib * 2**20
+        ),
     )
     evaluator.load_active()  # compile now: a rule set the engine refuses stops start-up
     relay = relay_to_peer(

@@ -58,6 +58,7 @@ from services.rules.batch import (
 )
 from services.rules.evaluated import Evaluated
 from services.rules.lifecycle import ActivePointer, StoredRuleSet
+from services.rules.window_cache import WindowCache
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -186,6 +187,11 @@ class EvaluationStore(Protocol):
         with their outbox rows. False if a concurrent application won."""
         ...
 
+    def reversed_among(self, outcome_ids: Sequence[str]) -> frozenset[str]:
+        """Which of these outcomes are reversed (a firing of a reversed id is stored under
+        its reissued id)."""
+        ...
+
     def parked_ids(self, after: int | None, limit: int) -> Sequence[int]: ...
 
     def list_dead_letters(self, after: int | None, limit: int) -> Sequence[DeadLetter]: ...
@@ -246,7 +252,9 @@ class Evaluator:
     """Evaluates batches one at a time: durable-rules is not thread-safe.
 
     ``compile_rule_set`` makes the engine of each rule set that becomes active (bootstrap
-    passes services.rules.engine.RuleEngine).
+    passes services.rules.engine.RuleEngine). ``window_cache`` keeps subjects' history and
+    prior outcomes between batches (services/rules/window_cache.py); None reads them from
+    the store for every batch.
     """
 
     def __init__(
@@ -257,8 +265,10 @@ class Evaluator:
         clock: Callable[[], datetime],
         dead_letter_after: int,
         compile_rule_set: Compiler,
+        window_cache: WindowCache | None = None,
     ) -> None:
         self._rule_sets = rule_sets
+        self._cache = window_cache if window_cache is not None else WindowCache(max_subjects=0, max_bytes=0)
         self._store = store
         self._clock = clock
         self._dead_letter_after = dead_letter_after
@@ -285,6 +295,7 @@ class Evaluator:
             if self._active is not None:
                 self._active.engine.close()
                 self._active = None
+            self._cache.clear()
 
     def evaluate(self, events: Sequence[EngineEvent], records: Mapping[str, bytes]) -> Evaluation:
         with self._lock:
@@ -350,9 +361,14 @@ class Evaluator:
                 rule_set, active.engine, [], context_of, since={event.subject_key: event.occurred_at}
             )
         reversed_ids = [o.outcome_id for o in context.reversed]
-        if not self._store.commit_retraction(
-            notice, reversed_ids, evaluated, records, rule_set=rule_set, now=self._clock()
-        ):
+        try:
+            applied = self._store.commit_retraction(
+                notice, reversed_ids, evaluated, records, rule_set=rule_set, now=self._clock()
+            )
+        finally:
+            # The retracted event leaves the history: the subject is read from the store again.
+            self._cache.drop({notice.subject_key, *([event.subject_key] if event is not None else [])})
+        if not applied:
             return None
         return Retractions(
             retracted=1,
@@ -379,6 +395,8 @@ class Evaluator:
         rule_set = rule_set_from_yaml(stored.source)
         fresh = ActiveRuleSet(pointer.rule_set_id, rule_set, self._compile(rule_set), pointer.activated_at)
         self._active = fresh
+        # Its lookback, history types and settled rules are another's: no entry carries over.
+        self._cache.clear()
         if current is not None:
             # Safe: batches hold self._lock, so none is running on the previous engine.
             current.engine.close()
@@ -404,16 +422,33 @@ class Evaluator:
             if e.key in reasons
         )
         evaluated = [e for e in ordered if e.key not in reasons]
-        if not self._store.commit_evaluation(
-            evaluated,
-            result,
-            {**context_records, **records},
-            failures=failures,
-            cleared=[e.key for e in evaluated if e.key in state.attempts],
-            rule_set=active.rule_set,
-            now=self._clock(),
-        ):
+        every_record = {**context_records, **records}
+        subjects = {e.subject_key for e in ordered}
+        try:
+            committed = self._store.commit_evaluation(
+                evaluated,
+                result,
+                every_record,
+                failures=failures,
+                cleared=[e.key for e in evaluated if e.key in state.attempts],
+                rule_set=active.rule_set,
+                now=self._clock(),
+            )
+        except BaseException:
+            self._cache.drop(subjects)  # committed or not, nobody knows
+            raise
+        if not committed:
+            # Another evaluation got there first: the next attempt reads the store.
+            self._cache.drop(subjects)
             return None
+        try:
+            confirm = self._cache.to_confirm(result)
+            reissued = self._store.reversed_among(confirm) if confirm else frozenset()
+            self._cache.committed(active.rule_set, evaluated, result, every_record, reissued=reissued)
+        except BaseException:
+            # The commit stands but the cache could not follow it: read from the store next time.
+            self._cache.drop(subjects)
+            raise
         return Evaluation(
             evaluated=len(evaluated),
             duplicate=len(events) - len(ordered),
@@ -434,7 +469,9 @@ class Evaluator:
         # Evaluated meanwhile (e.g. redriven by another replica): only the row is left to clear.
         pending = [d.event for key, d in letters.items() if key not in state.evaluated]
         ordered = in_evaluation_order(pending)
-        result, reasons, context_records = self._run(active, ordered)
+        # Redriven events join their subjects' histories late: those are read from the store.
+        self._cache.drop({e.subject_key for e in ordered})
+        result, reasons, context_records = self._run(active, ordered, cached=False)
         failures = tuple(
             Failure(e, reasons[e.key], letters[e.key].attempts + 1, parked=True)
             for e in ordered
@@ -443,15 +480,20 @@ class Evaluator:
         evaluated = [e for e in ordered if e.key not in reasons]
         now = self._clock()
         records = {**context_records, **{key: d.record for key, d in letters.items()}}
-        if not self._store.commit_evaluation(
-            evaluated,
-            result,
-            records,
-            failures=failures,
-            cleared=[key for key in letters if key not in reasons],
-            rule_set=active.rule_set,
-            now=now,
-        ):
+        try:
+            committed = self._store.commit_evaluation(
+                evaluated,
+                result,
+                records,
+                failures=failures,
+                cleared=[key for key in letters if key not in reasons],
+                rule_set=active.rule_set,
+                now=now,
+            )
+        finally:
+            # The subjects of what a redrive superseded or fired, read from the store next time.
+            self._cache.drop({e.subject_key for e in ordered})
+        if not committed:
             return None
         still = tuple(
             DeadLetter(
@@ -471,18 +513,20 @@ class Evaluator:
         return Redrive(redriven=len(evaluated), firings=tuple(result.firings), still_failing=still)
 
     def _run(
-        self, active: ActiveRuleSet, ordered: Sequence[EngineEvent]
+        self, active: ActiveRuleSet, ordered: Sequence[EngineEvent], *, cached: bool = True
     ) -> tuple[Evaluated, dict[str, str], Mapping[str, bytes]]:
         """What the batch brings about, failure reasons per event key, and the records of
-        the history used."""
+        the history used (from the window cache where it holds them when ``cached``)."""
         rule_set = active.rule_set
-        return run_batch(
-            rule_set,
-            active.engine,
-            ordered,
+
+        def stored(since: Mapping[str, datetime]) -> EvaluationContext:
             # Only the types windows, sequences and caps read: the engine ignores the rest.
-            lambda since: self._store.context(since, rule_set.history_event_types),
-        )
+            return self._store.context(since, rule_set.history_event_types)
+
+        def context_of(since: Mapping[str, datetime]) -> EvaluationContext:
+            return self._cache.context(rule_set, since, stored) if cached else stored(since)
+
+        return run_batch(rule_set, active.engine, ordered, context_of)
 
 
 _ALREADY_APPLIED: Final = Retractions(duplicate=1)

@@ -37,6 +37,11 @@ class RulesSettings:
     # The subject key's generations: rules never hashes raw ids, so it holds the rotation
     # secrets without the root key, to move keys of an earlier generation forward.
     pseudonym: PseudonymSettings = ROOT_GENERATION
+    # The window cache (services/rules/window_cache.py): subjects whose history and prior
+    # outcomes stay in memory between batches, and the memory they may take together
+    # (estimated; about 1.2 KiB per event); 0 in either turns it off.
+    window_cache_subjects: int = 100_000
+    window_cache_mib: int = 384
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> RulesSettings:
@@ -55,6 +60,10 @@ class RulesSettings:
             backtest_workers=env.integer("EGRET_BACKTEST_WORKERS", default_workers(), minimum=1, maximum=64),
             purposes_file=env.file("EGRET_PURPOSES_FILE", Path("config/purposes.yaml")),
             pseudonym=PseudonymSettings.read(env, root_required=False),
+            window_cache_subjects=env.integer(
+                "EGRET_RULES_WINDOW_CACHE_SUBJECTS", 100_000, minimum=0, maximum=10_000_000
+            ),
+            window_cache_mib=env.integer("EGRET_RULES_WINDOW_CACHE_MIB", 384, minimum=0, maximum=1_000_000),
         )
         if settings.pseudonym.rotations and settings.shard.count > 1:
             # Shards split subjects by their key (kit.sharding): a re-keyed subject would

@@ -168,6 +168,19 @@ class SqlEvaluationStore:
                     )
         return EvaluationContext(history=history, prior=prior, records=records)
 
+    def reversed_among(self, outcome_ids: Sequence[str]) -> frozenset[str]:
+        reversed_ids: set[str] = set()
+        with self._sessions() as session:
+            for chunk in chunks(list(outcome_ids)):
+                reversed_ids.update(
+                    session.scalars(
+                        sa.select(EmittedOutcome.outcome_id).where(
+                            EmittedOutcome.outcome_id.in_(chunk), EmittedOutcome.reversed_at.is_not(None)
+                        )
+                    )
+                )
+        return frozenset(reversed_ids)
+
     def commit_evaluation(
         self,
         events: Sequence[EngineEvent],

@@ -37,3 +37,12 @@ def test_several_shards_without_rotations_and_one_shard_with_them_start() -> Non
         BASE | {"EGRET_SUBJECT_KEY_ROTATIONS": ROTATIONS, "EGRET_RULES_SHARDS": "1"}
     )
     assert single.shard.count == 1
+
+
+def test_the_window_cache_is_sized_from_the_environment_and_zero_turns_it_off() -> None:
+    default = RulesSettings.from_env(BASE)
+    assert (default.window_cache_subjects, default.window_cache_mib) == (100_000, 384)
+    off = RulesSettings.from_env(BASE | {"EGRET_RULES_WINDOW_CACHE_SUBJECTS": "0"})
+    assert off.window_cache_subjects == 0
+    with pytest.raises(SettingsError):
+        RulesSettings.from_env(BASE | {"EGRET_RULES_WINDOW_CACHE_MIB": "-1"})
