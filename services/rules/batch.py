@@ -62,6 +62,14 @@ class EvaluationContext:
     records: Mapping[str, bytes]
 
 
+def history_order(event: EngineEvent) -> tuple[datetime, str, str]:
+    """The order of a subject's history: event time, then source and event id compared as
+    Python compares strings (by code point), so the store, whatever its collation, and the
+    window cache give the engine the same order."""
+    source, _, event_id = event.key.partition("/")
+    return event.occurred_at, source, event_id
+
+
 Run = Callable[[Sequence[EngineEvent]], Evaluated]
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from domain.ruleset.model import EngineEvent, RuleSet
-from services.rules.batch import EvaluationContext
+from services.rules.batch import EvaluationContext, history_order
 from services.rules.evaluated import Evaluated, prior_outcome
 from services.rules.windows import PriorOutcome
 
@@ -44,12 +44,6 @@ _ENTRY_BYTES = 600
 
 def _weight(record: bytes) -> int:
     return _EVENT_BYTES + 2 * len(record)
-
-
-def _order(event: EngineEvent) -> tuple[datetime, str, str]:
-    # The store's order: occurred_at, source, event_id.
-    source, _, event_id = event.key.partition("/")
-    return event.occurred_at, source, event_id
 
 
 def _occurred(event: EngineEvent) -> datetime:
@@ -166,7 +160,7 @@ class WindowCache:
             entry = self._entries.get(event.subject_key)
             if entry is None or event.event_type not in self._types or event.occurred_at < entry.floor:
                 continue
-            insort(entry.events, event, key=_order)
+            insort(entry.events, event, key=history_order)
             record = entry.records[event.key] = records[event.key]
             self._events += 1
             entry.bytes += _weight(record)

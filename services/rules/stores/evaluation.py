@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from domain.ruleset.model import EngineEvent, RuleSet
 from egret.common.v1 import due_process_pb2
 from kit.db import as_utc
-from services.rules.batch import EvaluationContext
+from services.rules.batch import EvaluationContext, history_order
 from services.rules.domain import (
     BatchState,
     DeadLetter,
@@ -166,6 +166,9 @@ class SqlEvaluationStore:
                             points=first.points,
                         )
                     )
+        for events in history.values():
+            # SQL orders equal instants by the database's collation; the engine's order is one.
+            events.sort(key=history_order)
         return EvaluationContext(history=history, prior=prior, records=records)
 
     def reversed_among(self, outcome_ids: Sequence[str]) -> frozenset[str]:
