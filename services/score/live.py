@@ -1,0 +1,154 @@
+"""The live part of a subject's ledger: what a batch of new entries needs, so that its
+rescore costs the same however long the subject's history is.
+
+A batch's rescore (`Ledger._record_once`) replays the changes between the stored row's
+instant `since` and `now` (`domain.history.replay`). This module picks, from entries the
+store read by a range (`cutoff`), a set L whose replay gives exactly the whole ledger's
+changes and result; when it cannot prove that, it answers None and the whole ledger is read.
+
+Proof. Let `policy` be the subject's policy (the one the stored row was computed under).
+An entry is *live* when it is new, or visible at `since` (visible_until >= since), or has
+a pause boundary at or after `since`; any other entry is *dead*. In replay and compute_score
+at every instant `at` in [since, now] a dead entry never counts (at >= since >
+visible_until), adds no instant, boundary, expiry or lapse (all are >= since), so it acts
+only through the caps: as a known positive of a capped category, its grant takes part in
+the rolling sum of later positives of that category (`domain.scoring.granted_points`).
+
+1. Range. The store reads every entry with occurred_at >= `cutoff` = since - (the longest
+   visibility + the cap window), every entry with a dispute, repair or reversal, and the new
+   entries. An entry it did not read is dead (occurred_at + visibility < since, no pause)
+   and more than a window before any live positive whose occurred_at is >= cutoff + window;
+   `live_part` refuses (None) when a live positive of a capped category is earlier than that.
+2. Pins. For a capped category c let T be the earliest occurred_at of its live positives.
+   Each live positive's window (T - window, ...] is inside the range. L holds the live
+   entries and, *pinned*, the dead positives of c after T - window, each with its points
+   replaced by its stored grant g (`score_ledger.granted`). By induction in event-time
+   order, granted_points over L gives every entry its whole-ledger grant: a pinned entry's
+   sum in window over L is a part of its whole-ledger sum (grants are >= 0), so
+   min(g, limit - sum) = g since g <= limit - (whole sum); a live entry's window holds
+   the same entries with the same grants. Dead entries never count, so their replaced
+   points show nowhere else (caps withheld, lists and breakdowns are of counting entries).
+3. Stored grants are true. Every rescore writes the grants it computed at `now` (a batch:
+   its new entries'; any whole-ledger rescore: each that changed) and `recorded_through`,
+   the latest recorded_at in the ledger it saw. A grant changes only when a positive
+   earlier in its category's event-time order becomes known or stops being known (a late
+   entry, a reversal, an overturned dispute) or the caps change (a policy): each of those
+   rescores the whole ledger, at an instant after every entry was recorded, unless
+   `recorded_through` > `since` says otherwise (a batch whose clock was behind: then the
+   next rescore reads the whole ledger). The fast path requires the stored row to be of the
+   active policy, `recorded_through` <= `since` <= now, every read entry other than the
+   new ones recorded by `since`, every pin stored, and each new capped positive after
+   every read positive of its category (so no grant before it changes, at `now` or at any
+   instant in between, where the new entries are not known yet).
+
+Everything else (a first score, a late positive, reversals, due-process acts, sweeps,
+policy changes, rows written before grants were stored) rescored from the whole ledger,
+as before; `Ledger.verify` still recomputes every subject from its whole ledger.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime, time, timedelta
+
+from domain.entries import ScoredEntry, _boundaries, known_at, visible_until
+from domain.policy import SubjectPolicy
+from domain.scoring import granted_points
+
+
+def reach(policy: SubjectPolicy) -> timedelta:
+    """How far before the stored instant the range read goes: the longest visibility and
+    the cap window."""
+    return max(policy.visibility(s) for s in policy.visibility_days) + policy.caps.window
+
+
+def cutoff(
+    policy: SubjectPolicy,
+    *,
+    stored_version: str,
+    since: datetime | None,
+    recorded_through: datetime | None,
+    now: datetime,
+) -> datetime | None:
+    """The earliest occurred_at a batch at `now` reads (floored to the day, so that a batch's
+    subjects share a few ranges), or None when the stored row rules the live part out."""
+    if since is None or recorded_through is None or stored_version != policy.version:
+        return None
+    if not recorded_through <= since <= now:
+        return None
+    day = (since - reach(policy)).astimezone(UTC).date()
+    return datetime.combine(day, time(), UTC)
+
+
+def live_part(
+    read: Sequence[tuple[ScoredEntry, int | None]],
+    policy: SubjectPolicy,
+    *,
+    since: datetime,
+    floor: datetime,
+    added: Collection[str],
+) -> tuple[ScoredEntry, ...] | None:
+    """L (the module's proof) from the entries read with their stored grants, or None
+    when one of the proof's conditions fails."""
+    live: list[ScoredEntry] = []
+    dead_positives: list[tuple[ScoredEntry, int | None]] = []
+    for e, granted in read:
+        new = e.entry_id in added
+        if not new and e.recorded_at > since:
+            return None
+        if new or visible_until(e, policy) >= since or any(b >= since for b in _boundaries(e)):
+            live.append(e)
+        elif e.points > 0 and policy.caps.limit(e.category) is not None:
+            dead_positives.append((e, granted))
+    window = policy.caps.window
+    earliest: dict[str, datetime] = {}
+    for e in live:
+        if e.points > 0 and policy.caps.limit(e.category) is not None:
+            earliest[e.category] = min(earliest.get(e.category, e.occurred_at), e.occurred_at)
+    if any(t - window < floor for t in earliest.values()):
+        return None
+    latest: dict[str, tuple[datetime, str]] = {}
+    for e in (*live, *(d for d, _ in dead_positives)):
+        if e.entry_id not in added and e.category in earliest and e.points > 0:
+            key = (e.occurred_at, e.entry_id)
+            latest[e.category] = max(latest.get(e.category, key), key)
+    for e in live:
+        later = e.category in latest and (e.occurred_at, e.entry_id) <= latest[e.category]
+        if e.entry_id in added and e.points > 0 and later:
+            return None
+    pinned = []
+    for e, granted in dead_positives:
+        start = earliest.get(e.category)
+        if start is None or e.occurred_at <= start - window:
+            continue
+        if granted is None:
+            return None
+        pinned.append(replace(e, points=granted))
+    return (*live, *pinned)
+
+
+def grants_to_store(
+    entries: Sequence[ScoredEntry],
+    policy: SubjectPolicy,
+    now: datetime,
+    *,
+    added: Collection[str] | None,
+    stored: Mapping[str, int | None],
+    recorded_through: datetime | None,
+) -> tuple[dict[str, int], datetime | None]:
+    """What a rescore at `now` stores for the proof's step 3: the grants of capped positives
+    at `now` (0 for one not known then) that differ from `stored`, and the row's
+    recorded_through. Of a live part (`added` given), only the new entries' grants."""
+    capped = [e for e in entries if e.points > 0 and policy.caps.limit(e.category) is not None]
+    if added is not None:
+        capped = [e for e in capped if e.entry_id in added]
+        new = [e.recorded_at for e in entries if e.entry_id in added]
+        through = max([*new, *([recorded_through] if recorded_through else [])], default=None)
+    else:
+        through = max((e.recorded_at for e in entries), default=None)
+    if not capped:
+        return {}, through
+    allowed = granted_points([e for e in entries if known_at(e, now)], policy)
+    wanted = {e.entry_id: allowed.get(e.entry_id, 0) for e in capped}
+    return {k: g for k, g in wanted.items() if stored.get(k) != g}, through
