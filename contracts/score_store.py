@@ -473,21 +473,23 @@ def load_granted(session: Session, keys: Sequence[str]) -> dict[str, list[Grante
 
 
 def load_recent(
-    session: Session, cutoffs: dict[datetime, list[str]], ids: Sequence[str]
+    session: Session, cutoffs: dict[datetime, list[str]], ids: Sequence[str], *, older: bool = False
 ) -> dict[str, list[Granted]]:
     """Like `load_granted`, for the subjects listed under each instant: their entries that
     occurred at or after it (a range of ix_score_ledger_subject_key), those with a dispute,
-    repair or reversal, and those named by `ids`."""
+    repair or reversal, and those named by `ids`; `older`: only those that occurred before it."""
     keys = [key for members in cutoffs.values() for key in members]
     due = _due_facts(session, keys)
     rows: list[Any] = []
     for start, members in cutoffs.items():
+        at = start.astimezone(UTC)
         rows += session.execute(
             sa.select(*_ENTRY_COLUMNS).where(
-                StoredEntry.subject_key.in_(members), StoredEntry.occurred_at >= start.astimezone(UTC)
+                StoredEntry.subject_key.in_(members),
+                StoredEntry.occurred_at < at if older else StoredEntry.occurred_at >= at,
             )
         )
-    wanted = (set(ids) | set(due)) - {row.entry_id for row in rows}
+    wanted = set() if older else (set(ids) | set(due)) - {row.entry_id for row in rows}
     if wanted:
         rows += session.execute(
             sa.select(*_ENTRY_COLUMNS).where(

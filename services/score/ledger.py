@@ -134,11 +134,11 @@ class LedgerUnitOfWork(Rescoring, Protocol):
         ...
 
     def lock_live(
-        self, subject_keys: Sequence[str], now: datetime, added: Collection[str], policy: ScorePolicy
+        self, subject_keys: Sequence[str], now: datetime, added: Mapping[str, str], policy: ScorePolicy
     ) -> list[SubjectLedger]:
-        """`lock` for a batch at `now` that added the entries `added`: each subject with only
-        the live part of its ledger (`partial`) where services/score/live.py proves it
-        enough under `policy`, else with its whole ledger."""
+        """`lock` for a batch at `now` that added the entries `added` (id: subject key):
+        each subject with only the live part of its ledger (`partial`) where
+        services/score/live.py proves it enough under `policy`, else its whole ledger."""
         ...
 
 
@@ -285,6 +285,7 @@ class Ledger:
                 added=mine if subject.partial else None,
                 stored=subject.grants,
                 recorded_through=subject.recorded_through,
+                counted={c.entry_id: c.points for c in result.counted},
             )
             periods: dict[str, datetime] = {}
             changed_periods = previous is None or dict(
@@ -349,7 +350,7 @@ class Ledger:
             fresh = uow.add_entries(entries)
             if not fresh:
                 return Recorded(0, 0)
-            added = {e.entry_id for e in fresh}
+            added = {e.entry_id: e.subject_key for e in fresh}
             subjects = uow.lock_live(sorted({e.subject_key for e in fresh}), now, added, self._book.active)
             uow.save(_each(subjects, self._rescore(now, added=added)), max(e.recorded_at for e in fresh))
         return Recorded(len(fresh), len(subjects))

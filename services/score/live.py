@@ -136,10 +136,13 @@ def grants_to_store(
     added: Collection[str] | None,
     stored: Mapping[str, int | None],
     recorded_through: datetime | None,
+    counted: Mapping[str, int],
 ) -> tuple[dict[str, int], datetime | None]:
     """What a rescore at `now` stores for the proof's step 3: the grants of capped positives
     at `now` (0 for one not known then) that differ from `stored`, and the row's
-    recorded_through. Of a live part (`added` given), only the new entries' grants."""
+    recorded_through. Of a live part (`added` given), only the new entries' grants.
+    `counted`: the grants of the entries counting at `now` (the score's), which spare
+    computing them again when every entry to store counts."""
     capped = [e for e in entries if e.points > 0 and policy.caps.limit(e.category) is not None]
     if added is not None:
         capped = [e for e in capped if e.entry_id in added]
@@ -149,6 +152,8 @@ def grants_to_store(
         through = max((e.recorded_at for e in entries), default=None)
     if not capped:
         return {}, through
-    allowed = granted_points([e for e in entries if known_at(e, now)], policy)
+    allowed = counted
+    if any(e.entry_id not in counted for e in capped):
+        allowed = granted_points([e for e in entries if known_at(e, now)], policy)
     wanted = {e.entry_id: allowed.get(e.entry_id, 0) for e in capped}
     return {k: g for k, g in wanted.items() if stored.get(k) != g}, through

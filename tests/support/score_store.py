@@ -3,7 +3,7 @@ tests; it is its own unit of work (nothing to roll back)."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -78,7 +78,7 @@ class FakeStore:
         return [self._ledger(k, self._kind(k)) for k in sorted(subject_keys) if k in known]
 
     def lock_live(
-        self, subject_keys: Sequence[str], now: datetime, added: Collection[str], policy: ScorePolicy
+        self, subject_keys: Sequence[str], now: datetime, added: Mapping[str, str], policy: ScorePolicy
     ) -> list[SubjectLedger]:
         return self.lock(subject_keys)
 

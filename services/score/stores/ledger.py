@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -153,7 +153,7 @@ class _SqlLedgerUnitOfWork:
         return subjects
 
     def lock_live(
-        self, subject_keys: Sequence[str], now: datetime, added: Collection[str], policy: ScorePolicy
+        self, subject_keys: Sequence[str], now: datetime, added: Mapping[str, str], policy: ScorePolicy
     ) -> list[SubjectLedger]:
         if self._whole_ledger:
             return self.lock(subject_keys)

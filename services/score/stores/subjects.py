@@ -4,7 +4,7 @@ writing the rescore's results (shared by the ledger's and due process's transact
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -90,7 +90,7 @@ def lock_subjects(session: Session, keys: Sequence[str]) -> list[SubjectLedger]:
 
 
 def lock_live(
-    session: Session, keys: Sequence[str], now: datetime, added: Collection[str], policy: ScorePolicy
+    session: Session, keys: Sequence[str], now: datetime, added: Mapping[str, str], policy: ScorePolicy
 ) -> tuple[list[SubjectLedger], int]:
     """`lock_subjects` for a batch (services/score/live.py): each subject with the live part
     of its ledger where it is proven enough, else with its whole ledger; and the number of
@@ -110,27 +110,37 @@ def lock_live(
             floors[row.subject_key] = floor
     found: dict[str, SubjectLedger] = {}
     read = 0
-    if floors:
-        ranges: dict[datetime, list[str]] = {}
-        for key, floor in floors.items():
-            ranges.setdefault(floor, []).append(key)
-        recent = load_recent(session, ranges, sorted(added))
+    ranges: dict[datetime, list[str]] = {}
+    for key, floor in floors.items():
+        ranges.setdefault(floor, []).append(key)
+    recent = (
+        load_recent(session, ranges, sorted(i for i, key in added.items() if key in floors)) if floors else {}
+    )
+    refused: dict[str, list[Granted]] = {}
+    for row in rows:
+        key = row.subject_key
+        if key not in floors:
+            continue
+        read += len(recent[key])
+        subject = subject_ledger(key, row.subject_kind, row, [], partial=True)
+        assert subject.computed_at is not None
+        kind = policy.for_kind(row.subject_kind)
+        part = live_part(recent[key], kind, since=subject.computed_at, floor=floors[key], added=added)
+        if part is None:
+            refused[key] = recent[key]
+        else:
+            found[key] = replace(subject, entries=part)
+    if refused:
+        # The whole ledger of a refused subject: what was read, and what occurred before its range.
+        before = {f: [k for k in members if k in refused] for f, members in ranges.items()}
+        older = load_recent(session, {f: ks for f, ks in before.items() if ks}, (), older=True)
         for row in rows:
-            if row.subject_key not in floors:
-                continue
-            mine = recent[row.subject_key]
-            read += len(mine)
-            subject = subject_ledger(row.subject_key, row.subject_kind, row, [], partial=True)
-            assert subject.computed_at is not None
-            part = live_part(
-                mine,
-                policy.for_kind(row.subject_kind),
-                since=subject.computed_at,
-                floor=floors[row.subject_key],
-                added=added,
-            )
-            if part is not None:
-                found[row.subject_key] = replace(subject, entries=part)
+            if row.subject_key in refused:
+                mine = refused[row.subject_key]
+                seen = {e.entry_id for e, _ in mine}
+                more = [g for g in older[row.subject_key] if g[0].entry_id not in seen]
+                read += len(more)
+                found[row.subject_key] = _with_grants(row, [*mine, *more])
     rest = [r for r in rows if r.subject_key not in found]
     whole = _whole(session, rest) if rest else {}
     read += sum(len(s.entries) for s in whole.values())
