@@ -489,7 +489,9 @@ def load_recent(
                 StoredEntry.occurred_at < at if older else StoredEntry.occurred_at >= at,
             )
         )
-    wanted = set() if older else (set(ids) | set(due)) - {row.entry_id for row in rows}
+    wanted = set() if older else set(ids) | set(due)
+    if wanted:
+        wanted -= {row.entry_id for row in rows}
     if wanted:
         rows += session.execute(
             sa.select(*_ENTRY_COLUMNS).where(

@@ -28,22 +28,23 @@ the rolling sum of later positives of that category (`domain.scoring.granted_poi
    min(g, limit - sum) = g since g <= limit - (whole sum); a live entry's window holds
    the same entries with the same grants. Dead entries never count, so their replaced
    points show nowhere else (caps withheld, lists and breakdowns are of counting entries).
-3. Stored grants are true. Every rescore writes the grants it computed at `now` (a batch:
-   its new entries'; any whole-ledger rescore: each that changed) and `recorded_through`,
-   the latest recorded_at in the ledger it saw. A grant changes only when a positive
-   earlier in its category's event-time order becomes known or stops being known (a late
-   entry, a reversal, an overturned dispute) or the caps change (a policy): each of those
-   rescores the whole ledger, at an instant after every entry was recorded, unless
-   `recorded_through` > `since` says otherwise (a batch whose clock was behind: then the
-   next rescore reads the whole ledger). The fast path requires the stored row to be of the
-   active policy, `recorded_through` <= `since` <= now, every read entry other than the
-   new ones recorded by `since`, every pin stored, and each new capped positive after
-   every read positive of its category (so no grant before it changes, at `now` or at any
-   instant in between, where the new entries are not known yet).
+3. Stored grants are true. Every rescore writes the grants it computed at `now` that
+   changed (a whole-ledger rescore: of every capped positive; a batch: of the live ones,
+   the new among them) and `recorded_through`, the latest recorded_at in the ledger it saw.
+   A grant changes only when a positive earlier in its category's event-time order becomes
+   known or stops being known (a new entry, a reversal, an overturned dispute) or the caps
+   change (a policy). Reversals, due-process acts and policies rescore the whole ledger; a
+   batch refuses a new positive before a dead positive of its category (whose pinned grant
+   would change), so only live grants change, and those it computes and writes. The
+   instants before `now` are unaffected: the new entries are not known then. The fast path
+   also requires the stored row to be of the active policy, `recorded_through` <= `since`
+   <= now (else a batch whose clock was behind left a row older than its ledger), every
+   read entry but the new ones recorded by `since`, and every pin stored.
 
-Everything else (a first score, a late positive, reversals, due-process acts, sweeps,
-policy changes, rows written before grants were stored) rescored from the whole ledger,
-as before; `Ledger.verify` still recomputes every subject from its whole ledger.
+Everything else (a first score, a positive older than a dead one of its category,
+reversals, due-process acts, sweeps, policy changes, rows written before grants were
+stored) is rescored from the whole ledger, as before; `Ledger.verify` still recomputes
+every subject from its whole ledger.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, time, timedelta
 
-from domain.entries import ScoredEntry, _boundaries, known_at, visible_until
+from domain.entries import ScoredEntry, _boundaries, known_at
 from domain.policy import SubjectPolicy
 from domain.scoring import granted_points
 
@@ -88,35 +89,48 @@ def live_part(
     since: datetime,
     floor: datetime,
     added: Collection[str],
-) -> tuple[ScoredEntry, ...] | None:
-    """L (the module's proof) from the entries read with their stored grants, or None
-    when one of the proof's conditions fails."""
+) -> tuple[tuple[ScoredEntry, ...], dict[str, int | None]] | None:
+    """L (the module's proof) from the entries read with their stored grants, and the
+    stored grants of its live entries (those a rescore may rewrite); None when one of the
+    proof's conditions fails."""
+    visibility = {s: policy.visibility(s) for s in policy.visibility_days}
+    capped = {}
     live: list[ScoredEntry] = []
+    stored: dict[str, int | None] = {}
+    new_positives: list[ScoredEntry] = []
     dead_positives: list[tuple[ScoredEntry, int | None]] = []
+    # Per capped category: the earliest live positive, the latest dead one.
+    earliest: dict[str, datetime] = {}
+    latest: dict[str, tuple[datetime, str]] = {}
     for e, granted in read:
+        c = e.category
+        if c not in capped:
+            capped[c] = policy.caps.limit(c) is not None
+        positive = e.points > 0 and capped[c]
         new = e.entry_id in added
         if not new and e.recorded_at > since:
             return None
-        if new or visible_until(e, policy) >= since or any(b >= since for b in _boundaries(e)):
+        if (
+            new
+            or e.occurred_at + visibility[e.severity] >= since
+            or (e.pauses and any(b >= since for b in _boundaries(e)))
+        ):
             live.append(e)
-        elif e.points > 0 and policy.caps.limit(e.category) is not None:
+            stored[e.entry_id] = granted
+            if positive:
+                earliest[c] = min(earliest.get(c, e.occurred_at), e.occurred_at)
+                if new:
+                    new_positives.append(e)
+        elif positive:
             dead_positives.append((e, granted))
+            key = (e.occurred_at, e.entry_id)
+            latest[c] = max(latest.get(c, key), key)
+    for e in new_positives:
+        if e.category in latest and (e.occurred_at, e.entry_id) <= latest[e.category]:
+            return None
     window = policy.caps.window
-    earliest: dict[str, datetime] = {}
-    for e in live:
-        if e.points > 0 and policy.caps.limit(e.category) is not None:
-            earliest[e.category] = min(earliest.get(e.category, e.occurred_at), e.occurred_at)
     if any(t - window < floor for t in earliest.values()):
         return None
-    latest: dict[str, tuple[datetime, str]] = {}
-    for e in (*live, *(d for d, _ in dead_positives)):
-        if e.entry_id not in added and e.category in earliest and e.points > 0:
-            key = (e.occurred_at, e.entry_id)
-            latest[e.category] = max(latest.get(e.category, key), key)
-    for e in live:
-        later = e.category in latest and (e.occurred_at, e.entry_id) <= latest[e.category]
-        if e.entry_id in added and e.points > 0 and later:
-            return None
     pinned = []
     for e, granted in dead_positives:
         start = earliest.get(e.category)
@@ -125,7 +139,7 @@ def live_part(
         if granted is None:
             return None
         pinned.append(replace(e, points=granted))
-    return (*live, *pinned)
+    return (*live, *pinned), stored
 
 
 def grants_to_store(
@@ -138,14 +152,18 @@ def grants_to_store(
     recorded_through: datetime | None,
     counted: Mapping[str, int],
 ) -> tuple[dict[str, int], datetime | None]:
-    """What a rescore at `now` stores for the proof's step 3: the grants of capped positives
-    at `now` (0 for one not known then) that differ from `stored`, and the row's
-    recorded_through. Of a live part (`added` given), only the new entries' grants.
-    `counted`: the grants of the entries counting at `now` (the score's), which spare
-    computing them again when every entry to store counts."""
-    capped = [e for e in entries if e.points > 0 and policy.caps.limit(e.category) is not None]
+    """What a rescore at `now` stores for the proof's step 3: the grants at `now` (0 for one
+    not known then) of the capped positives listed in `stored` (of a live part: its live
+    entries) that differ from their stored grant, and the row's recorded_through (of a
+    live part, `added` given: from the stored one and the new entries). `counted`: the
+    grants of the entries counting at `now` (the score's), which spare computing them
+    again when every entry to store counts."""
+    capped = [
+        e
+        for e in entries
+        if e.points > 0 and e.entry_id in stored and policy.caps.limit(e.category) is not None
+    ]
     if added is not None:
-        capped = [e for e in capped if e.entry_id in added]
         new = [e.recorded_at for e in entries if e.entry_id in added]
         through = max([*new, *([recorded_through] if recorded_through else [])], default=None)
     else:

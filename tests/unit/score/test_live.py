@@ -71,20 +71,25 @@ def test_replay_of_the_live_part_equals_replay_of_the_whole_ledger() -> None:
         assert floor is not None
         read = [(e, stored[e.entry_id]) for e in history if e.occurred_at >= floor or e.pauses]
         ids = [e.entry_id for e in added]
-        part = live_part([*read, *((e, None) for e in added)], CAPPED, since=since, floor=floor, added=ids)
-        if part is None:
+        found = live_part([*read, *((e, None) for e in added)], CAPPED, since=since, floor=floor, added=ids)
+        if found is None:
             continue
         accepted += 1
+        part, live = found
         expected = replay(whole, CAPPED, before=before, since=since, until=now, added=ids)
         assert replay(part, CAPPED, before=before, since=since, until=now, added=ids) == expected, seed
+        # What the batch writes keeps every live entry's stored grant true at `now`.
         counted = {c.entry_id: c.points for c in expected[1].counted}
-        new, _ = grants_to_store(
-            part, CAPPED, now, added=ids, stored={}, recorded_through=since, counted=counted
+        written, _ = grants_to_store(
+            part, CAPPED, now, added=ids, stored=live, recorded_through=since, counted=counted
         )
+        everything = dict.fromkeys((e.entry_id for e in whole), None)
         truth, _ = grants_to_store(
-            whole, CAPPED, now, added=None, stored={}, recorded_through=None, counted={}
+            whole, CAPPED, now, added=None, stored=everything, recorded_through=None, counted={}
         )
-        assert new == {k: g for k, g in truth.items() if k in ids}
+        assert {k: written.get(k, live[k]) for k in live if k in truth} == {
+            k: truth[k] for k in live if k in truth
+        }
     assert accepted > 150
 
 
@@ -99,8 +104,11 @@ def test_the_live_part_is_refused_where_the_proof_does_not_hold() -> None:
 
     new = replace(old, entry_id="n", occurred_at=since, recorded_at=since + DAY)
     assert part((old, 8), (new, None)) is not None
-    # A positive of the same category earlier in event time: grants reshuffle.
-    assert part((old, 8), (replace(new, occurred_at=since - 6 * DAY), None)) is None
+    # Before a live positive of its category: the live one is scored again, its grant rewritten.
+    assert part((old, 8), (replace(new, occurred_at=since - 6 * DAY), None)) is not None
+    # Before a dead positive of its category, whose stored grant would no longer hold.
+    gone = replace(old, entry_id="g", occurred_at=since - 65 * DAY, recorded_at=since - 65 * DAY)
+    assert part((gone, 8), (replace(new, occurred_at=since - 66 * DAY), None)) is None
     # An entry recorded after the stored instant, not by this batch.
     assert part((replace(old, recorded_at=since + DAY), 8), (new, None)) is None
     # A dead positive in the window of a live one, with no stored grant.
