@@ -95,6 +95,10 @@ class StoredEntry(Base):
     reason: Mapped[str] = mapped_column(sa.Text)
     black_list: Mapped[bool] = mapped_column(sa.Boolean)
     outcome: Mapped[bytes] = mapped_column(sa.LargeBinary)
+    # The points a positive of a capped category adds after the cap, as of the last rescore
+    # (NULL until one wrote it); score's batches read it in place of the entries before it
+    # (services/score/live.py). Not a read model: query computes grants itself.
+    granted: Mapped[int | None] = mapped_column(sa.Integer)
 
 
 class StoredScore(Base):
@@ -120,6 +124,9 @@ class StoredScore(Base):
     black_list: Mapped[bool] = mapped_column(sa.Boolean, server_default=sa.false())
     # JSON [[list, [reasons], [entry ids]], ...]: why the subject is on each list.
     list_reasons: Mapped[str] = mapped_column(sa.Text, server_default="[]")
+    # The latest recorded_at of the ledger this row was computed from (NULL before it was
+    # stored): a row older than its ledger is rescored from the whole ledger.
+    recorded_through: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
 
 
 class StoredHistory(Base):
@@ -340,6 +347,7 @@ _ENTRY_COLUMNS = (
     StoredEntry.occurred_at,
     StoredEntry.recorded_at,
     StoredEntry.black_list,
+    StoredEntry.granted,
 )
 
 
@@ -452,15 +460,55 @@ def load_entries(session: Session, keys: Sequence[str]) -> dict[str, list[Scored
     """The scoring view of every entry of the named subjects, with its pauses (disputes
     past their deadline, approved repairs, reversals): what `compute_score` reads, on
     either timeline."""
-    ledgers: dict[str, list[ScoredEntry]] = {key: [] for key in keys}
+    return {key: [e for e, _ in entries] for key, entries in load_granted(session, keys).items()}
+
+
+Granted = tuple[ScoredEntry, int | None]
+
+
+def load_granted(session: Session, keys: Sequence[str]) -> dict[str, list[Granted]]:
+    """`load_entries` with each entry's stored grant (`StoredEntry.granted`)."""
     rows = list(session.execute(sa.select(*_ENTRY_COLUMNS).where(StoredEntry.subject_key.in_(list(keys)))))
-    due = _due_facts(session, keys) if rows else {}
+    return _granted(keys, rows, _due_facts(session, keys) if rows else {})
+
+
+def load_recent(
+    session: Session, cutoffs: dict[datetime, list[str]], ids: Sequence[str], *, older: bool = False
+) -> dict[str, list[Granted]]:
+    """Like `load_granted`, for the subjects listed under each instant: their entries that
+    occurred at or after it (a range of ix_score_ledger_subject_key), those with a dispute,
+    repair or reversal, and those named by `ids`; `older`: only those that occurred before it."""
+    keys = [key for members in cutoffs.values() for key in members]
+    due = _due_facts(session, keys)
+    rows: list[Any] = []
+    for start, members in cutoffs.items():
+        at = start.astimezone(UTC)
+        rows += session.execute(
+            sa.select(*_ENTRY_COLUMNS).where(
+                StoredEntry.subject_key.in_(members),
+                StoredEntry.occurred_at < at if older else StoredEntry.occurred_at >= at,
+            )
+        )
+    wanted = set() if older else set(ids) | set(due)
+    if wanted:
+        wanted -= {row.entry_id for row in rows}
+    if wanted:
+        rows += session.execute(
+            sa.select(*_ENTRY_COLUMNS).where(
+                StoredEntry.entry_id.in_(sorted(wanted)), StoredEntry.subject_key.in_(keys)
+            )
+        )
+    return _granted(keys, rows, due)
+
+
+def _granted(keys: Sequence[str], rows: Sequence[Any], due: dict[str, _DueFacts]) -> dict[str, list[Granted]]:
+    ledgers: dict[str, list[Granted]] = {key: [] for key in keys}
     for row in rows:
         entry = scored_entry(row)
         facts = due.get(entry.entry_id)
         if facts is not None:
             entry = replace(entry, pauses=pauses_of(facts.disputes, facts.repairs, facts.reversals))
-        ledgers[row.subject_key].append(entry)
+        ledgers[row.subject_key].append((entry, row.granted))
     return ledgers
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
@@ -22,6 +22,7 @@ from domain.intake import IncomingOutcome, IncomingReversal, outcome_violations,
 from domain.policy import ActivatedPolicy, PolicyBook, ScorePolicy
 from domain.scoring import BLACK, RED, ScoreResult, ScoreState, compute_score, list_names
 from kit.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Violation
+from services.score.live import grants_to_store
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,12 @@ class Recorded:
 
 @dataclass(frozen=True)
 class SubjectLedger:
-    """A subject's stored score row and its whole ledger.
+    """A subject's stored score row and its whole ledger, or only its live part (`partial`,
+    services/score/live.py).
 
     `stored` is None when no score row exists yet; `computed_at` is the instant the stored
-    row was computed for.
+    row was computed for, `recorded_through` the latest recorded_at of the ledger it was
+    computed from; `grants` the entries' stored grants (None: not stored).
     """
 
     subject_key: str
@@ -66,6 +69,9 @@ class SubjectLedger:
     computed_at: datetime | None
     stored_policy_version: str
     entries: tuple[ScoredEntry, ...]
+    recorded_through: datetime | None = None
+    grants: Mapping[str, int | None] = field(default_factory=dict)
+    partial: bool = False
 
     @property
     def stored_score(self) -> int | None:
@@ -78,12 +84,15 @@ class SubjectLedger:
 
 @dataclass(frozen=True)
 class Rescored:
-    """What the store writes for one subject: the new score row, its history rows, and the
-    visible_until of entries whose period the policy changed."""
+    """What the store writes for one subject: the new score row, its history rows, the
+    visible_until of entries whose period the policy changed, the grants that changed and
+    the row's `recorded_through`."""
 
     result: ScoreResult
     changes: tuple[Change, ...]
     visible_until: Mapping[str, datetime]
+    grants: Mapping[str, int] = field(default_factory=dict)
+    recorded_through: datetime | None = None
 
 
 Rescore = Callable[[SubjectLedger], Rescored]
@@ -122,6 +131,14 @@ class LedgerUnitOfWork(Rescoring, Protocol):
         """Store each reversal whose outcome id is new, with its audit record, and mark
         reversed the entries that exist; returns the new reversals of existing entries, with
         the entry's subject key. A reversal of an outcome not yet recorded waits for it."""
+        ...
+
+    def lock_live(
+        self, subject_keys: Sequence[str], now: datetime, added: Mapping[str, str], policy: ScorePolicy
+    ) -> list[SubjectLedger]:
+        """`lock` for a batch at `now` that added the entries `added` (id: subject key):
+        each subject with only the live part of its ledger (`partial`) where
+        services/score/live.py proves it enough under `policy`, else its whole ledger."""
         ...
 
 
@@ -261,6 +278,15 @@ class Ledger:
                     cause=cause,
                     event=None if events is None else events.get(subject.subject_key),
                 )
+            grants, through = grants_to_store(
+                subject.entries,
+                kind_policy,
+                now,
+                added=mine if subject.partial else None,
+                stored=subject.grants,
+                recorded_through=subject.recorded_through,
+                counted={c.entry_id: c.points for c in result.counted},
+            )
             periods: dict[str, datetime] = {}
             changed_periods = previous is None or dict(
                 previous.for_kind(subject.subject_kind).visibility_days
@@ -268,7 +294,7 @@ class Ledger:
             if cause == POLICY and changed_periods:
                 # The stored visible_until shows the period in force; a new period rewrites it.
                 periods = {e.entry_id: visible_until(e, kind_policy) for e in subject.entries}
-            return Rescored(result, tuple(changes), periods)
+            return Rescored(result, tuple(changes), periods, grants, through)
 
         return rescore
 
@@ -324,8 +350,8 @@ class Ledger:
             fresh = uow.add_entries(entries)
             if not fresh:
                 return Recorded(0, 0)
-            subjects = uow.lock(sorted({e.subject_key for e in fresh}))
-            added = {e.entry_id for e in fresh}
+            added = {e.entry_id: e.subject_key for e in fresh}
+            subjects = uow.lock_live(sorted({e.subject_key for e in fresh}), now, added, self._book.active)
             uow.save(_each(subjects, self._rescore(now, added=added)), max(e.recorded_at for e in fresh))
         return Recorded(len(fresh), len(subjects))
 

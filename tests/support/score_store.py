@@ -10,7 +10,7 @@ from datetime import datetime
 
 from domain.entries import LedgerEntry, ReversalRecord, ScoredEntry
 from domain.history import Change
-from domain.policy import ActivatedPolicy
+from domain.policy import ActivatedPolicy, ScorePolicy
 from domain.scoring import ScoreState
 from services.score.ledger import Rescored, SubjectLedger
 
@@ -76,6 +76,11 @@ class FakeStore:
     def lock(self, subject_keys: Sequence[str]) -> list[SubjectLedger]:
         known = set(self.rows) | {e.subject_key for e in self.entries.values()}
         return [self._ledger(k, self._kind(k)) for k in sorted(subject_keys) if k in known]
+
+    def lock_live(
+        self, subject_keys: Sequence[str], now: datetime, added: Mapping[str, str], policy: ScorePolicy
+    ) -> list[SubjectLedger]:
+        return self.lock(subject_keys)
 
     def save(self, results: Mapping[str, Rescored], recorded_at: datetime | None) -> None:
         for key, rescored in results.items():

@@ -19,11 +19,18 @@ from contracts.score_store import (
     load_entries,
 )
 from domain.entries import EntryStatus, LedgerEntry, ReversalRecord
+from domain.policy import ScorePolicy
 from kit import audit
 from services.score.due_process import Audited
 from services.score.ledger import ConcurrentWrite, Rescored, SubjectLedger
 from services.score.stores.audit import append_audit
-from services.score.stores.subjects import create_subject_rows, lock_subjects, save_scores, subject_ledger
+from services.score.stores.subjects import (
+    create_subject_rows,
+    lock_live,
+    lock_subjects,
+    save_scores,
+    subject_ledger,
+)
 
 
 def entry_row(entry: LedgerEntry, key_id: str) -> dict[str, Any]:
@@ -56,10 +63,16 @@ class _SqlLedgerUnitOfWork:
     """LedgerUnitOfWork on one session in one transaction, a fixed number of bulk statements,
     writing keys of generation `key_id`."""
 
-    def __init__(self, session: Session, audit_keys: audit.AuditKeys, key_id: str) -> None:
+    def __init__(
+        self, session: Session, audit_keys: audit.AuditKeys, key_id: str, whole_ledger: bool = False
+    ) -> None:
         self._session = session
         self._audit_keys = audit_keys
         self._key_id = key_id
+        self._whole_ledger = whole_ledger
+        # Ledger rows read to rescore the batch's subjects; subjects read as a live part.
+        self.entries_read = 0
+        self.live_parts = 0
 
     def add_entries(self, entries: Sequence[LedgerEntry]) -> list[LedgerEntry]:
         session = self._session
@@ -135,7 +148,19 @@ class _SqlLedgerUnitOfWork:
         return applied
 
     def lock(self, subject_keys: Sequence[str]) -> list[SubjectLedger]:
-        return lock_subjects(self._session, subject_keys)
+        subjects = lock_subjects(self._session, subject_keys)
+        self.entries_read += sum(len(s.entries) for s in subjects)
+        return subjects
+
+    def lock_live(
+        self, subject_keys: Sequence[str], now: datetime, added: Mapping[str, str], policy: ScorePolicy
+    ) -> list[SubjectLedger]:
+        if self._whole_ledger:
+            return self.lock(subject_keys)
+        subjects, read = lock_live(self._session, subject_keys, now, added, policy)
+        self.entries_read += read
+        self.live_parts += sum(s.partial for s in subjects)
+        return subjects
 
     def save(self, results: Mapping[str, Rescored], recorded_at: datetime | None) -> None:
         save_scores(self._session, results, recorded_at, self._key_id)
@@ -143,12 +168,26 @@ class _SqlLedgerUnitOfWork:
 
 class SqlLedgerStore:
     """LedgerStore on SQLAlchemy: one unit of work per batch, sweep page or policy page.
-    Keys are written as of generation `key_id` (the instance's current one)."""
+    Keys are written as of generation `key_id` (the instance's current one). `whole_ledger`
+    makes batches read every subject's whole ledger, as before services/score/live.py (tests
+    and benchmarks compare the two)."""
 
-    def __init__(self, sessions: sessionmaker[Session], *, audit_keys: audit.AuditKeys, key_id: str) -> None:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        *,
+        audit_keys: audit.AuditKeys,
+        key_id: str,
+        whole_ledger: bool = False,
+    ) -> None:
         self._sessions = sessions
         self._audit_keys = audit_keys
         self._key_id = key_id
+        self._whole_ledger = whole_ledger
+        # Ledger rows read by the units of work that committed, and subjects read as a live
+        # part (for tests and benchmarks).
+        self.entries_read = 0
+        self.live_parts = 0
 
     def tier_counts(self) -> dict[tuple[str, str], int]:
         """Subjects by (tier, subject kind), for the tiers gauge; placeholder rows (tier "")
@@ -164,7 +203,10 @@ class SqlLedgerStore:
     @contextmanager
     def unit_of_work(self) -> Iterator[_SqlLedgerUnitOfWork]:
         with self._sessions() as session, session.begin():
-            yield _SqlLedgerUnitOfWork(session, self._audit_keys, self._key_id)
+            uow = _SqlLedgerUnitOfWork(session, self._audit_keys, self._key_id, self._whole_ledger)
+            yield uow
+        self.entries_read += uow.entries_read
+        self.live_parts += uow.live_parts
 
     def due_subjects(self, now: datetime, limit: int) -> list[str]:
         with self._sessions() as session:

@@ -5,24 +5,29 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from contracts.score_store import (
+    Granted,
     StoredCategory,
     StoredEntry,
     StoredHistory,
     StoredScore,
-    load_entries,
+    load_granted,
+    load_recent,
 )
 from domain.entries import ScoredEntry
+from domain.policy import ScorePolicy
 from domain.scoring import ScoreState, list_names
 from kit.db import as_utc
 from services.score.ledger import Rescored, SubjectLedger
+from services.score.live import cutoff, live_part
 
 
 def score_state(row: StoredScore | Any) -> ScoreState | None:
@@ -32,8 +37,17 @@ def score_state(row: StoredScore | Any) -> ScoreState | None:
     return ScoreState(row.score, row.tier, bool(row.red_list), bool(row.black_list))
 
 
-def subject_ledger(key: str, kind: str, row: StoredScore | None, entries: list[ScoredEntry]) -> SubjectLedger:
+def subject_ledger(
+    key: str,
+    kind: str,
+    row: StoredScore | None,
+    entries: Sequence[ScoredEntry],
+    *,
+    grants: Mapping[str, int | None] | None = None,
+    partial: bool = False,
+) -> SubjectLedger:
     state = score_state(row)
+    through = None if row is None or row.recorded_through is None else as_utc(row.recorded_through)
     return SubjectLedger(
         subject_key=key,
         subject_kind=row.subject_kind if row is not None else kind,
@@ -41,13 +55,14 @@ def subject_ledger(key: str, kind: str, row: StoredScore | None, entries: list[S
         computed_at=as_utc(row.updated_at) if row is not None and state is not None else None,
         stored_policy_version=row.policy_version if row is not None else "",
         entries=tuple(entries),
+        recorded_through=through,
+        grants=grants or {},
+        partial=partial,
     )
 
 
-def lock_subjects(session: Session, keys: Sequence[str]) -> list[SubjectLedger]:
-    """The named subjects that have a score row, in key order, locked until commit (PostgreSQL;
-    SQLite has one writer anyway), each with its whole ledger."""
-    rows = list(
+def _locked_rows(session: Session, keys: Sequence[str]) -> list[StoredScore]:
+    return list(
         session.scalars(
             sa.select(StoredScore)
             .where(StoredScore.subject_key.in_(sorted(keys)))
@@ -55,8 +70,82 @@ def lock_subjects(session: Session, keys: Sequence[str]) -> list[SubjectLedger]:
             .with_for_update()
         )
     )
-    ledgers = load_entries(session, [r.subject_key for r in rows])
-    return [subject_ledger(r.subject_key, r.subject_kind, r, ledgers[r.subject_key]) for r in rows]
+
+
+def _whole(session: Session, rows: Sequence[StoredScore]) -> dict[str, SubjectLedger]:
+    ledgers = load_granted(session, [r.subject_key for r in rows])
+    return {r.subject_key: _with_grants(r, ledgers[r.subject_key]) for r in rows}
+
+
+def _with_grants(row: StoredScore, read: Sequence[Granted]) -> SubjectLedger:
+    grants = {e.entry_id: g for e, g in read}
+    return subject_ledger(row.subject_key, row.subject_kind, row, [e for e, _ in read], grants=grants)
+
+
+def lock_subjects(session: Session, keys: Sequence[str]) -> list[SubjectLedger]:
+    """The named subjects that have a score row, in key order, locked until commit (PostgreSQL;
+    SQLite has one writer anyway), each with its whole ledger."""
+    rows = _locked_rows(session, keys)
+    return list(_whole(session, rows).values())
+
+
+def lock_live(
+    session: Session, keys: Sequence[str], now: datetime, added: Mapping[str, str], policy: ScorePolicy
+) -> tuple[list[SubjectLedger], int]:
+    """`lock_subjects` for a batch (services/score/live.py): each subject with the live part
+    of its ledger where it is proven enough, else with its whole ledger; and the number of
+    ledger rows read."""
+    rows = _locked_rows(session, keys)
+    floors: dict[str, datetime] = {}
+    for row in rows:
+        state = score_state(row)
+        floor = cutoff(
+            policy.for_kind(row.subject_kind),
+            stored_version=row.policy_version,
+            since=as_utc(row.updated_at) if state is not None else None,
+            recorded_through=None if row.recorded_through is None else as_utc(row.recorded_through),
+            now=now,
+        )
+        if floor is not None:
+            floors[row.subject_key] = floor
+    found: dict[str, SubjectLedger] = {}
+    read = 0
+    ranges: dict[datetime, list[str]] = {}
+    for key, floor in floors.items():
+        ranges.setdefault(floor, []).append(key)
+    recent = (
+        load_recent(session, ranges, sorted(i for i, key in added.items() if key in floors)) if floors else {}
+    )
+    refused: dict[str, list[Granted]] = {}
+    for row in rows:
+        key = row.subject_key
+        if key not in floors:
+            continue
+        read += len(recent[key])
+        subject = subject_ledger(key, row.subject_kind, row, [], partial=True)
+        assert subject.computed_at is not None
+        kind = policy.for_kind(row.subject_kind)
+        part = live_part(recent[key], kind, since=subject.computed_at, floor=floors[key], added=added)
+        if part is None:
+            refused[key] = recent[key]
+        else:
+            found[key] = replace(subject, entries=part[0], grants=part[1])
+    if refused:
+        # The whole ledger of a refused subject: what was read, and what occurred before its range.
+        before = {f: [k for k in members if k in refused] for f, members in ranges.items()}
+        older = load_recent(session, {f: ks for f, ks in before.items() if ks}, (), older=True)
+        for row in rows:
+            if row.subject_key in refused:
+                mine = refused[row.subject_key]
+                seen = {e.entry_id for e, _ in mine}
+                more = [g for g in older[row.subject_key] if g[0].entry_id not in seen]
+                read += len(more)
+                found[row.subject_key] = _with_grants(row, [*mine, *more])
+    rest = [r for r in rows if r.subject_key not in found]
+    whole = _whole(session, rest) if rest else {}
+    read += sum(len(s.entries) for s in whole.values())
+    found.update(whole)
+    return [found[r.subject_key] for r in rows], read
 
 
 def save_scores(
@@ -114,6 +203,7 @@ def _store_scores(
     updates = []
     history = []
     periods = []
+    grants: list[dict[str, Any]] = []
     written_at = now or datetime.now(UTC)
     for key, rescored in results.items():
         r = rescored.result
@@ -130,8 +220,12 @@ def _store_scores(
                 "red_list": r.state.red,
                 "black_list": r.state.black,
                 "list_reasons": json.dumps([[m.name, list(m.reasons), list(m.entry_ids)] for m in r.lists]),
+                "recorded_through": None
+                if rescored.recorded_through is None
+                else rescored.recorded_through.astimezone(UTC),
             }
         )
+        grants += [{"b_entry_id": i, "b_granted": g} for i, g in rescored.grants.items()]
         for c in rescored.changes:
             history.append(
                 {
@@ -162,6 +256,15 @@ def _store_scores(
         session.execute(sa.insert(StoredHistory), history)
     if periods:
         session.execute(sa.update(StoredEntry), periods)
+    if grants:
+        # A Core executemany: the ORM's bulk update costs twice as much per row.
+        table = cast(sa.Table, StoredEntry.__table__)
+        session.execute(
+            sa.update(table)
+            .where(table.c.entry_id == sa.bindparam("b_entry_id"))
+            .values(granted=sa.bindparam("b_granted")),
+            grants,
+        )
     session.execute(sa.delete(StoredCategory).where(StoredCategory.subject_key.in_(list(results))))
     categories = [
         {
