@@ -22,7 +22,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from bench.pipeline import machine
+from bench.meter import machine
 from contracts.score_store import StoredHistory, StoredScore
 from domain.entries import RuleRef
 from domain.intake import IncomingOutcome

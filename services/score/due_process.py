@@ -54,7 +54,8 @@ from services.score.due_process_checks import (
     text_violations,
     why_not,
 )
-from services.score.ledger import Ledger, Rescoring
+from services.score.ledger import Ledger
+from services.score.ledger_store import Rescoring
 
 # A dispute or a repair application: filed, assigned or decided alike.
 _Application = TypeVar("_Application", DisputeRecord, RepairRecord)

@@ -12,7 +12,7 @@ from domain.entries import LedgerEntry, ReversalRecord, ScoredEntry
 from domain.history import Change
 from domain.policy import ActivatedPolicy, ScorePolicy
 from domain.scoring import ScoreState
-from services.score.ledger import Rescored, SubjectLedger
+from services.score.ledger_store import Rescored, SubjectLedger
 
 
 @dataclass

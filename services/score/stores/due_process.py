@@ -33,7 +33,7 @@ from domain.entries import (
 )
 from kit import audit
 from services.score.due_process import Audited
-from services.score.ledger import Rescored, SubjectLedger
+from services.score.ledger_store import Rescored, SubjectLedger
 from services.score.stores.audit import append_audit
 from services.score.stores.subjects import lock_subjects, save_scores
 

@@ -22,7 +22,7 @@ from domain.entries import EntryStatus, LedgerEntry, ReversalRecord
 from domain.policy import ScorePolicy
 from kit import audit
 from services.score.due_process import Audited
-from services.score.ledger import ConcurrentWrite, Rescored, SubjectLedger
+from services.score.ledger_store import ConcurrentWrite, Rescored, SubjectLedger
 from services.score.stores.audit import append_audit
 from services.score.stores.subjects import (
     create_subject_rows,

@@ -26,7 +26,7 @@ from domain.entries import ScoredEntry
 from domain.policy import ScorePolicy
 from domain.scoring import ScoreState, list_names
 from kit.db import as_utc
-from services.score.ledger import Rescored, SubjectLedger
+from services.score.ledger_store import Rescored, SubjectLedger
 from services.score.live import cutoff, live_part
 
 

@@ -40,7 +40,8 @@ from kit.principal import Principal, Role
 from kit.pseudonym import KeyLink, Pseudonymiser
 from services.score.due_process import Audited, DueProcess
 from services.score.due_process_checks import CONSENT_MAX_FUTURE_SKEW, add_working_days
-from services.score.ledger import Ledger, Rescored, SubjectLedger
+from services.score.ledger import Ledger
+from services.score.ledger_store import Rescored, SubjectLedger
 from tests.support.score_store import FakeStore
 
 POLICY = load_policy(Path(__file__).parents[3] / "config" / "policy.yaml")
