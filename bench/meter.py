@@ -132,26 +132,34 @@ def row_writes(url: str) -> dict[str, int]:
 
 
 class Profiler:
-    """py-spy flame graphs of running processes: `start` attaches one recorder per process,
-    `stop` interrupts them, and each writes DIRECTORY/NAME.svg (py-spy writes on SIGINT)."""
+    """py-spy profiles of running processes: `start` attaches one recorder per process, `stop`
+    interrupts them, and each writes DIRECTORY/NAME.svg (a flame graph; or speedscope JSON, or
+    raw collapsed stacks to count frames in) when py-spy gets SIGINT."""
 
-    def __init__(self, directory: Path, *, rate: int = 100) -> None:
+    # py-spy's output formats and the file extension each is written with.
+    FORMATS = {"flamegraph": "svg", "speedscope": "speedscope.json", "raw": "txt"}
+
+    def __init__(self, directory: Path, *, rate: int = 100, output_format: str = "flamegraph") -> None:
         executable = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         if not Path(executable).exists():
             raise SystemExit("--profile needs py-spy: pip install py-spy (it is in the dev extras)")
         self._executable = executable
         self._directory = directory
         self._rate = rate
+        self._format = output_format
         self._recorders: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, pids: Mapping[str, int]) -> None:
         self._directory.mkdir(parents=True, exist_ok=True)
         for name, pid in pids.items():
-            output = self._directory / f"{name}.svg"
+            output = self._output(name)
             command = [self._executable, "record", "--pid", str(pid), "--rate", str(self._rate)]
-            command += ["--nonblocking", "--threads", "--output", str(output)]
+            command += ["--nonblocking", "--threads", "--format", self._format, "--output", str(output)]
             log = (self._directory / f"{name}.py-spy.log").open("wb")
             self._recorders[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+    def _output(self, name: str) -> Path:
+        return self._directory / f"{name}.{self.FORMATS[self._format]}"
 
     def stop(self) -> list[Path]:
         for recorder in self._recorders.values():
@@ -163,7 +171,7 @@ class Profiler:
                 recorder.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 recorder.kill()
-            output = self._directory / f"{name}.svg"
+            output = self._output(name)
             if output.exists():
                 written.append(output)
         self._recorders.clear()

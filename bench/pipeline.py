@@ -124,7 +124,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--profile",
         type=Path,
         metavar="DIR",
-        help="record a py-spy flame graph of each service while the stream runs: DIR/SERVICE.svg",
+        help="record a py-spy profile of each service while the stream runs: DIR/SERVICE.svg",
+    )
+    parser.add_argument(
+        "--profile-format",
+        choices=sorted(Profiler.FORMATS),
+        default="flamegraph",
+        help="py-spy's output with --profile: flamegraph (the default), speedscope or raw stacks",
     )
     parser.add_argument(
         "--observability",
@@ -381,7 +387,7 @@ def _measured_run(
         rules_shards=args.rules_shards,
         score_replicas=args.score_replicas,
     )
-    profiler = Profiler(args.profile) if args.profile else None
+    profiler = Profiler(args.profile, output_format=args.profile_format) if args.profile else None
     writes: dict[str, dict[str, int]] = {}
     try:
         cluster.start()
@@ -399,7 +405,7 @@ def _measured_run(
             cpu["postgres"] = server_cpu_seconds() - server_before
         if profiler:
             for path in profiler.stop():
-                print(f"flame graph: {path}")
+                print(f"profile: {path}")
         stored = {name: stored_bytes(cluster.database_url(name)) for name in databases}
     finally:
         if profiler:
