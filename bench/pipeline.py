@@ -61,7 +61,9 @@ from domain.ruleset.parsing import load_rule_set
 from egret.common.v1 import event_pb2, subject_pb2
 from egret.ingest.v1 import ingest_service_pb2
 from egret.query.v1 import query_service_pb2, query_service_pb2_grpc
+from egret.score.v1 import score_service_pb2, score_service_pb2_grpc
 from egret_client.submitter import StreamTotals, stream_by_source
+from kit.principal import Role
 from kit.protoconv import to_datetime
 from kit.pseudonym import Pseudonymiser
 from services.rules.engine import run_raw
@@ -304,6 +306,16 @@ async def _run_stream(
     return totals, drained_at - totals.first_send_at
 
 
+async def _verify(cluster: Cluster) -> tuple[int, int]:
+    """Score's VerifyScores once drained: (subjects recomputed from their whole ledgers,
+    mismatches with their stored rows)."""
+    async with cluster.channel("score", cluster.token("bench-auditor", Role.AUDITOR)) as channel:
+        verified = await score_service_pb2_grpc.ScoreServiceStub(channel).VerifyScores(
+            score_service_pb2.VerifyScoresRequest(max_mismatches=10, purpose="audit"), timeout=600
+        )
+    return int(verified.subjects_checked), int(verified.mismatch_count)
+
+
 def _engine_events(generated: Sequence[GeneratedEvent], subject_key: str) -> list[EngineEvent]:
     pseudonyms = Pseudonymiser(key=subject_key.encode(), key_id="k1")
     events = []
@@ -360,6 +372,8 @@ class _Run:
     stored: dict[str, dict[str, int]]
     # On PostgreSQL: rows inserted, updated, deleted and commits per service's database.
     writes: dict[str, dict[str, int]]
+    # Score's VerifyScores once drained: subjects checked, mismatches.
+    verified: tuple[int, int]
 
 
 def _measured_run(
@@ -406,6 +420,7 @@ def _measured_run(
         if profiler:
             for path in profiler.stop():
                 print(f"profile: {path}")
+        verified = asyncio.run(_verify(cluster))
         stored = {name: stored_bytes(cluster.database_url(name)) for name in databases}
     finally:
         if profiler:
@@ -417,7 +432,7 @@ def _measured_run(
             finally:
                 postgres.drop()
     service_of = {name: cluster.service_of(name) for name in pids}
-    return _Run(totals, end_to_end_s, cpu, service_of, stored, writes)
+    return _Run(totals, end_to_end_s, cpu, service_of, stored, writes, verified)
 
 
 def _per_event(cpu: dict[str, float], events: int) -> dict[str, float]:
@@ -538,6 +553,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     figures["loadavg_before"] = load_before
     figures["loadavg"] = load_average()
     figures["stored"] = _storage(run.stored, totals.accepted)
+    figures["verify"] = {"subjects_checked": run.verified[0], "mismatches": run.verified[1]}
     if run.writes:
         figures["database_writes_per_event"] = {
             name: {what: round(n / max(totals.accepted, 1), 2) for what, n in counts.items()}
@@ -607,6 +623,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"  {name} database per accepted event: {per['inserted']} rows inserted, "
             f"{per['updated']} updated, {per['deleted']} deleted, {per['commits']} commits"
         )
+    print(
+        f"verify:         {run.verified[0]:,} subjects recomputed from their whole ledgers, "
+        f"{run.verified[1]} mismatches with their stored scores"
+    )
     vis = figures["visible_latency_ms"]
     print(
         f"event→visible:  p50 {vis['p50']} ms, p95 {vis['p95']} ms, p99 {vis['p99']} ms "
@@ -635,6 +655,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"end to end / raw: {figures['ratio_end_to_end_to_raw']:.3f}")
 
     _write(args.json, figures)
+    if run.verified[1]:
+        print("verify found stored scores that differ from their ledgers", file=sys.stderr)
+        return 1
     return 0
 
 
