@@ -182,7 +182,10 @@ async def test_every_call_carries_a_deadline_and_an_explicit_one_wins() -> None:
         await egret.query.GetTierDistribution(query_pb.GetTierDistributionRequest())
         default = faults.deadlines["GetTierDistribution"]
         assert default is not None
-        assert DEFAULT_DEADLINE_S - 5 < default <= DEFAULT_DEADLINE_S
+        # gRPC carries a deadline as a timeout from the client's clock reading to the
+        # server's, so on a loaded host the server may see a little more than was set
+        # (CI once saw 30.099 s of 30): the default is there, not 300 s or none.
+        assert DEFAULT_DEADLINE_S - 5 < default <= DEFAULT_DEADLINE_S + 1
         await egret.query.GetTierDistribution(query_pb.GetTierDistributionRequest(), timeout=300)
         explicit = faults.deadlines["GetTierDistribution"]
         assert explicit is not None
