@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import time
@@ -22,7 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.meter import machine
+from bench.meter import load_average, machine
 from domain.entries import DISPUTE, REPAIR, EntryStatus, Pause, ScoredEntry
 from domain.policy import ActivatedPolicy, PolicyBook, load_policy
 from services.query.corrected import corrected_history, corrected_history_by_definition
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"machine": machine(), "command": " ".join([sys.executable, *sys.argv])}
     print(f"machine: {report['machine']}")
     print(f"command: {report['command']}")
-    print(f"load average before: {os.getloadavg()}")
+    print(f"load average before: {load_average()}")
     figures = []
     for size in args.entries:
         entries = ledger(size, args.seed)
@@ -100,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"MISMATCH at {size} entries: the incremental rows differ from the definition's")
                 return 1
             line |= {"definition_cpu_s": round(old_s, 3), "speed-up": round(old_s / new_s, 1)}
-        line["load_average"] = [round(x, 2) for x in os.getloadavg()]
+        line["load_average"] = load_average()
         figures.append(line)
         print(json.dumps(line))
     report["figures"] = figures

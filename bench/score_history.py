@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from bench.meter import machine
+from bench.meter import load_average, machine
 from contracts.score_store import StoredHistory, StoredScore
 from domain.entries import RuleRef
 from domain.intake import IncomingOutcome
@@ -134,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"machine": machine(), "command": " ".join([sys.executable, *sys.argv])}
     print(f"machine: {report['machine']}")
     print(f"command: {report['command']}")
-    print(f"load average before: {os.getloadavg()}")
+    print(f"load average before: {load_average()}")
     step = timedelta(days=args.step_days)
     with tempfile.TemporaryDirectory() as directory:
         runs = {}
@@ -156,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         same = runs["live"].pop("rows") == runs["whole"].pop("rows")
     print(f"score rows and history identical: {same}")
     report["identical"] = same
-    report["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    report["load_average_after"] = load_average()
     print(f"load average after: {report['load_average_after']}")
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2))
