@@ -75,6 +75,10 @@ def _unary(labels: dict[str, str], inner: Callable[..., Awaitable[Any]]) -> Any:
             response = await inner(request, context)
         except BaseException as error:
             _record(labels, started, context, error)
+            # The outermost frame stays in the error's traceback, which grpc-aio keeps on the
+            # call's state: holding the request here would keep it in that cycle until a full
+            # collection (kit.limits._forget clears the frames inside this one).
+            del request, context
             raise
         _record(labels, started, context, None)
         return response
@@ -90,6 +94,7 @@ def _stream(labels: dict[str, str], inner: Callable[..., AsyncIterator[Any]]) ->
                 yield response
         except BaseException as error:
             _record(labels, started, context, error)
+            del request, context  # as in _unary
             raise
         _record(labels, started, context, None)
 

@@ -37,7 +37,7 @@ from kit.pseudonym import Pseudonymiser
 from kit.reflection import enable_reflection
 from kit.rpc_metrics import RpcMetricsInterceptor
 from kit.security import rate_limiter, server_credentials, token_verifier
-from kit.settings import CommonSettings
+from kit.settings import CommonSettings, LimitSettings
 
 log = get_logger(__name__)
 
@@ -89,6 +89,13 @@ async def _watch_database(
             await asyncio.wait_for(stopping.wait(), interval_s)
 
 
+def interceptor_chain(limits: LimitSettings, gate: Gate | None = None) -> list[grpc.aio.ServerInterceptor]:
+    """Every Egret server's interceptors, outermost first: metrics, to see every call's final
+    status; then limits, so the batch slot a decoded request holds is given back whoever
+    refuses it; then errors, tracing and the gate (kit.interceptors)."""
+    return [RpcMetricsInterceptor(), LimitInterceptor(limits), *server_interceptors(gate)]
+
+
 async def serve(
     settings: CommonSettings,
     service: Service,
@@ -118,9 +125,7 @@ async def serve(
     )
     limits = settings.limits
     server = grpc.aio.server(
-        # Metrics outermost, to see every call's final status; then limits, so the batch slot a
-        # decoded request holds is given back whoever refuses it.
-        interceptors=[RpcMetricsInterceptor(), LimitInterceptor(limits), *server_interceptors(gate)],
+        interceptors=interceptor_chain(limits, gate),
         options=server_options([*service.service_names, *extra_names], limits),
         maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
     )

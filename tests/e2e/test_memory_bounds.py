@@ -37,10 +37,10 @@ from egret.rules.v1 import rules_service_pb2_grpc as rules_grpc
 from egret.score.v1 import score_service_pb2 as score_pb
 from egret.score.v1 import score_service_pb2_grpc as score_grpc
 from kit.errors import InvalidArgument, Violation
-from kit.interceptors import server_interceptors
-from kit.limits import LimitInterceptor, request_limit
+from kit.limits import request_limit
 from kit.principal import Role
 from kit.protoconv import to_timestamp
+from kit.server import interceptor_chain
 from kit.settings import LimitSettings
 from tests.support.events import event, resident_id
 from tests.support.outcomes import outcome
@@ -362,8 +362,10 @@ async def test_a_refused_call_lets_go_of_its_request_when_it_ends() -> None:
     """What keeps query's flood bounded: grpc-aio keeps an aborted call's AbortError on the
     call's state, and the error's traceback holds the handlers' frames, so the request sat
     in a reference cycle until a full collection (query peaked at 397 to 515 MiB). The
-    outermost interceptor breaks that cycle: with the cycle collector off, the request of a
-    call refused as INVALID_ARGUMENT is freed as soon as the call ends."""
+    interceptors break that cycle: with the cycle collector off, the request of a call
+    refused as INVALID_ARGUMENT is freed as soon as the call ends. Every server's own chain
+    (kit.server.interceptor_chain): the metrics interceptor, outside the limits, once kept
+    the request in its frame (query's flood then peaked at 270 to 360 MiB, 230 to 270 after)."""
     freed = asyncio.Event()
     watched: list[weakref.ref[_Request]] = []
 
@@ -378,7 +380,7 @@ async def test_a_refused_call_lets_go_of_its_request_when_it_ends() -> None:
             "invalid request", [Violation(f"items[{i}]", "is bad") for i in range(len(derived))]
         )
 
-    server = grpc.aio.server(interceptors=[LimitInterceptor(LIMITS), *server_interceptors()])
+    server = grpc.aio.server(interceptors=interceptor_chain(LIMITS))
     handler: grpc.RpcMethodHandler[_Request, bytes] = grpc.unary_unary_rpc_method_handler(
         refuse, request_deserializer=deserialize
     )
