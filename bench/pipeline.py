@@ -144,7 +144,18 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--repeats", type=int, default=2, help="runs per setting with --observability compare"
     )
+    parser.add_argument(
+        "--service-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for every service, e.g. EGRET_RELAY_BATCH_SIZE=2000 (repeatable)",
+    )
     args = parser.parse_args(argv)
+    try:
+        args.service_env = dict(item.split("=", 1) for item in args.service_env)
+    except ValueError:
+        parser.error("--service-env takes NAME=VALUE")
     if args.events < 1:
         parser.error("--events must be at least 1")
     if args.rules_shards < 1 or args.score_replicas < 1:
@@ -392,7 +403,7 @@ def _measured_run(
     postgres = PostgresDatabases(args.postgres, databases) if args.postgres else None
     database_urls = postgres.create() if postgres else {}
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="egret-bench-"))
-    env = {**UNLIMITED, "EGRET_METRICS": "true" if metrics else "false"}
+    env = {**UNLIMITED, "EGRET_METRICS": "true" if metrics else "false", **args.service_env}
     cluster = Cluster(
         data_dir,
         database_urls=database_urls,
@@ -547,6 +558,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = _measured_run(args, requests, samples, metrics=args.observability == "on")
     totals, end_to_end_s = run.totals, run.end_to_end_s
     figures["topology"] = {"rules_shards": args.rules_shards, "score_replicas": args.score_replicas}
+    figures["service_env"] = args.service_env
     figures["cpu_us_per_process_event"] = _per_event(run.cpu, totals.events)
     figures["cpu_us_per_event"] = _by_service(figures["cpu_us_per_process_event"], run.service_of)
     figures["pipeline_cpu_us_per_event"] = _pipeline_us(figures["cpu_us_per_event"])
