@@ -2,9 +2,10 @@
 
 A service writes its outgoing messages into its outbox table in the same transaction
 as the state change that produced them, and acknowledges its caller only after that
-commit. A relay then sends outbox rows downstream in batches, deleting them only
-after the receiver has committed them: at least once on the wire, exactly once in
-effect because every receiver is idempotent.
+commit. A relay then sends outbox rows downstream, one call per claim (up to its batch size,
+whatever batches wrote the rows), deleting them only after the receiver has committed
+them: at least once on the wire, exactly once in effect because every receiver is
+idempotent.
 
 Order: within a relay's slice of the table (`where=`, e.g. one rules shard's rows; the
 whole table by default), rows are delivered in id order, across restarts and across
@@ -16,8 +17,8 @@ an advisory lock per table and slice; SQLite: the write lock is taken before rea
 Each relay has an identity (`instance`, EGRET_INSTANCE: stable across restarts of one
 replica, unique across replicas) and a generation (fresh per start), recorded on the
 rows it claims. A restarted relay takes over its identity's earlier claims at once; a
-replica that is gone for good holds its claims until their lease ends. Deletes,
-postpones and releases touch only rows still claimed by the relay's own generation.
+replica that is gone for good holds its claims until their lease ends. Deletes and
+postpones touch only rows still claimed by the relay's own generation.
 Two live replicas given one identity (a misconfiguration) take each other's claims:
 rows go out more than once and order is no longer guaranteed; the relay warns when
 its rows were taken over. Details in docs/architecture.md ("Flow and delivery").
@@ -156,8 +157,9 @@ class _Claimed:
 
 Send = Callable[[list[bytes]], Awaitable[None]]
 
-# Above this many upstream batches in one claim, rows travel in a single call.
-MAX_CALLS_PER_CLAIM = 16
+# A relay call's span links to at most this many upstream batches besides its parent
+# (OpenTelemetry's default span link limit).
+MAX_LINKS = 128
 
 
 class OutboxRelay:
@@ -283,11 +285,6 @@ class OutboxRelay:
     def _delete(self, ids: list[int]) -> None:
         self._changed(sa.delete(self._core).where(self._mine(ids)), ids, "delete")
 
-    def _release(self, ids: list[int]) -> None:
-        """Free claimed rows that were not sent, so they go out next (after the rows in front)."""
-        free = {"claimed_by": None, "claim_generation": None, "available_at": self._clock()}
-        self._changed(sa.update(self._core).where(self._mine(ids)).values(free), ids, "release")
-
     def _postpone(self, ids: list[int], attempts: int) -> float:
         """Free rows whose send failed, due again after a backoff; until then they hold back
         every later row of the slice, whichever relay would claim it."""
@@ -363,35 +360,27 @@ class OutboxRelay:
             await self._relay(claimed, stopping)
 
     async def _relay(self, claimed: _Claimed, stopping: asyncio.Event) -> None:
-        """Send the claimed rows in order, one call per upstream batch, so each batch's trace
-        continues downstream. When a claim holds rows of more than MAX_CALLS_PER_CLAIM
-        upstream batches (many tiny ones), they go together in one call whose span links
-        to every upstream batch, so tiny batches never multiply the calls."""
-        runs = _runs(claimed.traceparents)
-        if len(runs) > MAX_CALLS_PER_CLAIM:
-            runs = [(0, len(claimed.ids))]
-        for start, end in runs:
-            if not await self._relay_run(claimed, start, end, stopping):
-                # Keep order: what follows a failed run waits for it.
-                rest = claimed.ids[end:]
-                if rest:
-                    with contextlib.suppress(*_STORE_AWAY):
-                        await asyncio.to_thread(self._release, rest)
-                return
-
-    async def _relay_run(self, claimed: _Claimed, start: int, end: int, stopping: asyncio.Event) -> bool:
-        ids = claimed.ids[start:end]
-        traceparents = claimed.traceparents[start:end]
+        """Send a claim's rows in one call, whatever upstream batches wrote them: the
+        downstream batch is the relay's, not the size a department happened to send (client
+        batches of 100 cost the pipeline twice the CPU per event when each went on alone:
+        docs/benchmarks.md). The call's span continues the first upstream batch's trace and
+        links to the others', so every batch is followed to the end."""
+        ids = claimed.ids
+        traceparents = list(dict.fromkeys(claimed.traceparents))
         with self._tracer.start_as_current_span(
             f"{self._name} relay",
             context=context_from_traceparent(traceparents[0]),
-            links=links_from_traceparents(traceparents[1:]),
-            attributes={"egret.batch.size": len(ids), "egret.relay.attempt": claimed.attempts + 1},
+            links=links_from_traceparents(traceparents[1 : MAX_LINKS + 1]),
+            attributes={
+                "egret.batch.size": len(ids),
+                "egret.relay.attempt": claimed.attempts + 1,
+                "egret.relay.upstream_batches": len(traceparents),
+            },
         ) as span:
             if claimed.attempts:
                 _retries.add(len(ids), self._labels)
             try:
-                await self._send(claimed.payloads[start:end])
+                await self._send(claimed.payloads)
             except Exception as exc:
                 _failures.add(1, self._labels)
                 span.record_exception(exc)
@@ -410,7 +399,7 @@ class OutboxRelay:
                 )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stopping.wait(), delay)
-                return False
+                return
             try:
                 await asyncio.to_thread(self._delete, ids)
             except _STORE_AWAY as exc:
@@ -419,11 +408,10 @@ class OutboxRelay:
                 log.warning(
                     "relay could not delete delivered rows", relay=self._name, error=type(exc).__name__
                 )
-                return False
+                return
             self.sent += len(ids)
             _sent.add(len(ids), self._labels)
             log.debug("relayed", relay=self._name, batch=len(ids))
-            return True
 
 
 MakeSend = Callable[[grpc.aio.Channel, float], Send]
@@ -468,14 +456,3 @@ def _slice_lock_key(table: type[OutboxMixin], where: sa.ColumnElement[bool]) -> 
     condition = where.compile(compile_kwargs={"literal_binds": True})
     name = f"egret.outbox|{sa.inspect(table).local_table}|{condition}".encode()
     return int.from_bytes(hashlib.sha256(name).digest()[:8], "big", signed=True)
-
-
-def _runs(traceparents: Sequence[str]) -> list[tuple[int, int]]:
-    """[start, end) index ranges of consecutive rows written under the same trace context."""
-    runs: list[tuple[int, int]] = []
-    start = 0
-    for i in range(1, len(traceparents) + 1):
-        if i == len(traceparents) or traceparents[i] != traceparents[start]:
-            runs.append((start, i))
-            start = i
-    return runs

@@ -18,6 +18,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
+from opentelemetry import trace
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from kit.db import create_engine, make_metadata, make_session_factory
@@ -90,6 +92,17 @@ def claim(relay: OutboxRelay) -> list[int]:
     return [] if claimed is None else claimed.ids
 
 
+def free(sessions: sessionmaker[Session], ids: list[int]) -> None:
+    """Rows unclaimed by hand: relays claim a prefix and settle a claim whole, so this state
+    comes only from relays of other versions or batch sizes, which the claim rule still meets."""
+    with sessions() as session, session.begin():
+        session.execute(
+            sa.update(Outbox)
+            .where(Outbox.id.in_(ids))
+            .values(claimed_by=None, claim_generation=None, available_at=T0)
+        )
+
+
 def holders(sessions: sessionmaker[Session]) -> dict[int, str | None]:
     with sessions() as session:
         return dict(session.execute(sa.select(Outbox.id, Outbox.claim_generation).order_by(Outbox.id)).all())
@@ -137,7 +150,7 @@ def test_a_claim_stops_at_the_first_blocked_row(sessions: sessionmaker[Session])
     clock = Clock()
     holder = relay(sessions, "a", clock)
     assert claim(holder) == [1, 2, 3]
-    holder._release([1, 2])  # rows 1 and 2 free again, row 3 still held by a
+    free(sessions, [1, 2])  # row 3 still held by a
     assert claim(relay(sessions, "b", clock, batch=6)) == [1, 2], "never past a's claim on row 3"
 
 
@@ -147,7 +160,7 @@ def test_rows_in_backoff_block_every_later_row_of_the_slice(sessions: sessionmak
     first = relay(sessions, "a", clock)
     assert claim(first) == [1, 2, 3]
     delay = first._postpone([1], attempts=0)  # the send of row 1 failed
-    first._release([2, 3])
+    free(sessions, [2, 3])
     assert claim(first) == []
     assert claim(relay(sessions, "b", clock)) == []
     clock.now += timedelta(seconds=delay)
@@ -157,7 +170,7 @@ def test_rows_in_backoff_block_every_later_row_of_the_slice(sessions: sessionmak
     assert retried.attempts == 1
 
 
-def test_a_stale_generation_cannot_delete_release_or_postpone_rows_claimed_by_another(
+def test_a_stale_generation_cannot_delete_or_postpone_rows_claimed_by_another(
     sessions: sessionmaker[Session],
 ) -> None:
     insert(sessions, 3)
@@ -167,8 +180,7 @@ def test_a_stale_generation_cannot_delete_release_or_postpone_rows_claimed_by_an
     restarted = relay(sessions, "a", clock)  # the same identity, started again
     assert claim(restarted) == [1, 2, 3]
     stale._delete([1])
-    stale._release([2])
-    stale._postpone([3], attempts=0)
+    stale._postpone([2, 3], attempts=0)
     assert holders(sessions) == dict.fromkeys([1, 2, 3], restarted.generation)
     # And after a lease ran out and another identity took the rows over.
     clock.now += timedelta(seconds=LEASE_S)
@@ -210,6 +222,46 @@ async def test_a_failed_send_holds_back_the_rows_behind_it_and_order_is_kept(
     ]
     await drain(relays, 20)
     assert delivered == [f"0-{i}".encode() for i in range(20)]
+
+
+async def test_a_claim_goes_in_one_call_traced_to_every_batch_that_wrote_it(
+    sessions: sessionmaker[Session], span_exporter: InMemorySpanExporter
+) -> None:
+    """Rows of three upstream batches (three traces) travel in one call: the downstream
+    batch is the relay's size, not the upstream's. Its span continues the first batch's
+    trace and links to the other two."""
+    tracer = trace.get_tracer("test")
+    contexts = []
+    for b in range(3):
+        with tracer.start_as_current_span(f"upstream {b}") as span:
+            rows = outbox_rows([f"{b}-{i}".encode() for i in range(4)], T0)
+            contexts.append(span.get_span_context())
+        with sessions() as session, session.begin():
+            session.execute(sa.insert(Outbox), rows)
+    calls: list[list[bytes]] = []
+
+    async def send(batch: list[bytes]) -> None:
+        calls.append(batch)
+
+    span_exporter.clear()
+    relay = OutboxRelay(
+        name="one-call",
+        sessions=sessions,
+        table=Outbox,
+        send=send,
+        settings=RelaySettings(batch_size=100, poll_interval_s=0.01, backoff_initial_s=5, backoff_max_s=5),
+        lease_s=LEASE_S,
+        instance="one-call",
+    )
+    await drain([relay], 12)
+    assert calls == [[f"{b}-{i}".encode() for b in range(3) for i in range(4)]]
+    (sent,) = [s for s in span_exporter.get_finished_spans() if s.name == "one-call relay"]
+    assert sent.context.trace_id == contexts[0].trace_id
+    assert sent.parent is not None
+    assert sent.parent.span_id == contexts[0].span_id
+    assert [link.context.span_id for link in sent.links] == [c.span_id for c in contexts[1:]]
+    assert sent.attributes is not None
+    assert sent.attributes["egret.relay.upstream_batches"] == 3
 
 
 async def drain(relays: list[OutboxRelay], rows: int) -> None:

@@ -21,6 +21,8 @@ class CollectedSpan:
     span_id: str
     parent_span_id: str
     attributes: dict[str, str]
+    # The trace ids of the spans this one links to.
+    linked_traces: tuple[str, ...] = ()
 
 
 class Collector(trace_service_pb2_grpc.TraceServiceServicer):
@@ -49,6 +51,7 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
                                 a.key: str(a.value.ListFields()[0][1]) if a.value.ListFields() else ""
                                 for a in span.attributes
                             },
+                            linked_traces=tuple(link.trace_id.hex() for link in span.links),
                         )
                     )
         with self._lock:
