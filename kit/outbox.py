@@ -178,8 +178,11 @@ class OutboxRelay:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_close: Callable[[], Awaitable[None]] | None = None,
         where: sa.ColumnElement[bool] | None = None,
+        max_call_bytes: int | None = None,
     ) -> None:
         self._on_close = on_close
+        # The receiver's largest request: a claim above it goes in several calls.
+        self._max_call_bytes = max_call_bytes
         # The slice of the table this relay owns (e.g. one downstream shard's rows), so
         # several relays drain one table side by side and a slow receiver blocks only its own.
         # Relays that share rows must share the same slice: order is kept per slice.
@@ -363,10 +366,18 @@ class OutboxRelay:
         """Send a claim's rows in one call, whatever upstream batches wrote them: the
         downstream batch is the relay's, not the size a department happened to send (client
         batches of 100 cost the pipeline twice the CPU per event when each went on alone:
-        docs/benchmarks.md). The call's span continues the first upstream batch's trace and
-        links to the others', so every batch is followed to the end."""
-        ids = claimed.ids
-        traceparents = list(dict.fromkeys(claimed.traceparents))
+        docs/benchmarks.md). A claim larger than the receiver's largest request goes in
+        several calls, in order. Each call's span continues the trace of the first upstream
+        batch it carries and links to the others', so every batch is followed to the end."""
+        for start, end in _calls(claimed.payloads, self._max_call_bytes):
+            if not await self._relay_call(claimed, start, end, stopping):
+                return
+
+    async def _relay_call(self, claimed: _Claimed, start: int, end: int, stopping: asyncio.Event) -> bool:
+        """One call of rows [start, end) of a claim; on a failed send this and every later
+        row of the claim wait for a backoff (false: the claim's other calls are not sent)."""
+        ids = claimed.ids[start:end]
+        traceparents = list(dict.fromkeys(claimed.traceparents[start:end]))
         with self._tracer.start_as_current_span(
             f"{self._name} relay",
             context=context_from_traceparent(traceparents[0]),
@@ -380,13 +391,13 @@ class OutboxRelay:
             if claimed.attempts:
                 _retries.add(len(ids), self._labels)
             try:
-                await self._send(claimed.payloads)
+                await self._send(claimed.payloads[start:end])
             except Exception as exc:
                 _failures.add(1, self._labels)
                 span.record_exception(exc)
                 span.set_status(trace.StatusCode.ERROR, type(exc).__name__)
                 try:
-                    delay = await asyncio.to_thread(self._postpone, ids, claimed.attempts)
+                    delay = await asyncio.to_thread(self._postpone, claimed.ids[start:], claimed.attempts)
                 except _STORE_AWAY:
                     delay = self._settings.backoff_max_s  # the lease brings the rows back
                 log.warning(
@@ -399,7 +410,7 @@ class OutboxRelay:
                 )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stopping.wait(), delay)
-                return
+                return False
             try:
                 await asyncio.to_thread(self._delete, ids)
             except _STORE_AWAY as exc:
@@ -408,10 +419,29 @@ class OutboxRelay:
                 log.warning(
                     "relay could not delete delivered rows", relay=self._name, error=type(exc).__name__
                 )
-                return
+                return False
             self.sent += len(ids)
             _sent.add(len(ids), self._labels)
             log.debug("relayed", relay=self._name, batch=len(ids))
+            return True
+
+
+def _calls(payloads: Sequence[bytes], max_bytes: int | None) -> list[tuple[int, int]]:
+    """[start, end) ranges of consecutive rows whose merged request stays within `max_bytes`
+    (a request merged from one-item requests is their concatenation); a row above it alone
+    goes in a call of its own, which the receiver refuses, as it would any such row."""
+    if max_bytes is None:
+        return [(0, len(payloads))] if payloads else []
+    calls: list[tuple[int, int]] = []
+    start, size = 0, 0
+    for i, payload in enumerate(payloads):
+        if i > start and size + len(payload) > max_bytes:
+            calls.append((start, i))
+            start, size = i, 0
+        size += len(payload)
+    if payloads:
+        calls.append((start, len(payloads)))
+    return calls
 
 
 MakeSend = Callable[[grpc.aio.Channel, float], Send]
@@ -428,6 +458,7 @@ def relay_to_peer(
     instance: str,
     credentials: PeerCredentials | None = None,
     where: sa.ColumnElement[bool] | None = None,
+    max_call_bytes: int | None = None,
 ) -> OutboxRelay:
     """A relay to another Egret service over its own channel, closed when the relay stops.
 
@@ -435,7 +466,8 @@ def relay_to_peer(
     payloads with the service's RPC. A claim's lease outlasts the call's deadline, so
     rows are not sent twice by the same relay while a call is still running. `where`
     limits the relay to some of the table's rows and `instance` is the relay's identity
-    (see OutboxRelay and the module docstring).
+    (see OutboxRelay and the module docstring). `max_call_bytes`: the receiver's largest
+    request (EGRET_MAX_MESSAGE_BYTES, which a deployment gives every service alike).
     """
     channel = open_channel(peer.address, credentials)
     return OutboxRelay(
@@ -448,6 +480,7 @@ def relay_to_peer(
         instance=instance,
         on_close=channel.close,
         where=where,
+        max_call_bytes=max_call_bytes,
     )
 
 

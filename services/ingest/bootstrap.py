@@ -85,6 +85,7 @@ def rules_relays(settings: IngestSettings, sessions: sessionmaker[Session]) -> l
             instance=settings.common.instance,
             credentials=channel_credentials(settings.common.security),
             where=Outbox.shard == shard,
+            max_call_bytes=settings.common.limits.max_message_bytes,
         )
         for shard, peer in enumerate(settings.rules)
     ]

@@ -130,6 +130,7 @@ def build(settings: RulesSettings) -> Service:
         make_send=send_to_score,
         instance=settings.common.instance,
         credentials=channel_credentials(settings.common.security),
+        max_call_bytes=settings.common.limits.max_message_bytes,
     )
     # One thread: durable-rules is not thread-safe and holds the GIL while it works.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rules-engine")

@@ -264,6 +264,43 @@ async def test_a_claim_goes_in_one_call_traced_to_every_batch_that_wrote_it(
     assert sent.attributes["egret.relay.upstream_batches"] == 3
 
 
+async def test_a_claim_above_the_receivers_request_limit_goes_in_several_calls_in_order(
+    sessions: sessionmaker[Session],
+) -> None:
+    """Rows of 100 bytes, requests of at most 350: calls of 3, 3, 3 and 1 rows. The second
+    call fails once: the first call's rows stay delivered, the rest are sent again in order."""
+    payloads = [f"{i:03d}".encode().ljust(100, b".") for i in range(10)]
+    with sessions() as session, session.begin():
+        session.execute(sa.insert(Outbox), outbox_rows(payloads, T0))
+    calls: list[list[bytes]] = []
+    failures = 1
+
+    async def send(batch: list[bytes]) -> None:
+        nonlocal failures
+        assert sum(map(len, batch)) <= 350
+        calls.append(batch)
+        if failures and len(calls) == 2:
+            failures -= 1
+            raise ConnectionError("downstream away")
+
+    relay = OutboxRelay(
+        name="bounded",
+        sessions=sessions,
+        table=Outbox,
+        send=send,
+        settings=RelaySettings(
+            batch_size=100, poll_interval_s=0.01, backoff_initial_s=0.05, backoff_max_s=0.1
+        ),
+        lease_s=LEASE_S,
+        instance="bounded",
+        max_call_bytes=350,
+    )
+    await drain([relay], 10)
+    assert [len(c) for c in calls] == [3, 3, 3, 3, 1]
+    assert calls[1] == calls[2] == payloads[3:6]
+    assert [p for c in calls[:1] + calls[2:] for p in c] == payloads
+
+
 async def drain(relays: list[OutboxRelay], rows: int) -> None:
     stopping = asyncio.Event()
     tasks = [asyncio.create_task(relay.run(stopping)) for relay in relays]
