@@ -30,7 +30,7 @@ import contextlib
 import hashlib
 import random
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -154,6 +154,9 @@ class _Claimed:
 
 
 Send = Callable[[list[bytes]], Awaitable[None]]
+# For an outbox whose rows may keep their payload in another table (rules' outcomes): the
+# payloads of the claimed rows `ids` whose own payload is empty, read in the claim's transaction.
+PayloadsOf = Callable[[Session, list[int]], Mapping[int, bytes]]
 
 # Above this many upstream batches in one claim, rows travel in a single call.
 MAX_CALLS_PER_CLAIM = 16
@@ -175,8 +178,10 @@ class OutboxRelay:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_close: Callable[[], Awaitable[None]] | None = None,
         where: sa.ColumnElement[bool] | None = None,
+        payloads_of: PayloadsOf | None = None,
     ) -> None:
         self._on_close = on_close
+        self._payloads_of = payloads_of
         # The slice of the table this relay owns (e.g. one downstream shard's rows), so
         # several relays drain one table side by side and a slow receiver blocks only its own.
         # Relays that share rows must share the same slice: order is kept per slice.
@@ -240,9 +245,17 @@ class OutboxRelay:
             rows = sorted(session.execute(claim).all(), key=lambda r: r.id)
             if not rows:
                 return None
+            payloads = [r.payload for r in rows]
+            elsewhere = [r.id for r in rows if not r.payload]
+            if elsewhere and self._payloads_of is not None:
+                found = self._payloads_of(session, elsewhere)
+                if missing := [i for i in elsewhere if i not in found]:
+                    # Never sent empty: the relay stops loudly rather than lose the rows.
+                    raise LookupError(f"{self._name}: outbox rows {missing} have no payload")
+                payloads = [found.get(r.id, r.payload) for r in rows]
         return _Claimed(
             ids=[r.id for r in rows],
-            payloads=[r.payload for r in rows],
+            payloads=payloads,
             traceparents=[r.traceparent for r in rows],
             attempts=max(r.attempts for r in rows),
         )
@@ -442,6 +455,7 @@ def relay_to_peer(
     instance: str,
     credentials: PeerCredentials | None = None,
     where: sa.ColumnElement[bool] | None = None,
+    payloads_of: PayloadsOf | None = None,
 ) -> OutboxRelay:
     """A relay to another Egret service over its own channel, closed when the relay stops.
 
@@ -449,7 +463,8 @@ def relay_to_peer(
     payloads with the service's RPC. A claim's lease outlasts the call's deadline, so
     rows are not sent twice by the same relay while a call is still running. `where`
     limits the relay to some of the table's rows and `instance` is the relay's identity
-    (see OutboxRelay and the module docstring).
+    (see OutboxRelay and the module docstring); `payloads_of` reads the payloads rows keep
+    elsewhere (PayloadsOf).
     """
     channel = open_channel(peer.address, credentials)
     return OutboxRelay(
@@ -462,6 +477,7 @@ def relay_to_peer(
         instance=instance,
         on_close=channel.close,
         where=where,
+        payloads_of=payloads_of,
     )
 
 
