@@ -31,7 +31,7 @@ import contextlib
 import hashlib
 import random
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import cast
@@ -156,6 +156,9 @@ class _Claimed:
 
 
 Send = Callable[[list[bytes]], Awaitable[None]]
+# For an outbox whose rows may keep their payload in another table (rules' outcomes): the
+# payloads of the claimed rows `ids` whose own payload is empty, read in the claim's transaction.
+PayloadsOf = Callable[[Session, list[int]], Mapping[int, bytes]]
 
 # A relay call's span links to at most this many upstream batches besides its parent
 # (OpenTelemetry's default span link limit).
@@ -179,10 +182,12 @@ class OutboxRelay:
         on_close: Callable[[], Awaitable[None]] | None = None,
         where: sa.ColumnElement[bool] | None = None,
         max_call_bytes: int | None = None,
+        payloads_of: PayloadsOf | None = None,
     ) -> None:
         self._on_close = on_close
         # The receiver's largest request: a claim above it goes in several calls.
         self._max_call_bytes = max_call_bytes
+        self._payloads_of = payloads_of
         # The slice of the table this relay owns (e.g. one downstream shard's rows), so
         # several relays drain one table side by side and a slow receiver blocks only its own.
         # Relays that share rows must share the same slice: order is kept per slice.
@@ -247,9 +252,17 @@ class OutboxRelay:
             rows = sorted(session.execute(claim).all(), key=lambda r: r.id)
             if not rows:
                 return None
+            payloads = [r.payload for r in rows]
+            elsewhere = [r.id for r in rows if not r.payload]
+            if elsewhere and self._payloads_of is not None:
+                found = self._payloads_of(session, elsewhere)
+                if missing := [i for i in elsewhere if i not in found]:
+                    # Never sent empty: the relay stops loudly rather than lose the rows.
+                    raise LookupError(f"{self._name}: outbox rows {missing} have no payload")
+                payloads = [found.get(r.id, r.payload) for r in rows]
         return _Claimed(
             ids=[r.id for r in rows],
-            payloads=[r.payload for r in rows],
+            payloads=payloads,
             traceparents=[r.traceparent for r in rows],
             attempts=max(r.attempts for r in rows),
         )
@@ -459,6 +472,7 @@ def relay_to_peer(
     credentials: PeerCredentials | None = None,
     where: sa.ColumnElement[bool] | None = None,
     max_call_bytes: int | None = None,
+    payloads_of: PayloadsOf | None = None,
 ) -> OutboxRelay:
     """A relay to another Egret service over its own channel, closed when the relay stops.
 
@@ -467,7 +481,8 @@ def relay_to_peer(
     rows are not sent twice by the same relay while a call is still running. `where`
     limits the relay to some of the table's rows and `instance` is the relay's identity
     (see OutboxRelay and the module docstring). `max_call_bytes`: the receiver's largest
-    request (EGRET_MAX_MESSAGE_BYTES, which a deployment gives every service alike).
+    request (EGRET_MAX_MESSAGE_BYTES, which a deployment gives every service alike);
+    `payloads_of` reads the payloads rows keep elsewhere (PayloadsOf).
     """
     channel = open_channel(peer.address, credentials)
     return OutboxRelay(
@@ -481,6 +496,7 @@ def relay_to_peer(
         on_close=channel.close,
         where=where,
         max_call_bytes=max_call_bytes,
+        payloads_of=payloads_of,
     )
 
 

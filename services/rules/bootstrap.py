@@ -38,6 +38,7 @@ from services.rules.settings import RulesSettings
 from services.rules.shard_layout import check_shard_layout
 from services.rules.stores.backtest_jobs import SqlBacktestJobStore
 from services.rules.stores.evaluation import SqlEvaluationStore
+from services.rules.stores.outbox import stored_payloads
 from services.rules.stores.rule_sets import SqlLifecycleStore
 from services.rules.stores.schema import (
     KEYED,
@@ -129,6 +130,8 @@ def build(settings: RulesSettings) -> Service:
         settings=settings.relay,
         make_send=send_to_score,
         instance=settings.common.instance,
+        # An outcome's row refers to the outcome's stored bytes (its only copy).
+        payloads_of=stored_payloads,
         credentials=channel_credentials(settings.common.security),
         max_call_bytes=settings.common.limits.max_message_bytes,
     )

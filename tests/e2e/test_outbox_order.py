@@ -33,6 +33,7 @@ from egret.score.v1 import score_service_pb2 as score_pb
 from egret.score.v1 import score_service_pb2_grpc as score_grpc
 from kit.db import create_engine
 from kit.protoconv import to_attribute_value, to_timestamp
+from services.rules.stores.outbox import outcome_request
 from tests.support.events import event, resident_id
 from tests.support.fakes import serving
 from tests.support.waiting import until
@@ -106,16 +107,28 @@ async def one_service(
 
 
 def stored_rows(cluster: Cluster, service: str, decode: Callable[[bytes], Item]) -> list[tuple[Item, bool]]:
-    """The outbox of `service` in id order: each row's item and whether it is claimed."""
+    """The outbox of `service` in id order: each row's item, as its relay sends it, and
+    whether it is claimed (a rules row of an outcome refers to the outcome's stored bytes)."""
     engine = create_engine(cluster.database_url(service), read_only=True)
     try:
         with engine.connect() as connection:
-            rows = connection.execute(
-                sa.text(f"SELECT payload, claimed_by FROM {service}_outbox ORDER BY id")
-            ).all()
+            if service == "rules":
+                rows = connection.execute(
+                    sa.text(
+                        "SELECT o.payload, o.claimed_by, r.outcome FROM rules_outbox o "
+                        "LEFT JOIN rules_outcomes r ON r.outcome_id = o.outcome_id ORDER BY o.id"
+                    )
+                ).all()
+            else:
+                rows = connection.execute(
+                    sa.text(f"SELECT payload, claimed_by, NULL FROM {service}_outbox ORDER BY id")
+                ).all()
     finally:
         engine.dispose()
-    return [(decode(bytes(payload)), claimed_by is not None) for payload, claimed_by in rows]
+    return [
+        (decode(bytes(payload) if stored is None else outcome_request(bytes(stored))), claimed_by is not None)
+        for payload, claimed_by, stored in rows
+    ]
 
 
 def by_subject(items: list[Item]) -> dict[str, list[str]]:

@@ -354,3 +354,49 @@ async def test_two_relays_on_one_table_deliver_every_row_exactly_once_in_id_orde
     assert max(counts.values()) == 1, [p for p, n in counts.items() if n > 1][:5]
     assert delivered == payloads, "replicas sharing a slice take turns, in id order"
     assert sum(relay.sent for relay in relays) == ROWS
+
+
+def test_rows_keeping_their_payload_elsewhere_are_claimed_with_it_or_not_at_all(
+    sessions: sessionmaker[Session],
+) -> None:
+    with sessions() as session, session.begin():
+        session.execute(sa.insert(Outbox), outbox_rows([b"", b"own", b""], T0))
+    asked: list[list[int]] = []
+
+    def payloads_of(session: Session, ids: list[int]) -> dict[int, bytes]:
+        asked.append(ids)
+        return {i: f"elsewhere-{i}".encode() for i in ids}
+
+    found = OutboxRelay(
+        name="a",
+        sessions=sessions,
+        table=Outbox,
+        send=relay(sessions, "unused", Clock())._send,
+        settings=RelaySettings(batch_size=10, poll_interval_s=0.01, backoff_initial_s=5, backoff_max_s=5),
+        lease_s=LEASE_S,
+        instance="a",
+        clock=Clock(),
+        payloads_of=payloads_of,
+    )
+    claimed = found._claim()
+    assert claimed is not None
+    assert asked == [[1, 3]]
+    assert claimed.payloads == [b"elsewhere-1", b"own", b"elsewhere-3"]
+
+    # A row whose payload cannot be found stops the claim: nothing is sent empty or claimed.
+    lost = OutboxRelay(
+        name="b",
+        sessions=sessions,
+        table=Outbox,
+        send=relay(sessions, "unused", Clock())._send,
+        settings=RelaySettings(batch_size=10, poll_interval_s=0.01, backoff_initial_s=5, backoff_max_s=5),
+        lease_s=LEASE_S,
+        instance="b",
+        clock=Clock(),
+        payloads_of=lambda session, ids: {},
+    )
+    with sessions() as session, session.begin():
+        session.execute(sa.update(Outbox).values(claimed_by=None, claim_generation=None, available_at=T0))
+    with pytest.raises(LookupError, match=r"\[1, 3\]"):
+        lost._claim()
+    assert set(holders(sessions).values()) == {None}

@@ -27,19 +27,20 @@ def record_failures(
     key_id: str,
 ) -> None:
     """New failures inserted, repeated ones counted, in the evaluation's transaction."""
+    table = table_of(DeadLetterRow)
+    connection = session.connection()
     keys = [f.event.key for f in failures]
     existing = {
         f"{r.source}/{r.event_id}": r.id
-        for r in session.execute(
-            sa.select(DeadLetterRow.id, DeadLetterRow.source, DeadLetterRow.event_id).where(
-                key_filter(DeadLetterRow, keys)
-            )
+        for r in connection.execute(
+            sa.select(table.c.id, table.c.source, table.c.event_id).where(key_filter(table.c, keys))
         )
     }
     new = [f for f in failures if f.event.key not in existing]
     if new:
-        session.execute(
-            sa.insert(DeadLetterRow),
+        # Core executemany, no RETURNING: the ids are the database's and nothing reads them here.
+        connection.execute(
+            sa.insert(table),
             [
                 {
                     "source": split_key(f.event.key)[0],
@@ -59,11 +60,10 @@ def record_failures(
                 for f in new
             ],
         )
-    table = table_of(DeadLetterRow)
     again = [f for f in failures if f.event.key in existing]
     if again:
         # Executemany of one UPDATE keyed by id: COALESCE keeps the first parking time.
-        session.connection().execute(
+        connection.execute(
             sa.update(table)
             .where(table.c.id == sa.bindparam("b_id"))
             .values(

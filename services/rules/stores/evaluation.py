@@ -46,6 +46,7 @@ from services.rules.stores.schema import (
     EvaluatedEvent,
     OutcomeEvent,
     RetractionRow,
+    table_of,
 )
 from services.rules.stores.sql import chunks, key_filter
 from services.rules.windows import PriorOutcome
@@ -199,8 +200,8 @@ class SqlEvaluationStore:
         try:
             with self._sessions() as session, session.begin():
                 if events:
-                    session.execute(
-                        sa.insert(EvaluatedEvent),
+                    session.connection().execute(
+                        sa.insert(table_of(EvaluatedEvent)),
                         [
                             {
                                 "source": split_key(e.key)[0],
@@ -241,8 +242,9 @@ class SqlEvaluationStore:
                     key_id=self._key_id,
                 )
                 if cleared:
+                    letters = table_of(DeadLetterRow)
                     for chunk in chunks(list(cleared)):
-                        session.execute(sa.delete(DeadLetterRow).where(key_filter(DeadLetterRow, chunk)))
+                        session.connection().execute(sa.delete(letters).where(key_filter(letters.c, chunk)))
                 if failures:
                     record_failures(
                         session, failures, records, rule_set=rule_set, now=now, key_id=self._key_id
@@ -314,8 +316,8 @@ class SqlEvaluationStore:
         try:
             with self._sessions() as session, session.begin():
                 # First: a concurrent application of the same retraction fails here, on the key.
-                session.execute(
-                    sa.insert(RetractionRow).values(
+                session.connection().execute(
+                    sa.insert(table_of(RetractionRow)).values(
                         source=source,
                         event_id=event_id,
                         subject_key=notice.subject_key,
@@ -326,16 +328,15 @@ class SqlEvaluationStore:
                         record=notice.record,
                     )
                 )
-                session.execute(
-                    sa.update(EvaluatedEvent)
-                    .where(EvaluatedEvent.source == source, EvaluatedEvent.event_id == event_id)
+                inbox, letters = table_of(EvaluatedEvent), table_of(DeadLetterRow)
+                session.connection().execute(
+                    sa.update(inbox)
+                    .where(inbox.c.source == source, inbox.c.event_id == event_id)
                     .values(retracted_at=now)
                 )
                 # A parked or failing copy of the event must never be redriven.
-                session.execute(
-                    sa.delete(DeadLetterRow).where(
-                        DeadLetterRow.source == source, DeadLetterRow.event_id == event_id
-                    )
+                session.connection().execute(
+                    sa.delete(letters).where(letters.c.source == source, letters.c.event_id == event_id)
                 )
                 ids = [*reversed_ids, *(s.outcome.outcome_id for s in evaluated.superseded)]
                 supersede(

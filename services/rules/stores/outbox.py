@@ -1,19 +1,51 @@
-"""What rules queues for score: one serialized ApplyOutcomesRequest per outbox row, holding
-one outcome or one reversal; the relay merges a claim's rows into one request."""
+"""What rules queues for score: one ApplyOutcomesRequest per outbox row, holding one
+outcome or one reversal; the relay merges a claim's rows into one request.
+
+A reversal's row holds its serialized request. An outcome's row refers to its
+rules_outcomes row instead (migration 0011): the outcome is serialized once, stored once,
+and the relay reads it from there in its claim's transaction (`stored_payloads`), so what
+score receives is exactly what rules recorded. Rows written before 0011 keep a payload.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Final
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
 
 from domain.ruleset.model import Firing
 from egret.common.v1 import due_process_pb2, event_pb2, outcome_pb2
 from egret.score.v1 import score_service_pb2 as score_pb
 from kit.protoconv import SEVERITY_VALUES, SUBJECT_KIND_VALUES, to_timestamp
 from services.rules.domain import split_key
+from services.rules.stores.schema import EmittedOutcome, Outbox, table_of
+
+# ApplyOutcomesRequest.outcomes is field 1, length-delimited: its tag byte.
+_OUTCOMES_TAG: Final = b"\x0a"
 
 
-def outcome_payload(outcome: outcome_pb2.Outcome) -> bytes:
-    return score_pb.ApplyOutcomesRequest(outcomes=[outcome]).SerializeToString()
+def outcome_request(outcome: bytes) -> bytes:
+    """ApplyOutcomesRequest(outcomes=[outcome]) serialized, from the outcome's stored bytes
+    without parsing them again: the field's tag, the length as a varint, the bytes."""
+    length, prefix = len(outcome), bytearray(_OUTCOMES_TAG)
+    while length > 0x7F:
+        prefix.append((length & 0x7F) | 0x80)
+        length >>= 7
+    prefix.append(length)
+    return bytes(prefix) + outcome
+
+
+def stored_payloads(session: Session, ids: Sequence[int]) -> dict[int, bytes]:
+    """The requests of outbox rows `ids` that refer to an outcome (kit.outbox.PayloadsOf)."""
+    outbox, outcomes = table_of(Outbox), table_of(EmittedOutcome)
+    rows = session.execute(
+        sa.select(outbox.c.id, outcomes.c.outcome)
+        .join(outcomes, outcomes.c.outcome_id == outbox.c.outcome_id)
+        .where(outbox.c.id.in_(list(ids)))
+    )
+    return {row_id: outcome_request(bytes(outcome)) for row_id, outcome in rows}
 
 
 def reversal_payload(outcome_id: str, retraction: due_process_pb2.Retraction, key_id: str) -> bytes:

@@ -1,6 +1,12 @@
 """Outcomes rules emitted and the events they consumed, written inside an evaluation's or a
 retraction's transaction: new outcomes with their outbox rows, and the reversal of the
-outcomes a later settlement superseded."""
+outcomes a later settlement superseded.
+
+Writes are SQLAlchemy Core executemany statements on the tables (no ORM bulk machinery,
+no RETURNING), on the session's connection, so in its transaction. Each new outcome is
+serialized once and stored once, in rules_outcomes; its outbox row refers to it
+(services.rules.stores.outbox).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ from sqlalchemy.orm import Session
 from domain.ruleset.model import Firing, RuleSet, reissued_id
 from kit.outbox import outbox_rows
 from services.rules.records import engine_event_from_record
-from services.rules.stores.outbox import outcome_message, outcome_payload
+from services.rules.stores.outbox import outcome_message
 from services.rules.stores.schema import EmittedOutcome, Outbox, OutcomeEvent, table_of
 from services.rules.stores.sql import chunks
 
@@ -41,9 +47,11 @@ def supersede(
     if marked.rowcount != len(ids):
         raise Superseded
     # Releases the events they consumed (their evidence stays in the outcome's record).
+    consumed = table_of(OutcomeEvent)
+    connection = session.connection()
     for chunk in chunks(ids):
-        session.execute(sa.delete(OutcomeEvent).where(OutcomeEvent.outcome_id.in_(chunk)))
-    session.execute(sa.insert(Outbox), outbox_rows([payload for _, payload in reversals], now))
+        connection.execute(sa.delete(consumed).where(consumed.c.outcome_id.in_(chunk)))
+    connection.execute(sa.insert(table_of(Outbox)), outbox_rows([payload for _, payload in reversals], now))
 
 
 def emit(
@@ -59,45 +67,51 @@ def emit(
     """Record the firings not emitted before, their consumed events and outbox rows, every
     key of generation `key_id`."""
     firings = _reissued(session, firings)
-    outcomes = {f.outcome_id: outcome_message(f, records, key_id) for f in firings}
-    fresh = _not_yet_emitted(session, list(outcomes))
-    if fresh:
-        by_id = {f.outcome_id: f for f in firings}
-        payloads = [outcomes[i].SerializeToString() for i in fresh]
-        session.execute(
-            sa.insert(EmittedOutcome),
-            [
-                {
-                    "outcome_id": i,
-                    "subject_key": by_id[i].subject_key,
-                    "subject_key_id": key_id,
-                    "rule_id": by_id[i].rule_id,
-                    "rule_set": rule_set.name,
-                    "rule_set_version": rule_set.version,
-                    "points": by_id[i].points,
-                    "occurred_at": by_id[i].occurred_at,
-                    "emitted_at": now,
-                    "outcome": payload,
-                }
-                for i, payload in zip(fresh, payloads, strict=True)
-            ],
-        )
-        session.execute(
-            sa.insert(OutcomeEvent),
-            [
-                {
-                    "outcome_id": i,
-                    "event_key": key,
-                    "rule_id": by_id[i].rule_id,
-                    "subject_key": by_id[i].subject_key,
-                    "subject_key_id": key_id,
-                    "occurred_at": occurred.get(key) or _occurred(records, key),
-                }
-                for i in fresh
-                for key in dict.fromkeys(by_id[i].event_keys)
-            ],
-        )
-        session.execute(sa.insert(Outbox), outbox_rows([outcome_payload(outcomes[i]) for i in fresh], now))
+    by_id = {f.outcome_id: f for f in firings}
+    fresh = _not_yet_emitted(session, list(by_id))
+    if not fresh:
+        return
+    # Each outcome serialized once: these bytes are stored, and sent from where they are.
+    stored = {i: outcome_message(by_id[i], records, key_id).SerializeToString() for i in fresh}
+    connection = session.connection()
+    connection.execute(
+        sa.insert(table_of(EmittedOutcome)),
+        [
+            {
+                "outcome_id": i,
+                "subject_key": by_id[i].subject_key,
+                "subject_key_id": key_id,
+                "rule_id": by_id[i].rule_id,
+                "rule_set": rule_set.name,
+                "rule_set_version": rule_set.version,
+                "points": by_id[i].points,
+                "occurred_at": by_id[i].occurred_at,
+                "emitted_at": now,
+                "outcome": stored[i],
+            }
+            for i in fresh
+        ],
+    )
+    connection.execute(
+        sa.insert(table_of(OutcomeEvent)),
+        [
+            {
+                "outcome_id": i,
+                "event_key": key,
+                "rule_id": by_id[i].rule_id,
+                "subject_key": by_id[i].subject_key,
+                "subject_key_id": key_id,
+                "occurred_at": occurred.get(key) or _occurred(records, key),
+            }
+            for i in fresh
+            for key in dict.fromkeys(by_id[i].event_keys)
+        ],
+    )
+    # The payload stays empty: the relay reads the outcome's stored bytes (stored_payloads).
+    rows = outbox_rows([b""] * len(fresh), now)
+    for row, outcome_id in zip(rows, fresh, strict=True):
+        row["outcome_id"] = outcome_id
+    connection.execute(sa.insert(table_of(Outbox)), rows)
 
 
 def _reissued(session: Session, firings: Sequence[Firing]) -> list[Firing]:
@@ -105,6 +119,7 @@ def _reissued(session: Session, firings: Sequence[Firing]) -> list[Firing]:
     its line (reissued_id): the same events can form an outcome again after it was
     reversed (a late event regrouped them, then was retracted), and a reversed id
     must stay reversed at score. An id already active stays as it is (a redelivery)."""
+    outcomes = table_of(EmittedOutcome)
     result = list(firings)
     originals = {i: f.outcome_id for i, f in enumerate(result)}
     current = dict(originals)
@@ -113,9 +128,9 @@ def _reissued(session: Session, firings: Sequence[Firing]) -> list[Firing]:
         reversed_ids: set[str] = set()
         for chunk in chunks(list(set(current.values()))):
             reversed_ids.update(
-                session.scalars(
-                    sa.select(EmittedOutcome.outcome_id).where(
-                        EmittedOutcome.outcome_id.in_(chunk), EmittedOutcome.reversed_at.is_not(None)
+                session.connection().scalars(
+                    sa.select(outcomes.c.outcome_id).where(
+                        outcomes.c.outcome_id.in_(chunk), outcomes.c.reversed_at.is_not(None)
                     )
                 )
             )
@@ -131,10 +146,13 @@ def _reissued(session: Session, firings: Sequence[Firing]) -> list[Firing]:
 def _not_yet_emitted(session: Session, outcome_ids: list[str]) -> list[str]:
     if not outcome_ids:
         return []
+    outcomes = table_of(EmittedOutcome)
     existing: set[str] = set()
     for chunk in chunks(outcome_ids):
         existing.update(
-            session.scalars(sa.select(EmittedOutcome.outcome_id).where(EmittedOutcome.outcome_id.in_(chunk)))
+            session.connection().scalars(
+                sa.select(outcomes.c.outcome_id).where(outcomes.c.outcome_id.in_(chunk))
+            )
         )
     return [i for i in outcome_ids if i not in existing]
 

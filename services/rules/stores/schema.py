@@ -4,7 +4,7 @@ Every stored subject key has its generation next to it (`subject_key_id`; NULL i
 from before generations were recorded: the root generation), and every key written is
 of the instance's current generation; `KEYED` is what the re-keying job moves (kit.rekey,
 docs/security.md "Rotating the subject key"). The audit log and the outbox keep the keys
-they were written with.
+they were written with (an outcome's outbox row has no copy: it refers to the outcome).
 """
 
 from __future__ import annotations
@@ -186,9 +186,14 @@ class RulesAuditHead(Base, AuditHeadMixin):
 
 class Outbox(Base, OutboxMixin):
     """Outcomes and reversals waiting to be relayed to the score service: one serialized
-    ApplyOutcomesRequest per row."""
+    ApplyOutcomesRequest per row. An outcome's row refers to its rules_outcomes row, whose
+    bytes are the outcome's only copy, and leaves its payload empty; the relay reads them
+    there (services.rules.stores.outbox.stored_payloads). A reversal's row has its payload."""
 
     __tablename__ = "rules_outbox"
+
+    # No foreign key: outcomes are never deleted, and SQLite would not enforce one anyway.
+    outcome_id: Mapped[str | None] = mapped_column(sa.String(64))
 
 
 class BacktestJobRow(Base):

@@ -175,7 +175,7 @@ def _run(url: str, cache: WindowCache | None, steps: list[Step]) -> tuple[list[A
                     EvaluatedEvent.source, EvaluatedEvent.event_id, EvaluatedEvent.retracted_at
                 ).order_by(EvaluatedEvent.source, EvaluatedEvent.event_id)
             ),
-            *connection.execute(sa.select(Outbox.id, Outbox.payload).order_by(Outbox.id)),
+            *connection.execute(sa.select(Outbox.id, Outbox.payload, Outbox.outcome_id).order_by(Outbox.id)),
         ]
     evaluator.close()
     engine.dispose()
