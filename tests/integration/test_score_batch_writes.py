@@ -188,3 +188,12 @@ def test_an_entry_another_writer_stores_during_the_batch_counts_once(w: World, d
     assert (result.applied, result.duplicate) == (0, 1)
     with w.engine.connect() as c:
         assert c.scalar(sa.select(sa.func.count()).select_from(StoredEntry)) == 1
+
+
+def test_a_unit_of_work_that_takes_entries_and_saves_no_rescore_stores_nothing(w: World) -> None:
+    entry = w.ledger._entry(outcome("o-1", "s-1", T0, 20), T0)
+    with pytest.raises(RuntimeError, match="saved no rescore"), w.store.unit_of_work() as uow:
+        assert uow.add_entries([entry]) == [entry]
+    with w.engine.connect() as c:
+        assert c.scalar(sa.select(sa.func.count()).select_from(StoredEntry)) == 0
+        assert c.scalar(sa.select(sa.func.count()).select_from(StoredScore)) == 0

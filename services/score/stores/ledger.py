@@ -177,6 +177,7 @@ class _SqlLedgerUnitOfWork:
     def lock_live(
         self, subject_keys: Sequence[str], now: datetime, added: Mapping[str, str], policy: ScorePolicy
     ) -> list[SubjectLedger]:
+        # `added` are the entries add_entries took: their scoring view is kept in `_new`.
         if self._whole_ledger:
             return self.lock(subject_keys)
         subjects, read = lock_live(self._session, subject_keys, now, self._new, policy)
