@@ -238,7 +238,8 @@ class Ledger:
             return self._record_once(entries, now)
 
     def _record_once(self, entries: Sequence[LedgerEntry], now: datetime) -> Recorded:
-        """Store the new entries and rescore every subject that gained one, in one unit of work."""
+        """Rescore every subject that gains a new entry and store both, in one unit of work:
+        each new entry is inserted once, with its grant (never updated in the same batch)."""
         with self._store.unit_of_work() as uow:
             fresh = uow.add_entries(entries)
             if not fresh:

@@ -78,7 +78,7 @@ class Rescoring(Protocol):
 
     def save(self, results: Mapping[str, Rescored], recorded_at: datetime | None) -> None:
         """Store each subject's new score row, categories, history rows (recorded at
-        `recorded_at`, or now) and changed visible_until."""
+        `recorded_at`, or now), changed visible_until and grants, and the new entries."""
         ...
 
 
@@ -86,9 +86,11 @@ class LedgerUnitOfWork(Rescoring, Protocol):
     """One transaction of the ledger's store, committed when its block ends."""
 
     def add_entries(self, entries: Sequence[LedgerEntry]) -> list[LedgerEntry]:
-        """Store each entry whose id is new (reversed at once if its reversal came first) and
-        create or lock its subject's score row; returns the new entries. Raises
-        ConcurrentWrite when another writer stored one of them meanwhile."""
+        """Take each entry whose id is new (reversed at once if its reversal came first) into
+        the unit of work and create or lock its subject's score row; returns the new entries.
+        `lock_live` gives them with their subjects' ledgers and `save` stores them, with the
+        grants the rescore computed, so each is written once; it raises ConcurrentWrite when
+        another writer stored one of them meanwhile."""
         ...
 
     def add_reversals(self, reversals: Sequence[ReversalRecord]) -> list[ReversalRecord]:
@@ -100,7 +102,7 @@ class LedgerUnitOfWork(Rescoring, Protocol):
     def lock_live(
         self, subject_keys: Sequence[str], now: datetime, added: Mapping[str, str], policy: ScorePolicy
     ) -> list[SubjectLedger]:
-        """`lock` for a batch at `now` that added the entries `added` (id: subject key):
+        """`lock` for a batch at `now` that adds the entries `added` (id: subject key):
         each subject with only the live part of its ledger (`partial`) where
         services/score/live.py proves it enough under `policy`, else its whole ledger."""
         ...

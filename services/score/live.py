@@ -15,8 +15,9 @@ only through the caps: as a known positive of a capped category, its grant takes
 the rolling sum of later positives of that category (`domain.scoring.granted_points`).
 
 1. Range. The store reads every entry with occurred_at >= `cutoff` = since - (the longest
-   visibility + the cap window), every entry with a dispute, repair or reversal, and the new
-   entries. An entry it did not read is dead (occurred_at + visibility < since, no pause)
+   visibility + the cap window) and every entry with a dispute, repair or reversal, and adds
+   the new entries (not stored yet: the batch inserts them when it saves the rescore). An
+   entry it did not read is dead (occurred_at + visibility < since, no pause)
    and more than a window before any live positive whose occurred_at is >= cutoff + window;
    `live_part` refuses (None) when a live positive of a capped category is earlier than that.
 2. Pins. For a capped category c let T be the earliest occurred_at of its live positives.
@@ -30,7 +31,8 @@ the rolling sum of later positives of that category (`domain.scoring.granted_poi
    points show nowhere else (caps withheld, lists and breakdowns are of counting entries).
 3. Stored grants are true. Every rescore writes the grants it computed at `now` that
    changed (a whole-ledger rescore: of every capped positive; a batch: of the live ones,
-   the new among them) and `recorded_through`, the latest recorded_at in the ledger it saw.
+   the new among them, whose rows it inserts with their grant in the same transaction) and
+   `recorded_through`, the latest recorded_at in the ledger it saw.
    A grant changes only when a positive earlier in its category's event-time order becomes
    known or stops being known (a new entry, a reversal, an overturned dispute) or the caps
    change (a policy). Reversals, due-process acts and policies rescore the whole ledger; a

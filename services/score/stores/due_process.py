@@ -163,7 +163,7 @@ class _SqlDueProcessTx:
         )
 
     def lock(self, subject_keys: Sequence[str]) -> list[SubjectLedger]:
-        return lock_subjects(self._session, subject_keys)
+        return lock_subjects(self._session, subject_keys)[0]
 
     def save(self, results: Mapping[str, Rescored], recorded_at: datetime | None) -> None:
         save_scores(self._session, results, recorded_at, self._key_id)

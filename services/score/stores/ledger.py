@@ -6,7 +6,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
@@ -17,8 +17,9 @@ from contracts.score_store import (
     StoredReversal,
     StoredScore,
     load_entries,
+    reversal_record,
 )
-from domain.entries import EntryStatus, LedgerEntry, ReversalRecord
+from domain.entries import EntryStatus, LedgerEntry, ReversalRecord, ScoredEntry, pauses_of
 from domain.policy import ScorePolicy
 from kit import audit
 from services.score.due_process import Audited
@@ -56,7 +57,26 @@ def entry_row(entry: LedgerEntry, key_id: str) -> dict[str, Any]:
         "reason": entry.reason,
         "black_list": entry.black_list,
         "outcome": entry.snapshot,
+        "granted": None,
     }
+
+
+def _new_entry(entry: LedgerEntry, reversal: ReversalRecord | None) -> ScoredEntry:
+    """The scoring view of a new entry, as `load_entries` would read it once stored."""
+    return ScoredEntry(
+        entry_id=entry.entry_id,
+        points=entry.points,
+        category=entry.category,
+        severity=entry.severity,
+        status=entry.status if reversal is None else EntryStatus.REVERSED,
+        occurred_at=entry.occurred_at.astimezone(UTC),
+        recorded_at=entry.recorded_at.astimezone(UTC),
+        black_list=entry.black_list,
+        pauses=() if reversal is None else pauses_of((), (), (reversal,)),
+    )
+
+
+_LEDGER = cast(sa.Table, StoredEntry.__table__)
 
 
 class _SqlLedgerUnitOfWork:
@@ -73,6 +93,10 @@ class _SqlLedgerUnitOfWork:
         # Ledger rows read to rescore the batch's subjects; subjects read as a live part.
         self.entries_read = 0
         self.live_parts = 0
+        # The batch's new entries: their rows, inserted by `save` with their grants, and
+        # their scoring view by subject, which the locks add to what they read.
+        self._pending: dict[str, dict[str, Any]] = {}
+        self._new: dict[str, list[ScoredEntry]] = {}
 
     def add_entries(self, entries: Sequence[LedgerEntry]) -> list[LedgerEntry]:
         session = self._session
@@ -82,22 +106,20 @@ class _SqlLedgerUnitOfWork:
         fresh = sorted((e for e in entries if e.entry_id not in existing), key=lambda e: e.entry_id)
         if not fresh:
             return []
-        waiting = set(
-            session.scalars(
-                sa.select(StoredReversal.outcome_id).where(
-                    StoredReversal.outcome_id.in_([e.entry_id for e in fresh])
-                )
+        # Retracted before it arrived: reversed from the moment it is recorded.
+        waiting = {
+            r.outcome_id: reversal_record(r)
+            for r in session.scalars(
+                sa.select(StoredReversal).where(StoredReversal.outcome_id.in_([e.entry_id for e in fresh]))
             )
-        )
-        rows = [entry_row(e, self._key_id) for e in fresh]
-        for row in rows:
-            # Retracted before it arrived: reversed from the moment it is recorded.
-            if row["entry_id"] in waiting:
+        }
+        for e in fresh:
+            reversal = waiting.get(e.entry_id)
+            row = entry_row(e, self._key_id)
+            if reversal is not None:
                 row["status"] = EntryStatus.REVERSED.value
-        try:
-            session.execute(sa.insert(StoredEntry), rows)
-        except IntegrityError as error:
-            raise ConcurrentWrite("another writer stored one of these entries first") from error
+            self._pending[e.entry_id] = row
+            self._new.setdefault(e.subject_key, []).append(_new_entry(e, reversal))
         kinds = {e.subject_key: e.subject_kind for e in fresh}
         create_subject_rows(session, kinds, max(e.recorded_at for e in fresh).astimezone(UTC), self._key_id)
         return fresh
@@ -148,22 +170,46 @@ class _SqlLedgerUnitOfWork:
         return applied
 
     def lock(self, subject_keys: Sequence[str]) -> list[SubjectLedger]:
-        subjects = lock_subjects(self._session, subject_keys)
-        self.entries_read += sum(len(s.entries) for s in subjects)
+        subjects, read = lock_subjects(self._session, subject_keys, self._new)
+        self.entries_read += read
         return subjects
 
     def lock_live(
         self, subject_keys: Sequence[str], now: datetime, added: Mapping[str, str], policy: ScorePolicy
     ) -> list[SubjectLedger]:
+        # `added` are the entries add_entries took: their scoring view is kept in `_new`.
         if self._whole_ledger:
             return self.lock(subject_keys)
-        subjects, read = lock_live(self._session, subject_keys, now, added, policy)
+        subjects, read = lock_live(self._session, subject_keys, now, self._new, policy)
         self.entries_read += read
         self.live_parts += sum(s.partial for s in subjects)
         return subjects
 
     def save(self, results: Mapping[str, Rescored], recorded_at: datetime | None) -> None:
+        if self._pending:
+            results = self._insert_new(results)
         save_scores(self._session, results, recorded_at, self._key_id)
+
+    def _insert_new(self, results: Mapping[str, Rescored]) -> dict[str, Rescored]:
+        """Insert the batch's new entries with the grants the rescore gave them, so that no
+        row is written twice; returns the results with only the older entries' grants."""
+        pending, self._pending, self._new = self._pending, {}, {}
+        rest = {}
+        for key, rescored in results.items():
+            for entry_id, granted in rescored.grants.items():
+                if entry_id in pending:
+                    pending[entry_id]["granted"] = granted
+            rest[key] = replace(
+                rescored, grants={i: g for i, g in rescored.grants.items() if i not in pending}
+            )
+        try:
+            self._session.execute(sa.insert(_LEDGER), list(pending.values()))
+        except IntegrityError as error:
+            raise ConcurrentWrite("another writer stored one of these entries first") from error
+        return rest
+
+    def unsaved(self) -> bool:
+        return bool(self._pending)
 
 
 class SqlLedgerStore:
@@ -205,6 +251,9 @@ class SqlLedgerStore:
         with self._sessions() as session, session.begin():
             uow = _SqlLedgerUnitOfWork(session, self._audit_keys, self._key_id, self._whole_ledger)
             yield uow
+            if uow.unsaved():
+                # Rolled back: entries are only ever stored with their subject's rescore.
+                raise RuntimeError("a unit of work added entries and saved no rescore")
         self.entries_read += uow.entries_read
         self.live_parts += uow.live_parts
 

@@ -29,6 +29,20 @@ from kit.db import as_utc
 from services.score.ledger_store import Rescored, SubjectLedger
 from services.score.live import cutoff, live_part
 
+# Core tables: the batch path writes by executemany, which the ORM's bulk operations
+# cost about twice as much per row.
+_SCORES = cast(sa.Table, StoredScore.__table__)
+_LEDGER = cast(sa.Table, StoredEntry.__table__)
+_HISTORY = cast(sa.Table, StoredHistory.__table__)
+_CATEGORIES = cast(sa.Table, StoredCategory.__table__)
+_SET_SCORE = sa.update(_SCORES).where(_SCORES.c.subject_key == sa.bindparam("b_subject_key"))
+_SET_PERIOD = sa.update(_LEDGER).where(_LEDGER.c.entry_id == sa.bindparam("b_entry_id"))
+_SET_GRANT = (
+    sa.update(_LEDGER)
+    .where(_LEDGER.c.entry_id == sa.bindparam("b_entry_id"))
+    .values(granted=sa.bindparam("b_granted"))
+)
+
 
 def score_state(row: StoredScore | Any) -> ScoreState | None:
     # A placeholder row (tier "") was created by create_subject_rows in this transaction.
@@ -72,9 +86,28 @@ def _locked_rows(session: Session, keys: Sequence[str]) -> list[StoredScore]:
     )
 
 
-def _whole(session: Session, rows: Sequence[StoredScore]) -> dict[str, SubjectLedger]:
+def _merged(read: Sequence[Granted], new: Sequence[ScoredEntry]) -> list[Granted]:
+    """What was read and the batch's new entries, not stored yet (no grant). A row read under
+    a new entry's id is another writer's (PostgreSQL): it is left out, and the batch's insert
+    then fails with ConcurrentWrite."""
+    if not new:
+        return list(read)
+    ids = {e.entry_id for e in new}
+    return [*(g for g in read if g[0].entry_id not in ids), *((e, None) for e in new)]
+
+
+def _whole(
+    session: Session, rows: Sequence[StoredScore], new: Mapping[str, Sequence[ScoredEntry]]
+) -> tuple[dict[str, SubjectLedger], int]:
+    """Each row's subject with its whole ledger (the new entries from memory: for a first
+    score the read finds nothing, unless entries were stored under its key without a row,
+    as by a re-keying in progress); and the number of ledger rows read."""
     ledgers = load_granted(session, [r.subject_key for r in rows])
-    return {r.subject_key: _with_grants(r, ledgers[r.subject_key]) for r in rows}
+    read = sum(len(ledger) for ledger in ledgers.values())
+    return {
+        r.subject_key: _with_grants(r, _merged(ledgers[r.subject_key], new.get(r.subject_key, ())))
+        for r in rows
+    }, read
 
 
 def _with_grants(row: StoredScore, read: Sequence[Granted]) -> SubjectLedger:
@@ -82,19 +115,27 @@ def _with_grants(row: StoredScore, read: Sequence[Granted]) -> SubjectLedger:
     return subject_ledger(row.subject_key, row.subject_kind, row, [e for e, _ in read], grants=grants)
 
 
-def lock_subjects(session: Session, keys: Sequence[str]) -> list[SubjectLedger]:
+def lock_subjects(
+    session: Session, keys: Sequence[str], new: Mapping[str, Sequence[ScoredEntry]] | None = None
+) -> tuple[list[SubjectLedger], int]:
     """The named subjects that have a score row, in key order, locked until commit (PostgreSQL;
-    SQLite has one writer anyway), each with its whole ledger."""
+    SQLite has one writer anyway), each with its whole ledger and its `new` entries (not
+    stored yet, by subject key); and the number of ledger rows read."""
     rows = _locked_rows(session, keys)
-    return list(_whole(session, rows).values())
+    whole, read = _whole(session, rows, new or {})
+    return list(whole.values()), read
 
 
 def lock_live(
-    session: Session, keys: Sequence[str], now: datetime, added: Mapping[str, str], policy: ScorePolicy
+    session: Session,
+    keys: Sequence[str],
+    now: datetime,
+    new: Mapping[str, Sequence[ScoredEntry]],
+    policy: ScorePolicy,
 ) -> tuple[list[SubjectLedger], int]:
-    """`lock_subjects` for a batch (services/score/live.py): each subject with the live part
-    of its ledger where it is proven enough, else with its whole ledger; and the number of
-    ledger rows read."""
+    """`lock_subjects` for a batch that adds the `new` entries, not stored yet (by subject
+    key; services/score/live.py): each subject with the live part of its ledger where it is
+    proven enough, else with its whole ledger; and the number of ledger rows read."""
     rows = _locked_rows(session, keys)
     floors: dict[str, datetime] = {}
     for row in rows:
@@ -113,21 +154,21 @@ def lock_live(
     ranges: dict[datetime, list[str]] = {}
     for key, floor in floors.items():
         ranges.setdefault(floor, []).append(key)
-    recent = (
-        load_recent(session, ranges, sorted(i for i, key in added.items() if key in floors)) if floors else {}
-    )
+    recent = load_recent(session, ranges, ()) if floors else {}
+    added = {e.entry_id for entries in new.values() for e in entries}
     refused: dict[str, list[Granted]] = {}
     for row in rows:
         key = row.subject_key
         if key not in floors:
             continue
         read += len(recent[key])
+        mine = _merged(recent[key], new.get(key, ()))
         subject = subject_ledger(key, row.subject_kind, row, [], partial=True)
         assert subject.computed_at is not None
         kind = policy.for_kind(row.subject_kind)
-        part = live_part(recent[key], kind, since=subject.computed_at, floor=floors[key], added=added)
+        part = live_part(mine, kind, since=subject.computed_at, floor=floors[key], added=added)
         if part is None:
-            refused[key] = recent[key]
+            refused[key] = mine
         else:
             found[key] = replace(subject, entries=part[0], grants=part[1])
     if refused:
@@ -142,9 +183,10 @@ def lock_live(
                 read += len(more)
                 found[row.subject_key] = _with_grants(row, [*mine, *more])
     rest = [r for r in rows if r.subject_key not in found]
-    whole = _whole(session, rest) if rest else {}
-    read += sum(len(s.entries) for s in whole.values())
-    found.update(whole)
+    if rest:
+        whole, rest_read = _whole(session, rest, new)
+        read += rest_read
+        found.update(whole)
     return [found[r.subject_key] for r in rows], read
 
 
@@ -181,14 +223,14 @@ def create_subject_rows(session: Session, kinds: Mapping[str, str], now: datetim
     ]
     statement: sa.Insert
     if session.get_bind().dialect.name == "postgresql":
-        pg = postgresql.insert(StoredScore)
+        pg = postgresql.insert(_SCORES)
         statement = pg.on_conflict_do_update(
-            index_elements=["subject_key"], set_={"subject_kind": StoredScore.__table__.c.subject_kind}
+            index_elements=["subject_key"], set_={"subject_kind": _SCORES.c.subject_kind}
         )
     else:
-        lite = sqlite.insert(StoredScore)
+        lite = sqlite.insert(_SCORES)
         statement = lite.on_conflict_do_update(
-            index_elements=["subject_key"], set_={"subject_kind": StoredScore.__table__.c.subject_kind}
+            index_elements=["subject_key"], set_={"subject_kind": _SCORES.c.subject_kind}
         )
     session.execute(statement, rows)
 
@@ -210,7 +252,7 @@ def _store_scores(
         assert r.as_of is not None
         updates.append(
             {
-                "subject_key": key,
+                "b_subject_key": key,
                 "score": r.score,
                 "tier": r.tier,
                 "policy_version": r.policy_version,
@@ -249,23 +291,16 @@ def _store_scores(
                 }
             )
         periods += [
-            {"entry_id": i, "visible_until": v.astimezone(UTC)} for i, v in rescored.visible_until.items()
+            {"b_entry_id": i, "visible_until": v.astimezone(UTC)} for i, v in rescored.visible_until.items()
         ]
-    session.execute(sa.update(StoredScore), updates)
+    session.execute(_SET_SCORE, updates)
     if history:
-        session.execute(sa.insert(StoredHistory), history)
+        session.execute(sa.insert(_HISTORY), history)
     if periods:
-        session.execute(sa.update(StoredEntry), periods)
+        session.execute(_SET_PERIOD, periods)
     if grants:
-        # A Core executemany: the ORM's bulk update costs twice as much per row.
-        table = cast(sa.Table, StoredEntry.__table__)
-        session.execute(
-            sa.update(table)
-            .where(table.c.entry_id == sa.bindparam("b_entry_id"))
-            .values(granted=sa.bindparam("b_granted")),
-            grants,
-        )
-    session.execute(sa.delete(StoredCategory).where(StoredCategory.subject_key.in_(list(results))))
+        session.execute(_SET_GRANT, grants)
+    session.execute(sa.delete(_CATEGORIES).where(_CATEGORIES.c.subject_key.in_(list(results))))
     categories = [
         {
             "subject_key": key,
@@ -279,4 +314,4 @@ def _store_scores(
         for c in r.result.categories
     ]
     if categories:
-        session.execute(sa.insert(StoredCategory), categories)
+        session.execute(sa.insert(_CATEGORIES), categories)

@@ -1,0 +1,199 @@
+"""A batch writes each new ledger entry once, inserted with its grant: no statement of the
+batch updates a row it inserted (issue 18). A first score reads from the database only
+what was stored under the subject's key before the batch, which for a new subject is
+nothing, and a subject whose entries were stored without a score row is scored from them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from contracts.score_store import StoredCategory, StoredEntry, StoredScore
+from domain.entries import RuleRef
+from domain.intake import IncomingOutcome
+from domain.policy import ActivatedPolicy, PolicyBook, policy_from_text
+from kit import audit
+from kit.db import create_engine, make_session_factory
+from kit.migrations import upgrade
+from services.score.bootstrap import MIGRATIONS
+from services.score.ledger import Ledger
+from services.score.stores.ledger import SqlLedgerStore, entry_row
+from services.score.stores.policies import SqlPolicyStore
+from tests.support.due_process import Clock
+
+ROOT = Path(__file__).parents[2]
+T0 = datetime(2024, 6, 1, tzinfo=UTC)
+DAY = timedelta(days=1)
+# The shipped policy: a person's positives are capped at +50 per category in 365 days.
+POLICY_TEXT = (ROOT / "config" / "policy.yaml").read_text()
+BOOK = PolicyBook(
+    (ActivatedPolicy(policy_from_text(POLICY_TEXT, source="test"), T0 - 400 * DAY, "test", POLICY_TEXT),)
+)
+
+
+@dataclass
+class World:
+    ledger: Ledger
+    store: SqlLedgerStore
+    engine: Engine
+    clock: Clock
+
+
+@pytest.fixture
+def w(database_url: str) -> Iterator[World]:
+    engine = create_engine(database_url)
+    upgrade(engine, MIGRATIONS, "score_alembic_version")
+    sessions = make_session_factory(engine)
+    store = SqlLedgerStore(sessions, audit_keys=audit.UNKEYED, key_id="k1")
+    clock = Clock(T0)
+    ledger = Ledger(
+        policies=BOOK,
+        store=store,
+        policy_store=SqlPolicyStore(sessions, audit_keys=audit.UNKEYED),
+        clock=clock,
+    )
+    yield World(ledger, store, engine, clock)
+    engine.dispose()
+
+
+def outcome(outcome_id: str, subject: str, occurred_at: datetime, points: int) -> IncomingOutcome:
+    return IncomingOutcome(
+        outcome_id=outcome_id,
+        subject_key=subject,
+        subject_kind="person",
+        rule=RuleRef("r1", "test", 1),
+        points=points,
+        category="library",
+        severity="positive" if points > 0 else "general",
+        occurred_at=occurred_at,
+        reason="",
+        black_list=False,
+        snapshot=b"",
+    )
+
+
+def grants(engine: Engine) -> dict[str, int | None]:
+    with engine.connect() as c:
+        return {
+            r.entry_id: r.granted for r in c.execute(sa.select(StoredEntry.entry_id, StoredEntry.granted))
+        }
+
+
+class Statements:
+    """The string parameters of every UPDATE of score_ledger the engine runs while listening."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.updated: set[str] = set()
+        self._engine = engine
+
+    def __enter__(self) -> Statements:
+        sa.event.listen(self._engine, "before_cursor_execute", self._seen)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        sa.event.remove(self._engine, "before_cursor_execute", self._seen)
+
+    def _seen(self, _conn: Any, _cursor: Any, statement: str, parameters: Any, _ctx: Any, many: bool) -> None:
+        if not statement.lstrip().upper().startswith("UPDATE SCORE_LEDGER"):
+            return
+        for params in parameters if many else [parameters]:
+            values = params.values() if isinstance(params, dict) else params
+            self.updated |= {v for v in values if isinstance(v, str)}
+
+
+def test_a_batch_inserts_each_new_entry_with_its_grant_and_never_updates_it(w: World) -> None:
+    # Four positives of 20 in one window: grants 20, 20, 10, 0.
+    old = [outcome(f"old-{i}", "s-1", T0 - (10 - i) * DAY, 20) for i in range(4)]
+    w.ledger.apply(old)
+    assert [grants(w.engine)[f"old-{i}"] for i in range(4)] == [20, 20, 10, 0]
+    w.clock.now += DAY
+    batch = [
+        # Earlier than the old positives: it takes 20 of the allowance first, so two old
+        # grants change (20 -> 10, 10 -> 0) and are updated.
+        outcome("late", "s-1", T0 - 30 * DAY, 20),
+        outcome("later", "s-1", T0, 20),
+        outcome("minus", "s-1", T0, -10),
+        # A first score: grants 30 and 20.
+        outcome("new-a", "s-2", T0 - 2 * DAY, 30),
+        outcome("new-b", "s-2", T0 - DAY, 30),
+    ]
+    with Statements(w.engine) as seen:
+        assert w.ledger.apply(batch).applied == 5
+    assert seen.updated & {o.outcome_id for o in batch} == set()
+    # The listener sees updates: those of the old entries whose grant changed.
+    assert seen.updated & {o.outcome_id for o in old} == {"old-1", "old-2"}
+    stored = grants(w.engine)
+    assert [stored[f"old-{i}"] for i in range(4)] == [20, 10, 0, 0]
+    assert (stored["late"], stored["later"], stored["minus"]) == (20, 0, None)
+    assert (stored["new-a"], stored["new-b"]) == (30, 20)
+    assert w.ledger.verify(max_mismatches=5).mismatch_count == 0
+
+
+def test_a_first_score_reads_no_ledger_row(w: World) -> None:
+    batch = [outcome(f"o-{s}-{i}", s, T0 - i * DAY, 20) for s in ("s-1", "s-2") for i in range(3)]
+    batch.append(outcome("o-minus", "s-2", T0, -40))
+    assert w.ledger.apply(batch).applied == 7
+    assert w.store.entries_read == 0
+    with w.engine.connect() as c:
+        scores = {
+            r.subject_key: r.score for r in c.execute(sa.select(StoredScore.subject_key, StoredScore.score))
+        }
+    assert scores == {"s-1": 1050, "s-2": 1010}
+    assert w.ledger.verify(max_mismatches=5).mismatch_count == 0
+
+
+def test_entries_stored_without_a_score_row_are_read_for_a_first_score(w: World) -> None:
+    # A re-keying moves each table's keys in its own transaction (kit.rekey), so a subject
+    # can have entries under its key and no score row: a first score must read them.
+    w.ledger.apply([outcome(f"o-{i}", "s-1", T0 - i * DAY, 20) for i in range(2)])
+    with w.engine.begin() as c:
+        c.execute(sa.delete(StoredScore))
+        c.execute(sa.delete(StoredCategory))
+    read = w.store.entries_read
+    w.clock.now += DAY
+    assert w.ledger.apply([outcome("o-new", "s-1", T0, -5)]).applied == 1
+    assert w.store.entries_read - read == 2
+    with w.engine.connect() as c:
+        assert c.scalar(sa.select(StoredScore.score)) == 1035
+    assert w.ledger.verify(max_mismatches=5).mismatch_count == 0
+
+
+def test_an_entry_another_writer_stores_during_the_batch_counts_once(w: World, database_url: str) -> None:
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite has one writer: no other can store an entry during a batch")
+    entry = outcome("o-1", "s-1", T0, 20)
+    fired: list[str] = []
+
+    def other_writer(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        # While the batch holds its subject's lock, before it inserts its entries.
+        if "FOR UPDATE" in statement and not fired:
+            fired.append(statement)
+            row = entry_row(w.ledger._entry(entry, w.clock.now), "k1")
+            with w.engine.begin() as c:
+                c.execute(sa.insert(StoredEntry), [row])
+
+    sa.event.listen(w.engine, "before_cursor_execute", other_writer)
+    try:
+        result = w.ledger.apply([entry])
+    finally:
+        sa.event.remove(w.engine, "before_cursor_execute", other_writer)
+    assert fired
+    assert (result.applied, result.duplicate) == (0, 1)
+    with w.engine.connect() as c:
+        assert c.scalar(sa.select(sa.func.count()).select_from(StoredEntry)) == 1
+
+
+def test_a_unit_of_work_that_takes_entries_and_saves_no_rescore_stores_nothing(w: World) -> None:
+    entry = w.ledger._entry(outcome("o-1", "s-1", T0, 20), T0)
+    with pytest.raises(RuntimeError, match="saved no rescore"), w.store.unit_of_work() as uow:
+        assert uow.add_entries([entry]) == [entry]
+    with w.engine.connect() as c:
+        assert c.scalar(sa.select(sa.func.count()).select_from(StoredEntry)) == 0
+        assert c.scalar(sa.select(sa.func.count()).select_from(StoredScore)) == 0
