@@ -18,7 +18,7 @@ from typing import Any
 
 from domain.documents import Problems, child, item
 from kit.errors import Violation
-from kit.pseudonym import subject_violations
+from kit.pseudonym import CanonicalId, check_subject
 from kit.safeyaml import YamlError, load_yaml
 from kit.vocabulary import SUBJECT_KINDS
 
@@ -102,6 +102,15 @@ class IncomingEvent:
 
 
 @dataclass(frozen=True)
+class Checked:
+    """An event's violations and, when it has none, its subject's canonical id, which the
+    caller hashes without canonicalising the raw id a second time."""
+
+    violations: list[Violation]
+    subject: CanonicalId | None
+
+
+@dataclass(frozen=True)
 class Catalogue:
     version: int
     departments: Mapping[str, str]
@@ -114,12 +123,19 @@ class Catalogue:
         self, source: str, event: IncomingEvent, *, now: datetime, max_skew: timedelta, max_age: timedelta
     ) -> list[Violation]:
         """Every violation of `event` submitted by `source`; empty when it is valid."""
+        return self.check(source, event, now=now, max_skew=max_skew, max_age=max_age).violations
+
+    def check(
+        self, source: str, event: IncomingEvent, *, now: datetime, max_skew: timedelta, max_age: timedelta
+    ) -> Checked:
+        """`validate`, with the subject's canonical id when the event is valid."""
         problems: list[Violation] = []
         if not _PRINTABLE_ID.match(event.event_id):
             problems.append(
                 Violation("event_id", "must be 1 to 128 printable ASCII characters", "INVALID_ID")
             )
-        problems.extend(subject_violations(event.subject_kind, event.id_scheme, event.id_value))
+        subject_problems, subject = check_subject(event.subject_kind, event.id_scheme, event.id_value)
+        problems.extend(subject_problems)
         if event.occurred_at is None:
             problems.append(Violation("occurred_at", "is required", "REQUIRED"))
         elif event.occurred_at > now + max_skew:
@@ -134,7 +150,7 @@ class Catalogue:
             problems.append(
                 Violation("event_type", f"unknown event type {event.event_type!r}", "UNKNOWN_EVENT_TYPE")
             )
-            return problems
+            return Checked(problems, None)
         if source not in event_type.departments:
             problems.append(
                 Violation(
@@ -147,7 +163,7 @@ class Catalogue:
                 Violation("subject.kind", f"{event.event_type} applies to {allowed} only", "NOT_ALLOWED")
             )
         problems.extend(_check_attributes(event_type, event.attributes))
-        return problems
+        return Checked(problems, None if problems else subject)
 
 
 def _check_attributes(event_type: EventType, attributes: Mapping[str, Scalar | None]) -> list[Violation]:

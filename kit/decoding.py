@@ -15,7 +15,7 @@ floating-point numbers.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -96,58 +96,97 @@ def undecodable_error(descriptor: Descriptor | None, data: bytes) -> InvalidArgu
 def range_violations(message: Message) -> list[Violation]:
     """Every Timestamp, Duration and floating-point value of `message` (at any depth) that
     lies outside its range, by field path (`events[2].occurred_at`)."""
-    return list(_walk(message, ""))
+    found: list[Violation] = []
+    _walk(message, "", found)
+    return found
 
 
-def _walk(message: Message, prefix: str) -> Iterator[Violation]:
-    descriptor = message.DESCRIPTOR
-    if descriptor.full_name == _TIMESTAMP:
-        yield from _timestamp(message, prefix)
+# How `_walk` treats a field, decided once per field of the schema (this runs for every
+# request of every service): skipped when it cannot hold a checked value, which is most
+# fields of most requests.
+_SKIP, _FLOAT, _FLOATS_REPEATED, _MAP_OF_MESSAGES, _MAP_OF_FLOATS, _REPEATED, _MESSAGE = range(7)
+_PLANS: dict[FieldDescriptor, int] = {}
+
+
+def _plan(field: FieldDescriptor) -> int:
+    plan = _PLANS.get(field)
+    if plan is not None:
+        return plan
+    if not _may_hold_checked_values(field):
+        plan = _SKIP
+    elif field.type in _FLOATS:
+        plan = _FLOATS_REPEATED if _is_repeated(field) else _FLOAT
+    elif _is_map(field):
+        # Map entries are named as the catalogue names attributes: `attributes.due_on`.
+        value_field = cast(Descriptor, field.message_type).fields_by_name["value"]
+        if value_field.message_type is not None:
+            plan = _MAP_OF_MESSAGES
+        elif value_field.type in _FLOATS:
+            plan = _MAP_OF_FLOATS
+        else:
+            plan = _SKIP
+    elif _is_repeated(field):
+        plan = _REPEATED
+    else:
+        plan = _MESSAGE
+    _PLANS[field] = plan
+    return plan
+
+
+def _walk(message: Message, prefix: str, found: list[Violation]) -> None:
+    name = message.DESCRIPTOR.full_name
+    if name == _TIMESTAMP:
+        _timestamp(message, prefix, found)
         return
-    if descriptor.full_name == _DURATION:
-        yield from _duration(message, prefix)
+    if name == _DURATION:
+        _duration(message, prefix, found)
         return
     for field, value in message.ListFields():
-        if not _may_hold_checked_values(field):
+        plan = _PLANS.get(field)
+        if plan is None:
+            plan = _plan(field)
+        if plan == _SKIP:
             continue
         path = f"{prefix}.{field.name}" if prefix else field.name
-        if field.type in _FLOATS:
-            values = value if _is_repeated(field) else [value]
-            for index, number in enumerate(values):
-                if not math.isfinite(number):
-                    where = f"{path}[{index}]" if _is_repeated(field) else path
-                    yield Violation(where, "must be a finite number", "OUT_OF_RANGE")
-        elif _is_map(field):
-            # Map entries are named as the catalogue names attributes: `attributes.due_on`.
-            value_field = cast(Descriptor, field.message_type).fields_by_name["value"]
-            for key, item in value.items():
-                if value_field.message_type is not None:
-                    yield from _walk(item, f"{path}.{key}")
-                elif value_field.type in _FLOATS and not math.isfinite(item):
-                    yield Violation(f"{path}.{key}", "must be a finite number", "OUT_OF_RANGE")
-        elif _is_repeated(field):
+        if plan == _MESSAGE:
+            _walk(value, path, found)
+        elif plan == _REPEATED:
             for index, item in enumerate(value):
-                yield from _walk(item, f"{path}[{index}]")
-        else:
-            yield from _walk(value, path)
+                _walk(item, f"{path}[{index}]", found)
+        elif plan == _MAP_OF_MESSAGES:
+            for key, item in value.items():
+                _walk(item, f"{path}.{key}", found)
+        elif plan == _MAP_OF_FLOATS:
+            for key, item in value.items():
+                if not math.isfinite(item):
+                    found.append(Violation(f"{path}.{key}", "must be a finite number", "OUT_OF_RANGE"))
+        elif plan == _FLOAT:
+            if not math.isfinite(value):
+                found.append(Violation(path, "must be a finite number", "OUT_OF_RANGE"))
+        else:  # _FLOATS_REPEATED
+            for index, number in enumerate(value):
+                if not math.isfinite(number):
+                    found.append(Violation(f"{path}[{index}]", "must be a finite number", "OUT_OF_RANGE"))
 
 
-def _timestamp(message: Any, path: str) -> Iterator[Violation]:
+def _timestamp(message: Any, path: str, found: list[Violation]) -> None:
     if not TIMESTAMP_MIN_SECONDS <= message.seconds <= TIMESTAMP_MAX_SECONDS:
-        yield Violation(path, "must lie between 0001-01-01 and 9999-12-31 (UTC)", "OUT_OF_RANGE")
+        found.append(Violation(path, "must lie between 0001-01-01 and 9999-12-31 (UTC)", "OUT_OF_RANGE"))
     if not 0 <= message.nanos <= MAX_NANOS:
-        yield Violation(f"{path}.nanos", f"must lie in [0, {MAX_NANOS}]", "OUT_OF_RANGE")
+        found.append(Violation(f"{path}.nanos", f"must lie in [0, {MAX_NANOS}]", "OUT_OF_RANGE"))
 
 
-def _duration(message: Any, path: str) -> Iterator[Violation]:
+def _duration(message: Any, path: str, found: list[Violation]) -> None:
     seconds, nanos = message.seconds, message.nanos
     if not -DURATION_MAX_SECONDS <= seconds <= DURATION_MAX_SECONDS:
-        yield Violation(path, f"must lie within ±{DURATION_MAX_SECONDS} seconds", "OUT_OF_RANGE")
+        found.append(Violation(path, f"must lie within ±{DURATION_MAX_SECONDS} seconds", "OUT_OF_RANGE"))
     if not -MAX_NANOS <= nanos <= MAX_NANOS or (seconds > 0 > nanos) or (seconds < 0 < nanos):
-        yield Violation(
-            f"{path}.nanos",
-            f"must lie in [-{MAX_NANOS}, {MAX_NANOS}] with the sign of seconds",
-            "OUT_OF_RANGE",
+        found.append(
+            Violation(
+                f"{path}.nanos",
+                f"must lie in [-{MAX_NANOS}, {MAX_NANOS}] with the sign of seconds",
+                "OUT_OF_RANGE",
+            )
         )
 
 

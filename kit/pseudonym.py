@@ -15,6 +15,8 @@ import re
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
+from operator import mul
 from typing import TYPE_CHECKING
 
 from kit.errors import Unavailable, Violation
@@ -37,13 +39,20 @@ _SEPARATORS = re.compile(r"[\s\-./]+")
 
 def resident_id_check_character(body: str) -> str:
     """The check character of the first 17 digits of a resident identity number."""
-    return _RESIDENT_CHECK[sum(int(c) * w for c, w in zip(body, _RESIDENT_WEIGHTS, strict=True)) % 11]
+    # map() rather than a generator expression: this runs for every submitted event.
+    if len(body) != len(_RESIDENT_WEIGHTS):
+        raise ValueError(f"a resident id's body has {len(_RESIDENT_WEIGHTS)} digits, not {len(body)}")
+    return _RESIDENT_CHECK[sum(map(mul, map(int, body), _RESIDENT_WEIGHTS)) % 11]
 
 
 def uscc_check_character(body: str) -> str:
     """The check character of the first 17 characters of a unified social credit code."""
+    if len(body) != len(_USCC_WEIGHTS):
+        raise ValueError(
+            f"a unified social credit code's body has {len(_USCC_WEIGHTS)} characters, not {len(body)}"
+        )
     base = len(USCC_ALPHABET)
-    total = sum(USCC_ALPHABET.index(c) * w for c, w in zip(body, _USCC_WEIGHTS, strict=True))
+    total = sum(map(mul, map(USCC_ALPHABET.index, body), _USCC_WEIGHTS))
     return USCC_ALPHABET[(base - total % base) % base]
 
 
@@ -120,7 +129,55 @@ def canonical_value(id_scheme: str, id_value: str) -> str:
     scheme = ID_SCHEMES.get(canonical_scheme(id_scheme))
     if scheme is None:
         raise InvalidId(f"must be one of {', '.join(sorted(ID_SCHEMES))}")
+    return _canonical_in(scheme, id_value)
+
+
+def _canonical_in(scheme: IdScheme, id_value: str) -> str:
     return scheme.canonical(_SEPARATORS.sub("", unicodedata.normalize("NFKC", id_value)).upper())
+
+
+@dataclass(frozen=True, slots=True)
+class CanonicalId:
+    """A checked subject id in canonical form: what its keys are hashed from
+    (`Pseudonymiser.canonical_generation_keys`). It holds a raw id: it lives for the request
+    that carried it and is never stored or kept across requests."""
+
+    kind: str
+    scheme: str
+    value: str
+
+    def __repr__(self) -> str:
+        # Never a raw id in a log line or a traceback.
+        return f"CanonicalId({self.kind!r}, {self.scheme!r}, <redacted>)"
+
+
+def check_subject(
+    kind: str | None, id_scheme: str, id_value: str
+) -> tuple[list[Violation], CanonicalId | None]:
+    """`subject_violations`, and the canonical id when there are none: an event is checked
+    and then hashed from the same canonical value, canonicalised once."""
+    problems = []
+    if kind not in SUBJECT_KINDS:
+        problems.append(Violation("subject.kind", "is required", "REQUIRED"))
+    scheme_name = canonical_scheme(id_scheme)
+    scheme = ID_SCHEMES.get(scheme_name)
+    if scheme is None:
+        problems.append(
+            Violation("subject.id_scheme", f"must be one of {', '.join(sorted(ID_SCHEMES))}", "INVALID")
+        )
+    elif kind in SUBJECT_KINDS and kind not in scheme.kinds:
+        problems.append(Violation("subject.id_scheme", f"does not name a {kind}", "WRONG_KIND"))
+    value = None
+    if not 1 <= len(id_value.strip()) <= 128:
+        problems.append(Violation("subject.id_value", "must be 1 to 128 characters", "INVALID"))
+    elif scheme is not None:
+        try:
+            value = _canonical_in(scheme, id_value)
+        except InvalidId as exc:
+            problems.append(Violation("subject.id_value", exc.description, exc.reason))
+    if problems or kind is None or value is None:
+        return problems, None
+    return problems, CanonicalId(kind, scheme_name, value)
 
 
 def subject_violations(kind: str | None, id_scheme: str, id_value: str) -> list[Violation]:
@@ -129,24 +186,7 @@ def subject_violations(kind: str | None, id_scheme: str, id_value: str) -> list[
     Ingest, query and the token verifier check raw ids the same way, so a subject one
     accepts the others find.
     """
-    problems = []
-    if kind not in SUBJECT_KINDS:
-        problems.append(Violation("subject.kind", "is required", "REQUIRED"))
-    scheme = ID_SCHEMES.get(canonical_scheme(id_scheme))
-    if scheme is None:
-        problems.append(
-            Violation("subject.id_scheme", f"must be one of {', '.join(sorted(ID_SCHEMES))}", "INVALID")
-        )
-    elif kind in SUBJECT_KINDS and kind not in scheme.kinds:
-        problems.append(Violation("subject.id_scheme", f"does not name a {kind}", "WRONG_KIND"))
-    if not 1 <= len(id_value.strip()) <= 128:
-        problems.append(Violation("subject.id_value", "must be 1 to 128 characters", "INVALID"))
-    elif scheme is not None:
-        try:
-            canonical_value(id_scheme, id_value)
-        except InvalidId as exc:
-            problems.append(Violation("subject.id_value", exc.description, exc.reason))
-    return problems
+    return check_subject(kind, id_scheme, id_value)[0]
 
 
 @dataclass(frozen=True)
@@ -186,12 +226,14 @@ class Pseudonymiser:
     def from_settings(cls, settings: PseudonymSettings) -> Pseudonymiser:
         return cls(settings.key, settings.key_id, tuple(KeyLink(i, s) for i, s in settings.rotations))
 
-    @property
+    # Cached: the instance is frozen, and these are read for every event. cached_property
+    # writes the instance's __dict__ directly, which a frozen dataclass allows.
+    @cached_property
     def generations(self) -> tuple[str, ...]:
         """Every key id of the chain, root first, current last."""
         return (self.key_id, *(link.key_id for link in self.rotations))
 
-    @property
+    @cached_property
     def current_key_id(self) -> str:
         return self.generations[-1]
 
@@ -222,7 +264,13 @@ class Pseudonymiser:
         value = canonical_value(scheme, id_value)
         if kind not in ID_SCHEMES[scheme].kinds:
             raise InvalidId(f"{scheme} does not name a {kind}", "WRONG_KIND")
-        message = "\x1f".join((kind, scheme, value))
+        return self.canonical_generation_keys(CanonicalId(kind, scheme, value))
+
+    def canonical_generation_keys(self, subject: CanonicalId) -> tuple[tuple[str, str], ...]:
+        """`generation_keys` of an id `check_subject` has already canonicalised."""
+        if not self.key:
+            raise RuntimeError("this instance holds no root subject key: it cannot hash raw ids")
+        message = "\x1f".join((subject.kind, subject.scheme, subject.value))
         keys = [(self.key_id, hmac.new(self.key, message.encode(), hashlib.sha256).hexdigest())]
         for link in self.rotations:
             keys.append((link.key_id, _link(link.secret, keys[-1][1])))

@@ -24,11 +24,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import Enum
+from functools import cached_property
 from typing import Final, Protocol
 
 from domain.catalogue import Catalogue, IncomingEvent, Scalar
 from kit.errors import AlreadyExists, InvalidArgument, Violation
-from kit.pseudonym import Pseudonymiser
+from kit.pseudonym import CanonicalId, Pseudonymiser
 from services.ingest import wire
 
 
@@ -69,7 +70,8 @@ class NewEvent:
     # taken only when such an event is compared (`same_payload`).
     json_fingerprint: str | None = None
 
-    @property
+    # Read several times per event along a batch's way; the instance is frozen.
+    @cached_property
     def key(self) -> tuple[str, str]:
         return (self.source, self.event_id)
 
@@ -267,15 +269,16 @@ class Intake:
         now = self._clock()
         results: dict[int, EventResult] = {}
         candidates: dict[tuple[str, str], tuple[int, NewEvent]] = {}
-        pending: list[tuple[int, NewEvent, IncomingEvent]] = []
+        pending: list[tuple[int, NewEvent, IncomingEvent, CanonicalId]] = []
         for index, event in enumerate(events):
-            violations = self._catalogue.validate(
+            checked = self._catalogue.check(
                 source,
                 event,
                 now=now,
                 max_skew=self._limits.max_future_skew,
                 max_age=self._limits.max_event_age,
             )
+            violations = checked.violations
             if violations:
                 results[index] = EventResult(
                     index,
@@ -285,22 +288,23 @@ class Intake:
                     f"{len(violations)} invalid field(s): " + ", ".join(v.field for v in violations),
                 )
                 continue
-            new = self._pseudonymise(source, event)
+            assert checked.subject is not None  # a valid event's subject is valid
+            new = self._pseudonymise(source, event, checked.subject)
             earlier = candidates.get(new.key)
             if earlier is not None:
                 in_batch = StoredFingerprint(earlier[1].fingerprint)
                 results[index] = self._repeat(index, new, in_batch, "earlier in this batch")
                 continue
             candidates[new.key] = (index, new)
-            pending.append((index, new, event))
+            pending.append((index, new, event, checked.subject))
 
         if not pending:
             existing: Mapping[tuple[str, str], StoredFingerprint] = {}
         elif validate_only:
-            existing = self._store.fingerprints([new.key for _, new, _ in pending])
+            existing = self._store.fingerprints([new.key for _, new, _, _ in pending])
         else:
-            existing = self._store.record([new for _, new, _ in pending], now)
-        for index, new, event in pending:
+            existing = self._store.record([new for _, new, _, _ in pending], now)
+        for index, new, event, subject in pending:
             found = existing.get(new.key)
             if found is None:
                 results[index] = EventResult(index, new.event_id, EventStatus.ACCEPTED)
@@ -309,7 +313,7 @@ class Intake:
             compared = (
                 new
                 if found.version == FINGERPRINT_CANONICAL
-                else self._pseudonymise(source, event, with_json_fingerprint=True)
+                else self._pseudonymise(source, event, subject, with_json_fingerprint=True)
             )
             results[index] = self._repeat(index, compared, found, "earlier")
         return [results[i] for i in range(len(events))]
@@ -333,16 +337,14 @@ class Intake:
         """
         now = self._clock()
         problems = check_reason(reason) + check_ref(source, event_id)
-        problems += [
-            v.prefixed("replacement")
-            for v in self._catalogue.validate(
-                source,
-                replacement,
-                now=now,
-                max_skew=self._limits.max_future_skew,
-                max_age=self._limits.max_event_age,
-            )
-        ]
+        checked = self._catalogue.check(
+            source,
+            replacement,
+            now=now,
+            max_skew=self._limits.max_future_skew,
+            max_age=self._limits.max_event_age,
+        )
+        problems += [v.prefixed("replacement") for v in checked.violations]
         if replacement.event_id == event_id:
             problems.append(
                 Violation(
@@ -353,8 +355,9 @@ class Intake:
             )
         if problems:
             raise InvalidArgument("invalid correction", problems)
+        assert checked.subject is not None  # a valid event's subject is valid
         # The store compares it with a stored event of either fingerprint version.
-        new = self._pseudonymise(source, replacement, with_json_fingerprint=True)
+        new = self._pseudonymise(source, replacement, checked.subject, with_json_fingerprint=True)
         retracted, stored = self._store.correct(RetractionRequest(source, event_id, reason, actor, now), new)
         result = (
             EventResult(0, new.event_id, EventStatus.ACCEPTED)
@@ -378,12 +381,18 @@ class Intake:
         )
 
     def _pseudonymise(
-        self, source: str, event: IncomingEvent, *, with_json_fingerprint: bool = False
+        self,
+        source: str,
+        event: IncomingEvent,
+        subject: CanonicalId,
+        *,
+        with_json_fingerprint: bool = False,
     ) -> NewEvent:
+        """`event` ready to store; `subject` is its id as validation canonicalised it."""
         assert event.subject_kind is not None
         assert event.occurred_at is not None
         chain = self._pseudonymiser
-        keys = chain.generation_keys(event.subject_kind, event.id_scheme, event.id_value)
+        keys = chain.canonical_generation_keys(subject)
         subject_key = keys[-1][1]
         attributes = {k: v for k, v in event.attributes.items() if v is not None}
         spec = self._catalogue.event_types[event.event_type].attributes

@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -16,14 +16,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from egret.common.v1 import event_pb2, subject_pb2
 from egret.rules.v1 import rules_service_pb2 as rules_pb
 from kit.audit import UNKEYED
-from kit.db import create_engine, make_session_factory
+from kit.db import as_utc, create_engine, make_session_factory
 from kit.migrations import upgrade
 from kit.protoconv import to_attribute_value, to_timestamp
 from kit.pseudonym import Pseudonymiser
 from services.ingest.bootstrap import MIGRATIONS
 from services.ingest.domain import EventStatus, NewEvent, StoredFingerprint, json_fingerprint
-from services.ingest.stores.events import SqlEventStore
-from tests.support.intake import NOW, late, make_intake
+from services.ingest.stores.events import Outbox, SqlEventStore, StoredEvent
+from tests.support.intake import NOW, MemoryStore, late, make_intake
 
 VERSION_TABLE = "ingest_alembic_version"
 CHAIN = Pseudonymiser(b"k" * 32, "k1")
@@ -144,3 +144,26 @@ def test_two_writers_submitting_the_same_event_at_once_store_it_once(engine: sa.
         ((e.event_id, e.sequence) for e in events), key=lambda e: e[1]
     )
     assert all(e.recorded_at.ToDatetime(tzinfo=NOW.tzinfo) - NOW < timedelta(days=1) for e in relayed)
+
+
+def test_each_batch_stores_its_own_recording_time_as_the_column_type_writes_it(engine: sa.Engine) -> None:
+    upgrade(engine, MIGRATIONS, VERSION_TABLE)
+    memory = MemoryStore()
+    make_intake(memory, CHAIN).submit("library", [late(f"e{i}", 40 + i) for i in range(6)])
+    events = list(memory.events.values())
+    store = SqlEventStore(make_session_factory(engine), audit_keys=UNKEYED)
+    # The recording time is bound once per batch: a later batch's own time, even one equal
+    # to an earlier batch's in another object, must never come out as an earlier one.
+    times = [NOW, NOW + timedelta(microseconds=1), datetime(2026, 11, 1, tzinfo=UTC)]
+    for i, at in enumerate(times):
+        store.record(events[2 * i : 2 * i + 2], at)
+    with engine.connect() as connection:
+        stored = connection.execute(sa.select(StoredEvent.recorded_at).order_by(StoredEvent.sequence))
+        outbox = connection.execute(sa.select(Outbox.available_at, Outbox.created_at).order_by(Outbox.id))
+        assert [as_utc(at) for (at,) in stored] == [t for t in times for _ in range(2)]
+        rows = [(as_utc(available), as_utc(created)) for available, created in outbox if created is not None]
+        assert rows == [(t, t) for t in times for _ in range(2)]
+        if engine.dialect.name == "sqlite":
+            # The text SQLite's DateTime writes, as rows written before this binding have it.
+            raw = connection.execute(sa.text("SELECT DISTINCT recorded_at FROM ingest_events ORDER BY 1"))
+            assert [r for (r,) in raw] == ["2026-11-01 00:00:00.000000", "2026-11-01 00:00:00.000001"]

@@ -18,8 +18,9 @@ forward on arrival. The audit log keeps the keys it was written with (docs/secur
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
@@ -138,6 +139,44 @@ class Outbox(Base, OutboxMixin):
 _OUTBOX = Base.metadata.tables["ingest_outbox"]
 
 
+class _SharedTime(sa.types.TypeDecorator[datetime]):
+    """The columns' own DateTime, bound for a value that every row of an executemany shares
+    (the batch's recording time): the dialect's bind processing, which on SQLite formats a
+    string per value, runs once per batch rather than once per row. The driver receives
+    exactly what the column's type makes of the value, so the stored bytes are the same."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def bind_processor(self, dialect: sa.Dialect) -> Callable[[Any], Any] | None:
+        process = self.impl_instance.bind_processor(dialect)
+        if process is None:
+            return None
+        # The last value and what it became; a tuple, so that threads never see a torn pair.
+        # It holds a time, never an identifier.
+        last: tuple[Any, Any] = (None, None)
+
+        def once(value: Any) -> Any:
+            nonlocal last
+            seen = last
+            if value is seen[0] and value is not None:
+                return seen[1]
+            processed = process(value)
+            last = (value, processed)
+            return processed
+
+        return once
+
+
+_SHARED_TIME = _SharedTime()
+# One recording time per batch: events' recorded_at, the outbox rows' available_at and created_at.
+_INSERT_EVENTS = sa.insert(_EVENTS).values(recorded_at=sa.bindparam("recorded_at", type_=_SHARED_TIME))
+_INSERT_OUTBOX = sa.insert(_OUTBOX).values(
+    available_at=sa.bindparam("available_at", type_=_SHARED_TIME),
+    created_at=sa.bindparam("created_at", type_=_SHARED_TIME),
+)
+
+
 _EVENTS_FIELD = rules_pb.EvaluateEventsRequest.EVENTS_FIELD_NUMBER
 
 
@@ -220,7 +259,7 @@ class SqlEventStore:
         at = wire.recorded_at(recorded_at)
         records = [e.body + wire.subject(e.subject_key, e.subject_key_id) + at for e in fresh]
         session.execute(
-            sa.insert(_EVENTS),
+            _INSERT_EVENTS,
             [
                 {
                     "source": e.source,
@@ -245,7 +284,7 @@ class SqlEventStore:
         )
         for row, event in zip(rows, fresh, strict=True):
             row["shard"] = shard_of(event.subject_key, self._rules_shards)
-        session.execute(sa.insert(_OUTBOX), rows)
+        session.execute(_INSERT_OUTBOX, rows)
 
     @staticmethod
     def _sequences(session: Session, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from domain.catalogue import CatalogueError, IncomingEvent, load_catalogue, parse_catalogue
+from kit.pseudonym import CanonicalId
 
 NOW = datetime(2026, 11, 1, tzinfo=UTC)
 CATALOGUE = load_catalogue(Path("config/catalogue.yaml"))
@@ -141,3 +142,35 @@ def test_a_broken_catalogue_lists_every_problem_with_its_path() -> None:
         "event_types[1] (library.x).attributes.m.type: must be one of string, int, double, bool, timestamp",
         "version: must be a whole number >= 1",
     ]
+
+
+def test_a_valid_event_is_checked_with_its_subjects_canonical_id() -> None:
+    checked = CATALOGUE.check(
+        "library",
+        incoming(id_scheme=" Resident-ID ", id_value="350200 19900101 1230"),
+        now=NOW,
+        max_skew=timedelta(minutes=5),
+        max_age=timedelta(days=30),
+    )
+    assert checked.violations == []
+    assert checked.subject == CanonicalId("person", "resident-id", "350200199001011230")
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"attributes": {"days_late": "x"}},
+        {"event_type": "library.nope"},
+        {"occurred_at": None},
+        {"id_value": "350200199001011231"},
+        {"subject_kind": "organization"},
+    ],
+)
+def test_an_invalid_event_is_checked_without_a_subject(changes: dict[str, object]) -> None:
+    limits = {"now": NOW, "max_skew": timedelta(minutes=5), "max_age": timedelta(days=30)}
+    event = incoming(**changes)
+    checked = CATALOGUE.check("library", event, **limits)  # type: ignore[arg-type]
+    assert checked.violations
+    assert checked.violations == CATALOGUE.validate("library", event, **limits)  # type: ignore[arg-type]
+    # Nothing to hash: an event with any violation is rejected, never pseudonymised.
+    assert checked.subject is None

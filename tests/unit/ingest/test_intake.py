@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import pytest
+
 from domain.catalogue import IncomingEvent
+from kit import pseudonym
 from kit.pseudonym import Pseudonymiser
 from services.ingest.domain import (
     EventStatus,
@@ -110,3 +113,25 @@ def test_request_checks_name_source_and_batch_size() -> None:
     assert [v.reason for v in intake.check_request("zoo", 4)] == ["UNKNOWN_SOURCE", "BATCH_TOO_LARGE"]
     assert [v.reason for v in intake.check_request("library", 0)] == ["REQUIRED"]
     assert intake.check_request("library", 3) == []
+
+
+def test_each_event_is_canonicalised_once_and_hashed_as_validation_saw_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[str] = []
+    canonical_in = pseudonym._canonical_in
+
+    def counting(scheme: pseudonym.IdScheme, id_value: str) -> str:
+        seen.append(id_value)
+        return canonical_in(scheme, id_value)
+
+    monkeypatch.setattr(pseudonym, "_canonical_in", counting)
+    store = MemoryStore()
+    written = ["350200 19900101 1230", "350200900101123", "350200199001011231"]
+    results = make_intake(store).submit(
+        "library", [late(f"e{i}", 40, subject=w) for i, w in enumerate(written)]
+    )
+    assert statuses(results) == [EventStatus.ACCEPTED, EventStatus.ACCEPTED, EventStatus.REJECTED]
+    assert seen == written
+    expected = Pseudonymiser(b"k" * 32, "k1").subject_key("person", "resident-id", "350200199001011230")
+    assert [e.subject_key for e in store.events.values()] == [expected, expected]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
+import random
 from pathlib import Path
 
 import pytest
@@ -13,12 +15,17 @@ from kit.env import Env
 from kit.errors import Unauthenticated
 from kit.principal import Role
 from kit.pseudonym import (
+    USCC_ALPHABET,
+    CanonicalId,
     InvalidId,
     KeyLink,
     Pseudonymiser,
     UnknownKeyGeneration,
     canonical_value,
+    check_subject,
+    resident_id_check_character,
     subject_violations,
+    uscc_check_character,
 )
 from kit.settings import PseudonymSettings
 from kit.tokens import TokenVerifier, issue_token
@@ -200,3 +207,93 @@ def test_rotations_are_read_in_order_from_settings_and_bad_ones_are_refused(tmp_
         env = Env({"EGRET_SUBJECT_KEY": root, "EGRET_SUBJECT_KEY_ROTATIONS": bad})
         PseudonymSettings.read(env)
         assert env.problems, bad
+
+
+def _reference_resident_check(digits: str) -> str:
+    """GB 11643's check character written plainly: ISO 7064 MOD 11-2, weights 2**(17-i) mod 11."""
+    return "10X98765432"[sum(int(c) * (2 ** (17 - i) % 11) for i, c in enumerate(digits)) % 11]
+
+
+def _reference_uscc_check(body: str) -> str:
+    """GB 32100's check character written plainly: weights 3**i mod 31."""
+    total = sum(USCC_ALPHABET.index(c) * (3**i % 31) for i, c in enumerate(body))
+    return USCC_ALPHABET[(31 - total % 31) % 31]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_check_characters_follow_their_standards(seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(200):
+        digits = "".join(rng.choice("0123456789") for _ in range(17))
+        body = "".join(rng.choice(USCC_ALPHABET) for _ in range(17))
+        assert resident_id_check_character(digits) == _reference_resident_check(digits)
+        assert uscc_check_character(body) == _reference_uscc_check(body)
+
+
+@pytest.mark.parametrize("body", ["3502001992020223", "350200199202022345", "3502001992020223A"])
+def test_a_resident_id_body_of_the_wrong_length_or_digits_is_refused(body: str) -> None:
+    with pytest.raises(ValueError):
+        resident_id_check_character(body)
+
+
+@pytest.mark.parametrize(
+    ("kind", "scheme", "written", "canonical"),
+    [
+        ("person", "resident-id", "350200 19920202 234x", RESIDENT),
+        ("person", " Resident-ID ", full_width(RESIDENT), RESIDENT),
+        ("person", "resident-id", "350200920202234", RESIDENT),
+        ("organization", "uscc", "91-350211-m000100y4-6", USCC),
+        ("person", "passport", "e 1234-5678", "E12345678"),
+    ],
+)
+def test_a_checked_subject_is_hashed_to_the_keys_of_its_raw_id(
+    kind: str, scheme: str, written: str, canonical: str
+) -> None:
+    problems, subject = check_subject(kind, scheme, written)
+    assert problems == []
+    assert subject == CanonicalId(kind, scheme.strip().lower(), canonical)
+    chain = Pseudonymiser(b"k" * 32, "k1", (KeyLink("k2", b"s" * 32),))
+    assert chain.canonical_generation_keys(subject) == chain.generation_keys(kind, scheme, written)
+
+
+@pytest.mark.parametrize(
+    ("kind", "scheme", "value"),
+    [
+        (None, "resident-id", RESIDENT),
+        ("organization", "resident-id", RESIDENT),
+        ("person", "resident-id", "350200199202022345"),
+        ("person", "nope", RESIDENT),
+        ("person", "passport", " "),
+    ],
+)
+def test_a_subject_with_violations_has_no_canonical_id(kind: str | None, scheme: str, value: str) -> None:
+    problems, subject = check_subject(kind, scheme, value)
+    assert problems
+    assert subject is None
+    assert problems == subject_violations(kind, scheme, value)
+
+
+def test_a_canonical_id_never_shows_its_value() -> None:
+    _, subject = check_subject("person", "resident-id", RESIDENT)
+    assert RESIDENT not in repr(subject)
+    assert RESIDENT not in str(subject)
+
+
+def test_a_frozen_chain_names_its_own_generations_after_construction() -> None:
+    root = Pseudonymiser(b"k" * 32, "k1")
+    rotated = Pseudonymiser(b"k" * 32, "k1", (KeyLink("k2", b"s" * 32), KeyLink("k3", b"t" * 32)))
+    assert root.generations == ("k1",)
+    assert root.current_key_id == "k1"
+    assert root.previous_key_id is None
+    # Read twice: a value cached on first read stays this instance's own.
+    for _ in range(2):
+        assert rotated.generations == ("k1", "k2", "k3")
+        assert rotated.current_key_id == "k3"
+        assert rotated.previous_key_id == "k2"
+        assert root.generations == ("k1",)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rotated.key_id = "k9"  # type: ignore[misc]
+    assert rotated == Pseudonymiser(b"k" * 32, "k1", rotated.rotations)
+    assert rotated.rekey(rotated.generation_keys("person", "resident-id", RESIDENT)[0][1], "k1") == (
+        rotated.subject_key("person", "resident-id", RESIDENT)
+    )
