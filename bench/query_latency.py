@@ -46,7 +46,7 @@ from devtools.population import Population, PopulationConfig, batch_requests, su
 from domain.entries import EntryStatus, ScoredEntry
 from domain.policy import load_policy
 from domain.scoring import compute_score
-from egret.common.v1 import subject_pb2
+from egret.common.v1 import outcome_pb2, subject_pb2
 from egret.query.v1 import query_service_pb2, query_service_pb2_grpc
 from egret_client.submitter import stream_by_source
 from kit.db import create_engine
@@ -97,6 +97,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+_SNAPSHOT = outcome_pb2.Outcome(
+    rule=outcome_pb2.RuleRef(title="bench"), reason="seeded by bench.query_latency"
+).SerializeToString()
+
+
 def _rows(
     count: int, now: datetime, seed: int
 ) -> Iterator[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]]:
@@ -120,9 +125,6 @@ def _rows(
                 "rule_id": f"{category}.bench",
                 "rule_set": "bench",
                 "rule_set_version": 1,
-                "rule_title": "bench",
-                "rule_description": "",
-                "legal_basis": "",
                 "points": points,
                 "category": category,
                 "severity": severity,
@@ -130,9 +132,9 @@ def _rows(
                 "occurred_at": occurred,
                 "recorded_at": occurred,
                 "visible_until": until,
-                "reason": "seeded by bench.query_latency",
                 "black_list": False,
-                "outcome": b"",
+                # The rule's title and the reason are read from the snapshot.
+                "outcome": _SNAPSHOT,
             },
             {
                 "subject_key": key,

@@ -10,7 +10,7 @@ schema with its reading, which is why the module is this long (docs/adr/0003).
 Tables:
 - score_ledger: one row per entry (an outcome), immutable except `status` (what reads
   show: active, disputed, repaired, reversed) and `visible_until` (rewritten when the
-  policy's period changes);
+  policy's period changes); the rule's texts and the reason are in its `outcome`;
 - score_subjects / score_categories: each subject's score as last computed (a cache);
 - score_history: every change of score, tier or lists, and every due-process act;
 - score_policies: every activated policy;
@@ -82,9 +82,9 @@ class StoredEntry(Base):
     rule_id: Mapped[str] = mapped_column(sa.String(MAX_ID_LENGTH))
     rule_set: Mapped[str] = mapped_column(sa.String(MAX_ID_LENGTH))
     rule_set_version: Mapped[int] = mapped_column(sa.Integer)
-    rule_title: Mapped[str] = mapped_column(sa.Text)
-    rule_description: Mapped[str] = mapped_column(sa.Text)
-    legal_basis: Mapped[str] = mapped_column(sa.Text)
+    # The rule's title, description and legal basis and the entry's reason are read from
+    # `outcome` (`ledger_entry`): no query selects or filters on them, and columns of
+    # their own stored them a second time (score migration 0009, issue 18).
     points: Mapped[int] = mapped_column(sa.Integer)
     category: Mapped[str] = mapped_column(sa.String(MAX_CATEGORY_LENGTH))
     severity: Mapped[str] = mapped_column(sa.String(16))
@@ -92,7 +92,6 @@ class StoredEntry(Base):
     occurred_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
     recorded_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
     visible_until: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
-    reason: Mapped[str] = mapped_column(sa.Text)
     black_list: Mapped[bool] = mapped_column(sa.Boolean)
     outcome: Mapped[bytes] = mapped_column(sa.LargeBinary)
     # The points a positive of a capped category adds after the cap, as of the last rescore
@@ -311,7 +310,17 @@ class ScoreSubjectKeyGeneration(Base, GenerationMixin):
     __tablename__ = "score_subject_key_generation"
 
 
+def snapshot_outcome(snapshot: bytes) -> outcome_pb2.Outcome:
+    """An entry's outcome snapshot, parsed; an empty Outcome when it does not parse."""
+    try:
+        return outcome_pb2.Outcome.FromString(snapshot)
+    except Exception:  # a snapshot that does not parse says nothing
+        return outcome_pb2.Outcome()
+
+
 def ledger_entry(row: StoredEntry) -> LedgerEntry:
+    # The rule's texts and the reason are the snapshot's, stored once (score migration 0009).
+    outcome = snapshot_outcome(row.outcome)
     return LedgerEntry(
         entry_id=row.entry_id,
         subject_key=row.subject_key,
@@ -320,9 +329,9 @@ def ledger_entry(row: StoredEntry) -> LedgerEntry:
             rule_id=row.rule_id,
             rule_set=row.rule_set,
             rule_set_version=row.rule_set_version,
-            title=row.rule_title,
-            description=row.rule_description,
-            legal_basis=row.legal_basis,
+            title=outcome.rule.title,
+            description=outcome.rule.description,
+            legal_basis=outcome.rule.legal_basis,
         ),
         points=row.points,
         category=row.category,
@@ -331,7 +340,7 @@ def ledger_entry(row: StoredEntry) -> LedgerEntry:
         occurred_at=as_utc(row.occurred_at),
         recorded_at=as_utc(row.recorded_at),
         visible_until=as_utc(row.visible_until),
-        reason=row.reason,
+        reason=outcome.reason,
         black_list=row.black_list,
         snapshot=row.outcome,
     )
@@ -536,11 +545,7 @@ def load_entry_facts(session: Session, entry_id: str) -> EntryFacts | None:
 
 def evidence_sources(snapshot: bytes) -> frozenset[str]:
     """The departments whose events an entry rests on (from its outcome snapshot)."""
-    try:
-        outcome = outcome_pb2.Outcome.FromString(snapshot)
-    except Exception:  # a snapshot that does not parse names no source
-        return frozenset()
-    return frozenset(e.ref.source for e in outcome.events if e.ref.source)
+    return frozenset(e.ref.source for e in snapshot_outcome(snapshot).events if e.ref.source)
 
 
 def consent_at(session: Session, subject_key: str, at: datetime) -> Consent | None:

@@ -11,8 +11,9 @@ import grpc
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
 
-from contracts.score_store import ScoreAuditLog, StoredCategory, StoredEntry, StoredScore
+from contracts.score_store import ScoreAuditLog, StoredCategory, StoredEntry, StoredScore, load_entry_facts
 from egret.common.v1 import outcome_pb2
 from egret.score.v1 import score_service_pb2 as pb
 from egret.score.v1 import score_service_pb2_grpc as pb_grpc
@@ -101,15 +102,16 @@ async def test_a_batch_becomes_ledger_entries_and_scores(
         "serious",
         "active",
     )
-    assert (row.rule_id, row.rule_set, row.rule_set_version, row.legal_basis) == (
-        "traffic.rule",
-        "sample",
-        2,
-        "Regulation 7",
-    )
+    assert (row.rule_id, row.rule_set, row.rule_set_version) == ("traffic.rule", "sample", 2)
     assert as_utc(row.visible_until) == OCCURRED + timedelta(days=1095)
-    # The full outcome is kept verbatim as the evidence snapshot.
+    # The full outcome is kept verbatim as the evidence snapshot, and the rule's texts and
+    # the reason are read from it (score migration 0009).
     assert outcome_pb2.Outcome.FromString(row.outcome) == BATCH[3]
+    with Session(db) as session:
+        facts = load_entry_facts(session, "o4")
+    assert facts is not None
+    assert facts.entry.rule.legal_basis == "Regulation 7" == BATCH[3].rule.legal_basis
+    assert facts.entry.reason == BATCH[3].reason
 
 
 async def test_a_resent_batch_changes_nothing(score: pb_grpc.ScoreServiceAsyncStub, db: Engine) -> None:

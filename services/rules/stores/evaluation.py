@@ -139,7 +139,7 @@ class SqlEvaluationStore:
                 uses = session.execute(
                     sa.select(
                         OutcomeEvent.outcome_id,
-                        OutcomeEvent.rule_id,
+                        EmittedOutcome.rule_id,
                         OutcomeEvent.subject_key,
                         OutcomeEvent.event_key,
                         OutcomeEvent.occurred_at,

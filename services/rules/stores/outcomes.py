@@ -98,7 +98,6 @@ def emit(
             {
                 "outcome_id": i,
                 "event_key": key,
-                "rule_id": by_id[i].rule_id,
                 "subject_key": by_id[i].subject_key,
                 "subject_key_id": key_id,
                 "occurred_at": occurred.get(key) or _occurred(records, key),

@@ -54,7 +54,9 @@ class EmittedOutcome(Base):
     __tablename__ = "rules_outcomes"
 
     outcome_id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
-    subject_key: Mapped[str] = mapped_column(sa.String(64), index=True)
+    # Not indexed: outcomes are read by id; a subject's are found through
+    # rules_outcome_events (migration 0012 dropped the index no query used).
+    subject_key: Mapped[str] = mapped_column(sa.String(64))
     subject_key_id: Mapped[str | None] = mapped_column(sa.String(32))
     rule_id: Mapped[str] = mapped_column(sa.String(128))
     rule_set: Mapped[str] = mapped_column(sa.String(128))
@@ -76,7 +78,7 @@ class OutcomeEvent(Base):
 
     outcome_id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
     event_key: Mapped[str] = mapped_column(sa.String(193), primary_key=True)
-    rule_id: Mapped[str] = mapped_column(sa.String(128))
+    # The rule is the outcome's (rules_outcomes.rule_id, read by a join; migration 0013).
     subject_key: Mapped[str] = mapped_column(sa.String(64))
     subject_key_id: Mapped[str | None] = mapped_column(sa.String(32))
     # The event's occurred_at, so consumed keys are read within the same lookback as history.
