@@ -9,46 +9,61 @@ idempotent.
 
 Order: within a relay's slice of the table (`where=`, e.g. one rules shard's rows; the
 whole table by default), rows are delivered in id order, across restarts and across
-replicas sharing the slice. A claim is always a prefix of the slice in id order, up to
-the first row that is blocked: claimed by another live relay (until its lease ends) or
-waiting in backoff after a failed send. Claims on one slice are serialised (PostgreSQL:
-an advisory lock per table and slice; SQLite: the write lock is taken before reading).
+replicas sharing the slice. A relay claims the slice's lease and, with it, a prefix of
+the slice in id order; nobody else claims while the lease is held (until it ends) or
+while the slice's head waits in backoff after a failed send. Claims and every other
+change to a lease are serialised (PostgreSQL: an advisory lock per table and slice;
+SQLite: the write lock is taken before reading). Rows are only inserted and deleted;
+the lease is one small row per slice (kit.outbox_lease, kit.outbox_table).
 
 Each relay has an identity (`instance`, EGRET_INSTANCE: stable across restarts of one
 replica, unique across replicas) and a generation (fresh per start), recorded on the
-rows it claims. A restarted relay takes over its identity's earlier claims at once; a
-replica that is gone for good holds its claims until their lease ends. Deletes and
-postpones touch only rows still claimed by the relay's own generation.
-Two live replicas given one identity (a misconfiguration) take each other's claims:
-rows go out more than once and order is no longer guaranteed; the relay warns when
-its rows were taken over. Details in docs/architecture.md ("Flow and delivery").
+lease it holds. A restarted relay takes over its identity's earlier lease at once; a
+replica that is gone for good holds its lease until it ends. Deletes and postpones
+change nothing unless the relay's own generation still holds the lease, checked in
+their transaction. A relay gives the lease up once its claim is delivered, so replicas
+sharing a slice take turns. Two live replicas given one identity (a misconfiguration)
+take each other's leases: rows go out more than once and order is no longer
+guaranteed; the relay warns when its lease was taken over. Details in
+docs/architecture.md ("Flow and delivery").
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import random
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import cast
 
 import grpc
 import sqlalchemy as sa
 from opentelemetry import trace
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
-from kit.db import as_utc
 from kit.errors import Unavailable
 from kit.interceptors import PeerCredentials, open_channel
 from kit.logging import get_logger
 from kit.metrics import gauge, meter
+from kit.outbox_lease import Claim, PayloadsOf, SliceLease
+from kit.outbox_table import BigId, OutboxLeaseMixin, OutboxMixin, outbox_rows
 from kit.settings import PeerSettings, RelaySettings
-from kit.tracing import context_from_traceparent, current_traceparent, links_from_traceparents
+from kit.tracing import context_from_traceparent, links_from_traceparents
+
+# What a service declares its outbox with, and writes its rows with (kit.outbox_table).
+__all__ = [
+    "BigId",
+    "MakeSend",
+    "OutboxLeaseMixin",
+    "OutboxMixin",
+    "OutboxRelay",
+    "PayloadsOf",
+    "Send",
+    "outbox_rows",
+    "relay_to_peer",
+]
 
 # The outbox's database is away, or refuses this instance for now (kit.rekey's guard while
 # subject keys move to another generation): the relay waits and tries again, never dies.
@@ -93,72 +108,7 @@ gauge(
 # How often each relay counts its backlog for the gauges (one indexed count per interval).
 BACKLOG_REFRESH_S = 5.0
 
-# SQLite only autoincrements INTEGER PRIMARY KEY; PostgreSQL wants BIGINT.
-BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-
-
-class OutboxMixin:
-    """Columns of an outbox table; each service declares `class Outbox(Base, OutboxMixin)`."""
-
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    payload: Mapped[bytes] = mapped_column(sa.LargeBinary)
-    traceparent: Mapped[str] = mapped_column(sa.String(64), default="")
-    attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
-    # When the row may be claimed: its lease's end while claimed, its retry time in backoff.
-    available_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), index=True)
-    # The relay identity and generation holding the row's claim; NULL when unclaimed.
-    claimed_by: Mapped[str | None] = mapped_column(sa.String(200), default=None)
-    claim_generation: Mapped[str | None] = mapped_column(sa.String(32), default=None)
-    # When the row was written: the lag gauge's start (NULL for rows older than the column).
-    created_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True), default=None)
-
-
-def outbox_rows(payloads: Sequence[bytes], now: datetime) -> list[dict[str, object]]:
-    """Rows for a bulk insert of `payloads`, carrying the current trace context."""
-    traceparent = current_traceparent()
-    return [
-        {"payload": p, "traceparent": traceparent, "attempts": 0, "available_at": now, "created_at": now}
-        for p in payloads
-    ]
-
-
-@dataclass(frozen=True)
-class RowState:
-    """What the claim rule reads of one outbox row."""
-
-    id: int
-    claimed_by: str | None
-    claim_generation: str | None
-    available_at: datetime
-
-
-def claimable_prefix(rows: Sequence[RowState], *, instance: str, generation: str, now: datetime) -> list[int]:
-    """Ids a relay may claim from the head of its slice (`rows`, in id order): the longest
-    prefix of rows that are due (free, lease over, backoff over) or claimed by an earlier
-    generation of this same identity (a restart takes its own claims over at once). The
-    first row claimed by someone else, or by this generation, or in backoff, ends it, so
-    no row is ever sent while an earlier row of the slice is held back."""
-    ids: list[int] = []
-    for row in rows:
-        own_earlier_claim = row.claimed_by == instance and row.claim_generation != generation
-        if not (own_earlier_claim or as_utc(row.available_at) <= now):
-            break
-        ids.append(row.id)
-    return ids
-
-
-@dataclass(frozen=True)
-class _Claimed:
-    ids: list[int]
-    payloads: list[bytes]
-    traceparents: list[str]
-    attempts: int
-
-
 Send = Callable[[list[bytes]], Awaitable[None]]
-# For an outbox whose rows may keep their payload in another table (rules' outcomes): the
-# payloads of the claimed rows `ids` whose own payload is empty, read in the claim's transaction.
-PayloadsOf = Callable[[Session, list[int]], Mapping[int, bytes]]
 
 # A relay call's span links to at most this many upstream batches besides its parent
 # (OpenTelemetry's default span link limit).
@@ -174,6 +124,7 @@ class OutboxRelay:
         name: str,
         sessions: sessionmaker[Session],
         table: type[OutboxMixin],
+        leases: type[OutboxLeaseMixin],
         send: Send,
         settings: RelaySettings,
         lease_s: float,
@@ -187,23 +138,27 @@ class OutboxRelay:
         self._on_close = on_close
         # The receiver's largest request: a claim above it goes in several calls.
         self._max_call_bytes = max_call_bytes
-        self._payloads_of = payloads_of
-        # The slice of the table this relay owns (e.g. one downstream shard's rows), so
-        # several relays drain one table side by side and a slow receiver blocks only its own.
-        # Relays that share rows must share the same slice: order is kept per slice.
-        self._where = sa.true() if where is None else where
-        self._slice_lock = _slice_lock_key(table, self._where)
         self.generation = uuid.uuid4().hex
         # No identity given: a fresh one per start, so a restart waits for the lease.
         self.instance = instance or f"anonymous-{self.generation}"
         self._name = name
-        self._sessions = sessions
-        # Statements on the Core table: through the mapped class every one would take the
-        # ORM's compile and bulk paths (about a tenth of ingest's CPU in the relay).
-        self._core = cast(sa.Table, sa.inspect(table).local_table)
+        # The slice of the table this relay owns (e.g. one downstream shard's rows), so
+        # several relays drain one table side by side and a slow receiver blocks only its own.
+        # Relays that share rows must share the same slice: order is kept per slice.
+        self.lease = SliceLease(
+            name=name,
+            sessions=sessions,
+            table=table,
+            leases=leases,
+            where=sa.true() if where is None else where,
+            instance=self.instance,
+            generation=self.generation,
+            lease_s=lease_s,
+            clock=clock,
+            payloads_of=payloads_of,
+        )
         self._send = send
         self._settings = settings
-        self._lease = timedelta(seconds=lease_s)
         self._clock = clock
         self._wakeup = asyncio.Event()
         self._tracer = trace.get_tracer("egret.outbox")
@@ -222,115 +177,21 @@ class OutboxRelay:
         """Wake the relay: new rows were committed. Safe to call from the event loop only."""
         self._wakeup.set()
 
-    def _claim(self) -> _Claimed | None:
-        t = self._core.c
-        with self._sessions() as session, session.begin():
-            self._serialise_claims(session)
-            # Read after the lock, so the state every earlier claim committed is seen.
-            now = self._clock()
-            head = session.execute(
-                sa.select(t.id, t.claimed_by, t.claim_generation, t.available_at)
-                .where(self._where)
-                .order_by(t.id)
-                .limit(self._settings.batch_size)
-            ).all()
-            ids = claimable_prefix(
-                [RowState(*row) for row in head], instance=self.instance, generation=self.generation, now=now
-            )
-            if not ids:
-                return None
-            claim = (
-                sa.update(self._core)
-                .where(t.id.in_(ids))
-                .values(
-                    claimed_by=self.instance, claim_generation=self.generation, available_at=now + self._lease
-                )
-                .returning(t.id, t.payload, t.traceparent, t.attempts)
-            )
-            # A row missing here was deleted by the relay whose expired claim this one took
-            # over, after it delivered the row: the rest is still a prefix of what is unsent.
-            rows = sorted(session.execute(claim).all(), key=lambda r: r.id)
-            if not rows:
-                return None
-            payloads = [r.payload for r in rows]
-            elsewhere = [r.id for r in rows if not r.payload]
-            if elsewhere and self._payloads_of is not None:
-                found = self._payloads_of(session, elsewhere)
-                if missing := [i for i in elsewhere if i not in found]:
-                    # Never sent empty: the relay stops loudly rather than lose the rows.
-                    raise LookupError(f"{self._name}: outbox rows {missing} have no payload")
-                payloads = [found.get(r.id, r.payload) for r in rows]
-        return _Claimed(
-            ids=[r.id for r in rows],
-            payloads=payloads,
-            traceparents=[r.traceparent for r in rows],
-            attempts=max(r.attempts for r in rows),
-        )
+    def claim(self) -> Claim | None:
+        return self.lease.claim(self._settings.batch_size)
 
-    def _serialise_claims(self, session: Session) -> None:
-        """Make this transaction the only claim on the slice until it ends."""
-        if session.get_bind().dialect.name == "postgresql":
-            # Read and update below run in READ COMMITTED after the lock, so each claim sees
-            # every earlier one committed. (One UPDATE with subqueries would not: after
-            # waiting on a row lock PostgreSQL does not re-evaluate its subqueries.)
-            session.execute(sa.select(sa.func.pg_advisory_xact_lock(self._slice_lock)))
-        else:
-            # A write that matches nothing takes SQLite's write lock before anything is read.
-            session.execute(sa.update(self._core).where(sa.false()).values(id=self._core.c.id))
-
-    def _mine(self, ids: list[int]) -> sa.ColumnElement[bool]:
-        """Rows of `ids` still claimed by this generation: the fence on every change after a
-        send, so a relay whose claim was taken over never deletes or frees another's rows."""
-        c = self._core.c
-        return sa.and_(c.id.in_(ids), c.claim_generation == self.generation)
-
-    def _changed(self, statement: sa.Delete | sa.Update, ids: list[int], what: str) -> None:
-        with self._sessions() as session, session.begin():
-            result = session.execute(statement)
-        changed = int(getattr(result, "rowcount", len(ids)))
-        if changed < len(ids):
-            # Only when this relay's lease ran out, or when two live replicas share one identity.
-            log.warning(
-                "relay rows were taken over by another relay",
-                relay=self._name,
-                instance=self.instance,
-                rows=len(ids) - changed,
-                action=what,
-            )
-
-    def _delete(self, ids: list[int]) -> None:
-        self._changed(sa.delete(self._core).where(self._mine(ids)), ids, "delete")
-
-    def _postpone(self, ids: list[int], attempts: int) -> float:
-        """Free rows whose send failed, due again after a backoff; until then they hold back
-        every later row of the slice, whichever relay would claim it."""
+    def postpone(self, ids: list[int], attempts: int) -> float:
+        """After a failed send of `ids` (the claim's unsent rows): the slice's head waits for
+        a capped, jittered exponential backoff, for every relay of the slice; the delay."""
         delay: float = min(
             self._settings.backoff_max_s, self._settings.backoff_initial_s * 2.0 ** min(attempts, 30)
         )
         delay *= random.uniform(0.5, 1.0)
-        backoff = {
-            "claimed_by": None,
-            "claim_generation": None,
-            "attempts": self._core.c.attempts + 1,
-            "available_at": self._clock() + timedelta(seconds=delay),
-        }
-        self._changed(sa.update(self._core).where(self._mine(ids)).values(backoff), ids, "postpone")
+        self.lease.postpone(ids, self._clock() + timedelta(seconds=delay))
         return delay
 
     def pending(self) -> int:
-        with self._sessions() as session:
-            query = sa.select(sa.func.count()).select_from(self._core).where(self._where)
-            return int(session.scalar(query) or 0)
-
-    def _count_backlog(self) -> None:
-        t = self._core.c
-        with self._sessions() as session:
-            count, oldest = session.execute(
-                sa.select(sa.func.count(), sa.func.min(sa.func.coalesce(t.created_at, t.available_at))).where(
-                    self._where
-                )
-            ).one()
-        self.backlog = (int(count or 0), as_utc(oldest) if oldest is not None else None)
+        return self.lease.pending()
 
     async def _refresh_backlog(self) -> None:
         """Count the backlog for the gauges, at most every BACKLOG_REFRESH_S."""
@@ -339,7 +200,7 @@ class OutboxRelay:
             return
         self._backlog_counted = now
         with contextlib.suppress(*_STORE_AWAY):
-            await asyncio.to_thread(self._count_backlog)
+            self.backlog = await asyncio.to_thread(self.lease.backlog)
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Relay until `stopping` is set; the batch in flight is finished first."""
@@ -358,7 +219,7 @@ class OutboxRelay:
             # Cleared before the claim, so a notify() during the claim is never lost.
             self._wakeup.clear()
             try:
-                claimed = await asyncio.to_thread(self._claim)
+                claimed = await asyncio.to_thread(self.claim)
             except _STORE_AWAY as exc:
                 # The database is away (health reports it); keep trying, never die.
                 log.warning("relay cannot read its outbox", relay=self._name, error=type(exc).__name__)
@@ -375,7 +236,7 @@ class OutboxRelay:
                 continue
             await self._relay(claimed, stopping)
 
-    async def _relay(self, claimed: _Claimed, stopping: asyncio.Event) -> None:
+    async def _relay(self, claimed: Claim, stopping: asyncio.Event) -> None:
         """Send a claim's rows in one call, whatever upstream batches wrote them: the
         downstream batch is the relay's, not the size a department happened to send (client
         batches of 100 cost the pipeline twice the CPU per event when each went on alone:
@@ -386,7 +247,7 @@ class OutboxRelay:
             if not await self._relay_call(claimed, start, end, stopping):
                 return
 
-    async def _relay_call(self, claimed: _Claimed, start: int, end: int, stopping: asyncio.Event) -> bool:
+    async def _relay_call(self, claimed: Claim, start: int, end: int, stopping: asyncio.Event) -> bool:
         """One call of rows [start, end) of a claim; on a failed send this and every later
         row of the claim wait for a backoff (false: the claim's other calls are not sent)."""
         ids = claimed.ids[start:end]
@@ -410,7 +271,7 @@ class OutboxRelay:
                 span.record_exception(exc)
                 span.set_status(trace.StatusCode.ERROR, type(exc).__name__)
                 try:
-                    delay = await asyncio.to_thread(self._postpone, claimed.ids[start:], claimed.attempts)
+                    delay = await asyncio.to_thread(self.postpone, claimed.ids[start:], claimed.attempts)
                 except _STORE_AWAY:
                     delay = self._settings.backoff_max_s  # the lease brings the rows back
                 log.warning(
@@ -425,7 +286,7 @@ class OutboxRelay:
                     await asyncio.wait_for(stopping.wait(), delay)
                 return False
             try:
-                await asyncio.to_thread(self._delete, ids)
+                await asyncio.to_thread(self.lease.delivered, ids, last=end == len(claimed.ids))
             except _STORE_AWAY as exc:
                 # Delivered but not deleted: the rows come back when their lease ends and
                 # are sent again, which the idempotent receiver absorbs.
@@ -465,6 +326,7 @@ def relay_to_peer(
     name: str,
     sessions: sessionmaker[Session],
     table: type[OutboxMixin],
+    leases: type[OutboxLeaseMixin],
     peer: PeerSettings,
     settings: RelaySettings,
     make_send: MakeSend,
@@ -489,6 +351,7 @@ def relay_to_peer(
         name=name,
         sessions=sessions,
         table=table,
+        leases=leases,
         send=make_send(channel, peer.deadline_s),
         settings=settings,
         lease_s=peer.deadline_s * 2,
@@ -498,10 +361,3 @@ def relay_to_peer(
         max_call_bytes=max_call_bytes,
         payloads_of=payloads_of,
     )
-
-
-def _slice_lock_key(table: type[OutboxMixin], where: sa.ColumnElement[bool]) -> int:
-    """The PostgreSQL advisory lock of one table and slice, the same in every replica."""
-    condition = where.compile(compile_kwargs={"literal_binds": True})
-    name = f"egret.outbox|{sa.inspect(table).local_table}|{condition}".encode()
-    return int.from_bytes(hashlib.sha256(name).digest()[:8], "big", signed=True)

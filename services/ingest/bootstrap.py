@@ -33,6 +33,7 @@ from services.ingest.stores.events import (
     IngestAuditLog,
     IngestSubjectKeyGeneration,
     Outbox,
+    OutboxLease,
     SqlEventStore,
 )
 
@@ -79,6 +80,7 @@ def rules_relays(settings: IngestSettings, sessions: sessionmaker[Session]) -> l
             name=f"ingest→rules-{shard}" if sharded else "ingest→rules",
             sessions=sessions,
             table=Outbox,
+            leases=OutboxLease,
             peer=peer,
             settings=settings.relay,
             make_send=send_to_rules,

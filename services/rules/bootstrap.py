@@ -43,6 +43,7 @@ from services.rules.stores.rule_sets import SqlLifecycleStore
 from services.rules.stores.schema import (
     KEYED,
     Outbox,
+    OutboxLease,
     RulesAuditHead,
     RulesAuditLog,
     RulesSubjectKeyGeneration,
@@ -126,6 +127,7 @@ def build(settings: RulesSettings) -> Service:
         name="rules→score",
         sessions=relay_sessions,
         table=Outbox,
+        leases=OutboxLease,
         peer=settings.score,
         settings=settings.relay,
         make_send=send_to_score,

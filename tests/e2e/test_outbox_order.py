@@ -108,26 +108,27 @@ async def one_service(
 
 def stored_rows(cluster: Cluster, service: str, decode: Callable[[bytes], Item]) -> list[tuple[Item, bool]]:
     """The outbox of `service` in id order: each row's item, as its relay sends it, and
-    whether it is claimed (a rules row of an outcome refers to the outcome's stored bytes)."""
+    whether it is claimed: at most the lease's last claimed id, while the lease is held (one
+    slice here; a rules row of an outcome refers to the outcome's stored bytes)."""
+    claimed = (
+        f"o.id <= COALESCE((SELECT MAX(claimed_through) FROM {service}_outbox_leases"
+        " WHERE holder IS NOT NULL), 0)"
+    )
+    stored = "r.outcome" if service == "rules" else "NULL"
+    joined = " LEFT JOIN rules_outcomes r ON r.outcome_id = o.outcome_id" if service == "rules" else ""
     engine = create_engine(cluster.database_url(service), read_only=True)
     try:
         with engine.connect() as connection:
-            if service == "rules":
-                rows = connection.execute(
-                    sa.text(
-                        "SELECT o.payload, o.claimed_by, r.outcome FROM rules_outbox o "
-                        "LEFT JOIN rules_outcomes r ON r.outcome_id = o.outcome_id ORDER BY o.id"
-                    )
-                ).all()
-            else:
-                rows = connection.execute(
-                    sa.text(f"SELECT payload, claimed_by, NULL FROM {service}_outbox ORDER BY id")
-                ).all()
+            rows = connection.execute(
+                sa.text(
+                    f"SELECT o.payload, {claimed}, {stored} FROM {service}_outbox o{joined} ORDER BY o.id"
+                )
+            ).all()
     finally:
         engine.dispose()
     return [
-        (decode(bytes(payload) if stored is None else outcome_request(bytes(stored))), claimed_by is not None)
-        for payload, claimed_by, stored in rows
+        (decode(bytes(payload) if outcome is None else outcome_request(bytes(outcome))), bool(is_claimed))
+        for payload, is_claimed, outcome in rows
     ]
 
 

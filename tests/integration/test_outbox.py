@@ -1,20 +1,20 @@
 """Relays sharing an outbox table, on SQLite and PostgreSQL: who may claim which rows.
 
 Every relay has an identity (stable across its restarts) and a generation (fresh per
-start). A claim is a prefix of the relay's slice in id order, up to the first row held by
-another live relay or waiting in backoff; a restart takes its own claims over at once;
-changes after a send are fenced to the claiming generation. Two relays with their own
-engines (as two replicas would have) draining one table never send a row twice and, since
-they take turns, deliver the rows in id order.
+start). A claim takes its slice's lease and the slice's first rows in id order; a live
+lease of another relay, or a backoff after a failed send, holds the whole slice back; a
+restart takes its own lease over at once; changes after a send are fenced to the lease's
+generation. Two relays with their own engines (as two replicas would have) draining one
+table never send a row twice and, since they take turns, deliver the rows in id order.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -23,9 +23,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from kit.db import create_engine, make_metadata, make_session_factory
-from kit.outbox import OutboxMixin, OutboxRelay, outbox_rows
-from kit.settings import RelaySettings
-from tests.support.waiting import until
+from kit.outbox import OutboxLeaseMixin, OutboxMixin, OutboxRelay, PayloadsOf, outbox_rows
+from tests.support.outbox import outbox_relay, relay_until_sent
 
 ROWS = 600
 LEASE_S = 60.0
@@ -40,6 +39,10 @@ class Outbox(Base, OutboxMixin):
     __tablename__ = "test_outbox"
 
     shard: Mapped[int] = mapped_column(sa.Integer, default=0)
+
+
+class OutboxLease(Base, OutboxLeaseMixin):
+    __tablename__ = "test_outbox_leases"
 
 
 class Clock:
@@ -69,46 +72,51 @@ def insert(sessions: sessionmaker[Session], count: int, shard: int = 0) -> None:
 
 
 def relay(
-    sessions: sessionmaker[Session], instance: str, clock: Clock, *, batch: int = 3, shard: int | None = None
+    sessions: sessionmaker[Session],
+    instance: str,
+    clock: Clock,
+    *,
+    batch: int = 3,
+    shard: int | None = None,
+    payloads_of: PayloadsOf | None = None,
 ) -> OutboxRelay:
-    async def send(_: list[bytes]) -> None:
-        raise AssertionError("these tests claim and settle by hand")
-
-    return OutboxRelay(
-        name=instance,
-        sessions=sessions,
-        table=Outbox,
-        send=send,
-        settings=RelaySettings(batch_size=batch, poll_interval_s=0.01, backoff_initial_s=5, backoff_max_s=5),
-        lease_s=LEASE_S,
+    """A relay whose claims the test takes and settles by hand, on the test's clock."""
+    return outbox_relay(
+        sessions,
+        Outbox,
+        OutboxLease,
         instance=instance,
+        batch_size=batch,
+        backoff_s=(5, 5),
+        lease_s=LEASE_S,
         clock=clock,
         where=None if shard is None else Outbox.shard == shard,
+        payloads_of=payloads_of,
     )
 
 
+def running(sessions: sessionmaker[Session], instance: str, **options: Any) -> OutboxRelay:
+    return outbox_relay(sessions, Outbox, OutboxLease, instance=instance, lease_s=LEASE_S, **options)
+
+
 def claim(relay: OutboxRelay) -> list[int]:
-    claimed = relay._claim()
+    claimed = relay.claim()
     return [] if claimed is None else claimed.ids
 
 
-def free(sessions: sessionmaker[Session], ids: list[int]) -> None:
-    """Rows unclaimed by hand: relays claim a prefix and settle a claim whole, so this state
-    comes only from relays of other versions or batch sizes, which the claim rule still meets."""
-    with sessions() as session, session.begin():
-        session.execute(
-            sa.update(Outbox)
-            .where(Outbox.id.in_(ids))
-            .values(claimed_by=None, claim_generation=None, available_at=T0)
-        )
-
-
-def holders(sessions: sessionmaker[Session]) -> dict[int, str | None]:
+def lease(sessions: sessionmaker[Session]) -> tuple[str | None, int | None] | None:
+    """The whole table's lease: the generation holding it and the last id it claimed."""
     with sessions() as session:
-        return dict(session.execute(sa.select(Outbox.id, Outbox.claim_generation).order_by(Outbox.id)).all())
+        row = session.execute(sa.select(OutboxLease.generation, OutboxLease.claimed_through)).one_or_none()
+    return None if row is None else (row[0], row[1])
 
 
-def test_a_restarted_relay_takes_over_its_own_claims_at_once(sessions: sessionmaker[Session]) -> None:
+def stored(sessions: sessionmaker[Session]) -> list[int]:
+    with sessions() as session:
+        return list(session.scalars(sa.select(Outbox.id).order_by(Outbox.id)))
+
+
+def test_a_restarted_relay_takes_over_its_own_lease_at_once(sessions: sessionmaker[Session]) -> None:
     insert(sessions, 5)
     clock = Clock()
     assert claim(relay(sessions, "ingest-a", clock)) == [1, 2, 3]  # then killed, claim in flight
@@ -116,10 +124,10 @@ def test_a_restarted_relay_takes_over_its_own_claims_at_once(sessions: sessionma
     assert claim(relay(sessions, "ingest-b", clock)) == []
     restarted = relay(sessions, "ingest-a", clock)
     assert claim(restarted) == [1, 2, 3]
-    assert set(holders(sessions).values()) == {restarted.generation, None}
+    assert lease(sessions) == (restarted.generation, 3)
 
 
-def test_a_claim_of_a_replica_gone_for_good_waits_for_its_lease(sessions: sessionmaker[Session]) -> None:
+def test_a_lease_of_a_replica_gone_for_good_holds_until_it_ends(sessions: sessionmaker[Session]) -> None:
     insert(sessions, 5)
     clock = Clock()
     assert claim(relay(sessions, "ingest-a", clock)) == [1, 2, 3]
@@ -130,9 +138,7 @@ def test_a_claim_of_a_replica_gone_for_good_waits_for_its_lease(sessions: sessio
     assert claim(other) == [1, 2, 3]
 
 
-def test_a_foreign_live_claim_blocks_the_later_rows_of_its_slice_only(
-    sessions: sessionmaker[Session],
-) -> None:
+def test_a_foreign_live_lease_holds_back_its_slice_only(sessions: sessionmaker[Session]) -> None:
     insert(sessions, 6, shard=0)
     insert(sessions, 3, shard=1)
     clock = Clock()
@@ -140,37 +146,47 @@ def test_a_foreign_live_claim_blocks_the_later_rows_of_its_slice_only(
     assert claim(first) == [1, 2, 3]
     assert claim(second) == [], "rows 4..6 must wait for 1..3"
     assert claim(relay(sessions, "c", clock, shard=1)) == [7, 8, 9], "another slice is not held back"
-    first._delete([1, 2, 3])
+    first.lease.delivered([1, 2, 3], last=True)
     assert claim(second) == [4, 5, 6]
     assert claim(first) == []
 
 
-def test_a_claim_stops_at_the_first_blocked_row(sessions: sessionmaker[Session]) -> None:
+def test_a_claim_delivered_in_parts_holds_its_slice_until_the_last_part(
+    sessions: sessionmaker[Session],
+) -> None:
     insert(sessions, 6)
     clock = Clock()
-    holder = relay(sessions, "a", clock)
+    holder, other = relay(sessions, "a", clock), relay(sessions, "b", clock, batch=6)
     assert claim(holder) == [1, 2, 3]
-    free(sessions, [1, 2])  # row 3 still held by a
-    assert claim(relay(sessions, "b", clock, batch=6)) == [1, 2], "never past a's claim on row 3"
+    holder.lease.delivered([1, 2], last=False)  # the claim's first call
+    assert stored(sessions) == [3, 4, 5, 6]
+    assert claim(other) == [], "never past a's claim on row 3"
+    holder.lease.delivered([3], last=True)
+    assert lease(sessions) == (None, None)
+    assert claim(other) == [4, 5, 6]
 
 
-def test_rows_in_backoff_block_every_later_row_of_the_slice(sessions: sessionmaker[Session]) -> None:
+def test_a_backoff_holds_back_every_row_of_the_slice(sessions: sessionmaker[Session]) -> None:
     insert(sessions, 6)
     clock = Clock()
     first = relay(sessions, "a", clock)
     assert claim(first) == [1, 2, 3]
-    delay = first._postpone([1], attempts=0)  # the send of row 1 failed
-    free(sessions, [2, 3])
+    delay = first.postpone([1, 2, 3], attempts=0)  # the send failed
     assert claim(first) == []
     assert claim(relay(sessions, "b", clock)) == []
+    assert claim(relay(sessions, "a", clock)) == [], "a restart waits for the backoff too"
     clock.now += timedelta(seconds=delay)
-    retried = first._claim()
+    retried = first.claim()
     assert retried is not None
     assert retried.ids == [1, 2, 3]
     assert retried.attempts == 1
+    first.lease.delivered([1, 2, 3], last=True)
+    again = first.claim()
+    assert again is not None
+    assert (again.ids, again.attempts) == ([4, 5, 6], 0), "delivery ends the backoff's count"
 
 
-def test_a_stale_generation_cannot_delete_or_postpone_rows_claimed_by_another(
+def test_a_stale_generation_cannot_delete_or_postpone_after_its_lease_was_taken_over(
     sessions: sessionmaker[Session],
 ) -> None:
     insert(sessions, 3)
@@ -179,17 +195,20 @@ def test_a_stale_generation_cannot_delete_or_postpone_rows_claimed_by_another(
     assert claim(stale) == [1, 2, 3]
     restarted = relay(sessions, "a", clock)  # the same identity, started again
     assert claim(restarted) == [1, 2, 3]
-    stale._delete([1])
-    stale._postpone([2, 3], attempts=0)
-    assert holders(sessions) == dict.fromkeys([1, 2, 3], restarted.generation)
+    stale.lease.delivered([1], last=True)
+    stale.postpone([2, 3], attempts=0)
+    assert stored(sessions) == [1, 2, 3]
+    assert lease(sessions) == (restarted.generation, 3)
     # And after a lease ran out and another identity took the rows over.
     clock.now += timedelta(seconds=LEASE_S)
     taker = relay(sessions, "b", clock)
     assert claim(taker) == [1, 2, 3]
-    restarted._delete([1, 2, 3])
-    assert holders(sessions) == dict.fromkeys([1, 2, 3], taker.generation)
-    taker._delete([1, 2, 3])
-    assert holders(sessions) == {}
+    restarted.lease.delivered([1, 2, 3], last=True)
+    assert stored(sessions) == [1, 2, 3]
+    assert lease(sessions) == (taker.generation, 3)
+    taker.lease.delivered([1, 2, 3], last=True)
+    assert stored(sessions) == []
+    assert lease(sessions) == (None, None)
 
 
 async def test_a_failed_send_holds_back_the_rows_behind_it_and_order_is_kept(
@@ -207,20 +226,9 @@ async def test_a_failed_send_holds_back_the_rows_behind_it_and_order_is_kept(
         delivered.extend(batch)
 
     relays = [
-        OutboxRelay(
-            name=f"replica-{i}",
-            sessions=sessions,
-            table=Outbox,
-            send=send,
-            settings=RelaySettings(
-                batch_size=4, poll_interval_s=0.01, backoff_initial_s=0.05, backoff_max_s=0.1
-            ),
-            lease_s=LEASE_S,
-            instance=f"replica-{i}",
-        )
-        for i in range(2)
+        running(sessions, f"replica-{i}", send=send, batch_size=4, backoff_s=(0.05, 0.1)) for i in range(2)
     ]
-    await drain(relays, 20)
+    await relay_until_sent(relays, 20)
     assert delivered == [f"0-{i}".encode() for i in range(20)]
 
 
@@ -244,16 +252,8 @@ async def test_a_claim_goes_in_one_call_traced_to_every_batch_that_wrote_it(
         calls.append(batch)
 
     span_exporter.clear()
-    relay = OutboxRelay(
-        name="one-call",
-        sessions=sessions,
-        table=Outbox,
-        send=send,
-        settings=RelaySettings(batch_size=100, poll_interval_s=0.01, backoff_initial_s=5, backoff_max_s=5),
-        lease_s=LEASE_S,
-        instance="one-call",
-    )
-    await drain([relay], 12)
+    relay = running(sessions, "one-call", send=send, batch_size=100, backoff_s=(5, 5))
+    await relay_until_sent([relay], 12)
     assert calls == [[f"{b}-{i}".encode() for b in range(3) for i in range(4)]]
     (sent,) = [s for s in span_exporter.get_finished_spans() if s.name == "one-call relay"]
     assert sent.context.trace_id == contexts[0].trace_id
@@ -283,35 +283,11 @@ async def test_a_claim_above_the_receivers_request_limit_goes_in_several_calls_i
             failures -= 1
             raise ConnectionError("downstream away")
 
-    relay = OutboxRelay(
-        name="bounded",
-        sessions=sessions,
-        table=Outbox,
-        send=send,
-        settings=RelaySettings(
-            batch_size=100, poll_interval_s=0.01, backoff_initial_s=0.05, backoff_max_s=0.1
-        ),
-        lease_s=LEASE_S,
-        instance="bounded",
-        max_call_bytes=350,
-    )
-    await drain([relay], 10)
+    relay = running(sessions, "bounded", send=send, batch_size=100, backoff_s=(0.05, 0.1), max_call_bytes=350)
+    await relay_until_sent([relay], 10)
     assert [len(c) for c in calls] == [3, 3, 3, 3, 1]
     assert calls[1] == calls[2] == payloads[3:6]
     assert [p for c in calls[:1] + calls[2:] for p in c] == payloads
-
-
-async def drain(relays: list[OutboxRelay], rows: int) -> None:
-    stopping = asyncio.Event()
-    tasks = [asyncio.create_task(relay.run(stopping)) for relay in relays]
-    try:
-        await until(
-            lambda: sum(relay.sent for relay in relays) >= rows, what="relays to drain the table", within_s=30
-        )
-    finally:
-        stopping.set()
-        with contextlib.suppress(Exception):
-            await asyncio.gather(*tasks)
 
 
 async def test_two_relays_on_one_table_deliver_every_row_exactly_once_in_id_order(database_url: str) -> None:
@@ -330,21 +306,11 @@ async def test_two_relays_on_one_table_deliver_every_row_exactly_once_in_id_orde
         await asyncio.sleep(0)
 
     relays = [
-        OutboxRelay(
-            name=f"replica-{i}",
-            sessions=make_session_factory(engine),
-            table=Outbox,
-            send=send,
-            settings=RelaySettings(
-                batch_size=7, poll_interval_s=0.01, backoff_initial_s=0.01, backoff_max_s=0.05
-            ),
-            lease_s=60.0,
-            instance=f"replica-{i}",
-        )
+        running(make_session_factory(engine), f"replica-{i}", send=send, batch_size=7)
         for i, engine in enumerate(engines)
     ]
     try:
-        await drain(relays, ROWS)  # returns once every relay has stopped: no claim is in flight
+        await relay_until_sent(relays, ROWS)  # returns once every relay has stopped: no claim is in flight
     finally:
         for engine in engines:
             engine.dispose()
@@ -367,36 +333,16 @@ def test_rows_keeping_their_payload_elsewhere_are_claimed_with_it_or_not_at_all(
         asked.append(ids)
         return {i: f"elsewhere-{i}".encode() for i in ids}
 
-    found = OutboxRelay(
-        name="a",
-        sessions=sessions,
-        table=Outbox,
-        send=relay(sessions, "unused", Clock())._send,
-        settings=RelaySettings(batch_size=10, poll_interval_s=0.01, backoff_initial_s=5, backoff_max_s=5),
-        lease_s=LEASE_S,
-        instance="a",
-        clock=Clock(),
-        payloads_of=payloads_of,
-    )
-    claimed = found._claim()
+    found = relay(sessions, "a", Clock(), batch=10, payloads_of=payloads_of)
+    claimed = found.claim()
     assert claimed is not None
     assert asked == [[1, 3]]
     assert claimed.payloads == [b"elsewhere-1", b"own", b"elsewhere-3"]
 
     # A row whose payload cannot be found stops the claim: nothing is sent empty or claimed.
-    lost = OutboxRelay(
-        name="b",
-        sessions=sessions,
-        table=Outbox,
-        send=relay(sessions, "unused", Clock())._send,
-        settings=RelaySettings(batch_size=10, poll_interval_s=0.01, backoff_initial_s=5, backoff_max_s=5),
-        lease_s=LEASE_S,
-        instance="b",
-        clock=Clock(),
-        payloads_of=lambda session, ids: {},
-    )
-    with sessions() as session, session.begin():
-        session.execute(sa.update(Outbox).values(claimed_by=None, claim_generation=None, available_at=T0))
+    found.lease.delivered([], last=True)  # a's claim given up, its rows not delivered
+    lost = relay(sessions, "b", Clock(), batch=10, payloads_of=lambda session, ids: {})
     with pytest.raises(LookupError, match=r"\[1, 3\]"):
-        lost._claim()
-    assert set(holders(sessions).values()) == {None}
+        lost.claim()
+    assert lease(sessions) == (None, None)
+    assert stored(sessions) == [1, 2, 3]

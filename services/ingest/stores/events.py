@@ -32,7 +32,7 @@ from kit import audit
 from kit.audit import AuditHeadMixin, AuditMixin
 from kit.db import as_utc, make_metadata
 from kit.errors import AlreadyExists, FailedPrecondition, NotFound
-from kit.outbox import BigId, OutboxMixin, outbox_rows
+from kit.outbox import BigId, OutboxLeaseMixin, OutboxMixin, outbox_rows
 from kit.protoconv import to_timestamp
 from kit.rekey import GenerationMixin, KeyedColumn, KeyedStore, rewrite_recorded_event
 from kit.sharding import shard_of
@@ -135,6 +135,12 @@ class Outbox(Base, OutboxMixin):
 
     # The rules shard that owns the event's subject (kit.sharding); 0 when unsharded.
     shard: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+
+
+class OutboxLease(Base, OutboxLeaseMixin):
+    """Which relay is sending each shard's slice of the outbox, and until when (kit.outbox_lease)."""
+
+    __tablename__ = "ingest_outbox_leases"
 
 
 # Batches go into these Core tables with executemany, without the ORM's per-row bookkeeping.

@@ -18,7 +18,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from egret.common.v1 import due_process_pb2
 from kit.audit import AuditHeadMixin, AuditMixin
 from kit.db import make_metadata
-from kit.outbox import BigId, OutboxMixin
+from kit.outbox import BigId, OutboxLeaseMixin, OutboxMixin
 from kit.rekey import GenerationMixin, KeyedColumn, KeyedStore, rewrite_outcome, rewrite_recorded_event
 
 
@@ -196,6 +196,12 @@ class Outbox(Base, OutboxMixin):
 
     # No foreign key: outcomes are never deleted, and SQLite would not enforce one anyway.
     outcome_id: Mapped[str | None] = mapped_column(sa.String(64))
+
+
+class OutboxLease(Base, OutboxLeaseMixin):
+    """Which relay is sending the outbox, and until when (kit.outbox_lease)."""
+
+    __tablename__ = "rules_outbox_leases"
 
 
 class BacktestJobRow(Base):

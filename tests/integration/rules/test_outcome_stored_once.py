@@ -5,8 +5,6 @@ the downgrade writes every referring row's payload back."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,11 +19,9 @@ from egret.score.v1 import score_service_pb2 as score_pb
 from kit.audit import UNKEYED
 from kit.db import create_engine, make_session_factory
 from kit.migrations import alembic_config, upgrade
-from kit.outbox import OutboxRelay
 from kit.outbox_send import merged
 from kit.page_tokens import PageTokens
 from kit.protoconv import to_attribute_value, to_timestamp
-from kit.settings import RelaySettings
 from services.rules.bootstrap import MIGRATIONS
 from services.rules.domain import Evaluator, RetractionNotice
 from services.rules.engine import RuleEngine, check_rule_set
@@ -34,8 +30,8 @@ from services.rules.records import engine_event
 from services.rules.stores.evaluation import SqlEvaluationStore
 from services.rules.stores.outbox import outcome_request, stored_payloads
 from services.rules.stores.rule_sets import SqlLifecycleStore
-from services.rules.stores.schema import Base, EmittedOutcome, Outbox
-from tests.support.waiting import until
+from services.rules.stores.schema import Base, EmittedOutcome, Outbox, OutboxLease
+from tests.support.outbox import outbox_relay, relay_until_sent
 
 SAMPLE = Path(__file__).parents[3] / "config/rulesets/sample.yaml"
 VERSION_TABLE = "rules_alembic_version"
@@ -101,26 +97,10 @@ async def relayed(sessions: sessionmaker[Session]) -> list[bytes]:
     async def send(batch: list[bytes]) -> None:
         delivered.extend(batch)
 
-    relay = OutboxRelay(
-        name="rules→score",
-        sessions=sessions,
-        table=Outbox,
-        send=send,
-        settings=RelaySettings(
-            batch_size=2, poll_interval_s=0.01, backoff_initial_s=0.01, backoff_max_s=0.05
-        ),
-        lease_s=60.0,
-        instance="test",
-        payloads_of=stored_payloads,
+    relay = outbox_relay(
+        sessions, Outbox, OutboxLease, instance="test", send=send, batch_size=2, payloads_of=stored_payloads
     )
-    stopping = asyncio.Event()
-    task = asyncio.create_task(relay.run(stopping))
-    try:
-        await until(lambda: relay.sent >= rows, what="the relay to drain the outbox", within_s=30)
-    finally:
-        stopping.set()
-        with contextlib.suppress(Exception):
-            await task
+    await relay_until_sent([relay], rows)
     return delivered
 
 
