@@ -1,14 +1,13 @@
-"""stored messages packed: the rules tables' messages are stored packed from this revision on
+"""stored messages packed: ingest_events.record is stored packed from this revision on
 
-New values of rules_evaluated_events.record, rules_outcomes.outcome and
-rules_dead_letters.record are packed with zstandard and
+New values of the serialized messages this service keeps are packed with zstandard and
 a shipped dictionary (kit/packing.py; issue 18, docs/benchmarks.md, "stored messages
 packed"). The schema does not change: the columns stay binary, and values stored before
 read as they are, so the upgrade rewrites nothing. The downgrade unpacks every packed
 value, so the revisions before this one read the bytes they wrote.
 
-Revision ID: 0014
-Revises: 0013
+Revision ID: 0011
+Revises: 0010
 Create Date: 2026-12-07 19:00:00.000000
 """
 
@@ -18,17 +17,13 @@ from alembic import op
 
 from kit.packing import unpack_column
 
-revision: str = "0014"
-down_revision: str | None = "0013"
+revision: str = "0011"
+down_revision: str | None = "0010"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 # (table, primary key, packed column)
-_PACKED = (
-    ("rules_evaluated_events", ("source", "event_id"), "record"),
-    ("rules_outcomes", ("outcome_id",), "outcome"),
-    ("rules_dead_letters", ("id",), "record"),
-)
+_PACKED = (("ingest_events", ("sequence",), "record"),)
 
 
 def upgrade() -> None:
