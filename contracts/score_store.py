@@ -58,6 +58,7 @@ from domain.policy import ActivatedPolicy, policy_from_text
 from egret.common.v1 import outcome_pb2
 from kit.audit import AuditHeadMixin, AuditMixin
 from kit.db import as_utc, make_metadata
+from kit.packing import Packed
 from kit.rekey import GenerationMixin
 
 # As long as kit.rekey's marker allows.
@@ -93,7 +94,7 @@ class StoredEntry(Base):
     recorded_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
     visible_until: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
     black_list: Mapped[bool] = mapped_column(sa.Boolean)
-    outcome: Mapped[bytes] = mapped_column(sa.LargeBinary)
+    outcome: Mapped[bytes] = mapped_column(Packed)
     # The points a positive of a capped category adds after the cap, as of the last rescore
     # (NULL until one wrote it); score's batches read it in place of the entries before it
     # (services/score/live.py). Not a read model: query computes grants itself.

@@ -32,6 +32,7 @@ from egret.rules.v1 import rules_service_pb2_grpc as rules_grpc
 from egret.score.v1 import score_service_pb2 as score_pb
 from egret.score.v1 import score_service_pb2_grpc as score_grpc
 from kit.db import create_engine
+from kit.packing import unpack
 from kit.protoconv import to_attribute_value, to_timestamp
 from services.rules.stores.outbox import outcome_request
 from tests.support.events import event, resident_id
@@ -127,7 +128,10 @@ def stored_rows(cluster: Cluster, service: str, decode: Callable[[bytes], Item])
     finally:
         engine.dispose()
     return [
-        (decode(bytes(payload) if outcome is None else outcome_request(bytes(outcome))), bool(is_claimed))
+        (
+            decode(bytes(payload) if outcome is None else outcome_request(unpack(bytes(outcome)))),
+            bool(is_claimed),
+        )
         for payload, is_claimed, outcome in rows
     ]
 

@@ -21,6 +21,7 @@ from egret.rules.v1 import rules_service_pb2 as rules_pb
 from egret.rules.v1 import rules_service_pb2_grpc as rules_grpc
 from egret_client.submitter import stream_by_source
 from kit.db import create_engine
+from kit.packing import unpack
 from kit.sharding import shard_of
 from tests.support.databases import create_postgres_database, drop_postgres_database
 from tests.support.expected_outcomes import expected_outcome_ids
@@ -104,7 +105,7 @@ async def assert_a_misrouted_event_is_refused(cluster: Cluster) -> None:
         cluster.database_url("ingest"),
         "SELECT subject_key, record FROM ingest_events ORDER BY sequence LIMIT 1",
     )
-    subject_key, record = str(row[0]), bytes(row[1])
+    subject_key, record = str(row[0]), unpack(bytes(row[1]))
     event = event_pb2.RecordedEvent.FromString(record)
     wrong = f"rules-{1 - shard_of(subject_key, 2)}"
     async with cluster.service_channel(wrong, "ingest") as channel:

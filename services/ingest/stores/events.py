@@ -33,6 +33,7 @@ from kit.audit import AuditHeadMixin, AuditMixin
 from kit.db import as_utc, make_metadata
 from kit.errors import AlreadyExists, FailedPrecondition, NotFound
 from kit.outbox import BigId, OutboxLeaseMixin, OutboxMixin, outbox_rows
+from kit.packing import Packed
 from kit.protoconv import to_timestamp
 from kit.rekey import GenerationMixin, KeyedColumn, KeyedStore, rewrite_recorded_event
 from kit.sharding import shard_of
@@ -74,7 +75,7 @@ class StoredEvent(Base):
     fingerprint_key_id: Mapped[str | None] = mapped_column(sa.String(32))
     # How `fingerprint` was taken (services.ingest.domain; NULL: FINGERPRINT_JSON).
     fingerprint_version: Mapped[int | None] = mapped_column(sa.SmallInteger)
-    record: Mapped[bytes] = mapped_column(sa.LargeBinary)
+    record: Mapped[bytes] = mapped_column(Packed)
 
 
 class StoredRetraction(Base):

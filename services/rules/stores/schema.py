@@ -19,6 +19,7 @@ from egret.common.v1 import due_process_pb2
 from kit.audit import AuditHeadMixin, AuditMixin
 from kit.db import make_metadata
 from kit.outbox import BigId, OutboxLeaseMixin, OutboxMixin
+from kit.packing import Packed
 from kit.rekey import GenerationMixin, KeyedColumn, KeyedStore, rewrite_outcome, rewrite_recorded_event
 
 
@@ -42,7 +43,7 @@ class EvaluatedEvent(Base):
     evaluated_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
     rule_set: Mapped[str] = mapped_column(sa.String(128))
     rule_set_version: Mapped[int] = mapped_column(sa.Integer)
-    record: Mapped[bytes] = mapped_column(sa.LargeBinary)
+    record: Mapped[bytes] = mapped_column(Packed)
     # Set when the department retracted the event: it stays for the record but takes part
     # in no later window, sequence, cap or history read (backtests skip it too).
     retracted_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
@@ -64,7 +65,7 @@ class EmittedOutcome(Base):
     points: Mapped[int] = mapped_column(sa.Integer)
     occurred_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
     emitted_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
-    outcome: Mapped[bytes] = mapped_column(sa.LargeBinary)
+    outcome: Mapped[bytes] = mapped_column(Packed)
     # Set when a retraction of one of its events reversed it (reversed_by: that event's key).
     reversed_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
     reversed_by: Mapped[str | None] = mapped_column(sa.String(193))
@@ -123,7 +124,7 @@ class DeadLetterRow(Base):
     first_failed_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
     last_failed_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
     parked_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True), index=True)
-    record: Mapped[bytes] = mapped_column(sa.LargeBinary)
+    record: Mapped[bytes] = mapped_column(Packed)
 
 
 class RuleSetRow(Base):

@@ -20,6 +20,7 @@ from kit.audit import UNKEYED
 from kit.db import create_engine, make_session_factory
 from kit.migrations import alembic_config, upgrade
 from kit.outbox_send import merged
+from kit.packing import Packed, unpack
 from kit.page_tokens import PageTokens
 from kit.protoconv import to_attribute_value, to_timestamp
 from services.rules.bootstrap import MIGRATIONS
@@ -105,12 +106,13 @@ async def relayed(sessions: sessionmaker[Session]) -> list[bytes]:
 
 
 def every_stored_blob(connection: sa.Connection) -> list[bytes]:
-    """Every binary value in every rules table."""
+    """Every binary value in every rules table, unpacked where it was stored packed."""
     blobs: list[bytes] = []
     for table in Base.metadata.sorted_tables:
         for column in table.columns:
-            if isinstance(column.type, sa.LargeBinary):
-                blobs.extend(bytes(v) for v in connection.scalars(sa.select(column)) if v is not None)
+            if isinstance(column.type, sa.LargeBinary | Packed):
+                stored = connection.scalars(sa.select(sa.type_coerce(column, sa.LargeBinary)))
+                blobs.extend(unpack(bytes(v)) for v in stored if v is not None)
     return blobs
 
 

@@ -1,0 +1,36 @@
+"""stored messages packed: ingest_events.record is stored packed from this revision on
+
+New values of the serialized messages this service keeps are packed with zstandard and
+a shipped dictionary (kit/packing.py; issue 18, docs/benchmarks.md, "stored messages
+packed"). The schema does not change: the columns stay binary, and values stored before
+read as they are, so the upgrade rewrites nothing. The downgrade unpacks every packed
+value, so the revisions before this one read the bytes they wrote.
+
+Revision ID: 0011
+Revises: 0010
+Create Date: 2026-12-07 19:00:00.000000
+"""
+
+from collections.abc import Sequence
+
+from alembic import op
+
+from kit.packing import unpack_column
+
+revision: str = "0011"
+down_revision: str | None = "0010"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+# (table, primary key, packed column)
+_PACKED = (("ingest_events", ("sequence",), "record"),)
+
+
+def upgrade() -> None:
+    pass
+
+
+def downgrade() -> None:
+    connection = op.get_bind()
+    for table, keys, column in _PACKED:
+        unpack_column(connection, table, keys, column)

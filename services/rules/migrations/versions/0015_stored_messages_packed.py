@@ -1,0 +1,41 @@
+"""stored messages packed: the rules tables' messages are stored packed from this revision on
+
+New values of rules_evaluated_events.record, rules_outcomes.outcome and
+rules_dead_letters.record are packed with zstandard and
+a shipped dictionary (kit/packing.py; issue 18, docs/benchmarks.md, "stored messages
+packed"). The schema does not change: the columns stay binary, and values stored before
+read as they are, so the upgrade rewrites nothing. The downgrade unpacks every packed
+value, so the revisions before this one read the bytes they wrote.
+
+Revision ID: 0015
+Revises: 0014
+Create Date: 2026-12-07 19:00:00.000000
+"""
+
+from collections.abc import Sequence
+
+from alembic import op
+
+from kit.packing import unpack_column
+
+revision: str = "0015"
+down_revision: str | None = "0014"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+# (table, primary key, packed column)
+_PACKED = (
+    ("rules_evaluated_events", ("source", "event_id"), "record"),
+    ("rules_outcomes", ("outcome_id",), "outcome"),
+    ("rules_dead_letters", ("id",), "record"),
+)
+
+
+def upgrade() -> None:
+    pass
+
+
+def downgrade() -> None:
+    connection = op.get_bind()
+    for table, keys, column in _PACKED:
+        unpack_column(connection, table, keys, column)
