@@ -128,7 +128,8 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
 
     async def GetScore(self, request: pb.GetScoreRequest, context: Any) -> pb.GetScoreResponse:
         key, purpose = self._subject_read(request, request.subject)
-        ref, as_of = subject_ref(request.subject), optional_time(request, "as_of")
+        # The key found once: a raw id is not checked and hashed again by the read.
+        ref, as_of = SubjectRef(subject_key=key), optional_time(request, "as_of")
         at = as_of or self._reader.now()
         if as_of is None and self._inline_reads:
             # The hot path (a current score from a local store): record, then read on the
