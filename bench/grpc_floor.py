@@ -7,7 +7,8 @@ Each server answers QueryService.GetScore with an empty response and nothing els
 interceptor, no token check, no read, no access record. Servers run as their own process,
 one at a time, alternating (aio, sync, aio, sync, ...) so that both meet the same noise;
 the report gives each run's server CPU per call (from /proc), latency, achieved rate and the
-load average. What query spends above this figure is its own work.
+load average. What query spends above this figure is its own work. `--servers egret` adds
+the aio server with Egret's interceptor chain around the same empty handler.
 """
 
 from __future__ import annotations
@@ -29,9 +30,16 @@ from bench.meter import cpu_seconds, load_average, machine
 from bench.query_latency import latency_summary, start_load
 from devtools.localpki import create_local_pki
 from egret.query.v1 import query_service_pb2
+from kit.metrics import configure_metrics
 from kit.principal import Role
+from kit.server import interceptor_chain
+from kit.settings import LimitSettings
+from kit.tracing import configure_tracing
 
-SERVERS = ("aio", "sync")
+# aio and sync: the bare servers; egret: aio with Egret's interceptor chain (kit.server:
+# metrics, limits, tracing and error mapping; no token gate), metrics and tracing configured
+# as a service configures them, so its excess over aio is the chain's cost per call.
+SERVERS = ("aio", "sync", "egret")
 # As many calls in flight as query allows (EGRET_MAX_CONCURRENT_RPCS's default).
 WORKERS = 16
 
@@ -65,8 +73,14 @@ def _serve(kind: str, key: bytes, chain: bytes, ports: Any) -> None:
         server.wait_for_termination()
         return
 
+    interceptors = []
+    if kind == "egret":
+        interceptors = interceptor_chain(LimitSettings(max_concurrent_rpcs=WORKERS))
+        configure_tracing("floor")
+        configure_metrics("floor")
+
     async def run() -> None:
-        server = grpc.aio.server(maximum_concurrent_rpcs=WORKERS)
+        server = grpc.aio.server(interceptors=interceptors, maximum_concurrent_rpcs=WORKERS)
         server.add_generic_rpc_handlers((_handlers(_empty_async),))
         port = server.add_secure_port("127.0.0.1:0", credentials)
         await server.start()
@@ -82,7 +96,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=20.0, help="seconds measured per run")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of unmeasured load first")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each server, alternating")
-    parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
+    parser.add_argument("--servers", nargs="+", choices=SERVERS, default=["aio", "sync"])
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     args.subjects = 10_000  # the load generator's keys; a bare server reads none of them
