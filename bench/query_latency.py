@@ -94,6 +94,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--idle-only", action="store_true", help="phase 1 only (a quick run)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for every service (repeatable), e.g. EGRET_QUERY_ACCESS_LOG_COMMIT_INTERVAL_MS=2",
+    )
     return parser.parse_args(argv)
 
 
@@ -259,7 +266,7 @@ def _query_cpu(seconds: float, served: int) -> dict[str, Any]:
     }
 
 
-def _phase(target: Target, args: argparse.Namespace) -> tuple[Any, Any]:
+def start_load(target: Target, args: argparse.Namespace) -> tuple[Any, Any]:
     context = multiprocessing.get_context("spawn")
     out = context.Queue()
     process = context.Process(
@@ -269,7 +276,9 @@ def _phase(target: Target, args: argparse.Namespace) -> tuple[Any, Any]:
     return process, out
 
 
-def _summary(latencies: list[float], errors: dict[str, int], elapsed: float, rate: int) -> dict[str, Any]:
+def latency_summary(
+    latencies: list[float], errors: dict[str, int], elapsed: float, rate: int
+) -> dict[str, Any]:
     return {
         "requests": len(latencies),
         "errors": sum(errors.values()),
@@ -342,6 +351,13 @@ async def _ingest(
     }
 
 
+def _settings(pairs: Sequence[str]) -> dict[str, str]:
+    settings = dict(pair.partition("=")[::2] for pair in pairs)
+    if any(not name for name in settings):
+        raise SystemExit(f"--env takes NAME=VALUE, not {pairs!r}")
+    return settings
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     results: dict[str, Any] = {
@@ -352,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     with (
         tempfile.TemporaryDirectory(prefix="egret-bench-query-") as tmp,
-        Cluster(Path(tmp), log_level="warning", env=UNLIMITED) as cluster,
+        Cluster(Path(tmp), log_level="warning", env={**UNLIMITED, **_settings(args.env)}) as cluster,
     ):
         print(f"seeding {args.subjects:,} subjects into score's store ...", flush=True)
         results["seed_seconds"] = round(seed(cluster.database_url("score"), args.subjects, args.seed), 1)
@@ -365,10 +381,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"phase 1: GetScore at {args.rate}/s for {args.duration} s, idle ...", flush=True)
         query_cpu = cpu_seconds(cluster.pid("query"))
-        process, out = _phase(address, args)
+        process, out = start_load(address, args)
         latencies, errors, elapsed, client_cpu, served = out.get()
         query_cpu = cpu_seconds(cluster.pid("query")) - query_cpu
-        results["idle"] = _summary(latencies, errors, elapsed, args.rate)
+        results["idle"] = latency_summary(latencies, errors, elapsed, args.rate)
         results["idle"]["client_cpu_s"] = round(client_cpu, 1)
         results["idle"].update(_query_cpu(query_cpu, served))
         process.join()
@@ -377,12 +393,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             pace = f"{args.ingest_rate}/s" if args.ingest_rate else "as fast as it takes them"
             print(f"phase 2: the same while ingest takes events at {pace} ...", flush=True)
             requests = _ingest_requests(args)
-            process, out = _phase(address, args)
+            process, out = start_load(address, args)
             # After the GetScore generator has started, which keeps its normal priority.
             os.nice(INGEST_CLIENT_NICE)
             ingest = asyncio.run(_ingest(cluster, args, requests, args.warmup + args.duration))
             latencies, errors, elapsed, client_cpu, _ = out.get()
-            results["while_ingest"] = _summary(latencies, errors, elapsed, args.rate)
+            results["while_ingest"] = latency_summary(latencies, errors, elapsed, args.rate)
             results["while_ingest"]["client_cpu_s"] = round(client_cpu, 1)
             results["while_ingest"]["ingest"] = ingest
             process.join()

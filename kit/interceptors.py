@@ -10,9 +10,9 @@ The client interceptor injects the current trace context into every outgoing cal
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import grpc
 from google.protobuf import any_pb2
@@ -93,7 +93,7 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: DomainE
     )
 
 
-class ServerInterceptor(grpc.aio.ServerInterceptor):
+class ServerInterceptor:
     """Tracing, admission (authentication, authorization, limits), error mapping and
     failure logging around every handler. The gate runs before the handler, so a
     refused call never reaches service code."""
@@ -125,14 +125,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             request = _readmitted(request, self._gate, method, principal)
         return _decoded(request, streaming)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
+    def wrap(
+        self, handler: grpc.RpcMethodHandler[Any, Any], handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """`handler` traced, admitted and its errors mapped (a layer of OnePass)."""
         method: str = handler_call_details.method
         metadata = handler_call_details.invocation_metadata
         h: Any = handler
@@ -412,18 +408,43 @@ def open_channel(target: str, credentials: PeerCredentials | None = None) -> grp
     return RenewingChannel(credentials.tls, secure, target=target)
 
 
-def server_interceptors(gate: Gate | None = None) -> list[grpc.aio.ServerInterceptor]:
-    """The chain every Egret server runs, outermost first."""
-    return [ServerInterceptor(gate)]
+class Layer(Protocol):
+    """An interceptor whose work on a handler needs no await: it wraps what it is given."""
+
+    def wrap(
+        self, handler: grpc.RpcMethodHandler[Any, Any], handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any]: ...
+
+
+class OnePass(grpc.aio.ServerInterceptor):
+    """`layers` (outermost first) as one interceptor: the method's handler is looked up once
+    and wrapped by each layer in turn, the innermost first, as a chain of interceptors
+    would wrap it, without a coroutine and a continuation per layer and call."""
+
+    def __init__(self, layers: Sequence[Layer]) -> None:
+        self._inside_out = tuple(reversed(layers))
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        for layer in self._inside_out:
+            handler = layer.wrap(handler, handler_call_details)
+        return handler
 
 
 __all__ = [
     "CHANNEL_OPTIONS",
+    "Layer",
+    "OnePass",
     "PeerCredentials",
     "SyncBearerToken",
     "abort_with",
     "bearer_token",
     "open_channel",
-    "server_interceptors",
     "status_of",
 ]

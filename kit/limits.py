@@ -227,7 +227,7 @@ def _forget(aborted: grpc.aio.AbortError) -> None:
     aborted.__cause__ = None
 
 
-class LimitInterceptor(grpc.aio.ServerInterceptor):
+class LimitInterceptor:
     """Per-RPC request size (checked on the raw bytes, before decoding), the bound on unary
     batch calls holding a decoded request and the bound on open request streams.
 
@@ -242,14 +242,10 @@ class LimitInterceptor(grpc.aio.ServerInterceptor):
         self.batches = _Slots(limits.max_concurrent_batches, self._trim)
         self.streams = _Slots(limits.max_concurrent_streams, self._trim)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
+    def wrap(
+        self, handler: grpc.RpcMethodHandler[Any, Any], handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """`handler` limited (a layer of kit.interceptors.OnePass)."""
         method: str = handler_call_details.method
         limit = request_limit(method, self._limits)
         h: Any = handler

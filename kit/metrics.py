@@ -28,7 +28,7 @@ from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExp
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.instrumentation.system_metrics import SystemMetricsInstrumentor
 from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, ExemplarFilter, MeterProvider
 from opentelemetry.sdk.metrics.export import (
     ConsoleMetricExporter,
     MetricReader,
@@ -168,15 +168,28 @@ def _pushers() -> list[MetricReader]:
     return readers
 
 
+def exemplar_filter(pushers: list[MetricReader]) -> ExemplarFilter | None:
+    """No exemplars unless something exports them: the Prometheus reader drops them, yet the
+    SDK's default (trace_based) offers one for every measurement made inside a span, every
+    RPC's among them. With an OTLP pusher, or OTEL_METRICS_EXEMPLAR_FILTER set, the SDK's
+    own choice (None) stands."""
+    if pushers or os.environ.get("OTEL_METRICS_EXEMPLAR_FILTER", "").strip():
+        return None
+    return AlwaysOffExemplarFilter()
+
+
 def configure_metrics(service: str) -> Metrics | None:
     """Install the process's meter provider (Prometheus registry plus any OTLP pusher) and the
     process instrumentation; None with EGRET_METRICS=false. (The database's are kit.db_metrics.)"""
     if not enabled():
         return None
     registry = CollectorRegistry(auto_describe=True)
-    readers: list[MetricReader] = [PrometheusMetricReader(registry=registry), *_pushers()]
+    pushers = _pushers()
+    readers: list[MetricReader] = [PrometheusMetricReader(registry=registry), *pushers]
     attributes = {} if os.environ.get("OTEL_SERVICE_NAME") else {"service.name": f"egret-{service}"}
-    provider = MeterProvider(metric_readers=readers, resource=Resource.create(attributes))
+    provider = MeterProvider(
+        metric_readers=readers, resource=Resource.create(attributes), exemplar_filter=exemplar_filter(pushers)
+    )
     metrics.set_meter_provider(provider)
     SystemMetricsInstrumentor(config=_PROCESS_METRICS).instrument(meter_provider=provider)
     return Metrics(registry=registry, provider=provider)

@@ -2,11 +2,12 @@
 `rpc.server.duration` (milliseconds) by rpc.system, rpc.service, rpc.method and
 rpc.grpc.status_code; requests by method and status are its count.
 
-OpenTelemetry's gRPC instrumentation for Python records spans only (0.66b2, checked), so this
-outermost interceptor measures the calls. It sees the final status of every call, whoever ended
-it: a refused limit, a refused token, a handler's abort or an unexpected error (INTERNAL, as
-kit.interceptors reports it). Methods are only those the server registered; an unknown method
-never reaches an interceptor's handler, so the label set is bounded.
+OpenTelemetry's gRPC instrumentation for Python records spans only (0.66b2, checked), so the
+outermost layer of the server's interceptor (kit.server.interceptor_chain) measures the calls.
+It sees the final status of every call, whoever ended it: a refused limit, a refused token, a
+handler's abort or an unexpected error (INTERNAL, as kit.interceptors reports it). Methods are
+only those the server registered; an unknown method never reaches an interceptor's handler, so
+the label set is bounded.
 """
 
 from __future__ import annotations
@@ -40,17 +41,20 @@ def _code(context: grpc.aio.ServicerContext[Any, Any], error: BaseException | No
     return int(grpc.StatusCode.UNKNOWN.value[0])
 
 
-class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        service, _, name = handler_call_details.method.lstrip("/").partition("/")
-        labels = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+class RpcMetricsInterceptor:
+    def __init__(self) -> None:
+        self._labels: dict[str, dict[str, str]] = {}
+
+    def wrap(
+        self, handler: grpc.RpcMethodHandler[Any, Any], handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """`handler` measured (a layer of kit.interceptors.OnePass)."""
+        labels = self._labels.get(handler_call_details.method)
+        if labels is None:
+            # Per registered method (an unknown one never gets here), so a bounded map.
+            service, _, name = handler_call_details.method.lstrip("/").partition("/")
+            labels = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+            self._labels[handler_call_details.method] = labels
         h: Any = handler
         if h.unary_unary is not None:
             return h._replace(unary_unary=_unary(labels, h.unary_unary))  # type: ignore[no-any-return]

@@ -30,7 +30,7 @@ from kit.audit_chain import SERVICE_NAME as AUDIT_CHAIN_SERVICE
 from kit.audit_chain import AuditChainServicer
 from kit.auth import CallPolicy, Gate
 from kit.db import ping
-from kit.interceptors import server_interceptors
+from kit.interceptors import OnePass, ServerInterceptor
 from kit.limits import LimitInterceptor, server_options
 from kit.logging import get_logger
 from kit.pseudonym import Pseudonymiser
@@ -92,8 +92,9 @@ async def _watch_database(
 def interceptor_chain(limits: LimitSettings, gate: Gate | None = None) -> list[grpc.aio.ServerInterceptor]:
     """Every Egret server's interceptors, outermost first: metrics, to see every call's final
     status; then limits, so the batch slot a decoded request holds is given back whoever
-    refuses it; then errors, tracing and the gate (kit.interceptors)."""
-    return [RpcMetricsInterceptor(), LimitInterceptor(limits), *server_interceptors(gate)]
+    refuses it; then errors, tracing and the gate (kit.interceptors). One pass over the
+    three (OnePass): the same wrapping, one interceptor coroutine per call instead of three."""
+    return [OnePass([RpcMetricsInterceptor(), LimitInterceptor(limits), ServerInterceptor(gate)])]
 
 
 async def serve(

@@ -74,7 +74,13 @@ def build(settings: QuerySettings, clock: Callable[[], datetime] = _utc_now) -> 
         reader=reader,
         due_process=SqlDueProcessReader(engine),
         access_log=access_log,
-        reads=ReadPipeline(AccessRecorder(access_log, recorder_executor, clock), purposes, pseudonymiser),
+        reads=ReadPipeline(
+            AccessRecorder(
+                access_log, recorder_executor, clock, settings.access_log_commit_interval_ms / 1000
+            ),
+            purposes,
+            pseudonymiser,
+        ),
         executor=executor,
         rules=rules,
         inline_reads=settings.inline_reads,

@@ -32,7 +32,7 @@ from domain.scoring import ScoreResult, compute_score
 from kit import reasons
 from kit.errors import FailedPrecondition, InvalidArgument, NotFound, Violation
 from kit.page_tokens import PageTokens
-from kit.pseudonym import Pseudonymiser, subject_violations
+from kit.pseudonym import CanonicalId, Pseudonymiser, check_subject
 from services.query.paging import Cursor, decode_cursor, decode_token, encode_cursor, page_size
 from services.query.read_models import (
     BenefitPage,
@@ -46,7 +46,7 @@ from services.query.read_models import (
     ScoreView,
     SubjectScore,
 )
-from services.query.subjects import RawSubject, SubjectKey, SubjectRef, current_key
+from services.query.subjects import SubjectKey, SubjectRef, current_key
 
 _SUBJECT_KEY = re.compile(r"^[0-9a-f]{64}$")
 
@@ -206,12 +206,11 @@ class Reader:
             return (named,)
         return tuple(key for _, key in self._generations(named))
 
-    def _generations(self, named: RawSubject | tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    def _generations(self, named: CanonicalId | tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
         """(key id, key) of every generation of a raw id's or a subject token's key."""
         if isinstance(named, tuple):
             return named
-        assert named.kind is not None
-        return self._pseudonymiser.generation_keys(named.kind, named.id_scheme, named.id_value)
+        return self._pseudonymiser.canonical_generation_keys(named)
 
     def same_subject(self, stored_key: str, current: str | None) -> bool:
         """Whether a key read from score's rows is of the subject whose current key is
@@ -222,9 +221,9 @@ class Reader:
             chain.previous_key_id is not None and chain.rekey(stored_key, chain.previous_key_id) == current
         )
 
-    def _named(self, ref: SubjectRef, field: str) -> RawSubject | str | tuple[tuple[str, str], ...]:
-        """The valid raw id, subject key or token's keys `ref` names; InvalidArgument listing
-        every problem."""
+    def _named(self, ref: SubjectRef, field: str) -> CanonicalId | str | tuple[tuple[str, str], ...]:
+        """The raw id (checked and canonicalised once, as ingest does), subject key or token's
+        keys `ref` names; InvalidArgument listing every problem."""
         if ref.subject_key is not None:
             if not _SUBJECT_KEY.match(ref.subject_key):
                 raise InvalidArgument(
@@ -239,10 +238,10 @@ class Reader:
             raise InvalidArgument(
                 "invalid subject", [Violation(field, "needs a subject or a subject_key", "REQUIRED")]
             )
-        problems = [v.prefixed(field) for v in subject_violations(raw.kind, raw.id_scheme, raw.id_value)]
-        if problems:
-            raise InvalidArgument("invalid subject", problems)
-        return raw
+        problems, canonical = check_subject(raw.kind, raw.id_scheme, raw.id_value)
+        if canonical is None:
+            raise InvalidArgument("invalid subject", [v.prefixed(field) for v in problems])
+        return canonical
 
     def _score_keys_current(self) -> bool:
         """Whether score's marker says every key it stores is of this instance's current

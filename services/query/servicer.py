@@ -128,7 +128,8 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
 
     async def GetScore(self, request: pb.GetScoreRequest, context: Any) -> pb.GetScoreResponse:
         key, purpose = self._subject_read(request, request.subject)
-        ref, as_of = subject_ref(request.subject), optional_time(request, "as_of")
+        # The key found once: a raw id is not checked and hashed again by the read.
+        ref, as_of = SubjectRef(subject_key=key), optional_time(request, "as_of")
         at = as_of or self._reader.now()
         if as_of is None and self._inline_reads:
             # The hot path (a current score from a local store): record, then read on the
@@ -203,14 +204,14 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
         if request.as_corrected:
             read: Awaitable[pb.ListScoreHistoryResponse] = self._corrected_history(request, key)
         else:
-            read = self._history(request)
+            read = self._history(request, key)
         return await self._reads.serve("ListScoreHistory", [key], purpose, read)
 
-    async def _history(self, request: pb.ListScoreHistoryRequest) -> pb.ListScoreHistoryResponse:
+    async def _history(self, request: pb.ListScoreHistoryRequest, key: str) -> pb.ListScoreHistoryResponse:
         page = await run_blocking(
             self._executor,
             self._reader.history,
-            subject_ref(request.subject),
+            SubjectRef(subject_key=key),
             request.page_size,
             request.page_token,
         )
@@ -255,7 +256,7 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
         purpose = self._allowed(request, request.subject, key)
         at = optional_time(request, "as_of") or self._reader.now()
         response, disputed = await asyncio.gather(
-            self._reads.serve("CheckEligibility", [key], purpose, self._eligibility(request)),
+            self._reads.serve("CheckEligibility", [key], purpose, self._eligibility(request, key)),
             self._disputed([key], at),
         )
         open_ids = set(disputed.get(key, ()))
@@ -263,17 +264,22 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
             reason.disputed_entry_ids.extend(e for e in reason.entry_ids if e in open_ids)
         return response
 
-    async def _eligibility(self, request: pb.CheckEligibilityRequest) -> pb.CheckEligibilityResponse:
+    async def _eligibility(
+        self, request: pb.CheckEligibilityRequest, key: str | None = None
+    ) -> pb.CheckEligibilityResponse:
+        """`key`: the subject's key when already found (None: the request's ref, whose
+        problems the read lists)."""
+        ref = subject_ref(request.subject) if key is None else SubjectRef(subject_key=key)
         principal = current_principal()
         if principal is not None and principal.role is Role.SUBJECT:
-            require_own_subject(principal, self._reader.subject_key(subject_ref(request.subject)))
+            require_own_subject(principal, self._reader.subject_key(ref))
         provider_id = self._reader.benefit_provider(request.benefit_id)
         if provider_id is not None:
             require_own_benefit(principal, provider_id)
         view = await run_blocking(
             self._executor,
             self._reader.eligibility,
-            subject_ref(request.subject),
+            ref,
             request.benefit_id,
             optional_time(request, "as_of"),
         )

@@ -33,6 +33,9 @@ class QuerySettings:
     # "auto" inline for a local SQLite store and on the pool for a networked database.
     read_path: str = "auto"
     rules: PeerSettings | None = None
+    # Access-log commits start at most this often (services.query.stores.access_log):
+    # records arriving meanwhile share one commit; 0 commits whenever the last one ended.
+    access_log_commit_interval_ms: float = 0.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> QuerySettings:
@@ -49,6 +52,9 @@ class QuerySettings:
             benefits_file=env.file("EGRET_BENEFITS_FILE", Path("config/benefits.yaml")),
             purposes_file=env.file("EGRET_PURPOSES_FILE", Path("config/purposes.yaml")),
             read_path=env.choice("EGRET_QUERY_READ_PATH", "auto", READ_PATHS),
+            access_log_commit_interval_ms=env.number(
+                "EGRET_QUERY_ACCESS_LOG_COMMIT_INTERVAL_MS", 0.0, minimum=0.0, maximum=100.0
+            ),
             rules=(
                 PeerSettings.read(env, prefix="EGRET_RULES", default_address="")
                 if env.optional("EGRET_RULES_ADDRESS")

@@ -3,14 +3,17 @@ the keys query derives from them (of a known generation during a key rotation)."
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
 class RawSubject:
+    """A raw id as the request gave it, unchecked; it lives for that request only."""
+
     kind: str | None
     id_scheme: str
-    id_value: str
+    # Never in a log line or a traceback.
+    id_value: str = field(repr=False)
 
 
 class SubjectKey(str):
