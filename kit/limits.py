@@ -231,9 +231,10 @@ class LimitInterceptor:
     """Per-RPC request size (checked on the raw bytes, before decoding), the bound on unary
     batch calls holding a decoded request and the bound on open request streams.
 
-    It must be the outermost interceptor: a batch slot is taken when the request is decoded
-    and given back when this interceptor's handler ends, which then covers every refusal of
-    the interceptors inside it (authentication, authorization, rate limits). gRPC runs the
+    It must wrap every interceptor that can refuse a call (kit.server.interceptor_chain puts
+    only the RPC metrics outside it): a batch slot is taken when the request is decoded and
+    given back when this interceptor's handler ends, which then covers every refusal of the
+    interceptors inside it (authentication, authorization, rate limits). gRPC runs the
     handler right after decoding the request, with no suspension point between them."""
 
     def __init__(self, limits: LimitSettings) -> None:
