@@ -32,6 +32,7 @@ from tests.support.promql import (
 )
 from tests.support.purposes import purposed
 from tests.support.scrape import Sample, scrape, scrape_until, status, total
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.e2e
 
@@ -121,25 +122,31 @@ async def test_every_call_is_counted_with_its_final_status(cluster: Cluster) -> 
                 ingest_pb.SubmitEventsRequest(source="library", events=[one]), timeout=10
             )
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    calls = scrape(cluster.admin_url("ingest"))
-    count = "rpc_server_duration_milliseconds_count"
-    for code, expected in (
-        (grpc.StatusCode.OK, 1),
-        (grpc.StatusCode.PERMISSION_DENIED, 1),
-        (grpc.StatusCode.INVALID_ARGUMENT, 1),
-        (grpc.StatusCode.UNAUTHENTICATED, 1),
-    ):
-        found = total(calls, count, rpc_method="SubmitEvents", rpc_grpc_status_code=str(code.value[0]))
-        assert found == expected, code
-    # The latency histogram counts the same calls.
-    buckets = [
-        s
-        for s in calls
-        if s.name == "rpc_server_duration_milliseconds_bucket"
-        and s.labels.get("rpc_method") == "SubmitEvents"
-        and s.labels["le"] == "+Inf"
-    ]
-    assert sum(b.value for b in buckets) == 4
+
+    def counted() -> None:
+        # A call is measured when its handler has ended, which may be just after its status
+        # reached the client: the scrape waits for it (and fails on a count above one).
+        calls = scrape(cluster.admin_url("ingest"))
+        count = "rpc_server_duration_milliseconds_count"
+        for code in (
+            grpc.StatusCode.OK,
+            grpc.StatusCode.PERMISSION_DENIED,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.StatusCode.UNAUTHENTICATED,
+        ):
+            found = total(calls, count, rpc_method="SubmitEvents", rpc_grpc_status_code=str(code.value[0]))
+            assert found == 1, (code, found)
+        # The latency histogram counts the same calls.
+        buckets = [
+            s
+            for s in calls
+            if s.name == "rpc_server_duration_milliseconds_bucket"
+            and s.labels.get("rpc_method") == "SubmitEvents"
+            and s.labels["le"] == "+Inf"
+        ]
+        assert sum(b.value for b in buckets) == 4
+
+    await until(counted, what="each SubmitEvents call counted once, with its final status")
 
 
 async def test_counters_equal_what_was_sent_and_lag_returns_to_zero(cluster: Cluster) -> None:
