@@ -16,7 +16,7 @@ from kit.env import Env
 from kit.principal import Role
 from kit.token_keys import check_jwks_url
 
-# The outbox's claimed_by column holds at most this many characters.
+# An outbox lease's holder column (kit.outbox_table) holds at most this many characters.
 MAX_INSTANCE_LENGTH = 200
 
 
