@@ -482,11 +482,11 @@ def load_granted(session: Session, keys: Sequence[str]) -> dict[str, list[Grante
 
 
 def load_recent(
-    session: Session, cutoffs: dict[datetime, list[str]], ids: Sequence[str], *, older: bool = False
+    session: Session, cutoffs: dict[datetime, list[str]], *, older: bool = False
 ) -> dict[str, list[Granted]]:
     """Like `load_granted`, for the subjects listed under each instant: their entries that
-    occurred at or after it (a range of ix_score_ledger_subject_key), those with a dispute,
-    repair or reversal, and those named by `ids`; `older`: only those that occurred before it."""
+    occurred at or after it (a range of ix_score_ledger_subject_key) and those with a
+    dispute, repair or reversal; `older`: only those that occurred before it."""
     keys = [key for members in cutoffs.values() for key in members]
     due = _due_facts(session, keys)
     rows: list[Any] = []
@@ -498,7 +498,7 @@ def load_recent(
                 StoredEntry.occurred_at < at if older else StoredEntry.occurred_at >= at,
             )
         )
-    wanted = set() if older else set(ids) | set(due)
+    wanted = set() if older else set(due)
     if wanted:
         wanted -= {row.entry_id for row in rows}
     if wanted:

@@ -184,7 +184,7 @@ def lock_live(
     ranges: dict[datetime, list[str]] = {}
     for key, floor in floors.items():
         ranges.setdefault(floor, []).append(key)
-    recent = load_recent(session, ranges, ()) if floors else {}
+    recent = load_recent(session, ranges) if floors else {}
     added = {e.entry_id for entries in new.values() for e in entries}
     refused: dict[str, list[Granted]] = {}
     for row in rows:
@@ -204,7 +204,7 @@ def lock_live(
     if refused:
         # The whole ledger of a refused subject: what was read, and what occurred before its range.
         before = {f: [k for k in members if k in refused] for f, members in ranges.items()}
-        older = load_recent(session, {f: ks for f, ks in before.items() if ks}, (), older=True)
+        older = load_recent(session, {f: ks for f, ks in before.items() if ks}, older=True)
         for row in rows:
             if row.subject_key in refused:
                 mine = refused[row.subject_key]
