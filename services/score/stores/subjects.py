@@ -32,6 +32,8 @@ from services.score.live import cutoff, live_part
 # Core tables: the batch path writes by executemany, which the ORM's bulk operations
 # cost about twice as much per row.
 _SCORES = cast(sa.Table, StoredScore.__table__)
+# A score row as an object (subject_pages) or as a Core row of its columns (a batch's locks).
+_ScoreRow = StoredScore | sa.Row[Any]
 _LEDGER = cast(sa.Table, StoredEntry.__table__)
 _HISTORY = cast(sa.Table, StoredHistory.__table__)
 _CATEGORIES = cast(sa.Table, StoredCategory.__table__)
@@ -44,7 +46,7 @@ _SET_GRANT = (
 )
 
 
-def score_state(row: StoredScore | Any) -> ScoreState | None:
+def score_state(row: _ScoreRow | None) -> ScoreState | None:
     if row is None:
         return None
     return ScoreState(row.score, row.tier, bool(row.red_list), bool(row.black_list))
@@ -53,7 +55,7 @@ def score_state(row: StoredScore | Any) -> ScoreState | None:
 def subject_ledger(
     key: str,
     kind: str,
-    row: StoredScore | None,
+    row: _ScoreRow | None,
     entries: Sequence[ScoredEntry],
     *,
     grants: Mapping[str, int | None] | None = None,
@@ -74,12 +76,13 @@ def subject_ledger(
     )
 
 
-def _locked_rows(session: Session, keys: Sequence[str]) -> list[StoredScore]:
+def _locked_rows(session: Session, keys: Sequence[str]) -> list[_ScoreRow]:
+    # Core rows: the batch reads them once and writes them by executemany, never as objects.
     return list(
-        session.scalars(
-            sa.select(StoredScore)
-            .where(StoredScore.subject_key.in_(sorted(keys)))
-            .order_by(StoredScore.subject_key)
+        session.execute(
+            sa.select(_SCORES)
+            .where(_SCORES.c.subject_key.in_(sorted(keys)))
+            .order_by(_SCORES.c.subject_key)
             .with_for_update()
         )
     )
@@ -96,7 +99,7 @@ def _merged(read: Sequence[Granted], new: Sequence[ScoredEntry]) -> list[Granted
 
 
 def _whole(
-    session: Session, rows: Sequence[StoredScore], new: Mapping[str, Sequence[ScoredEntry]]
+    session: Session, rows: Sequence[_ScoreRow], new: Mapping[str, Sequence[ScoredEntry]]
 ) -> tuple[dict[str, SubjectLedger], int]:
     """Each row's subject with its whole ledger and its `new` entries; and the number of
     ledger rows read."""
@@ -110,7 +113,7 @@ def _whole(
     }, read
 
 
-def _with_grants(key: str, kind: str, row: StoredScore | None, read: Sequence[Granted]) -> SubjectLedger:
+def _with_grants(key: str, kind: str, row: _ScoreRow | None, read: Sequence[Granted]) -> SubjectLedger:
     grants = {e.entry_id: g for e, g in read}
     return subject_ledger(key, kind, row, [e for e, _ in read], grants=grants)
 
@@ -118,7 +121,7 @@ def _with_grants(key: str, kind: str, row: StoredScore | None, read: Sequence[Gr
 def _first_scores(
     session: Session,
     kinds: Mapping[str, str],
-    rows: Sequence[StoredScore],
+    rows: Sequence[_ScoreRow],
     new: Mapping[str, Sequence[ScoredEntry]],
 ) -> tuple[list[SubjectLedger], int]:
     """The subjects of `kinds` (key: subject kind) with no score row among `rows`, each with
