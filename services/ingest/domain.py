@@ -271,15 +271,8 @@ class Intake:
         candidates: dict[tuple[str, str], tuple[int, NewEvent]] = {}
         pending: list[tuple[int, NewEvent, IncomingEvent, CanonicalId]] = []
         for index, event in enumerate(events):
-            checked = self._catalogue.check(
-                source,
-                event,
-                now=now,
-                max_skew=self._limits.max_future_skew,
-                max_age=self._limits.max_event_age,
-            )
-            violations = checked.violations
-            if violations:
+            violations, ready = self._ready(source, event, now)
+            if ready is None:
                 results[index] = EventResult(
                     index,
                     event.event_id,
@@ -288,15 +281,14 @@ class Intake:
                     f"{len(violations)} invalid field(s): " + ", ".join(v.field for v in violations),
                 )
                 continue
-            assert checked.subject is not None  # a valid event's subject is valid
-            new = self._pseudonymise(source, event, checked.subject)
+            new, subject = ready
             earlier = candidates.get(new.key)
             if earlier is not None:
                 in_batch = StoredFingerprint(earlier[1].fingerprint)
                 results[index] = self._repeat(index, new, in_batch, "earlier in this batch")
                 continue
             candidates[new.key] = (index, new)
-            pending.append((index, new, event, checked.subject))
+            pending.append((index, new, event, subject))
 
         if not pending:
             existing: Mapping[tuple[str, str], StoredFingerprint] = {}
@@ -337,14 +329,9 @@ class Intake:
         """
         now = self._clock()
         problems = check_reason(reason) + check_ref(source, event_id)
-        checked = self._catalogue.check(
-            source,
-            replacement,
-            now=now,
-            max_skew=self._limits.max_future_skew,
-            max_age=self._limits.max_event_age,
-        )
-        problems += [v.prefixed("replacement") for v in checked.violations]
+        # The store compares it with a stored event of either fingerprint version.
+        violations, ready = self._ready(source, replacement, now, with_json_fingerprint=True)
+        problems += [v.prefixed("replacement") for v in violations]
         if replacement.event_id == event_id:
             problems.append(
                 Violation(
@@ -355,9 +342,8 @@ class Intake:
             )
         if problems:
             raise InvalidArgument("invalid correction", problems)
-        assert checked.subject is not None  # a valid event's subject is valid
-        # The store compares it with a stored event of either fingerprint version.
-        new = self._pseudonymise(source, replacement, checked.subject, with_json_fingerprint=True)
+        assert ready is not None
+        new = ready[0]
         retracted, stored = self._store.correct(RetractionRequest(source, event_id, reason, actor, now), new)
         result = (
             EventResult(0, new.event_id, EventStatus.ACCEPTED)
@@ -379,6 +365,24 @@ class Intake:
             EventStatus.CONFLICT,
             message=f"event_id {new.event_id!r} was submitted {when} with a different payload",
         )
+
+    def _ready(
+        self, source: str, event: IncomingEvent, now: datetime, *, with_json_fingerprint: bool = False
+    ) -> tuple[list[Violation], tuple[NewEvent, CanonicalId] | None]:
+        """`event` checked against the catalogue at `now`: its violations, or none and the
+        event ready to store with its subject's canonical id."""
+        checked = self._catalogue.check(
+            source,
+            event,
+            now=now,
+            max_skew=self._limits.max_future_skew,
+            max_age=self._limits.max_event_age,
+        )
+        if checked.violations:
+            return checked.violations, None
+        assert checked.subject is not None  # a valid event's subject is valid
+        new = self._pseudonymise(source, event, checked.subject, with_json_fingerprint=with_json_fingerprint)
+        return [], (new, checked.subject)
 
     def _pseudonymise(
         self,

@@ -30,6 +30,9 @@ from services.score.ledger_store import (
 )
 from services.score.live import grants_to_store
 
+# Tries of a batch that meets concurrent writers (PostgreSQL with several replicas).
+_RECORD_ATTEMPTS = 3
+
 
 @dataclass(frozen=True)
 class Rejected:
@@ -231,11 +234,14 @@ class Ledger:
         )
 
     def _record(self, entries: Sequence[LedgerEntry], now: datetime) -> Recorded:
-        try:
-            return self._record_once(entries, now)
-        except ConcurrentWrite:
-            # The retry sees the other writer's entries as duplicates.
-            return self._record_once(entries, now)
+        for _ in range(_RECORD_ATTEMPTS - 1):
+            try:
+                return self._record_once(entries, now)
+            except ConcurrentWrite:
+                # A retry sees the other writer's entries as duplicates and its first
+                # scores as rows to lock; another writer may meanwhile start yet another.
+                continue
+        return self._record_once(entries, now)
 
     def _record_once(self, entries: Sequence[LedgerEntry], now: datetime) -> Recorded:
         """Rescore every subject that gains a new entry and store both, in one unit of work:

@@ -73,7 +73,8 @@ class Rescoring(Protocol):
 
     def lock(self, subject_keys: Sequence[str]) -> list[SubjectLedger]:
         """The named subjects that have a score row, in key order, each locked until commit
-        and with its whole ledger."""
+        and with its whole ledger (in a unit of work that added entries, also their subjects
+        with no row, as first scores)."""
         ...
 
     def save(self, results: Mapping[str, Rescored], recorded_at: datetime | None) -> None:
@@ -87,10 +88,11 @@ class LedgerUnitOfWork(Rescoring, Protocol):
 
     def add_entries(self, entries: Sequence[LedgerEntry]) -> list[LedgerEntry]:
         """Take each entry whose id is new (reversed at once if its reversal came first) into
-        the unit of work and create or lock its subject's score row; returns the new entries.
-        `lock_live` gives them with their subjects' ledgers and `save` stores them, with the
-        grants the rescore computed, so each is written once; it raises ConcurrentWrite when
-        another writer stored one of them meanwhile."""
+        the unit of work; returns the new entries. `lock_live` gives them with their
+        subjects' ledgers (a subject with no score row as a first score, `stored` None) and
+        `save` stores them, with the grants the rescore computed, and the first scores'
+        rows, so each row is written once; it raises ConcurrentWrite when another writer
+        stored one of the entries or first scores meanwhile."""
         ...
 
     def add_reversals(self, reversals: Sequence[ReversalRecord]) -> list[ReversalRecord]:

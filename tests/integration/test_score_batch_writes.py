@@ -5,7 +5,8 @@ nothing, and a subject whose entries were stored without a score row is scored f
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -86,12 +87,24 @@ def grants(engine: Engine) -> dict[str, int | None]:
         }
 
 
-class Statements:
-    """The string parameters of every UPDATE of score_ledger the engine runs while listening."""
+@contextmanager
+def listening(engine: Engine, listener: Callable[..., None]) -> Iterator[None]:
+    """`listener` sees every statement the engine runs, before it runs, in this block."""
+    sa.event.listen(engine, "before_cursor_execute", listener)
+    try:
+        yield
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", listener)
 
-    def __init__(self, engine: Engine) -> None:
-        self.updated: set[str] = set()
+
+class Statements:
+    """The string parameters of every statement starting with `prefix` (e.g. "UPDATE
+    score_ledger") that the engine runs while listening."""
+
+    def __init__(self, engine: Engine, prefix: str = "UPDATE score_ledger") -> None:
+        self.values: set[str] = set()
         self._engine = engine
+        self._prefix = prefix.upper()
 
     def __enter__(self) -> Statements:
         sa.event.listen(self._engine, "before_cursor_execute", self._seen)
@@ -101,11 +114,11 @@ class Statements:
         sa.event.remove(self._engine, "before_cursor_execute", self._seen)
 
     def _seen(self, _conn: Any, _cursor: Any, statement: str, parameters: Any, _ctx: Any, many: bool) -> None:
-        if not statement.lstrip().upper().startswith("UPDATE SCORE_LEDGER"):
+        if not statement.lstrip().upper().startswith(self._prefix):
             return
         for params in parameters if many else [parameters]:
             values = params.values() if isinstance(params, dict) else params
-            self.updated |= {v for v in values if isinstance(v, str)}
+            self.values |= {v for v in values if isinstance(v, str)}
 
 
 def test_a_batch_inserts_each_new_entry_with_its_grant_and_never_updates_it(w: World) -> None:
@@ -126,9 +139,9 @@ def test_a_batch_inserts_each_new_entry_with_its_grant_and_never_updates_it(w: W
     ]
     with Statements(w.engine) as seen:
         assert w.ledger.apply(batch).applied == 5
-    assert seen.updated & {o.outcome_id for o in batch} == set()
+    assert seen.values & {o.outcome_id for o in batch} == set()
     # The listener sees updates: those of the old entries whose grant changed.
-    assert seen.updated & {o.outcome_id for o in old} == {"old-1", "old-2"}
+    assert seen.values & {o.outcome_id for o in old} == {"old-1", "old-2"}
     stored = grants(w.engine)
     assert [stored[f"old-{i}"] for i in range(4)] == [20, 10, 0, 0]
     assert (stored["late"], stored["later"], stored["minus"]) == (20, 0, None)
@@ -146,6 +159,38 @@ def test_a_first_score_reads_no_ledger_row(w: World) -> None:
             r.subject_key: r.score for r in c.execute(sa.select(StoredScore.subject_key, StoredScore.score))
         }
     assert scores == {"s-1": 1050, "s-2": 1010}
+    assert w.ledger.verify(max_mismatches=5).mismatch_count == 0
+
+
+def test_a_first_score_inserts_its_row_whole_and_an_existing_row_is_only_updated(w: World) -> None:
+    w.ledger.apply([outcome("o-old", "s-1", T0 - DAY, 20)])
+    w.clock.now += DAY
+    batch = [outcome("o-1", "s-1", T0, -5), outcome("o-2", "s-2", T0, 30), outcome("o-3", "s-3", T0, -20)]
+    with (
+        Statements(w.engine, "UPDATE score_subjects") as updated,
+        Statements(w.engine, "INSERT INTO score_subjects") as inserted,
+    ):
+        assert w.ledger.apply(batch).applied == 3
+    subjects = {"s-1", "s-2", "s-3"}
+    assert updated.values & subjects == {"s-1"}
+    assert inserted.values & subjects == {"s-2", "s-3"}
+    with w.engine.connect() as c:
+        scores = {
+            r.subject_key: (r.score, r.subject_kind, r.subject_key_id)
+            for r in c.execute(
+                sa.select(
+                    StoredScore.subject_key,
+                    StoredScore.score,
+                    StoredScore.subject_kind,
+                    StoredScore.subject_key_id,
+                )
+            )
+        }
+    assert scores == {
+        "s-1": (1015, "person", "k1"),
+        "s-2": (1030, "person", "k1"),
+        "s-3": (980, "person", "k1"),
+    }
     assert w.ledger.verify(max_mismatches=5).mismatch_count == 0
 
 
@@ -179,11 +224,8 @@ def test_an_entry_another_writer_stores_during_the_batch_counts_once(w: World, d
             with w.engine.begin() as c:
                 c.execute(sa.insert(StoredEntry), [row])
 
-    sa.event.listen(w.engine, "before_cursor_execute", other_writer)
-    try:
+    with listening(w.engine, other_writer):
         result = w.ledger.apply([entry])
-    finally:
-        sa.event.remove(w.engine, "before_cursor_execute", other_writer)
     assert fired
     assert (result.applied, result.duplicate) == (0, 1)
     with w.engine.connect() as c:
@@ -197,3 +239,27 @@ def test_a_unit_of_work_that_takes_entries_and_saves_no_rescore_stores_nothing(w
     with w.engine.connect() as c:
         assert c.scalar(sa.select(sa.func.count()).select_from(StoredEntry)) == 0
         assert c.scalar(sa.select(sa.func.count()).select_from(StoredScore)) == 0
+
+
+def test_a_first_score_another_writer_stores_during_the_batch_is_tried_again_and_counts_both(
+    w: World, database_url: str
+) -> None:
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite has one writer: no other can store a first score during a batch")
+    fired: list[str] = []
+
+    def other_writer(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        # After the batch found no row to lock for s-1, before it inserts: another replica's
+        # batch stores s-1's first score from another entry and commits.
+        if statement.lstrip().upper().startswith("INSERT INTO SCORE_LEDGER") and not fired:
+            fired.append(statement)
+            w.ledger.apply([outcome("o-other", "s-1", T0 - DAY, 20)])
+
+    with listening(w.engine, other_writer):
+        result = w.ledger.apply([outcome("o-mine", "s-1", T0, 30)])
+    assert fired
+    assert (result.applied, result.duplicate) == (1, 0)
+    with w.engine.connect() as c:
+        assert c.scalar(sa.select(sa.func.count()).select_from(StoredEntry)) == 2
+        assert c.scalar(sa.select(StoredScore.score)) == 1050
+    assert w.ledger.verify(max_mismatches=5).mismatch_count == 0

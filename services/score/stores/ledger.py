@@ -26,7 +26,6 @@ from services.score.due_process import Audited
 from services.score.ledger_store import ConcurrentWrite, Rescored, SubjectLedger
 from services.score.stores.audit import append_audit
 from services.score.stores.subjects import (
-    create_subject_rows,
     lock_live,
     lock_subjects,
     save_scores,
@@ -93,6 +92,10 @@ class _SqlLedgerUnitOfWork:
         # their scoring view by subject, which the locks add to what they read.
         self._pending: dict[str, dict[str, Any]] = {}
         self._new: dict[str, list[ScoredEntry]] = {}
+        # The kinds of the new entries' subjects, and of those among them that had no score
+        # row when locked: `save` inserts their rows whole.
+        self._kinds: dict[str, str] = {}
+        self._first: dict[str, str] = {}
 
     def add_entries(self, entries: Sequence[LedgerEntry]) -> list[LedgerEntry]:
         session = self._session
@@ -116,8 +119,7 @@ class _SqlLedgerUnitOfWork:
                 row["status"] = EntryStatus.REVERSED.value
             self._pending[e.entry_id] = row
             self._new.setdefault(e.subject_key, []).append(_new_entry(e, reversal))
-        kinds = {e.subject_key: e.subject_kind for e in fresh}
-        create_subject_rows(session, kinds, max(e.recorded_at for e in fresh).astimezone(UTC), self._key_id)
+            self._kinds[e.subject_key] = e.subject_kind
         return fresh
 
     def add_reversals(self, reversals: Sequence[ReversalRecord]) -> list[ReversalRecord]:
@@ -166,9 +168,9 @@ class _SqlLedgerUnitOfWork:
         return applied
 
     def lock(self, subject_keys: Sequence[str]) -> list[SubjectLedger]:
-        subjects, read = lock_subjects(self._session, subject_keys, self._new)
+        subjects, read = lock_subjects(self._session, subject_keys, self._new, self._kinds)
         self.entries_read += read
-        return subjects
+        return self._firsts(subjects)
 
     def lock_live(
         self, subject_keys: Sequence[str], now: datetime, added: Mapping[str, str], policy: ScorePolicy
@@ -176,20 +178,26 @@ class _SqlLedgerUnitOfWork:
         # `added` are the entries add_entries took: their scoring view is kept in `_new`.
         if self._whole_ledger:
             return self.lock(subject_keys)
-        subjects, read = lock_live(self._session, subject_keys, now, self._new, policy)
+        subjects, read = lock_live(self._session, subject_keys, now, self._new, policy, kinds=self._kinds)
         self.entries_read += read
         self.live_parts += sum(s.partial for s in subjects)
+        return self._firsts(subjects)
+
+    def _firsts(self, subjects: list[SubjectLedger]) -> list[SubjectLedger]:
+        # No stored state: the subject had no score row.
+        self._first = {s.subject_key: s.subject_kind for s in subjects if s.stored is None}
         return subjects
 
     def save(self, results: Mapping[str, Rescored], recorded_at: datetime | None) -> None:
         if self._pending:
             results = self._insert_new(results)
-        save_scores(self._session, results, recorded_at, self._key_id)
+        first, self._first = self._first, {}
+        save_scores(self._session, results, recorded_at, self._key_id, first)
 
     def _insert_new(self, results: Mapping[str, Rescored]) -> dict[str, Rescored]:
         """Insert the batch's new entries with the grants the rescore gave them, so that no
         row is written twice; returns the results with only the older entries' grants."""
-        pending, self._pending, self._new = self._pending, {}, {}
+        pending, self._pending, self._new, self._kinds = self._pending, {}, {}, {}
         rest = {}
         for key, rescored in results.items():
             for entry_id, granted in rescored.grants.items():
@@ -232,13 +240,12 @@ class SqlLedgerStore:
         self.live_parts = 0
 
     def tier_counts(self) -> dict[tuple[str, str], int]:
-        """Subjects by (tier, subject kind), for the tiers gauge; placeholder rows (tier "")
-        of a batch in flight are left out."""
+        """Subjects by (tier, subject kind), for the tiers gauge."""
         with self._sessions() as session:
             rows = session.execute(
-                sa.select(StoredScore.tier, StoredScore.subject_kind, sa.func.count())
-                .where(StoredScore.tier != "")
-                .group_by(StoredScore.tier, StoredScore.subject_kind)
+                sa.select(StoredScore.tier, StoredScore.subject_kind, sa.func.count()).group_by(
+                    StoredScore.tier, StoredScore.subject_kind
+                )
             ).all()
         return {(tier, kind): int(n) for tier, kind, n in rows}
 

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from contracts.score_store import (
@@ -26,12 +26,14 @@ from domain.entries import ScoredEntry
 from domain.policy import ScorePolicy
 from domain.scoring import ScoreState, list_names
 from kit.db import as_utc
-from services.score.ledger_store import Rescored, SubjectLedger
+from services.score.ledger_store import ConcurrentWrite, Rescored, SubjectLedger
 from services.score.live import cutoff, live_part
 
 # Core tables: the batch path writes by executemany, which the ORM's bulk operations
 # cost about twice as much per row.
 _SCORES = cast(sa.Table, StoredScore.__table__)
+# A score row as an object (subject_pages) or as a Core row of its columns (a batch's locks).
+_ScoreRow = StoredScore | sa.Row[Any]
 _LEDGER = cast(sa.Table, StoredEntry.__table__)
 _HISTORY = cast(sa.Table, StoredHistory.__table__)
 _CATEGORIES = cast(sa.Table, StoredCategory.__table__)
@@ -44,9 +46,8 @@ _SET_GRANT = (
 )
 
 
-def score_state(row: StoredScore | Any) -> ScoreState | None:
-    # A placeholder row (tier "") was created by create_subject_rows in this transaction.
-    if row is None or not row.tier:
+def score_state(row: _ScoreRow | None) -> ScoreState | None:
+    if row is None:
         return None
     return ScoreState(row.score, row.tier, bool(row.red_list), bool(row.black_list))
 
@@ -54,7 +55,7 @@ def score_state(row: StoredScore | Any) -> ScoreState | None:
 def subject_ledger(
     key: str,
     kind: str,
-    row: StoredScore | None,
+    row: _ScoreRow | None,
     entries: Sequence[ScoredEntry],
     *,
     grants: Mapping[str, int | None] | None = None,
@@ -75,12 +76,13 @@ def subject_ledger(
     )
 
 
-def _locked_rows(session: Session, keys: Sequence[str]) -> list[StoredScore]:
+def _locked_rows(session: Session, keys: Sequence[str]) -> list[_ScoreRow]:
+    # Core rows: the batch reads them once and writes them by executemany, never as objects.
     return list(
-        session.scalars(
-            sa.select(StoredScore)
-            .where(StoredScore.subject_key.in_(sorted(keys)))
-            .order_by(StoredScore.subject_key)
+        session.execute(
+            sa.select(_SCORES)
+            .where(_SCORES.c.subject_key.in_(sorted(keys)))
+            .order_by(_SCORES.c.subject_key)
             .with_for_update()
         )
     )
@@ -97,33 +99,62 @@ def _merged(read: Sequence[Granted], new: Sequence[ScoredEntry]) -> list[Granted
 
 
 def _whole(
-    session: Session, rows: Sequence[StoredScore], new: Mapping[str, Sequence[ScoredEntry]]
+    session: Session, rows: Sequence[_ScoreRow], new: Mapping[str, Sequence[ScoredEntry]]
 ) -> tuple[dict[str, SubjectLedger], int]:
-    """Each row's subject with its whole ledger (the new entries from memory: for a first
-    score the read finds nothing, unless entries were stored under its key without a row,
-    as by a re-keying in progress); and the number of ledger rows read."""
+    """Each row's subject with its whole ledger and its `new` entries; and the number of
+    ledger rows read."""
     ledgers = load_granted(session, [r.subject_key for r in rows])
     read = sum(len(ledger) for ledger in ledgers.values())
     return {
-        r.subject_key: _with_grants(r, _merged(ledgers[r.subject_key], new.get(r.subject_key, ())))
+        r.subject_key: _with_grants(
+            r.subject_key, r.subject_kind, r, _merged(ledgers[r.subject_key], new.get(r.subject_key, ()))
+        )
         for r in rows
     }, read
 
 
-def _with_grants(row: StoredScore, read: Sequence[Granted]) -> SubjectLedger:
+def _with_grants(key: str, kind: str, row: _ScoreRow | None, read: Sequence[Granted]) -> SubjectLedger:
     grants = {e.entry_id: g for e, g in read}
-    return subject_ledger(row.subject_key, row.subject_kind, row, [e for e, _ in read], grants=grants)
+    return subject_ledger(key, kind, row, [e for e, _ in read], grants=grants)
+
+
+def _first_scores(
+    session: Session,
+    kinds: Mapping[str, str],
+    rows: Sequence[_ScoreRow],
+    new: Mapping[str, Sequence[ScoredEntry]],
+) -> tuple[list[SubjectLedger], int]:
+    """The subjects of `kinds` (key: subject kind) with no score row among `rows`, each with
+    its `new` entries and what was stored under its key before the batch (for a new subject,
+    an index probe that finds nothing; a re-keying in progress may have moved entries without
+    their row); and the number of ledger rows read."""
+    found = {r.subject_key for r in rows}
+    missing = sorted(k for k in kinds if k not in found)
+    if not missing:
+        return [], 0
+    ledgers = load_granted(session, missing)
+    read = sum(len(ledger) for ledger in ledgers.values())
+    return [_with_grants(k, kinds[k], None, _merged(ledgers[k], new.get(k, ()))) for k in missing], read
 
 
 def lock_subjects(
-    session: Session, keys: Sequence[str], new: Mapping[str, Sequence[ScoredEntry]] | None = None
+    session: Session,
+    keys: Sequence[str],
+    new: Mapping[str, Sequence[ScoredEntry]] | None = None,
+    kinds: Mapping[str, str] | None = None,
 ) -> tuple[list[SubjectLedger], int]:
-    """The named subjects that have a score row, in key order, locked until commit (PostgreSQL;
-    SQLite has one writer anyway), each with its whole ledger and its `new` entries (not
-    stored yet, by subject key); and the number of ledger rows read."""
+    """The named subjects that have a score row, locked until commit (PostgreSQL; SQLite has
+    one writer anyway), each with its whole ledger and its `new` entries (not stored yet, by
+    subject key), and those of `kinds` that have none (a first score, stored with
+    `save_scores(first=...)`), in key order; and the number of ledger rows read."""
     rows = _locked_rows(session, keys)
     whole, read = _whole(session, rows, new or {})
-    return list(whole.values()), read
+    first, first_read = _first_scores(session, kinds or {}, rows, new or {})
+    return _in_key_order([*whole.values(), *first]), read + first_read
+
+
+def _in_key_order(subjects: Sequence[SubjectLedger]) -> list[SubjectLedger]:
+    return sorted(subjects, key=lambda s: s.subject_key)
 
 
 def lock_live(
@@ -132,18 +163,20 @@ def lock_live(
     now: datetime,
     new: Mapping[str, Sequence[ScoredEntry]],
     policy: ScorePolicy,
+    *,
+    kinds: Mapping[str, str],
 ) -> tuple[list[SubjectLedger], int]:
     """`lock_subjects` for a batch that adds the `new` entries, not stored yet (by subject
-    key; services/score/live.py): each subject with the live part of its ledger where it is
-    proven enough, else with its whole ledger; and the number of ledger rows read."""
+    key; services/score/live.py): each subject with a score row with the live part of its
+    ledger where it is proven enough, else with its whole ledger, and the first scores of
+    `kinds`; and the number of ledger rows read."""
     rows = _locked_rows(session, keys)
     floors: dict[str, datetime] = {}
     for row in rows:
-        state = score_state(row)
         floor = cutoff(
             policy.for_kind(row.subject_kind),
             stored_version=row.policy_version,
-            since=as_utc(row.updated_at) if state is not None else None,
+            since=as_utc(row.updated_at),
             recorded_through=None if row.recorded_through is None else as_utc(row.recorded_through),
             now=now,
         )
@@ -154,7 +187,7 @@ def lock_live(
     ranges: dict[datetime, list[str]] = {}
     for key, floor in floors.items():
         ranges.setdefault(floor, []).append(key)
-    recent = load_recent(session, ranges, ()) if floors else {}
+    recent = load_recent(session, ranges) if floors else {}
     added = {e.entry_id for entries in new.values() for e in entries}
     refused: dict[str, list[Granted]] = {}
     for row in rows:
@@ -174,65 +207,43 @@ def lock_live(
     if refused:
         # The whole ledger of a refused subject: what was read, and what occurred before its range.
         before = {f: [k for k in members if k in refused] for f, members in ranges.items()}
-        older = load_recent(session, {f: ks for f, ks in before.items() if ks}, (), older=True)
+        older = load_recent(session, {f: ks for f, ks in before.items() if ks}, older=True)
         for row in rows:
             if row.subject_key in refused:
                 mine = refused[row.subject_key]
                 seen = {e.entry_id for e, _ in mine}
                 more = [g for g in older[row.subject_key] if g[0].entry_id not in seen]
                 read += len(more)
-                found[row.subject_key] = _with_grants(row, [*mine, *more])
+                found[row.subject_key] = _with_grants(row.subject_key, row.subject_kind, row, [*mine, *more])
     rest = [r for r in rows if r.subject_key not in found]
     if rest:
         whole, rest_read = _whole(session, rest, new)
         read += rest_read
         found.update(whole)
-    return [found[r.subject_key] for r in rows], read
+    first, first_read = _first_scores(session, kinds, rows, new)
+    return _in_key_order([*found.values(), *first]), read + first_read
 
 
 def save_scores(
-    session: Session, results: Mapping[str, Rescored], recorded_at: datetime | None, key_id: str
+    session: Session,
+    results: Mapping[str, Rescored],
+    recorded_at: datetime | None,
+    key_id: str,
+    first: Mapping[str, str] | None = None,
 ) -> None:
     """Write the rescored subjects' rows, categories and history (keys of generation `key_id`);
-    history rows are recorded at `recorded_at`, or now."""
+    history rows are recorded at `recorded_at`, or now. The rows of `first` (key: subject
+    kind), subjects that had none when locked, are inserted whole; if another writer
+    (PostgreSQL) inserted one meanwhile, ConcurrentWrite: this batch read no entry of the
+    other's, so it is rolled back to be tried again, then finding the row to lock."""
     if results:
-        _store_scores(session, results, None if recorded_at is None else recorded_at.astimezone(UTC), key_id)
-
-
-def create_subject_rows(session: Session, kinds: Mapping[str, str], now: datetime, key_id: str) -> None:
-    """Create missing score rows and lock every affected one until commit.
-
-    On PostgreSQL a concurrent batch for the same subject then waits here and
-    recomputes after our commit, from a ledger that includes our entries, so the
-    last score written always covers every entry. The placeholder values (tier "")
-    are overwritten in this same transaction. An existing row is locked by a no-op
-    update, so its stored state and instant survive to be compared with the new one.
-    """
-    rows = [
-        {
-            "subject_key": key,
-            "subject_key_id": key_id,
-            "subject_kind": kinds[key],
-            "score": 0,
-            "tier": "",
-            "policy_version": "",
-            "entry_count": 0,
-            "updated_at": now,
-        }
-        for key in sorted(kinds)
-    ]
-    statement: sa.Insert
-    if session.get_bind().dialect.name == "postgresql":
-        pg = postgresql.insert(_SCORES)
-        statement = pg.on_conflict_do_update(
-            index_elements=["subject_key"], set_={"subject_kind": _SCORES.c.subject_kind}
+        _store_scores(
+            session,
+            results,
+            None if recorded_at is None else recorded_at.astimezone(UTC),
+            key_id,
+            first or {},
         )
-    else:
-        lite = sqlite.insert(_SCORES)
-        statement = lite.on_conflict_do_update(
-            index_elements=["subject_key"], set_={"subject_kind": _SCORES.c.subject_kind}
-        )
-    session.execute(statement, rows)
 
 
 def _lists_text(names: Sequence[str]) -> str:
@@ -240,9 +251,14 @@ def _lists_text(names: Sequence[str]) -> str:
 
 
 def _store_scores(
-    session: Session, results: Mapping[str, Rescored], now: datetime | None, key_id: str
+    session: Session,
+    results: Mapping[str, Rescored],
+    now: datetime | None,
+    key_id: str,
+    first: Mapping[str, str],
 ) -> None:
     updates = []
+    inserts = []
     history = []
     periods = []
     grants: list[dict[str, Any]] = []
@@ -250,23 +266,26 @@ def _store_scores(
     for key, rescored in results.items():
         r = rescored.result
         assert r.as_of is not None
-        updates.append(
-            {
-                "b_subject_key": key,
-                "score": r.score,
-                "tier": r.tier,
-                "policy_version": r.policy_version,
-                "entry_count": r.entry_count,
-                "updated_at": r.as_of.astimezone(UTC),
-                "next_change_at": None if r.next_change_at is None else r.next_change_at.astimezone(UTC),
-                "red_list": r.state.red,
-                "black_list": r.state.black,
-                "list_reasons": json.dumps([[m.name, list(m.reasons), list(m.entry_ids)] for m in r.lists]),
-                "recorded_through": None
-                if rescored.recorded_through is None
-                else rescored.recorded_through.astimezone(UTC),
-            }
-        )
+        values = {
+            "score": r.score,
+            "tier": r.tier,
+            "policy_version": r.policy_version,
+            "entry_count": r.entry_count,
+            "updated_at": r.as_of.astimezone(UTC),
+            "next_change_at": None if r.next_change_at is None else r.next_change_at.astimezone(UTC),
+            "red_list": r.state.red,
+            "black_list": r.state.black,
+            "list_reasons": json.dumps([[m.name, list(m.reasons), list(m.entry_ids)] for m in r.lists]),
+            "recorded_through": None
+            if rescored.recorded_through is None
+            else rescored.recorded_through.astimezone(UTC),
+        }
+        if key in first:
+            inserts.append(
+                {"subject_key": key, "subject_key_id": key_id, "subject_kind": first[key], **values}
+            )
+        else:
+            updates.append({"b_subject_key": key, **values})
         grants += [{"b_entry_id": i, "b_granted": g} for i, g in rescored.grants.items()]
         for c in rescored.changes:
             history.append(
@@ -293,7 +312,14 @@ def _store_scores(
         periods += [
             {"b_entry_id": i, "visible_until": v.astimezone(UTC)} for i, v in rescored.visible_until.items()
         ]
-    session.execute(_SET_SCORE, updates)
+    if updates:
+        session.execute(_SET_SCORE, updates)
+    if inserts:
+        try:
+            # Key order, as the locks: concurrent writers wait on each other in one order.
+            session.execute(sa.insert(_SCORES), sorted(inserts, key=lambda row: str(row["subject_key"])))
+        except IntegrityError as error:
+            raise ConcurrentWrite("another writer stored a first score of one of these subjects") from error
     if history:
         session.execute(sa.insert(_HISTORY), history)
     if periods:
