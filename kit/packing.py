@@ -134,3 +134,9 @@ def unpack_column(connection: sa.Connection, table: str, keys: tuple[str, ...], 
             connection.execute(sa.update(stored).where(where).values({column: unpack(bytes(row[-1]))}))
         rewritten += len(packed)
     return rewritten
+
+
+def unpack_columns(connection: sa.Connection, columns: tuple[tuple[str, tuple[str, ...], str], ...]) -> None:
+    """unpack_column for each (table, primary key, column): the packing migrations' downgrade."""
+    for table, keys, column in columns:
+        unpack_column(connection, table, keys, column)

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from contracts.score_store import load_entry_facts
 from egret.common.v1 import outcome_pb2
 from kit.migrations import alembic_config, upgrade
+from kit.packing import MARK, Packed
 from services.score.bootstrap import MIGRATIONS
 
 VERSION_TABLE = "score_alembic_version"
@@ -141,3 +142,49 @@ def test_an_entry_whose_texts_differ_from_its_snapshot_stops_the_upgrade(engine:
         assert connection.scalar(sa.text("SELECT rule_title FROM score_ledger WHERE entry_id = 'other'")) == (
             "Edited title"
         )
+
+
+def test_entries_stored_packed_are_unpacked_before_the_texts_are_written_back(engine: sa.Engine) -> None:
+    """An entry the current code stored (its snapshot packed, kit.packing) goes down through
+    score 0010, which unpacks it, and 0009, which reads its texts from the snapshot."""
+    upgrade(engine, MIGRATIONS, VERSION_TABLE)
+    outcome = snapshot("e-packed", "Fare evasion", "Passed gate G3 without a fare")
+    ledger = sa.table(
+        "score_ledger",
+        *(sa.column(c) for c in ("entry_id", "subject_key", "subject_key_id", "subject_kind", "rule_id")),
+        *(sa.column(c) for c in ("rule_set", "rule_set_version", "points", "category", "severity", "status")),
+        *(sa.column(c, sa.DateTime(timezone=True)) for c in ("occurred_at", "recorded_at", "visible_until")),
+        sa.column("black_list", sa.Boolean()),
+        sa.column("outcome", Packed()),
+    )
+    with engine.begin() as connection:
+        connection.execute(
+            ledger.insert(),
+            {
+                "entry_id": "e-packed",
+                "subject_key": "a" * 64,
+                "subject_key_id": "k1",
+                "subject_kind": "person",
+                "rule_id": "metro.fare_evasion",
+                "rule_set": "egret-sample",
+                "rule_set_version": 2,
+                "points": -10,
+                "category": "transport",
+                "severity": "general",
+                "status": "active",
+                "occurred_at": NOW,
+                "recorded_at": NOW,
+                "visible_until": NOW + timedelta(days=365),
+                "black_list": False,
+                "outcome": outcome,
+            },
+        )
+    with engine.connect() as connection:
+        raw = connection.scalar(sa.text("SELECT outcome FROM score_ledger"))
+    assert bytes(raw).startswith(MARK)
+
+    downgrade(engine, "0008")
+    with engine.connect() as connection:
+        row = connection.execute(sa.text(f"SELECT outcome, {', '.join(TEXTS)} FROM score_ledger")).one()
+    assert bytes(row[0]) == outcome
+    assert tuple(row[1:]) == texts_of(outcome)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from alembic import op
 
-from kit.packing import unpack_column
+from kit.packing import unpack_columns
 
 revision: str = "0011"
 down_revision: str | None = "0010"
@@ -27,10 +27,9 @@ _PACKED = (("ingest_events", ("sequence",), "record"),)
 
 
 def upgrade() -> None:
-    pass
+    """Nothing to rewrite: values stored before read as they are (kit.packing.unpack), and
+    new ones are packed as they are written."""
 
 
 def downgrade() -> None:
-    connection = op.get_bind()
-    for table, keys, column in _PACKED:
-        unpack_column(connection, table, keys, column)
+    unpack_columns(op.get_bind(), _PACKED)

@@ -1,4 +1,4 @@
-"""stored messages packed: score_ledger.outcome are stored packed from this revision on
+"""stored messages packed: score_ledger.outcome is stored packed from this revision on
 
 New values of the serialized messages this service keeps are packed with zstandard and
 a shipped dictionary (kit/packing.py; issue 18, docs/benchmarks.md, "stored messages
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from alembic import op
 
-from kit.packing import unpack_column
+from kit.packing import unpack_columns
 
 revision: str = "0010"
 down_revision: str | None = "0009"
@@ -27,10 +27,9 @@ _PACKED = (("score_ledger", ("entry_id",), "outcome"),)
 
 
 def upgrade() -> None:
-    pass
+    """Nothing to rewrite: values stored before read as they are (kit.packing.unpack), and
+    new ones are packed as they are written."""
 
 
 def downgrade() -> None:
-    connection = op.get_bind()
-    for table, keys, column in _PACKED:
-        unpack_column(connection, table, keys, column)
+    unpack_columns(op.get_bind(), _PACKED)
