@@ -116,7 +116,10 @@ def test_a_rule_author_drafts_backtests_and_activates_and_the_resident_sees_it(
         check_page(page, "console-backtest-running-en")
         assert time.monotonic() < deadline, "the backtest did not finish within a minute"
         page.wait_for_timeout(300)
-        page.get_by_role("link", name="Check progress").click()
+        # Wait for the next page itself: counting the link while the click's navigation is
+        # still under way sees neither page and ended the loop early (CI, 2026-12-07).
+        with page.expect_navigation():
+            page.get_by_role("link", name="Check progress").click()
     expect(page.locator("h1")).to_contain_text("Backtest of egret-sample v3")
     expect(page.locator("#subjects")).to_contain_text("The subjects it affects most")
     expect(page.locator(".notice").first).to_contain_text("would change tier")
