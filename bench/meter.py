@@ -71,17 +71,39 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
-def server_cpu_seconds(command: str = "postgres") -> float:
-    """CPU seconds so far of every process named `command` (the database server's backends,
-    checkpointer and WAL writer). The server is shared: what other clients make it do in the
-    same interval counts too, so a run reports it beside the load average."""
-    total = 0.0
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if (entry / "comm").read_text().strip() == command:
-                    total += cpu_seconds(int(entry.name))
-    return total
+class ServerMeter:
+    """CPU seconds a PostgreSQL server spends for one run: the backends connected to the run's
+    own databases, plus the server's shared processes (checkpointer, WAL writer, background
+    writer, autovacuum), found through pg_stat_activity and read from /proc (the server runs
+    on this machine). Other clients' backends are left out; the shared processes serve them
+    too, so a run still reports its figure beside the load average. A backend that ends
+    within the run takes its CPU with it (services keep theirs in a pool for the run)."""
+
+    def __init__(self, admin_url: str, databases: Sequence[str]) -> None:
+        self._engine = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
+        self._databases = list(databases)
+        self._start: dict[int, float] = {}
+
+    def _processes(self) -> dict[int, float]:
+        with self._engine.connect() as connection:
+            pids = connection.execute(
+                sa.text(
+                    "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+                    "AND (datname = ANY(:names) OR backend_type <> 'client backend')"
+                ),
+                {"names": self._databases},
+            ).scalars()
+            return {pid: cpu_seconds(pid) for pid in pids}
+
+    def start(self) -> None:
+        self._start = self._processes()
+
+    def seconds(self) -> float:
+        """CPU seconds since `start` of the processes running now."""
+        return sum(now - self._start.get(pid, 0.0) for pid, now in self._processes().items())
+
+    def close(self) -> None:
+        self._engine.dispose()
 
 
 def stored_bytes(url: str) -> dict[str, int]:

@@ -39,12 +39,12 @@ import sqlalchemy as sa
 
 from bench.meter import (
     Profiler,
+    ServerMeter,
     cpu_seconds,
     load_average,
     machine,
     percentile,
     row_writes,
-    server_cpu_seconds,
     stored_bytes,
 )
 from devtools.cluster import SERVICES, UNLIMITED, Cluster
@@ -197,6 +197,9 @@ class PostgresDatabases:
             service: self._server.set(database=name).render_as_string(hide_password=False)
             for service, name in self.names.items()
         }
+
+    def meter(self) -> ServerMeter:
+        return ServerMeter(self._server.render_as_string(hide_password=False), list(self.names.values()))
 
     def drop(self) -> None:
         engine = self._admin()
@@ -400,7 +403,8 @@ class _Run:
     end_to_end_s: float
     # CPU seconds over the run: each service process (rules-1, score-0 with shards and
     # replicas), "client" (this process: the stream and the visibility sampling) and, on
-    # PostgreSQL, "postgres" (the whole server's processes).
+    # PostgreSQL, "postgres" (the server's backends of the run's databases and its shared
+    # processes: bench.meter.ServerMeter).
     cpu: dict[str, float]
     # The service each process runs: "rules" for rules-1.
     service_of: dict[str, str]
@@ -447,12 +451,16 @@ def _measured_run(
         if profiler:
             profiler.start(pids)
         before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        client_before, server_before = time.process_time(), server_cpu_seconds() if postgres else 0.0
+        server = postgres.meter() if postgres else None
+        if server:
+            server.start()
+        client_before = time.process_time()
         totals, end_to_end_s = asyncio.run(_run_stream(cluster, requests, samples, args))
         cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
         cpu["client"] = time.process_time() - client_before
-        if postgres:
-            cpu["postgres"] = server_cpu_seconds() - server_before
+        if server:
+            cpu["postgres"] = server.seconds()
+            server.close()
         if profiler:
             for path in profiler.stop():
                 print(f"profile: {path}")

@@ -1,4 +1,5 @@
-"""The bench meter's readings: CPU seconds of a process and bytes per table of a store."""
+"""The bench meter's readings: CPU seconds of a process and of a run's database server, and
+bytes per table of a store."""
 
 from __future__ import annotations
 
@@ -6,7 +7,11 @@ import os
 import sqlite3
 from pathlib import Path
 
-from bench.meter import cpu_seconds, percentile, stored_bytes
+import pytest
+import sqlalchemy as sa
+
+from bench.meter import ServerMeter, cpu_seconds, percentile, stored_bytes
+from tests.support.databases import POSTGRES_ADMIN_URL, create_postgres_database, drop_postgres_database
 
 
 def test_cpu_seconds_grow_with_work_and_are_zero_for_a_gone_process() -> None:
@@ -42,3 +47,27 @@ def test_percentile_is_nearest_rank() -> None:
     # 99 of the 100 are at or below the 99th: not one rank higher (round-half-even once gave 100).
     assert (percentile(hundred, 99), percentile(hundred, 98), percentile(hundred, 100)) == (99.0, 98.0, 100.0)
     assert percentile([5.0], 1) == 5.0
+
+
+@pytest.mark.postgres
+def test_the_server_meter_counts_the_runs_backends_and_not_another_databases() -> None:
+    ours, theirs = create_postgres_database(), create_postgres_database()
+    meter = ServerMeter(POSTGRES_ADMIN_URL, [sa.make_url(ours).database or ""])
+    engines = [sa.create_engine(url, poolclass=sa.NullPool) for url in (ours, theirs)]
+    try:
+        with engines[0].connect() as mine, engines[1].connect() as other:
+            meter.start()
+            busy = sa.text("SELECT count(*) FROM generate_series(1, 3000000)")
+            other.execute(busy)
+            other.execute(busy)
+            others_work = meter.seconds()
+            mine.execute(busy)
+            mine.execute(busy)
+            assert meter.seconds() - others_work > 0.2
+            assert others_work < 0.2
+    finally:
+        meter.close()
+        for engine in engines:
+            engine.dispose()
+        drop_postgres_database(ours)
+        drop_postgres_database(theirs)
