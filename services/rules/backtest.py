@@ -39,8 +39,9 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
+from operator import attrgetter
 from typing import Final
 
 from domain.entries import EntryStatus
@@ -293,18 +294,24 @@ class Backtest:
             policy = self._policy.for_kind(subject.kind)
             scores: list[SideScore] = []
             totals: list[dict[str, list[int]]] = []
-            for side in (self._baseline, self._candidate):
-                lines = side.outcomes.pop(subject_key, None)
-                if lines is None:
+            ledgers = [
+                _held(side.outcomes.pop(subject_key, ())) for side in (self._baseline, self._candidate)
+            ]
+            if _score_alike(*ledgers):
+                # Most subjects: the candidate changed nothing of theirs, scored once.
+                ledgers = ledgers[:1]
+            for held in ledgers:
+                if not held:
                     if subject.kind not in empty:
                         empty[subject.kind] = _side_score(compute_score((), policy, as_of))
                     scores.append(empty[subject.kind])
                     totals.append({})
                 else:
-                    # Score inserts each outcome id once, so a repeated id counts once here too.
-                    held = {line.entry_id: line for line in reversed(lines)}
                     scores.append(_side_score(compute_score(held.values(), policy, as_of)))
                     totals.append(_rule_totals(held))
+            if len(ledgers) == 1:
+                scores.append(scores[0])
+                totals.append(totals[0])
             comparison = SubjectComparison(subject_key, subject.kind, scores[0], scores[1])
             comparisons.append(comparison)
             overall.add(comparison, totals[0], totals[1])
@@ -414,6 +421,29 @@ def combine(
         ),
         subjects=first_listed(comparisons, subject_limit),
     )
+
+
+def _held(lines: Iterable[LedgerLine]) -> dict[str, LedgerLine]:
+    """A side's ledger of a subject: score inserts each outcome id once, so a repeated id
+    counts once here too (its first line)."""
+    return {line.entry_id: line for line in reversed(list(lines))}
+
+
+# What compute_score reads of an entry besides its id, and the order it reads entries in.
+_SCORED: Final = attrgetter(*(f.name for f in fields(LedgerLine) if f.name != "entry_id"))
+_SCORING_ORDER: Final = attrgetter("occurred_at", "entry_id")
+
+
+def _score_alike(a: Mapping[str, LedgerLine], b: Mapping[str, LedgerLine]) -> bool:
+    """Whether two ledgers of one subject score alike at any instant, under any policy, so
+    the report can score them once. The sides' entry ids always differ (an outcome id names
+    its rule set's version); compute_score uses ids only to order entries (occurred_at, then
+    id) and to key them, so the same lines in the same order give the same result."""
+    if len(a) != len(b):
+        return False
+    return [_SCORED(line) for line in sorted(a.values(), key=_SCORING_ORDER)] == [
+        _SCORED(line) for line in sorted(b.values(), key=_SCORING_ORDER)
+    ]
 
 
 def _rule_totals(outcomes: Mapping[str, LedgerLine]) -> dict[str, list[int]]:

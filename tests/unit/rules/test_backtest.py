@@ -8,7 +8,7 @@ import pytest
 
 from domain.catalogue import CatalogueError, parse_catalogue
 from domain.ruleset.model import EngineEvent, RuleSet
-from services.rules.backtest import Backtest, BacktestScope, StoredEvent
+from services.rules.backtest import Backtest, BacktestScope, LedgerLine, StoredEvent, _held, _score_alike
 from services.rules.backtest_report import SCORE_CHANGE_BUCKETS, BacktestReport, bucket_of
 from services.rules.engine import RuleEngine
 from services.rules.handlers.backtests import cohort_attributes
@@ -178,3 +178,22 @@ def test_only_discrete_attributes_can_be_cohorts() -> None:
         "only string, int and bool attributes can be cohorts",
         "event_types[0] (library.fine_paid).attributes.branch.cohort: must be true or false",
     ]
+
+
+def test_two_ledgers_score_alike_only_with_the_same_lines_in_the_same_order() -> None:
+    """The report scores a subject once when both sides' ledgers score alike: the same lines
+    but for their ids (which name each side's rule set version), read in the same order."""
+    at = T0 + DAY
+
+    def line(entry_id: str, category: str, points: int = 5) -> LedgerLine:
+        return LedgerLine(entry_id, "r", points, category, "minor", at, at, black_list=False)
+
+    baseline = _held([line("v1-a", "civic"), line("v1-b", "library")])
+    assert _score_alike(baseline, _held([line("v2-a", "civic"), line("v2-b", "library")]))
+    # Ties in event time are read in id order: the same lines read the other way round
+    # could take a category cap's allowance in another order, so they are scored apart.
+    assert not _score_alike(baseline, _held([line("v2-b", "civic"), line("v2-a", "library")]))
+    assert not _score_alike(baseline, _held([line("v2-a", "civic"), line("v2-b", "library", 6)]))
+    assert not _score_alike(baseline, _held([line("v2-a", "civic")]))
+    # A repeated id counts once, as score inserts it once.
+    assert _score_alike(_held([line("v1-a", "civic"), line("v1-a", "civic")]), _held([line("v2-a", "civic")]))
