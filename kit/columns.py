@@ -50,6 +50,14 @@ def instant(value: int) -> datetime:
     return EPOCH + timedelta(microseconds=value)
 
 
+def _hex_of(value: Any) -> str | None:
+    return None if value is None else bytes(value).hex()
+
+
+def _instant_of(value: int | None) -> datetime | None:
+    return None if value is None else EPOCH + timedelta(microseconds=value)
+
+
 class Hex(sa.TypeDecorator[str]):
     """A lowercase hexadecimal string stored as its bytes (module docstring)."""
 
@@ -59,8 +67,10 @@ class Hex(sa.TypeDecorator[str]):
     def process_bind_param(self, value: str | None, dialect: Any) -> bytes | None:
         return None if value is None else hex_bytes(value)
 
-    def process_result_value(self, value: bytes | None, dialect: Any) -> str | None:
-        return None if value is None else bytes(value).hex()
+    def result_processor(self, dialect: sa.Dialect, coltype: object) -> Any:
+        # Not process_result_value: TypeDecorator's chain around it costs about as much as
+        # the conversion, and reads of these columns run for every history row of a batch.
+        return _hex_of
 
 
 class Instant(sa.TypeDecorator[datetime]):
@@ -86,6 +96,13 @@ class Instant(sa.TypeDecorator[datetime]):
         if dialect.name != "sqlite":
             return as_utc(value)
         return instant(value)
+
+    def result_processor(self, dialect: sa.Dialect, coltype: object) -> Any:
+        if dialect.name != "sqlite":
+            return super().result_processor(dialect, coltype)
+        # As Hex.result_processor: the integer straight to its instant (PostgreSQL's reads
+        # go through process_result_value).
+        return _instant_of
 
 
 # ---- migrations: rewrite stored values -------------------------------------------------------
@@ -122,7 +139,14 @@ def _sqlite_rewrite(connection: sa.Connection, table: str, columns: tuple[str, .
         name, 1, function, deterministic=True
     )
     assignments = ", ".join(f'"{column}" = {name}("{column}")' for column in columns)
-    connection.exec_driver_sql(f'UPDATE "{table}" SET {assignments}')
+    try:
+        connection.exec_driver_sql(f'UPDATE "{table}" SET {assignments}')
+    except sa.exc.OperationalError as error:
+        # SQLite says only "user-defined function raised exception": say where.
+        raise ValueError(
+            f"{table}: a value of {', '.join(columns)} cannot be rewritten by {function.__name__} "
+            f"(not lowercase hexadecimal, or not a datetime SQLAlchemy wrote)"
+        ) from error
 
 
 def store_as_bytes(connection: sa.Connection, table: str, columns: tuple[str, ...]) -> None:

@@ -119,3 +119,16 @@ def test_the_migration_helpers_rewrite_stored_values_both_ways(database_url: str
         back = connection.execute(sa.select(old).order_by(old.c.n)).all()
     assert [(r.n, r.key, r.at and as_utc(r.at)) for r in back] == [(r["n"], r["key"], r["at"]) for r in rows]
     engine.dispose()
+
+
+def test_a_value_the_upgrade_cannot_rewrite_is_named_by_table_and_column(tmp_path) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path / 'a.db'}")
+    with engine.begin() as connection:
+        connection.exec_driver_sql("CREATE TABLE t (n INTEGER PRIMARY KEY, key VARCHAR(64))")
+        connection.exec_driver_sql("INSERT INTO t VALUES (1, 'not-hex')")
+    with (
+        pytest.raises(ValueError, match=r"^t: a value of key cannot be rewritten"),
+        engine.begin() as connection,
+    ):
+        columns.store_as_bytes(connection, "t", ("key",))
+    engine.dispose()
