@@ -16,7 +16,7 @@ from alembic import command
 from sqlalchemy.orm import Session
 
 from kit.columns import Instant
-from kit.db import as_utc
+from kit.db import as_utc, create_engine
 from kit.migrations import alembic_config, upgrade
 from services.rules.bootstrap import MIGRATIONS
 from services.rules.stores.outbox import outcome_request, stored_payloads
@@ -45,7 +45,8 @@ TABLES = (
 
 @pytest.fixture
 def engine(database_url: str) -> Iterator[sa.Engine]:
-    engine = sa.create_engine(database_url)
+    # kit's engine, as the service migrates with: on SQLite it enforces foreign keys.
+    engine = create_engine(database_url)
     yield engine
     engine.dispose()
 

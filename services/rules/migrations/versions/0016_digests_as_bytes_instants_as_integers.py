@@ -61,14 +61,30 @@ _TABLES: dict[str, tuple[dict[str, bool], dict[str, bool]]] = {
 }
 
 
+# The tables whose foreign keys refer to rules_rule_sets: SQLite refuses to drop a table
+# (the rebuild does) while rows refer to it, and PRAGMA foreign_keys cannot be turned off
+# inside the migration's transaction, so their rows are set aside while it is rebuilt.
+_REFERRING: dict[str, tuple[str, ...]] = {
+    "rules_rule_sets": ("rules_active_rule_set", "rules_rule_set_changes"),
+}
+
+
 def _declare(table: str, digest: sa.types.TypeEngine[object], instant: sa.types.TypeEngine[object]) -> None:
     """SQLite: rebuild `table` with its converted columns declared as `digest` and `instant`."""
+    connection = op.get_bind()
+    referring = _REFERRING.get(table, ())
+    for child in referring:
+        connection.exec_driver_sql(f'CREATE TEMP TABLE "aside_{child}" AS SELECT * FROM "{child}"')
+        connection.exec_driver_sql(f'DELETE FROM "{child}"')
     digests, instants = _TABLES[table]
     with op.batch_alter_table(table, schema=None) as batch_op:
         for column, nullable in digests.items():
             batch_op.alter_column(column, type_=digest, existing_nullable=nullable)
         for column, nullable in instants.items():
             batch_op.alter_column(column, type_=instant, existing_nullable=nullable)
+    for child in referring:
+        connection.exec_driver_sql(f'INSERT INTO "{child}" SELECT * FROM "aside_{child}"')
+        connection.exec_driver_sql(f'DROP TABLE "aside_{child}"')
 
 
 def upgrade() -> None:
