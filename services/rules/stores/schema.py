@@ -5,6 +5,9 @@ from before generations were recorded: the root generation), and every key writt
 of the instance's current generation; `KEYED` is what the re-keying job moves (kit.rekey,
 docs/security.md "Rotating the subject key"). The audit log and the outbox keep the keys
 they were written with (an outcome's outbox row has no copy: it refers to the outcome).
+
+Subject keys, outcome ids and digests are `Hex` and every instant an `Instant`
+(kit.columns, migration 0016): the growing tables repeat them in every row and index.
 """
 
 from __future__ import annotations
