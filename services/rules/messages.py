@@ -9,6 +9,7 @@ from typing import Final
 from egret.common.v1 import due_process_pb2, event_pb2
 from egret.rules.v1 import backtest_pb2
 from egret.rules.v1 import rules_service_pb2 as pb
+from kit.columns import NotHex, hex_bytes
 from kit.errors import InvalidArgument, Violation
 from kit.logging import get_logger
 from kit.protoconv import SUBJECT_KIND_NAMES, to_timestamp
@@ -36,13 +37,24 @@ _JOB_STATES: Final[dict[str, backtest_pb2.BacktestState]] = {
 }
 
 
+def _subject_key_violations(path: str, key: str) -> list[Violation]:
+    """A subject key is lowercase hex (an HMAC digest), and stored as the bytes it spells
+    (kit.columns.Hex): anything else is refused here, not by the database."""
+    if not key:
+        return [Violation(path, "is required", "REQUIRED")]
+    try:
+        hex_bytes(key)
+    except NotHex:
+        return [Violation(path, "is not a subject key (lowercase hexadecimal)", "INVALID")]
+    return []
+
+
 def _event_violations(index: int, event: event_pb2.RecordedEvent) -> list[Violation]:
     path = f"events[{index}]"
     problems = []
     if not event.ref.source or not event.ref.event_id or "/" in event.ref.source:
         problems.append(Violation(f"{path}.ref", "needs a source without '/' and an event_id", "INVALID"))
-    if not event.subject_key:
-        problems.append(Violation(f"{path}.subject_key", "is required", "REQUIRED"))
+    problems += _subject_key_violations(f"{path}.subject_key", event.subject_key)
     if event.subject_kind not in SUBJECT_KIND_NAMES:
         problems.append(Violation(f"{path}.subject_kind", "is required", "REQUIRED"))
     if not event.HasField("occurred_at"):
@@ -55,8 +67,7 @@ def _retraction_violations(index: int, retraction: due_process_pb2.Retraction) -
     problems = []
     if not retraction.ref.source or not retraction.ref.event_id or "/" in retraction.ref.source:
         problems.append(Violation(f"{path}.ref", "needs a source without '/' and an event_id", "INVALID"))
-    if not retraction.subject_key:
-        problems.append(Violation(f"{path}.subject_key", "is required", "REQUIRED"))
+    problems += _subject_key_violations(f"{path}.subject_key", retraction.subject_key)
     return problems
 
 

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
+from kit.columns import Instant
 from kit.env import SettingsError
 from kit.logging import get_logger
 from kit.sharding import Shard
@@ -33,7 +34,7 @@ class ShardLayout(Base):
     id: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
     shard: Mapped[int] = mapped_column(sa.Integer)
     shards: Mapped[int] = mapped_column(sa.Integer)
-    recorded_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    recorded_at: Mapped[datetime] = mapped_column(Instant())
 
 
 def check_shard_layout(sessions: sessionmaker[Session], shard: Shard) -> None:

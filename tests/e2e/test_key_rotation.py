@@ -83,7 +83,9 @@ def stored_keys(cluster: Cluster, service: str, table: str) -> set[str]:
     engine = create_engine(cluster.database_url(service), read_only=True)
     try:
         with engine.connect() as connection:
-            return set(connection.scalars(sa.text(f"SELECT DISTINCT subject_key FROM {table}")))
+            keys = connection.scalars(sa.text(f"SELECT DISTINCT subject_key FROM {table}"))
+            # A table storing keys as their bytes (kit.columns.Hex) reads them raw here.
+            return {bytes(k).hex() if isinstance(k, bytes | memoryview) else k for k in keys}
     finally:
         engine.dispose()
 

@@ -18,6 +18,7 @@ from devtools.population import Origin, Population, PopulationConfig, batch_requ
 from egret.ingest.v1 import ingest_service_pb2 as ingest_pb
 from egret_client.submitter import stream_by_source
 from kit.db import create_engine
+from services.rules.stores.schema import EmittedOutcome
 from tests.support.expected_outcomes import expected_outcome_ids
 from tests.support.otlp import collector
 from tests.support.scenario import SCENARIO, assert_scores_equal_recompute, submit_all
@@ -32,11 +33,14 @@ POPULATION = PopulationConfig(
 )
 
 
-def column(cluster: Cluster, service: str, query: str) -> list[str]:
+def column(cluster: Cluster, service: str, query: str | sa.Executable) -> list[str]:
+    """One column of SQL text, or of a statement over a service's tables (whose column
+    types read stored digests back as hex)."""
     engine = create_engine(cluster.database_url(service), read_only=True)
     try:
         with engine.connect() as connection:
-            return [str(value) for value in connection.scalars(sa.text(query))]
+            statement = sa.text(query) if isinstance(query, str) else query
+            return [str(value) for value in connection.scalars(statement)]
     finally:
         engine.dispose()
 
@@ -84,7 +88,7 @@ async def test_kill_9_mid_stream_then_restart_loses_no_acknowledged_event_and_co
     # evaluated exactly the stored events, score holds exactly the outcomes rules emitted.
     stored = column(cluster, "ingest", "SELECT source || '/' || event_id FROM ingest_events")
     evaluated = column(cluster, "rules", "SELECT source || '/' || event_id FROM rules_evaluated_events")
-    emitted = column(cluster, "rules", "SELECT outcome_id FROM rules_outcomes")
+    emitted = column(cluster, "rules", sa.select(EmittedOutcome.outcome_id))
     entries = column(cluster, "score", "SELECT entry_id FROM score_ledger")
     assert len(stored) == len(set(stored)) == originals
     assert sorted(evaluated) == sorted(stored)

@@ -23,6 +23,7 @@ from egret_client.submitter import stream_by_source
 from kit.db import create_engine
 from kit.packing import unpack
 from kit.sharding import shard_of
+from services.rules.stores.schema import EvaluatedEvent
 from tests.support.databases import create_postgres_database, drop_postgres_database
 from tests.support.expected_outcomes import expected_outcome_ids
 from tests.support.scenario import assert_scores_equal_recompute
@@ -42,11 +43,14 @@ class Outcome:
     applied_by: dict[str, float]  # score process → outcomes it applied
 
 
-def read(url: str, query: str) -> list[tuple[Any, ...]]:
+def read(url: str, query: str | sa.Executable) -> list[tuple[Any, ...]]:
+    """Rows of SQL text, or of a statement over a service's tables (whose column types read
+    stored digests back as hex)."""
     engine = create_engine(url, read_only=True)
     try:
         with engine.connect() as connection:
-            return [tuple(row) for row in connection.execute(sa.text(query))]
+            statement = sa.text(query) if isinstance(query, str) else query
+            return [tuple(row) for row in connection.execute(statement)]
     finally:
         engine.dispose()
 
@@ -86,7 +90,7 @@ async def run_population(
                 name: frozenset(
                     str(r[0])
                     for r in read(
-                        cluster.database_url(name), "SELECT DISTINCT subject_key FROM rules_evaluated_events"
+                        cluster.database_url(name), sa.select(EvaluatedEvent.subject_key).distinct()
                     )
                 )
                 for name in cluster.rules_names

@@ -12,6 +12,7 @@ import grpc
 import pytest
 import sqlalchemy as sa
 
+from egret.common.v1 import due_process_pb2, event_pb2, subject_pb2
 from egret.ingest.v1 import ingest_service_pb2 as ingest_pb
 from egret.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 from egret.rules.v1 import rules_service_pb2 as pb
@@ -19,9 +20,10 @@ from egret.rules.v1 import rules_service_pb2_grpc as pb_grpc
 from egret.score.v1 import score_service_pb2 as score_pb
 from egret.score.v1 import score_service_pb2_grpc as score_grpc
 from kit.db import create_engine
+from kit.protoconv import to_timestamp
 from services.ingest import bootstrap as ingest_bootstrap
 from services.rules import bootstrap as rules_bootstrap
-from services.rules.stores.schema import RuleSetRow
+from services.rules.stores.schema import EvaluatedEvent, RuleSetRow
 from services.score import bootstrap as score_bootstrap
 from tests.support.events import event
 from tests.support.ingest import ingest_settings
@@ -157,3 +159,42 @@ async def test_out_of_range_timestamps_and_undecodable_bytes_are_invalid_argumen
         error = await _refused(read_all())
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert len(answers) == 1
+
+
+async def test_a_subject_key_that_is_not_lowercase_hex_is_invalid_argument(tmp_path: Path) -> None:
+    """Rules stores subject keys as the bytes their hex spells (kit.columns.Hex): a key
+    that is not lowercase hex is refused at the boundary, and nothing of the call is stored."""
+    database_url = f"sqlite:///{tmp_path / 'rules.db'}"
+    settings = rules_settings(database_url, tmp_path, "127.0.0.1:9")
+    request = pb.EvaluateEventsRequest(
+        events=[
+            event_pb2.RecordedEvent(
+                ref=event_pb2.EventRef(source="library", event_id="e1"),
+                subject_key="Person-1",
+                subject_kind=subject_pb2.SUBJECT_KIND_PERSON,
+                event_type="library.book_returned_late",
+                occurred_at=to_timestamp(datetime(2026, 12, 7, tzinfo=UTC)),
+            )
+        ],
+        retractions=[
+            due_process_pb2.Retraction(
+                ref=event_pb2.EventRef(source="library", event_id="e0"), subject_key="AB" * 32
+            )
+        ],
+    )
+    async with (
+        running(settings, rules_bootstrap.build, rules_bootstrap.MIGRATIONS) as address,
+        client_channel(address) as channel,
+    ):
+        error = await _refused(pb_grpc.RulesServiceStub(channel).EvaluateEvents(request))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request(error) == [
+        ("events[0].subject_key", "INVALID"),
+        ("retractions[0].subject_key", "INVALID"),
+    ]
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            assert connection.scalar(sa.select(sa.func.count()).select_from(EvaluatedEvent)) == 0
+    finally:
+        engine.dispose()

@@ -25,6 +25,8 @@ from services.rules.stores.evaluation import SqlEvaluationStore
 
 NOW = datetime(2026, 12, 7, 12, tzinfo=UTC)
 KEY = "a" * 64
+# An outcome id as rules makes them (lowercase hex: stored as its bytes since rules 0016).
+OUTCOME = "0c" * 16
 
 INGEST = ("ingest_alembic_version", INGEST_MIGRATIONS, ingest_schema.Base.metadata)
 RULES = ("rules_alembic_version", RULES_MIGRATIONS, rules_schema.Base.metadata)
@@ -119,7 +121,7 @@ def test_rules_drops_the_outcomes_subject_index_and_keeps_the_outcomes(engine: s
         sa.column("outcome", sa.LargeBinary()),
     )
     row = {
-        "outcome_id": "o1",
+        "outcome_id": OUTCOME,
         "subject_key": KEY,
         "rule_id": "r",
         "rule_set": "s",
@@ -136,8 +138,9 @@ def test_rules_drops_the_outcomes_subject_index_and_keeps_the_outcomes(engine: s
     upgrade(engine, migrations, version_table)
     assert "ix_rules_outcomes_subject_key" not in indexes(engine, "rules_outcomes")
     with engine.connect() as connection:
-        kept = connection.execute(sa.text("SELECT outcome_id, outcome FROM rules_outcomes")).one()
-    assert (kept[0], bytes(kept[1])) == ("o1", b"stored once")
+        table = rules_schema.table_of(rules_schema.EmittedOutcome)
+        kept = connection.execute(sa.select(table.c.outcome_id, table.c.outcome)).one()
+    assert (kept[0], bytes(kept[1])) == (OUTCOME, b"stored once")
 
     downgrade(engine, migrations, version_table, "0011")
     assert "ix_rules_outcomes_subject_key" in indexes(engine, "rules_outcomes")
@@ -164,7 +167,7 @@ def test_a_prior_outcome_keeps_its_rule_without_a_copy_on_its_events(engine: sa.
             outcomes.insert(),
             [
                 {
-                    "outcome_id": "o1",
+                    "outcome_id": OUTCOME,
                     "subject_key": KEY,
                     "rule_id": "fare_evasion_3_in_90_days",
                     "rule_set": "s",
@@ -180,7 +183,7 @@ def test_a_prior_outcome_keeps_its_rule_without_a_copy_on_its_events(engine: sa.
             consumed.insert(),
             [
                 {
-                    "outcome_id": "o1",
+                    "outcome_id": OUTCOME,
                     "event_key": f"metro/e{i}",
                     "rule_id": "fare_evasion_3_in_90_days",
                     "subject_key": KEY,
@@ -195,7 +198,7 @@ def test_a_prior_outcome_keeps_its_rule_without_a_copy_on_its_events(engine: sa.
     assert "rule_id" not in {c["name"] for c in sa.inspect(engine).get_columns("rules_outcome_events")}
     store = SqlEvaluationStore(make_session_factory(engine), key_id="k1")
     (prior,) = store.context({KEY: NOW}, frozenset()).prior[KEY]
-    assert (prior.outcome_id, prior.rule_id, prior.points) == ("o1", "fare_evasion_3_in_90_days", -20)
+    assert (prior.outcome_id, prior.rule_id, prior.points) == (OUTCOME, "fare_evasion_3_in_90_days", -20)
     assert prior.event_keys == ("metro/e0", "metro/e1", "metro/e2")
 
     downgrade(engine, migrations, version_table, "0012")
@@ -223,7 +226,7 @@ def test_the_reads_that_remain_go_through_an_index_on_sqlite(tmp_path: Any) -> N
     assert "USING INDEX sqlite_autoindex_ingest_events_1" in plan(engine, duplicate_check)
     outcomes = rules_schema.table_of(rules_schema.EmittedOutcome)
     by_id = sa.select(outcomes.c.outcome_id, outcomes.c.rule_id).where(
-        outcomes.c.outcome_id.in_(["o1"]), outcomes.c.reversed_at.is_(None)
+        outcomes.c.outcome_id.in_([OUTCOME]), outcomes.c.reversed_at.is_(None)
     )
     assert "USING INDEX sqlite_autoindex_rules_outcomes_1" in plan(engine, by_id)
     engine.dispose()

@@ -62,7 +62,8 @@ def record_failures(
         )
     again = [f for f in failures if f.event.key in existing]
     if again:
-        # Executemany of one UPDATE keyed by id: COALESCE keeps the first parking time.
+        # Executemany of one UPDATE keyed by id: COALESCE keeps the first parking time. The
+        # parameter inside COALESCE takes no type from the column: it is given one (Instant).
         connection.execute(
             sa.update(table)
             .where(table.c.id == sa.bindparam("b_id"))
@@ -72,7 +73,9 @@ def record_failures(
                 rule_set=rule_set.name,
                 rule_set_version=rule_set.version,
                 last_failed_at=now,
-                parked_at=sa.func.coalesce(table.c.parked_at, sa.bindparam("b_parked_at")),
+                parked_at=sa.func.coalesce(
+                    table.c.parked_at, sa.bindparam("b_parked_at", type_=table.c.parked_at.type)
+                ),
             ),
             [
                 {

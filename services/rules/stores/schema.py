@@ -5,6 +5,9 @@ from before generations were recorded: the root generation), and every key writt
 of the instance's current generation; `KEYED` is what the re-keying job moves (kit.rekey,
 docs/security.md "Rotating the subject key"). The audit log and the outbox keep the keys
 they were written with (an outcome's outbox row has no copy: it refers to the outcome).
+
+Subject keys, outcome ids and digests are `Hex` and every instant an `Instant`
+(kit.columns, migration 0016): the growing tables repeat them in every row and index.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from egret.common.v1 import due_process_pb2
 from kit.audit import AuditHeadMixin, AuditMixin
+from kit.columns import Hex, Instant
 from kit.db import make_metadata
 from kit.outbox import BigId, OutboxLeaseMixin, OutboxMixin
 from kit.packing import Packed
@@ -36,17 +40,17 @@ class EvaluatedEvent(Base):
 
     source: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
     event_id: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
-    subject_key: Mapped[str] = mapped_column(sa.String(64))
+    subject_key: Mapped[str] = mapped_column(Hex())
     subject_key_id: Mapped[str | None] = mapped_column(sa.String(32))
     event_type: Mapped[str] = mapped_column(sa.String(128))
-    occurred_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
-    evaluated_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    occurred_at: Mapped[datetime] = mapped_column(Instant())
+    evaluated_at: Mapped[datetime] = mapped_column(Instant())
     rule_set: Mapped[str] = mapped_column(sa.String(128))
     rule_set_version: Mapped[int] = mapped_column(sa.Integer)
     record: Mapped[bytes] = mapped_column(Packed)
     # Set when the department retracted the event: it stays for the record but takes part
     # in no later window, sequence, cap or history read (backtests skip it too).
-    retracted_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
+    retracted_at: Mapped[datetime | None] = mapped_column(Instant())
 
 
 class EmittedOutcome(Base):
@@ -54,20 +58,20 @@ class EmittedOutcome(Base):
 
     __tablename__ = "rules_outcomes"
 
-    outcome_id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    outcome_id: Mapped[str] = mapped_column(Hex(), primary_key=True)
     # Not indexed: outcomes are read by id; a subject's are found through
     # rules_outcome_events (migration 0012 dropped the index no query used).
-    subject_key: Mapped[str] = mapped_column(sa.String(64))
+    subject_key: Mapped[str] = mapped_column(Hex())
     subject_key_id: Mapped[str | None] = mapped_column(sa.String(32))
     rule_id: Mapped[str] = mapped_column(sa.String(128))
     rule_set: Mapped[str] = mapped_column(sa.String(128))
     rule_set_version: Mapped[int] = mapped_column(sa.Integer)
     points: Mapped[int] = mapped_column(sa.Integer)
-    occurred_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
-    emitted_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    occurred_at: Mapped[datetime] = mapped_column(Instant())
+    emitted_at: Mapped[datetime] = mapped_column(Instant())
     outcome: Mapped[bytes] = mapped_column(Packed)
     # Set when a retraction of one of its events reversed it (reversed_by: that event's key).
-    reversed_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
+    reversed_at: Mapped[datetime | None] = mapped_column(Instant())
     reversed_by: Mapped[str | None] = mapped_column(sa.String(193))
 
 
@@ -77,13 +81,13 @@ class OutcomeEvent(Base):
     __tablename__ = "rules_outcome_events"
     __table_args__ = (sa.Index("ix_rules_outcome_events_subject_time", "subject_key", "occurred_at"),)
 
-    outcome_id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    outcome_id: Mapped[str] = mapped_column(Hex(), primary_key=True)
     event_key: Mapped[str] = mapped_column(sa.String(193), primary_key=True)
     # The rule is the outcome's (rules_outcomes.rule_id, read by a join; migration 0013).
-    subject_key: Mapped[str] = mapped_column(sa.String(64))
+    subject_key: Mapped[str] = mapped_column(Hex())
     subject_key_id: Mapped[str | None] = mapped_column(sa.String(32))
     # The event's occurred_at, so consumed keys are read within the same lookback as history.
-    occurred_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    occurred_at: Mapped[datetime] = mapped_column(Instant())
 
 
 class RetractionRow(Base):
@@ -95,9 +99,9 @@ class RetractionRow(Base):
 
     source: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
     event_id: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
-    subject_key: Mapped[str] = mapped_column(sa.String(64))
+    subject_key: Mapped[str] = mapped_column(Hex())
     subject_key_id: Mapped[str | None] = mapped_column(sa.String(32))
-    applied_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    applied_at: Mapped[datetime] = mapped_column(Instant())
     # How many outcomes it reversed and how many it re-formed from the released events.
     reversed: Mapped[int] = mapped_column(sa.Integer)
     reformed: Mapped[int] = mapped_column(sa.Integer)
@@ -114,16 +118,16 @@ class DeadLetterRow(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     source: Mapped[str] = mapped_column(sa.String(64))
     event_id: Mapped[str] = mapped_column(sa.String(128))
-    subject_key: Mapped[str] = mapped_column(sa.String(64))
+    subject_key: Mapped[str] = mapped_column(Hex())
     subject_key_id: Mapped[str | None] = mapped_column(sa.String(32))
-    occurred_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    occurred_at: Mapped[datetime] = mapped_column(Instant())
     attempts: Mapped[int] = mapped_column(sa.Integer)
     reason: Mapped[str] = mapped_column(sa.Text)
     rule_set: Mapped[str] = mapped_column(sa.String(128))
     rule_set_version: Mapped[int] = mapped_column(sa.Integer)
-    first_failed_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
-    last_failed_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
-    parked_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True), index=True)
+    first_failed_at: Mapped[datetime] = mapped_column(Instant())
+    last_failed_at: Mapped[datetime] = mapped_column(Instant())
+    parked_at: Mapped[datetime | None] = mapped_column(Instant(), index=True)
     record: Mapped[bytes] = mapped_column(Packed)
 
 
@@ -141,14 +145,14 @@ class RuleSetRow(Base):
     published_version: Mapped[int | None] = mapped_column(sa.Integer)
     state: Mapped[str] = mapped_column(sa.String(16))
     source: Mapped[str] = mapped_column(sa.Text)
-    source_sha256: Mapped[str] = mapped_column(sa.String(64))
-    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    source_sha256: Mapped[str] = mapped_column(Hex())
+    created_at: Mapped[datetime] = mapped_column(Instant())
     created_by: Mapped[str] = mapped_column(sa.String(128))
-    published_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
+    published_at: Mapped[datetime | None] = mapped_column(Instant())
     published_by: Mapped[str | None] = mapped_column(sa.String(128))
-    activated_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
+    activated_at: Mapped[datetime | None] = mapped_column(Instant())
     activated_by: Mapped[str | None] = mapped_column(sa.String(128))
-    retired_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
+    retired_at: Mapped[datetime | None] = mapped_column(Instant())
     retired_by: Mapped[str | None] = mapped_column(sa.String(128))
 
 
@@ -159,7 +163,7 @@ class RuleSetActive(Base):
 
     slot: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
     rule_set_id: Mapped[int] = mapped_column(BigId, sa.ForeignKey("rules_rule_sets.id"))
-    activated_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    activated_at: Mapped[datetime] = mapped_column(Instant())
     activated_by: Mapped[str] = mapped_column(sa.String(128))
 
 
@@ -172,7 +176,7 @@ class RuleSetChangeRow(Base):
     rule_set_id: Mapped[int | None] = mapped_column(BigId, sa.ForeignKey("rules_rule_sets.id"), index=True)
     action: Mapped[str] = mapped_column(sa.String(32))
     actor: Mapped[str] = mapped_column(sa.String(128))
-    changed_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    changed_at: Mapped[datetime] = mapped_column(Instant())
     detail: Mapped[str] = mapped_column(sa.Text)
 
 
@@ -196,7 +200,7 @@ class Outbox(Base, OutboxMixin):
     __tablename__ = "rules_outbox"
 
     # No foreign key: outcomes are never deleted, and SQLite would not enforce one anyway.
-    outcome_id: Mapped[str | None] = mapped_column(sa.String(64))
+    outcome_id: Mapped[str | None] = mapped_column(Hex())
 
 
 class OutboxLease(Base, OutboxLeaseMixin):
@@ -221,9 +225,9 @@ class BacktestJobRow(Base):
     state: Mapped[str] = mapped_column(sa.String(16))
     events_replayed: Mapped[int] = mapped_column(sa.BigInteger)
     events_total: Mapped[int] = mapped_column(sa.BigInteger)
-    started_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
-    heartbeat_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
-    finished_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
+    started_at: Mapped[datetime] = mapped_column(Instant())
+    heartbeat_at: Mapped[datetime] = mapped_column(Instant())
+    finished_at: Mapped[datetime | None] = mapped_column(Instant())
     started_by: Mapped[str] = mapped_column(sa.String(128))
     # EGRET_INSTANCE of the instance running it: that instance fails it when it restarts.
     instance: Mapped[str] = mapped_column(sa.String(200))

@@ -38,6 +38,8 @@ SAMPLE = Path(__file__).parents[3] / "config/rulesets/sample.yaml"
 VERSION_TABLE = "rules_alembic_version"
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 SUBJECT = "ab" * 32
+# An outcome id as rules makes them (lowercase hex: stored as its bytes since 0016).
+LEGACY_ID = "0e" * 16
 
 
 @pytest.fixture
@@ -153,7 +155,7 @@ async def test_an_outcome_is_stored_once_and_the_relay_sends_exactly_its_stored_
 
 def store_as_before_0011(engine: sa.Engine) -> bytes:
     """An outcome and its outbox row as the code before 0011 wrote them (the payload a copy)."""
-    outcome = outcome_pb2.Outcome(outcome_id="o-legacy", subject_key=SUBJECT, points=-10, reason="before")
+    outcome = outcome_pb2.Outcome(outcome_id=LEGACY_ID, subject_key=SUBJECT, points=-10, reason="before")
     payload = score_pb.ApplyOutcomesRequest(outcomes=[outcome]).SerializeToString()
     with engine.begin() as connection:
         connection.execute(
@@ -164,7 +166,7 @@ def store_as_before_0011(engine: sa.Engine) -> bytes:
                 sa.column("outcome", sa.LargeBinary()),
             ).insert(),
             {
-                "outcome_id": "o-legacy",
+                "outcome_id": LEGACY_ID,
                 "subject_key": SUBJECT,
                 "rule_id": "r",
                 "rule_set": "s",
