@@ -206,7 +206,9 @@ async def test_listed_entries_carry_event_refs_but_no_evidence(services: Service
     await services.apply(outcome(oid("o1"), -5, "traffic"))
     (entry,) = (await services.query.ListEntries(pb.ListEntriesRequest(subject=by_key()))).entries
     assert list(entry.evidence) == []
-    assert [(r.source, r.event_id) for r in entry.event_refs] == [("library", "o1-0"), ("library", "o1-1")]
+    assert [(r.source, r.event_id) for r in entry.event_refs] == [
+        ("library", f"{oid('o1')}-{n}") for n in range(2)
+    ]
     assert (entry.status, entry.severity, entry.points, entry.category) == (
         pb.ENTRY_STATUS_ACTIVE,
         outcome_pb2.SEVERITY_MINOR,
@@ -268,12 +270,12 @@ async def test_get_entry_returns_the_rule_and_the_evidence_snapshot(services: Se
     assert (entry.entry_id, entry.subject_key, entry.reason, entry.black_list) == (
         oid("o1"),
         ALICE,
-        "because of o1",
+        f"because of {oid('o1')}",
         False,
     )
     assert entry.rule == sent.rule
     assert list(entry.evidence) == list(sent.events)
-    assert [r.event_id for r in entry.event_refs] == ["o1-0", "o1-1"]
+    assert [r.event_id for r in entry.event_refs] == [f"{oid('o1')}-{n}" for n in range(2)]
     assert entry.occurred_at == sent.occurred_at
     assert abs(entry.recorded_at.ToDatetime(UTC) - datetime.now(UTC)) < timedelta(minutes=1)
 
