@@ -18,6 +18,7 @@ from devtools.population import Origin, Population, PopulationConfig, batch_requ
 from egret.ingest.v1 import ingest_service_pb2 as ingest_pb
 from egret_client.submitter import stream_by_source
 from kit.db import create_engine
+from tests.support.databases import stored_text
 from tests.support.expected_outcomes import expected_outcome_ids
 from tests.support.otlp import collector
 from tests.support.scenario import SCENARIO, assert_scores_equal_recompute, submit_all
@@ -36,7 +37,7 @@ def column(cluster: Cluster, service: str, query: str) -> list[str]:
     engine = create_engine(cluster.database_url(service), read_only=True)
     try:
         with engine.connect() as connection:
-            return [str(value) for value in connection.scalars(sa.text(query))]
+            return [stored_text(value) for value in connection.scalars(sa.text(query))]
     finally:
         engine.dispose()
 
