@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from contracts.score_store import ScoreAuditLog, StoredCategory, StoredEntry, StoredScore, load_entry_facts
-from egret.common.v1 import outcome_pb2
+from egret.common.v1 import due_process_pb2, outcome_pb2
 from egret.score.v1 import score_service_pb2 as pb
 from egret.score.v1 import score_service_pb2_grpc as pb_grpc
 from kit.db import as_utc, create_engine
@@ -136,8 +136,15 @@ async def test_an_invalid_outcome_does_not_block_the_rest(
     no_category = outcome(oid("bad-2"), ALICE, -5, "")
     no_subject = outcome(oid("bad-3"), "", -5, "traffic")
     no_id = outcome("", ALICE, -5, "traffic")
+    # Keys and ids are stored as bytes (kit.columns.Hex): anything else is refused as invalid.
+    not_hex = [outcome("o-9", ALICE, -5, "traffic"), outcome(oid("bad-4"), "Alice", -5, "traffic")]
     response = await score.ApplyOutcomes(
-        pb.ApplyOutcomesRequest(outcomes=[no_severity, BATCH[1], no_category, no_subject, no_id, BATCH[3]])
+        pb.ApplyOutcomesRequest(
+            outcomes=[no_severity, BATCH[1], no_category, no_subject, no_id, *not_hex, BATCH[3]],
+            reversals=[
+                pb.Reversal(outcome_id="o-9", retraction=due_process_pb2.Retraction(subject_key=ALICE))
+            ],
+        )
     )
     assert (response.applied, response.duplicate, response.subjects_updated) == (2, 0, 2)
     with db.connect() as c:
