@@ -121,7 +121,8 @@ def _rows(
         severity = "positive" if positive else rng.choice(("minor", "general"))
         occurred = now - timedelta(days=rng.randint(0, 80), seconds=rng.randint(0, 86_399))
         category = rng.choice(CATEGORIES)
-        entry = ScoredEntry(f"bench-{i}", points, category, severity, EntryStatus.ACTIVE, occurred, occurred)
+        # Hexadecimal, as rules' outcome ids are (score stores them as bytes).
+        entry = ScoredEntry(f"{i:032x}", points, category, severity, EntryStatus.ACTIVE, occurred, occurred)
         result = compute_score([entry], policy, now)
         until = occurred + policy.visibility(severity)
         yield (

@@ -55,8 +55,9 @@ def _outcome(rng: random.Random, subject: int, batch: int, now: datetime) -> Inc
     late = rng.random() < 0.05
     occurred = now - timedelta(days=rng.uniform(1, 60) if late else rng.uniform(0, 1))
     return IncomingOutcome(
-        outcome_id=f"o-{batch:05d}-{subject:06d}",
-        subject_key=f"s-{subject:06d}",
+        # Hexadecimal, as rules' outcome ids and subject keys are (score stores them as bytes).
+        outcome_id=f"{batch:06d}{subject:06d}",
+        subject_key=f"{subject:064x}",
         subject_kind="person",
         rule=RuleRef("r", "bench", 1),
         points=points,

@@ -27,6 +27,11 @@ written before generations were recorded: the root generation), except in the au
 whose records keep the key they were written with (docs/security.md, "Rotating the
 subject key").
 
+Subject keys and entry (outcome) ids are stored as the bytes their hex spells, instants as
+kit.columns.Instant (score migration 0011, issue 18): readers bind and read them as before,
+hex strings and aware UTC datetimes; a key or id that is not lowercase hex cannot be bound
+(kit.columns.NotHex), so callers check what they are given first (domain.intake.is_hex).
+
 Whether an entry counts at an instant is never stored: it is derived from the entry, its
 disputes, repairs and reversals (`domain.entries.pauses_of`, `counts_at`).
 """
@@ -53,11 +58,12 @@ from domain.entries import (
     ScoredEntry,
     pauses_of,
 )
-from domain.intake import MAX_CATEGORY_LENGTH, MAX_ID_LENGTH, MAX_SUBJECT_KEY_LENGTH
+from domain.intake import MAX_CATEGORY_LENGTH, MAX_ID_LENGTH
 from domain.policy import ActivatedPolicy, policy_from_text
 from egret.common.v1 import outcome_pb2
 from kit.audit import AuditHeadMixin, AuditMixin
-from kit.db import as_utc, make_metadata
+from kit.columns import Hex, Instant
+from kit.db import make_metadata
 from kit.packing import Packed
 from kit.rekey import GenerationMixin
 
@@ -76,8 +82,8 @@ class StoredEntry(Base):
     # Serves both "all entries of a subject" and ListEntries' newest-first keyset pages.
     __table_args__ = (sa.Index("ix_score_ledger_subject_key", "subject_key", "occurred_at", "entry_id"),)
 
-    entry_id: Mapped[str] = mapped_column(sa.String(MAX_ID_LENGTH), primary_key=True)
-    subject_key: Mapped[str] = mapped_column(sa.String(MAX_SUBJECT_KEY_LENGTH))
+    entry_id: Mapped[str] = mapped_column(Hex(), primary_key=True)
+    subject_key: Mapped[str] = mapped_column(Hex())
     subject_key_id: Mapped[str | None] = mapped_column(sa.String(MAX_KEY_ID_LENGTH))
     subject_kind: Mapped[str] = mapped_column(sa.String(16))
     rule_id: Mapped[str] = mapped_column(sa.String(MAX_ID_LENGTH))
@@ -90,9 +96,9 @@ class StoredEntry(Base):
     category: Mapped[str] = mapped_column(sa.String(MAX_CATEGORY_LENGTH))
     severity: Mapped[str] = mapped_column(sa.String(16))
     status: Mapped[str] = mapped_column(sa.String(16))
-    occurred_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
-    recorded_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
-    visible_until: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    occurred_at: Mapped[datetime] = mapped_column(Instant())
+    recorded_at: Mapped[datetime] = mapped_column(Instant())
+    visible_until: Mapped[datetime] = mapped_column(Instant())
     black_list: Mapped[bool] = mapped_column(sa.Boolean)
     outcome: Mapped[bytes] = mapped_column(Packed)
     # The points a positive of a capped category adds after the cap, as of the last rescore
@@ -111,22 +117,22 @@ class StoredScore(Base):
 
     __tablename__ = "score_subjects"
 
-    subject_key: Mapped[str] = mapped_column(sa.String(MAX_SUBJECT_KEY_LENGTH), primary_key=True)
+    subject_key: Mapped[str] = mapped_column(Hex(), primary_key=True)
     subject_key_id: Mapped[str | None] = mapped_column(sa.String(MAX_KEY_ID_LENGTH))
     subject_kind: Mapped[str] = mapped_column(sa.String(16))
     score: Mapped[int] = mapped_column(sa.Integer)
     tier: Mapped[str] = mapped_column(sa.String(32))
     policy_version: Mapped[str] = mapped_column(sa.String(64))
     entry_count: Mapped[int] = mapped_column(sa.Integer)
-    updated_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
-    next_change_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True), index=True)
+    updated_at: Mapped[datetime] = mapped_column(Instant())
+    next_change_at: Mapped[datetime | None] = mapped_column(Instant(), index=True)
     red_list: Mapped[bool] = mapped_column(sa.Boolean, server_default=sa.false())
     black_list: Mapped[bool] = mapped_column(sa.Boolean, server_default=sa.false())
     # JSON [[list, [reasons], [entry ids]], ...]: why the subject is on each list.
     list_reasons: Mapped[str] = mapped_column(sa.Text, server_default="[]")
     # The latest recorded_at of the ledger this row was computed from (NULL before it was
     # stored): a row older than its ledger is rescored from the whole ledger.
-    recorded_through: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
+    recorded_through: Mapped[datetime | None] = mapped_column(Instant())
 
 
 class StoredHistory(Base):
@@ -139,10 +145,10 @@ class StoredHistory(Base):
     history_id: Mapped[int] = mapped_column(
         sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True
     )
-    subject_key: Mapped[str] = mapped_column(sa.String(MAX_SUBJECT_KEY_LENGTH))
+    subject_key: Mapped[str] = mapped_column(Hex())
     subject_key_id: Mapped[str | None] = mapped_column(sa.String(MAX_KEY_ID_LENGTH))
-    changed_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
-    recorded_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    changed_at: Mapped[datetime] = mapped_column(Instant())
+    recorded_at: Mapped[datetime] = mapped_column(Instant())
     cause: Mapped[str] = mapped_column(sa.String(16))
     policy_version: Mapped[str] = mapped_column(sa.String(64))
     score_before: Mapped[int | None] = mapped_column(sa.Integer)
@@ -179,22 +185,22 @@ class StoredDispute(Base):
     dispute_id: Mapped[int] = mapped_column(
         sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True
     )
-    entry_id: Mapped[str] = mapped_column(sa.String(MAX_ID_LENGTH))
-    subject_key: Mapped[str] = mapped_column(sa.String(MAX_SUBJECT_KEY_LENGTH))
+    entry_id: Mapped[str] = mapped_column(Hex())
+    subject_key: Mapped[str] = mapped_column(Hex())
     subject_key_id: Mapped[str | None] = mapped_column(sa.String(MAX_KEY_ID_LENGTH))
     statement: Mapped[str] = mapped_column(sa.Text)
     filed_by: Mapped[str] = mapped_column(sa.String(256))
     filed_by_role: Mapped[str] = mapped_column(sa.String(32))
-    filed_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
-    deadline: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    filed_at: Mapped[datetime] = mapped_column(Instant())
+    deadline: Mapped[datetime] = mapped_column(Instant())
     # open, upheld, overturned
     status: Mapped[str] = mapped_column(sa.String(16))
     resolution_reason: Mapped[str] = mapped_column(sa.Text, server_default="")
     resolved_by: Mapped[str] = mapped_column(sa.String(256), server_default="")
-    resolved_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
+    resolved_at: Mapped[datetime | None] = mapped_column(Instant())
     # The reviewer holding it (principal id, never a subject's), "" while no one does.
     assignee: Mapped[str] = mapped_column(sa.String(256), server_default="")
-    assigned_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
+    assigned_at: Mapped[datetime | None] = mapped_column(Instant())
 
 
 class StoredRepair(Base):
@@ -211,18 +217,18 @@ class StoredRepair(Base):
     application_id: Mapped[int] = mapped_column(
         sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True
     )
-    entry_id: Mapped[str] = mapped_column(sa.String(MAX_ID_LENGTH))
-    subject_key: Mapped[str] = mapped_column(sa.String(MAX_SUBJECT_KEY_LENGTH))
+    entry_id: Mapped[str] = mapped_column(Hex())
+    subject_key: Mapped[str] = mapped_column(Hex())
     subject_key_id: Mapped[str | None] = mapped_column(sa.String(MAX_KEY_ID_LENGTH))
     evidence: Mapped[str] = mapped_column(sa.Text)
     evidence_uri: Mapped[str] = mapped_column(sa.Text)
-    applied_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
-    decision_due: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    applied_at: Mapped[datetime] = mapped_column(Instant())
+    decision_due: Mapped[datetime] = mapped_column(Instant())
     # pending, approved, rejected
     status: Mapped[str] = mapped_column(sa.String(16))
     decision_reason: Mapped[str] = mapped_column(sa.Text, server_default="")
     decided_by: Mapped[str] = mapped_column(sa.String(256), server_default="")
-    decided_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
+    decided_at: Mapped[datetime | None] = mapped_column(Instant())
 
 
 class StoredReversal(Base):
@@ -234,16 +240,16 @@ class StoredReversal(Base):
     __tablename__ = "score_reversals"
     __table_args__ = (sa.Index("ix_score_reversals_subject_key", "subject_key"),)
 
-    outcome_id: Mapped[str] = mapped_column(sa.String(MAX_ID_LENGTH), primary_key=True)
+    outcome_id: Mapped[str] = mapped_column(Hex(), primary_key=True)
     # As the retraction names it; the entry's own subject key decides.
-    subject_key: Mapped[str] = mapped_column(sa.String(MAX_SUBJECT_KEY_LENGTH))
+    subject_key: Mapped[str] = mapped_column(Hex())
     subject_key_id: Mapped[str | None] = mapped_column(sa.String(MAX_KEY_ID_LENGTH))
     source: Mapped[str] = mapped_column(sa.String(MAX_ID_LENGTH))
     event_id: Mapped[str] = mapped_column(sa.String(MAX_ID_LENGTH))
     reason: Mapped[str] = mapped_column(sa.Text)
-    retracted_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
+    retracted_at: Mapped[datetime | None] = mapped_column(Instant())
     retracted_by: Mapped[str] = mapped_column(sa.String(256))
-    reversed_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    reversed_at: Mapped[datetime] = mapped_column(Instant())
     # RETRACTION or REGROUPED (domain/entries.py).
     cause: Mapped[str] = mapped_column(sa.String(16), server_default="retraction")
 
@@ -258,11 +264,11 @@ class StoredConsent(Base):
     consent_id: Mapped[int] = mapped_column(
         sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True
     )
-    subject_key: Mapped[str] = mapped_column(sa.String(MAX_SUBJECT_KEY_LENGTH))
+    subject_key: Mapped[str] = mapped_column(Hex())
     subject_key_id: Mapped[str | None] = mapped_column(sa.String(MAX_KEY_ID_LENGTH))
     granted: Mapped[bool] = mapped_column(sa.Boolean)
-    effective_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
-    recorded_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    effective_at: Mapped[datetime] = mapped_column(Instant())
+    recorded_at: Mapped[datetime] = mapped_column(Instant())
     recorded_by: Mapped[str] = mapped_column(sa.String(256))
 
 
@@ -283,7 +289,7 @@ class StoredPolicy(Base):
     __tablename__ = "score_policies"
 
     version: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
-    activated_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    activated_at: Mapped[datetime] = mapped_column(Instant())
     activated_by: Mapped[str] = mapped_column(sa.String(256))
     document: Mapped[str] = mapped_column(sa.Text)
 
@@ -296,7 +302,7 @@ class StoredCategory(Base):
     # No foreign key to score_subjects: the re-keying job moves each table's keys in its
     # own transactions (kit.rekey), which a key referencing the other table would refuse.
     # Categories are rewritten whole with their subject's row.
-    subject_key: Mapped[str] = mapped_column(sa.String(MAX_SUBJECT_KEY_LENGTH), primary_key=True)
+    subject_key: Mapped[str] = mapped_column(Hex(), primary_key=True)
     subject_key_id: Mapped[str | None] = mapped_column(sa.String(MAX_KEY_ID_LENGTH))
     category: Mapped[str] = mapped_column(sa.String(MAX_CATEGORY_LENGTH), primary_key=True)
     points: Mapped[int] = mapped_column(sa.Integer)
@@ -338,9 +344,9 @@ def ledger_entry(row: StoredEntry) -> LedgerEntry:
         category=row.category,
         severity=row.severity,
         status=EntryStatus(row.status),
-        occurred_at=as_utc(row.occurred_at),
-        recorded_at=as_utc(row.recorded_at),
-        visible_until=as_utc(row.visible_until),
+        occurred_at=row.occurred_at,
+        recorded_at=row.recorded_at,
+        visible_until=row.visible_until,
         reason=outcome.reason,
         black_list=row.black_list,
         snapshot=row.outcome,
@@ -374,8 +380,8 @@ def scored_entry(row: Any) -> ScoredEntry:
         category=row.category,
         severity=row.severity,
         status=EntryStatus(row.status),
-        occurred_at=as_utc(row.occurred_at),
-        recorded_at=as_utc(row.recorded_at),
+        occurred_at=row.occurred_at,
+        recorded_at=row.recorded_at,
         black_list=row.black_list,
     )
 
@@ -388,14 +394,14 @@ def dispute_record(row: StoredDispute) -> DisputeRecord:
         statement=row.statement,
         filed_by=row.filed_by,
         filed_by_role=row.filed_by_role,
-        filed_at=as_utc(row.filed_at),
-        deadline=as_utc(row.deadline),
+        filed_at=row.filed_at,
+        deadline=row.deadline,
         status=row.status,
         resolution_reason=row.resolution_reason,
         resolved_by=row.resolved_by,
-        resolved_at=None if row.resolved_at is None else as_utc(row.resolved_at),
+        resolved_at=row.resolved_at,
         assignee=row.assignee,
-        assigned_at=None if row.assigned_at is None else as_utc(row.assigned_at),
+        assigned_at=row.assigned_at,
     )
 
 
@@ -406,12 +412,12 @@ def repair_record(row: StoredRepair) -> RepairRecord:
         subject_key=row.subject_key,
         evidence=row.evidence,
         evidence_uri=row.evidence_uri,
-        applied_at=as_utc(row.applied_at),
-        decision_due=as_utc(row.decision_due),
+        applied_at=row.applied_at,
+        decision_due=row.decision_due,
         status=row.status,
         decision_reason=row.decision_reason,
         decided_by=row.decided_by,
-        decided_at=None if row.decided_at is None else as_utc(row.decided_at),
+        decided_at=row.decided_at,
     )
 
 
@@ -422,9 +428,9 @@ def reversal_record(row: StoredReversal) -> ReversalRecord:
         source=row.source,
         event_id=row.event_id,
         reason=row.reason,
-        retracted_at=None if row.retracted_at is None else as_utc(row.retracted_at),
+        retracted_at=row.retracted_at,
         retracted_by=row.retracted_by,
-        reversed_at=as_utc(row.reversed_at),
+        reversed_at=row.reversed_at,
         cause=row.cause,
     )
 
@@ -433,8 +439,8 @@ def consent_record(row: StoredConsent) -> Consent:
     return Consent(
         subject_key=row.subject_key,
         granted=row.granted,
-        effective_at=as_utc(row.effective_at),
-        recorded_at=as_utc(row.recorded_at),
+        effective_at=row.effective_at,
+        recorded_at=row.recorded_at,
         recorded_by=row.recorded_by,
         consent_id=row.consent_id,
     )
@@ -573,7 +579,7 @@ def load_policies(session: Session) -> list[ActivatedPolicy]:
     return [
         ActivatedPolicy(
             policy=policy_from_text(r.document, source=f"stored policy {r.version}"),
-            activated_at=as_utc(r.activated_at),
+            activated_at=r.activated_at,
             activated_by=r.activated_by,
             document=r.document,
         )

@@ -34,6 +34,19 @@ class IncomingOutcome:
     snapshot: bytes
 
 
+_HEX_DIGITS = frozenset("0123456789abcdef")
+
+
+def is_hex(value: str) -> bool:
+    """Whether `value` is lowercase hexadecimal of whole bytes, as every subject key and
+    outcome id is (an HMAC, a digest): what score's stores keep as bytes (kit.columns.Hex)."""
+    return len(value) % 2 == 0 and _HEX_DIGITS.issuperset(value)
+
+
+def not_hex(name: str) -> Violation:
+    return Violation(name, "must be lowercase hexadecimal", "NOT_HEX")
+
+
 def outcome_violations(outcome: IncomingOutcome) -> list[Violation]:
     """Every problem of one outcome; empty when it can become a ledger entry."""
     problems = []
@@ -46,6 +59,8 @@ def outcome_violations(outcome: IncomingOutcome) -> list[Violation]:
             problems.append(Violation(name, "is required", "REQUIRED"))
         elif len(value) > limit:
             problems.append(Violation(name, f"must be at most {limit} characters", "TOO_LONG"))
+        elif name != "category" and not is_hex(value):
+            problems.append(not_hex(name))
     for name, value in (("rule.rule_id", outcome.rule.rule_id), ("rule.rule_set", outcome.rule.rule_set)):
         if len(value) > MAX_ID_LENGTH:
             problems.append(Violation(name, f"must be at most {MAX_ID_LENGTH} characters", "TOO_LONG"))
@@ -91,12 +106,16 @@ def reversal_violations(reversal: IncomingReversal) -> list[Violation]:
         problems.append(Violation("outcome_id", "is required", "REQUIRED"))
     elif len(reversal.outcome_id) > MAX_ID_LENGTH:
         problems.append(Violation("outcome_id", f"must be at most {MAX_ID_LENGTH} characters", "TOO_LONG"))
+    elif not is_hex(reversal.outcome_id):
+        problems.append(not_hex("outcome_id"))
     if len(reversal.subject_key) > MAX_SUBJECT_KEY_LENGTH:
         problems.append(
             Violation(
                 "retraction.subject_key", f"must be at most {MAX_SUBJECT_KEY_LENGTH} characters", "TOO_LONG"
             )
         )
+    elif not is_hex(reversal.subject_key):
+        problems.append(not_hex("retraction.subject_key"))
     for name, value in (
         ("retraction.ref.source", reversal.source),
         ("retraction.ref.event_id", reversal.event_id),

@@ -27,6 +27,7 @@ from typing import Protocol
 from domain.benefits import BenefitCatalogue, check
 from domain.consent import Consent, may_serve
 from domain.entries import LedgerEntry, ScoredEntry, View
+from domain.intake import is_hex
 from domain.policy import ActivatedPolicy, PolicyBook, ScorePolicy, SubjectPolicy
 from domain.scoring import ScoreResult, compute_score
 from kit import reasons
@@ -458,7 +459,9 @@ class Reader:
     def entry(self, entry_id: str) -> LedgerEntry:
         if not entry_id:
             raise InvalidArgument("invalid request", [Violation("entry_id", "is required", "REQUIRED")])
-        found = self._store.entry(entry_id)
+        # An id no outcome has (not hex) is unknown without asking the store, which keeps
+        # entry ids as bytes (contracts.score_store).
+        found = self._store.entry(entry_id) if is_hex(entry_id) else None
         if found is None:
             raise NotFound(f"no ledger entry {entry_id!r}")
         return found

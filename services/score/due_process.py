@@ -33,7 +33,7 @@ from domain.entries import (
     counts_at,
 )
 from domain.history import Event
-from domain.intake import MAX_ID_LENGTH
+from domain.intake import MAX_ID_LENGTH, is_hex
 from kit import reasons
 from kit.errors import FailedPrecondition, NotFound, Violation
 from kit.principal import Principal, Role
@@ -156,7 +156,8 @@ class DueProcess:
         return tx.stored_subject((subject_key, moved)) or subject_key
 
     def _entry(self, tx: DueProcessTx, entry_id: str) -> EntryFacts:
-        facts = tx.entry(entry_id) if len(entry_id) <= MAX_ID_LENGTH else None
+        # An id no outcome could have (too long, not hex) is unknown alike, and never bound.
+        facts = tx.entry(entry_id) if len(entry_id) <= MAX_ID_LENGTH and is_hex(entry_id) else None
         if facts is None:
             raise NotFound(f"no ledger entry {entry_id!r}")
         return facts

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from domain.entries import DisputeRecord, EntryFacts, EntryStatus, LedgerEntry
-from domain.intake import MAX_SUBJECT_KEY_LENGTH
+from domain.intake import MAX_SUBJECT_KEY_LENGTH, is_hex, not_hex
 from kit import reasons
 from kit.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Violation
 from kit.principal import Principal, Role
@@ -158,6 +158,8 @@ def consent_subject(
         problems.append(
             Violation("subject_key", f"must be at most {MAX_SUBJECT_KEY_LENGTH} characters", "TOO_LONG")
         )
+    elif not is_hex(subject_key):
+        problems.append(not_hex("subject_key"))
     if effective_at is not None and effective_at > now + CONSENT_MAX_FUTURE_SKEW:
         problems.append(
             Violation(

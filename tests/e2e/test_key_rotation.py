@@ -26,6 +26,7 @@ from egret.query.v1 import query_service_pb2 as query_pb
 from egret.query.v1 import query_service_pb2_grpc as query_grpc
 from kit.db import create_engine
 from kit.principal import Role
+from tests.support.databases import stored_text
 
 pytestmark = pytest.mark.e2e
 
@@ -83,9 +84,8 @@ def stored_keys(cluster: Cluster, service: str, table: str) -> set[str]:
     engine = create_engine(cluster.database_url(service), read_only=True)
     try:
         with engine.connect() as connection:
-            keys = connection.scalars(sa.text(f"SELECT DISTINCT subject_key FROM {table}"))
-            # A table storing keys as their bytes (kit.columns.Hex) reads them raw here.
-            return {bytes(k).hex() if isinstance(k, bytes | memoryview) else k for k in keys}
+            rows = connection.scalars(sa.text(f"SELECT DISTINCT subject_key FROM {table}"))
+            return {stored_text(key) for key in rows}
     finally:
         engine.dispose()
 

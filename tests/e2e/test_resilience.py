@@ -19,6 +19,7 @@ from egret.ingest.v1 import ingest_service_pb2 as ingest_pb
 from egret_client.submitter import stream_by_source
 from kit.db import create_engine
 from services.rules.stores.schema import EmittedOutcome
+from tests.support.databases import stored_text
 from tests.support.expected_outcomes import expected_outcome_ids
 from tests.support.otlp import collector
 from tests.support.scenario import SCENARIO, assert_scores_equal_recompute, submit_all
@@ -40,7 +41,7 @@ def column(cluster: Cluster, service: str, query: str | sa.Executable) -> list[s
     try:
         with engine.connect() as connection:
             statement = sa.text(query) if isinstance(query, str) else query
-            return [str(value) for value in connection.scalars(statement)]
+            return [stored_text(value) for value in connection.scalars(statement)]
     finally:
         engine.dispose()
 

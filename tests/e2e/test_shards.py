@@ -24,7 +24,7 @@ from kit.db import create_engine
 from kit.packing import unpack
 from kit.sharding import shard_of
 from services.rules.stores.schema import EvaluatedEvent
-from tests.support.databases import create_postgres_database, drop_postgres_database
+from tests.support.databases import create_postgres_database, drop_postgres_database, stored_text
 from tests.support.expected_outcomes import expected_outcome_ids
 from tests.support.scenario import assert_scores_equal_recompute
 from tests.support.scrape import scrape, total
@@ -81,14 +81,14 @@ async def run_population(
             await assert_a_misrouted_event_is_refused(cluster)
         score_url = cluster.database_url("score")
         outcome = Outcome(
-            ledger=frozenset(str(r[0]) for r in read(score_url, "SELECT entry_id FROM score_ledger")),
+            ledger=frozenset(stored_text(r[0]) for r in read(score_url, "SELECT entry_id FROM score_ledger")),
             scores={
-                str(r[0]): (int(r[1]), str(r[2]), int(r[3]))
+                stored_text(r[0]): (int(r[1]), str(r[2]), int(r[3]))
                 for r in read(score_url, "SELECT subject_key, score, tier, entry_count FROM score_subjects")
             },
             evaluated_by={
                 name: frozenset(
-                    str(r[0])
+                    stored_text(r[0])
                     for r in read(
                         cluster.database_url(name), sa.select(EvaluatedEvent.subject_key).distinct()
                     )

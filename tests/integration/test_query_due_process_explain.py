@@ -29,6 +29,7 @@ from services.rules.bootstrap import build as build_rules
 from services.score.bootstrap import MIGRATIONS as SCORE_MIGRATIONS
 from services.score.bootstrap import build as build_score
 from tests.support.due_process import ALICE, DAY, GENERAL, T0, Clock
+from tests.support.outcomes import oid
 from tests.support.query import query_settings
 from tests.support.rules import rules_settings
 from tests.support.score import POLICY_FILE, score_settings
@@ -39,41 +40,41 @@ __all__ = ["egret"]  # fixtures, used by name
 
 
 async def test_an_open_dispute_is_flagged_on_every_read(egret: Egret) -> None:
-    await egret.apply(entry("t1", -5, "transport", days_ago=3), entry("c1", 10, "civic", days_ago=2))
-    dispute = await egret.dispute("t1")
+    await egret.apply(entry(oid("t1"), -5, "transport", days_ago=3), entry("c1", 10, "civic", days_ago=2))
+    dispute = await egret.dispute(oid("t1"))
     score = (await egret.reviewer.GetScore(pb.GetScoreRequest(subject=key()))).score
-    assert list(score.disputed_entry_ids) == ["t1"]
+    assert list(score.disputed_entry_ids) == [oid("t1")]
     batch = await egret.reviewer.BatchGetScores(pb.BatchGetScoresRequest(subjects=[key()]))
-    assert list(batch.results[0].score.disputed_entry_ids) == ["t1"]
+    assert list(batch.results[0].score.disputed_entry_ids) == [oid("t1")]
     eligibility = await egret.alice.CheckEligibility(
         pb.CheckEligibilityRequest(subject=key(), benefit_id="bike.deposit_free")
     )
     # Both conditions rest on t1 (the tier counts it, and it is a negative transport entry).
     assert [(list(r.entry_ids), list(r.disputed_entry_ids)) for r in eligibility.reasons] == [
-        (["t1"], ["t1"]),
-        (["t1"], ["t1"]),
+        ([oid("t1")], [oid("t1")]),
+        ([oid("t1")], [oid("t1")]),
     ]
     listed = {
         x.entry_id: x for x in (await egret.alice.ListEntries(pb.ListEntriesRequest(subject=key()))).entries
     }
-    assert listed["t1"].status == pb.ENTRY_STATUS_DISPUTED
-    assert listed["t1"].dispute.dispute_id == dispute.dispute_id
+    assert listed[oid("t1")].status == pb.ENTRY_STATUS_DISPUTED
+    assert listed[oid("t1")].dispute.dispute_id == dispute.dispute_id
     assert listed["c1"].status == pb.ENTRY_STATUS_ACTIVE
     assert not listed["c1"].HasField("dispute")
-    got = (await egret.alice.GetEntry(pb.GetEntryRequest(entry_id="t1"))).entry
+    got = (await egret.alice.GetEntry(pb.GetEntryRequest(entry_id=oid("t1")))).entry
     assert got.status == pb.ENTRY_STATUS_DISPUTED
     assert got.dispute.statement == "not me"
     explained = {
         x.entry.entry_id: x
         for x in (await egret.alice.Explain(pb.ExplainRequest(subject=key()))).explanation.entries
     }
-    assert explained["t1"].entry.status == pb.ENTRY_STATUS_DISPUTED
-    assert explained["t1"].counting
+    assert explained[oid("t1")].entry.status == pb.ENTRY_STATUS_DISPUTED
+    assert explained[oid("t1")].counting
     # Past the deadline undecided, it stops counting and says why.
     egret.clock.now = T0 + 21 * DAY
     score = (await egret.reviewer.GetScore(pb.GetScoreRequest(subject=key()))).score
     assert list(score.disputed_entry_ids) == []
-    got = (await egret.alice.GetEntry(pb.GetEntryRequest(entry_id="t1"))).entry
+    got = (await egret.alice.GetEntry(pb.GetEntryRequest(entry_id=oid("t1")))).entry
     assert got.dispute.overdue
     assert "past the deadline" in got.status_reason
 
@@ -83,8 +84,8 @@ async def test_explain_adds_up_and_projects_the_dates_entries_expire(egret: Egre
         entry("c1", 30, "civic", days_ago=10),
         entry("c2", 30, "civic", days_ago=5),
         entry("f1", -10, "finance", days_ago=200, severity=GENERAL),
-        entry("t1", -5, "traffic", days_ago=30),
-        entry("old", -7, "traffic", days_ago=100),
+        entry(oid("t1"), -5, "traffic", days_ago=30),
+        entry(oid("old"), -7, "traffic", days_ago=100),
     )
     x = (await egret.alice.Explain(pb.ExplainRequest(subject=key(), purpose="own-record"))).explanation
     # 1000 + 30 + 20 (10 withheld by the +50 cap) - 10 - 5; "old" expired at 90 days.
@@ -93,7 +94,13 @@ async def test_explain_adds_up_and_projects_the_dates_entries_expire(egret: Egre
     assert (x.next_tier.tier, x.next_tier.min_score, x.next_tier.points_needed) == ("AAA", 1050, 15)
     assert x.cap_window_days == 365
     rows = {e.entry.entry_id: e for e in x.entries}
-    assert [e.entry.entry_id for e in x.entries] == ["c2", "c1", "t1", "old", "f1"]  # newest event first
+    assert [e.entry.entry_id for e in x.entries] == [
+        "c2",
+        "c1",
+        oid("t1"),
+        oid("old"),
+        "f1",
+    ]  # newest event first
     assert [(rows[i].contribution, rows[i].capped_points, rows[i].counting) for i in rows] == [
         (20, 10, True),
         (30, 0, True),
@@ -101,10 +108,10 @@ async def test_explain_adds_up_and_projects_the_dates_entries_expire(egret: Egre
         (0, 0, False),
         (-10, 0, True),
     ]
-    assert rows["old"].entry.status == pb.ENTRY_STATUS_EXPIRED
-    assert "expired" in rows["old"].entry.status_reason
+    assert rows[oid("old")].entry.status == pb.ENTRY_STATUS_EXPIRED
+    assert "expired" in rows[oid("old")].entry.status_reason
     assert rows["f1"].repair_possible_from.ToDatetime(UTC) == T0 - 110 * DAY  # general: 90 days
-    assert rows["t1"].repair_possible_from.ToDatetime(UTC) == T0 - 30 * DAY  # minor: at once
+    assert rows[oid("t1")].repair_possible_from.ToDatetime(UTC) == T0 - 30 * DAY  # minor: at once
     assert not rows["c1"].HasField("repair_possible_from")
     assert len(rows["c1"].entry.evidence) == 1
     assert rows["c1"].entry.rule.legal_basis == "Regulation 7"
@@ -114,7 +121,7 @@ async def test_explain_adds_up_and_projects_the_dates_entries_expire(egret: Egre
         ("traffic", -5, 0),
     ]
     assert [(p.at.ToDatetime(UTC), p.score, p.tier, list(p.expiring_entry_ids)) for p in x.projection] == [
-        (T0 + 60 * DAY, 1040, "AA", ["t1"]),
+        (T0 + 60 * DAY, 1040, "AA", [oid("t1")]),
         (T0 + 165 * DAY, 1050, "AAA", ["f1"]),
         (T0 + 720 * DAY, 1020, "A", ["c1"]),
         (T0 + 725 * DAY, 1000, "A", ["c2"]),
@@ -129,10 +136,12 @@ async def test_explain_adds_up_and_projects_the_dates_entries_expire(egret: Egre
 
 
 async def test_as_corrected_reads_never_count_a_reversed_entry(egret: Egret) -> None:
-    await egret.apply(entry("keep", 5, "civic", days_ago=10), entry("wrong", -10, "finance", days_ago=10))
+    await egret.apply(
+        entry(oid("keep"), 5, "civic", days_ago=10), entry(oid("wrong"), -10, "finance", days_ago=10)
+    )
     egret.clock.now = T0 + DAY
     reversal = score_pb.Reversal(
-        outcome_id="wrong",
+        outcome_id=oid("wrong"),
         retraction=dp.Retraction(
             ref=event_pb2.EventRef(source="library", event_id="wrong-0"),
             subject_key=ALICE,
@@ -142,7 +151,7 @@ async def test_as_corrected_reads_never_count_a_reversed_entry(egret: Egret) -> 
         ),
     )
     # A replacement, recorded late with its own (earlier) event time.
-    await egret.apply(entry("fixed", -4, "finance", days_ago=9), reversals=(reversal,))
+    await egret.apply(entry(oid("fixed"), -4, "finance", days_ago=9), reversals=(reversal,))
     egret.clock.now = T0 + 2 * DAY
     at = to_timestamp(T0 + timedelta(hours=12))
 
@@ -157,7 +166,7 @@ async def test_as_corrected_reads_never_count_a_reversed_entry(egret: Egret) -> 
     assert now == 1001  # now, both timelines agree
     known = await egret.reviewer.ListScoreHistory(pb.ListScoreHistoryRequest(subject=key()))
     assert next((c.cause, c.score) for c in known.changes) == (pb.CHANGE_CAUSE_CORRECTION, 1001)
-    assert list(known.changes[0].ended_entry_ids) == ["wrong"]
+    assert list(known.changes[0].ended_entry_ids) == [oid("wrong")]
     assert "retracted" in known.changes[0].note
     corrected = await egret.reviewer.ListScoreHistory(
         pb.ListScoreHistoryRequest(subject=key(), as_corrected=True)
@@ -165,8 +174,8 @@ async def test_as_corrected_reads_never_count_a_reversed_entry(egret: Egret) -> 
     assert [
         (c.changed_at.ToDatetime(UTC), c.cause, c.score, list(c.added_entry_ids)) for c in corrected.changes
     ] == [
-        (T0 - 9 * DAY, pb.CHANGE_CAUSE_ENTRIES, 1001, ["fixed"]),
-        (T0 - 10 * DAY, pb.CHANGE_CAUSE_ENTRIES, 1005, ["keep"]),
+        (T0 - 9 * DAY, pb.CHANGE_CAUSE_ENTRIES, 1001, [oid("fixed")]),
+        (T0 - 10 * DAY, pb.CHANGE_CAUSE_ENTRIES, 1005, [oid("keep")]),
     ]
     assert not corrected.changes[1].HasField("score_before")
     assert corrected.changes[0].score_before == 1005

@@ -17,6 +17,7 @@ from egret.common.v1 import due_process_pb2 as dp
 from egret.common.v1 import outcome_pb2
 from egret.query.v1 import query_service_pb2 as pb
 from egret.score.v1 import score_service_pb2 as score_pb
+from kit.columns import Instant
 from kit.principal import Role
 from tests.support.due_process import ALICE, ALICE_ID, BOB, BOB_ID, DAY, T0
 from tests.support.score_and_query import Egret, access_log, code_of, egret, entry, key
@@ -27,13 +28,13 @@ __all__ = ["egret"]  # fixtures, used by name
 
 async def test_dispute_and_repair_queues_filter_and_page(egret: Egret) -> None:
     await egret.apply(
-        *(entry(f"t{n}", -5, "transport", days_ago=3) for n in range(3)),
+        *(entry(f"d{n}", -5, "transport", days_ago=3) for n in range(3)),
         entry("b1", -5, "transport", days_ago=3, subject_key=BOB),
     )
     ids = []
     for n in range(3):
         egret.clock.now = T0 + n * timedelta(hours=1)
-        ids.append((await egret.dispute(f"t{n}")).dispute_id)
+        ids.append((await egret.dispute(f"d{n}")).dispute_id)
     ids.append((await egret.dispute("b1", BOB_ID)).dispute_id)
     await egret.score("reviewer-7", Role.REVIEWER).ResolveDispute(
         score_pb.ResolveDisputeRequest(
@@ -68,9 +69,9 @@ async def test_dispute_and_repair_queues_filter_and_page(egret: Egret) -> None:
     # Repair applications: one pending, one rejected.
     alice_score = egret.score(ALICE_ID, Role.SUBJECT)
     egret.clock.now = T0 + 30 * DAY
-    await egret.apply(entry("m1", -3, "civic", days_ago=1), entry("m2", -3, "civic", days_ago=1))
+    await egret.apply(entry("e1", -3, "civic", days_ago=1), entry("e2", -3, "civic", days_ago=1))
     apps = []
-    for n, entry_id in enumerate(("m1", "m2")):
+    for n, entry_id in enumerate(("e1", "e2")):
         egret.clock.now = T0 + 30 * DAY + n * DAY  # a Wednesday, then a Thursday
         applied = await alice_score.ApplyForRepair(
             score_pb.ApplyForRepairRequest(entry_id=entry_id, evidence="paid")
@@ -186,11 +187,11 @@ async def test_the_dispute_queue_filters_by_department_category_overdue_and_assi
     monkeypatch.setattr("services.query.stores.due_process.DEPARTMENT_BATCH", 2)
     sources = ["metro", "library", "metro", "library", "metro"]
     await egret.apply(
-        *(from_source(entry(f"t{n}", -5, "transport", days_ago=3), s) for n, s in enumerate(sources)),
+        *(from_source(entry(f"d{n}", -5, "transport", days_ago=3), s) for n, s in enumerate(sources)),
         from_source(entry("c0", -5, "civic", days_ago=3), "metro"),
     )
     ids = {}
-    for n, entry_id in enumerate(["t0", "t1", "t2", "t3", "t4", "c0"]):
+    for n, entry_id in enumerate(["d0", "d1", "d2", "d3", "d4", "c0"]):
         egret.clock.now = T0 + n * timedelta(hours=1)
         ids[entry_id] = (await egret.dispute(entry_id)).dispute_id
     r = egret.reviewer
@@ -205,12 +206,12 @@ async def test_the_dispute_queue_filters_by_department_category_overdue_and_assi
             if not token:
                 return found
 
-    by = [ids[e] for e in ("t0", "t2", "t4", "c0")]
+    by = [ids[e] for e in ("d0", "d2", "d4", "c0")]
     assert await listed(department="metro") == by  # earliest deadline first
-    assert await listed(department="library") == [ids["t1"], ids["t3"]]
+    assert await listed(department="library") == [ids["d1"], ids["d3"]]
     assert await listed(department="fire") == []
     assert await listed(category="civic") == [ids["c0"]]
-    assert await listed(department="metro", category="transport") == [ids[e] for e in ("t0", "t2", "t4")]
+    assert await listed(department="metro", category="transport") == [ids[e] for e in ("d0", "d2", "d4")]
 
     # Held by reviewers (AssignDispute writes these columns; set here to test the reads alone).
     score_db = sa.create_engine(database_url)
@@ -218,23 +219,23 @@ async def test_the_dispute_queue_filters_by_department_category_overdue_and_assi
         db.execute(
             sa.text(
                 "UPDATE score_disputes SET assignee = :who, assigned_at = :at WHERE dispute_id IN (:a, :b)"
-            ),
-            {"who": "reviewer-7", "at": T0, "a": int(ids["t1"]), "b": int(ids["c0"])},
+            ).bindparams(sa.bindparam("at", type_=Instant())),
+            {"who": "reviewer-7", "at": T0, "a": int(ids["d1"]), "b": int(ids["c0"])},
         )
         db.execute(
             sa.text("UPDATE score_disputes SET assignee = 'reviewer-9' WHERE dispute_id = :a"),
-            {"a": int(ids["t2"])},
+            {"a": int(ids["d2"])},
         )
     score_db.dispose()
     mine = await r.ListDisputes(pb.ListDisputesRequest(assigned_to_caller=True))
     assert [(d.dispute_id, d.assignee) for d in mine.disputes] == [
-        (ids["t1"], "reviewer-7"),
+        (ids["d1"], "reviewer-7"),
         (ids["c0"], "reviewer-7"),
     ]
     assert mine.disputes[0].assigned_at.ToDatetime(UTC) == T0
-    assert await listed(assignee="reviewer-9") == [ids["t2"]]
-    assert await listed(unassigned_only=True) == [ids[e] for e in ("t0", "t3", "t4")]
-    assert await listed(unassigned_only=True, department="metro") == [ids["t0"], ids["t4"]]
+    assert await listed(assignee="reviewer-9") == [ids["d2"]]
+    assert await listed(unassigned_only=True) == [ids[e] for e in ("d0", "d3", "d4")]
+    assert await listed(unassigned_only=True, department="metro") == [ids["d0"], ids["d4"]]
     assert await listed(assigned_to_caller=True, department="metro") == [ids["c0"]]
     for conflicting, named in (
         ({"assigned_to_caller": True, "assignee": "reviewer-9"}, "assigned_to_caller"),
@@ -246,4 +247,4 @@ async def test_the_dispute_queue_filters_by_department_category_overdue_and_assi
 
     egret.clock.now = T0 + 20 * DAY + timedelta(minutes=150)  # past the first three deadlines
     overdue = await listed(overdue_only=True, department="metro", status=dp.DISPUTE_STATUS_OPEN)
-    assert overdue == [ids["t0"], ids["t2"]]
+    assert overdue == [ids["d0"], ids["d2"]]

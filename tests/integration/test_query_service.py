@@ -26,6 +26,7 @@ from services.query.bootstrap import build as build_query
 from services.score.bootstrap import MIGRATIONS
 from services.score.bootstrap import build as build_score
 from tests.support.events import PERSON, TEST_SUBJECT_KEY, full_width
+from tests.support.outcomes import oid
 from tests.support.outcomes import outcome as make_outcome
 from tests.support.query import query_settings, score_beside_query_settings
 from tests.support.servers import running
@@ -80,7 +81,9 @@ async def services(database_url: str, tmp_path: Path) -> AsyncIterator[Services]
 
 
 async def test_get_score_by_raw_id_and_by_subject_key(services: Services) -> None:
-    await services.apply(outcome("o1", 10, "civic"), outcome("o2", -5, "traffic"), outcome("o3", -3, "civic"))
+    await services.apply(
+        outcome(oid("o1"), 10, "civic"), outcome(oid("o2"), -5, "traffic"), outcome(oid("o3"), -3, "civic")
+    )
     by_raw = await services.query.GetScore(pb.GetScoreRequest(subject=by_raw_id()))
     # The raw id is normalised and hashed exactly as ingest hashes it.
     padded = await services.query.GetScore(pb.GetScoreRequest(subject=by_raw_id(f"  {RESIDENT_ID} ")))
@@ -100,7 +103,7 @@ async def test_a_read_by_raw_id_finds_the_subject_however_its_id_is_written(serv
     # Issue 12: the check character "x" and "X" named two subjects.
     resident = "35020019920202234X"
     key = Pseudonymiser(TEST_SUBJECT_KEY, "k1").subject_key("person", "resident-id", resident)
-    await services.apply(outcome("o1", 10, "civic", subject_key=key))
+    await services.apply(outcome(oid("o1"), 10, "civic", subject_key=key))
     for written in (
         resident,
         resident.lower(),
@@ -116,7 +119,7 @@ async def test_a_read_by_raw_id_finds_the_subject_however_its_id_is_written(serv
 
 
 async def test_an_unknown_subject_is_not_found(services: Services) -> None:
-    await services.apply(outcome("o1", 10, "civic"))
+    await services.apply(outcome(oid("o1"), 10, "civic"))
     for ref in (by_raw_id("350200199001019996"), by_key("0" * 64)):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await services.query.GetScore(pb.GetScoreRequest(subject=ref))
@@ -148,7 +151,7 @@ async def test_an_empty_or_invalid_subject_ref_is_an_invalid_argument(services: 
 
 
 async def test_a_subject_with_no_entries_yet_lists_an_empty_page(services: Services) -> None:
-    await services.apply(outcome("o1", 10, "civic"))
+    await services.apply(outcome(oid("o1"), 10, "civic"))
     page = await services.query.ListEntries(pb.ListEntriesRequest(subject=by_key("0" * 64)))
     assert list(page.entries) == []
     assert page.next_page_token == ""
@@ -157,12 +160,12 @@ async def test_a_subject_with_no_entries_yet_lists_an_empty_page(services: Servi
 async def test_list_entries_pages_every_entry_once_newest_first(services: Services) -> None:
     same_time = OCCURRED - timedelta(days=3)
     await services.apply(
-        outcome("o-a", -5, "traffic", occurred_at=OCCURRED - timedelta(days=10)),
-        outcome("o-b", 10, "civic", occurred_at=same_time),
-        outcome("o-c", -3, "civic", occurred_at=same_time),
-        outcome("o-d", 2, "transport", occurred_at=OCCURRED),
-        outcome("o-e", -10, "finance", occurred_at=same_time),
-        outcome("o-other", 1, "civic", subject_key="f" * 64),
+        outcome(oid("o-a"), -5, "traffic", occurred_at=OCCURRED - timedelta(days=10)),
+        outcome(oid("o-b"), 10, "civic", occurred_at=same_time),
+        outcome(oid("o-c"), -3, "civic", occurred_at=same_time),
+        outcome(oid("o-d"), 2, "transport", occurred_at=OCCURRED),
+        outcome(oid("o-e"), -10, "finance", occurred_at=same_time),
+        outcome(oid("o-other"), 1, "civic", subject_key="f" * 64),
     )
     pages: list[list[str]] = []
     token = ""
@@ -175,29 +178,37 @@ async def test_list_entries_pages_every_entry_once_newest_first(services: Servic
         if not token:
             break
     # Newest event time first; equal times in a stable order (entry id, descending).
-    assert pages == [["o-d", "o-e"], ["o-c", "o-b"], ["o-a"]]
+    assert pages == [[oid("o-d"), oid("o-e")], [oid("o-c"), oid("o-b")], [oid("o-a")]]
     everything = await services.query.ListEntries(pb.ListEntriesRequest(subject=by_key()))
-    assert [e.entry_id for e in everything.entries] == ["o-d", "o-e", "o-c", "o-b", "o-a"]
+    assert [e.entry_id for e in everything.entries] == [
+        oid("o-d"),
+        oid("o-e"),
+        oid("o-c"),
+        oid("o-b"),
+        oid("o-a"),
+    ]
     assert everything.next_page_token == ""
 
 
 async def test_a_full_last_page_ends_without_a_token(services: Services) -> None:
     await services.apply(
-        *(outcome(f"o{i}", 1, "civic", occurred_at=OCCURRED - timedelta(hours=i)) for i in range(4))
+        *(outcome(oid(f"o{i}"), 1, "civic", occurred_at=OCCURRED - timedelta(hours=i)) for i in range(4))
     )
     first = await services.query.ListEntries(pb.ListEntriesRequest(subject=by_key(), page_size=2))
     second = await services.query.ListEntries(
         pb.ListEntriesRequest(subject=by_key(), page_size=2, page_token=first.next_page_token)
     )
-    assert [e.entry_id for e in [*first.entries, *second.entries]] == ["o0", "o1", "o2", "o3"]
+    assert [e.entry_id for e in [*first.entries, *second.entries]] == [oid(f"o{i}") for i in range(4)]
     assert second.next_page_token == ""
 
 
 async def test_listed_entries_carry_event_refs_but_no_evidence(services: Services) -> None:
-    await services.apply(outcome("o1", -5, "traffic"))
+    await services.apply(outcome(oid("o1"), -5, "traffic"))
     (entry,) = (await services.query.ListEntries(pb.ListEntriesRequest(subject=by_key()))).entries
     assert list(entry.evidence) == []
-    assert [(r.source, r.event_id) for r in entry.event_refs] == [("library", "o1-0"), ("library", "o1-1")]
+    assert [(r.source, r.event_id) for r in entry.event_refs] == [
+        ("library", f"{oid('o1')}-{n}") for n in range(2)
+    ]
     assert (entry.status, entry.severity, entry.points, entry.category) == (
         pb.ENTRY_STATUS_ACTIVE,
         outcome_pb2.SEVERITY_MINOR,
@@ -208,9 +219,9 @@ async def test_listed_entries_carry_event_refs_but_no_evidence(services: Service
 
 
 async def test_a_bad_page_size_or_token_is_an_invalid_argument(services: Services) -> None:
-    await services.apply(outcome("o1", -5, "traffic"))
+    await services.apply(outcome(oid("o1"), -5, "traffic"))
     not_json = base64.urlsafe_b64encode(b"hello").decode()
-    naive_time = base64.urlsafe_b64encode(b'["2026-06-01T12:00:00","o1"]').decode()
+    naive_time = base64.urlsafe_b64encode(f'["2026-06-01T12:00:00","{oid("o1")}"]'.encode()).decode()
     cases = [
         (pb.ListEntriesRequest(subject=by_key(), page_size=501), [("page_size", "OUT_OF_RANGE")]),
         (pb.ListEntriesRequest(subject=by_key(), page_size=-1), [("page_size", "OUT_OF_RANGE")]),
@@ -234,12 +245,15 @@ async def test_a_bad_page_size_or_token_is_an_invalid_argument(services: Service
 
 
 async def test_a_page_token_pages_only_the_listing_it_came_from(services: Services) -> None:
-    await services.apply(outcome("o1", -5, "traffic"), outcome("o2", -5, "traffic"))
+    await services.apply(outcome(oid("o1"), -5, "traffic"), outcome(oid("o2"), -5, "traffic"))
     first = await services.query.ListEntries(pb.ListEntriesRequest(subject=by_key(), page_size=1))
     rest = await services.query.ListEntries(
         pb.ListEntriesRequest(subject=by_key(), page_size=1, page_token=first.next_page_token)
     )
-    assert [e.entry_id for e in [*first.entries, *rest.entries]] in (["o1", "o2"], ["o2", "o1"])
+    assert [e.entry_id for e in [*first.entries, *rest.entries]] in (
+        [oid("o1"), oid("o2")],
+        [oid("o2"), oid("o1")],
+    )
     other = Pseudonymiser(b"o" * 32, "k1").subject_key("person", "resident-id", RESIDENT_ID)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await services.query.ListEntries(
@@ -250,18 +264,18 @@ async def test_a_page_token_pages_only_the_listing_it_came_from(services: Servic
 
 
 async def test_get_entry_returns_the_rule_and_the_evidence_snapshot(services: Services) -> None:
-    sent = outcome("o1", -5, "traffic")
+    sent = outcome(oid("o1"), -5, "traffic")
     await services.apply(sent)
-    entry = (await services.query.GetEntry(pb.GetEntryRequest(entry_id="o1"))).entry
+    entry = (await services.query.GetEntry(pb.GetEntryRequest(entry_id=oid("o1")))).entry
     assert (entry.entry_id, entry.subject_key, entry.reason, entry.black_list) == (
-        "o1",
+        oid("o1"),
         ALICE,
-        "because of o1",
+        f"because of {oid('o1')}",
         False,
     )
     assert entry.rule == sent.rule
     assert list(entry.evidence) == list(sent.events)
-    assert [r.event_id for r in entry.event_refs] == ["o1-0", "o1-1"]
+    assert [r.event_id for r in entry.event_refs] == [f"{oid('o1')}-{n}" for n in range(2)]
     assert entry.occurred_at == sent.occurred_at
     assert abs(entry.recorded_at.ToDatetime(UTC) - datetime.now(UTC)) < timedelta(minutes=1)
 
@@ -314,7 +328,7 @@ async def test_query_starts_before_scores_store_exists(database_url: str, tmp_pa
             grpc.aio.insecure_channel(score_address) as score_channel,
         ):
             await score_grpc.ScoreServiceStub(score_channel).ApplyOutcomes(
-                score_pb.ApplyOutcomesRequest(outcomes=[outcome("o1", 10, "civic")])
+                score_pb.ApplyOutcomesRequest(outcomes=[outcome(oid("o1"), 10, "civic")])
             )
             await until_health(channel, health_pb2.HealthCheckResponse.SERVING)
             response = await query.GetScore(pb.GetScoreRequest(subject=by_raw_id()))

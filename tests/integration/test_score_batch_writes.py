@@ -28,6 +28,7 @@ from services.score.ledger import Ledger
 from services.score.stores.ledger import SqlLedgerStore, entry_row
 from services.score.stores.policies import SqlPolicyStore
 from tests.support.due_process import Clock
+from tests.support.outcomes import oid
 
 ROOT = Path(__file__).parents[2]
 T0 = datetime(2024, 6, 1, tzinfo=UTC)
@@ -64,6 +65,9 @@ def w(database_url: str) -> Iterator[World]:
     engine.dispose()
 
 
+S1, S2, S3 = "a1" * 32, "b2" * 32, "c3" * 32
+
+
 def outcome(outcome_id: str, subject: str, occurred_at: datetime, points: int) -> IncomingOutcome:
     return IncomingOutcome(
         outcome_id=outcome_id,
@@ -97,9 +101,17 @@ def listening(engine: Engine, listener: Callable[..., None]) -> Iterator[None]:
         sa.event.remove(engine, "before_cursor_execute", listener)
 
 
+def _as_text(value: Any) -> str | None:
+    """A bound string, or bytes (psycopg wraps them in Binary) as their hex."""
+    value = getattr(value, "obj", value)
+    if isinstance(value, bytes | memoryview):
+        return bytes(value).hex()
+    return value if isinstance(value, str) else None
+
+
 class Statements:
     """The string parameters of every statement starting with `prefix` (e.g. "UPDATE
-    score_ledger") that the engine runs while listening."""
+    score_ledger") that the engine runs while listening; bytes (a key, an id) as their hex."""
 
     def __init__(self, engine: Engine, prefix: str = "UPDATE score_ledger") -> None:
         self.values: set[str] = set()
@@ -118,62 +130,66 @@ class Statements:
             return
         for params in parameters if many else [parameters]:
             values = params.values() if isinstance(params, dict) else params
-            self.values |= {v for v in values if isinstance(v, str)}
+            self.values |= {t for t in map(_as_text, values) if t is not None}
 
 
 def test_a_batch_inserts_each_new_entry_with_its_grant_and_never_updates_it(w: World) -> None:
     # Four positives of 20 in one window: grants 20, 20, 10, 0.
-    old = [outcome(f"old-{i}", "s-1", T0 - (10 - i) * DAY, 20) for i in range(4)]
+    old = [outcome(oid(f"old-{i}"), S1, T0 - (10 - i) * DAY, 20) for i in range(4)]
     w.ledger.apply(old)
-    assert [grants(w.engine)[f"old-{i}"] for i in range(4)] == [20, 20, 10, 0]
+    assert [grants(w.engine)[oid(f"old-{i}")] for i in range(4)] == [20, 20, 10, 0]
     w.clock.now += DAY
     batch = [
         # Earlier than the old positives: it takes 20 of the allowance first, so two old
         # grants change (20 -> 10, 10 -> 0) and are updated.
-        outcome("late", "s-1", T0 - 30 * DAY, 20),
-        outcome("later", "s-1", T0, 20),
-        outcome("minus", "s-1", T0, -10),
+        outcome(oid("late"), S1, T0 - 30 * DAY, 20),
+        outcome(oid("later"), S1, T0, 20),
+        outcome(oid("minus"), S1, T0, -10),
         # A first score: grants 30 and 20.
-        outcome("new-a", "s-2", T0 - 2 * DAY, 30),
-        outcome("new-b", "s-2", T0 - DAY, 30),
+        outcome(oid("new-a"), S2, T0 - 2 * DAY, 30),
+        outcome(oid("new-b"), S2, T0 - DAY, 30),
     ]
     with Statements(w.engine) as seen:
         assert w.ledger.apply(batch).applied == 5
     assert seen.values & {o.outcome_id for o in batch} == set()
     # The listener sees updates: those of the old entries whose grant changed.
-    assert seen.values & {o.outcome_id for o in old} == {"old-1", "old-2"}
+    assert seen.values & {o.outcome_id for o in old} == {oid("old-1"), oid("old-2")}
     stored = grants(w.engine)
-    assert [stored[f"old-{i}"] for i in range(4)] == [20, 10, 0, 0]
-    assert (stored["late"], stored["later"], stored["minus"]) == (20, 0, None)
-    assert (stored["new-a"], stored["new-b"]) == (30, 20)
+    assert [stored[oid(f"old-{i}")] for i in range(4)] == [20, 10, 0, 0]
+    assert (stored[oid("late")], stored[oid("later")], stored[oid("minus")]) == (20, 0, None)
+    assert (stored[oid("new-a")], stored[oid("new-b")]) == (30, 20)
     assert w.ledger.verify(max_mismatches=5).mismatch_count == 0
 
 
 def test_a_first_score_reads_no_ledger_row(w: World) -> None:
-    batch = [outcome(f"o-{s}-{i}", s, T0 - i * DAY, 20) for s in ("s-1", "s-2") for i in range(3)]
-    batch.append(outcome("o-minus", "s-2", T0, -40))
+    batch = [outcome(oid(f"o-{s[:2]}-{i}"), s, T0 - i * DAY, 20) for s in (S1, S2) for i in range(3)]
+    batch.append(outcome(oid("o-minus"), S2, T0, -40))
     assert w.ledger.apply(batch).applied == 7
     assert w.store.entries_read == 0
     with w.engine.connect() as c:
         scores = {
             r.subject_key: r.score for r in c.execute(sa.select(StoredScore.subject_key, StoredScore.score))
         }
-    assert scores == {"s-1": 1050, "s-2": 1010}
+    assert scores == {S1: 1050, S2: 1010}
     assert w.ledger.verify(max_mismatches=5).mismatch_count == 0
 
 
 def test_a_first_score_inserts_its_row_whole_and_an_existing_row_is_only_updated(w: World) -> None:
-    w.ledger.apply([outcome("o-old", "s-1", T0 - DAY, 20)])
+    w.ledger.apply([outcome(oid("o-old"), S1, T0 - DAY, 20)])
     w.clock.now += DAY
-    batch = [outcome("o-1", "s-1", T0, -5), outcome("o-2", "s-2", T0, 30), outcome("o-3", "s-3", T0, -20)]
+    batch = [
+        outcome(oid("o-1"), S1, T0, -5),
+        outcome(oid("o-2"), S2, T0, 30),
+        outcome(oid("o-3"), S3, T0, -20),
+    ]
     with (
         Statements(w.engine, "UPDATE score_subjects") as updated,
         Statements(w.engine, "INSERT INTO score_subjects") as inserted,
     ):
         assert w.ledger.apply(batch).applied == 3
-    subjects = {"s-1", "s-2", "s-3"}
-    assert updated.values & subjects == {"s-1"}
-    assert inserted.values & subjects == {"s-2", "s-3"}
+    subjects = {S1, S2, S3}
+    assert updated.values & subjects == {S1}
+    assert inserted.values & subjects == {S2, S3}
     with w.engine.connect() as c:
         scores = {
             r.subject_key: (r.score, r.subject_kind, r.subject_key_id)
@@ -187,9 +203,9 @@ def test_a_first_score_inserts_its_row_whole_and_an_existing_row_is_only_updated
             )
         }
     assert scores == {
-        "s-1": (1015, "person", "k1"),
-        "s-2": (1030, "person", "k1"),
-        "s-3": (980, "person", "k1"),
+        S1: (1015, "person", "k1"),
+        S2: (1030, "person", "k1"),
+        S3: (980, "person", "k1"),
     }
     assert w.ledger.verify(max_mismatches=5).mismatch_count == 0
 
@@ -197,13 +213,13 @@ def test_a_first_score_inserts_its_row_whole_and_an_existing_row_is_only_updated
 def test_entries_stored_without_a_score_row_are_read_for_a_first_score(w: World) -> None:
     # A re-keying moves each table's keys in its own transaction (kit.rekey), so a subject
     # can have entries under its key and no score row: a first score must read them.
-    w.ledger.apply([outcome(f"o-{i}", "s-1", T0 - i * DAY, 20) for i in range(2)])
+    w.ledger.apply([outcome(oid(f"o-{i}"), S1, T0 - i * DAY, 20) for i in range(2)])
     with w.engine.begin() as c:
         c.execute(sa.delete(StoredScore))
         c.execute(sa.delete(StoredCategory))
     read = w.store.entries_read
     w.clock.now += DAY
-    assert w.ledger.apply([outcome("o-new", "s-1", T0, -5)]).applied == 1
+    assert w.ledger.apply([outcome(oid("o-new"), S1, T0, -5)]).applied == 1
     assert w.store.entries_read - read == 2
     with w.engine.connect() as c:
         assert c.scalar(sa.select(StoredScore.score)) == 1035
@@ -213,7 +229,7 @@ def test_entries_stored_without_a_score_row_are_read_for_a_first_score(w: World)
 def test_an_entry_another_writer_stores_during_the_batch_counts_once(w: World, database_url: str) -> None:
     if not database_url.startswith("postgresql"):
         pytest.skip("SQLite has one writer: no other can store an entry during a batch")
-    entry = outcome("o-1", "s-1", T0, 20)
+    entry = outcome(oid("o-1"), S1, T0, 20)
     fired: list[str] = []
 
     def other_writer(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
@@ -233,7 +249,7 @@ def test_an_entry_another_writer_stores_during_the_batch_counts_once(w: World, d
 
 
 def test_a_unit_of_work_that_takes_entries_and_saves_no_rescore_stores_nothing(w: World) -> None:
-    entry = w.ledger._entry(outcome("o-1", "s-1", T0, 20), T0)
+    entry = w.ledger._entry(outcome(oid("o-1"), S1, T0, 20), T0)
     with pytest.raises(RuntimeError, match="saved no rescore"), w.store.unit_of_work() as uow:
         assert uow.add_entries([entry]) == [entry]
     with w.engine.connect() as c:
@@ -253,10 +269,10 @@ def test_a_first_score_another_writer_stores_during_the_batch_is_tried_again_and
         # batch stores s-1's first score from another entry and commits.
         if statement.lstrip().upper().startswith("INSERT INTO SCORE_LEDGER") and not fired:
             fired.append(statement)
-            w.ledger.apply([outcome("o-other", "s-1", T0 - DAY, 20)])
+            w.ledger.apply([outcome(oid("o-other"), S1, T0 - DAY, 20)])
 
     with listening(w.engine, other_writer):
-        result = w.ledger.apply([outcome("o-mine", "s-1", T0, 30)])
+        result = w.ledger.apply([outcome(oid("o-mine"), S1, T0, 30)])
     assert fired
     assert (result.applied, result.duplicate) == (1, 0)
     with w.engine.connect() as c:

@@ -30,7 +30,7 @@ from kit.principal import Role
 from kit.protoconv import to_timestamp
 from services.score.bootstrap import MIGRATIONS, build
 from tests.support.due_process import ALICE, ALICE_ID, BOB, BOB_ID, DAY, T0, Clock, negative, secured
-from tests.support.outcomes import outcome
+from tests.support.outcomes import oid, outcome
 from tests.support.score import score_settings
 from tests.support.servers import running
 from tests.support.status import bad_request, error_info
@@ -154,16 +154,18 @@ def notes(rows: list[Any]) -> list[tuple[str, str, list[str], list[str]]]:
 
 
 async def test_a_dispute_lapses_at_its_deadline_and_counts_again_when_upheld(score: Score) -> None:
-    await score.apply(negative("o1", ALICE))
+    await score.apply(negative(oid("o1"), ALICE))
     assert score.score(ALICE) == 990
-    filed = (await score.alice.FileDispute(pb.FileDisputeRequest(entry_id="o1", statement="not me"))).dispute
+    filed = (
+        await score.alice.FileDispute(pb.FileDisputeRequest(entry_id=oid("o1"), statement="not me"))
+    ).dispute
     deadline = T0 + 20 * DAY
     assert (filed.status, filed.filed_by_role, filed.deadline.ToDatetime(UTC)) == (
         dp.DISPUTE_STATUS_OPEN,
         "subject",
         deadline,
     )
-    assert score.status("o1") == "disputed"
+    assert score.status(oid("o1")) == "disputed"
     # The instant before the deadline nothing happens; then the sweep writes the lapse at
     # the exact deadline, with no new event.
     score.clock.now = before = deadline - timedelta(microseconds=1)
@@ -199,11 +201,11 @@ async def test_a_dispute_lapses_at_its_deadline_and_counts_again_when_upheld(sco
         False,
     )
     assert score.score(ALICE) == 990
-    assert score.status("o1") == "active"
+    assert score.status(oid("o1")) == "active"
     assert notes(score.history(ALICE))[1:] == [
         ("dispute", f"dispute {filed.dispute_id} filed", [], []),
-        ("dispute", f"dispute {filed.dispute_id} undecided at its deadline", ["o1"], []),
-        ("dispute", f"dispute {filed.dispute_id} upheld: the record is right", [], ["o1"]),
+        ("dispute", f"dispute {filed.dispute_id} undecided at its deadline", [oid("o1")], []),
+        ("dispute", f"dispute {filed.dispute_id} upheld: the record is right", [], [oid("o1")]),
     ]
     # Decided once.
     error = await expect(
@@ -218,8 +220,10 @@ async def test_a_dispute_lapses_at_its_deadline_and_counts_again_when_upheld(sco
 
 
 async def test_a_reviewer_takes_a_dispute_and_only_the_holder_decides_it_until_released(score: Score) -> None:
-    await score.apply(negative("o1", ALICE))
-    filed = (await score.alice.FileDispute(pb.FileDisputeRequest(entry_id="o1", statement="not me"))).dispute
+    await score.apply(negative(oid("o1"), ALICE))
+    filed = (
+        await score.alice.FileDispute(pb.FileDisputeRequest(entry_id=oid("o1"), statement="not me"))
+    ).dispute
     assert (filed.assignee, filed.HasField("assigned_at")) == ("", False)
     other = score.as_("reviewer-9", Role.REVIEWER)
     admin = score.as_("admin-1", Role.ADMIN)
@@ -241,7 +245,7 @@ async def test_a_reviewer_takes_a_dispute_and_only_the_holder_decides_it_until_r
     ):
         error = await expect(grpc.StatusCode.FAILED_PRECONDITION, call)
         assert error_info(error) == ("egret.city", "ASSIGNED_TO_ANOTHER", {"assignee": "reviewer-7"})
-    assert score.status("o1") == "disputed"
+    assert score.status(oid("o1")) == "disputed"
     # A reviewer takes for itself only; an admin names the reviewer, and nothing else.
     await expect(
         grpc.StatusCode.PERMISSION_DENIED,
@@ -298,8 +302,10 @@ async def test_a_reviewer_takes_a_dispute_and_only_the_holder_decides_it_until_r
 
 
 async def test_the_holder_decides_its_dispute(score: Score) -> None:
-    await score.apply(negative("o1", ALICE))
-    filed = (await score.alice.FileDispute(pb.FileDisputeRequest(entry_id="o1", statement="not me"))).dispute
+    await score.apply(negative(oid("o1"), ALICE))
+    filed = (
+        await score.alice.FileDispute(pb.FileDisputeRequest(entry_id=oid("o1"), statement="not me"))
+    ).dispute
     await score.reviewer.AssignDispute(pb.AssignDisputeRequest(dispute_id=filed.dispute_id))
     decided = await score.reviewer.ResolveDispute(
         pb.ResolveDisputeRequest(
@@ -307,42 +313,46 @@ async def test_the_holder_decides_its_dispute(score: Score) -> None:
         )
     )
     assert (decided.dispute.status, decided.dispute.assignee) == (dp.DISPUTE_STATUS_OVERTURNED, "reviewer-7")
-    assert score.status("o1") == "reversed"
+    assert score.status(oid("o1")) == "reversed"
 
 
 async def test_an_overturned_dispute_reverses_the_entry(score: Score) -> None:
-    await score.apply(negative("o1", ALICE))
-    filed = (await score.alice.FileDispute(pb.FileDisputeRequest(entry_id="o1", statement="paid"))).dispute
+    await score.apply(negative(oid("o1"), ALICE))
+    filed = (
+        await score.alice.FileDispute(pb.FileDisputeRequest(entry_id=oid("o1"), statement="paid"))
+    ).dispute
     score.clock.now = T0 + DAY
     await score.reviewer.ResolveDispute(
         pb.ResolveDisputeRequest(
             dispute_id=filed.dispute_id, decision=dp.DISPUTE_DECISION_OVERTURN, reason="proof"
         )
     )
-    assert (score.score(ALICE), score.status("o1")) == (1000, "reversed")
+    assert (score.score(ALICE), score.status(oid("o1"))) == (1000, "reversed")
     assert notes(score.history(ALICE))[-1] == (
         "dispute",
         f"dispute {filed.dispute_id} overturned: proof",
-        ["o1"],
+        [oid("o1")],
         [],
     )
     # A reversed entry is not disputed again.
     error = await expect(
         grpc.StatusCode.FAILED_PRECONDITION,
-        score.alice.FileDispute(pb.FileDisputeRequest(entry_id="o1", statement="again")),
+        score.alice.FileDispute(pb.FileDisputeRequest(entry_id=oid("o1"), statement="again")),
     )
     assert error_info(error) == ("egret.city", "ENTRY_NOT_DISPUTABLE", {"status": "reversed"})
 
 
 async def test_who_may_dispute_and_what_a_request_must_hold(score: Score) -> None:
-    await score.apply(negative("o1", ALICE))
+    await score.apply(negative(oid("o1"), ALICE))
     # Another subject, or a department whose events the entry does not rest on, finds nothing.
     await expect(
-        grpc.StatusCode.NOT_FOUND, score.bob.FileDispute(pb.FileDisputeRequest(entry_id="o1", statement="x"))
+        grpc.StatusCode.NOT_FOUND,
+        score.bob.FileDispute(pb.FileDisputeRequest(entry_id=oid("o1"), statement="x")),
     )
     courts = score.as_("courts", Role.DEPARTMENT)
     await expect(
-        grpc.StatusCode.NOT_FOUND, courts.FileDispute(pb.FileDisputeRequest(entry_id="o1", statement="x"))
+        grpc.StatusCode.NOT_FOUND,
+        courts.FileDispute(pb.FileDisputeRequest(entry_id=oid("o1"), statement="x")),
     )
     await expect(
         grpc.StatusCode.NOT_FOUND,
@@ -350,21 +360,23 @@ async def test_who_may_dispute_and_what_a_request_must_hold(score: Score) -> Non
     )
     error = await expect(
         grpc.StatusCode.INVALID_ARGUMENT,
-        score.alice.FileDispute(pb.FileDisputeRequest(entry_id="o1", statement="")),
+        score.alice.FileDispute(pb.FileDisputeRequest(entry_id=oid("o1"), statement="")),
     )
     assert [field for field, _ in bad_request(error)] == ["statement"]
     error = await expect(
         grpc.StatusCode.INVALID_ARGUMENT,
-        score.alice.FileDispute(pb.FileDisputeRequest(entry_id="o1", statement="x" * 4001)),
+        score.alice.FileDispute(pb.FileDisputeRequest(entry_id=oid("o1"), statement="x" * 4001)),
     )
     assert [reason for _, reason in bad_request(error)] == ["TOO_LONG"]
     # The library reported the event, so it may dispute the entry.
     library = score.as_("library", Role.DEPARTMENT)
-    filed = (await library.FileDispute(pb.FileDisputeRequest(entry_id="o1", statement="our error"))).dispute
+    filed = (
+        await library.FileDispute(pb.FileDisputeRequest(entry_id=oid("o1"), statement="our error"))
+    ).dispute
     assert filed.filed_by == "library"
     error = await expect(
         grpc.StatusCode.FAILED_PRECONDITION,
-        score.alice.FileDispute(pb.FileDisputeRequest(entry_id="o1", statement="x")),
+        score.alice.FileDispute(pb.FileDisputeRequest(entry_id=oid("o1"), statement="x")),
     )
     assert error_info(error) == ("egret.city", "DISPUTE_ALREADY_OPEN", {})
     error = await expect(
@@ -391,12 +403,12 @@ async def test_who_may_dispute_and_what_a_request_must_hold(score: Score) -> Non
 
 async def test_repair_waits_for_the_minimum_period_then_an_approval_ends_the_entry(score: Score) -> None:
     serious = outcome(
-        "s1", ALICE, -50, "legal", severity=outcome_pb2.SEVERITY_SERIOUS, occurred_at=T0 - 300 * DAY
+        oid("s1"), ALICE, -50, "legal", severity=outcome_pb2.SEVERITY_SERIOUS, occurred_at=T0 - 300 * DAY
     )
-    await score.apply(serious, outcome("p1", ALICE, 5, "civic", occurred_at=T0 - DAY))
+    await score.apply(serious, outcome(oid("p1"), ALICE, 5, "civic", occurred_at=T0 - DAY))
     error = await expect(
         grpc.StatusCode.FAILED_PRECONDITION,
-        score.alice.ApplyForRepair(pb.ApplyForRepairRequest(entry_id="s1", evidence="paid")),
+        score.alice.ApplyForRepair(pb.ApplyForRepairRequest(entry_id=oid("s1"), evidence="paid")),
     )
     assert (T0 + 65 * DAY).date().isoformat() in (error.details() or "")
     domain, reason, metadata = error_info(error)
@@ -409,18 +421,18 @@ async def test_repair_waits_for_the_minimum_period_then_an_approval_ends_the_ent
     }
     error = await expect(
         grpc.StatusCode.FAILED_PRECONDITION,
-        score.alice.ApplyForRepair(pb.ApplyForRepairRequest(entry_id="p1", evidence="x")),
+        score.alice.ApplyForRepair(pb.ApplyForRepairRequest(entry_id=oid("p1"), evidence="x")),
     )
     assert error_info(error)[1] == "ENTRY_NOT_NEGATIVE"
     await expect(
         grpc.StatusCode.NOT_FOUND,
-        score.bob.ApplyForRepair(pb.ApplyForRepairRequest(entry_id="s1", evidence="x")),
+        score.bob.ApplyForRepair(pb.ApplyForRepairRequest(entry_id=oid("s1"), evidence="x")),
     )
     score.clock.now = T0 + 65 * DAY  # a Friday: 365 days after the event
     application = (
         await score.alice.ApplyForRepair(
             pb.ApplyForRepairRequest(
-                entry_id="s1", evidence="paid and apologised", evidence_uri="https://x.example/r"
+                entry_id=oid("s1"), evidence="paid and apologised", evidence_uri="https://x.example/r"
             )
         )
     ).application
@@ -429,7 +441,7 @@ async def test_repair_waits_for_the_minimum_period_then_an_approval_ends_the_ent
     assert application.decision_due.ToDatetime(UTC) == T0 + 70 * DAY
     error = await expect(
         grpc.StatusCode.FAILED_PRECONDITION,
-        score.alice.ApplyForRepair(pb.ApplyForRepairRequest(entry_id="s1", evidence="again")),
+        score.alice.ApplyForRepair(pb.ApplyForRepairRequest(entry_id=oid("s1"), evidence="again")),
     )
     assert error_info(error)[1] == "REPAIR_ALREADY_PENDING"
     before = score.score(ALICE)
@@ -444,11 +456,11 @@ async def test_repair_waits_for_the_minimum_period_then_an_approval_ends_the_ent
         )
     ).application
     assert (decided.status, decided.decided_by) == (dp.REPAIR_STATUS_APPROVED, "reviewer-7")
-    assert (score.score(ALICE), score.status("s1")) == (before + 50, "repaired")
+    assert (score.score(ALICE), score.status(oid("s1"))) == (before + 50, "repaired")
     assert notes(score.history(ALICE))[-1] == (
         "repair",
         f"repair {application.application_id} approved: made good",
-        ["s1"],
+        [oid("s1")],
         [],
     )
     error = await expect(
@@ -463,7 +475,7 @@ async def test_repair_waits_for_the_minimum_period_then_an_approval_ends_the_ent
     await expect(
         grpc.StatusCode.PERMISSION_DENIED,
         score.as_("library", Role.DEPARTMENT).ApplyForRepair(
-            pb.ApplyForRepairRequest(entry_id="s1", evidence="x")
+            pb.ApplyForRepairRequest(entry_id=oid("s1"), evidence="x")
         ),
     )
 
@@ -509,31 +521,36 @@ async def test_consent_cannot_be_backdated_beyond_a_day_nor_dated_past_clock_ske
 
 
 async def test_reversals_apply_once_and_wait_for_a_late_outcome(score: Score) -> None:
-    await score.apply(negative("o1", ALICE))
-    first = await score.apply(reversals=(retraction("o1", ALICE, "o1-0"), retraction("late", BOB, "late-0")))
-    assert (first.reversed, score.score(ALICE), score.status("o1")) == (1, 1000, "reversed")
-    again = await score.apply(reversals=(retraction("o1", ALICE, "o1-0"),))
+    await score.apply(negative(oid("o1"), ALICE))
+    first = await score.apply(
+        reversals=(retraction(oid("o1"), ALICE, "o1-0"), retraction(oid("late"), BOB, "late-0"))
+    )
+    assert (first.reversed, score.score(ALICE), score.status(oid("o1"))) == (1, 1000, "reversed")
+    again = await score.apply(reversals=(retraction(oid("o1"), ALICE, "o1-0"),))
     assert again.reversed == 0
     assert [r for r in notes(score.history(ALICE)) if r[0] == "correction"] == [
-        ("correction", "event library/o1-0 retracted", ["o1"], [])
+        ("correction", "event library/o1-0 retracted", [oid("o1")], [])
     ]
     # The outcome retracted before it arrived never counts.
-    await score.apply(negative("late", BOB))
-    assert (score.score(BOB), score.status("late")) == (1000, "reversed")
+    await score.apply(negative(oid("late"), BOB))
+    assert (score.score(BOB), score.status(oid("late"))) == (1000, "reversed")
 
 
 async def test_the_audit_chain_holds_every_act_and_breaks_when_a_row_is_tampered_with(score: Score) -> None:
     await score.apply(
-        negative("o1", ALICE), outcome("o2", ALICE, -3, "civic", severity=MINOR, occurred_at=T0 - 10 * DAY)
+        negative(oid("o1"), ALICE),
+        outcome(oid("o2"), ALICE, -3, "civic", severity=MINOR, occurred_at=T0 - 10 * DAY),
     )
-    filed = (await score.alice.FileDispute(pb.FileDisputeRequest(entry_id="o1", statement="not me"))).dispute
+    filed = (
+        await score.alice.FileDispute(pb.FileDisputeRequest(entry_id=oid("o1"), statement="not me"))
+    ).dispute
     await score.reviewer.ResolveDispute(
         pb.ResolveDisputeRequest(
             dispute_id=filed.dispute_id, decision=dp.DISPUTE_DECISION_UPHOLD, reason="right"
         )
     )
     application = (
-        await score.alice.ApplyForRepair(pb.ApplyForRepairRequest(entry_id="o2", evidence="x"))
+        await score.alice.ApplyForRepair(pb.ApplyForRepairRequest(entry_id=oid("o2"), evidence="x"))
     ).application
     await score.reviewer.DecideRepair(
         pb.DecideRepairRequest(
@@ -541,7 +558,7 @@ async def test_the_audit_chain_holds_every_act_and_breaks_when_a_row_is_tampered
         )
     )
     await score.alice.SetConsent(pb.SetConsentRequest(granted=True))
-    await score.apply(reversals=(retraction("o1", ALICE, "o1-0"),))
+    await score.apply(reversals=(retraction(oid("o1"), ALICE, "o1-0"),))
     report = score.verify_audit()
     assert report.intact, report.problems
     actions = score.read(

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from contracts.score_store import load_entry_facts
 from egret.common.v1 import outcome_pb2
+from kit.columns import Hex, Instant
 from kit.migrations import alembic_config, upgrade
 from kit.packing import MARK, Packed
 from services.score.bootstrap import MIGRATIONS
@@ -146,14 +147,16 @@ def test_an_entry_whose_texts_differ_from_its_snapshot_stops_the_upgrade(engine:
 
 def test_entries_stored_packed_are_unpacked_before_the_texts_are_written_back(engine: sa.Engine) -> None:
     """An entry the current code stored (its snapshot packed, kit.packing) goes down through
-    score 0010, which unpacks it, and 0009, which reads its texts from the snapshot."""
+    score 0011, 0010, which unpacks it, and 0009, which reads its texts from the snapshot."""
     upgrade(engine, MIGRATIONS, VERSION_TABLE)
-    outcome = snapshot("e-packed", "Fare evasion", "Passed gate G3 without a fare")
+    outcome = snapshot("e0", "Fare evasion", "Passed gate G3 without a fare")
+    # As the current code writes it: keys and ids as bytes, instants as Instant (score 0011).
     ledger = sa.table(
         "score_ledger",
-        *(sa.column(c) for c in ("entry_id", "subject_key", "subject_key_id", "subject_kind", "rule_id")),
+        *(sa.column(c, Hex()) for c in ("entry_id", "subject_key")),
+        *(sa.column(c) for c in ("subject_key_id", "subject_kind", "rule_id")),
         *(sa.column(c) for c in ("rule_set", "rule_set_version", "points", "category", "severity", "status")),
-        *(sa.column(c, sa.DateTime(timezone=True)) for c in ("occurred_at", "recorded_at", "visible_until")),
+        *(sa.column(c, Instant()) for c in ("occurred_at", "recorded_at", "visible_until")),
         sa.column("black_list", sa.Boolean()),
         sa.column("outcome", Packed()),
     )
@@ -161,7 +164,7 @@ def test_entries_stored_packed_are_unpacked_before_the_texts_are_written_back(en
         connection.execute(
             ledger.insert(),
             {
-                "entry_id": "e-packed",
+                "entry_id": "e0",
                 "subject_key": "a" * 64,
                 "subject_key_id": "k1",
                 "subject_kind": "person",

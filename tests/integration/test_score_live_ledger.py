@@ -34,6 +34,7 @@ from services.score.stores.due_process import SqlDueProcessStore
 from services.score.stores.ledger import SqlLedgerStore
 from services.score.stores.policies import SqlPolicyStore
 from tests.support.due_process import Clock
+from tests.support.outcomes import oid
 
 ROOT = Path(__file__).parents[2]
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -147,7 +148,7 @@ def test_random_batches_end_as_reading_whole_ledgers_does(
     clock = Clock(T0)
     live = world(database_url, clock, whole=False)
     whole = world(database_url_factory("whole"), clock, whole=True)
-    subjects = [f"subject-{i:02d}" for i in range(12)]
+    subjects = [f"{i:02d}" * 32 for i in range(12)]
     ids: list[str] = []
     disputes: list[str] = []
     for batch in range(70):
@@ -157,7 +158,7 @@ def test_random_batches_end_as_reading_whole_ledgers_does(
         outcomes = []
         for subject in rng.sample(subjects, rng.randrange(1, 7)):
             for _ in range(rng.randrange(1, 4)):
-                ids.append(f"o-{batch}-{len(ids)}")
+                ids.append(oid(f"o-{batch}-{len(ids)}"))
                 outcomes.append(outcome(ids[-1], subject, clock.now, rng, late_days))
         reversals = []
         if rng.random() < 0.15:
@@ -193,11 +194,11 @@ def test_rows_read_per_outcome_do_not_grow_with_history(database_url: str) -> No
     clock = Clock(T0)
     w = world(database_url, clock, whole=False)
     rng = random.Random(7)
-    subjects = [f"subject-{i:02d}" for i in range(20)]
+    subjects = [f"{i:02d}" * 32 for i in range(20)]
     per_batch = []
     for batch in range(80):
         clock.now += 3 * DAY
-        outcomes = [outcome(f"o-{batch}-{s}", s, clock.now, rng, 0.5) for s in subjects]
+        outcomes = [outcome(oid(f"o-{batch}-{n}"), s, clock.now, rng, 0.5) for n, s in enumerate(subjects)]
         before = w.store.entries_read
         applied = w.ledger.apply(outcomes).applied
         per_batch.append((w.store.entries_read - before) / applied)

@@ -28,6 +28,7 @@ from services.score.bootstrap import build as build_score
 from services.score.settings import ScoreSettings
 from tests.support import waiting
 from tests.support.events import ORGANIZATION
+from tests.support.outcomes import oid
 from tests.support.outcomes import outcome as make_outcome
 from tests.support.query import query_settings, score_beside_query_settings
 from tests.support.score import POLICY_FILE
@@ -141,7 +142,9 @@ async def test_the_cap_counts_exactly_plus_fifty_and_withholds_the_point_beyond(
 
 
 async def test_an_entry_stops_counting_at_visible_until_with_no_event(egret: Egret) -> None:
-    await egret.apply(outcome("m1", BOB, -5, "traffic", MINOR), outcome("p1", BOB, 3, "civic", POSITIVE))
+    await egret.apply(
+        outcome(oid("m1"), BOB, -5, "traffic", MINOR), outcome(oid("p1"), BOB, 3, "civic", POSITIVE)
+    )
     until = T0 + timedelta(days=MINOR_DAYS)
     egret.clock.now = until - timedelta(microseconds=1)
     before = await egret.get(BOB)
@@ -152,15 +155,15 @@ async def test_an_entry_stops_counting_at_visible_until_with_no_event(egret: Egr
     assert (at.score, at.entry_count) == (1003, 1)
     entries = (await egret.query.ListEntries(pb.ListEntriesRequest(subject=key(BOB)))).entries
     assert {e.entry_id: e.status for e in entries} == {
-        "m1": pb.ENTRY_STATUS_EXPIRED,
-        "p1": pb.ENTRY_STATUS_ACTIVE,
+        oid("m1"): pb.ENTRY_STATUS_EXPIRED,
+        oid("p1"): pb.ENTRY_STATUS_ACTIVE,
     }
 
     async def swept() -> None:
         changes = await egret.history(BOB)
         assert [(c.cause, c.score, list(c.added_entry_ids), list(c.expired_entry_ids)) for c in changes] == [
-            (pb.CHANGE_CAUSE_ENTRIES, 998, ["m1", "p1"], []),
-            (pb.CHANGE_CAUSE_EXPIRY, 1003, [], ["m1"]),
+            (pb.CHANGE_CAUSE_ENTRIES, 998, [oid("m1"), oid("p1")], []),
+            (pb.CHANGE_CAUSE_EXPIRY, 1003, [], [oid("m1")]),
         ]
         assert changes[1].changed_at.ToDatetime(UTC) == until
         assert (changes[1].score_before, changes[1].HasField("score_before")) == (998, True)
@@ -173,9 +176,9 @@ async def test_an_entry_stops_counting_at_visible_until_with_no_event(egret: Egr
 
 async def test_get_score_as_of_returns_the_score_as_it_was(egret: Egret) -> None:
     first = egret.clock.now
-    await egret.apply(outcome("g1", BOB, -10, "finance", GENERAL))
+    await egret.apply(outcome(oid("g1"), BOB, -10, "finance", GENERAL))
     egret.clock.now = first + timedelta(days=2)
-    await egret.apply(outcome("g2", BOB, -20, "finance", GENERAL, occurred_at=T0 - timedelta(days=30)))
+    await egret.apply(outcome(oid("g2"), BOB, -20, "finance", GENERAL, occurred_at=T0 - timedelta(days=30)))
     egret.clock.now = T0 + timedelta(days=400)
     assert (await egret.get(BOB)).score == 1000  # both expired by now
     then = await egret.get(BOB, as_of=first + timedelta(days=1))
@@ -194,10 +197,10 @@ async def test_get_score_as_of_returns_the_score_as_it_was(egret: Egret) -> None
 
 async def test_entering_and_leaving_lists_are_history_events(egret: Egret) -> None:
     await egret.apply(
-        outcome("c1", ALICE, 50, "civic", POSITIVE), outcome("t1", ALICE, 10, "transport", POSITIVE)
+        outcome("c1", ALICE, 50, "civic", POSITIVE), outcome(oid("t1"), ALICE, 10, "transport", POSITIVE)
     )
     egret.clock.now += timedelta(days=1)
-    await egret.apply(outcome("r1", ALICE, -1, "traffic", MINOR, occurred_at=egret.clock.now))
+    await egret.apply(outcome(oid("r1"), ALICE, -1, "traffic", MINOR, occurred_at=egret.clock.now))
     egret.clock.now += timedelta(days=1)
     await egret.apply(
         outcome("f1", ALICE, -10, "transport", GENERAL, occurred_at=egret.clock.now, black_list=True)
@@ -206,8 +209,8 @@ async def test_entering_and_leaving_lists_are_history_events(egret: Egret) -> No
     assert [
         (c.score, c.tier, list(c.lists_before), list(c.lists), list(c.added_entry_ids)) for c in changes
     ] == [
-        (1060, "AAA", [], ["red"], ["c1", "t1"]),
-        (1059, "AAA", ["red"], [], ["r1"]),
+        (1060, "AAA", [], ["red"], [oid("t1"), "c1"]),
+        (1059, "AAA", ["red"], [], [oid("r1")]),
         (1049, "AA", [], ["black"], ["f1"]),
     ]
     score = await egret.get(ALICE)
@@ -225,8 +228,8 @@ async def test_entering_and_leaving_lists_are_history_events(egret: Egret) -> No
 
 async def test_eligibility_is_purpose_bound_and_cites_entries(egret: Egret) -> None:
     await egret.apply(
-        outcome("bike-1", ALICE, 2, "transport", POSITIVE),
-        outcome("court-1", ALICE, -100, "legal", SERIOUS, black_list=True),
+        outcome(oid("bike-1"), ALICE, 2, "transport", POSITIVE),
+        outcome(oid("court-1"), ALICE, -100, "legal", SERIOUS, black_list=True),
     )
     bike = await egret.query.CheckEligibility(
         pb.CheckEligibilityRequest(subject=key(ALICE), benefit_id="bike.deposit_free")
@@ -235,7 +238,7 @@ async def test_eligibility_is_purpose_bound_and_cites_entries(egret: Egret) -> N
     assert (bike.purpose_bound_score.score, bike.purpose_bound_score.tier) == (1002, "A")
     assert list(bike.purpose_bound_score.considers) == ["transport"]
     assert [(r.path, r.met, list(r.entry_ids)) for r in bike.reasons] == [
-        ("condition.all[0]", True, ["bike-1"]),
+        ("condition.all[0]", True, [oid("bike-1")]),
         ("condition.all[1]", True, []),
     ]
     priority = await egret.query.CheckEligibility(
@@ -243,7 +246,7 @@ async def test_eligibility_is_purpose_bound_and_cites_entries(egret: Egret) -> N
     )
     assert not priority.eligible
     assert (priority.purpose_bound_score.tier, list(priority.purpose_bound_score.lists)) == ("B", ["black"])
-    assert set(priority.reasons[0].entry_ids) == {"bike-1", "court-1"}
+    assert set(priority.reasons[0].entry_ids) == {oid("bike-1"), oid("court-1")}
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await egret.query.CheckEligibility(
             pb.CheckEligibilityRequest(subject=key(ALICE), benefit_id="spa.free")
@@ -258,7 +261,7 @@ async def test_batch_scores_distribution_and_benefits(egret: Egret) -> None:
     await egret.apply(
         outcome("a1", ALICE, 10, "civic", POSITIVE),
         outcome("b1", BOB, -50, "traffic", SERIOUS),
-        outcome("o1", ACME, 5, "commerce", POSITIVE, kind=ORGANIZATION),
+        outcome(oid("o1"), ACME, 5, "commerce", POSITIVE, kind=ORGANIZATION),
     )
     batch = await egret.query.BatchGetScores(
         pb.BatchGetScoresRequest(subjects=[key(ALICE), key("0" * 64), key(ACME)])
@@ -306,7 +309,7 @@ async def test_batch_scores_distribution_and_benefits(egret: Egret) -> None:
 
 
 async def test_a_policy_is_previewed_then_activated_and_past_scores_keep_their_policy(egret: Egret) -> None:
-    await egret.apply(outcome("g1", BOB, -45, "finance", GENERAL))
+    await egret.apply(outcome(oid("g1"), BOB, -45, "finance", GENERAL))
     before = egret.clock.now
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await egret.score.PreviewPolicy(score_pb.PreviewPolicyRequest(policy_yaml="version: ''\npolicies: 3"))

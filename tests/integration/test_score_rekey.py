@@ -38,7 +38,7 @@ from services.score.bootstrap import MIGRATIONS, build
 from services.score.settings import ScoreSettings
 from services.score.stores.keyed import KEYED
 from tests.support.events import TEST_SUBJECT_KEY
-from tests.support.outcomes import outcome
+from tests.support.outcomes import oid, outcome
 from tests.support.score import POLICY_FILE, score_settings
 from tests.support.servers import client_channel, running, with_common
 
@@ -162,17 +162,17 @@ async def populate(score: pb_grpc.ScoreServiceAsyncStub) -> None:
     await score.ApplyOutcomes(
         pb.ApplyOutcomesRequest(
             outcomes=[
-                minor("o1", ALICE, -5, "k1"),
-                minor("o2", ALICE, -3, "k1"),
-                minor("o3", BOB, -10, "k1"),
+                minor(oid("o1"), ALICE, -5, "k1"),
+                minor(oid("o2"), ALICE, -3, "k1"),
+                minor(oid("o3"), BOB, -10, "k1"),
                 # A sender from before generations: "" is the receiver's current one.
-                minor("o4", ALICE, -7),
+                minor(oid("o4"), ALICE, -7),
             ],
-            reversals=[retracted("o4", ALICE, "k1"), retracted("o9", ALICE, "k1")],
+            reversals=[retracted(oid("o4"), ALICE, "k1"), retracted(oid("o9"), ALICE, "k1")],
         )
     )
-    await score.FileDispute(pb.FileDisputeRequest(entry_id="o2", statement="not me"))
-    await score.ApplyForRepair(pb.ApplyForRepairRequest(entry_id="o1", evidence="paid in full"))
+    await score.FileDispute(pb.FileDisputeRequest(entry_id=oid("o2"), statement="not me"))
+    await score.ApplyForRepair(pb.ApplyForRepairRequest(entry_id=oid("o1"), evidence="paid in full"))
     await score.SetConsent(pb.SetConsentRequest(subject_key=ALICE, granted=True))
     await score.SetConsent(pb.SetConsentRequest(subject_key=BOB, granted=False))
 
@@ -217,7 +217,7 @@ async def test_a_rotation_moves_every_stored_key_and_old_keys_arriving_later_joi
         # The instance still configured for k1 is refused from now on, reads included;
         # one of k2 serves the same database.
         await expect_unavailable(
-            old.ApplyOutcomes(pb.ApplyOutcomesRequest(outcomes=[minor("o7", ALICE, -1, "k1")]))
+            old.ApplyOutcomes(pb.ApplyOutcomesRequest(outcomes=[minor(oid("o7"), ALICE, -1, "k1")]))
         )
         await expect_unavailable(old.SetConsent(pb.SetConsentRequest(subject_key=ALICE, granted=False)))
         await expect_unavailable(old.VerifyScores(pb.VerifyScoresRequest()))
@@ -229,11 +229,11 @@ async def test_a_rotation_moves_every_stored_key_and_old_keys_arriving_later_joi
             response = await new.ApplyOutcomes(
                 pb.ApplyOutcomesRequest(
                     outcomes=[
-                        minor("o5", ALICE, -4, "k1"),
-                        minor("o6", ALICE2, -2, "k2"),
-                        minor("o9", ALICE, -6, "k1"),
+                        minor(oid("o5"), ALICE, -4, "k1"),
+                        minor(oid("o6"), ALICE2, -2, "k2"),
+                        minor(oid("o9"), ALICE, -6, "k1"),
                     ],
-                    reversals=[regrouped("o6", ALICE, "k1")],
+                    reversals=[regrouped(oid("o6"), ALICE, "k1")],
                 )
             )
             assert (response.applied, response.reversed) == (3, 1)
@@ -249,18 +249,20 @@ async def test_a_rotation_moves_every_stored_key_and_old_keys_arriving_later_joi
 
             # A generation this instance does not know yet: refused whole, for the relay to retry.
             await expect_unavailable(
-                new.ApplyOutcomes(pb.ApplyOutcomesRequest(outcomes=[minor("o8", "c3" * 32, -1, "k3")]))
+                new.ApplyOutcomes(pb.ApplyOutcomesRequest(outcomes=[minor(oid("o8"), "c3" * 32, -1, "k3")]))
             )
             await expect_unavailable(
-                new.ApplyOutcomes(pb.ApplyOutcomesRequest(reversals=[retracted("o5", "c3" * 32, "k3")]))
+                new.ApplyOutcomes(pb.ApplyOutcomesRequest(reversals=[retracted(oid("o5"), "c3" * 32, "k3")]))
             )
             with db.connect() as connection:
                 assert (
-                    connection.scalar(sa.select(StoredEntry.status).where(StoredEntry.entry_id == "o5"))
+                    connection.scalar(sa.select(StoredEntry.status).where(StoredEntry.entry_id == oid("o5")))
                     == "active"
                 )
                 assert (
-                    connection.scalar(sa.select(StoredEntry.entry_id).where(StoredEntry.entry_id == "o8"))
+                    connection.scalar(
+                        sa.select(StoredEntry.entry_id).where(StoredEntry.entry_id == oid("o8"))
+                    )
                     is None
                 )
     report, _ = audit_actions(db)
@@ -284,7 +286,7 @@ async def test_a_killed_rekey_job_resumes_and_completes_with_every_score_intact(
     # Rows written before generations were recorded are of the root generation.
     with db.begin() as connection:
         connection.execute(
-            sa.update(StoredEntry).where(StoredEntry.entry_id == "o3").values(subject_key_id=None)
+            sa.update(StoredEntry).where(StoredEntry.entry_id == oid("o3")).values(subject_key_id=None)
         )
     before = scores(db)
 

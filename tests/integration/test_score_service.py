@@ -14,13 +14,14 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from contracts.score_store import ScoreAuditLog, StoredCategory, StoredEntry, StoredScore, load_entry_facts
-from egret.common.v1 import outcome_pb2
+from egret.common.v1 import due_process_pb2, outcome_pb2
 from egret.score.v1 import score_service_pb2 as pb
 from egret.score.v1 import score_service_pb2_grpc as pb_grpc
 from kit.db import as_utc, create_engine
 from services.score import bootstrap
 from services.score.bootstrap import MIGRATIONS, build
 from services.score.settings import ScoreSettings
+from tests.support.outcomes import oid
 from tests.support.outcomes import outcome as make_outcome
 from tests.support.purposes import assert_bad_purposes_refused
 from tests.support.score import POLICY_FILE, score_settings
@@ -45,10 +46,10 @@ def outcome(
 
 
 BATCH = [
-    outcome("o1", ALICE, 10, "civic", POSITIVE),
-    outcome("o2", ALICE, -5, "traffic"),
-    outcome("o3", ALICE, -3, "civic"),
-    outcome("o4", BOB, -50, "traffic", SERIOUS),
+    outcome(oid("o1"), ALICE, 10, "civic", POSITIVE),
+    outcome(oid("o2"), ALICE, -5, "traffic"),
+    outcome(oid("o3"), ALICE, -3, "civic"),
+    outcome(oid("o4"), BOB, -50, "traffic", SERIOUS),
 ]
 
 
@@ -94,7 +95,7 @@ async def test_a_batch_becomes_ledger_entries_and_scores(
         (BOB, "traffic"): (-50, 1),
     }
     with db.connect() as c:
-        row = c.execute(sa.select(StoredEntry).where(StoredEntry.entry_id == "o4")).one()
+        row = c.execute(sa.select(StoredEntry).where(StoredEntry.entry_id == oid("o4"))).one()
     assert (row.subject_key, row.points, row.category, row.severity, row.status) == (
         BOB,
         -50,
@@ -108,7 +109,7 @@ async def test_a_batch_becomes_ledger_entries_and_scores(
     # the reason are read from it (score migration 0009).
     assert outcome_pb2.Outcome.FromString(row.outcome) == BATCH[3]
     with Session(db) as session:
-        facts = load_entry_facts(session, "o4")
+        facts = load_entry_facts(session, oid("o4"))
     assert facts is not None
     assert facts.entry.rule.legal_basis == "Regulation 7" == BATCH[3].rule.legal_basis
     assert facts.entry.reason == BATCH[3].reason
@@ -121,7 +122,7 @@ async def test_a_resent_batch_changes_nothing(score: pb_grpc.ScoreServiceAsyncSt
     assert (again.applied, again.duplicate, again.subjects_updated) == (0, 4, 0)
     assert (stored_scores(db), stored_categories(db)) == before
     partly = await score.ApplyOutcomes(
-        pb.ApplyOutcomesRequest(outcomes=[BATCH[0], outcome("o5", ALICE, 5, "civic", POSITIVE)])
+        pb.ApplyOutcomesRequest(outcomes=[BATCH[0], outcome(oid("o5"), ALICE, 5, "civic", POSITIVE)])
     )
     assert (partly.applied, partly.duplicate, partly.subjects_updated) == (1, 1, 1)
     assert stored_scores(db)[ALICE][:3] == (1007, "A", 4)
@@ -130,17 +131,24 @@ async def test_a_resent_batch_changes_nothing(score: pb_grpc.ScoreServiceAsyncSt
 async def test_an_invalid_outcome_does_not_block_the_rest(
     score: pb_grpc.ScoreServiceAsyncStub, db: Engine
 ) -> None:
-    no_severity = outcome("bad-1", ALICE, -5, "traffic")
+    no_severity = outcome(oid("bad-1"), ALICE, -5, "traffic")
     no_severity.ClearField("severity")
-    no_category = outcome("bad-2", ALICE, -5, "")
-    no_subject = outcome("bad-3", "", -5, "traffic")
+    no_category = outcome(oid("bad-2"), ALICE, -5, "")
+    no_subject = outcome(oid("bad-3"), "", -5, "traffic")
     no_id = outcome("", ALICE, -5, "traffic")
+    # Keys and ids are stored as bytes (kit.columns.Hex): anything else is refused as invalid.
+    not_hex = [outcome("o-9", ALICE, -5, "traffic"), outcome(oid("bad-4"), "Alice", -5, "traffic")]
     response = await score.ApplyOutcomes(
-        pb.ApplyOutcomesRequest(outcomes=[no_severity, BATCH[1], no_category, no_subject, no_id, BATCH[3]])
+        pb.ApplyOutcomesRequest(
+            outcomes=[no_severity, BATCH[1], no_category, no_subject, no_id, *not_hex, BATCH[3]],
+            reversals=[
+                pb.Reversal(outcome_id="o-9", retraction=due_process_pb2.Retraction(subject_key=ALICE))
+            ],
+        )
     )
     assert (response.applied, response.duplicate, response.subjects_updated) == (2, 0, 2)
     with db.connect() as c:
-        assert sorted(c.scalars(sa.select(StoredEntry.entry_id))) == ["o2", "o4"]
+        assert sorted(c.scalars(sa.select(StoredEntry.entry_id))) == [oid("o2"), oid("o4")]
     assert stored_scores(db) == {ALICE: (995, "A", 1, "2026.2"), BOB: (950, "B", 1, "2026.2")}
 
 
@@ -150,7 +158,7 @@ async def test_an_empty_batch_is_a_no_op(score: pb_grpc.ScoreServiceAsyncStub) -
 
 
 async def test_an_oversized_batch_is_refused(score: pb_grpc.ScoreServiceAsyncStub) -> None:
-    many = [outcome(f"o{i}", ALICE, 1, "civic", POSITIVE) for i in range(51)]
+    many = [outcome(oid(f"o{i}"), ALICE, 1, "civic", POSITIVE) for i in range(51)]
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await score.ApplyOutcomes(pb.ApplyOutcomesRequest(outcomes=many))
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
@@ -160,7 +168,7 @@ async def test_verify_finds_stored_scores_match_their_ledgers(score: pb_grpc.Sco
     subjects = [f"{i:064x}" for i in range(5)]
     await score.ApplyOutcomes(
         pb.ApplyOutcomesRequest(
-            outcomes=[outcome(f"o{i}", subjects[i % 5], -i, "traffic") for i in range(12)]
+            outcomes=[outcome(oid(f"o{i}"), subjects[i % 5], -i, "traffic") for i in range(12)]
         )
     )
     result = await score.VerifyScores(pb.VerifyScoresRequest())
@@ -177,7 +185,8 @@ async def test_verify_detects_a_corrupted_score(
     assert bootstrap.verify(settings) == 0
     with db.begin() as c:
         c.execute(
-            sa.text("UPDATE score_subjects SET score = 1100, tier = 'AAA' WHERE subject_key = :k"), {"k": BOB}
+            sa.text("UPDATE score_subjects SET score = 1100, tier = 'AAA' WHERE subject_key = :k"),
+            {"k": bytes.fromhex(BOB)},
         )
     result = await score.VerifyScores(pb.VerifyScoresRequest(max_mismatches=5, purpose="operations"))
     assert (result.subjects_checked, result.mismatch_count) == (2, 1)
@@ -198,7 +207,8 @@ async def test_verify_names_mismatched_subjects_only_for_a_purpose_and_records_t
     with db.begin() as c:
         c.execute(
             sa.text("UPDATE score_subjects SET score = 1 WHERE subject_key IN (:a, :b)"),
-            {"a": ALICE, "b": BOB},
+            # Keys are stored as the bytes their hex spells (kit.columns.Hex).
+            {"a": bytes.fromhex(ALICE), "b": bytes.fromhex(BOB)},
         )
     # Without a purpose: the counts, no subject, nothing recorded.
     counts = await score.VerifyScores(pb.VerifyScoresRequest())
@@ -241,7 +251,7 @@ async def test_verify_cli_exits_non_zero_on_a_mismatch(
     assert bootstrap.main(["verify"]) == 0
     with db.begin() as c:
         c.execute(sa.text("DELETE FROM score_categories"))
-        c.execute(sa.text("DELETE FROM score_subjects WHERE subject_key = :k"), {"k": ALICE})
+        c.execute(sa.text("DELETE FROM score_subjects WHERE subject_key = :k"), {"k": bytes.fromhex(ALICE)})
     assert bootstrap.main(["verify"]) == 1
 
 

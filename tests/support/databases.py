@@ -30,3 +30,11 @@ def drop_postgres_database(url: str) -> None:
     with engine.connect() as connection:
         connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     engine.dispose()
+
+
+def stored_text(value: object) -> str:
+    """A value read by raw SQL, as text: bytes (a key or id a kit.columns.Hex column stores
+    as the bytes its hex spells) as that hex, anything else as str()."""
+    if isinstance(value, bytes | memoryview):
+        return bytes(value).hex()
+    return str(value)

@@ -11,6 +11,12 @@ from tests.support.events import PERSON
 OCCURRED = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 
 
+def oid(name: str) -> str:
+    """A test's readable outcome name as an outcome id: lowercase hex, as rules makes them
+    (domain.ruleset.model.outcome_id) and as score stores them, in bytes (kit.columns.Hex)."""
+    return name.encode().hex()
+
+
 def outcome(
     outcome_id: str,
     subject_key: str,

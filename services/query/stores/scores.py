@@ -34,7 +34,7 @@ from domain.consent import Consent
 from domain.entries import LedgerEntry, ScoredEntry
 from domain.policy import ActivatedPolicy
 from domain.scoring import CategoryScore, ListMembership
-from kit.db import as_utc, make_session_factory
+from kit.db import make_session_factory
 from kit.errors import Unavailable
 from kit.rekey import read_marker
 from services.query.paging import Cursor
@@ -78,8 +78,10 @@ class PreparedRead:
 
     At a thousand reads a second the ORM session, the connection wrapper and the per-call
     parameter processing cost several times the query itself (about 300 µs against 60 µs
-    per read on the benchmark machine). The driver keeps the statement prepared: sqlite3
-    caches it per connection, psycopg prepares it server-side after a few executions.
+    per read on the benchmark machine). The parameter is bound through its column's type
+    (kit.columns.Hex for a subject key), as a session would bind it. The driver keeps the
+    statement prepared: sqlite3 caches it per connection, psycopg prepares it server-side
+    after a few executions.
     """
 
     def __init__(self, engine: Engine, statement: sa.Select[*tuple[Any, ...]], parameter: str) -> None:
@@ -91,6 +93,8 @@ class PreparedRead:
         self._sql = compiled.string
         self._positional = compiled.positiontup is not None
         self._parameter = parameter
+        # The parameter's own bind conversion (a subject key's hex to its stored bytes).
+        self._bind = compiled.binds[parameter].type.dialect_impl(dialect).bind_processor(dialect)
         self._convert = [
             column.type.dialect_impl(dialect).result_processor(dialect, None)
             for column in statement.selected_columns
@@ -99,6 +103,8 @@ class PreparedRead:
         self._operational_error: type[Exception] = dialect.loaded_dbapi.OperationalError
 
     def rows(self, value: object) -> list[list[Any]]:
+        if self._bind is not None:
+            value = self._bind(value)
         params: Any = (value,) if self._positional else {self._parameter: value}
         try:
             connection = self._engine.raw_connection()
@@ -158,14 +164,14 @@ class SqlScoreReader:
             score=score,
             tier=tier,
             categories=tuple(CategoryScore(r[8], r[9], r[10], r[11]) for r in rows if r[8] is not None),
-            as_of=as_utc(updated_at),
+            as_of=updated_at,
             policy_version=version,
             entry_count=entries,
             lists=tuple(
                 ListMembership(name, tuple(reasons), tuple(ids))
                 for name, reasons, ids in json.loads(lists or "[]")
             ),
-            next_change_at=None if next_change_at is None else as_utc(next_change_at),
+            next_change_at=next_change_at,
         )
 
     def entries(self, subject_key: str, after: Cursor | None, limit: int) -> Sequence[LedgerEntry]:
@@ -269,7 +275,7 @@ class SqlScoreReader:
                     StoredPolicy.activated_at, StoredPolicy.version
                 )
             )
-            return [(version, as_utc(at)) for version, at in rows]
+            return list(rows.tuples())
 
         return self._read(work)
 
@@ -281,8 +287,8 @@ def _split(text: str | None) -> tuple[str, ...]:
 def _history_row(row: StoredHistory) -> HistoryRow:
     return HistoryRow(
         history_id=row.history_id,
-        changed_at=as_utc(row.changed_at),
-        recorded_at=as_utc(row.recorded_at),
+        changed_at=row.changed_at,
+        recorded_at=row.recorded_at,
         cause=row.cause,
         policy_version=row.policy_version,
         score_before=row.score_before,

@@ -46,10 +46,9 @@ def entry_row(entry: LedgerEntry, key_id: str) -> dict[str, Any]:
         "category": entry.category,
         "severity": entry.severity,
         "status": entry.status.value,
-        # SQLite drops the offset, so only UTC survives a round trip.
-        "occurred_at": entry.occurred_at.astimezone(UTC),
-        "recorded_at": entry.recorded_at.astimezone(UTC),
-        "visible_until": entry.visible_until.astimezone(UTC),
+        "occurred_at": entry.occurred_at,
+        "recorded_at": entry.recorded_at,
+        "visible_until": entry.visible_until,
         "black_list": entry.black_list,
         "outcome": entry.snapshot,
         "granted": None,
@@ -265,7 +264,7 @@ class SqlLedgerStore:
             return list(
                 session.scalars(
                     sa.select(StoredScore.subject_key)
-                    .where(StoredScore.next_change_at <= now.astimezone(UTC))
+                    .where(StoredScore.next_change_at <= now)
                     .order_by(StoredScore.next_change_at)
                     .limit(limit)
                 )
@@ -324,8 +323,8 @@ def _reversal_row(r: ReversalRecord, key_id: str) -> dict[str, Any]:
         "source": r.source,
         "event_id": r.event_id,
         "reason": r.reason,
-        "retracted_at": None if r.retracted_at is None else r.retracted_at.astimezone(UTC),
+        "retracted_at": r.retracted_at,
         "retracted_by": r.retracted_by,
-        "reversed_at": r.reversed_at.astimezone(UTC),
+        "reversed_at": r.reversed_at,
         "cause": r.cause,
     }

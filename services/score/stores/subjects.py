@@ -25,7 +25,6 @@ from contracts.score_store import (
 from domain.entries import ScoredEntry
 from domain.policy import ScorePolicy
 from domain.scoring import ScoreState, list_names
-from kit.db import as_utc
 from services.score.ledger_store import ConcurrentWrite, Rescored, SubjectLedger
 from services.score.live import cutoff, live_part
 
@@ -62,12 +61,12 @@ def subject_ledger(
     partial: bool = False,
 ) -> SubjectLedger:
     state = score_state(row)
-    through = None if row is None or row.recorded_through is None else as_utc(row.recorded_through)
+    through = None if row is None else row.recorded_through
     return SubjectLedger(
         subject_key=key,
         subject_kind=row.subject_kind if row is not None else kind,
         stored=state,
-        computed_at=as_utc(row.updated_at) if row is not None and state is not None else None,
+        computed_at=row.updated_at if row is not None and state is not None else None,
         stored_policy_version=row.policy_version if row is not None else "",
         entries=tuple(entries),
         recorded_through=through,
@@ -176,8 +175,8 @@ def lock_live(
         floor = cutoff(
             policy.for_kind(row.subject_kind),
             stored_version=row.policy_version,
-            since=as_utc(row.updated_at),
-            recorded_through=None if row.recorded_through is None else as_utc(row.recorded_through),
+            since=row.updated_at,
+            recorded_through=row.recorded_through,
             now=now,
         )
         if floor is not None:
@@ -240,7 +239,7 @@ def save_scores(
         _store_scores(
             session,
             results,
-            None if recorded_at is None else recorded_at.astimezone(UTC),
+            recorded_at,
             key_id,
             first or {},
         )
@@ -271,14 +270,12 @@ def _store_scores(
             "tier": r.tier,
             "policy_version": r.policy_version,
             "entry_count": r.entry_count,
-            "updated_at": r.as_of.astimezone(UTC),
-            "next_change_at": None if r.next_change_at is None else r.next_change_at.astimezone(UTC),
+            "updated_at": r.as_of,
+            "next_change_at": r.next_change_at,
             "red_list": r.state.red,
             "black_list": r.state.black,
             "list_reasons": json.dumps([[m.name, list(m.reasons), list(m.entry_ids)] for m in r.lists]),
-            "recorded_through": None
-            if rescored.recorded_through is None
-            else rescored.recorded_through.astimezone(UTC),
+            "recorded_through": rescored.recorded_through,
         }
         if key in first:
             inserts.append(
@@ -292,7 +289,7 @@ def _store_scores(
                 {
                     "subject_key": key,
                     "subject_key_id": key_id,
-                    "changed_at": c.changed_at.astimezone(UTC),
+                    "changed_at": c.changed_at,
                     "recorded_at": written_at,
                     "cause": c.cause,
                     "policy_version": c.after.policy_version,
@@ -309,9 +306,7 @@ def _store_scores(
                     "note": c.note,
                 }
             )
-        periods += [
-            {"b_entry_id": i, "visible_until": v.astimezone(UTC)} for i, v in rescored.visible_until.items()
-        ]
+        periods += [{"b_entry_id": i, "visible_until": v} for i, v in rescored.visible_until.items()]
     if updates:
         session.execute(_SET_SCORE, updates)
     if inserts:

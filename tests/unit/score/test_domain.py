@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from domain.entries import CORRECTION, DISPUTE, REPAIR, EntryStatus, Pause, RuleRef, ScoredEntry
-from domain.intake import IncomingOutcome, outcome_violations
+from domain.intake import IncomingOutcome, IncomingReversal, outcome_violations, reversal_violations
 from domain.policy import ActivatedPolicy, Caps, PolicyBook, ScorePolicy, SubjectPolicy, load_policy
 from domain.scoring import CategoryScore, ScoreResult, ScoreState, compute_score
 from services.score.ledger import Ledger, Mismatch
@@ -179,20 +179,20 @@ def ledger(store: FakeStore) -> Ledger:
 
 def test_apply_records_each_outcome_as_an_active_entry(ledger: Ledger, store: FakeStore) -> None:
     result = ledger.apply(
-        [outcome("o1"), outcome("o2", "b" * 64, points=10, category="civic", severity="positive")]
+        [outcome("01"), outcome("02", "b" * 64, points=10, category="civic", severity="positive")]
     )
     assert (result.applied, result.duplicate, result.subjects_updated, result.rejected) == (2, 0, 2, ())
-    entry = store.entries["o1"]
+    entry = store.entries["01"]
     assert entry.status is EntryStatus.ACTIVE
     assert entry.recorded_at == NOW
     assert entry.visible_until == OCCURRED + timedelta(days=90)
-    assert store.entries["o2"].visible_until == OCCURRED + timedelta(days=730)
-    assert entry.snapshot == b"o1"
+    assert store.entries["02"].visible_until == OCCURRED + timedelta(days=730)
+    assert entry.snapshot == b"01"
     assert store.scores == {"a" * 64: (995, "A"), "b" * 64: (1010, "A")}
 
 
 def test_apply_is_idempotent_by_outcome_id(ledger: Ledger, store: FakeStore) -> None:
-    batch = [outcome("o1"), outcome("o2"), outcome("o3", points=-50, severity="serious")]
+    batch = [outcome("01"), outcome("02"), outcome("03", points=-50, severity="serious")]
     ledger.apply(batch)
     scores = dict(store.scores)
     again = ledger.apply(batch)
@@ -202,19 +202,19 @@ def test_apply_is_idempotent_by_outcome_id(ledger: Ledger, store: FakeStore) -> 
 
 
 def test_a_repeat_within_one_batch_is_a_duplicate(ledger: Ledger, store: FakeStore) -> None:
-    result = ledger.apply([outcome("o1"), outcome("o1")])
+    result = ledger.apply([outcome("01"), outcome("01")])
     assert (result.applied, result.duplicate) == (1, 1)
     assert store.scores == {"a" * 64: (995, "A")}
 
 
 def test_an_invalid_outcome_is_rejected_without_blocking_the_others(ledger: Ledger, store: FakeStore) -> None:
-    result = ledger.apply([outcome("bad", severity=None), outcome("o1"), outcome("", category="")])
+    result = ledger.apply([outcome("bad0", severity=None), outcome("01"), outcome("", category="")])
     assert (result.applied, result.duplicate, result.subjects_updated) == (1, 0, 1)
     assert [(r.outcome_id, [v.field for v in r.violations]) for r in result.rejected] == [
-        ("bad", ["severity"]),
+        ("bad0", ["severity"]),
         ("", ["outcome_id", "category"]),
     ]
-    assert list(store.entries) == ["o1"]
+    assert list(store.entries) == ["01"]
 
 
 def test_a_batch_of_only_rejects_never_reaches_the_store(ledger: Ledger, store: FakeStore) -> None:
@@ -250,17 +250,30 @@ def test_outcome_violations_name_every_missing_or_oversized_field() -> None:
         "TOO_LONG",
         "TOO_LONG",
     ]
-    assert outcome_violations(outcome("ok")) == []
+    assert outcome_violations(outcome("0c")) == []
+
+
+@pytest.mark.parametrize("bad", ["alice", "AB" * 32, "abc", "o1"])
+def test_a_key_or_id_that_is_not_lowercase_hex_is_invalid(bad: str) -> None:
+    """Refused before the store, which keeps them as bytes and could not bind it (kit.columns.Hex)."""
+    assert [v.field for v in outcome_violations(outcome(bad))] == ["outcome_id"]
+    assert [v.field for v in outcome_violations(outcome("0c", subject_key=bad))] == ["subject_key"]
+    reversal = IncomingReversal(bad, bad, "library", "ev-1", "wrong", NOW, "library")
+    assert [(v.field, v.reason) for v in reversal_violations(reversal)] == [
+        ("outcome_id", "NOT_HEX"),
+        ("retraction.subject_key", "NOT_HEX"),
+    ]
+    assert reversal_violations(IncomingReversal("0c", "a" * 64, "library", "ev-1", "", NOW, "library")) == []
 
 
 def test_verify_finds_nothing_wrong_in_scores_it_computed(ledger: Ledger) -> None:
-    ledger.apply([outcome(f"o{i}", subject_key=f"{i % 3:064x}") for i in range(7)])
+    ledger.apply([outcome(f"{i:02x}", subject_key=f"{i % 3:064x}") for i in range(7)])
     result = ledger.verify(max_mismatches=10, page_size=2)
     assert (result.subjects_checked, result.mismatch_count, result.mismatches) == (3, 0, ())
 
 
 def test_verify_reports_corrupted_and_missing_scores(ledger: Ledger, store: FakeStore) -> None:
-    ledger.apply([outcome(f"o{i}", subject_key=f"{i:064x}") for i in range(4)])
+    ledger.apply([outcome(f"{i:02x}", subject_key=f"{i:064x}") for i in range(4)])
     store.rows[f"{1:064x}"].state = ScoreState(1200, "AAA", True, False)
     del store.rows[f"{2:064x}"]
     result = ledger.verify(max_mismatches=10, page_size=3)
@@ -273,7 +286,7 @@ def test_verify_reports_corrupted_and_missing_scores(ledger: Ledger, store: Fake
 
 
 def test_verify_counts_every_mismatch_but_lists_at_most_the_limit(ledger: Ledger, store: FakeStore) -> None:
-    ledger.apply([outcome(f"o{i}", subject_key=f"{i:064x}") for i in range(5)])
+    ledger.apply([outcome(f"{i:02x}", subject_key=f"{i:064x}") for i in range(5)])
     for row in store.rows.values():
         row.state = ScoreState(1, "D", False, True)
     result = ledger.verify(max_mismatches=2)

@@ -454,10 +454,14 @@ def test_a_subject_sets_only_its_own_consent_and_never_beyond_clock_skew_in_the_
         act.set_consent(ALICE, "bob", True, None)
     with pytest.raises(InvalidArgument):
         act.set_consent(ALICE, "", True, T0 + CONSENT_MAX_FUTURE_SKEW + US)
-    paper = act.set_consent(Principal("r-1", Role.REVIEWER), "bob", False, T0 - DAY)
-    assert (paper.subject_key, paper.granted, paper.recorded_by) == ("bob", False, "r-1")
+    bob = "b0" * 32
+    paper = act.set_consent(Principal("r-1", Role.REVIEWER), bob, False, T0 - DAY)
+    assert (paper.subject_key, paper.granted, paper.recorded_by) == (bob, False, "r-1")
     with pytest.raises(InvalidArgument):
         act.set_consent(Principal("r-1", Role.REVIEWER), "", True, None)
+    # A key no subject has (stored as bytes, kit.columns.Hex) is refused, not bound.
+    with pytest.raises(InvalidArgument):
+        act.set_consent(Principal("r-1", Role.REVIEWER), "bob", True, None)
 
 
 def test_staff_naming_a_subject_by_a_key_of_the_previous_generation_reach_its_current_key() -> None:

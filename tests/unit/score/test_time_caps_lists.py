@@ -244,7 +244,8 @@ def outcome(
     outcome_id: str, points: int, severity: str, *, occurred: datetime = T0, flag: bool = False
 ) -> IncomingOutcome:
     return IncomingOutcome(
-        outcome_id=outcome_id,
+        # Hexadecimal, as rules' outcome ids are (domain.intake.outcome_violations).
+        outcome_id=outcome_id.encode().hex(),
         subject_key="a" * 64,
         subject_kind="person",
         rule=RuleRef(rule_id="r", rule_set="s", rule_set_version=1),
@@ -288,7 +289,7 @@ def test_the_sweep_recomputes_expired_subjects_with_no_event_and_verify_agrees(
     assert (change.changed_at, change.cause, change.expired_entry_ids) == (
         T0 + timedelta(days=90),
         EXPIRY,
-        ("m",),
+        (b"m".hex(),),
     )
     assert ledger.verify(10).mismatch_count == 0
 
@@ -369,5 +370,5 @@ def test_a_policy_that_shortens_visibility_rewrites_visible_until(
     )
     clock.now = T0 + timedelta(days=40)
     ledger.activate(shorter, "", "reviewer")
-    assert store.entries["g"].visible_until == T0 + timedelta(days=30)
+    assert store.entries[b"g".hex()].visible_until == T0 + timedelta(days=30)
     assert store.scores == {"a" * 64: (1000, "A")}
