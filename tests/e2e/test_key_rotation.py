@@ -83,7 +83,9 @@ def stored_keys(cluster: Cluster, service: str, table: str) -> set[str]:
     engine = create_engine(cluster.database_url(service), read_only=True)
     try:
         with engine.connect() as connection:
-            return set(connection.scalars(sa.text(f"SELECT DISTINCT subject_key FROM {table}")))
+            keys = connection.scalars(sa.text(f"SELECT DISTINCT subject_key FROM {table}"))
+            # A key stored as its bytes (kit.columns.Hex) as the hex it spells.
+            return {key if isinstance(key, str) else bytes(key).hex() for key in keys}
     finally:
         engine.dispose()
 
