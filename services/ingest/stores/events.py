@@ -31,7 +31,7 @@ from egret.rules.v1 import rules_service_pb2 as rules_pb
 from kit import audit
 from kit.audit import AuditHeadMixin, AuditMixin
 from kit.columns import Hex, Instant
-from kit.db import as_utc, make_metadata
+from kit.db import make_metadata
 from kit.errors import AlreadyExists, FailedPrecondition, NotFound
 from kit.outbox import BigId, OutboxLeaseMixin, OutboxMixin, outbox_rows
 from kit.packing import Packed
@@ -238,7 +238,7 @@ def _retraction(row: StoredRetraction) -> Retraction:
         event_id=row.event_id,
         subject_key=row.subject_key,
         reason=row.reason,
-        retracted_at=as_utc(row.retracted_at),
+        retracted_at=row.retracted_at,  # aware UTC on both dialects (kit.columns.Instant)
         retracted_by=row.retracted_by,
         replaced_by=replaced_by,
         subject_key_id=row.subject_key_id or "",
