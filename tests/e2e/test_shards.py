@@ -109,7 +109,7 @@ async def assert_a_misrouted_event_is_refused(cluster: Cluster) -> None:
         cluster.database_url("ingest"),
         "SELECT subject_key, record FROM ingest_events ORDER BY sequence LIMIT 1",
     )
-    subject_key, record = str(row[0]), unpack(bytes(row[1]))
+    subject_key, record = stored_text(row[0]), unpack(bytes(row[1]))
     event = event_pb2.RecordedEvent.FromString(record)
     wrong = f"rules-{1 - shard_of(subject_key, 2)}"
     async with cluster.service_channel(wrong, "ingest") as channel:

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from egret.common.v1 import event_pb2, subject_pb2
 from egret.rules.v1 import rules_service_pb2 as rules_pb
 from kit.audit import UNKEYED
+from kit.columns import microseconds
 from kit.db import as_utc, create_engine, make_session_factory
 from kit.migrations import upgrade
 from kit.protoconv import to_attribute_value, to_timestamp
@@ -164,6 +165,6 @@ def test_each_batch_stores_its_own_recording_time_as_the_column_type_writes_it(e
         rows = [(as_utc(available), as_utc(created)) for available, created in outbox if created is not None]
         assert rows == [(t, t) for t in times for _ in range(2)]
         if engine.dialect.name == "sqlite":
-            # The text SQLite's DateTime writes, as rows written before this binding have it.
+            # What the column's type writes (kit.columns.Instant), as an unshared binding would.
             raw = connection.execute(sa.text("SELECT DISTINCT recorded_at FROM ingest_events ORDER BY 1"))
-            assert [r for (r,) in raw] == ["2026-11-01 00:00:00.000000", "2026-11-01 00:00:00.000001"]
+            assert [r for (r,) in raw] == [microseconds(t) for t in sorted(set(times))]
