@@ -50,6 +50,10 @@ def instant(value: int) -> datetime:
     return EPOCH + timedelta(microseconds=value)
 
 
+def _bytes_of(value: str | None) -> bytes | None:
+    return None if value is None else hex_bytes(value)
+
+
 def _hex_of(value: Any) -> str | None:
     return None if value is None else bytes(value).hex()
 
@@ -66,6 +70,14 @@ class Hex(sa.TypeDecorator[str]):
 
     def process_bind_param(self, value: str | None, dialect: Any) -> bytes | None:
         return None if value is None else hex_bytes(value)
+
+    def bind_processor(self, dialect: sa.Dialect) -> Any:
+        # hex_bytes, its bytes handed to the driver as they are (both drivers take bytes for
+        # a binary column). The usual chain, process_bind_param then LargeBinary's processor
+        # wrapping each value in the driver's Binary, cost ingest about 12,000 more
+        # instructions per stored event than text keys; this about 1,300 (callgrind).
+        # process_bind_param stays for literal rendering.
+        return _bytes_of
 
     def result_processor(self, dialect: sa.Dialect, coltype: object) -> Any:
         # Not process_result_value: TypeDecorator's chain around it costs about as much as

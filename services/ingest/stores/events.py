@@ -30,7 +30,7 @@ from egret.common.v1 import due_process_pb2, event_pb2
 from egret.rules.v1 import rules_service_pb2 as rules_pb
 from kit import audit
 from kit.audit import AuditHeadMixin, AuditMixin
-from kit.columns import Hex, Instant, hex_bytes
+from kit.columns import Hex, Instant
 from kit.db import make_metadata
 from kit.errors import AlreadyExists, FailedPrecondition, NotFound
 from kit.outbox import BigId, OutboxLeaseMixin, OutboxMixin, outbox_rows
@@ -51,23 +51,6 @@ from services.ingest.domain import (
 )
 
 
-class _Digest(Hex):
-    """kit.columns.Hex, its bytes handed to the driver as they are (both drivers take bytes
-    for a binary column). Hex's usual chain, process_bind_param then LargeBinary's processor
-    wrapping each value in the driver's Binary (a memoryview on SQLite), cost ingest about
-    12,000 more instructions per stored event than text keys, 4% of the store's record();
-    this form about 1,300 (callgrind, issue 18)."""
-
-    cache_ok = True
-
-    def bind_processor(self, dialect: sa.Dialect) -> Callable[[str | None], bytes | None]:
-        return _digest_bytes
-
-
-def _digest_bytes(value: str | None) -> bytes | None:
-    return None if value is None else hex_bytes(value)
-
-
 class Base(DeclarativeBase):
     metadata = make_metadata()
 
@@ -86,11 +69,11 @@ class StoredEvent(Base):
     # (migration 0009 dropped the two indexes no query used).
     # Subject keys and fingerprints are SHA-256 hex digests (kit.pseudonym, services.ingest.domain),
     # stored as their bytes (kit.columns.Hex); instants as kit.columns.Instant (migration 0012).
-    subject_key: Mapped[str] = mapped_column(_Digest)
+    subject_key: Mapped[str] = mapped_column(Hex)
     subject_key_id: Mapped[str] = mapped_column(sa.String(32))
     occurred_at: Mapped[datetime] = mapped_column(Instant)
     recorded_at: Mapped[datetime] = mapped_column(Instant)
-    fingerprint: Mapped[str] = mapped_column(_Digest)
+    fingerprint: Mapped[str] = mapped_column(Hex)
     # The generation of `fingerprint` (NULL: the root's, from before generations).
     fingerprint_key_id: Mapped[str | None] = mapped_column(sa.String(32))
     # How `fingerprint` was taken (services.ingest.domain; NULL: FINGERPRINT_JSON).
@@ -105,7 +88,7 @@ class StoredRetraction(Base):
 
     source: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
     event_id: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
-    subject_key: Mapped[str] = mapped_column(_Digest, index=True)
+    subject_key: Mapped[str] = mapped_column(Hex, index=True)
     subject_key_id: Mapped[str | None] = mapped_column(sa.String(32))
     reason: Mapped[str] = mapped_column(sa.Text)
     retracted_at: Mapped[datetime] = mapped_column(Instant)
