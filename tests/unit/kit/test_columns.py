@@ -4,6 +4,7 @@ comes out, order is kept, and the migration helpers rewrite stored values both w
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -60,7 +61,7 @@ def test_values_read_back_as_written_and_order_is_kept(database_url: str) -> Non
     engine.dispose()
 
 
-def test_sqlite_stores_half_the_key_and_an_integer_instant(tmp_path) -> None:
+def test_sqlite_stores_half_the_key_and_an_integer_instant(tmp_path: Path) -> None:
     engine = create_engine(f"sqlite:///{tmp_path / 'a.db'}")
     metadata = sa.MetaData()
     t = table(metadata)
@@ -121,7 +122,7 @@ def test_the_migration_helpers_rewrite_stored_values_both_ways(database_url: str
     engine.dispose()
 
 
-def test_a_value_the_upgrade_cannot_rewrite_is_named_by_table_and_column(tmp_path) -> None:
+def test_a_value_the_upgrade_cannot_rewrite_is_named_by_table_and_column(tmp_path: Path) -> None:
     engine = create_engine(f"sqlite:///{tmp_path / 'a.db'}")
     with engine.begin() as connection:
         connection.exec_driver_sql("CREATE TABLE t (n INTEGER PRIMARY KEY, key VARCHAR(64))")
