@@ -275,7 +275,7 @@ class SqlScoreReader:
                     StoredPolicy.activated_at, StoredPolicy.version
                 )
             )
-            return list(rows.tuples())
+            return [(version, activated_at) for version, activated_at in rows]
 
         return self._read(work)
 
