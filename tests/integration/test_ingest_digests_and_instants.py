@@ -12,13 +12,12 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from alembic import command
 from sqlalchemy.orm import Session
 
 from kit.audit import UNKEYED
 from kit.columns import microseconds
 from kit.db import create_engine, make_session_factory
-from kit.migrations import alembic_config, upgrade
+from kit.migrations import upgrade
 from services.ingest.bootstrap import MIGRATIONS
 from services.ingest.domain import (
     FINGERPRINT_CANONICAL,
@@ -27,6 +26,7 @@ from services.ingest.domain import (
     StoredFingerprint,
 )
 from services.ingest.stores.events import SqlEventStore, StoredEvent, StoredRetraction
+from tests.support.migrating import declared_schema, downgrade
 
 VERSION_TABLE = "ingest_alembic_version"
 AT = datetime(2026, 12, 7, 21, 24, 24, 123456, tzinfo=UTC)
@@ -102,30 +102,10 @@ def stored(engine: sa.Engine) -> dict[str, set[tuple[Any, ...]]]:
         }
 
 
-def schema(engine: sa.Engine) -> dict[str, Any]:
-    """Each table's declared columns, indexes and unique constraints."""
-    inspector = sa.inspect(engine)
-    return {
-        table: (
-            [(c["name"], str(c["type"]), c["nullable"]) for c in inspector.get_columns(table)],
-            sorted((str(i["name"]), tuple(i["column_names"])) for i in inspector.get_indexes(table)),
-            sorted(tuple(u["column_names"]) for u in inspector.get_unique_constraints(table)),
-        )
-        for table in TABLES
-    }
-
-
-def downgrade(engine: sa.Engine, revision: str) -> None:
-    config = alembic_config(MIGRATIONS, VERSION_TABLE)
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.downgrade(config, revision)
-
-
 def test_rows_written_before_read_back_the_same_and_the_downgrade_restores_them(engine: sa.Engine) -> None:
     upgrade(engine, MIGRATIONS, VERSION_TABLE, "0011")
     store_as_at_0011(engine)
-    before, declared = stored(engine), schema(engine)
+    before, declared = stored(engine), declared_schema(engine, tuple(TABLES))
 
     upgrade(engine, MIGRATIONS, VERSION_TABLE)
     with Session(engine) as session:
@@ -142,9 +122,9 @@ def test_rows_written_before_read_back_the_same_and_the_downgrade_restores_them(
                 " occurred_at, recorded_at FROM ingest_events ORDER BY sequence"
             ).all()
         assert raw == [("blob", 32, "blob", 32, microseconds(o), microseconds(AT)) for o in OCCURRED]
-    kept = schema(engine)
+    kept = declared_schema(engine, tuple(TABLES))
     assert kept["ingest_retractions"][1] == [("ix_ingest_retractions_subject_key", ("subject_key",))]
-    assert kept["ingest_events"][2] == [("source", "event_id")]
+    assert kept["ingest_events"][3] == [("source", "event_id")]
 
     store = SqlEventStore(make_session_factory(engine), audit_keys=UNKEYED)
     assert store.fingerprints([("library", "e0"), ("library", "e1")]) == {
@@ -158,8 +138,8 @@ def test_rows_written_before_read_back_the_same_and_the_downgrade_restores_them(
     assert not fresh.already_retracted
     assert fresh.retraction.subject_key == KEYS[1]
 
-    downgrade(engine, "0011")
+    downgrade(engine, MIGRATIONS, VERSION_TABLE, "0011")
     after = stored(engine)
-    assert schema(engine) == declared
+    assert declared_schema(engine, tuple(TABLES)) == declared
     assert after["ingest_events"] == before["ingest_events"]
     assert before["ingest_retractions"] < after["ingest_retractions"]

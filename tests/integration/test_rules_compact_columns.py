@@ -12,15 +12,15 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from alembic import command
 from sqlalchemy.orm import Session
 
 from kit.columns import Instant
 from kit.db import as_utc, create_engine
-from kit.migrations import alembic_config, upgrade
+from kit.migrations import upgrade
 from services.rules.bootstrap import MIGRATIONS
 from services.rules.stores.outbox import outcome_request, stored_payloads
 from services.rules.stores.schema import Base
+from tests.support.migrating import declared_schema, downgrade, stored_rows, write_rows
 
 VERSION_TABLE = "rules_alembic_version"
 BEFORE = "0015"
@@ -70,41 +70,6 @@ def value(column: sa.Column[Any], n: int) -> Any:
     return f"v{n}"
 
 
-def stored_before(engine: sa.Engine) -> dict[str, list[dict[str, Any]]]:
-    """Two rows in every converted table, written through the tables as they were at 0015."""
-    metadata = sa.MetaData()
-    metadata.reflect(engine, only=TABLES)
-    written: dict[str, list[dict[str, Any]]] = {}
-    with engine.begin() as connection:
-        for name in TABLES:
-            table = metadata.tables[name]
-            rows = [{c.name: value(c, n) for c in table.columns} for n in (1, 2)]
-            connection.execute(table.insert(), rows)
-            written[name] = rows
-    return written
-
-
-def raw(engine: sa.Engine) -> dict[str, list[tuple[Any, ...]]]:
-    """Every converted table's stored values as the driver returns them."""
-    with engine.connect() as connection:
-        return {
-            name: [tuple(r) for r in connection.exec_driver_sql(f"SELECT * FROM {name} ORDER BY 1, 2").all()]
-            for name in TABLES
-        }
-
-
-def schema(engine: sa.Engine) -> dict[str, Any]:
-    inspector = sa.inspect(engine)
-    return {
-        name: (
-            [(c["name"], str(c["type"]), c["nullable"]) for c in inspector.get_columns(name)],
-            sorted((str(i["name"]), tuple(i["column_names"])) for i in inspector.get_indexes(name)),
-            inspector.get_pk_constraint(name)["constrained_columns"],
-        )
-        for name in TABLES
-    }
-
-
 def aware(row: dict[str, Any]) -> dict[str, Any]:
     """A row with its datetimes aware (the outbox's own, kit.outbox's, read naive on SQLite)."""
     return {c: as_utc(v) if isinstance(v, datetime) else v for c, v in row.items()}
@@ -114,8 +79,8 @@ def test_rows_stored_before_read_back_unchanged_and_the_downgrade_restores_their
     engine: sa.Engine,
 ) -> None:
     upgrade(engine, MIGRATIONS, VERSION_TABLE, BEFORE)
-    written = stored_before(engine)
-    bytes_before, schema_before = raw(engine), schema(engine)
+    written = write_rows(engine, TABLES, value, (1, 2))
+    bytes_before, schema_before = stored_rows(engine, TABLES, "1, 2"), declared_schema(engine, TABLES)
 
     upgrade(engine, MIGRATIONS, VERSION_TABLE)
     with engine.connect() as connection:
@@ -134,18 +99,15 @@ def test_rows_stored_before_read_back_unchanged_and_the_downgrade_restores_their
             ).all()
             assert stored == [("blob", 32, "integer", "integer"), ("blob", 32, "integer", "null")]
 
-    config = alembic_config(MIGRATIONS, VERSION_TABLE)
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.downgrade(config, BEFORE)
-    assert schema(engine) == schema_before
-    assert raw(engine) == bytes_before
+    downgrade(engine, MIGRATIONS, VERSION_TABLE, BEFORE)
+    assert declared_schema(engine, TABLES) == schema_before
+    assert stored_rows(engine, TABLES, "1, 2") == bytes_before
 
 
 def test_an_outcome_queued_before_is_still_sent_from_its_stored_bytes(engine: sa.Engine) -> None:
     """The relay joins the outbox to rules_outcomes on outcome_id: both columns move together."""
     upgrade(engine, MIGRATIONS, VERSION_TABLE, BEFORE)
-    written = stored_before(engine)
+    written = write_rows(engine, TABLES, value, (1, 2))
     upgrade(engine, MIGRATIONS, VERSION_TABLE)
     outbox = {r["id"]: r["outcome_id"] for r in written["rules_outbox"]}
     outcomes = {r["outcome_id"]: r["outcome"] for r in written["rules_outcomes"]}

@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from alembic import command
 from sqlalchemy.orm import Session
 
 from contracts.score_store import Base, consent_at, load_entry_facts
 from kit.db import as_utc
-from kit.migrations import alembic_config, upgrade
+from kit.migrations import upgrade
 from services.score.bootstrap import MIGRATIONS
+from tests.support.migrating import declared_schema, downgrade, stored_rows, write_rows
 
 VERSION_TABLE = "score_alembic_version"
 AT = datetime(2026, 12, 7, 21, 24, 24, 123456, tzinfo=UTC)
@@ -45,13 +45,6 @@ def engine(database_url: str) -> Iterator[sa.Engine]:
     engine.dispose()
 
 
-def downgrade(engine: sa.Engine, revision: str) -> None:
-    config = alembic_config(MIGRATIONS, VERSION_TABLE)
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.downgrade(config, revision)
-
-
 def value(column: sa.Column[Any], n: int) -> Any:
     """Row `n`'s value of a 0010 column: the second row leaves every nullable column NULL."""
     if n == 1 and column.nullable:
@@ -72,46 +65,11 @@ def value(column: sa.Column[Any], n: int) -> Any:
     return f"{column.name}-{n}"
 
 
-def rows_as_before(engine: sa.Engine) -> dict[str, list[dict[str, Any]]]:
-    """Two rows in every table, written as 0010's schema takes them (reflected types)."""
-    metadata = sa.MetaData()
-    metadata.reflect(engine, only=TABLES)
-    written = {}
-    with engine.begin() as connection:
-        for name in TABLES:
-            table = metadata.tables[name]
-            rows = [{c.name: value(c, n) for c in table.columns} for n in (0, 1)]
-            connection.execute(table.insert(), rows)
-            written[name] = rows
-    return written
-
-
-def stored(engine: sa.Engine) -> dict[str, list[tuple[Any, ...]]]:
-    """Every table's rows as the driver returns them (the stored values themselves)."""
-    with engine.connect() as connection:
-        return {
-            name: [tuple(r) for r in connection.exec_driver_sql(f"SELECT * FROM {name} ORDER BY 1")]
-            for name in TABLES
-        }
-
-
-def schema(engine: sa.Engine) -> dict[str, Any]:
-    inspector = sa.inspect(engine)
-    return {
-        name: (
-            [(c["name"], str(c["type"]), c["nullable"]) for c in inspector.get_columns(name)],
-            sorted((i["name"], tuple(i["column_names"])) for i in inspector.get_indexes(name)),
-            inspector.get_pk_constraint(name)["constrained_columns"],
-        )
-        for name in TABLES
-    }
-
-
 def test_rows_written_at_0010_read_the_same_after_0011_and_come_back_on_downgrade(engine: sa.Engine) -> None:
     upgrade(engine, MIGRATIONS, VERSION_TABLE, "0010")
-    schema_before = schema(engine)
-    written = rows_as_before(engine)
-    raw_before = stored(engine)
+    schema_before = declared_schema(engine, TABLES)
+    written = write_rows(engine, TABLES, value, (0, 1))
+    raw_before = stored_rows(engine, TABLES)
 
     upgrade(engine, MIGRATIONS, VERSION_TABLE, "0011")
     with engine.connect() as connection:
@@ -143,6 +101,6 @@ def test_rows_written_at_0010_read_the_same_after_0011_and_come_back_on_downgrad
         assert consent is not None
         assert consent.effective_at == AT + timedelta(days=1, microseconds=1)
 
-    downgrade(engine, "0010")
-    assert schema(engine) == schema_before
-    assert stored(engine) == raw_before
+    downgrade(engine, MIGRATIONS, VERSION_TABLE, "0010")
+    assert declared_schema(engine, TABLES) == schema_before
+    assert stored_rows(engine, TABLES) == raw_before
