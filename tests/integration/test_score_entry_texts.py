@@ -7,18 +7,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from alembic import command
 from sqlalchemy.orm import Session
 
 from contracts.score_store import load_entry_facts
 from egret.common.v1 import outcome_pb2
 from kit.columns import Hex, Instant
-from kit.migrations import alembic_config, upgrade
+from kit.migrations import upgrade
 from kit.packing import MARK, Packed
 from services.score.bootstrap import MIGRATIONS
+from tests.support import migrating
 
 VERSION_TABLE = "score_alembic_version"
 NOW = datetime(2026, 12, 7, 12, tzinfo=UTC)
@@ -64,25 +65,7 @@ def store_as_before_0009(
     with engine.begin() as connection:
         connection.execute(
             ledger.insert(),
-            {
-                "entry_id": entry_id,
-                "subject_key": "a" * 64,
-                "subject_key_id": "k1",
-                "subject_kind": "person",
-                "rule_id": "metro.fare_evasion",
-                "rule_set": "egret-sample",
-                "rule_set_version": 2,
-                "points": -10,
-                "category": "transport",
-                "severity": "general",
-                "status": "active",
-                "occurred_at": NOW,
-                "recorded_at": NOW,
-                "visible_until": NOW + timedelta(days=365),
-                **dict(zip(TEXTS, texts, strict=True)),
-                "black_list": False,
-                "outcome": outcome,
-            },
+            {**ledger_row(entry_id, outcome), **dict(zip(TEXTS, texts, strict=True))},
         )
 
 
@@ -91,11 +74,30 @@ def texts_of(outcome: bytes) -> tuple[str, str, str, str]:
     return o.rule.title, o.rule.description, o.rule.legal_basis, o.reason
 
 
+def ledger_row(entry_id: str, outcome: bytes) -> dict[str, Any]:
+    """A score_ledger row as score wrote it at 0008 to 0010, its texts aside."""
+    return {
+        "entry_id": entry_id,
+        "subject_key": "a" * 64,
+        "subject_key_id": "k1",
+        "subject_kind": "person",
+        "rule_id": "metro.fare_evasion",
+        "rule_set": "egret-sample",
+        "rule_set_version": 2,
+        "points": -10,
+        "category": "transport",
+        "severity": "general",
+        "status": "active",
+        "occurred_at": NOW,
+        "recorded_at": NOW,
+        "visible_until": NOW + timedelta(days=365),
+        "black_list": False,
+        "outcome": outcome,
+    }
+
+
 def downgrade(engine: sa.Engine, revision: str) -> None:
-    config = alembic_config(MIGRATIONS, VERSION_TABLE)
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.downgrade(config, revision)
+    migrating.downgrade(engine, MIGRATIONS, VERSION_TABLE, revision)
 
 
 def columns(engine: sa.Engine) -> set[str]:
@@ -163,24 +165,7 @@ def test_entries_stored_packed_are_unpacked_before_the_texts_are_written_back(en
     with engine.begin() as connection:
         connection.execute(
             ledger.insert(),
-            {
-                "entry_id": "e0",
-                "subject_key": "a" * 64,
-                "subject_key_id": "k1",
-                "subject_kind": "person",
-                "rule_id": "metro.fare_evasion",
-                "rule_set": "egret-sample",
-                "rule_set_version": 2,
-                "points": -10,
-                "category": "transport",
-                "severity": "general",
-                "status": "active",
-                "occurred_at": NOW,
-                "recorded_at": NOW,
-                "visible_until": NOW + timedelta(days=365),
-                "black_list": False,
-                "outcome": outcome,
-            },
+            ledger_row("e0", outcome),
         )
     with engine.connect() as connection:
         raw = connection.scalar(sa.text("SELECT outcome FROM score_ledger"))
