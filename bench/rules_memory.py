@@ -22,8 +22,14 @@ Attributes are drawn from the catalogue the way devtools/population.py draws the
 RSS (VmRSS of /proc/self/status) is read after every batch: the figures are the RSS
 before the first batch, the highest reading, the RSS at the end, and the RSS after each
 tenth of the events, with events/s for that tenth, so a reader sees whether memory is
-flat. Subject keys are computed before the start reading (they are the benchmark's own
-data, about 20 MB for 100,000 subjects), so the readings show evaluation alone.
+flat. Each tenth also reports the firings per event and where the CPU of the per-batch
+path went (``parts_us_per_event``): the store's reads (batch state, history on a window
+cache miss, reissued ids), durable-rules and the settling of firings (``engine``), the
+commit, and the rest (decoding the events, the window cache, the Evaluator itself), so
+that a reader sees which part grows with the history.
+
+Subject keys are computed before the start reading (they are the benchmark's own data,
+about 20 MB for 100,000 subjects), so the readings show evaluation alone.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import resource
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -54,13 +60,16 @@ from devtools.population import (
     attribute_value,
 )
 from domain.catalogue import EventType
+from domain.ruleset.model import EngineEvent, RuleSet
 from egret.common.v1 import event_pb2
 from kit.audit import UNKEYED
 from kit.db import create_engine, make_session_factory
 from kit.page_tokens import PageTokens
 from kit.protoconv import to_timestamp
-from services.rules.domain import Evaluator
+from services.rules.batch import EvaluationContext
+from services.rules.domain import BatchState, Evaluator
 from services.rules.engine import RuleEngine, check_rule_set
+from services.rules.evaluated import Evaluated
 from services.rules.lifecycle import RuleSetLifecycle
 from services.rules.records import engine_event
 from services.rules.settings import RulesSettings
@@ -68,6 +77,7 @@ from services.rules.stores.evaluation import SqlEvaluationStore
 from services.rules.stores.rule_sets import SqlLifecycleStore
 from services.rules.stores.schema import Base, Outbox
 from services.rules.window_cache import WindowCache
+from services.rules.windows import PriorOutcome
 
 ROOT = Path(__file__).resolve().parents[1]
 SPAN = timedelta(days=730)
@@ -164,6 +174,78 @@ class _Stream:
         )
 
 
+class _Parts:
+    """CPU seconds (process time) spent in each part of the per-batch path."""
+
+    NAMES = ("store_reads", "engine", "commit")
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(self.NAMES, 0.0)
+
+    def timed(self, part: str, started: float) -> None:
+        self.seconds[part] += time.process_time() - started
+
+
+class _MeteredStore(SqlEvaluationStore):
+    """The service's store, its per-batch calls timed into `parts`."""
+
+    def __init__(self, parts: _Parts, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._parts = parts
+
+    def batch_state(self, keys: Sequence[str]) -> BatchState:
+        started = time.process_time()
+        try:
+            return super().batch_state(keys)
+        finally:
+            self._parts.timed("store_reads", started)
+
+    def context(self, since: Mapping[str, datetime], event_types: frozenset[str]) -> EvaluationContext:
+        started = time.process_time()
+        try:
+            return super().context(since, event_types)
+        finally:
+            self._parts.timed("store_reads", started)
+
+    def reversed_among(self, outcome_ids: Sequence[str]) -> frozenset[str]:
+        started = time.process_time()
+        try:
+            return super().reversed_among(outcome_ids)
+        finally:
+            self._parts.timed("store_reads", started)
+
+    def commit_evaluation(self, *args: Any, **kwargs: Any) -> bool:
+        started = time.process_time()
+        try:
+            return super().commit_evaluation(*args, **kwargs)
+        finally:
+            self._parts.timed("commit", started)
+
+
+class _MeteredEngine:
+    """The compiled rule set (services.rules.batch.Engine), its evaluations timed into `parts`."""
+
+    def __init__(self, parts: _Parts, rule_set: RuleSet) -> None:
+        self._parts = parts
+        self._engine = RuleEngine(rule_set)
+
+    def evaluate(
+        self,
+        events: Sequence[EngineEvent],
+        history: Mapping[str, Sequence[EngineEvent]] = {},
+        prior: Mapping[str, Sequence[PriorOutcome]] = {},
+        since: Mapping[str, datetime] = {},
+    ) -> Evaluated:
+        started = time.process_time()
+        try:
+            return self._engine.evaluate(events, history, prior, since)
+        finally:
+            self._parts.timed("engine", started)
+
+    def close(self) -> None:
+        self._engine.close()
+
+
 def rss_mib() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -192,12 +274,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         lifecycle.ensure_active(args.ruleset.read_text(encoding="utf-8"))
         cache = WindowCache(max_subjects=args.window_cache_subjects, max_bytes=args.window_cache_mib * 2**20)
+        parts = _Parts()
         evaluator = Evaluator(
             rule_sets=rule_sets,
-            store=SqlEvaluationStore(sessions, key_id="k1"),
+            store=_MeteredStore(parts, sessions, key_id="k1"),
             clock=lambda: datetime.now(UTC),
             dead_letter_after=3,
-            compile_rule_set=RuleEngine,
+            compile_rule_set=lambda rule_set: _MeteredEngine(parts, rule_set),
             window_cache=cache,
         )
         evaluator.load_active()
@@ -211,7 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"evaluating {args.events} events in batches of {args.batch_size} ...", flush=True)
         started = mark = time.perf_counter()
         evaluating = cpu = cpu_mark = 0.0
-        done = firings = marked = 0
+        done = firings = marked = firings_mark = 0
+        parts_mark = dict(parts.seconds)
         for batches, batch in enumerate(stream.batches(args.events, args.batch_size), start=1):
             # What RulesServicer.EvaluateEvents runs for a batch (without retractions).
             clock, cpu_clock = time.perf_counter(), time.process_time()
@@ -230,6 +314,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if checkpoints and done >= checkpoints[0]:
                 checkpoints.pop(0)
                 now = time.perf_counter()
+                tenth = done - marked
+                spent = {
+                    name: (parts.seconds[name] - parts_mark[name]) / tenth * 1e6 for name in _Parts.NAMES
+                }
+                spent["rest"] = (cpu - cpu_mark) / tenth * 1e6 - sum(spent.values())
                 samples.append(
                     {
                         "events": done,
@@ -238,13 +327,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "events_per_s": round((done - marked) / (now - mark)),
                         # CPU of the per-batch path only: less sensitive to other load than events/s.
                         "cpu_us_per_event": round((cpu - cpu_mark) / (done - marked) * 1e6),
+                        "firings_per_event": round((firings - firings_mark) / tenth, 3),
+                        "parts_us_per_event": {name: round(value, 1) for name, value in spent.items()},
                     }
                 )
                 print(
                     f"  {done:>9} events  RSS {rss:7.0f} MiB  {samples[-1]['events_per_s']:>6} events/s"
                     f"  {samples[-1]['cpu_us_per_event']:>5} µs CPU/event"
+                    f"  {samples[-1]['firings_per_event']:.2f} firings/event  "
+                    + "  ".join(f"{k} {v:.0f}" for k, v in samples[-1]["parts_us_per_event"].items())
                 )
-                mark, marked, cpu_mark = now, done, cpu
+                mark, marked, cpu_mark, firings_mark = now, done, cpu, firings
+                parts_mark = dict(parts.seconds)
         elapsed = time.perf_counter() - started
         rss_end = rss_mib()
         held = cache.stats()

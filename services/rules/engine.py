@@ -9,6 +9,7 @@ are recorded in docs/adr/0002-durable-rules-quirks-and-per-batch-sessions.md.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -60,6 +61,10 @@ _SEAL_TYPE: Final = "$egret.seal"
 _SEAL_ID: Final = "$seal"
 _SEAL_RULE: Final = "$seal"
 
+# History events whose matches an engine remembers by default (RuleEngine._remembered):
+# about 200 bytes each, oldest forgotten first.
+REMEMBERED_EVENTS: Final = 1 << 18
+
 _NO_HISTORY: Final[Mapping[str, Sequence[EngineEvent]]] = MappingProxyType({})
 _NO_PRIOR: Final[Mapping[str, Sequence[PriorOutcome]]] = MappingProxyType({})
 _NO_SINCE: Final[Mapping[str, datetime]] = MappingProxyType({})
@@ -76,8 +81,9 @@ class RuleEngine:
     hot swap, for instance).
     """
 
-    def __init__(self, rule_set: RuleSet) -> None:
+    def __init__(self, rule_set: RuleSet, *, remember: int = REMEMBERED_EVENTS) -> None:
         self._rule_set = rule_set
+        self._remember_at_most = remember
         self._lock = threading.Lock()
         self._projections = projections(rule_set)
         self._history_types = rule_set.history_event_types
@@ -88,6 +94,23 @@ class RuleEngine:
             for index, rule in enumerate(rule_set.rules)
             if rule.window is not None or rule.sequence is not None or rule.cap is not None
         )
+        # Window and capped rules match one event at a time: whether an event matches them
+        # depends on the event alone. Their indexes, and the event types of sequence rules,
+        # whose matches pair events and are found again whenever a pair may form.
+        self._single = frozenset(index for index in self._settled if rule_set.rules[index].sequence is None)
+        self._paired_types = frozenset(
+            event_type
+            for rule in rule_set.rules
+            if rule.sequence is not None
+            for event_type in rule.event_types
+        )
+        # Per history event key: the window and capped rules it matched when it was last
+        # asserted. Such an event is not asserted again while it is remembered, unless a
+        # sequence rule reads its type: a subject's history would otherwise be matched again
+        # by durable-rules at every batch (insertion order, oldest forgotten first).
+        self._remembered: dict[str, tuple[int, ...]] = {}
+        # History events answered from _remembered instead of being asserted, since compiled.
+        self.recalled = 0
         # Written by the actions while one subject's facts are evaluated, read right after:
         # (event keys, rule index), one key per pattern of the rule.
         self._matched: list[tuple[tuple[str, ...], int]] = []
@@ -138,7 +161,8 @@ class RuleEngine:
             ranked: list[tuple[tuple[int, int], Firing]] = []
             superseded: list[Supersession] = []
             for subject in subjects:
-                matched = self._match_subject(subject.key, subject.facts) if subject.facts else []
+                matched = self._match_subject(subject) if subject.facts else []
+                matched.extend(subject.recalled)
                 found, gone = self._subject_firings(
                     subject, matched, positions, prior.get(subject.key, ()), failures
                 )
@@ -231,6 +255,11 @@ class RuleEngine:
                     or old.occurred_at < earliest
                 ):
                     continue
+                recalled = self._remembered.get(old.key)
+                if recalled is not None and old.event_type not in self._paired_types:
+                    subject.recall(old, recalled)
+                    self.recalled += 1
+                    continue
                 try:
                     fact = _fact(old, self._projections[old.event_type])
                 except EvaluationProblem:
@@ -240,18 +269,35 @@ class RuleEngine:
                 subject.add(old, fact)
         return list(subjects.values()), failures
 
-    def _match_subject(
-        self, subject_key: str, facts: list[dict[str, Any]]
-    ) -> list[tuple[tuple[str, ...], int]]:
-        """(event keys, rule index) for every rule that fired on the subject's facts."""
+    def _match_subject(self, subject: _Subject) -> list[tuple[tuple[str, ...], int]]:
+        """(event keys, rule index) for every rule that fired on the subject's facts; what
+        each history-type fact matched of the window and capped rules is remembered."""
         self._matched = []
         self._action_errors = []
-        self._compiled.run_subject(subject_key, facts)
+        self._compiled.run_subject(subject.key, subject.facts)
         for failure in self._action_errors:
             if not isinstance(failure, Exception):
                 raise failure  # KeyboardInterrupt and the like, which the action caught
             raise RuleEngineError(f"a rule action failed: {failure!r}") from failure
-        return self._matched
+        matched = self._matched
+        if self._single and self._history_types and self._remember_at_most > 0:
+            singles: dict[str, list[int]] = {}
+            for keys, rule_index in matched:
+                if rule_index in self._single:
+                    singles.setdefault(keys[0], []).append(rule_index)
+            for fact in subject.facts:
+                if fact["event_type"] in self._history_types:
+                    key = fact["id"]
+                    self._remember(key, tuple(sorted(set(singles.get(key, ())))))
+        return matched
+
+    def _remember(self, key: str, rule_indexes: tuple[int, ...]) -> None:
+        remembered = self._remembered
+        remembered[key] = rule_indexes
+        if len(remembered) > self._remember_at_most:
+            # Forget the oldest eighth in one go (a dict keeps insertion order).
+            for old in list(itertools.islice(remembered, max(1, self._remember_at_most // 8))):
+                del remembered[old]
 
     def _subject_firings(
         self,
@@ -315,9 +361,16 @@ class _Subject:
     events: dict[str, EngineEvent] = field(default_factory=dict)
     facts: list[dict[str, Any]] = field(default_factory=list)
 
+    # Matches of history events not asserted again (RuleEngine._remembered).
+    recalled: list[tuple[tuple[str, ...], int]] = field(default_factory=list)
+
     def add(self, event: EngineEvent, fact: dict[str, Any]) -> None:
         self.events[event.key] = event
         self.facts.append(fact)
+
+    def recall(self, event: EngineEvent, rule_indexes: tuple[int, ...]) -> None:
+        self.events[event.key] = event
+        self.recalled.extend(((event.key,), index) for index in rule_indexes)
 
 
 def run_raw(rule_set: RuleSet, events: Sequence[EngineEvent]) -> int:

@@ -1,7 +1,8 @@
-"""Live evaluation with the window cache fires exactly what it fires without it: the same
-stream (late events, retractions, a redrive) through Evaluator on a real store with the cache
-off, warm, and so small that subjects keep leaving it, gives the same results batch by batch
-and the same stored outcomes and outbox rows, byte for byte."""
+"""Live evaluation with the window cache, and with the engine remembering what history events
+matched, fires exactly what it fires without either: the same stream (late events,
+retractions, a redrive) through Evaluator on a real store with the cache and the engine's
+memory off, warm, and so small that subjects and events keep leaving them, gives the same
+results batch by batch and the same stored outcomes and outbox rows, byte for byte."""
 
 from __future__ import annotations
 
@@ -15,14 +16,14 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from domain.ruleset.model import EngineEvent
+from domain.ruleset.model import EngineEvent, RuleSet
 from egret.common.v1 import due_process_pb2, event_pb2, subject_pb2
 from kit.audit import UNKEYED
 from kit.db import create_engine, make_session_factory
 from kit.page_tokens import PageTokens
 from kit.protoconv import to_attribute_value, to_timestamp
 from services.rules.domain import Evaluator, Redrive, RetractionNotice
-from services.rules.engine import RuleEngine, check_rule_set
+from services.rules.engine import REMEMBERED_EVENTS, RuleEngine, check_rule_set
 from services.rules.lifecycle import RuleSetLifecycle
 from services.rules.records import engine_event
 from services.rules.stores.evaluation import SqlEvaluationStore
@@ -126,8 +127,11 @@ def _notice(event: event_pb2.RecordedEvent) -> RetractionNotice:
     return RetractionNotice(key, event.subject_key, retraction.SerializeToString())
 
 
-def _run(url: str, cache: WindowCache | None, steps: list[Step]) -> tuple[list[Any], list[Any]]:
-    """Every step's result and, at the end, the stored outcomes, inbox and outbox rows."""
+def _run(
+    url: str, cache: WindowCache | None, steps: list[Step], *, remember: int = REMEMBERED_EVENTS
+) -> tuple[list[Any], list[Any], int]:
+    """Every step's result and, at the end, the stored outcomes, inbox and outbox rows, and
+    how many history events the engines took from their memory rather than asserting them."""
     engine = create_engine(url)
     Base.metadata.create_all(engine)
     sessions = make_session_factory(engine)
@@ -137,12 +141,18 @@ def _run(url: str, cache: WindowCache | None, steps: list[Step]) -> tuple[list[A
     )
     lifecycle.ensure_active(SAMPLE.read_text(encoding="utf-8"))
     store = SqlEvaluationStore(sessions, key_id="k1")
+    engines: list[RuleEngine] = []
+
+    def compile_rule_set(rule_set: RuleSet) -> RuleEngine:
+        engines.append(RuleEngine(rule_set, remember=remember))
+        return engines[-1]
+
     evaluator = Evaluator(
         rule_sets=rule_sets,
         store=store,
         clock=lambda: NOW,
         dead_letter_after=1,
-        compile_rule_set=RuleEngine,
+        compile_rule_set=compile_rule_set,
         window_cache=cache,
     )
     results: list[Any] = []
@@ -179,7 +189,7 @@ def _run(url: str, cache: WindowCache | None, steps: list[Step]) -> tuple[list[A
         ]
     evaluator.close()
     engine.dispose()
-    return results, [tuple(row) for row in stored]
+    return results, [tuple(row) for row in stored], sum(e.recalled for e in engines)
 
 
 @pytest.mark.parametrize("seed", [1, 2])
@@ -187,11 +197,11 @@ def test_a_warm_or_thrashing_cache_fires_exactly_what_the_store_alone_fires(
     database_url: str, database_url_factory: Callable[[str], str], seed: int
 ) -> None:
     steps = _schedule(seed)
-    cold_results, cold_stored = _run(database_url, None, steps)
+    cold_results, cold_stored, cold_recalled = _run(database_url, None, steps, remember=0)
     warm = WindowCache(max_subjects=100, max_bytes=2**30)
-    warm_results, warm_stored = _run(database_url_factory("warm"), warm, steps)
+    warm_results, warm_stored, warm_recalled = _run(database_url_factory("warm"), warm, steps)
     tiny = WindowCache(max_subjects=3, max_bytes=60 * 1500)
-    tiny_results, tiny_stored = _run(database_url_factory("tiny"), tiny, steps)
+    tiny_results, tiny_stored, tiny_recalled = _run(database_url_factory("tiny"), tiny, steps, remember=16)
 
     # The stream exercises what it should: windows, sequences and caps fired and superseded,
     # retractions reversed outcomes, and the cache served most reads.
@@ -202,6 +212,9 @@ def test_a_warm_or_thrashing_cache_fires_exactly_what_the_store_alone_fires(
     assert any(isinstance(r, Redrive) for r in cold_results)
     assert warm.stats().hits > warm.stats().misses
     assert tiny.stats().misses > warm.stats().misses
+    # The warm engine matched most history from memory; the forgetful one far less often.
+    assert cold_recalled == 0
+    assert warm_recalled > 10 * tiny_recalled > 0, (warm_recalled, tiny_recalled)
     # Results (firings with every field, superseded ids, failures) and what was stored.
     assert warm_results == cold_results
     assert tiny_results == cold_results
