@@ -43,6 +43,7 @@ from domain.ruleset.parsing import rule_set_from_yaml
 from egret.common.v1 import event_pb2
 from kit.db import create_engine, make_session_factory
 from kit.protoconv import to_timestamp
+from kit.settings import SqliteTuning
 from services.rules.backtest import Backtest, BacktestScope, combine
 from services.rules.backtest_messages import MAX_SUBJECT_LIMIT
 from services.rules.engine import RuleEngine
@@ -148,7 +149,7 @@ def _rows(events: int, seed: int, batch_size: int) -> Iterator[dict[str, Any]]:
 
 
 def populate(url: str, events: int, seed: int, batch_size: int) -> int:
-    engine = create_engine(url, sqlite_synchronous="NORMAL")
+    engine = create_engine(url, sqlite=SqliteTuning(synchronous="NORMAL"))
     Base.metadata.create_all(engine)
     written = 0
     chunk: list[dict[str, Any]] = []
@@ -205,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"writing {args.events} stored events in batches of {args.batch_size} ...", flush=True)
         started = time.perf_counter()
         _populate_apart(url, args.events, args.seed, args.batch_size)
-        engine = create_engine(url, sqlite_synchronous="NORMAL")
+        engine = create_engine(url, sqlite=SqliteTuning(synchronous="NORMAL"))
         with engine.connect() as connection:
             stored = connection.execute(sa.select(sa.func.count()).select_from(EvaluatedEvent)).scalar_one()
         print(f"  {stored} events written in {time.perf_counter() - started:.1f} s", flush=True)

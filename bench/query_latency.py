@@ -53,6 +53,7 @@ from kit.db import create_engine
 from kit.interceptors import bearer_token
 from kit.migrations import upgrade
 from kit.principal import Role
+from kit.settings import SqliteTuning
 from services.score.bootstrap import MIGRATIONS
 
 TARGET_P99_MS = 3.0
@@ -172,7 +173,7 @@ def _rows(
 def seed(database_url: str, count: int, seed_value: int) -> float:
     """Migrate score's store and bulk insert `count` subjects; returns the seconds taken."""
     started = time.perf_counter()
-    engine = create_engine(database_url, sqlite_synchronous="NORMAL")
+    engine = create_engine(database_url, sqlite=SqliteTuning(synchronous="NORMAL"))
     try:
         upgrade(engine, MIGRATIONS, "score_alembic_version")
         now = datetime.now(UTC)

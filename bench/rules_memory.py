@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import hashlib
 import json
 import random
@@ -66,6 +67,8 @@ from kit.audit import UNKEYED
 from kit.db import create_engine, make_session_factory
 from kit.page_tokens import PageTokens
 from kit.protoconv import to_timestamp
+from kit.server import tune_collector
+from kit.settings import GC_THRESHOLD, SqliteTuning
 from services.rules.batch import EvaluationContext
 from services.rules.domain import BatchState, Evaluator
 from services.rules.engine import RuleEngine, check_rule_set
@@ -106,6 +109,26 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         type=int,
         default=RulesSettings.window_cache_mib,
         help="estimated MiB the window cache may take (default as EGRET_RULES_WINDOW_CACHE_MIB)",
+    )
+    parser.add_argument(
+        "--sqlite-cache-mib",
+        type=int,
+        default=SqliteTuning.cache_mib,
+        help="SQLite's page cache per connection (default as EGRET_SQLITE_CACHE_MIB; 2 is SQLite's own)",
+    )
+    parser.add_argument(
+        "--sqlite-checkpoint-pages",
+        type=int,
+        default=SqliteTuning.checkpoint_pages,
+        help="WAL pages between automatic checkpoints (default as EGRET_SQLITE_CHECKPOINT_PAGES; "
+        "1000 is SQLite's own)",
+    )
+    parser.add_argument(
+        "--gc-threshold",
+        type=int,
+        default=GC_THRESHOLD,
+        help="the cyclic collector's threshold, as the service sets it once serving "
+        "(default as EGRET_GC_THRESHOLD; 700 is Python's own)",
     )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args(argv)
@@ -186,6 +209,22 @@ class _Parts:
         self.seconds[part] += time.process_time() - started
 
 
+class _Collector:
+    """CPU seconds the cyclic garbage collector took, and its runs (gc.callbacks)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.runs = 0
+        self._started = 0.0
+
+    def __call__(self, phase: str, _info: Mapping[str, int]) -> None:
+        if phase == "start":
+            self._started = time.process_time()
+        else:
+            self.seconds += time.process_time() - self._started
+            self.runs += 1
+
+
 class _MeteredStore(SqlEvaluationStore):
     """The service's store, its per-batch calls timed into `parts`."""
 
@@ -261,7 +300,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     with tempfile.TemporaryDirectory(prefix="egret-bench-rules-memory-") as tmp:
         url = args.database or f"sqlite:///{tmp}/rules.db"
-        engine = create_engine(url, sqlite_synchronous="NORMAL")
+        engine = create_engine(
+            url,
+            sqlite=SqliteTuning(
+                synchronous="NORMAL",
+                cache_mib=args.sqlite_cache_mib,
+                checkpoint_pages=args.sqlite_checkpoint_pages,
+            ),
+        )
         # The models' own tables, as the migrations create them.
         Base.metadata.create_all(engine)
         sessions = make_session_factory(engine)
@@ -286,11 +332,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         evaluator.load_active()
         print(f"preparing {args.subjects} subjects ...", flush=True)
         stream = _Stream(args.subjects, args.seed, datetime.now(UTC))
+        # As kit.server does once the service is built.
+        tune_collector(args.gc_threshold)
 
         checkpoints = [round(args.events * tenth / 10) for tenth in range(1, 11)]
         samples: list[dict[str, Any]] = []
         rss_start = rss_peak = rss_mib()
         load_before = _load_average()
+        collector = _Collector()
+        gc.callbacks.append(collector)
         print(f"evaluating {args.events} events in batches of {args.batch_size} ...", flush=True)
         started = mark = time.perf_counter()
         evaluating = cpu = cpu_mark = 0.0
@@ -340,6 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 mark, marked, cpu_mark, firings_mark = now, done, cpu, firings
                 parts_mark = dict(parts.seconds)
         elapsed = time.perf_counter() - started
+        gc.callbacks.remove(collector)
         rss_end = rss_mib()
         held = cache.stats()
         evaluator.close()
@@ -352,6 +403,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "events": done,
         "subjects": args.subjects,
         "batch_size": args.batch_size,
+        "gc_threshold": args.gc_threshold,
+        "sqlite_cache_mib": args.sqlite_cache_mib,
+        "sqlite_checkpoint_pages": args.sqlite_checkpoint_pages,
         "firings": firings,
         "window_cache": {
             "subjects": args.window_cache_subjects,
@@ -368,6 +422,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rss_end_mib": round(rss_end),
         # ru_maxrss: the process's peak, including moments between two readings.
         "ru_maxrss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        # The cyclic collector's share of the run's CPU (all of it in the per-batch path).
+        "gc_s": round(collector.seconds, 2),
+        "gc_runs": collector.runs,
         "rss_by_tenth": samples,
         "load_average_before": load_before,
         "load_average_after": _load_average(),

@@ -29,6 +29,7 @@ from domain.policy import ActivatedPolicy, PolicyBook, load_policy
 from kit import audit
 from kit.db import create_engine, make_session_factory
 from kit.migrations import upgrade
+from kit.settings import SqliteTuning
 from services.score.bootstrap import MIGRATIONS
 from services.score.ledger import Ledger
 from services.score.stores.ledger import SqlLedgerStore
@@ -73,7 +74,7 @@ def _outcome(rng: random.Random, subject: int, batch: int, now: datetime) -> Inc
 def run(
     path: Path, *, whole: bool, subjects: int, batches: int, step: timedelta, seed: int
 ) -> tuple[list[dict[str, Any]], Ledger, sa.Engine]:
-    engine = create_engine(f"sqlite:///{path}", sqlite_synchronous="OFF")
+    engine = create_engine(f"sqlite:///{path}", sqlite=SqliteTuning(synchronous="OFF"))
     upgrade(engine, MIGRATIONS, "score_alembic_version")
     sessions = make_session_factory(engine)
     store = SqlLedgerStore(sessions, audit_keys=audit.UNKEYED, key_id="k1", whole_ledger=whole)

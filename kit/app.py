@@ -42,7 +42,7 @@ S = TypeVar("S", bound=HasCommon)
 
 def migrate(common: CommonSettings, migrations_dir: Path) -> None:
     """Bring the service's database schema up to date."""
-    engine = create_engine(common.database_url, sqlite_synchronous=common.sqlite_synchronous)
+    engine = create_engine(common.database_url, sqlite=common.sqlite)
     try:
         upgrade(engine, migrations_dir, f"{common.service}_alembic_version")
     finally:
@@ -51,7 +51,7 @@ def migrate(common: CommonSettings, migrations_dir: Path) -> None:
 
 def rekey_database(common: CommonSettings, store: KeyedStore, pseudonymiser: Pseudonymiser) -> int:
     """Move the database's stored subject keys to the current generation (kit.rekey)."""
-    engine = create_engine(common.database_url, sqlite_synchronous=common.sqlite_synchronous)
+    engine = create_engine(common.database_url, sqlite=common.sqlite)
     try:
         result = rekey(engine, store, pseudonymiser, audit_keys(common.audit))
     finally:

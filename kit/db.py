@@ -2,7 +2,8 @@
 
 Engines are built by the service's bootstrap, never at import time. SQLite gets WAL
 (readers never block the writer), a busy timeout, foreign keys and the configured
-`synchronous` level; FULL makes every acknowledged commit survive power loss.
+`synchronous` level (FULL makes every acknowledged commit survive power loss), page cache
+and checkpoint interval (`SqliteTuning`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from kit.db_metrics import watch_pool
+from kit.settings import SqliteTuning
 
 T = TypeVar("T")
 
@@ -44,8 +46,11 @@ def is_sqlite(url: str | sa.URL) -> bool:
     return sa.make_url(url).get_backend_name() == "sqlite"
 
 
+_SQLITE_DEFAULTS = SqliteTuning()
+
+
 def create_engine(
-    url: str, *, sqlite_synchronous: str = "FULL", read_only: bool = False, pool_size: int = 5
+    url: str, *, sqlite: SqliteTuning = _SQLITE_DEFAULTS, read_only: bool = False, pool_size: int = 5
 ) -> Engine:
     """An engine for `url`; for SQLite, creates the parent directory and sets pragmas."""
     parsed = sa.make_url(url)
@@ -69,11 +74,15 @@ def create_engine(
             cursor = dbapi_connection.cursor()
             if not read_only:
                 cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute(f"PRAGMA synchronous={sqlite_synchronous}")
+            cursor.execute(f"PRAGMA synchronous={sqlite.synchronous}")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=30000")
+            # Negative: in KiB rather than pages.
+            cursor.execute(f"PRAGMA cache_size=-{sqlite.cache_mib * 1024}")
             if read_only:
                 cursor.execute("PRAGMA query_only=ON")
+            else:
+                cursor.execute(f"PRAGMA wal_autocheckpoint={sqlite.checkpoint_pages}")
             cursor.close()
 
         watch_pool(engine)

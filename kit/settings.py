@@ -19,6 +19,10 @@ from kit.token_keys import check_jwks_url
 # An outbox lease's holder column (kit.outbox_table) holds at most this many characters.
 MAX_INSTANCE_LENGTH = 200
 
+# EGRET_GC_THRESHOLD's default: Python's own 700 made the cyclic collector walk a warm rules
+# cache again and again, about a tenth of live evaluation's CPU (docs/benchmarks.md).
+GC_THRESHOLD = 50_000
+
 
 # The name of a further trusted issuer, as it appears in its settings' names.
 _ISSUER_NAME = re.compile(r"^[A-Z][A-Z0-9]{0,31}$")
@@ -314,6 +318,23 @@ class AuditSettings:
 
 
 @dataclass(frozen=True)
+class SqliteTuning:
+    """How a SQLite database is run (EGRET_SQLITE_*, docs/configuration.md).
+
+    `synchronous`: FULL survives a power loss, NORMAL only a process crash. `cache_mib`: the
+    page cache of each connection; SQLite's own 2 MiB held too little of a growing table's
+    indexes, whose pages each batch then read again (rules' inserts took about twice the
+    CPU at 300,000 events, docs/benchmarks.md). `checkpoint_pages`: WAL pages between two
+    automatic checkpoints (4 KiB each); SQLite's own 1,000 copied the same index pages back
+    to the database file again and again.
+    """
+
+    synchronous: str = "FULL"
+    cache_mib: int = 16
+    checkpoint_pages: int = 10_000
+
+
+@dataclass(frozen=True)
 class CommonSettings:
     """The settings every service has, read from EGRET_* variables.
 
@@ -329,7 +350,7 @@ class CommonSettings:
     shutdown_grace_s: float
     health_interval_s: float
     migrate_on_start: bool
-    sqlite_synchronous: str
+    sqlite: SqliteTuning
     security: SecuritySettings
     # This replica's identity, recorded on the outbox rows its relays claim (kit.outbox):
     # stable across its restarts, unique across replicas. Empty: a fresh one per start.
@@ -339,6 +360,9 @@ class CommonSettings:
     # The admin port's plaintext HTTP (kit.admin: /metrics, /healthz, /readyz). Port 0, the
     # default, picks a free port and logs it; the chart and `make run` set fixed ones.
     admin_address: str = "127.0.0.1:0"
+    # Allocations between two runs of the cyclic garbage collector's youngest generation
+    # once serving (kit.server.tune_collector).
+    gc_threshold: int = GC_THRESHOLD
 
     @classmethod
     def read(cls, env: Env, *, service: str, default_port: int) -> CommonSettings:
@@ -361,12 +385,24 @@ class CommonSettings:
             shutdown_grace_s=env.number("EGRET_SHUTDOWN_GRACE_SECONDS", 10.0, minimum=0.0, maximum=300.0),
             health_interval_s=env.number("EGRET_HEALTH_INTERVAL_SECONDS", 2.0, minimum=0.1, maximum=60.0),
             migrate_on_start=env.flag("EGRET_MIGRATE_ON_START", True),
-            sqlite_synchronous=env.choice("EGRET_SQLITE_SYNCHRONOUS", "FULL", ("FULL", "NORMAL")),
+            sqlite=SqliteTuning(
+                synchronous=env.choice("EGRET_SQLITE_SYNCHRONOUS", "FULL", ("FULL", "NORMAL")),
+                cache_mib=env.integer(
+                    "EGRET_SQLITE_CACHE_MIB", SqliteTuning.cache_mib, minimum=1, maximum=4096
+                ),
+                checkpoint_pages=env.integer(
+                    "EGRET_SQLITE_CHECKPOINT_PAGES",
+                    SqliteTuning.checkpoint_pages,
+                    minimum=100,
+                    maximum=1_000_000,
+                ),
+            ),
             security=SecuritySettings.read(env),
             instance=instance,
             limits=LimitSettings.read(env),
             audit=AuditSettings.read(env),
             admin_address=env.address("EGRET_ADMIN_ADDRESS", "127.0.0.1:0"),
+            gc_threshold=env.integer("EGRET_GC_THRESHOLD", GC_THRESHOLD, minimum=700, maximum=10_000_000),
         )
 
 

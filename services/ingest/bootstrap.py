@@ -101,7 +101,7 @@ def build(settings: IngestSettings) -> Service:
     pseudonymiser = pseudonymiser_of(settings)
     engine = create_engine(
         settings.common.database_url,
-        sqlite_synchronous=settings.common.sqlite_synchronous,
+        sqlite=settings.common.sqlite,
         pool_size=settings.db_workers + 2,
     )
     sessions = make_session_factory(engine)

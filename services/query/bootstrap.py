@@ -58,9 +58,7 @@ def build(settings: QuerySettings, clock: Callable[[], datetime] = _utc_now) -> 
     executor = ThreadPoolExecutor(max_workers=settings.db_workers, thread_name_prefix="query-db")
     # Query's own database, read-write: the access log. One thread writes it, a group
     # commit at a time, so records of concurrent reads share a commit.
-    log_engine = create_engine(
-        settings.common.database_url, sqlite_synchronous=settings.common.sqlite_synchronous
-    )
+    log_engine = create_engine(settings.common.database_url, sqlite=settings.common.sqlite)
     access_log = SqlAccessLog(log_engine, audit_keys=audit_keys(settings.common.audit))
     recorder_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="query-access-log")
     if settings.rules is None:

@@ -63,9 +63,7 @@ send_to_score = merged_sender(
 
 
 def build(settings: RulesSettings) -> Service:
-    engine = create_engine(
-        settings.common.database_url, sqlite_synchronous=settings.common.sqlite_synchronous
-    )
+    engine = create_engine(settings.common.database_url, sqlite=settings.common.sqlite)
     pseudonymiser = Pseudonymiser.from_settings(settings.pseudonym)
     # The outbox's messages carry their key generation (score moves them forward), so the
     # relay keeps sending while a re-keying job holds the rest of the database.

@@ -87,7 +87,7 @@ class _Parts:
 def _ledger(settings: ScoreSettings, pseudonymiser: Pseudonymiser, clock: Clock) -> _Parts:
     engine = create_engine(
         settings.common.database_url,
-        sqlite_synchronous=settings.common.sqlite_synchronous,
+        sqlite=settings.common.sqlite,
         pool_size=settings.db_workers + 2,
     )
     sessions = make_session_factory(engine)

@@ -13,7 +13,7 @@ import grpc
 
 from kit.app import migrate
 from kit.server import Service, serve
-from kit.settings import CommonSettings, SecuritySettings
+from kit.settings import CommonSettings, SecuritySettings, SqliteTuning
 
 
 def common_settings(service: str, database_url: str, data_dir: Path) -> CommonSettings:
@@ -27,7 +27,7 @@ def common_settings(service: str, database_url: str, data_dir: Path) -> CommonSe
         shutdown_grace_s=2.0,
         health_interval_s=0.2,
         migrate_on_start=True,
-        sqlite_synchronous="NORMAL",
+        sqlite=SqliteTuning(synchronous="NORMAL"),
         security=SecuritySettings(insecure=True),
     )
 

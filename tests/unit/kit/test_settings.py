@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 
 from kit.env import SettingsError
+from kit.server import tune_collector
 from services.ingest.settings import IngestSettings
 
 
@@ -64,3 +67,23 @@ def test_the_relay_identity_defaults_to_host_and_port_and_can_be_set() -> None:
     with pytest.raises(SettingsError) as raised:
         IngestSettings.from_env(base | {"EGRET_INSTANCE": "i" * 201})
     assert raised.value.problems == ["EGRET_INSTANCE is longer than 200 characters"]
+
+
+def test_the_collector_threshold_defaults_high_and_is_bounded() -> None:
+    base = {"EGRET_SUBJECT_KEY": "x" * 32, "EGRET_INSECURE": "true"}
+    assert IngestSettings.from_env(base).common.gc_threshold == 50_000
+    assert IngestSettings.from_env(base | {"EGRET_GC_THRESHOLD": "700"}).common.gc_threshold == 700
+    with pytest.raises(SettingsError) as raised:
+        IngestSettings.from_env(base | {"EGRET_GC_THRESHOLD": "10"})
+    assert raised.value.problems == ["EGRET_GC_THRESHOLD=10 is below the minimum 700"]
+
+
+def test_tuning_the_collector_freezes_what_was_built_and_sets_the_young_threshold() -> None:
+    before = gc.get_threshold()
+    try:
+        tune_collector(12_345)
+        assert gc.get_threshold() == (12_345, before[1], before[2])
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
