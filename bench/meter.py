@@ -1,7 +1,7 @@
 """What the benches measure a run with, so figures compare across runs on a shared, noisy
 machine: the machine itself, CPU seconds per process (the figure that compares, where wall
-time does not), the load average, the database server's CPU, bytes stored per table, and
-py-spy flame graphs of running processes.
+time does not), the load average, the database server's CPU, bytes stored per table, a
+service's own counters (its /metrics), and py-spy flame graphs of running processes.
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from prometheus_client.parser import text_string_to_metric_families
 
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -57,6 +59,19 @@ def machine() -> dict[str, Any]:
 
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
+
+
+def counter(admin_url: str, name: str, **labels: str) -> float:
+    """The sum of a counter's series with `labels` on a service's admin port (`name` as
+    PromQL names it, with `_total`)."""
+    with urllib.request.urlopen(f"{admin_url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 def cpu_seconds(pid: int) -> float:

@@ -40,6 +40,7 @@ import sqlalchemy as sa
 from bench.meter import (
     Profiler,
     ServerMeter,
+    counter,
     cpu_seconds,
     load_average,
     machine,
@@ -414,6 +415,8 @@ class _Run:
     writes: dict[str, dict[str, int]]
     # Score's VerifyScores once drained: subjects checked, mismatches.
     verified: tuple[int, int]
+    # Rules' window cache (every shard), with metrics on: subjects' history reads by result.
+    window_cache_reads: dict[str, float] | None
 
 
 def _measured_run(
@@ -466,6 +469,17 @@ def _measured_run(
                 print(f"profile: {path}")
         verified = asyncio.run(_verify(cluster))
         stored = {name: stored_bytes(cluster.database_url(name)) for name in databases}
+        cache_reads = (
+            {
+                result: sum(
+                    counter(cluster.admin_url(r), "egret_rules_window_cache_reads_total", result=result)
+                    for r in rules
+                )
+                for result in ("hit", "miss")
+            }
+            if metrics
+            else None
+        )
     finally:
         if profiler:
             profiler.stop()
@@ -476,7 +490,7 @@ def _measured_run(
             finally:
                 postgres.drop()
     service_of = {name: cluster.service_of(name) for name in pids}
-    return _Run(totals, end_to_end_s, cpu, service_of, stored, writes, verified)
+    return _Run(totals, end_to_end_s, cpu, service_of, stored, writes, verified, cache_reads)
 
 
 def _per_event(cpu: dict[str, float], events: int) -> dict[str, float]:
@@ -599,6 +613,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     figures["loadavg"] = load_average()
     figures["stored"] = _storage(run.stored, totals.accepted)
     figures["verify"] = {"subjects_checked": run.verified[0], "mismatches": run.verified[1]}
+    if run.window_cache_reads is not None:
+        figures["rules_window_cache_reads"] = run.window_cache_reads
     if run.writes:
         figures["database_writes_per_event"] = {
             name: {what: round(n / max(totals.accepted, 1), 2) for what, n in counts.items()}
@@ -674,6 +690,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"verify:         {run.verified[0]:,} subjects recomputed from their whole ledgers, "
         f"{run.verified[1]} mismatches with their stored scores"
     )
+    if run.window_cache_reads is not None:
+        hits, misses = run.window_cache_reads["hit"], run.window_cache_reads["miss"]
+        print(
+            f"window cache:   {hits:,.0f} subjects' history answered from rules' cache, {misses:,.0f} "
+            f"read from its database ({hits / max(hits + misses, 1):.0%} hits)"
+        )
     vis = figures["visible_latency_ms"]
     print(
         f"event→visible:  p50 {vis['p50']} ms, p95 {vis['p95']} ms, p99 {vis['p99']} ms "

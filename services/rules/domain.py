@@ -58,7 +58,7 @@ from services.rules.batch import (
 )
 from services.rules.evaluated import Evaluated
 from services.rules.lifecycle import ActivePointer, StoredRuleSet
-from services.rules.window_cache import WindowCache
+from services.rules.window_cache import CacheStats, WindowCache
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -284,6 +284,11 @@ class Evaluator:
     def active(self) -> ActiveRuleSet | None:
         """The pair the last batch used (None before the first load)."""
         return self._active
+
+    def window_cache_stats(self) -> CacheStats:
+        """What the window cache holds and how it answered (read without the lock: a snapshot
+        of counters, for metrics)."""
+        return self._cache.stats()
 
     def load_active(self) -> ActiveRuleSet:
         """Bring the active pair up to date with the database now (start-up, tests)."""

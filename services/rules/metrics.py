@@ -1,6 +1,6 @@
 """What the rules service tells Prometheus (kit.metrics): batches and their duration, firings by
 rule, dead letters parked, redriven and waiting, the active rule set's version, backtests
-running and their duration.
+running and their duration, and what the window cache holds and how often it answered.
 
 Labels are the active rule set's own names (rule set, rule id): bounded by what is published.
 """
@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+
+from opentelemetry.metrics import CallbackOptions, Observation
 
 from domain.ruleset.model import Firing
 from kit.metrics import Reading, gauge, histogram, meter
@@ -76,11 +78,35 @@ class RulesGauges:
         )
         gauge(
             _meter,
+            "egret.rules.window_cache.subjects",
+            lambda: float(self._evaluator.window_cache_stats().subjects),
+            unit="{subject}",
+            description="Subjects whose history the window cache holds",
+        )
+        gauge(
+            _meter,
+            "egret.rules.window_cache.memory",
+            lambda: float(self._evaluator.window_cache_stats().bytes),
+            unit="By",
+            description="Estimated memory of the window cache (bounded by EGRET_RULES_WINDOW_CACHE_MIB)",
+        )
+        _meter.create_observable_counter(
+            "egret.rules.window_cache.reads",
+            callbacks=[self._cache_reads],
+            unit="{subject}",
+            description="Subjects' history asked of the window cache, by result (a miss reads the database)",
+        )
+        gauge(
+            _meter,
             "egret.rules.dead_letters.waiting",
             lambda: self._waiting,
             unit="{event}",
             description="Parked dead letters waiting for a redrive",
         )
+
+    def _cache_reads(self, _options: CallbackOptions) -> Iterable[Observation]:
+        held = self._evaluator.window_cache_stats()
+        return [Observation(held.hits, {"result": "hit"}), Observation(held.misses, {"result": "miss"})]
 
     def _active_version(self) -> Reading:
         active = self._evaluator.active

@@ -184,6 +184,11 @@ async def test_counters_equal_what_was_sent_and_lag_returns_to_zero(cluster: Clu
     assert total(rules, "egret_rules_firings_total", rule="library.late_return") == len(library)
     assert total(rules, "egret_rules_batches_total") >= 1
     assert total(rules, "egret_rules_active_version") == 2
+    # The sample rules have windows: each subject's first batch missed the window cache, which
+    # then holds it.
+    assert total(rules, "egret_rules_window_cache_reads_total", result="miss") >= 1
+    assert total(rules, "egret_rules_window_cache_subjects") >= 1
+    assert total(rules, "egret_rules_window_cache_memory_bytes") > 0
     score = scrape(cluster.admin_url("score"))
     assert total(score, "egret_score_outcomes_applied_total") == firings
     assert total(ingest, "egret_outbox_sent_total") == len(library) + len(health)
