@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import MappingProxyType, TracebackType
 from typing import Any, Final, TypeAlias
 
@@ -87,7 +87,15 @@ class RuleEngine:
         self._lock = threading.Lock()
         self._projections = projections(rule_set)
         self._history_types = rule_set.history_event_types
-        self._lookback = rule_set.lookback
+        # Per history type: the longest reach of the window, sequence and capped rules that
+        # read it (at most the rule set's lookback).
+        self._reach_of_type: dict[str, timedelta] = {}
+        for rule in rule_set.rules:
+            if rule.reach > timedelta(0):
+                for event_type in rule.event_types:
+                    self._reach_of_type[event_type] = max(
+                        rule.reach, self._reach_of_type.get(event_type, rule.reach)
+                    )
         # Window, sequence and capped rules: settled in event time against prior outcomes.
         self._settled = frozenset(
             index
@@ -142,8 +150,9 @@ class RuleEngine:
         event, new and in ``history``, and compared with ``prior`` (per subject, the
         active outcomes earlier evaluations emitted): what is missing fires, what is no
         longer canonical is superseded. ``history`` holds, per subject key, events
-        evaluated before; those of window, sequence and capped rules' types from the rule
-        set's lookback before that instant on are used. Firings are ordered by their latest
+        evaluated before; those of window, sequence and capped rules' types are used from
+        as far before that instant as the rules reading their type reach (at most the rule
+        set's lookback). Firings are ordered by their latest
         new event (input order), then by rule (file order). The result is a function of
         the arguments alone, so evaluating the same inputs again (a retry, a restart) gives
         the same result, and the settled outcomes do not depend on arrival order.
@@ -245,14 +254,16 @@ class RuleEngine:
             # The subject's own instant, not the batch's: what a subject's firings are
             # must not depend on which other subjects share its batch. Everything later
             # is read: a late event can change how the later events group.
-            earliest = subject.since - self._lookback
+            # Each type from as far back as the rules reading it reach.
+            earliest = {t: subject.since - reach for t, reach in self._reach_of_type.items()}
             for old in history.get(subject.key, ()):
+                start = earliest.get(old.event_type)
                 if (
-                    old.event_type not in self._history_types
+                    start is None
                     or old.key in positions
                     or old.key in subject.events
                     or old.subject_key != subject.key
-                    or old.occurred_at < earliest
+                    or old.occurred_at < start
                 ):
                     continue
                 recalled = self._remembered.get(old.key)
