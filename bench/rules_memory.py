@@ -48,6 +48,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import sqlalchemy as sa
@@ -261,6 +262,10 @@ class _MeteredStore(SqlEvaluationStore):
             self._parts.timed("commit", started)
 
 
+# A read-only empty mapping: the engine's defaults, never a shared mutable one.
+_NOTHING: Mapping[str, Any] = MappingProxyType({})
+
+
 class _MeteredEngine:
     """The compiled rule set (services.rules.batch.Engine), its evaluations timed into `parts`."""
 
@@ -271,9 +276,9 @@ class _MeteredEngine:
     def evaluate(
         self,
         events: Sequence[EngineEvent],
-        history: Mapping[str, Sequence[EngineEvent]] = {},
-        prior: Mapping[str, Sequence[PriorOutcome]] = {},
-        since: Mapping[str, datetime] = {},
+        history: Mapping[str, Sequence[EngineEvent]] = _NOTHING,
+        prior: Mapping[str, Sequence[PriorOutcome]] = _NOTHING,
+        since: Mapping[str, datetime] = _NOTHING,
     ) -> Evaluated:
         started = time.process_time()
         try:

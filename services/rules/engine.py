@@ -152,10 +152,10 @@ class RuleEngine:
         longer canonical is superseded. ``history`` holds, per subject key, events
         evaluated before; those of window, sequence and capped rules' types are used from
         as far before that instant as the rules reading their type reach (at most the rule
-        set's lookback). Firings are ordered by their latest
-        new event (input order), then by rule (file order). The result is a function of
-        the arguments alone, so evaluating the same inputs again (a retry, a restart) gives
-        the same result, and the settled outcomes do not depend on arrival order.
+        set's lookback). Firings are ordered by their latest new event (input order), then
+        by rule (file order). The result is a function of the arguments alone, so evaluating
+        the same inputs again (a retry, a restart) gives the same result, and the settled
+        outcomes do not depend on arrival order.
 
         Raises RuleEvaluationError if an event cannot be evaluated, and RuleEngineError
         if durable-rules fails; either way nothing of the batch is returned.
@@ -255,8 +255,9 @@ class RuleEngine:
             # must not depend on which other subjects share its batch. Everything later
             # is read: a late event can change how the later events group.
             # Each type from as far back as the rules reading it reach.
-            earliest = {t: subject.since - reach for t, reach in self._reach_of_type.items()}
-            for old in history.get(subject.key, ()):
+            past = history.get(subject.key, ())
+            earliest = {t: subject.since - reach for t, reach in self._reach_of_type.items()} if past else {}
+            for old in past:
                 start = earliest.get(old.event_type)
                 if (
                     start is None

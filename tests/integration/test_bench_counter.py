@@ -32,7 +32,7 @@ def admin_url() -> Iterator[str]:
                 self.wfile.write(_EXPOSITION)
 
         def log_message(self, *_args: object) -> None:
-            pass
+            """Quiet: the base class writes every request to stderr."""
 
     server = HTTPServer(("127.0.0.1", 0), Metrics)
     threading.Thread(target=server.serve_forever, daemon=True).start()
